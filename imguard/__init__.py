@@ -1,0 +1,3 @@
+"""imguard: an instant-messaging security gateway."""
+
+__version__ = "0.1.0"

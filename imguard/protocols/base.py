@@ -1,0 +1,94 @@
+"""The contract between a protocol session (sans-io) and whatever carries its bytes.
+
+A *session* sits on one connection between a chat client and its server. The carrier (the
+mitmproxy adapter in imguard.gateway, or the offline replay) feeds it what it receives and carries
+out the commands it returns, in order:
+
+    session.data_received(from_client=True, data=b"<message ...")  ->  [Send(to_client=False, data=...)]
+
+The session decides what crosses: bytes it does not return in a Send never reach the other side.
+A file the session holds is handed out as an InspectFile command; the carrier runs inspection and
+policy off the event loop and answers with session.file_verdict(...), after which the session
+releases or drops what it held. The session never blocks and never touches a socket.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from imguard.model import ChatContext, Decision, FileReport
+
+
+# --- commands: session -> carrier -------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Send:
+    """Write `data` towards the client (to_client=True) or the server."""
+    to_client: bool
+    data: bytes
+
+
+@dataclass(frozen=True)
+class StartTls:
+    """Start TLS on both legs now: with the server as a client, then with the client using a
+    certificate from imguard's CA. Sends before this command are written in plaintext first.
+    The carrier calls session.tls_started() when both handshakes are done."""
+
+
+@dataclass(frozen=True)
+class InspectFile:
+    """Inspect these held bytes and decide on them; answer with session.file_verdict(transfer_id, ...)."""
+    transfer_id: str
+    data: bytes
+    context: ChatContext
+    name: str = ""
+    claimed_mime: str = ""
+    truncated: bool = False     # the transfer ended before its announced size
+
+
+@dataclass(frozen=True)
+class Record:
+    """An event for the alert log and archive (a message passed, a decision, an anomaly, ...).
+    `event` is the JSON object to write; see imguard.alerts for the schema."""
+    event: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Close:
+    """Close both legs of the connection."""
+    reason: str = ""
+
+
+Command = Send | StartTls | InspectFile | Record | Close
+
+
+# --- what a session is ------------------------------------------------------------------------------
+
+class StreamSession(Protocol):
+    """One chat connection's protocol logic."""
+
+    def data_received(self, from_client: bool, data: bytes) -> list[Command]: ...
+
+    def tls_started(self) -> list[Command]: ...
+
+    def file_verdict(self, transfer_id: str, report: FileReport, decision: Decision) -> list[Command]: ...
+
+    def connection_closed(self, from_client: bool) -> list[Command]: ...
+
+
+@dataclass
+class RelaySession:
+    """A session that forwards every byte untouched: the baseline, and the fallback for unknown protocols."""
+
+    def data_received(self, from_client: bool, data: bytes) -> list[Command]:
+        return [Send(to_client=not from_client, data=data)]
+
+    def tls_started(self) -> list[Command]:
+        return []
+
+    def file_verdict(self, transfer_id: str, report: FileReport, decision: Decision) -> list[Command]:
+        return []
+
+    def connection_closed(self, from_client: bool) -> list[Command]:
+        return [Close("peer closed")]

@@ -1,0 +1,65 @@
+"""Named settings: every limit and knob has a name, a default and a help text that says why.
+
+Each subsystem declares its settings as a frozen dataclass whose fields are made with `setting()`.
+The command line (`imguard run --help`, `imguard scan --help`) and docs/settings.md are built from
+these declarations, so a limit cannot exist without being documented.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import Any
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+
+
+def setting(default: Any, help: str) -> Any:
+    """A dataclass field that carries its help text (shown by --help and in docs/settings.md)."""
+    if isinstance(default, (list, dict, set)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def option_name(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+def add_arguments(parser: argparse.ArgumentParser, settings_class: type, title: str | None = None) -> None:
+    """Add one command-line option per setting of `settings_class`, with its default in the help."""
+    group = parser.add_argument_group(title or settings_class.__doc__.splitlines()[0])
+    for field in dataclasses.fields(settings_class):
+        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+        help_text = f"{field.metadata.get('help', '')} (default: {default!r})"
+        kind = type(default)
+        if kind is bool:
+            group.add_argument(option_name(field.name), dest=field.name, default=None,
+                               action=argparse.BooleanOptionalAction, help=help_text)
+        elif kind in (int, float, str):
+            group.add_argument(option_name(field.name), dest=field.name, default=None, type=kind,
+                               metavar=field.name.upper(), help=help_text)
+        else:
+            group.add_argument(option_name(field.name), dest=field.name, default=None, action="append",
+                               metavar=field.name.upper(), help=help_text)
+
+
+def from_arguments(settings_class: type, args: argparse.Namespace, **overrides: Any) -> Any:
+    """Build `settings_class` from parsed options; options left unset keep their declared default."""
+    values = {}
+    for field in dataclasses.fields(settings_class):
+        value = getattr(args, field.name, None)
+        if value is not None:
+            values[field.name] = value
+    values.update(overrides)
+    return settings_class(**values)
+
+
+def describe(settings_class: type) -> list[tuple[str, Any, str]]:
+    """(name, default, help) for each setting, for documentation."""
+    rows = []
+    for field in dataclasses.fields(settings_class):
+        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+        rows.append((field.name, default, field.metadata.get("help", "")))
+    return rows

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Sets up everything imguard needs, on a fresh machine or a second time (then it takes about a second).
+#   tools/setup.sh          the gateway's needs: libmagic, a Python >= 3.12, .venv with imguard installed
+#   tools/setup.sh test     also the test peers (Prosody, ngIRCd) and the test dependencies
+# Nothing here is done by hand elsewhere: a missing Debian package or pip package is installed by this script.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+want=${1:-run}
+
+log() { printf 'setup: %s\n' "$*" >&2; }
+
+# --- Debian packages -------------------------------------------------------------------------------
+debs=(libmagic1)
+[ "$want" = test ] && debs+=(prosody ngircd openssl iproute2 tshark)
+missing=()
+for p in "${debs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  sudo=""; [ "$(id -u)" -ne 0 ] && sudo="sudo"
+  log "installing Debian packages: ${missing[*]}"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# --- a Python >= 3.12 ------------------------------------------------------------------------------
+find_python() {
+  local c
+  for c in "${IMGUARD_PYTHON:-}" python3.13 python3.12 python3 \
+           "$HOME"/.pyenv/versions/3.13*/bin/python3 "$HOME"/.pyenv/versions/3.12*/bin/python3 \
+           /root/.pyenv/versions/3.13*/bin/python3 /root/.pyenv/versions/3.12*/bin/python3; do
+    [ -n "$c" ] || continue
+    command -v "$c" >/dev/null 2>&1 || [ -x "$c" ] || continue
+    if "$c" -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null; then
+      echo "$c"; return 0
+    fi
+  done
+  return 1
+}
+
+# --- the virtual environment, rebuilt only when setup.cfg changes ----------------------------------
+stamp=".venv/.imguard-setup-$want"
+key=$(cat setup.cfg pyproject.toml tools/setup.sh | sha256sum | cut -c1-16)
+if [ -x .venv/bin/python ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$key" ]; then
+  exit 0
+fi
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import sys; sys.exit(sys.version_info < (3, 12))'; then
+  py=$(find_python) || { log "no Python >= 3.12 found (tried python3.13, python3.12, pyenv); set IMGUARD_PYTHON"; exit 2; }
+  log "creating .venv with $py ($("$py" --version))"
+  rm -rf .venv
+  "$py" -m venv .venv
+fi
+extra=""; [ "$want" = test ] && extra="[test]"
+log "installing imguard$extra into .venv"
+.venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".$extra"
+echo "$key" > "$stamp"
