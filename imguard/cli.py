@@ -1,2 +1,316 @@
-def main():
-    pass
+"""The `imguard` command.
+
+    imguard run     the inline gateway (imguard.gateway)
+    imguard ca      print or export the gateway's CA certificate
+    imguard scan    inspect files and folders and show the policy decision for each
+    imguard rules   check or test a rules folder together with its signatures
+
+Exit codes: 0 success (for scan: nothing blocked), 1 something was blocked or a rule test failed,
+2 usage or configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Iterator
+
+from imguard import __version__, settings
+from imguard.runtime import BUNDLED_RULES, BUNDLED_SIGNATURES, ConfigError, default_data_dir
+
+EXIT_OK, EXIT_BLOCKED, EXIT_USAGE = 0, 1, 2
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--rules", type=Path, default=BUNDLED_RULES, metavar="DIR",
+                        help=f"policy rules folder (default: the bundled {BUNDLED_RULES})")
+    parser.add_argument("--signatures", type=Path, default=BUNDLED_SIGNATURES, metavar="DIR",
+                        help=f"YARA signatures folder (default: the bundled {BUNDLED_SIGNATURES})")
+    parser.add_argument("--data-dir", type=Path, default=None, metavar="DIR",
+                        help=f"data folder for the compiled-signature cache, CA, alerts (default: {default_data_dir()})")
+
+
+def _print_config_errors(errors: list[str]) -> None:
+    for error in errors:
+        print(f"imguard: {error}", file=sys.stderr)
+
+
+# --- imguard scan ------------------------------------------------------------------------------------
+
+def _iter_files(paths: list[Path]) -> Iterator[Path]:
+    for path in paths:
+        if path.is_dir():
+            for root, dirs, files in os.walk(path):
+                dirs.sort()
+                for name in sorted(files):
+                    yield Path(root) / name
+        else:
+            yield path   # a missing or unreadable path is reported by the inspector as unreadable
+
+
+def _format_report(path: Path, report, decision, explain: bool) -> str:
+    lines = [f"{path}"]
+    lines.append(f"  type     {report.mime} ({report.family}) {report.description}".rstrip())
+    lines.append(f"  size     {report.size}")
+    lines.append(f"  sha256   {report.sha256}")
+    lines.append(f"  sha1     {report.sha1}")
+    lines.append(f"  md5      {report.md5}")
+    for member in list(report.walk())[1:]:
+        lines.append(f"  member   {member.path}  {member.mime} ({member.family}) {member.size} B")
+    for finding in report.all_findings():
+        where = f" [{finding.path}]" if finding.path and finding.path != report.path else ""
+        lines.append(f"  finding  {finding.kind}: {finding.detail}{where}")
+    rules = ", ".join(decision.rule_ids) or "-"
+    lines.append(f"  decision {decision.action.upper()}  rules: {rules}")
+    for match in decision.shadow:
+        lines.append(f"  shadow   {match.rule_id} would {match.action}")
+    if explain:
+        for match in decision.matches + decision.shadow:
+            lines.append(f"  explain  {match.rule_id} ({match.mode}, {match.action}, {match.severity}) at {match.source}")
+            for reason in match.reasons:
+                lines.append(f"             - {reason}")
+    return "\n".join(lines)
+
+
+class _Progress:
+    """A one-line progress bar on stderr, only when stderr is a terminal."""
+
+    def __init__(self, total: int):
+        self.total, self.done = total, 0
+        self.enabled = total > 1 and sys.stderr.isatty()
+
+    def step(self) -> None:
+        self.done += 1
+        if self.enabled:
+            width = 30
+            filled = width * self.done // self.total
+            sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total}")
+            sys.stderr.flush()
+
+    def finish(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\r" + " " * 60 + "\r")
+
+
+def scan_main(args: argparse.Namespace) -> int:
+    from imguard.inspect import InspectLimits
+    from imguard.model import ChatContext
+    from imguard.runtime import build_pipeline
+
+    limits = settings.from_arguments(InspectLimits, args)
+    try:
+        pipeline = build_pipeline(args.rules, args.signatures, args.data_dir or default_data_dir(),
+                                  limits=limits, write_alerts=False)
+    except ConfigError as e:
+        _print_config_errors(e.errors)
+        return EXIT_USAGE
+    files = list(_iter_files(args.paths))
+    context = ChatContext(protocol=args.protocol, direction=args.direction, sender=args.sender,
+                          recipients=tuple(args.recipient or ()))
+
+    def check(path: Path):
+        report, decision = pipeline.check_file(path, context, name=path.name)
+        return path, report, decision
+
+    blocked = False
+    progress = _Progress(len(files))
+    # Both cores: yara-python releases the GIL while it scans, so threads scan in parallel.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=args.workers) as pool:
+        for path, report, decision in pool.map(check, files):
+            progress.step()
+            blocked |= decision.blocked
+            if args.json:
+                print(json.dumps({"path": str(path), "report": report.to_dict(), "decision": decision.to_dict()},
+                                 default=str), flush=True)
+            else:
+                progress.finish()
+                print(_format_report(path, report, decision, args.explain), flush=True)
+    progress.finish()
+    return EXIT_BLOCKED if blocked else EXIT_OK
+
+
+# --- imguard rules ----------------------------------------------------------------------------------
+
+def rules_check_main(args: argparse.Namespace) -> int:
+    from imguard.runtime import load_configuration
+
+    try:
+        loaded = load_configuration(args.dir, args.signatures, None)
+    except ConfigError as e:
+        _print_config_errors(e.errors)
+        return EXIT_USAGE
+    print(f"{args.dir}: {len(loaded.policy.rules)} rules, policy version {loaded.policy.version}; "
+          f"{args.signatures}: {len(loaded.signatures.rule_names)} signature names: OK")
+    return EXIT_OK
+
+
+def rules_test_main(args: argparse.Namespace) -> int:
+    from imguard.inspect import InspectLimits, Inspector
+    from imguard.policy.testing import run_rule_tests
+    from imguard.runtime import load_configuration
+
+    try:
+        loaded = load_configuration(args.dir, args.signatures, None)
+    except ConfigError as e:
+        _print_config_errors(e.errors)
+        return EXIT_USAGE
+    tests_dir = args.tests or (args.dir / "tests")
+    results = run_rule_tests(tests_dir, loaded.policy, Inspector(loaded.signatures, InspectLimits()))
+    failed = [r for r in results if not r.passed]
+    for result in results:
+        print(("PASS " if result.passed else "FAIL ") + result.describe())
+    print(f"{len(results) - len(failed)} passed, {len(failed)} failed")
+    return EXIT_BLOCKED if failed or not results else EXIT_OK
+
+
+# --- imguard quarantine -----------------------------------------------------------------------------
+
+def quarantine_main(args: argparse.Namespace) -> int:
+    from imguard.quarantine import QuarantineStore
+
+    store = QuarantineStore((args.data_dir or default_data_dir()) / "quarantine")
+    if args.quarantine_command == "list":
+        entries = store.entries()
+        if args.json:
+            for entry in entries:
+                print(json.dumps(entry.__dict__))
+            return EXIT_OK
+        print(f"{'sha256':64}  {'size':>9}  {'seen':>4}  {'last seen':25}  actions/rules  name")
+        for e in entries:
+            print(f"{e.sha256}  {e.size:>9}  {e.times_seen:>4}  {e.last_seen:25}  "
+                  f"{','.join(e.actions)}/{','.join(e.rules)}  {e.name!r}")
+        return EXIT_OK
+    try:
+        sidecar = store.show(args.sha256)
+    except ValueError as e:
+        print(f"imguard: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    if sidecar is None:
+        print(f"imguard: {args.sha256} is not in the quarantine", file=sys.stderr)
+        return EXIT_USAGE
+    if args.quarantine_command == "show":
+        print(json.dumps(sidecar, indent=2))
+        return EXIT_OK
+    # export: the bytes to a file the caller names, readable only by them (it may be malware).
+    try:
+        fd = os.open(args.dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as e:
+        print(f"imguard: cannot create {args.dest}: {e.strerror}", file=sys.stderr)
+        return EXIT_USAGE
+    with os.fdopen(fd, "wb") as f:
+        f.write(store.read(args.sha256))
+    print(f"exported {args.sha256} to {args.dest}")
+    return EXIT_OK
+
+
+# --- imguard archive --------------------------------------------------------------------------------
+
+def archive_main(args: argparse.Namespace) -> int:
+    from imguard import archive
+
+    path = (args.data_dir or default_data_dir()) / "archive.sqlite3"
+    if not path.exists():
+        print(f"imguard: no archive at {path}", file=sys.stderr)
+        return EXIT_USAGE
+    store = archive.Archive(path)
+    records = store.search(archive.Query(person=args.person, text=args.text, since=args.since, until=args.until,
+                                         protocol=args.protocol, sha256=args.sha256, limit=args.limit))
+    sys.stdout.write(archive.to_csv(records) if args.format == "csv" else archive.to_jsonl(records))
+    return EXIT_OK
+
+
+# --- the parser --------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="imguard", description="Instant-messaging security gateway.")
+    parser.add_argument("--version", action="version", version=f"imguard {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    from imguard.gateway import cli as gateway_cli
+    run = commands.add_parser("run", help="run the inline gateway",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    gateway_cli.add_run_arguments(run)
+    run.set_defaults(handler=gateway_cli.run_main)
+    ca = commands.add_parser("ca", help="print or export the gateway's CA certificate")
+    gateway_cli.add_ca_arguments(ca)
+    ca.set_defaults(handler=gateway_cli.ca_main)
+
+    from imguard.inspect import InspectLimits
+    scan = commands.add_parser("scan", help="inspect files and folders and show the policy decision",
+                               description="Exit codes: 0 nothing blocked, 1 something blocked, 2 usage or "
+                                           "configuration error.")
+    scan.add_argument("paths", nargs="+", type=Path, metavar="PATH")
+    _add_config_arguments(scan)
+    scan.add_argument("--json", action="store_true", help="one JSON object per file")
+    scan.add_argument("--explain", action="store_true", help="show which conditions of each rule matched")
+    scan.add_argument("--workers", type=int, default=os.cpu_count() or 2, help="files scanned at once")
+    scan.add_argument("--protocol", default="", help="chat context for the policy: protocol")
+    scan.add_argument("--direction", default="", choices=["", "inbound", "outbound", "internal"],
+                      help="chat context for the policy: direction")
+    scan.add_argument("--sender", default="", help="chat context for the policy: sender")
+    scan.add_argument("--recipient", action="append", help="chat context for the policy: recipient (repeatable)")
+    settings.add_arguments(scan, InspectLimits, "inspection limits")
+    scan.set_defaults(handler=scan_main)
+
+    quarantine = commands.add_parser("quarantine", help="list, show or export quarantined files")
+    quarantine_commands = quarantine.add_subparsers(dest="quarantine_command", metavar="SUBCOMMAND", required=True)
+    q_list = quarantine_commands.add_parser("list", help="every quarantined file, oldest first")
+    q_list.add_argument("--json", action="store_true")
+    q_show = quarantine_commands.add_parser("show", help="a file's report and every time it was seen")
+    q_show.add_argument("sha256")
+    q_export = quarantine_commands.add_parser("export", help="write a quarantined file's bytes to DEST (mode 0600)")
+    q_export.add_argument("sha256")
+    q_export.add_argument("dest", type=Path)
+    for sub in (q_list, q_show, q_export):
+        sub.add_argument("--data-dir", type=Path, default=None, metavar="DIR",
+                         help=f"the gateway's data folder (default: {default_data_dir()})")
+    quarantine.set_defaults(handler=quarantine_main)
+
+    archive_parser = commands.add_parser("archive", help="search the conversation archive")
+    archive_commands = archive_parser.add_subparsers(dest="archive_command", metavar="SUBCOMMAND", required=True)
+    search = archive_commands.add_parser("search", help="find messages and transfers; print them as JSON lines or CSV")
+    search.add_argument("--person", default="", help="sender or recipient contains this")
+    search.add_argument("--text", default="", help="message text or file name contains this")
+    search.add_argument("--since", default="", help="from this ISO time (UTC), inclusive")
+    search.add_argument("--until", default="", help="up to this ISO time (UTC), exclusive")
+    search.add_argument("--protocol", default="")
+    search.add_argument("--sha256", default="", help="a file's SHA-256")
+    search.add_argument("--limit", type=int, default=1000)
+    search.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
+    search.add_argument("--data-dir", type=Path, default=None, metavar="DIR",
+                        help=f"the gateway's data folder (default: {default_data_dir()})")
+    archive_parser.set_defaults(handler=archive_main)
+
+    rules = commands.add_parser("rules", help="check or test policy rules")
+    rules_commands = rules.add_subparsers(dest="rules_command", metavar="SUBCOMMAND")
+    check = rules_commands.add_parser("check", help="validate rules and signatures together (file:line errors)")
+    check.add_argument("dir", nargs="?", type=Path, default=BUNDLED_RULES, metavar="DIR")
+    check.add_argument("--signatures", type=Path, default=BUNDLED_SIGNATURES, metavar="DIR")
+    check.set_defaults(handler=rules_check_main)
+    test = rules_commands.add_parser("test", help="run the rule test cases (DIR/tests/*.yaml)")
+    test.add_argument("dir", nargs="?", type=Path, default=BUNDLED_RULES, metavar="DIR")
+    test.add_argument("--signatures", type=Path, default=BUNDLED_SIGNATURES, metavar="DIR")
+    test.add_argument("--tests", type=Path, default=None, metavar="DIR", help="test cases folder (default: DIR/tests)")
+    test.set_defaults(handler=rules_test_main)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler = getattr(args, "handler", None)
+    if handler is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        return handler(args)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,15 @@
+# The two commands of the README. Both set everything up first (tools/setup.sh is quick the second time).
+.PHONY: setup run test bench
+
+setup:
+	@tools/setup.sh
+
+run: setup
+	.venv/bin/imguard run $(ARGS)
+
+test:
+	@tools/setup.sh test
+	.venv/bin/python -m pytest $(PYTEST_ARGS)
+
+bench: setup
+	.venv/bin/python bench/bench_inspect.py

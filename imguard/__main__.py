@@ -1,0 +1,5 @@
+import sys
+
+from imguard.cli import main
+
+sys.exit(main())

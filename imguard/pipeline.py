@@ -1,0 +1,76 @@
+"""Inspection, decision and recording glued together: what every carrier (inline gateway, offline
+replay, `imguard scan`) calls, so a verdict is the same wherever the bytes came from.
+
+    check_message(text, ctx)        -> Decision               fast, called inline on the event loop
+    check_file(data, ctx, name, ..) -> (FileReport, Decision) slow, called from a worker thread
+
+Both write their decision to the alert log. The policy can be swapped at any time (hot reload):
+a call uses the policy object it read at its start.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from imguard import alerts
+from imguard.model import (REASON_TRUNCATED, UNSCANNABLE, ChatContext, Decision, FileReport, Finding)
+
+
+@dataclass
+class Pipeline:
+    inspector: "object"                 # imguard.inspect.Inspector
+    policy: "object"                    # imguard.policy.Policy
+    alert_log: alerts.AlertLog | None = None
+    quarantine: "object" = None         # imguard.quarantine.QuarantineStore: keeps blocked files
+    archive: "object" = None            # imguard.archive.Archive: the record of messages and transfers
+    keep_text: bool = True              # write message text into the record
+    classify_direction: "object" = None  # ctx -> direction, used when a context has none
+
+    def _with_direction(self, ctx: ChatContext) -> ChatContext:
+        if not ctx.direction and self.classify_direction is not None:
+            direction = self.classify_direction(ctx)
+            if direction:
+                return ctx.with_(direction=direction)
+        return ctx
+
+    def check_message(self, text: str, ctx: ChatContext) -> Decision:
+        ctx = self._with_direction(ctx)
+        decision = self.policy.decide_message(text, ctx)
+        kept_text = text if self.keep_text else None
+        if self.alert_log is not None:
+            self.alert_log.write(alerts.message_event(kept_text, ctx, decision))
+        if self.archive is not None:
+            self.archive.add_message(kept_text, ctx, decision)
+        return decision
+
+    def check_file(self, data: "bytes | Path", ctx: ChatContext, name: str = "", claimed_mime: str = "",
+                   truncated: bool = False) -> tuple[FileReport, Decision]:
+        ctx = self._with_direction(ctx)
+        report = self.inspector.inspect(data, ctx, name=name, claimed_mime=claimed_mime)
+        if truncated:
+            report.findings.append(Finding(UNSCANNABLE, "the transfer ended before the announced size",
+                                           data={"reason": REASON_TRUNCATED}))
+        decision = self.policy.decide_file(report, ctx)
+        stored = quarantine_error = None
+        if decision.blocked and self.quarantine is not None and isinstance(data, (bytes, bytearray, memoryview)):
+            # Kept before the alert is written, so the alert can name where the evidence is. A full
+            # disk must not turn a block into a pass: the block stands and the alert says what failed.
+            try:
+                stored = self.quarantine.put(bytes(data), report, ctx, decision)
+            except OSError as e:
+                quarantine_error = f"{type(e).__name__}: {e}"
+        if self.alert_log is not None:
+            event = alerts.file_event(report, ctx, decision)
+            if stored is not None:
+                event["imguard"]["quarantine_path"] = str(stored)
+            if quarantine_error is not None:
+                event["imguard"]["quarantine_error"] = quarantine_error
+            self.alert_log.write(event)
+        if self.archive is not None:
+            self.archive.add_file(report, ctx, decision)
+        return report, decision
+
+    def record(self, event: dict) -> None:
+        if self.alert_log is not None:
+            self.alert_log.write(event)

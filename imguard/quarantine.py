@@ -1,0 +1,157 @@
+"""The quarantine: files that policy blocked or quarantined, kept for review and evidence.
+
+Layout (after Suricata's filestore): DATA_DIR/quarantine/ab/<sha256> holds the bytes and
+DATA_DIR/quarantine/ab/<sha256>.json the sidecar: the file's report and one entry per time it was
+seen (context, decision, time). Content addressing means a file name from the wire never becomes a
+path, and the same file sent a hundred times is stored once. Folders are 0700 and files 0600: only
+the gateway's user can read them. Writes go to a temporary file and are renamed into place, so a
+crash never leaves a half-written file under its final name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import re
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from imguard.model import ChatContext, Decision, FileReport
+from imguard.settings import GiB, setting
+
+SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuarantineSettings:
+    """quarantine"""
+
+    quarantine_max_age_days: int = setting(90, "Quarantined files older than this are deleted by retention.")
+    quarantine_max_bytes: int = setting(10 * GiB, "Total size of the quarantine; the oldest files are deleted "
+                                                  "first when it is exceeded.")
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+@dataclasses.dataclass
+class Entry:
+    sha256: str
+    size: int
+    name: str
+    mime: str
+    first_seen: str
+    last_seen: str
+    times_seen: int
+    actions: list[str]
+    rules: list[str]
+
+
+class QuarantineStore:
+    def __init__(self, root: Path, quarantine_settings: QuarantineSettings = QuarantineSettings()):
+        self.root = Path(root)
+        self.settings = quarantine_settings
+        self._lock = threading.Lock()
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self.root, 0o700)
+
+    def _paths(self, sha256: str) -> tuple[Path, Path]:
+        if not SHA256_RE.match(sha256):
+            raise ValueError(f"not a SHA-256: {sha256!r}")
+        folder = self.root / sha256[:2]
+        return folder / sha256, folder / (sha256 + ".json")
+
+    def put(self, data: bytes, report: FileReport, ctx: ChatContext, decision: Decision) -> Path:
+        """Keep `data` (whose report is `report`) and record this sighting. Returns the stored path."""
+        content_path, sidecar_path = self._paths(report.sha256)
+        sighting = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                    "context": ctx.to_dict(), "decision": decision.to_dict()}
+        with self._lock:
+            content_path.parent.mkdir(exist_ok=True, mode=0o700)
+            if not content_path.exists():
+                _write_atomic(content_path, data)
+            sidecar = self._read_sidecar(sidecar_path) or {"report": report.to_dict(), "sightings": []}
+            # Bounded: the first sightings are the evidence; later ones are counted.
+            if len(sidecar["sightings"]) < 100:
+                sidecar["sightings"].append(sighting)
+            sidecar["times_seen"] = sidecar.get("times_seen", 0) + 1
+            sidecar["last_seen"] = sighting["time"]
+            _write_atomic(sidecar_path, json.dumps(sidecar, default=str, indent=1).encode())
+        return content_path
+
+    @staticmethod
+    def _read_sidecar(path: Path) -> dict[str, Any] | None:
+        try:
+            return json.loads(path.read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def _sidecars(self) -> Iterator[Path]:
+        for folder in sorted(self.root.iterdir()):
+            if folder.is_dir() and len(folder.name) == 2:
+                yield from sorted(folder.glob("*.json"))
+
+    def entries(self) -> list[Entry]:
+        result = []
+        for sidecar_path in self._sidecars():
+            sidecar = self._read_sidecar(sidecar_path)
+            if not sidecar or not sidecar.get("sightings"):
+                continue
+            report, sightings = sidecar["report"], sidecar["sightings"]
+            result.append(Entry(
+                sha256=report["sha256"], size=report["size"], name=report["name"], mime=report["mime"],
+                first_seen=sightings[0]["time"], last_seen=sidecar.get("last_seen", sightings[-1]["time"]),
+                times_seen=sidecar.get("times_seen", len(sightings)),
+                actions=sorted({s["decision"]["action"] for s in sightings}),
+                rules=sorted({m["rule_id"] for s in sightings for m in s["decision"]["matches"]})))
+        return result
+
+    def show(self, sha256: str) -> dict[str, Any] | None:
+        return self._read_sidecar(self._paths(sha256)[1])
+
+    def read(self, sha256: str) -> bytes:
+        return self._paths(sha256)[0].read_bytes()
+
+    def apply_retention(self, now: float | None = None) -> list[str]:
+        """Delete files past the age limit, then the oldest until under the size limit. Returns what went."""
+        now = time.time() if now is None else now
+        max_age = self.settings.quarantine_max_age_days * 86400
+        stored = []
+        for sidecar_path in self._sidecars():
+            content_path = sidecar_path.with_suffix("")
+            try:
+                stat = content_path.stat()
+            except FileNotFoundError:
+                continue
+            stored.append((stat.st_mtime, stat.st_size, content_path, sidecar_path))
+        stored.sort()
+        total = sum(size for _, size, _, _ in stored)
+        removed = []
+        with self._lock:
+            for mtime, size, content_path, sidecar_path in stored:
+                if now - mtime <= max_age and total <= self.settings.quarantine_max_bytes:
+                    continue
+                for path in (content_path, sidecar_path):
+                    path.unlink(missing_ok=True)
+                total -= size
+                removed.append(content_path.name)
+        return removed

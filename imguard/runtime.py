@@ -1,0 +1,90 @@
+"""Building the running parts from configuration: signatures, policy, inspector, alert log -> Pipeline.
+
+Shared by `imguard run`, `imguard scan`, `imguard rules` and `imguard pcap`, so every command loads
+rules and signatures the same way and refuses a broken configuration with the same messages.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import imguard
+from imguard.alerts import AlertLog
+from imguard.archive import Archive
+from imguard.pipeline import Pipeline
+
+PROJECT_ROOT = Path(imguard.__file__).resolve().parent.parent
+BUNDLED_RULES = PROJECT_ROOT / "rules"
+BUNDLED_SIGNATURES = PROJECT_ROOT / "signatures"
+
+
+def default_data_dir() -> Path:
+    """$IMGUARD_DATA_DIR, else $XDG_DATA_HOME/imguard, else ~/.local/share/imguard."""
+    if os.environ.get("IMGUARD_DATA_DIR"):
+        return Path(os.environ["IMGUARD_DATA_DIR"])
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(base) / "imguard"
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; `errors` are `file:line: message` strings."""
+
+    def __init__(self, errors: list[str]):
+        super().__init__("\n".join(errors))
+        self.errors = errors
+
+
+@dataclass
+class Loaded:
+    signatures: object
+    policy: object
+
+
+def load_configuration(rules_dir: Path, signatures_dir: Path, cache_dir: Path | None) -> Loaded:
+    """Load and cross-check signatures and rules; raise ConfigError listing every problem."""
+    from imguard.inspect import SignatureError, load_signatures
+    from imguard.policy import PolicyError, load_policy
+
+    errors: list[str] = []
+    signatures = policy = None
+    if not Path(signatures_dir).is_dir():
+        errors.append(f"{signatures_dir}: signatures folder does not exist")
+    else:
+        try:
+            signatures = load_signatures(Path(signatures_dir), cache_dir)
+        except SignatureError as e:
+            errors.extend(e.errors)
+    if not Path(rules_dir).is_dir():
+        errors.append(f"{rules_dir}: rules folder does not exist")
+    else:
+        try:
+            known = signatures.rule_names if signatures is not None else None
+            policy = load_policy(Path(rules_dir), known_yara_rules=known)
+        except PolicyError as e:
+            errors.extend(e.errors)
+    if errors:
+        raise ConfigError(errors)
+    return Loaded(signatures, policy)
+
+
+def build_pipeline(rules_dir: Path = BUNDLED_RULES, signatures_dir: Path = BUNDLED_SIGNATURES,
+                   data_dir: Path | None = None, limits: object = None, write_alerts: bool = True,
+                   quarantine_settings: object = None) -> Pipeline:
+    """The inspection-and-policy pipeline on the given configuration, writing to data_dir/alerts.jsonl,
+    data_dir/archive.sqlite3 and keeping blocked files in data_dir/quarantine (all only when write_alerts)."""
+    from imguard.quarantine import QuarantineSettings, QuarantineStore
+    from imguard.inspect import InspectLimits, Inspector
+
+    data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
+    loaded = load_configuration(rules_dir, signatures_dir, data_dir / "cache")
+    inspector = Inspector(loaded.signatures, limits if limits is not None else InspectLimits())
+    alert_log = quarantine = archive = None
+    if write_alerts:
+        archive = Archive(data_dir / "archive.sqlite3")
+        alert_log = AlertLog(data_dir / "alerts.jsonl")
+        quarantine = QuarantineStore(data_dir / "quarantine", quarantine_settings or QuarantineSettings())
+    classify = getattr(loaded.policy, "classify_direction", None)
+    return Pipeline(inspector=inspector, policy=loaded.policy, alert_log=alert_log, quarantine=quarantine,
+                    archive=archive, classify_direction=classify)
