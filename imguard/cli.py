@@ -69,10 +69,8 @@ def _format_report(path: Path, report, decision, explain: bool) -> str:
     for match in decision.shadow:
         lines.append(f"  shadow   {match.rule_id} would {match.action}")
     if explain:
-        for match in decision.matches + decision.shadow:
-            lines.append(f"  explain  {match.rule_id} ({match.mode}, {match.action}, {match.severity}) at {match.source}")
-            for reason in match.reasons:
-                lines.append(f"             - {reason}")
+        from imguard.policy import explain as explain_decision
+        lines.extend("  " + line for line in explain_decision(decision).splitlines())
     return "\n".join(lines)
 
 
@@ -150,7 +148,7 @@ def rules_check_main(args: argparse.Namespace) -> int:
 
 def rules_test_main(args: argparse.Namespace) -> int:
     from imguard.inspect import InspectLimits, Inspector
-    from imguard.policy.testing import run_rule_tests
+    from imguard.policy.testing import run_rule_tests, summary
     from imguard.runtime import load_configuration
 
     try:
@@ -160,11 +158,25 @@ def rules_test_main(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     tests_dir = args.tests or (args.dir / "tests")
     results = run_rule_tests(tests_dir, loaded.policy, Inspector(loaded.signatures, InspectLimits()))
-    failed = [r for r in results if not r.passed]
     for result in results:
-        print(("PASS " if result.passed else "FAIL ") + result.describe())
-    print(f"{len(results) - len(failed)} passed, {len(failed)} failed")
-    return EXIT_BLOCKED if failed or not results else EXIT_OK
+        print(result)
+    print(summary(results))
+    return EXIT_OK if results and all(r.passed for r in results) else EXIT_BLOCKED
+
+
+def rules_explain_main(args: argparse.Namespace) -> int:
+    from imguard.model import ChatContext
+    from imguard.policy import PolicyError, explain, load_policy
+
+    try:
+        policy = load_policy(args.dir)
+    except PolicyError as e:
+        _print_config_errors(e.errors)
+        return EXIT_USAGE
+    ctx = ChatContext(protocol=args.protocol, direction=args.direction, sender=args.sender,
+                      recipients=tuple(args.recipient or ()))
+    print(explain(policy.decide_message(args.text, ctx)))
+    return EXIT_OK
 
 
 # --- imguard quarantine -----------------------------------------------------------------------------
@@ -296,6 +308,15 @@ def build_parser() -> argparse.ArgumentParser:
     test.add_argument("--signatures", type=Path, default=BUNDLED_SIGNATURES, metavar="DIR")
     test.add_argument("--tests", type=Path, default=None, metavar="DIR", help="test cases folder (default: DIR/tests)")
     test.set_defaults(handler=rules_test_main)
+    explain_parser = rules_commands.add_parser("explain", help="decide on one message and show why")
+    explain_parser.add_argument("dir", nargs="?", type=Path, default=BUNDLED_RULES, metavar="DIR")
+    explain_parser.add_argument("--text", required=True, help="the message text")
+    explain_parser.add_argument("--sender", default="")
+    explain_parser.add_argument("--recipient", action="append", help="a recipient (repeatable)")
+    explain_parser.add_argument("--protocol", default="xmpp")
+    explain_parser.add_argument("--direction", default="", choices=["", "inbound", "outbound", "internal"],
+                                help="default: derived from the zones in the rules folder")
+    explain_parser.set_defaults(handler=rules_explain_main)
     return parser
 
 
