@@ -36,7 +36,7 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _print_config_errors(errors: list[str]) -> None:
     for error in errors:
-        print(f"imguard: {error}", file=sys.stderr)
+        print(error, file=sys.stderr)     # `file:line: message`, as compilers print it
 
 
 # --- imguard scan ------------------------------------------------------------------------------------

@@ -161,11 +161,11 @@ def test_an_inspector_that_crashes_is_an_error_not_a_pass(tmp_path):
     assert r.status == "error" and r.message == "RuntimeError: boom"
 
 
-def test_check_command_prints_file_line_errors_and_exits_1(tmp_path, capsys):
-    from imguard.policy.__main__ import main
+def test_rules_check_command_prints_file_line_errors_and_exits_2(tmp_path, capsys):
+    from imguard.cli import main
     (tmp_path / "r.yaml").write_text("- id: a\n  title: t\n  severity: hot\n  action: alert\n  applies_to: message\n"
                                      "  match: {keywords: x}\n")
-    assert main(["check", str(tmp_path)]) == 1
+    assert main(["rules", "check", str(tmp_path)]) == 2
     assert capsys.readouterr().err.startswith("r.yaml:3: severity: a string ('hot') is not one of:")
-    assert main(["check", str(RULES_DIR)]) == 0
-    assert f"{len(load_policy(RULES_DIR).rules)} rules in 3 files" in capsys.readouterr().out
+    assert main(["rules", "check", str(RULES_DIR)]) == 0
+    assert f"{len(load_policy(RULES_DIR).rules)} rules" in capsys.readouterr().out
