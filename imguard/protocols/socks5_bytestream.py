@@ -1,0 +1,310 @@
+"""Socks5BytestreamSession: holds an XEP-0065 SOCKS5 bytestream until its file is scanned.
+
+When an XmppSession relays a bytestream offer it registers SHA1(sid + initiator + target) with the
+real streamhosts in ExpectedTransfers, and (with `bytestream_relay`) rewrites the offer so the peer
+connects to the gateway's SOCKS5 relay instead. This session is that relay, for one data connection
+(sans-io, the StreamSession contract of imguard.protocols.base; "client" = the peer that connected
+to the relay, "server" = the real streamhost).
+
+Two ways in, depending on who speaks SOCKS5 to the connecting peer:
+
+1. The session does (a plain TCP listener carrier, `dst_hash=None`):
+       client: 05 01 00                 -> session answers 05 00 itself (only "no authentication")
+       client: 05 01 00 03 28 <hash> 00 00 (CONNECT, ATYP=domain, 40 hex chars, port 0)
+                                        -> the hash is looked up: unknown -> anomaly
+                                           `unexpected_bytestream`, Close; known ->
+                                           ConnectUpstream(host, port) for the first real streamhost
+       carrier: session.upstream_connected()  (or upstream_failed(): the next streamhost is tried)
+   then the session replays the greeting and the CONNECT to the streamhost, consumes its method
+   reply and hands its CONNECT reply to the client.
+2. The carrier did the client's SOCKS5 handshake (mitmproxy's socks5 mode, where the CONNECT
+   target is the hash; the carrier calls `transfers.lookup_bytestream(hash)` to pick the upstream):
+   construct with `dst_hash=...` once the upstream is connected and call `upstream_connected()`;
+   the session replays greeting and CONNECT upstream and consumes both replies.
+
+Data phase: the bytes flowing in either direction are held (the file flows from the initiator to the
+target: client->server when the initiator connected to us, server->client when the target did).
+When the side sending data closes, or the announced size (from the SI/Jingle offer) has arrived,
+the held bytes go out as InspectFile(transfer_id='s5b:<hash>:<n>', mechanism 'socks5'); the carrier
+answers with file_verdict(): allowed -> the bytes are released to the other side (and, if the sender
+had closed, the connection is closed after them); blocked -> Close. More bytes than
+`max_held_bytes`, or bytes after the announced size, close the connection (fail closed) with an
+anomaly. With a mediated proxy65 streamhost the proxy holds the initiator's last bytes until the
+initiator closes, so "sender closed" is the normal end of a transfer.
+
+Not done: UDP mode, username/password authentication towards the streamhost, Jingle S5B
+(XEP-0260) candidate-used/activate bookkeeping, a notice to the sender (the XMPP session of the
+sender is another connection; the Pipeline's file record and the closed stream are what it sees).
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from imguard import alerts
+from imguard.files.expected import ExpectedBytestream, ExpectedTransfers
+from imguard.model import ChatContext, Decision, FileReport
+from imguard.protocols.base import Close, Command, InspectFile, Record, Send
+from imguard.settings import MiB, setting
+
+_HASH = re.compile(r"^[0-9a-f]{40}$")
+_ids = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class Socks5Limits:
+    """SOCKS5 bytestream relay limits."""
+
+    max_held_bytes: int = setting(64 * MiB, "Largest bytestream file held for scanning; a larger transfer is "
+                                  "closed (fail closed) and recorded as too large.")
+    max_handshake_bytes: int = setting(600, "Most bytes of a SOCKS5 greeting or request before it must be "
+                                       "complete (a CONNECT with a 40-byte hash is 47 bytes).")
+
+
+@dataclass(frozen=True)
+class ConnectUpstream:
+    """Carrier: open the upstream connection to this streamhost, then call session.upstream_connected()
+    (or session.upstream_failed() to get the next candidate)."""
+    host: str
+    port: int
+    jid: str = ""
+
+
+# states
+GREETING, REQUEST, WAIT_UPSTREAM, UP_METHOD, UP_REPLY, DATA, INSPECTING, RELEASED, DONE = range(9)
+
+
+def connect_request(dst_hash: str) -> bytes:
+    h = dst_hash.encode("ascii")
+    return b"\x05\x01\x00\x03" + bytes([len(h)]) + h + b"\x00\x00"
+
+
+class Socks5BytestreamSession:
+    """One relayed bytestream connection. `stream_hash` given: the carrier did the client's SOCKS5 handshake
+    and is connected to the streamhost (`streamhost`, informational); call start(). Not given: the session
+    speaks SOCKS5 to the client and asks for the upstream with ConnectUpstream."""
+
+    def __init__(self, transfers: ExpectedTransfers, context: ChatContext, checker: Any = None,
+                 stream_hash: str | None = None, streamhost: tuple[str, int] | None = None,
+                 limits: Socks5Limits = Socks5Limits()):
+        self.transfers = transfers
+        self.checker = checker            # unused: files go out as InspectFile; kept for a uniform factory
+        self.context = context.with_(protocol=context.protocol or "xmpp", transfer_mechanism="socks5")
+        self.limits = limits
+        self.streamhost = streamhost
+        self.offer: ExpectedBytestream | None = None
+        self.dst_hash = stream_hash.lower() if stream_hash else None
+        self._client_handshake = stream_hash is None
+        self.state = GREETING if stream_hash is None else WAIT_UPSTREAM
+        if self.dst_hash:
+            self.offer = transfers.lookup_bytestream(self.dst_hash)
+        self._buf = {True: bytearray(), False: bytearray()}      # handshake bytes not yet parsed
+        self._held = {True: bytearray(), False: bytearray()}     # data phase, per direction (from_client)
+        self._closed_side: set[bool] = set()
+        self._candidates: list = []
+        self._sender_from_client: bool | None = None
+        self.transfer_id = ""
+
+    def start(self) -> list[Command]:
+        """Carrier-handshake mode: the upstream is connected, replay the SOCKS5 handshake to it."""
+        return self.upstream_connected()
+
+    # --- contract ------------------------------------------------------------------------------
+
+    def data_received(self, from_client: bool, data: bytes) -> list[Command]:
+        try:
+            out: list[Command] = []
+            if self.state == WAIT_UPSTREAM and not self._client_handshake:
+                out = self.start()                           # the carrier did not call start(): do it now
+            return out + self._data(from_client, data)
+        except Exception as e:                               # never raise into the carrier
+            return self._abort("internal_error", f"{type(e).__name__}: {e}")
+
+    def tls_started(self) -> list[Command]:
+        return []
+
+    def upstream_connected(self) -> list[Command]:
+        """The carrier connected to the streamhost: replay the SOCKS5 handshake upstream."""
+        if self.state != WAIT_UPSTREAM:
+            return []
+        if self.offer is None:
+            return self._abort("unexpected_bytestream", f"no bytestream offer for hash {self.dst_hash!r}",
+                               dst_hash=self.dst_hash)
+        self.state = UP_METHOD
+        return [Send(to_client=False, data=b"\x05\x01\x00")]
+
+    def upstream_failed(self) -> list[Command]:
+        """The streamhost could not be reached: try the next one, or give up."""
+        if self.state != WAIT_UPSTREAM or not self._candidates:
+            return self._abort("bytestream_upstream_failed", "no offered streamhost could be reached",
+                               reply=b"\x05\x04\x00\x01\x00\x00\x00\x00\x00\x00")
+        sh = self._candidates.pop(0)
+        return [ConnectUpstream(sh.host, sh.port, sh.jid)]
+
+    def file_verdict(self, transfer_id: str, report: FileReport, decision: Decision) -> list[Command]:
+        if transfer_id != self.transfer_id or self.state != INSPECTING:
+            return []
+        if decision.blocked:
+            self.state = DONE
+            return [Close("file blocked")]
+        self.state = RELEASED
+        sender = bool(self._sender_from_client)
+        out: list[Command] = [Send(to_client=not sender, data=bytes(self._held[sender]))]
+        self._held[sender] = bytearray()
+        if sender in self._closed_side:
+            out.append(Close("transfer complete"))
+        return out
+
+    def connection_closed(self, from_client: bool) -> list[Command]:
+        self._closed_side.add(from_client)
+        if self.state == DATA and self._held[from_client]:
+            return self._inspect(from_client)
+        if self.state == INSPECTING:
+            return []                                        # keep the other side open for the release
+        if self.state == DONE:
+            return []
+        self.state = DONE
+        return [Close("peer closed")]
+
+    # --- handshake -----------------------------------------------------------------------------
+
+    def _data(self, from_client: bool, data: bytes) -> list[Command]:
+        if self.state in (DATA, INSPECTING, RELEASED):
+            return self._hold(from_client, data)
+        if self.state == DONE:
+            return []
+        buf = self._buf[from_client]
+        buf += data
+        out: list[Command] = []
+        while True:
+            before = self.state
+            if from_client and self.state == GREETING:
+                out += self._greeting(buf)
+            elif from_client and self.state == REQUEST:
+                out += self._request(buf)
+            elif not from_client and self.state == UP_METHOD:
+                out += self._up_method(buf)
+            elif not from_client and self.state == UP_REPLY:
+                out += self._up_reply(buf)
+            if self.state == before or self.state == DONE:
+                break
+        if self.state in (GREETING, REQUEST, UP_METHOD, UP_REPLY) \
+                and len(self._buf[from_client]) > self.limits.max_handshake_bytes:
+            return out + self._abort("socks5_bad_handshake", "an oversized SOCKS5 handshake")
+        if self.state == DATA:                               # bytes that followed the handshake
+            for side in (True, False):
+                rest, self._buf[side] = bytes(self._buf[side]), bytearray()
+                if rest:
+                    out += self._hold(side, rest)
+        return out
+
+    def _greeting(self, buf: bytearray) -> list[Command]:
+        if len(buf) < 2 or len(buf) < 2 + buf[1]:
+            return []
+        if buf[0] != 5:
+            return self._abort("socks5_bad_handshake", f"SOCKS version {buf[0]}, expected 5")
+        methods = bytes(buf[2:2 + buf[1]])
+        del buf[:2 + len(methods)]
+        if 0 not in methods:
+            return self._abort("socks5_bad_handshake", "the client does not offer 'no authentication' "
+                               "(XEP-0065 requires it)", reply=b"\x05\xff")
+        self.state = REQUEST
+        return [Send(to_client=True, data=b"\x05\x00")]
+
+    def _request(self, buf: bytearray) -> list[Command]:
+        if len(buf) < 5:
+            return []
+        if buf[0] != 5 or buf[1] != 1 or buf[3] != 3:
+            return self._abort("socks5_bad_handshake", "not a CONNECT to a domain name (XEP-0065 §5.3.2)",
+                               reply=b"\x05\x07\x00\x01\x00\x00\x00\x00\x00\x00")
+        end = 5 + buf[4] + 2
+        if len(buf) < end:
+            return []
+        dst = bytes(buf[5:end - 2]).decode("ascii", "replace").lower()
+        port = int.from_bytes(buf[end - 2:end], "big")
+        del buf[:end]
+        self.dst_hash = dst
+        out: list[Command] = []
+        if not _HASH.match(dst) or port != 0:
+            out.append(self._anomaly("socks5_bad_handshake", "a CONNECT whose address is not a 40-hex hash "
+                                     "with port 0", dst=dst, port=port))
+        self.offer = self.transfers.lookup_bytestream(dst) if _HASH.match(dst) else None
+        if self.offer is None or not self.offer.streamhosts:
+            return out + self._abort("unexpected_bytestream", "a SOCKS5 bytestream that no XMPP offer "
+                                     "announced", dst_hash=dst, reply=b"\x05\x02\x00\x01\x00\x00\x00\x00\x00\x00")
+        self.state = WAIT_UPSTREAM
+        self._candidates = list(self.offer.streamhosts[1:])
+        sh = self.offer.streamhosts[0]
+        return out + [ConnectUpstream(sh.host, sh.port, sh.jid)]
+
+    def _up_method(self, buf: bytearray) -> list[Command]:
+        if len(buf) < 2:
+            return []
+        if bytes(buf[:2]) != b"\x05\x00":
+            return self._abort("socks5_bad_handshake", f"the streamhost refused: {bytes(buf[:2]).hex()}")
+        del buf[:2]
+        self.state = UP_REPLY
+        return [Send(to_client=False, data=connect_request(self.dst_hash or ""))]
+
+    def _up_reply(self, buf: bytearray) -> list[Command]:
+        if len(buf) < 5:
+            return []
+        atyp = buf[3]
+        length = {1: 4 + 4 + 2, 4: 4 + 16 + 2, 3: 5 + buf[4] + 2}.get(atyp)
+        if length is None:
+            return self._abort("socks5_bad_handshake", f"the streamhost replied with ATYP {atyp}")
+        if len(buf) < length:
+            return []
+        reply = bytes(buf[:length])
+        del buf[:length]
+        if reply[1] != 0:
+            return self._abort("bytestream_upstream_failed", f"the streamhost answered CONNECT with {reply[1]}",
+                               reply=reply if self._client_handshake else b"")
+        self.state = DATA
+        return [Send(to_client=True, data=reply)] if self._client_handshake else []
+
+    # --- data ----------------------------------------------------------------------------------
+
+    def _hold(self, from_client: bool, data: bytes) -> list[Command]:
+        if self.state in (INSPECTING, RELEASED):
+            if from_client == self._sender_from_client:
+                return self._abort("socks5_more_than_announced", "bytes after the announced size; closed")
+            return []                                        # the receiver has nothing to say; drop
+        held = self._held[from_client]
+        held += data
+        if len(held) > self.limits.max_held_bytes:
+            return self._abort("socks5_too_large", f"the bytestream exceeds max_held_bytes="
+                               f"{self.limits.max_held_bytes}; closed", reason="too_large")
+        size = self.offer.size if self.offer else None
+        if size is not None and len(held) >= size:
+            return self._inspect(from_client)
+        return []
+
+    def _inspect(self, from_client: bool) -> list[Command]:
+        self.state = INSPECTING
+        self._sender_from_client = from_client
+        self.transfer_id = f"s5b:{self.dst_hash}:{next(_ids)}"
+        o = self.offer
+        # the file is the offer's: sender, receivers and addresses of the XMPP connection that announced it
+        ctx = o.context.with_(transfer_mechanism="socks5") if o is not None else self.context
+        data = bytes(self._held[from_client])
+        truncated = o is not None and o.size is not None and len(data) < o.size
+        return [InspectFile(self.transfer_id, data, ctx, name=o.name if o else "",
+                            claimed_mime=o.content_type if o else "", truncated=truncated)]
+
+    # --- helpers -------------------------------------------------------------------------------
+
+    def _anomaly(self, kind: str, detail: str, **data: Any) -> Record:
+        ctx = self.offer.context.with_(transfer_mechanism="socks5") if self.offer else self.context
+        return Record(alerts.anomaly_event(ctx, kind, detail, **data))
+
+    def _abort(self, kind: str, detail: str, reply: bytes = b"", **data: Any) -> list[Command]:
+        self.state = DONE
+        self._held = {True: bytearray(), False: bytearray()}
+        out: list[Command] = [self._anomaly(kind, detail, **data)]
+        if reply:
+            out.append(Send(to_client=True, data=reply))
+        return out + [Close(kind)]

@@ -1,0 +1,347 @@
+"""An incremental, byte-exact framer for one direction of an XMPP stream (RFC 6120 §4, §11).
+
+Sans-io in the style of h11: `feed(bytes)` returns events, nothing else happens. An XMPP stream is
+one long XML document per direction; its level-1 children (stanzas and "nonzas" such as <starttls/>,
+<auth/>, <stream:features/>) are what the session acts on. For each of them the decoder returns the
+exact bytes it came in (so allowed stanzas are relayed without re-serialisation) and a parsed
+ElementTree element (namespaced tags, `{ns}local`).
+
+    dec = XmlStreamDecoder()
+    dec.feed(b"<stream:stream xmlns='jabber:client' ...><message to='bob@x'><body>hi</bo")
+        -> [StreamOpened(raw=b"<stream:stream ...>", attrs={...})]
+    dec.feed(b"dy></message>")
+        -> [Stanza(raw=b"<message to='bob@x'><body>hi</body></message>", element=<message>)]
+
+Concatenating the `raw` of every event gives back the input, byte for byte.
+
+Parsing is expat's (never our own tokenizer), restricted as RFC 6120 §11.1 requires: a DTD,
+an entity declaration, a processing instruction (other than the XML declaration) or a comment is a
+fatal `XmlError` (`restricted_xml`); no entity is ever resolved. A stream restart (after STARTTLS
+and after SASL <success/>, RFC 6120 §5.4.3.3, §6.4.6) is recognised by its new stream header,
+with or without an XML declaration: the parser is reset and the header is reported as a new
+`StreamOpened`. Hostile input is bounded by `XmppLimits`; exceeding a limit is a fatal `XmlError`.
+After a fatal error the decoder is dead: later feeds return nothing.
+"""
+
+from __future__ import annotations
+
+import xml.parsers.expat as expat
+from dataclasses import dataclass, field
+from typing import Any
+from xml.etree import ElementTree as ET
+
+from imguard.settings import KiB, MiB, setting
+
+STREAMS_NS = "http://etherx.jabber.org/streams"
+STREAM_TAG = "{%s}stream" % STREAMS_NS
+
+# XmlError kinds (the anomaly kinds the session records)
+MALFORMED = "malformed_xml"             # not well-formed XML, or an unbound namespace prefix
+RESTRICTED = "restricted_xml"           # DTD, entity declaration, PI or comment (RFC 6120 §11.1)
+STANZA_TOO_LARGE = "stanza_too_large"   # a top-level element over max_stanza_size
+HEADER_TOO_LARGE = "header_too_large"   # bytes before the stream header completed over max_header_size
+TOO_DEEP = "too_deep"                   # nesting over max_depth
+TOO_MANY_ATTRIBUTES = "too_many_attributes"
+TEXT_AT_STREAM_LEVEL = "text_at_stream_level"  # non-whitespace character data between stanzas
+DATA_AFTER_CLOSE = "data_after_close"   # bytes after </stream:stream>
+
+
+@dataclass(frozen=True)
+class XmppLimits:
+    """XMPP stream limits (per connection)."""
+
+    max_stanza_size: int = setting(256 * KiB, "Largest top-level element (stanza) in bytes; larger ends the "
+                                   "stream. Prosody's default c2s stanza size limit is 256 KiB too.")
+    max_server_stanza_size: int = setting(16 * MiB, "Largest stanza accepted from the server: servers send "
+                                          "big rosters, MAM pages and disco results the client limit would cut.")
+    max_header_size: int = setting(8 * KiB, "Largest stream header (with XML declaration and leading "
+                                   "whitespace) in bytes; real headers are a few hundred bytes.")
+    max_depth: int = setting(32, "Deepest element nesting inside the stream; real stanzas nest under 10.")
+    max_attributes: int = setting(64, "Most attributes (namespace declarations included) on one element.")
+    max_held_bytes: int = setting(16 * MiB, "Largest in-band (IBB) file held for scanning, decoded bytes; "
+                                  "a larger transfer is refused (closed both ways) and recorded as too large.")
+    max_transfers: int = setting(16, "Most in-band transfers held at once on one connection; more are refused.")
+    max_tracked_ids: int = setting(4096, "Most stanza ids, file offers and upload requests remembered per "
+                                   "connection (oldest forgotten first).")
+    tracked_id_ttl: float = setting(600.0, "Seconds a remembered stanza id, offer or upload request is kept.")
+    parse_slice: int = setting(64 * KiB, "Bytes handed to expat at a time, so a limit is checked before a "
+                               "huge chunk is parsed whole.")
+
+
+# --- events -----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class StreamOpened:
+    """A stream header `<stream:stream ...>` (with any XML declaration before it): a new stream or a restart."""
+    raw: bytes
+    attrs: dict[str, str] = field(default_factory=dict)   # namespaced keys as in ElementTree ('{ns}lang')
+
+
+@dataclass(frozen=True, eq=False)
+class Stanza:
+    """One complete level-1 element: a stanza (message, presence, iq) or a nonza (starttls, auth, features...)."""
+    raw: bytes
+    element: ET.Element
+
+    def __eq__(self, other: object) -> bool:      # for tests: same bytes is the same stanza
+        return isinstance(other, Stanza) and other.raw == self.raw
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+@dataclass(frozen=True)
+class Whitespace:
+    """Whitespace between stanzas (a keepalive): forwarded as it is."""
+    raw: bytes
+
+
+@dataclass(frozen=True)
+class StreamClosed:
+    """`</stream:stream>`."""
+    raw: bytes
+
+
+@dataclass(frozen=True)
+class XmlError:
+    """The peer sent something the stream cannot continue after. Always fatal."""
+    kind: str
+    detail: str
+
+
+Event = StreamOpened | Stanza | Whitespace | StreamClosed | XmlError
+
+
+class _Restart(Exception):
+    def __init__(self, position: int):
+        self.position = position
+
+
+class _Fatal(Exception):
+    def __init__(self, kind: str, detail: str):
+        self.kind, self.detail = kind, detail
+
+
+def _tag(name: str) -> str:
+    uri, sep, local = name.rpartition("}")
+    return "{" + name if sep and uri else local
+
+
+def _attrs(attrs: dict[str, str]) -> dict[str, str]:
+    return {_tag(k): v for k, v in attrs.items()}
+
+
+_WS = b" \t\r\n"
+
+
+class XmlStreamDecoder:
+    """Frames one direction of an XMPP stream. See the module docstring."""
+
+    def __init__(self, limits: XmppLimits = XmppLimits()):
+        self.limits = limits
+        self._buf = bytearray()       # bytes not yet emitted; _buf[0] is document position _base
+        self._base = 0
+        self._events: list[Event] = []
+        self.dead = False
+        self.closed = False           # </stream:stream> seen
+        self._new_parser()
+
+    # -- public -----------------------------------------------------------------------------------
+
+    def feed(self, data: bytes) -> list[Event]:
+        if self.dead or not data:
+            return []
+        self._events = []
+        try:
+            if self.closed and data.strip(_WS):
+                raise _Fatal(DATA_AFTER_CLOSE, "bytes after </stream:stream>")
+            step = max(1, self.limits.parse_slice)
+            for i in range(0, len(data), step):
+                piece = data[i:i + step]
+                self._buf += piece
+                self._parse(piece)
+                self._check_limits()
+            self._flush_whitespace()
+        except _Fatal as e:
+            self.dead = True
+            self._events.append(XmlError(e.kind, e.detail))
+        events, self._events = self._events, []
+        return events
+
+    def reset(self) -> None:
+        """Forget everything: the next bytes start a new stream (used after a TLS handshake)."""
+        self._buf = bytearray()
+        self._base = 0
+        self.closed = False
+        self.dead = False
+        self._new_parser()
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet returned in an event."""
+        return len(self._buf)
+
+    # -- parsing ----------------------------------------------------------------------------------
+
+    def _new_parser(self) -> None:
+        p = expat.ParserCreate(namespace_separator="}")
+        p.buffer_text = True
+        if hasattr(p, "SetReparseDeferralEnabled"):
+            p.SetReparseDeferralEnabled(False)      # report complete tokens now, not after more data
+        p.SetParamEntityParsing(expat.XML_PARAM_ENTITY_PARSING_NEVER)
+        p.StartElementHandler = self._start
+        p.EndElementHandler = self._end
+        p.CharacterDataHandler = self._text
+        p.StartDoctypeDeclHandler = self._restricted("a DTD")
+        p.EntityDeclHandler = self._restricted("an entity declaration")
+        p.ProcessingInstructionHandler = self._restricted("a processing instruction")
+        p.CommentHandler = self._restricted("a comment")
+        p.DefaultHandler = None
+        self._parser = p
+        self._depth = 0
+        self._stack: list[ET.Element] = []
+        self._start_pos = 0           # document position of the current level-1 element's start tag
+        self._has_content: list[bool] = []
+
+    def _restricted(self, what: str):
+        def handler(*args: Any) -> None:
+            raise _Fatal(RESTRICTED, f"{what} in the stream (RFC 6120 §11.1 forbids it)")
+        return handler
+
+    def _parse(self, piece: bytes) -> None:
+        while True:
+            try:
+                self._parser.Parse(piece, False)
+                return
+            except _Restart as r:
+                self._restart_at(r.position)
+            except expat.ExpatError as e:
+                pos = self._declaration_restart_position()
+                if pos is None:
+                    raise _Fatal(MALFORMED, f"not well-formed XML: {expat.errors.messages[e.code]}") from None
+                self._restart_at(pos)
+            piece = bytes(self._buf)          # re-parse what follows the restart point with a new parser
+
+    def _declaration_restart_position(self) -> int | None:
+        """An `<?xml ...?>` after a complete stanza at stream level is a restart, not an error."""
+        if self._depth != 1:
+            return None
+        rest = bytes(self._buf).lstrip(_WS)
+        if rest.startswith(b"<?xml") or (len(rest) < 5 and b"<?xml".startswith(rest) and rest):
+            return self._base + (len(self._buf) - len(rest))
+        return None
+
+    def _restart_at(self, position: int) -> None:
+        keep = bytes(self._buf[position - self._base:])
+        leading = bytes(self._buf[:position - self._base])
+        if leading.strip(_WS):
+            raise _Fatal(MALFORMED, "stream restart inside an element")
+        if leading:
+            self._events.append(Whitespace(leading))
+        self._buf = bytearray(keep)
+        self._base = 0
+        self._new_parser()
+
+    def _pos(self) -> int:
+        return self._parser.CurrentByteIndex
+
+    def _start(self, name: str, attrs: dict[str, str]) -> None:
+        if len(attrs) > self.limits.max_attributes:
+            raise _Fatal(TOO_MANY_ATTRIBUTES, f"an element with {len(attrs)} attributes "
+                                              f"(max_attributes={self.limits.max_attributes})")
+        tag = _tag(name)
+        if self._depth == 0:
+            if tag != STREAM_TAG:
+                raise _Fatal(MALFORMED, f"the stream must start with <stream:stream>, not {tag}")
+            end = self._pos() - self._base
+            end = _tag_end(self._buf, end)
+            if end > self.limits.max_header_size:
+                raise _Fatal(HEADER_TOO_LARGE, f"a stream header of {end} bytes (max_header_size="
+                                               f"{self.limits.max_header_size})")
+            raw = bytes(self._buf[:end])
+            del self._buf[:end]
+            self._base += end
+            self._depth = 1
+            self._events.append(StreamOpened(raw, _attrs(attrs)))
+            return
+        if self._depth == 1:
+            if tag == STREAM_TAG:
+                raise _Restart(self._pos())
+            self._start_pos = self._pos()
+            el = ET.Element(tag, _attrs(attrs))
+        else:
+            if self._depth >= self.limits.max_depth:
+                raise _Fatal(TOO_DEEP, f"elements nested deeper than max_depth={self.limits.max_depth}")
+            el = ET.SubElement(self._stack[-1], tag, _attrs(attrs))
+            self._has_content[-1] = True
+        self._stack.append(el)
+        self._has_content.append(False)
+        self._depth += 1
+
+    def _end(self, name: str) -> None:
+        if self._depth == 1:                      # </stream:stream>
+            pos = self._pos() - self._base
+            end = _tag_end(self._buf, pos)
+            self._emit_raw(end, lambda raw: StreamClosed(raw))
+            self._depth = 0
+            self.closed = True
+            return
+        el = self._stack.pop()
+        had_content = self._has_content.pop()
+        self._depth -= 1
+        if self._depth == 1:
+            pos = self._pos() - self._base
+            if not had_content and self._buf[pos - 2:pos] == b"/>":
+                end = pos                         # empty-element tag: expat reports its end
+            else:
+                end = _tag_end(self._buf, pos)
+            if end > self.limits.max_stanza_size:
+                raise _Fatal(STANZA_TOO_LARGE, f"a stanza of {end} bytes (max_stanza_size="
+                                               f"{self.limits.max_stanza_size})")
+            self._emit_raw(end, lambda raw: Stanza(raw, el))
+
+    def _text(self, data: str) -> None:
+        if self._depth <= 1:
+            if data.strip(" \t\r\n"):
+                raise _Fatal(TEXT_AT_STREAM_LEVEL, "character data between stanzas")
+            return
+        self._has_content[-1] = True
+        el = self._stack[-1]
+        if len(el):
+            last = el[-1]
+            last.tail = (last.tail or "") + data
+        else:
+            el.text = (el.text or "") + data
+
+    def _emit_raw(self, end: int, make) -> None:
+        raw = bytes(self._buf[:end])
+        del self._buf[:end]
+        self._base += end
+        self._events.append(make(raw))
+
+    def _flush_whitespace(self) -> None:
+        if self._depth == 1 and self._buf and not bytes(self._buf).strip(_WS):
+            self._emit_raw(len(self._buf), lambda raw: Whitespace(raw))
+
+    def _check_limits(self) -> None:
+        pending = len(self._buf)
+        if self._depth == 0 and not self.closed and pending > self.limits.max_header_size:
+            raise _Fatal(HEADER_TOO_LARGE, f"{pending} bytes without a complete stream header "
+                                           f"(max_header_size={self.limits.max_header_size})")
+        if self._depth >= 1 and pending > self.limits.max_stanza_size:
+            raise _Fatal(STANZA_TOO_LARGE, f"a stanza of more than {self.limits.max_stanza_size} bytes "
+                                           f"(max_stanza_size)")
+
+
+def _tag_end(buf: bytearray, pos: int) -> int:
+    """The index just after the '>' closing the tag that starts at `pos` ('>' inside quotes skipped)."""
+    quote = 0
+    for i in range(pos, len(buf)):
+        c = buf[i]
+        if quote:
+            if c == quote:
+                quote = 0
+        elif c in (0x22, 0x27):
+            quote = c
+        elif c == 0x3E:
+            return i + 1
+    raise _Fatal(MALFORMED, "a tag without its closing '>'")   # expat reported a tag we do not hold: a bug

@@ -1,0 +1,812 @@
+"""XmppSession: imguard's protocol logic for one client-to-server XMPP connection (a StreamSession).
+
+The carrier feeds it the plaintext of both directions; it frames each direction with
+`XmlStreamDecoder`, and for every top-level element decides what crosses (see imguard.protocols.base
+for the contract). In short:
+
+* Allowed stanzas are relayed as the exact bytes received; nothing is re-serialised unless policy
+  changes it (MASK). Partial stanzas stay buffered (bounded by `max_stanza_size`).
+* STARTTLS (RFC 6120 §5): `<starttls/>` and `<proceed/>` are relayed; right after `<proceed/>` the
+  session returns `StartTls()`; the carrier calls `tls_started()` when both legs are encrypted, and
+  both decoders start a new stream. Direct TLS (XEP-0368) is the carrier's business
+  (`tls_on_connect=True`).
+* Downgrade signs become anomalies: `<auth>` in plaintext although the server offered STARTTLS
+  (`starttls_stripping`, high), plaintext `<auth>` with no STARTTLS offered (`plaintext_auth`,
+  medium), pre-auth features without STARTTLS (`no_starttls_offered`, low).
+* Identity: the SASL initial response (PLAIN authzid/authcid, SCRAM's n= username; SASL1 or
+  XEP-0388 SASL2) names the user tentatively, the `<bind>` result's `<jid>` (or SASL2's
+  `<authorization-identifier>`) is authoritative. Every ChatContext carries the bare JID as `sender`.
+* Client `<message>` with text -> `checker.check_message(text, ctx)`; the text is every `<body>`
+  (also those of forwarded messages inside it, XEP-0297) plus the XHTML-IM rendering when it says
+  something else (XEP-0071). ALLOW/ALERT: relayed; MASK: relayed with every `<body>` replaced by
+  `decision.masked_text` and the XHTML-IM copy removed; BLOCK/QUARANTINE: dropped
+  and the sender gets the standard RFC 6120 §8.3.3.12 answer, a `<message type='error'>` with the
+  same id, "from" the recipient, carrying `<policy-violation/>` and the notice as `<text/>`. (That is
+  what real clients show next to the failed message; we send no extra chat message.)
+* End-to-end encrypted messages (OMEMO, OpenPGP, legacy PGP, OTR) cannot be read: the session
+  records an `e2e_encrypted` anomaly with the scheme and asks the checker with the text "" so policy
+  can still decide on who/where; MASK is not possible on ciphertext and is treated as ALERT.
+* Files:
+  - XEP-0047 IBB: data blocks are held (base64-decoded, sequence-checked) and each data iq is
+    answered by the session itself ("from" the receiver) so the sender keeps going; `<close>` gives
+    `InspectFile(transfer_id='ibb:<sid>', mechanism 'ibb')`. Allowed: the held stanzas (data and
+    close) are released byte-exact and the receiver's results to them are swallowed. Blocked: the
+    receiver gets an IBB `<close>`, the sender a notice, the data is dropped. A transfer over
+    `max_held_bytes`, with a sequence gap or bad base64 is refused on the spot (fail closed): error
+    to the sender, `<close>` to the receiver, an anomaly.
+  - XEP-0363 HTTP upload: the slot request and the server's slot are joined and registered in the
+    shared ExpectedTransfers table under the PUT URL (`expect_upload`); the gateway's HTTP side scans
+    the PUT. A message whose body or OOB `<url>` carries a GET URL the table marks as blocked is
+    blocked with a notice.
+  - XEP-0065 SOCKS5 bytestreams: an offer registers SHA1(sid + initiator + target) with the real
+    streamhosts (`expect_bytestream`); with `bytestream_relay=(host, port)` every streamhost in the
+    offer is rewritten to the gateway's relay, so the data must cross `Socks5BytestreamSession`.
+    Jingle S5B (XEP-0260) candidates this client offers are registered and rewritten the same way.
+  - XEP-0096 SI and XEP-0234 Jingle offers give name/size/hash per sid for the transfers above;
+    XEP-0066 OOB links are recorded.
+* Anomalies never raise: malformed input from the client ends its stream with a stream error and
+  Close (other connections are unaffected); an unexpected exception does the same with
+  `internal-server-error`.
+* XEP-0198 stream management: every stanza dropped or injected shifts the two sides' stanza counts,
+  so `<a h/>`, `<resume h/>` and `<resumed h/>` are translated (offsets are also kept in the shared
+  table under the SM id, so a resumption on a new connection continues with them).
+* Memory per connection is bounded: remembered ids, offers and slot requests live in a bounded,
+  expiring table (`max_tracked_ids`, `tracked_id_ttl`); held IBB transfers by `max_transfers` x
+  `max_held_bytes`.
+
+Not done (yet): inbound files and messages (a transfer *to* this client is relayed: it is held on
+its sender's connection when that one crosses the gateway; server->client messages are not checked),
+BOSH (XEP-0206) and websocket (RFC 7395) framings, DIGEST-MD5 usernames (only bind names those users),
+a notice to the sender when a SOCKS5 bytestream is blocked (the relay is another connection).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import hashlib
+import itertools
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+from xml.etree import ElementTree as ET
+
+from imguard import alerts
+from imguard.files.expected import (ExpectedBytestream, ExpectedTransfers, ExpectedUpload, StreamHost,
+                                    TransferSettings)
+from imguard.model import BLOCK, MASK, ChatContext, Decision, FileReport
+from imguard.protocols.base import Close, Command, InspectFile, Record, Send, StartTls
+from imguard.protocols.xmpp import decoder as d
+from imguard.protocols.xmpp.decoder import XmlStreamDecoder, XmppLimits
+from imguard.protocols.xmpp.xmlutil import attr, child, children, serialize, split, text
+
+NS_CLIENT = "jabber:client"
+NS_TLS = "urn:ietf:params:xml:ns:xmpp-tls"
+NS_SASL = "urn:ietf:params:xml:ns:xmpp-sasl"
+NS_SASL2 = "urn:xmpp:sasl:2"                              # XEP-0388 (no stream restart after success)
+NS_BIND = "urn:ietf:params:xml:ns:xmpp-bind"
+NS_STANZAS = "urn:ietf:params:xml:ns:xmpp-stanzas"
+NS_STREAM_ERRORS = "urn:ietf:params:xml:ns:xmpp-streams"
+NS_IBB = "http://jabber.org/protocol/ibb"
+NS_UPLOAD = "urn:xmpp:http:upload:0"
+NS_BYTESTREAMS = "http://jabber.org/protocol/bytestreams"
+NS_SI = "http://jabber.org/protocol/si"
+NS_SI_FT = "http://jabber.org/protocol/si/profile/file-transfer"
+NS_JINGLE = "urn:xmpp:jingle:1"
+NS_JINGLE_FT = "urn:xmpp:jingle:apps:file-transfer:"     # prefix: :3, :4, :5
+NS_JINGLE_S5B = "urn:xmpp:jingle:transports:s5b:1"       # XEP-0260
+NS_OOB_X = "jabber:x:oob"
+NS_OOB_IQ = "jabber:iq:oob"
+NS_XHTML_IM = "http://jabber.org/protocol/xhtml-im"
+NS_SM = ("urn:xmpp:sm:3", "urn:xmpp:sm:2")                # XEP-0198 stream management
+SM_KIND = "xmpp_sm"      # shared-table kind: SM id -> (c2s, s2c) count offsets, for resumption elsewhere
+
+# (namespace, element) of a <message> child that means "end-to-end encrypted" -> scheme name
+E2E_ELEMENTS = {
+    ("eu.siacs.conversations.axolotl", "encrypted"): "omemo",
+    ("urn:xmpp:omemo:2", "encrypted"): "omemo:2",
+    ("urn:xmpp:openpgp:0", "openpgp"): "openpgp",
+    ("jabber:x:encrypted", "x"): "pgp-legacy",
+}
+
+# decoder error kind -> the stream error condition sent to the client (RFC 6120 §4.9.3)
+STREAM_ERROR_CONDITIONS = {
+    d.MALFORMED: "not-well-formed",
+    d.TEXT_AT_STREAM_LEVEL: "not-well-formed",
+    d.DATA_AFTER_CLOSE: "not-well-formed",
+    d.RESTRICTED: "restricted-xml",
+    d.STANZA_TOO_LARGE: "policy-violation",
+    d.HEADER_TOO_LARGE: "policy-violation",
+    d.TOO_DEEP: "policy-violation",
+    d.TOO_MANY_ATTRIBUTES: "policy-violation",
+}
+
+DEFAULT_NOTICE = "This message was blocked by the security policy."
+DEFAULT_FILE_NOTICE = "Your file transfer was blocked by the security policy."
+
+_URL = re.compile(r"(?:https?|aesgcm)://[^\s<>\"']+", re.IGNORECASE)
+
+# kinds in the per-connection table
+_SWALLOW = "swallow"     # stanza id -> True: the server's answer to it is dropped (we answered already)
+_OFFER = "offer"         # sid -> FileOffer
+_SLOT = "slot"           # iq id -> (name, size, content_type) of an upload slot request
+
+
+class MessageChecker(Protocol):
+    def check_message(self, text: str, ctx: ChatContext) -> Decision: ...
+
+
+@dataclass(frozen=True)
+class FileOffer:
+    """What an SI or Jingle offer said about a file."""
+    name: str = ""
+    size: int | None = None
+    hash: str = ""
+    content_type: str = ""
+
+
+@dataclass
+class _IbbTransfer:
+    sid: str
+    transfer_id: str
+    sender: str                  # full JID of the sender (this client)
+    receiver: str                # the iq/message 'to'
+    stanza: str                  # 'iq' or 'message'
+    started: float
+    offer: FileOffer = field(default_factory=FileOffer)
+    next_seq: int = 0
+    data: bytearray = field(default_factory=bytearray)
+    held: list[bytes] = field(default_factory=list)
+
+
+def bare(jid: str) -> str:
+    return jid.split("/", 1)[0]
+
+
+def _int(value: str | None) -> int | None:
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def sasl_identity(mechanism: str, initial_response_b64: str) -> str:
+    """The user a SASL initial response names (PLAIN: authzid or authcid; SCRAM-*: the n= username), or ''.
+    The password in PLAIN is never kept."""
+    try:
+        raw = base64.b64decode(initial_response_b64.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        return ""
+    if mechanism == "PLAIN":
+        parts = raw.split(b"\0")
+        if len(parts) == 3:
+            return (parts[0] or parts[1]).decode("utf-8", "replace")
+    elif mechanism.startswith("SCRAM-"):
+        fields = raw.decode("utf-8", "replace").split(",")   # gs2-flag, [a=authzid], n=user, r=nonce, ...
+        if len(fields) >= 3:
+            if fields[1].startswith("a="):
+                return fields[1][2:].replace("=2C", ",").replace("=3D", "=")
+            for f in fields[2:]:
+                if f.startswith("n="):
+                    return f[2:].replace("=2C", ",").replace("=3D", "=")
+    return ""
+
+
+def socks5_hash(sid: str, initiator: str, target: str) -> str:
+    """XEP-0065 §5.3.2 DST.ADDR: hex SHA-1 of SID + initiator full JID + target full JID."""
+    return hashlib.sha1((sid + initiator + target).encode("utf-8")).hexdigest()
+
+
+class XmppSession:
+    """One c2s XMPP connection. See the module docstring for what it does."""
+
+    def __init__(self, checker: MessageChecker, transfers: ExpectedTransfers, context: ChatContext,
+                 limits: XmppLimits = XmppLimits(), tls_on_connect: bool = False,
+                 bytestream_relay: tuple[str, int] | None = None,
+                 clock: Callable[[], float] = time.monotonic):
+        self.checker = checker
+        self.transfers = transfers
+        self.context = context if context.protocol else context.with_(protocol="xmpp")
+        self.limits = limits
+        self.tls = tls_on_connect
+        self.bytestream_relay = bytestream_relay
+        self._clock = clock
+        server_limits = dataclasses.replace(limits, max_stanza_size=limits.max_server_stanza_size)
+        self._decoders = {True: XmlStreamDecoder(limits), False: XmlStreamDecoder(server_limits)}
+        self.domain = ""                 # the server's domain (client header 'to', server header 'from')
+        self.jid = ""                    # full JID from the bind result
+        self.sasl_identity = ""          # bare JID from SASL PLAIN, until bind tells
+        self.authenticated = False
+        self.closed = False
+        self.tls_pending = False         # StartTls returned, tls_started() not yet called
+        self._starttls_offered = False
+        self._server_header_seen = False
+        self._ids = ExpectedTransfers(TransferSettings(max_entries=limits.max_tracked_ids,
+                                                       ttl_seconds=limits.tracked_id_ttl), clock)
+        self._ibb: dict[str, _IbbTransfer] = {}          # sid -> transfer being received
+        self._inspecting: dict[str, _IbbTransfer] = {}   # transfer_id -> transfer waiting for a verdict
+        self._counter = itertools.count(1)
+        # XEP-0198: the server counts the stanzas it got and sent, the client likewise; every stanza the
+        # session drops or injects makes the two counts differ, so <a h=.../> is translated on the way.
+        self._sm_c2s = 0      # client stanzas the server never got, minus stanzas injected towards the server
+        self._sm_s2c = 0      # stanzas injected towards the client, minus server stanzas swallowed
+        self._sm_id = ""
+
+    # --- identity ------------------------------------------------------------------------------
+
+    @property
+    def sender(self) -> str:
+        """The bare JID of the authenticated user ('' before authentication)."""
+        return bare(self.jid) if self.jid else self.sasl_identity
+
+    @property
+    def full_jid(self) -> str:
+        return self.jid or self.sasl_identity
+
+    def ctx(self, **changes: Any) -> ChatContext:
+        return self.context.with_(sender=self.sender, **changes)
+
+    # --- the StreamSession contract ------------------------------------------------------------
+
+    def data_received(self, from_client: bool, data: bytes) -> list[Command]:
+        if self.closed:
+            return []
+        try:
+            out: list[Command] = []
+            for event in self._decoders[from_client].feed(data):
+                out += self._client_event(event) if from_client else self._server_event(event)
+                if self.closed:
+                    break
+            return out
+        except Exception as e:                       # never raise into the carrier
+            return self._fail("internal_error", f"{type(e).__name__}: {e}", "internal-server-error",
+                              from_client)
+
+    def tls_started(self) -> list[Command]:
+        self.tls = True
+        self.tls_pending = False
+        self._starttls_offered = False
+        self._server_header_seen = False
+        for dec in self._decoders.values():
+            dec.reset()
+        return []
+
+    def file_verdict(self, transfer_id: str, report: FileReport, decision: Decision) -> list[Command]:
+        t = self._inspecting.pop(transfer_id, None)
+        if t is None or self.closed:
+            return []
+        if not decision.blocked:
+            return [Send(to_client=False, data=b"".join(t.held))]
+        self._dropped(len(t.held))
+        return [self._ibb_close_to_receiver(t), self._notice_message(t.sender, decision.notice or DEFAULT_FILE_NOTICE)]
+
+    def connection_closed(self, from_client: bool) -> list[Command]:
+        if self.closed:
+            return []
+        self.closed = True
+        out: list[Command] = []
+        for t in list(self._ibb.values()) + list(self._inspecting.values()):
+            out.append(self._anomaly("transfer_abandoned", "the connection closed while an in-band transfer "
+                                     "was held; nothing was released", sid=t.sid, bytes=len(t.data)))
+        self._ibb.clear()
+        self._inspecting.clear()
+        return out + [Close("client closed" if from_client else "server closed")]
+
+    # --- client -> server ----------------------------------------------------------------------
+
+    def _client_event(self, event: d.Event) -> list[Command]:
+        if isinstance(event, d.XmlError):
+            return self._fail(event.kind, event.detail, STREAM_ERROR_CONDITIONS.get(event.kind, "not-well-formed"),
+                              True)
+        if isinstance(event, d.StreamOpened):
+            self.domain = self.domain or event.attrs.get("to", "")
+        if not isinstance(event, d.Stanza):
+            return [Send(to_client=False, data=event.raw)]
+        el = event.element
+        ns, local = split(el.tag)
+        if (ns, local) in ((NS_SASL, "auth"), (NS_SASL2, "authenticate")):
+            return self._client_auth(event)
+        if ns in NS_SM:
+            return self._client_sm(event, ns, local)
+        if local == "message":
+            return self._client_message(event)
+        if local == "iq":
+            return self._client_iq(event)
+        return [self._forward(event)]
+
+    def _client_auth(self, st: d.Stanza) -> list[Command]:
+        out: list[Command] = []
+        mechanism = st.element.get("mechanism", "")
+        initial = st.element.text
+        if split(st.element.tag)[0] == NS_SASL2:
+            response = child(st.element, NS_SASL2, "initial-response")
+            initial = response.text if response is not None else None
+        identity = sasl_identity(mechanism, initial or "")
+        if identity:                                 # first, so the alerts below name the user
+            if "@" not in identity and self.domain:
+                identity = f"{identity}@{self.domain}"
+            self.sasl_identity = bare(identity)
+        if not self.tls and self._starttls_offered:
+            out.append(self._anomaly("starttls_stripping", "the client authenticates in plaintext although "
+                                     "the server offered STARTTLS (downgrade or misconfigured client)",
+                                     severity="high", mechanism=mechanism))
+        elif not self.tls:
+            out.append(self._anomaly("plaintext_auth", "SASL authentication on an unencrypted stream",
+                                     severity="medium", mechanism=mechanism))
+        out.append(self._forward(st))
+        return out
+
+    def _client_message(self, st: d.Stanza) -> list[Command]:
+        el = st.element
+        ns = split(el.tag)[0]
+        ibb_data = child(el, NS_IBB, "data")
+        if ibb_data is not None:
+            return self._ibb_data(st, ibb_data)
+        if el.get("type") == "error":
+            return [self._forward(st)]
+        to = el.get("to", "")
+        ctx = self.ctx(recipients=(to,) if to else (),
+                       conversation=bare(to) if el.get("type") == "groupchat" else "")
+        # every <body>: the message's own and those of forwarded messages (XEP-0297) inside it; and the
+        # XHTML-IM rendering (XEP-0071), which a client may show instead of <body>
+        bodies = [b for b in el.iter() if split(b.tag) in ((ns, "body"), (NS_CLIENT, "body"))]
+        xhtml = [h for h in el.iter() if split(h.tag) == (NS_XHTML_IM, "html")]
+        texts = [b.text or "" for b in bodies]
+        for h in xhtml:
+            rendered = "".join(h.itertext())
+            if " ".join(rendered.split()) not in (" ".join(t.split()) for t in texts):
+                texts.append(rendered)
+        body = "\n".join(texts) if bodies or xhtml else None
+        oob_urls = [u.text.strip() for x in children(el, NS_OOB_X, "x") for u in children(x, NS_OOB_X, "url")
+                    if u.text and u.text.strip()]
+        out: list[Command] = [Record(self._link_event(ctx, url)) for url in oob_urls]
+
+        urls = oob_urls + (_URL.findall(body) if body else [])
+        for url in urls:
+            reason = self.transfers.blocked_url_reason(url)
+            if reason is not None:
+                notice = f"This message links to a file that was blocked: {reason}"
+                decision = Decision(action=BLOCK, notice=notice)
+                out.append(Record(alerts.message_event(body, ctx, decision)))
+                return out + self._refuse_message(el, notice)
+
+        scheme = self._e2e_scheme(el, body)
+        if scheme:
+            out.append(self._anomaly("e2e_encrypted", "an end-to-end encrypted message: its content cannot "
+                                     "be inspected", ctx=ctx, severity="info", scheme=scheme))
+            text_to_check = ""
+        elif body is None:
+            return out + [self._forward(st)]       # chat states, receipts, markers: no text
+        else:
+            text_to_check = body
+        decision = self.checker.check_message(text_to_check, ctx)
+        if decision.blocked:
+            return out + self._refuse_message(el, decision.notice or DEFAULT_NOTICE)
+        if decision.action == MASK and not scheme and (bodies or xhtml):
+            masked = decision.masked_text if decision.masked_text is not None else ""
+            for b in bodies:
+                b.text = masked
+            parents = {c: p for p in el.iter() for c in p}
+            for h in xhtml:                          # the rich copy would show the unmasked text
+                parents[h].remove(h)
+            return out + [Send(to_client=False, data=serialize(el, ns))]
+        return out + [self._forward(st)]
+
+    @staticmethod
+    def _e2e_scheme(el: ET.Element, body: str | None) -> str:
+        for c in el:
+            scheme = E2E_ELEMENTS.get(split(c.tag))
+            if scheme:
+                return scheme
+        if body is not None and body.lstrip().startswith("?OTR"):
+            return "otr"
+        return ""
+
+    def _refuse_message(self, el: ET.Element, notice: str) -> list[Command]:
+        """Drop the message; tell the sender with an RFC 6120 policy-violation error stanza."""
+        sid = el.get("id")
+        frm = el.get("to") or self.domain
+        xml = ("<message type='error'" + (f" id={attr(sid)}" if sid is not None else "")
+               + (f" from={attr(frm)}" if frm else "") + (f" to={attr(self.full_jid)}" if self.full_jid else "")
+               + f"><error type='modify'><policy-violation xmlns='{NS_STANZAS}'/>"
+               f"<text xmlns='{NS_STANZAS}'>{text(notice)}</text></error></message>")
+        self._dropped(1)
+        return [self._inject(True, xml.encode("utf-8"))]
+
+    def _client_iq(self, st: d.Stanza) -> list[Command]:
+        el = st.element
+        itype = el.get("type", "")
+        for c in el:
+            ns, local = split(c.tag)
+            if ns == NS_IBB and itype == "set":       # (an error iq may quote an IBB payload: not ours)
+                if local == "open":
+                    return self._ibb_open(st, c)
+                if local == "data":
+                    return self._ibb_data(st, c)
+                if local == "close":
+                    return self._ibb_close(st, c)
+            elif itype == "set" and ns == NS_SI and local == "si":
+                self._remember_si(c)
+            elif itype == "set" and ns == NS_JINGLE and local == "jingle":
+                self._remember_jingle(c)
+                return self._jingle_s5b(st, c)
+            elif itype == "set" and ns == NS_BYTESTREAMS and local == "query" \
+                    and child(c, NS_BYTESTREAMS, "streamhost") is not None:
+                return self._bytestream_offer(st, c)
+            elif itype == "set" and ns == NS_OOB_IQ and local == "query":
+                url = child(c, NS_OOB_IQ, "url")
+                if url is not None and url.text:
+                    to = el.get("to", "")
+                    return [Record(self._link_event(self.ctx(recipients=(to,) if to else ()), url.text.strip())),
+                            self._forward(st)]
+            elif itype == "get" and ns == NS_UPLOAD and local == "request" and el.get("id"):
+                self._ids.expect(el.get("id"), (c.get("filename", ""), _int(c.get("size")),
+                                                c.get("content-type", "")), kind=_SLOT)
+        return [self._forward(st)]
+
+    # --- file offers ---------------------------------------------------------------------------
+
+    def _remember_si(self, si: ET.Element) -> None:
+        f = child(si, NS_SI_FT, "file")
+        if f is not None and si.get("id"):
+            self._ids.expect(si.get("id"), FileOffer(f.get("name", ""), _int(f.get("size")), f.get("hash", ""),
+                                                     si.get("mime-type", "")), kind=_OFFER)
+
+    def _remember_jingle(self, jingle: ET.Element) -> None:
+        if jingle.get("action") not in ("session-initiate", "content-add"):
+            return
+        for content in children(jingle, NS_JINGLE, "content"):
+            offer = None
+            sids = [jingle.get("sid", "")]
+            for c in content:
+                ns, local = split(c.tag)
+                if local == "description" and ns.startswith(NS_JINGLE_FT):
+                    f = child(c, ns, "file")
+                    if f is not None:
+                        def sub(name: str, f=f, ns=ns) -> str:
+                            e = child(f, ns, name)
+                            return (e.text or "").strip() if e is not None else ""
+                        h = next((e for e in f if split(e.tag)[1] == "hash"), None)
+                        offer = FileOffer(sub("name"), _int(sub("size") or None),
+                                          f"{h.get('algo', '')}:{(h.text or '').strip()}" if h is not None else "",
+                                          sub("media-type"))
+                elif local == "transport" and c.get("sid"):
+                    sids.append(c.get("sid"))
+            if offer is not None:
+                for sid in sids:
+                    if sid:
+                        self._ids.expect(sid, offer, kind=_OFFER)
+
+    def _offer(self, sid: str) -> FileOffer:
+        return self._ids.get(sid, kind=_OFFER) or FileOffer()
+
+    def _jingle_s5b(self, st: d.Stanza, jingle: ET.Element) -> list[Command]:
+        """XEP-0260 candidates this client offers: registered like XEP-0065 streamhosts (DST.ADDR =
+        SHA1(sid + offering JID + other JID), or the transport's dstaddr) and rewritten to the relay."""
+        el = st.element
+        action = jingle.get("action", "")
+        if action not in ("session-initiate", "session-accept", "transport-replace", "transport-accept",
+                          "content-add", "transport-info"):
+            return [self._forward(st)]
+        me, peer = el.get("from") or self.full_jid, el.get("to", "")
+        rewritten = False
+        for content in children(jingle, NS_JINGLE, "content"):
+            transport = child(content, NS_JINGLE_S5B, "transport")
+            if transport is None or not transport.get("sid"):
+                continue
+            candidates = list(children(transport, NS_JINGLE_S5B, "candidate"))
+            hosts = tuple(StreamHost(c.get("jid", ""), c.get("host", ""), p) for c in candidates
+                          if c.get("host") and (p := _int(c.get("port"))) is not None)
+            if not hosts:
+                continue
+            sid = transport.get("sid", "")
+            dst_hash = (transport.get("dstaddr") or socks5_hash(sid, me, peer)).lower()
+            offer = self._offer(sid)
+            sending = action != "session-accept"     # an initiator offers a file; a responder accepts one
+            ctx = (self.ctx(recipients=(peer,) if peer else (), transfer_mechanism="socks5") if sending else
+                   self.context.with_(sender=bare(peer), recipients=(me,), transfer_mechanism="socks5"))
+            self.transfers.expect_bytestream(dst_hash, ExpectedBytestream(
+                dst_hash=dst_hash, sid=sid, initiator=me, target=peer, streamhosts=hosts, context=ctx,
+                name=offer.name, size=offer.size, content_type=offer.content_type))
+            if self.bytestream_relay is not None:
+                for c in candidates:
+                    c.set("host", self.bytestream_relay[0])
+                    c.set("port", str(self.bytestream_relay[1]))
+                rewritten = True
+        if rewritten:
+            return [Send(to_client=False, data=serialize(el, split(el.tag)[0]))]
+        return [self._forward(st)]
+
+    # --- XEP-0047 in-band bytestreams ----------------------------------------------------------
+
+    def _ibb_open(self, st: d.Stanza, op: ET.Element) -> list[Command]:
+        el = st.element
+        sid = op.get("sid", "")
+        now = self._clock()
+        for old_sid, old in list(self._ibb.items()):       # forget opens that never sent data
+            if now - old.started > self.limits.tracked_id_ttl:
+                del self._ibb[old_sid]
+        if not sid or sid in self._ibb:
+            self._dropped(1)
+            return [self._anomaly("ibb_bad_open", "an IBB open without a sid or reusing one", sid=sid),
+                    self._iq_error(el, "cancel", "not-acceptable", "in-band transfer refused")]
+        if len(self._ibb) + len(self._inspecting) >= self.limits.max_transfers:
+            self._dropped(1)
+            return [self._anomaly("too_many_transfers", "more simultaneous in-band transfers than "
+                                  "max_transfers", sid=sid, max_transfers=self.limits.max_transfers),
+                    self._iq_error(el, "wait", "resource-constraint", "too many file transfers at once")]
+        self._ibb[sid] = _IbbTransfer(sid=sid, transfer_id=f"ibb:{sid}", sender=el.get("from") or self.full_jid,
+                                      receiver=el.get("to", ""), stanza=op.get("stanza", "iq"), started=now,
+                                      offer=self._offer(sid))
+        return [self._forward(st)]
+
+    def _ibb_data(self, st: d.Stanza, data_el: ET.Element) -> list[Command]:
+        el = st.element
+        is_iq = split(el.tag)[1] == "iq"
+        sid = data_el.get("sid", "")
+        t = self._ibb.get(sid)
+        if t is None:
+            out: list[Command] = [self._anomaly("ibb_unknown_sid", "IBB data for a bytestream that was not "
+                                                "opened on this connection; dropped", sid=sid)]
+            self._dropped(1)
+            if is_iq:
+                out.append(self._iq_error(el, "cancel", "item-not-found", "unknown in-band bytestream"))
+            return out
+        seq = _int(data_el.get("seq"))
+        if seq != t.next_seq:
+            return self._ibb_refuse(t, el, "ibb_sequence_gap",
+                                    f"IBB block seq={data_el.get('seq')!r}, expected {t.next_seq}", "unexpected-request")
+        try:
+            chunk = base64.b64decode("".join((data_el.text or "").split()), validate=True)
+        except (binascii.Error, ValueError):
+            return self._ibb_refuse(t, el, "ibb_bad_base64", f"IBB block seq={seq} is not valid base64",
+                                    "bad-request")
+        if len(t.data) + len(chunk) > self.limits.max_held_bytes:
+            return self._ibb_refuse(t, el, "ibb_too_large", f"the in-band transfer exceeds max_held_bytes="
+                                    f"{self.limits.max_held_bytes}; refused", "not-acceptable", reason="too_large")
+        t.data += chunk
+        t.held.append(st.raw)
+        t.next_seq = (seq + 1) % 65536
+        if not is_iq:
+            return []
+        return [self._fake_result(el, t)]
+
+    def _ibb_close(self, st: d.Stanza, close: ET.Element) -> list[Command]:
+        el = st.element
+        t = self._ibb.pop(close.get("sid", ""), None)
+        if t is None:
+            return [self._forward(st)]              # closing something we never held: harmless
+        t.held.append(st.raw)
+        self._inspecting[t.transfer_id] = t
+        ctx = self.ctx(recipients=(t.receiver,) if t.receiver else (), transfer_mechanism="ibb")
+        truncated = t.offer.size is not None and len(t.data) < t.offer.size
+        return [self._fake_result(el, t),
+                InspectFile(t.transfer_id, bytes(t.data), ctx, name=t.offer.name,
+                            claimed_mime=t.offer.content_type, truncated=truncated)]
+
+    def _ibb_refuse(self, t: _IbbTransfer, el: ET.Element, kind: str, detail: str, condition: str,
+                    **data: Any) -> list[Command]:
+        self._ibb.pop(t.sid, None)
+        self._dropped(len(t.held) + 1)                 # the held blocks and this one never reach the server
+        out: list[Command] = [self._anomaly(kind, detail, sid=t.sid, **data), self._ibb_close_to_receiver(t)]
+        if split(el.tag)[1] == "iq":
+            out.append(self._iq_error(el, "cancel", condition, "in-band transfer refused by the gateway"))
+        else:
+            out.append(self._notice_message(t.sender, DEFAULT_FILE_NOTICE))
+        return out
+
+    def _fake_result(self, el: ET.Element, t: _IbbTransfer) -> Send:
+        """Answer the sender's data iq as the receiver would, and remember to drop the real answer."""
+        iq_id = el.get("id", "")
+        self._ids.expect(iq_id, True, kind=_SWALLOW)
+        xml = (f"<iq type='result' id={attr(iq_id)}" + (f" from={attr(t.receiver)}" if t.receiver else "")
+               + (f" to={attr(t.sender)}" if t.sender else "") + "/>")
+        return self._inject(True, xml.encode("utf-8"))
+
+    def _ibb_close_to_receiver(self, t: _IbbTransfer) -> Send:
+        iq_id = f"imguard-{next(self._counter)}"
+        self._ids.expect(iq_id, True, kind=_SWALLOW)
+        xml = (f"<iq type='set' id={attr(iq_id)}" + (f" to={attr(t.receiver)}" if t.receiver else "")
+               + f"><close xmlns='{NS_IBB}' sid={attr(t.sid)}/></iq>")
+        return self._inject(False, xml.encode("utf-8"))
+
+    # --- XEP-0065 SOCKS5 bytestreams -----------------------------------------------------------
+
+    def _bytestream_offer(self, st: d.Stanza, query: ET.Element) -> list[Command]:
+        el = st.element
+        sid = query.get("sid", "")
+        initiator = el.get("from") or self.full_jid
+        target = el.get("to", "")
+        hosts = []
+        for sh in children(query, NS_BYTESTREAMS, "streamhost"):
+            port = _int(sh.get("port"))
+            if sh.get("host") and port is not None:
+                hosts.append(StreamHost(sh.get("jid", ""), sh.get("host", ""), port))
+        dst_hash = socks5_hash(sid, initiator, target)
+        offer = self._offer(sid)
+        ctx = self.ctx(recipients=(target,) if target else (), transfer_mechanism="socks5")
+        self.transfers.expect_bytestream(dst_hash, ExpectedBytestream(
+            dst_hash=dst_hash, sid=sid, initiator=initiator, target=target, streamhosts=tuple(hosts),
+            context=ctx, name=offer.name, size=offer.size, content_type=offer.content_type))
+        if self.bytestream_relay is None or not hosts:
+            return [self._forward(st)]
+        relay_host, relay_port = self.bytestream_relay
+        for sh in children(query, NS_BYTESTREAMS, "streamhost"):
+            sh.set("host", relay_host)
+            sh.set("port", str(relay_port))
+        return [Send(to_client=False, data=serialize(el, split(el.tag)[0]))]
+
+    # --- server -> client ----------------------------------------------------------------------
+
+    def _server_event(self, event: d.Event) -> list[Command]:
+        if isinstance(event, d.XmlError):
+            self.closed = True
+            return [self._anomaly(event.kind, f"from the server: {event.detail}", from_client=False),
+                    Close(f"server sent {event.kind}")]
+        if isinstance(event, d.StreamOpened):
+            self._server_header_seen = True
+            self.domain = event.attrs.get("from", "") or self.domain
+        if not isinstance(event, d.Stanza):
+            return [Send(to_client=True, data=event.raw)]
+        el = event.element
+        ns, local = split(el.tag)
+        out: list[Command] = []
+        if ns in NS_SM:
+            return self._server_sm(event, ns, local)
+        if ns == d.STREAMS_NS and local == "features":
+            out += self._server_features(el)
+        elif ns == NS_TLS and local == "proceed":
+            self.tls_pending = True
+            return [Send(to_client=True, data=event.raw), StartTls()]
+        elif ns == NS_SASL and local == "success":
+            self.authenticated = True
+        elif ns == NS_SASL2 and local == "success":
+            self.authenticated = True
+            authz = child(el, NS_SASL2, "authorization-identifier")
+            if authz is not None and authz.text:
+                if "/" in authz.text:
+                    self.jid = authz.text.strip()
+                else:
+                    self.sasl_identity = bare(authz.text.strip())
+        elif local == "iq":
+            iq_id = el.get("id")
+            if el.get("type") in ("result", "error") and iq_id is not None \
+                    and self._ids.take(iq_id, kind=_SWALLOW) is not None:
+                self._sm_s2c -= 1                   # the sender already got our answer
+                self._sm_store()
+                return []
+            if el.get("type") == "result":
+                out += self._server_iq_result(el)
+        out.append(Send(to_client=True, data=event.raw))
+        return out
+
+    def _server_features(self, el: ET.Element) -> list[Command]:
+        if self.tls or self.authenticated:
+            return []
+        if child(el, NS_TLS, "starttls") is not None:
+            self._starttls_offered = True
+            return []
+        if child(el, NS_SASL, "mechanisms") is not None or child(el, NS_SASL2, "authentication") is not None:
+            return [self._anomaly("no_starttls_offered", "the server offers authentication without STARTTLS "
+                                  "on an unencrypted stream", severity="low")]
+        return []
+
+    def _server_iq_result(self, el: ET.Element) -> list[Command]:
+        bind = child(el, NS_BIND, "bind")
+        if bind is not None:
+            jid = child(bind, NS_BIND, "jid")
+            if jid is not None and jid.text:
+                self.jid = jid.text.strip()
+            return []
+        slot = child(el, NS_UPLOAD, "slot")
+        if slot is not None:
+            request = self._ids.take(el.get("id", ""), kind=_SLOT)
+            put, get = child(slot, NS_UPLOAD, "put"), child(slot, NS_UPLOAD, "get")
+            if request is None or put is None or get is None or not put.get("url"):
+                return [self._anomaly("unexpected_upload_slot", "an upload slot this connection did not ask "
+                                      "for (or without put/get URLs)", id=el.get("id", ""))]
+            name, size, content_type = request
+            headers = tuple((h.get("name", ""), (h.text or "").strip()) for h in children(put, NS_UPLOAD, "header"))
+            self.transfers.expect_upload(put.get("url"), ExpectedUpload(
+                put_url=put.get("url"), get_url=get.get("url", ""), name=name, size=size,
+                content_type=content_type, context=self.ctx(recipients=(), transfer_mechanism="xep-0363"),
+                put_headers=headers))
+        return []
+
+    # --- building blocks -----------------------------------------------------------------------
+
+    @staticmethod
+    def _forward(st: d.Stanza) -> Send:
+        return Send(to_client=False, data=st.raw)
+
+    def _iq_error(self, el: ET.Element, etype: str, condition: str, message: str) -> Send:
+        iq_id = el.get("id", "")
+        xml = (f"<iq type='error' id={attr(iq_id)}" + (f" from={attr(el.get('to'))}" if el.get("to") else "")
+               + (f" to={attr(self.full_jid)}" if self.full_jid else "")
+               + f"><error type={attr(etype)}><{condition} xmlns='{NS_STANZAS}'/>"
+               f"<text xmlns='{NS_STANZAS}'>{text(message)}</text></error></iq>")
+        return self._inject(True, xml.encode("utf-8"))
+
+    def _notice_message(self, to: str, notice: str) -> Send:
+        """A plain chat message from the server's domain, for notices that answer no stanza (files)."""
+        return self._inject(True, (f"<message type='chat'" + (f" from={attr(self.domain)}" if self.domain else "")
+                                   + (f" to={attr(to)}" if to else "")
+                                   + f"><body>{text(notice)}</body></message>").encode("utf-8"))
+
+    # --- XEP-0198 stream management counts -----------------------------------------------------
+
+    def _inject(self, to_client: bool, data: bytes) -> Send:
+        """A stanza of our own: the receiving side will count it, the other side never sent it."""
+        if to_client:
+            self._sm_s2c += 1
+        else:
+            self._sm_c2s -= 1
+        self._sm_store()
+        return Send(to_client=to_client, data=data)
+
+    def _dropped(self, n: int) -> None:
+        """n client stanzas the server will never get."""
+        self._sm_c2s += n
+        self._sm_store()
+
+    def _sm_store(self) -> None:
+        if self._sm_id:     # so a resumption on another connection can continue with the same offsets
+            self.transfers.expect(self._sm_id, (self._sm_c2s, self._sm_s2c), kind=SM_KIND)
+
+    @staticmethod
+    def _sm_h(el: ET.Element, offset: int) -> int | None:
+        h = _int(el.get("h"))
+        return None if h is None else (h + offset) % (1 << 32)
+
+    def _client_sm(self, st: d.Stanza, ns: str, local: str) -> list[Command]:
+        el = st.element
+        if local == "enable":
+            self._sm_c2s = 0                          # the server counts from here
+        elif local == "resume":
+            self._sm_id = el.get("previd", "")
+            offsets = self.transfers.get(self._sm_id, kind=SM_KIND) if self._sm_id else None
+            self._sm_c2s, self._sm_s2c = offsets or (0, 0)
+        if local in ("a", "resume") and self._sm_s2c:
+            h = self._sm_h(el, -self._sm_s2c)          # the client's count -> what the server sent
+            if h is not None:
+                el.set("h", str(h))
+                return [Send(to_client=False, data=serialize(el, ""))]
+        return [self._forward(st)]
+
+    def _server_sm(self, st: d.Stanza, ns: str, local: str) -> list[Command]:
+        el = st.element
+        if local == "enabled":
+            self._sm_s2c = 0                          # the client counts from here
+            self._sm_id = el.get("id", "") if el.get("resume") in ("true", "1") else ""
+            self._sm_store()
+        if local in ("a", "resumed") and self._sm_c2s:
+            h = self._sm_h(el, self._sm_c2s)           # the server's count -> what the client sent
+            if h is not None:
+                el.set("h", str(h))
+                return [Send(to_client=True, data=serialize(el, ""))]
+        return [Send(to_client=True, data=st.raw)]
+
+    def _anomaly(self, kind: str, detail: str, ctx: ChatContext | None = None, **data: Any) -> Record:
+        return Record(alerts.anomaly_event(ctx or self.ctx(), kind, detail, **data))
+
+    def _link_event(self, ctx: ChatContext, url: str) -> dict[str, Any]:
+        """An XEP-0066 link: recorded (an event, not an alert)."""
+        event = alerts.anomaly_event(ctx, "oob_link", "a file offered as a link", url=url)
+        event["event"].update(kind="event", category=["file"], action="link", dataset="imguard.file")
+        event["imguard"]["link"] = event["imguard"].pop("anomaly")
+        event["url"] = {"original": url}
+        return event
+
+    def _fail(self, kind: str, detail: str, condition: str, from_client: bool) -> list[Command]:
+        """The stream cannot continue: record why, tell the client with a stream error, close."""
+        self.closed = True
+        header = b"" if self._server_header_seen else (
+            b"<?xml version='1.0'?><stream:stream xmlns='jabber:client' "
+            b"xmlns:stream='http://etherx.jabber.org/streams' version='1.0'"
+            + (f" from={attr(self.domain)}".encode() if self.domain else b"") + b">")
+        error = (f"<stream:error><{condition} xmlns='{NS_STREAM_ERRORS}'/></stream:error></stream:stream>").encode()
+        return [self._anomaly(kind, detail, from_client=from_client),
+                Send(to_client=True, data=header + error),
+                Close(kind)]

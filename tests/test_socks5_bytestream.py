@@ -1,0 +1,175 @@
+"""Socks5BytestreamSession transcripts: the relay holds an XEP-0065 bytestream until its verdict.
+
+Bytes are the two proxy65 legs of xmpp_plain_ibb_socks5.pcap (tests/data/xmpp/s5b_*.json): bob (target)
+and alice (initiator) each connect to Prosody's proxy65 with CONNECT <hash>, then alice's file flows.
+"""
+
+import json
+from pathlib import Path
+
+from imguard.files.expected import ExpectedBytestream, ExpectedTransfers, StreamHost
+from imguard.model import BLOCK, ChatContext, Decision, FileReport
+from imguard.protocols.base import Close, InspectFile, Record, Send
+from imguard.protocols.socks5_bytestream import ConnectUpstream, Socks5BytestreamSession, Socks5Limits
+
+DATA = Path(__file__).parent / "data" / "xmpp"
+HASH = "e34ba3fd2764dd641680a28ecf2e67479ba888fc"
+EICAR = rb"X5O!P%@AP[4\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*"
+ALICE = ChatContext(protocol="xmpp", sender="alice@localhost", recipients=("bob@localhost/b",),
+                    transfer_mechanism="socks5", connection_id="xmpp-1")
+RELAY = ChatContext(protocol="socks5", client_address="127.0.0.1:44142", connection_id="relay-1")
+GREETING = b"\x05\x01\x00"
+CONNECT = b"\x05\x01\x00\x03(" + HASH.encode() + b"\x00\x00"
+REPLY = b"\x05\x00\x00\x03(" + HASH.encode() + b"\x00\x00"
+
+
+def segments(name):
+    t = json.loads((DATA / name).read_text())
+    return [(d == "c", seg.encode("latin-1")) for d, seg in t["segments"]]
+
+
+def table(size=None, hosts=(StreamHost("proxy.localhost", "127.0.0.1", 15000),)):
+    transfers = ExpectedTransfers()
+    transfers.expect_bytestream(HASH, ExpectedBytestream(
+        dst_hash=HASH, sid="60ff2b68ec7c487ab803ccfbd16335d0", initiator="alice@localhost/a",
+        target="bob@localhost/b", streamhosts=hosts, context=ALICE, name="eicar.txt", size=size))
+    return transfers
+
+
+def kinds(cmds):
+    return [c.event["imguard"]["anomaly"]["kind"] for c in cmds if isinstance(c, Record)]
+
+
+def test_capture_legs_speak_the_expected_handshake():
+    """The captured legs start with the greeting and the CONNECT this module expects (data sanity)."""
+    for name in ("s5b_target_leg.json", "s5b_initiator_leg.json"):
+        segs = segments(name)
+        assert segs[:4] == [(True, GREETING), (False, b"\x05\x00"), (True, CONNECT), (False, REPLY)]
+
+
+def carrier_mode_target_leg(transfers, **kw):
+    """bob's leg through a carrier that did bob's SOCKS5 handshake (mitmproxy socks5 mode): the session
+    replays greeting + CONNECT to proxy65 and consumes its replies."""
+    s = Socks5BytestreamSession(transfers, RELAY, stream_hash=HASH, streamhost=("127.0.0.1", 15000), **kw)
+    assert s.start() == [Send(False, GREETING)]
+    assert s.data_received(False, b"\x05\x00") == [Send(False, CONNECT)]
+    assert s.data_received(False, REPLY) == []                 # bob already had his reply from the carrier
+    return s
+
+
+def test_target_leg_is_held_until_proxy_closes_then_released():
+    """The file flows proxy -> bob: held, inspected when the proxy closes, released on allow, then Close."""
+    s = carrier_mode_target_leg(table())
+    data = [d for c, d in segments("s5b_target_leg.json")[4:] if not c]
+    for d in data:
+        assert s.data_received(False, d) == []                 # nothing reaches bob yet
+    (inspect,) = s.connection_closed(from_client=False)
+    assert isinstance(inspect, InspectFile) and inspect.data == EICAR * 200
+    assert (inspect.name, inspect.context.sender, inspect.context.transfer_mechanism) == \
+        ("eicar.txt", "alice@localhost", "socks5")
+    assert inspect.context.connection_id == "xmpp-1"          # the XMPP connection that announced it
+    assert s.file_verdict(inspect.transfer_id, FileReport("", "", 0), Decision()) == \
+        [Send(True, EICAR * 200), Close("transfer complete")]
+
+
+def test_blocked_bytestream_is_closed_without_a_byte():
+    """Blocked: Close, and bob never got any of the file."""
+    s = carrier_mode_target_leg(table())
+    s.data_received(False, EICAR)
+    (inspect,) = s.connection_closed(from_client=False)
+    assert s.file_verdict(inspect.transfer_id, FileReport("", "", 0), Decision(action=BLOCK)) == [Close("file blocked")]
+
+
+def test_session_speaks_socks5_to_the_client_itself():
+    """Plain TCP carrier: the session answers the greeting, finds the hash, asks for the upstream, replays the
+    handshake and hands the streamhost's CONNECT reply to the client."""
+    s = Socks5BytestreamSession(table(), RELAY)
+    segs = segments("s5b_initiator_leg.json")
+    assert s.data_received(True, GREETING) == [Send(True, b"\x05\x00")]
+    assert s.data_received(True, CONNECT) == [ConnectUpstream("127.0.0.1", 15000, "proxy.localhost")]
+    assert s.upstream_connected() == [Send(False, GREETING)]
+    assert s.data_received(False, b"\x05\x00") == [Send(False, CONNECT)]
+    assert s.data_received(False, REPLY) == [Send(True, REPLY)]
+    # alice (initiator) sends the file: held until she closes
+    sent = b"".join(d for c, d in segs[4:] if c)
+    assert s.data_received(True, sent) == []
+    (inspect,) = s.connection_closed(from_client=True)
+    assert inspect.data == EICAR * 200
+    assert s.file_verdict(inspect.transfer_id, FileReport("", "", 0), Decision()) == \
+        [Send(False, EICAR * 200), Close("transfer complete")]
+
+
+def test_handshake_split_at_every_byte():
+    """Greeting and CONNECT fed one byte at a time give the same commands."""
+    s = Socks5BytestreamSession(table(), RELAY)
+    out = []
+    for b in GREETING + CONNECT:
+        out += s.data_received(True, bytes([b]))
+    assert out == [Send(True, b"\x05\x00"), ConnectUpstream("127.0.0.1", 15000, "proxy.localhost")]
+
+
+def test_unexpected_bytestream_is_refused():
+    """A CONNECT whose hash no XMPP offer announced: unexpected_bytestream, a SOCKS5 refusal, Close."""
+    s = Socks5BytestreamSession(ExpectedTransfers(), RELAY)
+    s.data_received(True, GREETING)
+    cmds = s.data_received(True, CONNECT)
+    assert kinds(cmds) == ["unexpected_bytestream"]
+    assert cmds[1] == Send(True, b"\x05\x02\x00\x01\x00\x00\x00\x00\x00\x00") and isinstance(cmds[2], Close)
+
+
+def test_unexpected_bytestream_in_carrier_mode():
+    """Carrier mode with an unknown hash: anomaly and Close at start."""
+    s = Socks5BytestreamSession(ExpectedTransfers(), RELAY, stream_hash=HASH)
+    cmds = s.start()
+    assert kinds(cmds) == ["unexpected_bytestream"] and isinstance(cmds[-1], Close)
+
+
+def test_no_auth_method_is_required():
+    """A client that offers only username/password: 05 FF and Close."""
+    s = Socks5BytestreamSession(table(), RELAY)
+    cmds = s.data_received(True, b"\x05\x01\x02")
+    assert kinds(cmds) == ["socks5_bad_handshake"] and cmds[1] == Send(True, b"\x05\xff")
+
+
+def test_next_streamhost_when_the_first_is_unreachable():
+    """upstream_failed tries the next offered streamhost, then gives up."""
+    s = Socks5BytestreamSession(table(hosts=(StreamHost("a@x/r", "192.168.1.5", 8010),
+                                             StreamHost("proxy.localhost", "127.0.0.1", 15000))), RELAY)
+    s.data_received(True, GREETING)
+    assert s.data_received(True, CONNECT) == [ConnectUpstream("192.168.1.5", 8010, "a@x/r")]
+    assert s.upstream_failed() == [ConnectUpstream("127.0.0.1", 15000, "proxy.localhost")]
+    cmds = s.upstream_failed()
+    assert kinds(cmds) == ["bytestream_upstream_failed"] and isinstance(cmds[-1], Close)
+
+
+def test_announced_size_triggers_inspection_before_close():
+    """With the size from the offer, inspection starts when that many bytes arrived; more bytes are refused."""
+    s = carrier_mode_target_leg(table(size=len(EICAR) * 2))
+    assert s.data_received(False, EICAR) == []
+    (inspect,) = s.data_received(False, EICAR)
+    assert inspect.data == EICAR * 2 and not inspect.truncated
+    assert s.file_verdict(inspect.transfer_id, FileReport("", "", 0), Decision()) == [Send(True, EICAR * 2)]
+    cmds = s.data_received(False, b"extra")
+    assert kinds(cmds) == ["socks5_more_than_announced"] and isinstance(cmds[-1], Close)
+
+
+def test_short_transfer_is_marked_truncated():
+    """The sender closed before the announced size: InspectFile says truncated."""
+    s = carrier_mode_target_leg(table(size=1000))
+    s.data_received(False, EICAR)
+    (inspect,) = s.connection_closed(from_client=False)
+    assert inspect.truncated
+
+
+def test_held_size_limit_edge():
+    """max_held_bytes are held; one more byte closes the stream (fail closed)."""
+    s = carrier_mode_target_leg(table(), limits=Socks5Limits(max_held_bytes=len(EICAR)))
+    assert s.data_received(False, EICAR) == []
+    cmds = s.data_received(False, b"!")
+    assert kinds(cmds) == ["socks5_too_large"] and isinstance(cmds[-1], Close)
+
+
+def test_receiver_closing_early_closes():
+    """bob leaves before any data: Close, nothing to inspect."""
+    s = carrier_mode_target_leg(table())
+    assert s.connection_closed(from_client=True) == [Close("peer closed")]

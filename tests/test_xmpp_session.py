@@ -1,0 +1,769 @@
+"""XmppSession transcripts: real client/server bytes in, the session's commands out.
+
+Each test feeds bytes captured from real clients and servers (tests/data/xmpp/*.json, extracted
+from /work/shared/pcaps: see each file's "source") or a few hand-written stanzas, and asserts the
+exact commands, like mitmproxy's Playbook. The checker stands in for the Pipeline: it returns
+fixed Decisions (policy is not under test here) and remembers what it was asked.
+"""
+
+import base64
+import json
+from pathlib import Path
+
+import pytest
+
+from imguard.files.expected import ExpectedTransfers
+from imguard.model import ALERT, BLOCK, MASK, QUARANTINE, ChatContext, Decision, FileReport
+from imguard.protocols.base import Close, InspectFile, Record, Send, StartTls
+from imguard.protocols.xmpp import XmppLimits, XmppSession, socks5_hash
+
+DATA = Path(__file__).parent / "data" / "xmpp"
+CTX = ChatContext(protocol="xmpp", client_address="127.0.0.1:41998", server_address="127.0.0.1:15222",
+                  connection_id="c1")
+EICAR = rb"X5O!P%@AP[4\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*"
+STANZAS = "urn:ietf:params:xml:ns:xmpp-stanzas"
+IBB_SID = "a731ba85-49df-4d7b-972d-3c97d6881a93"
+
+
+class Checker:
+    """Pipeline stand-in: the first rule whose word is in the text decides; everything else is allowed."""
+
+    def __init__(self, rules=None, fail=False):
+        self.rules = rules or {}
+        self.calls = []
+        self.fail = fail
+
+    def check_message(self, text, ctx):
+        self.calls.append((text, ctx))
+        if self.fail:
+            raise RuntimeError("policy exploded")
+        for word, decision in self.rules.items():
+            if word in text:
+                return decision
+        return Decision()
+
+
+def segments(name):
+    t = json.loads((DATA / name).read_text())
+    return [(d == "c", seg.encode("latin-1")) for d, seg in t["segments"]]
+
+
+def play(session, segs):
+    out = []
+    for from_client, data in segs:
+        out += session.data_received(from_client, data)
+    return out
+
+
+def sent(cmds, to_client):
+    return b"".join(c.data for c in cmds if isinstance(c, Send) and c.to_client == to_client)
+
+
+def anomalies(cmds):
+    return [c.event["imguard"].get("anomaly", c.event["imguard"].get("link", {})).get("kind")
+            for c in cmds if isinstance(c, Record)]
+
+
+def new(checker=None, transfers=None, **kw):
+    return XmppSession(checker or Checker(), transfers if transfers is not None else ExpectedTransfers(), CTX, **kw)
+
+
+def logged_in(checker=None, transfers=None, **kw):
+    """alice after SASL, bind and initial presence (the first 12 segments of xmpp_plain_httpupload.pcap)."""
+    s = new(checker, transfers, **kw)
+    play(s, segments("httpupload_alice.json")[:12])
+    assert s.jid == "alice@localhost/t"
+    return s
+
+
+def message(body, to="bob@localhost", mid="m1", mtype="chat", extra=""):
+    return (f"<message type='{mtype}' to='{to}' id='{mid}'><body>{body}</body>{extra}</message>").encode()
+
+
+# --- relaying and identity ------------------------------------------------------------------------
+
+def test_allowed_session_is_relayed_byte_exact():
+    """A whole real session with nothing blocked: each side receives exactly what the other sent."""
+    segs = segments("httpupload_alice.json")
+    cmds = play(new(), segs)
+    assert sent(cmds, to_client=False) == b"".join(d for c, d in segs if c)
+    assert sent(cmds, to_client=True) == b"".join(d for c, d in segs if not c)
+    assert anomalies(cmds) == ["starttls_stripping", "oob_link"]
+    assert not [c for c in cmds if isinstance(c, (Close, StartTls, InspectFile))]
+
+
+def test_bind_result_labels_messages_with_the_jid():
+    """The server's <bind> result is the identity: the checker sees sender alice@localhost, recipient bob."""
+    checker = Checker()
+    play(new(checker), segments("httpupload_alice.json"))
+    text, ctx = checker.calls[0]
+    assert text == "hello bob (plain chat)"
+    assert (ctx.sender, ctx.recipients, ctx.protocol, ctx.connection_id) == \
+        ("alice@localhost", ("bob@localhost",), "xmpp", "c1")
+    assert ctx.client_address == "127.0.0.1:41998"
+
+
+def test_sasl_plain_names_the_user_before_bind():
+    """SASL PLAIN's authcid (with the stream's domain) labels events until bind; the password is not kept."""
+    s = new()
+    s.data_received(True, b"<stream:stream to='example.org' xmlns='jabber:client' "
+                          b"xmlns:stream='http://etherx.jabber.org/streams' version='1.0'>")
+    auth = (b"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>"
+            + base64.b64encode(b"\0juliet\0r0m30myr0m30") + b"</auth>")
+    assert s.data_received(True, auth)[-1] == Send(False, auth)
+    assert s.sender == "juliet@example.org"
+    assert "r0m30" not in repr(vars(s))
+
+
+def test_pidgin_on_ejabberd_without_starttls():
+    """ndpi jabber.pcap: a server that offers no STARTTLS is noted (low) and so is plaintext auth; relay exact."""
+    segs = segments("ndpi_jabber_pidgin.json")
+    s = new()
+    cmds = play(s, segs)
+    assert anomalies(cmds) == ["no_starttls_offered", "plaintext_auth"]
+    assert s.jid == "tom@cs-xmpp.lan/darkstar" and s.sender == "tom@cs-xmpp.lan"
+    assert sent(cmds, False) == b"".join(d for c, d in segs if c)
+    assert sent(cmds, True) == b"".join(d for c, d in segs if not c)
+
+
+def test_session_chunk_boundaries():
+    """alice's stream split at every byte offset reaches the server identical, with the same checks."""
+    segs = segments("httpupload_alice.json")
+    client = b"".join(d for c, d in segs if c)
+    server = [(c, d) for c, d in segs if not c]
+    for i in range(1, len(client), 7):
+        checker = Checker()
+        s = new(checker)
+        # server bytes first so the bind result is known before the messages: the relayed bytes do not depend on it
+        cmds = play(s, [(True, client[:i])] + server + [(True, client[i:])])
+        assert sent(cmds, False) == client, f"split at {i}"
+        assert [t for t, _ in checker.calls] == ["hello bob (plain chat)",
+                                                 "http://127.0.0.1:15280/file_share/XBkHXnfjh0EOWcdF7NVRCnkU/eicar.com"]
+
+
+# --- messages ----------------------------------------------------------------------------------------
+
+def test_blocked_message_never_reaches_the_server():
+    """BLOCK: the message must NOT reach the server; alice gets a policy-violation error with its id."""
+    s = logged_in(Checker({"secret": Decision(action=BLOCK, notice="Do not share secrets.")}))
+    assert s.data_received(True, message("the secret is 42", mid="x1")) == [Send(True, (
+        "<message type='error' id='x1' from='bob@localhost' to='alice@localhost/t'><error type='modify'>"
+        f"<policy-violation xmlns='{STANZAS}'/><text xmlns='{STANZAS}'>Do not share secrets.</text>"
+        "</error></message>").encode())]
+
+
+def test_quarantined_message_is_dropped_with_default_notice():
+    """QUARANTINE drops like BLOCK; with no notice from policy the default text is used."""
+    s = logged_in(Checker({"x": Decision(action=QUARANTINE)}))
+    (cmd,) = s.data_received(True, message("x"))
+    assert cmd.to_client and b"This message was blocked by the security policy." in cmd.data
+
+
+def test_alerted_message_passes_unchanged():
+    """ALERT: the message is relayed as sent (recording is the Pipeline's job)."""
+    s = logged_in(Checker({"hmm": Decision(action=ALERT)}))
+    m = message("hmm", extra="<active xmlns='http://jabber.org/protocol/chatstates'/>")
+    assert s.data_received(True, m) == [Send(False, m)]
+
+
+def test_masked_message_is_rewritten_with_escaped_text():
+    """MASK: the body is replaced (XML-escaped), other children and attributes kept, no ns0: prefixes."""
+    s = logged_in(Checker({"4111": Decision(action=MASK, masked_text="card <redacted> & co")}))
+    m = (b'<message type="chat" to="bob@localhost" id="m7" xml:lang="en"><body>card 4111 1111 1111 1111</body>'
+         b'<active xmlns="http://jabber.org/protocol/chatstates"/></message>')
+    assert s.data_received(True, m) == [Send(False, (
+        b"<message type='chat' to='bob@localhost' id='m7' xml:lang='en'><body>card &lt;redacted&gt; &amp; co</body>"
+        b"<active xmlns='http://jabber.org/protocol/chatstates'/></message>"))]
+
+
+def test_groupchat_conversation_is_the_room():
+    """A groupchat message's conversation is the room's bare JID."""
+    checker = Checker()
+    s = logged_in(checker)
+    s.data_received(True, message("hi all", to="room@conference.localhost", mtype="groupchat"))
+    assert checker.calls[-1][1].conversation == "room@conference.localhost"
+
+
+def test_messages_without_body_are_not_checked():
+    """Chat states and receipts carry no text: relayed, the checker is not asked."""
+    checker = Checker()
+    s = logged_in(checker)
+    m = b"<message type='chat' to='bob@localhost'><composing xmlns='http://jabber.org/protocol/chatstates'/></message>"
+    assert s.data_received(True, m) == [Send(False, m)]
+    assert checker.calls == []
+
+
+@pytest.mark.parametrize("payload,scheme", [
+    ("<encrypted xmlns='eu.siacs.conversations.axolotl'><header sid='1'/><payload>AAAA</payload></encrypted>"
+     "<body>I sent you an OMEMO encrypted message</body>", "omemo"),
+    ("<encrypted xmlns='urn:xmpp:omemo:2'><header sid='1'/><payload>AAAA</payload></encrypted>", "omemo:2"),
+    ("<openpgp xmlns='urn:xmpp:openpgp:0'>BASE64</openpgp>", "openpgp"),
+    ("<body>?OTRv3?AAMDabc</body>", "otr"),
+])
+def test_end_to_end_encrypted_message_is_recorded_and_passed(payload, scheme):
+    """E2E content cannot be read: an e2e_encrypted event, the checker asked with '', relayed by default."""
+    checker = Checker()
+    s = logged_in(checker)
+    m = f"<message type='chat' to='bob@localhost' id='e1'>{payload}</message>".encode()
+    cmds = s.data_received(True, m)
+    assert anomalies(cmds) == ["e2e_encrypted"]
+    assert cmds[0].event["imguard"]["anomaly"]["scheme"] == scheme
+    assert checker.calls[-1][0] == "" and cmds[-1] == Send(False, m)
+
+
+def test_policy_can_block_encrypted_messages():
+    """The checker's verdict on an encrypted message (text '') is applied."""
+    s = logged_in(Checker({"": Decision(action=BLOCK, notice="No OTR here.")}))
+    cmds = s.data_received(True, message("?OTR:AAMG"))
+    assert sent(cmds, False) == b"" and b"No OTR here." in sent(cmds, True)
+
+
+# --- STARTTLS ---------------------------------------------------------------------------------------
+
+CLIENT_HEADER = (b"<?xml version='1.0'?><stream:stream to='localhost' xmlns='jabber:client' "
+                 b"xmlns:stream='http://etherx.jabber.org/streams' version='1.0'>")
+SERVER_HEADER = (b"<?xml version='1.0'?><stream:stream from='localhost' id='s1' version='1.0' "
+                 b"xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams'>")
+FEATURES_TLS = (b"<stream:features><starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'><required/></starttls>"
+                b"</stream:features>")
+STARTTLS = b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>"
+PROCEED = b"<proceed xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>"
+
+
+def test_starttls_then_restart_inside_tls():
+    """<starttls/> relayed; after <proceed/> reaches the client, StartTls; after tls_started both sides restart."""
+    s = new()
+    assert s.data_received(True, CLIENT_HEADER) == [Send(False, CLIENT_HEADER)]
+    assert s.data_received(False, SERVER_HEADER + FEATURES_TLS) == [Send(True, SERVER_HEADER), Send(True, FEATURES_TLS)]
+    assert s.data_received(True, STARTTLS) == [Send(False, STARTTLS)]
+    assert s.data_received(False, PROCEED) == [Send(True, PROCEED), StartTls()]
+    assert s.tls_started() == []
+    assert s.tls
+    # inside TLS: a new stream with an XML declaration on both sides, then auth without any downgrade alert
+    assert s.data_received(True, CLIENT_HEADER) == [Send(False, CLIENT_HEADER)]
+    features = (b"<stream:features><mechanisms xmlns='urn:ietf:params:xml:ns:xmpp-sasl'><mechanism>PLAIN"
+                b"</mechanism></mechanisms></stream:features>")
+    assert s.data_received(False, SERVER_HEADER + features) == [Send(True, SERVER_HEADER), Send(True, features)]
+    auth = b"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>AGFsaWNlAHNlY3JldA==</auth>"
+    assert s.data_received(True, auth) == [Send(False, auth)]
+    assert s.sender == "alice@localhost"
+
+
+def test_auth_in_plaintext_after_starttls_was_offered_is_an_alert():
+    """Stripping: the server offered STARTTLS but the client authenticates in the clear."""
+    s = new()
+    s.data_received(True, CLIENT_HEADER)
+    s.data_received(False, SERVER_HEADER + FEATURES_TLS)
+    auth = b"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>AGFsaWNlAHNlY3JldA==</auth>"
+    cmds = s.data_received(True, auth)
+    assert anomalies(cmds) == ["starttls_stripping"] and cmds[-1] == Send(False, auth)
+    assert cmds[0].event["imguard"]["anomaly"]["severity"] == "high"
+    assert cmds[0].event["event"]["kind"] == "alert"
+
+
+def test_direct_tls_has_no_downgrade_checks():
+    """tls_on_connect=True (XEP-0368): the carrier already decrypts; plaintext checks do not apply."""
+    s = new(tls_on_connect=True)
+    s.data_received(True, CLIENT_HEADER)
+    cmds = s.data_received(False, SERVER_HEADER + b"<stream:features><mechanisms "
+                           b"xmlns='urn:ietf:params:xml:ns:xmpp-sasl'/></stream:features>")
+    cmds += s.data_received(True, b"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'/>")
+    assert anomalies(cmds) == []
+
+
+# --- anomalies ---------------------------------------------------------------------------------------
+
+def test_malformed_client_xml_ends_the_stream_not_the_gateway():
+    """Malformed input: a not-well-formed anomaly, a stream error to the client, Close; no exception."""
+    s = logged_in()
+    cmds = s.data_received(True, b"<message><body>oops</message>")
+    assert anomalies(cmds) == ["malformed_xml"]
+    assert cmds[1:] == [Send(True, b"<stream:error><not-well-formed xmlns='urn:ietf:params:xml:ns:xmpp-streams'/>"
+                                   b"</stream:error></stream:stream>"), Close("malformed_xml")]
+    assert s.data_received(True, message("more")) == []
+
+
+def test_error_before_the_server_header_opens_a_stream_first():
+    """RFC 6120 §4.9.1.2: an error before the server answered the header comes with a header of our own."""
+    s = new()
+    cmds = s.data_received(True, b"<stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/"
+                                 b"streams' to='localhost'><!-- hi -->")
+    assert anomalies(cmds) == ["restricted_xml"]
+    assert cmds[2].data.startswith(b"<?xml version='1.0'?><stream:stream ") and b"<restricted-xml " in cmds[2].data
+
+
+def test_oversized_stanza_is_a_policy_violation():
+    """A stanza over max_stanza_size: stanza_too_large and a policy-violation stream error."""
+    s = logged_in(limits=XmppLimits(max_stanza_size=1024))
+    cmds = s.data_received(True, message("x" * 2000))
+    assert anomalies(cmds) == ["stanza_too_large"] and b"<policy-violation " in cmds[1].data
+    assert isinstance(cmds[-1], Close)
+
+
+def test_malformed_server_xml_closes():
+    """A server that sends garbage: anomaly (from_client False) and Close."""
+    s = logged_in()
+    cmds = s.data_received(False, b"<message><</message>")
+    assert anomalies(cmds) == ["malformed_xml"] and cmds[-1] == Close("server sent malformed_xml")
+    assert cmds[0].event["imguard"]["anomaly"]["from_client"] is False
+
+
+def test_an_exception_in_the_checker_is_contained():
+    """data_received never raises: an internal error becomes an anomaly, a stream error and Close."""
+    s = logged_in(Checker(fail=True))
+    cmds = s.data_received(True, message("hello"))
+    assert anomalies(cmds) == ["internal_error"] and isinstance(cmds[-1], Close)
+    assert b"<internal-server-error " in cmds[1].data
+
+
+# --- XEP-0363 HTTP upload -------------------------------------------------------------------------
+
+PUT_URL = GET_URL = "http://127.0.0.1:15280/file_share/XBkHXnfjh0EOWcdF7NVRCnkU/eicar.com"
+
+
+def test_upload_slot_is_registered_for_the_http_side():
+    """The slot request + the server's slot: the PUT URL is expected, with name, size, type and sender."""
+    transfers = ExpectedTransfers()
+    play(new(transfers=transfers), segments("httpupload_alice.json"))
+    info = transfers.take_upload(PUT_URL)
+    assert (info.name, info.size, info.content_type, info.get_url) == \
+        ("eicar.com", 68, "application/x-msdos-program", GET_URL)
+    assert info.context.sender == "alice@localhost" and info.context.transfer_mechanism == "xep-0363"
+    assert info.put_headers[0][0] == "Authorization"
+
+
+def test_message_sharing_a_blocked_upload_is_blocked():
+    """The HTTP side blocked the PUT: the message carrying its GET URL (body + OOB) must NOT reach bob."""
+    transfers = ExpectedTransfers()
+    segs = segments("httpupload_alice.json")
+    s = new(transfers=transfers)
+    cmds = play(s, segs[:-3])                     # up to the slot result
+    transfers.mark_blocked_url(GET_URL, "EICAR-Test-File")
+    share = segs[-3][1]
+    assert b"<x xmlns=\"jabber:x:oob\">" in share
+    cmds = s.data_received(True, share)
+    assert sent(cmds, False) == b""
+    assert anomalies(cmds) == ["oob_link", None]   # the link, then the blocked-message record
+    assert cmds[1].event["event"]["action"] == "block"
+    assert b"<policy-violation " in sent(cmds, True) and b"EICAR-Test-File" in sent(cmds, True)
+
+
+def test_unexpected_slot_is_noted():
+    """A slot answer for no request of this connection is an anomaly (and relayed: it is the server's)."""
+    s = logged_in()
+    slot = (b"<iq type='result' id='zz'><slot xmlns='urn:xmpp:http:upload:0'><get url='http://h/a'/>"
+            b"<put url='http://h/a'/></slot></iq>")
+    cmds = s.data_received(False, slot)
+    assert anomalies(cmds) == ["unexpected_upload_slot"] and cmds[-1] == Send(True, slot)
+
+
+# --- XEP-0047 in-band bytestreams ------------------------------------------------------------------
+
+HELD_IDS = [b"4d5e0b0b8571446e995f5b493ecc8e9c", b"b19cf2da315b41c4840a9e3edbb77d5b", b"6624cd0f80e04f138a37bcd44ca6dae0",
+            b"4fc1f32aa9fa46e1963cbb4d608dd12e", b"42e78744440d46fa86b0c5deac59542b"]   # 4 data iqs + close
+
+
+def bobs_answers(segs):
+    """The server segments answering the held stanzas: in the capture they came at once; through imguard
+    they only come after the release."""
+    return [(c, d) for c, d in segs if not c and any(b"id='" + i + b"'" in d for i in HELD_IDS)]
+
+
+def ibb_transfer(**kw):
+    """alice's IBB transfer from xmpp_plain_ibb_socks5.pcap, up to her <close> (without bob's answers)."""
+    segs = segments("ibb_socks5_alice.json")[:26]
+    s = new(**kw)
+    answers = bobs_answers(segs)
+    return s, segs, play(s, [seg for seg in segs if seg not in answers])
+
+
+def test_ibb_data_is_held_and_answered_by_the_gateway():
+    """Data blocks never reach the server before the verdict; alice gets a result per block and for <close>."""
+    s, segs, cmds = ibb_transfer()
+    to_server = sent(cmds, False)
+    assert b"<open " in to_server and b"<data " not in to_server and b"<close " not in to_server
+    results = [c.data for c in cmds if isinstance(c, Send) and c.to_client and b"type='result' id=" in c.data[:30]]
+    assert results[0] == (b"<iq type='result' id='4d5e0b0b8571446e995f5b493ecc8e9c' from='bob@localhost/b' "
+                          b"to='alice@localhost/a'/>")
+    assert len(results) == 5                       # 4 data blocks + close
+    (inspect,) = [c for c in cmds if isinstance(c, InspectFile)]
+    assert inspect.transfer_id == f"ibb:{IBB_SID}"
+    assert inspect.data == EICAR * 200
+    assert inspect.context.transfer_mechanism == "ibb"
+    assert inspect.context.sender == "alice@localhost" and inspect.context.recipients == ("bob@localhost/b",)
+
+
+def test_ibb_allowed_releases_the_original_stanzas():
+    """Allowed: the held data iqs and <close> go to the server byte-exact, in order."""
+    s, segs, cmds = ibb_transfer()
+    held = b"".join(d for c, d in segs if c and (b"<data " in d or b"<close " in d))
+    out = s.file_verdict(f"ibb:{IBB_SID}", FileReport("", "", 13600), Decision())
+    assert out == [Send(False, held)]
+    # ... and bob's answers to the released stanzas (the real ones from the capture) are swallowed:
+    # alice already had ours, so she sees each id answered exactly once
+    answers = bobs_answers(segs)
+    assert len(answers) == 5
+    assert play(s, answers) == []
+
+
+def test_ibb_blocked_closes_both_sides():
+    """Blocked: bob gets an IBB <close>, alice a notice, the data goes nowhere."""
+    s, segs, cmds = ibb_transfer()
+    out = s.file_verdict(f"ibb:{IBB_SID}", FileReport("", "", 13600),
+                         Decision(action=BLOCK, notice="EICAR test file blocked."))
+    assert out == [
+        Send(False, f"<iq type='set' id='imguard-1' to='bob@localhost/b'><close xmlns='http://jabber.org/protocol/ibb'"
+                    f" sid='{IBB_SID}'/></iq>".encode()),
+        Send(True, b"<message type='chat' from='localhost' to='alice@localhost/a'><body>EICAR test file blocked."
+                   b"</body></message>")]
+    assert s.data_received(False, b"<iq type='result' id='imguard-1' from='bob@localhost/b'/>") == []
+    assert s.file_verdict(f"ibb:{IBB_SID}", FileReport("", "", 0), Decision()) == []   # answered once only
+
+
+IBB_OPEN = (b"<iq type='set' id='o1' to='bob@localhost/t'><open xmlns='http://jabber.org/protocol/ibb' sid='s1' "
+            b"block-size='4096'/></iq>")
+
+
+def ibb_data(seq, payload, iq_id="d", sid="s1"):
+    return (f"<iq type='set' id='{iq_id}{seq}' to='bob@localhost/t'><data xmlns='http://jabber.org/protocol/ibb' "
+            f"sid='{sid}' seq='{seq}'>{payload}</data></iq>").encode()
+
+
+def test_ibb_sequence_gap_refuses_the_transfer():
+    """seq 0 then 2: ibb_sequence_gap, an error to alice, <close> to bob, nothing released."""
+    s = logged_in()
+    assert s.data_received(True, IBB_OPEN) == [Send(False, IBB_OPEN)]
+    s.data_received(True, ibb_data(0, "QUJD"))
+    cmds = s.data_received(True, ibb_data(2, "REVG"))
+    assert anomalies(cmds) == ["ibb_sequence_gap"]
+    assert cmds[1].data.startswith(b"<iq type='set' id='imguard-1' to='bob@localhost/t'><close ")
+    assert cmds[2].data.startswith(b"<iq type='error' id='d2' from='bob@localhost/t' to='alice@localhost/t'>")
+    assert b"<data " not in sent(cmds, False)
+
+
+def test_ibb_bad_base64_refuses_the_transfer():
+    """A block that is not base64: ibb_bad_base64, refused both ways."""
+    s = logged_in()
+    s.data_received(True, IBB_OPEN)
+    cmds = s.data_received(True, ibb_data(0, "!!not base64!!"))
+    assert anomalies(cmds) == ["ibb_bad_base64"] and b"<bad-request " in sent(cmds, True)
+
+
+def test_ibb_unknown_sid_is_dropped():
+    """Data for a bytestream never opened here: anomaly and item-not-found; nothing forwarded."""
+    s = logged_in()
+    cmds = s.data_received(True, ibb_data(0, "QUJD", sid="nope"))
+    assert anomalies(cmds) == ["ibb_unknown_sid"] and sent(cmds, False) == b""
+    assert b"<item-not-found " in sent(cmds, True)
+
+
+def test_ibb_held_size_limit_edge():
+    """max_held_bytes decoded bytes are held; one byte more refuses the transfer (ibb_too_large)."""
+    s = logged_in(limits=XmppLimits(max_held_bytes=6))
+    s.data_received(True, IBB_OPEN)
+    assert anomalies(s.data_received(True, ibb_data(0, "QUJD"))) == []       # 3 bytes
+    assert anomalies(s.data_received(True, ibb_data(1, "REVG"))) == []       # 6 bytes: at the limit
+    s2 = logged_in(limits=XmppLimits(max_held_bytes=5))
+    s2.data_received(True, IBB_OPEN)
+    s2.data_received(True, ibb_data(0, "QUJD"))
+    assert anomalies(s2.data_received(True, ibb_data(1, "REVG"))) == ["ibb_too_large"]
+
+
+def test_ibb_name_comes_from_the_si_offer():
+    """An XEP-0096 SI offer names the file for the IBB transfer with the same sid."""
+    s = logged_in()
+    si = (b"<iq type='set' id='si1' to='bob@localhost/t'><si xmlns='http://jabber.org/protocol/si' id='s1' "
+          b"mime-type='text/plain' profile='http://jabber.org/protocol/si/profile/file-transfer'>"
+          b"<file xmlns='http://jabber.org/protocol/si/profile/file-transfer' name='notes.txt' size='6'/></si></iq>")
+    assert s.data_received(True, si) == [Send(False, si)]
+    s.data_received(True, IBB_OPEN)
+    s.data_received(True, ibb_data(0, "QUJDREVG"))
+    cmds = s.data_received(True, b"<iq type='set' id='c1' to='bob@localhost/t'><close "
+                                 b"xmlns='http://jabber.org/protocol/ibb' sid='s1'/></iq>")
+    (inspect,) = [c for c in cmds if isinstance(c, InspectFile)]
+    assert (inspect.name, inspect.claimed_mime, inspect.data, inspect.truncated) == ("notes.txt", "text/plain",
+                                                                                      b"ABCDEF", False)
+
+
+def test_ibb_name_comes_from_a_jingle_offer():
+    """An XEP-0234 Jingle offer names the file for its IBB transport's sid (and tells the announced size)."""
+    s = logged_in()
+    jingle = (b"<iq type='set' id='j1' to='bob@localhost/t'><jingle xmlns='urn:xmpp:jingle:1' action='session-initiate'"
+              b" sid='js'><content creator='initiator' name='f'><description xmlns='urn:xmpp:jingle:apps:file-transfer:5'>"
+              b"<file><media-type>application/pdf</media-type><name>cv.pdf</name><size>10</size>"
+              b"<hash xmlns='urn:xmpp:hashes:2' algo='sha-1'>AAAA</hash></file></description>"
+              b"<transport xmlns='urn:xmpp:jingle:transports:ibb:1' sid='s1' block-size='4096'/></content></jingle></iq>")
+    s.data_received(True, jingle)
+    s.data_received(True, IBB_OPEN)
+    s.data_received(True, ibb_data(0, "QUJD"))
+    cmds = s.data_received(True, b"<iq type='set' id='c1' to='bob@localhost/t'><close "
+                                 b"xmlns='http://jabber.org/protocol/ibb' sid='s1'/></iq>")
+    (inspect,) = [c for c in cmds if isinstance(c, InspectFile)]
+    assert (inspect.name, inspect.claimed_mime, inspect.truncated) == ("cv.pdf", "application/pdf", True)
+
+
+def test_ibb_over_messages_is_held_without_answers():
+    """stanza='message' IBB: data messages are held (no results to fake)."""
+    s = logged_in()
+    s.data_received(True, IBB_OPEN.replace(b"block-size", b"stanza='message' block-size"))
+    m = (b"<message to='bob@localhost/t' id='dm0'><data xmlns='http://jabber.org/protocol/ibb' sid='s1' seq='0'>"
+         b"QUJD</data></message>")
+    assert s.data_received(True, m) == []
+
+
+def test_too_many_transfers_at_once():
+    """More simultaneous IBB transfers than max_transfers: refused with resource-constraint."""
+    s = logged_in(limits=XmppLimits(max_transfers=1))
+    s.data_received(True, IBB_OPEN)
+    cmds = s.data_received(True, IBB_OPEN.replace(b"sid='s1'", b"sid='s2'"))
+    assert anomalies(cmds) == ["too_many_transfers"] and b"<resource-constraint " in sent(cmds, True)
+
+
+def test_disconnect_with_a_held_transfer_releases_nothing():
+    """The client leaves mid-transfer: transfer_abandoned, Close, and a late verdict does nothing."""
+    s = logged_in()
+    s.data_received(True, IBB_OPEN)
+    s.data_received(True, ibb_data(0, "QUJD"))
+    cmds = s.connection_closed(from_client=True)
+    assert anomalies(cmds) == ["transfer_abandoned"] and cmds[-1] == Close("client closed")
+
+
+# --- XEP-0065 SOCKS5 bytestreams -------------------------------------------------------------------
+
+S5B_HASH = "e34ba3fd2764dd641680a28ecf2e67479ba888fc"   # the DST.ADDR both clients sent proxy65 in the capture
+
+
+def test_socks5_hash_is_the_one_clients_use():
+    """SHA1(sid + initiator + target) equals the hash slixmpp sent to Prosody's proxy65 in the capture."""
+    assert socks5_hash("60ff2b68ec7c487ab803ccfbd16335d0", "alice@localhost/a", "bob@localhost/b") == S5B_HASH
+
+
+def test_bytestream_offer_is_registered():
+    """alice's streamhost offer: the table knows the hash, the real proxy, sender and target."""
+    transfers = ExpectedTransfers()
+    s = new(transfers=transfers)
+    cmds = play(s, segments("ibb_socks5_alice.json"))
+    info = transfers.lookup_bytestream(S5B_HASH)
+    assert (info.initiator, info.target, info.sid) == ("alice@localhost/a", "bob@localhost/b",
+                                                      "60ff2b68ec7c487ab803ccfbd16335d0")
+    assert [(h.jid, h.host, h.port) for h in info.streamhosts] == [("proxy.localhost", "127.0.0.1", 15000)]
+    assert info.context.sender == "alice@localhost" and info.context.transfer_mechanism == "socks5"
+    offer = [d for c, d in segments("ibb_socks5_alice.json") if c and b"<streamhost " in d][0]
+    assert Send(False, offer) in cmds            # without a relay the offer is relayed as it is
+
+
+def test_bytestream_offer_is_rewritten_to_the_relay():
+    """With bytestream_relay, every streamhost points at the gateway; the table keeps the real one."""
+    transfers = ExpectedTransfers()
+    s = logged_in(transfers=transfers, bytestream_relay=("10.0.0.1", 1080))
+    offer = (b'<iq id="c6" to="bob@localhost/b" type="set"><query xmlns="http://jabber.org/protocol/bytestreams" '
+             b'sid="sid1"><streamhost jid="proxy.localhost" host="127.0.0.1" port="15000" />'
+             b'<streamhost jid="alice@localhost/t" host="192.168.1.5" port="8010" /></query></iq>')
+    assert s.data_received(True, offer) == [Send(False, (
+        b"<iq id='c6' to='bob@localhost/b' type='set'><query xmlns='http://jabber.org/protocol/bytestreams' "
+        b"sid='sid1'><streamhost jid='proxy.localhost' host='10.0.0.1' port='1080'/>"
+        b"<streamhost jid='alice@localhost/t' host='10.0.0.1' port='1080'/></query></iq>"))]
+    info = transfers.lookup_bytestream(socks5_hash("sid1", "alice@localhost/t", "bob@localhost/b"))
+    assert [(h.host, h.port) for h in info.streamhosts] == [("127.0.0.1", 15000), ("192.168.1.5", 8010)]
+
+
+def test_oob_iq_link_is_recorded():
+    """XEP-0066 iq:oob ('please fetch this URL'): recorded as a link event, relayed."""
+    s = logged_in()
+    iq = (b"<iq type='set' id='oob1' to='bob@localhost/t'><query xmlns='jabber:iq:oob'><url>http://x/y.exe</url>"
+          b"</query></iq>")
+    cmds = s.data_received(True, iq)
+    assert anomalies(cmds) == ["oob_link"] and cmds[-1] == Send(False, iq)
+    assert cmds[0].event["event"]["kind"] == "event"
+
+
+# --- memory -------------------------------------------------------------------------------------------
+
+def test_remembered_ids_are_bounded():
+    """Thousands of upload requests never answered: the per-connection table stays at max_tracked_ids."""
+    s = logged_in(limits=XmppLimits(max_tracked_ids=50))
+    for i in range(2000):
+        s.data_received(True, f"<iq type='get' id='u{i}' to='upload.localhost'><request xmlns='urn:xmpp:http:upload:0'"
+                              f" filename='a' size='1'/></iq>".encode())
+    assert len(s._ids) == 50
+
+
+# --- more identity and bypass attempts -------------------------------------------------------------------
+
+def test_scram_username_names_the_user_and_the_stripping_alert():
+    """SCRAM's client-first message carries n=alice: the stripping alert already names alice@localhost."""
+    cmds = play(new(), segments("httpupload_alice.json")[:3])
+    (alert,) = [c for c in cmds if isinstance(c, Record)]
+    assert alert.event["source"]["user"]["name"] == "alice@localhost"
+
+
+def test_sasl2_success_gives_the_full_jid():
+    """XEP-0388 SASL2: the <authorization-identifier> in <success> is the identity (no bind, no restart)."""
+    s = new(tls_on_connect=True)
+    s.data_received(True, CLIENT_HEADER)
+    s.data_received(False, SERVER_HEADER)
+    s.data_received(True, b"<authenticate xmlns='urn:xmpp:sasl:2' mechanism='PLAIN'><initial-response>"
+                          + base64.b64encode(b"\0romeo\0pw") + b"</initial-response></authenticate>")
+    assert s.sender == "romeo@localhost"
+    s.data_received(False, b"<success xmlns='urn:xmpp:sasl:2'><authorization-identifier>romeo@localhost/balcony"
+                           b"</authorization-identifier></success>")
+    assert s.jid == "romeo@localhost/balcony"
+
+
+def test_forwarded_and_xhtml_bodies_are_checked_too():
+    """A secret hidden in a forwarded message or only in the XHTML-IM rendering is still seen and blocked."""
+    checker = Checker({"bluebird": Decision(action=BLOCK)})
+    s = logged_in(checker)
+    fwd = (b"<message type='chat' to='bob@localhost' id='f1'><body>see below</body><forwarded xmlns='urn:xmpp:forward:0'>"
+           b"<message xmlns='jabber:client' to='x@y'><body>project bluebird plans</body></message></forwarded></message>")
+    assert sent(s.data_received(True, fwd), False) == b""
+    html = (b"<message type='chat' to='bob@localhost' id='h1'><body>hi</body><html xmlns='http://jabber.org/protocol/"
+            b"xhtml-im'><body xmlns='http://www.w3.org/1999/xhtml'><p>bluebird</p></body></html></message>")
+    assert sent(s.data_received(True, html), False) == b""
+    assert checker.calls[-1][0] == "hi\nbluebird"
+
+
+def test_mask_drops_the_xhtml_copy():
+    """MASK rewrites <body> and removes the XHTML-IM rendering, which would still show the original."""
+    s = logged_in(Checker({"4111": Decision(action=MASK, masked_text="card [masked]")}))
+    m = (b"<message type='chat' to='bob@localhost' id='h2'><body>card 4111</body><html xmlns='http://jabber.org/"
+         b"protocol/xhtml-im'><body xmlns='http://www.w3.org/1999/xhtml'><p>card <b>4111</b></p></body></html></message>")
+    assert s.data_received(True, m) == [Send(False, b"<message type='chat' to='bob@localhost' id='h2'>"
+                                                    b"<body>card [masked]</body></message>")]
+
+
+def test_jingle_s5b_candidates_are_registered_and_rewritten():
+    """XEP-0260: the initiator's candidates are registered under SHA1(sid + initiator + responder) with the
+    Jingle file's name, and point at the relay on the wire."""
+    transfers = ExpectedTransfers()
+    s = logged_in(transfers=transfers, bytestream_relay=("10.0.0.1", 1080))
+    jingle = (b"<iq type='set' id='j2' to='bob@localhost/b'><jingle xmlns='urn:xmpp:jingle:1' action='session-initiate'"
+              b" sid='js2'><content creator='initiator' name='f'><description xmlns='urn:xmpp:jingle:apps:file-transfer:5'>"
+              b"<file><name>plan.docx</name><size>2048</size></file></description>"
+              b"<transport xmlns='urn:xmpp:jingle:transports:s5b:1' sid='ts2' mode='tcp'>"
+              b"<candidate cid='c1' host='192.168.1.5' jid='alice@localhost/t' port='40000' priority='1' type='direct'/>"
+              b"</transport></content></jingle></iq>")
+    (cmd,) = s.data_received(True, jingle)
+    assert b"host='10.0.0.1' jid='alice@localhost/t' port='1080'" in cmd.data and b"192.168.1.5" not in cmd.data
+    info = transfers.lookup_bytestream(socks5_hash("ts2", "alice@localhost/t", "bob@localhost/b"))
+    assert (info.name, info.size, info.host, info.port) == ("plan.docx", 2048, "192.168.1.5", 40000)
+
+
+def test_mangled_transcripts_never_raise():
+    """Random corruptions of a real session: never an exception, and nothing is relayed after Close."""
+    import random
+    rng = random.Random(6120)
+    segs = segments("ibb_socks5_alice.json")[:30]
+    junk = [b"<", b">", b"&", b"'", b"<!--", b"<?pi?>", b"\xff\xfe", b"</iq>", b"<iq>", b"]]>", b"\x00", b"&#0;"]
+    for _ in range(300):
+        mangled = []
+        for from_client, data in segs:
+            if rng.random() < 0.1:
+                i = rng.randrange(len(data) + 1)
+                data = data[:i] + rng.choice(junk) + data[i + rng.randrange(3):]
+            mangled.append((from_client, data))
+        s = new()
+        cmds = play(s, mangled)
+        for verdict in [c for c in cmds if isinstance(c, InspectFile)]:
+            cmds += s.file_verdict(verdict.transfer_id, FileReport("", "", 0), Decision())
+        closes = [i for i, c in enumerate(cmds) if isinstance(c, Close)]
+        if closes:
+            assert closes[0] == len(cmds) - 1 or not [c for c in cmds[closes[0]:] if isinstance(c, Send)]
+
+
+# --- XEP-0198 stream management -------------------------------------------------------------------------
+
+SM = "urn:xmpp:sm:3"
+
+
+def sm_enabled(transfers=None, checker=None):
+    s = logged_in(checker, transfers)
+    assert s.data_received(True, f"<enable xmlns='{SM}' resume='true'/>".encode())
+    assert s.data_received(False, f"<enabled xmlns='{SM}' id='sm-1' resume='true'/>".encode())
+    return s
+
+
+def test_sm_ack_counts_a_dropped_message_as_handled():
+    """alice sent 2 stanzas, one was blocked: the server acks 1, alice must see h=2 or she resends it."""
+    s = sm_enabled(checker=Checker({"secret": Decision(action=BLOCK)}))
+    s.data_received(True, message("hello"))
+    s.data_received(True, message("secret"))
+    assert s.data_received(True, f"<r xmlns='{SM}'/>".encode()) == [Send(False, f"<r xmlns='{SM}'/>".encode())]
+    assert s.data_received(False, f"<a xmlns='{SM}' h='1'/>".encode()) == [Send(True, f"<a xmlns='{SM}' h='2'/>".encode())]
+
+
+def test_sm_ack_does_not_count_injected_stanzas_towards_the_server():
+    """alice got a policy-violation error the server never sent: her h is one higher than the server's count."""
+    s = sm_enabled(checker=Checker({"secret": Decision(action=BLOCK)}))
+    s.data_received(True, message("secret"))
+    assert s.data_received(True, f"<a xmlns='{SM}' h='4'/>".encode()) == [Send(False, f"<a xmlns='{SM}' h='3'/>".encode())]
+
+
+def test_sm_counts_balance_after_an_allowed_ibb_transfer():
+    """Five faked results to alice, then five real ones swallowed: the counts agree again, acks pass as sent."""
+    s = sm_enabled()
+    s.data_received(True, IBB_OPEN)
+    for seq in range(4):
+        s.data_received(True, ibb_data(seq, "QUJD"))
+    cmds = s.data_received(True, b"<iq type='set' id='c9' to='bob@localhost/t'><close "
+                                 b"xmlns='http://jabber.org/protocol/ibb' sid='s1'/></iq>")
+    (inspect,) = [c for c in cmds if isinstance(c, InspectFile)]
+    assert s.data_received(True, f"<a xmlns='{SM}' h='5'/>".encode()) == [Send(False, f"<a xmlns='{SM}' h='0'/>".encode())]
+    s.file_verdict(inspect.transfer_id, FileReport("", "", 12), Decision())
+    for i in ["d0", "d1", "d2", "d3", "c9"]:
+        assert s.data_received(False, f"<iq type='result' id='{i}' from='bob@localhost/t'/>".encode()) == []
+    ack = f"<a xmlns='{SM}' h='5'/>".encode()
+    assert s.data_received(True, ack) == [Send(False, ack)]
+
+
+def test_sm_resumption_on_another_connection_keeps_the_offsets():
+    """The offsets live in the shared table under the SM id: a <resume> on a new connection uses them."""
+    transfers = ExpectedTransfers()
+    s = sm_enabled(transfers, Checker({"secret": Decision(action=BLOCK)}))
+    s.data_received(True, message("secret"))                 # c2s +1 (dropped), s2c +1 (error injected)
+    s2 = new(transfers=transfers)
+    play(s2, segments("httpupload_alice.json")[:8])          # a new stream, authenticated, no bind
+    assert s2.data_received(True, f"<resume xmlns='{SM}' previd='sm-1' h='7'/>".encode()) == \
+        [Send(False, f"<resume xmlns='{SM}' previd='sm-1' h='6'/>".encode())]
+    assert s2.data_received(False, f"<resumed xmlns='{SM}' previd='sm-1' h='3'/>".encode()) == \
+        [Send(True, f"<resumed xmlns='{SM}' previd='sm-1' h='4'/>".encode())]
+
+
+# --- the receiving side and odd captures --------------------------------------------------------------
+
+def test_receiver_side_relays_incoming_transfers_untouched():
+    """bob's connection (same capture): the IBB stream and the bytestream offer come *to* him; they were held
+    (or not) on alice's connection, so bob's session relays every byte both ways."""
+    segs = segments("ibb_socks5_bob.json")
+    s = new()
+    cmds = play(s, segs)
+    assert s.jid == "bob@localhost/b"
+    assert sent(cmds, False) == b"".join(d for c, d in segs if c)
+    assert sent(cmds, True) == b"".join(d for c, d in segs if not c)
+    assert not [c for c in cmds if isinstance(c, (InspectFile, Close))]
+
+
+def test_capture_starting_mid_stream_is_refused():
+    """ndpi jabber.pcap stream 5 starts mid-stream (no header): not an XMPP stream the session can follow."""
+    cmds = play(new(), segments("ndpi_jabber_midstream_chat.json"))
+    assert anomalies(cmds) == ["malformed_xml"] and isinstance(cmds[-1], Close)
+    assert sent(cmds, False) == b""
+
+
+def test_server_stanzas_have_their_own_size_limit():
+    """A big roster from the server passes the client limit (max_server_stanza_size applies to it)."""
+    s = logged_in(limits=XmppLimits(max_stanza_size=1024, max_server_stanza_size=64 * 1024))
+    items = "".join(f"<item jid='user{i}@localhost' subscription='both'/>" for i in range(500)).encode()
+    roster = b"<iq type='result' id='r1'><query xmlns='jabber:iq:roster'>" + items + b"</query></iq>"
+    assert 1024 < len(roster) < 64 * 1024
+    assert s.data_received(False, roster) == [Send(True, roster)]
+
+
+def test_ibb_payload_quoted_in_an_error_is_not_a_transfer():
+    """bob refusing an incoming stream quotes the <open> in his error iq: relayed, no transfer is opened."""
+    s = logged_in()
+    refusal = (b"<iq type='error' id='o1' to='alice@localhost/a'><open xmlns='http://jabber.org/protocol/ibb' sid='s1' "
+               b"block-size='4096'/><error type='cancel'><not-acceptable xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/>"
+               b"</error></iq>")
+    assert s.data_received(True, refusal) == [Send(False, refusal)]
+    assert s._ibb == {}
