@@ -1,0 +1,403 @@
+"""DCC side connections: the offer table entry, and the sans-io session that holds a DCC SEND file until
+inspection and policy decide.
+
+An IrcSession that sees `PRIVMSG bob :\\x01DCC SEND ssh.trace 167772167 59130 1320211\\x01` stores a
+`DccOffer` in the shared `ExpectedTransfers` table (kind "dcc", key (host, port): the address the
+receiver will connect to, i.e. the gateway's relay address when the offer was rewritten, else the
+sender's real one), like Zeek's dcc-send.zeek. The carrier that sees a new TCP connection to such an
+address looks the offer up (`find_offer`) and puts a `DccSendSession` on it:
+
+    receiver (connects)  --client-->  [DccSendSession]  --server-->  sender (listens), active DCC
+    sender   (connects)  --client-->  [DccSendSession]  --server-->  receiver (listens), passive DCC
+
+Data flows sender -> receiver; the receiver answers with 4-byte big-endian running totals (ACKs). The
+session holds every byte (up to the announced size, bounded by `max_held_bytes`) and ACKs the sender
+itself so the transfer completes; when the announced size has arrived (or the sender closes early:
+truncated) it returns `InspectFile` (mechanism "dcc"). Allowed: the held bytes go to the receiver and
+the receiver's own ACKs are swallowed (the sender already had ours). Blocked: the connection closes and
+the receiver gets nothing; a `Record` event carries a notice for the IRC connection the offer came
+from (`imguard.notify`: connection_id and text), which the carrier delivers with `IrcSession.notice()`.
+
+DCC CHAT offers are stored the same way (kind CHAT); `DccChatSession` checks each line like a message.
+
+What the carrier does (the gateway; tests/test_irc_live.py has a 100-line asyncio stand-in):
+1. Give each IrcSession the shared table, and `dcc_relay=(gateway_host, allocate)` where `allocate(offer)`
+   opens a listening port on the gateway and returns it (raise to refuse the offer).
+2. On a connection to a relay port, or (transparent mode, no relay) on any new connection, *before*
+   protocol detection: `offer = find_offer(transfers, dst_host, dst_port)`; `dcc_session(checker,
+   transfers, ctx, offer)` picks DccSendSession/DccChatSession; connect on to `offer.real_address`.
+   No offer: `dcc_session(..., None)` records a "dcc_unannounced" anomaly and closes at the first byte
+   (call `.start()` to do it at once); or simply refuse the connection.
+3. Carry Send/Record/Close; answer InspectFile with Pipeline.check_file (mechanism "dcc" in the context).
+4. A Record whose event has `imguard.notify` -> find the IrcSession by `notify.connection_id` and carry
+   out `session.notice(notify.text)` on that connection (the person is told in the chat, as for messages).
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import itertools
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+from imguard import alerts
+from imguard.model import ChatContext, Decision, FileReport
+from imguard.protocols.base import Close, Command, InspectFile, Record, Send
+from imguard.protocols.irc.decoder import IrcLimits, decode_text, encode_text, format_ctcp, split_ctcp
+
+DCC_KIND = "dcc"                # the ExpectedTransfers kind of DCC offers; key (host, port)
+SEND = "send"
+CHAT = "chat"
+
+_ids = itertools.count(1)
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def new_offer_id(prefix: str = "") -> str:
+    return f"{prefix or 'dcc'}-{next(_ids)}"
+
+
+@dataclass(frozen=True)
+class DccOffer:
+    """A DCC offer seen on an IRC connection: what the expected data connection will carry and for whom."""
+
+    offer_id: str
+    kind: str                       # SEND or CHAT
+    name: str                       # the file name as offered ("" for CHAT); never used as a path
+    size: int | None                # announced size (None: not given)
+    sender: str                     # who sends the file (identity or nick!user@host)
+    receiver: str                   # who it is offered to (a nick)
+    host: str                       # the real address of the listening side
+    port: int
+    listener_is_sender: bool = True  # active DCC: the file's sender listens; passive (reverse) DCC: the receiver
+    token: str = ""                 # passive DCC token
+    relay_host: str = ""            # the gateway address the offer was rewritten to ("" = not rewritten)
+    relay_port: int = 0
+    position: int = 0               # DCC RESUME/ACCEPT start offset
+    outbound: bool = True           # offered by the gateway's own client (False: offered to it by the server side)
+    context: ChatContext = field(default_factory=ChatContext)   # sender/recipients; connection_id = the IRC one
+
+    @property
+    def key(self) -> tuple[str, int]:
+        """Where the connecting side will connect: the table key."""
+        return (self.relay_host, self.relay_port) if self.relay_host else (self.host, self.port)
+
+    @property
+    def real_address(self) -> tuple[str, int]:
+        """Where the carrier must connect on to (the real listener), relayed or not."""
+        return (self.host, self.port)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.offer_id, "kind": self.kind, "name": self.name, "size": self.size,
+                "sender": self.sender, "receiver": self.receiver, "host": self.host, "port": self.port,
+                "passive": not self.listener_is_sender, "token": self.token, "relay_host": self.relay_host,
+                "relay_port": self.relay_port, "position": self.position, "outbound": self.outbound}
+
+
+def remember_offer(transfers, offer: DccOffer, ttl: float) -> None:
+    """Store the offer under the address the connecting side will use (no table, e.g. offline: nothing)."""
+    if transfers is not None:
+        transfers.expect(offer.key, offer, kind=DCC_KIND, ttl=ttl)
+
+
+def find_offer(transfers, host: str, port: int, take: bool = True) -> DccOffer | None:
+    """For the carrier: the offer behind a new connection to host:port (None: no offer announced it).
+    `take` removes it (a DCC address is used once; a RESUME puts the offer back with its position)."""
+    try:
+        host = str(ipaddress.ip_address(host))
+    except ValueError:
+        pass
+    key = (host, int(port))
+    return transfers.take(key, kind=DCC_KIND) if take else transfers.get(key, kind=DCC_KIND)
+
+
+def notify_event(offer: DccOffer, ctx: ChatContext, text: str, decision: Decision | None = None,
+                 **data: Any) -> dict[str, Any]:
+    """An event asking the carrier to tell a person something over the IRC connection the offer came from."""
+    event = {
+        "@timestamp": _now(),
+        "event": {"kind": "event", "category": ["file"], "action": "notify", "module": "imguard",
+                  "dataset": "imguard.file"},
+        "observer": dict(alerts.OBSERVER),
+        "network": {"protocol": "irc"},
+        "imguard": {"context": ctx.to_dict()},
+    }
+    event["imguard"]["notify"] = {"connection_id": offer.context.connection_id, "protocol": "irc", "text": text}
+    event["imguard"]["dcc"] = {**offer.to_dict(), **data}
+    if decision is not None:
+        event["imguard"]["decision"] = {"action": decision.action, "rule_ids": decision.rule_ids}
+    return event
+
+
+def _default_notice(offer: DccOffer, decision: Decision) -> str:
+    words = {"block": "blocked", "quarantine": "quarantined"}
+    why = ", ".join(m.title or m.rule_id for m in decision.matches) or "policy"
+    return f"imguard: the file {offer.name!r} sent to {offer.receiver} was {words.get(decision.action, 'stopped')}" \
+           f" ({why})"
+
+
+class DccSendSession:
+    """One DCC SEND data connection. `offer` None: a connection no offer announced (an anomaly: closed)."""
+
+    def __init__(self, checker, transfers, context: ChatContext, offer: DccOffer | None,
+                 limits: IrcLimits = IrcLimits()):
+        self.checker = checker              # unused: file decisions come back through file_verdict
+        self.transfers = transfers
+        self.limits = limits
+        self.offer = offer
+        self.context = context
+        self.closed = False
+        self.held = bytearray()
+        self._file = b""                    # the held bytes while inspection runs
+        self.released = False
+        self.inspecting = False
+        self.sender_closed = False
+        self.receiver_closed = False
+        self.receiver_acks = 0              # bytes of ACKs from the receiver (swallowed)
+        self.overrun_bytes = 0              # bytes past the announced size (dropped)
+        if offer is not None:
+            self.sender_is_client = not offer.listener_is_sender
+            self.transfer_id = f"{offer.offer_id}"
+            self.expected = None if not offer.size else max(0, offer.size - offer.position)
+            self.file_context = offer.context.with_(
+                protocol="irc", transfer_mechanism="dcc",
+                client_address=context.client_address or offer.context.client_address,
+                server_address=context.server_address or offer.context.server_address,
+                connection_id=context.connection_id or offer.context.connection_id)
+
+    # --- StreamSession ------------------------------------------------------------------------------
+
+    def data_received(self, from_client: bool, data: bytes) -> list[Command]:
+        if self.closed:
+            return []
+        if self.offer is None:
+            return self._unannounced(len(data))
+        if from_client != self.sender_is_client:
+            # The receiver: only ACKs are expected. Ours went to the sender already; theirs are swallowed.
+            self.receiver_acks += len(data)
+            return []
+        if self.inspecting or self.released:
+            return self._overrun(len(data))
+        out: list[Command] = []
+        if self.expected is not None and self.expected > self.limits.max_held_bytes:
+            return self._too_large(len(self.held) + len(data))
+        room = (self.expected if self.expected is not None else self.limits.max_held_bytes) - len(self.held)
+        if len(data) > room:
+            if self.expected is not None and len(self.held) + len(data) <= self.limits.max_held_bytes:
+                out += self._overrun(len(data) - room)
+                data = data[:room]
+            else:
+                return self._too_large(len(self.held) + len(data))
+        self.held += data
+        out.append(Send(to_client=self.sender_is_client, data=self._ack()))
+        if self.expected is not None and len(self.held) >= self.expected:
+            out += self._inspect(truncated=self.offer.position > 0)
+        return out
+
+    def tls_started(self) -> list[Command]:
+        return []
+
+    def file_verdict(self, transfer_id: str, report: FileReport, decision: Decision) -> list[Command]:
+        if transfer_id != getattr(self, "transfer_id", None) or self.closed:
+            return []
+        self.inspecting = False
+        if decision.blocked:
+            text = decision.notice or _default_notice(self.offer, decision)
+            data = self._file
+            self._file = b""
+            self.closed = True
+            return [Record(notify_event(self.offer, self.file_context, text, decision, bytes_held=len(data))),
+                    Close(f"DCC file {decision.action}")]
+        self.released = True
+        out: list[Command] = []
+        if self.receiver_closed:
+            out.append(Record(alerts.anomaly_event(self.file_context, "dcc_receiver_gone",
+                                                   "the receiver closed before the verdict; nothing delivered",
+                                                   offer=self.offer.offer_id)))
+        else:
+            out.append(Send(to_client=not self.sender_is_client, data=self._file))
+        self._file = b""
+        if decision.notice:
+            out.append(Record(notify_event(self.offer, self.file_context, decision.notice, decision)))
+        if self.sender_closed or self.receiver_closed:
+            self.closed = True
+            out.append(Close("DCC transfer done"))
+        return out
+
+    def connection_closed(self, from_client: bool) -> list[Command]:
+        if self.closed or self.offer is None:
+            return []
+        if from_client == self.sender_is_client:
+            self.sender_closed = True
+            if not self.inspecting and not self.released:
+                if not self.held:
+                    self.closed = True
+                    return [Record(alerts.anomaly_event(self.file_context, "dcc_empty",
+                                                        "the sender closed before sending any data",
+                                                        offer=self.offer.offer_id)), Close("empty DCC transfer")]
+                short = self.expected is not None and len(self.held) < self.expected
+                return self._inspect(truncated=short or self.offer.position > 0)
+        else:
+            self.receiver_closed = True
+        return []
+
+    # --- internals ----------------------------------------------------------------------------------
+
+    def _ack(self) -> bytes:
+        return struct.pack(">I", (self.offer.position + len(self.held)) & 0xFFFFFFFF)
+
+    def _inspect(self, truncated: bool) -> list[Command]:
+        self.inspecting = True
+        self._file = bytes(self.held)      # one copy: the bytearray is let go while inspection runs
+        self.held = bytearray()
+        return [InspectFile(transfer_id=self.transfer_id, data=self._file, context=self.file_context,
+                            name=self.offer.name, truncated=truncated)]
+
+    def _overrun(self, extra: int) -> list[Command]:
+        self.overrun_bytes += extra
+        if self.overrun_bytes > extra:      # recorded once per connection; later bytes are dropped quietly
+            return []
+        return [Record(alerts.anomaly_event(self.file_context, "dcc_overrun",
+                                            f"{extra} bytes beyond the announced size were dropped",
+                                            offer=self.offer.offer_id, size=self.offer.size))]
+
+    def _too_large(self, total: int) -> list[Command]:
+        self.closed = True
+        self.held = bytearray()
+        text = (f"imguard: the file {self.offer.name!r} to {self.offer.receiver} was stopped: it is larger than "
+                f"{self.limits.max_held_bytes} bytes and could not be inspected")
+        return [Record(alerts.anomaly_event(self.file_context, "dcc_too_large", text, offer=self.offer.offer_id,
+                                            bytes_seen=total, max_held_bytes=self.limits.max_held_bytes)),
+                Record(notify_event(self.offer, self.file_context, text)),
+                Close("DCC file too large to inspect")]
+
+    def _unannounced(self, size: int) -> list[Command]:
+        self.closed = True
+        return [Record(alerts.anomaly_event(self.context.with_(protocol="irc", transfer_mechanism="dcc"),
+                                            "dcc_unannounced",
+                                            "a DCC data connection that no offer announced", first_bytes=size)),
+                Close("unannounced DCC connection")]
+
+    def start(self) -> list[Command]:
+        """Optional: what to do when the connection opens, before any byte (an unannounced one is closed)."""
+        if self.offer is None:
+            return self._unannounced(0)
+        return []
+
+
+class DccChatSession:
+    """One DCC CHAT connection: CRLF/LF text lines straight between two people, so each line goes through
+    `checker.check_message` like a PRIVMSG. Allowed lines cross byte for byte; masked lines are rewritten;
+    a blocked line is dropped and its writer gets an `[imguard] ...` line (there is no server to send a
+    NOTICE from). `offer` None: an unannounced connection (anomaly, closed)."""
+
+    def __init__(self, checker, transfers, context: ChatContext, offer: DccOffer | None,
+                 limits: IrcLimits = IrcLimits()):
+        self.checker = checker
+        self.transfers = transfers
+        self.context = context
+        self.offer = offer
+        self.limits = limits
+        self.closed = False
+        self._buf = {True: bytearray(), False: bytearray()}
+        if offer is not None:
+            offerer_is_client = not offer.listener_is_sender
+            self._who = {offerer_is_client: offer.sender, not offerer_is_client: offer.receiver}
+            self.chat_context = offer.context.with_(
+                protocol="irc", transfer_mechanism="",
+                client_address=context.client_address or offer.context.client_address,
+                server_address=context.server_address or offer.context.server_address,
+                connection_id=context.connection_id or offer.context.connection_id)
+
+    def data_received(self, from_client: bool, data: bytes) -> list[Command]:
+        if self.closed:
+            return []
+        if self.offer is None:
+            self.closed = True
+            return [Record(alerts.anomaly_event(self.context.with_(protocol="irc"), "dcc_unannounced",
+                                                "a DCC data connection that no offer announced",
+                                                first_bytes=len(data))), Close("unannounced DCC connection")]
+        buf = self._buf[from_client]
+        buf += data
+        out: list[Command] = []
+        forward = bytearray()
+        limit = self.limits.max_line_length
+        while True:
+            end = buf.find(b"\n", 0, limit)
+            if end < 0:
+                if len(buf) >= limit:
+                    self.closed = True
+                    if forward:
+                        out.append(Send(to_client=not from_client, data=bytes(forward)))
+                    out += [Record(alerts.anomaly_event(self.chat_context, "line_too_long",
+                                                        f"a DCC CHAT line over {limit} bytes",
+                                                        from_client=from_client)), Close("DCC CHAT line too long")]
+                    return out
+                break
+            raw = bytes(buf[:end + 1])
+            del buf[:end + 1]
+            replacement, extra = self._line(from_client, raw)
+            forward += replacement
+            if extra:
+                if forward:
+                    out.append(Send(to_client=not from_client, data=bytes(forward)))
+                    forward = bytearray()
+                out += extra
+        if forward:
+            out.append(Send(to_client=not from_client, data=bytes(forward)))
+        return out
+
+    def start(self) -> list[Command]:
+        """Optional: what to do when the connection opens, before any byte (an unannounced one is closed)."""
+        if self.offer is None:
+            return self.data_received(True, b"")
+        return []
+
+    def _line(self, from_client: bool, raw: bytes) -> tuple[bytes, list[Command]]:
+        ending = b"\r\n" if raw.endswith(b"\r\n") else b"\n"
+        text, encoding = decode_text(raw[:-len(ending)])
+        plain, ctcps = split_ctcp(text)
+        check = " ".join(p for p in [plain] + [c.args for c in ctcps if c.verb == "ACTION"] if p)
+        if not check.strip():
+            return raw, []
+        sender = self._who[from_client]
+        other = self._who[not from_client]
+        decision = self.checker.check_message(check, self.chat_context.with_(sender=sender, recipients=(other,)))
+        if decision.blocked:
+            why = decision.notice or ("your message was blocked by imguard: "
+                                      + ("; ".join(m.title or m.rule_id for m in decision.matches) or "policy"))
+            return b"", [Send(to_client=from_client, data=encode_text("[imguard] " + why) + ending)]
+        if decision.action == "mask" and decision.masked_text is not None:
+            new = decision.masked_text
+            if not plain and len(ctcps) == 1 and ctcps[0].verb == "ACTION":
+                new = format_ctcp("ACTION", new)
+            return encode_text(new, encoding) + ending, []
+        return raw, []
+
+    def tls_started(self) -> list[Command]:
+        return []
+
+    def file_verdict(self, transfer_id: str, report: FileReport, decision: Decision) -> list[Command]:
+        return []
+
+    def connection_closed(self, from_client: bool) -> list[Command]:
+        if self.offer is not None and self._buf[from_client] and not self.closed:
+            size = len(self._buf[from_client])
+            self._buf[from_client].clear()
+            return [Record(alerts.anomaly_event(self.chat_context, "incomplete_line",
+                                                "a DCC CHAT line without its end was not forwarded",
+                                                from_client=from_client, size=size))]
+        return []
+
+
+def dcc_session(checker, transfers, context: ChatContext, offer: DccOffer | None,
+                limits: IrcLimits = IrcLimits()):
+    """The session for a new DCC data connection: by the offer's kind (None: unannounced, closed)."""
+    if offer is not None and offer.kind == CHAT:
+        return DccChatSession(checker, transfers, context, offer, limits)
+    return DccSendSession(checker, transfers, context, offer, limits)

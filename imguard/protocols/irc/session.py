@@ -1,0 +1,656 @@
+"""The IRC client-to-server session: identity tracking, message policy, STARTTLS and DCC offers. Sans-io.
+
+    session = IrcSession(pipeline, transfers, ChatContext(client_address=..., server_address=...))
+    session.data_received(True, b"PRIVMSG #ops :the password is hunter2\\r\\n")
+        -> [Send(to_client=False, data=b"PRIVMSG #ops :the password is *******\\r\\n")]       (mask)
+        -> [Send(to_client=True, data=b":imguard NOTICE alice :Your message ... was blocked ...\\r\\n")]  (block)
+
+Client lines (the gateway's user) are policed; server lines are decoded for context (registered nick,
+renames, SASL account, ISUPPORT, STARTTLS, DCC offers made *to* the user) and forwarded byte for byte.
+
+Identity: the nick confirmed by the welcome (001) is the person's identity for the whole connection;
+renames (`:old!u@h NICK new`, confirmed by the server) change the nick used for notices but events
+keep the identity. A SASL account (900 RPL_LOGGEDIN, else the PLAIN authcid once 903 says success)
+replaces it as the label: an account is what the server vouches for.
+
+Text policy: PRIVMSG and NOTICE (plain text and CTCP ACTION; also CPRIVMSG, CNOTICE, SQUERY, WALLOPS),
+TOPIC, SETNAME, the free-text reasons of PART, QUIT, KICK, KNOCK and AWAY, and the values of IRCv3
+client-only tags (`+name=value`, which other clients receive) go to `checker.check_message(text, ctx)`.
+Allow/alert: the exact bytes cross.
+Mask: the text param is rewritten (tags and prefix kept). Block/quarantine: the line is dropped and the
+user gets `:imguard NOTICE <nick> :<why>`; for PART/QUIT/KICK/KNOCK/AWAY the command still goes,
+without its text (a person must be able to leave). A line whose text param is ambiguous (more params
+than the command takes), or that carries a bare CR or a NUL, is dropped as an anomaly.
+
+STARTTLS (IRCv3, deprecated but alive): client STARTTLS is forwarded; the server's 670 is forwarded,
+then `StartTls`. Anything either side sent after those two lines and before TLS is dropped as an
+anomaly: it is the plaintext-injection attack (CVE-2011-0411 style) on STARTTLS.
+
+DCC (CTCP in PRIVMSG/NOTICE, either direction): a SEND or CHAT offer becomes a `DccOffer` in the
+shared ExpectedTransfers table (kind "dcc", key (host, port)) and a "dcc_offer" event. With
+`dcc_relay=(host, allocate)` the offer is rewritten to host:allocate(offer), so the data connection
+must cross the gateway; the table is keyed by that relay address and keeps the real one. Passive DCC
+(port 0 + token) is matched to its reply by token; RESUME/ACCEPT ports are translated between the
+relay port (the receiver's view) and the real one (the sender's) and the offer's position renewed.
+A malformed offer (bad size, port or address) is an anomaly and dropped, with a notice to our user;
+an offer larger than `max_held_bytes` is refused (it could not be inspected). Offers made *to* our
+user are registered and relayed the same way, so inbound files are held and scanned too.
+
+Events (Record): anomalies (alerts.anomaly_event), "irc_registered" (nick, user, host, realname,
+account, caps, tls), "irc_nick_change" (old, new, identity), "irc_logged_in", "dcc_offer", "dcc_refused".
+Message decisions are written by the checker (Pipeline.check_message), not here.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import collections
+import datetime
+import re
+from dataclasses import dataclass, replace
+from typing import Any, Callable
+
+from imguard import alerts
+from imguard.model import MASK, ChatContext, Decision, FileReport
+from imguard.protocols.base import Close, Command, Record, Send, StartTls
+from imguard.protocols.irc.dcc import CHAT, DCC_KIND, SEND, DccOffer, new_offer_id, remember_offer
+from imguard.protocols.irc.decoder import (BadLine, Ctcp, DccError, DccResume, DccSend, IrcLimits,
+                                           LineDecoder, LineTooLong, Message, encode_text, format_ctcp,
+                                           format_dcc_chat, format_dcc_resume, format_dcc_send, parse_dcc,
+                                           parse_line, split_ctcp)
+
+GATEWAY_NAME = "imguard"        # the prefix of notices the gateway writes into the chat
+
+# command -> (index of the target param or None, index of the text param, droppable)
+# droppable: a blocked text drops the whole line; otherwise the command goes without its text.
+TEXT_COMMANDS = {
+    "PRIVMSG": (0, 1, True),
+    "NOTICE": (0, 1, True),
+    "CPRIVMSG": (0, 2, True),       # hybrid/ratbox/solanum: CPRIVMSG <nick> <channel> :<text>
+    "CNOTICE": (0, 2, True),
+    "SQUERY": (0, 1, True),         # RFC 2812 §3.3.2: a message to a service
+    "WALLOPS": (None, 0, True),
+    "TOPIC": (0, 1, True),
+    "SETNAME": (None, 0, True),     # IRCv3 setname: the visible real name
+    "PART": (0, 1, False),
+    "KICK": (0, 2, False),
+    "KNOCK": (0, 1, False),
+    "QUIT": (None, 0, False),
+    "AWAY": (None, 0, False),
+}
+MESSAGE_COMMANDS = ("PRIVMSG", "NOTICE", "CPRIVMSG", "CNOTICE")     # these carry CTCP (and DCC)
+# Client-only tags (IRCv3 '+name') relay arbitrary values to other clients; these carry no free text.
+BENIGN_CLIENT_TAGS = {"+typing", "+draft/typing", "+draft/reply", "+reply", "+draft/channel-context",
+                      "+channel-context", "+draft/react", "+react"}
+UNCHECKED_CTCP = {"DCC", "PING", "VERSION", "TIME", "CLIENTINFO", "SOURCE", "FINGER"}
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
+EMPTY_KINDS = {"empty_line"}
+
+
+@dataclass(frozen=True)
+class DccRelay:
+    """Where DCC offers are rewritten to point, so the data connection crosses the gateway.
+    `allocate(offer)` returns a port on `host` where the carrier will accept that offer's connection
+    (and look the offer up in the table by (host, port)); raising refuses the offer."""
+    host: str
+    allocate: Callable[[DccOffer], int]
+
+
+def _escape_tag(value: str) -> str:
+    return (value.replace("\\", "\\\\").replace(";", "\\:").replace(" ", "\\s")
+            .replace("\r", "\\r").replace("\n", "\\n"))
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class _Out:
+    """Commands being collected; consecutive Sends in one direction become one Send."""
+
+    def __init__(self):
+        self._cmds: list[Command] = []
+        self._parts: list[bytes] = []
+        self._to_client: bool | None = None
+
+    def send(self, to_client: bool, data: bytes) -> None:
+        if not data:
+            return
+        if self._to_client is not None and self._to_client != to_client:
+            self._flush()
+        self._to_client = to_client
+        self._parts.append(data)
+
+    def add(self, *cmds: Command | None) -> None:
+        for c in cmds:
+            if c is None:
+                continue
+            if isinstance(c, Send):
+                self.send(c.to_client, c.data)
+            else:
+                self._flush()
+                self._cmds.append(c)
+
+    def _flush(self) -> None:
+        if self._parts:
+            self._cmds.append(Send(to_client=bool(self._to_client), data=b"".join(self._parts)))
+        self._parts = []
+        self._to_client = None
+
+    @property
+    def cmds(self) -> list[Command]:
+        self._flush()
+        return self._cmds
+
+
+class IrcSession:
+    """One IRC client connection (StreamSession). See the module docstring."""
+
+    def __init__(self, checker, transfers, context: ChatContext, limits: IrcLimits = IrcLimits(),
+                 tls_on_connect: bool = False, dcc_relay: DccRelay | tuple | None = None):
+        self.checker = checker
+        self.transfers = transfers
+        self.context = context.with_(protocol="irc")
+        self.limits = limits
+        self.tls = tls_on_connect
+        if isinstance(dcc_relay, tuple):
+            dcc_relay = DccRelay(*dcc_relay)
+        self.dcc_relay: DccRelay | None = dcc_relay
+        self._decoders = {True: LineDecoder(limits), False: LineDecoder(limits)}
+        self.closed = False
+        self.anomaly_counts: dict[str, int] = {}
+        # who
+        self.nick = ""                  # current nick ("" before NICK)
+        self.identity = ""              # the nick the server welcomed first: stays across renames
+        self.user = ""                  # from USER, then from the server's view of us
+        self.host = ""
+        self.realname = ""
+        self.account = ""               # SASL account, when logged in
+        self.registered = False
+        # what the server supports, and what was negotiated (CAP ACK)
+        self.caps: set[str] = set()
+        self.chantypes = "#&"
+        self.statusmsg = "@+"
+        # STARTTLS and SASL
+        self.starttls_requested = False
+        self._starting_tls = False
+        self._sasl_mechanism = ""
+        self._sasl_chunks: list[str] = []
+        self._sasl_account = ""         # from the PLAIN message, until the server says 903/900
+        # DCC offers seen on this connection, for RESUME/ACCEPT and passive replies (oldest forgotten)
+        self._offers: collections.OrderedDict[tuple, DccOffer] = collections.OrderedDict()
+
+    # --- who --------------------------------------------------------------------------------------------
+
+    @property
+    def sender(self) -> str:
+        """The label of this connection's person: the SASL account, else the registered nick."""
+        return self.account or self.identity or self.nick
+
+    @property
+    def mask(self) -> str:
+        """nick!user@host as far as known."""
+        m = self.nick or "*"
+        if self.user:
+            m += "!" + self.user
+        if self.host:
+            m += "@" + self.host
+        return m
+
+    def _ctx(self, **changes: Any) -> ChatContext:
+        return self.context.with_(sender=self.sender, **changes)
+
+    # --- StreamSession ------------------------------------------------------------------------------
+
+    def data_received(self, from_client: bool, data: bytes) -> list[Command]:
+        if self.closed:
+            return []
+        out = _Out()
+        if self._starting_tls:
+            # Bytes after STARTTLS/670 and before the TLS handshake: plaintext injection; never forwarded.
+            out.add(self._anomaly("starttls_injection", "plaintext after STARTTLS was agreed; dropped",
+                                  from_client=from_client, size=len(data)))
+            return out.cmds
+        events = self._decoders[from_client].feed(data)
+        for i, ev in enumerate(events):
+            if isinstance(ev, LineTooLong):
+                self.closed = True
+                out.add(self._anomaly(ev.kind, ev.detail, from_client=from_client), Close("IRC line too long"))
+                break
+            if isinstance(ev, BadLine):
+                self._bad_line(out, from_client, ev)
+            elif from_client:
+                self._client_message(out, ev)
+            else:
+                self._server_message(out, ev)
+            if self._starting_tls:
+                rest = sum(len(getattr(e, "raw", b"")) for e in events[i + 1:])
+                rest += len(self._decoders[True].clear()) + len(self._decoders[False].clear())
+                if rest:
+                    out.add(self._anomaly("starttls_injection", "plaintext after STARTTLS was agreed; dropped",
+                                          from_client=from_client, size=rest))
+                out.add(StartTls())
+                break
+        return out.cmds
+
+    def tls_started(self) -> list[Command]:
+        self.tls = True
+        self._starting_tls = False
+        self.starttls_requested = False
+        self._decoders = {True: LineDecoder(self.limits), False: LineDecoder(self.limits)}
+        return []
+
+    def file_verdict(self, transfer_id: str, report: FileReport, decision: Decision) -> list[Command]:
+        return []       # DCC files are held by DccSendSession on their own connection
+
+    def connection_closed(self, from_client: bool) -> list[Command]:
+        pending = self._decoders[from_client].pending
+        if pending and not self.closed:
+            record = self._anomaly("incomplete_line", "the connection closed in the middle of a line; "
+                                   "the partial line was not forwarded", from_client=from_client, size=len(pending))
+            return [record] if record else []
+        return []
+
+    # --- for the carrier ----------------------------------------------------------------------------
+
+    def notice(self, text: str) -> list[Command]:
+        """A notice from the gateway to this connection's user (e.g. a DCC file blocked on its own connection)."""
+        if self.closed:
+            return []
+        return [Send(to_client=True, data=self._notice_line(text))]
+
+    # --- lines --------------------------------------------------------------------------------------
+
+    def _notice_line(self, text: str) -> bytes:
+        text = _CONTROL.sub(" ", text).strip() or "imguard"
+        head = f":{GATEWAY_NAME} NOTICE {self.nick or '*'} :"
+        line = encode_text(head + text)
+        if len(line) > self.limits.max_body_length - 2:
+            cut = line[:self.limits.max_body_length - 2]
+            line = cut.decode("utf-8", "ignore").encode("utf-8")
+        return line + b"\r\n"
+
+    def _anomaly(self, kind: str, detail: str, **data: Any) -> Record | None:
+        """An anomaly record; past max_anomalies_per_kind of one kind on this connection, only counted."""
+        seen = self.anomaly_counts[kind] = self.anomaly_counts.get(kind, 0) + 1
+        if seen > self.limits.max_anomalies_per_kind:
+            return None
+        if seen == self.limits.max_anomalies_per_kind:
+            data["further_suppressed"] = True
+        return Record(alerts.anomaly_event(self._ctx(), kind, detail, **data))
+
+    def _event(self, action: str, category: str = "session", ctx: ChatContext | None = None,
+               **data: Any) -> Record:
+        ctx = ctx or self._ctx()
+        return Record({
+            "@timestamp": _now(),
+            "event": {"kind": "event", "category": [category], "action": action, "module": "imguard",
+                      "dataset": f"imguard.{category}"},
+            "observer": dict(alerts.OBSERVER),
+            "network": {"protocol": "irc"},
+            "imguard": {"context": ctx.to_dict(), "irc": data},
+        })
+
+    def _bad_line(self, out: _Out, from_client: bool, ev: BadLine) -> None:
+        if ev.kind in EMPTY_KINDS:
+            out.send(not from_client, ev.raw)
+            return
+        out.add(self._anomaly(ev.kind, ev.detail, from_client=from_client, line=ev.raw[:200].decode("latin-1")))
+        if not from_client:
+            out.send(True, ev.raw)      # the server's own oddities are its business; policy is on client lines
+
+    # --- client -> server ---------------------------------------------------------------------------
+
+    def _client_message(self, out: _Out, msg: Message) -> None:
+        if msg.overlong:
+            out.add(self._anomaly("overlong_line", f"a {len(msg.raw)}-byte line (body over "
+                                  f"{self.limits.max_body_length})", from_client=True, command=msg.command))
+        cmd = msg.command
+        if cmd == "NICK" and msg.params:
+            if not self.registered:
+                self.nick = msg.params[0]
+        elif cmd == "USER" and msg.params:
+            self.user = self.user or msg.params[0]
+            self.realname = msg.param(3)
+        elif cmd == "AUTHENTICATE" and msg.params:
+            self._client_authenticate(msg.params[0])
+        elif cmd == "STARTTLS":
+            if self.tls:
+                out.add(self._anomaly("starttls_in_tls", "STARTTLS on a connection already in TLS",
+                                      from_client=True))
+            else:
+                self.starttls_requested = True
+        if any(k.startswith("+") and v and k not in BENIGN_CLIENT_TAGS for k, v in msg.tags.items()):
+            msg = self._client_tags(out, msg)
+            if msg is None:
+                return
+        if cmd in TEXT_COMMANDS:
+            self._client_text(out, msg)
+            return
+        out.send(False, msg.raw)
+
+    def _client_tags(self, out: _Out, msg: Message) -> Message | None:
+        """Client-only tag values go to other people: checked as text. Blocked: the line is dropped; masked:
+        the line goes without its client-only tags."""
+        values = [v for k, v in msg.tags.items() if k.startswith("+") and v and k not in BENIGN_CLIENT_TAGS]
+        target = msg.param(0) if msg.command in ("PRIVMSG", "NOTICE", "TAGMSG") else ""
+        targets = tuple(t for t in target.split(",") if t)
+        channels = [t.lstrip(self.statusmsg) for t in targets if self._is_channel(t)]
+        decision = self.checker.check_message(" ".join(values), self._ctx(
+            recipients=targets, conversation=channels[0] if channels else ""))
+        if decision.blocked:
+            out.add(Send(True, self._notice_line(decision.notice or self._default_notice(
+                decision, "message tags", targets))))
+            return None
+        if decision.action != MASK:
+            return msg
+        kept = ";".join(f"{k}={_escape_tag(v)}" if v else k for k, v in msg.tags.items() if not k.startswith("+"))
+        rest = msg.raw[msg.raw.index(b" ") + 1:].lstrip(b" ")
+        rebuilt = (b"@" + kept.encode() + b" " if kept else b"") + rest
+        parsed = parse_line(rebuilt, self.limits)
+        return parsed if isinstance(parsed, Message) else None
+
+    def _client_authenticate(self, arg: str) -> None:
+        if not self._sasl_mechanism:
+            self._sasl_mechanism = arg.upper()
+            self._sasl_chunks = []
+            return
+        if arg == "*":              # abort
+            self._sasl_mechanism = ""
+            self._sasl_chunks = []
+            return
+        if self._sasl_mechanism != "PLAIN":
+            return
+        if arg != "+":
+            self._sasl_chunks.append(arg)
+            if len(self._sasl_chunks) > 32:     # 12 KiB of PLAIN is not a login: stop reading it
+                self._sasl_mechanism = ""
+                self._sasl_chunks = []
+                return
+        if arg == "+" or len(arg) < 400:    # IRCv3 SASL: 400-byte chunks, '+' ends an exact multiple
+            try:
+                raw = base64.b64decode("".join(self._sasl_chunks), validate=True)
+                authzid, authcid, _password = raw.split(b"\x00", 2)
+                self._sasl_account = (authzid or authcid).decode("utf-8", "replace")
+            except (binascii.Error, ValueError):
+                self._sasl_account = ""
+            self._sasl_chunks = []      # the password is not kept
+
+    def _is_channel(self, target: str) -> bool:
+        t = target.lstrip(self.statusmsg)
+        return bool(t) and t[0] in self.chantypes
+
+    def _client_text(self, out: _Out, msg: Message) -> None:
+        cmd = msg.command
+        target_index, text_index, droppable = TEXT_COMMANDS[cmd]
+        if len(msg.params) > text_index + 1:
+            out.add(self._anomaly("ambiguous_message", f"{cmd} with {len(msg.params)} params (servers differ on "
+                                  "which one is the text); dropped", from_client=True))
+            return
+        if len(msg.params) <= text_index:
+            out.send(False, msg.raw)            # no text (a query, a bare QUIT): nothing to check
+            return
+        targets = tuple(t for t in msg.param(target_index).split(",") if t) if target_index is not None else ()
+        channels = [t.lstrip(self.statusmsg) for t in targets if self._is_channel(t)]
+        conversation = channels[0] if channels else ""
+        if cmd in ("CPRIVMSG", "CNOTICE"):
+            conversation = msg.param(1)
+        if cmd in ("PART", "KICK") and targets:
+            recipients = targets
+        elif target_index is None:
+            recipients = ()
+        else:
+            recipients = targets
+        text = msg.params[text_index]
+        plain, ctcps = (split_ctcp(text) if cmd in MESSAGE_COMMANDS else (text, []))
+        check_parts = [plain] + [c.args for c in ctcps if c.verb not in UNCHECKED_CTCP]
+        check_text = " ".join(p for p in check_parts if p)
+        ctx = self._ctx(recipients=recipients, conversation=conversation)
+        decision: Decision | None = None
+        if check_text.strip():
+            decision = self.checker.check_message(check_text, ctx)
+            if decision.blocked:
+                if droppable:
+                    what = "message" if cmd in MESSAGE_COMMANDS else cmd.lower()
+                    out.add(Send(True, self._notice_line(decision.notice or self._default_notice(
+                        decision, what, recipients))))
+                else:
+                    out.send(False, msg.raw[:msg.last_param_offset].rstrip(b" ") + b"\r\n")
+                    out.add(Send(True, self._notice_line(decision.notice or self._default_notice(
+                        decision, f"{cmd.lower()} text", recipients))))
+                return
+        # DCC requests: register, rewrite for the relay, or refuse.
+        new_ctcps: list[Ctcp] = []
+        changed = False
+        for c in ctcps:
+            if c.verb == "DCC":
+                args = self._dcc(out, True, c.args, peer=targets[0] if targets else "", msg=msg)
+                if args is None:
+                    return                      # refused: the whole line is dropped (notice already queued)
+                if args != c.args:
+                    changed = True
+                new_ctcps.append(Ctcp("DCC", args))
+            else:
+                new_ctcps.append(c)
+        if decision is not None and decision.action == MASK and decision.masked_text is not None:
+            masked = decision.masked_text.replace("\x01", "")     # no CTCP smuggled in by a mask
+            if not plain and len(ctcps) == 1 and ctcps[0].verb == "ACTION":
+                new_text = format_ctcp("ACTION", masked)
+            else:
+                new_text = masked + "".join(format_ctcp(c.verb, c.args) for c in new_ctcps if c.verb == "DCC")
+            out.send(False, msg.with_last_param(new_text))
+        elif changed:
+            new_text = plain + "".join(format_ctcp(c.verb, c.args) for c in new_ctcps)
+            out.send(False, msg.with_last_param(new_text))
+        else:
+            out.send(False, msg.raw)
+        if decision is not None and decision.notice and not decision.blocked and decision.action == MASK:
+            out.add(Send(True, self._notice_line(decision.notice)))
+
+    def _default_notice(self, decision: Decision, what: str, recipients: tuple[str, ...]) -> str:
+        words = {"block": "blocked", "quarantine": "quarantined"}
+        why = "; ".join(m.title or m.rule_id for m in decision.matches) or "policy"
+        to = f" to {', '.join(recipients)}" if recipients else ""
+        return f"Your {what}{to} was {words.get(decision.action, 'blocked')} by imguard: {why}"
+
+    # --- server -> client ---------------------------------------------------------------------------
+
+    def _server_message(self, out: _Out, msg: Message) -> None:
+        cmd = msg.command
+        if cmd == "001" and msg.params:
+            self._welcome(out, msg)
+        elif cmd == "005":
+            for token in msg.params[1:-1] if msg.has_trailing else msg.params[1:]:
+                key, _, value = token.partition("=")
+                if key == "CHANTYPES" and value:
+                    self.chantypes = value
+                elif key == "STATUSMSG" and value:
+                    self.statusmsg = value
+        elif cmd == "CAP" and len(msg.params) >= 3:
+            sub = msg.params[1].upper()
+            names = msg.params[-1].split()
+            if sub == "ACK":
+                for name in names:
+                    if name.startswith("-"):
+                        self.caps.discard(name[1:])
+                    else:
+                        self.caps.add(name.split("=", 1)[0])
+            elif sub == "DEL":
+                self.caps.difference_update(names)
+        elif cmd == "NICK" and msg.params and msg.nick and msg.nick.lower() == self.nick.lower():
+            old, new = self.nick, msg.params[0]
+            self.nick = new
+            self._learn_mask(msg.prefix)
+            out.add(self._event("irc_nick_change", old_nick=old, new_nick=new, identity=self.sender))
+        elif cmd == "JOIN" and msg.nick and msg.nick.lower() == self.nick.lower():
+            self._learn_mask(msg.prefix)
+        elif cmd == "900" and len(msg.params) >= 3:      # RPL_LOGGEDIN <nick> <nick!user@host> <account> :...
+            self.account = msg.params[2]
+            self._learn_mask(msg.params[1])
+            out.add(self._event("irc_logged_in", account=self.account, nick=self.nick))
+        elif cmd == "901":                               # RPL_LOGGEDOUT
+            self.account = ""
+        elif cmd == "903":                               # RPL_SASLSUCCESS
+            if not self.account and self._sasl_account:
+                self.account = self._sasl_account
+                out.add(self._event("irc_logged_in", account=self.account, nick=self.nick))
+            self._sasl_mechanism = ""
+        elif cmd in ("902", "904", "905", "906", "907"):
+            self._sasl_mechanism = ""
+            self._sasl_account = ""
+        elif cmd == "670":
+            if self.starttls_requested and not self.tls:
+                out.send(True, msg.raw)
+                self._starting_tls = True
+                return
+            out.add(self._anomaly("unexpected_starttls_reply", "670 without a pending STARTTLS", from_client=False))
+        elif cmd == "691":
+            self.starttls_requested = False
+        elif (cmd in ("PRIVMSG", "NOTICE") and len(msg.params) >= 2 and "\x01" in msg.params[-1]
+              and msg.nick.lower() != self.nick.lower()):     # our own line echoed (echo-message) is not an offer
+            plain, ctcps = split_ctcp(msg.params[-1])
+            if any(c.verb == "DCC" for c in ctcps):
+                new_ctcps = []
+                for c in ctcps:
+                    if c.verb == "DCC":
+                        args = self._dcc(out, False, c.args, peer=msg.prefix or msg.nick, msg=msg)
+                        if args is None:
+                            return
+                        new_ctcps.append(Ctcp("DCC", args))
+                    else:
+                        new_ctcps.append(c)
+                if new_ctcps != ctcps:
+                    out.send(True, msg.with_last_param(plain + "".join(format_ctcp(c.verb, c.args)
+                                                                       for c in new_ctcps)))
+                    return
+        out.send(True, msg.raw)
+
+    def _welcome(self, out: _Out, msg: Message) -> None:
+        self.nick = msg.params[0]
+        if not self.identity:
+            self.identity = self.nick
+        words = msg.params[-1].split()
+        if words and "!" in words[-1]:
+            self._learn_mask(words[-1])
+        self.registered = True
+        out.add(self._event("irc_registered", nick=self.nick, user=self.user, host=self.host,
+                            realname=self.realname, account=self.account, identity=self.sender,
+                            caps=sorted(self.caps), tls=self.tls))
+
+    def _learn_mask(self, prefix: str) -> None:
+        if "!" in prefix and "@" in prefix:
+            user_host = prefix.split("!", 1)[1]
+            self.user, _, self.host = user_host.partition("@")
+
+    # --- DCC ----------------------------------------------------------------------------------------
+
+    def _remember_local(self, offer: DccOffer) -> None:
+        self._offers[(offer.kind, offer.name, offer.relay_port or offer.port, offer.token)] = offer
+        while len(self._offers) > self.limits.max_tracked_offers:
+            self._offers.popitem(last=False)
+
+    def _find_local(self, name: str, port: int, token: str) -> DccOffer | None:
+        for offer in reversed(self._offers.values()):
+            if offer.kind != SEND:
+                continue
+            if token and offer.token == token:
+                return offer
+            if port and port in (offer.port, offer.relay_port) and (offer.name == name or not name
+                                                                    or name == "file.ext"):
+                return offer
+        return None
+
+    def _refuse(self, out: _Out, from_client: bool, text: str) -> None:
+        if from_client:
+            out.add(Send(True, self._notice_line(text)))
+
+    def _dcc(self, out: _Out, from_client: bool, args: str, peer: str, msg: Message) -> str | None:
+        """Handle one CTCP DCC request seen in either direction. Returns the (possibly rewritten) args to
+        forward, or None to drop the whole line."""
+        try:
+            req = parse_dcc(args, self.limits)
+        except DccError as e:
+            out.add(self._anomaly(e.kind, e.detail, from_client=from_client, dcc=args[:200]))
+            self._refuse(out, from_client, f"imguard: your DCC request was refused: {e.detail}")
+            return None
+        peer_nick = peer.split("!", 1)[0]
+        if isinstance(req, DccResume):
+            return self._dcc_resume(out, from_client, req)
+        kind = SEND if isinstance(req, DccSend) else CHAT
+        name = req.name if isinstance(req, DccSend) else ""
+        size = req.size if isinstance(req, DccSend) else None
+        if self.dcc_relay is not None and req.port and req.host == self.dcc_relay.host:
+            known = self.transfers.get((req.host, req.port), kind=DCC_KIND) if self.transfers is not None else None
+            if known is not None and known.relay_host == req.host and known.relay_port == req.port:
+                return args     # already rewritten by the other person's session (both behind the gateway)
+        if kind == SEND and size is not None and size > self.limits.max_held_bytes:
+            text = (f"imguard: the file {name!r} ({size} bytes) is larger than {self.limits.max_held_bytes} "
+                    f"bytes and cannot be inspected; the offer was not passed on")
+            out.add(self._event("dcc_refused", category="file", reason="too_large", name=name, size=size,
+                                peer=peer, outbound=from_client))
+            out.add(Send(True, self._notice_line(text)))
+            return None
+        if req.port == 0:
+            # Passive (reverse) DCC: the offerer asks the receiver to listen; remember the token for the reply.
+            offer = DccOffer(offer_id=new_offer_id(self.context.connection_id), kind=kind, name=name, size=size,
+                             sender=self.sender if from_client else peer, receiver=peer_nick if from_client
+                             else self.nick, host=req.host, port=0, listener_is_sender=False, token=req.token,
+                             outbound=from_client, context=self._offer_ctx(from_client, peer))
+            self._remember_local(offer)
+            return args
+        pending = self._find_local(name, 0, req.token) if req.token else None
+        if pending is not None and pending.port == 0 and pending.outbound != from_client:
+            # The reply to a passive offer: its sender (the receiver) listens at host:port.
+            offer = replace(pending, host=req.host, port=req.port, size=size if size is not None else pending.size)
+        else:
+            offer = DccOffer(offer_id=new_offer_id(self.context.connection_id), kind=kind, name=name, size=size,
+                             sender=self.sender if from_client else peer,
+                             receiver=peer_nick if from_client else self.nick,
+                             host=req.host, port=req.port, listener_is_sender=True, token=req.token,
+                             outbound=from_client, context=self._offer_ctx(from_client, peer))
+        if self.dcc_relay is not None:
+            try:
+                port = int(self.dcc_relay.allocate(offer))
+                if not 0 < port < 65536:
+                    raise ValueError(f"relay port {port}")
+            except Exception as e:      # the allocator is the carrier's: fail closed
+                out.add(self._anomaly("dcc_relay_failed", f"no relay port for the DCC offer: {e}",
+                                      from_client=from_client))
+                self._refuse(out, from_client, "imguard: your DCC offer could not be relayed and was not passed on")
+                return None
+            offer = replace(offer, relay_host=self.dcc_relay.host, relay_port=port)
+        remember_offer(self.transfers, offer, self.limits.dcc_offer_ttl)
+        self._remember_local(offer)
+        out.add(self._event("dcc_offer", category="file", ctx=offer.context, **offer.to_dict()))
+        if not offer.relay_host:
+            return args
+        if isinstance(req, DccSend):
+            return format_dcc_send(req.name, offer.relay_host, offer.relay_port, req.size, req.token)
+        return format_dcc_chat(req.protocol, offer.relay_host, offer.relay_port, req.token)
+
+    def _offer_ctx(self, from_client: bool, peer: str) -> ChatContext:
+        if from_client:
+            return self._ctx(recipients=(peer.split("!", 1)[0],), transfer_mechanism="dcc")
+        return self.context.with_(sender=peer, recipients=(self.sender,), transfer_mechanism="dcc")
+
+    def _dcc_resume(self, out: _Out, from_client: bool, req: DccResume) -> str | None:
+        offer = self._find_local(req.name, req.port, req.token)
+        if offer is None:
+            return format_dcc_resume(req.verb, req.name, req.port, req.position, req.token)
+        if offer.size and req.position > offer.size:
+            out.add(self._anomaly("dcc_bad_position", f"{req.verb} at {req.position} past the size {offer.size}",
+                                  from_client=from_client))
+            self._refuse(out, from_client, "imguard: your DCC resume was refused: position past the file size")
+            return None
+        if req.verb == "RESUME":
+            offer = replace(offer, position=req.position)
+            if offer.port:
+                remember_offer(self.transfers, offer, self.limits.dcc_offer_ttl)
+            self._remember_local(offer)
+        # The receiver knows the relay port, the sender its real port: translate on the way.
+        to_sender = (req.verb == "RESUME")
+        port = req.port
+        if offer.relay_port and port:
+            port = offer.port if to_sender else offer.relay_port
+        return format_dcc_resume(req.verb, req.name, port, req.position, req.token)
