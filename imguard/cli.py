@@ -251,6 +251,13 @@ def build_parser() -> argparse.ArgumentParser:
     gateway_cli.add_ca_arguments(ca)
     ca.set_defaults(handler=gateway_cli.ca_main)
 
+    from imguard.replay import cli as replay_cli
+    pcap = commands.add_parser("pcap", help="replay packet captures through the same sessions and policy",
+                               description="Exit codes: 0 nothing blocked, 1 something blocked, 2 usage error or "
+                                           "not a capture.")
+    replay_cli.add_pcap_arguments(pcap)
+    pcap.set_defaults(handler=replay_cli.replay_main)
+
     from imguard.inspect import InspectLimits
     scan = commands.add_parser("scan", help="inspect files and folders and show the policy decision",
                                description="Exit codes: 0 nothing blocked, 1 something blocked, 2 usage or "

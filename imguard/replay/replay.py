@@ -1,0 +1,649 @@
+"""Offline replay: a capture's TCP streams through the same sessions and pipeline as the inline gateway.
+
+    replay = Replay(pipeline)
+    summary = replay.run(Capture.open("chat.pcap"))
+    summary.messages, summary.transfers, summary.conversations, summary.anomalies
+
+For every reassembled connection the replay picks the protocol with the gateway's own detector
+(imguard.gateway.detect: port map, then first bytes); a connection announced by a control channel
+(an IRC DCC offer, registered in the ExpectedTransfers table under (address, port)) gets the
+session for that data connection. It then carries out the session's commands the way the gateway
+does, only synchronously and without sockets:
+
+    Send         counted as bytes that would have crossed (and kept, with keep_forwarded)
+    InspectFile  pipeline.check_file(...) now, then session.file_verdict(...)
+    Record       pipeline.record(...), and kept for the summary
+    StartTls     the connection is encrypted from here: later bytes are counted, not decoded
+    Close        the session ended the connection: later bytes are counted as not forwarded
+
+Time is the capture's: the ExpectedTransfers table and the sessions' clocks read the timestamp of
+the packet being replayed, so entries expire as they would have inline.
+
+A capture gap (bytes the capture lacks, see reassembly) is what an inline gateway never sees, so
+the StreamSession contract has no word for it. When a session has a `gap(from_client, length)`
+method it is told, and it marks the file it holds as truncated. Otherwise the replay ends that side
+at the gap: the session is told `connection_closed(from_client)` for it (a half-close), so a file
+that side was sending comes out as an InspectFile (the DCC, SOCKS5 and HTTP sessions inspect what
+they hold when the sender closes early), which the replay marks truncated=True, or is reported
+abandoned (XMPP IBB), which the replay lists as a truncated transfer; a `capture_gap` anomaly says where. The other side goes on
+being decoded; the rest of the gapped side is counted, not decoded (resynchronising inside XML or
+a file is guesswork). The end of the capture ends both sides the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from imguard.gateway import detect as det
+from imguard.model import ChatContext, Decision, FileReport
+from imguard.protocols.base import Close, InspectFile, Record, Send, StartTls
+from imguard.replay.pcapfile import Capture
+from imguard.replay.reassembly import (Connection, Reassembler, ReassemblySettings, StreamClosed, StreamData,
+                                       StreamGap, StreamOpened)
+from imguard.settings import setting
+
+# The gateway's default port map plus ports the sample captures use for IRC (8000: freenode's alternate).
+DEFAULT_PORTS = ["5222=xmpp", "5223=xmpp+tls", "6667=irc", "6697=irc+tls", "8000=irc"]
+
+
+@dataclass(frozen=True)
+class ReplaySettings:
+    """Offline replay."""
+
+    ports: list = setting(
+        list(DEFAULT_PORTS),
+        "Destination port to protocol, PORT=PROTO ('+tls': TLS from the first byte), as for the gateway; other "
+        "ports are recognised by their first bytes")
+    max_message_text: int = setting(
+        4096, "Characters of a message's text kept in the summary; the alert log has the whole text")
+
+
+# --- the summary -----------------------------------------------------------------------------------
+
+@dataclass
+class Conversation:
+    conn: int
+    client: str
+    server: str
+    protocol: str = ""              # xmpp, irc, dcc, tls, http, socks5, "" (unknown)
+    detected_by: str = ""
+    midstream: bool = False
+    encrypted: bool = False         # TLS from the first byte, or after STARTTLS
+    bytes_from_client: int = 0
+    bytes_from_server: int = 0
+    forwarded_to_server: int = 0    # what the session let through (Send), which may differ from what came
+    forwarded_to_client: int = 0
+    encrypted_bytes: int = 0        # bytes after TLS started, not decoded
+    undecoded_bytes: int = 0        # bytes after the session closed or after a gap on their side
+    gaps: int = 0
+    gap_bytes: int = 0
+    closed_by: str = ""             # "fin", "rst", "end of capture"
+    session_closed: str = ""        # the reason of the session's Close, if it closed the connection
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class Message:
+    conn: int
+    ts: float
+    protocol: str
+    sender: str
+    recipients: list[str]
+    conversation: str
+    text: str
+    action: str
+    rules: list[str]
+    direction: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class Transfer:
+    conn: int
+    ts: float
+    mechanism: str
+    name: str
+    size: int
+    sha256: str
+    mime: str                       # true type (libmagic)
+    claimed_mime: str
+    action: str                     # the verdict; "" when the file could not be inspected at all
+    rules: list[str]
+    truncated: bool = False
+    sender: str = ""
+    recipients: list[str] = field(default_factory=list)
+    findings: list[str] = field(default_factory=list)     # "kind: detail"
+    detail: str = ""
+    stored: str = ""                # where --out saved it (files/<2 hex>/<sha256>), "" if not saved
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class Anomaly:
+    conn: int                       # 0: about the capture, not a connection
+    ts: float
+    source: str                     # capture, reassembly, replay, session
+    kind: str
+    detail: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class ReplaySummary:
+    capture: str
+    stats: dict[str, Any] = field(default_factory=dict)
+    conversations: list[Conversation] = field(default_factory=list)
+    messages: list[Message] = field(default_factory=list)
+    transfers: list[Transfer] = field(default_factory=list)
+    anomalies: list[Anomaly] = field(default_factory=list)
+
+    @property
+    def blocked(self) -> bool:
+        return any(m.action in ("block", "quarantine") for m in self.messages) or \
+            any(t.action in ("block", "quarantine") for t in self.transfers)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"capture": self.capture, "stats": self.stats,
+                "conversations": [c.to_dict() for c in self.conversations],
+                "messages": [m.to_dict() for m in self.messages],
+                "transfers": [t.to_dict() for t in self.transfers],
+                "anomalies": [a.to_dict() for a in self.anomalies]}
+
+    def format_text(self) -> str:
+        lines = [f"{self.capture}: {self.stats.get('frames', 0)} frames, {self.stats.get('tcp', 0)} TCP, "
+                 f"{len(self.conversations)} connections"]
+        for c in self.conversations:
+            flags = [f for f, on in (("midstream", c.midstream), ("encrypted", c.encrypted)) if on]
+            if c.gaps:
+                flags.append(f"{c.gaps} gaps/{c.gap_bytes} B")
+            lines.append(f"  conn C{c.conn:<3} {c.protocol or '?':10} {c.client} -> {c.server}  "
+                         f"{c.bytes_from_client}/{c.bytes_from_server} B  {' '.join(flags)}".rstrip())
+        for m in self.messages:
+            rules = f" [{', '.join(m.rules)}]" if m.rules else ""
+            lines.append(f"  msg  C{m.conn:<3} {m.action.upper():10} {m.sender or '?'} -> "
+                         f"{', '.join(m.recipients) or '?'}: {m.text!r}{rules}")
+        for t in self.transfers:
+            rules = f" [{', '.join(t.rules)}]" if t.rules else ""
+            trunc = " TRUNCATED" if t.truncated else ""
+            lines.append(f"  file C{t.conn:<3} {(t.action or 'n/a').upper():10} {t.name!r} {t.size} B {t.mime} "
+                         f"sha256={t.sha256} via {t.mechanism}{trunc}{rules}")
+        for a in self.anomalies:
+            where = f"C{a.conn}" if a.conn else "capture"
+            lines.append(f"  weird {where:5} {a.source}/{a.kind}: {a.detail}")
+        return "\n".join(lines)
+
+
+# --- sessions ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SessionRequest:
+    """What a session factory gets: the protocol, the chat context and the replay's shared state."""
+    protocol: str
+    context: ChatContext
+    tls_on_connect: bool
+    checker: Any                    # has check_message(text, ctx) (the pipeline, observed by the replay)
+    transfers: Any                  # the ExpectedTransfers table
+    clock: Callable[[], float]
+    expected: Any = None            # the ExpectedTransfers entry of an announced data connection
+
+
+SessionFactory = Callable[[SessionRequest], Any]
+
+
+def default_factories() -> dict[str, SessionFactory]:
+    """The sessions that exist in this tree, by protocol (a missing module leaves its protocol undecoded).
+    Built with the same arguments as the gateway's (imguard.gateway.master.default_factories), minus the
+    relays: a capture is observed, not rewritten."""
+    factories: dict[str, SessionFactory] = {}
+    try:
+        from imguard.protocols.xmpp import XmppSession
+    except ImportError:
+        pass
+    else:
+        factories["xmpp"] = lambda r: XmppSession(checker=r.checker, transfers=r.transfers, context=r.context,
+                                                  tls_on_connect=r.tls_on_connect, clock=r.clock)
+    try:
+        from imguard.protocols.irc import DccSendSession, IrcSession
+    except ImportError:
+        pass
+    else:
+        factories["irc"] = lambda r: IrcSession(checker=r.checker, transfers=r.transfers, context=r.context,
+                                                tls_on_connect=r.tls_on_connect)
+        factories["dcc"] = lambda r: DccSendSession(checker=r.checker, transfers=r.transfers, context=r.context,
+                                                    offer=r.expected)
+    try:
+        from imguard.protocols.socks5_bytestream import Socks5BytestreamSession
+    except ImportError:
+        pass
+    else:
+        # The session speaks SOCKS5 with the client and asks for the streamhost (ConnectUpstream); offline the
+        # capture's server *is* the streamhost, so the replay answers "connected" at once.
+        factories["bytestream"] = lambda r: Socks5BytestreamSession(transfers=r.transfers, context=r.context,
+                                                                    checker=r.checker)
+    from imguard.replay.http import HttpUploadSession
+    factories["http"] = lambda r: HttpUploadSession(transfers=r.transfers, context=r.context)
+    return factories
+
+
+def socks5_connect_target(data: bytes) -> str | None:
+    """The domain name of a SOCKS5 client's CONNECT (after its greeting), "" if it is not a CONNECT to a
+    domain name, None while incomplete. XEP-0065 puts the stream hash there."""
+    if len(data) < 2 or len(data) < 2 + data[1]:
+        return None
+    req = data[2 + data[1]:]
+    if len(req) < 5:
+        return None
+    if req[0] != 5 or req[1] != 1 or req[3] != 3:
+        return ""
+    if len(req) < 5 + req[4]:
+        return None
+    return req[5:5 + req[4]].decode("ascii", "replace").lower()
+
+
+def _lookup_dcc(transfers: Any, host: str, port: int) -> Any:
+    """The DCC offer announced for (host, port), taken from the table (a DCC address is used once)."""
+    try:
+        from imguard.protocols.irc import find_offer
+    except ImportError:
+        return None
+    return find_offer(transfers, host, port, take=True)
+
+
+# --- the replay -------------------------------------------------------------------------------------
+
+class _Flow:
+    """The replay's state for one connection."""
+
+    __slots__ = ("conn", "summary", "session", "pending", "client_bytes", "server_bytes", "decided", "tls_first",
+                 "encrypted", "closed", "ended", "forwarded", "expected", "context", "socks5")
+
+    def __init__(self, conn: Connection, summary: Conversation):
+        self.conn = conn
+        self.summary = summary
+        self.session: Any = None
+        self.pending: list[tuple[bool, bytes]] = []
+        self.client_bytes = bytearray()
+        self.server_bytes = bytearray()
+        self.decided = False
+        self.tls_first = False
+        self.encrypted = False
+        self.closed = False              # the session closed the connection, or both sides ended
+        self.ended: set[bool] = set()    # sides (from_client) that closed or were cut by a capture gap
+        self.forwarded: dict[bool, bytearray] | None = None
+        self.expected: Any = None
+        self.context: ChatContext | None = None
+        self.socks5 = False
+
+
+class _ObservingChecker:
+    """The pipeline as a session sees it, with every message decision also noted for the summary."""
+
+    def __init__(self, replay: "Replay", flow: _Flow):
+        self._replay, self._flow = replay, flow
+
+    def check_message(self, text: str, ctx: ChatContext) -> Decision:
+        decision = self._replay.pipeline.check_message(text, ctx)
+        self._replay._note_message(self._flow, text, ctx, decision)
+        return decision
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._replay.pipeline, name)
+
+
+class Replay:
+    """Replays one capture through detection, sessions and the pipeline; `run()` returns the summary."""
+
+    def __init__(self, pipeline: Any, settings: ReplaySettings | None = None,
+                 reassembly: ReassemblySettings | None = None,
+                 factories: dict[str, SessionFactory] | None = None, transfers: Any = None,
+                 on_file: Callable[[bytes, Transfer], None] | None = None, keep_forwarded: bool = False):
+        self.pipeline = pipeline
+        self.settings = settings or ReplaySettings()
+        self.port_map = det.parse_port_map(self.settings.ports)
+        self.reassembly = reassembly or ReassemblySettings()
+        self.factories = default_factories() if factories is None else factories
+        self.now = 0.0
+        if transfers is None:
+            from imguard.files.expected import ExpectedTransfers
+            transfers = ExpectedTransfers(clock=self.clock)
+        self.transfers = transfers
+        self.on_file = on_file
+        self.keep_forwarded = keep_forwarded    # keep the bytes sessions would have let through (tests)
+        self._flows: dict[int, _Flow] = {}
+        self._by_name: dict[str, _Flow] = {}
+        self.summary = ReplaySummary("")
+
+    def clock(self) -> float:
+        """The capture's time: the timestamp of the packet being replayed."""
+        return self.now
+
+    # --- driving ------------------------------------------------------------------------------------
+
+    def run(self, capture: Capture) -> ReplaySummary:
+        self.summary = ReplaySummary(capture.name)
+        self._flows, self._by_name = {}, {}
+        reassembler = Reassembler(self.reassembly, service_ports=self.port_map.keys())
+        handle = self.handle
+        for event in reassembler.run(capture.tcp_segments()):
+            handle(event)
+        self.summary.stats = capture.stats.to_dict()
+        for w in capture.warnings:
+            self.summary.anomalies.append(Anomaly(0, 0.0, "capture", w.kind, str(w)))
+        for conn in reassembler.connections:
+            if conn.overlap_conflicts:
+                self._anomaly(conn.id, conn.last_ts, "reassembly", "overlap_conflict",
+                              f"{conn.overlap_conflicts} retransmitted segments carried different bytes than the "
+                              "first copy (the first copy was kept)")
+        self.summary.anomalies.sort(key=lambda a: (a.conn == 0, a.ts, a.conn))
+        return self.summary
+
+    def handle(self, event: Any) -> None:
+        self.now = event.ts or self.now
+        if isinstance(event, StreamData):
+            self._data(self._flows[event.conn.id], event.from_client, event.data)
+        elif isinstance(event, StreamOpened):
+            self._opened(event.conn)
+        elif isinstance(event, StreamGap):
+            self._gap(self._flows[event.conn.id], event.from_client, event.length)
+        elif isinstance(event, StreamClosed):
+            self._closed(self._flows[event.conn.id], event.reason)
+
+    # --- connection life ----------------------------------------------------------------------------
+
+    def _opened(self, conn: Connection) -> None:
+        summary = Conversation(conn.id, conn.client_address, conn.server_address, midstream=conn.midstream)
+        self.summary.conversations.append(summary)
+        flow = _Flow(conn, summary)
+        if self.keep_forwarded:
+            flow.forwarded = {True: bytearray(), False: bytearray()}
+        self._flows[conn.id] = flow
+        self._by_name[conn.name] = flow
+        flow.context = ChatContext(client_address=conn.client_address, server_address=conn.server_address,
+                                   connection_id=conn.name)
+        # A data connection a control channel announced (IRC DCC: the offer named this address and port).
+        expected = _lookup_dcc(self.transfers, conn.server[0], conn.server[1])
+        if expected is not None:
+            flow.expected = expected
+            kind = getattr(expected, "kind", "send")
+            protocol = "dcc" if kind == "send" else f"dcc-{kind}"    # DCC CHAT: no session decodes it yet
+            self._decide(flow, det.Detection(protocol, reason=f"DCC {kind.upper()} offer"))
+
+    def _data(self, flow: _Flow, from_client: bool, data: bytes) -> None:
+        s = flow.summary
+        if from_client:
+            s.bytes_from_client += len(data)
+        else:
+            s.bytes_from_server += len(data)
+        if flow.encrypted:
+            s.encrypted_bytes += len(data)
+            return
+        if flow.closed or from_client in flow.ended:
+            s.undecoded_bytes += len(data)
+            return
+        if not flow.decided:
+            flow.pending.append((from_client, data))
+            (flow.client_bytes if from_client else flow.server_bytes).extend(data)
+            found = self._detect(flow)
+            if found is not det.NEED_MORE:
+                self._decide(flow, found)
+            return
+        self._feed(flow, from_client, data)
+
+    def _detect(self, flow: _Flow, final: str = "") -> det.Detection | None:
+        """The gateway's detector on what the connection sent so far. `final`: no more bytes will come
+        before a decision is needed (a gap, the end): undecided is then UNKNOWN, for that reason."""
+        if flow.socks5:
+            found = self._socks5(flow)
+        else:
+            found = det.detect(flow.conn.server[1], bytes(flow.client_bytes), bytes(flow.server_bytes),
+                               self.port_map)
+            if found is not det.NEED_MORE and found.protocol == det.SOCKS5:
+                flow.socks5 = True          # a SOCKS5 greeting: wait for the CONNECT to know what it is
+                found = self._socks5(flow)
+        if found is det.NEED_MORE and final:
+            found = det.Detection(det.UNKNOWN, reason=final)
+        return found
+
+    def _socks5(self, flow: _Flow) -> det.Detection | None:
+        """A SOCKS5 connection is an XEP-0065 bytestream when its CONNECT names a hash an XMPP offer
+        registered (the gateway sees these on its relay listener); any other SOCKS5 is relayed."""
+        target = socks5_connect_target(bytes(flow.client_bytes))
+        if target is None:
+            return det.NEED_MORE
+        lookup = getattr(self.transfers, "lookup_bytestream", None)
+        if target and lookup is not None and lookup(target) is not None:
+            return det.Detection("bytestream", reason="SOCKS5 CONNECT to an announced bytestream hash")
+        return det.Detection(det.SOCKS5, reason="SOCKS5, not an announced bytestream")
+
+    def _decide(self, flow: _Flow, found: det.Detection) -> None:
+        flow.decided = True
+        s = flow.summary
+        s.protocol = found.protocol
+        s.detected_by = found.reason
+        pending, flow.pending = flow.pending, []
+        flow.client_bytes = flow.server_bytes = bytearray()
+        if found.tls_first or found.protocol == det.TLS:
+            flow.encrypted = s.encrypted = True
+            s.encrypted_bytes += sum(len(d) for _, d in pending)
+            return
+        factory = self.factories.get(found.protocol)
+        if factory is None:
+            # Nothing decodes this protocol: the gateway relays it untouched, so everything crosses.
+            flow.session = _Relay()
+        else:
+            protocol, mechanism = {"dcc": ("irc", "dcc"), "bytestream": ("xmpp", "socks5")}.get(
+                found.protocol, (found.protocol, ""))
+            context = flow.context.with_(protocol=protocol, transfer_mechanism=mechanism)
+            request = SessionRequest(found.protocol, context, found.tls_first, _ObservingChecker(self, flow),
+                                     self.transfers, self.clock, flow.expected)
+            try:
+                flow.session = factory(request)
+            except Exception as e:      # a session that cannot start must not stop the replay
+                self._anomaly(flow.conn.id, self.now, "replay", "session_error",
+                              f"{found.protocol} session could not start: {type(e).__name__}: {e}")
+                flow.session = _Relay()
+        for from_client, data in pending:
+            if flow.closed or flow.encrypted:
+                if flow.encrypted:
+                    s.encrypted_bytes += len(data)
+                else:
+                    s.undecoded_bytes += len(data)
+                continue
+            self._feed(flow, from_client, data)
+
+    def _feed(self, flow: _Flow, from_client: bool, data: bytes) -> None:
+        self._call(flow, lambda: flow.session.data_received(from_client, data))
+
+    def _gap(self, flow: _Flow, from_client: bool, length: int) -> None:
+        s = flow.summary
+        s.gaps += 1
+        s.gap_bytes += length
+        side = "client" if from_client else "server"
+        if flow.encrypted or flow.closed or from_client in flow.ended:
+            self._anomaly(flow.conn.id, self.now, "reassembly", "capture_gap",
+                          f"the capture lacks {length} bytes from the {side}")
+            return
+        if not flow.decided:
+            self._decide(flow, self._detect(flow, final="a capture gap before the protocol was known"))
+            if flow.encrypted or flow.closed:
+                return
+        gap = getattr(flow.session, "gap", None)
+        if gap is not None:
+            self._anomaly(flow.conn.id, self.now, "reassembly", "capture_gap",
+                          f"the capture lacks {length} bytes from the {side}")
+            self._call(flow, lambda: gap(from_client, length))
+            return
+        self._anomaly(flow.conn.id, self.now, "reassembly", "capture_gap",
+                      f"the capture lacks {length} bytes from the {side}; the rest of what the {side} sent is "
+                      "not decoded")
+        # The session cannot be told of a gap: to it, this side ends here (a half-close), so a file this side
+        # was sending comes out as a truncated InspectFile, or is reported abandoned. The other side goes on.
+        self._end_side(flow, from_client, truncated=True)
+
+    def _closed(self, flow: _Flow, reason: str) -> None:
+        flow.summary.closed_by = reason
+        if not flow.decided:
+            self._decide(flow, self._detect(flow, final="closed before the protocol was known"))
+        first = flow.conn.closed_by_client if flow.conn.closed_by_client is not None else True
+        for from_client in (first, not first):      # the side that closed first is told first
+            self._end_side(flow, from_client, truncated=reason == "end of capture")
+        # The connection is over: let its session (and whatever it still holds) go, so memory follows the
+        # open connections, not the capture's length.
+        flow.closed, flow.session, flow.pending = True, None, []
+
+    def _end_side(self, flow: _Flow, from_client: bool, truncated: bool) -> None:
+        """Tell the session that one side is done (closed, or cut by a capture gap)."""
+        if flow.closed or flow.encrypted or flow.session is None or from_client in flow.ended:
+            return
+        flow.ended.add(from_client)
+        commands = self._safe(flow, lambda: flow.session.connection_closed(from_client))
+        if truncated:
+            # A file that comes out because this side was cut (a gap, the end of the capture) is truncated,
+            # whether or not the session knew its size.
+            commands = [dataclasses.replace(c, truncated=True) if isinstance(c, InspectFile) else c
+                        for c in commands]
+        self._execute(flow, commands, abandoned_truncated=truncated)
+        if len(flow.ended) == 2:
+            flow.closed = True
+
+    # --- commands -----------------------------------------------------------------------------------
+
+    def _call(self, flow: _Flow, call: Callable[[], list]) -> None:
+        self._execute(flow, self._safe(flow, call))
+
+    def _safe(self, flow: _Flow, call: Callable[[], list]) -> list:
+        try:
+            return list(call() or [])
+        except Exception as e:          # a session bug is an anomaly of this connection, not a crash
+            self._anomaly(flow.conn.id, self.now, "replay", "session_error", f"{type(e).__name__}: {e}")
+            flow.closed = True
+            return []
+
+    def _execute(self, flow: _Flow, commands: list, abandoned_truncated: bool = False) -> None:
+        s = flow.summary
+        for cmd in commands:
+            if isinstance(cmd, Send):
+                if cmd.to_client:
+                    s.forwarded_to_client += len(cmd.data)
+                else:
+                    s.forwarded_to_server += len(cmd.data)
+                if flow.forwarded is not None:
+                    flow.forwarded[cmd.to_client].extend(cmd.data)
+            elif isinstance(cmd, InspectFile):
+                self._inspect(flow, cmd)
+            elif isinstance(cmd, Record):
+                self._record(flow, cmd.event, abandoned_truncated)
+            elif isinstance(cmd, StartTls):
+                flow.encrypted = s.encrypted = True
+            elif isinstance(cmd, Close):
+                flow.closed = True
+                s.session_closed = cmd.reason or "closed"
+            elif type(cmd).__name__ == "ConnectUpstream":
+                # The capture's server is the upstream the session asks for: it is connected already.
+                connected = getattr(flow.session, "upstream_connected", None)
+                if connected is not None:
+                    self._call(flow, connected)
+            else:
+                self._anomaly(flow.conn.id, self.now, "replay", "unknown_command",
+                              f"the session returned {type(cmd).__name__}, which the replay does not carry out")
+
+    def _inspect(self, flow: _Flow, cmd: InspectFile) -> None:
+        ctx = cmd.context
+        try:
+            report, decision = self.pipeline.check_file(cmd.data, ctx, name=cmd.name, claimed_mime=cmd.claimed_mime,
+                                                        truncated=cmd.truncated)
+        except Exception as e:
+            self._anomaly(flow.conn.id, self.now, "replay", "inspection_error", f"{type(e).__name__}: {e}")
+            return
+        transfer = Transfer(
+            conn=flow.conn.id, ts=self.now, mechanism=ctx.transfer_mechanism, name=cmd.name, size=len(cmd.data),
+            sha256=report.sha256 or hashlib.sha256(cmd.data).hexdigest(), mime=report.mime,
+            claimed_mime=cmd.claimed_mime, action=decision.action, rules=list(decision.rule_ids),
+            truncated=cmd.truncated, sender=ctx.sender, recipients=list(ctx.recipients),
+            findings=[f"{f.kind}: {f.detail}" for f in report.all_findings()])
+        self.summary.transfers.append(transfer)
+        if self.on_file is not None:
+            self.on_file(cmd.data, transfer)
+        # Told even after a gap closed it: the session may have more to say (a notice, a record).
+        commands = self._safe(flow, lambda: flow.session.file_verdict(cmd.transfer_id, report, decision))
+        self._execute(flow, commands)
+
+    def _record(self, flow: _Flow, event: dict, abandoned_truncated: bool = False) -> None:
+        self.pipeline.record(event)
+        ig = event.get("imguard", {})
+        ctx = ig.get("context", {})
+        category = (event.get("event", {}).get("category") or [""])[0]
+        if category == "message":
+            decision = ig.get("decision", {})
+            self._note_message(flow, (ig.get("message") or {}).get("text", ""), ChatContext(
+                protocol=ctx.get("protocol", ""), sender=ctx.get("sender", ""),
+                recipients=tuple(ctx.get("recipients", ())), conversation=ctx.get("conversation", ""),
+                direction=ctx.get("direction", "")),
+                Decision(action=decision.get("action", ""),
+                         matches=[]), rules=[m.get("rule_id", "") for m in decision.get("matches", [])])
+            return
+        notify = ig.get("notify")
+        if notify is not None:
+            # A notice for a person on another connection (a DCC file blocked: told on the IRC connection
+            # the offer came from), delivered the way the gateway does, through that session's notice().
+            target = self._by_name.get(notify.get("connection_id", ""))
+            deliver = getattr(target.session, "notice", None) if target is not None and not target.closed else None
+            if deliver is not None:
+                self._call(target, lambda: deliver(notify.get("text", "")))
+        anomaly = ig.get("anomaly")
+        if anomaly is not None:
+            kind = anomaly.get("kind", "")
+            self._anomaly(flow.conn.id, self.now, "session", kind, anomaly.get("detail", ""))
+            if kind == "transfer_abandoned" and abandoned_truncated:
+                # Held by the session when the capture ran out or had a gap: truncated, never inspected.
+                self.summary.transfers.append(Transfer(
+                    conn=flow.conn.id, ts=self.now, mechanism=ctx.get("transfer_mechanism", "") or "ibb",
+                    name=str(anomaly.get("name", anomaly.get("sid", ""))), size=int(anomaly.get("bytes", 0) or 0),
+                    sha256="", mime="", claimed_mime="", action="", rules=[], truncated=True,
+                    sender=ctx.get("sender", ""), recipients=list(ctx.get("recipients", ())),
+                    detail="the capture ends or has a gap inside the transfer; the session held it and could "
+                           "not release it for inspection"))
+
+    def _note_message(self, flow: _Flow, text: str, ctx: ChatContext, decision: Decision,
+                      rules: list[str] | None = None) -> None:
+        limit = self.settings.max_message_text
+        self.summary.messages.append(Message(
+            conn=flow.conn.id, ts=self.now, protocol=ctx.protocol, sender=ctx.sender,
+            recipients=list(ctx.recipients), conversation=ctx.conversation,
+            text=text if len(text) <= limit else text[:limit] + "…", action=decision.action,
+            rules=rules if rules is not None else list(decision.rule_ids), direction=ctx.direction))
+
+    def _anomaly(self, conn: int, ts: float, source: str, kind: str, detail: str) -> None:
+        self.summary.anomalies.append(Anomaly(conn, ts, source, kind, detail))
+
+    def forwarded(self, conn_id: int) -> dict[bool, bytes]:
+        """What the sessions would have let through on a connection (with keep_forwarded): to_client -> bytes."""
+        flow = self._flows[conn_id]
+        return {k: bytes(v) for k, v in (flow.forwarded or {}).items()}
+
+
+class _Relay:
+    """An undecoded connection: everything crosses (as the gateway relays what it does not decode)."""
+
+    def data_received(self, from_client: bool, data: bytes) -> list:
+        return [Send(to_client=not from_client, data=data)]
+
+    def tls_started(self) -> list:
+        return []
+
+    def file_verdict(self, transfer_id: str, report: FileReport, decision: Decision) -> list:
+        return []
+
+    def connection_closed(self, from_client: bool) -> list:
+        return []

@@ -1,0 +1,99 @@
+"""HttpUploadSession (the offline counterpart of the gateway's HTTP upload addon), fed like h11's tests:
+the same requests split at every byte boundary must give the same commands."""
+
+from __future__ import annotations
+
+import pytest
+
+from imguard.files.expected import ExpectedTransfers, ExpectedUpload
+from imguard.model import BLOCK, ChatContext, Decision, FileReport
+from imguard.protocols.base import InspectFile, Record, Send
+from imguard.replay.http import HttpLimits, HttpUploadSession
+
+CTX = ChatContext(client_address="10.0.0.1:40000", server_address="10.0.0.2:5280", connection_id="C7")
+PUT_URL = "http://upload.example:5280/slot/abc/report.pdf"
+GET_URL = "http://upload.example:5280/slot/abc/report.pdf?download"
+
+
+def session(*, announce: bool = True, paths=()) -> tuple[HttpUploadSession, ExpectedTransfers]:
+    transfers = ExpectedTransfers()
+    if announce:
+        transfers.expect_upload(PUT_URL, ExpectedUpload(PUT_URL, GET_URL, "report.pdf", 11, "application/pdf",
+                                                        ChatContext(protocol="xmpp", sender="alice@example")))
+    return HttpUploadSession(transfers, CTX, HttpLimits(upload_paths=tuple(paths))), transfers
+
+
+PUT = (b"PUT /slot/abc/report.pdf HTTP/1.1\r\nHost: upload.example:5280\r\nContent-Length: 11\r\n\r\n"
+       b"hello world")
+CHUNKED = (b"PUT /slot/abc/report.pdf HTTP/1.1\r\nHost: upload.example:5280\r\nTransfer-Encoding: chunked\r\n\r\n"
+           b"5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nX-Trailer: 1\r\n\r\n")
+GET_OTHER = b"GET /index.html HTTP/1.1\r\nHost: upload.example:5280\r\n\r\n"
+
+
+def feed(s: HttpUploadSession, data: bytes, cut: int | None = None) -> list:
+    if cut is None:
+        return s.data_received(True, data)
+    return s.data_received(True, data[:cut]) + s.data_received(True, data[cut:])
+
+
+def sent(commands, to_client: bool) -> bytes:
+    return b"".join(c.data for c in commands if isinstance(c, Send) and c.to_client == to_client)
+
+
+@pytest.mark.parametrize("raw", [PUT, CHUNKED])
+def test_announced_upload_is_held_and_inspected_at_every_split(raw):
+    """An upload a chat session announced: nothing reaches the server before the verdict; the body (de-chunked)
+    goes out as one InspectFile with the announcer's context, whatever the segment boundaries."""
+    for cut in [None, *range(1, len(raw))]:
+        s, _ = session()
+        commands = feed(s, raw + GET_OTHER, cut)
+        [inspect] = [c for c in commands if isinstance(c, InspectFile)]
+        assert inspect.data == b"hello world" and inspect.name == "report.pdf"
+        assert inspect.claimed_mime == "application/pdf" and not inspect.truncated
+        assert (inspect.context.sender, inspect.context.transfer_mechanism) == ("alice@example", "xep-0363")
+        assert inspect.context.connection_id == "C7"
+        assert sent(commands, False) == GET_OTHER          # the next request is not held behind the upload
+        released = s.file_verdict(inspect.transfer_id, FileReport("report.pdf", "report.pdf", 11), Decision())
+        assert sent(released, False) == raw                # allowed: the request exactly as it came
+
+
+def test_blocked_upload_answers_403_and_blocks_the_download_url():
+    s, transfers = session()
+    [inspect] = [c for c in s.data_received(True, PUT) if isinstance(c, InspectFile)]
+    commands = s.file_verdict(inspect.transfer_id, FileReport("report.pdf", "report.pdf", 11),
+                              Decision(action=BLOCK, notice="malware"))
+    assert sent(commands, True).startswith(b"HTTP/1.1 403 Forbidden\r\n") and sent(commands, False) == b""
+    assert transfers.blocked_url_reason(GET_URL) == "malware"
+    # and a later GET of it, on another connection, is refused
+    other = HttpUploadSession(transfers, CTX)
+    commands = other.data_received(True, b"GET /slot/abc/report.pdf?download HTTP/1.1\r\nHost: upload.example:5280"
+                                         b"\r\n\r\n")
+    assert sent(commands, True).startswith(b"HTTP/1.1 403") and sent(commands, False) == b""
+    assert any(isinstance(c, Record) for c in commands)
+
+
+def test_unannounced_upload_crosses_unless_its_path_is_configured():
+    s, _ = session(announce=False)
+    assert sent(s.data_received(True, PUT), False) == PUT
+    s, _ = session(announce=False, paths=[r"/slot/"])
+    [inspect] = [c for c in s.data_received(True, PUT) if isinstance(c, InspectFile)]
+    assert inspect.context.transfer_mechanism == "upload" and inspect.context.protocol == "http"
+
+
+def test_request_cut_short_is_inspected_truncated():
+    s, _ = session()
+    assert s.data_received(True, PUT[:-4]) == []
+    [inspect] = s.connection_closed(True)
+    assert inspect.truncated and inspect.data == b"hello w"
+
+
+def test_not_http_is_relayed_with_an_anomaly():
+    s, _ = session()
+    commands = s.data_received(True, b"SSH-2.0-OpenSSH_9.6\r\n\r\n")
+    assert [type(c).__name__ for c in commands] == ["Record", "Send"]
+    assert sent(s.data_received(True, b"more"), False) == b"more"
+
+
+def test_server_bytes_cross_untouched():
+    s, _ = session()
+    assert s.data_received(False, b"HTTP/1.1 201 Created\r\n\r\n") == [Send(True, b"HTTP/1.1 201 Created\r\n\r\n")]
