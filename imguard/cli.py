@@ -243,8 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     from imguard.gateway import cli as gateway_cli
-    run = commands.add_parser("run", help="run the inline gateway",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    run = commands.add_parser("run", help="run the inline gateway")
     gateway_cli.add_run_arguments(run)
     run.set_defaults(handler=gateway_cli.run_main)
     ca = commands.add_parser("ca", help="print or export the gateway's CA certificate")

@@ -1,0 +1,327 @@
+"""imguard's mitmproxy addons: choosing a layer for each connection, guarding against self-connects,
+redirecting bytestream relay connections, and running file inspection in worker threads.
+
+`GatewayAddon` must sit *ahead* of mitmproxy's NextLayer in the addon chain: NextLayer never overrides a
+layer another addon has set, and hooks run in chain order. `LateTlsAddon` must sit *after* TlsConfig,
+because it adjusts what TlsConfig produced (per-host verification, server-TLS-first).
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import logging
+import socket
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from mitmproxy import ctx as mitm_ctx
+from mitmproxy import tls
+from mitmproxy.connection import Client
+from mitmproxy.proxy import layer as mlayer
+from mitmproxy.proxy import events, mode_specs, server_hooks
+from mitmproxy.utils import asyncio_utils
+from mitmproxy.proxy.layers import ClientTLSLayer, HttpLayer, ServerTLSLayer, TCPLayer, modes
+from mitmproxy.proxy.layers.http import HTTPMode
+from mitmproxy.proxy.layers.tls import HTTP_ALPNS
+from OpenSSL import SSL
+
+from imguard import alerts
+from imguard.gateway import detect as det
+from imguard.gateway.inspection import Inspection
+from imguard.gateway.layer import FileJob, RefuseLayer, SessionLayer, tls_first_stack
+from imguard.model import ChatContext
+
+logger = logging.getLogger("imguard.gateway")
+
+
+@dataclass(frozen=True)
+class ConnectionInfo:
+    """What a session factory is told about a new connection."""
+    protocol: str               # "xmpp", "irc", "bytestream", ... (a key of the factory table)
+    tls_on_connect: bool        # the client opened with TLS: the session sees decrypted bytes from the start
+    context: ChatContext        # protocol, client/server address, connection id; the session fills in the rest
+    detail: str = ""            # how the protocol was recognised
+    streamhost: tuple[str, int] | None = None   # bytestream relay: the real streamhost
+    hash: str = ""              # bytestream relay: the SOCKS5 destination hash
+
+
+SessionFactory = Callable[[ConnectionInfo], Any]
+
+
+def _hostport(address) -> str:
+    if not address:
+        return ""
+    host, port = address[0], address[1]
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+
+
+@functools.lru_cache(maxsize=256)
+def is_local_address(host: str) -> bool:
+    """True if `host` is an address of this machine (loopback, unspecified, or bindable here). No DNS."""
+    if host.lower() in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        ip = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    if ip.is_loopback or ip.is_unspecified:
+        return True
+    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.bind((str(ip), 0))      # binding succeeds only for a local address
+        return True
+    except OSError:
+        return False
+
+
+class GatewayAddon:
+    """Picks the layer for each new connection and answers InspectFileHook."""
+
+    def __init__(self, *, pipeline, inspection: Inspection, factories: dict[str, SessionFactory],
+                 port_map: dict[int, tuple[str, bool]], http_ports: set[int] | frozenset = frozenset(),
+                 transfers=None, bytestream_relay: tuple[str, int] | None = None, max_queued_bytes: int = 0):
+        self.pipeline = pipeline
+        self.inspection = inspection
+        self.factories = factories
+        self.port_map = port_map
+        self.http_ports = set(http_ports)
+        self.transfers = transfers
+        self.bytestream_relay = bytestream_relay
+        self.max_queued_bytes = max_queued_bytes     # per connection, while its layer waits for a scan
+        self.relay_mode: mode_specs.ProxyMode | None = None
+        self._sniff_tls: set[str] = set()      # client ids whose TLS we terminated to look inside
+        self._bytestreams: dict[str, tuple[str, tuple[str, int]]] = {}   # client id -> (hash, streamhost)
+        self.stats = {"sessions": 0, "relayed": 0, "refused": 0, "self_connect": 0}
+
+    # --- recording (the Carrier interface of SessionLayer) --------------------------------------------
+
+    def record(self, event: dict[str, Any]) -> None:
+        try:
+            self.pipeline.record(event)
+        except Exception:
+            logger.exception("could not record an event")
+
+    def anomaly(self, ctx: ChatContext, kind: str, detail: str, **data: Any) -> None:
+        logger.warning("%s: %s: %s", ctx.client_address or "-", kind, detail)
+        self.record(alerts.anomaly_event(ctx, kind, detail, **data))
+
+    # --- helpers ---------------------------------------------------------------------------------------
+
+    def _listen_addrs(self) -> list:
+        ps = mitm_ctx.master.addons.get("proxyserver")
+        return ps.listen_addrs() if ps else []
+
+    def _is_relay(self, client: Client) -> bool:
+        return self.relay_mode is not None and client.proxy_mode == self.relay_mode
+
+    def find_relay_mode(self) -> mode_specs.ProxyMode | None:
+        """The socks5 listener that is the bytestream relay (matched by port), once the listeners are up."""
+        if self.bytestream_relay is None:
+            return None
+        ps = mitm_ctx.master.addons.get("proxyserver")
+        for instance in ps.servers if ps else []:
+            if not isinstance(instance.mode, mode_specs.Socks5Mode):
+                continue
+            ports = {addr[1] for addr in instance.listen_addrs} | {instance.mode.custom_listen_port}
+            if self.bytestream_relay[1] in ports:
+                return instance.mode
+        return None
+
+    def running(self) -> None:
+        self.relay_mode = self.find_relay_mode()
+        if self.bytestream_relay is not None and self.relay_mode is None:
+            logger.error("bytestream_relay %s:%d is not one of the gateway's socks5 listeners: SOCKS5 file "
+                         "transfers will not be inspected", *self.bytestream_relay)
+
+    @staticmethod
+    def chat_context(context, protocol: str) -> ChatContext:
+        return ChatContext(protocol=protocol, client_address=_hostport(context.client.peername),
+                           server_address=_hostport(context.server.address), connection_id=context.client.id)
+
+    # --- hooks -------------------------------------------------------------------------------------------
+
+    def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
+        """Refuse connections to the gateway itself; send bytestream relay connections to the real streamhost."""
+        server = data.server
+        if server.address is None:
+            return
+        if self._is_relay(data.client):
+            self._redirect_bytestream(data)
+            if server.error:
+                return
+        host, port = str(server.address[0]), int(server.address[1])
+        own_ports = {addr[1] for addr in self._listen_addrs()}
+        if port in own_ports and server.transport_protocol == "tcp" and is_local_address(host):
+            self.stats["self_connect"] += 1
+            server.error = f"refused: {host}:{port} is the gateway itself"
+            ctx = ChatContext(client_address=_hostport(data.client.peername), server_address=f"{host}:{port}",
+                              connection_id=data.client.id)
+            self.anomaly(ctx, "self_connect", f"a connection to the gateway's own listener {host}:{port} was refused "
+                         "(a direct connection to the transparent port, or a loop)")
+
+    def _redirect_bytestream(self, data: server_hooks.ServerConnectionHookData) -> None:
+        host, port = data.server.address[0], data.server.address[1]
+        target = None
+        if self.transfers is not None and isinstance(host, str) and len(host) == 40:
+            try:
+                target = self.transfers.lookup_bytestream(host.lower())
+            except Exception:
+                logger.exception("bytestream lookup failed")
+        ctx = ChatContext(protocol="socks5", client_address=_hostport(data.client.peername),
+                          connection_id=data.client.id, transfer_mechanism="socks5")
+        if target is not None and not isinstance(target, tuple):
+            target = (getattr(target, "host", ""), getattr(target, "port", 0))
+        if target is None or not target[0] or not target[1]:
+            data.server.error = f"unknown bytestream {host}:{port}"
+            self.anomaly(ctx, "unknown_bytestream", f"relay connection for an unannounced stream {host!r}")
+            return
+        self._bytestreams[data.client.id] = (host.lower(), (str(target[0]), int(target[1])))
+        data.server.address = (str(target[0]), int(target[1]))
+
+    def server_connected(self, data: server_hooks.ServerConnectionHookData) -> None:
+        """A relay connection must start its session without waiting for the client: the target of a SOCKS5
+        bytestream sends nothing until the streamhost does, and the streamhost waits for the SOCKS5 handshake
+        the session replays. mitmproxy asks next_layer only when bytes arrive, so nudge it with an empty read."""
+        if not self._is_relay(data.client) or "bytestream" not in self.factories:
+            return
+        ps = mitm_ctx.master.addons.get("proxyserver")
+        handler = ps.connections.get(data.client.id) if ps else None
+        if handler is not None:
+            asyncio_utils.create_task(handler.server_event(events.DataReceived(data.client, b"")),
+                                      name="imguard relay start", keep_ref=True)
+
+    def client_disconnected(self, client: Client) -> None:
+        self._bytestreams.pop(client.id, None)
+        self._sniff_tls.discard(client.id)
+
+    def next_layer(self, nextlayer: mlayer.NextLayer) -> None:
+        if nextlayer.layer is not None:
+            return
+        context = nextlayer.context
+        if context.client.transport_protocol != "tcp" or not context.layers:
+            return          # UDP: mitmproxy's own layers
+        if context.client.tls:
+            if context.client.id in self._sniff_tls:
+                self._inside_tls(nextlayer)
+            return          # other TLS (HTTPS in a CONNECT tunnel, reverse:https): mitmproxy's layers
+        top = context.layers[0]
+        if isinstance(top, (modes.HttpProxy, modes.HttpUpstreamProxy)) and len(context.layers) == 1:
+            return          # the explicit proxy request itself; a CONNECT tunnel comes back here
+        if isinstance(top, modes.ReverseProxy) and context.client.proxy_mode.scheme != "tcp":
+            return          # reverse:http(s)/tls/...: mitmproxy's stack for that scheme
+        if self._is_relay(context.client):
+            nextlayer.layer = self._bytestream_layer(context)
+            return
+        if context.server.address is None:
+            return
+        port = int(context.server.address[1])
+        found = det.detect(port, nextlayer.data_client(), nextlayer.data_server(), self.port_map)
+        if found is det.NEED_MORE:
+            return
+        nextlayer.layer = self._layer_for(context, found)
+
+    def _layer_for(self, context, found: det.Detection) -> mlayer.Layer | None:
+        port = int(context.server.address[1])
+        if found.protocol == det.HTTP:
+            return HttpLayer(context, HTTPMode.transparent)     # mitmproxy's HTTP layer: uploads get scanned
+        if found.protocol == det.TLS:
+            # Intercept TLS to HTTP ports (uploads) and, in reverse:tcp mode, to the server the operator put us
+            # in front of; the decrypted first bytes decide next (_inside_tls). Any other TLS is not ours.
+            if port in self.http_ports or isinstance(context.layers[0], modes.ReverseProxy):
+                self._sniff_tls.add(context.client.id)
+                server_tls = ServerTLSLayer(context)
+                server_tls.child_layer = ClientTLSLayer(context)
+                return server_tls
+            self.stats["relayed"] += 1
+            return TCPLayer(context, ignore=True)
+        factory = self.factories.get(found.protocol)
+        if factory is None:
+            self.stats["relayed"] += 1
+            return TCPLayer(context, ignore=True)               # not inspected: no flow, no per-chunk hook
+        chat = self.chat_context(context, found.protocol)
+        info = ConnectionInfo(found.protocol, found.tls_first, chat, found.reason)
+        try:
+            session = factory(info)
+        except Exception as e:
+            logger.exception("cannot start a %s session", found.protocol)
+            self.anomaly(chat, "session_error", f"cannot start a {found.protocol} session: {e!r}")
+            self.stats["refused"] += 1
+            return RefuseLayer(context)
+        self.stats["sessions"] += 1
+        logger.info("%s -> %s: %s (%s)", chat.client_address, chat.server_address, found.protocol, found.reason)
+        if found.tls_first:
+            return tls_first_stack(context, session, chat, self)
+        return SessionLayer(context, session, chat, self)
+
+    def _inside_tls(self, nextlayer: mlayer.NextLayer) -> None:
+        """TLS we terminated on an unmapped port: a chat protocol inside gets its session (tls_on_connect),
+        HTTP goes to mitmproxy's HTTP layer, anything else is relayed without a flow."""
+        context = nextlayer.context
+        if context.client.alpn in HTTP_ALPNS:
+            self._sniff_tls.discard(context.client.id)
+            return
+        found = det.detect(None, nextlayer.data_client(), nextlayer.data_server(), {})
+        if found is det.NEED_MORE:
+            return
+        self._sniff_tls.discard(context.client.id)
+        if found.protocol in (det.HTTP, det.TLS):
+            return
+        factory = self.factories.get(found.protocol)
+        if factory is None:
+            self.stats["relayed"] += 1
+            nextlayer.layer = TCPLayer(context, ignore=True)
+            return
+        chat = self.chat_context(context, found.protocol)
+        try:
+            session = factory(ConnectionInfo(found.protocol, True, chat, "first bytes inside TLS"))
+        except Exception as e:
+            logger.exception("cannot start a %s session", found.protocol)
+            self.anomaly(chat, "session_error", f"cannot start a {found.protocol} session: {e!r}")
+            nextlayer.layer = RefuseLayer(context)
+            return
+        self.stats["sessions"] += 1
+        logger.info("%s -> %s: %s (first bytes inside TLS)", chat.client_address, chat.server_address, found.protocol)
+        nextlayer.layer = SessionLayer(context, session, chat, self, tls=True)
+
+    def _bytestream_layer(self, context) -> mlayer.Layer:
+        chat = self.chat_context(context, "socks5").with_(transfer_mechanism="socks5")
+        hash_, streamhost = self._bytestreams.pop(context.client.id, ("", None))
+        factory = self.factories.get("bytestream")
+        if factory is None:
+            self.anomaly(chat, "bytestream_unsupported", "no bytestream session available: relay connection closed")
+            return RefuseLayer(context)
+        try:
+            session = factory(ConnectionInfo("bytestream", False, chat, "relay listener", streamhost, hash_))
+        except Exception as e:
+            self.anomaly(chat, "session_error", f"cannot start a bytestream session: {e!r}")
+            return RefuseLayer(context)
+        self.stats["sessions"] += 1
+        return SessionLayer(context, session, chat, self)
+
+    async def inspect_file(self, job: FileJob) -> None:
+        cmd = job.command
+        job.report, job.decision = await self.inspection.check(cmd.data, cmd.context, cmd.name, cmd.claimed_mime,
+                                                               cmd.truncated)
+
+
+class LateTlsAddon:
+    """Runs after TlsConfig: turns off upstream verification for the named hosts only, and makes sure a
+    session's STARTTLS talks TLS to the server before the client (so the forged certificate copies the real one)."""
+
+    def __init__(self, no_verify_hosts: list[str] | tuple[str, ...] = ()):
+        self.no_verify = {h.lower().rstrip(".") for h in no_verify_hosts}
+
+    def tls_clienthello(self, data: tls.ClientHelloData) -> None:
+        if any(isinstance(l, SessionLayer) for l in data.context.layers):
+            data.establish_server_tls_first = True
+
+    def tls_start_server(self, data: tls.TlsData) -> None:
+        if not self.no_verify or data.ssl_conn is None:
+            return
+        server = data.conn
+        names = {str(n).lower().rstrip(".") for n in (server.sni, server.address[0] if server.address else None) if n}
+        if names & self.no_verify:
+            data.ssl_conn.set_verify(SSL.VERIFY_NONE, None)
+            logger.info("upstream certificate of %s not verified (no_verify_upstream)", "/".join(sorted(names)))

@@ -1,0 +1,168 @@
+"""`imguard run` and `imguard ca`: the functions imguard/cli.py calls.
+
+    add_run_arguments(parser); run_main(args) -> exit code
+    add_ca_arguments(parser);  ca_main(args)  -> exit code
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from imguard import settings as settings_mod
+from imguard.gateway import ca
+from imguard.gateway.settings import GatewaySettings
+
+logger = logging.getLogger("imguard.gateway")
+
+LIST_INT_FIELDS = ("http_ports",)
+
+
+def _data_dir(value: str | None) -> Path:
+    if value:
+        return Path(value).expanduser()
+    from imguard.runtime import default_data_dir
+    return default_data_dir()
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    settings_mod.add_arguments(parser, GatewaySettings)
+    parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                        help="imguard's own log level (mitmproxy's log stays at WARNING)")
+
+
+def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
+    overrides = {}
+    for name in LIST_INT_FIELDS:
+        value = getattr(args, name, None)
+        if value is not None:
+            overrides[name] = [int(p) for item in value for p in str(item).split(",") if p.strip()]
+    if getattr(args, "ports", None):
+        # --ports adds to (or overrides, port by port) the default map; PORT=none relays a port untouched.
+        overrides["ports"] = list(GatewaySettings().ports) + list(args.ports)
+    return settings_mod.from_arguments(GatewaySettings, args, **overrides)
+
+
+def _bundled(name: str) -> Path:
+    import imguard
+    return Path(imguard.__file__).resolve().parent.parent / name
+
+
+def combined_rules(folders: list[Path], data_dir: Path) -> Path:
+    """One folder to load: the folder itself, or for several a fresh data_dir/cache/rules-combined holding a
+    copy of each folder's rule files (prefixed with the folder's position, so load order follows the options)."""
+    if len(folders) == 1:
+        return folders[0]
+    import shutil
+    target = data_dir / "cache" / "rules-combined"
+    if target.exists():
+        shutil.rmtree(target)
+    target.mkdir(parents=True)
+    for i, folder in enumerate(folders):
+        if not folder.is_dir():
+            raise OSError(f"{folder}: rules folder does not exist")
+        for f in sorted(folder.iterdir()):
+            if f.is_file() and f.suffix in (".yaml", ".yml"):
+                shutil.copyfile(f, target / f"{i:02d}-{f.name}")
+    return target
+
+
+def describe_start(gateway, alerts_path: Path) -> str:
+    lines = ["imguard gateway running"]
+    for spec, addr in gateway.listen_addrs:
+        lines.append(f"  listening   {addr[0] or '*'}:{addr[1]}  ({spec})")
+    protos = sorted(gateway.addon.factories)
+    ports = ", ".join(f"{p}={proto}{'+tls' if tls else ''}" for p, (proto, tls) in sorted(gateway.addon.port_map.items()))
+    lines.append(f"  inspecting  {', '.join(protos) or 'no chat protocol (modules missing)'}; ports {ports}")
+    lines.append(f"  uploads     HTTP(S) PUT/POST announced by chat sessions"
+                 f"{' + ' + ', '.join(gateway.settings.upload_paths) if gateway.settings.upload_paths else ''}"
+                 f" (max {gateway.settings.max_upload_size} bytes)")
+    if gateway.relay:
+        lines.append(f"  bytestreams SOCKS5 streamhosts rewritten to {gateway.relay[0]}:{gateway.relay[1]}")
+    lines.append(f"  CA          {ca.ca_dir(gateway.data_dir)} (export with `imguard ca`)")
+    lines.append(f"  alerts      {alerts_path}")
+    lines.append("  everything else is relayed untouched")
+    return "\n".join(lines)
+
+
+async def _serve(gateway, alerts_path: Path) -> int:
+    from imguard.gateway.master import GatewayError
+    try:
+        await gateway.start()
+    except GatewayError as e:
+        print(f"imguard: {e}", file=sys.stderr)
+        return 2
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, gateway.shutdown)
+        except (NotImplementedError, RuntimeError):
+            pass
+    print(describe_start(gateway, alerts_path), flush=True)
+    try:
+        await gateway.wait()
+    finally:
+        await gateway.stop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                loop.remove_signal_handler(sig)
+            except (NotImplementedError, RuntimeError):
+                pass
+    print("imguard gateway stopped", flush=True)
+    return 0
+
+
+def run_main(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=getattr(logging, getattr(args, "log_level", "INFO") or "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("mitmproxy").setLevel(logging.WARNING)
+    try:
+        s = settings_from_args(args)
+    except (TypeError, ValueError) as e:
+        print(f"imguard: {e}", file=sys.stderr)
+        return 2
+    data_dir = _data_dir(s.data_dir)
+    try:
+        rules = combined_rules([Path(r) for r in s.rules], data_dir) if s.rules else _bundled("rules")
+    except OSError as e:
+        print(f"imguard: cannot combine rule folders: {e}", file=sys.stderr)
+        return 2
+    signatures = Path(s.signatures) if s.signatures else _bundled("signatures")
+    from imguard import runtime
+    try:
+        pipeline = runtime.build_pipeline(rules, signatures, data_dir)
+    except runtime.ConfigError as e:
+        print("imguard: the configuration cannot be used:", file=sys.stderr)
+        for err in e.errors:
+            print(f"  {err}", file=sys.stderr)
+        return 2
+    from imguard.gateway.master import Gateway, GatewayError
+    try:
+        gateway = Gateway(s, pipeline, data_dir=data_dir)
+    except GatewayError as e:
+        print(f"imguard: {e}", file=sys.stderr)
+        return 2
+    return asyncio.run(_serve(gateway, data_dir / "alerts.jsonl"))
+
+
+def add_ca_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", default="", help="imguard's data folder (default: $IMGUARD_DATA_DIR, "
+                        "$XDG_DATA_HOME/imguard or ~/.local/share/imguard); the CA lives in its ca/ folder")
+    parser.add_argument("--export", metavar="PATH", nargs="?", const="-", default="",
+                        help="write the CA certificate to PATH (DER for .der/.cer, PEM otherwise); without PATH "
+                             "or with '-', PEM on stdout. Install it in the chat clients' trust store")
+
+
+def ca_main(args: argparse.Namespace) -> int:
+    directory = ca.ca_dir(_data_dir(getattr(args, "data_dir", "")))
+    if getattr(args, "export", "") and args.export != "-":
+        path = ca.export(directory, Path(args.export))
+        cert = ca.ca_certificate(directory)
+        print(f"wrote {path} ({cert.subject.rfc4514_string()})")
+        return 0
+    sys.stdout.write(ca.ensure_ca(directory).read_text())
+    return 0

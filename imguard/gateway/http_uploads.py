@@ -1,0 +1,157 @@
+"""HTTP(S) uploads held until inspection and policy decide (XEP-0363 PUT, later other chat APIs).
+
+requestheaders: a PUT/POST whose URL a chat session announced (ExpectedTransfers.take_upload) or that
+                matches a configured upload path is buffered whole (never streamed), up to
+                max_upload_size. A larger one is not scanned: policy decides on an UNSCANNABLE
+                ("too_large") report, and unless policy explicitly allows that, the client gets 413.
+request:        the body is inspected in a worker thread; block -> 403 with a short reason, and the
+                download URL is marked blocked (ExpectedTransfers.mark_blocked_url) so the chat message
+                that would share it can be stopped too; allow -> forwarded unchanged.
+A GET of a URL already marked blocked is answered 403 as well. Everything else (other requests, all
+responses) is streamed, not buffered: mitmproxy would otherwise hold every body in memory. An upload
+without Content-Length (chunked) is buffered whole before its size can be checked.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from mitmproxy import http
+
+from imguard.gateway.inspection import Inspection
+from imguard.model import ALERT, ALLOW, REASON_TOO_LARGE, ChatContext
+
+logger = logging.getLogger("imguard.gateway")
+
+META = "imguard_upload"
+
+
+def _attr(obj: Any, *names: str, default: Any = "") -> Any:
+    for name in names:
+        if isinstance(obj, dict) and name in obj:
+            return obj[name]
+        if hasattr(obj, name):
+            return getattr(obj, name)
+    return default
+
+
+class HttpUploads:
+    def __init__(self, inspection: Inspection, transfers=None, upload_paths: list[str] | tuple = (),
+                 max_upload_size: int = 64 * 1024 * 1024):
+        self.inspection = inspection
+        self.transfers = transfers
+        self.paths = [re.compile(p) for p in upload_paths]
+        self.max_upload_size = max_upload_size
+
+    def _context(self, flow: http.HTTPFlow, expected: Any) -> ChatContext:
+        ctx = _attr(expected, "context", default=None) if expected is not None else None
+        client = flow.client_conn.peername
+        server = flow.server_conn.address or (flow.request.host, flow.request.port)
+        base = dict(client_address=f"{client[0]}:{client[1]}" if client else "",
+                    server_address=f"{server[0]}:{server[1]}",
+                    connection_id=flow.client_conn.id,
+                    transfer_mechanism="xep-0363" if expected is not None else "upload")
+        if isinstance(ctx, ChatContext):
+            return ctx.with_(**{k: v for k, v in base.items() if not getattr(ctx, k)})
+        return ChatContext(protocol="http", **base)
+
+    def _take_expected(self, url: str) -> Any:
+        if self.transfers is None:
+            return None
+        try:
+            return self.transfers.take_upload(url)
+        except Exception:
+            logger.exception("ExpectedTransfers.take_upload failed")
+            return None
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        req = flow.request
+        # The URL as the client addressed it (Host header) and as it goes upstream (reverse mode target):
+        # a chat server announces one of the two.
+        urls = list(dict.fromkeys((req.pretty_url, req.url)))
+        url = urls[0]
+        if req.method == "GET" and self.transfers is not None:
+            reason = None
+            for candidate in urls:
+                try:
+                    reason = reason or self.transfers.blocked_url_reason(candidate)
+                except Exception:
+                    logger.exception("ExpectedTransfers.blocked_url_reason failed")
+            if reason:
+                flow.response = http.Response.make(403, f"imguard: blocked ({reason})\n".encode(),
+                                                   {"content-type": "text/plain"})
+            return
+        if req.method not in ("PUT", "POST"):
+            req.stream = True                           # not ours: never buffered
+            return
+        expected = None
+        for candidate in urls:
+            expected = self._take_expected(candidate)
+            if expected is not None:
+                url = candidate
+                break
+        if expected is None and not any(p.search(u) for p in self.paths for u in urls):
+            req.stream = True                           # not an upload we inspect: relayed as it comes
+            return
+        flow.metadata[META] = {"expected": expected, "url": url}
+        req.stream = False                          # buffer: nothing reaches the server before the verdict
+        length = req.headers.get("content-length", "")
+        if length.isdigit() and int(length) > self.max_upload_size:
+            self._too_large(flow, int(length))
+
+    def _too_large(self, flow: http.HTTPFlow, size: int) -> None:
+        meta = flow.metadata[META]
+        ctx = self._context(flow, meta["expected"])
+        name = self._name(flow, meta["expected"])
+        report, decision = self.inspection.unscannable(
+            b"", ctx, name, flow.request.headers.get("content-type", ""), REASON_TOO_LARGE,
+            f"the upload ({size} bytes) is larger than max_upload_size ({self.max_upload_size})", size=size)
+        meta["done"] = True
+        if decision.action in (ALLOW, ALERT):
+            logger.warning("upload %s (%d bytes) too large to scan; policy allows it unscanned", meta["url"], size)
+            flow.request.stream = True
+            return
+        reason = f"upload larger than {self.max_upload_size} bytes"
+        flow.response = http.Response.make(413, f"imguard: {reason}\n".encode(), {"content-type": "text/plain"})
+        self._mark_blocked(meta, reason)
+
+    @staticmethod
+    def _name(flow: http.HTTPFlow, expected: Any) -> str:
+        name = _attr(expected, "name", "filename", default="") if expected is not None else ""
+        return name or unquote(urlsplit(flow.request.pretty_url).path.rsplit("/", 1)[-1])
+
+    def _mark_blocked(self, meta: dict, reason: str) -> None:
+        if self.transfers is None:
+            return
+        get_url = _attr(meta["expected"], "get_url", default="") if meta["expected"] is not None else ""
+        try:
+            self.transfers.mark_blocked_url(get_url or meta["url"], reason)
+        except Exception:
+            logger.exception("ExpectedTransfers.mark_blocked_url failed")
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        """Responses (downloads) are not inspected here: stream them instead of holding them in memory."""
+        flow.response.stream = True
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        meta = flow.metadata.get(META)
+        if not meta or meta.get("done") or flow.response is not None:
+            return
+        meta["done"] = True
+        data = flow.request.get_content(strict=False) or b""
+        ctx = self._context(flow, meta["expected"])
+        if len(data) > self.max_upload_size:         # chunked, no content-length: caught after buffering
+            self._too_large(flow, len(data))
+            return
+        claimed = (_attr(meta["expected"], "content_type", "mime", default="") if meta["expected"] is not None
+                   else "") or flow.request.headers.get("content-type", "")
+        report, decision = await self.inspection.check(data, ctx, self._name(flow, meta["expected"]), claimed)
+        if decision.blocked:
+            reason = decision.notice or (", ".join(decision.rule_ids) if decision.rule_ids else decision.action)
+            flow.response = http.Response.make(403, f"imguard: upload blocked ({reason})\n".encode(),
+                                               {"content-type": "text/plain"})
+            self._mark_blocked(meta, reason)
+            logger.info("upload %s blocked: %s", meta["url"], reason)

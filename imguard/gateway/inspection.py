@@ -1,0 +1,68 @@
+"""File inspection off the event loop: a small thread pool with a bounded number of pending files.
+
+Pipeline.check_file (libmagic, archive walk, YARA, policy, alert write) takes milliseconds to
+seconds; the event loop must never wait for it. `Inspection.check()` is awaited by a hook handler,
+which pauses only the connection that holds the file. When more than `max_pending` files are
+waiting, a new one is not scanned: it gets an UNSCANNABLE finding (reason "limit") and policy
+decides on that, so overload never turns into a silent pass. A scanner exception is handled the same
+way with reason "scanner_error".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from concurrent.futures import ThreadPoolExecutor
+
+from imguard import alerts
+from imguard.model import (BLOCK, REASON_LIMIT, REASON_SCANNER_ERROR, UNSCANNABLE, ChatContext, Decision,
+                           FileReport, Finding)
+
+logger = logging.getLogger("imguard.gateway")
+
+
+class Inspection:
+    def __init__(self, pipeline, workers: int = 2, max_pending: int = 32):
+        self.pipeline = pipeline
+        self.max_pending = max(1, max_pending)
+        self.pending = 0
+        self.executor = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="imguard-inspect")
+
+    async def check(self, data: bytes, ctx: ChatContext, name: str = "", claimed_mime: str = "",
+                    truncated: bool = False) -> tuple[FileReport, Decision]:
+        if self.pending >= self.max_pending:
+            logger.warning("inspection queue full (%d pending): %r not scanned", self.pending, name)
+            return self.unscannable(data, ctx, name, claimed_mime, REASON_LIMIT,
+                                    f"the inspection queue was full ({self.max_pending} files)")
+        self.pending += 1
+        try:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self.executor, self.pipeline.check_file, data, ctx, name,
+                                              claimed_mime, truncated)
+        except Exception as e:  # the scanner failed: never a crash, never a silent pass
+            logger.exception("inspection of %r failed", name)
+            return self.unscannable(data, ctx, name, claimed_mime, REASON_SCANNER_ERROR, f"inspection failed: {e!r}")
+        finally:
+            self.pending -= 1
+
+    def unscannable(self, data: bytes, ctx: ChatContext, name: str, claimed_mime: str, reason: str,
+                    detail: str, size: int | None = None) -> tuple[FileReport, Decision]:
+        """A report that says the file was not inspected, and what policy decides on that."""
+        report = FileReport(name=name, path=name, size=len(data) if size is None else size,
+                            sha256=hashlib.sha256(data).hexdigest() if data else "",
+                            claimed_mime=claimed_mime,
+                            findings=[Finding(UNSCANNABLE, detail, data={"reason": reason})])
+        try:
+            decision = self.pipeline.policy.decide_file(report, ctx)
+        except Exception:
+            logger.exception("policy failed on an unscannable file; blocking it")
+            decision = Decision(action=BLOCK)
+        try:
+            self.pipeline.record(alerts.file_event(report, ctx, decision))
+        except Exception:
+            logger.exception("could not record an unscannable file")
+        return report, decision
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,229 @@
+"""The mitmproxy layer that carries a StreamSession (imguard.protocols.base): the proxy adapter.
+
+Events in, session calls, commands out:
+
+    DataReceived(client, b"<message ...")  ->  session.data_received(True, ...)  ->  [Send(to_client=False, ...)]
+                                                                                ->  SendData(server, ...)
+
+Each session command becomes mitmproxy commands, in order:
+- Send        -> SendData on the client or the server connection;
+- StartTls    -> the sends before it are already written in plaintext; then ServerTLSLayer -> ClientTLSLayer
+                 -> a new SessionLayer(tls=True) are pushed as children, every later event goes to them, and
+                 session.tls_started() is called when both handshakes are done (the child's Start event);
+- InspectFile -> an InspectFileHook: the gateway addon runs Pipeline.check_file in a worker thread; the hook
+                 pauses this layer only (other connections keep flowing), then session.file_verdict(...);
+- Record      -> Pipeline.record(event), inline;
+- Close       -> both legs closed.
+
+A session that raises is logged as an anomaly and its connection is closed; the gateway carries on.
+No flow object and no per-message history is kept: memory per connection does not grow with traffic.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+from mitmproxy.connection import ConnectionState
+from mitmproxy.proxy import commands, events, layer
+from mitmproxy.proxy.commands import StartHook
+from mitmproxy.proxy.context import Context
+from mitmproxy.proxy.layers.tls import ClientTLSLayer, ServerTLSLayer
+
+from imguard.model import ChatContext, Decision, FileReport
+from imguard.protocols.base import Close, InspectFile, Record, Send, StartTls
+
+logger = logging.getLogger("imguard.gateway")
+
+
+@dataclass
+class FileJob:
+    """A file a session holds, and, once the hook has run, what inspection and policy made of it."""
+    command: InspectFile
+    report: FileReport | None = None
+    decision: Decision | None = None
+
+
+@dataclass
+class InspectFileHook(StartHook):
+    """A session holds a file: inspect it off the event loop and set job.report and job.decision."""
+    job: FileJob
+
+
+class Carrier:
+    """What a SessionLayer needs from the gateway: recording. (The gateway addon implements it.)"""
+
+    def record(self, event: dict[str, Any]) -> None: ...
+
+    def anomaly(self, ctx: ChatContext, kind: str, detail: str, **data: Any) -> None: ...
+
+
+class SessionLayer(layer.Layer):
+    """One StreamSession on one client/server connection pair."""
+
+    child: layer.Layer | None
+
+    def __init__(self, context: Context, session, chat: ChatContext, carrier: Carrier, *, tls: bool = False,
+                 after_starttls: bool = False, pending: Iterable = ()):
+        super().__init__(context)
+        self.session = session
+        self.chat = chat
+        self.carrier = carrier
+        self.tls = tls                          # this layer sees decrypted bytes
+        self.after_starttls = after_starttls    # call session.tls_started() on Start
+        self.pending = list(pending)            # commands the session returned after StartTls
+        self.child = None
+        self.closed = False
+        self.queued_bytes = 0                   # bytes queued by mitmproxy while this layer waits for a scan
+
+    def __repr__(self):
+        return f"SessionLayer({type(self.session).__name__}, tls={self.tls})"
+
+    def handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
+        """While a scan pauses this layer, mitmproxy keeps reading and queues what arrives (it has no
+        backpressure): bound that queue, and close the connection (fail closed) when a peer floods it."""
+        if self._paused is not None and isinstance(event, events.DataReceived) and not self.closed:
+            self.queued_bytes += len(event.data)
+            limit = getattr(self.carrier, "max_queued_bytes", 0)
+            if limit and self.queued_bytes > limit:
+                self.carrier.anomaly(self.chat, "flood_during_inspection",
+                                     f"more than {limit} bytes arrived while a file was being inspected; closed",
+                                     queued_bytes=self.queued_bytes)
+                yield from self._close()
+                return
+        yield from super().handle_event(event)
+        if self._paused is None:
+            self.queued_bytes = 0
+
+    # --- events -------------------------------------------------------------------------------------
+
+    def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
+        if self.child is not None:
+            yield from self.child.handle_event(event)
+            return
+        if self.closed:
+            return
+        if isinstance(event, events.Start):
+            yield from self._start()
+        elif isinstance(event, events.DataReceived):
+            if event.data:
+                from_client = event.connection == self.context.client
+                yield from self._run(self._call(self.session.data_received, from_client, event.data))
+        elif isinstance(event, events.ConnectionClosed):
+            yield from self._connection_closed(event)
+
+    def _start(self) -> layer.CommandGenerator[None]:
+        server = self.context.server
+        if not server.connected and server.address is not None:
+            err = yield commands.OpenConnection(server)
+            if err:
+                self.carrier.anomaly(self.chat, "server_unreachable", f"cannot connect to the server: {err}")
+                self.closed = True
+                yield commands.CloseConnection(self.context.client)
+                return
+        work = self.pending
+        self.pending = []
+        if self.after_starttls:
+            work = work + self._call(self.session.tls_started)
+        elif not self.tls and callable(getattr(self.session, "start", None)):
+            # Optional: a session that must speak first once the server leg is up (the SOCKS5 bytestream
+            # session replays the handshake to the real streamhost).
+            work = work + self._call(self.session.start)
+        yield from self._run(work)
+
+    def _connection_closed(self, event: events.ConnectionClosed) -> layer.CommandGenerator[None]:
+        from_client = event.connection == self.context.client
+        yield from self._run(self._call(self.session.connection_closed, from_client))
+        if self.closed or self.child is not None:
+            return
+        # The session decides what a close means (forward it, or hold the other leg open to release a
+        # file after its verdict); the carrier only cleans up once neither side can send any more.
+        client, server = self.context.client, self.context.server
+        if not ((client.state & ConnectionState.CAN_READ) or (server.state & ConnectionState.CAN_READ)):
+            yield from self._close()
+
+    # --- commands -----------------------------------------------------------------------------------
+
+    def _call(self, method: Callable, *args) -> list:
+        """A session call; an exception becomes an anomaly and a Close, never a dead gateway."""
+        try:
+            return list(method(*args) or [])
+        except Exception as e:
+            logger.exception("%s: session %s failed in %s", self.chat.client_address,
+                             type(self.session).__name__, method.__name__)
+            self.carrier.anomaly(self.chat, "session_error", f"{type(e).__name__}: {e}",
+                                 session=type(self.session).__name__, call=method.__name__)
+            return [Close(f"session error in {method.__name__}")]
+
+    def _run(self, cmds: list) -> layer.CommandGenerator[None]:
+        work = collections.deque(cmds)
+        while work and not self.closed:
+            cmd = work.popleft()
+            if isinstance(cmd, Send):
+                if cmd.data:
+                    yield commands.SendData(self.context.client if cmd.to_client else self.context.server,
+                                            cmd.data)
+            elif isinstance(cmd, Record):
+                self.carrier.record(cmd.event)
+            elif isinstance(cmd, InspectFile):
+                job = FileJob(cmd)
+                yield InspectFileHook(job)          # blocking: pauses this layer only
+                if job.decision is None:            # no handler answered: never a silent pass
+                    self.carrier.anomaly(self.chat, "inspection_unavailable", "no inspection verdict",
+                                         transfer_id=cmd.transfer_id)
+                    work.append(Close("no inspection verdict"))
+                    continue
+                # The commands returned with the InspectFile came first; the verdict's follow.
+                work.extend(self._call(self.session.file_verdict, cmd.transfer_id, job.report, job.decision))
+            elif isinstance(cmd, StartTls):
+                if self.tls:
+                    self.carrier.anomaly(self.chat, "starttls_twice", "StartTls on a connection already in TLS")
+                    yield from self._close()
+                    return
+                yield from self._start_tls(list(work))
+                return
+            elif isinstance(cmd, Close):
+                yield from self._close()
+            else:
+                self.carrier.anomaly(self.chat, "unknown_command", f"session returned {cmd!r}")
+
+    def _start_tls(self, rest: list) -> layer.CommandGenerator[None]:
+        """Push ServerTLS -> ClientTLS -> SessionLayer(tls=True); from now on every event goes to them.
+        ServerTLSLayer must be constructed first: ClientTLSLayer looks for it at context.layers[-2]."""
+        server_tls = ServerTLSLayer(self.context)
+        client_tls = ClientTLSLayer(self.context)
+        server_tls.child_layer = client_tls
+        client_tls.child_layer = SessionLayer(self.context, self.session, self.chat, self.carrier, tls=True,
+                                              after_starttls=True, pending=rest)
+        self.child = server_tls
+        yield from server_tls.handle_event(events.Start())
+
+    def _close(self) -> layer.CommandGenerator[None]:
+        self.closed = True
+        server, client = self.context.server, self.context.client
+        if server.state is not ConnectionState.CLOSED:
+            yield commands.CloseConnection(server)
+        if client.state is not ConnectionState.CLOSED:
+            yield commands.CloseConnection(client)
+
+
+def tls_first_stack(context: Context, session, chat: ChatContext, carrier: Carrier) -> layer.Layer:
+    """ServerTLS -> ClientTLS -> SessionLayer(tls=True): for a client that opens with a ClientHello (XMPP on
+    5223, direct TLS on 5222). The session was built with tls_on_connect=True; tls_started() is not called."""
+    server_tls = ServerTLSLayer(context)
+    client_tls = ClientTLSLayer(context)
+    server_tls.child_layer = client_tls
+    client_tls.child_layer = SessionLayer(context, session, chat, carrier, tls=True)
+    return server_tls
+
+
+class RefuseLayer(layer.Layer):
+    """Closes the client at once (a connection the gateway will not carry)."""
+
+    def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
+        if isinstance(event, events.Start):
+            if self.context.server.state is not ConnectionState.CLOSED:
+                yield commands.CloseConnection(self.context.server)
+            yield commands.CloseConnection(self.context.client)

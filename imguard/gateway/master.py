@@ -1,0 +1,210 @@
+"""mitmproxy embedded in imguard's process: a Master with a minimal addon chain and imguard's addons first.
+
+    gateway = Gateway(settings, pipeline)       # builds the master, options, addons
+    await gateway.start()                       # listeners bound (raises GatewayError if one fails)
+    await gateway.wait()                        # until stop() / SIGTERM
+    await gateway.stop()
+
+Addon chain, in order (order matters: a hook runs through the chain in this order):
+    GatewayAddon   our next_layer before NextLayer; server_connect (self-connect guard, relay) before
+                   Proxyserver's; inspect_file
+    HttpUploads    buffer and scan HTTP uploads
+    Core, Proxyserver, NextLayer, TlsConfig      mitmproxy's minimum for proxying (no Dumper, no TermLog,
+                   no DnsResolver: no DNS mode; no ErrorCheck: it calls sys.exit, start() reports instead)
+    LateTlsAddon   after TlsConfig: per-host no-verify, server TLS first for sessions
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+from typing import Any
+
+from mitmproxy import options
+from mitmproxy.addons import core, next_layer, proxyserver, tlsconfig
+from mitmproxy.master import Master
+from mitmproxy.proxy import mode_specs
+from mitmproxy.utils import asyncio_utils
+
+from imguard.gateway import ca
+from imguard.gateway.addon import ConnectionInfo, GatewayAddon, LateTlsAddon, SessionFactory
+from imguard.gateway.detect import parse_port_map
+from imguard.gateway.http_uploads import HttpUploads
+from imguard.gateway.inspection import Inspection
+from imguard.gateway.settings import GatewaySettings
+
+logger = logging.getLogger("imguard.gateway")
+
+
+class GatewayError(Exception):
+    """The gateway cannot start with this configuration (message says why)."""
+
+
+class GatewayMaster(Master):
+    def __init__(self, opts: options.Options, first: list, last: list):
+        super().__init__(opts, with_termlog=False)
+        self.addons.add(*first)
+        self.addons.add(core.Core(), proxyserver.Proxyserver(), next_layer.NextLayer(), tlsconfig.TlsConfig())
+        self.addons.add(*last)
+
+
+def parse_hostport(value: str) -> tuple[str, int] | None:
+    if not value:
+        return None
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit():
+        raise GatewayError(f"bytestream_relay {value!r}: expected HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def default_factories(pipeline, transfers, relay: tuple[str, int] | None) -> dict[str, SessionFactory]:
+    """The chat sessions imguard ships: protocol name -> factory(ConnectionInfo) -> StreamSession.
+    A protocol whose module is missing is relayed untouched (logged once)."""
+    factories: dict[str, SessionFactory] = {}
+    try:
+        from imguard.protocols.xmpp import XmppSession
+    except ImportError as e:
+        logger.warning("XMPP sessions unavailable (%s): XMPP is relayed uninspected", e)
+    else:
+        def xmpp(info: ConnectionInfo):
+            return XmppSession(checker=pipeline, transfers=transfers, context=info.context,
+                               tls_on_connect=info.tls_on_connect, bytestream_relay=relay)
+        factories["xmpp"] = xmpp
+    try:
+        from imguard.protocols.irc import IrcSession
+    except ImportError as e:
+        logger.warning("IRC sessions unavailable (%s): IRC is relayed uninspected", e)
+    else:
+        def irc(info: ConnectionInfo):
+            # DCC offers are not rewritten (no DCC relay listener yet): DCC data goes around the gateway.
+            return IrcSession(checker=pipeline, transfers=transfers, context=info.context,
+                              tls_on_connect=info.tls_on_connect, dcc_relay=None)
+        factories["irc"] = irc
+    try:
+        from imguard.protocols.socks5_bytestream import Socks5BytestreamSession
+    except ImportError as e:
+        logger.info("SOCKS5 bytestream sessions unavailable (%s)", e)
+    else:
+        def bytestream(info: ConnectionInfo):
+            return Socks5BytestreamSession(checker=pipeline, transfers=transfers, context=info.context,
+                                           stream_hash=info.hash, streamhost=info.streamhost)
+        factories["bytestream"] = bytestream
+    return factories
+
+
+def default_transfers():
+    try:
+        from imguard.files.expected import ExpectedTransfers
+    except ImportError as e:
+        logger.warning("ExpectedTransfers unavailable (%s): uploads are scanned by upload_paths only", e)
+        return None
+    return ExpectedTransfers()
+
+
+class Gateway:
+    def __init__(self, settings: GatewaySettings, pipeline, *, data_dir: Path,
+                 factories: dict[str, SessionFactory] | None = None, transfers: Any = "default"):
+        self.settings = settings
+        self.pipeline = pipeline
+        self.data_dir = Path(data_dir)
+        try:
+            self.modes = [mode_specs.ProxyMode.parse(m) for m in settings.mode]
+            port_map = parse_port_map(settings.ports)
+            http_ports = {int(p) for p in settings.http_ports}
+        except ValueError as e:
+            raise GatewayError(str(e)) from None
+        if not self.modes:
+            raise GatewayError("no --mode given: the gateway would not listen anywhere")
+        self.relay = parse_hostport(settings.bytestream_relay)
+        if self.relay is not None and not any(isinstance(m, mode_specs.Socks5Mode) for m in self.modes):
+            raise GatewayError(f"bytestream_relay {settings.bytestream_relay} needs a socks5 listener "
+                               f"(e.g. --mode socks5@{self.relay[1]})")
+        self.transfers = default_transfers() if transfers == "default" else transfers
+        self.inspection = Inspection(pipeline, settings.inspect_workers, settings.inspect_queue)
+        if factories is None:
+            factories = default_factories(pipeline, self.transfers, self.relay)
+        self.addon = GatewayAddon(pipeline=pipeline, inspection=self.inspection, factories=factories,
+                                  port_map=port_map, http_ports=http_ports, transfers=self.transfers,
+                                  bytestream_relay=self.relay, max_queued_bytes=settings.max_queued_bytes)
+        self.uploads = HttpUploads(self.inspection, self.transfers, settings.upload_paths, settings.max_upload_size)
+        self.late = LateTlsAddon(settings.no_verify_upstream)
+        self.master: GatewayMaster | None = None
+        self._stack = contextlib.ExitStack()
+
+    def _options(self) -> dict[str, Any]:
+        s = self.settings
+        ca_dir = ca.ca_dir(self.data_dir)
+        ca.ensure_ca(ca_dir)
+        opts: dict[str, Any] = dict(
+            mode=list(s.mode), listen_host=s.listen_host, confdir=str(ca_dir), tcp_timeout=int(s.tcp_timeout),
+            connection_strategy="eager",    # server greetings seen; STARTTLS's server handshake happens first
+            rawtcp=True, ssl_insecure=False,
+            keep_host_header=True,          # reverse mode: upload URLs keep the host the chat server announced
+        )
+        if s.upstream_ca:
+            if not Path(s.upstream_ca).is_file():
+                raise GatewayError(f"upstream_ca {s.upstream_ca}: no such file")
+            opts["ssl_verify_upstream_trusted_ca"] = str(s.upstream_ca)
+        return opts
+
+    async def start(self) -> None:
+        logging.getLogger("mitmproxy").setLevel(logging.WARNING)
+        opts = options.Options()
+        self.master = GatewayMaster(opts, [self.addon, self.uploads], [self.late])
+        try:
+            opts.update(**self._options())      # after addons.add: addon options exist only then
+        except GatewayError:
+            raise
+        except Exception as e:
+            raise GatewayError(f"invalid gateway options: {e}") from None
+        self._stack.enter_context(asyncio_utils.install_exception_handler(self.master._asyncio_exception_handler))
+        self._stack.enter_context(asyncio_utils.set_eager_task_factory())
+        ps = self.master.addons.get("proxyserver")
+        ok = await ps.setup_servers()
+        failed = [f"{i.mode.full_spec}: {i.last_exception}" for i in ps.servers if i.last_exception]
+        if not ok or failed:
+            await self._teardown()
+            raise GatewayError("cannot listen: " + "; ".join(failed or ["see the log"]))
+        await self.master.running()
+
+    @property
+    def listen_addrs(self) -> list[tuple[str, tuple]]:
+        """(mode spec, address) for each bound listener."""
+        ps = self.master.addons.get("proxyserver")
+        return [(i.mode.full_spec, addr) for i in ps.servers for addr in i.listen_addrs]
+
+    def port_of(self, spec_prefix: str) -> int:
+        for spec, addr in self.listen_addrs:
+            if spec.startswith(spec_prefix):
+                return addr[1]
+        raise KeyError(spec_prefix)
+
+    async def wait(self) -> None:
+        await self.master.should_exit.wait()
+
+    def shutdown(self) -> None:
+        """Thread-safe and signal-safe: ask the gateway to stop."""
+        if self.master is not None:
+            self.master.shutdown()
+
+    async def _teardown(self) -> None:
+        ps = self.master.addons.get("proxyserver")
+        with contextlib.suppress(Exception):
+            await ps.servers.update([])
+        self._stack.close()
+
+    async def stop(self) -> None:
+        if self.master is None:
+            return
+        await self._teardown()
+        ps = self.master.addons.get("proxyserver")
+        for handler in list(ps.connections.values()):     # close live connections: a clean exit
+            with contextlib.suppress(Exception):
+                for io in list(handler.transports.values()):
+                    if io.handler is not None:
+                        io.handler.cancel()
+        with contextlib.suppress(Exception):
+            await self.master.done()
+        self.inspection.close()
+        self.master = None

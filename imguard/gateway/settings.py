@@ -1,0 +1,69 @@
+"""The gateway's settings: where it listens, what it intercepts, how hard it works and for how long.
+
+Declared with `imguard.settings.setting()` so `imguard run --help` and docs/settings.md are built
+from the same text. Every field is frozen: a running gateway is rebuilt, not mutated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from imguard.settings import MiB, setting
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    """Gateway: listeners, interception and limits"""
+
+    mode: list = setting(
+        ["regular@8080", "socks5@1080"],
+        "A listener in mitmproxy mode syntax; repeat for several: transparent@8080 (needs NAT REDIRECT rules), "
+        "regular@8080 (explicit HTTP proxy, CONNECT to chat ports works), socks5@1080, "
+        "reverse:tcp://server:5222@5222. The default works on a fresh machine without root or redirect rules: "
+        "point a chat client's proxy setting at it")
+    listen_host: str = setting(
+        "127.0.0.1", "Address the listeners bind to when a --mode names none. Loopback by default, so a first "
+        "run is not an open proxy; give the gateway's LAN address (or '' for all) to serve other machines, "
+        "and a dedicated address in transparent deployments so a direct connection cannot loop back")
+    data_dir: str = setting(
+        "", "Folder for ca/ (the interception CA), alerts.jsonl, cache/ and quarantine/ "
+        "('' = $IMGUARD_DATA_DIR, else $XDG_DATA_HOME/imguard, else ~/.local/share/imguard)")
+    ports: list = setting(
+        ["5222=xmpp", "5223=xmpp+tls", "6667=irc", "6697=irc+tls"],
+        "Destination port to protocol, PORT=PROTO; '+tls' means TLS from the first byte (XMPP direct TLS, "
+        "IRC over TLS). --ports adds to the defaults port by port; PORT=none relays that port untouched. "
+        "Unknown ports are recognised by their first bytes. 5269 (XMPP server-to-server) is left out: it is "
+        "relayed untouched")
+    http_ports: list = setting(
+        [80, 443, 5280, 5281, 8080, 8443],
+        "Destination ports whose TLS is intercepted as HTTPS so uploads (XEP-0363 PUT, chat APIs) can be "
+        "scanned; TLS to any other unknown port is relayed untouched")
+    upload_paths: list = setting(
+        [], "Extra URL regular expressions of HTTP upload endpoints to buffer and scan (besides the uploads "
+            "announced by chat sessions, which are always scanned)")
+    max_upload_size: int = setting(
+        64 * MiB, "Largest HTTP upload buffered for inspection; a larger one is blocked with 413 and an alert "
+                  "(never passed unscanned)")
+    upstream_ca: str = setting(
+        "", "PEM bundle of extra CAs trusted for upstream servers (a private chat server's CA); "
+            "'' = the system trust store only")
+    no_verify_upstream: list = setting(
+        [], "Host names whose upstream certificate is NOT verified (a lab server with a self-signed "
+            "certificate). Every other upstream is verified")
+    bytestream_relay: str = setting(
+        "", "HOST:PORT chat sessions rewrite SOCKS5 file-transfer streamhosts to (XEP-0065); it must be one of "
+            "this gateway's socks5 listeners, reachable by the clients. '' = streamhosts are not rewritten")
+    tcp_timeout: int = setting(
+        6 * 3600, "Seconds an idle connection is kept open. Chat connections idle for long periods; mitmproxy's "
+                  "own default (600 s) would cut them")
+    inspect_workers: int = setting(
+        2, "Threads that inspect files (libmagic, YARA, archives) off the event loop")
+    inspect_queue: int = setting(
+        32, "Files waiting for or in inspection at once; a file beyond this is not scanned and is treated as "
+            "unscannable (reason 'limit'), so policy decides and it never passes silently")
+    max_queued_bytes: int = setting(
+        16 * MiB, "Bytes a connection may receive while it waits for a file verdict (mitmproxy keeps reading "
+                  "and has no backpressure); beyond this the connection is closed with an anomaly")
+    rules: list = setting([], "Folder of policy rules; repeat to combine folders (their rule files are loaded "
+                              "together). None given = the bundled rules/ folder")
+    signatures: str = setting("", "Folder of YARA signatures ('' = the bundled signatures/ folder)")
