@@ -10,16 +10,37 @@ the machine. (Plain events, such as an allowed chat message, skip the fsync: it 
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import os
 import socket
 import threading
+import uuid
 from pathlib import Path
 from typing import Any
 
-from imguard.model import ALLOW, ChatContext, Decision, FileReport
+from imguard.model import ALLOW, SEVERITIES, YARA_MATCH, ChatContext, Decision, FileReport
 
 OBSERVER = {"product": "imguard", "vendor": "imguard", "type": "ids", "hostname": socket.gethostname()}
+
+# ECS `event.severity` is numeric; imguard's scale is the rank of the severity name (higher is worse).
+SEVERITY_NUMBER = {name: rank + 1 for rank, name in enumerate(SEVERITIES)}   # info=1 ... critical=5
+
+
+def new_event_id() -> str:
+    """`event.id`: unique per event, so a receiver can recognise a re-delivered (possible duplicate) event."""
+    return uuid.uuid4().hex
+
+
+def severity_of(event: dict[str, Any]) -> str:
+    """The severity name of an event ("" when it has none)."""
+    return event.get("event", {}).get("severity_name", "")
+
+
+def _set_severity(event: dict[str, Any], severity: str) -> None:
+    if severity:
+        event["event"]["severity_name"] = severity
+        event["event"]["severity"] = SEVERITY_NUMBER.get(severity, 0)
 
 
 def _now() -> str:
@@ -33,10 +54,12 @@ def _address(value: str) -> dict[str, Any]:
     return {"address": host.strip("[]"), "ip": host.strip("[]"), "port": int(port) if port.isdigit() else port}
 
 
-def _base(kind: str, category: str, ctx: ChatContext, action: str = "", outcome: str = "") -> dict[str, Any]:
+def _base(kind: str, category: str, ctx: ChatContext, action: str = "", outcome: str = "",
+          dataset: str = "") -> dict[str, Any]:
     event: dict[str, Any] = {
         "@timestamp": _now(),
-        "event": {"kind": kind, "category": [category], "module": "imguard", "dataset": f"imguard.{category}"},
+        "event": {"id": new_event_id(), "kind": kind, "category": [category], "module": "imguard",
+                  "dataset": f"imguard.{dataset or category}"},
         "observer": dict(OBSERVER),
         "network": {"protocol": ctx.protocol} if ctx.protocol else {},
         "imguard": {"context": ctx.to_dict()},
@@ -51,6 +74,8 @@ def _base(kind: str, category: str, ctx: ChatContext, action: str = "", outcome:
         event["destination"] = _address(ctx.server_address)
     if ctx.sender:
         event["source"] = {**event.get("source", {}), "user": {"name": ctx.sender}}
+    if ctx.recipients:
+        event["destination"] = {**event.get("destination", {}), "user": {"name": list(ctx.recipients)}}
     return event
 
 
@@ -58,11 +83,18 @@ def _decision_fields(event: dict[str, Any], decision: Decision) -> None:
     event["event"]["action"] = decision.action
     event["event"]["kind"] = "event" if decision.action == ALLOW and not decision.matches else "alert"
     event["event"]["type"] = ["denied"] if decision.blocked else ["allowed"]
-    if decision.severity:
-        event["event"]["severity_name"] = decision.severity
+    _set_severity(event, decision.severity)
     if decision.matches:
         event["rule"] = {"id": decision.rule_ids[0] if len(decision.matches) == 1 else decision.rule_ids,
                          "name": [m.title for m in decision.matches]}
+    elif decision.shadow:
+        # Only shadow rules matched: the event stays an event, but names them (mode says they changed nothing).
+        event["rule"] = {"id": [m.rule_id for m in decision.shadow], "name": [m.title for m in decision.shadow]}
+    modes = sorted({m.mode for m in decision.matches + decision.shadow if m.mode})
+    if modes:
+        event["imguard"]["mode"] = modes[0] if len(modes) == 1 else modes
+    if decision.policy_version:
+        event["rule"] = {**event.get("rule", {}), "version": decision.policy_version}
     event["imguard"]["decision"] = decision.to_dict()
 
 
@@ -71,7 +103,7 @@ def message_event(text: str | None, ctx: ChatContext, decision: Decision) -> dic
     event = _base("event", "message", ctx)
     _decision_fields(event, decision)
     if text is not None:
-        event["imguard"]["message"] = {"text": text}
+        event["imguard"]["message"] = {"text": text, "sha256": hashlib.sha256(text.encode("utf-8", "replace")).hexdigest()}
     return event
 
 
@@ -83,32 +115,128 @@ def file_event(report: FileReport, ctx: ChatContext, decision: Decision) -> dict
         "name": report.name, "size": report.size, "mime_type": report.mime,
         "hash": {"sha256": report.sha256, "sha1": report.sha1, "md5": report.md5},
     }
+    if report.extension:
+        event["file"]["extension"] = report.extension
+    event["imguard"]["file"] = {
+        "archive_path": report.path, "claimed_mime": report.claimed_mime, "family": report.family,
+        "description": report.description, "encrypted": report.encrypted,
+        "members": sum(1 for _ in report.walk()) - 1,
+    }
+    # Every YARA match in the file or any archive member, flat: what a SIEM rule filters on.
+    yara = []
+    for member in report.walk():
+        for finding in member.findings:
+            if finding.kind == YARA_MATCH:
+                yara.append({"rule": finding.data.get("rule", ""), "namespace": finding.data.get("namespace", ""),
+                             "tags": list(finding.data.get("tags", [])), "archive_path": finding.path or member.path})
+    if yara:
+        event["imguard"]["yara"] = yara
     event["imguard"]["report"] = report.to_dict()
     return event
 
 
-def anomaly_event(ctx: ChatContext, kind: str, detail: str, **data: Any) -> dict[str, Any]:
-    """A protocol anomaly (Zeek's 'weird'): malformed or suspicious traffic, logged, never a crash."""
+def anomaly_event(ctx: ChatContext, kind: str, detail: str, severity: str | None = None,
+                  **data: Any) -> dict[str, Any]:
+    """A protocol anomaly (Zeek's 'weird'): malformed or suspicious traffic, logged, never a crash.
+    `severity` (default "low") is the event's; when given it is also kept in imguard.anomaly.severity."""
     event = _base("alert", "anomaly", ctx, action="anomaly")
+    _set_severity(event, severity or "low")
     event["imguard"]["anomaly"] = {"kind": kind, "detail": detail, **data}
+    if severity is not None:
+        event["imguard"]["anomaly"]["severity"] = severity
     return event
 
 
-class AlertLog:
-    """Appends events as JSON lines to one file. Safe to call from several threads."""
+def tls_failure_event(ctx: ChatContext, detail: str, side: str = "client", **data: Any) -> dict[str, Any]:
+    """TLS interception failed: a client refused the gateway's certificate (pinning, CA not installed), or the
+    real server's certificate did not verify. `side` is "client" or "server"."""
+    event = _base("alert", "network", ctx, action="tls_interception_failed", outcome="failure", dataset="tls")
+    _set_severity(event, "medium" if side == "server" else "low")
+    event["imguard"]["tls"] = {"side": side, "detail": detail, **data}
+    return event
 
-    def __init__(self, path: Path, instance: str = ""):
+
+def policy_reload_event(version: str, ok: bool, errors: list[str] | tuple[str, ...] = (), source: str = "",
+                        rules: int | None = None) -> dict[str, Any]:
+    """The policy was reloaded (ok) or a reload was refused, the old policy staying in force (errors)."""
+    event = _base("event" if ok else "alert", "configuration", ChatContext(), action="policy_reload",
+                  outcome="success" if ok else "failure", dataset="policy")
+    event["event"]["type"] = ["change"]
+    if not ok:
+        _set_severity(event, "high")
+    event["rule"] = {"version": version}
+    event["imguard"]["policy"] = {"version": version, "source": source, "errors": list(errors)}
+    if rules is not None:
+        event["imguard"]["policy"]["rules"] = rules
+    return event
+
+
+def sink_failure_event(sink: str, kind: str, detail: str, severity: str = "medium", **data: Any) -> dict[str, Any]:
+    """An event sink failed: it is down (events wait in its queue), its queue overflowed (events dropped for
+    that sink, still in the local file), or its queue file was corrupt (the damaged records skipped)."""
+    event = _base("alert", "host", ChatContext(), action=f"sink_{kind}", outcome="failure", dataset="sink")
+    _set_severity(event, severity)
+    event["imguard"]["sink"] = {"name": sink, "kind": kind, "detail": detail, **data}
+    return event
+
+
+def encode(event: dict[str, Any]) -> bytes:
+    """One event as one line: compact JSON, every control character (newline included) escaped, so text
+    from the wire can never start a new line or a fake record."""
+    return (json.dumps(event, separators=(",", ":"), default=str) + "\n").encode()
+
+
+class AlertLog:
+    """Appends events as JSON lines to one file. Safe to call from several threads.
+
+    With `max_bytes`, the file is rotated by size: alerts.jsonl -> alerts.jsonl.1 -> ... -> .`backups`,
+    the oldest deleted. A line is never split across files. Another process that appends to the same
+    file notices the rotation (the path names a new inode) and reopens.
+    """
+
+    def __init__(self, path: Path, instance: str = "", max_bytes: int = 0, backups: int = 5):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.instance = instance or socket.gethostname()
+        self.max_bytes = max_bytes
+        self.backups = backups
         self._lock = threading.Lock()
+        self._fd = -1
+        self._open()
+
+    def _open(self) -> None:
         # O_APPEND: every line lands whole at the end, even with several gateway processes.
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        self._ino = os.fstat(self._fd).st_ino
+
+    def _rotate_if_needed(self, incoming: int) -> None:
+        try:
+            current = os.stat(self.path).st_ino
+        except FileNotFoundError:
+            current = None
+        if current != self._ino:            # rotated (or removed) by someone else: follow the path
+            os.close(self._fd)
+            self._open()
+        size = os.fstat(self._fd).st_size
+        if size == 0 or size + incoming <= self.max_bytes:
+            return
+        for n in range(self.backups - 1, 0, -1):
+            older = self.path.with_name(f"{self.path.name}.{n}")
+            if older.exists():
+                os.replace(older, self.path.with_name(f"{self.path.name}.{n + 1}"))
+        if self.backups > 0:
+            os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
+        else:
+            os.unlink(self.path)
+        os.close(self._fd)
+        self._open()
 
     def write(self, event: dict[str, Any]) -> None:
         event.setdefault("observer", dict(OBSERVER))["name"] = self.instance
-        line = (json.dumps(event, separators=(",", ":"), default=str) + "\n").encode()
+        line = encode(event)
         with self._lock:
+            if self.max_bytes:
+                self._rotate_if_needed(len(line))
             os.write(self._fd, line)
             if event.get("event", {}).get("kind") == "alert":
                 os.fsync(self._fd)

@@ -1,24 +1,50 @@
-"""The conversation archive: every message and file transfer that crossed (or was stopped), in SQLite.
+"""The conversation archive: every message and file transfer that crossed (or was stopped), in SQLite
+inside the data folder, or in PostgreSQL when several gateways share one archive (`archive_dsn`).
 
 One table, one row per record, so a search by person, text, time, protocol or hash is one query.
-The database runs in WAL mode with synchronous=NORMAL: a committed record survives a crash of the
-gateway process (the WAL is in the kernel's hands at commit), and writers do not wait for an fsync
-per message. Text is stored only when the pipeline is told to keep it.
+Text is stored only when the pipeline is told to keep it.
+
+SQLite runs in WAL mode with synchronous=NORMAL: a committed record survives a crash of the gateway
+process (the WAL is in the kernel's hands at commit), and writers do not wait for an fsync per message.
+
+PostgreSQL is a server that can be slow or down, and add_message() is called inline on the gateway's
+event loop, so a record is first appended to a local on-disk queue (the sinks' DiskQueue, in
+DATA_DIR/queue/archive/) and a writer thread inserts queued records in batches. A record carries a
+unique `uid`, and the insert skips a uid already present, so a batch re-sent after a crash is stored
+once. search() first waits (briefly) for the queue to empty, so a search sees what was just added.
+Differences the backends cannot hide: PostgreSQL text cannot hold NUL, which is stored as U+FFFD;
+searches are case-insensitive on both (SQLite's LIKE is, ILIKE on PostgreSQL).
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import datetime
 import io
 import json
+import logging
 import sqlite3
 import threading
+import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
 from imguard.model import ChatContext, Decision, FileReport
+from imguard.settings import setting
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class ArchiveSettings:
+    """conversation archive"""
+
+    archive_dsn: str = setting("", "PostgreSQL connection string (e.g. 'postgresql://imguard@db/imguard' or "
+                                   "'host=/run/postgresql dbname=imguard') for an archive shared by several "
+                                   "gateways; '' keeps it in DATA_DIR/archive.sqlite3.")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
@@ -29,6 +55,24 @@ CREATE TABLE IF NOT EXISTS records (
     client_address TEXT, connection_id TEXT,
     text TEXT,                      -- the message text, when kept
     file_name TEXT, file_size INTEGER, sha256 TEXT, mime TEXT, mechanism TEXT,
+    action TEXT NOT NULL, rules TEXT, policy_version TEXT
+);
+CREATE INDEX IF NOT EXISTS records_time ON records(time);
+CREATE INDEX IF NOT EXISTS records_sender ON records(sender);
+CREATE INDEX IF NOT EXISTS records_sha256 ON records(sha256);
+"""
+
+# The same table in PostgreSQL, plus `uid`: the record's own id, so a re-sent insert is stored once.
+PG_SCHEMA = """
+CREATE TABLE IF NOT EXISTS records (
+    id BIGSERIAL PRIMARY KEY,
+    uid TEXT UNIQUE,
+    time TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    protocol TEXT, direction TEXT, sender TEXT, recipients TEXT, conversation TEXT,
+    client_address TEXT, connection_id TEXT,
+    text TEXT,
+    file_name TEXT, file_size BIGINT, sha256 TEXT, mime TEXT, mechanism TEXT,
     action TEXT NOT NULL, rules TEXT, policy_version TEXT
 );
 CREATE INDEX IF NOT EXISTS records_time ON records(time);
@@ -57,20 +101,21 @@ class Query:
 
 
 class Archive:
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(SCHEMA)
+    """Archive(path) keeps the records in SQLite at `path`; Archive(dsn=..., queue_dir=...) in PostgreSQL;
+    Archive(dsn=...) without a queue folder only searches."""
 
-    def _insert(self, row: dict[str, Any]) -> None:
-        names = ", ".join(row)
-        marks = ", ".join("?" for _ in row)
-        with self._lock:
-            self._db.execute(f"INSERT INTO records ({names}) VALUES ({marks})", tuple(row.values()))
+    def __init__(self, path: Path | None = None, dsn: str = "", queue_dir: Path | None = None,
+                 batch: int = 500):
+        if dsn:
+            # Without a queue folder the archive is for searching only (`imguard archive search`): the
+            # running gateway owns DATA_DIR/queue/archive.
+            self._backend: _Backend = _Postgres(dsn, Path(queue_dir) if queue_dir else None, batch)
+        else:
+            if path is None:
+                raise ValueError("an archive needs a SQLite path or a PostgreSQL DSN")
+            self._backend = _Sqlite(Path(path))
+        self.path = Path(path) if path is not None else None
+        self.dsn = dsn
 
     @staticmethod
     def _context_columns(ctx: ChatContext, decision: Decision) -> dict[str, Any]:
@@ -81,38 +126,85 @@ class Archive:
                 "policy_version": decision.policy_version}
 
     def add_message(self, text: str | None, ctx: ChatContext, decision: Decision) -> None:
-        self._insert({**self._context_columns(ctx, decision), "kind": "message", "text": text})
+        self._backend.insert({**self._context_columns(ctx, decision), "kind": "message", "text": text})
 
     def add_file(self, report: FileReport, ctx: ChatContext, decision: Decision) -> None:
-        self._insert({**self._context_columns(ctx, decision), "kind": "file", "file_name": report.name,
-                      "file_size": report.size, "sha256": report.sha256, "mime": report.mime,
-                      "mechanism": ctx.transfer_mechanism})
+        self._backend.insert({**self._context_columns(ctx, decision), "kind": "file", "file_name": report.name,
+                              "file_size": report.size, "sha256": report.sha256, "mime": report.mime,
+                              "mechanism": ctx.transfer_mechanism})
 
     def search(self, query: Query) -> list[dict[str, Any]]:
-        where, args = [], []
-        if query.person:
-            where.append("(sender LIKE ? ESCAPE '\\' OR recipients LIKE ? ESCAPE '\\')")
-            args += [f"%{_escape_like(query.person)}%"] * 2
-        if query.text:
-            where.append("(text LIKE ? ESCAPE '\\' OR file_name LIKE ? ESCAPE '\\')")
-            args += [f"%{_escape_like(query.text)}%"] * 2
-        if query.since:
-            where.append("time >= ?")
-            args.append(query.since)
-        if query.until:
-            where.append("time < ?")
-            args.append(query.until)
-        if query.protocol:
-            where.append("protocol = ?")
-            args.append(query.protocol)
-        if query.sha256:
-            where.append("sha256 = ?")
-            args.append(query.sha256.lower())
-        sql = f"SELECT {', '.join(COLUMNS)} FROM records"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY time, id LIMIT ?"
-        args.append(query.limit)
+        return self._backend.search(query)
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until every added record is in the database (always true for SQLite)."""
+        return self._backend.flush(timeout)
+
+    def close(self) -> None:
+        self._backend.close()
+
+
+def open_archive(data_dir: Path, settings: ArchiveSettings | None = None) -> Archive:
+    """The gateway's archive: PostgreSQL when `archive_dsn` is set, else DATA_DIR/archive.sqlite3."""
+    settings = settings or ArchiveSettings()
+    data_dir = Path(data_dir)
+    if settings.archive_dsn:
+        return Archive(dsn=settings.archive_dsn, queue_dir=data_dir / "queue" / "archive")
+    return Archive(data_dir / "archive.sqlite3")
+
+
+def _where(query: Query, like: str, mark: str) -> tuple[str, list[Any]]:
+    where, args = [], []
+    if query.person:
+        where.append(f"(sender {like} {mark} ESCAPE '\\' OR recipients {like} {mark} ESCAPE '\\')")
+        args += [f"%{_escape_like(query.person)}%"] * 2
+    if query.text:
+        where.append(f"(text {like} {mark} ESCAPE '\\' OR file_name {like} {mark} ESCAPE '\\')")
+        args += [f"%{_escape_like(query.text)}%"] * 2
+    if query.since:
+        where.append(f"time >= {mark}")
+        args.append(query.since)
+    if query.until:
+        where.append(f"time < {mark}")
+        args.append(query.until)
+    if query.protocol:
+        where.append(f"protocol = {mark}")
+        args.append(query.protocol)
+    if query.sha256:
+        where.append(f"sha256 = {mark}")
+        args.append(query.sha256.lower())
+    sql = f"SELECT {', '.join(COLUMNS)} FROM records"
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    sql += f" ORDER BY time, id LIMIT {mark}"
+    args.append(query.limit)
+    return sql, args
+
+
+class _Backend:
+    def insert(self, row: dict[str, Any]) -> None: ...
+    def search(self, query: Query) -> list[dict[str, Any]]: ...
+    def flush(self, timeout: float) -> bool: return True
+    def close(self) -> None: ...
+
+
+class _Sqlite(_Backend):
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(SCHEMA)
+
+    def insert(self, row: dict[str, Any]) -> None:
+        names = ", ".join(row)
+        marks = ", ".join("?" for _ in row)
+        with self._lock:
+            self._db.execute(f"INSERT INTO records ({names}) VALUES ({marks})", tuple(row.values()))
+
+    def search(self, query: Query) -> list[dict[str, Any]]:
+        sql, args = _where(query, "LIKE", "?")
         with self._lock:
             rows = self._db.execute(sql, args).fetchall()
         return [dict(zip(COLUMNS, row)) for row in rows]
@@ -120,6 +212,116 @@ class Archive:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+def _pg_safe(value: Any) -> Any:
+    return value.replace("\x00", "\ufffd") if isinstance(value, str) else value
+
+
+class _Postgres(_Backend):
+    RETRY_MAX = 30.0
+
+    def __init__(self, dsn: str, queue_dir: Path | None, batch: int):
+        import psycopg  # imported here: only a PostgreSQL archive needs it
+        from imguard.sinks.queue import DiskQueue
+
+        self._psycopg = psycopg
+        self.dsn = dsn
+        self.batch = batch
+        self.queue = DiskQueue(queue_dir, 256 * 1024 * 1024) if queue_dir is not None else None
+        self._conn = None
+        self._conn_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self.last_error = ""
+        with self._conn_lock:
+            try:
+                self._connection()          # fail early on a wrong DSN or a missing server
+            except Exception:
+                if self.queue is not None:
+                    self.queue.close()
+                raise
+        self._thread = threading.Thread(target=self._run, name="imguard-archive-pg", daemon=True)
+        if self.queue is not None:
+            self._thread.start()
+
+    def _connection(self):
+        if self._conn is None or self._conn.closed:
+            self._conn = self._psycopg.connect(self.dsn, autocommit=True, connect_timeout=10)
+            self._conn.execute(PG_SCHEMA)
+        return self._conn
+
+    def insert(self, row: dict[str, Any]) -> None:
+        if self.queue is None:
+            raise RuntimeError("this archive was opened for searching only (no queue folder)")
+        row = {"uid": uuid.uuid4().hex, **row}
+        self.queue.append(json.dumps(row, ensure_ascii=False).encode())
+        self._wake.set()
+
+    def _run(self) -> None:
+        wait = 0.5
+        while not self._stop.is_set():
+            records = self.queue.peek_batch(self.batch)
+            if not records:
+                self._wake.wait(1.0)
+                self._wake.clear()
+                continue
+            rows = [json.loads(r.payload) for r in records]
+            try:
+                with self._conn_lock:
+                    conn = self._connection()
+                    with conn.transaction():
+                        with conn.cursor() as cur:
+                            for row in rows:
+                                names = ", ".join(row)
+                                marks = ", ".join("%s" for _ in row)
+                                cur.execute(f"INSERT INTO records ({names}) VALUES ({marks}) "
+                                            "ON CONFLICT (uid) DO NOTHING", [_pg_safe(v) for v in row.values()])
+            except Exception as e:  # noqa: BLE001 - the server is down or refused: retry later
+                self.last_error = f"{type(e).__name__}: {e}"
+                log.warning("archive: PostgreSQL insert failed (%s); %d records wait in the queue",
+                            self.last_error, self.queue.backlog_records)
+                with self._conn_lock:
+                    if self._conn is not None:
+                        try:
+                            self._conn.close()
+                        except Exception:  # noqa: BLE001
+                            pass
+                        self._conn = None
+                if self._stop.wait(wait):
+                    break
+                wait = min(wait * 2, self.RETRY_MAX)
+                continue
+            wait = 0.5
+            self.queue.ack_through(records[-1].seq)
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while self.queue is not None and self.queue.peek() is not None:
+            if time.monotonic() > deadline:
+                return False
+            self._wake.set()
+            time.sleep(0.01)
+        return True
+
+    def search(self, query: Query) -> list[dict[str, Any]]:
+        self.flush(5.0)
+        sql, args = _where(query, "ILIKE", "%s")
+        with self._conn_lock:
+            rows = self._connection().execute(sql, [_pg_safe(a) for a in args]).fetchall()
+        return [dict(zip(COLUMNS, row)) for row in rows]
+
+    def close(self) -> None:
+        self.flush(5.0)
+        self._stop.set()
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(10)
+        with self._conn_lock:
+            if self._conn is not None:
+                self._conn.close()
+        if self.queue is not None and not self._thread.is_alive():
+            self.queue.close()
 
 
 def _escape_like(value: str) -> str:

@@ -11,7 +11,7 @@ log() { printf 'setup: %s\n' "$*" >&2; }
 
 # --- Debian packages -------------------------------------------------------------------------------
 debs=(libmagic1)
-[ "$want" = test ] && debs+=(prosody ngircd openssl iproute2 tshark)
+[ "$want" = test ] && debs+=(prosody ngircd openssl iproute2 tshark postgresql)
 missing=()
 for p in "${debs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

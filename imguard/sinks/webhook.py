@@ -1,0 +1,67 @@
+"""The webhook: each event as one HTTP POST of its JSON; any 2xx answer means delivered.
+
+Headers: `Content-Type: application/json`, `X-Imguard-Event-Id` (the event's `event.id`, the same on a
+re-delivery, so a receiver can drop duplicates) and `X-Imguard-Possible-Duplicate: 1` on a re-delivery
+that may repeat one the receiver already has. The request goes straight to the URL's host: proxy
+variables in the gateway's environment are ignored (they could name the gateway itself).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import ssl
+import urllib.parse
+from typing import Any
+
+from imguard.sinks.base import DeliveryError, Sink
+
+
+class WebhookSink(Sink):
+    name = "webhook"
+
+    def __init__(self, url: str, timeout: float = 10.0, all_events: bool = False,
+                 ssl_context: ssl.SSLContext | None = None):
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"webhook URL {url!r}: an http:// or https:// URL expected")
+        self.url = url
+        self.parts = parts
+        self.timeout = timeout
+        self.all_events = all_events
+        self.ssl_context = ssl_context or (ssl.create_default_context() if parts.scheme == "https" else None)
+
+    def accepts(self, event: dict[str, Any]) -> bool:
+        return self.all_events or event.get("event", {}).get("kind") == "alert"
+
+    def send(self, event: dict[str, Any]) -> None:
+        body = json.dumps(event, separators=(",", ":"), default=str).encode()
+        path = self.parts.path or "/"
+        if self.parts.query:
+            path += "?" + self.parts.query
+        if self.parts.scheme == "https":
+            conn = http.client.HTTPSConnection(self.parts.hostname, self.parts.port, timeout=self.timeout,
+                                               context=self.ssl_context)
+        else:
+            conn = http.client.HTTPConnection(self.parts.hostname, self.parts.port, timeout=self.timeout)
+        headers = {"Content-Type": "application/json", "User-Agent": "imguard",
+                   "X-Imguard-Event-Id": str(event.get("event", {}).get("id", ""))}
+        if event.get("imguard", {}).get("possible_duplicate"):
+            headers["X-Imguard-Possible-Duplicate"] = "1"
+        sent = False
+        try:
+            try:
+                conn.connect()
+            except OSError as e:
+                raise DeliveryError(f"cannot connect to the webhook {self.parts.netloc}: {e}") from e
+            try:
+                conn.request("POST", path, body=body, headers=headers)
+                sent = True
+                response = conn.getresponse()
+                response.read()
+            except (OSError, http.client.HTTPException) as e:
+                raise DeliveryError(f"webhook {self.parts.netloc}: {type(e).__name__}: {e}", ambiguous=sent) from e
+            if not 200 <= response.status < 300:
+                raise DeliveryError(f"webhook {self.parts.netloc} answered {response.status} {response.reason}")
+        finally:
+            conn.close()

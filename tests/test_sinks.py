@@ -1,0 +1,481 @@
+"""Event sinks: every alert reaches every sink through its on-disk queue; a sink that is down, slow or
+failing neither blocks write() nor loses alerts; damage and overflow are reported; text cannot inject."""
+
+from __future__ import annotations
+
+import errno
+import json
+import re
+import time
+
+import pytest
+
+from imguard import alerts
+from imguard.model import ALLOW, BLOCK, ChatContext, Decision, FileReport, Finding, RuleMatch, YARA_MATCH
+from imguard.sinks import EventBus, SinkSettings, WebhookSink, build_sinks, check_settings
+from imguard.sinks.queue import DiskQueue
+from imguard.sinks.syslog import format_5424
+from tests.peers.sink_peers import HttpReceiver, SmtpReceiver, SyslogReceiver, wait_until
+
+CTX = ChatContext(protocol="xmpp", direction="outbound", sender="alice@corp.example",
+                  recipients=("bob@ext.example",), conversation="room@conf.example",
+                  client_address="10.0.0.5:40000", server_address="192.0.2.10:5222")
+BLOCK_MALWARE = Decision(action=BLOCK, matches=[RuleMatch("block-malware", BLOCK, "critical", "enforce",
+                                                          title="Block malware")], policy_version="v7")
+
+
+def file_alert(n: int = 0, name: str = "", sender: str = "") -> dict:
+    report = FileReport(name=name or f"evil-{n}.exe", path=name or f"evil-{n}.exe", size=68, sha256=f"{n:064x}",
+                        sha1="b" * 40, md5="c" * 32, mime="application/x-dosexec",
+                        findings=[Finding(YARA_MATCH, "EICAR", data={"rule": "EICAR", "namespace": "eicar",
+                                                                     "tags": ["malware"]})])
+    return alerts.file_event(report, CTX.with_(sender=sender) if sender else CTX, BLOCK_MALWARE)
+
+
+def local_events(data_dir) -> list[dict]:
+    return [json.loads(line) for line in (data_dir / "alerts.jsonl").read_text().splitlines()]
+
+
+def sink_events(data_dir, kind: str = "") -> list[dict]:
+    return [e for e in local_events(data_dir) if e["event"]["dataset"] == "imguard.sink"
+            and (not kind or e["imguard"]["sink"]["kind"] == kind)]
+
+
+def webhook_bus(data_dir, url: str, **settings) -> EventBus:
+    values = dict(webhook_url=url, webhook_timeout=2.0, dedup_window_seconds=0, retry_max_seconds=0.2)
+    values.update(settings)
+    return build_sinks(SinkSettings(**values), data_dir, instance="gw1")
+
+
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+def test_alerts_reach_every_sink(tmp_path, transport):
+    """One blocked file reaches the local file, syslog, the webhook and mail; an allowed message reaches
+    the local file and syslog only (the webhook takes alerts, mail takes high and above)."""
+    with SyslogReceiver() as syslog, HttpReceiver() as hook, SmtpReceiver() as smtp:
+        bus = build_sinks(SinkSettings(syslog_address=getattr(syslog, f"{transport}_address"), webhook_url=hook.url,
+                                       email_smtp=smtp.address, email_to=["soc@corp.example"],
+                                       email_min_severity="high"), tmp_path, instance="gw1")
+        alert = file_alert(1)
+        bus.write(alert)
+        bus.write(alerts.message_event("hello", CTX, Decision(action=ALLOW)))
+        assert bus.drain(10)
+        assert wait_until(lambda: len(syslog.records) == 2 and len(smtp.messages) == 1)
+        bus.close()
+    [received] = hook.events
+    assert received["event"]["id"] == alert["event"]["id"]
+    assert received["file"]["hash"]["sha256"] == f"{1:064x}"
+    assert received["observer"]["name"] == "gw1"
+    assert "possible_duplicate" not in received["imguard"]
+    assert [json.loads(r.split(b" ", 7)[7][r.split(b" ", 7)[7].index(b"{"):])["event"]["kind"]
+            for r in syslog.records] == ["alert", "event"]
+    mail = smtp.messages[0]
+    assert mail["Subject"] == "[imguard] critical block: block-malware from alice@corp.example"
+    assert mail["X-Imguard-Event-Id"] == alert["event"]["id"]
+    assert smtp.envelopes == [("imguard@localhost", ["soc@corp.example"])]
+    assert [e["event"]["kind"] for e in local_events(tmp_path)] == ["alert", "event"]
+
+
+def test_the_alert_carries_what_the_issue_asks_for(tmp_path):
+    """Chat context, file facts with YARA rule/namespace/tags and archive path, rule id, mode, action,
+    severity and the gateway instance, under their ECS names where ECS has one."""
+    bus = build_sinks(SinkSettings(), tmp_path, instance="gw-paris-1")
+    bus.write(file_alert(3))
+    bus.close()
+    [e] = local_events(tmp_path)
+    assert e["event"]["kind"] == "alert" and e["event"]["action"] == "block" and e["event"]["severity"] == 5
+    assert e["rule"] == {"id": "block-malware", "name": ["Block malware"], "version": "v7"}
+    assert e["imguard"]["mode"] == "enforce"
+    assert e["source"] == {"address": "10.0.0.5", "ip": "10.0.0.5", "port": 40000,
+                           "user": {"name": "alice@corp.example"}}
+    assert e["destination"]["user"]["name"] == ["bob@ext.example"] and e["destination"]["port"] == 5222
+    assert e["network"]["protocol"] == "xmpp"
+    assert e["imguard"]["context"]["direction"] == "outbound"
+    assert e["imguard"]["context"]["conversation"] == "room@conf.example"
+    assert e["file"]["mime_type"] == "application/x-dosexec" and e["file"]["size"] == 68
+    assert e["imguard"]["yara"] == [{"rule": "EICAR", "namespace": "eicar", "tags": ["malware"],
+                                     "archive_path": "evil-3.exe"}]
+    assert e["imguard"]["file"]["archive_path"] == "evil-3.exe"
+    assert e["observer"]["name"] == "gw-paris-1"
+    assert len(e["event"]["id"]) == 32
+
+
+def test_tls_failure_policy_reload_and_sink_events_have_their_own_types():
+    tls = alerts.tls_failure_event(CTX, "client rejected the certificate: unknown ca")
+    assert tls["event"]["dataset"] == "imguard.tls" and tls["event"]["outcome"] == "failure"
+    assert tls["imguard"]["tls"]["side"] == "client"
+    reload_ok = alerts.policy_reload_event("v8", True, rules=12)
+    assert reload_ok["event"]["kind"] == "event" and reload_ok["rule"]["version"] == "v8"
+    refused = alerts.policy_reload_event("v7", False, errors=["rules/a.yaml:3: unknown action"])
+    assert refused["event"]["kind"] == "alert" and refused["event"]["outcome"] == "failure"
+    sink = alerts.sink_failure_event("webhook", "down", "connection refused")
+    assert sink["event"]["action"] == "sink_down" and sink["imguard"]["sink"]["name"] == "webhook"
+
+
+def test_a_sink_that_is_down_does_not_block_and_gets_the_backlog_in_order(tmp_path):
+    """write() stays fast while the webhook is down; when it comes back it gets every alert, in order."""
+    hook = HttpReceiver()                        # not started: nothing listens on its port
+    bus = webhook_bus(tmp_path, hook.url)
+    written = []
+    started = time.monotonic()
+    for n in range(100):
+        event = file_alert(n)
+        bus.write(event)
+        written.append(event["event"]["id"])
+    assert time.monotonic() - started < 5.0       # fsync per alert, twice, and nothing else
+    assert wait_until(lambda: sink_events(tmp_path, "down"))
+    assert bus.status()["webhook"]["backlog"] == 100
+    with hook:
+        assert bus.drain(20)
+        assert hook.ids() == written
+        assert wait_until(lambda: sink_events(tmp_path, "recovered"))
+    bus.close()
+    assert not any(e["imguard"].get("possible_duplicate") for e in hook.events)
+
+
+def test_backlog_survives_a_restart(tmp_path):
+    """Alerts queued while the sink was down are delivered by the next process, in order."""
+    hook = HttpReceiver()
+    bus = webhook_bus(tmp_path, hook.url)
+    ids = []
+    for n in range(20):
+        event = file_alert(n)
+        bus.write(event)
+        ids.append(event["event"]["id"])
+    bus.close()
+    with hook:
+        bus = webhook_bus(tmp_path, hook.url)
+        assert bus.drain(20)
+        bus.close()
+    assert hook.ids() == ids
+
+
+def test_a_failing_webhook_is_retried_without_duplicates(tmp_path):
+    """A 503 means not taken: retried until accepted, delivered once, not flagged."""
+    with HttpReceiver() as hook:
+        hook.mode = "fail"
+        bus = webhook_bus(tmp_path, hook.url)
+        event = file_alert(1)
+        bus.write(event)
+        assert wait_until(lambda: hook.requests >= 3)
+        hook.mode = "ok"
+        assert bus.drain(10)
+        bus.close()
+    assert hook.ids() == [event["event"]["id"]]
+    assert "possible_duplicate" not in hook.events[0]["imguard"]
+
+
+def test_a_slow_webhook_gets_the_retry_flagged_as_possible_duplicate(tmp_path):
+    """A timeout after the request was sent is ambiguous: the retry says it may be a duplicate."""
+    with HttpReceiver(delay=2.0) as hook:
+        hook.mode = "slow"
+        bus = webhook_bus(tmp_path, hook.url, webhook_timeout=0.3)
+        event = file_alert(1)
+        started = time.monotonic()
+        bus.write(event)
+        assert time.monotonic() - started < 0.5
+        assert wait_until(lambda: len(hook.events) >= 1)
+        hook.mode = "ok"
+        assert bus.drain(10)
+        bus.close()
+    assert hook.ids()[0] == hook.ids()[-1] == event["event"]["id"]
+    assert len(hook.events) >= 2
+    assert "possible_duplicate" not in hook.events[0]["imguard"]
+    assert all(e["imguard"]["possible_duplicate"] is True for e in hook.events[1:])
+    assert hook.headers[-1]["X-Imguard-Possible-Duplicate"] == "1"
+
+
+def _queued_while_down(data_dir, count: int) -> list[str]:
+    bus = webhook_bus(data_dir, HttpReceiver().url)
+    bus._deliveries[0].stopping.set()           # keep the queue exactly as written
+    ids = []
+    for n in range(count):
+        event = file_alert(n)
+        bus.write(event)
+        ids.append(event["event"]["id"])
+    bus.close()
+    return ids
+
+
+def test_a_corrupt_queue_record_is_skipped_reported_and_the_rest_delivered(tmp_path):
+    ids = _queued_while_down(tmp_path, 10)
+    [segment] = (tmp_path / "queue" / "webhook").glob("seg-*")
+    data = bytearray(segment.read_bytes())
+    fourth = data.index(ids[3].encode())
+    data[fourth] ^= 0x20                         # one flipped bit inside the 4th record
+    segment.write_bytes(bytes(data))
+    with HttpReceiver() as hook:
+        bus = webhook_bus(tmp_path, hook.url)
+        assert bus.drain(10)
+        bus.close()
+    assert hook.ids() == ids[:3] + ids[4:]
+    [corrupt] = sink_events(tmp_path, "queue_corrupt")
+    assert corrupt["imguard"]["sink"]["name"] == "webhook" and corrupt["imguard"]["sink"]["count"] > 0
+
+
+def test_a_torn_tail_is_cut_reported_and_new_records_follow(tmp_path):
+    """A write cut by a crash leaves half a record at the end: cut off at open, later records intact."""
+    ids = _queued_while_down(tmp_path, 5)
+    [segment] = (tmp_path / "queue" / "webhook").glob("seg-*")
+    data = segment.read_bytes()
+    segment.write_bytes(data + data[:30])        # the start of a record, never finished
+    with HttpReceiver() as hook:
+        bus = webhook_bus(tmp_path, hook.url)
+        event = file_alert(99)
+        bus.write(event)
+        assert bus.drain(10)
+        bus.close()
+    assert hook.ids() == ids + [event["event"]["id"]]
+    assert len(sink_events(tmp_path, "queue_torn_tail")) == 1
+
+
+def test_a_full_queue_drops_the_oldest_with_a_count_and_write_stays_fast(tmp_path):
+    hook = HttpReceiver()
+    bus = webhook_bus(tmp_path, hook.url, queue_max_bytes=16 * 1024)
+    ids = []
+    started = time.monotonic()
+    for n in range(200):
+        event = file_alert(n)
+        bus.write(event)
+        ids.append(event["event"]["id"])
+    assert time.monotonic() - started < 10.0
+    status = bus.status()["webhook"]
+    assert status["backlog_bytes"] <= 16 * 1024
+    dropped = status["dropped"]
+    assert dropped > 100
+    with hook:
+        assert bus.drain(20)
+        bus.close()
+    # The newest alerts, in order; the dropped ones are the oldest; all 200 are in the local file.
+    assert hook.ids() == ids[dropped:]
+    full = sink_events(tmp_path, "queue_full")
+    assert full and sum(e["imguard"]["sink"]["count"] for e in full) == dropped
+    assert full[0]["event"]["severity_name"] == "high"
+    assert len([e for e in local_events(tmp_path) if e["event"]["dataset"] == "imguard.file"]) == 200
+
+
+def test_a_disk_that_refuses_the_queue_does_not_stop_traffic(tmp_path, monkeypatch):
+    """ENOSPC on the queue: write() returns, the alert is in the local file, an anomaly says what happened."""
+    hook = HttpReceiver()
+    bus = webhook_bus(tmp_path, hook.url)
+
+    def disk_full(self, payload, sync=False):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(DiskQueue, "append", disk_full)
+    event = file_alert(1)
+    bus.write(event)
+    bus.close()
+    kinds = [(e["event"]["dataset"], e["imguard"].get("sink", {}).get("kind")) for e in local_events(tmp_path)]
+    assert ("imguard.file", None) in kinds and ("imguard.sink", "queue_write_failed") in kinds
+
+
+def test_a_queue_write_cut_by_a_full_disk_leaves_no_partial_record(tmp_path, monkeypatch):
+    queue = DiskQueue(tmp_path / "q", 1 << 20)
+    queue.append(b"first")
+    real_write = __import__("os").write
+
+    def short_write(fd, data):
+        real_write(fd, data[:7])
+        return 7
+
+    monkeypatch.setattr("imguard.sinks.queue.os.write", short_write)
+    with pytest.raises(OSError):
+        queue.append(b"second")
+    monkeypatch.setattr("imguard.sinks.queue.os.write", real_write)
+    queue.append(b"third")
+    payloads = []
+    while (record := queue.peek()) is not None:
+        payloads.append(record.payload)
+        queue.ack(record.seq)
+    assert payloads == [b"first", b"third"] and queue.take_problems() == []
+
+
+MALICIOUS_TEXT = ('hi\n<13>1 2026-01-01T00:00:00Z forged imguard - - - {"event":{"action":"allow"}}\r\n'
+                  'x\x00y\u2028z ] " \\ =HYPERLINK("http://evil")')
+
+
+def test_malicious_text_cannot_inject_syslog_records(tmp_path):
+    with SyslogReceiver() as syslog:
+        bus = build_sinks(SinkSettings(syslog_address=syslog.tcp_address, dedup_window_seconds=0), tmp_path)
+        bus.write(alerts.message_event(MALICIOUS_TEXT, CTX.with_(sender='mallory"] [x y="1'),
+                                       Decision(action=BLOCK, matches=[RuleMatch("dlp", BLOCK, "high", "enforce")])))
+        bus.write(file_alert(1, name="evil\r\n<13>1 fake.exe"))
+        assert wait_until(lambda: len(syslog.records) == 2)
+        bus.close()
+    assert syslog.framing_errors == []
+    header = re.compile(rb'^<(\d+)>1 \S+ \S+ imguard \d+ (message|file) \[imguard@32473 (?:[a-z0-9_]+="(?:[^"\\\]]|\\.)*"'
+                        rb' ?)+\] (\{.*\})$')
+    texts = []
+    for record, priority in zip(syslog.records, (16 * 8 + 3, 16 * 8 + 2)):    # local0; err (high), crit
+        assert b"\n" not in record and b"\r" not in record and b"\x00" not in record
+        assert all(32 <= b < 127 for b in record)      # pure printable ASCII: nothing a terminal or parser trips on
+        m = header.match(record)
+        assert m, record[:300]
+        assert int(m.group(1)) == priority
+        texts.append(json.loads(m.group(3)))
+    assert texts[0]["imguard"]["message"]["text"] == MALICIOUS_TEXT
+    assert texts[1]["file"]["name"] == "evil\r\n<13>1 fake.exe"
+    assert b'sender="mallory\\"\\] [x y=\\"1"' in syslog.records[0]
+
+
+def test_syslog_header_fields_are_clean():
+    event = file_alert(1)
+    event["observer"]["hostname"] = "bad host\nname"
+    event["@timestamp"] = "yesterday\n"
+    record = format_5424(event, procid=42)
+    assert record.startswith(b"<130>1 ")
+    _, timestamp, hostname, app, procid, msgid = record.split(b" ", 6)[:6]
+    assert re.match(rb"^\d{4}-\d\d-\d\dT", timestamp) and hostname == b"badhostname"
+    assert (app, procid, msgid) == (b"imguard", b"42", b"file")
+
+
+def test_malicious_names_cannot_inject_mail_headers(tmp_path):
+    with SmtpReceiver() as smtp:
+        bus = build_sinks(SinkSettings(email_smtp=smtp.address, email_to=["soc@corp.example"],
+                                       dedup_window_seconds=0), tmp_path)
+        bus.write(file_alert(1, name="a.exe\r\nBcc: victim@corp.example\r\n\r\nbody", sender="x\ny@z"))
+        assert wait_until(lambda: smtp.messages)
+        bus.close()
+    mail = smtp.messages[0]
+    assert mail["Bcc"] is None and smtp.envelopes[0][1] == ["soc@corp.example"]
+    assert "\n" not in mail["Subject"] and "\r" not in mail["Subject"]
+
+
+def test_mail_goes_only_to_alerts_at_or_above_the_severity(tmp_path):
+    with SmtpReceiver() as smtp:
+        bus = build_sinks(SinkSettings(email_smtp=smtp.address, email_to=["soc@corp.example"],
+                                       email_min_severity="critical", dedup_window_seconds=0), tmp_path)
+        bus.write(alerts.anomaly_event(CTX, "malformed_xml", "bad xml"))          # low
+        bus.write(alerts.message_event("x", CTX, Decision(action=BLOCK, matches=[RuleMatch("r", BLOCK, "high", "enforce")])))
+        bus.write(file_alert(1))                                                   # critical
+        assert bus.drain(10)
+        bus.close()
+    assert len(smtp.messages) == 1 and "critical" in smtp.messages[0]["Subject"]
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_repeated_identical_alerts_are_suppressed_with_a_count(tmp_path):
+    clock = Clock()
+    bus = EventBus(alerts.AlertLog(tmp_path / "alerts.jsonl"), dedup_window=60, clock=clock)
+    for _ in range(5):
+        bus.write(file_alert(1))
+    bus.write(file_alert(2))                                    # another file: not the same alert
+    bus.write(file_alert(1, sender="carol@corp.example"))       # another sender: not the same alert
+    for _ in range(3):
+        bus.write(alerts.message_event("hi", CTX, Decision(action=ALLOW)))   # plain events: never suppressed
+    clock.now += 61
+    bus.write(file_alert(1))
+    events = local_events(tmp_path)
+    files = [e for e in events if e["event"]["dataset"] == "imguard.file"]
+    assert [(e["file"]["hash"]["sha256"][-1], e["imguard"].get("suppressed_count")) for e in files] == [
+        ("1", None), ("2", None), ("1", None), ("1", 4)]
+    assert len([e for e in events if e["event"]["dataset"] == "imguard.message"]) == 3
+    # A burst followed by silence is still counted: the window's last alert is sent when it ends.
+    for _ in range(3):
+        bus.write(file_alert(1))
+    clock.now += 61
+    bus.tick()
+    last = local_events(tmp_path)[-1]
+    assert last["file"]["hash"]["sha256"].endswith("1") and last["imguard"]["suppressed_count"] == 2
+    bus.close()
+
+
+def test_suppressed_counts_are_not_lost_at_shutdown(tmp_path):
+    bus = EventBus(alerts.AlertLog(tmp_path / "alerts.jsonl"), dedup_window=600)
+    for _ in range(4):
+        bus.write(file_alert(1))
+    bus.close()
+    assert [e["imguard"].get("suppressed_count") for e in local_events(tmp_path)] == [None, 2]
+
+
+def test_the_local_file_is_rotated_by_size_without_splitting_lines(tmp_path):
+    bus = build_sinks(SinkSettings(jsonl_max_bytes=20_000, jsonl_backups=50, dedup_window_seconds=0), tmp_path)
+    for n in range(60):
+        bus.write(alerts.message_event("x" * 500 + "\n" * 10, CTX, Decision(action=ALLOW)))
+    bus.close()
+    files = sorted(tmp_path.glob("alerts.jsonl*"))
+    assert len(files) > 2
+    lines = [line for f in files for line in f.read_text().splitlines()]
+    assert len(lines) == 60 and all(json.loads(line)["imguard"]["message"]["text"].startswith("x") for line in lines)
+    assert all(f.stat().st_size <= 20_000 for f in files)
+
+
+def test_rotation_keeps_only_the_configured_backups(tmp_path):
+    log = alerts.AlertLog(tmp_path / "a.jsonl", max_bytes=2000, backups=2)
+    for n in range(50):
+        log.write(alerts.message_event("y" * 300, CTX, Decision(action=ALLOW)))
+    log.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl", "a.jsonl.1", "a.jsonl.2"]
+
+
+def test_bad_sink_settings_are_refused_with_the_setting_named():
+    errors = check_settings(SinkSettings(syslog_address="tcp://nohost", email_min_severity="urgent",
+                                         webhook_timeout=0))
+    assert any("syslog address" in e for e in errors)
+    assert any(e.startswith("email_min_severity") for e in errors)
+    assert any(e.startswith("webhook_timeout") for e in errors)
+    with pytest.raises(ValueError):
+        WebhookSink("ftp://example.org/")
+    assert SinkSettings().remote_sinks() == []
+
+
+def test_a_unix_socket_syslog_receives_records(tmp_path):
+    import socket
+    path = tmp_path / "log.sock"
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(str(path))
+    receiver.settimeout(5)
+    bus = build_sinks(SinkSettings(syslog_address=f"unix://{path}"), tmp_path / "data")
+    bus.write(file_alert(1))
+    record = receiver.recv(65536)
+    bus.close()
+    receiver.close()
+    assert record.startswith(b"<130>1 ") and b'"sha256":"' in record
+
+
+def test_sink_settings_are_command_line_options():
+    import argparse
+    from imguard import settings
+    parser = argparse.ArgumentParser()
+    settings.add_arguments(parser, SinkSettings)
+    args = parser.parse_args(["--webhook-url", "http://127.0.0.1:1/h", "--email-to", "a@x", "--email-to", "b@x",
+                              "--email-starttls", "--queue-max-bytes", "8192", "--instance", "gw2"])
+    s = settings.from_arguments(SinkSettings, args)
+    assert (s.webhook_url, s.email_to, s.email_starttls, s.queue_max_bytes, s.instance) == (
+        "http://127.0.0.1:1/h", ["a@x", "b@x"], True, 8192, "gw2")
+    assert s.dedup_window_seconds == 60.0 and s.remote_sinks() == ["webhook"]
+
+
+def test_syslog_over_tcp_gets_the_backlog_when_the_receiver_starts(tmp_path):
+    from tests.peers.sink_peers import free_port
+    port = free_port()
+    bus = build_sinks(SinkSettings(syslog_address=f"tcp://127.0.0.1:{port}", dedup_window_seconds=0,
+                                   retry_max_seconds=0.2), tmp_path)
+    ids = []
+    for n in range(5):
+        event = file_alert(n)
+        bus.write(event)
+        ids.append(event["event"]["id"])
+    assert wait_until(lambda: sink_events(tmp_path, "down"))
+    with SyslogReceiver(tcp_port=port) as syslog:
+        assert bus.drain(10)
+        assert wait_until(lambda: len(syslog.records) == 5)
+        bus.close()
+    assert [re.search(rb' id="([0-9a-f]+)"', r).group(1).decode() for r in syslog.records] == ids
+
+
+def test_two_processes_cannot_share_a_queue(tmp_path):
+    """One data folder per gateway: a second bus on the same queues is refused, not silently interleaved."""
+    from imguard.sinks.queue import QueueBusy
+    first = webhook_bus(tmp_path, HttpReceiver().url)
+    with pytest.raises(QueueBusy):
+        webhook_bus(tmp_path, HttpReceiver().url)
+    first.close()
+    webhook_bus(tmp_path, HttpReceiver().url).close()
