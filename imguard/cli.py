@@ -224,11 +224,14 @@ def quarantine_main(args: argparse.Namespace) -> int:
 def archive_main(args: argparse.Namespace) -> int:
     from imguard import archive
 
-    path = (args.data_dir or default_data_dir()) / "archive.sqlite3"
-    if not path.exists():
-        print(f"imguard: no archive at {path}", file=sys.stderr)
-        return EXIT_USAGE
-    store = archive.Archive(path)
+    if args.archive_dsn:
+        store = archive.Archive(dsn=args.archive_dsn)      # search only: no local queue needed
+    else:
+        path = (args.data_dir or default_data_dir()) / "archive.sqlite3"
+        if not path.exists():
+            print(f"imguard: no archive at {path}", file=sys.stderr)
+            return EXIT_USAGE
+        store = archive.Archive(path)
     records = store.search(archive.Query(person=args.person, text=args.text, since=args.since, until=args.until,
                                          protocol=args.protocol, sha256=args.sha256, limit=args.limit))
     sys.stdout.write(archive.to_csv(records) if args.format == "csv" else archive.to_jsonl(records))
@@ -301,6 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
     search.add_argument("--data-dir", type=Path, default=None, metavar="DIR",
                         help=f"the gateway's data folder (default: {default_data_dir()})")
+    search.add_argument("--archive-dsn", default="", metavar="DSN",
+                        help="search a PostgreSQL archive shared by several gateways instead of DATA_DIR's SQLite")
     archive_parser.set_defaults(handler=archive_main)
 
     rules = commands.add_parser("rules", help="check or test policy rules")

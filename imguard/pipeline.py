@@ -10,6 +10,7 @@ a call uses the policy object it read at its start.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,7 +48,9 @@ class Pipeline:
     def check_file(self, data: "bytes | Path", ctx: ChatContext, name: str = "", claimed_mime: str = "",
                    truncated: bool = False) -> tuple[FileReport, Decision]:
         ctx = self._with_direction(ctx)
+        started = time.perf_counter_ns()
         report = self.inspector.inspect(data, ctx, name=name, claimed_mime=claimed_mime)
+        inspect_ns = time.perf_counter_ns() - started
         if truncated:
             report.findings.append(Finding(UNSCANNABLE, "the transfer ended before the announced size",
                                            data={"reason": REASON_TRUNCATED}))
@@ -62,6 +65,7 @@ class Pipeline:
                 quarantine_error = f"{type(e).__name__}: {e}"
         if self.alert_log is not None:
             event = alerts.file_event(report, ctx, decision)
+            event["event"]["duration"] = inspect_ns     # ECS: nanoseconds; feeds the latency histogram
             if stored is not None:
                 event["imguard"]["quarantine_path"] = str(stored)
             if quarantine_error is not None:
@@ -74,3 +78,9 @@ class Pipeline:
     def record(self, event: dict) -> None:
         if self.alert_log is not None:
             self.alert_log.write(event)
+
+    def close(self) -> None:
+        """Flush and close the event sinks and the archive (undelivered events stay queued on disk)."""
+        for part in (self.alert_log, self.archive):
+            if part is not None:
+                part.close()

@@ -11,8 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import imguard
-from imguard.alerts import AlertLog
-from imguard.archive import Archive
 from imguard.pipeline import Pipeline
 
 PROJECT_ROOT = Path(imguard.__file__).resolve().parent.parent
@@ -71,19 +69,26 @@ def load_configuration(rules_dir: Path, signatures_dir: Path, cache_dir: Path | 
 
 def build_pipeline(rules_dir: Path = BUNDLED_RULES, signatures_dir: Path = BUNDLED_SIGNATURES,
                    data_dir: Path | None = None, limits: object = None, write_alerts: bool = True,
-                   quarantine_settings: object = None) -> Pipeline:
-    """The inspection-and-policy pipeline on the given configuration, writing to data_dir/alerts.jsonl,
-    data_dir/archive.sqlite3 and keeping blocked files in data_dir/quarantine (all only when write_alerts)."""
-    from imguard.quarantine import QuarantineSettings, QuarantineStore
+                   quarantine_settings: object = None, sink_settings: object = None,
+                   archive_settings: object = None, metrics: object = None) -> Pipeline:
+    """The inspection-and-policy pipeline on the given configuration. With write_alerts, events go to
+    data_dir/alerts.jsonl and the remote sinks the sink settings turn on, records to the archive
+    (SQLite in data_dir, or PostgreSQL), and blocked files to data_dir/quarantine.
+    Raises ConfigError for a broken rules or signatures folder or bad sink settings."""
+    from imguard import archive as archive_module
     from imguard.inspect import InspectLimits, Inspector
+    from imguard.quarantine import QuarantineSettings, QuarantineStore
+    from imguard.sinks import build_sinks, check_settings
 
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
     loaded = load_configuration(rules_dir, signatures_dir, data_dir / "cache")
     inspector = Inspector(loaded.signatures, limits if limits is not None else InspectLimits())
     alert_log = quarantine = archive = None
     if write_alerts:
-        archive = Archive(data_dir / "archive.sqlite3")
-        alert_log = AlertLog(data_dir / "alerts.jsonl")
+        if sink_settings is not None and (errors := check_settings(sink_settings)):
+            raise ConfigError(errors)
+        archive = archive_module.open_archive(data_dir, archive_settings)
+        alert_log = build_sinks(sink_settings, data_dir, metrics=metrics)
         quarantine = QuarantineStore(data_dir / "quarantine", quarantine_settings or QuarantineSettings())
     classify = getattr(loaded.policy, "classify_direction", None)
     return Pipeline(inspector=inspector, policy=loaded.policy, alert_log=alert_log, quarantine=quarantine,
