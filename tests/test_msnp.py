@@ -1,0 +1,654 @@
+"""MsnpSession: the real MSN capture (ndpi/msnms.pcap), message policy, MSNFTP and MSNSLP transfers, bad input."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from imguard.files.expected import ExpectedTransfers
+from imguard.model import ALLOW, BLOCK, ChatContext, Decision, FileReport, RuleMatch
+from imguard.protocols.base import Close, InspectFile
+from imguard.protocols.msnp import (FT_GUID, CommandDecoder, DirectMsnftpSession, MsnpLimits, MsnpSession, P2PHeader,
+                                    build_file_context, build_p2p, find_msnftp_offer, format_command,
+                                    parse_file_context)
+from imguard.protocols.msnp.decoder import Command
+from tests.test_irc_support import Checker, anomalies, records, sends
+
+DATA = Path(__file__).parent / "data" / "legacy"
+ME, PEER = "jujurius@msn.com", "cecile260992@hotmail.com"
+CTX = ChatContext(client_address="192.168.1.14:1208", server_address="207.46.108.83:1863", connection_id="sb1")
+ALLOWED = Decision(action=ALLOW)
+BLOCKED = Decision(action=BLOCK, matches=[RuleMatch("no-exe", BLOCK, "high", "enforce", title="no programs")])
+
+
+def transcript(name: str) -> list[tuple[bool, bytes]]:
+    doc = json.loads((DATA / name).read_text())
+    return [(side == "c", text.encode("latin-1")) for side, text in doc["segments"]]
+
+
+def save_transcript(name: str, items) -> None:
+    """A constructed session must equal its stored transcript in tests/data/legacy (the capture-extract format),
+    kept for replay tests; IMGUARD_REGEN_TRANSCRIPTS=1 rewrites it."""
+    doc = {"source": "constructed in tests/test_msnp.py from the wire layouts (no capture)",
+           "encoding": "each segment is one write; text is the bytes decoded as latin-1",
+           "segments": [["c" if fc else "s", d.decode("latin-1")] for fc, d in items]}
+    path = DATA / name
+    text = json.dumps(doc, indent=0, ensure_ascii=True) + "\n"
+    if os.environ.get("IMGUARD_REGEN_TRANSCRIPTS") == "1":
+        path.write_text(text)
+    assert path.read_text() == text, f"{path} differs from the constructed session"
+
+
+def run(session, items) -> list:
+    out = []
+    for from_client, data in items:
+        out += session.data_received(from_client, data)
+    return out
+
+
+def inspects(cmds) -> list[InspectFile]:
+    return [c for c in cmds if isinstance(c, InspectFile)]
+
+
+def text_msg(trid: int, body: str, flag: str = "N", charset: str = "UTF-8") -> bytes:
+    payload = (f"MIME-Version: 1.0\r\nContent-Type: text/plain; charset={charset}\r\n"
+               f"X-MMS-IM-Format: FN=MS%20Shell%20Dlg; EF=; CO=0; CS=0; PF=0\r\n\r\n").encode() + body.encode(
+        "utf-8" if charset.upper() == "UTF-8" else charset)
+    return format_command("MSG", str(trid), flag, payload=payload)
+
+
+def inbound_msg(body: str, sender: str = PEER) -> bytes:
+    payload = (b"MIME-Version: 1.0\r\nContent-Type: text/plain; charset=UTF-8\r\nX-MMS-IM-Format: FN=Lucida%20Grande;"
+               b" EF=; CO=C81ABB; CS=0; PF=2\r\n\r\n" + body.encode())
+    return format_command("MSG", sender, "choupi", payload=payload)
+
+
+def switchboard(checker=None, transfers=None, limits=MsnpLimits()) -> MsnpSession:
+    """A session past ANS/IRO (the shape of msnms_sb2)."""
+    s = MsnpSession(checker or Checker(), transfers, CTX, limits)
+    run(s, [(True, f"ANS 89 {ME} 1115371039.15845 17069658\r\n".encode()),
+            (False, f"IRO 89 1 1 {PEER} choupi\r\n".encode()), (False, b"ANS 89 OK\r\n")])
+    return s
+
+
+# --- the real capture -------------------------------------------------------------------------------
+
+TRANSCRIPTS = ["msnms_sb0.json", "msnms_ns.json", "msnms_sb2.json", "msnms_sb3.json", "msnms_sb4.json",
+               "msnms_sb5.json"]
+
+
+@pytest.mark.parametrize("name", TRANSCRIPTS)
+def test_capture_crosses_byte_exact(name):
+    """With everything allowed, each direction of every real MSN connection crosses byte for byte."""
+    segs = transcript(name)
+    s = MsnpSession(Checker(), ExpectedTransfers(), CTX.with_(connection_id=name))
+    out = run(s, segs)
+    out += s.connection_closed(True) + s.connection_closed(False)
+    assert sends(out, to_client=False) == b"".join(d for fc, d in segs if fc)
+    assert sends(out, to_client=True) == b"".join(d for fc, d in segs if not fc)
+    assert anomalies(out) == []
+    assert not any(isinstance(c, Close) for c in out)
+
+
+def test_capture_messages_have_sender_recipient_text():
+    """msnms_sb2 (answered ring): both people's text/plain messages reach policy with passports; typing does not."""
+    checker = Checker()
+    s = MsnpSession(checker, None, CTX)
+    run(s, transcript("msnms_sb2.json"))
+    calls = [(ctx.sender, ctx.recipients, ctx.conversation, text) for text, ctx in checker.calls]
+    assert len(calls) == 11
+    assert calls[0] == (PEER, (ME,), "17069658", "je te comprend")
+    assert calls[2] == (ME, (PEER,), "17069658", "ouai cest ce que jessaye de faire")
+    assert calls[3][3] == "je te dit ca mai moi je me la prend"
+    assert all(ctx.protocol == "msnp" for _, ctx in checker.calls)
+    assert not any("TypingUser" in t for t, _ in checker.calls)
+
+
+def test_capture_client_initiated_switchboard():
+    """msnms_sb5 (USR/CAL/JOI): the server's USR OK confirms the passport, JOI gives the recipient, CAL the id."""
+    checker = Checker()
+    s = MsnpSession(checker, None, CTX)
+    out = run(s, transcript("msnms_sb5.json"))
+    assert [e["imguard"]["msnp"]["passport"] for e in records(out, "msnp_logged_in")] == [ME]
+    mine = [(ctx.recipients, text) for text, ctx in checker.calls if ctx.sender == ME]
+    assert mine[0][0] == (PEER,)
+    assert mine[1][1] == "tien jyce est au tel avec damien"
+    assert {ctx.conversation for _, ctx in checker.calls} == {"246503"}
+    theirs = [text for text, ctx in checker.calls if ctx.sender == PEER]
+    assert theirs[0].startswith("je vai pa t'embeter plus lontemps")
+
+
+def test_capture_latin1_accents_decoded_as_utf8():
+    """The capture's accented text (UTF-8 on the wire) reaches policy decoded: 'étai', 'parlé'."""
+    checker = Checker()
+    run(MsnpSession(checker, None, CTX), transcript("msnms_sb3.json"))
+    assert any("il étai pareil" in t for t, _ in checker.calls)
+
+
+def test_chunk_boundaries_same_result():
+    """msnms_sb4 split at every offset: same policy calls and same forwarded bytes as in one piece."""
+    segs = transcript("msnms_sb4.json")
+    client = b"".join(d for fc, d in segs if fc)
+    server = b"".join(d for fc, d in segs if not fc)
+    ref_checker = Checker()
+    ref = MsnpSession(ref_checker, None, CTX)
+    run(ref, [(True, client[:100]), (False, server), (True, client[100:])])
+    expected = [(t, c.sender) for t, c in ref_checker.calls]
+    for cut in range(1, len(server)):
+        checker = Checker()
+        s = MsnpSession(checker, None, CTX)
+        out = run(s, [(True, client[:100]), (False, server[:cut]), (False, server[cut:]), (True, client[100:])])
+        assert sends(out, True) == server
+        assert [(t, c.sender) for t, c in checker.calls] == expected, cut
+
+
+# --- message policy -----------------------------------------------------------------------------------
+
+def test_blocked_message_dropped_notice_and_nak():
+    """A blocked client MSG (flag N) must NOT reach the server; the client gets a notice MSG and NAK <trid>."""
+    s = switchboard(Checker(block=("secret",)))
+    out = s.data_received(True, text_msg(95, "the secret plan"))
+    assert sends(out, to_client=False) == b""
+    back = sends(out, to_client=True)
+    dec = CommandDecoder()
+    notice, nak = dec.feed(back)
+    assert notice.verb == "MSG" and notice.args[:2] == ("imguard", "imguard")
+    assert int(notice.args[2]) == len(notice.payload)
+    assert b"Content-Type: text/plain" in notice.payload and b"was blocked by imguard: no secret" in notice.payload
+    assert nak.raw == b"NAK 95\r\n"
+
+
+def test_blocked_unacknowledged_message_gets_no_nak():
+    """Flag U asks for no acknowledgement: a blocked one gets the notice only."""
+    s = switchboard(Checker(block=("secret",)))
+    out = s.data_received(True, text_msg(96, "secret", flag="U"))
+    assert b"NAK" not in sends(out, True)
+
+
+def test_masked_message_length_fixed():
+    """A masked message is re-framed: the MSG length counts the new body's UTF-8 bytes."""
+    s = switchboard(Checker(mask={"hunter2": "*******€"}))
+    out = s.data_received(True, text_msg(97, "password hunter2 ok"))
+    (cmd,) = CommandDecoder().feed(sends(out, False))
+    assert cmd.args[:2] == ("97", "N") and int(cmd.args[2]) == len(cmd.payload)
+    assert cmd.payload.endswith("password *******€ ok".encode())
+
+
+def test_masked_latin1_message_charset_rewritten():
+    """A body in ISO-8859-1 masked with non-Latin text goes as UTF-8 and says so."""
+    s = switchboard(Checker(mask={"café": "☕"}))
+    out = s.data_received(True, text_msg(98, "un café", charset="ISO-8859-1"))
+    (cmd,) = CommandDecoder().feed(sends(out, False))
+    assert b"charset=UTF-8" in cmd.payload and cmd.payload.endswith("un ☕".encode())
+
+
+def test_inbound_blocked_message_dropped_with_notice():
+    """A blocked message from the peer does not reach our client; it gets a notice naming the sender."""
+    checker = Checker(block=("malware",))
+    s = switchboard(checker)
+    out = s.data_received(False, inbound_msg("get malware here"))
+    back = sends(out, True)
+    assert b"get malware" not in back and f"A message from {PEER} was blocked".encode() in back
+    assert checker.calls[-1][1].sender == PEER and checker.calls[-1][1].recipients == (ME,)
+
+
+def test_inbound_masked_message_keeps_sender_prefix():
+    s = switchboard(Checker(mask={"1234": "****"}))
+    (cmd,) = CommandDecoder().feed(sends(s.data_received(False, inbound_msg("pin 1234")), True))
+    assert cmd.args[:2] == (PEER, "choupi") and cmd.payload.endswith(b"pin ****")
+
+
+# --- MSNFTP -------------------------------------------------------------------------------------------
+
+def invite_msg(trid: int, body: str) -> bytes:
+    payload = b"MIME-Version: 1.0\r\nContent-Type: text/x-msmsgsinvite; charset=UTF-8\r\n\r\n" + body.encode()
+    return format_command("MSG", str(trid), "N", payload=payload)
+
+
+def invite_in(body: str) -> bytes:
+    payload = b"MIME-Version: 1.0\r\nContent-Type: text/x-msmsgsinvite; charset=UTF-8\r\n\r\n" + body.encode()
+    return format_command("MSG", PEER, "choupi", payload=payload)
+
+
+FILE = b"MZ" + bytes(range(256)) * 20 + b"END"          # 5125 bytes: three MSNFTP blocks
+
+
+def msnftp_setup(transfers):
+    """Our client offers FILE over MSNFTP; the peer accepts; our client's ACCEPT gives its address."""
+    s = switchboard(Checker(), transfers)
+    out = run(s, [
+        (True, invite_msg(100, "Application-Name: File Transfer\r\nApplication-GUID: {5D3E02AB-6190-11d3-BBBB-"
+                               "00C04F795683}\r\nInvitation-Command: INVITE\r\nInvitation-Cookie: 3141\r\n"
+                               f"Application-File: report.exe\r\nApplication-FileSize: {len(FILE)}\r\n\r\n")),
+        (False, invite_in("Invitation-Command: ACCEPT\r\nInvitation-Cookie: 3141\r\nLaunch-Application: FALSE\r\n"
+                          "Request-Data: IP-Address:\r\n\r\n")),
+        (True, invite_msg(101, "Invitation-Command: ACCEPT\r\nInvitation-Cookie: 3141\r\nIP-Address: 192.168.1.14"
+                               "\r\nPort: 6891\r\nAuthCookie: 9911\r\nLaunch-Application: FALSE\r\n"
+                               "Request-Data: IP-Address:\r\n\r\n")),
+    ])
+    return s, out
+
+
+def blocks(data: bytes, size: int = 2045) -> bytes:
+    out = b""
+    for i in range(0, len(data), size):
+        chunk = data[i:i + size]
+        out += bytes([0, len(chunk) & 0xFF, len(chunk) >> 8]) + chunk
+    return out
+
+
+MSNFTP_ITEMS = [(True, b"VER MSNFTP\r\n"), (False, b"VER MSNFTP\r\n"), (True, f"USR {PEER} 9911\r\n".encode()),
+                (False, f"FIL {len(FILE)}\r\n".encode()), (True, b"TFR\r\n"), (False, blocks(FILE)),
+                (True, b"BYE 16777989\r\n")]
+
+
+def msnftp_flow(s: DirectMsnftpSession) -> list:
+    """The receiver (TCP client) talks to the sender (TCP server): the whole MSNFTP dialogue up to the data."""
+    return run(s, MSNFTP_ITEMS[:-1])
+
+
+def test_msnftp_transcript_stored():
+    """The constructed MSNFTP connection is kept as tests/data/legacy/msnftp_direct.json."""
+    save_transcript("msnftp_direct.json", MSNFTP_ITEMS)
+
+
+def test_msnftp_invitation_registers_offer():
+    """The sender's ACCEPT with IP-Address/Port becomes an MsnftpOffer under (ip, port), kind msnftp."""
+    transfers = ExpectedTransfers()
+    s, out = msnftp_setup(transfers)
+    offer = find_msnftp_offer(transfers, "192.168.1.14", 6891)
+    assert offer is not None and offer.name == "report.exe" and offer.size == len(FILE)
+    assert offer.sender == ME and offer.receiver == PEER and offer.auth_cookie == "9911"
+    assert offer.listener_is_sender and offer.context.connection_id == "sb1"
+    assert [e["imguard"]["msnp"]["name"] for e in records(out, "msnftp_offer")] == ["report.exe"]
+    assert len(records(out, "msnftp_expected")) == 1
+    assert sends(out, False).count(b"MSG 10") == 2          # invitations cross unchanged
+
+
+def test_msnftp_allowed_file_released_after_verdict():
+    """The blocks are held until the verdict (sender gets our BYE), then reach the receiver byte-exact."""
+    transfers = ExpectedTransfers()
+    msnftp_setup(transfers)
+    offer = find_msnftp_offer(transfers, "192.168.1.14", 6891)
+    s = DirectMsnftpSession(Checker(), transfers, ChatContext(connection_id="d1"), offer)
+    out = msnftp_flow(s)
+    assert sends(out, True) == b"VER MSNFTP\r\n" + f"FIL {len(FILE)}\r\n".encode()     # no file byte yet
+    assert sends(out, False).endswith(b"BYE 16777989\r\n")
+    (insp,) = inspects(out)
+    assert insp.data == FILE and insp.name == "report.exe" and insp.context.transfer_mechanism == "msnftp"
+    assert insp.context.sender == ME and insp.context.recipients == (PEER,)
+    out = s.file_verdict(insp.transfer_id, FileReport("report.exe", "report.exe", len(FILE)), ALLOWED)
+    assert sends(out, True) == blocks(FILE)
+    assert s.data_received(True, b"BYE 16777989\r\n") == []             # swallowed: the sender had ours
+
+
+def test_msnftp_blocked_file_cancel_and_notify():
+    """Blocked: the receiver gets a cancel block and nothing of the file; the switchboard is asked to notify."""
+    transfers = ExpectedTransfers()
+    sb, _ = msnftp_setup(transfers)
+    offer = find_msnftp_offer(transfers, "192.168.1.14", 6891)
+    s = DirectMsnftpSession(Checker(), transfers, ChatContext(connection_id="d1"), offer)
+    (insp,) = inspects(msnftp_flow(s))
+    out = s.file_verdict(insp.transfer_id, FileReport("report.exe", "report.exe", len(FILE)), BLOCKED)
+    assert sends(out, True) == b"\x01\x00\x00"
+    assert any(isinstance(c, Close) for c in out)
+    (note,) = records(out, "notify")
+    assert note["imguard"]["notify"]["connection_id"] == "sb1"
+    notice = sb.notice(note["imguard"]["notify"]["text"])
+    assert b"report.exe" in notice[0].data and b"blocked by imguard: no programs" in notice[0].data
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 7, 2048])
+def test_msnftp_chunk_boundaries(size):
+    """The sender's blocks split at any size: the same file is inspected."""
+    transfers = ExpectedTransfers()
+    msnftp_setup(transfers)
+    s = DirectMsnftpSession(Checker(), transfers, ChatContext(), find_msnftp_offer(transfers, "192.168.1.14", 6891))
+    run(s, [(True, b"VER MSNFTP\r\n"), (False, b"VER MSNFTP\r\n"), (True, f"USR {PEER} 9911\r\n".encode()),
+            (False, f"FIL {len(FILE)}\r\n".encode()), (True, b"TFR\r\n")])
+    data = blocks(FILE)
+    out = run(s, [(False, data[i:i + size]) for i in range(0, len(data), size)])
+    assert [i.data for i in inspects(out)] == [FILE]
+
+
+def test_msnftp_sender_closes_early_truncated():
+    transfers = ExpectedTransfers()
+    msnftp_setup(transfers)
+    s = DirectMsnftpSession(Checker(), transfers, ChatContext(), find_msnftp_offer(transfers, "192.168.1.14", 6891))
+    run(s, [(False, f"FIL {len(FILE)}\r\n".encode()), (True, b"TFR\r\n")])
+    s.data_received(False, blocks(FILE)[:3000])
+    (insp,) = inspects(s.connection_closed(False))
+    assert insp.truncated and len(insp.data) == 2045
+
+
+def test_msnftp_unannounced_and_bad_cookie():
+    s = DirectMsnftpSession(Checker(), ExpectedTransfers(), ChatContext(), None)
+    out = s.data_received(True, b"VER MSNFTP\r\n")
+    assert anomalies(out) == ["msnftp_unannounced"] and isinstance(out[-1], Close)
+    transfers = ExpectedTransfers()
+    msnftp_setup(transfers)
+    s = DirectMsnftpSession(Checker(), transfers, ChatContext(), find_msnftp_offer(transfers, "192.168.1.14", 6891))
+    assert anomalies(s.data_received(True, f"USR {PEER} 1234\r\n".encode())) == ["msnftp_bad_cookie"]
+
+
+def test_msnftp_oversized_offer_refused():
+    s = switchboard(Checker(), ExpectedTransfers(), MsnpLimits(msnp_max_held_bytes=1000))
+    out = s.data_received(True, invite_msg(100, f"Application-GUID: {FT_GUID}\r\nInvitation-Command: INVITE\r\n"
+                                               "Invitation-Cookie: 1\r\nApplication-File: big.iso\r\n"
+                                               "Application-FileSize: 5000\r\n\r\n"))
+    assert sends(out, False) == b"" and b"cannot be inspected" in sends(out, True)
+    assert records(out, "msnp_file_refused")
+
+
+# --- MSNSLP in-band -----------------------------------------------------------------------------------
+
+SID = 4242
+CALL_ID = "{9A1B2C3D-0000-4000-8000-00000000ABCD}"
+
+
+def p2p_msg(trid: int, header: P2PHeader, chunk: bytes, footer: int, dest: str = PEER, inbound=False) -> bytes:
+    payload = (b"MIME-Version: 1.0\r\nContent-Type: application/x-msnmsgrp2p\r\nP2P-Dest: " + dest.encode() +
+               b"\r\n\r\n" + build_p2p(header, chunk, footer))
+    if inbound:
+        return format_command("MSG", PEER, "choupi", payload=payload)
+    return format_command("MSG", str(trid), "D", payload=payload)
+
+
+def slp_invite(name: str, size: int, sender=ME, receiver=PEER) -> bytes:
+    context = base64.b64encode(build_file_context(name, size)).decode()
+    body = (f"EUF-GUID: {FT_GUID}\r\nSessionID: {SID}\r\nAppID: 2\r\nContext: {context}\r\n\r\n\x00")
+    return (f"INVITE MSNMSGR:{receiver} MSNSLP/1.0\r\nTo: <msnmsgr:{receiver}>\r\nFrom: <msnmsgr:{sender}>\r\n"
+            f"Via: MSNSLP/1.0/TLP ;branch={{33333333-4444-5555-6666-777777777777}}\r\nCSeq: 0\r\n"
+            f"Call-ID: {CALL_ID}\r\nMax-Forwards: 0\r\nContent-Type: application/x-msnmsgr-sessionreqbody\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n{body}").encode() + b"\x00"
+
+
+def slp_chunks(slp: bytes, ident: int, size: int = 1202) -> list[tuple[P2PHeader, bytes]]:
+    return [(P2PHeader(0, ident, off, len(slp), len(slp[off:off + size]), 0), slp[off:off + size])
+            for off in range(0, len(slp), size)]
+
+
+def data_chunks(data: bytes, size: int = 1202) -> list[tuple[P2PHeader, bytes]]:
+    return [(P2PHeader(SID, 900, off, len(data), len(data[off:off + size]), 0x01000030), data[off:off + size])
+            for off in range(0, len(data), size)]
+
+
+def test_file_context_layout():
+    """The Context: size at offset 8, UTF-16LE name at offset 20."""
+    raw = build_file_context("résumé.pdf", 123456)
+    assert raw[8:16] == (123456).to_bytes(8, "little") and raw[20:40] == "résumé.pdf".encode("utf-16-le")
+    assert parse_file_context(base64.b64encode(raw).decode()) == ("résumé.pdf", 123456)
+
+
+def outbound_slp_session(checker=None):
+    s = switchboard(checker)
+    items = [(True, p2p_msg(200 + i, h, c, 0)) for i, (h, c) in enumerate(slp_chunks(slp_invite("report.exe",
+                                                                                                 len(FILE)), 77))]
+    ok = b"MSNSLP/1.0 200 OK\r\nTo: <msnmsgr:" + ME.encode() + b">\r\n\r\n\x00"
+    items.append((False, p2p_msg(0, P2PHeader(0, 500, 0, len(ok), len(ok), 0), ok, 0, ME, inbound=True)))
+    out = run(s, items)
+    return s, out, items
+
+
+def test_msnslp_invite_is_an_offer_and_crosses():
+    """A two-chunk SLP INVITE is reassembled: name/size/session from the Context; it crosses unchanged."""
+    s, out, items = outbound_slp_session()
+    assert sends(out, False) == b"".join(d for fc, d in items if fc)
+    assert sends(out, True) == b"".join(d for fc, d in items if not fc)
+    (offer,) = records(out, "msnslp_offer")
+    assert offer["imguard"]["msnp"]["name"] == "report.exe" and offer["imguard"]["msnp"]["size"] == len(FILE)
+    assert offer["imguard"]["msnp"]["session_id"] == SID
+
+
+def test_msnslp_data_held_acked_then_released():
+    """Data chunks are held and ACKed by the gateway; allowed, they go on in order and the SB's ACKs are eaten."""
+    s, _, items = outbound_slp_session()
+    msgs = [p2p_msg(300 + i, h, c, 2) for i, (h, c) in enumerate(data_chunks(FILE))]
+    save_transcript("msnslp_inband.json", items + [(True, m) for m in msgs])
+    out = run(s, [(True, m) for m in msgs])
+    assert sends(out, False) == b""
+    assert sends(out, True) == b"".join(f"ACK {300 + i}\r\n".encode() for i in range(len(msgs)))
+    (insp,) = inspects(out)
+    assert insp.data == FILE and insp.name == "report.exe" and insp.transfer_id == f"msnslp:sb1:{SID}"
+    assert insp.context.sender == ME and insp.context.recipients == (PEER,)
+    assert insp.context.transfer_mechanism == "msnslp"
+    out = s.file_verdict(insp.transfer_id, FileReport("report.exe", "report.exe", len(FILE)), ALLOWED)
+    assert sends(out, False) == b"".join(msgs)
+    assert s.data_received(False, b"ACK 300\r\nACK 301\r\n") == []
+    assert sends(s.data_received(False, b"ACK 12\r\n"), True) == b"ACK 12\r\n"
+
+
+def test_msnslp_blocked_sends_bye_and_notice():
+    """Blocked: nothing reaches the server; our client gets an SLP BYE for the call and a notice."""
+    s, _, _ = outbound_slp_session()
+    out = run(s, [(True, p2p_msg(300 + i, h, c, 2)) for i, (h, c) in enumerate(data_chunks(FILE))])
+    (insp,) = inspects(out)
+    out = s.file_verdict(insp.transfer_id, FileReport("report.exe", "report.exe", len(FILE)), BLOCKED)
+    assert sends(out, False) == b""
+    back = CommandDecoder().feed(sends(out, True))
+    assert back[0].args[0] == PEER and b"BYE MSNMSGR:" + ME.encode() in back[0].payload
+    assert CALL_ID.encode() in back[0].payload
+    assert back[1].args[0] == "imguard" and b"report.exe" in back[1].payload
+
+
+def test_msnslp_inbound_file_held_until_verdict():
+    """A file *to* our client: the chunks from the server are held and released to the client when allowed."""
+    s = switchboard()
+    slp = slp_invite("pic.jpg", 3000, sender=PEER, receiver=ME)
+    run(s, [(False, p2p_msg(0, h, c, 0, ME, inbound=True)) for h, c in slp_chunks(slp, 10)])
+    data = b"\xff\xd8" + b"x" * 2998
+    msgs = [p2p_msg(0, h, c, 2, ME, inbound=True) for h, c in data_chunks(data)]
+    out = run(s, [(False, m) for m in msgs])
+    assert sends(out, True) == b""
+    (insp,) = inspects(out)
+    assert insp.context.sender == PEER and insp.context.recipients == (ME,)
+    out = s.file_verdict(insp.transfer_id, FileReport("pic.jpg", "pic.jpg", 3000), ALLOWED)
+    assert sends(out, True) == b"".join(msgs)
+
+
+def test_msnslp_gap_fails_closed():
+    s, _, _ = outbound_slp_session()
+    chunks = data_chunks(FILE)
+    out = run(s, [(True, p2p_msg(300, *chunks[0], 2)), (True, p2p_msg(302, *chunks[2], 2))])
+    assert "p2p_bad_chunk" in anomalies(out) and sends(out, False) == b"" and not inspects(out)
+
+
+# --- bad input --------------------------------------------------------------------------------------
+
+def test_payload_length_over_limit_closes():
+    """A length that lies (above msnp_max_payload) is an anomaly and closes: the gateway will not wait for it."""
+    s = switchboard()
+    out = s.data_received(True, b"MSG 5 N 99999999\r\nMIME-Version: 1.0\r\n")
+    assert anomalies(out) == ["payload_too_large"] and isinstance(out[-1], Close)
+    assert sends(out, False) == b""
+
+
+def test_non_numeric_length_closes():
+    out = switchboard().data_received(True, b"MSG 5 N -12\r\nhello")
+    assert anomalies(out) == ["bad_payload_length"]
+
+
+def test_line_too_long_closes():
+    out = switchboard().data_received(True, b"CAL 5 " + b"a" * 9000)
+    assert anomalies(out) == ["line_too_long"]
+
+
+def test_payload_that_never_comes_is_truncated_at_close():
+    s = switchboard()
+    assert s.data_received(True, text_msg(5, "hello")[:-2]) == []
+    assert anomalies(s.connection_closed(True)) == ["truncated_command"]
+
+
+def test_truncated_p2p_chunk_dropped():
+    """A P2P header that announces more bytes than the MSG carries is an anomaly; the MSG is dropped."""
+    s = switchboard()
+    h = P2PHeader(SID, 1, 0, 5000, 1202, 0x01000030)
+    payload = (b"MIME-Version: 1.0\r\nContent-Type: application/x-msnmsgrp2p\r\nP2P-Dest: x\r\n\r\n" + h.pack() +
+               b"abc")
+    out = s.data_received(True, format_command("MSG", "7", "D", payload=payload))
+    assert anomalies(out) == ["p2p_truncated"] and sends(out, False) == b""
+    assert sends(out, True) == b"NAK 7\r\n"
+
+
+def test_bad_utf16_name_is_an_anomaly():
+    raw = bytearray(build_file_context("x", 10))
+    raw[20:24] = b"\x00\xd8\x41\x00"      # a lone high surrogate
+    context = base64.b64encode(bytes(raw)).decode()
+    body = f"EUF-GUID: {FT_GUID}\r\nSessionID: 9\r\nAppID: 2\r\nContext: {context}\r\n\r\n\x00"
+    slp = (f"INVITE MSNMSGR:{PEER} MSNSLP/1.0\r\nTo: <msnmsgr:{PEER}>\r\nFrom: <msnmsgr:{ME}>\r\nCall-ID: {{1}}\r\n"
+           f"Content-Type: application/x-msnmsgr-sessionreqbody\r\n\r\n{body}").encode()
+    s = switchboard()
+    out = s.data_received(True, p2p_msg(8, P2PHeader(0, 1, 0, len(slp), len(slp), 0), slp, 0))
+    assert "bad_utf16" in anomalies(out)
+
+
+def test_decoder_raw_concatenates_to_input():
+    data = b"".join(d for fc, d in transcript("msnms_ns.json") if not fc)
+    events = CommandDecoder().feed(data)
+    assert b"".join(e.raw for e in events) == data
+    ubx = [e for e in events if isinstance(e, Command) and e.verb == "UBX"]
+    assert ubx and ubx[0].payload.startswith(b"<Data>")
+
+
+def test_direct_connection_invite_refused_with_decline():
+    """A transreqbody INVITE (direct connection: the file would go around the gateway) does not reach the
+    server; our client gets a 603 Decline for that Call-ID and falls back to the switchboard."""
+    s = switchboard()
+    body = "Bridges: TRUDPv1 TCPv1\r\nNetID: 0\r\nConn-Type: Direct-Connect\r\nUPnPNat: false\r\n\r\n\x00"
+    slp = (f"INVITE MSNMSGR:{PEER} MSNSLP/1.0\r\nTo: <msnmsgr:{PEER}>\r\nFrom: <msnmsgr:{ME}>\r\n"
+           f"Via: MSNSLP/1.0/TLP ;branch={{11111111-2222-3333-4444-555555555555}}\r\nCSeq: 0\r\n"
+           f"Call-ID: {CALL_ID}\r\nMax-Forwards: 0\r\nContent-Type: application/x-msnmsgr-transreqbody\r\n"
+           f"Content-Length: {len(body)}\r\n\r\n{body}").encode() + b"\x00"
+    out = s.data_received(True, p2p_msg(50, P2PHeader(0, 3, 0, len(slp), len(slp), 0), slp, 0))
+    assert sends(out, False) == b""
+    (decline,) = CommandDecoder().feed(sends(out, True))
+    assert decline.args[0] == PEER and b"MSNSLP/1.0 603 Decline" in decline.payload
+    assert CALL_ID.encode() in decline.payload and records(out, "msnslp_direct_refused")
+
+
+def test_uum_message_to_yahoo_contact_checked():
+    """MSNP14 UUM (a message to a Yahoo! contact through the NS) goes to policy; blocked, it is dropped."""
+    checker = Checker(block=("secret",))
+    s = MsnpSession(checker, None, CTX)
+    payload = b"MIME-Version: 1.0\r\nContent-Type: text/plain; charset=UTF-8\r\n\r\nthe secret"
+    out = s.data_received(True, format_command("UUM", "12", "bob@yahoo.com", "32", "1", payload=payload))
+    assert sends(out, False) == b"" and checker.calls[0][1].recipients == ("bob@yahoo.com",)
+    assert b"was blocked" in sends(out, True)
+
+
+def test_non_data_p2p_message_of_a_file_session_crosses():
+    """A control message (flags 0x40, no data) with the file's SessionID is not file data: it crosses."""
+    s, _, _ = outbound_slp_session()
+    msg = p2p_msg(60, P2PHeader(SID, 5, 0, 0, 0, 0x40), b"", 2)
+    assert sends(s.data_received(True, msg), False) == msg
+
+
+@pytest.mark.parametrize("extra,closes", [(0, False), (1, True)])
+def test_payload_limit_edge(extra, closes):
+    """msnp_max_payload: a payload of exactly the limit is framed, one byte more closes."""
+    limits = MsnpLimits(msnp_max_payload=500)
+    s = MsnpSession(Checker(), None, CTX, limits)
+    out = s.data_received(False, format_command("MSG", "Hotmail", "Hotmail", payload=b"x" * (500 + extra)))
+    assert any(isinstance(c, Close) for c in out) == closes
+
+
+def test_anomalies_per_kind_bounded():
+    """msnp_max_anomalies_per_kind: a client repeating a malformed P2P message floods nothing."""
+    s = switchboard(limits=MsnpLimits(msnp_max_anomalies_per_kind=3))
+    payload = b"MIME-Version: 1.0\r\nContent-Type: application/x-msnmsgrp2p\r\nP2P-Dest: x\r\n\r\nshort"
+    out = run(s, [(True, format_command("MSG", str(i), "U", payload=payload)) for i in range(10)])
+    assert anomalies(out) == ["p2p_truncated"] * 3
+
+
+def test_mid_session_switchboard_learns_people():
+    """msnms_sb0 starts mid-conversation (no ANS/IRO): our passport comes from our client's typing notices
+    (the peer said nothing before our message, so its recipient is still unknown there)."""
+    checker = Checker()
+    s = MsnpSession(checker, None, CTX)
+    run(s, transcript("msnms_sb0.json"))
+    ((text, ctx),) = checker.calls
+    assert text.startswith("ouai mai tu voi je lui parl\u00e9") and ctx.sender == ME and ctx.recipients == ()
+    s.data_received(False, inbound_msg("coucou"))
+    assert s.participants == {PEER: "choupi"}
+
+
+def test_offline_replay_of_the_capture():
+    """The real capture through the offline replay (imguard pcap's driver): 34 messages with passports."""
+    from imguard.replay.pcapfile import Capture
+    from imguard.replay.replay import Replay, ReplaySettings
+    from tests.test_irc_support import capture
+
+    class Pipeline:
+        def check_message(self, text, ctx):
+            return Decision(action=BLOCK if "tania" in text else ALLOW)
+
+        def check_file(self, data, ctx, name="", claimed_mime="", truncated=False):
+            return FileReport(name, name, len(data)), ALLOWED
+
+        def record(self, event):
+            pass
+
+    r = Replay(Pipeline(), ReplaySettings(ports=["1863=msnp"]),
+               factories={"msnp": lambda q: MsnpSession(checker=q.checker, transfers=q.transfers, context=q.context)})
+    summary = r.run(Capture.open(capture("ndpi/msnms.pcap")))
+    messages = [(m.sender, tuple(m.recipients), m.text) for m in summary.messages]
+    assert len(messages) == 34 and not summary.anomalies
+    assert (PEER, (ME,), "je te comprend") in messages
+    assert (ME, (PEER,), "tien jyce est au tel avec damien") in messages
+    assert all(m.protocol == "msnp" for m in summary.messages)
+    assert [m.action for m in summary.messages].count(BLOCK) == sum("tania" in m[2] for m in messages) == 2
+
+
+def test_legacy_limits_share_one_parser():
+    """MsnpLimits, OscarLimits and YmsgLimits have unique, prefixed names: one CLI parser takes all three."""
+    import argparse
+    import dataclasses
+
+    from imguard.protocols.oscar import OscarLimits
+    from imguard.protocols.ymsg import YmsgLimits
+    from imguard.settings import add_arguments, from_arguments
+
+    parser = argparse.ArgumentParser()
+    for cls in (MsnpLimits, OscarLimits, YmsgLimits):
+        add_arguments(parser, cls)
+        assert all(f.metadata.get("help") for f in dataclasses.fields(cls))
+    args = parser.parse_args(["--msnp-max-payload", "100", "--oscar-max-frame-size", "200", "--ymsg-max-packet", "300"])
+    assert from_arguments(MsnpLimits, args).msnp_max_payload == 100
+    assert from_arguments(OscarLimits, args).oscar_max_frame_size == 200
+    assert from_arguments(YmsgLimits, args).ymsg_max_packet == 300
+
+
+def test_notification_server_login_identity():
+    """An MSNP8 NS login (VER/CVR/USR TWN): the client's USR names the passport, the server's USR OK confirms it."""
+    s = MsnpSession(Checker(), None, CTX.with_(server_address="207.46.104.20:1863"))
+    items = [(True, b"VER 1 MSNP8 CVR0\r\n"), (False, b"VER 1 MSNP8 CVR0\r\n"),
+             (True, b"CVR 2 0x0409 win 4.10 i386 MSNMSGR 5.0.0544 MSMSGS jujurius@msn.com\r\n"),
+             (False, b"CVR 2 6.0.0602 6.0.0602 1.0.0000 http://download.microsoft.com/ http://messenger.msn.com\r\n"),
+             (True, b"USR 3 TWN I jujurius@msn.com\r\n"),
+             (False, b"USR 3 TWN S lc=1033,id=507,tw=40,fs=1,ru=http%3A%2F%2Fmessenger%2Emsn%2Ecom\r\n"),
+             (True, b"USR 4 TWN S t=53*1hAu8ADuD3TEwdXoOMi08sD*2!cMrntTwVMTjoB3p6stWTqzbkKZPVQzA5NOt19SLI60PY!b8K4YhC!"
+                    b"Ooo&p=5d\r\n"),
+             (False, b"USR 4 OK jujurius@msn.com July(6) 1 0\r\n"),
+             (False, b"MSG Hotmail Hotmail 20\r\nMIME-Version: 1.0\r\n\r\n")]
+    out = run(s, items)
+    assert s.passport == ME and s.confirmed
+    assert sends(out, False) == b"".join(d for fc, d in items if fc)
+    assert sends(out, True) == b"".join(d for fc, d in items if not fc)
+    assert [e["imguard"]["msnp"]["friendly"] for e in records(out, "msnp_logged_in")] == ["July(6)"]
+
+
+def test_msnslp_chunk_boundaries():
+    """The in-band transfer's client bytes split at every 97th offset: the same file is held and inspected."""
+    s0, _, items = outbound_slp_session()
+    msgs = [p2p_msg(300 + i, h, c, 2) for i, (h, c) in enumerate(data_chunks(FILE))]
+    client = b"".join(d for fc, d in items if fc) + b"".join(msgs)
+    server = b"".join(d for fc, d in items if not fc)
+    for cut in range(1, len(client), 97):
+        s = switchboard()
+        out = run(s, [(True, client[:cut]), (False, server), (True, client[cut:])])
+        assert [i.data for i in inspects(out)] == [FILE], cut
+        assert sends(out, False) == b"".join(d for fc, d in items if fc)
