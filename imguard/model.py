@@ -65,8 +65,9 @@ REASON_ENCRYPTED = "encrypted"
 REASON_SCANNER_ERROR = "scanner_error"
 REASON_UNREADABLE = "unreadable"
 REASON_TRUNCATED = "truncated"
+REASON_UNSUPPORTED = "unsupported"  # a container the inspector does not open (7z, rar, cab, ...): members unseen
 UNSCANNABLE_REASONS = (REASON_TIMEOUT, REASON_TOO_LARGE, REASON_LIMIT, REASON_CORRUPT, REASON_ENCRYPTED,
-                       REASON_SCANNER_ERROR, REASON_UNREADABLE, REASON_TRUNCATED)
+                       REASON_SCANNER_ERROR, REASON_UNREADABLE, REASON_TRUNCATED, REASON_UNSUPPORTED)
 
 
 @dataclass

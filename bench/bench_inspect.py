@@ -1,0 +1,342 @@
+"""Throughput of the whole inspection pipeline (Inspector.inspect) against raw YARA.
+
+Same compiled rules, same in-memory files, same run: raw is `rules.match(data=...)`, pipeline is
+`Inspector.inspect(data, name=...)` (libmagic, three hashes, type check, YARA with externals, polyglot
+check, archive walk). Everything is generated deterministically (seed 1234); no file is read from disk.
+
+    .venv/bin/python bench/bench_inspect.py            # about 1-2 minutes on 2 vCPUs
+    .venv/bin/python bench/bench_inspect.py --quick    # smaller corpus, for a smoke test
+
+Sections:
+  (a) mixed corpus 1 KB - 10 MB, non-archives, ratio pipeline/raw; files >= 1 MB reported on their own
+      (target: >= 0.9); archives reported separately (the pipeline does more work there: it unpacks).
+  (b) many small files (200 B - 4 KB): files/s.
+  (c) the rule set: the bundled signatures plus N synthetic rules (distinct 8-16 byte strings, hex
+      strings, wide/nocase modifiers, magic-first conditions), like a public set of a few thousand rules.
+  (d) 2 threads against 1 on the >= 1 MB files: wall-clock speed-up and cpu/wall (2.0 = both cores busy).
+Also: compile time and cache load time of the rule set, and yara-x on the same data when installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import random
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+import yara  # noqa: E402
+
+import inspect_samples as S  # noqa: E402
+from imguard.inspect import EXTERNALS, InspectLimits, Inspector, load_signatures  # noqa: E402
+
+KB, MB = 1000, 1000 * 1000
+ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.:/\\%$#@!"
+WORDS = ("the of and to in is that for it as was with be by on not he this are or his from at which but have an they "
+         "you were her she there been one all we their has would when if so no what up out them about more into some "
+         "could time these two may then do first any my now such like our over man me even most made after also did "
+         "many before must through back years where much your way well down should because each just those people "
+         "invoice payment meeting project report server client chat message file upload download attachment").split()
+
+
+# --- the rule set --------------------------------------------------------------------------------
+
+def synthetic_rules(count: int, rng: random.Random) -> str:
+    """Rules shaped like public sets: 2-6 distinct strings of 8-16 bytes, some hex, wide or nocase,
+    conditions that check magic and filesize first."""
+    seen: set[str] = set()
+    rules = []
+
+    def text() -> str:
+        while True:
+            value = "".join(rng.choice(ALPHABET) for _ in range(rng.randint(8, 16)))
+            if value not in seen:
+                seen.add(value)
+                return value
+
+    for index in range(count):
+        strings = []
+        for number in range(rng.randint(2, 6)):
+            kind = rng.random()
+            if kind < 0.15:
+                raw = bytes(rng.randrange(256) for _ in range(rng.randint(8, 12)))
+                hexed = " ".join(f"{b:02X}" for b in raw)
+                if rng.random() < 0.3:      # one wildcard byte in the middle: atoms stay >= 4 bytes
+                    parts = hexed.split(" ")
+                    parts[len(parts) // 2] = "??"
+                    hexed = " ".join(parts)
+                strings.append(f"$s{number} = {{ {hexed} }}")
+            else:
+                escaped = text().replace("\\", "\\\\").replace('"', '\\"')
+                modifier = " wide ascii" if kind < 0.35 else (" nocase" if kind < 0.38 else "")
+                modifier += " fullword" if rng.random() < 0.1 else ""
+                strings.append(f'$s{number} = "{escaped}"{modifier}')
+        condition = rng.choice([
+            "any of them", "2 of them", "all of them", "$s0 and 1 of ($s*)",
+            "uint16(0) == 0x5A4D and filesize < 5MB and any of them",
+            "uint32(0) == 0x464C457F and 2 of them", "filesize < 2MB and any of them",
+            "uint16(0) == 0x5A4D and uint32(uint32(0x3C)) == 0x00004550 and 2 of them",
+        ])
+        tags = rng.choice(["", " : apt", " : malware", " : hacktool webshell", " : crime"])
+        rules.append(f'rule synth_{index:05d}{tags}\n{{\n    meta:\n        description = "synthetic rule {index}"\n'
+                     f'        severity = "{rng.choice(["low", "medium", "high"])}"\n'
+                     "    strings:\n        " + "\n        ".join(strings) +
+                     f"\n    condition:\n        {condition}\n}}\n")
+    return "\n".join(rules)
+
+
+# --- the corpus ----------------------------------------------------------------------------------
+
+def text_blob(size: int, rng: random.Random) -> bytes:
+    out, total = [], 0
+    while total < size:
+        line = " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 14))).capitalize() + ".\n"
+        out.append(line)
+        total += len(line)
+    return "".join(out).encode()[:size]
+
+
+def binary_blob(size: int, rng: random.Random) -> bytes:
+    """Executable-like: a PE header, then code-like random runs, zero padding and string tables."""
+    parts, total = [S.pe()], len(S.pe())
+    while total < size:
+        choice = rng.random()
+        if choice < 0.5:
+            piece = rng.randbytes(rng.randint(512, 8192))
+        elif choice < 0.7:
+            piece = bytes(rng.randint(256, 4096))
+        else:
+            piece = b"\0".join(rng.choice(WORDS).encode() + str(rng.randint(0, 999)).encode()
+                               for _ in range(rng.randint(20, 200)))
+        parts.append(piece)
+        total += len(piece)
+    return b"".join(parts)[:size]
+
+
+def pdf_blob(size: int, rng: random.Random) -> bytes:
+    """A PDF whose bulk is one (random, as if compressed) stream, ending with its %%EOF."""
+    body = rng.randbytes(max(0, size - 400))
+    return (b"%PDF-1.5\n1 0 obj\n<< /Type /Catalog /Pages 2 0 R >>\nendobj\n2 0 obj\n<< /Type /Pages /Kids [] "
+            b"/Count 0 >>\nendobj\n3 0 obj\n<< /Length " + str(len(body)).encode() + b" /Filter /FlateDecode >>\n"
+            b"stream\n" + body + b"\nendstream\nendobj\ntrailer\n<< /Root 1 0 R >>\n%%EOF\n")
+
+
+def make_corpus(rng: random.Random, quick: bool) -> dict[str, list[tuple[str, bytes]]]:
+    big_sizes = [1 * MB, 2 * MB, 3 * MB, 5 * MB, 10 * MB] if not quick else [1 * MB, 2 * MB]
+    mid_sizes = [1 * KB, 4 * KB, 16 * KB, 64 * KB, 256 * KB, 700 * KB]
+    corpus: dict[str, list[tuple[str, bytes]]] = {"big": [], "mid": [], "archive": [], "small": []}
+    for size in big_sizes:
+        corpus["big"].append((f"random_{size}.bin", rng.randbytes(size)))
+        corpus["big"].append((f"text_{size}.txt", text_blob(size, rng)))
+        corpus["big"].append((f"binary_{size}.exe", binary_blob(size, rng)))
+        corpus["big"].append((f"doc_{size}.pdf", pdf_blob(size, rng)))
+    for size in mid_sizes:
+        for _ in range(2 if quick else 4):
+            corpus["mid"].append((f"random_{size}.bin", rng.randbytes(size)))
+            corpus["mid"].append((f"text_{size}.txt", text_blob(size, rng)))
+            corpus["mid"].append((f"binary_{size}.dll", binary_blob(size, rng)))
+            corpus["mid"].append((f"image_{size}.png", S.png()[:-12] + rng.randbytes(size) + S.png()[-12:]))
+    for count in ((5, 30) if quick else (5, 30, 200)):
+        members = {f"dir/file{i}.txt": text_blob(rng.randint(1 * KB, 200 * KB), rng) for i in range(count)}
+        members.update({f"bin/tool{i}.dll": binary_blob(rng.randint(10 * KB, 300 * KB), rng)
+                        for i in range(count // 5)})
+        corpus["archive"].append((f"bundle_{count}.zip", S.zip_bytes(members)))
+        corpus["archive"].append((f"bundle_{count}.tar.gz", S.gz(S.tar_bytes(members), name=f"bundle_{count}.tar")))
+    for _ in range(500 if quick else 2000):
+        size = rng.randint(200, 4 * KB)
+        kind = rng.random()
+        data = text_blob(size, rng) if kind < 0.6 else (rng.randbytes(size) if kind < 0.8 else binary_blob(size, rng))
+        corpus["small"].append((f"small_{_}.txt", data))
+    return corpus
+
+
+# --- measurement ---------------------------------------------------------------------------------
+
+def run(fn, files, threads: int = 1) -> tuple[float, float]:
+    """(wall seconds, process cpu seconds) to process all files once."""
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    if threads == 1:
+        for name, data in files:
+            fn(name, data)
+    else:
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(lambda item: fn(*item), files))
+    return time.perf_counter() - wall0, time.process_time() - cpu0
+
+
+def best(fn, files, repeats: int, threads: int = 1) -> tuple[float, float]:
+    results = [run(fn, files, threads) for _ in range(repeats)]
+    return min(results)
+
+
+def engine_comparison(sigdir: Path, files, yp_one: float, yp_two: float, yp_load: float, repeats: int) -> dict:
+    """yara-x on the same rules and files, when importable (it is not a dependency: for a one-off
+    measurement, `pip install --target /tmp/yx yara-x` and run with PYTHONPATH=/tmp/yx)."""
+    try:
+        import yara_x
+    except ImportError:
+        print("yara-x not importable: engine figures from docs/research only (see signatures/README.md).")
+        return {}
+    compiler = yara_x.Compiler()
+    for name, value in EXTERNALS.items():
+        compiler.define_global(name, value)
+    t0 = time.perf_counter()
+    for path in sorted(sigdir.glob("*.yar")):
+        compiler.new_namespace(path.stem)
+        compiler.add_source(path.read_text())
+    compiled = compiler.build()
+    compile_s = time.perf_counter() - t0
+    blob = io.BytesIO()
+    compiled.serialize_into(blob)
+    t0 = time.perf_counter()
+    compiled = yara_x.Rules.deserialize_from(io.BytesIO(blob.getvalue()))
+    load_s = time.perf_counter() - t0
+    total = sum(len(d) for _, d in files) / MB
+    local = threading.local()
+
+    def scan(name: str, data: bytes) -> None:
+        scanner = getattr(local, "scanner", None)       # a yara-x Scanner must stay in its thread
+        if scanner is None:
+            scanner = local.scanner = yara_x.Scanner(compiled)
+        scanner.scan(data)
+
+    scan(*files[0])
+    one_wall, one_cpu = best(scan, files, repeats)
+    two_wall, two_cpu = best(scan, files, repeats, threads=2)
+    result = {"yx_compile_s": compile_s, "yx_load_s": load_s, "yp_load_s": yp_load,
+              "yx_1thread_MBs": total / one_wall, "yx_2threads_MBs": total / two_wall,
+              "yx_2threads_cpu_wall": two_cpu / two_wall, "yp_1thread_MBs": yp_one, "yp_2threads_MBs": yp_two}
+    print(f"engines on files >= 1 MB, raw scan: yara-python {yp_one:.1f} MB/s 1 thread, {yp_two:.1f} MB/s 2 threads "
+          f"({yp_two / yp_one:.2f}x); yara-x {total / one_wall:.1f} MB/s 1 thread, {total / two_wall:.1f} MB/s "
+          f"2 threads ({one_wall / two_wall:.2f}x, cpu/wall {two_cpu / two_wall:.2f}: the GIL is held)")
+    print(f"load of the compiled set: yara-python {yp_load * 1000:.0f} ms (from the cache file), yara-x "
+          f"{load_s * 1000:.0f} ms (deserialize); compile: yara-x {compile_s:.2f} s")
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rules", type=int, default=3000, help="synthetic rules to add (default 3000)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    rng = random.Random(1234)
+
+    workdir = Path(tempfile.mkdtemp(prefix="imguard-bench-"))
+    sigdir = workdir / "signatures"
+    sigdir.mkdir()
+    for path in (ROOT / "signatures").glob("*.yar"):
+        (sigdir / path.name).write_bytes(path.read_bytes())
+    (sigdir / "synthetic.yar").write_text(synthetic_rules(args.rules, rng))
+    t0 = time.perf_counter()
+    signatures = load_signatures(sigdir, workdir / "cache")
+    compile_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    signatures = load_signatures(sigdir, workdir / "cache")
+    load_s = time.perf_counter() - t0
+    assert signatures.from_cache
+    rules = signatures.rules
+    inspector = Inspector(signatures, InspectLimits())
+    print(f"rule set: {signatures.rule_count} rules ({args.rules} synthetic + bundled), "
+          f"{len(signatures.warnings)} warnings; compile {compile_s:.2f} s (incl. per-file check), "
+          f"cache load {load_s * 1000:.0f} ms")
+
+    corpus = make_corpus(rng, args.quick)
+    print("corpus: " + ", ".join(f"{k} {len(v)} files / {sum(len(d) for _, d in v) / MB:.1f} MB"
+                                 for k, v in corpus.items()))
+
+    def raw(name: str, data: bytes) -> None:
+        rules.match(data=data)
+
+    def pipeline(name: str, data: bytes) -> None:
+        current[0].inspect(data, name=name)
+
+    current = [inspector]
+    sha256_only = Inspector(signatures, InspectLimits(digests="sha256"))
+
+    rows = []
+
+    def per_file_best(files) -> tuple[float, float, float, float]:
+        """Raw and pipeline interleaved file by file, each file's best of `repeats`, summed: robust to
+        the other processes that share this host's two cores."""
+        best = [[float("inf")] * 4 for _ in files]
+        for _ in range(args.repeats):
+            for index, (name, data) in enumerate(files):
+                for slot, fn in ((0, raw), (2, pipeline)):
+                    cpu0, wall0 = time.process_time(), time.perf_counter()
+                    fn(name, data)
+                    wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+                    best[index][slot] = min(best[index][slot], wall)
+                    best[index][slot + 1] = min(best[index][slot + 1], cpu)
+        return tuple(sum(b[i] for b in best) for i in range(4))
+
+    def compare(label: str, files, threads: int = 1, unit: str = "MB/s") -> dict:
+        run(pipeline, files[:3]), run(raw, files[:3])         # warm up (libmagic cookies, page faults)
+        if threads == 1:
+            raw_wall, raw_cpu, pipe_wall, pipe_cpu = per_file_best(files)
+        else:
+            raw_wall, raw_cpu = best(raw, files, args.repeats, threads)
+            pipe_wall, pipe_cpu = best(pipeline, files, args.repeats, threads)
+        total = sum(len(d) for _, d in files)
+        scale = (lambda t: total / MB / t) if unit == "MB/s" else (lambda t: len(files) / t)
+        row = {"set": label, "threads": threads, "files": len(files), "MB": round(total / MB, 1), "unit": unit,
+               "raw": scale(raw_wall), "pipeline": scale(pipe_wall), "ratio": raw_wall / pipe_wall,
+               "raw_cpu_wall": raw_cpu / raw_wall, "pipe_cpu_wall": pipe_cpu / pipe_wall,
+               "cpu_ratio": raw_cpu / pipe_cpu}
+        rows.append(row)
+        return row
+
+    big = corpus["big"]
+    compare("(a) files >= 1 MB", big)
+    compare("(a) files 1 KB - 700 KB", corpus["mid"])
+    compare("(a) all non-archives", big + corpus["mid"])
+    compare("(a) archives (zip, tar.gz)", corpus["archive"])
+    compare("(b) small files 200 B - 4 KB", corpus["small"], unit="files/s")
+    current[0] = sha256_only
+    compare("(a) files >= 1 MB, digests=sha256", big)
+    current[0] = inspector
+    one = dict(rows[0], set="(d) files >= 1 MB, 1 thread")
+    rows.append(one)
+    two = compare("(d) files >= 1 MB, 2 threads", big, threads=2)
+
+    print()
+    print(f"{'set':36} {'thr':>3} {'files':>5} {'MB':>7}  {'raw':>10} {'pipeline':>10} {'unit':>7}  "
+          f"{'ratio':>5}  {'cpu ratio':>9}  {'cpu/wall raw|pipe':>17}")
+    for r in rows:
+        print(f"{r['set']:36} {r['threads']:>3} {r['files']:>5} {r['MB']:>7}  {r['raw']:>10.1f} {r['pipeline']:>10.1f} "
+              f"{r['unit']:>7}  {r['ratio']:>5.2f}  {r['cpu_ratio']:>9.2f}  "
+              f"{r['raw_cpu_wall']:>8.2f}|{r['pipe_cpu_wall']:<8.2f}")
+    print()
+    print("ratio = pipeline throughput / raw YARA throughput (wall clock; target >= 0.90 on files >= 1 MB).")
+    print("cpu ratio = raw CPU time / pipeline CPU time: the same comparison counting the hash thread's CPU too.")
+    print("1-thread rows: per-file best of the repeats, raw and pipeline interleaved; 2-thread row: best whole run.")
+    print(f"2 threads vs 1 (pipeline): {two['pipeline'] / one['pipeline']:.2f}x wall, "
+          f"cpu/wall {two['pipe_cpu_wall']:.2f}; "
+          f"raw YARA: {two['raw'] / one['raw']:.2f}x, cpu/wall {two['raw_cpu_wall']:.2f}")
+
+    engine_rows = engine_comparison(sigdir, big, one["raw"], two["raw"], load_s, args.repeats)
+
+    out = ROOT / "bench" / "results"
+    out.mkdir(exist_ok=True)
+    (out / "bench_inspect.json").write_text(json.dumps(
+        {"rules": signatures.rule_count, "compile_s": compile_s, "cache_load_s": load_s, "rows": rows,
+         "engines": engine_rows,
+         "cpus": os.cpu_count(), "yara": yara.__version__}, indent=1))
+    inspector.close()
+    sha256_only.close()
+    print(f"total bench time {time.perf_counter() - started:.0f} s; results in bench/results/bench_inspect.json")
+
+
+if __name__ == "__main__":
+    main()
