@@ -11,7 +11,8 @@ log() { printf 'setup: %s\n' "$*" >&2; }
 
 # --- Debian packages -------------------------------------------------------------------------------
 debs=(libmagic1)
-[ "$want" = test ] && debs+=(prosody ngircd openssl iproute2 tshark postgresql)
+[ "$want" = test ] && debs+=(prosody ngircd openssl iproute2 tshark postgresql sipsak kamailio)
+[ "$want" = test ] && debs+=(nftables iptables)     # tests/test_inline_netns.py: the deploy/ redirect rules
 missing=()
 for p in "${debs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -37,6 +38,16 @@ find_python() {
   done
   return 1
 }
+
+# --- test only: a real Synapse homeserver in its own venv (tests/peers/synapse.py), ~60-90 s the first time ----
+if [ "$want" = test ] && [ ! -f .venv-synapse/.imguard-synapse ]; then
+  py=$(find_python) || { log "no Python >= 3.12 found for .venv-synapse; set IMGUARD_PYTHON"; exit 2; }
+  log "creating .venv-synapse with $py and installing matrix-synapse"
+  rm -rf .venv-synapse
+  "$py" -m venv .venv-synapse
+  .venv-synapse/bin/python -m pip install -q --disable-pip-version-check matrix-synapse
+  touch .venv-synapse/.imguard-synapse
+fi
 
 # --- the virtual environment, rebuilt only when setup.cfg changes ----------------------------------
 stamp=".venv/.imguard-setup-$want"

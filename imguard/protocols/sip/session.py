@@ -1,0 +1,394 @@
+"""The SIP session: RFC 3428 MESSAGE through policy, INVITE/SDP MSRP offers into the table. Sans-io.
+
+    session = SipSession(pipeline, transfers, ChatContext(client_address=..., server_address=...))
+    session.data_received(True, b"MESSAGE sip:bob@b.example SIP/2.0\\r\\n...\\r\\n\\r\\nthe password is hunter2")
+        -> [Send(to_client=False, data=<the same MESSAGE, body masked, Content-Length fixed>)]     (mask)
+        -> [Send(to_client=True, data=b"SIP/2.0 403 Forbidden\\r\\nVia: ...Warning: 399 imguard \\"...\\"...")]  (block)
+
+Carriage. SIP runs over UDP, TCP (5060) and TLS (5061, TLS from the first byte). This StreamSession is for
+TCP/TLS; `SipDatagramHandler.datagram_received(from_client, data)` takes one UDP datagram and returns the
+commands for it (each Send is one datagram). The inline gateway carries TCP/TLS today; for UDP it would need a
+UDP carrier (mitmproxy carries UDP in its reverse:udp:// and transparent/WireGuard modes) that keeps one
+handler per (client, server) address pair, writes each Send as one datagram, and expires idle pairs. Without
+it, SIP over UDP passes uninspected (tests/test_sip_live.py has a 40-line asyncio UDP carrier).
+
+Messages. A client MESSAGE (server-side ones too with `sip_check_inbound_messages`) goes to
+`checker.check_message(text, ctx)` with protocol "sip", sender = P-Asserted-Identity if present else the From
+URI, recipients = the To URI (and the Request-URI when it differs). Bodies: text/plain (charset honoured),
+text/html (tags stripped for policy), message/cpim wrapping either (RFC 3862). Allow/alert: the exact bytes
+cross. Mask: the body (or the CPIM content) is rewritten and Content-Length fixed; HTML becomes text/plain.
+Block/quarantine: the MESSAGE is dropped and the sender gets `403 Forbidden` built from the request per RFC 3261
+§8.2.6 (all Vias, From, To with a tag, Call-ID, CSeq) with `Warning: 399 imguard "<notice>"` and the notice
+as a text/plain body. Status/composing bodies (im-iscomposing, IMDN) pass unchecked; any other body (an image
+in a MESSAGE, multipart) is a file: held, `InspectFile` (mechanism "sip-message"), forwarded or refused (403)
+on the verdict. A text body (text/plain, text/html, message/cpim) in any other request (INFO, an INVITE, an
+unknown method) is checked the same way, so it is no side channel around MESSAGE. Not checked: other headers,
+and the free text some XML bodies carry (PIDF <note> in PUBLISH/NOTIFY).
+
+MSRP offers. An INVITE (either direction) whose SDP offers `m=message ... TCP/MSRP` or `TCP/TLS/MSRP`
+becomes an `MsrpOffer` in the ExpectedTransfers table (kind "msrp", keys: each endpoint's path key and
+(host, port)), with the RFC 5547 file-selector, direction, offerer and answerer; the 2xx answer adds the
+answerer's path. A "msrp_offer" event is recorded for each.
+
+Notices. `notice(text)` sends the user a MESSAGE from sip:imguard@imguard.invalid (its responses are
+swallowed): the carrier uses it for a Record with `imguard.notify` naming this connection (an MSRP file blocked
+on its own connection).
+
+The Subject header of a checked request is checked too (block refuses the message, mask rewrites the header).
+An UPDATE (RFC 3311) or re-INVITE with SDP is an offer like an INVITE; a late offer (an INVITE without SDP,
+the offer in the 200 OK and the answer in the ACK) is not registered yet.
+
+Framing errors (bad start line, lying or oversized Content-Length, too many headers) are anomalies and close
+the connection: the stream cannot be framed any more, and forwarding unframed bytes would let a MESSAGE pass
+unchecked. Events: anomalies (alerts.anomaly_event), "msrp_offer", "msrp_answer", "sip_notice". Message
+decisions are written by the checker (Pipeline.check_message), not here.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime
+import ipaddress
+import itertools
+import re
+import secrets
+from typing import Any
+
+from imguard import alerts
+from imguard.model import BLOCK, MASK, ChatContext, Decision, FileReport
+from imguard.protocols.base import Close, Command, InspectFile, Record, Send
+from imguard.protocols.msrp.offer import MsrpOffer, new_offer_id, remember_msrp_offer
+from imguard.protocols.sip.message import (KeepAlive, SipFramingError, SipLimits, SipMessage, SipStreamDecoder,
+                                           build_response, decode_text, parse_cpim, parse_datagram, quote, uri_of,
+                                           with_body, with_header)
+from imguard.protocols.sip.sdp import SdpError, msrp_media
+from imguard.protocols.sip.text import UNCHECKED_TYPES, Out, masked_body, message_text
+
+GATEWAY_URI = "sip:imguard@imguard.invalid"
+NOTICE_BRANCH = "z9hG4bK-imguard-"              # Via branch prefix of the gateway's own requests
+BLOCK_STATUS = 403
+OFFER_METHODS = ("INVITE", "UPDATE")           # requests whose SDP is an offer (re-INVITEs included), RFC 3311
+
+_ids = itertools.count(1)
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _text_body(msg: SipMessage) -> bool:
+    return bool(msg.body) and msg.content_type[0] in ("text/plain", "text/html", "message/cpim")
+
+
+def _address(media) -> tuple[tuple[str, int], ...]:
+    """(c= address, m= port) of an MSRP media line, normalised like find_msrp_offer's lookups."""
+    if not media.address or not media.port:
+        return ()
+    try:
+        host = str(ipaddress.ip_address(media.address))
+    except ValueError:
+        host = media.address.lower()
+    return ((host, media.port),)
+
+
+class SipSession:
+    """One SIP connection between a user agent and its proxy (StreamSession). See the module docstring."""
+
+    def __init__(self, checker, transfers, context: ChatContext, limits: SipLimits = SipLimits(),
+                 tls_on_connect: bool = False, datagram: bool = False):
+        self.checker = checker
+        self.transfers = transfers
+        self.context = context.with_(protocol="sip")
+        self.limits = limits
+        self.tls = tls_on_connect
+        self.datagram = datagram
+        self._decoders = {True: SipStreamDecoder(limits), False: SipStreamDecoder(limits)}
+        self.closed = False
+        self.anomaly_counts: dict[str, int] = {}
+        self.user = ""                  # the user's identity: P-Asserted-Identity or From of their requests
+        self.contact = ""               # where the user's UA is (Contact of its requests)
+        self._held: dict[str, tuple[bool, SipMessage, ChatContext]] = {}     # MESSAGE files being inspected
+        self._pending: collections.OrderedDict[str, list[MsrpOffer]] = collections.OrderedDict()
+        self._notice_seq = itertools.count(1)
+
+    # --- StreamSession ------------------------------------------------------------------------------
+
+    def data_received(self, from_client: bool, data: bytes) -> list[Command]:
+        if self.closed:
+            return []
+        out = Out()
+        for item in self._decoders[from_client].feed(data):
+            if isinstance(item, SipFramingError):
+                self.closed = True
+                out.add(self._anomaly(item.kind, item.detail, from_client=from_client,
+                                      raw=item.raw[:200].decode("latin-1")), Close(f"SIP framing error: {item.kind}"))
+                break
+            if isinstance(item, KeepAlive):
+                out.send(not from_client, item.raw)
+            else:
+                self._handle(out, from_client, item)
+        return out.cmds
+
+    def tls_started(self) -> list[Command]:
+        return []       # SIP has no STARTTLS: TLS on 5061 starts with the connection (tls_on_connect)
+
+    def file_verdict(self, transfer_id: str, report: FileReport, decision: Decision) -> list[Command]:
+        held = self._held.pop(transfer_id, None)
+        if held is None or self.closed:
+            return []
+        from_client, msg, ctx = held
+        out = Out(merge=not self.datagram)
+        if decision.blocked:
+            self._refuse(out, from_client, msg, decision, "file")
+        else:
+            out.send(not from_client, msg.raw)
+        return out.cmds
+
+    def connection_closed(self, from_client: bool) -> list[Command]:
+        pending = self._decoders[from_client].pending
+        if pending and not self.closed:
+            record = self._anomaly("sip_incomplete_message", "the connection closed in the middle of a SIP message; "
+                                   "the partial message was not forwarded", from_client=from_client, size=pending)
+            return [record] if record else []
+        return []
+
+    # --- for the carrier ----------------------------------------------------------------------------
+
+    def notice(self, text: str) -> list[Command]:
+        """A MESSAGE from the gateway to this connection's user (e.g. an MSRP file blocked on its own connection).
+        The user agent's response to it is swallowed."""
+        if self.closed:
+            return []
+        target = self.contact or self.user
+        if not target:
+            return []
+        n = next(self._notice_seq)
+        body = text.encode("utf-8")
+        tag = secrets.token_hex(4)
+        transport = "UDP" if self.datagram else ("TLS" if self.tls else "TCP")
+        head = (f"MESSAGE {target} SIP/2.0\r\n"
+                f"Via: SIP/2.0/{transport} imguard.invalid;branch={NOTICE_BRANCH}{secrets.token_hex(6)}\r\n"
+                f"Max-Forwards: 70\r\n"
+                f"From: \"imguard\" <{GATEWAY_URI}>;tag={tag}\r\n"
+                f"To: <{self.user or target}>\r\n"
+                f"Call-ID: {secrets.token_hex(8)}@imguard.invalid\r\n"
+                f"CSeq: {n} MESSAGE\r\n"
+                f"Content-Type: text/plain;charset=UTF-8\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n")
+        return [Send(to_client=True, data=head.encode("utf-8") + body),
+                self._event("sip_notice", text=text, target=target)]
+
+    # --- messages -----------------------------------------------------------------------------------
+
+    def _handle(self, out: Out, from_client: bool, msg: SipMessage) -> None:
+        if msg.is_request:
+            if from_client:
+                self._learn_user(msg)
+            if (msg.method == "MESSAGE" or _text_body(msg)) and (from_client or self.limits.sip_check_inbound_messages):
+                self._message(out, from_client, msg)    # any request's text body: no side channel around MESSAGE
+                return
+            if msg.method in OFFER_METHODS and msg.body:
+                self._invite(out, from_client, msg)
+            out.send(not from_client, msg.raw)
+            return
+        vias = msg.get_all("via")
+        if from_client and vias and f"branch={NOTICE_BRANCH}" in vias[0]:
+            return          # the user agent answering our notice MESSAGE
+        number, method = msg.cseq
+        if method in OFFER_METHODS and 200 <= msg.status < 300 and msg.body:
+            self._answer(out, from_client, msg)
+        out.send(not from_client, msg.raw)
+
+    def _learn_user(self, msg: SipMessage) -> None:
+        if msg.method == "REGISTER":
+            self.user = uri_of(msg.get("to")) or self.user
+        elif not self.user:
+            self.user = self._identity(msg)
+        contacts = msg.get_all("contact")
+        if contacts and contacts[0] != "*":
+            self.contact = uri_of(contacts[0])
+
+    @staticmethod
+    def _identity(msg: SipMessage) -> str:
+        pai = msg.get_all("p-asserted-identity")
+        return uri_of(pai[0]) if pai else uri_of(msg.get("from"))
+
+    def _message_ctx(self, msg: SipMessage, **changes: Any) -> ChatContext:
+        to = uri_of(msg.get("to"))
+        ruri = uri_of(msg.request_uri)
+        recipients = tuple(r for r in dict.fromkeys([to, ruri]) if r)
+        return self.context.with_(sender=self._identity(msg), recipients=recipients, **changes)
+
+    def _message(self, out: Out, from_client: bool, msg: SipMessage) -> None:
+        ctx = self._message_ctx(msg)
+        subject = msg.get("subject").strip()
+        if subject:
+            # RFC 3261 §20.36: free text many clients show with the message; checked on its own.
+            decision = self.checker.check_message(subject, ctx)
+            if decision.action == MASK and decision.masked_text is not None and not decision.blocked:
+                clean = re.sub(r"[\x00-\x1f\x7f]+", " ", decision.masked_text)
+                rewritten = SipStreamDecoder(self.limits).feed(with_header(msg, "subject", clean))
+                if len(rewritten) == 1 and isinstance(rewritten[0], SipMessage):
+                    msg = rewritten[0]
+                else:       # the mask made it unframeable (past a limit): refused rather than sent unmasked
+                    decision = Decision(action=BLOCK, matches=decision.matches, notice=decision.notice)
+            if decision.blocked:
+                self._refuse(out, from_client, msg, decision, "message subject")
+                return
+        ctype, params = msg.content_type
+        body = msg.body
+        if not body.strip() or ctype in UNCHECKED_TYPES:
+            out.send(not from_client, msg.raw)
+            return
+        inner_type, inner_params, inner_body = ctype, params, body
+        if ctype == "message/cpim":
+            cpim = parse_cpim(body)
+            if cpim is None:
+                out.add(self._anomaly("sip_bad_cpim", "a message/cpim body without its two header blocks",
+                                      from_client=from_client))
+                inner_type, inner_params, inner_body = "application/octet-stream", {}, body
+            else:
+                inner_type, inner_params = cpim.content_type
+                inner_body = cpim.content
+                if inner_type in UNCHECKED_TYPES:
+                    out.send(not from_client, msg.raw)
+                    return
+        text = message_text(inner_type, inner_params, inner_body)
+        if text is None:
+            self._hold_file(out, from_client, msg, ctx, inner_body, inner_type)
+            return
+        decision = self.checker.check_message(text[0], ctx)
+        if decision.blocked:
+            self._refuse(out, from_client, msg, decision, "message")
+        elif decision.action == MASK and decision.masked_text is not None:
+            new_body, new_type = masked_body(ctype, params, body, decision.masked_text)
+            out.send(not from_client, with_body(msg, new_body, new_type))
+            if decision.notice and from_client:
+                out.add(*self.notice(decision.notice))
+        else:
+            out.send(not from_client, msg.raw)
+
+    def _hold_file(self, out: Out, from_client: bool, msg: SipMessage, ctx: ChatContext, data: bytes,
+                   claimed: str) -> None:
+        transfer_id = f"{self.context.connection_id or 'sip'}-msg-{next(_ids)}"
+        ctx = ctx.with_(transfer_mechanism="sip-message")
+        self._held[transfer_id] = (from_client, msg, ctx)
+        out.add(InspectFile(transfer_id=transfer_id, data=data, context=ctx, claimed_mime=claimed))
+
+    def _refuse(self, out: Out, from_client: bool, msg: SipMessage, decision: Decision, what: str) -> None:
+        text = decision.notice or self._default_notice(decision, what, msg)
+        response = build_response(msg, BLOCK_STATUS, to_tag=secrets.token_hex(4),
+                                  extra_headers=[("Warning", f"399 imguard {quote(text)}"), ("Server", "imguard")],
+                                  body=text.encode("utf-8"))
+        out.send(from_client, response)
+
+    @staticmethod
+    def _default_notice(decision: Decision, what: str, msg: SipMessage) -> str:
+        words = {"block": "blocked", "quarantine": "quarantined"}
+        why = "; ".join(m.title or m.rule_id for m in decision.matches) or "policy"
+        to = uri_of(msg.get("to"))
+        return f"Your {what} to {to} was {words.get(decision.action, 'blocked')} by imguard: {why}"
+
+    # --- MSRP offers --------------------------------------------------------------------------------
+
+    def _sdp(self, out: Out, from_client: bool, msg: SipMessage):
+        ctype, _ = msg.content_type
+        if ctype != "application/sdp":
+            return None
+        try:
+            return msrp_media(decode_text(msg.body))
+        except SdpError as e:
+            out.add(self._anomaly(e.kind, e.detail, from_client=from_client, call_id=msg.call_id))
+            return None
+
+    def _invite(self, out: Out, from_client: bool, msg: SipMessage) -> None:
+        media = self._sdp(out, from_client, msg)
+        if not media:
+            return
+        offerer = self._identity(msg)
+        answerer = uri_of(msg.get("to"))
+        offers = []
+        for m in media:
+            direction = {"sendonly": "push", "recvonly": "pull"}.get(m.direction, "push" if m.file else "")
+            sender, receiver = (answerer, offerer) if direction == "pull" else (offerer, answerer)
+            ctx = self.context.with_(protocol="msrp", sender=sender, recipients=(receiver,),
+                                     conversation=msg.call_id, transfer_mechanism="msrp" if m.file else "")
+            offer = MsrpOffer(offer_id=new_offer_id(self.context.connection_id), call_id=msg.call_id,
+                              offerer=offerer, answerer=answerer, offer_path=m.path, tls=m.tls,
+                              accept_types=m.accept_types, file=m.file, file_direction=direction if m.file else "",
+                              file_transfer_id=m.file_transfer_id, outbound=from_client, context=ctx,
+                              addresses=_address(m))
+            remember_msrp_offer(self.transfers, offer, self.limits.sip_msrp_offer_ttl)
+            offers.append(offer)
+            out.add(self._event("msrp_offer", category="file" if m.file else "session", ctx=ctx, **offer.to_dict()))
+        self._pending[msg.call_id] = offers
+        self._pending.move_to_end(msg.call_id)
+        while len(self._pending) > self.limits.sip_max_pending_invites:
+            self._pending.popitem(last=False)
+
+    def _answer(self, out: Out, from_client: bool, msg: SipMessage) -> None:
+        offers = self._pending.get(msg.call_id)
+        if not offers:
+            return
+        media = self._sdp(out, from_client, msg)
+        if not media:
+            return
+        answered = []
+        for offer, m in zip(offers, media):
+            offer = offer.with_answer(m.path, tls=offer.tls or m.tls, address=next(iter(_address(m)), None))
+            remember_msrp_offer(self.transfers, offer, self.limits.sip_msrp_offer_ttl)
+            answered.append(offer)
+            out.add(self._event("msrp_answer", category="session", ctx=offer.context, **offer.to_dict()))
+        self._pending[msg.call_id] = answered
+
+    # --- records ------------------------------------------------------------------------------------
+
+    def _anomaly(self, kind: str, detail: str, **data: Any) -> Record | None:
+        """An anomaly record; past sip_max_anomalies_per_kind of one kind on this connection, only counted."""
+        seen = self.anomaly_counts[kind] = self.anomaly_counts.get(kind, 0) + 1
+        if seen > self.limits.sip_max_anomalies_per_kind:
+            return None
+        if seen == self.limits.sip_max_anomalies_per_kind:
+            data["further_suppressed"] = True
+        return Record(alerts.anomaly_event(self.context.with_(sender=self.user), kind, detail, **data))
+
+    def _event(self, action: str, category: str = "session", ctx: ChatContext | None = None, **data: Any) -> Record:
+        ctx = ctx or self.context.with_(sender=self.user)
+        return Record({
+            "@timestamp": _now(),
+            "event": {"kind": "event", "category": [category], "action": action, "module": "imguard",
+                      "dataset": f"imguard.{category}"},
+            "observer": dict(alerts.OBSERVER),
+            "network": {"protocol": "sip"},
+            "imguard": {"context": ctx.to_dict(), "sip": data},
+        })
+
+
+class SipDatagramHandler:
+    """SIP over UDP: one datagram in, the commands for it out (each Send is one datagram to write).
+
+    Same policy as SipSession. A datagram that is not a SIP message is an anomaly and dropped (UDP has no
+    stream to lose: later datagrams are still handled). The carrier answers InspectFile with file_verdict."""
+
+    def __init__(self, checker, transfers, context: ChatContext, limits: SipLimits = SipLimits()):
+        self.session = SipSession(checker, transfers, context, limits, datagram=True)
+
+    def datagram_received(self, from_client: bool, data: bytes) -> list[Command]:
+        s = self.session
+        out = Out(merge=False)
+        if data.strip(b"\r\n") == b"":
+            out.send(not from_client, data)         # keep-alive
+            return out.cmds
+        try:
+            msg = parse_datagram(data, s.limits)
+        except SipFramingError as e:
+            out.add(s._anomaly(e.kind, e.detail, from_client=from_client, size=len(data)))
+            return out.cmds
+        s._handle(out, from_client, msg)
+        return out.cmds
+
+    def file_verdict(self, transfer_id: str, report: FileReport, decision: Decision) -> list[Command]:
+        return self.session.file_verdict(transfer_id, report, decision)
+
+    def notice(self, text: str) -> list[Command]:
+        return self.session.notice(text)
