@@ -12,7 +12,7 @@ import pytest
 
 from imguard import alerts
 from imguard.model import ALLOW, BLOCK, ChatContext, Decision, FileReport, Finding, RuleMatch, YARA_MATCH
-from imguard.sinks import EventBus, SinkSettings, WebhookSink, build_sinks, check_settings
+from imguard.sinks import EventBus, Sink, SinkSettings, WebhookSink, build_sinks, check_settings
 from imguard.sinks.queue import DiskQueue
 from imguard.sinks.syslog import format_5424
 from tests.peers.sink_peers import HttpReceiver, SmtpReceiver, SyslogReceiver, wait_until
@@ -361,9 +361,22 @@ class Clock:
         return self.now
 
 
-def test_repeated_identical_alerts_are_suppressed_with_a_count(tmp_path):
+class ListSink(Sink):
+    """A remote sink that keeps what it is sent, in order (delivery itself is tested with real receivers)."""
+    name = "list"
+
+    def __init__(self):
+        self.received: list[dict] = []
+
+    def send(self, event: dict) -> None:
+        self.received.append(event)
+
+
+def test_repeated_identical_alerts_are_suppressed_for_remote_sinks_with_a_count(tmp_path):
     clock = Clock()
-    bus = EventBus(alerts.AlertLog(tmp_path / "alerts.jsonl"), dedup_window=60, clock=clock)
+    remote = ListSink()
+    bus = EventBus(alerts.AlertLog(tmp_path / "alerts.jsonl"), [remote], queue_dir=tmp_path / "queue",
+                   dedup_window=60, clock=clock)
     for _ in range(5):
         bus.write(file_alert(1))
     bus.write(file_alert(2))                                    # another file: not the same alert
@@ -372,27 +385,52 @@ def test_repeated_identical_alerts_are_suppressed_with_a_count(tmp_path):
         bus.write(alerts.message_event("hi", CTX, Decision(action=ALLOW)))   # plain events: never suppressed
     clock.now += 61
     bus.write(file_alert(1))
-    events = local_events(tmp_path)
-    files = [e for e in events if e["event"]["dataset"] == "imguard.file"]
+    assert bus.drain()
+    files = [e for e in remote.received if e["event"]["dataset"] == "imguard.file"]
     assert [(e["file"]["hash"]["sha256"][-1], e["imguard"].get("suppressed_count")) for e in files] == [
         ("1", None), ("2", None), ("1", None), ("1", 4)]
-    assert len([e for e in events if e["event"]["dataset"] == "imguard.message"]) == 3
+    assert len([e for e in remote.received if e["event"]["dataset"] == "imguard.message"]) == 3
+    # The local log is the record: it has every event, the repeats included.
+    local_files = [e for e in local_events(tmp_path) if e["event"]["dataset"] == "imguard.file"]
+    assert len(local_files) == 8
     # A burst followed by silence is still counted: the window's last alert is sent when it ends.
     for _ in range(3):
         bus.write(file_alert(1))
     clock.now += 61
     bus.tick()
-    last = local_events(tmp_path)[-1]
+    assert bus.drain()
+    last = remote.received[-1]
     assert last["file"]["hash"]["sha256"].endswith("1") and last["imguard"]["suppressed_count"] == 2
     bus.close()
 
 
 def test_suppressed_counts_are_not_lost_at_shutdown(tmp_path):
-    bus = EventBus(alerts.AlertLog(tmp_path / "alerts.jsonl"), dedup_window=600)
+    remote = ListSink()
+    bus = EventBus(alerts.AlertLog(tmp_path / "alerts.jsonl"), [remote], queue_dir=tmp_path / "queue",
+                   dedup_window=600)
     for _ in range(4):
         bus.write(file_alert(1))
+    assert bus.drain()
     bus.close()
-    assert [e["imguard"].get("suppressed_count") for e in local_events(tmp_path)] == [None, 2]
+    restarted = EventBus(None, [remote], queue_dir=tmp_path / "queue")
+    assert restarted.drain()
+    restarted.close()
+    assert [e["imguard"].get("suppressed_count") for e in remote.received] == [None, 2]
+    assert len(local_events(tmp_path)) == 4
+
+
+def test_a_file_blocked_for_several_receivers_is_recorded_for_each(tmp_path):
+    """The same file sent to three people is three alerts, not one with a count."""
+    remote = ListSink()
+    bus = EventBus(alerts.AlertLog(tmp_path / "alerts.jsonl"), [remote], queue_dir=tmp_path / "queue",
+                   dedup_window=600)
+    report = FileReport(name="eicar.com", path="eicar.com", size=68, sha256="e" * 64)
+    for receiver in ("bob@corp.example", "carol@corp.example", "dave@corp.example"):
+        bus.write(alerts.file_event(report, CTX.with_(recipients=(receiver,)), BLOCK_MALWARE))
+    assert bus.drain()
+    bus.close()
+    assert [e["destination"]["user"]["name"][0] for e in remote.received] == [
+        "bob@corp.example", "carol@corp.example", "dave@corp.example"]
 
 
 def test_the_local_file_is_rotated_by_size_without_splitting_lines(tmp_path):

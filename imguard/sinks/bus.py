@@ -151,21 +151,25 @@ class EventBus:
         Never blocks on a sink and never raises for a sink's or a queue's trouble."""
         if self.metrics is not None:
             self.metrics.observe_event(event)
+        # Suppression spares the remote sinks (a SIEM, a mailbox) a flood of repeats; the local log is
+        # the record, so it gets every event, repeats included.
         kept = self.dedup.filter(event)
         if kept is None:
             if self.metrics is not None:
                 self.metrics.suppressed()
+            self._emit(event, remote=False)
             return
         self._emit(kept)
 
-    def _emit(self, event: dict[str, Any], skip: _Delivery | None = None) -> None:
+    def _emit(self, event: dict[str, Any], skip: _Delivery | None = None, remote: bool = True,
+              local: bool = True) -> None:
         event.setdefault("event", {}).setdefault("id", alerts.new_event_id())
         observer = event.setdefault("observer", dict(alerts.OBSERVER))
         if self.local is not None:
             observer["name"] = self.local.instance
         # Queued first, then the local line: whatever the local log shows was queued for every sink,
         # even if the process dies between the two writes.
-        if self._deliveries:
+        if self._deliveries and remote:
             payload = alerts.encode(event)
             sync = _is_alert(event)
             for delivery in self._deliveries:
@@ -182,7 +186,7 @@ class EventBus:
                 if self.metrics is not None:
                     self.metrics.queue_depth(delivery.sink.name, delivery.queue.backlog_records)
                 delivery.wake.set()
-        if self.local is not None:
+        if self.local is not None and local:
             try:
                 self.local.write(event)
             except OSError as e:
@@ -248,7 +252,7 @@ class EventBus:
     def tick(self) -> None:
         """Send the summaries of dedup windows that have passed, and pending drop counts."""
         for summary in self.dedup.expire():
-            self._emit(summary)
+            self._emit(summary, local=False)     # the local log already has every suppressed event
         for delivery in self._deliveries:
             if delivery._drops_unreported and time.monotonic() - delivery._last_drop_report >= DROP_REPORT_SECONDS:
                 self._flush_drops(delivery)
@@ -276,7 +280,7 @@ class EventBus:
             return
         self._closed = True
         for summary in self.dedup.expire(flush_all=True):
-            self._emit(summary)
+            self._emit(summary, local=False)
         for delivery in self._deliveries:
             self._flush_drops(delivery)
         self._ticker_stop.set()

@@ -1,6 +1,7 @@
-"""Suppression of repeated identical alerts, with a count.
+"""Suppression of repeated identical alerts for the remote sinks, with a count (the local log keeps all).
 
-Two alerts are the same when they have the same kind (dataset), action, rule ids, sender and content:
+Two alerts are the same when they have the same kind (dataset), action, rule ids, sender, recipients,
+transfer mechanism and content:
 the file's SHA-256, the message text's SHA-256, or the anomaly's kind and detail. The first one in a
 window of `window` seconds is sent; the rest in that window are counted, not sent. Each event that is
 sent stands for itself plus `imguard.suppressed_count` others:
@@ -37,7 +38,9 @@ def dedup_key(event: dict[str, Any]) -> tuple | None:
     if not content and "tls" in ig:
         content = hashlib.sha256(str(ig["tls"].get("detail")).encode("utf-8", "replace")).hexdigest()
     sender = event.get("source", {}).get("user", {}).get("name", "")
-    return (ev.get("dataset"), ev.get("action"), str(rules), sender, content)
+    recipients = str(event.get("destination", {}).get("user", {}).get("name", ""))
+    mechanism = ig.get("context", {}).get("transfer_mechanism", "")
+    return (ev.get("dataset"), ev.get("action"), str(rules), sender, recipients, mechanism, content)
 
 
 class _Entry:
