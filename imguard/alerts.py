@@ -135,6 +135,30 @@ def file_event(report: FileReport, ctx: ChatContext, decision: Decision) -> dict
     return event
 
 
+def protocol_event(protocol: str, action: str, ctx: ChatContext, category: str = "session",
+                   **data: Any) -> dict[str, Any]:
+    """Something a protocol session saw that is worth a record but is not a decision: a login, a nick
+    change, a file offer, a link. `data` goes under imguard.<protocol>."""
+    event = _base("event", category, ctx, action=action)
+    event["network"] = {"protocol": protocol}
+    event["imguard"][protocol] = data
+    return event
+
+
+def notify_event(connection_id: str, protocol: str, ctx: ChatContext, text: str,
+                 decision: Decision | None = None, **data: Any) -> dict[str, Any]:
+    """A request to tell a person something in their chat: the carrier finds the session of connection
+    `connection_id` and carries out `session.notice(text)` there (a file blocked on a side connection,
+    such as DCC, OFT, MSNFTP, MSRP or a SOCKS5 bytestream, is explained on the chat connection)."""
+    event = _base("event", "file", ctx, action="notify")
+    event["network"] = {"protocol": protocol}
+    event["imguard"]["notify"] = {"connection_id": connection_id, "protocol": protocol, "text": text}
+    event["imguard"].update(data)
+    if decision is not None:
+        event["imguard"]["decision"] = {"action": decision.action, "rule_ids": decision.rule_ids}
+    return event
+
+
 def anomaly_event(ctx: ChatContext, kind: str, detail: str, severity: str | None = None,
                   **data: Any) -> dict[str, Any]:
     """A protocol anomaly (Zeek's 'weird'): malformed or suspicious traffic, logged, never a crash.

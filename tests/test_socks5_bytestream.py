@@ -72,12 +72,20 @@ def test_target_leg_is_held_until_proxy_closes_then_released():
         [Send(True, EICAR * 200), Close("transfer complete")]
 
 
-def test_blocked_bytestream_is_closed_without_a_byte():
-    """Blocked: Close, and bob never got any of the file."""
-    s = carrier_mode_target_leg(table())
+def test_blocked_bytestream_is_closed_without_a_byte_and_the_sender_is_told():
+    """Blocked: Close, bob never got any of the file, and the XMPP connection that offered it is asked
+    to tell alice (the carrier delivers imguard.notify with XmppSession.notice)."""
+    transfers = table()
+    s = carrier_mode_target_leg(transfers)
     s.data_received(False, EICAR)
     (inspect,) = s.connection_closed(from_client=False)
-    assert s.file_verdict(inspect.transfer_id, FileReport("", "", 0), Decision(action=BLOCK)) == [Close("file blocked")]
+    notify, close = s.file_verdict(inspect.transfer_id, FileReport("", "", 0),
+                                   Decision(action=BLOCK, notice="Your file eicar.com was blocked."))
+    assert close == Close("file blocked")
+    assert not any(isinstance(c, Send) for c in (notify, close))
+    offer = transfers.lookup_bytestream(s.dst_hash)
+    assert notify.event["imguard"]["notify"] == {"connection_id": offer.context.connection_id, "protocol": "xmpp",
+                                                 "text": "Your file eicar.com was blocked."}
 
 
 def test_session_speaks_socks5_to_the_client_itself():

@@ -103,6 +103,16 @@ def test_bind_result_labels_messages_with_the_jid():
     assert ctx.client_address == "127.0.0.1:41998"
 
 
+def test_notice_from_another_connection_is_a_chat_message_to_the_bound_jid():
+    """A file blocked on a side connection (SOCKS5, HTTP upload) is explained here, in alice's stream."""
+    assert new().notice("not yet bound") == []
+    s = logged_in()
+    cmds = s.notice("Your file <eicar.com> was blocked")
+    assert sent(cmds, to_client=False) == b""
+    assert sent(cmds, to_client=True) == (b"<message type='chat' from='localhost' to='alice@localhost/t'>"
+                                          b"<body>Your file &lt;eicar.com&gt; was blocked</body></message>")
+
+
 def test_sasl_plain_names_the_user_before_bind():
     """SASL PLAIN's authcid (with the stream's domain) labels events until bind; the password is not kept."""
     s = new()

@@ -14,7 +14,7 @@ releases or drops what it held. The session never blocks and never touches a soc
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from imguard.model import ChatContext, Decision, FileReport

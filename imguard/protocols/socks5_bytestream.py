@@ -27,14 +27,15 @@ target: client->server when the initiator connected to us, server->client when t
 When the side sending data closes, or the announced size (from the SI/Jingle offer) has arrived,
 the held bytes go out as InspectFile(transfer_id='s5b:<hash>:<n>', mechanism 'socks5'); the carrier
 answers with file_verdict(): allowed -> the bytes are released to the other side (and, if the sender
-had closed, the connection is closed after them); blocked -> Close. More bytes than
+had closed, the connection is closed after them); blocked -> Close, and a Record carrying
+`imguard.notify` for the XMPP connection that announced the bytestream, so the carrier tells the
+sender there (XmppSession.notice). More bytes than
 `max_held_bytes`, or bytes after the announced size, close the connection (fail closed) with an
 anomaly. With a mediated proxy65 streamhost the proxy holds the initiator's last bytes until the
 initiator closes, so "sender closed" is the normal end of a transfer.
 
 Not done: UDP mode, username/password authentication towards the streamhost, Jingle S5B
-(XEP-0260) candidate-used/activate bookkeeping, a notice to the sender (the XMPP session of the
-sender is another connection; the Pipeline's file record and the closed stream are what it sees).
+(XEP-0260) candidate-used/activate bookkeeping.
 """
 
 from __future__ import annotations
@@ -149,7 +150,15 @@ class Socks5BytestreamSession:
             return []
         if decision.blocked:
             self.state = DONE
-            return [Close("file blocked")]
+            out: list[Command] = [Close("file blocked")]
+            if self.offer is not None:
+                # The sender is told in its chat: the XMPP connection that announced the bytestream.
+                name = self.offer.name or "sent by SOCKS5 bytestream"
+                text = decision.notice or f"Your file {name} was blocked by the security policy."
+                out.insert(0, Record(alerts.notify_event(self.offer.context.connection_id, "xmpp",
+                                                         self.offer.context.with_(transfer_mechanism="socks5"),
+                                                         text, decision, file={"name": self.offer.name})))
+            return out
         self.state = RELEASED
         sender = bool(self._sender_from_client)
         out: list[Command] = [Send(to_client=not sender, data=bytes(self._held[sender]))]

@@ -35,7 +35,6 @@ What the carrier does (the gateway; tests/test_irc_live.py has a 100-line asynci
 
 from __future__ import annotations
 
-import datetime
 import ipaddress
 import itertools
 import struct
@@ -53,9 +52,6 @@ CHAT = "chat"
 
 _ids = itertools.count(1)
 
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def new_offer_id(prefix: str = "") -> str:
@@ -119,19 +115,8 @@ def find_offer(transfers, host: str, port: int, take: bool = True) -> DccOffer |
 def notify_event(offer: DccOffer, ctx: ChatContext, text: str, decision: Decision | None = None,
                  **data: Any) -> dict[str, Any]:
     """An event asking the carrier to tell a person something over the IRC connection the offer came from."""
-    event = {
-        "@timestamp": _now(),
-        "event": {"kind": "event", "category": ["file"], "action": "notify", "module": "imguard",
-                  "dataset": "imguard.file"},
-        "observer": dict(alerts.OBSERVER),
-        "network": {"protocol": "irc"},
-        "imguard": {"context": ctx.to_dict()},
-    }
-    event["imguard"]["notify"] = {"connection_id": offer.context.connection_id, "protocol": "irc", "text": text}
-    event["imguard"]["dcc"] = {**offer.to_dict(), **data}
-    if decision is not None:
-        event["imguard"]["decision"] = {"action": decision.action, "rule_ids": decision.rule_ids}
-    return event
+    return alerts.notify_event(offer.context.connection_id, "irc", ctx, text, decision,
+                               dcc={**offer.to_dict(), **data})
 
 
 def _default_notice(offer: DccOffer, decision: Decision) -> str:

@@ -46,7 +46,6 @@ from __future__ import annotations
 import base64
 import binascii
 import collections
-import datetime
 import re
 from dataclasses import dataclass, replace
 from typing import Any, Callable
@@ -101,9 +100,6 @@ def _escape_tag(value: str) -> str:
     return (value.replace("\\", "\\\\").replace(";", "\\:").replace(" ", "\\s")
             .replace("\r", "\\r").replace("\n", "\\n"))
 
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class _Out:
@@ -283,14 +279,7 @@ class IrcSession:
     def _event(self, action: str, category: str = "session", ctx: ChatContext | None = None,
                **data: Any) -> Record:
         ctx = ctx or self._ctx()
-        return Record({
-            "@timestamp": _now(),
-            "event": {"kind": "event", "category": [category], "action": action, "module": "imguard",
-                      "dataset": f"imguard.{category}"},
-            "observer": dict(alerts.OBSERVER),
-            "network": {"protocol": "irc"},
-            "imguard": {"context": ctx.to_dict(), "irc": data},
-        })
+        return Record(alerts.protocol_event("irc", action, ctx, category, **data))
 
     def _bad_line(self, out: _Out, from_client: bool, ev: BadLine) -> None:
         if ev.kind in EMPTY_KINDS:

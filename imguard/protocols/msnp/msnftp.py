@@ -40,7 +40,7 @@ from imguard import alerts
 from imguard.model import ChatContext, Decision, FileReport
 from imguard.protocols.base import Close, Command, InspectFile, Record, Send
 from imguard.protocols.msnp.decoder import MsnpLimits
-from imguard.protocols.msnp.session import MSNFTP_KIND, MsnftpOffer, block_words, notify_event
+from imguard.protocols.msnp.session import MSNFTP_KIND, MsnftpOffer, block_words
 
 CANCEL_BLOCK = b"\x01\x00\x00"
 BYE_OK = b"BYE 16777989\r\n"
@@ -120,7 +120,7 @@ class DirectMsnftpSession:
             text = decision.notice or (f"The file {self.offer.name!r} from {self.offer.sender} to "
                                        f"{self.offer.receiver} was {action} by imguard: {why}")
             return [Send(to_client=self.receiver_is_client, data=CANCEL_BLOCK),
-                    Record(notify_event(self.offer.context.connection_id, self.file_context, text, decision,
+                    Record(alerts.notify_event(self.offer.context.connection_id, "msnp", self.file_context, text, decision,
                                         msnftp=self.offer.to_dict())),
                     Close(f"MSNFTP file {decision.action}")]
         self.state = "released"
@@ -130,7 +130,7 @@ class DirectMsnftpSession:
                                   "delivered"), Close("MSNFTP receiver gone")]
         out: list[Command] = [Send(to_client=self.receiver_is_client, data=b"".join(held))]
         if decision.notice:
-            out.append(Record(notify_event(self.offer.context.connection_id, self.file_context, decision.notice,
+            out.append(Record(alerts.notify_event(self.offer.context.connection_id, "msnp", self.file_context, decision.notice,
                                            decision, msnftp=self.offer.to_dict())))
         if self.sender_closed:
             self.closed = True
@@ -278,7 +278,7 @@ class DirectMsnftpSession:
                 f"{self.limits.msnp_max_held_bytes} bytes and could not be inspected")
         return [self._anomaly("msnftp_too_large", text, bytes_seen=total),
                 Send(to_client=self.receiver_is_client, data=CANCEL_BLOCK),
-                Record(notify_event(self.offer.context.connection_id, self.file_context, text,
+                Record(alerts.notify_event(self.offer.context.connection_id, "msnp", self.file_context, text,
                                     msnftp=self.offer.to_dict())),
                 Close("MSNFTP file too large to inspect")]
 

@@ -68,7 +68,6 @@ Events: "msnp_logged_in", "msnftp_offer", "msnftp_expected", "msnslp_offer", "ms
 
 from __future__ import annotations
 
-import datetime
 import itertools
 import re
 from dataclasses import dataclass, field
@@ -87,9 +86,6 @@ MSNFTP_KIND = "msnftp"          # ExpectedTransfers kind of accepted MSNFTP invi
 _ids = itertools.count(1)
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]+")
 
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 @dataclass(frozen=True)
@@ -170,24 +166,6 @@ class Out:
     def cmds(self) -> list[Cmd]:
         self._flush()
         return self._cmds
-
-
-def notify_event(connection_id: str, ctx: ChatContext, text: str, decision: Decision | None = None,
-                 protocol: str = "msnp", **data: Any) -> dict[str, Any]:
-    """An event asking the carrier to tell our person something over the chat connection `connection_id`
-    (the carrier calls that session's `notice(text)`)."""
-    event = {
-        "@timestamp": _now(),
-        "event": {"kind": "event", "category": ["file"], "action": "notify", "module": "imguard",
-                  "dataset": "imguard.file"},
-        "observer": dict(alerts.OBSERVER),
-        "network": {"protocol": protocol},
-        "imguard": {"context": ctx.to_dict(), "notify": {"connection_id": connection_id, "protocol": protocol,
-                                                         "text": text}, **data},
-    }
-    if decision is not None:
-        event["imguard"]["decision"] = {"action": decision.action, "rule_ids": decision.rule_ids}
-    return event
 
 
 def block_words(decision: Decision) -> tuple[str, str]:
@@ -309,15 +287,7 @@ class MsnpSession:
     def _event(self, action: str, category: str = "session", ctx: ChatContext | None = None,
                **data: Any) -> Record:
         ctx = ctx or self._ctx()
-        event = {
-            "@timestamp": _now(),
-            "event": {"kind": "event", "category": [category], "action": action, "module": "imguard",
-                      "dataset": f"imguard.{category}"},
-            "observer": dict(alerts.OBSERVER),
-            "network": {"protocol": "msnp"},
-            "imguard": {"context": ctx.to_dict(), "msnp": data},
-        }
-        return Record(event)
+        return Record(alerts.protocol_event("msnp", action, ctx, category, **data))
 
     def _notice_msg(self, text: str) -> bytes:
         text = _CONTROL.sub(" ", text).strip() or GATEWAY_NAME

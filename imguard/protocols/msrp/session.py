@@ -49,7 +49,6 @@ MSRP, no end line within `msrp_max_chunk_size`) is closed. Held bytes are bounde
 from __future__ import annotations
 
 import collections
-import datetime
 import itertools
 from dataclasses import dataclass, field
 from typing import Any
@@ -67,9 +66,6 @@ from imguard.protocols.sip.text import UNCHECKED_TYPES, Out, masked_body, messag
 _ids = itertools.count(1)
 BODYLESS_METHODS = ("REPORT", "AUTH", "NICKNAME")     # RFC 4975, RFC 4976 (relays), RFC 7701: forwarded as they are
 
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 @dataclass
@@ -481,12 +477,8 @@ class MsrpSession:
 
     def _notify_event(self, msg: _Message, ctx: ChatContext, text: str, decision: Decision | None) -> dict:
         offer = self._offer(msg.first)
-        event = self._event_dict("notify", "file", ctx, message_id=msg.message_id, bytes=msg.coverage()[0])
-        event["imguard"]["notify"] = {"connection_id": offer.context.connection_id if offer else "",
-                                      "protocol": "sip", "text": text}
-        if decision is not None:
-            event["imguard"]["decision"] = {"action": decision.action, "rule_ids": decision.rule_ids}
-        return event
+        return alerts.notify_event(offer.context.connection_id if offer else "", "sip", ctx, text, decision,
+                                   msrp={"message_id": msg.message_id, "bytes": msg.coverage()[0]})
 
     def _anomaly(self, kind: str, detail: str, **data: Any) -> Record | None:
         seen = self.anomaly_counts[kind] = self.anomaly_counts.get(kind, 0) + 1
@@ -496,15 +488,5 @@ class MsrpSession:
             data["further_suppressed"] = True
         return Record(alerts.anomaly_event(self.context, kind, detail, **data))
 
-    def _event_dict(self, action: str, category: str, ctx: ChatContext, **data: Any) -> dict:
-        return {
-            "@timestamp": _now(),
-            "event": {"kind": "event", "category": [category], "action": action, "module": "imguard",
-                      "dataset": f"imguard.{category}"},
-            "observer": dict(alerts.OBSERVER),
-            "network": {"protocol": "msrp"},
-            "imguard": {"context": ctx.to_dict(), "msrp": data},
-        }
-
     def _event(self, action: str, category: str = "session", ctx: ChatContext | None = None, **data: Any) -> Record:
-        return Record(self._event_dict(action, category, ctx or self.context, **data))
+        return Record(alerts.protocol_event("msrp", action, ctx or self.context, category, **data))

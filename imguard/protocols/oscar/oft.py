@@ -34,7 +34,6 @@ carry Send/Record/Close; answer InspectFile with Pipeline.check_file; route a Re
 
 from __future__ import annotations
 
-import datetime
 import struct
 from typing import Any
 
@@ -47,26 +46,6 @@ from imguard.protocols.oscar.session import OftOffer, block_words, find_oft_offe
 
 MAX_OFT_HEADER = 8192
 
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def notify_event(connection_id: str, ctx: ChatContext, text: str, decision: Decision | None = None,
-                 **data: Any) -> dict[str, Any]:
-    """An event asking the carrier to tell our person something over the OSCAR connection `connection_id`."""
-    event = {
-        "@timestamp": _now(),
-        "event": {"kind": "event", "category": ["file"], "action": "notify", "module": "imguard",
-                  "dataset": "imguard.file"},
-        "observer": dict(alerts.OBSERVER),
-        "network": {"protocol": "oscar"},
-        "imguard": {"context": ctx.to_dict(), "notify": {"connection_id": connection_id, "protocol": "oscar",
-                                                         "text": text}, **data},
-    }
-    if decision is not None:
-        event["imguard"]["decision"] = {"action": decision.action, "rule_ids": decision.rule_ids}
-    return event
 
 
 class OftSession:
@@ -126,7 +105,7 @@ class OftSession:
             name = self.prompt.name if self.prompt else self.offer.name
             text = decision.notice or (f"The file {name!r} from {self.offer.sender} to {self.offer.receiver} was "
                                        f"{action} by imguard: {why}")
-            return [Record(notify_event(self.offer.context.connection_id, self._file_context(), text, decision,
+            return [Record(alerts.notify_event(self.offer.context.connection_id, "oscar", self._file_context(), text, decision,
                                         oft=self.offer.to_dict())), Close(f"OFT file {decision.action}")]
         if self.receiver_closed:
             self.closed = True
@@ -134,7 +113,7 @@ class OftSession:
                     Close("OFT receiver gone")]
         out: list[Command] = [Send(to_client=receiver_is_client, data=data)]
         if decision.notice:
-            out.append(Record(notify_event(self.offer.context.connection_id, self._file_context(),
+            out.append(Record(alerts.notify_event(self.offer.context.connection_id, "oscar", self._file_context(),
                                            decision.notice, decision, oft=self.offer.to_dict())))
         self._process(out, self.sender_is_client)
         if self.sender_closed and not self.inspecting and not self.closed:
@@ -297,7 +276,7 @@ class OftSession:
         text = (f"imguard: the file {self.offer.name!r} to {self.offer.receiver} was stopped: it is larger than "
                 f"{self.limits.oscar_max_held_bytes} bytes and could not be inspected")
         return [self._anomaly("oft_too_large", text, size=size),
-                Record(notify_event(self.offer.context.connection_id, self._file_context(), text,
+                Record(alerts.notify_event(self.offer.context.connection_id, "oscar", self._file_context(), text,
                                     oft=self.offer.to_dict())),
                 Close("OFT file too large to inspect")]
 

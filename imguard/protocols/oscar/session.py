@@ -55,7 +55,6 @@ and ICBMs (an outgoing ICBM we cannot read is dropped: fail closed), bad UTF-16,
 
 from __future__ import annotations
 
-import datetime
 import html
 import itertools
 import re
@@ -80,9 +79,6 @@ PEER_CAPS = {CAP_DIRECTIM: "Direct IM", CAP_GETFILE: "Get File"}
 _ids = itertools.count(1)
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]+")
 
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 @dataclass(frozen=True)
@@ -291,14 +287,7 @@ class OscarSession:
 
     def _event(self, action: str, category: str = "session", ctx: ChatContext | None = None, **data: Any) -> Record:
         ctx = ctx or self._ctx()
-        return Record({
-            "@timestamp": _now(),
-            "event": {"kind": "event", "category": [category], "action": action, "module": "imguard",
-                      "dataset": f"imguard.{category}"},
-            "observer": dict(alerts.OBSERVER),
-            "network": {"protocol": "oscar"},
-            "imguard": {"context": ctx.to_dict(), "oscar": data},
-        })
+        return Record(alerts.protocol_event("oscar", action, ctx, category, **data))
 
     def _frame(self, out: Out, from_client: bool, flap: Flap) -> None:
         if flap.channel == CH_SIGNON and len(flap.data) >= 4:

@@ -47,7 +47,6 @@ decisions are written by the checker (Pipeline.check_message), not here.
 from __future__ import annotations
 
 import collections
-import datetime
 import ipaddress
 import itertools
 import re
@@ -71,9 +70,6 @@ OFFER_METHODS = ("INVITE", "UPDATE")           # requests whose SDP is an offer 
 
 _ids = itertools.count(1)
 
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _text_body(msg: SipMessage) -> bool:
@@ -354,14 +350,7 @@ class SipSession:
 
     def _event(self, action: str, category: str = "session", ctx: ChatContext | None = None, **data: Any) -> Record:
         ctx = ctx or self.context.with_(sender=self.user)
-        return Record({
-            "@timestamp": _now(),
-            "event": {"kind": "event", "category": [category], "action": action, "module": "imguard",
-                      "dataset": f"imguard.{category}"},
-            "observer": dict(alerts.OBSERVER),
-            "network": {"protocol": "sip"},
-            "imguard": {"context": ctx.to_dict(), "sip": data},
-        })
+        return Record(alerts.protocol_event("sip", action, ctx, category, **data))
 
 
 class SipDatagramHandler:

@@ -56,8 +56,7 @@ for the contract). In short:
 
 Not done (yet): inbound files and messages (a transfer *to* this client is relayed: it is held on
 its sender's connection when that one crosses the gateway; server->client messages are not checked),
-BOSH (XEP-0206) and websocket (RFC 7395) framings, DIGEST-MD5 usernames (only bind names those users),
-a notice to the sender when a SOCKS5 bytestream is blocked (the relay is another connection).
+BOSH (XEP-0206) and websocket (RFC 7395) framings, DIGEST-MD5 usernames (only bind names those users).
 """
 
 from __future__ import annotations
@@ -263,6 +262,13 @@ class XmppSession:
         except Exception as e:                       # never raise into the carrier
             return self._fail("internal_error", f"{type(e).__name__}: {e}", "internal-server-error",
                               from_client)
+
+    def notice(self, text: str) -> list[Command]:
+        """Tell our user something from outside this connection (a file blocked on a SOCKS5 bytestream
+        or an HTTP upload): a chat message from the server's domain."""
+        if not self.full_jid:
+            return []
+        return [self._notice_message(self.full_jid, text)]
 
     def tls_started(self) -> list[Command]:
         self.tls = True

@@ -50,7 +50,6 @@ a client MESSAGE with such a payload is dropped: the server might read text we d
 
 from __future__ import annotations
 
-import datetime
 import itertools
 import re
 from dataclasses import dataclass, field
@@ -79,9 +78,6 @@ TEXT_SERVICES = {MESSAGE: ("14", "5", "", "4"), CONFMSG: ("14", "53", "57", "3")
 _ids = itertools.count(1)
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]+")
 
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 @dataclass(frozen=True)
@@ -224,14 +220,7 @@ class YmsgSession:
 
     def _event(self, action: str, category: str = "session", ctx: ChatContext | None = None, **data: Any) -> Record:
         ctx = ctx or self._ctx()
-        return Record({
-            "@timestamp": _now(),
-            "event": {"kind": "event", "category": [category], "action": action, "module": "imguard",
-                      "dataset": f"imguard.{category}"},
-            "observer": dict(alerts.OBSERVER),
-            "network": {"protocol": "ymsg"},
-            "imguard": {"context": ctx.to_dict(), "ymsg": data},
-        })
+        return Record(alerts.protocol_event("ymsg", action, ctx, category, **data))
 
     def _notice_packet(self, text: str) -> bytes:
         text = (_CONTROL.sub(" ", text).strip() or GATEWAY_NAME)[:800]      # Yahoo clients cut longer messages
