@@ -1,0 +1,363 @@
+"""XMPP end to end, with real parts only: slixmpp clients, a real Prosody, the real `imguard run`.
+
+Every scenario runs on four routes: straight to Prosody (the control: it proves the fixture, so a
+failure on a gateway route is the gateway's) and through imguard, each with STARTTLS and with
+direct TLS (XEP-0368). Through imguard the clients verify imguard's CA, never skip verification.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import uuid
+
+import pytest
+
+from tests.peers.gateway import Gateway, alert_names_file
+from tests.peers.prosody import Prosody
+from tests.xmpp_clients import DIRECT_TLS, PLAIN, STARTTLS, Client, Endpoint, error_condition, error_text, sha256
+
+pytestmark = pytest.mark.timeout(120)
+
+# The EICAR anti-virus test file, assembled at run time so the repository holds no file a scanner flags.
+EICAR = b"X5O!P%@AP[4\\PZX54(P^)7CC)7}$" + b"EICAR-STANDARD-" + b"ANTIVIRUS-TEST-FILE!$H+H*"
+assert len(EICAR) == 68
+CLEAN = b"quarterly numbers, nothing secret\n" * 400 + bytes(range(256)) * 8   # binary tail, 15.6 kB
+LARGE = b"".join(hashlib.sha256(b"%d" % i).digest() for i in range(32768))   # 1 MiB, incompressible
+# Blocked by the test policy in tests/data/rules (a keyword rule, as a security team would write).
+BLOCKED_WORD = "project-bluebird"
+
+
+class Route:
+    """How the clients reach Prosody in one parametrized run."""
+
+    def __init__(self, name: str, mode: str, prosody: Prosody, gateway: Gateway | None):
+        self.name, self.mode, self.prosody, self.gateway = name, mode, prosody, gateway
+        self.since = gateway.mark() if gateway else 0
+        self.tag = uuid.uuid4().hex[:6]
+        if gateway is None:
+            port = prosody.c2s_port if mode == STARTTLS else prosody.tls_port
+            self.endpoint = Endpoint("127.0.0.1", port, mode, ca_file=prosody.ca_file)
+        else:
+            self.endpoint = gateway.endpoint(mode)
+
+    @property
+    def through_gateway(self) -> bool:
+        return self.gateway is not None
+
+    async def wait_alert(self, predicate, timeout: float = 10.0) -> dict | None:
+        """An event the gateway logged during this test that satisfies `predicate`."""
+        return await self.gateway.wait_alert(predicate, since=self.since, timeout=timeout)
+
+    def account(self, role: str) -> str:
+        """This test's own account for `role` ("alice", "bob", ...), registered on first use. Fresh
+        accounts keep tests independent of each other: imguard suppresses repeats of an identical
+        alert (same sender, rule and content) for a while, and a shared "alice" sending EICAR in
+        every test would see her later alerts merged into the first."""
+        user = f"{role}-{self.tag}"
+        if user not in self.prosody.accounts:
+            self.prosody.add_account(user)
+        return user
+
+    def bare(self, role: str) -> str:
+        return self.prosody.jid(self.account(role))
+
+    def client(self, role: str) -> "Client":
+        user = self.account(role)
+        jid = f"{self.prosody.jid(user)}/{role}-{uuid.uuid4().hex[:8]}"
+        return Client.connected(self.endpoint, jid, self.prosody.password(user))
+
+    def __repr__(self) -> str:
+        return f"{self.name}-{self.mode}"
+
+
+@pytest.fixture(params=[("control", STARTTLS), ("control", DIRECT_TLS), ("imguard", STARTTLS),
+                        ("imguard", DIRECT_TLS)], ids=lambda p: f"{p[0]}-{p[1]}")
+def route(request, prosody) -> Route:
+    name, mode = request.param
+    gateway = request.getfixturevalue("gateway") if name == "imguard" else None
+    if gateway is not None:
+        gateway.check_alive()
+        log_offset = gateway.log_size()
+    yield Route(name, mode, prosody, gateway)
+    if gateway is not None:
+        gateway.check_alive()
+        errors = gateway.errors_since(log_offset)
+        assert not errors, "imguard logged errors during the test:\n" + "\n".join(errors) + "\n" + gateway.logs()
+
+
+def summary(seen: dict) -> dict:
+    """What a transfer saw, with the received bytes reduced to their size, for failure messages."""
+    return {k: (f"{len(v)} bytes" if isinstance(v, bytes) else v) for k, v in seen.items()}
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def sentinel_after(sender: Client, receiver: Client, note: str) -> None:
+    """Send one more plain message and wait until it arrives: whatever the receiver was going to
+    get before it has arrived by then (XMPP keeps order between two sessions)."""
+    body = f"sentinel {note} {uuid.uuid4().hex[:6]}"
+    sender.send_chat(receiver.jid, body)
+    assert await receiver.wait_message(body), f"the sentinel message {body!r} did not arrive"
+
+
+# --- chat ---------------------------------------------------------------------------------------------
+
+def test_chat_message_arrives_unchanged(route):
+    """A plain chat message (with XML-escaped characters and non-ASCII text) arrives byte-for-byte."""
+    async def scenario():
+        async with route.client("alice") as alice, route.client("bob") as bob:
+            if route.through_gateway:
+                route.gateway.assert_certificate_is_imguards(alice.peer_certificate())
+            else:
+                assert "imguard test peers CA" in str(alice.peer_certificate().get("issuer")), "control: not Prosody"
+            body = f"hello bob <&> \"quotes\" 'apos' ünïcödé ✓ {uuid.uuid4().hex[:6]}"
+            sent_id = alice.send_chat(bob.jid, body)
+            message = await bob.wait_message(body)
+            assert message is not None, f"bob never got {body!r}; he got {bob.bodies()}"
+            assert message["id"] == sent_id and message["type"] == "chat"
+            assert message["from"].bare == route.bare("alice")
+    run(scenario())
+
+
+@pytest.mark.parametrize("mode", [STARTTLS, DIRECT_TLS])
+def test_client_refuses_the_gateway_without_imguards_ca(prosody, gateway, mode):
+    """The clients really verify: trusting only Prosody's CA, a client cannot log in through imguard
+    (so the passing routes above did verify imguard's certificate)."""
+    endpoint = Endpoint("127.0.0.1", gateway.endpoint(mode).port, mode, ca_file=prosody.ca_file)
+
+    async def scenario():
+        client = Client(endpoint, f"alice@localhost/no-ca-{uuid.uuid4().hex[:6]}", prosody.password("alice"))
+        try:
+            with pytest.raises(AssertionError, match="(?i)certificate"):
+                await client.login(timeout=4)
+        finally:
+            client.xmpp.abort()
+    run(scenario())
+
+
+def test_blocked_keyword_never_arrives_and_sender_gets_notice(route):
+    """A message with a keyword the policy blocks stays with imguard; alice is told why."""
+    async def scenario():
+        async with route.client("alice") as alice, route.client("bob") as bob:
+            body = f"the {BLOCKED_WORD} launch date is friday ({uuid.uuid4().hex[:6]})"
+            sent_id = alice.send_chat(bob.jid, body)
+            await sentinel_after(alice, bob, "after blocked keyword")
+            if not route.through_gateway:
+                assert body in bob.bodies(), "control: Prosody itself delivers the message"
+                return
+            assert body not in bob.bodies(), "the blocked message reached bob"
+            assert not any(BLOCKED_WORD in b for b in bob.bodies()), f"bob saw the keyword: {bob.bodies()}"
+            error = await alice.wait_message(id=sent_id, type="error")
+            assert error is not None, (f"alice got no error for her blocked message id={sent_id}; she got "
+                                       f"{[(m['type'], m['id'], m['body']) for m in alice.received.messages]}")
+            assert error_condition(error) == "policy-violation", error
+            assert error_text(error), f"the error carries no notice text: {error}"
+            alert = await route.wait_alert(
+                lambda e: e.get("event", {}).get("dataset") == "imguard.message"
+                and e["event"].get("action") == "block" and BLOCKED_WORD in str(e))
+            assert alert, f"no block alert in {route.gateway.alerts_file}"
+            assert alert["source"]["user"]["name"] == route.bare("alice")
+            assert alert.get("rule", {}).get("id")
+    run(scenario())
+
+
+# --- files ---------------------------------------------------------------------------------------------
+
+MECHANISMS = ("upload", "ibb", "socks5")
+
+
+async def transfer(route: Route, mechanism: str, alice: Client, bob: Client, name: str, data: bytes) -> dict:
+    """Move `data` from alice to bob by `mechanism`; return what each side saw."""
+    seen: dict = {"received": b"", "sender_error": ""}
+    if mechanism == "upload":
+        up = await alice.upload(name, data)
+        seen["put_status"], seen["get_url"] = up.put_status, up.get_url
+        if up.accepted:
+            alice.send_chat(bob.jid, up.get_url, oob_url=up.get_url)
+            link = await bob.wait_message(up.get_url, timeout=5)
+            seen["link_arrived"] = link is not None
+            status, body = await bob.http_get(up.get_url)
+            seen["get_status"] = status
+            seen["received"] = body if status == 200 else b""
+        else:
+            seen["sender_error"] = f"PUT {up.put_status}"
+            # A client that ignores the refusal and posts the link anyway.
+            seen["link_id"] = alice.send_chat(bob.jid, up.get_url, oob_url=up.get_url)
+            await sentinel_after(alice, bob, "after the link")
+            seen["link_arrived"] = up.get_url in bob.bodies()
+            status, body = await bob.http_get(up.get_url)
+            seen["get_status"] = status
+            seen["received"] = body if status == 200 else b""
+    elif mechanism == "ibb":
+        result = await alice.ibb_send(bob.jid, data, name=name)
+        seen["sender_error"] = result.error
+        await bob.wait_for(lambda r: result.sid in r.ibb_closed, timeout=5)
+        seen["received"] = bytes(bob.received.ibb.get(result.sid, b""))
+    elif mechanism == "socks5":
+        start, closed = len(bob.received.socks5), bob.received.socks5_closed
+        result = await alice.socks5_send(bob.jid, data, name=name)
+        seen["sender_error"] = result.error
+        seen["proxies"] = result.proxies
+        seen["streamhosts"] = list(bob.received.streamhosts)
+        await bob.wait_for(lambda r: len(r.socks5) - start >= len(data) or r.socks5_closed > closed, timeout=5)
+        seen["received"] = bytes(bob.received.socks5[start:])
+    return seen
+
+
+@pytest.mark.parametrize("size", ["small", "large"])
+@pytest.mark.parametrize("mechanism", MECHANISMS)
+def test_clean_file_arrives_byte_identical(route, mechanism, size):
+    """A harmless file (15 kB, or 1 MiB: many IBB blocks, many TCP reads) sent by HTTP upload, IBB
+    or SOCKS5 arrives with the same SHA-256."""
+    data = CLEAN if size == "small" else LARGE
+
+    async def scenario():
+        async with route.client("alice") as alice, route.client("bob") as bob:
+            name = f"numbers-{mechanism}-{uuid.uuid4().hex[:6]}.bin"
+            seen = await transfer(route, mechanism, alice, bob, name, data)
+            assert not seen["sender_error"], f"sender failed: {summary(seen)}"
+            assert sha256(seen["received"]) == sha256(data), (
+                f"bob got {len(seen['received'])} bytes, not the {len(data)} sent ({mechanism}, {route})")
+            if mechanism == "upload":
+                assert seen["link_arrived"], "the upload link message did not arrive"
+            if mechanism == "socks5" and route.through_gateway:
+                hosts = set(seen["streamhosts"])
+                assert hosts == {("127.0.0.1", route.gateway.socks5_port)}, (
+                    f"the offer bob got does not point at imguard's relay: {hosts}")
+            if route.through_gateway:
+                alert = await route.wait_alert(
+                    lambda e: e.get("file", {}).get("hash", {}).get("sha256") == sha256(data)
+                    and e["event"].get("action") in ("allow", "alert"))
+                assert alert, f"imguard recorded no allowed file event for the clean {mechanism} transfer"
+    run(scenario())
+
+
+@pytest.mark.parametrize("mechanism", MECHANISMS)
+def test_eicar_never_reaches_receiver(route, mechanism):
+    """The EICAR test file sent by HTTP upload, IBB or SOCKS5 is held and dropped, and the alert log
+    names sender, receiver, file name, SHA-256 and the rule."""
+    async def scenario():
+        async with route.client("alice") as alice, route.client("bob") as bob:
+            name = f"eicar-{mechanism}-{uuid.uuid4().hex[:6]}.com"
+            seen = await transfer(route, mechanism, alice, bob, name, EICAR)
+            if not route.through_gateway:
+                assert seen["received"] == EICAR, f"control: Prosody delivers the file ({summary(seen)})"
+                return
+            assert EICAR not in seen["received"], f"EICAR reached bob by {mechanism}"
+            if mechanism == "upload":
+                assert seen["put_status"] >= 400, f"the PUT of EICAR was accepted ({seen['put_status']})"
+                assert seen["get_status"] != 200, f"the GET of the blocked upload answered {seen['get_status']}"
+                assert not seen["link_arrived"], "the link to the blocked upload reached bob"
+                error = await alice.wait_message(id=seen["link_id"], type="error", timeout=5)
+                assert error is not None and error_condition(error) == "policy-violation", (
+                    f"alice got no policy-violation for her link to the blocked upload: {error}")
+            elif mechanism == "ibb":
+                notice = await alice.wait_for(lambda r: [m for m in r.messages
+                                                         if name in (m["body"] or "") + error_text(m)], timeout=5)
+                assert notice, (f"alice got no notice naming {name}: "
+                                f"{[(m['type'], m['body']) for m in alice.received.messages]}")
+            alert = await route.wait_alert(
+                lambda e: e.get("file", {}).get("hash", {}).get("sha256") == sha256(EICAR)
+                and e["event"].get("action") in ("block", "quarantine"))
+            assert alert, (f"no block alert for EICAR ({mechanism}) in {route.gateway.alerts_file}; "
+                           f"what the clients saw: {summary(seen)}")
+            assert alert["source"]["user"]["name"] == route.bare("alice"), alert.get("source")
+            recipients = alert["imguard"]["context"]["recipients"]
+            if mechanism != "upload":
+                assert any(r.split("/")[0] == route.bare("bob") for r in recipients), recipients
+            else:
+                # An upload has no receiver yet when its PUT is refused: the receiver is named by
+                # the line for the link message that was stopped.
+                link_block = await route.wait_alert(
+                    lambda e: e.get("event", {}).get("dataset") == "imguard.message"
+                    and e["event"].get("action") == "block" and name in str(e.get("imguard", {}).get("message"))
+                    and any(r.split("/")[0] == route.bare("bob") for r in e["imguard"]["context"]["recipients"]))
+                assert link_block, "no block record naming bob for the link to the blocked upload"
+            assert alert_names_file(alert, name), f"the alert does not name {name}: {alert.get('file')}"
+            assert alert.get("rule", {}).get("id"), "the alert names no rule"
+            await sentinel_after(alice, bob, "after blocked file")
+    run(scenario())
+
+
+def test_plaintext_login_is_flagged_and_still_relayed(prosody, gateway):
+    """A client that authenticates without TLS although the server offers STARTTLS: imguard lets
+    the session work (policy may decide otherwise) and records the downgrade as an anomaly."""
+    since = gateway.mark()
+    route = Route("imguard", PLAIN, prosody, gateway)
+
+    async def scenario():
+        async with route.client("carol") as carol, route.client("dave") as dave:
+            body = f"cleartext hello {uuid.uuid4().hex[:6]}"
+            carol.send_chat(dave.jid, body)
+            assert await dave.wait_message(body), "a cleartext chat message did not arrive through imguard"
+        alert = await gateway.wait_alert(lambda e: e["imguard"].get("anomaly", {}).get("kind") == "starttls_stripping"
+                                         and e["imguard"]["context"]["sender"] == route.bare("carol"), since=since)
+        assert alert, "the plaintext authentication was not recorded as starttls_stripping"
+    run(scenario())
+
+
+# --- robustness -------------------------------------------------------------------------------------------
+
+def test_malformed_stanza_is_an_anomaly_and_other_sessions_carry_on(route):
+    """A client that sends broken XML loses its own stream; imguard logs an anomaly naming it;
+    everybody else keeps chatting."""
+    async def scenario():
+        async with route.client("carol") as carol, route.client("bob") as bob:
+            async with route.client("eve") as eve:
+                eve.send_raw(f"<message to='{bob.jid}'><body>broken</bdy></message>")
+                ended = await eve.wait_for(lambda r: not eve.alive, timeout=5)
+                assert ended, "the stream that sent broken XML was left open"
+            body = f"still here {uuid.uuid4().hex[:6]}"
+            carol.send_chat(bob.jid, body)
+            assert await bob.wait_message(body), "carol's message after the malformed stanza did not arrive"
+            assert "broken" not in bob.bodies()
+            if route.through_gateway:
+                alert = await route.wait_alert(
+                    lambda e: e.get("event", {}).get("dataset") == "imguard.anomaly"
+                    and e["imguard"]["context"]["sender"] == route.bare("eve")
+                    and "xml" in e["imguard"]["anomaly"]["kind"])
+                assert alert, f"no protocol anomaly for eve's broken XML in {route.gateway.alerts_file}"
+    run(scenario())
+
+
+def test_eicar_socks5_sender_gets_notice(prosody, gateway):
+    """The sender of a blocked SOCKS5 file is told in its chat, as for IBB and uploads, although the
+    file travelled on another connection."""
+    route = Route("imguard", STARTTLS, prosody, gateway)
+
+    async def scenario():
+        async with route.client("alice") as alice, route.client("bob") as bob:
+            name = f"eicar-notice-{uuid.uuid4().hex[:6]}.com"
+            seen = await transfer(route, "socks5", alice, bob, name, EICAR)
+            assert EICAR not in seen["received"]
+            notice = await alice.wait_for(lambda r: [m for m in r.messages
+                                                     if name in (m["body"] or "") + error_text(m)], timeout=5)
+            assert notice, f"alice got no notice naming {name}"
+    run(scenario())
+
+
+# --- the alert log as an audit trail ----------------------------------------------------------------------
+
+def test_each_blocked_copy_of_a_file_is_recorded_with_its_receiver(prosody, gateway):
+    """alice sends the same EICAR file to bob and then to carol, seconds apart: the alert log must
+    show both blocked transfers with their receivers (an analyst has to know who was targeted),
+    whatever it does to avoid flooding notification channels with repeats."""
+    route = Route("imguard", STARTTLS, prosody, gateway)
+
+    async def scenario():
+        async with route.client("alice") as alice, route.client("bob") as bob, route.client("carol") as carol:
+            for receiver in (bob, carol):
+                name = f"eicar-again-{uuid.uuid4().hex[:6]}.com"
+                seen = await transfer(route, "ibb", alice, receiver, name, EICAR)
+                assert EICAR not in seen["received"]
+            for role in ("bob", "carol"):
+                alert = await route.wait_alert(
+                    lambda e: e.get("file", {}).get("hash", {}).get("sha256") == sha256(EICAR)
+                    and any(r.split("/")[0] == route.bare(role) for r in e["imguard"]["context"]["recipients"]),
+                    timeout=5)
+                assert alert, (f"no record of the EICAR transfer from {route.bare('alice')} to {route.bare(role)} "
+                               f"in {gateway.alerts_file}")
+    run(scenario())
