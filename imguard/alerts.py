@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import itertools
 import json
 import os
 import socket
 import threading
-import uuid
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +28,15 @@ OBSERVER = {"product": "imguard", "vendor": "imguard", "type": "ids", "hostname"
 SEVERITY_NUMBER = {name: rank + 1 for rank, name in enumerate(SEVERITIES)}   # info=1 ... critical=5
 
 
+# A random prefix per process and a counter: unique across gateways and restarts like a uuid4, without
+# the urandom call per event (this runs for every chat message).
+_ID_PREFIX = os.urandom(8).hex()
+_id_counter = itertools.count(1)
+
+
 def new_event_id() -> str:
     """`event.id`: unique per event, so a receiver can recognise a re-delivered (possible duplicate) event."""
-    return uuid.uuid4().hex
+    return f"{_ID_PREFIX}{next(_id_counter):08x}"
 
 
 def severity_of(event: dict[str, Any]) -> str:
@@ -231,18 +238,26 @@ class AlertLog:
     def _open(self) -> None:
         # O_APPEND: every line lands whole at the end, even with several gateway processes.
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
-        self._ino = os.fstat(self._fd).st_ino
+        stat = os.fstat(self._fd)
+        self._ino, self._size, self._checked_at = stat.st_ino, stat.st_size, time.monotonic()
 
     def _rotate_if_needed(self, incoming: int) -> None:
-        try:
-            current = os.stat(self.path).st_ino
-        except FileNotFoundError:
-            current = None
-        if current != self._ino:            # rotated (or removed) by someone else: follow the path
-            os.close(self._fd)
-            self._open()
-        size = os.fstat(self._fd).st_size
-        if size == 0 or size + incoming <= self.max_bytes:
+        # The size is tracked from our own writes; the path is looked at again once a second, since
+        # another process may have appended or rotated (two system calls per line would cost more than
+        # the write itself).
+        if time.monotonic() - self._checked_at >= 1.0:
+            try:
+                current = os.stat(self.path).st_ino
+            except FileNotFoundError:
+                current = None
+            if current != self._ino:            # rotated (or removed) by someone else: follow the path
+                os.close(self._fd)
+                self._open()
+            self._size, self._checked_at = os.fstat(self._fd).st_size, time.monotonic()
+        if self._size == 0 or self._size + incoming <= self.max_bytes:
+            return
+        self._size = os.fstat(self._fd).st_size          # the true size decides
+        if self._size == 0 or self._size + incoming <= self.max_bytes:
             return
         for n in range(self.backups - 1, 0, -1):
             older = self.path.with_name(f"{self.path.name}.{n}")
@@ -262,6 +277,7 @@ class AlertLog:
             if self.max_bytes:
                 self._rotate_if_needed(len(line))
             os.write(self._fd, line)
+            self._size += len(line)
             if event.get("event", {}).get("kind") == "alert":
                 os.fsync(self._fd)
 

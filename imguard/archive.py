@@ -4,14 +4,16 @@ inside the data folder, or in PostgreSQL when several gateways share one archive
 One table, one row per record, so a search by person, text, time, protocol or hash is one query.
 Text is stored only when the pipeline is told to keep it.
 
-SQLite runs in WAL mode with synchronous=NORMAL: a committed record survives a crash of the gateway
-process (the WAL is in the kernel's hands at commit), and writers do not wait for an fsync per message.
-
-PostgreSQL is a server that can be slow or down, and add_message() is called inline on the gateway's
-event loop, so a record is first appended to a local on-disk queue (the sinks' DiskQueue, in
-DATA_DIR/queue/archive/) and a writer thread inserts queued records in batches. A record carries a
-unique `uid`, and the insert skips a uid already present, so a batch re-sent after a crash is stored
-once. search() first waits (briefly) for the queue to empty, so a search sees what was just added.
+add_message() is called inline on the gateway's event loop for every chat message, and a database
+insert costs a transaction each (about 0.1-0.3 ms in SQLite, a network round trip in PostgreSQL, and
+a PostgreSQL server can be slow or down). So the gateway's archive (`open_archive`) first appends a
+record to a local on-disk queue (the sinks' DiskQueue, in DATA_DIR/queue/archive/: one write, about
+15 us, and the record survives a crash of the process from then on) and a writer thread inserts
+queued records in batches, one transaction each. A record carries a unique `uid`, and the insert
+skips a uid already present, so a batch re-sent after a crash is stored once. search() first waits
+(briefly) for the queue to empty, so a search sees what was just added. `Archive(path)` without a
+queue folder writes SQLite directly (tests, `imguard archive search`). SQLite runs in WAL mode with
+synchronous=NORMAL: a committed batch survives a crash of the process.
 Differences the backends cannot hide: PostgreSQL text cannot hold NUL, which is stored as U+FFFD;
 searches are case-insensitive on both (SQLite's LIKE is, ILIKE on PostgreSQL).
 """
@@ -27,11 +29,11 @@ import logging
 import sqlite3
 import threading
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+from imguard.alerts import new_event_id
 from imguard.model import ChatContext, Decision, FileReport
 from imguard.settings import setting
 
@@ -49,6 +51,7 @@ class ArchiveSettings:
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
     id INTEGER PRIMARY KEY,
+    uid TEXT UNIQUE,                -- the record's own id: a batch re-sent after a crash is stored once
     time TEXT NOT NULL,             -- ISO 8601, UTC
     kind TEXT NOT NULL,             -- 'message' or 'file'
     protocol TEXT, direction TEXT, sender TEXT, recipients TEXT, conversation TEXT,
@@ -62,7 +65,7 @@ CREATE INDEX IF NOT EXISTS records_sender ON records(sender);
 CREATE INDEX IF NOT EXISTS records_sha256 ON records(sha256);
 """
 
-# The same table in PostgreSQL, plus `uid`: the record's own id, so a re-sent insert is stored once.
+# The same table in PostgreSQL.
 PG_SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
     id BIGSERIAL PRIMARY KEY,
@@ -101,26 +104,31 @@ class Query:
 
 
 class Archive:
-    """Archive(path) keeps the records in SQLite at `path`; Archive(dsn=..., queue_dir=...) in PostgreSQL;
-    Archive(dsn=...) without a queue folder only searches."""
+    """Archive(path) keeps the records in SQLite at `path`; Archive(dsn=...) in PostgreSQL. With a
+    `queue_dir`, records go through the on-disk queue and a writer thread (the gateway's way); without
+    one, SQLite is written directly and PostgreSQL is opened for searching only."""
 
     def __init__(self, path: Path | None = None, dsn: str = "", queue_dir: Path | None = None,
                  batch: int = 500):
         if dsn:
-            # Without a queue folder the archive is for searching only (`imguard archive search`): the
-            # running gateway owns DATA_DIR/queue/archive.
-            self._backend: _Backend = _Postgres(dsn, Path(queue_dir) if queue_dir else None, batch)
+            store: _Store = _PostgresStore(dsn)
+        elif path is not None:
+            store = _SqliteStore(Path(path))
         else:
-            if path is None:
-                raise ValueError("an archive needs a SQLite path or a PostgreSQL DSN")
-            self._backend = _Sqlite(Path(path))
+            raise ValueError("an archive needs a SQLite path or a PostgreSQL DSN")
+        if queue_dir is not None:
+            self._backend: _Store = _Queued(store, Path(queue_dir), batch)
+        elif dsn:
+            self._backend = _SearchOnly(store)
+        else:
+            self._backend = store
         self.path = Path(path) if path is not None else None
         self.dsn = dsn
 
     @staticmethod
     def _context_columns(ctx: ChatContext, decision: Decision) -> dict[str, Any]:
-        return {"time": _now(), "protocol": ctx.protocol, "direction": ctx.direction, "sender": ctx.sender,
-                "recipients": " ".join(ctx.recipients), "conversation": ctx.conversation,
+        return {"uid": new_event_id(), "time": _now(), "protocol": ctx.protocol, "direction": ctx.direction,
+                "sender": ctx.sender, "recipients": " ".join(ctx.recipients), "conversation": ctx.conversation,
                 "client_address": ctx.client_address, "connection_id": ctx.connection_id,
                 "action": decision.action, "rules": " ".join(decision.rule_ids),
                 "policy_version": decision.policy_version}
@@ -137,7 +145,7 @@ class Archive:
         return self._backend.search(query)
 
     def flush(self, timeout: float = 10.0) -> bool:
-        """Wait until every added record is in the database (always true for SQLite)."""
+        """Wait until every added record is in the database."""
         return self._backend.flush(timeout)
 
     def close(self) -> None:
@@ -145,12 +153,14 @@ class Archive:
 
 
 def open_archive(data_dir: Path, settings: ArchiveSettings | None = None) -> Archive:
-    """The gateway's archive: PostgreSQL when `archive_dsn` is set, else DATA_DIR/archive.sqlite3."""
+    """The gateway's archive: PostgreSQL when `archive_dsn` is set, else DATA_DIR/archive.sqlite3; both
+    behind the queue in DATA_DIR/queue/archive."""
     settings = settings or ArchiveSettings()
     data_dir = Path(data_dir)
+    queue_dir = data_dir / "queue" / "archive"
     if settings.archive_dsn:
-        return Archive(dsn=settings.archive_dsn, queue_dir=data_dir / "queue" / "archive")
-    return Archive(data_dir / "archive.sqlite3")
+        return Archive(dsn=settings.archive_dsn, queue_dir=queue_dir)
+    return Archive(data_dir / "archive.sqlite3", queue_dir=queue_dir)
 
 
 def _where(query: Query, like: str, mark: str) -> tuple[str, list[Any]]:
@@ -181,14 +191,19 @@ def _where(query: Query, like: str, mark: str) -> tuple[str, list[Any]]:
     return sql, args
 
 
-class _Backend:
-    def insert(self, row: dict[str, Any]) -> None: ...
+class _Store:
+    """A database: write_rows() stores a batch in one transaction (raising when it could not), search()."""
+
+    def insert(self, row: dict[str, Any]) -> None:
+        self.write_rows([row])
+
+    def write_rows(self, rows: list[dict[str, Any]]) -> None: ...
     def search(self, query: Query) -> list[dict[str, Any]]: ...
     def flush(self, timeout: float) -> bool: return True
     def close(self) -> None: ...
 
 
-class _Sqlite(_Backend):
+class _SqliteStore(_Store):
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
@@ -197,11 +212,18 @@ class _Sqlite(_Backend):
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
 
-    def insert(self, row: dict[str, Any]) -> None:
-        names = ", ".join(row)
-        marks = ", ".join("?" for _ in row)
+    def write_rows(self, rows: list[dict[str, Any]]) -> None:
         with self._lock:
-            self._db.execute(f"INSERT INTO records ({names}) VALUES ({marks})", tuple(row.values()))
+            self._db.execute("BEGIN")
+            try:
+                for row in rows:
+                    names = ", ".join(row)
+                    marks = ", ".join("?" for _ in row)
+                    self._db.execute(f"INSERT OR IGNORE INTO records ({names}) VALUES ({marks})", tuple(row.values()))
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
 
     def search(self, query: Query) -> list[dict[str, Any]]:
         sql, args = _where(query, "LIKE", "?")
@@ -218,32 +240,16 @@ def _pg_safe(value: Any) -> Any:
     return value.replace("\x00", "\ufffd") if isinstance(value, str) else value
 
 
-class _Postgres(_Backend):
-    RETRY_MAX = 30.0
-
-    def __init__(self, dsn: str, queue_dir: Path | None, batch: int):
+class _PostgresStore(_Store):
+    def __init__(self, dsn: str):
         import psycopg  # imported here: only a PostgreSQL archive needs it
-        from imguard.sinks.queue import DiskQueue
 
         self._psycopg = psycopg
         self.dsn = dsn
-        self.batch = batch
-        self.queue = DiskQueue(queue_dir, 256 * 1024 * 1024) if queue_dir is not None else None
         self._conn = None
-        self._conn_lock = threading.Lock()
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self.last_error = ""
-        with self._conn_lock:
-            try:
-                self._connection()          # fail early on a wrong DSN or a missing server
-            except Exception:
-                if self.queue is not None:
-                    self.queue.close()
-                raise
-        self._thread = threading.Thread(target=self._run, name="imguard-archive-pg", daemon=True)
-        if self.queue is not None:
-            self._thread.start()
+        self._lock = threading.Lock()
+        with self._lock:
+            self._connection()          # fail early on a wrong DSN or a missing server
 
     def _connection(self):
         if self._conn is None or self._conn.closed:
@@ -251,10 +257,75 @@ class _Postgres(_Backend):
             self._conn.execute(PG_SCHEMA)
         return self._conn
 
+    def write_rows(self, rows: list[dict[str, Any]]) -> None:
+        with self._lock:
+            try:
+                conn = self._connection()
+                with conn.transaction():
+                    with conn.cursor() as cur:
+                        for row in rows:
+                            names = ", ".join(row)
+                            marks = ", ".join("%s" for _ in row)
+                            cur.execute(f"INSERT INTO records ({names}) VALUES ({marks}) "
+                                        "ON CONFLICT (uid) DO NOTHING", [_pg_safe(v) for v in row.values()])
+            except Exception:
+                self._drop_connection()       # reconnect on the next try
+                raise
+
+    def _drop_connection(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except Exception:  # noqa: BLE001
+                pass
+            self._conn = None
+
+    def search(self, query: Query) -> list[dict[str, Any]]:
+        sql, args = _where(query, "ILIKE", "%s")
+        with self._lock:
+            rows = self._connection().execute(sql, [_pg_safe(a) for a in args]).fetchall()
+        return [dict(zip(COLUMNS, row)) for row in rows]
+
+    def close(self) -> None:
+        with self._lock:
+            self._drop_connection()
+
+
+class _SearchOnly(_Store):
+    """A shared PostgreSQL archive opened by `imguard archive search`: the running gateways own the writes."""
+
+    def __init__(self, store: _Store):
+        self.store = store
+
     def insert(self, row: dict[str, Any]) -> None:
-        if self.queue is None:
-            raise RuntimeError("this archive was opened for searching only (no queue folder)")
-        row = {"uid": uuid.uuid4().hex, **row}
+        raise RuntimeError("this archive was opened for searching only (no queue folder)")
+
+    def search(self, query: Query) -> list[dict[str, Any]]:
+        return self.store.search(query)
+
+    def close(self) -> None:
+        self.store.close()
+
+
+class _Queued(_Store):
+    """A store behind a durable on-disk queue and a writer thread: insert() is one local append, the
+    thread writes batches and retries with backoff while the database refuses."""
+
+    RETRY_MAX = 30.0
+
+    def __init__(self, store: _Store, queue_dir: Path, batch: int):
+        from imguard.sinks.queue import DiskQueue
+
+        self.store = store
+        self.batch = batch
+        self.queue = DiskQueue(queue_dir, 256 * 1024 * 1024)
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self.last_error = ""
+        self._thread = threading.Thread(target=self._run, name="imguard-archive", daemon=True)
+        self._thread.start()
+
+    def insert(self, row: dict[str, Any]) -> None:
         self.queue.append(json.dumps(row, ensure_ascii=False).encode())
         self._wake.set()
 
@@ -266,28 +337,12 @@ class _Postgres(_Backend):
                 self._wake.wait(1.0)
                 self._wake.clear()
                 continue
-            rows = [json.loads(r.payload) for r in records]
             try:
-                with self._conn_lock:
-                    conn = self._connection()
-                    with conn.transaction():
-                        with conn.cursor() as cur:
-                            for row in rows:
-                                names = ", ".join(row)
-                                marks = ", ".join("%s" for _ in row)
-                                cur.execute(f"INSERT INTO records ({names}) VALUES ({marks}) "
-                                            "ON CONFLICT (uid) DO NOTHING", [_pg_safe(v) for v in row.values()])
-            except Exception as e:  # noqa: BLE001 - the server is down or refused: retry later
+                self.store.write_rows([json.loads(r.payload) for r in records])
+            except Exception as e:  # noqa: BLE001 - the database is down or refused: retry later
                 self.last_error = f"{type(e).__name__}: {e}"
-                log.warning("archive: PostgreSQL insert failed (%s); %d records wait in the queue",
+                log.warning("archive: insert failed (%s); %d records wait in the queue",
                             self.last_error, self.queue.backlog_records)
-                with self._conn_lock:
-                    if self._conn is not None:
-                        try:
-                            self._conn.close()
-                        except Exception:  # noqa: BLE001
-                            pass
-                        self._conn = None
                 if self._stop.wait(wait):
                     break
                 wait = min(wait * 2, self.RETRY_MAX)
@@ -297,7 +352,7 @@ class _Postgres(_Backend):
 
     def flush(self, timeout: float = 10.0) -> bool:
         deadline = time.monotonic() + timeout
-        while self.queue is not None and self.queue.peek() is not None:
+        while self.queue.peek() is not None:
             if time.monotonic() > deadline:
                 return False
             self._wake.set()
@@ -306,10 +361,7 @@ class _Postgres(_Backend):
 
     def search(self, query: Query) -> list[dict[str, Any]]:
         self.flush(5.0)
-        sql, args = _where(query, "ILIKE", "%s")
-        with self._conn_lock:
-            rows = self._connection().execute(sql, [_pg_safe(a) for a in args]).fetchall()
-        return [dict(zip(COLUMNS, row)) for row in rows]
+        return self.store.search(query)
 
     def close(self) -> None:
         self.flush(5.0)
@@ -317,10 +369,8 @@ class _Postgres(_Backend):
         self._wake.set()
         if self._thread.is_alive():
             self._thread.join(10)
-        with self._conn_lock:
-            if self._conn is not None:
-                self._conn.close()
-        if self.queue is not None and not self._thread.is_alive():
+        self.store.close()
+        if not self._thread.is_alive():
             self.queue.close()
 
 

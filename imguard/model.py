@@ -40,9 +40,11 @@ class ChatContext:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["recipients"] = list(self.recipients)
-        return d
+        # Written for every chat message: a plain dict is several times cheaper than dataclasses.asdict.
+        return {"protocol": self.protocol, "direction": self.direction, "sender": self.sender,
+                "recipients": list(self.recipients), "conversation": self.conversation,
+                "client_address": self.client_address, "server_address": self.server_address,
+                "connection_id": self.connection_id, "transfer_mechanism": self.transfer_mechanism}
 
 
 # Finding kinds. A finding is a fact the inspector established, not a verdict: policy decides.

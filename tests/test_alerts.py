@@ -58,3 +58,19 @@ def test_lines_stay_whole_under_concurrent_writers(tmp_path):
     lines = (tmp_path / "a.jsonl").read_text().splitlines()
     assert len(lines) == 800
     assert all(json.loads(line)["imguard"]["anomaly"]["detail"] == text for line in lines)
+
+
+def test_context_to_dict_has_every_field():
+    """ChatContext.to_dict is written by hand for speed: it must not forget a field added later."""
+    import dataclasses
+    ctx = ChatContext(protocol="p", direction="outbound", sender="s", recipients=("a", "b"), conversation="c",
+                      client_address="1.2.3.4:5", server_address="6.7.8.9:10", connection_id="id",
+                      transfer_mechanism="ibb")
+    expected = dataclasses.asdict(ctx)
+    expected["recipients"] = ["a", "b"]
+    assert ctx.to_dict() == expected
+
+
+def test_event_ids_are_unique():
+    ids = {alerts.new_event_id() for _ in range(10000)}
+    assert len(ids) == 10000
