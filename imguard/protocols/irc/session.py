@@ -572,7 +572,14 @@ class IrcSession:
         if self.dcc_relay is not None and req.port and req.host == self.dcc_relay.host:
             known = self.transfers.get((req.host, req.port), kind=DCC_KIND) if self.transfers is not None else None
             if known is not None and known.relay_host == req.host and known.relay_port == req.port:
-                return args     # already rewritten by the other person's session (both behind the gateway)
+                # Already rewritten by the other person's session (both behind the gateway). In passive
+                # DCC that was the receiver's session, answering; when the offer it answers is ours, we
+                # are the file's sender: notices and alerts about the file belong to this connection.
+                mine = self._find_local(name, 0, req.token) if req.token else None
+                if mine is not None and mine.outbound and not from_client:
+                    remember_offer(self.transfers, replace(known, sender=mine.sender, context=mine.context),
+                                   self.limits.dcc_offer_ttl)
+                return args
         if kind == SEND and size is not None and size > self.limits.max_held_bytes:
             text = (f"imguard: the file {name!r} ({size} bytes) is larger than {self.limits.max_held_bytes} "
                     f"bytes and cannot be inspected; the offer was not passed on")
