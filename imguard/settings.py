@@ -23,33 +23,43 @@ def setting(default: Any, help: str) -> Any:
     return dataclasses.field(default=default, metadata={"help": help})
 
 
-def option_name(field_name: str) -> str:
-    return "--" + field_name.replace("_", "-")
+def option_name(field_name: str, prefix: str = "") -> str:
+    return "--" + argument_dest(field_name, prefix).replace("_", "-")
 
 
-def add_arguments(parser: argparse.ArgumentParser, settings_class: type, title: str | None = None) -> None:
-    """Add one command-line option per setting of `settings_class`, with its default in the help."""
+def argument_dest(field_name: str, prefix: str = "") -> str:
+    """The argparse attribute of a setting: its name, or `prefix_name` when two subsystems share a name
+    (IrcLimits.max_held_bytes and XmppLimits.max_held_bytes become --irc-max-held-bytes, --xmpp-max-held-bytes)."""
+    return f"{prefix}_{field_name}" if prefix else field_name
+
+
+def add_arguments(parser: argparse.ArgumentParser, settings_class: type, title: str | None = None,
+                  prefix: str = "") -> None:
+    """Add one command-line option per setting of `settings_class`, with its default in the help.
+    With `prefix`, every option and its attribute are prefixed (see argument_dest)."""
     group = parser.add_argument_group(title or settings_class.__doc__.splitlines()[0])
     for field in dataclasses.fields(settings_class):
         default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
         help_text = f"{field.metadata.get('help', '')} (default: {default!r})"
         kind = type(default)
+        dest = argument_dest(field.name, prefix)
         if kind is bool:
-            group.add_argument(option_name(field.name), dest=field.name, default=None,
+            group.add_argument(option_name(field.name, prefix), dest=dest, default=None,
                                action=argparse.BooleanOptionalAction, help=help_text)
         elif kind in (int, float, str):
-            group.add_argument(option_name(field.name), dest=field.name, default=None, type=kind,
-                               metavar=field.name.upper(), help=help_text)
+            group.add_argument(option_name(field.name, prefix), dest=dest, default=None, type=kind,
+                               metavar=dest.upper(), help=help_text)
         else:
-            group.add_argument(option_name(field.name), dest=field.name, default=None, action="append",
-                               metavar=field.name.upper(), help=help_text)
+            group.add_argument(option_name(field.name, prefix), dest=dest, default=None, action="append",
+                               metavar=dest.upper(), help=help_text)
 
 
-def from_arguments(settings_class: type, args: argparse.Namespace, **overrides: Any) -> Any:
-    """Build `settings_class` from parsed options; options left unset keep their declared default."""
+def from_arguments(settings_class: type, args: argparse.Namespace, prefix: str = "", **overrides: Any) -> Any:
+    """Build `settings_class` from parsed options; options left unset keep their declared default.
+    `prefix` as given to add_arguments."""
     values = {}
     for field in dataclasses.fields(settings_class):
-        value = getattr(args, field.name, None)
+        value = getattr(args, argument_dest(field.name, prefix), None)
         if value is not None:
             values[field.name] = value
     values.update(overrides)

@@ -3,21 +3,44 @@
     settings.py      GatewaySettings (every knob, its default and why)
     master.py        Gateway / GatewayMaster: the minimal addon chain, imguard's addons first; session factories
     addon.py         GatewayAddon: next_layer (which layer for which connection), server_connect (self-connect
-                     guard, bytestream relay redirect), inspect_file (scans in worker threads); LateTlsAddon
+                     guard, bytestream and DCC relay redirects), record (notify routing), inspect_file (scans in
+                     worker threads); LateTlsAddon
+    dcc.py           DccRelayPorts: the IRC DCC relay port pool (allocate for IrcSession, take for a connection)
     detect.py        pure protocol detection: destination port map, then first bytes
     layer.py         SessionLayer: a StreamSession (imguard.protocols.base) on one connection; STARTTLS by
-                     pushing ServerTLSLayer -> ClientTLSLayer children
+                     pushing ServerTLSLayer -> ClientTLSLayer children; NoticeInjected -> session.notice(text)
     inspection.py    bounded thread pool around Pipeline.check_file
     http_uploads.py  HTTP(S) uploads (XEP-0363 PUT, upload paths) buffered, scanned, 403/413
+    chat_apis.py     ChatApis: chat over HTTP(S) (Matrix, Slack, Mattermost, Rocket.Chat, Discord) through the
+                     pure decoders of imguard/protocols/httpchat; ChatApiSettings (--chat-* options)
     ca.py            the interception CA in data_dir/ca, named for imguard
     cli.py           `imguard run` / `imguard ca`
 
 How a connection is handled (GatewayAddon.next_layer, called by mitmproxy until a layer is chosen):
     socks5 listener that is the bytestream relay  -> SessionLayer(Socks5BytestreamSession), server = streamhost
+    a DCC relay port (--dcc-relay)                -> SessionLayer(DccSendSession/DccChatSession), server = the
+                                                     offer's real listener; no offer for that port: refused
+    no --dcc-relay, not reverse mode, and the destination is an announced DCC address (before detection)
+                                                  -> SessionLayer(DCC session) on that connection
     destination port in the port map, or first bytes recognised (detect.detect):
         chat protocol with a session factory      -> SessionLayer(factory(ConnectionInfo)), or
                                                      ServerTLS -> ClientTLS -> SessionLayer when TLS comes first
         HTTP                                      -> mitmproxy's HttpLayer (HttpUploads scans uploads)
         TLS to an HTTP port, or in reverse:tcp     -> intercepted; the decrypted first bytes decide again
         anything else                             -> TCPLayer(ignore=True): relayed untouched, no flow, no hooks
+
+DCC relay (--dcc-relay HOST --dcc-relay-ports FIRST-LAST): a pool of mitmproxy `reverse:tcp` listeners, one per
+port, added to the modes at start (imguard/gateway/dcc.py says why a pool and not a listener per offer: the
+IrcSession needs the port synchronously, and mitmproxy binds listeners asynchronously when the mode option
+changes). IrcSession rewrites an offer to HOST:<free pool port> and stores it in ExpectedTransfers under that
+address; server_connect on a pool port takes the offer (find_offer) and points the server leg at
+offer.real_address, or refuses the connection with a dcc_unannounced anomaly; next_layer puts the DCC
+session on it.
+
+Notices across connections: GatewayAddon.sessions maps each live session's connection id (ChatContext.
+connection_id = mitmproxy's client id) to its session. GatewayAddon.record() writes every Record and, when the
+event carries imguard.notify = {connection_id, protocol, text}, sends a NoticeInjected event into that
+connection's handler (as mitmproxy's inject.tcp does, scheduled on the loop, never inside the caller's
+layer); the SessionLayer there, however deep under TLS layers, returns session.notice(text)'s commands. A
+session without notice() (XmppSession today) gets none: logged.
 """

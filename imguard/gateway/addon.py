@@ -1,5 +1,6 @@
 """imguard's mitmproxy addons: choosing a layer for each connection, guarding against self-connects,
-redirecting bytestream relay connections, and running file inspection in worker threads.
+redirecting bytestream and DCC relay connections, routing notices between connections, and running file
+inspection in worker threads.
 
 `GatewayAddon` must sit *ahead* of mitmproxy's NextLayer in the addon chain: NextLayer never overrides a
 layer another addon has set, and hooks run in chain order. `LateTlsAddon` must sit *after* TlsConfig,
@@ -8,6 +9,7 @@ because it adjusts what TlsConfig produced (per-host verification, server-TLS-fi
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import ipaddress
 import logging
@@ -29,7 +31,7 @@ from OpenSSL import SSL
 from imguard import alerts
 from imguard.gateway import detect as det
 from imguard.gateway.inspection import Inspection
-from imguard.gateway.layer import FileJob, RefuseLayer, SessionLayer, tls_first_stack
+from imguard.gateway.layer import FileJob, NoticeInjected, NoticeTarget, RefuseLayer, SessionLayer, tls_first_stack
 from imguard.model import ChatContext
 
 logger = logging.getLogger("imguard.gateway")
@@ -44,6 +46,7 @@ class ConnectionInfo:
     detail: str = ""            # how the protocol was recognised
     streamhost: tuple[str, int] | None = None   # bytestream relay: the real streamhost
     hash: str = ""              # bytestream relay: the SOCKS5 destination hash
+    offer: Any = None           # DCC: the DccOffer the connection was announced by (None: unannounced)
 
 
 SessionFactory = Callable[[ConnectionInfo], Any]
@@ -81,7 +84,8 @@ class GatewayAddon:
 
     def __init__(self, *, pipeline, inspection: Inspection, factories: dict[str, SessionFactory],
                  port_map: dict[int, tuple[str, bool]], http_ports: set[int] | frozenset = frozenset(),
-                 transfers=None, bytestream_relay: tuple[str, int] | None = None, max_queued_bytes: int = 0):
+                 transfers=None, bytestream_relay: tuple[str, int] | None = None, max_queued_bytes: int = 0,
+                 dcc_ports=None):
         self.pipeline = pipeline
         self.inspection = inspection
         self.factories = factories
@@ -93,15 +97,51 @@ class GatewayAddon:
         self.relay_mode: mode_specs.ProxyMode | None = None
         self._sniff_tls: set[str] = set()      # client ids whose TLS we terminated to look inside
         self._bytestreams: dict[str, tuple[str, tuple[str, int]]] = {}   # client id -> (hash, streamhost)
-        self.stats = {"sessions": 0, "relayed": 0, "refused": 0, "self_connect": 0}
+        self.dcc_ports = dcc_ports              # imguard.gateway.dcc.DccRelayPorts, or None (offers not rewritten)
+        self._dcc_offers: dict[str, Any] = {}   # client id -> DccOffer, from server_connect to next_layer
+        self.sessions: dict[str, tuple[Any, Any]] = {}  # client id (= ChatContext.connection_id) -> (session, context)
+        self.stats = {"sessions": 0, "relayed": 0, "refused": 0, "self_connect": 0, "notices": 0}
 
     # --- recording (the Carrier interface of SessionLayer) --------------------------------------------
 
     def record(self, event: dict[str, Any]) -> None:
+        """Write the event; one that carries `imguard.notify` is also delivered as a notice (see notify)."""
         try:
             self.pipeline.record(event)
         except Exception:
             logger.exception("could not record an event")
+        notify = (event.get("imguard") or {}).get("notify") if isinstance(event, dict) else None
+        if notify:
+            self.notify(str(notify.get("connection_id", "")), str(notify.get("text", "")))
+
+    def notify(self, connection_id: str, text: str) -> bool:
+        """Tell the person on connection `connection_id` something (a DCC file blocked on its own connection):
+        a NoticeInjected event goes into that connection's layer stack, as mitmproxy's inject.tcp does, and
+        its SessionLayer calls session.notice(text). Scheduled on the event loop, never run inside the
+        caller's layer. False when that connection or its session is gone (the notify record still stands)."""
+        master = getattr(mitm_ctx, "master", None)
+        ps = master.addons.get("proxyserver") if master is not None else None
+        handler = ps.connections.get(connection_id) if ps and connection_id else None
+        session, context = self.sessions.get(connection_id, (None, None))
+        if handler is None or session is None:
+            logger.warning("notice for connection %s not delivered (connection gone): %s", connection_id or "-", text)
+            return False
+        if not callable(getattr(session, "notice", None)):
+            logger.warning("notice for connection %s not delivered (%s has no notice()): %s", connection_id,
+                           type(session).__name__, text)
+            return False
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            logger.error("notice for connection %s not delivered (called off the event loop): %s", connection_id, text)
+            return False
+
+        def inject() -> None:
+            event = NoticeInjected(NoticeTarget(context.client, context.server), text)
+            asyncio_utils.create_task(handler.server_event(event), name="imguard notice", keep_ref=True)
+        loop.call_soon(inject)
+        self.stats["notices"] += 1
+        return True
 
     def anomaly(self, ctx: ChatContext, kind: str, detail: str, **data: Any) -> None:
         logger.warning("%s: %s: %s", ctx.client_address or "-", kind, detail)
@@ -151,6 +191,10 @@ class GatewayAddon:
             self._redirect_bytestream(data)
             if server.error:
                 return
+        elif self._is_dcc_relay(data.client):
+            self._redirect_dcc(data)
+            if server.error:
+                return
         host, port = str(server.address[0]), int(server.address[1])
         own_ports = {addr[1] for addr in self._listen_addrs()}
         if port in own_ports and server.transport_protocol == "tcp" and is_local_address(host):
@@ -180,6 +224,29 @@ class GatewayAddon:
         self._bytestreams[data.client.id] = (host.lower(), (str(target[0]), int(target[1])))
         data.server.address = (str(target[0]), int(target[1]))
 
+    def _is_dcc_relay(self, client: Client) -> bool:
+        return self.dcc_ports is not None and self.dcc_ports.is_relay(client.proxy_mode)
+
+    def _redirect_dcc(self, data: server_hooks.ServerConnectionHookData) -> None:
+        """A connection to a DCC relay port goes on to the real listener of the offer that port was given to;
+        a connection no offer announced is refused (anomaly)."""
+        port = data.client.sockname[1] if data.client.sockname else 0
+        try:
+            offer = self.dcc_ports.take(port)
+        except Exception:
+            logger.exception("DCC offer lookup failed")
+            offer = None
+        if offer is None:
+            data.server.error = f"no DCC offer for relay port {port}"
+            ctx = ChatContext(protocol="irc", client_address=_hostport(data.client.peername),
+                              server_address=f"{self.dcc_ports.host}:{port}", connection_id=data.client.id,
+                              transfer_mechanism="dcc")
+            self.anomaly(ctx, "dcc_unannounced", f"a connection to DCC relay port {port} that no offer "
+                         "announced (or whose offer expired or was used); closed", port=port)
+            return
+        self._dcc_offers[data.client.id] = offer
+        data.server.address = offer.real_address
+
     def server_connected(self, data: server_hooks.ServerConnectionHookData) -> None:
         """A relay connection must start its session without waiting for the client: the target of a SOCKS5
         bytestream sends nothing until the streamhost does, and the streamhost waits for the SOCKS5 handshake
@@ -194,6 +261,8 @@ class GatewayAddon:
 
     def client_disconnected(self, client: Client) -> None:
         self._bytestreams.pop(client.id, None)
+        self._dcc_offers.pop(client.id, None)
+        self.sessions.pop(client.id, None)
         self._sniff_tls.discard(client.id)
 
     def next_layer(self, nextlayer: mlayer.NextLayer) -> None:
@@ -214,13 +283,57 @@ class GatewayAddon:
         if self._is_relay(context.client):
             nextlayer.layer = self._bytestream_layer(context)
             return
+        if self._is_dcc_relay(context.client):
+            nextlayer.layer = self._dcc_layer(context, self._dcc_offers.pop(context.client.id, None))
+            return
         if context.server.address is None:
             return
         port = int(context.server.address[1])
+        if self.dcc_ports is None and not isinstance(top, modes.ReverseProxy):
+            # Offers are not rewritten: a DCC data connection is recognised by its destination, before any
+            # protocol detection (it carries raw file bytes), as Zeek's dcc-send.zeek does.
+            offer = self._dcc_by_destination(context.server.address)
+            if offer is not None:
+                nextlayer.layer = self._dcc_layer(context, offer)
+                return
         found = det.detect(port, nextlayer.data_client(), nextlayer.data_server(), self.port_map)
         if found is det.NEED_MORE:
             return
         nextlayer.layer = self._layer_for(context, found)
+
+    def _dcc_by_destination(self, address) -> Any:
+        if self.transfers is None or "dcc" not in self.factories:
+            return None
+        port = int(address[1])
+        if port in self.port_map or port in self.http_ports:
+            return None     # never let an offer claim a chat or web server's port
+        try:
+            from imguard.protocols.irc.dcc import find_offer
+            return find_offer(self.transfers, str(address[0]), port)
+        except Exception:
+            logger.exception("DCC offer lookup failed")
+            return None
+
+    def _dcc_layer(self, context, offer) -> mlayer.Layer:
+        chat = self.chat_context(context, "irc").with_(transfer_mechanism="dcc")
+        factory = self.factories.get("dcc")
+        if factory is None or offer is None:
+            self.anomaly(chat, "dcc_unannounced" if offer is None else "dcc_unsupported",
+                         "DCC connection closed: " + ("no offer announced it" if offer is None
+                                                      else "no DCC session available"))
+            self.stats["refused"] += 1
+            return RefuseLayer(context)
+        try:
+            session = factory(ConnectionInfo("dcc", False, chat, "DCC offer", offer=offer))
+        except Exception as e:
+            logger.exception("cannot start a DCC session")
+            self.anomaly(chat, "session_error", f"cannot start a DCC session: {e!r}")
+            self.stats["refused"] += 1
+            return RefuseLayer(context)
+        self.stats["sessions"] += 1
+        logger.info("%s -> %s: DCC %s %r for offer %s", chat.client_address, chat.server_address,
+                    getattr(offer, "kind", ""), getattr(offer, "name", ""), getattr(offer, "offer_id", ""))
+        return SessionLayer(context, session, chat, self)
 
     def _layer_for(self, context, found: det.Detection) -> mlayer.Layer | None:
         port = int(context.server.address[1])
@@ -250,6 +363,7 @@ class GatewayAddon:
             self.stats["refused"] += 1
             return RefuseLayer(context)
         self.stats["sessions"] += 1
+        self.sessions[context.client.id] = (session, context)
         logger.info("%s -> %s: %s (%s)", chat.client_address, chat.server_address, found.protocol, found.reason)
         if found.tls_first:
             return tls_first_stack(context, session, chat, self)
@@ -282,6 +396,7 @@ class GatewayAddon:
             nextlayer.layer = RefuseLayer(context)
             return
         self.stats["sessions"] += 1
+        self.sessions[context.client.id] = (session, context)
         logger.info("%s -> %s: %s (first bytes inside TLS)", chat.client_address, chat.server_address, found.protocol)
         nextlayer.layer = SessionLayer(context, session, chat, self, tls=True)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
@@ -29,8 +30,26 @@ def _data_dir(value: str | None) -> Path:
     return default_data_dir()
 
 
+# Per-connection session limits on the command line, prefixed because their names overlap
+# (IrcLimits.max_held_bytes, XmppLimits.max_held_bytes): (prefix, title, "module:Class").
+SESSION_LIMITS = (("irc", "IRC session and DCC limits (per connection)", "imguard.protocols.irc.decoder:IrcLimits"),
+                  ("xmpp", "XMPP session limits (per connection)", "imguard.protocols.xmpp.decoder:XmppLimits"),
+                  ("chat", "Chat APIs over HTTP(S): Matrix, Slack, Mattermost, Rocket.Chat, Discord",
+                   "imguard.gateway.chat_apis:ChatApiSettings"))
+
+
+def _limits_class(path: str) -> type:
+    import importlib
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     settings_mod.add_arguments(parser, GatewaySettings)
+    from imguard.inspect import InspectLimits
+    settings_mod.add_arguments(parser, InspectLimits, "inspection limits (as for `imguard scan`)")
+    for prefix, title, path in SESSION_LIMITS:
+        settings_mod.add_arguments(parser, _limits_class(path), title, prefix=prefix)
     parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
                         help="imguard's own log level (mitmproxy's log stays at WARNING)")
 
@@ -45,6 +64,15 @@ def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
         # --ports adds to (or overrides, port by port) the default map; PORT=none relays a port untouched.
         overrides["ports"] = list(GatewaySettings().ports) + list(args.ports)
     return settings_mod.from_arguments(GatewaySettings, args, **overrides)
+
+
+def limits_from_args(args: argparse.Namespace) -> dict[str, object]:
+    """{"inspect": InspectLimits, "irc": IrcLimits, "xmpp": XmppLimits} from the parsed options."""
+    from imguard.inspect import InspectLimits
+    limits: dict[str, object] = {"inspect": settings_mod.from_arguments(InspectLimits, args)}
+    for prefix, _, path in SESSION_LIMITS:
+        limits[prefix] = settings_mod.from_arguments(_limits_class(path), args, prefix=prefix)
+    return limits
 
 
 def _bundled(name: str) -> Path:
@@ -62,18 +90,27 @@ def combined_rules(folders: list[Path], data_dir: Path) -> Path:
     if target.exists():
         shutil.rmtree(target)
     target.mkdir(parents=True)
+    groups_from = None
     for i, folder in enumerate(folders):
         if not folder.is_dir():
             raise OSError(f"{folder}: rules folder does not exist")
         for f in sorted(folder.iterdir()):
-            if f.is_file() and f.suffix in (".yaml", ".yml"):
+            if f.is_file() and f.name == "groups.yaml":       # not a rule file: keeps its name, one folder only
+                if groups_from is not None:
+                    raise OSError(f"{f} and {groups_from / f.name}: only one rules folder may hold groups.yaml")
+                groups_from = folder
+                shutil.copyfile(f, target / f.name)
+            elif f.is_file() and f.suffix in (".yaml", ".yml"):
                 shutil.copyfile(f, target / f"{i:02d}-{f.name}")
     return target
 
 
 def describe_start(gateway, alerts_path: Path) -> str:
     lines = ["imguard gateway running"]
+    dcc = getattr(gateway, "dcc_ports", None)
     for spec, addr in gateway.listen_addrs:
+        if dcc is not None and spec in dcc.specs():
+            continue        # the DCC relay pool: one line below
         lines.append(f"  listening   {addr[0] or '*'}:{addr[1]}  ({spec})")
     protos = sorted(gateway.addon.factories)
     ports = ", ".join(f"{p}={proto}{'+tls' if tls else ''}" for p, (proto, tls) in sorted(gateway.addon.port_map.items()))
@@ -83,6 +120,9 @@ def describe_start(gateway, alerts_path: Path) -> str:
                  f" (max {gateway.settings.max_upload_size} bytes)")
     if gateway.relay:
         lines.append(f"  bytestreams SOCKS5 streamhosts rewritten to {gateway.relay[0]}:{gateway.relay[1]}")
+    if dcc is not None:
+        lines.append(f"  dcc relay   IRC DCC offers rewritten to {dcc.host}, "
+                     f"ports {dcc.ports.start}-{dcc.ports.stop - 1}")
     lines.append(f"  CA          {ca.ca_dir(gateway.data_dir)} (export with `imguard ca`)")
     lines.append(f"  alerts      {alerts_path}")
     lines.append("  everything else is relayed untouched")
@@ -103,9 +143,24 @@ async def _serve(gateway, alerts_path: Path) -> int:
         except (NotImplementedError, RuntimeError):
             pass
     print(describe_start(gateway, alerts_path), flush=True)
+    reloader = getattr(gateway, "reloader", None)       # imguard.reload.PolicyReloader: SIGHUP and file changes
+    watcher = None
+    if reloader is not None:
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signal.SIGHUP, reloader.on_signal)
+        interval = gateway.settings.reload_interval
+        print(f"  reload      rules and signatures on SIGHUP"
+              f"{f' and when their files change (checked every {interval:g} s)' if interval > 0 else ''}", flush=True)
+    if getattr(gateway, "fail_modes", None) is not None:
+        print(f"  fail modes  {gateway.fail_modes.describe()}", flush=True)
+        watcher = asyncio.create_task(reloader.watch(gateway.settings.reload_interval), name="imguard reload watch")
     try:
         await gateway.wait()
     finally:
+        if watcher is not None:
+            watcher.cancel()
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.remove_signal_handler(signal.SIGHUP)
         await gateway.stop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
@@ -122,6 +177,7 @@ def run_main(args: argparse.Namespace) -> int:
     logging.getLogger("mitmproxy").setLevel(logging.WARNING)
     try:
         s = settings_from_args(args)
+        limits = limits_from_args(args)
     except (TypeError, ValueError) as e:
         print(f"imguard: {e}", file=sys.stderr)
         return 2
@@ -134,7 +190,7 @@ def run_main(args: argparse.Namespace) -> int:
     signatures = Path(s.signatures) if s.signatures else _bundled("signatures")
     from imguard import runtime
     try:
-        pipeline = runtime.build_pipeline(rules, signatures, data_dir)
+        pipeline = runtime.build_pipeline(rules, signatures, data_dir, limits=limits["inspect"])
     except runtime.ConfigError as e:
         print("imguard: the configuration cannot be used:", file=sys.stderr)
         for err in e.errors:
@@ -142,10 +198,13 @@ def run_main(args: argparse.Namespace) -> int:
         return 2
     from imguard.gateway.master import Gateway, GatewayError
     try:
-        gateway = Gateway(s, pipeline, data_dir=data_dir)
+        gateway = Gateway(s, pipeline, data_dir=data_dir, irc_limits=limits["irc"], xmpp_limits=limits["xmpp"],
+                          chat_settings=limits["chat"])
     except GatewayError as e:
         print(f"imguard: {e}", file=sys.stderr)
         return 2
+    from imguard.reload import PolicyReloader
+    gateway.reloader = PolicyReloader(pipeline, [Path(r) for r in s.rules] or [rules], signatures, data_dir)
     return asyncio.run(_serve(gateway, data_dir / "alerts.jsonl"))
 
 

@@ -38,6 +38,36 @@ def _attr(obj: Any, *names: str, default: Any = "") -> Any:
     return default
 
 
+def flow_context(flow: http.HTTPFlow, mechanism: str, ctx: ChatContext | None = None,
+                 protocol: str = "http") -> ChatContext:
+    """The addresses and connection of `flow`, filled into `ctx` where it has none (or a new context).
+    Shared with the chat-API addon (chat_apis.py)."""
+    client = flow.client_conn.peername
+    server = flow.server_conn.address or (flow.request.host, flow.request.port)
+    base = dict(client_address=f"{client[0]}:{client[1]}" if client else "",
+                server_address=f"{server[0]}:{server[1]}",
+                connection_id=flow.client_conn.id,
+                transfer_mechanism=mechanism)
+    if ctx is not None:
+        return ctx.with_(**{k: v for k, v in base.items() if not getattr(ctx, k)})
+    return ChatContext(protocol=protocol, **base)
+
+
+def block_reason(decision) -> str:
+    """What the client is told about a blocked upload: the policy notice, else the rule ids, else the action."""
+    return decision.notice or (", ".join(decision.rule_ids) if decision.rule_ids else decision.action)
+
+
+def too_large(inspection: Inspection, ctx: ChatContext, name: str, claimed_mime: str, size: int,
+              limit: int, setting: str = "max_upload_size"):
+    """Policy's decision on an upload over `limit` bytes, which is not scanned (UNSCANNABLE "too_large"):
+    (passes, decision). It passes only when policy explicitly allows or merely alerts."""
+    report, decision = inspection.unscannable(
+        b"", ctx, name, claimed_mime, REASON_TOO_LARGE,
+        f"the upload ({size} bytes) is larger than {setting} ({limit})", size=size)
+    return decision.action in (ALLOW, ALERT), decision
+
+
 class HttpUploads:
     def __init__(self, inspection: Inspection, transfers=None, upload_paths: list[str] | tuple = (),
                  max_upload_size: int = 64 * 1024 * 1024):
@@ -48,15 +78,8 @@ class HttpUploads:
 
     def _context(self, flow: http.HTTPFlow, expected: Any) -> ChatContext:
         ctx = _attr(expected, "context", default=None) if expected is not None else None
-        client = flow.client_conn.peername
-        server = flow.server_conn.address or (flow.request.host, flow.request.port)
-        base = dict(client_address=f"{client[0]}:{client[1]}" if client else "",
-                    server_address=f"{server[0]}:{server[1]}",
-                    connection_id=flow.client_conn.id,
-                    transfer_mechanism="xep-0363" if expected is not None else "upload")
-        if isinstance(ctx, ChatContext):
-            return ctx.with_(**{k: v for k, v in base.items() if not getattr(ctx, k)})
-        return ChatContext(protocol="http", **base)
+        return flow_context(flow, "xep-0363" if expected is not None else "upload",
+                            ctx if isinstance(ctx, ChatContext) else None)
 
     def _take_expected(self, url: str) -> Any:
         if self.transfers is None:
@@ -106,11 +129,10 @@ class HttpUploads:
         meta = flow.metadata[META]
         ctx = self._context(flow, meta["expected"])
         name = self._name(flow, meta["expected"])
-        report, decision = self.inspection.unscannable(
-            b"", ctx, name, flow.request.headers.get("content-type", ""), REASON_TOO_LARGE,
-            f"the upload ({size} bytes) is larger than max_upload_size ({self.max_upload_size})", size=size)
+        passes, decision = too_large(self.inspection, ctx, name, flow.request.headers.get("content-type", ""), size,
+                                     self.max_upload_size)
         meta["done"] = True
-        if decision.action in (ALLOW, ALERT):
+        if passes:
             logger.warning("upload %s (%d bytes) too large to scan; policy allows it unscanned", meta["url"], size)
             flow.request.stream = True
             return
@@ -150,7 +172,7 @@ class HttpUploads:
                    else "") or flow.request.headers.get("content-type", "")
         report, decision = await self.inspection.check(data, ctx, self._name(flow, meta["expected"]), claimed)
         if decision.blocked:
-            reason = decision.notice or (", ".join(decision.rule_ids) if decision.rule_ids else decision.action)
+            reason = block_reason(decision)
             flow.response = http.Response.make(403, f"imguard: upload blocked ({reason})\n".encode(),
                                                {"content-type": "text/plain"})
             self._mark_blocked(meta, reason)

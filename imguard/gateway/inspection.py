@@ -5,7 +5,10 @@ seconds; the event loop must never wait for it. `Inspection.check()` is awaited 
 which pauses only the connection that holds the file. When more than `max_pending` files are
 waiting, a new one is not scanned: it gets an UNSCANNABLE finding (reason "limit") and policy
 decides on that, so overload never turns into a silent pass. A scanner exception is handled the same
-way with reason "scanner_error".
+way with reason "scanner_error". A file whose scan takes longer than `timeout` is decided at once on an
+unscannable (reason "timeout") report; its worker finishes in the background and keeps its queue slot
+until then. For overload and timeout the operator's fail mode (failmode.py) has the last word over policy:
+closed -> at least block, open -> relayed with an alert.
 """
 
 from __future__ import annotations
@@ -16,16 +19,18 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 
 from imguard import alerts
-from imguard.model import (BLOCK, REASON_LIMIT, REASON_SCANNER_ERROR, UNSCANNABLE, ChatContext, Decision,
-                           FileReport, Finding)
+from imguard.model import (BLOCK, REASON_LIMIT, REASON_SCANNER_ERROR, REASON_TIMEOUT, UNSCANNABLE, ChatContext,
+                           Decision, FileReport, Finding)
 
 logger = logging.getLogger("imguard.gateway")
 
 
 class Inspection:
-    def __init__(self, pipeline, workers: int = 2, max_pending: int = 32):
+    def __init__(self, pipeline, workers: int = 2, max_pending: int = 32, fail_modes=None, timeout: float = 0):
         self.pipeline = pipeline
         self.max_pending = max(1, max_pending)
+        self.fail_modes = fail_modes        # imguard.gateway.failmode.FailModes: overload / timeout (None = closed)
+        self.timeout = timeout              # seconds one file may take (0 = no limit)
         self.pending = 0
         self.executor = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="imguard-inspect")
 
@@ -34,20 +39,36 @@ class Inspection:
         if self.pending >= self.max_pending:
             logger.warning("inspection queue full (%d pending): %r not scanned", self.pending, name)
             return self.unscannable(data, ctx, name, claimed_mime, REASON_LIMIT,
-                                    f"the inspection queue was full ({self.max_pending} files)")
+                                    f"the inspection queue was full ({self.max_pending} files)", situation="overload")
         self.pending += 1
+        scan = None
         try:
             loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self.executor, self.pipeline.check_file, data, ctx, name,
-                                              claimed_mime, truncated)
+            scan = loop.run_in_executor(self.executor, self.pipeline.check_file, data, ctx, name,
+                                        claimed_mime, truncated)
+            # A file counts against the queue until its worker is done, even after a timeout decided it.
+            scan.add_done_callback(self._finished)
+            if not self.timeout:
+                return await scan
+            try:
+                return await asyncio.wait_for(asyncio.shield(scan), self.timeout)
+            except asyncio.TimeoutError:
+                # The worker thread finishes on its own (and records what it found); this transfer is decided now.
+                logger.warning("inspection of %r took more than %s s", name, self.timeout)
+                return self.unscannable(data, ctx, name, claimed_mime, REASON_TIMEOUT,
+                                        f"inspection took more than {self.timeout} s", situation="timeout")
         except Exception as e:  # the scanner failed: never a crash, never a silent pass
             logger.exception("inspection of %r failed", name)
             return self.unscannable(data, ctx, name, claimed_mime, REASON_SCANNER_ERROR, f"inspection failed: {e!r}")
         finally:
-            self.pending -= 1
+            if scan is None:
+                self.pending -= 1
+
+    def _finished(self, _future) -> None:
+        self.pending -= 1
 
     def unscannable(self, data: bytes, ctx: ChatContext, name: str, claimed_mime: str, reason: str,
-                    detail: str, size: int | None = None) -> tuple[FileReport, Decision]:
+                    detail: str, size: int | None = None, situation: str = "") -> tuple[FileReport, Decision]:
         """A report that says the file was not inspected, and what policy decides on that."""
         report = FileReport(name=name, path=name, size=len(data) if size is None else size,
                             sha256=hashlib.sha256(data).hexdigest() if data else "",
@@ -58,8 +79,16 @@ class Inspection:
         except Exception:
             logger.exception("policy failed on an unscannable file; blocking it")
             decision = Decision(action=BLOCK)
+        mode = ""
+        if situation:       # overload / timeout: the operator's fail mode overrides policy (failmode.py)
+            from imguard.gateway.failmode import apply_to_decision
+            decision, mode = apply_to_decision(self.fail_modes, situation, ctx, decision)
         try:
-            self.pipeline.record(alerts.file_event(report, ctx, decision))
+            event = alerts.file_event(report, ctx, decision)
+            if mode:
+                event["event"]["kind"] = "alert"
+                event["imguard"]["fail_mode"] = {"situation": situation, "mode": mode}
+            self.pipeline.record(event)
         except Exception:
             logger.exception("could not record an unscannable file")
         return report, decision

@@ -12,8 +12,11 @@ Each session command becomes mitmproxy commands, in order:
                  session.tls_started() is called when both handshakes are done (the child's Start event);
 - InspectFile -> an InspectFileHook: the gateway addon runs Pipeline.check_file in a worker thread; the hook
                  pauses this layer only (other connections keep flowing), then session.file_verdict(...);
-- Record      -> Pipeline.record(event), inline;
+- Record      -> carrier.record(event): Pipeline.record, inline; an `imguard.notify` also goes to its connection;
 - Close       -> both legs closed.
+
+A NoticeInjected event (the gateway routing a Record's `imguard.notify` from another connection, e.g. a DCC
+file blocked on its own connection) becomes session.notice(text), whose commands are carried the same way.
 
 A session that raises is logged as an anomaly and its connection is closed; the gateway carries on.
 No flow object and no per-message history is kept: memory per connection does not grow with traffic.
@@ -52,6 +55,25 @@ class InspectFileHook(StartHook):
     job: FileJob
 
 
+@dataclass
+class NoticeTarget:
+    """The connection pair a notice is for, shaped like a flow (client_conn, server_conn): mitmproxy's HttpLayer
+    routes an injected message by these to the CONNECT tunnel that carries the session."""
+    client_conn: Any
+    server_conn: Any
+
+
+@dataclass
+class NoticeInjected(events.MessageInjected):
+    """The gateway asks this connection's session to tell its user `message` (session.notice(message)).
+    A MessageInjected, like mitmproxy's inject.tcp: every layer above passes it down (TLS layers and mode
+    layers forward non-connection events; HttpLayer forwards injected messages to the tunnel's stream)."""
+
+    @property
+    def text(self) -> str:
+        return str(self.message)
+
+
 class Carrier:
     """What a SessionLayer needs from the gateway: recording. (The gateway addon implements it.)"""
 
@@ -77,6 +99,7 @@ class SessionLayer(layer.Layer):
         self.child = None
         self.closed = False
         self.queued_bytes = 0                   # bytes queued by mitmproxy while this layer waits for a scan
+        self.raw = False                        # fail mode parse=open: the session failed, bytes relayed as they are
 
     def __repr__(self):
         return f"SessionLayer({type(self.session).__name__}, tls={self.tls})"
@@ -93,9 +116,24 @@ class SessionLayer(layer.Layer):
                                      queued_bytes=self.queued_bytes)
                 yield from self._close()
                 return
+            # The same queues, all connections together (a flood of many connections, each under its own limit).
+            total_limit = getattr(self.carrier, "max_total_queued_bytes", 0)
+            queued = getattr(self.carrier, "queued_layers", None)       # a WeakSet of layers holding queued bytes
+            if total_limit and queued is not None:
+                queued.add(self)
+                total = sum(other.queued_bytes for other in list(queued))
+                if total > total_limit:
+                    self.carrier.anomaly(self.chat, "overload", f"{total} bytes queued by all connections together "
+                                         f"(max_total_queued_bytes {total_limit}); this connection was closed",
+                                         queued_bytes=self.queued_bytes, total_queued_bytes=total)
+                    yield from self._close()
+                    return
         yield from super().handle_event(event)
-        if self._paused is None:
+        if self._paused is None and self.queued_bytes:
             self.queued_bytes = 0
+            queued = getattr(self.carrier, "queued_layers", None)
+            if queued is not None:
+                queued.discard(self)
 
     # --- events -------------------------------------------------------------------------------------
 
@@ -107,12 +145,25 @@ class SessionLayer(layer.Layer):
             return
         if isinstance(event, events.Start):
             yield from self._start()
+        elif self.raw and isinstance(event, events.DataReceived):
+            if event.data:
+                to_client = event.connection != self.context.client
+                yield commands.SendData(self.context.client if to_client else self.context.server, event.data)
+        elif self.raw and isinstance(event, events.ConnectionClosed):
+            yield from self._close()
         elif isinstance(event, events.DataReceived):
             if event.data:
                 from_client = event.connection == self.context.client
                 yield from self._run(self._call(self.session.data_received, from_client, event.data))
         elif isinstance(event, events.ConnectionClosed):
             yield from self._connection_closed(event)
+        elif isinstance(event, NoticeInjected):
+            notice = getattr(self.session, "notice", None)
+            if notice is None:
+                logger.warning("%s: %s cannot deliver a notice: %s", self.chat.client_address,
+                               type(self.session).__name__, event.text)
+            else:
+                yield from self._run(self._call(notice, event.text))
 
     def _start(self) -> layer.CommandGenerator[None]:
         server = self.context.server
@@ -153,6 +204,15 @@ class SessionLayer(layer.Layer):
         except Exception as e:
             logger.exception("%s: session %s failed in %s", self.chat.client_address,
                              type(self.session).__name__, method.__name__)
+            fail_open = getattr(self.carrier, "parse_fail_open", None)     # fail mode parse (failmode.py)
+            if fail_open is not None and fail_open(self.chat.protocol):
+                self.carrier.anomaly(self.chat, "session_error", f"{type(e).__name__}: {e}; fail mode open: the "
+                                     "rest of the connection is relayed uninspected",
+                                     session=type(self.session).__name__, call=method.__name__, fail_mode="open")
+                self.raw = True     # bytes the session was holding are lost; what arrives from now on is relayed
+                if method.__name__ == "data_received":
+                    return [Send(to_client=not args[0], data=args[1])]
+                return []
             self.carrier.anomaly(self.chat, "session_error", f"{type(e).__name__}: {e}",
                                  session=type(self.session).__name__, call=method.__name__)
             return [Close(f"session error in {method.__name__}")]
@@ -202,6 +262,11 @@ class SessionLayer(layer.Layer):
 
     def _close(self) -> layer.CommandGenerator[None]:
         self.closed = True
+        if self.queued_bytes:           # what it queued is dropped with the connection
+            self.queued_bytes = 0
+            queued = getattr(self.carrier, "queued_layers", None)
+            if queued is not None:
+                queued.discard(self)
         server, client = self.context.server, self.context.client
         if server.state is not ConnectionState.CLOSED:
             yield commands.CloseConnection(server)

@@ -6,9 +6,12 @@
     await gateway.stop()
 
 Addon chain, in order (order matters: a hook runs through the chain in this order):
+    PassthroughAddon  --exclude destinations and (fail mode tls=open) clients that refused interception:
+                   relayed untouched before GatewayAddon chooses a layer; tls_failed_client alerts (failmode.py)
     GatewayAddon   our next_layer before NextLayer; server_connect (self-connect guard, relay) before
                    Proxyserver's; inspect_file
     HttpUploads    buffer and scan HTTP uploads
+    ChatApis       chat over HTTP(S): Matrix, Slack, Mattermost, Rocket.Chat, Discord calls (chat_apis.py)
     Core, Proxyserver, NextLayer, TlsConfig      mitmproxy's minimum for proxying (no Dumper, no TermLog,
                    no DnsResolver: no DNS mode; no ErrorCheck: it calls sys.exit, start() reports instead)
     LateTlsAddon   after TlsConfig: per-host no-verify, server TLS first for sessions
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +33,11 @@ from mitmproxy.utils import asyncio_utils
 
 from imguard.gateway import ca
 from imguard.gateway.addon import ConnectionInfo, GatewayAddon, LateTlsAddon, SessionFactory
+from imguard.gateway.dcc import DccRelayPorts, parse_port_range
 from imguard.gateway.detect import parse_port_map
+from imguard.gateway.failmode import PARSE, FailModes, PassthroughAddon
 from imguard.gateway.http_uploads import HttpUploads
+from imguard.gateway.chat_apis import ChatApis
 from imguard.gateway.inspection import Inspection
 from imguard.gateway.settings import GatewaySettings
 
@@ -58,29 +65,40 @@ def parse_hostport(value: str) -> tuple[str, int] | None:
     return host.strip("[]"), int(port)
 
 
-def default_factories(pipeline, transfers, relay: tuple[str, int] | None) -> dict[str, SessionFactory]:
+def default_factories(pipeline, transfers, relay: tuple[str, int] | None, dcc_relay: Any = None,
+                      irc_limits: Any = None, xmpp_limits: Any = None) -> dict[str, SessionFactory]:
     """The chat sessions imguard ships: protocol name -> factory(ConnectionInfo) -> StreamSession.
-    A protocol whose module is missing is relayed untouched (logged once)."""
+    A protocol whose module is missing is relayed untouched (logged once). `dcc_relay` is the IRC sessions'
+    DccRelay (None: offers not rewritten); the limits are the sessions' (None: their defaults)."""
     factories: dict[str, SessionFactory] = {}
     try:
         from imguard.protocols.xmpp import XmppSession
     except ImportError as e:
         logger.warning("XMPP sessions unavailable (%s): XMPP is relayed uninspected", e)
     else:
+        xmpp_extra = {"limits": xmpp_limits} if xmpp_limits is not None else {}
+
         def xmpp(info: ConnectionInfo):
             return XmppSession(checker=pipeline, transfers=transfers, context=info.context,
-                               tls_on_connect=info.tls_on_connect, bytestream_relay=relay)
+                               tls_on_connect=info.tls_on_connect, bytestream_relay=relay, **xmpp_extra)
         factories["xmpp"] = xmpp
     try:
-        from imguard.protocols.irc import IrcSession
+        from imguard.protocols.irc import IrcLimits, IrcSession, dcc_session
     except ImportError as e:
         logger.warning("IRC sessions unavailable (%s): IRC is relayed uninspected", e)
     else:
+        limits = irc_limits if irc_limits is not None else IrcLimits()
+
         def irc(info: ConnectionInfo):
-            # DCC offers are not rewritten (no DCC relay listener yet): DCC data goes around the gateway.
-            return IrcSession(checker=pipeline, transfers=transfers, context=info.context,
-                              tls_on_connect=info.tls_on_connect, dcc_relay=None)
+            # With dcc_relay, offers are rewritten to the gateway's relay ports; without, DCC connections are
+            # caught by their destination in transparent mode only (GatewayAddon.next_layer).
+            return IrcSession(checker=pipeline, transfers=transfers, context=info.context, limits=limits,
+                              tls_on_connect=info.tls_on_connect, dcc_relay=dcc_relay)
+
+        def dcc(info: ConnectionInfo):
+            return dcc_session(pipeline, transfers, info.context, info.offer, limits)
         factories["irc"] = irc
+        factories["dcc"] = dcc
     try:
         from imguard.protocols.socks5_bytestream import Socks5BytestreamSession
     except ImportError as e:
@@ -104,7 +122,8 @@ def default_transfers():
 
 class Gateway:
     def __init__(self, settings: GatewaySettings, pipeline, *, data_dir: Path,
-                 factories: dict[str, SessionFactory] | None = None, transfers: Any = "default"):
+                 factories: dict[str, SessionFactory] | None = None, transfers: Any = "default",
+                 irc_limits: Any = None, xmpp_limits: Any = None, chat_settings: Any = None):
         self.settings = settings
         self.pipeline = pipeline
         self.data_dir = Path(data_dir)
@@ -121,14 +140,40 @@ class Gateway:
             raise GatewayError(f"bytestream_relay {settings.bytestream_relay} needs a socks5 listener "
                                f"(e.g. --mode socks5@{self.relay[1]})")
         self.transfers = default_transfers() if transfers == "default" else transfers
-        self.inspection = Inspection(pipeline, settings.inspect_workers, settings.inspect_queue)
+        self.dcc_ports: DccRelayPorts | None = None
+        dcc_relay = None
+        if settings.dcc_relay:
+            try:
+                self.dcc_ports = DccRelayPorts(settings.dcc_relay, parse_port_range(settings.dcc_relay_ports),
+                                               self.transfers)
+            except ValueError as e:
+                raise GatewayError(str(e)) from None
+            from imguard.protocols.irc import DccRelay
+            dcc_relay = DccRelay(self.dcc_ports.host, self.dcc_ports.allocate)
+        try:
+            self.fail_modes = FailModes.parse(settings.fail_mode)
+        except ValueError as e:
+            raise GatewayError(str(e)) from None
+        self.inspection = Inspection(pipeline, settings.inspect_workers, settings.inspect_queue,
+                                     fail_modes=self.fail_modes, timeout=settings.inspect_timeout)
         if factories is None:
-            factories = default_factories(pipeline, self.transfers, self.relay)
+            factories = default_factories(pipeline, self.transfers, self.relay, dcc_relay=dcc_relay,
+                                          irc_limits=irc_limits, xmpp_limits=xmpp_limits)
         self.addon = GatewayAddon(pipeline=pipeline, inspection=self.inspection, factories=factories,
                                   port_map=port_map, http_ports=http_ports, transfers=self.transfers,
-                                  bytestream_relay=self.relay, max_queued_bytes=settings.max_queued_bytes)
+                                  bytestream_relay=self.relay, max_queued_bytes=settings.max_queued_bytes,
+                                  dcc_ports=self.dcc_ports)
         self.uploads = HttpUploads(self.inspection, self.transfers, settings.upload_paths, settings.max_upload_size)
+        try:
+            self.chat_apis = ChatApis(pipeline, self.inspection, self.transfers, chat_settings, self.addon.record)
+        except ValueError as e:
+            raise GatewayError(str(e)) from None
         self.late = LateTlsAddon(settings.no_verify_upstream)
+        self.passthrough = PassthroughAddon(settings.exclude, self.fail_modes)     # --exclude, fail mode tls=open
+        self.passthrough.port_map, self.passthrough.recorder = port_map, self.addon.record
+        self.addon.parse_fail_open = lambda protocol: self.fail_modes.is_open(protocol, PARSE)   # read by SessionLayer
+        self.addon.max_total_queued_bytes = settings.max_total_queued_bytes                    # read by SessionLayer
+        self.addon.queued_layers = weakref.WeakSet()
         self.master: GatewayMaster | None = None
         self._stack = contextlib.ExitStack()
 
@@ -137,7 +182,8 @@ class Gateway:
         ca_dir = ca.ca_dir(self.data_dir)
         ca.ensure_ca(ca_dir)
         opts: dict[str, Any] = dict(
-            mode=list(s.mode), listen_host=s.listen_host, confdir=str(ca_dir), tcp_timeout=int(s.tcp_timeout),
+            mode=list(s.mode) + (self.dcc_ports.specs() if self.dcc_ports else []),    # + the DCC relay pool
+            listen_host=s.listen_host, confdir=str(ca_dir), tcp_timeout=int(s.tcp_timeout),
             connection_strategy="eager",    # server greetings seen; STARTTLS's server handshake happens first
             rawtcp=True, ssl_insecure=False,
             keep_host_header=True,          # reverse mode: upload URLs keep the host the chat server announced
@@ -151,7 +197,7 @@ class Gateway:
     async def start(self) -> None:
         logging.getLogger("mitmproxy").setLevel(logging.WARNING)
         opts = options.Options()
-        self.master = GatewayMaster(opts, [self.addon, self.uploads], [self.late])
+        self.master = GatewayMaster(opts, [self.passthrough, self.addon, self.uploads, self.chat_apis], [self.late])
         try:
             opts.update(**self._options())      # after addons.add: addon options exist only then
         except GatewayError:

@@ -53,6 +53,17 @@ class GatewaySettings:
     bytestream_relay: str = setting(
         "", "HOST:PORT chat sessions rewrite SOCKS5 file-transfer streamhosts to (XEP-0065); it must be one of "
             "this gateway's socks5 listeners, reachable by the clients. '' = streamhosts are not rewritten")
+    dcc_relay: str = setting(
+        "", "Address (IP) written into IRC DCC offers in place of the offerer's, so every DCC file and chat "
+            "connection crosses the gateway and a file is held until inspection decides; it must reach this "
+            "gateway's --dcc-relay-ports, which listen on --listen-host. '' = offers are not rewritten: DCC "
+            "goes around the gateway unless it is transparent (then DCC connections are caught by address)")
+    dcc_relay_ports: str = setting(
+        "20000-20099", "Port range FIRST-LAST the gateway listens on for DCC connections when --dcc-relay is "
+                       "set (opened at start, so a firewall can allow exactly this range; outside Linux's "
+                       "ephemeral range 32768-60999, where outgoing connections could hold a port). One port "
+                       "carries one pending offer at a time: this many offers may wait at once; another is "
+                       "refused with a notice to its sender")
     tcp_timeout: int = setting(
         6 * 3600, "Seconds an idle connection is kept open. Chat connections idle for long periods; mitmproxy's "
                   "own default (600 s) would cut them")
@@ -67,3 +78,27 @@ class GatewaySettings:
     rules: list = setting([], "Folder of policy rules; repeat to combine folders (their rule files are loaded "
                               "together). None given = the bundled rules/ folder")
     signatures: str = setting("", "Folder of YARA signatures ('' = the bundled signatures/ folder)")
+    max_total_queued_bytes: int = setting(
+        256 * MiB, "Bytes all connections together may hold while they wait (for their server connection or a "
+                   "file verdict); a connection that adds more beyond this is closed with an 'overload' anomaly. "
+                   "Bounds memory under a flood of many connections, each under --max-queued-bytes")
+    exclude: list = setting(
+        [], "Destinations never intercepted, relayed byte for byte (no TLS interception, no inspection): IP "
+            "addresses, networks (CIDR) or host names (a name matches itself and its subdomains; names are only "
+            "known in regular/socks5 mode, transparent mode sees addresses). For banks, health services and apps "
+            "that pin their certificates. Repeat or comma-separate. Excluding in the redirect rules too "
+            "(deploy/nftables/imguard.nft, set `exclude`) keeps such traffic away from the gateway altogether")
+    fail_mode: list = setting(
+        ["closed"], "What happens when the gateway cannot do its job, per protocol and situation: KEY=open (relay and "
+                    "alert) or KEY=closed (block and alert). KEY is PROTO, SITUATION or PROTO:SITUATION (most specific "
+                    "wins); a bare 'open'/'closed' sets the default. Situations: overload (inspection queue full), "
+                    "timeout (--inspect-timeout exceeded), tls (a client refused the gateway's certificate: open = "
+                    "its next connections to that server are relayed untouched for an hour), parse (the protocol "
+                    "session failed: open = the rest of the connection is relayed uninspected). Protocols: xmpp, "
+                    "irc, socks5, http, dcc. Example: --fail-mode closed --fail-mode irc:parse=open")
+    inspect_timeout: float = setting(
+        30.0, "Seconds one file may spend in inspection before the fail mode 'timeout' decides it (0 = no limit)")
+    reload_interval: float = setting(
+        5.0, "Seconds between checks of the rules and signatures folders for changed *.yaml/*.yar files; a change "
+             "reloads them (validated first: a broken file leaves the running policy in force and raises an "
+             "alert). SIGHUP reloads at once. 0 = only on SIGHUP")

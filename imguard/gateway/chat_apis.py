@@ -1,0 +1,464 @@
+"""Chat over HTTP(S): the mitmproxy addon that puts the client APIs of Matrix, Slack, Mattermost, Rocket.Chat and
+Discord through policy, with the pure decoders of imguard/protocols/httpchat.
+
+It sits after HttpUploads in the addon chain (master.py) and leaves alone what HttpUploads took (an announced
+XEP-0363 slot, a configured upload path). Hooks:
+
+requestheaders  the host and path are matched against the routes (ChatApiSettings.routes, any host by path
+                prefix by default) and the API module classifies the call. A chat call is buffered whole
+                (request.stream = False): nothing reaches the server before the verdict. Above the size limit
+                (max_upload_size for uploads, max_message_size for messages) it is not read: an upload goes to
+                policy as UNSCANNABLE "too_large" (413 unless policy allows), a message is refused with 413.
+                A PUT/POST to an upload URL a response announced (Slack upload_url, Discord upload_url) is an
+                upload too. A GET of a blocked mxc:// (Matrix download/thumbnail) is answered 403.
+request         decode -> MalformedRequest: 400/413 in the API's error shape; FileUpload: scanned in a worker
+                thread (Inspection), block -> 403 and its reference (mxc, slack:F.., discord:..) marked blocked;
+                EncryptedContent: counted, an e2e_encrypted anomaly recorded, policy asked with empty text;
+                ChatMessage: a message that shares a blocked reference is blocked, else check_message(text):
+                block -> 403 naming the reason, mask -> the body rewritten at each text's place.
+responseheaders a call whose response teaches something (login, whoami, media upload, upload URLs) has its
+                response streamed through a collector (at most 256 KiB kept); everything else stays streamed.
+response        learned: token -> user id (Identity), mxc of an allowed upload (StoredMedia), upload URLs.
+error           a chat call that died before its body was complete (client gone half-way, lying
+                Content-Length): an anomaly; nothing was forwarded.
+websocket_message  client messages on a chat WebSocket (Rocket.Chat DDP sendMessage/updateMessage): policy;
+                block -> dropped and the DDP call answered with an error; mask -> rewritten.
+
+Every refusal uses the API's own error JSON (Matrix {"errcode","error"}, Slack {"ok":false,"error"}, ...), so the
+client shows the reason instead of a generic failure.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+from mitmproxy import ctx as mitm_ctx
+from mitmproxy import http
+
+from imguard import alerts
+from imguard.files.expected import ExpectedTransfers, normalize_url
+from imguard.gateway import http_uploads
+from imguard.gateway.http_uploads import block_reason, flow_context, too_large
+from imguard.gateway.inspection import Inspection
+from imguard.model import BLOCK, MASK, ChatContext, Decision
+from imguard.protocols import httpchat
+from imguard.protocols.httpchat import bodies, rocketchat
+from imguard.protocols.httpchat.events import (DOWNLOAD, LEARN, UPLOAD, ChatMessage, EncryptedContent, FileUpload,
+                                               HttpRequest, Identity, MalformedRequest, StoredMedia, UploadSlot)
+from imguard.settings import MiB, setting
+
+logger = logging.getLogger("imguard.gateway")
+
+META = "imguard_chat"
+SLOT = "chat_upload_slot"           # ExpectedTransfers kinds
+MEDIA = "chat_media"
+RESPONSE_KEEP = 256 * 1024          # bytes of a learning response kept (login, upload results are small)
+
+
+@dataclass(frozen=True)
+class ChatApiSettings:
+    """Chat APIs over HTTP(S): Matrix, Slack, Mattermost, Rocket.Chat, Discord"""
+
+    routes: list = setting(
+        list(httpchat.DEFAULT_ROUTES),
+        "Which requests are chat API calls: API=[HOST]/PATH_PREFIX, API one of matrix, slack, mattermost, "
+        "rocketchat, discord. Without HOST a prefix matches on any host, so a self-hosted server on any name is "
+        "covered; with HOST (or *.domain) only there. Giving this option replaces the defaults. Within a "
+        "prefix only the API's known message and upload endpoints are held; other calls are relayed untouched")
+    max_upload_size: int = setting(
+        64 * MiB, "Largest chat API upload (media, files, a message with attachments) buffered and scanned; "
+                  "a larger one is not scanned: policy decides on it as unscannable (too_large), and the "
+                  "bundled policy blocks it with 413. Never passed silently")
+    max_message_size: int = setting(
+        1 * MiB, "Largest chat message request body read (JSON or form); a larger one is refused with 413 in the "
+                 "API's error shape (chat servers cap events far lower: Matrix at 64 KiB)")
+    max_json_depth: int = setting(
+        64, "Deepest JSON nesting read in a chat API body; deeper is refused with 400 before parsing (hostile "
+            "nesting would otherwise cost recursion)")
+    max_multipart_parts: int = setting(
+        100, "Most parts in one multipart chat upload; more is refused with 400")
+    max_identities: int = setting(
+        100_000, "Access tokens whose user id is remembered (learned from login and whoami responses); the "
+                 "oldest is forgotten first, and a message with an unknown token is attributed to the token's hash")
+    websocket: bool = setting(
+        True, "Inspect chat sent over WebSockets (Rocket.Chat DDP sendMessage/updateMessage)")
+
+
+class ChatApis:
+    def __init__(self, pipeline, inspection: Inspection, transfers: Any = None,
+                 settings: ChatApiSettings | None = None, record: Any = None):
+        self.settings = settings if settings is not None else ChatApiSettings()
+        self.routes = httpchat.Routes.parse(self.settings.routes)      # ValueError names a bad route
+        self.limits = httpchat.DecodeLimits(self.settings.max_json_depth, self.settings.max_multipart_parts)
+        self.pipeline = pipeline
+        self.inspection = inspection
+        # Upload slots and blocked references live in the shared table (so XMPP and chat APIs see the same
+        # blocked URLs); a gateway without one gets a private table.
+        self.transfers = transfers if transfers is not None else ExpectedTransfers()
+        self.record = record if record is not None else pipeline.record
+        self.identities: OrderedDict[str, str] = OrderedDict()
+        self.stats = {"messages": 0, "files": 0, "blocked": 0, "masked": 0, "encrypted": 0, "malformed": 0,
+                      "websocket": 0}
+
+    # --- helpers ------------------------------------------------------------------------------------------
+
+    def user(self, key: str) -> str:
+        return self.identities.get(key, key)
+
+    def learn_identity(self, key: str, user: str) -> None:
+        self.identities.pop(key, None)
+        self.identities[key] = user
+        while len(self.identities) > max(1, self.settings.max_identities):
+            self.identities.popitem(last=False)
+
+    def _respond(self, flow: http.HTTPFlow, api: str, status: int, reason: str) -> None:
+        flow.request.stream = False
+        flow.response = http.Response.make(status, httpchat.error_body(api, status, reason),
+                                           {"content-type": "application/json"})
+        meta = flow.metadata.get(META)
+        if meta is not None:
+            meta["answered"] = True
+
+    def _anomaly(self, ctx: ChatContext, kind: str, detail: str, **data: Any) -> None:
+        try:
+            self.record(alerts.anomaly_event(ctx, kind, detail, **data))
+        except Exception:
+            logger.exception("could not record an anomaly")
+
+    def _blocked(self, ref: str) -> str | None:
+        try:
+            return self.transfers.blocked_url_reason(ref) if ref else None
+        except Exception:
+            logger.exception("blocked_url_reason failed")
+            return None
+
+    def _mark_blocked(self, ref: str, reason: str) -> None:
+        if ref:
+            try:
+                self.transfers.mark_blocked_url(ref, reason)
+            except Exception:
+                logger.exception("mark_blocked_url failed")
+
+    @staticmethod
+    def _split(flow: http.HTTPFlow) -> tuple[str, tuple]:
+        parts = urlsplit(flow.request.path)
+        return parts.path or "/", tuple(parse_qsl(parts.query, keep_blank_values=True))
+
+    def _request(self, flow: http.HTTPFlow, body: bytes) -> HttpRequest:
+        path, query = self._split(flow)
+        return HttpRequest(flow.request.method.upper(), flow.request.pretty_host, path, query,
+                           tuple((k.lower(), v) for k, v in flow.request.headers.items(multi=True)), body)
+
+    def _context(self, flow: http.HTTPFlow, api: str, endpoint: str, sender: str, room: str) -> ChatContext:
+        ctx = flow_context(flow, f"{api}:{endpoint}", protocol=api)
+        return ctx.with_(sender=self.user(sender), recipients=(room,) if room else (), conversation=room)
+
+    # --- hooks --------------------------------------------------------------------------------------------
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.response is not None or http_uploads.META in flow.metadata:
+            return                  # answered already, or an announced / configured upload HttpUploads holds
+        req = flow.request
+        method = req.method.upper()
+        path, _ = self._split(flow)
+        api = ep = slot = None
+        if method in ("PUT", "POST"):
+            for url in dict.fromkeys((req.pretty_url, req.url)):
+                found = self.transfers.take(normalize_url(url), kind=SLOT)
+                if found is not None:
+                    api_name, slot = found
+                    api = httpchat.APIS[api_name]
+                    ep = api.upload_endpoint()
+                    break
+        if ep is None:
+            for candidate in self.routes.match(req.pretty_host, path):
+                ep = candidate.classify(method, path)
+                if ep is not None:
+                    api = candidate
+                    break
+        if ep is None:
+            return
+        if ep.kind == DOWNLOAD:
+            reason = self._blocked(ep.ref)
+            if reason:
+                self._respond(flow, api.API, 403, f"imguard: this file was blocked ({reason})")
+            return
+        meta = {"api": api, "ep": ep, "slot": slot, "done": False, "answered": False}
+        flow.metadata[META] = meta
+        if ep.kind == LEARN and method == "GET":
+            return
+        req.stream = False          # buffer: nothing reaches the server before the verdict
+        length = req.headers.get("content-length", "")
+        if length.isdigit():
+            self._check_size(flow, meta, int(length))
+
+    def _check_size(self, flow: http.HTTPFlow, meta: dict, size: int) -> bool:
+        """False when the request is over its limit (then it is answered, or passed when policy allows)."""
+        api, ep = meta["api"], meta["ep"]
+        if ep.kind == UPLOAD:
+            if size <= self.settings.max_upload_size:
+                return True
+            meta["done"] = True
+            slot = meta["slot"]
+            ctx = self._context(flow, api.API, ep.name, slot.sender if slot else httpchat.common.bearer(
+                self._request(flow, b"")), slot.room if slot else "")
+            path, query = self._split(flow)
+            name = dict(query).get("filename") or path.rsplit("/", 1)[-1]
+            passes, decision = too_large(self.inspection, ctx, name,
+                                         flow.request.headers.get("content-type", ""), size,
+                                         self.settings.max_upload_size, "chat max_upload_size")
+            if passes:
+                logger.warning("%s upload (%d bytes) too large to scan; policy allows it unscanned", api.API, size)
+                flow.request.stream = True
+                return False
+            reason = f"upload larger than {self.settings.max_upload_size} bytes"
+            self._respond(flow, api.API, 413, f"imguard: {reason}")
+            self._mark_blocked(ep.ref or (slot.ref if slot else ""), reason)
+            self.stats["blocked"] += 1
+            return False
+        if size <= self.settings.max_message_size:
+            return True
+        meta["done"] = True
+        self.stats["malformed"] += 1
+        ctx = self._context(flow, api.API, ep.name, "", "")
+        self._anomaly(ctx, "chat_request_too_large", f"a {api.API} {ep.name} request of {size} bytes (more than "
+                      f"max_message_size {self.settings.max_message_size}) was refused unread", size=size)
+        self._respond(flow, api.API, 413, f"imguard: request larger than {self.settings.max_message_size} bytes")
+        return False
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        meta = flow.metadata.get(META)
+        if not meta or meta["done"] or flow.response is not None:
+            return
+        meta["done"] = True
+        try:
+            await self._inspect_request(flow, meta)
+        except Exception:       # mitmproxy would log a hook's exception and forward the request: fail closed
+            logger.exception("%s %s: inspection failed; request refused", meta["api"].API, meta["ep"].name)
+            self._respond(flow, meta["api"].API, 403, "imguard: the request could not be inspected and was refused")
+
+    async def _inspect_request(self, flow: http.HTTPFlow, meta: dict) -> None:
+        api, ep = meta["api"], meta["ep"]
+        try:
+            data = flow.request.get_content(strict=True) or b""
+        except ValueError as e:
+            self._malformed(flow, MalformedRequest(api.API, ep.name, 400, f"the body cannot be decoded: {e}"))
+            return
+        if not self._check_size(flow, meta, len(data)):        # chunked, or a compressed body that grew
+            return
+        req = self._request(flow, data)
+        meta["request"] = req
+        if ep.kind == LEARN:
+            return
+        try:
+            found = api.decode(ep, req, self.limits)
+        except Exception as e:          # a decoder bug must not pass the request uninspected
+            logger.exception("%s decoder failed on %s", api.API, ep.name)
+            self._malformed(flow, MalformedRequest(api.API, ep.name, 400, f"imguard could not read the request: {e!r}"))
+            return
+        for event in found:
+            if isinstance(event, MalformedRequest):
+                self._malformed(flow, event)
+                return
+        slot: UploadSlot | None = meta["slot"]
+        for event in found:
+            if isinstance(event, FileUpload) and not await self._file(flow, api, ep, event, slot):
+                return
+        for event in found:
+            if isinstance(event, EncryptedContent) and not self._encrypted(flow, api, event):
+                return
+        replacements = []
+        for event in found:
+            if isinstance(event, ChatMessage):
+                verdict = self._message(flow, api, event)
+                if verdict is None:
+                    return
+                replacements += verdict
+        if replacements:
+            try:
+                flow.request.content = bodies.rewrite(data, flow.request.headers.get("content-type", ""),
+                                                      replacements, self.limits.max_json_depth)
+            except bodies.BodyError as e:       # cannot mask: never forward the unmasked text
+                logger.error("%s %s: masking failed (%s); request refused", api.API, ep.name, e)
+                self._respond(flow, api.API, 403, "imguard: the message could not be masked and was blocked")
+
+    def _malformed(self, flow: http.HTTPFlow, event: MalformedRequest) -> None:
+        self.stats["malformed"] += 1
+        ctx = self._context(flow, event.api, event.endpoint, "", "")
+        self._anomaly(ctx, "chat_request_malformed", f"{event.api} {event.endpoint}: {event.reason}",
+                      status=event.status)
+        self._respond(flow, event.api, event.status, f"imguard: malformed request: {event.reason}")
+
+    async def _file(self, flow, api, ep, event: FileUpload, slot: UploadSlot | None) -> bool:
+        self.stats["files"] += 1
+        sender = event.sender or (slot.sender if slot else "")
+        room = event.room or (slot.room if slot else "")
+        ctx = self._context(flow, api.API, ep.name, sender, room)
+        name = event.name or (slot.name if slot else "")
+        report, decision = await self.inspection.check(event.data, ctx, name, event.mime)
+        if not decision.blocked:
+            return True
+        reason = block_reason(decision)
+        self.stats["blocked"] += 1
+        self._respond(flow, api.API, 403, f"imguard: upload blocked: {reason}")
+        self._mark_blocked(event.ref or (slot.ref if slot else ""), reason)
+        logger.info("%s %s upload %r blocked: %s", api.API, ep.name, name, reason)
+        return False
+
+    def _encrypted(self, flow, api, event: EncryptedContent) -> bool:
+        self.stats["encrypted"] += 1
+        ctx = self._context(flow, api.API, event.endpoint, event.sender, event.room)
+        self._anomaly(ctx, "e2e_encrypted", "end-to-end encrypted content: it cannot be inspected",
+                      severity="info", scheme=event.scheme)
+        for ref in event.refs:
+            reason = self._blocked(ref)
+            if reason:
+                return self._refuse_message(flow, api, ctx, "", ref, reason)
+        decision = self.pipeline.check_message("", ctx)
+        if decision.blocked:
+            self.stats["blocked"] += 1
+            self._respond(flow, api.API, 403, decision.notice or f"imguard: blocked ({block_reason(decision)})")
+            return False
+        return True
+
+    def _refuse_message(self, flow, api, ctx: ChatContext, text: str, ref: str, reason: str) -> bool:
+        notice = f"This message shares a file that was blocked: {reason}"
+        decision = Decision(action=BLOCK, notice=notice)
+        try:
+            self.record(alerts.message_event(text, ctx, decision))
+        except Exception:
+            logger.exception("could not record a blocked message")
+        self.stats["blocked"] += 1
+        self._respond(flow, api.API, 403, f"imguard: {notice}")
+        return False
+
+    def _message(self, flow, api, event: ChatMessage) -> list | None:
+        """The replacements a mask needs ([] = forward as is), or None when the message was refused."""
+        if not event.parts and not event.refs:
+            return []
+        self.stats["messages"] += 1
+        ctx = self._context(flow, api.API, event.endpoint, event.sender, event.room)
+        for ref in event.refs:
+            reason = self._blocked(ref)
+            if reason:
+                self._refuse_message(flow, api, ctx, event.text, ref, reason)
+                return None
+        decision = self.pipeline.check_message(event.text, ctx)
+        if decision.blocked:
+            self.stats["blocked"] += 1
+            self._respond(flow, api.API, 403, decision.notice or f"imguard: message blocked ({block_reason(decision)})")
+            return None
+        if decision.action == MASK:
+            self.stats["masked"] += 1
+            return bodies.masked_replacements(event.parts, decision.masked_text or "")
+        return []
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        meta = flow.metadata.get(META)
+        if not meta or meta["answered"] or not meta["ep"].learn or not 200 <= flow.response.status_code < 300:
+            return
+        kept = bytearray()
+
+        def collect(chunk: bytes) -> bytes:
+            if len(kept) < RESPONSE_KEEP:
+                kept.extend(chunk[:RESPONSE_KEEP - len(kept)])
+            return chunk
+        flow.response.stream = collect
+        meta["response"] = kept
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        meta = flow.metadata.get(META)
+        if not meta or meta["answered"] or not meta["ep"].learn:
+            return
+        api, ep = meta["api"], meta["ep"]
+        body = bytes(meta.get("response") or b"") or (flow.response.raw_content or b"")
+        encoding = flow.response.headers.get("content-encoding", "")
+        if body and encoding and encoding != "identity":
+            try:
+                from mitmproxy.net import encoding as enc
+                body = enc.decode(body, encoding)
+            except Exception:
+                return
+        req = meta.get("request") or self._request(flow, b"")
+        try:
+            learned = api.learn(ep, req, flow.response.status_code, body)
+        except Exception:
+            logger.exception("%s: reading the %s response failed", api.API, ep.name)
+            return
+        for fact in learned:
+            if isinstance(fact, Identity):
+                self.learn_identity(fact.key, fact.user)
+            elif isinstance(fact, StoredMedia):
+                self.transfers.expect(fact.ref, True, kind=MEDIA,
+                                      ttl=self.transfers.settings.blocked_url_ttl_seconds)
+            elif isinstance(fact, UploadSlot):
+                self.transfers.expect(normalize_url(fact.url), (api.API, fact), kind=SLOT)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        meta = flow.metadata.get(META)
+        if not meta or meta["done"]:
+            return
+        meta["done"] = True
+        api, ep = meta["api"], meta["ep"]
+        ctx = self._context(flow, api.API, ep.name, "", "")
+        detail = flow.error.msg if flow.error else "unknown error"
+        self._anomaly(ctx, "chat_request_incomplete", f"a {api.API} {ep.name} request ended before its body was "
+                      f"complete ({detail}); nothing was forwarded")
+
+    def websocket_message(self, flow: http.HTTPFlow) -> None:
+        if not self.settings.websocket or flow.websocket is None:
+            return
+        try:
+            self._websocket_message(flow)
+        except Exception:       # fail closed: a message imguard could not inspect is not forwarded
+            logger.exception("chat WebSocket message could not be inspected; dropped")
+            flow.websocket.messages[-1].drop()
+
+    def _websocket_message(self, flow: http.HTTPFlow) -> None:
+        path, _ = self._split(flow)
+        if not any(a is rocketchat for a in self.routes.match(flow.request.pretty_host, path)) \
+                or not rocketchat.is_websocket(path):
+            return
+        message = flow.websocket.messages[-1]
+        del flow.websocket.messages[:-1]            # a chat socket lives for hours: keep no history
+        if not message.from_client or message.injected:
+            return
+        cookie = flow.request.headers.get("cookie", "")
+        sender = next((v for k, v in (c.strip().partition("=")[::2] for c in cookie.split(";")) if k == "rc_uid"), "")
+        found = rocketchat.decode_ws(message.content, sender, self.limits)
+        replacements = []
+        for call_id, index, event in found:
+            self.stats["websocket"] += 1
+            verdict, reason = self._ws_message(flow, event)
+            if verdict is None:
+                message.drop()
+                try:
+                    mitm_ctx.master.commands.call("inject.websocket", flow, True,
+                                                  rocketchat.ws_error(call_id, reason, index is not None))
+                except Exception:
+                    logger.exception("could not answer a blocked DDP call")
+                return
+            replacements += verdict
+        if replacements:
+            try:
+                message.content = rocketchat.rewrite_ws(message.content, replacements)
+            except Exception:
+                logger.exception("masking a WebSocket message failed; dropped")
+                message.drop()
+
+    def _ws_message(self, flow, event: ChatMessage) -> tuple[list | None, str]:
+        """(replacements, "") or (None, the reason it was blocked)."""
+        self.stats["messages"] += 1
+        ctx = self._context(flow, rocketchat.API, event.endpoint, event.sender, event.room)
+        decision = self.pipeline.check_message(event.text, ctx)
+        if decision.blocked:
+            self.stats["blocked"] += 1
+            return None, decision.notice or f"imguard: message blocked ({block_reason(decision)})"
+        if decision.action == MASK:
+            self.stats["masked"] += 1
+            return bodies.masked_replacements(event.parts, decision.masked_text or ""), ""
+        return [], ""

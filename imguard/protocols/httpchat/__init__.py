@@ -1,0 +1,96 @@
+"""Chat over HTTP(S): pure decoders for the client APIs of Matrix, Slack, Mattermost, Rocket.Chat and Discord.
+
+No mitmproxy, no I/O: the gateway's ChatApis addon (imguard/gateway/chat_apis.py) hands a request over as an
+HttpRequest and acts on what comes back; tests and the offline replay can do the same.
+
+    routes = Routes.parse(["matrix=/_matrix/", "mattermost=chat.example.com/api/v4/"])
+    apis = routes.match(host, path)                    # the API modules whose prefix matches, best first
+    ep = api.classify(method, path)                    # Endpoint, or None: not a chat call, relay it untouched
+    events = api.decode(ep, request, limits)           # ChatMessage, FileUpload, EncryptedContent, MalformedRequest
+    learned = api.learn(ep, request, status, body)     # Identity, StoredMedia, UploadSlot (from the response)
+    api.error_body(status, reason)                     # the API's own error JSON
+    bodies.rewrite(body, content_type, bodies.masked_replacements(message.parts, masked_text))
+
+Each module's docstring lists its endpoints and the shapes read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import ModuleType
+
+from imguard.protocols.httpchat import discord, mattermost, matrix, rocketchat, slack
+from imguard.protocols.httpchat.common import DecodeLimits
+from imguard.protocols.httpchat.events import (DOWNLOAD, LEARN, MESSAGE, PART_SEPARATOR, UPLOAD, ChatMessage,
+                                               EncryptedContent, Endpoint, FileUpload, HttpRequest, Identity,
+                                               MalformedRequest, StoredMedia, TextPart, UploadSlot, credential_key)
+
+APIS: dict[str, ModuleType] = {m.API: m for m in (matrix, slack, mattermost, rocketchat, discord)}
+
+# Matched by path prefix on any host, longest prefix first, so a self-hosted server on any name is covered.
+DEFAULT_ROUTES = ("matrix=/_matrix/", "mattermost=/api/v4/", "rocketchat=/api/v1/", "rocketchat=/websocket",
+                  "rocketchat=/sockjs/", "discord=/api/v10/", "discord=/api/v9/", "slack=/api/", "discord=/api/")
+
+__all__ = ["APIS", "DEFAULT_ROUTES", "Routes", "Route", "DecodeLimits", "HttpRequest", "Endpoint", "TextPart",
+           "ChatMessage", "FileUpload", "EncryptedContent", "MalformedRequest", "Identity", "StoredMedia",
+           "UploadSlot", "credential_key", "PART_SEPARATOR", "MESSAGE", "UPLOAD", "LEARN", "DOWNLOAD", "error_body"]
+
+
+@dataclass(frozen=True)
+class Route:
+    api: str
+    host: str           # "" = any host; "example.com" = that host; "*.example.com" = its subdomains
+    prefix: str
+
+    def matches(self, host: str, path: str) -> bool:
+        if not path.startswith(self.prefix):
+            return False
+        if not self.host:
+            return True
+        host = host.lower().rstrip(".")
+        if self.host.startswith("*."):
+            return host.endswith(self.host[1:])
+        return host == self.host
+
+
+class Routes:
+    def __init__(self, routes: list[Route]):
+        # Longest prefix first (then host-specific before any-host): /api/v4/ wins over Slack's /api/.
+        self.routes = sorted(routes, key=lambda r: (-len(r.prefix), not r.host))
+
+    @classmethod
+    def parse(cls, entries) -> "Routes":
+        """Entries "API=[HOST]/PREFIX" (e.g. "matrix=/_matrix/", "mattermost=chat.corp.example/api/v4/",
+        "slack=*.slack.com/api/"). Raises ValueError naming the bad entry."""
+        routes = []
+        for entry in entries:
+            for item in str(entry).split(","):
+                item = item.strip()
+                if not item:
+                    continue
+                api, sep, target = item.partition("=")
+                api = api.strip().lower()
+                if not sep or api not in APIS:
+                    raise ValueError(f"chat API route {item!r}: expected API=[HOST]/PREFIX with API one of "
+                                     f"{', '.join(APIS)}")
+                slash = target.find("/")
+                if slash < 0:
+                    raise ValueError(f"chat API route {item!r}: the path prefix must start with /")
+                routes.append(Route(api, target[:slash].lower().rstrip("."), target[slash:]))
+        return cls(routes)
+
+    def match(self, host: str, path: str) -> list[ModuleType]:
+        """The API modules whose routes match, best first (the caller asks each to classify the call: an
+        unversioned Discord /api/channels/... path also matches Slack's /api/)."""
+        found = []
+        for route in self.routes:
+            if route.matches(host, path) and APIS[route.api] not in found:
+                found.append(APIS[route.api])
+        return found
+
+    def __iter__(self):
+        return iter(self.routes)
+
+
+def error_body(api: str, status: int, reason: str) -> bytes:
+    return APIS[api].error_body(status, reason)

@@ -1,0 +1,167 @@
+"""Slack Web API: POST /api/<method>, arguments as JSON, form-encoded or multipart; token in Authorization or `token`.
+
+    chat.postMessage, chat.postEphemeral, chat.update, chat.meMessage, chat.scheduleMessage
+                             -> ChatMessage: text, and the text/pretext/fallback/title of blocks and attachments
+    files.upload (legacy)    -> FileUpload (`file` part, or `content` field) + ChatMessage (initial_comment, title)
+    files.getUploadURLExternal -> learn UploadSlot(upload_url, slack:<file_id>)
+    <upload_url> (any host, learned)  -> FileUpload (raw body, or the multipart `file`/`filename` part)
+    files.completeUploadExternal -> ChatMessage (initial_comment, titles), refs slack:<id> of its files
+"""
+
+from __future__ import annotations
+
+import re
+
+from imguard.protocols.httpchat import bodies
+from imguard.protocols.httpchat.common import DecodeLimits, bearer, dump, json_body, malformed, text_of
+from imguard.protocols.httpchat.events import (MESSAGE, UPLOAD, ChatMessage, Endpoint, FileUpload,
+                                               HttpRequest, TextPart, UploadSlot, credential_key)
+
+API = "slack"
+METHOD = re.compile(r"^/api/([a-z]+(?:\.[a-zA-Z]+)+)$")
+MESSAGE_METHODS = {"chat.postMessage", "chat.postEphemeral", "chat.update", "chat.meMessage", "chat.scheduleMessage"}
+TEXT_KEYS = frozenset({"text", "pretext", "fallback", "title"})
+
+
+def classify(method: str, path: str) -> Endpoint | None:
+    m = METHOD.match(path)
+    if method != "POST" or not m:
+        return None
+    name = m.group(1)
+    if name in MESSAGE_METHODS:
+        return Endpoint(API, name, MESSAGE)
+    if name == "files.upload":
+        return Endpoint(API, name, UPLOAD)
+    if name == "files.getUploadURLExternal":
+        return Endpoint(API, name, MESSAGE, learn=True)
+    if name == "files.completeUploadExternal":
+        return Endpoint(API, name, MESSAGE)
+    return None
+
+
+def upload_endpoint() -> Endpoint:
+    """The endpoint of a learned upload URL (files.getUploadURLExternal's upload_url)."""
+    return Endpoint(API, "upload_url", UPLOAD)
+
+
+def _arguments(req: HttpRequest, limits: DecodeLimits) -> tuple[dict, str, list]:
+    """(arguments, "json"|"form"|"multipart", multipart parts) of a Web API call."""
+    ctype = req.content_type
+    if ctype == "application/json":
+        obj = json_body(req, limits)
+        if not isinstance(obj, dict):
+            raise bodies.BodyError("the JSON arguments are not an object")
+        return obj, "json", []
+    if ctype == "multipart/form-data":
+        parts = bodies.parse_multipart(req.body, req.header("content-type"), limits.max_parts)
+        return {p.name: p.text for p in parts if p.filename is None}, "multipart", parts
+    return dict(bodies.parse_form(req.body)), "form", []
+
+
+def _sender(req: HttpRequest, args: dict) -> str:
+    key = bearer(req)
+    return key or credential_key(text_of(args.get("token")))
+
+
+def _json_field(args: dict, key: str, limits: DecodeLimits) -> object:
+    """Form-encoded calls carry blocks/attachments/files as JSON strings."""
+    value = args.get(key)
+    if isinstance(value, str) and value.strip()[:1] in ("[", "{"):
+        return bodies.parse_json(value.encode(), limits.max_json_depth)
+    return value
+
+
+def decode(ep: Endpoint, req: HttpRequest, limits: DecodeLimits = DecodeLimits()) -> list:
+    if ep.name == "upload_url":
+        return _decode_upload_url(ep, req, limits)
+    try:
+        args, form, parts = _arguments(req, limits)
+        sender = _sender(req, args)
+        room = text_of(args.get("channel") or args.get("channel_id") or args.get("channels"))
+        if ep.name in MESSAGE_METHODS:
+            texts = []
+            if text_of(args.get("text")):
+                texts.append(TextPart(_loc(form, parts, "text"), args["text"]))
+            for key in ("blocks", "attachments"):
+                value = _json_field(args, key, limits)
+                if form == "json":
+                    texts += [TextPart(("json", key) + path, s) for path, s in bodies.strings_under(value, TEXT_KEYS)]
+                elif value:         # a JSON string inside a form: policy reads it, a mask rewrites the whole field
+                    found = [s for _, s in bodies.strings_under(value, TEXT_KEYS)]
+                    if found:
+                        texts.append(TextPart(_loc(form, parts, key), "\n".join(found)))
+            return [ChatMessage(API, ep.name, sender, room, tuple(texts), kind=ep.name)]
+        if ep.name == "files.upload":
+            out: list = []
+            files = [p for p in parts if p.filename is not None]
+            for p in files:
+                out.append(FileUpload(API, ep.name, sender, room, text_of(args.get("filename")) or p.filename or "",
+                                      p.content_type, p.data))
+            if not files and "content" in args:
+                out.append(FileUpload(API, ep.name, sender, room, text_of(args.get("filename")), "text/plain",
+                                      args["content"].encode("utf-8")))
+            if not files and "content" not in args:
+                return [malformed(API, ep.name, "files.upload without a file or content")]
+            texts = [TextPart(_loc(form, parts, k), args[k]) for k in ("initial_comment", "title")
+                     if text_of(args.get(k))]
+            if texts:
+                out.append(ChatMessage(API, ep.name, sender, room, tuple(texts), kind=ep.name))
+            return out
+        if ep.name == "files.getUploadURLExternal":
+            return []
+        if ep.name == "files.completeUploadExternal":
+            files = _json_field(args, "files", limits)
+            refs, texts = [], []
+            for i, f in enumerate(files if isinstance(files, list) else []):
+                if isinstance(f, dict) and text_of(f.get("id")):
+                    refs.append("slack:" + f["id"])
+                    if text_of(f.get("title")) and form == "json":
+                        texts.append(TextPart(("json", "files", i, "title"), f["title"]))
+            if text_of(args.get("initial_comment")):
+                texts.append(TextPart(_loc(form, parts, "initial_comment"), args["initial_comment"]))
+            return [ChatMessage(API, ep.name, sender, room, tuple(texts), tuple(refs), kind=ep.name)]
+    except bodies.BodyError as e:
+        return [malformed(API, ep.name, e)]
+    return []
+
+
+def _loc(form: str, parts: list, key: str) -> tuple:
+    if form == "multipart":
+        index = next(i for i, p in enumerate(parts) if p.name == key and p.filename is None)
+        return ("multipart", index)
+    return (form, key)
+
+
+def _decode_upload_url(ep: Endpoint, req: HttpRequest, limits: DecodeLimits) -> list:
+    if req.content_type == "multipart/form-data":
+        try:
+            parts = bodies.parse_multipart(req.body, req.header("content-type"), limits.max_parts)
+        except bodies.BodyError as e:
+            return [malformed(API, ep.name, e)]
+        return [FileUpload(API, ep.name, "", "", p.filename or p.name, p.content_type, p.data)
+                for p in parts if p.filename is not None or p.name in ("file", "filename")]
+    return [FileUpload(API, ep.name, "", "", "", req.content_type, req.body)]
+
+
+def learn(ep: Endpoint, req: HttpRequest, status: int, body: bytes) -> list:
+    if ep.name != "files.getUploadURLExternal" or not 200 <= status < 300:
+        return []
+    try:
+        data = bodies.parse_json(body, 16)
+    except bodies.BodyError:
+        return []
+    if not isinstance(data, dict) or not data.get("ok") or not text_of(data.get("upload_url")):
+        return []
+    try:
+        args, _, _ = _arguments(req, DecodeLimits())
+    except bodies.BodyError:
+        args = {}
+    return [UploadSlot(data["upload_url"], "slack:" + text_of(data.get("file_id")), text_of(args.get("filename")),
+                       _sender(req, args))]
+
+
+CODES = {400: "invalid_arguments", 403: "restricted_action", 413: "file_too_large"}
+
+
+def error_body(status: int, reason: str) -> bytes:
+    return dump({"ok": False, "error": CODES.get(status, "request_refused"), "detail": reason})

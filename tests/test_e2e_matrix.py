@@ -1,0 +1,265 @@
+"""Matrix end to end, with real parts only: matrix-nio clients, a real Synapse homeserver, the real `imguard run`.
+
+The clients talk HTTPS to the gateway (reverse proxy in front of Synapse's plain-HTTP listener) and verify
+imguard's CA. What reached the homeserver is read from Synapse itself, directly (its room history through its
+own port, its media store on disk), so "never reached the server" is the server's word, not the gateway's.
+A control route (nio straight to Synapse) proves the fixture: there the keyword and EICAR do get through.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import ssl
+import urllib.parse
+import urllib.request
+import uuid
+
+import nio          # matrix-nio: in the test extras of setup.cfg
+import pytest
+
+from tests.peers.http_gateway import HttpGateway
+from tests.peers.synapse import Synapse
+
+pytestmark = pytest.mark.timeout(180)
+
+EICAR = b"X5O!P%@AP[4\\PZX54(P^)7CC)7}$" + b"EICAR-STANDARD-" + b"ANTIVIRUS-TEST-FILE!$H+H*"
+CLEAN = b"quarterly numbers, nothing secret\n" * 300 + bytes(range(256)) * 4
+BLOCKED_WORD = "project-bluebird"           # tests/data/rules: a keyword block rule
+
+
+@pytest.fixture(scope="module")
+def synapse(tmp_path_factory):
+    server = Synapse.start(tmp_path_factory.mktemp("synapse"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def matrix_gateway(tmp_path_factory, synapse):
+    gw = HttpGateway.start(tmp_path_factory.mktemp("matrix-gw"), [f"http://127.0.0.1:{synapse.port}"])
+    try:
+        yield gw
+    finally:
+        status = gw.stop()
+        if gw.crashed:
+            pytest.fail(f"imguard run exited by itself with status {status}:\n{gw.logs()}")
+
+
+class Route:
+    def __init__(self, name: str, synapse: Synapse, gateway: HttpGateway | None):
+        self.name, self.synapse, self.gateway = name, synapse, gateway
+        self.since = gateway.mark() if gateway else 0
+        if gateway is None:
+            self.base, self.ssl = synapse.url, None
+        else:
+            self.base = f"https://localhost:{gateway.ports[0]}"
+            self.ssl = ssl.create_default_context(cafile=str(gateway.ca_file))
+
+    @property
+    def through_gateway(self) -> bool:
+        return self.gateway is not None
+
+    async def client(self, name: str) -> "nio.AsyncClient":
+        user = f"{name}-{uuid.uuid4().hex[:6]}"
+        client = nio.AsyncClient(self.base, user, ssl=self.ssl)
+        resp = await client.register(user, f"{user}-password-1")
+        assert isinstance(resp, nio.RegisterResponse), f"register failed: {resp}"
+        return client
+
+    async def room(self, alice, bob) -> str:
+        resp = await alice.room_create(invite=[bob.user_id])
+        assert isinstance(resp, nio.RoomCreateResponse), resp
+        joined = await bob.join(resp.room_id)
+        assert isinstance(joined, nio.JoinResponse), joined
+        return resp.room_id
+
+    async def wait_alert(self, predicate, timeout: float = 10.0):
+        return await self.gateway.wait_alert(predicate, since=self.since, timeout=timeout)
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+@pytest.fixture(params=["control", "imguard"])
+def route(request, synapse):
+    """Each scenario straight to Synapse (the control) and through imguard."""
+    gateway = request.getfixturevalue("matrix_gateway") if request.param == "imguard" else None
+    offset = gateway.log_size() if gateway else 0
+    yield Route(request.param, synapse, gateway)
+    if gateway is not None:
+        check_gateway(gateway, offset)
+
+
+@pytest.fixture
+def imguard_route(synapse, matrix_gateway):
+    """Through imguard only: for what only a gateway does."""
+    offset = matrix_gateway.log_size()
+    yield Route("imguard", synapse, matrix_gateway)
+    check_gateway(matrix_gateway, offset)
+
+
+def check_gateway(gateway: HttpGateway, offset: int) -> None:
+    assert not gateway.crashed, gateway.logs()
+    errors = gateway.errors_since(offset)
+    assert not errors, "imguard logged errors:\n" + "\n".join(errors) + "\n" + gateway.logs()
+
+
+def server_history(synapse: Synapse, token: str, room_id: str) -> list[dict]:
+    """The room's events as Synapse itself has them (asked on its own port, not through the gateway)."""
+    url = (f"{synapse.url}/_matrix/client/v3/rooms/{urllib.parse.quote(room_id)}/messages?dir=b&limit=100")
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.loads(r.read())["chunk"]
+
+
+def bodies(events: list[dict]) -> list[str]:
+    return [e.get("content", {}).get("body", "") for e in events if e.get("type") == "m.room.message"]
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def closing(*clients):
+    for c in clients:
+        await c.close()
+
+
+def test_message_passes_and_is_attributed(route):
+    """A text message arrives at the homeserver unchanged; through imguard it is logged with alice's user id
+    (learned from the register response) and the room."""
+    async def scenario():
+        alice, bob = await route.client("alice"), await route.client("bob")
+        try:
+            room = await route.room(alice, bob)
+            text = f"hello bob ünïcödé ✓ {uuid.uuid4().hex[:6]}"
+            resp = await alice.room_send(room, "m.room.message", {"msgtype": "m.text", "body": text})
+            assert isinstance(resp, nio.RoomSendResponse), resp
+            assert text in bodies(server_history(route.synapse, bob.access_token, room))
+            if route.through_gateway:
+                alert = await route.wait_alert(lambda e: e.get("event", {}).get("dataset") == "imguard.message"
+                                               and e["imguard"].get("message", {}).get("text") == text)
+                assert alert, "no message event in the alert log"
+                assert alert["source"]["user"]["name"] == alice.user_id
+                assert alert["destination"]["user"]["name"] == [room]
+                assert alert["network"]["protocol"] == "matrix"
+        finally:
+            await closing(alice, bob)
+    run(scenario())
+
+
+def test_blocked_keyword_is_stopped_with_a_matrix_error(route):
+    """A message naming the blocked keyword (plain and in formatted_body only) is refused with M_FORBIDDEN and
+    the policy's reason; the homeserver never has it."""
+    async def scenario():
+        alice, bob = await route.client("alice"), await route.client("bob")
+        try:
+            room = await route.room(alice, bob)
+            plain = {"msgtype": "m.text", "body": f"the {BLOCKED_WORD} launch is friday"}
+            hidden = {"msgtype": "m.text", "body": "see below", "format": "org.matrix.custom.html",
+                      "formatted_body": f"<p>the <i>{BLOCKED_WORD}</i> launch</p>"}
+            for content in (plain, hidden):
+                resp = await alice.room_send(room, "m.room.message", content)
+                if not route.through_gateway:
+                    assert isinstance(resp, nio.RoomSendResponse), resp
+                    continue
+                assert isinstance(resp, nio.RoomSendError), f"the blocked message was accepted: {resp}"
+                assert resp.status_code == "M_FORBIDDEN" and "confidential project" in resp.message, resp
+            history = json.dumps(server_history(route.synapse, bob.access_token, room))
+            assert (BLOCKED_WORD in history) != route.through_gateway
+        finally:
+            await closing(alice, bob)
+    run(scenario())
+
+
+def test_eicar_media_never_reaches_the_store_clean_media_does(route):
+    """EICAR uploaded as media is refused (M_FORBIDDEN) and no file in Synapse's media store holds it; a clean
+    file is stored byte-identical and can be shared."""
+    async def scenario():
+        alice, bob = await route.client("alice"), await route.client("bob")
+        try:
+            room = await route.room(alice, bob)
+            before = route.synapse.media_files()
+            resp, _ = await alice.upload(io.BytesIO(EICAR), content_type="application/octet-stream",
+                                         filename="eicar.com", filesize=len(EICAR))
+            stored = route.synapse.stored_media(since=before)
+            if route.through_gateway:
+                assert isinstance(resp, nio.UploadError), f"EICAR was accepted: {resp}"
+                assert resp.status_code == "M_FORBIDDEN" and "malware" in resp.message, resp
+                assert EICAR not in stored, "EICAR reached Synapse's media store"
+            else:
+                assert isinstance(resp, nio.UploadResponse) and EICAR in stored, "control: Synapse stores EICAR"
+            name = f"numbers-{uuid.uuid4().hex[:6]}.bin"
+            resp, _ = await alice.upload(io.BytesIO(CLEAN), content_type="application/octet-stream", filename=name,
+                                         filesize=len(CLEAN))
+            assert isinstance(resp, nio.UploadResponse), resp
+            assert CLEAN in route.synapse.stored_media(since=before)
+            sent = await alice.room_send(room, "m.room.message", {"msgtype": "m.file", "body": name, "url": resp.content_uri,
+                                                                  "info": {"size": len(CLEAN)}})
+            assert isinstance(sent, nio.RoomSendResponse), sent
+            got = await bob.download(resp.content_uri)
+            assert isinstance(got, nio.DownloadResponse) and got.body == CLEAN, got
+        finally:
+            await closing(alice, bob)
+    run(scenario())
+
+
+def test_message_sharing_a_blocked_mxc_is_blocked(imguard_route):
+    """The async upload (POST /_matrix/media/v1/create, then PUT the bytes to that mxc): EICAR is refused, the
+    mxc is remembered as blocked, and an m.file message that shares it is refused too (so is a download)."""
+    route = imguard_route
+
+    async def scenario():
+        alice, bob = await route.client("alice"), await route.client("bob")
+        try:
+            room = await route.room(alice, bob)
+            import aiohttp
+            auth = {"Authorization": f"Bearer {alice.access_token}"}
+            async with aiohttp.ClientSession() as http:
+                before = route.synapse.media_files()
+                async with http.post(f"{route.base}/_matrix/media/v1/create", headers=auth, ssl=route.ssl) as r:
+                    assert r.status == 200, await r.text()
+                    mxc = (await r.json())["content_uri"]
+                server, media_id = mxc[len("mxc://"):].split("/", 1)
+                async with http.put(f"{route.base}/_matrix/media/v3/upload/{server}/{media_id}?filename=e.com",
+                                    data=EICAR, headers={**auth, "Content-Type": "application/octet-stream"},
+                                    ssl=route.ssl) as r:
+                    body = await r.json()
+                    assert r.status == 403 and body["errcode"] == "M_FORBIDDEN", body
+                async with http.get(f"{route.base}/_matrix/client/v1/media/download/{server}/{media_id}",
+                                    headers=auth, ssl=route.ssl) as r:
+                    assert r.status == 403 and "blocked" in (await r.json())["error"]
+            assert EICAR not in route.synapse.stored_media(since=before)
+            resp = await alice.room_send(room, "m.room.message", {"msgtype": "m.file", "body": "report.pdf", "url": mxc})
+            assert isinstance(resp, nio.RoomSendError) and resp.status_code == "M_FORBIDDEN", resp
+            assert "blocked" in resp.message
+            assert mxc not in json.dumps(server_history(route.synapse, bob.access_token, room))
+        finally:
+            await closing(alice, bob)
+    run(scenario())
+
+
+def test_encrypted_event_is_recognised_and_left_to_policy(imguard_route):
+    """An m.room.encrypted event (Megolm ciphertext) cannot be read: it passes under the bundled policy, and the
+    gateway records an e2e_encrypted anomaly for it."""
+    route = imguard_route
+
+    async def scenario():
+        alice, bob = await route.client("alice"), await route.client("bob")
+        try:
+            room = await route.room(alice, bob)
+            content = {"algorithm": "m.megolm.v1.aes-sha2", "ciphertext": "AwgAEnACgAkLmt6qF84IK++J7UDH2Za1YVchHyprqTqsg",
+                       "sender_key": "IlRMeOPX2e0MurIyfWEucYBRVOEEUMrOHqn/8mLqMjA", "device_id": "RJYKSTBOIE",
+                       "session_id": "X3lUlvLELLYxeTx4yOVu6UDpasGEVO0Jbu+QFnm0cKQ"}
+            resp = await alice.room_send(room, "m.room.encrypted", content)
+            assert isinstance(resp, nio.RoomSendResponse), resp
+            alert = await route.wait_alert(lambda e: e.get("imguard", {}).get("anomaly", {}).get("kind") == "e2e_encrypted")
+            assert alert and alert["imguard"]["anomaly"]["scheme"] == "m.room.encrypted"
+            assert alert["source"]["user"]["name"] == alice.user_id
+        finally:
+            await closing(alice, bob)
+    run(scenario())

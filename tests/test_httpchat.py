@@ -1,0 +1,339 @@
+"""The chat-API decoders (imguard/protocols/httpchat), pure: documented request shapes in, typed events out."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from imguard.protocols import httpchat
+from imguard.protocols.httpchat import bodies, discord, mattermost, matrix, rocketchat, slack
+from imguard.protocols.httpchat.events import (ChatMessage, EncryptedContent, FileUpload, HttpRequest, Identity,
+                                               MalformedRequest, StoredMedia, UploadSlot, credential_key)
+
+TOKEN = "syt_YWxpY2U_secret"
+AUTH = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+BOUNDARY = "----imguardBoundary7MA4YWxk"
+
+
+def multipart(fields: list[tuple[str, str | None, str, bytes]], boundary: str = BOUNDARY, close: bool = True) -> bytes:
+    """(name, filename, content type, data) parts as a browser would send them."""
+    out = b""
+    for name, filename, ctype, data in fields:
+        disp = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename is not None else "")
+        out += f"--{boundary}\r\nContent-Disposition: {disp}\r\n".encode()
+        if ctype:
+            out += f"Content-Type: {ctype}\r\n".encode()
+        out += b"\r\n" + data + b"\r\n"
+    return out + (f"--{boundary}--\r\n".encode() if close else b"")
+
+
+MP = {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}", "Authorization": "Bot discord-token"}
+
+
+def decode(api, method, url, headers, body):
+    req = HttpRequest.make(method, url, headers, body if isinstance(body, bytes) else json.dumps(body).encode())
+    ep = api.classify(req.method, req.path)
+    assert ep is not None, f"{method} {url} not recognised"
+    return ep, req, api.decode(ep, req)
+
+
+def kinds(events):
+    return [type(e).__name__ for e in events]
+
+
+# --- routes ---------------------------------------------------------------------------------------------
+
+def test_default_routes_pick_the_api_by_path_on_any_host():
+    """Any host: /_matrix/ is Matrix, /api/v4/ Mattermost before Slack's /api/, unversioned Discord still found."""
+    routes = httpchat.Routes.parse(httpchat.DEFAULT_ROUTES)
+    assert routes.match("chat.internal.example", "/_matrix/client/v3/sync")[0] is matrix
+    assert routes.match("mm.example", "/api/v4/posts")[0] is mattermost
+    assert routes.match("rc.example", "/api/v1/chat.sendMessage")[0] is rocketchat
+    assert routes.match("slack.com", "/api/chat.postMessage")[0] is slack
+    assert routes.match("discord.com", "/api/v10/channels/1/messages")[0] is discord
+    assert discord in routes.match("discord.com", "/api/channels/1/messages")     # via the /api/ route, classify decides
+    assert routes.match("example.com", "/index.html") == []
+
+
+def test_routes_with_hosts_and_errors():
+    routes = httpchat.Routes.parse(["mattermost=chat.corp.example/api/v4/", "slack=*.slack.com/api/"])
+    assert routes.match("chat.corp.example", "/api/v4/posts") == [mattermost]
+    assert routes.match("other.example", "/api/v4/posts") == []
+    assert routes.match("edge.slack.com", "/api/chat.postMessage") == [slack]
+    with pytest.raises(ValueError, match="API one of"):
+        httpchat.Routes.parse(["icq=/api/"])
+    with pytest.raises(ValueError, match="must start with /"):
+        httpchat.Routes.parse(["matrix=_matrix"])
+
+
+# --- Matrix ---------------------------------------------------------------------------------------------
+
+SEND = "/_matrix/client/v3/rooms/!room%3Alocalhost/send/m.room.message/txn1"
+
+
+def test_matrix_text_message():
+    """m.text: body and formatted_body (HTML stripped for policy) are both read; room unescaped; sender is the
+    token's hash until the token is known."""
+    ep, req, events = decode(matrix, "PUT", SEND, AUTH, {"msgtype": "m.text", "body": "hello *bob*",
+                                                         "format": "org.matrix.custom.html",
+                                                         "formatted_body": "hello <b>bob</b> <a href='https://x.example/p'>link</a>"})
+    [msg] = events
+    assert isinstance(msg, ChatMessage) and msg.room == "!room:localhost" and msg.sender == credential_key(TOKEN)
+    assert [p.text for p in msg.parts] == ["hello *bob*", "hello bob  https://x.example/p link"]
+    assert msg.parts[1].html and msg.kind == "m.text"
+
+
+def test_matrix_legacy_r0_and_query_token():
+    ep, req, [msg] = decode(matrix, "PUT", "/_matrix/client/r0/rooms/!r:x/send/m.room.message/1?access_token=abc",
+                            {}, {"msgtype": "m.notice", "body": "n"})
+    assert msg.sender == credential_key("abc") and msg.parts[0].text == "n"
+
+
+def test_matrix_file_message_refs_and_encrypted_attachment():
+    """m.file shares its mxc (and thumbnail); an EncryptedFile is recognised as encrypted, its mxc still a ref."""
+    _, _, [msg] = decode(matrix, "PUT", SEND, AUTH, {"msgtype": "m.file", "body": "report.pdf", "url": "mxc://localhost/abc",
+                                                     "info": {"thumbnail_url": "mxc://localhost/th"}})
+    assert msg.refs == ("mxc://localhost/abc", "mxc://localhost/th")
+    _, _, events = decode(matrix, "PUT", SEND, AUTH, {
+        "msgtype": "m.image", "body": "cat.jpg",
+        "file": {"url": "mxc://localhost/enc", "key": {"kty": "oct", "alg": "A256CTR", "k": "x"}, "iv": "y",
+                 "hashes": {"sha256": "z"}, "v": "v2"}})
+    assert kinds(events) == ["EncryptedContent", "ChatMessage"]
+    assert events[0].scheme == "EncryptedFile" and events[0].refs == ("mxc://localhost/enc",)
+    assert "mxc://localhost/enc" in events[1].refs
+
+
+def test_matrix_megolm_event_is_encrypted_content():
+    _, _, [ev] = decode(matrix, "PUT", "/_matrix/client/v3/rooms/!r:x/send/m.room.encrypted/t", AUTH,
+                        {"algorithm": "m.megolm.v1.aes-sha2", "ciphertext": "AwgA...", "session_id": "s"})
+    assert isinstance(ev, EncryptedContent) and ev.scheme == "m.room.encrypted" and ev.room == "!r:x"
+
+
+def test_matrix_other_events_carry_no_chat():
+    _, _, events = decode(matrix, "PUT", "/_matrix/client/v3/rooms/!r:x/send/m.reaction/t", AUTH,
+                          {"m.relates_to": {"rel_type": "m.annotation", "key": "👍"}})
+    assert events == []
+
+
+def test_matrix_media_endpoints():
+    """Uploads (legacy, authenticated, async PUT) are FileUploads; downloads and thumbnails name their mxc."""
+    for path in ("/_matrix/media/v3/upload?filename=a.txt", "/_matrix/media/r0/upload?filename=a.txt",
+                 "/_matrix/client/v1/media/upload?filename=a.txt"):
+        ep, req, [up] = decode(matrix, "POST", path, {**AUTH, "Content-Type": "text/plain"}, b"data")
+        assert isinstance(up, FileUpload) and up.name == "a.txt" and up.mime == "text/plain" and up.data == b"data"
+        assert ep.learn
+    ep, req, [up] = decode(matrix, "PUT", "/_matrix/media/v3/upload/localhost/AbCd?filename=b.bin", AUTH, b"x")
+    assert up.ref == "mxc://localhost/AbCd" and up.name == "b.bin"
+    assert matrix.classify("POST", "/_matrix/media/v1/create").kind == "learn"
+    for path in ("/_matrix/media/v3/download/localhost/AbCd", "/_matrix/client/v1/media/download/localhost/AbCd/f.txt",
+                 "/_matrix/client/v1/media/thumbnail/localhost/AbCd"):
+        ep = matrix.classify("GET", path)
+        assert ep.kind == "download" and ep.ref == "mxc://localhost/AbCd"
+
+
+def test_matrix_learns_identities_and_uploaded_media():
+    login = matrix.classify("POST", "/_matrix/client/v3/login")
+    req = HttpRequest.make("POST", "/_matrix/client/v3/login", {}, b"{}")
+    body = json.dumps({"user_id": "@alice:localhost", "access_token": TOKEN, "device_id": "D"}).encode()
+    assert matrix.learn(login, req, 200, body) == [Identity(credential_key(TOKEN), "@alice:localhost")]
+    assert matrix.learn(login, req, 403, body) == []
+    whoami = matrix.classify("GET", "/_matrix/client/v3/account/whoami")
+    req = HttpRequest.make("GET", "/_matrix/client/v3/account/whoami", AUTH)
+    assert matrix.learn(whoami, req, 200, b'{"user_id":"@bob:localhost"}') == [
+        Identity(credential_key(TOKEN), "@bob:localhost")]
+    up = matrix.classify("POST", "/_matrix/media/v3/upload")
+    assert matrix.learn(up, req, 200, b'{"content_uri":"mxc://localhost/x"}') == [StoredMedia("mxc://localhost/x")]
+    assert matrix.learn(up, req, 200, b"not json") == []
+
+
+def test_matrix_malformed_json_and_error_shape():
+    _, _, [bad] = decode(matrix, "PUT", SEND, AUTH, b'{"msgtype": "m.text", "body": ')
+    assert isinstance(bad, MalformedRequest) and bad.status == 400
+    _, _, [bad] = decode(matrix, "PUT", SEND, AUTH, b"[1, 2]")
+    assert isinstance(bad, MalformedRequest)
+    assert json.loads(matrix.error_body(403, "blocked: x")) == {"errcode": "M_FORBIDDEN", "error": "blocked: x"}
+    assert json.loads(matrix.error_body(413, "big"))["errcode"] == "M_TOO_LARGE"
+
+
+def test_json_nesting_is_bounded_before_parsing():
+    """Ten thousand nested arrays are refused by counting, not by json.loads recursing; brackets in strings
+    do not count."""
+    deep = b'{"msgtype":"m.text","body":"x","extra":' + b"[" * 10000 + b"]" * 10000 + b"}"
+    _, _, [bad] = decode(matrix, "PUT", SEND, AUTH, deep)
+    assert isinstance(bad, MalformedRequest) and "nested deeper than 64" in bad.reason
+    assert bodies.json_depth(b'{"a": "[[[[[[[[", "b": [1, {"c": 2}]}') == 3
+    assert bodies.parse_json(b"[" * 64 + b"]" * 64, 64) is not None            # the edge: exactly the limit
+    with pytest.raises(bodies.BodyError):
+        bodies.parse_json(b"[" * 65 + b"]" * 65, 64)
+    assert bodies.json_depth(b'{"a": "\\"[[[["}') == 1
+
+
+# --- Slack ----------------------------------------------------------------------------------------------
+
+def test_slack_post_message_json_with_blocks():
+    _, _, [msg] = decode(slack, "POST", "/api/chat.postMessage", {"Authorization": "Bearer xoxb-1",
+                                                                 "Content-Type": "application/json; charset=utf-8"},
+                         {"channel": "C123", "text": "hi", "blocks": [
+                             {"type": "section", "text": {"type": "mrkdwn", "text": "block text"}}]})
+    assert msg.room == "C123" and [p.text for p in msg.parts] == ["hi", "block text"]
+    assert msg.parts[1].locator == ("json", "blocks", 0, "text", "text")
+    assert msg.sender == credential_key("xoxb-1")
+
+
+def test_slack_post_message_form_encoded_with_token_field():
+    _, _, [msg] = decode(slack, "POST", "/api/chat.postMessage", {"Content-Type": "application/x-www-form-urlencoded"},
+                         b"token=xoxp-9&channel=C1&text=hello+there%21")
+    assert msg.parts[0].text == "hello there!" and msg.parts[0].locator == ("form", "text")
+    assert msg.sender == credential_key("xoxp-9")
+
+
+def test_slack_legacy_files_upload_and_two_step_flow():
+    body = multipart([("channels", None, "", b"C1"), ("initial_comment", None, "", b"see attached"),
+                      ("file", "q.csv", "text/csv", b"a,b\n1,2\n")])
+    _, _, events = decode(slack, "POST", "/api/files.upload", MP, body)
+    assert kinds(events) == ["FileUpload", "ChatMessage"]
+    assert events[0].name == "q.csv" and events[0].data == b"a,b\n1,2\n" and events[0].room == "C1"
+    assert events[1].parts[0].text == "see attached"
+    _, _, [up] = decode(slack, "POST", "/api/files.upload", {"Content-Type": "application/x-www-form-urlencoded"},
+                        b"channels=C1&filename=n.txt&content=plain+text")
+    assert up.data == b"plain text" and up.name == "n.txt"
+    # step 1: the upload URL is learned from the response
+    ep, req, events = decode(slack, "POST", "/api/files.getUploadURLExternal",
+                             {"Content-Type": "application/x-www-form-urlencoded", "Authorization": "Bearer xoxb-2"},
+                             b"filename=r.pdf&length=5")
+    assert events == [] and ep.learn
+    [slot] = slack.learn(ep, req, 200, b'{"ok":true,"upload_url":"https://files.slack.com/upload/v1/ABC","file_id":"F1"}')
+    assert slot == UploadSlot("https://files.slack.com/upload/v1/ABC", "slack:F1", "r.pdf", credential_key("xoxb-2"))
+    # step 2: the bytes, raw or multipart
+    ep2 = slack.upload_endpoint()
+    [f] = slack.decode(ep2, HttpRequest.make("POST", "https://files.slack.com/upload/v1/ABC", {}, b"%PDF-1"))
+    assert f.data == b"%PDF-1"
+    [f] = slack.decode(ep2, HttpRequest.make("POST", "https://files.slack.com/upload/v1/ABC", MP,
+                                             multipart([("filename", "r.pdf", "application/pdf", b"%PDF-2")])))
+    assert f.data == b"%PDF-2" and f.name == "r.pdf"
+    # step 3: the share names the file id
+    _, _, [msg] = decode(slack, "POST", "/api/files.completeUploadExternal", AUTH,
+                         {"files": [{"id": "F1", "title": "Report"}], "channel_id": "C1", "initial_comment": "here"})
+    assert msg.refs == ("slack:F1",) and [p.text for p in msg.parts] == ["Report", "here"]
+    assert slack.classify("POST", "/api/users.list") is None
+    assert json.loads(slack.error_body(403, "why"))["ok"] is False
+
+
+# --- Mattermost -----------------------------------------------------------------------------------------
+
+def test_mattermost_files_and_posts():
+    body = multipart([("channel_id", None, "", b"ch1"), ("files", "a.txt", "text/plain", b"AAA"),
+                      ("files", "b.txt", "text/plain", b"BBB"), ("client_ids", None, "", b"c1")])
+    _, _, events = decode(mattermost, "POST", "/api/v4/files", MP, body)
+    assert [(e.name, e.data, e.room) for e in events] == [("a.txt", b"AAA", "ch1"), ("b.txt", b"BBB", "ch1")]
+    _, _, [raw] = decode(mattermost, "POST", "/api/v4/files?channel_id=ch2&filename=c.bin", {}, b"CCC")
+    assert raw.name == "c.bin" and raw.room == "ch2"
+    _, _, [post] = decode(mattermost, "POST", "/api/v4/posts", AUTH,
+                          {"channel_id": "ch1", "message": "hello", "file_ids": ["f1"],
+                           "props": {"attachments": [{"text": "att text"}]}})
+    assert [p.text for p in post.parts] == ["hello", "att text"] and post.refs == ("mattermost:f1",)
+    assert post.parts[1].locator == ("json", "props", "attachments", 0, "text")
+    assert mattermost.classify("PUT", "/api/v4/posts/abc123/patch").name == "post"
+    assert mattermost.classify("GET", "/api/v4/users/me") is None
+    assert json.loads(mattermost.error_body(403, "r"))["status_code"] == 403
+
+
+# --- Rocket.Chat ----------------------------------------------------------------------------------------
+
+def test_rocketchat_upload_messages_and_confirm():
+    body = multipart([("file", "x.png", "image/png", b"\x89PNG"), ("msg", None, "", b"look"),
+                      ("description", None, "", b"a picture")])
+    _, _, events = decode(rocketchat, "POST", "/api/v1/rooms.upload/GENERAL", {**MP, "X-User-Id": "u1"}, body)
+    assert kinds(events) == ["FileUpload", "ChatMessage"]
+    assert events[0].room == "GENERAL" and events[0].sender == "u1" and events[1].text.split("\n\u2029") == ["look", "a picture"]
+    _, _, [m] = decode(rocketchat, "POST", "/api/v1/chat.sendMessage", {"X-User-Id": "u1", "Content-Type": "application/json"},
+                       {"message": {"rid": "R1", "msg": "hi"}})
+    assert m.room == "R1" and m.parts[0].locator == ("json", "message", "msg")
+    _, _, [m] = decode(rocketchat, "POST", "/api/v1/chat.postMessage", {"Content-Type": "application/json"},
+                       {"channel": "#general", "text": "yo", "attachments": [{"title": "t", "text": "att"}]})
+    assert m.room == "#general" and [p.text for p in m.parts] == ["yo", "t", "att"]
+    _, _, [m] = decode(rocketchat, "POST", "/api/v1/rooms.mediaConfirm/R1/file9", {"Content-Type": "application/json"},
+                       {"msg": "caption"})
+    assert m.refs == ("rocketchat:file9",)
+    assert json.loads(rocketchat.error_body(403, "no"))["success"] is False
+
+
+def test_rocketchat_ddp_websocket_bare_and_sockjs():
+    ddp = {"msg": "method", "method": "sendMessage", "id": "7", "params": [{"_id": "m1", "rid": "R1", "msg": "ws hi"}]}
+    [(call_id, index, msg)] = rocketchat.decode_ws(json.dumps(ddp).encode(), "u1")
+    assert call_id == "7" and index is None and msg.text == "ws hi" and msg.room == "R1"
+    frame = json.dumps([json.dumps({"msg": "ping"}), json.dumps(ddp)]).encode()
+    [(call_id, index, msg)] = rocketchat.decode_ws(frame)
+    assert index == 1
+    out = rocketchat.rewrite_ws(frame, bodies.masked_replacements(msg.parts, "ws [REDACTED:keyword]"))
+    assert json.loads(json.loads(out)[1])["params"][0]["msg"] == "ws [REDACTED:keyword]"
+    assert rocketchat.decode_ws(b"h") == [] and rocketchat.decode_ws(b'{"msg":"sub"}') == []
+    err = rocketchat.ws_error("7", "blocked", sockjs=True)
+    assert err.startswith(b"a[") and json.loads(json.loads(err[1:])[0])["error"]["reason"] == "blocked"
+
+
+# --- Discord --------------------------------------------------------------------------------------------
+
+def test_discord_messages_json_multipart_and_two_step_attachments():
+    _, _, [m] = decode(discord, "POST", "/api/v10/channels/123/messages", {"Authorization": "Bot t", "Content-Type": "application/json"},
+                       {"content": "hi", "embeds": [{"title": "T", "description": "D", "fields": [{"name": "n", "value": "v"}]}]})
+    assert m.room == "123" and [p.text for p in m.parts] == ["hi", "T", "D", "n", "v"]
+    body = multipart([("payload_json", None, "application/json", json.dumps({"content": "with file"}).encode()),
+                      ("files[0]", "a.zip", "application/zip", b"PK\x03\x04")])
+    _, _, events = decode(discord, "POST", "/api/v10/channels/123/messages", MP, body)
+    assert kinds(events) == ["FileUpload", "ChatMessage"]
+    assert events[0].name == "a.zip" and events[1].parts[0].locator == ("multipart", 0, "json", "content")
+    ep = discord.classify("POST", "/api/v10/channels/123/attachments")
+    req = HttpRequest.make("POST", "/api/v10/channels/123/attachments", {"Authorization": "Bot t"}, b"{}")
+    [slot] = discord.learn(ep, req, 200, json.dumps({"attachments": [
+        {"id": 0, "upload_url": "https://discord-attachments-uploads-prd.storage.googleapis.com/x?sig=1",
+         "upload_filename": "abc/a.zip"}]}).encode())
+    assert slot.ref == "discord:abc/a.zip" and slot.room == "123"
+    _, _, [m] = decode(discord, "POST", "/api/v10/channels/123/messages", {"Content-Type": "application/json"},
+                       {"content": "", "attachments": [{"id": "0", "filename": "a.zip", "uploaded_filename": "abc/a.zip"}]})
+    assert m.refs == ("discord:abc/a.zip",)
+    assert discord.classify("GET", "/api/v10/channels/123/messages") is None
+    assert json.loads(discord.error_body(403, "r")) == {"message": "r", "code": 200000}
+
+
+# --- bodies: multipart strictness and rewriting ---------------------------------------------------------
+
+def test_multipart_truncated_or_broken_is_refused():
+    """No closing boundary (an upload cut half-way), a wrong boundary, no boundary parameter: refused."""
+    good = multipart([("file", "a.bin", "", b"x" * 100)])
+    with pytest.raises(bodies.BodyError, match="closing boundary"):
+        bodies.parse_multipart(good[:-40], MP["Content-Type"])
+    with pytest.raises(bodies.BodyError, match="does not start"):
+        bodies.parse_multipart(good, "multipart/form-data; boundary=other")
+    with pytest.raises(bodies.BodyError, match="without a boundary"):
+        bodies.parse_multipart(good, "multipart/form-data")
+    with pytest.raises(bodies.BodyError, match="more than 2"):
+        bodies.parse_multipart(multipart([("a", None, "", b"1")] * 3), MP["Content-Type"], max_parts=2)
+    _, _, [bad] = decode(rocketchat, "POST", "/api/v1/rooms.upload/R", MP, good[:-40])
+    assert isinstance(bad, MalformedRequest)
+
+
+def test_multipart_boundary_inside_data_and_every_split():
+    """A part whose data contains the boundary text without CRLF before it stays whole."""
+    data = b"--" + BOUNDARY.encode() + b"X not a delimiter\r\n"
+    parts = bodies.parse_multipart(multipart([("file", "f", "", data)]), MP["Content-Type"])
+    assert parts[0].data == data
+
+
+def test_rewrite_json_form_and_multipart_keeps_the_rest():
+    body = json.dumps({"msgtype": "m.text", "body": "card 4111", "formatted_body": "<b>card 4111</b>", "x": [1]}).encode()
+    parts = (httpchat.TextPart(("json", "body"), "card 4111"), httpchat.TextPart(("json", "formatted_body"), "card 4111", True))
+    new = json.loads(bodies.rewrite(body, "application/json", bodies.masked_replacements(
+        parts, "card [REDACTED:card]" + httpchat.PART_SEPARATOR + "card [REDACTED:card] <x>")))
+    assert new == {"msgtype": "m.text", "body": "card [REDACTED:card]", "formatted_body": "card [REDACTED:card] &lt;x&gt;",
+                   "x": [1]}
+    # a span that swallowed the separator: every part gets the whole masked text
+    reps = bodies.masked_replacements(parts, "[REDACTED:keyword]")
+    assert [r[1] for r in reps] == ["[REDACTED:keyword]", "[REDACTED:keyword]"]
+    assert bodies.rewrite(b"channel=C1&text=a+secret", "application/x-www-form-urlencoded",
+                          [(("form", "text"), "a [X]")]) == b"channel=C1&text=a+%5BX%5D"
+    mp = multipart([("payload_json", None, "application/json", b'{"content":"secret"}'), ("files[0]", "f", "", b"BIN")])
+    out = bodies.rewrite(mp, MP["Content-Type"], [(("multipart", 0, "json", "content"), "[X]")])
+    parsed = bodies.parse_multipart(out, MP["Content-Type"])
+    assert json.loads(parsed[0].data) == {"content": "[X]"} and parsed[1].data == b"BIN"

@@ -1,0 +1,425 @@
+"""Slack, Mattermost, Rocket.Chat and Discord through the real `imguard run`: their documented request shapes are
+replayed through the gateway (reverse proxy) to a local HTTP server standing in for the vendor, and the test
+asserts what that server received: nothing for a block, the masked text for a mask, the same bytes otherwise.
+The bad-input cases (malformed JSON, hostile nesting, broken multipart, lying Content-Length, oversize bodies)
+check the client's error and that nothing uninspected was forwarded."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from tests.peers.http_gateway import HttpGateway
+
+pytestmark = pytest.mark.timeout(120)
+
+EICAR = b"X5O!P%@AP[4\\PZX54(P^)7CC)7}$" + b"EICAR-STANDARD-" + b"ANTIVIRUS-TEST-FILE!$H+H*"
+CLEAN = b"quarterly numbers, nothing secret\n" * 200 + bytes(range(256)) * 4
+BLOCKED_WORD = "project-bluebird"          # tests/data/rules: a keyword block rule
+MASK_WORD = "zebra-omega"                  # the mask rule below
+MASK_RULE = f"""\
+rules:
+  - id: test-codeword-mask
+    title: Test codeword redaction
+    severity: medium
+    action: mask
+    applies_to: message
+    match:
+      keywords: [{MASK_WORD}]
+"""
+UPLOAD_LIMIT = 300_000
+BOUNDARY = "----imguardTestBoundary"
+
+
+@dataclass
+class Received:
+    method: str
+    path: str
+    headers: dict
+    body: bytes
+
+
+@dataclass
+class Vendor:
+    """The stand-in server: records every request and WebSocket message, answers with canned JSON."""
+    port: int = 0
+    gateway_port: int = 0
+    requests: list[Received] = field(default_factory=list)
+    ws_messages: list[str] = field(default_factory=list)
+    loop: asyncio.AbstractEventLoop | None = None
+    runner: web.AppRunner | None = None
+
+    def bodies(self, path_part: str) -> list[bytes]:
+        return [r.body for r in self.requests if path_part in r.path]
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        if request.headers.get("upgrade", "").lower() == "websocket":
+            ws = web.WebSocketResponse()
+            await ws.prepare(request)
+            async for msg in ws:
+                if msg.type == aiohttp.WSMsgType.TEXT:
+                    self.ws_messages.append(msg.data)
+                    await ws.send_str(json.dumps({"msg": "result", "echo": msg.data}))
+            return ws
+        body = await request.read()
+        self.requests.append(Received(request.method, request.path_qs, dict(request.headers), body))
+        if request.path == "/api/files.getUploadURLExternal":
+            n = uuid.uuid4().hex[:8]
+            return web.json_response({"ok": True, "file_id": f"F{n}",
+                                      "upload_url": f"http://127.0.0.1:{self.gateway_port}/upload/v1/{n}"})
+        if request.path.endswith("/attachments"):
+            n = uuid.uuid4().hex[:8]
+            return web.json_response({"attachments": [{"id": 0, "upload_filename": f"{n}/a.bin",
+                                                       "upload_url": f"http://127.0.0.1:{self.gateway_port}/gcs/{n}?sig=1"}]})
+        return web.json_response({"ok": True, "success": True})
+
+    def start(self) -> None:
+        ready = threading.Event()
+
+        def run() -> None:
+            self.loop = asyncio.new_event_loop()
+            app = web.Application(client_max_size=64 * 1024 * 1024)
+            app.router.add_route("*", "/{tail:.*}", self.handle)
+            self.runner = web.AppRunner(app)
+            self.loop.run_until_complete(self.runner.setup())
+            site = web.TCPSite(self.runner, "127.0.0.1", 0)
+            self.loop.run_until_complete(site.start())
+            self.port = site._server.sockets[0].getsockname()[1]
+            ready.set()
+            self.loop.run_forever()
+        threading.Thread(target=run, daemon=True).start()
+        assert ready.wait(10)
+
+    def stop(self) -> None:
+        if self.loop is not None:
+            asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(10)
+            self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+@pytest.fixture(scope="module")
+def vendor_gateway(tmp_path_factory):
+    vendor = Vendor()
+    vendor.start()
+    gw = HttpGateway.start(tmp_path_factory.mktemp("httpchat-gw"), [f"http://127.0.0.1:{vendor.port}"],
+                           extra_rules={"95-test-mask.yaml": MASK_RULE},
+                           extra=["--chat-max-upload-size", str(UPLOAD_LIMIT), "--chat-max-json-depth", "32"])
+    vendor.gateway_port = gw.ports[0]
+    try:
+        yield vendor, gw
+    finally:
+        status = gw.stop()
+        vendor.stop()
+        if gw.crashed:
+            pytest.fail(f"imguard run exited by itself with status {status}:\n{gw.logs()}")
+
+
+@pytest.fixture
+def route(vendor_gateway):
+    vendor, gw = vendor_gateway
+    vendor.requests.clear()
+    vendor.ws_messages.clear()
+    offset = gw.log_size()
+    yield vendor, gw
+    assert not gw.crashed, gw.logs()
+    errors = gw.errors_since(offset)
+    assert not errors, "imguard logged errors:\n" + "\n".join(errors)
+
+
+def call(port: int, method: str, path: str, body: bytes = b"", headers: dict | None = None) -> tuple[int, dict, bytes]:
+    """One HTTP/1.1 request over a fresh socket; (status, headers, body)."""
+    import http.client
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=15)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+    finally:
+        conn.close()
+
+
+def call_json(port, method, path, obj, headers=None):
+    status, h, body = call(port, method, path, json.dumps(obj).encode(),
+                           {"Content-Type": "application/json", **(headers or {})})
+    return status, (json.loads(body) if body[:1] in (b"{", b"[") else body)
+
+
+def multipart(fields: list[tuple[str, str | None, str, bytes]], close: bool = True) -> bytes:
+    out = b""
+    for name, filename, ctype, data in fields:
+        disp = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename is not None else "")
+        out += f"--{BOUNDARY}\r\nContent-Disposition: {disp}\r\n".encode()
+        out += (f"Content-Type: {ctype}\r\n" if ctype else "").encode() + b"\r\n" + data + b"\r\n"
+    return out + (f"--{BOUNDARY}--\r\n".encode() if close else b"")
+
+
+MP = {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
+SLACK = {"Authorization": "Bearer xoxb-test-token"}
+
+
+# --- Slack --------------------------------------------------------------------------------------------------
+
+def test_slack_post_message_allowed_blocked_and_masked(route):
+    """chat.postMessage (JSON and form-encoded): a clean message arrives byte-identical; the blocked keyword
+    gets Slack's error shape and never arrives; the mask word arrives redacted, the rest of the body intact."""
+    vendor, gw = route
+    port = gw.ports[0]
+    clean = json.dumps({"channel": "C1", "text": "lunch at noon? ünïcödé", "unfurl_links": False}).encode()
+    status, _, _ = call(port, "POST", "/api/chat.postMessage", clean, {**SLACK, "Content-Type": "application/json"})
+    assert status == 200 and vendor.bodies("chat.postMessage") == [clean]
+
+    since = gw.mark()
+    status, err = call_json(port, "POST", "/api/chat.postMessage", {"channel": "C1", "text": f"the {BLOCKED_WORD} plan"}, SLACK)
+    assert status == 403 and err["ok"] is False and "confidential project" in err["detail"]
+    assert len(vendor.bodies("chat.postMessage")) == 1, "the blocked message reached the server"
+    alert = asyncio.run(gw.wait_alert(lambda e: e.get("event", {}).get("action") == "block"
+                                      and BLOCKED_WORD in json.dumps(e), since))
+    assert alert and alert["network"]["protocol"] == "slack" and alert["destination"]["user"]["name"] == ["C1"]
+
+    status, _ = call_json(port, "POST", "/api/chat.postMessage",
+                          {"channel": "C1", "text": f"code {MASK_WORD} now",
+                           "blocks": [{"type": "section", "text": {"type": "mrkdwn", "text": f"*{MASK_WORD}*"}}]}, SLACK)
+    assert status == 200
+    got = json.loads(vendor.bodies("chat.postMessage")[-1])
+    assert MASK_WORD not in json.dumps(got) and "[REDACTED:keyword]" in got["text"]
+    assert got["blocks"][0]["type"] == "section" and "[REDACTED:keyword]" in got["blocks"][0]["text"]["text"]
+
+    form = f"channel=C2&text=form+{MASK_WORD}+text".encode()
+    status, _, _ = call(port, "POST", "/api/chat.postMessage", form, {"Content-Type": "application/x-www-form-urlencoded"})
+    assert status == 200
+    assert vendor.bodies("chat.postMessage")[-1] == b"channel=C2&text=form+%5BREDACTED%3Akeyword%5D+text"
+
+
+def test_slack_two_step_upload(route):
+    """getUploadURLExternal -> the upload URL (learned from the response) -> completeUploadExternal: EICAR posted
+    to the upload URL is refused and never arrives, and sharing its file id is refused too; a clean file arrives
+    byte-identical and its share passes."""
+    vendor, gw = route
+    port = gw.ports[0]
+    form = {"Content-Type": "application/x-www-form-urlencoded", **SLACK}
+    for data, blocked in ((EICAR, True), (CLEAN, False)):
+        status, _, body = call(port, "POST", "/api/files.getUploadURLExternal", f"filename=f.bin&length={len(data)}".encode(), form)
+        slot = json.loads(body)
+        path = slot["upload_url"].split(str(port), 1)[1]
+        status, _, body = call(port, "POST", path, data, {"Content-Type": "application/octet-stream"})
+        assert status == (403 if blocked else 200), body
+        assert vendor.bodies(path) == ([] if blocked else [data])
+        status, resp = call_json(port, "POST", "/api/files.completeUploadExternal",
+                                 {"files": [{"id": slot["file_id"], "title": "numbers"}], "channel_id": "C1"}, SLACK)
+        assert status == (403 if blocked else 200), resp
+        if blocked:
+            assert resp["ok"] is False and "blocked" in resp["detail"]
+    assert len(vendor.bodies("files.completeUploadExternal")) == 1
+
+
+def test_slack_legacy_files_upload_multipart(route):
+    vendor, gw = route
+    status, err = call_json(gw.ports[0], "POST", "/api/files.upload", {})      # no file at all: 400, not forwarded
+    assert status == 400 and err["ok"] is False
+    body = multipart([("channels", None, "", b"C1"), ("file", "eicar.com", "application/octet-stream", EICAR)])
+    status, _, resp = call(gw.ports[0], "POST", "/api/files.upload", body, {**MP, **SLACK})
+    assert status == 403 and json.loads(resp)["ok"] is False
+    assert vendor.bodies("files.upload") == []
+
+
+# --- Mattermost -----------------------------------------------------------------------------------------------
+
+def test_mattermost_files_and_posts(route):
+    vendor, gw = route
+    port = gw.ports[0]
+    auth = {"Authorization": "Bearer mm-token"}
+    bad = multipart([("channel_id", None, "", b"ch1"), ("files", "eicar.com", "", EICAR), ("client_ids", None, "", b"c")])
+    status, _, resp = call(port, "POST", "/api/v4/files", bad, {**MP, **auth})
+    assert status == 403 and json.loads(resp)["status_code"] == 403 and "malware" in json.loads(resp)["message"]
+    good = multipart([("channel_id", None, "", b"ch1"), ("files", "n.bin", "", CLEAN), ("client_ids", None, "", b"c")])
+    status, _, _ = call(port, "POST", "/api/v4/files", good, {**MP, **auth})
+    assert status == 200 and vendor.bodies("/api/v4/files") == [good]
+    status, _, _ = call(port, "POST", "/api/v4/files?channel_id=ch1&filename=e.com", EICAR, auth)
+    assert status == 403 and vendor.bodies("/api/v4/files") == [good]
+    post = json.dumps({"channel_id": "ch1", "message": "hello team", "file_ids": ["abc"]}).encode()
+    status, _, _ = call(port, "POST", "/api/v4/posts", post, {"Content-Type": "application/json", **auth})
+    assert status == 200 and vendor.bodies("/api/v4/posts") == [post]
+    status, resp = call_json(port, "POST", "/api/v4/posts", {"channel_id": "ch1", "message": BLOCKED_WORD}, auth)
+    assert status == 403 and resp["id"].startswith("api.imguard") and len(vendor.bodies("/api/v4/posts")) == 1
+    # not a chat call: relayed untouched, never held
+    status, _, _ = call(port, "GET", "/api/v4/users/me", b"", auth)
+    assert status == 200 and vendor.requests[-1].path == "/api/v4/users/me"
+
+
+# --- Rocket.Chat --------------------------------------------------------------------------------------------
+
+def test_rocketchat_upload_and_messages(route):
+    vendor, gw = route
+    port = gw.ports[0]
+    user = {"X-User-Id": "rc-user-1", "X-Auth-Token": "t"}
+    body = multipart([("file", "notes.txt", "text/plain", b"fine notes"), ("msg", None, "", f"about {BLOCKED_WORD}".encode())])
+    status, _, resp = call(port, "POST", "/api/v1/rooms.upload/GENERAL", body, {**MP, **user})
+    assert status == 403 and json.loads(resp)["success"] is False and vendor.bodies("rooms.upload") == []
+    body = multipart([("file", "notes.txt", "text/plain", b"fine notes"), ("msg", None, "", f"see {MASK_WORD}".encode())])
+    status, _, _ = call(port, "POST", "/api/v1/rooms.upload/GENERAL", body, {**MP, **user})
+    assert status == 200
+    [sent] = vendor.bodies("rooms.upload")
+    assert b"fine notes" in sent and MASK_WORD.encode() not in sent and b"see [REDACTED:keyword]" in sent
+    status, _ = call_json(port, "POST", "/api/v1/chat.sendMessage", {"message": {"rid": "R1", "msg": f"x {MASK_WORD}"}}, user)
+    assert status == 200 and json.loads(vendor.bodies("chat.sendMessage")[-1]) == {
+        "message": {"rid": "R1", "msg": "x [REDACTED:keyword]"}}
+    since = gw.mark()
+    status, _ = call_json(port, "POST", "/api/v1/chat.postMessage", {"channel": "#general", "text": BLOCKED_WORD}, user)
+    assert status == 403 and vendor.bodies("chat.postMessage") == []
+    alert = asyncio.run(gw.wait_alert(lambda e: e.get("event", {}).get("action") == "block", since))
+    assert alert["source"]["user"]["name"] == "rc-user-1"
+
+
+def test_rocketchat_ddp_websocket(route):
+    """DDP over the WebSocket: a clean sendMessage arrives; a blocked one is dropped and the client's call gets a
+    DDP error result; a masked one arrives redacted."""
+    vendor, gw = route
+
+    async def scenario():
+        async with aiohttp.ClientSession() as session:
+            async with session.ws_connect(f"http://127.0.0.1:{gw.ports[0]}/websocket") as ws:
+                def ddp(i, text):
+                    return json.dumps({"msg": "method", "method": "sendMessage", "id": str(i),
+                                       "params": [{"_id": f"m{i}", "rid": "R1", "msg": text}]})
+                await ws.send_str(ddp(1, "hello over ddp"))
+                assert json.loads((await ws.receive(timeout=10)).data)["echo"] == ddp(1, "hello over ddp")
+                await ws.send_str(ddp(2, f"{BLOCKED_WORD} over ddp"))
+                reply = json.loads((await ws.receive(timeout=10)).data)
+                assert reply["msg"] == "result" and reply["id"] == "2" and "confidential" in reply["error"]["reason"]
+                await ws.send_str(ddp(3, f"{MASK_WORD} over ddp"))
+                masked = json.loads(json.loads((await ws.receive(timeout=10)).data)["echo"])
+                assert masked["params"][0]["msg"] == "[REDACTED:keyword] over ddp"
+        assert len(vendor.ws_messages) == 2 and not any(BLOCKED_WORD in m for m in vendor.ws_messages)
+    asyncio.run(scenario())
+
+
+# --- Discord --------------------------------------------------------------------------------------------------
+
+def test_discord_messages_and_attachments(route):
+    vendor, gw = route
+    port = gw.ports[0]
+    bot = {"Authorization": "Bot discord-bot-token"}
+    payload = json.dumps({"content": "build attached", "attachments": [{"id": 0, "filename": "e.com"}]}).encode()
+    body = multipart([("payload_json", None, "application/json", payload), ("files[0]", "e.com", "", EICAR)])
+    status, _, resp = call(port, "POST", "/api/v10/channels/42/messages", body, {**MP, **bot})
+    assert status == 403 and json.loads(resp)["code"] == 200000 and vendor.bodies("/messages") == []
+    payload = json.dumps({"content": f"fine {MASK_WORD}"}).encode()
+    body = multipart([("payload_json", None, "application/json", payload), ("files[0]", "n.bin", "", CLEAN)])
+    status, _, _ = call(port, "POST", "/api/v10/channels/42/messages", body, {**MP, **bot})
+    assert status == 200
+    [sent] = vendor.bodies("/messages")
+    assert CLEAN in sent and MASK_WORD.encode() not in sent and b"[REDACTED:keyword]" in sent
+    # two-step: the attachment upload URL comes from the response; EICAR there is refused, and the message
+    # naming its uploaded_filename too
+    status, _, resp = call(port, "POST", "/api/v10/channels/42/attachments",
+                           json.dumps({"files": [{"id": "0", "filename": "a.bin", "file_size": 68}]}).encode(),
+                           {"Content-Type": "application/json", **bot})
+    att = json.loads(resp)["attachments"][0]
+    path = att["upload_url"].split(str(port), 1)[1]
+    status, _, _ = call(port, "PUT", path, EICAR, {"Content-Type": "application/octet-stream"})
+    assert status == 403 and vendor.bodies("/gcs/") == []
+    status, resp = call_json(port, "POST", "/api/v10/channels/42/messages",
+                             {"content": "", "attachments": [{"id": "0", "filename": "a.bin",
+                                                               "uploaded_filename": att["upload_filename"]}]}, bot)
+    assert status == 403 and "blocked" in resp["message"] and len(vendor.bodies("/messages")) == 1
+
+
+# --- bad input ----------------------------------------------------------------------------------------------
+
+def raw_exchange(port: int, data: bytes, half_close: bool = False, wait: float = 10.0) -> bytes:
+    """Send raw bytes, optionally half-close, and read until the gateway closes or `wait` passes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=wait) as s:
+        s.sendall(data)
+        if half_close:
+            s.shutdown(socket.SHUT_WR)
+        out = b""
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            try:
+                chunk = s.recv(65536)
+            except (socket.timeout, ConnectionError):
+                break
+            if not chunk:
+                break
+            out += chunk
+            if b"\r\n\r\n" in out and not half_close:
+                head, _, rest = out.partition(b"\r\n\r\n")
+                length = [int(l.split(b":")[1]) for l in head.split(b"\r\n") if l.lower().startswith(b"content-length")]
+                if length and len(rest) >= length[0]:
+                    break
+        return out
+
+
+def test_malformed_json_and_hostile_nesting_are_refused(route):
+    vendor, gw = route
+    port = gw.ports[0]
+    status, _, resp = call(port, "POST", "/api/v4/posts", b'{"channel_id": "c", "message": "unterminated',
+                           {"Content-Type": "application/json"})
+    assert status == 400 and json.loads(resp)["status_code"] == 400
+    deep = b'{"channel_id":"c","message":"x","props":' + b"[" * 5000 + b"]" * 5000 + b"}"
+    status, _, resp = call(port, "POST", "/api/v4/posts", deep, {"Content-Type": "application/json"})
+    assert status == 400 and "nested deeper than 32" in json.loads(resp)["message"]
+    status, _, resp = call(port, "PUT", "/_matrix/client/v3/rooms/!r:x/send/m.room.message/t1", b"not json",
+                           {"Content-Type": "application/json"})
+    assert status == 400 and json.loads(resp)["errcode"] == "M_BAD_JSON"
+    assert vendor.requests == []
+
+
+def test_broken_multipart_and_truncated_upload_are_refused(route):
+    vendor, gw = route
+    port = gw.ports[0]
+    body = multipart([("file", "a.bin", "", CLEAN)])
+    status, _, resp = call(port, "POST", "/api/v1/rooms.upload/R", body[:-30], MP)          # no closing boundary
+    assert status == 400 and "closing boundary" in json.loads(resp)["error"]
+    status, _, resp = call(port, "POST", "/api/v1/rooms.upload/R", body,
+                           {"Content-Type": "multipart/form-data; boundary=not-the-one"})
+    assert status == 400
+    assert vendor.requests == []
+
+
+def test_lying_content_length_and_upload_cut_half_way_forward_nothing(route):
+    """A body shorter than its Content-Length (the client stops half-way and closes its side) is never
+    forwarded; the gateway records an anomaly."""
+    vendor, gw = route
+    since = gw.mark()
+    head = (f"POST /api/v4/files?channel_id=c&filename=x.bin HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            f"Content-Length: {len(CLEAN) * 2}\r\nContent-Type: application/octet-stream\r\n\r\n").encode()
+    raw_exchange(gw.ports[0], head + CLEAN, half_close=True, wait=5)
+    alert = asyncio.run(gw.wait_alert(lambda e: e.get("imguard", {}).get("anomaly", {}).get("kind")
+                                      == "chat_request_incomplete", since))
+    assert alert is not None, "no anomaly for the cut upload"
+    assert vendor.requests == []
+
+
+def test_oversize_bodies_are_refused_with_413(route):
+    """An upload over --chat-max-upload-size is not scanned: policy decides (bundled: block) -> 413; a message
+    body over max_message_size -> 413. Announced by Content-Length and chunked alike."""
+    vendor, gw = route
+    port = gw.ports[0]
+    status, _, _ = call(port, "POST", "/api/v4/files?channel_id=c&filename=edge.bin", b"a" * UPLOAD_LIMIT)
+    assert status == 200 and vendor.bodies("edge.bin") == [b"a" * UPLOAD_LIMIT]       # the edge: scanned, passed
+    vendor.requests.clear()
+    big = b"a" * (UPLOAD_LIMIT + 1)
+    status, _, resp = call(port, "POST", "/api/v4/files?channel_id=c&filename=big.bin", big)
+    assert status == 413 and json.loads(resp)["status_code"] == 413
+
+    def chunks():
+        for i in range(0, len(big), 65536):
+            yield big[i:i + 65536]
+    import http.client
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=15)
+    conn.request("POST", "/api/v1/rooms.upload/R", body=chunks(), headers=MP, encode_chunked=True)
+    assert conn.getresponse().status == 413
+    conn.close()
+    status, _, _ = call(port, "POST", "/api/v4/posts", b'{"message":"' + b"x" * (1024 * 1024) + b'"}',
+                        {"Content-Type": "application/json"})
+    assert status == 413
+    assert vendor.requests == []
