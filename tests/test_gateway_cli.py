@@ -141,3 +141,39 @@ def test_several_rule_folders_are_combined(tmp_path):
     assert combined_rules([a], tmp_path) == a
     combined = combined_rules([a, b], tmp_path / "data")
     assert sorted(p.name for p in combined.iterdir()) == ["00-10-files.yaml", "01-10-files.yaml"]
+
+
+def test_run_help_lists_every_setting_with_its_default(tmp_path):
+    """The admin's reference: gateway, inspection, session, sink, archive, quarantine and metrics settings."""
+    r = imguard("run", "--help", data_dir=tmp_path)
+    assert r.returncode == 0
+    text = r.stdout.decode()
+    for option in ("--mode", "--max-file-size", "--scan-timeout", "--xmpp-max-stanza-size", "--irc-max-line-length",
+                   "--syslog-address", "--webhook-url", "--dedup-window-seconds", "--archive-dsn",
+                   "--quarantine-max-bytes", "--metrics-listen", "--fail-mode", "--dcc-relay"):
+        assert option in text, option
+    assert text.count("(default:") >= 40
+
+
+def test_run_serves_metrics_and_refuses_bad_sink_settings(tmp_path):
+    """--metrics-listen serves Prometheus text on loopback; a bad sink setting is a configuration error."""
+    bad = imguard("run", "--mode", "regular@127.0.0.1:0", "--syslog-address", "ftp://nowhere", data_dir=tmp_path)
+    assert bad.returncode == 2 and b"syslog" in bad.stderr
+
+    port, metrics_port = free_port(), free_port()
+    env = {**os.environ, "IMGUARD_DATA_DIR": str(tmp_path), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "imguard", "run", "--mode", f"regular@127.0.0.1:{port}",
+                             "--metrics-listen", str(metrics_port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    try:
+        _wait_port(port, proc)              # the gateway is up (the metrics endpoint starts before it)
+        import urllib.request
+        body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+        assert "# TYPE" in body and "imguard_" in body
+        proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=30)[0].decode()
+        assert proc.returncode == 0, out
+        assert f"127.0.0.1:{metrics_port}/metrics" in out
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -100,6 +100,7 @@ class GatewayAddon:
         self.dcc_ports = dcc_ports              # imguard.gateway.dcc.DccRelayPorts, or None (offers not rewritten)
         self._dcc_offers: dict[str, Any] = {}   # client id -> DccOffer, from server_connect to next_layer
         self.sessions: dict[str, tuple[Any, Any]] = {}  # client id (= ChatContext.connection_id) -> (session, context)
+        self.metrics = None                             # imguard.metrics.Metrics, set by `imguard run`
         self.stats = {"sessions": 0, "relayed": 0, "refused": 0, "self_connect": 0, "notices": 0}
 
     # --- recording (the Carrier interface of SessionLayer) --------------------------------------------

@@ -38,6 +38,14 @@ SESSION_LIMITS = (("irc", "IRC session and DCC limits (per connection)", "imguar
                    "imguard.gateway.chat_apis:ChatApiSettings"))
 
 
+# Where decisions go: alert sinks, the archive, the quarantine and the metrics endpoint (unprefixed:
+# their names are their own).
+RECORD_SETTINGS = (("event sinks: the local JSON-lines log, syslog, webhook, email", "imguard.sinks.settings:SinkSettings"),
+                   ("conversation archive", "imguard.archive:ArchiveSettings"),
+                   ("quarantine of blocked files", "imguard.quarantine:QuarantineSettings"),
+                   ("Prometheus metrics", "imguard.metrics:MetricsSettings"))
+
+
 def _limits_class(path: str) -> type:
     import importlib
     module, _, name = path.partition(":")
@@ -50,6 +58,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     settings_mod.add_arguments(parser, InspectLimits, "inspection limits (as for `imguard scan`)")
     for prefix, title, path in SESSION_LIMITS:
         settings_mod.add_arguments(parser, _limits_class(path), title, prefix=prefix)
+    for title, path in RECORD_SETTINGS:
+        settings_mod.add_arguments(parser, _limits_class(path), title)
     parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
                         help="imguard's own log level (mitmproxy's log stays at WARNING)")
 
@@ -72,6 +82,9 @@ def limits_from_args(args: argparse.Namespace) -> dict[str, object]:
     limits: dict[str, object] = {"inspect": settings_mod.from_arguments(InspectLimits, args)}
     for prefix, _, path in SESSION_LIMITS:
         limits[prefix] = settings_mod.from_arguments(_limits_class(path), args, prefix=prefix)
+    for _, path in RECORD_SETTINGS:
+        cls = _limits_class(path)
+        limits[cls.__name__] = settings_mod.from_arguments(cls, args)
     return limits
 
 
@@ -151,9 +164,9 @@ async def _serve(gateway, alerts_path: Path) -> int:
         interval = gateway.settings.reload_interval
         print(f"  reload      rules and signatures on SIGHUP"
               f"{f' and when their files change (checked every {interval:g} s)' if interval > 0 else ''}", flush=True)
+        watcher = asyncio.create_task(reloader.watch(interval), name="imguard reload watch")
     if getattr(gateway, "fail_modes", None) is not None:
         print(f"  fail modes  {gateway.fail_modes.describe()}", flush=True)
-        watcher = asyncio.create_task(reloader.watch(gateway.settings.reload_interval), name="imguard reload watch")
     try:
         await gateway.wait()
     finally:
@@ -188,14 +201,35 @@ def run_main(args: argparse.Namespace) -> int:
         print(f"imguard: cannot combine rule folders: {e}", file=sys.stderr)
         return 2
     signatures = Path(s.signatures) if s.signatures else _bundled("signatures")
-    from imguard import runtime
+    from imguard import metrics as metrics_mod, runtime
+    metrics = metrics_mod.Metrics()
     try:
-        pipeline = runtime.build_pipeline(rules, signatures, data_dir, limits=limits["inspect"])
-    except runtime.ConfigError as e:
-        print("imguard: the configuration cannot be used:", file=sys.stderr)
-        for err in e.errors:
-            print(f"  {err}", file=sys.stderr)
+        metrics_server = metrics_mod.serve(metrics, limits["MetricsSettings"].metrics_listen)
+    except (OSError, ValueError) as e:
+        print(f"imguard: metrics_listen: {e}", file=sys.stderr)
         return 2
+    try:
+        pipeline = runtime.build_pipeline(rules, signatures, data_dir, limits=limits["inspect"],
+                                          sink_settings=limits["SinkSettings"],
+                                          archive_settings=limits["ArchiveSettings"],
+                                          quarantine_settings=limits["QuarantineSettings"], metrics=metrics)
+    except (runtime.ConfigError, OSError, ValueError) as e:
+        print("imguard: the configuration cannot be used:", file=sys.stderr)
+        for err in getattr(e, "errors", None) or [str(e)]:
+            print(f"  {err}", file=sys.stderr)
+        if metrics_server is not None:
+            metrics_server.close()
+        return 2
+    try:
+        return _run_gateway(s, limits, pipeline, metrics, metrics_server, data_dir, rules, signatures)
+    finally:
+        # Undelivered events stay queued on disk for the next start; the archive writer finishes its batch.
+        pipeline.close()
+        if metrics_server is not None:
+            metrics_server.close()
+
+
+def _run_gateway(s, limits, pipeline, metrics, metrics_server, data_dir: Path, rules: Path, signatures: Path) -> int:
     from imguard.gateway.master import Gateway, GatewayError
     try:
         gateway = Gateway(s, pipeline, data_dir=data_dir, irc_limits=limits["irc"], xmpp_limits=limits["xmpp"],
@@ -203,6 +237,9 @@ def run_main(args: argparse.Namespace) -> int:
     except GatewayError as e:
         print(f"imguard: {e}", file=sys.stderr)
         return 2
+    gateway.addon.metrics = metrics
+    if metrics_server is not None:
+        print(f"  metrics     http://{metrics_server.address[0]}:{metrics_server.address[1]}/metrics", flush=True)
     from imguard.reload import PolicyReloader
     gateway.reloader = PolicyReloader(pipeline, [Path(r) for r in s.rules] or [rules], signatures, data_dir)
     return asyncio.run(_serve(gateway, data_dir / "alerts.jsonl"))

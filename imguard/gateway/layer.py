@@ -100,6 +100,9 @@ class SessionLayer(layer.Layer):
         self.closed = False
         self.queued_bytes = 0                   # bytes queued by mitmproxy while this layer waits for a scan
         self.raw = False                        # fail mode parse=open: the session failed, bytes relayed as they are
+        metrics = getattr(carrier, "metrics", None)
+        if metrics is not None and not after_starttls:     # one connection, counted once (not again inside TLS)
+            metrics.connection_opened(chat.protocol)
 
     def __repr__(self):
         return f"SessionLayer({type(self.session).__name__}, tls={self.tls})"
