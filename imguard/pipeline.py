@@ -26,18 +26,30 @@ class Pipeline:
     quarantine: "object" = None         # imguard.quarantine.QuarantineStore: keeps blocked files
     archive: "object" = None            # imguard.archive.Archive: the record of messages and transfers
     keep_text: bool = True              # write message text into the record
-    classify_direction: "object" = None  # ctx -> direction, used when a context has none
 
-    def _with_direction(self, ctx: ChatContext) -> ChatContext:
-        if not ctx.direction and self.classify_direction is not None:
-            direction = self.classify_direction(ctx)
+    def __post_init__(self) -> None:
+        self._in_force = (self.policy, self.inspector)
+
+    def swap(self, policy: "object", inspector: "object") -> None:
+        """Put a reloaded configuration in force, in one assignment. A check that has started keeps the pair
+        it read: a file is never inspected with one version's signatures and decided by another's rules."""
+        self._in_force = (policy, inspector)
+        self.policy, self.inspector = policy, inspector       # for readers of the attributes
+
+    @staticmethod
+    def _with_direction(policy: "object", ctx: ChatContext) -> ChatContext:
+        """The context with its direction derived from the policy's zones when the protocol did not say."""
+        if not ctx.direction:
+            classify = getattr(policy, "classify_direction", None)
+            direction = classify(ctx) if classify is not None else ""
             if direction:
                 return ctx.with_(direction=direction)
         return ctx
 
     def check_message(self, text: str, ctx: ChatContext) -> Decision:
-        ctx = self._with_direction(ctx)
-        decision = self.policy.decide_message(text, ctx)
+        policy = self._in_force[0]
+        ctx = self._with_direction(policy, ctx)
+        decision = policy.decide_message(text, ctx)
         kept_text = text if self.keep_text else None
         if self.alert_log is not None:
             self.alert_log.write(alerts.message_event(kept_text, ctx, decision))
@@ -47,14 +59,15 @@ class Pipeline:
 
     def check_file(self, data: "bytes | Path", ctx: ChatContext, name: str = "", claimed_mime: str = "",
                    truncated: bool = False) -> tuple[FileReport, Decision]:
-        ctx = self._with_direction(ctx)
+        policy, inspector = self._in_force
+        ctx = self._with_direction(policy, ctx)
         started = time.perf_counter_ns()
-        report = self.inspector.inspect(data, ctx, name=name, claimed_mime=claimed_mime)
+        report = inspector.inspect(data, ctx, name=name, claimed_mime=claimed_mime)
         inspect_ns = time.perf_counter_ns() - started
         if truncated:
             report.findings.append(Finding(UNSCANNABLE, "the transfer ended before the announced size",
                                            data={"reason": REASON_TRUNCATED}))
-        decision = self.policy.decide_file(report, ctx)
+        decision = policy.decide_file(report, ctx)
         stored = quarantine_error = None
         if decision.blocked and self.quarantine is not None and isinstance(data, (bytes, bytearray, memoryview)):
             # Kept before the alert is written, so the alert can name where the evidence is. A full

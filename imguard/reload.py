@@ -116,11 +116,8 @@ class PolicyReloader:
                 event["imguard"]["policy"]["in_force"] = old_version
                 self._record(event)
                 return False
-            # The swap: each is one attribute assignment; sessions and the inspection pool read them per call.
-            self.pipeline.inspector = inspector
-            self.pipeline.policy = loaded.policy
-            if getattr(self.pipeline, "classify_direction", None) is not None:
-                self.pipeline.classify_direction = getattr(loaded.policy, "classify_direction", None)
+            # One assignment: every check after it uses the new pair; one under way keeps the old pair.
+            self.pipeline.swap(loaded.policy, inspector)
             self.reloads += 1
             self.last_errors = []
             new_version = self.policy_version

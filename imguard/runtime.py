@@ -90,6 +90,5 @@ def build_pipeline(rules_dir: Path = BUNDLED_RULES, signatures_dir: Path = BUNDL
         archive = archive_module.open_archive(data_dir, archive_settings)
         alert_log = build_sinks(sink_settings, data_dir, metrics=metrics)
         quarantine = QuarantineStore(data_dir / "quarantine", quarantine_settings or QuarantineSettings())
-    classify = getattr(loaded.policy, "classify_direction", None)
     return Pipeline(inspector=inspector, policy=loaded.policy, alert_log=alert_log, quarantine=quarantine,
-                    archive=archive, classify_direction=classify)
+                    archive=archive)
