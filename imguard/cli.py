@@ -260,6 +260,13 @@ def build_parser() -> argparse.ArgumentParser:
     replay_cli.add_pcap_arguments(pcap)
     pcap.set_defaults(handler=replay_cli.replay_main)
 
+    from imguard.replay import sniff as sniff_cli
+    sniff = commands.add_parser("sniff", help="watch a SPAN port or tap: alert-only, through the same pipeline",
+                                description="Exit codes: 0 nothing would have been blocked, 1 something would "
+                                            "have, 2 usage error or the interface cannot be captured.")
+    sniff_cli.add_sniff_arguments(sniff)
+    sniff.set_defaults(handler=sniff_cli.sniff_main)
+
     from imguard.inspect import InspectLimits
     scan = commands.add_parser("scan", help="inspect files and folders and show the policy decision",
                                description="Exit codes: 0 nothing blocked, 1 something blocked, 2 usage or "

@@ -11,7 +11,7 @@ log() { printf 'setup: %s\n' "$*" >&2; }
 
 # --- Debian packages -------------------------------------------------------------------------------
 debs=(libmagic1)
-[ "$want" = test ] && debs+=(prosody ngircd openssl iproute2 tshark postgresql sipsak kamailio)
+[ "$want" = test ] && debs+=(prosody ngircd openssl iproute2 tshark tcpdump postgresql sipsak kamailio)
 [ "$want" = test ] && debs+=(nftables iptables)     # tests/test_inline_netns.py: the deploy/ redirect rules
 missing=()
 for p in "${debs[@]}"; do
