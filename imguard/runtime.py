@@ -70,10 +70,12 @@ def load_configuration(rules_dir: Path, signatures_dir: Path, cache_dir: Path | 
 def build_pipeline(rules_dir: Path = BUNDLED_RULES, signatures_dir: Path = BUNDLED_SIGNATURES,
                    data_dir: Path | None = None, limits: object = None, write_alerts: bool = True,
                    quarantine_settings: object = None, sink_settings: object = None,
-                   archive_settings: object = None, metrics: object = None) -> Pipeline:
+                   archive_settings: object = None, metrics: object = None,
+                   plain_flush_seconds: float = 0.0) -> Pipeline:
     """The inspection-and-policy pipeline on the given configuration. With write_alerts, events go to
     data_dir/alerts.jsonl and the remote sinks the sink settings turn on, records to the archive
     (SQLite in data_dir, or PostgreSQL), and blocked files to data_dir/quarantine.
+    plain_flush_seconds lets the local log gather plain events (see AlertLog); alerts are never delayed.
     Raises ConfigError for a broken rules or signatures folder or bad sink settings."""
     from imguard import archive as archive_module
     from imguard.inspect import InspectLimits, Inspector
@@ -88,7 +90,7 @@ def build_pipeline(rules_dir: Path = BUNDLED_RULES, signatures_dir: Path = BUNDL
         if sink_settings is not None and (errors := check_settings(sink_settings)):
             raise ConfigError(errors)
         archive = archive_module.open_archive(data_dir, archive_settings)
-        alert_log = build_sinks(sink_settings, data_dir, metrics=metrics)
+        alert_log = build_sinks(sink_settings, data_dir, metrics=metrics, plain_flush_seconds=plain_flush_seconds)
         quarantine = QuarantineStore(data_dir / "quarantine", quarantine_settings or QuarantineSettings())
     return Pipeline(inspector=inspector, policy=loaded.policy, alert_log=alert_log, quarantine=quarantine,
                     archive=archive)

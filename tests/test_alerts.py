@@ -74,3 +74,31 @@ def test_context_to_dict_has_every_field():
 def test_event_ids_are_unique():
     ids = {alerts.new_event_id() for _ in range(10000)}
     assert len(ids) == 10000
+
+
+def test_plain_events_are_gathered_but_alerts_are_written_at_once(tmp_path):
+    """With plain_flush_seconds (the gateway's setting), allowed-message events are written in batches;
+    an alert is on disk when write() returns, and it takes the gathered events with it, in order."""
+    path = tmp_path / "a.jsonl"
+    log = alerts.AlertLog(path, plain_flush_seconds=30)
+    log.write(alerts.message_event("first", CTX, Decision(action=ALLOW)))
+    log.write(alerts.message_event("second", CTX, Decision(action=ALLOW)))
+    assert path.read_text() == ""
+    log.write(alerts.anomaly_event(CTX, "malformed", "bad"))
+    kinds = [json.loads(line)["event"]["kind"] for line in path.read_text().splitlines()]
+    assert kinds == ["event", "event", "alert"]
+    log.write(alerts.message_event("third", CTX, Decision(action=ALLOW)))
+    log.close()
+    assert json.loads(path.read_text().splitlines()[-1])["imguard"]["message"]["text"] == "third"
+
+
+def test_gathered_plain_events_are_written_within_the_interval(tmp_path):
+    import time
+    path = tmp_path / "a.jsonl"
+    log = alerts.AlertLog(path, plain_flush_seconds=0.1)
+    log.write(alerts.message_event("soon", CTX, Decision(action=ALLOW)))
+    deadline = time.monotonic() + 5
+    while not path.read_text() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert "soon" in path.read_text()
+    log.close()

@@ -61,7 +61,7 @@ def check_settings(settings: SinkSettings) -> list[str]:
 
 
 def build_sinks(settings: SinkSettings | None, data_dir: Path, instance: str = "", metrics: Any = None,
-                alerts_path: Path | None = None) -> EventBus:
+                alerts_path: Path | None = None, plain_flush_seconds: float = 0.0) -> EventBus:
     """The event bus for a gateway: data_dir/alerts.jsonl (rotated by size), plus each remote sink the
     settings turn on, with its queue in data_dir/queue/<sink>/. `instance` (else settings.instance, else
     the host name) names the gateway in observer.name. Raises ValueError on bad settings, QueueBusy when
@@ -72,7 +72,8 @@ def build_sinks(settings: SinkSettings | None, data_dir: Path, instance: str = "
         raise ValueError("; ".join(errors))
     data_dir = Path(data_dir)
     local = AlertLog(alerts_path or data_dir / "alerts.jsonl", instance=instance or settings.instance,
-                     max_bytes=settings.jsonl_max_bytes, backups=settings.jsonl_backups)
+                     max_bytes=settings.jsonl_max_bytes, backups=settings.jsonl_backups,
+                     plain_flush_seconds=plain_flush_seconds)
     try:
         return EventBus(local, make_sinks(settings), queue_dir=data_dir / "queue",
                         queue_max_bytes=settings.queue_max_bytes, dedup_window=settings.dedup_window_seconds,

@@ -133,6 +133,10 @@ def _attrs(attrs: dict[str, str]) -> dict[str, str]:
 _WS = b" \t\r\n"
 
 
+_SHARED_NAMES: dict[str, str] = {}
+_SHARED_NAMES_MAX = 20000
+
+
 class XmlStreamDecoder:
     """Frames one direction of an XMPP stream. See the module docstring."""
 
@@ -183,8 +187,14 @@ class XmlStreamDecoder:
     # -- parsing ----------------------------------------------------------------------------------
 
     def _new_parser(self) -> None:
-        p = expat.ParserCreate(namespace_separator="}")
+        # Element and attribute names are interned in one dict shared by every parser: they are the same
+        # few hundred names on every connection (a dict per parser cost ~15 KB per idle connection). A
+        # client inventing names could grow it, so it is bounded: past the bound it starts again.
+        if len(_SHARED_NAMES) > _SHARED_NAMES_MAX:
+            _SHARED_NAMES.clear()
+        p = expat.ParserCreate(namespace_separator="}", intern=_SHARED_NAMES)
         p.buffer_text = True
+        p.buffer_size = 512              # the text buffer (default 8 KiB): two per connection, most idle
         if hasattr(p, "SetReparseDeferralEnabled"):
             p.SetReparseDeferralEnabled(False)      # report complete tokens now, not after more data
         p.SetParamEntityParsing(expat.XML_PARAM_ENTITY_PARSING_NEVER)
