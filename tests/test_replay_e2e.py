@@ -320,3 +320,18 @@ def test_gap_inside_a_socks5_bytestream(pipeline):
     _, summary = replay(pipeline, rewrite(path, lambda n, s: n != frame + 0.3, split=(frame, 4)))
     socks5 = sorted((t.size, t.truncated, t.action) for t in summary.transfers if t.mechanism == "socks5")
     assert socks5 == [(6800, True, "block"), (13600, False, "block")]
+
+
+@needs_pcaps
+def test_msn_messages_with_the_default_port_map(pipeline):
+    """nDPI's msnms.pcap (MSN Messenger, 2005) with the default port map: every connection to 1863 is MSNP, and
+    its switchboard messages come out with sender, recipient and text, both directions, accents decoded."""
+    _, summary = replay(pipeline, PCAPS / "ndpi/msnms.pcap")
+    assert {c.protocol for c in summary.conversations} == {"msnp"}
+    me, peer = "jujurius@msn.com", "cecile260992@hotmail.com"
+    messages = [(m.sender, m.recipients, m.text) for m in summary.messages]
+    assert len(messages) == 34 and all(m.protocol == "msnp" and m.action == "allow" for m in summary.messages)
+    assert (peer, [me], "je te comprend") in messages
+    assert (me, [peer], "tien jyce est au tel avec damien") in messages
+    assert (peer, [me], "kan on le voyai avec tania, il étai pareil qu'avec toi kan on sortai") in messages
+    assert not summary.anomalies

@@ -20,10 +20,13 @@ How a connection is handled (GatewayAddon.next_layer, called by mitmproxy until 
     socks5 listener that is the bytestream relay  -> SessionLayer(Socks5BytestreamSession), server = streamhost
     a DCC relay port (--dcc-relay)                -> SessionLayer(DccSendSession/DccChatSession), server = the
                                                      offer's real listener; no offer for that port: refused
-    no --dcc-relay, not reverse mode, and the destination is an announced DCC address (before detection)
-                                                  -> SessionLayer(DCC session) on that connection
-    destination port in the port map, or first bytes recognised (detect.detect):
-        chat protocol with a session factory      -> SessionLayer(factory(ConnectionInfo)), or
+    not reverse mode, and the destination is an announced side connection (before detection; the registry's
+    find_side: a DCC offer when there is no --dcc-relay, an MSNFTP invitation, an OSCAR SendFile rendezvous,
+    an SDP MSRP offer)                            -> SessionLayer(dcc/msnftp/oft/msrp session) on that
+                                                     connection (ServerTLS -> ClientTLS first for TCP/TLS/MSRP)
+    destination port in the port map, or first bytes recognised (detect.detect, the registry's signatures):
+        chat protocol with a session factory      -> SessionLayer(factory(ConnectionInfo)) (master.default_factories:
+                                                     registry.build for every protocol), or
                                                      ServerTLS -> ClientTLS -> SessionLayer when TLS comes first
         HTTP                                      -> mitmproxy's HttpLayer (HttpUploads scans uploads)
         TLS to an HTTP port, or in reverse:tcp     -> intercepted; the decrypted first bytes decide again

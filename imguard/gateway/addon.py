@@ -33,6 +33,7 @@ from imguard.gateway import detect as det
 from imguard.gateway.inspection import Inspection
 from imguard.gateway.layer import FileJob, NoticeInjected, NoticeTarget, RefuseLayer, SessionLayer, tls_first_stack
 from imguard.model import ChatContext
+from imguard.protocols import registry
 
 logger = logging.getLogger("imguard.gateway")
 
@@ -46,7 +47,8 @@ class ConnectionInfo:
     detail: str = ""            # how the protocol was recognised
     streamhost: tuple[str, int] | None = None   # bytestream relay: the real streamhost
     hash: str = ""              # bytestream relay: the SOCKS5 destination hash
-    offer: Any = None           # DCC: the DccOffer the connection was announced by (None: unannounced)
+    offer: Any = None           # a side connection (DCC, MSNFTP, OFT, MSRP): the entry that announced it
+                                # (DccOffer, MsnftpOffer, OftOffer, MsrpOffer; None: unannounced)
 
 
 SessionFactory = Callable[[ConnectionInfo], Any]
@@ -290,50 +292,59 @@ class GatewayAddon:
         if context.server.address is None:
             return
         port = int(context.server.address[1])
-        if self.dcc_ports is None and not isinstance(top, modes.ReverseProxy):
-            # Offers are not rewritten: a DCC data connection is recognised by its destination, before any
-            # protocol detection (it carries raw file bytes), as Zeek's dcc-send.zeek does.
-            offer = self._dcc_by_destination(context.server.address)
-            if offer is not None:
-                nextlayer.layer = self._dcc_layer(context, offer)
+        if not isinstance(top, modes.ReverseProxy):
+            # A side connection a chat session announced (DCC when offers are not rewritten, MSNFTP, OFT, MSRP) is
+            # recognised by its destination, before any protocol detection (it carries raw file bytes), as Zeek's
+            # dcc-send.zeek does.
+            found = self._side_by_destination(context.server.address)
+            if found is not None:
+                nextlayer.layer = self._side_layer(context, *found)
                 return
         found = det.detect(port, nextlayer.data_client(), nextlayer.data_server(), self.port_map)
         if found is det.NEED_MORE:
             return
         nextlayer.layer = self._layer_for(context, found)
 
-    def _dcc_by_destination(self, address) -> Any:
-        if self.transfers is None or "dcc" not in self.factories:
+    def _side_by_destination(self, address) -> tuple[registry.SideConnection, Any] | None:
+        """The side connection announced for this destination (registry.find_side), among the ones this gateway
+        has sessions for; DCC only when offers are not rewritten to the relay pool."""
+        if self.transfers is None:
             return None
         port = int(address[1])
         if port in self.port_map or port in self.http_ports:
             return None     # never let an offer claim a chat or web server's port
+        protocols = {p for p in self.factories if p != "dcc" or self.dcc_ports is None}
         try:
-            from imguard.protocols.irc.dcc import find_offer
-            return find_offer(self.transfers, str(address[0]), port)
+            return registry.find_side(self.transfers, str(address[0]), port, protocols)
         except Exception:
-            logger.exception("DCC offer lookup failed")
+            logger.exception("side connection lookup failed")
             return None
 
     def _dcc_layer(self, context, offer) -> mlayer.Layer:
-        chat = self.chat_context(context, "irc").with_(transfer_mechanism="dcc")
-        factory = self.factories.get("dcc")
+        return self._side_layer(context, registry.SIDES["dcc"], offer)
+
+    def _side_layer(self, context, side: registry.SideConnection, offer) -> mlayer.Layer:
+        chat = registry.context_for(side.protocol, self.chat_context(context, side.protocol))
+        factory = self.factories.get(side.protocol)
         if factory is None or offer is None:
-            self.anomaly(chat, "dcc_unannounced" if offer is None else "dcc_unsupported",
-                         "DCC connection closed: " + ("no offer announced it" if offer is None
-                                                      else "no DCC session available"))
+            self.anomaly(chat, f"{side.protocol}_unannounced" if offer is None else f"{side.protocol}_unsupported",
+                         f"{side.protocol.upper()} connection closed: " + (
+                             "no offer announced it" if offer is None else f"no {side.protocol} session available"))
             self.stats["refused"] += 1
             return RefuseLayer(context)
+        tls_first = side.tls_first(offer)
         try:
-            session = factory(ConnectionInfo("dcc", False, chat, "DCC offer", offer=offer))
+            session = factory(ConnectionInfo(side.protocol, tls_first, chat, side.what, offer=offer))
         except Exception as e:
-            logger.exception("cannot start a DCC session")
-            self.anomaly(chat, "session_error", f"cannot start a DCC session: {e!r}")
+            logger.exception("cannot start a %s session", side.protocol)
+            self.anomaly(chat, "session_error", f"cannot start a {side.protocol} session: {e!r}")
             self.stats["refused"] += 1
             return RefuseLayer(context)
         self.stats["sessions"] += 1
-        logger.info("%s -> %s: DCC %s %r for offer %s", chat.client_address, chat.server_address,
-                    getattr(offer, "kind", ""), getattr(offer, "name", ""), getattr(offer, "offer_id", ""))
+        logger.info("%s -> %s: %s for %s %r (%s)", chat.client_address, chat.server_address, side.protocol,
+                    side.what, getattr(offer, "name", ""), getattr(offer, "offer_id", ""))
+        if tls_first:
+            return tls_first_stack(context, session, chat, self)
         return SessionLayer(context, session, chat, self)
 
     def _layer_for(self, context, found: det.Detection) -> mlayer.Layer | None:

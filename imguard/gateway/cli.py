@@ -32,8 +32,15 @@ def _data_dir(value: str | None) -> Path:
 
 # Per-connection session limits on the command line, prefixed because their names overlap
 # (IrcLimits.max_held_bytes, XmppLimits.max_held_bytes): (prefix, title, "module:Class").
+# MsnpLimits and the others name their protocol in every field already (msnp_max_payload): not prefixed again.
 SESSION_LIMITS = (("irc", "IRC session and DCC limits (per connection)", "imguard.protocols.irc.decoder:IrcLimits"),
                   ("xmpp", "XMPP session limits (per connection)", "imguard.protocols.xmpp.decoder:XmppLimits"),
+                  ("msnp", "MSNP (MSN Messenger) limits (per connection)", "imguard.protocols.msnp.decoder:MsnpLimits"),
+                  ("oscar", "OSCAR (AIM/ICQ) limits (per connection)", "imguard.protocols.oscar.decoder:OscarLimits"),
+                  ("ymsg", "YMSG (Yahoo! Messenger) limits (per connection)",
+                   "imguard.protocols.ymsg.decoder:YmsgLimits"),
+                  ("sip", "SIP limits (per connection)", "imguard.protocols.sip.message:SipLimits"),
+                  ("msrp", "MSRP limits (per connection)", "imguard.protocols.msrp.framing:MsrpLimits"),
                   ("chat", "Chat APIs over HTTP(S): Matrix, Slack, Mattermost, Rocket.Chat, Discord",
                    "imguard.gateway.chat_apis:ChatApiSettings"))
 
@@ -52,12 +59,19 @@ def _limits_class(path: str) -> type:
     return getattr(importlib.import_module(module), name)
 
 
+def _option_prefix(key: str, cls: type) -> str:
+    """`key`, unless every field of `cls` already starts with it (MsnpLimits.msnp_max_payload: --msnp-max-payload)."""
+    import dataclasses
+    return "" if all(f.name.startswith(key + "_") for f in dataclasses.fields(cls)) else key
+
+
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     settings_mod.add_arguments(parser, GatewaySettings)
     from imguard.inspect import InspectLimits
     settings_mod.add_arguments(parser, InspectLimits, "inspection limits (as for `imguard scan`)")
-    for prefix, title, path in SESSION_LIMITS:
-        settings_mod.add_arguments(parser, _limits_class(path), title, prefix=prefix)
+    for key, title, path in SESSION_LIMITS:
+        cls = _limits_class(path)
+        settings_mod.add_arguments(parser, cls, title, prefix=_option_prefix(key, cls))
     for title, path in RECORD_SETTINGS:
         settings_mod.add_arguments(parser, _limits_class(path), title)
     parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
@@ -77,11 +91,13 @@ def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
 
 
 def limits_from_args(args: argparse.Namespace) -> dict[str, object]:
-    """{"inspect": InspectLimits, "irc": IrcLimits, "xmpp": XmppLimits} from the parsed options."""
+    """{"inspect": InspectLimits, "irc": IrcLimits, "xmpp": XmppLimits, "msnp": MsnpLimits, ...} from the parsed
+    options (one entry per SESSION_LIMITS key)."""
     from imguard.inspect import InspectLimits
     limits: dict[str, object] = {"inspect": settings_mod.from_arguments(InspectLimits, args)}
-    for prefix, _, path in SESSION_LIMITS:
-        limits[prefix] = settings_mod.from_arguments(_limits_class(path), args, prefix=prefix)
+    for key, _, path in SESSION_LIMITS:
+        cls = _limits_class(path)
+        limits[key] = settings_mod.from_arguments(cls, args, prefix=_option_prefix(key, cls))
     for _, path in RECORD_SETTINGS:
         cls = _limits_class(path)
         limits[cls.__name__] = settings_mod.from_arguments(cls, args)
@@ -212,7 +228,8 @@ def run_main(args: argparse.Namespace) -> int:
         pipeline = runtime.build_pipeline(rules, signatures, data_dir, limits=limits["inspect"],
                                           sink_settings=limits["SinkSettings"],
                                           archive_settings=limits["ArchiveSettings"],
-                                          quarantine_settings=limits["QuarantineSettings"], metrics=metrics)
+                                          quarantine_settings=limits["QuarantineSettings"], metrics=metrics,
+                                          plain_flush_seconds=0.2)
     except (runtime.ConfigError, OSError, ValueError) as e:
         print("imguard: the configuration cannot be used:", file=sys.stderr)
         for err in getattr(e, "errors", None) or [str(e)]:
@@ -233,7 +250,8 @@ def _run_gateway(s, limits, pipeline, metrics, metrics_server, data_dir: Path, r
     from imguard.gateway.master import Gateway, GatewayError
     try:
         gateway = Gateway(s, pipeline, data_dir=data_dir, irc_limits=limits["irc"], xmpp_limits=limits["xmpp"],
-                          chat_settings=limits["chat"])
+                          chat_settings=limits["chat"],
+                          session_limits=[limits[key] for key, _, _ in SESSION_LIMITS if key != "chat"])
     except GatewayError as e:
         print(f"imguard: {e}", file=sys.stderr)
         return 2

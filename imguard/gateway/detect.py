@@ -4,8 +4,9 @@
 
 The gateway calls this each time bytes arrive before a layer is chosen. A port in the map decides
 the protocol; the first bytes confirm it and say whether TLS starts at once. A port not in the map
-is recognised by its first bytes alone. What is neither known nor recognised is UNKNOWN: relayed
-untouched.
+is recognised by its first bytes alone (the client's, or the server's for a protocol whose server speaks
+first); the signatures are the protocol registry's (imguard.protocols.registry). What is neither known nor
+recognised is UNKNOWN: relayed untouched.
 """
 
 from __future__ import annotations
@@ -13,9 +14,16 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from imguard.protocols import registry
+
 # Protocol names the detector returns.
 XMPP = "xmpp"
 IRC = "irc"
+MSNP = "msnp"
+OSCAR = "oscar"
+YMSG = "ymsg"
+SIP = "sip"
+MSRP = "msrp"
 HTTP = "http"
 SOCKS5 = "socks5"
 TLS = "tls"             # a TLS ClientHello on a port that is not a chat port: decided by the caller
@@ -26,7 +34,7 @@ MAX_SNIFF = 4096        # bytes looked at before giving up and calling the conne
 
 @dataclass(frozen=True)
 class Detection:
-    protocol: str               # XMPP, IRC, HTTP, SOCKS5, TLS or UNKNOWN
+    protocol: str               # a chat protocol of the registry (XMPP, IRC, MSNP, ...), HTTP, SOCKS5, TLS or UNKNOWN
     tls_first: bool = False     # the client opened with a TLS ClientHello
     reason: str = ""            # how it was decided, for logs: "port 5222", "first bytes", ...
 
@@ -52,8 +60,10 @@ def starts_like_tls(data: bytes) -> bool:
     return len(data) >= 3 and data[0] == 0x16 and data[1] == 0x03 and data[2] <= 0x04
 
 
-_XMPP_OPENERS = (b"<?xml", b"<stream:stream", b"<stream ")
-_IRC_OPENERS = (b"NICK ", b"USER ", b"CAP LS", b"CAP REQ", b"PASS ")
+# (protocol, first bytes, compared upper-cased), in registry order; checked before HTTP, so "OPTIONS sip:" is SIP.
+_CLIENT_OPENERS = tuple((p.name, p.client_openers, p.case_insensitive)
+                        for p in registry.PROTOCOLS.values() if p.client_openers)
+_SERVER_HELLOS = tuple((p.name, p.server_hello) for p in registry.PROTOCOLS.values() if p.server_hello)
 _HTTP_REQUEST = re.compile(rb"^(GET|PUT|POST|HEAD|DELETE|OPTIONS|PATCH|CONNECT) \S+ HTTP/1\.[01]\r?\n")
 _HTTP_METHODS = (b"GET ", b"PUT ", b"POST ", b"HEAD ", b"DELETE ", b"OPTIONS ", b"PATCH ", b"CONNECT ")
 
@@ -72,17 +82,25 @@ def sniff(data: bytes) -> str | None:
         return TLS
     if head[:1] == b"\x05" and len(head) >= 2 and 1 <= head[1] <= 8 and len(head) == 2 + head[1]:
         return SOCKS5                                  # VER=5, NMETHODS, METHODS: a SOCKS5 greeting
-    if any(head.startswith(o) for o in _XMPP_OPENERS):
-        return XMPP
-    if any(head.upper().startswith(o) for o in _IRC_OPENERS):
-        return IRC
+    for protocol, openers, upper in _CLIENT_OPENERS:
+        if any((head.upper() if upper else head).startswith(o) for o in openers):
+            return protocol
     if any(head.startswith(m) for m in _HTTP_METHODS):
         if _HTTP_REQUEST.match(head):
             return HTTP
         return NEED_MORE if b"\n" not in head and len(head) < MAX_SNIFF else UNKNOWN
-    if len(head) < 16 and (_could_become(head, _XMPP_OPENERS) or _could_become(head.upper(), _IRC_OPENERS)
+    if len(head) < 16 and (any(_could_become(head.upper() if upper else head, openers)
+                               for _, openers, upper in _CLIENT_OPENERS)
                            or _could_become(head, _HTTP_METHODS) or head in (b"\x16", b"\x16\x03", b"\x05")):
         return NEED_MORE
+    return UNKNOWN
+
+
+def sniff_server(data: bytes) -> str | None:
+    """The protocol a server that speaks first announces (OSCAR's FLAP hello), UNKNOWN, or NEED_MORE."""
+    for protocol, hello in _SERVER_HELLOS:
+        if all(want is None or got == want for got, want in zip(data, hello)):
+            return protocol if len(data) >= len(hello) else NEED_MORE
     return UNKNOWN
 
 
@@ -92,7 +110,8 @@ def detect(port: int | None, client_bytes: bytes, server_bytes: bytes,
 
     A mapped port decides as soon as the first bytes arrive: a ClientHello means TLS first (whatever
     the map says), plaintext means the mapped protocol. A server that speaks first (an IRC greeting)
-    on a mapped port is enough too. An unmapped port needs the client's first bytes to say what they are.
+    on a mapped port is enough too. An unmapped port needs the client's first bytes to say what they are,
+    or, for a protocol whose server speaks first (OSCAR), the server's.
     """
     mapped = port_map.get(port) if port is not None else None
     if mapped is not None:
@@ -113,8 +132,15 @@ def detect(port: int | None, client_bytes: bytes, server_bytes: bytes,
         return NEED_MORE
 
     if not client_bytes:
-        # Server speaks first on an unknown port: nothing we know speaks like that without a port entry.
-        return Detection(UNKNOWN, reason="server spoke first on an unknown port") if server_bytes else NEED_MORE
+        # Server speaks first on an unknown port: recognised by its hello (OSCAR), else nothing we know.
+        if not server_bytes:
+            return NEED_MORE
+        found = sniff_server(server_bytes)
+        if found is NEED_MORE:
+            return NEED_MORE
+        if found:
+            return Detection(found, reason="server's first bytes")
+        return Detection(UNKNOWN, reason="server spoke first on an unknown port")
     found = sniff(client_bytes)
     if found is NEED_MORE:
         if server_bytes or len(client_bytes) >= MAX_SNIFF:

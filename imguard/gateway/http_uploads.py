@@ -1,6 +1,7 @@
 """HTTP(S) uploads held until inspection and policy decide (XEP-0363 PUT, later other chat APIs).
 
-requestheaders: a PUT/POST whose URL a chat session announced (ExpectedTransfers.take_upload) or that
+requestheaders: a PUT/POST whose URL a chat session announced (ExpectedTransfers.take_upload, else a Yahoo
+                file transfer's relay token or URL: ymsg.find_ymsg_transfer) or that
                 matches a configured upload path is buffered whole (never streamed), up to
                 max_upload_size. A larger one is not scanned: policy decides on an UNSCANNABLE
                 ("too_large") report, and unless policy explicitly allows that, the client gets 413.
@@ -23,6 +24,7 @@ from mitmproxy import http
 
 from imguard.gateway.inspection import Inspection
 from imguard.model import ALERT, ALLOW, REASON_TOO_LARGE, ChatContext
+from imguard.protocols.ymsg import find_ymsg_transfer
 
 logger = logging.getLogger("imguard.gateway")
 
@@ -85,10 +87,16 @@ class HttpUploads:
         if self.transfers is None:
             return None
         try:
-            return self.transfers.take_upload(url)
+            expected = self.transfers.take_upload(url)
         except Exception:
             logger.exception("ExpectedTransfers.take_upload failed")
             return None
+        if expected is None and callable(getattr(self.transfers, "get", None)):
+            try:
+                expected = find_ymsg_transfer(self.transfers, url=url)     # a Yahoo relay or peer-to-peer POST
+            except Exception:
+                logger.exception("find_ymsg_transfer failed")
+        return expected
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         req = flow.request

@@ -23,7 +23,7 @@ import contextlib
 import logging
 import weakref
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from mitmproxy import options
 from mitmproxy.addons import core, next_layer, proxyserver, tlsconfig
@@ -31,6 +31,7 @@ from mitmproxy.master import Master
 from mitmproxy.proxy import mode_specs
 from mitmproxy.utils import asyncio_utils
 
+from imguard.files.expected import ExpectedTransfers
 from imguard.gateway import ca
 from imguard.gateway.addon import ConnectionInfo, GatewayAddon, LateTlsAddon, SessionFactory
 from imguard.gateway.dcc import DccRelayPorts, parse_port_range
@@ -40,6 +41,7 @@ from imguard.gateway.http_uploads import HttpUploads
 from imguard.gateway.chat_apis import ChatApis
 from imguard.gateway.inspection import Inspection
 from imguard.gateway.settings import GatewaySettings
+from imguard.protocols import registry
 
 logger = logging.getLogger("imguard.gateway")
 
@@ -65,65 +67,35 @@ def parse_hostport(value: str) -> tuple[str, int] | None:
     return host.strip("[]"), int(port)
 
 
-def default_factories(pipeline, transfers, relay: tuple[str, int] | None, dcc_relay: Any = None,
-                      irc_limits: Any = None, xmpp_limits: Any = None) -> dict[str, SessionFactory]:
-    """The chat sessions imguard ships: protocol name -> factory(ConnectionInfo) -> StreamSession.
-    A protocol whose module is missing is relayed untouched (logged once). `dcc_relay` is the IRC sessions'
-    DccRelay (None: offers not rewritten); the limits are the sessions' (None: their defaults)."""
-    factories: dict[str, SessionFactory] = {}
-    try:
-        from imguard.protocols.xmpp import XmppSession
-    except ImportError as e:
-        logger.warning("XMPP sessions unavailable (%s): XMPP is relayed uninspected", e)
-    else:
-        xmpp_extra = {"limits": xmpp_limits} if xmpp_limits is not None else {}
+def default_factories(pipeline, transfers, relay: tuple[str, int] | None = None, dcc_relay: Any = None,
+                      irc_limits: Any = None, xmpp_limits: Any = None,
+                      limits: Iterable[Any] = ()) -> dict[str, SessionFactory]:
+    """The sessions of every protocol in the registry (imguard.protocols.registry): protocol name ->
+    factory(ConnectionInfo) -> StreamSession, each a registry.build with the gateway's state. `relay` is the
+    XMPP bytestream relay, `dcc_relay` the IRC sessions' DccRelay (None: offers not rewritten); `limits` are
+    limits instances (IrcLimits, MsnpLimits, ...; irc_limits/xmpp_limits the same, by name), any class not
+    given keeps its defaults."""
+    by_class = {type(l): l for l in (*limits, irc_limits, xmpp_limits) if l is not None}
 
-        def xmpp(info: ConnectionInfo):
-            return XmppSession(checker=pipeline, transfers=transfers, context=info.context,
-                               tls_on_connect=info.tls_on_connect, bytestream_relay=relay, **xmpp_extra)
-        factories["xmpp"] = xmpp
-    try:
-        from imguard.protocols.irc import IrcLimits, IrcSession, dcc_session
-    except ImportError as e:
-        logger.warning("IRC sessions unavailable (%s): IRC is relayed uninspected", e)
-    else:
-        limits = irc_limits if irc_limits is not None else IrcLimits()
-
-        def irc(info: ConnectionInfo):
-            # With dcc_relay, offers are rewritten to the gateway's relay ports; without, DCC connections are
-            # caught by their destination in transparent mode only (GatewayAddon.next_layer).
-            return IrcSession(checker=pipeline, transfers=transfers, context=info.context, limits=limits,
-                              tls_on_connect=info.tls_on_connect, dcc_relay=dcc_relay)
-
-        def dcc(info: ConnectionInfo):
-            return dcc_session(pipeline, transfers, info.context, info.offer, limits)
-        factories["irc"] = irc
-        factories["dcc"] = dcc
-    try:
-        from imguard.protocols.socks5_bytestream import Socks5BytestreamSession
-    except ImportError as e:
-        logger.info("SOCKS5 bytestream sessions unavailable (%s)", e)
-    else:
-        def bytestream(info: ConnectionInfo):
-            return Socks5BytestreamSession(checker=pipeline, transfers=transfers, context=info.context,
-                                           stream_hash=info.hash, streamhost=info.streamhost)
-        factories["bytestream"] = bytestream
-    return factories
+    def factory(protocol: str) -> SessionFactory:
+        def build(info: ConnectionInfo):
+            return registry.build(registry.SessionRequest(
+                protocol, info.context, tls_on_connect=info.tls_on_connect, checker=pipeline, transfers=transfers,
+                limits=by_class, expected=info.offer, bytestream_relay=relay, dcc_relay=dcc_relay,
+                stream_hash=info.hash, streamhost=info.streamhost))
+        return build
+    return {name: factory(name) for name in registry.PROTOCOLS}
 
 
 def default_transfers():
-    try:
-        from imguard.files.expected import ExpectedTransfers
-    except ImportError as e:
-        logger.warning("ExpectedTransfers unavailable (%s): uploads are scanned by upload_paths only", e)
-        return None
     return ExpectedTransfers()
 
 
 class Gateway:
     def __init__(self, settings: GatewaySettings, pipeline, *, data_dir: Path,
                  factories: dict[str, SessionFactory] | None = None, transfers: Any = "default",
-                 irc_limits: Any = None, xmpp_limits: Any = None, chat_settings: Any = None):
+                 irc_limits: Any = None, xmpp_limits: Any = None, chat_settings: Any = None,
+                 session_limits: Iterable[Any] = ()):
         self.settings = settings
         self.pipeline = pipeline
         self.data_dir = Path(data_dir)
@@ -158,7 +130,7 @@ class Gateway:
                                      fail_modes=self.fail_modes, timeout=settings.inspect_timeout)
         if factories is None:
             factories = default_factories(pipeline, self.transfers, self.relay, dcc_relay=dcc_relay,
-                                          irc_limits=irc_limits, xmpp_limits=xmpp_limits)
+                                          irc_limits=irc_limits, xmpp_limits=xmpp_limits, limits=session_limits)
         self.addon = GatewayAddon(pipeline=pipeline, inspection=self.inspection, factories=factories,
                                   port_map=port_map, http_ports=http_ports, transfers=self.transfers,
                                   bytestream_relay=self.relay, max_queued_bytes=settings.max_queued_bytes,

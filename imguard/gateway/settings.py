@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from imguard.protocols import registry
 from imguard.settings import MiB, setting
 
 
@@ -29,11 +30,11 @@ class GatewaySettings:
         "", "Folder for ca/ (the interception CA), alerts.jsonl, cache/ and quarantine/ "
         "('' = $IMGUARD_DATA_DIR, else $XDG_DATA_HOME/imguard, else ~/.local/share/imguard)")
     ports: list = setting(
-        ["5222=xmpp", "5223=xmpp+tls", "6667=irc", "6697=irc+tls"],
+        registry.default_ports(),
         "Destination port to protocol, PORT=PROTO; '+tls' means TLS from the first byte (XMPP direct TLS, "
-        "IRC over TLS). --ports adds to the defaults port by port; PORT=none relays that port untouched. "
-        "Unknown ports are recognised by their first bytes. 5269 (XMPP server-to-server) is left out: it is "
-        "relayed untouched")
+        "IRC over TLS, SIP over TLS). --ports adds to the defaults port by port; PORT=none relays that port "
+        "untouched. Unknown ports are recognised by their first bytes. 5269 (XMPP server-to-server) is left out: "
+        "it is relayed untouched")
     http_ports: list = setting(
         [80, 443, 5280, 5281, 8080, 8443],
         "Destination ports whose TLS is intercepted as HTTPS so uploads (XEP-0363 PUT, chat APIs) can be "

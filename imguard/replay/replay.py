@@ -6,8 +6,9 @@
 
 For every reassembled connection the replay picks the protocol with the gateway's own detector
 (imguard.gateway.detect: port map, then first bytes); a connection announced by a control channel
-(an IRC DCC offer, registered in the ExpectedTransfers table under (address, port)) gets the
-session for that data connection. It then carries out the session's commands the way the gateway
+(an IRC DCC offer, an MSNFTP invitation, an OSCAR SendFile rendezvous, an SDP MSRP offer: registered in
+the ExpectedTransfers table under (address, port), looked up with imguard.protocols.registry.find_side)
+gets the session for that data connection. Sessions are built by the same registry as the gateway's. It then carries out the session's commands the way the gateway
 does, only synchronously and without sockets:
 
     Send         counted as bytes that would have crossed (and kept, with keep_forwarded)
@@ -35,18 +36,21 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from imguard.gateway import detect as det
 from imguard.model import ChatContext, Decision, FileReport
+from imguard.protocols import registry
 from imguard.protocols.base import Close, InspectFile, Record, Send, StartTls
+from imguard.protocols.registry import SessionRequest
 from imguard.replay.pcapfile import Capture
 from imguard.replay.reassembly import (Connection, Reassembler, ReassemblySettings, StreamClosed, StreamData,
                                        StreamGap, StreamOpened)
 from imguard.settings import setting
 
-# The gateway's default port map plus ports the sample captures use for IRC (8000: freenode's alternate).
-DEFAULT_PORTS = ["5222=xmpp", "5223=xmpp+tls", "6667=irc", "6697=irc+tls", "8000=irc"]
+# The gateway's default port map (the registry's) plus ports the sample captures use for IRC (8000: freenode's
+# alternate).
+DEFAULT_PORTS = registry.default_ports() + ["8000=irc"]
 
 
 @dataclass(frozen=True)
@@ -186,51 +190,13 @@ class ReplaySummary:
 
 # --- sessions ---------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class SessionRequest:
-    """What a session factory gets: the protocol, the chat context and the replay's shared state."""
-    protocol: str
-    context: ChatContext
-    tls_on_connect: bool
-    checker: Any                    # has check_message(text, ctx) (the pipeline, observed by the replay)
-    transfers: Any                  # the ExpectedTransfers table
-    clock: Callable[[], float]
-    expected: Any = None            # the ExpectedTransfers entry of an announced data connection
-
-
-SessionFactory = Callable[[SessionRequest], Any]
+SessionFactory = Callable[[SessionRequest], Any]     # SessionRequest: imguard.protocols.registry's, shared
 
 
 def default_factories() -> dict[str, SessionFactory]:
-    """The sessions that exist in this tree, by protocol (a missing module leaves its protocol undecoded).
-    Built with the same arguments as the gateway's (imguard.gateway.master.default_factories), minus the
-    relays: a capture is observed, not rewritten."""
-    factories: dict[str, SessionFactory] = {}
-    try:
-        from imguard.protocols.xmpp import XmppSession
-    except ImportError:
-        pass
-    else:
-        factories["xmpp"] = lambda r: XmppSession(checker=r.checker, transfers=r.transfers, context=r.context,
-                                                  tls_on_connect=r.tls_on_connect, clock=r.clock)
-    try:
-        from imguard.protocols.irc import DccSendSession, IrcSession
-    except ImportError:
-        pass
-    else:
-        factories["irc"] = lambda r: IrcSession(checker=r.checker, transfers=r.transfers, context=r.context,
-                                                tls_on_connect=r.tls_on_connect)
-        factories["dcc"] = lambda r: DccSendSession(checker=r.checker, transfers=r.transfers, context=r.context,
-                                                    offer=r.expected)
-    try:
-        from imguard.protocols.socks5_bytestream import Socks5BytestreamSession
-    except ImportError:
-        pass
-    else:
-        # The session speaks SOCKS5 with the client and asks for the streamhost (ConnectUpstream); offline the
-        # capture's server *is* the streamhost, so the replay answers "connected" at once.
-        factories["bytestream"] = lambda r: Socks5BytestreamSession(transfers=r.transfers, context=r.context,
-                                                                    checker=r.checker)
+    """Every protocol of the registry (built as the gateway builds them, minus the relays: a capture is observed,
+    not rewritten), plus the replay's own HTTP upload session (the gateway uses mitmproxy's HTTP layer)."""
+    factories: dict[str, SessionFactory] = {name: registry.build for name in registry.PROTOCOLS}
     from imguard.replay.http import HttpUploadSession
     factories["http"] = lambda r: HttpUploadSession(transfers=r.transfers, context=r.context)
     return factories
@@ -249,15 +215,6 @@ def socks5_connect_target(data: bytes) -> str | None:
     if len(req) < 5 + req[4]:
         return None
     return req[5:5 + req[4]].decode("ascii", "replace").lower()
-
-
-def _lookup_dcc(transfers: Any, host: str, port: int) -> Any:
-    """The DCC offer announced for (host, port), taken from the table (a DCC address is used once)."""
-    try:
-        from imguard.protocols.irc import find_offer
-    except ImportError:
-        return None
-    return find_offer(transfers, host, port, take=True)
 
 
 # --- the replay -------------------------------------------------------------------------------------
@@ -331,11 +288,15 @@ class Replay:
     # --- driving ------------------------------------------------------------------------------------
 
     def run(self, capture: Capture) -> ReplaySummary:
+        return self.run_segments(capture, capture.tcp_segments())
+
+    def run_segments(self, capture: Capture, segments: Iterable[Any]) -> ReplaySummary:
+        """Replay TCP segments decoded by `capture` (from its file, or live from `imguard sniff`)."""
         self.summary = ReplaySummary(capture.name)
         self._flows, self._by_name = {}, {}
         reassembler = Reassembler(self.reassembly, service_ports=self.port_map.keys())
         handle = self.handle
-        for event in reassembler.run(capture.tcp_segments()):
+        for event in reassembler.run(segments):
             handle(event)
         self.summary.stats = capture.stats.to_dict()
         for w in capture.warnings:
@@ -371,13 +332,17 @@ class Replay:
         self._by_name[conn.name] = flow
         flow.context = ChatContext(client_address=conn.client_address, server_address=conn.server_address,
                                    connection_id=conn.name)
-        # A data connection a control channel announced (IRC DCC: the offer named this address and port).
-        expected = _lookup_dcc(self.transfers, conn.server[0], conn.server[1])
-        if expected is not None:
-            flow.expected = expected
-            kind = getattr(expected, "kind", "send")
-            protocol = "dcc" if kind == "send" else f"dcc-{kind}"    # DCC CHAT: no session decodes it yet
-            self._decide(flow, det.Detection(protocol, reason=f"DCC {kind.upper()} offer"))
+        # A data connection a control channel announced (an IRC DCC offer, an MSNFTP invitation, an OFT
+        # rendezvous, an SDP MSRP offer named this address and port).
+        found = registry.find_side(self.transfers, conn.server[0], conn.server[1])
+        if found is not None:
+            side, flow.expected = found
+            protocol, reason = side.protocol, side.what
+            if side.protocol == "dcc":
+                kind = getattr(flow.expected, "kind", "send")
+                protocol = "dcc" if kind == "send" else f"dcc-{kind}"    # DCC CHAT: not decoded offline yet
+                reason = f"DCC {kind.upper()} offer"
+            self._decide(flow, det.Detection(protocol, tls_first=side.tls_first(flow.expected), reason=reason))
 
     def _data(self, flow: _Flow, from_client: bool, data: bytes) -> None:
         s = flow.summary
@@ -442,11 +407,9 @@ class Replay:
             # Nothing decodes this protocol: the gateway relays it untouched, so everything crosses.
             flow.session = _Relay()
         else:
-            protocol, mechanism = {"dcc": ("irc", "dcc"), "bytestream": ("xmpp", "socks5")}.get(
-                found.protocol, (found.protocol, ""))
-            context = flow.context.with_(protocol=protocol, transfer_mechanism=mechanism)
+            context = registry.context_for(found.protocol, flow.context)
             request = SessionRequest(found.protocol, context, found.tls_first, _ObservingChecker(self, flow),
-                                     self.transfers, self.clock, flow.expected)
+                                     self.transfers, self.clock, expected=flow.expected)
             try:
                 flow.session = factory(request)
             except Exception as e:      # a session that cannot start must not stop the replay
