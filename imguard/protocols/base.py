@@ -63,6 +63,57 @@ class Close:
 Command = Send | StartTls | InspectFile | Record | Close
 
 
+class OutgoingCommands:
+    """The commands a session returns, being collected: consecutive Sends in one direction become one
+    Send (one write on the wire instead of one per line or stanza), other commands keep their place.
+    `merge=False` keeps every Send apart (datagram protocols: one Send is one datagram)."""
+
+    def __init__(self, merge: bool = True):
+        self.merge = merge
+        self._cmds: list[Command] = []
+        self._parts: list[bytes] = []
+        self._to_client: bool | None = None
+
+    def send(self, to_client: bool, data: bytes) -> None:
+        if not data:
+            return
+        if not self.merge:
+            self._cmds.append(Send(to_client=to_client, data=data))
+            return
+        if self._to_client is not None and self._to_client != to_client:
+            self._flush()
+        self._to_client = to_client
+        self._parts.append(data)
+
+    def add(self, *cmds: Command | None) -> None:
+        for c in cmds:
+            if c is None:
+                continue
+            if isinstance(c, Send):
+                self.send(c.to_client, c.data)
+            else:
+                self._flush()
+                self._cmds.append(c)
+
+    def _flush(self) -> None:
+        if self._parts:
+            self._cmds.append(Send(to_client=bool(self._to_client), data=b"".join(self._parts)))
+        self._parts = []
+        self._to_client = None
+
+    @property
+    def cmds(self) -> list[Command]:
+        self._flush()
+        return self._cmds
+
+
+def block_words(decision: Decision) -> tuple[str, str]:
+    """("blocked" or "quarantined", why) for a notice: the titles (or ids) of the rules that decided."""
+    words = {"block": "blocked", "quarantine": "quarantined"}
+    why = "; ".join(m.title or m.rule_id for m in decision.matches) or "policy"
+    return words.get(decision.action, "blocked"), why
+
+
 # --- what a session is ------------------------------------------------------------------------------
 
 class StreamSession(Protocol):

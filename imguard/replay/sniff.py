@@ -23,7 +23,7 @@ from typing import BinaryIO, Iterator
 
 from imguard import settings
 from imguard.replay.pcapfile import PCAP_MAGICS, Capture, CaptureLimits, Frame
-from imguard.replay.reassembly import Reassembler, ReassemblySettings
+from imguard.replay.reassembly import ReassemblySettings
 from imguard.replay.replay import Replay, ReplaySettings
 
 EXIT_OK, EXIT_ALERTS, EXIT_USAGE = 0, 1, 2

@@ -52,7 +52,7 @@ from typing import Any, Callable
 
 from imguard import alerts
 from imguard.model import MASK, ChatContext, Decision, FileReport
-from imguard.protocols.base import Close, Command, Record, Send, StartTls
+from imguard.protocols.base import Close, Command, OutgoingCommands, Record, Send, StartTls
 from imguard.protocols.irc.dcc import CHAT, DCC_KIND, SEND, DccOffer, new_offer_id, remember_offer
 from imguard.protocols.irc.decoder import (BadLine, Ctcp, DccError, DccResume, DccSend, IrcLimits,
                                            LineDecoder, LineTooLong, Message, encode_text, format_ctcp,
@@ -102,42 +102,6 @@ def _escape_tag(value: str) -> str:
 
 
 
-class _Out:
-    """Commands being collected; consecutive Sends in one direction become one Send."""
-
-    def __init__(self):
-        self._cmds: list[Command] = []
-        self._parts: list[bytes] = []
-        self._to_client: bool | None = None
-
-    def send(self, to_client: bool, data: bytes) -> None:
-        if not data:
-            return
-        if self._to_client is not None and self._to_client != to_client:
-            self._flush()
-        self._to_client = to_client
-        self._parts.append(data)
-
-    def add(self, *cmds: Command | None) -> None:
-        for c in cmds:
-            if c is None:
-                continue
-            if isinstance(c, Send):
-                self.send(c.to_client, c.data)
-            else:
-                self._flush()
-                self._cmds.append(c)
-
-    def _flush(self) -> None:
-        if self._parts:
-            self._cmds.append(Send(to_client=bool(self._to_client), data=b"".join(self._parts)))
-        self._parts = []
-        self._to_client = None
-
-    @property
-    def cmds(self) -> list[Command]:
-        self._flush()
-        return self._cmds
 
 
 class IrcSession:
@@ -202,7 +166,7 @@ class IrcSession:
     def data_received(self, from_client: bool, data: bytes) -> list[Command]:
         if self.closed:
             return []
-        out = _Out()
+        out = OutgoingCommands()
         if self._starting_tls:
             # Bytes after STARTTLS/670 and before the TLS handshake: plaintext injection; never forwarded.
             out.add(self._anomaly("starttls_injection", "plaintext after STARTTLS was agreed; dropped",
@@ -281,7 +245,7 @@ class IrcSession:
         ctx = ctx or self._ctx()
         return Record(alerts.protocol_event("irc", action, ctx, category, **data))
 
-    def _bad_line(self, out: _Out, from_client: bool, ev: BadLine) -> None:
+    def _bad_line(self, out: OutgoingCommands, from_client: bool, ev: BadLine) -> None:
         if ev.kind in EMPTY_KINDS:
             out.send(not from_client, ev.raw)
             return
@@ -291,7 +255,7 @@ class IrcSession:
 
     # --- client -> server ---------------------------------------------------------------------------
 
-    def _client_message(self, out: _Out, msg: Message) -> None:
+    def _client_message(self, out: OutgoingCommands, msg: Message) -> None:
         if msg.overlong:
             out.add(self._anomaly("overlong_line", f"a {len(msg.raw)}-byte line (body over "
                                   f"{self.limits.max_body_length})", from_client=True, command=msg.command))
@@ -319,7 +283,7 @@ class IrcSession:
             return
         out.send(False, msg.raw)
 
-    def _client_tags(self, out: _Out, msg: Message) -> Message | None:
+    def _client_tags(self, out: OutgoingCommands, msg: Message) -> Message | None:
         """Client-only tag values go to other people: checked as text. Blocked: the line is dropped; masked:
         the line goes without its client-only tags."""
         values = [v for k, v in msg.tags.items() if k.startswith("+") and v and k not in BENIGN_CLIENT_TAGS]
@@ -370,7 +334,7 @@ class IrcSession:
         t = target.lstrip(self.statusmsg)
         return bool(t) and t[0] in self.chantypes
 
-    def _client_text(self, out: _Out, msg: Message) -> None:
+    def _client_text(self, out: OutgoingCommands, msg: Message) -> None:
         cmd = msg.command
         target_index, text_index, droppable = TEXT_COMMANDS[cmd]
         if len(msg.params) > text_index + 1:
@@ -445,7 +409,7 @@ class IrcSession:
 
     # --- server -> client ---------------------------------------------------------------------------
 
-    def _server_message(self, out: _Out, msg: Message) -> None:
+    def _server_message(self, out: OutgoingCommands, msg: Message) -> None:
         cmd = msg.command
         if cmd == "001" and msg.params:
             self._welcome(out, msg)
@@ -515,7 +479,7 @@ class IrcSession:
                     return
         out.send(True, msg.raw)
 
-    def _welcome(self, out: _Out, msg: Message) -> None:
+    def _welcome(self, out: OutgoingCommands, msg: Message) -> None:
         self.nick = msg.params[0]
         if not self.identity:
             self.identity = self.nick
@@ -550,11 +514,11 @@ class IrcSession:
                 return offer
         return None
 
-    def _refuse(self, out: _Out, from_client: bool, text: str) -> None:
+    def _refuse(self, out: OutgoingCommands, from_client: bool, text: str) -> None:
         if from_client:
             out.add(Send(True, self._notice_line(text)))
 
-    def _dcc(self, out: _Out, from_client: bool, args: str, peer: str, msg: Message) -> str | None:
+    def _dcc(self, out: OutgoingCommands, from_client: bool, args: str, peer: str, msg: Message) -> str | None:
         """Handle one CTCP DCC request seen in either direction. Returns the (possibly rewritten) args to
         forward, or None to drop the whole line."""
         try:
@@ -630,7 +594,7 @@ class IrcSession:
             return self._ctx(recipients=(peer.split("!", 1)[0],), transfer_mechanism="dcc")
         return self.context.with_(sender=peer, recipients=(self.sender,), transfer_mechanism="dcc")
 
-    def _dcc_resume(self, out: _Out, from_client: bool, req: DccResume) -> str | None:
+    def _dcc_resume(self, out: OutgoingCommands, from_client: bool, req: DccResume) -> str | None:
         offer = self._find_local(req.name, req.port, req.token)
         if offer is None:
             return format_dcc_resume(req.verb, req.name, req.port, req.position, req.token)

@@ -38,9 +38,9 @@ from typing import Any
 
 from imguard import alerts
 from imguard.model import ChatContext, Decision, FileReport
-from imguard.protocols.base import Close, Command, InspectFile, Record, Send
+from imguard.protocols.base import Close, Command, InspectFile, Record, Send, block_words
 from imguard.protocols.msnp.decoder import MsnpLimits
-from imguard.protocols.msnp.session import MSNFTP_KIND, MsnftpOffer, block_words
+from imguard.protocols.msnp.session import MSNFTP_KIND, MsnftpOffer
 
 CANCEL_BLOCK = b"\x01\x00\x00"
 BYE_OK = b"BYE 16777989\r\n"

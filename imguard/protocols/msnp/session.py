@@ -75,7 +75,7 @@ from typing import Any
 
 from imguard import alerts
 from imguard.model import MASK, ChatContext, Decision, FileReport
-from imguard.protocols.base import Close, Command as Cmd, InspectFile, Record, Send
+from imguard.protocols.base import Close, Command as Cmd, InspectFile, OutgoingCommands, Record, Send, block_words
 from imguard.protocols.msnp.decoder import (FT_GUID, P2P_FLAG_ACK, P2P_FLAG_DATA, Command, CommandDecoder,
                                             FramingError, Mime, MsnpLimits, P2PError, P2PHeader, SlpMessage, build_p2p,
                                             decode_body, format_command, parse_file_context, parse_invitation,
@@ -130,49 +130,8 @@ class _P2PTransfer:
     state: str = "receiving"        # receiving, inspecting, released, dropped
 
 
-class Out:
-    """Commands being collected; consecutive Sends in one direction become one Send."""
-
-    def __init__(self):
-        self._cmds: list[Cmd] = []
-        self._parts: list[bytes] = []
-        self._to_client: bool | None = None
-
-    def send(self, to_client: bool, data: bytes) -> None:
-        if not data:
-            return
-        if self._to_client is not None and self._to_client != to_client:
-            self._flush()
-        self._to_client = to_client
-        self._parts.append(data)
-
-    def add(self, *cmds: Cmd | None) -> None:
-        for c in cmds:
-            if c is None:
-                continue
-            if isinstance(c, Send):
-                self.send(c.to_client, c.data)
-            else:
-                self._flush()
-                self._cmds.append(c)
-
-    def _flush(self) -> None:
-        if self._parts:
-            self._cmds.append(Send(to_client=bool(self._to_client), data=b"".join(self._parts)))
-        self._parts = []
-        self._to_client = None
-
-    @property
-    def cmds(self) -> list[Cmd]:
-        self._flush()
-        return self._cmds
 
 
-def block_words(decision: Decision) -> tuple[str, str]:
-    """("blocked"|"quarantined", why) for notices."""
-    words = {"block": "blocked", "quarantine": "quarantined"}
-    why = "; ".join(m.title or m.rule_id for m in decision.matches) or "policy"
-    return words.get(decision.action, "blocked"), why
 
 
 class MsnpSession:
@@ -214,7 +173,7 @@ class MsnpSession:
     def data_received(self, from_client: bool, data: bytes) -> list[Cmd]:
         if self.closed:
             return []
-        out = Out()
+        out = OutgoingCommands()
         for ev in self._decoders[from_client].feed(data):
             if isinstance(ev, FramingError):
                 self.closed = True
@@ -234,7 +193,7 @@ class MsnpSession:
         t = next((t for t in self._p2p.values() if t.transfer_id == transfer_id), None)
         if t is None or t.state != "inspecting" or self.closed:
             return []
-        out = Out()
+        out = OutgoingCommands()
         held, t.held, t.data = t.held, [], bytearray()
         if decision.blocked:
             t.state = "dropped"
@@ -252,7 +211,7 @@ class MsnpSession:
         return out.cmds
 
     def connection_closed(self, from_client: bool) -> list[Cmd]:
-        out = Out()
+        out = OutgoingCommands()
         pending = self._decoders[from_client].pending
         if pending and not self.closed:
             out.add(self._anomaly("truncated_command", "the connection closed in the middle of a command (a "
@@ -321,7 +280,7 @@ class MsnpSession:
 
     # --- client -> server ---------------------------------------------------------------------------
 
-    def _client_command(self, out: Out, cmd: Command) -> None:
+    def _client_command(self, out: OutgoingCommands, cmd: Command) -> None:
         v, a = cmd.verb, cmd.args
         if v == "USR" and len(a) >= 3:
             if "@" in a[1]:                       # SB: USR trid passport cookie
@@ -343,7 +302,7 @@ class MsnpSession:
 
     # --- server -> client ---------------------------------------------------------------------------
 
-    def _server_command(self, out: Out, cmd: Command) -> None:
+    def _server_command(self, out: OutgoingCommands, cmd: Command) -> None:
         v, a = cmd.verb, cmd.args
         if v == "USR" and len(a) >= 3 and a[1] == "OK":
             self.passport = a[2]
@@ -373,7 +332,7 @@ class MsnpSession:
 
     # --- MSG ----------------------------------------------------------------------------------------
 
-    def _message(self, out: Out, from_client: bool, cmd: Command) -> None:
+    def _message(self, out: OutgoingCommands, from_client: bool, cmd: Command) -> None:
         mime = parse_mime(cmd.payload or b"")
         ctype = mime.content_type
         if cmd.verb == "UUM":               # MSNP14+ message to a Yahoo! contact through the NS
@@ -403,7 +362,7 @@ class MsnpSession:
         else:
             out.send(not from_client, cmd.raw)
 
-    def _text(self, out: Out, from_client: bool, cmd: Command, mime: Mime, sender: str,
+    def _text(self, out: OutgoingCommands, from_client: bool, cmd: Command, mime: Mime, sender: str,
               recipients: tuple[str, ...]) -> None:
         text, encoding = decode_body(mime.body, mime.charset)
         if not text.strip():
@@ -441,7 +400,7 @@ class MsnpSession:
 
     # --- MSNFTP invitations ------------------------------------------------------------------------
 
-    def _invitation(self, out: Out, from_client: bool, cmd: Command, mime: Mime, sender: str,
+    def _invitation(self, out: OutgoingCommands, from_client: bool, cmd: Command, mime: Mime, sender: str,
                     recipients: tuple[str, ...]) -> None:
         inv = parse_invitation(mime.body)
         if inv.command == "INVITE":
@@ -483,7 +442,7 @@ class MsnpSession:
             self._invites.pop(inv.cookie, None)
         out.send(not from_client, cmd.raw)
 
-    def _refuse(self, out: Out, from_client: bool, name: str, size: int, sender: str, receiver: str,
+    def _refuse(self, out: OutgoingCommands, from_client: bool, name: str, size: int, sender: str, receiver: str,
                 mechanism: str) -> None:
         ctx = self._ctx(sender=sender, recipients=(receiver,), transfer_mechanism=mechanism)
         out.add(self._event("msnp_file_refused", category="file", ctx=ctx, reason="too_large", name=name, size=size))
@@ -494,7 +453,7 @@ class MsnpSession:
 
     # --- MSNSLP / P2P -------------------------------------------------------------------------------
 
-    def _p2p_message(self, out: Out, from_client: bool, cmd: Command, mime: Mime, sender: str,
+    def _p2p_message(self, out: OutgoingCommands, from_client: bool, cmd: Command, mime: Mime, sender: str,
                      recipients: tuple[str, ...]) -> None:
         try:
             msg = parse_p2p(mime.body)
@@ -547,7 +506,7 @@ class MsnpSession:
             ctx = self._ctx(sender=t.sender, recipients=(t.receiver,), transfer_mechanism="msnslp")
             out.add(InspectFile(transfer_id=t.transfer_id, data=bytes(t.data), context=ctx, name=t.name))
 
-    def _signalling(self, out: Out, from_client: bool, msg, sender: str, recipients: tuple[str, ...]) -> bool:
+    def _signalling(self, out: OutgoingCommands, from_client: bool, msg, sender: str, recipients: tuple[str, ...]) -> bool:
         """An MSNSLP chunk on session 0. Returns False when the message must be dropped."""
         h = msg.header
         key = (from_client, h.identifier)

@@ -55,13 +55,13 @@ from typing import Any
 
 from imguard import alerts
 from imguard.model import MASK, ChatContext, Decision, FileReport
-from imguard.protocols.base import Close, Command, InspectFile, Record
+from imguard.protocols.base import Close, Command, InspectFile, OutgoingCommands, Record
 from imguard.protocols.msrp.framing import (ABORTED, COMPLETE, ByteRange, MsrpChunk, MsrpDecoder, MsrpFramingError,
                                             MsrpLimits, build_report, build_response, build_send, parse_byte_range,
                                             with_body)
 from imguard.protocols.msrp.offer import MSRP_KIND, MsrpOffer, path_key
 from imguard.protocols.sip.message import parse_cpim, parse_content_type
-from imguard.protocols.sip.text import UNCHECKED_TYPES, Out, masked_body, message_text
+from imguard.protocols.sip.text import UNCHECKED_TYPES, masked_body, message_text
 
 _ids = itertools.count(1)
 BODYLESS_METHODS = ("REPORT", "AUTH", "NICKNAME")     # RFC 4975, RFC 4976 (relays), RFC 7701: forwarded as they are
@@ -141,7 +141,7 @@ class MsrpSession:
     def data_received(self, from_client: bool, data: bytes) -> list[Command]:
         if self.closed:
             return []
-        out = Out()
+        out = OutgoingCommands()
         for chunk in self._decoders[from_client].feed(data):
             if isinstance(chunk, MsrpFramingError):
                 self.closed = True
@@ -179,7 +179,7 @@ class MsrpSession:
         msg = self._inspecting.pop(transfer_id, None)
         if msg is None or self.closed:
             return []
-        out = Out()
+        out = OutgoingCommands()
         self._free(msg)
         ctx = self._ctx(msg, file=True)
         if decision.blocked:
@@ -201,7 +201,7 @@ class MsrpSession:
         if self.closed:
             return []
         self.side_closed[from_client] = True
-        out = Out()
+        out = OutgoingCommands()
         pending = self._decoders[from_client].pending
         if pending:
             out.add(self._anomaly("msrp_incomplete_chunk", "the connection closed before the chunk's end line; "
@@ -223,13 +223,13 @@ class MsrpSession:
 
     # --- SEND ---------------------------------------------------------------------------------------
 
-    def _reject(self, out: Out, from_client: bool, chunk: MsrpChunk, kind: str, detail: str, status: int = 400,
+    def _reject(self, out: OutgoingCommands, from_client: bool, chunk: MsrpChunk, kind: str, detail: str, status: int = 400,
                 **data: Any) -> None:
         out.add(self._anomaly(kind, detail, from_client=from_client, tid=chunk.tid, **data))
         if chunk.failure_report != "no" and chunk.from_path and chunk.to_path:
             out.send(from_client, build_response(chunk, status))
 
-    def _send(self, out: Out, from_client: bool, chunk: MsrpChunk) -> None:
+    def _send(self, out: OutgoingCommands, from_client: bool, chunk: MsrpChunk) -> None:
         if not chunk.to_path or not chunk.from_path or not chunk.message_id:
             self._reject(out, from_client, chunk, "msrp_bad_request", "a SEND without To-Path, From-Path or "
                          "Message-ID was dropped")
@@ -314,7 +314,7 @@ class MsrpSession:
         else:
             self._answer(out, piece)
 
-    def _answer(self, out: Out, piece: _Piece) -> None:
+    def _answer(self, out: OutgoingCommands, piece: _Piece) -> None:
         """Our own 200 OK for a held chunk (if its Failure-Report asks for one)."""
         if not piece.answered:
             piece.answered = True
@@ -344,7 +344,7 @@ class MsrpSession:
         ctype = parse_content_type(msg.content_type)[0]
         return ctype in ("text/plain", "text/html") or (ctype == "message/cpim" and self._kind(msg)[0] == "text")
 
-    def _complete(self, out: Out, msg: _Message, last: _Piece) -> None:
+    def _complete(self, out: OutgoingCommands, msg: _Message, last: _Piece) -> None:
         kind, ctype, params, content = self._kind(msg)
         if kind == "pass":
             self._free(msg)
@@ -370,14 +370,14 @@ class MsrpSession:
         else:
             self._release(out, msg)
 
-    def _release(self, out: Out, msg: _Message) -> None:
+    def _release(self, out: OutgoingCommands, msg: _Message) -> None:
         """The held chunks to the receiver, in byte order, byte for byte."""
         for piece in msg.ordered():
             if piece.answered:
                 self._swallow_tid(not msg.from_client, piece.chunk.tid)
             out.send(not msg.from_client, piece.chunk.raw)
 
-    def _inspect(self, out: Out, msg: _Message, truncated: bool) -> None:
+    def _inspect(self, out: OutgoingCommands, msg: _Message, truncated: bool) -> None:
         covered, gap = msg.coverage()
         if (msg.total is not None and covered < msg.total) or gap or msg.final_end is None:
             truncated = True
@@ -391,7 +391,7 @@ class MsrpSession:
         out.add(InspectFile(transfer_id=msg.transfer_id, data=data, context=self._ctx(msg, file=True), name=name,
                             claimed_mime=claimed, truncated=truncated))
 
-    def _tell_sender(self, out: Out, msg: _Message, status: int, text: str, answer_open: bool) -> None:
+    def _tell_sender(self, out: OutgoingCommands, msg: _Message, status: int, text: str, answer_open: bool) -> None:
         """A refused message: the failure to its sender (a response on a chunk not yet answered, else a
         REPORT), then a notice as an MSRP SEND from the receiver's side."""
         first = msg.first
@@ -407,7 +407,7 @@ class MsrpSession:
         self._swallow_tid(msg.from_client, tid)
         out.send(msg.from_client, notice)
 
-    def _refuse_too_large(self, out: Out, msg: _Message, chunk: MsrpChunk) -> None:
+    def _refuse_too_large(self, out: OutgoingCommands, msg: _Message, chunk: MsrpChunk) -> None:
         msg.refused = True
         self._free(msg)
         msg.pieces.clear()

@@ -39,10 +39,10 @@ from typing import Any
 
 from imguard import alerts
 from imguard.model import ChatContext, Decision, FileReport
-from imguard.protocols.base import Close, Command, InspectFile, Record, Send
+from imguard.protocols.base import Close, Command, InspectFile, Record, Send, block_words
 from imguard.protocols.oscar.decoder import (OFT_ACK, OFT_DONE, OFT_PROMPT, OFT_RESUME, OFT_RESUME_ACK,
                                              PROXY_VERSION, OftHeader, OscarError, OscarLimits, parse_oft)
-from imguard.protocols.oscar.session import OftOffer, block_words, find_oft_offer
+from imguard.protocols.oscar.session import OftOffer, find_oft_offer
 
 MAX_OFT_HEADER = 8192
 

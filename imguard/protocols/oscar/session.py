@@ -64,7 +64,7 @@ from typing import Any
 
 from imguard import alerts
 from imguard.model import MASK, ChatContext, Decision, FileReport
-from imguard.protocols.base import Close, Command, Record, Send
+from imguard.protocols.base import Close, Command, OutgoingCommands, Record, block_words
 from imguard.protocols.oscar.decoder import (CAP_DIRECTIM, CAP_GETFILE, CAP_SENDFILE, CH_SIGNOFF, CH_SIGNON,
                                              CH_SNAC, CHARSET_ASCII, ICBM, ICBM_INCOMING, ICBM_SEND, KNOWN_FAMILIES,
                                              RV_CANCEL, RV_PROPOSE, Flap, FlapDecoder, FramingError, Icbm, OscarError,
@@ -125,48 +125,8 @@ def find_oft_offer(transfers, cookie: bytes | str | None = None, host: str = "",
     return None
 
 
-class Out:
-    """Commands being collected; consecutive Sends in one direction become one Send."""
-
-    def __init__(self):
-        self._cmds: list[Command] = []
-        self._parts: list[bytes] = []
-        self._to_client: bool | None = None
-
-    def send(self, to_client: bool, data: bytes) -> None:
-        if not data:
-            return
-        if self._to_client is not None and self._to_client != to_client:
-            self._flush()
-        self._to_client = to_client
-        self._parts.append(data)
-
-    def add(self, *cmds: Command | None) -> None:
-        for c in cmds:
-            if c is None:
-                continue
-            if isinstance(c, Send):
-                self.send(c.to_client, c.data)
-            else:
-                self._flush()
-                self._cmds.append(c)
-
-    def _flush(self) -> None:
-        if self._parts:
-            self._cmds.append(Send(to_client=bool(self._to_client), data=b"".join(self._parts)))
-        self._parts = []
-        self._to_client = None
-
-    @property
-    def cmds(self) -> list[Command]:
-        self._flush()
-        return self._cmds
 
 
-def block_words(decision: Decision) -> tuple[str, str]:
-    words = {"block": "blocked", "quarantine": "quarantined"}
-    why = "; ".join(m.title or m.rule_id for m in decision.matches) or "policy"
-    return words.get(decision.action, "blocked"), why
 
 
 class OscarSession:
@@ -198,7 +158,7 @@ class OscarSession:
     def data_received(self, from_client: bool, data: bytes) -> list[Command]:
         if self.closed:
             return []
-        out = Out()
+        out = OutgoingCommands()
         for ev in self._decoders[from_client].feed(data):
             if isinstance(ev, FramingError):
                 self.closed = True
@@ -233,13 +193,13 @@ class OscarSession:
         """A notice from the gateway to this connection's user: an incoming ICBM from "imguard"."""
         if self.closed:
             return []
-        out = Out()
+        out = OutgoingCommands()
         self._inject_notice(out, text)
         return out.cmds
 
     # --- frames -------------------------------------------------------------------------------------
 
-    def _forward(self, out: Out, from_client: bool, flap: Flap, data: bytes | None = None) -> None:
+    def _forward(self, out: OutgoingCommands, from_client: bool, flap: Flap, data: bytes | None = None) -> None:
         seq = (flap.seq + self._shift[from_client]) & 0xFFFF
         if data is None and seq == flap.seq:
             raw = flap.raw
@@ -251,7 +211,7 @@ class OscarSession:
     def _drop(self, from_client: bool) -> None:
         self._shift[from_client] -= 1
 
-    def _mask_fits(self, out: Out, from_client: bool, text: str) -> bool:
+    def _mask_fits(self, out: OutgoingCommands, from_client: bool, text: str) -> bool:
         """A masked text must fit a frame the peer accepts; if not, the message is dropped (fail closed)."""
         if len(text) * 2 + 512 <= self.limits.oscar_max_frame_size:
             return True
@@ -262,7 +222,7 @@ class OscarSession:
         self._drop(from_client)
         return False
 
-    def _inject_notice(self, out: Out, text: str) -> None:
+    def _inject_notice(self, out: OutgoingCommands, text: str) -> None:
         text = (_CONTROL.sub(" ", text).strip() or GATEWAY_NAME)[:1000]     # ICBMs carry ~2500 characters
         cookie = b"imgd" + struct.pack(">I", next(self._notice_ids))
         name = GATEWAY_NAME.encode()
@@ -289,7 +249,7 @@ class OscarSession:
         ctx = ctx or self._ctx()
         return Record(alerts.protocol_event("oscar", action, ctx, category, **data))
 
-    def _frame(self, out: Out, from_client: bool, flap: Flap) -> None:
+    def _frame(self, out: OutgoingCommands, from_client: bool, flap: Flap) -> None:
         if flap.channel == CH_SIGNON and len(flap.data) >= 4:
             tlvs, _ = parse_tlvs(flap.data[4:])
             self._signon(out, from_client, tlvs)
@@ -320,7 +280,7 @@ class OscarSession:
                     out.add(self._event("oscar_signon", screen_name=name))
         self._forward(out, from_client, flap)
 
-    def _signon(self, out: Out, from_client: bool, tlvs: list[tuple[int, bytes]]) -> None:
+    def _signon(self, out: OutgoingCommands, from_client: bool, tlvs: list[tuple[int, bytes]]) -> None:
         if not from_client:
             return
         name = tlv(tlvs, 0x0001)
@@ -334,7 +294,7 @@ class OscarSession:
                 self.confirmed = True
                 out.add(self._event("oscar_signon", screen_name=known, by="bos_cookie"))
 
-    def _login_reply(self, out: Out, tlvs: list[tuple[int, bytes]]) -> None:
+    def _login_reply(self, out: OutgoingCommands, tlvs: list[tuple[int, bytes]]) -> None:
         name, cookie, bos = tlv(tlvs, 0x0001), tlv(tlvs, 0x0006), tlv(tlvs, 0x0005)
         if not name or not cookie:
             return                          # an error reply (TLV 0x0008) or a sign-off
@@ -348,7 +308,7 @@ class OscarSession:
 
     # --- ICBM ---------------------------------------------------------------------------------------
 
-    def _icbm(self, out: Out, from_client: bool, flap: Flap, snac: Snac) -> None:
+    def _icbm(self, out: OutgoingCommands, from_client: bool, flap: Flap, snac: Snac) -> None:
         try:
             icbm = parse_icbm(snac.data, incoming=not from_client)
         except OscarError as e:
@@ -376,7 +336,7 @@ class OscarSession:
         tlvs = [(k, value if k == t else v) for k, v in icbm.tlvs]
         return snac.header() + icbm.prefix + build_tlvs(tlvs)
 
-    def _decide(self, out: Out, from_client: bool, text: str, sender: str,
+    def _decide(self, out: OutgoingCommands, from_client: bool, text: str, sender: str,
                 recipients: tuple[str, ...]) -> Decision | None:
         """Policy for one message; a blocked one is answered here (None returned: drop it)."""
         if not text.strip():
@@ -394,7 +354,7 @@ class OscarSession:
             return None
         return decision
 
-    def _channel1(self, out: Out, from_client: bool, flap: Flap, snac: Snac, icbm: Icbm, sender: str,
+    def _channel1(self, out: OutgoingCommands, from_client: bool, flap: Flap, snac: Snac, icbm: Icbm, sender: str,
                   recipients: tuple[str, ...]) -> None:
         value = tlv(icbm.tlvs, 0x0002)
         if value is None:
@@ -438,7 +398,7 @@ class OscarSession:
             return
         self._forward(out, from_client, flap)
 
-    def _channel4(self, out: Out, from_client: bool, flap: Flap, snac: Snac, icbm: Icbm, sender: str,
+    def _channel4(self, out: OutgoingCommands, from_client: bool, flap: Flap, snac: Snac, icbm: Icbm, sender: str,
                   recipients: tuple[str, ...]) -> None:
         value = tlv(icbm.tlvs, 0x0005)
         if value is None or len(value) < 8:
@@ -464,7 +424,7 @@ class OscarSession:
 
     # --- rendezvous ---------------------------------------------------------------------------------
 
-    def _channel2(self, out: Out, from_client: bool, flap: Flap, icbm: Icbm, sender: str,
+    def _channel2(self, out: OutgoingCommands, from_client: bool, flap: Flap, icbm: Icbm, sender: str,
                   recipients: tuple[str, ...]) -> None:
         value = tlv(icbm.tlvs, 0x0005)
         if value is None:

@@ -55,13 +55,13 @@ from typing import Any
 
 from imguard import alerts
 from imguard.model import BLOCK, MASK, ChatContext, Decision, FileReport
-from imguard.protocols.base import Close, Command, InspectFile, Record, Send
+from imguard.protocols.base import Close, Command, InspectFile, OutgoingCommands, Record, Send
 from imguard.protocols.msrp.offer import MsrpOffer, new_offer_id, remember_msrp_offer
 from imguard.protocols.sip.message import (KeepAlive, SipFramingError, SipLimits, SipMessage, SipStreamDecoder,
                                            build_response, decode_text, parse_cpim, parse_datagram, quote, uri_of,
                                            with_body, with_header)
 from imguard.protocols.sip.sdp import SdpError, msrp_media
-from imguard.protocols.sip.text import UNCHECKED_TYPES, Out, masked_body, message_text
+from imguard.protocols.sip.text import UNCHECKED_TYPES, masked_body, message_text
 
 GATEWAY_URI = "sip:imguard@imguard.invalid"
 NOTICE_BRANCH = "z9hG4bK-imguard-"              # Via branch prefix of the gateway's own requests
@@ -112,7 +112,7 @@ class SipSession:
     def data_received(self, from_client: bool, data: bytes) -> list[Command]:
         if self.closed:
             return []
-        out = Out()
+        out = OutgoingCommands()
         for item in self._decoders[from_client].feed(data):
             if isinstance(item, SipFramingError):
                 self.closed = True
@@ -133,7 +133,7 @@ class SipSession:
         if held is None or self.closed:
             return []
         from_client, msg, ctx = held
-        out = Out(merge=not self.datagram)
+        out = OutgoingCommands(merge=not self.datagram)
         if decision.blocked:
             self._refuse(out, from_client, msg, decision, "file")
         else:
@@ -176,7 +176,7 @@ class SipSession:
 
     # --- messages -----------------------------------------------------------------------------------
 
-    def _handle(self, out: Out, from_client: bool, msg: SipMessage) -> None:
+    def _handle(self, out: OutgoingCommands, from_client: bool, msg: SipMessage) -> None:
         if msg.is_request:
             if from_client:
                 self._learn_user(msg)
@@ -215,7 +215,7 @@ class SipSession:
         recipients = tuple(r for r in dict.fromkeys([to, ruri]) if r)
         return self.context.with_(sender=self._identity(msg), recipients=recipients, **changes)
 
-    def _message(self, out: Out, from_client: bool, msg: SipMessage) -> None:
+    def _message(self, out: OutgoingCommands, from_client: bool, msg: SipMessage) -> None:
         ctx = self._message_ctx(msg)
         subject = msg.get("subject").strip()
         if subject:
@@ -264,14 +264,14 @@ class SipSession:
         else:
             out.send(not from_client, msg.raw)
 
-    def _hold_file(self, out: Out, from_client: bool, msg: SipMessage, ctx: ChatContext, data: bytes,
+    def _hold_file(self, out: OutgoingCommands, from_client: bool, msg: SipMessage, ctx: ChatContext, data: bytes,
                    claimed: str) -> None:
         transfer_id = f"{self.context.connection_id or 'sip'}-msg-{next(_ids)}"
         ctx = ctx.with_(transfer_mechanism="sip-message")
         self._held[transfer_id] = (from_client, msg, ctx)
         out.add(InspectFile(transfer_id=transfer_id, data=data, context=ctx, claimed_mime=claimed))
 
-    def _refuse(self, out: Out, from_client: bool, msg: SipMessage, decision: Decision, what: str) -> None:
+    def _refuse(self, out: OutgoingCommands, from_client: bool, msg: SipMessage, decision: Decision, what: str) -> None:
         text = decision.notice or self._default_notice(decision, what, msg)
         response = build_response(msg, BLOCK_STATUS, to_tag=secrets.token_hex(4),
                                   extra_headers=[("Warning", f"399 imguard {quote(text)}"), ("Server", "imguard")],
@@ -287,7 +287,7 @@ class SipSession:
 
     # --- MSRP offers --------------------------------------------------------------------------------
 
-    def _sdp(self, out: Out, from_client: bool, msg: SipMessage):
+    def _sdp(self, out: OutgoingCommands, from_client: bool, msg: SipMessage):
         ctype, _ = msg.content_type
         if ctype != "application/sdp":
             return None
@@ -297,7 +297,7 @@ class SipSession:
             out.add(self._anomaly(e.kind, e.detail, from_client=from_client, call_id=msg.call_id))
             return None
 
-    def _invite(self, out: Out, from_client: bool, msg: SipMessage) -> None:
+    def _invite(self, out: OutgoingCommands, from_client: bool, msg: SipMessage) -> None:
         media = self._sdp(out, from_client, msg)
         if not media:
             return
@@ -322,7 +322,7 @@ class SipSession:
         while len(self._pending) > self.limits.sip_max_pending_invites:
             self._pending.popitem(last=False)
 
-    def _answer(self, out: Out, from_client: bool, msg: SipMessage) -> None:
+    def _answer(self, out: OutgoingCommands, from_client: bool, msg: SipMessage) -> None:
         offers = self._pending.get(msg.call_id)
         if not offers:
             return
@@ -364,7 +364,7 @@ class SipDatagramHandler:
 
     def datagram_received(self, from_client: bool, data: bytes) -> list[Command]:
         s = self.session
-        out = Out(merge=False)
+        out = OutgoingCommands(merge=False)
         if data.strip(b"\r\n") == b"":
             out.send(not from_client, data)         # keep-alive
             return out.cmds

@@ -737,7 +737,7 @@ class XmppSession:
 
     def _notice_message(self, to: str, notice: str) -> Send:
         """A plain chat message from the server's domain, for notices that answer no stanza (files)."""
-        return self._inject(True, (f"<message type='chat'" + (f" from={attr(self.domain)}" if self.domain else "")
+        return self._inject(True, ("<message type='chat'" + (f" from={attr(self.domain)}" if self.domain else "")
                                    + (f" to={attr(to)}" if to else "")
                                    + f"><body>{text(notice)}</body></message>").encode("utf-8"))
 
