@@ -53,7 +53,6 @@ CHAT = "chat"
 _ids = itertools.count(1)
 
 
-
 def new_offer_id(prefix: str = "") -> str:
     return f"{prefix or 'dcc'}-{next(_ids)}"
 

@@ -101,9 +101,6 @@ def _escape_tag(value: str) -> str:
             .replace("\r", "\\r").replace("\n", "\\n"))
 
 
-
-
-
 class IrcSession:
     """One IRC client connection (StreamSession). See the module docstring."""
 

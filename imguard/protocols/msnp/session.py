@@ -87,7 +87,6 @@ _ids = itertools.count(1)
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]+")
 
 
-
 @dataclass(frozen=True)
 class MsnftpOffer:
     """An accepted MSNFTP invitation: what the expected direct connection will carry and for whom."""
@@ -128,10 +127,6 @@ class _P2PTransfer:
     data: bytearray = field(default_factory=bytearray)
     held: list[bytes] = field(default_factory=list)
     state: str = "receiving"        # receiving, inspecting, released, dropped
-
-
-
-
 
 
 class MsnpSession:

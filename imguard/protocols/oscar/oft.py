@@ -47,7 +47,6 @@ from imguard.protocols.oscar.session import OftOffer, find_oft_offer
 MAX_OFT_HEADER = 8192
 
 
-
 class OftSession:
     """One OFT connection (StreamSession). See the module docstring."""
 

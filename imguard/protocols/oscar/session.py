@@ -80,7 +80,6 @@ _ids = itertools.count(1)
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]+")
 
 
-
 @dataclass(frozen=True)
 class OftOffer:
     """A SendFile rendezvous: what the expected OFT connection will carry and for whom."""
@@ -123,10 +122,6 @@ def find_oft_offer(transfers, cookie: bytes | str | None = None, host: str = "",
     if host and port:
         return transfers.get((host, int(port)), kind=OFT_KIND)
     return None
-
-
-
-
 
 
 class OscarSession:

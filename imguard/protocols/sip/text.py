@@ -8,8 +8,6 @@ from imguard.protocols.sip.message import decode_text, html_to_text, parse_cpim
 UNCHECKED_TYPES = ("application/im-iscomposing+xml", "message/imdn+xml", "message/delivery-status")
 
 
-
-
 def message_text(content_type: str, params: dict[str, str], body: bytes) -> tuple[str, str] | None:
     """(text for policy, kind) of a text body: kind "plain", "html"; None when it is not text."""
     if content_type == "text/plain":
