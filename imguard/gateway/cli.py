@@ -160,17 +160,26 @@ def describe_start(gateway, alerts_path: Path) -> str:
 
 async def _serve(gateway, alerts_path: Path) -> int:
     from imguard.gateway.master import GatewayError
+    loop = asyncio.get_running_loop()
+    # The handlers go in before the listeners open: a SIGTERM that arrives while the gateway starts (a
+    # service manager, a test that saw the port) is a clean stop, not a kill.
+    stop_requested = asyncio.Event()
+
+    def request_stop() -> None:
+        stop_requested.set()
+        gateway.shutdown()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, request_stop)
+        except (NotImplementedError, RuntimeError):
+            pass
     try:
         await gateway.start()
     except GatewayError as e:
         print(f"imguard: {e}", file=sys.stderr)
         return 2
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
-            loop.add_signal_handler(sig, gateway.shutdown)
-        except (NotImplementedError, RuntimeError):
-            pass
+    if stop_requested.is_set():
+        gateway.shutdown()          # asked before the master existed
     print(describe_start(gateway, alerts_path), flush=True)
     reloader = getattr(gateway, "reloader", None)       # imguard.reload.PolicyReloader: SIGHUP and file changes
     watcher = None

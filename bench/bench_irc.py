@@ -1,0 +1,184 @@
+"""IRC benchmark: lines per second and added latency through imguard, against a direct connection and
+against plain mitmproxy relaying the same TCP traffic, in one run.
+
+    .venv/bin/python bench/bench_irc.py [--lines 20000] [--window 200] [--pings 500]
+
+The server is a small relay written here (register, then PRIVMSG to a nick is delivered to that nick's
+connection with the sender's prefix), because a real ircd throttles a client that sends thousands of lines
+a second (ngIRCd's flood protection): the relay is the same on every route, so the ratios measure the
+relays. Routes, each started fresh:
+    (a) straight to the server,
+    (b) plain mitmproxy: `mitmdump --mode reverse:tcp://...` (a TCP relay, no inspection),
+    (c) `imguard run` in reverse:tcp mode with the port mapped to irc: every line decoded by IrcSession,
+        every PRIVMSG decided by the bundled policy and recorded (alerts.jsonl, archive).
+Load: alice sends --lines PRIVMSG lines to bob with at most --window in flight; lines/s is counted at bob.
+Latency: --pings lines one at a time, send -> delivery at bob; p50/p99, and what each relay adds to (a).
+Not a test: prints a table, asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+STEP_TIMEOUT = 60.0
+
+
+# --- the server ----------------------------------------------------------------------------------
+
+class RelayServer:
+    def __init__(self):
+        self.clients: dict[str, asyncio.StreamWriter] = {}
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nick = ""
+        try:
+            while line := await reader.readline():
+                if line.startswith(b"NICK "):
+                    nick = line[5:].strip().decode()
+                    self.clients[nick] = writer
+                elif line.startswith(b"USER "):
+                    writer.write(f":relay 001 {nick} :welcome\r\n".encode())
+                elif line.startswith(b"PRIVMSG "):
+                    target, _, text = line[8:].partition(b" ")
+                    peer = self.clients.get(target.decode())
+                    if peer is not None:
+                        peer.write(b":" + nick.encode() + b"!u@h PRIVMSG " + target + b" " + text)
+                elif line.startswith(b"PING"):
+                    writer.write(b"PONG" + line[4:])
+        finally:
+            self.clients.pop(nick, None)
+            writer.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def wait_port(port: int, process: subprocess.Popen | None, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise SystemExit(f"the relay on port {port} exited ({process.returncode})")
+        try:
+            _, w = await asyncio.open_connection("127.0.0.1", port)
+            w.close()
+            return
+        except OSError:
+            await asyncio.sleep(0.1)
+    raise SystemExit(f"nothing listens on {port}")
+
+
+# --- the load ------------------------------------------------------------------------------------
+
+async def client(port: int, nick: str):
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"NICK {nick}\r\nUSER {nick} 0 * :{nick}\r\n".encode())
+    await asyncio.wait_for(reader.readline(), STEP_TIMEOUT)         # 001
+    return reader, writer
+
+
+async def measure(port: int, lines: int, window: int, pings: int, tag: str) -> dict:
+    a_reader, alice = await client(port, f"alice{tag}")
+    bob_reader, bob = await client(port, f"bob{tag}")
+    received = asyncio.Queue()
+
+    async def bob_reads():
+        while line := await bob_reader.readline():
+            received.put_nowait(time.perf_counter())
+    reading = asyncio.create_task(bob_reads())
+    target = f"bob{tag}".encode()
+
+    # throughput: a window of lines in flight
+    start = time.perf_counter()
+    sent = got = 0
+    while got < lines:
+        while sent < lines and sent - got < window:
+            alice.write(b"PRIVMSG " + target + b" :line %d of the benchmark, nothing secret here\r\n" % sent)
+            sent += 1
+        await alice.drain()
+        await asyncio.wait_for(received.get(), STEP_TIMEOUT)
+        got += 1
+    rate = lines / (time.perf_counter() - start)
+
+    # latency: one line at a time
+    latencies = []
+    for n in range(pings):
+        t0 = time.perf_counter()
+        alice.write(b"PRIVMSG " + target + b" :ping %d\r\n" % n)
+        await alice.drain()
+        t1 = await asyncio.wait_for(received.get(), STEP_TIMEOUT)
+        latencies.append((t1 - t0) * 1000)
+    reading.cancel()
+    alice.close()
+    bob.close()
+    latencies.sort()
+    return {"rate": rate, "p50": statistics.median(latencies),
+            "p99": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]}
+
+
+# --- the routes ----------------------------------------------------------------------------------
+
+def start_mitmdump(server_port: int, directory: Path) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    process = subprocess.Popen([str(ROOT / ".venv" / "bin" / "mitmdump"), "-q", "--set", f"confdir={directory}",
+                                "--mode", f"reverse:tcp://127.0.0.1:{server_port}@127.0.0.1:{port}"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return process, port
+
+
+def start_imguard(server_port: int, directory: Path) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "imguard", "run", "--data-dir", str(directory),
+                                "--mode", f"reverse:tcp://127.0.0.1:{server_port}@127.0.0.1:{port}",
+                                "--ports", f"{server_port}=irc", "--log-level", "WARNING"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    return process, port
+
+
+async def main_async(args) -> None:
+    relay = RelayServer()
+    server = await asyncio.start_server(relay.handle, "127.0.0.1", 0)
+    server_port = server.sockets[0].getsockname()[1]
+    work = Path(tempfile.mkdtemp(prefix="imguard-bench-irc-"))
+    rows = {}
+    rows["a. direct"] = await measure(server_port, args.lines, args.window, args.pings, "a")
+    for name, start in (("b. plain mitmproxy", start_mitmdump), ("c. imguard", start_imguard)):
+        process, port = start(server_port, work / name[0])
+        try:
+            await wait_port(port, process)
+            rows[name] = await measure(port, args.lines, args.window, args.pings, name[0])
+        finally:
+            process.terminate()
+            process.wait(30)
+        print(f"  measured {name}: {rows[name]['rate']:.0f} lines/s", file=sys.stderr)
+    server.close()
+    base, mitm = rows["a. direct"], rows["b. plain mitmproxy"]
+    print(f"\nIRC PRIVMSG lines alice -> bob on 127.0.0.1 (2 CPUs shared by the server, the relay and the load)")
+    print(f"throughput: {args.lines} lines, window {args.window}; latency: {args.pings} lines one at a time\n")
+    print(f"{'route':22} {'lines/s':>8} {'vs a':>6} {'vs b':>6} {'p50 ms':>7} {'p99 ms':>7} {'+p50 ms':>8} {'+p99 ms':>8}")
+    for name, r in rows.items():
+        print(f"{name:22} {r['rate']:8.0f} {r['rate'] / base['rate']:6.2f} {r['rate'] / mitm['rate']:6.2f} "
+              f"{r['p50']:7.2f} {r['p99']:7.2f} {r['p50'] - base['p50']:8.2f} {r['p99'] - base['p99']:8.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lines", type=int, default=20000)
+    parser.add_argument("--window", type=int, default=200)
+    parser.add_argument("--pings", type=int, default=500)
+    asyncio.run(main_async(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()
