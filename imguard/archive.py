@@ -314,11 +314,11 @@ class _Queued(_Store):
     RETRY_MAX = 30.0
 
     def __init__(self, store: _Store, queue_dir: Path, batch: int):
-        from imguard.sinks.queue import DiskQueue
+        from imguard.sinks.queue import open_free_queue
 
         self.store = store
         self.batch = batch
-        self.queue = DiskQueue(queue_dir, 256 * 1024 * 1024)
+        self.queue = open_free_queue(queue_dir, 256 * 1024 * 1024)
         self._wake = threading.Event()
         self._stop = threading.Event()
         self.last_error = ""

@@ -54,3 +54,19 @@ def test_cli_search_exports_jsonl_and_csv(tmp_path, capsys):
     assert cli.main(["archive", "search", "--format", "csv", "--data-dir", str(tmp_path)]) == 0
     assert capsys.readouterr().out.startswith("id,time,kind")
     assert cli.main(["archive", "search", "--data-dir", str(tmp_path / "none")]) == 2
+
+
+def test_two_gateway_workers_share_one_data_folder(tmp_path):
+    """Workers behind one redirect share DATA_DIR: each gets a queue of its own, and both archives fill one
+    SQLite database; a later worker drains what a stopped one left queued."""
+    from imguard.runtime import build_pipeline
+    first = build_pipeline(data_dir=tmp_path)
+    second = build_pipeline(data_dir=tmp_path)
+    ctx = ChatContext(protocol="irc", sender="alice", recipients=("#ops",))
+    first.check_message("from the first worker", ctx)
+    second.check_message("from the second worker", ctx)
+    first.close()
+    second.close()
+    texts = sorted(r["text"] for r in archive.Archive(tmp_path / "archive.sqlite3").search(archive.Query()))
+    assert texts == ["from the first worker", "from the second worker"]
+    assert (tmp_path / "queue" / "archive").is_dir() and (tmp_path / "queue" / "archive-1").is_dir()

@@ -509,11 +509,15 @@ def test_syslog_over_tcp_gets_the_backlog_when_the_receiver_starts(tmp_path):
     assert [re.search(rb' id="([0-9a-f]+)"', r).group(1).decode() for r in syslog.records] == ids
 
 
-def test_two_processes_cannot_share_a_queue(tmp_path):
-    """One data folder per gateway: a second bus on the same queues is refused, not silently interleaved."""
-    from imguard.sinks.queue import QueueBusy
+def test_two_processes_never_share_a_queue(tmp_path):
+    """Workers share a data folder, never a queue: a second bus gets a queue of its own, not an interleaved
+    one; a DiskQueue opened twice is refused."""
+    from imguard.sinks.queue import DiskQueue, QueueBusy
     first = webhook_bus(tmp_path, HttpReceiver().url)
+    second = webhook_bus(tmp_path, HttpReceiver().url)
+    queues = sorted(p.name for p in (tmp_path / "queue").iterdir())
+    assert queues == ["webhook", "webhook-1"]
     with pytest.raises(QueueBusy):
-        webhook_bus(tmp_path, HttpReceiver().url)
+        DiskQueue(tmp_path / "queue" / "webhook", 1 << 20)
     first.close()
-    webhook_bus(tmp_path, HttpReceiver().url).close()
+    second.close()

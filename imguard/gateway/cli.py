@@ -158,6 +158,22 @@ def describe_start(gateway, alerts_path: Path) -> str:
     return "\n".join(lines)
 
 
+async def _quarantine_retention(pipeline, every: float = 3600.0) -> None:
+    """Apply the quarantine's age and size limits at start and then hourly, off the event loop."""
+    quarantine = getattr(pipeline, "quarantine", None)
+    if quarantine is None:
+        return
+    loop = asyncio.get_running_loop()
+    while True:
+        try:
+            removed = await loop.run_in_executor(None, quarantine.apply_retention)
+            if removed:
+                logger.info("quarantine retention removed %d files", len(removed))
+        except OSError as e:
+            logger.warning("quarantine retention failed: %s", e)
+        await asyncio.sleep(every)
+
+
 async def _serve(gateway, alerts_path: Path) -> int:
     from imguard.gateway.master import GatewayError
     loop = asyncio.get_running_loop()
@@ -192,9 +208,11 @@ async def _serve(gateway, alerts_path: Path) -> int:
         watcher = asyncio.create_task(reloader.watch(interval), name="imguard reload watch")
     if getattr(gateway, "fail_modes", None) is not None:
         print(f"  fail modes  {gateway.fail_modes.describe()}", flush=True)
+    retention = asyncio.create_task(_quarantine_retention(gateway.pipeline), name="imguard quarantine retention")
     try:
         await gateway.wait()
     finally:
+        retention.cancel()
         if watcher is not None:
             watcher.cancel()
             with contextlib.suppress(NotImplementedError, RuntimeError):

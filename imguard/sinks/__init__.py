@@ -63,9 +63,9 @@ def check_settings(settings: SinkSettings) -> list[str]:
 def build_sinks(settings: SinkSettings | None, data_dir: Path, instance: str = "", metrics: Any = None,
                 alerts_path: Path | None = None, plain_flush_seconds: float = 0.0) -> EventBus:
     """The event bus for a gateway: data_dir/alerts.jsonl (rotated by size), plus each remote sink the
-    settings turn on, with its queue in data_dir/queue/<sink>/. `instance` (else settings.instance, else
-    the host name) names the gateway in observer.name. Raises ValueError on bad settings, QueueBusy when
-    another process uses data_dir's queues."""
+    settings turn on, with its queue in data_dir/queue/<sink>/ (or the next free slot, <sink>-1, ..., when
+    another worker holds it). `instance` (else settings.instance, else the host name) names the gateway in
+    observer.name. Raises ValueError on bad settings."""
     settings = settings or SinkSettings()
     errors = check_settings(settings)
     if errors:

@@ -30,7 +30,7 @@ from typing import Any, Callable
 from imguard import alerts
 from imguard.sinks.base import DeliveryError, Sink
 from imguard.sinks.dedup import Deduplicator
-from imguard.sinks.queue import DiskQueue, Problem
+from imguard.sinks.queue import DiskQueue, Problem, open_free_queue
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ class EventBus:
             raise ValueError("remote sinks need a queue directory")
         try:
             for sink in sinks:
-                queue = DiskQueue(Path(queue_dir) / sink.name, queue_max_bytes)
+                queue = open_free_queue(Path(queue_dir) / sink.name, queue_max_bytes)
                 self._deliveries.append(_Delivery(self, sink, queue, retry_max))
         except BaseException:
             for delivery in self._deliveries:

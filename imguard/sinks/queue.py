@@ -69,6 +69,23 @@ class QueueBusy(RuntimeError):
     """Another process (or another queue object) has this queue open: two writers would interleave."""
 
 
+MAX_QUEUE_SLOTS = 64
+
+
+def open_free_queue(directory: Path, max_bytes: int) -> "DiskQueue":
+    """The queue at `directory`, or, while another process holds it, at `directory`-1, -2, ...: several
+    gateway workers share one data folder, each with a queue of its own. A worker that restarts takes the
+    first free one, so the backlog a stopped or crashed worker left is delivered by whoever opens it next."""
+    directory = Path(directory)
+    for slot in range(MAX_QUEUE_SLOTS):
+        candidate = directory if slot == 0 else directory.with_name(f"{directory.name}-{slot}")
+        try:
+            return DiskQueue(candidate, max_bytes)
+        except QueueBusy:
+            continue
+    raise QueueBusy(f"{directory}: all {MAX_QUEUE_SLOTS} queue slots are in use by other processes")
+
+
 class _Segment:
     __slots__ = ("first_seq", "path", "size")
 
@@ -120,7 +137,7 @@ class DiskQueue:
             fcntl.flock(self._state_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(self._state_fd)
-            raise QueueBusy(f"{self.directory} is in use by another process (one data folder per gateway)") from None
+            raise QueueBusy(f"{self.directory} is in use by another process") from None
         raw = os.pread(self._state_fd, STATE.size, 0)
         self._cursor, self._attempted = STATE.unpack(raw) if len(raw) == STATE.size else (1, 0)
         self._cursor = max(self._cursor, 1)
