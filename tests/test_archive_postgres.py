@@ -153,7 +153,11 @@ def test_a_search_only_archive_does_not_touch_the_gateways_queue(dsn, tmp_path):
     with pytest.raises(RuntimeError):
         reader.add_message("no", ALICE, Decision(action=ALLOW))
     reader.close()
-    from imguard.sinks.queue import QueueBusy
-    with pytest.raises(QueueBusy):              # a second gateway on the same data folder is refused
-        archive.open_archive(tmp_path, archive.ArchiveSettings(archive_dsn=dsn))
+    # A second worker on the same data folder gets a queue of its own and writes the same database.
+    second = archive.open_archive(tmp_path, archive.ArchiveSettings(archive_dsn=dsn))
+    second.add_message("from the second worker", ALICE, Decision(action=ALLOW))
+    assert second.flush()
+    assert sorted(r["text"] for r in gateway.search(archive.Query())) == ["from the second worker", "kept"]
+    assert (tmp_path / "queue" / "archive-1").is_dir()
+    second.close()
     gateway.close()
