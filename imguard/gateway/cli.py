@@ -147,6 +147,10 @@ def describe_start(gateway, alerts_path: Path) -> str:
     lines.append(f"  uploads     HTTP(S) PUT/POST announced by chat sessions"
                  f"{' + ' + ', '.join(gateway.settings.upload_paths) if gateway.settings.upload_paths else ''}"
                  f" (max {gateway.settings.max_upload_size} bytes)")
+    chat_apis = getattr(gateway, "chat_apis", None)
+    if chat_apis is not None:
+        apis = sorted({str(route).partition("=")[0] for route in chat_apis.settings.routes})
+        lines.append(f"  chat APIs   {', '.join(apis)} over HTTP(S), by path on any host (--chat-routes)")
     if gateway.relay:
         lines.append(f"  bytestreams SOCKS5 streamhosts rewritten to {gateway.relay[0]}:{gateway.relay[1]}")
     if dcc is not None:
