@@ -92,6 +92,27 @@ class FileStore:
         return path
 
 
+PROGRESS_MIN_BYTES = 16 * 1024 * 1024
+
+
+def _with_progress(capture: Capture):
+    """The capture's TCP segments, with a progress bar on stderr when it is a terminal and the capture large."""
+    segments = capture.tcp_segments()
+    total = capture.stats.bytes
+    if total < PROGRESS_MIN_BYTES or not sys.stderr.isatty():
+        yield from segments
+        return
+    width = 30
+    for n, segment in enumerate(segments):
+        if n % 4096 == 0:
+            done = capture.position / total
+            sys.stderr.write(f"\r{capture.name}: [{'#' * int(width * done):{width}}] {done:4.0%}")
+            sys.stderr.flush()
+        yield segment
+    sys.stderr.write("\r" + " " * (len(capture.name) + width + 10) + "\r")
+    sys.stderr.flush()
+
+
 def replay_main(args: argparse.Namespace) -> int:
     from imguard.alerts import AlertLog
     from imguard.runtime import ConfigError, build_pipeline, default_data_dir
@@ -134,7 +155,7 @@ def replay_main(args: argparse.Namespace) -> int:
                 continue
             try:
                 current = Replay(pipeline, replay_settings, reassembly, on_file=keep)
-                summary = current.run(capture)
+                summary = current.run_segments(capture, _with_progress(capture))
             except ValueError as e:     # a bad port map
                 print(f"imguard: {e}", file=sys.stderr)
                 return EXIT_USAGE

@@ -291,6 +291,7 @@ class Capture:
             raise CaptureError(f"{name}: not a pcap or pcapng file (magic number {magic:#010x})")
         self._ip_cache: dict[bytes, str] = {}
         self._defrag = _Defragmenter(self.limits.max_fragment_bytes)
+        self.position = 0               # bytes of the file read so far (for a progress bar)
 
     @classmethod
     def open(cls, path: str | os.PathLike, limits: CaptureLimits | None = None) -> "Capture":
@@ -346,6 +347,7 @@ class Capture:
                          f"{origlen}", number, offset)
                 origlen = caplen
             stats.frames = number
+            self.position = end
             yield Frame(number, ts_sec + ts_frac / divisor, linktype, data[start:end], origlen)
             offset = end
 
@@ -415,6 +417,7 @@ class Capture:
                              f"{origlen}", number, offset)
                     origlen = caplen
                 ts = ((ts_hi << 32) | ts_lo) / units + ts_offset
+                self.position = offset + total
                 yield Frame(number, ts, linktype, data[start:start + caplen], origlen, if_id)
             elif block_type == 3:                           # simple packet block: interface 0, no timestamp
                 origlen = u32.unpack_from(data, body)[0]
