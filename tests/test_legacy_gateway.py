@@ -586,3 +586,35 @@ def test_msrp_file_announced_by_kamailio_is_matched_and_eicar_blocked(tmp_path, 
                and a.get("file", {}).get("name") == "My cool picture.jpg"]
     assert alert["imguard"]["decision"]["action"] == "block"
     assert f"127.0.0.1:{kamailio.msrp_port}: msrp for SDP MSRP offer" in caplog.text    # by destination
+
+
+def test_sip_message_over_udp_through_the_gateway_to_kamailio(tmp_path, world, kamailio):
+    """SIP's usual transport: sipsak -> the gateway (reverse:udp, the port mapped to sip) -> Kamailio over UDP.
+    The allowed MESSAGE arrives as sent; the blocked one never arrives and sipsak gets imguard's 403."""
+    from tests.peers.sip_peers import sipsak
+    from tests.test_sip_support import message
+
+    pipeline, _ = world
+    before = len(kamailio.messages())
+
+    def local(text: str, cseq: int) -> bytes:
+        return message(text, frm="<sip:alice@127.0.0.1>", to="<sip:bob@127.0.0.1>", ruri="sip:bob@127.0.0.1",
+                       cseq=cseq, vias=1)
+
+    async def main():
+        settings = GatewaySettings(mode=[f"reverse:udp://127.0.0.1:{kamailio.port}@127.0.0.1:0"],
+                                   listen_host="127.0.0.1",
+                                   ports=list(GatewaySettings().ports) + [f"{kamailio.port}=sip"])
+        gw = Gateway(settings, pipeline, data_dir=tmp_path / "gateway")
+        await gw.start()
+        gport = gw.port_of("reverse")
+        try:
+            rc, out = await asyncio.to_thread(sipsak, local("hello over udp", 1), "127.0.0.1", gport, "udp")
+            assert rc == 0, out
+            rc, out = await asyncio.to_thread(sipsak, local(f"the {BLOCKED_WORD} budget", 2), "127.0.0.1", gport,
+                                              "udp")
+            assert rc != 0 and "SIP/2.0 403 Forbidden" in out and "Warning: 399 imguard" in out, out
+        finally:
+            await gw.stop()
+    run(main())
+    assert [body for _, _, _, body in kamailio.messages()[before:]] == ["hello over udp"], kamailio.logs()

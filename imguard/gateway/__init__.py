@@ -17,6 +17,8 @@
     cli.py           `imguard run` / `imguard ca`
 
 How a connection is handled (GatewayAddon.next_layer, called by mitmproxy until a layer is chosen):
+    UDP to a port mapped to sip (reverse:udp, ...)  -> SessionLayer(SipDatagramHandler): one datagram, one event;
+                                                     other UDP: mitmproxy's own layers
     socks5 listener that is the bytestream relay  -> SessionLayer(Socks5BytestreamSession), server = streamhost
     a DCC relay port (--dcc-relay)                -> SessionLayer(DccSendSession/DccChatSession), server = the
                                                      offer's real listener; no offer for that port: refused

@@ -272,8 +272,11 @@ class GatewayAddon:
         if nextlayer.layer is not None:
             return
         context = nextlayer.context
+        if context.client.transport_protocol == "udp" and context.layers:
+            nextlayer.layer = self._datagram_layer(context)
+            return
         if context.client.transport_protocol != "tcp" or not context.layers:
-            return          # UDP: mitmproxy's own layers
+            return          # QUIC and the like: mitmproxy's own layers
         if context.client.tls:
             if context.client.id in self._sniff_tls:
                 self._inside_tls(nextlayer)
@@ -304,6 +307,21 @@ class GatewayAddon:
         if found is det.NEED_MORE:
             return
         nextlayer.layer = self._layer_for(context, found)
+
+    def _datagram_layer(self, context) -> mlayer.Layer | None:
+        """SIP over UDP (the usual SIP transport): a SipDatagramHandler on the flow of datagrams between one
+        client address and the server, each datagram one event and each Send one datagram. Other UDP (DNS,
+        QUIC, ...) is left to mitmproxy's own layers (None)."""
+        if context.server.address is None:
+            return None
+        port = int(context.server.address[1])
+        factory = self.factories.get("sip-udp")
+        if self.port_map.get(port, ("", False))[0] != "sip" or factory is None:
+            return None
+        chat = self.chat_context(context, "sip")
+        session = factory(ConnectionInfo("sip-udp", False, chat, f"UDP port {port}"))
+        self.sessions[context.client.id] = (session, context)
+        return SessionLayer(context, session, chat, self)
 
     def _side_by_destination(self, address) -> tuple[registry.SideConnection, Any] | None:
         """The side connection announced for this destination (registry.find_side), among the ones this gateway

@@ -29,7 +29,7 @@ from imguard.protocols.irc import IrcLimits, IrcSession, dcc_session, find_offer
 from imguard.protocols.msnp import DirectMsnftpSession, MsnpLimits, MsnpSession, find_msnftp_offer
 from imguard.protocols.msrp import MsrpLimits, MsrpSession, find_msrp_offer
 from imguard.protocols.oscar import OftSession, OscarLimits, OscarSession, find_oft_offer
-from imguard.protocols.sip import SipLimits, SipSession
+from imguard.protocols.sip import SipDatagramHandler, SipLimits, SipSession
 from imguard.protocols.socks5_bytestream import Socks5BytestreamSession
 from imguard.protocols.xmpp import XmppLimits, XmppSession
 from imguard.protocols.ymsg import YmsgLimits, YmsgSession
@@ -122,6 +122,10 @@ def _sip(r: SessionRequest) -> StreamSession:
     return SipSession(r.checker, r.transfers, r.context, r.limit(SipLimits), tls_on_connect=r.tls_on_connect)
 
 
+def _sip_udp(r: SessionRequest) -> StreamSession:
+    return SipDatagramHandler(r.checker, r.transfers, r.context, r.limit(SipLimits))
+
+
 def _msrp(r: SessionRequest) -> StreamSession:
     tls = r.tls_on_connect or bool(getattr(r.expected, "tls", False))
     return MsrpSession(r.checker, r.transfers, r.context, offer=r.expected, limits=r.limit(MsrpLimits),
@@ -148,6 +152,8 @@ _TABLE = (
              limits=SipLimits),
     Protocol("msrp", "MSRP limits (per connection)", _msrp, ports=("2855=msrp",), client_openers=(b"MSRP ",),
              limits=MsrpLimits),
+    # SIP over UDP (its usual transport): the datagrams to a port mapped to sip; one datagram, one event.
+    Protocol("sip-udp", "SIP over UDP", _sip_udp, context_protocol="sip"),
     # Side protocols: found by their destination (SIDE_CONNECTIONS), never by port or first bytes.
     Protocol("dcc", "IRC DCC", _dcc, context_protocol="irc", mechanism="dcc"),
     Protocol("msnftp", "MSNFTP", _msnftp, context_protocol="msnp", mechanism="msnftp"),

@@ -7,10 +7,10 @@
 
 Carriage. SIP runs over UDP, TCP (5060) and TLS (5061, TLS from the first byte). This StreamSession is for
 TCP/TLS; `SipDatagramHandler.datagram_received(from_client, data)` takes one UDP datagram and returns the
-commands for it (each Send is one datagram). The inline gateway carries TCP/TLS today; for UDP it would need a
-UDP carrier (mitmproxy carries UDP in its reverse:udp:// and transparent/WireGuard modes) that keeps one
-handler per (client, server) address pair, writes each Send as one datagram, and expires idle pairs. Without
-it, SIP over UDP passes uninspected (tests/test_sip_live.py has a 40-line asyncio UDP carrier).
+commands for it (each Send is one datagram). The inline gateway carries it too: mitmproxy's UDP modes
+(reverse:udp://, and the transparent modes that deliver UDP) give one connection per client address pair,
+each datagram one event; GatewayAddon puts a SipDatagramHandler (registry protocol "sip-udp") on those to
+a port mapped to sip, and each Send is written as one datagram.
 
 Messages. A client MESSAGE (server-side ones too with `sip_check_inbound_messages`) goes to
 `checker.check_message(text, ctx)` with protocol "sip", sender = P-Asserted-Identity if present else the From
@@ -381,3 +381,13 @@ class SipDatagramHandler:
 
     def notice(self, text: str) -> list[Command]:
         return self.session.notice(text)
+
+    # The StreamSession contract, for a carrier that delivers each datagram as one DataReceived and writes
+    # each Send as one datagram (mitmproxy's UDP connections do).
+    data_received = datagram_received
+
+    def tls_started(self) -> list[Command]:
+        return []
+
+    def connection_closed(self, from_client: bool) -> list[Command]:
+        return []
