@@ -497,6 +497,65 @@ def test_ymsg_peer_to_peer_upload_is_scanned_by_the_http_side(tmp_path, world):
     assert alert["imguard"]["context"]["sender"] == "alice_1970"
 
 
+def test_ymsg_download_announced_to_our_user_is_scanned(tmp_path, world):
+    """A file offered *to* our Yahoo user (relay method): the GET of the announced relay URL through the
+    gateway is the file's way in. Its response is held and scanned: EICAR becomes a 403, the alert names the
+    offered file, and our user is told on the YMSG connection; a clean file arrives byte-identical."""
+    from tests.test_ymsg import ME, PEER, SID, pkt
+
+    pipeline, data = world
+
+    def offer(tid: str, name: str, token: str) -> list:
+        return [(False, pkt(0xDC, [("4", PEER), ("5", ME), ("265", tid), ("222", "1"), ("266", "1"), ("27", name),
+                                   ("28", "68")], session=SID)),
+                (True, pkt(0xDC, [("1", ME), ("5", PEER), ("265", tid), ("222", "3")], session=SID)),
+                (False, pkt(0xDD, [("4", PEER), ("5", ME), ("265", tid), ("27", name), ("249", "3"),
+                                   ("250", "127.0.0.1"), ("251", token)], session=SID))]
+
+    items = login_transcript() + offer("TR-BAD", "gift.com", "tokbad") + offer("TR-OK", "notes.txt", "tokok")
+    clean = b"the minutes of the meeting, nothing else\n" * 3
+
+    async def serve(reader, writer):
+        head = await reader.readuntil(b"\r\n\r\n")
+        body = EICAR if b"tokbad" in head else clean
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: %d\r\n"
+                     b"Connection: close\r\n\r\n" % len(body) + body)
+        await writer.drain()
+        writer.close()
+
+    async def get(gw, port: int, token: str) -> tuple[bytes, bytes]:
+        r, w = await asyncio.open_connection("127.0.0.1", gw.port_of("regular"))
+        url = f"http://127.0.0.1:{port}/relay?token={token}&sender={PEER}&recver={ME}"
+        w.write(f"GET {url} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n".encode())
+        response = await asyncio.wait_for(r.read(), TIMEOUT)
+        w.close()
+        head, _, body = response.partition(b"\r\n\r\n")
+        return head, body
+
+    async def main():
+        relay = await asyncio.start_server(serve, "127.0.0.1", 0)
+        relay_port = relay.sockets[0].getsockname()[1]
+        server, gw, reader, writer = await through_gateway(tmp_path, pipeline, items, proxy=True)
+        try:
+            await play_client(reader, writer, items)
+            head, body = await get(gw, relay_port, "tokbad")
+            assert head.startswith(b"HTTP/1.1 403") and EICAR not in body, head
+            notice = await asyncio.wait_for(reader.read(4096), TIMEOUT)     # the YMSG notice from "imguard"
+            assert b"imguard" in notice and b"gift.com" in notice, notice
+            head, body = await get(gw, relay_port, "tokok")
+            assert head.startswith(b"HTTP/1.1 200") and body == clean, head
+            writer.close()
+        finally:
+            await gw.stop()
+            server.close()
+            relay.close()
+    run(main())
+    [alert] = [a for a in alerts(data) if a.get("file", {}).get("name") == "gift.com"]
+    assert alert["imguard"]["decision"]["action"] == "block"
+    assert alert["imguard"]["context"]["transfer_mechanism"] == "download"
+    assert alert["imguard"]["context"]["sender"] == PEER
+
+
 # --- SIP to a real Kamailio ---------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,10 @@ requestheaders: a PUT/POST whose URL a chat session announced (ExpectedTransfers
 request:        the body is inspected in a worker thread; block -> 403 with a short reason, and the
                 download URL is marked blocked (ExpectedTransfers.mark_blocked_url) so the chat message
                 that would share it can be stopped too; allow -> forwarded unchanged.
-A GET of a URL already marked blocked is answered 403 as well. Everything else (other requests, all
-responses) is streamed, not buffered: mitmproxy would otherwise hold every body in memory. An upload
+A GET of a URL already marked blocked is answered 403 as well. A GET of a file a chat session announced as
+coming to our user (a Yahoo relay or peer-to-peer download) has its response held and scanned the same way:
+block -> 403 to the receiver, and a notice on the chat connection that announced it. Everything else (other
+requests, other responses) is streamed, not buffered: mitmproxy would otherwise hold every body in memory. An upload
 without Content-Length (chunked) is buffered whole before its size can be checked.
 """
 
@@ -22,6 +24,7 @@ from urllib.parse import unquote, urlsplit
 
 from mitmproxy import http
 
+from imguard import alerts
 from imguard.gateway.inspection import Inspection
 from imguard.model import ALERT, ALLOW, REASON_TOO_LARGE, ChatContext
 from imguard.protocols.ymsg import find_ymsg_transfer
@@ -70,13 +73,17 @@ def too_large(inspection: Inspection, ctx: ChatContext, name: str, claimed_mime:
     return decision.action in (ALLOW, ALERT), decision
 
 
+DOWNLOAD_META = "imguard_download"
+
+
 class HttpUploads:
     def __init__(self, inspection: Inspection, transfers=None, upload_paths: list[str] | tuple = (),
-                 max_upload_size: int = 64 * 1024 * 1024):
+                 max_upload_size: int = 64 * 1024 * 1024, record=None):
         self.inspection = inspection
         self.transfers = transfers
         self.paths = [re.compile(p) for p in upload_paths]
         self.max_upload_size = max_upload_size
+        self.record = record            # writes an event; an imguard.notify event reaches the chat session
 
     def _context(self, flow: http.HTTPFlow, expected: Any) -> ChatContext:
         ctx = _attr(expected, "context", default=None) if expected is not None else None
@@ -114,6 +121,10 @@ class HttpUploads:
             if reason:
                 flow.response = http.Response.make(403, f"imguard: blocked ({reason})\n".encode(),
                                                    {"content-type": "text/plain"})
+                return
+            expected = self._expected_download(urls)
+            if expected is not None:
+                flow.metadata[DOWNLOAD_META] = {"expected": expected, "url": url}
             return
         if req.method not in ("PUT", "POST"):
             req.stream = True                           # not ours: never buffered
@@ -162,9 +173,65 @@ class HttpUploads:
         except Exception:
             logger.exception("ExpectedTransfers.mark_blocked_url failed")
 
+    def _expected_download(self, urls: list[str]) -> Any:
+        """A file a chat session announced as coming *to* our user over HTTP (a Yahoo relay or peer-to-peer
+        GET): its response is the file, held and scanned like an upload."""
+        if not callable(getattr(self.transfers, "get", None)):
+            return None
+        for candidate in urls:
+            try:
+                found = find_ymsg_transfer(self.transfers, url=candidate)
+            except Exception:
+                logger.exception("find_ymsg_transfer failed")
+                return None
+            if found is not None and not getattr(found, "outbound", True):
+                return found
+        return None
+
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        """Responses (downloads) are not inspected here: stream them instead of holding them in memory."""
-        flow.response.stream = True
+        """An announced download is held for its verdict; every other response is streamed, not held."""
+        meta = flow.metadata.get(DOWNLOAD_META)
+        if meta is None or flow.response.status_code != 200:
+            flow.response.stream = True
+            return
+        length = flow.response.headers.get("content-length", "")
+        if length.isdigit() and int(length) > self.max_upload_size:
+            expected = meta["expected"]
+            passes, _ = too_large(self.inspection, self._download_context(flow, expected), expected.name,
+                                  flow.response.headers.get("content-type", ""), int(length), self.max_upload_size)
+            meta["done"] = True
+            if passes:
+                flow.response.stream = True
+            else:
+                flow.kill()                     # the receiver gets no byte of a file too large to inspect
+            return
+        flow.response.stream = False
+
+    @staticmethod
+    def _download_context(flow: http.HTTPFlow, expected: Any) -> ChatContext:
+        base = expected.context.with_(transfer_mechanism="download", client_address="", server_address="")
+        return flow_context(flow, "download", base)
+
+    async def response(self, flow: http.HTTPFlow) -> None:
+        meta = flow.metadata.get(DOWNLOAD_META)
+        if meta is None or meta.get("done") or flow.response is None or flow.response.stream:
+            return
+        meta["done"] = True
+        expected = meta["expected"]
+        ctx = self._download_context(flow, expected)
+        data = flow.response.get_content(strict=False) or b""
+        report, decision = await self.inspection.check(data, ctx, expected.name or self._name(flow, None),
+                                                       flow.response.headers.get("content-type", ""))
+        if not decision.blocked:
+            return
+        reason = block_reason(decision)
+        flow.response = http.Response.make(403, f"imguard: download blocked ({reason})\n".encode(),
+                                           {"content-type": "text/plain"})
+        logger.info("download %s blocked: %s", meta["url"], reason)
+        if self.record is not None and expected.context.connection_id:
+            text = decision.notice or f"The file {expected.name} sent to you was blocked: {reason}"
+            self.record(alerts.notify_event(expected.context.connection_id, expected.context.protocol or "ymsg",
+                                            ctx, text, decision))
 
     async def request(self, flow: http.HTTPFlow) -> None:
         meta = flow.metadata.get(META)

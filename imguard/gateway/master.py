@@ -135,7 +135,8 @@ class Gateway:
                                   port_map=port_map, http_ports=http_ports, transfers=self.transfers,
                                   bytestream_relay=self.relay, max_queued_bytes=settings.max_queued_bytes,
                                   dcc_ports=self.dcc_ports)
-        self.uploads = HttpUploads(self.inspection, self.transfers, settings.upload_paths, settings.max_upload_size)
+        self.uploads = HttpUploads(self.inspection, self.transfers, settings.upload_paths, settings.max_upload_size,
+                                   record=self.addon.record)
         try:
             self.chat_apis = ChatApis(pipeline, self.inspection, self.transfers, chat_settings, self.addon.record)
         except ValueError as e:
