@@ -37,17 +37,14 @@ def alert_names_file(event: dict, name: str) -> bool:
     return event.get("file", {}).get("name") == name
 
 
-@dataclass
-class Gateway:
+class ImguardRun:
+    """What every test fixture that runs `imguard run` as a subprocess shares: its folder (`directory`), the
+    process, the alert log and imguard's own log. The fixtures (Gateway here, IrcGateway, HttpGateway) add how
+    they start it."""
+
     directory: Path
-    prosody: Prosody
-    c2s_port: int
-    tls_port: int
-    http_port: int
-    socks5_port: int
-    command: list[str] = field(default_factory=list)
-    process: subprocess.Popen | None = None
-    stopped: bool = False
+    process: subprocess.Popen | None
+    stopped: bool
 
     @property
     def data_dir(self) -> Path:
@@ -60,6 +57,85 @@ class Gateway:
     @property
     def ca_file(self) -> Path:
         return self.directory / "imguard-ca.pem"
+
+    @property
+    def log_file(self) -> Path:
+        return self.directory / "imguard.log"
+
+    # --- the alert log --------------------------------------------------------------------------------
+
+    def alerts(self) -> list[dict]:
+        if not self.alerts_file.exists():
+            return []
+        events = []
+        for line in self.alerts_file.read_text(errors="replace").splitlines():
+            if line.strip():
+                events.append(json.loads(line))
+        return events
+
+    def mark(self) -> int:
+        """The number of events logged so far: pass it as `since` to look only at later ones."""
+        return len(self.alerts())
+
+    async def wait_alert(self, predicate: Callable[[dict], bool], since: int = 0,
+                         timeout: float = 10.0) -> dict | None:
+        """The first event after the first `since` ones that satisfies `predicate` (None after `timeout`)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for event in self.alerts()[since:]:
+                if predicate(event):
+                    return event
+            if time.monotonic() > deadline:
+                return None
+            await asyncio.sleep(0.1)
+
+    # --- life --------------------------------------------------------------------------------------
+
+    @property
+    def crashed(self) -> bool:
+        return self.process is not None and self.process.poll() is not None and not self.stopped
+
+    def check_alive(self) -> None:
+        if self.crashed:
+            raise AssertionError(f"imguard run died (status {self.process.returncode}):\n{self.logs()}")
+
+    def log_size(self) -> int:
+        return self.log_file.stat().st_size if self.log_file.exists() else 0
+
+    def errors_since(self, offset: int) -> list[str]:
+        """Lines of imguard's own log after byte `offset` that report an error or a traceback (an
+        exception mitmproxy caught is still a crash of that connection's handling)."""
+        if not self.log_file.exists():
+            return []
+        with open(self.log_file, "rb") as f:
+            f.seek(offset)
+            text = f.read().decode(errors="replace")
+        return [line for line in text.splitlines()
+                if "Traceback" in line or " ERROR " in line or " CRITICAL " in line]
+
+    def stop(self) -> int | None:
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.stopped = True
+        return stop_process(self.process)
+
+    def logs(self, lines: int = 80) -> str:
+        tail = self.log_file.read_text(errors="replace").splitlines()[-lines:] if self.log_file.exists() else []
+        return f"--- {self.log_file} (last {len(tail)} lines) ---\n" + "\n".join(tail)
+
+
+@dataclass
+class Gateway(ImguardRun):
+    directory: Path
+    prosody: Prosody
+    c2s_port: int
+    tls_port: int
+    http_port: int
+    socks5_port: int
+    command: list[str] = field(default_factory=list)
+    process: subprocess.Popen | None = None
+    stopped: bool = False
 
     @classmethod
     def start(cls, directory: Path, prosody: Prosody, extra: list[str] | None = None,
@@ -125,67 +201,3 @@ class Gateway:
         assert "imguard test peers CA" not in issuer, f"the client talked TLS to Prosody itself: {issuer}"
         assert "imguard" in issuer, f"the gateway's certificate is not from imguard's CA: {issuer}"
 
-    # --- the alert log --------------------------------------------------------------------------------
-
-    def alerts(self) -> list[dict]:
-        if not self.alerts_file.exists():
-            return []
-        events = []
-        for line in self.alerts_file.read_text(errors="replace").splitlines():
-            if line.strip():
-                events.append(json.loads(line))
-        return events
-
-    def mark(self) -> int:
-        """The number of events logged so far: pass it as `since` to look only at later ones."""
-        return len(self.alerts())
-
-    async def wait_alert(self, predicate: Callable[[dict], bool], since: int = 0,
-                         timeout: float = 10.0) -> dict | None:
-        """The first event after the first `since` ones that satisfies `predicate` (None after `timeout`)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            for event in self.alerts()[since:]:
-                if predicate(event):
-                    return event
-            if time.monotonic() > deadline:
-                return None
-            await asyncio.sleep(0.1)
-
-    # --- life --------------------------------------------------------------------------------------
-
-    @property
-    def crashed(self) -> bool:
-        return self.process is not None and self.process.poll() is not None and not self.stopped
-
-    def check_alive(self) -> None:
-        if self.crashed:
-            raise AssertionError(f"imguard run died (status {self.process.returncode}):\n{self.logs()}")
-
-    def log_size(self) -> int:
-        path = self.directory / "imguard.log"
-        return path.stat().st_size if path.exists() else 0
-
-    def errors_since(self, offset: int) -> list[str]:
-        """Lines of imguard's own log after byte `offset` that report an error or a traceback (an
-        exception mitmproxy caught is still a crash of that connection's handling)."""
-        path = self.directory / "imguard.log"
-        if not path.exists():
-            return []
-        with open(path, "rb") as f:
-            f.seek(offset)
-            text = f.read().decode(errors="replace")
-        return [line for line in text.splitlines()
-                if "Traceback" in line or " ERROR " in line or " CRITICAL " in line]
-
-    def stop(self) -> int | None:
-        if self.process is None:
-            return None
-        if self.process.poll() is None:
-            self.stopped = True
-        return stop_process(self.process)
-
-    def logs(self, lines: int = 80) -> str:
-        path = self.directory / "imguard.log"
-        tail = path.read_text(errors="replace").splitlines()[-lines:] if path.exists() else []
-        return f"--- {path} (last {len(tail)} lines) ---\n" + "\n".join(tail)

@@ -9,41 +9,26 @@ or a local server that replays a vendor API), with the bundled rules, the test r
 
 from __future__ import annotations
 
-import asyncio
-import json
 import os
 import shutil
 import subprocess
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
-from tests.peers.prosody import PeerError, free_ports, stop_process, wait_for_port
+from tests.peers.gateway import ImguardRun
+from tests.peers.prosody import PeerError, free_ports, wait_for_port
 
 ROOT = Path(__file__).resolve().parents[2]
 PYTHON = ROOT / ".venv" / "bin" / "python"
 
 
 @dataclass
-class HttpGateway:
+class HttpGateway(ImguardRun):
     directory: Path
     ports: list[int]
     command: list[str] = field(default_factory=list)
     process: subprocess.Popen | None = None
     stopped: bool = False
-
-    @property
-    def data_dir(self) -> Path:
-        return self.directory / "data"
-
-    @property
-    def alerts_file(self) -> Path:
-        return self.data_dir / "alerts.jsonl"
-
-    @property
-    def ca_file(self) -> Path:
-        return self.directory / "imguard-ca.pem"
 
     @classmethod
     def start(cls, directory: Path, upstreams: list[str], extra_rules: dict[str, str] | None = None,
@@ -79,54 +64,3 @@ class HttpGateway:
             gw.stop()
             raise PeerError(f"imguard run did not start: {' '.join(gw.command)}\n{gw.logs()}")
         return gw
-
-    # --- the alert log --------------------------------------------------------------------------------
-
-    def alerts(self) -> list[dict]:
-        if not self.alerts_file.exists():
-            return []
-        return [json.loads(line) for line in self.alerts_file.read_text(errors="replace").splitlines() if line.strip()]
-
-    def mark(self) -> int:
-        return len(self.alerts())
-
-    async def wait_alert(self, predicate: Callable[[dict], bool], since: int = 0, timeout: float = 10.0) -> dict | None:
-        deadline = time.monotonic() + timeout
-        while True:
-            for event in self.alerts()[since:]:
-                if predicate(event):
-                    return event
-            if time.monotonic() > deadline:
-                return None
-            await asyncio.sleep(0.1)
-
-    # --- life --------------------------------------------------------------------------------------
-
-    @property
-    def crashed(self) -> bool:
-        return self.process is not None and self.process.poll() is not None and not self.stopped
-
-    def log_size(self) -> int:
-        path = self.directory / "imguard.log"
-        return path.stat().st_size if path.exists() else 0
-
-    def errors_since(self, offset: int) -> list[str]:
-        path = self.directory / "imguard.log"
-        if not path.exists():
-            return []
-        with open(path, "rb") as f:
-            f.seek(offset)
-            text = f.read().decode(errors="replace")
-        return [line for line in text.splitlines() if "Traceback" in line or " ERROR " in line or " CRITICAL " in line]
-
-    def stop(self) -> int | None:
-        if self.process is None:
-            return None
-        if self.process.poll() is None:
-            self.stopped = True
-        return stop_process(self.process)
-
-    def logs(self, lines: int = 80) -> str:
-        path = self.directory / "imguard.log"
-        tail = path.read_text(errors="replace").splitlines()[-lines:] if path.exists() else []
-        return f"--- {path} (last {len(tail)} lines) ---\n" + "\n".join(tail)

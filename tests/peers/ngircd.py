@@ -14,7 +14,6 @@ helper as Prosody's; the gateway verifies it with --upstream-ca, never with veri
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import shutil
@@ -26,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from tests.peers.gateway import ImguardRun
 from tests.peers.prosody import (Certificates, PeerError, free_ports, make_certificates, stop_process,
                                  wait_for_port)
 
@@ -129,7 +129,7 @@ def free_port_range(count: int, host: str = "127.0.0.1", tries: int = 200) -> ra
 
 
 @dataclass
-class IrcGateway:
+class IrcGateway(ImguardRun):
     """The real `imguard run` in front of an NgIrcd: reverse:tcp to its cleartext port and to its TLS port
     (intercepted with imguard's CA), DCC offers rewritten to 127.0.0.1 and a small relay port range."""
 
@@ -141,22 +141,6 @@ class IrcGateway:
     command: list[str] = field(default_factory=list)
     process: subprocess.Popen | None = None
     stopped: bool = False
-
-    @property
-    def data_dir(self) -> Path:
-        return self.directory / "data"
-
-    @property
-    def alerts_file(self) -> Path:
-        return self.data_dir / "alerts.jsonl"
-
-    @property
-    def ca_file(self) -> Path:
-        return self.directory / "imguard-ca.pem"
-
-    @property
-    def log_file(self) -> Path:
-        return self.directory / "imguard.log"
 
     @classmethod
     def start(cls, directory: Path, ircd: NgIrcd, extra: list[str] | None = None, timeout: float = 30.0,
@@ -213,17 +197,7 @@ class IrcGateway:
                 raise PeerError(f"imguard run did not log {text!r} within {timeout:.0f} s")
             time.sleep(0.05)
 
-    # --- the alert log ------------------------------------------------------------------------------
-
-    def alerts(self) -> list[dict]:
-        if not self.alerts_file.exists():
-            return []
-        return [json.loads(line) for line in self.alerts_file.read_text(errors="replace").splitlines()
-                if line.strip()]
-
-    def mark(self) -> int:
-        """The number of events logged so far: pass it as `since` to look only at later ones."""
-        return len(self.alerts())
+    # --- the alert log (read synchronously: the IRC tests drive their clients with irc.client's reactor) ---
 
     def find_alert(self, predicate: Callable[[dict], bool], since: int = 0) -> dict | None:
         for event in self.alerts()[since:]:
@@ -239,37 +213,3 @@ class IrcGateway:
             if found is not None or time.monotonic() > deadline:
                 return found
             time.sleep(0.1)
-
-    # --- life ---------------------------------------------------------------------------------------
-
-    @property
-    def crashed(self) -> bool:
-        return self.process is not None and self.process.poll() is not None and not self.stopped
-
-    def check_alive(self) -> None:
-        if self.crashed:
-            raise AssertionError(f"imguard run died (status {self.process.returncode}):\n{self.logs()}")
-
-    def log_size(self) -> int:
-        return self.log_file.stat().st_size if self.log_file.exists() else 0
-
-    def errors_since(self, offset: int) -> list[str]:
-        """Lines of imguard's log after byte `offset` that report an error or a traceback."""
-        if not self.log_file.exists():
-            return []
-        with open(self.log_file, "rb") as f:
-            f.seek(offset)
-            text = f.read().decode(errors="replace")
-        return [line for line in text.splitlines()
-                if "Traceback" in line or " ERROR " in line or " CRITICAL " in line]
-
-    def stop(self) -> int | None:
-        if self.process is None:
-            return None
-        if self.process.poll() is None:
-            self.stopped = True
-        return stop_process(self.process)
-
-    def logs(self, lines: int = 80) -> str:
-        tail = self.log_file.read_text(errors="replace").splitlines()[-lines:] if self.log_file.exists() else []
-        return f"--- {self.log_file} (last {len(tail)} lines) ---\n" + "\n".join(tail)
