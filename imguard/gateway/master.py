@@ -171,6 +171,12 @@ class Gateway:
         logging.getLogger("mitmproxy").setLevel(logging.WARNING)
         opts = options.Options()
         self.master = GatewayMaster(opts, [self.passthrough, self.addon, self.uploads, self.chat_apis], [self.late])
+        # Certificates are only ever signed with imguard's own CA: the mitmproxy 12.3 wheel has options to sign
+        # with a third party's leaked intermediate (`emudhra`, `emudhra_old`); they stay off whatever their
+        # default becomes.
+        for unsafe in ("emudhra", "emudhra_old"):
+            if unsafe in opts:
+                opts.update(**{unsafe: False})
         try:
             opts.update(**self._options())      # after addons.add: addon options exist only then
         except GatewayError:
