@@ -7,12 +7,14 @@ Same format as tests/data/xmpp/*.json: each segment is one TCP payload, ["c", te
 """
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 PCAPS = Path(sys.argv[1] if len(sys.argv) > 1 else "/work/shared/pcaps")
 HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE.parent))
+
+from tshark_follow import segments  # noqa: E402
 
 # (output, capture, tcp.stream, note, max segments or None)
 TRANSCRIPTS = [
@@ -39,22 +41,6 @@ TRANSCRIPTS = [
     ("ndpi_irc.json", "ndpi/irc.pcap", 0,
      "ntop/nDPI tests/cfgs/default/pcap/irc.pcap (LGPL-3): registration against freenode on port 8000", None),
 ]
-
-
-def segments(pcap: Path, stream: int) -> list[list[str]]:
-    out = subprocess.run(["tshark", "-r", str(pcap), "-q", "-z", f"follow,tcp,raw,{stream}"],
-                         capture_output=True, text=True, check=True).stdout
-    segs = []
-    started = False
-    for line in out.splitlines():
-        if line.startswith("Node 1:"):
-            started = True
-            continue
-        if not started or not line.strip() or line.startswith("="):
-            continue
-        side = "s" if line.startswith("\t") else "c"
-        segs.append([side, bytes.fromhex(line.strip()).decode("latin-1")])
-    return segs
 
 
 def main() -> None:

@@ -8,12 +8,14 @@ text = the bytes as latin-1. Segment boundaries are the capture's own.
 """
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 PCAPS = Path(sys.argv[1] if len(sys.argv) > 1 else "/work/shared/pcaps")
 HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE.parent))
+
+from tshark_follow import segments  # noqa: E402
 
 # (output, capture, tcp.stream, note)
 TRANSCRIPTS = [
@@ -30,22 +32,6 @@ TRANSCRIPTS = [
     ("msnms_sb5.json", "ndpi/msnms.pcap", 5,
      "switchboard 192.168.1.14:1221 -> 207.46.108.59:1863: USR (client-initiated), CAL, JOI, MSGs"),
 ]
-
-
-def segments(pcap: Path, stream: int) -> list[list[str]]:
-    out = subprocess.run(["tshark", "-r", str(pcap), "-q", "-z", f"follow,tcp,raw,{stream}"],
-                         capture_output=True, text=True, check=True).stdout
-    segs = []
-    started = False
-    for line in out.splitlines():
-        if line.startswith("Node 1:"):
-            started = True
-            continue
-        if not started or not line.strip() or line.startswith("="):
-            continue
-        side = "s" if line.startswith("\t") else "c"
-        segs.append([side, bytes.fromhex(line.strip()).decode("latin-1")])
-    return segs
 
 
 def main() -> None:
