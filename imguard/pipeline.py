@@ -18,6 +18,9 @@ from imguard import alerts
 from imguard.model import (REASON_TRUNCATED, UNSCANNABLE, ChatContext, Decision, FileReport, Finding)
 
 
+DIRECTION_CACHE_SIZE = 4096            # contexts whose derived direction is remembered
+
+
 @dataclass
 class Pipeline:
     inspector: "object"                 # imguard.inspect.Inspector
@@ -29,6 +32,7 @@ class Pipeline:
 
     def __post_init__(self) -> None:
         self._in_force = (self.policy, self.inspector)
+        self._directions: tuple = (None, {})     # (policy, {ChatContext: the same with its direction})
 
     def swap(self, policy: "object", inspector: "object") -> None:
         """Put a reloaded configuration in force, in one assignment. A check that has started keeps the pair
@@ -36,15 +40,26 @@ class Pipeline:
         self._in_force = (policy, inspector)
         self.policy, self.inspector = policy, inspector       # for readers of the attributes
 
-    @staticmethod
-    def _with_direction(policy: "object", ctx: ChatContext) -> ChatContext:
-        """The context with its direction derived from the policy's zones when the protocol did not say."""
-        if not ctx.direction:
+    def _with_direction(self, policy: "object", ctx: ChatContext) -> ChatContext:
+        """The context with its direction derived from the policy's zones when the protocol did not say.
+        Remembered per (policy, context): sessions reuse one context per peer, so a conversation's
+        thousands of messages classify once (and share one derived object, which the event writer
+        caches on)."""
+        if ctx.direction:
+            return ctx
+        owner, cache = self._directions
+        if owner is not policy:             # reloaded: a new table (a thread still on the old policy keeps the old)
+            cache = {}
+            self._directions = (policy, cache)
+        derived = cache.get(ctx)
+        if derived is None:
             classify = getattr(policy, "classify_direction", None)
             direction = classify(ctx) if classify is not None else ""
-            if direction:
-                return ctx.with_(direction=direction)
-        return ctx
+            derived = ctx.with_(direction=direction) if direction else ctx
+            if len(cache) >= DIRECTION_CACHE_SIZE:
+                cache.clear()
+            cache[ctx] = derived
+        return derived
 
     def check_message(self, text: str, ctx: ChatContext) -> Decision:
         policy = self._in_force[0]

@@ -225,9 +225,16 @@ class SessionLayer(layer.Layer):
         while work and not self.closed:
             cmd = work.popleft()
             if isinstance(cmd, Send):
-                if cmd.data:
-                    yield commands.SendData(self.context.client if cmd.to_client else self.context.server,
-                                            cmd.data)
+                data = cmd.data
+                # A chunk often holds many stanzas or lines, each its own Send: consecutive sends to one
+                # side go out as one write (one syscall, and the peer reads them in one go).
+                if work and isinstance(work[0], Send) and work[0].to_client == cmd.to_client:
+                    parts = [data]
+                    while work and isinstance(work[0], Send) and work[0].to_client == cmd.to_client:
+                        parts.append(work.popleft().data)
+                    data = b"".join(parts)
+                if data:
+                    yield commands.SendData(self.context.client if cmd.to_client else self.context.server, data)
             elif isinstance(cmd, Record):
                 self.carrier.record(cmd.event)
             elif isinstance(cmd, InspectFile):

@@ -122,11 +122,21 @@ class _Fatal(Exception):
 
 
 def _tag(name: str) -> str:
-    uri, sep, local = name.rpartition("}")
-    return "{" + name if sep and uri else local
+    """expat's 'ns}local' as ElementTree's '{ns}local'. Remembered: the same few hundred names recur on
+    every connection (bounded like _SHARED_NAMES, since a client can invent names)."""
+    tag = _TAGS.get(name)
+    if tag is None:
+        uri, sep, local = name.rpartition("}")
+        tag = "{" + name if sep and uri else local
+        if len(_TAGS) > _SHARED_NAMES_MAX:
+            _TAGS.clear()
+        _TAGS[name] = tag
+    return tag
 
 
 def _attrs(attrs: dict[str, str]) -> dict[str, str]:
+    if not attrs:
+        return {}
     return {_tag(k): v for k, v in attrs.items()}
 
 
@@ -135,6 +145,7 @@ _WS = b" \t\r\n"
 
 _SHARED_NAMES: dict[str, str] = {}
 _SHARED_NAMES_MAX = 20000
+_TAGS: dict[str, str] = {}
 
 
 class XmlStreamDecoder:
@@ -291,7 +302,7 @@ class XmlStreamDecoder:
         if self._depth == 1:                      # </stream:stream>
             pos = self._pos() - self._base
             end = _tag_end(self._buf, pos)
-            self._emit_raw(end, lambda raw: StreamClosed(raw))
+            self._emit_raw(end, StreamClosed)
             self._depth = 0
             self.closed = True
             return
@@ -303,11 +314,13 @@ class XmlStreamDecoder:
             if not had_content and self._buf[pos - 2:pos] == b"/>":
                 end = pos                         # empty-element tag: expat reports its end
             else:
-                end = _tag_end(self._buf, pos)
+                end = self._buf.find(b">", pos) + 1     # an end tag: no attributes, so no quoted '>'
+                if end == 0:
+                    raise _Fatal(MALFORMED, "an end tag without its closing '>'")   # expat said otherwise: a bug
             if end > self.limits.max_stanza_size:
                 raise _Fatal(STANZA_TOO_LARGE, f"a stanza of {end} bytes (max_stanza_size="
                                                f"{self.limits.max_stanza_size})")
-            self._emit_raw(end, lambda raw: Stanza(raw, el))
+            self._emit_raw(end, Stanza, el)
 
     def _text(self, data: str) -> None:
         if self._depth <= 1:
@@ -322,15 +335,15 @@ class XmlStreamDecoder:
         else:
             el.text = (el.text or "") + data
 
-    def _emit_raw(self, end: int, make) -> None:
+    def _emit_raw(self, end: int, make, *args) -> None:
         raw = bytes(self._buf[:end])
         del self._buf[:end]
         self._base += end
-        self._events.append(make(raw))
+        self._events.append(make(raw, *args))
 
     def _flush_whitespace(self) -> None:
         if self._depth == 1 and self._buf and not bytes(self._buf).strip(_WS):
-            self._emit_raw(len(self._buf), lambda raw: Whitespace(raw))
+            self._emit_raw(len(self._buf), Whitespace)
 
     def _check_limits(self) -> None:
         pending = len(self._buf)
