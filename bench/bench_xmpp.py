@@ -1,16 +1,17 @@
 """XMPP benchmark: what imguard costs a chat server's users, against two baselines.
 
-    .venv/bin/python bench/bench_xmpp.py [--messages 5000] [--window 100] [--pings 500] [--idle 1000]
-                                         [--no-idle-tls] [--keep]
+    .venv/bin/python bench/bench_xmpp.py [--messages 5000] [--window 100] [--pings 500] [--rounds 3]
+                                         [--idle 1000] [--no-idle-tls] [--keep]
 
 One run starts a real Prosody (tests/peers/prosody.py) and measures, for the same raw XMPP load,
     (a) straight to Prosody,
     (b) through plain mitmproxy (`mitmdump --mode reverse:tcp://...`: a TCP relay, no inspection),
     (c) through `imguard run` (reverse:tcp in front of the c2s port: every stanza framed, every
-        message checked by the bundled policy and recorded in alerts.jsonl).
+        message checked by the bundled policy, written to alerts.jsonl and to the SQLite archive).
 Cleartext c2s with SASL PLAIN keeps TLS out of the comparison. The load client is raw asyncio
 streams (slixmpp would be the bottleneck): bench1 sends chat messages to bench2's full JID,
-  * throughput: `--messages` messages with at most `--window` in flight, messages/s end to end;
+  * throughput: `--messages` messages with at most `--window` in flight, messages/s end to end, and
+    the relay process's CPU time per message (user + system, all threads: robust to a busy machine);
   * latency: `--pings` messages one at a time; p50/p99 of send -> delivery, and what each relay adds;
   * memory: `--idle` logged-in, idle connections held open through (b) and (c); the relay's RSS
     before and after, divided by the count (target for imguard: < 50 KB per connection); once in
@@ -159,8 +160,16 @@ async def pair(host: str, port: int, prosody: Prosody, tag: str) -> tuple[RawCli
     return sender, receiver, Delivery(receiver)
 
 
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU time of process `pid` so far (0 for no process: the direct route)."""
+    if pid is None:
+        return 0.0
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def measure_route(name: str, host: str, port: int, prosody: Prosody, count: int, window: int,
-                        pings: int, base: int) -> dict:
+                        pings: int, base: int, relay_pid: int | None = None) -> dict:
     sender, receiver, delivery = await pair(host, port, prosody, name)
     try:
         # warm-up (lazy imports, policy caches, TCP windows)
@@ -178,6 +187,7 @@ async def measure_route(name: str, host: str, port: int, prosody: Prosody, count
         base += pings
         # throughput: pipelined, at most `window` in flight
         sent_at: dict[int, float] = {}
+        cpu_before = cpu_seconds(relay_pid)
         start = time.perf_counter()
         for n in range(base, base + count):
             if n - window >= base:
@@ -188,15 +198,27 @@ async def measure_route(name: str, host: str, port: int, prosody: Prosody, count
                 await sender.writer.drain()
         await delivery.wait(base + count - 1, timeout=120)
         elapsed = time.perf_counter() - start
+        relay_cpu = cpu_seconds(relay_pid) - cpu_before
         missing = [n for n in sent_at if n not in delivery.arrived]
         loaded = sorted(delivery.arrived[n] - sent_at[n] for n in sent_at if n in delivery.arrived)
         return {"route": name, "rate": count / elapsed, "elapsed": elapsed, "missing": len(missing),
+                "cpu_us": relay_cpu / count * 1e6,
                 "p50": statistics.median(latencies), "p99": quantile(latencies, 0.99),
                 "loaded_p50": quantile(loaded, 0.5), "loaded_p99": quantile(loaded, 0.99), "next": base + count}
     finally:
         delivery.task.cancel()
         sender.close()
         receiver.close()
+
+
+def median_result(runs: list[dict]) -> dict:
+    """Each figure of a route: the median over its rounds."""
+    merged = dict(runs[0])
+    for key in ("rate", "elapsed", "cpu_us", "p50", "p99", "loaded_p50", "loaded_p99"):
+        merged[key] = statistics.median(r[key] for r in runs)
+    merged["missing"] = sum(r["missing"] for r in runs)
+    merged["rounds"] = len(runs)
+    return merged
 
 
 def quantile(values: list[float], q: float) -> float:
@@ -297,15 +319,21 @@ async def main_async(args, directory: Path) -> None:
     try:
         mitm, mitm_port = fresh_mitmdump("mitmdump")
         gw = fresh_imguard("imguard")
-        routes = [("a. direct to Prosody", prosody.c2s_port), ("b. plain mitmproxy", mitm_port),
-                  ("c. imguard", gw.c2s_port)]
-        results = []
+        routes = [("a. direct to Prosody", prosody.c2s_port, None), ("b. plain mitmproxy", mitm_port, mitm.pid),
+                  ("c. imguard", gw.c2s_port, gw.process.pid)]
+        # The routes take turns, `--rounds` times: a shared machine's load drifts, and each figure is the
+        # median of its rounds, so a slow minute hurts every route alike.
+        rounds: dict[str, list[dict]] = {name: [] for name, _, _ in routes}
         base = 0
-        for name, port in routes:
-            r = await measure_route(name, "127.0.0.1", port, prosody, args.messages, args.window, args.pings, base)
-            base = r["next"]
-            results.append(r)
-            print(f"  measured {name}: {r['rate']:.0f} msg/s", file=sys.stderr)
+        for round_no in range(args.rounds):
+            for name, port, pid in routes:
+                r = await measure_route(name, "127.0.0.1", port, prosody, args.messages, args.window, args.pings,
+                                        base, relay_pid=pid)
+                base = r["next"]
+                rounds[name].append(r)
+                print(f"  round {round_no + 1}: {name}: {r['rate']:.0f} msg/s, relay CPU {r['cpu_us']:.0f} us/msg",
+                      file=sys.stderr)
+        results = [median_result(rounds[name]) for name, _, _ in routes]
         memory = []
         if args.idle:
             # Each memory run gets a fresh relay process: RSS never shrinks after connections close,
@@ -343,18 +371,25 @@ def report(args, results: list[dict], memory: list[dict]) -> None:
     print()
     print(f"XMPP chat messages, cleartext c2s, bench1 -> bench2 on 127.0.0.1 "
           f"({os.cpu_count()} CPUs; Prosody, relay and load client share them)")
-    print(f"throughput: {args.messages} messages, window {args.window}; latency: {args.pings} messages one at a time")
+    print(f"throughput: {args.messages} messages, window {args.window}; latency: {args.pings} messages one at a time; "
+          f"median of {args.rounds} alternating rounds")
     print()
     head = (f"{'route':<22} {'msg/s':>8} {'vs a':>6} {'vs b':>6} {'p50 ms':>7} {'p99 ms':>7} "
-            f"{'+p50 ms':>8} {'+p99 ms':>8} {'loaded p50/p99 ms':>18} {'lost':>5}")
+            f"{'+p50 ms':>8} {'+p99 ms':>8} {'loaded p50/p99 ms':>18} {'relay CPU us/msg':>17} {'lost':>5}")
     print(head)
     print("-" * len(head))
     for r in results:
+        cpu = f"{r['cpu_us']:.0f}" if r is not direct else "-"
         print(f"{r['route']:<22} {r['rate']:>8.0f} {r['rate'] / direct['rate']:>6.2f} {r['rate'] / mitm['rate']:>6.2f} "
               f"{r['p50'] * 1e3:>7.2f} {r['p99'] * 1e3:>7.2f} {(r['p50'] - direct['p50']) * 1e3:>8.2f} "
               f"{(r['p99'] - direct['p99']) * 1e3:>8.2f} "
-              f"{r['loaded_p50'] * 1e3:>8.1f}/{r['loaded_p99'] * 1e3:<9.1f} {r['missing']:>5}")
-    print("(+p50/+p99: latency added over route a; vs a / vs b: throughput ratio to routes a and b)")
+              f"{r['loaded_p50'] * 1e3:>8.1f}/{r['loaded_p99'] * 1e3:<9.1f} {cpu:>17} {r['missing']:>5}")
+    print("(+p50/+p99: latency added over route a; vs a / vs b: throughput ratio to routes a and b;")
+    print(" relay CPU: the relay process's user+system CPU per message during the throughput run, all its threads)")
+    imguard = results[2]
+    verdict = "meets" if imguard["rate"] >= mitm["rate"] else "MISSES"
+    print(f"c. imguard {verdict} the target of at least plain mitmproxy's throughput "
+          f"({imguard['rate'] / mitm['rate']:.2f}x; CPU per message {imguard['cpu_us'] / mitm['cpu_us']:.2f}x)")
     if memory:
         print()
         head = f"{'idle connections':<22} {'count':>6} {'RSS before':>11} {'RSS after':>11} {'per conn':>10} {'login s':>8}"
@@ -374,6 +409,7 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=5000, help="messages in the throughput run")
     parser.add_argument("--window", type=int, default=100, help="messages in flight at most")
     parser.add_argument("--pings", type=int, default=500, help="messages in the one-at-a-time latency run")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of every route (medians reported)")
     parser.add_argument("--idle", type=int, default=1000, help="idle connections for the memory run (0 = skip)")
     parser.add_argument("--no-idle-tls", dest="idle_tls", action="store_false",
                         help="skip the idle-memory run with STARTTLS connections")
