@@ -70,3 +70,76 @@ def test_two_gateway_workers_share_one_data_folder(tmp_path):
     texts = sorted(r["text"] for r in archive.Archive(tmp_path / "archive.sqlite3").search(archive.Query()))
     assert texts == ["from the first worker", "from the second worker"]
     assert (tmp_path / "queue" / "archive").is_dir() and (tmp_path / "queue" / "archive-1").is_dir()
+
+
+def _queued(tmp_path):
+    return archive.Archive(tmp_path / "a.sqlite3", queue_dir=tmp_path / "queue")
+
+
+def test_a_record_is_on_disk_before_add_message_returns_and_the_writer_is_not_woken_per_record(tmp_path):
+    store = _queued(tmp_path)
+    ctx = ChatContext(protocol="xmpp", sender="alice@corp.example", recipients=("bob@ext.example",))
+    store.add_message("written before the call returns", ctx, Decision(action=ALLOW))
+    assert any(b"written before the call returns" in p.read_bytes() for p in (tmp_path / "queue").glob("seg-*"))
+    for n in range(3000):
+        store.add_message(f"burst {n}", ctx, Decision(action=ALLOW))
+    assert store.flush()
+    assert len(store.search(archive.Query(limit=10_000))) == 3001
+    # One wake-up per linger while records keep coming, not one per record.
+    assert store._backend.wakeups < 300
+    store.close()
+
+
+def test_records_queued_by_the_previous_version_are_still_archived(tmp_path):
+    """A queue left by a version that queued JSON objects (and not arrays) is drained after an upgrade."""
+    from imguard.sinks.queue import DiskQueue
+    queue = DiskQueue(tmp_path / "queue", 1 << 20)
+    old = {"uid": "old-1", "time": "2024-05-01T10:00:00.000+00:00", "protocol": "irc", "direction": "outbound",
+           "sender": "carol", "recipients": "#ops", "conversation": "", "client_address": "", "connection_id": "",
+           "action": "allow", "rules": "", "policy_version": "", "kind": "message", "text": "from before ü"}
+    queue.append(json.dumps(old, ensure_ascii=False).encode())
+    queue.close()
+    store = _queued(tmp_path)
+    store.add_message("after the upgrade", ChatContext(protocol="irc", sender="carol"), Decision(action=ALLOW))
+    rows = store.search(archive.Query(person="carol"))
+    assert [(r["time"], r["text"], r["kind"], r["file_size"]) for r in rows][0] == \
+        ("2024-05-01T10:00:00.000+00:00", "from before ü", "message", None)
+    assert [r["text"] for r in rows][1:] == ["after the upgrade"]
+    store.close()
+
+
+def test_a_batch_resent_after_a_crash_is_stored_once(tmp_path):
+    store = _queued(tmp_path)
+    ctx = ChatContext(protocol="irc", sender="alice", recipients=("#ops",))
+    for n in range(10):
+        store.add_message(f"m{n}", ctx, Decision(action=ALLOW))
+    store.add_file(FileReport(name="a.exe", path="a.exe", size=7, sha256="cd" * 32), ctx, Decision(action=BLOCK))
+    assert store.flush()
+    store.close()
+    state = tmp_path / "queue" / "state"
+    state.write_bytes(b"\x00" * 8 + state.read_bytes()[8:])      # the cursor never moved: all re-sent
+    store = _queued(tmp_path)
+    assert store.flush()
+    rows = store.search(archive.Query())
+    assert [r["text"] for r in rows] == [f"m{n}" for n in range(10)] + [None]
+    assert rows[-1]["file_size"] == 7 and store.search(archive.Query(sha256="CD" * 32))[0]["file_name"] == "a.exe"
+    store.close()
+
+
+def test_text_orjson_refuses_is_stored_and_does_not_stall_the_writer(tmp_path):
+    """A lone surrogate (bytes decoded with surrogateescape) cannot be UTF-8: stored as U+FFFD."""
+    store = _queued(tmp_path)
+    ctx = ChatContext(protocol="irc", sender="alice")
+    store.add_message("bad \udcff byte", ctx, Decision(action=ALLOW))
+    store.add_message("next", ctx, Decision(action=ALLOW))
+    assert [r["text"] for r in store.search(archive.Query())] == ["bad \ufffd byte", "next"]
+    store.close()
+
+
+def test_time_keeps_the_iso_format():
+    import datetime
+    import re
+    text = archive._now()
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00", text)
+    parsed = datetime.datetime.fromisoformat(text)
+    assert abs((datetime.datetime.now(datetime.timezone.utc) - parsed).total_seconds()) < 2

@@ -22,6 +22,11 @@ Bounded: a record that would push the backlog past `max_bytes` first drops the o
 records (counted in `dropped`). A failed write (disk full) is cut back so the file stays valid, and
 the error is raised to the caller, which keeps the event in the local log.
 
+Cost: append() is on the gateway's event loop for every archived chat message, so its common path is
+one header pack, one CRC, one write() and no scan of the segment list (the queue keeps its byte total).
+peek_batch() reads a run of records with one pread() rather than two per record, and remembers where
+each record it handed out ends, so ack_through() moves the cursor without reading them again.
+
 The queue never calls out while holding its lock: problems (damage, drops) are collected and taken
 by the caller with `take_problems()`, so reporting them may safely write to other queues.
 """
@@ -35,16 +40,19 @@ import threading
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 MAGIC = b"\xa5IQ1"
 HEADER = struct.Struct(">4sIQI")       # magic, payload length, seq, crc32
 STATE = struct.Struct(">QQ")           # cursor, attempted
 ATTEMPT_STEP = 32
 MAX_RECORD = 64 * 1024 * 1024
+READ_CHUNK = 256 * 1024                # peek_batch() reads records in runs of up to this many bytes
+_LENGTH_SEQ = struct.Struct(">IQ")     # the header fields the CRC covers
 
 
-@dataclass(frozen=True)
-class QueueRecord:
+class QueueRecord(NamedTuple):
+    # A tuple, not a dataclass: peek_batch() makes hundreds per call and a tuple is several times cheaper.
     seq: int
     payload: bytes
     possible_duplicate: bool
@@ -58,7 +66,7 @@ class Problem:
 
 
 def _crc(length: int, seq: int, payload: bytes) -> int:
-    return zlib.crc32(payload, zlib.crc32(struct.pack(">IQ", length, seq)))
+    return zlib.crc32(payload, zlib.crc32(_LENGTH_SEQ.pack(length, seq)))
 
 
 def encode_record(seq: int, payload: bytes) -> bytes:
@@ -131,6 +139,8 @@ class DiskQueue:
         self._problems: list[Problem] = []
         self.dropped = 0                  # records dropped because the queue was full, since open
         self._segments: list[_Segment] = []
+        self._bytes = 0                   # sum of the segments' sizes: append() checks the bound without a scan
+        self._peeked: tuple | None = None  # the last peek: (head segment, read offset, seqs, ends, segments)
         self._read_fd: tuple[str, int] = ("", -1)                # (path, fd) of the segment being read
         self._state_fd = os.open(self.directory / "state", os.O_RDWR | os.O_CREAT, 0o600)
         try:
@@ -178,7 +188,7 @@ class DiskQueue:
                 self._next_seq = max(self._next_seq, last.first_seq)
         # Delete segments wholly behind the cursor, then find the cursor inside the first one left.
         while len(self._segments) > 1 and self._segments[1].first_seq <= self._cursor:
-            self._delete(self._segments.pop(0))
+            self._drop_head()
         if self._segments:
             data = self._segment_data(self._segments[0])
             off = 0
@@ -192,6 +202,13 @@ class DiskQueue:
                 off = end
             self._read_off = off
             self._write_fd = os.open(self._segments[-1].path, os.O_WRONLY | os.O_APPEND)
+        self._bytes = sum(s.size for s in self._segments)
+
+    def _drop_head(self) -> None:
+        """Delete the first segment (wholly read); the read offset is the caller's to set."""
+        segment = self._segments.pop(0)
+        self._bytes -= segment.size
+        self._delete(segment)
 
     def _delete(self, segment: _Segment) -> None:
         if self._read_fd[0] == str(segment.path):
@@ -235,7 +252,7 @@ class DiskQueue:
 
     @property
     def backlog_bytes(self) -> int:
-        return sum(s.size for s in self._segments) - self._read_off
+        return self._bytes - self._read_off
 
     @property
     def backlog_records(self) -> int:
@@ -269,7 +286,7 @@ class DiskQueue:
                 continue
             if len(self._segments) == 1:
                 return None
-            self._delete(self._segments.pop(0))
+            self._drop_head()
             self._read_off = 0
         return None
 
@@ -285,28 +302,88 @@ class DiskQueue:
     def peek_batch(self, limit: int) -> list[QueueRecord]:
         """Up to `limit` oldest undelivered records, in order, left in place until ack_through()."""
         with self._lock:
-            first = self._at_cursor()
-            if first is None:
-                return []
-            found = [first]
-            index, off = 0, first[2]
-            while len(found) < limit:
-                segment = self._segments[index]
-                if off >= segment.size:
-                    if index + 1 >= len(self._segments):
-                        break
-                    index, off = index + 1, 0
-                    continue
-                parsed = self._read_at(segment, off)
+            seqs, payloads = self._scan(limit)
+            attempted = self._recovered_attempted
+            return [QueueRecord(seq, payload, seq <= attempted) for seq, payload in zip(seqs, payloads)]
+
+    def peek_payloads(self, limit: int) -> tuple[int, list[bytes]]:
+        """peek_batch() for a consumer that needs neither seqs nor duplicate flags (its records carry their
+        own ids): the seq to pass to ack_through() (0 when empty) and up to `limit` payloads."""
+        with self._lock:
+            seqs, payloads = self._scan(limit)
+            return (seqs[-1] if seqs else 0), payloads
+
+    def _scan(self, limit: int) -> tuple[list[int], list[bytes]]:
+        """The seqs and payloads of up to `limit` records from the cursor. Reads a run of records with one
+        pread() and parses it in memory, and remembers where each ends, for ack_through()."""
+        first = self._at_cursor()
+        if first is None:
+            return [], []
+        head = self._segments[0]
+        seqs, payloads, ends, where = [first[0]], [first[1]], [first[2]], [head]
+        index, off = 0, first[2]
+        unpack, crc32, header_size = HEADER.unpack_from, zlib.crc32, HEADER.size
+        while len(seqs) < limit:
+            segment = self._segments[index]
+            if off >= segment.size:
+                if index + 1 >= len(self._segments):
+                    break
+                index, off = index + 1, 0
+                continue
+            data = os.pread(self._fd_for(segment), min(segment.size - off, READ_CHUNK), off)
+            size, pos, count = len(data), 0, len(seqs)
+            while count < limit and pos + header_size <= size:
+                magic, length, seq, crc = unpack(data, pos)
+                end = pos + header_size + length
+                if magic != MAGIC or end > size:
+                    break               # the end of the run, a record cut by it, or damage
+                payload = data[pos + header_size:end]
+                if crc32(payload, crc32(data[pos + 4:pos + 16])) != crc:     # the CRC covers length and seq
+                    break
+                seqs.append(seq)
+                payloads.append(payload)
+                ends.append(off + end)
+                where.append(segment)
+                pos = end
+                count += 1
+            if pos == 0:
+                parsed = self._read_at(segment, off)        # a record larger than a run
                 if parsed is None:
-                    break                   # damage: skipped and reported when it reaches the head
-                found.append(parsed)
+                    break               # damage: skipped and reported when it reaches the head
+                seqs.append(parsed[0])
+                payloads.append(parsed[1])
+                ends.append(parsed[2])
+                where.append(segment)
                 off = parsed[2]
-            return [QueueRecord(seq, payload, seq <= self._recovered_attempted) for seq, payload, _ in found]
+            else:
+                off += pos
+        self._peeked = (head, self._read_off, seqs, ends, where)
+        return seqs, payloads
+
+    def _ack_peeked(self, seq: int) -> None:
+        """Move past the records of the last peek up to `seq` from where the peek found they end, without
+        reading them again; only if nothing moved the read position since (an append that dropped records)."""
+        peeked, self._peeked = self._peeked, None
+        if peeked is None or not self._segments or peeked[0] is not self._segments[0] or peeked[1] != self._read_off:
+            return
+        _, _, seqs, ends, where = peeked
+        i = len(seqs) - 1
+        while i >= 0 and seqs[i] > seq:
+            i -= 1
+        if i < 0 or not any(s is where[i] for s in self._segments):
+            return
+        while self._segments[0] is not where[i]:
+            self._drop_head()
+        self._read_off = ends[i]
+        self._cursor = seqs[i] + 1
+        while len(self._segments) > 1 and self._read_off >= self._segments[0].size:
+            self._drop_head()
+            self._read_off = 0
 
     def ack_through(self, seq: int) -> None:
         """The sink accepted every record up to `seq`: move past them."""
         with self._lock:
+            self._ack_peeked(seq)
             while True:
                 found = self._at_cursor()
                 if found is None or found[0] > seq:
@@ -330,7 +407,7 @@ class DiskQueue:
         self._read_off = end
         self._cursor = seq + 1
         while len(self._segments) > 1 and self._read_off >= self._segments[0].size:
-            self._delete(self._segments.pop(0))
+            self._drop_head()
             self._read_off = 0
         return seq
 
@@ -347,30 +424,24 @@ class DiskQueue:
     def append(self, payload: bytes, sync: bool = False) -> int:
         """Add a record; returns its seq. Drops the oldest records first when the queue would overflow.
         Raises OSError when the disk refuses the write (nothing partial is left behind)."""
-        record_len = HEADER.size + len(payload)
+        length = len(payload)
+        record_len = HEADER.size + length
         with self._lock:
-            dropped = 0
-            if record_len > self.max_bytes:
-                self.dropped += 1
-                self._problems.append(Problem("dropped", f"a {record_len}-byte event is larger than the whole "
-                                              f"queue ({self.max_bytes} bytes)", 1))
-                return -1
-            while self.backlog_bytes + record_len > self.max_bytes and self._advance() is not None:
-                dropped += 1
-            if dropped:
-                self.dropped += dropped
-                self._problems.append(Problem("dropped", f"queue full ({self.max_bytes} bytes): the {dropped} "
-                                              "oldest undelivered events dropped", dropped))
-                self._save_state()
+            if self._bytes - self._read_off + record_len > self.max_bytes:
+                if record_len > self.max_bytes:
+                    self.dropped += 1
+                    self._problems.append(Problem("dropped", f"a {record_len}-byte event is larger than the whole "
+                                                  f"queue ({self.max_bytes} bytes)", 1))
+                    return -1
+                self._make_room(record_len)
             seq = self._next_seq
-            if not self._segments or (self._segments[-1].size and
-                                      self._segments[-1].size + record_len > self.segment_bytes):
+            segments = self._segments
+            if not segments or (segments[-1].size and segments[-1].size + record_len > self.segment_bytes):
                 self._new_segment(seq)
-            segment = self._segments[-1]
-            record = encode_record(seq, payload)
+            segment = segments[-1]
+            crc = zlib.crc32(payload, zlib.crc32(_LENGTH_SEQ.pack(length, seq)))
             try:
-                written = os.write(self._write_fd, record)
-                if written != len(record):
+                if os.write(self._write_fd, HEADER.pack(MAGIC, length, seq, crc) + payload) != record_len:
                     raise OSError(28, "short write to the queue")
                 if sync:
                     os.fsync(self._write_fd)
@@ -380,9 +451,20 @@ class DiskQueue:
                 except OSError:
                     pass
                 raise
-            segment.size += len(record)
+            segment.size += record_len
+            self._bytes += record_len
             self._next_seq = seq + 1
             return seq
+
+    def _make_room(self, record_len: int) -> None:
+        dropped = 0
+        while self.backlog_bytes + record_len > self.max_bytes and self._advance() is not None:
+            dropped += 1
+        if dropped:
+            self.dropped += dropped
+            self._problems.append(Problem("dropped", f"queue full ({self.max_bytes} bytes): the {dropped} "
+                                          "oldest undelivered events dropped", dropped))
+            self._save_state()
 
     def _new_segment(self, first_seq: int) -> None:
         path = self.directory / f"seg-{first_seq:020d}"
@@ -390,10 +472,12 @@ class DiskQueue:
         if self._write_fd >= 0:
             os.close(self._write_fd)
         self._write_fd = fd
-        self._segments.append(_Segment(first_seq, path, os.fstat(fd).st_size))
+        segment = _Segment(first_seq, path, os.fstat(fd).st_size)
+        self._segments.append(segment)
+        self._bytes += segment.size
         # A consumed head segment is no longer the one being written: it can go.
         while len(self._segments) > 1 and self._read_off >= self._segments[0].size:
-            self._delete(self._segments.pop(0))
+            self._drop_head()
             self._read_off = 0
 
     def close(self) -> None:
