@@ -74,7 +74,9 @@ CREATE TABLE IF NOT EXISTS records (
     action TEXT NOT NULL, rules TEXT, policy_version TEXT
 );
 CREATE INDEX IF NOT EXISTS records_time ON records(time);
-CREATE INDEX IF NOT EXISTS records_sender ON records(sender);
+-- No index on sender: a person search is LIKE '%name%', which no index serves, and every insert paid for
+-- one (archives made by earlier versions lose it here).
+DROP INDEX IF EXISTS records_sender;
 -- Partial: chat messages (nearly every row) have no sha256, and an index entry per message cost each
 -- insert; `sha256 = ?` still uses it. (An archive created before keeps its full index: same results.)
 CREATE INDEX IF NOT EXISTS records_sha256 ON records(sha256) WHERE sha256 IS NOT NULL;
@@ -94,7 +96,9 @@ CREATE TABLE IF NOT EXISTS records (
     action TEXT NOT NULL, rules TEXT, policy_version TEXT
 );
 CREATE INDEX IF NOT EXISTS records_time ON records(time);
-CREATE INDEX IF NOT EXISTS records_sender ON records(sender);
+-- No index on sender: a person search is LIKE '%name%', which no index serves, and every insert paid for
+-- one (archives made by earlier versions lose it here).
+DROP INDEX IF EXISTS records_sender;
 CREATE INDEX IF NOT EXISTS records_sha256 ON records(sha256);
 """
 
