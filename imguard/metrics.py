@@ -91,6 +91,9 @@ class Metrics:
         self._gauges: dict[tuple[str, tuple], float] = {}
         self._histograms = {"imguard_inspection_seconds": _Histogram(LATENCY_BUCKETS),
                             "imguard_file_size_bytes": _Histogram(SIZE_BUCKETS)}
+        # action -> the two counter keys of a message that matched no rule (the bulk of the traffic), made
+        # once per action rather than per message. Actions are a handful of words.
+        self._plain_message_keys: dict[str, tuple[tuple, tuple]] = {}
 
     def _inc(self, name: str, labels: tuple[tuple[str, str], ...] = (), value: float = 1) -> None:
         self._counters[(name, labels)] = self._counters.get((name, labels), 0) + value
@@ -101,6 +104,9 @@ class Metrics:
             self._inc("imguard_connections_total", (("protocol", protocol or "unknown"),))
 
     def message(self, action: str, rules: Iterable[str] = ()) -> None:
+        if not rules:
+            self._plain_message(action)
+            return
         with self._lock:
             self._inc("imguard_messages_total", (("action", action),))
             self._decisions("message", action, rules)
@@ -113,6 +119,18 @@ class Metrics:
             self._histograms["imguard_file_size_bytes"].observe(size)
             if seconds is not None:
                 self._histograms["imguard_inspection_seconds"].observe(seconds)
+
+    def _plain_message(self, action: str) -> None:
+        """message(action) with no rule (rule=""): the counter keys made once per action, not per message."""
+        keys = self._plain_message_keys.get(action)
+        if keys is None:
+            keys = self._plain_message_keys[action] = (
+                ("imguard_messages_total", (("action", action),)),
+                ("imguard_decisions_total", (("kind", "message"), ("action", action), ("rule", ""))))
+        counters = self._counters
+        with self._lock:
+            for key in keys:
+                counters[key] = counters.get(key, 0) + 1
 
     def _decisions(self, kind: str, action: str, rules: Iterable[str]) -> None:
         rules = list(rules) or [""]
@@ -141,9 +159,13 @@ class Metrics:
         this for every event, so the pipeline need not call message()/file()/anomaly() itself."""
         ev = event.get("event", {})
         dataset = ev.get("dataset", "")
-        rules = event.get("rule", {}).get("id", [])
-        rules = [rules] if isinstance(rules, str) else list(rules)
+        rule = event.get("rule")
+        rules = rule.get("id", ()) if rule else ()
         action = ev.get("action", "")
+        if dataset == "imguard.message" and not rules:      # an allowed message: the bulk of the events
+            self._plain_message(action)
+            return
+        rules = [rules] if isinstance(rules, str) else list(rules)
         if dataset == "imguard.message":
             self.message(action, rules)
         elif dataset == "imguard.file" and "decision" in event.get("imguard", {}):

@@ -37,7 +37,15 @@ class ChatContext:
     transfer_mechanism: str = ""        # for files: "xep-0363", "ibb", "socks5", "dcc", "upload", ""
 
     def with_(self, **changes: Any) -> "ChatContext":
-        return dataclasses.replace(self, **changes)
+        # Called per message by some sessions: copying the fields is several times cheaper than
+        # dataclasses.replace (which runs __init__); anything unusual still goes through replace.
+        if type(self) is not ChatContext or not changes.keys() <= _CONTEXT_FIELDS:
+            return dataclasses.replace(self, **changes)
+        copy = object.__new__(ChatContext)
+        fields = copy.__dict__
+        fields.update(self.__dict__)
+        fields.update(changes)
+        return copy
 
     def to_dict(self) -> dict[str, Any]:
         # Written for every chat message: a plain dict is several times cheaper than dataclasses.asdict.
@@ -45,6 +53,9 @@ class ChatContext:
                 "recipients": list(self.recipients), "conversation": self.conversation,
                 "client_address": self.client_address, "server_address": self.server_address,
                 "connection_id": self.connection_id, "transfer_mechanism": self.transfer_mechanism}
+
+
+_CONTEXT_FIELDS = frozenset(f.name for f in dataclasses.fields(ChatContext))
 
 
 # Finding kinds. A finding is a fact the inspector established, not a verdict: policy decides.
@@ -153,7 +164,9 @@ class RuleMatch:
     source: str = ""                                  # "file:line" of the rule
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        # By hand: dataclasses.asdict costs several microseconds, and a decision is written per message.
+        return {"rule_id": self.rule_id, "action": self.action, "severity": self.severity, "mode": self.mode,
+                "title": self.title, "reasons": list(self.reasons), "notice": self.notice, "source": self.source}
 
 
 @dataclass
@@ -181,4 +194,7 @@ class Decision:
         return SEVERITIES[max(ranks)] if ranks else ""
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        # By hand, as RuleMatch.to_dict: the same dict as dataclasses.asdict, in a fraction of the time.
+        return {"action": self.action, "matches": [m.to_dict() for m in self.matches] if self.matches else [],
+                "shadow": [m.to_dict() for m in self.shadow] if self.shadow else [], "masked_text": self.masked_text,
+                "notice": self.notice, "policy_version": self.policy_version}

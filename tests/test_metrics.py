@@ -106,3 +106,19 @@ def test_the_endpoint_is_off_by_default_and_loopback_when_on():
             opener.open(f"http://127.0.0.1:{server.address[1]}/other", timeout=5)
     finally:
         server.close()
+
+
+def test_a_message_without_rules_counts_like_one_with_the_empty_rule():
+    """message() has a fast path for the common case (no rule matched): it must count what the general
+    path counts, whether the event has no rule, only a version, or an empty rule id."""
+    fast, general = Metrics(), Metrics()
+    for _ in range(3):
+        fast.message("allow")
+        general.message("allow", iter([""]))
+    fast.observe_event(alerts.message_event("hi", CTX, Decision(action=ALLOW, policy_version="v1")))
+    fast.observe_event({"event": {"dataset": "imguard.message", "action": "allow"}, "rule": {"id": ""}})
+    general.message("allow", [""])
+    general.message("allow", [""])
+    assert fast.render() == general.render()
+    assert fast.value("imguard_messages_total", action="allow") == 5
+    assert fast.value("imguard_decisions_total", kind="message", action="allow", rule="") == 5

@@ -521,3 +521,29 @@ def test_two_processes_never_share_a_queue(tmp_path):
         DiskQueue(tmp_path / "queue" / "webhook", 1 << 20)
     first.close()
     second.close()
+
+
+def test_text_with_unicode_line_breaks_stays_one_record_everywhere(tmp_path):
+    """U+2028, U+2029 and U+0085 in a message stay escaped in the local log and in a sink's queue, and the
+    sink receives the text unchanged; an event's id and the instance name are kept as given."""
+    text = "one\u2028two\u2029three\x85four é"
+    remote = ListSink()
+    bus = EventBus(alerts.AlertLog(tmp_path / "alerts.jsonl", instance="gw1"), [remote],
+                   queue_dir=tmp_path / "queue", dedup_window=60)
+    allowed = alerts.message_event(text, CTX, Decision(action=ALLOW))
+    blocked = alerts.message_event(text, CTX, BLOCK_MALWARE)
+    ids = [allowed["event"]["id"], blocked["event"]["id"]]
+    bus.write(allowed)
+    bus.write(blocked)
+    assert bus.drain()
+    queued = b"".join(path.read_bytes() for path in (tmp_path / "queue").rglob("*") if path.is_file())
+    bus.close()
+    raw = (tmp_path / "alerts.jsonl").read_bytes()
+    for data in (raw, queued):
+        assert "\u2028".encode() not in data and "\u2029".encode() not in data and "\x85".encode() not in data
+    events = local_events(tmp_path)
+    assert [e["imguard"]["message"]["text"] for e in events] == [text, text]
+    assert [e["event"]["id"] for e in events] == ids
+    assert [e["observer"]["name"] for e in events] == ["gw1", "gw1"]
+    assert [e["imguard"]["message"]["text"] for e in remote.received] == [text, text]
+    assert [e["event"]["id"] for e in remote.received] == ids

@@ -68,6 +68,8 @@ class _Delivery:
                 self.wake.clear()
                 continue
             try:
+                # json, not orjson: orjson reads an integer beyond 64 bits as a float and refuses a lone
+                # surrogate, both of which alerts.encode's json fallback may have written.
                 event = json.loads(record.payload)
             except ValueError:
                 self.queue.ack(record.seq)
@@ -151,6 +153,11 @@ class EventBus:
         Never blocks on a sink and never raises for a sink's or a queue's trouble."""
         if self.metrics is not None:
             self.metrics.observe_event(event)
+        if not _is_alert(event):
+            # Plain events are never suppressed (dedup_key is None for them): skip the filter. This is the
+            # path of every allowed chat message.
+            self._emit(event)
+            return
         # Suppression spares the remote sinks (a SIEM, a mailbox) a flood of repeats; the local log is
         # the record, so it gets every event, repeats included.
         kept = self.dedup.filter(event)
@@ -163,8 +170,15 @@ class EventBus:
 
     def _emit(self, event: dict[str, Any], skip: _Delivery | None = None, remote: bool = True,
               local: bool = True) -> None:
-        event.setdefault("event", {}).setdefault("id", alerts.new_event_id())
-        observer = event.setdefault("observer", dict(alerts.OBSERVER))
+        # Without setdefault: its default would be built for every event, and an id spent for nothing.
+        fields = event.get("event")
+        if fields is None:
+            fields = event["event"] = {}
+        if "id" not in fields:
+            fields["id"] = alerts.new_event_id()
+        observer = event.get("observer")
+        if observer is None:
+            observer = event["observer"] = alerts.OBSERVER.copy()
         if self.local is not None:
             observer["name"] = self.local.instance
         # Queued first, then the local line: whatever the local log shows was queued for every sink,
