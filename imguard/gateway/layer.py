@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -39,6 +40,10 @@ from imguard.model import ChatContext, Decision, FileReport
 from imguard.protocols.base import Close, InspectFile, Record, Send, StartTls
 
 logger = logging.getLogger("imguard.gateway")
+
+# How long decided stanzas of one read may wait for the rest of it before they are forwarded: long enough to
+# gather a few into one write, short enough that the peer is not kept idle while a large read is checked.
+FORWARD_AFTER = 0.0005
 
 
 @dataclass
@@ -157,7 +162,11 @@ class SessionLayer(layer.Layer):
         elif isinstance(event, events.DataReceived):
             if event.data:
                 from_client = event.connection == self.context.client
-                yield from self._run(self._call(self.session.data_received, from_client, event.data))
+                steps = getattr(self.session, "data_received_steps", None)
+                if steps is not None:
+                    yield from self._run_steps(steps, from_client, event.data)
+                else:
+                    yield from self._run(self._call(self.session.data_received, from_client, event.data))
         elif isinstance(event, events.ConnectionClosed):
             yield from self._connection_closed(event)
         elif isinstance(event, NoticeInjected):
@@ -205,20 +214,58 @@ class SessionLayer(layer.Layer):
         try:
             return list(method(*args) or [])
         except Exception as e:
-            logger.exception("%s: session %s failed in %s", self.chat.client_address,
-                             type(self.session).__name__, method.__name__)
-            fail_open = getattr(self.carrier, "parse_fail_open", None)     # fail mode parse (failmode.py)
-            if fail_open is not None and fail_open(self.chat.protocol):
-                self.carrier.anomaly(self.chat, "session_error", f"{type(e).__name__}: {e}; fail mode open: the "
-                                     "rest of the connection is relayed uninspected",
-                                     session=type(self.session).__name__, call=method.__name__, fail_mode="open")
-                self.raw = True     # bytes the session was holding are lost; what arrives from now on is relayed
-                if method.__name__ == "data_received":
-                    return [Send(to_client=not args[0], data=args[1])]
-                return []
-            self.carrier.anomaly(self.chat, "session_error", f"{type(e).__name__}: {e}",
-                                 session=type(self.session).__name__, call=method.__name__)
-            return [Close(f"session error in {method.__name__}")]
+            unsent = args[1] if method.__name__ == "data_received" else b""
+            return self._session_failed(method, args, e, unsent)
+
+    def _run_steps(self, steps: Callable, from_client: bool, data: bytes) -> layer.CommandGenerator[None]:
+        """A read, stanza by stanza (session.data_received_steps): what is decided goes out at the latest
+        FORWARD_AFTER seconds later, while the rest of the read is still being checked. The server (or the
+        client) then works on the first messages on the other core instead of waiting for the whole read:
+        a large read of chat messages is a pipeline, not a batch. Sends gathered meanwhile still go out as
+        one write."""
+        pending: list = []
+        flushed_at = time.perf_counter()
+        forwarded = False                   # some of this read went out already
+        iterator = steps(from_client, data)
+        while not self.closed:
+            try:
+                step = next(iterator, None)
+            except Exception as e:
+                pending = []                # decided, but the read as a whole is in doubt
+                step = self._session_failed(steps, (from_client, data), e, b"" if forwarded else data)
+                iterator = iter(())
+            if step is None:
+                break
+            if all(type(cmd) is Send for cmd in step):
+                pending += step
+                if time.perf_counter() - flushed_at < FORWARD_AFTER:
+                    continue
+            else:
+                pending += step
+            yield from self._run(pending)
+            pending = []
+            forwarded = True
+            flushed_at = time.perf_counter()
+        if pending:
+            yield from self._run(pending)
+
+    def _session_failed(self, method: Callable, args: tuple, e: Exception, unsent: bytes = b"") -> list:
+        """What a session's exception becomes: an anomaly and a Close; or with fail mode parse=open, the rest
+        of the connection relayed uninspected, starting with `unsent` (the read that failed, when none of it
+        went out yet; what the session was holding is lost)."""
+        logger.exception("%s: session %s failed in %s", self.chat.client_address,
+                         type(self.session).__name__, method.__name__)
+        fail_open = getattr(self.carrier, "parse_fail_open", None)     # fail mode parse (failmode.py)
+        if fail_open is not None and fail_open(self.chat.protocol):
+            self.carrier.anomaly(self.chat, "session_error", f"{type(e).__name__}: {e}; fail mode open: the "
+                                 "rest of the connection is relayed uninspected",
+                                 session=type(self.session).__name__, call=method.__name__, fail_mode="open")
+            self.raw = True
+            from_client = args[0] if args and isinstance(args[0], bool) else True
+            return [Send(to_client=not from_client, data=unsent)] if unsent else []
+        self.carrier.anomaly(self.chat, "session_error", f"{type(e).__name__}: {e}",
+                             session=type(self.session).__name__, call=method.__name__)
+        return [Close(f"session error in {method.__name__}")]
 
     def _run(self, cmds: list) -> layer.CommandGenerator[None]:
         work = collections.deque(cmds)
