@@ -105,6 +105,45 @@ class LineSession:
         return [Close("peer closed")]
 
 
+class SteppingSession(LineSession):
+    """LineSession with data_received_steps: one step per line. A line "WAIT" is decided only once the
+    upstream server (a thread with a blocking socket, see test_decided_lines_go_out_before_the_rest) has
+    received every line before it, or after 3 s; it records which."""
+
+    def data_received_steps(self, from_client, data):
+        for line in self._lines(from_client, data):
+            if from_client and line == b"WAIT\n":
+                arrived = SteppingSession.upstream.wait_for(b"first\n", 3.0)
+                SteppingSession.waits.append(arrived)
+            yield [Send(not from_client, line)]
+
+    def data_received(self, from_client, data):
+        return [cmd for step in self.data_received_steps(from_client, data) for cmd in step]
+
+
+class ThreadServer:
+    """An upstream on a plain blocking socket in its own thread: it sees bytes while the event loop is busy."""
+
+    def __init__(self):
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.received = b""
+        self.cond = threading.Condition()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        conn, _ = self.sock.accept()
+        with conn:
+            while data := conn.recv(65536):
+                with self.cond:
+                    self.received += data
+                    self.cond.notify_all()
+
+    def wait_for(self, text: bytes, timeout: float) -> bool:
+        with self.cond:
+            return self.cond.wait_for(lambda: text in self.received, timeout)
+
+
 # --- local servers -------------------------------------------------------------------------------------------
 
 def make_ca(tmp: Path):
@@ -218,6 +257,29 @@ def test_relay_session_carries_bytes_exactly(tmp_path):
             await gw.stop()
             echo.close()
     run(main())
+
+
+def test_decided_lines_go_out_before_the_rest_of_the_read(tmp_path, monkeypatch):
+    """A session with data_received_steps: what is decided is forwarded while the rest of the same read is
+    still being checked (FORWARD_AFTER 0 here: at once), so the server works in parallel with the gateway."""
+    from imguard.gateway import layer
+    monkeypatch.setattr(layer, "FORWARD_AFTER", 0.0)
+    upstream = ThreadServer()
+    SteppingSession.upstream, SteppingSession.waits = upstream, []
+
+    async def main():
+        gw, gport = await start_gateway(tmp_path, upstream.port, factories={"line": SteppingSession})
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", gport)
+            writer.write(b"first\nWAIT\nlast\n")        # one write: one read at the gateway
+            await writer.drain()
+            await asyncio.to_thread(upstream.wait_for, b"last\n", TIMEOUT)
+            writer.close()
+        finally:
+            await gw.stop()
+    run(main())
+    assert upstream.received == b"first\nWAIT\nlast\n"
+    assert SteppingSession.waits == [True], "the first line was held until the whole read was checked"
 
 
 def test_send_and_close_commands(tmp_path):

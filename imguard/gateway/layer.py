@@ -236,6 +236,12 @@ class SessionLayer(layer.Layer):
                 iterator = iter(())
             if step is None:
                 break
+            if any(type(cmd) is StartTls for cmd in step):
+                # What follows STARTTLS in this read belongs inside TLS: _run hands it to the TLS child.
+                try:
+                    step = step + [cmd for rest in iterator for cmd in rest]
+                except Exception as e:
+                    step = step + self._session_failed(steps, (from_client, data), e)
             if all(type(cmd) is Send for cmd in step):
                 pending += step
                 if time.perf_counter() - flushed_at < FORWARD_AFTER:

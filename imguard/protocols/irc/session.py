@@ -48,7 +48,7 @@ import binascii
 import collections
 import re
 from dataclasses import dataclass, replace
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from imguard import alerts
 from imguard.model import MASK, ChatContext, Decision, FileReport
@@ -172,20 +172,29 @@ class IrcSession:
     # --- StreamSession ------------------------------------------------------------------------------
 
     def data_received(self, from_client: bool, data: bytes) -> list[Command]:
-        if self.closed:
-            return []
         out = OutgoingCommands()
+        for step in self.data_received_steps(from_client, data):
+            out.add(*step)
+        return out.cmds
+
+    def data_received_steps(self, from_client: bool, data: bytes) -> Iterator[list[Command]]:
+        """data_received, one line at a time: the commands for each line as soon as it is decided, so a
+        carrier can forward the first lines of a read while it checks the rest."""
+        if self.closed:
+            return
         if self._starting_tls:
             # Bytes after STARTTLS/670 and before the TLS handshake: plaintext injection; never forwarded.
-            out.add(self._anomaly("starttls_injection", "plaintext after STARTTLS was agreed; dropped",
-                                  from_client=from_client, size=len(data)))
-            return out.cmds
+            yield [self._anomaly("starttls_injection", "plaintext after STARTTLS was agreed; dropped",
+                                 from_client=from_client, size=len(data))]
+            return
         events = self._decoders[from_client].feed(data)
         for i, ev in enumerate(events):
+            out = OutgoingCommands()
             if isinstance(ev, LineTooLong):
                 self.closed = True
                 out.add(self._anomaly(ev.kind, ev.detail, from_client=from_client), Close("IRC line too long"))
-                break
+                yield out.cmds
+                return
             if isinstance(ev, BadLine):
                 self._bad_line(out, from_client, ev)
             elif from_client:
@@ -199,8 +208,9 @@ class IrcSession:
                     out.add(self._anomaly("starttls_injection", "plaintext after STARTTLS was agreed; dropped",
                                           from_client=from_client, size=rest))
                 out.add(StartTls())
-                break
-        return out.cmds
+                yield out.cmds
+                return
+            yield out.cmds
 
     def tls_started(self) -> list[Command]:
         self.tls = True
