@@ -9,6 +9,7 @@ the machine. (Plain events, such as an allowed chat message, skip the fsync: it 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -54,6 +55,8 @@ def _set_severity(event: dict[str, Any], severity: str) -> None:
 # (second, "YYYY-MM-DDTHH:MM:SS") of the last timestamp made: every event of the same second reuses it.
 # One tuple, swapped whole, so threads never see a second paired with another second's text.
 _timestamp_second: tuple[int, str] = (-1, "")
+# ".000Z" ... ".999Z": looked up, since formatting the milliseconds ({:03d}) costs more than the rest of _now.
+_MILLISECOND_SUFFIXES = tuple(f".{millisecond:03d}Z" for millisecond in range(1000))
 
 
 def _now() -> str:
@@ -65,7 +68,7 @@ def _now() -> str:
     if second != cached_second:
         text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         _timestamp_second = (second, text)
-    return f"{text}.{millisecond:03d}Z"
+    return text + _MILLISECOND_SUFFIXES[millisecond]
 
 
 # "ip:port" -> its ECS fields. A connection's two addresses come with every one of its messages; parsing
@@ -273,11 +276,122 @@ def encode(event: dict[str, Any]) -> bytes:
             # What orjson refuses and json takes: integers beyond 64 bits, lone surrogates (text decoded
             # with surrogateescape), nesting deeper than 254. json.dumps escapes everything non-ASCII.
             return (json.dumps(event, separators=(",", ":"), default=str) + "\n").encode()
+    return _escape_raw_line_breaks(line)
+
+
+def _escape_raw_line_breaks(line: bytes) -> bytes:
+    """orjson's output with U+2028, U+2029 and U+0085 escaped (see _RAW_LINE_BREAKS)."""
     # isascii is a fraction of a microsecond; a substring search over the line costs a few.
     if not line.isascii() and (b"\xe2\x80" in line or b"\xc2\x85" in line):
         for raw, escaped in _RAW_LINE_BREAKS:
             line = line.replace(raw, escaped)
     return line
+
+
+# --- the line of a plain message, from cached fragments ---------------------------------------------------
+# An allowed chat message that matched no rule is most of the log, and its line differs from the last one of
+# the same conversation only in @timestamp, event.id, the text and its sha256. AlertLog.write_message joins
+# those four into fragments cut, once per (context object, observer name, policy version), from the line the
+# general path writes for that context, so the bytes are the general path's by construction.
+
+# Stand-ins put in the template event where the varying values go. A per-process random part, so that text
+# from the wire cannot contain one by chance or on purpose (and a template where one occurs twice is refused).
+_MARK = f"imguard-{os.urandom(8).hex()}"
+_TIMESTAMP_MARK, _ID_MARK, _TEXT_MARK, _SHA256_MARK = (f"{_MARK}-{part}"
+                                                       for part in ("timestamp", "id", "text", "sha256"))
+
+MESSAGE_FRAGMENTS_MAX = 4096           # contexts whose line fragments an AlertLog keeps (emptied when full)
+
+# (with text: before @timestamp, before event.id, before the text's JSON string, before its sha256, the rest;
+#  without text: before @timestamp, before event.id, the rest)
+MessageFragments = tuple[tuple[bytes, bytes, bytes, bytes, bytes], tuple[bytes, bytes, bytes]]
+
+_CONTEXT_STRING_FIELDS = tuple(f.name for f in dataclasses.fields(ChatContext) if f.name != "recipients")
+
+
+def is_plain_message(decision: Decision) -> bool:
+    """An allowed message that matched no rule, not even in shadow, with no rewritten text and no notice:
+    the bulk of the events, and the only kind AlertLog.write_message renders from cached fragments."""
+    return (type(decision) is Decision and decision.action == ALLOW and not decision.matches
+            and not decision.shadow and decision.masked_text is None and not decision.notice
+            and type(decision.policy_version) is str)
+
+
+def _cacheable_context(ctx: ChatContext) -> bool:
+    # Fragments are cached by the context's identity: sound only when its fields cannot change under it
+    # (frozen, and plain strings, not a list of recipients someone may append to or objects rendered by str()).
+    return (type(ctx) is ChatContext and type(ctx.recipients) is tuple
+            and all(type(recipient) is str for recipient in ctx.recipients)
+            and all(type(getattr(ctx, name)) is str for name in _CONTEXT_STRING_FIELDS))
+
+
+def _split_at_marks(line: bytes, marks: tuple[bytes, ...]) -> tuple[bytes, ...] | None:
+    """`line` cut at each mark (each found exactly once, in this order), the marks left out; None otherwise."""
+    parts = []
+    rest = line
+    for mark in marks:
+        if line.count(mark) != 1:
+            return None
+        before, found, rest = rest.partition(mark)
+        if not found:
+            return None
+        parts.append(before)
+    parts.append(rest)
+    return tuple(parts)
+
+
+def _template_line(event: dict[str, Any], instance: str) -> bytes | None:
+    # What AlertLog.write would write for this event: observer.name, then encode(). Only the orjson rendering
+    # is templated; a context that needs encode()'s json fallback (a lone surrogate) takes the general path.
+    event["@timestamp"] = _TIMESTAMP_MARK
+    event["event"]["id"] = _ID_MARK
+    event["observer"]["name"] = instance
+    try:
+        line = orjson.dumps(event, default=str, option=_ORJSON_OPTIONS)
+    except orjson.JSONEncodeError:
+        return None
+    return _escape_raw_line_breaks(line)
+
+
+def plain_message_fragments(ctx: ChatContext, decision: Decision, instance: str) -> MessageFragments | None:
+    """The fragments of a plain message's line for this context, decision and observer name, cut from the
+    line the general path writes. None when that line cannot be templated (the general path must write it)."""
+    if not _cacheable_context(ctx) or not is_plain_message(decision):
+        return None
+    with_text = message_event(_TEXT_MARK, ctx, decision)
+    with_text["imguard"]["message"]["sha256"] = _SHA256_MARK
+    without_text = message_event(None, ctx, decision)
+    lines = _template_line(with_text, instance), _template_line(without_text, instance)
+    if lines[0] is None or lines[1] is None:
+        return None
+    timestamp, event_id, sha256 = _TIMESTAMP_MARK.encode(), _ID_MARK.encode(), _SHA256_MARK.encode()
+    text_json = orjson.dumps(_TEXT_MARK)           # the text goes in as a JSON string, its quotes included
+    text_parts = _split_at_marks(lines[0], (timestamp, event_id, text_json, sha256))
+    bare_parts = _split_at_marks(lines[1], (timestamp, event_id))
+    if text_parts is None or bare_parts is None:
+        return None
+    return text_parts, bare_parts            # type: ignore[return-value]   (5 and 3 parts: one per mark, plus one)
+
+
+def plain_message_line(fragments: MessageFragments, text: str | None) -> bytes | None:
+    """The line of a plain message from its context's fragments: what encode(message_event(...)) gives, given
+    the same @timestamp and event.id. None for a text orjson refuses (encode would fall back to json)."""
+    if text is None:
+        event_id = new_event_id().encode()
+        head, after_timestamp, rest = fragments[1]
+        return b"".join((head, _now().encode(), after_timestamp, event_id, rest))
+    if type(text) is not str:
+        return None
+    try:
+        text_json = orjson.dumps(text)
+    except orjson.JSONEncodeError:                 # a lone surrogate
+        return None
+    # The sha256 of the UTF-8 text: orjson took it, so it has no surrogate for "replace" to replace.
+    digest = hashlib.sha256(text.encode()).hexdigest().encode()
+    event_id = new_event_id().encode()           # before the timestamp, as _base takes them
+    head, after_timestamp, after_id, after_text, rest = fragments[0]
+    return b"".join((head, _now().encode(), after_timestamp, event_id, after_id,
+                     _escape_raw_line_breaks(text_json), after_text, digest, rest))
 
 
 class AlertLog:
@@ -306,6 +420,9 @@ class AlertLog:
         self._pending = bytearray()
         self._flusher: threading.Thread | None = None
         self._closing = threading.Event()
+        # id(context) -> (context, observer name, policy version, its plain_message_fragments or None): see
+        # write_message. The context itself is kept so that its id cannot be reused while it is here.
+        self._message_fragments: dict[int, tuple[ChatContext, str, str, MessageFragments | None]] = {}
         if plain_flush_seconds > 0:
             self._flusher = threading.Thread(target=self._flush_loop, name="imguard-alertlog", daemon=True)
             self._flusher.start()
@@ -369,8 +486,40 @@ class AlertLog:
         if observer is None:
             observer = event["observer"] = OBSERVER.copy()
         observer["name"] = self.instance
-        line = encode(event)
-        alert = event.get("event", {}).get("kind") == "alert"
+        self._append(encode(event), alert=event.get("event", {}).get("kind") == "alert")
+
+    def write_message(self, text: str | None, ctx: ChatContext, decision: Decision) -> None:
+        """write(message_event(text, ctx, decision)), the same bytes. A plain message (is_plain_message) is
+        rendered from fragments cached for its context object, without building the event: a session reuses
+        one context per peer, so a conversation's messages share them."""
+        if is_plain_message(decision):
+            self.write_plain_message(text, ctx, decision)
+        else:
+            self.write(message_event(text, ctx, decision))
+
+    def write_plain_message(self, text: str | None, ctx: ChatContext, decision: Decision) -> None:
+        """write_message for a decision the caller found plain (is_plain_message)."""
+        fragments = self._fragments_for(ctx, decision)
+        line = plain_message_line(fragments, text) if fragments is not None else None
+        if line is None:                # a context or text only the general path renders
+            self.write(message_event(text, ctx, decision))
+        else:
+            self._append(line, alert=False)
+
+    def _fragments_for(self, ctx: ChatContext, decision: Decision) -> MessageFragments | None:
+        # Read and written without the lock: a dict lookup or store is atomic, and two threads building the
+        # same fragments at once both build correct ones.
+        version, instance = decision.policy_version, self.instance
+        entry = self._message_fragments.get(id(ctx))
+        if entry is None or entry[0] is not ctx or entry[1] != instance or entry[2] != version:
+            entry = (ctx, instance, version, plain_message_fragments(ctx, decision, instance))
+            if len(self._message_fragments) >= MESSAGE_FRAGMENTS_MAX:
+                self._message_fragments.clear()
+            self._message_fragments[id(ctx)] = entry
+        return entry[3]
+
+    def _append(self, line: bytes, alert: bool) -> None:
+        """One encoded line: written (and fsync'ed) at once when an alert, else gathered when batching."""
         with self._lock:
             if alert or not self.plain_flush_seconds:
                 self._write_pending(line)

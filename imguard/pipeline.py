@@ -66,8 +66,15 @@ class Pipeline:
         ctx = self._with_direction(policy, ctx)
         decision = policy.decide_message(text, ctx)
         kept_text = text if self.keep_text else None
-        if self.alert_log is not None:
-            self.alert_log.write(alerts.message_event(kept_text, ctx, decision))
+        alert_log = self.alert_log
+        if alert_log is not None:
+            # write_message writes the same line as write(message_event(...)), an allowed message without
+            # building its event. A log without it (the replay's CaptureTimeLog, which restamps events) gets the event.
+            write_message = getattr(alert_log, "write_message", None)
+            if write_message is not None:
+                write_message(kept_text, ctx, decision)
+            else:
+                alert_log.write(alerts.message_event(kept_text, ctx, decision))
         if self.archive is not None:
             self.archive.add_message(kept_text, ctx, decision)
         return decision

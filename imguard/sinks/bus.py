@@ -3,6 +3,9 @@ that sink's on-disk queue and delivery thread.
 
     bus.write(event)   dedup -> alerts.jsonl (O_APPEND, fsync for alerts) -> append to each sink's queue
                        (fsync for alerts) -> wake the delivery threads. Never waits for a sink.
+    bus.write_message(text, ctx, decision)
+                       write(alerts.message_event(...)), the same line; an allowed message is written
+                       without building its event when there is no remote sink.
     bus.close()        stop the threads; what is still queued stays on disk for the next start.
 
 A delivery thread takes the oldest record of its queue, hands it to its sink and moves the queue's
@@ -28,6 +31,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from imguard import alerts
+from imguard.model import ChatContext, Decision
 from imguard.sinks.base import DeliveryError, Sink
 from imguard.sinks.dedup import Deduplicator
 from imguard.sinks.queue import DiskQueue, Problem, open_free_queue
@@ -168,6 +172,27 @@ class EventBus:
             return
         self._emit(kept)
 
+    def write_message(self, text: str | None, ctx: ChatContext, decision: Decision) -> None:
+        """write(alerts.message_event(text, ctx, decision)): the same line, the same counts. A plain message
+        (alerts.is_plain_message) that no remote sink can take, there being none, is counted and handed to
+        AlertLog.write_plain_message without building the event: the path of every allowed chat message."""
+        local = self.local
+        if self._deliveries or local is None or not alerts.is_plain_message(decision):
+            # Sinks choose events by their content (sink.accepts), and they want the event itself.
+            self.write(alerts.message_event(text, ctx, decision))
+            return
+        if self.metrics is not None:
+            self.metrics.message(decision.action)        # what observe_event counts for a plain message
+        try:
+            local.write_plain_message(text, ctx, decision)
+        except OSError as e:
+            self._local_write_failed(e)
+
+    def _local_write_failed(self, error: OSError) -> None:
+        print(f"imguard: cannot write {self.local.path}: {error}", file=sys.stderr)
+        if self.metrics is not None:
+            self.metrics.anomaly("alert_log_write_failed")
+
     def _emit(self, event: dict[str, Any], skip: _Delivery | None = None, remote: bool = True,
               local: bool = True) -> None:
         # Without setdefault: its default would be built for every event, and an id spent for nothing.
@@ -204,9 +229,7 @@ class EventBus:
             try:
                 self.local.write(event)
             except OSError as e:
-                print(f"imguard: cannot write {self.local.path}: {e}", file=sys.stderr)
-                if self.metrics is not None:
-                    self.metrics.anomaly("alert_log_write_failed")
+                self._local_write_failed(e)
 
     # --- problems of the sinks -----------------------------------------------------------------
     def _report_problems(self, delivery: _Delivery) -> None:
