@@ -196,3 +196,23 @@ def test_reset_starts_a_new_stream():
     dec.feed(HEADER + b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")
     dec.reset()
     assert kinds(dec.feed(HEADER + b"<presence/>")) == ["StreamOpened", "Stanza"]
+
+
+def test_shallow_stanzas_are_framed_and_bounded_without_a_tree():
+    """A shallow tag (the server's messages, only forwarded): the same bytes and top element, no children;
+    other stanzas keep their tree; the limits still hold inside a shallow stanza."""
+    message = (b"<message from='a@x/r' to='b@x/r' type='chat' id='1'><body>hi &amp; <b>bye</b></body>"
+               b"<x xmlns='jabber:x:oob'><url>https://x/f</url></x></message>")
+    iq = b"<iq type='result' id='2'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><jid>b@x/r</jid></bind></iq>"
+    shallow = frozenset({"{jabber:client}message"})
+    for pieces in ([HEADER + message + iq], [bytes([c]) for c in HEADER + message + iq]):
+        dec = XmlStreamDecoder(shallow=shallow)
+        events = [e for p in pieces for e in dec.feed(p)]
+        assert kinds(events) == ["StreamOpened", "Stanza", "Stanza"]
+        assert events[1].raw == message and events[2].raw == iq
+        assert events[1].element.tag == "{jabber:client}message" and events[1].element.get("id") == "1"
+        assert len(events[1].element) == 0 and not events[1].element.text
+        assert events[2].element.find("{urn:ietf:params:xml:ns:xmpp-bind}bind") is not None
+    deep = b"<message>" + b"<a>" * 40 + b"</a>" * 40 + b"</message>"
+    events = XmlStreamDecoder(XmppLimits(max_depth=10), shallow=shallow).feed(HEADER + deep)
+    assert isinstance(events[-1], XmlError) and events[-1].kind == TOO_DEEP

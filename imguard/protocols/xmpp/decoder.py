@@ -77,16 +77,23 @@ class StreamOpened:
     attrs: dict[str, str] = field(default_factory=dict)   # namespaced keys as in ElementTree ('{ns}lang')
 
 
-@dataclass(frozen=True, eq=False)
 class Stanza:
-    """One complete level-1 element: a stanza (message, presence, iq) or a nonza (starttls, auth, features...)."""
-    raw: bytes
-    element: ET.Element
+    """One complete level-1 element: a stanza (message, presence, iq) or a nonza (starttls, auth, features...).
+    Not changed once made. (A slotted class, not a frozen dataclass: one per stanza, and a frozen dataclass's
+    __init__ costs several times more.)"""
+    __slots__ = ("raw", "element")
+
+    def __init__(self, raw: bytes, element: ET.Element):
+        self.raw = raw
+        self.element = element
 
     def __eq__(self, other: object) -> bool:      # for tests: same bytes is the same stanza
         return isinstance(other, Stanza) and other.raw == self.raw
 
     __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Stanza(raw={self.raw!r})"
 
 
 @dataclass(frozen=True)
@@ -151,8 +158,13 @@ _TAGS: dict[str, str] = {}
 class XmlStreamDecoder:
     """Frames one direction of an XMPP stream. See the module docstring."""
 
-    def __init__(self, limits: XmppLimits = XmppLimits()):
+    def __init__(self, limits: XmppLimits = XmppLimits(), shallow: frozenset[str] = frozenset()):
         self.limits = limits
+        # Level-1 tags ('{ns}local') whose Stanza.element is the element alone, without children or text:
+        # framed and checked against every limit like the rest, but no tree is built (for stanzas the
+        # consumer only forwards, such as the server's messages to its client).
+        self.shallow = shallow
+        self._skipping = False        # inside a shallow stanza
         self._buf = bytearray()       # bytes not yet emitted; _buf[0] is document position _base
         self._base = 0
         self._events: list[Event] = []
@@ -289,10 +301,11 @@ class XmlStreamDecoder:
                 raise _Restart(self._pos())
             self._start_pos = self._pos()
             el = ET.Element(tag, _attrs(attrs))
+            self._skipping = tag in self.shallow
         else:
             if self._depth >= self.limits.max_depth:
                 raise _Fatal(TOO_DEEP, f"elements nested deeper than max_depth={self.limits.max_depth}")
-            el = ET.SubElement(self._stack[-1], tag, _attrs(attrs))
+            el = None if self._skipping else ET.SubElement(self._stack[-1], tag, _attrs(attrs))
             self._has_content[-1] = True
         self._stack.append(el)
         self._has_content.append(False)
@@ -328,6 +341,8 @@ class XmlStreamDecoder:
                 raise _Fatal(TEXT_AT_STREAM_LEVEL, "character data between stanzas")
             return
         self._has_content[-1] = True
+        if self._skipping:
+            return
         el = self._stack[-1]
         if len(el):
             last = el[-1]

@@ -125,6 +125,7 @@ STREAM_ERROR_CONDITIONS = {
 DEFAULT_NOTICE = "This message was blocked by the security policy."
 DEFAULT_FILE_NOTICE = "Your file transfer was blocked by the security policy."
 
+SERVER_STANZAS_FORWARDED = frozenset({"{%s}message" % NS_CLIENT, "{%s}presence" % NS_CLIENT})
 _CTX_CACHE_SIZE = 64                    # message contexts kept per connection (one per peer)
 # ElementTree's '{ns}local' tags of the children a message is looked at for
 _IBB_DATA = "{%s}data" % NS_IBB
@@ -221,7 +222,10 @@ class XmppSession:
         self.bytestream_relay = bytestream_relay
         self._clock = clock
         server_limits = dataclasses.replace(limits, max_stanza_size=limits.max_server_stanza_size)
-        self._decoders = {True: XmlStreamDecoder(limits), False: XmlStreamDecoder(server_limits)}
+        # The server's messages and presences to its client are only forwarded (see "Not done" above): framed
+        # and bounded, but no element tree is built for them.
+        self._decoders = {True: XmlStreamDecoder(limits),
+                          False: XmlStreamDecoder(server_limits, shallow=SERVER_STANZAS_FORWARDED)}
         self.domain = ""                 # the server's domain (client header 'to', server header 'from')
         self.jid = ""                    # full JID from the bind result
         self.sasl_identity = ""          # bare JID from SASL PLAIN, until bind tells
