@@ -20,8 +20,8 @@ thread competes with the event loop for the GIL), so: a record is a JSON array i
 encoded by orjson (json when orjson refuses a value), the time is formatted from a per-second cached
 prefix, and the writer thread is not woken per record: the first record after a drain wakes it, it
 then lingers (WRITER_LINGER) so a batch gathers, and drains everything queued in one pass, decoding a
-batch with one parse and inserting it with one executemany. flush(), search() and close() cut the
-linger short. Records a previous version queued (JSON objects) are still read.
+batch with one parse and inserting it with one multi-row INSERT (SQLite; executemany on PostgreSQL).
+flush(), search() and close() cut the linger short. Records a previous version queued (JSON objects) are still read.
 
 Differences the backends cannot hide: PostgreSQL text cannot hold NUL, which is stored as U+FFFD;
 searches are case-insensitive on both (SQLite's LIKE is, ILIKE on PostgreSQL).
@@ -32,6 +32,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import datetime
+import functools
 import io
 import itertools
 import json
@@ -262,6 +263,13 @@ class _Store:
     def close(self) -> None: ...
 
 
+@functools.lru_cache(maxsize=16)
+def _sqlite_insert(rows: int) -> str:
+    """INSERT of `rows` rows; OR IGNORE on the UNIQUE uid: a batch re-sent after a crash is stored once."""
+    one = f"({', '.join(['?'] * len(ROW_COLUMNS))})"
+    return f"INSERT OR IGNORE INTO records ({_INSERT_NAMES}) VALUES " + ", ".join([one] * rows)
+
+
 class _SqliteStore(_Store):
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -270,25 +278,25 @@ class _SqliteStore(_Store):
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
+        self._max_variables = self._db.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
 
-    # OR IGNORE on the UNIQUE uid: a batch re-sent after a crash is stored once.
-    INSERT = f"INSERT OR IGNORE INTO records ({_INSERT_NAMES}) VALUES ({', '.join(['?'] * len(ROW_COLUMNS))})"
-    # Rows go in statements of CHUNK rows: the sqlite3 module releases and retakes the GIL around every
-    # statement step, so one row per step (executemany) meant a GIL handoff per row with the event loop.
-    CHUNK = 25
-    INSERT_CHUNK = (f"INSERT OR IGNORE INTO records ({_INSERT_NAMES}) VALUES "
-                    + ", ".join([f"({', '.join(['?'] * len(ROW_COLUMNS))})"] * CHUNK))
+    # Rows go in multi-row statements: the sqlite3 module releases and retakes the GIL around every statement
+    # step, so one row per step (executemany) was a GIL handoff with the event loop per row. The statement
+    # sizes are fixed, so SQLite's statement cache keeps them prepared (a batch of 200 rows is 128 + 2 x 32 + 8);
+    # bounded by SQLite's limit on bound variables (32766 since 3.32, 999 before).
+    CHUNKS = (128, 32, 8, 1)
 
     def write_rows(self, rows: list[list[Any]]) -> None:
-        chunk = self.CHUNK
-        whole = len(rows) - len(rows) % chunk
+        sizes = [n for n in self.CHUNKS if n * len(ROW_COLUMNS) <= self._max_variables] or [1]
         with self._lock:
             self._db.execute("BEGIN")
             try:
-                for start in range(0, whole, chunk):
-                    self._db.execute(self.INSERT_CHUNK, list(itertools.chain.from_iterable(rows[start:start + chunk])))
-                if whole < len(rows):
-                    self._db.executemany(self.INSERT, rows[whole:])
+                start = 0
+                for size in sizes:
+                    while len(rows) - start >= size:
+                        part = rows[start:start + size]
+                        self._db.execute(_sqlite_insert(size), list(itertools.chain.from_iterable(part)))
+                        start += size
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
