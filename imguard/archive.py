@@ -6,10 +6,13 @@ Text is stored only when the pipeline is told to keep it.
 
 add_message() is called inline on the gateway's event loop for every chat message, and a database
 insert costs a transaction each (about 0.1-0.3 ms in SQLite, a network round trip in PostgreSQL, and
-a PostgreSQL server can be slow or down). So the gateway's archive (`open_archive`) first appends a
-record to a local on-disk queue (the sinks' DiskQueue, in DATA_DIR/queue/archive/: one write, about
-15 us, and the record survives a crash of the process from then on) and a writer thread inserts
-queued records in batches, one transaction each. A record carries a unique `uid`, and the insert
+a PostgreSQL server can be slow or down). So the gateway's archive (`open_archive`) appends records
+to a local on-disk queue (the sinks' DiskQueue, in DATA_DIR/queue/archive/) and a writer thread inserts
+queued records in batches, one transaction each. Records are gathered and written to the queue by
+commit(), one write for all of them: the gateway commits before it forwards anything (the records of a
+read's stanzas are on disk before the first of them crosses, and survive a crash of the process from
+then on); file records are committed at once; a carrier that never commits (the offline replay) has
+its records written by the writer thread within a second, and by close(). A record carries a unique `uid`, and the insert
 skips a uid already present, so a batch re-sent after a crash is stored once. search() first waits
 (briefly) for the queue to empty, so a search sees what was just added. `Archive(path)` without a
 queue folder writes SQLite directly (tests, `imguard archive search`). SQLite runs in WAL mode with
@@ -200,6 +203,11 @@ class Archive:
                               None, report.name, report.size, report.sha256, report.mime, ctx.transfer_mechanism,
                               decision.action, " ".join(decision.rule_ids), decision.policy_version])
 
+    def commit(self) -> None:
+        """Put the records added so far on disk (one write); before the traffic they record is forwarded.
+        Raises OSError when the disk refuses."""
+        self._backend.commit()
+
     def search(self, query: Query) -> list[dict[str, Any]]:
         return self._backend.search(query)
 
@@ -259,6 +267,7 @@ class _Store:
 
     def write_rows(self, rows: list[list[Any]]) -> None: ...
     def search(self, query: Query) -> list[dict[str, Any]]: ...
+    def commit(self) -> None: ...
     def flush(self, timeout: float) -> bool: return True
     def close(self) -> None: ...
 
@@ -394,6 +403,7 @@ class _Queued(_Store):
     wake-up per linger, not per record. flush() and close() set `_hurry` to cut the linger short."""
 
     RETRY_MAX = 30.0
+    GATHER_MAX = 256            # records gathered before they are written even without a commit()
     WRITER_LINGER = 0.05        # a record reaches the database this much later; search() flushes first
     IDLE_POLL = 1.0             # a wake-up lost to a race costs at most this delay
 
@@ -406,6 +416,8 @@ class _Queued(_Store):
         self._wake = threading.Event()
         self._hurry = threading.Event()
         self._stop = threading.Event()
+        self._gathered: list[bytes] = []    # encoded records not yet in the queue (see insert)
+        self._gather_lock = threading.Lock()
         self._due = True                # the thread drains at start (a previous run's backlog)
         self.wakeups = 0                # drains started: a measure of what the thread costs the event loop
         self.last_error = ""
@@ -414,16 +426,40 @@ class _Queued(_Store):
         self._thread.start()
 
     def insert(self, row: list[Any]) -> None:
-        # On disk (handed to the kernel) before this returns: the archive's crash-safety promise.
-        self.queue.append(_encode_row(row))
-        if not self._due:
-            self._due = True
-            self._wake.set()
+        # Gathered until commit(): the carrier commits before it forwards what the records are about (the
+        # gateway: before the first stanza of a read goes out), so a record is on disk before its message
+        # has crossed, in one write for the whole read instead of one per message.
+        record = _encode_row(row)
+        with self._gather_lock:
+            self._gathered.append(record)
+            full = len(self._gathered) >= self.GATHER_MAX
+        if full:
+            self.commit()
+
+    def commit(self) -> None:
+        """Write the gathered records to the on-disk queue (one write). Raises OSError when the disk refuses."""
+        if not self._gathered:
+            return
+        with self._gather_lock:
+            records, self._gathered = self._gathered, []
+        if records:
+            self.queue.append_many(records)
+            if not self._due:
+                self._due = True
+                self._wake.set()
+
+    def _commit_quietly(self) -> None:
+        try:
+            self.commit()
+        except OSError as e:
+            self.last_error = f"{type(e).__name__}: {e}"
+            log.warning("archive: cannot write the queue (%s); records were lost", self.last_error)
 
     def _run(self) -> None:
         while not self._stop.is_set():
             self._wake.wait(self.IDLE_POLL)
             self._wake.clear()
+            self._commit_quietly()          # what a carrier that never commits gathered (replay, scan)
             self._hurry.wait(self.WRITER_LINGER)
             self._hurry.clear()
             # Cleared before draining: a record appended after this point sets `_due` and wakes the
@@ -455,6 +491,7 @@ class _Queued(_Store):
 
     def flush(self, timeout: float = 10.0) -> bool:
         deadline = time.monotonic() + timeout
+        self._commit_quietly()
         while self.queue.peek() is not None:
             if time.monotonic() > deadline:
                 return False

@@ -108,7 +108,14 @@ class Pipeline:
             self.alert_log.write(event)
         if self.archive is not None:
             self.archive.add_file(report, ctx, decision)
+            self.archive.commit()           # files are few: each record on disk before the verdict is used
         return report, decision
+
+    def commit(self) -> None:
+        """Put the archive records gathered so far on disk: a carrier calls this before it forwards the traffic
+        they record (the gateway: before each write towards a peer). Raises OSError when the disk refuses."""
+        if self.archive is not None:
+            self.archive.commit()
 
     def record(self, event: dict) -> None:
         if self.alert_log is not None:

@@ -3,6 +3,7 @@
 import csv
 import io
 import json
+import time
 
 from imguard import archive, cli
 from imguard.model import ALLOW, BLOCK, ChatContext, Decision, FileReport, RuleMatch
@@ -76,17 +77,35 @@ def _queued(tmp_path):
     return archive.Archive(tmp_path / "a.sqlite3", queue_dir=tmp_path / "queue")
 
 
-def test_a_record_is_on_disk_before_add_message_returns_and_the_writer_is_not_woken_per_record(tmp_path):
+def test_records_are_on_disk_when_commit_returns_and_the_writer_is_not_woken_per_record(tmp_path):
+    """The gateway commits before it forwards: what was added is in the queue file when commit() returns."""
     store = _queued(tmp_path)
     ctx = ChatContext(protocol="xmpp", sender="alice@corp.example", recipients=("bob@ext.example",))
-    store.add_message("written before the call returns", ctx, Decision(action=ALLOW))
-    assert any(b"written before the call returns" in p.read_bytes() for p in (tmp_path / "queue").glob("seg-*"))
+    store.add_message("on disk before the message crosses", ctx, Decision(action=ALLOW))
+    store.add_message("and its neighbour from the same read", ctx, Decision(action=ALLOW))
+    store.commit()
+    on_disk = b"".join(p.read_bytes() for p in (tmp_path / "queue").glob("seg-*"))
+    assert b"on disk before the message crosses" in on_disk and b"and its neighbour from the same read" in on_disk
     for n in range(3000):
         store.add_message(f"burst {n}", ctx, Decision(action=ALLOW))
     assert store.flush()
-    assert len(store.search(archive.Query(limit=10_000))) == 3001
+    assert len(store.search(archive.Query(limit=10_000))) == 3002
     # One wake-up per linger while records keep coming, not one per record.
     assert store._backend.wakeups < 300
+    store.close()
+
+
+def test_records_nobody_commits_reach_the_database(tmp_path):
+    """A carrier that never commits (the offline replay): the writer thread writes what was gathered."""
+    store = _queued(tmp_path)
+    ctx = ChatContext(protocol="irc", sender="carol")
+    store.add_message("from a replayed capture", ctx, Decision(action=ALLOW))
+    deadline = time.monotonic() + 10
+    while not (tmp_path / "queue").exists() or not any(
+            b"from a replayed capture" in p.read_bytes() for p in (tmp_path / "queue").glob("seg-*")):
+        assert time.monotonic() < deadline, "the gathered record was never written"
+        time.sleep(0.05)
+    assert [r["text"] for r in store.search(archive.Query())] == ["from a replayed capture"]
     store.close()
 
 

@@ -40,6 +40,7 @@ class StubPipeline:
     delay: float = 0.0
     records: list = field(default_factory=list)
     scanned: list = field(default_factory=list)
+    commits: int = 0
     policy: StubPolicy = field(default_factory=StubPolicy)
 
     def check_file(self, data, ctx, name="", claimed_mime="", truncated=False):
@@ -51,6 +52,10 @@ class StubPipeline:
 
     def record(self, event):
         self.records.append(event)
+
+    def commit(self):
+        """The archive's group commit: the gateway calls it before each write towards a peer."""
+        self.commits += 1
 
 
 class LineSession:
@@ -284,15 +289,18 @@ def test_decided_lines_go_out_before_the_rest_of_the_read(tmp_path, monkeypatch)
 
 def test_send_and_close_commands(tmp_path):
     """Lines go through the session both ways; QUIT makes the session Close both legs."""
+    pipeline = StubPipeline()
+
     async def main():
         srv, port = await start_line_server()
-        gw, gport = await start_gateway(tmp_path, port)
+        gw, gport = await start_gateway(tmp_path, port, pipeline)
         try:
             reader, writer = await asyncio.open_connection("127.0.0.1", gport)
             writer.write(b"hel")
             await writer.drain()
             writer.write(b"lo\n")
             assert await readline(reader) == b"echo:hello\n"
+            assert pipeline.commits >= 2        # before the line went up, and before its echo came down
             writer.write(b"QUIT\n")
             assert await closed_by_peer(reader)    # closed by the gateway
         finally:

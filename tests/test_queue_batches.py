@@ -71,3 +71,28 @@ def test_damage_inside_a_batch_is_skipped_and_reported(tmp_path):
     assert got == [b"payload %02d" % n for n in range(20) if n != 7]
     assert [p.kind for p in queue.take_problems()] == ["corrupt"]
     queue.close()
+
+
+def test_append_many_is_append_in_one_write_per_segment(tmp_path):
+    """A group commit reads back exactly like the same records appended one by one: seqs, segments, reopening,
+    and a full queue dropping its oldest records."""
+    one, many = DiskQueue(tmp_path / "one", 1 << 20, segment_bytes=4096), DiskQueue(tmp_path / "many", 1 << 20,
+                                                                                     segment_bytes=4096)
+    payloads = [f"record {n} ".encode() * (n % 7 + 1) for n in range(500)]
+    for p in payloads:
+        one.append(p)
+    assert many.append_many(payloads[:1]) == 1 and many.append_many(payloads[1:]) == 500
+    assert many.append_many([]) == -1
+    assert sorted(p.name for p in (tmp_path / "many").glob("seg-*")) == \
+        sorted(p.name for p in (tmp_path / "one").glob("seg-*"))
+    many.close()
+    many = DiskQueue(tmp_path / "many", 1 << 20, segment_bytes=4096)
+    assert _drain(many, 64) == _drain(one, 64) == payloads
+    many.close()
+
+    small = DiskQueue(tmp_path / "small", 2000, segment_bytes=1000)
+    assert small.append_many([b"x" * 100] * 30) == 30
+    kept = _drain(small, 100)
+    assert 0 < len(kept) < 30 and small.dropped == 30 - len(kept)
+    problems = small.take_problems()
+    assert problems and {p.kind for p in problems} == {"dropped"} and sum(p.count for p in problems) == small.dropped

@@ -14,6 +14,7 @@ import functools
 import ipaddress
 import logging
 import socket
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -81,6 +82,9 @@ def is_local_address(host: str) -> bool:
         return False
 
 
+COMMIT_ERROR_LOG_SECONDS = 10.0        # a disk that keeps refusing the archive is logged this often
+
+
 class GatewayAddon:
     """Picks the layer for each new connection and answers InspectFileHook."""
 
@@ -103,6 +107,7 @@ class GatewayAddon:
         self._dcc_offers: dict[str, Any] = {}   # client id -> DccOffer, from server_connect to next_layer
         self.sessions: dict[str, tuple[Any, Any]] = {}  # client id (= ChatContext.connection_id) -> (session, context)
         self.metrics = None                             # imguard.metrics.Metrics, set by `imguard run`
+        self._commit_error_logged = float("-inf")       # when a failed archive write was last logged
         self.stats = {"sessions": 0, "relayed": 0, "refused": 0, "self_connect": 0, "notices": 0}
 
     # --- recording (the Carrier interface of SessionLayer) --------------------------------------------
@@ -116,6 +121,23 @@ class GatewayAddon:
         notify = (event.get("imguard") or {}).get("notify") if isinstance(event, dict) else None
         if notify:
             self.notify(str(notify.get("connection_id", "")), str(notify.get("text", "")))
+
+    def commit(self) -> None:
+        """Pipeline.commit (the archive records of a read on disk before its stanzas are forwarded). A disk that
+        refuses is logged (at most every COMMIT_ERROR_LOG_SECONDS) and counted, and traffic goes on: the
+        alert log still has every message."""
+        commit = getattr(self.pipeline, "commit", None)
+        if commit is None:
+            return
+        try:
+            commit()
+        except OSError as e:
+            if self.metrics is not None:
+                self.metrics.anomaly("archive_write_failed")
+            now = time.monotonic()
+            if now - self._commit_error_logged >= COMMIT_ERROR_LOG_SECONDS:
+                self._commit_error_logged = now
+                logger.error("cannot write the archive queue: %s; records are being lost", e)
 
     def notify(self, connection_id: str, text: str) -> bool:
         """Tell the person on connection `connection_id` something (a DCC file blocked on its own connection):

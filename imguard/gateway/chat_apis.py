@@ -318,12 +318,23 @@ class ChatApis:
             reason = self._blocked(ref)
             if reason:
                 return self._refuse_message(flow, api, ctx, "", ref, reason)
-        decision = self.pipeline.check_message("", ctx)
+        decision = self._check_message("", ctx)
         if decision.blocked:
             self.stats["blocked"] += 1
             self._respond(flow, api.API, 403, decision.notice or f"imguard: blocked ({block_reason(decision)})")
             return False
         return True
+
+    def _check_message(self, text: str, ctx: ChatContext) -> Decision:
+        """Pipeline.check_message, and its archive record on disk before the request or frame goes on."""
+        decision = self.pipeline.check_message(text, ctx)
+        commit = getattr(self.pipeline, "commit", None)
+        if commit is not None:
+            try:
+                commit()
+            except OSError:
+                logger.exception("could not write the archive record of a message")
+        return decision
 
     def _refuse_message(self, flow, api, ctx: ChatContext, text: str, ref: str, reason: str) -> bool:
         notice = f"This message shares a file that was blocked: {reason}"
@@ -347,7 +358,7 @@ class ChatApis:
             if reason:
                 self._refuse_message(flow, api, ctx, event.text, ref, reason)
                 return None
-        decision = self.pipeline.check_message(event.text, ctx)
+        decision = self._check_message(event.text, ctx)
         if decision.blocked:
             self.stats["blocked"] += 1
             self._respond(flow, api.API, 403, decision.notice or f"imguard: message blocked ({block_reason(decision)})")
@@ -454,7 +465,7 @@ class ChatApis:
         """(replacements, "") or (None, the reason it was blocked)."""
         self.stats["messages"] += 1
         ctx = self._context(flow, rocketchat.API, event.endpoint, event.sender, event.room)
-        decision = self.pipeline.check_message(event.text, ctx)
+        decision = self._check_message(event.text, ctx)
         if decision.blocked:
             self.stats["blocked"] += 1
             return None, decision.notice or f"imguard: message blocked ({block_reason(decision)})"

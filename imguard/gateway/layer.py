@@ -84,6 +84,9 @@ class Carrier:
 
     def record(self, event: dict[str, Any]) -> None: ...
 
+    def commit(self) -> None:
+        """Put the archive records made so far on disk; called before anything is forwarded. Never raises."""
+
     def anomaly(self, ctx: ChatContext, kind: str, detail: str, **data: Any) -> None: ...
 
 
@@ -274,6 +277,10 @@ class SessionLayer(layer.Layer):
         return [Close(f"session error in {method.__name__}")]
 
     def _run(self, cmds: list) -> layer.CommandGenerator[None]:
+        # The archive records of what is about to be forwarded go to disk first, all in one write.
+        commit = getattr(self.carrier, "commit", None)
+        if commit is not None:
+            commit()
         work = collections.deque(cmds)
         while work and not self.closed:
             cmd = work.popleft()

@@ -456,6 +456,60 @@ class DiskQueue:
             self._next_seq = seq + 1
             return seq
 
+    def append_many(self, payloads: list[bytes]) -> int:
+        """append() for several records in one write per segment (a group commit: the archive gathers the
+        records of one read and writes them at once). Returns the seq of the last record written, -1 if none.
+        On OSError, the records of the write that failed are not in the queue (those before it may be)."""
+        last = -1
+        with self._lock:
+            buffer: list[bytes] = []
+            pending = 0                                 # bytes in buffer
+            for payload in payloads:
+                length = len(payload)
+                record_len = HEADER.size + length
+                if self._bytes + pending - self._read_off + record_len > self.max_bytes:
+                    self._write_records(buffer)
+                    buffer, pending = [], 0
+                    if record_len > self.max_bytes:
+                        self.dropped += 1
+                        self._problems.append(Problem("dropped", f"a {record_len}-byte event is larger than the "
+                                                      f"whole queue ({self.max_bytes} bytes)", 1))
+                        continue
+                    self._make_room(record_len)
+                segments = self._segments
+                if not segments or (segments[-1].size + pending and
+                                    segments[-1].size + pending + record_len > self.segment_bytes):
+                    self._write_records(buffer)
+                    buffer, pending = [], 0
+                    self._new_segment(self._next_seq)
+                seq = self._next_seq
+                crc = zlib.crc32(payload, zlib.crc32(_LENGTH_SEQ.pack(length, seq)))
+                buffer.append(HEADER.pack(MAGIC, length, seq, crc) + payload)
+                pending += record_len
+                self._next_seq = seq + 1
+                last = seq
+            self._write_records(buffer)
+        return last
+
+    def _write_records(self, records: list[bytes]) -> None:
+        """Write encoded records (seqs already taken) to the current segment in one write."""
+        if not records:
+            return
+        segment = self._segments[-1]
+        data = b"".join(records)
+        try:
+            if os.write(self._write_fd, data) != len(data):
+                raise OSError(28, "short write to the queue")
+        except OSError:
+            try:
+                os.truncate(segment.path, segment.size)    # leave no partial record behind
+            except OSError:
+                pass
+            self._next_seq -= len(records)                 # the seqs were not used
+            raise
+        segment.size += len(data)
+        self._bytes += len(data)
+
     def _make_room(self, record_len: int) -> None:
         dropped = 0
         while self.backlog_bytes + record_len > self.max_bytes and self._advance() is not None:
