@@ -257,6 +257,13 @@ class SessionLayer(layer.Layer):
             flushed_at = time.perf_counter()
         if pending:
             yield from self._run(pending)
+        else:
+            self._commit()              # a read that forwarded nothing may still have archive records
+
+    def _commit(self) -> None:
+        commit = getattr(self.carrier, "commit", None)
+        if commit is not None:
+            commit()
 
     def _session_failed(self, method: Callable, args: tuple, e: Exception, unsent: bytes = b"") -> list:
         """What a session's exception becomes: an anomaly and a Close; or with fail mode parse=open, the rest
@@ -277,10 +284,8 @@ class SessionLayer(layer.Layer):
         return [Close(f"session error in {method.__name__}")]
 
     def _run(self, cmds: list) -> layer.CommandGenerator[None]:
-        # The archive records of what is about to be forwarded go to disk first, all in one write.
-        commit = getattr(self.carrier, "commit", None)
-        if commit is not None:
-            commit()
+        # The archive records of what is about to be forwarded are on disk first, in one write.
+        self._commit()
         work = collections.deque(cmds)
         while work and not self.closed:
             cmd = work.popleft()
