@@ -216,3 +216,14 @@ def test_shallow_stanzas_are_framed_and_bounded_without_a_tree():
     deep = b"<message>" + b"<a>" * 40 + b"</a>" * 40 + b"</message>"
     events = XmlStreamDecoder(XmppLimits(max_depth=10), shallow=shallow).feed(HEADER + deep)
     assert isinstance(events[-1], XmlError) and events[-1].kind == TOO_DEEP
+
+
+def test_feed_pieces_yields_each_piece_events_as_feed_would():
+    """feed_pieces: the same events as feed(), in order, the first ones before the rest of the read is parsed."""
+    stanzas = b"".join(b"<message to='b@x' id='%d'><body>number %d</body></message>" % (n, n) for n in range(40))
+    whole = XmlStreamDecoder().feed(HEADER + stanzas + b" ")
+    pieces = list(XmlStreamDecoder().feed_pieces(HEADER + stanzas + b" ", 256))
+    assert len(pieces) >= 10 and [e for some in pieces for e in some] == whole
+    assert kinds(pieces[0])[0] == "StreamOpened" and isinstance(whole[-1], Whitespace)
+    broken = list(XmlStreamDecoder().feed_pieces(HEADER + stanzas[:300] + b"<a></b>" + stanzas, 128))
+    assert isinstance(broken[-1][-1], XmlError) and kinds(broken[0])[0] == "StreamOpened"

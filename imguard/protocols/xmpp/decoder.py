@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import xml.parsers.expat as expat
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 from xml.etree import ElementTree as ET
 
 from imguard.settings import KiB, MiB, setting
@@ -175,24 +175,37 @@ class XmlStreamDecoder:
     # -- public -----------------------------------------------------------------------------------
 
     def feed(self, data: bytes) -> list[Event]:
+        events: list[Event] = []
+        for some in self.feed_pieces(data, self.limits.parse_slice):
+            events += some
+        return events
+
+    def feed_pieces(self, data: bytes, piece_size: int) -> Iterator[list[Event]]:
+        """feed(), handing expat `piece_size` bytes at a time (at most parse_slice) and yielding the events of
+        each piece: the first stanzas of a large read can be acted on before the rest is parsed."""
         if self.dead or not data:
-            return []
+            return
+        step = max(1, min(piece_size, self.limits.parse_slice))
         self._events = []
         try:
             if self.closed and data.strip(_WS):
                 raise _Fatal(DATA_AFTER_CLOSE, "bytes after </stream:stream>")
-            step = max(1, self.limits.parse_slice)
             for i in range(0, len(data), step):
                 piece = data[i:i + step]
                 self._buf += piece
                 self._parse(piece)
                 self._check_limits()
-            self._flush_whitespace()
+                if i + step >= len(data):
+                    self._flush_whitespace()
+                if self._events:
+                    events, self._events = self._events, []
+                    yield events
         except _Fatal as e:
             self.dead = True
             self._events.append(XmlError(e.kind, e.detail))
-        events, self._events = self._events, []
-        return events
+        if self._events:
+            events, self._events = self._events, []
+            yield events
 
     def reset(self) -> None:
         """Forget everything: the next bytes start a new stream (used after a TLS handshake)."""

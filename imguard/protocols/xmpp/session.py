@@ -125,6 +125,9 @@ STREAM_ERROR_CONDITIONS = {
 DEFAULT_NOTICE = "This message was blocked by the security policy."
 DEFAULT_FILE_NOTICE = "Your file transfer was blocked by the security policy."
 
+# Bytes of a read parsed at a time: the first stanzas of a large read are decided (and can be forwarded)
+# before the rest is parsed.
+PARSE_PIECE = 1024
 SERVER_STANZAS_FORWARDED = frozenset({"{%s}message" % NS_CLIENT, "{%s}presence" % NS_CLIENT})
 _CTX_CACHE_SIZE = 64                    # message contexts kept per connection (one per peer)
 # ElementTree's '{ns}local' tags of the children a message is looked at for
@@ -286,21 +289,20 @@ class XmppSession:
         decided, so a carrier can forward the first stanzas of a read while it checks the rest."""
         if self.closed:
             return
-        try:
-            events = self._decoders[from_client].feed(data)
-        except Exception as e:                       # never raise into the carrier
-            yield self._fail("internal_error", f"{type(e).__name__}: {e}", "internal-server-error", from_client)
-            return
         handle = self._client_event if from_client else self._server_event
-        for event in events:
-            try:
-                step = handle(event)
+        pieces = self._decoders[from_client].feed_pieces(data, PARSE_PIECE)
+        while True:
+            try:                                     # never raise into the carrier
+                events = next(pieces, None)
+                if events is None:
+                    return
+                for event in events:
+                    step = handle(event)
+                    yield step
+                    if self.closed:
+                        return
             except Exception as e:
-                yield self._fail("internal_error", f"{type(e).__name__}: {e}", "internal-server-error",
-                                 from_client)
-                return
-            yield step
-            if self.closed:
+                yield self._fail("internal_error", f"{type(e).__name__}: {e}", "internal-server-error", from_client)
                 return
 
     def notice(self, text: str) -> list[Command]:
