@@ -563,3 +563,30 @@ def test_huge_text_is_bounded_in_time():
     start = time.perf_counter()
     p.decide_message(text, OUT)
     assert time.perf_counter() - start < 5.0
+
+
+def test_rules_left_out_by_context_would_not_have_matched():
+    """decide_message evaluates only the rules whose context conditions can pass for the message's context
+    (remembered per context): for every context and text, the decision is the one evaluating every rule."""
+    from imguard.policy import conditions
+    folders = [RULES_DIR, Path(__file__).resolve().parent / "data" / "rules"]
+    texts = ["hello", "card 4111 1111 1111 1111 please", "-----BEGIN RSA PRIVATE KEY-----\nMIIB\n",
+             "AKIAIOSFODNN7EXAMPLE key", "project zeus budget", "?OTR:AAMD", ""]
+    contexts = [OUT, IN, INT, ChatContext(), ChatContext(protocol="irc", sender="nick", recipients=("#ops",)),
+                ChatContext(protocol="xmpp", sender="alice@example.com", recipients=("bob@gmail.com", "x@example.com")),
+                ChatContext(protocol="http", direction="outbound", sender="cfo@example.com", recipients=("a@b.c",),
+                            client_address="10.1.2.3:5555", server_address="8.8.8.8:443")]
+    policies = [load_policy(folder) for folder in folders]
+    for policy in policies:
+        compared = 0
+        for ctx in contexts:
+            for text in texts:
+                fast = policy.decide_message(text, ctx)
+                every, _ = policy._decide(policy.message_rules, conditions.Evaluation(ctx, policy.zones, text=text),
+                                          "message", {})
+                assert (fast.action, fast.rule_ids, [m.rule_id for m in fast.shadow], fast.notice) == \
+                       (every.action, every.rule_ids, [m.rule_id for m in every.shadow], every.notice), (ctx, text)
+                compared += 1
+        assert compared == len(contexts) * len(texts)
+    bundled = policies[0]           # its rules are about outbound traffic: an internal chat skips them
+    assert len(bundled._message_candidates(INT)) < len(bundled.message_rules)

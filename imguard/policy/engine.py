@@ -604,6 +604,14 @@ def _load_groups(ck: _Checker, doc: Any) -> tuple[dict[str, list[PartyPattern]],
 
 # --- the policy --------------------------------------------------------------------------------------
 
+CANDIDATE_CACHE_SIZE = 4096     # contexts whose candidate message rules a policy remembers
+
+
+def _context_only(cond: C.Condition) -> bool:
+    """A condition decided by the chat context and the zones alone, never by a message's text."""
+    return isinstance(cond, (C.SetCondition, C.PartyCondition))
+
+
 class Policy:
     """A loaded, checked policy. Immutable; reload by loading a new one."""
 
@@ -618,6 +626,7 @@ class Policy:
         self.message_rules = [r for r in rules if r.applies_to == "message"]
         self.file_rules = [r for r in rules if r.applies_to == "file"]
         self._by_id = {r.id: r for r in rules}
+        self._candidates: dict[ChatContext, list[Rule]] = {}     # see _message_candidates
 
     def rule(self, rule_id: str) -> Rule | None:
         return self._by_id.get(rule_id)
@@ -637,10 +646,27 @@ class Policy:
         ctx = ctx if isinstance(ctx, ChatContext) else ChatContext()
         scanned = text[: self.limits.max_text_chars]
         ev = C.Evaluation(ctx, self.zones, text=scanned)
-        decision, spans = self._decide(self.message_rules, ev, "message", {})
+        decision, spans = self._decide(self._message_candidates(ctx), ev, "message", {})
         if decision.action == MASK:
             decision.masked_text = mask_text(scanned, spans) + text[len(scanned):]
         return decision
+
+    def _message_candidates(self, ctx: ChatContext) -> list[Rule]:
+        """The message rules that can match in this context, in order: a rule is left out when each of its
+        match blocks has a condition on the context alone (protocol, direction, zone, sender, recipient)
+        that fails for it, since then no text can make it match. Remembered per context: a conversation's
+        messages share one context, and most rules are about other directions or people. (Exact: what is
+        left out would have evaluated to no match; unless blocks only ever take matches away.)"""
+        candidates = self._candidates.get(ctx)
+        if candidates is None:
+            ev = C.Evaluation(ctx, self.zones)
+            candidates = [rule for rule in self.message_rules
+                          if any(all(cond.test(ev) is not None for cond in block if _context_only(cond))
+                                 for block in rule.match)]
+            if len(self._candidates) >= CANDIDATE_CACHE_SIZE:
+                self._candidates.clear()
+            self._candidates[ctx] = candidates
+        return candidates
 
     def decide_file(self, report: FileReport, ctx: ChatContext | None = None) -> Decision:
         """Decide on one file, given the inspector's report for it."""
