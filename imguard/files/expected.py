@@ -104,6 +104,8 @@ class ExpectedTransfers:
         self._clock = clock
         self._lock = threading.Lock()
         self._entries: OrderedDict[tuple[str, Hashable], tuple[float, Any]] = OrderedDict()
+        # A URL was ever marked blocked (mark_blocked_url): until then no message needs its links looked up.
+        self.any_blocked_urls = False
 
     # -- generic ----------------------------------------------------------------------------------
 
@@ -169,6 +171,7 @@ class ExpectedTransfers:
 
     def mark_blocked_url(self, get_url: str, reason: str) -> None:
         """The file behind this download URL was blocked: messages carrying the URL are blocked too."""
+        self.any_blocked_urls = True
         self.expect(normalize_url(get_url), reason or "blocked", kind=BLOCKED_URL,
                     ttl=self.settings.blocked_url_ttl_seconds)
 

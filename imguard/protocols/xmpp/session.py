@@ -129,6 +129,18 @@ DEFAULT_FILE_NOTICE = "Your file transfer was blocked by the security policy."
 # before the rest is parsed.
 PARSE_PIECE = 1024
 SERVER_STANZAS_FORWARDED = frozenset({"{%s}message" % NS_CLIENT, "{%s}presence" % NS_CLIENT})
+_BODY_TAGS: dict[str, tuple[str, str]] = {}     # a message's tag -> the tags of the bodies it may hold
+
+
+def _body_tags(message_tag: str) -> tuple[str, str]:
+    """<body> in the message's own namespace, or in jabber:client (forwarded messages keep theirs)."""
+    ns = split(message_tag)[0]
+    tags = ("{%s}body" % ns if ns else "body", _CLIENT_BODY)
+    if len(_BODY_TAGS) < 64:                # a few namespaces in practice; a client cannot grow it unbounded
+        _BODY_TAGS[message_tag] = tags
+    return tags
+
+
 _CTX_CACHE_SIZE = 64                    # message contexts kept per connection (one per peer)
 # ElementTree's '{ns}local' tags of the children a message is looked at for
 _IBB_DATA = "{%s}data" % NS_IBB
@@ -388,7 +400,6 @@ class XmppSession:
 
     def _client_message(self, st: d.Stanza) -> list[Command]:
         el = st.element
-        ns = split(el.tag)[0]
         # The direct children, looked at once by their whole '{ns}local' tag: an IBB block, OOB links,
         # end-to-end encryption. (This runs for every message; split() per child cost more than the rest.)
         oob: list[ET.Element] = []
@@ -408,7 +419,7 @@ class XmppSession:
         # every <body>: the message's own and those of forwarded messages (XEP-0297) inside it; and the
         # XHTML-IM rendering (XEP-0071), which a client may show instead of <body>. One walk, comparing
         # whole '{ns}local' tags.
-        body_tags = ("{%s}body" % ns if ns else "body", _CLIENT_BODY)
+        body_tags = _BODY_TAGS.get(el.tag) or _body_tags(el.tag)
         bodies: list[ET.Element] = []
         xhtml: list[ET.Element] = []
         for e in el.iter():
@@ -425,7 +436,8 @@ class XmppSession:
         oob_urls = [u.text.strip() for x in oob for u in x if u.tag == _OOB_URL and u.text and u.text.strip()]
         out: list[Command] = [Record(self._link_event(ctx, url)) for url in oob_urls]
 
-        urls = oob_urls + (_URL.findall(body) if body else [])
+        # Links to a file that was blocked (XEP-0363 GET URLs): looked for once any file was blocked.
+        urls = (oob_urls + (_URL.findall(body) if body else [])) if self.transfers.any_blocked_urls else ()
         for url in urls:
             reason = self.transfers.blocked_url_reason(url)
             if reason is not None:
@@ -454,7 +466,7 @@ class XmppSession:
             parents = {c: p for p in el.iter() for c in p}
             for h in xhtml:                          # the rich copy would show the unmasked text
                 parents[h].remove(h)
-            return out + [Send(to_client=False, data=serialize(el, ns))]
+            return out + [Send(to_client=False, data=serialize(el, split(el.tag)[0]))]
         return out + [self._forward(st)]
 
     def _refuse_message(self, el: ET.Element, notice: str) -> list[Command]:
