@@ -117,7 +117,11 @@ def block_words(decision: Decision) -> tuple[str, str]:
 # --- what a session is ------------------------------------------------------------------------------
 
 class StreamSession(Protocol):
-    """One chat connection's protocol logic."""
+    """One chat connection's protocol logic.
+
+    A session may also offer `data_received_steps(from_client, data) -> Iterator[list[Command]]`: the
+    same commands as data_received, one stanza or line at a time, so a carrier can forward what is
+    decided while it checks the rest of a read (the gateway does; see SessionLayer._run_steps)."""
 
     def data_received(self, from_client: bool, data: bytes) -> list[Command]: ...
 
