@@ -22,8 +22,9 @@ Bounded: a record that would push the backlog past `max_bytes` first drops the o
 records (counted in `dropped`). A failed write (disk full) is cut back so the file stays valid, and
 the error is raised to the caller, which keeps the event in the local log.
 
-Cost: append() is on the gateway's event loop for every archived chat message, so its common path is
-one header pack, one CRC, one write() and no scan of the segment list (the queue keeps its byte total).
+Cost: appends are on the gateway's event loop for every archived chat message, so the common path is
+one header pack and one CRC per record, no scan of the segment list (the queue keeps its byte total), and
+one write() per append() or per append_many() (the archive's group commit: a read's records at once).
 peek_batch() reads a run of records with one pread() rather than two per record, and remembers where
 each record it handed out ends, so ack_through() moves the cursor without reading them again.
 
