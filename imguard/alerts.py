@@ -59,16 +59,22 @@ _timestamp_second: tuple[int, str] = (-1, "")
 _MILLISECOND_SUFFIXES = tuple(f".{millisecond:03d}Z" for millisecond in range(1000))
 
 
-def _now() -> str:
-    """`@timestamp`: now in UTC with milliseconds, "2026-11-27T05:40:16.443Z" (what datetime.isoformat gives,
-    milliseconds truncated). Formatting the date costs microseconds; it changes once a second."""
+def utc_now(suffixes: tuple[str, ...] = _MILLISECOND_SUFFIXES) -> str:
+    """Now in UTC, ISO 8601 to the second, then suffixes[millisecond] (".443Z" by default; the archive's
+    spell the offset "+00:00"). What datetime.isoformat gives, milliseconds truncated; formatting the date
+    costs microseconds and it changes once a second."""
     global _timestamp_second
     second, millisecond = divmod(time.time_ns() // 1_000_000, 1000)
     cached_second, text = _timestamp_second
     if second != cached_second:
         text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         _timestamp_second = (second, text)
-    return text + _MILLISECOND_SUFFIXES[millisecond]
+    return text + suffixes[millisecond]
+
+
+def _now() -> str:
+    """`@timestamp`: "2026-11-27T05:40:16.443Z"."""
+    return utc_now()
 
 
 # "ip:port" -> its ECS fields. A connection's two addresses come with every one of its messages; parsing
