@@ -138,7 +138,8 @@ class Gateway:
         self.uploads = HttpUploads(self.inspection, self.transfers, settings.upload_paths, settings.max_upload_size,
                                    record=self.addon.record)
         try:
-            self.chat_apis = ChatApis(pipeline, self.inspection, self.transfers, chat_settings, self.addon.record)
+            self.chat_apis = ChatApis(pipeline, self.inspection, self.transfers, chat_settings, self.addon.record,
+                                      self.addon.commit)
         except ValueError as e:
             raise GatewayError(str(e)) from None
         self.late = LateTlsAddon(settings.no_verify_upstream)
