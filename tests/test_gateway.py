@@ -8,6 +8,7 @@ import datetime
 import ipaddress
 import socket
 import ssl
+import struct
 import threading
 import time
 from dataclasses import dataclass, field
@@ -285,6 +286,69 @@ def test_decided_lines_go_out_before_the_rest_of_the_read(tmp_path, monkeypatch)
     run(main())
     assert upstream.received == b"first\nWAIT\nlast\n"
     assert SteppingSession.waits == [True], "the first line was held until the whole read was checked"
+
+
+class NagleServer:
+    """An upstream that, like Prosody, leaves Nagle's algorithm on, in a thread on a blocking socket: it sends
+    what it is told and reports how many of its segments the gateway's kernel has not acknowledged yet."""
+
+    def __init__(self):
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.conn: socket.socket | None = None
+        self.accepted = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        self.conn, _ = self.sock.accept()
+        self.accepted.set()
+
+    def unacked(self) -> int:
+        """tcpi_unacked of struct tcp_info (linux/tcp.h): 8 bytes of u8 fields, then rto, ato, snd_mss, rcv_mss."""
+        info = self.conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+        return struct.unpack_from("I", info, 24)[0]
+
+
+async def gateway_server_socket(gw):
+    """The gateway's socket towards the upstream, from mitmproxy's connection handler (as tcp_socket finds it),
+    once its connection is open."""
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        for handler in gw.master.addons.get("proxyserver").connections.values():
+            for conn, io in handler.transports.items():
+                if conn is not handler.client and io.writer is not None:
+                    return io.writer.get_extra_info("socket")
+        await asyncio.sleep(0.01)
+    raise AssertionError("the gateway never opened its upstream connection")
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_QUICKACK"), reason="TCP_QUICKACK is Linux's")
+def test_reads_are_acknowledged_at_once(tmp_path):
+    """quick_ack: a line from a server that leaves Nagle on is acknowledged by the gateway when it is read, even
+    when the gateway's kernel had put that leg in delayed-ACK mode (as after an interactive login): the server's
+    next small write need not wait up to 40 ms for it. Checked on the server's own socket, by the kernel's count
+    of unacknowledged segments once the line has reached the client (it crossed the gateway after the read)."""
+    upstream = NagleServer()
+
+    async def main():
+        gw, gport = await start_gateway(tmp_path, upstream.port)
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", gport)
+            writer.write(b"hello\n")
+            await writer.drain()
+            assert await asyncio.to_thread(upstream.accepted.wait, TIMEOUT)
+            # delayed-ACK ("pingpong") mode on the gateway's upstream leg: what an interactive exchange leaves
+            leg = await gateway_server_socket(gw)
+            leg.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 0)
+            assert leg.getsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK) == 0
+            upstream.conn.sendall(b"news\n")
+            assert await readline(reader) == b"news\n"
+            assert upstream.unacked() == 0, "the gateway left the server's segment unacknowledged"
+            writer.close()
+        finally:
+            await gw.stop()
+            upstream.conn.close()
+    run(main())
 
 
 def test_send_and_close_commands(tmp_path):

@@ -107,6 +107,7 @@ class GatewayAddon:
         self._dcc_offers: dict[str, Any] = {}   # client id -> DccOffer, from server_connect to next_layer
         self.sessions: dict[str, tuple[Any, Any]] = {}  # client id (= ChatContext.connection_id) -> (session, context)
         self.metrics = None                             # imguard.metrics.Metrics, set by `imguard run`
+        self.quick_ack = True                           # GatewaySettings.quick_ack (tcp_socket)
         self._commit_error_logged = float("-inf")       # when a failed archive write was last logged
         self.stats = {"sessions": 0, "relayed": 0, "refused": 0, "self_connect": 0, "notices": 0}
 
@@ -138,6 +139,23 @@ class GatewayAddon:
             if now - self._commit_error_logged >= COMMIT_ERROR_LOG_SECONDS:
                 self._commit_error_logged = now
                 logger.error("cannot write the archive queue: %s; records are being lost", e)
+
+    def tcp_socket(self, client_id: str, connection) -> Any:
+        """The kernel socket under `connection` (a leg of client `client_id`'s connection), for SessionLayer to
+        set TCP_QUICKACK on; None when quick_ack is off or the leg is not a TCP socket of the event loop
+        (mitmproxy's own handler holds the streams, so they are looked up there once per leg)."""
+        if not self.quick_ack:
+            return None
+        master = getattr(mitm_ctx, "master", None)
+        ps = master.addons.get("proxyserver") if master is not None else None
+        handler = ps.connections.get(client_id) if ps is not None else None
+        io = handler.transports.get(connection) if handler is not None else None
+        writer = getattr(io, "writer", None)
+        sock = writer.get_extra_info("socket") if writer is not None else None
+        if sock is None or getattr(sock, "type", None) != socket.SOCK_STREAM or \
+                getattr(sock, "family", None) not in (socket.AF_INET, socket.AF_INET6):
+            return None
+        return sock
 
     def notify(self, connection_id: str, text: str) -> bool:
         """Tell the person on connection `connection_id` something (a DCC file blocked on its own connection):

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import socket
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
@@ -44,6 +45,10 @@ logger = logging.getLogger("imguard.gateway")
 # How long decided stanzas of one read may wait for the rest of it before they are forwarded: long enough to
 # gather a few into one write, short enough that the peer is not kept idle while a large read is checked.
 FORWARD_AFTER = 0.0005
+
+# Linux only; elsewhere reads are acknowledged as the kernel decides.
+TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", None)
+_NOT_LOOKED_UP = object()
 
 
 @dataclass
@@ -89,6 +94,10 @@ class Carrier:
 
     def anomaly(self, ctx: ChatContext, kind: str, detail: str, **data: Any) -> None: ...
 
+    def tcp_socket(self, client_id: str, connection) -> Any:
+        """The socket under one leg, to acknowledge its reads at once; None = leave acknowledgements to the kernel."""
+        return None
+
 
 class SessionLayer(layer.Layer):
     """One StreamSession on one client/server connection pair."""
@@ -108,6 +117,7 @@ class SessionLayer(layer.Layer):
         self.closed = False
         self.queued_bytes = 0                   # bytes queued by mitmproxy while this layer waits for a scan
         self.raw = False                        # fail mode parse=open: the session failed, bytes relayed as they are
+        self._ack_sockets: dict[str, Any] = {}  # connection id -> its socket, or None (see _acknowledge)
         metrics = getattr(carrier, "metrics", None)
         if metrics is not None and not after_starttls:     # one connection, counted once (not again inside TLS)
             metrics.connection_opened(chat.protocol)
@@ -154,6 +164,8 @@ class SessionLayer(layer.Layer):
             return
         if self.closed:
             return
+        if type(event) is events.DataReceived:
+            self._acknowledge(event.connection)
         if isinstance(event, events.Start):
             yield from self._start()
         elif self.raw and isinstance(event, events.DataReceived):
@@ -179,6 +191,23 @@ class SessionLayer(layer.Layer):
                                type(self.session).__name__, event.text)
             else:
                 yield from self._run(self._call(notice, event.text))
+
+    def _acknowledge(self, connection) -> None:
+        """Acknowledge what was just read on `connection` now, not up to 40 ms later (TCP_QUICKACK re-armed on
+        every read: the kernel drops back to delayed ACKs by itself). Why: a chat peer that leaves Nagle's
+        algorithm on (Prosody does) sends a small write only once its previous one is acknowledged, and a leg
+        that was interactive (a login) is in the kernel's delayed-ACK mode. Measured through Prosody with 25
+        messages in flight: 47 ms p99 and 2,500 msg/s without, 8 ms and 6,400 msg/s with (bench_xmpp.py)."""
+        sock = self._ack_sockets.get(connection.id, _NOT_LOOKED_UP)
+        if sock is _NOT_LOOKED_UP:
+            lookup = getattr(self.carrier, "tcp_socket", None)
+            sock = lookup(self.context.client.id, connection) if lookup and TCP_QUICKACK is not None else None
+            self._ack_sockets[connection.id] = sock
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, TCP_QUICKACK, 1)
+            except OSError:             # closed under us: nothing left to acknowledge
+                self._ack_sockets[connection.id] = None
 
     def _start(self) -> layer.CommandGenerator[None]:
         server = self.context.server

@@ -68,6 +68,11 @@ class GatewaySettings:
     tcp_timeout: int = setting(
         6 * 3600, "Seconds an idle connection is kept open. Chat connections idle for long periods; mitmproxy's "
                   "own default (600 s) would cut them")
+    quick_ack: bool = setting(
+        True, "Acknowledge every read of an inspected chat connection at once (TCP_QUICKACK), on both legs. A "
+              "chat server or client that leaves Nagle's algorithm on (Prosody does) holds its next small write "
+              "until the gateway's kernel acknowledges the last one, which it may delay by 40 ms: with this off, a "
+              "burst of chat messages crosses in 40 ms steps")
     inspect_workers: int = setting(
         2, "Threads that inspect files (libmagic, YARA, archives) off the event loop")
     inspect_queue: int = setting(
