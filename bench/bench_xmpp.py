@@ -1,6 +1,6 @@
 """XMPP benchmark: what imguard costs a chat server's users, against two baselines.
 
-    .venv/bin/python bench/bench_xmpp.py [--messages 5000] [--window 100] [--pings 500] [--rounds 3]
+    .venv/bin/python bench/bench_xmpp.py [--messages 5000] [--windows 25,100,400] [--pings 500] [--rounds 3]
                                          [--idle 1000] [--no-idle-tls] [--keep]
 
 One run starts a real Prosody (tests/peers/prosody.py) and measures, for the same raw XMPP load,
@@ -10,8 +10,11 @@ One run starts a real Prosody (tests/peers/prosody.py) and measures, for the sam
         message checked by the bundled policy, written to alerts.jsonl and to the SQLite archive).
 Cleartext c2s with SASL PLAIN keeps TLS out of the comparison. The load client is raw asyncio
 streams (slixmpp would be the bottleneck): bench1 sends chat messages to bench2's full JID,
-  * throughput: `--messages` messages with at most `--window` in flight, messages/s end to end, and
-    the relay process's CPU time per message (user + system, all threads: robust to a busy machine);
+  * throughput: `--messages` messages with at most W in flight, for each W of `--windows`; messages/s
+    end to end, and the relay process's CPU time per message (user + system, all threads: robust to a
+    busy machine). A few in flight is what chat is: the figure is bound by latency, including the 40 ms
+    a delayed ACK can cost a Nagle sender such as Prosody. Hundreds in flight saturate the two CPUs that
+    Prosody, the relay and the load client share: the figure is then bound by CPU per message;
   * latency: `--pings` messages one at a time; p50/p99 of send -> delivery, and what each relay adds;
   * memory: `--idle` logged-in, idle connections held open through (b) and (c); the relay's RSS
     before and after, divided by the count (target for imguard: < 50 KB per connection); once in
@@ -321,19 +324,21 @@ async def main_async(args, directory: Path) -> None:
         gw = fresh_imguard("imguard")
         routes = [("a. direct to Prosody", prosody.c2s_port, None), ("b. plain mitmproxy", mitm_port, mitm.pid),
                   ("c. imguard", gw.c2s_port, gw.process.pid)]
-        # The routes take turns, `--rounds` times: a shared machine's load drifts, and each figure is the
-        # median of its rounds, so a slow minute hurts every route alike.
-        rounds: dict[str, list[dict]] = {name: [] for name, _, _ in routes}
+        # The routes take turns, `--rounds` times for each window: a shared machine's load drifts, and each
+        # figure is the median of its rounds, so a slow minute hurts every route alike.
+        results: dict[int, list[dict]] = {}
         base = 0
-        for round_no in range(args.rounds):
-            for name, port, pid in routes:
-                r = await measure_route(name, "127.0.0.1", port, prosody, args.messages, args.window, args.pings,
-                                        base, relay_pid=pid)
-                base = r["next"]
-                rounds[name].append(r)
-                print(f"  round {round_no + 1}: {name}: {r['rate']:.0f} msg/s, relay CPU {r['cpu_us']:.0f} us/msg",
-                      file=sys.stderr)
-        results = [median_result(rounds[name]) for name, _, _ in routes]
+        for window in args.windows:
+            rounds: dict[str, list[dict]] = {name: [] for name, _, _ in routes}
+            for round_no in range(args.rounds):
+                for name, port, pid in routes:
+                    r = await measure_route(name, "127.0.0.1", port, prosody, args.messages, window, args.pings,
+                                            base, relay_pid=pid)
+                    base = r["next"]
+                    rounds[name].append(r)
+                    print(f"  window {window}, round {round_no + 1}: {name}: {r['rate']:.0f} msg/s, "
+                          f"relay CPU {r['cpu_us']:.0f} us/msg", file=sys.stderr)
+            results[window] = [median_result(rounds[name]) for name, _, _ in routes]
         memory = []
         if args.idle:
             # Each memory run gets a fresh relay process: RSS never shrinks after connections close,
@@ -366,30 +371,21 @@ async def main_async(args, directory: Path) -> None:
         prosody.stop()
 
 
-def report(args, results: list[dict], memory: list[dict]) -> None:
-    direct, mitm = results[0], results[1]
+def report(args, by_window: dict[int, list[dict]], memory: list[dict]) -> None:
     print()
     print(f"XMPP chat messages, cleartext c2s, bench1 -> bench2 on 127.0.0.1 "
           f"({os.cpu_count()} CPUs; Prosody, relay and load client share them)")
-    print(f"throughput: {args.messages} messages, window {args.window}; latency: {args.pings} messages one at a time; "
+    print(f"throughput: {args.messages} messages with W in flight; latency: {args.pings} messages one at a time; "
           f"median of {args.rounds} alternating rounds")
-    print()
-    head = (f"{'route':<22} {'msg/s':>8} {'vs a':>6} {'vs b':>6} {'p50 ms':>7} {'p99 ms':>7} "
-            f"{'+p50 ms':>8} {'+p99 ms':>8} {'loaded p50/p99 ms':>18} {'relay CPU us/msg':>17} {'lost':>5}")
-    print(head)
-    print("-" * len(head))
-    for r in results:
-        cpu = f"{r['cpu_us']:.0f}" if r is not direct else "-"
-        print(f"{r['route']:<22} {r['rate']:>8.0f} {r['rate'] / direct['rate']:>6.2f} {r['rate'] / mitm['rate']:>6.2f} "
-              f"{r['p50'] * 1e3:>7.2f} {r['p99'] * 1e3:>7.2f} {(r['p50'] - direct['p50']) * 1e3:>8.2f} "
-              f"{(r['p99'] - direct['p99']) * 1e3:>8.2f} "
-              f"{r['loaded_p50'] * 1e3:>8.1f}/{r['loaded_p99'] * 1e3:<9.1f} {cpu:>17} {r['missing']:>5}")
+    verdicts = []
+    for window, results in by_window.items():
+        print(f"\nW = {window} messages in flight")
+        verdicts.append(route_table(window, results))
     print("(+p50/+p99: latency added over route a; vs a / vs b: throughput ratio to routes a and b;")
     print(" relay CPU: the relay process's user+system CPU per message during the throughput run, all its threads)")
-    imguard = results[2]
-    verdict = "meets" if imguard["rate"] >= mitm["rate"] else "MISSES"
-    print(f"c. imguard {verdict} the target of at least plain mitmproxy's throughput "
-          f"({imguard['rate'] / mitm['rate']:.2f}x; CPU per message {imguard['cpu_us'] / mitm['cpu_us']:.2f}x)")
+    print()
+    for line in verdicts:
+        print(line)
     if memory:
         print()
         head = f"{'idle connections':<22} {'count':>6} {'RSS before':>11} {'RSS after':>11} {'per conn':>10} {'login s':>8}"
@@ -404,10 +400,30 @@ def report(args, results: list[dict], memory: list[dict]) -> None:
                 print(f"{m['route']} {verdict} the target of < 50 KB per idle connection ({m['per_conn']:.1f} KB)")
 
 
+def route_table(window: int, results: list[dict]) -> str:
+    """Print one window's table; return its verdict line."""
+    direct, mitm = results[0], results[1]
+    head = (f"{'route':<22} {'msg/s':>8} {'vs a':>6} {'vs b':>6} {'p50 ms':>7} {'p99 ms':>7} "
+            f"{'+p50 ms':>8} {'+p99 ms':>8} {'loaded p50/p99 ms':>18} {'relay CPU us/msg':>17} {'lost':>5}")
+    print(head)
+    print("-" * len(head))
+    for r in results:
+        cpu = f"{r['cpu_us']:.0f}" if r is not direct else "-"
+        print(f"{r['route']:<22} {r['rate']:>8.0f} {r['rate'] / direct['rate']:>6.2f} {r['rate'] / mitm['rate']:>6.2f} "
+              f"{r['p50'] * 1e3:>7.2f} {r['p99'] * 1e3:>7.2f} {(r['p50'] - direct['p50']) * 1e3:>8.2f} "
+              f"{(r['p99'] - direct['p99']) * 1e3:>8.2f} "
+              f"{r['loaded_p50'] * 1e3:>8.1f}/{r['loaded_p99'] * 1e3:<9.1f} {cpu:>17} {r['missing']:>5}")
+    imguard = results[2]
+    verdict = "meets" if imguard["rate"] >= mitm["rate"] else "MISSES"
+    return (f"W = {window}: c. imguard {verdict} the target of at least plain mitmproxy's throughput "
+            f"({imguard['rate'] / mitm['rate']:.2f}x; CPU per message {imguard['cpu_us'] / mitm['cpu_us']:.2f}x)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=5000, help="messages in the throughput run")
-    parser.add_argument("--window", type=int, default=100, help="messages in flight at most")
+    parser.add_argument("--windows", type=lambda text: [int(w) for w in text.split(",")], default=[25, 100, 400],
+                        help="comma-separated: messages in flight at most, one throughput run per value")
     parser.add_argument("--pings", type=int, default=500, help="messages in the one-at-a-time latency run")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of every route (medians reported)")
     parser.add_argument("--idle", type=int, default=1000, help="idle connections for the memory run (0 = skip)")
