@@ -537,7 +537,8 @@ class SharedCertificates:
         entry = tlsconfig.get_cert(data.context)       # the same cached entry TlsConfig just used
         cert, key = self._shared(entry.cert), self._shared_key(entry.privatekey)
         ssl = data.ssl_conn._ssl
-        if _openssl_lib.SSL_use_certificate(ssl, cert._x509) != 1 or _openssl_lib.SSL_use_PrivateKey(ssl, key._pkey) != 1:
+        if (_openssl_lib.SSL_use_certificate(ssl, cert._x509) != 1
+                or _openssl_lib.SSL_use_PrivateKey(ssl, key._pkey) != 1):
             _openssl_lib.ERR_clear_error()
             return False
         return True
