@@ -145,14 +145,17 @@ class GatewayAddon:
         """The kernel socket under `connection` (a leg of client `client_id`'s connection), for SessionLayer to
         set TCP_QUICKACK on; None when quick_ack is off or the leg is not a TCP socket of the event loop
         (mitmproxy's own handler holds the streams, so they are looked up there once per leg)."""
-        if not self.quick_ack:
+        if not self.quick_ack or getattr(connection, "transport_protocol", None) != "tcp":
             return None
         master = getattr(mitm_ctx, "master", None)
         ps = master.addons.get("proxyserver") if master is not None else None
         handler = ps.connections.get(client_id) if ps is not None else None
         io = handler.transports.get(connection) if handler is not None else None
         writer = getattr(io, "writer", None)
-        sock = writer.get_extra_info("socket") if writer is not None else None
+        try:
+            sock = writer.get_extra_info("socket") if writer is not None else None
+        except KeyError:        # a writer that is not an asyncio transport's (mitmproxy's UDP datagram writer)
+            return None
         if sock is None or getattr(sock, "type", None) != socket.SOCK_STREAM or \
                 getattr(sock, "family", None) not in (socket.AF_INET, socket.AF_INET6):
             return None

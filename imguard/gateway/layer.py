@@ -201,7 +201,11 @@ class SessionLayer(layer.Layer):
         sock = self._ack_sockets.get(connection.id, _NOT_LOOKED_UP)
         if sock is _NOT_LOOKED_UP:
             lookup = getattr(self.carrier, "tcp_socket", None)
-            sock = lookup(self.context.client.id, connection) if lookup and TCP_QUICKACK is not None else None
+            try:
+                sock = lookup(self.context.client.id, connection) if lookup and TCP_QUICKACK is not None else None
+            except Exception:       # only latency is at stake: never the session
+                logger.debug("no socket to acknowledge reads on", exc_info=True)
+                sock = None
             self._ack_sockets[connection.id] = sock
         if sock is not None:
             try:

@@ -147,7 +147,7 @@ class Gateway:
         self.passthrough.port_map, self.passthrough.recorder = port_map, self.addon.record
         self.addon.parse_fail_open = lambda protocol: self.fail_modes.is_open(protocol, PARSE)   # read by SessionLayer
         self.addon.max_total_queued_bytes = settings.max_total_queued_bytes                    # read by SessionLayer
-        self.addon.quick_ack = settings.quick_ack                                               # read by SessionLayer
+        self.addon.quick_ack = settings.quick_ack                                         # read by addon.tcp_socket
         self.addon.queued_layers = weakref.WeakSet()
         self.master: GatewayMaster | None = None
         self._stack = contextlib.ExitStack()
