@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
+from imguard import alerts
 from imguard.model import ChatContext, Decision, FileReport
 
 
@@ -112,6 +113,19 @@ def block_words(decision: Decision) -> tuple[str, str]:
     words = {"block": "blocked", "quarantine": "quarantined"}
     why = "; ".join(m.title or m.rule_id for m in decision.matches) or "policy"
     return words.get(decision.action, "blocked"), why
+
+
+def limited_anomaly(counts: dict[str, int], limit: int, ctx: ChatContext, kind: str, detail: str,
+                    **data: Any) -> Record | None:
+    """An anomaly record, at most `limit` of one kind per connection: `counts` (the session's, by kind) counts
+    them all, the last one recorded says `further_suppressed`, and later ones are only counted (a peer
+    repeating one malformation must not flood the alert log)."""
+    seen = counts[kind] = counts.get(kind, 0) + 1
+    if seen > limit:
+        return None
+    if seen == limit:
+        data["further_suppressed"] = True
+    return Record(alerts.anomaly_event(ctx, kind, detail, **data))
 
 
 # --- what a session is ------------------------------------------------------------------------------

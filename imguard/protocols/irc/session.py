@@ -52,7 +52,7 @@ from typing import Any, Callable, Iterator
 
 from imguard import alerts
 from imguard.model import MASK, ChatContext, Decision, FileReport
-from imguard.protocols.base import Close, Command, OutgoingCommands, Record, Send, StartTls
+from imguard.protocols.base import Close, Command, OutgoingCommands, Record, Send, StartTls, limited_anomaly
 from imguard.protocols.irc.dcc import CHAT, DCC_KIND, SEND, DccOffer, new_offer_id, remember_offer
 from imguard.protocols.irc.decoder import (BadLine, Ctcp, DccError, DccResume, DccSend, IrcLimits,
                                            LineDecoder, LineTooLong, Message, encode_text, format_ctcp,
@@ -251,12 +251,8 @@ class IrcSession:
 
     def _anomaly(self, kind: str, detail: str, **data: Any) -> Record | None:
         """An anomaly record; past max_anomalies_per_kind of one kind on this connection, only counted."""
-        seen = self.anomaly_counts[kind] = self.anomaly_counts.get(kind, 0) + 1
-        if seen > self.limits.max_anomalies_per_kind:
-            return None
-        if seen == self.limits.max_anomalies_per_kind:
-            data["further_suppressed"] = True
-        return Record(alerts.anomaly_event(self._ctx(), kind, detail, **data))
+        return limited_anomaly(self.anomaly_counts, self.limits.max_anomalies_per_kind, self._ctx(),
+                               kind, detail, **data)
 
     def _event(self, action: str, category: str = "session", ctx: ChatContext | None = None,
                **data: Any) -> Record:

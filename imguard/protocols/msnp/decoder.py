@@ -28,6 +28,7 @@ import binascii
 import struct
 from dataclasses import dataclass
 
+from imguard.protocols.framing import FrameDecoder, FramingError  # noqa: F401 (FramingError: part of this module's API)
 from imguard.settings import MiB, setting
 
 # Commands whose line ends with a payload length (MSNP2..15; UUN/UBN/GCF/... from MSNP13+).
@@ -84,75 +85,37 @@ class Command:
         return self.raw[:len(self.raw) - len(self.payload or b"")]
 
 
-@dataclass(frozen=True)
-class FramingError:
-    """The stream cannot be framed any more (fatal): `kind` names the anomaly."""
-    kind: str
-    detail: str
-    size: int = 0
-
-
-class CommandDecoder:
+class CommandDecoder(FrameDecoder):
     """One direction of an MSNP connection: bytes in, Commands out (see the module docstring)."""
 
     def __init__(self, limits: MsnpLimits = MsnpLimits()):
-        self.limits = limits
-        self._buf = bytearray()
-        self.dead = False
+        super().__init__(limits)
 
-    @property
-    def pending(self) -> bytes:
-        return bytes(self._buf)
-
-    def feed(self, data: bytes) -> list[Command | FramingError]:
-        if self.dead:
-            return []
-        self._buf += data
-        events: list[Command | FramingError] = []
-        buf = self._buf
-        pos = 0
-        while True:
-            end = buf.find(b"\n", pos, pos + self.limits.msnp_max_line)
-            if end < 0:
-                if len(buf) - pos >= self.limits.msnp_max_line:
-                    events.append(self._fail("line_too_long", f"an MSNP line over {self.limits.msnp_max_line} "
-                                             "bytes", len(buf) - pos))
-                break
-            line = bytes(buf[pos:end + 1])
-            words = line.rstrip(b"\r\n").decode("utf-8", "replace").split(" ")
-            verb = words[0].upper() if words else ""
-            args = tuple(w for w in words[1:] if w != "")
-            if verb in PAYLOAD_VERBS and args:
-                if not args[-1].isdigit():
-                    if verb == "MSG":
-                        events.append(self._fail("bad_payload_length", f"MSG with payload length "
-                                                 f"{args[-1][:20]!r}", len(line)))
-                        break
-                    events.append(Command(line, verb, args))     # a reply without payload ("ADL 12 OK")
-                    pos = end + 1
-                    continue
-                length = int(args[-1])
-                if length > self.limits.msnp_max_payload:
-                    events.append(self._fail("payload_too_large", f"{verb} announces a {length}-byte payload "
-                                             f"(limit {self.limits.msnp_max_payload})", length))
-                    break
-                if len(buf) - (end + 1) < length:
-                    break                                       # wait for the payload
-                payload = bytes(buf[end + 1:end + 1 + length])
-                events.append(Command(line + payload, verb, args, payload))
-                pos = end + 1 + length
-            else:
-                events.append(Command(line, verb, args))
-                pos = end + 1
-        if self.dead:
-            self._buf.clear()
-        else:
-            del buf[:pos]
-        return events
-
-    def _fail(self, kind: str, detail: str, size: int) -> FramingError:
-        self.dead = True
-        return FramingError(kind, detail, size)
+    def next_frame(self, buf: bytearray, pos: int) -> tuple[Command, int] | None:
+        end = buf.find(b"\n", pos, pos + self.limits.msnp_max_line)
+        if end < 0:
+            if len(buf) - pos >= self.limits.msnp_max_line:
+                raise self.failure("line_too_long", f"an MSNP line over {self.limits.msnp_max_line} bytes",
+                                   len(buf) - pos)
+            return None
+        line = bytes(buf[pos:end + 1])
+        words = line.rstrip(b"\r\n").decode("utf-8", "replace").split(" ")
+        verb = words[0].upper() if words else ""
+        args = tuple(w for w in words[1:] if w != "")
+        if verb not in PAYLOAD_VERBS or not args:
+            return Command(line, verb, args), end + 1
+        if not args[-1].isdigit():
+            if verb == "MSG":
+                raise self.failure("bad_payload_length", f"MSG with payload length {args[-1][:20]!r}", len(line))
+            return Command(line, verb, args), end + 1        # a reply without payload ("ADL 12 OK")
+        length = int(args[-1])
+        if length > self.limits.msnp_max_payload:
+            raise self.failure("payload_too_large", f"{verb} announces a {length}-byte payload "
+                               f"(limit {self.limits.msnp_max_payload})", length)
+        if len(buf) - (end + 1) < length:
+            return None                                         # wait for the payload
+        payload = bytes(buf[end + 1:end + 1 + length])
+        return Command(line + payload, verb, args, payload), end + 1 + length
 
 
 def format_command(verb: str, *args: str, payload: bytes | None = None) -> bytes:

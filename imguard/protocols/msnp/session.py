@@ -75,7 +75,8 @@ from typing import Any
 
 from imguard import alerts
 from imguard.model import MASK, ChatContext, Decision, FileReport
-from imguard.protocols.base import Close, Command as Cmd, InspectFile, OutgoingCommands, Record, Send, block_words
+from imguard.protocols.base import (Close, Command as Cmd, InspectFile, OutgoingCommands, Record, Send, block_words,
+                                    limited_anomaly)
 from imguard.protocols.msnp.decoder import (FT_GUID, P2P_FLAG_ACK, P2P_FLAG_DATA, Command, CommandDecoder,
                                             FramingError, Mime, MsnpLimits, P2PError, P2PHeader, SlpMessage, build_p2p,
                                             decode_body, format_command, parse_file_context, parse_invitation,
@@ -231,12 +232,8 @@ class MsnpSession:
     # --- helpers ------------------------------------------------------------------------------------
 
     def _anomaly(self, kind: str, detail: str, **data: Any) -> Record | None:
-        seen = self.anomaly_counts[kind] = self.anomaly_counts.get(kind, 0) + 1
-        if seen > self.limits.msnp_max_anomalies_per_kind:
-            return None
-        if seen == self.limits.msnp_max_anomalies_per_kind:
-            data["further_suppressed"] = True
-        return Record(alerts.anomaly_event(self._ctx(), kind, detail, **data))
+        return limited_anomaly(self.anomaly_counts, self.limits.msnp_max_anomalies_per_kind, self._ctx(),
+                               kind, detail, **data)
 
     def _event(self, action: str, category: str = "session", ctx: ChatContext | None = None,
                **data: Any) -> Record:

@@ -55,7 +55,7 @@ from typing import Any
 
 from imguard import alerts
 from imguard.model import MASK, ChatContext, Decision, FileReport
-from imguard.protocols.base import Close, Command, InspectFile, OutgoingCommands, Record
+from imguard.protocols.base import Close, Command, InspectFile, OutgoingCommands, Record, limited_anomaly
 from imguard.protocols.msrp.framing import (ABORTED, COMPLETE, ByteRange, MsrpChunk, MsrpDecoder, MsrpFramingError,
                                             MsrpLimits, build_report, build_response, build_send, parse_byte_range,
                                             with_body)
@@ -481,12 +481,8 @@ class MsrpSession:
                                    msrp={"message_id": msg.message_id, "bytes": msg.coverage()[0]})
 
     def _anomaly(self, kind: str, detail: str, **data: Any) -> Record | None:
-        seen = self.anomaly_counts[kind] = self.anomaly_counts.get(kind, 0) + 1
-        if seen > self.limits.msrp_max_anomalies_per_kind:
-            return None
-        if seen == self.limits.msrp_max_anomalies_per_kind:
-            data["further_suppressed"] = True
-        return Record(alerts.anomaly_event(self.context, kind, detail, **data))
+        return limited_anomaly(self.anomaly_counts, self.limits.msrp_max_anomalies_per_kind, self.context,
+                               kind, detail, **data)
 
     def _event(self, action: str, category: str = "session", ctx: ChatContext | None = None, **data: Any) -> Record:
         return Record(alerts.protocol_event("msrp", action, ctx or self.context, category, **data))

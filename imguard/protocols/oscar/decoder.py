@@ -37,6 +37,7 @@ import re
 import struct
 from dataclasses import dataclass
 
+from imguard.protocols.framing import FrameDecoder, FramingError  # noqa: F401 (FramingError: part of this module's API)
 from imguard.settings import MiB, setting
 
 FLAP_START = 0x2A
@@ -86,56 +87,25 @@ class Flap:
     data: bytes
 
 
-@dataclass(frozen=True)
-class FramingError:
-    kind: str
-    detail: str
-    size: int = 0
-
-
-class FlapDecoder:
+class FlapDecoder(FrameDecoder):
     """One direction of an OSCAR connection: bytes in, Flap frames out; raw concatenates to the input."""
 
     def __init__(self, limits: OscarLimits = OscarLimits()):
-        self.limits = limits
-        self._buf = bytearray()
-        self.dead = False
+        super().__init__(limits)
 
-    @property
-    def pending(self) -> bytes:
-        return bytes(self._buf)
-
-    def feed(self, data: bytes) -> list[Flap | FramingError]:
-        if self.dead:
-            return []
-        self._buf += data
-        out: list[Flap | FramingError] = []
-        pos, buf = 0, self._buf
-        while len(buf) - pos >= 1:
-            if buf[pos] != FLAP_START:
-                out.append(self._fail("bad_flap_start", f"a FLAP frame starting with 0x{buf[pos]:02x}, not 0x2a"))
-                break
-            if len(buf) - pos < 6:
-                break
-            channel, seq, length = struct.unpack_from(">BHH", buf, pos + 1)
-            if length > self.limits.oscar_max_frame_size:
-                out.append(self._fail("frame_too_large", f"a FLAP frame announcing {length} bytes (limit "
-                                      f"{self.limits.oscar_max_frame_size})", length))
-                break
-            if len(buf) - pos < 6 + length:
-                break
-            raw = bytes(buf[pos:pos + 6 + length])
-            out.append(Flap(raw, channel, seq, raw[6:]))
-            pos += 6 + length
-        if self.dead:
-            self._buf.clear()
-        else:
-            del buf[:pos]
-        return out
-
-    def _fail(self, kind: str, detail: str, size: int = 0) -> FramingError:
-        self.dead = True
-        return FramingError(kind, detail, size)
+    def next_frame(self, buf: bytearray, pos: int) -> tuple[Flap, int] | None:
+        if buf[pos] != FLAP_START:
+            raise self.failure("bad_flap_start", f"a FLAP frame starting with 0x{buf[pos]:02x}, not 0x2a")
+        if len(buf) - pos < 6:
+            return None
+        channel, seq, length = struct.unpack_from(">BHH", buf, pos + 1)
+        if length > self.limits.oscar_max_frame_size:
+            raise self.failure("frame_too_large", f"a FLAP frame announcing {length} bytes (limit "
+                               f"{self.limits.oscar_max_frame_size})", length)
+        if len(buf) - pos < 6 + length:
+            return None
+        raw = bytes(buf[pos:pos + 6 + length])
+        return Flap(raw, channel, seq, raw[6:]), pos + 6 + length
 
 
 def build_flap(channel: int, seq: int, data: bytes) -> bytes:

@@ -64,7 +64,7 @@ from typing import Any
 
 from imguard import alerts
 from imguard.model import MASK, ChatContext, Decision, FileReport
-from imguard.protocols.base import Close, Command, OutgoingCommands, Record, block_words
+from imguard.protocols.base import Close, Command, OutgoingCommands, Record, block_words, limited_anomaly
 from imguard.protocols.oscar.decoder import (CAP_DIRECTIM, CAP_GETFILE, CAP_SENDFILE, CH_SIGNOFF, CH_SIGNON,
                                              CH_SNAC, CHARSET_ASCII, ICBM, ICBM_INCOMING, ICBM_SEND, KNOWN_FAMILIES,
                                              RV_CANCEL, RV_PROPOSE, Flap, FlapDecoder, FramingError, Icbm, OscarError,
@@ -233,12 +233,8 @@ class OscarSession:
         out.send(True, build_flap(CH_SNAC, seq, snac))
 
     def _anomaly(self, kind: str, detail: str, **data: Any) -> Record | None:
-        seen = self.anomaly_counts[kind] = self.anomaly_counts.get(kind, 0) + 1
-        if seen > self.limits.oscar_max_anomalies_per_kind:
-            return None
-        if seen == self.limits.oscar_max_anomalies_per_kind:
-            data["further_suppressed"] = True
-        return Record(alerts.anomaly_event(self._ctx(), kind, detail, **data))
+        return limited_anomaly(self.anomaly_counts, self.limits.oscar_max_anomalies_per_kind, self._ctx(),
+                               kind, detail, **data)
 
     def _event(self, action: str, category: str = "session", ctx: ChatContext | None = None, **data: Any) -> Record:
         ctx = ctx or self._ctx()

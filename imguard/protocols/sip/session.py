@@ -55,7 +55,7 @@ from typing import Any
 
 from imguard import alerts
 from imguard.model import BLOCK, MASK, ChatContext, Decision, FileReport
-from imguard.protocols.base import Close, Command, InspectFile, OutgoingCommands, Record, Send
+from imguard.protocols.base import Close, Command, InspectFile, OutgoingCommands, Record, Send, limited_anomaly
 from imguard.protocols.msrp.offer import MsrpOffer, new_offer_id, remember_msrp_offer
 from imguard.protocols.sip.message import (KeepAlive, SipFramingError, SipLimits, SipMessage, SipStreamDecoder,
                                            build_response, decode_text, parse_cpim, parse_datagram, quote, uri_of,
@@ -341,12 +341,8 @@ class SipSession:
 
     def _anomaly(self, kind: str, detail: str, **data: Any) -> Record | None:
         """An anomaly record; past sip_max_anomalies_per_kind of one kind on this connection, only counted."""
-        seen = self.anomaly_counts[kind] = self.anomaly_counts.get(kind, 0) + 1
-        if seen > self.limits.sip_max_anomalies_per_kind:
-            return None
-        if seen == self.limits.sip_max_anomalies_per_kind:
-            data["further_suppressed"] = True
-        return Record(alerts.anomaly_event(self.context.with_(sender=self.user), kind, detail, **data))
+        return limited_anomaly(self.anomaly_counts, self.limits.sip_max_anomalies_per_kind,
+                               self.context.with_(sender=self.user), kind, detail, **data)
 
     def _event(self, action: str, category: str = "session", ctx: ChatContext | None = None, **data: Any) -> Record:
         ctx = ctx or self.context.with_(sender=self.user)

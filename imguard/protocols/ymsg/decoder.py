@@ -21,6 +21,7 @@ import re
 import struct
 from dataclasses import dataclass
 
+from imguard.protocols.framing import FrameDecoder, FramingError  # noqa: F401 (FramingError: part of this module's API)
 from imguard.settings import setting
 
 MAGIC = b"YMSG"
@@ -83,13 +84,6 @@ class Packet:
         return [v for k, v in self.fields if k == key]
 
 
-@dataclass(frozen=True)
-class FramingError:
-    kind: str
-    detail: str
-    size: int = 0
-
-
 def parse_fields(payload: bytes) -> tuple[tuple[tuple[str, bytes], ...], str]:
     """(fields, problem): pairs in order; problem is "" or what is wrong with the payload."""
     if not payload:
@@ -112,52 +106,30 @@ def parse_fields(payload: bytes) -> tuple[tuple[tuple[str, bytes], ...], str]:
     return tuple(fields), problem
 
 
-class PacketDecoder:
+class PacketDecoder(FrameDecoder):
     """One direction of a YMSG connection: bytes in, Packets out (see the module docstring)."""
 
     def __init__(self, limits: YmsgLimits = YmsgLimits()):
-        self.limits = limits
-        self._buf = bytearray()
-        self.dead = False
+        super().__init__(limits)
 
-    @property
-    def pending(self) -> bytes:
-        return bytes(self._buf)
-
-    def feed(self, data: bytes) -> list[Packet | FramingError]:
-        if self.dead:
-            return []
-        self._buf += data
-        out: list[Packet | FramingError] = []
-        pos, buf = 0, self._buf
-        while len(buf) - pos >= 4:
-            if buf[pos:pos + 4] != MAGIC:
-                out.append(self._fail("bad_magic", f"{bytes(buf[pos:pos + 4])!r} where a YMSG header should start"))
-                break
-            if len(buf) - pos < HEADER_SIZE:
-                break
-            _, version, vendor, length, service, status, session = _HEADER.unpack_from(buf, pos)
-            if length > self.limits.ymsg_max_packet:
-                signed = length - 0x10000 if length & 0x8000 else length
-                detail = (f"a YMSG length of {length}" + (f" ({signed} read as signed)" if signed < 0 else "") +
-                          f", limit {self.limits.ymsg_max_packet}")
-                out.append(self._fail("bad_length", detail, length))
-                break
-            if len(buf) - pos < HEADER_SIZE + length:
-                break
-            raw = bytes(buf[pos:pos + HEADER_SIZE + length])
-            fields, problem = parse_fields(raw[HEADER_SIZE:])
-            out.append(Packet(raw, version, vendor, service, status, session, fields, problem))
-            pos += HEADER_SIZE + length
-        if self.dead:
-            self._buf.clear()
-        else:
-            del buf[:pos]
-        return out
-
-    def _fail(self, kind: str, detail: str, size: int = 0) -> FramingError:
-        self.dead = True
-        return FramingError(kind, detail, size)
+    def next_frame(self, buf: bytearray, pos: int) -> tuple[Packet, int] | None:
+        if len(buf) - pos < 4:
+            return None
+        if buf[pos:pos + 4] != MAGIC:
+            raise self.failure("bad_magic", f"{bytes(buf[pos:pos + 4])!r} where a YMSG header should start")
+        if len(buf) - pos < HEADER_SIZE:
+            return None
+        _, version, vendor, length, service, status, session = _HEADER.unpack_from(buf, pos)
+        if length > self.limits.ymsg_max_packet:
+            signed = length - 0x10000 if length & 0x8000 else length
+            detail = (f"a YMSG length of {length}" + (f" ({signed} read as signed)" if signed < 0 else "") +
+                      f", limit {self.limits.ymsg_max_packet}")
+            raise self.failure("bad_length", detail, length)
+        if len(buf) - pos < HEADER_SIZE + length:
+            return None
+        raw = bytes(buf[pos:pos + HEADER_SIZE + length])
+        fields, problem = parse_fields(raw[HEADER_SIZE:])
+        return Packet(raw, version, vendor, service, status, session, fields, problem), pos + HEADER_SIZE + length
 
 
 def build_payload(fields) -> bytes:

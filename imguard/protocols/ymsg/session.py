@@ -59,7 +59,7 @@ from urllib.parse import quote, unquote, urlsplit
 from imguard import alerts
 from imguard.files.expected import ExpectedUpload, normalize_url
 from imguard.model import MASK, ChatContext, Decision, FileReport
-from imguard.protocols.base import Close, Command, Record, Send
+from imguard.protocols.base import Close, Command, Record, Send, limited_anomaly
 from imguard.protocols.ymsg.decoder import (AUTH, AUTHRESP, COMMENT, CONFMSG, FILETRANS_15, FILETRANS_ACC_15,
                                             FILETRANS_INFO_15, FILETRANSFER, LOGON, MESSAGE, P2PFILEXFER,
                                             FramingError, Packet, PacketDecoder, YmsgLimits, build_packet,
@@ -211,12 +211,8 @@ class YmsgSession:
         return out
 
     def _anomaly(self, kind: str, detail: str, **data: Any) -> Record | None:
-        seen = self.anomaly_counts[kind] = self.anomaly_counts.get(kind, 0) + 1
-        if seen > self.limits.ymsg_max_anomalies_per_kind:
-            return None
-        if seen == self.limits.ymsg_max_anomalies_per_kind:
-            data["further_suppressed"] = True
-        return Record(alerts.anomaly_event(self._ctx(), kind, detail, **data))
+        return limited_anomaly(self.anomaly_counts, self.limits.ymsg_max_anomalies_per_kind, self._ctx(),
+                               kind, detail, **data)
 
     def _event(self, action: str, category: str = "session", ctx: ChatContext | None = None, **data: Any) -> Record:
         ctx = ctx or self._ctx()
