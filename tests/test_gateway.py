@@ -347,7 +347,8 @@ def test_reads_are_acknowledged_at_once(tmp_path):
             writer.close()
         finally:
             await gw.stop()
-            upstream.conn.close()
+            if upstream.conn is not None:
+                upstream.conn.close()
     run(main())
 
 
