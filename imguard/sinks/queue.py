@@ -423,41 +423,12 @@ class DiskQueue:
 
     # --- writing -------------------------------------------------------------------------------
     def append(self, payload: bytes, sync: bool = False) -> int:
-        """Add a record; returns its seq. Drops the oldest records first when the queue would overflow.
-        Raises OSError when the disk refuses the write (nothing partial is left behind)."""
-        length = len(payload)
-        record_len = HEADER.size + length
-        with self._lock:
-            if self._bytes - self._read_off + record_len > self.max_bytes:
-                if record_len > self.max_bytes:
-                    self.dropped += 1
-                    self._problems.append(Problem("dropped", f"a {record_len}-byte event is larger than the whole "
-                                                  f"queue ({self.max_bytes} bytes)", 1))
-                    return -1
-                self._make_room(record_len)
-            seq = self._next_seq
-            segments = self._segments
-            if not segments or (segments[-1].size and segments[-1].size + record_len > self.segment_bytes):
-                self._new_segment(seq)
-            segment = segments[-1]
-            crc = zlib.crc32(payload, zlib.crc32(_LENGTH_SEQ.pack(length, seq)))
-            try:
-                if os.write(self._write_fd, HEADER.pack(MAGIC, length, seq, crc) + payload) != record_len:
-                    raise OSError(28, "short write to the queue")
-                if sync:
-                    os.fsync(self._write_fd)
-            except OSError:
-                try:
-                    os.truncate(segment.path, segment.size)    # leave no partial record behind
-                except OSError:
-                    pass
-                raise
-            segment.size += record_len
-            self._bytes += record_len
-            self._next_seq = seq + 1
-            return seq
+        """Add a record; returns its seq (-1 when it is larger than the whole queue and was dropped). Drops the
+        oldest records first when the queue would overflow. With `sync`, fsync'ed before returning. Raises
+        OSError when the disk refuses the write (nothing partial is left behind)."""
+        return self.append_many([payload], sync)
 
-    def append_many(self, payloads: list[bytes]) -> int:
+    def append_many(self, payloads: list[bytes], sync: bool = False) -> int:
         """append() for several records in one write per segment (a group commit: the archive gathers the
         records of one read and writes them at once). Returns the seq of the last record written, -1 if none.
         On OSError, the records of the write that failed are not in the queue (those before it may be)."""
@@ -469,7 +440,7 @@ class DiskQueue:
                 length = len(payload)
                 record_len = HEADER.size + length
                 if self._bytes + pending - self._read_off + record_len > self.max_bytes:
-                    self._write_records(buffer)
+                    self._write_records(buffer, sync)
                     buffer, pending = [], 0
                     if record_len > self.max_bytes:
                         self.dropped += 1
@@ -480,20 +451,19 @@ class DiskQueue:
                 segments = self._segments
                 if not segments or (segments[-1].size + pending and
                                     segments[-1].size + pending + record_len > self.segment_bytes):
-                    self._write_records(buffer)
+                    self._write_records(buffer, sync)
                     buffer, pending = [], 0
                     self._new_segment(self._next_seq)
                 seq = self._next_seq
-                crc = zlib.crc32(payload, zlib.crc32(_LENGTH_SEQ.pack(length, seq)))
-                buffer.append(HEADER.pack(MAGIC, length, seq, crc) + payload)
+                buffer.append(encode_record(seq, payload))
                 pending += record_len
                 self._next_seq = seq + 1
                 last = seq
-            self._write_records(buffer)
+            self._write_records(buffer, sync)
         return last
 
-    def _write_records(self, records: list[bytes]) -> None:
-        """Write encoded records (seqs already taken) to the current segment in one write."""
+    def _write_records(self, records: list[bytes], sync: bool) -> None:
+        """Write encoded records (seqs already taken) to the current segment in one write (fsync'ed with `sync`)."""
         if not records:
             return
         segment = self._segments[-1]
@@ -501,6 +471,8 @@ class DiskQueue:
         try:
             if os.write(self._write_fd, data) != len(data):
                 raise OSError(28, "short write to the queue")
+            if sync:
+                os.fsync(self._write_fd)
         except OSError:
             try:
                 os.truncate(segment.path, segment.size)    # leave no partial record behind
