@@ -83,6 +83,13 @@ def is_local_address(host: str) -> bool:
         return False
 
 
+def _connection_handler(client_id: str) -> Any:
+    """mitmproxy's handler of the live connection of client `client_id` (its layers and its streams), or None."""
+    master = getattr(mitm_ctx, "master", None)
+    ps = master.addons.get("proxyserver") if master is not None else None
+    return ps.connections.get(client_id) if ps is not None and client_id else None
+
+
 COMMIT_ERROR_LOG_SECONDS = 10.0        # a disk that keeps refusing the archive is logged this often
 
 
@@ -147,9 +154,7 @@ class GatewayAddon:
         (mitmproxy's own handler holds the streams, so they are looked up there once per leg)."""
         if not self.quick_ack or getattr(connection, "transport_protocol", None) != "tcp":
             return None
-        master = getattr(mitm_ctx, "master", None)
-        ps = master.addons.get("proxyserver") if master is not None else None
-        handler = ps.connections.get(client_id) if ps is not None else None
+        handler = _connection_handler(client_id)
         io = handler.transports.get(connection) if handler is not None else None
         writer = getattr(io, "writer", None)
         try:
@@ -166,9 +171,7 @@ class GatewayAddon:
         a NoticeInjected event goes into that connection's layer stack, as mitmproxy's inject.tcp does, and
         its SessionLayer calls session.notice(text). Scheduled on the event loop, never run inside the
         caller's layer. False when that connection or its session is gone (the notify record still stands)."""
-        master = getattr(mitm_ctx, "master", None)
-        ps = master.addons.get("proxyserver") if master is not None else None
-        handler = ps.connections.get(connection_id) if ps and connection_id else None
+        handler = _connection_handler(connection_id)
         session, context = self.sessions.get(connection_id, (None, None))
         if handler is None or session is None:
             logger.warning("notice for connection %s not delivered (connection gone): %s", connection_id or "-", text)
@@ -300,8 +303,7 @@ class GatewayAddon:
         the session replays. mitmproxy asks next_layer only when bytes arrive, so nudge it with an empty read."""
         if not self._is_relay(data.client) or "bytestream" not in self.factories:
             return
-        ps = mitm_ctx.master.addons.get("proxyserver")
-        handler = ps.connections.get(data.client.id) if ps else None
+        handler = _connection_handler(data.client.id)
         if handler is not None:
             asyncio_utils.create_task(handler.server_event(events.DataReceived(data.client, b"")),
                                       name="imguard relay start", keep_ref=True)
@@ -334,7 +336,8 @@ class GatewayAddon:
             nextlayer.layer = self._bytestream_layer(context)
             return
         if self._is_dcc_relay(context.client):
-            nextlayer.layer = self._dcc_layer(context, self._dcc_offers.pop(context.client.id, None))
+            offer = self._dcc_offers.pop(context.client.id, None)
+            nextlayer.layer = self._side_layer(context, registry.SIDES["dcc"], offer)
             return
         if context.server.address is None:
             return
@@ -381,9 +384,6 @@ class GatewayAddon:
         except Exception:
             logger.exception("side connection lookup failed")
             return None
-
-    def _dcc_layer(self, context, offer) -> mlayer.Layer:
-        return self._side_layer(context, registry.SIDES["dcc"], offer)
 
     def _side_layer(self, context, side: registry.SideConnection, offer) -> mlayer.Layer:
         chat = registry.context_for(side.protocol, self.chat_context(context, side.protocol))
