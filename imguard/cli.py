@@ -20,18 +20,9 @@ from pathlib import Path
 from typing import Iterator
 
 from imguard import __version__, settings
-from imguard.runtime import BUNDLED_RULES, BUNDLED_SIGNATURES, ConfigError, default_data_dir
+from imguard.runtime import BUNDLED_RULES, BUNDLED_SIGNATURES, ConfigError, add_config_arguments, default_data_dir
 
 EXIT_OK, EXIT_BLOCKED, EXIT_USAGE = 0, 1, 2
-
-
-def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--rules", type=Path, default=BUNDLED_RULES, metavar="DIR",
-                        help=f"policy rules folder (default: the bundled {BUNDLED_RULES})")
-    parser.add_argument("--signatures", type=Path, default=BUNDLED_SIGNATURES, metavar="DIR",
-                        help=f"YARA signatures folder (default: the bundled {BUNDLED_SIGNATURES})")
-    parser.add_argument("--data-dir", type=Path, default=None, metavar="DIR",
-                        help=f"data folder for the compiled-signature cache, CA, alerts (default: {default_data_dir()})")
 
 
 def _print_config_errors(errors: list[str]) -> None:
@@ -272,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
                                description="Exit codes: 0 nothing blocked, 1 something blocked, 2 usage or "
                                            "configuration error.")
     scan.add_argument("paths", nargs="+", type=Path, metavar="PATH")
-    _add_config_arguments(scan)
+    add_config_arguments(scan, "data folder for the compiled-signature cache, CA, alerts")
     scan.add_argument("--json", action="store_true", help="one JSON object per file")
     scan.add_argument("--explain", action="store_true", help="show which conditions of each rule matched")
     scan.add_argument("--workers", type=int, default=os.cpu_count() or 2, help="files scanned at once")

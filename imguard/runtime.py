@@ -6,6 +6,7 @@ rules and signatures the same way and refuses a broken configuration with the sa
 
 from __future__ import annotations
 
+import argparse
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,17 @@ def default_data_dir() -> Path:
         return Path(os.environ["IMGUARD_DATA_DIR"])
     base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
     return Path(base) / "imguard"
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, data_dir_holds: str) -> None:
+    """--rules, --signatures and --data-dir, the same for every command that loads the configuration;
+    `data_dir_holds` says what that command keeps in the data folder."""
+    parser.add_argument("--rules", type=Path, default=BUNDLED_RULES, metavar="DIR",
+                        help=f"policy rules folder (default: the bundled {BUNDLED_RULES})")
+    parser.add_argument("--signatures", type=Path, default=BUNDLED_SIGNATURES, metavar="DIR",
+                        help=f"YARA signatures folder (default: the bundled {BUNDLED_SIGNATURES})")
+    parser.add_argument("--data-dir", type=Path, default=None, metavar="DIR",
+                        help=f"{data_dir_holds} (default: {default_data_dir()})")
 
 
 class ConfigError(Exception):

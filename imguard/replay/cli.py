@@ -34,15 +34,10 @@ EXIT_OK, EXIT_BLOCKED, EXIT_USAGE = 0, 1, 2
 
 
 def add_pcap_arguments(parser: argparse.ArgumentParser) -> None:
-    from imguard.runtime import BUNDLED_RULES, BUNDLED_SIGNATURES, default_data_dir
+    from imguard.runtime import add_config_arguments
 
     parser.add_argument("files", nargs="+", type=Path, metavar="FILE", help="pcap or pcapng capture files")
-    parser.add_argument("--rules", type=Path, default=BUNDLED_RULES, metavar="DIR",
-                        help=f"policy rules folder (default: the bundled {BUNDLED_RULES})")
-    parser.add_argument("--signatures", type=Path, default=BUNDLED_SIGNATURES, metavar="DIR",
-                        help=f"YARA signatures folder (default: the bundled {BUNDLED_SIGNATURES})")
-    parser.add_argument("--data-dir", type=Path, default=None, metavar="DIR",
-                        help=f"data folder for the compiled-signature cache (default: {default_data_dir()})")
+    add_config_arguments(parser, "data folder for the compiled-signature cache")
     parser.add_argument("--json", action="store_true", help="one JSON summary per capture, one per line")
     parser.add_argument("--out", type=Path, default=None, metavar="DIR",
                         help="write extracted files (DIR/files/<2 hex>/<sha256>), alerts.jsonl and summary.jsonl")

@@ -73,7 +73,7 @@ class PcapStream:
 
 
 def add_sniff_arguments(parser: argparse.ArgumentParser) -> None:
-    from imguard.runtime import BUNDLED_RULES, BUNDLED_SIGNATURES, default_data_dir
+    from imguard.runtime import add_config_arguments
 
     parser.add_argument("interface", metavar="IFACE", help="the interface of the SPAN port or tap (e.g. eth1)")
     parser.add_argument("--filter", default="tcp", metavar="BPF",
@@ -82,12 +82,7 @@ def add_sniff_arguments(parser: argparse.ArgumentParser) -> None:
                              "so a narrow port filter misses them")
     parser.add_argument("--seconds", type=float, default=0, help="stop after this many seconds (0: run until "
                         "SIGINT or SIGTERM)")
-    parser.add_argument("--rules", type=Path, default=BUNDLED_RULES, metavar="DIR",
-                        help=f"policy rules folder (default: the bundled {BUNDLED_RULES})")
-    parser.add_argument("--signatures", type=Path, default=BUNDLED_SIGNATURES, metavar="DIR",
-                        help=f"YARA signatures folder (default: the bundled {BUNDLED_SIGNATURES})")
-    parser.add_argument("--data-dir", type=Path, default=None, metavar="DIR",
-                        help=f"where alerts, the archive and the quarantine go (default: {default_data_dir()})")
+    add_config_arguments(parser, "where alerts, the archive and the quarantine go")
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     settings.add_arguments(parser, ReplaySettings, "replay")
     settings.add_arguments(parser, ReassemblySettings, "TCP reassembly")
