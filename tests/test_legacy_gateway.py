@@ -26,7 +26,7 @@ from imguard.gateway.settings import GatewaySettings
 from imguard.protocols.msnp import CommandDecoder, P2PHeader
 from imguard.protocols.oscar import FlapDecoder, build_oft, oft_checksum, parse_oft
 from imguard.protocols.ymsg import MESSAGE, PacketDecoder
-from tests.test_msnp import (ME, PEER, blocks, data_chunks, invite_in, invite_msg, p2p_msg, slp_chunks, slp_invite,
+from tests.test_msnp import (ME, PEER, blocks, data_chunks, msnftp_invitation, p2p_msg, slp_chunks, slp_invite,
                              text_msg, transcript)
 from tests.test_oscar import FT_COOKIE, Wire, bos_transcript, outgoing_im, sendfile_proposal
 from tests.test_ymsg import SID, login_transcript, message_transcript, pkt
@@ -149,6 +149,13 @@ def client_bytes(items) -> bytes:
     return b"".join(d for fc, d in items if fc)
 
 
+async def play_whole_transcript(server, reader, writer, items) -> None:
+    """play_client, then wait until the server has every byte the client sent and check they crossed unchanged."""
+    await play_client(reader, writer, items)
+    await server.wait_for(lambda got: len(got) >= len(client_bytes(items)), "the whole transcript")
+    assert bytes(server.received) == client_bytes(items)
+
+
 async def read_flap(reader) -> bytes:
     head = await asyncio.wait_for(reader.readexactly(6), TIMEOUT)
     return head + await asyncio.wait_for(reader.readexactly(struct.unpack(">H", head[4:6])[0]), TIMEOUT)
@@ -186,9 +193,7 @@ def test_msn_capture_crosses_the_gateway_byte_exact(tmp_path, world, name):
     async def main():
         server, gw, reader, writer = await through_gateway(tmp_path, pipeline, items)
         try:
-            await play_client(reader, writer, items)
-            await server.wait_for(lambda got: len(got) >= len(client_bytes(items)), "the whole transcript")
-            assert bytes(server.received) == client_bytes(items)
+            await play_whole_transcript(server, reader, writer, items)
             assert gw.addon.stats["sessions"] == 1
             writer.close()
         finally:
@@ -303,16 +308,7 @@ def test_msnftp_side_connection_is_held_and_released(tmp_path, world, caplog):
             writer.close()
         listener = await asyncio.start_server(sender, "127.0.0.1", 0)
         sender_port = listener.sockets[0].getsockname()[1]
-        invitation = [
-            (True, invite_msg(100, "Application-Name: File Transfer\r\nApplication-GUID: {5D3E02AB-6190-11d3-BBBB-"
-                                   "00C04F795683}\r\nInvitation-Command: INVITE\r\nInvitation-Cookie: 3141\r\n"
-                                   f"Application-File: notes.txt\r\nApplication-FileSize: {len(payload)}\r\n\r\n")),
-            (False, invite_in("Invitation-Command: ACCEPT\r\nInvitation-Cookie: 3141\r\nLaunch-Application: FALSE\r\n"
-                              "Request-Data: IP-Address:\r\n\r\n")),
-            (True, invite_msg(101, "Invitation-Command: ACCEPT\r\nInvitation-Cookie: 3141\r\nIP-Address: 127.0.0.1"
-                                   f"\r\nPort: {sender_port}\r\nAuthCookie: 9911\r\nLaunch-Application: FALSE\r\n"
-                                   "Request-Data: IP-Address:\r\n\r\n")),
-        ]
+        invitation = msnftp_invitation("notes.txt", len(payload), "127.0.0.1", sender_port)
         items = prefix + invitation
         server, gw, reader, writer = await through_gateway(tmp_path, pipeline, items, socks=True)
         try:
@@ -351,9 +347,7 @@ def test_oscar_bos_crosses_the_gateway_byte_exact(tmp_path, world):
     async def main():
         server, gw, reader, writer = await through_gateway(tmp_path, pipeline, items)
         try:
-            await play_client(reader, writer, items)
-            await server.wait_for(lambda got: len(got) >= len(client_bytes(items)), "the whole transcript")
-            assert bytes(server.received) == client_bytes(items)
+            await play_whole_transcript(server, reader, writer, items)
             writer.close()
         finally:
             await gw.stop()
@@ -443,9 +437,7 @@ def test_ymsg_session_crosses_and_blocked_message_is_stopped(tmp_path, world):
     async def main():
         server, gw, reader, writer = await through_gateway(tmp_path, pipeline, items)
         try:
-            await play_client(reader, writer, items)
-            await server.wait_for(lambda got: len(got) >= len(client_bytes(items)), "the whole transcript")
-            assert bytes(server.received) == client_bytes(items)
+            await play_whole_transcript(server, reader, writer, items)
             writer.write(blocked)
             head = await asyncio.wait_for(reader.readexactly(20), TIMEOUT)
             body = await asyncio.wait_for(reader.readexactly(struct.unpack(">H", head[8:10])[0]), TIMEOUT)

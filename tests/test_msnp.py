@@ -214,22 +214,28 @@ def invite_in(body: str) -> bytes:
     return format_command("MSG", PEER, "choupi", payload=payload)
 
 
+def msnftp_invitation(name: str, size: int, ip: str, port: int) -> list[tuple[bool, bytes]]:
+    """The switchboard exchange of an MSNFTP send: our client invites (cookie 3141), the peer accepts, our
+    client's ACCEPT gives the address it listens on (AuthCookie 9911)."""
+    return [
+        (True, invite_msg(100, "Application-Name: File Transfer\r\nApplication-GUID: {5D3E02AB-6190-11d3-BBBB-"
+                               "00C04F795683}\r\nInvitation-Command: INVITE\r\nInvitation-Cookie: 3141\r\n"
+                               f"Application-File: {name}\r\nApplication-FileSize: {size}\r\n\r\n")),
+        (False, invite_in("Invitation-Command: ACCEPT\r\nInvitation-Cookie: 3141\r\nLaunch-Application: FALSE\r\n"
+                          "Request-Data: IP-Address:\r\n\r\n")),
+        (True, invite_msg(101, f"Invitation-Command: ACCEPT\r\nInvitation-Cookie: 3141\r\nIP-Address: {ip}"
+                               f"\r\nPort: {port}\r\nAuthCookie: 9911\r\nLaunch-Application: FALSE\r\n"
+                               "Request-Data: IP-Address:\r\n\r\n")),
+    ]
+
+
 FILE = b"MZ" + bytes(range(256)) * 20 + b"END"          # 5125 bytes: three MSNFTP blocks
 
 
 def msnftp_setup(transfers):
     """Our client offers FILE over MSNFTP; the peer accepts; our client's ACCEPT gives its address."""
     s = switchboard(Checker(), transfers)
-    out = run(s, [
-        (True, invite_msg(100, "Application-Name: File Transfer\r\nApplication-GUID: {5D3E02AB-6190-11d3-BBBB-"
-                               "00C04F795683}\r\nInvitation-Command: INVITE\r\nInvitation-Cookie: 3141\r\n"
-                               f"Application-File: report.exe\r\nApplication-FileSize: {len(FILE)}\r\n\r\n")),
-        (False, invite_in("Invitation-Command: ACCEPT\r\nInvitation-Cookie: 3141\r\nLaunch-Application: FALSE\r\n"
-                          "Request-Data: IP-Address:\r\n\r\n")),
-        (True, invite_msg(101, "Invitation-Command: ACCEPT\r\nInvitation-Cookie: 3141\r\nIP-Address: 192.168.1.14"
-                               "\r\nPort: 6891\r\nAuthCookie: 9911\r\nLaunch-Application: FALSE\r\n"
-                               "Request-Data: IP-Address:\r\n\r\n")),
-    ])
+    out = run(s, msnftp_invitation("report.exe", len(FILE), "192.168.1.14", 6891))
     return s, out
 
 
