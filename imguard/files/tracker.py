@@ -1,0 +1,434 @@
+"""The held-transfer tracker: one state machine for every file that crosses the gateway.
+
+Every transfer mechanism (IRC DCC, MSNFTP, OFT, SOCKS5 bytestreams, MSRP, XMPP IBB, HTTP bodies in the
+replay) holds a file's bytes until inspection and policy decide, then releases or drops them. What differs
+between them is only their framing (DCC ACKs, OFT headers, MSRP Byte-Range, IBB seq, SOCKS5 negotiation,
+HTTP chunking); what a held file *is* is written once, here, after Suricata's FileTransferTracker and Zeek's
+files framework:
+
+    HeldTransfer (one file)                          the mechanism (framing) drives it:
+      append(payload, wire, offset)  -> commands       bytes of the file, and the bytes to release for them
+      inspect(truncated)             -> InspectFile    when its framing says the file is whole
+      verdict(decision)              -> commands       the one file_verdict: release, drop, tell the sender
+      sender_closed() / receiver_closed() -> commands  the one close rule
+      cut(kind, ...) / abandon(kind, ...) -> commands  stopped by the gateway / given up by a party
+
+    ConnectionHolds (one connection's transfers) and HoldLedger (the whole gateway or replay): the bytes
+    held and the transfers in flight, bounded per connection and in total.
+
+The state table (`TRANSITIONS`) is the whole state machine, h11 style: (state, event) -> next state; an event
+a state does not list changes nothing.
+
+The invariants, which tests/test_held_transfer.py checks over every order of events:
+- no byte of a file reaches the receiver before its verdict is allow (the tracker emits the receiver's
+  Send only in `verdict`, and only for an allowed file);
+- a file that is dropped, cut or abandoned gives its receiver none of its bytes;
+- once a connection-per-transfer mechanism (DCC, MSNFTP, OFT, SOCKS5) has released its file, a close from
+  either side closes the other (an irssi receiver waits for the sender's close to finish a DCC);
+- the bytes held return to zero whenever no file is in RECEIVING or INSPECTING.
+
+A mechanism says in its own protocol's terms how the receiver gets the file (`deliver`), what the receiver
+gets instead when it is stopped (`refuse`) and how the sender is told (`tell`); the tracker says *when*.
+The rule for telling the sender: a blocked (or quarantined) file and a cut one are always explained to the
+sender; an allowed file only when its decision carries a notice; an abandoned one never (nobody is waiting).
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+from imguard import alerts
+from imguard.model import ChatContext, Decision
+from imguard.protocols.base import Close, Command, InspectFile, Record, Send, block_words
+from imguard.settings import GiB, setting
+
+
+class HoldState(enum.Enum):
+    """Where a held file is. Only RECEIVING and INSPECTING hold bytes; the others are final."""
+    RECEIVING = "receiving"     # bytes arrive and are held; the receiver has none of them
+    INSPECTING = "inspecting"   # the file is out for inspection (InspectFile); still none delivered
+    RELEASED = "released"       # allowed: the held bytes went to the receiver
+    DROPPED = "dropped"         # blocked or quarantined: the held bytes were discarded
+    TRUNCATED = "truncated"     # cut by the gateway before it was whole (over its bound, bad framing): discarded
+    ABANDONED = "abandoned"     # a party gave up (the sender cancelled or sent nothing, the receiver left before
+                                # the release, the connection went away): discarded
+
+
+class HoldEvent(enum.Enum):
+    APPEND = "append"
+    INSPECT = "inspect"
+    ALLOW = "allow"
+    BLOCK = "block"
+    RECEIVER_GONE = "receiver_gone"     # an allow whose receiver had already left
+    CUT = "cut"
+    ABANDON = "abandon"
+
+
+R, I, REL, D, T, A = (HoldState.RECEIVING, HoldState.INSPECTING, HoldState.RELEASED, HoldState.DROPPED,
+                      HoldState.TRUNCATED, HoldState.ABANDONED)
+
+TRANSITIONS: dict[tuple[HoldState, HoldEvent], HoldState] = {
+    (R, HoldEvent.APPEND): R,
+    (R, HoldEvent.INSPECT): I,
+    (R, HoldEvent.CUT): T,
+    (R, HoldEvent.ABANDON): A,
+    (I, HoldEvent.ALLOW): REL,
+    (I, HoldEvent.BLOCK): D,
+    (I, HoldEvent.RECEIVER_GONE): A,
+    (I, HoldEvent.ABANDON): A,
+}
+HOLDING = frozenset({R, I})
+
+
+@dataclass(frozen=True)
+class HoldSettings:
+    """Held files, all connections together."""
+
+    max_total_held_bytes: int = setting(2 * GiB, "Most file bytes held for inspection by all connections of a "
+                                        "gateway together (each mechanism also bounds one file); a file that "
+                                        "would pass it is stopped (fail closed) and recorded as too large.")
+
+
+class HoldLedger:
+    """The bytes held and the files in flight of one gateway process or one replay. Sessions run on the
+    event loop, inspection in worker threads: one lock."""
+
+    def __init__(self, max_bytes: int = HoldSettings().max_total_held_bytes):
+        self.max_bytes = max_bytes
+        self.held_bytes = 0
+        self.in_flight = 0
+        self._lock = threading.Lock()
+
+    def reserve(self, n: int) -> bool:
+        with self._lock:
+            if self.max_bytes and self.held_bytes + n > self.max_bytes:
+                return False
+            self.held_bytes += n
+            return True
+
+    def free(self, n: int) -> None:
+        with self._lock:
+            self.held_bytes = max(0, self.held_bytes - n)
+
+    def opened(self, delta: int) -> None:
+        with self._lock:
+            self.in_flight = max(0, self.in_flight + delta)
+
+
+LEDGER = HoldLedger()       # the process's; `imguard run` sets its bound from HoldSettings
+
+
+class ConnectionHolds:
+    """The held files of one connection: their bytes together bounded by `max_bytes` (0: each file's own bound
+    only), and counted into the process ledger."""
+
+    def __init__(self, max_bytes: int = 0, ledger: HoldLedger | None = None):
+        self.max_bytes = max_bytes
+        self.ledger = ledger if ledger is not None else LEDGER
+        self.held_bytes = 0
+        self.in_flight = 0
+
+    def reserve(self, n: int) -> bool:
+        if self.max_bytes and self.held_bytes + n > self.max_bytes:
+            return False
+        if not self.ledger.reserve(n):
+            return False
+        self.held_bytes += n
+        return True
+
+    def free(self, n: int) -> None:
+        self.held_bytes = max(0, self.held_bytes - n)
+        self.ledger.free(n)
+
+    def opened(self, delta: int) -> None:
+        self.in_flight = max(0, self.in_flight + delta)
+        self.ledger.opened(delta)
+
+
+@dataclass
+class Piece:
+    """Part of a held file: `payload` is file bytes from `offset`; `wire` what crosses for them on release
+    (None: the payload itself); `tag` the mechanism's own note (MSRP: its chunk)."""
+    offset: int
+    payload: bytes | bytearray
+    wire: bytes | None = None
+    tag: Any = None
+
+    @property
+    def size(self) -> int:
+        return len(self.payload) + (len(self.wire) if self.wire is not None else 0)
+
+
+Deliver = Callable[["HeldTransfer", list[Piece]], list[Command]]
+Refuse = Callable[["HeldTransfer"], list[Command]]
+Tell = Callable[["HeldTransfer", str, Decision | None], list[Command]]
+
+
+class HeldTransfer:
+    """One file held between its sender and its receiver on one connection (see the module docstring).
+
+    `sender_is_client`: which leg of this connection sends the file (either side of the gateway).
+    `owns_connection`: the connection carries this one file (DCC, MSNFTP, OFT, SOCKS5): a final state closes
+    it, and after the release a close from either side closes the other. False for files multiplexed with
+    chat (IBB, MSRP, HTTP), whose framing ends them.
+    `kind`: the prefix of its anomaly kinds ("dcc" -> dcc_too_large, dcc_receiver_gone, dcc_empty, dcc_overrun).
+    """
+
+    def __init__(self, transfer_id: str, context: ChatContext, *, sender_is_client: bool, kind: str,
+                 max_bytes: int, size: int | None = None, name: str = "", claimed_mime: str = "",
+                 receiver: str = "", owns_connection: bool = False, holds: ConnectionHolds | None = None,
+                 deliver: Deliver | None = None, refuse: Refuse | None = None, tell: Tell | None = None,
+                 event_data: dict[str, Any] | None = None):
+        self.transfer_id = transfer_id
+        self.context = context
+        self.sender_is_client = sender_is_client
+        self.kind = kind
+        self.max_bytes = max_bytes
+        self.size = size                    # announced size of the file, if the framing knows it
+        self.name = name
+        self.claimed_mime = claimed_mime
+        self.receiver = receiver or ", ".join(context.recipients)
+        self.owns_connection = owns_connection
+        self.holds = holds if holds is not None else ConnectionHolds()
+        self._deliver = deliver or _send_to_receiver
+        self._refuse = refuse or (lambda transfer: [])
+        self._tell = tell or (lambda transfer, text, decision: [])
+        self.event_data = dict(event_data or {})
+        self.state = HoldState.RECEIVING
+        self.pieces: dict[int, Piece] = {}  # by offset
+        self.received = 0                   # payload bytes appended (duplicates counted once)
+        self.held_bytes = 0                 # payload + wire bytes held, as reserved in `holds`
+        self.truncated = False              # inspected with bytes missing
+        self.sender_gone = False
+        self.receiver_gone = False
+        self.overrun = 0                    # payload bytes that arrived after the file was complete
+        self.decision: Decision | None = None
+        self.holds.opened(+1)
+
+    def __repr__(self) -> str:
+        return f"HeldTransfer({self.transfer_id!r}, {self.state.value}, {self.received} bytes)"
+
+    # --- facts --------------------------------------------------------------------------------------
+
+    @property
+    def receiver_is_client(self) -> bool:
+        return not self.sender_is_client
+
+    @property
+    def holding(self) -> bool:
+        return self.state in HOLDING
+
+    @property
+    def contiguous(self) -> int:
+        """Payload bytes in order from the first, up to the first gap."""
+        pos = 0
+        for offset in sorted(self.pieces):
+            if offset > pos:
+                break
+            pos = max(pos, offset + len(self.pieces[offset].payload))
+        return pos
+
+    @property
+    def complete(self) -> bool:
+        """The announced size has arrived without a gap."""
+        return self.size is not None and self.contiguous >= self.size
+
+    @property
+    def room(self) -> int:
+        """Payload bytes that may still be appended before the file's own bound."""
+        return max(0, self.max_bytes - self.received)
+
+    def data(self) -> bytes:
+        """The file as held: the payloads in offset order, up to the first gap."""
+        out = bytearray()
+        for offset in sorted(self.pieces):
+            payload = self.pieces[offset].payload
+            if offset > len(out):
+                break
+            out += payload[len(out) - offset:]
+        return bytes(out)
+
+    def ordered(self) -> list[Piece]:
+        return [self.pieces[o] for o in sorted(self.pieces)]
+
+    # --- events -------------------------------------------------------------------------------------
+
+    def append(self, payload: bytes, wire: bytes | None = None, offset: int | None = None, tag: Any = None,
+               ) -> list[Command]:
+        """Hold file bytes (and the wire bytes that carry them, when they differ). `offset` places them (default:
+        after the last); a second piece at the same offset replaces the first (a retransmission). Past the
+        file's or the connection's bound the file is cut (fail closed). After the file was complete they are an
+        overrun: dropped, recorded once."""
+        if self.state is not HoldState.RECEIVING:
+            return self._overrun(len(payload))
+        if offset is None:
+            offset = max((o + len(p.payload) for o, p in self.pieces.items()), default=0)
+        old = self.pieces.get(offset)
+        grow = len(payload) - (len(old.payload) if old is not None else 0)
+        if self.received + grow > self.max_bytes:
+            return self.cut(f"{self.kind}_too_large", self._too_large_text(self.received + grow),
+                            notice=self._too_large_text(self.received + grow), bytes_seen=self.received + grow,
+                            max_held_bytes=self.max_bytes)
+        size = len(payload) + (len(wire) if wire is not None else 0)
+        freed = old.size if old is not None else 0
+        if size > freed and not self.holds.reserve(size - freed):
+            return self.cut(f"{self.kind}_too_large", self._too_large_text(self.received + grow),
+                            notice=self._too_large_text(self.received + grow), bytes_seen=self.received + grow,
+                            max_held_bytes=self.max_bytes, reason="connection or gateway hold limit")
+        if size < freed:
+            self.holds.free(freed - size)
+        self.held_bytes += size - freed
+        self.received += grow
+        tail = self._tail()
+        if old is None and tail is not None and wire is None and tag is None and tail.wire is None \
+                and tail.tag is None and tail.offset + len(tail.payload) == offset:
+            if not isinstance(tail.payload, bytearray):
+                tail.payload = bytearray(tail.payload)
+            tail.payload += payload     # one growing buffer for a plain stream, not a piece per read
+        else:
+            self.pieces[offset] = Piece(offset, payload, wire, tag)
+        return []
+
+    def inspect(self, truncated: bool = False) -> list[Command]:
+        """The file is whole (or is all there will be): hand it out for inspection. Truncated when asked, when
+        bytes are missing before the announced size, or when there is a gap."""
+        if self.state is not HoldState.RECEIVING:
+            return []
+        data = self.data()
+        self.truncated = truncated or len(data) < sum(len(p.payload) for p in self.pieces.values()) \
+            or (self.size is not None and len(data) < self.size)
+        if len(self.pieces) == 1 and self.ordered()[0].wire is None:
+            only = self.ordered()[0]        # held once: the inspected bytes are the ones released
+            self.holds.free(self.held_bytes - len(data))
+            self.held_bytes = len(data)
+            only.payload = data
+        self._move(HoldEvent.INSPECT)
+        return [InspectFile(transfer_id=self.transfer_id, data=data, context=self.context, name=self.name,
+                            claimed_mime=self.claimed_mime, truncated=self.truncated)]
+
+    def verdict(self, decision: Decision) -> list[Command]:
+        """The one file_verdict: allowed -> the held bytes to the receiver (or, if it left, nothing and an
+        anomaly); blocked -> discarded, the receiver refused, the sender told. Then the close rule."""
+        if self.state is not HoldState.INSPECTING:
+            return []
+        self.decision = decision
+        out: list[Command] = []
+        if decision.blocked:
+            action, why = block_words(decision)
+            text = decision.notice or self._notice_text(action, why)
+            self._move(HoldEvent.BLOCK)
+            out += self._refuse(self) + self._tell(self, text, decision)
+            self._free()
+            return out + self._close_connection(f"{self.kind} file {decision.action}")
+        if self.receiver_gone:
+            self._move(HoldEvent.RECEIVER_GONE)
+            self._free()
+            out.append(self._anomaly(f"{self.kind}_receiver_gone",
+                                     "the receiver closed before the verdict; nothing delivered"))
+            if decision.notice:
+                out += self._tell(self, decision.notice, decision)
+            return out + self._close_connection(f"{self.kind} receiver gone")
+        self._move(HoldEvent.ALLOW)
+        out += self._deliver(self, self.ordered())
+        self._free()
+        if decision.notice:
+            out += self._tell(self, decision.notice, decision)
+        if self.sender_gone:
+            out += self._close_connection(f"{self.kind} transfer done")
+        return out
+
+    def sender_closed(self) -> list[Command]:
+        """The sender ended the file (closed its connection, or its framing's end). Receiving: what came is all
+        there will be, inspected (truncated if short); nothing came: abandoned. Released: the close is passed
+        on to the receiver."""
+        self.sender_gone = True
+        if self.state is HoldState.RECEIVING:
+            if not self.pieces:
+                return self.abandon(f"{self.kind}_empty", "the sender closed before sending any data")
+            return self.inspect()
+        if self.state is HoldState.RELEASED:
+            return self._close_connection(f"{self.kind} transfer done")
+        return []
+
+    def receiver_closed(self) -> list[Command]:
+        """The receiver left. Before the verdict the file is still inspected (the sender's attempt is recorded
+        and decided); released: the close is passed on to the sender."""
+        self.receiver_gone = True
+        if self.state is HoldState.RELEASED:
+            return self._close_connection(f"{self.kind} receiver closed")
+        return []
+
+    def cut(self, kind: str, detail: str, notice: str | None = None, **data: Any) -> list[Command]:
+        """The gateway stops the file before it is whole (too large to hold, framing it cannot follow): fail
+        closed. The held bytes are discarded, the receiver refused, the sender told `notice` (if given)."""
+        if self.state is not HoldState.RECEIVING:
+            return []
+        self._move(HoldEvent.CUT)
+        self._free()
+        out: list[Command] = [self._anomaly(kind, detail, **data)]
+        out += self._refuse(self)
+        if notice:
+            out += self._tell(self, notice, None)
+        return out + self._close_connection(kind)
+
+    def abandon(self, kind: str, detail: str, **data: Any) -> list[Command]:
+        """A party gives the file up before its verdict (the sender cancels or sent nothing, the connection is
+        gone): discarded, the receiver refused, recorded; nobody is told."""
+        if self.state not in HOLDING:
+            return []
+        self._move(HoldEvent.ABANDON)
+        self._free()
+        out: list[Command] = [self._anomaly(kind, detail, bytes_held=self.received, **data)]
+        out += self._refuse(self)
+        return out + self._close_connection(kind)
+
+    # --- internals ----------------------------------------------------------------------------------
+
+    def _move(self, event: HoldEvent) -> None:
+        new = TRANSITIONS.get((self.state, event))
+        if new is None:
+            raise RuntimeError(f"{self!r}: {event.value} is not allowed in {self.state.value}")
+        self.state = new
+        if new not in HOLDING:
+            self.holds.opened(-1)
+
+    def _tail(self) -> Piece | None:
+        return self.pieces[max(self.pieces)] if self.pieces else None
+
+    def _free(self) -> None:
+        self.holds.free(self.held_bytes)
+        self.held_bytes = 0
+        self.pieces = {}
+
+    def _close_connection(self, reason: str) -> list[Command]:
+        return [Close(reason)] if self.owns_connection else []
+
+    def _overrun(self, n: int) -> list[Command]:
+        if not n:
+            return []
+        self.overrun += n
+        if self.overrun > n:            # recorded once per file; later bytes are dropped quietly
+            return []
+        return [self._anomaly(f"{self.kind}_overrun", f"{n} bytes after the file was complete were dropped",
+                              size=self.size)]
+
+    def _anomaly(self, kind: str, detail: str, **data: Any) -> Record:
+        return Record(alerts.anomaly_event(self.context, kind, detail, **{**self.event_data, **data}))
+
+    def _notice_text(self, action: str, why: str) -> str:
+        sender = self.context.sender
+        return (f"imguard: the file {self.name!r}{' from ' + sender if sender else ''}"
+                f"{' to ' + self.receiver if self.receiver else ''} was {action} ({why})")
+
+    def _too_large_text(self, total: int) -> str:
+        return (f"imguard: the file {self.name!r}{' to ' + self.receiver if self.receiver else ''} was stopped: "
+                f"it is larger than {self.max_bytes} bytes and could not be inspected")
+
+
+def _send_to_receiver(transfer: HeldTransfer, pieces: Iterable[Piece]) -> list[Command]:
+    """The default delivery: the held bytes, in order, in one write to the receiver's leg."""
+    data = b"".join(bytes(p.payload) if p.wire is None else p.wire for p in pieces)
+    return [Send(to_client=transfer.receiver_is_client, data=data)] if data else []

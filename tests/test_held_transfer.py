@@ -1,0 +1,223 @@
+"""The held-transfer tracker (imguard/files/tracker.py), driven through every order of events.
+
+Each case plays one file through a HeldTransfer the way a mechanism's framing would (data in pieces, the
+sender's and the receiver's close, the verdict early or late) and checks the invariants the gateway
+promises whatever the order: no byte of a file reaches the receiver before an allow verdict; a dropped
+file gives its receiver nothing; every close reaches the other side; the bytes held return to zero.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from imguard.files.tracker import (TRANSITIONS, ConnectionHolds, HeldTransfer, HoldEvent, HoldLedger, HoldState,
+                                   Piece)
+from imguard.model import ChatContext, Decision, RuleMatch
+from imguard.protocols.base import Close, InspectFile, Record, Send
+
+FILE = b"MZ" + bytes(range(256)) * 3 + b"end"
+CHUNKS = [FILE[:100], FILE[100:500], FILE[500:]]
+ALLOW = Decision(action="allow")
+BLOCK = Decision(action="block", matches=[RuleMatch(rule_id="malware", action="block", severity="high", mode="enforce",
+                                                          title="Malware")])
+CTX = ChatContext(protocol="irc", sender="alice", recipients=("bob",), transfer_mechanism="dcc")
+
+
+def _events():
+    """Every order of three data pieces, the two closes and the verdict (the pieces stay in their order)."""
+    names = ["data", "data", "data", "sender_close", "receiver_close", "verdict"]
+    return sorted(set(itertools.permutations(names)))
+
+
+def _play(order, decision: Decision, size_known: bool, owns: bool, sender_is_client: bool = True):
+    ledger = HoldLedger(max_bytes=0)
+    holds = ConnectionHolds(ledger=ledger)
+    told: list[str] = []
+    t = HeldTransfer("t1", CTX, sender_is_client=sender_is_client, kind="dcc", max_bytes=1 << 20,
+                     size=len(FILE) if size_known else None, name="a.exe", owns_connection=owns, holds=holds,
+                     tell=lambda transfer, text, d: told.append(text) or [])
+    log: list = []                  # ("cmd", command) and ("verdict", decision) in order
+    chunks = list(CHUNKS)
+    inspected = False
+    verdict_given = False
+
+    def run(cmds):
+        nonlocal inspected
+        for c in cmds:
+            log.append(("cmd", c))
+            if isinstance(c, InspectFile):
+                inspected = True
+                assert c.data == FILE[:len(c.data)]
+                assert c.truncated == (size_known and len(c.data) < len(FILE))   # short of what was announced
+
+    for ev in order:
+        log.append(("event", ev))
+        if ev == "data":
+            if t.sender_gone:       # TCP: nothing from the sender after its FIN
+                continue
+            run(t.append(chunks.pop(0)))
+            if t.complete:
+                run(t.inspect())
+        elif ev == "sender_close":
+            run(t.sender_closed())
+        elif ev == "receiver_close":
+            run(t.receiver_closed())
+        elif ev == "verdict" and inspected and not verdict_given:
+            verdict_given = True
+            log.append(("verdict", decision))
+            run(t.verdict(decision))
+    if t.state is HoldState.RECEIVING:  # the sender had not closed and the size was unknown: it closes now
+        run(t.sender_closed())
+    if t.state is HoldState.ABANDONED and not inspected:
+        return t, log, ledger, holds, told      # the sender closed before its first byte: nothing to decide
+    if not verdict_given:
+        verdict_given = True
+        log.append(("verdict", decision))
+        run(t.verdict(decision))
+    return t, log, ledger, holds, told
+
+
+def _receiver_sends(t, log):
+    return [(i, c) for i, (kind, c) in enumerate(log) if kind == "cmd" and isinstance(c, Send)
+            and c.to_client == t.receiver_is_client]
+
+
+@pytest.mark.parametrize("owns", [True, False], ids=["own-connection", "multiplexed"])
+@pytest.mark.parametrize("size_known", [True, False], ids=["size-announced", "size-unknown"])
+@pytest.mark.parametrize("decision", [ALLOW, BLOCK], ids=["allow", "block"])
+@pytest.mark.parametrize("sender_is_client", [True, False], ids=["sender-client", "sender-server"])
+def test_every_order_keeps_the_invariants(owns, size_known, decision, sender_is_client):
+    """Whatever the order of data, closes and verdict: bytes only after allow, none after block, every close
+    passed on, memory back to zero."""
+    for order in _events():
+        t, log, ledger, holds, told = _play(order, decision, size_known, owns, sender_is_client)
+        sends = _receiver_sends(t, log)
+        if not any(kind == "verdict" for kind, _ in log):
+            assert t.state is HoldState.ABANDONED and order.index("sender_close") < order.index("data")
+            assert not sends and not told
+            assert any(isinstance(c, Record) and c.event["imguard"]["anomaly"]["kind"] == "dcc_empty"
+                       for _, c in log)
+            assert holds.held_bytes == 0 and ledger.in_flight == 0
+            assert not owns or any(isinstance(c, Close) for _, c in log)
+            continue
+        verdict_at = next(i for i, (kind, _) in enumerate(log) if kind == "verdict")
+        assert all(i > verdict_at for i, _ in sends), order               # nothing before the verdict
+        if decision.blocked:
+            assert not sends, order                                         # a dropped file: no byte
+            assert t.state is HoldState.DROPPED
+            assert told and "blocked" in told[0] and "Malware" in told[0]   # the sender is told why
+        elif t.receiver_gone and t.state is HoldState.ABANDONED:
+            assert not sends and not told
+            assert any(isinstance(c, Record) and c.event["imguard"]["anomaly"]["kind"] == "dcc_receiver_gone"
+                       for _, c in log if _ == "cmd")
+        else:
+            assert t.state is HoldState.RELEASED, order
+            delivered = b"".join(c.data for _, c in sends)
+            assert FILE.startswith(delivered) and delivered, order
+            if "receiver_close" not in order[:order.index("verdict")]:
+                # the sender closed before the last piece when it closed early: then the file is what came
+                assert delivered == FILE or "sender_close" in order
+        closes = [c for kind, c in log if kind == "cmd" and isinstance(c, Close)]
+        if owns and t.state is HoldState.RELEASED and (t.sender_gone or t.receiver_gone):
+            # every close reaches the other side, at once: by the verdict if a side had closed before it, else
+            # by the first close after it
+            closed_before = any(kind == "event" and c in ("sender_close", "receiver_close")
+                                for kind, c in log[:verdict_at])
+            start = verdict_at if closed_before else next(
+                i for i, (kind, c) in enumerate(log) if i > verdict_at and kind == "event"
+                and c in ("sender_close", "receiver_close"))
+            end = next((i for i, (kind, _) in enumerate(log) if i > start and kind in ("event", "verdict")),
+                       len(log))
+            assert any(isinstance(c, Close) for _, c in log[start:end]), order
+        if owns and t.state is not HoldState.RELEASED:
+            assert closes, order                                            # a stopped file ends its connection
+        if not owns:
+            assert not closes, order                                        # multiplexed: the framing ends it
+        assert t.state not in (HoldState.RECEIVING, HoldState.INSPECTING)
+        assert holds.held_bytes == 0 and ledger.held_bytes == 0, order      # memory returns to zero
+        assert holds.in_flight == 0 and ledger.in_flight == 0, order
+
+
+def test_released_file_passes_the_senders_later_close_on():
+    """The irssi case: the file is released while the sender's connection is still open; its close later must
+    close the receiver's side, or the receiver waits at 100% forever."""
+    t = HeldTransfer("t", CTX, sender_is_client=False, kind="dcc", max_bytes=1 << 20, size=len(FILE),
+                     owns_connection=True)
+    assert t.append(FILE) == []
+    assert isinstance(t.inspect()[0], InspectFile)
+    out = t.verdict(ALLOW)
+    assert out == [Send(to_client=True, data=FILE)]
+    assert t.sender_closed() == [Close("dcc transfer done")]
+
+
+def test_too_large_file_is_cut_and_nothing_is_delivered():
+    told = []
+    ledger = HoldLedger(max_bytes=0)
+    t = HeldTransfer("t", CTX, sender_is_client=True, kind="dcc", max_bytes=600, name="big.bin",
+                     owns_connection=True, holds=ConnectionHolds(ledger=ledger),
+                     tell=lambda tr, text, d: told.append(text) or [])
+    assert t.append(FILE[:500]) == []
+    out = t.append(FILE[500:])
+    assert t.state is HoldState.TRUNCATED
+    assert [type(c) for c in out] == [Record, Close]
+    assert out[0].event["imguard"]["anomaly"]["kind"] == "dcc_too_large"
+    assert told == ["imguard: the file 'big.bin' to bob was stopped: it is larger than 600 bytes and could not be "
+                    "inspected"]
+    assert ledger.held_bytes == 0 and ledger.in_flight == 0
+    assert t.append(b"more")[0].event["imguard"]["anomaly"]["kind"] == "dcc_overrun"
+    assert t.append(b"more") == []                      # recorded once
+
+
+def test_connection_and_gateway_bounds():
+    """The bytes of all files of a connection, and of all connections, are bounded too."""
+    ledger = HoldLedger(max_bytes=1000)
+    a = HeldTransfer("a", CTX, sender_is_client=True, kind="ibb", max_bytes=900, holds=ConnectionHolds(ledger=ledger))
+    b = HeldTransfer("b", CTX, sender_is_client=True, kind="ibb", max_bytes=900, holds=ConnectionHolds(ledger=ledger))
+    assert a.append(b"x" * 600) == []
+    assert ledger.held_bytes == 600 and ledger.in_flight == 2
+    out = b.append(b"y" * 600)                          # within its own bound, over the gateway's
+    assert b.state is HoldState.TRUNCATED and out[0].event["imguard"]["anomaly"]["kind"] == "ibb_too_large"
+    assert ledger.held_bytes == 600 and ledger.in_flight == 1
+    conn = ConnectionHolds(max_bytes=700, ledger=ledger)
+    c = HeldTransfer("c", CTX, sender_is_client=True, kind="msrp", max_bytes=900, holds=conn)
+    d = HeldTransfer("d", CTX, sender_is_client=True, kind="msrp", max_bytes=900, holds=conn)
+    assert c.append(b"z" * 300) == []
+    assert d.append(b"z" * 300)[0].event["imguard"]["anomaly"]["kind"] == "msrp_too_large"   # 600 + 300 > 1000
+    a.abandon("ibb_connection_closed", "gone")
+    c.abandon("msrp_connection_closed", "gone")
+    assert ledger.held_bytes == 0 and ledger.in_flight == 0
+
+
+def test_pieces_out_of_order_with_wire_bytes():
+    """MSRP-style: pieces placed by offset, released as their own wire bytes in order, a repeat replaces."""
+    t = HeldTransfer("m", CTX, sender_is_client=True, kind="msrp", max_bytes=100, size=10)
+    t.append(b"56789", wire=b"<c2>", offset=5)
+    assert not t.complete and t.contiguous == 0
+    t.append(b"01234", wire=b"<c1>", offset=0)
+    t.append(b"01234", wire=b"<c1'>", offset=0)         # a retransmission
+    assert t.complete and t.received == 10
+    cmd = t.inspect()[0]
+    assert cmd.data == b"0123456789" and not cmd.truncated
+    assert [p.wire for p in t.ordered()] == [b"<c1'>", b"<c2>"]
+    assert t.verdict(ALLOW) == [Send(to_client=False, data=b"<c1'><c2>")]
+
+
+def test_a_gap_is_inspected_as_truncated():
+    t = HeldTransfer("m", CTX, sender_is_client=True, kind="msrp", max_bytes=100, size=10)
+    t.append(b"01", offset=0)
+    t.append(b"89", offset=8)
+    cmd = t.sender_closed()[0]
+    assert cmd.data == b"01" and cmd.truncated
+
+
+def test_state_table_has_no_exit_from_a_final_state():
+    finals = {HoldState.RELEASED, HoldState.DROPPED, HoldState.TRUNCATED, HoldState.ABANDONED}
+    assert not [k for k in TRANSITIONS if k[0] in finals]
+    assert {v for v in TRANSITIONS.values()} | {HoldState.RECEIVING} == set(HoldState)
+    assert {e for _, e in TRANSITIONS} == set(HoldEvent)
+
+
+def test_piece_size_counts_wire_bytes():
+    assert Piece(0, b"abc").size == 3 and Piece(0, b"abc", wire=b"<abc/>").size == 9
