@@ -36,6 +36,7 @@ from imguard.gateway.inspection import Inspection
 from imguard.gateway.layer import FileJob, NoticeInjected, NoticeTarget, RefuseLayer, SessionLayer, tls_first_stack
 from imguard.model import ChatContext
 from imguard.protocols import registry
+from imguard.protocols.base import Notify
 
 logger = logging.getLogger("imguard.gateway")
 
@@ -122,14 +123,16 @@ class GatewayAddon:
     # --- recording (the Carrier interface of SessionLayer) --------------------------------------------
 
     def record(self, event: dict[str, Any]) -> None:
-        """Write the event; one that carries `imguard.notify` is also delivered as a notice (see notify)."""
+        """Write the event (a failing record is logged, never raised into a session)."""
         try:
             self.pipeline.record(event)
         except Exception:
             logger.exception("could not record an event")
-        notify = (event.get("imguard") or {}).get("notify") if isinstance(event, dict) else None
-        if notify:
-            self.notify(str(notify.get("connection_id", "")), str(notify.get("text", "")))
+
+    def notify_command(self, cmd: Notify) -> None:
+        """A session's Notify: recorded, then delivered as a notice on the connection it names (see notify)."""
+        self.record(cmd.event())
+        self.notify(cmd.connection_id, cmd.text)
 
     def commit(self) -> None:
         """Pipeline.commit (the archive records of a read on disk before its stanzas are forwarded). A disk that

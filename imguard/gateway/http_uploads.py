@@ -24,10 +24,10 @@ from urllib.parse import unquote, urlsplit
 
 from mitmproxy import http
 
-from imguard import alerts
 from imguard.gateway.inspection import Inspection
 from imguard.model import ALERT, ALLOW, REASON_TOO_LARGE, ChatContext
 from imguard.protocols.ymsg import find_ymsg_transfer
+from imguard.protocols.base import Notify
 
 logger = logging.getLogger("imguard.gateway")
 
@@ -78,12 +78,12 @@ DOWNLOAD_META = "imguard_download"
 
 class HttpUploads:
     def __init__(self, inspection: Inspection, transfers=None, upload_paths: list[str] | tuple = (),
-                 max_upload_size: int = 64 * 1024 * 1024, record=None):
+                 max_upload_size: int = 64 * 1024 * 1024, notify=None):
         self.inspection = inspection
         self.transfers = transfers
         self.paths = [re.compile(p) for p in upload_paths]
         self.max_upload_size = max_upload_size
-        self.record = record            # writes an event; an imguard.notify event reaches the chat session
+        self.notify = notify            # carries out a Notify: recorded, and told on the chat connection
 
     def _context(self, flow: http.HTTPFlow, expected: Any) -> ChatContext:
         ctx = _attr(expected, "context", default=None) if expected is not None else None
@@ -228,10 +228,10 @@ class HttpUploads:
         flow.response = http.Response.make(403, f"imguard: download blocked ({reason})\n".encode(),
                                            {"content-type": "text/plain"})
         logger.info("download %s blocked: %s", meta["url"], reason)
-        if self.record is not None and expected.context.connection_id:
+        if self.notify is not None and expected.context.connection_id:
             text = decision.notice or f"The file {expected.name} sent to you was blocked: {reason}"
-            self.record(alerts.notify_event(expected.context.connection_id, expected.context.protocol or "ymsg",
-                                            ctx, text, decision))
+            self.notify(Notify(expected.context.connection_id, expected.context.protocol or "ymsg", text, ctx,
+                               decision))
 
     async def request(self, flow: http.HTTPFlow) -> None:
         meta = flow.metadata.get(META)

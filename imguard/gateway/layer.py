@@ -38,7 +38,7 @@ from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.layers.tls import ClientTLSLayer, ServerTLSLayer
 
 from imguard.model import ChatContext, Decision, FileReport
-from imguard.protocols.base import Close, InspectFile, Record, Send, StartTls
+from imguard.protocols.base import Close, InspectFile, Notify, Record, Send, StartTls
 
 logger = logging.getLogger("imguard.gateway")
 
@@ -335,6 +335,8 @@ class SessionLayer(layer.Layer):
                     yield commands.SendData(self.context.client if cmd.to_client else self.context.server, data)
             elif isinstance(cmd, Record):
                 self.carrier.record(cmd.event)
+            elif isinstance(cmd, Notify):
+                self.carrier.notify_command(cmd)
             elif isinstance(cmd, InspectFile):
                 job = FileJob(cmd)
                 yield InspectFileHook(job)          # blocking: pauses this layer only

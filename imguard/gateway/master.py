@@ -136,7 +136,7 @@ class Gateway:
                                   bytestream_relay=self.relay, max_queued_bytes=settings.max_queued_bytes,
                                   dcc_ports=self.dcc_ports)
         self.uploads = HttpUploads(self.inspection, self.transfers, settings.upload_paths, settings.max_upload_size,
-                                   record=self.addon.record)
+                                   notify=self.addon.notify_command)
         try:
             self.chat_apis = ChatApis(pipeline, self.inspection, self.transfers, chat_settings, self.addon.record,
                                       self.addon.commit)

@@ -61,7 +61,35 @@ class Close:
     reason: str = ""
 
 
-Command = Send | StartTls | InspectFile | Record | Close
+@dataclass(frozen=True)
+class Notify:
+    """Tell the person on another connection something in their chat: a file stopped on a side connection
+    (DCC, OFT, MSNFTP, MSRP, a SOCKS5 bytestream, an HTTP upload) is explained on the chat connection
+    `connection_id` that announced it. The carrier records the request (alerts.notify_event) and carries out
+    `session.notice(text)` on that connection's session, if it is still there."""
+    connection_id: str
+    protocol: str                       # the chat connection's protocol ("irc", "xmpp", "msnp", ...)
+    text: str
+    context: ChatContext                # the file's context (who sent what to whom)
+    decision: Decision | None = None
+    details: tuple[tuple[str, Any], ...] = ()    # extra imguard.* fields of the event (("dcc", {...}),)
+
+    def event(self) -> dict[str, Any]:
+        return alerts.notify_event(self.connection_id, self.protocol, self.context, self.text, self.decision,
+                                   **dict(self.details))
+
+
+@dataclass(frozen=True)
+class ConnectUpstream:
+    """Open the upstream leg to (host, port) now (a relay session that learnt its destination from the client,
+    such as the SOCKS5 bytestream relay); then call session.upstream_connected(), or session.upstream_failed()
+    for the next candidate."""
+    host: str
+    port: int
+    jid: str = ""
+
+
+Command = Send | StartTls | InspectFile | Record | Close | Notify | ConnectUpstream
 
 
 class OutgoingCommands:

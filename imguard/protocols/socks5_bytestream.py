@@ -48,7 +48,7 @@ from typing import Any
 from imguard import alerts
 from imguard.files.expected import ExpectedBytestream, ExpectedTransfers
 from imguard.model import ChatContext, Decision, FileReport
-from imguard.protocols.base import Close, Command, InspectFile, Record, Send
+from imguard.protocols.base import Close, Command, ConnectUpstream, InspectFile, Record, Send
 from imguard.settings import MiB, setting
 
 _HASH = re.compile(r"^[0-9a-f]{40}$")
@@ -63,15 +63,6 @@ class Socks5Limits:
                                   "closed (fail closed) and recorded as too large.")
     max_handshake_bytes: int = setting(600, "Most bytes of a SOCKS5 greeting or request before it must be "
                                        "complete (a CONNECT with a 40-byte hash is 47 bytes).")
-
-
-@dataclass(frozen=True)
-class ConnectUpstream:
-    """Carrier: open the upstream connection to this streamhost, then call session.upstream_connected()
-    (or session.upstream_failed() to get the next candidate)."""
-    host: str
-    port: int
-    jid: str = ""
 
 
 # states

@@ -41,7 +41,7 @@ from typing import Any, Callable, Iterable
 from imguard.gateway import detect as det
 from imguard.model import ChatContext, Decision, FileReport
 from imguard.protocols import registry
-from imguard.protocols.base import Close, InspectFile, Record, Send, StartTls
+from imguard.protocols.base import Close, ConnectUpstream, InspectFile, Notify, Record, Send, StartTls
 from imguard.protocols.registry import SessionRequest
 from imguard.replay.pcapfile import Capture
 from imguard.replay.reassembly import (Connection, Reassembler, ReassemblySettings, StreamClosed, StreamData,
@@ -512,7 +512,9 @@ class Replay:
             elif isinstance(cmd, Close):
                 flow.closed = True
                 s.session_closed = cmd.reason or "closed"
-            elif type(cmd).__name__ == "ConnectUpstream":
+            elif isinstance(cmd, Notify):
+                self._notify(flow, cmd)
+            elif isinstance(cmd, ConnectUpstream):
                 # The capture's server is the upstream the session asks for: it is connected already.
                 connected = getattr(flow.session, "upstream_connected", None)
                 if connected is not None:
@@ -542,6 +544,15 @@ class Replay:
         commands = self._safe(flow, lambda: flow.session.file_verdict(cmd.transfer_id, report, decision))
         self._execute(flow, commands)
 
+    def _notify(self, flow: _Flow, cmd: Notify) -> None:
+        """A notice for a person on another connection (a DCC file blocked: told on the IRC connection the offer
+        came from): recorded, and delivered the way the gateway does, through that session's notice()."""
+        self._record(flow, cmd.event())
+        target = self._by_name.get(cmd.connection_id)
+        deliver = getattr(target.session, "notice", None) if target is not None and not target.closed else None
+        if deliver is not None:
+            self._call(target, lambda: deliver(cmd.text))
+
     def _record(self, flow: _Flow, event: dict, abandoned_truncated: bool = False) -> None:
         self.pipeline.record(event)
         ig = event.get("imguard", {})
@@ -556,14 +567,6 @@ class Replay:
                 Decision(action=decision.get("action", ""),
                          matches=[]), rules=[m.get("rule_id", "") for m in decision.get("matches", [])])
             return
-        notify = ig.get("notify")
-        if notify is not None:
-            # A notice for a person on another connection (a DCC file blocked: told on the IRC connection
-            # the offer came from), delivered the way the gateway does, through that session's notice().
-            target = self._by_name.get(notify.get("connection_id", ""))
-            deliver = getattr(target.session, "notice", None) if target is not None and not target.closed else None
-            if deliver is not None:
-                self._call(target, lambda: deliver(notify.get("text", "")))
         anomaly = ig.get("anomaly")
         if anomaly is not None:
             kind = anomaly.get("kind", "")
