@@ -67,20 +67,19 @@ class HoldEvent(enum.Enum):
     ABANDON = "abandon"
 
 
-R, I, REL, D, T, A = (HoldState.RECEIVING, HoldState.INSPECTING, HoldState.RELEASED, HoldState.DROPPED,
-                      HoldState.TRUNCATED, HoldState.ABANDONED)
+_S, _E = HoldState, HoldEvent
 
 TRANSITIONS: dict[tuple[HoldState, HoldEvent], HoldState] = {
-    (R, HoldEvent.APPEND): R,
-    (R, HoldEvent.INSPECT): I,
-    (R, HoldEvent.CUT): T,
-    (R, HoldEvent.ABANDON): A,
-    (I, HoldEvent.ALLOW): REL,
-    (I, HoldEvent.BLOCK): D,
-    (I, HoldEvent.RECEIVER_GONE): A,
-    (I, HoldEvent.ABANDON): A,
+    (_S.RECEIVING, _E.APPEND): _S.RECEIVING,
+    (_S.RECEIVING, _E.INSPECT): _S.INSPECTING,
+    (_S.RECEIVING, _E.CUT): _S.TRUNCATED,
+    (_S.RECEIVING, _E.ABANDON): _S.ABANDONED,
+    (_S.INSPECTING, _E.ALLOW): _S.RELEASED,
+    (_S.INSPECTING, _E.BLOCK): _S.DROPPED,
+    (_S.INSPECTING, _E.RECEIVER_GONE): _S.ABANDONED,
+    (_S.INSPECTING, _E.ABANDON): _S.ABANDONED,
 }
-HOLDING = frozenset({R, I})
+HOLDING = frozenset({_S.RECEIVING, _S.INSPECTING})
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ import ipaddress
 import logging
 import socket
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -100,7 +101,8 @@ class GatewayAddon:
     def __init__(self, *, pipeline, inspection: Inspection, factories: dict[str, SessionFactory],
                  port_map: dict[int, tuple[str, bool]], http_ports: set[int] | frozenset = frozenset(),
                  transfers=None, bytestream_relay: tuple[str, int] | None = None, max_queued_bytes: int = 0,
-                 dcc_ports=None):
+                 max_total_queued_bytes: int = 0, parse_fail_open: Callable[[str], bool] | None = None,
+                 quick_ack: bool = True, dcc_ports=None):
         self.pipeline = pipeline
         self.inspection = inspection
         self.factories = factories
@@ -109,6 +111,9 @@ class GatewayAddon:
         self.transfers = transfers
         self.bytestream_relay = bytestream_relay
         self.max_queued_bytes = max_queued_bytes     # per connection, while its layer waits for a scan
+        self.max_total_queued_bytes = max_total_queued_bytes     # all connections together
+        self.queued_layers: weakref.WeakSet = weakref.WeakSet()  # the SessionLayers holding queued bytes now
+        self._parse_fail_open = parse_fail_open      # fail mode parse, per protocol (None: closed)
         self.relay_mode: mode_specs.ProxyMode | None = None
         self._sniff_tls: set[str] = set()      # client ids whose TLS we terminated to look inside
         self._bytestreams: dict[str, tuple[str, tuple[str, int]]] = {}   # client id -> (hash, streamhost)
@@ -116,7 +121,7 @@ class GatewayAddon:
         self._dcc_offers: dict[str, Any] = {}   # client id -> DccOffer, from server_connect to next_layer
         self.sessions: dict[str, tuple[Any, Any]] = {}  # client id (= ChatContext.connection_id) -> (session, context)
         self.metrics = None                             # imguard.metrics.Metrics, set by `imguard run`
-        self.quick_ack = True                           # GatewaySettings.quick_ack (tcp_socket)
+        self.quick_ack = quick_ack                      # GatewaySettings.quick_ack (tcp_socket)
         self._commit_error_logged = float("-inf")       # when a failed archive write was last logged
         self.stats = {"sessions": 0, "relayed": 0, "refused": 0, "self_connect": 0, "notices": 0}
 
@@ -128,6 +133,10 @@ class GatewayAddon:
             self.pipeline.record(event)
         except Exception:
             logger.exception("could not record an event")
+
+    def parse_fail_open(self, protocol: str) -> bool:
+        """Fail mode parse: a connection whose session failed is relayed uninspected (True) or closed."""
+        return self._parse_fail_open is not None and self._parse_fail_open(protocol)
 
     def notify_command(self, cmd: Notify) -> None:
         """A session's Notify: recorded, then delivered as a notice on the connection it names (see notify)."""
@@ -581,7 +590,7 @@ class LateTlsAddon:
         self.certificates = SharedCertificates()
 
     def tls_clienthello(self, data: tls.ClientHelloData) -> None:
-        if any(isinstance(l, SessionLayer) for l in data.context.layers):
+        if any(isinstance(layer, SessionLayer) for layer in data.context.layers):
             data.establish_server_tls_first = True
 
     def tls_start_client(self, data: tls.TlsData) -> None:

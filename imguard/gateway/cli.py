@@ -47,10 +47,12 @@ SESSION_LIMITS = (("irc", "IRC session and DCC limits (per connection)", "imguar
 
 # Where decisions go: alert sinks, the archive, the quarantine and the metrics endpoint (unprefixed:
 # their names are their own).
-RECORD_SETTINGS = (("event sinks: the local JSON-lines log, syslog, webhook, email", "imguard.sinks.settings:SinkSettings"),
+RECORD_SETTINGS = (("event sinks: the local JSON-lines log, syslog, webhook, email",
+                    "imguard.sinks.settings:SinkSettings"),
                    ("conversation archive", "imguard.archive:ArchiveSettings"),
                    ("quarantine of blocked files", "imguard.quarantine:QuarantineSettings"),
-                   ("Prometheus metrics", "imguard.metrics:MetricsSettings"))
+                   ("Prometheus metrics", "imguard.metrics:MetricsSettings"),
+                   ("files held for inspection, all connections together", "imguard.files.tracker:HoldSettings"))
 
 
 def _limits_class(path: str) -> type:
@@ -142,7 +144,8 @@ def describe_start(gateway, alerts_path: Path) -> str:
             continue        # the DCC relay pool: one line below
         lines.append(f"  listening   {addr[0] or '*'}:{addr[1]}  ({spec})")
     protos = sorted(gateway.addon.factories)
-    ports = ", ".join(f"{p}={proto}{'+tls' if tls else ''}" for p, (proto, tls) in sorted(gateway.addon.port_map.items()))
+    ports = ", ".join(f"{p}={proto}{'+tls' if tls else ''}"
+                      for p, (proto, tls) in sorted(gateway.addon.port_map.items()))
     lines.append(f"  inspecting  {', '.join(protos) or 'no chat protocol (modules missing)'}; ports {ports}")
     lines.append(f"  uploads     HTTP(S) PUT/POST announced by chat sessions"
                  f"{' + ' + ', '.join(gateway.settings.upload_paths) if gateway.settings.upload_paths else ''}"
@@ -248,6 +251,8 @@ def run_main(args: argparse.Namespace) -> int:
         print(f"imguard: cannot combine rule folders: {e}", file=sys.stderr)
         return 2
     signatures = Path(s.signatures) if s.signatures else _bundled("signatures")
+    from imguard.files import tracker
+    tracker.LEDGER.max_bytes = limits["HoldSettings"].max_total_held_bytes
     from imguard import metrics as metrics_mod, runtime
     metrics = metrics_mod.Metrics()
     try:

@@ -29,7 +29,7 @@ import logging
 import socket
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, MutableSet, Protocol
 
 from mitmproxy.connection import ConnectionState
 from mitmproxy.proxy import commands, events, layer
@@ -84,10 +84,20 @@ class NoticeInjected(events.MessageInjected):
         return str(self.message)
 
 
-class Carrier:
-    """What a SessionLayer needs from the gateway: recording. (The gateway addon implements it.)"""
+class Carrier(Protocol):
+    """What a SessionLayer needs from the gateway (GatewayAddon satisfies it; the replay is the offline carrier).
+    Its settings are given to the gateway addon's constructor, not attached afterwards."""
 
-    def record(self, event: dict[str, Any]) -> None: ...
+    metrics: Any                        # imguard.metrics.Metrics, or None
+    max_queued_bytes: int               # per connection, while its layer waits for a scan (0: unbounded)
+    max_total_queued_bytes: int         # all connections together (0: unbounded)
+    queued_layers: MutableSet[Any]      # the layers holding queued bytes now
+
+    def record(self, event: dict[str, Any]) -> None:
+        """Write an event (alert log, sinks, archive). Never raises."""
+
+    def notify_command(self, cmd: Notify) -> None:
+        """Record a Notify and deliver it as a notice on the connection it names."""
 
     def commit(self) -> None:
         """Put the archive records made so far on disk; called before anything is forwarded. Never raises."""
@@ -96,7 +106,9 @@ class Carrier:
 
     def tcp_socket(self, client_id: str, connection) -> Any:
         """The socket under one leg, to acknowledge its reads at once; None = leave acknowledgements to the kernel."""
-        return None
+
+    def parse_fail_open(self, protocol: str) -> bool:
+        """Fail mode `parse` for this protocol: True relays a connection whose session failed, uninspected."""
 
 
 class SessionLayer(layer.Layer):
@@ -118,7 +130,7 @@ class SessionLayer(layer.Layer):
         self.queued_bytes = 0                   # bytes queued by mitmproxy while this layer waits for a scan
         self.raw = False                        # fail mode parse=open: the session failed, bytes relayed as they are
         self._ack_sockets: dict[str, Any] = {}  # connection id -> its socket, or None (see _acknowledge)
-        metrics = getattr(carrier, "metrics", None)
+        metrics = carrier.metrics
         if metrics is not None and not after_starttls:     # one connection, counted once (not again inside TLS)
             metrics.connection_opened(chat.protocol)
 
@@ -130,7 +142,7 @@ class SessionLayer(layer.Layer):
         backpressure): bound that queue, and close the connection (fail closed) when a peer floods it."""
         if self._paused is not None and isinstance(event, events.DataReceived) and not self.closed:
             self.queued_bytes += len(event.data)
-            limit = getattr(self.carrier, "max_queued_bytes", 0)
+            limit = self.carrier.max_queued_bytes
             if limit and self.queued_bytes > limit:
                 self.carrier.anomaly(self.chat, "flood_during_inspection",
                                      f"more than {limit} bytes arrived while a file was being inspected; closed",
@@ -138,9 +150,9 @@ class SessionLayer(layer.Layer):
                 yield from self._close()
                 return
             # The same queues, all connections together (a flood of many connections, each under its own limit).
-            total_limit = getattr(self.carrier, "max_total_queued_bytes", 0)
-            queued = getattr(self.carrier, "queued_layers", None)       # a WeakSet of layers holding queued bytes
-            if total_limit and queued is not None:
+            total_limit = self.carrier.max_total_queued_bytes
+            queued = self.carrier.queued_layers
+            if total_limit:
                 queued.add(self)
                 total = sum(other.queued_bytes for other in list(queued))
                 if total > total_limit:
@@ -152,9 +164,7 @@ class SessionLayer(layer.Layer):
         yield from super().handle_event(event)
         if self._paused is None and self.queued_bytes:
             self.queued_bytes = 0
-            queued = getattr(self.carrier, "queued_layers", None)
-            if queued is not None:
-                queued.discard(self)
+            self.carrier.queued_layers.discard(self)
 
     # --- events -------------------------------------------------------------------------------------
 
@@ -200,9 +210,9 @@ class SessionLayer(layer.Layer):
         messages in flight: 2,055 msg/s and a loaded p99 of 48 ms without, 4,392 msg/s and 11-14 ms with."""
         sock = self._ack_sockets.get(connection.id, _NOT_LOOKED_UP)
         if sock is _NOT_LOOKED_UP:
-            lookup = getattr(self.carrier, "tcp_socket", None)
             try:
-                sock = lookup(self.context.client.id, connection) if lookup and TCP_QUICKACK is not None else None
+                sock = self.carrier.tcp_socket(self.context.client.id, connection) if TCP_QUICKACK is not None \
+                    else None
             except Exception:       # only latency is at stake: never the session
                 logger.debug("no socket to acknowledge reads on", exc_info=True)
                 sock = None
@@ -294,9 +304,7 @@ class SessionLayer(layer.Layer):
             self._commit()              # a read that forwarded nothing may still have archive records
 
     def _commit(self) -> None:
-        commit = getattr(self.carrier, "commit", None)
-        if commit is not None:
-            commit()
+        self.carrier.commit()
 
     def _session_failed(self, method: Callable, args: tuple, e: Exception, unsent: bytes = b"") -> list:
         """What a session's exception becomes: an anomaly and a Close; or with fail mode parse=open, the rest
@@ -304,8 +312,7 @@ class SessionLayer(layer.Layer):
         went out yet; what the session was holding is lost)."""
         logger.exception("%s: session %s failed in %s", self.chat.client_address,
                          type(self.session).__name__, method.__name__)
-        fail_open = getattr(self.carrier, "parse_fail_open", None)     # fail mode parse (failmode.py)
-        if fail_open is not None and fail_open(self.chat.protocol):
+        if self.carrier.parse_fail_open(self.chat.protocol):        # fail mode parse (failmode.py)
             self.carrier.anomaly(self.chat, "session_error", f"{type(e).__name__}: {e}; fail mode open: the "
                                  "rest of the connection is relayed uninspected",
                                  session=type(self.session).__name__, call=method.__name__, fail_mode="open")
@@ -374,9 +381,7 @@ class SessionLayer(layer.Layer):
         self.closed = True
         if self.queued_bytes:           # what it queued is dropped with the connection
             self.queued_bytes = 0
-            queued = getattr(self.carrier, "queued_layers", None)
-            if queued is not None:
-                queued.discard(self)
+            self.carrier.queued_layers.discard(self)
         server, client = self.context.server, self.context.client
         if server.state is not ConnectionState.CLOSED:
             yield commands.CloseConnection(server)

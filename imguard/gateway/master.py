@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import weakref
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -75,7 +74,7 @@ def default_factories(pipeline, transfers, relay: tuple[str, int] | None = None,
     XMPP bytestream relay, `dcc_relay` the IRC sessions' DccRelay (None: offers not rewritten); `limits` are
     limits instances (IrcLimits, MsnpLimits, ...; irc_limits/xmpp_limits the same, by name), any class not
     given keeps its defaults."""
-    by_class = {type(l): l for l in (*limits, irc_limits, xmpp_limits) if l is not None}
+    by_class = {type(given): given for given in (*limits, irc_limits, xmpp_limits) if given is not None}
 
     def factory(protocol: str) -> SessionFactory:
         def build(info: ConnectionInfo):
@@ -134,7 +133,9 @@ class Gateway:
         self.addon = GatewayAddon(pipeline=pipeline, inspection=self.inspection, factories=factories,
                                   port_map=port_map, http_ports=http_ports, transfers=self.transfers,
                                   bytestream_relay=self.relay, max_queued_bytes=settings.max_queued_bytes,
-                                  dcc_ports=self.dcc_ports)
+                                  max_total_queued_bytes=settings.max_total_queued_bytes,
+                                  parse_fail_open=lambda protocol: self.fail_modes.is_open(protocol, PARSE),
+                                  quick_ack=settings.quick_ack, dcc_ports=self.dcc_ports)
         self.uploads = HttpUploads(self.inspection, self.transfers, settings.upload_paths, settings.max_upload_size,
                                    notify=self.addon.notify_command)
         try:
@@ -145,10 +146,6 @@ class Gateway:
         self.late = LateTlsAddon(settings.no_verify_upstream)
         self.passthrough = PassthroughAddon(settings.exclude, self.fail_modes)     # --exclude, fail mode tls=open
         self.passthrough.port_map, self.passthrough.recorder = port_map, self.addon.record
-        self.addon.parse_fail_open = lambda protocol: self.fail_modes.is_open(protocol, PARSE)   # read by SessionLayer
-        self.addon.max_total_queued_bytes = settings.max_total_queued_bytes                    # read by SessionLayer
-        self.addon.quick_ack = settings.quick_ack                                         # read by addon.tcp_socket
-        self.addon.queued_layers = weakref.WeakSet()
         self.master: GatewayMaster | None = None
         self._stack = contextlib.ExitStack()
 

@@ -8,14 +8,17 @@ For every reassembled connection the replay picks the protocol with the gateway'
 (imguard.gateway.detect: port map, then first bytes); a connection announced by a control channel
 (an IRC DCC offer, an MSNFTP invitation, an OSCAR SendFile rendezvous, an SDP MSRP offer: registered in
 the ExpectedTransfers table under (address, port), looked up with imguard.protocols.registry.find_side)
-gets the session for that data connection. Sessions are built by the same registry as the gateway's. It then carries out the session's commands the way the gateway
-does, only synchronously and without sockets:
+gets the session for that data connection. Sessions are built by the same registry as the gateway's.
+It then carries out the session's commands the way the gateway does, only synchronously and without
+sockets:
 
-    Send         counted as bytes that would have crossed (and kept, with keep_forwarded)
-    InspectFile  pipeline.check_file(...) now, then session.file_verdict(...)
-    Record       pipeline.record(...), and kept for the summary
-    StartTls     the connection is encrypted from here: later bytes are counted, not decoded
-    Close        the session ended the connection: later bytes are counted as not forwarded
+    Send             counted as bytes that would have crossed (and kept, with keep_forwarded)
+    InspectFile      pipeline.check_file(...) now, then session.file_verdict(...)
+    Record           pipeline.record(...), and kept for the summary
+    Notify           recorded, and session.notice(text) on the connection it names
+    ConnectUpstream  the capture's server is that upstream: session.upstream_connected() at once
+    StartTls         the connection is encrypted from here: later bytes are counted, not decoded
+    Close            the session ended the connection: later bytes are counted as not forwarded
 
 Time is the capture's: the ExpectedTransfers table and the sessions' clocks read the timestamp of
 the packet being replayed, so entries expire as they would have inline.
@@ -26,9 +29,9 @@ method it is told, and it marks the file it holds as truncated. Otherwise the re
 at the gap: the session is told `connection_closed(from_client)` for it (a half-close), so a file
 that side was sending comes out as an InspectFile (the DCC, SOCKS5 and HTTP sessions inspect what
 they hold when the sender closes early), which the replay marks truncated=True, or is reported
-abandoned (XMPP IBB), which the replay lists as a truncated transfer; a `capture_gap` anomaly says where. The other side goes on
-being decoded; the rest of the gapped side is counted, not decoded (resynchronising inside XML or
-a file is guesswork). The end of the capture ends both sides the same way.
+abandoned (XMPP IBB), which the replay lists as a truncated transfer; a `capture_gap` anomaly says
+where. The other side goes on being decoded; the rest of the gapped side is counted, not decoded
+(resynchronising inside XML or a file is guesswork). The end of the capture ends both sides the same way.
 """
 
 from __future__ import annotations
