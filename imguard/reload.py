@@ -81,12 +81,6 @@ class PolicyReloader:
     def policy_version(self) -> str:
         return str(getattr(self.pipeline.policy, "version", ""))
 
-    def _rules_dir(self) -> Path:
-        if len(self.rules_dirs) == 1:
-            return self.rules_dirs[0]
-        from imguard.gateway.cli import combined_rules     # the same combination `imguard run` made at start
-        return combined_rules(self.rules_dirs, self.data_dir)
-
     def reload(self, reason: str = "reload") -> bool:
         """Load, validate and swap; False (and an alert) when the new configuration cannot be used."""
         from imguard.inspect import Inspector
@@ -97,7 +91,7 @@ class PolicyReloader:
             old_version = self.policy_version
             old_signatures = str(getattr(getattr(self.pipeline.inspector, "signatures", None), "version", ""))
             try:
-                loaded = load_configuration(self._rules_dir(), self.signatures_dir, self.data_dir / "cache")
+                loaded = load_configuration(self.rules_dirs, self.signatures_dir, self.data_dir / "cache")
                 limits = getattr(self.pipeline.inspector, "limits", None)
                 inspector = Inspector(loaded.signatures, limits) if limits is not None else Inspector(loaded.signatures)
             except ConfigError as e:

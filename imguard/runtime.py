@@ -10,6 +10,7 @@ import argparse
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 import imguard
 from imguard.pipeline import Pipeline
@@ -52,8 +53,9 @@ class Loaded:
     policy: object
 
 
-def load_configuration(rules_dir: Path, signatures_dir: Path, cache_dir: Path | None) -> Loaded:
-    """Load and cross-check signatures and rules; raise ConfigError listing every problem."""
+def load_configuration(rules_dirs: Path | Iterable[Path], signatures_dir: Path, cache_dir: Path | None) -> Loaded:
+    """Load and cross-check signatures and rules (one rules folder or several, in order); raise ConfigError
+    listing every problem."""
     from imguard.inspect import SignatureError, load_signatures
     from imguard.policy import PolicyError, load_policy
 
@@ -66,12 +68,13 @@ def load_configuration(rules_dir: Path, signatures_dir: Path, cache_dir: Path | 
             signatures = load_signatures(Path(signatures_dir), cache_dir)
         except SignatureError as e:
             errors.extend(e.errors)
-    if not Path(rules_dir).is_dir():
-        errors.append(f"{rules_dir}: rules folder does not exist")
-    else:
+    folders = [Path(rules_dirs)] if isinstance(rules_dirs, (str, Path)) else [Path(d) for d in rules_dirs]
+    missing = [f"{d}: rules folder does not exist" for d in folders if not d.is_dir()]
+    errors.extend(missing)
+    if not missing:
         try:
             known = signatures.rule_names if signatures is not None else None
-            policy = load_policy(Path(rules_dir), known_yara_rules=known)
+            policy = load_policy(folders, known_yara_rules=known)
         except PolicyError as e:
             errors.extend(e.errors)
     if errors:
@@ -79,7 +82,7 @@ def load_configuration(rules_dir: Path, signatures_dir: Path, cache_dir: Path | 
     return Loaded(signatures, policy)
 
 
-def build_pipeline(rules_dir: Path = BUNDLED_RULES, signatures_dir: Path = BUNDLED_SIGNATURES,
+def build_pipeline(rules_dir: Path | Iterable[Path] = BUNDLED_RULES, signatures_dir: Path = BUNDLED_SIGNATURES,
                    data_dir: Path | None = None, limits: object = None, write_alerts: bool = True,
                    quarantine_settings: object = None, sink_settings: object = None,
                    archive_settings: object = None, metrics: object = None,

@@ -11,6 +11,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 from cryptography import x509
 
 from test_gateway import free_port
@@ -129,18 +130,30 @@ def test_run_options_build_settings():
         assert len(f.metadata["help"]) > 30, f.name
 
 
-def test_several_rule_folders_are_combined(tmp_path):
-    """--rules A --rules B loads the rule files of both folders, in option order."""
-    from imguard.gateway.cli import combined_rules
+def test_several_rule_folders_are_loaded_in_place(tmp_path):
+    """--rules A --rules B loads the rule files of both folders, in option order, where they are (nothing copied
+    into the data folder), and an error names the real file and line."""
+    from imguard.policy import PolicyError, load_policy
 
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir(), b.mkdir()
-    (a / "10-files.yaml").write_text("a")
-    (b / "10-files.yaml").write_text("b")
+    rule = "- id: {id}\n  title: t\n  severity: low\n  action: alert\n  applies_to: message\n  match:\n    direction: outbound\n"
+    (a / "10-files.yaml").write_text(rule.format(id="from_a"))
+    (b / "10-files.yaml").write_text(rule.format(id="from_b"))
     (b / "notes.txt").write_text("x")
-    assert combined_rules([a], tmp_path) == a
-    combined = combined_rules([a, b], tmp_path / "data")
-    assert sorted(p.name for p in combined.iterdir()) == ["00-10-files.yaml", "01-10-files.yaml"]
+    policy = load_policy([a, b])
+    assert [r.id for r in policy.rules] == ["from_a", "from_b"]
+    assert policy.files == [str(a / "10-files.yaml"), str(b / "10-files.yaml")]
+    (b / "20-broken.yaml").write_text(rule.format(id="from_a"))
+    with pytest.raises(PolicyError) as e:
+        load_policy([a, b])
+    assert e.value.errors == [f"{b / '20-broken.yaml'}:1: duplicate rule id 'from_a' (first defined at "
+                              f"{a / '10-files.yaml'}:1)"]
+    (b / "20-broken.yaml").unlink()
+    (a / "groups.yaml").write_text("groups: {}\n")
+    (b / "groups.yaml").write_text("groups: {}\n")
+    with pytest.raises(PolicyError, match="only one rules folder may hold groups.yaml"):
+        load_policy([a, b])
 
 
 def test_run_help_lists_every_setting_with_its_default(tmp_path):

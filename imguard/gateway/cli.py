@@ -111,31 +111,6 @@ def _bundled(name: str) -> Path:
     return Path(imguard.__file__).resolve().parent.parent / name
 
 
-def combined_rules(folders: list[Path], data_dir: Path) -> Path:
-    """One folder to load: the folder itself, or for several a fresh data_dir/cache/rules-combined holding a
-    copy of each folder's rule files (prefixed with the folder's position, so load order follows the options)."""
-    if len(folders) == 1:
-        return folders[0]
-    import shutil
-    target = data_dir / "cache" / "rules-combined"
-    if target.exists():
-        shutil.rmtree(target)
-    target.mkdir(parents=True)
-    groups_from = None
-    for i, folder in enumerate(folders):
-        if not folder.is_dir():
-            raise OSError(f"{folder}: rules folder does not exist")
-        for f in sorted(folder.iterdir()):
-            if f.is_file() and f.name == "groups.yaml":       # not a rule file: keeps its name, one folder only
-                if groups_from is not None:
-                    raise OSError(f"{f} and {groups_from / f.name}: only one rules folder may hold groups.yaml")
-                groups_from = folder
-                shutil.copyfile(f, target / f.name)
-            elif f.is_file() and f.suffix in (".yaml", ".yml"):
-                shutil.copyfile(f, target / f"{i:02d}-{f.name}")
-    return target
-
-
 def describe_start(gateway, alerts_path: Path) -> str:
     lines = ["imguard gateway running"]
     dcc = getattr(gateway, "dcc_ports", None)
@@ -245,11 +220,7 @@ def run_main(args: argparse.Namespace) -> int:
         print(f"imguard: {e}", file=sys.stderr)
         return 2
     data_dir = _data_dir(s.data_dir)
-    try:
-        rules = combined_rules([Path(r) for r in s.rules], data_dir) if s.rules else _bundled("rules")
-    except OSError as e:
-        print(f"imguard: cannot combine rule folders: {e}", file=sys.stderr)
-        return 2
+    rules = [Path(r) for r in s.rules] if s.rules else [_bundled("rules")]
     signatures = Path(s.signatures) if s.signatures else _bundled("signatures")
     from imguard.files import tracker
     tracker.LEDGER.max_bytes = limits["HoldSettings"].max_total_held_bytes
@@ -282,7 +253,8 @@ def run_main(args: argparse.Namespace) -> int:
             metrics_server.close()
 
 
-def _run_gateway(s, limits, pipeline, metrics, metrics_server, data_dir: Path, rules: Path, signatures: Path) -> int:
+def _run_gateway(s, limits, pipeline, metrics, metrics_server, data_dir: Path, rules: list[Path],
+                 signatures: Path) -> int:
     from imguard.gateway.master import Gateway, GatewayError
     try:
         gateway = Gateway(s, pipeline, data_dir=data_dir, irc_limits=limits["irc"], xmpp_limits=limits["xmpp"],
@@ -295,7 +267,7 @@ def _run_gateway(s, limits, pipeline, metrics, metrics_server, data_dir: Path, r
     if metrics_server is not None:
         print(f"  metrics     http://{metrics_server.address[0]}:{metrics_server.address[1]}/metrics", flush=True)
     from imguard.reload import PolicyReloader
-    gateway.reloader = PolicyReloader(pipeline, [Path(r) for r in s.rules] or [rules], signatures, data_dir)
+    gateway.reloader = PolicyReloader(pipeline, rules, signatures, data_dir)
     return asyncio.run(_serve(gateway, data_dir / "alerts.jsonl"))
 
 

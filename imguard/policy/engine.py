@@ -765,23 +765,35 @@ def _parse(text: str, ck: _Checker) -> tuple[bool, Any]:
         return False, None
 
 
-def load_policy(rules_dir: Path | str, known_yara_rules: set[str] | None = None,
+def load_policy(rules_dirs: Path | str | Iterable[Path | str], known_yara_rules: set[str] | None = None,
                 limits: PolicyLimits | None = None) -> Policy:
-    """Load and check every rule file in `rules_dir`. Raises PolicyError listing every problem as
-    'file:line: message'; on error nothing is returned, so the caller keeps its old policy.
+    """Load and check every rule file in `rules_dirs` (one folder, or several: their files are evaluated folder by
+    folder, each folder's in name order; at most one may hold groups.yaml). Raises PolicyError listing every
+    problem as 'file:line: message' (the file's name for one folder, its path for several); on error nothing is
+    returned, so the caller keeps its old policy.
 
     `known_yara_rules` (Signatures.rule_names: "rule" and "namespace.rule") makes references to YARA rules
     and namespaces that do not exist an error; without it they are not checked."""
-    rules_dir = Path(rules_dir)
-    errors: list[str] = []
-    if not rules_dir.is_dir():
-        raise PolicyError([f"{rules_dir}:1: not a folder of rule files"])
+    folders = [Path(rules_dirs)] if isinstance(rules_dirs, (str, Path)) else [Path(d) for d in rules_dirs]
+    errors: list[str] = [f"{d}:1: not a folder of rule files" for d in folders if not d.is_dir()]
+    if not folders:
+        errors.append("no rules folder given")
+    if errors:
+        raise PolicyError(errors)
+
+    def label(path: Path) -> str:
+        return path.name if len(folders) == 1 else str(path)
+
     digest = hashlib.sha256()
     groups: dict[str, list[PartyPattern]] = {}
     zones = Zones()
-    groups_path = rules_dir / GROUPS_FILE
-    if groups_path.is_file():
-        ck = _Checker(GROUPS_FILE, errors)
+    groups_paths = [d / GROUPS_FILE for d in folders if (d / GROUPS_FILE).is_file()]
+    if len(groups_paths) > 1:
+        raise PolicyError([f"{p}:1: only one rules folder may hold {GROUPS_FILE} (also in {groups_paths[0]})"
+                           for p in groups_paths[1:]])
+    if groups_paths:
+        groups_path = groups_paths[0]
+        ck = _Checker(label(groups_path), errors)
         text = _read(groups_path, ck)
         if text is not None:
             digest.update(f"{GROUPS_FILE}\0{text}\0".encode())
@@ -791,13 +803,13 @@ def load_policy(rules_dir: Path | str, known_yara_rules: set[str] | None = None,
     compiler = _Compiler(groups, set(known_yara_rules) if known_yara_rules is not None else None)
     rules: list[Rule] = []
     seen: dict[str, str] = {}
-    files = rule_files(rules_dir)
+    files = [path for folder in folders for path in rule_files(folder)]
     for path in files:
-        ck = _Checker(path.name, errors)
+        ck = _Checker(label(path), errors)
         text = _read(path, ck)
         if text is None:
             continue
-        digest.update(f"{path.name}\0{text}\0".encode())
+        digest.update(f"{label(path)}\0{text}\0".encode())
         ok, doc = _parse(text, ck)
         if not ok or doc is None:
             continue
@@ -824,13 +836,13 @@ def load_policy(rules_dir: Path | str, known_yara_rules: set[str] | None = None,
                 if rid in seen:
                     ck.error(line, f"duplicate rule id {rid!r} (first defined at {seen[rid]})")
                     continue
-                seen[rid] = f"{path.name}:{line}"
+                seen[rid] = f"{label(path)}:{line}"
             rule = compiler.rule(ck, item, line)
             if rule is not None:
                 rules.append(rule)
     if errors:
         raise PolicyError(errors)
-    return Policy(rules, zones, groups, digest.hexdigest()[:12], [p.name for p in files], limits or PolicyLimits())
+    return Policy(rules, zones, groups, digest.hexdigest()[:12], [label(p) for p in files], limits or PolicyLimits())
 
 
 def explain(decision: Decision) -> str:
