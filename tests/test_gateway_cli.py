@@ -137,7 +137,8 @@ def test_several_rule_folders_are_loaded_in_place(tmp_path):
 
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir(), b.mkdir()
-    rule = "- id: {id}\n  title: t\n  severity: low\n  action: alert\n  applies_to: message\n  match:\n    direction: outbound\n"
+    rule = ("- id: {id}\n  title: t\n  severity: low\n  action: alert\n  applies_to: message\n"
+            "  match:\n    direction: outbound\n")
     (a / "10-files.yaml").write_text(rule.format(id="from_a"))
     (b / "10-files.yaml").write_text(rule.format(id="from_b"))
     (b / "notes.txt").write_text("x")
