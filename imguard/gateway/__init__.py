@@ -3,7 +3,7 @@
     settings.py      GatewaySettings (every knob, its default and why)
     master.py        Gateway / GatewayMaster: the minimal addon chain, imguard's addons first; session factories
     addon.py         GatewayAddon: next_layer (which layer for which connection), server_connect (self-connect
-                     guard, bytestream and DCC relay redirects), record (notify routing), inspect_file (scans in
+                     guard, bytestream and DCC relay redirects), notify_command (notice routing), inspect_file (scans in
                      worker threads); LateTlsAddon
     dcc.py           DccRelayPorts: the IRC DCC relay port pool (allocate for IrcSession, take for a connection)
     detect.py        pure protocol detection: destination port map, then first bytes
@@ -43,8 +43,8 @@ offer.real_address, or refuses the connection with a dcc_unannounced anomaly; ne
 session on it.
 
 Notices across connections: GatewayAddon.sessions maps each live session's connection id (ChatContext.
-connection_id = mitmproxy's client id) to its session. GatewayAddon.record() writes every Record and, when the
-event carries imguard.notify = {connection_id, protocol, text}, sends a NoticeInjected event into that
+connection_id = mitmproxy's client id) to its session. GatewayAddon.notify_command() records a session's
+Notify command (connection_id, protocol, text) and sends a NoticeInjected event into that
 connection's handler (as mitmproxy's inject.tcp does, scheduled on the loop, never inside the caller's
 layer); the SessionLayer there, however deep under TLS layers, returns session.notice(text)'s commands. A
 session without notice() (XmppSession today) gets none: logged.

@@ -12,11 +12,12 @@ Each session command becomes mitmproxy commands, in order:
                  session.tls_started() is called when both handshakes are done (the child's Start event);
 - InspectFile -> an InspectFileHook: the gateway addon runs Pipeline.check_file in a worker thread; the hook
                  pauses this layer only (other connections keep flowing), then session.file_verdict(...);
-- Record      -> carrier.record(event): Pipeline.record, inline; an `imguard.notify` also goes to its connection;
+- Record      -> carrier.record(event): Pipeline.record, inline;
+- Notify      -> carrier.notify_command(cmd): recorded, and delivered on the connection it names;
 - Close       -> both legs closed.
 
-A NoticeInjected event (the gateway routing a Record's `imguard.notify` from another connection, e.g. a DCC
-file blocked on its own connection) becomes session.notice(text), whose commands are carried the same way.
+A NoticeInjected event (the gateway delivering a Notify from another connection, e.g. a DCC file blocked on
+its own connection) becomes session.notice(text), whose commands are carried the same way.
 
 A session that raises is logged as an anomaly and its connection is closed; the gateway carries on.
 No flow object and no per-message history is kept: memory per connection does not grow with traffic.
