@@ -165,7 +165,7 @@ def test_limits_on_the_command_line_reach_the_sessions():
     add_run_arguments(parser)
     options = set(parser._option_string_actions)
     for protocol, cls, _ in registry.limits_classes():
-        prefix = "" if protocol in ("msnp", "oscar", "ymsg", "sip", "msrp") else f"{protocol}-"
+        prefix = "" if protocol in ("msnp", "oscar", "ymsg", "sip", "msrp") else f"{protocol}-"   # the one prefix rule
         for f in dataclasses.fields(cls):
             assert f"--{prefix}{f.name.replace('_', '-')}" in options, f.name
     assert "MSNP (MSN Messenger) limits" in parser.format_help()

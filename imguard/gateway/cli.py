@@ -30,19 +30,14 @@ def _data_dir(value: str | None) -> Path:
     return default_data_dir()
 
 
-# Per-connection session limits on the command line, prefixed because their names overlap
-# (IrcLimits.max_held_bytes, XmppLimits.max_held_bytes): (prefix, title, "module:Class").
-# MsnpLimits and the others name their protocol in every field already (msnp_max_payload): not prefixed again.
-SESSION_LIMITS = (("irc", "IRC session and DCC limits (per connection)", "imguard.protocols.irc.decoder:IrcLimits"),
-                  ("xmpp", "XMPP session limits (per connection)", "imguard.protocols.xmpp.decoder:XmppLimits"),
-                  ("msnp", "MSNP (MSN Messenger) limits (per connection)", "imguard.protocols.msnp.decoder:MsnpLimits"),
-                  ("oscar", "OSCAR (AIM/ICQ) limits (per connection)", "imguard.protocols.oscar.decoder:OscarLimits"),
-                  ("ymsg", "YMSG (Yahoo! Messenger) limits (per connection)",
-                   "imguard.protocols.ymsg.decoder:YmsgLimits"),
-                  ("sip", "SIP limits (per connection)", "imguard.protocols.sip.message:SipLimits"),
-                  ("msrp", "MSRP limits (per connection)", "imguard.protocols.msrp.framing:MsrpLimits"),
-                  ("chat", "Chat APIs over HTTP(S): Matrix, Slack, Mattermost, Rocket.Chat, Discord",
-                   "imguard.gateway.chat_apis:ChatApiSettings"))
+def session_limits() -> list[tuple[str, str, type]]:
+    """(key, title, settings class) of every per-connection limits class: each protocol's, from the registry (one
+    table for the gateway, the replay and these options), then the chat APIs'. The key is the protocol's name and
+    the option prefix (see _option_prefix)."""
+    from imguard.gateway.chat_apis import ChatApiSettings
+    from imguard.protocols import registry
+    return [(name, title, cls) for name, cls, title in registry.limits_classes()] + [
+        ("chat", "Chat APIs over HTTP(S): Matrix, Slack, Mattermost, Rocket.Chat, Discord", ChatApiSettings)]
 
 
 # Where decisions go: alert sinks, the archive, the quarantine and the metrics endpoint (unprefixed:
@@ -62,7 +57,8 @@ def _limits_class(path: str) -> type:
 
 
 def _option_prefix(key: str, cls: type) -> str:
-    """`key`, unless every field of `cls` already starts with it (MsnpLimits.msnp_max_payload: --msnp-max-payload)."""
+    """The one prefix rule of per-connection options: `key` (--irc-max-held-bytes), unless every field of `cls`
+    already starts with it (MsnpLimits.msnp_max_payload: --msnp-max-payload, not --msnp-msnp-max-payload)."""
     import dataclasses
     return "" if all(f.name.startswith(key + "_") for f in dataclasses.fields(cls)) else key
 
@@ -71,8 +67,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     settings_mod.add_arguments(parser, GatewaySettings)
     from imguard.inspect import InspectLimits
     settings_mod.add_arguments(parser, InspectLimits, "inspection limits (as for `imguard scan`)")
-    for key, title, path in SESSION_LIMITS:
-        cls = _limits_class(path)
+    for key, title, cls in session_limits():
         settings_mod.add_arguments(parser, cls, title, prefix=_option_prefix(key, cls))
     for title, path in RECORD_SETTINGS:
         settings_mod.add_arguments(parser, _limits_class(path), title)
@@ -94,11 +89,10 @@ def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
 
 def limits_from_args(args: argparse.Namespace) -> dict[str, object]:
     """{"inspect": InspectLimits, "irc": IrcLimits, "xmpp": XmppLimits, "msnp": MsnpLimits, ...} from the parsed
-    options (one entry per SESSION_LIMITS key)."""
+    options (one entry per session_limits() key)."""
     from imguard.inspect import InspectLimits
     limits: dict[str, object] = {"inspect": settings_mod.from_arguments(InspectLimits, args)}
-    for key, _, path in SESSION_LIMITS:
-        cls = _limits_class(path)
+    for key, _, cls in session_limits():
         limits[key] = settings_mod.from_arguments(cls, args, prefix=_option_prefix(key, cls))
     for _, path in RECORD_SETTINGS:
         cls = _limits_class(path)
@@ -259,7 +253,7 @@ def _run_gateway(s, limits, pipeline, metrics, metrics_server, data_dir: Path, r
     try:
         gateway = Gateway(s, pipeline, data_dir=data_dir, irc_limits=limits["irc"], xmpp_limits=limits["xmpp"],
                           chat_settings=limits["chat"],
-                          session_limits=[limits[key] for key, _, _ in SESSION_LIMITS if key != "chat"])
+                          session_limits=[limits[key] for key, _, _ in session_limits() if key != "chat"])
     except GatewayError as e:
         print(f"imguard: {e}", file=sys.stderr)
         return 2

@@ -30,7 +30,7 @@ from imguard.protocols.msnp import DirectMsnftpSession, MsnpLimits, MsnpSession,
 from imguard.protocols.msrp import MsrpLimits, MsrpSession, find_msrp_offer
 from imguard.protocols.oscar import OftSession, OscarLimits, OscarSession, find_oft_offer
 from imguard.protocols.sip import SipDatagramHandler, SipLimits, SipSession
-from imguard.protocols.socks5_bytestream import Socks5BytestreamSession
+from imguard.protocols.socks5_bytestream import Socks5BytestreamSession, Socks5Limits
 from imguard.protocols.xmpp import XmppLimits, XmppSession
 from imguard.protocols.ymsg import YmsgLimits, YmsgSession
 
@@ -95,7 +95,7 @@ def _dcc(r: SessionRequest) -> StreamSession:
 def _bytestream(r: SessionRequest) -> StreamSession:
     # Offline there is no relay: the capture's server is the streamhost (the replay answers ConnectUpstream).
     return Socks5BytestreamSession(transfers=r.transfers, context=r.context, checker=r.checker,
-                                   stream_hash=r.stream_hash, streamhost=r.streamhost)
+                                   stream_hash=r.stream_hash, streamhost=r.streamhost, limits=r.limit(Socks5Limits))
 
 
 def _msnp(r: SessionRequest) -> StreamSession:
@@ -158,7 +158,8 @@ _TABLE = (
     Protocol("dcc", "IRC DCC", _dcc, context_protocol="irc", mechanism="dcc"),
     Protocol("msnftp", "MSNFTP", _msnftp, context_protocol="msnp", mechanism="msnftp"),
     Protocol("oft", "OSCAR file transfer", _oft, context_protocol="oscar", mechanism="oft"),
-    Protocol("bytestream", "XEP-0065 SOCKS5 bytestream", _bytestream, context_protocol="xmpp", mechanism="socks5"),
+    Protocol("bytestream", "XEP-0065 SOCKS5 bytestream relay limits (per connection)", _bytestream,
+             context_protocol="xmpp", mechanism="socks5", limits=Socks5Limits),
 )
 
 PROTOCOLS: dict[str, Protocol] = {p.name: p for p in _TABLE}
