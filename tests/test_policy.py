@@ -85,7 +85,7 @@ def test_version_changes_with_content(tmp_path):
 
 
 def test_rule_file_may_be_a_list_or_a_rules_document(tmp_path):
-    doc = "description: some rules\nrules:\n" + "\n".join("  " + l for l in rule("b").splitlines())
+    doc = "description: some rules\nrules:\n" + "\n".join("  " + line for line in rule("b").splitlines())
     p = load_policy(write(tmp_path, {"a.yaml": rule("a"), "b.yml": doc, "empty.yaml": ""}))
     assert [r.id for r in p.rules] == ["a", "b"]
 
@@ -250,7 +250,7 @@ def test_keywords_are_case_insensitive_on_word_boundaries(tmp_path):
 
 
 def test_a_keyword_list_is_one_precompiled_regex():
-    from imguard.policy.engine import _Checker, _Compiler
+    from imguard.policy.loading import _Checker, _Compiler
     cond = _Compiler({}, None).condition(_Checker("x", []), "keywords", ["a", "B c", "d"], 1, "message")
     assert cond.fast.pattern == r"b\s+c|a|d" and cond.exact.flags & 2      # re.IGNORECASE
 
@@ -519,7 +519,8 @@ def test_yara_conditions(tmp_path):
 def test_unscannable_and_reasons(tmp_path):
     r = report("big.zip", findings=[Finding(UNSCANNABLE, "inspection timed out after 5s", data={"reason": "timeout"})])
     d = file_policy(tmp_path, "unscannable: true").decide_file(r, IN)
-    assert d.matches[0].reasons == ["file big.zip could not be fully inspected (timeout: inspection timed out after 5s)"]
+    assert d.matches[0].reasons == [
+        "file big.zip could not be fully inspected (timeout: inspection timed out after 5s)"]
     assert file_policy(tmp_path, "unscannable_reason: [timeout, corrupt]").decide_file(r, IN).action == "block"
     assert file_policy(tmp_path, "unscannable_reason: encrypted").decide_file(r, IN).action == "allow"
     assert file_policy(tmp_path, "unscannable: true").decide_file(report(), IN).action == "allow"

@@ -7,8 +7,8 @@ docs/rules.md is the manual for policy authors.
 """
 
 from imguard.policy.detectors import DETECTORS, Span, detect
-from imguard.policy.engine import (Policy, PolicyError, PolicyLimits, Rule, explain, load_policy, mask_text,
-                                   parse_size, rule_files)
+from imguard.policy.engine import Policy, PolicyError, PolicyLimits, Rule, explain, mask_text, parse_size
+from imguard.policy.loading import load_policy, rule_files
 from imguard.policy.testing import CaseResult, run_rule_tests
 from imguard.policy.zones import Zones, classify_direction
 
