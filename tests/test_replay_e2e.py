@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from imguard.replay.pcapfile import Capture
-from imguard.replay.replay import Replay, ReplaySummary
+from imguard.replay.replay import Replay
+from imguard.replay.summary import ReplaySummary
 from test_replay_builders import ACK, FIN, PSH, SYN, ether, ipv4, pcap, tcp
 
 HERE = Path(__file__).resolve().parent
@@ -263,7 +264,8 @@ def irc_capture(lines_from_client: list[bytes]) -> bytes:
         return ether(ipv4(src, dst, tcp(sp, dp, seq, ack, flags, payload)))
 
     cseq, sseq, t = 100, 900, 1_700_000_000.0
-    frames = [packet(True, cseq, 0, SYN), packet(False, sseq, cseq + 1, SYN | ACK), packet(True, cseq + 1, sseq + 1, ACK)]
+    frames = [packet(True, cseq, 0, SYN), packet(False, sseq, cseq + 1, SYN | ACK),
+              packet(True, cseq + 1, sseq + 1, ACK)]
     cseq, sseq = cseq + 1, sseq + 1
     welcome = b":irc.example 001 carol :Welcome\r\n"
     for i, line in enumerate(lines_from_client):

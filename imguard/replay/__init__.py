@@ -2,7 +2,8 @@
 
     pcapfile     Capture.open(path): pcap/pcapng frames -> TcpSegment, warnings instead of exceptions
     reassembly   Reassembler: TcpSegment -> StreamOpened / StreamData / StreamGap / StreamClosed
-    replay       Replay(pipeline).run(capture) -> ReplaySummary (conversations, messages, transfers, anomalies)
+    replay       Replay(pipeline).run(capture) -> ReplaySummary
+    summary      ReplaySummary: conversations, messages, transfers, anomalies; as text or JSON
     http         HttpUploadSession: HTTP uploads in a capture, as the gateway's HTTP addon decides them
     cli          add_pcap_arguments(parser), replay_main(args)
 
@@ -12,7 +13,8 @@ Nothing here imports mitmproxy: the replay runs the protocol sessions directly.
 from imguard.replay.pcapfile import Capture, CaptureError, CaptureLimits, CaptureWarning, Frame, TcpSegment
 from imguard.replay.reassembly import (Connection, Reassembler, ReassemblySettings, StreamClosed, StreamData,
                                        StreamGap, StreamOpened)
-from imguard.replay.replay import Replay, ReplaySettings, ReplaySummary
+from imguard.replay.replay import Replay, ReplaySettings
+from imguard.replay.summary import ReplaySummary
 
 __all__ = ["Capture", "CaptureError", "CaptureLimits", "CaptureWarning", "Connection", "Frame", "Reassembler",
            "ReassemblySettings", "Replay", "ReplaySettings", "ReplaySummary", "StreamClosed", "StreamData",

@@ -28,7 +28,8 @@ from pathlib import Path
 from imguard import settings
 from imguard.replay.pcapfile import Capture, CaptureError, CaptureLimits
 from imguard.replay.reassembly import ReassemblySettings
-from imguard.replay.replay import Replay, ReplaySettings, Transfer
+from imguard.replay.replay import Replay, ReplaySettings
+from imguard.replay.summary import Transfer
 
 EXIT_OK, EXIT_BLOCKED, EXIT_USAGE = 0, 1, 2
 
