@@ -14,7 +14,7 @@ from mitmproxy.test import taddons
 from mitmproxy.proxy.context import Context
 from mitmproxy.options import Options
 
-from imguard.gateway.addon import LateTlsAddon
+from imguard.gateway.tls_memory import LateTlsAddon
 
 
 def _tls_data(method) -> tls.TlsData:

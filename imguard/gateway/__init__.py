@@ -4,7 +4,9 @@
     master.py        Gateway / GatewayMaster: the minimal addon chain, imguard's addons first; session factories
     addon.py         GatewayAddon: next_layer (which layer for which connection), server_connect (self-connect
                      guard, bytestream and DCC relay redirects), notify_command (notice routing), inspect_file (scans in
-                     worker threads); LateTlsAddon
+                     worker threads)
+    tls_memory.py    LateTlsAddon: per-host no-verify, server TLS first for sessions, idle buffers released and
+                     one certificate object per forged certificate
     dcc.py           DccRelayPorts: the IRC DCC relay port pool (allocate for IrcSession, take for a connection)
     detect.py        pure protocol detection: destination port map, then first bytes
     layer.py         SessionLayer: a StreamSession (imguard.protocols.base) on one connection; STARTTLS by

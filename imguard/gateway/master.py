@@ -32,7 +32,8 @@ from mitmproxy.utils import asyncio_utils
 
 from imguard.files.expected import ExpectedTransfers
 from imguard.gateway import ca
-from imguard.gateway.addon import ConnectionInfo, GatewayAddon, LateTlsAddon, SessionFactory
+from imguard.gateway.addon import ConnectionInfo, GatewayAddon, SessionFactory
+from imguard.gateway.tls_memory import LateTlsAddon
 from imguard.gateway.dcc import DccRelayPorts, parse_port_range
 from imguard.gateway.detect import parse_port_map
 from imguard.gateway.failmode import PARSE, FailModes, PassthroughAddon
