@@ -10,12 +10,17 @@ a call uses the policy object it read at its start.
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from imguard import alerts
-from imguard.model import (REASON_TRUNCATED, UNSCANNABLE, ChatContext, Decision, FileReport, Finding)
+from imguard.model import BLOCK, REASON_TRUNCATED, UNSCANNABLE, ChatContext, Decision, FileReport, Finding
+
+logger = logging.getLogger("imguard")
 
 
 DIRECTION_CACHE_SIZE = 4096            # contexts whose derived direction is remembered
@@ -109,6 +114,49 @@ class Pipeline:
         if self.archive is not None:
             self.archive.add_file(report, ctx, decision)
             self.archive.commit()           # files are few: each record on disk before the verdict is used
+        return report, decision
+
+    def check_unscannable(self, data: bytes, ctx: ChatContext, name: str, claimed_mime: str, reason: str,
+                          detail: str, size: int | None = None,
+                          adjust: Callable[[Decision], tuple[Decision, dict]] | None = None,
+                          ) -> tuple[FileReport, Decision]:
+        """The decision on a file the carrier could not have inspected (the queue was full, the scan took too long
+        or failed, it is too large to hold): a report with only an UNSCANNABLE finding (`reason`), decided by
+        policy like any file, then `adjust`ed (the gateway's fail mode: the decision it leaves, and the
+        imguard.fail_mode fields for the event, {situation, mode}), and recorded like any
+        file: the alert log, the quarantine for a blocked one, the archive. Policy failing here blocks."""
+        policy = self._in_force[0]
+        ctx = self._with_direction(policy, ctx)
+        report = FileReport(name=name, path=name, size=len(data) if size is None else size,
+                            sha256=hashlib.sha256(data).hexdigest() if data else "", claimed_mime=claimed_mime,
+                            findings=[Finding(UNSCANNABLE, detail, data={"reason": reason})])
+        try:
+            decision = policy.decide_file(report, ctx)
+        except Exception:
+            logger.exception("policy failed on an unscannable file; blocking it")
+            decision = Decision(action=BLOCK)
+        fail_mode: dict = {}
+        if adjust is not None:
+            decision, fail_mode = adjust(decision)
+        stored = quarantine_error = None
+        if decision.blocked and data and self.quarantine is not None:
+            try:
+                stored = self.quarantine.put(bytes(data), report, ctx, decision)
+            except OSError as e:
+                quarantine_error = f"{type(e).__name__}: {e}"
+        if self.alert_log is not None:
+            event = alerts.file_event(report, ctx, decision)
+            if fail_mode:
+                event["event"]["kind"] = "alert"
+                event["imguard"]["fail_mode"] = fail_mode
+            if stored is not None:
+                event["imguard"]["quarantine_path"] = str(stored)
+            if quarantine_error is not None:
+                event["imguard"]["quarantine_error"] = quarantine_error
+            self.alert_log.write(event)
+        if self.archive is not None:
+            self.archive.add_file(report, ctx, decision)
+            self.archive.commit()
         return report, decision
 
     def commit(self) -> None:

@@ -92,6 +92,38 @@ def test_overload_closed_blocks_even_when_policy_would_allow(tmp_path):
     assert event["file"]["name"] == "second.txt"
 
 
+def test_an_uninspected_file_is_archived_and_quarantined_like_any_other(tmp_path):
+    """The verdict on a file the gateway could not inspect (overload, timeout, scanner error) goes through the
+    Pipeline: it is in the archive, a blocked one in the quarantine, and its alert says the fail mode."""
+    from imguard.archive import Archive, Query
+    from imguard.pipeline import Pipeline
+    from imguard.quarantine import QuarantineStore
+
+    records = []
+
+    class Log:
+        def write(self, event):
+            records.append(event)
+
+    store = Archive(tmp_path / "archive.sqlite3")
+    pipeline = Pipeline(inspector=None, policy=AllowPolicy(), alert_log=Log(), archive=store,
+                        quarantine=QuarantineStore(tmp_path / "quarantine"))
+    ctx = ChatContext(protocol="xmpp", sender="alice@corp.example", recipients=("bob@ext.example",),
+                      transfer_mechanism="ibb")
+
+    def closed(decision):
+        return apply_to_decision(FailModes.parse([]), "overload", ctx, decision)[0], {"situation": "overload",
+                                                                                        "mode": CLOSED}
+    report, decision = pipeline.check_unscannable(b"MZ payload", ctx, "a.exe", "", "limit", "the queue was full",
+                                                  adjust=closed)
+    assert decision.action == BLOCK and report.findings[0].kind == "unscannable"
+    [row] = store.search(Query(person="bob@ext"))
+    assert row["file_name"] == "a.exe" and row["action"] == BLOCK and row["mechanism"] == "ibb"
+    (event,) = records
+    assert event["imguard"]["fail_mode"] == {"situation": "overload", "mode": "closed"}
+    assert (tmp_path / "quarantine").exists() and event["imguard"]["quarantine_path"]
+
+
 def test_overload_open_relays_the_file_and_alerts(tmp_path):
     pipeline = StubPipeline(delay=1.5)          # its policy blocks unscannable files: the fail mode wins
     first, second = run(_two_files(tmp_path, pipeline, fail_mode=["line:overload=open"]))

@@ -14,13 +14,11 @@ closed -> at least block, open -> relayed with an alert.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 from concurrent.futures import ThreadPoolExecutor
 
-from imguard import alerts
-from imguard.model import (BLOCK, REASON_LIMIT, REASON_SCANNER_ERROR, REASON_TIMEOUT, UNSCANNABLE, ChatContext,
-                           Decision, FileReport, Finding)
+from imguard.model import (REASON_LIMIT, REASON_SCANNER_ERROR, REASON_TIMEOUT, ChatContext,
+                           Decision, FileReport)
 
 logger = logging.getLogger("imguard.gateway")
 
@@ -69,29 +67,17 @@ class Inspection:
 
     def unscannable(self, data: bytes, ctx: ChatContext, name: str, claimed_mime: str, reason: str,
                     detail: str, size: int | None = None, situation: str = "") -> tuple[FileReport, Decision]:
-        """A report that says the file was not inspected, and what policy decides on that."""
-        report = FileReport(name=name, path=name, size=len(data) if size is None else size,
-                            sha256=hashlib.sha256(data).hexdigest() if data else "",
-                            claimed_mime=claimed_mime,
-                            findings=[Finding(UNSCANNABLE, detail, data={"reason": reason})])
-        try:
-            decision = self.pipeline.policy.decide_file(report, ctx)
-        except Exception:
-            logger.exception("policy failed on an unscannable file; blocking it")
-            decision = Decision(action=BLOCK)
-        mode = ""
-        if situation:       # overload / timeout: the operator's fail mode overrides policy (failmode.py)
+        """A file that was not inspected: Pipeline.check_unscannable decides and records it like any file; for
+        overload and timeout (`situation`) the operator's fail mode has the last word (failmode.py)."""
+        adjust = None
+        if situation:
             from imguard.gateway.failmode import apply_to_decision
-            decision, mode = apply_to_decision(self.fail_modes, situation, ctx, decision)
-        try:
-            event = alerts.file_event(report, ctx, decision)
-            if mode:
-                event["event"]["kind"] = "alert"
-                event["imguard"]["fail_mode"] = {"situation": situation, "mode": mode}
-            self.pipeline.record(event)
-        except Exception:
-            logger.exception("could not record an unscannable file")
-        return report, decision
+
+            def adjust(decision: Decision) -> tuple[Decision, dict]:
+                decision, mode = apply_to_decision(self.fail_modes, situation, ctx, decision)
+                return decision, {"situation": situation, "mode": mode}
+        return self.pipeline.check_unscannable(data, ctx, name, claimed_mime, reason, detail, size=size,
+                                               adjust=adjust)
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
