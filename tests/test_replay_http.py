@@ -97,3 +97,52 @@ def test_not_http_is_relayed_with_an_anomaly():
 def test_server_bytes_cross_untouched():
     s, _ = session()
     assert s.data_received(False, b"HTTP/1.1 201 Created\r\n\r\n") == [Send(True, b"HTTP/1.1 201 Created\r\n\r\n")]
+
+
+def test_held_bytes_return_to_zero_after_the_verdict():
+    """The request is held by one HeldTransfer per upload: the connection's held bytes go back to zero on release
+    and on block."""
+    for decision in (Decision(), Decision(action=BLOCK, notice="malware")):
+        s, _ = session()
+        [inspect] = [c for c in feed(s, CHUNKED, 7) if isinstance(c, InspectFile)]
+        assert s._holds.held_bytes > 0 and s._holds.in_flight == 1
+        s.file_verdict(inspect.transfer_id, FileReport("report.pdf", "report.pdf", 11), decision)
+        assert s._holds.held_bytes == 0 and s._holds.in_flight == 0
+        assert s.file_verdict(inspect.transfer_id, FileReport("report.pdf", "report.pdf", 11), decision) == []
+
+
+def test_empty_body_is_held_and_released_exactly():
+    raw = b"PUT /slot/abc/report.pdf HTTP/1.1\r\nHost: upload.example:5280\r\nContent-Length: 0\r\n\r\n"
+    s, _ = session()
+    [inspect] = s.data_received(True, raw)
+    assert inspect.data == b"" and not inspect.truncated
+    assert sent(s.file_verdict(inspect.transfer_id, FileReport("", "", 0), Decision()), False) == raw
+
+
+@pytest.mark.parametrize("raw", [PUT, CHUNKED])
+def test_body_over_max_upload_size_is_inspected_truncated_and_decoding_stops(raw):
+    """The body's first max_upload_size bytes are inspected, marked truncated; an anomaly says the rest is not
+    decoded. Allowed, every byte read so far crosses as it came, and later bytes are relayed untouched."""
+    s = HttpUploadSession(session()[1], CTX, HttpLimits(max_upload_size=4))
+    commands = s.data_received(True, raw)
+    [inspect] = [c for c in commands if isinstance(c, InspectFile)]
+    assert inspect.data == b"hell" and inspect.truncated
+    assert [c.event["imguard"]["anomaly"]["kind"] for c in commands if isinstance(c, Record)] == \
+        ["http_upload_too_large"]
+    assert sent(commands, False) == b""
+    assert sent(s.data_received(True, GET_OTHER), False) == GET_OTHER
+    assert sent(s.file_verdict(inspect.transfer_id, FileReport("", "", 0), Decision()), False) == raw
+
+
+def test_bad_chunk_in_a_held_upload_stops_it():
+    """Chunk framing the reader cannot follow in a held upload: the upload is stopped (fail closed: the client
+    has a 403, nothing of it reaches the server), the anomaly recorded, the rest relayed."""
+    s, transfers = session()
+    raw = (b"PUT /slot/abc/report.pdf HTTP/1.1\r\nHost: upload.example:5280\r\nTransfer-Encoding: chunked\r\n\r\n"
+           b"5\r\nhello\r\nzz\r\n")
+    commands = s.data_received(True, raw + b"rest")
+    assert [c.event["imguard"]["anomaly"]["kind"] for c in commands if isinstance(c, Record)] == ["http_bad_chunk"]
+    assert not any(isinstance(c, InspectFile) for c in commands)
+    assert sent(commands, True).startswith(b"HTTP/1.1 403") and sent(commands, False) == b"rest"
+    assert transfers.blocked_url_reason(GET_URL)
+    assert s._holds.held_bytes == 0 and s._holds.in_flight == 0

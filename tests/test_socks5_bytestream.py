@@ -9,8 +9,10 @@ from pathlib import Path
 
 from imguard.files.expected import ExpectedBytestream, ExpectedTransfers, StreamHost
 from imguard.model import BLOCK, ChatContext, Decision, FileReport
-from imguard.protocols.base import Close, InspectFile, Record, Send
-from imguard.protocols.socks5_bytestream import ConnectUpstream, Socks5BytestreamSession, Socks5Limits
+from imguard.files.tracker import HoldState
+from imguard.model import RuleMatch
+from imguard.protocols.base import Close, ConnectUpstream, InspectFile, Notify, Record, Send
+from imguard.protocols.socks5_bytestream import RelayState, Socks5BytestreamSession, Socks5Limits
 
 DATA = Path(__file__).parent / "data" / "xmpp"
 HASH = "e34ba3fd2764dd641680a28ecf2e67479ba888fc"
@@ -69,23 +71,42 @@ def test_target_leg_is_held_until_proxy_closes_then_released():
         ("eicar.txt", "alice@localhost", "socks5")
     assert inspect.context.connection_id == "xmpp-1"          # the XMPP connection that announced it
     assert s.file_verdict(inspect.transfer_id, FileReport("", "", 0), Decision()) == \
-        [Send(True, EICAR * 200), Close("transfer complete")]
+        [Send(True, EICAR * 200), Close("socks5 transfer done")]
 
 
 def test_blocked_bytestream_is_closed_without_a_byte_and_the_sender_is_told():
     """Blocked: Close, bob never got any of the file, and the XMPP connection that offered it is asked
-    to tell alice (the carrier delivers imguard.notify with XmppSession.notice)."""
+    to tell alice (a Notify: the carrier delivers it with XmppSession.notice)."""
     transfers = table()
     s = carrier_mode_target_leg(transfers)
     s.data_received(False, EICAR)
     (inspect,) = s.connection_closed(from_client=False)
     notify, close = s.file_verdict(inspect.transfer_id, FileReport("", "", 0),
                                    Decision(action=BLOCK, notice="Your file eicar.com was blocked."))
-    assert close == Close("file blocked")
-    assert not any(isinstance(c, Send) for c in (notify, close))
+    assert close == Close("socks5 file block")
+    assert isinstance(notify, Notify) and not any(isinstance(c, Send) for c in (notify, close))
     offer = transfers.lookup_bytestream(s.dst_hash)
-    assert notify.event["imguard"]["notify"] == {"connection_id": offer.context.connection_id, "protocol": "xmpp",
-                                                 "text": "Your file eicar.com was blocked."}
+    assert (notify.connection_id, notify.protocol, notify.text) == \
+        (offer.context.connection_id, "xmpp", "Your file eicar.com was blocked.")
+    assert notify.event()["imguard"]["notify"] == {"connection_id": "xmpp-1", "protocol": "xmpp",
+                                                   "text": "Your file eicar.com was blocked."}
+    assert notify.event()["imguard"]["file"] == {"name": "eicar.txt"}
+    assert notify.context.transfer_mechanism == "socks5" and notify.context.sender == "alice@localhost"
+    assert s.transfer.state is HoldState.DROPPED and s.state is RelayState.DONE
+    assert s.connection_closed(from_client=True) == []        # closed already
+
+
+def test_blocked_without_a_notice_tells_the_sender_the_name_and_the_rule():
+    """A decision without a notice of its own: the tracker's one text, naming the file, the people and the rule."""
+    s = carrier_mode_target_leg(table())
+    s.data_received(False, EICAR)
+    (inspect,) = s.connection_closed(from_client=False)
+    decision = Decision(action=BLOCK, matches=[RuleMatch(rule_id="malware", action=BLOCK, severity="high",
+                                                         mode="enforce", title="Malware")])
+    notify, close = s.file_verdict(inspect.transfer_id, FileReport("", "", 0), decision)
+    assert notify.text == ("imguard: the file 'eicar.txt' from alice@localhost to bob@localhost/b was blocked "
+                           "(Malware)")
+    assert notify.decision is decision and isinstance(close, Close)
 
 
 def test_session_speaks_socks5_to_the_client_itself():
@@ -104,7 +125,7 @@ def test_session_speaks_socks5_to_the_client_itself():
     (inspect,) = s.connection_closed(from_client=True)
     assert inspect.data == EICAR * 200
     assert s.file_verdict(inspect.transfer_id, FileReport("", "", 0), Decision()) == \
-        [Send(False, EICAR * 200), Close("transfer complete")]
+        [Send(False, EICAR * 200), Close("socks5 transfer done")]
 
 
 def test_handshake_split_at_every_byte():
@@ -175,9 +196,64 @@ def test_held_size_limit_edge():
     assert s.data_received(False, EICAR) == []
     cmds = s.data_received(False, b"!")
     assert kinds(cmds) == ["socks5_too_large"] and isinstance(cmds[-1], Close)
+    assert not any(isinstance(c, Send) for c in cmds)          # nothing of the file reaches bob
+    [notify] = [c for c in cmds if isinstance(c, Notify)]      # alice is told why, in her chat
+    assert notify.connection_id == "xmpp-1" and "eicar.txt" in notify.text and "larger than" in notify.text
+    assert s.data_received(False, b"more") == [] and s.connection_closed(from_client=False) == []
 
 
 def test_receiver_closing_early_closes():
     """bob leaves before any data: Close, nothing to inspect."""
     s = carrier_mode_target_leg(table())
     assert s.connection_closed(from_client=True) == [Close("peer closed")]
+
+
+def test_more_than_announced_while_inspecting_ends_the_file():
+    """Bytes from the sender while the complete file is out for inspection: closed, and the verdict that comes
+    later releases nothing."""
+    s = carrier_mode_target_leg(table(size=len(EICAR)))
+    (inspect,) = s.data_received(False, EICAR)
+    cmds = s.data_received(False, b"extra")
+    assert kinds(cmds) == ["socks5_more_than_announced"] and isinstance(cmds[-1], Close)
+    assert s.transfer.state is HoldState.ABANDONED
+    assert s.file_verdict(inspect.transfer_id, FileReport("", "", 0), Decision()) == []
+
+
+def test_receiver_bytes_are_dropped_and_never_become_the_file():
+    """The first side to send is the sender; the receiver's bytes in the data phase are not relayed."""
+    s = carrier_mode_target_leg(table(size=len(EICAR)))
+    assert s.data_received(False, EICAR[:10]) == []
+    assert s.data_received(True, b"noise") == []
+    (inspect,) = s.data_received(False, EICAR[10:])
+    assert inspect.data == EICAR and not s.transfer.sender_is_client
+
+
+def test_receiver_leaving_before_the_verdict_gets_nothing():
+    """bob leaves mid-file: the file is still inspected when alice's side ends; allowed, nothing is sent to the
+    closed side, an anomaly says why, and the connection is closed."""
+    s = carrier_mode_target_leg(table())
+    s.data_received(False, EICAR)
+    assert s.connection_closed(from_client=True) == []
+    (inspect,) = s.connection_closed(from_client=False)
+    cmds = s.file_verdict(inspect.transfer_id, FileReport("", "", 0), Decision())
+    assert kinds(cmds) == ["socks5_receiver_gone"] and isinstance(cmds[-1], Close)
+    assert not any(isinstance(c, Send) for c in cmds)
+
+
+def test_a_close_after_the_release_is_passed_on():
+    """Released while both sides are open: the next close from either side closes the connection."""
+    for closing_side in (True, False):
+        s = carrier_mode_target_leg(table(size=len(EICAR)))
+        (inspect,) = s.data_received(False, EICAR)
+        assert s.file_verdict(inspect.transfer_id, FileReport("", "", 0), Decision()) == [Send(True, EICAR)]
+        [close] = s.connection_closed(from_client=closing_side)
+        assert isinstance(close, Close) and s.state is RelayState.DONE
+
+
+def test_data_that_follows_the_handshake_in_one_read_is_held():
+    """The streamhost's CONNECT reply and the first file bytes in one segment: the bytes are the file's."""
+    s = Socks5BytestreamSession(table(size=len(EICAR)), RELAY, stream_hash=HASH)
+    s.start()
+    s.data_received(False, b"\x05\x00")
+    (inspect,) = s.data_received(False, REPLY + EICAR)
+    assert inspect.data == EICAR

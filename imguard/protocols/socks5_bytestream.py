@@ -4,7 +4,8 @@ When an XmppSession relays a bytestream offer it registers SHA1(sid + initiator 
 real streamhosts in ExpectedTransfers, and (with `bytestream_relay`) rewrites the offer so the peer
 connects to the gateway's SOCKS5 relay instead. This session is that relay, for one data connection
 (sans-io, the StreamSession contract of imguard.protocols.base; "client" = the peer that connected
-to the relay, "server" = the real streamhost).
+to the relay, "server" = the real streamhost). Only the SOCKS5 negotiation is written here; the file
+itself is one HeldTransfer (imguard.files.tracker) that this session drives.
 
 Two ways in, depending on who speaks SOCKS5 to the connecting peer:
 
@@ -22,17 +23,18 @@ Two ways in, depending on who speaks SOCKS5 to the connecting peer:
    construct with `dst_hash=...` once the upstream is connected and call `upstream_connected()`;
    the session replays greeting and CONNECT upstream and consumes both replies.
 
-Data phase: the bytes flowing in either direction are held (the file flows from the initiator to the
-target: client->server when the initiator connected to us, server->client when the target did).
-When the side sending data closes, or the announced size (from the SI/Jingle offer) has arrived,
-the held bytes go out as InspectFile(transfer_id='s5b:<hash>:<n>', mechanism 'socks5'); the carrier
-answers with file_verdict(): allowed -> the bytes are released to the other side (and, if the sender
-had closed, the connection is closed after them); blocked -> Close, and a Record carrying
-`imguard.notify` for the XMPP connection that announced the bytestream, so the carrier tells the
-sender there (XmppSession.notice). More bytes than
-`max_held_bytes`, or bytes after the announced size, close the connection (fail closed) with an
-anomaly. With a mediated proxy65 streamhost the proxy holds the initiator's last bytes until the
-initiator closes, so "sender closed" is the normal end of a transfer.
+Data phase: the connection carries one file, so it drives one HeldTransfer (owns_connection=True,
+kind "socks5", transfer_id 's5b:<hash>:<n>', name, size and type from the SI/Jingle offer, context of
+the XMPP connection that announced it). The sender is the side whose bytes arrive first (the file
+flows from the initiator to the target: client->server when the initiator connected to us,
+server->client when the target did); the receiver's bytes are dropped. The file goes out for
+inspection when the announced size has arrived or the sender closes; the tracker releases it on
+allow (and passes a close from either side on after that), or on block discards it, closes the
+connection and tells the sender with a Notify for the XMPP connection that announced the bytestream
+(the carrier calls XmppSession.notice there). More bytes than `max_held_bytes` cut the file
+(`socks5_too_large`, fail closed); bytes from the sender once the file was complete close the
+connection (`socks5_more_than_announced`). With a mediated proxy65 streamhost the proxy holds the
+initiator's last bytes until the initiator closes, so "sender closed" is the normal end of a transfer.
 
 Not done: UDP mode, username/password authentication towards the streamhost, Jingle S5B
 (XEP-0260) candidate-used/activate bookkeeping.
@@ -40,6 +42,7 @@ Not done: UDP mode, username/password authentication towards the streamhost, Jin
 
 from __future__ import annotations
 
+import enum
 import itertools
 import re
 from dataclasses import dataclass
@@ -47,8 +50,9 @@ from typing import Any
 
 from imguard import alerts
 from imguard.files.expected import ExpectedBytestream, ExpectedTransfers
+from imguard.files.tracker import HeldTransfer, HoldState
 from imguard.model import ChatContext, Decision, FileReport
-from imguard.protocols.base import Close, Command, ConnectUpstream, InspectFile, Record, Send
+from imguard.protocols.base import Close, Command, ConnectUpstream, Notify, Record, Send
 from imguard.settings import MiB, setting
 
 _HASH = re.compile(r"^[0-9a-f]{40}$")
@@ -65,8 +69,18 @@ class Socks5Limits:
                                        "complete (a CONNECT with a 40-byte hash is 47 bytes).")
 
 
-# states
-GREETING, REQUEST, WAIT_UPSTREAM, UP_METHOD, UP_REPLY, DATA, INSPECTING, RELEASED, DONE = range(9)
+class RelayState(enum.Enum):
+    """Where the SOCKS5 negotiation is. In DATA the file's own state is its HeldTransfer's."""
+    GREETING = "greeting"             # the client's method offer (session-handshake mode)
+    REQUEST = "request"               # the client's CONNECT <hash>
+    WAIT_UPSTREAM = "wait_upstream"   # the carrier is connecting to the streamhost
+    UP_METHOD = "up_method"           # the streamhost's method choice
+    UP_REPLY = "up_reply"             # the streamhost's CONNECT reply
+    DATA = "data"                     # the file flows, held by the session's HeldTransfer
+    DONE = "done"                     # the connection was closed
+
+
+_HANDSHAKE = (RelayState.GREETING, RelayState.REQUEST, RelayState.UP_METHOD, RelayState.UP_REPLY)
 
 
 def connect_request(dst_hash: str) -> bytes:
@@ -90,15 +104,12 @@ class Socks5BytestreamSession:
         self.offer: ExpectedBytestream | None = None
         self.dst_hash = stream_hash.lower() if stream_hash else None
         self._client_handshake = stream_hash is None
-        self.state = GREETING if stream_hash is None else WAIT_UPSTREAM
+        self.state = RelayState.GREETING if stream_hash is None else RelayState.WAIT_UPSTREAM
         if self.dst_hash:
             self.offer = transfers.lookup_bytestream(self.dst_hash)
-        self._buf = {True: bytearray(), False: bytearray()}      # handshake bytes not yet parsed
-        self._held = {True: bytearray(), False: bytearray()}     # data phase, per direction (from_client)
-        self._closed_side: set[bool] = set()
+        self._buf = {True: bytearray(), False: bytearray()}      # handshake bytes not yet parsed, per side
         self._candidates: list = []
-        self._sender_from_client: bool | None = None
-        self.transfer_id = ""
+        self.transfer: HeldTransfer | None = None                 # the file, from its first byte on
 
     def start(self) -> list[Command]:
         """Carrier-handshake mode: the upstream is connected, replay the SOCKS5 handshake to it."""
@@ -109,9 +120,9 @@ class Socks5BytestreamSession:
     def data_received(self, from_client: bool, data: bytes) -> list[Command]:
         try:
             out: list[Command] = []
-            if self.state == WAIT_UPSTREAM and not self._client_handshake:
+            if self.state is RelayState.WAIT_UPSTREAM and not self._client_handshake:
                 out = self.start()                           # the carrier did not call start(): do it now
-            return out + self._data(from_client, data)
+            return self._ends_on_close(out + self._data(from_client, data))
         except Exception as e:                               # never raise into the carrier
             return self._abort("internal_error", f"{type(e).__name__}: {e}")
 
@@ -120,85 +131,68 @@ class Socks5BytestreamSession:
 
     def upstream_connected(self) -> list[Command]:
         """The carrier connected to the streamhost: replay the SOCKS5 handshake upstream."""
-        if self.state != WAIT_UPSTREAM:
+        if self.state is not RelayState.WAIT_UPSTREAM:
             return []
         if self.offer is None:
             return self._abort("unexpected_bytestream", f"no bytestream offer for hash {self.dst_hash!r}",
                                dst_hash=self.dst_hash)
-        self.state = UP_METHOD
+        self.state = RelayState.UP_METHOD
         return [Send(to_client=False, data=b"\x05\x01\x00")]
 
     def upstream_failed(self) -> list[Command]:
         """The streamhost could not be reached: try the next one, or give up."""
-        if self.state != WAIT_UPSTREAM or not self._candidates:
+        if self.state is not RelayState.WAIT_UPSTREAM or not self._candidates:
             return self._abort("bytestream_upstream_failed", "no offered streamhost could be reached",
                                reply=b"\x05\x04\x00\x01\x00\x00\x00\x00\x00\x00")
         sh = self._candidates.pop(0)
         return [ConnectUpstream(sh.host, sh.port, sh.jid)]
 
     def file_verdict(self, transfer_id: str, report: FileReport, decision: Decision) -> list[Command]:
-        if transfer_id != self.transfer_id or self.state != INSPECTING:
+        if self.transfer is None or transfer_id != self.transfer.transfer_id:
             return []
-        if decision.blocked:
-            self.state = DONE
-            out: list[Command] = [Close("file blocked")]
-            if self.offer is not None:
-                # The sender is told in its chat: the XMPP connection that announced the bytestream.
-                name = self.offer.name or "sent by SOCKS5 bytestream"
-                text = decision.notice or f"Your file {name} was blocked by the security policy."
-                out.insert(0, Record(alerts.notify_event(self.offer.context.connection_id, "xmpp",
-                                                         self.offer.context.with_(transfer_mechanism="socks5"),
-                                                         text, decision, file={"name": self.offer.name})))
-            return out
-        self.state = RELEASED
-        sender = bool(self._sender_from_client)
-        out: list[Command] = [Send(to_client=not sender, data=bytes(self._held[sender]))]
-        self._held[sender] = bytearray()
-        if sender in self._closed_side:
-            out.append(Close("transfer complete"))
-        return out
+        return self._ends_on_close(self.transfer.verdict(decision))
 
     def connection_closed(self, from_client: bool) -> list[Command]:
-        self._closed_side.add(from_client)
-        if self.state == DATA and self._held[from_client]:
-            return self._inspect(from_client)
-        if self.state == INSPECTING:
-            return []                                        # keep the other side open for the release
-        if self.state == DONE:
+        if self.state is RelayState.DONE:
             return []
-        self.state = DONE
-        return [Close("peer closed")]
+        transfer = self.transfer
+        if transfer is None:                                 # in the handshake, or no byte of a file yet
+            self.state = RelayState.DONE
+            return [Close("peer closed")]
+        # The tracker's close rule: the sender's close ends the file (inspected now, or passed on after the
+        # release); the receiver's is passed on after the release, and before it the file is still decided.
+        closed = transfer.sender_closed() if from_client == transfer.sender_is_client else transfer.receiver_closed()
+        return self._ends_on_close(closed)
 
     # --- handshake -----------------------------------------------------------------------------
 
     def _data(self, from_client: bool, data: bytes) -> list[Command]:
-        if self.state in (DATA, INSPECTING, RELEASED):
-            return self._hold(from_client, data)
-        if self.state == DONE:
+        if self.state is RelayState.DATA:
+            return self._file_bytes(from_client, data)
+        if self.state is RelayState.DONE:
             return []
         buf = self._buf[from_client]
         buf += data
         out: list[Command] = []
         while True:
             before = self.state
-            if from_client and self.state == GREETING:
+            if from_client and self.state is RelayState.GREETING:
                 out += self._greeting(buf)
-            elif from_client and self.state == REQUEST:
+            elif from_client and self.state is RelayState.REQUEST:
                 out += self._request(buf)
-            elif not from_client and self.state == UP_METHOD:
+            elif not from_client and self.state is RelayState.UP_METHOD:
                 out += self._up_method(buf)
-            elif not from_client and self.state == UP_REPLY:
+            elif not from_client and self.state is RelayState.UP_REPLY:
                 out += self._up_reply(buf)
-            if self.state == before or self.state == DONE:
+            if self.state is before or self.state is RelayState.DONE:
                 break
-        if self.state in (GREETING, REQUEST, UP_METHOD, UP_REPLY) \
-                and len(self._buf[from_client]) > self.limits.max_handshake_bytes:
+        if self.state in _HANDSHAKE and len(self._buf[from_client]) > self.limits.max_handshake_bytes:
             return out + self._abort("socks5_bad_handshake", "an oversized SOCKS5 handshake")
-        if self.state == DATA:                               # bytes that followed the handshake
-            for side in (True, False):
+        if self.state is RelayState.DATA:                    # bytes that followed the handshake
+            for side in (not from_client, from_client):     # the other side's were buffered first
                 rest, self._buf[side] = bytes(self._buf[side]), bytearray()
                 if rest:
-                    out += self._hold(side, rest)
+                    out += self._file_bytes(side, rest)
         return out
 
     def _greeting(self, buf: bytearray) -> list[Command]:
@@ -211,7 +205,7 @@ class Socks5BytestreamSession:
         if 0 not in methods:
             return self._abort("socks5_bad_handshake", "the client does not offer 'no authentication' "
                                "(XEP-0065 requires it)", reply=b"\x05\xff")
-        self.state = REQUEST
+        self.state = RelayState.REQUEST
         return [Send(to_client=True, data=b"\x05\x00")]
 
     def _request(self, buf: bytearray) -> list[Command]:
@@ -235,7 +229,7 @@ class Socks5BytestreamSession:
         if self.offer is None or not self.offer.streamhosts:
             return out + self._abort("unexpected_bytestream", "a SOCKS5 bytestream that no XMPP offer "
                                      "announced", dst_hash=dst, reply=b"\x05\x02\x00\x01\x00\x00\x00\x00\x00\x00")
-        self.state = WAIT_UPSTREAM
+        self.state = RelayState.WAIT_UPSTREAM
         self._candidates = list(self.offer.streamhosts[1:])
         sh = self.offer.streamhosts[0]
         return out + [ConnectUpstream(sh.host, sh.port, sh.jid)]
@@ -246,7 +240,7 @@ class Socks5BytestreamSession:
         if bytes(buf[:2]) != b"\x05\x00":
             return self._abort("socks5_bad_handshake", f"the streamhost refused: {bytes(buf[:2]).hex()}")
         del buf[:2]
-        self.state = UP_REPLY
+        self.state = RelayState.UP_REPLY
         return [Send(to_client=False, data=connect_request(self.dst_hash or ""))]
 
     def _up_reply(self, buf: bytearray) -> list[Command]:
@@ -263,47 +257,62 @@ class Socks5BytestreamSession:
         if reply[1] != 0:
             return self._abort("bytestream_upstream_failed", f"the streamhost answered CONNECT with {reply[1]}",
                                reply=reply if self._client_handshake else b"")
-        self.state = DATA
+        self.state = RelayState.DATA
         return [Send(to_client=True, data=reply)] if self._client_handshake else []
 
-    # --- data ----------------------------------------------------------------------------------
+    # --- data: one HeldTransfer ----------------------------------------------------------------
 
-    def _hold(self, from_client: bool, data: bytes) -> list[Command]:
-        if self.state in (INSPECTING, RELEASED):
-            if from_client == self._sender_from_client:
-                return self._abort("socks5_more_than_announced", "bytes after the announced size; closed")
-            return []                                        # the receiver has nothing to say; drop
-        held = self._held[from_client]
-        held += data
-        if len(held) > self.limits.max_held_bytes:
-            return self._abort("socks5_too_large", f"the bytestream exceeds max_held_bytes="
-                               f"{self.limits.max_held_bytes}; closed", reason="too_large")
-        size = self.offer.size if self.offer else None
-        if size is not None and len(held) >= size:
-            return self._inspect(from_client)
-        return []
+    def _file_bytes(self, from_client: bool, data: bytes) -> list[Command]:
+        if not data:
+            return []
+        if self.transfer is None:
+            self.transfer = self._held_transfer(sender_is_client=from_client)
+        transfer = self.transfer
+        if from_client != transfer.sender_is_client:
+            return []                                        # the receiver has nothing to say; dropped
+        if transfer.state is not HoldState.RECEIVING:
+            # The file was complete (out for inspection or released): the tracker would drop these as an overrun,
+            # but a bytestream carries one file of the announced size, so more is a reason to end it.
+            return self._abort("socks5_more_than_announced", "bytes after the announced size; closed")
+        out = transfer.append(data)
+        if transfer.complete:
+            out += transfer.inspect()
+        return out
 
-    def _inspect(self, from_client: bool) -> list[Command]:
-        self.state = INSPECTING
-        self._sender_from_client = from_client
-        self.transfer_id = f"s5b:{self.dst_hash}:{next(_ids)}"
-        o = self.offer
-        # the file is the offer's: sender, receivers and addresses of the XMPP connection that announced it
-        ctx = o.context.with_(transfer_mechanism="socks5") if o is not None else self.context
-        data = bytes(self._held[from_client])
-        truncated = o is not None and o.size is not None and len(data) < o.size
-        return [InspectFile(self.transfer_id, data, ctx, name=o.name if o else "",
-                            claimed_mime=o.content_type if o else "", truncated=truncated)]
+    def _held_transfer(self, sender_is_client: bool) -> HeldTransfer:
+        offer = self.offer
+        return HeldTransfer(
+            f"s5b:{self.dst_hash}:{next(_ids)}", self._file_context(), sender_is_client=sender_is_client,
+            kind="socks5", max_bytes=self.limits.max_held_bytes, size=offer.size if offer else None,
+            name=offer.name if offer else "", claimed_mime=offer.content_type if offer else "",
+            owns_connection=True, tell=self._tell_sender)
+
+    def _tell_sender(self, transfer: HeldTransfer, text: str, decision: Decision | None) -> list[Command]:
+        """The sender is told in its chat: on the XMPP connection that announced the bytestream."""
+        if self.offer is None:
+            return []
+        return [Notify(self.offer.context.connection_id, "xmpp", text, transfer.context, decision,
+                       details=(("file", {"name": self.offer.name}),))]
 
     # --- helpers -------------------------------------------------------------------------------
 
+    def _file_context(self) -> ChatContext:
+        # the file is the offer's: sender, receivers and addresses of the XMPP connection that announced it
+        return self.offer.context.with_(transfer_mechanism="socks5") if self.offer else self.context
+
     def _anomaly(self, kind: str, detail: str, **data: Any) -> Record:
-        ctx = self.offer.context.with_(transfer_mechanism="socks5") if self.offer else self.context
-        return Record(alerts.anomaly_event(ctx, kind, detail, **data))
+        return Record(alerts.anomaly_event(self._file_context(), kind, detail, **data))
+
+    def _ends_on_close(self, out: list[Command]) -> list[Command]:
+        """A Close (the tracker's or ours) ends the connection: nothing more to relay or decide."""
+        if any(isinstance(c, Close) for c in out):
+            self.state = RelayState.DONE
+        return out
 
     def _abort(self, kind: str, detail: str, reply: bytes = b"", **data: Any) -> list[Command]:
-        self.state = DONE
-        self._held = {True: bytearray(), False: bytearray()}
+        self.state = RelayState.DONE
+        if self.transfer is not None and self.transfer.holding:
+            return self.transfer.abandon(kind, detail, **data)  # its held bytes discarded; anomaly and Close
         out: list[Command] = [self._anomaly(kind, detail, **data)]
         if reply:
             out.append(Send(to_client=True, data=reply))

@@ -11,6 +11,13 @@ sessions):
   * a GET of a URL marked blocked would have had a 403;
   * everything else crosses untouched.
 
+Each held request drives a HeldTransfer (imguard.files.tracker; kind "http", the client its sender, not
+owning the connection: requests follow one another on it). Its payload is the body, de-chunked, which
+is what is inspected; its wire bytes are every byte of the request (head, chunk sizes, CRLFs,
+trailers), so an allowed request is released to the server exactly as it came. This module keeps only
+the HTTP framing and says, through the tracker's `refuse` hook, what a stopped upload gets: the 403
+and the blocked download URL.
+
 Responses are relayed as they are (this reader does not parse them).
 Requests are bounded: a header block over `max_header_bytes` or a body over `max_upload_size` ends
 decoding with an anomaly (a body too large to hold is inspected as what was held, marked truncated,
@@ -19,14 +26,17 @@ so policy sees an unscannable file rather than nothing).
 
 from __future__ import annotations
 
+import enum
 import re
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from imguard import alerts
+from imguard.files.expected import ExpectedUpload
+from imguard.files.tracker import ConnectionHolds, HeldTransfer, HoldState
 from imguard.model import ChatContext, Decision, FileReport
-from imguard.protocols.base import Command, InspectFile, Record, Send
+from imguard.protocols.base import Command, Record, Send
 from imguard.settings import KiB, MiB, setting
 
 
@@ -43,7 +53,49 @@ class HttpLimits:
 
 
 _METHODS_WITH_BODY = (b"PUT", b"POST", b"PATCH")
-HEAD, BODY, CHUNK_SIZE, CHUNK_DATA, CHUNK_CRLF, CHUNK_TRAILER, DONE = range(7)
+
+
+class RequestState(enum.Enum):
+    """Where the reader is in the client's current request."""
+    HEAD = "head"                     # request line and headers, up to the empty line
+    BODY = "body"                     # a Content-Length body
+    CHUNK_SIZE = "chunk_size"         # a chunk's size line
+    CHUNK_DATA = "chunk_data"         # a chunk's data
+    CHUNK_CRLF = "chunk_crlf"         # the CRLF after a chunk's data
+    CHUNK_TRAILER = "chunk_trailer"   # trailer lines after the last chunk, up to an empty one
+    DONE = "done"                     # given up: the rest of the connection is relayed untouched
+
+
+@dataclass(frozen=True)
+class HeldUpload:
+    """What the head of a held upload request said."""
+    url: str                            # the URL it was sent to
+    expected: ExpectedUpload | None     # the XEP-0363 slot a chat session announced for it (None: upload_paths)
+    content_type: str                   # its Content-Type header
+
+    @property
+    def download_url(self) -> str:
+        """The URL to mark blocked: the slot's GET URL, else the upload URL itself."""
+        return (self.expected.get_url if self.expected is not None else "") or self.url
+
+    @property
+    def name(self) -> str:
+        return (self.expected.name if self.expected is not None else "") or \
+            unquote(urlsplit(self.url).path.rsplit("/", 1)[-1])
+
+    @property
+    def claimed_mime(self) -> str:
+        return (self.expected.content_type if self.expected is not None else "") or self.content_type
+
+    def context(self, connection: ChatContext) -> ChatContext:
+        """The file's context: the announcer's (sender, conversation), with this connection's addresses."""
+        base = dict(client_address=connection.client_address, server_address=connection.server_address,
+                    connection_id=connection.connection_id,
+                    transfer_mechanism="xep-0363" if self.expected is not None else "upload")
+        announcer = self.expected.context if self.expected is not None else None
+        if isinstance(announcer, ChatContext):
+            return announcer.with_(**{k: v for k, v in base.items() if not getattr(announcer, k)})
+        return ChatContext(protocol="http", **base)
 
 
 class HttpUploadSession:
@@ -55,32 +107,31 @@ class HttpUploadSession:
         self.limits = limits
         self._paths = [re.compile(p) for p in limits.upload_paths]
         self._buf = bytearray()
-        self._state = HEAD
-        self._raw_request = bytearray()  # every byte of the request being held, for its release
-        self._body = bytearray()         # its body, de-chunked
-        self._remaining = 0
-        self._chunked = False
-        self._hold: dict[str, Any] | None = None   # the request being held: url, expected, method
+        self._state = RequestState.HEAD
+        self._remaining = 0              # bytes left of the body, of the chunk, or of its CRLF
         self._counter = 0
-        self._pending: dict[str, tuple[bytes, dict]] = {}
+        self._holds = ConnectionHolds()  # the held requests of this connection, counted in the process ledger
+        self._upload: HeldTransfer | None = None    # the request being read, when it is held
+        self._framing = bytearray()      # its wire bytes not yet held with body bytes (head, chunk framing)
+        self._inspecting: dict[str, HeldTransfer] = {}   # held requests out for inspection, by transfer_id
 
     # --- StreamSession ------------------------------------------------------------------------------
 
     def data_received(self, from_client: bool, data: bytes) -> list[Command]:
-        if not from_client or self._state == DONE:
+        if not from_client or self._state is RequestState.DONE:
             return [Send(to_client=not from_client, data=data)]
         self._buf += data
         out: list[Command] = []
-        while self._buf and self._state != DONE:
+        while self._buf and self._state is not RequestState.DONE:
             before = (self._state, len(self._buf))
-            if self._state == HEAD:
+            if self._state is RequestState.HEAD:
                 out += self._read_head()
-            elif self._state == BODY:
+            elif self._state is RequestState.BODY:
                 take = bytes(self._buf[:self._remaining])
                 del self._buf[:len(take)]
                 self._remaining -= len(take)
                 out += self._body_bytes(take)
-                if self._remaining == 0:
+                if self._remaining == 0 and self._state is RequestState.BODY:
                     out += self._request_done()
             else:
                 out += self._read_chunked()
@@ -92,23 +143,17 @@ class HttpUploadSession:
         return []
 
     def file_verdict(self, transfer_id: str, report: FileReport, decision: Decision) -> list[Command]:
-        held = self._pending.pop(transfer_id, None)
-        if held is None:
+        upload = self._inspecting.pop(transfer_id, None)
+        if upload is None:
             return []
-        raw, meta = held
-        if not decision.blocked:
-            return [Send(to_client=False, data=raw)]
-        reason = decision.notice or (", ".join(decision.rule_ids) if decision.rule_ids else decision.action)
-        get_url = getattr(meta["expected"], "get_url", "") if meta["expected"] is not None else ""
-        if self.transfers is not None:
-            self.transfers.mark_blocked_url(get_url or meta["url"], reason)
-        return [Send(to_client=True, data=_response(403, f"imguard: upload blocked ({reason})"))]
+        # allowed: the tracker's default delivery, the request's wire bytes in one write to the server
+        return upload.verdict(decision)
 
     def connection_closed(self, from_client: bool) -> list[Command]:
-        if self._hold is not None and self._state in (BODY, CHUNK_SIZE, CHUNK_DATA, CHUNK_CRLF, CHUNK_TRAILER):
-            # The request ended before its body did: inspect what came, marked truncated.
-            return self._inspect(truncated=True)
-        return []
+        if self._upload is None:
+            return []
+        # The request ended before its body did: inspect what came, marked truncated.
+        return self._inspect(truncated=True)
 
     # --- requests -----------------------------------------------------------------------------------
 
@@ -132,14 +177,11 @@ class HttpUploadSession:
             name, sep, value = line.partition(b":")
             if sep:
                 headers[name.strip().lower().decode("latin-1")] = value.strip().decode("latin-1")
-        self._raw_request = bytearray()
-        self._body = bytearray()
-        self._chunked = "chunked" in headers.get("transfer-encoding", "").lower()
+        chunked = "chunked" in headers.get("transfer-encoding", "").lower()
         length = headers.get("content-length", "0").strip()
         self._remaining = int(length) if length.isdigit() else 0
         urls = self._urls(target, headers)
         out: list[Command] = []
-        self._hold = None
         if method == b"GET" and self.transfers is not None:
             reason = next((r for r in (self.transfers.blocked_url_reason(u) for u in urls) if r), None)
             if reason:
@@ -156,12 +198,12 @@ class HttpUploadSession:
                     url = candidate
                     break
             if expected is not None or any(p.search(u) for p in self._paths for u in urls):
-                self._hold = {"url": url, "expected": expected, "content_type": headers.get("content-type", "")}
+                self._upload = self._held_transfer(HeldUpload(url, expected, headers.get("content-type", "")))
         out += self._raw(head)
-        if self._chunked:
-            self._state = CHUNK_SIZE
+        if chunked:
+            self._state = RequestState.CHUNK_SIZE
         elif self._remaining:
-            self._state = BODY
+            self._state = RequestState.BODY
         else:
             out += self._request_done()
         return out
@@ -176,21 +218,33 @@ class HttpUploadSession:
         return urls
 
     def _body_bytes(self, data: bytes) -> list[Command]:
-        if self._hold is None:
+        upload = self._upload
+        if upload is None:
             return [Send(to_client=False, data=data)] if data else []
-        self._raw_request += data
-        self._body += data
-        if len(self._body) > self.limits.max_upload_size:
-            out = self._inspect(truncated=True)
-            self._state = DONE
-            return out + [Record(alerts.anomaly_event(self.context, "http_upload_too_large",
-                                                      f"an upload over max_upload_size "
-                                                      f"({self.limits.max_upload_size}); the rest is not decoded"))]
-        return []
+        if len(data) > upload.room:
+            return self._too_large(upload, data)
+        out = upload.append(data, self._take_framing(data))
+        if upload.state is not HoldState.RECEIVING:     # cut: the connection's or the process's hold bound
+            self._stop_decoding()
+        return out
+
+    def _too_large(self, upload: HeldTransfer, data: bytes) -> list[Command]:
+        """A body over max_upload_size: what fits is inspected, marked truncated, and decoding stops. Every byte
+        read so far stays with the request (released with it, or dropped with it); later ones are relayed."""
+        fits = data[:upload.room]
+        wire = bytes(self._framing) + data + bytes(self._buf)
+        self._framing.clear()
+        self._buf.clear()
+        out = upload.append(fits, wire)
+        out += self._inspect(truncated=True)
+        self._stop_decoding()
+        return out + [Record(alerts.anomaly_event(self.context, "http_upload_too_large",
+                                                  f"an upload over max_upload_size "
+                                                  f"({self.limits.max_upload_size}); the rest is not decoded"))]
 
     def _read_chunked(self) -> list[Command]:
         out: list[Command] = []
-        if self._state == CHUNK_SIZE:
+        if self._state is RequestState.CHUNK_SIZE:
             end = self._buf.find(b"\r\n")
             if end < 0:
                 return []
@@ -202,21 +256,21 @@ class HttpUploadSession:
             except ValueError:
                 return out + self._give_up("http_bad_chunk", f"a bad chunk size line {line[:40]!r}")
             self._remaining = size
-            self._state = CHUNK_DATA if size else CHUNK_TRAILER
-        elif self._state == CHUNK_DATA:
+            self._state = RequestState.CHUNK_DATA if size else RequestState.CHUNK_TRAILER
+        elif self._state is RequestState.CHUNK_DATA:
             data = bytes(self._buf[:self._remaining])
             del self._buf[:len(data)]
             self._remaining -= len(data)
             out += self._body_bytes(data)
-            if self._remaining == 0:
-                self._state, self._remaining = CHUNK_CRLF, 2
-        elif self._state == CHUNK_CRLF:                                 # the CRLF after a chunk's data
+            if self._remaining == 0 and self._state is RequestState.CHUNK_DATA:
+                self._state, self._remaining = RequestState.CHUNK_CRLF, 2
+        elif self._state is RequestState.CHUNK_CRLF:
             crlf = bytes(self._buf[:self._remaining])
             del self._buf[:len(crlf)]
             self._remaining -= len(crlf)
             out += self._raw(crlf)
             if self._remaining == 0:
-                self._state = CHUNK_SIZE
+                self._state = RequestState.CHUNK_SIZE
         else:                                                           # trailer: lines until an empty one
             end = self._buf.find(b"\r\n")
             if end < 0:
@@ -229,44 +283,76 @@ class HttpUploadSession:
         return out
 
     def _raw(self, data: bytes) -> list[Command]:
-        """Framing bytes (chunk sizes, CRLFs): kept with a held request, else forwarded."""
-        if self._hold is not None:
-            self._raw_request += data
+        """Framing bytes (head, chunk sizes, CRLFs): kept with a held request, else forwarded."""
+        if self._upload is not None:
+            self._framing += data
             return []
         return [Send(to_client=False, data=data)] if data else []
 
+    def _take_framing(self, data: bytes) -> bytes | None:
+        """The wire bytes of body bytes `data`: the framing since the last piece, then the data (None: the data
+        alone, so the tracker keeps a plain body as one growing buffer)."""
+        if not self._framing:
+            return None
+        wire = bytes(self._framing) + data
+        self._framing.clear()
+        return wire
+
     def _request_done(self) -> list[Command]:
-        self._state = HEAD
-        if self._hold is None:
+        self._state = RequestState.HEAD
+        if self._upload is None:
             return []
         return self._inspect(truncated=False)
 
     def _inspect(self, truncated: bool) -> list[Command]:
-        meta, self._hold = self._hold, None
-        expected = meta["expected"]
-        ctx = getattr(expected, "context", None) if expected is not None else None
-        base = dict(client_address=self.context.client_address, server_address=self.context.server_address,
-                    connection_id=self.context.connection_id,
-                    transfer_mechanism="xep-0363" if expected is not None else "upload")
-        if isinstance(ctx, ChatContext):
-            ctx = ctx.with_(**{k: v for k, v in base.items() if not getattr(ctx, k)})
-        else:
-            ctx = ChatContext(protocol="http", **base)
-        name = (getattr(expected, "name", "") if expected is not None else "") or \
-            unquote(urlsplit(meta["url"]).path.rsplit("/", 1)[-1])
-        claimed = (getattr(expected, "content_type", "") if expected is not None else "") or meta["content_type"]
+        """The held request is whole (or all there will be): its trailing framing joins it (a piece with no body
+        bytes, after the last), and the body goes out for inspection."""
+        upload, self._upload = self._upload, None
+        if upload is None:
+            return []
+        out: list[Command] = []
+        if self._framing:
+            out += upload.append(b"", self._take_framing(b""))
+        out += upload.inspect(truncated=truncated)
+        if upload.state is HoldState.INSPECTING:
+            self._inspecting[upload.transfer_id] = upload
+        return out
+
+    def _held_transfer(self, request: HeldUpload) -> HeldTransfer:
         self._counter += 1
-        transfer_id = f"http:{self.context.connection_id}:{self._counter}"
-        data = bytes(self._body)
-        self._pending[transfer_id] = (bytes(self._raw_request), meta)
-        self._raw_request, self._body = bytearray(), bytearray()
-        return [InspectFile(transfer_id, data, ctx, name=name, claimed_mime=claimed, truncated=truncated)]
+        return HeldTransfer(
+            f"http:{self.context.connection_id}:{self._counter}", request.context(self.context),
+            sender_is_client=True, kind="http", max_bytes=self.limits.max_upload_size, name=request.name,
+            claimed_mime=request.claimed_mime, owns_connection=False, holds=self._holds,
+            refuse=lambda transfer: self._refuse(transfer, request))
+
+    def _refuse(self, transfer: HeldTransfer, request: HeldUpload) -> list[Command]:
+        """A stopped upload: the client has a 403 instead of the server's answer, and the download URL is marked
+        blocked, so a chat message that shares it later is stopped as well."""
+        decision = transfer.decision
+        if decision is not None:
+            reason = decision.notice or (", ".join(decision.rule_ids) if decision.rule_ids else decision.action)
+        else:
+            reason = "not inspected"        # cut before it was whole
+        if self.transfers is not None:
+            self.transfers.mark_blocked_url(request.download_url, reason)
+        return [Send(to_client=True, data=_response(403, f"imguard: upload blocked ({reason})"))]
+
+    def _stop_decoding(self) -> None:
+        self._state = RequestState.DONE
+        self._upload = None
+        self._framing.clear()
 
     def _give_up(self, kind: str, detail: str) -> list[Command]:
-        """Not HTTP as this reader knows it: record why and relay the rest untouched."""
-        self._state = DONE
+        """Not HTTP as this reader knows it: record why and relay the rest untouched. A request being held cannot
+        be followed to its end: it is cut (fail closed), its anomaly is this one."""
+        upload = self._upload
+        self._stop_decoding()
         rest, self._buf = bytes(self._buf), bytearray()
-        out: list[Command] = [Record(alerts.anomaly_event(self.context, kind, detail))]
+        if upload is not None:
+            out = upload.cut(kind, detail)
+        else:
+            out = [Record(alerts.anomaly_event(self.context, kind, detail))]
         return out + ([Send(to_client=False, data=rest)] if rest else [])
 
 
