@@ -173,7 +173,7 @@ async def idle(n: int, data_dir: str) -> None:
             conns.append(w)
         await asyncio.sleep(1)
         before = rss_kib(proc.pid)
-        for i in range(n):
+        for _i in range(n):
             r, w = await asyncio.open_connection("127.0.0.1", gport)
             w.write(XMPP_HEADER)
             conns.append(w)

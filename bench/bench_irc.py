@@ -94,7 +94,7 @@ async def measure(port: int, lines: int, window: int, pings: int, tag: str) -> d
     received = asyncio.Queue()
 
     async def bob_reads():
-        while line := await bob_reader.readline():
+        while await bob_reader.readline():
             received.put_nowait(time.perf_counter())
     reading = asyncio.create_task(bob_reads())
     target = f"bob{tag}".encode()
@@ -164,9 +164,10 @@ async def main_async(args) -> None:
         print(f"  measured {name}: {rows[name]['rate']:.0f} lines/s", file=sys.stderr)
     server.close()
     base, mitm = rows["a. direct"], rows["b. plain mitmproxy"]
-    print(f"\nIRC PRIVMSG lines alice -> bob on 127.0.0.1 (2 CPUs shared by the server, the relay and the load)")
+    print("\nIRC PRIVMSG lines alice -> bob on 127.0.0.1 (2 CPUs shared by the server, the relay and the load)")
     print(f"throughput: {args.lines} lines, window {args.window}; latency: {args.pings} lines one at a time\n")
-    print(f"{'route':22} {'lines/s':>8} {'vs a':>6} {'vs b':>6} {'p50 ms':>7} {'p99 ms':>7} {'+p50 ms':>8} {'+p99 ms':>8}")
+    print(f"{'route':22} {'lines/s':>8} {'vs a':>6} {'vs b':>6} "
+          f"{'p50 ms':>7} {'p99 ms':>7} {'+p50 ms':>8} {'+p99 ms':>8}")
     for name, r in rows.items():
         print(f"{name:22} {r['rate']:8.0f} {r['rate'] / base['rate']:6.2f} {r['rate'] / mitm['rate']:6.2f} "
               f"{r['p50']:7.2f} {r['p99']:7.2f} {r['p50'] - base['p50']:8.2f} {r['p99'] - base['p99']:8.2f}")

@@ -16,7 +16,6 @@ and the ratios of imguard's figures to tshark's.
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import resource
 import shutil

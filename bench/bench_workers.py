@@ -7,9 +7,10 @@ deploy (deploy/nftables/imguard.nft) redirecting IRC (6667) to 1 or 2 `imguard r
 workers that share ONE data folder (alerts.jsonl appended with O_APPEND by both, archive.sqlite3 in WAL mode).
 Load: --connections IRC clients in the client namespace each send --messages PRIVMSG lines to a sink IRC server
 in the server namespace; every line is decoded by imguard's IrcSession, decided by the bundled policy and
-recorded (alerts.jsonl + archive). Runs alternate between 1 and 2 workers (each on freshly started workers). Reported: messages/s end to end
-(median of --runs), CPU seconds each worker used (summed over the runs), and a check of the shared
-data folder afterwards: every alerts line is whole JSON, and the archive holds one row per message.
+recorded (alerts.jsonl + archive). Runs alternate between 1 and 2 workers (each on freshly started workers).
+Reported: messages/s end to end (median of --runs), CPU seconds each worker used (summed over the runs), and a
+check of the shared data folder afterwards: every alerts line is whole JSON, and the archive holds one row per
+message.
 Not a test: it asserts nothing, prints a table (and JSON with --json).
 """
 
@@ -126,7 +127,7 @@ def run_config(net, config: str, args, directory: Path, runs: int) -> dict:
     net.redirect("nft", [IRC_PORT], ports, exclude=["192.0.2.0/24"])
     procs = []
     try:
-        for port, data in zip(ports, folders):
+        for port, data in zip(ports, folders, strict=True):
             log = directory / f"imguard-{config}-{port}.log"
             procs.append((net.popen("gateway", [sys.executable, "-m", "imguard", "run", "--log-level", "WARNING",
                                                 "--mode", f"transparent@{port}", "--listen-host", GW_CLIENT_IP,
@@ -188,9 +189,9 @@ def main() -> int:
             for _ in range(args.runs):
                 for config in runs:
                     runs[config].append(run_config(net, config, args, directory, runs=1))
-            for workers, parts in runs.items():
+            for _workers, parts in runs.items():
                 rates = [r for part in parts for r in part["rates"]]
-                cpu = [sum(x) for x in zip(*(part["cpu_seconds"] for part in parts))]
+                cpu = [sum(x) for x in zip(*(part["cpu_seconds"] for part in parts), strict=True)]
                 results.append({**parts[-1], "rates": rates, "median": statistics.median(rates), "cpu_seconds": cpu})
         finally:
             from tests.peers.prosody import stop_process

@@ -388,7 +388,8 @@ def report(args, by_window: dict[int, list[dict]], memory: list[dict]) -> None:
         print(line)
     if memory:
         print()
-        head = f"{'idle connections':<22} {'count':>6} {'RSS before':>11} {'RSS after':>11} {'per conn':>10} {'login s':>8}"
+        head = (f"{'idle connections':<22} {'count':>6} {'RSS before':>11} {'RSS after':>11} "
+                f"{'per conn':>10} {'login s':>8}")
         print(head)
         print("-" * len(head))
         for m in memory:

@@ -156,7 +156,8 @@ def message_event(text: str | None, ctx: ChatContext, decision: Decision) -> dic
     event = _base("event", "message", ctx)
     _decision_fields(event, decision)
     if text is not None:
-        event["imguard"]["message"] = {"text": text, "sha256": hashlib.sha256(text.encode("utf-8", "replace")).hexdigest()}
+        digest = hashlib.sha256(text.encode("utf-8", "replace")).hexdigest()
+        event["imguard"]["message"] = {"text": text, "sha256": digest}
     return event
 
 

@@ -12,8 +12,8 @@ queued records in batches, one transaction each. Records are gathered and writte
 commit(), one write for all of them: the gateway commits before it forwards anything (the records of a
 read's stanzas are on disk before the first of them crosses, and survive a crash of the process from
 then on); file records are committed at once; a carrier that never commits (the offline replay) has
-its records written by the writer thread within a second, and by close(). A record carries a unique `uid`, and the insert
-skips a uid already present, so a batch re-sent after a crash is stored once. search() first waits
+its records written by the writer thread within a second, and by close(). A record carries a unique `uid`,
+and the insert skips a uid already present, so a batch re-sent after a crash is stored once. search() first waits
 (briefly) for the queue to empty, so a search sees what was just added. `Archive(path)` without a
 queue folder writes SQLite directly (tests, `imguard archive search`). SQLite runs in WAL mode with
 synchronous=NORMAL: a committed batch survives a crash of the process.
@@ -306,7 +306,7 @@ class _SqliteStore(_Store):
         sql, args = _where(query, "LIKE", "?")
         with self._lock:
             rows = self._db.execute(sql, args).fetchall()
-        return [dict(zip(COLUMNS, row)) for row in rows]
+        return [dict(zip(COLUMNS, row, strict=True)) for row in rows]
 
     def close(self) -> None:
         with self._lock:
@@ -360,7 +360,7 @@ class _PostgresStore(_Store):
         sql, args = _where(query, "ILIKE", "%s")
         with self._lock:
             rows = self._connection().execute(sql, [_pg_safe(a) for a in args]).fetchall()
-        return [dict(zip(COLUMNS, row)) for row in rows]
+        return [dict(zip(COLUMNS, row, strict=True)) for row in rows]
 
     def close(self) -> None:
         with self._lock:

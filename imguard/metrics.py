@@ -194,7 +194,7 @@ class Metrics:
                 series[name].append(f"{name}{_labels(labels)} {value:g}")
             for name, hist in self._histograms.items():
                 cumulative = 0
-                for bound, count in zip(hist.buckets, hist.counts):
+                for bound, count in zip(hist.buckets, hist.counts, strict=False):   # counts[-1] is +Inf, below
                     cumulative += count
                     series[name].append(f'{name}_bucket{{le="{bound:g}"}} {cumulative}')
                 series[name].append(f'{name}_bucket{{le="+Inf"}} {hist.count}')

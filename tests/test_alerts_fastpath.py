@@ -122,7 +122,7 @@ def test_the_fast_line_is_the_general_line_byte_for_byte(tmp_path, fixed_time_an
     log.close()
     written = (tmp_path / "fast.jsonl").read_bytes().splitlines(keepends=True)
     assert len(written) == len(expected)
-    for number, (line, wanted) in enumerate(zip(written, expected)):
+    for number, (line, wanted) in enumerate(zip(written, expected, strict=True)):
         assert line == wanted, f"line {number}"
     # The comparison means something only because the fast path wrote these lines itself.
     assert rendered_fast > 3000

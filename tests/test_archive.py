@@ -15,7 +15,8 @@ def _fill(path):
     store.add_message("the quarterly numbers", alice, Decision(action=ALLOW, policy_version="v1"))
     store.add_message("=HYPERLINK(\"http://evil\")", ChatContext(protocol="irc", sender="mallory!m@host",
                                                                  recipients=("#ops",)), Decision(action=ALLOW))
-    report = FileReport(name="100%_evil.exe", path="100%_evil.exe", size=2, sha256="ab" * 32, mime="application/x-dosexec")
+    report = FileReport(name="100%_evil.exe", path="100%_evil.exe", size=2, sha256="ab" * 32,
+                        mime="application/x-dosexec")
     store.add_file(report, alice.with_(transfer_mechanism="ibb"),
                    Decision(action=BLOCK, matches=[RuleMatch("block-exe", BLOCK, "high", "enforce")]))
     return store

@@ -198,8 +198,9 @@ def test_eicar_media_never_reaches_the_store_clean_media_does(route):
                                          filesize=len(CLEAN))
             assert isinstance(resp, nio.UploadResponse), resp
             assert CLEAN in route.synapse.stored_media(since=before)
-            sent = await alice.room_send(room, "m.room.message", {"msgtype": "m.file", "body": name, "url": resp.content_uri,
-                                                                  "info": {"size": len(CLEAN)}})
+            sent = await alice.room_send(room, "m.room.message",
+                                         {"msgtype": "m.file", "body": name, "url": resp.content_uri,
+                                          "info": {"size": len(CLEAN)}})
             assert isinstance(sent, nio.RoomSendResponse), sent
             got = await bob.download(resp.content_uri)
             assert isinstance(got, nio.DownloadResponse) and got.body == CLEAN, got
@@ -234,7 +235,8 @@ def test_message_sharing_a_blocked_mxc_is_blocked(imguard_route):
                                     headers=auth, ssl=route.ssl) as r:
                     assert r.status == 403 and "blocked" in (await r.json())["error"]
             assert EICAR not in route.synapse.stored_media(since=before)
-            resp = await alice.room_send(room, "m.room.message", {"msgtype": "m.file", "body": "report.pdf", "url": mxc})
+            resp = await alice.room_send(room, "m.room.message",
+                                         {"msgtype": "m.file", "body": "report.pdf", "url": mxc})
             assert isinstance(resp, nio.RoomSendError) and resp.status_code == "M_FORBIDDEN", resp
             assert "blocked" in resp.message
             assert mxc not in json.dumps(server_history(route.synapse, bob.access_token, room))
@@ -252,12 +254,14 @@ def test_encrypted_event_is_recognised_and_left_to_policy(imguard_route):
         alice, bob = await route.client("alice"), await route.client("bob")
         try:
             room = await route.room(alice, bob)
-            content = {"algorithm": "m.megolm.v1.aes-sha2", "ciphertext": "AwgAEnACgAkLmt6qF84IK++J7UDH2Za1YVchHyprqTqsg",
+            content = {"algorithm": "m.megolm.v1.aes-sha2",
+                       "ciphertext": "AwgAEnACgAkLmt6qF84IK++J7UDH2Za1YVchHyprqTqsg",
                        "sender_key": "IlRMeOPX2e0MurIyfWEucYBRVOEEUMrOHqn/8mLqMjA", "device_id": "RJYKSTBOIE",
                        "session_id": "X3lUlvLELLYxeTx4yOVu6UDpasGEVO0Jbu+QFnm0cKQ"}
             resp = await alice.room_send(room, "m.room.encrypted", content)
             assert isinstance(resp, nio.RoomSendResponse), resp
-            alert = await route.wait_alert(lambda e: e.get("imguard", {}).get("anomaly", {}).get("kind") == "e2e_encrypted")
+            alert = await route.wait_alert(
+                lambda e: e.get("imguard", {}).get("anomaly", {}).get("kind") == "e2e_encrypted")
             assert alert and alert["imguard"]["anomaly"]["scheme"] == "m.room.encrypted"
             assert alert["source"]["user"]["name"] == alice.user_id
         finally:

@@ -52,7 +52,7 @@ def test_default_routes_pick_the_api_by_path_on_any_host():
     assert routes.match("rc.example", "/api/v1/chat.sendMessage")[0] is rocketchat
     assert routes.match("slack.com", "/api/chat.postMessage")[0] is slack
     assert routes.match("discord.com", "/api/v10/channels/1/messages")[0] is discord
-    assert discord in routes.match("discord.com", "/api/channels/1/messages")     # via the /api/ route, classify decides
+    assert discord in routes.match("discord.com", "/api/channels/1/messages")  # via the /api/ route, classify decides
     assert routes.match("example.com", "/index.html") == []
 
 
@@ -246,8 +246,10 @@ def test_rocketchat_upload_messages_and_confirm():
                       ("description", None, "", b"a picture")])
     _, _, events = decode(rocketchat, "POST", "/api/v1/rooms.upload/GENERAL", {**MP, "X-User-Id": "u1"}, body)
     assert kinds(events) == ["FileUpload", "ChatMessage"]
-    assert events[0].room == "GENERAL" and events[0].sender == "u1" and events[1].text.split("\n\u2029") == ["look", "a picture"]
-    _, _, [m] = decode(rocketchat, "POST", "/api/v1/chat.sendMessage", {"X-User-Id": "u1", "Content-Type": "application/json"},
+    assert events[0].room == "GENERAL" and events[0].sender == "u1"
+    assert events[1].text.split("\n\u2029") == ["look", "a picture"]
+    _, _, [m] = decode(rocketchat, "POST", "/api/v1/chat.sendMessage",
+                       {"X-User-Id": "u1", "Content-Type": "application/json"},
                        {"message": {"rid": "R1", "msg": "hi"}})
     assert m.room == "R1" and m.parts[0].locator == ("json", "message", "msg")
     _, _, [m] = decode(rocketchat, "POST", "/api/v1/chat.postMessage", {"Content-Type": "application/json"},
@@ -276,8 +278,10 @@ def test_rocketchat_ddp_websocket_bare_and_sockjs():
 # --- Discord --------------------------------------------------------------------------------------------
 
 def test_discord_messages_json_multipart_and_two_step_attachments():
-    _, _, [m] = decode(discord, "POST", "/api/v10/channels/123/messages", {"Authorization": "Bot t", "Content-Type": "application/json"},
-                       {"content": "hi", "embeds": [{"title": "T", "description": "D", "fields": [{"name": "n", "value": "v"}]}]})
+    _, _, [m] = decode(discord, "POST", "/api/v10/channels/123/messages",
+                       {"Authorization": "Bot t", "Content-Type": "application/json"},
+                       {"content": "hi",
+                        "embeds": [{"title": "T", "description": "D", "fields": [{"name": "n", "value": "v"}]}]})
     assert m.room == "123" and [p.text for p in m.parts] == ["hi", "T", "D", "n", "v"]
     body = multipart([("payload_json", None, "application/json", json.dumps({"content": "with file"}).encode()),
                       ("files[0]", "a.zip", "application/zip", b"PK\x03\x04")])
@@ -291,7 +295,8 @@ def test_discord_messages_json_multipart_and_two_step_attachments():
          "upload_filename": "abc/a.zip"}]}).encode())
     assert slot.ref == "discord:abc/a.zip" and slot.room == "123"
     _, _, [m] = decode(discord, "POST", "/api/v10/channels/123/messages", {"Content-Type": "application/json"},
-                       {"content": "", "attachments": [{"id": "0", "filename": "a.zip", "uploaded_filename": "abc/a.zip"}]})
+                       {"content": "",
+                        "attachments": [{"id": "0", "filename": "a.zip", "uploaded_filename": "abc/a.zip"}]})
     assert m.refs == ("discord:abc/a.zip",)
     assert discord.classify("GET", "/api/v10/channels/123/messages") is None
     assert json.loads(discord.error_body(403, "r")) == {"message": "r", "code": 200000}
@@ -322,12 +327,14 @@ def test_multipart_boundary_inside_data_and_every_split():
 
 
 def test_rewrite_json_form_and_multipart_keeps_the_rest():
-    body = json.dumps({"msgtype": "m.text", "body": "card 4111", "formatted_body": "<b>card 4111</b>", "x": [1]}).encode()
-    parts = (httpchat.TextPart(("json", "body"), "card 4111"), httpchat.TextPart(("json", "formatted_body"), "card 4111", True))
+    body = json.dumps({"msgtype": "m.text", "body": "card 4111", "formatted_body": "<b>card 4111</b>",
+                       "x": [1]}).encode()
+    parts = (httpchat.TextPart(("json", "body"), "card 4111"),
+             httpchat.TextPart(("json", "formatted_body"), "card 4111", True))
     new = json.loads(bodies.rewrite(body, "application/json", bodies.masked_replacements(
         parts, "card [REDACTED:card]" + httpchat.PART_SEPARATOR + "card [REDACTED:card] <x>")))
-    assert new == {"msgtype": "m.text", "body": "card [REDACTED:card]", "formatted_body": "card [REDACTED:card] &lt;x&gt;",
-                   "x": [1]}
+    assert new == {"msgtype": "m.text", "body": "card [REDACTED:card]",
+                   "formatted_body": "card [REDACTED:card] &lt;x&gt;", "x": [1]}
     # a span that swallowed the separator: every part gets the whole masked text
     reps = bodies.masked_replacements(parts, "[REDACTED:keyword]")
     assert [r[1] for r in reps] == ["[REDACTED:keyword]", "[REDACTED:keyword]"]

@@ -51,7 +51,8 @@ async def post(port: int, path: str, body: bytes, host: str = "127.0.0.1", metho
     writer.write(f"{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
                  f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-    length = int([l.split(b":")[1] for l in head.split(b"\r\n") if l.lower().startswith(b"content-length")][0])
+    length = int([header.split(b":")[1] for header in head.split(b"\r\n")
+                  if header.lower().startswith(b"content-length")][0])
     data = await reader.readexactly(length)
     writer.close()
     return int(head.split()[1]), data

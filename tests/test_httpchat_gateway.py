@@ -177,7 +177,8 @@ def test_slack_post_message_allowed_blocked_and_masked(route):
     assert status == 200 and vendor.bodies("chat.postMessage") == [clean]
 
     since = gw.mark()
-    status, err = call_json(port, "POST", "/api/chat.postMessage", {"channel": "C1", "text": f"the {BLOCKED_WORD} plan"}, SLACK)
+    status, err = call_json(port, "POST", "/api/chat.postMessage",
+                            {"channel": "C1", "text": f"the {BLOCKED_WORD} plan"}, SLACK)
     assert status == 403 and err["ok"] is False and "confidential project" in err["detail"]
     assert len(vendor.bodies("chat.postMessage")) == 1, "the blocked message reached the server"
     alert = asyncio.run(gw.wait_alert(lambda e: e.get("event", {}).get("action") == "block"
@@ -186,14 +187,16 @@ def test_slack_post_message_allowed_blocked_and_masked(route):
 
     status, _ = call_json(port, "POST", "/api/chat.postMessage",
                           {"channel": "C1", "text": f"code {MASK_WORD} now",
-                           "blocks": [{"type": "section", "text": {"type": "mrkdwn", "text": f"*{MASK_WORD}*"}}]}, SLACK)
+                           "blocks": [{"type": "section",
+                                       "text": {"type": "mrkdwn", "text": f"*{MASK_WORD}*"}}]}, SLACK)
     assert status == 200
     got = json.loads(vendor.bodies("chat.postMessage")[-1])
     assert MASK_WORD not in json.dumps(got) and "[REDACTED:keyword]" in got["text"]
     assert got["blocks"][0]["type"] == "section" and "[REDACTED:keyword]" in got["blocks"][0]["text"]["text"]
 
     form = f"channel=C2&text=form+{MASK_WORD}+text".encode()
-    status, _, _ = call(port, "POST", "/api/chat.postMessage", form, {"Content-Type": "application/x-www-form-urlencoded"})
+    status, _, _ = call(port, "POST", "/api/chat.postMessage", form,
+                        {"Content-Type": "application/x-www-form-urlencoded"})
     assert status == 200
     assert vendor.bodies("chat.postMessage")[-1] == b"channel=C2&text=form+%5BREDACTED%3Akeyword%5D+text"
 
@@ -206,7 +209,8 @@ def test_slack_two_step_upload(route):
     port = gw.ports[0]
     form = {"Content-Type": "application/x-www-form-urlencoded", **SLACK}
     for data, blocked in ((EICAR, True), (CLEAN, False)):
-        status, _, body = call(port, "POST", "/api/files.getUploadURLExternal", f"filename=f.bin&length={len(data)}".encode(), form)
+        status, _, body = call(port, "POST", "/api/files.getUploadURLExternal",
+                               f"filename=f.bin&length={len(data)}".encode(), form)
         slot = json.loads(body)
         path = slot["upload_url"].split(str(port), 1)[1]
         status, _, body = call(port, "POST", path, data, {"Content-Type": "application/octet-stream"})
@@ -236,7 +240,8 @@ def test_mattermost_files_and_posts(route):
     vendor, gw = route
     port = gw.ports[0]
     auth = {"Authorization": "Bearer mm-token"}
-    bad = multipart([("channel_id", None, "", b"ch1"), ("files", "eicar.com", "", EICAR), ("client_ids", None, "", b"c")])
+    bad = multipart([("channel_id", None, "", b"ch1"), ("files", "eicar.com", "", EICAR),
+                     ("client_ids", None, "", b"c")])
     status, _, resp = call(port, "POST", "/api/v4/files", bad, {**MP, **auth})
     assert status == 403 and json.loads(resp)["status_code"] == 403 and "malware" in json.loads(resp)["message"]
     good = multipart([("channel_id", None, "", b"ch1"), ("files", "n.bin", "", CLEAN), ("client_ids", None, "", b"c")])
@@ -260,15 +265,18 @@ def test_rocketchat_upload_and_messages(route):
     vendor, gw = route
     port = gw.ports[0]
     user = {"X-User-Id": "rc-user-1", "X-Auth-Token": "t"}
-    body = multipart([("file", "notes.txt", "text/plain", b"fine notes"), ("msg", None, "", f"about {BLOCKED_WORD}".encode())])
+    body = multipart([("file", "notes.txt", "text/plain", b"fine notes"),
+                      ("msg", None, "", f"about {BLOCKED_WORD}".encode())])
     status, _, resp = call(port, "POST", "/api/v1/rooms.upload/GENERAL", body, {**MP, **user})
     assert status == 403 and json.loads(resp)["success"] is False and vendor.bodies("rooms.upload") == []
-    body = multipart([("file", "notes.txt", "text/plain", b"fine notes"), ("msg", None, "", f"see {MASK_WORD}".encode())])
+    body = multipart([("file", "notes.txt", "text/plain", b"fine notes"),
+                      ("msg", None, "", f"see {MASK_WORD}".encode())])
     status, _, _ = call(port, "POST", "/api/v1/rooms.upload/GENERAL", body, {**MP, **user})
     assert status == 200
     [sent] = vendor.bodies("rooms.upload")
     assert b"fine notes" in sent and MASK_WORD.encode() not in sent and b"see [REDACTED:keyword]" in sent
-    status, _ = call_json(port, "POST", "/api/v1/chat.sendMessage", {"message": {"rid": "R1", "msg": f"x {MASK_WORD}"}}, user)
+    status, _ = call_json(port, "POST", "/api/v1/chat.sendMessage",
+                          {"message": {"rid": "R1", "msg": f"x {MASK_WORD}"}}, user)
     assert status == 200 and json.loads(vendor.bodies("chat.sendMessage")[-1]) == {
         "message": {"rid": "R1", "msg": "x [REDACTED:keyword]"}}
     since = gw.mark()
@@ -352,7 +360,8 @@ def raw_exchange(port: int, data: bytes, half_close: bool = False, wait: float =
             out += chunk
             if b"\r\n\r\n" in out and not half_close:
                 head, _, rest = out.partition(b"\r\n\r\n")
-                length = [int(l.split(b":")[1]) for l in head.split(b"\r\n") if l.lower().startswith(b"content-length")]
+                length = [int(header.split(b":")[1]) for header in head.split(b"\r\n")
+                          if header.lower().startswith(b"content-length")]
                 if length and len(rest) >= length[0]:
                     break
         return out

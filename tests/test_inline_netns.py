@@ -139,8 +139,8 @@ def inline(request):
             time.sleep(0.05)
         yield Inline(net, directory, prosody, process, request.param)
         assert process.poll() is None, f"imguard run died:\n{log.read_text(errors='replace')[-4000:]}"
-        errors = [l for l in log.read_text(errors="replace").splitlines()
-                  if "Traceback" in l or " ERROR " in l or " CRITICAL " in l]
+        errors = [line for line in log.read_text(errors="replace").splitlines()
+                  if "Traceback" in line or " ERROR " in line or " CRITICAL " in line]
         assert not errors, "imguard logged errors:\n" + "\n".join(errors)
     finally:
         from tests.peers.prosody import stop_process

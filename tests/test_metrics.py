@@ -43,7 +43,7 @@ def test_counters_histogram_and_gauges_render_as_prometheus_text():
 def test_label_values_from_the_wire_are_escaped():
     m = Metrics()
     m.anomaly('evil"}\nimguard_fake 1')
-    line = [l for l in m.render().splitlines() if l.startswith("imguard_anomalies_total")][0]
+    line = [metric for metric in m.render().splitlines() if metric.startswith("imguard_anomalies_total")][0]
     assert line == 'imguard_anomalies_total{kind="evil\\"}\\nimguard_fake 1"} 1'
     assert "\nimguard_fake 1" not in m.render()
 

@@ -4,8 +4,6 @@ import hashlib
 import os
 import stat
 
-import pytest
-
 from imguard import cli
 from imguard.model import BLOCK, ChatContext, Decision, FileReport, RuleMatch
 from imguard.quarantine import QuarantineSettings, QuarantineStore

@@ -39,7 +39,8 @@ def test_blocked_file_exit_code_and_store(tmp_path, capsys):
     alerts = [json.loads(line) for line in (out / "alerts.jsonl").read_text().splitlines()]
     [blocked] = [a for a in alerts if a["event"]["action"] == "block" and a.get("file", {}).get("name") == "eicar.com"]
     # stamped with the time in the capture (it was recorded at 04:38 UTC), not with the replay's time
-    assert blocked["@timestamp"].startswith("2026-11-27T04:38:") and blocked["event"]["created"] != blocked["@timestamp"]
+    assert blocked["@timestamp"].startswith("2026-11-27T04:38:")
+    assert blocked["event"]["created"] != blocked["@timestamp"]
 
 
 def test_json_one_line_per_capture_and_clean_exit(tmp_path, capsys):

@@ -76,7 +76,8 @@ def test_session_gets_both_directions_in_order_and_the_close():
     assert request.context.connection_id == "C1" and request.context.client_address == "192.0.2.10:40001"
     assert r.forwarded(1) == {True: b"hello client", False: b"hi server"}
     [c] = summary.conversations
-    assert (c.protocol, c.detected_by, c.forwarded_to_client, c.forwarded_to_server) == ("chat", "port 5222, server spoke first", 12, 9)
+    assert (c.protocol, c.detected_by, c.forwarded_to_client, c.forwarded_to_server) == (
+        "chat", "port 5222, server spoke first", 12, 9)
 
 
 def test_inspect_file_goes_through_the_pipeline_and_back():

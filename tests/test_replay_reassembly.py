@@ -194,7 +194,7 @@ def test_any_arrival_order_gives_the_same_stream():
     payload = bytes(rng.randrange(256) for _ in range(3000))
     for _ in range(50):
         cuts = sorted(rng.sample(range(1, len(payload)), 40))
-        pieces = [(a, payload[a:b]) for a, b in zip([0] + cuts, cuts + [len(payload)])]
+        pieces = [(a, payload[a:b]) for a, b in zip([0] + cuts, cuts + [len(payload)], strict=True)]
         segs = [seg(True, 1000 + 1 + off, data) for off, data in pieces]
         segs += [seg(True, 1000 + 1 + off, data) for off, data in rng.sample(pieces, 10)]     # duplicates
         rng.shuffle(segs)

@@ -303,10 +303,11 @@ def test_malicious_text_cannot_inject_syslog_records(tmp_path):
         assert wait_until(lambda: len(syslog.records) == 2)
         bus.close()
     assert syslog.framing_errors == []
-    header = re.compile(rb'^<(\d+)>1 \S+ \S+ imguard \d+ (message|file) \[imguard@32473 (?:[a-z0-9_]+="(?:[^"\\\]]|\\.)*"'
+    header = re.compile(rb'^<(\d+)>1 \S+ \S+ imguard \d+ (message|file) '
+                        rb'\[imguard@32473 (?:[a-z0-9_]+="(?:[^"\\\]]|\\.)*"'
                         rb' ?)+\] (\{.*\})$')
     texts = []
-    for record, priority in zip(syslog.records, (16 * 8 + 3, 16 * 8 + 2)):    # local0; err (high), crit
+    for record, priority in zip(syslog.records, (16 * 8 + 3, 16 * 8 + 2), strict=True):    # local0; err (high), crit
         assert b"\n" not in record and b"\r" not in record and b"\x00" not in record
         assert all(32 <= b < 127 for b in record)      # pure printable ASCII: nothing a terminal or parser trips on
         m = header.match(record)
@@ -346,7 +347,8 @@ def test_mail_goes_only_to_alerts_at_or_above_the_severity(tmp_path):
         bus = build_sinks(SinkSettings(email_smtp=smtp.address, email_to=["soc@corp.example"],
                                        email_min_severity="critical", dedup_window_seconds=0), tmp_path)
         bus.write(alerts.anomaly_event(CTX, "malformed_xml", "bad xml"))          # low
-        bus.write(alerts.message_event("x", CTX, Decision(action=BLOCK, matches=[RuleMatch("r", BLOCK, "high", "enforce")])))
+        bus.write(alerts.message_event("x", CTX, Decision(action=BLOCK,
+                                                          matches=[RuleMatch("r", BLOCK, "high", "enforce")])))
         bus.write(file_alert(1))                                                   # critical
         assert bus.drain(10)
         bus.close()
@@ -435,7 +437,7 @@ def test_a_file_blocked_for_several_receivers_is_recorded_for_each(tmp_path):
 
 def test_the_local_file_is_rotated_by_size_without_splitting_lines(tmp_path):
     bus = build_sinks(SinkSettings(jsonl_max_bytes=20_000, jsonl_backups=50, dedup_window_seconds=0), tmp_path)
-    for n in range(60):
+    for _n in range(60):
         bus.write(alerts.message_event("x" * 500 + "\n" * 10, CTX, Decision(action=ALLOW)))
     bus.close()
     files = sorted(tmp_path.glob("alerts.jsonl*"))
@@ -447,7 +449,7 @@ def test_the_local_file_is_rotated_by_size_without_splitting_lines(tmp_path):
 
 def test_rotation_keeps_only_the_configured_backups(tmp_path):
     log = alerts.AlertLog(tmp_path / "a.jsonl", max_bytes=2000, backups=2)
-    for n in range(50):
+    for _n in range(50):
         log.write(alerts.message_event("y" * 300, CTX, Decision(action=ALLOW)))
     log.close()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl", "a.jsonl.1", "a.jsonl.2"]

@@ -1,7 +1,6 @@
 """`imguard sniff` on a live interface (loopback here): the same sessions and policy as the gateway, alert-only."""
 
 import json
-import os
 import socket
 import subprocess
 import sys

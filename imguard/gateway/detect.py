@@ -99,7 +99,7 @@ def sniff(data: bytes) -> str | None:
 def sniff_server(data: bytes) -> str | None:
     """The protocol a server that speaks first announces (OSCAR's FLAP hello), UNKNOWN, or NEED_MORE."""
     for protocol, hello in _SERVER_HELLOS:
-        if all(want is None or got == want for got, want in zip(data, hello)):
+        if all(want is None or got == want for got, want in zip(data, hello, strict=False)):
             return protocol if len(data) >= len(hello) else NEED_MORE
     return UNKNOWN
 

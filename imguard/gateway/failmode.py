@@ -173,8 +173,8 @@ class PassthroughAddon:
         """A client refused the gateway's certificate: an alert, and with tls=open, passthrough next time."""
         context = data.context
         protocol = ""
-        for l in context.layers:
-            chat = getattr(l, "chat", None)
+        for layer in context.layers:
+            chat = getattr(layer, "chat", None)
             if isinstance(chat, ChatContext) and chat.protocol:
                 protocol = chat.protocol
         if not protocol and context.server.address:

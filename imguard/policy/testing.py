@@ -60,7 +60,7 @@ class CaseResult:
 
     def __str__(self) -> str:
         head = f"{self.status.upper():5} {self.where} {self.name}"
-        return head + ("\n" + "\n".join("      " + l for l in self.message.splitlines()) if self.message else "")
+        return head + ("\n" + "\n".join("      " + line for line in self.message.splitlines()) if self.message else "")
 
 
 class _CaseError(Exception):
@@ -83,7 +83,8 @@ def _context(doc: Any, file_doc: dict) -> tuple[ChatContext, str, str]:
     unknown = [k for k in doc if k not in CONTEXT_KEYS]
     if unknown:
         raise _CaseError(f"context: unknown key {unknown[0]!r}; allowed keys: {', '.join(CONTEXT_KEYS)}")
-    values = {k: ("" if v is None else str(v)) for k, v in doc.items() if k not in ("recipients", "name", "claimed_mime")}
+    values = {k: ("" if v is None else str(v)) for k, v in doc.items()
+              if k not in ("recipients", "name", "claimed_mime")}
     recipients = doc.get("recipients") or ()
     recipients = tuple(str(r) for r in (recipients if isinstance(recipients, list) else [recipients]))
     name = str(file_doc.get("name", doc.get("name", "")) or "")

@@ -51,7 +51,7 @@ def _construct_map(loader: LineLoader, node: yaml.MappingNode) -> Map:
             hash(key)
         except TypeError:
             raise yaml.constructor.ConstructorError(
-                None, None, "a mapping key must be a plain value, not a list or mapping", key_node.start_mark)
+                None, None, "a mapping key must be a plain value, not a list or mapping", key_node.start_mark) from None
         if key in mapping:
             raise yaml.constructor.ConstructorError(
                 None, None, f"duplicate key {key!r}", key_node.start_mark)

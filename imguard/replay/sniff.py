@@ -18,7 +18,6 @@ import struct
 import subprocess
 import sys
 import threading
-from pathlib import Path
 from typing import BinaryIO, Iterator
 
 from imguard import settings
@@ -128,8 +127,8 @@ def sniff_main(args: argparse.Namespace) -> int:
             stream = PcapStream(process.stdout, limits)
         except ValueError as e:
             process.wait(10)
-            print(f"imguard: cannot capture on {args.interface}: {process.stderr.read().decode(errors='replace').strip() or e}",
-                  file=sys.stderr)
+            reason = process.stderr.read().decode(errors="replace").strip() or e
+            print(f"imguard: cannot capture on {args.interface}: {reason}", file=sys.stderr)
             return EXIT_USAGE
         if timer is not None:
             timer.start()

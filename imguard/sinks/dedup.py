@@ -34,7 +34,8 @@ def dedup_key(event: dict[str, Any]) -> tuple | None:
                or "")
     if not content and "anomaly" in ig:
         anomaly = ig["anomaly"]
-        content = hashlib.sha256(f"{anomaly.get('kind')}\0{anomaly.get('detail')}".encode("utf-8", "replace")).hexdigest()
+        anomaly_text = f"{anomaly.get('kind')}\0{anomaly.get('detail')}"
+        content = hashlib.sha256(anomaly_text.encode("utf-8", "replace")).hexdigest()
     if not content and "tls" in ig:
         content = hashlib.sha256(str(ig["tls"].get("detail")).encode("utf-8", "replace")).hexdigest()
     sender = event.get("source", {}).get("user", {}).get("name", "")

@@ -51,9 +51,11 @@ def build_message(event: dict[str, Any], sender: str, recipients: list[str]) -> 
         msg["X-Imguard-Possible-Duplicate"] = "1"
     lines = [f"{k}: {one_line(v, 500)}" for k, v in (
         ("time", event.get("@timestamp", "")), ("action", ev.get("action", "")),
-        ("severity", ev.get("severity_name", "")), ("rule", rules), ("protocol", event.get("network", {}).get("protocol", "")),
+        ("severity", ev.get("severity_name", "")), ("rule", rules),
+        ("protocol", event.get("network", {}).get("protocol", "")),
         ("sender", who), ("recipients", ", ".join(ig.get("context", {}).get("recipients", []))),
-        ("file", event.get("file", {}).get("name", "")), ("sha256", event.get("file", {}).get("hash", {}).get("sha256", "")),
+        ("file", event.get("file", {}).get("name", "")),
+        ("sha256", event.get("file", {}).get("hash", {}).get("sha256", "")),
         ("gateway", event.get("observer", {}).get("name", ""))) if v]
     body = "\n".join(lines) + "\n\n" + json.dumps(event, indent=2, ensure_ascii=True, default=str) + "\n"
     msg.set_content(body)

@@ -305,7 +305,7 @@ class DiskQueue:
         with self._lock:
             seqs, payloads = self._scan(limit)
             attempted = self._recovered_attempted
-            return [QueueRecord(seq, payload, seq <= attempted) for seq, payload in zip(seqs, payloads)]
+            return [QueueRecord(seq, payload, seq <= attempted) for seq, payload in zip(seqs, payloads, strict=True)]
 
     def peek_payloads(self, limit: int) -> tuple[int, list[bytes]]:
         """peek_batch() for a consumer that needs neither seqs nor duplicate flags (its records carry their

@@ -162,15 +162,16 @@ class Gateway(ImguardRun):
                       *(extra or [])]
         out = open(directory / "imguard.log", "wb")
         gw.process = subprocess.Popen(gw.command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                      start_new_session=True, cwd=directory, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                      start_new_session=True, cwd=directory,
+                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
         out.close()
         try:
             for port in (c2s, tls, http, socks5):
                 wait_for_port(port, timeout, gw.process, what="imguard run")
             gw._export_ca()
-        except BaseException:
+        except BaseException as e:
             gw.stop()
-            raise PeerError(f"imguard run did not start: {' '.join(gw.command)}\n{gw.logs()}")
+            raise PeerError(f"imguard run did not start: {' '.join(gw.command)}\n{gw.logs()}") from e
         return gw
 
     def rules_dir(self, test_rules: bool = True) -> Path:

@@ -45,7 +45,8 @@ class HttpGateway(ImguardRun):
         for name, text in (extra_rules or {}).items():
             (rules / name).write_text(text)
         gw.command = [str(PYTHON), "-m", "imguard", "run", "--listen-host", "127.0.0.1",
-                      *[a for up, port in zip(upstreams, gw.ports) for a in ("--mode", f"reverse:{up}@{port}")],
+                      *[a for up, port in zip(upstreams, gw.ports, strict=True)
+                        for a in ("--mode", f"reverse:{up}@{port}")],
                       "--data-dir", str(gw.data_dir), "--rules", str(rules),
                       "--signatures", str(ROOT / "signatures"), *(extra or [])]
         out = open(directory / "imguard.log", "wb")
@@ -60,7 +61,7 @@ class HttpGateway(ImguardRun):
                                      "--export", str(gw.ca_file)], capture_output=True, timeout=30)
             if result.returncode != 0:
                 raise PeerError(f"imguard ca --export failed: {result.stderr.decode()}")
-        except BaseException:
+        except BaseException as e:
             gw.stop()
-            raise PeerError(f"imguard run did not start: {' '.join(gw.command)}\n{gw.logs()}")
+            raise PeerError(f"imguard run did not start: {' '.join(gw.command)}\n{gw.logs()}") from e
         return gw

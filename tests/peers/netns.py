@@ -169,7 +169,7 @@ class Topology:
         result = subprocess.run(prefix + [str(PYTHON), "-m", module, *map(str, args)],
                                 capture_output=True, text=True, timeout=timeout, cwd=ROOT,
                                 env={**os.environ, "PYTHONPATH": str(ROOT)})
-        lines = [l for l in result.stdout.splitlines() if l.strip()]
+        lines = [line for line in result.stdout.splitlines() if line.strip()]
         if result.returncode != 0 or not lines:
             raise AssertionError(f"helper {args[0]} in {role} failed ({result.returncode}):\n"
                                  f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
@@ -293,7 +293,7 @@ class NetnsProsody:
                             cwd=directory)
         server = cls(directory, process, certs.ca_file, accounts)
         deadline = time.monotonic() + timeout
-        while not net.run("server", ["ss", "-Hltn", f"sport = :5222"], check=False).stdout.strip():
+        while not net.run("server", ["ss", "-Hltn", "sport = :5222"], check=False).stdout.strip():
             if process.poll() is not None or time.monotonic() > deadline:
                 server.stop()
                 raise PeerError(f"prosody did not listen on {SERVER_IP}:5222:\n{server.logs()}")

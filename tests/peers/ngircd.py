@@ -87,9 +87,9 @@ class NgIrcd:
         try:
             for p in (port, tls_port):
                 wait_for_port(p, timeout, server.process, what="ngircd")
-        except BaseException:
+        except BaseException as e:
             server.stop()
-            raise PeerError(f"ngircd did not start:\n{server.logs()}")
+            raise PeerError(f"ngircd did not start:\n{server.logs()}") from e
         return server
 
     def stop(self) -> int | None:
@@ -183,9 +183,9 @@ class IrcGateway(ImguardRun):
                                      "--export", str(gw.ca_file)], capture_output=True, timeout=30)
             if result.returncode != 0 or b"BEGIN CERTIFICATE" not in gw.ca_file.read_bytes():
                 raise PeerError(f"`imguard ca --export` failed ({result.returncode}): {result.stderr.decode()}")
-        except BaseException:
+        except BaseException as e:
             gw.stop()
-            raise PeerError(f"imguard run did not start: {' '.join(gw.command)}\n{gw.logs()}")
+            raise PeerError(f"imguard run did not start: {' '.join(gw.command)}\n{gw.logs()}") from e
         return gw
 
     def _wait_for_log(self, text: str, timeout: float) -> None:

@@ -65,9 +65,9 @@ def wait_for_port(port: int, timeout: float, process: subprocess.Popen | None = 
         try:
             with socket.create_connection((host, port), timeout=0.5):
                 return
-        except OSError:
+        except OSError as e:
             if time.monotonic() > deadline:
-                raise PeerError(f"{what or 'process'} did not listen on {host}:{port} within {timeout:.0f} s")
+                raise PeerError(f"{what or 'process'} did not listen on {host}:{port} within {timeout:.0f} s") from e
             time.sleep(0.05)
 
 
@@ -211,9 +211,9 @@ class Prosody:
         try:
             for port in (c2s, tls, http, proxy65):
                 wait_for_port(port, timeout, server.process, what="prosody")
-        except BaseException:
+        except BaseException as e:
             server.stop()
-            raise PeerError(f"prosody did not start:\n{server.logs()}")
+            raise PeerError(f"prosody did not start:\n{server.logs()}") from e
         return server
 
     def add_account(self, user: str, password: str | None = None) -> str:

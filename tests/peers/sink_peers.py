@@ -318,9 +318,11 @@ class PostgresServer:
              "-p", str(self.port), "-c", "listen_addresses=", "-c", "fsync=off"],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True, **self._as_user())
         log.close()
-        ready = lambda: subprocess.run([str(self.bindir / "pg_isready"), "-h", str(self.socket_dir), "-p",  # noqa: E731
-                                        str(self.port), "-U", "imguard", "-d", "postgres"], capture_output=True).returncode == 0
-        if not wait_until(lambda: self.process.poll() is not None or ready(), 30, 0.1) or self.process.poll() is not None:
+        ready = lambda: subprocess.run(  # noqa: E731
+            [str(self.bindir / "pg_isready"), "-h", str(self.socket_dir), "-p", str(self.port), "-U", "imguard",
+             "-d", "postgres"], capture_output=True).returncode == 0
+        if (not wait_until(lambda: self.process.poll() is not None or ready(), 30, 0.1)
+                or self.process.poll() is not None):
             self.halt()
             raise RuntimeError(f"postgres did not start:\n{self.logs()}")
 

@@ -139,9 +139,9 @@ class Synapse:
         try:
             wait_for_port(port, timeout, server.process, what="synapse")
             server._wait_ready(timeout)
-        except BaseException:
+        except BaseException as e:
             server.stop()
-            raise PeerError(f"synapse did not start:\n{server.logs()}")
+            raise PeerError(f"synapse did not start:\n{server.logs()}") from e
         return server
 
     def _wait_ready(self, timeout: float) -> None:

@@ -250,4 +250,5 @@ def masked_replacements(parts, masked_text: str) -> list[tuple[tuple, str]]:
     pieces = masked_text.split(PART_SEPARATOR)
     if len(pieces) != len(parts):
         pieces = [masked_text.replace(PART_SEPARATOR, "\n")] * len(parts)
-    return [(p.locator, html.escape(piece, quote=False) if p.html else piece) for p, piece in zip(parts, pieces)]
+    return [(p.locator, html.escape(piece, quote=False) if p.html else piece)
+            for p, piece in zip(parts, pieces, strict=True)]

@@ -118,7 +118,7 @@ class SipMessage:
     def raw_values(self, name: str) -> list[bytes]:
         """The raw header lines of `name` (as received: compact or long name, folding kept)."""
         name = COMPACT.get(name.lower(), name.lower())
-        return [line for line, (n, _) in zip(self.header_lines, self.headers) if n == name]
+        return [line for line, (n, _) in zip(self.header_lines, self.headers, strict=True) if n == name]
 
     @property
     def call_id(self) -> str:
@@ -346,7 +346,7 @@ def with_body(msg: SipMessage, body: bytes, content_type: str | None = None) -> 
     start = msg.raw.split(b"\r\n", 1)[0]
     lines: list[bytes] = []
     had_length = False
-    for line, (name, _) in zip(msg.header_lines, msg.headers):
+    for line, (name, _) in zip(msg.header_lines, msg.headers, strict=True):
         if name == "content-length":
             if not had_length:
                 lines.append(line.split(b":", 1)[0] + b": " + str(len(body)).encode())
@@ -366,7 +366,7 @@ def with_header(msg: SipMessage, name: str, value: str) -> bytes:
     name = COMPACT.get(name.lower(), name.lower())
     start = msg.raw.split(b"\r\n", 1)[0]
     lines = [line.split(b":", 1)[0] + b": " + value.encode("utf-8") if n == name else line
-             for line, (n, _) in zip(msg.header_lines, msg.headers)]
+             for line, (n, _) in zip(msg.header_lines, msg.headers, strict=True)]
     return _head_bytes(start, lines) + msg.body
 
 
@@ -381,7 +381,7 @@ def build_response(request: SipMessage, status: int, reason: str = "", *, to_tag
     """A response to `request` built per RFC 3261 §8.2.6.2: every Via in order, From, Call-ID and CSeq copied,
     To copied with a tag added when it had none (`to_tag`), then the extra headers, Content-Length."""
     lines: list[bytes] = []
-    for line, (name, _) in zip(request.header_lines, request.headers):
+    for line, (name, _) in zip(request.header_lines, request.headers, strict=True):
         if name == "via":
             lines.append(b"Via:" + line.split(b":", 1)[1])
     for name in ("from", "to", "call-id", "cseq"):

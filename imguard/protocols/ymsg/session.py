@@ -346,7 +346,7 @@ class YmsgSession:
             else:
                 sender, receiver = (p.text("4") or p.text("1")), (self.identity or p.text("5"))
             total = 0
-            for name, size in zip(names, sizes):
+            for name, size in zip(names, sizes, strict=False):
                 if not size.isdigit() or int(size) > self.limits.ymsg_max_file_size:
                     return self._refuse(from_client, name, size, sender, receiver, extra)
                 total += int(size)

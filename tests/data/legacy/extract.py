@@ -22,7 +22,8 @@ TRANSCRIPTS = [
     ("msnms_sb0.json", "ndpi/msnms.pcap", 0,
      "switchboard 192.168.1.14:1176 -> 207.46.108.39:1863, joined mid-conversation: typing notifications only"),
     ("msnms_ns.json", "ndpi/msnms.pcap", 1,
-     "notification server 192.168.1.14:1037 -> 207.46.107.149:1863 (joined after login): PNG/QNG, RNG invitations, presence"),
+     "notification server 192.168.1.14:1037 -> 207.46.107.149:1863 (joined after login): PNG/QNG, "
+     "RNG invitations, presence"),
     ("msnms_sb2.json", "ndpi/msnms.pcap", 2,
      "switchboard 192.168.1.14:1208 -> 207.46.108.83:1863: ANS, IRO, text/plain MSGs both ways, typing, BYE"),
     ("msnms_sb3.json", "ndpi/msnms.pcap", 3,
