@@ -163,16 +163,20 @@ class DccTransfer:
     """One DCC SEND. Active: the sender listens, the receiver connects. Passive (reverse, port 0 + token): the
     receiver listens and answers with its address, the sender connects to the address *it* is answered."""
 
-    def __init__(self, name: str, payload: bytes, passive: bool = False):
+    def __init__(self, name: str, payload: bytes, passive: bool = False, sender_closes_after_delivery: bool = False):
         self.name = name
         self.payload = payload
         self.passive = passive
+        # As irssi: the sender keeps its connection after the last ACK and the receiver does not close when it has
+        # every byte; the test closes the sender's side, and the receiver waits for that close (EOF).
+        self.sender_closes_after_delivery = sender_closes_after_delivery
         self.token = uuid.uuid4().hex[:6] if passive else ""
         self.sender_conn = None         # the sender's DCCConnection (listening when active)
         self.receiver_conn = None       # the receiver's DCCConnection (listening when passive)
         self.acked = 0
         self.received = bytearray()
         self.receiver_closed = False
+        self.receiver_eof = False       # the receiver's connection ended by EOF (recv gave b""), not by a reset
         self.connect_error = ""
         self.offer: dict | None = None        # the address the connecting side was given
         self.listen_port = 0                  # where the listening side really listens
@@ -268,11 +272,12 @@ class Chat:
             f"the sentinel {text!r} did not reach {receiver.nick}; it got {receiver.channel}")
 
     def offer_file(self, sender: Person, receiver: Person, name: str, payload: bytes,
-                   passive: bool = False) -> DccTransfer:
+                   passive: bool = False, sender_closes_after_delivery: bool = False) -> DccTransfer:
         """DCC SEND. Active: the sender listens and offers; the receiver connects to whatever address the offer
-        it *receives* names, takes the bytes and ACKs them; the sender closes after the last ACK. Passive: the
+        it *receives* names, takes the bytes and ACKs them; the sender closes after the last ACK (unless
+        `sender_closes_after_delivery`: then neither side closes by itself, see DccTransfer). Passive: the
         sender offers port 0 and a token, the receiver listens and answers (see _on_ctcp)."""
-        t = DccTransfer(name, payload, passive)
+        t = DccTransfer(name, payload, passive, sender_closes_after_delivery)
         t.sender_nick, t.receiver_nick = sender.nick, receiver.nick
         ip = irc_client.ip_quad_to_numstr("127.0.0.1")
         if passive:
@@ -292,6 +297,21 @@ class Chat:
         except irc_client.DCCConnectionError as e:
             t.connect_error = str(e)
         return conn
+
+    @staticmethod
+    def _watch_eof(t: DccTransfer, conn) -> None:
+        """Note on `t` whether the receiver's connection ends with EOF: the irc library reports an EOF and a reset
+        alike (dcc_disconnect), so each read first peeks at what the socket has."""
+        process_data = conn.process_data
+
+        def peek_then_process() -> None:
+            if getattr(conn, "connected", False):
+                try:
+                    t.receiver_eof = conn.socket.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+                except OSError:         # nothing to read yet, or a reset
+                    pass
+            process_data()
+        conn.process_data = peek_then_process
 
     def offer_chat(self, offerer: Person, receiver: Person) -> DccChatPair:
         """DCC CHAT: the offerer listens and offers; the receiver connects to the address it is offered."""
@@ -364,6 +384,7 @@ class Chat:
             if not t.passive and t.receiver_nick == p.nick:
                 t.offer = offer
                 t.receiver_conn = self._connect(t, offer["host"], offer["port"])
+                self._watch_eof(t, t.receiver_conn)
             elif t.passive and t.receiver_nick == p.nick and offer["port"] == 0 and offer["token"] == t.token:
                 # The receiver of a passive offer listens and tells the sender where.
                 t.receiver_conn = self.reactor.dcc("raw")
@@ -396,11 +417,11 @@ class Chat:
             if conn is t.receiver_conn:
                 t.received += data
                 conn.send_bytes(struct.pack("!I", len(t.received) & 0xFFFFFFFF))
-                if len(t.received) >= len(t.payload):
+                if len(t.received) >= len(t.payload) and not t.sender_closes_after_delivery:
                     conn.disconnect()
             elif conn is t.sender_conn and len(data) >= 4:
                 t.acked = struct.unpack("!I", data[-4:])[0]
-                if t.acked >= len(t.payload):
+                if t.acked >= len(t.payload) and not t.sender_closes_after_delivery:
                     conn.disconnect()           # as real clients do after the last ACK
 
     def _on_dcc_disconnect(self, conn, event):
@@ -472,6 +493,34 @@ def test_clean_file_by_dcc_arrives_byte_identical(route):
         assert alert["event"]["action"] in ("allow", "alert"), alert["event"]
         assert alert["file"]["name"] == name
         assert not alice.imguard_notices(), f"alice was told something about a clean file: {alice.notices}"
+
+
+def test_clean_file_by_dcc_ends_when_the_sender_closes_after_delivery(route):
+    """The irssi case: the sender keeps its DCC connection open until the receiver has every byte, and the
+    receiver does not close by itself but waits for the sender's close (irssi stays at 100% until it sees EOF).
+    Through imguard the file is released while the sender's connection is still open, so the gateway must pass
+    the sender's later close on: the receiver's connection sees EOF within a bounded wait, the file intact."""
+    with Chat(route) as chat:
+        alice, bob = chat.person("alice"), chat.person("bob")
+        name = f"waits-{uuid.uuid4().hex[:6]}.bin"
+        t = chat.offer_file(alice, bob, name, CLEAN, sender_closes_after_delivery=True)
+        # The sender closes once bob has it all and it read its last ACK (an unread ACK would make its close a reset).
+        assert chat.pump(lambda: (len(t.received) >= len(CLEAN) and t.acked >= len(CLEAN)) or t.done, 20), (
+            f"the transfer did not arrive: offer {t.offer}, {len(t.received)} bytes, acked {t.acked}\n"
+            f"{route.failure_logs()}")
+        assert not t.connect_error, t.connect_error
+        assert not t.receiver_closed, "bob's DCC connection ended before alice closed hers"
+        assert sha256(bytes(t.received)) == sha256(CLEAN), f"bob got {len(t.received)} bytes ({route})"
+        t.sender_conn.disconnect()
+        assert chat.pump(lambda: t.receiver_closed, 10), (
+            f"alice closed her DCC connection but bob's stayed open: a receiver that waits for the sender's close "
+            f"(irssi) would wait at 100% forever ({route})\n{route.failure_logs()}")
+        assert t.receiver_eof, "bob's DCC connection ended with a reset, not the sender's EOF"
+        assert bytes(t.received) == CLEAN
+        if route.through_gateway:
+            assert t.offer["port"] in route.gateway.dcc_ports, f"bob was not sent to imguard's relay: {t.offer}"
+        else:
+            assert t.offer["port"] == t.listen_port, "control: bob connects to alice herself"
 
 
 def test_eicar_by_dcc_never_reaches_receiver(route):

@@ -9,11 +9,12 @@ import pytest
 
 from imguard.files.expected import ExpectedTransfers
 from imguard.model import ALLOW, BLOCK, ChatContext, Decision, FileReport, RuleMatch
+from imguard.files.tracker import HoldState
 from imguard.protocols.base import Close, InspectFile, Send
 from imguard.protocols.irc.dcc import DccOffer, DccSendSession, dcc_session, find_offer
 from imguard.protocols.irc.decoder import IrcLimits
 from imguard.protocols.irc.session import IrcSession
-from tests.test_irc_support import Checker, anomalies, capture, records, sends, tcp_payload, transcript
+from tests.test_irc_support import Checker, anomalies, capture, notifies, sends, tcp_payload, transcript
 
 SSH_TRACE_SHA256 = "566c4819a8130d65d29076930bd46dde5c2595a4a8be4a380857feb5b430ec6e"   # see tests/data/irc/README.md
 SSH_TRACE_SIZE = 1320211
@@ -90,7 +91,7 @@ def test_zeek_capture_end_to_end(ssh_trace):
 
 
 def test_zeek_capture_blocked(ssh_trace):
-    """Blocked: the receiver gets none of the bytes, the connection closes, and a Record carries the notice for the
+    """Blocked: the receiver gets none of the bytes, the connection closes, and a Notify carries the notice for the
     sender's IRC connection (c1), which the carrier delivers with IrcSession.notice()."""
     data, _ = ssh_trace
     s = session(offer(size=len(data), name="ssh.trace"))
@@ -98,12 +99,15 @@ def test_zeek_capture_blocked(ssh_trace):
     [job] = inspects(out)
     out = s.file_verdict(job.transfer_id, report(), BLOCKED)
     assert sends(out, to_client=True) == b"" and isinstance(out[-1], Close)
-    [ev] = records(out, "notify")
-    assert ev["imguard"]["notify"]["connection_id"] == "c1"
-    assert "ssh.trace" in ev["imguard"]["notify"]["text"] and "no captures" in ev["imguard"]["notify"]["text"]
+    [notice] = notifies(out)
+    assert (notice.connection_id, notice.protocol) == ("c1", "irc")
+    assert "ssh.trace" in notice.text and "no captures" in notice.text
+    ev = notice.event()
+    assert ev["imguard"]["notify"]["text"] == notice.text and ev["imguard"]["decision"]["action"] == BLOCK
+    assert ev["imguard"]["dcc"]["id"] == "c1-1" and ev["imguard"]["dcc"]["bytes_held"] == len(data)
     irc = IrcSession(Checker(), ExpectedTransfers(), ChatContext(connection_id="c1"))
     irc.data_received(False, b":srv 001 alice :Welcome\r\n")
-    line = sends(irc.notice(ev["imguard"]["notify"]["text"]), True)
+    line = sends(irc.notice(notice.text), True)
     assert line.startswith(b":imguard NOTICE alice :imguard: the file 'ssh.trace'")
     assert s.data_received(False, b"more") == []
 
@@ -175,7 +179,9 @@ def test_overrun_is_dropped_and_recorded():
     out = s.data_received(False, b"0123456789EXTRA")
     [job] = inspects(out)
     assert job.data == b"0123456789" and anomalies(out) == ["dcc_overrun"]
-    assert s.data_received(False, b"more") == [] and s.overrun_bytes == 9     # recorded once, dropped quietly
+    assert s.data_received(False, b"more") == [] and s.transfer.overrun == 9   # recorded once, dropped quietly
+    out = s.file_verdict(job.transfer_id, report(), ALLOWED)
+    assert sends(out, True) == b"0123456789"                                    # the overrun never crosses
 
 
 def test_larger_than_max_held_bytes_is_closed_not_passed():
@@ -184,7 +190,17 @@ def test_larger_than_max_held_bytes_is_closed_not_passed():
     s.data_received(False, b"x" * 100)
     out = s.data_received(False, b"y")
     assert anomalies(out) == ["dcc_too_large"] and isinstance(out[-1], Close)
-    assert sends(out, True) == b"" and records(out, "notify")
+    assert sends(out, True) == b""
+    [notice] = notifies(out)
+    assert "f.bin" in notice.text and "larger than 100 bytes" in notice.text and notice.decision is None
+    assert s.data_received(False, b"z") == [] and s.connection_closed(False) == []      # stopped: the rest is moot
+
+
+def test_announced_larger_than_max_held_bytes_is_stopped_at_the_first_byte():
+    s = session(offer(size=1000), IrcLimits(max_held_bytes=100))
+    out = s.data_received(False, b"x")
+    assert anomalies(out) == ["dcc_too_large"] and isinstance(out[-1], Close) and notifies(out)
+    assert sends(out, True) == b"" and sends(out, False) == b""                    # not even an ACK
 
 
 def test_resume_position():
@@ -283,3 +299,62 @@ def test_start_refuses_an_unannounced_connection_at_once():
         out = s.start()
         assert anomalies(out) == ["dcc_unannounced"] and isinstance(out[-1], Close)
     assert session().start() == []
+
+
+# --- the held file and the connection ---------------------------------------------------------------
+
+def test_ack_goes_out_before_the_inspect_file():
+    """The carrier pauses the connection at an InspectFile: the sender's last ACK must come before it, or a
+    sender waiting for it would wait for the scan."""
+    s = session(offer(size=4))
+    out = s.data_received(False, b"abcd")
+    assert [type(c) for c in out] == [Send, InspectFile] and acks(out[0].data) == [4]
+
+
+def test_released_file_then_the_senders_close_closes_the_receiver():
+    """The irssi case: the file is released while the sender still has its connection open; its close later
+    must close the receiver's side too, or an irssi receiver waits at 100% forever."""
+    s = session(offer(size=4))
+    [job] = inspects(s.data_received(False, b"abcd"))
+    out = s.file_verdict(job.transfer_id, report(), ALLOWED)
+    assert out == [Send(to_client=True, data=b"abcd")]                  # the sender is still there: no close yet
+    assert s.data_received(True, struct.pack(">I", 4)) == []           # the receiver's ACK is swallowed
+    out = s.connection_closed(False)
+    assert [type(c) for c in out] == [Close] and s.transfer.state is HoldState.RELEASED
+
+
+def test_released_file_then_the_receivers_close_closes_the_sender():
+    s = session(offer(size=4, passive=True))
+    [job] = inspects(s.data_received(True, b"abcd"))
+    assert sends(s.file_verdict(job.transfer_id, report(), ALLOWED), False) == b"abcd"
+    assert [type(c) for c in s.connection_closed(False)] == [Close]
+
+
+def test_sender_closed_before_the_verdict_closes_with_the_release():
+    s = session(offer(size=4))
+    [job] = inspects(s.data_received(False, b"abcd"))
+    assert s.connection_closed(False) == []                             # held: nothing to pass on yet
+    out = s.file_verdict(job.transfer_id, report(), ALLOWED)
+    assert sends(out, True) == b"abcd" and isinstance(out[-1], Close)
+
+
+def test_allowed_notice_is_delivered_to_the_sender():
+    s = session(offer(size=1))
+    [job] = inspects(s.data_received(False, b"a"))
+    out = s.file_verdict(job.transfer_id, report(), Decision(action=ALLOW, notice="scanned, fine"))
+    assert sends(out, True) == b"a" and [n.text for n in notifies(out)] == ["scanned, fine"]
+    assert not any(isinstance(c, Close) for c in out)
+
+
+def test_resumed_file_closed_early_is_truncated():
+    s = session(offer(size=100, position=60))
+    s.data_received(False, b"z" * 10)
+    [job] = inspects(s.connection_closed(False))
+    assert job.truncated and job.data == b"z" * 10
+
+
+def test_a_second_verdict_changes_nothing():
+    s = session(offer(size=1))
+    [job] = inspects(s.data_received(False, b"a"))
+    s.file_verdict(job.transfer_id, report(), BLOCKED)
+    assert s.file_verdict(job.transfer_id, report(), ALLOWED) == []

@@ -8,7 +8,7 @@ gateway: it does what the gateway must do for IRC and DCC (see imguard/protocols
   listening port on the gateway for each offer;
 - on a connection to such a port: `find_offer(transfers, host, port)` -> `dcc_session(...)`, connect
   on to `offer.real_address`, carry the session's commands, answer InspectFile with a file decision;
-- a Record with `imguard.notify` -> `IrcSession.notice(text)` on the IRC connection it names.
+- a `Notify` command -> recorded, and `IrcSession.notice(text)` on the IRC connection it names.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import pytest
 
 from imguard.files.expected import ExpectedTransfers
 from imguard.model import ALLOW, BLOCK, ChatContext, Decision, FileReport, RuleMatch
-from imguard.protocols.base import Close, InspectFile, Record, Send
+from imguard.protocols.base import Close, InspectFile, Notify, Record, Send
 from imguard.protocols.irc.dcc import dcc_session, find_offer
 from imguard.protocols.irc.session import DccRelay, IrcSession
 from tests.test_irc_support import Checker
@@ -125,10 +125,11 @@ class MiniCarrier:
                     await writer.drain()
             elif isinstance(cmd, Record):
                 self.records.append(cmd.event)
-                notify = cmd.event.get("imguard", {}).get("notify")
-                if notify and notify["connection_id"] in self.irc:
-                    target, target_writer = self.irc[notify["connection_id"]]
-                    await self._run(target, target.notice(notify["text"]), target_writer, None)
+            elif isinstance(cmd, Notify):
+                self.records.append(cmd.event())
+                if cmd.connection_id in self.irc:
+                    target, target_writer = self.irc[cmd.connection_id]
+                    await self._run(target, target.notice(cmd.text), target_writer, None)
             elif isinstance(cmd, InspectFile):
                 report, decision = await asyncio.to_thread(self._decide_file, cmd)
                 if not await self._run(session, session.file_verdict(cmd.transfer_id, report, decision), cw, sw):
@@ -307,7 +308,7 @@ def test_live_messages_and_dcc_allowed(irc_world):
 
 def test_live_dcc_blocked_notifies_the_sender(irc_world):
     """A blocked DCC file: bob's data connection closes with nothing received; alice gets a NOTICE on her IRC
-    connection, injected by the carrier from the DCC session's notify record."""
+    connection, injected by the carrier from the DCC session's Notify command."""
     carrier, proxy_port = irc_world
     payload = b"x" * 5000 + MARKER + b"y" * 5000
     state = run_clients(proxy_port, payload)

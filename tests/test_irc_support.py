@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from imguard.model import ALLOW, BLOCK, MASK, Decision, RuleMatch
-from imguard.protocols.base import Record, Send
+from imguard.protocols.base import Notify, Record, Send
 
 DATA = Path(__file__).parent / "data" / "irc"
 PCAPS = Path(__file__).resolve().parent.parent.parent / "shared" / "pcaps"
@@ -172,6 +172,11 @@ def sends(cmds, to_client: bool) -> bytes:
 def records(cmds, action: str | None = None) -> list[dict]:
     evs = [c.event for c in cmds if isinstance(c, Record)]
     return [e for e in evs if action is None or e["event"].get("action") == action]
+
+
+def notifies(cmds) -> list[Notify]:
+    """The notices a session asks the carrier to deliver on another connection."""
+    return [c for c in cmds if isinstance(c, Notify)]
 
 
 def anomalies(cmds) -> list[str]:

@@ -1,5 +1,5 @@
-"""DCC side connections: the offer table entry, and the sans-io session that holds a DCC SEND file until
-inspection and policy decide.
+"""DCC side connections: the offer table entry, and the sans-io session whose DCC SEND framing drives a
+HeldTransfer (imguard.files.tracker) that holds the file until inspection and policy decide.
 
 An IrcSession that sees `PRIVMSG bob :\\x01DCC SEND ssh.trace 167772167 59130 1320211\\x01` stores a
 `DccOffer` in the shared `ExpectedTransfers` table (kind "dcc", key (host, port): the address the
@@ -10,13 +10,19 @@ address looks the offer up (`find_offer`) and puts a `DccSendSession` on it:
     receiver (connects)  --client-->  [DccSendSession]  --server-->  sender (listens), active DCC
     sender   (connects)  --client-->  [DccSendSession]  --server-->  receiver (listens), passive DCC
 
-Data flows sender -> receiver; the receiver answers with 4-byte big-endian running totals (ACKs). The
-session holds every byte (up to the announced size, bounded by `max_held_bytes`) and ACKs the sender
-itself so the transfer completes; when the announced size has arrived (or the sender closes early:
-truncated) it returns `InspectFile` (mechanism "dcc"). Allowed: the held bytes go to the receiver and
-the receiver's own ACKs are swallowed (the sender already had ours). Blocked: the connection closes and
-the receiver gets nothing; a `Record` event carries a notice for the IRC connection the offer came
-from (`imguard.notify`: connection_id and text), which the carrier delivers with `IrcSession.notice()`.
+Data flows sender -> receiver; the receiver answers with 4-byte big-endian running totals (ACKs). Only
+that framing is here; the held file is a `HeldTransfer` (owns_connection: the connection carries this one
+file; anomaly kinds dcc_too_large, dcc_receiver_gone, dcc_empty, dcc_overrun). The session appends every
+byte of the sender's to it (up to the announced size minus a RESUME position, bounded by `max_held_bytes`)
+and ACKs the sender itself so the transfer completes, the ACK ahead of the `InspectFile` it may cause (the
+carrier pauses the connection at an InspectFile); when the announced size has arrived (or the sender
+closes: truncated if short) the tracker hands the file out for inspection (mechanism "dcc"). Bytes past
+the announced size are dropped (dcc_overrun, recorded once). The receiver's own ACKs are swallowed (the
+sender already had ours). `file_verdict` is the tracker's verdict: allowed, the held bytes go to the
+receiver; blocked, the connection closes with nothing delivered and a `Notify` command carries a notice
+for the IRC connection the offer came from, which the carrier delivers with `IrcSession.notice()`. Once
+the file is released, a close from either side closes the other (an irssi receiver waits at 100% for
+the sender's close).
 
 DCC CHAT offers are stored the same way (kind CHAT); `DccChatSession` checks each line like a message.
 
@@ -29,8 +35,8 @@ What the carrier does (the gateway; tests/test_irc_live.py has a 100-line asynci
    No offer: `dcc_session(..., None)` records a "dcc_unannounced" anomaly and closes at the first byte
    (call `.start()` to do it at once); or simply refuse the connection.
 3. Carry Send/Record/Close; answer InspectFile with Pipeline.check_file (mechanism "dcc" in the context).
-4. A Record whose event has `imguard.notify` -> find the IrcSession by `notify.connection_id` and carry
-   out `session.notice(notify.text)` on that connection (the person is told in the chat, as for messages).
+4. A `Notify` command -> record it (`Notify.event()`), find the IrcSession by its connection_id and carry
+   out `session.notice(text)` on that connection (the person is told in the chat, as for messages).
 """
 
 from __future__ import annotations
@@ -42,8 +48,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from imguard import alerts
+from imguard.files.tracker import HeldTransfer, HoldState
 from imguard.model import ChatContext, Decision, FileReport
-from imguard.protocols.base import Close, Command, InspectFile, Record, Send
+from imguard.protocols.base import Close, Command, Notify, Record, Send
 from imguard.protocols.irc.decoder import IrcLimits, decode_text, encode_text, format_ctcp, split_ctcp
 
 DCC_KIND = "dcc"                # the ExpectedTransfers kind of DCC offers; key (host, port)
@@ -111,22 +118,9 @@ def find_offer(transfers, host: str, port: int, take: bool = True) -> DccOffer |
     return transfers.take(key, kind=DCC_KIND) if take else transfers.get(key, kind=DCC_KIND)
 
 
-def notify_event(offer: DccOffer, ctx: ChatContext, text: str, decision: Decision | None = None,
-                 **data: Any) -> dict[str, Any]:
-    """An event asking the carrier to tell a person something over the IRC connection the offer came from."""
-    return alerts.notify_event(offer.context.connection_id, "irc", ctx, text, decision,
-                               dcc={**offer.to_dict(), **data})
-
-
-def _default_notice(offer: DccOffer, decision: Decision) -> str:
-    words = {"block": "blocked", "quarantine": "quarantined"}
-    why = ", ".join(m.title or m.rule_id for m in decision.matches) or "policy"
-    return f"imguard: the file {offer.name!r} sent to {offer.receiver} was {words.get(decision.action, 'stopped')}" \
-           f" ({why})"
-
-
 class DccSendSession:
-    """One DCC SEND data connection. `offer` None: a connection no offer announced (an anomaly: closed)."""
+    """One DCC SEND data connection: the DCC framing (ACKs, the announced size, a RESUME position) driving the
+    file's HeldTransfer. `offer` None: a connection no offer announced (an anomaly: closed)."""
 
     def __init__(self, checker, transfers, context: ChatContext, offer: DccOffer | None,
                  limits: IrcLimits = IrcLimits()):
@@ -135,143 +129,106 @@ class DccSendSession:
         self.limits = limits
         self.offer = offer
         self.context = context
-        self.closed = False
-        self.held = bytearray()
-        self._file = b""                    # the held bytes while inspection runs
-        self.released = False
-        self.inspecting = False
-        self.sender_closed = False
-        self.receiver_closed = False
-        self.receiver_acks = 0              # bytes of ACKs from the receiver (swallowed)
-        self.overrun_bytes = 0              # bytes past the announced size (dropped)
+        self.refused = False                # an unannounced connection, closed at its first byte
+        self.transfer: HeldTransfer | None = None
         if offer is not None:
             self.sender_is_client = not offer.listener_is_sender
-            self.transfer_id = f"{offer.offer_id}"
-            self.expected = None if not offer.size else max(0, offer.size - offer.position)
-            self.file_context = offer.context.with_(
+            file_context = offer.context.with_(
                 protocol="irc", transfer_mechanism="dcc",
                 client_address=context.client_address or offer.context.client_address,
                 server_address=context.server_address or offer.context.server_address,
                 connection_id=context.connection_id or offer.context.connection_id)
+            self.transfer = HeldTransfer(
+                offer.offer_id, file_context, sender_is_client=self.sender_is_client, kind="dcc",
+                max_bytes=limits.max_held_bytes,
+                # A size of 0 is "not given" in DCC; after a RESUME only the rest of the file comes.
+                size=max(0, offer.size - offer.position) if offer.size else None,
+                name=offer.name, receiver=offer.receiver, owns_connection=True, tell=self._tell,
+                event_data={"offer": offer.offer_id})
 
     # --- StreamSession ------------------------------------------------------------------------------
 
     def data_received(self, from_client: bool, data: bytes) -> list[Command]:
-        if self.closed:
-            return []
-        if self.offer is None:
+        transfer = self.transfer
+        if transfer is None:
             return self._unannounced(len(data))
-        if from_client != self.sender_is_client:
-            # The receiver: only ACKs are expected. Ours went to the sender already; theirs are swallowed.
-            self.receiver_acks += len(data)
-            return []
-        if self.inspecting or self.released:
-            return self._overrun(len(data))
-        out: list[Command] = []
-        if self.expected is not None and self.expected > self.limits.max_held_bytes:
-            return self._too_large(len(self.held) + len(data))
-        room = (self.expected if self.expected is not None else self.limits.max_held_bytes) - len(self.held)
-        if len(data) > room:
-            if self.expected is not None and len(self.held) + len(data) <= self.limits.max_held_bytes:
-                out += self._overrun(len(data) - room)
-                data = data[:room]
-            else:
-                return self._too_large(len(self.held) + len(data))
-        self.held += data
-        out.append(Send(to_client=self.sender_is_client, data=self._ack()))
-        if self.expected is not None and len(self.held) >= self.expected:
-            out += self._inspect(truncated=self.offer.position > 0)
+        if self._ended or from_client != self.sender_is_client:
+            return []                       # after a stop; or the receiver's ACKs (the sender already had ours)
+        if transfer.state is not HoldState.RECEIVING:
+            return transfer.append(data)    # after the file was whole: an overrun, dropped, recorded once
+        if transfer.size is not None and transfer.size > transfer.max_bytes:
+            # Announced larger than it may be held: stopped at its first byte, not after max_held_bytes of it.
+            return self._too_large(transfer.received + len(data))
+        room = len(data) if transfer.size is None else max(0, transfer.size - transfer.received)
+        out = transfer.append(data[:room]) if room else []     # past max_held_bytes: cut
+        if transfer.state is HoldState.RECEIVING:
+            # Our ACK goes out before the InspectFile: the carrier pauses the connection there, and a sender
+            # waiting for its last ACK must not wait for the scan.
+            out.append(Send(to_client=self.sender_is_client, data=self._ack()))
+            if transfer.complete:
+                out += transfer.inspect(truncated=self.offer.position > 0)     # a resumed file is a part
+        if room < len(data) and transfer.state is HoldState.INSPECTING:
+            out += transfer.append(data[room:])     # past the announced size: an overrun
         return out
 
     def tls_started(self) -> list[Command]:
         return []
 
     def file_verdict(self, transfer_id: str, report: FileReport, decision: Decision) -> list[Command]:
-        if transfer_id != getattr(self, "transfer_id", None) or self.closed:
+        if self.transfer is None or transfer_id != self.transfer.transfer_id:
             return []
-        self.inspecting = False
-        if decision.blocked:
-            text = decision.notice or _default_notice(self.offer, decision)
-            data = self._file
-            self._file = b""
-            self.closed = True
-            return [Record(notify_event(self.offer, self.file_context, text, decision, bytes_held=len(data))),
-                    Close(f"DCC file {decision.action}")]
-        self.released = True
-        out: list[Command] = []
-        if self.receiver_closed:
-            out.append(Record(alerts.anomaly_event(self.file_context, "dcc_receiver_gone",
-                                                   "the receiver closed before the verdict; nothing delivered",
-                                                   offer=self.offer.offer_id)))
-        else:
-            out.append(Send(to_client=not self.sender_is_client, data=self._file))
-        self._file = b""
-        if decision.notice:
-            out.append(Record(notify_event(self.offer, self.file_context, decision.notice, decision)))
-        if self.sender_closed or self.receiver_closed:
-            self.closed = True
-            out.append(Close("DCC transfer done"))
-        return out
+        return self.transfer.verdict(decision)
 
     def connection_closed(self, from_client: bool) -> list[Command]:
-        if self.closed or self.offer is None:
+        if self.transfer is None:
             return []
-        if from_client == self.sender_is_client:
-            self.sender_closed = True
-            if not self.inspecting and not self.released:
-                if not self.held:
-                    self.closed = True
-                    return [Record(alerts.anomaly_event(self.file_context, "dcc_empty",
-                                                        "the sender closed before sending any data",
-                                                        offer=self.offer.offer_id)), Close("empty DCC transfer")]
-                short = self.expected is not None and len(self.held) < self.expected
-                return self._inspect(truncated=short or self.offer.position > 0)
-        else:
-            self.receiver_closed = True
+        if from_client != self.sender_is_client:
+            return self.transfer.receiver_closed()
+        out: list[Command] = []
+        if self.offer.position and self.transfer.received:
+            out += self.transfer.inspect(truncated=True)    # a resumed file is a part, however much came
+        return out + self.transfer.sender_closed()
+
+    def start(self) -> list[Command]:
+        """Optional: what to do when the connection opens, before any byte (an unannounced one is closed)."""
+        if self.transfer is None:
+            return self._unannounced(0)
         return []
 
     # --- internals ----------------------------------------------------------------------------------
 
+    @property
+    def _ended(self) -> bool:
+        """The file was stopped or given up: the tracker closed the connection, later bytes mean nothing."""
+        return self.transfer is not None and not self.transfer.holding \
+            and self.transfer.state is not HoldState.RELEASED
+
     def _ack(self) -> bytes:
-        return struct.pack(">I", (self.offer.position + len(self.held)) & 0xFFFFFFFF)
+        """The running total the sender waits for: 32 bits, counted from the RESUME position (and wrapping)."""
+        return struct.pack(">I", (self.offer.position + self.transfer.received) & 0xFFFFFFFF)
 
-    def _inspect(self, truncated: bool) -> list[Command]:
-        self.inspecting = True
-        self._file = bytes(self.held)      # one copy: the bytearray is let go while inspection runs
-        self.held = bytearray()
-        return [InspectFile(transfer_id=self.transfer_id, data=self._file, context=self.file_context,
-                            name=self.offer.name, truncated=truncated)]
-
-    def _overrun(self, extra: int) -> list[Command]:
-        self.overrun_bytes += extra
-        if self.overrun_bytes > extra:      # recorded once per connection; later bytes are dropped quietly
-            return []
-        return [Record(alerts.anomaly_event(self.file_context, "dcc_overrun",
-                                            f"{extra} bytes beyond the announced size were dropped",
-                                            offer=self.offer.offer_id, size=self.offer.size))]
+    def _tell(self, transfer: HeldTransfer, text: str, decision: Decision | None) -> list[Command]:
+        """The sender is told on the IRC connection the offer came from (DCC has no channel back)."""
+        details = self.offer.to_dict()
+        if decision is not None and decision.blocked:
+            details["bytes_held"] = transfer.received
+        return [Notify(self.offer.context.connection_id, "irc", text, transfer.context, decision,
+                       (("dcc", details),))]
 
     def _too_large(self, total: int) -> list[Command]:
-        self.closed = True
-        self.held = bytearray()
         text = (f"imguard: the file {self.offer.name!r} to {self.offer.receiver} was stopped: it is larger than "
                 f"{self.limits.max_held_bytes} bytes and could not be inspected")
-        return [Record(alerts.anomaly_event(self.file_context, "dcc_too_large", text, offer=self.offer.offer_id,
-                                            bytes_seen=total, max_held_bytes=self.limits.max_held_bytes)),
-                Record(notify_event(self.offer, self.file_context, text)),
-                Close("DCC file too large to inspect")]
+        return self.transfer.cut("dcc_too_large", text, notice=text, bytes_seen=total,
+                                 max_held_bytes=self.limits.max_held_bytes)
 
     def _unannounced(self, size: int) -> list[Command]:
-        self.closed = True
+        if self.refused:
+            return []
+        self.refused = True
         return [Record(alerts.anomaly_event(self.context.with_(protocol="irc", transfer_mechanism="dcc"),
                                             "dcc_unannounced",
                                             "a DCC data connection that no offer announced", first_bytes=size)),
                 Close("unannounced DCC connection")]
-
-    def start(self) -> list[Command]:
-        """Optional: what to do when the connection opens, before any byte (an unannounced one is closed)."""
-        if self.offer is None:
-            return self._unannounced(0)
-        return []
 
 
 class DccChatSession:
