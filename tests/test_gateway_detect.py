@@ -2,7 +2,7 @@
 
 import pytest
 
-from imguard.gateway.detect import (HTTP, IRC, NEED_MORE, SOCKS5, TLS, UNKNOWN, XMPP, detect, parse_port_map,
+from imguard.protocols.detect import (HTTP, IRC, NEED_MORE, SOCKS5, TLS, UNKNOWN, XMPP, detect, parse_port_map,
                                     sniff)
 
 PORTS = parse_port_map(["5222=xmpp", "5223=xmpp+tls", "6667=irc", "6697=irc+tls"])

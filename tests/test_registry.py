@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from imguard.files.expected import ExpectedTransfers
-from imguard.gateway import detect as det
-from imguard.gateway.detect import parse_port_map
+from imguard.protocols import detect as det
+from imguard.protocols.detect import parse_port_map
 from imguard.gateway.settings import GatewaySettings
 from imguard.model import ChatContext
 from imguard.protocols import registry

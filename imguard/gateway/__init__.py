@@ -8,7 +8,6 @@
     tls_memory.py    LateTlsAddon: per-host no-verify, server TLS first for sessions, idle buffers released and
                      one certificate object per forged certificate
     dcc.py           DccRelayPorts: the IRC DCC relay port pool (allocate for IrcSession, take for a connection)
-    detect.py        pure protocol detection: destination port map, then first bytes
     layer.py         SessionLayer: a StreamSession (imguard.protocols.base) on one connection; STARTTLS by
                      pushing ServerTLSLayer -> ClientTLSLayer children; NoticeInjected -> session.notice(text)
     inspection.py    bounded thread pool around Pipeline.check_file

@@ -29,7 +29,7 @@ from mitmproxy.proxy.layers.http import HTTPMode
 from mitmproxy.proxy.layers.tls import HTTP_ALPNS
 
 from imguard import alerts
-from imguard.gateway import detect as det
+from imguard.protocols import detect as det
 from imguard.gateway.inspection import Inspection
 from imguard.gateway.layer import FileJob, NoticeInjected, NoticeTarget, RefuseLayer, SessionLayer, tls_first_stack
 from imguard.model import ChatContext

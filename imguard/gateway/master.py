@@ -35,7 +35,7 @@ from imguard.gateway import ca
 from imguard.gateway.addon import ConnectionInfo, GatewayAddon, SessionFactory
 from imguard.gateway.tls_memory import LateTlsAddon
 from imguard.gateway.dcc import DccRelayPorts, parse_port_range
-from imguard.gateway.detect import parse_port_map
+from imguard.protocols.detect import parse_port_map
 from imguard.gateway.failmode import PARSE, FailModes, PassthroughAddon
 from imguard.gateway.http_uploads import HttpUploads
 from imguard.gateway.chat_apis import ChatApis

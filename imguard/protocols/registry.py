@@ -6,7 +6,7 @@ build their sessions, port maps, detection and side-connection lookups from it. 
     found = find_side(table, "192.0.2.7", 6891)   # -> (SIDE_CONNECTIONS entry, the announced entry) | None
 
 A *main* protocol is what a client speaks to its server (xmpp, irc, msnp, oscar, ymsg, sip, msrp); it has
-default port-map entries and first-bytes signatures (imguard.gateway.detect reads them). A *side* protocol
+default port-map entries and first-bytes signatures (imguard.protocols.detect reads them). A *side* protocol
 is a data connection announced on a main connection (dcc, msnftp, oft, msrp): the carrier finds it by its
 destination in the ExpectedTransfers table (`find_side`, SIDE_CONNECTIONS) before any detection, because it
 carries raw file bytes that no first-bytes rule recognises. MSRP is both: port 2855 (relays) and

@@ -5,7 +5,7 @@
     summary.messages, summary.transfers, summary.conversations, summary.anomalies
 
 For every reassembled connection the replay picks the protocol with the gateway's own detector
-(imguard.gateway.detect: port map, then first bytes); a connection announced by a control channel
+(imguard.protocols.detect: port map, then first bytes); a connection announced by a control channel
 (an IRC DCC offer, an MSNFTP invitation, an OSCAR SendFile rendezvous, an SDP MSRP offer: registered in
 the ExpectedTransfers table under (address, port), looked up with imguard.protocols.registry.find_side)
 gets the session for that data connection. Sessions are built by the same registry as the gateway's.
@@ -41,7 +41,7 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
-from imguard.gateway import detect as det
+from imguard.protocols import detect as det
 from imguard.model import ChatContext, Decision, FileReport
 from imguard.protocols import registry
 from imguard.protocols.base import Close, ConnectUpstream, InspectFile, Notify, Record, Send, StartTls
