@@ -16,7 +16,7 @@ from imguard.protocols.msnp import (FT_GUID, CommandDecoder, DirectMsnftpSession
                                     build_file_context, build_p2p, find_msnftp_offer, format_command,
                                     parse_file_context)
 from imguard.protocols.msnp.decoder import Command
-from tests.test_irc_support import Checker, anomalies, records, sends
+from tests.test_irc_support import Checker, anomalies, notifies, records, sends
 
 DATA = Path(__file__).parent / "data" / "legacy"
 ME, PEER = "jujurius@msn.com", "cecile260992@hotmail.com"
@@ -290,6 +290,8 @@ def test_msnftp_allowed_file_released_after_verdict():
     out = s.file_verdict(insp.transfer_id, FileReport("report.exe", "report.exe", len(FILE)), ALLOWED)
     assert sends(out, True) == blocks(FILE)
     assert s.data_received(True, b"BYE 16777989\r\n") == []             # swallowed: the sender had ours
+    assert s.connection_closed(False) == [Close("msnftp transfer done")]    # the sender's close is passed on
+    assert s.transfer.holds.held_bytes == 0 and s.transfer.holds.in_flight == 0
 
 
 def test_msnftp_blocked_file_cancel_and_notify():
@@ -302,10 +304,11 @@ def test_msnftp_blocked_file_cancel_and_notify():
     out = s.file_verdict(insp.transfer_id, FileReport("report.exe", "report.exe", len(FILE)), BLOCKED)
     assert sends(out, True) == b"\x01\x00\x00"
     assert any(isinstance(c, Close) for c in out)
-    (note,) = records(out, "notify")
-    assert note["imguard"]["notify"]["connection_id"] == "sb1"
-    notice = sb.notice(note["imguard"]["notify"]["text"])
-    assert b"report.exe" in notice[0].data and b"blocked by imguard: no programs" in notice[0].data
+    (note,) = notifies(out)
+    assert note.connection_id == "sb1" and note.protocol == "msnp" and note.decision is BLOCKED
+    assert note.event()["imguard"]["msnftp"]["name"] == "report.exe"
+    notice = sb.notice(note.text)
+    assert b"report.exe" in notice[0].data and b"blocked (no programs)" in notice[0].data
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 7, 2048])
@@ -329,6 +332,63 @@ def test_msnftp_sender_closes_early_truncated():
     s.data_received(False, blocks(FILE)[:3000])
     (insp,) = inspects(s.connection_closed(False))
     assert insp.truncated and len(insp.data) == 2045
+
+
+def msnftp_session(limits: MsnpLimits = MsnpLimits()) -> DirectMsnftpSession:
+    """A DirectMsnftpSession on the connection announced by msnftp_setup (the receiver is the TCP client)."""
+    transfers = ExpectedTransfers()
+    msnftp_setup(transfers)
+    return DirectMsnftpSession(Checker(), transfers, ChatContext(connection_id="d1"),
+                               find_msnftp_offer(transfers, "192.168.1.14", 6891), limits)
+
+
+def test_msnftp_sender_cancel_abandons_the_file():
+    """The sender's cancel block: the receiver gets a cancel block, none of the held blocks; nobody is told."""
+    s = msnftp_session()
+    run(s, MSNFTP_ITEMS[:5])
+    out = s.data_received(False, blocks(FILE)[:2048] + b"\x01\x00\x00")
+    assert anomalies(out) == ["msnftp_cancelled"] and not notifies(out)
+    assert sends(out, True) == b"\x01\x00\x00" and sends(out, False) == b"" and isinstance(out[-1], Close)
+    assert s.transfer.holds.held_bytes == 0 and s.transfer.holds.in_flight == 0
+    assert s.data_received(False, b"more") == [] and s.connection_closed(True) == []
+
+
+def test_msnftp_announced_size_over_the_bound_is_cut():
+    """A FIL over msnp_max_held_bytes: the FIL does not cross, the receiver is cancelled, the sender told."""
+    s = msnftp_session(MsnpLimits(msnp_max_held_bytes=1000))
+    out = run(s, MSNFTP_ITEMS[:4])
+    assert anomalies(out) == ["msnftp_too_large"] and isinstance(out[-1], Close)
+    assert sends(out, True) == b"VER MSNFTP\r\n\x01\x00\x00"
+    (note,) = notifies(out)
+    assert note.connection_id == "sb1" and "report.exe" in note.text and "larger than 1000 bytes" in note.text
+
+
+def test_msnftp_transfer_running_past_the_bound_is_cut():
+    """Without a FIL the blocks are held up to the bound; past it the file is stopped, nothing delivered."""
+    s = msnftp_session(MsnpLimits(msnp_max_held_bytes=3000))
+    run(s, [(True, b"VER MSNFTP\r\n"), (False, b"VER MSNFTP\r\n"), (True, b"TFR\r\n")])
+    out = s.data_received(False, blocks(FILE))
+    assert anomalies(out) == ["msnftp_too_large"] and not inspects(out) and isinstance(out[-1], Close)
+    assert sends(out, True) == b"\x01\x00\x00" and len(notifies(out)) == 1
+    assert s.transfer.holds.held_bytes == 0
+
+
+def test_msnftp_receiver_leaving_mid_file_ends_it():
+    """The receiver closes before the file is whole: the sender gets no BYE (nothing arrived), nothing is held."""
+    s = msnftp_session()
+    run(s, MSNFTP_ITEMS[:5])
+    assert s.data_received(False, blocks(FILE)[:2048]) == []
+    out = s.connection_closed(True)
+    assert anomalies(out) == ["msnftp_receiver_gone"] and isinstance(out[-1], Close)
+    assert sends(out, False) == b"" and sends(out, True) == b"" and not notifies(out)
+    assert s.transfer.holds.held_bytes == 0 and s.transfer.holds.in_flight == 0
+
+
+def test_msnftp_sender_closing_before_any_block_is_empty():
+    s = msnftp_session()
+    run(s, MSNFTP_ITEMS[:5])
+    out = s.connection_closed(False)
+    assert anomalies(out) == ["msnftp_empty"] and isinstance(out[-1], Close) and not inspects(out)
 
 
 def test_msnftp_unannounced_and_bad_cookie():

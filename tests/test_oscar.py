@@ -18,7 +18,7 @@ from imguard.protocols.oscar import (CAP_SENDFILE, COOKIE_KIND, FlapDecoder, Oft
                                      build_tlvs, find_oft_offer, oft_checksum, parse_icbm, parse_oft, parse_snac,
                                      strip_html)
 from imguard.protocols.oscar.decoder import parse_fragments
-from tests.test_irc_support import Checker, anomalies, records, sends
+from tests.test_irc_support import Checker, anomalies, notifies, records, sends
 
 DATA = Path(__file__).parent / "data" / "legacy"
 ME, PEER = "alice1970", "bobsmith"
@@ -320,10 +320,11 @@ def test_oft_blocked_closes_and_notifies_bos():
     (insp,) = [c for c in run(s, items) if isinstance(c, InspectFile)]
     out = s.file_verdict(insp.transfer_id, FileReport("setup.exe", "setup.exe", len(FILE)), BLOCKED)
     assert sends(out, True) == b"" and isinstance(out[-1], Close)
-    (note,) = records(out, "notify")
-    assert note["imguard"]["notify"]["connection_id"] == "bos1"
-    (frame,) = frames(bos_session.notice(note["imguard"]["notify"]["text"])[0].data)
-    assert b"setup.exe" in frame.data and b"blocked by imguard" in frame.data
+    (note,) = notifies(out)
+    assert note.connection_id == "bos1" and note.protocol == "oscar" and note.decision is BLOCKED
+    assert note.event()["imguard"]["oft"]["name"] == "setup.exe"
+    (frame,) = frames(bos_session.notice(note.text)[0].data)
+    assert b"setup.exe" in frame.data and b"blocked (no programs)" in frame.data
 
 
 @pytest.mark.parametrize("size", [1, 5, 255, 256, 257, 4096])
@@ -371,6 +372,80 @@ def test_oft_sender_closes_early_truncated():
     run(s, [(False, prompt), (True, ack), (False, FILE[:100])])
     (insp,) = s.connection_closed(False)
     assert insp.truncated and insp.data == FILE[:100]
+
+
+def test_oft_prompt_over_the_bound_is_cut():
+    """A prompt announcing more than oscar_max_held_bytes: it does not cross, the connection closes, and the
+    sender is told on its BOS connection."""
+    transfers = ExpectedTransfers()
+    offer_file(transfers)
+    s = OftSession(Checker(), transfers, ChatContext(), limits=OscarLimits(oscar_max_held_bytes=100))
+    prompt, _, _ = oft_dialogue()
+    out = s.data_received(False, prompt)
+    assert anomalies(out) == ["oft_too_large"] and isinstance(out[-1], Close) and sends(out, True) == b""
+    (note,) = notifies(out)
+    assert note.connection_id == "bos1" and "setup.exe" in note.text and "larger than 100 bytes" in note.text
+
+
+def test_oft_receiver_leaving_mid_file_ends_it():
+    """The receiver closes before the file is whole: the sender gets no done header, nothing stays held."""
+    transfers = ExpectedTransfers()
+    offer_file(transfers)
+    s = OftSession(Checker(), transfers, ChatContext())
+    prompt, ack, _ = oft_dialogue()
+    run(s, [(False, prompt), (True, ack), (False, FILE[:100])])
+    out = s.connection_closed(True)
+    assert anomalies(out) == ["oft_receiver_gone"] and isinstance(out[-1], Close)
+    assert sends(out, False) == b"" and not notifies(out)
+    assert s.holds.held_bytes == 0 and s.holds.in_flight == 0
+
+
+def test_oft_resumed_file_is_inspected_as_truncated():
+    """A resume: only the part after the receiver's offset crosses the gateway, so it is inspected as truncated."""
+    transfers = ExpectedTransfers()
+    offer_file(transfers)
+    s = OftSession(Checker(), transfers, ChatContext())
+    prompt, _, _ = oft_dialogue()
+    header = parse_oft(prompt)
+    out = run(s, [(False, prompt), (True, header.with_type(0x0205, 1000)), (False, header.with_type(0x0106, 1000)),
+                  (True, header.with_type(0x0207, 1000)), (False, FILE[1000:])])
+    (insp,) = [c for c in out if isinstance(c, InspectFile)]
+    assert insp.truncated and insp.data == FILE[1000:]
+    assert parse_oft(sends(out, False)[-256:]).type == 0x0204                # the sender is answered
+    out = s.file_verdict(insp.transfer_id, FileReport("setup.exe", "setup.exe", len(FILE) - 1000), ALLOWED)
+    assert sends(out, True) == FILE[1000:]
+
+
+def test_oft_blocked_second_file_closes_the_connection():
+    """An allowed file lets the next prompt follow on the same connection; a blocked one ends it."""
+    transfers = ExpectedTransfers()
+    offer_file(transfers)
+    s = OftSession(Checker(), transfers, ChatContext())
+    one, two = b"first file", b"second file"
+    p1 = build_oft(0x0101, FT_COOKIE, "a.txt", len(one), total_files=2, files_left=2)
+    p2 = build_oft(0x0101, FT_COOKIE, "b.exe", len(two), total_files=2, files_left=1)
+    (first,) = [c for c in run(s, [(False, p1), (True, parse_oft(p1).with_type(0x0202)), (False, one)])
+                if isinstance(c, InspectFile)]
+    out = s.file_verdict(first.transfer_id, FileReport("a.txt", "a.txt", len(one)), ALLOWED)
+    assert sends(out, True) == one and not any(isinstance(c, Close) for c in out)
+    out = run(s, [(False, p2), (True, parse_oft(p1).with_type(0x0204, len(one))),
+                  (True, parse_oft(p2).with_type(0x0202)), (False, two)])
+    (second,) = [c for c in out if isinstance(c, InspectFile)]
+    out = s.file_verdict(second.transfer_id, FileReport("b.exe", "b.exe", len(two)), BLOCKED)
+    assert sends(out, True) == b"" and isinstance(out[-1], Close)
+    (note,) = notifies(out)
+    assert "'b.exe'" in note.text and "no programs" in note.text
+    assert s.holds.held_bytes == 0 and s.holds.in_flight == 0
+
+
+def test_oft_sender_closing_before_any_byte_is_empty():
+    transfers = ExpectedTransfers()
+    offer_file(transfers)
+    s = OftSession(Checker(), transfers, ChatContext())
+    prompt, ack, _ = oft_dialogue()
+    run(s, [(False, prompt), (True, ack)])
+    out = s.connection_closed(False)
+    assert anomalies(out) == ["oft_empty"] and isinstance(out[-1], Close)
 
 
 def test_oversized_offer_refused():
@@ -454,7 +529,7 @@ def test_oft_receiver_gone_before_verdict():
         assert s.connection_closed(True) == []
         out = s.file_verdict(insp.transfer_id, FileReport("setup.exe", "setup.exe", len(FILE)), decision)
         assert sends(out, True) == b"" and isinstance(out[-1], Close)
-        assert anomalies(out) == ([expected] if expected else []) and bool(records(out, "notify")) == (expected is None)
+        assert anomalies(out) == ([expected] if expected else []) and bool(notifies(out)) == (expected is None)
 
 
 @pytest.mark.parametrize("length,closes", [(16 * 1024, False), (16 * 1024 + 1, True)])

@@ -15,20 +15,26 @@ connection to such an address looks it up (`find_msnftp_offer`) and puts a `Dire
                                                first byte 0x01 = the sender cancels)
       BYE 16777989\\r\\n            ->          (the receiver got everything)
 
-The lines cross as they come. After TFR the sender's blocks are held (never forwarded) up to the FIL
-size, bounded by `msnp_max_held_bytes`; when the last byte is in, the session returns
-`InspectFile(transfer_id="msnftp:<offer>", mechanism "msnftp")` and answers the sender itself with
-`BYE 16777989` so its client finishes (the receiver's own BYE is swallowed later). Allowed: the held
-blocks go to the receiver byte-exact. Blocked: the receiver gets a cancel block (0x01 0x00 0x00) and the
-connection closes; a Record with `imguard.notify` (connection_id of the switchboard that carried the
-invitation, text) asks the carrier to call `MsnpSession.notice(text)` there. The sender closing early
-gives a truncated inspection; `USR` with another AuthCookie than the invitation's is an anomaly (the
-real sender refuses it; we let it do so). `offer` None: an unannounced connection, closed at once.
+The session keeps only the framing; the file itself is one `HeldTransfer` (imguard.files.tracker) per
+connection, made at TFR (kind "msnftp", the FIL size, bounded by `msnp_max_held_bytes`), which says when
+the held bytes are released or dropped and what a close does. The lines cross as they come. After TFR
+each of the sender's blocks is appended to the HeldTransfer: its data is the file, the whole raw block
+(header and data) is what crosses on release, so an allowed file reaches the receiver byte-exact. When
+the last byte of the FIL size is in, the session answers the sender itself with `BYE 16777989` so its
+client finishes (the receiver's own BYE is swallowed later), then returns the tracker's
+`InspectFile(transfer_id="msnftp:<offer>")` (the BYE comes first: a gateway pauses the connection at an
+InspectFile). `file_verdict` is the tracker's verdict. What the tracker is told in MSNFTP's terms: the
+receiver is refused with a cancel block (0x01 0x00 0x00); the sender is told with a `Notify` for the
+switchboard that carried the invitation (its `MsnpSession.notice(text)`). A FIL over the bound, a
+transfer that runs past it, or blocks the session cannot follow cut the file; a sender's cancel block
+abandons it (msnftp_cancelled), and so does the receiver leaving before the file is whole (the sender
+must not get a BYE saying it arrived). The sender closing early gives a truncated inspection; `USR`
+with another AuthCookie than the invitation's is an anomaly (the real sender refuses it; we let it do
+so). `offer` None: an unannounced connection, closed at once.
 
 What the carrier does: on a new connection to (ip, port), `offer = find_msnftp_offer(transfers, ip,
-port)`; `DirectMsnftpSession(checker, transfers, ctx, offer)`; carry Send/Record/Close; answer
-InspectFile with Pipeline.check_file; route a Record with `imguard.notify` to the MsnpSession whose
-`context.connection_id` is `notify.connection_id` (`session.notice(text)`).
+port)`; `DirectMsnftpSession(checker, transfers, ctx, offer)`; carry Send/Record/Notify/Close; answer
+InspectFile with Pipeline.check_file.
 """
 
 from __future__ import annotations
@@ -37,8 +43,9 @@ import ipaddress
 from typing import Any
 
 from imguard import alerts
+from imguard.files.tracker import ConnectionHolds, HeldTransfer, HoldState
 from imguard.model import ChatContext, Decision, FileReport
-from imguard.protocols.base import Close, Command, InspectFile, Record, Send, block_words
+from imguard.protocols.base import Close, Command, Notify, Record, Send
 from imguard.protocols.msnp.decoder import MsnpLimits
 from imguard.protocols.msnp.session import MSNFTP_KIND, MsnftpOffer
 
@@ -69,18 +76,14 @@ class DirectMsnftpSession:
         self.context = context
         self.offer = offer
         self.limits = limits
-        self.closed = False
+        self.closed = False                 # this session has ended the connection (returned a Close)
         self.receiver_is_client = offer.listener_is_sender if offer is not None else True
         self._lines = {True: bytearray(), False: bytearray()}
-        self.size: int | None = None        # from FIL
-        self.streaming = False              # TFR seen: the sender's bytes are blocks now
+        self.announced_size: int | None = None  # from FIL
         self._blocks = bytearray()          # unparsed block bytes from the sender
-        self.held: list[bytes] = []         # raw blocks, for byte-exact release
-        self.data = bytearray()
-        self.state = "lines"                # lines, receiving, inspecting, released, dropped
-        self.answered = False               # we sent the sender its BYE
-        self.sender_closed = False
-        self.receiver_closed = False
+        self.answered_sender = False        # we sent the sender its BYE (the receiver's own is swallowed)
+        # The file, from TFR on: the sender's bytes are blocks once it exists.
+        self.transfer: HeldTransfer | None = None
         self.transfer_id = f"msnftp:{offer.offer_id}" if offer is not None else ""
         if offer is not None:
             self.file_context = offer.context.with_(
@@ -103,57 +106,32 @@ class DirectMsnftpSession:
         if self.offer is None:
             return self._unannounced(len(data))
         if from_client == self.receiver_is_client:
-            return self._from_receiver(data)
-        return self._from_sender(data)
+            return self._ended(self._from_receiver(data))
+        return self._ended(self._from_sender(data))
 
     def tls_started(self) -> list[Command]:
         return []
 
     def file_verdict(self, transfer_id: str, report: FileReport, decision: Decision) -> list[Command]:
-        if transfer_id != self.transfer_id or self.state != "inspecting" or self.closed:
+        if self.transfer is None or transfer_id != self.transfer.transfer_id:
             return []
-        held, self.held, self.data = self.held, [], bytearray()
-        if decision.blocked:
-            self.state = "dropped"
-            self.closed = True
-            action, why = block_words(decision)
-            text = decision.notice or (f"The file {self.offer.name!r} from {self.offer.sender} to "
-                                       f"{self.offer.receiver} was {action} by imguard: {why}")
-            return [Send(to_client=self.receiver_is_client, data=CANCEL_BLOCK),
-                    Record(alerts.notify_event(self.offer.context.connection_id, "msnp", self.file_context, text, decision,
-                                        msnftp=self.offer.to_dict())),
-                    Close(f"MSNFTP file {decision.action}")]
-        self.state = "released"
-        if self.receiver_closed:
-            self.closed = True
-            return [self._anomaly("msnftp_receiver_gone", "the receiver closed before the verdict; nothing "
-                                  "delivered"), Close("MSNFTP receiver gone")]
-        out: list[Command] = [Send(to_client=self.receiver_is_client, data=b"".join(held))]
-        if decision.notice:
-            out.append(Record(alerts.notify_event(self.offer.context.connection_id, "msnp", self.file_context, decision.notice,
-                                           decision, msnftp=self.offer.to_dict())))
-        if self.sender_closed:
-            self.closed = True
-            out.append(Close("MSNFTP transfer done"))
-        return out
+        return self._ended(self.transfer.verdict(decision))
 
     def connection_closed(self, from_client: bool) -> list[Command]:
         if self.closed or self.offer is None:
             return []
+        transfer = self.transfer
+        if transfer is None:                # still in the lines: no file yet
+            return self._ended([Close("MSNFTP peer closed")])
         if from_client != self.receiver_is_client:
-            self.sender_closed = True
-            if self.state == "receiving":
-                if not self.data:
-                    self.closed = True
-                    return [self._anomaly("msnftp_empty", "the sender closed before sending any data"),
-                            Close("empty MSNFTP transfer")]
-                return self._inspect(truncated=True)
-        if from_client == self.receiver_is_client:
-            self.receiver_closed = True
-        if self.state == "inspecting":
-            return []                       # the verdict decides what the receiver gets, then closes
-        self.closed = True
-        return [Close("MSNFTP peer closed")]
+            return self._ended(transfer.sender_closed())
+        out = transfer.receiver_closed()
+        if transfer.state is HoldState.RECEIVING:
+            # Before the file is whole the receiver's leaving ends it: holding on would end in our BYE telling
+            # the sender a file arrived that nobody received.
+            out += transfer.abandon("msnftp_receiver_gone", "the receiver closed before the file was whole; "
+                                    "nothing delivered")
+        return self._ended(out)
 
     # --- receiver -> sender: lines -----------------------------------------------------------------
 
@@ -166,9 +144,7 @@ class DirectMsnftpSession:
             end = buf.find(b"\n")
             if end < 0:
                 if len(buf) > MAX_LINE:
-                    self.closed = True
-                    return out + [self._anomaly("line_too_long", "an MSNFTP line over 1024 bytes"),
-                                  Close("MSNFTP line too long")]
+                    return out + self._fail("line_too_long", "an MSNFTP line over 1024 bytes", "MSNFTP line too long")
                 break
             line = bytes(buf[:end + 1])
             del buf[:end + 1]
@@ -177,12 +153,11 @@ class DirectMsnftpSession:
             if verb == "USR" and len(words) >= 3 and self.offer.auth_cookie and words[2] != self.offer.auth_cookie:
                 out.append(self._anomaly("msnftp_bad_cookie", "USR with another AuthCookie than the invitation's",
                                          passport=words[1]))
-            if verb == "TFR":
-                self.streaming = True
-                self.state = "receiving"
-            if verb == "BYE" and self.answered:
+            if verb == "TFR" and self.transfer is None:
+                self.transfer = self._hold()
+            if verb == "BYE" and self.answered_sender:
                 continue                    # the sender had our BYE already
-            if verb == "CCL" and self.state == "inspecting":
+            if verb == "CCL" and self.transfer is not None and self.transfer.state is HoldState.INSPECTING:
                 continue
             forward += line
         if forward:
@@ -192,95 +167,114 @@ class DirectMsnftpSession:
     # --- sender -> receiver: lines, then blocks ----------------------------------------------------
 
     def _from_sender(self, data: bytes) -> list[Command]:
+        if self.transfer is None:
+            return self._sender_lines(data)
+        transfer = self.transfer
+        if transfer.state is not HoldState.RECEIVING:
+            return transfer.append(data)    # after the file was complete: an overrun, dropped
         out: list[Command] = []
-        if not self.streaming:
-            buf = self._lines[False]
-            buf += data
-            forward = bytearray()
-            while True:
-                end = buf.find(b"\n")
-                if end < 0:
-                    if len(buf) > MAX_LINE:
-                        self.closed = True
-                        return [self._anomaly("line_too_long", "an MSNFTP line over 1024 bytes"),
-                                Close("MSNFTP line too long")]
-                    break
-                line = bytes(buf[:end + 1])
-                del buf[:end + 1]
-                words = line.decode("utf-8", "replace").split()
-                if words and words[0].upper() == "FIL":
-                    size = int(words[1]) if len(words) >= 2 and words[1].isdigit() else None
-                    if size is None:
-                        self.closed = True
-                        return [self._anomaly("msnftp_bad_size", f"FIL {line[:40]!r}"), Close("MSNFTP bad FIL")]
-                    if self.offer.size is not None and size != self.offer.size:
-                        out.append(self._anomaly("msnftp_size_mismatch", f"FIL {size}, the invitation said "
-                                                 f"{self.offer.size}"))
-                    if size > self.limits.msnp_max_held_bytes:
-                        return out + self._too_large(size)
-                    self.size = size
-                forward += line
-            if forward:
-                out.insert(0, Send(to_client=self.receiver_is_client, data=bytes(forward)))
-            return [c for c in out if c is not None]
-        if self.state != "receiving":
-            if data:
-                out.append(self._anomaly("msnftp_overrun", f"{len(data)} bytes from the sender after the file "
-                                         "was complete; dropped"))
-            return [c for c in out if c is not None]
         self._blocks += data
         while len(self._blocks) >= 3:
             kind, length = self._blocks[0], self._blocks[1] | (self._blocks[2] << 8)
             if kind == 1:
-                self.state = "dropped"
-                self.closed = True
-                out += [self._anomaly("msnftp_cancelled", "the sender cancelled the transfer",
-                                      bytes_held=len(self.data)),
-                        Send(to_client=self.receiver_is_client, data=CANCEL_BLOCK), Close("MSNFTP cancelled")]
-                return out
+                return out + transfer.abandon("msnftp_cancelled", "the sender cancelled the transfer")
             if kind != 0:
-                self.closed = True
-                return out + [self._anomaly("msnftp_bad_block", f"a data block with header byte {kind}"),
-                              Close("MSNFTP bad block")]
+                return out + transfer.cut("msnftp_bad_block", f"a data block with header byte {kind}")
             if len(self._blocks) < 3 + length:
                 break
             block = bytes(self._blocks[:3 + length])
             del self._blocks[:3 + length]
-            self.held.append(block)
-            self.data += block[3:]
-            if self.size is not None and len(self.data) > self.size:
-                out.append(self._anomaly("msnftp_overrun", f"{len(self.data) - self.size} bytes past FIL {self.size}"))
-            if len(self.data) > self.limits.msnp_max_held_bytes:
-                return out + self._too_large(len(self.data))
-            if self.size is not None and len(self.data) >= self.size:
-                self.answered = True
+            out += transfer.append(block[3:], wire=block)
+            if transfer.state is not HoldState.RECEIVING:
+                return out                  # cut: too large to hold
+            if transfer.size is not None and transfer.received > transfer.size:
+                out.append(self._anomaly("msnftp_overrun", f"{transfer.received - transfer.size} bytes past FIL "
+                                         f"{transfer.size}"))
+            if transfer.complete:
+                self.answered_sender = True
                 out.append(Send(to_client=not self.receiver_is_client, data=BYE_OK))
-                out += self._inspect(truncated=False)
-                if self._blocks:
-                    out.append(self._anomaly("msnftp_overrun", f"{len(self._blocks)} bytes after the last block; "
-                                             "dropped"))
+                out += transfer.inspect()
+                if self._blocks:            # nothing may follow the last block
+                    out += transfer.append(bytes(self._blocks))
                     self._blocks.clear()
                 break
-        return [c for c in out if c is not None]
+        return out
+
+    def _sender_lines(self, data: bytes) -> list[Command]:
+        out: list[Command] = []
+        buf = self._lines[False]
+        buf += data
+        forward = bytearray()
+        while True:
+            end = buf.find(b"\n")
+            if end < 0:
+                if len(buf) > MAX_LINE:
+                    return self._fail("line_too_long", "an MSNFTP line over 1024 bytes", "MSNFTP line too long")
+                break
+            line = bytes(buf[:end + 1])
+            del buf[:end + 1]
+            words = line.decode("utf-8", "replace").split()
+            if words and words[0].upper() == "FIL":
+                size = int(words[1]) if len(words) >= 2 and words[1].isdigit() else None
+                if size is None:
+                    return [self._anomaly("msnftp_bad_size", f"FIL {line[:40]!r}"), Close("MSNFTP bad FIL")]
+                if self.offer.size is not None and size != self.offer.size:
+                    out.append(self._anomaly("msnftp_size_mismatch", f"FIL {size}, the invitation said "
+                                             f"{self.offer.size}"))
+                self.announced_size = size
+                if size > self.limits.msnp_max_held_bytes:
+                    return out + self._refuse_announced(size)
+            forward += line
+        if forward:
+            out.insert(0, Send(to_client=self.receiver_is_client, data=bytes(forward)))
+        return out
+
+    # --- the held file, in MSNFTP's terms -----------------------------------------------------------
+
+    def _hold(self) -> HeldTransfer:
+        # One file per connection (owns_connection): a stopped file ends the connection, and after the
+        # release a close from either side is passed on. Each piece is held twice (its data for inspection,
+        # its raw block for the release), and both count towards the holds, so the file's own bound
+        # (max_bytes, payload only) is the only per-connection bound.
+        return HeldTransfer(self.transfer_id, self.file_context, sender_is_client=not self.receiver_is_client,
+                            kind="msnftp", max_bytes=self.limits.msnp_max_held_bytes, size=self.announced_size,
+                            name=self.offer.name, receiver=self.offer.receiver, owns_connection=True,
+                            holds=ConnectionHolds(), refuse=self._cancel_receiver, tell=self._tell_sender,
+                            event_data={"offer": self.offer.offer_id})
+
+    def _cancel_receiver(self, transfer: HeldTransfer) -> list[Command]:
+        """What the receiver gets instead of a stopped file: MSNFTP's cancel block (if it is still there)."""
+        return [] if transfer.receiver_gone else [Send(to_client=self.receiver_is_client, data=CANCEL_BLOCK)]
+
+    def _tell_sender(self, transfer: HeldTransfer, text: str, decision: Decision | None) -> list[Command]:
+        """The sender is told in the switchboard that carried the invitation."""
+        return [Notify(self.offer.context.connection_id, "msnp", text, self.file_context, decision,
+                       (("msnftp", self.offer.to_dict()),))]
+
+    def _refuse_announced(self, size: int) -> list[Command]:
+        """A FIL over the bound: the file is cut before its first byte (the FIL does not cross)."""
+        self.transfer = self._hold()
+        text = (f"imguard: the file {self.offer.name!r} to {self.offer.receiver} was stopped: it is larger than "
+                f"{self.limits.msnp_max_held_bytes} bytes and could not be inspected")
+        return self.transfer.cut("msnftp_too_large", text, notice=text, bytes_seen=size,
+                                 max_held_bytes=self.limits.msnp_max_held_bytes)
+
+    def _fail(self, kind: str, detail: str, reason: str) -> list[Command]:
+        """Framing the session cannot follow ends the connection; a file being held ends with it."""
+        transfer = self.transfer
+        if transfer is not None and transfer.state is HoldState.RECEIVING:
+            return transfer.cut(kind, detail)
+        if transfer is not None and transfer.state is HoldState.INSPECTING:
+            return transfer.abandon(kind, detail)
+        return [self._anomaly(kind, detail), Close(reason)]
 
     # --- internals ----------------------------------------------------------------------------------
 
-    def _inspect(self, truncated: bool) -> list[Command]:
-        self.state = "inspecting"
-        return [InspectFile(transfer_id=self.transfer_id, data=bytes(self.data), context=self.file_context,
-                            name=self.offer.name, truncated=truncated)]
-
-    def _too_large(self, total: int) -> list[Command]:
-        self.closed = True
-        self.state = "dropped"
-        self.held, self.data = [], bytearray()
-        text = (f"imguard: the file {self.offer.name!r} to {self.offer.receiver} was stopped: it is larger than "
-                f"{self.limits.msnp_max_held_bytes} bytes and could not be inspected")
-        return [self._anomaly("msnftp_too_large", text, bytes_seen=total),
-                Send(to_client=self.receiver_is_client, data=CANCEL_BLOCK),
-                Record(alerts.notify_event(self.offer.context.connection_id, "msnp", self.file_context, text,
-                                    msnftp=self.offer.to_dict())),
-                Close("MSNFTP file too large to inspect")]
+    def _ended(self, cmds: list[Command]) -> list[Command]:
+        """The commands, noting whether they end the connection."""
+        if any(isinstance(c, Close) for c in cmds):
+            self.closed = True
+        return cmds
 
     def _anomaly(self, kind: str, detail: str, **data: Any) -> Record:
         if self.offer is not None:

@@ -14,22 +14,27 @@ the first OFT header (or AOL proxy frame) and closes the connection if none anno
                                   <- OFT2 0x0204 done
       (next prompt for the next file, or close)
 
-The side that sends the prompt is the sender. After the receiver's ack, the sender's `size` bytes are
-held (never forwarded); when the last one is in, the session returns `InspectFile(transfer_id=
-"oft:<offer>:<n>", mechanism "oft")` and answers the sender itself with the done header (the prompt
-with type 0x0204, bytes received = size, received checksum = the sender's checksum) so its client
-finishes; the receiver's own done is swallowed later. Allowed: the held bytes go to the receiver.
-Blocked: the connection closes (the receiver has nothing) and a Record with `imguard.notify`
-(connection_id of the BOS connection that carried the rendezvous, text) asks the carrier to call
-`OscarSession.notice(text)` there. Several files: each prompt starts the next; the sender's bytes
-that arrive while a file is being inspected wait in the buffer. AOL proxy frames (length (2) |
-0x044A | type (2) | ...) before the OFT headers cross unchanged. A resumed transfer (0x0205/0x0106/
-0x0207) is inspected as truncated: only the part after the resume offset passed the gateway.
+The side that sends the prompt is the sender. The session keeps only the framing (headers, proxy
+frames, which done header is ours); each file is its own `HeldTransfer` (imguard.files.tracker), made
+when the receiver's ack (or resume ack) starts the file's bytes (kind "oft", the prompt's size, bounded
+by `oscar_max_held_bytes`), which says when the held bytes are released or dropped and what a close
+does. The sender's `size` bytes are appended to it (never forwarded); when the last one is in, the
+session answers the sender itself with the done header (the prompt with type 0x0204, bytes received =
+size, received checksum = the sender's checksum) so its client finishes, then returns the tracker's
+`InspectFile(transfer_id="oft:<offer>:<n>")` (the done header first: a gateway pauses the connection at
+an InspectFile); the receiver's own done is swallowed later. `file_verdict` is the tracker's verdict:
+allowed, the held bytes go to the receiver; blocked, the connection closes (the receiver has nothing) and
+the sender is told with a `Notify` for the BOS connection that carried the rendezvous (its
+`OscarSession.notice(text)`). A prompt over the bound cuts its file before a byte; the receiver leaving
+before a file is whole abandons it (the sender must not get a done header saying it arrived). Several
+files: each prompt starts the next; the sender's bytes that arrive while a file is being inspected wait
+in the buffer. AOL proxy frames (length (2) | 0x044A | type (2) | ...) before the OFT headers cross
+unchanged. A resumed transfer (0x0205/0x0106/0x0207) is inspected as truncated: only the part after the
+resume offset passed the gateway.
 
 What the carrier does: on a new connection to (ip, port) for which `find_oft_offer(transfers,
 host=ip, port=port)` is not None (or to the AOL proxy), `OftSession(checker, transfers, ctx, offer)`;
-carry Send/Record/Close; answer InspectFile with Pipeline.check_file; route a Record with
-`imguard.notify` to the OscarSession whose `context.connection_id` is `notify.connection_id`.
+carry Send/Record/Notify/Close; answer InspectFile with Pipeline.check_file.
 """
 
 from __future__ import annotations
@@ -38,8 +43,9 @@ import struct
 from typing import Any
 
 from imguard import alerts
+from imguard.files.tracker import ConnectionHolds, HeldTransfer, HoldState
 from imguard.model import ChatContext, Decision, FileReport
-from imguard.protocols.base import Close, Command, InspectFile, Record, Send, block_words
+from imguard.protocols.base import Close, Command, Notify, Record, Send
 from imguard.protocols.oscar.decoder import (OFT_ACK, OFT_DONE, OFT_PROMPT, OFT_RESUME, OFT_RESUME_ACK,
                                              PROXY_VERSION, OftHeader, OscarError, OscarLimits, parse_oft)
 from imguard.protocols.oscar.session import OftOffer, find_oft_offer
@@ -57,20 +63,16 @@ class OftSession:
         self.context = context
         self.offer = offer
         self.limits = limits
-        self.closed = False
+        self.closed = False                 # this session has ended the connection (returned a Close)
         self._buf = {True: bytearray(), False: bytearray()}
         self.sender_is_client: bool | None = None
         self.prompt: OftHeader | None = None
         self.file_index = 0
-        self.remaining = 0                  # file bytes still expected from the sender
-        self.in_data = False
         self.resume_offset = 0
-        self.held = bytearray()
-        self.inspecting = False
         self.dones_owed = 0                 # receiver's done headers to swallow (we answered the sender)
-        self.sender_closed = False
-        self.receiver_closed = False
-        self.transfer_id = ""
+        # The current file, from its ack until the next prompt (None: between files, or none yet).
+        self.transfer: HeldTransfer | None = None
+        self.holds = ConnectionHolds()      # the files of this connection, one at a time
 
     def _file_context(self) -> ChatContext:
         base = self.offer.context if self.offer is not None else ChatContext()
@@ -93,64 +95,46 @@ class OftSession:
         return []
 
     def file_verdict(self, transfer_id: str, report: FileReport, decision: Decision) -> list[Command]:
-        if transfer_id != self.transfer_id or not self.inspecting or self.closed:
+        transfer = self.transfer
+        if transfer is None or transfer_id != transfer.transfer_id:
             return []
-        self.inspecting = False
-        data, self.held = bytes(self.held), bytearray()
-        receiver_is_client = not self.sender_is_client
-        if decision.blocked:
-            self.closed = True
-            action, why = block_words(decision)
-            name = self.prompt.name if self.prompt else self.offer.name
-            text = decision.notice or (f"The file {name!r} from {self.offer.sender} to {self.offer.receiver} was "
-                                       f"{action} by imguard: {why}")
-            return [Record(alerts.notify_event(self.offer.context.connection_id, "oscar", self._file_context(), text, decision,
-                                        oft=self.offer.to_dict())), Close(f"OFT file {decision.action}")]
-        if self.receiver_closed:
-            self.closed = True
-            return [self._anomaly("oft_receiver_gone", "the receiver closed before the verdict; nothing delivered"),
-                    Close("OFT receiver gone")]
-        out: list[Command] = [Send(to_client=receiver_is_client, data=data)]
-        if decision.notice:
-            out.append(Record(alerts.notify_event(self.offer.context.connection_id, "oscar", self._file_context(),
-                                           decision.notice, decision, oft=self.offer.to_dict())))
-        self._process(out, self.sender_is_client)
-        if self.sender_closed and not self.inspecting and not self.closed:
-            self.closed = True
-            out.append(Close("OFT transfer done"))
+        out: list[Command] = []
+        self._add(out, transfer.verdict(decision))
+        if transfer.state is HoldState.RELEASED:
+            self._process(out, self.sender_is_client)   # the next file's prompt may be waiting in the buffer
         return out
 
     def connection_closed(self, from_client: bool) -> list[Command]:
         if self.closed:
             return []
-        if from_client == self.sender_is_client:
-            self.sender_closed = True
-            if self.in_data and self.held:
-                self.in_data = False
-                return self._inspect(truncated=True)
-        elif self.sender_is_client is not None:
-            self.receiver_closed = True
-        if self.inspecting:
-            return []                       # the verdict still has to be recorded (and notified)
-        self.closed = True
-        return [Close("OFT peer closed")]
+        transfer = self.transfer
+        out: list[Command] = []
+        if transfer is None:                            # no file under way
+            self._add(out, [Close("OFT peer closed")])
+        elif from_client == self.sender_is_client:
+            self._add(out, transfer.sender_closed())
+        else:
+            self._add(out, transfer.receiver_closed())
+            if transfer.state is HoldState.RECEIVING:
+                # Before the file is whole the receiver's leaving ends it: holding on would end in our done
+                # header telling the sender a file arrived that nobody received.
+                self._add(out, transfer.abandon("oft_receiver_gone", "the receiver closed before the file was "
+                                                "whole; nothing delivered"))
+        return out
 
     # --- frames -------------------------------------------------------------------------------------
 
     def _process(self, out: list[Command], side: bool) -> None:
         buf = self._buf[side]
         while buf and not self.closed:
-            if side == self.sender_is_client and self.inspecting:
-                return                                  # the next file waits for this one's verdict
-            if self.in_data and side == self.sender_is_client:
-                take = min(self.remaining, len(buf))
-                self.held += buf[:take]
+            transfer = self.transfer
+            if side == self.sender_is_client and transfer is not None and transfer.holding:
+                if transfer.state is HoldState.INSPECTING:
+                    return                              # the next file waits for this one's verdict
+                take = min(transfer.size - transfer.received, len(buf))
+                self._add(out, transfer.append(bytes(buf[:take])))
                 del buf[:take]
-                self.remaining -= take
-                if len(self.held) > self.limits.oscar_max_held_bytes:
-                    out += self._too_large(len(self.held))
-                    return
-                if self.remaining == 0:
+                if transfer.state is HoldState.RECEIVING and transfer.received >= transfer.size:
                     self._complete(out)
                 continue
             if len(buf) < 6:
@@ -213,23 +197,22 @@ class OftSession:
             if side != self.sender_is_client:
                 out.append(self._anomaly("oft_unexpected", "a prompt from the receiving side"))
             else:
-                if h.size > self.limits.oscar_max_held_bytes:
-                    out += self._too_large(h.size)
-                    return
                 self.prompt = h
                 self.file_index += 1
                 self.resume_offset = 0
+                self.transfer = None                    # the previous file was released: this one is next
+                if h.size > self.limits.oscar_max_held_bytes:
+                    out += self._refuse_announced(h)
+                    return
         elif h.type == OFT_ACK and side != self.sender_is_client and self.prompt is not None:
             out.append(Send(to_client=not side, data=h.raw))
             self._start_data(out, 0)
-            self._process(out, self.sender_is_client)
             return
         elif h.type == OFT_RESUME and side != self.sender_is_client:
             self.resume_offset = min(h.bytes_received, self.prompt.size if self.prompt else 0)
         elif h.type == OFT_RESUME_ACK and side != self.sender_is_client and self.prompt is not None:
             out.append(Send(to_client=not side, data=h.raw))
             self._start_data(out, self.resume_offset)
-            self._process(out, self.sender_is_client)
             return
         elif h.type == OFT_DONE and side != self.sender_is_client and self.dones_owed:
             self.dones_owed -= 1
@@ -238,26 +221,58 @@ class OftSession:
             out.append(Send(to_client=not side, data=h.raw))
 
     def _start_data(self, out: list[Command], offset: int) -> None:
-        self.in_data = True
-        self.remaining = self.prompt.size - offset
-        self.held = bytearray()
-        if self.remaining <= 0:
-            self._complete(out)
+        """The receiver's ack: the prompt's file (from `offset`, resumed) comes now, held. A second ack for the
+        same prompt starts nothing."""
+        if self.transfer is None:
+            self.transfer = self._hold(self.prompt, size=self.prompt.size - offset)
+            if self.transfer.size <= 0:
+                self._complete(out)
+        self._process(out, self.sender_is_client)
 
     def _complete(self, out: list[Command]) -> None:
-        self.in_data = False
         prompt = self.prompt
         done = prompt.with_type(OFT_DONE, bytes_received=prompt.size, received_checksum=prompt.checksum)
         out.append(Send(to_client=self.sender_is_client, data=done))
         self.dones_owed += 1
-        out += self._inspect(truncated=self.resume_offset > 0)
+        out += self.transfer.inspect(truncated=self.resume_offset > 0)
 
-    def _inspect(self, truncated: bool) -> list[Command]:
-        self.inspecting = True
-        self.transfer_id = f"oft:{self.offer.offer_id}:{self.file_index}"
-        name = self.prompt.name if self.prompt is not None and self.prompt.name else self.offer.name
-        return [InspectFile(transfer_id=self.transfer_id, data=bytes(self.held), context=self._file_context(),
-                            name=name, truncated=truncated)]
+    # --- the held file, in OFT's terms --------------------------------------------------------------
+
+    def _hold(self, prompt: OftHeader, size: int) -> HeldTransfer:
+        # owns_connection=True although the connection may carry several files: its close rule is the
+        # connection's. A file stopped in any way (blocked, cut, abandoned) ends the connection, as a blocked
+        # file always has: the receiver has nothing, the sender learns it through the notice. A released file
+        # closes nothing by itself (only when a side has closed), so the next prompt can follow; until then a
+        # close from either side is passed on. `size` is what crosses this connection (after a resume offset).
+        return HeldTransfer(f"oft:{self.offer.offer_id}:{self.file_index}", self._file_context(),
+                            sender_is_client=bool(self.sender_is_client), kind="oft",
+                            max_bytes=self.limits.oscar_max_held_bytes, size=size,
+                            name=prompt.name or self.offer.name, receiver=self.offer.receiver, owns_connection=True,
+                            holds=self.holds, tell=self._tell_sender, event_data={"offer": self.offer.offer_id})
+
+    def _tell_sender(self, transfer: HeldTransfer, text: str, decision: Decision | None) -> list[Command]:
+        """The sender is told on the BOS connection that carried the rendezvous."""
+        return [Notify(self.offer.context.connection_id, "oscar", text, transfer.context, decision,
+                       (("oft", self.offer.to_dict()),))]
+
+    def _refuse_announced(self, prompt: OftHeader) -> list[Command]:
+        """A prompt over the bound: its file is cut before its first byte (the prompt does not cross)."""
+        self.transfer = self._hold(prompt, size=prompt.size)
+        text = (f"imguard: the file {self.transfer.name!r} to {self.offer.receiver} was stopped: it is larger "
+                f"than {self.limits.oscar_max_held_bytes} bytes and could not be inspected")
+        return self._ended(self.transfer.cut("oft_too_large", text, notice=text, size=prompt.size,
+                                             max_held_bytes=self.limits.oscar_max_held_bytes))
+
+    # --- internals ----------------------------------------------------------------------------------
+
+    def _add(self, out: list[Command], cmds: list[Command]) -> None:
+        out += self._ended(cmds)
+
+    def _ended(self, cmds: list[Command]) -> list[Command]:
+        """The commands, noting whether they end the connection."""
+        if any(isinstance(c, Close) for c in cmds):
+            self.closed = True
+        return cmds
 
     def _anomaly(self, kind: str, detail: str, **data: Any) -> Record:
         if self.offer is not None:
@@ -265,21 +280,19 @@ class OftSession:
         return Record(alerts.anomaly_event(self._file_context(), kind, detail, **data))
 
     def _fatal(self, kind: str, detail: str) -> list[Command]:
+        """Framing the session cannot follow ends the connection; a file being held ends with it."""
+        transfer = self.transfer
+        if transfer is not None and transfer.state is HoldState.RECEIVING:
+            return self._ended(transfer.cut(kind, detail))
+        if transfer is not None and transfer.state is HoldState.INSPECTING:
+            return self._ended(transfer.abandon(kind, detail))
         self.closed = True
-        self.held = bytearray()
         return [self._anomaly(kind, detail), Close(f"OFT: {kind}")]
 
-    def _too_large(self, size: int) -> list[Command]:
-        self.closed = True
-        self.held = bytearray()
-        text = (f"imguard: the file {self.offer.name!r} to {self.offer.receiver} was stopped: it is larger than "
-                f"{self.limits.oscar_max_held_bytes} bytes and could not be inspected")
-        return [self._anomaly("oft_too_large", text, size=size),
-                Record(alerts.notify_event(self.offer.context.connection_id, "oscar", self._file_context(), text,
-                                    oft=self.offer.to_dict())),
-                Close("OFT file too large to inspect")]
-
     def _unannounced(self) -> list[Command]:
+        transfer = self.transfer
+        if transfer is not None and transfer.holding:   # another cookie in the middle of a file
+            return self._fatal("oft_unannounced", "an OFT header whose cookie no rendezvous announced")
         self.closed = True
         return [Record(alerts.anomaly_event(self.context.with_(protocol="oscar", transfer_mechanism="oft"),
                                             "oft_unannounced", "an OFT connection whose cookie no rendezvous "
