@@ -221,3 +221,31 @@ def test_state_table_has_no_exit_from_a_final_state():
 
 def test_piece_size_counts_wire_bytes():
     assert Piece(0, b"abc").size == 3 and Piece(0, b"abc", wire=b"<abc/>").size == 9
+
+
+def test_a_transfer_dropped_without_a_final_event_gives_its_bytes_back():
+    """A session thrown away with its connection (no close ever reported) must not leave its file counted."""
+    import gc
+
+    ledger = HoldLedger(max_bytes=0)
+    holds = ConnectionHolds(ledger=ledger)
+    t = HeldTransfer("t", CTX, sender_is_client=True, kind="dcc", max_bytes=1 << 20, holds=holds)
+    t.append(FILE)
+    assert ledger.held_bytes == len(FILE) and ledger.in_flight == 1
+    del t
+    gc.collect()
+    assert ledger.held_bytes == 0 and ledger.in_flight == 0
+
+
+def test_announced_too_large_and_framing_truncated():
+    told = []
+    t = HeldTransfer("t", CTX, sender_is_client=True, kind="oft", max_bytes=100, name="big.iso",
+                     owns_connection=True, tell=lambda tr, text, d: told.append(text) or [])
+    out = t.too_large(10_000)                       # the prompt announced more than may be held
+    assert t.state is HoldState.TRUNCATED and isinstance(out[-1], Close)
+    assert out[0].event["imguard"]["anomaly"]["bytes_seen"] == 10_000
+    assert told == ["imguard: the file 'big.iso' to bob was stopped: it is larger than 100 bytes and could not be "
+                    "inspected"]
+    resumed = HeldTransfer("r", CTX, sender_is_client=True, kind="dcc", max_bytes=100)   # no size: only framing knows
+    resumed.append(b"tail of a resumed file")
+    assert resumed.sender_closed(truncated=True)[0].truncated

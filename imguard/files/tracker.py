@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import enum
 import threading
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -199,18 +200,30 @@ class HeldTransfer:
         self.state = HoldState.RECEIVING
         self.pieces: dict[int, Piece] = {}  # by offset
         self.received = 0                   # payload bytes appended (duplicates counted once)
-        self.held_bytes = 0                 # payload + wire bytes held, as reserved in `holds`
         self.truncated = False              # inspected with bytes missing
         self.sender_gone = False
         self.receiver_gone = False
         self.overrun = 0                    # payload bytes that arrived after the file was complete
         self.decision: Decision | None = None
         self.holds.opened(+1)
+        # A session dropped with its connection, without a final event (a carrier that never reported the close):
+        # what this transfer still holds is given back when it is collected, so the gateway's totals stay true.
+        self._account = _Account()
+        weakref.finalize(self, _settle, self.holds, self._account)
 
     def __repr__(self) -> str:
         return f"HeldTransfer({self.transfer_id!r}, {self.state.value}, {self.received} bytes)"
 
     # --- facts --------------------------------------------------------------------------------------
+
+    @property
+    def held_bytes(self) -> int:
+        """Payload and wire bytes held now, as reserved in `holds`."""
+        return self._account.bytes
+
+    @held_bytes.setter
+    def held_bytes(self, value: int) -> None:
+        self._account.bytes = value
 
     @property
     def receiver_is_client(self) -> bool:
@@ -268,15 +281,11 @@ class HeldTransfer:
         old = self.pieces.get(offset)
         grow = len(payload) - (len(old.payload) if old is not None else 0)
         if self.received + grow > self.max_bytes:
-            return self.cut(f"{self.kind}_too_large", self._too_large_text(self.received + grow),
-                            notice=self._too_large_text(self.received + grow), bytes_seen=self.received + grow,
-                            max_held_bytes=self.max_bytes)
+            return self.too_large(self.received + grow)
         size = len(payload) + (len(wire) if wire is not None else 0)
         freed = old.size if old is not None else 0
         if size > freed and not self.holds.reserve(size - freed):
-            return self.cut(f"{self.kind}_too_large", self._too_large_text(self.received + grow),
-                            notice=self._too_large_text(self.received + grow), bytes_seen=self.received + grow,
-                            max_held_bytes=self.max_bytes, reason="connection or gateway hold limit")
+            return self.too_large(self.received + grow, reason="connection or gateway hold limit")
         if size < freed:
             self.holds.free(freed - size)
         self.held_bytes += size - freed
@@ -339,15 +348,15 @@ class HeldTransfer:
             out += self._close_connection(f"{self.kind} transfer done")
         return out
 
-    def sender_closed(self) -> list[Command]:
+    def sender_closed(self, truncated: bool = False) -> list[Command]:
         """The sender ended the file (closed its connection, or its framing's end). Receiving: what came is all
-        there will be, inspected (truncated if short); nothing came: abandoned. Released: the close is passed
-        on to the receiver."""
+        there will be, inspected (truncated if short of its announced size, or when the framing says so, as for a
+        resumed file); nothing came: abandoned. Released: the close is passed on to the receiver."""
         self.sender_gone = True
         if self.state is HoldState.RECEIVING:
             if not self.pieces:
                 return self.abandon(f"{self.kind}_empty", "the sender closed before sending any data")
-            return self.inspect()
+            return self.inspect(truncated=truncated)
         if self.state is HoldState.RELEASED:
             return self._close_connection(f"{self.kind} transfer done")
         return []
@@ -359,6 +368,13 @@ class HeldTransfer:
         if self.state is HoldState.RELEASED:
             return self._close_connection(f"{self.kind} receiver closed")
         return []
+
+    def too_large(self, total: int, **data: Any) -> list[Command]:
+        """Cut because it cannot be held whole: `total` bytes (held, or announced) against `max_bytes`, or the
+        connection's or gateway's bound. The sender is told it could not be inspected."""
+        text = self._too_large_text(total)
+        return self.cut(f"{self.kind}_too_large", text, notice=text, bytes_seen=total, max_held_bytes=self.max_bytes,
+                        **data)
 
     def cut(self, kind: str, detail: str, notice: str | None = None, **data: Any) -> list[Command]:
         """The gateway stops the file before it is whole (too large to hold, framing it cannot follow): fail
@@ -393,6 +409,7 @@ class HeldTransfer:
         self.state = new
         if new not in HOLDING:
             self.holds.opened(-1)
+            self._account.open = False
 
     def _tail(self) -> Piece | None:
         return self.pieces[max(self.pieces)] if self.pieces else None
@@ -425,6 +442,22 @@ class HeldTransfer:
     def _too_large_text(self, total: int) -> str:
         return (f"imguard: the file {self.name!r}{' to ' + self.receiver if self.receiver else ''} was stopped: "
                 f"it is larger than {self.max_bytes} bytes and could not be inspected")
+
+
+@dataclass
+class _Account:
+    """What one transfer holds in its ConnectionHolds: shared with its finalizer."""
+    bytes: int = 0
+    open: bool = True
+
+
+def _settle(holds: ConnectionHolds, account: _Account) -> None:
+    if account.bytes:
+        holds.free(account.bytes)
+        account.bytes = 0
+    if account.open:
+        account.open = False
+        holds.opened(-1)
 
 
 def _send_to_receiver(transfer: HeldTransfer, pieces: Iterable[Piece]) -> list[Command]:

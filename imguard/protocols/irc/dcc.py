@@ -158,7 +158,7 @@ class DccSendSession:
             return transfer.append(data)    # after the file was whole: an overrun, dropped, recorded once
         if transfer.size is not None and transfer.size > transfer.max_bytes:
             # Announced larger than it may be held: stopped at its first byte, not after max_held_bytes of it.
-            return self._too_large(transfer.received + len(data))
+            return transfer.too_large(transfer.size)
         room = len(data) if transfer.size is None else max(0, transfer.size - transfer.received)
         out = transfer.append(data[:room]) if room else []     # past max_held_bytes: cut
         if transfer.state is HoldState.RECEIVING:
@@ -184,10 +184,7 @@ class DccSendSession:
             return []
         if from_client != self.sender_is_client:
             return self.transfer.receiver_closed()
-        out: list[Command] = []
-        if self.offer.position and self.transfer.received:
-            out += self.transfer.inspect(truncated=True)    # a resumed file is a part, however much came
-        return out + self.transfer.sender_closed()
+        return self.transfer.sender_closed(truncated=self.offer.position > 0)     # a resumed file is a part
 
     def start(self) -> list[Command]:
         """Optional: what to do when the connection opens, before any byte (an unannounced one is closed)."""
@@ -214,12 +211,6 @@ class DccSendSession:
             details["bytes_held"] = transfer.received
         return [Notify(self.offer.context.connection_id, "irc", text, transfer.context, decision,
                        (("dcc", details),))]
-
-    def _too_large(self, total: int) -> list[Command]:
-        text = (f"imguard: the file {self.offer.name!r} to {self.offer.receiver} was stopped: it is larger than "
-                f"{self.limits.max_held_bytes} bytes and could not be inspected")
-        return self.transfer.cut("dcc_too_large", text, notice=text, bytes_seen=total,
-                                 max_held_bytes=self.limits.max_held_bytes)
 
     def _unannounced(self, size: int) -> list[Command]:
         if self.refused:

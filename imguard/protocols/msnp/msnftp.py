@@ -254,10 +254,7 @@ class DirectMsnftpSession:
     def _refuse_announced(self, size: int) -> list[Command]:
         """A FIL over the bound: the file is cut before its first byte (the FIL does not cross)."""
         self.transfer = self._hold()
-        text = (f"imguard: the file {self.offer.name!r} to {self.offer.receiver} was stopped: it is larger than "
-                f"{self.limits.msnp_max_held_bytes} bytes and could not be inspected")
-        return self.transfer.cut("msnftp_too_large", text, notice=text, bytes_seen=size,
-                                 max_held_bytes=self.limits.msnp_max_held_bytes)
+        return self.transfer.too_large(size)
 
     def _fail(self, kind: str, detail: str, reason: str) -> list[Command]:
         """Framing the session cannot follow ends the connection; a file being held ends with it."""

@@ -258,10 +258,7 @@ class OftSession:
     def _refuse_announced(self, prompt: OftHeader) -> list[Command]:
         """A prompt over the bound: its file is cut before its first byte (the prompt does not cross)."""
         self.transfer = self._hold(prompt, size=prompt.size)
-        text = (f"imguard: the file {self.transfer.name!r} to {self.offer.receiver} was stopped: it is larger "
-                f"than {self.limits.oscar_max_held_bytes} bytes and could not be inspected")
-        return self._ended(self.transfer.cut("oft_too_large", text, notice=text, size=prompt.size,
-                                             max_held_bytes=self.limits.oscar_max_held_bytes))
+        return self._ended(self.transfer.too_large(prompt.size, size=prompt.size))
 
     # --- internals ----------------------------------------------------------------------------------
 
