@@ -355,7 +355,7 @@ def test_each_blocked_copy_of_a_file_is_recorded_with_its_receiver(prosody, gate
                 assert EICAR not in seen["received"]
             for role in ("bob", "carol"):
                 alert = await route.wait_alert(
-                    lambda e: e.get("file", {}).get("hash", {}).get("sha256") == sha256(EICAR)
+                    lambda e, role=role: e.get("file", {}).get("hash", {}).get("sha256") == sha256(EICAR)
                     and any(r.split("/")[0] == route.bare(role) for r in e["imguard"]["context"]["recipients"]),
                     timeout=5)
                 assert alert, (f"no record of the EICAR transfer from {route.bare('alice')} to {route.bare(role)} "

@@ -9,13 +9,16 @@ fixed Decisions (policy is not under test here) and remembers what it was asked.
 import base64
 import json
 from pathlib import Path
+from xml.etree import ElementTree as ET
 
 import pytest
 
 from imguard.files.expected import ExpectedTransfers
-from imguard.model import ALERT, BLOCK, MASK, QUARANTINE, ChatContext, Decision, FileReport
+from imguard.files.tracker import HoldLedger
+from imguard.model import ALERT, BLOCK, MASK, QUARANTINE, ChatContext, Decision, FileReport, RuleMatch
 from imguard.protocols.base import Close, InspectFile, Record, Send, StartTls
 from imguard.protocols.xmpp import XmppLimits, XmppSession, socks5_hash
+from imguard.protocols.xmpp.decoder import Stanza
 
 DATA = Path(__file__).parent / "data" / "xmpp"
 CTX = ChatContext(protocol="xmpp", client_address="127.0.0.1:41998", server_address="127.0.0.1:15222",
@@ -369,7 +372,8 @@ def test_unexpected_slot_is_noted():
 
 # --- XEP-0047 in-band bytestreams ------------------------------------------------------------------
 
-HELD_IDS = [b"4d5e0b0b8571446e995f5b493ecc8e9c", b"b19cf2da315b41c4840a9e3edbb77d5b", b"6624cd0f80e04f138a37bcd44ca6dae0",
+HELD_IDS = [b"4d5e0b0b8571446e995f5b493ecc8e9c", b"b19cf2da315b41c4840a9e3edbb77d5b",
+            b"6624cd0f80e04f138a37bcd44ca6dae0",
             b"4fc1f32aa9fa46e1963cbb4d608dd12e", b"42e78744440d46fa86b0c5deac59542b"]   # 4 data iqs + close
 
 
@@ -499,10 +503,12 @@ def test_ibb_name_comes_from_a_jingle_offer():
     """An XEP-0234 Jingle offer names the file for its IBB transport's sid (and tells the announced size)."""
     s = logged_in()
     jingle = (b"<iq type='set' id='j1' to='bob@localhost/t'><jingle xmlns='urn:xmpp:jingle:1' action='session-initiate'"
-              b" sid='js'><content creator='initiator' name='f'><description xmlns='urn:xmpp:jingle:apps:file-transfer:5'>"
+              b" sid='js'><content creator='initiator' name='f'><description"
+              b" xmlns='urn:xmpp:jingle:apps:file-transfer:5'>"
               b"<file><media-type>application/pdf</media-type><name>cv.pdf</name><size>10</size>"
               b"<hash xmlns='urn:xmpp:hashes:2' algo='sha-1'>AAAA</hash></file></description>"
-              b"<transport xmlns='urn:xmpp:jingle:transports:ibb:1' sid='s1' block-size='4096'/></content></jingle></iq>")
+              b"<transport xmlns='urn:xmpp:jingle:transports:ibb:1' sid='s1'"
+              b" block-size='4096'/></content></jingle></iq>")
     s.data_received(True, jingle)
     s.data_received(True, IBB_OPEN)
     s.data_received(True, ibb_data(0, "QUJD"))
@@ -536,6 +542,152 @@ def test_disconnect_with_a_held_transfer_releases_nothing():
     s.data_received(True, ibb_data(0, "QUJD"))
     cmds = s.connection_closed(from_client=True)
     assert anomalies(cmds) == ["transfer_abandoned"] and cmds[-1] == Close("client closed")
+
+
+IBB_CLOSE = b"<iq type='set' id='c1' to='bob@localhost/t'><close xmlns='http://jabber.org/protocol/ibb' sid='s1'/></iq>"
+MALWARE = Decision(action=BLOCK, matches=[RuleMatch(rule_id="malware", action=BLOCK, severity="high", mode="enforce",
+                                                    title="Malware")])
+
+
+def anomaly_fields(cmds, kind):
+    return [c.event["imguard"]["anomaly"] for c in cmds if isinstance(c, Record)
+            and c.event["imguard"].get("anomaly", {}).get("kind") == kind]
+
+
+def test_ibb_blocked_without_a_notice_of_its_own_names_the_file():
+    """A decision without a notice: alice is told in the gateway's one words for a blocked file, with its name."""
+    s = logged_in()
+    s.data_received(True, b"<iq type='set' id='si1' to='bob@localhost/t'><si xmlns='http://jabber.org/protocol/si' "
+                          b"id='s1' profile='http://jabber.org/protocol/si/profile/file-transfer'><file xmlns="
+                          b"'http://jabber.org/protocol/si/profile/file-transfer' name='eicar.com' size='3'/>"
+                          b"</si></iq>")
+    s.data_received(True, IBB_OPEN)
+    s.data_received(True, ibb_data(0, "QUJD"))
+    (inspect,) = [c for c in s.data_received(True, IBB_CLOSE) if isinstance(c, InspectFile)]
+    out = s.file_verdict(inspect.transfer_id, FileReport("", "", 3), MALWARE)
+    assert sent(out, False).startswith(b"<iq type='set' id='imguard-1' to='bob@localhost/t'><close ")
+    assert sent(out, True) == (b"<message type='chat' from='localhost' to='alice@localhost/t'><body>imguard: the file "
+                               b"'eicar.com' from alice@localhost to bob@localhost/t was blocked (Malware)"
+                               b"</body></message>")
+
+
+def test_ibb_empty_blocks_and_an_empty_file_are_released_in_order():
+    """Blocks without bytes (and a file without blocks) hold their stanzas like any other: released in order."""
+    s = logged_in()
+    s.data_received(True, IBB_OPEN)
+    stanzas = [ibb_data(0, ""), ibb_data(1, "QUJD"), ibb_data(2, ""), ibb_data(3, "REVG")]
+    for stanza in stanzas:
+        assert sent(s.data_received(True, stanza), False) == b""
+    (inspect,) = [c for c in s.data_received(True, IBB_CLOSE) if isinstance(c, InspectFile)]
+    assert inspect.data == b"ABCDEF"
+    assert s.file_verdict(inspect.transfer_id, FileReport("", "", 6), Decision()) == [
+        Send(False, b"".join(stanzas) + IBB_CLOSE)]
+    s.data_received(True, IBB_OPEN.replace(b"sid='s1'", b"sid='s2'"))
+    close = IBB_CLOSE.replace(b"sid='s1'", b"sid='s2'")
+    (inspect,) = [c for c in s.data_received(True, close) if isinstance(c, InspectFile)]
+    assert (inspect.transfer_id, inspect.data) == ("ibb:s2", b"")
+    assert s.file_verdict("ibb:s2", FileReport("", "", 0), Decision()) == [Send(False, close)]
+
+
+def test_ibb_held_bytes_are_bounded_with_every_other_held_file():
+    """The connection's held stanzas count into the gateway's ledger: past its bound the file is cut
+    (ibb_too_large), refused both ways, and what it held is given back."""
+    ledger = HoldLedger(max_bytes=400)
+    s = logged_in(hold_ledger=ledger)
+    s.data_received(True, IBB_OPEN)
+    assert anomalies(s.data_received(True, ibb_data(0, "QUJD"))) == []
+    assert 0 < ledger.held_bytes < 400 and ledger.in_flight == 1
+    cmds = s.data_received(True, ibb_data(1, "REVG" * 100))
+    (too_large,) = anomaly_fields(cmds, "ibb_too_large")
+    assert too_large["sid"] == "s1" and too_large["reason"] == "connection or gateway hold limit"
+    assert sent(cmds, False).startswith(b"<iq type='set' id='imguard-1' to='bob@localhost/t'><close ")
+    assert b"<not-acceptable " in sent(cmds, True)
+    assert ledger.held_bytes == 0 and ledger.in_flight == 0
+    assert anomalies(s.data_received(True, ibb_data(2, "QUJD"))) == ["ibb_unknown_sid"]
+
+
+def test_ibb_refused_message_blocks_get_a_notice():
+    """stanza='message' blocks cannot be answered with an iq error: a refused one gets a notice message."""
+    s = logged_in()
+    s.data_received(True, IBB_OPEN.replace(b"block-size", b"stanza='message' block-size"))
+    m = (b"<message to='bob@localhost/t' id='dm1'><data xmlns='http://jabber.org/protocol/ibb' sid='s1' seq='1'>"
+         b"QUJD</data></message>")
+    cmds = s.data_received(True, m)
+    assert anomalies(cmds) == ["ibb_sequence_gap"]
+    assert sent(cmds, False).startswith(b"<iq type='set' id='imguard-1' to='bob@localhost/t'><close ")
+    assert sent(cmds, True) == (b"<message type='chat' from='localhost' to='alice@localhost/t'><body>Your file "
+                                b"transfer was blocked by the security policy.</body></message>")
+
+
+def test_disconnect_abandons_every_held_transfer_with_its_sid_and_bytes():
+    """Open, receiving and inspecting transfers are all abandoned with sid and bytes (the replay lists them as
+    truncated transfers); nothing is sent, the held bytes are given back."""
+    ledger = HoldLedger()
+    s = logged_in(hold_ledger=ledger)
+    s.data_received(True, IBB_OPEN)
+    s.data_received(True, ibb_data(0, "QUJD"))
+    s.data_received(True, IBB_OPEN.replace(b"sid='s1'", b"sid='s2'"))
+    s.data_received(True, IBB_OPEN.replace(b"sid='s1'", b"sid='s3'"))
+    s.data_received(True, ibb_data(0, "QUJDREVG", sid="s3"))
+    assert any(isinstance(c, InspectFile) for c in s.data_received(True, IBB_CLOSE.replace(b"'s1'", b"'s3'")))
+    cmds = s.connection_closed(from_client=True)
+    assert [(a["sid"], a["bytes"]) for a in anomaly_fields(cmds, "transfer_abandoned")] == [
+        ("s1", 3), ("s2", 0), ("s3", 6)]
+    assert [c for c in cmds if isinstance(c, Send)] == [] and cmds[-1] == Close("client closed")
+    assert ledger.held_bytes == 0 and ledger.in_flight == 0
+    assert s.file_verdict("ibb:s3", FileReport("", "", 6), Decision()) == []
+
+
+def test_broken_stream_gives_up_its_held_transfers():
+    """A client that breaks its stream mid-transfer: the session closes it and gives the held file up at once
+    (recorded, its bytes back in the ledger), as the carrier may not call connection_closed on a closed session."""
+    ledger = HoldLedger()
+    s = logged_in(hold_ledger=ledger)
+    s.data_received(True, IBB_OPEN)
+    s.data_received(True, ibb_data(0, "QUJD"))
+    cmds = s.data_received(True, b"<message><body>broken</bdy></message>")
+    assert anomalies(cmds)[1:] == ["transfer_abandoned"] and isinstance(cmds[-1], Close)
+    assert b"<close " not in sent(cmds, False)
+    assert ledger.held_bytes == 0 and ledger.in_flight == 0
+
+
+def test_ibb_sid_being_inspected_cannot_be_opened_again():
+    """A sid whose file is out for inspection is still in use: a second open of it is refused, and the first
+    file is still released by its verdict."""
+    s = logged_in()
+    s.data_received(True, IBB_OPEN)
+    s.data_received(True, ibb_data(0, "QUJD"))
+    s.data_received(True, IBB_CLOSE)
+    assert anomalies(s.data_received(True, IBB_OPEN)) == ["ibb_bad_open"]
+    assert s.file_verdict("ibb:s1", FileReport("", "", 3), Decision()) == [Send(False, ibb_data(0, "QUJD") + IBB_CLOSE)]
+    assert s.data_received(True, IBB_OPEN) == [Send(False, IBB_OPEN)]     # and then free again
+
+
+def test_ibb_hold_takes_either_direction():
+    """The IBB hold is written for a sender on either side: a stream from the server (inbound IBB, which the
+    session does not route to it yet) is answered to the server "from" alice, held, and released to alice; her
+    own answers are swallowed."""
+    s = logged_in()
+
+    def stanza(raw):
+        return Stanza(raw, ET.fromstring(raw))
+
+    frm = b" from='bob@localhost/t' to='alice@localhost/t'"
+    op = stanza(b"<iq type='set' id='o1'" + frm + b"><open xmlns='http://jabber.org/protocol/ibb' sid='in1' "
+                b"block-size='4096'/></iq>")
+    assert s.ibb.open(op, op.element[0], from_client=False) == [Send(True, op.raw)]
+    data = stanza(b"<iq type='set' id='d0'" + frm + b"><data xmlns='http://jabber.org/protocol/ibb' sid='in1' "
+                  b"seq='0'>QUJD</data></iq>")
+    assert s.ibb.data(data, data.element[0], from_client=False) == [
+        Send(False, b"<iq type='result' id='d0' from='alice@localhost/t' to='bob@localhost/t'/>")]
+    close = stanza(b"<iq type='set' id='c0'" + frm + b"><close xmlns='http://jabber.org/protocol/ibb' sid='in1'/></iq>")
+    out = s.ibb.close(close, close.element[0], from_client=False)
+    (inspect,) = [c for c in out if isinstance(c, InspectFile)]
+    assert inspect.data == b"ABC" and inspect.context.sender == "bob@localhost"
+    assert inspect.context.recipients == ("alice@localhost/t",)
+    assert s.file_verdict("ibb:in1", FileReport("", "", 3), Decision()) == [Send(True, data.raw + close.raw)]
+    for iq_id in ("d0", "c0"):
+        assert s.data_received(True, f"<iq type='result' id='{iq_id}' to='bob@localhost/t'/>".encode()) == []
 
 
 # --- XEP-0065 SOCKS5 bytestreams -------------------------------------------------------------------
@@ -624,8 +776,10 @@ def test_forwarded_and_xhtml_bodies_are_checked_too():
     """A secret hidden in a forwarded message or only in the XHTML-IM rendering is still seen and blocked."""
     checker = Checker({"bluebird": Decision(action=BLOCK)})
     s = logged_in(checker)
-    fwd = (b"<message type='chat' to='bob@localhost' id='f1'><body>see below</body><forwarded xmlns='urn:xmpp:forward:0'>"
-           b"<message xmlns='jabber:client' to='x@y'><body>project bluebird plans</body></message></forwarded></message>")
+    fwd = (b"<message type='chat' to='bob@localhost' id='f1'><body>see below</body><forwarded"
+           b" xmlns='urn:xmpp:forward:0'>"
+           b"<message xmlns='jabber:client' to='x@y'><body>project bluebird"
+           b" plans</body></message></forwarded></message>")
     assert sent(s.data_received(True, fwd), False) == b""
     html = (b"<message type='chat' to='bob@localhost' id='h1'><body>hi</body><html xmlns='http://jabber.org/protocol/"
             b"xhtml-im'><body xmlns='http://www.w3.org/1999/xhtml'><p>bluebird</p></body></html></message>")
@@ -637,7 +791,8 @@ def test_mask_drops_the_xhtml_copy():
     """MASK rewrites <body> and removes the XHTML-IM rendering, which would still show the original."""
     s = logged_in(Checker({"4111": Decision(action=MASK, masked_text="card [masked]")}))
     m = (b"<message type='chat' to='bob@localhost' id='h2'><body>card 4111</body><html xmlns='http://jabber.org/"
-         b"protocol/xhtml-im'><body xmlns='http://www.w3.org/1999/xhtml'><p>card <b>4111</b></p></body></html></message>")
+         b"protocol/xhtml-im'><body xmlns='http://www.w3.org/1999/xhtml'><p>card"
+         b" <b>4111</b></p></body></html></message>")
     assert s.data_received(True, m) == [Send(False, b"<message type='chat' to='bob@localhost' id='h2'>"
                                                     b"<body>card [masked]</body></message>")]
 
@@ -648,10 +803,12 @@ def test_jingle_s5b_candidates_are_registered_and_rewritten():
     transfers = ExpectedTransfers()
     s = logged_in(transfers=transfers, bytestream_relay=("10.0.0.1", 1080))
     jingle = (b"<iq type='set' id='j2' to='bob@localhost/b'><jingle xmlns='urn:xmpp:jingle:1' action='session-initiate'"
-              b" sid='js2'><content creator='initiator' name='f'><description xmlns='urn:xmpp:jingle:apps:file-transfer:5'>"
+              b" sid='js2'><content creator='initiator' name='f'><description"
+              b" xmlns='urn:xmpp:jingle:apps:file-transfer:5'>"
               b"<file><name>plan.docx</name><size>2048</size></file></description>"
               b"<transport xmlns='urn:xmpp:jingle:transports:s5b:1' sid='ts2' mode='tcp'>"
-              b"<candidate cid='c1' host='192.168.1.5' jid='alice@localhost/t' port='40000' priority='1' type='direct'/>"
+              b"<candidate cid='c1' host='192.168.1.5' jid='alice@localhost/t' port='40000' priority='1'"
+              b" type='direct'/>"
               b"</transport></content></jingle></iq>")
     (cmd,) = s.data_received(True, jingle)
     assert b"host='10.0.0.1' jid='alice@localhost/t' port='1080'" in cmd.data and b"192.168.1.5" not in cmd.data
@@ -699,14 +856,16 @@ def test_sm_ack_counts_a_dropped_message_as_handled():
     s.data_received(True, message("hello"))
     s.data_received(True, message("secret"))
     assert s.data_received(True, f"<r xmlns='{SM}'/>".encode()) == [Send(False, f"<r xmlns='{SM}'/>".encode())]
-    assert s.data_received(False, f"<a xmlns='{SM}' h='1'/>".encode()) == [Send(True, f"<a xmlns='{SM}' h='2'/>".encode())]
+    assert s.data_received(False, f"<a xmlns='{SM}' h='1'/>".encode()) == \
+        [Send(True, f"<a xmlns='{SM}' h='2'/>".encode())]
 
 
 def test_sm_ack_does_not_count_injected_stanzas_towards_the_server():
     """alice got a policy-violation error the server never sent: her h is one higher than the server's count."""
     s = sm_enabled(checker=Checker({"secret": Decision(action=BLOCK)}))
     s.data_received(True, message("secret"))
-    assert s.data_received(True, f"<a xmlns='{SM}' h='4'/>".encode()) == [Send(False, f"<a xmlns='{SM}' h='3'/>".encode())]
+    assert s.data_received(True, f"<a xmlns='{SM}' h='4'/>".encode()) == \
+        [Send(False, f"<a xmlns='{SM}' h='3'/>".encode())]
 
 
 def test_sm_counts_balance_after_an_allowed_ibb_transfer():
@@ -718,12 +877,32 @@ def test_sm_counts_balance_after_an_allowed_ibb_transfer():
     cmds = s.data_received(True, b"<iq type='set' id='c9' to='bob@localhost/t'><close "
                                  b"xmlns='http://jabber.org/protocol/ibb' sid='s1'/></iq>")
     (inspect,) = [c for c in cmds if isinstance(c, InspectFile)]
-    assert s.data_received(True, f"<a xmlns='{SM}' h='5'/>".encode()) == [Send(False, f"<a xmlns='{SM}' h='0'/>".encode())]
+    assert s.data_received(True, f"<a xmlns='{SM}' h='5'/>".encode()) == \
+        [Send(False, f"<a xmlns='{SM}' h='0'/>".encode())]
     s.file_verdict(inspect.transfer_id, FileReport("", "", 12), Decision())
     for i in ["d0", "d1", "d2", "d3", "c9"]:
         assert s.data_received(False, f"<iq type='result' id='{i}' from='bob@localhost/t'/>".encode()) == []
     ack = f"<a xmlns='{SM}' h='5'/>".encode()
     assert s.data_received(True, ack) == [Send(False, ack)]
+
+
+def test_sm_counts_balance_after_a_blocked_ibb_transfer():
+    """Held stanzas that never cross count as handled; our close to bob and our notice to alice are ours."""
+    s = sm_enabled()
+    s.data_received(True, IBB_OPEN)                          # crosses: the server counts 1
+    assert s.data_received(False, b"<iq type='result' id='o1' from='bob@localhost/t'/>")
+    s.data_received(True, ibb_data(0, "QUJD"))
+    s.data_received(True, ibb_data(1, "QUJD"))
+    s.data_received(True, IBB_CLOSE)
+    out = s.file_verdict("ibb:s1", FileReport("", "", 6), MALWARE)     # + our close to bob, a notice to alice
+    assert b"<close " in sent(out, False) and b"<body>" in sent(out, True)
+    assert s.data_received(False, b"<iq type='result' id='imguard-1' from='bob@localhost/t'/>") == []
+    # alice sent 4 stanzas, the server got 2 (her open and our close); alice got 5 (one real result, three of
+    # ours, the notice), the server sent 2 (the result to the open, the answer to our close, swallowed)
+    def ack(h):
+        return f"<a xmlns='{SM}' h='{h}'/>".encode()
+    assert s.data_received(False, ack(2)) == [Send(True, ack(4))]
+    assert s.data_received(True, ack(5)) == [Send(False, ack(2))]
 
 
 def test_sm_resumption_on_another_connection_keeps_the_offsets():
@@ -776,4 +955,4 @@ def test_ibb_payload_quoted_in_an_error_is_not_a_transfer():
                b"block-size='4096'/><error type='cancel'><not-acceptable xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/>"
                b"</error></iq>")
     assert s.data_received(True, refusal) == [Send(False, refusal)]
-    assert s._ibb == {}
+    assert s.ibb.streams == {} and s.ibb.files == {}

@@ -27,12 +27,13 @@ for the contract). In short:
   records an `e2e_encrypted` anomaly with the scheme and asks the checker with the text "" so policy
   can still decide on who/where; MASK is not possible on ciphertext and is treated as ALERT.
 * Files:
-  - XEP-0047 IBB: data blocks are held (base64-decoded, sequence-checked) and each data iq is
-    answered by the session itself ("from" the receiver) so the sender keeps going; `<close>` gives
+  - XEP-0047 IBB (`ibb.InBandBytestreams`): the IBB framing drives a HeldTransfer per stream
+    (imguard.files.tracker). Data blocks are held (base64-decoded, sequence-checked) and each data iq
+    is answered by the session itself ("from" the receiver) so the sender keeps going; `<close>` gives
     `InspectFile(transfer_id='ibb:<sid>', mechanism 'ibb')`. Allowed: the held stanzas (data and
     close) are released byte-exact and the receiver's results to them are swallowed. Blocked: the
     receiver gets an IBB `<close>`, the sender a notice, the data is dropped. A transfer over
-    `max_held_bytes`, with a sequence gap or bad base64 is refused on the spot (fail closed): error
+    `max_held_bytes`, with a sequence gap or bad base64 is cut on the spot (fail closed): error
     to the sender, `<close>` to the receiver, an anomaly.
   - XEP-0363 HTTP upload: the slot request and the server's slot are joined and registered in the
     shared ExpectedTransfers table under the PUT URL (`expect_upload`); the gateway's HTTP side scans
@@ -42,8 +43,8 @@ for the contract). In short:
     streamhosts (`expect_bytestream`); with `bytestream_relay=(host, port)` every streamhost in the
     offer is rewritten to the gateway's relay, so the data must cross `Socks5BytestreamSession`.
     Jingle S5B (XEP-0260) candidates this client offers are registered and rewritten the same way.
-  - XEP-0096 SI and XEP-0234 Jingle offers give name/size/hash per sid for the transfers above;
-    XEP-0066 OOB links are recorded.
+  - XEP-0096 SI and XEP-0234 Jingle offers give name/size/hash per sid for the transfers above
+    (`offers.FileOffers`); XEP-0066 OOB links are recorded.
 * Anomalies never raise: malformed input from the client ends its stream with a stream error and
   Close (other connections are unaffected); an unexpected exception does the same with
   `internal-server-error`.
@@ -51,8 +52,9 @@ for the contract). In short:
   so `<a h/>`, `<resume h/>` and `<resumed h/>` are translated (offsets are also kept in the shared
   table under the SM id, so a resumption on a new connection continues with them).
 * Memory per connection is bounded: remembered ids, offers and slot requests live in a bounded,
-  expiring table (`max_tracked_ids`, `tracked_id_ttl`); held IBB transfers by `max_transfers` x
-  `max_held_bytes`.
+  expiring table (`max_tracked_ids`, `tracked_id_ttl`); held IBB transfers by `max_transfers`, each
+  by `max_held_bytes`, together with their stanzas by `ibb.connection_bound`, and with every other
+  held file of the process by the tracker's ledger.
 
 Not done (yet): inbound files and messages (a transfer *to* this client is relayed: it is held on
 its sender's connection when that one crosses the gateway; server->client messages are not checked),
@@ -65,20 +67,21 @@ import base64
 import binascii
 import dataclasses
 import hashlib
-import itertools
 import re
 import time
-from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Protocol
 from xml.etree import ElementTree as ET
 
 from imguard import alerts
 from imguard.files.expected import (ExpectedBytestream, ExpectedTransfers, ExpectedUpload, StreamHost,
                                     TransferSettings)
+from imguard.files.tracker import HoldLedger
 from imguard.model import BLOCK, MASK, ChatContext, Decision, FileReport
-from imguard.protocols.base import Close, Command, InspectFile, Record, Send, StartTls
+from imguard.protocols.base import Close, Command, Record, Send, StartTls
 from imguard.protocols.xmpp import decoder as d
 from imguard.protocols.xmpp.decoder import XmlStreamDecoder, XmppLimits
+from imguard.protocols.xmpp.ibb import NS_IBB, InBandBytestreams
+from imguard.protocols.xmpp.offers import NS_JINGLE, NS_SI, FileOffers, int_or_none
 from imguard.protocols.xmpp.xmlutil import attr, child, children, serialize, split, text
 
 NS_CLIENT = "jabber:client"
@@ -88,13 +91,8 @@ NS_SASL2 = "urn:xmpp:sasl:2"                              # XEP-0388 (no stream 
 NS_BIND = "urn:ietf:params:xml:ns:xmpp-bind"
 NS_STANZAS = "urn:ietf:params:xml:ns:xmpp-stanzas"
 NS_STREAM_ERRORS = "urn:ietf:params:xml:ns:xmpp-streams"
-NS_IBB = "http://jabber.org/protocol/ibb"
 NS_UPLOAD = "urn:xmpp:http:upload:0"
 NS_BYTESTREAMS = "http://jabber.org/protocol/bytestreams"
-NS_SI = "http://jabber.org/protocol/si"
-NS_SI_FT = "http://jabber.org/protocol/si/profile/file-transfer"
-NS_JINGLE = "urn:xmpp:jingle:1"
-NS_JINGLE_FT = "urn:xmpp:jingle:apps:file-transfer:"     # prefix: :3, :4, :5
 NS_JINGLE_S5B = "urn:xmpp:jingle:transports:s5b:1"       # XEP-0260
 NS_OOB_X = "jabber:x:oob"
 NS_OOB_IQ = "jabber:iq:oob"
@@ -123,7 +121,6 @@ STREAM_ERROR_CONDITIONS = {
 }
 
 DEFAULT_NOTICE = "This message was blocked by the security policy."
-DEFAULT_FILE_NOTICE = "Your file transfer was blocked by the security policy."
 
 # Bytes of a read parsed at a time: the first stanzas of a large read are decided (and can be forwarded)
 # before the rest is parsed.
@@ -153,7 +150,7 @@ _URL = re.compile(r"(?:https?|aesgcm)://[^\s<>\"']+", re.IGNORECASE)
 
 # kinds in the per-connection table
 _SWALLOW = "swallow"     # stanza id -> True: the server's answer to it is dropped (we answered already)
-_OFFER = "offer"         # sid -> FileOffer
+_SWALLOW_CLIENT = "swallow_client"      # the same for the client's answers
 _SLOT = "slot"           # iq id -> (name, size, content_type) of an upload slot request
 
 
@@ -161,38 +158,8 @@ class MessageChecker(Protocol):
     def check_message(self, text: str, ctx: ChatContext) -> Decision: ...
 
 
-@dataclass(frozen=True)
-class FileOffer:
-    """What an SI or Jingle offer said about a file."""
-    name: str = ""
-    size: int | None = None
-    hash: str = ""
-    content_type: str = ""
-
-
-@dataclass
-class _IbbTransfer:
-    sid: str
-    transfer_id: str
-    sender: str                  # full JID of the sender (this client)
-    receiver: str                # the iq/message 'to'
-    stanza: str                  # 'iq' or 'message'
-    started: float
-    offer: FileOffer = field(default_factory=FileOffer)
-    next_seq: int = 0
-    data: bytearray = field(default_factory=bytearray)
-    held: list[bytes] = field(default_factory=list)
-
-
 def bare(jid: str) -> str:
     return jid.split("/", 1)[0]
-
-
-def _int(value: str | None) -> int | None:
-    try:
-        return int(value) if value is not None else None
-    except ValueError:
-        return None
 
 
 def sasl_identity(mechanism: str, initial_response_b64: str) -> str:
@@ -228,7 +195,7 @@ class XmppSession:
     def __init__(self, checker: MessageChecker, transfers: ExpectedTransfers, context: ChatContext,
                  limits: XmppLimits = XmppLimits(), tls_on_connect: bool = False,
                  bytestream_relay: tuple[str, int] | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, hold_ledger: HoldLedger | None = None):
         self.checker = checker
         self.transfers = transfers
         self.context = context if context.protocol else context.with_(protocol="xmpp")
@@ -251,9 +218,8 @@ class XmppSession:
         self._server_header_seen = False
         self._ids = ExpectedTransfers(TransferSettings(max_entries=limits.max_tracked_ids,
                                                        ttl_seconds=limits.tracked_id_ttl), clock)
-        self._ibb: dict[str, _IbbTransfer] = {}          # sid -> transfer being received
-        self._inspecting: dict[str, _IbbTransfer] = {}   # transfer_id -> transfer waiting for a verdict
-        self._counter = itertools.count(1)
+        self._offers = FileOffers(self._ids)
+        self.ibb = InBandBytestreams(self, limits, self._offers.get, clock, hold_ledger)
         self._ctx_cache: dict[tuple[str, str, bool], ChatContext] = {}
         # XEP-0198: the server counts the stanzas it got and sent, the client likewise; every stanza the
         # session drops or injects makes the two counts differ, so <a h=.../> is translated on the way.
@@ -322,7 +288,7 @@ class XmppSession:
         or an HTTP upload): a chat message from the server's domain."""
         if not self.full_jid:
             return []
-        return [self._notice_message(self.full_jid, text)]
+        return [self.notice_message(self.full_jid, text)]
 
     def tls_started(self) -> list[Command]:
         self.tls = True
@@ -334,25 +300,18 @@ class XmppSession:
         return []
 
     def file_verdict(self, transfer_id: str, report: FileReport, decision: Decision) -> list[Command]:
-        t = self._inspecting.pop(transfer_id, None)
-        if t is None or self.closed:
-            return []
-        if not decision.blocked:
-            return [Send(to_client=False, data=b"".join(t.held))]
-        self._dropped(len(t.held))
-        return [self._ibb_close_to_receiver(t), self._notice_message(t.sender, decision.notice or DEFAULT_FILE_NOTICE)]
+        return self.ibb.verdict(transfer_id, decision)      # the only files held on this connection
 
     def connection_closed(self, from_client: bool) -> list[Command]:
         if self.closed:
             return []
+        return self._stop() + [Close("client closed" if from_client else "server closed")]
+
+    def _stop(self) -> list[Command]:
+        """The connection ends (closed by a side, or by the session): the files held are given up now, so their
+        bytes leave the gateway's ledger with it."""
         self.closed = True
-        out: list[Command] = []
-        for t in list(self._ibb.values()) + list(self._inspecting.values()):
-            out.append(self._anomaly("transfer_abandoned", "the connection closed while an in-band transfer "
-                                     "was held; nothing was released", sid=t.sid, bytes=len(t.data)))
-        self._ibb.clear()
-        self._inspecting.clear()
-        return out + [Close("client closed" if from_client else "server closed")]
+        return self.ibb.connection_closed()
 
     # --- client -> server ----------------------------------------------------------------------
 
@@ -389,12 +348,12 @@ class XmppSession:
                 identity = f"{identity}@{self.domain}"
             self.sasl_identity = bare(identity)
         if not self.tls and self._starttls_offered:
-            out.append(self._anomaly("starttls_stripping", "the client authenticates in plaintext although "
-                                     "the server offered STARTTLS (downgrade or misconfigured client)",
-                                     severity="high", mechanism=mechanism))
+            out.append(self.anomaly("starttls_stripping", "the client authenticates in plaintext although "
+                                    "the server offered STARTTLS (downgrade or misconfigured client)",
+                                    severity="high", mechanism=mechanism))
         elif not self.tls:
-            out.append(self._anomaly("plaintext_auth", "SASL authentication on an unencrypted stream",
-                                     severity="medium", mechanism=mechanism))
+            out.append(self.anomaly("plaintext_auth", "SASL authentication on an unencrypted stream",
+                                    severity="medium", mechanism=mechanism))
         out.append(self._forward(st))
         return out
 
@@ -407,7 +366,7 @@ class XmppSession:
         for c in el:
             tag = c.tag
             if tag == _IBB_DATA:
-                return self._ibb_data(st, c)
+                return self.ibb.data(st, c)
             if tag == _OOB_X:
                 oob.append(c)
             elif not scheme and tag in _E2E_TAGS:
@@ -449,8 +408,8 @@ class XmppSession:
         if not scheme and body is not None and body.lstrip().startswith("?OTR"):
             scheme = "otr"
         if scheme:
-            out.append(self._anomaly("e2e_encrypted", "an end-to-end encrypted message: its content cannot "
-                                     "be inspected", ctx=ctx, severity="info", scheme=scheme))
+            out.append(self.anomaly("e2e_encrypted", "an end-to-end encrypted message: its content cannot "
+                                    "be inspected", ctx=ctx, severity="info", scheme=scheme))
             text_to_check = ""
         elif body is None:
             return out + [self._forward(st)]       # chat states, receipts, markers: no text
@@ -477,25 +436,29 @@ class XmppSession:
                + (f" from={attr(frm)}" if frm else "") + (f" to={attr(self.full_jid)}" if self.full_jid else "")
                + f"><error type='modify'><policy-violation xmlns='{NS_STANZAS}'/>"
                f"<text xmlns='{NS_STANZAS}'>{text(notice)}</text></error></message>")
-        self._dropped(1)
-        return [self._inject(True, xml.encode("utf-8"))]
+        self.dropped(1)
+        return [self.inject(True, xml.encode("utf-8"))]
 
     def _client_iq(self, st: d.Stanza) -> list[Command]:
         el = st.element
         itype = el.get("type", "")
+        if itype in ("result", "error") and el.get("id") is not None \
+                and self._ids.take(el.get("id"), kind=_SWALLOW_CLIENT) is not None:
+            self.dropped(1)                         # the asker, on the server's side, already got our answer
+            return []
         for c in el:
             ns, local = split(c.tag)
             if ns == NS_IBB and itype == "set":       # (an error iq may quote an IBB payload: not ours)
                 if local == "open":
-                    return self._ibb_open(st, c)
+                    return self.ibb.open(st, c)
                 if local == "data":
-                    return self._ibb_data(st, c)
+                    return self.ibb.data(st, c)
                 if local == "close":
-                    return self._ibb_close(st, c)
+                    return self.ibb.close(st, c)
             elif itype == "set" and ns == NS_SI and local == "si":
-                self._remember_si(c)
+                self._offers.remember_si(c)
             elif itype == "set" and ns == NS_JINGLE and local == "jingle":
-                self._remember_jingle(c)
+                self._offers.remember_jingle(c)
                 return self._jingle_s5b(st, c)
             elif itype == "set" and ns == NS_BYTESTREAMS and local == "query" \
                     and child(c, NS_BYTESTREAMS, "streamhost") is not None:
@@ -507,45 +470,11 @@ class XmppSession:
                     return [Record(self._link_event(self.ctx(recipients=(to,) if to else ()), url.text.strip())),
                             self._forward(st)]
             elif itype == "get" and ns == NS_UPLOAD and local == "request" and el.get("id"):
-                self._ids.expect(el.get("id"), (c.get("filename", ""), _int(c.get("size")),
+                self._ids.expect(el.get("id"), (c.get("filename", ""), int_or_none(c.get("size")),
                                                 c.get("content-type", "")), kind=_SLOT)
         return [self._forward(st)]
 
-    # --- file offers ---------------------------------------------------------------------------
-
-    def _remember_si(self, si: ET.Element) -> None:
-        f = child(si, NS_SI_FT, "file")
-        if f is not None and si.get("id"):
-            self._ids.expect(si.get("id"), FileOffer(f.get("name", ""), _int(f.get("size")), f.get("hash", ""),
-                                                     si.get("mime-type", "")), kind=_OFFER)
-
-    def _remember_jingle(self, jingle: ET.Element) -> None:
-        if jingle.get("action") not in ("session-initiate", "content-add"):
-            return
-        for content in children(jingle, NS_JINGLE, "content"):
-            offer = None
-            sids = [jingle.get("sid", "")]
-            for c in content:
-                ns, local = split(c.tag)
-                if local == "description" and ns.startswith(NS_JINGLE_FT):
-                    f = child(c, ns, "file")
-                    if f is not None:
-                        def sub(name: str, f=f, ns=ns) -> str:
-                            e = child(f, ns, name)
-                            return (e.text or "").strip() if e is not None else ""
-                        h = next((e for e in f if split(e.tag)[1] == "hash"), None)
-                        offer = FileOffer(sub("name"), _int(sub("size") or None),
-                                          f"{h.get('algo', '')}:{(h.text or '').strip()}" if h is not None else "",
-                                          sub("media-type"))
-                elif local == "transport" and c.get("sid"):
-                    sids.append(c.get("sid"))
-            if offer is not None:
-                for sid in sids:
-                    if sid:
-                        self._ids.expect(sid, offer, kind=_OFFER)
-
-    def _offer(self, sid: str) -> FileOffer:
-        return self._ids.get(sid, kind=_OFFER) or FileOffer()
+    # --- XEP-0260 Jingle SOCKS5 candidates ----------------------------------------------------
 
     def _jingle_s5b(self, st: d.Stanza, jingle: ET.Element) -> list[Command]:
         """XEP-0260 candidates this client offers: registered like XEP-0065 streamhosts (DST.ADDR =
@@ -563,12 +492,12 @@ class XmppSession:
                 continue
             candidates = list(children(transport, NS_JINGLE_S5B, "candidate"))
             hosts = tuple(StreamHost(c.get("jid", ""), c.get("host", ""), p) for c in candidates
-                          if c.get("host") and (p := _int(c.get("port"))) is not None)
+                          if c.get("host") and (p := int_or_none(c.get("port"))) is not None)
             if not hosts:
                 continue
             sid = transport.get("sid", "")
             dst_hash = (transport.get("dstaddr") or socks5_hash(sid, me, peer)).lower()
-            offer = self._offer(sid)
+            offer = self._offers.get(sid)
             sending = action != "session-accept"     # an initiator offers a file; a responder accepts one
             ctx = (self.ctx(recipients=(peer,) if peer else (), transfer_mechanism="socks5") if sending else
                    self.context.with_(sender=bare(peer), recipients=(me,), transfer_mechanism="socks5"))
@@ -584,99 +513,6 @@ class XmppSession:
             return [Send(to_client=False, data=serialize(el, split(el.tag)[0]))]
         return [self._forward(st)]
 
-    # --- XEP-0047 in-band bytestreams ----------------------------------------------------------
-
-    def _ibb_open(self, st: d.Stanza, op: ET.Element) -> list[Command]:
-        el = st.element
-        sid = op.get("sid", "")
-        now = self._clock()
-        for old_sid, old in list(self._ibb.items()):       # forget opens that never sent data
-            if now - old.started > self.limits.tracked_id_ttl:
-                del self._ibb[old_sid]
-        if not sid or sid in self._ibb:
-            self._dropped(1)
-            return [self._anomaly("ibb_bad_open", "an IBB open without a sid or reusing one", sid=sid),
-                    self._iq_error(el, "cancel", "not-acceptable", "in-band transfer refused")]
-        if len(self._ibb) + len(self._inspecting) >= self.limits.max_transfers:
-            self._dropped(1)
-            return [self._anomaly("too_many_transfers", "more simultaneous in-band transfers than "
-                                  "max_transfers", sid=sid, max_transfers=self.limits.max_transfers),
-                    self._iq_error(el, "wait", "resource-constraint", "too many file transfers at once")]
-        self._ibb[sid] = _IbbTransfer(sid=sid, transfer_id=f"ibb:{sid}", sender=el.get("from") or self.full_jid,
-                                      receiver=el.get("to", ""), stanza=op.get("stanza", "iq"), started=now,
-                                      offer=self._offer(sid))
-        return [self._forward(st)]
-
-    def _ibb_data(self, st: d.Stanza, data_el: ET.Element) -> list[Command]:
-        el = st.element
-        is_iq = split(el.tag)[1] == "iq"
-        sid = data_el.get("sid", "")
-        t = self._ibb.get(sid)
-        if t is None:
-            out: list[Command] = [self._anomaly("ibb_unknown_sid", "IBB data for a bytestream that was not "
-                                                "opened on this connection; dropped", sid=sid)]
-            self._dropped(1)
-            if is_iq:
-                out.append(self._iq_error(el, "cancel", "item-not-found", "unknown in-band bytestream"))
-            return out
-        seq = _int(data_el.get("seq"))
-        if seq != t.next_seq:
-            return self._ibb_refuse(t, el, "ibb_sequence_gap",
-                                    f"IBB block seq={data_el.get('seq')!r}, expected {t.next_seq}", "unexpected-request")
-        try:
-            chunk = base64.b64decode("".join((data_el.text or "").split()), validate=True)
-        except (binascii.Error, ValueError):
-            return self._ibb_refuse(t, el, "ibb_bad_base64", f"IBB block seq={seq} is not valid base64",
-                                    "bad-request")
-        if len(t.data) + len(chunk) > self.limits.max_held_bytes:
-            return self._ibb_refuse(t, el, "ibb_too_large", f"the in-band transfer exceeds max_held_bytes="
-                                    f"{self.limits.max_held_bytes}; refused", "not-acceptable", reason="too_large")
-        t.data += chunk
-        t.held.append(st.raw)
-        t.next_seq = (seq + 1) % 65536
-        if not is_iq:
-            return []
-        return [self._fake_result(el, t)]
-
-    def _ibb_close(self, st: d.Stanza, close: ET.Element) -> list[Command]:
-        el = st.element
-        t = self._ibb.pop(close.get("sid", ""), None)
-        if t is None:
-            return [self._forward(st)]              # closing something we never held: harmless
-        t.held.append(st.raw)
-        self._inspecting[t.transfer_id] = t
-        ctx = self.ctx(recipients=(t.receiver,) if t.receiver else (), transfer_mechanism="ibb")
-        truncated = t.offer.size is not None and len(t.data) < t.offer.size
-        return [self._fake_result(el, t),
-                InspectFile(t.transfer_id, bytes(t.data), ctx, name=t.offer.name,
-                            claimed_mime=t.offer.content_type, truncated=truncated)]
-
-    def _ibb_refuse(self, t: _IbbTransfer, el: ET.Element, kind: str, detail: str, condition: str,
-                    **data: Any) -> list[Command]:
-        self._ibb.pop(t.sid, None)
-        self._dropped(len(t.held) + 1)                 # the held blocks and this one never reach the server
-        out: list[Command] = [self._anomaly(kind, detail, sid=t.sid, **data), self._ibb_close_to_receiver(t)]
-        if split(el.tag)[1] == "iq":
-            out.append(self._iq_error(el, "cancel", condition, "in-band transfer refused by the gateway"))
-        else:
-            out.append(self._notice_message(t.sender, DEFAULT_FILE_NOTICE))
-        return out
-
-    def _fake_result(self, el: ET.Element, t: _IbbTransfer) -> Send:
-        """Answer the sender's data iq as the receiver would, and remember to drop the real answer."""
-        iq_id = el.get("id", "")
-        self._ids.expect(iq_id, True, kind=_SWALLOW)
-        xml = (f"<iq type='result' id={attr(iq_id)}" + (f" from={attr(t.receiver)}" if t.receiver else "")
-               + (f" to={attr(t.sender)}" if t.sender else "") + "/>")
-        return self._inject(True, xml.encode("utf-8"))
-
-    def _ibb_close_to_receiver(self, t: _IbbTransfer) -> Send:
-        iq_id = f"imguard-{next(self._counter)}"
-        self._ids.expect(iq_id, True, kind=_SWALLOW)
-        xml = (f"<iq type='set' id={attr(iq_id)}" + (f" to={attr(t.receiver)}" if t.receiver else "")
-               + f"><close xmlns='{NS_IBB}' sid={attr(t.sid)}/></iq>")
-        return self._inject(False, xml.encode("utf-8"))
-
     # --- XEP-0065 SOCKS5 bytestreams -----------------------------------------------------------
 
     def _bytestream_offer(self, st: d.Stanza, query: ET.Element) -> list[Command]:
@@ -686,11 +522,11 @@ class XmppSession:
         target = el.get("to", "")
         hosts = []
         for sh in children(query, NS_BYTESTREAMS, "streamhost"):
-            port = _int(sh.get("port"))
+            port = int_or_none(sh.get("port"))
             if sh.get("host") and port is not None:
                 hosts.append(StreamHost(sh.get("jid", ""), sh.get("host", ""), port))
         dst_hash = socks5_hash(sid, initiator, target)
-        offer = self._offer(sid)
+        offer = self._offers.get(sid)
         ctx = self.ctx(recipients=(target,) if target else (), transfer_mechanism="socks5")
         self.transfers.expect_bytestream(dst_hash, ExpectedBytestream(
             dst_hash=dst_hash, sid=sid, initiator=initiator, target=target, streamhosts=tuple(hosts),
@@ -707,9 +543,8 @@ class XmppSession:
 
     def _server_event(self, event: d.Event) -> list[Command]:
         if isinstance(event, d.XmlError):
-            self.closed = True
-            return [self._anomaly(event.kind, f"from the server: {event.detail}", from_client=False),
-                    Close(f"server sent {event.kind}")]
+            return [self.anomaly(event.kind, f"from the server: {event.detail}", from_client=False),
+                    *self._stop(), Close(f"server sent {event.kind}")]
         if isinstance(event, d.StreamOpened):
             self._server_header_seen = True
             self.domain = event.attrs.get("from", "") or self.domain
@@ -739,8 +574,7 @@ class XmppSession:
             iq_id = el.get("id")
             if el.get("type") in ("result", "error") and iq_id is not None \
                     and self._ids.take(iq_id, kind=_SWALLOW) is not None:
-                self._sm_s2c -= 1                   # the sender already got our answer
-                self._sm_store()
+                self.dropped(1, from_client=False)      # the sender already got our answer
                 return []
             if el.get("type") == "result":
                 out += self._server_iq_result(el)
@@ -754,8 +588,8 @@ class XmppSession:
             self._starttls_offered = True
             return []
         if child(el, NS_SASL, "mechanisms") is not None or child(el, NS_SASL2, "authentication") is not None:
-            return [self._anomaly("no_starttls_offered", "the server offers authentication without STARTTLS "
-                                  "on an unencrypted stream", severity="low")]
+            return [self.anomaly("no_starttls_offered", "the server offers authentication without STARTTLS "
+                                 "on an unencrypted stream", severity="low")]
         return []
 
     def _server_iq_result(self, el: ET.Element) -> list[Command]:
@@ -770,8 +604,8 @@ class XmppSession:
             request = self._ids.take(el.get("id", ""), kind=_SLOT)
             put, get = child(slot, NS_UPLOAD, "put"), child(slot, NS_UPLOAD, "get")
             if request is None or put is None or get is None or not put.get("url"):
-                return [self._anomaly("unexpected_upload_slot", "an upload slot this connection did not ask "
-                                      "for (or without put/get URLs)", id=el.get("id", ""))]
+                return [self.anomaly("unexpected_upload_slot", "an upload slot this connection did not ask "
+                                     "for (or without put/get URLs)", id=el.get("id", ""))]
             name, size, content_type = request
             headers = tuple((h.get("name", ""), (h.text or "").strip()) for h in children(put, NS_UPLOAD, "header"))
             self.transfers.expect_upload(put.get("url"), ExpectedUpload(
@@ -786,23 +620,25 @@ class XmppSession:
     def _forward(st: d.Stanza) -> Send:
         return Send(to_client=False, data=st.raw)
 
-    def _iq_error(self, el: ET.Element, etype: str, condition: str, message: str) -> Send:
+    def iq_error(self, el: ET.Element, etype: str, condition: str, message: str, to_client: bool = True) -> Send:
+        """An error answering the iq `el`, to the side that sent it (the client: "to" its JID)."""
         iq_id = el.get("id", "")
+        to = self.full_jid if to_client else el.get("from", "")
         xml = (f"<iq type='error' id={attr(iq_id)}" + (f" from={attr(el.get('to'))}" if el.get("to") else "")
-               + (f" to={attr(self.full_jid)}" if self.full_jid else "")
+               + (f" to={attr(to)}" if to else "")
                + f"><error type={attr(etype)}><{condition} xmlns='{NS_STANZAS}'/>"
                f"<text xmlns='{NS_STANZAS}'>{text(message)}</text></error></iq>")
-        return self._inject(True, xml.encode("utf-8"))
+        return self.inject(to_client, xml.encode("utf-8"))
 
-    def _notice_message(self, to: str, notice: str) -> Send:
+    def notice_message(self, to: str, notice: str) -> Send:
         """A plain chat message from the server's domain, for notices that answer no stanza (files)."""
-        return self._inject(True, ("<message type='chat'" + (f" from={attr(self.domain)}" if self.domain else "")
-                                   + (f" to={attr(to)}" if to else "")
-                                   + f"><body>{text(notice)}</body></message>").encode("utf-8"))
+        return self.inject(True, ("<message type='chat'" + (f" from={attr(self.domain)}" if self.domain else "")
+                                  + (f" to={attr(to)}" if to else "")
+                                  + f"><body>{text(notice)}</body></message>").encode("utf-8"))
 
     # --- XEP-0198 stream management counts -----------------------------------------------------
 
-    def _inject(self, to_client: bool, data: bytes) -> Send:
+    def inject(self, to_client: bool, data: bytes) -> Send:
         """A stanza of our own: the receiving side will count it, the other side never sent it."""
         if to_client:
             self._sm_s2c += 1
@@ -811,10 +647,17 @@ class XmppSession:
         self._sm_store()
         return Send(to_client=to_client, data=data)
 
-    def _dropped(self, n: int) -> None:
-        """n client stanzas the server will never get."""
-        self._sm_c2s += n
+    def dropped(self, n: int, from_client: bool = True) -> None:
+        """n stanzas of one side that the other will never get."""
+        if from_client:
+            self._sm_c2s += n
+        else:
+            self._sm_s2c -= n
         self._sm_store()
+
+    def swallow_answer(self, iq_id: str, from_client: bool) -> None:
+        """That side's answer to the iq `iq_id` is dropped when it comes: the asker got ours already."""
+        self._ids.expect(iq_id, True, kind=_SWALLOW_CLIENT if from_client else _SWALLOW)
 
     def _sm_store(self) -> None:
         if self._sm_id:     # so a resumption on another connection can continue with the same offsets
@@ -822,7 +665,7 @@ class XmppSession:
 
     @staticmethod
     def _sm_h(el: ET.Element, offset: int) -> int | None:
-        h = _int(el.get("h"))
+        h = int_or_none(el.get("h"))
         return None if h is None else (h + offset) % (1 << 32)
 
     def _client_sm(self, st: d.Stanza, ns: str, local: str) -> list[Command]:
@@ -853,7 +696,7 @@ class XmppSession:
                 return [Send(to_client=True, data=serialize(el, ""))]
         return [Send(to_client=True, data=st.raw)]
 
-    def _anomaly(self, kind: str, detail: str, ctx: ChatContext | None = None, **data: Any) -> Record:
+    def anomaly(self, kind: str, detail: str, ctx: ChatContext | None = None, **data: Any) -> Record:
         return Record(alerts.anomaly_event(ctx or self.ctx(), kind, detail, **data))
 
     def _link_event(self, ctx: ChatContext, url: str) -> dict[str, Any]:
@@ -866,12 +709,12 @@ class XmppSession:
 
     def _fail(self, kind: str, detail: str, condition: str, from_client: bool) -> list[Command]:
         """The stream cannot continue: record why, tell the client with a stream error, close."""
-        self.closed = True
+        abandoned = self._stop()
         header = b"" if self._server_header_seen else (
             b"<?xml version='1.0'?><stream:stream xmlns='jabber:client' "
             b"xmlns:stream='http://etherx.jabber.org/streams' version='1.0'"
             + (f" from={attr(self.domain)}".encode() if self.domain else b"") + b">")
         error = (f"<stream:error><{condition} xmlns='{NS_STREAM_ERRORS}'/></stream:error></stream:stream>").encode()
-        return [self._anomaly(kind, detail, from_client=from_client),
+        return [self.anomaly(kind, detail, from_client=from_client), *abandoned,
                 Send(to_client=True, data=header + error),
                 Close(kind)]
