@@ -35,6 +35,7 @@ sender; an allowed file only when its decision carries a notice; an abandoned on
 
 from __future__ import annotations
 
+import collections
 import enum
 import threading
 import weakref
@@ -132,6 +133,7 @@ class ConnectionHolds:
         self.in_flight = 0
 
     def reserve(self, n: int) -> bool:
+        settle_orphans()
         if self.max_bytes and self.held_bytes + n > self.max_bytes:
             return False
         if not self.ledger.reserve(n):
@@ -150,16 +152,26 @@ class ConnectionHolds:
 
 @dataclass
 class Piece:
-    """Part of a held file: `payload` is file bytes from `offset`; `wire` what crosses for them on release
-    (None: the payload itself); `tag` the mechanism's own note (MSRP: its chunk)."""
+    """Part of a held file: `payload` is file bytes from `offset`; what crosses for them on release is `wire`
+    when the framing re-encodes them (an IBB stanza's base64), else `head` + payload (an MSNFTP block's header,
+    held once); `after` is framing that followed it with no file bytes of its own (an IBB close, an HTTP chunk's
+    CRLF); `tag` the mechanism's own note (MSRP: its chunk)."""
     offset: int
     payload: bytes | bytearray
     wire: bytes | None = None
     tag: Any = None
+    head: bytes = b""
+    after: bytes = b""
 
     @property
     def size(self) -> int:
-        return len(self.payload) + (len(self.wire) if self.wire is not None else 0)
+        return len(self.payload) + len(self.head) + len(self.after) + (len(self.wire) if self.wire is not None else 0)
+
+    @property
+    def released(self) -> bytes:
+        """The bytes that cross for this piece."""
+        body = self.wire if self.wire is not None else self.head + bytes(self.payload)
+        return body + self.after
 
 
 Deliver = Callable[["HeldTransfer", list[Piece]], list[Command]]
@@ -199,6 +211,10 @@ class HeldTransfer:
         self.event_data = dict(event_data or {})
         self.state = HoldState.RECEIVING
         self.pieces: dict[int, Piece] = {}  # by offset
+        self.lead = b""                     # framing before the first piece (an HTTP request's head)
+        self._end = 0                       # where the last piece ends: the next offset of a plain stream
+        self._tail: Piece | None = None     # the piece that ends at _end
+        self._in_order = True               # every piece was placed at _end: no gap, contiguous == _end
         self.received = 0                   # payload bytes appended (duplicates counted once)
         self.truncated = False              # inspected with bytes missing
         self.sender_gone = False
@@ -207,9 +223,9 @@ class HeldTransfer:
         self.decision: Decision | None = None
         self.holds.opened(+1)
         # A session dropped with its connection, without a final event (a carrier that never reported the close):
-        # what this transfer still holds is given back when it is collected, so the gateway's totals stay true.
+        # what this transfer still holds is given back after it is collected, so the gateway's totals stay true.
         self._account = _Account()
-        weakref.finalize(self, _settle, self.holds, self._account)
+        weakref.finalize(self, _ORPHANS.append, (self.holds, self._account))
 
     def __repr__(self) -> str:
         return f"HeldTransfer({self.transfer_id!r}, {self.state.value}, {self.received} bytes)"
@@ -236,6 +252,8 @@ class HeldTransfer:
     @property
     def contiguous(self) -> int:
         """Payload bytes in order from the first, up to the first gap."""
+        if self._in_order:
+            return self._end
         pos = 0
         for offset in sorted(self.pieces):
             if offset > pos:
@@ -269,35 +287,54 @@ class HeldTransfer:
     # --- events -------------------------------------------------------------------------------------
 
     def append(self, payload: bytes, wire: bytes | None = None, offset: int | None = None, tag: Any = None,
-               ) -> list[Command]:
-        """Hold file bytes (and the wire bytes that carry them, when they differ). `offset` places them (default:
-        after the last); a second piece at the same offset replaces the first (a retransmission). Past the
-        file's or the connection's bound the file is cut (fail closed). After the file was complete they are an
+               head: bytes = b"") -> list[Command]:
+        """Hold file bytes and the framing that carries them (`wire`, or `head` before them: see Piece). `offset`
+        places them (default: after the last); a second piece at the same offset replaces the first (a
+        retransmission). Framing without file bytes (no payload, no offset) follows the last piece. Past the
+        file's or the connection's bound the file is cut (fail closed). After the file was complete, bytes are an
         overrun: dropped, recorded once."""
         if self.state is not HoldState.RECEIVING:
             return self._overrun(len(payload))
+        framing_only = not payload and offset is None and tag is None
         if offset is None:
-            offset = max((o + len(p.payload) for o, p in self.pieces.items()), default=0)
-        old = self.pieces.get(offset)
+            offset = self._end
+        old = None if framing_only else self.pieces.get(offset)
         grow = len(payload) - (len(old.payload) if old is not None else 0)
         if self.received + grow > self.max_bytes:
             return self.too_large(self.received + grow)
-        size = len(payload) + (len(wire) if wire is not None else 0)
-        freed = old.size if old is not None else 0
+        size = len(payload) + len(head) + (len(wire) if wire is not None else 0)
+        freed = old.size - len(old.after) if old is not None else 0
         if size > freed and not self.holds.reserve(size - freed):
             return self.too_large(self.received + grow, reason="connection or gateway hold limit")
         if size < freed:
             self.holds.free(freed - size)
         self.held_bytes += size - freed
         self.received += grow
-        tail = self._tail()
-        if old is None and tail is not None and wire is None and tag is None and tail.wire is None \
-                and tail.tag is None and tail.offset + len(tail.payload) == offset:
+        framing = head + (wire if wire is not None else b"")
+        tail = self._tail
+        if framing_only:
+            if tail is None:
+                self.lead += framing
+            else:
+                tail.after += framing
+            return []
+        if old is not None:             # a retransmission: the new bytes, the framing that followed the old
+            self.pieces[offset] = Piece(offset, payload, wire, tag, head, old.after)
+            self._in_order = False      # its length may differ: contiguity is worked out from the pieces
+            if old is tail:
+                self._tail = self.pieces[offset]
+        elif tail is not None and offset == self._end and wire is None and tag is None and not head \
+                and tail.wire is None and tail.tag is None and not tail.after:
             if not isinstance(tail.payload, bytearray):
                 tail.payload = bytearray(tail.payload)
             tail.payload += payload     # one growing buffer for a plain stream, not a piece per read
         else:
-            self.pieces[offset] = Piece(offset, payload, wire, tag)
+            self.pieces[offset] = Piece(offset, payload, wire, tag, head)
+            if offset != self._end:
+                self._in_order = False
+        end = offset + len(payload)
+        if end >= self._end:
+            self._end, self._tail = end, self.pieces.get(offset, tail)
         return []
 
     def inspect(self, truncated: bool = False) -> list[Command]:
@@ -308,11 +345,10 @@ class HeldTransfer:
         data = self.data()
         self.truncated = truncated or len(data) < sum(len(p.payload) for p in self.pieces.values()) \
             or (self.size is not None and len(data) < self.size)
-        if len(self.pieces) == 1 and self.ordered()[0].wire is None:
+        if len(self.pieces) == 1:
             only = self.ordered()[0]        # held once: the inspected bytes are the ones released
-            self.holds.free(self.held_bytes - len(data))
-            self.held_bytes = len(data)
-            only.payload = data
+            if only.wire is None and len(only.payload) == len(data):
+                only.payload = data
         self._move(HoldEvent.INSPECT)
         return [InspectFile(transfer_id=self.transfer_id, data=data, context=self.context, name=self.name,
                             claimed_mime=self.claimed_mime, truncated=self.truncated)]
@@ -354,7 +390,7 @@ class HeldTransfer:
         resumed file); nothing came: abandoned. Released: the close is passed on to the receiver."""
         self.sender_gone = True
         if self.state is HoldState.RECEIVING:
-            if not self.pieces:
+            if not self.pieces and not self.lead:
                 return self.abandon(f"{self.kind}_empty", "the sender closed before sending any data")
             return self.inspect(truncated=truncated)
         if self.state is HoldState.RELEASED:
@@ -382,9 +418,9 @@ class HeldTransfer:
         if self.state is not HoldState.RECEIVING:
             return []
         self._move(HoldEvent.CUT)
-        self._free()
         out: list[Command] = [self._anomaly(kind, detail, **data)]
-        out += self._refuse(self)
+        out += self._refuse(self)       # before the pieces go: a refusal may need to know what was held
+        self._free()
         if notice:
             out += self._tell(self, notice, None)
         return out + self._close_connection(kind)
@@ -395,9 +431,9 @@ class HeldTransfer:
         if self.state not in HOLDING:
             return []
         self._move(HoldEvent.ABANDON)
-        self._free()
         out: list[Command] = [self._anomaly(kind, detail, bytes_held=self.received, **data)]
         out += self._refuse(self)
+        self._free()
         return out + self._close_connection(kind)
 
     # --- internals ----------------------------------------------------------------------------------
@@ -411,13 +447,12 @@ class HeldTransfer:
             self.holds.opened(-1)
             self._account.open = False
 
-    def _tail(self) -> Piece | None:
-        return self.pieces[max(self.pieces)] if self.pieces else None
-
     def _free(self) -> None:
         self.holds.free(self.held_bytes)
         self.held_bytes = 0
         self.pieces = {}
+        self.lead = b""
+        self._tail = None
 
     def _close_connection(self, reason: str) -> list[Command]:
         return [Close(reason)] if self.owns_connection else []
@@ -451,16 +486,28 @@ class _Account:
     open: bool = True
 
 
-def _settle(holds: ConnectionHolds, account: _Account) -> None:
-    if account.bytes:
-        holds.free(account.bytes)
-        account.bytes = 0
-    if account.open:
-        account.open = False
-        holds.opened(-1)
+# Transfers collected while they still held bytes. A finalizer runs inside whatever code the collector
+# interrupted, perhaps inside the ledger's lock: it only appends here (atomic), and the accounts are settled at
+# the next reservation, outside any lock.
+_ORPHANS: collections.deque[tuple[ConnectionHolds, _Account]] = collections.deque()
+
+
+def settle_orphans() -> None:
+    """Give back what collected transfers still held (see _ORPHANS)."""
+    while _ORPHANS:
+        try:
+            holds, account = _ORPHANS.popleft()
+        except IndexError:
+            return
+        if account.bytes:
+            holds.free(account.bytes)
+            account.bytes = 0
+        if account.open:
+            account.open = False
+            holds.opened(-1)
 
 
 def _send_to_receiver(transfer: HeldTransfer, pieces: Iterable[Piece]) -> list[Command]:
-    """The default delivery: the held bytes, in order, in one write to the receiver's leg."""
-    data = b"".join(bytes(p.payload) if p.wire is None else p.wire for p in pieces)
+    """The default delivery: the held bytes with their framing, in order, in one write to the receiver's leg."""
+    data = transfer.lead + b"".join(p.released for p in pieces)
     return [Send(to_client=transfer.receiver_is_client, data=data)] if data else []
