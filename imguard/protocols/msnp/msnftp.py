@@ -184,7 +184,7 @@ class DirectMsnftpSession:
                 break
             block = bytes(self._blocks[:3 + length])
             del self._blocks[:3 + length]
-            out += transfer.append(block[3:], wire=block)
+            out += transfer.append(block[3:], head=block[:3])     # the header held once, with its bytes
             if transfer.state is not HoldState.RECEIVING:
                 return out                  # cut: too large to hold
             if transfer.size is not None and transfer.received > transfer.size:
