@@ -16,7 +16,7 @@ owns_connection False, bounded by `max_held_bytes` decoded bytes; the connection
   A gap, bad base64 or a file too large is `cut` (ibb_sequence_gap, ibb_bad_base64, ibb_too_large): the held
   stanzas are discarded, the receiver gets an IBB `<close>`, the sender an iq error for its block (or, for
   message blocks, a notice message).
-* `<close>` is held too, as the last piece (wire with an empty payload), answered like a block, and ends the
+* `<close>` is held too, as framing after the last block (no file bytes of its own), answered like a block, and ends the
   file: `sender_closed()` hands it out as `InspectFile(transfer_id='ibb:<sid>', mechanism 'ibb')`.
 * The verdict is the tracker's: allowed, the held stanzas (blocks and close) go to the receiver byte-exact and
   in order in one write (the tracker's default delivery); blocked, the receiver gets an IBB `<close>` and the
@@ -237,12 +237,9 @@ class InBandBytestreams:
 
     def _hold(self, stream: IbbStream, payload: bytes, stanza: bytes) -> list[Command]:
         """Append one stanza to the file: its decoded bytes, and itself to release for them. Blocks arrive in
-        order, so each goes at the end; a piece already there has no payload (an empty block), and as the
-        tracker replaces a piece at the same offset, its stanza is carried into this one, before it."""
+        order, so each goes at the end (an empty block, or the close, is framing that keeps its place)."""
         transfer = stream.transfer
-        end = transfer.received
-        empty = transfer.pieces.get(end)
-        out = transfer.append(payload, stanza if empty is None else empty.wire + stanza, offset=end)
+        out = transfer.append(payload, stanza)
         if transfer.state is HoldState.RECEIVING:
             stream.held_stanzas += 1
         return out
