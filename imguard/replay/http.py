@@ -112,7 +112,6 @@ class HttpUploadSession:
         self._counter = 0
         self._holds = ConnectionHolds()  # the held requests of this connection, counted in the process ledger
         self._upload: HeldTransfer | None = None    # the request being read, when it is held
-        self._framing = bytearray()      # its wire bytes not yet held with body bytes (head, chunk framing)
         self._inspecting: dict[str, HeldTransfer] = {}   # held requests out for inspection, by transfer_id
 
     # --- StreamSession ------------------------------------------------------------------------------
@@ -223,7 +222,7 @@ class HttpUploadSession:
             return [Send(to_client=False, data=data)] if data else []
         if len(data) > upload.room:
             return self._too_large(upload, data)
-        out = upload.append(data, self._take_framing(data))
+        out = upload.append(data)
         if upload.state is not HoldState.RECEIVING:     # cut: the connection's or the process's hold bound
             self._stop_decoding()
         return out
@@ -231,11 +230,11 @@ class HttpUploadSession:
     def _too_large(self, upload: HeldTransfer, data: bytes) -> list[Command]:
         """A body over max_upload_size: what fits is inspected, marked truncated, and decoding stops. Every byte
         read so far stays with the request (released with it, or dropped with it); later ones are relayed."""
-        fits = data[:upload.room]
-        wire = bytes(self._framing) + data + bytes(self._buf)
-        self._framing.clear()
+        fits, rest = data[:upload.room], data[upload.room:] + bytes(self._buf)
         self._buf.clear()
-        out = upload.append(fits, wire)
+        out = upload.append(fits)
+        if rest:
+            out += upload.append(b"", rest)     # read with it: kept with it, but not inspected
         out += self._inspect(truncated=True)
         self._stop_decoding()
         return out + [Record(alerts.anomaly_event(self.context, "http_upload_too_large",
@@ -283,20 +282,10 @@ class HttpUploadSession:
         return out
 
     def _raw(self, data: bytes) -> list[Command]:
-        """Framing bytes (head, chunk sizes, CRLFs): kept with a held request, else forwarded."""
+        """Framing bytes (head, chunk sizes, CRLFs): held in place with a held request, else forwarded."""
         if self._upload is not None:
-            self._framing += data
-            return []
+            return self._upload.append(b"", data) if data else []
         return [Send(to_client=False, data=data)] if data else []
-
-    def _take_framing(self, data: bytes) -> bytes | None:
-        """The wire bytes of body bytes `data`: the framing since the last piece, then the data (None: the data
-        alone, so the tracker keeps a plain body as one growing buffer)."""
-        if not self._framing:
-            return None
-        wire = bytes(self._framing) + data
-        self._framing.clear()
-        return wire
 
     def _request_done(self) -> list[Command]:
         self._state = RequestState.HEAD
@@ -305,15 +294,11 @@ class HttpUploadSession:
         return self._inspect(truncated=False)
 
     def _inspect(self, truncated: bool) -> list[Command]:
-        """The held request is whole (or all there will be): its trailing framing joins it (a piece with no body
-        bytes, after the last), and the body goes out for inspection."""
+        """The held request is whole (or all there will be): the body goes out for inspection."""
         upload, self._upload = self._upload, None
         if upload is None:
             return []
-        out: list[Command] = []
-        if self._framing:
-            out += upload.append(b"", self._take_framing(b""))
-        out += upload.inspect(truncated=truncated)
+        out = upload.inspect(truncated=truncated)
         if upload.state is HoldState.INSPECTING:
             self._inspecting[upload.transfer_id] = upload
         return out
@@ -341,7 +326,6 @@ class HttpUploadSession:
     def _stop_decoding(self) -> None:
         self._state = RequestState.DONE
         self._upload = None
-        self._framing.clear()
 
     def _give_up(self, kind: str, detail: str) -> list[Command]:
         """Not HTTP as this reader knows it: record why and relay the rest untouched. A request being held cannot
