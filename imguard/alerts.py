@@ -9,7 +9,10 @@ the machine. (Plain events, such as an allowed chat message, skip the fsync: it 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
+import datetime
 import hashlib
 import itertools
 import json
@@ -18,7 +21,7 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import orjson
 
@@ -77,6 +80,28 @@ def _now() -> str:
     return utc_now()
 
 
+# The replay's clock: while set, events are stamped once, where they are built, with the capture's time
+# (`@timestamp`, as Zeek logs packet time) and the time imguard wrote them (`event.created`). A context
+# variable: the replay runs sessions and pipeline in its own thread; the gateway never sets it.
+_capture_clock: contextvars.ContextVar[Callable[[], float] | None] = contextvars.ContextVar(
+    "imguard_capture_clock", default=None)
+
+
+@contextlib.contextmanager
+def capture_time(clock: Callable[[], float]) -> Iterator[None]:
+    """Events built inside carry clock()'s time (seconds since the epoch; 0: not known yet, now is used)."""
+    token = _capture_clock.set(clock)
+    try:
+        yield
+    finally:
+        _capture_clock.reset(token)
+
+
+def _iso(seconds: float) -> str:
+    return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).isoformat(
+        timespec="microseconds").replace("+00:00", "Z")
+
+
 # "ip:port" -> its ECS fields. A connection's two addresses come with every one of its messages; parsing
 # them once per address, not per event, saves a microsecond a message. Bounded: emptied when full.
 _parsed_addresses: dict[str, dict[str, Any]] = {}
@@ -106,8 +131,12 @@ def _base(kind: str, category: str, ctx: ChatContext, action: str = "", outcome:
         fields["action"] = action
     if outcome:
         fields["outcome"] = outcome
+    timestamp = _now()
+    clock = _capture_clock.get()
+    if clock is not None and (seconds := clock()):
+        fields["created"], timestamp = timestamp, _iso(seconds)
     event: dict[str, Any] = {
-        "@timestamp": _now(),
+        "@timestamp": timestamp,
         "event": fields,
         "observer": OBSERVER.copy(),
         "network": {"protocol": ctx.protocol} if ctx.protocol else {},
@@ -382,7 +411,10 @@ def plain_message_fragments(ctx: ChatContext, decision: Decision, instance: str)
 
 def plain_message_line(fragments: MessageFragments, text: str | None) -> bytes | None:
     """The line of a plain message from its context's fragments: what encode(message_event(...)) gives, given
-    the same @timestamp and event.id. None for a text orjson refuses (encode would fall back to json)."""
+    the same @timestamp and event.id. None for a text orjson refuses (encode would fall back to json), and under a
+    capture clock (the template has no event.created)."""
+    if _capture_clock.get() is not None:
+        return None
     if text is None:
         event_id = new_event_id().encode()
         head, after_timestamp, rest = fragments[1]

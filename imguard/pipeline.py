@@ -74,7 +74,7 @@ class Pipeline:
         alert_log = self.alert_log
         if alert_log is not None:
             # write_message writes the same line as write(message_event(...)), an allowed message without
-            # building its event. A log without it (the replay's CaptureTimeLog, which restamps events) gets the event.
+            # building its event. A log without it (a test stand-in) gets the event.
             write_message = getattr(alert_log, "write_message", None)
             if write_message is not None:
                 write_message(kept_text, ctx, decision)

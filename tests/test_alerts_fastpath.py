@@ -256,7 +256,7 @@ class AllowAll:
 
 
 class RestampingLog:
-    """Like the replay's CaptureTimeLog: only write(event), which it changes before writing."""
+    """A log with only write(event), which it changes before writing (as the replay once restamped events)."""
 
     def __init__(self, log):
         self.log = log

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from imguard.model import BLOCK, ChatContext, Decision, FileReport
-from imguard.protocols.base import Close, InspectFile, Record, Send, StartTls
+from imguard.protocols.base import Anomaly, Close, InspectFile, Record, Send, StartTls
 from imguard.replay.pcapfile import Capture
 from imguard.replay.replay import Replay, ReplaySettings
 from test_replay_builders import stream_capture
@@ -154,9 +154,12 @@ def test_a_failing_session_is_an_anomaly_not_a_crash():
 
 
 def test_records_are_written_and_their_anomalies_listed():
-    event = {"event": {"category": ["anomaly"]}, "imguard": {"anomaly": {"kind": "odd", "detail": "very odd"}}}
-    _, summary, pipeline, _ = replay(stream_capture([(True, b"x")]), Scripted(lambda fc, d: [Record(event)]))
-    assert pipeline.records == [event]
+    """A session's Record is written as it is; its Anomaly fact becomes an anomaly event and a summary line."""
+    event = {"event": {"category": ["session"]}, "imguard": {}}
+    odd = Anomaly(ChatContext(protocol="line"), "odd", "very odd", data={"seen": 1})
+    _, summary, pipeline, _ = replay(stream_capture([(True, b"x")]), Scripted(lambda fc, d: [Record(event), odd]))
+    assert pipeline.records[0] == event
+    assert pipeline.records[1]["imguard"]["anomaly"] == {"kind": "odd", "detail": "very odd", "seen": 1}
     assert [(a.source, a.kind, a.detail) for a in summary.anomalies] == [("session", "odd", "very odd")]
 
 

@@ -42,9 +42,8 @@ import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
-from imguard import alerts
 from imguard.model import ChatContext, Decision
-from imguard.protocols.base import Close, Command, InspectFile, Record, Send, block_words
+from imguard.protocols.base import Anomaly, Close, Command, InspectFile, Send, block_words
 from imguard.settings import GiB, setting
 
 
@@ -466,8 +465,8 @@ class HeldTransfer:
         return [self._anomaly(f"{self.kind}_overrun", f"{n} bytes after the file was complete were dropped",
                               size=self.size)]
 
-    def _anomaly(self, kind: str, detail: str, **data: Any) -> Record:
-        return Record(alerts.anomaly_event(self.context, kind, detail, **{**self.event_data, **data}))
+    def _anomaly(self, kind: str, detail: str, **data: Any) -> Anomaly:
+        return Anomaly(self.context, kind, detail, data={**self.event_data, **data})
 
     def _notice_text(self, action: str, why: str) -> str:
         sender = self.context.sender

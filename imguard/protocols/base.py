@@ -14,7 +14,7 @@ releases or drops what it held. The session never blocks and never touches a soc
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
 from imguard import alerts
@@ -80,6 +80,35 @@ class Notify:
 
 
 @dataclass(frozen=True)
+class Anomaly:
+    """Malformed or suspicious traffic (Zeek's 'weird'): recorded as an anomaly event, never a crash. A fact: the
+    carrier's recording stage (alerts.anomaly_event) turns it into the event and stamps its time."""
+    context: ChatContext
+    kind: str
+    detail: str
+    severity: str | None = None
+    data: dict[str, Any] = field(default_factory=dict)       # imguard.anomaly.* fields
+
+    def event(self) -> dict[str, Any]:
+        return alerts.anomaly_event(self.context, self.kind, self.detail, self.severity, **self.data)
+
+
+@dataclass(frozen=True)
+class ProtocolEvent:
+    """Something a session saw that the record keeps but that is not a decision: a login, a nick change, a file
+    offer, a link. A fact: the recording stage (alerts.protocol_event) makes the event; `data` goes under
+    imguard.<protocol>."""
+    protocol: str
+    action: str
+    context: ChatContext
+    category: str = "session"
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def event(self) -> dict[str, Any]:
+        return alerts.protocol_event(self.protocol, self.action, self.context, self.category, **self.data)
+
+
+@dataclass(frozen=True)
 class ConnectUpstream:
     """Open the upstream leg to (host, port) now (a relay session that learnt its destination from the client,
     such as the SOCKS5 bytestream relay); then call session.upstream_connected(), or session.upstream_failed()
@@ -89,7 +118,7 @@ class ConnectUpstream:
     jid: str = ""
 
 
-Command = Send | StartTls | InspectFile | Record | Close | Notify | ConnectUpstream
+Command = Send | StartTls | InspectFile | Record | Close | Notify | ConnectUpstream | Anomaly | ProtocolEvent
 
 
 class OutgoingCommands:
@@ -144,7 +173,7 @@ def block_words(decision: Decision) -> tuple[str, str]:
 
 
 def limited_anomaly(counts: dict[str, int], limit: int, ctx: ChatContext, kind: str, detail: str,
-                    **data: Any) -> Record | None:
+                    **data: Any) -> Anomaly | None:
     """An anomaly record, at most `limit` of one kind per connection: `counts` (the session's, by kind) counts
     them all, the last one recorded says `further_suppressed`, and later ones are only counted (a peer
     repeating one malformation must not flood the alert log)."""
@@ -153,7 +182,7 @@ def limited_anomaly(counts: dict[str, int], limit: int, ctx: ChatContext, kind: 
         return None
     if seen == limit:
         data["further_suppressed"] = True
-    return Record(alerts.anomaly_event(ctx, kind, detail, **data))
+    return Anomaly(ctx, kind, detail, data=data)
 
 
 # --- what a session is ------------------------------------------------------------------------------

@@ -19,7 +19,6 @@ error or a file that is not a capture.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import sys
@@ -47,25 +46,6 @@ def add_pcap_arguments(parser: argparse.ArgumentParser) -> None:
     settings.add_arguments(parser, CaptureLimits, "capture reading")
     from imguard.inspect import InspectLimits
     settings.add_arguments(parser, InspectLimits, "inspection limits")
-
-
-class CaptureTimeLog:
-    """The alert log, with each event stamped with the capture's time (`@timestamp`, as Zeek logs packet
-    time) and the time imguard wrote it (`event.created`)."""
-
-    def __init__(self, log, clock):
-        self.log, self.clock = log, clock
-
-    def write(self, event: dict) -> None:
-        ts = self.clock()
-        if ts:
-            event.setdefault("event", {})["created"] = event.get("@timestamp")
-            event["@timestamp"] = datetime.datetime.fromtimestamp(ts, datetime.timezone.utc).isoformat(
-                timespec="microseconds").replace("+00:00", "Z")
-        self.log.write(event)
-
-    def close(self) -> None:
-        self.log.close()
 
 
 class FileStore:
@@ -110,7 +90,7 @@ def _with_progress(capture: Capture):
 
 
 def replay_main(args: argparse.Namespace) -> int:
-    from imguard.alerts import AlertLog
+    from imguard.alerts import AlertLog, capture_time
     from imguard.runtime import ConfigError, build_pipeline, default_data_dir
 
     try:
@@ -131,7 +111,7 @@ def replay_main(args: argparse.Namespace) -> int:
     store = summary_out = current = None
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
-        pipeline.alert_log = CaptureTimeLog(AlertLog(args.out / "alerts.jsonl"), lambda: current.now if current else 0)
+        pipeline.alert_log = AlertLog(args.out / "alerts.jsonl")
         store = FileStore(args.out / "files")
         summary_out = open(args.out / "summary.jsonl", "a", encoding="utf-8")
 
@@ -151,7 +131,8 @@ def replay_main(args: argparse.Namespace) -> int:
                 continue
             try:
                 current = Replay(pipeline, replay_settings, reassembly, on_file=keep)
-                summary = current.run_segments(capture, _with_progress(capture))
+                with capture_time(lambda replay=current: replay.now):     # events carry the capture's time
+                    summary = current.run_segments(capture, _with_progress(capture))
             except ValueError as e:     # a bad port map
                 print(f"imguard: {e}", file=sys.stderr)
                 return EXIT_USAGE

@@ -44,12 +44,14 @@ from typing import Any, Callable, Iterable
 from imguard.protocols import detect as det
 from imguard.model import ChatContext, Decision, FileReport
 from imguard.protocols import registry
-from imguard.protocols.base import Close, ConnectUpstream, InspectFile, Notify, Record, Send, StartTls
+from imguard.protocols.base import (Anomaly, Close, ConnectUpstream, InspectFile, Notify, ProtocolEvent, Record, Send,
+                                    StartTls)
 from imguard.protocols.registry import SessionRequest
 from imguard.replay.pcapfile import Capture
 from imguard.replay.reassembly import (Connection, Reassembler, ReassemblySettings, StreamClosed, StreamData,
                                        StreamGap, StreamOpened)
-from imguard.replay.summary import Anomaly, Conversation, Message, ReplaySummary, Transfer
+from imguard.replay.summary import Anomaly as AnomalyRow
+from imguard.replay.summary import Conversation, Message, ReplaySummary, Transfer
 from imguard.settings import setting
 
 # The gateway's default port map (the registry's) plus ports the sample captures use for IRC (8000: freenode's
@@ -181,7 +183,7 @@ class Replay:
             handle(event)
         self.summary.stats = capture.stats.to_dict()
         for w in capture.warnings:
-            self.summary.anomalies.append(Anomaly(0, 0.0, "capture", w.kind, str(w)))
+            self.summary.anomalies.append(AnomalyRow(0, 0.0, "capture", w.kind, str(w)))
         for conn in reassembler.connections:
             if conn.overlap_conflicts:
                 self._anomaly(conn.id, conn.last_ts, "reassembly", "overlap_conflict",
@@ -387,7 +389,11 @@ class Replay:
             elif isinstance(cmd, InspectFile):
                 self._inspect(flow, cmd)
             elif isinstance(cmd, Record):
-                self._record(flow, cmd.event, abandoned_truncated)
+                self._record(flow, cmd.event)
+            elif isinstance(cmd, Anomaly):
+                self._session_anomaly(flow, cmd, abandoned_truncated)
+            elif isinstance(cmd, ProtocolEvent):
+                self.pipeline.record(cmd.event())
             elif isinstance(cmd, StartTls):
                 flow.encrypted = s.encrypted = True
             elif isinstance(cmd, Close):
@@ -434,7 +440,9 @@ class Replay:
         if deliver is not None:
             self._call(target, lambda: deliver(cmd.text))
 
-    def _record(self, flow: _Flow, event: dict, abandoned_truncated: bool = False) -> None:
+    def _record(self, flow: _Flow, event: dict) -> None:
+        """A Record: an event the session built whole (a message it decided itself, such as one linking to a
+        blocked file): written, and a message noted for the summary."""
         self.pipeline.record(event)
         ig = event.get("imguard", {})
         ctx = ig.get("context", {})
@@ -447,20 +455,20 @@ class Replay:
                 direction=ctx.get("direction", "")),
                 Decision(action=decision.get("action", ""),
                          matches=[]), rules=[m.get("rule_id", "") for m in decision.get("matches", [])])
-            return
-        anomaly = ig.get("anomaly")
-        if anomaly is not None:
-            kind = anomaly.get("kind", "")
-            self._anomaly(flow.conn.id, self.now, "session", kind, anomaly.get("detail", ""))
-            if kind == "transfer_abandoned" and abandoned_truncated:
-                # Held by the session when the capture ran out or had a gap: truncated, never inspected.
-                self.summary.transfers.append(Transfer(
-                    conn=flow.conn.id, ts=self.now, mechanism=ctx.get("transfer_mechanism", "") or "ibb",
-                    name=str(anomaly.get("name", anomaly.get("sid", ""))), size=int(anomaly.get("bytes", 0) or 0),
-                    sha256="", mime="", claimed_mime="", action="", rules=[], truncated=True,
-                    sender=ctx.get("sender", ""), recipients=list(ctx.get("recipients", ())),
-                    detail="the capture ends or has a gap inside the transfer; the session held it and could "
-                           "not release it for inspection"))
+
+    def _session_anomaly(self, flow: _Flow, cmd: Anomaly, abandoned_truncated: bool = False) -> None:
+        self.pipeline.record(cmd.event())
+        self._anomaly(flow.conn.id, self.now, "session", cmd.kind, cmd.detail)
+        if cmd.kind == "transfer_abandoned" and abandoned_truncated:
+            # Held by the session when the capture ran out or had a gap: truncated, never inspected.
+            ctx, data = cmd.context, cmd.data
+            self.summary.transfers.append(Transfer(
+                conn=flow.conn.id, ts=self.now, mechanism=ctx.transfer_mechanism or "ibb",
+                name=str(data.get("name", data.get("sid", ""))), size=int(data.get("bytes", 0) or 0),
+                sha256="", mime="", claimed_mime="", action="", rules=[], truncated=True,
+                sender=ctx.sender, recipients=list(ctx.recipients),
+                detail="the capture ends or has a gap inside the transfer; the session held it and could "
+                       "not release it for inspection"))
 
     def _note_message(self, flow: _Flow, text: str, ctx: ChatContext, decision: Decision,
                       rules: list[str] | None = None) -> None:
@@ -472,7 +480,7 @@ class Replay:
             rules=rules if rules is not None else list(decision.rule_ids), direction=ctx.direction))
 
     def _anomaly(self, conn: int, ts: float, source: str, kind: str, detail: str) -> None:
-        self.summary.anomalies.append(Anomaly(conn, ts, source, kind, detail))
+        self.summary.anomalies.append(AnomalyRow(conn, ts, source, kind, detail))
 
     def forwarded(self, conn_id: int) -> dict[bool, bytes]:
         """What the sessions would have let through on a connection (with keep_forwarded): to_client -> bytes."""
