@@ -27,7 +27,7 @@ import pytest
 
 from imguard.files.expected import ExpectedTransfers
 from imguard.model import ALLOW, BLOCK, ChatContext, Decision, FileReport, RuleMatch
-from imguard.protocols.base import Close, InspectFile, Notify, Record, Send
+from imguard.protocols.base import Anomaly, Close, InspectFile, Notify, ProtocolEvent, Record, Send
 from imguard.protocols.irc.dcc import dcc_session, find_offer
 from imguard.protocols.irc.session import DccRelay, IrcSession
 from tests.test_irc_support import Checker
@@ -125,6 +125,8 @@ class MiniCarrier:
                     await writer.drain()
             elif isinstance(cmd, Record):
                 self.records.append(cmd.event)
+            elif isinstance(cmd, (Anomaly, ProtocolEvent)):
+                self.records.append(cmd.event())
             elif isinstance(cmd, Notify):
                 self.records.append(cmd.event())
                 if cmd.connection_id in self.irc:

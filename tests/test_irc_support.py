@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from imguard.model import ALLOW, BLOCK, MASK, Decision, RuleMatch
-from imguard.protocols.base import Notify, Record, Send
+from imguard.protocols.base import Anomaly, Notify, ProtocolEvent, Record, Send
 
 DATA = Path(__file__).parent / "data" / "irc"
 PCAPS = Path(__file__).resolve().parent.parent.parent / "shared" / "pcaps"
@@ -169,8 +169,15 @@ def sends(cmds, to_client: bool) -> bytes:
     return b"".join(c.data for c in cmds if isinstance(c, Send) and c.to_client == to_client)
 
 
+def events(cmds) -> list[dict]:
+    """The events the carrier would record for these commands: a Record's as it is, a typed fact's (Anomaly,
+    ProtocolEvent, Notify) built by its event()."""
+    return [c.event if isinstance(c, Record) else c.event() for c in cmds
+            if isinstance(c, (Record, Anomaly, ProtocolEvent, Notify))]
+
+
 def records(cmds, action: str | None = None) -> list[dict]:
-    evs = [c.event for c in cmds if isinstance(c, Record)]
+    evs = events(cmds)
     return [e for e in evs if action is None or e["event"].get("action") == action]
 
 

@@ -7,7 +7,7 @@ import pytest
 
 from imguard.files.expected import ExpectedTransfers, ExpectedUpload
 from imguard.model import BLOCK, ChatContext, Decision, FileReport
-from imguard.protocols.base import InspectFile, Record, Send
+from imguard.protocols.base import Anomaly, InspectFile, Record, Send
 from imguard.replay.http import HttpLimits, HttpUploadSession
 
 CTX = ChatContext(client_address="10.0.0.1:40000", server_address="10.0.0.2:5280", connection_id="C7")
@@ -34,6 +34,12 @@ def feed(s: HttpUploadSession, data: bytes, cut: int | None = None) -> list:
     if cut is None:
         return s.data_received(True, data)
     return s.data_received(True, data[:cut]) + s.data_received(True, data[cut:])
+
+
+def anomaly_kinds(commands) -> list[str]:
+    """The kinds of the anomaly events among the commands (a Record here must be one too)."""
+    return [(c.event if isinstance(c, Record) else c.event())["imguard"]["anomaly"]["kind"] for c in commands
+            if isinstance(c, (Record, Anomaly))]
 
 
 def sent(commands, to_client: bool) -> bytes:
@@ -69,7 +75,7 @@ def test_blocked_upload_answers_403_and_blocks_the_download_url():
     commands = other.data_received(True, b"GET /slot/abc/report.pdf?download HTTP/1.1\r\nHost: upload.example:5280"
                                          b"\r\n\r\n")
     assert sent(commands, True).startswith(b"HTTP/1.1 403") and sent(commands, False) == b""
-    assert any(isinstance(c, Record) for c in commands)
+    assert anomaly_kinds(commands) == ["blocked_download"]
 
 
 def test_unannounced_upload_crosses_unless_its_path_is_configured():
@@ -90,7 +96,7 @@ def test_request_cut_short_is_inspected_truncated():
 def test_not_http_is_relayed_with_an_anomaly():
     s, _ = session()
     commands = s.data_received(True, b"SSH-2.0-OpenSSH_9.6\r\n\r\n")
-    assert [type(c).__name__ for c in commands] == ["Record", "Send"]
+    assert [type(c).__name__ for c in commands] == ["Anomaly", "Send"]
     assert sent(s.data_received(True, b"more"), False) == b"more"
 
 
@@ -127,8 +133,7 @@ def test_body_over_max_upload_size_is_inspected_truncated_and_decoding_stops(raw
     commands = s.data_received(True, raw)
     [inspect] = [c for c in commands if isinstance(c, InspectFile)]
     assert inspect.data == b"hell" and inspect.truncated
-    assert [c.event["imguard"]["anomaly"]["kind"] for c in commands if isinstance(c, Record)] == \
-        ["http_upload_too_large"]
+    assert anomaly_kinds(commands) == ["http_upload_too_large"]
     assert sent(commands, False) == b""
     assert sent(s.data_received(True, GET_OTHER), False) == GET_OTHER
     assert sent(s.file_verdict(inspect.transfer_id, FileReport("", "", 0), Decision()), False) == raw
@@ -141,7 +146,7 @@ def test_bad_chunk_in_a_held_upload_stops_it():
     raw = (b"PUT /slot/abc/report.pdf HTTP/1.1\r\nHost: upload.example:5280\r\nTransfer-Encoding: chunked\r\n\r\n"
            b"5\r\nhello\r\nzz\r\n")
     commands = s.data_received(True, raw + b"rest")
-    assert [c.event["imguard"]["anomaly"]["kind"] for c in commands if isinstance(c, Record)] == ["http_bad_chunk"]
+    assert anomaly_kinds(commands) == ["http_bad_chunk"]
     assert not any(isinstance(c, InspectFile) for c in commands)
     assert sent(commands, True).startswith(b"HTTP/1.1 403") and sent(commands, False) == b"rest"
     assert transfers.blocked_url_reason(GET_URL)

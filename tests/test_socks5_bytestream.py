@@ -11,7 +11,7 @@ from imguard.files.expected import ExpectedBytestream, ExpectedTransfers, Stream
 from imguard.model import BLOCK, ChatContext, Decision, FileReport
 from imguard.files.tracker import HoldState
 from imguard.model import RuleMatch
-from imguard.protocols.base import Close, ConnectUpstream, InspectFile, Notify, Record, Send
+from imguard.protocols.base import Anomaly, Close, ConnectUpstream, InspectFile, Notify, Record, Send
 from imguard.protocols.socks5_bytestream import RelayState, Socks5BytestreamSession, Socks5Limits
 
 DATA = Path(__file__).parent / "data" / "xmpp"
@@ -39,7 +39,9 @@ def table(size=None, hosts=(StreamHost("proxy.localhost", "127.0.0.1", 15000),))
 
 
 def kinds(cmds):
-    return [c.event["imguard"]["anomaly"]["kind"] for c in cmds if isinstance(c, Record)]
+    """The kinds of the anomaly events among the commands (a Record here must be one too)."""
+    return [(c.event if isinstance(c, Record) else c.event())["imguard"]["anomaly"]["kind"] for c in cmds
+            if isinstance(c, (Record, Anomaly))]
 
 
 def test_capture_legs_speak_the_expected_handshake():

@@ -16,7 +16,7 @@ import pytest
 from imguard.files.expected import ExpectedTransfers
 from imguard.files.tracker import HoldLedger
 from imguard.model import ALERT, BLOCK, MASK, QUARANTINE, ChatContext, Decision, FileReport, RuleMatch
-from imguard.protocols.base import Close, InspectFile, Record, Send, StartTls
+from imguard.protocols.base import Anomaly, Close, InspectFile, Notify, ProtocolEvent, Record, Send, StartTls
 from imguard.protocols.xmpp import XmppLimits, XmppSession, socks5_hash
 from imguard.protocols.xmpp.decoder import Stanza
 
@@ -62,9 +62,17 @@ def sent(cmds, to_client):
     return b"".join(c.data for c in cmds if isinstance(c, Send) and c.to_client == to_client)
 
 
+def event(cmd) -> dict:
+    """The event the carrier records for a command: a Record's as it is, a typed fact's built by its event()."""
+    return cmd.event if isinstance(cmd, Record) else cmd.event()
+
+
+def events(cmds) -> list[dict]:
+    return [event(c) for c in cmds if isinstance(c, (Record, Anomaly, ProtocolEvent, Notify))]
+
+
 def anomalies(cmds):
-    return [c.event["imguard"].get("anomaly", c.event["imguard"].get("link", {})).get("kind")
-            for c in cmds if isinstance(c, Record)]
+    return [e["imguard"].get("anomaly", e["imguard"].get("link", {})).get("kind") for e in events(cmds)]
 
 
 def new(checker=None, transfers=None, **kw):
@@ -220,7 +228,7 @@ def test_end_to_end_encrypted_message_is_recorded_and_passed(payload, scheme):
     m = f"<message type='chat' to='bob@localhost' id='e1'>{payload}</message>".encode()
     cmds = s.data_received(True, m)
     assert anomalies(cmds) == ["e2e_encrypted"]
-    assert cmds[0].event["imguard"]["anomaly"]["scheme"] == scheme
+    assert event(cmds[0])["imguard"]["anomaly"]["scheme"] == scheme
     assert checker.calls[-1][0] == "" and cmds[-1] == Send(False, m)
 
 
@@ -270,8 +278,8 @@ def test_auth_in_plaintext_after_starttls_was_offered_is_an_alert():
     auth = b"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>AGFsaWNlAHNlY3JldA==</auth>"
     cmds = s.data_received(True, auth)
     assert anomalies(cmds) == ["starttls_stripping"] and cmds[-1] == Send(False, auth)
-    assert cmds[0].event["imguard"]["anomaly"]["severity"] == "high"
-    assert cmds[0].event["event"]["kind"] == "alert"
+    assert event(cmds[0])["imguard"]["anomaly"]["severity"] == "high"
+    assert event(cmds[0])["event"]["kind"] == "alert"
 
 
 def test_direct_tls_has_no_downgrade_checks():
@@ -318,7 +326,7 @@ def test_malformed_server_xml_closes():
     s = logged_in()
     cmds = s.data_received(False, b"<message><</message>")
     assert anomalies(cmds) == ["malformed_xml"] and cmds[-1] == Close("server sent malformed_xml")
-    assert cmds[0].event["imguard"]["anomaly"]["from_client"] is False
+    assert event(cmds[0])["imguard"]["anomaly"]["from_client"] is False
 
 
 def test_an_exception_in_the_checker_is_contained():
@@ -357,7 +365,7 @@ def test_message_sharing_a_blocked_upload_is_blocked():
     cmds = s.data_received(True, share)
     assert sent(cmds, False) == b""
     assert anomalies(cmds) == ["oob_link", None]   # the link, then the blocked-message record
-    assert cmds[1].event["event"]["action"] == "block"
+    assert event(cmds[1])["event"]["action"] == "block"
     assert b"<policy-violation " in sent(cmds, True) and b"EICAR-Test-File" in sent(cmds, True)
 
 
@@ -550,8 +558,7 @@ MALWARE = Decision(action=BLOCK, matches=[RuleMatch(rule_id="malware", action=BL
 
 
 def anomaly_fields(cmds, kind):
-    return [c.event["imguard"]["anomaly"] for c in cmds if isinstance(c, Record)
-            and c.event["imguard"].get("anomaly", {}).get("kind") == kind]
+    return [e["imguard"]["anomaly"] for e in events(cmds) if e["imguard"].get("anomaly", {}).get("kind") == kind]
 
 
 def test_ibb_blocked_without_a_notice_of_its_own_names_the_file():
@@ -736,7 +743,7 @@ def test_oob_iq_link_is_recorded():
           b"</query></iq>")
     cmds = s.data_received(True, iq)
     assert anomalies(cmds) == ["oob_link"] and cmds[-1] == Send(False, iq)
-    assert cmds[0].event["event"]["kind"] == "event"
+    assert event(cmds[0])["event"]["kind"] == "event"
 
 
 # --- memory -------------------------------------------------------------------------------------------
@@ -755,8 +762,8 @@ def test_remembered_ids_are_bounded():
 def test_scram_username_names_the_user_and_the_stripping_alert():
     """SCRAM's client-first message carries n=alice: the stripping alert already names alice@localhost."""
     cmds = play(new(), segments("httpupload_alice.json")[:3])
-    (alert,) = [c for c in cmds if isinstance(c, Record)]
-    assert alert.event["source"]["user"]["name"] == "alice@localhost"
+    (alert,) = events(cmds)
+    assert alert["source"]["user"]["name"] == "alice@localhost"
 
 
 def test_sasl2_success_gives_the_full_jid():

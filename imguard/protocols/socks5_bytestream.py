@@ -48,11 +48,10 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from imguard import alerts
 from imguard.files.expected import ExpectedBytestream, ExpectedTransfers
 from imguard.files.tracker import HeldTransfer, HoldState
 from imguard.model import ChatContext, Decision, FileReport
-from imguard.protocols.base import Close, Command, ConnectUpstream, Notify, Record, Send
+from imguard.protocols.base import Anomaly, Close, Command, ConnectUpstream, Notify, Send
 from imguard.settings import MiB, setting
 
 _HASH = re.compile(r"^[0-9a-f]{40}$")
@@ -300,8 +299,8 @@ class Socks5BytestreamSession:
         # the file is the offer's: sender, receivers and addresses of the XMPP connection that announced it
         return self.offer.context.with_(transfer_mechanism="socks5") if self.offer else self.context
 
-    def _anomaly(self, kind: str, detail: str, **data: Any) -> Record:
-        return Record(alerts.anomaly_event(self._file_context(), kind, detail, **data))
+    def _anomaly(self, kind: str, detail: str, **data: Any) -> Anomaly:
+        return Anomaly(self._file_context(), kind, detail, data=data)
 
     def _ends_on_close(self, out: list[Command]) -> list[Command]:
         """A Close (the tracker's or ours) ends the connection: nothing more to relay or decide."""

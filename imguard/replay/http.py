@@ -32,11 +32,10 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from imguard import alerts
 from imguard.files.expected import ExpectedUpload
 from imguard.files.tracker import ConnectionHolds, HeldTransfer, HoldState
 from imguard.model import ChatContext, Decision, FileReport
-from imguard.protocols.base import Command, Record, Send
+from imguard.protocols.base import Anomaly, Command, Send
 from imguard.settings import KiB, MiB, setting
 
 
@@ -184,9 +183,8 @@ class HttpUploadSession:
         if method == b"GET" and self.transfers is not None:
             reason = next((r for r in (self.transfers.blocked_url_reason(u) for u in urls) if r), None)
             if reason:
-                out.append(Record(alerts.anomaly_event(self.context, "blocked_download",
-                                                       "a download of a file that was blocked", url=urls[0],
-                                                       reason=reason)))
+                out.append(Anomaly(self.context, "blocked_download", "a download of a file that was blocked",
+                                   data={"url": urls[0], "reason": reason}))
                 out.append(Send(to_client=True, data=_response(403, f"imguard: blocked ({reason})")))
                 head = b""
         elif method in _METHODS_WITH_BODY:
@@ -237,9 +235,8 @@ class HttpUploadSession:
             out += upload.append(b"", rest)     # read with it: kept with it, but not inspected
         out += self._inspect(truncated=True)
         self._stop_decoding()
-        return out + [Record(alerts.anomaly_event(self.context, "http_upload_too_large",
-                                                  f"an upload over max_upload_size "
-                                                  f"({self.limits.max_upload_size}); the rest is not decoded"))]
+        return out + [Anomaly(self.context, "http_upload_too_large", f"an upload over max_upload_size "
+                              f"({self.limits.max_upload_size}); the rest is not decoded")]
 
     def _read_chunked(self) -> list[Command]:
         out: list[Command] = []
@@ -336,7 +333,7 @@ class HttpUploadSession:
         if upload is not None:
             out = upload.cut(kind, detail)
         else:
-            out = [Record(alerts.anomaly_event(self.context, kind, detail))]
+            out = [Anomaly(self.context, kind, detail)]
         return out + ([Send(to_client=False, data=rest)] if rest else [])
 
 

@@ -34,7 +34,7 @@ What the carrier does (the gateway; tests/test_irc_live.py has a 100-line asynci
    transfers, ctx, offer)` picks DccSendSession/DccChatSession; connect on to `offer.real_address`.
    No offer: `dcc_session(..., None)` records a "dcc_unannounced" anomaly and closes at the first byte
    (call `.start()` to do it at once); or simply refuse the connection.
-3. Carry Send/Record/Close; answer InspectFile with Pipeline.check_file (mechanism "dcc" in the context).
+3. Carry Send/Record/Anomaly/Close; answer InspectFile with Pipeline.check_file (mechanism "dcc" in the context).
 4. A `Notify` command -> record it (`Notify.event()`), find the IrcSession by its connection_id and carry
    out `session.notice(text)` on that connection (the person is told in the chat, as for messages).
 """
@@ -47,10 +47,9 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
-from imguard import alerts
 from imguard.files.tracker import HeldTransfer, HoldState
 from imguard.model import ChatContext, Decision, FileReport
-from imguard.protocols.base import Close, Command, Notify, Record, Send
+from imguard.protocols.base import Anomaly, Close, Command, Notify, Send
 from imguard.protocols.irc.decoder import IrcLimits, decode_text, encode_text, format_ctcp, split_ctcp
 
 DCC_KIND = "dcc"                # the ExpectedTransfers kind of DCC offers; key (host, port)
@@ -216,9 +215,8 @@ class DccSendSession:
         if self.refused:
             return []
         self.refused = True
-        return [Record(alerts.anomaly_event(self.context.with_(protocol="irc", transfer_mechanism="dcc"),
-                                            "dcc_unannounced",
-                                            "a DCC data connection that no offer announced", first_bytes=size)),
+        return [Anomaly(self.context.with_(protocol="irc", transfer_mechanism="dcc"), "dcc_unannounced",
+                        "a DCC data connection that no offer announced", data={"first_bytes": size}),
                 Close("unannounced DCC connection")]
 
 
@@ -251,9 +249,9 @@ class DccChatSession:
             return []
         if self.offer is None:
             self.closed = True
-            return [Record(alerts.anomaly_event(self.context.with_(protocol="irc"), "dcc_unannounced",
-                                                "a DCC data connection that no offer announced",
-                                                first_bytes=len(data))), Close("unannounced DCC connection")]
+            return [Anomaly(self.context.with_(protocol="irc"), "dcc_unannounced",
+                            "a DCC data connection that no offer announced", data={"first_bytes": len(data)}),
+                    Close("unannounced DCC connection")]
         buf = self._buf[from_client]
         buf += data
         out: list[Command] = []
@@ -266,9 +264,8 @@ class DccChatSession:
                     self.closed = True
                     if forward:
                         out.append(Send(to_client=not from_client, data=bytes(forward)))
-                    out += [Record(alerts.anomaly_event(self.chat_context, "line_too_long",
-                                                        f"a DCC CHAT line over {limit} bytes",
-                                                        from_client=from_client)), Close("DCC CHAT line too long")]
+                    out += [Anomaly(self.chat_context, "line_too_long", f"a DCC CHAT line over {limit} bytes",
+                                    data={"from_client": from_client}), Close("DCC CHAT line too long")]
                     return out
                 break
             raw = bytes(buf[:end + 1])
@@ -321,9 +318,8 @@ class DccChatSession:
         if self.offer is not None and self._buf[from_client] and not self.closed:
             size = len(self._buf[from_client])
             self._buf[from_client].clear()
-            return [Record(alerts.anomaly_event(self.chat_context, "incomplete_line",
-                                                "a DCC CHAT line without its end was not forwarded",
-                                                from_client=from_client, size=size))]
+            return [Anomaly(self.chat_context, "incomplete_line", "a DCC CHAT line without its end was not forwarded",
+                            data={"from_client": from_client, "size": size})]
         return []
 
 

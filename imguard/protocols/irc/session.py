@@ -36,8 +36,9 @@ A malformed offer (bad size, port or address) is an anomaly and dropped, with a 
 an offer larger than `max_held_bytes` is refused (it could not be inspected). Offers made *to* our
 user are registered and relayed the same way, so inbound files are held and scanned too.
 
-Events (Record): anomalies (alerts.anomaly_event), "irc_registered" (nick, user, host, realname,
-account, caps, tls), "irc_nick_change" (old, new, identity), "irc_logged_in", "dcc_offer", "dcc_refused".
+Events: anomalies (Anomaly facts) and protocol events (ProtocolEvent facts): "irc_registered" (nick, user,
+host, realname, account, caps, tls), "irc_nick_change" (old, new, identity), "irc_logged_in", "dcc_offer",
+"dcc_refused".
 Message decisions are written by the checker (Pipeline.check_message), not here.
 """
 
@@ -50,9 +51,9 @@ import re
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator
 
-from imguard import alerts
 from imguard.model import MASK, ChatContext, Decision, FileReport
-from imguard.protocols.base import Close, Command, OutgoingCommands, Record, Send, StartTls, limited_anomaly
+from imguard.protocols.base import (Anomaly, Close, Command, OutgoingCommands, ProtocolEvent, Send, StartTls,
+                                    limited_anomaly)
 from imguard.protocols.irc.dcc import CHAT, DCC_KIND, SEND, DccOffer, new_offer_id, remember_offer
 from imguard.protocols.irc.decoder import (BadLine, Ctcp, DccError, DccResume, DccSend, IrcLimits,
                                            LineDecoder, LineTooLong, Message, encode_text, format_ctcp,
@@ -249,15 +250,14 @@ class IrcSession:
             line = cut.decode("utf-8", "ignore").encode("utf-8")
         return line + b"\r\n"
 
-    def _anomaly(self, kind: str, detail: str, **data: Any) -> Record | None:
+    def _anomaly(self, kind: str, detail: str, **data: Any) -> Anomaly | None:
         """An anomaly record; past max_anomalies_per_kind of one kind on this connection, only counted."""
         return limited_anomaly(self.anomaly_counts, self.limits.max_anomalies_per_kind, self._ctx(),
                                kind, detail, **data)
 
     def _event(self, action: str, category: str = "session", ctx: ChatContext | None = None,
-               **data: Any) -> Record:
-        ctx = ctx or self._ctx()
-        return Record(alerts.protocol_event("irc", action, ctx, category, **data))
+               **data: Any) -> ProtocolEvent:
+        return ProtocolEvent("irc", action, ctx or self._ctx(), category, data)
 
     def _bad_line(self, out: OutgoingCommands, from_client: bool, ev: BadLine) -> None:
         if ev.kind in EMPTY_KINDS:

@@ -34,7 +34,7 @@ resume offset passed the gateway.
 
 What the carrier does: on a new connection to (ip, port) for which `find_oft_offer(transfers,
 host=ip, port=port)` is not None (or to the AOL proxy), `OftSession(checker, transfers, ctx, offer)`;
-carry Send/Record/Notify/Close; answer InspectFile with Pipeline.check_file.
+carry Send/Record/Anomaly/Notify/Close; answer InspectFile with Pipeline.check_file.
 """
 
 from __future__ import annotations
@@ -42,10 +42,9 @@ from __future__ import annotations
 import struct
 from typing import Any
 
-from imguard import alerts
 from imguard.files.tracker import ConnectionHolds, HeldTransfer, HoldState
 from imguard.model import ChatContext, Decision, FileReport
-from imguard.protocols.base import Close, Command, Notify, Record, Send
+from imguard.protocols.base import Anomaly, Close, Command, Notify, Send
 from imguard.protocols.oscar.decoder import (OFT_ACK, OFT_DONE, OFT_PROMPT, OFT_RESUME, OFT_RESUME_ACK,
                                              PROXY_VERSION, OftHeader, OscarError, OscarLimits, parse_oft)
 from imguard.protocols.oscar.session import OftOffer, find_oft_offer
@@ -271,10 +270,10 @@ class OftSession:
             self.closed = True
         return cmds
 
-    def _anomaly(self, kind: str, detail: str, **data: Any) -> Record:
+    def _anomaly(self, kind: str, detail: str, **data: Any) -> Anomaly:
         if self.offer is not None:
             data.setdefault("offer", self.offer.offer_id)
-        return Record(alerts.anomaly_event(self._file_context(), kind, detail, **data))
+        return Anomaly(self._file_context(), kind, detail, data=data)
 
     def _fatal(self, kind: str, detail: str) -> list[Command]:
         """Framing the session cannot follow ends the connection; a file being held ends with it."""
@@ -291,6 +290,5 @@ class OftSession:
         if transfer is not None and transfer.holding:   # another cookie in the middle of a file
             return self._fatal("oft_unannounced", "an OFT header whose cookie no rendezvous announced")
         self.closed = True
-        return [Record(alerts.anomaly_event(self.context.with_(protocol="oscar", transfer_mechanism="oft"),
-                                            "oft_unannounced", "an OFT connection whose cookie no rendezvous "
-                                            "announced")), Close("unannounced OFT connection")]
+        return [Anomaly(self.context.with_(protocol="oscar", transfer_mechanism="oft"), "oft_unannounced",
+                        "an OFT connection whose cookie no rendezvous announced"), Close("unannounced OFT connection")]

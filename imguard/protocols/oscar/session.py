@@ -62,9 +62,9 @@ import struct
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from imguard import alerts
 from imguard.model import MASK, ChatContext, Decision, FileReport
-from imguard.protocols.base import Close, Command, OutgoingCommands, Record, block_words, limited_anomaly
+from imguard.protocols.base import (Anomaly, Close, Command, OutgoingCommands, ProtocolEvent, block_words,
+                                    limited_anomaly)
 from imguard.protocols.oscar.decoder import (CAP_DIRECTIM, CAP_GETFILE, CAP_SENDFILE, CH_SIGNOFF, CH_SIGNON,
                                              CH_SNAC, CHARSET_ASCII, ICBM, ICBM_INCOMING, ICBM_SEND, KNOWN_FAMILIES,
                                              RV_CANCEL, RV_PROPOSE, Flap, FlapDecoder, FramingError, Icbm, OscarError,
@@ -232,13 +232,13 @@ class OscarSession:
         self._shift[False] += 1
         out.send(True, build_flap(CH_SNAC, seq, snac))
 
-    def _anomaly(self, kind: str, detail: str, **data: Any) -> Record | None:
+    def _anomaly(self, kind: str, detail: str, **data: Any) -> Anomaly | None:
         return limited_anomaly(self.anomaly_counts, self.limits.oscar_max_anomalies_per_kind, self._ctx(),
                                kind, detail, **data)
 
-    def _event(self, action: str, category: str = "session", ctx: ChatContext | None = None, **data: Any) -> Record:
-        ctx = ctx or self._ctx()
-        return Record(alerts.protocol_event("oscar", action, ctx, category, **data))
+    def _event(self, action: str, category: str = "session", ctx: ChatContext | None = None,
+               **data: Any) -> ProtocolEvent:
+        return ProtocolEvent("oscar", action, ctx or self._ctx(), category, data)
 
     def _frame(self, out: OutgoingCommands, from_client: bool, flap: Flap) -> None:
         if flap.channel == CH_SIGNON and len(flap.data) >= 4:

@@ -43,7 +43,7 @@ from xml.etree import ElementTree as ET
 
 from imguard.files.tracker import ConnectionHolds, HeldTransfer, HoldLedger, HoldState
 from imguard.model import ChatContext, Decision
-from imguard.protocols.base import Command, Record, Send
+from imguard.protocols.base import Anomaly, Command, Send
 from imguard.protocols.xmpp import decoder as d
 from imguard.protocols.xmpp.decoder import XmppLimits
 from imguard.protocols.xmpp.offers import FileOffer, int_or_none
@@ -84,7 +84,7 @@ class IbbHost(Protocol):
 
     def notice_message(self, to: str, notice: str) -> Send: ...     # a chat message to the client
 
-    def anomaly(self, kind: str, detail: str, **data: Any) -> Record: ...
+    def anomaly(self, kind: str, detail: str, **data: Any) -> Anomaly: ...
 
 
 @dataclass

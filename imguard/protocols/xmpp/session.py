@@ -77,7 +77,7 @@ from imguard.files.expected import (ExpectedBytestream, ExpectedTransfers, Expec
                                     TransferSettings)
 from imguard.files.tracker import HoldLedger
 from imguard.model import BLOCK, MASK, ChatContext, Decision, FileReport
-from imguard.protocols.base import Close, Command, Record, Send, StartTls
+from imguard.protocols.base import Anomaly, Close, Command, Record, Send, StartTls
 from imguard.protocols.xmpp import decoder as d
 from imguard.protocols.xmpp.decoder import XmlStreamDecoder, XmppLimits
 from imguard.protocols.xmpp.ibb import NS_IBB, InBandBytestreams
@@ -696,8 +696,9 @@ class XmppSession:
                 return [Send(to_client=True, data=serialize(el, ""))]
         return [Send(to_client=True, data=st.raw)]
 
-    def anomaly(self, kind: str, detail: str, ctx: ChatContext | None = None, **data: Any) -> Record:
-        return Record(alerts.anomaly_event(ctx or self.ctx(), kind, detail, **data))
+    def anomaly(self, kind: str, detail: str, ctx: ChatContext | None = None, severity: str | None = None,
+                **data: Any) -> Anomaly:
+        return Anomaly(ctx or self.ctx(), kind, detail, severity, data)
 
     def _link_event(self, ctx: ChatContext, url: str) -> dict[str, Any]:
         """An XEP-0066 link: recorded (an event, not an alert)."""

@@ -56,10 +56,9 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
-from imguard import alerts
 from imguard.files.expected import ExpectedUpload, normalize_url
 from imguard.model import MASK, ChatContext, Decision, FileReport
-from imguard.protocols.base import Close, Command, Record, Send, limited_anomaly
+from imguard.protocols.base import Anomaly, Close, Command, ProtocolEvent, Send, limited_anomaly
 from imguard.protocols.ymsg.decoder import (AUTH, AUTHRESP, COMMENT, CONFMSG, FILETRANS_15, FILETRANS_ACC_15,
                                             FILETRANS_INFO_15, FILETRANSFER, LOGON, MESSAGE, P2PFILEXFER,
                                             FramingError, Packet, PacketDecoder, YmsgLimits, build_packet,
@@ -210,13 +209,13 @@ class YmsgSession:
                 out.append(c)
         return out
 
-    def _anomaly(self, kind: str, detail: str, **data: Any) -> Record | None:
+    def _anomaly(self, kind: str, detail: str, **data: Any) -> Anomaly | None:
         return limited_anomaly(self.anomaly_counts, self.limits.ymsg_max_anomalies_per_kind, self._ctx(),
                                kind, detail, **data)
 
-    def _event(self, action: str, category: str = "session", ctx: ChatContext | None = None, **data: Any) -> Record:
-        ctx = ctx or self._ctx()
-        return Record(alerts.protocol_event("ymsg", action, ctx, category, **data))
+    def _event(self, action: str, category: str = "session", ctx: ChatContext | None = None,
+               **data: Any) -> ProtocolEvent:
+        return ProtocolEvent("ymsg", action, ctx or self._ctx(), category, data)
 
     def _notice_packet(self, text: str) -> bytes:
         text = (_CONTROL.sub(" ", text).strip() or GATEWAY_NAME)[:800]      # Yahoo clients cut longer messages
