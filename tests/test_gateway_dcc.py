@@ -150,7 +150,7 @@ def test_blocked_file_notice_reaches_the_offerers_irc_connection(tmp_path, via):
                 ir, iw = await asyncio.open_connection("127.0.0.1", gw.port_of("reverse"))
             iw.write(b"NICK alice\r\nUSER a 0 * :Alice\r\n")
             assert (await readline(ir)).startswith(b":irc.test 001 alice")
-            [irc_id] = list(gw.addon.sessions)
+            [irc_id] = list(gw.addon.notices.sessions)
             remember_offer(transfers, offer_for(0, sender_port, irc_id, relay_port, payload), 60)
             reader, writer = await asyncio.open_connection("127.0.0.1", relay_port)
             assert await closed_by_peer(reader)

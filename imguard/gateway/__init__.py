@@ -3,14 +3,16 @@
     settings.py      GatewaySettings (every knob, its default and why)
     master.py        Gateway / GatewayMaster: the minimal addon chain, imguard's addons first; session factories
     addon.py         GatewayAddon: next_layer (which layer for which connection), server_connect (self-connect
-                     guard, bytestream and DCC relay redirects), notify_command (notice routing), inspect_file (scans in
-                     worker threads)
+                     guard, bytestream and DCC relay redirects), the SessionLayer's Carrier (record, notify_command,
+                     commit)
+    notices.py       NoticeRouter: a Notify delivered as session.notice(text) on the connection it names
     tls_memory.py    LateTlsAddon: per-host no-verify, server TLS first for sessions, idle buffers released and
                      one certificate object per forged certificate
     dcc.py           DccRelayPorts: the IRC DCC relay port pool (allocate for IrcSession, take for a connection)
     layer.py         SessionLayer: a StreamSession (imguard.protocols.base) on one connection; STARTTLS by
                      pushing ServerTLSLayer -> ClientTLSLayer children; NoticeInjected -> session.notice(text)
-    inspection.py    bounded thread pool around Pipeline.check_file
+    inspection.py    Inspection: the addon that answers InspectFileHook, a bounded thread pool around
+                     Pipeline.check_file
     http_uploads.py  HTTP(S) uploads (XEP-0363 PUT, upload paths) buffered, scanned, 403/413
     chat_apis.py     ChatApis: chat over HTTP(S) (Matrix, Slack, Mattermost, Rocket.Chat, Discord) through the
                      pure decoders of imguard/protocols/httpchat; ChatApiSettings (--chat-* options)
@@ -43,10 +45,10 @@ address; server_connect on a pool port takes the offer (find_offer) and points t
 offer.real_address, or refuses the connection with a dcc_unannounced anomaly; next_layer puts the DCC
 session on it.
 
-Notices across connections: GatewayAddon.sessions maps each live session's connection id (ChatContext.
-connection_id = mitmproxy's client id) to its session. GatewayAddon.notify_command() records a session's
-Notify command (connection_id, protocol, text) and sends a NoticeInjected event into that
-connection's handler (as mitmproxy's inject.tcp does, scheduled on the loop, never inside the caller's
-layer); the SessionLayer there, however deep under TLS layers, returns session.notice(text)'s commands. A
-session without notice() (XmppSession today) gets none: logged.
+Notices across connections: GatewayAddon.notify_command() records a session's Notify command (connection_id,
+protocol, text) and hands it to its NoticeRouter (notices.py), which knows each live session by its connection
+id (ChatContext.connection_id = mitmproxy's client id) and sends a NoticeInjected event into that connection's
+handler (as mitmproxy's inject.tcp does, scheduled on the loop, never inside the caller's layer); the
+SessionLayer there, however deep under TLS layers, returns session.notice(text)'s commands. A session without
+notice() gets none: logged.
 """

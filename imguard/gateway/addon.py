@@ -9,7 +9,6 @@ because it adjusts what TlsConfig produced (per-host verification, server-TLS-fi
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import ipaddress
 import logging
@@ -31,7 +30,8 @@ from mitmproxy.proxy.layers.tls import HTTP_ALPNS
 from imguard import alerts
 from imguard.protocols import detect as det
 from imguard.gateway.inspection import Inspection
-from imguard.gateway.layer import FileJob, NoticeInjected, NoticeTarget, RefuseLayer, SessionLayer, tls_first_stack
+from imguard.gateway.layer import RefuseLayer, SessionLayer, tls_first_stack
+from imguard.gateway.notices import NoticeRouter, connection_handler
 from imguard.model import ChatContext
 from imguard.protocols import registry
 from imguard.protocols.base import Notify
@@ -82,13 +82,6 @@ def is_local_address(host: str) -> bool:
         return False
 
 
-def _connection_handler(client_id: str) -> Any:
-    """mitmproxy's handler of the live connection of client `client_id` (its layers and its streams), or None."""
-    master = getattr(mitm_ctx, "master", None)
-    ps = master.addons.get("proxyserver") if master is not None else None
-    return ps.connections.get(client_id) if ps is not None and client_id else None
-
-
 COMMIT_ERROR_LOG_SECONDS = 10.0        # a disk that keeps refusing the archive is logged this often
 
 
@@ -116,7 +109,7 @@ class GatewayAddon:
         self._bytestreams: dict[str, tuple[str, tuple[str, int]]] = {}   # client id -> (hash, streamhost)
         self.dcc_ports = dcc_ports              # imguard.gateway.dcc.DccRelayPorts, or None (offers not rewritten)
         self._dcc_offers: dict[str, Any] = {}   # client id -> DccOffer, from server_connect to next_layer
-        self.sessions: dict[str, tuple[Any, Any]] = {}  # client id (= ChatContext.connection_id) -> (session, context)
+        self.notices = NoticeRouter()                   # the live sessions by connection id, for notices
         self.metrics = None                             # imguard.metrics.Metrics, set by `imguard run`
         self.quick_ack = quick_ack                      # GatewaySettings.quick_ack (tcp_socket)
         self._commit_error_logged = float("-inf")       # when a failed archive write was last logged
@@ -136,9 +129,10 @@ class GatewayAddon:
         return self._parse_fail_open is not None and self._parse_fail_open(protocol)
 
     def notify_command(self, cmd: Notify) -> None:
-        """A session's Notify: recorded, then delivered as a notice on the connection it names (see notify)."""
+        """A session's Notify: recorded, then delivered as a notice on the connection it names (NoticeRouter)."""
         self.record(cmd.event())
-        self.notify(cmd.connection_id, cmd.text)
+        if self.notices.deliver(cmd.connection_id, cmd.text):
+            self.stats["notices"] += 1
 
     def commit(self) -> None:
         """Pipeline.commit (the archive records of a read on disk before its stanzas are forwarded). A disk that
@@ -163,7 +157,7 @@ class GatewayAddon:
         (mitmproxy's own handler holds the streams, so they are looked up there once per leg)."""
         if not self.quick_ack or getattr(connection, "transport_protocol", None) != "tcp":
             return None
-        handler = _connection_handler(client_id)
+        handler = connection_handler(client_id)
         io = handler.transports.get(connection) if handler is not None else None
         writer = getattr(io, "writer", None)
         try:
@@ -174,33 +168,6 @@ class GatewayAddon:
                 getattr(sock, "family", None) not in (socket.AF_INET, socket.AF_INET6):
             return None
         return sock
-
-    def notify(self, connection_id: str, text: str) -> bool:
-        """Tell the person on connection `connection_id` something (a DCC file blocked on its own connection):
-        a NoticeInjected event goes into that connection's layer stack, as mitmproxy's inject.tcp does, and
-        its SessionLayer calls session.notice(text). Scheduled on the event loop, never run inside the
-        caller's layer. False when that connection or its session is gone (the notify record still stands)."""
-        handler = _connection_handler(connection_id)
-        session, context = self.sessions.get(connection_id, (None, None))
-        if handler is None or session is None:
-            logger.warning("notice for connection %s not delivered (connection gone): %s", connection_id or "-", text)
-            return False
-        if not callable(getattr(session, "notice", None)):
-            logger.warning("notice for connection %s not delivered (%s has no notice()): %s", connection_id,
-                           type(session).__name__, text)
-            return False
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            logger.error("notice for connection %s not delivered (called off the event loop): %s", connection_id, text)
-            return False
-
-        def inject() -> None:
-            event = NoticeInjected(NoticeTarget(context.client, context.server), text)
-            asyncio_utils.create_task(handler.server_event(event), name="imguard notice", keep_ref=True)
-        loop.call_soon(inject)
-        self.stats["notices"] += 1
-        return True
 
     def anomaly(self, ctx: ChatContext, kind: str, detail: str, **data: Any) -> None:
         logger.warning("%s: %s: %s", ctx.client_address or "-", kind, detail)
@@ -312,7 +279,7 @@ class GatewayAddon:
         the session replays. mitmproxy asks next_layer only when bytes arrive, so nudge it with an empty read."""
         if not self._is_relay(data.client) or "bytestream" not in self.factories:
             return
-        handler = _connection_handler(data.client.id)
+        handler = connection_handler(data.client.id)
         if handler is not None:
             asyncio_utils.create_task(handler.server_event(events.DataReceived(data.client, b"")),
                                       name="imguard relay start", keep_ref=True)
@@ -320,7 +287,7 @@ class GatewayAddon:
     def client_disconnected(self, client: Client) -> None:
         self._bytestreams.pop(client.id, None)
         self._dcc_offers.pop(client.id, None)
-        self.sessions.pop(client.id, None)
+        self.notices.forget(client.id)
         self._sniff_tls.discard(client.id)
 
     def next_layer(self, nextlayer: mlayer.NextLayer) -> None:
@@ -376,7 +343,7 @@ class GatewayAddon:
             return None
         chat = self.chat_context(context, "sip")
         session = factory(ConnectionInfo("sip-udp", False, chat, f"UDP port {port}"))
-        self.sessions[context.client.id] = (session, context)
+        self.notices.remember(context.client.id, session, context)
         return SessionLayer(context, session, chat, self)
 
     def _side_by_destination(self, address) -> tuple[registry.SideConnection, Any] | None:
@@ -446,7 +413,7 @@ class GatewayAddon:
             self.stats["refused"] += 1
             return RefuseLayer(context)
         self.stats["sessions"] += 1
-        self.sessions[context.client.id] = (session, context)
+        self.notices.remember(context.client.id, session, context)
         logger.info("%s -> %s: %s (%s)", chat.client_address, chat.server_address, found.protocol, found.reason)
         if found.tls_first:
             return tls_first_stack(context, session, chat, self)
@@ -479,7 +446,7 @@ class GatewayAddon:
             nextlayer.layer = RefuseLayer(context)
             return
         self.stats["sessions"] += 1
-        self.sessions[context.client.id] = (session, context)
+        self.notices.remember(context.client.id, session, context)
         logger.info("%s -> %s: %s (first bytes inside TLS)", chat.client_address, chat.server_address, found.protocol)
         nextlayer.layer = SessionLayer(context, session, chat, self, tls=True)
 
@@ -497,8 +464,3 @@ class GatewayAddon:
             return RefuseLayer(context)
         self.stats["sessions"] += 1
         return SessionLayer(context, session, chat, self)
-
-    async def inspect_file(self, job: FileJob) -> None:
-        cmd = job.command
-        job.report, job.decision = await self.inspection.check(cmd.data, cmd.context, cmd.name, cmd.claimed_mime,
-                                                               cmd.truncated)

@@ -17,6 +17,7 @@ import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
 
+from imguard.gateway.layer import FileJob
 from imguard.model import (REASON_LIMIT, REASON_SCANNER_ERROR, REASON_TIMEOUT, ChatContext,
                            Decision, FileReport)
 
@@ -78,6 +79,13 @@ class Inspection:
                 return decision, {"situation": situation, "mode": mode}
         return self.pipeline.check_unscannable(data, ctx, name, claimed_mime, reason, detail, size=size,
                                                adjust=adjust)
+
+    async def inspect_file(self, job: FileJob) -> None:
+        """mitmproxy's InspectFileHook (a SessionLayer's InspectFile): this addon answers it. The hook pauses only
+        the layer that holds the file while the check runs in a worker."""
+        cmd = job.command
+        job.report, job.decision = await self.check(cmd.data, cmd.context, cmd.name, cmd.claimed_mime,
+                                                    cmd.truncated)
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)

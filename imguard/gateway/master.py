@@ -170,7 +170,8 @@ class Gateway:
     async def start(self) -> None:
         logging.getLogger("mitmproxy").setLevel(logging.WARNING)
         opts = options.Options()
-        self.master = GatewayMaster(opts, [self.passthrough, self.addon, self.uploads, self.chat_apis], [self.late])
+        self.master = GatewayMaster(opts, [self.passthrough, self.addon, self.inspection, self.uploads, self.chat_apis],
+                                    [self.late])
         # Certificates are only ever signed with imguard's own CA: the mitmproxy 12.3 wheel has options to sign
         # with a third party's leaked intermediate (`emudhra`, `emudhra_old`); they stay off whatever their
         # default becomes.
