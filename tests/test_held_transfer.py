@@ -15,7 +15,7 @@ import pytest
 from imguard.files.tracker import (TRANSITIONS, ConnectionHolds, HeldTransfer, HoldEvent, HoldLedger, HoldState,
                                    Piece, settle_orphans)
 from imguard.model import ChatContext, Decision, RuleMatch
-from imguard.protocols.base import Close, InspectFile, Record, Send
+from imguard.protocols.base import Anomaly, Close, InspectFile, Send
 
 FILE = b"MZ" + bytes(range(256)) * 3 + b"end"
 CHUNKS = [FILE[:100], FILE[100:500], FILE[500:]]
@@ -97,7 +97,7 @@ def test_every_order_keeps_the_invariants(owns, size_known, decision, sender_is_
         if not any(kind == "verdict" for kind, _ in log):
             assert t.state is HoldState.ABANDONED and order.index("sender_close") < order.index("data")
             assert not sends and not told
-            assert any(isinstance(c, Record) and c.event["imguard"]["anomaly"]["kind"] == "dcc_empty"
+            assert any(isinstance(c, Anomaly) and c.kind == "dcc_empty"
                        for _, c in log)
             assert holds.held_bytes == 0 and ledger.in_flight == 0
             assert not owns or any(isinstance(c, Close) for _, c in log)
@@ -110,7 +110,7 @@ def test_every_order_keeps_the_invariants(owns, size_known, decision, sender_is_
             assert told and "blocked" in told[0] and "Malware" in told[0]   # the sender is told why
         elif t.receiver_gone and t.state is HoldState.ABANDONED:
             assert not sends and not told
-            assert any(isinstance(c, Record) and c.event["imguard"]["anomaly"]["kind"] == "dcc_receiver_gone"
+            assert any(isinstance(c, Anomaly) and c.kind == "dcc_receiver_gone"
                        for _, c in log if _ == "cmd")
         else:
             assert t.state is HoldState.RELEASED, order
@@ -161,12 +161,12 @@ def test_too_large_file_is_cut_and_nothing_is_delivered():
     assert t.append(FILE[:500]) == []
     out = t.append(FILE[500:])
     assert t.state is HoldState.TRUNCATED
-    assert [type(c) for c in out] == [Record, Close]
-    assert out[0].event["imguard"]["anomaly"]["kind"] == "dcc_too_large"
+    assert [type(c) for c in out] == [Anomaly, Close]
+    assert out[0].kind == "dcc_too_large"
     assert told == ["imguard: the file 'big.bin' to bob was stopped: it is larger than 600 bytes and could not be "
                     "inspected"]
     assert ledger.held_bytes == 0 and ledger.in_flight == 0
-    assert t.append(b"more")[0].event["imguard"]["anomaly"]["kind"] == "dcc_overrun"
+    assert t.append(b"more")[0].kind == "dcc_overrun"
     assert t.append(b"more") == []                      # recorded once
 
 
@@ -178,13 +178,13 @@ def test_connection_and_gateway_bounds():
     assert a.append(b"x" * 600) == []
     assert ledger.held_bytes == 600 and ledger.in_flight == 2
     out = b.append(b"y" * 600)                          # within its own bound, over the gateway's
-    assert b.state is HoldState.TRUNCATED and out[0].event["imguard"]["anomaly"]["kind"] == "ibb_too_large"
+    assert b.state is HoldState.TRUNCATED and out[0].kind == "ibb_too_large"
     assert ledger.held_bytes == 600 and ledger.in_flight == 1
     conn = ConnectionHolds(max_bytes=700, ledger=ledger)
     c = HeldTransfer("c", CTX, sender_is_client=True, kind="msrp", max_bytes=900, holds=conn)
     d = HeldTransfer("d", CTX, sender_is_client=True, kind="msrp", max_bytes=900, holds=conn)
     assert c.append(b"z" * 300) == []
-    assert d.append(b"z" * 300)[0].event["imguard"]["anomaly"]["kind"] == "msrp_too_large"   # 600 + 300 > 1000
+    assert d.append(b"z" * 300)[0].kind == "msrp_too_large"   # 600 + 300 > 1000
     a.abandon("ibb_connection_closed", "gone")
     c.abandon("msrp_connection_closed", "gone")
     assert ledger.held_bytes == 0 and ledger.in_flight == 0
@@ -244,7 +244,7 @@ def test_announced_too_large_and_framing_truncated():
                      owns_connection=True, tell=lambda tr, text, d: told.append(text) or [])
     out = t.too_large(10_000)                       # the prompt announced more than may be held
     assert t.state is HoldState.TRUNCATED and isinstance(out[-1], Close)
-    assert out[0].event["imguard"]["anomaly"]["bytes_seen"] == 10_000
+    assert out[0].data["bytes_seen"] == 10_000
     assert told == ["imguard: the file 'big.iso' to bob was stopped: it is larger than 100 bytes and could not be "
                     "inspected"]
     resumed = HeldTransfer("r", CTX, sender_is_client=True, kind="dcc", max_bytes=100)   # no size: only framing knows

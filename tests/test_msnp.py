@@ -11,12 +11,12 @@ import pytest
 
 from imguard.files.expected import ExpectedTransfers
 from imguard.model import ALLOW, BLOCK, ChatContext, Decision, FileReport, RuleMatch
-from imguard.protocols.base import Close, InspectFile
+from imguard.protocols.base import Anomaly, Close, InspectFile, Notify, ProtocolEvent, Record
 from imguard.protocols.msnp import (FT_GUID, CommandDecoder, DirectMsnftpSession, MsnpLimits, MsnpSession, P2PHeader,
                                     build_file_context, build_p2p, find_msnftp_offer, format_command,
                                     parse_file_context)
 from imguard.protocols.msnp.decoder import Command
-from tests.test_irc_support import Checker, anomalies, notifies, records, sends
+from tests.test_irc_support import Checker, notifies, sends
 
 DATA = Path(__file__).parent / "data" / "legacy"
 ME, PEER = "jujurius@msn.com", "cecile260992@hotmail.com"
@@ -48,6 +48,20 @@ def run(session, items) -> list:
     for from_client, data in items:
         out += session.data_received(from_client, data)
     return out
+
+
+def events(cmds) -> list[dict]:
+    """The events the carrier would record for these commands (typed facts and whole events alike)."""
+    return [c.event if isinstance(c, Record) else c.event() for c in cmds
+            if isinstance(c, (Record, Anomaly, ProtocolEvent, Notify))]
+
+
+def records(cmds, action: str | None = None) -> list[dict]:
+    return [e for e in events(cmds) if action is None or e["event"].get("action") == action]
+
+
+def anomalies(cmds) -> list[str]:
+    return [e["imguard"]["anomaly"]["kind"] for e in records(cmds, "anomaly")]
 
 
 def inspects(cmds) -> list[InspectFile]:
@@ -424,9 +438,9 @@ def p2p_msg(trid: int, header: P2PHeader, chunk: bytes, footer: int, dest: str =
     return format_command("MSG", str(trid), "D", payload=payload)
 
 
-def slp_invite(name: str, size: int, sender=ME, receiver=PEER) -> bytes:
+def slp_invite(name: str, size: int, sender=ME, receiver=PEER, sid: int = SID) -> bytes:
     context = base64.b64encode(build_file_context(name, size)).decode()
-    body = (f"EUF-GUID: {FT_GUID}\r\nSessionID: {SID}\r\nAppID: 2\r\nContext: {context}\r\n\r\n\x00")
+    body = (f"EUF-GUID: {FT_GUID}\r\nSessionID: {sid}\r\nAppID: 2\r\nContext: {context}\r\n\r\n\x00")
     return (f"INVITE MSNMSGR:{receiver} MSNSLP/1.0\r\nTo: <msnmsgr:{receiver}>\r\nFrom: <msnmsgr:{sender}>\r\n"
             f"Via: MSNSLP/1.0/TLP ;branch={{33333333-4444-5555-6666-777777777777}}\r\nCSeq: 0\r\n"
             f"Call-ID: {CALL_ID}\r\nMax-Forwards: 0\r\nContent-Type: application/x-msnmsgr-sessionreqbody\r\n"
@@ -438,8 +452,8 @@ def slp_chunks(slp: bytes, ident: int, size: int = 1202) -> list[tuple[P2PHeader
             for off in range(0, len(slp), size)]
 
 
-def data_chunks(data: bytes, size: int = 1202) -> list[tuple[P2PHeader, bytes]]:
-    return [(P2PHeader(SID, 900, off, len(data), len(data[off:off + size]), 0x01000030), data[off:off + size])
+def data_chunks(data: bytes, size: int = 1202, sid: int = SID) -> list[tuple[P2PHeader, bytes]]:
+    return [(P2PHeader(sid, 900, off, len(data), len(data[off:off + size]), 0x01000030), data[off:off + size])
             for off in range(0, len(data), size)]
 
 
@@ -521,6 +535,155 @@ def test_msnslp_gap_fails_closed():
     chunks = data_chunks(FILE)
     out = run(s, [(True, p2p_msg(300, *chunks[0], 2)), (True, p2p_msg(302, *chunks[2], 2))])
     assert "p2p_bad_chunk" in anomalies(out) and sends(out, False) == b"" and not inspects(out)
+
+
+def data_msgs(data: bytes = FILE, trid: int = 300, size: int = 1202, sid: int = SID) -> list[bytes]:
+    return [p2p_msg(trid + i, h, c, 2) for i, (h, c) in enumerate(data_chunks(data, size, sid))]
+
+
+def held(s: MsnpSession) -> tuple[int, int]:
+    """The switchboard's held MSNSLP files: (bytes, files in flight)."""
+    return s.holds.held_bytes, s.holds.in_flight
+
+
+def test_msnslp_memory_back_to_zero_after_allow_and_block():
+    """While a file is held its bytes (file and MSGs) count in the connection's holds; after the verdict, either
+    way, nothing is held and nothing is in flight."""
+    for decision in (ALLOWED, BLOCKED):
+        s, _, _ = outbound_slp_session()
+        msgs = data_msgs()
+        run(s, [(True, m) for m in msgs[:-1]])
+        assert held(s) == (sum(len(m) for m in msgs[:-1]) + len(FILE) - len(data_chunks(FILE)[-1][1]), 1)
+        (insp,) = inspects(s.data_received(True, msgs[-1]))
+        assert held(s) == (sum(len(m) for m in msgs) + len(FILE), 1)
+        out = s.file_verdict(insp.transfer_id, FileReport("report.exe", "report.exe", len(FILE)), decision)
+        assert held(s) == (0, 0)
+        assert sends(out, False) == (b"".join(msgs) if decision is ALLOWED else b"")
+        assert s.file_verdict(insp.transfer_id, FileReport("report.exe", "report.exe", len(FILE)), decision) == []
+
+
+def test_msnslp_block_without_notice_uses_the_tracker_text_and_allow_notice_is_told():
+    """A block with no notice of its own: the tracker's text (file, sender, receiver, rule titles) after the BYE; an
+    allow with a notice: the MSGs, then the notice."""
+    s, _, _ = outbound_slp_session()
+    (insp,) = inspects(run(s, [(True, m) for m in data_msgs()]))
+    out = s.file_verdict(insp.transfer_id, FileReport("report.exe", "report.exe", len(FILE)), BLOCKED)
+    bye, notice = CommandDecoder().feed(sends(out, True))
+    assert b"BYE MSNMSGR:" in bye.payload and not anomalies(out)
+    assert notice.payload.endswith(f"imguard: the file 'report.exe' from {ME} to {PEER} was blocked "
+                                   "(no programs)".encode())
+    s, _, _ = outbound_slp_session()
+    msgs = data_msgs()
+    (insp,) = inspects(run(s, [(True, m) for m in msgs]))
+    out = s.file_verdict(insp.transfer_id, FileReport("report.exe", "report.exe", len(FILE)),
+                         Decision(action=ALLOW, notice="scanned by imguard"))
+    assert sends(out, False) == b"".join(msgs)
+    (notice,) = CommandDecoder().feed(sends(out, True))
+    assert notice.args[0] == "imguard" and notice.payload.endswith(b"scanned by imguard")
+
+
+def test_msnslp_gap_cut_tells_our_client_and_frees_the_file():
+    """A gap cuts the file (p2p_bad_chunk): our client gets the BYE and the malformed-transfer notice, nothing
+    reached the server, nothing stays held; a later chunk is an overrun, dropped."""
+    s, _, _ = outbound_slp_session()
+    msgs = data_msgs()
+    out = run(s, [(True, msgs[0]), (True, msgs[2])])
+    assert anomalies(out) == ["p2p_bad_chunk"] and sends(out, False) == b"" and not inspects(out)
+    (anomaly,) = records(out, "anomaly")
+    assert anomaly["imguard"]["anomaly"]["session_id"] == SID and anomaly["imguard"]["anomaly"]["name"] == "report.exe"
+    ack, bye, notice = CommandDecoder().feed(sends(out, True))
+    assert ack.raw == b"ACK 300\r\n" and b"BYE MSNMSGR:" in bye.payload and CALL_ID.encode() in bye.payload
+    assert b"could not be inspected (malformed transfer)" in notice.payload
+    assert held(s) == (0, 0)
+    out = s.data_received(True, msgs[3])
+    assert anomalies(out) == ["p2p_overrun"] and sends(out, False) == b"" and sends(out, True) == b""
+
+
+def test_msnslp_senders_leg_closing_abandons_the_file():
+    """The sender's leg closes before the last byte: p2p_incomplete, nothing forwarded, nothing held, no BYE; the
+    receiver's leg closing does not end a file (the sender may still finish it and be told a block)."""
+    s, _, _ = outbound_slp_session()
+    msgs = data_msgs()
+    run(s, [(True, m) for m in msgs[:2]])
+    assert s.connection_closed(False) == [] and held(s)[1] == 1       # the receiver's side: the file goes on
+    out = s.connection_closed(True)
+    assert anomalies(out) == ["p2p_incomplete"] and not [c for c in out if not isinstance(c, Anomaly)]
+    assert records(out)[0]["imguard"]["anomaly"]["bytes_held"] == 2 * 1202
+    assert held(s) == (0, 0)
+
+
+def test_msnslp_file_being_inspected_survives_the_senders_close():
+    """The whole file is in and out for inspection when the sender's leg closes: the verdict still releases it."""
+    s, _, _ = outbound_slp_session()
+    msgs = data_msgs()
+    (insp,) = inspects(run(s, [(True, m) for m in msgs]))
+    assert s.connection_closed(True) == []
+    out = s.file_verdict(insp.transfer_id, FileReport("report.exe", "report.exe", len(FILE)), ALLOWED)
+    assert sends(out, False) == b"".join(msgs) and held(s) == (0, 0)
+
+
+def test_msnslp_framing_error_drops_held_files_quietly():
+    """A framing error closes the connection: a held file goes with it, with only the framing error recorded."""
+    s, _, _ = outbound_slp_session()
+    run(s, [(True, m) for m in data_msgs()[:2]])
+    out = s.data_received(True, b"MSG 5 N 99999999\r\n")
+    assert anomalies(out) == ["payload_too_large"] and isinstance(out[-1], Close) and sends(out, False) == b""
+    assert held(s) == (0, 0)
+
+
+def test_msnslp_connection_hold_bound_cuts_the_file():
+    """The connection's bound (held_bound: the file and the MSGs that carry it) stops a file whose framing outweighs
+    its bytes: tiny chunks of a file within msnp_max_held_bytes are cut as too large, told, and freed."""
+    limits = MsnpLimits(msnp_max_held_bytes=len(FILE), msnp_max_transfers=1)
+    s = switchboard(limits=limits)
+    run(s, [(True, p2p_msg(200 + i, h, c, 0)) for i, (h, c) in enumerate(slp_chunks(slp_invite("report.exe",
+                                                                                                len(FILE)), 77))])
+    out = run(s, [(True, m) for m in data_msgs(size=8)])
+    assert anomalies(out) == ["p2p_too_large", "p2p_overrun"]       # the chunks after the cut: one overrun
+    assert records(out, "anomaly")[0]["imguard"]["anomaly"]["reason"] == "connection or gateway hold limit"
+    assert not inspects(out) and sends(out, False) == b""
+    assert b"larger than" in sends(out, True) and b"BYE MSNMSGR:" in sends(out, True)
+    assert held(s) == (0, 0)
+
+
+def test_msnslp_reused_session_id_abandons_the_old_file():
+    """A new INVITE with the SessionID of a file still out for inspection: the old one is given up (its verdict
+    decides nothing) and the new file has a transfer id of its own."""
+    s, _, _ = outbound_slp_session()
+    (old,) = inspects(run(s, [(True, m) for m in data_msgs()]))
+    out = run(s, [(True, p2p_msg(400 + i, h, c, 0)) for i, (h, c) in enumerate(slp_chunks(slp_invite(
+        "second.txt", 3000), 78))])
+    assert anomalies(out) == ["p2p_incomplete"] and records(out, "msnslp_offer")
+    second = b"hello " * 500
+    new_msgs = data_msgs(second, trid=500)
+    assert s.file_verdict(old.transfer_id, FileReport("report.exe", "report.exe", len(FILE)), ALLOWED) == []
+    (new,) = inspects(run(s, [(True, m) for m in new_msgs]))
+    assert new.transfer_id != old.transfer_id and new.data == second
+    assert s.file_verdict(old.transfer_id, FileReport("report.exe", "report.exe", len(FILE)), ALLOWED) == []
+    out = s.file_verdict(new.transfer_id, FileReport("second.txt", "second.txt", len(second)), ALLOWED)
+    assert sends(out, False) == b"".join(new_msgs) and held(s) == (0, 0)
+
+
+def test_msnslp_a_held_file_is_never_forgotten():
+    """Finished file sessions are forgotten (at most 4 x msnp_max_transfers remembered), a held one never: its later
+    chunks stay held (forgotten, they would cross unscanned)."""
+    s = switchboard(limits=MsnpLimits(msnp_max_transfers=2))
+
+    def invite(sid: int, name: str, trid: int) -> list[tuple[bool, bytes]]:
+        return [(True, p2p_msg(trid + i, h, c, 0)) for i, (h, c) in enumerate(slp_chunks(slp_invite(
+            name, len(FILE), sid=sid), sid))]
+
+    first = data_msgs(sid=1, trid=100)
+    run(s, invite(1, "first.exe", 10) + [(True, first[0])])
+    for sid in range(2, 11):
+        (insp,) = inspects(run(s, invite(sid, f"f{sid}.bin", 1000 * sid) + [(True, m) for m in data_msgs(
+            sid=sid, trid=1000 * sid + 10)]))
+        s.file_verdict(insp.transfer_id, FileReport("", "", len(FILE)), ALLOWED)
+    assert len(s._p2p) == 8 and 1 in s._p2p
+    out = run(s, [(True, m) for m in first[1:]])
+    assert sends(out, False) == b""
+    (insp,) = inspects(out)
+    assert insp.data == FILE and insp.name == "first.exe"
 
 
 # --- bad input --------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ with another AuthCookie than the invitation's is an anomaly (the real sender ref
 so). `offer` None: an unannounced connection, closed at once.
 
 What the carrier does: on a new connection to (ip, port), `offer = find_msnftp_offer(transfers, ip,
-port)`; `DirectMsnftpSession(checker, transfers, ctx, offer)`; carry Send/Record/Notify/Close; answer
+port)`; `DirectMsnftpSession(checker, transfers, ctx, offer)`; carry Send/Anomaly/Notify/Close; answer
 InspectFile with Pipeline.check_file.
 """
 
@@ -42,10 +42,9 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
-from imguard import alerts
 from imguard.files.tracker import ConnectionHolds, HeldTransfer, HoldState
 from imguard.model import ChatContext, Decision, FileReport
-from imguard.protocols.base import Close, Command, Notify, Record, Send
+from imguard.protocols.base import Anomaly, Close, Command, Notify, Send
 from imguard.protocols.msnp.decoder import MsnpLimits
 from imguard.protocols.msnp.session import MSNFTP_KIND, MsnftpOffer
 
@@ -273,13 +272,13 @@ class DirectMsnftpSession:
             self.closed = True
         return cmds
 
-    def _anomaly(self, kind: str, detail: str, **data: Any) -> Record:
+    def _anomaly(self, kind: str, detail: str, **data: Any) -> Anomaly:
         if self.offer is not None:
             data.setdefault("offer", self.offer.offer_id)
-        return Record(alerts.anomaly_event(self.file_context, kind, detail, **data))
+        return Anomaly(self.file_context, kind, detail, data=data)
 
     def _unannounced(self, size: int) -> list[Command]:
         self.closed = True
-        return [Record(alerts.anomaly_event(self.file_context, "msnftp_unannounced",
-                                            "an MSNFTP data connection that no invitation announced",
-                                            first_bytes=size)), Close("unannounced MSNFTP connection")]
+        return [Anomaly(self.file_context, "msnftp_unannounced",
+                        "an MSNFTP data connection that no invitation announced", data={"first_bytes": size}),
+                Close("unannounced MSNFTP connection")]

@@ -45,38 +45,49 @@ address. An offer larger than `msnp_max_held_bytes` is dropped with a notice.
 
 MSNSLP / P2P in-band (`application/x-msnmsgrp2p`, 48-byte little-endian header): session-0 SLP
 messages are reassembled by identifier; an `INVITE` with the file-transfer EUF-GUID gives the
-SessionID, name and size (base64 Context). Data chunks of that SessionID are *held, not forwarded*:
-the session answers each held client MSG with `ACK <trid>` itself (the switchboard would have) so the
-sender's client keeps going, and later swallows the switchboard's own ACK/NAK for those trids. Chunks
-must arrive in order (a gap or a chunk past the size is an anomaly and fails the transfer closed).
-When the last byte is in: `InspectFile(transfer_id="msnslp:<conn>:<sid>", mechanism "msnslp")`.
-Allowed: the held MSGs go on byte-exact, in order. Blocked: they are dropped, our client gets a notice
-and an MSNSLP `BYE` for the session (so its transfer window ends); the remote peer's client, which got
-nothing, times out (injecting towards the server would need a transaction id of our client's).
+SessionID, name and size (base64 Context). Data chunks of that SessionID are *held, not forwarded*,
+in one `HeldTransfer` (imguard.files.tracker) per file session, made at its first data chunk: kind
+"p2p" (its anomalies are p2p_*), the Context's size, bounded by `msnp_max_held_bytes`, multiplexed
+with the chat (owns_connection False), its bytes counted in the connection's `ConnectionHolds`
+(`held_bound`: `msnp_max_transfers` such files). Each chunk is one piece: its file bytes at the P2P
+header's offset, and the whole raw MSG that carried it as what crosses on release. The session keeps
+only the framing: it answers each held client MSG with `ACK <trid>` itself (the switchboard would have)
+so the sender's client keeps going, and later swallows the switchboard's own ACK/NAK for those trids.
+A gap, or chunks announcing another total size than the INVITE, cut the file (p2p_bad_chunk: fail
+closed); a chunk after the file was complete or stopped is dropped (p2p_overrun). When the last byte
+is in: the tracker's `InspectFile(transfer_id="msnslp:<conn>:<sid>")`, mechanism "msnslp";
+`file_verdict` is that tracker's verdict. In MSNSLP's terms: allowed, the held MSGs go on byte-exact,
+in order (the tracker's default delivery); blocked or cut, our client gets an MSNSLP `BYE` for the
+session (`refuse`: so its transfer window ends) and a notice (`tell`); the remote peer's client, which
+got nothing, times out (injecting towards the server would need a transaction id of our client's).
+The sender's leg closing before the last byte abandons the file (p2p_incomplete), and so does a new
+INVITE reusing its SessionID (the new file gets a transfer id of its own); a framing error that closes
+the connection drops every held file with it. An INVITE nobody accepts holds nothing.
 A direct-connection negotiation (`application/x-msnmsgr-transreqbody` INVITE, or a transrespbody
 saying `Listening: true`) is dropped ("msnslp_direct_refused"; our client's own INVITE gets a
 `603 Decline`): a direct connection would carry the file around the gateway, and clients fall back
 to the switchboard. An SLP message split over several chunks is only judged at its last chunk; the
 earlier chunks have crossed, but a receiver never acts on an incomplete SLP message.
 
-Anomalies (Record, `alerts.anomaly_event`, at most `msnp_max_anomalies_per_kind` per kind): framing
-errors (line too long, payload length absurd or not a number: the connection closes), truncated
-payloads at close, malformed P2P headers and contexts, bad UTF-16 names, unknown invitation cookies.
-Events: "msnp_logged_in", "msnftp_offer", "msnftp_expected", "msnslp_offer", "msnp_file_refused",
-"msnslp_direct_refused".
+Anomalies (`Anomaly` facts, the held files' too, at most `msnp_max_anomalies_per_kind` per kind):
+framing errors (line too long, payload length absurd or not a number: the connection closes), truncated
+payloads at close, malformed P2P headers and contexts, bad UTF-16 names, unknown invitation cookies,
+the held files' p2p_*. Events (`ProtocolEvent`): "msnp_logged_in", "msnftp_offer", "msnftp_expected",
+"msnslp_offer", "msnp_file_refused", "msnslp_direct_refused".
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from imguard import alerts
+from imguard.files.tracker import ConnectionHolds, HeldTransfer, HoldState
 from imguard.model import MASK, ChatContext, Decision, FileReport
-from imguard.protocols.base import (Close, Command as Cmd, InspectFile, OutgoingCommands, Record, Send, block_words,
-                                    limited_anomaly)
+from imguard.protocols.base import (Anomaly, Close, Command as Cmd, OutgoingCommands, ProtocolEvent, Send,
+                                    block_words, limited_anomaly)
 from imguard.protocols.msnp.decoder import (FT_GUID, P2P_FLAG_ACK, P2P_FLAG_DATA, Command, CommandDecoder,
                                             FramingError, Mime, MsnpLimits, P2PError, P2PHeader, SlpMessage, build_p2p,
                                             decode_body, format_command, parse_file_context, parse_invitation,
@@ -115,7 +126,9 @@ class MsnftpOffer:
 
 
 @dataclass
-class _P2PTransfer:
+class _P2pFile:
+    """An MSNSLP file session announced by an INVITE: its MSNSLP facts and, from its first data chunk, the
+    HeldTransfer that holds it (one per file session)."""
     session_id: int
     name: str
     size: int
@@ -124,10 +137,25 @@ class _P2PTransfer:
     receiver: str
     call_id: str
     transfer_id: str
-    received: int = 0
-    data: bytearray = field(default_factory=bytearray)
-    held: list[bytes] = field(default_factory=list)
-    state: str = "receiving"        # receiving, inspecting, released, dropped
+    context: ChatContext
+    transfer: HeldTransfer | None = None
+
+    @property
+    def receiving(self) -> bool:
+        """Announced or arriving: counted against msnp_max_transfers."""
+        return self.transfer is None or self.transfer.state is HoldState.RECEIVING
+
+    @property
+    def holding(self) -> bool:
+        """Its tracker holds bytes (receiving or inspecting): never forgotten before its final state."""
+        return self.transfer is not None and self.transfer.holding
+
+
+def held_bound(limits: MsnpLimits) -> int:
+    """Bytes the held MSNSLP files of one switchboard may take together: `msnp_max_transfers` files of
+    `msnp_max_held_bytes` each, each held twice (its file bytes for inspection, the MSGs that carried them for the
+    release) plus the MSGs' framing (about 15% of a 1202-byte chunk), so 3x."""
+    return limits.msnp_max_transfers * 3 * limits.msnp_max_held_bytes
 
 
 class MsnpSession:
@@ -149,7 +177,9 @@ class MsnpSession:
         self.calling: list[str] = []   # CAL targets not joined yet
         # Invitation-Cookie -> (Invitation, from_client, file sender, file receiver)
         self._invites: dict[str, tuple[Any, bool, str, str]] = {}
-        self._p2p: dict[int, _P2PTransfer] = {}
+        self._p2p: dict[int, _P2pFile] = {}       # SessionID -> file session (bounded; final ones are forgotten)
+        self._held: dict[str, _P2pFile] = {}      # transfer_id -> file session whose tracker holds bytes
+        self.holds = ConnectionHolds(max_bytes=held_bound(limits))
         self._slp_parts: dict[tuple[bool, int], bytearray] = {}
         self._own_acks: dict[str, None] = {}    # trids we ACKed for the switchboard: its ACK/NAK is swallowed
         self._slp_ids = itertools.count(0x7F000000)
@@ -173,8 +203,9 @@ class MsnpSession:
         for ev in self._decoders[from_client].feed(data):
             if isinstance(ev, FramingError):
                 self.closed = True
-                out.add(self._anomaly(ev.kind, ev.detail, from_client=from_client, size=ev.size),
-                        Close(f"MSNP framing: {ev.kind}"))
+                out.add(self._anomaly(ev.kind, ev.detail, from_client=from_client, size=ev.size))
+                self._drop_held()
+                out.add(Close(f"MSNP framing: {ev.kind}"))
                 break
             if from_client:
                 self._client_command(out, ev)
@@ -186,24 +217,11 @@ class MsnpSession:
         return []           # MSNP has no STARTTLS
 
     def file_verdict(self, transfer_id: str, report: FileReport, decision: Decision) -> list[Cmd]:
-        t = next((t for t in self._p2p.values() if t.transfer_id == transfer_id), None)
-        if t is None or t.state != "inspecting" or self.closed:
+        f = self._held.get(transfer_id)
+        if f is None or self.closed:
             return []
         out = OutgoingCommands()
-        held, t.held, t.data = t.held, [], bytearray()
-        if decision.blocked:
-            t.state = "dropped"
-            action, why = block_words(decision)
-            text = decision.notice or (f"The file {t.name!r} from {t.sender} to {t.receiver} was {action} "
-                                       f"by imguard: {why}")
-            peer = t.receiver if t.sender_is_client else t.sender
-            out.send(True, self._slp_bye(t, peer))
-            out.send(True, self._notice_msg(text))
-            return out.cmds
-        t.state = "released"
-        out.send(not t.sender_is_client, b"".join(held))
-        if decision.notice:
-            out.send(True, self._notice_msg(decision.notice))
+        self._carry(out, f, f.transfer.verdict(decision))
         return out.cmds
 
     def connection_closed(self, from_client: bool) -> list[Cmd]:
@@ -213,12 +231,13 @@ class MsnpSession:
             out.add(self._anomaly("truncated_command", "the connection closed in the middle of a command (a "
                                   "payload shorter than its length); not forwarded", from_client=from_client,
                                   size=len(pending)))
-        for t in self._p2p.values():
-            if t.state == "receiving" and t.sender_is_client == from_client and t.received:
-                t.state = "dropped"
-                out.add(self._anomaly("p2p_incomplete", f"the connection closed after {t.received} of {t.size} "
-                                      "bytes of an MSNSLP file; nothing was forwarded", name=t.name,
-                                      session_id=t.session_id))
+        for f in list(self._held.values()):
+            t = f.transfer
+            if t.state is HoldState.RECEIVING and f.sender_is_client == from_client:
+                # The sender's leg closed before the last byte: the file will not be whole. (One still being
+                # inspected is decided as usual: its receiver's leg may still be open.)
+                self._carry(out, f, t.abandon("p2p_incomplete", f"the connection closed after {t.received} of "
+                                              f"{t.size} bytes of an MSNSLP file; nothing was forwarded"))
         return out.cmds
 
     # --- for the carrier ----------------------------------------------------------------------------
@@ -231,14 +250,23 @@ class MsnpSession:
 
     # --- helpers ------------------------------------------------------------------------------------
 
-    def _anomaly(self, kind: str, detail: str, **data: Any) -> Record | None:
+    def _anomaly(self, kind: str, detail: str, **data: Any) -> Anomaly | None:
         return limited_anomaly(self.anomaly_counts, self.limits.msnp_max_anomalies_per_kind, self._ctx(),
                                kind, detail, **data)
 
+    def _capped(self, anomaly: Anomaly) -> Anomaly | None:
+        """A tracker's anomaly under this connection's per-kind cap (as `_anomaly`)."""
+        seen = self.anomaly_counts[anomaly.kind] = self.anomaly_counts.get(anomaly.kind, 0) + 1
+        limit = self.limits.msnp_max_anomalies_per_kind
+        if seen > limit:
+            return None
+        if seen == limit:
+            return dataclasses.replace(anomaly, data={**anomaly.data, "further_suppressed": True})
+        return anomaly
+
     def _event(self, action: str, category: str = "session", ctx: ChatContext | None = None,
-               **data: Any) -> Record:
-        ctx = ctx or self._ctx()
-        return Record(alerts.protocol_event("msnp", action, ctx, category, **data))
+               **data: Any) -> ProtocolEvent:
+        return ProtocolEvent("msnp", action, ctx or self._ctx(), category, data)
 
     def _notice_msg(self, text: str) -> bytes:
         text = _CONTROL.sub(" ", text).strip() or GATEWAY_NAME
@@ -254,7 +282,7 @@ class MsnpSession:
                    b"P2P-Dest: " + self.passport.encode() + b"\r\n\r\n" + build_p2p(header, slp, 0))
         return format_command("MSG", from_passport, from_passport, payload=payload)
 
-    def _slp_bye(self, t: _P2PTransfer, from_passport: str) -> bytes:
+    def _slp_bye(self, t: _P2pFile, from_passport: str) -> bytes:
         """An MSNSLP BYE for transfer `t`, as if from `from_passport` (so our client's transfer window ends)."""
         slp = (f"BYE MSNMSGR:{self.passport} MSNSLP/1.0\r\nTo: <msnmsgr:{self.passport}>\r\n"
                f"From: <msnmsgr:{from_passport}>\r\nVia: MSNSLP/1.0/TLP ;branch={{A0D624A6-6C0C-4283-A9E0-"
@@ -461,44 +489,42 @@ class MsnpSession:
                 return
             out.send(not from_client, cmd.raw)
             return
-        t = self._p2p.get(h.session_id)
+        f = self._p2p.get(h.session_id)
         is_data = bool(h.flags & P2P_FLAG_DATA) or (h.flags == 0 and h.length > 0)
-        if t is None or not is_data or from_client != t.sender_is_client:
+        if f is None or not is_data or from_client != f.sender_is_client:
             out.send(not from_client, cmd.raw)      # acks, MSN objects (display pictures), the receiver's side
             return
-        if t.state != "receiving":
-            out.add(self._anomaly("p2p_overrun", "an MSNSLP data chunk after the file was complete; dropped",
-                                  from_client=from_client, session_id=h.session_id))
+        transfer = f.transfer or self._hold(f)
+        if transfer.state is not HoldState.RECEIVING:
+            # After the file was complete (or stopped): an overrun (p2p_overrun), dropped.
+            self._carry(out, f, transfer.append(msg.data))
             return
         fail = ""
-        if h.total_size != t.size:
-            fail = f"data chunks announce {h.total_size} bytes, the invitation {t.size}"
-        elif h.offset > t.received:
-            fail = f"a gap: chunk at {h.offset}, {t.received} bytes received"
+        if h.total_size != f.size:
+            fail = f"data chunks announce {h.total_size} bytes, the invitation {f.size}"
+        elif h.offset > transfer.contiguous:
+            fail = f"a gap: chunk at {h.offset}, {transfer.contiguous} bytes received"
         if fail:
-            t.state = "dropped"
-            out.add(self._anomaly("p2p_bad_chunk", fail + "; the transfer is stopped", from_client=from_client,
-                                  session_id=h.session_id, name=t.name))
-            out.send(True, self._slp_bye(t, t.receiver if t.sender_is_client else t.sender))
-            out.send(True, self._notice_msg(f"The file {t.name!r} could not be inspected (malformed transfer) "
-                                            "and was stopped by imguard"))
+            self._carry(out, f, transfer.cut("p2p_bad_chunk", fail + "; the transfer is stopped",
+                                             notice=f"The file {f.name!r} could not be inspected (malformed "
+                                                    "transfer) and was stopped by imguard", from_client=from_client))
             return
-        new = h.offset + len(msg.data) - t.received
-        if new > 0:
-            t.data += msg.data[len(msg.data) - new:]
-            t.received += new
-        t.held.append(cmd.raw)
+        # The chunk's file bytes at its offset, and the whole MSG to release for them (byte-exact, in order). A chunk
+        # without bytes is framing after the last one.
+        held = transfer.append(msg.data, cmd.raw, h.offset) if msg.data else transfer.append(b"", cmd.raw)
+        self._carry(out, f, held)
+        if transfer.state is not HoldState.RECEIVING:
+            return                                  # cut: the connection's or the gateway's hold limit
         if from_client and len(cmd.args) >= 2 and cmd.args[1].upper() in ("A", "D"):
             out.send(True, format_command("ACK", cmd.trid))
             self._own_acks[cmd.trid] = None
             while len(self._own_acks) > 4096:
                 self._own_acks.pop(next(iter(self._own_acks)))
-        if t.received >= t.size:
-            t.state = "inspecting"
-            ctx = self._ctx(sender=t.sender, recipients=(t.receiver,), transfer_mechanism="msnslp")
-            out.add(InspectFile(transfer_id=t.transfer_id, data=bytes(t.data), context=ctx, name=t.name))
+        if transfer.complete:
+            self._carry(out, f, transfer.inspect())
 
-    def _signalling(self, out: OutgoingCommands, from_client: bool, msg, sender: str, recipients: tuple[str, ...]) -> bool:
+    def _signalling(self, out: OutgoingCommands, from_client: bool, msg, sender: str,
+                    recipients: tuple[str, ...]) -> bool:
         """An MSNSLP chunk on session 0. Returns False when the message must be dropped."""
         h = msg.header
         key = (from_client, h.identifier)
@@ -553,25 +579,66 @@ class MsnpSession:
         file_sender = frm or sender
         file_receiver = to or (recipients[0] if recipients else "")
         if size < 0 or size > self.limits.msnp_max_held_bytes or \
-                sum(t.state == "receiving" for t in self._p2p.values()) >= self.limits.msnp_max_transfers:
+                sum(f.receiving for f in self._p2p.values()) >= self.limits.msnp_max_transfers:
             self._refuse(out, from_client, name, size, file_sender, file_receiver, "msnslp")
             return False
         sid = int(sid_text)
-        t = _P2PTransfer(session_id=sid, name=name, size=size, sender_is_client=from_client, sender=file_sender,
-                         receiver=file_receiver, call_id=slp.get("Call-ID"),
-                         transfer_id=f"msnslp:{self.context.connection_id}:{sid}")
-        self._p2p[sid] = t
+        transfer_id = f"msnslp:{self.context.connection_id}:{sid}"
+        old = self._p2p.pop(sid, None)
+        if old is not None:
+            # A SessionID used again: the new file gets its own transfer id (a verdict still due for the old one
+            # must not decide it), and an old one still held is given up (its sender started over).
+            transfer_id = f"{transfer_id}.{next(_ids)}"
+            if old.holding:
+                self._carry(out, old, old.transfer.abandon("p2p_incomplete", "a new INVITE used the SessionID of "
+                                                           "an MSNSLP file still held; nothing of it was forwarded"))
+        ctx = self._ctx(sender=file_sender, recipients=(file_receiver,), transfer_mechanism="msnslp")
+        f = _P2pFile(session_id=sid, name=name, size=size, sender_is_client=from_client, sender=file_sender,
+                     receiver=file_receiver, call_id=slp.get("Call-ID"), transfer_id=transfer_id, context=ctx)
+        self._p2p[sid] = f
         while len(self._p2p) > 4 * self.limits.msnp_max_transfers:
-            oldest = next((k for k, v in self._p2p.items() if v.state != "inspecting"), None)
+            oldest = next((k for k, v in self._p2p.items() if not v.holding), None)
             if oldest is None:
                 break
             self._p2p.pop(oldest)
-        out.add(self._event("msnslp_offer", category="file",
-                            ctx=self._ctx(sender=file_sender, recipients=(file_receiver,),
-                                          transfer_mechanism="msnslp"),
-                            session_id=sid, name=name, size=size, call_id=t.call_id, outbound=from_client))
+        out.add(self._event("msnslp_offer", category="file", ctx=ctx, session_id=sid, name=name, size=size,
+                            call_id=f.call_id, outbound=from_client))
         if size == 0:
-            t.state = "inspecting"
-            out.add(InspectFile(transfer_id=t.transfer_id, data=b"", context=self._ctx(
-                sender=file_sender, recipients=(file_receiver,), transfer_mechanism="msnslp"), name=name))
+            self._carry(out, f, self._hold(f).inspect())
         return True
+
+    # --- an MSNSLP file, held: its HeldTransfer in MSNSLP's terms ----------------------------------
+
+    def _hold(self, f: _P2pFile) -> HeldTransfer:
+        """The file's tracker, made at its first data chunk (an INVITE nobody accepts holds nothing). Multiplexed
+        with chat (owns_connection False); its anomalies are p2p_*; its bytes count in this connection's holds."""
+        f.transfer = HeldTransfer(
+            f.transfer_id, f.context, sender_is_client=f.sender_is_client, kind="p2p",
+            max_bytes=self.limits.msnp_max_held_bytes, size=f.size, name=f.name, receiver=f.receiver,
+            holds=self.holds, refuse=lambda transfer: self._refuse_file(f),
+            tell=lambda transfer, text, decision: [Send(to_client=True, data=self._notice_msg(text))],
+            event_data={"session_id": f.session_id, "name": f.name})
+        self._held[f.transfer_id] = f
+        return f.transfer
+
+    def _refuse_file(self, f: _P2pFile) -> list[Cmd]:
+        """A file blocked or stopped: our client gets an MSNSLP BYE for its session, as if from the other party,
+        so its transfer window ends (the remote client, which got nothing, times out). An abandoned file (its
+        sender's leg closed, the connection failed) gets none."""
+        if f.transfer.state is HoldState.ABANDONED:
+            return []
+        return [Send(to_client=True, data=self._slp_bye(f, f.receiver if f.sender_is_client else f.sender))]
+
+    def _carry(self, out: OutgoingCommands, f: _P2pFile, cmds: list[Cmd]) -> None:
+        """The tracker's commands, its anomalies under the per-kind cap; a file no longer held is forgotten here."""
+        for c in cmds:
+            out.add(self._capped(c) if isinstance(c, Anomaly) else c)
+        if not f.holding:
+            self._held.pop(f.transfer_id, None)
+
+    def _drop_held(self) -> None:
+        """The connection closes on a framing error: every held file goes with it, unreleased. The framing
+        error's anomaly explains it; nothing more is recorded or sent."""
+        for f in list(self._held.values()):
+            f.transfer.abandon("p2p_incomplete", "the connection closed on a framing error")
+        self._held.clear()
