@@ -28,7 +28,7 @@ from imguard.protocols.oscar import FlapDecoder, build_oft, oft_checksum, parse_
 from imguard.protocols.ymsg import MESSAGE, PacketDecoder
 from tests.test_msnp import (ME, PEER, blocks, data_chunks, msnftp_invitation, p2p_msg, slp_chunks, slp_invite,
                              text_msg, transcript)
-from tests.test_oscar import FT_COOKIE, Wire, bos_transcript, outgoing_im, sendfile_proposal
+from tests.test_oscar import FT_COOKIE, bos_transcript, outgoing_im, sendfile_proposal
 from tests.test_ymsg import SID, login_transcript, message_transcript, pkt
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -239,8 +239,8 @@ def test_msnslp_file_in_band_allowed_and_eicar_blocked(tmp_path, world):
     prefix = transcript("msnms_sb2.json")[:3]
 
     def offer(name: str, payload: bytes, ident: int, trid: int):
-        invite = [(True, p2p_msg(trid + i, h, c, 0)) for i, (h, c) in enumerate(slp_chunks(slp_invite(name, len(payload)),
-                                                                                            ident))]
+        chunks = slp_chunks(slp_invite(name, len(payload)), ident)
+        invite = [(True, p2p_msg(trid + i, h, c, 0)) for i, (h, c) in enumerate(chunks)]
         ok = b"MSNSLP/1.0 200 OK\r\nTo: <msnmsgr:" + ME.encode() + b">\r\n\r\n\x00"
         return invite + [(False, p2p_msg(0, P2PHeader(0, ident + 1, 0, len(ok), len(ok), 0), ok, 0, ME, inbound=True))]
 

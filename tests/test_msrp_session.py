@@ -9,7 +9,7 @@ import pytest
 
 from imguard.files.expected import ExpectedTransfers
 from imguard.model import ChatContext, Decision, FileReport
-from imguard.protocols.base import Close, Send
+from imguard.protocols.base import Close, Notify, Send
 from imguard.protocols.msrp.framing import MsrpDecoder, MsrpFramingError, MsrpLimits, parse_byte_range
 from imguard.protocols.msrp.offer import MsrpOffer, find_msrp_offer, parse_msrp_uri, path_key
 from imguard.protocols.msrp.session import MsrpSession
@@ -141,9 +141,11 @@ def test_chunked_text_is_reassembled_before_policy():
             for start, body in parts}
     out = s.data_received(True, raws[10]) + s.data_received(True, raws[20])
     assert sends(out, False) == b"" and [c.status for c in parse_msrp(sends(out, True))] == [200, 200]
+    assert s.holds.in_flight == 1 and s.holds.held_bytes > 0
     out = s.data_received(True, raws[1])
     assert checker.calls[0][0] == text.decode()
     assert sends(out, False) == raws[1] + raws[10] + raws[20]
+    assert not inspects(out) and s.holds.held_bytes == 0 and s.holds.in_flight == 0
     assert s.data_received(False, response("c010")) == [] and s.data_received(False, response("c020")) == []
     assert s.data_received(False, response("c001")) == [Send(True, response("c001"))]
 
@@ -204,17 +206,17 @@ def test_file_chunks_held_then_released_byte_identical():
     assert job.data == FILE and not job.truncated
     assert (job.name, job.claimed_mime, job.context.transfer_mechanism, job.context.sender) == (
         "My cool picture.jpg", "image/jpeg", "msrp", "sip:alice@example.com")
-    assert s.held_bytes > len(FILE)
+    assert s.holds.held_bytes > len(FILE) and s.holds.in_flight == 1
     out = s.file_verdict(job.transfer_id, report(job), ALLOWED)
     assert sends(out, False) == b"".join(raw for _, raw in sorted(chunks))
-    assert s.held_bytes == 0
+    assert s.holds.held_bytes == 0 and s.holds.in_flight == 0
     for i in range(10):
         assert s.data_received(False, response(f"t{i:04d}")) == []
 
 
 def test_file_blocked_receiver_gets_nothing_sender_gets_report_and_notice():
-    """Block: not a byte to the receiver; the sender gets a REPORT (000 403) and a notice; a Record with
-    imguard.notify names the SIP connection of the offer (s1)."""
+    """Block: not a byte to the receiver; the sender gets a REPORT (000 403) and a notice (the tracker's text for a
+    blocked file: its name, who sent it to whom, the rule); a Notify names the SIP connection of the offer (s1)."""
     s, _ = make()
     out = feed_all(s, [raw for _, raw in file_chunks(FILE, 4000, message_id="evil")])
     [job] = inspects(out)
@@ -223,9 +225,13 @@ def test_file_blocked_receiver_gets_nothing_sender_gets_report_and_notice():
     rep, notice = parse_msrp(sends(out, True))
     assert rep.method == "REPORT" and rep.get("status") == "000 403 Action-not-allowed"
     assert rep.message_id == "evil" and rep.get("byte-range") == f"1-{len(FILE)}/{len(FILE)}"
-    assert notice.body == b"Your file 'My cool picture.jpg' to sip:bob@example.com was blocked by imguard: no programs"
-    [ev] = records(out, "notify")
-    assert ev["imguard"]["notify"]["connection_id"] == "s1" and "My cool picture.jpg" in ev["imguard"]["notify"]["text"]
+    assert notice.body == (b"imguard: the file 'My cool picture.jpg' from sip:alice@example.com to sip:bob@example.com "
+                           b"was blocked (no programs)")
+    [note] = [c for c in out if isinstance(c, Notify)]
+    assert (note.connection_id, note.protocol, note.text) == ("s1", "sip", notice.body.decode())
+    ev = note.event()
+    assert ev["imguard"]["notify"]["connection_id"] == "s1" and ev["imguard"]["msrp"]["message_id"] == "evil"
+    assert ev["imguard"]["decision"]["action"] == "block"
     assert s.file_verdict(job.transfer_id, report(job), ALLOWED) == []
 
 
@@ -247,7 +253,8 @@ def test_aborted_message_is_dropped():
                     content_type="application/octet-stream")
     out += s.data_received(True, aborted)
     assert sends(out, False) == b"" and not inspects(out) and records(out, "msrp_aborted")
-    assert s.held_bytes == 0
+    assert not anomalies(out)                           # an abort is the sender's right: an event, not an anomaly
+    assert s.holds.held_bytes == 0 and s.holds.in_flight == 0
 
 
 def test_gap_at_close_is_inspected_as_truncated():
@@ -265,6 +272,28 @@ def test_text_incomplete_at_close_is_dropped():
     s.data_received(True, chunk("c1", b"half a sen", total=30, flag="+"))
     out = s.connection_closed(True)
     assert anomalies(out) == ["msrp_incomplete_message"] and sends(out, False) == b""
+
+
+def test_receiver_gone_before_the_verdict_gets_nothing():
+    """The receiver closes while the file is out for inspection: an allow delivers nothing and says so."""
+    s, _ = make()
+    [job] = inspects(feed_all(s, [raw for _, raw in file_chunks(FILE, 4000)]))
+    assert s.connection_closed(False) == []
+    out = s.file_verdict(job.transfer_id, report(job), ALLOWED)
+    assert sends(out, False) == b"" and anomalies(out) == ["msrp_receiver_gone"]
+    assert s.holds.held_bytes == 0 and s.holds.in_flight == 0
+
+
+def test_blocked_file_whose_sender_left_is_told_on_sip_only():
+    """The sender closed after its file was whole: a block is not answered in-band (nobody is there), the Notify
+    for its SIP connection still goes."""
+    s, _ = make()
+    [job] = inspects(feed_all(s, [raw for _, raw in file_chunks(FILE, 4000)]))
+    s.connection_closed(True)
+    out = s.file_verdict(job.transfer_id, report(job), BLOCKED)
+    assert sends(out, True) == b"" and sends(out, False) == b""
+    [note] = [c for c in out if isinstance(c, Notify)]
+    assert note.connection_id == "s1" and "My cool picture.jpg" in note.text
 
 
 def test_failure_report_no_and_partial_get_no_200():
@@ -355,7 +384,17 @@ def test_held_bytes_limit_refuses_with_413_and_a_notice():
     assert resp.status == 413 and b"could not be inspected" in notice.body
     out = feed_all(s, [raw for _, raw in chunks[1:]])
     assert sends(out, False) == b"" and {c.status for c in parse_msrp(sends(out, True))} == {413}
-    assert s.held_bytes == 0 and not inspects(out)
+    assert s.holds.held_bytes == 0 and s.holds.in_flight == 0 and not inspects(out)
+
+
+def test_a_message_within_the_held_bytes_limit_fits():
+    """msrp_max_held_bytes bounds the chunks held, each counted once (its headers and body): a file a little
+    smaller is held whole and inspected."""
+    s, _ = make(limits=MsrpLimits(msrp_max_held_bytes=5000))
+    out = feed_all(s, [raw for _, raw in file_chunks(FILE[:4000], 1000)])
+    [job] = inspects(out)
+    assert job.data == FILE[:4000] and not anomalies(out)
+    assert {c.status for c in parse_msrp(sends(out, True))} == {200}
 
 
 def test_too_many_messages_in_reassembly():

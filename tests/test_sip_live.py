@@ -3,7 +3,8 @@ the MSRP session Kamailio's answer announced, carried to a stand-in MSRP receive
 
 The carriers here are small asyncio stand-ins for the gateway (like tests/test_irc_live.py for IRC): one
 SipSession per TCP connection; for UDP one SipDatagramHandler per client address with its own upstream socket,
-each Send written as one datagram. What Kamailio received is read from its log; what sipsak got back from its
+each Send written as one datagram; a `Notify` is recorded and carried out as `SipSession.notice(text)` on the
+SIP connection it names. What Kamailio received is read from its log; what sipsak got back from its
 output and exit status (0 only for a 2xx final response).
 
 MSRP: no packaged MSRP endpoint exists on Debian 12 or PyPI (Kamailio's msrp module is a relay), so both MSRP
@@ -26,7 +27,7 @@ import time
 
 from imguard.files.expected import ExpectedTransfers
 from imguard.model import ALLOW, BLOCK, ChatContext, Decision, FileReport, RuleMatch
-from imguard.protocols.base import Close, InspectFile, Send
+from imguard.protocols.base import Anomaly, Close, InspectFile, Notify, ProtocolEvent, Record, Send
 from imguard.protocols.msrp.framing import MsrpDecoder, build_response
 from imguard.protocols.msrp.offer import find_msrp_offer
 from imguard.protocols.msrp.session import MsrpSession
@@ -49,7 +50,7 @@ class SipCarrier:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.count = 0
-        self.sip: dict[str, SipSession] = {}
+        self.sip: dict[str, tuple[SipSession, asyncio.StreamWriter]] = {}     # by connection id, with its client
         self.files: list[InspectFile] = []
         self.msrp_original_dst: tuple[str, int] | None = None    # what SO_ORIGINAL_DST would say
 
@@ -90,7 +91,8 @@ class SipCarrier:
         self.count += 1
         cid = f"sip-{self.count}"
         sr, sw = await asyncio.open_connection(*self.server)
-        session = self.sip[cid] = SipSession(self.checker, self.transfers, ChatContext(connection_id=cid))
+        session = SipSession(self.checker, self.transfers, ChatContext(connection_id=cid))
+        self.sip[cid] = (session, cw)
         await self._pump(session, cr, cw, sr, sw)
 
     async def _msrp_connection(self, cr, cw):
@@ -124,8 +126,10 @@ class SipCarrier:
                     report, decision = await asyncio.to_thread(self._decide_file, cmd)
                     if not await run(session.file_verdict(cmd.transfer_id, report, decision)):
                         return False
-                elif hasattr(cmd, "event"):
-                    self.records.append(cmd.event)
+                elif isinstance(cmd, Notify):
+                    await self._notify(cmd)
+                else:
+                    self.record(cmd)
             return True
 
         async def side(reader, from_client):
@@ -138,6 +142,29 @@ class SipCarrier:
                 if not await run(session.data_received(from_client, data)):
                     return
         await asyncio.gather(side(cr, True), side(sr, False), return_exceptions=True)
+
+
+    def record(self, cmd) -> None:
+        """What the carrier's recording stage keeps: a Record's event, a typed fact's (Anomaly, ProtocolEvent)."""
+        if isinstance(cmd, Record):
+            self.records.append(cmd.event)
+        elif isinstance(cmd, (Anomaly, ProtocolEvent)):
+            self.records.append(cmd.event())
+
+    async def _notify(self, cmd: Notify) -> None:
+        """A notice for the user of another connection: recorded, then told on that SIP connection (its MESSAGE
+        goes to the client, if the client is still connected)."""
+        self.records.append(cmd.event())
+        if cmd.connection_id not in self.sip:
+            return
+        session, writer = self.sip[cmd.connection_id]
+        for c in session.notice(cmd.text):
+            if isinstance(c, Send):
+                if c.to_client and not writer.is_closing():
+                    writer.write(c.data)
+                    await writer.drain()
+            else:
+                self.record(c)
 
 
 class _UdpFront(asyncio.DatagramProtocol):
@@ -171,8 +198,8 @@ class _UdpFront(asyncio.DatagramProtocol):
                     self.transport.sendto(cmd.data, addr)
                 else:
                     upstream.sendto(cmd.data)
-            elif hasattr(cmd, "event"):
-                self.carrier.records.append(cmd.event)
+            else:
+                self.carrier.record(cmd)
 
 
 class _UdpBack(asyncio.DatagramProtocol):
@@ -315,8 +342,8 @@ def test_live_msrp_file_allowed(world):
 
 
 def test_live_msrp_file_blocked(world):
-    """Blocked: the receiver gets nothing; alice gets a REPORT 403 and a notice; a notify record names her SIP
-    connection, whose session can tell her with a SIP MESSAGE too."""
+    """Blocked: the receiver gets nothing; alice gets a REPORT 403 and a notice; a Notify names her SIP connection,
+    whose session tells her with a SIP MESSAGE too."""
     server, carrier, _, receiver = world
     offer = invite(world)
     payload = b"x" * 2500 + MARKER + b"y" * 2500
@@ -331,3 +358,7 @@ def test_live_msrp_file_blocked(world):
     assert len(receiver.received) == before
     [note] = [e for e in carrier.records if e.get("imguard", {}).get("notify")]
     assert note["imguard"]["notify"]["connection_id"] == offer.context.connection_id
+    assert "My cool picture.jpg" in note["imguard"]["notify"]["text"] and notice.body.decode() == \
+        note["imguard"]["notify"]["text"]
+    told = [e for e in carrier.records if e["event"].get("action") == "sip_notice"]
+    assert told and told[-1]["imguard"]["sip"]["text"] == note["imguard"]["notify"]["text"]

@@ -7,7 +7,7 @@ import random
 
 from imguard.files.expected import ExpectedTransfers
 from imguard.model import ChatContext
-from imguard.protocols.base import Close, InspectFile, Send
+from imguard.protocols.base import Anomaly, Close, InspectFile, Notify, ProtocolEvent, Record, Send
 from imguard.protocols.msrp.framing import MsrpLimits
 from imguard.protocols.msrp.session import MsrpSession
 from imguard.protocols.sip.message import SipLimits, SipMessage, SipStreamDecoder
@@ -47,14 +47,17 @@ def pieces(rng: random.Random, data: bytes) -> list[bytes]:
 
 
 def run_session(session, rng, data, limit_check):
-    for piece in pieces(rng, data):
-        for cmd in session.data_received(rng.random() < 0.8, piece):
-            assert isinstance(cmd, (Send, InspectFile, Close)) or hasattr(cmd, "event")
+    def carry(cmds):
+        for cmd in cmds:
+            assert isinstance(cmd, (Send, InspectFile, Close, Record, Notify, Anomaly, ProtocolEvent))
             if isinstance(cmd, InspectFile):
-                session.file_verdict(cmd.transfer_id, report(cmd), ALLOWED)
+                carry(session.file_verdict(cmd.transfer_id, report(cmd), ALLOWED))
+
+    for piece in pieces(rng, data):
+        carry(session.data_received(rng.random() < 0.8, piece))
         limit_check(session)
-    session.connection_closed(True)
-    session.connection_closed(False)
+    carry(session.connection_closed(True))
+    carry(session.connection_closed(False))
 
 
 def test_sip_mutations_never_raise_and_never_leak_the_password():
@@ -92,13 +95,15 @@ def test_msrp_mutations_never_raise_and_stay_bounded():
         s = MsrpSession(Checker(mask={"hunter2": "*******"}), ExpectedTransfers(), ChatContext(), None, limits)
 
         def bounded(sess):
-            assert sess.held_bytes <= limits.msrp_max_held_bytes
+            assert sess.holds.held_bytes <= limits.msrp_max_held_bytes
             assert len(sess._messages) <= limits.msrp_max_messages_in_reassembly
             assert len(sess._swallow) <= limits.msrp_max_tracked_transactions
             for d in sess._decoders.values():
                 assert d.pending <= limits.msrp_max_chunk_size + 65536
 
         run_session(s, rng, mutate(rng, MSRP_STREAM), bounded)
+        # Both sides gone and every file decided: every held message has ended, its bytes freed.
+        assert s.holds.held_bytes == 0 and s.holds.in_flight == 0, seed
 
 
 def test_msrp_text_never_crosses_unchecked():

@@ -5,27 +5,47 @@
         -> [Send(to_client=False, data=<the same chunk>)]                                   (allow)
 
 MSRP runs between two endpoints (directly or through relays) after a SIP INVITE/SDP exchange; either side
-may send, so SENDs from both sides are handled alike. Each SEND chunk is filed under (side, Message-ID) and its
-Byte-Range; nothing of a message crosses before the whole message is there (chunks may arrive out of order)
-and decided:
+may send, so SENDs from both sides are handled alike. This module keeps only MSRP's framing (chunks, Byte-Range,
+Message-ID, end flags, transaction responses); each message being reassembled drives one HeldTransfer
+(imguard/files/tracker.py, kind "msrp", not owning the connection: messages are multiplexed on it), which holds
+its chunks, says what state the message is in and when its bytes may cross. Each SEND chunk is filed under
+(side, Message-ID) and placed in its message's tracker by its Byte-Range start, held once (the piece's payload: the
+chunk's body; its head: the start line and headers before it; its tag: the end line after it and whether the
+gateway answered the chunk), so that it is released byte for byte. Nothing of a message crosses before the whole
+message is there (chunks may arrive out of order) and decided:
 
 - text (text/plain, text/html, or message/cpim wrapping them) -> `checker.check_message(text, ctx)`, protocol
   "msrp", sender/recipient from the SIP offer (else the From-Path/To-Path endpoint URIs), conversation = the SIP
-  Call-ID. Allow: the chunks cross as they came, in byte order. Mask: one chunk (the last one's headers)
-  with the new body and `Byte-Range: 1-N/N`. Block: nothing crosses; the sender gets `403` on the
-  unanswered chunk or a REPORT `Status: 000 403`, and a notice as an MSRP SEND from the receiver's path;
+  Call-ID. Allow: the chunks cross as they came, in byte order. Mask: one chunk (the headers of the chunk that
+  completed the message) with the new body and `Byte-Range: 1-N/N`. Block: nothing crosses; the sender gets
+  `403` on the unanswered chunk or a REPORT `Status: 000 403`, and a notice as an MSRP SEND from the
+  receiver's path ("Your message to ... was blocked by imguard: ...");
 - any other type (a file: RFC 5547, or an inline image) -> `InspectFile` (mechanism "msrp", name from the SDP
-  file-selector, claimed type from Content-Type or the selector; `truncated` when the sender ended it with
-  bytes missing). Allow: the held chunks are released in byte order, byte for byte. Block: the receiver gets
-  nothing; the sender gets a REPORT (`000 403 Action-not-allowed`), an MSRP notice and a Record with
-  `imguard.notify` naming the SIP connection of the offer (the carrier may also deliver it with
-  SipSession.notice);
-- status bodies (im-iscomposing, IMDN) and body-less SENDs cross at once.
+  file-selector, claimed type from Content-Type or the selector, a message/cpim wrapper taken off; `truncated`
+  when the sender ended it with bytes missing). Allow: the held chunks are released in byte order, byte for
+  byte. Block: the receiver gets nothing; the sender gets a REPORT (`000 403 Action-not-allowed`), an MSRP
+  notice (the tracker's text unless the decision has its own) and a `Notify` naming the SIP connection of the
+  offer (the carrier delivers it with SipSession.notice);
+- status bodies (im-iscomposing, IMDN) and body-less SENDs cross at once; a status body that came in a message
+  of several chunks (or wrapped in message/cpim) is released whole, unchecked.
+
+Why text goes through the tracker's inspect() and verdict() too: a text is held, bounded and released exactly
+like a file, and the tracker's only way from holding to released or dropped is inspect -> verdict (its other
+exits, cut and abandon, record an anomaly). So a whole text is taken out of the tracker with `inspect()`, whose
+InspectFile is not handed to the carrier: its bytes are checked here, inline, with check_message, and the
+decision goes to `verdict()` like a file's. The tracker's hooks then do MSRP's part: `deliver` releases the
+chunks (or, for a masked text, the one rewritten chunk), `tell` answers the sender. One path, one set of states
+for every message; no InspectFile is ever emitted for a text.
 
 While a chunk is held the gateway answers it `MSRP <tid> 200 OK` itself (when its Failure-Report asks for
 responses), so the sender keeps going; the receiver's own responses to those transactions are swallowed later.
-A `#` end line aborts the message: what was held is dropped (the receiver never saw any of it).
-A receiver's failure response to a chunk the gateway had answered is swallowed and recorded ("msrp_late_failure").
+A `#` end line aborts the message: the tracker abandons it (the receiver never saw any of it), recorded as the
+protocol event "msrp_aborted". A receiver's failure response to a chunk the gateway had answered is swallowed
+and recorded ("msrp_late_failure"). A side that closes (TCP: it stops sending) ends what it was sending: the
+tracker's sender_closed (a file is inspected as truncated; a text is abandoned, "msrp_incomplete_message").
+For the files sent to it, it is a receiver gone (the tracker's receiver_closed): a file is still decided, never
+delivered ("msrp_receiver_gone"); messages on their way to it are still reassembled and decided, and a whole,
+allowed text still crosses (the gateway does not pass the close on, and a half-closed side can still read).
 
 Text policy applies to both directions: in MSRP the TCP client is whichever endpoint is active (by default the
 SDP offerer), not necessarily the gateway's own user; the policy sees the direction from the Pipeline's classifier.
@@ -35,30 +55,35 @@ What the carrier does:
    (`find_msrp_offer(transfers, dst_host, dst_port)`, kind "msrp") is MSRP: put an MsrpSession on it with that
    offer; `offer.tls` (TCP/TLS/MSRP) means TLS from the first byte (tls_on_connect). Port 2855 (MSRP's
    registered port, relays) can be mapped to MSRP too: the session then finds its offer from the To-Path.
-2. Carry Send/Record/Close; answer InspectFile with Pipeline.check_file (mechanism "msrp" in the context).
-3. A Record whose event has `imguard.notify` (protocol "sip") -> the SipSession whose context has that
-   connection_id -> carry out `session.notice(text)` (a SIP MESSAGE to the user), in addition to the in-band
-   MSRP notice this session already sent.
+2. Carry Send/Close, record Anomaly/ProtocolEvent; answer InspectFile with Pipeline.check_file (mechanism
+   "msrp" in the context).
+3. A `Notify` (protocol "sip") -> record it and carry out `session.notice(text)` on the SipSession whose context
+   has that connection_id (a SIP MESSAGE to the user), in addition to the in-band MSRP notice this session sent.
 
 Bad input is an anomaly, never an exception: a chunk without To-Path/From-Path/Message-ID, a bad Byte-Range,
 one beyond its total or not matching the body is dropped (400 to the sender); an unframeable stream (not
-MSRP, no end line within `msrp_max_chunk_size`) is closed. Held bytes are bounded (`msrp_max_held_bytes`,
-`msrp_max_messages_in_reassembly`): past them the message is refused with 413 and a notice.
+MSRP, no end line within `msrp_max_chunk_size`) is closed, and the messages it held are dropped with it. Held
+bytes are bounded per message and per connection (`msrp_max_held_bytes`: the connection's ConnectionHolds;
+`msrp_max_messages_in_reassembly`) and by the gateway's hold ledger: past them (an announced total says so at
+once) the message is cut (the tracker's TRUNCATED: "msrp_too_large"), its chunks are refused with 413 and the
+sender gets a notice.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
-from imguard import alerts
+from imguard.files.tracker import ConnectionHolds, HeldTransfer, HoldState, Piece
 from imguard.model import MASK, ChatContext, Decision, FileReport
-from imguard.protocols.base import Close, Command, InspectFile, OutgoingCommands, Record, limited_anomaly
-from imguard.protocols.msrp.framing import (ABORTED, COMPLETE, ByteRange, MsrpChunk, MsrpDecoder, MsrpFramingError,
-                                            MsrpLimits, build_report, build_response, build_send, parse_byte_range,
-                                            with_body)
+from imguard.protocols.base import (Anomaly, Close, Command, InspectFile, Notify, OutgoingCommands, ProtocolEvent,
+                                    Send, block_words, limited_anomaly)
+from imguard.protocols.msrp.framing import (ABORTED, COMPLETE, CONTINUED, ByteRange, MsrpChunk, MsrpDecoder,
+                                            MsrpFramingError, MsrpLimits, build_report, build_response, build_send,
+                                            parse_byte_range, with_body)
 from imguard.protocols.msrp.offer import MSRP_KIND, MsrpOffer, path_key
 from imguard.protocols.sip.message import parse_cpim, parse_content_type
 from imguard.protocols.sip.text import UNCHECKED_TYPES, masked_body, message_text
@@ -67,52 +92,58 @@ _ids = itertools.count(1)
 BODYLESS_METHODS = ("REPORT", "AUTH", "NICKNAME")     # RFC 4975, RFC 4976 (relays), RFC 7701: forwarded as they are
 
 
-
 @dataclass
-class _Piece:
+class _Chunk:
+    """A held chunk's framing, the tag of its piece in the tracker. The chunk is held once: its body is the
+    piece's payload, the bytes before the body (start line, headers, blank line) the piece's head, and `tail`
+    (the end line, tens of bytes) rides here; it is released byte for byte as head + body + tail. `chunk` is
+    the chunk without its body (raw = its head): what a response, a REPORT or a masked rewrite needs.
+    `answered`: the gateway answered it itself (then the receiver's own response to it is swallowed)."""
     chunk: MsrpChunk
-    start: int
-    from_client: bool
+    tail: bytes
     answered: bool = False
+
+    @classmethod
+    def of(cls, chunk: MsrpChunk) -> _Chunk:
+        if chunk.body is None:                  # no body section: all of it is head
+            return cls(chunk, b"")
+        start = len(chunk.head()) + 2           # after the blank line
+        head, tail = chunk.raw[:start], chunk.raw[start + len(chunk.body):]
+        return cls(dataclasses.replace(chunk, raw=head, body=b""), tail)
+
+    @property
+    def head(self) -> bytes:
+        return self.chunk.raw
 
 
 @dataclass
 class _Message:
-    """One MSRP message being reassembled from its chunks."""
-    from_client: bool
-    message_id: str
-    first: MsrpChunk                         # the first chunk seen (paths, report flags)
-    pieces: dict[int, _Piece] = field(default_factory=dict)     # by start byte
+    """One MSRP message: its framing facts. Its bytes, its state and its byte accounting are its tracker's."""
+    first: MsrpChunk                         # the first chunk seen, without its body (paths, report flags)
     content_type: str = ""                   # with parameters
-    total: int | None = None
     final_end: int | None = None             # the last byte of the '$' chunk
-    held: int = 0                            # raw bytes held
-    refused: bool = False                    # refused (too large): later chunks are refused too
-    transfer_id: str = ""
+    kind: str = ""                           # once whole (or ended): "text", "file" or "pass" (a status body)
+    completing: _Chunk | None = None         # the chunk that made it whole (a masked text is rewritten on it)
+    tracker: HeldTransfer = field(init=False)
 
-    def coverage(self) -> tuple[int, bool]:
-        """(bytes contiguous from byte 1, any gap before the last piece)."""
-        pos, gap = 1, False
-        for start in sorted(self.pieces):
-            if start > pos:
-                gap = True
-                continue
-            pos = max(pos, start + len(self.pieces[start].chunk.body or b""))
-        return pos - 1, gap
+    @property
+    def from_client(self) -> bool:
+        return self.tracker.sender_is_client
 
-    def data(self) -> bytes:
-        out = bytearray()
-        for start in sorted(self.pieces):
-            body = self.pieces[start].chunk.body or b""
-            if start - 1 < len(out):
-                body = body[len(out) - (start - 1):]
-            elif start - 1 > len(out):
-                continue            # a gap: what follows it is not placed (truncated)
-            out += body
-        return bytes(out)
+    @property
+    def message_id(self) -> str:
+        return self.first.message_id
 
-    def ordered(self) -> list[_Piece]:
-        return [self.pieces[s] for s in sorted(self.pieces)]
+    @property
+    def refused(self) -> bool:
+        """Cut (too large): its later chunks are refused too."""
+        return self.tracker.state is HoldState.TRUNCATED
+
+    @property
+    def whole(self) -> bool:
+        """The '$' chunk has come and every byte up to it, with no piece beyond a gap."""
+        t = self.tracker
+        return self.final_end is not None and t.contiguous >= self.final_end and max(t.pieces) <= t.contiguous
 
 
 class MsrpSession:
@@ -131,10 +162,10 @@ class MsrpSession:
         self.closed = False
         self.side_closed = {True: False, False: False}
         self.anomaly_counts: dict[str, int] = {}
+        self.holds = ConnectionHolds(max_bytes=limits.msrp_max_held_bytes)
         self._messages: collections.OrderedDict[tuple[bool, str], _Message] = collections.OrderedDict()
-        self._inspecting: dict[str, _Message] = {}
+        self._held: dict[str, _Message] = {}        # every message whose tracker still holds, by transfer_id
         self._swallow: collections.OrderedDict[tuple[bool, str], str] = collections.OrderedDict()
-        self.held_bytes = 0
 
     # --- StreamSession ------------------------------------------------------------------------------
 
@@ -145,9 +176,9 @@ class MsrpSession:
         for chunk in self._decoders[from_client].feed(data):
             if isinstance(chunk, MsrpFramingError):
                 self.closed = True
-                self._drop_all()
-                out.add(self._anomaly(chunk.kind, chunk.detail, from_client=from_client),
-                        Close(f"MSRP framing error: {chunk.kind}"))
+                out.add(self._anomaly(chunk.kind, detail=chunk.detail, from_client=from_client))
+                self._drop_all(out)
+                out.add(Close(f"MSRP framing error: {chunk.kind}"))
                 break
             if not chunk.is_request:
                 if self._swallow.pop((from_client, chunk.tid), None) is not None:
@@ -176,25 +207,11 @@ class MsrpSession:
         return []       # MSRP has no STARTTLS: TCP/TLS/MSRP is TLS from the first byte (tls_on_connect)
 
     def file_verdict(self, transfer_id: str, report: FileReport, decision: Decision) -> list[Command]:
-        msg = self._inspecting.pop(transfer_id, None)
-        if msg is None or self.closed:
+        msg = self._held.get(transfer_id)
+        if msg is None:
             return []
         out = OutgoingCommands()
-        self._free(msg)
-        ctx = self._ctx(msg, file=True)
-        if decision.blocked:
-            text = decision.notice or self._default_notice(decision, msg, "file")
-            if not self.side_closed[msg.from_client]:
-                self._tell_sender(out, msg, 403, text, answer_open=False)
-            out.add(Record(self._notify_event(msg, ctx, text, decision)))
-            return out.cmds
-        if self.side_closed[not msg.from_client]:
-            out.add(self._anomaly("msrp_receiver_gone", "the receiver closed before the verdict; nothing delivered",
-                                  message_id=msg.message_id))
-        else:
-            self._release(out, msg)
-        if decision.notice:
-            out.add(Record(self._notify_event(msg, ctx, decision.notice, decision)))
+        self._carry(out, msg, msg.tracker.verdict(decision))
         return out.cmds
 
     def connection_closed(self, from_client: bool) -> list[Command]:
@@ -207,24 +224,31 @@ class MsrpSession:
             out.add(self._anomaly("msrp_incomplete_chunk", "the connection closed before the chunk's end line; "
                                   "the partial chunk was not forwarded", from_client=from_client, size=pending))
         for key, msg in list(self._messages.items()):
-            if msg.from_client == from_client and msg.pieces and not msg.refused:
-                # The sender is gone: what it sent is all there will be.
-                del self._messages[key]
-                if self._is_text(msg):
-                    self._free(msg)
-                    out.add(self._anomaly("msrp_incomplete_message", "the sender closed before the message was "
-                                          "complete; it was not passed on", message_id=msg.message_id))
-                else:
-                    self._inspect(out, msg, truncated=True)
-            elif msg.from_client != from_client:
-                del self._messages[key]
-                self._free(msg)
+            if msg.from_client != from_client:
+                continue
+            # The sender is gone: what it sent is all there will be.
+            del self._messages[key]
+            if msg.refused:
+                continue
+            if self._is_text(msg):
+                self._carry(out, msg, msg.tracker.abandon(
+                    "msrp_incomplete_message", "the sender closed before the message was complete; it was not "
+                    "passed on"))
+            else:
+                [job] = msg.tracker.inspect(truncated=True)     # the sender left before it was whole
+                _, ctype, _, content = self._kind(msg, job.data)
+                out.add(self._file_job(msg, job, ctype, content))
+        for msg in list(self._held.values()):
+            if msg.tracker.sender_is_client == from_client:
+                self._carry(out, msg, msg.tracker.sender_closed())
+            elif msg.kind == "file":
+                self._carry(out, msg, msg.tracker.receiver_closed())
         return out.cmds
 
     # --- SEND ---------------------------------------------------------------------------------------
 
-    def _reject(self, out: OutgoingCommands, from_client: bool, chunk: MsrpChunk, kind: str, detail: str, status: int = 400,
-                **data: Any) -> None:
+    def _reject(self, out: OutgoingCommands, from_client: bool, chunk: MsrpChunk, kind: str, detail: str,
+                status: int = 400, **data: Any) -> None:
         out.add(self._anomaly(kind, detail, from_client=from_client, tid=chunk.tid, **data))
         if chunk.failure_report != "no" and chunk.from_path and chunk.to_path:
             out.send(from_client, build_response(chunk, status))
@@ -264,68 +288,104 @@ class MsrpSession:
             # 1-25/25 for 23 bytes). Recorded, and the body's real length is used.
             out.add(self._anomaly("msrp_byte_range_mismatch", f"Byte-Range {value!r} but the chunk carries "
                                   f"{len(body)} bytes", from_client=from_client, tid=chunk.tid))
+        note = _Chunk.of(chunk)
         if msg is None:
             if len(self._messages) >= self.limits.msrp_max_messages_in_reassembly:
                 self._reject(out, from_client, chunk, "msrp_too_many_messages",
                              f"more than {self.limits.msrp_max_messages_in_reassembly} messages in reassembly",
                              status=413)
                 return
-            msg = self._messages[key] = _Message(from_client, chunk.message_id, chunk)
+            msg = self._messages[key] = self._new_message(from_client, note.chunk)
+        t = msg.tracker
         if msg.refused:
-            if chunk.failure_report != "no":
-                out.send(from_client, build_response(chunk, 413))
-            if chunk.flag != "+":
-                self._messages.pop(key, None)
+            self._refuse_chunk(out, msg, chunk)
             return
         if rng.total is not None:
-            if msg.total is not None and msg.total != rng.total:
-                out.add(self._anomaly("msrp_byte_range_total_changed", f"total {msg.total} then {rng.total}",
+            if t.size is not None and t.size != rng.total:
+                out.add(self._anomaly("msrp_byte_range_total_changed", f"total {t.size} then {rng.total}",
                                       from_client=from_client, message_id=msg.message_id))
-            msg.total = rng.total if msg.total is None else max(msg.total, rng.total)
+            t.size = rng.total if t.size is None else max(t.size, rng.total)
         if chunk.get("content-type") and not msg.content_type:
             msg.content_type = chunk.get("content-type")
         if chunk.flag == ABORTED:
             self._messages.pop(key, None)
-            self._free(msg)
             if chunk.failure_report == "yes":
                 out.send(from_client, build_response(chunk, 200))
-            out.add(self._event("msrp_aborted", message_id=msg.message_id, bytes_held=msg.held))
+            self._abort(out, msg)
             return
-        too_big = (msg.total is not None and msg.total > self.limits.msrp_max_held_bytes) or \
-            self.held_bytes + len(chunk.raw) > self.limits.msrp_max_held_bytes
-        if too_big:
-            self._refuse_too_large(out, msg, chunk)
+        offset = rng.start - 1
+        if self._too_large(msg, offset, body, note):
+            limit = self.limits.msrp_max_held_bytes
+            text = (f"imguard: the message {msg.message_id} is larger than {limit} bytes and could not be "
+                    f"inspected; it was not passed on")
+            cmds = t.cut("msrp_too_large", text, notice=text, from_client=from_client, total=t.size,
+                         msrp_max_held_bytes=limit)
+        else:
+            if offset in t.pieces:
+                out.add(self._anomaly("msrp_duplicate_chunk", f"a second chunk at byte {rng.start}; the later one "
+                                      "kept", from_client=from_client, message_id=msg.message_id))
+            cmds = t.append(body, offset=offset, tag=note, head=note.head)
+        if msg.refused:     # cut here, or by the gateway's hold ledger inside append
+            self._refuse_chunk(out, msg, chunk)
+            self._carry(out, msg, cmds)
             return
-        old = msg.pieces.get(rng.start)
-        if old is not None:
-            msg.held -= len(old.chunk.raw)
-            self.held_bytes -= len(old.chunk.raw)
-            out.add(self._anomaly("msrp_duplicate_chunk", f"a second chunk at byte {rng.start}; the later one kept",
-                                  from_client=from_client, message_id=msg.message_id))
-        piece = msg.pieces[rng.start] = _Piece(chunk, rng.start, from_client)
-        msg.held += len(chunk.raw)
-        self.held_bytes += len(chunk.raw)
+        self._carry(out, msg, cmds)
         if chunk.flag == COMPLETE:
             msg.final_end = last
-        covered, gap = msg.coverage()
-        if msg.final_end is not None and covered >= msg.final_end and not gap:
+        if msg.whole:
             del self._messages[key]
-            self._complete(out, msg, piece)
+            self._complete(out, msg, note)
         else:
-            self._answer(out, piece)
+            self._answer(out, msg, note)
 
-    def _answer(self, out: OutgoingCommands, piece: _Piece) -> None:
+    def _new_message(self, from_client: bool, first: MsrpChunk) -> _Message:
+        msg = _Message(first)
+        msg.tracker = HeldTransfer(
+            f"{self.context.connection_id or 'msrp'}-{first.message_id}-{next(_ids)}", self._ctx(first),
+            sender_is_client=from_client, kind="msrp", max_bytes=self.limits.msrp_max_held_bytes,
+            holds=self.holds, deliver=lambda transfer, pieces: self._deliver(msg, pieces),
+            tell=lambda transfer, text, decision: self._tell(msg, text, decision),
+            event_data={"message_id": first.message_id})
+        self._held[msg.tracker.transfer_id] = msg
+        return msg
+
+    def _too_large(self, msg: _Message, offset: int, body: bytes, note: _Chunk) -> bool:
+        """Would holding this chunk pass the bound? The announced total says so before any byte is held; else the
+        connection's held bytes with it, as the tracker counts them (its head and body). Checked here rather than
+        left to the tracker's own cut so that the sender is refused in MSRP's terms, the same way for both."""
+        t = msg.tracker
+        if t.size is not None and t.size > t.max_bytes:
+            return True
+        replaced = t.pieces.get(offset)
+        grow = len(note.head) + len(body) - (replaced.size if replaced is not None else 0)
+        return self.holds.held_bytes + grow > self.holds.max_bytes
+
+    def _refuse_chunk(self, out: OutgoingCommands, msg: _Message, chunk: MsrpChunk) -> None:
+        """A chunk of a message that was cut: 413, and the message forgotten at its last chunk."""
+        if chunk.failure_report != "no":
+            out.send(msg.from_client, build_response(chunk, 413))
+        if chunk.flag != CONTINUED:
+            self._messages.pop((msg.from_client, msg.message_id), None)
+
+    def _abort(self, out: OutgoingCommands, msg: _Message) -> None:
+        """`#`: the sender gave the message up. The tracker abandons it; what users see stays the protocol event
+        "msrp_aborted" (an abort is the sender's right, not an anomaly)."""
+        held = sum(p.size + len(p.tag.tail) for p in msg.tracker.pieces.values())     # the chunks' bytes
+        cmds = msg.tracker.abandon("msrp_aborted", "the sender aborted the message")
+        self._carry(out, msg, _without_anomaly(cmds, "msrp_aborted"))
+        out.add(self._event("msrp_aborted", message_id=msg.message_id, bytes_held=held))
+
+    def _answer(self, out: OutgoingCommands, msg: _Message, note: _Chunk) -> None:
         """Our own 200 OK for a held chunk (if its Failure-Report asks for one)."""
-        if not piece.answered:
-            piece.answered = True
-            if piece.chunk.failure_report == "yes":
-                out.send(piece.from_client, build_response(piece.chunk, 200))
+        if not note.answered:
+            note.answered = True
+            if note.chunk.failure_report == "yes":
+                out.send(msg.from_client, build_response(note.chunk, 200))
 
     # --- complete messages --------------------------------------------------------------------------
 
-    def _kind(self, msg: _Message) -> tuple[str, str, dict[str, str], bytes]:
-        """("text"/"file"/"pass", content type, params, content) of a whole message."""
-        data = msg.data()
+    def _kind(self, msg: _Message, data: bytes) -> tuple[str, str, dict[str, str], bytes]:
+        """("text"/"file"/"pass", content type, params, content) of a message's bytes."""
         ctype, params = parse_content_type(msg.content_type or "application/octet-stream")
         if ctype == "message/cpim":
             cpim = parse_cpim(data)
@@ -342,103 +402,137 @@ class MsrpSession:
 
     def _is_text(self, msg: _Message) -> bool:
         ctype = parse_content_type(msg.content_type)[0]
-        return ctype in ("text/plain", "text/html") or (ctype == "message/cpim" and self._kind(msg)[0] == "text")
+        return ctype in ("text/plain", "text/html") or (
+            ctype == "message/cpim" and self._kind(msg, msg.tracker.data())[0] == "text")
 
-    def _complete(self, out: OutgoingCommands, msg: _Message, last: _Piece) -> None:
-        kind, ctype, params, content = self._kind(msg)
-        if kind == "pass":
-            self._free(msg)
-            self._release(out, msg)
+    def _complete(self, out: OutgoingCommands, msg: _Message, completing: _Chunk) -> None:
+        """The whole message out of the tracker's hands (inspect): a file to the carrier, a text decided here."""
+        msg.completing = completing
+        [job] = msg.tracker.inspect()
+        msg.kind, ctype, params, content = self._kind(msg, job.data)
+        if msg.kind == "file":
+            self._answer(out, msg, completing)
+            out.add(self._file_job(msg, job, ctype, content))
             return
-        if kind == "file":
-            self._answer(out, last)
-            self._inspect(out, msg, truncated=False)
-            return
-        text = message_text(ctype, params, content)[0]
-        ctx = self._ctx(msg)
-        decision = self.checker.check_message(text, ctx)
-        self._free(msg)
-        if decision.blocked:
-            notice = decision.notice or self._default_notice(decision, msg, "message")
-            self._tell_sender(out, msg, 403, notice, answer_open=True)
-        elif decision.action == MASK and decision.masked_text is not None:
-            outer, outer_params = parse_content_type(msg.content_type)
-            new_body, new_type = masked_body(outer, outer_params, msg.data(), decision.masked_text)
-            if last.answered:
-                self._swallow_tid(not msg.from_client, last.chunk.tid)
-            out.send(not msg.from_client, with_body(last.chunk, new_body, new_type))
+        # A text (or a status body) is inspected inline: the InspectFile is not for the carrier (see the module
+        # docstring); the decision goes to the tracker's verdict like a file's.
+        self._place(msg, self._ctx(msg.first))
+        if msg.kind == "pass":
+            decision = Decision()       # status bodies cross unchecked
         else:
-            self._release(out, msg)
+            decision = self.checker.check_message(message_text(ctype, params, content)[0], msg.tracker.context)
+        self._carry(out, msg, msg.tracker.verdict(decision))
 
-    def _release(self, out: OutgoingCommands, msg: _Message) -> None:
-        """The held chunks to the receiver, in byte order, byte for byte."""
-        for piece in msg.ordered():
-            if piece.answered:
-                self._swallow_tid(not msg.from_client, piece.chunk.tid)
-            out.send(not msg.from_client, piece.chunk.raw)
-
-    def _inspect(self, out: OutgoingCommands, msg: _Message, truncated: bool) -> None:
-        covered, gap = msg.coverage()
-        if (msg.total is not None and covered < msg.total) or gap or msg.final_end is None:
-            truncated = True
+    def _file_job(self, msg: _Message, job: InspectFile, ctype: str, content: bytes) -> InspectFile:
+        """The tracker's InspectFile for a file (or what the sender sent of it), as the carrier gets it: a
+        message/cpim wrapper taken off, named and typed from the SDP file-selector, in the file's context.
+        Truncated by MSRP's own account: short of the announced total, or ended before it was whole (the
+        tracker's own flag also counts chunks that overlap, which a resending MSRP sender legitimately does)."""
+        t = msg.tracker
+        msg.kind = "file"
         offer = self._offer(msg.first)
-        name = offer.file.name if offer is not None and offer.file is not None else ""
-        _, claimed, _, data = self._kind(msg)       # the content: a message/cpim wrapper is taken off
-        if claimed == "application/octet-stream" and offer is not None and offer.file is not None:
-            claimed = offer.file.type
-        msg.transfer_id = f"{self.context.connection_id or 'msrp'}-{msg.message_id}-{next(_ids)}"
-        self._inspecting[msg.transfer_id] = msg
-        out.add(InspectFile(transfer_id=msg.transfer_id, data=data, context=self._ctx(msg, file=True), name=name,
-                            claimed_mime=claimed, truncated=truncated))
+        selector = offer.file if offer is not None else None
+        self._place(msg, self._ctx(msg.first, file=True))
+        t.name = selector.name if selector is not None else ""
+        t.claimed_mime = selector.type if ctype == "application/octet-stream" and selector is not None else ctype
+        if self.side_closed[t.receiver_is_client]:
+            t.receiver_closed()         # its receiver left before it was whole: decided, never delivered
+        truncated = not msg.whole or (t.size is not None and t.contiguous < t.size)
+        return dataclasses.replace(job, data=content, context=t.context, name=t.name, claimed_mime=t.claimed_mime,
+                                   truncated=truncated)
 
-    def _tell_sender(self, out: OutgoingCommands, msg: _Message, status: int, text: str, answer_open: bool) -> None:
-        """A refused message: the failure to its sender (a response on a chunk not yet answered, else a
-        REPORT), then a notice as an MSRP SEND from the receiver's side."""
-        first = msg.first
-        open_pieces = [p for p in msg.ordered() if not p.answered] if answer_open else []
-        for p in open_pieces:
-            p.answered = True
-            if p.chunk.failure_report != "no":
-                out.send(msg.from_client, build_response(p.chunk, status))
-        if not open_pieces and first.failure_report != "no":
-            covered, _ = msg.coverage()
-            out.send(msg.from_client, build_report(first, status, (1, covered or None, msg.total)))
-        tid, notice = build_send(first.from_path, first.to_path, text.encode("utf-8"))
+    # --- the tracker's hooks: how MSRP releases a message and tells its sender ------------------------
+
+    def _deliver(self, msg: _Message, pieces: list[Piece]) -> list[Command]:
+        """The held chunks to the receiver in byte order, byte for byte (the receiver's responses to the ones we
+        answered are swallowed); a masked text instead as one chunk with the new body."""
+        receiver = msg.tracker.receiver_is_client
+        decision = msg.tracker.decision
+        if msg.kind == "text" and decision is not None and decision.action == MASK and decision.masked_text is not None:
+            outer, outer_params = parse_content_type(msg.content_type)
+            new_body, new_type = masked_body(outer, outer_params, msg.tracker.data(), decision.masked_text)
+            completing = msg.completing
+            if completing.answered:
+                self._swallow_tid(receiver, completing.chunk.tid)
+            return [Send(to_client=receiver, data=with_body(completing.chunk, new_body, new_type))]
+        for piece in pieces:
+            if piece.tag.answered:
+                self._swallow_tid(receiver, piece.tag.chunk.tid)
+        return [Send(to_client=receiver, data=b"".join(piece.head + bytes(piece.payload) + piece.tag.tail
+                                                       for piece in pieces))]
+
+    def _tell(self, msg: _Message, text: str, decision: Decision | None) -> list[Command]:
+        """The sender told, in MSRP's terms: a cut message gets the notice (its chunk got 413); a blocked text 403
+        on its unanswered chunks (else a REPORT) and a notice; a blocked file a REPORT and a notice while its
+        sender is there, and a Notify for its SIP connection; an allowed file with a notice only the Notify."""
+        out = OutgoingCommands()
+        t = msg.tracker
+        if decision is None:
+            self._notice(out, msg, text)
+        elif msg.kind != "file":
+            if decision.blocked:
+                self._refuse_to_sender(out, msg, answer_open=True)
+                self._notice(out, msg, decision.notice or self._message_notice(msg, decision))
+        else:
+            if decision.blocked and not t.sender_gone:
+                self._refuse_to_sender(out, msg, answer_open=False)
+                self._notice(out, msg, text)
+            offer = self._offer(msg.first)
+            out.add(Notify(connection_id=offer.context.connection_id if offer is not None else "", protocol="sip",
+                           text=text, context=t.context, decision=decision,
+                           details=(("msrp", {"message_id": msg.message_id, "bytes": t.received}),)))
+        return out.cmds
+
+    def _refuse_to_sender(self, out: OutgoingCommands, msg: _Message, answer_open: bool) -> None:
+        """403 on the chunks not answered yet (`answer_open`), else a REPORT for the message."""
+        t = msg.tracker
+        open_chunks = [p.tag for p in t.ordered() if not p.tag.answered] if answer_open else []
+        for note in open_chunks:
+            note.answered = True
+            if note.chunk.failure_report != "no":
+                out.send(msg.from_client, build_response(note.chunk, 403))
+        if not open_chunks and msg.first.failure_report != "no":
+            out.send(msg.from_client, build_report(msg.first, 403, (1, t.contiguous or None, t.size)))
+
+    def _notice(self, out: OutgoingCommands, msg: _Message, text: str) -> None:
+        """A notice to the sender as an MSRP SEND from the receiver's path (its response is swallowed)."""
+        tid, notice = build_send(msg.first.from_path, msg.first.to_path, text.encode("utf-8"))
         self._swallow_tid(msg.from_client, tid)
         out.send(msg.from_client, notice)
 
-    def _refuse_too_large(self, out: OutgoingCommands, msg: _Message, chunk: MsrpChunk) -> None:
-        msg.refused = True
-        self._free(msg)
-        msg.pieces.clear()
-        if chunk.flag != "+":
-            self._messages.pop((msg.from_client, msg.message_id), None)
-        limit = self.limits.msrp_max_held_bytes
-        text = (f"imguard: the message {msg.message_id} is larger than {limit} bytes and could not be "
-                f"inspected; it was not passed on")
-        out.add(self._anomaly("msrp_too_large", text, from_client=msg.from_client, message_id=msg.message_id,
-                              total=msg.total, msrp_max_held_bytes=limit))
-        if chunk.failure_report != "no":
-            out.send(msg.from_client, build_response(chunk, 413))
-        tid, notice = build_send(chunk.from_path, chunk.to_path, text.encode("utf-8"))
-        self._swallow_tid(msg.from_client, tid)
-        out.send(msg.from_client, notice)
+    def _message_notice(self, msg: _Message, decision: Decision) -> str:
+        action, why = block_words(decision)
+        return f"Your message to {msg.tracker.context.recipients[0]} was {action} by imguard: {why}"
 
     # --- helpers ------------------------------------------------------------------------------------
+
+    def _carry(self, out: OutgoingCommands, msg: _Message, cmds: list[Command]) -> None:
+        """The tracker's commands, its anomalies under this connection's per-kind cap (a peer repeating one
+        malformation must not flood the alert log); a message whose tracker no longer holds is forgotten."""
+        for cmd in cmds:
+            if isinstance(cmd, Anomaly):
+                seen = self.anomaly_counts[cmd.kind] = self.anomaly_counts.get(cmd.kind, 0) + 1
+                if seen > self.limits.msrp_max_anomalies_per_kind:
+                    continue
+                if seen == self.limits.msrp_max_anomalies_per_kind:
+                    cmd = dataclasses.replace(cmd, data={**cmd.data, "further_suppressed": True})
+            out.add(cmd)
+        if not msg.tracker.holding:
+            self._held.pop(msg.tracker.transfer_id, None)
+
+    def _drop_all(self, out: OutgoingCommands) -> None:
+        """The connection is closed on a framing error: every held message goes with it. The framing error's
+        anomaly explains it, so the tracker's own records of these abandons are not added."""
+        for msg in list(self._held.values()):
+            self._carry(out, msg, _without_anomaly(msg.tracker.abandon("msrp_connection_closed", "the connection "
+                                                                       "was closed on a framing error"),
+                                                   "msrp_connection_closed"))
+        self._messages.clear()
 
     def _swallow_tid(self, side: bool, tid: str) -> None:
         self._swallow[(side, tid)] = tid
         while len(self._swallow) > self.limits.msrp_max_tracked_transactions:
             self._swallow.popitem(last=False)
-
-    def _free(self, msg: _Message) -> None:
-        self.held_bytes = max(0, self.held_bytes - msg.held)
-        msg.held = 0
-
-    def _drop_all(self) -> None:
-        self._messages.clear()
-        self._inspecting.clear()
-        self.held_bytes = 0
 
     def _offer(self, chunk: MsrpChunk) -> MsrpOffer | None:
         if self.offer is not None:
@@ -452,8 +546,7 @@ class MsrpSession:
                 return found
         return None
 
-    def _ctx(self, msg: _Message, file: bool = False) -> ChatContext:
-        first = msg.first
+    def _ctx(self, first: MsrpChunk, file: bool = False) -> ChatContext:
         offer = self._offer(first)
         to_last, from_last = first.to_path[-1], first.from_path[-1]
         if offer is not None:
@@ -466,23 +559,21 @@ class MsrpSession:
             ctx = ctx.with_(transfer_mechanism="msrp")
         return ctx
 
-    def _default_notice(self, decision: Decision, msg: _Message, what: str) -> str:
-        words = {"block": "blocked", "quarantine": "quarantined"}
-        why = "; ".join(m.title or m.rule_id for m in decision.matches) or "policy"
-        offer = self._offer(msg.first)
-        if what == "file" and offer is not None and offer.file is not None and offer.file.name:
-            what = f"file {offer.file.name!r}"
-        recipient = self._ctx(msg).recipients[0]
-        return f"Your {what} to {recipient} was {words.get(decision.action, 'blocked')} by imguard: {why}"
+    @staticmethod
+    def _place(msg: _Message, ctx: ChatContext) -> None:
+        """The message's context once it is whole (the SIP offer may have been found since its first chunk)."""
+        msg.tracker.context = ctx
+        msg.tracker.receiver = ", ".join(ctx.recipients)
 
-    def _notify_event(self, msg: _Message, ctx: ChatContext, text: str, decision: Decision | None) -> dict:
-        offer = self._offer(msg.first)
-        return alerts.notify_event(offer.context.connection_id if offer else "", "sip", ctx, text, decision,
-                                   msrp={"message_id": msg.message_id, "bytes": msg.coverage()[0]})
-
-    def _anomaly(self, kind: str, detail: str, **data: Any) -> Record | None:
+    def _anomaly(self, kind: str, detail: str, **data: Any) -> Anomaly | None:
         return limited_anomaly(self.anomaly_counts, self.limits.msrp_max_anomalies_per_kind, self.context,
                                kind, detail, **data)
 
-    def _event(self, action: str, category: str = "session", ctx: ChatContext | None = None, **data: Any) -> Record:
-        return Record(alerts.protocol_event("msrp", action, ctx or self.context, category, **data))
+    def _event(self, action: str, category: str = "session", ctx: ChatContext | None = None,
+               **data: Any) -> ProtocolEvent:
+        return ProtocolEvent("msrp", action, ctx or self.context, category, data)
+
+
+def _without_anomaly(cmds: list[Command], kind: str) -> list[Command]:
+    """The tracker's commands without its anomaly of `kind` (where MSRP records the event its own way)."""
+    return [c for c in cmds if not (isinstance(c, Anomaly) and c.kind == kind)]

@@ -31,8 +31,8 @@ becomes an `MsrpOffer` in the ExpectedTransfers table (kind "msrp", keys: each e
 answerer's path. A "msrp_offer" event is recorded for each.
 
 Notices. `notice(text)` sends the user a MESSAGE from sip:imguard@imguard.invalid (its responses are
-swallowed): the carrier uses it for a Record with `imguard.notify` naming this connection (an MSRP file blocked
-on its own connection).
+swallowed): the carrier uses it for a `Notify` naming this connection (an MSRP file blocked on its own
+connection).
 
 The Subject header of a checked request is checked too (block refuses the message, mask rewrites the header).
 An UPDATE (RFC 3311) or re-INVITE with SDP is an offer like an INVITE; a late offer (an INVITE without SDP,
@@ -330,7 +330,7 @@ class SipSession:
         if not media:
             return
         answered = []
-        for offer, m in zip(offers, media):
+        for offer, m in zip(offers, media, strict=False):     # an answer may carry fewer media lines
             offer = offer.with_answer(m.path, tls=offer.tls or m.tls, address=next(iter(_address(m)), None))
             remember_msrp_offer(self.transfers, offer, self.limits.sip_msrp_offer_ttl)
             answered.append(offer)
