@@ -278,3 +278,17 @@ def test_a_long_plain_stream_is_one_buffer():
         t.append(b"0123456789abcdef")
         assert not t.complete or t.received == t.size
     assert len(t.pieces) == 1 and t._in_order and t.complete
+
+
+def test_overlapping_pieces_are_not_a_gap_and_a_nameless_file_reads_well():
+    """Chunks that overlap (an MSRP sender re-chunking) cover the file: not truncated. A file without a name is
+    'a file' in its notice."""
+    told = []
+    t = HeldTransfer("o", CTX, sender_is_client=True, kind="msrp", max_bytes=100, size=10,
+                     tell=lambda tr, text, d: told.append(text) or [])
+    t.append(b"012345", offset=0, head=b"<h1>", after=b"<end1>")
+    t.append(b"456789", offset=4, head=b"<h2>", after=b"<end2>")
+    cmd = t.inspect()[0]
+    assert cmd.data == b"0123456789" and not cmd.truncated
+    t.verdict(BLOCK)
+    assert told == ["imguard: a file from alice to bob was blocked (Malware)"]

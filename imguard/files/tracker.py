@@ -286,10 +286,11 @@ class HeldTransfer:
     # --- events -------------------------------------------------------------------------------------
 
     def append(self, payload: bytes, wire: bytes | None = None, offset: int | None = None, tag: Any = None,
-               head: bytes = b"") -> list[Command]:
+               head: bytes = b"", after: bytes = b"") -> list[Command]:
         """Hold file bytes and the framing that carries them (`wire`, or `head` before them: see Piece). `offset`
         places them (default: after the last); a second piece at the same offset replaces the first (a
-        retransmission). Framing without file bytes (no payload, no offset) follows the last piece. Past the
+        retransmission). `after`: framing that ends this piece (an MSRP end line), held with it wherever it is
+        placed. Framing without file bytes (no payload, no offset) follows the last piece. Past the
         file's or the connection's bound the file is cut (fail closed). After the file was complete, bytes are an
         overrun: dropped, recorded once."""
         if self.state is not HoldState.RECEIVING:
@@ -301,15 +302,15 @@ class HeldTransfer:
         grow = len(payload) - (len(old.payload) if old is not None else 0)
         if self.received + grow > self.max_bytes:
             return self.too_large(self.received + grow)
-        size = len(payload) + len(head) + (len(wire) if wire is not None else 0)
-        freed = old.size - len(old.after) if old is not None else 0
+        size = len(payload) + len(head) + len(after) + (len(wire) if wire is not None else 0)
+        freed = old.size if old is not None else 0
         if size > freed and not self.holds.reserve(size - freed):
             return self.too_large(self.received + grow, reason="connection or gateway hold limit")
         if size < freed:
             self.holds.free(freed - size)
         self.held_bytes += size - freed
         self.received += grow
-        framing = head + (wire if wire is not None else b"")
+        framing = head + (wire if wire is not None else b"") + after
         tail = self._tail
         if framing_only:
             if tail is None:
@@ -317,18 +318,18 @@ class HeldTransfer:
             else:
                 tail.after += framing
             return []
-        if old is not None:             # a retransmission: the new bytes, the framing that followed the old
-            self.pieces[offset] = Piece(offset, payload, wire, tag, head, old.after)
+        if old is not None:             # a retransmission replaces the piece with its framing
+            self.pieces[offset] = Piece(offset, payload, wire, tag, head, after)
             self._in_order = False      # its length may differ: contiguity is worked out from the pieces
             if old is tail:
                 self._tail = self.pieces[offset]
-        elif tail is not None and offset == self._end and wire is None and tag is None and not head \
+        elif tail is not None and offset == self._end and wire is None and tag is None and not head and not after \
                 and tail.wire is None and tail.tag is None and not tail.after:
             if not isinstance(tail.payload, bytearray):
                 tail.payload = bytearray(tail.payload)
             tail.payload += payload     # one growing buffer for a plain stream, not a piece per read
         else:
-            self.pieces[offset] = Piece(offset, payload, wire, tag, head)
+            self.pieces[offset] = Piece(offset, payload, wire, tag, head, after)
             if offset != self._end:
                 self._in_order = False
         end = offset + len(payload)
@@ -342,8 +343,8 @@ class HeldTransfer:
         if self.state is not HoldState.RECEIVING:
             return []
         data = self.data()
-        self.truncated = truncated or len(data) < sum(len(p.payload) for p in self.pieces.values()) \
-            or (self.size is not None and len(data) < self.size)
+        furthest = max((offset + len(p.payload) for offset, p in self.pieces.items()), default=0)
+        self.truncated = truncated or len(data) < furthest or (self.size is not None and len(data) < self.size)
         if len(self.pieces) == 1:
             only = self.ordered()[0]        # held once: the inspected bytes are the ones released
             if only.wire is None and len(only.payload) == len(data):
@@ -470,12 +471,16 @@ class HeldTransfer:
 
     def _notice_text(self, action: str, why: str) -> str:
         sender = self.context.sender
-        return (f"imguard: the file {self.name!r}{' from ' + sender if sender else ''}"
+        return (f"imguard: {self._the_file}{' from ' + sender if sender else ''}"
                 f"{' to ' + self.receiver if self.receiver else ''} was {action} ({why})")
 
     def _too_large_text(self, total: int) -> str:
-        return (f"imguard: the file {self.name!r}{' to ' + self.receiver if self.receiver else ''} was stopped: "
+        return (f"imguard: {self._the_file}{' to ' + self.receiver if self.receiver else ''} was stopped: "
                 f"it is larger than {self.max_bytes} bytes and could not be inspected")
+
+    @property
+    def _the_file(self) -> str:
+        return f"the file {self.name!r}" if self.name else "a file"
 
 
 @dataclass

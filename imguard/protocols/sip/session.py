@@ -40,7 +40,7 @@ the offer in the 200 OK and the answer in the ACK) is not registered yet.
 
 Framing errors (bad start line, lying or oversized Content-Length, too many headers) are anomalies and close
 the connection: the stream cannot be framed any more, and forwarding unframed bytes would let a MESSAGE pass
-unchecked. Events: anomalies (alerts.anomaly_event), "msrp_offer", "msrp_answer", "sip_notice". Message
+unchecked. Facts: anomalies (Anomaly), "msrp_offer", "msrp_answer", "sip_notice" (ProtocolEvent). Message
 decisions are written by the checker (Pipeline.check_message), not here.
 """
 
@@ -53,9 +53,9 @@ import re
 import secrets
 from typing import Any
 
-from imguard import alerts
+from imguard.files.tracker import HeldTransfer, HoldState
 from imguard.model import BLOCK, MASK, ChatContext, Decision, FileReport
-from imguard.protocols.base import Close, Command, InspectFile, OutgoingCommands, Record, Send, limited_anomaly
+from imguard.protocols.base import Anomaly, Close, Command, OutgoingCommands, ProtocolEvent, Send, limited_anomaly
 from imguard.protocols.msrp.offer import MsrpOffer, new_offer_id, remember_msrp_offer
 from imguard.protocols.sip.message import (KeepAlive, SipFramingError, SipLimits, SipMessage, SipStreamDecoder,
                                            build_response, decode_text, parse_cpim, parse_datagram, quote, uri_of,
@@ -103,7 +103,7 @@ class SipSession:
         self.anomaly_counts: dict[str, int] = {}
         self.user = ""                  # the user's identity: P-Asserted-Identity or From of their requests
         self.contact = ""               # where the user's UA is (Contact of its requests)
-        self._held: dict[str, tuple[bool, SipMessage, ChatContext]] = {}     # MESSAGE files being inspected
+        self._held: dict[str, HeldTransfer] = {}       # MESSAGE bodies that are files, out for inspection
         self._pending: collections.OrderedDict[str, list[MsrpOffer]] = collections.OrderedDict()
         self._notice_seq = itertools.count(1)
 
@@ -129,16 +129,10 @@ class SipSession:
         return []       # SIP has no STARTTLS: TLS on 5061 starts with the connection (tls_on_connect)
 
     def file_verdict(self, transfer_id: str, report: FileReport, decision: Decision) -> list[Command]:
-        held = self._held.pop(transfer_id, None)
-        if held is None or self.closed:
+        transfer = self._held.pop(transfer_id, None)
+        if transfer is None or self.closed:
             return []
-        from_client, msg, ctx = held
-        out = OutgoingCommands(merge=not self.datagram)
-        if decision.blocked:
-            self._refuse(out, from_client, msg, decision, "file")
-        else:
-            out.send(not from_client, msg.raw)
-        return out.cmds
+        return transfer.verdict(decision)
 
     def connection_closed(self, from_client: bool) -> list[Command]:
         pending = self._decoders[from_client].pending
@@ -266,13 +260,28 @@ class SipSession:
 
     def _hold_file(self, out: OutgoingCommands, from_client: bool, msg: SipMessage, ctx: ChatContext, data: bytes,
                    claimed: str) -> None:
-        transfer_id = f"{self.context.connection_id or 'sip'}-msg-{next(_ids)}"
-        ctx = ctx.with_(transfer_mechanism="sip-message")
-        self._held[transfer_id] = (from_client, msg, ctx)
-        out.add(InspectFile(transfer_id=transfer_id, data=data, context=ctx, claimed_mime=claimed))
+        """A MESSAGE whose body is a file: the whole message is held (the tracker's one piece: the body to inspect,
+        the message to release) until its verdict; a blocked one gets the sender a refusal in SIP's terms."""
+        transfer = HeldTransfer(
+            f"{self.context.connection_id or 'sip'}-msg-{next(_ids)}", ctx.with_(transfer_mechanism="sip-message"),
+            sender_is_client=from_client, kind="sip_message", max_bytes=self.limits.sip_max_message_size,
+            size=len(data), claimed_mime=claimed,
+            tell=lambda transfer, text, decision: self._refused(from_client, msg, text))
+        out.add(*transfer.append(data, wire=msg.raw))
+        out.add(*transfer.inspect())
+        if transfer.state is HoldState.INSPECTING:
+            self._held[transfer.transfer_id] = transfer
+
+    def _refused(self, from_client: bool, msg: SipMessage, text: str) -> list[Command]:
+        out = OutgoingCommands(merge=not self.datagram)
+        self._respond_refused(out, from_client, msg, text)
+        return out.cmds
 
     def _refuse(self, out: OutgoingCommands, from_client: bool, msg: SipMessage, decision: Decision, what: str) -> None:
-        text = decision.notice or self._default_notice(decision, what, msg)
+        self._respond_refused(out, from_client, msg, decision.notice or self._default_notice(decision, what, msg))
+
+    def _respond_refused(self, out: OutgoingCommands, from_client: bool, msg: SipMessage, text: str) -> None:
+        """The sender's answer to a refused request: BLOCK_STATUS with the reason in a Warning and the body."""
         response = build_response(msg, BLOCK_STATUS, to_tag=secrets.token_hex(4),
                                   extra_headers=[("Warning", f"399 imguard {quote(text)}"), ("Server", "imguard")],
                                   body=text.encode("utf-8"))
@@ -339,14 +348,15 @@ class SipSession:
 
     # --- records ------------------------------------------------------------------------------------
 
-    def _anomaly(self, kind: str, detail: str, **data: Any) -> Record | None:
+    def _anomaly(self, kind: str, detail: str, **data: Any) -> Anomaly | None:
         """An anomaly record; past sip_max_anomalies_per_kind of one kind on this connection, only counted."""
         return limited_anomaly(self.anomaly_counts, self.limits.sip_max_anomalies_per_kind,
                                self.context.with_(sender=self.user), kind, detail, **data)
 
-    def _event(self, action: str, category: str = "session", ctx: ChatContext | None = None, **data: Any) -> Record:
+    def _event(self, action: str, category: str = "session", ctx: ChatContext | None = None,
+               **data: Any) -> ProtocolEvent:
         ctx = ctx or self.context.with_(sender=self.user)
-        return Record(alerts.protocol_event("sip", action, ctx, category, **data))
+        return ProtocolEvent("sip", action, ctx, category, data)
 
 
 class SipDatagramHandler:
