@@ -24,7 +24,7 @@ from imguard.gateway.master import Gateway
 from imguard.gateway.settings import GatewaySettings
 from imguard.model import ALLOW, BLOCK, Decision, FileReport, RuleMatch
 from imguard.pipeline import Pipeline
-from imguard.protocols.base import Close, InspectFile, Record, RelaySession, Send, StartTls
+from imguard.protocols.base import Close, InspectFile, Record, RelaySession, Send, StartTls, StreamSession
 
 TIMEOUT = 10
 
@@ -67,7 +67,7 @@ class StubPipeline:
         self.commits += 1
 
 
-class LineSession:
+class LineSession(StreamSession):
     """A line protocol: client "STARTTLS" -> server "OK" -> StartTls; client "FILE name data" -> InspectFile;
     client "CRASH" -> raises; "QUIT" -> Close; everything else is forwarded unchanged."""
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from imguard.model import BLOCK, ChatContext, Decision, FileReport
-from imguard.protocols.base import Anomaly, Close, InspectFile, Record, Send, StartTls
+from imguard.protocols.base import Anomaly, Close, InspectFile, Record, Send, StartTls, StreamSession
 from imguard.replay.pcapfile import Capture
 from imguard.replay.replay import Replay, ReplaySettings
 from test_replay_builders import stream_capture
@@ -31,14 +31,12 @@ class RecordingPipeline:
         self.records.append(event)
 
 
-class Scripted:
+class Scripted(StreamSession):
     """A session that logs every call and answers data with a script: data -> list of commands."""
 
-    def __init__(self, script=None, with_gap: bool = False):
+    def __init__(self, script=None):
         self.calls: list[tuple] = []
         self.script = script or (lambda from_client, data: [Send(not from_client, data)])
-        if with_gap:
-            self.gap = lambda from_client, length: self.calls.append(("gap", from_client, length)) or []
 
     def data_received(self, from_client, data):
         self.calls.append(("data", from_client, data))
@@ -114,16 +112,8 @@ def test_messages_checked_by_the_session_are_listed():
     assert r.forwarded(1)[False] == b"lunch"                  # the blocked text must NOT reach the server
 
 
-def test_gap_reaches_a_session_that_can_hear_it():
-    session = Scripted(with_gap=True)
-    _, summary, _, _ = replay(stream_capture([(True, b"one"), (True, b"lost!", "lost"), (True, b"three")]), session)
-    assert session.calls[:3] == [("data", True, b"one"), ("gap", True, 5), ("data", True, b"three")]
-    assert [(a.source, a.kind) for a in summary.anomalies] == [("reassembly", "capture_gap")]
-    assert (summary.conversations[0].gaps, summary.conversations[0].gap_bytes) == (1, 5)
-
-
-def test_gap_ends_that_side_for_a_session_that_cannot():
-    """Without gap(): the side with the gap is closed for the session at the gap; the other side goes on."""
+def test_gap_ends_that_side():
+    """The side with the gap is closed for the session at the gap; the other side goes on."""
     session = Scripted()
     items = [(True, b"one"), (True, b"lost!", "lost"), (False, b"reply"), (True, b"three")]
     _, summary, _, _ = replay(stream_capture(items), session)

@@ -189,20 +189,19 @@ class SessionLayer(layer.Layer):
         elif isinstance(event, events.DataReceived):
             if event.data:
                 from_client = event.connection == self.context.client
-                steps = getattr(self.session, "data_received_steps", None)
-                if steps is not None:
-                    yield from self._run_steps(steps, from_client, event.data)
-                else:
-                    yield from self._run(self._call(self.session.data_received, from_client, event.data))
+                yield from self._run_steps(self.session.data_received_steps, from_client, event.data)
         elif isinstance(event, events.ConnectionClosed):
             yield from self._connection_closed(event)
         elif isinstance(event, NoticeInjected):
-            notice = getattr(self.session, "notice", None)
-            if notice is None:
-                logger.warning("%s: %s cannot deliver a notice: %s", self.chat.client_address,
-                               type(self.session).__name__, event.text)
-            else:
-                yield from self._run(self._call(notice, event.text))
+            yield from self._run(self._call(self._notice, event.text))
+
+    def _notice(self, text: str) -> list:
+        """A Notify from another connection, told in this session's protocol (None: it has no way to: logged)."""
+        cmds = self.session.notice(text)
+        if cmds is None:
+            logger.warning("%s: %s cannot deliver a notice: %s", self.chat.client_address,
+                           type(self.session).__name__, text)
+        return cmds or []
 
     def _acknowledge(self, connection) -> None:
         """Acknowledge what was just read on `connection` now, not up to 40 ms later (TCP_QUICKACK re-armed on
@@ -238,9 +237,9 @@ class SessionLayer(layer.Layer):
         self.pending = []
         if self.after_starttls:
             work = work + self._call(self.session.tls_started)
-        elif not self.tls and callable(getattr(self.session, "start", None)):
-            # Optional: a session that must speak first once the server leg is up (the SOCKS5 bytestream
-            # session replays the handshake to the real streamhost).
+        elif not self.tls:
+            # A session may speak first once the server leg is up (the SOCKS5 bytestream session replays the
+            # handshake to the real streamhost; an unannounced side connection is closed).
             work = work + self._call(self.session.start)
         yield from self._run(work)
 

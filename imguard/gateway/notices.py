@@ -50,10 +50,6 @@ class NoticeRouter:
         if handler is None or session is None:
             logger.warning("notice for connection %s not delivered (connection gone): %s", connection_id or "-", text)
             return False
-        if not callable(getattr(session, "notice", None)):
-            logger.warning("notice for connection %s not delivered (%s has no notice()): %s", connection_id,
-                           type(session).__name__, text)
-            return False
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:

@@ -15,7 +15,7 @@ releases or drops what it held. The session never blocks and never touches a soc
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Iterator, NamedTuple
 
 from imguard import alerts
 from imguard.model import ChatContext, Decision, FileReport
@@ -187,34 +187,54 @@ def limited_anomaly(counts: dict[str, int], limit: int, ctx: ChatContext, kind: 
 
 # --- what a session is ------------------------------------------------------------------------------
 
-class StreamSession(Protocol):
-    """One chat connection's protocol logic.
+class StreamSession:
+    """One connection's protocol logic: the whole contract between a session and its carrier. Every session
+    subclasses it; the parts a protocol may not need are declared here with their defaults, so a carrier calls
+    them all without probing the session."""
 
-    A session may also offer `data_received_steps(from_client, data) -> Iterator[list[Command]]`: the
-    same commands as data_received, one stanza or line at a time, so a carrier can forward what is
-    decided while it checks the rest of a read (the gateway does; see SessionLayer._run_steps)."""
+    def data_received(self, from_client: bool, data: bytes) -> list[Command]:
+        """Bytes from one side: the commands that carry out what the session decided."""
+        raise NotImplementedError
 
-    def data_received(self, from_client: bool, data: bytes) -> list[Command]: ...
+    def data_received_steps(self, from_client: bool, data: bytes) -> Iterator[list[Command]]:
+        """The same commands as data_received, a stanza or line at a time, so a carrier can forward what is
+        decided while it checks the rest of a read (SessionLayer._run_steps). Default: the read as one step."""
+        yield self.data_received(from_client, data)
 
-    def tls_started(self) -> list[Command]: ...
+    def start(self) -> list[Command]:
+        """The connection is open, before any byte (an unannounced side connection is closed here; a relay
+        that learnt its upstream from the client speaks first to it). Default: nothing."""
+        return []
 
-    def file_verdict(self, transfer_id: str, report: FileReport, decision: Decision) -> list[Command]: ...
+    def tls_started(self) -> list[Command]:
+        """Both TLS handshakes of a STARTTLS are done. Default: nothing."""
+        return []
 
-    def connection_closed(self, from_client: bool) -> list[Command]: ...
+    def file_verdict(self, transfer_id: str, report: FileReport, decision: Decision) -> list[Command]:
+        """The verdict on a file the session handed out with InspectFile. Default: nothing (it holds none)."""
+        return []
+
+    def connection_closed(self, from_client: bool) -> list[Command]:
+        """One side closed. Default: close the other."""
+        return [Close("peer closed")]
+
+    def notice(self, text: str) -> list[Command] | None:
+        """Tell this connection's user `text` in the protocol's own terms (a Notify from another connection).
+        None: the protocol has no way to (the carrier logs the notice as undelivered)."""
+        return None
+
+    def upstream_connected(self) -> list[Command]:
+        """The upstream leg asked for with ConnectUpstream is open. Default: nothing."""
+        return []
+
+    def upstream_failed(self) -> list[Command]:
+        """The upstream leg asked for with ConnectUpstream could not be opened. Default: close."""
+        return [Close("upstream unreachable")]
 
 
 @dataclass
-class RelaySession:
+class RelaySession(StreamSession):
     """A session that forwards every byte untouched: the baseline, and the fallback for unknown protocols."""
 
     def data_received(self, from_client: bool, data: bytes) -> list[Command]:
         return [Send(to_client=not from_client, data=data)]
-
-    def tls_started(self) -> list[Command]:
-        return []
-
-    def file_verdict(self, transfer_id: str, report: FileReport, decision: Decision) -> list[Command]:
-        return []
-
-    def connection_closed(self, from_client: bool) -> list[Command]:
-        return [Close("peer closed")]

@@ -51,7 +51,7 @@ from typing import Any
 from imguard.files.expected import ExpectedBytestream, ExpectedTransfers
 from imguard.files.tracker import HeldTransfer, HoldState
 from imguard.model import ChatContext, Decision, FileReport
-from imguard.protocols.base import Anomaly, Close, Command, ConnectUpstream, Notify, Send
+from imguard.protocols.base import Anomaly, Close, Command, ConnectUpstream, Notify, Send, StreamSession
 from imguard.settings import MiB, setting
 
 _HASH = re.compile(r"^[0-9a-f]{40}$")
@@ -87,7 +87,7 @@ def connect_request(dst_hash: str) -> bytes:
     return b"\x05\x01\x00\x03" + bytes([len(h)]) + h + b"\x00\x00"
 
 
-class Socks5BytestreamSession:
+class Socks5BytestreamSession(StreamSession):
     """One relayed bytestream connection. `stream_hash` given: the carrier did the client's SOCKS5 handshake
     and is connected to the streamhost (`streamhost`, informational); call start(). Not given: the session
     speaks SOCKS5 to the client and asks for the upstream with ConnectUpstream."""

@@ -35,7 +35,7 @@ from urllib.parse import unquote, urlsplit
 from imguard.files.expected import ExpectedUpload
 from imguard.files.tracker import ConnectionHolds, HeldTransfer, HoldState
 from imguard.model import ChatContext, Decision, FileReport
-from imguard.protocols.base import Anomaly, Command, Send
+from imguard.protocols.base import Anomaly, Command, Send, StreamSession
 from imguard.settings import KiB, MiB, setting
 
 
@@ -97,7 +97,7 @@ class HeldUpload:
         return ChatContext(protocol="http", **base)
 
 
-class HttpUploadSession:
+class HttpUploadSession(StreamSession):
     """One HTTP/1.x connection seen in a capture: client requests decoded, server bytes relayed."""
 
     def __init__(self, transfers: Any, context: ChatContext, limits: HttpLimits = HttpLimits()):

@@ -24,9 +24,8 @@ Time is the capture's: the ExpectedTransfers table and the sessions' clocks read
 the packet being replayed, so entries expire as they would have inline.
 
 A capture gap (bytes the capture lacks, see reassembly) is what an inline gateway never sees, so
-the StreamSession contract has no word for it. When a session has a `gap(from_client, length)`
-method it is told, and it marks the file it holds as truncated. Otherwise the replay ends that side
-at the gap: the session is told `connection_closed(from_client)` for it (a half-close), so a file
+the StreamSession contract has no word for it: the replay ends that side at the gap. The session is
+told `connection_closed(from_client)` for it (a half-close), so a file
 that side was sending comes out as an InspectFile (the DCC, SOCKS5 and HTTP sessions inspect what
 they hold when the sender closes early), which the replay marks truncated=True, or is reported
 abandoned (XMPP IBB), which the replay lists as a truncated transfer; a `capture_gap` anomaly says
@@ -45,7 +44,7 @@ from imguard.protocols import detect as det
 from imguard.model import ChatContext, Decision, FileReport
 from imguard.protocols import registry
 from imguard.protocols.base import (Anomaly, Close, ConnectUpstream, InspectFile, Notify, ProtocolEvent, Record, Send,
-                                    StartTls)
+                                    StartTls, StreamSession)
 from imguard.protocols.registry import SessionRequest
 from imguard.replay.pcapfile import Capture
 from imguard.replay.reassembly import (Connection, Reassembler, ReassemblySettings, StreamClosed, StreamData,
@@ -324,12 +323,6 @@ class Replay:
             self._decide(flow, self._detect(flow, final="a capture gap before the protocol was known"))
             if flow.encrypted or flow.closed:
                 return
-        gap = getattr(flow.session, "gap", None)
-        if gap is not None:
-            self._anomaly(flow.conn.id, self.now, "reassembly", "capture_gap",
-                          f"the capture lacks {length} bytes from the {side}")
-            self._call(flow, lambda: gap(from_client, length))
-            return
         self._anomaly(flow.conn.id, self.now, "reassembly", "capture_gap",
                       f"the capture lacks {length} bytes from the {side}; the rest of what the {side} sent is "
                       "not decoded")
@@ -403,9 +396,7 @@ class Replay:
                 self._notify(flow, cmd)
             elif isinstance(cmd, ConnectUpstream):
                 # The capture's server is the upstream the session asks for: it is connected already.
-                connected = getattr(flow.session, "upstream_connected", None)
-                if connected is not None:
-                    self._call(flow, connected)
+                self._call(flow, flow.session.upstream_connected)
             else:
                 self._anomaly(flow.conn.id, self.now, "replay", "unknown_command",
                               f"the session returned {type(cmd).__name__}, which the replay does not carry out")
@@ -436,9 +427,8 @@ class Replay:
         came from): recorded, and delivered the way the gateway does, through that session's notice()."""
         self._record(flow, cmd.event())
         target = self._by_name.get(cmd.connection_id)
-        deliver = getattr(target.session, "notice", None) if target is not None and not target.closed else None
-        if deliver is not None:
-            self._call(target, lambda: deliver(cmd.text))
+        if target is not None and not target.closed:
+            self._call(target, lambda: target.session.notice(cmd.text) or [])
 
     def _record(self, flow: _Flow, event: dict) -> None:
         """A Record: an event the session built whole (a message it decided itself, such as one linking to a
@@ -488,7 +478,7 @@ class Replay:
         return {k: bytes(v) for k, v in (flow.forwarded or {}).items()}
 
 
-class _Relay:
+class _Relay(StreamSession):
     """An undecoded connection: everything crosses (as the gateway relays what it does not decode)."""
 
     def data_received(self, from_client: bool, data: bytes) -> list:

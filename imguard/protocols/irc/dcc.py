@@ -49,7 +49,7 @@ from typing import Any
 
 from imguard.files.tracker import HeldTransfer, HoldState
 from imguard.model import ChatContext, Decision, FileReport
-from imguard.protocols.base import Anomaly, Close, Command, Notify, Send
+from imguard.protocols.base import Anomaly, Close, Command, Notify, Send, StreamSession
 from imguard.protocols.irc.decoder import IrcLimits, decode_text, encode_text, format_ctcp, split_ctcp
 
 DCC_KIND = "dcc"                # the ExpectedTransfers kind of DCC offers; key (host, port)
@@ -117,7 +117,7 @@ def find_offer(transfers, host: str, port: int, take: bool = True) -> DccOffer |
     return transfers.take(key, kind=DCC_KIND) if take else transfers.get(key, kind=DCC_KIND)
 
 
-class DccSendSession:
+class DccSendSession(StreamSession):
     """One DCC SEND data connection: the DCC framing (ACKs, the announced size, a RESUME position) driving the
     file's HeldTransfer. `offer` None: a connection no offer announced (an anomaly: closed)."""
 
@@ -220,7 +220,7 @@ class DccSendSession:
                 Close("unannounced DCC connection")]
 
 
-class DccChatSession:
+class DccChatSession(StreamSession):
     """One DCC CHAT connection: CRLF/LF text lines straight between two people, so each line goes through
     `checker.check_message` like a PRIVMSG. Allowed lines cross byte for byte; masked lines are rewritten;
     a blocked line is dropped and its writer gets an `[imguard] ...` line (there is no server to send a

@@ -53,7 +53,7 @@ from typing import Any, Callable, Iterator
 
 from imguard.model import MASK, ChatContext, Decision, FileReport
 from imguard.protocols.base import (Anomaly, Close, Command, OutgoingCommands, ProtocolEvent, Send, StartTls,
-                                    limited_anomaly)
+                                    StreamSession, limited_anomaly)
 from imguard.protocols.irc.dcc import CHAT, DCC_KIND, SEND, DccOffer, new_offer_id, remember_offer
 from imguard.protocols.irc.decoder import (BadLine, Ctcp, DccError, DccResume, DccSend, IrcLimits,
                                            LineDecoder, LineTooLong, Message, encode_text, format_ctcp,
@@ -103,7 +103,7 @@ def _escape_tag(value: str) -> str:
             .replace("\r", "\\r").replace("\n", "\\n"))
 
 
-class IrcSession:
+class IrcSession(StreamSession):
     """One IRC client connection (StreamSession). See the module docstring."""
 
     def __init__(self, checker, transfers, context: ChatContext, limits: IrcLimits = IrcLimits(),

@@ -44,7 +44,7 @@ from typing import Any
 
 from imguard.files.tracker import ConnectionHolds, HeldTransfer, HoldState
 from imguard.model import ChatContext, Decision, FileReport
-from imguard.protocols.base import Anomaly, Close, Command, Notify, Send
+from imguard.protocols.base import Anomaly, Close, Command, Notify, Send, StreamSession
 from imguard.protocols.msnp.decoder import MsnpLimits
 from imguard.protocols.msnp.session import MSNFTP_KIND, MsnftpOffer
 
@@ -65,7 +65,7 @@ def find_msnftp_offer(transfers, host: str, port: int) -> MsnftpOffer | None:
     return transfers.get((host, int(port)), kind=MSNFTP_KIND)
 
 
-class DirectMsnftpSession:
+class DirectMsnftpSession(StreamSession):
     """One MSNFTP data connection (StreamSession). See the module docstring."""
 
     def __init__(self, checker, transfers, context: ChatContext, offer: MsnftpOffer | None,

@@ -87,7 +87,7 @@ from typing import Any
 from imguard.files.tracker import ConnectionHolds, HeldTransfer, HoldState
 from imguard.model import MASK, ChatContext, Decision, FileReport
 from imguard.protocols.base import (Anomaly, Close, Command as Cmd, OutgoingCommands, ProtocolEvent, Send,
-                                    block_words, limited_anomaly)
+                                    StreamSession, block_words, limited_anomaly)
 from imguard.protocols.msnp.decoder import (FT_GUID, P2P_FLAG_ACK, P2P_FLAG_DATA, Command, CommandDecoder,
                                             FramingError, Mime, MsnpLimits, P2PError, P2PHeader, SlpMessage, build_p2p,
                                             decode_body, format_command, parse_file_context, parse_invitation,
@@ -158,7 +158,7 @@ def held_bound(limits: MsnpLimits) -> int:
     return limits.msnp_max_transfers * 3 * limits.msnp_max_held_bytes
 
 
-class MsnpSession:
+class MsnpSession(StreamSession):
     """One MSNP client connection (StreamSession). See the module docstring."""
 
     def __init__(self, checker, transfers, context: ChatContext, limits: MsnpLimits = MsnpLimits()):

@@ -79,8 +79,8 @@ from typing import Any
 
 from imguard.files.tracker import ConnectionHolds, HeldTransfer, HoldState, Piece
 from imguard.model import MASK, ChatContext, Decision, FileReport
-from imguard.protocols.base import (Anomaly, Close, Command, InspectFile, Notify, OutgoingCommands, ProtocolEvent,
-                                    Send, block_words, limited_anomaly)
+from imguard.protocols.base import (Anomaly, Close, Command, InspectFile, Notify, OutgoingCommands, ProtocolEvent, Send,
+                                    StreamSession, block_words, limited_anomaly)
 from imguard.protocols.msrp.framing import (ABORTED, COMPLETE, CONTINUED, ByteRange, MsrpChunk, MsrpDecoder,
                                             MsrpFramingError, MsrpLimits, build_report, build_response, build_send,
                                             parse_byte_range, with_body)
@@ -146,7 +146,7 @@ class _Message:
         return self.final_end is not None and t.contiguous >= self.final_end and max(t.pieces) <= t.contiguous
 
 
-class MsrpSession:
+class MsrpSession(StreamSession):
     """One MSRP connection (StreamSession). `offer`: the SIP-announced session the carrier found for this
     connection (None: looked up from the To-Path/From-Path URIs in the table, per message)."""
 

@@ -44,7 +44,7 @@ from typing import Any
 
 from imguard.files.tracker import ConnectionHolds, HeldTransfer, HoldState
 from imguard.model import ChatContext, Decision, FileReport
-from imguard.protocols.base import Anomaly, Close, Command, Notify, Send
+from imguard.protocols.base import Anomaly, Close, Command, Notify, Send, StreamSession
 from imguard.protocols.oscar.decoder import (OFT_ACK, OFT_DONE, OFT_PROMPT, OFT_RESUME, OFT_RESUME_ACK,
                                              PROXY_VERSION, OftHeader, OscarError, OscarLimits, parse_oft)
 from imguard.protocols.oscar.session import OftOffer, find_oft_offer
@@ -52,7 +52,7 @@ from imguard.protocols.oscar.session import OftOffer, find_oft_offer
 MAX_OFT_HEADER = 8192
 
 
-class OftSession:
+class OftSession(StreamSession):
     """One OFT connection (StreamSession). See the module docstring."""
 
     def __init__(self, checker, transfers, context: ChatContext, offer: OftOffer | None = None,

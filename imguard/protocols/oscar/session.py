@@ -63,8 +63,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from imguard.model import MASK, ChatContext, Decision, FileReport
-from imguard.protocols.base import (Anomaly, Close, Command, OutgoingCommands, ProtocolEvent, block_words,
-                                    limited_anomaly)
+from imguard.protocols.base import (Anomaly, Close, Command, OutgoingCommands, ProtocolEvent, StreamSession,
+                                    block_words, limited_anomaly)
 from imguard.protocols.oscar.decoder import (CAP_DIRECTIM, CAP_GETFILE, CAP_SENDFILE, CH_SIGNOFF, CH_SIGNON,
                                              CH_SNAC, CHARSET_ASCII, ICBM, ICBM_INCOMING, ICBM_SEND, KNOWN_FAMILIES,
                                              RV_CANCEL, RV_PROPOSE, Flap, FlapDecoder, FramingError, Icbm, OscarError,
@@ -124,7 +124,7 @@ def find_oft_offer(transfers, cookie: bytes | str | None = None, host: str = "",
     return None
 
 
-class OscarSession:
+class OscarSession(StreamSession):
     """One OSCAR client connection (StreamSession). See the module docstring."""
 
     def __init__(self, checker, transfers, context: ChatContext, limits: OscarLimits = OscarLimits()):

@@ -55,7 +55,8 @@ from typing import Any
 
 from imguard.files.tracker import HeldTransfer, HoldState
 from imguard.model import BLOCK, MASK, ChatContext, Decision, FileReport
-from imguard.protocols.base import Anomaly, Close, Command, OutgoingCommands, ProtocolEvent, Send, limited_anomaly
+from imguard.protocols.base import (Anomaly, Close, Command, OutgoingCommands, ProtocolEvent, Send, StreamSession,
+                                    limited_anomaly)
 from imguard.protocols.msrp.offer import MsrpOffer, new_offer_id, remember_msrp_offer
 from imguard.protocols.sip.message import (KeepAlive, SipFramingError, SipLimits, SipMessage, SipStreamDecoder,
                                            build_response, decode_text, parse_cpim, parse_datagram, quote, uri_of,
@@ -87,7 +88,7 @@ def _address(media) -> tuple[tuple[str, int], ...]:
     return ((host, media.port),)
 
 
-class SipSession:
+class SipSession(StreamSession):
     """One SIP connection between a user agent and its proxy (StreamSession). See the module docstring."""
 
     def __init__(self, checker, transfers, context: ChatContext, limits: SipLimits = SipLimits(),
@@ -359,7 +360,7 @@ class SipSession:
         return ProtocolEvent("sip", action, ctx, category, data)
 
 
-class SipDatagramHandler:
+class SipDatagramHandler(StreamSession):
     """SIP over UDP: one datagram in, the commands for it out (each Send is one datagram to write).
 
     Same policy as SipSession. A datagram that is not a SIP message is an anomaly and dropped (UDP has no

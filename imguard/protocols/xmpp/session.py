@@ -77,7 +77,7 @@ from imguard.files.expected import (ExpectedBytestream, ExpectedTransfers, Expec
                                     TransferSettings)
 from imguard.files.tracker import HoldLedger
 from imguard.model import BLOCK, MASK, ChatContext, Decision, FileReport
-from imguard.protocols.base import Anomaly, Close, Command, Record, Send, StartTls
+from imguard.protocols.base import Anomaly, Close, Command, Record, Send, StartTls, StreamSession
 from imguard.protocols.xmpp import decoder as d
 from imguard.protocols.xmpp.decoder import XmlStreamDecoder, XmppLimits
 from imguard.protocols.xmpp.ibb import NS_IBB, InBandBytestreams
@@ -189,7 +189,7 @@ def socks5_hash(sid: str, initiator: str, target: str) -> str:
     return hashlib.sha1((sid + initiator + target).encode("utf-8")).hexdigest()
 
 
-class XmppSession:
+class XmppSession(StreamSession):
     """One c2s XMPP connection. See the module docstring for what it does."""
 
     def __init__(self, checker: MessageChecker, transfers: ExpectedTransfers, context: ChatContext,

@@ -58,7 +58,7 @@ from urllib.parse import quote, unquote, urlsplit
 
 from imguard.files.expected import ExpectedUpload, normalize_url
 from imguard.model import MASK, ChatContext, Decision, FileReport
-from imguard.protocols.base import Anomaly, Close, Command, ProtocolEvent, Send, limited_anomaly
+from imguard.protocols.base import Anomaly, Close, Command, ProtocolEvent, Send, StreamSession, limited_anomaly
 from imguard.protocols.ymsg.decoder import (AUTH, AUTHRESP, COMMENT, CONFMSG, FILETRANS_15, FILETRANS_ACC_15,
                                             FILETRANS_INFO_15, FILETRANSFER, LOGON, MESSAGE, P2PFILEXFER,
                                             FramingError, Packet, PacketDecoder, YmsgLimits, build_packet,
@@ -124,7 +124,7 @@ def find_ymsg_transfer(transfers, url: str = "", host: str = "", port: int = 0) 
     return None
 
 
-class YmsgSession:
+class YmsgSession(StreamSession):
     """One YMSG client connection (StreamSession). See the module docstring."""
 
     def __init__(self, checker, transfers, context: ChatContext, limits: YmsgLimits = YmsgLimits()):
