@@ -95,25 +95,7 @@ class Pipeline:
             report.findings.append(Finding(UNSCANNABLE, "the transfer ended before the announced size",
                                            data={"reason": REASON_TRUNCATED}))
         decision = policy.decide_file(report, ctx)
-        stored = quarantine_error = None
-        if decision.blocked and self.quarantine is not None and isinstance(data, (bytes, bytearray, memoryview)):
-            # Kept before the alert is written, so the alert can name where the evidence is. A full
-            # disk must not turn a block into a pass: the block stands and the alert says what failed.
-            try:
-                stored = self.quarantine.put(bytes(data), report, ctx, decision)
-            except OSError as e:
-                quarantine_error = f"{type(e).__name__}: {e}"
-        if self.alert_log is not None:
-            event = alerts.file_event(report, ctx, decision)
-            event["event"]["duration"] = inspect_ns     # ECS: nanoseconds; feeds the latency histogram
-            if stored is not None:
-                event["imguard"]["quarantine_path"] = str(stored)
-            if quarantine_error is not None:
-                event["imguard"]["quarantine_error"] = quarantine_error
-            self.alert_log.write(event)
-        if self.archive is not None:
-            self.archive.add_file(report, ctx, decision)
-            self.archive.commit()           # files are few: each record on disk before the verdict is used
+        self._record_file(data, report, ctx, decision, {"event": {"duration": inspect_ns}})  # ECS: nanoseconds
         return report, decision
 
     def check_unscannable(self, data: bytes, ctx: ChatContext, name: str, claimed_mime: str, reason: str,
@@ -138,17 +120,27 @@ class Pipeline:
         fail_mode: dict = {}
         if adjust is not None:
             decision, fail_mode = adjust(decision)
+        self._record_file(data, report, ctx, decision,
+                          {"event": {"kind": "alert"}, "imguard": {"fail_mode": fail_mode}} if fail_mode else {})
+        return report, decision
+
+    def _record_file(self, data: "bytes | Path", report: FileReport, ctx: ChatContext, decision: Decision,
+                     extra: dict[str, dict]) -> None:
+        """A file's decision, recorded: a blocked file kept in the quarantine first (so its alert can name where
+        the evidence is; a full disk never turns a block into a pass: the block stands and the alert says what
+        failed), then the alert (with `extra` fields merged into its sections), then the archive, on disk before
+        the verdict is used (files are few)."""
         stored = quarantine_error = None
-        if decision.blocked and data and self.quarantine is not None:
+        if decision.blocked and data and self.quarantine is not None and \
+                isinstance(data, (bytes, bytearray, memoryview)):
             try:
                 stored = self.quarantine.put(bytes(data), report, ctx, decision)
             except OSError as e:
                 quarantine_error = f"{type(e).__name__}: {e}"
         if self.alert_log is not None:
             event = alerts.file_event(report, ctx, decision)
-            if fail_mode:
-                event["event"]["kind"] = "alert"
-                event["imguard"]["fail_mode"] = fail_mode
+            for section, fields in extra.items():
+                event[section].update(fields)
             if stored is not None:
                 event["imguard"]["quarantine_path"] = str(stored)
             if quarantine_error is not None:
@@ -157,7 +149,6 @@ class Pipeline:
         if self.archive is not None:
             self.archive.add_file(report, ctx, decision)
             self.archive.commit()
-        return report, decision
 
     def commit(self) -> None:
         """Put the archive records gathered so far on disk: a carrier calls this before it forwards the traffic
