@@ -228,6 +228,15 @@ def protocol_event(protocol: str, action: str, ctx: ChatContext, category: str =
     return event
 
 
+def link_event(ctx: ChatContext, url: str) -> dict[str, Any]:
+    """A file offered as a link (XEP-0066 out-of-band data): recorded, an event, not an alert."""
+    event = _base("event", "file", ctx, action="link")
+    _set_severity(event, "low")
+    event["imguard"]["link"] = {"kind": "oob_link", "detail": "a file offered as a link", "url": url}
+    event["url"] = {"original": url}
+    return event
+
+
 def notify_event(connection_id: str, protocol: str, ctx: ChatContext, text: str,
                  decision: Decision | None = None, **data: Any) -> dict[str, Any]:
     """A request to tell a person something in their chat: the carrier finds the session of connection

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from imguard.model import ALLOW, BLOCK, MASK, Decision, RuleMatch
-from imguard.protocols.base import Anomaly, Notify, ProtocolEvent, Record, Send
+from imguard.protocols.base import FACTS, Notify, Record, Send
 
 DATA = Path(__file__).parent / "data" / "irc"
 PCAPS = Path(__file__).resolve().parent.parent.parent / "shared" / "pcaps"
@@ -171,9 +171,8 @@ def sends(cmds, to_client: bool) -> bytes:
 
 def events(cmds) -> list[dict]:
     """The events the carrier would record for these commands: a Record's as it is, a typed fact's (Anomaly,
-    ProtocolEvent, Notify) built by its event()."""
-    return [c.event if isinstance(c, Record) else c.event() for c in cmds
-            if isinstance(c, (Record, Anomaly, ProtocolEvent, Notify))]
+    ProtocolEvent, Link, MessageDecision) or a Notify's built by its event()."""
+    return [c.event if isinstance(c, Record) else c.event() for c in cmds if isinstance(c, (Record, Notify, *FACTS))]
 
 
 def records(cmds, action: str | None = None) -> list[dict]:

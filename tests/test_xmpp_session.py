@@ -16,7 +16,7 @@ import pytest
 from imguard.files.expected import ExpectedTransfers
 from imguard.files.tracker import HoldLedger
 from imguard.model import ALERT, BLOCK, MASK, QUARANTINE, ChatContext, Decision, FileReport, RuleMatch
-from imguard.protocols.base import Anomaly, Close, InspectFile, Notify, ProtocolEvent, Record, Send, StartTls
+from imguard.protocols.base import FACTS, Close, InspectFile, Notify, Record, Send, StartTls
 from imguard.protocols.xmpp import XmppLimits, XmppSession, socks5_hash
 from imguard.protocols.xmpp.decoder import Stanza
 
@@ -68,7 +68,7 @@ def event(cmd) -> dict:
 
 
 def events(cmds) -> list[dict]:
-    return [event(c) for c in cmds if isinstance(c, (Record, Anomaly, ProtocolEvent, Notify))]
+    return [event(c) for c in cmds if isinstance(c, (Record, Notify, *FACTS))]
 
 
 def anomalies(cmds):

@@ -13,7 +13,7 @@ Each session command becomes mitmproxy commands, in order:
 - InspectFile -> an InspectFileHook: the gateway addon runs Pipeline.check_file in a worker thread; the hook
                  pauses this layer only (other connections keep flowing), then session.file_verdict(...);
 - Record      -> carrier.record(event): Pipeline.record, inline;
-- Anomaly, ProtocolEvent -> the same, with the event built from the fact here;
+- a fact (Anomaly, ProtocolEvent, Link, MessageDecision) -> the same, with its event built here;
 - Notify      -> carrier.notify_command(cmd): recorded, and delivered on the connection it names;
 - Close       -> both legs closed.
 
@@ -40,7 +40,7 @@ from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.layers.tls import ClientTLSLayer, ServerTLSLayer
 
 from imguard.model import ChatContext, Decision, FileReport
-from imguard.protocols.base import Anomaly, Close, InspectFile, Notify, ProtocolEvent, Record, Send, StartTls
+from imguard.protocols.base import FACTS, Close, InspectFile, Notify, Record, Send, StartTls
 
 logger = logging.getLogger("imguard.gateway")
 
@@ -343,7 +343,7 @@ class SessionLayer(layer.Layer):
                     yield commands.SendData(self.context.client if cmd.to_client else self.context.server, data)
             elif isinstance(cmd, Record):
                 self.carrier.record(cmd.event)
-            elif isinstance(cmd, (Anomaly, ProtocolEvent)):
+            elif isinstance(cmd, FACTS):
                 self.carrier.record(cmd.event())
             elif isinstance(cmd, Notify):
                 self.carrier.notify_command(cmd)

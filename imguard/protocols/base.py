@@ -109,6 +109,31 @@ class ProtocolEvent:
 
 
 @dataclass(frozen=True)
+class Link:
+    """A file offered as a link (XEP-0066): the recording stage makes an alerts.link_event."""
+    context: ChatContext
+    url: str
+
+    def event(self) -> dict[str, Any]:
+        return alerts.link_event(self.context, self.url)
+
+
+@dataclass(frozen=True)
+class MessageDecision:
+    """A message the session decided itself, without the policy (an XMPP message linking to a file that was
+    blocked): recorded as the pipeline records its own decisions (alerts.message_event)."""
+    text: str | None
+    context: ChatContext
+    decision: Decision
+
+    def event(self) -> dict[str, Any]:
+        return alerts.message_event(self.text, self.context, self.decision)
+
+
+Fact = Anomaly | ProtocolEvent | Link | MessageDecision     # what a session saw: the carrier records fact.event()
+
+
+@dataclass(frozen=True)
 class ConnectUpstream:
     """Open the upstream leg to (host, port) now (a relay session that learnt its destination from the client,
     such as the SOCKS5 bytestream relay); then call session.upstream_connected(), or session.upstream_failed()
@@ -118,7 +143,9 @@ class ConnectUpstream:
     jid: str = ""
 
 
-Command = Send | StartTls | InspectFile | Record | Close | Notify | ConnectUpstream | Anomaly | ProtocolEvent
+Command = Send | StartTls | InspectFile | Record | Close | Notify | ConnectUpstream | Anomaly | ProtocolEvent | Link \
+    | MessageDecision
+FACTS = (Anomaly, ProtocolEvent, Link, MessageDecision)
 
 
 class OutgoingCommands:

@@ -43,8 +43,8 @@ from typing import Any, Callable, Iterable
 from imguard.protocols import detect as det
 from imguard.model import ChatContext, Decision, FileReport
 from imguard.protocols import registry
-from imguard.protocols.base import (Anomaly, Close, ConnectUpstream, InspectFile, Notify, ProtocolEvent, Record, Send,
-                                    StartTls, StreamSession)
+from imguard.protocols.base import (FACTS, Anomaly, Close, ConnectUpstream, InspectFile, MessageDecision, Notify,
+                                    Record, Send, StartTls, StreamSession)
 from imguard.protocols.registry import SessionRequest
 from imguard.replay.pcapfile import Capture
 from imguard.replay.reassembly import (Connection, Reassembler, ReassemblySettings, StreamClosed, StreamData,
@@ -385,7 +385,10 @@ class Replay:
                 self._record(flow, cmd.event)
             elif isinstance(cmd, Anomaly):
                 self._session_anomaly(flow, cmd, abandoned_truncated)
-            elif isinstance(cmd, ProtocolEvent):
+            elif isinstance(cmd, MessageDecision):
+                self.pipeline.record(cmd.event())
+                self._note_message(flow, cmd.text or "", cmd.context, cmd.decision)
+            elif isinstance(cmd, FACTS):
                 self.pipeline.record(cmd.event())
             elif isinstance(cmd, StartTls):
                 flow.encrypted = s.encrypted = True
@@ -431,20 +434,8 @@ class Replay:
             self._call(target, lambda: target.session.notice(cmd.text) or [])
 
     def _record(self, flow: _Flow, event: dict) -> None:
-        """A Record: an event the session built whole (a message it decided itself, such as one linking to a
-        blocked file): written, and a message noted for the summary."""
+        """A Record: an event built whole (a carrier's or a test's), written as it is."""
         self.pipeline.record(event)
-        ig = event.get("imguard", {})
-        ctx = ig.get("context", {})
-        category = (event.get("event", {}).get("category") or [""])[0]
-        if category == "message":
-            decision = ig.get("decision", {})
-            self._note_message(flow, (ig.get("message") or {}).get("text", ""), ChatContext(
-                protocol=ctx.get("protocol", ""), sender=ctx.get("sender", ""),
-                recipients=tuple(ctx.get("recipients", ())), conversation=ctx.get("conversation", ""),
-                direction=ctx.get("direction", "")),
-                Decision(action=decision.get("action", ""),
-                         matches=[]), rules=[m.get("rule_id", "") for m in decision.get("matches", [])])
 
     def _session_anomaly(self, flow: _Flow, cmd: Anomaly, abandoned_truncated: bool = False) -> None:
         self.pipeline.record(cmd.event())

@@ -72,12 +72,12 @@ import time
 from typing import Any, Callable, Iterator, Protocol
 from xml.etree import ElementTree as ET
 
-from imguard import alerts
 from imguard.files.expected import (ExpectedBytestream, ExpectedTransfers, ExpectedUpload, StreamHost,
                                     TransferSettings)
 from imguard.files.tracker import HoldLedger
 from imguard.model import BLOCK, MASK, ChatContext, Decision, FileReport
-from imguard.protocols.base import Anomaly, Close, Command, Record, Send, StartTls, StreamSession
+from imguard.protocols.base import (Anomaly, Close, Command, Link, MessageDecision, Send, StartTls,
+                                    StreamSession)
 from imguard.protocols.xmpp import decoder as d
 from imguard.protocols.xmpp.decoder import XmlStreamDecoder, XmppLimits
 from imguard.protocols.xmpp.ibb import NS_IBB, InBandBytestreams
@@ -393,7 +393,7 @@ class XmppSession(StreamSession):
                 texts.append(rendered)
         body = "\n".join(texts) if bodies or xhtml else None
         oob_urls = [u.text.strip() for x in oob for u in x if u.tag == _OOB_URL and u.text and u.text.strip()]
-        out: list[Command] = [Record(self._link_event(ctx, url)) for url in oob_urls]
+        out: list[Command] = [Link(ctx, url) for url in oob_urls]
 
         # Links to a file that was blocked (XEP-0363 GET URLs): looked for once any file was blocked.
         urls = (oob_urls + (_URL.findall(body) if body else [])) if self.transfers.any_blocked_urls else ()
@@ -402,7 +402,7 @@ class XmppSession(StreamSession):
             if reason is not None:
                 notice = f"This message links to a file that was blocked: {reason}"
                 decision = Decision(action=BLOCK, notice=notice)
-                out.append(Record(alerts.message_event(body, ctx, decision)))
+                out.append(MessageDecision(body, ctx, decision))
                 return out + self._refuse_message(el, notice)
 
         if not scheme and body is not None and body.lstrip().startswith("?OTR"):
@@ -467,7 +467,7 @@ class XmppSession(StreamSession):
                 url = child(c, NS_OOB_IQ, "url")
                 if url is not None and url.text:
                     to = el.get("to", "")
-                    return [Record(self._link_event(self.ctx(recipients=(to,) if to else ()), url.text.strip())),
+                    return [Link(self.ctx(recipients=(to,) if to else ()), url.text.strip()),
                             self._forward(st)]
             elif itype == "get" and ns == NS_UPLOAD and local == "request" and el.get("id"):
                 self._ids.expect(el.get("id"), (c.get("filename", ""), int_or_none(c.get("size")),
@@ -699,14 +699,6 @@ class XmppSession(StreamSession):
     def anomaly(self, kind: str, detail: str, ctx: ChatContext | None = None, severity: str | None = None,
                 **data: Any) -> Anomaly:
         return Anomaly(ctx or self.ctx(), kind, detail, severity, data)
-
-    def _link_event(self, ctx: ChatContext, url: str) -> dict[str, Any]:
-        """An XEP-0066 link: recorded (an event, not an alert)."""
-        event = alerts.anomaly_event(ctx, "oob_link", "a file offered as a link", url=url)
-        event["event"].update(kind="event", category=["file"], action="link", dataset="imguard.file")
-        event["imguard"]["link"] = event["imguard"].pop("anomaly")
-        event["url"] = {"original": url}
-        return event
 
     def _fail(self, kind: str, detail: str, condition: str, from_client: bool) -> list[Command]:
         """The stream cannot continue: record why, tell the client with a stream error, close."""
