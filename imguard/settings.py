@@ -33,6 +33,12 @@ def argument_dest(field_name: str, prefix: str = "") -> str:
     return f"{prefix}_{field_name}" if prefix else field_name
 
 
+def option_prefix(key: str, settings_class: type) -> str:
+    """The one prefix rule of per-protocol options: `key` (IrcLimits under "irc": --irc-max-held-bytes), unless every
+    field already starts with it (MsnpLimits.msnp_max_payload: --msnp-max-payload, not --msnp-msnp-max-payload)."""
+    return "" if all(f.name.startswith(key + "_") for f in dataclasses.fields(settings_class)) else key
+
+
 def add_arguments(parser: argparse.ArgumentParser, settings_class: type, title: str | None = None,
                   prefix: str = "") -> None:
     """Add one command-line option per setting of `settings_class`, with its default in the help.

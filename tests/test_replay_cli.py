@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import stat
 from pathlib import Path
@@ -41,6 +42,23 @@ def test_blocked_file_exit_code_and_store(tmp_path, capsys):
     # stamped with the time in the capture (it was recorded at 04:38 UTC), not with the replay's time
     assert blocked["@timestamp"].startswith("2026-11-27T04:38:")
     assert blocked["event"]["created"] != blocked["@timestamp"]
+
+
+def test_the_gateways_session_limits_apply_offline(tmp_path, capsys):
+    """`imguard pcap` takes the gateway's per-protocol limits (and HTTP uploads'): with --irc-max-held-bytes below
+    the 6,800-byte DCC file, the offer is refused as the gateway would refuse it, and no file is decided."""
+    out = tmp_path / "out"
+    assert run(tmp_path, str(PCAPS / "generated/irc_dcc_send.pcap"), "--out", str(out),
+               "--irc-max-held-bytes", "1000") == 0
+    alerts = [json.loads(line) for line in (out / "alerts.jsonl").read_text().splitlines()]
+    refused = [a["imguard"]["irc"] for a in alerts if a["event"].get("action") == "dcc_refused"]
+    assert refused and all(r["reason"] == "too_large" and r["size"] == 6800 for r in refused)
+    [summary] = [json.loads(line) for line in (out / "summary.jsonl").read_text().splitlines()]
+    assert summary["transfers"] == []
+    parser = argparse.ArgumentParser()
+    cli.add_pcap_arguments(parser)
+    assert {"--irc-max-held-bytes", "--xmpp-max-held-bytes", "--msnp-max-held-bytes", "--bytestream-max-held-bytes",
+            "--http-max-upload-size", "--msrp-max-held-bytes"} <= set(parser._option_string_actions)
 
 
 def test_json_one_line_per_capture_and_clean_exit(tmp_path, capsys):

@@ -33,7 +33,7 @@ def _data_dir(value: str | None) -> Path:
 def session_limits() -> list[tuple[str, str, type]]:
     """(key, title, settings class) of every per-connection limits class: each protocol's, from the registry (one
     table for the gateway, the replay and these options), then the chat APIs'. The key is the protocol's name and
-    the option prefix (see _option_prefix)."""
+    the option prefix (settings.option_prefix)."""
     from imguard.gateway.chat_apis import ChatApiSettings
     from imguard.protocols import registry
     return [(name, title, cls) for name, cls, title in registry.limits_classes()] + [
@@ -56,19 +56,12 @@ def _limits_class(path: str) -> type:
     return getattr(importlib.import_module(module), name)
 
 
-def _option_prefix(key: str, cls: type) -> str:
-    """The one prefix rule of per-connection options: `key` (--irc-max-held-bytes), unless every field of `cls`
-    already starts with it (MsnpLimits.msnp_max_payload: --msnp-max-payload, not --msnp-msnp-max-payload)."""
-    import dataclasses
-    return "" if all(f.name.startswith(key + "_") for f in dataclasses.fields(cls)) else key
-
-
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     settings_mod.add_arguments(parser, GatewaySettings)
     from imguard.inspect import InspectLimits
     settings_mod.add_arguments(parser, InspectLimits, "inspection limits (as for `imguard scan`)")
     for key, title, cls in session_limits():
-        settings_mod.add_arguments(parser, cls, title, prefix=_option_prefix(key, cls))
+        settings_mod.add_arguments(parser, cls, title, prefix=settings_mod.option_prefix(key, cls))
     for title, path in RECORD_SETTINGS:
         settings_mod.add_arguments(parser, _limits_class(path), title)
     parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
@@ -93,7 +86,7 @@ def limits_from_args(args: argparse.Namespace) -> dict[str, object]:
     from imguard.inspect import InspectLimits
     limits: dict[str, object] = {"inspect": settings_mod.from_arguments(InspectLimits, args)}
     for key, _, cls in session_limits():
-        limits[key] = settings_mod.from_arguments(cls, args, prefix=_option_prefix(key, cls))
+        limits[key] = settings_mod.from_arguments(cls, args, prefix=settings_mod.option_prefix(key, cls))
     for _, path in RECORD_SETTINGS:
         cls = _limits_class(path)
         limits[cls.__name__] = settings_mod.from_arguments(cls, args)

@@ -27,7 +27,7 @@ from pathlib import Path
 from imguard import settings
 from imguard.replay.pcapfile import Capture, CaptureError, CaptureLimits
 from imguard.replay.reassembly import ReassemblySettings
-from imguard.replay.replay import Replay, ReplaySettings
+from imguard.replay.replay import Replay, ReplaySettings, limits_classes
 from imguard.replay.summary import Transfer
 
 EXIT_OK, EXIT_BLOCKED, EXIT_USAGE = 0, 1, 2
@@ -46,6 +46,8 @@ def add_pcap_arguments(parser: argparse.ArgumentParser) -> None:
     settings.add_arguments(parser, CaptureLimits, "capture reading")
     from imguard.inspect import InspectLimits
     settings.add_arguments(parser, InspectLimits, "inspection limits")
+    for key, cls, title in limits_classes():        # the gateway's per-protocol options, and HTTP uploads'
+        settings.add_arguments(parser, cls, title, prefix=settings.option_prefix(key, cls))
 
 
 class FileStore:
@@ -97,6 +99,8 @@ def replay_main(args: argparse.Namespace) -> int:
         replay_settings = settings.from_arguments(ReplaySettings, args)   # --ports given: replaces the map
         reassembly = settings.from_arguments(ReassemblySettings, args)
         limits = settings.from_arguments(CaptureLimits, args)
+        session_limits = [settings.from_arguments(cls, args, prefix=settings.option_prefix(key, cls))
+                          for key, cls, _ in limits_classes()]
         from imguard.inspect import InspectLimits
         pipeline = build_pipeline(args.rules, args.signatures, args.data_dir or default_data_dir(),
                                   limits=settings.from_arguments(InspectLimits, args), write_alerts=False)
@@ -130,7 +134,7 @@ def replay_main(args: argparse.Namespace) -> int:
                 status = EXIT_USAGE
                 continue
             try:
-                current = Replay(pipeline, replay_settings, reassembly, on_file=keep)
+                current = Replay(pipeline, replay_settings, reassembly, on_file=keep, limits=session_limits)
                 with capture_time(lambda replay=current: replay.now):     # events carry the capture's time
                     summary = current.run_segments(capture, _with_progress(capture))
             except ValueError as e:     # a bad port map

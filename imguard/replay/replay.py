@@ -79,9 +79,17 @@ def default_factories() -> dict[str, SessionFactory]:
     """Every protocol of the registry (built as the gateway builds them, minus the relays: a capture is observed,
     not rewritten), plus the replay's own HTTP upload session (the gateway uses mitmproxy's HTTP layer)."""
     factories: dict[str, SessionFactory] = {name: registry.build for name in registry.PROTOCOLS}
-    from imguard.replay.http import HttpUploadSession
-    factories["http"] = lambda r: HttpUploadSession(transfers=r.transfers, context=r.context)
+    from imguard.replay.http import HttpLimits, HttpUploadSession
+    factories["http"] = lambda r: HttpUploadSession(transfers=r.transfers, context=r.context,
+                                                    limits=r.limit(HttpLimits))
     return factories
+
+
+def limits_classes() -> list[tuple[str, type, str]]:
+    """(key, class, title) of every per-connection limits class the replay's sessions take: the registry's (the
+    gateway's options, so a capture is decided with the limits the gateway ran with), and HTTP uploads'."""
+    from imguard.replay.http import HttpLimits
+    return registry.limits_classes() + [("http", HttpLimits, "HTTP uploads in captures")]
 
 
 def socks5_connect_target(data: bytes) -> str | None:
@@ -146,12 +154,14 @@ class Replay:
     def __init__(self, pipeline: Any, settings: ReplaySettings | None = None,
                  reassembly: ReassemblySettings | None = None,
                  factories: dict[str, SessionFactory] | None = None, transfers: Any = None,
-                 on_file: Callable[[bytes, Transfer], None] | None = None, keep_forwarded: bool = False):
+                 on_file: Callable[[bytes, Transfer], None] | None = None, keep_forwarded: bool = False,
+                 limits: Iterable[Any] = ()):
         self.pipeline = pipeline
         self.settings = settings or ReplaySettings()
         self.port_map = det.parse_port_map(self.settings.ports)
         self.reassembly = reassembly or ReassemblySettings()
         self.factories = default_factories() if factories is None else factories
+        self.limits = {type(given): given for given in limits}     # limits class -> the sessions' limits
         self.now = 0.0
         if transfers is None:
             from imguard.files.expected import ExpectedTransfers
@@ -291,7 +301,7 @@ class Replay:
         else:
             context = registry.context_for(found.protocol, flow.context)
             request = SessionRequest(found.protocol, context, found.tls_first, _ObservingChecker(self, flow),
-                                     self.transfers, self.clock, expected=flow.expected)
+                                     self.transfers, self.clock, limits=self.limits, expected=flow.expected)
             try:
                 flow.session = factory(request)
             except Exception as e:      # a session that cannot start must not stop the replay

@@ -23,7 +23,7 @@ from typing import BinaryIO, Iterator
 from imguard import settings
 from imguard.replay.pcapfile import PCAP_MAGICS, Capture, CaptureLimits, Frame
 from imguard.replay.reassembly import ReassemblySettings
-from imguard.replay.replay import Replay, ReplaySettings
+from imguard.replay.replay import Replay, ReplaySettings, limits_classes
 
 EXIT_OK, EXIT_ALERTS, EXIT_USAGE = 0, 1, 2
 
@@ -86,6 +86,8 @@ def add_sniff_arguments(parser: argparse.ArgumentParser) -> None:
     settings.add_arguments(parser, ReplaySettings, "replay")
     settings.add_arguments(parser, ReassemblySettings, "TCP reassembly")
     settings.add_arguments(parser, CaptureLimits, "capture reading")
+    for key, cls, title in limits_classes():        # the gateway's per-protocol options, and HTTP uploads'
+        settings.add_arguments(parser, cls, title, prefix=settings.option_prefix(key, cls))
 
 
 def sniff_main(args: argparse.Namespace) -> int:
@@ -101,6 +103,8 @@ def sniff_main(args: argparse.Namespace) -> int:
         replay_settings = settings.from_arguments(ReplaySettings, args)
         reassembly = settings.from_arguments(ReassemblySettings, args)
         limits = settings.from_arguments(CaptureLimits, args)
+        session_limits = [settings.from_arguments(cls, args, prefix=settings.option_prefix(key, cls))
+                          for key, cls, _ in limits_classes()]
         pipeline = build_pipeline(args.rules, args.signatures, args.data_dir or default_data_dir(),
                                   limits=InspectLimits())
     except ConfigError as e:
@@ -135,7 +139,7 @@ def sniff_main(args: argparse.Namespace) -> int:
         print(f"imguard: sniffing on {args.interface} (filter {args.filter!r}); alerts go to "
               f"{getattr(pipeline.alert_log, 'path', '?')}", file=sys.stderr, flush=True)
         capture = Capture(stream.header, name=f"sniff:{args.interface}", limits=limits)
-        replay = Replay(pipeline, replay_settings, reassembly)
+        replay = Replay(pipeline, replay_settings, reassembly, limits=session_limits)
         summary = replay.run_segments(capture, (seg for frame in stream.frames()
                                                 if (seg := capture.decode_tcp(frame)) is not None))
     finally:
