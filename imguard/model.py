@@ -20,6 +20,12 @@ INTERNAL = "internal"   # both sides internal
 UNKNOWN = ""            # not yet known (e.g. `imguard scan` without context)
 DIRECTIONS = (OUTBOUND, INBOUND, INTERNAL)
 
+# Which side of the intercepted connection the content came from (ChatContext.origin): the topology that
+# decides direction when the zones do not know a party. The client side is behind the gateway: inside.
+FROM_CLIENT = "client"  # sent by the user behind the gateway
+FROM_SERVER = "server"  # delivered to the user behind the gateway
+ORIGINS = (FROM_CLIENT, FROM_SERVER)
+
 
 @dataclass(frozen=True)
 class ChatContext:
@@ -35,6 +41,7 @@ class ChatContext:
     server_address: str = ""            # "ip:port" of the server it talks to
     connection_id: str = ""             # the gateway's id of the connection
     transfer_mechanism: str = ""        # for files: "xep-0363", "ibb", "socks5", "dcc", "upload", ""
+    origin: str = ""                    # FROM_CLIENT, FROM_SERVER, or "" (not known: `imguard scan`)
 
     def with_(self, **changes: Any) -> "ChatContext":
         # Called per message by some sessions: copying the fields is several times cheaper than
@@ -52,7 +59,8 @@ class ChatContext:
         return {"protocol": self.protocol, "direction": self.direction, "sender": self.sender,
                 "recipients": list(self.recipients), "conversation": self.conversation,
                 "client_address": self.client_address, "server_address": self.server_address,
-                "connection_id": self.connection_id, "transfer_mechanism": self.transfer_mechanism}
+                "connection_id": self.connection_id, "transfer_mechanism": self.transfer_mechanism,
+                "origin": self.origin}
 
 
 _CONTEXT_FIELDS = frozenset(f.name for f in dataclasses.fields(ChatContext))

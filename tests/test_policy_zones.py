@@ -79,3 +79,26 @@ def test_without_zones_everyone_with_a_domain_is_external():
 ])
 def test_party_patterns(pattern, identity, expected):
     assert PartyPattern.parse(pattern).matches(identity, ZONES) is expected
+
+
+def test_direction_from_topology_needs_no_zones():
+    """The party on the client side of the intercepted connection is inside; the other one is outside unless the
+    zones say it is internal. A fresh install (no zones at all) decides sensibly; the zones refine it."""
+    from imguard.model import FROM_CLIENT, FROM_SERVER, INBOUND, INTERNAL, OUTBOUND
+    none = Zones()
+    corp = Zones(domains=("corp.example",), networks=(ipaddress.ip_network("10.0.0.0/8"),))
+    out = ChatContext(protocol="xmpp", sender="alice@lab.test", recipients=("bob@other.test",), origin=FROM_CLIENT)
+    inn = ChatContext(protocol="xmpp", sender="bob@other.test", recipients=("alice@lab.test",), origin=FROM_SERVER)
+    assert classify_direction(out, none) == OUTBOUND and classify_direction(inn, none) == INBOUND
+    colleague = out.with_(recipients=("carol@corp.example",))
+    assert classify_direction(colleague, corp) == INTERNAL and classify_direction(colleague, none) == OUTBOUND
+    assert classify_direction(inn.with_(sender="carol@corp.example"), corp) == INTERNAL
+    # an IRC channel lives on its server: the server's address decides
+    channel = ChatContext(protocol="irc", sender="alice", recipients=("#ops",), server_address="10.1.2.3:6667",
+                          origin=FROM_CLIENT)
+    assert classify_direction(channel, corp) == INTERNAL and classify_direction(channel, none) == OUTBOUND
+    # an IRC sender without a host in the zones is outside
+    assert classify_direction(ChatContext(protocol="irc", sender="mallory", recipients=("alice",),
+                                          origin=FROM_SERVER), corp) == INBOUND
+    # what a session says stands
+    assert classify_direction(out.with_(direction=INTERNAL), none) == INTERNAL

@@ -12,7 +12,7 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Iterable
 
-from imguard.model import INBOUND, INTERNAL, OUTBOUND, UNKNOWN, ChatContext
+from imguard.model import FROM_CLIENT, FROM_SERVER, INBOUND, INTERNAL, OUTBOUND, UNKNOWN, ChatContext
 
 ZONE_INTERNAL = "internal"
 ZONE_EXTERNAL = "external"
@@ -123,17 +123,29 @@ class Zones:
 
 
 def classify_direction(ctx: ChatContext, zones: Zones | None = None) -> str:
-    """The direction of a message or file from the zones of its sender and recipients.
+    """The direction of a message or file: from the topology, refined by the zones.
 
-    Returns ctx.direction when it is already set. Otherwise: an external sender -> inbound; an
-    internal sender with any external recipient -> outbound; an internal sender with only internal
-    recipients -> internal; anything else (unknown sender, no recipients and no server) -> "" (unknown).
-    Recipients without a domain take the zone of the server address; with no recipients at all the
-    server address stands for the recipient.
+    Returns ctx.direction when it is already set. When the session knows which side of the intercepted
+    connection the content came from (ctx.origin), the party on the client side is inside, and the other
+    party is outside unless the zones say it is internal:
+      from the client: every recipient internal by the zones (a room or channel: its server's address; no
+      recipient: the server's address) -> internal, else -> outbound;
+      from the server: a sender internal by the zones -> internal, else -> inbound.
+    So a fresh deployment decides sensibly without editing the zones; the zones only name who else is inside.
+
+    Without an origin (`imguard scan`), from the zones alone: an external sender -> inbound; an internal sender
+    with any external recipient -> outbound; an internal sender with only internal recipients -> internal;
+    anything else (unknown sender, no recipients and no server) -> "" (unknown). Recipients without a domain
+    take the zone of the server address; with no recipients at all the server address stands for the recipient.
     """
     if ctx.direction:
         return ctx.direction
     zones = zones or Zones()
+    if ctx.origin == FROM_SERVER:
+        return INTERNAL if zones.party_zone(ctx.sender) == ZONE_INTERNAL else INBOUND
+    if ctx.origin == FROM_CLIENT:
+        rzones = [zones.recipient_zone(ctx, r) for r in ctx.recipients] or [zones.address_zone(ctx.server_address)]
+        return INTERNAL if all(z == ZONE_INTERNAL for z in rzones) else OUTBOUND
     sender = zones.sender_zone(ctx)
     if sender == ZONE_EXTERNAL:
         return INBOUND
