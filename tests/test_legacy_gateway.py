@@ -200,6 +200,12 @@ def test_msn_capture_crosses_the_gateway_byte_exact(tmp_path, world, name):
             await gw.stop()
             server.close()
     run(main())
+    # Both sides of the conversation are decided and recorded, each with its direction from the topology: what our
+    # client sent is outbound, what the switchboard delivered to it inbound (the capture's people are not in the
+    # test zones, so no zone says otherwise).
+    messages = [a for a in alerts(data) if a["event"]["category"] == ["message"] and a["network"]["protocol"] == "msnp"]
+    directions = {(m["imguard"]["context"]["origin"], m["imguard"]["context"]["direction"]) for m in messages}
+    assert directions == {("client", "outbound"), ("server", "inbound")}, directions
 
 
 def test_msn_blocked_message_never_reaches_the_server(tmp_path, world):

@@ -98,6 +98,19 @@ def test_text_from_the_other_side_has_the_other_sender():
                                                                             ("sip:alice@example.com",))
 
 
+def test_origin_follows_who_the_gateways_user_is():
+    """The SIP offer came from the gateway's own user (alice, its client): what she sends is from the inside, what
+    bob sends her from the outside, whichever side opened the MSRP connection. Without an offer nobody knows."""
+    s, checker = make()
+    s.data_received(True, chunk("tx1", b"hi bob"))
+    s.data_received(False, chunk("rx1", b"hi alice", to_path=FROM_PATH, from_path=TO_PATH, message_id="b1"))
+    assert [(ctx.sender, ctx.origin) for _, ctx in checker.calls] == [("sip:alice@example.com", "client"),
+                                                                      ("sip:bob@example.com", "server")]
+    checker = Checker()
+    MsrpSession(checker, ExpectedTransfers(), CTX, None).data_received(True, chunk("tx1", b"hi bob"))
+    assert checker.calls[0][1].origin == ""
+
+
 def test_rfc4975_example_with_its_inconsistent_byte_range():
     """RFC 4975's own example says 1-25/25 for 23 bytes: recorded as an anomaly, the message still goes (the end
     line is what delimits the body)."""

@@ -85,7 +85,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from imguard.files.tracker import ConnectionHolds, HeldTransfer, HoldState
-from imguard.model import MASK, ChatContext, Decision, FileReport
+from imguard.model import FROM_CLIENT, FROM_SERVER, MASK, ChatContext, Decision, FileReport
 from imguard.protocols.base import (Anomaly, Close, Command as Cmd, OutgoingCommands, ProtocolEvent, Send,
                                     StreamSession, block_words, limited_anomaly)
 from imguard.protocols.msnp.decoder import (FT_GUID, P2P_FLAG_ACK, P2P_FLAG_DATA, Command, CommandDecoder,
@@ -388,7 +388,8 @@ class MsnpSession(StreamSession):
         if not text.strip():
             out.send(not from_client, cmd.raw)
             return
-        decision = self.checker.check_message(text, self._ctx(sender=sender, recipients=recipients))
+        decision = self.checker.check_message(text, self._ctx(sender=sender, recipients=recipients,
+                                                              origin=FROM_CLIENT if from_client else FROM_SERVER))
         if decision.blocked:
             action, why = block_words(decision)
             if from_client:

@@ -78,7 +78,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from imguard.files.tracker import ConnectionHolds, HeldTransfer, HoldState, Piece
-from imguard.model import MASK, ChatContext, Decision, FileReport
+from imguard.model import FROM_CLIENT, FROM_SERVER, MASK, ChatContext, Decision, FileReport
 from imguard.protocols.base import (Anomaly, Close, Command, InspectFile, Notify, OutgoingCommands, ProtocolEvent, Send,
                                     StreamSession, block_words, limited_anomaly)
 from imguard.protocols.msrp.framing import (ABORTED, COMPLETE, CONTINUED, ByteRange, MsrpChunk, MsrpDecoder,
@@ -549,12 +549,15 @@ class MsrpSession(StreamSession):
     def _ctx(self, first: MsrpChunk, file: bool = False) -> ChatContext:
         offer = self._offer(first)
         to_last, from_last = first.to_path[-1], first.from_path[-1]
+        origin = ""
         if offer is not None:
             sender, recipient = offer.who(to_last, from_last)
             conversation = offer.call_id
+            # The offer says which party is the gateway's own user: what that party sends comes from inside.
+            origin = FROM_CLIENT if (sender == offer.offerer) == offer.outbound else FROM_SERVER
         else:
             sender, recipient, conversation = from_last, to_last, ""
-        ctx = self.context.with_(sender=sender, recipients=(recipient,), conversation=conversation)
+        ctx = self.context.with_(sender=sender, recipients=(recipient,), conversation=conversation, origin=origin)
         if file:
             ctx = ctx.with_(transfer_mechanism="msrp")
         return ctx

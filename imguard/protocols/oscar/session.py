@@ -62,7 +62,7 @@ import struct
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from imguard.model import MASK, ChatContext, Decision, FileReport
+from imguard.model import FROM_CLIENT, FROM_SERVER, MASK, ChatContext, Decision, FileReport
 from imguard.protocols.base import (Anomaly, Close, Command, OutgoingCommands, ProtocolEvent, StreamSession,
                                     block_words, limited_anomaly)
 from imguard.protocols.oscar.decoder import (CAP_DIRECTIM, CAP_GETFILE, CAP_SENDFILE, CH_SIGNOFF, CH_SIGNON,
@@ -332,7 +332,8 @@ class OscarSession(StreamSession):
         """Policy for one message; a blocked one is answered here (None returned: drop it)."""
         if not text.strip():
             return Decision()
-        decision = self.checker.check_message(text, self._ctx(sender=sender, recipients=recipients))
+        decision = self.checker.check_message(text, self._ctx(sender=sender, recipients=recipients,
+                                                              origin=FROM_CLIENT if from_client else FROM_SERVER))
         if decision.blocked:
             action, why = block_words(decision)
             if from_client:

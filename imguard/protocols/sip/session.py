@@ -54,7 +54,7 @@ import secrets
 from typing import Any
 
 from imguard.files.tracker import HeldTransfer, HoldState
-from imguard.model import BLOCK, MASK, ChatContext, Decision, FileReport
+from imguard.model import BLOCK, FROM_CLIENT, FROM_SERVER, MASK, ChatContext, Decision, FileReport
 from imguard.protocols.base import (Anomaly, Close, Command, OutgoingCommands, ProtocolEvent, Send, StreamSession,
                                     limited_anomaly)
 from imguard.protocols.msrp.offer import MsrpOffer, new_offer_id, remember_msrp_offer
@@ -211,7 +211,7 @@ class SipSession(StreamSession):
         return self.context.with_(sender=self._identity(msg), recipients=recipients, **changes)
 
     def _message(self, out: OutgoingCommands, from_client: bool, msg: SipMessage) -> None:
-        ctx = self._message_ctx(msg)
+        ctx = self._message_ctx(msg, origin=FROM_CLIENT if from_client else FROM_SERVER)
         subject = msg.get("subject").strip()
         if subject:
             # RFC 3261 §20.36: free text many clients show with the message; checked on its own.

@@ -57,7 +57,7 @@ from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
 from imguard.files.expected import ExpectedUpload, normalize_url
-from imguard.model import MASK, ChatContext, Decision, FileReport
+from imguard.model import FROM_CLIENT, FROM_SERVER, MASK, ChatContext, Decision, FileReport
 from imguard.protocols.base import Anomaly, Close, Command, ProtocolEvent, Send, StreamSession, limited_anomaly
 from imguard.protocols.ymsg.decoder import (AUTH, AUTHRESP, COMMENT, CONFMSG, FILETRANS_15, FILETRANS_ACC_15,
                                             FILETRANS_INFO_15, FILETRANSFER, LOGON, MESSAGE, P2PFILEXFER,
@@ -281,8 +281,9 @@ class YmsgSession(StreamSession):
             text = strip_markup(decode_text(fields[index][1], utf8))
             if not text.strip():
                 continue
-            decision = self.checker.check_message(text, self._ctx(sender=who, recipients=recipients,
-                                                                  conversation=room))
+            ctx = self._ctx(sender=who, recipients=recipients, conversation=room,
+                            origin=FROM_CLIENT if from_client else FROM_SERVER)
+            decision = self.checker.check_message(text, ctx)
             if decision.blocked:
                 words = {"block": "blocked", "quarantine": "quarantined"}
                 action = words.get(decision.action, "blocked")
