@@ -288,6 +288,7 @@ def test_msnslp_file_in_band_allowed_and_eicar_blocked(tmp_path, world):
     [alert] = [a for a in alerts(data) if a.get("file", {}).get("name") == "eicar.com"
                and a.get("imguard", {}).get("context", {}).get("transfer_mechanism") == "msnslp"]
     assert alert["imguard"]["decision"]["action"] == "block"
+    assert alert["imguard"]["context"]["direction"] == "outbound"     # our client sent it
 
 
 def test_msnftp_side_connection_is_held_and_released(tmp_path, world, caplog):

@@ -43,7 +43,7 @@ import ipaddress
 from typing import Any
 
 from imguard.files.tracker import ConnectionHolds, HeldTransfer, HoldState
-from imguard.model import ChatContext, Decision, FileReport
+from imguard.model import FROM_CLIENT, FROM_SERVER, ChatContext, Decision, FileReport
 from imguard.protocols.base import Anomaly, Close, Command, Notify, Send, StreamSession
 from imguard.protocols.msnp.decoder import MsnpLimits
 from imguard.protocols.msnp.session import MSNFTP_KIND, MsnftpOffer
@@ -86,7 +86,7 @@ class DirectMsnftpSession(StreamSession):
         self.transfer_id = f"msnftp:{offer.offer_id}" if offer is not None else ""
         if offer is not None:
             self.file_context = offer.context.with_(
-                protocol="msnp", transfer_mechanism="msnftp",
+                protocol="msnp", transfer_mechanism="msnftp", origin=FROM_CLIENT if offer.outbound else FROM_SERVER,
                 client_address=context.client_address or offer.context.client_address,
                 server_address=context.server_address or offer.context.server_address,
                 connection_id=context.connection_id or offer.context.connection_id)

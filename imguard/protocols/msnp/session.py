@@ -614,7 +614,8 @@ class MsnpSession(StreamSession):
         """The file's tracker, made at its first data chunk (an INVITE nobody accepts holds nothing). Multiplexed
         with chat (owns_connection False); its anomalies are p2p_*; its bytes count in this connection's holds."""
         f.transfer = HeldTransfer(
-            f.transfer_id, f.context, sender_is_client=f.sender_is_client, kind="p2p",
+            f.transfer_id, f.context.with_(origin=FROM_CLIENT if f.sender_is_client else FROM_SERVER),
+            sender_is_client=f.sender_is_client, kind="p2p",
             max_bytes=self.limits.msnp_max_held_bytes, size=f.size, name=f.name, receiver=f.receiver,
             holds=self.holds, refuse=lambda transfer: self._refuse_file(f),
             tell=lambda transfer, text, decision: [Send(to_client=True, data=self._notice_msg(text))],

@@ -43,7 +43,7 @@ import struct
 from typing import Any
 
 from imguard.files.tracker import ConnectionHolds, HeldTransfer, HoldState
-from imguard.model import ChatContext, Decision, FileReport
+from imguard.model import FROM_CLIENT, FROM_SERVER, ChatContext, Decision, FileReport
 from imguard.protocols.base import Anomaly, Close, Command, Notify, Send, StreamSession
 from imguard.protocols.oscar.decoder import (OFT_ACK, OFT_DONE, OFT_PROMPT, OFT_RESUME, OFT_RESUME_ACK,
                                              PROXY_VERSION, OftHeader, OscarError, OscarLimits, parse_oft)
@@ -75,7 +75,8 @@ class OftSession(StreamSession):
 
     def _file_context(self) -> ChatContext:
         base = self.offer.context if self.offer is not None else ChatContext()
-        return base.with_(protocol="oscar", transfer_mechanism="oft",
+        origin = "" if self.offer is None else FROM_CLIENT if self.offer.outbound else FROM_SERVER
+        return base.with_(protocol="oscar", transfer_mechanism="oft", origin=origin,
                           client_address=self.context.client_address or base.client_address,
                           server_address=self.context.server_address or base.server_address,
                           connection_id=self.context.connection_id or base.connection_id)
