@@ -553,6 +553,7 @@ def test_ymsg_download_announced_to_our_user_is_scanned(tmp_path, world):
     assert alert["imguard"]["decision"]["action"] == "block"
     assert alert["imguard"]["context"]["transfer_mechanism"] == "download"
     assert alert["imguard"]["context"]["sender"] == PEER
+    assert alert["imguard"]["context"]["direction"] == "inbound"      # a file coming in to our user
 
 
 # --- SIP to a real Kamailio ---------------------------------------------------------------------------------

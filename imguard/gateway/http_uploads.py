@@ -25,7 +25,7 @@ from urllib.parse import unquote, urlsplit
 from mitmproxy import http
 
 from imguard.gateway.inspection import Inspection
-from imguard.model import ALERT, ALLOW, REASON_TOO_LARGE, ChatContext
+from imguard.model import ALERT, ALLOW, FROM_CLIENT, FROM_SERVER, REASON_TOO_LARGE, ChatContext
 from imguard.protocols.ymsg import find_ymsg_transfer
 from imguard.protocols.base import Notify
 
@@ -44,15 +44,16 @@ def _attr(obj: Any, *names: str, default: Any = "") -> Any:
 
 
 def flow_context(flow: http.HTTPFlow, mechanism: str, ctx: ChatContext | None = None,
-                 protocol: str = "http") -> ChatContext:
-    """The addresses and connection of `flow`, filled into `ctx` where it has none (or a new context).
-    Shared with the chat-API addon (chat_apis.py)."""
+                 protocol: str = "http", origin: str = FROM_CLIENT) -> ChatContext:
+    """The addresses and connection of `flow`, filled into `ctx` where it has none (or a new context). `origin`:
+    a request's body comes from the client behind the gateway (an upload), a response's from the server (a
+    download to that client). Shared with the chat-API addon (chat_apis.py)."""
     client = flow.client_conn.peername
     server = flow.server_conn.address or (flow.request.host, flow.request.port)
     base = dict(client_address=f"{client[0]}:{client[1]}" if client else "",
                 server_address=f"{server[0]}:{server[1]}",
                 connection_id=flow.client_conn.id,
-                transfer_mechanism=mechanism)
+                transfer_mechanism=mechanism, origin=origin)
     if ctx is not None:
         return ctx.with_(**{k: v for k, v in base.items() if not getattr(ctx, k)})
     return ChatContext(protocol=protocol, **base)
@@ -209,7 +210,8 @@ class HttpUploads:
 
     @staticmethod
     def _download_context(flow: http.HTTPFlow, expected: Any) -> ChatContext:
-        base = expected.context.with_(transfer_mechanism="download", client_address="", server_address="")
+        base = expected.context.with_(transfer_mechanism="download", client_address="", server_address="",
+                                      origin=FROM_SERVER)      # a file coming to the client behind the gateway
         return flow_context(flow, "download", base)
 
     async def response(self, flow: http.HTTPFlow) -> None:
