@@ -1,13 +1,13 @@
 """The held-transfer tracker: one state machine for every file that crosses the gateway.
 
-Every transfer mechanism (IRC DCC, MSNFTP, OFT, SOCKS5 bytestreams, MSRP, XMPP IBB, HTTP bodies in the
-replay) holds a file's bytes until inspection and policy decide, then releases or drops them. What differs
-between them is only their framing (DCC ACKs, OFT headers, MSRP Byte-Range, IBB seq, SOCKS5 negotiation,
-HTTP chunking); what a held file *is* is written once, here, after Suricata's FileTransferTracker and Zeek's
-files framework:
+Every transfer mechanism (IRC DCC, MSNFTP, MSNSLP, OFT, SOCKS5 bytestreams, MSRP, SIP MESSAGE bodies, XMPP
+IBB, HTTP bodies in the replay) holds a file's bytes until inspection and policy decide, then releases or drops
+them. What differs between them is only their framing (DCC ACKs, OFT headers, MSRP Byte-Range, IBB seq, SOCKS5
+negotiation, HTTP chunking); what a held file *is* is written once, here, after Suricata's FileTransferTracker
+and Zeek's files framework:
 
     HeldTransfer (one file)                          the mechanism (framing) drives it:
-      append(payload, wire, offset)  -> commands       bytes of the file, and the bytes to release for them
+      append(payload, wire|head, offset) -> commands   bytes of the file, and the framing to release with them
       inspect(truncated)             -> InspectFile    when its framing says the file is whole
       verdict(decision)              -> commands       the one file_verdict: release, drop, tell the sender
       sender_closed() / receiver_closed() -> commands  the one close rule
@@ -16,8 +16,8 @@ files framework:
     ConnectionHolds (one connection's transfers) and HoldLedger (the whole gateway or replay): the bytes
     held and the transfers in flight, bounded per connection and in total.
 
-The state table (`TRANSITIONS`) is the whole state machine, h11 style: (state, event) -> next state; an event
-a state does not list changes nothing.
+The state table (`TRANSITIONS`) is the whole state machine, h11 style: (state, event) -> next state; the
+methods check the state before they move, and a move the table does not list is a bug (RuntimeError).
 
 The invariants, which tests/test_held_transfer.py checks over every order of events:
 - no byte of a file reaches the receiver before its verdict is allow (the tracker emits the receiver's
