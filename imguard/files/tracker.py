@@ -224,7 +224,7 @@ class HeldTransfer:
         # A session dropped with its connection, without a final event (a carrier that never reported the close):
         # what this transfer still holds is given back after it is collected, so the gateway's totals stay true.
         self._account = _Account()
-        weakref.finalize(self, _ORPHANS.append, (self.holds, self._account))
+        self._finalizer = weakref.finalize(self, _ORPHANS.append, (self.holds, self._account))
 
     def __repr__(self) -> str:
         return f"HeldTransfer({self.transfer_id!r}, {self.state.value}, {self.received} bytes)"
@@ -446,6 +446,7 @@ class HeldTransfer:
         if new not in HOLDING:
             self.holds.opened(-1)
             self._account.open = False
+            self._finalizer.detach()        # settled here: nothing left for the collector to give back
 
     def _free(self) -> None:
         self.holds.free(self.held_bytes)
