@@ -66,6 +66,10 @@ class Pipeline:
             cache[ctx] = derived
         return derived
 
+    def with_direction(self, ctx: ChatContext) -> ChatContext:
+        """The context as decisions see it: its direction derived (topology, then zones) when it has none."""
+        return self._with_direction(self._in_force[0], ctx)
+
     def check_message(self, text: str, ctx: ChatContext) -> Decision:
         policy = self._in_force[0]
         ctx = self._with_direction(policy, ctx)

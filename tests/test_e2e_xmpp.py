@@ -3,17 +3,27 @@
 Every scenario runs on four routes: straight to Prosody (the control: it proves the fixture, so a
 failure on a gateway route is the gateway's) and through imguard, each with STARTTLS and with
 direct TLS (XEP-0368). Through imguard the clients verify imguard's CA, never skip verification.
+
+Across the perimeter (`crossing`): one party logs in through imguard (inside), the other straight to
+Prosody (outside, the `outside` fixture), and each scenario runs both ways round: sender outside ->
+receiver inside (inbound) and the reverse (outbound). Asserted is what a user and an auditor would
+check: what the receiver got, the alert's direction and parties, and `imguard archive search`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
+import json
+import subprocess
+import time
 import uuid
+import zipfile
 
 import pytest
 
-from tests.peers.gateway import Gateway, alert_names_file
+from tests.peers.gateway import PYTHON, Gateway, alert_names_file
 from tests.peers.prosody import Prosody
 from tests.xmpp_clients import DIRECT_TLS, PLAIN, STARTTLS, Client, Endpoint, error_condition, error_text, sha256
 
@@ -360,4 +370,219 @@ def test_each_blocked_copy_of_a_file_is_recorded_with_its_receiver(prosody, gate
                     timeout=5)
                 assert alert, (f"no record of the EICAR transfer from {route.bare('alice')} to {route.bare(role)} "
                                f"in {gateway.alerts_file}")
+    run(scenario())
+
+
+# --- across the perimeter: one party inside (through imguard), the other outside (straight to Prosody) -----------
+
+INBOUND, OUTBOUND = "inbound", "outbound"
+
+
+class Outside:
+    """Clients of the outside world: they log in straight to Prosody (STARTTLS, verifying Prosody's CA), as a
+    contact in another company would; nothing of theirs crosses imguard except what reaches the inside."""
+
+    def __init__(self, prosody: Prosody):
+        self.prosody = prosody
+        self.endpoint = Endpoint("127.0.0.1", prosody.c2s_port, STARTTLS, ca_file=prosody.ca_file)
+
+    def client(self, user: str) -> Client:
+        jid = f"{self.prosody.jid(user)}/outside-{uuid.uuid4().hex[:8]}"
+        return Client.connected(self.endpoint, jid, self.prosody.password(user))
+
+
+@pytest.fixture
+def outside(prosody) -> Outside:
+    return Outside(prosody)
+
+
+class Crossing:
+    """alice sends, bob receives, on either side of the gateway: INBOUND puts alice outside and bob inside (behind
+    `imguard run`), OUTBOUND the reverse. `route` is the inside route (its accounts, alerts and gateway)."""
+
+    def __init__(self, direction: str, route: Route, outside: Outside):
+        self.direction, self.route, self.outside = direction, route, outside
+
+    @property
+    def gateway(self) -> Gateway:
+        return self.route.gateway
+
+    def inside_role(self) -> str:
+        return "bob" if self.direction == INBOUND else "alice"
+
+    def client(self, role: str) -> Client:
+        if role == self.inside_role():
+            return self.route.client(role)
+        return self.outside.client(self.route.account(role))
+
+    def bare(self, role: str) -> str:
+        return self.route.bare(role)
+
+    def __repr__(self) -> str:
+        return self.direction
+
+
+@pytest.fixture(params=[INBOUND, OUTBOUND])
+def crossing(request, prosody, gateway, outside) -> Crossing:
+    gateway.check_alive()
+    log_offset = gateway.log_size()
+    yield Crossing(request.param, Route("imguard", STARTTLS, prosody, gateway), outside)
+    gateway.check_alive()
+    errors = gateway.errors_since(log_offset)
+    assert not errors, "imguard logged errors during the test:\n" + "\n".join(errors) + "\n" + gateway.logs()
+
+
+def parties(event: dict) -> tuple[str, list[str]]:
+    """(sender, bare recipients) of an alert event."""
+    context = event["imguard"]["context"]
+    return context["sender"], [r.split("/")[0] for r in context["recipients"]]
+
+
+def archive_search(gateway: Gateway, person: str) -> list[dict]:
+    """`imguard archive search --person` on the gateway's data folder, as an auditor would run it."""
+    result = subprocess.run([str(PYTHON), "-m", "imguard", "archive", "search", "--person", person,
+                             "--data-dir", str(gateway.data_dir)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, f"imguard archive search failed: {result.stderr}"
+    return [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
+
+
+async def wait_archived(gateway: Gateway, person: str, predicate, timeout: float = 15.0) -> list[dict]:
+    """The archive records for `person` once `predicate(records)` holds (the archive writes in batches, behind a
+    queue); the last answer after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        records = await asyncio.to_thread(archive_search, gateway, person)
+        if predicate(records) or time.monotonic() > deadline:
+            return records
+        await asyncio.sleep(0.3)
+
+
+def other(direction: str) -> str:
+    return OUTBOUND if direction == INBOUND else INBOUND
+
+
+def test_chat_across_the_perimeter_is_decided_and_archived_both_ways(crossing):
+    """alice and bob on either side of the gateway write to each other: each message arrives, the gateway logs
+    each once with its direction (what the inside user sent: outbound; what it was sent: inbound) and both
+    parties, and the archive searched by either person returns both sides of the conversation."""
+    async def scenario():
+        async with crossing.client("alice") as alice, crossing.client("bob") as bob:
+            tag = uuid.uuid4().hex[:6]
+            ask, reply = f"are we still on for lunch? {tag}", f"yes, noon at the usual place {tag}"
+            alice.send_chat(bob.jid, ask)
+            assert await bob.wait_message(ask), f"bob never got {ask!r}; he got {bob.bodies()}"
+            bob.send_chat(alice.jid, reply)
+            assert await alice.wait_message(reply), f"alice never got {reply!r}; she got {alice.bodies()}"
+            for body, sender, receiver, direction in ((ask, "alice", "bob", crossing.direction),
+                                                      (reply, "bob", "alice", other(crossing.direction))):
+                def about(e, body=body):
+                    return (e["event"].get("dataset") == "imguard.message"
+                            and e["imguard"].get("message", {}).get("text") == body)
+                event = await crossing.route.wait_alert(about)
+                assert event, f"no record of {body!r} in {crossing.gateway.alerts_file}"
+                events = [e for e in crossing.gateway.alerts()[crossing.route.since:] if about(e)]
+                assert len(events) == 1, f"{len(events)} records of {body!r}, not one: {events}"
+                assert event["imguard"]["context"]["direction"] == direction, event["imguard"]["context"]
+                assert parties(event) == (crossing.bare(sender), [crossing.bare(receiver)]), event["imguard"]
+                assert event["event"]["action"] == "allow"
+            for person in ("alice", "bob"):
+                records = await wait_archived(crossing.gateway, crossing.bare(person),
+                                              lambda rs: {ask, reply} <= {r["text"] for r in rs})
+                texts = {r["text"]: r for r in records}
+                assert {ask, reply} <= set(texts), f"the archive for {person} lacks the conversation: {records}"
+                assert texts[ask]["direction"] == crossing.direction
+                assert texts[reply]["direction"] == other(crossing.direction)
+                assert (texts[ask]["sender"], texts[reply]["sender"]) == (crossing.bare("alice"), crossing.bare("bob"))
+    run(scenario())
+
+
+def test_blocked_keyword_does_not_cross_the_perimeter(crossing):
+    """A message with a keyword the policy blocks, from outside in or from inside out: the receiver never gets it
+    (a sentinel after it arrives, it does not); the inside party is told (the receiver by a notice naming the
+    sender, the sender by a policy-violation error); the alert has the direction and both parties."""
+    async def scenario():
+        async with crossing.client("alice") as alice, crossing.client("bob") as bob:
+            body = f"the {BLOCKED_WORD} launch date is friday ({uuid.uuid4().hex[:6]})"
+            sent_id = alice.send_chat(bob.jid, body)
+            await sentinel_after(alice, bob, "after blocked keyword")
+            assert not any(BLOCKED_WORD in (m["body"] or "") for m in bob.received.messages), (
+                f"the blocked message reached bob: {bob.bodies()}")
+            if crossing.direction == INBOUND:
+                notice = await bob.wait_for(lambda r: [m for m in r.messages if crossing.bare("alice") in
+                                                       (m["body"] or "") and "blocked" in (m["body"] or "")])
+                assert notice, f"bob got no notice of the message alice sent him: {bob.bodies()}"
+                assert notice[0]["from"].bare == "localhost", notice[0]["from"]
+            else:
+                error = await alice.wait_message(id=sent_id, type="error")
+                assert error is not None and error_condition(error) == "policy-violation", error
+            alert = await crossing.route.wait_alert(
+                lambda e: e.get("event", {}).get("dataset") == "imguard.message"
+                and e["event"].get("action") == "block" and e["imguard"].get("message", {}).get("text") == body)
+            assert alert, f"no block alert in {crossing.gateway.alerts_file}"
+            assert alert["imguard"]["context"]["direction"] == crossing.direction
+            assert parties(alert) == (crossing.bare("alice"), [crossing.bare("bob")])
+            assert alert.get("rule", {}).get("id") == "test-codename-block"
+    run(scenario())
+
+
+def zipped(name: str, data: bytes) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("packing", ["plain", "zip"])
+def test_eicar_by_ibb_does_not_cross_the_perimeter(crossing, packing):
+    """EICAR (as it is, or in a zip) sent in-band from outside in or inside out: the receiver gets none of it and
+    its stream closed (a sentinel after it shows nothing comes late), the sender is told (naming the file), and
+    the alert names both parties, the file and the direction."""
+    async def scenario():
+        async with crossing.client("alice") as alice, crossing.client("bob") as bob:
+            tag = uuid.uuid4().hex[:6]
+            name = f"eicar-{tag}.com" if packing == "plain" else f"invoice-{tag}.zip"
+            data = EICAR if packing == "plain" else zipped(f"eicar-{tag}.com", EICAR)
+            seen = await transfer(crossing.route, "ibb", alice, bob, name, data)
+            await sentinel_after(alice, bob, "after blocked file")
+            assert seen["received"] == b"", f"bob got {len(seen['received'])} bytes of the blocked file"
+            assert not any(data in bytes(b) or EICAR in bytes(b) for b in bob.received.ibb.values())
+            told = await alice.wait_for(lambda r: [m for m in r.messages
+                                                   if name in (m["body"] or "") + error_text(m)], timeout=5)
+            assert told, (f"alice got no notice naming {name}: "
+                          f"{[(m['type'], m['body'], error_text(m)) for m in alice.received.messages]}")
+            if crossing.direction == INBOUND:
+                notice = await bob.wait_for(lambda r: [m for m in r.messages if name in (m["body"] or "")
+                                                       and crossing.bare("alice") in (m["body"] or "")], timeout=5)
+                assert notice, f"bob (inside) got no notice of the blocked file: {bob.bodies()}"
+            alert = await crossing.route.wait_alert(
+                lambda e: e.get("file", {}).get("hash", {}).get("sha256") == sha256(data)
+                and e["event"].get("action") in ("block", "quarantine"))
+            assert alert, f"no block alert for {name} in {crossing.gateway.alerts_file}: {summary(seen)}"
+            assert alert["imguard"]["context"]["direction"] == crossing.direction, alert["imguard"]["context"]
+            assert parties(alert) == (crossing.bare("alice"), [crossing.bare("bob")])
+            assert alert_names_file(alert, name), alert.get("file")
+            assert alert["imguard"]["context"]["transfer_mechanism"] == "ibb"
+    run(scenario())
+
+
+def test_clean_file_by_ibb_crosses_the_perimeter_byte_identical(crossing):
+    """A harmless file sent in-band from outside in or inside out arrives with the same SHA-256, and the allowed
+    transfer is recorded with its direction and both parties (and archived)."""
+    async def scenario():
+        async with crossing.client("alice") as alice, crossing.client("bob") as bob:
+            name = f"numbers-{uuid.uuid4().hex[:6]}.bin"
+            seen = await transfer(crossing.route, "ibb", alice, bob, name, CLEAN)
+            assert not seen["sender_error"], f"sender failed: {summary(seen)}"
+            assert sha256(seen["received"]) == sha256(CLEAN), f"bob got {len(seen['received'])} bytes, not {len(CLEAN)}"
+            alert = await crossing.route.wait_alert(
+                lambda e: e.get("file", {}).get("hash", {}).get("sha256") == sha256(CLEAN)
+                and e["event"].get("action") in ("allow", "alert") and alert_names_file(e, name))
+            assert alert, f"no allowed file event for {name}"
+            assert alert["imguard"]["context"]["direction"] == crossing.direction
+            assert parties(alert) == (crossing.bare("alice"), [crossing.bare("bob")])
+            inside = crossing.inside_role()
+            records = await wait_archived(crossing.gateway, crossing.bare(inside),
+                                          lambda rs: any(r["file_name"] == name for r in rs))
+            assert [(r["kind"], r["direction"], r["sha256"]) for r in records if r["file_name"] == name] == [
+                ("file", crossing.direction, sha256(CLEAN))], records
     run(scenario())

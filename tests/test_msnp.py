@@ -821,6 +821,9 @@ def test_offline_replay_of_the_capture():
         def record(self, event):
             pass
 
+        def with_direction(self, ctx):
+            return ctx
+
     r = Replay(Pipeline(), ReplaySettings(ports=["1863=msnp"]),
                factories={"msnp": lambda q: MsnpSession(checker=q.checker, transfers=q.transfers, context=q.context)})
     summary = r.run(Capture.open(capture("ndpi/msnms.pcap")))

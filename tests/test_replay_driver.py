@@ -30,6 +30,9 @@ class RecordingPipeline:
     def record(self, event: dict) -> None:
         self.records.append(event)
 
+    def with_direction(self, ctx: ChatContext) -> ChatContext:
+        return ctx
+
 
 class Scripted(StreamSession):
     """A session that logs every call and answers data with a script: data -> list of commands."""

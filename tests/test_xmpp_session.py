@@ -15,7 +15,8 @@ import pytest
 
 from imguard.files.expected import ExpectedTransfers
 from imguard.files.tracker import HoldLedger
-from imguard.model import ALERT, BLOCK, MASK, QUARANTINE, ChatContext, Decision, FileReport, RuleMatch
+from imguard.model import (ALERT, BLOCK, FROM_CLIENT, FROM_SERVER, MASK, QUARANTINE, ChatContext, Decision,
+                           FileReport, RuleMatch)
 from imguard.protocols.base import FACTS, Close, InspectFile, Notify, Record, Send, StartTls
 from imguard.protocols.xmpp import XmppLimits, XmppSession, socks5_hash
 from imguard.protocols.xmpp.decoder import Stanza
@@ -671,9 +672,9 @@ def test_ibb_sid_being_inspected_cannot_be_opened_again():
 
 
 def test_ibb_hold_takes_either_direction():
-    """The IBB hold is written for a sender on either side: a stream from the server (inbound IBB, which the
-    session does not route to it yet) is answered to the server "from" alice, held, and released to alice; her
-    own answers are swallowed."""
+    """The IBB hold (driven directly here) is written for a sender on either side: a stream from the server
+    (inbound IBB) is answered to the server "from" alice, held, and released to alice; her own answers are
+    swallowed."""
     s = logged_in()
 
     def stanza(raw):
@@ -927,16 +928,253 @@ def test_sm_resumption_on_another_connection_keeps_the_offsets():
 
 # --- the receiving side and odd captures --------------------------------------------------------------
 
-def test_receiver_side_relays_incoming_transfers_untouched():
-    """bob's connection (same capture): the IBB stream and the bytestream offer come *to* him; they were held
-    (or not) on alice's connection, so bob's session relays every byte both ways."""
-    segs = segments("ibb_socks5_bob.json")
+def bob_receiving(upto=22):
+    """bob's connection of xmpp_plain_ibb_socks5.pcap: alice's IBB transfer comes *to* him through the server.
+    bob's own answers to the data iqs (segments 14-22, sent at once in the capture; behind a gateway they come
+    only after the release) are left out; returns (session, segments, commands)."""
+    segs = segments("ibb_socks5_bob.json")[:upto]
     s = new()
-    cmds = play(s, segs)
+    answers = [seg for seg in segs if seg[0] and any(b'id="' + i + b'"' in seg[1] for i in HELD_IDS)]
+    return s, segs, play(s, [seg for seg in segs if seg not in answers])
+
+
+def test_receiver_side_holds_an_incoming_ibb_transfer():
+    """bob's connection: the open reaches bob, the data iqs and the close do not; the gateway answers each to the
+    server "from" bob so alice keeps going, and the file goes out for inspection, from alice, to bob, inbound."""
+    s, segs, cmds = bob_receiving()
     assert s.jid == "bob@localhost/b"
-    assert sent(cmds, False) == b"".join(d for c, d in segs if c)
-    assert sent(cmds, True) == b"".join(d for c, d in segs if not c)
-    assert not [c for c in cmds if isinstance(c, (InspectFile, Close))]
+    to_bob = sent(cmds, True)
+    assert b"<open " in to_bob and b"<data " not in to_bob and b"<close " not in to_bob
+    results = [c.data for c in cmds if isinstance(c, Send) and not c.to_client and b"type='result'" in c.data[:20]]
+    assert results[0] == (b"<iq type='result' id='4d5e0b0b8571446e995f5b493ecc8e9c' from='bob@localhost/b' "
+                          b"to='alice@localhost/a'/>")
+    assert len(results) == 5                       # 4 data blocks + close
+    (inspect,) = [c for c in cmds if isinstance(c, InspectFile)]
+    assert inspect.transfer_id == f"ibb:{IBB_SID}" and inspect.data == EICAR * 200
+    ctx = inspect.context
+    assert (ctx.sender, ctx.recipients, ctx.origin, ctx.transfer_mechanism) == (
+        "alice@localhost", ("bob@localhost/b",), FROM_SERVER, "ibb")
+    # bob's own answers, when he gets the stanzas, are not alice's business: swallowed
+    answers = [seg for seg in segments("ibb_socks5_bob.json")[:22] if seg[0] and b'type="result"' in seg[1]][1:]
+    assert s.file_verdict(inspect.transfer_id, FileReport("", "", 13600), Decision()) == [
+        Send(True, b"".join(d for c, d in segs if not c and (b"<data " in d or b"<close " in d)))]
+    assert play(s, answers) == []
+
+
+def test_receiver_side_blocked_incoming_ibb_transfer():
+    """Blocked: bob gets an IBB close "from" alice (his answer to it is swallowed) and a notice naming the file and
+    its sender; alice, on the server's side, a policy-violation error message through the server."""
+    s, segs, cmds = bob_receiving()
+    out = s.file_verdict(f"ibb:{IBB_SID}", FileReport("", "", 13600), MALWARE)
+    assert sent(out, True) == (
+        f"<iq type='set' id='imguard-1' from='alice@localhost/a' to='bob@localhost/b'><close "
+        f"xmlns='http://jabber.org/protocol/ibb' sid='{IBB_SID}'/></iq>".encode()
+        + b"<message type='chat' from='localhost' to='bob@localhost/b'><body>imguard: a file from alice@localhost "
+          b"was blocked (Malware)</body></message>")
+    assert sent(out, False) == (
+        "<message type='error' id='imguard-refusal-1' to='alice@localhost/a'><error type='cancel'>"
+        f"<policy-violation xmlns='{STANZAS}'/><text xmlns='{STANZAS}'>imguard: a file from alice@localhost to "
+        f"bob@localhost/b was blocked (Malware)</text></error></message>".encode())
+    assert s.data_received(True, b"<iq type='result' id='imguard-1' to='alice@localhost/a'/>") == []
+
+
+def test_receiver_side_relays_the_rest_untouched():
+    """After the transfer, bob's stream carries on: the bytestream offer to him and his answer cross as sent."""
+    segs = segments("ibb_socks5_bob.json")
+    s, _, _ = bob_receiving()
+    s.file_verdict(f"ibb:{IBB_SID}", FileReport("", "", 13600), Decision())
+    rest = segs[23:]
+    cmds = play(s, rest)
+    assert sent(cmds, True) == b"".join(d for c, d in rest if not c)
+    assert sent(cmds, False) == b"".join(d for c, d in rest if c)
+
+
+INCOMING = "from='carol@example.org/phone' to='alice@localhost/t'"
+
+
+def incoming_ibb(sid="in1", stanza="iq"):
+    op = (f"<iq type='set' id='o-{sid}' {INCOMING}><open xmlns='http://jabber.org/protocol/ibb' sid='{sid}' "
+          f"stanza='{stanza}' block-size='4096'/></iq>").encode()
+    close = (f"<iq type='set' id='c-{sid}' {INCOMING}><close xmlns='http://jabber.org/protocol/ibb' sid='{sid}'/>"
+             f"</iq>").encode()
+    return op, close
+
+
+def incoming_block(seq, payload, sid="in1", stanza="iq"):
+    if stanza == "message":
+        return (f"<message id='d{seq}' {INCOMING}><data xmlns='http://jabber.org/protocol/ibb' sid='{sid}' "
+                f"seq='{seq}'>{payload}</data></message>").encode()
+    return (f"<iq type='set' id='d{seq}' {INCOMING}><data xmlns='http://jabber.org/protocol/ibb' sid='{sid}' "
+            f"seq='{seq}'>{payload}</data></iq>").encode()
+
+
+def test_incoming_ibb_is_named_by_the_offer_from_the_server():
+    """An SI offer from outside names the file that follows (the offer crosses as it is)."""
+    s = logged_in()
+    si = (f"<iq type='set' id='si1' {INCOMING}><si xmlns='http://jabber.org/protocol/si' id='in1' "
+          "mime-type='text/plain' profile='http://jabber.org/protocol/si/profile/file-transfer'>"
+          "<file xmlns='http://jabber.org/protocol/si/profile/file-transfer' name='notes.txt' size='6'/></si></iq>"
+          ).encode()
+    assert s.data_received(False, si) == [Send(True, si)]
+    op, close = incoming_ibb()
+    assert s.data_received(False, op) == [Send(True, op)]
+    assert s.data_received(False, incoming_block(0, "QUJDREVG")) == [
+        Send(False, b"<iq type='result' id='d0' from='alice@localhost/t' to='carol@example.org/phone'/>")]
+    (inspect,) = [c for c in s.data_received(False, close) if isinstance(c, InspectFile)]
+    assert (inspect.name, inspect.claimed_mime, inspect.data, inspect.truncated) == ("notes.txt", "text/plain",
+                                                                                      b"ABCDEF", False)
+    assert (inspect.context.sender, inspect.context.origin) == ("carol@example.org", FROM_SERVER)
+
+
+def test_incoming_ibb_over_messages_is_held_and_refused_by_message():
+    """stanza='message' blocks from outside are held without answers; a refused one (a gap) gets its sender an
+    error message through the server, and alice an IBB close."""
+    s = logged_in()
+    op, _ = incoming_ibb(stanza="message")
+    s.data_received(False, op)
+    assert s.data_received(False, incoming_block(0, "QUJD", stanza="message")) == []
+    cmds = s.data_received(False, incoming_block(2, "QUJD", stanza="message"))
+    assert anomalies(cmds) == ["ibb_sequence_gap"]
+    assert sent(cmds, True).startswith(b"<iq type='set' id='imguard-1' from='carol@example.org/phone' "
+                                       b"to='alice@localhost/t'><close ")
+    assert sent(cmds, False).startswith(b"<message type='error' id='imguard-refusal-1' to='carol@example.org/phone'>")
+    assert b"<data " not in sent(cmds, True)
+
+
+def test_incoming_announced_file_closed_before_any_data_is_no_file():
+    """An offered file whose stream closes before its first block (its sender gave up, or a gateway on its side
+    stopped it): the close crosses, nothing is inspected."""
+    s = logged_in()
+    s.data_received(False, (f"<iq type='set' id='si1' {INCOMING}><si xmlns='http://jabber.org/protocol/si' "
+                            "id='in1' profile='http://jabber.org/protocol/si/profile/file-transfer'><file "
+                            "xmlns='http://jabber.org/protocol/si/profile/file-transfer' name='x.com' size='68'/>"
+                            "</si></iq>").encode())
+    op, close = incoming_ibb()
+    s.data_received(False, op)
+    assert s.data_received(False, close) == [Send(True, close)]
+    assert s.ibb.streams == {} and s.ibb.files == {}
+
+
+# --- messages the server delivers -------------------------------------------------------------------------
+
+def delivered(body, frm="carol@example.org/phone", mid="i1", mtype="chat", extra=""):
+    return (f"<message type='{mtype}' from='{frm}' to='alice@localhost/t' id='{mid}'><body>{body}</body>{extra}"
+            f"</message>").encode()
+
+
+def test_outgoing_message_context_says_it_comes_from_the_client():
+    checker = Checker()
+    s = logged_in(checker)
+    s.data_received(True, message("hi"))
+    assert checker.calls[-1][1].origin == FROM_CLIENT
+
+
+def test_delivered_message_is_decided_and_forwarded_byte_exact():
+    """A message from outside: checked (from its sender, to alice, origin server), forwarded as received."""
+    checker = Checker()
+    s = logged_in(checker)
+    m = delivered("hello alice <3".replace("<", "&lt;"), extra="<active xmlns='http://jabber.org/protocol/chatstates'/>")
+    assert s.data_received(False, m) == [Send(True, m)]
+    text, ctx = checker.calls[-1]
+    assert text == "hello alice <3"
+    assert (ctx.sender, ctx.recipients, ctx.conversation, ctx.origin, ctx.protocol) == (
+        "carol@example.org", ("alice@localhost",), "", FROM_SERVER, "xmpp")
+
+
+def test_delivered_message_blocked_never_reaches_the_client_who_gets_a_notice():
+    """BLOCK: the message is not forwarded; alice gets a notice from the server's domain naming the sender and
+    the rule; nothing goes back to the server."""
+    s = logged_in(Checker({"secret": MALWARE}))
+    cmds = s.data_received(False, delivered("the secret is 42"))
+    assert sent(cmds, False) == b""
+    assert sent(cmds, True) == (b"<message type='chat' from='localhost' to='alice@localhost/t'><body>imguard: a "
+                                b"message from carol@example.org was blocked (Malware)</body></message>")
+
+
+def test_delivered_message_masked_is_rewritten():
+    s = logged_in(Checker({"4111": Decision(action=MASK, masked_text="card [redacted]")}))
+    cmds = s.data_received(False, delivered("card 4111 1111 1111 1111"))
+    assert cmds == [Send(True, b"<message type='chat' from='carol@example.org/phone' to='alice@localhost/t' id='i1'>"
+                               b"<body>card [redacted]</body></message>")]
+
+
+def test_delivered_presence_and_bodiless_messages_are_not_checked():
+    """Presences stay shallow; chat states, receipts and errors carry no text to check: forwarded as received."""
+    checker = Checker()
+    s = logged_in(checker)
+    for stanza in (b"<presence from='carol@example.org/phone' to='alice@localhost/t'><show>away</show></presence>",
+                   b"<message type='chat' from='carol@example.org/phone' to='alice@localhost/t'><composing "
+                   b"xmlns='http://jabber.org/protocol/chatstates'/></message>",
+                   b"<message type='error' from='carol@example.org' to='alice@localhost/t' id='m1'><body>hi</body>"
+                   b"<error type='cancel'><item-not-found xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error>"
+                   b"</message>"):
+        assert s.data_received(False, stanza) == [Send(True, stanza)]
+    assert checker.calls == []
+
+
+def test_delivered_groupchat_is_from_the_occupant_in_the_room_and_the_own_copy_is_not_decided_again():
+    """A room message: from the occupant (room/nick), to alice, in the room. The room's copy of alice's own message
+    (same id and text) was decided on the way out: forwarded without a second decision; a message from someone
+    else reusing that id is decided."""
+    checker = Checker()
+    s = logged_in(checker)
+    s.data_received(True, message("hello room", to="room@conference.localhost", mid="g1", mtype="groupchat"))
+    assert len(checker.calls) == 1
+    own = delivered("hello room", frm="room@conference.localhost/alice", mid="g1", mtype="groupchat")
+    assert s.data_received(False, own) == [Send(True, own)]
+    assert len(checker.calls) == 1
+    other = delivered("hi", frm="room@conference.localhost/dan", mid="g1", mtype="groupchat")
+    assert s.data_received(False, other) == [Send(True, other)]
+    _, ctx = checker.calls[-1]
+    assert (ctx.sender, ctx.recipients, ctx.conversation, ctx.origin) == (
+        "room@conference.localhost/dan", ("alice@localhost",), "room@conference.localhost", FROM_SERVER)
+
+
+def test_the_rooms_copy_of_a_masked_groupchat_message_is_the_masked_one():
+    """alice's groupchat message was masked on the way out: the room sends back the masked text, which is hers
+    (not decided again); the room's copy with the original text (a room that got it some other way) is decided."""
+    checker = Checker({"4111": Decision(action=MASK, masked_text="card [redacted]")})
+    s = logged_in(checker)
+    s.data_received(True, message("card 4111", to="room@conference.localhost", mid="g1", mtype="groupchat"))
+    copy = delivered("card [redacted]", frm="room@conference.localhost/alice", mid="g1", mtype="groupchat")
+    assert s.data_received(False, copy) == [Send(True, copy)] and len(checker.calls) == 1
+    s.data_received(True, message("card 4111", to="room@conference.localhost", mid="g2", mtype="groupchat"))
+    s.data_received(False, delivered("card 4111", frm="room@conference.localhost/alice", mid="g2", mtype="groupchat"))
+    assert len(checker.calls) == 3
+
+
+def test_delivered_carbon_is_the_wrapped_messages():
+    """An XEP-0280 carbon (from alice's own bare JID) of a message carol sent to another of alice's clients is
+    carol's; a carbon of what alice sent elsewhere is alice's, from the client side."""
+    checker = Checker()
+    s = logged_in(checker)
+
+    def carbon(kind, frm, to, body):
+        return (f"<message from='alice@localhost' to='alice@localhost/t' type='chat'><{kind} "
+                f"xmlns='urn:xmpp:carbons:2'><forwarded xmlns='urn:xmpp:forward:0'><message xmlns='jabber:client' "
+                f"from='{frm}' to='{to}' type='chat'><body>{body}</body></message></forwarded></{kind}></message>"
+                ).encode()
+    m = carbon("received", "carol@example.org/phone", "alice@localhost/laptop", "hi there")
+    assert s.data_received(False, m) == [Send(True, m)]
+    text, ctx = checker.calls[-1]
+    assert (text, ctx.sender, ctx.recipients, ctx.origin) == ("hi there", "carol@example.org", ("alice@localhost",),
+                                                              FROM_SERVER)
+    s.data_received(False, carbon("sent", "alice@localhost/laptop", "carol@example.org", "see you"))
+    text, ctx = checker.calls[-1]
+    assert (text, ctx.sender, ctx.recipients, ctx.origin) == ("see you", "alice@localhost", ("carol@example.org",),
+                                                              FROM_CLIENT)
+    # a "carbon" from someone else is not believed: it is that someone's message
+    s.data_received(False, carbon("received", "bob@localhost/b", "alice@localhost/t", "fake").replace(
+        b"from='alice@localhost' to", b"from='mallory@example.org/x' to"))
+    assert checker.calls[-1][1].sender == "mallory@example.org"
+
+
+def test_delivered_message_block_keeps_the_sm_counts():
+    """A delivered message dropped and a notice injected instead: alice's count matches the server's."""
+    s = sm_enabled(checker=Checker({"secret": MALWARE}))
+    s.data_received(False, delivered("secret"))
+    ack = f"<a xmlns='{SM}' h='3'/>".encode()
+    assert s.data_received(True, ack) == [Send(False, ack)]
 
 
 def test_capture_starting_mid_stream_is_refused():

@@ -463,6 +463,7 @@ class Replay:
 
     def _note_message(self, flow: _Flow, text: str, ctx: ChatContext, decision: Decision,
                       rules: list[str] | None = None) -> None:
+        ctx = self.pipeline.with_direction(ctx)         # as the decision saw it (topology, then zones)
         limit = self.settings.max_message_text
         self.summary.messages.append(Message(
             conn=flow.conn.id, ts=self.now, protocol=ctx.protocol, sender=ctx.sender,

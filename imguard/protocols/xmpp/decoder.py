@@ -162,7 +162,7 @@ class XmlStreamDecoder:
         self.limits = limits
         # Level-1 tags ('{ns}local') whose Stanza.element is the element alone, without children or text:
         # framed and checked against every limit like the rest, but no tree is built (for stanzas the
-        # consumer only forwards, such as the server's messages to its client).
+        # consumer only forwards, such as the server's presences to its client).
         self.shallow = shallow
         self._skipping = False        # inside a shallow stanza
         self._buf = bytearray()       # bytes not yet emitted; _buf[0] is document position _base

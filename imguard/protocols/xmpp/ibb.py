@@ -20,7 +20,7 @@ owns_connection False, bounded by `max_held_bytes` decoded bytes; the connection
   file: `sender_closed()` hands it out as `InspectFile(transfer_id='ibb:<sid>', mechanism 'ibb')`.
 * The verdict is the tracker's: allowed, the held stanzas (blocks and close) go to the receiver byte-exact and
   in order in one write (the tracker's default delivery); blocked, the receiver gets an IBB `<close>` and the
-  sender a notice message (the tracker's `refuse` and `tell` hooks: `_refuse` and `_tell` below).
+  sender is told (the tracker's `refuse` and `tell` hooks: `_refuse` and `_tell` below; see Direction).
 * The connection ending (closed by a side, or by the session) with streams open or files held: each is
   abandoned (transfer_abandoned, with `sid` and `bytes`, which the replay lists as truncated transfers), and
   nothing crosses.
@@ -28,8 +28,14 @@ owns_connection False, bounded by `max_held_bytes` decoded bytes; the connection
 XEP-0198 stream management: every stanza held and then discarded, and every stanza we write, shifts the two
 sides' stanza counts; the session (`IbbHost`) keeps those counts, told through `dropped` and `inject`.
 
-Direction: a stream's sender is either side of the connection (`from_client` at its open). The session holds
-its own client's streams today; a stream from the server (inbound) is relayed untouched by it.
+Direction: a stream's sender is either side of the connection (`from_client` at its open), and the session hands
+over both: its client's own streams (outbound) and those the server delivers to its client (an outside sender's
+file to the user behind the gateway: `sender_is_client=False`, context origin FROM_SERVER). For an inbound stream
+the answers go to the server "from" our client, our client's own answers are swallowed, the release goes to the
+client; blocked, the client gets the IBB `<close>` "from" the sender and a notice of its own, and the sender a
+policy-violation error message through the server (a cut message block: the same error message). An announced
+file (an SI or Jingle offer with a size) whose stream closes before its first block is no file: the close crosses
+(its sender gave up, or a gateway on its side stopped it).
 """
 
 from __future__ import annotations
@@ -42,8 +48,8 @@ from typing import Any, Callable, Protocol
 from xml.etree import ElementTree as ET
 
 from imguard.files.tracker import ConnectionHolds, HeldTransfer, HoldLedger, HoldState
-from imguard.model import ChatContext, Decision
-from imguard.protocols.base import Anomaly, Command, Send
+from imguard.model import FROM_CLIENT, FROM_SERVER, ChatContext, Decision
+from imguard.protocols.base import Anomaly, Command, Send, block_words
 from imguard.protocols.xmpp import decoder as d
 from imguard.protocols.xmpp.decoder import XmppLimits
 from imguard.protocols.xmpp.offers import FileOffer, int_or_none
@@ -83,6 +89,8 @@ class IbbHost(Protocol):
                  to_client: bool = True) -> Send: ...      # an error answering `el`, to the side that sent it
 
     def notice_message(self, to: str, notice: str) -> Send: ...     # a chat message to the client
+
+    def refusal_message(self, to: str, notice: str) -> Send: ...    # an error message to `to`, through the server
 
     def anomaly(self, kind: str, detail: str, **data: Any) -> Anomaly: ...
 
@@ -184,6 +192,10 @@ class InBandBytestreams:
         if stream is None or stream.sender_is_client != from_client:
             return [Send(to_client=not from_client, data=st.raw)]      # closing something we never held: harmless
         del self.streams[stream.sid]
+        if stream.transfer is None and stream.offer.size:
+            # An announced file closed before its first block: the sender gave it up (or a gateway on its side
+            # stopped it and closed the stream): no file, nothing to hold.
+            return [Send(to_client=not from_client, data=st.raw)]
         transfer = self._file(stream)
         # The close is released with the blocks, after them: held as the file's last piece, with no payload.
         out = self._hold(stream, b"", st.raw)
@@ -221,10 +233,10 @@ class InBandBytestreams:
         if stream.transfer is None:
             receivers = (stream.receiver,) if stream.receiver else ()
             if stream.sender_is_client:
-                context = self.host.ctx(recipients=receivers, transfer_mechanism="ibb")
+                context = self.host.ctx(recipients=receivers, transfer_mechanism="ibb", origin=FROM_CLIENT)
             else:
                 context = self.host.context.with_(sender=stream.sender.split("/", 1)[0], recipients=receivers,
-                                                  transfer_mechanism="ibb")
+                                                  transfer_mechanism="ibb", origin=FROM_SERVER)
             stream.transfer = HeldTransfer(
                 stream.transfer_id, context, sender_is_client=stream.sender_is_client, kind="ibb",
                 max_bytes=self.limits.max_held_bytes, size=stream.offer.size, name=stream.offer.name,
@@ -258,7 +270,9 @@ class InBandBytestreams:
         self.host.dropped(1, stream.sender_is_client)
         if split(el.tag)[1] == "iq":
             return [self.host.iq_error(el, "cancel", condition, REFUSED_TEXT, stream.sender_is_client)]
-        return [self.host.notice_message(stream.sender, REFUSED_NOTICE)] if stream.sender_is_client else []
+        if stream.sender_is_client:
+            return [self.host.notice_message(stream.sender, REFUSED_NOTICE)]
+        return [self.host.refusal_message(stream.sender, REFUSED_NOTICE)] if stream.sender else []
 
     # --- the tracker's hooks: the receiver refused, the sender told ---------------------------------
 
@@ -280,10 +294,23 @@ class InBandBytestreams:
 
     def _tell(self, stream: IbbStream, text: str, decision: Decision | None) -> list[Command]:
         """The sender of a decided file is told with a chat message. A cut file (no decision) is explained by the
-        answer to the refused stanza instead (`_refused`); a sender on the server's side is not ours to talk to."""
-        if decision is None or not stream.sender_is_client:
+        answer to the refused stanza instead (`_refused`). A sender on the server's side (a file to the client) is
+        told only that its file was stopped, with an error message through the server, and the client (its
+        receiver, which got an IBB close) with a notice of its own."""
+        if decision is None:
             return []
-        return [self.host.notice_message(stream.sender, text)]
+        if stream.sender_is_client:
+            return [self.host.notice_message(stream.sender, text)]
+        if not decision.blocked:
+            return []                   # an allowed file's notice is for a sender of ours
+        action, why = block_words(decision)
+        name = stream.transfer.name if stream.transfer is not None else ""
+        the_file = f"the file {name!r}" if name else "a file"
+        sender = stream.sender.split("/", 1)[0]
+        out = [self.host.refusal_message(stream.sender, text)] if stream.sender else []
+        return out + [self.host.notice_message(stream.receiver or self.host.full_jid,
+                                               f"imguard: {the_file}{' from ' + sender if sender else ''} "
+                                               f"was {action} ({why})")]
 
     # --- building blocks ----------------------------------------------------------------------------
 

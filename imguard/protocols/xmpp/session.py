@@ -16,6 +16,8 @@ for the contract). In short:
 * Identity: the SASL initial response (PLAIN authzid/authcid, SCRAM's n= username; SASL1 or
   XEP-0388 SASL2) names the user tentatively, the `<bind>` result's `<jid>` (or SASL2's
   `<authorization-identifier>`) is authoritative. Every ChatContext carries the bare JID as `sender`.
+* Both directions, by topology: what the client (the user behind the gateway) sends has `origin=FROM_CLIENT`
+  in its context, what the server delivers to it `origin=FROM_SERVER`; the pipeline derives the direction.
 * Client `<message>` with text -> `checker.check_message(text, ctx)`; the text is every `<body>`
   (also those of forwarded messages inside it, XEP-0297) plus the XHTML-IM rendering when it says
   something else (XEP-0071). ALLOW/ALERT: relayed; MASK: relayed with every `<body>` replaced by
@@ -23,18 +25,32 @@ for the contract). In short:
   and the sender gets the standard RFC 6120 §8.3.3.12 answer, a `<message type='error'>` with the
   same id, "from" the recipient, carrying `<policy-violation/>` and the notice as `<text/>`. (That is
   what real clients show next to the failed message; we send no extra chat message.)
+* Server `<message>` with text (a message delivered to the client) -> decided the same way, with the
+  context from its sender (the stanza's "from", bare; in a groupchat the occupant room/nick, and the room
+  as the conversation) to the client's bare JID. ALLOW/ALERT: forwarded byte-exact; MASK: rewritten like
+  the client's; BLOCK/QUARANTINE: not forwarded, and the client (its receiver) gets a notice from the
+  server's domain naming the sender and the rules. A copy the server makes for its own user (XEP-0280
+  carbons, XEP-0313 archive results, "from" the user's bare JID) is decided as the wrapped message: from
+  and to its own parties, from the client side when the user sent it. The room's copy of the client's own
+  groupchat message (same room, id and text) was decided on the way out and is forwarded as it is.
+  Presences stay shallow (framed and bounded, no element tree) and are never checked; iqs are parsed for
+  what they carry (bind, upload slots, files) but never go to policy.
 * End-to-end encrypted messages (OMEMO, OpenPGP, legacy PGP, OTR) cannot be read: the session
   records an `e2e_encrypted` anomaly with the scheme and asks the checker with the text "" so policy
   can still decide on who/where; MASK is not possible on ciphertext and is treated as ALERT.
 * Files:
   - XEP-0047 IBB (`ibb.InBandBytestreams`): the IBB framing drives a HeldTransfer per stream
-    (imguard.files.tracker). Data blocks are held (base64-decoded, sequence-checked) and each data iq
-    is answered by the session itself ("from" the receiver) so the sender keeps going; `<close>` gives
+    (imguard.files.tracker), in either direction: a stream the client sends (outbound) and one the
+    server delivers to it (an outside sender's file to our user: `sender_is_client=False`). Data blocks
+    are held (base64-decoded, sequence-checked) and each data iq is answered by the session itself
+    ("from" the receiver, towards the sender's side) so the sender keeps going; `<close>` gives
     `InspectFile(transfer_id='ibb:<sid>', mechanism 'ibb')`. Allowed: the held stanzas (data and
-    close) are released byte-exact and the receiver's results to them are swallowed. Blocked: the
-    receiver gets an IBB `<close>`, the sender a notice, the data is dropped. A transfer over
-    `max_held_bytes`, with a sequence gap or bad base64 is cut on the spot (fail closed): error
-    to the sender, `<close>` to the receiver, an anomaly.
+    close) are released byte-exact to the receiver and its results to them are swallowed. Blocked: the
+    receiver gets an IBB `<close>`, the data is dropped, and the sender is told: our client by a notice
+    message; a sender on the server's side by a policy-violation error message through the server,
+    with a notice to our client (the receiver) as well. A transfer over `max_held_bytes`, with a
+    sequence gap or bad base64 is cut on the spot (fail closed): error to the sender, `<close>` to
+    the receiver, an anomaly.
   - XEP-0363 HTTP upload: the slot request and the server's slot are joined and registered in the
     shared ExpectedTransfers table under the PUT URL (`expect_upload`); the gateway's HTTP side scans
     the PUT. A message whose body or OOB `<url>` carries a GET URL the table marks as blocked is
@@ -43,8 +59,9 @@ for the contract). In short:
     streamhosts (`expect_bytestream`); with `bytestream_relay=(host, port)` every streamhost in the
     offer is rewritten to the gateway's relay, so the data must cross `Socks5BytestreamSession`.
     Jingle S5B (XEP-0260) candidates this client offers are registered and rewritten the same way.
-  - XEP-0096 SI and XEP-0234 Jingle offers give name/size/hash per sid for the transfers above
-    (`offers.FileOffers`); XEP-0066 OOB links are recorded.
+  - XEP-0096 SI and XEP-0234 Jingle offers, the client's and those the server delivers to it, give
+    name/size/hash per sid for the transfers above (`offers.FileOffers`); XEP-0066 OOB links are
+    recorded, both ways.
 * Anomalies never raise: malformed input from the client ends its stream with a stream error and
   Close (other connections are unaffected); an unexpected exception does the same with
   `internal-server-error`.
@@ -56,9 +73,10 @@ for the contract). In short:
   by `max_held_bytes`, together with their stanzas by `ibb.connection_bound`, and with every other
   held file of the process by the tracker's ledger.
 
-Not done (yet): inbound files and messages (a transfer *to* this client is relayed: it is held on
-its sender's connection when that one crosses the gateway; server->client messages are not checked),
-BOSH (XEP-0206) and websocket (RFC 7395) framings, DIGEST-MD5 usernames (only bind names those users).
+Not done (yet): files offered *to* the client by other means than IBB: a SOCKS5 bytestream offer from
+the server is relayed untouched (its data is held only when its sender's connection crosses a gateway),
+and a link to an upload (XEP-0363 GET) is recorded but its download is not held; BOSH (XEP-0206) and
+websocket (RFC 7395) framings; DIGEST-MD5 usernames (only bind names those users).
 """
 
 from __future__ import annotations
@@ -75,9 +93,9 @@ from xml.etree import ElementTree as ET
 from imguard.files.expected import (ExpectedBytestream, ExpectedTransfers, ExpectedUpload, StreamHost,
                                     TransferSettings)
 from imguard.files.tracker import HoldLedger
-from imguard.model import BLOCK, MASK, ChatContext, Decision, FileReport
+from imguard.model import BLOCK, FROM_CLIENT, FROM_SERVER, MASK, ChatContext, Decision, FileReport
 from imguard.protocols.base import (Anomaly, Close, Command, Link, MessageDecision, Send, StartTls,
-                                    StreamSession)
+                                    StreamSession, block_words)
 from imguard.protocols.xmpp import decoder as d
 from imguard.protocols.xmpp.decoder import XmlStreamDecoder, XmppLimits
 from imguard.protocols.xmpp.ibb import NS_IBB, InBandBytestreams
@@ -125,7 +143,9 @@ DEFAULT_NOTICE = "This message was blocked by the security policy."
 # Bytes of a read parsed at a time: the first stanzas of a large read are decided (and can be forwarded)
 # before the rest is parsed.
 PARSE_PIECE = 1024
-SERVER_STANZAS_FORWARDED = frozenset({"{%s}message" % NS_CLIENT, "{%s}presence" % NS_CLIENT})
+# The server's stanzas that are only forwarded: framed and bounded, but no element tree is built for them.
+# (Its messages are decided like the client's; its iqs carry bind results, slots and in-band files.)
+SERVER_STANZAS_FORWARDED = frozenset({"{%s}presence" % NS_CLIENT})
 _BODY_TAGS: dict[str, tuple[str, str]] = {}     # a message's tag -> the tags of the bodies it may hold
 
 
@@ -139,12 +159,17 @@ def _body_tags(message_tag: str) -> tuple[str, str]:
 
 
 _CTX_CACHE_SIZE = 64                    # message contexts kept per connection (one per peer)
+_REFLECTIONS = 64       # the client's latest groupchat messages whose copy from the room is not decided again
 # ElementTree's '{ns}local' tags of the children a message is looked at for
 _IBB_DATA = "{%s}data" % NS_IBB
 _OOB_X = "{%s}x" % NS_OOB_X
 _OOB_URL = "{%s}url" % NS_OOB_X
 _E2E_TAGS = {"{%s}%s" % key: scheme for key, scheme in E2E_ELEMENTS.items()}
 _CLIENT_BODY = "{%s}body" % NS_CLIENT
+_FORWARDED_MESSAGE = "{urn:xmpp:forward:0}forwarded/{%s}message" % NS_CLIENT    # XEP-0297
+# the wrappers of a message the server forwards to its own user: XEP-0280 carbons, XEP-0313 archive results
+_COPY_WRAPPERS = frozenset({"{urn:xmpp:carbons:2}received", "{urn:xmpp:carbons:2}sent",
+                            "{urn:xmpp:mam:2}result", "{urn:xmpp:mam:1}result", "{urn:xmpp:mam:0}result"})
 _XHTML_HTML = "{%s}html" % NS_XHTML_IM
 _URL = re.compile(r"(?:https?|aesgcm)://[^\s<>\"']+", re.IGNORECASE)
 
@@ -152,6 +177,22 @@ _URL = re.compile(r"(?:https?|aesgcm)://[^\s<>\"']+", re.IGNORECASE)
 _SWALLOW = "swallow"     # stanza id -> True: the server's answer to it is dropped (we answered already)
 _SWALLOW_CLIENT = "swallow_client"      # the same for the client's answers
 _SLOT = "slot"           # iq id -> (name, size, content_type) of an upload slot request
+
+
+def _look_at(el: ET.Element) -> tuple[ET.Element | None, list[ET.Element], str]:
+    """A message's direct children, looked at once by their whole '{ns}local' tag: (an IBB block, OOB links, the
+    end-to-end encryption scheme). (This runs for every message; split() per child cost more than the rest.)"""
+    oob: list[ET.Element] = []
+    scheme = ""
+    for c in el:
+        tag = c.tag
+        if tag == _IBB_DATA:
+            return c, oob, scheme
+        if tag == _OOB_X:
+            oob.append(c)
+        elif not scheme and tag in _E2E_TAGS:
+            scheme = _E2E_TAGS[tag]
+    return None, oob, scheme
 
 
 class MessageChecker(Protocol):
@@ -204,8 +245,8 @@ class XmppSession(StreamSession):
         self.bytestream_relay = bytestream_relay
         self._clock = clock
         server_limits = dataclasses.replace(limits, max_stanza_size=limits.max_server_stanza_size)
-        # The server's messages and presences to its client are only forwarded (see "Not done" above): framed
-        # and bounded, but no element tree is built for them.
+        # The server's presences to its client are only forwarded: framed and bounded, but no element tree is
+        # built for them (its messages are decided, and need theirs).
         self._decoders = {True: XmlStreamDecoder(limits),
                           False: XmlStreamDecoder(server_limits, shallow=SERVER_STANZAS_FORWARDED)}
         self.domain = ""                 # the server's domain (client header 'to', server header 'from')
@@ -226,6 +267,8 @@ class XmppSession(StreamSession):
         self._sm_c2s = 0      # client stanzas the server never got, minus stanzas injected towards the server
         self._sm_s2c = 0      # stanzas injected towards the client, minus server stanzas swallowed
         self._sm_id = ""
+        self._refusals = 0               # error messages sent to senders on the server's side
+        self._reflections: dict[tuple[str, str | None], int] = {}    # (room, id) -> hash of the text that crossed
 
     # --- identity ------------------------------------------------------------------------------
 
@@ -242,16 +285,29 @@ class XmppSession(StreamSession):
         return self.context.with_(sender=self.sender, **changes)
 
     def _message_ctx(self, to: str, groupchat: bool) -> ChatContext:
-        """The context of a chat message to `to`. A connection talks to a few peers, thousands of times:
-        one ChatContext per (sender, peer) is built once and reused (dataclasses.replace costs ~9 us, and
-        the same object lets the pipeline and the event writer cache what they derive from it)."""
+        """The context of a chat message the client sends to `to`. A connection talks to a few peers, thousands
+        of times: one ChatContext per (sender, peer) is built once and reused (dataclasses.replace costs ~9 us,
+        and the same object lets the pipeline and the event writer cache what they derive from it)."""
         key = (self.sender, to, groupchat)
         ctx = self._ctx_cache.get(key)
         if ctx is None:
             if len(self._ctx_cache) >= _CTX_CACHE_SIZE:     # a client messaging thousands of peers
                 self._ctx_cache.clear()
             ctx = self._ctx_cache[key] = self.ctx(recipients=(to,) if to else (),
-                                                  conversation=bare(to) if groupchat else "")
+                                                  conversation=bare(to) if groupchat else "", origin=FROM_CLIENT)
+        return ctx
+
+    def _delivered_ctx(self, sender: str, recipient: str, room: str, origin: str = FROM_SERVER) -> ChatContext:
+        """The context of a message the server delivers to the client: from `sender` (a bare JID, or a room
+        occupant's room/nick) to `recipient` (the client's bare JID), in `room` for a groupchat. Cached per peer
+        like _message_ctx."""
+        key = (sender, recipient, room, origin)
+        ctx = self._ctx_cache.get(key)
+        if ctx is None:
+            if len(self._ctx_cache) >= _CTX_CACHE_SIZE:
+                self._ctx_cache.clear()
+            ctx = self._ctx_cache[key] = self.context.with_(sender=sender, recipients=(recipient,) if recipient else (),
+                                                            conversation=room, origin=origin)
         return ctx
 
     # --- the StreamSession contract ------------------------------------------------------------
@@ -359,22 +415,22 @@ class XmppSession(StreamSession):
 
     def _client_message(self, st: d.Stanza) -> list[Command]:
         el = st.element
-        # The direct children, looked at once by their whole '{ns}local' tag: an IBB block, OOB links,
-        # end-to-end encryption. (This runs for every message; split() per child cost more than the rest.)
-        oob: list[ET.Element] = []
-        scheme = ""
-        for c in el:
-            tag = c.tag
-            if tag == _IBB_DATA:
-                return self.ibb.data(st, c)
-            if tag == _OOB_X:
-                oob.append(c)
-            elif not scheme and tag in _E2E_TAGS:
-                scheme = _E2E_TAGS[tag]
+        ibb, oob, scheme = _look_at(el)
+        if ibb is not None:
+            return self.ibb.data(st, ibb)
         if el.get("type") == "error":
             return [self._forward(st)]
         to = el.get("to", "")
-        ctx = self._message_ctx(to, el.get("type") == "groupchat")
+        groupchat = el.get("type") == "groupchat"
+        ctx = self._message_ctx(to, groupchat)
+        return self._decide_message(st, ctx, oob, scheme, True, (bare(to), el.get("id")) if groupchat else None)
+
+    def _decide_message(self, st: d.Stanza, ctx: ChatContext, oob: list[ET.Element], scheme: str,
+                        from_client: bool, groupchat: tuple[str, str | None] | None) -> list[Command]:
+        """A message with its context, from either side: its text checked, then forwarded, rewritten or refused.
+        `groupchat`: (room, id) of a groupchat message (the client's is remembered, the room's copy of it back to
+        the client is not decided again)."""
+        el = st.element
         # every <body>: the message's own and those of forwarded messages (XEP-0297) inside it; and the
         # XHTML-IM rendering (XEP-0071), which a client may show instead of <body>. One walk, comparing
         # whole '{ns}local' tags.
@@ -392,6 +448,10 @@ class XmppSession(StreamSession):
             if " ".join(rendered.split()) not in (" ".join(t.split()) for t in texts):
                 texts.append(rendered)
         body = "\n".join(texts) if bodies or xhtml else None
+        if body is not None and groupchat is not None and groupchat[1] and not from_client:
+            crossed = self._reflections.pop(groupchat, None)
+            if crossed is not None and crossed == hash(body):
+                return [self._forward_to(st, from_client)]      # the room's copy of what the client sent
         oob_urls = [u.text.strip() for x in oob for u in x if u.tag == _OOB_URL and u.text and u.text.strip()]
         out: list[Command] = [Link(ctx, url) for url in oob_urls]
 
@@ -403,7 +463,10 @@ class XmppSession(StreamSession):
                 notice = f"This message links to a file that was blocked: {reason}"
                 decision = Decision(action=BLOCK, notice=notice)
                 out.append(MessageDecision(body, ctx, decision))
-                return out + self._refuse_message(el, notice)
+                if from_client:
+                    return out + self._refuse_message(el, notice)
+                return out + self._refuse_delivery(f"imguard: a message from {ctx.sender} was blocked: it links "
+                                                   f"to a file that was blocked ({reason})")
 
         if not scheme and body is not None and body.lstrip().startswith("?OTR"):
             scheme = "otr"
@@ -412,12 +475,16 @@ class XmppSession(StreamSession):
                                     "be inspected", ctx=ctx, severity="info", scheme=scheme))
             text_to_check = ""
         elif body is None:
-            return out + [self._forward(st)]       # chat states, receipts, markers: no text
+            return out + [self._forward_to(st, from_client)]       # chat states, receipts, markers: no text
         else:
             text_to_check = body
         decision = self.checker.check_message(text_to_check, ctx)
         if decision.blocked:
-            return out + self._refuse_message(el, decision.notice or DEFAULT_NOTICE)
+            if from_client:
+                return out + self._refuse_message(el, decision.notice or DEFAULT_NOTICE)
+            action, why = block_words(decision)
+            return out + self._refuse_delivery(f"imguard: a message from {ctx.sender or 'an unknown sender'} "
+                                               f"was {action} ({why})")
         if decision.action == MASK and not scheme and (bodies or xhtml):
             masked = decision.masked_text if decision.masked_text is not None else ""
             for b in bodies:
@@ -425,8 +492,20 @@ class XmppSession(StreamSession):
             parents = {c: p for p in el.iter() for c in p}
             for h in xhtml:                          # the rich copy would show the unmasked text
                 parents[h].remove(h)
-            return out + [Send(to_client=False, data=serialize(el, split(el.tag)[0]))]
-        return out + [self._forward(st)]
+            if groupchat is not None and groupchat[1] and from_client:
+                self._remember_reflection(groupchat, "\n".join(masked for _ in bodies))
+            return out + [Send(to_client=not from_client, data=serialize(el, split(el.tag)[0]))]
+        if groupchat is not None and groupchat[1] and from_client and body is not None:
+            self._remember_reflection(groupchat, body)
+        return out + [self._forward_to(st, from_client)]
+
+    def _remember_reflection(self, key: tuple[str, str | None], crossed: str) -> None:
+        """The client's groupchat message (room, id) crossed with the text `crossed`: the room sends it back to every
+        occupant, the client too, and that copy was decided already. The latest few are kept (the copy comes back
+        within moments)."""
+        if len(self._reflections) >= _REFLECTIONS:
+            del self._reflections[next(iter(self._reflections))]
+        self._reflections[key] = hash(crossed)
 
     def _refuse_message(self, el: ET.Element, notice: str) -> list[Command]:
         """Drop the message; tell the sender with an RFC 6120 policy-violation error stanza."""
@@ -438,6 +517,12 @@ class XmppSession(StreamSession):
                f"<text xmlns='{NS_STANZAS}'>{text(notice)}</text></error></message>")
         self.dropped(1)
         return [self.inject(True, xml.encode("utf-8"))]
+
+    def _refuse_delivery(self, notice: str) -> list[Command]:
+        """Drop a message the server delivers; tell the client (its receiver) why, in a notice from the server's
+        domain. Its sender, on the server's side, is not told (the decision is recorded)."""
+        self.dropped(1, from_client=False)
+        return [self.notice_message(self.full_jid, notice)]
 
     def _client_iq(self, st: d.Stanza) -> list[Command]:
         el = st.element
@@ -467,7 +552,7 @@ class XmppSession(StreamSession):
                 url = child(c, NS_OOB_IQ, "url")
                 if url is not None and url.text:
                     to = el.get("to", "")
-                    return [Link(self.ctx(recipients=(to,) if to else ()), url.text.strip()),
+                    return [Link(self.ctx(recipients=(to,) if to else (), origin=FROM_CLIENT), url.text.strip()),
                             self._forward(st)]
             elif itype == "get" and ns == NS_UPLOAD and local == "request" and el.get("id"):
                 self._ids.expect(el.get("id"), (c.get("filename", ""), int_or_none(c.get("size")),
@@ -499,8 +584,9 @@ class XmppSession(StreamSession):
             dst_hash = (transport.get("dstaddr") or socks5_hash(sid, me, peer)).lower()
             offer = self._offers.get(sid)
             sending = action != "session-accept"     # an initiator offers a file; a responder accepts one
-            ctx = (self.ctx(recipients=(peer,) if peer else (), transfer_mechanism="socks5") if sending else
-                   self.context.with_(sender=bare(peer), recipients=(me,), transfer_mechanism="socks5"))
+            ctx = (self.ctx(recipients=(peer,) if peer else (), transfer_mechanism="socks5", origin=FROM_CLIENT)
+                   if sending else self.context.with_(sender=bare(peer), recipients=(me,), transfer_mechanism="socks5",
+                                                      origin=FROM_SERVER))
             self.transfers.expect_bytestream(dst_hash, ExpectedBytestream(
                 dst_hash=dst_hash, sid=sid, initiator=me, target=peer, streamhosts=hosts, context=ctx,
                 name=offer.name, size=offer.size, content_type=offer.content_type))
@@ -527,7 +613,7 @@ class XmppSession(StreamSession):
                 hosts.append(StreamHost(sh.get("jid", ""), sh.get("host", ""), port))
         dst_hash = socks5_hash(sid, initiator, target)
         offer = self._offers.get(sid)
-        ctx = self.ctx(recipients=(target,) if target else (), transfer_mechanism="socks5")
+        ctx = self.ctx(recipients=(target,) if target else (), transfer_mechanism="socks5", origin=FROM_CLIENT)
         self.transfers.expect_bytestream(dst_hash, ExpectedBytestream(
             dst_hash=dst_hash, sid=sid, initiator=initiator, target=target, streamhosts=tuple(hosts),
             context=ctx, name=offer.name, size=offer.size, content_type=offer.content_type))
@@ -570,16 +656,67 @@ class XmppSession(StreamSession):
                     self.jid = authz.text.strip()
                 else:
                     self.sasl_identity = bare(authz.text.strip())
+        elif local == "message" and ns == NS_CLIENT:
+            return self._server_message(event)
         elif local == "iq":
             iq_id = el.get("id")
-            if el.get("type") in ("result", "error") and iq_id is not None \
+            itype = el.get("type")
+            if itype in ("result", "error") and iq_id is not None \
                     and self._ids.take(iq_id, kind=_SWALLOW) is not None:
                 self.dropped(1, from_client=False)      # the sender already got our answer
                 return []
-            if el.get("type") == "result":
+            if itype == "result":
                 out += self._server_iq_result(el)
+            elif itype == "set":
+                return self._server_iq_set(event)
         out.append(Send(to_client=True, data=event.raw))
         return out
+
+    def _server_message(self, st: d.Stanza) -> list[Command]:
+        """A message the server delivers to the client: an in-band block of a file sent to the client, or a message
+        decided like the client's own (origin FROM_SERVER: from its sender, to the client; for a groupchat, in the
+        room, from the occupant room/nick). A copy the server makes of a message for its own user (XEP-0280
+        carbons, XEP-0313 archive results: wrapped, from the user's bare JID) is the wrapped message's: from and to
+        its parties, and from the client's side when the user sent it."""
+        el = st.element
+        ibb, oob, scheme = _look_at(el)
+        if ibb is not None:
+            return self.ibb.data(st, ibb, from_client=False)
+        if el.get("type") == "error":
+            return [Send(to_client=True, data=st.raw)]
+        frm, mtype, to = el.get("from", ""), el.get("type", ""), ""
+        for c in el:
+            if c.tag in _COPY_WRAPPERS:
+                inner = c.find(_FORWARDED_MESSAGE)
+                if inner is not None and (not frm or bare(frm) in (self.sender, bare(inner.get("from", "")))):
+                    frm, mtype, to = inner.get("from", ""), inner.get("type", ""), inner.get("to", "")
+                    _, oob_inner, scheme_inner = _look_at(inner)
+                    oob, scheme = oob + oob_inner, scheme or scheme_inner
+                break
+        room = bare(frm) if mtype == "groupchat" else ""
+        sender = frm if room else bare(frm)             # an occupant is known by its room/nick
+        origin = FROM_CLIENT if sender and sender == self.sender else FROM_SERVER
+        recipient = bare(to) if to else self.sender
+        ctx = self._delivered_ctx(sender, recipient, room, origin)
+        return self._decide_message(st, ctx, oob, scheme, False, (room, el.get("id")) if room else None)
+
+    def _server_iq_set(self, st: d.Stanza) -> list[Command]:
+        """An iq the server delivers to the client that may carry a file to it: an in-band bytestream (held here,
+        as the client's own are) or an SI / Jingle offer (remembered, so the file has its name and size)."""
+        for c in st.element:
+            ns, local = split(c.tag)
+            if ns == NS_IBB:
+                if local == "open":
+                    return self.ibb.open(st, c, from_client=False)
+                if local == "data":
+                    return self.ibb.data(st, c, from_client=False)
+                if local == "close":
+                    return self.ibb.close(st, c, from_client=False)
+            elif ns == NS_SI and local == "si":
+                self._offers.remember_si(c)
+            elif ns == NS_JINGLE and local == "jingle":
+                self._offers.remember_jingle(c)
+        return [Send(to_client=True, data=st.raw)]
 
     def _server_features(self, el: ET.Element) -> list[Command]:
         if self.tls or self.authenticated:
@@ -610,7 +747,8 @@ class XmppSession(StreamSession):
             headers = tuple((h.get("name", ""), (h.text or "").strip()) for h in children(put, NS_UPLOAD, "header"))
             self.transfers.expect_upload(put.get("url"), ExpectedUpload(
                 put_url=put.get("url"), get_url=get.get("url", ""), name=name, size=size,
-                content_type=content_type, context=self.ctx(recipients=(), transfer_mechanism="xep-0363"),
+                content_type=content_type, context=self.ctx(recipients=(), transfer_mechanism="xep-0363",
+                                                            origin=FROM_CLIENT),
                 put_headers=headers))
         return []
 
@@ -619,6 +757,11 @@ class XmppSession(StreamSession):
     @staticmethod
     def _forward(st: d.Stanza) -> Send:
         return Send(to_client=False, data=st.raw)
+
+    @staticmethod
+    def _forward_to(st: d.Stanza, from_client: bool) -> Send:
+        """The stanza, as received, to the other side."""
+        return Send(to_client=not from_client, data=st.raw)
 
     def iq_error(self, el: ET.Element, etype: str, condition: str, message: str, to_client: bool = True) -> Send:
         """An error answering the iq `el`, to the side that sent it (the client: "to" its JID)."""
@@ -635,6 +778,15 @@ class XmppSession(StreamSession):
         return self.inject(True, ("<message type='chat'" + (f" from={attr(self.domain)}" if self.domain else "")
                                   + (f" to={attr(to)}" if to else "")
                                   + f"><body>{text(notice)}</body></message>").encode("utf-8"))
+
+    def refusal_message(self, to: str, notice: str) -> Send:
+        """A policy-violation error message to `to`, a party on the server's side (the sender of a file the client
+        does not get), sent through the server as the client: RFC 6120 §8.3.3.12, which clients show as a failure."""
+        self._refusals += 1
+        return self.inject(False, (f"<message type='error' id='imguard-refusal-{self._refusals}' to={attr(to)}>"
+                                   f"<error type='cancel'><policy-violation xmlns='{NS_STANZAS}'/>"
+                                   f"<text xmlns='{NS_STANZAS}'>{text(notice)}</text></error></message>"
+                                   ).encode("utf-8"))
 
     # --- XEP-0198 stream management counts -----------------------------------------------------
 
