@@ -144,12 +144,17 @@ def test_eicar_over_dcc_is_blocked_and_never_reaches_the_receiver(pipeline):
 @needs_pcaps
 def test_xmpp_messages_and_http_upload(pipeline):
     """XMPP: the chat message with sender, recipient and text; the EICAR upload announced by XEP-0363 is
-    blocked on its HTTP connection, and the later message sharing its download URL is blocked too."""
+    blocked on its HTTP connection, and the later message sharing its download URL is blocked too. Both sides of
+    the conversation are decided: alice's connection sends (outbound: bob is not in the test zones), bob's
+    receives (inbound)."""
     _, summary = replay(pipeline, PCAPS / "generated/xmpp_plain_httpupload.pcap")
-    hello, link = summary.messages
+    hello, link, hello_in, link_in = summary.messages
     assert (hello.sender, hello.recipients, hello.text, hello.action) == (
         "alice@localhost", ["bob@localhost"], "hello bob (plain chat)", "allow")
     assert link.action == "block" and link.text.endswith("/eicar.com")
+    assert [(m.conn, m.direction) for m in summary.messages] == [(1, "outbound"), (1, "outbound"), (2, "inbound"),
+                                                                 (2, "inbound")]
+    assert (hello_in.text, hello_in.action, link_in.action) == (hello.text, "allow", "block")
     [t] = summary.transfers
     assert (t.name, t.size, t.sha256, t.mechanism, t.action, t.sender) == (
         "eicar.com", 68, EICAR_SHA256, "xep-0363", "block", "alice@localhost")
@@ -160,10 +165,12 @@ def test_xmpp_messages_and_http_upload(pipeline):
 @needs_pcaps
 def test_ibb_and_socks5_transfers(pipeline):
     """The same EICAR payload by IBB (in the XMPP stream) and by SOCKS5 (both legs through proxy65): blocked
-    each time."""
+    each time. The IBB file is decided on both XMPP connections: leaving alice's and coming in on bob's (the
+    capture was recorded without a gateway, so bob's copy is what would have reached him)."""
     _, summary = replay(pipeline, PCAPS / "generated/xmpp_plain_ibb_socks5.pcap")
-    assert sorted((t.mechanism, t.size, t.action) for t in summary.transfers) == [
-        ("ibb", 13600, "block"), ("socks5", 13600, "block"), ("socks5", 13600, "block")]
+    assert sorted((t.mechanism, t.conn, t.size, t.action) for t in summary.transfers) == [
+        ("ibb", 1, 13600, "block"), ("ibb", 2, 13600, "block"), ("socks5", 3, 13600, "block"),
+        ("socks5", 4, 13600, "block")]
     assert len({t.sha256 for t in summary.transfers}) == 1
     assert [c.protocol for c in summary.conversations] == ["xmpp", "xmpp", "bytestream", "bytestream"]
 
@@ -247,8 +254,9 @@ def test_gap_inside_an_ibb_transfer(pipeline):
     path = PCAPS / "generated/xmpp_plain_ibb_socks5.pcap"
     ibb = [s.frame for s in Capture.open(path).tcp_segments() if s.dport == 15222 and b"<data" in s.payload]
     _, summary = replay(pipeline, rewrite(path, lambda n, s: n != ibb[1]))
-    [t] = summary.transfers
+    t, bobs = summary.transfers                     # alice's, cut by the gap; bob's whole copy, coming in
     assert (t.mechanism, t.truncated, t.action, t.sender) == ("ibb", True, "", "alice@localhost")
+    assert (bobs.mechanism, bobs.truncated, bobs.action, bobs.conn) == ("ibb", False, "block", 2)
     # The bytestream offer came after the gap, so the SOCKS5 connections are not known transfers.
     assert [c.protocol for c in summary.conversations] == ["xmpp", "xmpp", "socks5", "socks5"]
 
