@@ -211,12 +211,9 @@ class Chat:
         self.people: dict[object, Person] = {}
         self.transfers: list[DccTransfer] = []
         self.chats: list[DccChatPair] = []
-        if route.tls:
-            context = ssl.create_default_context(cafile=str(route.ca_file))
-            self.factory = irc_connection.Factory(
-                wrapper=lambda sock: context.wrap_socket(sock, server_hostname="localhost"))
-        else:
-            self.factory = irc_connection.Factory()
+        self.factory = self._factory(route.ca_file)
+        # Someone outside the company: connected straight to ngIRCd, whatever the route.
+        self.outside_factory = self._factory(route.ircd.ca_file)
         for name in ("welcome", "join", "pubmsg", "privmsg", "privnotice", "pubnotice", "ctcp", "disconnect",
                      "dcc_connect", "dccmsg", "dcc_disconnect"):
             self.reactor.add_global_handler(name, getattr(self, f"_on_{name}"))
@@ -249,10 +246,21 @@ class Chat:
                 return False
             self.reactor.process_once(0.05)
 
-    def person(self, base: str, join: bool = True) -> Person:
-        """A new user `base_xxxx` (unique per test: the server is shared), registered and in CHANNEL."""
+    def _factory(self, ca_file: Path):
+        if not self.route.tls:
+            return irc_connection.Factory()
+        context = ssl.create_default_context(cafile=str(ca_file))
+        return irc_connection.Factory(wrapper=lambda sock: context.wrap_socket(sock, server_hostname="localhost"))
+
+    def person(self, base: str, join: bool = True, outside: bool = False) -> Person:
+        """A new user `base_xxxx` (unique per test: the server is shared), registered and in CHANNEL. By the route
+        (through imguard: inside the company), or `outside`: straight to ngIRCd, in cleartext or TLS as the route."""
         nick = f"{base}_{uuid.uuid4().hex[:4]}"
-        conn = self.reactor.server().connect("127.0.0.1", self.route.port, nick, connect_factory=self.factory)
+        if outside:
+            port = self.route.ircd.tls_port if self.route.tls else self.route.ircd.port
+            conn = self.reactor.server().connect("127.0.0.1", port, nick, connect_factory=self.outside_factory)
+        else:
+            conn = self.reactor.server().connect("127.0.0.1", self.route.port, nick, connect_factory=self.factory)
         person = Person(nick, conn)
         self.people[conn] = person
         assert self.pump(lambda: person.welcomed or person.disconnected, 15), (
@@ -605,8 +613,8 @@ def test_passive_dcc_goes_through_the_relay(route, payload):
             assert sha256(bytes(t.received)) == sha256(CLEAN), f"bob got {len(t.received)} bytes"
             return
         assert bytes(t.received) == b"", f"bob received {len(t.received)} bytes of the blocked file"
-        # The passive offer is registered by the *receiver's* IrcSession (from bob's answer), so today the notice
-        # goes to bob's connection; telling alice too needs a change in imguard/protocols/irc (see the report).
+        # bob's IrcSession registers the rewritten answer first; alice's, seeing it, takes the offer as her outbound
+        # file, so alice (the sender) is told (test_passive_dcc_blocked_sender_gets_notice).
         assert chat.pump(lambda: any(name in n for n in alice.imguard_notices() + bob.imguard_notices()), 10), (
             f"nobody got a NOTICE naming {name}: alice {alice.notices}, bob {bob.notices}")
         alert = route.wait_alert(lambda e: e.get("file", {}).get("name") == name
@@ -677,3 +685,163 @@ def test_unannounced_connection_to_a_relay_port_is_refused(gateway_route):
     alert = route.wait_alert(lambda e: (e.get("imguard", {}).get("anomaly") or {}).get("kind") == "dcc_unannounced"
                              and str(port) in str(e["imguard"]["anomaly"]))
     assert alert, "no dcc_unannounced anomaly for the stray relay connection"
+
+
+# --- across the perimeter: one person outside (straight to ngIRCd), one inside (through imguard) -------------
+
+WAYS = ("inbound", "outbound")      # inbound: the sender is outside, the receiver inside; outbound: the reverse
+
+
+def across(chat: Chat, way: str) -> tuple[Person, Person]:
+    """(sender, receiver) for `way`: the outside one connects straight to ngIRCd, the inside one by the route."""
+    sender = chat.person("alice", outside=way == "inbound")
+    receiver = chat.person("bob", outside=way == "outbound")
+    return sender, receiver
+
+
+def assert_parties(alert: dict, way: str, sender: Person, receiver: Person) -> None:
+    """The alert says the direction and names both parties: the outside sender by the mask the server gave it
+    (nick!user@host), the inside one by its nick; the receiver among the recipients."""
+    ctx = alert["imguard"]["context"]
+    assert ctx["direction"] == way, f"direction {ctx['direction']!r}, not {way}: {ctx}"
+    assert ctx["origin"] == ("server" if way == "inbound" else "client"), ctx
+    assert alert["source"]["user"]["name"].split("!")[0] == sender.nick, alert["source"]
+    if way == "inbound":
+        assert alert["source"]["user"]["name"].startswith(sender.nick + "!"), alert["source"]
+    assert receiver.nick in ctx["recipients"], ctx
+
+
+def archive_rows(route: Route, person: str, predicate: Callable[[dict], bool], timeout: float = 10.0) -> list[dict]:
+    """The gateway's archive searched by person (as `imguard archive search --person`): the rows that satisfy
+    `predicate`, waited for (the archive's writer thread stores records within a moment)."""
+    from imguard import archive
+
+    store = archive.Archive(route.gateway.data_dir / "archive.sqlite3")
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            rows = [r for r in store.search(archive.Query(person=person)) if predicate(r)]
+            if rows or time.monotonic() > deadline:
+                return rows
+            time.sleep(0.1)
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("way", WAYS)
+def test_message_across_the_perimeter_is_decided_and_archived(route, way):
+    """A private message between someone outside and someone inside arrives unchanged either way; imguard
+    records it once, with its direction and both parties, and the archive finds it by either person."""
+    with Chat(route) as chat:
+        sender, receiver = across(chat, way)
+        text = f"hello {way} ünïcödé ✓ {uuid.uuid4().hex[:6]}"
+        sender.conn.privmsg(receiver.nick, text)
+        assert chat.pump(lambda: (sender.nick, text) in receiver.private, 15), (
+            f"{receiver.nick} never got {text!r}; got {receiver.private}\n{route.failure_logs()}")
+        if not route.through_gateway:
+            return
+        alert = route.wait_alert(lambda e: e.get("event", {}).get("dataset") == "imguard.message"
+                                 and text in str(e.get("imguard", {}).get("message")))
+        assert alert, f"imguard recorded no message event for the {way} message\n{route.failure_logs()}"
+        assert alert["event"]["action"] == "allow", alert["event"]
+        assert_parties(alert, way, sender, receiver)
+        assert len([e for e in route.alerts() if text in str(e.get("imguard", {}).get("message"))]) == 1, (
+            "the message was recorded more than once")
+        for person in (sender, receiver):
+            rows = archive_rows(route, person.nick, lambda r: r["text"] == text)
+            assert len(rows) == 1, f"the archive search for {person.nick} does not return the message: {rows}"
+            assert rows[0]["direction"] == way and rows[0]["action"] == "allow", rows[0]
+
+
+@pytest.mark.parametrize("way", WAYS)
+def test_blocked_keyword_across_the_perimeter_never_arrives(route, way):
+    """A message with the blocked keyword never reaches the receiver, either way (a sentinel after it arrives and
+    it still has not). Inbound, the inside receiver gets imguard's NOTICE saying from whom and why; outbound, the
+    inside sender gets the rule's notice. The alert has the direction and both parties."""
+    with Chat(route) as chat:
+        sender, receiver = across(chat, way)
+        text = f"the {BLOCKED_WORD} plan {uuid.uuid4().hex[:6]}"
+        sender.conn.privmsg(receiver.nick, text)
+        chat.sentinel(sender, receiver, f"after blocked {way} keyword")
+        if not route.through_gateway:
+            assert (sender.nick, text) in receiver.private, "control: ngIRCd itself delivers the message"
+            return
+        assert not any(BLOCKED_WORD in t for _, t in receiver.private + receiver.channel + receiver.notices), (
+            f"{receiver.nick} saw the keyword: {receiver.private} {receiver.notices}")
+        if way == "inbound":
+            told = [n for n in receiver.imguard_notices() if sender.nick in n and "blocked" in n]
+            assert told, f"the inside receiver got no NOTICE from imguard: {receiver.notices}"
+            assert "Confidential project codename" in told[0] and BLOCKED_WORD not in told[0], told
+        else:
+            assert chat.pump(lambda: BLOCKED_NOTICE in sender.imguard_notices(), 5), (
+                f"the inside sender got no NOTICE: {sender.notices}")
+        alert = route.wait_alert(lambda e: e.get("event", {}).get("dataset") == "imguard.message"
+                                 and e["event"].get("action") == "block" and text in str(e))
+        assert alert, f"no block alert in {route.gateway.alerts_file}\n{route.failure_logs()}"
+        assert alert["rule"]["id"] == BLOCKED_RULE
+        assert_parties(alert, way, sender, receiver)
+        rows = archive_rows(route, receiver.nick, lambda r: r["text"] == text)
+        assert [r["action"] for r in rows] == ["block"], rows
+        chat.sentinel(sender, receiver, "a second sentinel")
+        assert not any(BLOCKED_WORD in t for _, t in receiver.private), "the blocked message arrived late"
+
+
+@pytest.mark.parametrize("mode", ["active", "passive"])
+@pytest.mark.parametrize("way", WAYS)
+def test_eicar_by_dcc_across_the_perimeter_never_reaches_the_receiver(route, way, mode):
+    """EICAR by DCC SEND between outside and inside, active and passive: the data connection goes through
+    imguard's relay whichever side is inside, and the receiver gets none of the file. The alert says the
+    direction and names both parties; the inside person is told in the chat (inbound: the receiver)."""
+    with Chat(route) as chat:
+        sender, receiver = across(chat, way)
+        name = f"eicar-{way}-{mode}-{uuid.uuid4().hex[:6]}.com"
+        t = chat.offer_file(sender, receiver, name, EICAR, passive=mode == "passive")
+        assert chat.pump(lambda: t.done, 20), (
+            f"the transfer did not end: offer {t.offer}, {len(t.received)} bytes\n{route.failure_logs()}")
+        if not route.through_gateway:
+            assert bytes(t.received) == EICAR, "control: ngIRCd and the clients deliver the file"
+            return
+        assert t.offer is not None and t.offer["host"] == "127.0.0.1" and t.offer["port"] in route.gateway.dcc_ports, (
+            f"the connecting side was not sent to imguard's relay: {t.offer}")
+        assert bytes(t.received) == b"", f"{receiver.nick} received {len(t.received)} bytes of the blocked file"
+        alert = route.wait_alert(lambda e: e.get("file", {}).get("name") == name
+                                 and e["event"].get("action") in ("block", "quarantine"))
+        assert alert, f"no block alert for EICAR in {route.gateway.alerts_file}\n{route.failure_logs()}"
+        assert alert["file"]["hash"]["sha256"] == sha256(EICAR) and alert.get("rule", {}).get("id"), alert
+        assert alert["imguard"]["context"]["transfer_mechanism"] == "dcc"
+        assert_parties(alert, way, sender, receiver)
+        inside = receiver if way == "inbound" else sender
+        assert chat.pump(lambda: any(name in n for n in inside.imguard_notices()), 10), (
+            f"{inside.nick} (inside) got no NOTICE naming {name}: {inside.notices}\n{route.failure_logs()}")
+        outside = sender if way == "inbound" else receiver
+        rows = archive_rows(route, outside.nick, lambda r: r["sha256"] == sha256(EICAR) and r["file_name"] == name)
+        assert [(r["direction"], r["action"]) for r in rows] == [(way, alert["event"]["action"])], rows
+        chat.sentinel(sender, receiver, "after blocked file")
+        assert bytes(t.received) == b"", "bytes of the blocked file arrived late"
+
+
+@pytest.mark.parametrize("mode", ["active", "passive"])
+@pytest.mark.parametrize("way", WAYS)
+def test_clean_file_by_dcc_across_the_perimeter_arrives_byte_identical(route, way, mode):
+    """A harmless file by DCC SEND between outside and inside, active and passive, arrives byte-identical,
+    through imguard's relay, and is recorded as allowed with its direction and both parties."""
+    with Chat(route) as chat:
+        sender, receiver = across(chat, way)
+        name = f"numbers-{way}-{mode}-{uuid.uuid4().hex[:6]}.bin"
+        t = chat.offer_file(sender, receiver, name, CLEAN, passive=mode == "passive")
+        assert chat.pump(lambda: t.done, 20), (
+            f"the transfer did not finish: offer {t.offer}, {len(t.received)} bytes\n{route.failure_logs()}")
+        assert not t.connect_error, t.connect_error
+        assert sha256(bytes(t.received)) == sha256(CLEAN), (
+            f"{receiver.nick} got {len(t.received)} bytes, not the {len(CLEAN)} sent ({route})")
+        if not route.through_gateway:
+            assert t.offer["port"] == t.listen_port, "control: the peers connect to each other"
+            return
+        assert t.offer["host"] == "127.0.0.1" and t.offer["port"] in route.gateway.dcc_ports, (
+            f"the connecting side was not sent to imguard's relay: {t.offer}")
+        alert = route.wait_alert(lambda e: e.get("file", {}).get("name") == name)
+        assert alert, f"imguard recorded no file event for the clean DCC transfer\n{route.failure_logs()}"
+        assert alert["event"]["action"] in ("allow", "alert"), alert["event"]
+        assert alert["file"]["hash"]["sha256"] == sha256(CLEAN)
+        assert_parties(alert, way, sender, receiver)
+        assert not sender.imguard_notices() and not receiver.imguard_notices(), "someone was told about a clean file"

@@ -8,11 +8,12 @@ import struct
 import pytest
 
 from imguard.files.expected import ExpectedTransfers
-from imguard.model import ALLOW, BLOCK, ChatContext, Decision, FileReport, RuleMatch
+from imguard.model import ALLOW, BLOCK, FROM_CLIENT, FROM_SERVER, INBOUND, ChatContext, Decision, FileReport, RuleMatch
 from imguard.files.tracker import HoldState
 from imguard.protocols.base import Close, InspectFile, Send
 from imguard.protocols.irc.dcc import DccOffer, DccSendSession, dcc_session, find_offer
 from imguard.protocols.irc.decoder import IrcLimits
+from imguard.policy.zones import classify_direction
 from imguard.protocols.irc.session import IrcSession
 from tests.test_irc_support import Checker, anomalies, capture, notifies, sends, tcp_payload, transcript
 
@@ -358,3 +359,96 @@ def test_a_second_verdict_changes_nothing():
     [job] = inspects(s.data_received(False, b"a"))
     s.file_verdict(job.transfer_id, report(), BLOCKED)
     assert s.file_verdict(job.transfer_id, report(), ALLOWED) == []
+
+
+# --- inbound: offered to the user behind the gateway ------------------------------------------------
+
+IRC_CTX = ChatContext(client_address="10.0.0.7:59069", server_address="198.51.100.1:6667", connection_id="c1")
+IRC_WELCOME = b":irc.test 001 alice :Welcome alice!~alice@10.0.0.7\r\n"
+
+
+def inside_alice(relay_port: int):
+    """alice's IrcSession (inside, behind the gateway) with a DCC relay on 192.0.2.1."""
+    transfers = ExpectedTransfers()
+    irc = IrcSession(Checker(), transfers, IRC_CTX, dcc_relay=("192.0.2.1", lambda o: relay_port))
+    irc.data_received(True, b"NICK alice\r\nUSER alice 0 * :A\r\n")
+    irc.data_received(False, IRC_WELCOME)
+    return irc, transfers
+
+
+@pytest.mark.parametrize("verdict", ["allow", "block"])
+def test_inbound_active_offer_is_held_until_its_verdict(verdict):
+    """mallory (outside, on the server's side) offers alice (inside) a file by active DCC: the offer alice gets
+    points at the relay, her connection there is carried on to mallory, and the file is held until the verdict
+    (origin server: inbound, sender mallory's mask, recipient alice). Blocked: alice gets none of it and her
+    IRC connection a notice naming the file; allowed: the bytes as sent."""
+    irc, transfers = inside_alice(40020)
+    out = irc.data_received(False, b":mallory!m@203.0.113.5 PRIVMSG alice "
+                                   b":\x01DCC SEND x.exe 3405803781 7000 6\x01\r\n")
+    assert b"3221225985 40020" in sends(out, True)
+    o = find_offer(transfers, "192.0.2.1", 40020)
+    data_ctx = ChatContext(client_address="10.0.0.7:50000", server_address="192.0.2.1:40020", connection_id="d9")
+    s = dcc_session(Checker(), transfers, data_ctx, o)
+    assert s.sender_is_client is False                   # alice connected: the file comes from the server leg
+    out = s.data_received(False, b"MZ\x90\x00ab")
+    assert sends(out, True) == b"" and acks(sends(out, False)) == [6]
+    [job] = inspects(out)
+    ctx = job.context
+    assert (ctx.origin, ctx.sender, ctx.recipients, ctx.transfer_mechanism) == (
+        FROM_SERVER, "mallory!m@203.0.113.5", ("alice",), "dcc")
+    assert classify_direction(ctx) == INBOUND and ctx.connection_id == "d9"
+    out = s.file_verdict(job.transfer_id, report(), ALLOWED if verdict == "allow" else BLOCKED)
+    if verdict == "allow":
+        assert sends(out, True) == b"MZ\x90\x00ab"
+        return
+    assert sends(out, True) == b"" and isinstance(out[-1], Close)
+    [notify] = notifies(out)
+    assert notify.connection_id == "c1" and "x.exe" in notify.text and "mallory" in notify.text
+    assert sends(irc.notice(notify.text), True).startswith(b":imguard NOTICE alice :imguard: the file 'x.exe'")
+
+
+def test_inbound_passive_offer_goes_through_the_relay():
+    """mallory offers by reverse DCC (port 0 + token); alice's answer names her own listener, and is rewritten to
+    the relay: mallory connects to the gateway, which connects on to alice. The file comes from the client leg
+    of that data connection, is held, and is inbound."""
+    irc, transfers = inside_alice(40021)
+    irc.data_received(False, b":mallory!m@203.0.113.5 PRIVMSG alice :\x01DCC SEND y.bin 3405803781 0 4 t1\x01\r\n")
+    out = irc.data_received(True, b"PRIVMSG mallory :\x01DCC SEND y.bin 167772167 6001 4 t1\x01\r\n")
+    assert sends(out, False) == b"PRIVMSG mallory :\x01DCC SEND y.bin 3221225985 40021 4 t1\x01\r\n"
+    o = find_offer(transfers, "192.0.2.1", 40021)
+    assert o.real_address == ("10.0.0.7", 6001)
+    s = dcc_session(Checker(), transfers, ChatContext(connection_id="d10"), o)
+    out = s.data_received(True, b"abcd")
+    assert sends(out, False) == b""
+    [job] = inspects(out)
+    assert job.context.origin == FROM_SERVER and classify_direction(job.context) == INBOUND
+    assert sends(s.file_verdict(job.transfer_id, report(), ALLOWED), False) == b"abcd"
+
+
+def test_dcc_chat_lines_have_the_origin_of_their_writer():
+    """A DCC CHAT offered to our user by someone outside: the offerer's lines come from the server side, our
+    user's from the client side (and the reverse for an offer our user made)."""
+    for outbound, offerer_origin in ((False, FROM_SERVER), (True, FROM_CLIENT)):
+        o = DccOffer(offer_id="c1-3", kind="chat", name="", size=None, sender="mallory!m@h", receiver="alice",
+                     host="203.0.113.5", port=7001, outbound=outbound, context=ChatContext(connection_id="c1"))
+        checker = Checker()
+        s = dcc_session(checker, ExpectedTransfers(), DATA_CTX, o)
+        s.data_received(False, b"from the offerer\n")     # active: the offerer listens (server leg)
+        s.data_received(True, b"from the receiver\n")
+        assert [(t, c.sender, c.origin) for t, c in checker.calls] == [
+            ("from the offerer", "mallory!m@h", offerer_origin),
+            ("from the receiver", "alice", FROM_CLIENT if offerer_origin == FROM_SERVER else FROM_SERVER)]
+
+
+def test_inbound_file_notice_is_in_the_receivers_words():
+    """A rule's notice is written for the sender ("Your file ..."): the inside receiver of a blocked inbound file
+    is told who sent what and why instead; an allowed inbound file's notice (for its sender) is not delivered."""
+    irc, transfers = inside_alice(40022)
+    irc.data_received(False, b":mallory!m@h PRIVMSG alice :\x01DCC SEND z.com 3405803781 7000 1\x01\r\n")
+    for decision, told in ((Decision(action=BLOCK, matches=BLOCKED.matches, notice="Your file was blocked."),
+                            ["imguard: the file 'z.com' from mallory was blocked (no captures)"]),
+                           (Decision(action=ALLOW, notice="Your file was scanned."), [])):
+        o = find_offer(transfers, "192.0.2.1", 40022, take=False)
+        s = dcc_session(Checker(), transfers, ChatContext(connection_id="d11"), o)
+        [job] = inspects(s.data_received(False, b"z"))
+        assert [n.text for n in notifies(s.file_verdict(job.transfer_id, report(), decision))] == told

@@ -7,7 +7,7 @@ import base64
 import pytest
 
 from imguard.files.expected import ExpectedTransfers
-from imguard.model import ChatContext
+from imguard.model import FROM_CLIENT, FROM_SERVER, ChatContext
 from imguard.protocols.base import Close, StartTls
 from imguard.protocols.irc.dcc import DCC_KIND, find_offer
 from imguard.protocols.irc.decoder import IrcLimits
@@ -71,8 +71,12 @@ def test_dcc_capture_offer_is_registered():
     s, transfers = make(checker)
     out = feed(s, transcript("zeek_irc_dcc_send_control.json"))
     assert sends(out, False) == side("zeek_irc_dcc_send_control.json", True)
-    assert [t for t, _ in checker.calls] == ["hi, i'm chatting for some packets", "more packets", "more packets!",
-                                            "even more packets!", "leaving"]
+    assert [t for t, c in checker.calls if c.origin == FROM_CLIENT] == [
+        "hi, i'm chatting for some packets", "more packets", "more packets!", "even more packets!", "leaving"]
+    # tim1's channel messages, delivered to our user tim2, are decided too (inbound): sender his full mask.
+    inbound = [(t, c.sender, c.recipients, c.conversation) for t, c in checker.calls if c.origin == FROM_SERVER]
+    assert inbound == [(text, "tim1!tim@10.0.0.22", ("#testing",), "#testing")
+                       for text in ("do we still need more packets?", "maybe we do")]
     offer = find_offer(transfers, "10.0.0.7", 59130)
     assert (offer.kind, offer.name, offer.size, offer.sender, offer.receiver) == ("send", "ssh.trace", 1320211,
                                                                                    "tim2", "tim1")
@@ -158,12 +162,72 @@ def test_ambiguous_privmsg_is_dropped():
     assert sends(out, False) == b"" and anomalies(out) == ["ambiguous_message"]
 
 
-def test_server_messages_are_not_policed():
-    """Policy applies to what the client sends; incoming messages are forwarded as they are."""
+def test_server_lines_that_are_not_chat_cost_no_policy():
+    """Numerics, JOIN, PART, MODE, the server's own notices and our own echoed line are only forwarded."""
     checker = Checker(block=("secret",))
     s, _ = registered(checker)
-    line = b":bob!b@h PRIVMSG alice :secret\r\n"
-    assert sends(s.data_received(False, line), True) == line and not checker.calls
+    lines = (b":irc.test 372 alice :- secret motd\r\n:bob!b@h JOIN #ops\r\n:bob!b@h PART #ops :secret\r\n"
+             b":irc.test NOTICE alice :*** secret server notice\r\nNOTICE AUTH :*** secret\r\n"
+             b":bob!b@h MODE #ops +o alice\r\n:alice!~alice@127.0.0.1 PRIVMSG #ops :secret echo\r\n")
+    assert sends(s.data_received(False, lines), True) == lines and not checker.calls
+
+
+def test_inbound_message_allowed_crosses_byte_exact():
+    """A PRIVMSG from someone on the server's side is decided: origin server, sender the prefix, recipient our user
+    (a query) or the channel; allowed, the exact bytes reach our user."""
+    checker = Checker()
+    s, _ = registered(checker)
+    lines = (b"@time=2024-01-01T00:00:00Z :bob!b@203.0.113.9 PRIVMSG alice :hi \xc3\xa9\r\n"
+             b":carol!c@h PRIVMSG @#ops :to the ops\r\n:bob!b@203.0.113.9 NOTICE alice :\x01ACTION waves\x01\r\n")
+    assert sends(s.data_received(False, lines), True) == lines
+    got = [(t, c.origin, c.sender, c.recipients, c.conversation, c.protocol) for t, c in checker.calls]
+    assert got == [("hi \u00e9", FROM_SERVER, "bob!b@203.0.113.9", ("alice",), "", "irc"),
+                   ("to the ops", FROM_SERVER, "carol!c@h", ("@#ops",), "#ops", "irc"),
+                   ("waves", FROM_SERVER, "bob!b@203.0.113.9", ("alice",), "", "irc")]
+    assert checker.calls[0][1].client_address == CTX.client_address
+
+
+def test_inbound_message_blocked_is_dropped_and_the_receiver_told():
+    """A blocked inbound message never reaches our user; a NOTICE from imguard says from whom and why."""
+    s, _ = registered(Checker(block=("secret",), notice="Your message was blocked (for the sender)"))
+    out = s.data_received(False, b":bob!b@h PRIVMSG #ops :the secret plan\r\n:bob!b@h PRIVMSG #ops :ok\r\n"
+                                 b":bob!b@h PRIVMSG alice :secret too\r\n")
+    assert sends(out, False) == b""
+    assert sends(out, True) == (b":imguard NOTICE alice :A message from bob to #ops was blocked by imguard: "
+                                b"no secret\r\n:bob!b@h PRIVMSG #ops :ok\r\n"
+                                b":imguard NOTICE alice :A message from bob was blocked by imguard: no secret\r\n")
+
+
+def test_inbound_message_masked_is_rewritten():
+    s, _ = registered(Checker(mask={"4111111111111111": "****"}))
+    out = s.data_received(False, b"@a=b :bob!b@h PRIVMSG alice :card 4111111111111111\r\n"
+                                 b":bob!b@h PRIVMSG alice :\x01ACTION pays 4111111111111111\x01\r\n")
+    assert sends(out, True) == (b"@a=b :bob!b@h PRIVMSG alice :card ****\r\n"
+                                b":bob!b@h PRIVMSG alice :\x01ACTION pays ****\x01\r\n")
+
+
+def test_inbound_blocked_message_does_not_register_its_offer():
+    s, transfers = registered(Checker(block=("secret",)))
+    s.data_received(False, b":bob!b@h PRIVMSG alice :secret \x01DCC SEND f 3405803781 7000 5\x01\r\n")
+    assert find_offer(transfers, "203.0.113.5", 7000) is None
+
+
+def test_inbound_message_lines_that_cannot_be_decided_are_dropped():
+    """From the server: a PRIVMSG with a NUL or bare CR, or with too many params, is not passed on undecided."""
+    checker = Checker()
+    s, _ = registered(checker)
+    out = s.data_received(False, b":bob!b@h PRIVMSG alice :a\x00b\r\n:bob!b@h PRIVMSG alice :x\r:e!e@h NOTICE alice"
+                                 b" :y\r\n:bob!b@h PRIVMSG alice extra :z\r\n:irc.test 372 alice :a\x00b\r\n")
+    assert sends(out, True) == b":irc.test 372 alice :a\x00b\r\n"
+    assert anomalies(out) == ["nul_byte", "bare_cr", "ambiguous_message", "nul_byte"]
+
+
+def test_outbound_contexts_say_from_the_client():
+    checker = Checker()
+    s, transfers = registered(checker)
+    s.data_received(True, b"PRIVMSG #ops :hello\r\nPRIVMSG bob :\x01DCC SEND f.bin 167772167 5000 100\x01\r\n")
+    assert [c.origin for _, c in checker.calls] == [FROM_CLIENT]
+    assert find_offer(transfers, "10.0.0.7", 5000).context.origin == FROM_CLIENT
 
 
 # --- identity ---------------------------------------------------------------------------------------
@@ -432,6 +496,8 @@ def test_inbound_offer_is_relayed_too():
     offer = find_offer(transfers, "192.0.2.1", 40009)
     assert offer.real_address == ("203.0.113.5", 7000) and not offer.outbound
     assert (offer.sender, offer.receiver) == ("mallory!m@203.0.113.5", "alice")
+    assert (offer.context.origin, offer.context.sender, offer.context.recipients) == (
+        FROM_SERVER, "mallory!m@203.0.113.5", ("alice",))
 
 
 def test_passive_reply_from_our_user():
@@ -442,6 +508,19 @@ def test_passive_reply_from_our_user():
     s.data_received(True, b"PRIVMSG mallory :\x01DCC SEND x.bin 167772167 6001 50 tok9\x01\r\n")
     offer = find_offer(transfers, "10.0.0.7", 6001)
     assert (offer.sender, offer.receiver, offer.listener_is_sender) == ("mallory!m@h", "alice", False)
+    assert offer.context.origin == FROM_SERVER and not offer.outbound
+
+
+def test_passive_inbound_reply_is_rewritten_to_the_relay():
+    """Reverse DCC offered to our user: its answer (our user's own address) is rewritten to the relay, so the
+    outside sender connects to the gateway, which connects on to our user."""
+    s, transfers = registered(dcc_relay=("192.0.2.1", lambda offer: 40011))
+    s.data_received(False, b":mallory!m@h PRIVMSG alice :\x01DCC SEND x.bin 3405803781 0 50 tok9\x01\r\n")
+    out = s.data_received(True, b"PRIVMSG mallory :\x01DCC SEND x.bin 167772167 6001 50 tok9\x01\r\n")
+    assert sends(out, False) == b"PRIVMSG mallory :\x01DCC SEND x.bin 3221225985 40011 50 tok9\x01\r\n"
+    offer = find_offer(transfers, "192.0.2.1", 40011)
+    assert offer.real_address == ("10.0.0.7", 6001) and not offer.listener_is_sender
+    assert (offer.sender, offer.context.origin) == ("mallory!m@h", FROM_SERVER)
 
 
 def test_echoed_own_offer_does_not_overwrite_the_entry():
@@ -506,3 +585,23 @@ def test_lines_before_an_endless_line_still_cross():
     out = s.data_received(True, b"PRIVMSG #c :fine\r\n" + b"B" * 300)
     assert sends(out, False) == b"PRIVMSG #c :fine\r\n"
     assert anomalies(out) == ["line_too_long"] and isinstance(out[-1], Close)
+
+
+def test_passive_offer_between_two_inside_users_belongs_to_its_sender():
+    """alice and bob both behind the gateway, reverse DCC: bob's session registers bob's answer (an inbound offer to
+    bob); when alice's session sees the rewritten answer, the offer becomes alice's outbound file (her connection
+    is told, its origin is the client's)."""
+    transfers = ExpectedTransfers()
+    relay = ("192.0.2.1", lambda offer: 40030)
+    alice = IrcSession(Checker(), transfers, CTX, dcc_relay=relay)
+    bob = IrcSession(Checker(), transfers, CTX.with_(connection_id="c2"), dcc_relay=relay)
+    feed(alice, [(True, b"NICK alice\r\nUSER alice 0 * :A\r\n"), (False, WELCOME)])
+    feed(bob, [(True, b"NICK bob\r\nUSER bob 0 * :B\r\n"), (False, WELCOME.replace(b"alice", b"bob"))])
+    offer = b"PRIVMSG bob :\x01DCC SEND f.bin 2130706433 0 5 tk\x01\r\n"
+    alice.data_received(True, offer)
+    bob.data_received(False, b":alice!~alice@127.0.0.1 " + offer)
+    answer = sends(bob.data_received(True, b"PRIVMSG alice :\x01DCC SEND f.bin 2130706433 6001 5 tk\x01\r\n"), False)
+    assert find_offer(transfers, "192.0.2.1", 40030, take=False).context.origin == FROM_SERVER
+    alice.data_received(False, b":bob!~bob@127.0.0.1 " + answer)
+    o = find_offer(transfers, "192.0.2.1", 40030)
+    assert (o.outbound, o.sender, o.context.origin, o.context.connection_id) == (True, "alice", FROM_CLIENT, "c1")

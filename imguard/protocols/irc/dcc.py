@@ -20,9 +20,18 @@ closes: truncated if short) the tracker hands the file out for inspection (mecha
 the announced size are dropped (dcc_overrun, recorded once). The receiver's own ACKs are swallowed (the
 sender already had ours). `file_verdict` is the tracker's verdict: allowed, the held bytes go to the
 receiver; blocked, the connection closes with nothing delivered and a `Notify` command carries a notice
-for the IRC connection the offer came from, which the carrier delivers with `IrcSession.notice()`. Once
-the file is released, a close from either side closes the other (an irssi receiver waits at 100% for
-the sender's close).
+for the IRC connection that registered the offer, which the carrier delivers with `IrcSession.notice()`:
+the inside sender's for an outbound file, the inside receiver's for an inbound one, in its own words (the
+outside sender is not on the gateway, and a rule's notice is written for a sender). Once the file is
+released, a close from either side closes the other (an irssi receiver waits at 100% for the sender's
+close).
+
+Both directions are the same session: the offer says who is inside. An offer our IRC user makes is
+outbound (its context `origin=FROM_CLIENT`); one made *to* our user by someone on the server's side is
+inbound (`origin=FROM_SERVER`, sender that person's nick!user@host): the file's context keeps the offer's,
+so the pipeline's direction is the file's. Which leg of the data connection carries the file
+(`sender_is_client`) is a separate fact, from active or passive DCC. DCC CHAT lines take their origin from
+who wrote them (the offerer is inside when the offer was outbound).
 
 DCC CHAT offers are stored the same way (kind CHAT); `DccChatSession` checks each line like a message.
 
@@ -48,8 +57,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from imguard.files.tracker import HeldTransfer, HoldState
-from imguard.model import ChatContext, Decision, FileReport
-from imguard.protocols.base import Anomaly, Close, Command, Notify, Send, StreamSession
+from imguard.model import FROM_CLIENT, FROM_SERVER, ChatContext, Decision, FileReport
+from imguard.protocols.base import Anomaly, Close, Command, Notify, Send, StreamSession, block_words
 from imguard.protocols.irc.decoder import IrcLimits, decode_text, encode_text, format_ctcp, split_ctcp
 
 DCC_KIND = "dcc"                # the ExpectedTransfers kind of DCC offers; key (host, port)
@@ -204,10 +213,18 @@ class DccSendSession(StreamSession):
         return struct.pack(">I", (self.offer.position + self.transfer.received) & 0xFFFFFFFF)
 
     def _tell(self, transfer: HeldTransfer, text: str, decision: Decision | None) -> list[Command]:
-        """The sender is told on the IRC connection the offer came from (DCC has no channel back)."""
+        """The person inside is told on the IRC connection that registered the offer (DCC has no channel back):
+        the sender of an outbound file; the receiver of an inbound one, in the receiver's terms (a rule's notice
+        is written for the sender: "Your file ..."), and only when the file was stopped."""
         details = self.offer.to_dict()
         if decision is not None and decision.blocked:
             details["bytes_held"] = transfer.received
+        if not self.offer.outbound and decision is not None:
+            if not decision.blocked:
+                return []       # an allowed file's notice is for its sender, who is not on this gateway
+            action, why = block_words(decision)
+            sender = self.offer.sender.split("!", 1)[0]
+            text = f"imguard: the file {self.offer.name!r} from {sender} was {action} ({why})"
         return [Notify(self.offer.context.connection_id, "irc", text, transfer.context, decision,
                        (("dcc", details),))]
 
@@ -238,6 +255,9 @@ class DccChatSession(StreamSession):
         if offer is not None:
             offerer_is_client = not offer.listener_is_sender
             self._who = {offerer_is_client: offer.sender, not offerer_is_client: offer.receiver}
+            # Which side of the gateway each writer is on: the offerer is our IRC user when the offer was outbound.
+            inside, outside = (FROM_CLIENT, FROM_SERVER) if offer.outbound else (FROM_SERVER, FROM_CLIENT)
+            self._origin = {offerer_is_client: inside, not offerer_is_client: outside}
             self.chat_context = offer.context.with_(
                 protocol="irc", transfer_mechanism="",
                 client_address=context.client_address or offer.context.client_address,
@@ -296,7 +316,8 @@ class DccChatSession(StreamSession):
             return raw, []
         sender = self._who[from_client]
         other = self._who[not from_client]
-        decision = self.checker.check_message(check, self.chat_context.with_(sender=sender, recipients=(other,)))
+        decision = self.checker.check_message(check, self.chat_context.with_(
+            sender=sender, recipients=(other,), origin=self._origin[from_client]))
         if decision.blocked:
             why = decision.notice or ("your message was blocked by imguard: "
                                       + ("; ".join(m.title or m.rule_id for m in decision.matches) or "policy"))

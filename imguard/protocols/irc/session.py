@@ -4,23 +4,38 @@
     session.data_received(True, b"PRIVMSG #ops :the password is hunter2\\r\\n")
         -> [Send(to_client=False, data=b"PRIVMSG #ops :the password is *******\\r\\n")]       (mask)
         -> [Send(to_client=True, data=b":imguard NOTICE alice :Your message ... was blocked ...\\r\\n")]  (block)
+    session.data_received(False, b":mallory!m@203.0.113.5 PRIVMSG alice :project-bluebird\\r\\n")
+        -> [Send(to_client=True, data=b":imguard NOTICE alice :A message from mallory was blocked ...\\r\\n")]
 
-Client lines (the gateway's user) are policed; server lines are decoded for context (registered nick,
-renames, SASL account, ISUPPORT, STARTTLS, DCC offers made *to* the user) and forwarded byte for byte.
+Both directions are decided. The client is the user behind the gateway (inside): what it sends has
+`origin=FROM_CLIENT` (outbound unless the zones say every recipient is internal); the PRIVMSGs and NOTICEs
+the server delivers to it come from someone on the server's side and have `origin=FROM_SERVER` (inbound
+unless the zones say the sender is internal); the pipeline derives the direction from that. Other server
+lines (numerics, JOIN, PART, MODE, ...) are only decoded for context (registered nick, renames, SASL
+account, ISUPPORT, STARTTLS, DCC offers made *to* the user) and forwarded byte for byte: they cost no policy.
 
 Identity: the nick confirmed by the welcome (001) is the person's identity for the whole connection;
 renames (`:old!u@h NICK new`, confirmed by the server) change the nick used for notices but events
 keep the identity. A SASL account (900 RPL_LOGGEDIN, else the PLAIN authcid once 903 says success)
 replaces it as the label: an account is what the server vouches for.
 
-Text policy: PRIVMSG and NOTICE (plain text and CTCP ACTION; also CPRIVMSG, CNOTICE, SQUERY, WALLOPS),
-TOPIC, SETNAME, the free-text reasons of PART, QUIT, KICK, KNOCK and AWAY, and the values of IRCv3
+Text policy, from the client: PRIVMSG and NOTICE (plain text and CTCP ACTION; also CPRIVMSG, CNOTICE, SQUERY,
+WALLOPS), TOPIC, SETNAME, the free-text reasons of PART, QUIT, KICK, KNOCK and AWAY, and the values of IRCv3
 client-only tags (`+name=value`, which other clients receive) go to `checker.check_message(text, ctx)`.
 Allow/alert: the exact bytes cross.
 Mask: the text param is rewritten (tags and prefix kept). Block/quarantine: the line is dropped and the
 user gets `:imguard NOTICE <nick> :<why>`; for PART/QUIT/KICK/KNOCK/AWAY the command still goes,
 without its text (a person must be able to leave). A line whose text param is ambiguous (more params
 than the command takes), or that carries a bare CR or a NUL, is dropped as an anomaly.
+
+Text policy, from the server: a PRIVMSG or NOTICE (plain text and CTCP ACTION) from a person (a nick!user@host
+prefix) other than our user (an echo-message copy of our own line was decided on its way out) goes to
+`checker.check_message` with sender = that prefix, recipients = our user (a query) or the channel,
+conversation = the channel. Allow/alert: the exact bytes reach our user; mask: the text is rewritten; block:
+the line is dropped and our user gets `:imguard NOTICE <nick> :A message from <nick> ... was blocked by
+imguard: <why>`. A server's own notices (a server name as the prefix) are not chat and only forwarded. A
+PRIVMSG/NOTICE line from the server with too many params, or one the decoder rejects (NUL, bare CR) but a
+client could read as a message, is dropped as an anomaly rather than passed on undecided.
 
 STARTTLS (IRCv3, deprecated but alive): client STARTTLS is forwarded; the server's 670 is forwarded,
 then `StartTls`. Anything either side sent after those two lines and before TLS is dropped as an
@@ -34,7 +49,12 @@ must cross the gateway; the table is keyed by that relay address and keeps the r
 relay port (the receiver's view) and the real one (the sender's) and the offer's position renewed.
 A malformed offer (bad size, port or address) is an anomaly and dropped, with a notice to our user;
 an offer larger than `max_held_bytes` is refused (it could not be inspected). Offers made *to* our
-user are registered and relayed the same way, so inbound files are held and scanned too.
+user (from the server side) are registered and relayed the same way, so an inbound file's data connection
+crosses the gateway too and is held and decided before our user gets a byte: active DCC, our user connects
+to the relay and the gateway on to the outside sender; passive DCC, our user's answer (its own address) is
+rewritten, so the outside sender connects to the relay and the gateway on to our user. The file's context
+has `origin=FROM_SERVER` (sender the offerer's nick!user@host, recipient our user): its alerts say inbound,
+and a blocked inbound file is explained to our user (the receiver) on this connection.
 
 Events: anomalies (Anomaly facts) and protocol events (ProtocolEvent facts): "irc_registered" (nick, user,
 host, realname, account, caps, tls), "irc_nick_change" (old, new, identity), "irc_logged_in", "dcc_offer",
@@ -51,9 +71,9 @@ import re
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator
 
-from imguard.model import MASK, ChatContext, Decision, FileReport
+from imguard.model import FROM_CLIENT, FROM_SERVER, MASK, ChatContext, Decision, FileReport
 from imguard.protocols.base import (Anomaly, Close, Command, OutgoingCommands, ProtocolEvent, Send, StartTls,
-                                    StreamSession, limited_anomaly)
+                                    StreamSession, block_words, limited_anomaly)
 from imguard.protocols.irc.dcc import CHAT, DCC_KIND, SEND, DccOffer, new_offer_id, remember_offer
 from imguard.protocols.irc.decoder import (BadLine, Ctcp, DccError, DccResume, DccSend, IrcLimits,
                                            LineDecoder, LineTooLong, Message, encode_text, format_ctcp,
@@ -62,6 +82,7 @@ from imguard.protocols.irc.decoder import (BadLine, Ctcp, DccError, DccResume, D
 
 GATEWAY_NAME = "imguard"        # the prefix of notices the gateway writes into the chat
 _CTX_CACHE_SIZE = 64            # contexts kept per connection (one per channel or peer)
+_INBOUND_CACHE_SIZE = 256       # contexts of what the server delivers (one per sender and channel or query)
 
 # command -> (index of the target param or None, index of the text param, droppable)
 # droppable: a blocked text drops the whole line; otherwise the command goes without its text.
@@ -86,6 +107,9 @@ BENIGN_CLIENT_TAGS = {"+typing", "+draft/typing", "+draft/reply", "+reply", "+dr
                       "+channel-context", "+draft/react", "+react"}
 UNCHECKED_CTCP = {"DCC", "PING", "VERSION", "TIME", "CLIENTINFO", "SOURCE", "FINGER"}
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
+# A line from the server the decoder cannot use, but a client might read as a message: dropped, not forwarded
+# undecided (a NUL or a bare CR inside a PRIVMSG from outside).
+_MESSAGE_WORD = re.compile(rb"(?i)(?:^|[ \r])(?:PRIVMSG|NOTICE)(?: |$)")
 EMPTY_KINDS = {"empty_line"}
 
 
@@ -112,6 +136,7 @@ class IrcSession(StreamSession):
         self.transfers = transfers
         self.context = context.with_(protocol="irc")
         self._ctx_cache: dict[tuple, ChatContext] = {}
+        self._inbound_cache: dict[tuple, ChatContext] = {}
         self.limits = limits
         self.tls = tls_on_connect
         if isinstance(dcc_relay, tuple):
@@ -263,9 +288,14 @@ class IrcSession(StreamSession):
         if ev.kind in EMPTY_KINDS:
             out.send(not from_client, ev.raw)
             return
-        out.add(self._anomaly(ev.kind, ev.detail, from_client=from_client, line=ev.raw[:200].decode("latin-1")))
-        if not from_client:
-            out.send(True, ev.raw)      # the server's own oddities are its business; policy is on client lines
+        if from_client or not _MESSAGE_WORD.search(ev.raw):
+            out.add(self._anomaly(ev.kind, ev.detail, from_client=from_client, line=ev.raw[:200].decode("latin-1")))
+            if not from_client:
+                out.send(True, ev.raw)      # the server's own oddities are its business
+            return
+        # It could be read as a message from someone outside, which could not be decided: not passed on.
+        out.add(self._anomaly(ev.kind, ev.detail + "; a message line from the server, dropped", from_client=False,
+                              line=ev.raw[:200].decode("latin-1"), dropped=True))
 
     # --- client -> server ---------------------------------------------------------------------------
 
@@ -305,7 +335,7 @@ class IrcSession(StreamSession):
         targets = tuple(t for t in target.split(",") if t)
         channels = [t.lstrip(self.statusmsg) for t in targets if self._is_channel(t)]
         decision = self.checker.check_message(" ".join(values), self._ctx(
-            recipients=targets, conversation=channels[0] if channels else ""))
+            recipients=targets, conversation=channels[0] if channels else "", origin=FROM_CLIENT))
         if decision.blocked:
             out.add(Send(True, self._notice_line(decision.notice or self._default_notice(
                 decision, "message tags", targets))))
@@ -373,7 +403,7 @@ class IrcSession(StreamSession):
         plain, ctcps = (split_ctcp(text) if cmd in MESSAGE_COMMANDS else (text, []))
         check_parts = [plain] + [c.args for c in ctcps if c.verb not in UNCHECKED_CTCP]
         check_text = " ".join(p for p in check_parts if p)
-        ctx = self._ctx(recipients=recipients, conversation=conversation)
+        ctx = self._ctx(recipients=recipients, conversation=conversation, origin=FROM_CLIENT)
         decision: Decision | None = None
         if check_text.strip():
             decision = self.checker.check_message(check_text, ctx)
@@ -474,24 +504,74 @@ class IrcSession(StreamSession):
             out.add(self._anomaly("unexpected_starttls_reply", "670 without a pending STARTTLS", from_client=False))
         elif cmd == "691":
             self.starttls_requested = False
-        elif (cmd in ("PRIVMSG", "NOTICE") and len(msg.params) >= 2 and "\x01" in msg.params[-1]
-              and msg.nick.lower() != self.nick.lower()):     # our own line echoed (echo-message) is not an offer
-            plain, ctcps = split_ctcp(msg.params[-1])
-            if any(c.verb == "DCC" for c in ctcps):
-                new_ctcps = []
-                for c in ctcps:
-                    if c.verb == "DCC":
-                        args = self._dcc(out, False, c.args, peer=msg.prefix or msg.nick, msg=msg)
-                        if args is None:
-                            return
-                        new_ctcps.append(Ctcp("DCC", args))
-                    else:
-                        new_ctcps.append(c)
-                if new_ctcps != ctcps:
-                    out.send(True, msg.with_last_param(plain + "".join(format_ctcp(c.verb, c.args)
-                                                                       for c in new_ctcps)))
-                    return
+        elif cmd in ("PRIVMSG", "NOTICE") and len(msg.params) >= 2 and msg.nick.lower() != self.nick.lower():
+            self._server_text(out, msg)     # (our own line echoed by echo-message was decided on its way out)
+            return
         out.send(True, msg.raw)
+
+    def _server_text(self, out: OutgoingCommands, msg: Message) -> None:
+        """A PRIVMSG or NOTICE the server delivers to our user: someone else's message (inbound unless the zones
+        say the sender is inside), decided like our user's own. Allowed: the exact bytes; masked: the text
+        rewritten; blocked: dropped, and our user is told by a NOTICE from the gateway. DCC offers in it are
+        registered and rewritten to the relay. A server's own notices (a server name as the prefix, or none)
+        are not chat: only forwarded (DCC offers in them still handled)."""
+        if len(msg.params) > 2:
+            out.add(self._anomaly("ambiguous_message", f"{msg.command} with {len(msg.params)} params from the "
+                                  "server (clients differ on which one is the text); dropped", from_client=False))
+            return
+        target, text = msg.params
+        plain, ctcps = split_ctcp(text) if "\x01" in text else (text, [])
+        prefix = msg.prefix
+        person = bool(prefix) and ("!" in prefix or "@" in prefix or "." not in prefix)
+        decision: Decision | None = None
+        if person:
+            check_text = " ".join(p for p in [plain] + [c.args for c in ctcps if c.verb not in UNCHECKED_CTCP] if p)
+            if check_text.strip():
+                channel = self._is_channel(target)
+                conversation = target.lstrip(self.statusmsg) if channel else ""
+                recipient = target if channel or target.lower() != self.nick.lower() else self.sender
+                decision = self.checker.check_message(check_text, self._inbound_ctx(prefix, recipient, conversation))
+                if decision.blocked:
+                    what = "message" if msg.command == "PRIVMSG" else "notice"
+                    to = f" to {target}" if channel else ""
+                    action, why = block_words(decision)
+                    out.add(Send(True, self._notice_line(
+                        f"A {what} from {msg.nick}{to} was {action} by imguard: {why}")))
+                    return
+        new_ctcps: list[Ctcp] = []
+        changed = False
+        for c in ctcps:
+            if c.verb == "DCC":
+                args = self._dcc(out, False, c.args, peer=prefix or msg.nick, msg=msg)
+                if args is None:
+                    return
+                changed = changed or args != c.args
+                new_ctcps.append(Ctcp("DCC", args))
+            else:
+                new_ctcps.append(c)
+        if decision is not None and decision.action == MASK and decision.masked_text is not None:
+            masked = decision.masked_text.replace("\x01", "")     # no CTCP smuggled in by a mask
+            if not plain and len(ctcps) == 1 and ctcps[0].verb == "ACTION":
+                new_text = format_ctcp("ACTION", masked)
+            else:
+                new_text = masked + "".join(format_ctcp(c.verb, c.args) for c in new_ctcps if c.verb == "DCC")
+            out.send(True, msg.with_last_param(new_text))
+        elif changed:
+            out.send(True, msg.with_last_param(plain + "".join(format_ctcp(c.verb, c.args) for c in new_ctcps)))
+        else:
+            out.send(True, msg.raw)
+
+    def _inbound_ctx(self, sender: str, recipient: str, conversation: str) -> ChatContext:
+        """The context of a message the server delivers: from `sender` (nick!user@host) to our user or a channel,
+        origin FROM_SERVER. Built once per sender and target, as _ctx."""
+        key = (sender, recipient, conversation)
+        ctx = self._inbound_cache.get(key)
+        if ctx is None:
+            if len(self._inbound_cache) >= _INBOUND_CACHE_SIZE:
+                self._inbound_cache.clear()
+            ctx = self._inbound_cache[key] = self.context.with_(
+                sender=sender, recipients=(recipient,), conversation=conversation, origin=FROM_SERVER)
+        return ctx
 
     def _welcome(self, out: OutgoingCommands, msg: Message) -> None:
         self.nick = msg.params[0]
@@ -555,8 +635,8 @@ class IrcSession(StreamSession):
                 # are the file's sender: notices and alerts about the file belong to this connection.
                 mine = self._find_local(name, 0, req.token) if req.token else None
                 if mine is not None and mine.outbound and not from_client:
-                    remember_offer(self.transfers, replace(known, sender=mine.sender, context=mine.context),
-                                   self.limits.dcc_offer_ttl)
+                    remember_offer(self.transfers, replace(known, sender=mine.sender, context=mine.context,
+                                                           outbound=True), self.limits.dcc_offer_ttl)
                 return args
         if kind == SEND and size is not None and size > self.limits.max_held_bytes:
             text = (f"imguard: the file {name!r} ({size} bytes) is larger than {self.limits.max_held_bytes} "
@@ -604,9 +684,12 @@ class IrcSession(StreamSession):
         return format_dcc_chat(req.protocol, offer.relay_host, offer.relay_port, req.token)
 
     def _offer_ctx(self, from_client: bool, peer: str) -> ChatContext:
+        """The file's context: offered by our user (outbound unless the zones say otherwise), or offered to our
+        user by someone on the server's side (inbound)."""
         if from_client:
-            return self._ctx(recipients=(peer.split("!", 1)[0],), transfer_mechanism="dcc")
-        return self.context.with_(sender=peer, recipients=(self.sender,), transfer_mechanism="dcc")
+            return self._ctx(recipients=(peer.split("!", 1)[0],), transfer_mechanism="dcc", origin=FROM_CLIENT)
+        return self.context.with_(sender=peer, recipients=(self.sender,), transfer_mechanism="dcc",
+                                  origin=FROM_SERVER)
 
     def _dcc_resume(self, out: OutgoingCommands, from_client: bool, req: DccResume) -> str | None:
         offer = self._find_local(req.name, req.port, req.token)
