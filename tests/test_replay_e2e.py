@@ -107,7 +107,9 @@ def test_zeek_dcc_send_file(pipeline):
     assert t.mime == "application/vnd.tcpdump.pcap"
     assert [m.text for m in summary.messages][:4] == ["hi, i'm chatting for some packets", "more packets",
                                                       "more packets!", "even more packets!"]
-    assert {m.sender for m in summary.messages} == {"tim2"}
+    # tim2 is the capture's client (his lines outbound); tim1's channel lines reach him from the server (inbound)
+    assert {(m.sender, m.direction) for m in summary.messages} == {("tim2", "outbound"),
+                                                                   ("tim1!tim@10.0.0.22", "inbound")}
 
 
 @needs_pcaps
