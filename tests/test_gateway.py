@@ -62,6 +62,9 @@ class StubPipeline:
     def write(self, event):         # as the alert log, for check_unscannable
         self.records.append(event)
 
+    def with_direction(self, ctx):
+        return ctx
+
     def commit(self):
         """The archive's group commit: the gateway calls it before each write towards a peer."""
         self.commits += 1

@@ -156,6 +156,19 @@ def test_records_are_written_and_their_anomalies_listed():
     assert [(a.source, a.kind, a.detail) for a in summary.anomalies] == [("session", "odd", "very odd")]
 
 
+def test_facts_are_recorded_with_the_direction_decisions_see():
+    """An anomaly is recorded with its context as the pipeline derives it (topology, then zones), like decisions."""
+    class Directing(RecordingPipeline):
+        def with_direction(self, ctx):
+            return ctx.with_(direction="inbound" if ctx.origin == "server" else "outbound")
+
+    odd = Anomaly(ChatContext(protocol="line", origin="server"), "odd", "very odd")
+    pipeline = Directing()
+    replay(stream_capture([(True, b"x")]), Scripted(lambda fc, d: [odd]), pipeline=pipeline)
+    [event] = pipeline.records
+    assert event["imguard"]["context"]["direction"] == "inbound"
+
+
 def test_unknown_protocol_is_relayed_whole():
     """A port nobody decodes and first bytes nobody recognises: counted as crossing untouched."""
     r, summary, _, sessions = replay(stream_capture([(True, b"\x00\x01binary")], port=9999), Scripted())

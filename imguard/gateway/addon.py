@@ -34,7 +34,7 @@ from imguard.gateway.layer import RefuseLayer, SessionLayer, tls_first_stack
 from imguard.gateway.notices import NoticeRouter, connection_handler
 from imguard.model import ChatContext
 from imguard.protocols import registry
-from imguard.protocols.base import Notify
+from imguard.protocols.base import Fact, Notify
 
 logger = logging.getLogger("imguard.gateway")
 
@@ -128,9 +128,13 @@ class GatewayAddon:
         """Fail mode parse: a connection whose session failed is relayed uninspected (True) or closed."""
         return self._parse_fail_open is not None and self._parse_fail_open(protocol)
 
+    def record_fact(self, fact: Fact) -> None:
+        """A session's fact, recorded with the direction its context has for decisions."""
+        self.record(fact.event(self.pipeline.with_direction(fact.context)))
+
     def notify_command(self, cmd: Notify) -> None:
         """A session's Notify: recorded, then delivered as a notice on the connection it names (NoticeRouter)."""
-        self.record(cmd.event())
+        self.record(cmd.event(self.pipeline.with_direction(cmd.context)))
         if self.notices.deliver(cmd.connection_id, cmd.text):
             self.stats["notices"] += 1
 

@@ -40,7 +40,7 @@ from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.layers.tls import ClientTLSLayer, ServerTLSLayer
 
 from imguard.model import ChatContext, Decision, FileReport
-from imguard.protocols.base import FACTS, Close, InspectFile, Notify, Record, Send, StartTls
+from imguard.protocols.base import FACTS, Close, Fact, InspectFile, Notify, Record, Send, StartTls
 
 logger = logging.getLogger("imguard.gateway")
 
@@ -97,6 +97,9 @@ class Carrier(Protocol):
 
     def record(self, event: dict[str, Any]) -> None:
         """Write an event (alert log, sinks, archive). Never raises."""
+
+    def record_fact(self, fact: Fact) -> None:
+        """Record a session's fact (Anomaly, ProtocolEvent, Link, MessageDecision) with its direction."""
 
     def notify_command(self, cmd: Notify) -> None:
         """Record a Notify and deliver it as a notice on the connection it names."""
@@ -344,7 +347,7 @@ class SessionLayer(layer.Layer):
             elif isinstance(cmd, Record):
                 self.carrier.record(cmd.event)
             elif isinstance(cmd, FACTS):
-                self.carrier.record(cmd.event())
+                self.carrier.record_fact(cmd)
             elif isinstance(cmd, Notify):
                 self.carrier.notify_command(cmd)
             elif isinstance(cmd, InspectFile):

@@ -74,9 +74,9 @@ class Notify:
     decision: Decision | None = None
     details: tuple[tuple[str, Any], ...] = ()    # extra imguard.* fields of the event (("dcc", {...}),)
 
-    def event(self) -> dict[str, Any]:
-        return alerts.notify_event(self.connection_id, self.protocol, self.context, self.text, self.decision,
-                                   **dict(self.details))
+    def event(self, context: ChatContext | None = None) -> dict[str, Any]:
+        return alerts.notify_event(self.connection_id, self.protocol, context or self.context, self.text,
+                                   self.decision, **dict(self.details))
 
 
 @dataclass(frozen=True)
@@ -89,8 +89,8 @@ class Anomaly:
     severity: str | None = None
     data: dict[str, Any] = field(default_factory=dict)       # imguard.anomaly.* fields
 
-    def event(self) -> dict[str, Any]:
-        return alerts.anomaly_event(self.context, self.kind, self.detail, self.severity, **self.data)
+    def event(self, context: ChatContext | None = None) -> dict[str, Any]:
+        return alerts.anomaly_event(context or self.context, self.kind, self.detail, self.severity, **self.data)
 
 
 @dataclass(frozen=True)
@@ -104,8 +104,8 @@ class ProtocolEvent:
     category: str = "session"
     data: dict[str, Any] = field(default_factory=dict)
 
-    def event(self) -> dict[str, Any]:
-        return alerts.protocol_event(self.protocol, self.action, self.context, self.category, **self.data)
+    def event(self, context: ChatContext | None = None) -> dict[str, Any]:
+        return alerts.protocol_event(self.protocol, self.action, context or self.context, self.category, **self.data)
 
 
 @dataclass(frozen=True)
@@ -114,8 +114,8 @@ class Link:
     context: ChatContext
     url: str
 
-    def event(self) -> dict[str, Any]:
-        return alerts.link_event(self.context, self.url)
+    def event(self, context: ChatContext | None = None) -> dict[str, Any]:
+        return alerts.link_event(context or self.context, self.url)
 
 
 @dataclass(frozen=True)
@@ -126,11 +126,13 @@ class MessageDecision:
     context: ChatContext
     decision: Decision
 
-    def event(self) -> dict[str, Any]:
-        return alerts.message_event(self.text, self.context, self.decision)
+    def event(self, context: ChatContext | None = None) -> dict[str, Any]:
+        return alerts.message_event(self.text, context or self.context, self.decision)
 
 
-Fact = Anomaly | ProtocolEvent | Link | MessageDecision     # what a session saw: the carrier records fact.event()
+# What a session saw. The carrier records fact.event(context): the fact's context as decisions see it (its direction
+# derived from the topology and zones, Pipeline.with_direction), so every event of a conversation says its direction.
+Fact = Anomaly | ProtocolEvent | Link | MessageDecision
 
 
 @dataclass(frozen=True)

@@ -396,10 +396,10 @@ class Replay:
             elif isinstance(cmd, Anomaly):
                 self._session_anomaly(flow, cmd, abandoned_truncated)
             elif isinstance(cmd, MessageDecision):
-                self.pipeline.record(cmd.event())
+                self._record_fact(cmd)
                 self._note_message(flow, cmd.text or "", cmd.context, cmd.decision)
             elif isinstance(cmd, FACTS):
-                self.pipeline.record(cmd.event())
+                self._record_fact(cmd)
             elif isinstance(cmd, StartTls):
                 flow.encrypted = s.encrypted = True
             elif isinstance(cmd, Close):
@@ -438,7 +438,7 @@ class Replay:
     def _notify(self, flow: _Flow, cmd: Notify) -> None:
         """A notice for a person on another connection (a DCC file blocked: told on the IRC connection the offer
         came from): recorded, and delivered the way the gateway does, through that session's notice()."""
-        self._record(flow, cmd.event())
+        self._record_fact(cmd)
         target = self._by_name.get(cmd.connection_id)
         if target is not None and not target.closed:
             self._call(target, lambda: target.session.notice(cmd.text) or [])
@@ -447,8 +447,12 @@ class Replay:
         """A Record: an event built whole (a carrier's or a test's), written as it is."""
         self.pipeline.record(event)
 
+    def _record_fact(self, fact) -> None:
+        """A session's fact, recorded as the gateway records it: with the direction its context has for decisions."""
+        self.pipeline.record(fact.event(self.pipeline.with_direction(fact.context)))
+
     def _session_anomaly(self, flow: _Flow, cmd: Anomaly, abandoned_truncated: bool = False) -> None:
-        self.pipeline.record(cmd.event())
+        self._record_fact(cmd)
         self._anomaly(flow.conn.id, self.now, "session", cmd.kind, cmd.detail)
         if cmd.kind == "transfer_abandoned" and abandoned_truncated:
             # Held by the session when the capture ran out or had a gap: truncated, never inspected.
