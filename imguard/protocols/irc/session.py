@@ -417,31 +417,8 @@ class IrcSession(StreamSession):
                     out.add(Send(True, self._notice_line(decision.notice or self._default_notice(
                         decision, f"{cmd.lower()} text", recipients))))
                 return
-        # DCC requests: register, rewrite for the relay, or refuse.
-        new_ctcps: list[Ctcp] = []
-        changed = False
-        for c in ctcps:
-            if c.verb == "DCC":
-                args = self._dcc(out, True, c.args, peer=targets[0] if targets else "", msg=msg)
-                if args is None:
-                    return                      # refused: the whole line is dropped (notice already queued)
-                if args != c.args:
-                    changed = True
-                new_ctcps.append(Ctcp("DCC", args))
-            else:
-                new_ctcps.append(c)
-        if decision is not None and decision.action == MASK and decision.masked_text is not None:
-            masked = decision.masked_text.replace("\x01", "")     # no CTCP smuggled in by a mask
-            if not plain and len(ctcps) == 1 and ctcps[0].verb == "ACTION":
-                new_text = format_ctcp("ACTION", masked)
-            else:
-                new_text = masked + "".join(format_ctcp(c.verb, c.args) for c in new_ctcps if c.verb == "DCC")
-            out.send(False, msg.with_last_param(new_text))
-        elif changed:
-            new_text = plain + "".join(format_ctcp(c.verb, c.args) for c in new_ctcps)
-            out.send(False, msg.with_last_param(new_text))
-        else:
-            out.send(False, msg.raw)
+        if not self._forward_text(out, True, msg, plain, ctcps, decision, peer=targets[0] if targets else ""):
+            return
         if decision is not None and decision.notice and not decision.blocked and decision.action == MASK:
             out.add(Send(True, self._notice_line(decision.notice)))
 
@@ -538,28 +515,38 @@ class IrcSession(StreamSession):
                     out.add(Send(True, self._notice_line(
                         f"A {what} from {msg.nick}{to} was {action} by imguard: {why}")))
                     return
+        self._forward_text(out, False, msg, plain, ctcps, decision, peer=prefix or msg.nick)
+
+    def _forward_text(self, out: OutgoingCommands, from_client: bool, msg: Message, plain: str, ctcps: list[Ctcp],
+                      decision: Decision | None, peer: str) -> bool:
+        """A decided (not blocked) message on its way: its DCC requests registered, rewritten for the relay or
+        refused; then the exact bytes, or the line rewritten (masked text, rewritten DCC). False: a DCC request in it
+        was refused and the whole line dropped (the notice is queued)."""
         new_ctcps: list[Ctcp] = []
         changed = False
         for c in ctcps:
             if c.verb == "DCC":
-                args = self._dcc(out, False, c.args, peer=prefix or msg.nick, msg=msg)
+                args = self._dcc(out, from_client, c.args, peer=peer, msg=msg)
                 if args is None:
-                    return
+                    return False
                 changed = changed or args != c.args
                 new_ctcps.append(Ctcp("DCC", args))
             else:
                 new_ctcps.append(c)
+        to_client = not from_client          # the line goes on to the other side
         if decision is not None and decision.action == MASK and decision.masked_text is not None:
             masked = decision.masked_text.replace("\x01", "")     # no CTCP smuggled in by a mask
             if not plain and len(ctcps) == 1 and ctcps[0].verb == "ACTION":
                 new_text = format_ctcp("ACTION", masked)
             else:
                 new_text = masked + "".join(format_ctcp(c.verb, c.args) for c in new_ctcps if c.verb == "DCC")
-            out.send(True, msg.with_last_param(new_text))
+            out.send(to_client, msg.with_last_param(new_text))
         elif changed:
-            out.send(True, msg.with_last_param(plain + "".join(format_ctcp(c.verb, c.args) for c in new_ctcps)))
+            out.send(to_client, msg.with_last_param(plain + "".join(format_ctcp(c.verb, c.args)
+                                                                        for c in new_ctcps)))
         else:
-            out.send(True, msg.raw)
+            out.send(to_client, msg.raw)
+        return True
 
     def _inbound_ctx(self, sender: str, recipient: str, conversation: str) -> ChatContext:
         """The context of a message the server delivers: from `sender` (nick!user@host) to our user or a channel,
