@@ -7,23 +7,33 @@ The gateway's reverse listeners sit on unmapped ports, so each protocol is recog
 registry's signatures: `ANS `, the OSCAR server's FLAP hello, `YMSG`, `MESSAGE sip:`). File transfers on side
 connections (OSCAR OFT, MSNFTP) go through the gateway's socks5 listener to the address the chat connection
 announced, and are matched by that destination (registry.find_side) before any detection.
+
+Both directions: our client (the test's connection to the gateway) is the user inside; the scripted server's side
+(and the peer listening for a side connection) is the outside party. Outbound, our client sends; inbound, the
+server delivers the outside party's message, MSNSLP chunks, MSNFTP or OFT offer (whose side connection our client
+opens), or Kamailio's answer announces the MSRP endpoint that sends the file. Each inbound test asserts the bytes
+our client got (none of a blocked file, read up to a sentinel sent after it; a clean file byte-identical), the
+notice it got in its own words, and the alert's direction and both parties (and the archive for the MSNP and
+OSCAR messages and the MSNSLP files).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import shutil
 import socket
 import struct
+import uuid
 from pathlib import Path
 
 import pytest
 
 from imguard.gateway.master import Gateway
 from imguard.gateway.settings import GatewaySettings
-from imguard.protocols.msnp import CommandDecoder, P2PHeader
+from imguard.protocols.msnp import CommandDecoder, P2PHeader, format_command
 from imguard.protocols.oscar import FlapDecoder, build_oft, oft_checksum, parse_oft
 from imguard.protocols.ymsg import MESSAGE, PacketDecoder
 from tests.test_msnp import (ME, PEER, blocks, data_chunks, msnftp_invitation, p2p_msg, slp_chunks, slp_invite,
@@ -179,6 +189,53 @@ async def read_to_end(reader) -> bytes:
     except ConnectionResetError:
         pass
     return out
+
+
+class Inbox:
+    """What our client reads on one connection, decoded as it comes with the protocol's own decoder (its
+    `feed(bytes) -> items`): `until` reads until an item satisfies the predicate, with no fixed sleep."""
+
+    def __init__(self, reader, decoder):
+        self.reader = reader
+        self.decoder = decoder
+        self.items: list = []
+        self.raw = bytearray()
+
+    async def until(self, predicate, what: str):
+        while True:
+            found = next((item for item in self.items if predicate(item)), None)
+            if found is not None:
+                return found
+            data = await asyncio.wait_for(self.reader.read(65536), TIMEOUT)
+            if not data:
+                raise AssertionError(f"the connection closed before {what}; got {bytes(self.raw)[-300:]!r}")
+            self.raw += data
+            self.items += self.decoder.feed(data)
+
+
+def assert_inbound(alert: dict, sender: str, receiver: str) -> None:
+    """The alert says the content came in (from the server's side, to the user behind the gateway) and names both
+    parties: the outside sender and the inside receiver."""
+    ctx = alert["imguard"]["context"]
+    assert (ctx["direction"], ctx["origin"]) == ("inbound", "server"), ctx
+    assert ctx["sender"] == sender and receiver in ctx["recipients"], ctx
+
+
+def file_alerts(data: Path, mechanism: str, sha256: str) -> list[dict]:
+    return [a for a in alerts(data) if a.get("imguard", {}).get("context", {}).get("transfer_mechanism") == mechanism
+            and a.get("file", {}).get("hash", {}).get("sha256") == sha256]
+
+
+def archived(pipeline, person: str, predicate) -> list[dict]:
+    """The archive searched by person (as `imguard archive search --person`), the rows that satisfy `predicate`
+    (the search waits for the archive's writer)."""
+    from imguard.archive import Query
+
+    return [r for r in pipeline.archive.search(Query(person=person)) if predicate(r)]
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 # --- MSNP ---------------------------------------------------------------------------------------------------
@@ -343,6 +400,186 @@ def test_msnftp_side_connection_is_held_and_released(tmp_path, world, caplog):
     run(main())
 
 
+# --- MSNP inbound: the outside party (on the switchboard's side) sends to our client --------------------------
+
+def inbound_text(body: str) -> bytes:
+    """A text message the switchboard delivers to our client from PEER (the outside party)."""
+    payload = (b"MIME-Version: 1.0\r\nContent-Type: text/plain; charset=UTF-8\r\nX-MMS-IM-Format: FN=Lucida%20Grande;"
+               b" EF=; CO=C81ABB; CS=0; PF=2\r\n\r\n" + body.encode())
+    return format_command("MSG", PEER, "choupi", payload=payload)
+
+
+def test_msn_inbound_blocked_message_never_reaches_our_client(tmp_path, world):
+    """The switchboard delivers PEER's message with the blocked keyword: our client never gets it, it gets a message
+    from "imguard" saying from whom and why (in its own words, not the rule's notice for a sender), and PEER's next
+    message (the sentinel) arrives byte-identical after it. The alert and the archive say inbound, PEER to us."""
+    pipeline, data = world
+    prefix = transcript("msnms_sb2.json")[:3]          # ANS (our client, ME), IRO (PEER), ANS OK
+    text = f"the {BLOCKED_WORD} launch moved, {uuid.uuid4().hex[:6]}"
+    sentinel = inbound_text(f"sentinel {uuid.uuid4().hex[:6]}")
+    items = prefix + [(False, inbound_text(text)), (False, sentinel)]
+
+    async def main():
+        server, gw, reader, writer = await through_gateway(tmp_path, pipeline, items)
+        try:
+            await play_client(reader, writer, prefix)
+            inbox = Inbox(reader, CommandDecoder())
+            last = await inbox.until(lambda c: c.raw == sentinel, "the sentinel")
+            assert BLOCKED_WORD.encode() not in inbox.raw
+            notice, got = inbox.items
+            assert got is last and (notice.verb, notice.args[:2]) == ("MSG", ("imguard", "imguard"))
+            assert notice.payload.endswith(f"A message from {PEER} was blocked by imguard: Confidential project "
+                                           "codename".encode())
+            writer.close()
+        finally:
+            await gw.stop()
+            server.close()
+    run(main())
+    [alert] = [a for a in alerts(data) if text in json.dumps(a)]
+    assert alert["event"]["action"] == "block" and alert["rule"]["id"] == "test-codename-block"
+    assert_inbound(alert, PEER, ME)
+    for person in (PEER, ME):
+        assert [(r["direction"], r["action"]) for r in archived(pipeline, person, lambda r: r["text"] == text)] == [
+            ("inbound", "block")]
+
+
+def slp_file_in(name: str, payload: bytes, sid: int, ident: int) -> tuple[list, bytes, list[bytes]]:
+    """An MSNSLP file PEER sends our client through the switchboard: (the INVITE chunks the switchboard delivers,
+    our client's 200 OK, the data chunks the switchboard delivers)."""
+    invite = [p2p_msg(0, h, c, 0, ME, inbound=True) for h, c in slp_chunks(slp_invite(name, len(payload), sender=PEER,
+                                                                                     receiver=ME, sid=sid), ident)]
+    ok_body = b"MSNSLP/1.0 200 OK\r\nTo: <msnmsgr:" + PEER.encode() + b">\r\n\r\n\x00"
+    ok = p2p_msg(100 + sid % 100, P2PHeader(0, ident + 50, 0, len(ok_body), len(ok_body), 0), ok_body, 0)
+    chunks = [p2p_msg(0, h, c, 2, ME, inbound=True) for h, c in data_chunks(payload, sid=sid)]
+    return invite, ok, chunks
+
+
+def test_msnslp_inbound_eicar_never_reaches_our_client_and_a_clean_file_arrives(tmp_path, world):
+    """MSNSLP in-band, PEER sending to our client: the switchboard delivers the INVITE (it crosses), our client
+    accepts, the switchboard delivers the data chunks. EICAR: our client gets none of its chunks, an SLP BYE from
+    PEER and a message from "imguard" naming the file and PEER; a sentinel message after it arrives and still no
+    chunk. Then a clean file arrives byte-identical (every chunk, as the switchboard sent it). The alerts say
+    inbound, PEER to us; the archive has both files for both people."""
+    pipeline, data = world
+    prefix = transcript("msnms_sb2.json")[:3]
+    tag = uuid.uuid4().hex[:6]
+    bad, good = f"eicar-{tag}.com", f"notes-{tag}.txt"
+    clean = b"quarterly figures, nothing secret\n" * 80
+    bad_invite, bad_ok, bad_chunks = slp_file_in(bad, EICAR, 5101, 61)
+    good_invite, good_ok, good_chunks = slp_file_in(good, clean, 5102, 71)
+    reply = text_msg(120, "did you send something?")
+    sentinel = inbound_text(f"sentinel {tag}")
+    items = (prefix + [(False, m) for m in bad_invite] + [(True, bad_ok)] + [(False, m) for m in bad_chunks]
+             + [(True, reply), (False, sentinel)] + [(False, m) for m in good_invite] + [(True, good_ok)]
+             + [(False, m) for m in good_chunks])
+
+    async def main():
+        server, gw, reader, writer = await through_gateway(tmp_path, pipeline, items)
+        try:
+            await play_client(reader, writer, prefix)
+            inbox = Inbox(reader, CommandDecoder())
+            for m in bad_invite:
+                await inbox.until(lambda c, m=m: c.raw == m, "the INVITE")       # the INVITE crosses as it came
+            writer.write(bad_ok)
+            await inbox.until(lambda c: c.args[:1] == ("imguard",) and bad.encode() in c.payload, "the notice")
+            assert any(c.args[:1] == (PEER,) and b"BYE MSNMSGR:" + ME.encode() in (c.payload or b"")
+                       for c in inbox.items), "no SLP BYE ended our client's transfer"
+            writer.write(reply)
+            await inbox.until(lambda c: c.raw == sentinel, "the sentinel")
+            assert not any(c.raw in bad_chunks for c in inbox.items) and b"EICAR" not in inbox.raw
+            [notice] = [c for c in inbox.items if c.args[:1] == ("imguard",)]
+            assert f"imguard: the file {bad!r} from {PEER} was blocked (".encode() in notice.payload, notice.payload
+            start = len(inbox.items)
+            for m in good_invite:
+                await inbox.until(lambda c, m=m: c.raw == m, "the second INVITE")
+            writer.write(good_ok)
+            await inbox.until(lambda c: c.raw == good_chunks[-1], "the clean file's last chunk")
+            got = [c.raw for c in inbox.items[start:] if c.raw not in good_invite]
+            assert got == good_chunks                      # byte-identical, in order, nothing else
+            await server.wait_for(lambda got: got.endswith(good_ok), "our client's 200 OK")
+            writer.close()
+        finally:
+            await gw.stop()
+            server.close()
+    run(main())
+    [blocked] = [a for a in file_alerts(data, "msnslp", sha(EICAR)) if a["file"]["name"] == bad]
+    assert blocked["imguard"]["decision"]["action"] == "block"
+    assert_inbound(blocked, PEER, ME)
+    [allowed] = [a for a in file_alerts(data, "msnslp", sha(clean)) if a["file"]["name"] == good]
+    assert allowed["imguard"]["decision"]["action"] == "allow"
+    assert_inbound(allowed, PEER, ME)
+    for person in (PEER, ME):
+        rows = archived(pipeline, person, lambda r: r["file_name"] in (bad, good))
+        assert sorted((r["file_name"], r["direction"], r["action"]) for r in rows) == [
+            (bad, "inbound", "block"), (good, "inbound", "allow")], rows
+
+
+@pytest.mark.parametrize("kind", ["eicar", "clean"])
+def test_msnftp_inbound_file_held_on_our_clients_connection(tmp_path, world, kind):
+    """MSNFTP with the outside party sending: the invitation comes from the switchboard side, our client accepts, and
+    PEER's ACCEPT announces PEER's listener. Our client's connection to it (through the gateway's socks5 listener) is
+    matched by that address; PEER's blocks are held. EICAR: our client gets MSNFTP's cancel block and nothing of the
+    file, and a message from "imguard" on the switchboard naming the file and PEER; a sentinel after it arrives. A
+    clean file arrives byte-identical. The alert says inbound, PEER to us."""
+    from tests.test_msnp import msnftp_inbound_invitation
+
+    pipeline, data = world
+    prefix = transcript("msnms_sb2.json")[:3]
+    tag = uuid.uuid4().hex[:6]
+    name, payload = (f"eicar-{tag}.com", EICAR) if kind == "eicar" else (f"minutes-{tag}.txt", b"minutes\n" * 700)
+
+    async def main():
+        sender_saw = []
+
+        async def outside_sender(reader, writer):       # PEER's MSNFTP listener: it sends the file
+            assert await reader.readline() == b"VER MSNFTP\r\n"
+            writer.write(b"VER MSNFTP\r\n")
+            assert await reader.readline() == f"USR {ME} 8822\r\n".encode()
+            writer.write(f"FIL {len(payload)}\r\n".encode())
+            assert await reader.readline() == b"TFR\r\n"
+            writer.write(blocks(payload))
+            await writer.drain()
+            sender_saw.append(await reader.readline())      # the gateway's BYE: the sender's client finishes
+            writer.close()
+        listener = await asyncio.start_server(outside_sender, "127.0.0.1", 0)
+        sender_port = listener.sockets[0].getsockname()[1]
+        invitation = msnftp_inbound_invitation(name, len(payload), "127.0.0.1", sender_port)
+        sentinel = inbound_text(f"sentinel {tag}")
+        reply = text_msg(130, "got it?")
+        items = prefix + invitation + [(True, reply), (False, sentinel)]
+        server, gw, reader, writer = await through_gateway(tmp_path, pipeline, items, socks=True)
+        try:
+            await play_client(reader, writer, prefix + invitation)
+            r, w = await socks5(gw.port_of("socks5"), sender_port)
+            w.write(b"VER MSNFTP\r\n")
+            assert await asyncio.wait_for(r.readline(), TIMEOUT) == b"VER MSNFTP\r\n"
+            w.write(f"USR {ME} 8822\r\n".encode())
+            assert await asyncio.wait_for(r.readline(), TIMEOUT) == f"FIL {len(payload)}\r\n".encode()
+            w.write(b"TFR\r\n")
+            got = await read_to_end(r)
+            inbox = Inbox(reader, CommandDecoder())
+            if kind == "eicar":
+                assert got == b"\x01\x00\x00", got[:40]         # the cancel block, none of the file
+                notice = await inbox.until(lambda c: c.args[:1] == ("imguard",), "the notice")
+                assert f"imguard: the file {name!r} from {PEER} was blocked (".encode() in notice.payload
+            else:
+                assert got == blocks(payload)                   # byte-identical, then the sender's close passed on
+            writer.write(reply)
+            await inbox.until(lambda c: c.raw == sentinel, "the sentinel")
+            assert b"EICAR" not in inbox.raw
+            assert sender_saw == [b"BYE 16777989\r\n"]
+            w.close()
+            writer.close()
+        finally:
+            await gw.stop()
+            server.close()
+            listener.close()
+    run(main())
+    [alert] = [a for a in file_alerts(data, "msnftp", sha(payload)) if a["file"]["name"] == name]
+    assert alert["imguard"]["decision"]["action"] == ("block" if kind == "eicar" else "allow")
+    assert_inbound(alert, PEER, ME)
+
+
 # --- OSCAR --------------------------------------------------------------------------------------------------
 
 def test_oscar_bos_crosses_the_gateway_byte_exact(tmp_path, world):
@@ -431,6 +668,126 @@ def test_oscar_blocked_message_and_eicar_over_oft(tmp_path, world):
     assert any("test-codename-block" in json.dumps(a) and "oscar" in json.dumps(a) for a in alerts(data))
 
 
+# --- OSCAR inbound: the outside party (on the BOS server's side) sends to our client --------------------------
+
+def bos_prefix_inbound():
+    """The BOS prefix (our client signs on as Alice1970), our client's Wire and a server Wire that goes on where the
+    prefix's server frames stopped."""
+    from tests.test_oscar import Wire
+
+    items, c, _ = bos_transcript()
+    return items[:4], c, Wire(0x5003)
+
+
+def test_oscar_inbound_blocked_message_never_reaches_our_client(tmp_path, world):
+    """The BOS server delivers an ICBM from the outside party with the blocked keyword: our client never gets it; it
+    gets an ICBM from "imguard" saying from whom and why (in its own words), and the next incoming ICBM (the
+    sentinel) crosses byte-identical (the FLAP sequence stays continuous: one frame dropped, one injected). The
+    alert and the archive say inbound, the outside party to our client."""
+    from tests.test_oscar import PEER as AIM_PEER, incoming_im
+
+    pipeline, data = world
+    prefix, _, s = bos_prefix_inbound()
+    text = f"the {BLOCKED_WORD} roadmap {uuid.uuid4().hex[:6]}"
+    blocked = s.snac(0x04, 0x07, incoming_im(b"BBBBBBB3", AIM_PEER, text))
+    sentinel = s.snac(0x04, 0x07, incoming_im(b"BBBBBBB4", AIM_PEER, f"sentinel {uuid.uuid4().hex[:6]}"))
+    items = prefix + [(False, blocked), (False, sentinel)]
+
+    async def main():
+        server, gw, reader, writer = await through_gateway(tmp_path, pipeline, items)
+        try:
+            await play_client(reader, writer, prefix)
+            inbox = Inbox(reader, FlapDecoder())
+            await inbox.until(lambda f: f.raw == sentinel, "the sentinel")
+            assert BLOCKED_WORD.encode() not in inbox.raw
+            notice, _ = inbox.items
+            assert b"\x07imguard" in notice.data
+            assert f"A message from {AIM_PEER} was blocked by imguard: Confidential project codename".encode() \
+                in notice.data
+            assert notice.seq == FlapDecoder().feed(blocked)[0].seq       # in the dropped frame's place
+            writer.close()
+        finally:
+            await gw.stop()
+            server.close()
+    run(main())
+    [alert] = [a for a in alerts(data) if text in json.dumps(a)]
+    assert alert["event"]["action"] == "block" and alert["rule"]["id"] == "test-codename-block"
+    assert_inbound(alert, AIM_PEER, "Alice1970")
+    assert [(r["direction"], r["action"]) for r in archived(pipeline, AIM_PEER, lambda r: r["text"] == text)] == [
+        ("inbound", "block")]
+
+
+@pytest.mark.parametrize("kind", ["eicar", "clean"])
+def test_oft_inbound_file_from_the_outside_party(tmp_path, world, kind):
+    """SendFile with the outside party sending: the rendezvous proposal comes from the BOS server's side (the offer's
+    outbound is False) and announces the sender's listener; our client's OFT connection to it (through the gateway's
+    socks5 listener) is matched by that address. The sender's prompt crosses, our client's ack starts the file,
+    whose bytes are held (the gateway answers the sender's done itself). EICAR: our client gets nothing of it (the
+    connection closes) and an ICBM from "imguard" naming the file and the sender; a sentinel ICBM after it
+    arrives. A clean file arrives byte-identical. The alert says inbound, the sender to our client."""
+    from tests.test_oscar import PEER as AIM_PEER, incoming_im, incoming_sendfile_proposal
+
+    pipeline, data = world
+    prefix, c, s = bos_prefix_inbound()
+    tag = uuid.uuid4().hex[:6]
+    name, payload = (f"eicar-{tag}.com", EICAR) if kind == "eicar" else (f"agenda-{tag}.txt", b"agenda\n" * 900)
+
+    async def main():
+        sender_saw = []
+
+        async def outside_sender(reader, writer):         # the outside party's OFT listener: it sends the file
+            prompt = build_oft(0x0101, FT_COOKIE, name, len(payload), checksum=oft_checksum(payload))
+            writer.write(prompt)
+            ack = await reader.readexactly(len(prompt))
+            assert parse_oft(ack).type == 0x0202
+            half = len(payload) // 2
+            writer.write(payload[:half])
+            await writer.drain()
+            writer.write(payload[half:])
+            await writer.drain()
+            sender_saw.append(await reader.readexactly(256))     # the gateway's done header
+            writer.close()
+        listener = await asyncio.start_server(outside_sender, "127.0.0.1", 0)
+        sender_port = listener.sockets[0].getsockname()[1]
+        proposal = s.snac(0x04, 0x07, incoming_sendfile_proposal(ip=b"\x7f\x00\x00\x01", port=sender_port,
+                                                                 name=name.encode(), size=len(payload)))
+        reply = c.snac(0x04, 0x06, outgoing_im(b"CCCCCCC9", AIM_PEER, "thanks"))
+        sentinel = s.snac(0x04, 0x07, incoming_im(b"BBBBBBB9", AIM_PEER, f"sentinel {tag}"))
+        items = prefix + [(False, proposal), (True, reply), (False, sentinel)]
+        server, gw, reader, writer = await through_gateway(tmp_path, pipeline, items, socks=True)
+        try:
+            await play_client(reader, writer, prefix)
+            inbox = Inbox(reader, FlapDecoder())
+            await inbox.until(lambda f: f.raw == proposal, "the proposal")     # it crosses as it came
+            r, w = await socks5(gw.port_of("socks5"), sender_port)
+            prompt = await asyncio.wait_for(r.readexactly(256), TIMEOUT)
+            w.write(parse_oft(prompt).with_type(0x0202))
+            got = await read_to_end(r)
+            if kind == "eicar":
+                assert got == b"", got[:40]              # the receiver gets no byte of the file
+                notice = await inbox.until(lambda f: b"\x07imguard" in f.data and name.encode() in f.data,
+                                           "the notice")      # an ICBM from the screen name "imguard"
+                assert f"imguard: the file {name!r} from {AIM_PEER} was blocked (".encode() in notice.data
+            else:
+                assert got == payload
+            writer.write(reply)
+            # The sentinel crosses with its data unchanged; after the injected notice its FLAP sequence is one on.
+            last = await inbox.until(lambda f: f.raw[6:] == sentinel[6:], "the sentinel")
+            assert last.seq == FlapDecoder().feed(sentinel)[0].seq + (kind == "eicar")
+            assert b"EICAR" not in inbox.raw
+            assert sender_saw and parse_oft(sender_saw[0]).type == 0x0204
+            w.close()
+            writer.close()
+        finally:
+            await gw.stop()
+            server.close()
+            listener.close()
+    run(main())
+    [alert] = [a for a in file_alerts(data, "oft", sha(payload)) if a["file"]["name"] == name]
+    assert alert["imguard"]["decision"]["action"] == ("block" if kind == "eicar" else "allow")
+    assert_inbound(alert, AIM_PEER, "Alice1970")
+
+
 # --- YMSG ---------------------------------------------------------------------------------------------------
 
 def test_ymsg_session_crosses_and_blocked_message_is_stopped(tmp_path, world):
@@ -457,6 +814,43 @@ def test_ymsg_session_crosses_and_blocked_message_is_stopped(tmp_path, world):
             await gw.stop()
             server.close()
     run(main())
+
+
+def test_ymsg_inbound_blocked_message_never_reaches_our_client(tmp_path, world):
+    """The server delivers a message from the outside party with the blocked keyword: our client never gets it, it
+    gets a MESSAGE from "imguard" saying from whom and why (in its own words), and the next message (the sentinel)
+    arrives byte-identical. The alert says inbound, the outside party to our client."""
+    from tests.test_ymsg import ME as Y_ME, PEER as Y_PEER
+
+    pipeline, data = world
+    items = login_transcript()
+    text = f"about {BLOCKED_WORD} {uuid.uuid4().hex[:6]}"
+
+    def incoming(body: str) -> bytes:
+        return pkt(MESSAGE, [("5", Y_ME), ("4", Y_PEER), ("14", body), ("97", "1"), ("63", ";0"), ("64", "0")],
+                   status=1, session=SID)
+
+    sentinel = incoming(f"sentinel {uuid.uuid4().hex[:6]}")
+    server_items = items + [(False, incoming(text)), (False, sentinel)]
+
+    async def main():
+        server, gw, reader, writer = await through_gateway(tmp_path, pipeline, items, server_items)
+        try:
+            await play_client(reader, writer, items)
+            inbox = Inbox(reader, PacketDecoder())
+            await inbox.until(lambda p: p.raw == sentinel, "the sentinel")
+            assert BLOCKED_WORD.encode() not in inbox.raw
+            notice, _ = inbox.items
+            assert notice.text("4") == "imguard"
+            assert notice.text("14") == f"A message from {Y_PEER} was blocked by imguard: Confidential project codename"
+            writer.close()
+        finally:
+            await gw.stop()
+            server.close()
+    run(main())
+    [alert] = [a for a in alerts(data) if text in json.dumps(a)]
+    assert alert["event"]["action"] == "block"
+    assert_inbound(alert, Y_PEER, Y_ME)
 
 
 def test_ymsg_peer_to_peer_upload_is_scanned_by_the_http_side(tmp_path, world):
@@ -556,6 +950,58 @@ def test_ymsg_download_announced_to_our_user_is_scanned(tmp_path, world):
     assert alert["imguard"]["context"]["direction"] == "inbound"      # a file coming in to our user
 
 
+def test_sip_inbound_message_blocked_before_our_user(tmp_path, world):
+    """A MESSAGE the proxy delivers to our user (inbound; a scripted proxy, since the test Kamailio only answers):
+    our user registers through the gateway, then the proxy delivers bob's MESSAGE with the blocked keyword and a
+    sentinel. Our user never gets the first, gets a notice MESSAGE from imguard saying from whom and why, then the
+    sentinel byte-identical; the proxy (for bob) gets the 403 with imguard's Warning. The alert says inbound."""
+    from imguard.protocols.sip.message import SipStreamDecoder
+    from tests.test_sip_support import message, sip
+
+    pipeline, data = world
+    tag = uuid.uuid4().hex[:6]
+    register = sip("REGISTER sip:127.0.0.1 SIP/2.0", [("Via", "SIP/2.0/TCP 127.0.0.1;branch=z9hG4bK-r1"),
+                                                     ("From", "<sip:alice@127.0.0.1>;tag=1"),
+                                                     ("To", "<sip:alice@127.0.0.1>"), ("Call-ID", f"reg-{tag}"),
+                                                     ("CSeq", "1 REGISTER"),
+                                                     ("Contact", "<sip:alice@127.0.0.1:5099;transport=tcp>")])
+    ok = sip("SIP/2.0 200 OK", [("Via", "SIP/2.0/TCP 127.0.0.1;branch=z9hG4bK-r1"),
+                                ("From", "<sip:alice@127.0.0.1>;tag=1"), ("To", "<sip:alice@127.0.0.1>;tag=k"),
+                                ("Call-ID", f"reg-{tag}"), ("CSeq", "1 REGISTER")])
+    text = f"the {BLOCKED_WORD} budget {tag}"
+
+    def delivered(body: str, cseq: int) -> bytes:
+        return message(body, frm="<sip:bob@b.example>", to="<sip:alice@127.0.0.1>",
+                       ruri="sip:alice@127.0.0.1:5099;transport=tcp", cseq=cseq, vias=2)
+
+    blocked, sentinel = delivered(text, 7), delivered(f"sentinel {tag}", 8)
+    items = [(True, register), (False, ok), (False, blocked), (False, sentinel)]
+
+    async def main():
+        server, gw, reader, writer = await through_gateway(tmp_path, pipeline, items)
+        try:
+            writer.write(register)
+            inbox = Inbox(reader, SipStreamDecoder())
+            await inbox.until(lambda m: m.raw == sentinel, "the sentinel")
+            assert BLOCKED_WORD.encode() not in inbox.raw
+            got_ok, notice, _ = inbox.items
+            assert got_ok.raw == ok and notice.method == "MESSAGE" and "imguard" in notice.get("from")
+            assert notice.body == (b"A message from sip:bob@b.example was blocked by imguard: Confidential project "
+                                   b"codename")
+            await server.wait_for(lambda got: b"SIP/2.0 403" in got, "the 403 for bob")
+            [refusal] = [m for m in SipStreamDecoder().feed(bytes(server.received)) if not m.is_request]
+            assert refusal.status == 403 and "399 imguard" in refusal.get("warning")
+            assert refusal.call_id == "asd88asd77a-7@10.0.0.7"
+            writer.close()
+        finally:
+            await gw.stop()
+            server.close()
+    run(main())
+    [alert] = [a for a in alerts(data) if text in json.dumps(a)]
+    assert alert["event"]["action"] == "block" and alert["rule"]["id"] == "test-codename-block"
+    assert_inbound(alert, "sip:bob@b.example", "sip:alice@127.0.0.1")
+
+
 # --- SIP to a real Kamailio ---------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -645,6 +1091,119 @@ def test_msrp_file_announced_by_kamailio_is_matched_and_eicar_blocked(tmp_path, 
                and a.get("file", {}).get("name") == "My cool picture.jpg"]
     assert alert["imguard"]["decision"]["action"] == "block"
     assert f"127.0.0.1:{kamailio.msrp_port}: msrp for SDP MSRP offer" in caplog.text    # by destination
+
+
+class RemoteParty:
+    """The other party's MSRP endpoint where Kamailio's answer says it listens: it answers each SEND 200
+    (RFC 4975 §7.2), keeps what it receives (decoded), and the test writes what it sends through `writer`."""
+
+    def __init__(self):
+        self.chunks: list = []
+        self.received = bytearray()
+        self.writer = None
+
+    async def __call__(self, reader, writer):
+        from imguard.protocols.msrp.framing import MsrpDecoder, build_response
+
+        self.writer = writer
+        decoder = MsrpDecoder()
+        while data := await reader.read(65536):
+            self.received += data
+            for chunk in decoder.feed(data):
+                self.chunks.append(chunk)
+                if getattr(chunk, "method", "") == "SEND" and chunk.failure_report == "yes":
+                    writer.write(build_response(chunk, 200))
+        writer.close()
+
+    async def wait_for(self, predicate, what: str):
+        for _ in range(TIMEOUT * 20):
+            found = next((c for c in self.chunks if predicate(c)), None)
+            if found is not None:
+                return found
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"the remote party never got {what}; it got {bytes(self.received)[-300:]!r}")
+
+
+def pull_invite(name: str, call_id: str) -> bytes:
+    """RFC 5547 §8.2's other way round: alice (our user) asks bob (outside, b.example) for a file, `a=recvonly`; so
+    bob sends and alice receives."""
+    import re
+
+    from tests.test_sip_support import load
+
+    raw = (load("rfc5547_invite.sip").replace(b"a=sendonly", b"a=recvonly")
+           .replace(b"bob@example.com", b"bob@b.example")
+           .replace(b'name:"My cool picture.jpg"', f'name:"{name}"'.encode())
+           .replace(b"a84b4c76e66710", call_id.encode()))
+    head, _, body = raw.partition(b"\r\n\r\n")
+    return re.sub(rb"Content-Length: \d+", b"Content-Length: %d" % len(body), head) + b"\r\n\r\n" + body
+
+
+def test_msrp_file_sent_by_the_remote_party_to_our_user(tmp_path, world, kamailio):
+    """A file the remote party sends to our user: alice's RFC 5547 INVITE asks for it (recvonly) through the gateway
+    to Kamailio, whose real 200 OK announces bob's MSRP path; alice's MSRP connection to it (through the gateway's
+    socks5 listener) is matched by that destination. Bob's EICAR chunks are held and decided inbound: alice gets
+    none of them, only an MSRP notice from bob's path in her own words; bob gets the REPORT 403. Bob's sentinel text
+    after it arrives; then bob's clean file arrives byte-identical, chunk for chunk. The alerts say inbound, bob to
+    alice."""
+    from tests.peers.sip_peers import MSRP_SESSION, sipsak
+    from tests.test_sip_support import FROM_PATH, TO_PATH, chunk, file_chunks
+
+    from imguard.protocols.msrp.framing import MsrpDecoder
+
+    pipeline, data = world
+    tag = uuid.uuid4().hex[:6]
+    name = f"pulled-{tag}.jpg"
+    alice, bob = FROM_PATH, f"msrp://127.0.0.1:{kamailio.msrp_port}/{MSRP_SESSION};tcp"
+    clean = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00" + bytes(range(256)) * 16 \
+        + b"\xff\xd9"                           # a JPEG, as the file-selector says
+
+    def from_bob(raw: bytes) -> bytes:
+        return (raw.replace(f"From-Path: {FROM_PATH}".encode(), f"From-Path: {bob}".encode())
+                .replace(f"To-Path: {TO_PATH}".encode(), f"To-Path: {alice}".encode()))
+
+    bad_chunks = [from_bob(raw) for _, raw in file_chunks(EICAR, 40, message_id=f"evil-{tag}", tid_prefix="e")]
+    good_chunks = [from_bob(raw) for _, raw in file_chunks(clean, 1000, message_id=f"good-{tag}", tid_prefix="g")]
+    sentinel = chunk("s1", f"sentinel {tag}".encode(), to_path=alice, from_path=bob, message_id=f"s-{tag}")
+
+    async def main():
+        remote = RemoteParty()
+        listener = await asyncio.start_server(remote, "127.0.0.1", kamailio.msrp_port)
+        gw, gport = await start_gateway(tmp_path, pipeline, kamailio.port, socks=True)
+        try:
+            rc, out = await asyncio.to_thread(sipsak, pull_invite(name, f"pull-{tag}"), "127.0.0.1", gport, "tcp")
+            assert rc == 0, out
+            r, w = await socks5(gw.port_of("socks5"), kamailio.msrp_port)
+            w.write(chunk("a0", None, to_path=bob, from_path=alice, message_id=f"open-{tag}"))   # alice binds it
+            await remote.wait_for(lambda c: c.get("message-id") == f"open-{tag}", "alice's first SEND")
+            inbox = Inbox(r, MsrpDecoder())
+            for raw in bad_chunks:
+                remote.writer.write(raw)
+            report = await remote.wait_for(lambda c: getattr(c, "method", "") == "REPORT", "the REPORT")
+            assert report.get("status") == "000 403 Action-not-allowed"
+            told = await inbox.until(lambda c: getattr(c, "method", "") == "SEND" and b"imguard" in (c.body or b""),
+                                     "alice's notice")
+            assert told.body.startswith(f"imguard: the file {name!r} from sip:bob@b.example was blocked (".encode())
+            assert told.to_path == [alice] and told.from_path == [bob]
+            remote.writer.write(sentinel)
+            await inbox.until(lambda c: c.raw == sentinel, "bob's sentinel")
+            assert b"X5O!" not in inbox.raw and not any(c.raw in bad_chunks for c in inbox.items)
+            start = len(inbox.items)
+            for raw in good_chunks:
+                remote.writer.write(raw)
+            await inbox.until(lambda c: c.raw == good_chunks[-1], "the clean file's last chunk")
+            assert [c.raw for c in inbox.items[start:]] == good_chunks      # byte-identical, in order
+            w.close()
+        finally:
+            await gw.stop()
+            listener.close()
+    run(main())
+    [blocked] = [a for a in file_alerts(data, "msrp", sha(EICAR)) if a["file"]["name"] == name]
+    assert blocked["imguard"]["decision"]["action"] == "block"
+    assert_inbound(blocked, "sip:bob@b.example", "sip:alice@example.com")
+    [allowed] = [a for a in file_alerts(data, "msrp", sha(clean)) if a["file"]["name"] == name]
+    assert allowed["imguard"]["decision"]["action"] == "allow"
+    assert_inbound(allowed, "sip:bob@b.example", "sip:alice@example.com")
 
 
 def test_sip_message_over_udp_through_the_gateway_to_kamailio(tmp_path, world, kamailio):

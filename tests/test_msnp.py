@@ -201,13 +201,16 @@ def test_masked_latin1_message_charset_rewritten():
 
 
 def test_inbound_blocked_message_dropped_with_notice():
-    """A blocked message from the peer does not reach our client; it gets a notice naming the sender."""
-    checker = Checker(block=("malware",))
+    """A blocked message from the peer does not reach our client; it gets a notice naming the sender, in its own
+    words (the rule's notice is written for a sender); the context says the server delivered it."""
+    checker = Checker(block=("malware",), notice="Your message was blocked.")
     s = switchboard(checker)
     out = s.data_received(False, inbound_msg("get malware here"))
     back = sends(out, True)
     assert b"get malware" not in back and f"A message from {PEER} was blocked".encode() in back
+    assert b"Your message" not in back
     assert checker.calls[-1][1].sender == PEER and checker.calls[-1][1].recipients == (ME,)
+    assert checker.calls[-1][1].origin == "server"
 
 
 def test_inbound_masked_message_keeps_sender_prefix():
@@ -323,6 +326,61 @@ def test_msnftp_blocked_file_cancel_and_notify():
     assert note.event()["imguard"]["msnftp"]["name"] == "report.exe"
     notice = sb.notice(note.text)
     assert b"report.exe" in notice[0].data and b"blocked (no programs)" in notice[0].data
+
+
+def msnftp_inbound_invitation(name: str, size: int, ip: str, port: int) -> list[tuple[bool, bytes]]:
+    """The switchboard exchange of an MSNFTP file *to* our client: PEER invites (cookie 2718), our client accepts,
+    PEER's ACCEPT gives the address it listens on (AuthCookie 8822)."""
+    return [
+        (False, invite_in("Application-Name: File Transfer\r\nApplication-GUID: {5D3E02AB-6190-11d3-BBBB-"
+                          "00C04F795683}\r\nInvitation-Command: INVITE\r\nInvitation-Cookie: 2718\r\n"
+                          f"Application-File: {name}\r\nApplication-FileSize: {size}\r\n\r\n")),
+        (True, invite_msg(100, "Invitation-Command: ACCEPT\r\nInvitation-Cookie: 2718\r\nLaunch-Application: "
+                               "FALSE\r\nRequest-Data: IP-Address:\r\n\r\n")),
+        (False, invite_in(f"Invitation-Command: ACCEPT\r\nInvitation-Cookie: 2718\r\nIP-Address: {ip}\r\n"
+                          f"Port: {port}\r\nAuthCookie: 8822\r\nLaunch-Application: FALSE\r\n"
+                          "Request-Data: IP-Address:\r\n\r\n")),
+    ]
+
+
+def inbound_msnftp_items(payload: bytes = FILE) -> list[tuple[bool, bytes]]:
+    """Our client (the TCP client, receiver) on PEER's MSNFTP listener."""
+    return [(True, b"VER MSNFTP\r\n"), (False, b"VER MSNFTP\r\n"), (True, f"USR {ME} 8822\r\n".encode()),
+            (False, f"FIL {len(payload)}\r\n".encode()), (True, b"TFR\r\n"), (False, blocks(payload))]
+
+
+def test_msnftp_inbound_offer_and_blocked_file():
+    """PEER sends our client a file over MSNFTP: the offer is inbound (the invitation came from the switchboard),
+    our client is the receiver and the TCP client; blocked, it gets the cancel block and nothing of the file, and
+    the notice for its switchboard is in its own words."""
+    transfers = ExpectedTransfers()
+    sb = switchboard(Checker(), transfers)
+    out = run(sb, msnftp_inbound_invitation("setup.exe", len(FILE), "10.1.2.3", 6892))
+    offer = find_msnftp_offer(transfers, "10.1.2.3", 6892)
+    assert not offer.outbound and offer.listener_is_sender and (offer.sender, offer.receiver) == (PEER, ME)
+    assert [e["imguard"]["msnp"]["outbound"] for e in records(out, "msnftp_offer")] == [False]
+    s = DirectMsnftpSession(Checker(), transfers, ChatContext(connection_id="d2"), offer)
+    out = run(s, inbound_msnftp_items())
+    assert FILE[:100] not in sends(out, True) and sends(out, False).endswith(b"BYE 16777989\r\n")
+    (insp,) = inspects(out)
+    assert (insp.context.origin, insp.context.sender, insp.context.recipients) == ("server", PEER, (ME,))
+    decision = Decision(action=BLOCK, matches=BLOCKED.matches, notice="Your file was blocked.")
+    out = s.file_verdict(insp.transfer_id, FileReport("setup.exe", "setup.exe", len(FILE)), decision)
+    assert sends(out, True) == b"\x01\x00\x00" and any(isinstance(c, Close) for c in out)
+    (note,) = notifies(out)
+    assert note.connection_id == "sb1" and note.text == f"imguard: the file 'setup.exe' from {PEER} was blocked " \
+                                                        "(no programs)"
+
+
+def test_msnftp_inbound_allowed_file_reaches_our_client_byte_exact():
+    transfers = ExpectedTransfers()
+    run(switchboard(Checker(), transfers), msnftp_inbound_invitation("notes.txt", len(FILE), "10.1.2.3", 6893))
+    s = DirectMsnftpSession(Checker(), transfers, ChatContext(connection_id="d3"),
+                            find_msnftp_offer(transfers, "10.1.2.3", 6893))
+    (insp,) = inspects(run(s, inbound_msnftp_items()))
+    out = s.file_verdict(insp.transfer_id, FileReport("notes.txt", "notes.txt", len(FILE)),
+                         Decision(action=ALLOW, notice="scanned"))
+    assert sends(out, True) == blocks(FILE) and not notifies(out)
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 7, 2048])
@@ -527,6 +585,46 @@ def test_msnslp_inbound_file_held_until_verdict():
     (insp,) = inspects(out)
     assert insp.context.sender == PEER and insp.context.recipients == (ME,)
     out = s.file_verdict(insp.transfer_id, FileReport("pic.jpg", "pic.jpg", 3000), ALLOWED)
+    assert sends(out, True) == b"".join(msgs)
+
+
+def inbound_slp_session():
+    """PEER invites our client to a file (the INVITE comes from the switchboard); our client answers 200 OK."""
+    s = switchboard()
+    slp = slp_invite("pic.exe", len(FILE), sender=PEER, receiver=ME)
+    out = run(s, [(False, p2p_msg(0, h, c, 0, ME, inbound=True)) for h, c in slp_chunks(slp, 10)])
+    ok = b"MSNSLP/1.0 200 OK\r\nTo: <msnmsgr:" + PEER.encode() + b">\r\n\r\n\x00"
+    out += s.data_received(True, p2p_msg(20, P2PHeader(0, 11, 0, len(ok), len(ok), 0), ok, 0))
+    return s, out
+
+
+def test_msnslp_inbound_file_blocked_receiver_gets_bye_and_its_own_notice():
+    """An inbound file blocked: our client (the receiver) gets none of the chunks, an SLP BYE from PEER and a
+    notice in its own words naming the sender (not the rule's notice, written for a sender)."""
+    s, out = inbound_slp_session()
+    [offer] = records(out, "msnslp_offer")
+    assert offer["imguard"]["msnp"]["outbound"] is False
+    msgs = [p2p_msg(0, h, c, 2, ME, inbound=True) for h, c in data_chunks(FILE)]
+    out = run(s, [(False, m) for m in msgs])
+    assert sends(out, True) == b"" and sends(out, False) == b""
+    (insp,) = inspects(out)
+    assert (insp.context.origin, insp.context.sender, insp.context.recipients) == ("server", PEER, (ME,))
+    decision = Decision(action=BLOCK, matches=BLOCKED.matches, notice="Your file was blocked.")
+    out = s.file_verdict(insp.transfer_id, FileReport("pic.exe", "pic.exe", len(FILE)), decision)
+    back = CommandDecoder().feed(sends(out, True))
+    assert back[0].args[0] == PEER and b"BYE MSNMSGR:" + ME.encode() in back[0].payload
+    assert back[1].args[0] == "imguard"
+    assert back[1].payload.endswith(f"imguard: the file 'pic.exe' from {PEER} was blocked (no programs)".encode())
+    assert FILE[:100] not in sends(out, True) and sends(out, False) == b""
+    assert held(s) == (0, 0)
+
+
+def test_msnslp_inbound_allowed_file_crosses_without_a_notice():
+    s, _ = inbound_slp_session()
+    msgs = [p2p_msg(0, h, c, 2, ME, inbound=True) for h, c in data_chunks(FILE)]
+    (insp,) = inspects(run(s, [(False, m) for m in msgs]))
+    out = s.file_verdict(insp.transfer_id, FileReport("pic.exe", "pic.exe", len(FILE)),
+                         Decision(action=ALLOW, notice="scanned by imguard"))
     assert sends(out, True) == b"".join(msgs)
 
 

@@ -248,6 +248,57 @@ def test_file_blocked_receiver_gets_nothing_sender_gets_report_and_notice():
     assert s.file_verdict(job.transfer_id, report(job), ALLOWED) == []
 
 
+def inbound_file_chunks(data: bytes, message_id: str) -> list[bytes]:
+    """Bob's chunks of a file to alice (the gateway's user): To-Path alice's, From-Path bob's."""
+    return [raw.replace(f"To-Path: {TO_PATH}".encode(), f"To-Path: {FROM_PATH}".encode())
+            .replace(f"From-Path: {FROM_PATH}".encode(), f"From-Path: {TO_PATH}".encode())
+            for _, raw in file_chunks(data, 4000, message_id=message_id)]
+
+
+def test_inbound_file_blocked_receiver_told_in_its_own_words():
+    """A file bob (the other party) sends to alice, whose SIP offer it was: decided inbound (origin server, sender
+    bob, recipient alice). Blocked: alice gets no byte of it, only an MSRP notice in her own words; bob gets the
+    REPORT and the tracker's notice; the Notify for alice's SIP connection says what she was told."""
+    s, _ = make()
+    out = feed_all(s, inbound_file_chunks(FILE, "in1"), from_client=False)
+    assert sends(out, True) == b""
+    [job] = inspects(out)
+    assert (job.context.origin, job.context.sender, job.context.recipients) == (
+        "server", "sip:bob@example.com", ("sip:alice@example.com",))
+    out = s.file_verdict(job.transfer_id, report(job), Decision(action="block", matches=BLOCKED.matches,
+                                                                notice="Your file was blocked: malware."))
+    [told] = parse_msrp(sends(out, True))
+    assert told.method == "SEND" and told.to_path == [FROM_PATH] and told.from_path == [TO_PATH]
+    assert told.body == b"imguard: the file 'My cool picture.jpg' from sip:bob@example.com was blocked (no programs)"
+    assert FILE[:64] not in sends(out, True)
+    rep, notice = parse_msrp(sends(out, False))
+    assert rep.method == "REPORT" and rep.get("status") == "000 403 Action-not-allowed"
+    assert notice.body == b"Your file was blocked: malware."
+    [note] = [c for c in out if isinstance(c, Notify)]
+    assert (note.connection_id, note.text) == ("s1", told.body.decode())
+    assert s.holds.held_bytes == 0 and s.holds.in_flight == 0
+
+
+def test_inbound_file_allowed_reaches_our_user_byte_exact_and_tells_nobody():
+    s, _ = make()
+    chunks = inbound_file_chunks(FILE, "in2")
+    [job] = inspects(feed_all(s, chunks, from_client=False))
+    out = s.file_verdict(job.transfer_id, report(job), Decision(action="allow", notice="scanned by imguard"))
+    assert sends(out, True) == b"".join(chunks) and sends(out, False) == b""
+    assert not [c for c in out if isinstance(c, Notify)]
+
+
+def test_inbound_text_blocked_tells_both():
+    """A text bob sends alice, blocked: bob gets the 403 and his notice, alice an MSRP notice naming bob."""
+    s, _ = make(Checker(block=("secret",)))
+    out = s.data_received(False, chunk("rx1", b"the secret plan", to_path=FROM_PATH, from_path=TO_PATH,
+                                       message_id="b1"))
+    told = parse_msrp(sends(out, True))
+    assert [c.body for c in told] == [b"A message from sip:bob@example.com was blocked by imguard: no secret"]
+    resp, notice = parse_msrp(sends(out, False))
+    assert resp.status == 403 and notice.body.startswith(b"Your message to sip:alice@example.com was blocked")
+
+
 def test_cpim_wrapped_file_is_unwrapped_for_inspection():
     s, _ = make()
     cpim = (b"From: <sip:alice@example.com>\r\nTo: <sip:bob@example.com>\r\n\r\n"
@@ -398,6 +449,16 @@ def test_held_bytes_limit_refuses_with_413_and_a_notice():
     out = feed_all(s, [raw for _, raw in chunks[1:]])
     assert sends(out, False) == b"" and {c.status for c in parse_msrp(sends(out, True))} == {413}
     assert s.holds.held_bytes == 0 and s.holds.in_flight == 0 and not inspects(out)
+
+
+def test_inbound_file_over_the_held_bytes_limit_tells_our_user_too():
+    """Bob's file to alice past msrp_max_held_bytes: bob gets the 413 and the notice, alice (inside) the notice."""
+    s, _ = make(limits=MsrpLimits(msrp_max_held_bytes=5000))
+    out = s.data_received(False, inbound_file_chunks(FILE, "big")[0])
+    [told] = parse_msrp(sends(out, True))
+    assert told.method == "SEND" and b"could not be inspected" in told.body and told.to_path == [FROM_PATH]
+    resp, notice = parse_msrp(sends(out, False))
+    assert resp.status == 413 and notice.body == told.body
 
 
 def test_a_message_within_the_held_bytes_limit_fits():

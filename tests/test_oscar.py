@@ -254,6 +254,14 @@ def sendfile_proposal(ip=b"\xc0\xa8\x01\x14", port=5190, request=1, name=b"setup
     return FT_COOKIE + struct.pack(">H", 2) + sn(PEER) + build_tlvs([(0x0005, rv), (0x0003, b"")])
 
 
+def incoming_sendfile_proposal(**kw) -> bytes:
+    """The same proposal as the server delivers it to our client (SNAC(04,07)): from PEER, with the warning level
+    and user info block after the screen name."""
+    data = sendfile_proposal(**kw)
+    head = 8 + 2 + 1 + len(PEER)            # cookie, channel, screen name: then warning level and user info
+    return data[:head] + struct.pack(">HH", 0, 0) + data[head:]
+
+
 def offer_file(transfers):
     s, _, c, srv, _ = bos(Checker(), transfers)
     out = s.data_received(True, c.snac(0x04, 0x06, sendfile_proposal()))
@@ -276,9 +284,8 @@ def test_stage2_proposal_adds_address():
     transfers = ExpectedTransfers()
     s, _ = offer_file(transfers)
     srv = Wire(0x6000)
-    data = sendfile_proposal(ip=b"\x0a\x00\x00\x09", port=4443, request=2)
-    head = 8 + 2 + 1 + len(PEER)            # cookie, channel, screen name: then warning level and user info
-    s.data_received(False, srv.snac(0x04, 0x07, data[:head] + struct.pack(">HH", 0, 0) + data[head:]))
+    s.data_received(False, srv.snac(0x04, 0x07, incoming_sendfile_proposal(ip=b"\x0a\x00\x00\x09", port=4443,
+                                                                          request=2)))
     offer = find_oft_offer(transfers, host="10.0.0.9", port=4443)
     assert offer is not None and offer.name == "setup.exe" and offer.sender == "Alice1970"
 
@@ -325,6 +332,50 @@ def test_oft_blocked_closes_and_notifies_bos():
     assert note.event()["imguard"]["oft"]["name"] == "setup.exe"
     (frame,) = frames(bos_session.notice(note.text)[0].data)
     assert b"setup.exe" in frame.data and b"blocked (no programs)" in frame.data
+
+
+def inbound_oft(transfers):
+    """PEER (on the server's side) proposes setup.exe to our client; our client connects to PEER's listener: the
+    OFT connection's TCP client is the receiver, the sender is the server's side."""
+    bos_session, _, _, srv, _ = bos(Checker(), transfers)
+    out = bos_session.data_received(False, srv.snac(0x04, 0x07, incoming_sendfile_proposal(ip=b"\x0a\x00\x00\x09",
+                                                                                          port=4443)))
+    offer = find_oft_offer(transfers, host="10.0.0.9", port=4443)
+    s = OftSession(Checker(), transfers, ChatContext(connection_id="oft2"), offer)
+    return bos_session, out, offer, s
+
+
+def test_oft_inbound_blocked_receiver_gets_nothing_and_is_told():
+    """A file from PEER to our client: its offer is inbound (origin server, sender PEER, recipient our screen name);
+    the sender's bytes (server side) are held; blocked, our client gets only the prompt, the connection closes and
+    the notice for our client's BOS connection is in the receiver's words (not the rule's notice for a sender)."""
+    transfers = ExpectedTransfers()
+    bos_session, out, offer, s = inbound_oft(transfers)
+    assert not offer.outbound and (offer.sender, offer.receiver) == (PEER, "Alice1970")
+    assert sends(out, True) and len(records(out, "oft_offer")) == 1        # the proposal crosses to our client
+    prompt, _, items = oft_dialogue(sender_is_client=False)
+    out = run(s, items)
+    assert sends(out, True) == prompt
+    (insp,) = [c for c in out if isinstance(c, InspectFile)]
+    assert (insp.context.origin, insp.context.sender, insp.context.recipients) == ("server", PEER, ("Alice1970",))
+    decision = Decision(action=BLOCK, matches=BLOCKED.matches, notice="Your file setup.exe was blocked.")
+    out = s.file_verdict(insp.transfer_id, FileReport("setup.exe", "setup.exe", len(FILE)), decision)
+    assert sends(out, True) == b"" and isinstance(out[-1], Close)
+    (note,) = notifies(out)
+    assert note.connection_id == "bos1" and note.text == f"imguard: the file 'setup.exe' from {PEER} was blocked " \
+                                                         "(no programs)"
+    (frame,) = frames(bos_session.notice(note.text)[0].data)
+    assert PEER.encode() in frame.data and b"blocked (no programs)" in frame.data
+
+
+def test_oft_inbound_allowed_reaches_our_client_and_tells_nobody():
+    transfers = ExpectedTransfers()
+    _, _, _, s = inbound_oft(transfers)
+    prompt, _, items = oft_dialogue(sender_is_client=False)
+    (insp,) = [c for c in run(s, items) if isinstance(c, InspectFile)]
+    out = s.file_verdict(insp.transfer_id, FileReport("setup.exe", "setup.exe", len(FILE)),
+                         Decision(action=ALLOW, notice="scanned"))
+    assert sends(out, True) == FILE and not notifies(out)
 
 
 @pytest.mark.parametrize("size", [1, 5, 255, 256, 257, 4096])

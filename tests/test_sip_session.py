@@ -170,15 +170,36 @@ def test_block_keeps_an_existing_to_tag_and_quotes_the_notice():
     assert resp.get("warning") == '399 imguard "say \\"no\\" Injected: 1"' and resp.get("injected") == ""
 
 
-def test_inbound_messages_pass_unless_configured():
-    """Messages from the server side are forwarded unchecked, unless sip_check_inbound_messages is on."""
-    checker = Checker(block=("secret",))
+REGISTER = sip("REGISTER sip:b.example SIP/2.0", [("Via", "SIP/2.0/TCP h;branch=z9hG4bK2"),
+                                                  ("From", "<sip:alice@b.example>;tag=1"),
+                                                  ("To", "<sip:alice@b.example>"),
+                                                  ("Call-ID", "r1"), ("CSeq", "1 REGISTER"),
+                                                  ("Contact", "<sip:alice@10.0.0.7:5099;transport=tcp>")])
+
+
+def test_inbound_messages_are_decided_and_the_user_told():
+    """A MESSAGE the proxy delivers to our user is decided too (origin server: inbound): allowed it crosses as it
+    came; blocked, the outside sender gets the 403 and our user, who never sees the text, a notice MESSAGE in its
+    own words (not the rule's notice, which is written for a sender). sip_check_inbound_messages off: unchecked."""
+    checker = Checker(block=("secret",), notice="Your message was blocked: it names a secret.")
     s, _ = make(checker)
-    raw = message("the secret")
-    assert sends(s.data_received(False, raw), True) == raw and not checker.calls
-    s, _ = make(checker, SipLimits(sip_check_inbound_messages=True))
+    s.data_received(True, REGISTER)
+    hello = message("hello alice", frm="<sip:bob@b.example>", to="<sip:alice@b.example>", ruri="sip:alice@b.example")
+    assert sends(s.data_received(False, hello), True) == hello
+    assert [(c.sender, c.recipients, c.origin) for _, c in checker.calls] == [
+        ("sip:bob@b.example", ("sip:alice@b.example",), "server")]
+    raw = message("the secret", frm="<sip:bob@b.example>", to="<sip:alice@b.example>", ruri="sip:alice@b.example",
+                  cseq=2)
     out = s.data_received(False, raw)
-    assert sends(out, True) == b"" and parse(sends(out, False)).status == 403
+    refusal = parse(sends(out, False))
+    assert refusal.status == 403 and refusal.call_id == "asd88asd77a-2@10.0.0.7"
+    note = parse(sends(out, True))
+    assert note.method == "MESSAGE" and note.request_uri == "sip:alice@10.0.0.7:5099"
+    assert note.body == b"A message from sip:bob@b.example was blocked by imguard: no secret"
+    assert b"the secret" not in sends(out, True)
+    checker = Checker(block=("secret",))
+    s, _ = make(checker, SipLimits(sip_check_inbound_messages=False))
+    assert sends(s.data_received(False, raw), True) == raw and not checker.calls
 
 
 def test_subject_is_checked_blocked_and_masked():
@@ -224,6 +245,46 @@ def test_file_in_a_message_is_held_until_the_verdict():
     out = s.file_verdict(job.transfer_id, report(job), BLOCKED)
     assert sends(out, False) == b"" and parse(sends(out, True)).status == 403
     assert s.file_verdict(job.transfer_id, report(job), ALLOWED) == []       # answered once
+
+
+def test_inbound_file_in_a_message_is_held_and_its_receiver_told():
+    """A file the proxy delivers to our user in a MESSAGE body: held (origin server) until the verdict; blocked, our
+    user gets none of it and a notice in its own words, the outside sender the 403; allowed, the exact bytes."""
+    s, _ = make()
+    s.data_received(True, REGISTER)
+    raw = message(b"MZ" + bytes(100), content_type="application/octet-stream", frm="<sip:bob@b.example>",
+                  to="<sip:alice@b.example>", ruri="sip:alice@b.example")
+    out = s.data_received(False, raw)
+    assert sends(out, True) == b""
+    [job] = inspects(out)
+    assert (job.context.origin, job.context.sender, job.context.recipients) == (
+        "server", "sip:bob@b.example", ("sip:alice@b.example",))
+    out = s.file_verdict(job.transfer_id, report(job), BLOCKED)
+    assert parse(sends(out, False)).status == 403
+    note = parse(sends(out, True))
+    assert note.method == "MESSAGE"
+    assert note.body == b"A file from sip:bob@b.example was blocked by imguard: no programs"
+    out = s.data_received(False, raw.replace(b"CSeq: 1", b"CSeq: 2"))
+    [job] = inspects(out)
+    assert sends(s.file_verdict(job.transfer_id, report(job), ALLOWED), True) == raw.replace(b"CSeq: 1", b"CSeq: 2")
+
+
+def test_allowed_file_with_a_notice_crosses_without_a_refusal():
+    """An allowed file whose decision carries a notice: the MESSAGE crosses and no 403 goes back (it was not
+    refused); our own sender gets the notice as a MESSAGE, an outside sender nothing."""
+    from imguard.model import ALLOW, Decision
+
+    s, _ = make()
+    s.data_received(True, REGISTER)
+    raw = message(b"\x89PNG\r\n\x1a\n" + bytes(100), content_type="image/png", cseq=3)
+    [job] = inspects(s.data_received(True, raw))
+    out = s.file_verdict(job.transfer_id, report(job), Decision(action=ALLOW, notice="images are logged"))
+    assert sends(out, False) == raw
+    note = parse(sends(out, True))
+    assert note.method == "MESSAGE" and note.body == b"images are logged"
+    [job] = inspects(s.data_received(False, raw.replace(b"CSeq: 3", b"CSeq: 4")))
+    out = s.file_verdict(job.transfer_id, report(job), Decision(action=ALLOW, notice="images are logged"))
+    assert sends(out, True) == raw.replace(b"CSeq: 3", b"CSeq: 4") and sends(out, False) == b""
 
 
 def test_other_requests_and_responses_cross_untouched():

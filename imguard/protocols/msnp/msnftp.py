@@ -16,21 +16,24 @@ connection to such an address looks it up (`find_msnftp_offer`) and puts a `Dire
       BYE 16777989\\r\\n            ->          (the receiver got everything)
 
 The session keeps only the framing; the file itself is one `HeldTransfer` (imguard.files.tracker) per
-connection, made at TFR (kind "msnftp", the FIL size, bounded by `msnp_max_held_bytes`), which says when
-the held bytes are released or dropped and what a close does. The lines cross as they come. After TFR
-each of the sender's blocks is appended to the HeldTransfer: its data is the file, the whole raw block
-(header and data) is what crosses on release, so an allowed file reaches the receiver byte-exact. When
-the last byte of the FIL size is in, the session answers the sender itself with `BYE 16777989` so its
-client finishes (the receiver's own BYE is swallowed later), then returns the tracker's
+connection, made at TFR (kind "msnftp", the FIL size, bounded by `msnp_max_held_bytes`), which says when the
+held bytes are released or dropped and what a close does. The lines cross as they come. After TFR each of
+the sender's blocks is appended to the HeldTransfer: its data is the file, the whole raw block (header and
+data) is what crosses on release, so an allowed file reaches the receiver byte-exact. When the last byte of
+the FIL size is in, the session answers the sender itself with `BYE 16777989` so its client finishes (the
+receiver's own BYE is swallowed later), then returns the tracker's
 `InspectFile(transfer_id="msnftp:<offer>")` (the BYE comes first: a gateway pauses the connection at an
 InspectFile). `file_verdict` is the tracker's verdict. What the tracker is told in MSNFTP's terms: the
-receiver is refused with a cancel block (0x01 0x00 0x00); the sender is told with a `Notify` for the
-switchboard that carried the invitation (its `MsnpSession.notice(text)`). A FIL over the bound, a
-transfer that runs past it, or blocks the session cannot follow cut the file; a sender's cancel block
-abandons it (msnftp_cancelled), and so does the receiver leaving before the file is whole (the sender
-must not get a BYE saying it arrived). The sender closing early gives a truncated inspection; `USR`
-with another AuthCookie than the invitation's is an anomaly (the real sender refuses it; we let it do
-so). `offer` None: an unannounced connection, closed at once.
+receiver is refused with a cancel block (0x01 0x00 0x00); the person inside is told with a `Notify` for the
+switchboard that carried the invitation (its `MsnpSession.notice(text)`): the sender of an outbound file;
+the receiver of an inbound one (the invitation came from the switchboard's side: `offer.outbound` False,
+origin server), in its own words and only when the file was stopped. Which leg sends the file comes from the
+offer too (the listener is the sender unless Sender-Connect), so both directions are the same code. A FIL
+over the bound, a transfer that runs past it, or blocks the session cannot follow cut the file; a sender's
+cancel block abandons it (msnftp_cancelled), and so does the receiver leaving before the file is whole (the
+sender must not get a BYE saying it arrived). The sender closing early gives a truncated inspection; `USR`
+with another AuthCookie than the invitation's is an anomaly (the real sender refuses it; we let it do so).
+`offer` None: an unannounced connection, closed at once.
 
 What the carrier does: on a new connection to (ip, port), `offer = find_msnftp_offer(transfers, ip,
 port)`; `DirectMsnftpSession(checker, transfers, ctx, offer)`; carry Send/Anomaly/Notify/Close; answer
@@ -44,7 +47,7 @@ from typing import Any
 
 from imguard.files.tracker import ConnectionHolds, HeldTransfer, HoldState
 from imguard.model import FROM_CLIENT, FROM_SERVER, ChatContext, Decision, FileReport
-from imguard.protocols.base import Anomaly, Close, Command, Notify, Send, StreamSession
+from imguard.protocols.base import Anomaly, Close, Command, Notify, Send, StreamSession, block_words
 from imguard.protocols.msnp.decoder import MsnpLimits
 from imguard.protocols.msnp.session import MSNFTP_KIND, MsnftpOffer
 
@@ -246,7 +249,15 @@ class DirectMsnftpSession(StreamSession):
         return [] if transfer.receiver_gone else [Send(to_client=self.receiver_is_client, data=CANCEL_BLOCK)]
 
     def _tell_sender(self, transfer: HeldTransfer, text: str, decision: Decision | None) -> list[Command]:
-        """The sender is told in the switchboard that carried the invitation."""
+        """The person inside is told in the switchboard that carried the invitation (MSNFTP has no channel back):
+        the sender of an outbound file; the receiver of an inbound one, in its own words (a rule's notice is
+        written for a sender), and only when the file was stopped (an allowed file's notice is for a sender of
+        ours: the outside sender is not on this gateway)."""
+        if not self.offer.outbound and decision is not None:
+            if not decision.blocked:
+                return []
+            action, why = block_words(decision)
+            text = f"imguard: the file {self.offer.name!r} from {self.offer.sender} was {action} ({why})"
         return [Notify(self.offer.context.connection_id, "msnp", text, self.file_context, decision,
                        (("msnftp", self.offer.to_dict()),))]
 

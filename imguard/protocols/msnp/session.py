@@ -34,7 +34,8 @@ participants). MSNP14+ messages to and from Yahoo! contacts through the NS (`UUM
   gateway, `MSG imguard imguard <len>` + text/plain (MSNP has no error-with-text; this is what a
   person sees in the conversation window). When the client asked for an acknowledgement (flag N, A
   or D) it also gets `NAK <trid>`, so its "could not be delivered" warning shows. An inbound message
-  blocked is dropped with a notice to our client naming its sender.
+  blocked is dropped with a notice to our client naming its sender, in our client's words (a rule's notice
+  is written for a sender: it is shown only to our own senders, also after a mask).
 
 MSNFTP (`text/x-msmsgsinvite`, Application-GUID {5D3E02AB-6190-11d3-BBBB-00C04F795683}): the INVITE
 gives name and size per Invitation-Cookie; the ACCEPT that carries `IP-Address`/`Port`/`AuthCookie`
@@ -60,6 +61,12 @@ is in: the tracker's `InspectFile(transfer_id="msnslp:<conn>:<sid>")`, mechanism
 in order (the tracker's default delivery); blocked or cut, our client gets an MSNSLP `BYE` for the
 session (`refuse`: so its transfer window ends) and a notice (`tell`); the remote peer's client, which
 got nothing, times out (injecting towards the server would need a transaction id of our client's).
+Both directions are the same code: a file the switchboard delivers to our client (the INVITE came from
+the server's side) is held the same way (`sender_is_client` False, origin server: inbound unless the zones
+say its sender is inside); nothing is ACKed for it (server MSGs carry no transaction), and when it is
+stopped our client, its receiver, gets the BYE "from" the sender and a notice in its own words ("the
+file ... from <sender> was blocked (<rule>)", not the rule's notice, which is written for a sender);
+an allowed inbound file tells nobody.
 The sender's leg closing before the last byte abandons the file (p2p_incomplete), and so does a new
 INVITE reusing its SessionID (the new file gets a transfer id of its own); a framing error that closes
 the connection drops every held file with it. An INVITE nobody accepts holds nothing.
@@ -399,8 +406,8 @@ class MsnpSession(StreamSession):
                 if cmd.verb == "MSG" and len(cmd.args) >= 2 and cmd.args[1].upper() in ("N", "A", "D"):
                     out.send(True, format_command("NAK", cmd.trid))
             else:
-                notice = decision.notice or f"A message from {sender} was {action} by imguard: {why}"
-                out.send(True, self._notice_msg(notice))
+                # Our client is the receiver: told in its own words (a rule's notice is written for a sender).
+                out.send(True, self._notice_msg(f"A message from {sender} was {action} by imguard: {why}"))
             return
         if decision.action == MASK and decision.masked_text is not None:
             head = mime.head
@@ -414,7 +421,7 @@ class MsnpSession(StreamSession):
                                                 "to send; it was dropped"))
                 return
             out.send(not from_client, format_command(cmd.verb, *cmd.args[:-1], payload=payload))
-            if decision.notice:
+            if decision.notice and from_client:     # a rule's notice is for the sender, ours only
                 out.send(True, self._notice_msg(decision.notice))
             return
         out.send(not from_client, cmd.raw)
@@ -618,7 +625,7 @@ class MsnpSession(StreamSession):
             sender_is_client=f.sender_is_client, kind="p2p",
             max_bytes=self.limits.msnp_max_held_bytes, size=f.size, name=f.name, receiver=f.receiver,
             holds=self.holds, refuse=lambda transfer: self._refuse_file(f),
-            tell=lambda transfer, text, decision: [Send(to_client=True, data=self._notice_msg(text))],
+            tell=lambda transfer, text, decision: self._tell_file(f, text, decision),
             event_data={"session_id": f.session_id, "name": f.name})
         self._held[f.transfer_id] = f
         return f.transfer
@@ -630,6 +637,18 @@ class MsnpSession(StreamSession):
         if f.transfer.state is HoldState.ABANDONED:
             return []
         return [Send(to_client=True, data=self._slp_bye(f, f.receiver if f.sender_is_client else f.sender))]
+
+    def _tell_file(self, f: _P2pFile, text: str, decision: Decision | None) -> list[Cmd]:
+        """Our client is told in the conversation: the sender of an outbound file with the tracker's text (a rule's
+        notice); the receiver of an inbound one in its own words, and only when the file was stopped (an allowed
+        file's notice is for a sender of ours; the outside sender is not on this gateway)."""
+        if not f.sender_is_client and decision is not None:
+            if not decision.blocked:
+                return []
+            action, why = block_words(decision)
+            text = f"imguard: the file {f.name!r} from {f.sender} was {action} ({why})" if f.name else \
+                f"imguard: a file from {f.sender} was {action} ({why})"
+        return [Send(to_client=True, data=self._notice_msg(text))]
 
     def _carry(self, out: OutgoingCommands, f: _P2pFile, cmds: list[Cmd]) -> None:
         """The tracker's commands, its anomalies under the per-kind cap; a file no longer held is forgotten here."""

@@ -19,7 +19,8 @@ message is there (chunks may arrive out of order) and decided:
   Call-ID. Allow: the chunks cross as they came, in byte order. Mask: one chunk (the headers of the chunk that
   completed the message) with the new body and `Byte-Range: 1-N/N`. Block: nothing crosses; the sender gets
   `403` on the unanswered chunk or a REPORT `Status: 000 403`, and a notice as an MSRP SEND from the
-  receiver's path ("Your message to ... was blocked by imguard: ...");
+  receiver's path ("Your message to ... was blocked by imguard: ..."); inbound (see below), the receiver, our
+  user, also gets a notice from the sender's path ("A message from ... was blocked by imguard: ...");
 - any other type (a file: RFC 5547, or an inline image) -> `InspectFile` (mechanism "msrp", name from the SDP
   file-selector, claimed type from Content-Type or the selector, a message/cpim wrapper taken off; `truncated`
   when the sender ended it with bytes missing). Allow: the held chunks are released in byte order, byte for
@@ -47,8 +48,13 @@ For the files sent to it, it is a receiver gone (the tracker's receiver_closed):
 delivered ("msrp_receiver_gone"); messages on their way to it are still reassembled and decided, and a whole,
 allowed text still crosses (the gateway does not pass the close on, and a half-closed side can still read).
 
-Text policy applies to both directions: in MSRP the TCP client is whichever endpoint is active (by default the
-SDP offerer), not necessarily the gateway's own user; the policy sees the direction from the Pipeline's classifier.
+Both directions: in MSRP the TCP client is whichever endpoint is active (by default the SDP offerer), not
+necessarily the gateway's own user, so who is inside comes from the SIP offer: `offer.outbound` says whether the
+gateway's user made it, and what the other party sends (a file it pushes to our user, or one our user pulled with
+`a=recvonly`) has origin server: inbound unless the zones say its sender is inside. A stopped inbound file or text
+is explained to our user, its receiver, in its own words by an MSRP SEND from the sender's path ("imguard: the
+file ... from <sender> was blocked (<rule>)"), and the Notify for the SIP connection says the same; the outside
+sender still gets the REPORT and its notice. An allowed inbound file tells nobody.
 
 What the carrier does:
 1. Give every SipSession the shared ExpectedTransfers table. A new TCP connection whose destination is in it
@@ -464,19 +470,38 @@ class MsrpSession(StreamSession):
     def _tell(self, msg: _Message, text: str, decision: Decision | None) -> list[Command]:
         """The sender told, in MSRP's terms: a cut message gets the notice (its chunk got 413); a blocked text 403
         on its unanswered chunks (else a REPORT) and a notice; a blocked file a REPORT and a notice while its
-        sender is there, and a Notify for its SIP connection; an allowed file with a notice only the Notify."""
+        sender is there, and a Notify for its SIP connection; an allowed file with a notice only the Notify.
+        Inbound (the SIP offer says the sender is the other party, not the gateway's user): the receiver, who is
+        ours, is told too, in its own words, as an MSRP SEND in the session (a rule's notice is written for a
+        sender), and the Notify for its SIP connection says the same; an allowed inbound file tells nobody (its
+        notice is for a sender of ours)."""
         out = OutgoingCommands()
         t = msg.tracker
-        if decision is None:
+        inbound = t.context.origin == FROM_SERVER
+        if decision is None:           # cut: the sender is told why; inbound, our user (the receiver) too
             self._notice(out, msg, text)
+            if inbound and not self.side_closed[t.receiver_is_client]:
+                self._notice_receiver(out, msg, text)
         elif msg.kind != "file":
             if decision.blocked:
                 self._refuse_to_sender(out, msg, answer_open=True)
                 self._notice(out, msg, decision.notice or self._message_notice(msg, decision))
+                if inbound:
+                    action, why = block_words(decision)
+                    self._notice_receiver(out, msg, f"A message from {t.context.sender} was {action} by imguard: "
+                                                    f"{why}")
         else:
+            if inbound and not decision.blocked:
+                return out.cmds
             if decision.blocked and not t.sender_gone:
                 self._refuse_to_sender(out, msg, answer_open=False)
                 self._notice(out, msg, text)
+            if inbound:
+                action, why = block_words(decision)
+                the_file = f"the file {t.name!r}" if t.name else "a file"
+                text = f"imguard: {the_file} from {t.context.sender} was {action} ({why})"
+                if not self.side_closed[t.receiver_is_client]:
+                    self._notice_receiver(out, msg, text)
             offer = self._offer(msg.first)
             out.add(Notify(connection_id=offer.context.connection_id if offer is not None else "", protocol="sip",
                            text=text, context=t.context, decision=decision,
@@ -499,6 +524,12 @@ class MsrpSession(StreamSession):
         tid, notice = build_send(msg.first.from_path, msg.first.to_path, text.encode("utf-8"))
         self._swallow_tid(msg.from_client, tid)
         out.send(msg.from_client, notice)
+
+    def _notice_receiver(self, out: OutgoingCommands, msg: _Message, text: str) -> None:
+        """A notice to the receiver as an MSRP SEND from the sender's path, in the session where the stopped message
+        would have arrived (no reports asked for: nothing comes back)."""
+        _, notice = build_send(msg.first.to_path, msg.first.from_path, text.encode("utf-8"))
+        out.send(not msg.from_client, notice)
 
     def _message_notice(self, msg: _Message, decision: Decision) -> str:
         action, why = block_words(decision)

@@ -14,23 +14,25 @@ the first OFT header (or AOL proxy frame) and closes the connection if none anno
                                   <- OFT2 0x0204 done
       (next prompt for the next file, or close)
 
-The side that sends the prompt is the sender. The session keeps only the framing (headers, proxy
-frames, which done header is ours); each file is its own `HeldTransfer` (imguard.files.tracker), made
-when the receiver's ack (or resume ack) starts the file's bytes (kind "oft", the prompt's size, bounded
-by `oscar_max_held_bytes`), which says when the held bytes are released or dropped and what a close
-does. The sender's `size` bytes are appended to it (never forwarded); when the last one is in, the
-session answers the sender itself with the done header (the prompt with type 0x0204, bytes received =
-size, received checksum = the sender's checksum) so its client finishes, then returns the tracker's
-`InspectFile(transfer_id="oft:<offer>:<n>")` (the done header first: a gateway pauses the connection at
-an InspectFile); the receiver's own done is swallowed later. `file_verdict` is the tracker's verdict:
-allowed, the held bytes go to the receiver; blocked, the connection closes (the receiver has nothing) and
-the sender is told with a `Notify` for the BOS connection that carried the rendezvous (its
-`OscarSession.notice(text)`). A prompt over the bound cuts its file before a byte; the receiver leaving
-before a file is whole abandons it (the sender must not get a done header saying it arrived). Several
-files: each prompt starts the next; the sender's bytes that arrive while a file is being inspected wait
-in the buffer. AOL proxy frames (length (2) | 0x044A | type (2) | ...) before the OFT headers cross
-unchanged. A resumed transfer (0x0205/0x0106/0x0207) is inspected as truncated: only the part after the
-resume offset passed the gateway.
+The side that sends the prompt is the sender. The session keeps only the framing (headers, proxy frames,
+which done header is ours); each file is its own `HeldTransfer` (imguard.files.tracker), made when the
+receiver's ack (or resume ack) starts the file's bytes (kind "oft", the prompt's size, bounded by
+`oscar_max_held_bytes`), which says when the held bytes are released or dropped and what a close does. The
+sender's `size` bytes are appended to it (never forwarded); when the last one is in, the session answers the
+sender itself with the done header (the prompt with type 0x0204, bytes received = size, received checksum =
+the sender's checksum) so its client finishes, then returns the tracker's
+`InspectFile(transfer_id="oft:<offer>:<n>")` (the done header first: a gateway pauses the connection at an
+InspectFile); the receiver's own done is swallowed later. `file_verdict` is the tracker's verdict: allowed,
+the held bytes go to the receiver; blocked, the connection closes (the receiver has nothing) and the person
+inside is told with a `Notify` for the BOS connection that carried the rendezvous (its
+`OscarSession.notice(text)`): the sender of an outbound file; the receiver of an inbound one (the proposal
+came from the server's side: `offer.outbound` False, origin server), in its own words and only when the file
+was stopped. The prompt says which side sends, so both directions are the same code. A prompt over the bound
+cuts its file before a byte; the receiver leaving before a file is whole abandons it (the sender must not
+get a done header saying it arrived). Several files: each prompt starts the next; the sender's bytes that
+arrive while a file is being inspected wait in the buffer. AOL proxy frames (length (2) | 0x044A | type (2)
+| ...) before the OFT headers cross unchanged. A resumed transfer (0x0205/0x0106/0x0207) is inspected as
+truncated: only the part after the resume offset passed the gateway.
 
 What the carrier does: on a new connection to (ip, port) for which `find_oft_offer(transfers,
 host=ip, port=port)` is not None (or to the AOL proxy), `OftSession(checker, transfers, ctx, offer)`;
@@ -44,7 +46,7 @@ from typing import Any
 
 from imguard.files.tracker import ConnectionHolds, HeldTransfer, HoldState
 from imguard.model import FROM_CLIENT, FROM_SERVER, ChatContext, Decision, FileReport
-from imguard.protocols.base import Anomaly, Close, Command, Notify, Send, StreamSession
+from imguard.protocols.base import Anomaly, Close, Command, Notify, Send, StreamSession, block_words
 from imguard.protocols.oscar.decoder import (OFT_ACK, OFT_DONE, OFT_PROMPT, OFT_RESUME, OFT_RESUME_ACK,
                                              PROXY_VERSION, OftHeader, OscarError, OscarLimits, parse_oft)
 from imguard.protocols.oscar.session import OftOffer, find_oft_offer
@@ -251,7 +253,15 @@ class OftSession(StreamSession):
                             holds=self.holds, tell=self._tell_sender, event_data={"offer": self.offer.offer_id})
 
     def _tell_sender(self, transfer: HeldTransfer, text: str, decision: Decision | None) -> list[Command]:
-        """The sender is told on the BOS connection that carried the rendezvous."""
+        """The person inside is told on the BOS connection that carried the rendezvous: the sender of an outbound
+        file; the receiver of an inbound one (the proposal came from the server's side), in its own words (a
+        rule's notice is written for a sender), and only when the file was stopped (an allowed file's notice is
+        for a sender of ours: the outside sender is not on this gateway)."""
+        if not self.offer.outbound and decision is not None:
+            if not decision.blocked:
+                return []
+            action, why = block_words(decision)
+            text = f"imguard: the file {transfer.name!r} from {self.offer.sender} was {action} ({why})"
         return [Notify(self.offer.context.connection_id, "oscar", text, transfer.context, decision,
                        (("oft", self.offer.to_dict()),))]
 

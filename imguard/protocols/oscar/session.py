@@ -29,7 +29,8 @@ policy. ICQ channel 4 (TLV 0x0005: UIN, type, flags, text) plain and URL message
 - block/quarantine: the frame is dropped. The notice is an *incoming ICBM from the screen name
   "imguard"* (channel 1, SNAC(04,07)) with the text: every AIM/ICQ client shows that as a chat window,
   while a SNAC(04,01) error only gives a numeric code some clients ignore. An inbound message
-  blocked is dropped and our client gets a notice naming its sender.
+  blocked is dropped and our client gets a notice naming its sender, in its own words (a rule's notice is
+  written for a sender: shown only to our own senders, also after a mask).
 
 FLAP sequence numbers: a dropped or injected frame would leave a gap or a duplicate in the 16-bit
 sequence, which servers and clients may check. The session keeps an offset per direction and rewrites
@@ -339,9 +340,8 @@ class OscarSession(StreamSession):
             if from_client:
                 to = f" to {', '.join(recipients)}" if recipients else ""
                 self._inject_notice(out, decision.notice or f"Your message{to} was {action} by imguard: {why}")
-            else:
-                self._inject_notice(out, decision.notice or f"A message from {sender} was {action} by imguard: "
-                                                            f"{why}")
+            else:       # our client is the receiver: told in its own words (a rule's notice is for a sender)
+                self._inject_notice(out, f"A message from {sender} was {action} by imguard: {why}")
             self._drop(from_client)
             return None
         return decision
@@ -385,7 +385,7 @@ class OscarSession(StreamSession):
             caps = next((d for fid, _v, d in fragments if fid == 0x05), b"\x01")
             new_value = build_text_fragments(body, first_charset, caps)
             self._forward(out, from_client, flap, self._rebuild(snac, icbm, 0x0002, new_value))
-            if decision.notice:
+            if decision.notice and from_client:     # a rule's notice is for the sender, ours only
                 self._inject_notice(out, decision.notice)
             return
         self._forward(out, from_client, flap)

@@ -60,8 +60,8 @@ class SipLimits:
         256, "INVITEs with MSRP offers remembered per SIP connection while their answer is awaited "
              "(the oldest is forgotten first).")
     sip_check_inbound_messages: bool = setting(
-        False, "Also send MESSAGE requests arriving from the server side (to the gateway's user) through "
-               "policy. Off by default, like the other protocols: policy applies to what the user sends.")
+        True, "Send MESSAGE requests (and text bodies of other requests) arriving from the server side, to the "
+              "gateway's user, through policy too (inbound), as every protocol does; off: they cross unchecked.")
 
 
 class SipFramingError(Exception):

@@ -12,18 +12,20 @@ commands for it (each Send is one datagram). The inline gateway carries it too: 
 each datagram one event; GatewayAddon puts a SipDatagramHandler (registry protocol "sip-udp") on those to
 a port mapped to sip, and each Send is written as one datagram.
 
-Messages. A client MESSAGE (server-side ones too with `sip_check_inbound_messages`) goes to
-`checker.check_message(text, ctx)` with protocol "sip", sender = P-Asserted-Identity if present else the From
-URI, recipients = the To URI (and the Request-URI when it differs). Bodies: text/plain (charset honoured),
-text/html (tags stripped for policy), message/cpim wrapping either (RFC 3862). Allow/alert: the exact bytes
-cross. Mask: the body (or the CPIM content) is rewritten and Content-Length fixed; HTML becomes text/plain.
-Block/quarantine: the MESSAGE is dropped and the sender gets `403 Forbidden` built from the request per RFC 3261
-§8.2.6 (all Vias, From, To with a tag, Call-ID, CSeq) with `Warning: 399 imguard "<notice>"` and the notice
-as a text/plain body. Status/composing bodies (im-iscomposing, IMDN) pass unchecked; any other body (an image
-in a MESSAGE, multipart) is a file: held, `InspectFile` (mechanism "sip-message"), forwarded or refused (403)
-on the verdict. A text body (text/plain, text/html, message/cpim) in any other request (INFO, an INVITE, an
-unknown method) is checked the same way, so it is no side channel around MESSAGE. Not checked: other headers,
-and the free text some XML bodies carry (PIDF <note> in PUBLISH/NOTIFY).
+Messages. A MESSAGE in either direction goes to `checker.check_message(text, ctx)` with protocol "sip", sender =
+P-Asserted-Identity if present else the From URI, recipients = the To URI (and the Request-URI when it differs),
+origin `client` for what the user agent behind the gateway sends and `server` for what the proxy delivers to it
+(inbound unless the zones say the sender is inside; `sip_check_inbound_messages` off lets those cross unchecked).
+Bodies: text/plain (charset honoured), text/html (tags stripped for policy), message/cpim wrapping either (RFC
+3862). Allow/alert: the exact bytes cross. Mask: the body (or the CPIM content) is rewritten and Content-Length
+fixed; HTML becomes text/plain. Block/quarantine: the MESSAGE is dropped and the sender gets `403 Forbidden` built
+from the request per RFC 3261 §8.2.6 (all Vias, From, To with a tag, Call-ID, CSeq) with `Warning: 399 imguard
+"<notice>"` and the notice as a text/plain body; for an inbound one our user (its receiver) is also told, in its
+own words, with a notice MESSAGE (below). Status/composing bodies (im-iscomposing, IMDN) pass unchecked; any other
+body (an image in a MESSAGE, multipart) is a file: held, `InspectFile` (mechanism "sip-message"), forwarded or
+refused (403; inbound, our user told too) on the verdict. A text body (text/plain, text/html, message/cpim) in any
+other request (INFO, an INVITE, an unknown method) is checked the same way, so it is no side channel around
+MESSAGE. Not checked: other headers, and the free text some XML bodies carry (PIDF <note> in PUBLISH/NOTIFY).
 
 MSRP offers. An INVITE (either direction) whose SDP offers `m=message ... TCP/MSRP` or `TCP/TLS/MSRP`
 becomes an `MsrpOffer` in the ExpectedTransfers table (kind "msrp", keys: each endpoint's path key and
@@ -267,19 +269,36 @@ class SipSession(StreamSession):
             f"{self.context.connection_id or 'sip'}-msg-{next(_ids)}", ctx.with_(transfer_mechanism="sip-message"),
             sender_is_client=from_client, kind="sip_message", max_bytes=self.limits.sip_max_message_size,
             size=len(data), claimed_mime=claimed,
-            tell=lambda transfer, text, decision: self._refused(from_client, msg, text))
+            tell=lambda transfer, text, decision: self._refused(from_client, msg, text, decision))
         out.add(*transfer.append(data, wire=msg.raw))
         out.add(*transfer.inspect())
         if transfer.state is HoldState.INSPECTING:
             self._held[transfer.transfer_id] = transfer
 
-    def _refused(self, from_client: bool, msg: SipMessage, text: str) -> list[Command]:
+    def _refused(self, from_client: bool, msg: SipMessage, text: str, decision: Decision | None) -> list[Command]:
         out = OutgoingCommands(merge=not self.datagram)
+        if decision is not None and not decision.blocked:
+            # An allowed file with a notice: the message crossed, nothing to refuse; a user of ours who sent it is
+            # told (an inbound file's notice is for its sender, who is not on this gateway).
+            return self.notice(text) if from_client else []
         self._respond_refused(out, from_client, msg, text)
+        if not from_client and decision is not None:
+            self._tell_receiver(out, msg, decision, "file")
         return out.cmds
 
     def _refuse(self, out: OutgoingCommands, from_client: bool, msg: SipMessage, decision: Decision, what: str) -> None:
         self._respond_refused(out, from_client, msg, decision.notice or self._default_notice(decision, what, msg))
+        if not from_client:
+            self._tell_receiver(out, msg, decision, what)
+
+    def _tell_receiver(self, out: OutgoingCommands, msg: SipMessage, decision: Decision, what: str) -> None:
+        """An inbound request refused: our user (its receiver) is told in its own words (a rule's notice is written
+        for a sender), with a notice MESSAGE, when the session knows where it is."""
+        words = {"block": "blocked", "quarantine": "quarantined"}
+        why = "; ".join(m.title or m.rule_id for m in decision.matches) or "policy"
+        notice = self.notice(f"A {what} from {self._identity(msg)} was {words.get(decision.action, 'blocked')} "
+                             f"by imguard: {why}")
+        out.add(*notice)
 
     def _respond_refused(self, out: OutgoingCommands, from_client: bool, msg: SipMessage, text: str) -> None:
         """The sender's answer to a refused request: BLOCK_STATUS with the reason in a Warning and the body."""

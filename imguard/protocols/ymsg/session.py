@@ -22,7 +22,8 @@ stripped for policy.
   recomputed (all other keys and the header fields kept);
 - block/quarantine: a client message is dropped and our client gets a MESSAGE from the id "imguard"
   (service 0x06, keys 4/5/14/97, the server's last session id). An inbound message blocked is dropped
-  with a notice naming its sender; in an offline batch (several messages in one packet) a blocked
+  with a notice naming its sender, in our client's words (a rule's notice is for our own senders only);
+  in an offline batch (several messages in one packet) a blocked
   message's text is replaced by the notice instead, so the allowed ones still arrive.
 
 File transfers (the bytes never cross this connection; they go over HTTP, which the gateway's HTTP
@@ -293,7 +294,8 @@ class YmsgSession(StreamSession):
                     extra.append(Send(True, self._notice_packet(decision.notice or
                                                                 f"Your message{to} was {action} by imguard: {why}")))
                     return b"", extra
-                notice = decision.notice or f"A message from {who} was {action} by imguard: {why}"
+                # Our client is the receiver: told in its own words (a rule's notice is written for a sender).
+                notice = f"A message from {who} was {action} by imguard: {why}"
                 if len(groups) == 1:
                     extra.append(Send(True, self._notice_packet(notice)))
                     return b"", extra
@@ -302,7 +304,7 @@ class YmsgSession(StreamSession):
             elif decision.action == MASK and decision.masked_text is not None:
                 fields[index] = (text_key, decision.masked_text.encode("utf-8"))
                 changed = True
-                if decision.notice:
+                if decision.notice and from_client:     # a rule's notice is for the sender, ours only
                     extra.append(Send(True, self._notice_packet(decision.notice)))
         if not changed:
             return p.raw, extra
