@@ -586,3 +586,120 @@ def test_clean_file_by_ibb_crosses_the_perimeter_byte_identical(crossing):
             assert [(r["kind"], r["direction"], r["sha256"]) for r in records if r["file_name"] == name] == [
                 ("file", crossing.direction, sha256(CLEAN))], records
     run(scenario())
+
+
+# --- a file shared by link: an XEP-0363 upload and its GET URL in the message (XEP-0066 OOB) ----------------------
+
+async def share_by_link(alice: Client, bob: Client, name: str, data: bytes, headers: dict | None = None) -> dict:
+    """alice uploads `data` by XEP-0363 (outside: straight to Prosody's upload service; inside: through imguard) and
+    sends bob the link as Conversations, Dino and Gajim do (the GET URL as the body and in an XEP-0066 OOB element);
+    bob fetches it (inside: through imguard, the HTTP proxy of his endpoint), also when the link never reached him
+    (a URL learnt some other way). What each side saw."""
+    up = await alice.upload(name, data)
+    seen: dict = {"put_status": up.put_status, "get_url": up.get_url}
+    seen["link_id"] = alice.send_chat(bob.jid, up.get_url, oob_url=up.get_url)
+    await sentinel_after(alice, bob, "after the link")
+    seen["link_arrived"] = up.get_url in bob.bodies()
+    status, body = await bob.http_get(up.get_url, headers=headers)
+    seen["get_status"], seen["received"] = status, body if status in (200, 206) else b""
+    return seen
+
+
+def test_eicar_shared_by_link_does_not_cross_the_perimeter(crossing):
+    """EICAR uploaded and shared by link, from outside in or inside out. Inbound: Prosody takes the upload (imguard
+    is not on the outside sender's way) and the link reaches bob, but his download through imguard is a 403 with
+    none of the bytes, later fetches too; bob is told, naming the file and alice; the alert says inbound and names
+    both parties. Outbound: the upload is refused, the link stopped, alice told. A sentinel after it arrives alone."""
+    async def scenario():
+        async with crossing.client("alice") as alice, crossing.client("bob") as bob:
+            name = f"eicar-link-{uuid.uuid4().hex[:6]}.com"
+            seen = await share_by_link(alice, bob, name, EICAR)
+            assert seen["get_status"] != 200 and EICAR not in seen["received"], f"EICAR reached bob: {summary(seen)}"
+            if crossing.direction == INBOUND:
+                assert 200 <= seen["put_status"] < 300 and seen["link_arrived"], summary(seen)
+                assert seen["get_status"] == 403, summary(seen)
+                notice = await bob.wait_for(lambda r: [m for m in r.messages if name in (m["body"] or "")
+                                                       and crossing.bare("alice") in (m["body"] or "")], timeout=5)
+                assert notice, f"bob (inside) got no notice of the blocked download: {bob.bodies()}"
+                status, body = await bob.http_get(seen["get_url"])
+                assert status == 403 and EICAR not in body, f"a second download answered {status}"
+                alert = await crossing.route.wait_alert(
+                    lambda e: e.get("file", {}).get("hash", {}).get("sha256") == sha256(EICAR)
+                    and e["event"].get("action") in ("block", "quarantine") and alert_names_file(e, name))
+                assert alert, f"no block alert for the download of {name} in {crossing.gateway.alerts_file}"
+                assert alert["imguard"]["context"]["direction"] == INBOUND, alert["imguard"]["context"]
+                assert parties(alert) == (crossing.bare("alice"), [crossing.bare("bob")]), alert["imguard"]["context"]
+                assert alert["imguard"]["context"]["transfer_mechanism"] == "xep-0363-get"
+                assert alert.get("rule", {}).get("id"), "the alert names no rule"
+                records = await wait_archived(crossing.gateway, crossing.bare("bob"),
+                                              lambda rs: any(r["file_name"] == name for r in rs))
+                assert [(r["direction"], r["sha256"]) for r in records if r["file_name"] == name] == [
+                    (INBOUND, sha256(EICAR))], records
+            else:
+                assert seen["put_status"] >= 400 and not seen["link_arrived"], summary(seen)
+                error = await alice.wait_message(id=seen["link_id"], type="error", timeout=5)
+                assert error is not None and error_condition(error) == "policy-violation", error
+                alert = await crossing.route.wait_alert(
+                    lambda e: e.get("file", {}).get("hash", {}).get("sha256") == sha256(EICAR)
+                    and e["event"].get("action") in ("block", "quarantine") and alert_names_file(e, name))
+                assert alert, f"no block alert for the upload of {name} in {crossing.gateway.alerts_file}"
+                assert alert["imguard"]["context"]["direction"] == OUTBOUND
+                assert parties(alert)[0] == crossing.bare("alice")
+                link_block = await crossing.route.wait_alert(
+                    lambda e: e.get("event", {}).get("dataset") == "imguard.message"
+                    and e["event"].get("action") == "block"
+                    and e["imguard"].get("message", {}).get("text") == seen["get_url"])
+                assert link_block, "no block record for the link to the blocked upload"
+                assert link_block["imguard"]["context"]["direction"] == OUTBOUND
+                assert parties(link_block) == (crossing.bare("alice"), [crossing.bare("bob")])
+            await sentinel_after(alice, bob, "after the blocked download")
+    run(scenario())
+
+
+def test_clean_file_shared_by_link_crosses_the_perimeter_byte_identical(crossing):
+    """A harmless file uploaded and shared by link, from outside in or inside out, downloads byte-identical; the
+    gateway records the allowed file with its direction (inbound: the download, from alice to bob; outbound: the
+    upload, alice's), and the archive has it for the inside person."""
+    async def scenario():
+        async with crossing.client("alice") as alice, crossing.client("bob") as bob:
+            name = f"numbers-link-{uuid.uuid4().hex[:6]}.bin"
+            seen = await share_by_link(alice, bob, name, CLEAN)
+            assert seen["link_arrived"] and seen["get_status"] == 200, summary(seen)
+            assert sha256(seen["received"]) == sha256(CLEAN), f"bob got {len(seen['received'])} bytes, not {len(CLEAN)}"
+            alert = await crossing.route.wait_alert(
+                lambda e: e.get("file", {}).get("hash", {}).get("sha256") == sha256(CLEAN)
+                and e["event"].get("action") in ("allow", "alert") and alert_names_file(e, name))
+            assert alert, f"no allowed file event for {name} in {crossing.gateway.alerts_file}"
+            assert alert["imguard"]["context"]["direction"] == crossing.direction, alert["imguard"]["context"]
+            if crossing.direction == INBOUND:
+                assert parties(alert) == (crossing.bare("alice"), [crossing.bare("bob")])
+                assert alert["imguard"]["context"]["transfer_mechanism"] == "xep-0363-get"
+            else:
+                assert parties(alert)[0] == crossing.bare("alice")
+            records = await wait_archived(crossing.gateway, crossing.bare(crossing.inside_role()),
+                                          lambda rs: any(r["file_name"] == name for r in rs))
+            assert [(r["direction"], r["sha256"]) for r in records if r["file_name"] == name] == [
+                (crossing.direction, sha256(CLEAN))], records
+    run(scenario())
+
+
+def test_a_range_request_gets_no_piece_of_a_blocked_shared_file(prosody, gateway, outside):
+    """A client resuming a download asks for a range (Prosody answers 206 with the tail): through imguard the
+    request is for the whole file, so it is scanned, and EICAR is a 403, not its tail. The control (bob outside,
+    straight to Prosody) gets the 206 piece, so the range is real."""
+    inbound = Crossing(INBOUND, Route("imguard", STARTTLS, prosody, gateway), outside)
+
+    async def scenario():
+        async with inbound.client("alice") as alice, inbound.client("bob") as bob, \
+                outside.client(inbound.route.account("carol")) as carol:
+            name = f"eicar-range-{uuid.uuid4().hex[:6]}.com"
+            up = await alice.upload(name, EICAR)
+            assert up.accepted, up
+            status, body = await carol.http_get(up.get_url, headers={"Range": "bytes=1-"})
+            assert (status, body) == (206, EICAR[1:]), f"control: Prosody answered {status} to the range"
+            alice.send_chat(bob.jid, up.get_url, oob_url=up.get_url)
+            assert await bob.wait_message(up.get_url), f"the link did not reach bob: {bob.bodies()}"
+            status, body = await bob.http_get(up.get_url, headers={"Range": "bytes=1-"})
+            assert status == 403 and EICAR[1:] not in body, f"bob's range request answered {status}: {body[:80]!r}"
+            await sentinel_after(alice, bob, "after the range request")
+    run(scenario())

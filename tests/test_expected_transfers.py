@@ -2,9 +2,9 @@
 
 import threading
 
-from imguard.files.expected import (ExpectedBytestream, ExpectedTransfers, ExpectedUpload, StreamHost,
-                                    TransferSettings, normalize_url)
-from imguard.model import ChatContext
+from imguard.files.expected import (ExpectedBytestream, ExpectedDownload, ExpectedTransfers, ExpectedUpload,
+                                    StreamHost, TransferSettings, normalize_url)
+from imguard.model import FROM_SERVER, ChatContext
 
 ALICE = ChatContext(protocol="xmpp", sender="alice@localhost")
 PUT = "http://127.0.0.1:15280/file_share/XBkHXnfjh0EOWcdF7NVRCnkU/eicar.com"   # from xmpp_plain_httpupload.pcap
@@ -82,6 +82,40 @@ def test_blocked_urls_outlive_upload_slots():
     assert table.blocked_url_reason(PUT) == "malware"
     clock.now += 86400
     assert table.blocked_url_reason(PUT) is None
+
+
+def shared(url="https://upload.example.org/f/Abc/gift.exe"):
+    carol = ChatContext(protocol="xmpp", sender="carol@example.org", recipients=("alice@localhost",),
+                        origin=FROM_SERVER, connection_id="c1", transfer_mechanism="xep-0363-get")
+    return ExpectedDownload(url=url, name="gift.exe", size=None, content_type="", context=carol)
+
+
+def test_a_shared_link_is_an_expected_download_until_its_ttl():
+    """A link delivered to our user: every GET of it within ttl_seconds finds the file's context (left in place:
+    a client fetches again, or from another device), compared as URLs are (no fragment, aesgcm as https, any case
+    of host); gone at the deadline."""
+    clock = Clock()
+    table = ExpectedTransfers(TransferSettings(ttl_seconds=60), clock=clock)
+    info = shared()
+    table.expect_download(info)
+    assert table.expected_download("https://UPLOAD.example.org/f/Abc/gift.exe") is info
+    assert table.expected_download("aesgcm://upload.example.org/f/Abc/gift.exe#0011") is info
+    assert table.expected_download("https://upload.example.org/f/abc/gift.exe") is None      # the path's case counts
+    clock.now += 59.9
+    assert table.expected_download(info.url).context.sender == "carol@example.org"
+    clock.now += 0.1
+    assert table.expected_download(info.url) is None
+
+
+def test_a_shared_link_is_neither_an_upload_nor_blocked():
+    """The download kind is its own: expecting a download announces no PUT and blocks nothing, and a blocked URL
+    is not an expected download."""
+    table = ExpectedTransfers()
+    table.expect_download(shared(PUT))
+    assert table.take_upload(PUT) is None and table.blocked_url_reason(PUT) is None and not table.any_blocked_urls
+    other = "http://127.0.0.1:15280/file_share/other/x.bin"
+    table.mark_blocked_url(other, "malware")
+    assert table.expected_download(other) is None and table.expected_download(PUT) is not None
 
 
 def test_bytestream_lookup_leaves_the_entry_for_the_second_leg():

@@ -1169,6 +1169,142 @@ def test_delivered_carbon_is_the_wrapped_messages():
     assert checker.calls[-1][1].sender == "mallory@example.org"
 
 
+# --- files shared with our user by link (XEP-0363 GET URLs) ---------------------------------------------------
+
+SHARED_URL = "https://upload.example.org/f/9Qz/holiday%20photos.zip"
+
+
+def oob(url=SHARED_URL):
+    return f"<x xmlns='jabber:x:oob'><url>{url}</url></x>"
+
+
+def test_delivered_link_to_an_upload_is_an_expected_download():
+    """What Conversations, Dino and Gajim send for a file: the GET URL as the body and in an OOB element. Delivered
+    to alice, it is relayed byte-exact, recorded as a link, and its GET is expected: the file from carol to alice,
+    origin server, mechanism xep-0363-get, this connection to tell; named by the URL."""
+    transfers = ExpectedTransfers()
+    s = logged_in(transfers=transfers)
+    m = delivered(SHARED_URL, extra=oob())
+    cmds = s.data_received(False, m)
+    assert cmds[-1] == Send(True, m) and anomalies(cmds) == ["oob_link"]
+    info = transfers.expected_download(SHARED_URL)
+    assert (info.url, info.name, info.size) == (SHARED_URL, "holiday photos.zip", None)
+    ctx = info.context
+    assert (ctx.sender, ctx.recipients, ctx.origin, ctx.transfer_mechanism, ctx.connection_id, ctx.protocol) == (
+        "carol@example.org", ("alice@localhost",), FROM_SERVER, "xep-0363-get", "c1", "xmpp")
+    assert not transfers.any_blocked_urls
+
+
+def test_links_that_are_not_a_file_coming_in_are_not_expected():
+    """Only a link the server delivers from someone else is a download coming in: not alice's own share on the way
+    out, not her carbon of it, not a URL merely typed in a body, not a link that is no HTTP file."""
+    transfers = ExpectedTransfers()
+    s = logged_in(transfers=transfers)
+    s.data_received(True, message(SHARED_URL, extra=oob()))
+    s.data_received(False, (f"<message from='alice@localhost' to='alice@localhost/t' type='chat'><sent "
+                            f"xmlns='urn:xmpp:carbons:2'><forwarded xmlns='urn:xmpp:forward:0'><message "
+                            f"xmlns='jabber:client' from='alice@localhost/laptop' to='carol@example.org' type='chat'>"
+                            f"<body>{SHARED_URL}</body>{oob()}</message></forwarded></sent></message>").encode())
+    s.data_received(False, delivered(f"look: {SHARED_URL}"))
+    s.data_received(False, delivered("call me", extra=oob("xmpp:carol@example.org?call")))
+    assert len(transfers) == 0
+
+
+def test_a_delivered_carbon_of_a_share_to_another_device_is_expected_too():
+    """carol shared a file with alice's phone; the carbon to this client carries the link: a GET of it here is
+    carol's file coming in."""
+    transfers = ExpectedTransfers()
+    s = logged_in(transfers=transfers)
+    s.data_received(False, (f"<message from='alice@localhost' to='alice@localhost/t' type='chat'><received "
+                            f"xmlns='urn:xmpp:carbons:2'><forwarded xmlns='urn:xmpp:forward:0'><message "
+                            f"xmlns='jabber:client' from='carol@example.org/pc' to='alice@localhost/phone' "
+                            f"type='chat'><body>{SHARED_URL}</body>{oob()}</message></forwarded></received></message>"
+                            ).encode())
+    ctx = transfers.expected_download(SHARED_URL).context
+    assert (ctx.sender, ctx.recipients, ctx.origin) == ("carol@example.org", ("alice@localhost",), FROM_SERVER)
+
+
+def test_a_body_that_is_exactly_a_url_beside_the_oob_element_is_expected_too():
+    """An aesgcm:// body beside an https OOB element: both name the file (compared without the key fragment)."""
+    transfers = ExpectedTransfers()
+    s = logged_in(transfers=transfers)
+    body = "aesgcm://upload.example.org/f/k2/report.pdf#00112233"
+    s.data_received(False, delivered(body, extra=oob("https://upload.example.org/f/k1/report.pdf")))
+    assert transfers.expected_download("https://upload.example.org/f/k2/report.pdf").name == "report.pdf"
+    assert transfers.expected_download("https://upload.example.org/f/k1/report.pdf").name == "report.pdf"
+
+
+SFS = ("<file-sharing xmlns='urn:xmpp:sfs:0'><file xmlns='urn:xmpp:file:metadata:0'><media-type>application/zip"
+       "</media-type><name>q3.zip</name><size>4096</size></file><sources><url-data "
+       "xmlns='http://jabber.org/protocol/url-data' target='{url}'/></sources></file-sharing>")
+
+
+def test_xep_0447_file_sharing_is_an_expected_download_with_its_metadata():
+    """XEP-0447 stateless file sharing (Dino): the url-data source is the GET, named, sized and typed by XEP-0446."""
+    transfers = ExpectedTransfers()
+    s = logged_in(transfers=transfers)
+    m = delivered("", extra=SFS.format(url=SHARED_URL)).replace(b"<body></body>", b"")
+    cmds = s.data_received(False, m)
+    assert cmds[-1] == Send(True, m) and anomalies(cmds) == ["oob_link"]
+    info = transfers.expected_download(SHARED_URL)
+    assert (info.name, info.size, info.content_type) == ("q3.zip", 4096, "application/zip")
+
+
+def test_a_delivered_share_of_a_blocked_file_by_any_link_element_is_blocked():
+    """A URL marked blocked is stopped whether the message carries it in its body, its OOB element or only as an
+    XEP-0447 source: alice gets a notice, not the link."""
+    transfers = ExpectedTransfers()
+    transfers.mark_blocked_url(SHARED_URL, "EICAR-Test-File")
+    s = logged_in(transfers=transfers)
+    m = delivered("here it is", extra=SFS.format(url=SHARED_URL))
+    cmds = s.data_received(False, m)
+    assert SHARED_URL.encode() not in sent(cmds, True) and b"EICAR-Test-File" in sent(cmds, True)
+    assert [e["event"]["action"] for e in events(cmds) if e["event"].get("dataset") == "imguard.message"] == ["block"]
+
+
+def test_a_jingle_offer_of_an_uploaded_file_is_an_expected_download():
+    """An XEP-0234 Jingle offer that names the file's XEP-0363 URL as its source: the GET is expected, from the
+    offerer to alice, with the offer's name and size; the offer is relayed untouched. alice's own offer is not."""
+    transfers = ExpectedTransfers()
+    s = logged_in(transfers=transfers)
+
+    def offer(frm, to, url):
+        return (f"<iq type='set' id='j1' from='{frm}' to='{to}'><jingle xmlns='urn:xmpp:jingle:1' "
+                f"action='session-initiate' sid='js1' initiator='{frm}'><content creator='initiator' name='f'>"
+                f"<description xmlns='urn:xmpp:jingle:apps:file-transfer:5'><file><name>budget.xlsx</name>"
+                f"<size>2048</size><sources xmlns='urn:xmpp:sfs:0'><url-data "
+                f"xmlns='http://jabber.org/protocol/url-data' target='{url}'/></sources></file></description>"
+                f"</content></jingle></iq>").encode()
+    iq = offer("carol@example.org/pc", "alice@localhost/t", SHARED_URL)
+    assert s.data_received(False, iq) == [Send(True, iq)]
+    info = transfers.expected_download(SHARED_URL)
+    assert (info.name, info.size, info.context.sender, info.context.recipients, info.context.origin) == (
+        "budget.xlsx", 2048, "carol@example.org", ("alice@localhost",), FROM_SERVER)
+    assert info.context.transfer_mechanism == "xep-0363-get"
+    own = "https://upload.example.org/f/mine/plan.txt"
+    s.data_received(False, offer("alice@localhost/laptop", "alice@localhost/t", own))
+    assert transfers.expected_download(own) is None
+
+
+def test_a_delivered_oob_iq_is_a_link_and_an_expected_download():
+    """XEP-0066 iq:oob from carol ('please fetch this URL'): recorded as a link, its GET expected, relayed."""
+    transfers = ExpectedTransfers()
+    s = logged_in(transfers=transfers)
+    iq = (f"<iq type='set' id='o1' from='carol@example.org/pc' to='alice@localhost/t'><query xmlns='jabber:iq:oob'>"
+          f"<url>{SHARED_URL}</url></query></iq>").encode()
+    cmds = s.data_received(False, iq)
+    assert anomalies(cmds) == ["oob_link"] and cmds[-1] == Send(True, iq)
+    assert transfers.expected_download(SHARED_URL).context.sender == "carol@example.org"
+
+
+def test_a_download_blocked_elsewhere_is_told_to_the_receiver_here():
+    """The HTTP side blocked the GET and sends a Notify to this connection: alice reads it as a chat message."""
+    s = logged_in()
+    assert s.notice("The file gift.exe that carol@example.org sent you was blocked: Malware") == [Send(
+        True, b"<message type='chat' from='localhost' to='alice@localhost/t'><body>The file gift.exe that "
+              b"carol@example.org sent you was blocked: Malware</body></message>")]
+
+
 def test_delivered_message_block_keeps_the_sm_counts():
     """A delivered message dropped and a notice injected instead: alice's count matches the server's."""
     s = sm_enabled(checker=Checker({"secret": MALWARE}))

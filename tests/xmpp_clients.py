@@ -273,9 +273,11 @@ class Client:
                                 ssl=self._http_ssl()) as response:
                 return response.status, await response.text(errors="replace")
 
-    async def http_get(self, url: str, timeout: float = TIMEOUT) -> tuple[int, bytes]:
+    async def http_get(self, url: str, timeout: float = TIMEOUT, headers: dict[str, str] | None = None
+                       ) -> tuple[int, bytes]:
+        """GET `url` as the client downloads a shared file (through the endpoint's HTTP proxy, if any)."""
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as http:
-            async with http.get(url, proxy=self.endpoint.http_proxy,
+            async with http.get(url, proxy=self.endpoint.http_proxy, headers=headers,
                                 ssl=self._http_ssl()) as response:
                 return response.status, await response.read()
 

@@ -8,9 +8,10 @@ listener) reads it back and so knows whose file it is and what it claimed to be.
 oldest evicted first), so a chatty or hostile client cannot grow it.
 
 Keys are any hashable value within a *kind* (a namespace): XMPP uses the PUT URL ("upload"), the
-GET URL ("blocked_url") and the SOCKS5 destination hash ("bytestream"); IRC DCC will use
-(host, port). The table is shared by all connections and used from the event loop and worker
-threads, so every method takes one lock.
+GET URL ("blocked_url"), the GET URL of a file shared *with* its user ("download": an XEP-0066 OOB link or an
+XEP-0363 URL in a Jingle offer that the server delivered, so the gateway's HTTP side holds and scans that GET's
+response) and the SOCKS5 destination hash ("bytestream"); IRC DCC uses (host, port). The table is shared by all
+connections and used from the event loop and worker threads, so every method takes one lock.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from imguard.settings import setting
 UPLOAD = "upload"
 BLOCKED_URL = "blocked_url"
 BYTESTREAM = "bytestream"
+DOWNLOAD = "download"
 
 
 @dataclass(frozen=True)
@@ -37,7 +39,8 @@ class TransferSettings:
     max_entries: int = setting(100_000, "Most announced transfers remembered at once (all kinds together); "
                                "the oldest is forgotten first. Each entry is a few hundred bytes.")
     ttl_seconds: float = setting(900.0, "Seconds an announced upload slot or bytestream waits for its data "
-                                 "connection. XEP-0363 servers typically expire slots within minutes.")
+                                 "connection, and a link shared with a user is held and scanned when fetched. "
+                                 "XEP-0363 servers typically expire slots within minutes.")
     blocked_url_ttl_seconds: float = setting(7 * 86400.0, "Seconds a download URL of a blocked upload stays "
                                              "blocked, so a message pasting it later is still stopped.")
 
@@ -52,6 +55,18 @@ class ExpectedUpload:
     content_type: str
     context: ChatContext                     # who asked (sender, connection, addresses)
     put_headers: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class ExpectedDownload:
+    """A file shared with the user behind the gateway by a link (an XEP-0066 OOB URL, an XEP-0363 GET URL in a
+    Jingle offer): the response to a GET of `url` is the file, coming in. `context` is the file's: its sender
+    (the party who shared it), the receiver (our user), origin FROM_SERVER, the chat connection to tell."""
+    url: str
+    name: str
+    size: int | None
+    content_type: str
+    context: ChatContext
 
 
 @dataclass(frozen=True)
@@ -177,6 +192,16 @@ class ExpectedTransfers:
 
     def blocked_url_reason(self, url: str) -> str | None:
         return self.get(normalize_url(url), kind=BLOCKED_URL)
+
+    def expect_download(self, info: ExpectedDownload) -> None:
+        """A link to a file was delivered to our user: a GET of it (within ttl_seconds) is that file, coming in. A
+        later share of the same URL replaces the entry (the newest context names the parties)."""
+        self.expect(normalize_url(info.url), info, kind=DOWNLOAD)
+
+    def expected_download(self, url: str) -> ExpectedDownload | None:
+        """For the HTTP carrier when a GET arrives: the file shared by this link, left in place (a client may fetch
+        it again, or from another device)."""
+        return self.get(normalize_url(url), kind=DOWNLOAD)
 
     # -- XEP-0065 SOCKS5 bytestreams --------------------------------------------------------------
 

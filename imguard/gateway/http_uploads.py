@@ -9,10 +9,14 @@ request:        the body is inspected in a worker thread; block -> 403 with a sh
                 download URL is marked blocked (ExpectedTransfers.mark_blocked_url) so the chat message
                 that would share it can be stopped too; allow -> forwarded unchanged.
 A GET of a URL already marked blocked is answered 403 as well. A GET of a file a chat session announced as
-coming to our user (a Yahoo relay or peer-to-peer download) has its response held and scanned the same way:
-block -> 403 to the receiver, and a notice on the chat connection that announced it. Everything else (other
-requests, other responses) is streamed, not buffered: mitmproxy would otherwise hold every body in memory. An upload
-without Content-Length (chunked) is buffered whole before its size can be checked.
+coming to our user has its response held and scanned the same way (inbound: from the party who shared it to our
+user): a link the server delivered to an XMPP client (ExpectedTransfers.expected_download: an XEP-0066 OOB URL, an
+XEP-0363 GET URL in a Jingle offer; mechanism "xep-0363-get"), or a Yahoo relay or peer-to-peer download
+(find_ymsg_transfer; mechanism "download"). Its Range headers are dropped, so the response is the whole file
+(a 206 piece would cross unscanned). block -> 403 to the receiver, a notice on the chat connection that announced
+it, and an XMPP link is marked blocked (a later GET or a message passing it on is refused too). Everything else
+(other requests, other responses) is streamed, not buffered: mitmproxy would otherwise hold every body in memory.
+An upload without Content-Length (chunked) is buffered whole before its size can be checked.
 """
 
 from __future__ import annotations
@@ -24,10 +28,11 @@ from urllib.parse import unquote, urlsplit
 
 from mitmproxy import http
 
+from imguard.files.expected import ExpectedDownload
 from imguard.gateway.inspection import Inspection
 from imguard.model import ALERT, ALLOW, FROM_CLIENT, FROM_SERVER, REASON_TOO_LARGE, ChatContext
 from imguard.protocols.ymsg import find_ymsg_transfer
-from imguard.protocols.base import Notify
+from imguard.protocols.base import Notify, block_words
 
 logger = logging.getLogger("imguard.gateway")
 
@@ -126,6 +131,8 @@ class HttpUploads:
             expected = self._expected_download(urls)
             if expected is not None:
                 flow.metadata[DOWNLOAD_META] = {"expected": expected, "url": url}
+                for header in ("range", "if-range"):        # the whole file, or none of it: never a piece
+                    req.headers.pop(header, None)
             return
         if req.method not in ("PUT", "POST"):
             req.stream = True                           # not ours: never buffered
@@ -175,8 +182,18 @@ class HttpUploads:
             logger.exception("ExpectedTransfers.mark_blocked_url failed")
 
     def _expected_download(self, urls: list[str]) -> Any:
-        """A file a chat session announced as coming *to* our user over HTTP (a Yahoo relay or peer-to-peer
-        GET): its response is the file, held and scanned like an upload."""
+        """A file a chat session announced as coming *to* our user over HTTP (a link the server delivered to an
+        XMPP client, a Yahoo relay or peer-to-peer GET): its response is the file, held and scanned like an
+        upload."""
+        if callable(getattr(self.transfers, "expected_download", None)):
+            for candidate in urls:
+                try:
+                    found = self.transfers.expected_download(candidate)
+                except Exception:
+                    logger.exception("ExpectedTransfers.expected_download failed")
+                    break
+                if found is not None:
+                    return found
         if not callable(getattr(self.transfers, "get", None)):
             return None
         for candidate in urls:
@@ -210,9 +227,11 @@ class HttpUploads:
 
     @staticmethod
     def _download_context(flow: http.HTTPFlow, expected: Any) -> ChatContext:
-        base = expected.context.with_(transfer_mechanism="download", client_address="", server_address="",
+        mechanism = (expected.context.transfer_mechanism or "xep-0363-get") if isinstance(expected, ExpectedDownload) \
+            else "download"
+        base = expected.context.with_(transfer_mechanism=mechanism, client_address="", server_address="",
                                       origin=FROM_SERVER)      # a file coming to the client behind the gateway
-        return flow_context(flow, "download", base)
+        return flow_context(flow, mechanism, base)
 
     async def response(self, flow: http.HTTPFlow) -> None:
         meta = flow.metadata.get(DOWNLOAD_META)
@@ -230,8 +249,19 @@ class HttpUploads:
         flow.response = http.Response.make(403, f"imguard: download blocked ({reason})\n".encode(),
                                            {"content-type": "text/plain"})
         logger.info("download %s blocked: %s", meta["url"], reason)
+        name = expected.name or self._name(flow, None)
+        if isinstance(expected, ExpectedDownload) and self.transfers is not None:
+            try:                # the link stays blocked: a later GET, or a message passing it on, is refused
+                self.transfers.mark_blocked_url(expected.url, reason)
+            except Exception:
+                logger.exception("ExpectedTransfers.mark_blocked_url failed")
         if self.notify is not None and expected.context.connection_id:
-            text = decision.notice or f"The file {expected.name} sent to you was blocked: {reason}"
+            if isinstance(expected, ExpectedDownload):      # said as the XMPP session says an in-band file's block
+                action, why = block_words(decision)
+                sender = expected.context.sender
+                text = f"imguard: the file {name!r}{' from ' + sender if sender else ''} was {action} ({why})"
+            else:
+                text = decision.notice or f"The file {name} sent to you was blocked: {reason}"
             self.notify(Notify(expected.context.connection_id, expected.context.protocol or "ymsg", text, ctx,
                                decision))
 

@@ -53,8 +53,14 @@ for the contract). In short:
     the receiver, an anomaly.
   - XEP-0363 HTTP upload: the slot request and the server's slot are joined and registered in the
     shared ExpectedTransfers table under the PUT URL (`expect_upload`); the gateway's HTTP side scans
-    the PUT. A message whose body or OOB `<url>` carries a GET URL the table marks as blocked is
-    blocked with a notice.
+    the PUT. A message whose body, OOB `<url>` or XEP-0447 source carries a GET URL the table marks as
+    blocked is blocked with a notice, both ways.
+  - Files shared *with* the client by link (an outside contact's upload): a file URL the server delivers in a
+    message's XEP-0066 OOB element or XEP-0447 `<file-sharing>` (and the body when it is exactly a URL beside
+    them), in an XEP-0066 iq, or in an XEP-0234 Jingle offer (`offers.shared_files`, `jingle_shared_files`) is
+    registered as an expected download (`expect_download`, keyed by the URL): from its sender to the client,
+    origin FROM_SERVER, mechanism "xep-0363-get", this connection to tell. The gateway's HTTP side holds that
+    GET's response for its verdict: blocked, the client gets a 403 and a notice here (`notice`).
   - XEP-0065 SOCKS5 bytestreams: an offer registers SHA1(sid + initiator + target) with the real
     streamhosts (`expect_bytestream`); with `bytestream_relay=(host, port)` every streamhost in the
     offer is rewritten to the gateway's relay, so the data must cross `Socks5BytestreamSession`.
@@ -73,10 +79,11 @@ for the contract). In short:
   by `max_held_bytes`, together with their stanzas by `ibb.connection_bound`, and with every other
   held file of the process by the tracker's ledger.
 
-Not done (yet): files offered *to* the client by other means than IBB: a SOCKS5 bytestream offer from
-the server is relayed untouched (its data is held only when its sender's connection crosses a gateway),
-and a link to an upload (XEP-0363 GET) is recorded but its download is not held; BOSH (XEP-0206) and
-websocket (RFC 7395) framings; DIGEST-MD5 usernames (only bind names those users).
+Not done (yet): a SOCKS5 bytestream offered *to* the client from the server is relayed untouched (its data is
+held only when its sender's connection crosses a gateway); a link inside an end-to-end encrypted body (an
+OMEMO aesgcm:// share) cannot be read, so its download is not expected (the GET passes unscanned); the offline
+replay does not hold downloads; BOSH (XEP-0206) and websocket (RFC 7395) framings; DIGEST-MD5 usernames (only
+bind names those users).
 """
 
 from __future__ import annotations
@@ -90,8 +97,8 @@ import time
 from typing import Any, Callable, Iterator, Protocol
 from xml.etree import ElementTree as ET
 
-from imguard.files.expected import (ExpectedBytestream, ExpectedTransfers, ExpectedUpload, StreamHost,
-                                    TransferSettings)
+from imguard.files.expected import (ExpectedBytestream, ExpectedDownload, ExpectedTransfers, ExpectedUpload,
+                                    StreamHost, TransferSettings)
 from imguard.files.tracker import HoldLedger
 from imguard.model import BLOCK, FROM_CLIENT, FROM_SERVER, MASK, ChatContext, Decision, FileReport
 from imguard.protocols.base import (Anomaly, Close, Command, Link, MessageDecision, Send, StartTls,
@@ -99,7 +106,8 @@ from imguard.protocols.base import (Anomaly, Close, Command, Link, MessageDecisi
 from imguard.protocols.xmpp import decoder as d
 from imguard.protocols.xmpp.decoder import XmlStreamDecoder, XmppLimits
 from imguard.protocols.xmpp.ibb import NS_IBB, InBandBytestreams
-from imguard.protocols.xmpp.offers import NS_JINGLE, NS_SI, FileOffers, int_or_none
+from imguard.protocols.xmpp.offers import (NS_JINGLE, NS_SFS, NS_SI, FileOffer, FileOffers, int_or_none, is_file_url,
+                                           jingle_shared_files, shared_files, url_name)
 from imguard.protocols.xmpp.xmlutil import attr, child, children, serialize, split, text
 
 NS_CLIENT = "jabber:client"
@@ -163,7 +171,7 @@ _REFLECTIONS = 64       # the client's latest groupchat messages whose copy from
 # ElementTree's '{ns}local' tags of the children a message is looked at for
 _IBB_DATA = "{%s}data" % NS_IBB
 _OOB_X = "{%s}x" % NS_OOB_X
-_OOB_URL = "{%s}url" % NS_OOB_X
+_SHARING_TAGS = frozenset({_OOB_X, "{%s}file-sharing" % NS_SFS})    # a file shared by link: XEP-0066, XEP-0447
 _E2E_TAGS = {"{%s}%s" % key: scheme for key, scheme in E2E_ELEMENTS.items()}
 _CLIENT_BODY = "{%s}body" % NS_CLIENT
 _FORWARDED_MESSAGE = "{urn:xmpp:forward:0}forwarded/{%s}message" % NS_CLIENT    # XEP-0297
@@ -180,15 +188,16 @@ _SLOT = "slot"           # iq id -> (name, size, content_type) of an upload slot
 
 
 def _look_at(el: ET.Element) -> tuple[ET.Element | None, list[ET.Element], str]:
-    """A message's direct children, looked at once by their whole '{ns}local' tag: (an IBB block, OOB links, the
-    end-to-end encryption scheme). (This runs for every message; split() per child cost more than the rest.)"""
+    """A message's direct children, looked at once by their whole '{ns}local' tag: (an IBB block, the elements
+    sharing a file by link (XEP-0066 OOB, XEP-0447), the end-to-end encryption scheme). (This runs for every
+    message; split() per child cost more than the rest.)"""
     oob: list[ET.Element] = []
     scheme = ""
     for c in el:
         tag = c.tag
         if tag == _IBB_DATA:
             return c, oob, scheme
-        if tag == _OOB_X:
+        if tag in _SHARING_TAGS:
             oob.append(c)
         elif not scheme and tag in _E2E_TAGS:
             scheme = _E2E_TAGS[tag]
@@ -452,7 +461,8 @@ class XmppSession(StreamSession):
             crossed = self._reflections.pop(groupchat, None)
             if crossed is not None and crossed == hash(body):
                 return [self._forward_to(st, from_client)]      # the room's copy of what the client sent
-        oob_urls = [u.text.strip() for x in oob for u in x if u.tag == _OOB_URL and u.text and u.text.strip()]
+        shared = shared_files(oob) if oob else ()
+        oob_urls = [url for url, _ in shared]
         out: list[Command] = [Link(ctx, url) for url in oob_urls]
 
         # Links to a file that was blocked (XEP-0363 GET URLs): looked for once any file was blocked.
@@ -467,6 +477,8 @@ class XmppSession(StreamSession):
                     return out + self._refuse_message(el, notice)
                 return out + self._refuse_delivery(f"imguard: a message from {ctx.sender} was blocked: it links "
                                                    f"to a file that was blocked ({reason})")
+        if shared and not from_client and ctx.origin == FROM_SERVER:      # a file shared with our user by link
+            self._expect_downloads(ctx, shared, body)
 
         if not scheme and body is not None and body.lstrip().startswith("?OTR"):
             scheme = "otr"
@@ -506,6 +518,23 @@ class XmppSession(StreamSession):
         if len(self._reflections) >= _REFLECTIONS:
             del self._reflections[next(iter(self._reflections))]
         self._reflections[key] = hash(crossed)
+
+    def _expect_downloads(self, ctx: ChatContext, shared, body: str | None = None) -> None:
+        """Files shared with the client by link (`shared`: (URL, FileOffer) pairs): their GETs are expected downloads,
+        the file's context from `ctx` (its sender, the client as receiver, origin FROM_SERVER), so the gateway's HTTP
+        side holds and scans what comes in. A body that is exactly one URL, beside them, names a file too (the body
+        Conversations, Dino and Gajim send is the upload's URL)."""
+        files = [(url, offer) for url, offer in shared if is_file_url(url)]
+        if body is not None and shared:
+            text = body.strip()
+            if text and _URL.fullmatch(text) and is_file_url(text) and all(text != url for url, _ in files):
+                files.append((text, FileOffer(url_name(text))))
+        if not files:
+            return
+        file_ctx = ctx.with_(transfer_mechanism="xep-0363-get")
+        for url, offer in files:
+            self.transfers.expect_download(ExpectedDownload(url=url, name=offer.name, size=offer.size,
+                                                            content_type=offer.content_type, context=file_ctx))
 
     def _refuse_message(self, el: ET.Element, notice: str) -> list[Command]:
         """Drop the message; tell the sender with an RFC 6120 policy-violation error stanza."""
@@ -702,7 +731,10 @@ class XmppSession(StreamSession):
 
     def _server_iq_set(self, st: d.Stanza) -> list[Command]:
         """An iq the server delivers to the client that may carry a file to it: an in-band bytestream (held here,
-        as the client's own are) or an SI / Jingle offer (remembered, so the file has its name and size)."""
+        as the client's own are), an SI / Jingle offer (remembered, so the file has its name and size; a Jingle
+        offer of a file by its URL is an expected download), or an XEP-0066 iq naming a URL to fetch (recorded as a
+        link, and an expected download)."""
+        out: list[Command] = []
         for c in st.element:
             ns, local = split(c.tag)
             if ns == NS_IBB:
@@ -716,7 +748,27 @@ class XmppSession(StreamSession):
                 self._offers.remember_si(c)
             elif ns == NS_JINGLE and local == "jingle":
                 self._offers.remember_jingle(c)
-        return [Send(to_client=True, data=st.raw)]
+                shared = jingle_shared_files(c)
+                ctx = self._iq_sender_ctx(st.element) if shared else None
+                if ctx is not None:
+                    self._expect_downloads(ctx, shared)
+            elif ns == NS_OOB_IQ and local == "query":
+                url = child(c, NS_OOB_IQ, "url")
+                ctx = self._iq_sender_ctx(st.element) if url is not None and (url.text or "").strip() else None
+                if ctx is not None:
+                    link = (url.text or "").strip()
+                    out.append(Link(ctx, link))
+                    self._expect_downloads(ctx, [(link, FileOffer(url_name(link)))])
+        out.append(Send(to_client=True, data=st.raw))
+        return out
+
+    def _iq_sender_ctx(self, el: ET.Element) -> ChatContext | None:
+        """The context of a file an iq from the server's side offers the client: from the iq's sender (bare) to the
+        client; None when that sender is the client's own account (its other device: not coming in)."""
+        sender = bare(el.get("from", ""))
+        if not sender or sender == self.sender:
+            return None
+        return self._delivered_ctx(sender, self.sender, "")
 
     def _server_features(self, el: ET.Element) -> list[Command]:
         if self.tls or self.authenticated:
