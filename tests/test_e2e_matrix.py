@@ -4,6 +4,11 @@ The clients talk HTTPS to the gateway (reverse proxy in front of Synapse's plain
 imguard's CA. What reached the homeserver is read from Synapse itself, directly (its room history through its
 own port, its media store on disk), so "never reached the server" is the server's word, not the gateway's.
 A control route (nio straight to Synapse) proves the fixture: there the keyword and EICAR do get through.
+
+Inbound (the perimeter's first job): an outside user connects straight to Synapse, the inside user through the
+gateway. What the outside user shares is decided on its way in: a media download of EICAR gets M_FORBIDDEN
+(never the bytes), a clean file arrives byte-identical, a message with the blocked keyword shows in the inside
+client's /sync as imguard's notice instead; the alerts say inbound and name both parties.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import asyncio
 import io
 import json
 import ssl
+import time
 import urllib.parse
 import urllib.request
 import uuid
@@ -267,3 +273,149 @@ def test_encrypted_event_is_recognised_and_left_to_policy(imguard_route):
         finally:
             await closing(alice, bob)
     run(scenario())
+
+
+# --- inbound: sender outside (straight to Synapse), receiver inside (through imguard) ----------------------
+
+async def across(route: Route) -> tuple:
+    """(outside alice, inside bob, room): alice straight to Synapse, bob through the gateway, both in one room;
+    bob has synced once (its next sync brings only what comes after)."""
+    outside = Route("outside", route.synapse, None)
+    alice, bob = await outside.client("alice"), await route.client("bob")
+    room = await outside.room(alice, bob)
+    first = await bob.sync(timeout=0)
+    assert isinstance(first, nio.SyncResponse), first
+    return alice, bob, room
+
+
+async def sync_until(client, room: str, predicate, timeout: float = 20.0) -> list[dict]:
+    """The raw timeline events `client` gets for `room` from its syncs, until one satisfies `predicate`."""
+    seen: list[dict] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        resp = await client.sync(timeout=1000)
+        assert isinstance(resp, nio.SyncResponse), resp
+        joined = resp.rooms.join.get(room)
+        for event in joined.timeline.events if joined else []:
+            seen.append(event.source)
+        if any(predicate(e) for e in seen):
+            return seen
+    raise AssertionError(f"{client.user_id} never saw the awaited event; saw {seen}")
+
+
+def body_is(text: str):
+    return lambda e: e.get("type") == "m.room.message" and e.get("content", {}).get("body") == text
+
+
+def is_inbound(alert: dict, sender: str, receiver: str) -> bool:
+    ctx = alert.get("imguard", {}).get("context", {})
+    return (ctx.get("direction") == "inbound" and ctx.get("origin") == "server"
+            and alert.get("source", {}).get("user", {}).get("name") == sender
+            and receiver in alert.get("destination", {}).get("user", {}).get("name", []))
+
+
+def test_inbound_eicar_download_is_refused_clean_file_arrives(imguard_route):
+    """An outside user uploads EICAR straight to Synapse and shares it in a room with the inside user: the inside
+    user's download through imguard gets M_FORBIDDEN, never the bytes, and the alert says inbound, from alice to
+    bob. A clean file shared the same way downloads byte-identical."""
+    route = imguard_route
+
+    async def scenario():
+        alice, bob, room = await across(route)
+        try:
+            shared = {}
+            for name, data in (("eicar.com", EICAR), (f"numbers-{uuid.uuid4().hex[:6]}.bin", CLEAN)):
+                up, _ = await alice.upload(io.BytesIO(data), content_type="application/octet-stream",
+                                           filename=name, filesize=len(data))
+                assert isinstance(up, nio.UploadResponse), f"control: Synapse takes {name} from outside: {up}"
+                sent = await alice.room_send(room, "m.room.message", {"msgtype": "m.file", "body": name,
+                                                                      "url": up.content_uri})
+                assert isinstance(sent, nio.RoomSendResponse), sent
+                shared[name] = up.content_uri
+            clean_name = next(n for n in shared if n != "eicar.com")
+            await sync_until(bob, room, body_is(clean_name))        # bob's client learns of both files
+
+            got = await bob.download(shared["eicar.com"])
+            assert isinstance(got, nio.DownloadError), f"EICAR reached the inside user: {got}"
+            assert got.status_code == "M_FORBIDDEN" and "blocked" in got.message, got
+            alert = await route.wait_alert(lambda e: e.get("event", {}).get("dataset") == "imguard.file"
+                                           and e.get("event", {}).get("action") == "block"
+                                           and is_inbound(e, alice.user_id, bob.user_id))
+            assert alert, "no inbound file block alert naming alice and bob"
+            assert alert["imguard"]["context"]["conversation"] == room
+
+            got = await bob.download(shared[clean_name])
+            assert isinstance(got, nio.DownloadResponse) and got.body == CLEAN, got
+            alert = await route.wait_alert(lambda e: e.get("event", {}).get("dataset") == "imguard.file"
+                                           and e.get("event", {}).get("action") != "block"
+                                           and is_inbound(e, alice.user_id, bob.user_id))
+            assert alert, "the clean inbound file was not recorded"
+        finally:
+            await closing(alice, bob)
+    run(scenario())
+
+
+def test_inbound_blocked_message_shows_as_the_notice(imguard_route):
+    """An outside user's message with the blocked keyword never shows in the inside user's client: its sync
+    has imguard's notice in its place (a sentinel sent after it arrives, the keyword never does). An allowed
+    message arrives untouched; both are recorded inbound (alert log, archive by either person)."""
+    route = imguard_route
+
+    async def scenario():
+        alice, bob, room = await across(route)
+        try:
+            secret = f"the {BLOCKED_WORD} launch is friday {uuid.uuid4().hex[:6]}"
+            hello = f"hello from outside ✓ {uuid.uuid4().hex[:6]}"
+            sentinel = f"sentinel {uuid.uuid4().hex}"
+            for text in (secret, hello, sentinel):
+                sent = await alice.room_send(room, "m.room.message", {"msgtype": "m.text", "body": text})
+                assert isinstance(sent, nio.RoomSendResponse), sent
+            assert secret in bodies(server_history(route.synapse, alice.access_token, room)), "control"
+            seen = await sync_until(bob, room, body_is(sentinel))
+            assert BLOCKED_WORD not in json.dumps(seen), "the blocked message reached the inside client"
+            shown = [e["content"]["body"] for e in seen if e.get("type") == "m.room.message"]
+            notice = [b for b in shown if b.startswith(f"A message from {alice.user_id} was blocked by imguard:")]
+            assert len(notice) == 1 and "confidential project" in notice[0], shown
+            assert hello in shown, shown
+            alert = await route.wait_alert(lambda e: e.get("event", {}).get("dataset") == "imguard.message"
+                                           and e.get("event", {}).get("action") == "block"
+                                           and is_inbound(e, alice.user_id, bob.user_id))
+            assert alert, "no inbound message block alert naming alice and bob"
+            allowed = await route.wait_alert(lambda e: e.get("imguard", {}).get("message", {}).get("text") == hello)
+            assert allowed and is_inbound(allowed, alice.user_id, bob.user_id), allowed
+            for person in (alice.user_id, bob.user_id):
+                rows = archive_rows(route, person, lambda r: r["text"] == hello)
+                assert len(rows) == 1 and rows[0]["direction"] == "inbound", (person, rows)
+
+            # The other way round: bob (inside) answers through imguard; alice (outside) has it, it is recorded
+            # once, outbound (bob's own message in his next sync is not decided again).
+            reply = f"reply from inside {uuid.uuid4().hex[:6]}"
+            sent = await bob.room_send(room, "m.room.message", {"msgtype": "m.text", "body": reply})
+            assert isinstance(sent, nio.RoomSendResponse), sent
+            await sync_until(alice, room, body_is(reply))
+            await sync_until(bob, room, body_is(reply))
+            out = await route.wait_alert(lambda e: e.get("imguard", {}).get("message", {}).get("text") == reply)
+            assert out and out["imguard"]["context"]["direction"] == "outbound", out
+            assert out["source"]["user"]["name"] == bob.user_id
+            records = [e for e in route.gateway.alerts()
+                       if e.get("imguard", {}).get("message", {}).get("text") == reply]
+            assert len(records) == 1, records
+        finally:
+            await closing(alice, bob)
+    run(scenario())
+
+
+def archive_rows(route: Route, person: str, predicate, timeout: float = 10.0) -> list[dict]:
+    """The gateway's archive searched by person (as `imguard archive search --person`), waited for."""
+    from imguard import archive
+
+    store = archive.Archive(route.gateway.data_dir / "archive.sqlite3")
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            rows = [r for r in store.search(archive.Query(person=person)) if predicate(r)]
+            if rows or time.monotonic() > deadline:
+                return rows
+            time.sleep(0.1)
+    finally:
+        store.close()

@@ -344,3 +344,77 @@ def test_rewrite_json_form_and_multipart_keeps_the_rest():
     out = bodies.rewrite(mp, MP["Content-Type"], [(("multipart", 0, "json", "content"), "[X]")])
     parsed = bodies.parse_multipart(out, MP["Content-Type"])
     assert json.loads(parsed[0].data) == {"content": "[X]"} and parsed[1].data == b"BIN"
+
+
+# --- Matrix inbound: what a /sync response delivers ----------------------------------------------------
+
+def sync_body(events_by_room: dict, section: str = "join") -> bytes:
+    return json.dumps({"next_batch": "s1", "rooms": {section: {room: {"timeline": {"events": events}}
+                                                              for room, events in events_by_room.items()}},
+                       "presence": {"events": [{"type": "m.presence", "sender": "@x:h"}]}}).encode()
+
+
+def msg(sender: str, content: dict, event_id: str = "$e", type_: str = "m.room.message") -> dict:
+    return {"type": type_, "sender": sender, "event_id": event_id, "content": content}
+
+
+def test_matrix_sync_and_thumbnail_endpoints_are_classified():
+    assert matrix.classify("GET", "/_matrix/client/v3/sync").kind == "deliver"
+    assert matrix.classify("GET", "/_matrix/client/r0/sync").name == "sync"
+    assert matrix.classify("POST", "/_matrix/client/v3/sync") is None
+    assert matrix.classify("GET", "/_matrix/client/v1/media/thumbnail/h/M").name == "media_thumbnail"
+    assert matrix.classify("GET", "/_matrix/media/v3/download/h/M/f.txt").name == "media_download"
+    assert matrix.MEDIA_GET.match("/_matrix/media/v3/download/h/M/f.txt").group(4) == "f.txt"
+
+
+def test_matrix_sync_delivers_messages_and_shared_media():
+    """Every m.room.message / m.sticker of a joined or left room's timeline, with its place in the body; the mxc
+    each shares with its sender. State, presence, redacted events and other types bring nothing."""
+    body = sync_body({"!r:h": [
+        msg("@a:h", {"msgtype": "m.text", "body": "hi", "format": "org.matrix.custom.html",
+                     "formatted_body": "<b>hi</b> there"}, "$1"),
+        {"type": "m.room.member", "sender": "@a:h", "state_key": "@a:h", "content": {"membership": "join"}},
+        msg("@a:h", {}, "$redacted"),
+        msg("@b:h", {"msgtype": "m.file", "body": "r.pdf", "url": "mxc://h/F"}, "$2"),
+        msg("@b:h", {"body": "sticker", "url": "mxc://h/S", "info": {}}, "$3", "m.sticker"),
+    ]})
+    ep = matrix.classify("GET", "/_matrix/client/v3/sync")
+    req = HttpRequest.make("GET", "/_matrix/client/v3/sync?since=s0", {"Authorization": f"Bearer {TOKEN}"})
+    found = matrix.deliver(ep, req, 200, body)
+    delivered = [f for f in found if isinstance(f, httpchat.DeliveredMessage)]
+    assert [(d.event_id, d.message.sender, d.message.room) for d in delivered] == [
+        ("$1", "@a:h", "!r:h"), ("$2", "@b:h", "!r:h"), ("$3", "@b:h", "!r:h")]
+    assert delivered[0].message.text == "hi" + httpchat.PART_SEPARATOR + "hi there"
+    assert delivered[0].locator == ("rooms", "join", "!r:h", "timeline", "events", 0)
+    assert delivered[1].message.refs == ("mxc://h/F",) and delivered[1].message.kind == "m.file"
+    shared = [f for f in found if isinstance(f, httpchat.SharedMedia)]
+    assert shared == [httpchat.SharedMedia("mxc://h/F", "@b:h", "!r:h", "r.pdf"),
+                      httpchat.SharedMedia("mxc://h/S", "@b:h", "!r:h", "sticker")]
+    left = matrix.deliver(ep, req, 200, sync_body({"!old:h": [msg("@a:h", {"body": "bye"})]}, "leave"))
+    assert left[0].locator[:3] == ("rooms", "leave", "!old:h")
+    assert matrix.deliver(ep, req, 200, b'{"next_batch":"s2"}') == []
+    assert matrix.deliver(ep, req, 401, b'{"errcode":"M_UNKNOWN_TOKEN"}') == []
+    with pytest.raises(bodies.BodyError):
+        matrix.deliver(ep, req, 200, b"not json")
+    deep = b'{"rooms":' + b"[" * 300 + b"]" * 300 + b"}"
+    with pytest.raises(bodies.BodyError):
+        matrix.deliver(ep, req, 200, deep)
+
+
+def test_matrix_rewrite_sync_blocks_and_masks_in_place():
+    body = sync_body({"!r:h": [
+        msg("@a:h", {"msgtype": "m.file", "body": "secret", "url": "mxc://h/F", "formatted_body": "<b>secret</b>"},
+            "$1") | {"unsigned": {"age": 5, "m.relations": {"m.replace": {"content": {"body": "secret"}}}}},
+        msg("@a:h", {"msgtype": "m.text", "body": "call mask-me now"}, "$2"),
+        msg("@a:h", {"msgtype": "m.text", "body": "untouched"}, "$3"),
+    ]})
+    at = ("rooms", "join", "!r:h", "timeline", "events")
+    out = json.loads(matrix.rewrite_sync(body, [(at + (0,), "A message from @a:h was blocked by imguard: x")],
+                                         [(at + (1,), [(("json", "body"), "call [X] now")])]))
+    events = out["rooms"]["join"]["!r:h"]["timeline"]["events"]
+    assert events[0]["content"] == {"msgtype": "m.notice", "body": "A message from @a:h was blocked by imguard: x"}
+    assert events[0]["unsigned"] == {"age": 5} and "secret" not in json.dumps(out)
+    assert events[1]["content"]["body"] == "call [X] now"
+    assert events[2]["content"]["body"] == "untouched" and out["next_batch"] == "s1"
+    with pytest.raises(bodies.BodyError):
+        matrix.rewrite_sync(body, [(at + (9,), "x")])

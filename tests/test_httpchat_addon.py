@@ -42,6 +42,10 @@ class StubPipeline:
     def check_file(self, data, ctx, name="", claimed_mime="", truncated=False):
         return FileReport(name=name, path=name, size=len(data)), Decision(action=BLOCK if b"EVIL" in data else ALLOW)
 
+    def check_unscannable(self, data, ctx, name, claimed_mime, reason, detail, size=None, adjust=None):
+        self.records.append(("unscannable", reason, ctx))
+        return FileReport(name=name, path=name, size=size or 0), Decision(action=BLOCK)
+
     def record(self, event):
         self.records.append(event)
 
@@ -120,3 +124,129 @@ def test_a_failing_check_refuses_the_request(tmp_path, caplog):
             srv.close()
     run(main())
     assert "could not be inspected" in caplog.text or "inspection failed" in caplog.text
+
+
+# --- inbound (Matrix): the hooks driven on mitmproxy test flows -------------------------------------------
+
+def inbound_flow(path: str, status: int, body: bytes, headers: dict | None = None):
+    from mitmproxy import http
+    from mitmproxy.test import tflow
+    flow = tflow.tflow(req=http.Request.make("GET", f"http://hs.example{path}",
+                                             headers={"Authorization": "Bearer bob-token"}), live=True)
+    flow.response = None
+    flow.metadata["test_response"] = http.Response.make(status, body, headers or
+                                                        {"content-type": "application/octet-stream"})
+    return flow
+
+
+async def through(apis: ChatApis, flow) -> None:
+    """The hooks in mitmproxy's order: request headers, then (unless answered) the server's response."""
+    apis.requestheaders(flow)
+    if flow.response is not None:
+        return                                      # answered at once (a blocked mxc)
+    flow.response = flow.metadata.pop("test_response")
+    apis.responseheaders(flow)
+    if flow.error is None:                          # not killed
+        await apis.response(flow)
+
+
+def inbound_addon(pipeline, **settings):
+    from imguard.gateway.inspection import Inspection
+    apis = ChatApis(pipeline, Inspection(pipeline), settings=ChatApiSettings(**settings))
+    apis.learn_identity(credential_key("bob-token"), "@bob:x")
+    return apis
+
+
+SYNC = json.dumps({"next_batch": "s1", "rooms": {"join": {"!r:x": {"timeline": {"events": [
+    {"type": "m.room.message", "sender": "@alice:x", "event_id": "$1", "content": {"msgtype": "m.text",
+                                                                                   "body": "BAD news"}},
+    {"type": "m.room.message", "sender": "@alice:x", "event_id": "$2", "content": {"body": "a mask-me b"}},
+    {"type": "m.room.message", "sender": "@alice:x", "event_id": "$3", "content": {"body": "fine"}},
+    {"type": "m.room.message", "sender": "@bob:x", "event_id": "$4", "content": {"body": "BAD own"}},
+    {"type": "m.room.message", "sender": "@alice:x", "event_id": "$5",
+     "content": {"msgtype": "m.file", "body": "r.bin", "url": "mxc://x/F"}},
+]}}}}}).encode()
+
+
+def test_sync_messages_from_others_are_decided_inbound():
+    """Others' messages go to policy with origin FROM_SERVER (sender, the token's user as recipient, the room);
+    the user's own are not decided again. Blocked -> the notice, masked -> masked, the rest untouched. A later
+    sync repeating an event is rewritten again without a second record."""
+    pipeline = StubPipeline()
+    apis = inbound_addon(pipeline)
+
+    async def main():
+        flow = inbound_flow("/_matrix/client/v3/sync?since=s0", 200, SYNC, {"content-type": "application/json"})
+        await through(apis, flow)
+        return flow
+    flow = run(main())
+    assert [t for t, _ in pipeline.messages] == ["BAD news", "a mask-me b", "fine", "r.bin"]
+    ctx = pipeline.messages[0][1]
+    assert (ctx.origin, ctx.sender, ctx.recipients, ctx.conversation) == ("server", "@alice:x", ("@bob:x",), "!r:x")
+    events = json.loads(flow.response.content)["rooms"]["join"]["!r:x"]["timeline"]["events"]
+    assert events[0]["content"] == {"msgtype": "m.notice",
+                                    "body": "A message from @alice:x was blocked by imguard: no BAD words"}
+    assert events[1]["content"]["body"] == "a [X] b"
+    assert [e["content"]["body"] for e in events[2:]] == ["fine", "BAD own", "r.bin"]
+    assert apis.shared["mxc://x/F"].sender == "@alice:x"
+
+    again = run(main())
+    assert len(pipeline.messages) == 4, "a repeated event was decided twice"
+    assert json.loads(again.response.content) == json.loads(flow.response.content)
+
+    clean = SYNC.replace(b"BAD news", b"good news").replace(b"mask-me", b"plain").replace(b'"$', b'"$n')
+
+    async def untouched():
+        f = inbound_flow("/_matrix/client/v3/sync", 200, clean, {"content-type": "application/json"})
+        await through(apis, f)
+        return f
+    assert run(untouched()).response.content == clean        # nothing changed: not re-serialised
+
+
+def test_media_download_is_scanned_inbound():
+    """The bytes of a download are scanned with the sharer (from /sync) as sender: blocked -> M_FORBIDDEN, the
+    mxc marked blocked (a later GET is refused at once); a thumbnail is scanned too but does not mark the mxc;
+    clean bytes pass untouched; a body over max_upload_size (Content-Length) is killed unread."""
+    pipeline = StubPipeline()
+    apis = inbound_addon(pipeline, max_upload_size=100)
+
+    async def get(path, body, headers=None):
+        f = inbound_flow(path, 200, body, headers)
+        await through(apis, f)
+        return f
+    run(get("/_matrix/client/v3/sync", SYNC, {"content-type": "application/json"}))
+
+    thumb = run(get("/_matrix/client/v1/media/thumbnail/x/F?width=32&height=32", b"EVIL thumb"))
+    assert thumb.response.status_code == 403 and apis._blocked("mxc://x/F") is None
+    got = run(get("/_matrix/client/v1/media/download/x/F", b"EVIL bytes"))
+    assert got.response.status_code == 403
+    assert json.loads(got.response.content)["errcode"] == "M_FORBIDDEN" and b"EVIL" not in got.response.content
+    assert apis._blocked("mxc://x/F")
+    again = run(get("/_matrix/media/v3/download/x/F", b"EVIL bytes"))
+    assert again.response.status_code == 403
+
+    clean = run(get("/_matrix/media/v3/download/x/G/report.bin", b"clean bytes"))
+    assert clean.response.status_code == 200 and clean.response.content == b"clean bytes"
+    big = run(get("/_matrix/media/v3/download/x/H", b"x" * 200, {"content-length": "200"}))
+    assert big.error is not None, "a download too large to scan was not stopped"
+    kind, reason, ctx = pipeline.records[-1]
+    assert (kind, reason, ctx.origin, ctx.recipients) == ("unscannable", "too_large", "server", ("@bob:x",))
+
+
+def test_inbound_download_context_names_both_parties():
+    seen = []
+
+    class Recording(StubPipeline):
+        def check_file(self, data, ctx, name="", claimed_mime="", truncated=False):
+            seen.append((name, ctx))
+            return super().check_file(data, ctx, name, claimed_mime, truncated)
+    apis = inbound_addon(Recording())
+
+    async def main():
+        await through(apis, inbound_flow("/_matrix/client/v3/sync", 200, SYNC, {"content-type": "application/json"}))
+        await through(apis, inbound_flow("/_matrix/client/v1/media/download/x/F", 200, b"data"))
+    run(main())
+    name, ctx = seen[0]
+    assert name == "r.bin" and ctx.origin == "server" and ctx.sender == "@alice:x"
+    assert ctx.recipients == ("@bob:x",) and ctx.conversation == "!r:x"
+    assert ctx.transfer_mechanism == "matrix:media_download"

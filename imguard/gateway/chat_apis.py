@@ -10,15 +10,31 @@ requestheaders  the host and path are matched against the routes (ChatApiSetting
                 (max_upload_size for uploads, max_message_size for messages) it is not read: an upload goes to
                 policy as UNSCANNABLE "too_large" (413 unless policy allows), a message is refused with 413.
                 A PUT/POST to an upload URL a response announced (Slack upload_url, Discord upload_url) is an
-                upload too. A GET of a blocked mxc:// (Matrix download/thumbnail) is answered 403.
+                upload too. A GET of a blocked mxc:// (Matrix download/thumbnail) is answered 403; any other
+                Matrix media GET and /sync are marked for their response (below).
 request         decode -> MalformedRequest: 400/413 in the API's error shape; FileUpload: scanned in a worker
                 thread (Inspection), block -> 403 and its reference (mxc, slack:F.., discord:..) marked blocked;
                 EncryptedContent: counted, an e2e_encrypted anomaly recorded, policy asked with empty text;
                 ChatMessage: a message that shares a blocked reference is blocked, else check_message(text):
                 block -> 403 naming the reason, mask -> the body rewritten at each text's place.
 responseheaders a call whose response teaches something (login, whoami, media upload, upload URLs) has its
-                response streamed through a collector (at most 256 KiB kept); everything else stays streamed.
+                response streamed through a collector (at most 256 KiB kept). A Matrix media download (or
+                thumbnail) and a /sync are held whole (a download above max_upload_size goes to policy as
+                UNSCANNABLE "too_large" and is killed unless policy allows; a /sync above max_sync_size is
+                killed with an anomaly). Everything else stays streamed.
 response        learned: token -> user id (Identity), mxc of an allowed upload (StoredMedia), upload URLs.
+                Inbound (origin FROM_SERVER, what reaches the user behind the gateway):
+                - media download: the bytes are scanned (Inspection) with the downloader (the token's user) as
+                  recipient and, when a /sync showed who shared that mxc, its sender, room and name; block ->
+                  403 M_FORBIDDEN with the reason instead of the file, and the mxc marked blocked. A thumbnail
+                  is an image the server made, not the shared file, but it is what the user receives: scanned
+                  the same way (its block does not mark the mxc).
+                - /sync: each m.room.message / m.sticker from someone other than the token's user goes to
+                  check_message (recorded: alert log, archive); block -> the event's content becomes the notice
+                  "A message from X was blocked by imguard: <reason>", mask -> its texts masked; the body is
+                  re-serialised only when something changed. The mxc each message shares is remembered (sender,
+                  room, name; bounded) for the download above. A verdict is remembered per (user, event id), so
+                  an event a later sync repeats is replaced again without being recorded twice.
 error           a chat call that died before its body was complete (client gone half-way, lying
                 Content-Length): an anomaly; nothing was forwarded.
 websocket_message  client messages on a chat WebSocket (Rocket.Chat DDP sendMessage/updateMessage): policy;
@@ -34,7 +50,7 @@ import logging
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 from mitmproxy import ctx as mitm_ctx
 from mitmproxy import http
@@ -44,11 +60,13 @@ from imguard.files.expected import ExpectedTransfers, normalize_url
 from imguard.gateway import http_uploads
 from imguard.gateway.http_uploads import block_reason, flow_context, too_large
 from imguard.gateway.inspection import Inspection
-from imguard.model import BLOCK, MASK, ChatContext, Decision
+from imguard.model import BLOCK, FROM_CLIENT, FROM_SERVER, MASK, ChatContext, Decision
 from imguard.protocols import httpchat
-from imguard.protocols.httpchat import bodies, rocketchat
-from imguard.protocols.httpchat.events import (DOWNLOAD, LEARN, UPLOAD, ChatMessage, EncryptedContent, FileUpload,
-                                               HttpRequest, Identity, MalformedRequest, StoredMedia, UploadSlot)
+from imguard.protocols.httpchat import bodies, matrix, rocketchat
+from imguard.protocols.httpchat.common import bearer
+from imguard.protocols.httpchat.events import (DELIVER, DOWNLOAD, LEARN, UPLOAD, ChatMessage, DeliveredMessage,
+                                               EncryptedContent, FileUpload, HttpRequest, Identity, MalformedRequest,
+                                               SharedMedia, StoredMedia, UploadSlot)
 from imguard.settings import MiB, setting
 
 logger = logging.getLogger("imguard.gateway")
@@ -84,6 +102,13 @@ class ChatApiSettings:
     max_identities: int = setting(
         100_000, "Access tokens whose user id is remembered (learned from login and whoami responses); the "
                  "oldest is forgotten first, and a message with an unknown token is attributed to the token's hash")
+    max_sync_size: int = setting(
+        64 * MiB, "Largest Matrix /sync response held to decide the messages it delivers; a larger one is cut off "
+                  "(the client retries) and an anomaly recorded: its messages are never passed undecided")
+    max_shared_media: int = setting(
+        100_000, "Media references (mxc) whose sender, room and name are remembered from /sync, to name the sender "
+                 "when the file is downloaded; also the number of delivered-event verdicts remembered. Oldest "
+                 "forgotten first")
     websocket: bool = setting(
         True, "Inspect chat sent over WebSockets (Rocket.Chat DDP sendMessage/updateMessage)")
 
@@ -104,8 +129,10 @@ class ChatApis:
         # disk that refuses), else the pipeline's own.
         self.commit = commit if commit is not None else (getattr(pipeline, "commit", None) or (lambda: None))
         self.identities: OrderedDict[str, str] = OrderedDict()
+        self.shared: OrderedDict[str, SharedMedia] = OrderedDict()          # mxc -> who shared it (from /sync)
+        self.delivered: OrderedDict[tuple, str] = OrderedDict()             # (user, event id) -> notice ("" = passed)
         self.stats = {"messages": 0, "files": 0, "blocked": 0, "masked": 0, "encrypted": 0, "malformed": 0,
-                      "websocket": 0}
+                      "websocket": 0, "inbound_messages": 0, "inbound_files": 0, "inbound_blocked": 0}
 
     # --- helpers ------------------------------------------------------------------------------------------
 
@@ -117,6 +144,12 @@ class ChatApis:
         self.identities[key] = user
         while len(self.identities) > max(1, self.settings.max_identities):
             self.identities.popitem(last=False)
+
+    def _remember(self, table: OrderedDict, key: Any, value: Any) -> None:
+        table.pop(key, None)
+        table[key] = value
+        while len(table) > max(1, self.settings.max_shared_media):
+            table.popitem(last=False)
 
     def _respond(self, flow: http.HTTPFlow, api: str, status: int, reason: str) -> None:
         flow.request.stream = False
@@ -156,8 +189,14 @@ class ChatApis:
         return HttpRequest(flow.request.method.upper(), flow.request.pretty_host, path, query,
                            tuple((k.lower(), v) for k, v in flow.request.headers.items(multi=True)), body)
 
-    def _context(self, flow: http.HTTPFlow, api: str, endpoint: str, sender: str, room: str) -> ChatContext:
-        ctx = flow_context(flow, f"{api}:{endpoint}", protocol=api)
+    def _context(self, flow: http.HTTPFlow, api: str, endpoint: str, sender: str, room: str,
+                 recipient: str | None = None) -> ChatContext:
+        """What the client sends (recipient None: to the room), or with `recipient` (the user behind the gateway,
+        "" when not known) what the server delivers to it: origin FROM_SERVER."""
+        origin = FROM_CLIENT if recipient is None else FROM_SERVER
+        ctx = flow_context(flow, f"{api}:{endpoint}", protocol=api, origin=origin)
+        if recipient is not None:
+            return ctx.with_(sender=sender, recipients=(recipient,) if recipient else (), conversation=room)
         return ctx.with_(sender=self.user(sender), recipients=(room,) if room else (), conversation=room)
 
     # --- hooks --------------------------------------------------------------------------------------------
@@ -189,6 +228,10 @@ class ChatApis:
             reason = self._blocked(ep.ref)
             if reason:
                 self._respond(flow, api.API, 403, f"imguard: this file was blocked ({reason})")
+                return
+        if ep.kind in (DOWNLOAD, DELIVER):      # nothing to read in the request: its response is held (below)
+            flow.metadata[META] = {"api": api, "ep": ep, "slot": None, "done": True, "answered": False,
+                                   "request": self._request(flow, b"")}
             return
         meta = {"api": api, "ep": ep, "slot": slot, "done": False, "answered": False}
         flow.metadata[META] = meta
@@ -368,6 +411,9 @@ class ChatApis:
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         meta = flow.metadata.get(META)
+        if meta and not meta["answered"] and meta["ep"].kind in (DOWNLOAD, DELIVER):
+            self._hold_response(flow, meta)
+            return
         if not meta or meta["answered"] or not meta["ep"].learn or not 200 <= flow.response.status_code < 300:
             return
         kept = bytearray()
@@ -379,8 +425,21 @@ class ChatApis:
         flow.response.stream = collect
         meta["response"] = kept
 
-    def response(self, flow: http.HTTPFlow) -> None:
+    async def response(self, flow: http.HTTPFlow) -> None:
         meta = flow.metadata.get(META)
+        if meta and not meta["answered"] and meta.get("held"):
+            meta["held"] = False
+            api, ep = meta["api"], meta["ep"]
+            try:
+                if ep.kind == DOWNLOAD:
+                    await self._download(flow, meta)
+                else:
+                    self._deliver(flow, meta)
+            except Exception:   # fail closed: what imguard could not inspect does not reach the user
+                logger.exception("%s %s: inspecting the response failed; refused", api.API, ep.name)
+                self._respond(flow, api.API, 502 if ep.kind == DELIVER else 403,
+                              "imguard: the response could not be inspected and was refused")
+            return
         if not meta or meta["answered"] or not meta["ep"].learn:
             return
         api, ep = meta["api"], meta["ep"]
@@ -406,6 +465,140 @@ class ChatApis:
                                       ttl=self.transfers.settings.blocked_url_ttl_seconds)
             elif isinstance(fact, UploadSlot):
                 self.transfers.expect(normalize_url(fact.url), (api.API, fact), kind=SLOT)
+
+    # --- inbound: what the server delivers to the user behind the gateway ---------------------------------
+
+    def _hold_response(self, flow: http.HTTPFlow, meta: dict) -> None:
+        """A media download or /sync response: held whole for its verdict (HttpUploads, earlier in the chain,
+        set every response it does not hold to streamed), unless it is over its limit."""
+        api, ep = meta["api"], meta["ep"]
+        if not 200 <= flow.response.status_code < 300:
+            flow.response.stream = True         # an error JSON: nothing delivered
+            return
+        length = flow.response.headers.get("content-length", "")
+        size = int(length) if length.isdigit() else -1
+        if ep.kind == DOWNLOAD and size > self.settings.max_upload_size:
+            ctx = self._download_context(flow, meta)
+            passes, _ = too_large(self.inspection, ctx, self._download_name(flow, meta),
+                                  flow.response.headers.get("content-type", ""), size,
+                                  self.settings.max_upload_size, "chat max_upload_size")
+            if passes:
+                logger.warning("%s %s (%d bytes) too large to scan; policy allows it unscanned", api.API,
+                               ep.name, size)
+                flow.response.stream = True
+            else:
+                self.stats["inbound_blocked"] += 1
+                logger.info("%s %s of %s (%d bytes) too large to scan: stopped", api.API, ep.name, ep.ref, size)
+                flow.kill()                     # the user gets no byte of a file too large to inspect
+            return
+        if ep.kind == DELIVER and size > self.settings.max_sync_size:
+            self._sync_too_large(flow, meta, size)
+            return
+        flow.response.stream = False
+        meta["held"] = True
+
+    def _sync_too_large(self, flow: http.HTTPFlow, meta: dict, size: int) -> None:
+        api, ep = meta["api"], meta["ep"]
+        ctx = self._context(flow, api.API, ep.name, "", "", recipient=self._downloader(meta))
+        self._anomaly(ctx, "chat_response_too_large", f"a {api.API} {ep.name} response of {size} bytes (more than "
+                      f"max_sync_size {self.settings.max_sync_size}) was cut off undelivered", size=size)
+        flow.kill()
+
+    def _downloader(self, meta: dict) -> str:
+        key = bearer(meta["request"])
+        return self.user(key) if key else ""
+
+    def _download_name(self, flow: http.HTTPFlow, meta: dict) -> str:
+        shared = self.shared.get(meta["ep"].ref)
+        if shared is not None and shared.name:
+            return shared.name
+        path, query = self._split(flow)
+        m = matrix.MEDIA_GET.match(path)
+        tail = unquote(m.group(4) or "") if m else ""
+        return dict(query).get("filename") or tail or meta["ep"].ref.rsplit("/", 1)[-1]
+
+    def _download_context(self, flow: http.HTTPFlow, meta: dict) -> ChatContext:
+        api, ep = meta["api"], meta["ep"]
+        shared = self.shared.get(ep.ref)
+        sender, room = (shared.sender, shared.room) if shared is not None else ("", "")
+        return self._context(flow, api.API, ep.name, sender, room, recipient=self._downloader(meta))
+
+    async def _download(self, flow: http.HTTPFlow, meta: dict) -> None:
+        api, ep = meta["api"], meta["ep"]
+        data = flow.response.get_content(strict=False) or b""
+        ctx = self._download_context(flow, meta)
+        name = self._download_name(flow, meta)
+        mime = flow.response.headers.get("content-type", "")
+        self.stats["inbound_files"] += 1
+        if len(data) > self.settings.max_upload_size:       # chunked, or a compressed body that grew
+            passes, decision = too_large(self.inspection, ctx, name, mime, len(data), self.settings.max_upload_size,
+                                         "chat max_upload_size")
+            if passes:
+                return
+        else:
+            # A thumbnail is an image the server made from the file, not the file itself; it is scanned all the
+            # same, being bytes the user receives.
+            report, decision = await self.inspection.check(data, ctx, name, mime)
+        if not decision.blocked:
+            return
+        reason = block_reason(decision)
+        self.stats["inbound_blocked"] += 1
+        self._respond(flow, api.API, 403, f"imguard: this file was blocked ({reason})")
+        if ep.name == "media_download":     # the shared file itself: later downloads and re-shares are refused
+            self._mark_blocked(ep.ref, reason)
+        logger.info("%s %s of %s (%r) blocked: %s", api.API, ep.name, ep.ref, name, reason)
+
+    def _deliver(self, flow: http.HTTPFlow, meta: dict) -> None:
+        api, ep = meta["api"], meta["ep"]
+        body = flow.response.get_content(strict=False) or b""
+        if len(body) > self.settings.max_sync_size:           # chunked, or a compressed body that grew
+            self._sync_too_large(flow, meta, len(body))
+            return
+        req = meta["request"]
+        user = self._downloader(meta)
+        found = api.deliver(ep, req, flow.response.status_code, body, self.limits)
+        blocked, masked = [], []
+        for item in found:
+            if isinstance(item, SharedMedia):
+                self._remember(self.shared, item.ref, item)
+            elif isinstance(item, DeliveredMessage) and item.message.sender and item.message.sender != user:
+                verdict = self._delivered(flow, api, item, user)
+                if isinstance(verdict, str) and verdict:
+                    blocked.append((item.locator, verdict))
+                elif isinstance(verdict, list) and verdict:
+                    masked.append((item.locator, verdict))
+        if blocked or masked:       # re-serialised only when something changed
+            flow.response.content = matrix.rewrite_sync(body, blocked, masked)
+
+    def _delivered(self, flow: http.HTTPFlow, api, item: DeliveredMessage, user: str) -> str | list:
+        """The notice replacing a blocked message, the replacements of a masked one, or "" (pass as is)."""
+        event = item.message
+        if not event.parts and not event.refs:
+            return ""
+        key = (user, item.event_id)
+        if item.event_id and key in self.delivered:            # a later sync repeats it: decided already
+            return self.delivered[key]
+        self.stats["inbound_messages"] += 1
+        ctx = self._context(flow, api.API, event.endpoint, event.sender, event.room, recipient=user)
+        reason = next((r for r in map(self._blocked, event.refs) if r), None)
+        if reason:
+            decision = Decision(action=BLOCK, notice=f"This message shares a file that was blocked: {reason}")
+            try:
+                self.record(alerts.message_event(event.text, ctx, decision))
+            except Exception:
+                logger.exception("could not record a blocked message")
+        else:
+            decision = self._check_message(event.text, ctx)
+        verdict: str | list = ""
+        if decision.blocked:
+            self.stats["inbound_blocked"] += 1
+            verdict = f"A message from {event.sender} was blocked by imguard: {block_reason(decision)}"
+        elif decision.action == MASK:
+            self.stats["masked"] += 1
+            verdict = bodies.masked_replacements(event.parts, decision.masked_text or "")
+        if item.event_id:
+            self._remember(self.delivered, key, verdict)
+        return verdict
 
     def error(self, flow: http.HTTPFlow) -> None:
         meta = flow.metadata.get(META)

@@ -8,6 +8,8 @@ HttpRequest and acts on what comes back; tests and the offline replay can do the
     ep = api.classify(method, path)                    # Endpoint, or None: not a chat call, relay it untouched
     events = api.decode(ep, request, limits)           # ChatMessage, FileUpload, EncryptedContent, MalformedRequest
     learned = api.learn(ep, request, status, body)     # Identity, StoredMedia, UploadSlot (from the response)
+    matrix.deliver(ep, request, status, body)          # DELIVER (Matrix /sync): DeliveredMessage, SharedMedia
+    matrix.rewrite_sync(body, [(locator, notice)])     # a blocked delivered message becomes the notice
     api.error_body(status, reason)                     # the API's own error JSON
     bodies.rewrite(body, content_type, bodies.masked_replacements(message.parts, masked_text))
 
@@ -21,9 +23,10 @@ from types import ModuleType
 
 from imguard.protocols.httpchat import discord, mattermost, matrix, rocketchat, slack
 from imguard.protocols.httpchat.common import DecodeLimits
-from imguard.protocols.httpchat.events import (DOWNLOAD, LEARN, MESSAGE, PART_SEPARATOR, UPLOAD, ChatMessage,
-                                               EncryptedContent, Endpoint, FileUpload, HttpRequest, Identity,
-                                               MalformedRequest, StoredMedia, TextPart, UploadSlot, credential_key)
+from imguard.protocols.httpchat.events import (DELIVER, DOWNLOAD, LEARN, MESSAGE, PART_SEPARATOR, UPLOAD,
+                                               ChatMessage, DeliveredMessage, EncryptedContent, Endpoint, FileUpload,
+                                               HttpRequest, Identity, MalformedRequest, SharedMedia, StoredMedia,
+                                               TextPart, UploadSlot, credential_key)
 
 APIS: dict[str, ModuleType] = {m.API: m for m in (matrix, slack, mattermost, rocketchat, discord)}
 
@@ -33,7 +36,8 @@ DEFAULT_ROUTES = ("matrix=/_matrix/", "mattermost=/api/v4/", "rocketchat=/api/v1
 
 __all__ = ["APIS", "DEFAULT_ROUTES", "Routes", "Route", "DecodeLimits", "HttpRequest", "Endpoint", "TextPart",
            "ChatMessage", "FileUpload", "EncryptedContent", "MalformedRequest", "Identity", "StoredMedia",
-           "UploadSlot", "credential_key", "PART_SEPARATOR", "MESSAGE", "UPLOAD", "LEARN", "DOWNLOAD", "error_body"]
+           "UploadSlot", "DeliveredMessage", "SharedMedia", "credential_key", "PART_SEPARATOR", "MESSAGE",
+           "UPLOAD", "LEARN", "DOWNLOAD", "DELIVER", "error_body"]
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,9 @@
 """What the chat-API decoders take and what they return: plain frozen data, no I/O.
 
 In:   HttpRequest (method, host, path, query, headers, body), and for learning a response's status and body.
-Out:  ChatMessage, FileUpload, EncryptedContent, MalformedRequest (what a request carries), and the facts a
-      response teaches (Identity, StoredMedia, UploadSlot), which the carrier keeps in its tables.
+Out:  ChatMessage, FileUpload, EncryptedContent, MalformedRequest (what a request carries), the facts a
+      response teaches (Identity, StoredMedia, UploadSlot), which the carrier keeps in its tables, and what a
+      response delivers to the client (DeliveredMessage, SharedMedia: Matrix /sync).
 
 A `TextPart.locator` says where a text sits in the body, so the carrier can rewrite exactly that text when
 policy masks it (bodies.rewrite): ("json", key, index, ...) in a JSON body, ("form", name) in a form body,
@@ -115,6 +116,28 @@ class MalformedRequest:
     reason: str
 
 
+# --- what responses deliver to the client behind the gateway ------------------------------------------
+
+@dataclass(frozen=True)
+class DeliveredMessage:
+    """A message from someone else, in a response to the client (a Matrix /sync timeline event). `message.sender`
+    is who wrote it; `locator` is where its event sits in the response JSON (the carrier replaces it there when
+    policy blocks or masks it: matrix.rewrite_sync)."""
+    message: ChatMessage
+    event_id: str
+    locator: tuple
+
+
+@dataclass(frozen=True)
+class SharedMedia:
+    """A message in a response shares `ref` (an mxc://): who sent it, where, under which name. The carrier
+    remembers it to name the sender when the file is downloaded."""
+    ref: str
+    sender: str
+    room: str
+    name: str = ""
+
+
 # --- what responses teach -----------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -146,7 +169,9 @@ class Endpoint:
     api: str
     name: str                   # "send_message", "media_upload", ...
     kind: str                   # MESSAGE (small body, decoded), UPLOAD (file bytes, size-limited), LEARN (only
-                                # the response matters), DOWNLOAD (GET of a reference, refused when blocked)
+                                # the response matters), DOWNLOAD (GET of a reference: refused when blocked, else
+                                # the response's bytes held and scanned), DELIVER (a response that carries
+                                # messages to the client, Matrix /sync: held, decoded, decided)
     learn: bool = False         # read the response (login, upload result, upload URL)
     ref: str = ""               # DOWNLOAD: the reference fetched; async upload: the reference written
 
@@ -155,3 +180,4 @@ MESSAGE = "message"
 UPLOAD = "upload"
 LEARN = "learn"
 DOWNLOAD = "download"
+DELIVER = "deliver"
