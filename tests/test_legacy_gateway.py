@@ -599,6 +599,24 @@ def test_oscar_bos_crosses_the_gateway_byte_exact(tmp_path, world):
     run(main())
 
 
+def oft_sender(name: str, payload: bytes, saw: list):
+    """An OFT sender's listener, as a real client runs it: the prompt, the receiver's ack, the file in two writes,
+    then the done header it gets back (the gateway's, which answers for the held file) into `saw`."""
+    async def send(reader, writer):
+        prompt = build_oft(0x0101, FT_COOKIE, name, len(payload), checksum=oft_checksum(payload))
+        writer.write(prompt)
+        ack = await reader.readexactly(len(prompt))
+        assert parse_oft(ack).type == 0x0202
+        half = len(payload) // 2
+        writer.write(payload[:half])
+        await writer.drain()
+        writer.write(payload[half:])
+        await writer.drain()
+        saw.append(await reader.readexactly(len(prompt)))      # the done header: as long as the prompt
+        writer.close()
+    return send
+
+
 def bos_prefix():
     items, c, s = bos_transcript()
     return items[:4], c                     # hello, cookie sign-on, (01,03), self info "Alice1970"
@@ -614,20 +632,8 @@ def test_oscar_blocked_message_and_eicar_over_oft(tmp_path, world):
 
     async def main():
         received_by_sender = []
-
-        async def sender(reader, writer):         # our client's OFT listener: it sends the file
-            prompt = build_oft(0x0101, FT_COOKIE, "eicar.com", len(EICAR), checksum=oft_checksum(EICAR))
-            writer.write(prompt)
-            ack = await reader.readexactly(len(prompt))
-            assert parse_oft(ack).type == 0x0202
-            half = len(EICAR) // 2
-            writer.write(EICAR[:half])
-            await writer.drain()
-            writer.write(EICAR[half:])
-            await writer.drain()
-            received_by_sender.append(await reader.read(65536))     # the gateway's done header
-            writer.close()
-        listener = await asyncio.start_server(sender, "127.0.0.1", 0)
+        # our client's OFT listener: it sends the file
+        listener = await asyncio.start_server(oft_sender("eicar.com", EICAR, received_by_sender), "127.0.0.1", 0)
         sender_port = listener.sockets[0].getsockname()[1]
         server, gw, reader, writer = await through_gateway(tmp_path, pipeline, prefix, socks=True)
         try:
@@ -734,20 +740,8 @@ def test_oft_inbound_file_from_the_outside_party(tmp_path, world, kind):
 
     async def main():
         sender_saw = []
-
-        async def outside_sender(reader, writer):         # the outside party's OFT listener: it sends the file
-            prompt = build_oft(0x0101, FT_COOKIE, name, len(payload), checksum=oft_checksum(payload))
-            writer.write(prompt)
-            ack = await reader.readexactly(len(prompt))
-            assert parse_oft(ack).type == 0x0202
-            half = len(payload) // 2
-            writer.write(payload[:half])
-            await writer.drain()
-            writer.write(payload[half:])
-            await writer.drain()
-            sender_saw.append(await reader.readexactly(256))     # the gateway's done header
-            writer.close()
-        listener = await asyncio.start_server(outside_sender, "127.0.0.1", 0)
+        # the outside party's OFT listener: it sends the file
+        listener = await asyncio.start_server(oft_sender(name, payload, sender_saw), "127.0.0.1", 0)
         sender_port = listener.sockets[0].getsockname()[1]
         proposal = s.snac(0x04, 0x07, incoming_sendfile_proposal(ip=b"\x7f\x00\x00\x01", port=sender_port,
                                                                  name=name.encode(), size=len(payload)))
