@@ -588,6 +588,56 @@ def test_clean_file_by_ibb_crosses_the_perimeter_byte_identical(crossing):
     run(scenario())
 
 
+def test_eicar_by_socks5_does_not_cross_the_perimeter(crossing):
+    """EICAR sent by a SOCKS5 bytestream (Prosody's proxy65) from outside in or inside out: whichever side the
+    receiver is on, the offer it gets points at imguard's relay, it gets none of the file (a sentinel after it
+    shows nothing comes late), the inside party is told in its chat (naming the file, and for an inbound file its
+    sender), and the alert names both parties and the direction."""
+    async def scenario():
+        async with crossing.client("alice") as alice, crossing.client("bob") as bob:
+            name = f"eicar-s5b-{uuid.uuid4().hex[:6]}.com"
+            seen = await transfer(crossing.route, "socks5", alice, bob, name, EICAR)
+            await sentinel_after(alice, bob, "after blocked file")
+            assert set(seen["streamhosts"]) == {("127.0.0.1", crossing.gateway.socks5_port)}, summary(seen)
+            assert seen["received"] == b"" and EICAR not in bytes(bob.received.socks5), summary(seen)
+            inside = bob if crossing.direction == INBOUND else alice
+            told = await inside.wait_for(lambda r: [m for m in r.messages if name in (m["body"] or "") + error_text(m)
+                                                    and (crossing.direction == OUTBOUND
+                                                         or crossing.bare("alice") in (m["body"] or ""))], timeout=5)
+            assert told, f"the inside party got no notice naming {name}: {inside.bodies()}"
+            alert = await crossing.route.wait_alert(
+                lambda e: e.get("file", {}).get("hash", {}).get("sha256") == sha256(EICAR)
+                and e["event"].get("action") in ("block", "quarantine") and alert_names_file(e, name))
+            assert alert, f"no block alert for {name} in {crossing.gateway.alerts_file}: {summary(seen)}"
+            assert alert["imguard"]["context"]["direction"] == crossing.direction, alert["imguard"]["context"]
+            assert parties(alert) == (crossing.bare("alice"), [crossing.bare("bob")])
+            assert alert["imguard"]["context"]["transfer_mechanism"] == "socks5"
+    run(scenario())
+
+
+def test_clean_file_by_socks5_crosses_the_perimeter_byte_identical(crossing):
+    """A harmless file sent by a SOCKS5 bytestream from outside in or inside out arrives through imguard's relay
+    with the same SHA-256, recorded with its direction and both parties (and archived)."""
+    async def scenario():
+        async with crossing.client("alice") as alice, crossing.client("bob") as bob:
+            name = f"numbers-s5b-{uuid.uuid4().hex[:6]}.bin"
+            seen = await transfer(crossing.route, "socks5", alice, bob, name, CLEAN)
+            assert not seen["sender_error"], f"sender failed: {summary(seen)}"
+            assert set(seen["streamhosts"]) == {("127.0.0.1", crossing.gateway.socks5_port)}, summary(seen)
+            assert sha256(seen["received"]) == sha256(CLEAN), f"bob got {len(seen['received'])} bytes, not {len(CLEAN)}"
+            alert = await crossing.route.wait_alert(
+                lambda e: e.get("file", {}).get("hash", {}).get("sha256") == sha256(CLEAN)
+                and e["event"].get("action") in ("allow", "alert") and alert_names_file(e, name))
+            assert alert, f"no allowed file event for {name}"
+            assert alert["imguard"]["context"]["direction"] == crossing.direction
+            assert parties(alert) == (crossing.bare("alice"), [crossing.bare("bob")])
+            records = await wait_archived(crossing.gateway, crossing.bare(crossing.inside_role()),
+                                          lambda rs: any(r["file_name"] == name for r in rs))
+            assert [(r["kind"], r["direction"], r["sha256"]) for r in records if r["file_name"] == name] == [
+                ("file", crossing.direction, sha256(CLEAN))], records
+    run(scenario())
+
+
 # --- a file shared by link: an XEP-0363 upload and its GET URL in the message (XEP-0066 OOB) ----------------------
 
 async def share_by_link(alice: Client, bob: Client, name: str, data: bytes, headers: dict | None = None) -> dict:

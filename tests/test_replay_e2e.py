@@ -256,11 +256,14 @@ def test_gap_inside_an_ibb_transfer(pipeline):
     path = PCAPS / "generated/xmpp_plain_ibb_socks5.pcap"
     ibb = [s.frame for s in Capture.open(path).tcp_segments() if s.dport == 15222 and b"<data" in s.payload]
     _, summary = replay(pipeline, rewrite(path, lambda n, s: n != ibb[1]))
-    t, bobs = summary.transfers                     # alice's, cut by the gap; bob's whole copy, coming in
+    t, bobs, *bytestreams = summary.transfers       # alice's, cut by the gap; bob's whole copy, coming in
     assert (t.mechanism, t.truncated, t.action, t.sender) == ("ibb", True, "", "alice@localhost")
     assert (bobs.mechanism, bobs.truncated, bobs.action, bobs.conn) == ("ibb", False, "block", 2)
-    # The bytestream offer came after the gap, so the SOCKS5 connections are not known transfers.
-    assert [c.protocol for c in summary.conversations] == ["xmpp", "xmpp", "socks5", "socks5"]
+    # Alice's session stopped at the gap, before her bytestream offer; bob's connection still delivers it to him, so
+    # it is known there (an inbound offer) and both proxy65 legs are held and blocked.
+    assert sorted((b.mechanism, b.action, b.sender) for b in bytestreams) == [
+        ("socks5", "block", "alice@localhost")] * 2
+    assert [c.protocol for c in summary.conversations] == ["xmpp", "xmpp", "bytestream", "bytestream"]
 
 
 # --- constructed from scratch -------------------------------------------------------------------------------

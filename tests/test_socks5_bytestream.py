@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from imguard.files.expected import ExpectedBytestream, ExpectedTransfers, StreamHost
-from imguard.model import BLOCK, ChatContext, Decision, FileReport
+from imguard.model import BLOCK, FROM_SERVER, ChatContext, Decision, FileReport
 from imguard.files.tracker import HoldState
 from imguard.model import RuleMatch
 from imguard.protocols.base import Anomaly, Close, ConnectUpstream, InspectFile, Notify, Record, Send
@@ -109,6 +109,29 @@ def test_blocked_without_a_notice_tells_the_sender_the_name_and_the_rule():
     assert notify.text == ("imguard: the file 'eicar.txt' from alice@localhost to bob@localhost/b was blocked "
                            "(Malware)")
     assert notify.decision is decision and isinstance(close, Close)
+
+
+def test_inbound_file_is_held_and_the_inside_receiver_is_told():
+    """An outside sender's offer, registered by the inside receiver's XMPP connection (origin FROM_SERVER): bob
+    connects to the relay, the file comes from the streamhost (the upstream side is the sender), bob gets none of
+    it when it is blocked, and his own connection is told, naming both parties."""
+    inbound = ChatContext(protocol="xmpp", sender="carol@example.org", recipients=("bob@localhost",),
+                          transfer_mechanism="socks5", connection_id="xmpp-bob", origin=FROM_SERVER)
+    transfers = ExpectedTransfers()
+    transfers.expect_bytestream(HASH, ExpectedBytestream(
+        dst_hash=HASH, sid="in1", initiator="carol@example.org/o", target="bob@localhost/b",
+        streamhosts=(StreamHost("proxy.example.org", "203.0.113.7", 7777),), context=inbound, name="eicar.com"))
+    s = carrier_mode_target_leg(transfers)
+    assert s.data_received(False, EICAR) == [] and s.data_received(True, b"noise") == []
+    assert s.transfer.sender_is_client is False
+    (inspect,) = s.connection_closed(from_client=False)
+    assert (inspect.context.sender, inspect.context.origin) == ("carol@example.org", FROM_SERVER)
+    decision = Decision(action=BLOCK, notice="Your file eicar.com was blocked.", matches=[RuleMatch(
+        rule_id="malware", action=BLOCK, severity="high", mode="enforce", title="Malware")])
+    notify, close = s.file_verdict(inspect.transfer_id, FileReport("", "", 0), decision)
+    assert isinstance(close, Close) and notify.connection_id == "xmpp-bob"
+    # the policy's notice is for a sender; the receiver is told who sent what
+    assert notify.text == "imguard: the file 'eicar.com' from carol@example.org was blocked (Malware)"
 
 
 def test_session_speaks_socks5_to_the_client_itself():

@@ -1337,3 +1337,83 @@ def test_ibb_payload_quoted_in_an_error_is_not_a_transfer():
                b"</error></iq>")
     assert s.data_received(True, refusal) == [Send(False, refusal)]
     assert s.ibb.streams == {} and s.ibb.files == {}
+
+
+# --- SOCKS5 bytestreams offered to the client (an outside sender's file) -----------------------------------------
+
+INBOUND_OFFER = (b"<iq from='carol@example.org/o' to='alice@localhost/t' id='s7' type='set' xmlns='jabber:client'>"
+                 b"<query xmlns='http://jabber.org/protocol/bytestreams' sid='in1'>"
+                 b"<streamhost jid='proxy.example.org' host='203.0.113.7' port='7777'/></query></iq>")
+
+
+def test_inbound_bytestream_offer_is_rewritten_and_registered():
+    """An outside sender's streamhost offer to alice: alice is sent to the relay; the table keeps the real
+    streamhost, with the file from carol (bare) to alice, origin FROM_SERVER, and its SI name."""
+    transfers = ExpectedTransfers()
+    s = logged_in(transfers=transfers, bytestream_relay=("10.0.0.1", 1080))
+    s.data_received(False, b"<iq from='carol@example.org/o' to='alice@localhost/t' id='si7' type='set'>"
+                           b"<si xmlns='http://jabber.org/protocol/si' id='in1' profile='http://jabber.org/protocol/si/"
+                           b"profile/file-transfer'><file xmlns='http://jabber.org/protocol/si/profile/file-transfer'"
+                           b" name='report.pdf' size='68'/></si></iq>")
+    (cmd,) = s.data_received(False, INBOUND_OFFER)
+    assert cmd.to_client and b"host='10.0.0.1'" in cmd.data and b"port='1080'" in cmd.data
+    assert b"203.0.113.7" not in cmd.data and b"jid='proxy.example.org'" in cmd.data
+    info = transfers.lookup_bytestream(socks5_hash("in1", "carol@example.org/o", "alice@localhost/t"))
+    assert [(h.jid, h.host, h.port) for h in info.streamhosts] == [("proxy.example.org", "203.0.113.7", 7777)]
+    assert (info.initiator, info.target, info.name, info.size) == ("carol@example.org/o", "alice@localhost/t",
+                                                                  "report.pdf", 68)
+    ctx = info.context
+    assert (ctx.sender, ctx.recipients, ctx.origin, ctx.transfer_mechanism) == (
+        "carol@example.org", ("alice@localhost",), FROM_SERVER, "socks5")
+
+
+def test_inbound_offer_already_relayed_is_left_alone():
+    """An offer another inside user made, rewritten to the relay on its way out: relayed byte-exact, its outbound
+    registration (real streamhost, outbound context) kept."""
+    transfers = ExpectedTransfers()
+    bob = logged_in(transfers=transfers, bytestream_relay=("10.0.0.1", 1080))
+    out = (b"<iq id='c6' to='bob@localhost/b' type='set'><query xmlns='http://jabber.org/protocol/bytestreams' "
+           b"sid='sid9'><streamhost jid='proxy.localhost' host='127.0.0.1' port='15000'/></query></iq>")
+    bob.data_received(True, out)
+    key = socks5_hash("sid9", "alice@localhost/t", "bob@localhost/b")
+    before = transfers.lookup_bytestream(key)
+    delivered = (b"<iq from='alice@localhost/t' to='bob@localhost/b' id='c6' type='set'>"
+                 b"<query xmlns='http://jabber.org/protocol/bytestreams' sid='sid9'>"
+                 b"<streamhost jid='proxy.localhost' host='10.0.0.1' port='1080'/></query></iq>")
+    receiver = logged_in(transfers=transfers, bytestream_relay=("10.0.0.1", 1080))
+    assert receiver.data_received(False, delivered) == [Send(True, delivered)]
+    assert transfers.lookup_bytestream(key) is before and before.context.origin == FROM_CLIENT
+    assert [(h.host, h.port) for h in before.streamhosts] == [("127.0.0.1", 15000)]
+
+
+def test_inbound_offer_without_relay_is_registered_unless_known():
+    """Without a relay the offer crosses as it is; it is registered for a SOCKS5-mode carrier unless its hash is
+    known already (the outbound leg of an inside sender registered it)."""
+    transfers = ExpectedTransfers()
+    s = logged_in(transfers=transfers)
+    assert s.data_received(False, INBOUND_OFFER) == [Send(True, INBOUND_OFFER)]
+    key = socks5_hash("in1", "carol@example.org/o", "alice@localhost/t")
+    info = transfers.lookup_bytestream(key)
+    assert info.context.origin == FROM_SERVER and info.host == "203.0.113.7"
+    again = logged_in(transfers=transfers)
+    again.data_received(False, INBOUND_OFFER)
+    assert transfers.lookup_bytestream(key) is info
+
+
+def test_inbound_jingle_s5b_candidates_are_rewritten_and_registered():
+    """XEP-0260: an outside initiator's candidates for alice point at the relay; registered under
+    SHA1(sid + initiator + alice) with the file's name, from the initiator to alice."""
+    transfers = ExpectedTransfers()
+    s = logged_in(transfers=transfers, bytestream_relay=("10.0.0.1", 1080))
+    jingle = (b"<iq type='set' id='j9' from='carol@example.org/o' to='alice@localhost/t'>"
+              b"<jingle xmlns='urn:xmpp:jingle:1' action='session-initiate' sid='js9'><content creator='initiator'"
+              b" name='f'><description xmlns='urn:xmpp:jingle:apps:file-transfer:5'>"
+              b"<file><name>plan.docx</name><size>2048</size></file></description>"
+              b"<transport xmlns='urn:xmpp:jingle:transports:s5b:1' sid='ts9' mode='tcp'>"
+              b"<candidate cid='c1' host='198.51.100.2' jid='carol@example.org/o' port='40000' priority='1'"
+              b" type='direct'/></transport></content></jingle></iq>")
+    (cmd,) = s.data_received(False, jingle)
+    assert cmd.to_client and b"host='10.0.0.1'" in cmd.data and b"198.51.100.2" not in cmd.data
+    info = transfers.lookup_bytestream(socks5_hash("ts9", "carol@example.org/o", "alice@localhost/t"))
+    assert (info.name, info.size, info.host, info.port) == ("plan.docx", 2048, "198.51.100.2", 40000)
+    assert (info.context.sender, info.context.origin) == ("carol@example.org", FROM_SERVER)

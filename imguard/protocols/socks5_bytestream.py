@@ -1,8 +1,9 @@
 """Socks5BytestreamSession: holds an XEP-0065 SOCKS5 bytestream until its file is scanned.
 
-When an XmppSession relays a bytestream offer it registers SHA1(sid + initiator + target) with the
-real streamhosts in ExpectedTransfers, and (with `bytestream_relay`) rewrites the offer so the peer
-connects to the gateway's SOCKS5 relay instead. This session is that relay, for one data connection
+When an XmppSession relays a bytestream offer (its client's, or an outside sender's the server delivers
+to its client) it registers SHA1(sid + initiator + target) with the real streamhosts in ExpectedTransfers,
+and (with `bytestream_relay`) rewrites the offer so the receiving peer connects to the gateway's SOCKS5
+relay instead. This session is that relay, for one data connection
 (sans-io, the StreamSession contract of imguard.protocols.base; "client" = the peer that connected
 to the relay, "server" = the real streamhost). Only the SOCKS5 negotiation is written here; the file
 itself is one HeldTransfer (imguard.files.tracker) that this session drives.
@@ -31,9 +32,11 @@ server->client when the target did); the receiver's bytes are dropped. The file 
 inspection when the announced size has arrived or the sender closes; the tracker releases it on
 allow (and passes a close from either side on after that), or on block discards it, closes the
 connection and tells the sender with a Notify for the XMPP connection that announced the bytestream
-(the carrier calls XmppSession.notice there). More bytes than `max_held_bytes` cut the file
-(`socks5_too_large`, fail closed); bytes from the sender once the file was complete close the
-connection (`socks5_more_than_announced`). With a mediated proxy65 streamhost the proxy holds the
+(the carrier calls XmppSession.notice there). An offer that connection was delivered (origin FROM_SERVER:
+an outside sender's file to our user, who is the receiver) is the receiver's: the Notify tells it that
+the file from its sender was stopped (the file's context, hence the alert, says inbound). More bytes
+than `max_held_bytes` cut the file (`socks5_too_large`, fail closed); bytes from the sender once the file
+was complete close the connection (`socks5_more_than_announced`). With a mediated proxy65 streamhost the proxy holds the
 initiator's last bytes until the initiator closes, so "sender closed" is the normal end of a transfer.
 
 Not done: UDP mode, username/password authentication towards the streamhost, Jingle S5B
@@ -50,8 +53,9 @@ from typing import Any
 
 from imguard.files.expected import ExpectedBytestream, ExpectedTransfers
 from imguard.files.tracker import HeldTransfer, HoldState
-from imguard.model import ChatContext, Decision, FileReport
-from imguard.protocols.base import Anomaly, Close, Command, ConnectUpstream, Notify, Send, StreamSession
+from imguard.model import FROM_SERVER, ChatContext, Decision, FileReport
+from imguard.protocols.base import (Anomaly, Close, Command, ConnectUpstream, Notify, Send, StreamSession,
+                                    block_words)
 from imguard.settings import MiB, setting
 
 _HASH = re.compile(r"^[0-9a-f]{40}$")
@@ -287,9 +291,19 @@ class Socks5BytestreamSession(StreamSession):
             owns_connection=True, tell=self._tell_sender)
 
     def _tell_sender(self, transfer: HeldTransfer, text: str, decision: Decision | None) -> list[Command]:
-        """The sender is told in its chat: on the XMPP connection that announced the bytestream."""
+        """The sender is told in its chat: on the XMPP connection that announced the bytestream. An offer the
+        server delivered to that connection (origin FROM_SERVER: an outside sender's file to our user) was
+        announced by the receiver's: it is told that the file from its sender was stopped (an allowed file's
+        notice is for a sender of ours)."""
         if self.offer is None:
             return []
+        if self.offer.context.origin == FROM_SERVER and decision is not None:
+            if not decision.blocked:
+                return []
+            action, why = block_words(decision)
+            the_file = f"the file {self.offer.name!r}" if self.offer.name else "a file"
+            sender = transfer.context.sender
+            text = f"imguard: {the_file}{' from ' + sender if sender else ''} was {action} ({why})"
         return [Notify(self.offer.context.connection_id, "xmpp", text, transfer.context, decision,
                        details=(("file", {"name": self.offer.name}),))]
 

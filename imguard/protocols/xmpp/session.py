@@ -61,10 +61,17 @@ for the contract). In short:
     registered as an expected download (`expect_download`, keyed by the URL): from its sender to the client,
     origin FROM_SERVER, mechanism "xep-0363-get", this connection to tell. The gateway's HTTP side holds that
     GET's response for its verdict: blocked, the client gets a 403 and a notice here (`notice`).
-  - XEP-0065 SOCKS5 bytestreams: an offer registers SHA1(sid + initiator + target) with the real
-    streamhosts (`expect_bytestream`); with `bytestream_relay=(host, port)` every streamhost in the
-    offer is rewritten to the gateway's relay, so the data must cross `Socks5BytestreamSession`.
-    Jingle S5B (XEP-0260) candidates this client offers are registered and rewritten the same way.
+  - XEP-0065 SOCKS5 bytestreams, both ways: an offer registers SHA1(sid + initiator + target) with the
+    real streamhosts (`expect_bytestream`); with `bytestream_relay=(host, port)` every streamhost in the
+    offer is rewritten to the gateway's relay, so the data must cross `Socks5BytestreamSession`. The
+    client's own offer carries its file out (origin FROM_CLIENT, to the target); one the server delivers
+    (an outside sender's) is rewritten on its way to the client, which then connects to the relay, and
+    registered with the file from the initiator (bare) to our user, origin FROM_SERVER, this connection to
+    tell when it is blocked. An offer the server delivers whose streamhosts are all the relay already (an
+    offer another inside user made, rewritten on its way out; without a relay: whose hash is registered
+    already) is relayed as it is and not registered again: its outbound leg holds the file.
+    Jingle S5B (XEP-0260) candidates are registered and rewritten the same way, both ways (an initiator's
+    carry its file to the responder, a responder's in session-accept the initiator's).
   - XEP-0096 SI and XEP-0234 Jingle offers, the client's and those the server delivers to it, give
     name/size/hash per sid for the transfers above (`offers.FileOffers`); XEP-0066 OOB links are
     recorded, both ways.
@@ -79,11 +86,9 @@ for the contract). In short:
   by `max_held_bytes`, together with their stanzas by `ibb.connection_bound`, and with every other
   held file of the process by the tracker's ledger.
 
-Not done (yet): a SOCKS5 bytestream offered *to* the client from the server is relayed untouched (its data is
-held only when its sender's connection crosses a gateway); a link inside an end-to-end encrypted body (an
-OMEMO aesgcm:// share) cannot be read, so its download is not expected (the GET passes unscanned); the offline
-replay does not hold downloads; BOSH (XEP-0206) and websocket (RFC 7395) framings; DIGEST-MD5 usernames (only
-bind names those users).
+Not done (yet): a link inside an end-to-end encrypted body (an OMEMO aesgcm:// share) cannot be read, so its
+download is not expected (the GET passes unscanned); the offline replay does not hold downloads; BOSH (XEP-0206)
+and websocket (RFC 7395) framings; DIGEST-MD5 usernames (only bind names those users).
 """
 
 from __future__ import annotations
@@ -588,71 +593,109 @@ class XmppSession(StreamSession):
                                                 c.get("content-type", "")), kind=_SLOT)
         return [self._forward(st)]
 
-    # --- XEP-0260 Jingle SOCKS5 candidates ----------------------------------------------------
+    # --- XEP-0065 / XEP-0260 SOCKS5 bytestreams, both ways ----------------------------------------
 
-    def _jingle_s5b(self, st: d.Stanza, jingle: ET.Element) -> list[Command]:
-        """XEP-0260 candidates this client offers: registered like XEP-0065 streamhosts (DST.ADDR =
-        SHA1(sid + offering JID + other JID), or the transport's dstaddr) and rewritten to the relay."""
+    def _is_relay(self, host: str, port: int | None) -> bool:
+        return self.bytestream_relay is not None and (host, port) == self.bytestream_relay
+
+    def _relayed(self, hosts: list[StreamHost], dst_hash: str, from_client: bool) -> bool:
+        """An offer the server delivers that already crossed this gateway: every streamhost is our relay (another
+        inside user's offer, rewritten on its way out) or, without a relay, its hash is registered already. Its
+        outbound leg holds the file: the offer is neither rewritten nor registered again."""
+        if from_client:
+            return False
+        if self.bytestream_relay is not None:
+            return all(self._is_relay(h.host, h.port) for h in hosts)
+        return self.transfers.lookup_bytestream(dst_hash) is not None
+
+    def _bytestream_ctx(self, sender: str, receiver: str, from_client: bool) -> ChatContext:
+        """The context of a file on a bytestream from `sender` to `receiver` (full JIDs): this client's file
+        (origin FROM_CLIENT, to its peer), or one the server's side sends it (from the peer, bare, to our user)."""
+        if bare(sender) == self.sender or (from_client and not sender):
+            return self.ctx(recipients=(receiver,) if receiver else (), transfer_mechanism="socks5",
+                            origin=FROM_CLIENT)
+        peer = bare(sender)
+        return self._delivered_ctx(peer, self.sender, "").with_(transfer_mechanism="socks5")
+
+    def _send_rewritten(self, st: d.Stanza, from_client: bool) -> list[Command]:
         el = st.element
+        return [Send(to_client=not from_client, data=serialize(el, split(el.tag)[0]))]
+
+    def _jingle_s5b(self, st: d.Stanza, jingle: ET.Element, from_client: bool = True) -> list[Command]:
+        """XEP-0260 candidates, offered by this client or delivered to it by the server (an outside party's):
+        registered like XEP-0065 streamhosts (DST.ADDR = SHA1(sid + offering JID + other JID), or the transport's
+        dstaddr) and rewritten to the relay. An initiator offers a file, a responder's candidates (session-accept)
+        carry the initiator's file the other way."""
+        el = st.element
+        forward = [self._forward(st)] if from_client else [Send(to_client=True, data=st.raw)]
         action = jingle.get("action", "")
         if action not in ("session-initiate", "session-accept", "transport-replace", "transport-accept",
                           "content-add", "transport-info"):
-            return [self._forward(st)]
-        me, peer = el.get("from") or self.full_jid, el.get("to", "")
+            return forward
+        if from_client:
+            offering, other = el.get("from") or self.full_jid, el.get("to", "")
+        else:
+            offering, other = el.get("from", ""), el.get("to") or self.full_jid
         rewritten = False
         for content in children(jingle, NS_JINGLE, "content"):
             transport = child(content, NS_JINGLE_S5B, "transport")
             if transport is None or not transport.get("sid"):
                 continue
-            candidates = list(children(transport, NS_JINGLE_S5B, "candidate"))
-            hosts = tuple(StreamHost(c.get("jid", ""), c.get("host", ""), p) for c in candidates
-                          if c.get("host") and (p := int_or_none(c.get("port"))) is not None)
-            if not hosts:
-                continue
+            candidates = [c for c in children(transport, NS_JINGLE_S5B, "candidate")
+                          if c.get("host") and int_or_none(c.get("port")) is not None]
+            hosts = [StreamHost(c.get("jid", ""), c.get("host", ""), int_or_none(c.get("port")) or 0)
+                     for c in candidates]
             sid = transport.get("sid", "")
-            dst_hash = (transport.get("dstaddr") or socks5_hash(sid, me, peer)).lower()
+            dst_hash = (transport.get("dstaddr") or socks5_hash(sid, offering, other)).lower()
+            if not hosts or self._relayed(hosts, dst_hash, from_client):
+                continue
             offer = self._offers.get(sid)
             sending = action != "session-accept"     # an initiator offers a file; a responder accepts one
-            ctx = (self.ctx(recipients=(peer,) if peer else (), transfer_mechanism="socks5", origin=FROM_CLIENT)
-                   if sending else self.context.with_(sender=bare(peer), recipients=(me,), transfer_mechanism="socks5",
-                                                      origin=FROM_SERVER))
+            sender, receiver = (offering, other) if sending else (other, offering)
+            real = tuple(h for h in hosts if not self._is_relay(h.host, h.port))
             self.transfers.expect_bytestream(dst_hash, ExpectedBytestream(
-                dst_hash=dst_hash, sid=sid, initiator=me, target=peer, streamhosts=hosts, context=ctx,
+                dst_hash=dst_hash, sid=sid, initiator=offering, target=other, streamhosts=real,
+                context=self._bytestream_ctx(sender, receiver, from_client),
                 name=offer.name, size=offer.size, content_type=offer.content_type))
             if self.bytestream_relay is not None:
                 for c in candidates:
                     c.set("host", self.bytestream_relay[0])
                     c.set("port", str(self.bytestream_relay[1]))
                 rewritten = True
-        if rewritten:
-            return [Send(to_client=False, data=serialize(el, split(el.tag)[0]))]
-        return [self._forward(st)]
+        return self._send_rewritten(st, from_client) if rewritten else forward
 
-    # --- XEP-0065 SOCKS5 bytestreams -----------------------------------------------------------
-
-    def _bytestream_offer(self, st: d.Stanza, query: ET.Element) -> list[Command]:
+    def _bytestream_offer(self, st: d.Stanza, query: ET.Element, from_client: bool = True) -> list[Command]:
+        """An XEP-0065 streamhost offer, this client's or one the server delivers to it (an outside sender's file
+        to our user): SHA1(sid + initiator + target) registered with the real streamhosts and the file's context,
+        and with `bytestream_relay` every streamhost rewritten to the relay."""
         el = st.element
+        forward = [self._forward(st)] if from_client else [Send(to_client=True, data=st.raw)]
         sid = query.get("sid", "")
-        initiator = el.get("from") or self.full_jid
-        target = el.get("to", "")
+        if from_client:
+            initiator, target = el.get("from") or self.full_jid, el.get("to", "")
+        else:
+            initiator, target = el.get("from", ""), el.get("to") or self.full_jid
         hosts = []
         for sh in children(query, NS_BYTESTREAMS, "streamhost"):
             port = int_or_none(sh.get("port"))
             if sh.get("host") and port is not None:
                 hosts.append(StreamHost(sh.get("jid", ""), sh.get("host", ""), port))
         dst_hash = socks5_hash(sid, initiator, target)
+        if hosts and self._relayed(hosts, dst_hash, from_client):
+            return forward
         offer = self._offers.get(sid)
-        ctx = self.ctx(recipients=(target,) if target else (), transfer_mechanism="socks5", origin=FROM_CLIENT)
+        real = tuple(h for h in hosts if not self._is_relay(h.host, h.port))
         self.transfers.expect_bytestream(dst_hash, ExpectedBytestream(
-            dst_hash=dst_hash, sid=sid, initiator=initiator, target=target, streamhosts=tuple(hosts),
-            context=ctx, name=offer.name, size=offer.size, content_type=offer.content_type))
+            dst_hash=dst_hash, sid=sid, initiator=initiator, target=target, streamhosts=real,
+            context=self._bytestream_ctx(initiator, target, from_client), name=offer.name, size=offer.size,
+            content_type=offer.content_type))
         if self.bytestream_relay is None or not hosts:
-            return [self._forward(st)]
+            return forward
         relay_host, relay_port = self.bytestream_relay
         for sh in children(query, NS_BYTESTREAMS, "streamhost"):
             sh.set("host", relay_host)
             sh.set("port", str(relay_port))
-        return [Send(to_client=False, data=serialize(el, split(el.tag)[0]))]
+        return self._send_rewritten(st, from_client)
 
     # --- server -> client ----------------------------------------------------------------------
 
@@ -732,8 +775,9 @@ class XmppSession(StreamSession):
     def _server_iq_set(self, st: d.Stanza) -> list[Command]:
         """An iq the server delivers to the client that may carry a file to it: an in-band bytestream (held here,
         as the client's own are), an SI / Jingle offer (remembered, so the file has its name and size; a Jingle
-        offer of a file by its URL is an expected download), or an XEP-0066 iq naming a URL to fetch (recorded as a
-        link, and an expected download)."""
+        offer of a file by its URL is an expected download), an XEP-0065 streamhost offer or XEP-0260 candidates
+        (registered and rewritten to the relay, as the client's own), or an XEP-0066 iq naming a URL to fetch
+        (recorded as a link, and an expected download)."""
         out: list[Command] = []
         for c in st.element:
             ns, local = split(c.tag)
@@ -752,6 +796,9 @@ class XmppSession(StreamSession):
                 ctx = self._iq_sender_ctx(st.element) if shared else None
                 if ctx is not None:
                     self._expect_downloads(ctx, shared)
+                return out + self._jingle_s5b(st, c, from_client=False)
+            elif ns == NS_BYTESTREAMS and local == "query" and child(c, NS_BYTESTREAMS, "streamhost") is not None:
+                return out + self._bytestream_offer(st, c, from_client=False)
             elif ns == NS_OOB_IQ and local == "query":
                 url = child(c, NS_OOB_IQ, "url")
                 ctx = self._iq_sender_ctx(st.element) if url is not None and (url.text or "").strip() else None
