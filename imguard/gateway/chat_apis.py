@@ -113,6 +113,14 @@ class ChatApiSettings:
         True, "Inspect chat sent over WebSockets (Rocket.Chat DDP sendMessage/updateMessage)")
 
 
+def _remember(table: OrderedDict, key: Any, value: Any, limit: int) -> None:
+    """`key` -> `value` as the newest entry of a bounded table: past `limit` entries the oldest is forgotten."""
+    table.pop(key, None)
+    table[key] = value
+    while len(table) > max(1, limit):
+        table.popitem(last=False)
+
+
 class ChatApis:
     def __init__(self, pipeline, inspection: Inspection, transfers: Any = None,
                  settings: ChatApiSettings | None = None, record: Any = None, commit: Any = None):
@@ -140,16 +148,10 @@ class ChatApis:
         return self.identities.get(key, key)
 
     def learn_identity(self, key: str, user: str) -> None:
-        self.identities.pop(key, None)
-        self.identities[key] = user
-        while len(self.identities) > max(1, self.settings.max_identities):
-            self.identities.popitem(last=False)
+        _remember(self.identities, key, user, self.settings.max_identities)
 
     def _remember(self, table: OrderedDict, key: Any, value: Any) -> None:
-        table.pop(key, None)
-        table[key] = value
-        while len(table) > max(1, self.settings.max_shared_media):
-            table.popitem(last=False)
+        _remember(table, key, value, self.settings.max_shared_media)
 
     def _respond(self, flow: http.HTTPFlow, api: str, status: int, reason: str) -> None:
         flow.request.stream = False
@@ -377,15 +379,19 @@ class ChatApis:
         self.commit()
         return decision
 
-    def _refuse_message(self, flow, api, ctx: ChatContext, text: str, ref: str, reason: str) -> bool:
-        notice = f"This message shares a file that was blocked: {reason}"
-        decision = Decision(action=BLOCK, notice=notice)
+    def _shares_blocked_file(self, text: str, ctx: ChatContext, reason: str) -> Decision:
+        """The decision on a message that shares a blocked file (made here, not by policy), recorded."""
+        decision = Decision(action=BLOCK, notice=f"This message shares a file that was blocked: {reason}")
         try:
             self.record(alerts.message_event(text, ctx, decision))
         except Exception:
             logger.exception("could not record a blocked message")
+        return decision
+
+    def _refuse_message(self, flow, api, ctx: ChatContext, text: str, ref: str, reason: str) -> bool:
+        decision = self._shares_blocked_file(text, ctx, reason)
         self.stats["blocked"] += 1
-        self._respond(flow, api.API, 403, f"imguard: {notice}")
+        self._respond(flow, api.API, 403, f"imguard: {decision.notice}")
         return False
 
     def _message(self, flow, api, event: ChatMessage) -> list | None:
@@ -582,11 +588,7 @@ class ChatApis:
         ctx = self._context(flow, api.API, event.endpoint, event.sender, event.room, recipient=user)
         reason = next((r for r in map(self._blocked, event.refs) if r), None)
         if reason:
-            decision = Decision(action=BLOCK, notice=f"This message shares a file that was blocked: {reason}")
-            try:
-                self.record(alerts.message_event(event.text, ctx, decision))
-            except Exception:
-                logger.exception("could not record a blocked message")
+            decision = self._shares_blocked_file(event.text, ctx, reason)
         else:
             decision = self._check_message(event.text, ctx)
         verdict: str | list = ""
