@@ -13,8 +13,8 @@ import itertools
 import pytest
 
 from imguard.files.tracker import (TRANSITIONS, ConnectionHolds, HeldTransfer, HoldEvent, HoldLedger, HoldState,
-                                   Piece, settle_orphans)
-from imguard.model import ChatContext, Decision, RuleMatch
+                                   Notice, Party, Piece, settle_orphans)
+from imguard.model import FROM_CLIENT, FROM_SERVER, ChatContext, Decision, RuleMatch
 from imguard.protocols.base import Anomaly, Close, InspectFile, Send
 
 FILE = b"MZ" + bytes(range(256)) * 3 + b"end"
@@ -37,7 +37,7 @@ def _play(order, decision: Decision, size_known: bool, owns: bool, sender_is_cli
     told: list[str] = []
     t = HeldTransfer("t1", CTX, sender_is_client=sender_is_client, kind="dcc", max_bytes=1 << 20,
                      size=len(FILE) if size_known else None, name="a.exe", owns_connection=owns, holds=holds,
-                     tell=lambda transfer, text, d: told.append(text) or [])
+                     tell=lambda transfer, notice: told.append(notice.text) or [])
     log: list = []                  # ("cmd", command) and ("verdict", decision) in order
     chunks = list(CHUNKS)
     inspected = False
@@ -157,7 +157,7 @@ def test_too_large_file_is_cut_and_nothing_is_delivered():
     ledger = HoldLedger(max_bytes=0)
     t = HeldTransfer("t", CTX, sender_is_client=True, kind="dcc", max_bytes=600, name="big.bin",
                      owns_connection=True, holds=ConnectionHolds(ledger=ledger),
-                     tell=lambda tr, text, d: told.append(text) or [])
+                     tell=lambda tr, notice: told.append(notice.text) or [])
     assert t.append(FILE[:500]) == []
     out = t.append(FILE[500:])
     assert t.state is HoldState.TRUNCATED
@@ -241,7 +241,7 @@ def test_a_transfer_dropped_without_a_final_event_gives_its_bytes_back():
 def test_announced_too_large_and_framing_truncated():
     told = []
     t = HeldTransfer("t", CTX, sender_is_client=True, kind="oft", max_bytes=100, name="big.iso",
-                     owns_connection=True, tell=lambda tr, text, d: told.append(text) or [])
+                     owns_connection=True, tell=lambda tr, notice: told.append(notice.text) or [])
     out = t.too_large(10_000)                       # the prompt announced more than may be held
     assert t.state is HoldState.TRUNCATED and isinstance(out[-1], Close)
     assert out[0].data["bytes_seen"] == 10_000
@@ -285,10 +285,207 @@ def test_overlapping_pieces_are_not_a_gap_and_a_nameless_file_reads_well():
     'a file' in its notice."""
     told = []
     t = HeldTransfer("o", CTX, sender_is_client=True, kind="msrp", max_bytes=100, size=10,
-                     tell=lambda tr, text, d: told.append(text) or [])
+                     tell=lambda tr, notice: told.append(notice.text) or [])
     t.append(b"012345", offset=0, head=b"<h1>", after=b"<end1>")
     t.append(b"456789", offset=4, head=b"<h2>", after=b"<end2>")
     cmd = t.inspect()[0]
     assert cmd.data == b"0123456789" and not cmd.truncated
     t.verdict(BLOCK)
     assert told == ["imguard: a file from alice to bob was blocked (Malware)"]
+
+
+# --- the tell rule: who is told, over (origin x verdict x mechanism) ---------------------------------------------
+#
+# Each mechanism's real session holds a small file from its own framing, outbound (our user sends: origin client)
+# or inbound (an outside party sends to our user: origin server), and it ends blocked (a rule with a notice written
+# for a sender), allowed with a notice, or cut by the gateway's hold bound. The tracker's rule says who is told;
+# the mechanism's `tell` hook delivers it or, where its protocol cannot reach that party, returns nothing.
+
+_I, _R, _O = Party.INSIDE_SENDER, Party.INSIDE_RECEIVER, Party.OUTSIDE_SENDER
+RULE_BLOCK = Decision(action="block", matches=BLOCK.matches, notice="Your file was blocked.")
+RULE_NOTICE = Decision(action="allow", notice="Your file was scanned.")
+
+# The spec, written out (not read from TELL_RULE): (origin, outcome) -> the parties told, in order.
+EXPECTED_TOLD = {
+    (FROM_CLIENT, "block"): [_I], (FROM_CLIENT, "cut"): [_I], (FROM_CLIENT, "notice"): [_I],
+    (FROM_SERVER, "block"): [_O, _R], (FROM_SERVER, "cut"): [_O, _R], (FROM_SERVER, "notice"): [],
+}
+# What each mechanism's protocol cannot deliver: (party, outcome) pairs told by the rule that reach nobody.
+_ALL = ("block", "cut", "notice")
+UNREACHABLE = {
+    "dcc": {(_O, o) for o in _ALL},         # a DCC SEND carries only ACKs back; the sender's IRC is outside
+    "oft": {(_O, o) for o in _ALL},         # OFT headers have no cancel; the done header went before the verdict
+    "socks5": {(_O, o) for o in _ALL},      # a bytestream carries no text; the sender's XMPP is outside
+    "msnslp": {(_O, o) for o in _ALL},      # not injected towards the switchboard (docs/architecture.md)
+    "msnftp": {(_O, "block")},              # cut: CCL; blocked: the sender had our BYE with its last byte
+    "ibb": {(_I, "cut"), (_O, "cut")},      # a sender's cut is answered by the refused stanza, not the tell
+    "msrp": set(),
+    "sip": set(),
+}
+
+
+def _dcc(origin):
+    from imguard.files.expected import ExpectedTransfers
+    from imguard.protocols.irc.dcc import DccOffer, DccSendSession
+    inbound = origin == FROM_SERVER
+    sender, receiver = ("mallory!m@h", "alice") if inbound else ("alice", "bob")
+    offer = DccOffer(offer_id="c1-1", kind="send", name="a.exe", size=len(FILE), sender=sender, receiver=receiver,
+                     host="10.0.0.7", port=5000, listener_is_sender=True, outbound=not inbound,
+                     context=ChatContext(protocol="irc", sender=sender, recipients=(receiver,), connection_id="c1",
+                                         transfer_mechanism="dcc", origin=origin))
+    s = DccSendSession(None, ExpectedTransfers(), ChatContext(connection_id="d1"), offer)
+    return s, [(False, FILE)], "a.exe", "mallory"
+
+
+def _msnftp(origin):
+    from imguard.files.expected import ExpectedTransfers
+    from imguard.protocols.msnp import DirectMsnftpSession
+    from imguard.protocols.msnp.msnftp import find_msnftp_offer
+    from tests import test_msnp as m
+    transfers = ExpectedTransfers()
+    if origin == FROM_SERVER:
+        m.run(m.switchboard(None, transfers), m.msnftp_inbound_invitation("setup.exe", len(m.FILE), "10.1.2.3", 6892))
+        offer, items, name = find_msnftp_offer(transfers, "10.1.2.3", 6892), m.inbound_msnftp_items(), "setup.exe"
+    else:
+        m.msnftp_setup(transfers)
+        offer, items, name = find_msnftp_offer(transfers, "192.168.1.14", 6891), m.MSNFTP_ITEMS[:-1], "report.exe"
+    return DirectMsnftpSession(None, transfers, ChatContext(connection_id="d1"), offer), items, name, m.PEER
+
+
+def _msnslp(origin):
+    from tests import test_msnp as m
+    if origin == FROM_SERVER:
+        s, _ = m.inbound_slp_session()
+        items = [(False, m.p2p_msg(0, h, c, 2, m.ME, inbound=True)) for h, c in m.data_chunks(m.FILE)]
+        return s, items, "pic.exe", m.PEER
+    s, _, _ = m.outbound_slp_session()
+    return s, [(True, m.p2p_msg(300 + i, h, c, 2)) for i, (h, c) in enumerate(m.data_chunks(m.FILE))], \
+        "report.exe", m.PEER
+
+
+def _oft(origin):
+    from imguard.files.expected import ExpectedTransfers
+    from imguard.protocols.oscar import OftSession, find_oft_offer
+    from tests import test_oscar as o
+    transfers = ExpectedTransfers()
+    if origin == FROM_SERVER:
+        s = o.inbound_oft(transfers)[3]
+    else:
+        o.offer_file(transfers)
+        s = OftSession(None, transfers, ChatContext(connection_id="oft1"),
+                       find_oft_offer(transfers, host="192.168.1.20", port=5190))
+    return s, o.oft_dialogue(sender_is_client=False)[2], "setup.exe", o.PEER
+
+
+def _socks5(origin):
+    from imguard.files.expected import ExpectedBytestream, ExpectedTransfers, StreamHost
+    from tests.test_socks5_bytestream import HASH, carrier_mode_target_leg
+    sender = "carol@example.org" if origin == FROM_SERVER else "alice@localhost"
+    ctx = ChatContext(protocol="xmpp", sender=sender, recipients=("bob@localhost",), transfer_mechanism="socks5",
+                      connection_id="xmpp-1", origin=origin)
+    transfers = ExpectedTransfers()
+    transfers.expect_bytestream(HASH, ExpectedBytestream(
+        dst_hash=HASH, sid="s1", initiator=sender + "/o", target="bob@localhost/b",
+        streamhosts=(StreamHost("proxy.localhost", "127.0.0.1", 15000),), context=ctx, name="a.exe", size=len(FILE)))
+    return carrier_mode_target_leg(transfers), [(False, FILE)], "a.exe", "carol@example.org"
+
+
+def _ibb(origin):
+    from tests import test_xmpp_session as x
+    s = x.logged_in()
+    if origin == FROM_SERVER:
+        op, close = x.incoming_ibb()
+        return s, [(False, op), (False, x.incoming_block(0, "QUJDREVG")), (False, close)], "", "carol@example.org"
+    return s, [(True, x.IBB_OPEN), (True, x.ibb_data(0, "QUJDREVG")), (True, x.IBB_CLOSE)], "", ""
+
+
+def _msrp(origin):
+    from tests import test_msrp_session as r
+    from tests.test_sip_support import file_chunks
+    s, _ = r.make()
+    if origin == FROM_SERVER:
+        return s, [(False, c) for c in r.inbound_file_chunks(r.FILE, "in1")], "My cool picture.jpg", \
+            "sip:bob@example.com"
+    return s, [(True, raw) for _, raw in file_chunks(r.FILE, 4000, message_id="out1")], "My cool picture.jpg", ""
+
+
+def _sip(origin):
+    from tests import test_sip_session as p
+    from tests.test_sip_support import message
+    s, _ = p.make()
+    s.data_received(True, p.REGISTER)
+    body = b"MZ" + bytes(100)
+    if origin == FROM_SERVER:
+        raw = message(body, content_type="application/octet-stream", frm="<sip:bob@b.example>",
+                      to="<sip:alice@b.example>", ruri="sip:alice@b.example")
+        return s, [(False, raw)], "", "sip:bob@b.example"
+    return s, [(True, message(body, content_type="application/octet-stream"))], "", ""
+
+
+MECHANISMS = {"dcc": _dcc, "msnftp": _msnftp, "msnslp": _msnslp, "oft": _oft, "socks5": _socks5, "ibb": _ibb,
+              "msrp": _msrp, "sip": _sip}
+
+
+@pytest.fixture
+def tells(monkeypatch):
+    """Every notice the tracker hands a mechanism's `tell` hook, with what the hook made of it."""
+    log: list[tuple[HeldTransfer, Notice, list]] = []
+    init = HeldTransfer.__init__
+
+    def spy(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        hook = self._tell
+
+        def recorded(transfer, notice):
+            cmds = hook(transfer, notice)
+            log.append((transfer, notice, list(cmds)))
+            return cmds
+        self._tell = recorded
+    monkeypatch.setattr(HeldTransfer, "__init__", spy)
+    return log
+
+
+@pytest.mark.parametrize("outcome", ["block", "notice", "cut"])
+@pytest.mark.parametrize("origin", [FROM_CLIENT, FROM_SERVER], ids=["outbound", "inbound"])
+@pytest.mark.parametrize("mechanism", sorted(MECHANISMS))
+def test_tell_rule_over_origin_verdict_and_mechanism(mechanism, origin, outcome, tells, monkeypatch):
+    """Who is told about a held file is the tracker's one rule: the inside party always (the sender outbound, the
+    receiver inbound, each in their own words), the outside sender of an inbound file where its protocol reaches
+    it, nobody about an allowed inbound file. Each mechanism delivers in its own terms: a Notify for its chat
+    connection or a Send on the leg of the party told, never a notice to the wrong leg."""
+    from imguard.files import tracker
+    from imguard.model import FileReport
+    from imguard.protocols.base import Notify, ProtocolEvent
+    session, items, name, inbound_sender = MECHANISMS[mechanism](origin)
+    if outcome == "cut":
+        monkeypatch.setattr(tracker.LEDGER, "max_bytes", 1)       # the gateway's hold bound: the first byte cuts
+    out: list = []
+    for from_client, data in items:
+        out += session.data_received(from_client, data)
+    if outcome != "cut":
+        [job] = [c for c in out if isinstance(c, InspectFile)]
+        assert job.context.origin == origin
+        session.file_verdict(job.transfer_id, FileReport(job.name, job.name, len(job.data)),
+                             RULE_BLOCK if outcome == "block" else RULE_NOTICE)
+    assert [n.party for _, n, _ in tells] == EXPECTED_TOLD[(origin, outcome)]
+    for transfer, notice, cmds in tells:
+        delivered = [c for c in cmds if not isinstance(c, ProtocolEvent)]     # a record of the notice is no delivery
+        assert bool(delivered) == ((notice.party, outcome) not in UNREACHABLE[mechanism]), (notice, cmds)
+        for c in delivered:
+            if isinstance(c, Notify):
+                assert notice.party.inside and c.text == notice.text
+            else:
+                assert isinstance(c, Send), c
+                to_sender = notice.party is not Party.INSIDE_RECEIVER
+                assert c.to_client == (transfer.sender_is_client if to_sender else transfer.receiver_is_client)
+        if notice.party is Party.INSIDE_RECEIVER and outcome == "block":
+            the_file = f"the file {name!r}" if name else "a file"
+            assert notice.text == f"imguard: {the_file} from {inbound_sender} was blocked (Malware)"
+        elif outcome == "block":
+            assert notice.text == "Your file was blocked."     # the rule's notice is for a sender
+        elif outcome == "notice":
+            assert notice.text == "Your file was scanned."
+        else:           # too large for the hold: the receiver hears whom it was from, a sender whom it was for
+            assert "could not be inspected" in notice.text
+            if notice.party is Party.INSIDE_RECEIVER:
+                assert f"from {inbound_sender} was stopped" in notice.text

@@ -435,6 +435,21 @@ def test_msnftp_announced_size_over_the_bound_is_cut():
     assert note.connection_id == "sb1" and "report.exe" in note.text and "larger than 1000 bytes" in note.text
 
 
+def test_msnftp_inbound_cut_cancels_the_outside_sender_and_tells_our_receiver():
+    """PEER's file over the bound: PEER (outside, still waiting for a BYE) gets MSNFTP's receiver cancel, our client
+    (the receiver) the cancel block and, on its switchboard, a notice naming PEER."""
+    transfers = ExpectedTransfers()
+    run(switchboard(Checker(), transfers), msnftp_inbound_invitation("setup.exe", len(FILE), "10.1.2.3", 6894))
+    s = DirectMsnftpSession(Checker(), transfers, ChatContext(connection_id="d4"),
+                            find_msnftp_offer(transfers, "10.1.2.3", 6894), MsnpLimits(msnp_max_held_bytes=1000))
+    out = run(s, inbound_msnftp_items()[:4])
+    assert anomalies(out) == ["msnftp_too_large"] and isinstance(out[-1], Close)
+    assert sends(out, False).endswith(b"CCL\r\n") and sends(out, True).endswith(b"\x01\x00\x00")
+    (note,) = notifies(out)
+    assert note.connection_id == "sb1" and note.text == (f"imguard: the file 'setup.exe' from {PEER} was stopped: "
+                                                         "it is larger than 1000 bytes and could not be inspected")
+
+
 def test_msnftp_transfer_running_past_the_bound_is_cut():
     """Without a FIL the blocks are held up to the bound; past it the file is stopped, nothing delivered."""
     s = msnftp_session(MsnpLimits(msnp_max_held_bytes=3000))

@@ -263,7 +263,7 @@ def test_inbound_file_in_a_message_is_held_and_its_receiver_told():
     assert parse(sends(out, False)).status == 403
     note = parse(sends(out, True))
     assert note.method == "MESSAGE"
-    assert note.body == b"A file from sip:bob@b.example was blocked by imguard: no programs"
+    assert note.body == b"imguard: a file from sip:bob@b.example was blocked (no programs)"
     out = s.data_received(False, raw.replace(b"CSeq: 1", b"CSeq: 2"))
     [job] = inspects(out)
     assert sends(s.file_verdict(job.transfer_id, report(job), ALLOWED), True) == raw.replace(b"CSeq: 1", b"CSeq: 2")

@@ -28,9 +28,20 @@ The invariants, which tests/test_held_transfer.py checks over every order of eve
 - the bytes held return to zero whenever no file is in RECEIVING or INSPECTING.
 
 A mechanism says in its own protocol's terms how the receiver gets the file (`deliver`), what the receiver
-gets instead when it is stopped (`refuse`) and how the sender is told (`tell`); the tracker says *when*.
-The rule for telling the sender: a blocked (or quarantined) file and a cut one are always explained to the
-sender; an allowed file only when its decision carries a notice; an abandoned one never (nobody is waiting).
+gets instead when it is stopped (`refuse`) and how a notice reaches a party (`tell`: a NOTICE, a message, an
+error stanza, a cancel); the tracker says *when*, *who* and *with what words*: the tell rule (`TELL_RULE`,
+`HeldTransfer.notices`), from the file's direction (its context's origin: FROM_CLIENT outbound, FROM_SERVER
+inbound) and how it ended:
+
+    outbound (our user sends)   blocked, cut, allowed with a notice -> the inside sender, in a sender's words
+                                (the rule's notice, else "imguard: the file 'x' from A to B was blocked (why)")
+    inbound (our user receives) blocked, cut -> the outside sender (a sender's words, where its protocol lets
+                                the gateway reach it) and the inside receiver, in its own words:
+                                "imguard: the file 'x' from A was blocked (why)"; allowed -> nobody (a rule's
+                                notice is written for a sender of ours)
+    abandoned (either)          nobody (nobody is waiting)
+
+The outside receiver of an outbound file is never told: it gets the mechanism's refusal, if any.
 """
 
 from __future__ import annotations
@@ -42,7 +53,7 @@ import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
-from imguard.model import ChatContext, Decision
+from imguard.model import FROM_CLIENT, FROM_SERVER, ChatContext, Decision
 from imguard.protocols.base import Anomaly, Close, Command, InspectFile, Send, block_words
 from imguard.settings import GiB, setting
 
@@ -173,9 +184,57 @@ class Piece:
         return body + self.after
 
 
+class Party(enum.Enum):
+    """Who a notice about a held file is for."""
+    INSIDE_SENDER = "inside_sender"         # our user sent it (outbound)
+    INSIDE_RECEIVER = "inside_receiver"     # our user was to receive it (inbound)
+    OUTSIDE_SENDER = "outside_sender"       # the other party sent it to our user (inbound): told where it can be
+
+    @property
+    def inside(self) -> bool:
+        """The user behind the gateway, whose own connection (or the one that announced the file) crosses it."""
+        return self is not Party.OUTSIDE_SENDER
+
+
+class Outcome(enum.Enum):
+    """How a held file ended, as far as telling goes (an abandoned file tells nobody: it is not here)."""
+    BLOCKED = "blocked"     # its verdict dropped it (block, quarantine)
+    CUT = "cut"             # the gateway stopped it before it was whole (too large, framing), with a notice
+    NOTICED = "noticed"     # allowed (or its receiver had gone), and its decision carries a notice
+
+
+# The tell rule: (the file's origin, how it ended) -> who is told, in this order (the sender's answer first).
+TELL_RULE: dict[tuple[str, Outcome], tuple[Party, ...]] = {
+    (FROM_CLIENT, Outcome.BLOCKED): (Party.INSIDE_SENDER,),
+    (FROM_CLIENT, Outcome.CUT): (Party.INSIDE_SENDER,),
+    (FROM_CLIENT, Outcome.NOTICED): (Party.INSIDE_SENDER,),
+    (FROM_SERVER, Outcome.BLOCKED): (Party.OUTSIDE_SENDER, Party.INSIDE_RECEIVER),
+    (FROM_SERVER, Outcome.CUT): (Party.OUTSIDE_SENDER, Party.INSIDE_RECEIVER),
+    (FROM_SERVER, Outcome.NOTICED): (),     # a rule's notice is written for a sender of ours
+}
+
+
+@dataclass(frozen=True)
+class Notice:
+    """One party to tell about a held file, and the words: the mechanism's `tell` hook delivers it in its
+    protocol (or returns nothing where its protocol cannot reach that party)."""
+    party: Party
+    text: str
+    outcome: Outcome
+    decision: Decision | None = None        # None for a cut
+
+
+def inbound_text(name: str, sender: str, decision: Decision) -> str:
+    """What the inside receiver of a stopped inbound file is told, in its own terms (a rule's notice is written
+    for a sender): "imguard: the file 'x' from A was blocked (why)"."""
+    action, why = block_words(decision)
+    the_file = f"the file {name!r}" if name else "a file"
+    return f"imguard: {the_file}{' from ' + sender if sender else ''} was {action} ({why})"
+
+
 Deliver = Callable[["HeldTransfer", list[Piece]], list[Command]]
 Refuse = Callable[["HeldTransfer"], list[Command]]
-Tell = Callable[["HeldTransfer", str, Decision | None], list[Command]]
+Tell = Callable[["HeldTransfer", Notice], list[Command]]
 
 
 class HeldTransfer:
@@ -186,11 +245,14 @@ class HeldTransfer:
     it, and after the release a close from either side closes the other. False for files multiplexed with
     chat (IBB, MSRP, HTTP), whose framing ends them.
     `kind`: the prefix of its anomaly kinds ("dcc" -> dcc_too_large, dcc_receiver_gone, dcc_empty, dcc_overrun).
+    `sender_name`: the sender as its receiver knows it (a nick, a bare JID), for the receiver's notice; default
+    the context's sender.
     """
 
     def __init__(self, transfer_id: str, context: ChatContext, *, sender_is_client: bool, kind: str,
                  max_bytes: int, size: int | None = None, name: str = "", claimed_mime: str = "",
-                 receiver: str = "", owns_connection: bool = False, holds: ConnectionHolds | None = None,
+                 receiver: str = "", sender_name: str = "", owns_connection: bool = False,
+                 holds: ConnectionHolds | None = None,
                  deliver: Deliver | None = None, refuse: Refuse | None = None, tell: Tell | None = None,
                  event_data: dict[str, Any] | None = None):
         self.transfer_id = transfer_id
@@ -202,11 +264,12 @@ class HeldTransfer:
         self.name = name
         self.claimed_mime = claimed_mime
         self.receiver = receiver or ", ".join(context.recipients)
+        self._sender_name = sender_name
         self.owns_connection = owns_connection
         self.holds = holds if holds is not None else ConnectionHolds()
         self._deliver = deliver or _send_to_receiver
         self._refuse = refuse or (lambda transfer: [])
-        self._tell = tell or (lambda transfer, text, decision: [])
+        self._tell = tell or (lambda transfer, notice: [])
         self.event_data = dict(event_data or {})
         self.state = HoldState.RECEIVING
         self.pieces: dict[int, Piece] = {}  # by offset
@@ -243,6 +306,16 @@ class HeldTransfer:
     @property
     def receiver_is_client(self) -> bool:
         return not self.sender_is_client
+
+    @property
+    def sender_name(self) -> str:
+        return self._sender_name or self.context.sender
+
+    @property
+    def inbound(self) -> bool:
+        """Sent to the user behind the gateway from the other side (context origin FROM_SERVER); an origin not
+        known (`imguard scan`) counts as outbound."""
+        return self.context.origin == FROM_SERVER
 
     @property
     def holding(self) -> bool:
@@ -361,10 +434,8 @@ class HeldTransfer:
         self.decision = decision
         out: list[Command] = []
         if decision.blocked:
-            action, why = block_words(decision)
-            text = decision.notice or self._notice_text(action, why)
             self._move(HoldEvent.BLOCK)
-            out += self._refuse(self) + self._tell(self, text, decision)
+            out += self._refuse(self) + self._tell_all(self.notices(Outcome.BLOCKED, decision))
             self._free()
             return out + self._close_connection(f"{self.kind} file {decision.action}")
         if self.receiver_gone:
@@ -372,14 +443,12 @@ class HeldTransfer:
             self._free()
             out.append(self._anomaly(f"{self.kind}_receiver_gone",
                                      "the receiver closed before the verdict; nothing delivered"))
-            if decision.notice:
-                out += self._tell(self, decision.notice, decision)
+            out += self._tell_all(self.notices(Outcome.NOTICED, decision))
             return out + self._close_connection(f"{self.kind} receiver gone")
         self._move(HoldEvent.ALLOW)
         out += self._deliver(self, self.ordered())
         self._free()
-        if decision.notice:
-            out += self._tell(self, decision.notice, decision)
+        out += self._tell_all(self.notices(Outcome.NOTICED, decision))
         if self.sender_gone:
             out += self._close_connection(f"{self.kind} transfer done")
         return out
@@ -407,14 +476,17 @@ class HeldTransfer:
 
     def too_large(self, total: int, **data: Any) -> list[Command]:
         """Cut because it cannot be held whole: `total` bytes (held, or announced) against `max_bytes`, or the
-        connection's or gateway's bound. The sender is told it could not be inspected."""
-        text = self._too_large_text(total)
-        return self.cut(f"{self.kind}_too_large", text, notice=text, bytes_seen=total, max_held_bytes=self.max_bytes,
-                        **data)
+        connection's or gateway's bound. Whom the tell rule names is told it could not be inspected."""
+        text = self._too_large_text(total, self.receiver, "to")
+        return self.cut(f"{self.kind}_too_large", text, notice=text,
+                        receiver_notice=self._too_large_text(total, self.sender_name, "from"),
+                        bytes_seen=total, max_held_bytes=self.max_bytes, **data)
 
-    def cut(self, kind: str, detail: str, notice: str | None = None, **data: Any) -> list[Command]:
+    def cut(self, kind: str, detail: str, notice: str | None = None, receiver_notice: str | None = None,
+            **data: Any) -> list[Command]:
         """The gateway stops the file before it is whole (too large to hold, framing it cannot follow): fail
-        closed. The held bytes are discarded, the receiver refused, the sender told `notice` (if given)."""
+        closed. The held bytes are discarded, the receiver refused; with a `notice`, the tell rule says who is
+        told (the inside receiver of an inbound file `receiver_notice`, if given)."""
         if self.state is not HoldState.RECEIVING:
             return []
         self._move(HoldEvent.CUT)
@@ -422,7 +494,7 @@ class HeldTransfer:
         out += self._refuse(self)       # before the pieces go: a refusal may need to know what was held
         self._free()
         if notice:
-            out += self._tell(self, notice, None)
+            out += self._tell_all(self.notices(Outcome.CUT, text=notice, receiver_text=receiver_notice or notice))
         return out + self._close_connection(kind)
 
     def abandon(self, kind: str, detail: str, **data: Any) -> list[Command]:
@@ -435,6 +507,29 @@ class HeldTransfer:
         out += self._refuse(self)
         self._free()
         return out + self._close_connection(kind)
+
+    # --- the tell rule -----------------------------------------------------------------------------
+
+    def notices(self, outcome: Outcome, decision: Decision | None = None, text: str = "",
+                receiver_text: str = "") -> list[Notice]:
+        """Who is told that this file ended so, and with what words (TELL_RULE): a sender in a sender's words
+        (the decision's notice, else the tracker's; for a cut, `text`), the inside receiver in its own
+        (`inbound_text`; for a cut, `receiver_text`). Nobody for an allowed file whose decision has no notice."""
+        if outcome is Outcome.NOTICED and (decision is None or not decision.notice):
+            return []
+        if decision is not None:
+            action, why = block_words(decision)
+            text = decision.notice or self._notice_text(action, why)
+            receiver_text = inbound_text(self.name, self.sender_name, decision)
+        origin = FROM_SERVER if self.inbound else FROM_CLIENT
+        return [Notice(party, receiver_text if party is Party.INSIDE_RECEIVER else text, outcome, decision)
+                for party in TELL_RULE[(origin, outcome)]]
+
+    def _tell_all(self, notices: list[Notice]) -> list[Command]:
+        out: list[Command] = []
+        for notice in notices:
+            out += self._tell(self, notice)
+        return out
 
     # --- internals ----------------------------------------------------------------------------------
 
@@ -475,8 +570,9 @@ class HeldTransfer:
         return (f"imguard: {self._the_file}{' from ' + sender if sender else ''}"
                 f"{' to ' + self.receiver if self.receiver else ''} was {action} ({why})")
 
-    def _too_large_text(self, total: int) -> str:
-        return (f"imguard: {self._the_file}{' to ' + self.receiver if self.receiver else ''} was stopped: "
+    def _too_large_text(self, total: int, party: str, word: str) -> str:
+        """The too-large notice: `word` "to" with the receiver for a sender, "from" with the sender for a receiver."""
+        return (f"imguard: {self._the_file}{f' {word} ' + party if party else ''} was stopped: "
                 f"it is larger than {self.max_bytes} bytes and could not be inspected")
 
     @property

@@ -30,11 +30,13 @@ the XMPP connection that announced it). The sender is the side whose bytes arriv
 flows from the initiator to the target: client->server when the initiator connected to us,
 server->client when the target did); the receiver's bytes are dropped. The file goes out for
 inspection when the announced size has arrived or the sender closes; the tracker releases it on
-allow (and passes a close from either side on after that), or on block discards it, closes the
-connection and tells the sender with a Notify for the XMPP connection that announced the bytestream
-(the carrier calls XmppSession.notice there). An offer that connection was delivered (origin FROM_SERVER:
-an outside sender's file to our user, who is the receiver) is the receiver's: the Notify tells it that
-the file from its sender was stopped (the file's context, hence the alert, says inbound). More bytes
+allow (and passes a close from either side on after that), or on block discards it and closes the
+connection. Who is told and the words are the tracker's tell rule; the delivery here is a Notify for the
+XMPP connection that announced the bytestream (the carrier calls XmppSession.notice there), for the person
+inside: the sender of its own offer, or, for an offer that connection was delivered (origin FROM_SERVER: an
+outside sender's file to our user, who is the receiver), the receiver (the file's context, hence the alert,
+says inbound). The outside sender is not told: a bytestream carries no text, and its XMPP connection does
+not cross the gateway (it only sees the stream closed). More bytes
 than `max_held_bytes` cut the file (`socks5_too_large`, fail closed); bytes from the sender once the file
 was complete close the connection (`socks5_more_than_announced`). With a mediated proxy65 streamhost the proxy holds the
 initiator's last bytes until the initiator closes, so "sender closed" is the normal end of a transfer.
@@ -52,10 +54,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from imguard.files.expected import ExpectedBytestream, ExpectedTransfers
-from imguard.files.tracker import HeldTransfer, HoldState
-from imguard.model import FROM_SERVER, ChatContext, Decision, FileReport
-from imguard.protocols.base import (Anomaly, Close, Command, ConnectUpstream, Notify, Send, StreamSession,
-                                    block_words)
+from imguard.files.tracker import HeldTransfer, HoldState, Notice
+from imguard.model import ChatContext, Decision, FileReport
+from imguard.protocols.base import Anomaly, Close, Command, ConnectUpstream, Notify, Send, StreamSession
 from imguard.settings import MiB, setting
 
 _HASH = re.compile(r"^[0-9a-f]{40}$")
@@ -288,23 +289,14 @@ class Socks5BytestreamSession(StreamSession):
             f"s5b:{self.dst_hash}:{next(_ids)}", self._file_context(), sender_is_client=sender_is_client,
             kind="socks5", max_bytes=self.limits.max_held_bytes, size=offer.size if offer else None,
             name=offer.name if offer else "", claimed_mime=offer.content_type if offer else "",
-            owns_connection=True, tell=self._tell_sender)
+            owns_connection=True, tell=self._tell)
 
-    def _tell_sender(self, transfer: HeldTransfer, text: str, decision: Decision | None) -> list[Command]:
-        """The sender is told in its chat: on the XMPP connection that announced the bytestream. An offer the
-        server delivered to that connection (origin FROM_SERVER: an outside sender's file to our user) was
-        announced by the receiver's: it is told that the file from its sender was stopped (an allowed file's
-        notice is for a sender of ours)."""
-        if self.offer is None:
+    def _tell(self, transfer: HeldTransfer, notice: Notice) -> list[Command]:
+        """A notice in XMPP's terms: a Notify for the XMPP connection that announced the bytestream, for the
+        person inside. The outside sender is out of reach (see the module docstring)."""
+        if self.offer is None or not notice.party.inside:
             return []
-        if self.offer.context.origin == FROM_SERVER and decision is not None:
-            if not decision.blocked:
-                return []
-            action, why = block_words(decision)
-            the_file = f"the file {self.offer.name!r}" if self.offer.name else "a file"
-            sender = transfer.context.sender
-            text = f"imguard: {the_file}{' from ' + sender if sender else ''} was {action} ({why})"
-        return [Notify(self.offer.context.connection_id, "xmpp", text, transfer.context, decision,
+        return [Notify(self.offer.context.connection_id, "xmpp", notice.text, transfer.context, notice.decision,
                        details=(("file", {"name": self.offer.name}),))]
 
     # --- helpers -------------------------------------------------------------------------------

@@ -19,10 +19,12 @@ carrier pauses the connection at an InspectFile); when the announced size has ar
 closes: truncated if short) the tracker hands the file out for inspection (mechanism "dcc"). Bytes past
 the announced size are dropped (dcc_overrun, recorded once). The receiver's own ACKs are swallowed (the
 sender already had ours). `file_verdict` is the tracker's verdict: allowed, the held bytes go to the
-receiver; blocked, the connection closes with nothing delivered and a `Notify` command carries a notice
-for the IRC connection that registered the offer, which the carrier delivers with `IrcSession.notice()`:
-the inside sender's for an outbound file, the inside receiver's for an inbound one, in its own words (the
-outside sender is not on the gateway, and a rule's notice is written for a sender). Once the file is
+receiver; blocked, the connection closes with nothing delivered. Who is told, and the words, are the tracker's
+tell rule; DCC's part (`_tell`) is the delivery: a `Notify` for the IRC connection that registered the offer,
+which the carrier delivers with `IrcSession.notice()`, for the person inside (the sender of an outbound file,
+the receiver of an inbound one). The outside sender of an inbound file cannot be told: a DCC SEND carries
+nothing back but the receiver's ACKs (which it has had for every byte), and its IRC connection does not cross
+the gateway. Once the file is
 released, a close from either side closes the other (an irssi receiver waits at 100% for the sender's
 close).
 
@@ -56,9 +58,9 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
-from imguard.files.tracker import HeldTransfer, HoldState
+from imguard.files.tracker import HeldTransfer, HoldState, Notice, Outcome
 from imguard.model import FROM_CLIENT, FROM_SERVER, ChatContext, Decision, FileReport
-from imguard.protocols.base import Anomaly, Close, Command, Notify, Send, StreamSession, block_words
+from imguard.protocols.base import Anomaly, Close, Command, Notify, Send, StreamSession
 from imguard.protocols.irc.decoder import IrcLimits, decode_text, encode_text, format_ctcp, split_ctcp
 
 DCC_KIND = "dcc"                # the ExpectedTransfers kind of DCC offers; key (host, port)
@@ -151,7 +153,8 @@ class DccSendSession(StreamSession):
                 max_bytes=limits.max_held_bytes,
                 # A size of 0 is "not given" in DCC; after a RESUME only the rest of the file comes.
                 size=max(0, offer.size - offer.position) if offer.size else None,
-                name=offer.name, receiver=offer.receiver, owns_connection=True, tell=self._tell,
+                name=offer.name, receiver=offer.receiver, sender_name=offer.sender.split("!", 1)[0],
+                owns_connection=True, tell=self._tell,
                 event_data={"offer": offer.offer_id})
 
     # --- StreamSession ------------------------------------------------------------------------------
@@ -212,20 +215,15 @@ class DccSendSession(StreamSession):
         """The running total the sender waits for: 32 bits, counted from the RESUME position (and wrapping)."""
         return struct.pack(">I", (self.offer.position + self.transfer.received) & 0xFFFFFFFF)
 
-    def _tell(self, transfer: HeldTransfer, text: str, decision: Decision | None) -> list[Command]:
-        """The person inside is told on the IRC connection that registered the offer (DCC has no channel back):
-        the sender of an outbound file; the receiver of an inbound one, in the receiver's terms (a rule's notice
-        is written for the sender: "Your file ..."), and only when the file was stopped."""
+    def _tell(self, transfer: HeldTransfer, notice: Notice) -> list[Command]:
+        """A notice in DCC's terms: a NOTICE on the IRC connection that registered the offer, for the person
+        inside. The outside sender is out of reach (see the module docstring)."""
+        if not notice.party.inside:
+            return []
         details = self.offer.to_dict()
-        if decision is not None and decision.blocked:
+        if notice.outcome is Outcome.BLOCKED:
             details["bytes_held"] = transfer.received
-        if not self.offer.outbound and decision is not None:
-            if not decision.blocked:
-                return []       # an allowed file's notice is for its sender, who is not on this gateway
-            action, why = block_words(decision)
-            sender = self.offer.sender.split("!", 1)[0]
-            text = f"imguard: the file {self.offer.name!r} from {sender} was {action} ({why})"
-        return [Notify(self.offer.context.connection_id, "irc", text, transfer.context, decision,
+        return [Notify(self.offer.context.connection_id, "irc", notice.text, transfer.context, notice.decision,
                        (("dcc", details),))]
 
     def _unannounced(self, size: int) -> list[Command]:

@@ -24,10 +24,13 @@ the FIL size is in, the session answers the sender itself with `BYE 16777989` so
 receiver's own BYE is swallowed later), then returns the tracker's
 `InspectFile(transfer_id="msnftp:<offer>")` (the BYE comes first: a gateway pauses the connection at an
 InspectFile). `file_verdict` is the tracker's verdict. What the tracker is told in MSNFTP's terms: the
-receiver is refused with a cancel block (0x01 0x00 0x00); the person inside is told with a `Notify` for the
-switchboard that carried the invitation (its `MsnpSession.notice(text)`): the sender of an outbound file;
-the receiver of an inbound one (the invitation came from the switchboard's side: `offer.outbound` False,
-origin server), in its own words and only when the file was stopped. Which leg sends the file comes from the
+receiver is refused with a cancel block (0x01 0x00 0x00); who is told and the words are the tracker's tell
+rule, delivered here (`_tell`): the person inside (the sender of an outbound file; the receiver of an inbound
+one: the invitation came from the switchboard's side, `offer.outbound` False, origin server) with a `Notify`
+for the switchboard that carried the invitation (its `MsnpSession.notice(text)`); the outside sender of an
+inbound file with MSNFTP's receiver cancel (`CCL`) when the file is cut before it is whole. A blocked file's
+sender had our BYE already (it comes with the last byte, before the verdict): nothing on this connection can
+take it back, and its switchboard is not one a side connection's Notify reaches. Which leg sends the file comes from the
 offer too (the listener is the sender unless Sender-Connect), so both directions are the same code. A FIL
 over the bound, a transfer that runs past it, or blocks the session cannot follow cut the file; a sender's
 cancel block abandons it (msnftp_cancelled), and so does the receiver leaving before the file is whole (the
@@ -45,14 +48,15 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
-from imguard.files.tracker import ConnectionHolds, HeldTransfer, HoldState
+from imguard.files.tracker import ConnectionHolds, HeldTransfer, HoldState, Notice, Party
 from imguard.model import FROM_CLIENT, FROM_SERVER, ChatContext, Decision, FileReport
-from imguard.protocols.base import Anomaly, Close, Command, Notify, Send, StreamSession, block_words
+from imguard.protocols.base import Anomaly, Close, Command, Notify, Send, StreamSession
 from imguard.protocols.msnp.decoder import MsnpLimits
 from imguard.protocols.msnp.session import MSNFTP_KIND, MsnftpOffer
 
 CANCEL_BLOCK = b"\x01\x00\x00"
 BYE_OK = b"BYE 16777989\r\n"
+CANCEL_LINE = b"CCL\r\n"                 # the receiver cancels (to the sender)
 MAX_LINE = 1024
 
 
@@ -240,25 +244,23 @@ class DirectMsnftpSession(StreamSession):
         # (max_bytes, payload only) is the only per-connection bound.
         return HeldTransfer(self.transfer_id, self.file_context, sender_is_client=not self.receiver_is_client,
                             kind="msnftp", max_bytes=self.limits.msnp_max_held_bytes, size=self.announced_size,
-                            name=self.offer.name, receiver=self.offer.receiver, owns_connection=True,
-                            holds=ConnectionHolds(), refuse=self._cancel_receiver, tell=self._tell_sender,
+                            name=self.offer.name, receiver=self.offer.receiver, sender_name=self.offer.sender,
+                            owns_connection=True, holds=ConnectionHolds(), refuse=self._cancel_receiver,
+                            tell=self._tell,
                             event_data={"offer": self.offer.offer_id})
 
     def _cancel_receiver(self, transfer: HeldTransfer) -> list[Command]:
         """What the receiver gets instead of a stopped file: MSNFTP's cancel block (if it is still there)."""
         return [] if transfer.receiver_gone else [Send(to_client=self.receiver_is_client, data=CANCEL_BLOCK)]
 
-    def _tell_sender(self, transfer: HeldTransfer, text: str, decision: Decision | None) -> list[Command]:
-        """The person inside is told in the switchboard that carried the invitation (MSNFTP has no channel back):
-        the sender of an outbound file; the receiver of an inbound one, in its own words (a rule's notice is
-        written for a sender), and only when the file was stopped (an allowed file's notice is for a sender of
-        ours: the outside sender is not on this gateway)."""
-        if not self.offer.outbound and decision is not None:
-            if not decision.blocked:
+    def _tell(self, transfer: HeldTransfer, notice: Notice) -> list[Command]:
+        """A notice in MSNFTP's terms: for the person inside, a Notify for the switchboard that carried the
+        invitation; for the outside sender, the receiver's cancel while it still waits for our BYE."""
+        if notice.party is Party.OUTSIDE_SENDER:
+            if self.answered_sender or transfer.sender_gone:
                 return []
-            action, why = block_words(decision)
-            text = f"imguard: the file {self.offer.name!r} from {self.offer.sender} was {action} ({why})"
-        return [Notify(self.offer.context.connection_id, "msnp", text, self.file_context, decision,
+            return [Send(to_client=not self.receiver_is_client, data=CANCEL_LINE)]
+        return [Notify(self.offer.context.connection_id, "msnp", notice.text, self.file_context, notice.decision,
                        (("msnftp", self.offer.to_dict()),))]
 
     def _refuse_announced(self, size: int) -> list[Command]:

@@ -59,8 +59,9 @@ closed); a chunk after the file was complete or stopped is dropped (p2p_overrun)
 is in: the tracker's `InspectFile(transfer_id="msnslp:<conn>:<sid>")`, mechanism "msnslp";
 `file_verdict` is that tracker's verdict. In MSNSLP's terms: allowed, the held MSGs go on byte-exact,
 in order (the tracker's default delivery); blocked or cut, our client gets an MSNSLP `BYE` for the
-session (`refuse`: so its transfer window ends) and a notice (`tell`); the remote peer's client, which
-got nothing, times out (injecting towards the server would need a transaction id of our client's).
+session (`refuse`: so its transfer window ends) and, as the tracker's tell rule says, a notice (`tell`);
+the remote peer's client, which got nothing, is not told and times out (injecting towards the server would
+need a transaction id of our client's, which the switchboard may answer or refuse).
 Both directions are the same code: a file the switchboard delivers to our client (the INVITE came from
 the server's side) is held the same way (`sender_is_client` False, origin server: inbound unless the zones
 say its sender is inside); nothing is ACKed for it (server MSGs carry no transaction), and when it is
@@ -91,7 +92,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from imguard.files.tracker import ConnectionHolds, HeldTransfer, HoldState
+from imguard.files.tracker import ConnectionHolds, HeldTransfer, HoldState, Notice
 from imguard.model import FROM_CLIENT, FROM_SERVER, MASK, ChatContext, Decision, FileReport
 from imguard.protocols.base import (Anomaly, Close, Command as Cmd, OutgoingCommands, ProtocolEvent, Send,
                                     StreamSession, block_words, limited_anomaly)
@@ -624,8 +625,8 @@ class MsnpSession(StreamSession):
             f.transfer_id, f.context.with_(origin=FROM_CLIENT if f.sender_is_client else FROM_SERVER),
             sender_is_client=f.sender_is_client, kind="p2p",
             max_bytes=self.limits.msnp_max_held_bytes, size=f.size, name=f.name, receiver=f.receiver,
-            holds=self.holds, refuse=lambda transfer: self._refuse_file(f),
-            tell=lambda transfer, text, decision: self._tell_file(f, text, decision),
+            sender_name=f.sender, holds=self.holds, refuse=lambda transfer: self._refuse_file(f),
+            tell=lambda transfer, notice: self._tell_file(notice),
             event_data={"session_id": f.session_id, "name": f.name})
         self._held[f.transfer_id] = f
         return f.transfer
@@ -638,17 +639,10 @@ class MsnpSession(StreamSession):
             return []
         return [Send(to_client=True, data=self._slp_bye(f, f.receiver if f.sender_is_client else f.sender))]
 
-    def _tell_file(self, f: _P2pFile, text: str, decision: Decision | None) -> list[Cmd]:
-        """Our client is told in the conversation: the sender of an outbound file with the tracker's text (a rule's
-        notice); the receiver of an inbound one in its own words, and only when the file was stopped (an allowed
-        file's notice is for a sender of ours; the outside sender is not on this gateway)."""
-        if not f.sender_is_client and decision is not None:
-            if not decision.blocked:
-                return []
-            action, why = block_words(decision)
-            text = f"imguard: the file {f.name!r} from {f.sender} was {action} ({why})" if f.name else \
-                f"imguard: a file from {f.sender} was {action} ({why})"
-        return [Send(to_client=True, data=self._notice_msg(text))]
+    def _tell_file(self, notice: Notice) -> list[Cmd]:
+        """A notice in MSNSLP's terms: our client (the file's sender or receiver) gets a message in the
+        conversation. The outside sender is not told (see the module docstring)."""
+        return [Send(to_client=True, data=self._notice_msg(notice.text))] if notice.party.inside else []
 
     def _carry(self, out: OutgoingCommands, f: _P2pFile, cmds: list[Cmd]) -> None:
         """The tracker's commands, its anomalies under the per-kind cap; a file no longer held is forgotten here."""

@@ -83,7 +83,7 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
-from imguard.files.tracker import ConnectionHolds, HeldTransfer, HoldState, Piece
+from imguard.files.tracker import ConnectionHolds, HeldTransfer, HoldState, Notice, Outcome, Party, Piece
 from imguard.model import FROM_CLIENT, FROM_SERVER, MASK, ChatContext, Decision, FileReport
 from imguard.protocols.base import (Anomaly, Close, Command, InspectFile, Notify, OutgoingCommands, ProtocolEvent, Send,
                                     StreamSession, block_words, limited_anomaly)
@@ -350,7 +350,7 @@ class MsrpSession(StreamSession):
             f"{self.context.connection_id or 'msrp'}-{first.message_id}-{next(_ids)}", self._ctx(first),
             sender_is_client=from_client, kind="msrp", max_bytes=self.limits.msrp_max_held_bytes,
             holds=self.holds, deliver=lambda transfer, pieces: self._deliver(msg, pieces),
-            tell=lambda transfer, text, decision: self._tell(msg, text, decision),
+            tell=lambda transfer, notice: self._tell(msg, notice),
             event_data={"message_id": first.message_id})
         self._held[msg.tracker.transfer_id] = msg
         return msg
@@ -467,41 +467,32 @@ class MsrpSession(StreamSession):
         return [Send(to_client=receiver, data=b"".join(piece.head + bytes(piece.payload) + piece.tag.tail
                                                        for piece in pieces))]
 
-    def _tell(self, msg: _Message, text: str, decision: Decision | None) -> list[Command]:
-        """The sender told, in MSRP's terms: a cut message gets the notice (its chunk got 413); a blocked text 403
-        on its unanswered chunks (else a REPORT) and a notice; a blocked file a REPORT and a notice while its
-        sender is there, and a Notify for its SIP connection; an allowed file with a notice only the Notify.
-        Inbound (the SIP offer says the sender is the other party, not the gateway's user): the receiver, who is
-        ours, is told too, in its own words, as an MSRP SEND in the session (a rule's notice is written for a
-        sender), and the Notify for its SIP connection says the same; an allowed inbound file tells nobody (its
-        notice is for a sender of ours)."""
+    def _tell(self, msg: _Message, notice: Notice) -> list[Command]:
+        """A notice in MSRP's terms (who is told, and a file's words, are the tracker's tell rule). The sender, on
+        either side: a cut message the notice (its chunk got 413); a blocked text 403 on its unanswered chunks
+        (else a REPORT) and a notice; a blocked file a REPORT and a notice while its sender is there. The
+        receiver, who is ours: an MSRP SEND in the session where the message would have arrived (a text in a
+        message's words). The person inside, for a file, also a Notify for its SIP connection (an allowed file
+        with a notice: only that)."""
         out = OutgoingCommands()
-        t = msg.tracker
-        inbound = t.context.origin == FROM_SERVER
-        if decision is None:           # cut: the sender is told why; inbound, our user (the receiver) too
-            self._notice(out, msg, text)
-            if inbound and not self.side_closed[t.receiver_is_client]:
+        t, decision, text = msg.tracker, notice.decision, notice.text
+        if notice.party is Party.INSIDE_RECEIVER:
+            blocked_text = msg.kind != "file" and decision is not None
+            if blocked_text:
+                action, why = block_words(decision)
+                text = f"A message from {t.context.sender} was {action} by imguard: {why}"
+            if blocked_text or not self.side_closed[t.receiver_is_client]:
                 self._notice_receiver(out, msg, text)
+        elif notice.outcome is Outcome.CUT:
+            self._notice(out, msg, text)
         elif msg.kind != "file":
-            if decision.blocked:
+            if notice.outcome is Outcome.BLOCKED:
                 self._refuse_to_sender(out, msg, answer_open=True)
                 self._notice(out, msg, decision.notice or self._message_notice(msg, decision))
-                if inbound:
-                    action, why = block_words(decision)
-                    self._notice_receiver(out, msg, f"A message from {t.context.sender} was {action} by imguard: "
-                                                    f"{why}")
-        else:
-            if inbound and not decision.blocked:
-                return out.cmds
-            if decision.blocked and not t.sender_gone:
-                self._refuse_to_sender(out, msg, answer_open=False)
-                self._notice(out, msg, text)
-            if inbound:
-                action, why = block_words(decision)
-                the_file = f"the file {t.name!r}" if t.name else "a file"
-                text = f"imguard: {the_file} from {t.context.sender} was {action} ({why})"
-                if not self.side_closed[t.receiver_is_client]:
-                    self._notice_receiver(out, msg, text)
+        elif notice.outcome is Outcome.BLOCKED and not t.sender_gone:
+            self._refuse_to_sender(out, msg, answer_open=False)
+            self._notice(out, msg, text)
+        if msg.kind == "file" and decision is not None and notice.party.inside:
             offer = self._offer(msg.first)
             out.add(Notify(connection_id=offer.context.connection_id if offer is not None else "", protocol="sip",
                            text=text, context=t.context, decision=decision,

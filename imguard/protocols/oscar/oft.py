@@ -23,11 +23,14 @@ sender itself with the done header (the prompt with type 0x0204, bytes received 
 the sender's checksum) so its client finishes, then returns the tracker's
 `InspectFile(transfer_id="oft:<offer>:<n>")` (the done header first: a gateway pauses the connection at an
 InspectFile); the receiver's own done is swallowed later. `file_verdict` is the tracker's verdict: allowed,
-the held bytes go to the receiver; blocked, the connection closes (the receiver has nothing) and the person
-inside is told with a `Notify` for the BOS connection that carried the rendezvous (its
-`OscarSession.notice(text)`): the sender of an outbound file; the receiver of an inbound one (the proposal
-came from the server's side: `offer.outbound` False, origin server), in its own words and only when the file
-was stopped. The prompt says which side sends, so both directions are the same code. A prompt over the bound
+the held bytes go to the receiver; blocked, the connection closes (the receiver has nothing). Who is told and
+the words are the tracker's tell rule; OFT's part (`_tell`) is the delivery: a `Notify` for the BOS connection
+that carried the rendezvous (its `OscarSession.notice(text)`) for the person inside (the sender of an outbound
+file; the receiver of an inbound one: the proposal came from the server's side, `offer.outbound` False, origin
+server). The outside sender of an inbound file cannot be told: OFT's headers (prompt, ack, done, resume) have
+no cancel, the done header for a whole file went before the verdict, and the rendezvous cancel belongs to the
+BOS connection, which a side connection's Notify does not address. The prompt says which side sends, so both
+directions are the same code. A prompt over the bound
 cuts its file before a byte; the receiver leaving before a file is whole abandons it (the sender must not
 get a done header saying it arrived). Several files: each prompt starts the next; the sender's bytes that
 arrive while a file is being inspected wait in the buffer. AOL proxy frames (length (2) | 0x044A | type (2)
@@ -44,9 +47,9 @@ from __future__ import annotations
 import struct
 from typing import Any
 
-from imguard.files.tracker import ConnectionHolds, HeldTransfer, HoldState
+from imguard.files.tracker import ConnectionHolds, HeldTransfer, HoldState, Notice
 from imguard.model import FROM_CLIENT, FROM_SERVER, ChatContext, Decision, FileReport
-from imguard.protocols.base import Anomaly, Close, Command, Notify, Send, StreamSession, block_words
+from imguard.protocols.base import Anomaly, Close, Command, Notify, Send, StreamSession
 from imguard.protocols.oscar.decoder import (OFT_ACK, OFT_DONE, OFT_PROMPT, OFT_RESUME, OFT_RESUME_ACK,
                                              PROXY_VERSION, OftHeader, OscarError, OscarLimits, parse_oft)
 from imguard.protocols.oscar.session import OftOffer, find_oft_offer
@@ -249,20 +252,16 @@ class OftSession(StreamSession):
         return HeldTransfer(f"oft:{self.offer.offer_id}:{self.file_index}", self._file_context(),
                             sender_is_client=bool(self.sender_is_client), kind="oft",
                             max_bytes=self.limits.oscar_max_held_bytes, size=size,
-                            name=prompt.name or self.offer.name, receiver=self.offer.receiver, owns_connection=True,
-                            holds=self.holds, tell=self._tell_sender, event_data={"offer": self.offer.offer_id})
+                            name=prompt.name or self.offer.name, receiver=self.offer.receiver,
+                            sender_name=self.offer.sender, owns_connection=True, holds=self.holds, tell=self._tell,
+                            event_data={"offer": self.offer.offer_id})
 
-    def _tell_sender(self, transfer: HeldTransfer, text: str, decision: Decision | None) -> list[Command]:
-        """The person inside is told on the BOS connection that carried the rendezvous: the sender of an outbound
-        file; the receiver of an inbound one (the proposal came from the server's side), in its own words (a
-        rule's notice is written for a sender), and only when the file was stopped (an allowed file's notice is
-        for a sender of ours: the outside sender is not on this gateway)."""
-        if not self.offer.outbound and decision is not None:
-            if not decision.blocked:
-                return []
-            action, why = block_words(decision)
-            text = f"imguard: the file {transfer.name!r} from {self.offer.sender} was {action} ({why})"
-        return [Notify(self.offer.context.connection_id, "oscar", text, transfer.context, decision,
+    def _tell(self, transfer: HeldTransfer, notice: Notice) -> list[Command]:
+        """A notice in OFT's terms: a Notify for the BOS connection that carried the rendezvous, for the person
+        inside. The outside sender is out of reach (see the module docstring)."""
+        if not notice.party.inside:
+            return []
+        return [Notify(self.offer.context.connection_id, "oscar", notice.text, transfer.context, notice.decision,
                        (("oft", self.offer.to_dict()),))]
 
     def _refuse_announced(self, prompt: OftHeader) -> list[Command]:

@@ -55,7 +55,7 @@ import re
 import secrets
 from typing import Any
 
-from imguard.files.tracker import HeldTransfer, HoldState
+from imguard.files.tracker import HeldTransfer, HoldState, Notice, Outcome, Party
 from imguard.model import BLOCK, FROM_CLIENT, FROM_SERVER, MASK, ChatContext, Decision, FileReport
 from imguard.protocols.base import (Anomaly, Close, Command, OutgoingCommands, ProtocolEvent, Send, StreamSession,
                                     limited_anomaly)
@@ -269,21 +269,20 @@ class SipSession(StreamSession):
             f"{self.context.connection_id or 'sip'}-msg-{next(_ids)}", ctx.with_(transfer_mechanism="sip-message"),
             sender_is_client=from_client, kind="sip_message", max_bytes=self.limits.sip_max_message_size,
             size=len(data), claimed_mime=claimed,
-            tell=lambda transfer, text, decision: self._refused(from_client, msg, text, decision))
+            tell=lambda transfer, notice: self._tell_file(from_client, msg, notice))
         out.add(*transfer.append(data, wire=msg.raw))
         out.add(*transfer.inspect())
         if transfer.state is HoldState.INSPECTING:
             self._held[transfer.transfer_id] = transfer
 
-    def _refused(self, from_client: bool, msg: SipMessage, text: str, decision: Decision | None) -> list[Command]:
+    def _tell_file(self, from_client: bool, msg: SipMessage, notice: Notice) -> list[Command]:
+        """A notice in SIP's terms (who is told, and the words, are the tracker's tell rule): our user a notice
+        MESSAGE (an allowed file's notice, or an inbound file stopped); a stopped file's sender, on either side,
+        the refusal of its MESSAGE with the reason."""
+        if notice.party is Party.INSIDE_RECEIVER or notice.outcome is Outcome.NOTICED:
+            return self.notice(notice.text)
         out = OutgoingCommands(merge=not self.datagram)
-        if decision is not None and not decision.blocked:
-            # An allowed file with a notice: the message crossed, nothing to refuse; a user of ours who sent it is
-            # told (an inbound file's notice is for its sender, who is not on this gateway).
-            return self.notice(text) if from_client else []
-        self._respond_refused(out, from_client, msg, text)
-        if not from_client and decision is not None:
-            self._tell_receiver(out, msg, decision, "file")
+        self._respond_refused(out, from_client, msg, notice.text)
         return out.cmds
 
     def _refuse(self, out: OutgoingCommands, from_client: bool, msg: SipMessage, decision: Decision, what: str) -> None:

@@ -20,7 +20,8 @@ owns_connection False, bounded by `max_held_bytes` decoded bytes; the connection
   file: `sender_closed()` hands it out as `InspectFile(transfer_id='ibb:<sid>', mechanism 'ibb')`.
 * The verdict is the tracker's: allowed, the held stanzas (blocks and close) go to the receiver byte-exact and
   in order in one write (the tracker's default delivery); blocked, the receiver gets an IBB `<close>` and the
-  sender is told (the tracker's `refuse` and `tell` hooks: `_refuse` and `_tell` below; see Direction).
+  parties the tracker's tell rule names are told (the `refuse` and `tell` hooks: `_refuse` and `_tell` below;
+  see Direction).
 * The connection ending (closed by a side, or by the session) with streams open or files held: each is
   abandoned (transfer_abandoned, with `sid` and `bytes`, which the replay lists as truncated transfers), and
   nothing crosses.
@@ -33,7 +34,8 @@ over both: its client's own streams (outbound) and those the server delivers to 
 file to the user behind the gateway: `sender_is_client=False`, context origin FROM_SERVER). For an inbound stream
 the answers go to the server "from" our client, our client's own answers are swallowed, the release goes to the
 client; blocked, the client gets the IBB `<close>` "from" the sender and a notice of its own, and the sender a
-policy-violation error message through the server (a cut message block: the same error message). An announced
+policy-violation error message through the server (a cut: the answer to the refused block, as outbound; the
+client, if a notice was given, a notice message). An announced
 file (an SI or Jingle offer with a size) whose stream closes before its first block is no file: the close crosses
 (its sender gave up, or a gateway on its side stopped it).
 """
@@ -47,9 +49,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 from xml.etree import ElementTree as ET
 
-from imguard.files.tracker import ConnectionHolds, HeldTransfer, HoldLedger, HoldState
+from imguard.files.tracker import ConnectionHolds, HeldTransfer, HoldLedger, HoldState, Notice, Outcome, Party
 from imguard.model import FROM_CLIENT, FROM_SERVER, ChatContext, Decision
-from imguard.protocols.base import Anomaly, Command, Send, block_words
+from imguard.protocols.base import Anomaly, Command, Send
 from imguard.protocols.xmpp import decoder as d
 from imguard.protocols.xmpp.decoder import XmppLimits
 from imguard.protocols.xmpp.offers import FileOffer, int_or_none
@@ -242,7 +244,7 @@ class InBandBytestreams:
                 max_bytes=self.limits.max_held_bytes, size=stream.offer.size, name=stream.offer.name,
                 claimed_mime=stream.offer.content_type, receiver=stream.receiver, holds=self.holds,
                 refuse=lambda transfer: self._refuse(stream),
-                tell=lambda transfer, text, decision: self._tell(stream, text, decision),
+                tell=lambda transfer, notice: self._tell(stream, notice),
                 event_data={"sid": stream.sid})
             self.files[stream.transfer_id] = stream
         return stream.transfer
@@ -292,25 +294,18 @@ class InBandBytestreams:
                + f"><close xmlns='{NS_IBB}' sid={attr(stream.sid)}/></iq>")
         return [self.host.inject(receiver_is_client, xml.encode("utf-8"))]
 
-    def _tell(self, stream: IbbStream, text: str, decision: Decision | None) -> list[Command]:
-        """The sender of a decided file is told with a chat message. A cut file (no decision) is explained by the
-        answer to the refused stanza instead (`_refused`). A sender on the server's side (a file to the client) is
-        told only that its file was stopped, with an error message through the server, and the client (its
-        receiver, which got an IBB close) with a notice of its own."""
-        if decision is None:
+    def _tell(self, stream: IbbStream, notice: Notice) -> list[Command]:
+        """A notice in XMPP's terms: our client (the sender of its own stream, or the receiver of one the server
+        delivered, which got an IBB close) a chat message; the outside sender a policy-violation error message
+        through the server. A sender's cut is explained by the answer to the refused stanza instead
+        (`_refused`)."""
+        if notice.party is Party.INSIDE_RECEIVER:
+            return [self.host.notice_message(stream.receiver or self.host.full_jid, notice.text)]
+        if notice.outcome is Outcome.CUT:
             return []
-        if stream.sender_is_client:
-            return [self.host.notice_message(stream.sender, text)]
-        if not decision.blocked:
-            return []                   # an allowed file's notice is for a sender of ours
-        action, why = block_words(decision)
-        name = stream.transfer.name if stream.transfer is not None else ""
-        the_file = f"the file {name!r}" if name else "a file"
-        sender = stream.sender.split("/", 1)[0]
-        out = [self.host.refusal_message(stream.sender, text)] if stream.sender else []
-        return out + [self.host.notice_message(stream.receiver or self.host.full_jid,
-                                               f"imguard: {the_file}{' from ' + sender if sender else ''} "
-                                               f"was {action} ({why})")]
+        if notice.party is Party.INSIDE_SENDER:
+            return [self.host.notice_message(stream.sender, notice.text)]
+        return [self.host.refusal_message(stream.sender, notice.text)] if stream.sender else []
 
     # --- building blocks ----------------------------------------------------------------------------
 
