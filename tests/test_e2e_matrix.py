@@ -419,3 +419,73 @@ def archive_rows(route: Route, person: str, predicate, timeout: float = 10.0) ->
             time.sleep(0.1)
     finally:
         store.close()
+
+
+def test_inbound_messages_context_and_event_show_the_notice(imguard_route):
+    """What /messages, /context/{eventId} and /rooms/{room}/event/{eventId} deliver is decided as /sync's is: the
+    outside user's blocked message reaches the inside user (room_messages, room_context, room_get_event, before
+    any sync brought it) as imguard's notice, the sentinel after it untouched; a message sharing a file whose
+    download was blocked shows as the notice from then on. The alerts say inbound and name both parties."""
+    route = imguard_route
+
+    async def scenario():
+        alice, bob, room = await across(route)
+        try:
+            tag = uuid.uuid4().hex[:6]
+            secret, sentinel = f"the {BLOCKED_WORD} launch {tag}", f"sentinel {tag}"
+            ids = {}
+            for text in (secret, sentinel):
+                sent = await alice.room_send(room, "m.room.message", {"msgtype": "m.text", "body": text})
+                assert isinstance(sent, nio.RoomSendResponse), sent
+                ids[text] = sent.event_id
+            assert secret in bodies(server_history(route.synapse, alice.access_token, room)), "control"
+            notice = f"A message from {alice.user_id} was blocked by imguard:"
+
+            page = await bob.room_messages(room, limit=20)
+            assert isinstance(page, nio.RoomMessagesResponse), page
+            shown = {e.source["event_id"]: e.source["content"].get("body", "") for e in page.chunk}
+            assert shown[ids[sentinel]] == sentinel, shown
+            assert shown[ids[secret]].startswith(notice) and "confidential project" in shown[ids[secret]], shown
+            assert BLOCKED_WORD not in json.dumps([e.source for e in page.chunk])
+            alert = await route.wait_alert(lambda e: e.get("event", {}).get("dataset") == "imguard.message"
+                                           and e.get("event", {}).get("action") == "block"
+                                           and is_inbound(e, alice.user_id, bob.user_id))
+            assert alert and "matrix:messages" in json.dumps(alert), alert
+
+            context = await bob.room_context(room, ids[secret], limit=4)
+            assert isinstance(context, nio.RoomContextResponse), context
+            assert context.event.source["content"]["body"].startswith(notice)
+            around = [e.source for e in context.events_before + context.events_after] + [context.event.source]
+            assert BLOCKED_WORD not in json.dumps(around)
+            single = await bob.room_get_event(room, ids[secret])
+            assert isinstance(single, nio.RoomGetEventResponse), single
+            assert single.event.source["content"] == {"msgtype": "m.notice", "body": shown[ids[secret]]}
+            assert (await bob.room_get_event(room, ids[sentinel])).event.source["content"]["body"] == sentinel
+
+            # A file message: it passes until its file is known to be blocked (the download), then it is the
+            # notice in every answer.
+            up, _ = await alice.upload(io.BytesIO(EICAR), content_type="application/octet-stream",
+                                       filename="eicar.com", filesize=len(EICAR))
+            assert isinstance(up, nio.UploadResponse), up
+            sent = await alice.room_send(room, "m.room.message", {"msgtype": "m.file", "body": "eicar.com",
+                                                                  "url": up.content_uri})
+            assert isinstance(sent, nio.RoomSendResponse), sent
+            first = await bob.room_get_event(room, sent.event_id)
+            assert first.event.source["content"].get("url") == up.content_uri
+            got = await bob.download(up.content_uri)
+            assert isinstance(got, nio.DownloadError) and got.status_code == "M_FORBIDDEN", got
+            after = await bob.room_get_event(room, sent.event_id)
+            assert after.event.source["content"]["body"].startswith(notice), after.event.source
+            assert "url" not in after.event.source["content"]
+            context = await bob.room_context(room, sent.event_id, limit=2)
+            assert context.event.source["content"]["body"].startswith(notice)
+            page = await bob.room_messages(room, limit=5)
+            assert up.content_uri not in json.dumps([e.source for e in page.chunk])
+            alert = await route.wait_alert(lambda e: e.get("event", {}).get("dataset") == "imguard.message"
+                                           and "matrix:event" in json.dumps(e)
+                                           and e.get("event", {}).get("action") == "block"
+                                           and is_inbound(e, alice.user_id, bob.user_id))
+            assert alert, "no inbound block alert for the message sharing the blocked file"
+        finally:
+            await closing(alice, bob)
+    run(scenario())

@@ -235,7 +235,7 @@ def test_mattermost_files_and_posts():
     assert [p.text for p in post.parts] == ["hello", "att text"] and post.refs == ("mattermost:f1",)
     assert post.parts[1].locator == ("json", "props", "attachments", 0, "text")
     assert mattermost.classify("PUT", "/api/v4/posts/abc123/patch").name == "post"
-    assert mattermost.classify("GET", "/api/v4/users/me") is None
+    assert mattermost.classify("GET", "/api/v4/users/me/teams") is None
     assert json.loads(mattermost.error_body(403, "r"))["status_code"] == 403
 
 
@@ -298,7 +298,7 @@ def test_discord_messages_json_multipart_and_two_step_attachments():
                        {"content": "",
                         "attachments": [{"id": "0", "filename": "a.zip", "uploaded_filename": "abc/a.zip"}]})
     assert m.refs == ("discord:abc/a.zip",)
-    assert discord.classify("GET", "/api/v10/channels/123/messages") is None
+    assert discord.classify("GET", "/api/v10/channels/123/pins") is None
     assert json.loads(discord.error_body(403, "r")) == {"message": "r", "code": 200000}
 
 
@@ -418,3 +418,248 @@ def test_matrix_rewrite_sync_blocks_and_masks_in_place():
     assert events[2]["content"]["body"] == "untouched" and out["next_batch"] == "s1"
     with pytest.raises(bodies.BodyError):
         matrix.rewrite_sync(body, [(at + (9,), "x")])
+
+
+# --- inbound: what responses deliver, every API ----------------------------------------------------------
+
+def delivered_of(found):
+    return [f for f in found if isinstance(f, httpchat.DeliveredMessage)]
+
+
+def shared_of(found):
+    return [f for f in found if isinstance(f, httpchat.SharedMedia)]
+
+
+def blank_and_mask(api, body, found, blocked_index=0, masked_index=1, mask=("mask-me", "[X]")):
+    """The API's rewrite: the first delivered message blocked, the second masked; the parsed result."""
+    d = delivered_of(found)
+    masked_parts = [(p.locator, p.text.replace(*mask)) for p in d[masked_index].message.parts]
+    return json.loads(api.rewrite_delivered(body, [(d[blocked_index].locator, "A message from X was blocked")],
+                                            [(d[masked_index].locator, masked_parts)]))
+
+
+def test_matrix_messages_context_and_event_deliver():
+    """/messages (chunk), /context (event, events_before, events_after) and /event (the event itself) deliver
+    like /sync: each message with its place, the room from the event or the path; rewrite at those places."""
+    get = {"Authorization": f"Bearer {TOKEN}"}
+    chunk = {"start": "t1", "end": "t2", "chunk": [
+        msg("@a:h", {"msgtype": "m.text", "body": "secret here"}, "$1") | {"room_id": "!r:h"},
+        msg("@a:h", {"msgtype": "m.text", "body": "a mask-me b"}, "$2") | {"room_id": "!r:h"},
+        {"type": "m.room.member", "sender": "@a:h", "content": {"membership": "join"}}]}
+    path = "/_matrix/client/v3/rooms/%21r%3Ah/messages?dir=b&from=t0"
+    ep = matrix.classify("GET", "/_matrix/client/v3/rooms/%21r%3Ah/messages")
+    assert (ep.name, ep.kind) == ("messages", "deliver")
+    body = json.dumps(chunk).encode()
+    found = matrix.deliver(ep, HttpRequest.make("GET", path, get), 200, body)
+    assert [(d.event_id, d.locator, d.message.room) for d in delivered_of(found)] == [
+        ("$1", ("chunk", 0), "!r:h"), ("$2", ("chunk", 1), "!r:h")]
+    out = blank_and_mask(matrix, body, found)
+    assert out["chunk"][0]["content"] == {"msgtype": "m.notice", "body": "A message from X was blocked"}
+    assert out["chunk"][1]["content"]["body"] == "a [X] b" and out["end"] == "t2"
+
+    ctx_path = "/_matrix/client/r0/rooms/%21r%3Ah/context/%24e"
+    ep = matrix.classify("GET", ctx_path)
+    context = {"event": msg("@a:h", {"body": "the one"}, "$e"), "events_before": [msg("@b:h", {"body": "b"}, "$b")],
+               "events_after": [msg("@c:h", {"body": "c"}, "$c")], "state": []}
+    found = matrix.deliver(ep, HttpRequest.make("GET", ctx_path + "?limit=5", get), 200, json.dumps(context).encode())
+    assert [(d.locator, d.message.room, d.message.sender) for d in delivered_of(found)] == [
+        (("event",), "!r:h", "@a:h"), (("events_before", 0), "!r:h", "@b:h"), (("events_after", 0), "!r:h", "@c:h")]
+
+    ev_path = "/_matrix/client/v3/rooms/%21r%3Ah/event/%24e"
+    ep = matrix.classify("GET", ev_path)
+    body = json.dumps(msg("@a:h", {"msgtype": "m.file", "body": "r.pdf", "url": "mxc://h/F"}, "$e")).encode()
+    found = matrix.deliver(ep, HttpRequest.make("GET", ev_path, get), 200, body)
+    [d] = delivered_of(found)
+    assert d.locator == () and d.message.refs == ("mxc://h/F",)
+    assert shared_of(found) == [httpchat.SharedMedia("mxc://h/F", "@a:h", "!r:h", "r.pdf")]
+    out = json.loads(matrix.rewrite_delivered(body, [((), "blocked")]))
+    assert out["content"] == {"msgtype": "m.notice", "body": "blocked"} and out["event_id"] == "$e"
+    for path in ("/_matrix/client/v1/rooms/%21r%3Ah/relations/%24root/m.thread",
+                 "/_matrix/client/v1/rooms/%21r%3Ah/relations/%24root", "/_matrix/client/v1/rooms/%21r%3Ah/threads"):
+        ep = matrix.classify("GET", path)
+        body = json.dumps(chunk).encode()
+        found = matrix.deliver(ep, HttpRequest.make("GET", path, get), 200, body)
+        assert [d.locator for d in delivered_of(found)] == [("chunk", 0), ("chunk", 1)], path
+    for not_chat in ("/_matrix/client/v3/rooms/!r:h/messages/x", "/_matrix/client/v3/rooms/!r:h/context",
+                     "/_matrix/client/v3/rooms/!r:h/state"):
+        assert matrix.classify("GET", not_chat) is None, not_chat
+
+
+SLACK_HISTORY = {"ok": True, "has_more": False, "messages": [
+    {"type": "message", "user": "U0OUTSIDE", "text": "the secret plan", "ts": "1512085950.000216",
+     "files": [{"id": "F0EICAR", "name": "eicar.com", "title": "eicar", "url_private":
+                "https://files.slack.com/files-pri/T0TEAM-F0EICAR/eicar.com"}],
+     "attachments": [{"fallback": "att", "text": "attachment text"}]},
+    {"type": "message", "user": "U0OUTSIDE", "text": "code mask-me", "ts": "1512085951.000300",
+     "blocks": [{"type": "rich_text", "elements": [{"type": "rich_text_section",
+                                                     "elements": [{"type": "text", "text": "code mask-me"}]}]}]},
+    {"type": "message", "user": "U0INSIDE", "text": "mine", "ts": "1512085952.000001"}]}
+
+
+def test_slack_history_and_file_downloads():
+    """conversations.history / .replies (GET with the channel in the query, or POSTed form): each message with
+    its sender, the channel, its files as SharedMedia; files-pri URLs are downloads of slack:<file id>."""
+    body = json.dumps(SLACK_HISTORY).encode()
+    ep = slack.classify("GET", "/api/conversations.history")
+    assert (ep.name, ep.kind) == ("conversations.history", "deliver")
+    assert slack.classify("POST", "/api/conversations.replies").kind == "deliver"
+    req = HttpRequest.make("GET", "/api/conversations.history?channel=C1&limit=10", {"Authorization": "Bearer xoxp-1"})
+    found = slack.deliver(ep, req, 200, body)
+    d = delivered_of(found)
+    assert [(x.message.sender, x.message.room, x.event_id, x.locator) for x in d] == [
+        ("U0OUTSIDE", "C1", "C1/1512085950.000216", ("messages", 0)),
+        ("U0OUTSIDE", "C1", "C1/1512085951.000300", ("messages", 1)),
+        ("U0INSIDE", "C1", "C1/1512085952.000001", ("messages", 2))]
+    assert d[0].message.text == "the secret plan" + httpchat.PART_SEPARATOR + "att" + httpchat.PART_SEPARATOR + \
+        "attachment text"
+    assert d[0].message.refs == ("slack:F0EICAR",)
+    assert shared_of(found) == [httpchat.SharedMedia("slack:F0EICAR", "U0OUTSIDE", "C1", "eicar.com")]
+    out = blank_and_mask(slack, body, found)
+    assert out["messages"][0] == {"type": "message", "user": "U0OUTSIDE", "text": "A message from X was blocked",
+                                  "ts": "1512085950.000216"}
+    assert "mask-me" not in json.dumps(out["messages"][1]) and out["messages"][1]["text"] == "code [X]"
+    posted = HttpRequest.make("POST", "/api/conversations.history",
+                              {"Content-Type": "application/x-www-form-urlencoded"},
+                              b"channel=C9&token=xoxp-2")
+    assert delivered_of(slack.deliver(ep, posted, 200, body))[0].message.room == "C9"
+    assert slack.requester(posted) == credential_key("xoxp-2") and slack.requester(req) == credential_key("xoxp-1")
+    assert slack.deliver(ep, req, 200, b'{"ok":false,"error":"not_in_channel"}') == []
+
+    dl = slack.classify("GET", "/files-pri/T0TEAM-F0EICAR/download/eicar.com")
+    assert (dl.kind, dl.ref, dl.filename, dl.derived) == ("download", "slack:F0EICAR", "eicar.com", False)
+    assert slack.classify("GET", "/files-pri/T0TEAM-F0EICAR/eicar.com").ref == "slack:F0EICAR"
+    assert slack.classify("POST", "/files-pri/T0TEAM-F0EICAR/eicar.com") is None
+    tmb = slack.classify("GET", "/files-tmb/T0TEAM-F0EICAR-8a1c3e4f5d/eicar_360.png")
+    assert (tmb.kind, tmb.ref, tmb.derived) == ("download", "slack:F0EICAR", True)
+    routes = httpchat.Routes.parse(httpchat.DEFAULT_ROUTES)
+    assert routes.match("files.slack.com", "/files-pri/T1-F2/x.pdf") == [slack]
+    auth = slack.classify("POST", "/api/auth.test")
+    learned = slack.learn(auth, HttpRequest.make("POST", "/api/auth.test", {"Authorization": "Bearer xoxp-1"}), 200,
+                          b'{"ok":true,"user":"bob","user_id":"U0INSIDE","team_id":"T0TEAM"}')
+    assert learned == [Identity(credential_key("xoxp-1"), "U0INSIDE")]
+
+
+def test_mattermost_posts_thread_and_files():
+    """GET channel posts / a thread ({order, posts}) and a single post: each post (not system posts) with its
+    place ("posts", id); file ids as SharedMedia (names from metadata.files); /files/{id} a download,
+    /preview and /thumbnail derived ones."""
+    posts = {"order": ["p1", "p2", "p3"], "next_post_id": "", "prev_post_id": "", "posts": {
+        "p1": {"id": "p1", "user_id": "uout", "channel_id": "ch1", "message": "the secret", "type": "",
+               "file_ids": ["f1"], "props": {"attachments": [{"text": "att"}]}, "message_source": "the secret",
+               "metadata": {"files": [{"id": "f1", "name": "eicar.com"}], "embeds": []}},
+        "p2": {"id": "p2", "user_id": "uout", "channel_id": "ch1", "message": "x mask-me", "type": ""},
+        "p3": {"id": "p3", "user_id": "uout", "channel_id": "ch1", "message": "uout joined the channel",
+               "type": "system_join_channel"}}}
+    body = json.dumps(posts).encode()
+    ep = mattermost.classify("GET", "/api/v4/channels/ch1/posts")
+    assert (ep.name, ep.kind) == ("channel_posts", "deliver")
+    assert mattermost.classify("GET", "/api/v4/posts/p1/thread").name == "thread"
+    req = HttpRequest.make("GET", "/api/v4/channels/ch1/posts?page=0", {"Authorization": "Bearer mm-tok"})
+    found = mattermost.deliver(ep, req, 200, body)
+    assert [(d.event_id, d.locator, d.message.sender, d.message.room, d.message.refs) for d in delivered_of(found)] \
+        == [("p1", ("posts", "p1"), "uout", "ch1", ("mattermost:f1",)), ("p2", ("posts", "p2"), "uout", "ch1", ())]
+    assert shared_of(found) == [httpchat.SharedMedia("mattermost:f1", "uout", "ch1", "eicar.com")]
+    out = blank_and_mask(mattermost, body, found)
+    p1 = out["posts"]["p1"]
+    assert p1["message"] == "A message from X was blocked" and p1["file_ids"] == [] and p1["props"] == {}
+    assert "secret" not in json.dumps(out) and "files" not in p1["metadata"]
+    assert out["posts"]["p2"]["message"] == "x [X]" and out["order"] == ["p1", "p2", "p3"]
+    one = mattermost.classify("GET", "/api/v4/posts/p2")
+    [d] = mattermost.deliver(one, req, 200, json.dumps(posts["posts"]["p2"]).encode())
+    assert d.locator == ()
+    assert mattermost.requester(req) == credential_key("mm-tok")
+    for path, derived in (("/api/v4/files/f1", False), ("/api/v4/files/f1/preview", True),
+                          ("/api/v4/files/f1/thumbnail", True)):
+        dl = mattermost.classify("GET", path)
+        assert (dl.kind, dl.ref, dl.derived) == ("download", "mattermost:f1", derived)
+    assert mattermost.classify("GET", "/api/v4/files/f1/link") is None
+    assert mattermost.classify("GET", "/files/f1/public").ref == "mattermost:f1"
+    assert httpchat.Routes.parse(httpchat.DEFAULT_ROUTES).match("mm.example", "/files/f1/public") == [mattermost]
+    me = mattermost.classify("GET", "/api/v4/users/me")
+    assert mattermost.learn(me, req, 200, b'{"id":"uin","username":"bob"}') == [Identity(credential_key("mm-tok"),
+                                                                                          "uin")]
+
+
+def test_rocketchat_history_file_upload_and_ddp_stream():
+    """channels/groups/im.history: each message (not system ones) with its place, file as SharedMedia;
+    /file-upload/{id}/{name} a download; the server's DDP stream-room-messages (SockJS-framed) delivers the same
+    and a login result names the socket's user."""
+    history = {"success": True, "messages": [
+        {"_id": "m1", "rid": "GENERAL", "msg": "the secret", "u": {"_id": "uout", "username": "alice"},
+         "md": [{"type": "PARAGRAPH", "value": [{"type": "PLAIN_TEXT", "value": "the secret"}]}],
+         "file": {"_id": "fid1", "name": "eicar.com"}, "attachments": [{"title": "eicar.com", "description": "d"}]},
+        {"_id": "m2", "rid": "GENERAL", "msg": "x mask-me", "u": {"_id": "uout"}, "md": [{"value": "x mask-me"}]},
+        {"_id": "m3", "rid": "GENERAL", "msg": "alice", "t": "uj", "u": {"_id": "uout"}}]}
+    body = json.dumps(history).encode()
+    for kind in ("channels", "groups", "im", "dm"):
+        assert rocketchat.classify("GET", f"/api/v1/{kind}.history").kind == "deliver"
+    ep = rocketchat.classify("GET", "/api/v1/channels.history")
+    req = HttpRequest.make("GET", "/api/v1/channels.history?roomId=GENERAL", {"X-User-Id": "uin", "X-Auth-Token": "t"})
+    found = rocketchat.deliver(ep, req, 200, body)
+    d = delivered_of(found)
+    assert [(x.event_id, x.locator, x.message.sender, x.message.room) for x in d] == [
+        ("m1", ("messages", 0), "uout", "GENERAL"), ("m2", ("messages", 1), "uout", "GENERAL")]
+    assert d[0].message.refs == ("rocketchat:fid1",)
+    assert shared_of(found) == [httpchat.SharedMedia("rocketchat:fid1", "uout", "GENERAL", "eicar.com")]
+    out = blank_and_mask(rocketchat, body, found)
+    assert out["messages"][0]["msg"] == "A message from X was blocked" and "secret" not in json.dumps(out)
+    assert out["messages"][1] == {"_id": "m2", "rid": "GENERAL", "msg": "x [X]", "u": {"_id": "uout"}}
+    assert rocketchat.requester(req) == "uin"
+    by_cookie = HttpRequest.make("GET", "/file-upload/fid1/e.com", {"Cookie": "rc_uid=u7; rc_token=t"})
+    assert rocketchat.requester(by_cookie) == "u7"
+    dl = rocketchat.classify("GET", "/file-upload/fid1/eicar.com")
+    assert (dl.kind, dl.ref, dl.filename) == ("download", "rocketchat:fid1", "eicar.com")
+
+    frame = {"msg": "changed", "collection": "stream-room-messages", "id": "id",
+             "fields": {"eventName": "GENERAL", "args": [history["messages"][0]]}}
+    login = {"msg": "result", "id": "1", "result": {"id": "uin", "token": "tok", "tokenExpires": {"$date": 1}}}
+    data = ("a" + json.dumps([json.dumps(login), json.dumps(frame)])).encode()
+    found = rocketchat.deliver_ws(data)
+    assert found[0] == Identity("", "uin")
+    [d] = delivered_of(found)
+    assert d.locator == ("ws", 1, "fields", "args", 0) and d.message.text.startswith("the secret")
+    out = rocketchat.rewrite_ws_delivered(data, [(d.locator, "blocked")])
+    assert out.startswith(b"a[") and b"secret" not in out
+    assert json.loads(json.loads(out[1:])[1])["fields"]["args"][0]["msg"] == "blocked"
+    bare = json.dumps(frame).encode()
+    [d] = delivered_of(rocketchat.deliver_ws(bare))
+    assert d.locator == ("ws", None, "fields", "args", 0)
+    assert json.loads(rocketchat.rewrite_ws_delivered(bare, [(d.locator, "blocked")]))["fields"]["args"][0]["msg"] \
+        == "blocked"
+    for other in (b"h", b"o", b'a["{\\"msg\\":\\"ping\\"}"]', b"not json"):
+        assert rocketchat.deliver_ws(other) == []
+
+
+def test_discord_channel_messages_and_cdn_attachments():
+    """GET channel messages (a list) or one message: each with author and channel, attachments as SharedMedia;
+    the CDN /attachments/{channel}/{id}/{name} a download, routed on Discord's CDN hosts only."""
+    messages = [
+        {"id": "11", "channel_id": "42", "author": {"id": "900", "username": "outsider"}, "content": "the secret",
+         "embeds": [{"title": "t", "description": "embed text"}], "components": [{"type": 1}],
+         "attachments": [{"id": "777", "filename": "eicar.com", "url": "https://cdn.discordapp.com/attachments/42/777/eicar.com"}]},
+        {"id": "12", "channel_id": "42", "author": {"id": "900"}, "content": "x mask-me", "edited_timestamp": "2026"},
+        {"id": "13", "channel_id": "42", "author": {"id": "901"}, "content": "reply",
+         "referenced_message": {"id": "9", "author": {"id": "900"}, "content": "quoted secret"}}]
+    body = json.dumps(messages).encode()
+    ep = discord.classify("GET", "/api/v10/channels/42/messages")
+    assert (ep.name, ep.kind) == ("messages", "deliver")
+    req = HttpRequest.make("GET", "/api/v10/channels/42/messages?limit=50", {"Authorization": "Bot b"})
+    found = discord.deliver(ep, req, 200, body)
+    d = delivered_of(found)
+    assert [(x.event_id, x.locator, x.message.sender, x.message.room) for x in d] == [
+        ("11", (0,), "900", "42"), ("12@2026", (1,), "900", "42"), ("13", (2,), "901", "42")]
+    assert "quoted secret" in d[2].message.text
+    assert shared_of(found) == [httpchat.SharedMedia("discord:attachment:777", "900", "42", "eicar.com")]
+    out = blank_and_mask(discord, body, found)
+    assert out[0]["content"] == "A message from X was blocked" and out[0]["attachments"] == [] == out[0]["embeds"]
+    assert out[1]["content"] == "x [X]" and "secret" not in json.dumps(out[:2])
+    one = discord.classify("GET", "/api/v10/channels/42/messages/11")
+    assert delivered_of(discord.deliver(one, req, 200, json.dumps(messages[0]).encode()))[0].locator == ()
+    dl = discord.classify("GET", "/attachments/42/777/eicar.com")
+    assert (dl.kind, dl.ref, dl.filename) == ("download", "discord:attachment:777", "eicar.com")
+    routes = httpchat.Routes.parse(httpchat.DEFAULT_ROUTES)
+    assert routes.match("cdn.discordapp.com", "/attachments/42/777/eicar.com") == [discord]
+    assert routes.match("media.discordapp.net", "/attachments/42/777/eicar.com") == [discord]
+    assert routes.match("example.com", "/attachments/42/777/eicar.com") == []
+    me = discord.classify("GET", "/api/v10/users/@me")
+    assert discord.learn(me, req, 200, b'{"id":"901","username":"bob"}') == [Identity(credential_key("b"), "901")]

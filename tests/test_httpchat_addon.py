@@ -49,6 +49,9 @@ class StubPipeline:
     def record(self, event):
         self.records.append(event)
 
+    def with_direction(self, ctx):
+        return ctx
+
 
 async def post(port: int, path: str, body: bytes, host: str = "127.0.0.1", method: str = "POST") -> tuple[int, bytes]:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -250,3 +253,55 @@ def test_inbound_download_context_names_both_parties():
     assert name == "r.bin" and ctx.origin == "server" and ctx.sender == "@alice:x"
     assert ctx.recipients == ("@bob:x",) and ctx.conversation == "!r:x"
     assert ctx.transfer_mechanism == "matrix:media_download"
+
+
+def test_delivered_verdicts_are_remembered_but_edits_and_blocked_files_are_decided_again():
+    """A Mattermost post delivered twice is decided once; an edit of it (same id, new text) is decided again; a
+    post whose file's download was blocked since becomes the notice (a pass remembered before does not hide it)."""
+    pipeline = StubPipeline()
+    apis = inbound_addon(pipeline)
+    apis.learn_identity(credential_key("bob-token"), "bob")
+
+    def posts(message, file_ids=()):
+        return json.dumps({"order": ["p1"], "posts": {"p1": {"id": "p1", "user_id": "alice", "channel_id": "c",
+                                                             "message": message, "file_ids": list(file_ids)}}}).encode()
+
+    async def get(path, body):
+        f = inbound_flow(path, 200, body, {"content-type": "application/json"})
+        await through(apis, f)
+        return f
+    run(get("/api/v4/channels/c/posts", posts("hello", ["f1"])))
+    run(get("/api/v4/channels/c/posts", posts("hello", ["f1"])))
+    assert [t for t, _ in pipeline.messages] == ["hello"]
+    edited = run(get("/api/v4/channels/c/posts", posts("BAD hello", ["f1"])))
+    assert [t for t, _ in pipeline.messages] == ["hello", "BAD hello"]
+    assert json.loads(edited.response.content)["posts"]["p1"]["message"] == \
+        "A message from alice was blocked by imguard: no BAD words"
+    download = run(get("/api/v4/files/f1", b"EVIL"))
+    assert download.response.status_code == 403 and json.loads(download.response.content)["status_code"] == 403
+    later = run(get("/api/v4/channels/c/posts", posts("hello", ["f1"])))
+    post = json.loads(later.response.content)["posts"]["p1"]
+    assert post["message"].startswith("A message from alice was blocked by imguard: This message shares a file")
+    assert post["file_ids"] == []
+    ctx = [e for e in pipeline.records if isinstance(e, dict)][-1]["imguard"]["context"]
+    assert (ctx["origin"], ctx["sender"], ctx["recipients"]) == ("server", "alice", ["bob"])
+
+
+def test_an_undecodable_delivery_is_refused_not_passed():
+    """A history response that is not the JSON the API promises (or nested past the bound) is never passed to the
+    client undecided: 502 in the API's error shape, and an anomaly recorded."""
+    pipeline = StubPipeline()
+    apis = inbound_addon(pipeline)
+
+    async def get(path, body):
+        f = inbound_flow(path, 200, body, {"content-type": "application/json"})
+        await through(apis, f)
+        return f
+    broken = run(get("/api/v1/channels.history?roomId=R", b'{"messages": [{"msg": "BAD'))
+    assert broken.response.status_code == 502 and b"BAD" not in broken.response.content
+    assert json.loads(broken.response.content)["success"] is False
+    deep = run(get("/api/v10/channels/1/messages", b"[" * 400 + b"]" * 400))
+    assert deep.response.status_code == 502 and json.loads(deep.response.content)["code"] == 0
+    anomalies = [e["imguard"]["anomaly"] for e in pipeline.records
+                 if isinstance(e, dict) and "anomaly" in e.get("imguard", {})]
+    assert [a["kind"] for a in anomalies] == ["chat_response_malformed"] * 2

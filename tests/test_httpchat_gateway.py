@@ -2,13 +2,21 @@
 replayed through the gateway (reverse proxy) to a local HTTP server standing in for the vendor, and the test
 asserts what that server received: nothing for a block, the masked text for a mask, the same bytes otherwise.
 The bad-input cases (malformed JSON, hostile nesting, broken multipart, lying Content-Length, oversize bodies)
-check the client's error and that nothing uninspected was forwarded."""
+check the client's error and that nothing uninspected was forwarded.
+
+Inbound, the stand-in serves each vendor's documented history and file-download responses (the outside user is
+whoever it says wrote or shared them) and the test reads what the inside client gets through the gateway: the
+notice in place of a blocked message, a masked one masked, the API's error instead of an EICAR download (plain and
+zipped), a clean file byte-identical; alerts and archive rows name both parties, inbound. No vendor client library
+(slack_sdk, mattermostdriver, ...) is installed, so the calls are made as the libraries make them, by hand."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import socket
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -37,6 +45,7 @@ rules:
       keywords: [{MASK_WORD}]
 """
 UPLOAD_LIMIT = 300_000
+RC_INSIDE = "rc-inside-user"
 BOUNDARY = "----imguardTestBoundary"
 
 
@@ -55,6 +64,8 @@ class Vendor:
     gateway_port: int = 0
     requests: list[Received] = field(default_factory=list)
     ws_messages: list[str] = field(default_factory=list)
+    served: dict[str, tuple[int, str, bytes]] = field(default_factory=dict)    # path -> (status, type, body)
+    ws_push: list[str] = field(default_factory=list)       # server frames sent when a client subscribes (DDP sub)
     loop: asyncio.AbstractEventLoop | None = None
     runner: web.AppRunner | None = None
 
@@ -68,10 +79,21 @@ class Vendor:
             async for msg in ws:
                 if msg.type == aiohttp.WSMsgType.TEXT:
                     self.ws_messages.append(msg.data)
-                    await ws.send_str(json.dumps({"msg": "result", "echo": msg.data}))
+                    frame = json.loads(msg.data) if msg.data.startswith("{") else {}
+                    if frame.get("method") == "login":          # DDP login: the result names the user
+                        await ws.send_str(json.dumps({"msg": "result", "id": frame.get("id"),
+                                                      "result": {"id": RC_INSIDE, "token": "resume-token"}}))
+                    elif frame.get("msg") == "sub":             # the room's stream: the queued messages
+                        for push in self.ws_push:
+                            await ws.send_str(push)
+                    else:
+                        await ws.send_str(json.dumps({"msg": "result", "echo": msg.data}))
             return ws
         body = await request.read()
         self.requests.append(Received(request.method, request.path_qs, dict(request.headers), body))
+        if request.path in self.served:
+            status, ctype, data = self.served[request.path]
+            return web.Response(status=status, body=data, content_type=ctype)
         if request.path == "/api/files.getUploadURLExternal":
             n = uuid.uuid4().hex[:8]
             return web.json_response({"ok": True, "file_id": f"F{n}",
@@ -127,6 +149,8 @@ def route(vendor_gateway):
     vendor, gw = vendor_gateway
     vendor.requests.clear()
     vendor.ws_messages.clear()
+    vendor.served.clear()
+    vendor.ws_push.clear()
     offset = gw.log_size()
     yield vendor, gw
     assert not gw.crashed, gw.logs()
@@ -432,3 +456,331 @@ def test_oversize_bodies_are_refused_with_413(route):
                         {"Content-Type": "application/json"})
     assert status == 413
     assert vendor.requests == []
+
+
+# --- inbound: what the vendor's server delivers to the user behind the gateway ---------------------------------
+#
+# The outside user is whoever the stand-in server says wrote a message or shared a file (it never crosses the
+# gateway); the inside user is the one whose credential asks through the gateway. Each vendor's documented
+# response shapes are served; the test reads what the inside client gets.
+
+def zipped(data: bytes, name: str = "eicar.com") -> bytes:
+    import io
+    import zipfile
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr(name, data)
+    return out.getvalue()
+
+
+@dataclass
+class Inbound:
+    """One vendor's inbound scenario: who asks, where its history and files are, how its errors look."""
+    api: str
+    outside: str                    # the sender's id as the API names it
+    inside: str                     # the receiver's id (learned by the gateway from whoami, or in the headers)
+    headers: dict                   # the inside user's credentials
+    history_path: str               # the GET that delivers messages
+    history: object                 # the served body (built by `make_history` from the texts)
+    texts: "callable"               # delivered body -> the message texts, in order
+    files: dict                     # "eicar" / "zip" / "clean" -> download path
+    error: "callable"               # parsed error body -> True when it is the API's error shape
+    post: tuple = ()                # (path, text -> JSON body): the inside user's own message, outbound
+    whoami: tuple = ()              # (path, body): asked first, so the gateway knows the inside user
+    host: str = ""                  # Host header of the downloads (Discord's CDN)
+
+
+def history_texts(blocked: str, masked: str, sentinel: str, own: str) -> list[tuple[str, str]]:
+    return [("outside", blocked), ("outside", masked), ("outside", sentinel), ("inside", own)]
+
+
+def slack_case() -> Inbound:
+    out, inside = "U0OUTSIDE", "U0INSIDE"
+    files = {k: f"/files-pri/T0TEAM-F0{k.upper()}/{k}.bin" for k in ("eicar", "zip", "clean")}
+    return Inbound("slack", out, inside, {"Authorization": "Bearer xoxp-inside"},
+                   "/api/conversations.history?channel=C1",
+                   lambda msgs, shared: {"ok": True, "has_more": False, "messages": [
+                       {"type": "message", "user": out if who == "outside" else inside, "text": text,
+                        "ts": f"17000000{i}.000100", **({"files": [{"id": f"F0{k.upper()}", "name": f"{k}.bin",
+                                                                    "url_private": files[k]} for k in shared]}
+                                                         if i == 0 else {})}
+                       for i, (who, text) in enumerate(msgs)]},
+                   lambda body: [m["text"] for m in body["messages"]], files,
+                   lambda err: err.get("ok") is False and "blocked" in err["detail"],
+                   post=("/api/chat.postMessage", lambda text: {"channel": "C1", "text": text}),
+                   whoami=("/api/auth.test", {"ok": True, "user": "inside", "user_id": inside, "team_id": "T0TEAM"}))
+
+
+def mattermost_case() -> Inbound:
+    out, inside = "mmoutsider1", "mminsider22"
+    files = {k: f"/api/v4/files/f{k}" for k in ("eicar", "zip", "clean")}
+
+    def history(msgs, shared):
+        posts = {f"p{i}": {"id": f"p{i}", "user_id": out if who == "outside" else inside, "channel_id": "ch1",
+                           "message": text, "type": "", "create_at": 1700000000000 + i,
+                           **({"file_ids": [f"f{k}" for k in shared],
+                               "metadata": {"files": [{"id": f"f{k}", "name": f"{k}.bin"} for k in shared]}}
+                              if i == 0 else {})}
+                 for i, (who, text) in enumerate(msgs)}
+        return {"order": list(posts), "posts": posts, "next_post_id": "", "prev_post_id": ""}
+    return Inbound("mattermost", out, inside, {"Authorization": "Bearer mm-inside"}, "/api/v4/channels/ch1/posts",
+                   history, lambda body: [body["posts"][k]["message"] for k in body["order"]], files,
+                   lambda err: err.get("status_code") == 403 and "blocked" in err["message"],
+                   post=("/api/v4/posts", lambda text: {"channel_id": "ch1", "message": text}),
+                   whoami=("/api/v4/users/me", {"id": inside, "username": "inside"}))
+
+
+def rocketchat_case() -> Inbound:
+    out, inside = "rc-outside-user", RC_INSIDE
+    files = {k: f"/file-upload/id{k}/{k}.bin" for k in ("eicar", "zip", "clean")}
+    return Inbound("rocketchat", out, inside, {"X-User-Id": inside, "X-Auth-Token": "rc-token"},
+                   "/api/v1/channels.history?roomId=GENERAL",
+                   lambda msgs, shared: {"success": True, "messages": [
+                       {"_id": f"m{i}", "rid": "GENERAL", "msg": text, "md": [{"type": "PARAGRAPH", "value": text}],
+                        "u": {"_id": out if who == "outside" else inside, "username": who},
+                        **({"files": [{"_id": f"id{k}", "name": f"{k}.bin"} for k in shared]} if i == 0 else {})}
+                       for i, (who, text) in enumerate(msgs)]},
+                   lambda body: [m["msg"] for m in body["messages"]], files,
+                   lambda err: err.get("success") is False and "blocked" in err["error"],
+                   post=("/api/v1/chat.postMessage", lambda text: {"roomId": "GENERAL", "text": text}))
+
+
+def discord_case() -> Inbound:
+    out, inside = "900111", "900222"
+    files = {k: f"/attachments/42/{n}/{k}.bin" for n, k in ((701, "eicar"), (702, "zip"), (703, "clean"))}
+    return Inbound("discord", out, inside, {"Authorization": "Bearer discord-inside"},
+                   "/api/v10/channels/42/messages?limit=50",
+                   lambda msgs, shared: [
+                       {"id": str(1000 + i), "channel_id": "42", "content": text, "embeds": [],
+                        "author": {"id": out if who == "outside" else inside, "username": who},
+                        "attachments": [{"id": files[k].split("/")[3], "filename": f"{k}.bin"} for k in shared]
+                        if i == 0 else []}
+                       for i, (who, text) in enumerate(msgs)],
+                   lambda body: [m["content"] for m in body], files,
+                   lambda err: err.get("code") == 200000 and "blocked" in err["message"],
+                   post=("/api/v10/channels/42/messages", lambda text: {"content": text}),
+                   whoami=("/api/v10/users/@me", {"id": inside, "username": "inside"}), host="cdn.discordapp.com")
+
+
+CASES = {"slack": slack_case, "mattermost": mattermost_case, "rocketchat": rocketchat_case, "discord": discord_case}
+
+
+def is_inbound(alert: dict, sender: str, receiver: str) -> bool:
+    ctx = alert.get("imguard", {}).get("context", {})
+    return (ctx.get("direction") == "inbound" and ctx.get("origin") == "server"
+            and alert.get("source", {}).get("user", {}).get("name") == sender
+            and receiver in alert.get("destination", {}).get("user", {}).get("name", []))
+
+
+def archive_rows(gw, person: str, predicate, timeout: float = 10.0) -> list[dict]:
+    """The gateway's archive searched by person (as `imguard archive search --person`), waited for."""
+    from imguard import archive
+
+    store = archive.Archive(gw.data_dir / "archive.sqlite3")
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            rows = [r for r in store.search(archive.Query(person=person)) if predicate(r)]
+            if rows or time.monotonic() > deadline:
+                return rows
+            time.sleep(0.1)
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("api", list(CASES))
+def test_inbound_messages_blocked_masked_and_recorded(route, api):
+    """The history the vendor's server delivers: the outside user's blocked message is replaced by imguard's notice
+    (the keyword never reaches the inside client), the masked one arrives masked, the sentinel after them and the
+    inside user's own message arrive untouched; the alerts say inbound and name both; the archive has the
+    outside user's messages under either person."""
+    vendor, gw = route
+    case = CASES[api]()
+    tag = uuid.uuid4().hex[:6]
+    blocked, masked = f"the {BLOCKED_WORD} launch {tag}", f"code {MASK_WORD} {tag}"
+    sentinel, own = f"sentinel {tag}", f"my own {BLOCKED_WORD} note {tag}"
+    served = json.dumps(case.history(history_texts(blocked, masked, sentinel, own), ())).encode()
+    vendor.served[case.history_path.split("?")[0]] = (200, "application/json", served)
+    if case.whoami:
+        vendor.served[case.whoami[0]] = (200, "application/json", json.dumps(case.whoami[1]).encode())
+        status, _, _ = call(gw.ports[0], "GET", case.whoami[0], b"", case.headers)
+        assert status == 200
+    since = gw.mark()
+    status, _, body = call(gw.ports[0], "GET", case.history_path, b"", case.headers)
+    assert status == 200, body
+    texts = case.texts(json.loads(body))
+    assert len(texts) == 4 and texts[2:] == [sentinel, own], texts
+    assert texts[0].startswith(f"A message from {case.outside} was blocked by imguard:"), texts
+    assert "confidential project" in texts[0] and blocked not in body.decode()
+    assert BLOCKED_WORD not in body.decode().replace(own, ""), "the blocked text reached the inside client"
+    assert texts[1] == f"code [REDACTED:keyword] {tag}" and MASK_WORD not in body.decode()
+    alert = asyncio.run(gw.wait_alert(lambda e: e.get("event", {}).get("action") == "block"
+                                      and is_inbound(e, case.outside, case.inside), since))
+    assert alert and alert["network"]["protocol"] == api, alert
+    passed = asyncio.run(gw.wait_alert(lambda e: e.get("imguard", {}).get("message", {}).get("text") == sentinel,
+                                       since))
+    assert passed and is_inbound(passed, case.outside, case.inside), passed
+    assert not [e for e in gw.alerts()[since:] if e.get("imguard", {}).get("message", {}).get("text") == own], \
+        "the inside user's own message was decided as inbound"
+    for person in (case.outside, case.inside):
+        rows = archive_rows(gw, person, lambda r: r["text"] == sentinel)
+        assert len(rows) == 1 and rows[0]["direction"] == "inbound", (person, rows)
+    # the inside user answers (outbound): `imguard archive search --person` has both sides of the conversation
+    reply = f"reply from inside {tag}"
+    status, _ = call_json(gw.ports[0], "POST", case.post[0], case.post[1](reply), case.headers)
+    assert status == 200 and any(reply.encode() in b for b in vendor.bodies(case.post[0]))
+    assert archive_rows(gw, case.inside, lambda r: r["text"] == reply), "the reply is not in the archive"
+    found = subprocess.run([sys.executable, "-m", "imguard", "archive", "search", "--person", case.inside,
+                            "--text", tag, "--data-dir", str(gw.data_dir)], capture_output=True, text=True,
+                           timeout=60)
+    assert found.returncode == 0, found.stderr
+    records = {r["text"]: r for r in map(json.loads, found.stdout.splitlines())}
+    assert records[sentinel]["direction"] == "inbound" and case.outside in records[sentinel]["sender"]
+    assert records[reply]["direction"] == "outbound" and records[reply]["sender"] == case.inside
+    # the archive keeps what was said, for the auditor, with what was done to it
+    assert [(records[t]["direction"], records[t]["action"]) for t in (blocked, masked)] == [
+        ("inbound", "block"), ("inbound", "mask")]
+    # the same history again: delivered the same way, not recorded twice
+    status, _, again = call(gw.ports[0], "GET", case.history_path, b"", case.headers)
+    assert status == 200 and case.texts(json.loads(again)) == texts
+    assert len([e for e in gw.alerts()[since:] if e.get("imguard", {}).get("message", {}).get("text") == sentinel]) == 1
+
+
+@pytest.mark.parametrize("api", list(CASES))
+def test_inbound_file_downloads(route, api):
+    """The files the outside user shared (named in a history response), downloaded by the inside user through the
+    gateway: EICAR plain and zipped get the API's error instead of the bytes (a clean download after each block,
+    the sentinel, arrives byte-identical); the alert says inbound and names both; a second download of the blocked
+    file is refused before it reaches the server."""
+    vendor, gw = route
+    case = CASES[api]()
+    data = {"eicar": EICAR, "zip": zipped(EICAR), "clean": CLEAN}
+    for kind, path in case.files.items():
+        vendor.served[path] = (200, "application/octet-stream", data[kind])
+    history = case.history([("outside", "files for you"), ("inside", "thanks")], list(case.files))
+    vendor.served[case.history_path.split("?")[0]] = (200, "application/json", json.dumps(history).encode())
+    if case.whoami:
+        vendor.served[case.whoami[0]] = (200, "application/json", json.dumps(case.whoami[1]).encode())
+        assert call(gw.ports[0], "GET", case.whoami[0], b"", case.headers)[0] == 200
+    assert call(gw.ports[0], "GET", case.history_path, b"", case.headers)[0] == 200
+    # Discord's CDN serves signed URLs without a credential: the receiver is who the history showed the file to
+    headers = {"Host": case.host} if case.host else case.headers
+    for kind in ("eicar", "zip"):
+        since = gw.mark()
+        status, _, body = call(gw.ports[0], "GET", case.files[kind], b"", headers)
+        assert status == 403 and EICAR not in body and b"PK" not in body[:2], body
+        assert case.error(json.loads(body)), body
+        status, _, body = call(gw.ports[0], "GET", case.files["clean"], b"", headers)       # the sentinel
+        assert status == 200 and body == CLEAN
+        alert = asyncio.run(gw.wait_alert(lambda e: e.get("event", {}).get("dataset") == "imguard.file"
+                                          and e.get("event", {}).get("action") == "block"
+                                          and is_inbound(e, case.outside, case.inside), since))
+        assert alert, f"no inbound file block alert naming {case.outside} and {case.inside}"
+        assert alert["network"]["protocol"] == api
+    fetched = len([r for r in vendor.requests if r.path == case.files["eicar"]])
+    status, _, body = call(gw.ports[0], "GET", case.files["eicar"], b"", headers)
+    assert status == 403 and case.error(json.loads(body))
+    assert len([r for r in vendor.requests if r.path == case.files["eicar"]]) == fetched, \
+        "a file already blocked was fetched from the server again"
+    import hashlib
+    for person in (case.outside, case.inside):
+        for digest, action in ((hashlib.sha256(EICAR).hexdigest(), "block"), (hashlib.sha256(CLEAN).hexdigest(), "")):
+            rows = archive_rows(gw, person, lambda r, d=digest: r["kind"] == "file" and r["sha256"] == d
+                                and r["protocol"] == api)
+            assert rows and all(r["direction"] == "inbound" for r in rows), (person, rows)
+            assert not action or any(r["action"] == action for r in rows), rows
+
+
+def test_inbound_download_too_large_is_stopped(route):
+    """A download larger than --chat-max-upload-size is not scanned: policy decides (bundled: block), and the
+    inside client gets no byte of it; the edge size is scanned and passes."""
+    vendor, gw = route
+    vendor.served["/api/v4/files/fbig"] = (200, "application/octet-stream", b"a" * (UPLOAD_LIMIT + 1))
+    vendor.served["/api/v4/files/fedge"] = (200, "application/octet-stream", b"a" * UPLOAD_LIMIT)
+    auth = {"Authorization": "Bearer mm-inside"}
+    status, _, body = call(gw.ports[0], "GET", "/api/v4/files/fedge", b"", auth)
+    assert status == 200 and body == b"a" * UPLOAD_LIMIT
+    import http.client
+    since = gw.mark()
+    with pytest.raises((http.client.HTTPException, ConnectionError)):
+        call(gw.ports[0], "GET", "/api/v4/files/fbig", b"", auth)
+    alert = asyncio.run(gw.wait_alert(lambda e: e.get("event", {}).get("dataset") == "imguard.file"
+                                      and "too_large" in json.dumps(e), since))
+    assert alert and alert["imguard"]["context"]["direction"] == "inbound", alert
+    assert alert["event"]["action"] == "block" and "mm-inside" not in json.dumps(alert)
+
+
+def test_slack_download_of_a_blocked_upload_is_refused_at_request_time(route):
+    """EICAR uploaded through the two-step flow is refused; a later download of that file id (files-pri) is
+    refused by the gateway without asking the server."""
+    vendor, gw = route
+    port = gw.ports[0]
+    status, _, body = call(port, "POST", "/api/files.getUploadURLExternal",
+                           f"filename=e.com&length={len(EICAR)}".encode(),
+                           {"Content-Type": "application/x-www-form-urlencoded", **SLACK})
+    slot = json.loads(body)
+    status, _, _ = call(port, "POST", slot["upload_url"].split(str(port), 1)[1], EICAR,
+                        {"Content-Type": "application/octet-stream"})
+    assert status == 403
+    path = f"/files-pri/T0TEAM-{slot['file_id']}/download/e.com"
+    vendor.served[path] = (200, "application/octet-stream", EICAR)
+    status, _, body = call(port, "GET", path, b"", SLACK)
+    assert status == 403 and json.loads(body)["ok"] is False and EICAR not in body
+    assert not [r for r in vendor.requests if r.path == path]
+
+
+def test_rocketchat_ddp_stream_delivers_decided_messages(route):
+    """The server's DDP stream-room-messages (bare DDP on /websocket): after the login result names the inside
+    user, the outside user's blocked message reaches the client as the notice, the masked one masked, the sentinel
+    after them untouched; the alert says inbound and names both."""
+    vendor, gw = route
+    tag = uuid.uuid4().hex[:6]
+    out = "rc-ddp-outsider"
+
+    def changed(i, text, user):
+        return json.dumps({"msg": "changed", "collection": "stream-room-messages", "id": "id",
+                           "fields": {"eventName": "GENERAL", "args": [
+                               {"_id": f"d{tag}{i}", "rid": "GENERAL", "msg": text, "u": {"_id": user},
+                                "md": [{"type": "PARAGRAPH", "value": text}]}]}})
+    vendor.ws_push[:] = [changed(0, f"{BLOCKED_WORD} via ddp {tag}", out),
+                         changed(1, f"{MASK_WORD} via ddp {tag}", out), changed(2, f"sentinel {tag}", out)]
+    since = gw.mark()
+
+    async def scenario():
+        async with aiohttp.ClientSession() as session:
+            async with session.ws_connect(f"http://127.0.0.1:{gw.ports[0]}/websocket") as ws:
+                await ws.send_str(json.dumps({"msg": "method", "method": "login", "id": "1",
+                                              "params": [{"resume": "resume-token"}]}))
+                assert json.loads((await ws.receive(timeout=10)).data)["result"]["id"] == RC_INSIDE
+                await ws.send_str(json.dumps({"msg": "sub", "id": "s1", "name": "stream-room-messages",
+                                              "params": ["GENERAL", False]}))
+                got = [json.loads((await ws.receive(timeout=10)).data) for _ in range(3)]
+        return [g["fields"]["args"][0] for g in got]
+    msgs = asyncio.run(scenario())
+    assert msgs[0]["msg"].startswith(f"A message from {out} was blocked by imguard:") and "md" not in msgs[0]
+    assert msgs[1]["msg"] == f"[REDACTED:keyword] via ddp {tag}" and "md" not in msgs[1]
+    assert msgs[2]["msg"] == f"sentinel {tag}" and msgs[2]["md"]
+    assert BLOCKED_WORD not in json.dumps(msgs) and MASK_WORD not in json.dumps(msgs)
+    alert = asyncio.run(gw.wait_alert(lambda e: e.get("event", {}).get("action") == "block"
+                                      and is_inbound(e, out, RC_INSIDE), since))
+    assert alert and alert["network"]["protocol"] == "rocketchat"
+
+
+def test_slack_history_posted_as_a_form_is_decided(route):
+    """conversations.replies POSTed form-encoded (the channel and token in the body, as slack_sdk sends them): the
+    request reaches the server unchanged and its answer is decided as a GET's is."""
+    vendor, gw = route
+    tag = uuid.uuid4().hex[:6]
+    vendor.served["/api/conversations.replies"] = (200, "application/json", json.dumps({"ok": True, "messages": [
+        {"type": "message", "user": "U0REPLIER", "text": f"{BLOCKED_WORD} in a thread {tag}", "ts": "1.1"},
+        {"type": "message", "user": "U0REPLIER", "text": f"sentinel {tag}", "ts": "1.2"}]}).encode())
+    form = b"channel=C7&ts=1.1&token=xoxp-form-token"
+    since = gw.mark()
+    status, _, body = call(gw.ports[0], "POST", "/api/conversations.replies", form,
+                           {"Content-Type": "application/x-www-form-urlencoded"})
+    assert status == 200 and vendor.bodies("conversations.replies") == [form]
+    texts = [m["text"] for m in json.loads(body)["messages"]]
+    assert texts[0].startswith("A message from U0REPLIER was blocked by imguard:") and texts[1] == f"sentinel {tag}"
+    alert = asyncio.run(gw.wait_alert(lambda e: e.get("event", {}).get("action") == "block"
+                                      and e.get("imguard", {}).get("context", {}).get("conversation") == "C7", since))
+    assert alert and alert["imguard"]["context"]["direction"] == "inbound"

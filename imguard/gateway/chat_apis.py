@@ -10,35 +10,47 @@ requestheaders  the host and path are matched against the routes (ChatApiSetting
                 (max_upload_size for uploads, max_message_size for messages) it is not read: an upload goes to
                 policy as UNSCANNABLE "too_large" (413 unless policy allows), a message is refused with 413.
                 A PUT/POST to an upload URL a response announced (Slack upload_url, Discord upload_url) is an
-                upload too. A GET of a blocked mxc:// (Matrix download/thumbnail) is answered 403; any other
-                Matrix media GET and /sync are marked for their response (below).
+                upload too. A download (DOWNLOAD endpoint: Matrix media, Slack files-pri/files-tmb, Mattermost
+                /api/v4/files/{id}, Rocket.Chat /file-upload/, Discord's CDN) of a reference already blocked
+                (its upload or an earlier download was) is answered 403 in the API's shape at once; any other
+                download and every call that delivers messages (DELIVER) is marked for its response (below).
+                A DELIVER call POSTed with its arguments (Slack conversations.history) has its body read as a
+                message's (max_message_size), for the channel; it goes on unchanged.
 request         decode -> MalformedRequest: 400/413 in the API's error shape; FileUpload: scanned in a worker
                 thread (Inspection), block -> 403 and its reference (mxc, slack:F.., discord:..) marked blocked;
                 EncryptedContent: counted, an e2e_encrypted anomaly recorded, policy asked with empty text;
                 ChatMessage: a message that shares a blocked reference is blocked, else check_message(text):
                 block -> 403 naming the reason, mask -> the body rewritten at each text's place.
-responseheaders a call whose response teaches something (login, whoami, media upload, upload URLs) has its
-                response streamed through a collector (at most 256 KiB kept). A Matrix media download (or
-                thumbnail) and a /sync are held whole (a download above max_upload_size goes to policy as
-                UNSCANNABLE "too_large" and is killed unless policy allows; a /sync above max_sync_size is
-                killed with an anomaly). Everything else stays streamed.
+responseheaders a call whose response teaches something (login, whoami, auth.test, users/me, media upload,
+                upload URLs) has its response streamed through a collector (at most 256 KiB kept). A download
+                and a DELIVER response are held whole (a download above max_upload_size goes to policy as
+                UNSCANNABLE "too_large" and is killed unless policy allows; a DELIVER response above
+                max_delivery_size is killed with an anomaly). Everything else stays streamed.
 response        learned: token -> user id (Identity), mxc of an allowed upload (StoredMedia), upload URLs.
-                Inbound (origin FROM_SERVER, what reaches the user behind the gateway):
-                - media download: the bytes are scanned (Inspection) with the downloader (the token's user) as
-                  recipient and, when a /sync showed who shared that mxc, its sender, room and name; block ->
-                  403 M_FORBIDDEN with the reason instead of the file, and the mxc marked blocked. A thumbnail
-                  is an image the server made, not the shared file, but it is what the user receives: scanned
-                  the same way (its block does not mark the mxc).
-                - /sync: each m.room.message / m.sticker from someone other than the token's user goes to
-                  check_message (recorded: alert log, archive); block -> the event's content becomes the notice
-                  "A message from X was blocked by imguard: <reason>", mask -> its texts masked; the body is
-                  re-serialised only when something changed. The mxc each message shares is remembered (sender,
-                  room, name; bounded) for the download above. A verdict is remembered per (user, event id), so
-                  an event a later sync repeats is replaced again without being recorded twice.
+                Inbound (origin FROM_SERVER, what reaches the user behind the gateway), one path for every API:
+                - download: the bytes are scanned (Inspection) with the downloader (api.requester: the
+                  credential's user; without a credential, as on Discord's CDN, the user a decided response last
+                  showed the file to) as recipient and, when a decided response showed who shared that
+                  reference, its sender, room and name; block -> 403 in the API's error shape instead of the
+                  file, and the reference marked blocked. A thumbnail or preview (Endpoint.derived) is an image
+                  the server made, not the shared file, but it is what the user receives: scanned the same way
+                  (its block does not mark the reference).
+                - DELIVER (api.deliver): each message from someone other than the requester goes to
+                  check_message (recorded: alert log, archive); block -> api.rewrite_delivered puts the notice
+                  "A message from X was blocked by imguard: <reason>" in its place (the API's own shape: the
+                  Matrix event's content, the Slack/Mattermost/Rocket.Chat/Discord message text, its files and
+                  attachments dropped), mask -> its texts masked; the body is re-serialised only when something
+                  changed. A message sharing a blocked reference is blocked. The references each message shares
+                  are remembered (sender, room, name; bounded) for the download above. A verdict is remembered
+                  per (api, user, message id, text), so a message a later response repeats is replaced again
+                  without being recorded twice, while an edit (same id, new text) is decided again. A body the
+                  decoder cannot read: an anomaly and 502, never passed undecided.
 error           a chat call that died before its body was complete (client gone half-way, lying
                 Content-Length): an anomaly; nothing was forwarded.
 websocket_message  client messages on a chat WebSocket (Rocket.Chat DDP sendMessage/updateMessage): policy;
-                block -> dropped and the DDP call answered with an error; mask -> rewritten.
+                block -> dropped and the DDP call answered with an error; mask -> rewritten. Server messages:
+                a login result names the socket's user; stream-room-messages are decided as a DELIVER
+                response's messages (rocketchat.deliver_ws / rewrite_ws_delivered).
 
 Every refusal uses the API's own error JSON (Matrix {"errcode","error"}, Slack {"ok":false,"error"}, ...), so the
 client shows the reason instead of a generic failure.
@@ -46,11 +58,12 @@ client shows the reason instead of a generic failure.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from mitmproxy import ctx as mitm_ctx
 from mitmproxy import http
@@ -62,8 +75,7 @@ from imguard.gateway.http_uploads import block_reason, flow_context, too_large
 from imguard.gateway.inspection import Inspection
 from imguard.model import BLOCK, FROM_CLIENT, FROM_SERVER, MASK, ChatContext, Decision
 from imguard.protocols import httpchat
-from imguard.protocols.httpchat import bodies, matrix, rocketchat
-from imguard.protocols.httpchat.common import bearer
+from imguard.protocols.httpchat import bodies, rocketchat
 from imguard.protocols.httpchat.events import (DELIVER, DOWNLOAD, LEARN, UPLOAD, ChatMessage, DeliveredMessage,
                                                EncryptedContent, FileUpload, HttpRequest, Identity, MalformedRequest,
                                                SharedMedia, StoredMedia, UploadSlot)
@@ -75,6 +87,7 @@ META = "imguard_chat"
 SLOT = "chat_upload_slot"           # ExpectedTransfers kinds
 MEDIA = "chat_media"
 RESPONSE_KEEP = 256 * 1024          # bytes of a learning response kept (login, upload results are small)
+WS_USER = "imguard_chat_ws_user"    # flow.metadata: the user a chat WebSocket logged in as
 
 
 @dataclass(frozen=True)
@@ -102,15 +115,19 @@ class ChatApiSettings:
     max_identities: int = setting(
         100_000, "Access tokens whose user id is remembered (learned from login and whoami responses); the "
                  "oldest is forgotten first, and a message with an unknown token is attributed to the token's hash")
-    max_sync_size: int = setting(
-        64 * MiB, "Largest Matrix /sync response held to decide the messages it delivers; a larger one is cut off "
-                  "(the client retries) and an anomaly recorded: its messages are never passed undecided")
+    max_delivery_size: int = setting(
+        64 * MiB, "Largest response that delivers messages (Matrix /sync, /messages, /context, /event; Slack "
+                  "conversations.history/replies; Mattermost channel posts and threads; Rocket.Chat history; "
+                  "Discord channel messages) held to decide them; a larger one is cut off (the client retries) and "
+                  "an anomaly recorded: its messages are never passed undecided")
     max_shared_media: int = setting(
-        100_000, "Media references (mxc) whose sender, room and name are remembered from /sync, to name the sender "
-                 "when the file is downloaded; also the number of delivered-event verdicts remembered. Oldest "
-                 "forgotten first")
+        100_000, "File references (mxc://, slack:F.., mattermost:.., rocketchat:.., discord:..) whose sender, room "
+                 "and name (and the user they were shown to) are remembered from the responses that delivered "
+                 "them, to name both parties when the file is downloaded; also the number of delivered-message "
+                 "verdicts remembered. Oldest forgotten first")
     websocket: bool = setting(
-        True, "Inspect chat sent over WebSockets (Rocket.Chat DDP sendMessage/updateMessage)")
+        True, "Inspect chat over WebSockets (Rocket.Chat DDP): sendMessage/updateMessage from the client, and the "
+              "stream-room-messages the server delivers to it")
 
 
 def _remember(table: OrderedDict, key: Any, value: Any, limit: int) -> None:
@@ -137,8 +154,10 @@ class ChatApis:
         # disk that refuses), else the pipeline's own.
         self.commit = commit if commit is not None else (getattr(pipeline, "commit", None) or (lambda: None))
         self.identities: OrderedDict[str, str] = OrderedDict()
-        self.shared: OrderedDict[str, SharedMedia] = OrderedDict()          # mxc -> who shared it (from /sync)
-        self.delivered: OrderedDict[tuple, str] = OrderedDict()             # (user, event id) -> notice ("" = passed)
+        self.shared: OrderedDict[str, SharedMedia] = OrderedDict()          # file ref -> who shared it (responses)
+        self.shared_with: OrderedDict[str, str] = OrderedDict()             # file ref -> who it was last shown to
+        # (api, user, message id, hash of its text and refs) -> notice, mask replacements, or "" (passed)
+        self.delivered: OrderedDict[tuple, str | list] = OrderedDict()
         self.stats = {"messages": 0, "files": 0, "blocked": 0, "masked": 0, "encrypted": 0, "malformed": 0,
                       "websocket": 0, "inbound_messages": 0, "inbound_files": 0, "inbound_blocked": 0}
 
@@ -231,7 +250,8 @@ class ChatApis:
             if reason:
                 self._respond(flow, api.API, 403, f"imguard: this file was blocked ({reason})")
                 return
-        if ep.kind in (DOWNLOAD, DELIVER):      # nothing to read in the request: its response is held (below)
+        if ep.kind == DOWNLOAD or ep.kind == DELIVER and method == "GET":
+            # nothing to read in the request: its response is held (below)
             flow.metadata[META] = {"api": api, "ep": ep, "slot": None, "done": True, "answered": False,
                                    "request": self._request(flow, b"")}
             return
@@ -239,6 +259,8 @@ class ChatApis:
         flow.metadata[META] = meta
         if ep.kind == LEARN and method == "GET":
             return
+        # a POSTed history call (Slack): its arguments (the channel) are read as a message's, then the response
+        # is held
         req.stream = False          # buffer: nothing reaches the server before the verdict
         length = req.headers.get("content-length", "")
         if length.isdigit():
@@ -300,7 +322,7 @@ class ChatApis:
             return
         req = self._request(flow, data)
         meta["request"] = req
-        if ep.kind == LEARN:
+        if ep.kind in (LEARN, DELIVER):
             return
         try:
             found = api.decode(ep, req, self.limits)
@@ -382,8 +404,13 @@ class ChatApis:
     def _shares_blocked_file(self, text: str, ctx: ChatContext, reason: str) -> Decision:
         """The decision on a message that shares a blocked file (made here, not by policy), recorded."""
         decision = Decision(action=BLOCK, notice=f"This message shares a file that was blocked: {reason}")
+        ctx = self.pipeline.with_direction(ctx)         # as policy's decisions see it (topology, then zones)
         try:
             self.record(alerts.message_event(text, ctx, decision))
+            archive = getattr(self.pipeline, "archive", None)      # the gateway's pipeline has one; a test's may not
+            if archive is not None:
+                archive.add_message(text if getattr(self.pipeline, "keep_text", True) else None, ctx, decision)
+                self.commit()
         except Exception:
             logger.exception("could not record a blocked message")
         return decision
@@ -497,31 +524,34 @@ class ChatApis:
                 logger.info("%s %s of %s (%d bytes) too large to scan: stopped", api.API, ep.name, ep.ref, size)
                 flow.kill()                     # the user gets no byte of a file too large to inspect
             return
-        if ep.kind == DELIVER and size > self.settings.max_sync_size:
-            self._sync_too_large(flow, meta, size)
+        if ep.kind == DELIVER and size > self.settings.max_delivery_size:
+            self._delivery_too_large(flow, meta, size)
             return
         flow.response.stream = False
         meta["held"] = True
 
-    def _sync_too_large(self, flow: http.HTTPFlow, meta: dict, size: int) -> None:
+    def _delivery_too_large(self, flow: http.HTTPFlow, meta: dict, size: int) -> None:
         api, ep = meta["api"], meta["ep"]
         ctx = self._context(flow, api.API, ep.name, "", "", recipient=self._downloader(meta))
         self._anomaly(ctx, "chat_response_too_large", f"a {api.API} {ep.name} response of {size} bytes (more than "
-                      f"max_sync_size {self.settings.max_sync_size}) was cut off undelivered", size=size)
+                      f"max_delivery_size {self.settings.max_delivery_size}) was cut off undelivered", size=size)
         flow.kill()
 
     def _downloader(self, meta: dict) -> str:
-        key = bearer(meta["request"])
-        return self.user(key) if key else ""
+        """The user behind the gateway who receives the response: whose credential asked; for a download without
+        one (Discord's CDN serves signed URLs to anyone), the user a decided response last showed the file to."""
+        key = meta["api"].requester(meta["request"])
+        if key:
+            return self.user(key)
+        return self.shared_with.get(meta["ep"].ref, "") if meta["ep"].kind == DOWNLOAD else ""
 
     def _download_name(self, flow: http.HTTPFlow, meta: dict) -> str:
-        shared = self.shared.get(meta["ep"].ref)
+        ep = meta["ep"]
+        shared = self.shared.get(ep.ref)
         if shared is not None and shared.name:
             return shared.name
-        path, query = self._split(flow)
-        m = matrix.MEDIA_GET.match(path)
-        tail = unquote(m.group(4) or "") if m else ""
-        return dict(query).get("filename") or tail or meta["ep"].ref.rsplit("/", 1)[-1]
+        _, query = self._split(flow)
+        return dict(query).get("filename") or ep.filename or ep.ref.rsplit("/", 1)[-1].rsplit(":", 1)[-1]
 
     def _download_context(self, flow: http.HTTPFlow, meta: dict) -> ChatContext:
         api, ep = meta["api"], meta["ep"]
@@ -542,51 +572,69 @@ class ChatApis:
             if passes:
                 return
         else:
-            # A thumbnail is an image the server made from the file, not the file itself; it is scanned all the
-            # same, being bytes the user receives.
+            # A thumbnail or preview is an image the server made from the file, not the file itself; it is
+            # scanned all the same, being bytes the user receives.
             report, decision = await self.inspection.check(data, ctx, name, mime)
         if not decision.blocked:
             return
         reason = block_reason(decision)
         self.stats["inbound_blocked"] += 1
         self._respond(flow, api.API, 403, f"imguard: this file was blocked ({reason})")
-        if ep.name == "media_download":     # the shared file itself: later downloads and re-shares are refused
+        if not ep.derived:          # the shared file itself: later downloads and re-shares are refused
             self._mark_blocked(ep.ref, reason)
         logger.info("%s %s of %s (%r) blocked: %s", api.API, ep.name, ep.ref, name, reason)
 
     def _deliver(self, flow: http.HTTPFlow, meta: dict) -> None:
         api, ep = meta["api"], meta["ep"]
         body = flow.response.get_content(strict=False) or b""
-        if len(body) > self.settings.max_sync_size:           # chunked, or a compressed body that grew
-            self._sync_too_large(flow, meta, len(body))
+        if len(body) > self.settings.max_delivery_size:       # chunked, or a compressed body that grew
+            self._delivery_too_large(flow, meta, len(body))
             return
-        req = meta["request"]
-        user = self._downloader(meta)
-        found = api.deliver(ep, req, flow.response.status_code, body, self.limits)
+        try:
+            found = api.deliver(ep, meta["request"], flow.response.status_code, body, self.limits)
+        except bodies.BodyError as e:       # the server's fault: an anomaly, and nothing undecided passes
+            ctx = self._context(flow, api.API, ep.name, "", "", recipient=self._downloader(meta))
+            self._anomaly(ctx, "chat_response_malformed", f"a {api.API} {ep.name} response could not be read ({e}); "
+                          "it was refused undelivered")
+            self._respond(flow, api.API, 502, "imguard: the response could not be inspected and was refused")
+            return
+        blocked, masked = self._decide_delivered(flow, api, found, self._downloader(meta))
+        if blocked or masked:       # re-serialised only when something changed
+            flow.response.content = api.rewrite_delivered(body, blocked, masked)
+
+    def _decide_delivered(self, flow: http.HTTPFlow, api, found: list, user: str) -> tuple[list, list]:
+        """What a response (or a server WebSocket message) delivers to `user`, the one path for every API:
+        SharedMedia remembered; each DeliveredMessage from someone else decided inbound. Returns the
+        (locator, notice) of the blocked and the (locator, replacements) of the masked messages."""
         blocked, masked = [], []
         for item in found:
             if isinstance(item, SharedMedia):
                 self._remember(self.shared, item.ref, item)
+                if user:
+                    self._remember(self.shared_with, item.ref, user)
             elif isinstance(item, DeliveredMessage) and item.message.sender and item.message.sender != user:
                 verdict = self._delivered(flow, api, item, user)
                 if isinstance(verdict, str) and verdict:
                     blocked.append((item.locator, verdict))
                 elif isinstance(verdict, list) and verdict:
                     masked.append((item.locator, verdict))
-        if blocked or masked:       # re-serialised only when something changed
-            flow.response.content = matrix.rewrite_sync(body, blocked, masked)
+        return blocked, masked
 
     def _delivered(self, flow: http.HTTPFlow, api, item: DeliveredMessage, user: str) -> str | list:
         """The notice replacing a blocked message, the replacements of a masked one, or "" (pass as is)."""
         event = item.message
         if not event.parts and not event.refs:
             return ""
-        key = (user, item.event_id)
-        if item.event_id and key in self.delivered:            # a later sync repeats it: decided already
-            return self.delivered[key]
+        # An edit keeps the message id: the text is part of the key, so an edited message is decided again. A
+        # file it shares that was blocked since (its download) turns a remembered pass into a block.
+        digest = hashlib.sha256("\0".join((event.text,) + event.refs).encode("utf-8", "replace")).hexdigest()[:16]
+        key = (api.API, user, item.event_id, digest)
+        reason = next((r for r in map(self._blocked, event.refs) if r), None)
+        remembered = self.delivered.get(key) if item.event_id else None
+        if remembered is not None and (not reason or isinstance(remembered, str) and remembered):
+            return remembered           # a later response repeats it: decided already
         self.stats["inbound_messages"] += 1
         ctx = self._context(flow, api.API, event.endpoint, event.sender, event.room, recipient=user)
-        reason = next((r for r in map(self._blocked, event.refs) if r), None)
         if reason:
             decision = self._shares_blocked_file(event.text, ctx, reason)
         else:
@@ -629,10 +677,12 @@ class ChatApis:
             return
         message = flow.websocket.messages[-1]
         del flow.websocket.messages[:-1]            # a chat socket lives for hours: keep no history
-        if not message.from_client or message.injected:
+        if message.injected:
             return
-        cookie = flow.request.headers.get("cookie", "")
-        sender = next((v for k, v in (c.strip().partition("=")[::2] for c in cookie.split(";")) if k == "rc_uid"), "")
+        sender = flow.metadata.get(WS_USER) or rocketchat.cookie(flow.request.headers.get("cookie", ""), "rc_uid")
+        if not message.from_client:
+            self._websocket_delivered(flow, message, sender)
+            return
         found = rocketchat.decode_ws(message.content, sender, self.limits)
         replacements = []
         for call_id, index, event in found:
@@ -652,6 +702,21 @@ class ChatApis:
                 message.content = rocketchat.rewrite_ws(message.content, replacements)
             except Exception:
                 logger.exception("masking a WebSocket message failed; dropped")
+                message.drop()
+
+    def _websocket_delivered(self, flow: http.HTTPFlow, message, user: str) -> None:
+        """A server message on a Rocket.Chat socket: who logged in on it (a login result), and the messages of
+        others it streams (stream-room-messages), decided inbound as a history response's are."""
+        found = rocketchat.deliver_ws(message.content, self.limits)
+        for item in found:
+            if isinstance(item, Identity) and item.user:
+                flow.metadata[WS_USER] = user = item.user
+        blocked, masked = self._decide_delivered(flow, rocketchat, found, user)
+        if blocked or masked:
+            try:
+                message.content = rocketchat.rewrite_ws_delivered(message.content, blocked, masked)
+            except Exception:
+                logger.exception("rewriting a delivered WebSocket message failed; dropped")
                 message.drop()
 
     def _ws_message(self, flow, event: ChatMessage) -> tuple[list | None, str]:

@@ -8,8 +8,11 @@ HttpRequest and acts on what comes back; tests and the offline replay can do the
     ep = api.classify(method, path)                    # Endpoint, or None: not a chat call, relay it untouched
     events = api.decode(ep, request, limits)           # ChatMessage, FileUpload, EncryptedContent, MalformedRequest
     learned = api.learn(ep, request, status, body)     # Identity, StoredMedia, UploadSlot (from the response)
-    matrix.deliver(ep, request, status, body)          # DELIVER (Matrix /sync): DeliveredMessage, SharedMedia
-    matrix.rewrite_sync(body, [(locator, notice)])     # a blocked delivered message becomes the notice
+    who = api.requester(request)                       # whose credential asks (the receiver of a response)
+    found = api.deliver(ep, request, status, body)     # DELIVER (Matrix /sync, /messages, history calls):
+                                                       # DeliveredMessage, SharedMedia
+    api.rewrite_delivered(body, [(locator, notice)], [(locator, masked parts)])   # block: the notice; mask
+    rocketchat.deliver_ws(frame), rocketchat.rewrite_ws_delivered(frame, ...)     # DDP stream-room-messages
     api.error_body(status, reason)                     # the API's own error JSON
     bodies.rewrite(body, content_type, bodies.masked_replacements(message.parts, masked_text))
 
@@ -31,8 +34,14 @@ from imguard.protocols.httpchat.events import (DELIVER, DOWNLOAD, LEARN, MESSAGE
 APIS: dict[str, ModuleType] = {m.API: m for m in (matrix, slack, mattermost, rocketchat, discord)}
 
 # Matched by path prefix on any host, longest prefix first, so a self-hosted server on any name is covered.
+# The file downloads: Slack's files.slack.com serves /files-pri/ and /files-tmb/, Mattermost its public links under
+# /files/, Rocket.Chat /file-upload/ (any host: within them only the APIs' exact download paths are held);
+# Discord's CDN only on its two hosts (/attachments/ is too common a path).
 DEFAULT_ROUTES = ("matrix=/_matrix/", "mattermost=/api/v4/", "rocketchat=/api/v1/", "rocketchat=/websocket",
-                  "rocketchat=/sockjs/", "discord=/api/v10/", "discord=/api/v9/", "slack=/api/", "discord=/api/")
+                  "rocketchat=/sockjs/", "discord=/api/v10/", "discord=/api/v9/", "slack=/api/", "discord=/api/",
+                  "slack=/files-pri/", "slack=/files-tmb/", "mattermost=/files/", "rocketchat=/file-upload/",
+                  "discord=cdn.discordapp.com/attachments/",
+                  "discord=media.discordapp.net/attachments/")
 
 __all__ = ["APIS", "DEFAULT_ROUTES", "Routes", "Route", "DecodeLimits", "HttpRequest", "Endpoint", "TextPart",
            "ChatMessage", "FileUpload", "EncryptedContent", "MalformedRequest", "Identity", "StoredMedia",

@@ -6,21 +6,33 @@
     POST  /api/v10/channels/{id}/attachments     {files: [{filename, file_size, id}]} -> learn UploadSlot per file
     PUT   <upload_url> (any host, learned)       raw bytes                            -> FileUpload
           a later message's attachments[].uploaded_filename                           -> refs discord:<name>
+    GET   /api/v10/users/@me                     -> learn Identity (the token's user id)
+    GET   /api/v10/channels/{id}/messages[/{mid}]  a list of messages, or one -> DELIVER: deliver() ->
+          DeliveredMessage per message (author.id, content, embeds, the replied-to message; locator (i,) or ()),
+          SharedMedia discord:attachment:<id>; rewrite_delivered() makes a blocked one the notice (embeds,
+          attachments, components, the quoted message dropped) and masks a masked one's texts
+    GET   /attachments/{channel}/{id}/{name} on cdn.discordapp.com, media.discordapp.net (host routes)
+                                                 -> DOWNLOAD ref discord:attachment:<id>
 """
 
 from __future__ import annotations
 
 import re
+from urllib.parse import unquote
 
 from imguard.protocols.httpchat import bodies
-from imguard.protocols.httpchat.common import DecodeLimits, bearer, dump, json_body, malformed, text_of
-from imguard.protocols.httpchat.events import (MESSAGE, UPLOAD, ChatMessage, Endpoint, FileUpload, HttpRequest,
-                                               TextPart, UploadSlot)
+from imguard.protocols.httpchat.common import (DecodeLimits, bearer, dump, json_body, malformed, message_parts,
+                                               parse_delivered, rewrite_json, text_of)
+from imguard.protocols.httpchat.events import (DELIVER, DOWNLOAD, LEARN, MESSAGE, UPLOAD, ChatMessage,
+                                               DeliveredMessage, Endpoint, FileUpload, HttpRequest, Identity,
+                                               SharedMedia, TextPart, UploadSlot)
 
 API = "discord"
 _V = r"/api(?:/v\d+)?"
 MESSAGES = re.compile(rf"^{_V}/channels/(\d+)/messages(?:/\d+)?$")
 ATTACHMENTS = re.compile(rf"^{_V}/channels/(\d+)/attachments$")
+ME = re.compile(rf"^{_V}/users/@me$")
+CDN = re.compile(r"^/attachments/(\d+)/(\d+)/([^/]+)$")
 TEXT_KEYS = frozenset({"content", "title", "description", "name", "value", "text"})
 
 
@@ -29,7 +41,20 @@ def classify(method: str, path: str) -> Endpoint | None:
         return Endpoint(API, "message", UPLOAD)        # may carry files: size-limited as an upload
     if method == "POST" and ATTACHMENTS.match(path):
         return Endpoint(API, "attachments", MESSAGE, learn=True)
+    if method != "GET":
+        return None
+    if m := CDN.match(path):
+        return Endpoint(API, "cdn_attachment", DOWNLOAD, ref="discord:attachment:" + m.group(2),
+                        filename=unquote(m.group(3)))
+    if m := MESSAGES.match(path):
+        return Endpoint(API, "messages" if m.group(0).endswith("/messages") else "message_get", DELIVER)
+    if ME.match(path):
+        return Endpoint(API, "users_me", LEARN, learn=True)
     return None
+
+
+def requester(req: HttpRequest) -> str:
+    return bearer(req)
 
 
 def upload_endpoint() -> Endpoint:
@@ -80,7 +105,56 @@ def decode(ep: Endpoint, req: HttpRequest, limits: DecodeLimits = DecodeLimits()
         return [malformed(API, ep.name, e)]
 
 
+def deliver(ep: Endpoint, req: HttpRequest, status: int, body: bytes,
+            limits: DecodeLimits = DecodeLimits()) -> list:
+    """The messages of a channel (a JSON list) or one message: DeliveredMessage each (own ones included) and
+    SharedMedia for their attachments. Raises bodies.BodyError for a body that is not JSON."""
+    if ep.kind != DELIVER or not 200 <= status < 300 or not body:
+        return []
+    data = parse_delivered(body, limits)
+    found = [((i,), m) for i, m in enumerate(data)] if isinstance(data, list) else [((), data)]
+    m = MESSAGES.match(req.path)
+    channel = m.group(1) if m else ""
+    out: list = []
+    for locator, msg in found:
+        if not isinstance(msg, dict):
+            continue
+        author = msg.get("author") if isinstance(msg.get("author"), dict) else {}
+        sender, room = text_of(author.get("id")), text_of(msg.get("channel_id")) or channel
+        attachments = [a for a in msg.get("attachments") or [] if isinstance(a, dict) and text_of(a.get("id"))] \
+            if isinstance(msg.get("attachments"), list) else []
+        refs = tuple("discord:attachment:" + a["id"] for a in attachments)
+        parts = message_parts(msg, "content", ("embeds", "referenced_message", "message_snapshots"), TEXT_KEYS)
+        message = ChatMessage(API, ep.name, sender, room, parts, refs, kind="message")
+        edited = text_of(msg.get("edited_timestamp"))
+        out.append(DeliveredMessage(message, text_of(msg.get("id")) + (f"@{edited}" if edited else ""), locator))
+        out += [SharedMedia("discord:attachment:" + a["id"], sender, room, text_of(a.get("filename")))
+                for a in attachments]
+    return out
+
+
+def _blank(msg: dict, notice: str) -> None:
+    msg["content"] = notice
+    msg["embeds"], msg["attachments"], msg["components"] = [], [], []
+    for key in ("referenced_message", "message_snapshots", "sticker_items"):
+        msg.pop(key, None)
+
+
+def rewrite_delivered(body: bytes, blocked=(), masked=()) -> bytes:
+    """The response with each blocked message's content the notice (embeds, attachments, components and the
+    quoted message dropped) and each masked one's texts masked. Raises bodies.BodyError when a locator does not
+    fit."""
+    return rewrite_json(body, blocked, masked, _blank)
+
+
 def learn(ep: Endpoint, req: HttpRequest, status: int, body: bytes) -> list:
+    if ep.name == "users_me" and 200 <= status < 300:
+        try:
+            data = bodies.parse_json(body, 16)
+        except bodies.BodyError:
+            return []
+        user, key = text_of(data.get("id")) if isinstance(data, dict) else "", bearer(req)
+        return [Identity(key, user)] if user and key else []
     if ep.name != "attachments" or not 200 <= status < 300:
         return []
     try:

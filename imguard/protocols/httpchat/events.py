@@ -3,7 +3,8 @@
 In:   HttpRequest (method, host, path, query, headers, body), and for learning a response's status and body.
 Out:  ChatMessage, FileUpload, EncryptedContent, MalformedRequest (what a request carries), the facts a
       response teaches (Identity, StoredMedia, UploadSlot), which the carrier keeps in its tables, and what a
-      response delivers to the client (DeliveredMessage, SharedMedia: Matrix /sync).
+      response delivers to the client (DeliveredMessage, SharedMedia: Matrix /sync and /messages, Slack
+      conversations.history, Mattermost channel posts, Rocket.Chat history, Discord channel messages).
 
 A `TextPart.locator` says where a text sits in the body, so the carrier can rewrite exactly that text when
 policy masks it (bodies.rewrite): ("json", key, index, ...) in a JSON body, ("form", name) in a form body,
@@ -120,9 +121,12 @@ class MalformedRequest:
 
 @dataclass(frozen=True)
 class DeliveredMessage:
-    """A message from someone else, in a response to the client (a Matrix /sync timeline event). `message.sender`
-    is who wrote it; `locator` is where its event sits in the response JSON (the carrier replaces it there when
-    policy blocks or masks it: matrix.rewrite_sync)."""
+    """A message in a response to the client (a Matrix timeline event, a Slack/Mattermost/Rocket.Chat/Discord
+    history message), the client's own included: the carrier decides those from someone else. `message.sender`
+    is who wrote it; `event_id` names it for the carrier's verdict memory (a repeat is not recorded twice);
+    `locator` is where the message object sits in the response JSON (the path from the root; ("ws", frame, ...)
+    in a WebSocket message), and the texts' locators are relative to it: the module's rewrite_delivered replaces
+    it there when policy blocks or masks it."""
     message: ChatMessage
     event_id: str
     locator: tuple
@@ -130,8 +134,8 @@ class DeliveredMessage:
 
 @dataclass(frozen=True)
 class SharedMedia:
-    """A message in a response shares `ref` (an mxc://): who sent it, where, under which name. The carrier
-    remembers it to name the sender when the file is downloaded."""
+    """A message in a response shares `ref` (an mxc://, slack:F.., mattermost:.., rocketchat:.., discord:..): who
+    sent it, where, under which name. The carrier remembers it to name the sender when the file is downloaded."""
     ref: str
     sender: str
     room: str
@@ -171,9 +175,12 @@ class Endpoint:
     kind: str                   # MESSAGE (small body, decoded), UPLOAD (file bytes, size-limited), LEARN (only
                                 # the response matters), DOWNLOAD (GET of a reference: refused when blocked, else
                                 # the response's bytes held and scanned), DELIVER (a response that carries
-                                # messages to the client, Matrix /sync: held, decoded, decided)
+                                # messages to the client, Matrix /sync, history calls: held, decoded, decided)
     learn: bool = False         # read the response (login, upload result, upload URL)
     ref: str = ""               # DOWNLOAD: the reference fetched; async upload: the reference written
+    filename: str = ""          # DOWNLOAD: the file name the path carries, if any
+    derived: bool = False       # DOWNLOAD: a thumbnail or preview the server made from the file, not the file
+                                # itself (scanned all the same; its block does not mark the reference blocked)
 
 
 MESSAGE = "message"

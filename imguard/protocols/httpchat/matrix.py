@@ -12,8 +12,15 @@
          image the server made, not the shared file, scanned all the same)
     GET  /_matrix/client/{r0,v3}/sync                                            -> DELIVER: deliver() reads the
          response: every m.room.message / m.sticker in rooms.{join,leave}.*.timeline.events -> DeliveredMessage
-         (same text parts and refs as a sent one) and SharedMedia for each mxc it shares; rewrite_sync()
+         (same text parts and refs as a sent one) and SharedMedia for each mxc it shares; rewrite_delivered()
          swaps a blocked event's content for a notice and masks a masked one's texts
+    GET  /_matrix/client/{r0,v3}/rooms/{room}/messages                          -> DELIVER, the events in `chunk`
+    GET  /_matrix/client/{r0,v3}/rooms/{room}/context/{eventId}                 -> DELIVER, `event`,
+         `events_before`, `events_after`
+    GET  /_matrix/client/{r0,v3}/rooms/{room}/event/{eventId}                   -> DELIVER, the event itself
+    GET  /_matrix/client/v1/rooms/{room}/relations/{eventId}[/{relType}[/{eventType}]], .../threads
+                                                                                -> DELIVER, the events in `chunk`
+                                                                                   (thread replies, thread roots)
     POST .../login, .../register; GET .../account/whoami                         -> learn Identity
 """
 
@@ -23,7 +30,8 @@ import re
 from urllib.parse import unquote
 
 from imguard.protocols.httpchat import bodies
-from imguard.protocols.httpchat.common import DecodeLimits, bearer, dump, json_body, malformed, text_of
+from imguard.protocols.httpchat.common import (DELIVER_MAX_DEPTH, DecodeLimits, bearer, dump, json_body, malformed,
+                                               rewrite_json, text_of)
 from imguard.protocols.httpchat.events import (DELIVER, DOWNLOAD, LEARN, MESSAGE, UPLOAD, ChatMessage,
                                                DeliveredMessage, EncryptedContent, Endpoint, FileUpload, HttpRequest,
                                                Identity, SharedMedia, StoredMedia, TextPart, credential_key)
@@ -36,10 +44,12 @@ ASYNC_UPLOAD = re.compile(rf"^/_matrix/(?:media/{_V}|client/v1/media)/upload/([^
 CREATE = re.compile(rf"^/_matrix/(?:media/{_V}|client/v1/media)/create$")
 MEDIA_GET = re.compile(rf"^/_matrix/(?:media/{_V}|client/v1/media)/(download|thumbnail)/([^/]+)/([^/]+)(?:/(.*))?$")
 SYNC = re.compile(rf"^/_matrix/client/{_V}/sync$")
+ROOM_READ = re.compile(rf"^/_matrix/client/{_V}/rooms/([^/]+)/(messages|context|event)(?:/([^/]+))?$")
+ROOM_CHUNK = re.compile(rf"^/_matrix/client/{_V}/rooms/([^/]+)/(relations/[^/]+(?:/[^/]+){{0,2}}|threads)$")
 LOGIN = re.compile(rf"^/_matrix/client/{_V}/(?:login|register|refresh)$")
 WHOAMI = re.compile(rf"^/_matrix/client/{_V}/account/whoami$")
 
-SYNC_MAX_DEPTH = 256
+SYNC_MAX_DEPTH = DELIVER_MAX_DEPTH
 FILE_MSGTYPES = ("m.file", "m.image", "m.video", "m.audio")
 
 
@@ -57,9 +67,14 @@ def classify(method: str, path: str) -> Endpoint | None:
     if method == "POST" and CREATE.match(path):
         return Endpoint(API, "media_create", LEARN)     # the mxc it returns comes back in the upload's PUT path
     if method == "GET" and (m := MEDIA_GET.match(path)):
-        return Endpoint(API, f"media_{m.group(1)}", DOWNLOAD, ref=mxc(m.group(2), m.group(3)))
+        return Endpoint(API, f"media_{m.group(1)}", DOWNLOAD, ref=mxc(m.group(2), m.group(3)),
+                        filename=unquote(m.group(4) or ""), derived=m.group(1) == "thumbnail")
     if method == "GET" and SYNC.match(path):
         return Endpoint(API, "sync", DELIVER)
+    if method == "GET" and (m := ROOM_READ.match(path)) and (m.group(2) == "messages") == (m.group(3) is None):
+        return Endpoint(API, m.group(2), DELIVER)
+    if method == "GET" and (m := ROOM_CHUNK.match(path)):
+        return Endpoint(API, m.group(2).split("/", 1)[0], DELIVER)
     if method == "POST" and LOGIN.match(path):
         return Endpoint(API, "login", LEARN, learn=True)
     if method == "GET" and WHOAMI.match(path):
@@ -125,18 +140,43 @@ def _content(content: dict) -> tuple[tuple, tuple, tuple, bool]:
     return tuple(parts), tuple(refs), encrypted_refs, bool(encrypted)
 
 
-# --- what a /sync response delivers -------------------------------------------------------------------
+# --- what /sync, /messages, /context and /event responses deliver -----------------------------------------
 
 def deliver(ep: Endpoint, req: HttpRequest, status: int, body: bytes,
             limits: DecodeLimits = DecodeLimits()) -> list:
-    """The messages a /sync response brings (DeliveredMessage, own ones included: the carrier knows whose token
-    it is) and the media they share (SharedMedia). JSON without rooms brings nothing. Raises bodies.BodyError
-    for a body that is not JSON, or nested deeper than SYNC_MAX_DEPTH (events from others carry any JSON they
-    like, so the request limit does not apply; json.loads itself copes with this depth)."""
-    if ep.name != "sync" or not 200 <= status < 300 or not body:
+    """The messages a response brings (DeliveredMessage, own ones included: the carrier knows whose token it is)
+    and the media they share (SharedMedia): /sync (rooms.{join,leave}.*.timeline.events), /messages, /relations
+    and /threads (chunk), /context (event, events_before, events_after), /event (the event itself). JSON without
+    them brings nothing. Raises bodies.BodyError for a body that is not JSON, or nested deeper than
+    SYNC_MAX_DEPTH (events from others carry any JSON they like, so the request limit does not apply)."""
+    if ep.kind != DELIVER or not 200 <= status < 300 or not body:
         return []
     data = bodies.parse_json(body, max(limits.max_json_depth, SYNC_MAX_DEPTH))
-    rooms = data.get("rooms") if isinstance(data, dict) else None
+    if not isinstance(data, dict):
+        return []
+    if ep.name == "sync":
+        return _sync_events(ep, data)
+    m = ROOM_READ.match(req.path) or ROOM_CHUNK.match(req.path)
+    room = unquote(m.group(1)) if m else ""
+    found: list[tuple[tuple, object]] = []
+    if ep.name in ("messages", "relations", "threads") and isinstance(data.get("chunk"), list):
+        found = [(("chunk", i), e) for i, e in enumerate(data["chunk"])]
+    elif ep.name == "context":
+        found = [(("event",), data.get("event"))]
+        for key in ("events_before", "events_after"):
+            if isinstance(data.get(key), list):
+                found += [((key, i), e) for i, e in enumerate(data[key])]
+    elif ep.name == "event":
+        found = [((), data)]
+    out: list = []
+    for locator, event in found:
+        if isinstance(event, dict):
+            out += _event(ep, event, text_of(event.get("room_id")) or room, locator)
+    return out
+
+
+def _sync_events(ep: Endpoint, data: dict) -> list:
+    rooms = data.get("rooms")
     if not isinstance(rooms, dict):
         return []
     out: list = []
@@ -150,19 +190,25 @@ def deliver(ep: Endpoint, req: HttpRequest, status: int, body: bytes,
             if not isinstance(events, list):
                 continue
             for index, event in enumerate(events):
-                if not isinstance(event, dict) or event.get("type") not in ("m.room.message", "m.sticker"):
-                    continue
-                content = event.get("content")
-                if not isinstance(content, dict) or not content:
-                    continue                # redacted: nothing left to read
-                sender = text_of(event.get("sender"))
-                parts, refs, _, _ = _content(content)
-                message = ChatMessage(API, ep.name, sender, room, parts, refs,
-                                      kind=text_of(content.get("msgtype")) or text_of(event.get("type")))
-                out.append(DeliveredMessage(message, text_of(event.get("event_id")),
-                                            ("rooms", section, room, "timeline", "events", index)))
-                name = text_of(content.get("filename")) or text_of(content.get("body"))
-                out.extend(SharedMedia(ref, sender, room, name) for ref in refs if ref.startswith("mxc://"))
+                if isinstance(event, dict):
+                    out += _event(ep, event, room, ("rooms", section, room, "timeline", "events", index))
+    return out
+
+
+def _event(ep: Endpoint, event: dict, room: str, locator: tuple) -> list:
+    """DeliveredMessage and SharedMedia of one room event (nothing for other event types, or a redacted one)."""
+    if event.get("type") not in ("m.room.message", "m.sticker"):
+        return []
+    content = event.get("content")
+    if not isinstance(content, dict) or not content:
+        return []                       # redacted: nothing left to read
+    sender = text_of(event.get("sender"))
+    parts, refs, _, _ = _content(content)
+    message = ChatMessage(API, ep.name, sender, room, parts, refs,
+                          kind=text_of(content.get("msgtype")) or text_of(event.get("type")))
+    out: list = [DeliveredMessage(message, text_of(event.get("event_id")), locator)]
+    name = text_of(content.get("filename")) or text_of(content.get("body"))
+    out.extend(SharedMedia(ref, sender, room, name) for ref in refs if ref.startswith("mxc://"))
     return out
 
 
@@ -172,41 +218,36 @@ def notice_content(notice: str) -> dict:
     return {"msgtype": "m.notice", "body": notice}
 
 
-def rewrite_sync(body: bytes, blocked=(), masked=(), max_depth: int = SYNC_MAX_DEPTH) -> bytes:
-    """The sync response with, for each (event locator, notice) in `blocked`, the event's content replaced by
+def _blank(event: dict, notice: str) -> None:
+    if not isinstance(event.get("content"), dict):
+        raise bodies.BodyError("the event has no content")
+    event["content"] = notice_content(notice)
+    unsigned = event.get("unsigned")
+    if isinstance(unsigned, dict):
+        unsigned.pop("m.relations", None)       # an aggregated edit would bring the text back
+
+
+def _within(event: dict) -> dict:
+    content = event.get("content")
+    if not isinstance(content, dict):
+        raise bodies.BodyError("the event has no content")
+    return content
+
+
+def rewrite_delivered(body: bytes, blocked=(), masked=()) -> bytes:
+    """The response with, for each (event locator, notice) in `blocked`, the event's content replaced by
     notice_content(notice), and for each (event locator, [(part locator, text)]) in `masked` those texts of the
     event's content replaced (bodies.masked_replacements gives them). Raises bodies.BodyError when the body
     cannot be read or a locator does not lead to an event."""
-    data = bodies.parse_json(body, max_depth)
+    return rewrite_json(body, blocked, masked, _blank, _within)
 
-    def event_at(locator: tuple) -> dict:
-        node = data
-        try:
-            for key in locator:
-                node = node[key]
-        except (KeyError, IndexError, TypeError) as e:
-            raise bodies.BodyError(f"no event at {locator!r}") from e
-        if not isinstance(node, dict) or not isinstance(node.get("content"), dict):
-            raise bodies.BodyError(f"no event at {locator!r}")
-        return node
 
-    for locator, notice in blocked:
-        event = event_at(locator)
-        event["content"] = notice_content(notice)
-        unsigned = event.get("unsigned")
-        if isinstance(unsigned, dict):
-            unsigned.pop("m.relations", None)   # an aggregated edit would bring the text back
-    for locator, parts in masked:
-        event = event_at(locator)
-        for part, text in parts:
-            node = event["content"]
-            try:
-                for key in part[1:-1]:          # ("json", "m.new_content", "body"): the path in the content
-                    node = node[key]
-                node[part[-1]] = text
-            except (KeyError, IndexError, TypeError) as e:
-                raise bodies.BodyError(f"no text at {part!r} in the event at {locator!r}") from e
-    return dump(data)
+rewrite_sync = rewrite_delivered
+
+
+def requester(req: HttpRequest) -> str:
+    """Who asks (the credential key of the access token)."""
+    return bearer(req)
 
 
 def learn(ep: Endpoint, req: HttpRequest, status: int, body: bytes) -> list:

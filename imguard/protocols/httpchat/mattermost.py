@@ -6,6 +6,14 @@
                                        JSON {channel_id, message, file_ids, props.attachments}   -> ChatMessage
     POST /api/v4/uploads/{upload_id}   a resumable upload's data: FileUpload of that chunk (see below)
     WebSocket /api/v4/websocket        carries no posts from clients (they are REST): not decoded
+    GET  /api/v4/users/me              -> learn Identity (the session's user id)
+    GET  /api/v4/channels/{id}/posts, /api/v4/posts/{id}/thread  {order, posts: {id: post}}; GET /api/v4/posts/{id}
+                                       a post -> DELIVER: deliver() -> DeliveredMessage per post (not system
+                                       posts; locator ("posts", id)), SharedMedia mattermost:<file id>;
+                                       rewrite_delivered() makes a blocked post the notice (files, attachments,
+                                       embeds dropped) and masks a masked one's texts
+    GET  /api/v4/files/{id}[/preview|/thumbnail]   -> DOWNLOAD ref mattermost:<id> (preview, thumbnail derived)
+    GET  /files/{id}/public?h=         (a public link, no session)   -> DOWNLOAD ref mattermost:<id>
 
 A resumable upload (POST /api/v4/uploads, then data in one or more POSTs to /api/v4/uploads/{id}) is scanned
 per request: a file sent in one request is scanned whole; a file split over several requests is scanned
@@ -18,15 +26,23 @@ from __future__ import annotations
 import re
 
 from imguard.protocols.httpchat import bodies
-from imguard.protocols.httpchat.common import DecodeLimits, bearer, dump, json_body, malformed, text_of
-from imguard.protocols.httpchat.events import (MESSAGE, UPLOAD, ChatMessage, Endpoint, FileUpload, HttpRequest,
-                                               TextPart, credential_key)
+from imguard.protocols.httpchat.common import (DecodeLimits, bearer, dump, json_body, malformed, message_parts,
+                                               parse_delivered, rewrite_json, text_of)
+from imguard.protocols.httpchat.events import (DELIVER, DOWNLOAD, LEARN, MESSAGE, UPLOAD, ChatMessage,
+                                               DeliveredMessage, Endpoint, FileUpload, HttpRequest, Identity,
+                                               SharedMedia, TextPart, credential_key)
 
 API = "mattermost"
 POSTS = re.compile(r"^/api/v4/posts(?:/ephemeral)?$")
 POST_EDIT = re.compile(r"^/api/v4/posts/[a-z0-9]+(?:/patch)?$")
 FILES = re.compile(r"^/api/v4/files$")
 UPLOAD_DATA = re.compile(r"^/api/v4/uploads/([a-z0-9]+)$")
+FILE_GET = re.compile(r"^/api/v4/files/([a-z0-9]+)(?:/(preview|thumbnail))?$")
+PUBLIC_FILE = re.compile(r"^/files/([a-z0-9]+)/public$")
+CHANNEL_POSTS = re.compile(r"^/api/v4/channels/([a-z0-9]+)/posts$")
+THREAD = re.compile(r"^/api/v4/posts/([a-z0-9]+)/thread$")
+POST_GET = re.compile(r"^/api/v4/posts/([a-z0-9]+)$")
+ME = "/api/v4/users/me"
 TEXT_KEYS = frozenset({"text", "pretext", "fallback", "title", "value"})
 
 
@@ -37,7 +53,26 @@ def classify(method: str, path: str) -> Endpoint | None:
         return Endpoint(API, "files", UPLOAD)
     if method == "POST" and UPLOAD_DATA.match(path):
         return Endpoint(API, "upload_data", UPLOAD)
+    if method != "GET":
+        return None
+    if m := FILE_GET.match(path):
+        return Endpoint(API, "file_" + (m.group(2) or "get"), DOWNLOAD, ref="mattermost:" + m.group(1),
+                        derived=m.group(2) is not None)
+    if m := PUBLIC_FILE.match(path):
+        return Endpoint(API, "file_public", DOWNLOAD, ref="mattermost:" + m.group(1))
+    if CHANNEL_POSTS.match(path):
+        return Endpoint(API, "channel_posts", DELIVER)
+    if THREAD.match(path):
+        return Endpoint(API, "thread", DELIVER)
+    if POST_GET.match(path):
+        return Endpoint(API, "post_get", DELIVER)
+    if path == ME:
+        return Endpoint(API, "users_me", LEARN, learn=True)
     return None
+
+
+def requester(req: HttpRequest) -> str:
+    return _sender(req)
 
 
 def _sender(req: HttpRequest) -> str:
@@ -83,8 +118,67 @@ def decode(ep: Endpoint, req: HttpRequest, limits: DecodeLimits = DecodeLimits()
         return [malformed(API, ep.name, e)]
 
 
+def deliver(ep: Endpoint, req: HttpRequest, status: int, body: bytes,
+            limits: DecodeLimits = DecodeLimits()) -> list:
+    """The posts a channel's, a thread's or a single post's response brings (DeliveredMessage, own ones included)
+    and the files they share (SharedMedia). Raises bodies.BodyError for a body that is not JSON."""
+    if ep.kind != DELIVER or not 200 <= status < 300 or not body:
+        return []
+    data = parse_delivered(body, limits)
+    if not isinstance(data, dict):
+        return []
+    if ep.name == "post_get":
+        found = [((), data)]
+    else:
+        posts = data.get("posts")
+        found = [(("posts", k), v) for k, v in posts.items()] if isinstance(posts, dict) else []
+    out: list = []
+    for locator, post in found:
+        if not isinstance(post, dict) or text_of(post.get("type")).startswith("system_"):
+            continue
+        sender, room = text_of(post.get("user_id")), text_of(post.get("channel_id"))
+        ids = post.get("file_ids") if isinstance(post.get("file_ids"), list) else []
+        refs = tuple("mattermost:" + i for i in ids if isinstance(i, str) and i)
+        parts = message_parts(post, "message", ("props",), TEXT_KEYS)
+        message = ChatMessage(API, ep.name, sender, room, parts, refs, kind="post")
+        out.append(DeliveredMessage(message, text_of(post.get("id")), locator))
+        meta = post.get("metadata") if isinstance(post.get("metadata"), dict) else {}
+        names = {text_of(f.get("id")): text_of(f.get("name")) for f in meta.get("files") or []
+                 if isinstance(f, dict)} if isinstance(meta.get("files"), list) else {}
+        out += [SharedMedia(ref, sender, room, names.get(ref.split(":", 1)[1], "")) for ref in refs]
+    return out
+
+
+def _blank(post: dict, notice: str) -> None:
+    post["message"] = notice
+    post["file_ids"] = []
+    post["props"] = {}
+    post.pop("message_source", None)
+    meta = post.get("metadata")
+    if isinstance(meta, dict):
+        for key in ("files", "embeds", "images"):
+            meta.pop(key, None)
+
+
+def _after_mask(post: dict) -> None:
+    post.pop("message_source", None)        # the original markdown, when the server sends it
+
+
+def rewrite_delivered(body: bytes, blocked=(), masked=()) -> bytes:
+    """The response with each blocked post's message the notice (its files, attachments and embeds dropped) and
+    each masked one's texts masked. Raises bodies.BodyError when a locator does not fit."""
+    return rewrite_json(body, blocked, masked, _blank, after_mask=_after_mask)
+
+
 def learn(ep: Endpoint, req: HttpRequest, status: int, body: bytes) -> list:
-    return []
+    if ep.name != "users_me" or not 200 <= status < 300:
+        return []
+    try:
+        data = bodies.parse_json(body, 16)
+    except bodies.BodyError:
+        return []
+    user, key = text_of(data.get("id")) if isinstance(data, dict) else "", _sender(req)
+    return [Identity(key, user)] if user and key else []
 
 
 def error_body(status: int, reason: str) -> bytes:

@@ -8,6 +8,15 @@
     POST /api/v1/chat.update             JSON {roomId, msgId, text}              -> ChatMessage
     WebSocket (/websocket, /sockjs/.../websocket): DDP {"msg":"method","method":"sendMessage"|"updateMessage",
              "params":[{"rid","msg"}]}, bare or in a SockJS frame (a JSON array of strings) -> ChatMessage
+    GET  /api/v1/{channels,groups,im,dm}.history?roomId=   {messages: [{_id, rid, msg, u: {_id, username},
+             attachments, file, files, md}]} -> DELIVER: deliver() -> DeliveredMessage per message (not system
+             messages, those with `t`; locator ("messages", i)), SharedMedia rocketchat:<file id>;
+             rewrite_delivered() makes a blocked one the notice (attachments, files and the pre-parsed `md`
+             dropped) and masks a masked one's texts (its `md` dropped: the client renders `msg` again)
+    GET  /file-upload/{fileId}/{name}    -> DOWNLOAD ref rocketchat:<fileId>
+    WebSocket, from the server: DDP {"msg":"changed","collection":"stream-room-messages","fields":{"args":[msg]}}
+             -> deliver_ws(): DeliveredMessage per message, locator ("ws", frame index, "fields", "args", i);
+             a login method's result {"msg":"result","result":{"id","token"}} -> Identity("", user id)
 """
 
 from __future__ import annotations
@@ -15,15 +24,22 @@ from __future__ import annotations
 import json
 import re
 
+from urllib.parse import unquote
+
 from imguard.protocols.httpchat import bodies
-from imguard.protocols.httpchat.common import DecodeLimits, dump, json_body, malformed, text_of
-from imguard.protocols.httpchat.events import MESSAGE, UPLOAD, ChatMessage, Endpoint, FileUpload, HttpRequest, TextPart
+from imguard.protocols.httpchat.common import (DELIVER_MAX_DEPTH, DecodeLimits, dump, json_body, malformed,
+                                               message_parts, parse_delivered, rewrite_json, text_of)
+from imguard.protocols.httpchat.common import rewrite_delivered as rewrite_delivered_data
+from imguard.protocols.httpchat.events import (DELIVER, DOWNLOAD, MESSAGE, UPLOAD, ChatMessage, DeliveredMessage,
+                                               Endpoint, FileUpload, HttpRequest, Identity, SharedMedia, TextPart)
 
 API = "rocketchat"
 UPLOAD_PATH = re.compile(r"^/api/v1/rooms\.(upload|media)/([^/]+)$")
 CONFIRM = re.compile(r"^/api/v1/rooms\.mediaConfirm/([^/]+)/([^/]+)$")
 CHAT = re.compile(r"^/api/v1/chat\.(sendMessage|postMessage|update)$")
 WEBSOCKET = re.compile(r"^(?:/websocket|/sockjs/.*/websocket)$")
+HISTORY = re.compile(r"^/api/v1/(channels|groups|im|dm)\.history$")
+FILE_UPLOAD = re.compile(r"^/file-upload/([^/]+)/([^/]+)$")
 TEXT_KEYS = frozenset({"text", "title", "description", "pretext", "value"})
 DDP_METHODS = ("sendMessage", "updateMessage")
 
@@ -35,6 +51,11 @@ def classify(method: str, path: str) -> Endpoint | None:
         return Endpoint(API, "rooms.mediaConfirm", MESSAGE)
     if method == "POST" and (m := CHAT.match(path)):
         return Endpoint(API, "chat." + m.group(1), MESSAGE)
+    if method == "GET" and (m := HISTORY.match(path)):
+        return Endpoint(API, m.group(1) + ".history", DELIVER)
+    if method == "GET" and (m := FILE_UPLOAD.match(path)):
+        return Endpoint(API, "file_upload", DOWNLOAD, ref="rocketchat:" + unquote(m.group(1)),
+                        filename=unquote(m.group(2)))
     return None
 
 
@@ -44,6 +65,15 @@ def is_websocket(path: str) -> bool:
 
 def _sender(req: HttpRequest) -> str:
     return req.header("x-user-id")
+
+
+def requester(req: HttpRequest) -> str:
+    """Who asks: X-User-Id, else the rc_uid cookie or query parameter (how the web client fetches files)."""
+    return req.header("x-user-id") or cookie(req.header("cookie"), "rc_uid") or req.param("rc_uid")
+
+
+def cookie(header: str, name: str) -> str:
+    return next((v for k, v in (c.strip().partition("=")[::2] for c in header.split(";")) if k == name), "")
 
 
 def decode(ep: Endpoint, req: HttpRequest, limits: DecodeLimits = DecodeLimits()) -> list:
@@ -142,6 +172,120 @@ def ws_error(call_id: str, reason: str, sockjs: bool) -> bytes:
                         "message": f"{reason} [error-action-not-allowed]", "errorType": "Meteor.Error"}}
     text = json.dumps(result, separators=(",", ":"))
     return ("a" + json.dumps([text])).encode() if sockjs else text.encode()
+
+
+# --- what the server delivers ----------------------------------------------------------------------------
+
+def _delivered(endpoint: str, msg: object, room: str, locator: tuple) -> list:
+    if not isinstance(msg, dict) or msg.get("t"):       # a system message (user joined, ...)
+        return []
+    user = msg.get("u") if isinstance(msg.get("u"), dict) else {}
+    sender, room = text_of(user.get("_id")) or text_of(user.get("username")), text_of(msg.get("rid")) or room
+    files = [f for f in msg.get("files") or [] if isinstance(f, dict)] if isinstance(msg.get("files"), list) else []
+    if isinstance(msg.get("file"), dict):
+        files.append(msg["file"])
+    names = {text_of(f.get("_id")): text_of(f.get("name")) for f in files if text_of(f.get("_id"))}
+    refs = tuple("rocketchat:" + i for i in names)
+    parts = message_parts(msg, "msg", ("attachments",), TEXT_KEYS)
+    message = ChatMessage(API, endpoint, sender, room, parts, refs, kind="message")
+    edited = msg.get("editedAt")
+    version = json.dumps(edited, sort_keys=True) if edited else ""
+    out: list = [DeliveredMessage(message, text_of(msg.get("_id")) + (f"@{version}" if version else ""), locator)]
+    out += [SharedMedia(ref, sender, room, names[ref.split(":", 1)[1]]) for ref in refs]
+    return out
+
+
+def deliver(ep: Endpoint, req: HttpRequest, status: int, body: bytes,
+            limits: DecodeLimits = DecodeLimits()) -> list:
+    """A history response's messages (DeliveredMessage, own ones included) and the files they share."""
+    if ep.kind != DELIVER or not 200 <= status < 300 or not body:
+        return []
+    data = parse_delivered(body, limits)
+    messages = data.get("messages") if isinstance(data, dict) else None
+    if not isinstance(messages, list):
+        return []
+    out: list = []
+    for i, msg in enumerate(messages):
+        out += _delivered(ep.name, msg, req.param("roomId"), ("messages", i))
+    return out
+
+
+def _blank(msg: dict, notice: str) -> None:
+    msg["msg"] = notice
+    for key in ("attachments", "file", "files", "md", "urls", "blocks"):
+        msg.pop(key, None)
+
+
+def _after_mask(msg: dict) -> None:
+    msg.pop("md", None)         # the server's parse of the original text: the client would render it
+
+
+def rewrite_delivered(body: bytes, blocked=(), masked=()) -> bytes:
+    return rewrite_json(body, blocked, masked, _blank, after_mask=_after_mask)
+
+
+def _ws_frames(data: bytes, max_depth: int) -> tuple[object, list]:
+    """(the outer JSON, [(frame index or None, frame)]) of a WebSocket message, bare DDP or SockJS-framed
+    ("a" + a JSON array of strings, as the server sends it). Raises bodies.BodyError."""
+    sockjs = data[:1] == b"a"
+    outer = bodies.parse_json(data[1:] if sockjs else data, max_depth)
+    if not sockjs and not isinstance(outer, list):
+        return outer, [(None, outer)]
+    if sockjs and not isinstance(outer, list):
+        raise bodies.BodyError("a SockJS message frame that is not an array")
+    frames = []
+    for i, item in enumerate(outer if isinstance(outer, list) else []):
+        if isinstance(item, str):
+            try:
+                frames.append((i, bodies.parse_json(item.encode(), max_depth)))
+            except bodies.BodyError:
+                continue
+    return outer, frames
+
+
+def deliver_ws(data: bytes, limits: DecodeLimits = DecodeLimits()) -> list:
+    """What one server WebSocket message brings: DeliveredMessage per stream-room-messages message (locator
+    ("ws", frame index, "fields", "args", i)) with its SharedMedia, and Identity("", user id) for a login
+    result. Anything else (heartbeats "h", "o", other collections) brings nothing."""
+    try:
+        _, frames = _ws_frames(data, max(limits.max_json_depth, DELIVER_MAX_DEPTH))
+    except bodies.BodyError:
+        return []
+    out: list = []
+    for index, frame in frames:
+        if not isinstance(frame, dict):
+            continue
+        result = frame.get("result")
+        if frame.get("msg") == "result" and isinstance(result, dict) and text_of(result.get("token")) \
+                and text_of(result.get("id")):
+            out.append(Identity("", result["id"]))
+        fields = frame.get("fields")
+        if frame.get("msg") != "changed" or frame.get("collection") != "stream-room-messages" \
+                or not isinstance(fields, dict) or not isinstance(fields.get("args"), list):
+            continue
+        room = text_of(fields.get("eventName"))
+        for i, msg in enumerate(fields["args"]):
+            out += _delivered("ddp.stream-room-messages", msg, room, ("ws", index, "fields", "args", i))
+    return out
+
+
+def rewrite_ws_delivered(data: bytes, blocked=(), masked=()) -> bytes:
+    """The server WebSocket message with deliver_ws's messages blocked or masked as rewrite_delivered does,
+    framed as it came (SockJS or bare)."""
+    sockjs = data[:1] == b"a"
+    outer, frames = _ws_frames(data, DELIVER_MAX_DEPTH)
+    by_index = dict(frames)
+    touched = {loc[1] for loc, _ in list(blocked) + list(masked)}
+    for index in touched:
+        if index not in by_index:
+            raise bodies.BodyError(f"no frame {index!r}")
+        rewrite_delivered_data(by_index[index], [(loc[2:], n) for loc, n in blocked if loc[1] == index],
+                               [(loc[2:], p) for loc, p in masked if loc[1] == index], _blank,
+                               after_mask=_after_mask)
+        if index is not None:
+            outer[index] = json.dumps(by_index[index], ensure_ascii=False, separators=(",", ":"))
+    text = json.dumps(outer, ensure_ascii=False, separators=(",", ":"))
+    return ("a" + text).encode() if sockjs else text.encode()
 
 
 def learn(ep: Endpoint, req: HttpRequest, status: int, body: bytes) -> list:

@@ -6,28 +6,55 @@
     files.getUploadURLExternal -> learn UploadSlot(upload_url, slack:<file_id>)
     <upload_url> (any host, learned)  -> FileUpload (raw body, or the multipart `file`/`filename` part)
     files.completeUploadExternal -> ChatMessage (initial_comment, titles), refs slack:<id> of its files
+    auth.test                -> learn Identity (the token's user_id)
+    conversations.history, conversations.replies (GET or POST; channel in the query or the body)
+                             -> DELIVER: deliver() reads `messages` [{user, text, ts, blocks, attachments, files}]
+                                -> DeliveredMessage (locator ("messages", i)) and SharedMedia slack:<file id>;
+                                rewrite_delivered() makes a blocked one the notice (text only: blocks,
+                                attachments and files dropped) and masks a masked one's texts
+    GET /files-pri/{team}-{file}/[download/]{name} (files.slack.com: url_private, url_private_download)
+                             -> DOWNLOAD ref slack:<file id>
+    GET /files-tmb/{team}-{file}-{hash}/{name} (thumb_*)  -> DOWNLOAD of slack:<file id>, derived
 """
 
 from __future__ import annotations
 
 import re
+from urllib.parse import unquote
 
 from imguard.protocols.httpchat import bodies
-from imguard.protocols.httpchat.common import DecodeLimits, bearer, dump, json_body, malformed, text_of
-from imguard.protocols.httpchat.events import (MESSAGE, UPLOAD, ChatMessage, Endpoint, FileUpload,
-                                               HttpRequest, TextPart, UploadSlot, credential_key)
+from imguard.protocols.httpchat.common import (DecodeLimits, bearer, dump, json_body, malformed, message_parts,
+                                               parse_delivered, rewrite_json, text_of)
+from imguard.protocols.httpchat.events import (DELIVER, DOWNLOAD, LEARN, MESSAGE, UPLOAD, ChatMessage,
+                                               DeliveredMessage, Endpoint, FileUpload, HttpRequest, Identity,
+                                               SharedMedia, TextPart, UploadSlot, credential_key)
 
 API = "slack"
 METHOD = re.compile(r"^/api/([a-z]+(?:\.[a-zA-Z]+)+)$")
+FILES_PRI = re.compile(r"^/files-pri/([A-Za-z0-9]+)-([A-Za-z0-9]+)/(?:(download)/)?([^/]+)$")
+FILES_TMB = re.compile(r"^/files-tmb/([A-Za-z0-9]+)-([A-Za-z0-9]+)-[A-Za-z0-9]+/([^/]+)$")
+DELIVER_METHODS = {"conversations.history", "conversations.replies"}
 MESSAGE_METHODS = {"chat.postMessage", "chat.postEphemeral", "chat.update", "chat.meMessage", "chat.scheduleMessage"}
 TEXT_KEYS = frozenset({"text", "pretext", "fallback", "title"})
 
 
 def classify(method: str, path: str) -> Endpoint | None:
+    if method == "GET" and (f := FILES_PRI.match(path)):
+        return Endpoint(API, "files_pri_download" if f.group(3) else "files_pri", DOWNLOAD, ref="slack:" + f.group(2),
+                        filename=unquote(f.group(4)))
+    if method == "GET" and (f := FILES_TMB.match(path)):
+        return Endpoint(API, "files_tmb", DOWNLOAD, ref="slack:" + f.group(2), filename=unquote(f.group(3)),
+                        derived=True)
     m = METHOD.match(path)
-    if method != "POST" or not m:
+    if method not in ("GET", "POST") or not m:
         return None
     name = m.group(1)
+    if name in DELIVER_METHODS:
+        return Endpoint(API, name, DELIVER)
+    if name == "auth.test":
+        return Endpoint(API, name, LEARN, learn=True)
+    if method != "POST":
+        return None
     if name in MESSAGE_METHODS:
         return Endpoint(API, name, MESSAGE)
     if name == "files.upload":
@@ -143,7 +170,75 @@ def _decode_upload_url(ep: Endpoint, req: HttpRequest, limits: DecodeLimits) -> 
     return [FileUpload(API, ep.name, "", "", "", req.content_type, req.body)]
 
 
+def requester(req: HttpRequest) -> str:
+    """Who asks: the credential key of the token (Authorization, or `token` in the query or the body)."""
+    try:
+        args = _call_arguments(req, DecodeLimits())
+    except bodies.BodyError:
+        args = dict(req.query)
+    return _sender(req, args)
+
+
+def _call_arguments(req: HttpRequest, limits: DecodeLimits) -> dict:
+    """A Web API call's arguments from the query and the body (GET or POST)."""
+    args = dict(req.query)
+    if req.body.strip():
+        args.update(_arguments(req, limits)[0])
+    return args
+
+
+def deliver(ep: Endpoint, req: HttpRequest, status: int, body: bytes,
+            limits: DecodeLimits = DecodeLimits()) -> list:
+    """conversations.history / .replies: each message -> DeliveredMessage (own ones included), each file it
+    carries -> SharedMedia. Raises bodies.BodyError for a body that is not JSON."""
+    if ep.kind != DELIVER or not 200 <= status < 300 or not body:
+        return []
+    data = parse_delivered(body, limits)
+    messages = data.get("messages") if isinstance(data, dict) else None
+    if not isinstance(messages, list):
+        return []
+    try:
+        room = text_of(_call_arguments(req, limits).get("channel"))
+    except bodies.BodyError:
+        room = req.param("channel")
+    out: list = []
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, dict):
+            continue
+        sender = text_of(msg.get("user")) or text_of(msg.get("bot_id"))
+        files = [f for f in msg.get("files") or [] if isinstance(f, dict) and text_of(f.get("id"))] \
+            if isinstance(msg.get("files"), list) else []
+        refs = tuple("slack:" + f["id"] for f in files)
+        parts = message_parts(msg, "text", ("blocks", "attachments"), TEXT_KEYS)
+        message = ChatMessage(API, ep.name, sender, room, parts, refs, kind=text_of(msg.get("subtype")) or "message")
+        out.append(DeliveredMessage(message, f"{room}/{text_of(msg.get('ts'))}" if msg.get("ts") else "",
+                                    ("messages", i)))
+        out += [SharedMedia("slack:" + f["id"], sender, room, text_of(f.get("name")) or text_of(f.get("title")))
+                for f in files]
+    return out
+
+
+def _blank(msg: dict, notice: str) -> None:
+    msg["text"] = notice
+    for key in ("blocks", "attachments", "files"):
+        msg.pop(key, None)
+
+
+def rewrite_delivered(body: bytes, blocked=(), masked=()) -> bytes:
+    """The history response with each blocked message's text the notice (its blocks, attachments and files
+    dropped), each masked one's texts masked. Raises bodies.BodyError when a locator does not fit."""
+    return rewrite_json(body, blocked, masked, _blank)
+
+
 def learn(ep: Endpoint, req: HttpRequest, status: int, body: bytes) -> list:
+    if ep.name == "auth.test" and 200 <= status < 300:
+        try:
+            data = bodies.parse_json(body, 16)
+        except bodies.BodyError:
+            return []
+        user = text_of(data.get("user_id")) if isinstance(data, dict) and data.get("ok") else ""
+        key = requester(req)
+        return [Identity(key, user)] if user and key else []
     if ep.name != "files.getUploadURLExternal" or not 200 <= status < 300:
         return []
     try:
