@@ -495,8 +495,9 @@ class AlertLog:
         self._size += len(data)
 
     def _open(self) -> None:
-        # O_APPEND: every line lands whole at the end, even with several gateway processes.
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        # O_APPEND: every line lands whole at the end, even with several gateway processes. 0600: the events hold
+        # chat text and names (the umask can only take bits away; a log shipper reads it as root or this user).
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         stat = os.fstat(self._fd)
         self._ino, self._size, self._checked_at = stat.st_ino, stat.st_size, time.monotonic()
 

@@ -37,6 +37,7 @@ import dataclasses
 import functools
 import io
 import itertools
+import os
 import json
 import logging
 import re
@@ -270,9 +271,25 @@ def _sqlite_insert(rows: int) -> str:
     return f"INSERT OR IGNORE INTO records ({_INSERT_NAMES}) VALUES " + ", ".join([one] * rows)
 
 
+def _private(path: Path) -> None:
+    """Create the database file 0600 before SQLite opens it (SQLite would make it 0644 under the usual umask, and
+    gives its -wal and -shm files the database's mode); tighten one an older version left readable by others."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
+    for part in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        try:
+            if os.stat(part).st_mode & 0o077:
+                os.chmod(part, 0o600)
+        except OSError:     # absent, or another user's file: `imguard archive search` only reads it
+            pass
+
+
 class _SqliteStore(_Store):
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
+        _private(path)
         self._lock = threading.Lock()
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")

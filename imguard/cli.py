@@ -4,6 +4,7 @@
     imguard ca      print or export the gateway's CA certificate
     imguard scan    inspect files and folders and show the policy decision for each
     imguard rules   check or test a rules folder together with its signatures
+    imguard config  check a configuration file of `imguard run`; print the example or docs/settings.md
 
 Exit codes: 0 success (for scan: nothing blocked), 1 something was blocked or a rule test failed,
 2 usage or configuration error.
@@ -229,6 +230,28 @@ def archive_main(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# --- imguard config ---------------------------------------------------------------------------------
+
+def config_main(args: argparse.Namespace) -> int:
+    from imguard import config
+
+    parser = build_parser()
+    run = parser.commands["run"]
+    if args.config_command == "check":
+        errors = config.check(args.file, run)
+        if errors:
+            _print_config_errors(errors)
+            return EXIT_USAGE
+        print(f"{args.file}: OK")
+        return EXIT_OK
+    if args.config_command == "example":
+        sys.stdout.write(config.example(run))
+    else:
+        sys.stdout.write(config.docs(parser, {name: parser.commands[name] for name in ("run", "scan", "pcap",
+                                                                                          "sniff")}))
+    return EXIT_OK
+
+
 # --- the parser --------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -239,6 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
     from imguard.gateway import cli as gateway_cli
     run = commands.add_parser("run", help="run the inline gateway")
     gateway_cli.add_run_arguments(run)
+    run.add_argument("--config", type=Path, default=None, metavar="FILE",
+                     help="read settings from this YAML file (keys: these options without their dashes; "
+                          "`imguard config example`); an option given here wins over the file")
     run.set_defaults(handler=gateway_cli.run_main)
     ca = commands.add_parser("ca", help="print or export the gateway's CA certificate")
     gateway_cli.add_ca_arguments(ca)
@@ -326,12 +352,32 @@ def build_parser() -> argparse.ArgumentParser:
     explain_parser.add_argument("--direction", default="", choices=["", "inbound", "outbound", "internal"],
                                 help="default: derived from the zones in the rules folder")
     explain_parser.set_defaults(handler=rules_explain_main)
+
+    config_parser = commands.add_parser("config", help="check a configuration file; print the example or the "
+                                                       "settings reference",
+                                        description="Exit codes: 0 the file is valid, 2 it is not (file:line "
+                                                    "errors on stderr).")
+    config_commands = config_parser.add_subparsers(dest="config_command", metavar="SUBCOMMAND", required=True)
+    config_check = config_commands.add_parser("check", help="validate a configuration file of `imguard run`")
+    config_check.add_argument("file", type=Path, metavar="FILE")
+    config_commands.add_parser("example", help="print the commented example (deploy/imguard.yaml)")
+    config_commands.add_parser("docs", help="print the settings reference (docs/settings.md)")
+    config_parser.set_defaults(handler=config_main)
+    parser.commands = commands.choices      # name -> parser: the configuration file reads `run`'s options
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "config", None) is not None:           # imguard run --config FILE
+        from imguard import config
+        try:
+            values = config.read(args.config, parser.commands[args.command])
+        except config.ConfigFileError as e:
+            _print_config_errors(e.errors)
+            return EXIT_USAGE
+        args = config.parse_args(parser, parser.commands[args.command], argv, values)
     handler = getattr(args, "handler", None)
     if handler is None:
         parser.print_help(sys.stderr)

@@ -71,6 +71,9 @@ class QuarantineStore:
         self.root = Path(root)
         self.settings = quarantine_settings
         self._lock = threading.Lock()
+        if not self.root.parent.is_dir():       # the data folder: 0700 too, not the umask's mode
+            from imguard.runtime import ensure_data_dir
+            ensure_data_dir(self.root.parent)
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(self.root, 0o700)
 

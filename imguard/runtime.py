@@ -16,8 +16,17 @@ import imguard
 from imguard.pipeline import Pipeline
 
 PROJECT_ROOT = Path(imguard.__file__).resolve().parent.parent
-BUNDLED_RULES = PROJECT_ROOT / "rules"
-BUNDLED_SIGNATURES = PROJECT_ROOT / "signatures"
+
+
+def bundled(name: str) -> Path:
+    """The bundled `rules` or `signatures` folder: the copy an installed wheel carries in imguard/bundled/ (setup.py
+    puts it there), else the folder at the top of a checkout."""
+    installed = Path(imguard.__file__).resolve().parent / "bundled" / name
+    return installed if installed.is_dir() else PROJECT_ROOT / name
+
+
+BUNDLED_RULES = bundled("rules")
+BUNDLED_SIGNATURES = bundled("signatures")
 
 
 def default_data_dir() -> Path:
@@ -26,6 +35,17 @@ def default_data_dir() -> Path:
         return Path(os.environ["IMGUARD_DATA_DIR"])
     base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
     return Path(base) / "imguard"
+
+
+def ensure_data_dir(path: Path) -> Path:
+    """Create the data folder (and its parents) if it is missing, mode 0700 whatever the umask: it holds the CA
+    key, the archive of every message, the alerts and the quarantined files. An existing folder keeps the mode
+    its owner gave it (the systemd unit's StateDirectoryMode)."""
+    path = Path(path)
+    if not path.is_dir():
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(path, 0o700)       # mkdir's mode is filtered by the umask; chmod's is not
+    return path
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, data_dir_holds: str) -> None:
@@ -98,6 +118,7 @@ def build_pipeline(rules_dir: Path | Iterable[Path] = BUNDLED_RULES, signatures_
     from imguard.sinks import build_sinks, check_settings
 
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
+    ensure_data_dir(data_dir)        # before the signature cache creates it with the umask's mode
     loaded = load_configuration(rules_dir, signatures_dir, data_dir / "cache")
     inspector = Inspector(loaded.signatures, limits if limits is not None else InspectLimits())
     alert_log = quarantine = archive = None

@@ -1,8 +1,9 @@
 """Named settings: every limit and knob has a name, a default and a help text that says why.
 
 Each subsystem declares its settings as a frozen dataclass whose fields are made with `setting()`.
-The command line (`imguard run --help`, `imguard scan --help`) and docs/settings.md are built from
-these declarations, so a limit cannot exist without being documented.
+The command line (`imguard run --help`, `imguard scan --help`), the configuration file of `imguard run`
+(imguard/config.py) and docs/settings.md (`imguard config docs`) are built from these declarations, so a limit
+cannot exist without being documented.
 """
 
 from __future__ import annotations
@@ -39,6 +40,17 @@ def option_prefix(key: str, settings_class: type) -> str:
     return "" if all(f.name.startswith(key + "_") for f in dataclasses.fields(settings_class)) else key
 
 
+@dataclasses.dataclass(frozen=True)
+class Declared:
+    """A setting as its class declares it, attached to the command-line option made from it (`action.declared`):
+    the configuration file (imguard/config.py) and docs/settings.md read the options of a command and find
+    here the declared default and help, so they cannot drift from the flags."""
+    settings_class: type
+    name: str
+    default: Any
+    help: str
+
+
 def add_arguments(parser: argparse.ArgumentParser, settings_class: type, title: str | None = None,
                   prefix: str = "") -> None:
     """Add one command-line option per setting of `settings_class`, with its default in the help.
@@ -50,14 +62,15 @@ def add_arguments(parser: argparse.ArgumentParser, settings_class: type, title: 
         kind = type(default)
         dest = argument_dest(field.name, prefix)
         if kind is bool:
-            group.add_argument(option_name(field.name, prefix), dest=dest, default=None,
-                               action=argparse.BooleanOptionalAction, help=help_text)
+            action = group.add_argument(option_name(field.name, prefix), dest=dest, default=None,
+                                        action=argparse.BooleanOptionalAction, help=help_text)
         elif kind in (int, float, str):
-            group.add_argument(option_name(field.name, prefix), dest=dest, default=None, type=kind,
-                               metavar=dest.upper(), help=help_text)
+            action = group.add_argument(option_name(field.name, prefix), dest=dest, default=None, type=kind,
+                                        metavar=dest.upper(), help=help_text)
         else:
-            group.add_argument(option_name(field.name, prefix), dest=dest, default=None, action="append",
-                               metavar=dest.upper(), help=help_text)
+            action = group.add_argument(option_name(field.name, prefix), dest=dest, default=None, action="append",
+                                        metavar=dest.upper(), help=help_text)
+        action.declared = Declared(settings_class, field.name, default, field.metadata.get("help", ""))
 
 
 def from_arguments(settings_class: type, args: argparse.Namespace, prefix: str = "", **overrides: Any) -> Any:
