@@ -174,3 +174,34 @@ def test_unknown_protocol_is_relayed_whole():
     r, summary, _, sessions = replay(stream_capture([(True, b"\x00\x01binary")], port=9999), Scripted())
     assert sessions == [] and summary.conversations[0].protocol == ""
     assert r.forwarded(1)[False] == b"\x00\x01binary"
+
+
+def test_sip_over_udp_datagrams_reach_the_sip_handler_of_their_flow():
+    """UDP to a port mapped to SIP: each datagram goes, as one event, to the SIP datagram handler of its flow (one
+    per client address), as the gateway delivers them; both MESSAGEs are decided, the secret one blocked."""
+    import struct
+
+    from test_replay_builders import ether, ipv4, pcap
+
+    def message(text: str, cseq: int) -> bytes:
+        body = text.encode()
+        return (f"MESSAGE sip:bob@example.com SIP/2.0\r\nVia: SIP/2.0/UDP 10.0.0.1:4000;branch=z9hG4bK-{cseq}\r\n"
+                f"From: <sip:alice@example.com>;tag=1\r\nTo: <sip:bob@example.com>\r\nCall-ID: c{cseq}\r\n"
+                f"CSeq: {cseq} MESSAGE\r\nContent-Type: text/plain\r\nContent-Length: {len(body)}\r\n\r\n"
+                ).encode() + body
+
+    def datagram(src, dst, payload):
+        return ether(ipv4(src[0], dst[0], struct.pack(">HHHH", src[1], dst[1], 8 + len(payload), 0) + payload,
+                          proto=17))
+
+    alice, bob_client, server = ("10.0.0.1", 4000), ("10.0.0.3", 4001), ("10.0.0.2", 5060)
+    frames = [(1.0, datagram(alice, server, message("hello", 1))),
+              (2.0, datagram(bob_client, server, message("the secret plan", 2))),
+              (3.0, datagram(alice, ("10.0.0.2", 9999), b"not sip, not mapped"))]
+    pipeline = RecordingPipeline()
+    summary = Replay(pipeline).run(Capture(pcap(frames)))
+    assert [(c.protocol, c.client, c.server) for c in summary.conversations] == [
+        ("sip-udp", "10.0.0.1:4000", "10.0.0.2:5060"), ("sip-udp", "10.0.0.3:4001", "10.0.0.2:5060")]
+    assert [(m.text, m.action, m.sender) for m in summary.messages] == [
+        ("hello", "allow", "sip:alice@example.com"), ("the secret plan", BLOCK, "sip:alice@example.com")]
+    assert summary.stats["udp"] == 3

@@ -151,3 +151,97 @@ def test_bad_chunk_in_a_held_upload_stops_it():
     assert sent(commands, True).startswith(b"HTTP/1.1 403") and sent(commands, False) == b"rest"
     assert transfers.blocked_url_reason(GET_URL)
     assert s._holds.held_bytes == 0 and s._holds.in_flight == 0
+
+
+# --- downloads: the response to a GET of a file shared with our user --------------------------------------------
+
+SHARED_URL = "http://upload.example:5280/share/xyz/numbers.bin"
+GET_SHARED = b"GET /share/xyz/numbers.bin HTTP/1.1\r\nHost: upload.example:5280\r\n\r\n"
+OK_LENGTH = b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: 11\r\n\r\nhello world"
+OK_CHUNKED = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n")
+SHARER = ChatContext(protocol="xmpp", sender="carol@outside.example", recipients=("bob@example",),
+                     connection_id="C3", transfer_mechanism="xep-0363-get", origin="server")
+
+
+def download_session() -> tuple[HttpUploadSession, ExpectedTransfers]:
+    from imguard.files.expected import ExpectedDownload
+    transfers = ExpectedTransfers()
+    transfers.expect_download(ExpectedDownload(SHARED_URL, "numbers.bin", None, "", SHARER))
+    return HttpUploadSession(transfers, CTX), transfers
+
+
+@pytest.mark.parametrize("response", [OK_LENGTH, OK_CHUNKED])
+def test_shared_download_response_is_held_and_inspected_at_every_split(response):
+    """The 200 response to a GET of a link shared with our user is held whole, at every split: nothing reaches the
+    client before the verdict, the body is inspected inbound in the sharer's context, and an allow releases the
+    response exactly as it came."""
+    for cut in range(1, len(response)):
+        s, _ = download_session()
+        assert sent(s.data_received(True, GET_SHARED), False) == GET_SHARED
+        commands = s.data_received(False, response[:cut]) + s.data_received(False, response[cut:])
+        assert sent(commands, True) == b"", cut
+        [inspect] = [c for c in commands if isinstance(c, InspectFile)]
+        assert inspect.data == b"hello world" and inspect.name == "numbers.bin" and not inspect.truncated
+        ctx = inspect.context
+        assert (ctx.sender, ctx.origin, ctx.transfer_mechanism, ctx.connection_id) == (
+            "carol@outside.example", "server", "xep-0363-get", "C3")
+        released = s.file_verdict(inspect.transfer_id, FileReport("numbers.bin", "numbers.bin", 11), Decision())
+        assert sent(released, True) == response
+
+
+def test_blocked_download_answers_403_tells_the_chat_and_blocks_the_link():
+    """Blocked: the client gets a 403, never the body; the chat connection that announced the link is told (a
+    Notify), and the link stays blocked for a later GET."""
+    from imguard.model import RuleMatch
+    from imguard.protocols.base import Notify
+    s, transfers = download_session()
+    s.data_received(True, GET_SHARED + GET_OTHER)
+    commands = s.data_received(False, OK_LENGTH + b"HTTP/1.1 404 Not Found\r\nContent-Length: 2\r\n\r\nno")
+    [inspect] = [c for c in commands if isinstance(c, InspectFile)]
+    assert sent(commands, True) == b"HTTP/1.1 404 Not Found\r\nContent-Length: 2\r\n\r\nno"   # the next response
+    decision = Decision(action=BLOCK, matches=[RuleMatch("eicar", BLOCK, "high", "enforce", "EICAR test file")])
+    verdict = s.file_verdict(inspect.transfer_id, FileReport("numbers.bin", "numbers.bin", 11), decision)
+    assert sent(verdict, True).startswith(b"HTTP/1.1 403 Forbidden\r\n") and b"hello world" not in sent(verdict, True)
+    [notify] = [c for c in verdict if isinstance(c, Notify)]
+    assert notify.connection_id == "C3" and "numbers.bin" in notify.text and "carol@outside.example" in notify.text
+    assert transfers.blocked_url_reason(SHARED_URL)
+    again = HttpUploadSession(transfers, CTX)
+    assert sent(again.data_received(True, GET_SHARED), True).startswith(b"HTTP/1.1 403")
+    assert again.data_received(False, OK_LENGTH) == []          # the server's answer to it never crosses
+
+
+def test_unannounced_response_and_head_cross_untouched():
+    s, _ = download_session()
+    s.data_received(True, GET_OTHER)
+    assert sent(s.data_received(False, OK_CHUNKED), True) == OK_CHUNKED
+    s.data_received(True, GET_SHARED.replace(b"GET", b"HEAD"))
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\n"
+    assert sent(s.data_received(False, head), True) == head
+
+
+def test_download_read_to_the_close_is_whole_and_one_cut_by_it_is_truncated():
+    s, _ = download_session()
+    s.data_received(True, GET_SHARED)
+    assert s.data_received(False, b"HTTP/1.0 200 OK\r\n\r\nhello") == []
+    [inspect] = [c for c in s.connection_closed(False) if isinstance(c, InspectFile)]
+    assert inspect.data == b"hello" and not inspect.truncated
+    s, _ = download_session()
+    s.data_received(True, GET_SHARED)
+    s.data_received(False, OK_LENGTH[:-3])
+    [inspect] = [c for c in s.connection_closed(False) if isinstance(c, InspectFile)]
+    assert inspect.truncated
+
+
+def test_download_over_the_limit_is_inspected_truncated_and_its_rest_never_crosses():
+    from imguard.files.expected import ExpectedDownload
+    transfers = ExpectedTransfers()
+    transfers.expect_download(ExpectedDownload(SHARED_URL, "numbers.bin", None, "", SHARER))
+    s = HttpUploadSession(transfers, CTX, HttpLimits(max_upload_size=5))
+    s.data_received(True, GET_SHARED)
+    commands = s.data_received(False, OK_LENGTH[:-3])         # "hello wo": over the 5 bytes held
+    [inspect] = [c for c in commands if isinstance(c, InspectFile)]
+    assert inspect.truncated and inspect.data == b"hello" and sent(commands, True) == b""
+    assert anomaly_kinds(commands) == ["http_download_too_large"]
+    assert sent(s.data_received(False, OK_LENGTH[-3:]), True) == b""     # the rest of it never crosses
+    s.data_received(True, GET_OTHER)
+    assert sent(s.data_received(False, OK_CHUNKED), True) == OK_CHUNKED    # the next response does

@@ -326,3 +326,33 @@ def test_damaged_captures_never_raise(name):
         for _ in reassembler.run(capture.tcp_segments()):
             pass
         assert all(w.kind and w.detail for w in capture.warnings)
+
+
+# --- UDP (packets(): SIP's usual transport) ---------------------------------------------------------------------
+
+def udp(sport: int, dport: int, payload: bytes, length: int | None = None) -> bytes:
+    import struct
+    return struct.pack(">HHHH", sport, dport, 8 + len(payload) if length is None else length, 0) + payload
+
+
+def test_packets_gives_udp_datagrams_in_file_order_and_tcp_segments_stay_tcp_only():
+    from imguard.replay.pcapfile import UdpDatagram
+    from test_replay_builders import ether, ipv4, ipv6, pcap, tcp
+    frames = [(1.0, ether(ipv4("10.0.0.1", "10.0.0.2", udp(40000, 5060, b"MESSAGE sip:b SIP/2.0\r\n\r\n"), proto=17))),
+              (2.0, ether(ipv4("10.0.0.1", "10.0.0.2", tcp(40001, 5222, 1, payload=b"<x/>")))),
+              (3.0, ether(ipv6("::1", "::2", udp(5060, 40000, b"SIP/2.0 200 OK\r\n\r\n") + b"\0\0", next_header=17),
+                          ethertype=0x86DD))]
+    capture = Capture(pcap(frames))
+    packets = list(capture.packets())
+    assert [type(p).__name__ for p in packets] == ["UdpDatagram", "TcpSegment", "UdpDatagram"]
+    first, last = packets[0], packets[2]
+    assert (first.src, first.sport, first.dst, first.dport, first.payload) == (
+        "10.0.0.1", 40000, "10.0.0.2", 5060, b"MESSAGE sip:b SIP/2.0\r\n\r\n")
+    assert isinstance(last, UdpDatagram) and last.payload == b"SIP/2.0 200 OK\r\n\r\n"   # the UDP length bounds it
+    assert [type(p).__name__ for p in Capture(pcap(frames)).tcp_segments()] == ["TcpSegment"]
+
+
+def test_udp_with_a_bad_length_is_malformed_not_a_crash():
+    from test_replay_builders import ether, ipv4, pcap
+    capture = Capture(pcap([(1.0, ether(ipv4("10.0.0.1", "10.0.0.2", udp(1, 5060, b"x", length=3), proto=17)))]))
+    assert list(capture.packets()) == [] and "malformed-udp" in capture.warnings.kinds()

@@ -74,8 +74,9 @@ PROGRESS_MIN_BYTES = 16 * 1024 * 1024
 
 
 def _with_progress(capture: Capture):
-    """The capture's TCP segments, with a progress bar on stderr when it is a terminal and the capture large."""
-    segments = capture.tcp_segments()
+    """The capture's TCP segments and UDP datagrams, with a progress bar on stderr when it is a terminal and the
+    capture large."""
+    segments = capture.packets()
     total = capture.stats.bytes
     if total < PROGRESS_MIN_BYTES or not sys.stderr.isatty():
         yield from segments

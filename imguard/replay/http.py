@@ -1,14 +1,20 @@
-"""HTTP uploads in a capture: the offline counterpart of imguard.gateway.http_uploads.
+"""HTTP uploads and downloads in a capture: the offline counterpart of imguard.gateway.http_uploads.
 
 The gateway scans uploads inside mitmproxy's HTTP flow hooks; a capture has no mitmproxy, so this is
-a small sans-io HTTP/1.x request reader with the same decisions (a StreamSession, like the chat
+a small sans-io HTTP/1.x request and response reader with the same decisions (a StreamSession, like the chat
 sessions):
 
-  * a PUT/POST whose URL a chat session announced (XEP-0363 slot: ExpectedTransfers.take_upload) or
-    that matches an `upload_paths` expression is held whole and inspected (InspectFile, mechanism
-    "xep-0363" or "upload"); blocked: the client would have had a 403 and the download URL is marked
-    blocked, so a chat message that shares it later is stopped as well;
-  * a GET of a URL marked blocked would have had a 403;
+  * a PUT/POST whose URL a chat session announced (XEP-0363 slot: ExpectedTransfers.take_upload; a Yahoo
+    relay or peer-to-peer transfer: find_ymsg_transfer) or that matches an `upload_paths` expression is held
+    whole and inspected (InspectFile, mechanism "xep-0363" or "upload"); blocked: the client would have had a
+    403 and the download URL is marked blocked, so a chat message that shares it later is stopped as well;
+  * a GET of a URL marked blocked would have had a 403 (the server's answer to it does not cross);
+  * a GET of a file shared *with* the user behind the gateway (ExpectedTransfers.expected_download: an
+    XEP-0066 OOB link or an XEP-0363 URL in a Jingle offer that the server delivered to an XMPP client; or a
+    Yahoo transfer offered to it, find_ymsg_transfer) has its 200 response held whole and inspected (inbound,
+    mechanism "xep-0363-get" or "download", the context the chat session gave it), as the gateway's
+    http_uploads holds it; blocked: the client would have had a 403 instead, an XMPP link is marked blocked,
+    and the chat connection that announced it is told (Notify);
   * everything else crosses untouched.
 
 Each held request drives a HeldTransfer (imguard.files.tracker; kind "http", the client its sender, not
@@ -18,7 +24,8 @@ trailers), so an allowed request is released to the server exactly as it came. T
 the HTTP framing and says, through the tracker's `refuse` hook, what a stopped upload gets: the 403
 and the blocked download URL.
 
-Responses are relayed as they are (this reader does not parse them).
+Responses are framed (status line, Content-Length, chunked, or to the close) and paired with their requests in
+order, so a held download's response is found on a kept-alive connection; the others are relayed as they come.
 Requests are bounded: a header block over `max_header_bytes` or a body over `max_upload_size` ends
 decoding with an anomaly (a body too large to hold is inspected as what was held, marked truncated,
 so policy sees an unscannable file rather than nothing).
@@ -26,16 +33,18 @@ so policy sees an unscannable file rather than nothing).
 
 from __future__ import annotations
 
+import collections
 import enum
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from imguard.files.expected import ExpectedUpload
-from imguard.files.tracker import ConnectionHolds, HeldTransfer, HoldState
-from imguard.model import ChatContext, Decision, FileReport
-from imguard.protocols.base import Anomaly, Command, Send, StreamSession
+from imguard.files.expected import ExpectedDownload, ExpectedUpload
+from imguard.files.tracker import ConnectionHolds, HeldTransfer, HoldState, Notice, Party
+from imguard.model import FROM_CLIENT, FROM_SERVER, ChatContext, Decision, FileReport
+from imguard.protocols.base import Anomaly, Command, Notify, Send, StreamSession
+from imguard.protocols.ymsg import YmsgTransfer, find_ymsg_transfer
 from imguard.settings import KiB, MiB, setting
 
 
@@ -69,13 +78,13 @@ class RequestState(enum.Enum):
 class HeldUpload:
     """What the head of a held upload request said."""
     url: str                            # the URL it was sent to
-    expected: ExpectedUpload | None     # the XEP-0363 slot a chat session announced for it (None: upload_paths)
+    expected: ExpectedUpload | YmsgTransfer | None  # what a chat session announced for it (None: upload_paths)
     content_type: str                   # its Content-Type header
 
     @property
     def download_url(self) -> str:
         """The URL to mark blocked: the slot's GET URL, else the upload URL itself."""
-        return (self.expected.get_url if self.expected is not None else "") or self.url
+        return getattr(self.expected, "get_url", "") or self.url
 
     @property
     def name(self) -> str:
@@ -84,17 +93,47 @@ class HeldUpload:
 
     @property
     def claimed_mime(self) -> str:
-        return (self.expected.content_type if self.expected is not None else "") or self.content_type
+        return getattr(self.expected, "content_type", "") or self.content_type
 
     def context(self, connection: ChatContext) -> ChatContext:
         """The file's context: the announcer's (sender, conversation), with this connection's addresses."""
         base = dict(client_address=connection.client_address, server_address=connection.server_address,
                     connection_id=connection.connection_id,
-                    transfer_mechanism="xep-0363" if self.expected is not None else "upload")
+                    transfer_mechanism="xep-0363" if self.expected is not None else "upload",
+                    origin=FROM_CLIENT)     # a request's body comes from the client (the gateway's flow_context)
         announcer = self.expected.context if self.expected is not None else None
         if isinstance(announcer, ChatContext):
             return announcer.with_(**{k: v for k, v in base.items() if not getattr(announcer, k)})
         return ChatContext(protocol="http", **base)
+
+
+class ResponseState(enum.Enum):
+    """Where the reader is in the server's current response."""
+    HEAD = "head"                     # status line and headers, up to the empty line
+    BODY = "body"                     # a Content-Length body
+    CHUNK_SIZE = "chunk_size"
+    CHUNK_DATA = "chunk_data"
+    CHUNK_CRLF = "chunk_crlf"
+    CHUNK_TRAILER = "chunk_trailer"
+    TO_CLOSE = "to_close"             # no length: the body ends when the server closes
+    DONE = "done"                     # given up: the rest of the connection is relayed untouched
+
+
+class ResponseFate(enum.Enum):
+    """What becomes of the response being read."""
+    FORWARD = "forward"               # crosses as it comes
+    DROP = "drop"                     # the request was answered by imguard (a 403): the server's answer never crosses
+    HOLD = "hold"                     # a download shared with our user: held for its verdict
+
+
+@dataclass
+class PendingRequest:
+    """A request whose response has not been read yet (responses come in request order)."""
+    method: bytes
+    url: str
+    download: ExpectedDownload | None = None    # a file shared with our user: its 200 response is held
+    answered: bool = False                      # imguard answered it itself: the server's answer is dropped
+    extra: dict = field(default_factory=dict)
 
 
 class HttpUploadSession(StreamSession):
@@ -111,13 +150,22 @@ class HttpUploadSession(StreamSession):
         self._counter = 0
         self._holds = ConnectionHolds()  # the held requests of this connection, counted in the process ledger
         self._upload: HeldTransfer | None = None    # the request being read, when it is held
-        self._inspecting: dict[str, HeldTransfer] = {}   # held requests out for inspection, by transfer_id
+        self._inspecting: dict[str, HeldTransfer] = {}   # held requests and responses out for inspection
+        self._pending: collections.deque[PendingRequest] = collections.deque()
+        self._rbuf = bytearray()
+        self._rstate = ResponseState.HEAD
+        self._rremaining = 0
+        self._fate = ResponseFate.FORWARD
+        self._download: HeldTransfer | None = None      # the response being read, when it is held
+        self._status = 0
 
     # --- StreamSession ------------------------------------------------------------------------------
 
     def data_received(self, from_client: bool, data: bytes) -> list[Command]:
-        if not from_client or self._state is RequestState.DONE:
-            return [Send(to_client=not from_client, data=data)]
+        if not from_client:
+            return self._server_data(data)
+        if self._state is RequestState.DONE:
+            return [Send(to_client=False, data=data)]
         self._buf += data
         out: list[Command] = []
         while self._buf and self._state is not RequestState.DONE:
@@ -148,6 +196,11 @@ class HttpUploadSession(StreamSession):
         return upload.verdict(decision)
 
     def connection_closed(self, from_client: bool) -> list[Command]:
+        if not from_client:
+            if self._download is None:
+                return []
+            # A body read to the close is whole; one with a length or chunks that stopped early is truncated.
+            return self._inspect_download(truncated=self._rstate is not ResponseState.TO_CLOSE)
         if self._upload is None:
             return []
         # The request ended before its body did: inspect what came, marked truncated.
@@ -180,6 +233,8 @@ class HttpUploadSession(StreamSession):
         self._remaining = int(length) if length.isdigit() else 0
         urls = self._urls(target, headers)
         out: list[Command] = []
+        pending = PendingRequest(method, urls[0])
+        self._pending.append(pending)
         if method == b"GET" and self.transfers is not None:
             reason = next((r for r in (self.transfers.blocked_url_reason(u) for u in urls) if r), None)
             if reason:
@@ -187,10 +242,13 @@ class HttpUploadSession(StreamSession):
                                    data={"url": urls[0], "reason": reason}))
                 out.append(Send(to_client=True, data=_response(403, f"imguard: blocked ({reason})")))
                 head = b""
+                pending.answered = True
+            else:
+                pending.download = next((d for d in map(self._expected_download, urls) if d is not None), None)
         elif method in _METHODS_WITH_BODY:
             expected, url = None, urls[0]
             for candidate in urls:
-                expected = self.transfers.take_upload(candidate) if self.transfers is not None else None
+                expected = self._expected_upload(candidate)
                 if expected is not None:
                     url = candidate
                     break
@@ -204,6 +262,25 @@ class HttpUploadSession(StreamSession):
         else:
             out += self._request_done()
         return out
+
+    def _expected_upload(self, url: str) -> ExpectedUpload | YmsgTransfer | None:
+        """Whose upload this is, as the gateway's HTTP side asks: an XEP-0363 slot (taken: one PUT per slot), else a
+        Yahoo relay or peer-to-peer transfer (find_ymsg_transfer)."""
+        if self.transfers is None:
+            return None
+        return self.transfers.take_upload(url) or find_ymsg_transfer(self.transfers, url=url)
+
+    def _expected_download(self, url: str) -> ExpectedDownload | YmsgTransfer | None:
+        """A file announced as coming to our user by this GET: a link shared with it (ExpectedDownload), else a Yahoo
+        transfer offered to it (find_ymsg_transfer, not outbound)."""
+        if self.transfers is None:
+            return None
+        found = self.transfers.expected_download(url)
+        if found is None:
+            found = find_ymsg_transfer(self.transfers, url=url)
+            if found is not None and found.outbound:
+                return None
+        return found
 
     def _urls(self, target: str, headers: dict[str, str]) -> list[str]:
         if "://" in target:
@@ -319,6 +396,202 @@ class HttpUploadSession(StreamSession):
         if self.transfers is not None:
             self.transfers.mark_blocked_url(request.download_url, reason)
         return [Send(to_client=True, data=_response(403, f"imguard: upload blocked ({reason})"))]
+
+    # --- responses ----------------------------------------------------------------------------------
+
+    def _server_data(self, data: bytes) -> list[Command]:
+        if self._rstate is ResponseState.DONE:
+            return [Send(to_client=True, data=data)]
+        self._rbuf += data
+        out: list[Command] = []
+        while self._rbuf and self._rstate is not ResponseState.DONE:
+            before = (self._rstate, len(self._rbuf))
+            if self._rstate is ResponseState.HEAD:
+                out += self._read_response_head()
+            elif self._rstate in (ResponseState.BODY, ResponseState.TO_CLOSE):
+                take = bytes(self._rbuf if self._rstate is ResponseState.TO_CLOSE else self._rbuf[:self._rremaining])
+                del self._rbuf[:len(take)]
+                self._rremaining -= len(take)
+                out += self._response_body(take)
+                if self._rstate is ResponseState.BODY and self._rremaining == 0:
+                    out += self._response_done()
+            else:
+                out += self._read_response_chunked()
+            if (self._rstate, len(self._rbuf)) == before:
+                break
+        return out
+
+    def _read_response_head(self) -> list[Command]:
+        if not self._pending:           # nothing asked for it: relayed as it comes
+            data, self._rbuf = bytes(self._rbuf), bytearray()
+            return [Send(to_client=True, data=data)]
+        end = self._rbuf.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self._rbuf) > self.limits.max_header_bytes:
+                return self._give_up_responses("http_header_too_long", "a response head over "
+                                               f"{self.limits.max_header_bytes} bytes")
+            return []
+        head = bytes(self._rbuf[:end + 4])
+        del self._rbuf[:end + 4]
+        lines = head.split(b"\r\n")
+        parts = lines[0].split(b" ", 2)
+        if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
+            self._rbuf[:0] = head
+            return self._give_up_responses("http_bad_response", f"not an HTTP/1.x status line: {lines[0][:80]!r}")
+        status = self._status = int(parts[1])
+        headers: dict[str, str] = {}
+        for line in lines[1:]:
+            name, sep, value = line.partition(b":")
+            if sep:
+                headers[name.strip().lower().decode("latin-1")] = value.strip().decode("latin-1")
+        pending = self._pending[0]
+        if status >= 200:
+            self._pending.popleft()
+        if pending.answered:
+            self._fate = ResponseFate.DROP
+        elif pending.download is not None and status in (200, 206):
+            self._fate = ResponseFate.HOLD
+            self._download = self._held_download(pending.download, headers.get("content-type", ""))
+        else:
+            self._fate = ResponseFate.FORWARD
+        out = self._response_framing(head)
+        length = headers.get("content-length", "").strip()
+        if pending.method == b"HEAD" or status < 200 or status in (204, 304):
+            out += self._response_done()
+        elif "chunked" in headers.get("transfer-encoding", "").lower():
+            self._rstate = ResponseState.CHUNK_SIZE
+        elif length.isdigit():
+            self._rremaining = int(length)
+            self._rstate = ResponseState.BODY
+            if not self._rremaining:
+                out += self._response_done()
+        else:
+            self._rstate = ResponseState.TO_CLOSE
+        return out
+
+    def _read_response_chunked(self) -> list[Command]:
+        state = self._rstate
+        if state is ResponseState.CHUNK_DATA:
+            data = bytes(self._rbuf[:self._rremaining])
+            del self._rbuf[:len(data)]
+            self._rremaining -= len(data)
+            out = self._response_body(data)
+            if self._rremaining == 0:
+                self._rstate, self._rremaining = ResponseState.CHUNK_CRLF, 2
+            return out
+        if state is ResponseState.CHUNK_CRLF:
+            crlf = bytes(self._rbuf[:self._rremaining])
+            del self._rbuf[:len(crlf)]
+            self._rremaining -= len(crlf)
+            if self._rremaining == 0:
+                self._rstate = ResponseState.CHUNK_SIZE
+            return self._response_framing(crlf)
+        end = self._rbuf.find(b"\r\n")           # a chunk size line, or a trailer line
+        if end < 0:
+            return []
+        line = bytes(self._rbuf[:end + 2])
+        del self._rbuf[:end + 2]
+        out = self._response_framing(line)
+        if state is ResponseState.CHUNK_TRAILER:
+            return out + (self._response_done() if line == b"\r\n" else [])
+        try:
+            size = int(line.split(b";")[0].strip(), 16)
+        except ValueError:
+            return out + self._give_up_responses("http_bad_chunk", f"a bad chunk size line {line[:40]!r}")
+        self._rremaining = size
+        self._rstate = ResponseState.CHUNK_DATA if size else ResponseState.CHUNK_TRAILER
+        return out
+
+    def _response_framing(self, data: bytes) -> list[Command]:
+        """A response's head or chunk framing: crosses, is held with the held download, or is dropped."""
+        if not data or self._fate is ResponseFate.DROP:
+            return []
+        if self._fate is ResponseFate.HOLD and self._download is not None:
+            return self._download.append(b"", data)
+        return [Send(to_client=True, data=data)]
+
+    def _response_body(self, data: bytes) -> list[Command]:
+        download = self._download
+        if self._fate is not ResponseFate.HOLD or download is None:
+            return self._response_framing(data)
+        if len(data) > download.room:
+            # Larger than a file held for inspection may be: what fits is inspected, marked truncated (policy sees
+            # an unscannable file); the rest of the response never crosses (fail closed: the gateway kills a
+            # response too large to inspect unless policy lets it through unscanned).
+            out = download.append(data[:download.room]) + self._inspect_download(truncated=True)
+            self._fate = ResponseFate.DROP
+            return out + [Anomaly(self.context, "http_download_too_large", "a download over max_upload_size "
+                                  f"({self.limits.max_upload_size}); the rest of it is not forwarded")]
+        return download.append(data)
+
+    def _response_done(self) -> list[Command]:
+        self._rstate = ResponseState.HEAD
+        out = self._inspect_download(truncated=self._status == 206) if self._download is not None else []
+        self._fate = ResponseFate.FORWARD
+        return out
+
+    def _inspect_download(self, truncated: bool) -> list[Command]:
+        download, self._download = self._download, None
+        if download is None or download.state is not HoldState.RECEIVING:
+            return []
+        out = download.inspect(truncated=truncated)
+        if download.state is HoldState.INSPECTING:
+            self._inspecting[download.transfer_id] = download
+        return out
+
+    def _held_download(self, expected: ExpectedDownload | YmsgTransfer, content_type: str) -> HeldTransfer:
+        """The response to a GET of a file shared with our user: held, in the context its chat session gave it (the
+        party who shared it to our user, inbound), with this connection's addresses, as the gateway's HTTP side
+        holds it (imguard.gateway.http_uploads; a Yahoo download's mechanism is "download")."""
+        self._counter += 1
+        mechanism = (expected.context.transfer_mechanism or "xep-0363-get") if isinstance(expected, ExpectedDownload) \
+            else "download"
+        ctx = expected.context.with_(transfer_mechanism=mechanism, origin=FROM_SERVER,
+                                     client_address=self.context.client_address,
+                                     server_address=self.context.server_address,
+                                     connection_id=expected.context.connection_id or self.context.connection_id)
+        name = expected.name or unquote(urlsplit(expected.url).path.rsplit("/", 1)[-1])
+        ymsg = not isinstance(expected, ExpectedDownload)
+        return HeldTransfer(
+            f"http:{self.context.connection_id}:{self._counter}", ctx, sender_is_client=False, kind="http",
+            max_bytes=self.limits.max_upload_size, name=name,
+            claimed_mime=getattr(expected, "content_type", "") or content_type,
+            owns_connection=False, holds=self._holds,
+            refuse=lambda transfer: self._refuse_download(transfer, expected),
+            tell=lambda transfer, notice: self._tell_receiver(transfer, notice, ymsg))
+
+    def _refuse_download(self, transfer: HeldTransfer, expected: ExpectedDownload | YmsgTransfer) -> list[Command]:
+        """A stopped download: the client has a 403 instead of the file, and the link stays blocked (a later GET,
+        or a message passing it on, is refused too)."""
+        decision = transfer.decision
+        if decision is not None:
+            reason = decision.notice or (", ".join(decision.rule_ids) if decision.rule_ids else decision.action)
+        else:
+            reason = "not inspected"
+        if self.transfers is not None and isinstance(expected, ExpectedDownload):
+            self.transfers.mark_blocked_url(expected.url, reason)
+        return [Send(to_client=True, data=_response(403, f"imguard: download blocked ({reason})"))]
+
+    @staticmethod
+    def _tell_receiver(transfer: HeldTransfer, notice: Notice, ymsg: bool = False) -> list[Command]:
+        """Our user, who fetched it, is told on the chat connection that announced the link (in the tracker's
+        words; a Yahoo user in the gateway's Yahoo words); the outside sender cannot be reached from a download."""
+        ctx = transfer.context
+        if notice.party is not Party.INSIDE_RECEIVER or not ctx.connection_id:
+            return []
+        text, decision = notice.text, notice.decision
+        if ymsg and decision is not None:
+            reason = decision.notice or (", ".join(decision.rule_ids) if decision.rule_ids else decision.action)
+            text = decision.notice or f"The file {transfer.name} sent to you was blocked: {reason}"
+        return [Notify(ctx.connection_id, ctx.protocol or ("ymsg" if ymsg else "http"), text, ctx, decision)]
+
+    def _give_up_responses(self, kind: str, detail: str) -> list[Command]:
+        """Responses that cannot be framed: recorded, the rest relayed untouched; a held download is cut."""
+        download, self._download = self._download, None
+        self._rstate = ResponseState.DONE
+        rest, self._rbuf = bytes(self._rbuf), bytearray()
+        out = download.cut(kind, detail) if download is not None else [Anomaly(self.context, kind, detail)]
+        return out + ([Send(to_client=True, data=rest)] if rest else [])
 
     def _stop_decoding(self) -> None:
         self._state = RequestState.DONE

@@ -237,6 +237,20 @@ class TcpSegment:
         return bool(self.flags & ACK)
 
 
+@dataclass(slots=True)
+class UdpDatagram:
+    """A UDP datagram decoded from a frame (`Capture.packets()`: SIP's usual transport)."""
+
+    frame: int
+    ts: float
+    src: str
+    sport: int
+    dst: str
+    dport: int
+    payload: bytes      # the captured payload (a datagram cut by the snap length is cut here too)
+    missing: int = 0    # payload bytes on the wire that the capture did not keep
+
+
 @dataclass
 class CaptureStats:
     format: str = ""                # "pcap" or "pcapng"
@@ -261,6 +275,7 @@ _U32LE = Struct("<I")
 _IPV4 = Struct(">BBHHHBBH4s4s")
 _IPV6 = Struct(">IHBB16s16s")
 _TCP = Struct(">HHIIBB")
+_UDP = Struct(">HHH")
 
 _inet_ntop = socket.inet_ntop
 _AF_INET = socket.AF_INET
@@ -292,6 +307,7 @@ class Capture:
         self._ip_cache: dict[bytes, str] = {}
         self._defrag = _Defragmenter(self.limits.max_fragment_bytes)
         self.position = 0               # bytes of the file read so far (for a progress bar)
+        self.udp = False                # decode_tcp also returns UDP datagrams (packets() turns it on)
 
     @classmethod
     def open(cls, path: str | os.PathLike, limits: CaptureLimits | None = None) -> "Capture":
@@ -456,6 +472,11 @@ class Capture:
             self.warnings.add("ip-fragment-incomplete", f"{incomplete} fragmented datagrams never completed (a "
                               "fragment is missing from the capture); their streams show gaps")
 
+    def packets(self) -> Iterator[TcpSegment | UdpDatagram]:
+        """The TCP segments and UDP datagrams of every frame, in file order; other frames are counted."""
+        self.udp = True
+        yield from self.tcp_segments()
+
     def _ip(self, raw: bytes, family: int) -> str:
         text = self._ip_cache.get(raw)
         if text is None:
@@ -464,8 +485,9 @@ class Capture:
                 self._ip_cache[raw] = text
         return text
 
-    def decode_tcp(self, frame: Frame) -> TcpSegment | None:
-        """Link layer -> IP -> TCP. None for anything else (counted, and warned about when malformed)."""
+    def decode_tcp(self, frame: Frame) -> TcpSegment | UdpDatagram | None:
+        """Link layer -> IP -> TCP (and UDP, when `udp` is on). None for anything else (counted, and warned about
+        when malformed)."""
         stats, data, linktype = self.stats, frame.data, frame.linktype
         stats.linktypes[linktype] = stats.linktypes.get(linktype, 0) + 1
         n = len(data)
@@ -540,7 +562,7 @@ class Capture:
             stats.ipv4 += 1
             if frag & 0x3FFF:                       # more fragments, or a non-zero offset
                 stats.fragments += 1
-                if proto != 6:
+                if proto != 6 and not (proto == 17 and self.udp):
                     stats.other += 1
                     return None
                 if total < ihl:
@@ -554,6 +576,9 @@ class Capture:
             if proto != 6:
                 if proto == 17:
                     stats.udp += 1
+                    if self.udp:
+                        return self._udp_datagram(frame, data, off + ihl, off + total if total else n + missing,
+                                                  n, missing, self._ip(src, _AF_INET), self._ip(dst, _AF_INET))
                 else:
                     stats.other += 1
                 return None
@@ -598,6 +623,9 @@ class Capture:
             if proto != 6:
                 if proto == 17:
                     stats.udp += 1
+                    if self.udp:
+                        return self._udp_datagram(frame, data, tcp_off, end if plen else n + missing, n, missing,
+                                                  self._ip(src, _AF_INET6), self._ip(dst, _AF_INET6))
                 else:
                     stats.other += 1
                 return None
@@ -628,6 +656,18 @@ class Capture:
         payload_captured = data[payload_off:n] if payload_off < n else b""
         return TcpSegment(frame.number, frame.ts, src_text, sport, dst_text, dport, seq, ack, flags,
                           payload_captured, end - max(payload_off, n))
+
+    def _udp_datagram(self, frame: Frame, data: bytes, off: int, end: int, n: int, missing: int, src: str,
+                      dst: str) -> UdpDatagram | None:
+        """The UDP header at `off` and its payload, bounded by the IP length `end` and the UDP length."""
+        if n < off + 8:
+            return self._malformed(frame, "udp", "frame ends inside the UDP header")
+        sport, dport, length = _UDP.unpack_from(data, off)
+        if length < 8:
+            return self._malformed(frame, "udp", f"UDP length {length} below its header")
+        end = min(end, off + length)
+        return UdpDatagram(frame.number, frame.ts, src, sport, dst, dport, bytes(data[off + 8:min(end, n)]),
+                           max(0, end - max(off + 8, n)))
 
     def _fragment(self, frame: Frame, key: tuple, offset: int, more: bool, data: bytes, start: int,
                   end: int) -> bytes | None:

@@ -184,6 +184,7 @@ class Reassembler:
         self._halves: dict[int, tuple[_Half, _Half]] = {}   # conn.id -> (server->client, client->server)
         self._client_isn: dict[int, int] = {}
         self.connections: list[Connection] = []
+        self._last_id = 0                   # connections and UDP flows share one numbering
 
     # --- public -----------------------------------------------------------------------------------
 
@@ -262,6 +263,13 @@ class Reassembler:
                 self._close(conn, "end of capture", conn.last_ts, out)
         return out
 
+    def datagram_flow(self, client: tuple[str, int], server: tuple[str, int], ts: float) -> Connection:
+        """A UDP flow (the datagrams between one client address and a server, as the gateway's UDP connections
+        are), numbered in the same sequence as the TCP connections. It has no stream: its datagrams are not
+        reassembled, each is one event for its session; not in `connections`, which are TCP's."""
+        self._last_id += 1
+        return Connection(self._last_id, client, server, first_ts=ts, last_ts=ts, client_by="udp-port")
+
     def run(self, segments: Iterable[TcpSegment]) -> Iterable[StreamEvent]:
         """All events for a sequence of segments, the end of the capture included."""
         feed = self.feed
@@ -291,8 +299,8 @@ class Reassembler:
             by = "port-order"
         else:
             client, server, by = a, b, "first-sender"
-        conn = Connection(len(self.connections) + 1, client, server, first_ts=seg.ts, last_ts=seg.ts,
-                          client_by=by)
+        self._last_id += 1
+        conn = Connection(self._last_id, client, server, first_ts=seg.ts, last_ts=seg.ts, client_by=by)
         if by != "syn":
             conn.midstream = True
         self.connections.append(conn)

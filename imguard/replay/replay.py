@@ -46,7 +46,7 @@ from imguard.protocols import registry
 from imguard.protocols.base import (FACTS, Anomaly, Close, ConnectUpstream, InspectFile, MessageDecision, Notify,
                                     Record, Send, StartTls, StreamSession)
 from imguard.protocols.registry import SessionRequest
-from imguard.replay.pcapfile import Capture
+from imguard.replay.pcapfile import Capture, UdpDatagram
 from imguard.replay.reassembly import (Connection, Reassembler, ReassemblySettings, StreamClosed, StreamData,
                                        StreamGap, StreamOpened)
 from imguard.replay.summary import Anomaly as AnomalyRow
@@ -180,15 +180,23 @@ class Replay:
     # --- driving ------------------------------------------------------------------------------------
 
     def run(self, capture: Capture) -> ReplaySummary:
-        return self.run_segments(capture, capture.tcp_segments())
+        return self.run_segments(capture, capture.packets())
 
     def run_segments(self, capture: Capture, segments: Iterable[Any]) -> ReplaySummary:
-        """Replay TCP segments decoded by `capture` (from its file, or live from `imguard sniff`)."""
+        """Replay TCP segments (and UDP datagrams) decoded by `capture` (from its file, or live from `imguard
+        sniff`)."""
         self.summary = ReplaySummary(capture.name)
-        self._flows, self._by_name = {}, {}
-        reassembler = Reassembler(self.reassembly, service_ports=self.port_map.keys())
-        handle = self.handle
-        for event in reassembler.run(segments):
+        self._flows, self._by_name, self._datagram_flows = {}, {}, {}
+        self._reassembler = reassembler = Reassembler(self.reassembly, service_ports=self.port_map.keys())
+        handle, feed = self.handle, reassembler.feed
+        for packet in segments:
+            if type(packet) is UdpDatagram:
+                self.now = packet.ts or self.now
+                self._datagram(packet)
+                continue
+            for event in feed(packet):
+                handle(event)
+        for event in reassembler.finish():
             handle(event)
         self.summary.stats = capture.stats.to_dict()
         for w in capture.warnings:
@@ -211,6 +219,35 @@ class Replay:
             self._gap(self._flows[event.conn.id], event.from_client, event.length)
         elif isinstance(event, StreamClosed):
             self._closed(self._flows[event.conn.id], event.reason)
+
+    # --- UDP: SIP's usual transport ----------------------------------------------------------------------
+
+    def _datagram(self, d: UdpDatagram) -> None:
+        """A datagram to or from a port the map gives to SIP goes to the SIP datagram handler of its flow (one per
+        client address and server, as the gateway's UDP connections), one datagram one event, as the gateway
+        delivers it. Other UDP is counted in the capture's stats only (the gateway leaves it to mitmproxy)."""
+        if self.port_map.get(d.dport, ("", False))[0] == "sip":
+            client, server, from_client = (d.src, d.sport), (d.dst, d.dport), True
+        elif self.port_map.get(d.sport, ("", False))[0] == "sip":
+            client, server, from_client = (d.dst, d.dport), (d.src, d.sport), False
+        else:
+            return
+        flow = self._datagram_flows.get((client, server))
+        if flow is None:
+            conn = self._reassembler.datagram_flow(client, server, d.ts)
+            self._opened(conn)
+            flow = self._datagram_flows[(client, server)] = self._flows[conn.id]
+            if not flow.decided:
+                self._decide(flow, det.Detection("sip-udp", reason=f"UDP port {server[1]}"))
+        flow.conn.last_ts = d.ts
+        flow.conn.packets += 1
+        if d.missing:
+            self._anomaly(flow.conn.id, self.now, "capture", "datagram_cut",
+                          f"the capture kept {len(d.payload)} of the datagram's {len(d.payload) + d.missing} bytes; "
+                          "it is not decoded")
+            flow.summary.undecoded_bytes += len(d.payload)
+            return
+        self._data(flow, from_client, d.payload)
 
     # --- connection life ----------------------------------------------------------------------------
 

@@ -78,7 +78,7 @@ def add_sniff_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--filter", default="tcp", metavar="BPF",
                         help="a BPF capture filter, as for tcpdump (default: 'tcp'); e.g. 'tcp port 5222 or "
                              "tcp port 6667'. DCC and other side connections use ports announced in the chat, "
-                             "so a narrow port filter misses them")
+                             "so a narrow port filter misses them; SIP over UDP needs e.g. 'tcp or udp port 5060'")
     parser.add_argument("--seconds", type=float, default=0, help="stop after this many seconds (0: run until "
                         "SIGINT or SIGTERM)")
     add_config_arguments(parser, "where alerts, the archive and the quarantine go")
@@ -139,6 +139,7 @@ def sniff_main(args: argparse.Namespace) -> int:
         print(f"imguard: sniffing on {args.interface} (filter {args.filter!r}); alerts go to "
               f"{getattr(pipeline.alert_log, 'path', '?')}", file=sys.stderr, flush=True)
         capture = Capture(stream.header, name=f"sniff:{args.interface}", limits=limits)
+        capture.udp = True          # UDP datagrams too (SIP over UDP), as `imguard pcap` replays them
         replay = Replay(pipeline, replay_settings, reassembly, limits=session_limits)
         summary = replay.run_segments(capture, (seg for frame in stream.frames()
                                                 if (seg := capture.decode_tcp(frame)) is not None))
