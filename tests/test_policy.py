@@ -252,7 +252,8 @@ def test_keywords_are_case_insensitive_on_word_boundaries(tmp_path):
 def test_a_keyword_list_is_one_precompiled_regex():
     from imguard.policy.loading import _Checker, _Compiler
     cond = _Compiler({}, None).condition(_Checker("x", []), "keywords", ["a", "B c", "d"], 1, "message")
-    assert cond.fast.pattern == r"b\s+c|a|d" and cond.exact.flags & 2      # re.IGNORECASE
+    from imguard.policy.matcher import SPACE, WORD
+    assert cond.regex.pattern == rf"(?i)(?:^|[^{WORD}])(?P<core>b[{SPACE}]+c|a|d)(?:[^{WORD}]|$)"    # one RE2
 
 
 def test_keywords_with_text_whose_case_folding_changes_length(tmp_path):

@@ -549,3 +549,75 @@ def test_text_with_unicode_line_breaks_stays_one_record_everywhere(tmp_path):
     assert [e["observer"]["name"] for e in events] == ["gw1", "gw1"]
     assert [e["imguard"]["message"]["text"] for e in remote.received] == [text, text]
     assert [e["event"]["id"] for e in remote.received] == ids
+
+
+# --- credentials and certificates of the sinks (issue 17) ------------------------------------------------
+
+def test_webhook_credentials_go_as_authorization_and_never_into_events(tmp_path):
+    """A URL's user and password are sent as Authorization: Basic; the sink_down event (alerts.jsonl, and the
+    other sinks: here a real syslog receiver) names the host and port alone."""
+    import base64
+    hook = HttpReceiver()                                   # not started yet: the webhook is down
+    url = hook.url.replace("http://", "http://hookuser:s3cr%40t-Zq@")
+    with SyslogReceiver() as syslog:
+        bus = build_sinks(SinkSettings(webhook_url=url, webhook_timeout=2.0, dedup_window_seconds=0,
+                                       retry_max_seconds=0.2, syslog_address=syslog.tcp_address), tmp_path,
+                          instance="gw1")
+        bus.write(file_alert(1))
+        assert wait_until(lambda: sink_events(tmp_path, "down"))
+        assert wait_until(lambda: any(b"sink_down" in r for r in syslog.records))
+        with hook:
+            assert bus.drain(20)
+        bus.close()
+    down = sink_events(tmp_path, "down")[0]
+    assert f"127.0.0.1:{hook.port}" in json.dumps(down)
+    for text in [(tmp_path / "alerts.jsonl").read_text(), *(r.decode("utf-8", "replace") for r in syslog.records)]:
+        assert "s3cr" not in text and "hookuser" not in text and "Zq" not in text
+    assert hook.ids() == [local_events(tmp_path)[0]["event"]["id"]]
+    scheme, _, token = hook.headers[0]["Authorization"].partition(" ")
+    assert scheme == "Basic" and base64.b64decode(token) == b"hookuser:s3cr@t-Zq"
+
+
+def test_a_bad_webhook_url_is_refused_without_echoing_its_password():
+    errors = check_settings(SinkSettings(webhook_url="ftp://bob:hunter2@example.org/x"))
+    assert errors and "hunter2" not in errors[0] and "***@example.org" in errors[0]
+
+
+def mail_bus(tmp_path, smtp: SmtpReceiver, **settings) -> EventBus:
+    values = dict(email_smtp=smtp.address, email_to=["soc@corp.example"], email_starttls=True,
+                  dedup_window_seconds=0, retry_max_seconds=0.2)
+    values.update(settings)
+    return build_sinks(SinkSettings(**values), tmp_path / "data")
+
+
+@pytest.mark.parametrize("names,ca", [
+    ((("localhost",), ("127.0.0.1",)), False),             # self-signed CA that is not configured
+    ((("mail.other.example",), ()), True),                 # the configured CA, but a certificate for another host
+])
+def test_starttls_gives_no_mail_to_a_server_whose_certificate_does_not_verify(tmp_path, names, ca):
+    with SmtpReceiver(tls_dir=tmp_path / "tls", tls_names=names) as smtp:
+        bus = mail_bus(tmp_path, smtp, email_ca_file=str(smtp.ca_file) if ca else "")
+        bus.write(file_alert(1))
+        assert wait_until(lambda: sink_events(tmp_path / "data", "down"))
+        down = sink_events(tmp_path / "data", "down")[0]
+        assert "certificate" in json.dumps(down), down
+        bus.close()
+        assert smtp.messages == [] and smtp.envelopes == []
+
+
+def test_starttls_delivers_to_a_server_whose_ca_is_configured(tmp_path):
+    with SmtpReceiver(tls_dir=tmp_path / "tls") as smtp:
+        bus = mail_bus(tmp_path, smtp, email_ca_file=str(smtp.ca_file))
+        bus.write(file_alert(1))
+        assert wait_until(lambda: smtp.messages)
+        bus.close()
+    assert "block-malware" in smtp.messages[0]["Subject"] and "evil-1.exe" in smtp.messages[0].get_content()
+    assert not sink_events(tmp_path / "data", "down")
+
+
+def test_email_ca_file_settings_are_checked(tmp_path):
+    errors = check_settings(SinkSettings(email_smtp="127.0.0.1:25", email_to=["a@b"], email_ca_file="/nope.pem",
+                                         email_starttls=True))
+    assert errors and errors[0].startswith("email_ca_file: cannot load CA certificates from '/nope.pem'")
+    errors = check_settings(SinkSettings(email_smtp="127.0.0.1:25", email_to=["a@b"], email_ca_file="/x.pem"))
+    assert any(e.startswith("email_ca_file: only used with email_starttls") for e in errors)

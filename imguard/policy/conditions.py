@@ -9,13 +9,13 @@ the mask action rewrites. File conditions look at the report and every member be
 from __future__ import annotations
 
 import fnmatch
-import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from imguard.model import (ENCRYPTED, POLYGLOT, TYPE_MISMATCH, UNSCANNABLE, YARA_MATCH, ChatContext,
                            FileReport, Finding)
-from imguard.policy.detectors import DETECTORS, Span
+from imguard.policy.detectors import DETECTORS, TRIGGERS, Span
+from imguard.policy.matcher import CORE, PatternSet, Scan
 from imguard.policy.zones import PartyPattern, Zones, classify_direction
 
 
@@ -28,30 +28,33 @@ class Hit:
 class Evaluation:
     """What one decision looks at, with caches shared by every rule evaluated for it."""
 
-    def __init__(self, ctx: ChatContext, zones: Zones, text: str = "", report: FileReport | None = None) -> None:
+    def __init__(self, ctx: ChatContext, zones: Zones, text: str = "", report: FileReport | None = None,
+                 patterns: PatternSet | None = None) -> None:
         self.ctx = ctx
         self.zones = zones
         self.text = text
         self.report = report
+        self.patterns = patterns
+        self._scan: Scan | None = None
         self.direction = classify_direction(ctx, zones)
         self.direction_derived = not ctx.direction and bool(self.direction)
         self._detected: dict[str, list[Span]] = {}
         self._reports: list[FileReport] | None = None
         self._sender_zone: str | None = None
-        self._lower: str | None | bool = False
 
     @property
-    def lower(self) -> str | None:
-        """The text in lower case, when lower-casing keeps every offset (else None)."""
-        if self._lower is False:
-            low = self.text.lower()
-            self._lower = low if len(low) == len(self.text) else None
-        return self._lower
+    def scan(self) -> Scan:
+        """The text encoded once and matched against every pattern of the policy in one pass (on first use:
+        a decision no text condition reaches costs nothing)."""
+        if self._scan is None:
+            self._scan = Scan(self.text, self.patterns)
+        return self._scan
 
-    def detect(self, name: str) -> list[Span]:
+    def detect(self, name: str, trigger: int | None = None) -> list[Span]:
         spans = self._detected.get(name)
         if spans is None:
-            spans = self._detected[name] = DETECTORS[name](self.text)
+            found = self.scan.hit(TRIGGERS[name], trigger)
+            spans = self._detected[name] = DETECTORS[name](self.scan) if found else []
         return spans
 
     @property
@@ -121,68 +124,66 @@ class PartyCondition(Condition):
 
 # --- text conditions ---------------------------------------------------------------------------------
 
-class RegexCondition(Condition):
-    """keywords and regex: one compiled regex (or, when patterns cannot be joined, a few)."""
-    cost = 5
+class TextCondition(Condition):
+    """A condition on the message text: its patterns join the policy's pattern set (`register`), and the
+    set's one pass over the text tells it whether to look further."""
     is_text = True
 
-    def __init__(self, key: str, regexes: list[re.Pattern], describe: Callable[[re.Match], str],
-                 span_kind: str) -> None:
-        self.key, self.regexes, self.describe, self.span_kind = key, regexes, describe, span_kind
+    def register(self, patterns: PatternSet) -> None:
+        raise NotImplementedError
+
+
+class RegexCondition(TextCondition):
+    """regex: the patterns (RE2, compiled at load), tried in order; the first that occurs is named."""
+    cost = 5
+
+    def __init__(self, key: str, patterns: list[str], regexes: list, span_kind: str = "regex") -> None:
+        self.key, self.patterns, self.regexes, self.span_kind = key, patterns, regexes, span_kind
+        self.ids: list[int] = []
+
+    def register(self, patterns: PatternSet) -> None:
+        self.ids = [patterns.add(rx) for rx in self.regexes]
+        self.any_of = frozenset(self.ids)
 
     def test(self, ev: Evaluation, want_spans: bool = False) -> Hit | None:
-        text = ev.text
-        for rx in self.regexes:
-            m = rx.search(text)
-            if m is not None:
-                break
-        else:
+        hits = ev.scan.hits
+        if hits is not None and self.ids and hits.isdisjoint(self.any_of):
+            return None         # the common case: none of the patterns occurs
+        ids = self.ids or [None] * len(self.regexes)
+        hits = [i for i, rx in enumerate(self.regexes) if ev.scan.hit(rx, ids[i])]
+        if not hits:
             return None
         spans = []
         if want_spans:
-            spans = [Span(x.start(), x.end(), self.span_kind) for rx in self.regexes
-                     for x in rx.finditer(text) if x.end() > x.start()]
-        return Hit(self.describe(m), spans)
+            spans = [Span(start, end, self.span_kind) for i in hits
+                     for start, end, _ in ev.scan.finditer(self.regexes[i])]
+        return Hit(f"text matched regex '{self.patterns[hits[0]]}'", spans)
 
 
-class KeywordCondition(Condition):
-    """keywords: case-insensitive, on word boundaries. A plain alternation of the lower-cased keywords
-    finds candidates in the lower-cased text (CPython's re is 3-4x faster without IGNORECASE and
-    lookbehind); each candidate is then confirmed by the exact regex at that position."""
+class KeywordCondition(TextCondition):
+    """keywords: case-insensitive, on word boundaries (Python's Unicode \\w), as one RE2 alternation whose
+    guards stand for the lookbehind and lookahead RE2 does not have (matcher.guarded)."""
     cost = 4
-    is_text = True
 
-    def __init__(self, key: str, fast: re.Pattern, exact: re.Pattern, describe: Callable[[re.Match], str]) -> None:
-        self.key, self.fast, self.exact, self.describe = key, fast, exact, describe
+    def __init__(self, key: str, regex, describe: Callable[[str], str]) -> None:
+        self.key, self.regex, self.describe = key, regex, describe
+        self.id: int | None = None
 
-    def _matches(self, ev: Evaluation, first_only: bool):
-        low = ev.lower
-        if low is None:       # rare: lower-casing changed lengths; use the case-insensitive regex
-            for m in self.exact.finditer(ev.text):
-                yield m
-                if first_only:
-                    return
-            return
-        pos = 0
-        while True:
-            cand = self.fast.search(low, pos)
-            if cand is None:
-                return
-            m = self.exact.match(ev.text, cand.start())
-            if m is None or m.end() == m.start():
-                pos = cand.start() + 1
-                continue
-            yield m
-            if first_only:
-                return
-            pos = m.end()
+    def register(self, patterns: PatternSet) -> None:
+        self.id = patterns.add(self.regex)
 
     def test(self, ev: Evaluation, want_spans: bool = False) -> Hit | None:
-        found = list(self._matches(ev, not want_spans))
-        if not found:
+        scan = ev.scan
+        if not scan.hit(self.regex, self.id):
             return None
-        spans = [Span(m.start(), m.end(), "keyword") for m in found] if want_spans else []
-        return Hit(self.describe(found[0]), spans)
+        found = scan.finditer(self.regex, (CORE,))
+        first = next(found, None)
+        if first is None:
+            return None
+        spans = []
+        if want_spans:
+            spans = [Span(start, end, "keyword") for start, end, _ in (first, *found)]
+        return Hit(self.describe(scan.text[first[0]:first[1]]), spans)
 
 
 DETECTOR_WORDS = {
@@ -192,18 +193,26 @@ DETECTOR_WORDS = {
 }
 
 
-class DetectCondition(Condition):
-    """detect: any of the named built-in detectors finds something."""
+class DetectCondition(TextCondition):
+    """detect: any of the named built-in detectors finds something. Each detector's trigger (the pattern
+    without which it finds nothing) is in the policy's pattern set."""
     cost = 6
-    is_text = True
 
     def __init__(self, key: str, names: list[str]) -> None:
         self.key, self.names = key, names
+        self.triggers: list[int | None] = [None] * len(names)
+
+    def register(self, patterns: PatternSet) -> None:
+        self.triggers = [patterns.add(TRIGGERS[name]) for name in self.names]
+        self.any_of = frozenset(self.triggers)
 
     def test(self, ev: Evaluation, want_spans: bool = False) -> Hit | None:
+        hits = ev.scan.hits
+        if hits is not None and self.triggers[0] is not None and hits.isdisjoint(self.any_of):
+            return None         # the common case: no detector's candidate occurs
         reasons, spans = [], []
-        for name in self.names:
-            found = ev.detect(name)
+        for name, trigger in zip(self.names, self.triggers, strict=True):
+            found = ev.detect(name, trigger)
             if found:
                 kinds = sorted({s.kind for s in found})
                 what = ", ".join(DETECTOR_WORDS.get(k, k) for k in kinds)

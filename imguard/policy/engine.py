@@ -17,6 +17,7 @@ from imguard.model import (ACTIONS, ALLOW, BLOCK, MASK, QUARANTINE, SHADOW, Chat
                            RuleMatch)
 from imguard.policy import conditions as C
 from imguard.policy.detectors import Span
+from imguard.policy.matcher import PatternSet
 from imguard.policy.notice import ACTION_WORDS, human_size, render
 from imguard.policy.zones import PartyPattern, Zones, classify_direction
 from imguard.settings import MiB, setting
@@ -42,6 +43,9 @@ class PolicyLimits:
     max_text_chars: int = setting(
         1 * MiB, "Characters of a message that keyword, regex and detector conditions look at. Text past this "
                  "limit is not scanned and not masked; it bounds the time one huge message can take.")
+    max_regex_memory: int = setting(
+        64 * MiB, "Memory RE2 may use for one compiled pattern, and for the set of every text pattern of the "
+                  "policy (program and DFA cache). A pattern or a policy that does not fit is refused at load.")
 
 
 class PolicyError(Exception):
@@ -124,13 +128,14 @@ class Policy:
     """A loaded, checked policy. Immutable; reload by loading a new one."""
 
     def __init__(self, rules: list[Rule], zones: Zones, groups: dict[str, list[PartyPattern]], version: str,
-                 files: list[str], limits: PolicyLimits) -> None:
+                 files: list[str], limits: PolicyLimits, patterns: PatternSet | None = None) -> None:
         self.rules = rules
         self.zones = zones
         self.groups = groups
         self.version = version
         self.files = files
         self.limits = limits
+        self.patterns = patterns        # every text pattern of the message rules, matched in one pass
         self.message_rules = [r for r in rules if r.applies_to == "message"]
         self.file_rules = [r for r in rules if r.applies_to == "file"]
         self._by_id = {r.id: r for r in rules}
@@ -153,7 +158,7 @@ class Policy:
             text = str(text)
         ctx = ctx if isinstance(ctx, ChatContext) else ChatContext()
         scanned = text[: self.limits.max_text_chars]
-        ev = C.Evaluation(ctx, self.zones, text=scanned)
+        ev = C.Evaluation(ctx, self.zones, text=scanned, patterns=self.patterns)
         decision, spans = self._decide(self._message_candidates(ctx), ev, "message", {})
         if decision.action == MASK:
             decision.masked_text = mask_text(scanned, spans) + text[len(scanned):]

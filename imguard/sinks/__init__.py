@@ -34,7 +34,8 @@ def make_sinks(settings: SinkSettings) -> list[Sink]:
         sinks.append(WebhookSink(settings.webhook_url, settings.webhook_timeout, settings.webhook_all_events))
     if settings.email_smtp:
         sinks.append(EmailSink(settings.email_smtp, settings.email_from, list(settings.email_to),
-                               settings.email_min_severity, settings.email_starttls))
+                               settings.email_min_severity, settings.email_starttls,
+                               ca_file=settings.email_ca_file))
     return sinks
 
 
@@ -55,6 +56,8 @@ def check_settings(settings: SinkSettings) -> list[str]:
             errors.append(f"{name}: must not be negative")
     if settings.queue_max_bytes and settings.queue_max_bytes < 4096:
         errors.append("queue_max_bytes: at least 4096 bytes, or one alert would not fit")
+    if settings.email_ca_file and not settings.email_starttls:
+        errors.append("email_ca_file: only used with email_starttls (turn it on, or the mail goes in clear text)")
     if settings.webhook_timeout <= 0:
         errors.append("webhook_timeout: must be more than 0 seconds")
     return errors

@@ -4,6 +4,11 @@ The subject is built from the rule, action and file or sender, with every contro
 into a space (no header injection from a file name); the body is a short summary followed by the
 event's JSON. `Message-ID` is derived from `event.id`, so a re-delivered alert has the same one and mail
 clients thread or drop it; a possible duplicate also says so in `X-Imguard-Possible-Duplicate`.
+
+With `email_starttls` the server's certificate is verified before any mail is sent (the mails carry message
+text): it must chain to the system's CAs, or to `email_ca_file` when that names a PEM file, and name the host
+of `email_smtp`. A server that fails the check gets nothing; the sink reports itself down and keeps the mail
+queued, as for any other delivery failure.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import json
 import smtplib
 import socket
+import ssl
 from email.message import EmailMessage
 from email.utils import formatdate
 from typing import Any
@@ -66,7 +72,7 @@ class EmailSink(Sink):
     name = "email"
 
     def __init__(self, smtp: str, sender: str, recipients: list[str], min_severity: str = "high",
-                 starttls: bool = False, timeout: float = 30.0):
+                 starttls: bool = False, timeout: float = 30.0, ca_file: str = ""):
         if not recipients:
             raise ValueError("email: no recipients (email_to)")
         self.host, self.port = _host_port(smtp)
@@ -75,6 +81,13 @@ class EmailSink(Sink):
         self.min_severity = min_severity
         self.starttls = starttls
         self.timeout = timeout
+        self.ca_file = ca_file
+        self.tls_context: ssl.SSLContext | None = None
+        if starttls:
+            try:
+                self.tls_context = ssl.create_default_context(cafile=ca_file or None)
+            except (OSError, ssl.SSLError) as e:
+                raise ValueError(f"email_ca_file: cannot load CA certificates from {ca_file!r}: {e}") from None
 
     def accepts(self, event: dict[str, Any]) -> bool:
         return event.get("event", {}).get("kind") == "alert" and at_least(event, self.min_severity)
@@ -87,8 +100,13 @@ class EmailSink(Sink):
             raise DeliveryError(f"cannot connect to SMTP {self.host}:{self.port}: {e}") from e
         try:
             if self.starttls:
-                smtp.starttls()
+                smtp.starttls(context=self.tls_context)    # verifies the certificate and the host name
             smtp.send_message(message)
+        except ssl.SSLCertVerificationError as e:
+            raise DeliveryError(f"SMTP {self.host}:{self.port}: STARTTLS refused, the server's certificate does "
+                                f"not verify: {e.verify_message or e}") from e
+        except smtplib.SMTPNotSupportedError as e:
+            raise DeliveryError(f"SMTP {self.host}:{self.port} does not offer STARTTLS: {e}") from e
         except smtplib.SMTPResponseException as e:
             raise DeliveryError(f"SMTP {self.host}:{self.port} refused the mail: {e.smtp_code} {e.smtp_error!r}") from e
         except (OSError, smtplib.SMTPException, socket.timeout) as e:

@@ -30,7 +30,11 @@ class SinkSettings:
     email_to: list = setting([], "Recipients of alert mails (repeat the option for several).")
     email_min_severity: str = setting("high", "Only alerts at or above this severity are mailed "
                                               "(info, low, medium, high, critical).")
-    email_starttls: bool = setting(False, "Use STARTTLS with the SMTP server.")
+    email_starttls: bool = setting(False, "Use STARTTLS with the SMTP server; its certificate must verify (against "
+                                          "the system's CAs or email_ca_file) and name the email_smtp host, or no "
+                                          "mail is sent to it.")
+    email_ca_file: str = setting("", "PEM file of the CA certificates that verify the SMTP server's certificate "
+                                     "under STARTTLS, e.g. an internal CA ('' = the system's CAs).")
     dedup_window_seconds: float = setting(60.0, "Identical alerts (same rule, sender and file hash or text hash) "
                                                 "within this many seconds are suppressed; the next one sent "
                                                 "carries imguard.suppressed_count (0 = off).")

@@ -4,10 +4,15 @@ Headers: `Content-Type: application/json`, `X-Imguard-Event-Id` (the event's `ev
 re-delivery, so a receiver can drop duplicates) and `X-Imguard-Possible-Duplicate: 1` on a re-delivery
 that may repeat one the receiver already has. The request goes straight to the URL's host: proxy
 variables in the gateway's environment are ignored (they could name the gateway itself).
+
+Credentials in the URL (`https://user:secret@host/path`) are sent as `Authorization: Basic`, never in the
+request line, and never appear in what imguard says about the sink: its errors, and so the `sink_down` events
+that go to alerts.jsonl and every other sink, name the host and port alone (`where`).
 """
 
 from __future__ import annotations
 
+import base64
 import http.client
 import json
 import ssl
@@ -24,8 +29,19 @@ class WebhookSink(Sink):
                  ssl_context: ssl.SSLContext | None = None):
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"webhook URL {url!r}: an http:// or https:// URL expected")
-        self.url = url
+            raise ValueError(f"webhook URL {redact(url)!r}: an http:// or https:// URL expected")
+        try:
+            port = parts.port
+        except ValueError:
+            raise ValueError(f"webhook URL {redact(url)!r}: the port is not a number") from None
+        self.authorization = ""
+        if parts.username is not None or parts.password is not None:
+            user = urllib.parse.unquote(parts.username or "")
+            password = urllib.parse.unquote(parts.password or "")
+            self.authorization = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+        host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+        self.where = f"{host}:{port}" if port else host        # how messages name it: no credentials
+        self.url = redact(url)
         self.parts = parts
         self.timeout = timeout
         self.all_events = all_events
@@ -48,20 +64,30 @@ class WebhookSink(Sink):
                    "X-Imguard-Event-Id": str(event.get("event", {}).get("id", ""))}
         if event.get("imguard", {}).get("possible_duplicate"):
             headers["X-Imguard-Possible-Duplicate"] = "1"
+        if self.authorization:
+            headers["Authorization"] = self.authorization
         sent = False
         try:
             try:
                 conn.connect()
             except OSError as e:
-                raise DeliveryError(f"cannot connect to the webhook {self.parts.netloc}: {e}") from e
+                raise DeliveryError(f"cannot connect to the webhook {self.where}: {e}") from e
             try:
                 conn.request("POST", path, body=body, headers=headers)
                 sent = True
                 response = conn.getresponse()
                 response.read()
             except (OSError, http.client.HTTPException) as e:
-                raise DeliveryError(f"webhook {self.parts.netloc}: {type(e).__name__}: {e}", ambiguous=sent) from e
+                raise DeliveryError(f"webhook {self.where}: {type(e).__name__}: {e}", ambiguous=sent) from e
             if not 200 <= response.status < 300:
-                raise DeliveryError(f"webhook {self.parts.netloc} answered {response.status} {response.reason}")
+                raise DeliveryError(f"webhook {self.where} answered {response.status} {response.reason}")
         finally:
             conn.close()
+
+
+def redact(url: str) -> str:
+    """The URL with any user and password in it replaced by `***`."""
+    parts = urllib.parse.urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urllib.parse.urlunsplit(parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]))

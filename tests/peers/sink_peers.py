@@ -196,9 +196,13 @@ class SyslogReceiver:
 # --- SMTP: aiosmtpd --------------------------------------------------------------------------------
 
 class SmtpReceiver:
-    """A real SMTP server (aiosmtpd) on a free port; `messages` are the parsed mails received."""
+    """A real SMTP server (aiosmtpd) on a free port; `messages` are the parsed mails received. With `tls_dir`
+    it offers STARTTLS with a certificate for 127.0.0.1 and localhost from a throwaway CA (`ca_file`, made in
+    that folder) and takes no mail before it (`require_starttls`); `tls_names` are the certificate's (DNS names,
+    IP addresses)."""
 
-    def __init__(self, port: int = 0):
+    def __init__(self, port: int = 0, tls_dir: Path | None = None,
+                 tls_names: tuple[tuple[str, ...], tuple[str, ...]] = (("localhost",), ("127.0.0.1",))):
         try:
             from aiosmtpd.controller import Controller
         except ImportError:
@@ -216,7 +220,18 @@ class SmtpReceiver:
                 return "250 OK"
 
         self.port = port or free_port()
-        self._controller = Controller(Handler(), hostname="127.0.0.1", port=self.port)
+        self.ca_file: Path | None = None
+        tls: dict = {}
+        if tls_dir is not None:
+            import ssl
+
+            from tests.peers.prosody import make_certificates
+            certs = make_certificates(Path(tls_dir), names=tls_names[0], ips=tls_names[1])
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.load_cert_chain(certs.cert_file, certs.key_file)
+            self.ca_file = certs.ca_file
+            tls = dict(tls_context=context, require_starttls=True)
+        self._controller = Controller(Handler(), hostname="127.0.0.1", port=self.port, **tls)
         self._controller.start()
 
     @property
