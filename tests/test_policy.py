@@ -415,6 +415,14 @@ def test_notice_values_from_the_wire_are_cleaned(tmp_path):
     assert len(d.notice) < 140
 
 
+def test_a_file_without_a_name_leaves_no_double_space_in_its_notice(tmp_path):
+    # SIP MESSAGE bodies and some DCC offers carry no file name: the bundled template must still read well.
+    p = policy(tmp_path, rule("f", "block", applies_to="file", match="family: executable",
+                              extra="  notify: 'Your file {file.name} was blocked: {reason}'\n"))
+    assert p.decide_file(report("", family="executable"), OUT).notice == "Your file was blocked: Rule f"
+    assert p.decide_file(report("a.exe", family="executable"), OUT).notice == "Your file a.exe was blocked: Rule f"
+
+
 def test_policy_version_is_in_each_decision(tmp_path):
     p = policy(tmp_path, rule())
     assert p.decide_message("x", OUT).policy_version == p.version

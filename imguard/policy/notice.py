@@ -34,6 +34,7 @@ ACTION_WORDS = {"allow": "allowed", "alert": "flagged", "mask": "redacted", "qua
                 "block": "blocked"}
 
 _FIELD = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
+_EMPTY = "\x00"         # marks an empty field while rendering (clean() strips NUL from every value)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f\u2028\u2029\u202a-\u202e\u2066-\u2069]+")
 
 
@@ -79,5 +80,7 @@ def render(template: str, values: dict[str, object]) -> str:
             return "}"
         if m.group(1) is None:
             return token
-        return clean(values.get(m.group(1).strip(), ""))
-    return _FIELD.sub(sub, template)
+        return clean(values.get(m.group(1).strip(), "")) or _EMPTY
+    # An empty field between two spaces (a file sent without a name: "Your file {file.name} was blocked")
+    # leaves one space, not two.
+    return _FIELD.sub(sub, template).replace(f" {_EMPTY} ", " ").replace(_EMPTY, "")
