@@ -745,12 +745,13 @@ def test_regular_proxy_connect_to_chat_port(tmp_path):
 
 
 def test_socks5_proxy_to_chat_port_and_unknown_port(tmp_path):
-    """Through the socks5 listener: a mapped port gets a session; an unmapped, unrecognised protocol is relayed
-    untouched with no session (lowest cost)."""
+    """Through the socks5 listener: a mapped port gets a session; with --proxy-destinations any, an unmapped,
+    unrecognised protocol is relayed untouched with no session (lowest cost). (By default an unmapped port is
+    refused: tests/test_open_relay.py.)"""
     async def main():
         srv, port = await start_line_server()
         echo, echo_port = await start_raw_echo()
-        gw, _ = await start_gateway(tmp_path, port, mode=["socks5@127.0.0.1:0"])
+        gw, _ = await start_gateway(tmp_path, port, mode=["socks5@127.0.0.1:0"], proxy_destinations="any")
         try:
             async def via_socks(dst_port):
                 reader, writer = await asyncio.open_connection("127.0.0.1", gw.port_of("socks5"))

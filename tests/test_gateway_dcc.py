@@ -186,13 +186,14 @@ def test_unannounced_relay_connection_is_refused(tmp_path):
 def test_without_relay_dcc_is_caught_by_destination(tmp_path):
     """Offers not rewritten (no --dcc-relay): a proxied connection (socks5 here, transparent in production) to an
     announced DCC address gets a DCC session before protocol detection, so a blocked file never arrives; the
-    next connection to that address (offer used) is relayed as usual."""
+    next connection to that address (offer used) is relayed as usual (with --proxy-destinations any: by default
+    the explicit proxy refuses a destination no offer announces, tests/test_open_relay.py)."""
     async def main():
         payload = b"EVIL" * 100
         pipeline = ChatPipeline()
         transfers = ExpectedTransfers()
         sender, sender_port, _ = await start_sender(payload)
-        s = GatewaySettings(mode=["socks5@127.0.0.1:0"])
+        s = GatewaySettings(mode=["socks5@127.0.0.1:0"], proxy_destinations="any")
         gw = Gateway(s, pipeline, data_dir=tmp_path / "data", transfers=transfers)
         await gw.start()
         try:

@@ -17,6 +17,14 @@ Each session command becomes mitmproxy commands, in order:
 - Notify      -> carrier.notify_command(cmd): recorded, and delivered on the connection it names;
 - Close       -> both legs closed.
 
+A peer's close is passed on as the peer made it, after the session has been told (session.connection_closed)
+and its commands carried out (a held file is inspected and released first: the tracker's close rule):
+- a FIN (the peer half-closed, or closed) -> a half-close of the other leg (shutdown(SHUT_WR)): the other
+  peer reads EOF at once, and the other direction keeps flowing until it closes too;
+- a reset (or a leg that broke: timeout, unreachable) -> a reset of the other leg (SO_LINGER 0, then close).
+Once neither leg can read, both are closed. Inside an HTTP CONNECT tunnel mitmproxy turns a half-close
+into a full close (its HttpStream.passthrough): the peer still reads EOF at once.
+
 A NoticeInjected event (the gateway delivering a Notify from another connection, e.g. a DCC file blocked on
 its own connection) becomes session.notice(text), whose commands are carried the same way.
 
@@ -115,6 +123,12 @@ class Carrier(Protocol):
     def parse_fail_open(self, protocol: str) -> bool:
         """Fail mode `parse` for this protocol: True relays a connection whose session failed, uninspected."""
 
+    def leg_reset(self, client_id: str, connection) -> bool:
+        """Whether the read of `connection` ended in an error (a reset, a broken connection), not the peer's FIN."""
+
+    def reset_on_close(self, client_id: str, connection) -> None:
+        """Make the coming close of `connection` a reset (SO_LINGER 0); where it cannot, it stays a close."""
+
 
 class SessionLayer(layer.Layer):
     """One StreamSession on one client/server connection pair."""
@@ -186,9 +200,9 @@ class SessionLayer(layer.Layer):
         elif self.raw and isinstance(event, events.DataReceived):
             if event.data:
                 to_client = event.connection != self.context.client
-                yield commands.SendData(self.context.client if to_client else self.context.server, event.data)
+                yield from self._send(self.context.client if to_client else self.context.server, event.data)
         elif self.raw and isinstance(event, events.ConnectionClosed):
-            yield from self._close()
+            yield from self._pass_close_on(event.connection)
         elif isinstance(event, events.DataReceived):
             if event.data:
                 from_client = event.connection == self.context.client
@@ -248,14 +262,42 @@ class SessionLayer(layer.Layer):
 
     def _connection_closed(self, event: events.ConnectionClosed) -> layer.CommandGenerator[None]:
         from_client = event.connection == self.context.client
+        # The session is told first: what it holds from this side is settled now (a partial line dropped, a
+        # held file inspected and released, or its connection closed by the tracker's close rule).
         yield from self._run(self._call(self.session.connection_closed, from_client))
         if self.closed or self.child is not None:
             return
-        # The session decides what a close means (forward it, or hold the other leg open to release a
-        # file after its verdict); the carrier only cleans up once neither side can send any more.
+        yield from self._pass_close_on(event.connection)
+
+    def _pass_close_on(self, closed) -> layer.CommandGenerator[None]:
+        """The peer on `closed` stopped sending: the other peer learns it the same way (FIN: a half-close, the
+        other direction keeps flowing; a reset: a reset). Both legs are closed once neither can read."""
         client, server = self.context.client, self.context.server
-        if not ((client.state & ConnectionState.CAN_READ) or (server.state & ConnectionState.CAN_READ)):
+        other = server if closed == client else client
+        if self._leg_reset(closed):
+            logger.info("%s: the %s reset the connection (or it broke): reset passed on", self.chat.client_address,
+                        "client" if closed == client else "server")
+            self._reset_on_close(other)
             yield from self._close()
+        elif not ((client.state & ConnectionState.CAN_READ) or (server.state & ConnectionState.CAN_READ)):
+            yield from self._close()
+        elif other.state & ConnectionState.CAN_WRITE:
+            yield commands.CloseTcpConnection(other, half_close=True)
+
+    def _leg_reset(self, connection) -> bool:
+        try:
+            return self.carrier.leg_reset(self.context.client.id, connection)
+        except Exception:       # only how the close is passed on is at stake: a FIN then
+            logger.debug("cannot tell a reset from a close", exc_info=True)
+            return False
+
+    def _reset_on_close(self, connection) -> None:
+        if connection.state is ConnectionState.CLOSED:
+            return
+        try:
+            self.carrier.reset_on_close(self.context.client.id, connection)
+        except Exception:       # it stays a plain close
+            logger.debug("cannot reset the other leg", exc_info=True)
 
     # --- commands -----------------------------------------------------------------------------------
 
@@ -287,7 +329,7 @@ class SessionLayer(layer.Layer):
             if step is None:
                 break
             if any(type(cmd) is StartTls for cmd in step):
-                # What follows STARTTLS in this read belongs inside TLS: _run hands it to the TLS child.
+                # What follows STARTTLS in this read is handed to the TLS child (its facts; plaintext is dropped).
                 try:
                     step = step + [cmd for rest in iterator for cmd in rest]
                 except Exception as e:
@@ -343,7 +385,7 @@ class SessionLayer(layer.Layer):
                         parts.append(work.popleft().data)
                     data = b"".join(parts)
                 if data:
-                    yield commands.SendData(self.context.client if cmd.to_client else self.context.server, data)
+                    yield from self._send(self.context.client if cmd.to_client else self.context.server, data)
             elif isinstance(cmd, Record):
                 self.carrier.record(cmd.event)
             elif isinstance(cmd, FACTS):
@@ -365,12 +407,27 @@ class SessionLayer(layer.Layer):
                     self.carrier.anomaly(self.chat, "starttls_twice", "StartTls on a connection already in TLS")
                     yield from self._close()
                     return
-                yield from self._start_tls(list(work))
+                # Plaintext never enters the TLS session (CVE-2011-0411 class): a Send after StartTls is dropped.
+                rest = [c for c in work if type(c) is not Send]
+                if len(rest) != len(work):
+                    self.carrier.anomaly(self.chat, "starttls_injection", "plaintext returned after StartTls was "
+                                         "discarded", severity="high",
+                                         size=sum(len(c.data) for c in work if type(c) is Send))
+                yield from self._start_tls(rest)
                 return
             elif isinstance(cmd, Close):
                 yield from self._close()
             else:
                 self.carrier.anomaly(self.chat, "unknown_command", f"session returned {cmd!r}")
+
+    def _send(self, connection, data: bytes) -> layer.CommandGenerator[None]:
+        """SendData, unless the gateway has half-closed that leg (its peer's counterpart closed): nothing can be
+        written after the FIN (asyncio refuses a write after write_eof), so what the session still sends that way
+        (a bounce, a notice) is dropped."""
+        if connection.state is ConnectionState.CAN_READ:
+            logger.debug("%s: %d bytes for a leg already half-closed, dropped", self.chat.client_address, len(data))
+            return
+        yield commands.SendData(connection, data)
 
     def _start_tls(self, rest: list) -> layer.CommandGenerator[None]:
         """Push ServerTLS -> ClientTLS -> SessionLayer(tls=True); from now on every event goes to them.
