@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import zlib
 
 import pytest
 
@@ -663,3 +664,288 @@ def test_discord_channel_messages_and_cdn_attachments():
     assert routes.match("example.com", "/attachments/42/777/eicar.com") == []
     me = discord.classify("GET", "/api/v10/users/@me")
     assert discord.learn(me, req, 200, b'{"id":"901","username":"bob"}') == [Identity(credential_key("b"), "901")]
+
+
+# --- WebSockets: what the servers push -----------------------------------------------------------------------
+
+def ws_blank_and_mask(api, data, found, mask=("mask-me", "[X]")):
+    """The API's WebSocket rewrite of one pushed message: blocked, then (separately) masked; both parsed."""
+    [d] = delivered_of(found)
+    blocked = json.loads(api.rewrite_ws_delivered(data, [(d.locator, "A message from X was blocked")]))
+    masked = json.loads(api.rewrite_ws_delivered(data, [], [(d.locator, [(p.locator, p.text.replace(*mask))
+                                                                          for p in d.message.parts])]))
+    return d, blocked, masked
+
+
+def test_websocket_routes_and_handshake_credentials():
+    """Which WebSocket is which API's: Slack's RTM, Socket Mode and web-client URLs on *.slack.com, Mattermost's
+    /api/v4/websocket and Rocket.Chat's /websocket on any host, Discord's gateway on *.discord.gg; and whose
+    socket it is from the handshake (token, cookie, ticket URL) or a client message (IDENTIFY, challenge)."""
+    routes = httpchat.Routes.parse(httpchat.DEFAULT_ROUTES)
+
+    def socket_api(host, path):
+        return next((a for a in routes.match(host, path) if a.is_websocket(path)), None)
+    assert socket_api("wss-primary.slack.com", "/websocket/AbC123") is slack
+    assert socket_api("wss-primary.slack.com", "/link/") is slack and socket_api("wss-backup.slack.com", "/") is slack
+    assert socket_api("chat.example", "/api/v4/websocket") is mattermost
+    assert socket_api("rc.example", "/websocket") is rocketchat
+    assert socket_api("gateway.discord.gg", "/") is discord
+    assert socket_api("example.com", "/") is None and socket_api("example.com", "/websocket/x") is None
+    assert socket_api("matrix.example", "/_matrix/client/v3/sync") is None
+    rtm = "wss://wss-primary.slack.com/websocket/Tick3t?x=1"
+    ep = slack.classify("POST", "/api/rtm.connect")
+    req = HttpRequest.make("POST", "/api/rtm.connect", {"Authorization": "Bearer xoxb-1"})
+    learned = slack.learn(ep, req, 200, json.dumps({"ok": True, "url": rtm, "self": {"id": "U0ME"}}).encode())
+    assert Identity(slack.ws_url_key(rtm), "U0ME") in learned and Identity(credential_key("xoxb-1"), "U0ME") in learned
+    assert slack.ws_requester(HttpRequest.make("GET", "/websocket/Tick3t?x=1")) == slack.ws_url_key(rtm)
+    assert slack.ws_requester(HttpRequest.make("GET", "/?token=xoxc-9")) == credential_key("xoxc-9")
+    assert mattermost.ws_requester(HttpRequest.make("GET", "/api/v4/websocket", {"Cookie": "MMAUTHTOKEN=mm1"})) \
+        == credential_key("mm1")
+    assert mattermost.ws_credential(b'{"seq":1,"action":"authentication_challenge","data":{"token":"mm2"}}') \
+        == credential_key("mm2")
+    assert rocketchat.ws_requester(HttpRequest.make("GET", "/websocket", {"Cookie": "rc_uid=u7; rc_token=t"})) == "u7"
+    identify = {"op": 2, "d": {"token": "dtok", "properties": {"os": "linux"}, "intents": 513}}
+    assert discord.ws_credential(json.dumps(identify).encode()) == credential_key("dtok")
+    assert discord.ws_credential(b'{"op":6,"d":{"token":"Bot dtok","session_id":"s","seq":3}}') \
+        == credential_key("dtok")
+    assert discord.ws_credential(b'{"op":1,"d":3}') == "" == discord.ws_credential(b"\x78\x9c")
+
+
+def test_slack_rtm_and_socket_mode_events():
+    """An RTM message event, the same in a Socket Mode envelope (whose authorization names the socket's user),
+    an edit (message_changed: the new and the previous message), and events that carry no message."""
+    event = {"type": "message", "channel": "C1", "user": "U0OUT", "text": "the secret mask-me", "ts": "1.5",
+             "blocks": [{"type": "rich_text", "elements": [{"type": "text", "text": "the secret"}]}],
+             "files": [{"id": "F9", "name": "a.exe"}]}
+    data = json.dumps(event).encode()
+    found = slack.deliver_ws(data)
+    d, blocked, masked = ws_blank_and_mask(slack, data, found)
+    assert (d.locator, d.event_id, d.message.sender, d.message.room, d.message.refs) == (
+        ("ws",), "C1/1.5", "U0OUT", "C1", ("slack:F9",))
+    assert shared_of(found) == [httpchat.SharedMedia("slack:F9", "U0OUT", "C1", "a.exe")]
+    assert blocked["text"] == "A message from X was blocked" and "blocks" not in blocked and "files" not in blocked
+    assert masked["text"] == "the secret [X]" and masked["channel"] == "C1"
+    envelope = {"envelope_id": "e1", "type": "events_api", "accepts_response_payload": False,
+                "payload": {"type": "event_callback", "event": event, "authorizations": [{"user_id": "U0BOT"}]}}
+    data = json.dumps(envelope).encode()
+    found = slack.deliver_ws(data)
+    assert found[0] == Identity("", "U0BOT")
+    d, blocked, _ = ws_blank_and_mask(slack, data, found)
+    assert d.locator == ("ws", "payload", "event") and blocked["envelope_id"] == "e1"
+    assert blocked["payload"]["event"]["text"] == "A message from X was blocked"
+    changed = {"type": "message", "subtype": "message_changed", "channel": "C1", "ts": "1.6",
+               "message": {"type": "message", "user": "U0OUT", "text": "edited", "ts": "1.5"},
+               "previous_message": {"type": "message", "user": "U0OUT", "text": "the secret", "ts": "1.5"}}
+    found = delivered_of(slack.deliver_ws(json.dumps(changed).encode()))
+    assert [(x.locator, x.message.text, x.event_id) for x in found] == [
+        (("ws", "message"), "edited", "C1/1.5"), (("ws", "previous_message"), "the secret", "C1/1.5")]
+    replied = {"type": "message", "subtype": "message_replied", "channel": "C1", "hidden": True, "ts": "1.8",
+               "message": {"type": "message", "user": "U0OUT", "text": "parent secret", "ts": "1.5", "reply_count": 1}}
+    [d] = delivered_of(slack.deliver_ws(json.dumps(replied).encode()))
+    assert (d.locator, d.message.text) == (("ws", "message"), "parent secret")
+    for other in (b'{"type":"hello"}', b'{"type":"user_typing","channel":"C1","user":"U0OUT"}',
+                  b'{"ok":true,"reply_to":1,"ts":"1.7","text":"mine"}', b'{"type":"message","subtype":'
+                  b'"message_deleted","channel":"C1","deleted_ts":"1.5"}', b"[]"):
+        assert slack.deliver_ws(other) == []
+    with pytest.raises(bodies.BodyError):
+        slack.deliver_ws(b"not json")
+
+
+def test_mattermost_websocket_posted_and_hello():
+    """posted / post_edited carry the post as a JSON string in data.post: decoded, and rewritten back into that
+    string; the hello event's broadcast names the socket's user."""
+    post = {"id": "p1", "user_id": "mmout", "channel_id": "ch1", "message": "the secret mask-me", "type": "",
+            "file_ids": ["f1"], "metadata": {"files": [{"id": "f1", "name": "a.exe"}]},
+            "props": {"attachments": [{"text": "attached secret"}]}}
+    frame = {"event": "posted", "data": {"channel_display_name": "Town", "post": json.dumps(post),
+                                         "sender_name": "@out", "team_id": "t1"},
+             "broadcast": {"omit_users": None, "user_id": "", "channel_id": "ch1", "team_id": ""}, "seq": 7}
+    data = json.dumps(frame).encode()
+    found = mattermost.deliver_ws(data)
+    d, blocked, masked = ws_blank_and_mask(mattermost, data, found)
+    assert (d.locator, d.event_id, d.message.sender, d.message.room, d.message.refs) == (
+        ("ws", "data", "post"), "p1", "mmout", "ch1", ("mattermost:f1",))
+    assert "attached secret" in d.message.text
+    assert shared_of(found) == [httpchat.SharedMedia("mattermost:f1", "mmout", "ch1", "a.exe")]
+    out = json.loads(blocked["data"]["post"])
+    assert out["message"] == "A message from X was blocked" and out["file_ids"] == [] and out["props"] == {}
+    assert "secret" not in json.dumps(blocked) and blocked["seq"] == 7 and blocked["data"]["sender_name"] == "@out"
+    assert json.loads(masked["data"]["post"])["message"] == "the secret [X]"
+    hello = {"event": "hello", "data": {"server_version": "9.11"}, "broadcast": {"user_id": "mmin"}, "seq": 0}
+    assert mattermost.deliver_ws(json.dumps(hello).encode()) == [Identity("", "mmin")]
+    assert mattermost.deliver_ws(b'{"status":"OK","seq_reply":1}') == []
+    assert mattermost.deliver_ws(b'{"event":"typing","data":{"user_id":"mmout"},"broadcast":{}}') == []
+    for bad in (b'{"event":"posted","data":{"post":"{not json"}}', b'{"event":"posted","data":{}}', b"<html>"):
+        with pytest.raises(bodies.BodyError):
+            mattermost.deliver_ws(bad)
+
+
+def test_discord_gateway_dispatches():
+    """op 0 MESSAGE_CREATE / MESSAGE_UPDATE: the message in d, decided like a REST one; READY names the user;
+    heartbeat acks and other dispatches carry nothing."""
+    msg = {"id": "55", "channel_id": "42", "author": {"id": "900", "username": "out"}, "content": "the secret mask-me",
+           "embeds": [{"description": "embedded secret"}], "attachments": [{"id": "777", "filename": "a.exe"}],
+           "edited_timestamp": None}
+    frame = {"op": 0, "t": "MESSAGE_CREATE", "s": 12, "d": msg}
+    data = json.dumps(frame).encode()
+    found = discord.deliver_ws(data)
+    d, blocked, masked = ws_blank_and_mask(discord, data, found)
+    assert (d.locator, d.event_id, d.message.sender, d.message.room, d.message.refs) == (
+        ("ws", "d"), "55", "900", "42", ("discord:attachment:777",))
+    assert blocked["d"]["content"] == "A message from X was blocked" and blocked["d"]["attachments"] == []
+    assert blocked["s"] == 12 and blocked["t"] == "MESSAGE_CREATE" and "secret" not in json.dumps(blocked)
+    assert masked["d"]["content"] == "the secret [X]"
+    update = {"op": 0, "t": "MESSAGE_UPDATE", "s": 13, "d": {**msg, "edited_timestamp": "2026-12-06T04:00:00"}}
+    [d] = delivered_of(discord.deliver_ws(json.dumps(update).encode()))
+    assert d.event_id == "55@2026-12-06T04:00:00"
+    partial = {"op": 0, "t": "MESSAGE_UPDATE", "s": 14, "d": {"id": "55", "channel_id": "42", "content": "new secret"}}
+    [d] = delivered_of(discord.deliver_ws(json.dumps(partial).encode()))
+    assert (d.message.sender, d.message.text) == (discord.UNKNOWN_AUTHOR, "new secret")     # decided, not skipped
+    unfurl = {"op": 0, "t": "MESSAGE_UPDATE", "s": 15, "d": {"id": "55", "channel_id": "42", "embeds": []}}
+    assert [x.message.sender for x in delivered_of(discord.deliver_ws(json.dumps(unfurl).encode()))] == [""]
+    ready = {"op": 0, "t": "READY", "s": 1, "d": {"v": 10, "user": {"id": "900222", "username": "me"},
+                                                  "session_id": "s", "guilds": []}}
+    assert discord.deliver_ws(json.dumps(ready).encode()) == [Identity("", "900222")]
+    for other in (b'{"op":11}', b'{"op":10,"d":{"heartbeat_interval":41250}}',
+                  b'{"op":0,"t":"TYPING_START","s":2,"d":{"user_id":"900"}}'):
+        assert discord.deliver_ws(other) == []
+    with pytest.raises(bodies.BodyError):
+        discord.deliver_ws(b"\x83t\x00\x00\x00\x01")          # ETF, which a json socket never carries
+
+
+def test_discord_zlib_stream_codec():
+    """compress=zlib-stream: one inflater for the connection (as Discord's clients keep one), a payload ending
+    with 00 00 ff ff, possibly over several messages; imguard's own deflater for the client, whose inflater
+    reads it back; a payload over the limit is discarded without losing step; a broken stream is an error."""
+    server = zlib.compressobj()
+
+    def push(obj) -> bytes:
+        raw = json.dumps(obj).encode()
+        return server.compress(raw) + server.flush(zlib.Z_SYNC_FLUSH)
+    codec = discord.ws_codec(HttpRequest.make("GET", "/?v=10&encoding=json&compress=zlib-stream"), 4096)
+    assert codec.stream
+    client = zlib.decompressobj()
+    hello = push({"op": 10, "d": {"heartbeat_interval": 41250}})
+    assert hello.endswith(discord.SYNC_FLUSH)
+    payload = codec.receive(hello)
+    assert json.loads(payload)["op"] == 10
+    assert json.loads(client.decompress(codec.send(payload)))["op"] == 10
+    big = push({"op": 0, "t": "MESSAGE_CREATE", "d": {"content": "x" * 3000}})
+    head = big[:-2]                                 # 7-byte messages, the suffix split over the last two
+    parts = [head[i:i + 7] for i in range(0, len(head), 7)] + [big[-2:]]
+    for part in parts[:-1]:                         # only the last part completes it
+        assert codec.receive(part) is None
+    payload = codec.receive(parts[-1])
+    assert json.loads(payload)["d"]["content"] == "x" * 3000
+    assert json.loads(client.decompress(codec.send(payload.replace(b"x", b"y"))))["d"]["content"] == "y" * 3000
+    with pytest.raises(httpchat.FrameTooLarge):
+        codec.receive(push({"op": 0, "d": {"content": "z" * 5000}}))
+    after = codec.receive(push({"op": 11}))                  # the stream is still in step
+    assert json.loads(after) == {"op": 11}
+    with pytest.raises(bodies.BodyError):
+        codec.receive(b"\xff\xff\xff\xff" + discord.SYNC_FLUSH)
+    # per-message compression (IDENTIFY "compress": true): a binary message is one whole zlib stream
+    plain = discord.ws_codec(HttpRequest.make("GET", "/?v=10&encoding=json"), 4096)
+    assert not plain.stream
+    packed = zlib.compress(b'{"op":0,"t":"READY","d":{}}')
+    assert plain.receive(packed) == b'{"op":0,"t":"READY","d":{}}'
+    assert zlib.decompress(plain.send(b'{"op":0}')) == b'{"op":0}'
+    assert plain.receive(b'{"op":11}') == b'{"op":11}' and plain.send(b'{"op":11}') == b'{"op":11}'
+    with pytest.raises(httpchat.FrameTooLarge):
+        plain.receive(zlib.compress(b"{" + b" " * 5000 + b"}"))
+    for query in ("/?v=10&encoding=xml", "/?v=10&compress=zstd-stream", "/?v=10&encoding=etf&compress=zstd-stream"):
+        with pytest.raises(httpchat.UnreadableSocket):
+            discord.ws_codec(HttpRequest.make("GET", query), 4096)
+    # a binary message that only looks like zlib (its header) but is not: handed on as it came, the next one read
+    assert plain.receive(b"\x78\x9cnot deflate") == b"\x78\x9cnot deflate"
+    assert plain.send(b"\x78\x9cnot deflate") == b"\x78\x9cnot deflate"
+    assert plain.receive(zlib.compress(b'{"op":11}')) == b'{"op":11}'
+
+
+# Terms as Erlang's term_to_binary/1 (OTP 26) writes them, spelled out byte by byte from the external term format
+# specification (not made with imguard's encoder): 131 version, 116 map (arity), 119 small UTF-8 atom (length),
+# 97 small integer, 98 integer, 109 binary (length), 110 small big (n, sign, little-endian digits), 108 list, 106 nil.
+ETF_OP_D_NIL = bytes([131, 116, 0, 0, 0, 2, 119, 1]) + b"d" + bytes([119, 3]) + b"nil" + bytes([119, 2]) + b"op" + \
+    bytes([97, 0])
+SNOWFLAKE = 1234567890123456789
+ETF_MESSAGE = (bytes([131, 116, 0, 0, 0, 3, 119, 2]) + b"op" + bytes([97, 0]) + bytes([119, 1]) + b"t"
+               + bytes([119, 14]) + b"MESSAGE_CREATE" + bytes([119, 1]) + b"d" + bytes([116, 0, 0, 0, 5])
+               + bytes([119, 2]) + b"id" + bytes([110, 8, 0]) + SNOWFLAKE.to_bytes(8, "little")
+               + bytes([119, 10]) + b"channel_id" + bytes([98]) + (70000).to_bytes(4, "big")
+               + bytes([119, 7]) + b"content" + bytes([109, 0, 0, 0, 16]) + "h\u00e9 the secret!!".encode()
+               + bytes([119, 6]) + b"author" + bytes([116, 0, 0, 0, 1, 119, 2]) + b"id" + bytes([109, 0, 0, 0, 3])
+               + b"900" + bytes([119, 6]) + b"embeds" + bytes([108, 0, 0, 0, 1, 116, 0, 0, 0, 0, 106]))
+
+
+def test_etf_decode_encode_and_hostile_terms():
+    """ETF as Discord's gateway sends it (atoms for keys and nil, binaries for text, snowflakes as 64-bit small
+    bigs) decodes to the JSON a json socket would carry; encode() writes what term_to_binary writes for the same
+    map; truncated, unknown, too deep or lying terms are BodyError, never a crash."""
+    from imguard.protocols.httpchat import etf
+    assert etf.decode(ETF_OP_D_NIL) == {"d": None, "op": 0}
+    assert etf.encode({"d": None, "op": 0}) == ETF_OP_D_NIL
+    tree = etf.decode(ETF_MESSAGE)
+    assert tree == {"op": 0, "t": "MESSAGE_CREATE", "d": {"id": SNOWFLAKE, "channel_id": 70000,
+                                                          "content": "h\u00e9 the secret!!", "author": {"id": "900"},
+                                                          "embeds": [{}]}}
+    assert etf.decode(etf.encode(tree)) == tree
+    assert etf.encode([]) == bytes([131, 106]) and etf.decode(bytes([131, 106])) == []
+    assert etf.decode(etf.encode({"n": -5, "big": -SNOWFLAKE, "f": 1.5, "ok": True})) == {
+        "n": -5, "big": -SNOWFLAKE, "f": 1.5, "ok": True}
+    compressed = bytes([131, 80]) + len(ETF_OP_D_NIL[1:]).to_bytes(4, "big") + zlib.compress(ETF_OP_D_NIL[1:])
+    assert etf.decode(compressed) == {"d": None, "op": 0}
+    deep = bytes([131]) + bytes([108, 0, 0, 0, 1]) * 1000 + bytes([106]) * 1001
+    for bad in (ETF_MESSAGE[:-3], b"{}", bytes([131, 77, 0]), deep, bytes([131, 108, 255, 255, 255, 255, 97]),
+                bytes([131, 109, 0, 0, 0, 2, 0xff, 0xfe]), bytes([131, 80, 127, 0, 0, 0]) + zlib.compress(b"x"),
+                bytes([131, 80, 0, 0, 0, 9]) + zlib.compress(b"\x6a"), ETF_OP_D_NIL + b"!",
+                bytes([131, 108, 0, 0, 0, 1, 97, 1, 97, 2])):
+        with pytest.raises(bodies.BodyError):
+            etf.decode(bad)
+
+
+def test_discord_etf_socket_hands_json_on_and_gives_back_the_servers_bytes():
+    """encoding=etf: the decoders see the payload as JSON; an unchanged payload reaches the client as the server's
+    own ETF bytes, a changed one re-encoded (what erlpack reads back); unreadable ETF is handed on as it came;
+    IDENTIFY in ETF still names the token."""
+    from imguard.protocols.httpchat import etf
+    codec = discord.ws_codec(HttpRequest.make("GET", "/?v=10&encoding=etf"), 1 << 20)
+    payload = codec.receive(ETF_MESSAGE)
+    [d] = delivered_of(discord.deliver_ws(payload))
+    assert (d.message.sender, d.message.room, d.message.text) == ("900", "70000", "h\u00e9 the secret!!")
+    assert codec.send(payload) == ETF_MESSAGE
+    changed = discord.rewrite_ws_delivered(payload, [(d.locator, "blocked")])
+    out = etf.decode(codec.send(changed))
+    assert out["d"]["content"] == "blocked" and out["d"]["id"] == SNOWFLAKE and out["t"] == "MESSAGE_CREATE"
+    broken = b"\x83\x99MESSAGE_CREATE"
+    assert codec.receive(broken) == broken and codec.send(broken) == broken
+    with pytest.raises(bodies.BodyError):
+        discord.deliver_ws(broken)
+    # a payload that names none of the dispatches deliver_ws reads is not decoded: nothing for the decoders, and
+    # the client gets the server's bytes
+    assert codec.receive(ETF_OP_D_NIL) == b"{}" and discord.deliver_ws(b"{}") == []
+    assert codec.send(b"{}") == ETF_OP_D_NIL
+    identify = etf.encode({"op": 2, "d": {"token": "etf-token", "properties": {"os": "linux"}}})
+    assert discord.ws_credential(identify) == credential_key("etf-token")
+    stream = discord.ws_codec(HttpRequest.make("GET", "/?v=10&encoding=etf&compress=zlib-stream"), 1 << 20)
+    server, client = zlib.compressobj(), zlib.decompressobj()
+    for term in (ETF_OP_D_NIL, ETF_MESSAGE):
+        payload = stream.receive(server.compress(term) + server.flush(zlib.Z_SYNC_FLUSH))
+        assert client.decompress(stream.send(payload)) == term
+    assert json.loads(payload)["d"]["content"] == "h\u00e9 the secret!!"
+
+
+def test_slack_rtm_client_message():
+    """RTM's way to post: {"id","type":"message","channel","text"}: a ChatMessage whose text rewrite_ws masks; a
+    refused one is answered as RTM answers, {"ok":false,"reply_to":id,"error"}; other client messages carry none.
+    Mattermost's and Discord's clients post over REST: their sockets carry no client chat."""
+    frame = b'{"id":7,"type":"message","channel":"C1","text":"a mask-me here"}'
+    [(call_id, index, msg)] = slack.decode_ws(frame, "U0ME")
+    assert (call_id, index, msg.sender, msg.room, msg.text) == ("7", None, "U0ME", "C1", "a mask-me here")
+    out = json.loads(slack.rewrite_ws(frame, bodies.masked_replacements(msg.parts, "a [X] here")))
+    assert out == {"id": 7, "type": "message", "channel": "C1", "text": "a [X] here"}
+    assert json.loads(slack.ws_error("7", "blocked")) == {"ok": False, "reply_to": 7,
+                                                           "error": {"code": 2, "msg": "blocked"}}
+    for other in (b'{"id":8,"type":"ping"}', b'{"id":9,"type":"typing","channel":"C1"}', b"nope"):
+        assert slack.decode_ws(other) == []
+    assert mattermost.decode_ws(b'{"action":"user_typing","seq":2,"data":{"channel_id":"c"}}') == []
+    assert discord.decode_ws(b'{"op":1,"d":3}') == []

@@ -305,3 +305,99 @@ def test_an_undecodable_delivery_is_refused_not_passed():
     anomalies = [e["imguard"]["anomaly"] for e in pipeline.records
                  if isinstance(e, dict) and "anomaly" in e.get("imguard", {})]
     assert [a["kind"] for a in anomalies] == ["chat_response_malformed"] * 2
+
+
+# --- the WebSocket carrier, message by message (mitmproxy's own test flows, no sockets) ------------------------
+
+def discord_socket(query: str, fail_open: bool = False):
+    """A ChatApis with the stub pipeline and a Discord gateway WebSocket flow after its handshake."""
+    from mitmproxy.test import tflow
+    pipeline = StubPipeline()
+    chat = ChatApis(pipeline, None, record=pipeline.record, commit=lambda: None, parse_fail_open=lambda: fail_open)
+    flow = tflow.twebsocketflow(messages=False)
+    flow.request.host, flow.request.path = "gateway.discord.gg", query
+    flow.request.headers["host"] = "gateway.discord.gg"
+    return chat, flow, pipeline
+
+
+def server_says(chat: ChatApis, flow, data: bytes):
+    """One server message through the carrier: the message as it leaves for the client (dropped or not)."""
+    from mitmproxy import websocket
+    message = websocket.WebSocketMessage(2, False, data)       # binary, from the server
+    flow.websocket.messages.append(message)
+    asyncio.run(chat.websocket_message(flow))
+    return message
+
+
+def dispatch(content: str, author: str = "900", seq: int = 1) -> bytes:
+    return json.dumps({"op": 0, "t": "MESSAGE_CREATE", "s": seq, "d": {
+        "id": f"m{seq}", "channel_id": "42", "content": content, "author": {"id": author}}}).encode()
+
+
+def anomalies(pipeline: StubPipeline, kind: str) -> list:
+    return [r for r in pipeline.records if isinstance(r, dict)
+            and r.get("imguard", {}).get("anomaly", {}).get("kind") == kind]
+
+
+@pytest.mark.parametrize("fail_open", [False, True])
+def test_discord_zlib_stream_unreadable_payload_and_broken_stream(fail_open):
+    """On a zlib-stream socket every payload reaches the client from imguard's own stream (the client's inflater
+    reads each); a payload that inflates but is not JSON is an anomaly, dropped (closed) or relayed (open); a
+    stream that cannot be inflated is an anomaly and nothing more reaches the client, whatever the fail mode."""
+    import zlib
+    chat, flow, pipeline = discord_socket("/?v=10&encoding=json&compress=zlib-stream", fail_open)
+    server, client = zlib.compressobj(), zlib.decompressobj()
+
+    def compressed(raw: bytes) -> bytes:
+        return server.compress(raw) + server.flush(zlib.Z_SYNC_FLUSH)
+    hello = server_says(chat, flow, compressed(b'{"op":10,"d":{"heartbeat_interval":41250}}'))
+    assert not hello.dropped and json.loads(client.decompress(hello.content))["op"] == 10
+    bad = server_says(chat, flow, compressed(dispatch("a BAD one")))
+    assert json.loads(client.decompress(bad.content))["d"]["content"].startswith("A message from 900 was blocked")
+    junk = server_says(chat, flow, compressed(b"<not json>"))
+    assert len(anomalies(pipeline, "chat_websocket_malformed")) == 1
+    if fail_open:
+        assert not junk.dropped and client.decompress(junk.content) == b"<not json>"
+    else:
+        assert junk.dropped
+    fine = server_says(chat, flow, compressed(dispatch("fine", seq=3)))
+    assert json.loads(client.decompress(fine.content))["d"]["content"] == "fine"
+    broken = server_says(chat, flow, b"\x07\x00\x00\xff\xff")      # a deflate block of the reserved type
+    after = server_says(chat, flow, compressed(dispatch("fine again", seq=4)))
+    assert broken.dropped and after.dropped
+    found = anomalies(pipeline, "chat_websocket_malformed")
+    assert len(found) == 2 and "compressed stream" in json.dumps(found[1])
+    assert [text for text, _ in pipeline.messages] == ["a BAD one", "fine"]
+
+
+@pytest.mark.parametrize("fail_open", [False, True])
+def test_discord_unreadable_compression_follows_the_fail_mode(fail_open):
+    """compress=zstd-stream: an anomaly at the handshake; closed: refused with 400 in Discord's error shape; open:
+    the socket is relayed uninspected (its messages untouched, none decided)."""
+    chat, flow, pipeline = discord_socket("/?v=10&encoding=json&compress=zstd-stream", fail_open)
+    websocket, flow.websocket, flow.response = flow.websocket, None, None     # the handshake: no answer yet
+    chat.requestheaders(flow)
+    assert len(anomalies(pipeline, "chat_websocket_unreadable")) == 1
+    if not fail_open:
+        assert flow.response.status_code == 400 and "zstd-stream" in json.loads(flow.response.content)["message"]
+        return
+    assert flow.response is None
+    flow.websocket = websocket
+    zstd = b"\x28\xb5\x2f\xfd" + dispatch("BAD")          # not read: relayed as it came
+    message = server_says(chat, flow, zstd)
+    assert not message.dropped and message.content == zstd and pipeline.messages == []
+
+
+def test_plain_socket_message_over_the_limit_is_dropped():
+    """A server message over max_delivery_size is dropped with an anomaly (never passed undecided); the next
+    one is decided as usual."""
+    from imguard.gateway.chat_apis import ChatApiSettings
+    chat, flow, pipeline = discord_socket("/?v=10&encoding=json")
+    chat.settings = ChatApiSettings(max_delivery_size=1000)
+    big = server_says(chat, flow, dispatch("x" * 2000))
+    assert big.dropped and len(anomalies(pipeline, "chat_websocket_too_large")) == 1
+    edge = dispatch("BAD")
+    edge = edge[:-1] + b" " * (1000 - len(edge)) + b"}"
+    assert len(edge) == 1000
+    ok = server_says(chat, flow, edge)
+    assert not ok.dropped and json.loads(ok.content)["d"]["content"].startswith("A message from 900 was blocked")

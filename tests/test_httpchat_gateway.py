@@ -7,8 +7,11 @@ check the client's error and that nothing uninspected was forwarded.
 Inbound, the stand-in serves each vendor's documented history and file-download responses (the outside user is
 whoever it says wrote or shared them) and the test reads what the inside client gets through the gateway: the
 notice in place of a blocked message, a masked one masked, the API's error instead of an EICAR download (plain and
-zipped), a clean file byte-identical; alerts and archive rows name both parties, inbound. No vendor client library
-(slack_sdk, mattermostdriver, ...) is installed, so the calls are made as the libraries make them, by hand."""
+zipped), a clean file byte-identical; alerts and archive rows name both parties, inbound. The same for what the
+servers push over their WebSockets (Slack RTM and Socket Mode, Mattermost, Rocket.Chat DDP, Discord's gateway with
+and without compress=zlib-stream, read by the client with one zlib inflater as Discord's clients do), and what the
+client posts over Slack RTM. No vendor client library (slack_sdk, mattermostdriver, ...) is installed, so the calls
+are made as the libraries make them, by hand."""
 
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import sys
 import threading
 import time
 import uuid
+import zlib
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -45,6 +49,7 @@ rules:
       keywords: [{MASK_WORD}]
 """
 UPLOAD_LIMIT = 300_000
+DELIVERY_LIMIT = 2_000_000
 RC_INSIDE = "rc-inside-user"
 BOUNDARY = "----imguardTestBoundary"
 
@@ -66,6 +71,8 @@ class Vendor:
     ws_messages: list[str] = field(default_factory=list)
     served: dict[str, tuple[int, str, bytes]] = field(default_factory=dict)    # path -> (status, type, body)
     ws_push: list[str] = field(default_factory=list)       # server frames sent when a client subscribes (DDP sub)
+    ws_script: object = None        # async (ws, request): plays the server's side of a socket (Slack, Mattermost,
+                                    # Discord); None: the Rocket.Chat DDP stand-in below
     loop: asyncio.AbstractEventLoop | None = None
     runner: web.AppRunner | None = None
 
@@ -76,6 +83,9 @@ class Vendor:
         if request.headers.get("upgrade", "").lower() == "websocket":
             ws = web.WebSocketResponse()
             await ws.prepare(request)
+            if self.ws_script is not None:
+                await self.ws_script(ws, request)
+                return ws
             async for msg in ws:
                 if msg.type == aiohttp.WSMsgType.TEXT:
                     self.ws_messages.append(msg.data)
@@ -133,7 +143,8 @@ def vendor_gateway(tmp_path_factory):
     vendor.start()
     gw = HttpGateway.start(tmp_path_factory.mktemp("httpchat-gw"), [f"http://127.0.0.1:{vendor.port}"],
                            extra_rules={"95-test-mask.yaml": MASK_RULE},
-                           extra=["--chat-max-upload-size", str(UPLOAD_LIMIT), "--chat-max-json-depth", "32"])
+                           extra=["--chat-max-upload-size", str(UPLOAD_LIMIT), "--chat-max-json-depth", "32",
+                                  "--chat-max-delivery-size", str(DELIVERY_LIMIT)])
     vendor.gateway_port = gw.ports[0]
     try:
         yield vendor, gw
@@ -151,6 +162,7 @@ def route(vendor_gateway):
     vendor.ws_messages.clear()
     vendor.served.clear()
     vendor.ws_push.clear()
+    vendor.ws_script = None
     offset = gw.log_size()
     yield vendor, gw
     assert not gw.crashed, gw.logs()
@@ -784,3 +796,418 @@ def test_slack_history_posted_as_a_form_is_decided(route):
     alert = asyncio.run(gw.wait_alert(lambda e: e.get("event", {}).get("action") == "block"
                                       and e.get("imguard", {}).get("context", {}).get("conversation") == "C7", since))
     assert alert and alert["imguard"]["context"]["direction"] == "inbound"
+
+
+# --- inbound over WebSockets: what Slack, Mattermost and Discord push ------------------------------------------
+#
+# The stand-in plays the server's side of each vendor's socket (its documented frames); the inside client is an
+# aiohttp WebSocket through the gateway. Each scenario pushes, from the outside user: a blocked message, a sentinel,
+# a masked message, a clean one; then the inside user's own message (with the blocked word: not decided inbound).
+
+@dataclass
+class Pushed:
+    """One vendor's socket: where the client connects, how the server frames a message, how the client reads it."""
+    api: str
+    outside: str
+    inside: str
+    path: str                       # what the client connects to (path and query)
+    host: str                       # its Host header
+    headers: dict                   # the handshake's credentials
+    frame: "callable"               # (message number, sender, text) -> the server's message
+    text: "callable"                # parsed server message -> the message text, or None (not a message)
+    greeting: tuple = ()            # server messages before the pushes (hello)
+    learn: tuple = ()               # (path, body): asked first over REST, so the gateway knows the socket's user
+
+
+def slack_rtm_case() -> Pushed:
+    ticket = uuid.uuid4().hex
+    inside = "U0WSINSIDE"
+    return Pushed("slack", "U0WSOUTSIDE", inside, f"/websocket/{ticket}", "wss-primary.slack.com", {},
+                  lambda i, who, text: json.dumps({"type": "message", "channel": "C1", "user": who, "text": text,
+                                                   "ts": f"1700000{i}.{ticket[:6]}", "team": "T1",
+                                                   "blocks": [{"type": "rich_text", "elements": [
+                                                       {"type": "text", "text": text}]}]}),
+                  lambda f: f.get("text") if f.get("type") == "message" else None,
+                  greeting=(json.dumps({"type": "hello"}),),
+                  learn=("/api/rtm.connect", {"ok": True, "url": f"wss://wss-primary.slack.com/websocket/{ticket}",
+                                              "self": {"id": inside, "name": "inside"}, "team": {"id": "T1"}}))
+
+
+def slack_socket_mode_case() -> Pushed:
+    inside = "U0BOTINSIDE"
+    return Pushed("slack", "U0SMOUTSIDE", inside, f"/link/?ticket={uuid.uuid4().hex}&app_id=A1",
+                  "wss-primary.slack.com", {},
+                  lambda i, who, text: json.dumps({
+                      "envelope_id": f"env-{i}", "type": "events_api", "accepts_response_payload": False,
+                      "payload": {"type": "event_callback", "event_id": f"Ev{i}", "authorizations": [
+                          {"user_id": inside, "is_bot": True}],
+                          "event": {"type": "message", "channel": "C2", "user": who, "text": text,
+                                    "ts": f"1700001{i}.{uuid.uuid4().hex[:6]}"}}}),
+                  lambda f: f["payload"]["event"]["text"] if f.get("type") == "events_api" else None,
+                  greeting=(json.dumps({"type": "hello", "num_connections": 1,
+                                        "connection_info": {"app_id": "A1"}}),))
+
+
+def mattermost_ws_case() -> Pushed:
+    inside = "mmwsinside1"
+    tag = uuid.uuid4().hex[:8]
+    return Pushed("mattermost", "mmwsoutside", inside, "/api/v4/websocket", "127.0.0.1",
+                  {"Authorization": "Bearer mm-ws-inside"},
+                  lambda i, who, text: json.dumps({
+                      "event": "posted", "seq": i + 1,
+                      "data": {"channel_display_name": "Town Square", "channel_name": "town-square",
+                               "channel_type": "O", "sender_name": f"@{who}", "team_id": "t1",
+                               "post": json.dumps({"id": f"p{tag}{i}", "user_id": who, "channel_id": "ch1",
+                                                   "message": text, "type": "", "create_at": 1700000000000 + i})},
+                      "broadcast": {"omit_users": None, "user_id": "", "channel_id": "ch1", "team_id": ""}}),
+                  lambda f: json.loads(f["data"]["post"])["message"] if f.get("event") == "posted" else None,
+                  greeting=(json.dumps({"event": "hello", "data": {"server_version": "9.11.0"},
+                                        "broadcast": {"user_id": inside}, "seq": 0}),))
+
+
+PUSHED = {"slack-rtm": slack_rtm_case, "slack-socket-mode": slack_socket_mode_case, "mattermost": mattermost_ws_case}
+
+
+def pushed_texts(tag: str) -> tuple[str, str, str, str, str]:
+    return (f"the {BLOCKED_WORD} launch {tag}", f"sentinel {tag}", f"code {MASK_WORD} {tag}",
+            f"clean words {tag}", f"my own {BLOCKED_WORD} note {tag}")
+
+
+def assert_inbound_recorded(gw, since: int, api: str, outside: str, inside: str, sentinel: str, own: str) -> None:
+    """The block alert is inbound and names both; the sentinel was decided inbound and is in the archive under
+    either person; the inside user's own message was not decided inbound. (A Slack message's text is also in its
+    blocks: policy reads both, so the recorded text holds the sentinel twice.)"""
+    def text(e: dict) -> str:
+        return e.get("imguard", {}).get("message", {}).get("text") or ""
+    alert = asyncio.run(gw.wait_alert(lambda e: e.get("event", {}).get("action") == "block"
+                                      and is_inbound(e, outside, inside), since))
+    assert alert and alert["network"]["protocol"] == api, alert
+    passed = asyncio.run(gw.wait_alert(lambda e: text(e).startswith(sentinel), since))
+    assert passed and is_inbound(passed, outside, inside), passed
+    assert not [e for e in gw.alerts()[since:] if own in text(e)], "the inside user's own message was decided inbound"
+    for person in (outside, inside):
+        rows = archive_rows(gw, person, lambda r: (r["text"] or "").startswith(sentinel))
+        assert len(rows) == 1 and rows[0]["direction"] == "inbound", (person, rows)
+
+
+@pytest.mark.parametrize("case_name", list(PUSHED))
+def test_pushed_messages_blocked_masked_and_recorded(route, case_name):
+    """What the server pushes on the socket: the outside user's blocked message reaches the client as imguard's
+    notice (the keyword never does), the sentinel after it and the clean message unchanged, the masked one
+    masked, the inside user's own message untouched; alert inbound naming both; the archive holds them."""
+    vendor, gw = route
+    case = PUSHED[case_name]()
+    tag = uuid.uuid4().hex[:6]
+    blocked, sentinel, masked, clean, own = pushed_texts(tag)
+    pushes = [case.frame(i, who, text) for i, (who, text) in enumerate(
+        [(case.outside, blocked), (case.outside, sentinel), (case.outside, masked), (case.outside, clean),
+         (case.inside, own)])]
+
+    async def script(ws, request):
+        for frame in case.greeting + tuple(pushes):
+            await ws.send_str(frame)
+        async for _ in ws:
+            pass
+    vendor.ws_script = script
+    if case.learn:
+        vendor.served[case.learn[0]] = (200, "application/json", json.dumps(case.learn[1]).encode())
+        status, _, _ = call(gw.ports[0], "POST", case.learn[0], b"", {"Authorization": "Bearer xoxp-ws-inside"})
+        assert status == 200
+    since = gw.mark()
+
+    async def client():
+        got = []
+        async with aiohttp.ClientSession() as session:
+            async with session.ws_connect(f"http://127.0.0.1:{gw.ports[0]}{case.path}",
+                                          headers={"Host": case.host, **case.headers}) as ws:
+                while len(got) < 5:
+                    frame = json.loads((await ws.receive(timeout=10)).data)
+                    if case.text(frame) is not None:
+                        got.append((case.text(frame), frame))
+        return got
+    got = asyncio.run(client())
+    texts = [t for t, _ in got]
+    assert texts[0].startswith(f"A message from {case.outside} was blocked by imguard:"), texts
+    assert "confidential project" in texts[0]
+    assert texts[1:] == [sentinel, f"code [REDACTED:keyword] {tag}", clean, own], texts
+    assert BLOCKED_WORD not in json.dumps([f for _, f in got[:4]]), "the blocked text reached the inside client"
+    assert got[1][1] == json.loads(pushes[1]) and got[3][1] == json.loads(pushes[3]), "a clean message was changed"
+    assert_inbound_recorded(gw, since, case.api, case.outside, case.inside, sentinel, own)
+    assert archive_rows(gw, case.outside, lambda r: (r["text"] or "").startswith(blocked) and r["action"] == "block")
+
+
+def test_mattermost_unreadable_pushed_frame_is_an_anomaly_and_dropped(route):
+    """A server message on a chat socket that is not JSON (or a posted event whose post is not): an anomaly, and
+    with the default fail mode (closed) it does not reach the client; the sentinel after it does."""
+    vendor, gw = route
+    case = mattermost_ws_case()
+    tag = uuid.uuid4().hex[:6]
+
+    async def script(ws, request):
+        for frame in case.greeting:
+            await ws.send_str(frame)
+        await ws.send_str(f"<html>{tag}</html>")
+        await ws.send_str(json.dumps({"event": "posted", "data": {"post": "{broken " + tag}, "broadcast": {}}))
+        await ws.send_str(case.frame(0, case.outside, f"sentinel {tag}"))
+        async for _ in ws:
+            pass
+    vendor.ws_script = script
+    since = gw.mark()
+
+    async def client():
+        async with aiohttp.ClientSession() as session:
+            async with session.ws_connect(f"http://127.0.0.1:{gw.ports[0]}{case.path}", headers=case.headers) as ws:
+                first = json.loads((await ws.receive(timeout=10)).data)
+                assert first["event"] == "hello"
+                return (await ws.receive(timeout=10)).data
+    assert json.loads(json.loads(asyncio.run(client()))["data"]["post"])["message"] == f"sentinel {tag}"
+    anomalies = [e for e in gw.alerts()[since:]
+                 if e.get("imguard", {}).get("anomaly", {}).get("kind") == "chat_websocket_malformed"]
+    assert len(anomalies) == 2 and all("dropped" in json.dumps(a) for a in anomalies), anomalies
+
+
+DISCORD_SUFFIX = b"\x00\x00\xff\xff"
+
+
+# Erlang's external term format as the stand-in gateway and the test client speak it (encoding=etf), written here
+# from the specification, apart from imguard's: keys as small UTF-8 atoms, text as binaries, snowflakes as integers.
+def to_etf(value, top: bool = True) -> bytes:
+    head = bytes([131]) if top else b""
+    if value is None or isinstance(value, bool):
+        name = {None: b"nil", True: b"true", False: b"false"}[value]
+        return head + bytes([119, len(name)]) + name
+    if isinstance(value, int):
+        if 0 <= value < 256:
+            return head + bytes([97, value])
+        if -2 ** 31 <= value < 2 ** 31:
+            return head + bytes([98]) + value.to_bytes(4, "big", signed=True)
+        digits = abs(value).to_bytes(8, "little")
+        return head + bytes([110, 8, int(value < 0)]) + digits
+    if isinstance(value, str):
+        raw = value.encode()
+        return head + bytes([109]) + len(raw).to_bytes(4, "big") + raw
+    if isinstance(value, list):
+        body = b"".join(to_etf(v, False) for v in value)
+        return head + (bytes([108]) + len(value).to_bytes(4, "big") + body if value else b"") + bytes([106])
+    body = b"".join(bytes([119, len(k.encode())]) + k.encode() + to_etf(v, False) for k, v in value.items())
+    return head + bytes([116]) + len(value).to_bytes(4, "big") + body
+
+
+def from_etf(data: bytes):
+    def term(i):
+        tag = data[i]
+        if tag == 97:
+            return data[i + 1], i + 2
+        if tag == 98:
+            return int.from_bytes(data[i + 1:i + 5], "big", signed=True), i + 5
+        if tag == 110:
+            n, sign = data[i + 1], data[i + 2]
+            value = int.from_bytes(data[i + 3:i + 3 + n], "little")
+            return -value if sign else value, i + 3 + n
+        if tag in (119, 115):
+            name = data[i + 2:i + 2 + data[i + 1]].decode()
+            return {"nil": None, "true": True, "false": False}.get(name, name), i + 2 + data[i + 1]
+        if tag == 109:
+            n = int.from_bytes(data[i + 1:i + 5], "big")
+            return data[i + 5:i + 5 + n].decode(), i + 5 + n
+        if tag == 106:
+            return [], i + 1
+        if tag == 108:
+            items, i = [], i + 5
+            for _ in range(int.from_bytes(data[i - 4:i], "big")):
+                item, i = term(i)
+                items.append(item)
+            return items, i + 1         # the nil tail
+        if tag == 116:
+            out, count, i = {}, int.from_bytes(data[i + 1:i + 5], "big"), i + 5
+            for _ in range(count):
+                key, i = term(i)
+                out[key], i = term(i)
+            return out, i
+        raise AssertionError(f"ETF tag {tag} in {data!r}")
+    assert data[0] == 131
+    value, end = term(1)
+    assert end == len(data)
+    return value
+
+
+def discord_script(pushes: list, inside, identified: list):
+    """The gateway's side: HELLO, then on IDENTIFY the READY and the pushes, each a dispatch; in the encoding the
+    client asked for (json, etf); with compress=zlib-stream all of it one zlib stream (the second push split over
+    two WebSocket messages, as a long payload may be), else each payload its own message; heartbeats acked."""
+    async def script(ws, request):
+        stream = request.query.get("compress") == "zlib-stream"
+        etf = request.query.get("encoding") == "etf"
+        deflater = zlib.compressobj()
+        seq = 0
+
+        async def send(obj, split=False):
+            data = to_etf(obj) if etf else json.dumps(obj).encode()
+            if not stream:
+                await (ws.send_bytes(data) if etf else ws.send_str(data.decode()))
+                return
+            data = deflater.compress(data) + deflater.flush(zlib.Z_SYNC_FLUSH)
+            if split:
+                await ws.send_bytes(data[:len(data) // 2])
+                data = data[len(data) // 2:]
+            await ws.send_bytes(data)
+        await send({"op": 10, "d": {"heartbeat_interval": 41250}, "s": None, "t": None})
+        async for msg in ws:
+            frame = from_etf(msg.data) if etf else json.loads(msg.data)
+            if frame["op"] == 2:
+                identified.append(frame["d"]["token"])
+                seq += 1
+                await send({"op": 0, "t": "READY", "s": seq, "d": {"v": 10, "user": {"id": inside, "username": "in"},
+                                                                    "session_id": "sess", "guilds": []}})
+                for i, push in enumerate(pushes):
+                    seq += 1
+                    await send({"op": 0, "t": push.get("t", "MESSAGE_CREATE"), "s": seq, "d": push["d"]},
+                               split=i == 1)
+            elif frame["op"] == 1:
+                await send({"op": 11})
+    return script
+
+
+def discord_message(i: int, tag: str, who, text: str) -> dict:
+    return {"d": {"id": f"{tag}{i}", "channel_id": "4242", "guild_id": "1", "content": text, "embeds": [],
+                  "attachments": [], "author": {"id": who, "username": str(who)}, "edited_timestamp": None,
+                  "type": 0, "tts": False, "mentions": []}}
+
+
+@pytest.mark.parametrize("encoding,compress", [("json", "zlib-stream"), ("json", ""), ("etf", "zlib-stream"),
+                                               ("etf", "")])
+def test_discord_gateway_pushed_messages(route, encoding, compress):
+    """Discord's gateway, as its clients connect (v=10; encoding=json as the web client, etf as the desktop
+    client's erlpack, snowflakes then 64-bit integers; compress=zlib-stream: one inflater for the connection,
+    payloads ending with 00 00 ff ff): IDENTIFY carries the token and READY the user; the outside user's
+    MESSAGE_CREATEs arrive blocked (the notice), masked, clean and sentinel as for the other APIs (a clean one
+    as the very bytes the server sent); a payload past --chat-max-delivery-size (a tiny zlib bomb) is dropped
+    with an anomaly and the stream stays in step: the message after it and a heartbeat ack arrive."""
+    vendor, gw = route
+    tag = uuid.uuid4().hex[:6]
+    outside, inside = (8800111000000000001, 8800222000000000002) if encoding == "etf" else ("8800111", "8800222")
+    blocked, sentinel, masked, clean, own = pushed_texts(tag)
+    texts = [(outside, blocked), (outside, sentinel), (outside, masked), (outside, clean), (inside, own),
+             (outside, "q" * (DELIVERY_LIMIT + 1000)), (outside, f"after the bomb {tag}")]
+    pushes = [discord_message(i, tag, who, text) for i, (who, text) in enumerate(texts)]
+    identified: list = []
+    vendor.ws_script = discord_script(pushes, inside, identified)
+    since = gw.mark()
+    query = f"/?v=10&encoding={encoding}" + (f"&compress={compress}" if compress else "")
+
+    def decode(data: bytes):
+        return from_etf(data) if encoding == "etf" else json.loads(data)
+
+    def encode(obj):
+        return to_etf(obj) if encoding == "etf" else json.dumps(obj)
+
+    async def client():
+        inflater, buffer = zlib.decompressobj(), bytearray()
+
+        async def payload():
+            while True:
+                msg = await ws.receive(timeout=10)
+                if not compress:
+                    return decode(msg.data if isinstance(msg.data, bytes) else msg.data.encode())
+                buffer.extend(msg.data)
+                if buffer[-4:] == DISCORD_SUFFIX:
+                    out = inflater.decompress(bytes(buffer))
+                    buffer.clear()
+                    return decode(out)
+        got = []
+        async with aiohttp.ClientSession() as session:
+            async with session.ws_connect(f"http://127.0.0.1:{gw.ports[0]}{query}",
+                                          headers={"Host": "gateway.discord.gg"}, max_msg_size=0) as ws:
+                assert (await payload())["op"] == 10
+                identify = encode({"op": 2, "d": {"token": "discord-ws-token", "intents": 33281,
+                                                  "properties": {"os": "linux", "browser": "test"}}})
+                await (ws.send_bytes(identify) if encoding == "etf" else ws.send_str(identify))
+                assert (await payload())["t"] == "READY"
+                while len(got) < 6:
+                    got.append(await payload())
+                beat = encode({"op": 1, "d": 7})
+                await (ws.send_bytes(beat) if encoding == "etf" else ws.send_str(beat))
+                got.append(await payload())
+        return got
+    got = asyncio.run(client())
+    assert identified == ["discord-ws-token"]
+    contents = [g["d"]["content"] for g in got[:6]]
+    assert contents[0].startswith(f"A message from {outside} was blocked by imguard:"), contents
+    assert contents[1:] == [sentinel, f"code [REDACTED:keyword] {tag}", clean, own, f"after the bomb {tag}"], contents
+    assert got[6] == {"op": 11}
+    assert got[1]["d"] == pushes[1]["d"] and got[3]["d"] == pushes[3]["d"] and [g["s"] for g in got[1:4]] == [3, 4, 5]
+    assert got[0]["d"]["author"]["id"] == outside and got[0]["d"]["attachments"] == []
+    assert BLOCKED_WORD not in json.dumps(got[:4])
+    assert_inbound_recorded(gw, since, "discord", str(outside), str(inside), sentinel, own)
+    bomb = asyncio.run(gw.wait_alert(lambda e: e.get("imguard", {}).get("anomaly", {}).get("kind")
+                                     == "chat_websocket_too_large", since))
+    assert bomb is not None
+
+
+def test_discord_gateway_zstd_stream_is_refused_with_an_anomaly(route):
+    """compress=zstd-stream (which imguard does not read): with the default fail mode (closed) the upgrade is
+    refused in Discord's error shape, an anomaly recorded, and nothing reaches the server."""
+    vendor, gw = route
+    reached: list = []
+
+    async def script(ws, request):
+        reached.append(request.path_qs)
+    vendor.ws_script = script
+    since = gw.mark()
+
+    async def client():
+        async with aiohttp.ClientSession() as session:
+            with pytest.raises(aiohttp.WSServerHandshakeError) as e:
+                await session.ws_connect(f"http://127.0.0.1:{gw.ports[0]}/?v=10&encoding=json&compress=zstd-stream",
+                                         headers={"Host": "gateway.discord.gg"})
+            return e.value.status
+    assert asyncio.run(client()) == 400
+    alert = asyncio.run(gw.wait_alert(lambda e: e.get("imguard", {}).get("anomaly", {}).get("kind")
+                                      == "chat_websocket_unreadable", since))
+    assert alert is not None and "compress=zstd-stream" in json.dumps(alert)
+    assert reached == [] and vendor.requests == []
+
+
+def test_slack_rtm_messages_the_client_posts(route):
+    """The inside user posts over RTM: the blocked message never reaches the server and the client gets RTM's
+    error reply naming the reason; the masked one reaches it masked, the clean one and the sentinel byte for byte;
+    the alert is outbound from the inside user (learned from rtm.connect)."""
+    vendor, gw = route
+    case = slack_rtm_case()
+    tag = uuid.uuid4().hex[:6]
+    received: list = []
+
+    async def script(ws, request):
+        await ws.send_str(case.greeting[0])
+        async for msg in ws:
+            received.append(msg.data)
+            frame = json.loads(msg.data)
+            await ws.send_str(json.dumps({"ok": True, "reply_to": frame["id"], "ts": f"1.{frame['id']}",
+                                          "text": frame["text"]}))
+    vendor.ws_script = script
+    vendor.served[case.learn[0]] = (200, "application/json", json.dumps(case.learn[1]).encode())
+    assert call(gw.ports[0], "POST", case.learn[0], b"", {"Authorization": "Bearer xoxp-ws-inside"})[0] == 200
+    since = gw.mark()
+    sends = [json.dumps({"id": i + 1, "type": "message", "channel": "C1", "text": text}) for i, text in enumerate(
+        [f"the {BLOCKED_WORD} plan {tag}", f"sentinel {tag}", f"code {MASK_WORD} {tag}", f"clean {tag}"])]
+
+    async def client():
+        replies = []
+        async with aiohttp.ClientSession() as session:
+            async with session.ws_connect(f"http://127.0.0.1:{gw.ports[0]}{case.path}",
+                                          headers={"Host": case.host}) as ws:
+                assert json.loads((await ws.receive(timeout=10)).data)["type"] == "hello"
+                for frame in sends:
+                    await ws.send_str(frame)
+                    replies.append(json.loads((await ws.receive(timeout=10)).data))
+        return replies
+    replies = asyncio.run(client())
+    assert replies[0]["ok"] is False and replies[0]["reply_to"] == 1
+    assert "confidential project" in json.dumps(replies[0])
+    assert [r["ok"] for r in replies[1:]] == [True, True, True] and [r["reply_to"] for r in replies[1:]] == [2, 3, 4]
+    assert received[0] == sends[1] and received[2] == sends[3], received           # the sentinel, clean: unchanged
+    assert json.loads(received[1])["text"] == f"code [REDACTED:keyword] {tag}" and len(received) == 3
+    assert BLOCKED_WORD not in "".join(received)
+    alert = asyncio.run(gw.wait_alert(lambda e: e.get("event", {}).get("action") == "block"
+                                      and e.get("source", {}).get("user", {}).get("name") == case.inside, since))
+    assert alert and alert["imguard"]["context"]["direction"] == "outbound" and alert["network"]["protocol"] == "slack"

@@ -47,10 +47,36 @@ response        learned: token -> user id (Identity), mxc of an allowed upload (
                   decoder cannot read: an anomaly and 502, never passed undecided.
 error           a chat call that died before its body was complete (client gone half-way, lying
                 Content-Length): an anomaly; nothing was forwarded.
-websocket_message  client messages on a chat WebSocket (Rocket.Chat DDP sendMessage/updateMessage): policy;
-                block -> dropped and the DDP call answered with an error; mask -> rewritten. Server messages:
-                a login result names the socket's user; stream-room-messages are decided as a DELIVER
-                response's messages (rocketchat.deliver_ws / rewrite_ws_delivered).
+websocket_message  a chat WebSocket (api.is_websocket: Slack RTM /websocket/.. and Socket Mode /link/ on
+                *.slack.com, Mattermost /api/v4/websocket, Rocket.Chat /websocket, Discord's gateway on
+                *.discord.gg) has a ChatSocket (flow.metadata): its API, whose it is (api.ws_requester: the
+                handshake's token, cookie or ticket URL; api.ws_credential: a client message's, Discord's
+                IDENTIFY), its codec (api.ws_codec) and state (SocketState).
+                Client messages (api.decode_ws): Rocket.Chat DDP sendMessage/updateMessage and Slack RTM
+                messages go to policy; block -> dropped and the client answered with the API's error
+                (api.ws_error: a DDP method error, RTM's {"ok":false,"reply_to"}); mask -> rewritten
+                (api.rewrite_ws). Mattermost's and Discord's clients post over REST.
+                Server messages, one path for every API: the codec gives the payload (Discord compress=zlib-stream:
+                one inflater per connection, a payload complete at 00 00 ff ff, maybe over several messages, the
+                earlier ones dropped and the payload sent with the last; re-compressed with imguard's own deflater,
+                every payload, changed or not, since the client's inflater follows what it gets; Discord encoding=etf:
+                the payload read from Erlang's term format and handed on as JSON, the server's ETF bytes given back
+                when unchanged); api.deliver_ws names the socket's user (a DDP login result, Mattermost hello, Discord
+                READY, a Socket Mode authorization; a token's user is learned for the REST calls too) and the messages
+                pushed, decided as a DELIVER response's (above: inbound, recorded, the notice or the mask via
+                api.rewrite_ws_delivered). A payload over max_delivery_size (inflated: a zlib bomb is inflated to its
+                end and discarded, the stream kept in step): dropped with an anomaly. A message that cannot be read:
+                an anomaly, and the http parse fail mode decides (closed, the default: the message is dropped; open:
+                relayed). A compressed stream that cannot be inflated: an anomaly and nothing more is delivered on
+                that socket (the client's heartbeat goes unanswered and it reconnects), whatever the fail mode:
+                imguard's stream towards the client cannot resume. A message over 64 KiB, and every one on a
+                compressed stream, is read and re-encoded in a worker thread (WS_INLINE_MAX): a READY of megabytes
+                does not stall the other connections.
+requestheaders  (WebSocket) an upgrade to a chat socket whose encoding imguard cannot read (Discord
+                compress=zstd-stream, an encoding other than json and etf): an anomaly; fail mode closed refuses
+                it with 400 in Discord's error shape (a security product does not relay what it cannot read, and
+                rewriting the query would break the client, whose decoder expects what it asked for), open
+                relays the socket uninspected. encoding=etf (the desktop client's) is read: discord.EtfPayloads.
 
 Every refusal uses the API's own error JSON (Matrix {"errcode","error"}, Slack {"ok":false,"error"}, ...), so the
 client shows the reason instead of a generic failure.
@@ -58,11 +84,14 @@ client shows the reason instead of a generic failure.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
+from enum import Enum
+from types import ModuleType
+from typing import Any, Callable
 from urllib.parse import parse_qsl, urlsplit
 
 from mitmproxy import ctx as mitm_ctx
@@ -75,7 +104,8 @@ from imguard.gateway.http_uploads import block_reason, flow_context, too_large
 from imguard.gateway.inspection import Inspection
 from imguard.model import BLOCK, FROM_CLIENT, FROM_SERVER, MASK, ChatContext, Decision
 from imguard.protocols import httpchat
-from imguard.protocols.httpchat import bodies, rocketchat
+from imguard.protocols.httpchat import bodies
+from imguard.protocols.httpchat.common import WsCodec
 from imguard.protocols.httpchat.events import (DELIVER, DOWNLOAD, LEARN, UPLOAD, ChatMessage, DeliveredMessage,
                                                EncryptedContent, FileUpload, HttpRequest, Identity, MalformedRequest,
                                                SharedMedia, StoredMedia, UploadSlot)
@@ -87,7 +117,27 @@ META = "imguard_chat"
 SLOT = "chat_upload_slot"           # ExpectedTransfers kinds
 MEDIA = "chat_media"
 RESPONSE_KEEP = 256 * 1024          # bytes of a learning response kept (login, upload results are small)
-WS_USER = "imguard_chat_ws_user"    # flow.metadata: the user a chat WebSocket logged in as
+WS = "imguard_chat_socket"          # flow.metadata: the ChatSocket of a chat WebSocket
+WS_INLINE_MAX = 64 * 1024           # a larger server WebSocket message (or any on a compressed stream) is read and
+                                    # re-encoded in a worker thread, off the event loop
+
+
+class SocketState(Enum):
+    INSPECTED = "inspected"     # every server message read and decided
+    UNREADABLE = "unreadable"   # its encoding cannot be read (zstd-stream): fail mode open, relayed uninspected
+    BROKEN = "broken"           # its compressed stream could not be inflated: nothing more reaches the client
+
+
+@dataclass
+class ChatSocket:
+    """A WebSocket flow's chat state: which API (None: not a chat socket), whose it is, how its server messages
+    are read (the codec: plain JSON, Discord's zlib stream with its inflater and imguard's deflater)."""
+    api: ModuleType | None
+    credential: str = ""        # the handshake's or a client message's credential key (Rocket.Chat: rc_uid)
+    user: str = ""              # the socket's user, once a server message named it
+    codec: WsCodec | None = None
+    state: SocketState = SocketState.INSPECTED
+    reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -119,15 +169,18 @@ class ChatApiSettings:
         64 * MiB, "Largest response that delivers messages (Matrix /sync, /messages, /context, /event; Slack "
                   "conversations.history/replies; Mattermost channel posts and threads; Rocket.Chat history; "
                   "Discord channel messages) held to decide them; a larger one is cut off (the client retries) and "
-                  "an anomaly recorded: its messages are never passed undecided")
+                  "an anomaly recorded: its messages are never passed undecided. Also the largest server "
+                  "WebSocket message of a chat socket, after decompression (Discord's zlib stream): a larger one "
+                  "is dropped with an anomaly")
     max_shared_media: int = setting(
         100_000, "File references (mxc://, slack:F.., mattermost:.., rocketchat:.., discord:..) whose sender, room "
                  "and name (and the user they were shown to) are remembered from the responses that delivered "
                  "them, to name both parties when the file is downloaded; also the number of delivered-message "
                  "verdicts remembered. Oldest forgotten first")
     websocket: bool = setting(
-        True, "Inspect chat over WebSockets (Rocket.Chat DDP): sendMessage/updateMessage from the client, and the "
-              "stream-room-messages the server delivers to it")
+        True, "Inspect chat over WebSockets: Rocket.Chat DDP sendMessage/updateMessage from the client, and the "
+              "messages the server pushes to it on Slack (RTM, Socket Mode), Mattermost (/api/v4/websocket), "
+              "Rocket.Chat (stream-room-messages) and Discord (the gateway, zlib-stream included)")
 
 
 def _remember(table: OrderedDict, key: Any, value: Any, limit: int) -> None:
@@ -140,7 +193,11 @@ def _remember(table: OrderedDict, key: Any, value: Any, limit: int) -> None:
 
 class ChatApis:
     def __init__(self, pipeline, inspection: Inspection, transfers: Any = None,
-                 settings: ChatApiSettings | None = None, record: Any = None, commit: Any = None):
+                 settings: ChatApiSettings | None = None, record: Any = None, commit: Any = None,
+                 parse_fail_open: Callable[[], bool] | None = None):
+        # The fail mode (protocol "http", situation parse) of a WebSocket message imguard cannot read: closed (the
+        # default) drops it, open relays it; both record an anomaly.
+        self.parse_fail_open = parse_fail_open or (lambda: False)
         self.settings = settings if settings is not None else ChatApiSettings()
         self.routes = httpchat.Routes.parse(self.settings.routes)      # ValueError names a bad route
         self.limits = httpchat.DecodeLimits(self.settings.max_json_depth, self.settings.max_multipart_parts)
@@ -225,6 +282,8 @@ class ChatApis:
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None or http_uploads.META in flow.metadata:
             return                  # answered already, or an announced / configured upload HttpUploads holds
+        if self._websocket_handshake(flow):
+            return
         req = flow.request
         method = req.method.upper()
         path, _ = self._split(flow)
@@ -661,68 +720,181 @@ class ChatApis:
         self._anomaly(ctx, "chat_request_incomplete", f"a {api.API} {ep.name} request ended before its body was "
                       f"complete ({detail}); nothing was forwarded")
 
-    def websocket_message(self, flow: http.HTTPFlow) -> None:
+    # --- WebSockets: Rocket.Chat DDP both ways; what Slack, Mattermost, Discord (and DDP) push to the client ---
+
+    def _socket(self, flow: http.HTTPFlow) -> ChatSocket:
+        """The chat socket state of a WebSocket flow (made at its handshake, or at its first message)."""
+        sock = flow.metadata.get(WS)
+        if sock is not None:
+            return sock
+        path, _ = self._split(flow)
+        api = next((a for a in self.routes.match(flow.request.pretty_host, path) if a.is_websocket(path)), None)
+        sock = ChatSocket(api)
+        flow.metadata[WS] = sock
+        if api is None:
+            return sock
+        req = self._request(flow, b"")
+        sock.credential = api.ws_requester(req)
+        try:
+            sock.codec = api.ws_codec(req, self.settings.max_delivery_size)
+        except httpchat.UnreadableSocket as e:
+            sock.state, sock.reason = SocketState.UNREADABLE, str(e)
+        return sock
+
+    def _websocket_handshake(self, flow: http.HTTPFlow) -> bool:
+        """A WebSocket upgrade to a chat API: its state made. One whose server messages imguard could not read
+        (Discord zstd-stream) is an anomaly, and the http parse fail mode decides: closed (the
+        default) refuses the upgrade (400 in the API's error shape: the client cannot connect through the
+        gateway), open relays the socket uninspected. True when answered."""
+        if not self.settings.websocket or flow.request.headers.get("upgrade", "").lower() != "websocket":
+            return False
+        sock = self._socket(flow)
+        if sock.api is None or sock.state is not SocketState.UNREADABLE:
+            return False
+        fail_open = self.parse_fail_open()
+        ctx = self._context(flow, sock.api.API, "websocket", "", "", recipient=self.user(sock.credential))
+        self._anomaly(ctx, "chat_websocket_unreadable", f"{sock.reason}: " + (
+            "relayed uninspected (fail mode http:parse=open)" if fail_open else "the connection was refused"),
+            fail_mode="open" if fail_open else "closed")
+        if fail_open:
+            return False
+        self._respond(flow, sock.api.API, 400, f"imguard: {sock.reason}; the connection was refused")
+        return True
+
+    async def websocket_message(self, flow: http.HTTPFlow) -> None:
         if not self.settings.websocket or flow.websocket is None:
             return
         try:
-            self._websocket_message(flow)
+            await self._websocket_message(flow)
         except Exception:       # fail closed: a message imguard could not inspect is not forwarded
             logger.exception("chat WebSocket message could not be inspected; dropped")
             flow.websocket.messages[-1].drop()
 
-    def _websocket_message(self, flow: http.HTTPFlow) -> None:
-        path, _ = self._split(flow)
-        if not any(a is rocketchat for a in self.routes.match(flow.request.pretty_host, path)) \
-                or not rocketchat.is_websocket(path):
+    async def _websocket_message(self, flow: http.HTTPFlow) -> None:
+        sock = self._socket(flow)
+        if sock.api is None:
             return
         message = flow.websocket.messages[-1]
         del flow.websocket.messages[:-1]            # a chat socket lives for hours: keep no history
-        if message.injected:
+        if message.injected or sock.state is SocketState.UNREADABLE:     # UNREADABLE here: fail mode open
             return
-        sender = flow.metadata.get(WS_USER) or rocketchat.cookie(flow.request.headers.get("cookie", ""), "rc_uid")
         if not message.from_client:
-            self._websocket_delivered(flow, message, sender)
+            await self._websocket_delivered(flow, message, sock)
             return
-        found = rocketchat.decode_ws(message.content, sender, self.limits)
+        key = sock.api.ws_credential(message.content)
+        if key:
+            sock.credential = key
+        self._websocket_sent(flow, message, sock)
+
+    def _websocket_sent(self, flow: http.HTTPFlow, message, sock: ChatSocket) -> None:
+        """A client message on a chat socket that posts (Rocket.Chat DDP sendMessage/updateMessage, Slack RTM
+        message) decided as a REST message: block -> dropped and the client answered with the API's error."""
+        api = sock.api
+        found = api.decode_ws(message.content, sock.user or self.user(sock.credential), self.limits)
         replacements = []
         for call_id, index, event in found:
             self.stats["websocket"] += 1
-            verdict, reason = self._ws_message(flow, event)
+            verdict, reason = self._ws_message(flow, api, event)
             if verdict is None:
                 message.drop()
                 try:
                     mitm_ctx.master.commands.call("inject.websocket", flow, True,
-                                                  rocketchat.ws_error(call_id, reason, index is not None))
+                                                  api.ws_error(call_id, reason, index is not None))
                 except Exception:
-                    logger.exception("could not answer a blocked DDP call")
+                    logger.exception("could not answer a blocked %s WebSocket message", api.API)
                 return
             replacements += verdict
         if replacements:
             try:
-                message.content = rocketchat.rewrite_ws(message.content, replacements)
+                message.content = api.rewrite_ws(message.content, replacements)
             except Exception:
                 logger.exception("masking a WebSocket message failed; dropped")
                 message.drop()
 
-    def _websocket_delivered(self, flow: http.HTTPFlow, message, user: str) -> None:
-        """A server message on a Rocket.Chat socket: who logged in on it (a login result), and the messages of
-        others it streams (stream-room-messages), decided inbound as a history response's are."""
-        found = rocketchat.deliver_ws(message.content, self.limits)
+    def _read_server(self, sock: ChatSocket, data: bytes) -> tuple[bytes | None, list | bodies.BodyError]:
+        """(payload, what deliver_ws found in it, or the BodyError it raised); payload None while a compressed
+        payload is incomplete. Raises the codec's FrameTooLarge / BodyError. Pure: may run in a worker thread."""
+        payload = sock.codec.receive(data)
+        if payload is None:
+            return None, []
+        try:
+            return payload, sock.api.deliver_ws(payload, self.limits)
+        except bodies.BodyError as e:
+            return payload, e
+
+    async def _websocket_delivered(self, flow: http.HTTPFlow, message, sock: ChatSocket) -> None:
+        """A server message on a chat socket, the one path for every API: read through the socket's codec (Discord's
+        zlib stream), who the socket's user is (a login result, hello, READY, a Socket Mode authorization), and the
+        messages of others it pushes decided inbound as a history response's are; the message re-encoded for the
+        client when it changed (always on a compressed stream)."""
+        api = sock.api
+        if sock.state is SocketState.BROKEN:
+            message.drop()
+            return
+
+        def ctx() -> ChatContext:
+            return self._context(flow, api.API, "websocket", "", "", recipient=sock.user or self.user(sock.credential))
+        data = message.content
+        try:
+            # Inflating and reading a large payload (a Discord READY of megabytes, ETF) would stall every
+            # connection of this worker: it runs in a thread; this socket waits for its verdict in order.
+            if len(data) > WS_INLINE_MAX or sock.codec.stream:
+                payload, found = await asyncio.to_thread(self._read_server, sock, data)
+            else:
+                payload, found = self._read_server(sock, data)
+        except httpchat.FrameTooLarge as e:     # inflated to its end and discarded: the stream stays in step
+            message.drop()
+            self._anomaly(ctx(), "chat_websocket_too_large", f"a {api.API} WebSocket message of {e.size} bytes or "
+                          f"more (max_delivery_size {self.settings.max_delivery_size}) was dropped undelivered",
+                          size=e.size)
+            return
+        except bodies.BodyError as e:           # the client's inflater follows imguard's stream: nothing more
+            sock.state = SocketState.BROKEN     # can reach it, whatever the fail mode
+            message.drop()
+            self._anomaly(ctx(), "chat_websocket_malformed", f"the {api.API} WebSocket's compressed stream cannot "
+                          f"be read ({e}); nothing more is delivered on this connection")
+            return
+        if payload is None:             # part of a compressed payload: sent with its last part
+            message.drop()
+            return
+        if isinstance(found, bodies.BodyError):
+            e, fail_open = found, self.parse_fail_open()
+            self._anomaly(ctx(), "chat_websocket_malformed", f"a {api.API} WebSocket message could not be read "
+                          f"({e}); " + ("relayed (fail mode http:parse=open)" if fail_open else "dropped"),
+                          fail_mode="open" if fail_open else "closed")
+            if not fail_open:
+                message.drop()
+            elif sock.codec.stream:
+                message.content = await self._encode(sock, payload)
+            return
         for item in found:
-            if isinstance(item, Identity) and item.user:
-                flow.metadata[WS_USER] = user = item.user
-        blocked, masked = self._decide_delivered(flow, rocketchat, found, user)
+            if isinstance(item, Identity) and not item.key and item.user:
+                sock.user = item.user
+                if sock.credential and sock.credential != item.user:    # the token's user, for REST calls too
+                    self.learn_identity(sock.credential, item.user)
+        blocked, masked = self._decide_delivered(flow, api, found, sock.user or self.user(sock.credential))
         if blocked or masked:
             try:
-                message.content = rocketchat.rewrite_ws_delivered(message.content, blocked, masked)
+                payload = api.rewrite_ws_delivered(payload, blocked, masked)
             except Exception:
-                logger.exception("rewriting a delivered WebSocket message failed; dropped")
+                logger.exception("rewriting a delivered %s WebSocket message failed; dropped", api.API)
                 message.drop()
+                return
+        if blocked or masked or sock.codec.stream:
+            message.content = await self._encode(sock, payload)
 
-    def _ws_message(self, flow, event: ChatMessage) -> tuple[list | None, str]:
+    @staticmethod
+    async def _encode(sock: ChatSocket, payload: bytes) -> bytes:
+        """The payload as the socket's codec sends it to the client (re-compressed, ETF again): a large one in a
+        thread."""
+        if len(payload) > WS_INLINE_MAX:
+            return await asyncio.to_thread(sock.codec.send, payload)
+        return sock.codec.send(payload)
+
+    def _ws_message(self, flow, api, event: ChatMessage) -> tuple[list | None, str]:
         """(replacements, "") or (None, the reason it was blocked)."""
         self.stats["messages"] += 1
-        ctx = self._context(flow, rocketchat.API, event.endpoint, event.sender, event.room)
+        ctx = self._context(flow, api.API, event.endpoint, event.sender, event.room)
         decision = self._check_message(event.text, ctx)
         if decision.blocked:
             self.stats["blocked"] += 1

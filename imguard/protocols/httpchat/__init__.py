@@ -12,7 +12,13 @@ HttpRequest and acts on what comes back; tests and the offline replay can do the
     found = api.deliver(ep, request, status, body)     # DELIVER (Matrix /sync, /messages, history calls):
                                                        # DeliveredMessage, SharedMedia
     api.rewrite_delivered(body, [(locator, notice)], [(locator, masked parts)])   # block: the notice; mask
-    rocketchat.deliver_ws(frame), rocketchat.rewrite_ws_delivered(frame, ...)     # DDP stream-room-messages
+    # WebSockets (Slack RTM / Socket Mode, Mattermost, Rocket.Chat DDP, Discord's gateway), what the server pushes:
+    api.is_websocket(path); codec = api.ws_codec(request, max_size)   # plain JSON, or Discord's zlib(-stream)
+                                                       # and ETF (etf.py), handed on as JSON
+    payload = codec.receive(message)                   # None while a compressed payload is incomplete
+    api.ws_requester(request), api.ws_credential(client message)      # whose socket (credential key or user id)
+    found = api.deliver_ws(payload, limits)            # DeliveredMessage, SharedMedia, Identity("", socket's user)
+    codec.send(api.rewrite_ws_delivered(payload, blocked, masked))
     api.error_body(status, reason)                     # the API's own error JSON
     bodies.rewrite(body, content_type, bodies.masked_replacements(message.parts, masked_text))
 
@@ -25,7 +31,7 @@ from dataclasses import dataclass
 from types import ModuleType
 
 from imguard.protocols.httpchat import discord, mattermost, matrix, rocketchat, slack
-from imguard.protocols.httpchat.common import DecodeLimits
+from imguard.protocols.httpchat.common import DecodeLimits, FrameTooLarge, UnreadableSocket
 from imguard.protocols.httpchat.events import (DELIVER, DOWNLOAD, LEARN, MESSAGE, PART_SEPARATOR, UPLOAD,
                                                ChatMessage, DeliveredMessage, EncryptedContent, Endpoint, FileUpload,
                                                HttpRequest, Identity, MalformedRequest, SharedMedia, StoredMedia,
@@ -36,17 +42,20 @@ APIS: dict[str, ModuleType] = {m.API: m for m in (matrix, slack, mattermost, roc
 # Matched by path prefix on any host, longest prefix first, so a self-hosted server on any name is covered.
 # The file downloads: Slack's files.slack.com serves /files-pri/ and /files-tmb/, Mattermost its public links under
 # /files/, Rocket.Chat /file-upload/ (any host: within them only the APIs' exact download paths are held);
-# Discord's CDN only on its two hosts (/attachments/ is too common a path).
+# Discord's CDN only on its two hosts (/attachments/ is too common a path). The WebSockets of Discord's gateway
+# (gateway.discord.gg/?v=10) and Slack (wss-primary.slack.com/websocket/.., /link/..) are on their vendors' hosts;
+# Mattermost's (/api/v4/websocket) and Rocket.Chat's (/websocket) on any host.
 DEFAULT_ROUTES = ("matrix=/_matrix/", "mattermost=/api/v4/", "rocketchat=/api/v1/", "rocketchat=/websocket",
                   "rocketchat=/sockjs/", "discord=/api/v10/", "discord=/api/v9/", "slack=/api/", "discord=/api/",
                   "slack=/files-pri/", "slack=/files-tmb/", "mattermost=/files/", "rocketchat=/file-upload/",
                   "discord=cdn.discordapp.com/attachments/",
-                  "discord=media.discordapp.net/attachments/")
+                  "discord=media.discordapp.net/attachments/",
+                  "discord=*.discord.gg/", "slack=*.slack.com/")
 
 __all__ = ["APIS", "DEFAULT_ROUTES", "Routes", "Route", "DecodeLimits", "HttpRequest", "Endpoint", "TextPart",
            "ChatMessage", "FileUpload", "EncryptedContent", "MalformedRequest", "Identity", "StoredMedia",
            "UploadSlot", "DeliveredMessage", "SharedMedia", "credential_key", "PART_SEPARATOR", "MESSAGE",
-           "UPLOAD", "LEARN", "DOWNLOAD", "DELIVER", "error_body"]
+           "UPLOAD", "LEARN", "DOWNLOAD", "DELIVER", "error_body", "FrameTooLarge", "UnreadableSocket"]
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,10 @@
-"""What every chat-API decoder shares: decode limits, credentials, JSON error bodies."""
+"""What every chat-API decoder shares: decode limits, credentials, JSON error bodies, the WebSocket codec shape."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import Protocol
 
 from imguard.protocols.httpchat import bodies
 from imguard.protocols.httpchat.events import HttpRequest, MalformedRequest, TextPart, credential_key
@@ -109,3 +110,66 @@ def message_parts(obj: dict, first: str, under: tuple = (), keys: frozenset = fr
     for key in under:
         parts += [TextPart(("json",) + path, s) for path, s in bodies.strings_under(obj.get(key), keys, (key,))]
     return tuple(parts)
+
+
+# --- WebSockets: what a server pushes to the client ------------------------------------------------------
+
+class FrameTooLarge(bodies.BodyError):
+    """A server WebSocket message larger (decompressed) than the carrier's limit: never passed undecided."""
+
+    def __init__(self, size: int, limit: int):
+        super().__init__(f"a WebSocket message of {size} bytes or more (the limit is {limit})")
+        self.size = size
+
+
+class UnreadableSocket(Exception):
+    """The client asked the server for an encoding imguard cannot read (Discord compress=zstd-stream):
+    decided at the handshake."""
+
+
+class WsCodec(Protocol):
+    """How a socket's server messages become payloads and payloads messages again (PlainFrames; Discord's
+    ZlibStream, MessageFrames, EtfPayloads). `stream`: every payload must go through send() (a compressed stream
+    whose state the client follows), not only the changed ones."""
+    stream: bool
+
+    def receive(self, data: bytes) -> bytes | None: ...
+
+    def send(self, payload: bytes) -> bytes: ...
+
+
+class PlainFrames:
+    """A socket whose server messages are JSON text as they come: receive() gives the payload, send() the frame."""
+
+    stream = False
+
+    def __init__(self, max_size: int):
+        self.max_size = max_size
+
+    def receive(self, data: bytes) -> bytes | None:
+        """The complete payload the message carries, None while more messages are needed (a compressed stream).
+        Raises FrameTooLarge, or BodyError when the bytes cannot be read."""
+        if len(data) > self.max_size:
+            raise FrameTooLarge(len(data), self.max_size)
+        return data
+
+    def send(self, payload: bytes) -> bytes:
+        return payload
+
+
+def plain_codec(req: HttpRequest, max_size: int) -> PlainFrames:
+    return PlainFrames(max_size)
+
+
+def ws_json(data: bytes, limits: DecodeLimits) -> object:
+    """A server WebSocket message's JSON. Raises BodyError: on the APIs whose sockets speak only JSON a message
+    that is not is the server's fault (an anomaly, and the fail mode decides)."""
+    return bodies.parse_json(data, max(limits.max_json_depth, DELIVER_MAX_DEPTH))
+
+
+def rewrite_ws_json(data: bytes, blocked, masked, blank, within=None, after_mask=None) -> bytes:
+    """rewrite_delivered over a server WebSocket message whose locators are ("ws", path in the frame...)."""
+    frame = bodies.parse_json(data, DELIVER_MAX_DEPTH)
+    out = rewrite_delivered(frame, [(loc[1:], n) for loc, n in blocked], [(loc[1:], p) for loc, p in masked], blank,
+                            within, after_mask)
+    return json.dumps(out, ensure_ascii=False, separators=(",", ":")).encode()

@@ -124,9 +124,10 @@ class DeliveredMessage:
     """A message in a response to the client (a Matrix timeline event, a Slack/Mattermost/Rocket.Chat/Discord
     history message), the client's own included: the carrier decides those from someone else. `message.sender`
     is who wrote it; `event_id` names it for the carrier's verdict memory (a repeat is not recorded twice);
-    `locator` is where the message object sits in the response JSON (the path from the root; ("ws", frame, ...)
-    in a WebSocket message), and the texts' locators are relative to it: the module's rewrite_delivered replaces
-    it there when policy blocks or masks it."""
+    `locator` is where the message object sits in the response JSON (the path from the root; in a WebSocket
+    message "ws" then the path in it: ("ws", "d") in a Discord dispatch, ("ws", SockJS frame index, ...) in DDP),
+    and the texts' locators are relative to it: the module's rewrite_delivered (rewrite_ws_delivered) replaces it
+    there when policy blocks or masks it."""
     message: ChatMessage
     event_id: str
     locator: tuple

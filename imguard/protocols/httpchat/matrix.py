@@ -57,6 +57,10 @@ def mxc(server: str, media_id: str) -> str:
     return f"mxc://{unquote(server)}/{unquote(media_id)}"
 
 
+def is_websocket(path: str) -> bool:
+    return False                # the client-server API has no WebSocket (MSC3079 was never merged)
+
+
 def classify(method: str, path: str) -> Endpoint | None:
     if method == "PUT" and (m := SEND.match(path)):
         return Endpoint(API, "send", MESSAGE)

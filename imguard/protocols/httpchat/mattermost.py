@@ -5,7 +5,12 @@
     POST /api/v4/posts, /api/v4/posts/ephemeral; PUT /api/v4/posts/{id}; PUT /api/v4/posts/{id}/patch
                                        JSON {channel_id, message, file_ids, props.attachments}   -> ChatMessage
     POST /api/v4/uploads/{upload_id}   a resumable upload's data: FileUpload of that chunk (see below)
-    WebSocket /api/v4/websocket        carries no posts from clients (they are REST): not decoded
+    WebSocket /api/v4/websocket        carries no posts from clients (they are REST); the client may
+                                       authenticate on it ({"action":"authentication_challenge"}). The server
+                                       pushes {"event":"posted"|"post_edited"|"ephemeral_message","data":{"post":
+                                       "<JSON string>"}} -> deliver_ws(): DeliveredMessage (locator ("ws", "data",
+                                       "post")); rewrite_ws_delivered() re-serialises the post into data.post;
+                                       the "hello" event's broadcast.user_id names the socket's user
     GET  /api/v4/users/me              -> learn Identity (the session's user id)
     GET  /api/v4/channels/{id}/posts, /api/v4/posts/{id}/thread  {order, posts: {id: post}}; GET /api/v4/posts/{id}
                                        a post -> DELIVER: deliver() -> DeliveredMessage per post (not system
@@ -23,11 +28,14 @@ concerns files larger than that).
 
 from __future__ import annotations
 
+import json
 import re
 
 from imguard.protocols.httpchat import bodies
-from imguard.protocols.httpchat.common import (DecodeLimits, bearer, dump, json_body, malformed, message_parts,
-                                               parse_delivered, rewrite_json, text_of)
+from imguard.protocols.httpchat.common import (DELIVER_MAX_DEPTH, DecodeLimits, bearer, dump, json_body, malformed,
+                                               message_parts, parse_delivered, plain_codec, rewrite_json, text_of,
+                                               ws_json)
+from imguard.protocols.httpchat.common import rewrite_delivered as rewrite_delivered_data
 from imguard.protocols.httpchat.events import (DELIVER, DOWNLOAD, LEARN, MESSAGE, UPLOAD, ChatMessage,
                                                DeliveredMessage, Endpoint, FileUpload, HttpRequest, Identity,
                                                SharedMedia, TextPart, credential_key)
@@ -43,6 +51,9 @@ CHANNEL_POSTS = re.compile(r"^/api/v4/channels/([a-z0-9]+)/posts$")
 THREAD = re.compile(r"^/api/v4/posts/([a-z0-9]+)/thread$")
 POST_GET = re.compile(r"^/api/v4/posts/([a-z0-9]+)$")
 ME = "/api/v4/users/me"
+WEBSOCKET = "/api/v4/websocket"
+WS_POST_EVENTS = ("posted", "post_edited", "ephemeral_message")
+WS_POST = ("ws", "data", "post")
 TEXT_KEYS = frozenset({"text", "pretext", "fallback", "title", "value"})
 
 
@@ -134,18 +145,24 @@ def deliver(ep: Endpoint, req: HttpRequest, status: int, body: bytes,
         found = [(("posts", k), v) for k, v in posts.items()] if isinstance(posts, dict) else []
     out: list = []
     for locator, post in found:
-        if not isinstance(post, dict) or text_of(post.get("type")).startswith("system_"):
-            continue
-        sender, room = text_of(post.get("user_id")), text_of(post.get("channel_id"))
-        ids = post.get("file_ids") if isinstance(post.get("file_ids"), list) else []
-        refs = tuple("mattermost:" + i for i in ids if isinstance(i, str) and i)
-        parts = message_parts(post, "message", ("props",), TEXT_KEYS)
-        message = ChatMessage(API, ep.name, sender, room, parts, refs, kind="post")
-        out.append(DeliveredMessage(message, text_of(post.get("id")), locator))
-        meta = post.get("metadata") if isinstance(post.get("metadata"), dict) else {}
-        names = {text_of(f.get("id")): text_of(f.get("name")) for f in meta.get("files") or []
-                 if isinstance(f, dict)} if isinstance(meta.get("files"), list) else {}
-        out += [SharedMedia(ref, sender, room, names.get(ref.split(":", 1)[1], "")) for ref in refs]
+        out += _delivered(ep.name, post, locator)
+    return out
+
+
+def _delivered(endpoint: str, post: object, locator: tuple) -> list:
+    """A post (REST, or a WebSocket event's) -> DeliveredMessage (not system posts) and its SharedMedia."""
+    if not isinstance(post, dict) or text_of(post.get("type")).startswith("system_"):
+        return []
+    sender, room = text_of(post.get("user_id")), text_of(post.get("channel_id"))
+    ids = post.get("file_ids") if isinstance(post.get("file_ids"), list) else []
+    refs = tuple("mattermost:" + i for i in ids if isinstance(i, str) and i)
+    parts = message_parts(post, "message", ("props",), TEXT_KEYS)
+    message = ChatMessage(API, endpoint, sender, room, parts, refs, kind="post")
+    out: list = [DeliveredMessage(message, text_of(post.get("id")), locator)]
+    meta = post.get("metadata") if isinstance(post.get("metadata"), dict) else {}
+    names = {text_of(f.get("id")): text_of(f.get("name")) for f in meta.get("files") or []
+             if isinstance(f, dict)} if isinstance(meta.get("files"), list) else {}
+    out += [SharedMedia(ref, sender, room, names.get(ref.split(":", 1)[1], "")) for ref in refs]
     return out
 
 
@@ -168,6 +185,78 @@ def rewrite_delivered(body: bytes, blocked=(), masked=()) -> bytes:
     """The response with each blocked post's message the notice (its files, attachments and embeds dropped) and
     each masked one's texts masked. Raises bodies.BodyError when a locator does not fit."""
     return rewrite_json(body, blocked, masked, _blank, after_mask=_after_mask)
+
+
+# --- the WebSocket (/api/v4/websocket) -------------------------------------------------------------------
+
+def is_websocket(path: str) -> bool:
+    return path == WEBSOCKET
+
+
+ws_codec = plain_codec          # JSON text messages
+
+
+def ws_requester(req: HttpRequest) -> str:
+    """Whose socket: the handshake's token (Authorization: Bearer, the MMAUTHTOKEN cookie)."""
+    return _sender(req)
+
+
+def ws_credential(data: bytes) -> str:
+    """The token a client message authenticates the socket with: {"action":"authentication_challenge",
+    "data":{"token"}} (a client whose handshake carried none)."""
+    try:
+        frame = bodies.parse_json(data, 16)
+    except bodies.BodyError:
+        return ""
+    if isinstance(frame, dict) and frame.get("action") == "authentication_challenge" \
+            and isinstance(frame.get("data"), dict) and text_of(frame["data"].get("token")):
+        return credential_key(frame["data"]["token"])
+    return ""
+
+
+def _ws_post(frame: object, limits: DecodeLimits) -> dict | None:
+    """The post a posted / post_edited / ephemeral_message event carries (data.post, a JSON string)."""
+    if not isinstance(frame, dict) or frame.get("event") not in WS_POST_EVENTS \
+            or not isinstance(frame.get("data"), dict):
+        return None
+    post = frame["data"].get("post")
+    if not isinstance(post, str):
+        raise bodies.BodyError(f"a {frame['event']} event without its post")
+    found = bodies.parse_json(post.encode("utf-8"), max(limits.max_json_depth, DELIVER_MAX_DEPTH))
+    if not isinstance(found, dict):
+        raise bodies.BodyError(f"a {frame['event']} event whose post is not a JSON object")
+    return found
+
+
+def decode_ws(data: bytes, sender: str = "", limits: DecodeLimits = DecodeLimits()) -> list:
+    return []                   # no chat from the client on this socket: its clients post over REST
+
+
+def deliver_ws(data: bytes, limits: DecodeLimits = DecodeLimits()) -> list:
+    """What one server message brings: {"event":"posted"|"post_edited"|"ephemeral_message","data":{"post":
+    "<the post as a JSON string>","sender_name"},"broadcast":{...},"seq"} -> DeliveredMessage (locator
+    ("ws", "data", "post")) with its SharedMedia; {"event":"hello","broadcast":{"user_id"}} names the socket's
+    user: Identity("", user id). Other events bring nothing. Raises bodies.BodyError when the message (or its
+    post) is not JSON."""
+    frame = ws_json(data, limits)
+    if isinstance(frame, dict) and frame.get("event") == "hello" and isinstance(frame.get("broadcast"), dict) \
+            and text_of(frame["broadcast"].get("user_id")):
+        return [Identity("", frame["broadcast"]["user_id"])]
+    post = _ws_post(frame, limits)
+    return [] if post is None else _delivered("ws." + frame["event"], post, WS_POST)
+
+
+def rewrite_ws_delivered(data: bytes, blocked=(), masked=()) -> bytes:
+    """The server message with its post blocked (the notice) or masked as rewrite_delivered does, the post
+    re-serialised into data.post."""
+    frame = bodies.parse_json(data, DELIVER_MAX_DEPTH)
+    post = _ws_post(frame, DecodeLimits())
+    if post is None or any(loc != WS_POST for loc, _ in list(blocked) + list(masked)):
+        raise bodies.BodyError("no post where the rewrite expected one")
+    rewrite_delivered_data(post, [((), n) for _, n in blocked], [((), p) for _, p in masked], _blank,
+                           after_mask=_after_mask)
+    frame["data"]["post"] = json.dumps(post, ensure_ascii=False, separators=(",", ":"))
+    return json.dumps(frame, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 def learn(ep: Endpoint, req: HttpRequest, status: int, body: bytes) -> list:

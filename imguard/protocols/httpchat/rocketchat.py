@@ -28,7 +28,7 @@ from urllib.parse import unquote
 
 from imguard.protocols.httpchat import bodies
 from imguard.protocols.httpchat.common import (DELIVER_MAX_DEPTH, DecodeLimits, dump, json_body, malformed,
-                                               message_parts, parse_delivered, rewrite_json, text_of)
+                                               message_parts, parse_delivered, plain_codec, rewrite_json, text_of)
 from imguard.protocols.httpchat.common import rewrite_delivered as rewrite_delivered_data
 from imguard.protocols.httpchat.events import (DELIVER, DOWNLOAD, MESSAGE, UPLOAD, ChatMessage, DeliveredMessage,
                                                Endpoint, FileUpload, HttpRequest, Identity, SharedMedia, TextPart)
@@ -61,6 +61,18 @@ def classify(method: str, path: str) -> Endpoint | None:
 
 def is_websocket(path: str) -> bool:
     return bool(WEBSOCKET.match(path))
+
+
+ws_codec = plain_codec          # DDP JSON text, bare or SockJS-framed
+
+
+def ws_requester(req: HttpRequest) -> str:
+    """Whose socket, until a login result says: the rc_uid cookie (a user id)."""
+    return cookie(req.header("cookie"), "rc_uid")
+
+
+def ws_credential(data: bytes) -> str:
+    return ""                   # a DDP login's result names the user (deliver_ws)
 
 
 def _sender(req: HttpRequest) -> str:

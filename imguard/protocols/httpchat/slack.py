@@ -7,6 +7,7 @@
     <upload_url> (any host, learned)  -> FileUpload (raw body, or the multipart `file`/`filename` part)
     files.completeUploadExternal -> ChatMessage (initial_comment, titles), refs slack:<id> of its files
     auth.test                -> learn Identity (the token's user_id)
+    rtm.connect, rtm.start   -> learn Identity (the token's and the socket URL's user: self.id)
     conversations.history, conversations.replies (GET or POST; channel in the query or the body)
                              -> DELIVER: deliver() reads `messages` [{user, text, ts, blocks, attachments, files}]
                                 -> DeliveredMessage (locator ("messages", i)) and SharedMedia slack:<file id>;
@@ -15,16 +16,24 @@
     GET /files-pri/{team}-{file}/[download/]{name} (files.slack.com: url_private, url_private_download)
                              -> DOWNLOAD ref slack:<file id>
     GET /files-tmb/{team}-{file}-{hash}/{name} (thumb_*)  -> DOWNLOAD of slack:<file id>, derived
+    WebSocket on wss-*.slack.com: /websocket/{ticket} (RTM), /link/?ticket= (Socket Mode), / (the web client,
+             ?token=); the server pushes {"type":"message","user","text","channel","ts",...} (Socket Mode: in an
+             envelope {"envelope_id","payload":{"event":{...}}}) -> deliver_ws(): DeliveredMessage per message
+             (locator ("ws", ...) within the frame), rewrite_ws_delivered() as rewrite_delivered(); the client
+             posts on RTM with {"id","type":"message","channel","text"} -> decode_ws(): ChatMessage; a block is
+             answered ws_error() {"ok":false,"reply_to":id,"error":{...}}, a mask rewrite_ws()
 """
 
 from __future__ import annotations
 
+import json
 import re
-from urllib.parse import unquote
+from urllib.parse import unquote, urlencode
 
 from imguard.protocols.httpchat import bodies
-from imguard.protocols.httpchat.common import (DecodeLimits, bearer, dump, json_body, malformed, message_parts,
-                                               parse_delivered, rewrite_json, text_of)
+from imguard.protocols.httpchat.common import (DELIVER_MAX_DEPTH, DecodeLimits, bearer, dump, json_body, malformed,
+                                               message_parts, parse_delivered, plain_codec, rewrite_json,
+                                               rewrite_ws_json, text_of, ws_json)
 from imguard.protocols.httpchat.events import (DELIVER, DOWNLOAD, LEARN, MESSAGE, UPLOAD, ChatMessage,
                                                DeliveredMessage, Endpoint, FileUpload, HttpRequest, Identity,
                                                SharedMedia, TextPart, UploadSlot, credential_key)
@@ -36,6 +45,9 @@ FILES_TMB = re.compile(r"^/files-tmb/([A-Za-z0-9]+)-([A-Za-z0-9]+)-[A-Za-z0-9]+/
 DELIVER_METHODS = {"conversations.history", "conversations.replies"}
 MESSAGE_METHODS = {"chat.postMessage", "chat.postEphemeral", "chat.update", "chat.meMessage", "chat.scheduleMessage"}
 TEXT_KEYS = frozenset({"text", "pretext", "fallback", "title"})
+# "/" (the web client, ?token=), /websocket/{ticket} (RTM), /link/?ticket= (Socket Mode), on the wss-*.slack.com hosts
+WEBSOCKET = re.compile(r"^/(?:websocket/[^/]+|link/?)?$")
+WS_MESSAGE_EVENTS = ("message", "app_mention")
 
 
 def classify(method: str, path: str) -> Endpoint | None:
@@ -51,7 +63,7 @@ def classify(method: str, path: str) -> Endpoint | None:
     name = m.group(1)
     if name in DELIVER_METHODS:
         return Endpoint(API, name, DELIVER)
-    if name == "auth.test":
+    if name in ("auth.test", "rtm.connect", "rtm.start"):
         return Endpoint(API, name, LEARN, learn=True)
     if method != "POST":
         return None
@@ -203,18 +215,24 @@ def deliver(ep: Endpoint, req: HttpRequest, status: int, body: bytes,
         room = req.param("channel")
     out: list = []
     for i, msg in enumerate(messages):
-        if not isinstance(msg, dict):
-            continue
-        sender = text_of(msg.get("user")) or text_of(msg.get("bot_id"))
-        files = [f for f in msg.get("files") or [] if isinstance(f, dict) and text_of(f.get("id"))] \
-            if isinstance(msg.get("files"), list) else []
-        refs = tuple("slack:" + f["id"] for f in files)
-        parts = message_parts(msg, "text", ("blocks", "attachments"), TEXT_KEYS)
-        message = ChatMessage(API, ep.name, sender, room, parts, refs, kind=text_of(msg.get("subtype")) or "message")
-        out.append(DeliveredMessage(message, f"{room}/{text_of(msg.get('ts'))}" if msg.get("ts") else "",
-                                    ("messages", i)))
-        out += [SharedMedia("slack:" + f["id"], sender, room, text_of(f.get("name")) or text_of(f.get("title")))
-                for f in files]
+        out += _delivered(ep.name, msg, room, ("messages", i))
+    return out
+
+
+def _delivered(endpoint: str, msg: object, room: str, locator: tuple) -> list:
+    """A Slack message object (history, or an RTM / Socket Mode event) -> DeliveredMessage and its SharedMedia."""
+    if not isinstance(msg, dict):
+        return []
+    room = text_of(msg.get("channel")) or room
+    sender = text_of(msg.get("user")) or text_of(msg.get("bot_id"))
+    files = [f for f in msg.get("files") or [] if isinstance(f, dict) and text_of(f.get("id"))] \
+        if isinstance(msg.get("files"), list) else []
+    refs = tuple("slack:" + f["id"] for f in files)
+    parts = message_parts(msg, "text", ("blocks", "attachments"), TEXT_KEYS)
+    message = ChatMessage(API, endpoint, sender, room, parts, refs, kind=text_of(msg.get("subtype")) or "message")
+    out: list = [DeliveredMessage(message, f"{room}/{text_of(msg.get('ts'))}" if msg.get("ts") else "", locator)]
+    out += [SharedMedia("slack:" + f["id"], sender, room, text_of(f.get("name")) or text_of(f.get("title")))
+            for f in files]
     return out
 
 
@@ -230,7 +248,109 @@ def rewrite_delivered(body: bytes, blocked=(), masked=()) -> bytes:
     return rewrite_json(body, blocked, masked, _blank)
 
 
+# --- the WebSocket: RTM (rtm.connect's url), Socket Mode (apps.connections.open's url), the web client ---------
+
+def is_websocket(path: str) -> bool:
+    return bool(WEBSOCKET.match(path))
+
+
+ws_codec = plain_codec          # JSON text messages
+
+
+def ws_url_key(url: str) -> str:
+    """How a socket URL that is its own credential (an RTM or Socket Mode ticket) is known: rtm.connect's
+    answer teaches its user under this key, the handshake of that URL finds it."""
+    req = HttpRequest.make("GET", url)
+    return credential_key("ws:" + req.path + "?" + urlencode(sorted(req.query)))
+
+
+def ws_requester(req: HttpRequest) -> str:
+    """Whose socket: the token of the handshake (Authorization, ?token= as the web client sends it), else the
+    ticket URL rtm.connect handed out."""
+    return bearer(req) or ws_url_key(req.path + ("?" + urlencode(req.query) if req.query else ""))
+
+
+def ws_credential(data: bytes) -> str:
+    return ""                   # the client sends no credential on the socket
+
+
+def decode_ws(data: bytes, sender: str = "", limits: DecodeLimits = DecodeLimits()) -> list:
+    """A client message on an RTM socket, RTM's way to post: {"id": 1, "type": "message", "channel", "text"}
+    -> [(id, None, ChatMessage)] with the text at ("ws", None, "text") (rewrite_ws). Anything else (ping,
+    typing) -> []."""
+    try:
+        frame = bodies.parse_json(data, limits.max_json_depth)
+    except bodies.BodyError:
+        return []               # the server refuses what is not JSON
+    if not isinstance(frame, dict) or frame.get("type") != "message" or not text_of(frame.get("text")):
+        return []
+    message = ChatMessage(API, "rtm.message", sender, text_of(frame.get("channel")),
+                          (TextPart(("ws", None, "text"), frame["text"]),), kind="message")
+    return [(str(frame.get("id", "")), None, message)]
+
+
+def rewrite_ws(data: bytes, replacements: list[tuple[tuple, str]]) -> bytes:
+    """The client message with its text masked (decode_ws's locators)."""
+    frame = bodies.parse_json(data, DELIVER_MAX_DEPTH)
+    for (_, _, *path), text in replacements:
+        node = frame
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = text
+    return json.dumps(frame, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def ws_error(call_id: str, reason: str, framed: bool = False) -> bytes:
+    """RTM's answer to a message it refused, as the server sends it: the client's send fails with `reason`."""
+    return dump({"ok": False, "reply_to": int(call_id) if call_id.isdigit() else call_id,
+                 "error": {"code": 2, "msg": reason}})
+
+
+def deliver_ws(data: bytes, limits: DecodeLimits = DecodeLimits()) -> list:
+    """What one server message brings: an RTM event {"type": "message", "user", "text", "channel", "ts", ...}
+    (locator ("ws",)), the same inside a Socket Mode envelope {"envelope_id", "payload": {"event": {...},
+    "authorizations": [{"user_id"}]}} (locator ("ws", "payload", "event"); the authorization names the socket's
+    user: Identity("", user id)); a message_changed event's message and previous_message each (message_replied:
+    its message). Other events
+    (hello, presence, typing, acks) bring nothing. Raises bodies.BodyError when the message is not JSON."""
+    frame = ws_json(data, limits)
+    if not isinstance(frame, dict):
+        return []
+    out: list = []
+    event, base = frame, ("ws",)
+    payload = frame.get("payload")
+    if isinstance(payload, dict) and isinstance(payload.get("event"), dict):
+        auth = payload.get("authorizations")
+        if isinstance(auth, list) and auth and isinstance(auth[0], dict) and text_of(auth[0].get("user_id")):
+            out.append(Identity("", auth[0]["user_id"]))
+        event, base = payload["event"], ("ws", "payload", "event")
+    if event.get("type") not in WS_MESSAGE_EVENTS or event.get("subtype") == "message_deleted":
+        return out
+    room = text_of(event.get("channel"))
+    if event.get("subtype") in ("message_changed", "message_replied"):    # the message inside (and the old one)
+        for key in ("message", "previous_message"):
+            out += _delivered("ws." + event["subtype"], event.get(key), room, base + (key,))
+        return out
+    return out + _delivered("ws." + event["type"], event, room, base)
+
+
+def rewrite_ws_delivered(data: bytes, blocked=(), masked=()) -> bytes:
+    """The server message with deliver_ws's messages blocked or masked as rewrite_delivered does."""
+    return rewrite_ws_json(data, blocked, masked, _blank)
+
+
 def learn(ep: Endpoint, req: HttpRequest, status: int, body: bytes) -> list:
+    if ep.name in ("rtm.connect", "rtm.start") and 200 <= status < 300:
+        try:
+            data = bodies.parse_json(body, 16)
+        except bodies.BodyError:
+            return []
+        if not isinstance(data, dict) or not data.get("ok") or not isinstance(data.get("self"), dict):
+            return []
+        user, url = text_of(data["self"].get("id")), text_of(data.get("url"))
+        out = [Identity(ws_url_key(url), user)] if user and url else []
+        key = requester(req)
+        return out + ([Identity(key, user)] if user and key else [])
     if ep.name == "auth.test" and 200 <= status < 300:
         try:
             data = bodies.parse_json(body, 16)
