@@ -88,13 +88,15 @@ class _Progress:
 
 def scan_main(args: argparse.Namespace) -> int:
     from imguard.inspect import InspectLimits
+    from imguard.inspect.signatures import SignatureSettings
     from imguard.model import ChatContext
     from imguard.runtime import build_pipeline
 
     limits = settings.from_arguments(InspectLimits, args)
     try:
         pipeline = build_pipeline(args.rules, args.signatures, args.data_dir or default_data_dir(),
-                                  limits=limits, write_alerts=False)
+                                  limits=limits, write_alerts=False,
+                                  signature_settings=settings.from_arguments(SignatureSettings, args))
     except ConfigError as e:
         _print_config_errors(e.errors)
         return EXIT_USAGE
@@ -126,25 +128,49 @@ def scan_main(args: argparse.Namespace) -> int:
 # --- imguard rules ----------------------------------------------------------------------------------
 
 def rules_check_main(args: argparse.Namespace) -> int:
+    """Load rules (one folder or several, in order) with their signatures; say how many of each loaded, and warn
+    about what loads but will not work as expected: no signature at all, files left out, slow rules."""
+    from imguard.inspect.signatures import SignatureSettings
     from imguard.runtime import load_configuration
 
+    sig_settings = settings.from_arguments(SignatureSettings, args)
     try:
-        loaded = load_configuration(args.dir, args.signatures, None)
+        loaded = load_configuration(args.dirs, args.signatures, None, sig_settings)
     except ConfigError as e:
         _print_config_errors(e.errors)
         return EXIT_USAGE
-    print(f"{args.dir}: {len(loaded.policy.rules)} rules, policy version {loaded.policy.version}; "
-          f"{args.signatures}: {len(loaded.signatures.rule_names)} signature names: OK")
+    sigs, policy = loaded.signatures, loaded.policy
+    print(f"rules: {len(policy.rules)} rules from {len(policy.files)} files in {len(args.dirs)} folder(s) "
+          f"({', '.join(str(d) for d in args.dirs)}), policy version {policy.version}")
+    print(f"signatures: {sigs.rule_count} YARA rules from {len(sigs.files)} files in {args.signatures}, "
+          f"version {sigs.version}")
+    warnings = 0
+    if sigs.rule_count == 0:
+        warnings += 1
+        print(f"warning: {args.signatures}: no YARA rule loaded: no file will match a signature "
+              f"(only *.yar/*.yara at the top of the folder, or its index.yar, are read)", file=sys.stderr)
+    for line in (*sigs.skipped, *sigs.unused):
+        warnings += 1
+        print(f"warning: {line}", file=sys.stderr)
+    if sigs.warnings:
+        warnings += 1
+        print(f"warning: {len(sigs.warnings)} YARA compiler warnings (rules that may slow down every scan)"
+              + ("" if args.show_warnings else "; --show-warnings prints them"), file=sys.stderr)
+        if args.show_warnings:
+            for line in sigs.warnings:
+                print(f"  {line}", file=sys.stderr)
+    print("OK" + (f" ({warnings} warning{'s' if warnings > 1 else ''})" if warnings else ""))
     return EXIT_OK
 
 
 def rules_test_main(args: argparse.Namespace) -> int:
     from imguard.inspect import InspectLimits, Inspector
+    from imguard.inspect.signatures import SignatureSettings
     from imguard.policy.testing import run_rule_tests, summary
     from imguard.runtime import load_configuration
 
     try:
-        loaded = load_configuration(args.dir, args.signatures, None)
+        loaded = load_configuration(args.dir, args.signatures, None, settings.from_arguments(SignatureSettings, args))
     except ConfigError as e:
         _print_config_errors(e.errors)
         return EXIT_USAGE
@@ -285,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     sniff.set_defaults(handler=sniff_cli.sniff_main)
 
     from imguard.inspect import InspectLimits
+    from imguard.inspect.signatures import SignatureSettings
     scan = commands.add_parser("scan", help="inspect files and folders and show the policy decision",
                                description="Exit codes: 0 nothing blocked, 1 something blocked, 2 usage or "
                                            "configuration error.")
@@ -299,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--sender", default="", help="chat context for the policy: sender")
     scan.add_argument("--recipient", action="append", help="chat context for the policy: recipient (repeatable)")
     settings.add_arguments(scan, InspectLimits, "inspection limits")
+    settings.add_arguments(scan, SignatureSettings)
     scan.set_defaults(handler=scan_main)
 
     quarantine = commands.add_parser("quarantine", help="list, show or export quarantined files")
@@ -334,14 +362,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     rules = commands.add_parser("rules", help="check or test policy rules")
     rules_commands = rules.add_subparsers(dest="rules_command", metavar="SUBCOMMAND")
-    check = rules_commands.add_parser("check", help="validate rules and signatures together (file:line errors)")
-    check.add_argument("dir", nargs="?", type=Path, default=BUNDLED_RULES, metavar="DIR")
+    check = rules_commands.add_parser("check", help="validate rules and signatures together (file:line errors)",
+                                      description="Exit codes: 0 loads (warnings go to stderr), 2 errors.")
+    check.add_argument("dirs", nargs="*", type=Path, default=[BUNDLED_RULES], metavar="DIR",
+                       help="rules folders, evaluated in this order (as `imguard run --rules`)")
     check.add_argument("--signatures", type=Path, default=BUNDLED_SIGNATURES, metavar="DIR")
+    check.add_argument("--show-warnings", action="store_true", help="print every YARA compiler warning")
+    settings.add_arguments(check, SignatureSettings)
     check.set_defaults(handler=rules_check_main)
     test = rules_commands.add_parser("test", help="run the rule test cases (DIR/tests/*.yaml)")
     test.add_argument("dir", nargs="?", type=Path, default=BUNDLED_RULES, metavar="DIR")
     test.add_argument("--signatures", type=Path, default=BUNDLED_SIGNATURES, metavar="DIR")
     test.add_argument("--tests", type=Path, default=None, metavar="DIR", help="test cases folder (default: DIR/tests)")
+    settings.add_arguments(test, SignatureSettings)
     test.set_defaults(handler=rules_test_main)
     explain_parser = rules_commands.add_parser("explain", help="decide on one message and show why")
     explain_parser.add_argument("dir", nargs="?", type=Path, default=BUNDLED_RULES, metavar="DIR")

@@ -59,11 +59,12 @@ def fingerprint(folders: Iterable[Path]) -> tuple:
 
 class PolicyReloader:
     def __init__(self, pipeline, rules_dirs: Path | Iterable[Path], signatures_dir: Path, data_dir: Path,
-                 record: Callable[[dict], Any] | None = None):
+                 record: Callable[[dict], Any] | None = None, signature_settings: Any = None):
         self.pipeline = pipeline
         self.rules_dirs = [Path(rules_dirs)] if isinstance(rules_dirs, (str, Path)) else [Path(d) for d in rules_dirs]
         self.signatures_dir = Path(signatures_dir)
         self.data_dir = Path(data_dir)
+        self.signature_settings = signature_settings      # inspect.SignatureSettings, as at start
         self.record = record if record is not None else pipeline.record
         self._lock = threading.Lock()
         self._snapshot = self.fingerprint()
@@ -72,7 +73,18 @@ class PolicyReloader:
         self.last_errors: list[str] = []
 
     def fingerprint(self) -> tuple:
-        return fingerprint([*self.rules_dirs, self.signatures_dir])
+        # Files the loaded signatures include from subfolders (an index.yar's includes) are watched too.
+        signatures = getattr(getattr(self.pipeline, "inspector", None), "signatures", None)
+        top = self.signatures_dir.resolve()
+        included = [Path(f) for f in getattr(signatures, "files", ()) if Path(f).parent != top]
+        stats = []
+        for path in included:
+            try:
+                st = path.stat()
+                stats.append((str(path), st.st_mtime_ns, st.st_size))
+            except OSError:
+                stats.append((str(path), -1, -1))
+        return fingerprint([*self.rules_dirs, self.signatures_dir]) + tuple(stats)
 
     def changed(self) -> bool:
         return self.fingerprint() != self._snapshot
@@ -91,7 +103,8 @@ class PolicyReloader:
             old_version = self.policy_version
             old_signatures = str(getattr(getattr(self.pipeline.inspector, "signatures", None), "version", ""))
             try:
-                loaded = load_configuration(self.rules_dirs, self.signatures_dir, self.data_dir / "cache")
+                loaded = load_configuration(self.rules_dirs, self.signatures_dir, self.data_dir / "cache",
+                                            self.signature_settings)
                 limits = getattr(self.pipeline.inspector, "limits", None)
                 inspector = Inspector(loaded.signatures, limits) if limits is not None else Inspector(loaded.signatures)
             except ConfigError as e:

@@ -73,9 +73,10 @@ class Loaded:
     policy: object
 
 
-def load_configuration(rules_dirs: Path | Iterable[Path], signatures_dir: Path, cache_dir: Path | None) -> Loaded:
+def load_configuration(rules_dirs: Path | Iterable[Path], signatures_dir: Path, cache_dir: Path | None,
+                       signature_settings: object = None) -> Loaded:
     """Load and cross-check signatures and rules (one rules folder or several, in order); raise ConfigError
-    listing every problem."""
+    listing every problem. `signature_settings` (inspect.SignatureSettings): namespace, missing modules."""
     from imguard.inspect import SignatureError, load_signatures
     from imguard.policy import PolicyError, load_policy
 
@@ -85,7 +86,7 @@ def load_configuration(rules_dirs: Path | Iterable[Path], signatures_dir: Path, 
         errors.append(f"{signatures_dir}: signatures folder does not exist")
     else:
         try:
-            signatures = load_signatures(Path(signatures_dir), cache_dir)
+            signatures = load_signatures(Path(signatures_dir), cache_dir, signature_settings)
         except SignatureError as e:
             errors.extend(e.errors)
     folders = [Path(rules_dirs)] if isinstance(rules_dirs, (str, Path)) else [Path(d) for d in rules_dirs]
@@ -106,7 +107,7 @@ def build_pipeline(rules_dir: Path | Iterable[Path] = BUNDLED_RULES, signatures_
                    data_dir: Path | None = None, limits: object = None, write_alerts: bool = True,
                    quarantine_settings: object = None, sink_settings: object = None,
                    archive_settings: object = None, metrics: object = None,
-                   plain_flush_seconds: float = 0.0) -> Pipeline:
+                   plain_flush_seconds: float = 0.0, signature_settings: object = None) -> Pipeline:
     """The inspection-and-policy pipeline on the given configuration. With write_alerts, events go to
     data_dir/alerts.jsonl and the remote sinks the sink settings turn on, records to the archive
     (SQLite in data_dir, or PostgreSQL), and blocked files to data_dir/quarantine.
@@ -119,7 +120,7 @@ def build_pipeline(rules_dir: Path | Iterable[Path] = BUNDLED_RULES, signatures_
 
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
     ensure_data_dir(data_dir)        # before the signature cache creates it with the umask's mode
-    loaded = load_configuration(rules_dir, signatures_dir, data_dir / "cache")
+    loaded = load_configuration(rules_dir, signatures_dir, data_dir / "cache", signature_settings)
     inspector = Inspector(loaded.signatures, limits if limits is not None else InspectLimits())
     alert_log = quarantine = archive = None
     if write_alerts:

@@ -177,3 +177,119 @@ def test_bundled_signatures_folder_can_be_copied_and_loaded(tmp_path):
     copy = tmp_path / "signatures"
     shutil.copytree(ROOT / "signatures", copy)
     assert load_signatures(copy, tmp_path / "cache").version == load_signatures(ROOT / "signatures").version
+
+
+# --- public rule sets: index.yar with includes, one namespace, missing modules -------------------------
+
+PUBLIC = ROOT / "tests" / "data" / "signatures"
+EICAR = rb"X5O!P%@AP[4\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*"
+
+
+def matched(signatures, data: bytes) -> set[str]:
+    return {f"{m.namespace}.{m.rule}" for m in signatures.rules.match(data=data, externals=dict(EXTERNALS))}
+
+
+def test_index_yar_with_includes_loads_as_one_namespace_and_matches():
+    """Yara-Rules: index.yar includes a folder per category, and a rule of malware/ uses a rule of utils/."""
+    signatures = load_signatures(PUBLIC / "yara-rules")
+    assert matched(signatures, EICAR) == {"index.Test_EICAR_String", "index.MALW_Test_EICAR_Dropper"}
+    assert matched(signatures, b"IMGUARD-TEST-YARARULES") == {"index.MALW_Test_Marker"}   # via a private rule
+    assert matched(signatures, b"nothing") == set()
+    assert signatures.rule_names.sources == {"index.Test_EICAR_String": "utils/markers.yar:9",
+                                             "index.MALW_Test_EICAR_Dropper": "malware/MALW_Test.yar:2",
+                                             "index.MALW_Test_Marker": "malware/MALW_Test.yar:11"}
+    assert sorted(Path(f).name for f in signatures.files) == ["MALW_Test.yar", "index.yar", "markers.yar"]
+    # the category index beside index.yar is not loaded a second time (its rules would match twice)
+    assert len(signatures.unused) == 1 and "malware_index.yar:0: not loaded" in signatures.unused[0]
+
+
+def test_the_same_files_without_an_index_need_one_namespace(tmp_path):
+    folder = write(tmp_path / "sigs", {"a_markers.yar": (PUBLIC / "yara-rules/utils/markers.yar").read_text(),
+                                       "b_malware.yar": (PUBLIC / "yara-rules/malware/MALW_Test.yar").read_text()})
+    with pytest.raises(SignatureError) as caught:
+        load_signatures(folder)                      # one namespace per file: b cannot see a's rules
+    assert any("b_malware.yar:" in e and "undefined identifier" in e for e in caught.value.errors)
+    signatures = load_signatures(folder, settings=sigmod.SignatureSettings(signature_namespace="yararules"))
+    assert matched(signatures, EICAR) == {"yararules.Test_EICAR_String", "yararules.MALW_Test_EICAR_Dropper"}
+    assert signatures.rule_names.sources["yararules.MALW_Test_EICAR_Dropper"] == "b_malware.yar:2"
+
+
+def test_index_yar_takes_the_set_namespace_when_given():
+    signatures = load_signatures(PUBLIC / "yara-rules", settings=sigmod.SignatureSettings(signature_namespace="yr"))
+    assert matched(signatures, EICAR) == {"yr.Test_EICAR_String", "yr.MALW_Test_EICAR_Dropper"}
+
+
+def test_a_missing_module_is_reported_with_file_and_line_and_can_be_skipped(tmp_path):
+    folder = PUBLIC / "modules"
+    with pytest.raises(SignatureError) as caught:
+        load_signatures(folder)
+    assert caught.value.errors == [
+        f"{(folder / 'sandbox.yar').resolve()}:3: imports module 'cuckoo', which this engine lacks (it has: "
+        f"{', '.join(sigmod.MODULES)}) (--skip-missing-modules leaves such files out)"]
+    skipping = sigmod.SignatureSettings(skip_missing_modules=True)
+    signatures = load_signatures(folder, tmp_path / "cache", settings=skipping)
+    assert matched(signatures, b"IMGUARD-TEST-MODULES-PLAIN") == {"good.Test_Plain_Marker"}
+    assert len(signatures.skipped) == 1 and "sandbox.yar:3: imports module 'cuckoo'" in signatures.skipped[0]
+    assert "file left out" in signatures.skipped[0]
+    assert [Path(f).name for f in signatures.files] == ["good.yar"]
+    cached = load_signatures(folder, tmp_path / "cache", settings=skipping)
+    assert cached.from_cache and cached.skipped == signatures.skipped
+    assert cached.rule_names.sources == signatures.rule_names.sources
+
+
+def test_an_included_file_needing_a_missing_module_is_left_out_of_its_index(tmp_path):
+    folder = write(tmp_path / "sigs", {"index.yar": 'include "./rules/plain.yar"\ninclude "./rules/mach.yar"\n'})
+    write(folder / "rules", {"plain.yar": 'rule Plain { strings: $a = "plain-marker-xyz" condition: $a }\n',
+                             "mach.yar": '\nimport "macho"\nrule M { condition: macho.number_of_segments > 1 }\n'})
+    with pytest.raises(SignatureError) as caught:
+        load_signatures(folder)
+    assert len(caught.value.errors) == 1 and "mach.yar:2: imports module 'macho'" in caught.value.errors[0]
+    signatures = load_signatures(folder, settings=sigmod.SignatureSettings(skip_missing_modules=True))
+    assert matched(signatures, b"plain-marker-xyz") == {"index.Plain"}
+    assert signatures.rule_names == {"Plain", "index.Plain"}
+
+
+def test_engine_modules_are_those_of_yara_python():
+    import yara
+    assert set(sigmod.MODULES) == set(yara.modules)
+    assert {"pe", "elf", "math", "hash", "dotnet"} <= set(sigmod.MODULES)
+    assert not {"cuckoo", "magic", "dex", "macho"} & set(sigmod.MODULES)
+
+
+def test_editing_an_included_file_changes_the_version_and_the_cache(tmp_path):
+    folder = write(tmp_path / "sigs", {"index.yar": 'include "./rules/a.yar"\n'})
+    write(folder / "rules", {"a.yar": 'rule A { strings: $a = "first-marker" condition: $a }\n'})
+    first = load_signatures(folder, tmp_path / "cache")
+    (folder / "rules" / "a.yar").write_text('rule A { strings: $a = "second-marker" condition: $a }\n')
+    second = load_signatures(folder, tmp_path / "cache")
+    assert second.version != first.version and not second.from_cache
+    assert matched(second, b"second-marker") == {"index.A"} and matched(second, b"first-marker") == set()
+
+
+def test_include_cycle_and_missing_include_are_errors(tmp_path):
+    folder = write(tmp_path / "sigs", {"a.yar": 'include "./b.inc"\n', "b.inc": 'include "./a.yar"\n'})
+    with pytest.raises(SignatureError) as caught:
+        load_signatures(folder)
+    assert any("include cycle" in e for e in caught.value.errors)
+    folder = write(tmp_path / "other", {"a.yar": '\ninclude "./nowhere.yar"\n'})
+    with pytest.raises(SignatureError) as caught:
+        load_signatures(folder)
+    assert "nowhere.yar: cannot read" in caught.value.errors[0]
+
+
+def test_slow_rule_warnings_are_kept_with_file_and_line(tmp_path):
+    folder = write(tmp_path / "sigs", {"slow.yar": 'rule ok { strings: $a = "distinctive" condition: $a }\n'
+                                                   'rule slow { strings: $a = /a.*b/ condition: $a }\n'})
+    signatures = load_signatures(folder)
+    assert len(signatures.warnings) == 2             # ".* consider .{,N}" and "may slow down scanning"
+    assert all(w.startswith(f"{(folder / 'slow.yar').resolve()}:2: ") for w in signatures.warnings)
+    assert any("may slow down scanning" in w for w in signatures.warnings)
+
+
+def test_an_error_in_a_nested_include_names_the_file_by_its_path(tmp_path):
+    folder = write(tmp_path / "sigs", {"index.yar": 'include "./cat/all.yar"\n'})
+    write(folder / "cat", {"all.yar": 'include "./deep/bad.yar"\n'})
+    write(folder / "cat" / "deep", {"bad.yar": "rule A {\n condition: nope\n}\n"})
+    with pytest.raises(SignatureError) as caught:
+        load_signatures(folder)
+    assert caught.value.errors == [f"{(folder / 'cat/deep/bad.yar').resolve()}:2: undefined identifier \"nope\""]

@@ -525,6 +525,81 @@ def test_yara_conditions(tmp_path):
         ["YARA rule EICAR_Test_File (namespace eicar)"]
 
 
+def test_yara_meta_numbers_globs_and_presence(tmp_path):
+    """Public sets grade rules with numbers (signature-base `score = 80`, Elastic `severity = 100`, sometimes
+    written as strings) and names (Elastic `threat_name`): compared as numbers, matched as globs, or just present."""
+    def decide(match, meta):
+        return file_policy(tmp_path, match).decide_file(report("x.bin", findings=[yara("R", meta=meta)]), IN)
+
+    holds = [("yara_meta: {score: '>= 75'}", {"score": 80}),
+             ("yara_meta: {score: '>= 75'}", {"score": 75}),
+             ("yara_meta: {score: '>= 75'}", {"score": "90"}),
+             ("yara_meta: {score: '>= 40 and < 75'}", {"score": 40}),
+             ("yara_meta: {score: '> 40 AND <= 74.5'}", {"score": 74}),
+             ("yara_meta: {score: ['< 10', '== 50']}", {"score": 50}),
+             ("yara_meta: {score: '!= 0'}", {"score": 3}),
+             ("yara_meta: {score: 80}", {"score": 80}),
+             ("yara_meta: {score: 80}", {"score": "80"}),
+             ("yara_meta: {threat_name: '*.trojan.*'}", {"threat_name": "Windows.Trojan.CobaltStrike"}),
+             ("yara_meta: {threat_name: '*'}", {"threat_name": ""}),
+             ("yara_meta: {category: malware, malware_type: ransomware}",
+              {"category": "MALWARE", "malware_type": "RANSOMWARE"})]
+    for match, meta in holds:
+        assert decide(match, meta).action == "block", (match, meta)
+    fails = [("yara_meta: {score: '>= 75'}", {"score": 74}),
+             ("yara_meta: {score: '>= 75'}", {"score": "high"}),          # a word is no number
+             ("yara_meta: {score: '>= 75'}", {"score": True}),
+             ("yara_meta: {score: '>= 75'}", {}),                         # no score: no match
+             ("yara_meta: {score: '>= 40 and < 75'}", {"score": 75}),
+             ("yara_meta: {severity: '>= 75'}", {"severity": "critical"}),
+             ("yara_meta: {threat_name: '*.trojan.*'}", {"threat_name": "Windows.Hacktool.X"}),
+             ("yara_meta: {threat_name: '*'}", {"score": 1}),
+             ("yara_meta: {category: malware, malware_type: ransomware}", {"category": "MALWARE"})]
+    for match, meta in fails:
+        assert decide(match, meta).action == "allow", (match, meta)
+    reason = decide("yara_meta: {score: '>= 75'}", {"score": 80}).matches[0].reasons
+    assert reason == ["YARA rule R (namespace ns) meta score=80"]
+
+
+def test_yara_meta_comparison_errors_name_the_line(tmp_path):
+    errs = errors_of(tmp_path, {"a.yaml": rule(applies_to="file", match="yara_meta: {score: '>= high'}")})
+    assert errs == ["a.yaml:7: yara_meta.score: '>= high' is not a comparison like '>= 75' or '>= 40 and < 75' "
+                    "(operators >= > <= < == !=, then a number)"]
+    errs = errors_of(tmp_path, {"a.yaml": rule(applies_to="file", match="yara_meta: {score: '>= 40 or < 5'}")})
+    assert len(errs) == 1 and "is not a comparison" in errs[0]
+    errs = errors_of(tmp_path, {"a.yaml": rule(applies_to="file", match="yara_meta: [score]")})
+    assert errs and "expected a mapping of meta key to value(s)" in errs[0]
+
+
+def test_yara_rule_namespace_and_tag_globs(tmp_path):
+    f = yara("MAL_Emotet_Loader_Jan25", "apt_emotet", tags=["Malicious"])
+    top = report("x.bin", findings=[f])
+    for match in ("yara_rule: 'MAL_*'", "yara_rule: 'mal_*'", "yara_rule: 'apt_*.MAL_*'", "yara_namespace: 'apt_*'",
+                  "yara_tag: 'mal*'", "yara_rule: MAL_Emotet_Loader_Jan25"):
+        assert file_policy(tmp_path, match).decide_file(top, IN).action == "block", match
+    for match in ("yara_rule: 'SUSP_*'", "yara_rule: mal_emotet_loader_jan25", "yara_namespace: 'gen_*'",
+                  "yara_tag: 'tc_*'"):
+        assert file_policy(tmp_path, match).decide_file(top, IN).action == "allow", match
+    # globs are not checked against the loaded names (they may match none yet); exact names are
+    known = {"MAL_Emotet_Loader_Jan25", "apt_emotet.MAL_Emotet_Loader_Jan25"}
+    assert file_policy(tmp_path, "yara_rule: 'HKTL_*'\nyara_namespace: 'x*'", known_yara_rules=known)
+
+
+def test_yara_file_uses_where_the_signatures_define_each_rule(tmp_path):
+    from imguard.inspect.signatures import RuleNames
+    known = RuleNames({"R", "index.R", "Q", "index.Q"}, {"index.R": "malware/MALW_x.yar:3",
+                                                       "index.Q": "utils/helpers.yar:9"})
+    r, q = yara("R", "index"), yara("Q", "index")
+    pol = file_policy(tmp_path, "yara_file: 'malware/*'", known_yara_rules=known)
+    assert pol.decide_file(report("a", findings=[r]), IN).matches[0].reasons == \
+        ["YARA rule R (namespace index) from malware/MALW_x.yar"]
+    assert pol.decide_file(report("a", findings=[q]), IN).action == "allow"
+    by_name = file_policy(tmp_path, "yara_file: helpers.yar", known_yara_rules=known)
+    assert by_name.decide_file(report("a", findings=[q]), IN).action == "block"
+    # without the signatures (rules explain), no rule is known to come from any file
+    assert file_policy(tmp_path, "yara_file: 'malware/*'").decide_file(report("a", findings=[r]), IN).action == "allow"
+
+
 def test_unscannable_and_reasons(tmp_path):
     r = report("big.zip", findings=[Finding(UNSCANNABLE, "inspection timed out after 5s", data={"reason": "timeout"})])
     d = file_policy(tmp_path, "unscannable: true").decide_file(r, IN)

@@ -14,6 +14,9 @@ from imguard.policy.testing import summary
 ROOT = Path(__file__).resolve().parent.parent
 RULES_DIR = ROOT / "rules"
 CASES_DIR = RULES_DIR / "tests"
+# Signature sets written in the public sets' conventions, each with its cases for rules/15-public-signatures.yaml.
+PUBLIC_SETS = ROOT / "tests" / "data" / "signatures"
+PUBLIC_SET_NAMES = ("signature-base", "yara-forge", "elastic", "reversinglabs", "yara-rules")
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +33,28 @@ def bundled_results(inspector_and_names):
     return policy, run_rule_tests(CASES_DIR, policy, inspector)
 
 
+@pytest.fixture(scope="module")
+def public_results(tmp_path_factory):
+    """The bundled policy on each public-convention signature set, with that set's cases (SET/tests/)."""
+    inspect = pytest.importorskip("imguard.inspect")
+    results = {}
+    for name in PUBLIC_SET_NAMES:
+        signatures = inspect.load_signatures(PUBLIC_SETS / name, tmp_path_factory.mktemp("sigcache"))
+        policy = load_policy(RULES_DIR, known_yara_rules=signatures.rule_names)
+        results[name] = run_rule_tests(PUBLIC_SETS / name / "tests", policy,
+                                       inspect.Inspector(signatures, inspect.InspectLimits()))
+    return results
+
+
+@pytest.mark.parametrize("name", PUBLIC_SET_NAMES)
+def test_public_set_cases_pass(public_results, name):
+    """EICAR and the test markers under each public set's own grading (score, severity, threat_name,
+    category, a malware/ folder) get the decision the bundled policy promises for that convention."""
+    results = public_results[name]
+    failed = [str(r) for r in results if not r.passed]
+    assert results and not failed, "\n".join(failed)
+
+
 def test_every_bundled_case_passes(bundled_results):
     _, results = bundled_results
     failed = [str(r) for r in results if not r.passed]
@@ -37,9 +62,11 @@ def test_every_bundled_case_passes(bundled_results):
     assert {r.kind for r in results} == {"message", "file"} and len(results) >= 30, summary(results)
 
 
-def test_every_bundled_rule_is_exercised_matched_and_unmatched(bundled_results):
-    """Each rule fires in at least one case, and each has a case of its kind in which it does not fire."""
+def test_every_bundled_rule_is_exercised_matched_and_unmatched(bundled_results, public_results):
+    """Each rule fires in at least one case, and each has a case of its kind in which it does not fire (the rules
+    for the public sets' conventions are exercised by the cases of those sets)."""
     policy, results = bundled_results
+    results = results + [r for set_results in public_results.values() for r in set_results]
     for rule in policy.rules:
         kind = rule.applies_to
         fired = [r for r in results if r.kind == kind and rule.id in
@@ -169,3 +196,25 @@ def test_rules_check_command_prints_file_line_errors_and_exits_2(tmp_path, capsy
     assert capsys.readouterr().err.startswith("r.yaml:3: severity: a string ('hot') is not one of:")
     assert main(["rules", "check", str(RULES_DIR)]) == 0
     assert f"{len(load_policy(RULES_DIR).rules)} rules" in capsys.readouterr().out
+
+
+def test_eicar_under_an_untagged_score_80_rule_is_blocked_and_score_50_alerts(tmp_path):
+    """The issue as a security team met it: signature-base's EICAR rule has `score = 80` and no tag, so the
+    tag-keyed `malware` rule never fires; the score rule must."""
+    inspect = pytest.importorskip("imguard.inspect")
+    from imguard.model import YARA_MATCH, ChatContext
+    signatures = inspect.load_signatures(PUBLIC_SETS / "signature-base", tmp_path)
+    inspector = inspect.Inspector(signatures, inspect.InspectLimits())
+    policy = load_policy(RULES_DIR, known_yara_rules=signatures.rule_names)
+    ctx = ChatContext(protocol="xmpp", direction="inbound", sender="bob@gmail.com", recipients=("alice@example.com",))
+    eicar = b"X5O!P%@AP[4\\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*"
+    report = inspector.inspect(eicar, ctx, name="eicar.txt")
+    found = [f for f in report.findings if f.kind == YARA_MATCH]
+    assert [(f.data["rule"], f.data["tags"], f.data["meta"]["score"]) for f in found] == \
+        [("MAL_Test_EICAR_Dec26", [], 80)]
+    decision = policy.decide_file(report, ctx)
+    assert decision.action == "block" and decision.rule_ids == ["yara-score-high"]
+    assert "malware" not in decision.rule_ids
+    marker = inspector.inspect(b"IMGUARD-TEST-HACKTOOL-MARKER", ctx, name="notes.txt")
+    decision = policy.decide_file(marker, ctx)
+    assert decision.action == "alert" and decision.rule_ids == ["yara-score-medium"]

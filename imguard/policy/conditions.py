@@ -318,3 +318,52 @@ def executable_member_fact(report: FileReport) -> str | None:
 
 FACT_KINDS = {"type_mismatch": (TYPE_MISMATCH, "type mismatch"), "polyglot": (POLYGLOT, "is a polyglot"),
               "unscannable": (UNSCANNABLE, "could not be fully inspected")}
+
+
+# --- YARA metadata -----------------------------------------------------------------------------------
+
+_OPERATORS: dict[str, Callable[[float, float], bool]] = {
+    ">=": lambda a, b: a >= b, "<=": lambda a, b: a <= b, "!=": lambda a, b: a != b,
+    "==": lambda a, b: a == b, ">": lambda a, b: a > b, "<": lambda a, b: a < b}
+
+
+def meta_number(value: Any) -> float | None:
+    """A meta value as a number: `score = 80` and `score = "80"` both give 80.0; anything else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    try:
+        return float(str(value).strip())
+    except ValueError:
+        return None
+
+
+@dataclass(frozen=True)
+class MetaTest:
+    """One accepted value of a yara_meta key, parsed at load:
+    a number comparison (">= 75", "> 40 and < 75": every part must hold), `"*"` (the key is there, any value),
+    a glob ("*.Trojan.*", case-insensitive) or an exact value (case-insensitive; 80 also matches "80")."""
+    text: str
+    comparisons: tuple[tuple[str, float], ...] = ()
+    glob: bool = False
+
+    def matches(self, value: Any) -> bool:
+        if self.comparisons:
+            number = meta_number(value)
+            return number is not None and all(_OPERATORS[op](number, limit) for op, limit in self.comparisons)
+        if self.text == "*":
+            return True
+        shown = str(value).lower()
+        if self.glob:
+            return fnmatch.fnmatchcase(shown, self.text)
+        number, wanted = meta_number(value), meta_number(self.text)
+        return shown == self.text or (number is not None and number == wanted)
+
+
+def glob_matcher(patterns: list[str]) -> Callable[[str], bool]:
+    """Exact values and globs (`*`, `?`, `[...]`), all case-insensitive."""
+    pats = [p.lower() for p in patterns]
+    exact = {p for p in pats if not any(c in p for c in "*?[")}
+    globs = [p for p in pats if p not in exact]
+    return lambda value: value.lower() in exact or any(fnmatch.fnmatchcase(value.lower(), g) for g in globs)

@@ -33,12 +33,40 @@ APPLIES_TO = ("message", "file")
 COMMON_CONDITIONS = ("protocol", "direction", "sender", "recipient", "client_zone")
 MESSAGE_CONDITIONS = ("keywords", "regex", "detect")
 FILE_CONDITIONS = ("name", "extension", "mime", "family", "type_mismatch", "size_gt", "size_lt", "yara_rule",
-                   "yara_namespace", "yara_tag", "yara_meta", "encrypted", "contains_executable",
+                   "yara_namespace", "yara_file", "yara_tag", "yara_meta", "encrypted", "contains_executable",
                    "archive_depth_gt", "unscannable", "unscannable_reason", "polyglot", "finding",
                    "transfer_mechanism")
 DIRECTION_VALUES = ("inbound", "outbound", "internal", "unknown")
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+
+
+def _is_glob(value: str) -> bool:
+    return any(c in value for c in "*?[")
+
+
+_COMPARISON = re.compile(r"^\s*(>=|<=|==|!=|>|<)\s*(-?\d+(?:\.\d+)?)\s*$")
+
+
+def _meta_tests(ck: "_Checker", key: str, value: Any, line: int) -> list[C.MetaTest] | None:
+    """The accepted values of one yara_meta key: numbers compared (">= 75", "> 40 and < 75"), "*" (present),
+    globs or exact values."""
+    vals = _strings(ck, key, value, line)
+    if vals is None:
+        return None
+    tests = []
+    for text in vals:
+        text = text.strip()
+        if text[:1] in "<>=!":
+            parts = [_COMPARISON.match(part) for part in re.split(r"\s+and\s+", text, flags=re.IGNORECASE)]
+            if not all(parts):
+                ck.error(line, f"{key}: {text!r} is not a comparison like '>= 75' or '>= 40 and < 75' "
+                               f"(operators >= > <= < == !=, then a number)")
+                return None
+            tests.append(C.MetaTest(text, tuple((m[1], float(m[2])) for m in parts)))
+        else:
+            tests.append(C.MetaTest(text.lower(), glob=_is_glob(text) and text != "*"))
+    return tests
 
 
 class _Checker:
@@ -102,10 +130,11 @@ class _Compiler:
     """Turns rule mappings into Rules, recording every problem."""
 
     def __init__(self, groups: dict[str, list[PartyPattern]], known_yara_rules: set[str] | None,
-                 max_memory: int = M.DEFAULT_MEMORY) -> None:
+                 max_memory: int = M.DEFAULT_MEMORY, yara_sources: dict[str, str] | None = None) -> None:
         self.groups = groups
         self.max_memory = max_memory
         self.known_yara = known_yara_rules
+        self.yara_sources: dict[str, str] | None = yara_sources
         self.families = _known_families()
 
     # one condition
@@ -269,64 +298,82 @@ class _Compiler:
         facts = [C.finding_fact(k, f"has finding {k}") for k in vals]
         return C.ReportCondition(key, lambda r: next((w for w in (f(r) for f in facts) if w), None))
 
+    def _known_names(self, ck, key, vals, line, known: set[str] | None, what: str, shown: str = "") -> bool:
+        """Exact names (not globs) must exist in the loaded signatures, when they are known."""
+        if known is None:
+            return True
+        missing = [v for v in vals if not _is_glob(v) and v not in known]
+        if missing:
+            ck.error(line, f"{key}: unknown YARA {what} {', '.join(repr(m) for m in missing)} "
+                           f"({shown or 'not in the loaded signatures'})")
+        return not missing
+
     def c_yara_rule(self, ck, key, value, line):
         vals = _strings(ck, key, value, line)
-        if vals is None:
+        if vals is None or not self._known_names(ck, key, vals, line, self.known_yara, "rule"):
             return None
-        if self.known_yara is not None:
-            missing = [v for v in vals if v not in self.known_yara]
-            if missing:
-                ck.error(line, f"{key}: unknown YARA rule {', '.join(repr(m) for m in missing)} "
-                               f"(not in the loaded signatures)")
-                return None
-        names = set(vals)
+        names = {v for v in vals if not _is_glob(v)}            # exact names: case-sensitive, as YARA's
+        glob = C.glob_matcher([v for v in vals if _is_glob(v)])   # globs: case-insensitive
 
         def test(d: dict) -> str | None:
             rule, ns = str(d.get("rule", "")), str(d.get("namespace", ""))
-            return "" if rule in names or f"{ns}.{rule}" in names else None
+            full = f"{ns}.{rule}"
+            return "" if rule in names or full in names or glob(rule) or glob(full) else None
         return C.ReportCondition(key, C.yara_fact(test))
 
     def c_yara_namespace(self, ck, key, value, line):
         vals = _strings(ck, key, value, line)
         if vals is None:
             return None
-        if self.known_yara is not None:
-            namespaces = {n.split(".", 1)[0] for n in self.known_yara if "." in n}
-            missing = [v for v in vals if v not in namespaces]
-            if missing:
-                ck.error(line, f"{key}: unknown YARA namespace {', '.join(repr(m) for m in missing)} "
-                               f"(loaded: {', '.join(sorted(namespaces)) or 'none'})")
-                return None
-        names = set(vals)
-        return C.ReportCondition(key, C.yara_fact(lambda d: "" if str(d.get("namespace", "")) in names else None))
+        known = {n.split(".", 1)[0] for n in self.known_yara if "." in n} if self.known_yara is not None else None
+        if not self._known_names(ck, key, vals, line, known, "namespace",
+                                 f"loaded: {', '.join(sorted(known or ())) or 'none'}"):
+            return None
+        matches = C.glob_matcher(vals)
+        return C.ReportCondition(key, C.yara_fact(lambda d: "" if matches(str(d.get("namespace", ""))) else None))
+
+    def c_yara_file(self, ck, key, value, line):
+        vals = _strings(ck, key, value, line)
+        if vals is None:
+            return None
+        # Which file each rule comes from is known from the loaded signatures (RuleNames.sources); a policy
+        # loaded without them (rules explain) has no rule to match here.
+        matches = C.glob_matcher(vals)
+        files = {name: source.rsplit(":", 1)[0] for name, source in (self.yara_sources or {}).items()}
+        rules = {name: file for name, file in files.items() if matches(file) or matches(Path(file).name)}
+
+        def test(d: dict) -> str | None:
+            source = rules.get(f"{d.get('namespace', '')}.{d.get('rule', '')}")
+            return None if source is None else f" from {source}"
+        return C.ReportCondition(key, C.yara_fact(test))
 
     def c_yara_tag(self, ck, key, value, line):
         vals = _strings(ck, key, value, line, lower=True)
         if vals is None:
             return None
-        tags = set(vals)
+        matches = C.glob_matcher(vals)
 
         def test(d: dict) -> str | None:
-            hit = sorted(tags & {str(t).lower() for t in d.get("tags", ()) or ()})
+            hit = sorted(t for t in (str(t).lower() for t in d.get("tags", ()) or ()) if matches(t))
             return f" tag {hit[0]}" if hit else None
         return C.ReportCondition(key, C.yara_fact(test))
 
     def c_yara_meta(self, ck, key, value, line):
         if not isinstance(value, dict) or not value:
-            ck.error(line, f"{key}: expected a mapping of meta key to value(s), e.g. {{severity: high}}, "
-                           f"got {type_name(value)}")
+            ck.error(line, f"{key}: expected a mapping of meta key to value(s), e.g. {{score: \">= 75\"}} or "
+                           f"{{severity: [high, critical]}}, got {type_name(value)}")
             return None
-        wanted: dict[str, set[str]] = {}
+        wanted: dict[str, list[C.MetaTest]] = {}
         for k, v in value.items():
-            vals = _strings(ck, f"{key}.{k}", v, value.line_of(k) if isinstance(value, Map) else line, lower=True)
-            if vals is None:
+            tests = _meta_tests(ck, f"{key}.{k}", v, value.line_of(k) if isinstance(value, Map) else line)
+            if tests is None:
                 return None
-            wanted[str(k)] = set(vals)
+            wanted[str(k)] = tests
 
         def test(d: dict) -> str | None:
             meta = d.get("meta", {}) or {}
-            for k, vals in wanted.items():
-                if k not in meta or str(meta[k]).lower() not in vals:
+            for k, tests in wanted.items():
+                if k not in meta or not any(t.matches(meta[k]) for t in tests):
                     return None
             return " meta " + ", ".join(f"{k}={meta[k]}" for k in wanted)
         return C.ReportCondition(key, C.yara_fact(test))
@@ -549,7 +596,8 @@ def load_policy(rules_dirs: Path | str | Iterable[Path | str], known_yara_rules:
     returned, so the caller keeps its old policy.
 
     `known_yara_rules` (Signatures.rule_names: "rule" and "namespace.rule") makes references to YARA rules
-    and namespaces that do not exist an error; without it they are not checked."""
+    and namespaces that do not exist an error; without it they are not checked. Its `sources` attribute
+    ("namespace.rule" -> "file:line", as Signatures.rule_names carries it) is what `yara_file` conditions use."""
     folders = [Path(rules_dirs)] if isinstance(rules_dirs, (str, Path)) else [Path(d) for d in rules_dirs]
     errors: list[str] = [f"{d}:1: not a folder of rule files" for d in folders if not d.is_dir()]
     if not folders:
@@ -578,7 +626,7 @@ def load_policy(rules_dirs: Path | str | Iterable[Path | str], known_yara_rules:
                 groups, zones = _load_groups(ck, doc)
     limits = limits or PolicyLimits()
     compiler = _Compiler(groups, set(known_yara_rules) if known_yara_rules is not None else None,
-                         limits.max_regex_memory)
+                         limits.max_regex_memory, getattr(known_yara_rules, "sources", None))
     rules: list[Rule] = []
     seen: dict[str, str] = {}
     files = [path for folder in folders for path in rule_files(folder)]
