@@ -13,15 +13,11 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pytest
-
 from imguard.model import ALLOW, BLOCK, MASK, Decision, RuleMatch
 from imguard.protocols.base import FACTS, Notify, Record, Send
 
 DATA = Path(__file__).parent / "data" / "irc"
-PCAPS = Path(__file__).resolve().parent.parent.parent / "shared" / "pcaps"
-if not PCAPS.exists():
-    PCAPS = Path("/work/shared/pcaps")
+PCAPS = Path(__file__).parent / "data" / "captures"      # part of the project: see its README
 
 
 # --- transcripts ------------------------------------------------------------------------------------
@@ -137,8 +133,7 @@ def tcp_payload(path: Path, src: tuple[str, int], dst: tuple[str, int]) -> bytes
 
 def capture(name: str) -> Path:
     path = PCAPS / name
-    if not path.exists():
-        pytest.skip(f"capture {path} not available")
+    assert path.is_file(), f"capture {path} is missing (tests/data/captures/ is part of the project)"
     return path
 
 

@@ -260,7 +260,8 @@ def test_msn_capture_crosses_the_gateway_byte_exact(tmp_path, world, name):
     # Both sides of the conversation are decided and recorded, each with its direction from the topology: what our
     # client sent is outbound, what the switchboard delivered to it inbound (the capture's people are not in the
     # test zones, so no zone says otherwise).
-    messages = [a for a in alerts(data) if a["event"]["category"] == ["message"] and a["network"]["protocol"] == "msnp"]
+    messages = [a for a in alerts(data)
+                if a["event"]["dataset"] == "imguard.message" and a["network"]["protocol"] == "msnp"]
     directions = {(m["imguard"]["context"]["origin"], m["imguard"]["context"]["direction"]) for m in messages}
     assert directions == {("client", "outbound"), ("server", "inbound")}, directions
 
@@ -334,8 +335,10 @@ def test_msnslp_file_in_band_allowed_and_eicar_blocked(tmp_path, world):
             commands = CommandDecoder().feed(back)
             assert any(c.verb == "MSG" and b"BYE MSNMSGR:" in (c.payload or b"") for c in commands)
             assert any(c.args[:1] == ("imguard",) and b"eicar.com" in (c.payload or b"") for c in commands)
-            await asyncio.sleep(0.3)
-            assert bytes(server.received) == expected + client_bytes(second)     # no EICAR chunk
+            sentinel = text_msg(600, f"sentinel {uuid.uuid4().hex[:6]}")      # sent after the EICAR chunks
+            writer.write(sentinel)
+            await server.wait_for(lambda got: got.endswith(sentinel), "the sentinel")
+            assert bytes(server.received) == expected + client_bytes(second) + sentinel    # no EICAR chunk
             assert b"EICAR" not in server.received
             writer.close()
         finally:
@@ -387,7 +390,10 @@ def test_msnftp_side_connection_is_held_and_released(tmp_path, world, caplog):
             got = await asyncio.wait_for(r.readexactly(len(blocks(payload))), TIMEOUT)
             assert got == blocks(payload)
             w.write(b"BYE 16777989\r\n")
-            await asyncio.sleep(0.2)
+            for _ in range(TIMEOUT * 20):
+                if listened:
+                    break
+                await asyncio.sleep(0.05)
             assert listened == [b"BYE 16777989\r\n"]
             assert gw.addon.stats["sessions"] == 2          # the switchboard and the MSNFTP connection
             assert f"127.0.0.1:{sender_port}: msnftp for MSNFTP invitation" in caplog.text
@@ -660,7 +666,10 @@ def test_oscar_blocked_message_and_eicar_over_oft(tmp_path, world):
             while not any(b"eicar.com" in f.data for f in frames):
                 frames += FlapDecoder().feed(await read_flap(reader))
             assert any(b"imguard" in f.data for f in frames)
-            await asyncio.sleep(0.2)
+            for _ in range(TIMEOUT * 20):
+                if received_by_sender:
+                    break
+                await asyncio.sleep(0.05)
             assert received_by_sender and parse_oft(received_by_sender[0]).type == 0x0204
             writer.close()
         finally:
@@ -801,8 +810,11 @@ def test_ymsg_session_crosses_and_blocked_message_is_stopped(tmp_path, world):
             body = await asyncio.wait_for(reader.readexactly(struct.unpack(">H", head[8:10])[0]), TIMEOUT)
             [notice] = PacketDecoder().feed(head + body)
             assert notice.text("4") == "imguard" and "blocked" in notice.text("14")
-            await asyncio.sleep(0.3)
-            assert bytes(server.received) == client_bytes(items)
+            sentinel = pkt(MESSAGE, [("1", "alice_1970"), ("5", "bob.smith"),
+                                     ("14", f"sentinel {uuid.uuid4().hex[:6]}"), ("97", "1")], session=SID)
+            writer.write(sentinel)
+            await server.wait_for(lambda got: got.endswith(sentinel), "the sentinel")
+            assert bytes(server.received) == client_bytes(items) + sentinel
             writer.close()
         finally:
             await gw.stop()
@@ -1049,7 +1061,7 @@ def test_msrp_file_announced_by_kamailio_is_matched_and_eicar_blocked(tmp_path, 
     chunks, never reaches the receiver; alice gets the 403 REPORT, and the alert names the SDP's file."""
     from tests.peers.sip_peers import MSRP_SESSION, sipsak
     from tests.test_sip_live import MsrpReceiver
-    from tests.test_sip_support import file_chunks, load
+    from tests.test_sip_support import chunk, file_chunks, load
 
     from imguard.protocols.msrp.framing import MsrpDecoder
 
@@ -1074,7 +1086,14 @@ def test_msrp_file_announced_by_kamailio_is_matched_and_eicar_blocked(tmp_path, 
                 got += decoder.feed(await asyncio.wait_for(r.read(65536), TIMEOUT))
             [report] = [c for c in got if getattr(c, "method", "") == "REPORT"]
             assert b"403" in report.raw
-            await asyncio.sleep(0.3)
+            tag = uuid.uuid4().hex[:6]
+            sentinel = chunk(f"s{tag}", f"sentinel {tag}".encode(), to_path=to_path, message_id=f"s-{tag}")
+            w.write(sentinel)                               # after the verdict: it arrives after any file byte would
+            for _ in range(TIMEOUT * 20):
+                if sentinel in receiver.received:
+                    break
+                await asyncio.sleep(0.05)
+            assert sentinel in receiver.received, bytes(receiver.received)[-300:]
             assert b"EICAR" not in receiver.received and b"X5O!" not in receiver.received
             w.close()
         finally:

@@ -7,14 +7,11 @@ import json
 import stat
 from pathlib import Path
 
-import pytest
-
 from imguard.replay import cli
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "data" / "replay"
-PCAPS = HERE.parents[1] / "shared" / "pcaps"
-pytestmark = pytest.mark.skipif(not PCAPS.is_dir(), reason=f"{PCAPS} (the shared captures) is not here")
+PCAPS = HERE / "data" / "captures"      # part of the project: see its README
 
 EICAR_DCC_SHA256 = "26b37420fdc784c278f5d50d1698c5c2dcb56b788a838381354087b8d78ee743"   # 100 x EICAR, 6,800 B
 

@@ -25,12 +25,14 @@ from test_replay_builders import ACK, FIN, PSH, SYN, ether, ipv4, pcap, tcp
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "data" / "replay"
-PCAPS = HERE.parents[1] / "shared" / "pcaps"
+PCAPS = HERE / "data" / "captures"      # part of the project: see its README
 UPDATE = os.environ.get("IMGUARD_UPDATE_BASELINES") == "1"
-needs_pcaps = pytest.mark.skipif(not PCAPS.is_dir(), reason=f"{PCAPS} (the shared captures) is not here")
 needs_tshark = pytest.mark.skipif(shutil.which("tshark") is None, reason="tshark is not installed")
 
-ALL_CAPTURES = sorted(str(p.relative_to(PCAPS)) for p in PCAPS.glob("*/*.pcap*")) if PCAPS.is_dir() else []
+# Every capture that has a baseline (test_every_capture_has_a_baseline checks the converse): a missing capture
+# fails its test, it is never skipped.
+ALL_CAPTURES = sorted(p.name[:-len(".json")].replace("__", "/") for p in DATA.glob("*__*.pcap*.json")
+                      if not p.name.startswith("constructed__"))
 
 # The file Zeek's irc-dcc-send.pcapng carries (ssh.trace, itself a pcap). Its SHA-256 was computed two
 # ways: from our reassembly, and from `tshark -z follow,tcp,raw,1` (test_dcc_stream_matches_tshark
@@ -83,7 +85,6 @@ def check_baseline(summary: ReplaySummary, name: str) -> None:
     assert json.loads(json.dumps(got)) == want, f"{name} differs from its baseline {path.name}"
 
 
-@needs_pcaps
 @pytest.mark.parametrize("name", ALL_CAPTURES)
 def test_capture_matches_baseline(pipeline, name):
     """Every shared capture replays without an error and gives the summary in its baseline."""
@@ -92,9 +93,15 @@ def test_capture_matches_baseline(pipeline, name):
     check_baseline(summary, name)
 
 
+def test_every_capture_has_a_baseline():
+    """The captures in tests/data/captures/ and the baselines are the same set, so no capture goes unreplayed
+    and no baseline is left without its capture (the README lists 14)."""
+    assert sorted(str(p.relative_to(PCAPS)) for p in PCAPS.glob("*/*.pcap*")) == ALL_CAPTURES
+    assert len(ALL_CAPTURES) == 14
+
+
 # --- facts, asserted on their own ----------------------------------------------------------------------
 
-@needs_pcaps
 def test_zeek_dcc_send_file(pipeline):
     """Zeek's DCC SEND: the offer on the IRC connection announces the data connection, whose 1,320,211 bytes
     are the file, inspected whole (a pcap by its true type) and allowed by the test policy."""
@@ -112,7 +119,6 @@ def test_zeek_dcc_send_file(pipeline):
                                                                    ("tim1!tim@10.0.0.22", "inbound")}
 
 
-@needs_pcaps
 @needs_tshark
 def test_dcc_stream_matches_tshark():
     """tshark's own reassembly of the DCC data connection has the same bytes as the file we inspected."""
@@ -123,7 +129,6 @@ def test_dcc_stream_matches_tshark():
     assert hashlib.sha256(server).hexdigest() == SSH_TRACE_SHA256
 
 
-@needs_pcaps
 def test_eicar_over_dcc_is_blocked_and_never_reaches_the_receiver(pipeline):
     """The EICAR file sent by DCC is blocked by the malware rule: none of its bytes would have reached
     the receiver, and the sender is told on its IRC connection."""
@@ -143,7 +148,6 @@ def test_eicar_over_dcc_is_blocked_and_never_reaches_the_receiver(pipeline):
     assert summary.blocked
 
 
-@needs_pcaps
 def test_xmpp_messages_and_http_upload(pipeline):
     """XMPP: the chat message with sender, recipient and text; the EICAR upload announced by XEP-0363 is
     blocked on its HTTP connection, and the later message sharing its download URL is blocked too. Both sides of
@@ -164,7 +168,6 @@ def test_xmpp_messages_and_http_upload(pipeline):
     assert any(a.kind == "blocked_download" for a in summary.anomalies)
 
 
-@needs_pcaps
 def test_ibb_and_socks5_transfers(pipeline):
     """The same EICAR payload by IBB (in the XMPP stream) and by SOCKS5 (both legs through proxy65): blocked
     each time. The IBB file is decided on both XMPP connections: leaving alice's and coming in on bob's (the
@@ -177,7 +180,6 @@ def test_ibb_and_socks5_transfers(pipeline):
     assert [c.protocol for c in summary.conversations] == ["xmpp", "xmpp", "bytestream", "bytestream"]
 
 
-@needs_pcaps
 @pytest.mark.parametrize("name", ["zeek/xmpp-starttls.pcap", "zeek/irc-starttls.pcap"])
 def test_starttls_stops_decoding(pipeline, name):
     """After STARTTLS the bytes are TLS: counted as encrypted, not decoded, no anomaly about them."""
@@ -187,7 +189,6 @@ def test_starttls_stops_decoding(pipeline, name):
     assert not [a for a in summary.anomalies if a.source == "session" and "xml" in a.kind]
 
 
-@needs_pcaps
 def test_gaps_in_a_real_capture_are_reported(pipeline):
     """nDPI's jabber.pcap lacks segments (tshark: 'previous segment not captured'): each gap is an
     anomaly with its size, and the connection's gap bytes add up."""
@@ -225,7 +226,6 @@ def _dcc_data_frame(path: Path) -> int:
     return frame        # loopback: the whole 6,800-byte file in one segment
 
 
-@needs_pcaps
 def test_gap_inside_a_dcc_file_makes_it_truncated_not_dropped(pipeline):
     """A segment of the DCC file missing from the capture: the file is still inspected, marked truncated
     (Suricata: a file cut by a gap is truncated, not dropped), and still blocked for its EICAR content."""
@@ -239,7 +239,6 @@ def test_gap_inside_a_dcc_file_makes_it_truncated_not_dropped(pipeline):
     check_baseline(summary, "constructed/irc_dcc_send-gap")
 
 
-@needs_pcaps
 def test_capture_ending_inside_a_dcc_file(pipeline):
     """The capture stops mid-transfer: what was held is inspected as a truncated file."""
     path = PCAPS / "generated/irc_dcc_send.pcap"
@@ -249,7 +248,6 @@ def test_capture_ending_inside_a_dcc_file(pipeline):
     assert t.truncated and t.size == 3400 and "test-truncated" in t.rules
 
 
-@needs_pcaps
 def test_gap_inside_an_ibb_transfer(pipeline):
     """A gap in the XMPP stream while the session holds an IBB transfer: the session cannot go on, and the
     transfer is listed truncated (never inspected: the session held the bytes)."""
@@ -306,7 +304,6 @@ def test_blocked_message_never_reaches_the_server(pipeline):
     assert summary.blocked
 
 
-@needs_pcaps
 @pytest.mark.parametrize("name", ALL_CAPTURES)
 def test_damaged_captures_replay_without_errors(pipeline, name):
     """Each capture cut short and with bytes overwritten at random, replayed through the real sessions: partial
@@ -326,7 +323,6 @@ def test_damaged_captures_replay_without_errors(pipeline, name):
         assert not errors, errors
 
 
-@needs_pcaps
 def test_gap_inside_a_socks5_bytestream(pipeline):
     """A segment of the initiator's SOCKS5 upload missing: that copy is inspected truncated (the bytes before
     the gap), the proxy's complete copy to the target is not."""
@@ -337,7 +333,6 @@ def test_gap_inside_a_socks5_bytestream(pipeline):
     assert socks5 == [(6800, True, "block"), (13600, False, "block")]
 
 
-@needs_pcaps
 def test_msn_messages_with_the_default_port_map(pipeline):
     """nDPI's msnms.pcap (MSN Messenger, 2005) with the default port map: every connection to 1863 is MSNP, and
     its switchboard messages come out with sender, recipient and text, both directions, accents decoded."""

@@ -16,8 +16,7 @@ from imguard.replay.reassembly import Reassembler
 from test_replay_builders import (ACK, FIN, PSH, SYN, Ifc, ether, ipv4, ipv6, null, pcap, pcapng, sll, sll2,
                                   tcp)
 
-PCAPS = Path(__file__).resolve().parents[2] / "shared" / "pcaps"
-needs_pcaps = pytest.mark.skipif(not PCAPS.is_dir(), reason=f"{PCAPS} (the shared captures) is not here")
+PCAPS = Path(__file__).resolve().parent / "data" / "captures"      # part of the project: see its README
 needs_tshark = pytest.mark.skipif(shutil.which("tshark") is None, reason="tshark is not installed")
 
 # file -> (format, frames, TCP frames, link type, TCP connections): capinfos -c -E and tshark -z conv,tcp.
@@ -39,7 +38,6 @@ FACTS = {
 }
 
 
-@needs_pcaps
 @pytest.mark.parametrize("name", sorted(FACTS))
 def test_shared_capture_counts(name):
     """Every shared capture reads whole, without a warning, with the frame, TCP and connection counts
@@ -54,6 +52,10 @@ def test_shared_capture_counts(name):
     assert not list(capture.warnings)
 
 
+def test_the_facts_cover_every_capture():
+    assert sorted(str(p.relative_to(PCAPS)) for p in PCAPS.glob("*/*.pcap*")) == sorted(FACTS)
+
+
 def _tshark_fields(path: Path, *fields: str) -> list[list[str]]:
     cmd = ["tshark", "-r", str(path), "-Y", "tcp", "-T", "fields"]
     for f in fields:
@@ -62,7 +64,6 @@ def _tshark_fields(path: Path, *fields: str) -> list[list[str]]:
     return [line.split("\t") for line in out.splitlines()]
 
 
-@needs_pcaps
 @needs_tshark
 @pytest.mark.parametrize("name", sorted(FACTS))
 def test_connections_match_tshark(name):
@@ -308,7 +309,6 @@ def test_flags_survive():
     assert first.syn and not first.has_ack and second.fin and second.has_ack
 
 
-@needs_pcaps
 @pytest.mark.parametrize("name", ["zeek/irc-dcc-send.pcapng", "ndpi/jabber.pcap", "zeek/irc-starttls.pcap"])
 def test_damaged_captures_never_raise(name):
     """Real captures cut short at random points and with random bytes overwritten: reading and reassembly

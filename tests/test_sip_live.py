@@ -298,10 +298,13 @@ def test_live_invite_registers_the_msrp_session(world):
     assert offer.context.connection_id in world[1].sip
 
 
-def send_file(world, payload: bytes, message_id: str, expect: int, timeout: float = 10.0) -> list:
+def send_file(world, payload: bytes, message_id: str, expect: int, timeout: float = 10.0,
+              sentinel: bytes | None = None) -> list:
     """Alice's side: connect (to the carrier, as if to the answer's address), send `payload` in 1000-byte chunks,
-    collect what comes back until `expect` chunks arrived (and a moment more, to see nothing extra comes)."""
-    server, carrier, (_, _, msrp_port), _ = world
+    collect what comes back until `expect` chunks arrived (and a moment more, to see nothing extra comes). Then,
+    on the same connection, `sentinel` (a chunk sent after the verdict) is sent and waited for at the receiver:
+    any byte of the file that was going to cross has crossed before it."""
+    server, carrier, (_, _, msrp_port), receiver = world
     to_path = f"msrp://127.0.0.1:{server.msrp_port}/{MSRP_SESSION};tcp"
     chunks = [raw.replace(b"To-Path: msrp://bobpc.example.com:8888/9di4ea;tcp", f"To-Path: {to_path}".encode())
               for _, raw in file_chunks(payload, 1000, message_id=message_id, tid_prefix=message_id)]
@@ -322,6 +325,11 @@ def send_file(world, payload: bytes, message_id: str, expect: int, timeout: floa
             if not data:
                 break
             got += decoder.feed(data)
+        if sentinel is not None:
+            sock.sendall(sentinel)
+            while sentinel not in receiver.received:
+                assert time.monotonic() < deadline + timeout, "the sentinel never reached the receiver"
+                time.sleep(0.05)
     return got, b"".join(chunks)
 
 
@@ -351,14 +359,15 @@ def test_live_msrp_file_blocked(world):
     offer = invite(world)
     payload = b"x" * 2500 + MARKER + b"y" * 2500
     before = len(receiver.received)
-    got, _ = send_file(world, payload, "badfile", expect=8)
+    to_path = f"msrp://127.0.0.1:{server.msrp_port}/{MSRP_SESSION};tcp"
+    sentinel = chunk("sentinel1", b"sentinel after the blocked file", to_path=to_path, message_id="sentinel-1")
+    got, _ = send_file(world, payload, "badfile", expect=8, sentinel=sentinel)
     statuses = [c.status for c in got if not c.method]
     report, notice = [c for c in got if c.method]
     assert statuses == [200] * 6
     assert report.method == "REPORT" and report.get("status") == "000 403 Action-not-allowed"
     assert notice.method == "SEND" and b"forbidden marker" in notice.body and notice.to_path == [FROM_PATH]
-    time.sleep(0.3)
-    assert len(receiver.received) == before
+    assert bytes(receiver.received[before:]) == sentinel        # the sentinel, and nothing of the file before it
     [note] = [e for e in carrier.records if e.get("imguard", {}).get("notify")]
     assert note["imguard"]["notify"]["connection_id"] == offer.context.connection_id
     assert "My cool picture.jpg" in note["imguard"]["notify"]["text"] and notice.body.decode() == \

@@ -1,6 +1,6 @@
-"""Regenerate the IRC transcripts in this folder from the shared captures (needs tshark; not run by tests).
+"""Regenerate the IRC transcripts in this folder from the captures (needs tshark; not run by tests).
 
-    python tests/data/irc/extract.py [/work/shared/pcaps]
+    python tests/data/irc/extract.py [tests/data/captures]
 
 Same format as tests/data/xmpp/*.json: each segment is one TCP payload, ["c", text] from the client
 (the side that opened the connection) or ["s", text] from the server, text = the bytes as latin-1.
@@ -10,8 +10,8 @@ import json
 import sys
 from pathlib import Path
 
-PCAPS = Path(sys.argv[1] if len(sys.argv) > 1 else "/work/shared/pcaps")
 HERE = Path(__file__).parent
+PCAPS = Path(sys.argv[1]) if len(sys.argv) > 1 else HERE.parent / "captures"
 sys.path.insert(0, str(HERE.parent))
 
 from tshark_follow import segments  # noqa: E402
@@ -39,10 +39,10 @@ TRANSCRIPTS = [
      "zeek/zeek testing/btest/Traces/irc-dcc-first-command.pcap (BSD-3, scapy-generated): "
      "DCC SEND as the first line", None),
     ("ngircd_dcc_alice.json", "generated/irc_dcc_send.pcap", 0,
-     "shared generated/irc_dcc_send.pcap (ngircd 26.1 + irc 20.5.0 on loopback): alice, JOIN, PRIVMSG #imguard, "
+     "generated/irc_dcc_send.pcap (ngircd 26.1 + irc 20.5.0 on loopback): alice, JOIN, PRIVMSG #imguard, "
      "DCC SEND eicar.com 2130706433 16800 6800 to bob", None),
     ("ngircd_dcc_bob.json", "generated/irc_dcc_send.pcap", 1,
-     "shared generated/irc_dcc_send.pcap: bob, receives alice's channel message and DCC offer", None),
+     "generated/irc_dcc_send.pcap: bob, receives alice's channel message and DCC offer", None),
     ("ndpi_irc.json", "ndpi/irc.pcap", 0,
      "ntop/nDPI tests/cfgs/default/pcap/irc.pcap (LGPL-3): registration against freenode on port 8000", None),
 ]

@@ -1,6 +1,6 @@
-"""Regenerate the MSN transcripts in this folder from the shared capture (needs tshark; not run by tests).
+"""Regenerate the MSN transcripts in this folder from the capture (needs tshark; not run by tests).
 
-    python tests/data/legacy/extract.py [/work/shared/pcaps]
+    python tests/data/legacy/extract.py [tests/data/captures]
 
 Same format as tests/data/irc/*.json and tests/data/xmpp/*.json: each segment is one TCP payload,
 ["c", text] from the client (the side that opened the connection) or ["s", text] from the server,
@@ -11,8 +11,8 @@ import json
 import sys
 from pathlib import Path
 
-PCAPS = Path(sys.argv[1] if len(sys.argv) > 1 else "/work/shared/pcaps")
 HERE = Path(__file__).parent
+PCAPS = Path(sys.argv[1]) if len(sys.argv) > 1 else HERE.parent / "captures"
 sys.path.insert(0, str(HERE.parent))
 
 from tshark_follow import segments  # noqa: E402
