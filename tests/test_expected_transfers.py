@@ -147,3 +147,174 @@ def test_threads_share_the_table():
     for t in threads:
         t.join()
     assert len(table) <= 500
+
+
+# -- the shared table: several workers (SQLite in the data folder), several gateways (PostgreSQL) ---------------
+
+import os                                                                             # noqa: E402
+import pickle                                                                         # noqa: E402
+
+import pytest                                                                         # noqa: E402
+
+from imguard.files.expected import (PostgresBackend, SharedTransfers, SqliteBackend, TransferStoreError,  # noqa: E402
+                                    open_transfers)
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    from tests.peers.sink_peers import PostgresServer, postgres_bin
+    if postgres_bin() is None and not os.environ.get("CI"):
+        pytest.skip("PostgreSQL is not installed (tools/setup.sh test)")
+    server = PostgresServer.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def two_workers(request, tmp_path):
+    """Two tables on one store, as two worker processes (or two gateway hosts) hold them: (make, first, second)."""
+    if request.param == "sqlite":
+        def make(clock=None, **kw):
+            table = SharedTransfers(SqliteBackend(tmp_path / "transfers.sqlite3"), TransferSettings(**kw))
+            if clock:
+                table._clock = clock
+            return table
+    else:
+        server = request.getfixturevalue("postgres")
+        import psycopg
+        with psycopg.connect(server.dsn, autocommit=True) as conn:
+            conn.execute("DROP TABLE IF EXISTS expected_transfers")
+
+        def make(clock=None, **kw):
+            table = SharedTransfers(PostgresBackend(server.dsn), TransferSettings(**kw))
+            if clock:
+                table._clock = clock
+            return table
+    return make
+
+
+def test_shared_an_upload_announced_on_one_worker_is_taken_once_on_the_other(two_workers):
+    """The worker that saw the slot is not the one the PUT lands on: the other finds it, once, with its context."""
+    first, second = two_workers(), two_workers()
+    first.expect_upload(PUT, upload())
+    found = second.take_upload(PUT.replace("127.0.0.1", "127.0.0.1"))
+    assert found == upload() and found.context.sender == "alice@localhost"
+    assert second.take_upload(PUT) is None and first.take_upload(PUT) is None
+
+
+def test_shared_blocked_url_and_bytestream_and_dcc_cross(two_workers):
+    """Every kind a side connection needs crosses: a blocked URL (as aesgcm), a bytestream hash (left in place), a
+    DCC offer keyed by (host, port); kinds do not collide."""
+    from imguard.protocols.irc.dcc import DCC_KIND
+    first, second = two_workers(), two_workers()
+    assert second.any_blocked_urls                       # another worker may block at any time: always look up
+    first.mark_blocked_url("https://Upload.Example.org/f/abc/x.exe", "malware")
+    assert second.blocked_url_reason("aesgcm://upload.example.org/f/abc/x.exe#0011") == "malware"
+    assert second.take_upload("https://upload.example.org/f/abc/x.exe") is None
+    info = ExpectedBytestream(dst_hash="E34BA3FD2764DD641680A28ECF2E67479BA888FC", sid="s", initiator="a@x/a",
+                              target="b@x/b", streamhosts=(StreamHost("proxy.x", "127.0.0.1", 15000),), context=ALICE)
+    first.expect_bytestream(info.dst_hash, info)
+    assert second.lookup_bytestream(info.dst_hash.lower()) == info == first.lookup_bytestream(info.dst_hash)
+    first.expect(("192.0.2.1", 20001), "offer", kind=DCC_KIND)
+    assert second.get(("192.0.2.1", 20001), kind=DCC_KIND) == "offer"
+    assert second.get(("192.0.2.1", 20001)) is None and second.get(("192.0.2.1", "20001"), kind=DCC_KIND) is None
+    second.discard(("192.0.2.1", 20001), kind=DCC_KIND)
+    assert first.get(("192.0.2.1", 20001), kind=DCC_KIND) is None
+
+
+def test_shared_entries_expire_and_the_table_is_bounded(two_workers):
+    """Deadlines are the wall clock both workers read (edge: alive just before, gone at it); maintain() forgets
+    expired entries and the oldest beyond max_entries (edge: exactly max_entries stay)."""
+    clock = Clock()
+    first, second = two_workers(clock, ttl_seconds=60, max_entries=3), two_workers(clock, ttl_seconds=60,
+                                                                                    max_entries=3)
+    first.expect(("h", 0), 0)
+    clock.now += 59.9
+    assert second.get(("h", 0)) == 0
+    clock.now += 0.1
+    assert second.get(("h", 0)) is None and second.take(("h", 0)) is None and len(second) == 0
+    for port in range(1, 5):
+        clock.now += 1
+        first.expect(("h", port), port)
+    first.maintain()
+    assert len(second) == 3 and second.get(("h", 1)) is None and second.get(("h", 4)) == 4
+
+
+def test_shared_take_is_won_by_exactly_one_worker(two_workers):
+    """Eight workers race for each of 50 slots: every slot is taken exactly once."""
+    tables = [two_workers() for _ in range(8)]
+    for i in range(50):
+        tables[0].expect(("slot", i), i)
+    won: list[int] = []
+
+    def race(table):
+        for i in range(50):
+            if table.take(("slot", i)) is not None:
+                won.append(i)
+
+    threads = [threading.Thread(target=race, args=(t,)) for t in tables]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(won) == list(range(50))
+
+
+def test_shared_a_row_imguard_did_not_write_is_refused(two_workers):
+    """A value is read back only as imguard's own types: a pickle that would call os.system is an error."""
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("true",))
+    first = two_workers()
+    first.backend.run("INSERT INTO expected_transfers (kind, key, deadline, created, value) VALUES (?, ?, ?, ?, ?)",
+                      ("upload", repr(normalize_url(PUT)), 4e9, 0.0, pickle.dumps(Evil())))
+    with pytest.raises(TransferStoreError):
+        first.take_upload(PUT)
+
+
+def test_a_store_that_is_down_raises_it_never_answers_not_announced(tmp_path):
+    """A failed read is TransferStoreError, not None (None would pass an announced upload unscanned)."""
+    missing = SharedTransfers(SqliteBackend(tmp_path / "no" / "such" / "transfers.sqlite3"))
+    with pytest.raises(TransferStoreError):
+        missing.take_upload(PUT)
+    with pytest.raises(TransferStoreError):
+        missing.expect_upload(PUT, upload())
+    down = SharedTransfers(PostgresBackend("host=/nonexistent port=1 dbname=imguard user=imguard", timeout=1))
+    with pytest.raises(TransferStoreError):
+        down.blocked_url_reason(PUT)
+
+
+def test_open_transfers_by_setting(tmp_path):
+    """transfer_store: memory (the default), sqlite (in the data folder), a PostgreSQL DSN; anything else is an
+    error naming the setting."""
+    assert type(open_transfers("memory", tmp_path)) is ExpectedTransfers
+    assert type(open_transfers("", None)) is ExpectedTransfers
+    shared = open_transfers("sqlite", tmp_path)
+    shared.expect(("k",), 1)
+    assert (tmp_path / "transfers.sqlite3").stat().st_mode & 0o077 == 0
+    assert isinstance(open_transfers("postgresql://imguard@db/imguard", None).backend, PostgresBackend)
+    with pytest.raises(ValueError, match="transfer_store"):
+        open_transfers("redis://x", tmp_path)
+
+
+def test_a_store_that_is_down_is_not_waited_for_on_every_lookup(tmp_path):
+    """After a failure the store is not tried again for a while (1 s, doubling up to MAX_BACKOFF): lookups fail at
+    once instead of each waiting for the connection timeout on the event loop."""
+    backend = SqliteBackend(tmp_path / "no" / "such" / "transfers.sqlite3")
+    table = SharedTransfers(backend)
+    attempts = []
+    real_connect = backend._connect
+    backend._connect = lambda: attempts.append(1) or real_connect()
+    for _ in range(3):
+        with pytest.raises(TransferStoreError):
+            table.get(("h", 1))
+    assert len(attempts) == 1 and backend._backoff == 1.0
+    backend._down_until = 0.0
+    with pytest.raises(TransferStoreError):
+        table.get(("h", 1))
+    assert len(attempts) == 2 and backend._backoff == 2.0
+    (tmp_path / "no" / "such").mkdir(parents=True)
+    backend._down_until = 0.0
+    assert table.get(("h", 1)) is None and backend._backoff == 0.0      # back: the next failure starts at 1 s

@@ -9,10 +9,12 @@ because it adjusts what TlsConfig produced (per-host verification, server-TLS-fi
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import ipaddress
 import logging
 import socket
+import struct
 import time
 import weakref
 from dataclasses import dataclass
@@ -85,6 +87,9 @@ def is_local_address(host: str) -> bool:
 COMMIT_ERROR_LOG_SECONDS = 10.0        # a disk that keeps refusing the archive is logged this often
 
 
+SIDE_LOOKUP_FAILED: Any = ("", None)      # _side_by_destination: the table failed (the connection is refused)
+
+
 class GatewayAddon:
     """Picks the layer for each new connection and answers InspectFileHook."""
 
@@ -109,6 +114,8 @@ class GatewayAddon:
         self._bytestreams: dict[str, tuple[str, tuple[str, int]]] = {}   # client id -> (hash, streamhost)
         self.dcc_ports = dcc_ports              # imguard.gateway.dcc.DccRelayPorts, or None (offers not rewritten)
         self._dcc_offers: dict[str, Any] = {}   # client id -> DccOffer, from server_connect to next_layer
+        self._sides: dict[str, Any] = {}        # client id -> a side transfer found for a proxy client's destination
+                                                # (side_expected), kept for next_layer: a DCC finder takes its entry
         self.notices = NoticeRouter()                   # the live sessions by connection id, for notices
         self.metrics = None                             # imguard.metrics.Metrics, set by `imguard run`
         self.quick_ack = quick_ack                      # GatewaySettings.quick_ack (tcp_socket)
@@ -159,7 +166,28 @@ class GatewayAddon:
         """The kernel socket under `connection` (a leg of client `client_id`'s connection), for SessionLayer to
         set TCP_QUICKACK on; None when quick_ack is off or the leg is not a TCP socket of the event loop
         (mitmproxy's own handler holds the streams, so they are looked up there once per leg)."""
-        if not self.quick_ack or getattr(connection, "transport_protocol", None) != "tcp":
+        if not self.quick_ack:
+            return None
+        return self._leg_socket(client_id, connection)
+
+    def leg_reset(self, client_id: str, connection) -> bool:
+        """Whether the read of `connection` ended in an error (ECONNRESET, a broken or timed-out connection) rather
+        than the peer's FIN. mitmproxy reports both as one ConnectionClosed; asyncio keeps the error on the
+        stream it failed (StreamReader.exception()), while a FIN leaves it None."""
+        handler = connection_handler(client_id)
+        io = handler.transports.get(connection) if handler is not None else None
+        reader = getattr(io, "reader", None)
+        return isinstance(reader, asyncio.StreamReader) and isinstance(reader.exception(), OSError)
+
+    def reset_on_close(self, client_id: str, connection) -> None:
+        """SO_LINGER (on, 0 s) on the socket under `connection`: its close sends a reset, not a FIN."""
+        sock = self._leg_socket(client_id, connection)
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+    def _leg_socket(self, client_id: str, connection) -> Any:
+        """The kernel TCP socket under one leg, or None."""
+        if getattr(connection, "transport_protocol", None) != "tcp":
             return None
         handler = connection_handler(client_id)
         io = handler.transports.get(connection) if handler is not None else None
@@ -179,11 +207,18 @@ class GatewayAddon:
 
     # --- helpers ---------------------------------------------------------------------------------------
 
+    def _http_reverse_ports(self) -> set[int]:
+        """Ports of the gateway's reverse:http(s) listeners (an upload relay): a proxied client may reach them
+        through the gateway; not a loop, since they forward to their own upstream."""
+        ps = mitm_ctx.master.addons.get("proxyserver")
+        return {addr[1] for instance in (ps.servers if ps else []) if isinstance(instance.mode, mode_specs.ReverseMode)
+                and instance.mode.scheme in ("http", "https") for addr in instance.listen_addrs}
+
     def _listen_addrs(self) -> list:
         ps = mitm_ctx.master.addons.get("proxyserver")
         return ps.listen_addrs() if ps else []
 
-    def _is_relay(self, client: Client) -> bool:
+    def is_relay(self, client: Client) -> bool:
         return self.relay_mode is not None and client.proxy_mode == self.relay_mode
 
     def find_relay_mode(self) -> mode_specs.ProxyMode | None:
@@ -217,7 +252,7 @@ class GatewayAddon:
         server = data.server
         if server.address is None:
             return
-        if self._is_relay(data.client):
+        if self.is_relay(data.client):
             self._redirect_bytestream(data)
             if server.error:
                 return
@@ -226,7 +261,7 @@ class GatewayAddon:
             if server.error:
                 return
         host, port = str(server.address[0]), int(server.address[1])
-        own_ports = {addr[1] for addr in self._listen_addrs()}
+        own_ports = {addr[1] for addr in self._listen_addrs()} - self._http_reverse_ports()
         if port in own_ports and server.transport_protocol == "tcp" and is_local_address(host):
             self.stats["self_connect"] += 1
             server.error = f"refused: {host}:{port} is the gateway itself"
@@ -281,14 +316,24 @@ class GatewayAddon:
         """A relay connection must start its session without waiting for the client: the target of a SOCKS5
         bytestream sends nothing until the streamhost does, and the streamhost waits for the SOCKS5 handshake
         the session replays. mitmproxy asks next_layer only when bytes arrive, so nudge it with an empty read."""
-        if not self._is_relay(data.client) or "bytestream" not in self.factories:
+        if not self.is_relay(data.client) or "bytestream" not in self.factories:
             return
         handler = connection_handler(data.client.id)
         if handler is not None:
             asyncio_utils.create_task(handler.server_event(events.DataReceived(data.client, b"")),
                                       name="imguard relay start", keep_ref=True)
 
+    def side_expected(self, client: Client, address: tuple) -> bool:
+        """Whether a chat session announced a side transfer to `address` (ProxyDestinations asks, for a proxy
+        client's destination); the entry found is kept for this client's next_layer."""
+        found = self._side_by_destination(address)
+        if found is None or found is SIDE_LOOKUP_FAILED:      # a table that cannot answer: not announced
+            return False
+        self._sides[client.id] = found
+        return True
+
     def client_disconnected(self, client: Client) -> None:
+        self._sides.pop(client.id, None)
         self._bytestreams.pop(client.id, None)
         self._dcc_offers.pop(client.id, None)
         self.notices.forget(client.id)
@@ -312,7 +357,7 @@ class GatewayAddon:
             return          # the explicit proxy request itself; a CONNECT tunnel comes back here
         if isinstance(top, modes.ReverseProxy) and context.client.proxy_mode.scheme != "tcp":
             return          # reverse:http(s)/tls/...: mitmproxy's stack for that scheme
-        if self._is_relay(context.client):
+        if self.is_relay(context.client):
             nextlayer.layer = self._bytestream_layer(context)
             return
         if self._is_dcc_relay(context.client):
@@ -326,7 +371,10 @@ class GatewayAddon:
             # A side connection a chat session announced (DCC when offers are not rewritten, MSNFTP, OFT, MSRP) is
             # recognised by its destination, before any protocol detection (it carries raw file bytes), as Zeek's
             # dcc-send.zeek does.
-            found = self._side_by_destination(context.server.address)
+            found = self._sides.pop(context.client.id, None) or self._side_by_destination(context.server.address)
+            if found is SIDE_LOOKUP_FAILED:
+                nextlayer.layer = RefuseLayer(context)
+                return
             if found is not None:
                 nextlayer.layer = self._side_layer(context, *found)
                 return
@@ -361,9 +409,10 @@ class GatewayAddon:
         protocols = {p for p in self.factories if p != "dcc" or self.dcc_ports is None}
         try:
             return registry.find_side(self.transfers, str(address[0]), port, protocols)
-        except Exception:
-            logger.exception("side connection lookup failed")
-            return None
+        except Exception as e:
+            # The (shared) table cannot say whether a file was announced here: refused, never relayed as unknown.
+            logger.error("side connection lookup for %s:%d failed, connection refused: %s", address[0], port, e)
+            return SIDE_LOOKUP_FAILED
 
     def _side_layer(self, context, side: registry.SideConnection, offer) -> mlayer.Layer:
         chat = registry.context_for(side.protocol, self.chat_context(context, side.protocol))

@@ -47,7 +47,8 @@ RECORD_SETTINGS = (("event sinks: the local JSON-lines log, syslog, webhook, ema
                    ("conversation archive", "imguard.archive:ArchiveSettings"),
                    ("quarantine of blocked files", "imguard.quarantine:QuarantineSettings"),
                    ("Prometheus metrics", "imguard.metrics:MetricsSettings"),
-                   ("files held for inspection, all connections together", "imguard.files.tracker:HoldSettings"))
+                   ("files held for inspection, all connections together", "imguard.files.tracker:HoldSettings"),
+                   ("YARA signature sets", "imguard.inspect.signatures:SignatureSettings"))
 
 
 def _limits_class(path: str) -> type:
@@ -94,8 +95,8 @@ def limits_from_args(args: argparse.Namespace) -> dict[str, object]:
 
 
 def _bundled(name: str) -> Path:
-    import imguard
-    return Path(imguard.__file__).resolve().parent.parent / name
+    from imguard.runtime import bundled
+    return bundled(name)        # an installed wheel's copy, or the checkout's folder
 
 
 def describe_start(gateway, alerts_path: Path) -> str:
@@ -197,8 +198,10 @@ async def _serve(gateway, alerts_path: Path) -> int:
 
 
 def run_main(args: argparse.Namespace) -> int:
+    from imguard.gateway import sdnotify
     logging.basicConfig(level=getattr(logging, getattr(args, "log_level", "INFO") or "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    sdnotify.journal_logging()      # under systemd: priorities journald understands, its own timestamps
     logging.getLogger("mitmproxy").setLevel(logging.WARNING)
     try:
         s = settings_from_args(args)
@@ -223,6 +226,7 @@ def run_main(args: argparse.Namespace) -> int:
                                           sink_settings=limits["SinkSettings"],
                                           archive_settings=limits["ArchiveSettings"],
                                           quarantine_settings=limits["QuarantineSettings"], metrics=metrics,
+                                          signature_settings=limits["SignatureSettings"],
                                           plain_flush_seconds=0.2)
     except (runtime.ConfigError, OSError, ValueError) as e:
         print("imguard: the configuration cannot be used:", file=sys.stderr)
@@ -254,7 +258,8 @@ def _run_gateway(s, limits, pipeline, metrics, metrics_server, data_dir: Path, r
     if metrics_server is not None:
         print(f"  metrics     http://{metrics_server.address[0]}:{metrics_server.address[1]}/metrics", flush=True)
     from imguard.reload import PolicyReloader
-    gateway.reloader = PolicyReloader(pipeline, rules, signatures, data_dir)
+    gateway.reloader = PolicyReloader(pipeline, rules, signatures, data_dir,
+                                      signature_settings=limits["SignatureSettings"])
     return asyncio.run(_serve(gateway, data_dir / "alerts.jsonl"))
 
 
@@ -267,7 +272,8 @@ def add_ca_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def ca_main(args: argparse.Namespace) -> int:
-    directory = ca.ca_dir(_data_dir(getattr(args, "data_dir", "")))
+    from imguard.runtime import ensure_data_dir
+    directory = ca.ca_dir(ensure_data_dir(_data_dir(getattr(args, "data_dir", ""))))
     if getattr(args, "export", "") and args.export != "-":
         path = ca.export(directory, Path(args.export))
         cert = ca.ca_certificate(directory)

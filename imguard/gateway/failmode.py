@@ -13,10 +13,16 @@ Situations (the second part of a key), each `open` (relay and alert) or `closed`
                                                                          untouched for TLS_OPEN_TTL seconds
     parse      the protocol session cannot go on (a decoder error)       closed: the connection is closed;
                                                                          open: the rest is relayed uninspected
+    store      the shared expected-transfers table (transfer_store)      closed: the HTTP upload or download is
+               cannot be read: is this PUT/GET an announced file?        refused (503 with a notice); open: it
+                                                                         is relayed unscanned, with an alert.
+                                                                         A chat session that cannot write or
+                                                                         read it fails as in `parse`
 
 Keys: `MODE` (every protocol, every situation), `PROTO=MODE`, `SITUATION=MODE`, `PROTO:SITUATION=MODE`; the
 most specific wins. Protocols are the names the gateway gives connections: xmpp, irc, socks5 (XEP-0065
-bytestreams), http (uploads), dcc.
+bytestreams), http (uploads; with parse, a chat API WebSocket message or encoding imguard cannot read: closed
+drops it or refuses the socket, open relays it), dcc.
 
 `PassthroughAddon` runs ahead of GatewayAddon: connections to --exclude destinations, and (fail mode tls=open)
 those whose client refused interception a moment ago, get mitmproxy's TCPLayer(ignore=True): relayed
@@ -40,8 +46,8 @@ from imguard.model import ALERT, BLOCK, ChatContext, Decision
 logger = logging.getLogger("imguard.gateway")
 
 OPEN, CLOSED = "open", "closed"
-OVERLOAD, TIMEOUT, TLS, PARSE = "overload", "timeout", "tls", "parse"
-SITUATIONS = (OVERLOAD, TIMEOUT, TLS, PARSE)
+OVERLOAD, TIMEOUT, TLS, PARSE, STORE = "overload", "timeout", "tls", "parse", "store"
+SITUATIONS = (OVERLOAD, TIMEOUT, TLS, PARSE, STORE)
 # Defaults for a security product: nothing passes uninspected unless the operator says so (see docs/deploy.md).
 DEFAULT_FAIL_MODES = ("closed",)
 TLS_OPEN_TTL = 3600.0

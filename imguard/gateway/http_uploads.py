@@ -17,6 +17,11 @@ XEP-0363 GET URL in a Jingle offer; mechanism "xep-0363-get"), or a Yahoo relay 
 it, and an XMPP link is marked blocked (a later GET or a message passing it on is refused too). Everything else
 (other requests, other responses) is streamed, not buffered: mitmproxy would otherwise hold every body in memory.
 An upload without Content-Length (chunked) is buffered whole before its size can be checked.
+
+The table may be shared by several workers or gateways (transfer_store): a lookup that fails is never read as
+"not announced" (that would pass an announced upload unscanned). It follows the `store` fail mode: closed (the
+default), the request is answered 503 with a notice and an anomaly is recorded; open, it goes on as if nothing
+had been announced, with the same anomaly.
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ from urllib.parse import unquote, urlsplit
 
 from mitmproxy import http
 
-from imguard.files.expected import ExpectedDownload
+from imguard.files.expected import ExpectedDownload, ExpectedUpload, normalize_url
+from imguard import alerts
 from imguard.gateway.inspection import Inspection
 from imguard.model import ALERT, ALLOW, FROM_CLIENT, FROM_SERVER, REASON_TOO_LARGE, ChatContext
 from imguard.protocols.ymsg import find_ymsg_transfer
@@ -82,11 +88,18 @@ def too_large(inspection: Inspection, ctx: ChatContext, name: str, claimed_mime:
 DOWNLOAD_META = "imguard_download"
 
 
+class StoreFailed(Exception):
+    """A lookup in the expected-transfers table failed (its shared store is down or too slow)."""
+
+
 class HttpUploads:
     def __init__(self, inspection: Inspection, transfers=None, upload_paths: list[str] | tuple = (),
-                 max_upload_size: int = 64 * 1024 * 1024, notify=None):
+                 max_upload_size: int = 64 * 1024 * 1024, notify=None, record=None,
+                 store_fail_open: Any = None):
         self.inspection = inspection
         self.transfers = transfers
+        self.record = record            # writes an event (the store anomaly)
+        self.store_fail_open = store_fail_open      # () -> bool: fail mode `store` is open for http
         self.paths = [re.compile(p) for p in upload_paths]
         self.max_upload_size = max_upload_size
         self.notify = notify            # carries out a Notify: recorded, and told on the chat connection
@@ -96,22 +109,47 @@ class HttpUploads:
         return flow_context(flow, "xep-0363" if expected is not None else "upload",
                             ctx if isinstance(ctx, ChatContext) else None)
 
+    def _lookup(self, what: str, call, *args) -> Any:
+        """One table lookup; any failure is StoreFailed (never None: that would mean "not announced")."""
+        try:
+            return call(*args)
+        except Exception as e:
+            raise StoreFailed(f"{what}: {e}") from e
+
     def _take_expected(self, url: str) -> Any:
         if self.transfers is None:
             return None
-        try:
-            expected = self.transfers.take_upload(url)
-        except Exception:
-            logger.exception("ExpectedTransfers.take_upload failed")
-            return None
+        expected = self._lookup("take_upload", self.transfers.take_upload, url)
         if expected is None and callable(getattr(self.transfers, "get", None)):
-            try:
-                expected = find_ymsg_transfer(self.transfers, url=url)     # a Yahoo relay or peer-to-peer POST
-            except Exception:
-                logger.exception("find_ymsg_transfer failed")
+            # a Yahoo relay or peer-to-peer POST
+            expected = self._lookup("find_ymsg_transfer", lambda: find_ymsg_transfer(self.transfers, url=url))
         return expected
 
+    def _store_failed(self, flow: http.HTTPFlow, error: StoreFailed) -> bool:
+        """Fail mode `store`: True when the request may go on as unannounced (open); else it is refused."""
+        fail_open = bool(self.store_fail_open and self.store_fail_open())
+        logger.error("expected-transfers table unavailable for %s %s (%s): %s", flow.request.method,
+                     flow.request.pretty_url, "relayed unscanned: fail mode store=open" if fail_open else "refused",
+                     error)
+        if self.record is not None:
+            self.record(alerts.anomaly_event(flow_context(flow, "upload"), "transfer_store_failed", str(error)[:300],
+                                             severity="high", action="allow" if fail_open else "block"))
+        if not fail_open:
+            flow.response = http.Response.make(
+                503, b"imguard: this transfer cannot be checked right now (the gateway's table of announced "
+                     b"files is unavailable); it was refused, try again later\n", {"content-type": "text/plain"})
+        return fail_open
+
     def requestheaders(self, flow: http.HTTPFlow) -> None:
+        try:
+            self._requestheaders(flow)
+        except StoreFailed as e:
+            if self._store_failed(flow, e):
+                flow.request.stream = True
+            flow.metadata.pop(META, None)
+            flow.metadata.pop(DOWNLOAD_META, None)
+
+    def _requestheaders(self, flow: http.HTTPFlow) -> None:
         req = flow.request
         # The URL as the client addressed it (Host header) and as it goes upstream (reverse mode target):
         # a chat server announces one of the two.
@@ -120,10 +158,7 @@ class HttpUploads:
         if req.method == "GET" and self.transfers is not None:
             reason = None
             for candidate in urls:
-                try:
-                    reason = reason or self.transfers.blocked_url_reason(candidate)
-                except Exception:
-                    logger.exception("ExpectedTransfers.blocked_url_reason failed")
+                reason = reason or self._lookup("blocked_url_reason", self.transfers.blocked_url_reason, candidate)
             if reason:
                 flow.response = http.Response.make(403, f"imguard: blocked ({reason})\n".encode(),
                                                    {"content-type": "text/plain"})
@@ -146,11 +181,26 @@ class HttpUploads:
         if expected is None and not any(p.search(u) for p in self.paths for u in urls):
             req.stream = True                           # not an upload we inspect: relayed as it comes
             return
+        if isinstance(expected, ExpectedUpload):
+            self._to_upload_service(flow, expected.put_url)
         flow.metadata[META] = {"expected": expected, "url": url}
         req.stream = False                          # buffer: nothing reaches the server before the verdict
         length = req.headers.get("content-length", "")
         if length.isdigit() and int(length) > self.max_upload_size:
             self._too_large(flow, int(length))
+
+    @staticmethod
+    def _to_upload_service(flow: http.HTTPFlow, put_url: str) -> None:
+        """An announced PUT goes to the URL the upload service granted, with its Host: the client may have been
+        given the gateway's upload relay instead (XmppLimits.upload_relay). Through the relay listener the request
+        already goes there (reverse mode) but carries the relay's Host; a proxied client's PUT to the relay URL
+        goes straight to the service, not through the gateway's own listener a second time."""
+        req = flow.request
+        if normalize_url(put_url) != normalize_url(req.url):
+            req.url = put_url
+        netloc = urlsplit(put_url).netloc
+        if netloc and req.headers.get("host", netloc) != netloc:
+            req.headers["host"] = netloc
 
     def _too_large(self, flow: http.HTTPFlow, size: int) -> None:
         meta = flow.metadata[META]
@@ -187,21 +237,13 @@ class HttpUploads:
         upload."""
         if callable(getattr(self.transfers, "expected_download", None)):
             for candidate in urls:
-                try:
-                    found = self.transfers.expected_download(candidate)
-                except Exception:
-                    logger.exception("ExpectedTransfers.expected_download failed")
-                    break
+                found = self._lookup("expected_download", self.transfers.expected_download, candidate)
                 if found is not None:
                     return found
         if not callable(getattr(self.transfers, "get", None)):
             return None
         for candidate in urls:
-            try:
-                found = find_ymsg_transfer(self.transfers, url=candidate)
-            except Exception:
-                logger.exception("find_ymsg_transfer failed")
-                return None
+            found = self._lookup("find_ymsg_transfer", lambda c=candidate: find_ymsg_transfer(self.transfers, url=c))
             if found is not None and not getattr(found, "outbound", True):
                 return found
         return None

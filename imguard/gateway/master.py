@@ -6,12 +6,15 @@
     await gateway.stop()
 
 Addon chain, in order (order matters: a hook runs through the chain in this order):
+    ProxyAuth      --proxy-auth: credentials of the explicit listeners (407, SOCKS5 auth) before anything else
     PassthroughAddon  --exclude destinations and (fail mode tls=open) clients that refused interception:
                    relayed untouched before GatewayAddon chooses a layer; tls_failed_client alerts (failmode.py)
     GatewayAddon   our next_layer before NextLayer; server_connect (self-connect guard, relay) before
                    Proxyserver's; inspect_file
     HttpUploads    buffer and scan HTTP uploads
     ChatApis       chat over HTTP(S): Matrix, Slack, Mattermost, Rocket.Chat, Discord calls (chat_apis.py)
+    ProxyDestinations  --proxy-destinations: where explicit-proxy clients may go; after the two above, which
+                   claim the announced uploads and chat calls a plain proxy request may carry (proxy_access.py)
     Core, Proxyserver, NextLayer, TlsConfig      mitmproxy's minimum for proxying (no Dumper, no TermLog,
                    no DnsResolver: no DNS mode; no ErrorCheck: it calls sys.exit, start() reports instead)
     LateTlsAddon   after TlsConfig: per-host no-verify, server TLS first for sessions
@@ -22,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from mitmproxy import options
 from mitmproxy.addons import core, next_layer, proxyserver, tlsconfig
@@ -30,16 +33,19 @@ from mitmproxy.master import Master
 from mitmproxy.proxy import mode_specs
 from mitmproxy.utils import asyncio_utils
 
-from imguard.files.expected import ExpectedTransfers
-from imguard.gateway import ca
+from imguard.files.expected import (ExpectedTransfers, SharedTransfers, open_transfers, parse_upload_relays,
+                                    url_origin)
+from imguard.gateway import ca, sdnotify
 from imguard.gateway.addon import ConnectionInfo, GatewayAddon, SessionFactory
 from imguard.gateway.tls_memory import LateTlsAddon
 from imguard.gateway.dcc import DccRelayPorts, parse_port_range
 from imguard.protocols.detect import parse_port_map
-from imguard.gateway.failmode import PARSE, FailModes, PassthroughAddon
+from imguard.gateway.failmode import PARSE, STORE, TLS, FailModes, PassthroughAddon
 from imguard.gateway.http_uploads import HttpUploads
+from imguard.gateway.shared_notices import SharedNoticeRouter
 from imguard.gateway.chat_apis import ChatApis
 from imguard.gateway.inspection import Inspection
+from imguard.gateway.proxy_access import ProxyAuth, ProxyDestinations
 from imguard.gateway.settings import GatewaySettings
 from imguard.protocols import registry
 
@@ -67,9 +73,49 @@ def parse_hostport(value: str) -> tuple[str, int] | None:
     return host.strip("[]"), int(port)
 
 
+AUTO = "auto"
+OFF = ("", "none")
+AUTO_BYTESTREAM_PORT = 1080         # the bytestream relay's port with --bytestream-relay auto (socks5's own port)
+
+
+def side_relays(settings: GatewaySettings, modes: list) -> tuple[tuple[str, int] | None, str, list[str]]:
+    """(bytestream relay HOST:PORT or None, DCC relay host or '', listeners to add for them) from the settings.
+
+    'auto' turns a relay on in transparent mode only, at --listen-host (the gateway's address on the users'
+    network: where the transparent listener already listens, so one setting places all three); ''/'none' turns
+    it off. In transparent mode the bytestream relay's socks5 listener is opened here when --mode has none on
+    its port; elsewhere it must be one of the --mode listeners (as before: a reverse or explicit proxy names
+    its own listeners)."""
+    transparent = any(isinstance(m, mode_specs.TransparentMode) for m in modes)
+    values = {}
+    for name in ("bytestream_relay", "dcc_relay"):
+        value = str(getattr(settings, name) or "").strip()
+        if value.lower() in OFF or (value.lower() == AUTO and not transparent):
+            value = ""
+        elif value.lower() == AUTO:
+            host = settings.listen_host.strip("[]")
+            if host in ("", "0.0.0.0", "::"):
+                raise GatewayError(f"{name} auto: --listen-host {settings.listen_host!r} is not one address; give "
+                                   f"the gateway's address on the users' network (the relays are announced there), "
+                                   f"or set --{name.replace('_', '-')} yourself ('none' turns it off)")
+            value = host if name == "dcc_relay" else f"{host}:{AUTO_BYTESTREAM_PORT}"
+        values[name] = value
+    relay = parse_hostport(values["bytestream_relay"])
+    extra: list[str] = []
+    if relay is not None:
+        socks5 = [m for m in modes if isinstance(m, mode_specs.Socks5Mode)]
+        if transparent and not any(m.listen_port() == relay[1] for m in socks5):
+            extra.append(f"socks5@{relay[1]}")
+        elif not transparent and not socks5:
+            raise GatewayError(f"bytestream_relay {values['bytestream_relay']} needs a socks5 listener "
+                               f"(e.g. --mode socks5@{relay[1]})")
+    return relay, values["dcc_relay"], extra
+
+
 def default_factories(pipeline, transfers, relay: tuple[str, int] | None = None, dcc_relay: Any = None,
                       irc_limits: Any = None, xmpp_limits: Any = None,
-                      limits: Iterable[Any] = ()) -> dict[str, SessionFactory]:
+                      limits: Iterable[Any] = (),
+                      tls_fail_open: Callable[[str], bool] = lambda protocol: False) -> dict[str, SessionFactory]:
     """The sessions of every protocol in the registry (imguard.protocols.registry): protocol name ->
     factory(ConnectionInfo) -> StreamSession, each a registry.build with the gateway's state. `relay` is the
     XMPP bytestream relay, `dcc_relay` the IRC sessions' DccRelay (None: offers not rewritten); `limits` are
@@ -82,13 +128,34 @@ def default_factories(pipeline, transfers, relay: tuple[str, int] | None = None,
             return registry.build(registry.SessionRequest(
                 protocol, info.context, tls_on_connect=info.tls_on_connect, checker=pipeline, transfers=transfers,
                 limits=by_class, expected=info.offer, bytestream_relay=relay, dcc_relay=dcc_relay,
-                stream_hash=info.hash, streamhost=info.streamhost))
+                stream_hash=info.hash, streamhost=info.streamhost, tls_fail_open=tls_fail_open(protocol)))
         return build
     return {name: factory(name) for name in registry.PROTOCOLS}
 
 
-def default_transfers():
-    return ExpectedTransfers()
+def check_upload_relays(entries, modes: list[mode_specs.ProxyMode]) -> set[int]:
+    """Each XMPP upload relay (PUBLIC=UPSTREAM) needs a reverse listener on PUBLIC's port whose upstream is
+    UPSTREAM (`--mode reverse:UPSTREAM@PORT`): else the client would be sent to a port nothing serves. Returns
+    the relays' ports."""
+    try:
+        relays = parse_upload_relays(entries)
+    except ValueError as e:
+        raise GatewayError(str(e)) from None
+    listeners = {(m.custom_listen_port, f"{m.scheme}://{m.address[0]}:{m.address[1]}".lower())
+                 for m in modes if isinstance(m, mode_specs.ReverseMode)}
+    for upstream, public in relays.items():
+        port = int(public.rsplit(":", 1)[1])
+        if not any(p == port and url_origin(u) == upstream for p, u in listeners):
+            raise GatewayError(f"xmpp_upload_relay {public}={upstream} needs a reverse listener in front of the upload "
+                               f"service: --mode reverse:{upstream}@{port}")
+    return {int(public.rsplit(":", 1)[1]) for public in relays.values()}
+
+
+def default_transfers(settings: GatewaySettings | None = None, data_dir: Path | None = None):
+    """The expected-transfers table of the `transfer_store` setting (imguard.files.expected.open_transfers)."""
+    if settings is None:
+        return ExpectedTransfers()
+    return open_transfers(settings.transfer_store, data_dir, timeout=settings.transfer_store_timeout)
 
 
 class Gateway:
@@ -107,16 +174,19 @@ class Gateway:
             raise GatewayError(str(e)) from None
         if not self.modes:
             raise GatewayError("no --mode given: the gateway would not listen anywhere")
-        self.relay = parse_hostport(settings.bytestream_relay)
-        if self.relay is not None and not any(isinstance(m, mode_specs.Socks5Mode) for m in self.modes):
-            raise GatewayError(f"bytestream_relay {settings.bytestream_relay} needs a socks5 listener "
-                               f"(e.g. --mode socks5@{self.relay[1]})")
-        self.transfers = default_transfers() if transfers == "default" else transfers
+        # The side-channel relays ('auto': on in transparent mode, at --listen-host) and their listeners.
+        self.relay, dcc_host, self.relay_modes = side_relays(settings, self.modes)
+        # An upload relay's port is an HTTP port: a proxied client's CONNECT to it is intercepted and its PUT scanned.
+        http_ports |= check_upload_relays(getattr(xmpp_limits, "upload_relay", ()), self.modes)
+        try:
+            self.transfers = default_transfers(settings, self.data_dir) if transfers == "default" else transfers
+        except ValueError as e:
+            raise GatewayError(str(e)) from None
         self.dcc_ports: DccRelayPorts | None = None
         dcc_relay = None
-        if settings.dcc_relay:
+        if dcc_host:
             try:
-                self.dcc_ports = DccRelayPorts(settings.dcc_relay, parse_port_range(settings.dcc_relay_ports),
+                self.dcc_ports = DccRelayPorts(dcc_host, parse_port_range(settings.dcc_relay_ports),
                                                self.transfers)
             except ValueError as e:
                 raise GatewayError(str(e)) from None
@@ -130,20 +200,33 @@ class Gateway:
                                      fail_modes=self.fail_modes, timeout=settings.inspect_timeout)
         if factories is None:
             factories = default_factories(pipeline, self.transfers, self.relay, dcc_relay=dcc_relay,
-                                          irc_limits=irc_limits, xmpp_limits=xmpp_limits, limits=session_limits)
+                                          irc_limits=irc_limits, xmpp_limits=xmpp_limits, limits=session_limits,
+                                          tls_fail_open=lambda protocol: self.fail_modes.is_open(protocol, TLS))
         self.addon = GatewayAddon(pipeline=pipeline, inspection=self.inspection, factories=factories,
                                   port_map=port_map, http_ports=http_ports, transfers=self.transfers,
                                   bytestream_relay=self.relay, max_queued_bytes=settings.max_queued_bytes,
                                   max_total_queued_bytes=settings.max_total_queued_bytes,
                                   parse_fail_open=lambda protocol: self.fail_modes.is_open(protocol, PARSE),
                                   quick_ack=settings.quick_ack, dcc_ports=self.dcc_ports)
+        if isinstance(self.transfers, SharedTransfers):     # notices for chat connections other workers hold
+            self.addon.notices = SharedNoticeRouter(self.transfers)
         self.uploads = HttpUploads(self.inspection, self.transfers, settings.upload_paths, settings.max_upload_size,
-                                   notify=self.addon.notify_command)
+                                   notify=self.addon.notify_command, record=self.addon.record,
+                                   store_fail_open=lambda: self.fail_modes.is_open("http", STORE))
         try:
             self.chat_apis = ChatApis(pipeline, self.inspection, self.transfers, chat_settings, self.addon.record,
-                                      self.addon.commit)
+                                      self.addon.commit,
+                                      parse_fail_open=lambda: self.fail_modes.is_open("http", PARSE))
         except ValueError as e:
             raise GatewayError(str(e)) from None
+        try:    # who may use the explicit proxy listeners, and to reach what (proxy_access.py)
+            self.proxy_destinations = ProxyDestinations(settings.proxy_destinations, port_map, http_ports,
+                                                        is_relay=self.addon.is_relay,
+                                                        side_expected=self.addon.side_expected,
+                                                        record=self.addon.record)
+        except ValueError as e:
+            raise GatewayError(str(e)) from None
+        self.proxy_auth = ProxyAuth(self.addon.is_relay, self.addon.record, self.addon.find_relay_mode)
         self.late = LateTlsAddon(settings.no_verify_upstream)
         self.passthrough = PassthroughAddon(settings.exclude, self.fail_modes)     # --exclude, fail mode tls=open
         self.passthrough.port_map, self.passthrough.recorder = port_map, self.addon.record
@@ -155,11 +238,12 @@ class Gateway:
         ca_dir = ca.ca_dir(self.data_dir)
         ca.ensure_ca(ca_dir)
         opts: dict[str, Any] = dict(
-            mode=list(s.mode) + (self.dcc_ports.specs() if self.dcc_ports else []),    # + the DCC relay pool
+            mode=list(s.mode) + self.relay_modes + (self.dcc_ports.specs() if self.dcc_ports else []),    # + relays
             listen_host=s.listen_host, confdir=str(ca_dir), tcp_timeout=int(s.tcp_timeout),
             connection_strategy="eager",    # server greetings seen; STARTTLS's server handshake happens first
             rawtcp=True, ssl_insecure=False,
             keep_host_header=True,          # reverse mode: upload URLs keep the host the chat server announced
+            proxyauth=s.proxy_auth or None,     # ProxyAuth: credentials of the explicit listeners
         )
         if s.upstream_ca:
             if not Path(s.upstream_ca).is_file():
@@ -170,8 +254,8 @@ class Gateway:
     async def start(self) -> None:
         logging.getLogger("mitmproxy").setLevel(logging.WARNING)
         opts = options.Options()
-        self.master = GatewayMaster(opts, [self.passthrough, self.addon, self.inspection, self.uploads, self.chat_apis],
-                                    [self.late])
+        self.master = GatewayMaster(opts, [self.proxy_auth, self.passthrough, self.addon, self.inspection, self.uploads,
+                                           self.chat_apis, self.proxy_destinations], [self.late])
         # Certificates are only ever signed with imguard's own CA: the mitmproxy 12.3 wheel has options to sign
         # with a third party's leaked intermediate (`emudhra`, `emudhra_old`); they stay off whatever their
         # default becomes.
@@ -193,6 +277,7 @@ class Gateway:
             await self._teardown()
             raise GatewayError("cannot listen: " + "; ".join(failed or ["see the log"]))
         await self.master.running()
+        sdnotify.ready(f"{len(self.listen_addrs)} listeners bound")     # systemd Type=notify: started
 
     @property
     def listen_addrs(self) -> list[tuple[str, tuple]]:
@@ -223,6 +308,7 @@ class Gateway:
     async def stop(self) -> None:
         if self.master is None:
             return
+        sdnotify.stopping()
         await self._teardown()
         ps = self.master.addons.get("proxyserver")
         for handler in list(ps.connections.values()):     # close live connections: a clean exit

@@ -25,7 +25,9 @@ class GatewaySettings:
     listen_host: str = setting(
         "127.0.0.1", "Address the listeners bind to when a --mode names none. Loopback by default, so a first "
         "run is not an open proxy; give the gateway's LAN address (or '' for all) to serve other machines, "
-        "and a dedicated address in transparent deployments so a direct connection cannot loop back")
+        "and a dedicated address in transparent deployments so a direct connection cannot loop back. In "
+        "transparent mode it is also the address the side-channel relays are announced at (--bytestream-relay "
+        "and --dcc-relay 'auto'): the gateway's address on the users' network")
     data_dir: str = setting(
         "", "Folder for ca/ (the interception CA), alerts.jsonl, cache/ and quarantine/ "
         "('' = $IMGUARD_DATA_DIR, else $XDG_DATA_HOME/imguard, else ~/.local/share/imguard)")
@@ -52,19 +54,34 @@ class GatewaySettings:
         [], "Host names whose upstream certificate is NOT verified (a lab server with a self-signed "
             "certificate). Every other upstream is verified")
     bytestream_relay: str = setting(
-        "", "HOST:PORT chat sessions rewrite SOCKS5 file-transfer streamhosts to (XEP-0065); it must be one of "
-            "this gateway's socks5 listeners, reachable by the clients. '' = streamhosts are not rewritten")
+        "auto", "HOST:PORT chat sessions rewrite SOCKS5 file-transfer streamhosts to (XEP-0065), so the file "
+                "crosses the gateway and is held until inspection decides; reachable by the clients. 'auto': "
+                "in transparent mode --listen-host:1080 (the gateway's own address), elsewhere off. In "
+                "transparent mode a socks5 listener is opened on its port (on --listen-host) unless --mode has "
+                "one there; in the other modes it must be one of the --mode socks5 listeners. ''/'none' = "
+                "streamhosts are not rewritten (the data connection goes around the gateway)")
     dcc_relay: str = setting(
-        "", "Address (IP) written into IRC DCC offers in place of the offerer's, so every DCC file and chat "
-            "connection crosses the gateway and a file is held until inspection decides; it must reach this "
-            "gateway's --dcc-relay-ports, which listen on --listen-host. '' = offers are not rewritten: DCC "
-            "goes around the gateway unless it is transparent (then DCC connections are caught by address)")
+        "auto", "Address (IP) written into IRC DCC offers in place of the offerer's, so every DCC file and chat "
+                "connection crosses the gateway and a file is held until inspection decides; it must reach this "
+                "gateway's --dcc-relay-ports, which listen on --listen-host. 'auto': in transparent mode "
+                "--listen-host, elsewhere off. ''/'none' = offers are not rewritten: DCC goes around the gateway "
+                "(unless the redirect rules send the DCC port to a transparent listener: then the connection is "
+                "caught by its address)")
     dcc_relay_ports: str = setting(
-        "20000-20099", "Port range FIRST-LAST the gateway listens on for DCC connections when --dcc-relay is "
-                       "set (opened at start, so a firewall can allow exactly this range; outside Linux's "
+        "20000-20099", "Port range FIRST-LAST the gateway listens on for DCC connections when the DCC relay is "
+                       "on (opened at start, so a firewall can allow exactly this range; outside Linux's "
                        "ephemeral range 32768-60999, where outgoing connections could hold a port). One port "
                        "carries one pending offer at a time: this many offers may wait at once; another is "
                        "refused with a notice to its sender")
+    transfer_store: str = setting(
+        "memory", "Where the expected-transfers table lives (announced uploads, bytestream hashes, DCC offers, "
+                  "blocked URLs): 'memory' for one worker; 'sqlite' (DATA_DIR/transfers.sqlite3) for several "
+                  "workers on one host sharing the data folder; a PostgreSQL connection string (the archive_dsn) "
+                  "for several gateway hosts. A side connection may land on any worker or host: with 'memory' "
+                  "and several, an upload announced through one worker crosses another unscanned")
+    transfer_store_timeout: float = setting(
+        2.0, "Seconds a read or write of a shared transfer_store may take (the event loop waits for it); past "
+             "it, or with the store down, the side transfer follows the 'store' fail mode (closed: refused)")
     tcp_timeout: int = setting(
         6 * 3600, "Seconds an idle connection is kept open. Chat connections idle for long periods; mitmproxy's "
                   "own default (600 s) would cut them")
@@ -99,7 +116,9 @@ class GatewaySettings:
                     "alert) or KEY=closed (block and alert). KEY is PROTO, SITUATION or PROTO:SITUATION (most specific "
                     "wins); a bare 'open'/'closed' sets the default. Situations: overload (inspection queue full), "
                     "timeout (--inspect-timeout exceeded), tls (a client refused the gateway's certificate: open = "
-                    "its next connections to that server are relayed untouched for an hour), parse (the protocol "
+                    "its next connections to that server are relayed untouched for an hour; or an XMPP client logs "
+                    "in without the STARTTLS its server offers: closed = its credentials are refused, open = "
+                    "forwarded with the alert), parse (the protocol "
                     "session failed: open = the rest of the connection is relayed uninspected). Protocols: xmpp, "
                     "irc, socks5, http, dcc. Example: --fail-mode closed --fail-mode irc:parse=open")
     inspect_timeout: float = setting(
@@ -108,3 +127,16 @@ class GatewaySettings:
         5.0, "Seconds between checks of the rules and signatures folders for changed *.yaml/*.yar files; a change "
              "reloads them (validated first: a broken file leaves the running policy in force and raises an "
              "alert). SIGHUP reloads at once. 0 = only on SIGHUP")
+    proxy_destinations: str = setting(
+        "chat", "Where a client of the explicit proxy listeners (regular@, socks5@) may connect: 'chat' = a port of "
+                "the port map (--ports, not PORT=none), an HTTP port (--http-ports: chat APIs and uploads), a side "
+                "transfer a chat session announced (DCC, MSNFTP, OFT, MSRP), or a URL one announced (an upload "
+                "slot, a shared file); anything else is refused (403 to a CONNECT, a SOCKS5 failure reply) with a "
+                "'proxy_destination_refused' anomaly. 'any' = no restriction: an open relay for whoever reaches "
+                "the listener. The bytestream relay is separate: it only ever accepts announced stream hashes")
+    proxy_auth: str = setting(
+        "", "Credentials clients of the explicit proxy listeners must give: USER:PASS, or @FILE for an Apache "
+            "htpasswd file (bcrypt or SHA1 entries). HTTP CONNECT and proxy requests without them get 407, a "
+            "SOCKS5 client must use username/password authentication (RFC 1929). The bytestream relay and the "
+            "DCC relay ports are not affected (their peers cannot authenticate; they only accept announced "
+            "transfers). '' = no authentication: keep the listeners on loopback, or on a LAN set this")
