@@ -25,7 +25,10 @@ announced them on a connection the replay can read, so they are relayed, as the 
 IRC: cleartext, the outside person straight to ngIRCd (its own connection is left out by its port: the gateway never
 carried it). OSCAR: the embedded gateway (as tests/test_legacy_gateway.py runs it) in front of a server playing the
 BOS transcript. SIP over UDP: sipsak -> the gateway (reverse:udp) -> a real Kamailio; only outbound, because the
-test Kamailio answers MESSAGEs and routes none to a user.
+test Kamailio answers MESSAGEs and routes none to a user. Chat APIs over HTTP: `imguard run` in reverse mode, plain
+HTTP, in front of tests/test_httpchat_gateway.py's stand-in vendor server (Slack, Matrix, Rocket.Chat's DDP socket,
+Discord's zlib-stream gateway) and of a real Synapse (matrix-nio inside, the outside user straight to Synapse); the
+replay reads the client legs (the gateway's port) and the server legs (the server's port) as above.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from pathlib import Path
 import pytest
 
 from tests.peers.capture import Capture, tcpdump
-from tests import test_e2e_irc
+from tests import test_e2e_irc, test_e2e_matrix, test_httpchat_gateway
 from tests.peers.gateway import BUNDLED_SIGNATURES, PYTHON
 from tests.test_e2e_xmpp import (BLOCKED_WORD, CLEAN, EICAR, INBOUND, OUTBOUND, Crossing, Outside, Route,
                                  sentinel_after, share_by_link, transfer, zipped)
@@ -53,6 +56,10 @@ pytestmark = pytest.mark.timeout(240)
 DECIDED = ("imguard.message", "imguard.file")
 # tests/test_e2e_irc.py's fixtures, shared: a real ngIRCd and `imguard run` in front of it, for this module.
 irc_dir, ircd, irc_gateway = test_e2e_irc.irc_dir, test_e2e_irc.ircd, test_e2e_irc.irc_gateway
+# tests/test_httpchat_gateway.py's stand-in vendor server behind `imguard run`, for this module.
+vendor_gateway = test_httpchat_gateway.vendor_gateway
+# tests/test_e2e_matrix.py's real Synapse and `imguard run` in front of it.
+synapse, matrix_gateway = test_e2e_matrix.synapse, test_e2e_matrix.matrix_gateway
 
 
 def needs_tcpdump() -> None:
@@ -82,10 +89,12 @@ def decisions(events: list[dict], origin: str | None = None) -> Counter:
                    and (origin is None or e["imguard"]["context"].get("origin") == origin))
 
 
-def pcap_replay(pcap: Path, out: Path, ports: list[str], rules: Path, data_dir: Path) -> list[dict]:
-    """`imguard pcap FILE --out DIR` with the run's rules and signatures: the events it wrote to DIR/alerts.jsonl."""
+def pcap_replay(pcap: Path, out: Path, ports: list[str], rules: Path, data_dir: Path,
+                options: list[str] = ()) -> list[dict]:
+    """`imguard pcap FILE --out DIR` with the run's rules and signatures (and `options`, the limits the gateway ran
+    with): the events it wrote to DIR/alerts.jsonl."""
     command = [str(PYTHON), "-m", "imguard", "pcap", str(pcap), "--out", str(out), "--json", "--rules", str(rules),
-               "--signatures", str(BUNDLED_SIGNATURES), "--data-dir", str(data_dir)]
+               "--signatures", str(BUNDLED_SIGNATURES), "--data-dir", str(data_dir), *options]
     for port in ports:
         command += ["--ports", port]
     result = subprocess.run(command, capture_output=True, text=True, timeout=180)
@@ -535,3 +544,256 @@ def test_sip_over_udp_verdicts_offline_are_the_verdicts_inline(tmp_path, kamaili
     offline = replay_both_legs(main.capture, tmp_path, [gport], [kamailio.port],
                                [f"{gport}=sip", f"{kamailio.port}=sip"], rules_dir, transport="udp")
     assert_same(inline, offline, "SIP over UDP")
+
+
+# --- chat APIs over HTTP: Slack, Matrix and Rocket.Chat's DDP WebSocket, through `imguard run` --------------------
+
+@pytest.fixture
+def chat_route(request):
+    """tests/test_httpchat_gateway.py's stand-in Vendor server behind the real `imguard run` (reverse mode, plain
+    HTTP), its module fixture shared: (vendor, gateway, the options the gateway runs with)."""
+    from tests import test_httpchat_gateway as chat
+    vendor, gw = request.getfixturevalue("vendor_gateway")
+    vendor.requests.clear()
+    vendor.ws_messages.clear()
+    vendor.served.clear()
+    vendor.ws_push.clear()
+    vendor.ws_script = None
+    options = ["--chat-max-upload-size", str(chat.UPLOAD_LIMIT), "--chat-max-json-depth", "32",
+               "--chat-max-delivery-size", str(chat.DELIVERY_LIMIT)]
+    offset = gw.log_size()
+    yield vendor, gw, options
+    assert not gw.crashed, gw.logs()
+    assert not gw.errors_since(offset), "imguard logged errors:\n" + "\n".join(gw.errors_since(offset))
+
+
+def replay_chat_legs(capture: Capture, workdir: Path, gateway_port: int, vendor_port: int, rules: Path,
+                     options: list[str]) -> Counter:
+    """As replay_both_legs, for HTTP (detected by its first bytes, no port map) with the gateway's chat options."""
+    found: Counter = Counter()
+    for leg, port, origin in (("client", gateway_port, "client"), ("server", vendor_port, "server")):
+        pcap = capture.select(workdir / f"{leg}-legs.pcap", f"tcp port {port}")
+        events = pcap_replay(pcap, workdir / f"replay-{leg}", [], rules, workdir / "replay-data", options)
+        found += decisions(events, origin)
+    return found
+
+
+def test_chat_api_verdicts_offline_are_the_verdicts_inline(tmp_path, chat_route):
+    """Slack through the gateway: the inside user's clean message, one with the blocked keyword, one masked; EICAR
+    and a clean file by the two-step upload (the upload URL learned from a response; sharing the blocked file id
+    refused too); an inbound history (learned identity) with the outside user's blocked, masked and clean messages;
+    an outside user's EICAR and clean download. Matrix: a clean and a blocked message. Rocket.Chat's DDP socket: the
+    client's clean, blocked and masked sendMessage, and the server's pushed messages (blocked, masked, clean), the
+    socket negotiated with permessage-deflate. Captured, each leg replayed with `imguard pcap`: every decision the
+    gateway wrote is the replay's, and no other."""
+    needs_tcpdump()
+    import aiohttp
+    from tests import test_httpchat_gateway as chat
+
+    vendor, gw, options = chat_route
+    port = gw.ports[0]
+    tag = uuid.uuid4().hex[:6]
+    case = chat.slack_case()
+    since = gw.mark()
+    with Capture.start(tmp_path / "chat.pcap", f"tcp port {port} or tcp port {vendor.port}") as capture:
+        # outbound Slack messages
+        for text, status in ((f"lunch at noon {tag}", 200), (f"the {chat.BLOCKED_WORD} plan {tag}", 403),
+                             (f"code {chat.MASK_WORD} {tag}", 200)):
+            got, _ = chat.call_json(port, "POST", "/api/chat.postMessage", {"channel": "C1", "text": text}, chat.SLACK)
+            assert got == status, text
+        assert not [b for b in vendor.bodies("chat.postMessage") if chat.BLOCKED_WORD.encode() in b]
+        # the two-step upload: EICAR refused (and its share), a clean file through
+        form = {"Content-Type": "application/x-www-form-urlencoded", **chat.SLACK}
+        for data, blocked in ((chat.EICAR, True), (chat.CLEAN + tag.encode(), False)):
+            _, _, body = chat.call(port, "POST", "/api/files.getUploadURLExternal",
+                                   f"filename=f-{tag}.bin&length={len(data)}".encode(), form)
+            slot = json.loads(body)
+            path = slot["upload_url"].split(str(port), 1)[1]
+            status, _, _ = chat.call(port, "POST", path, data, {"Content-Type": "application/octet-stream"})
+            assert status == (403 if blocked else 200)
+            status, _ = chat.call_json(port, "POST", "/api/files.completeUploadExternal",
+                                       {"files": [{"id": slot["file_id"]}], "channel_id": "C1"}, chat.SLACK)
+            assert status == (403 if blocked else 200)
+        # inbound: who asks, then a history from the outside user, then its files
+        vendor.served[case.whoami[0]] = (200, "application/json", json.dumps(case.whoami[1]).encode())
+        assert chat.call(port, "GET", case.whoami[0], b"", case.headers)[0] == 200
+        texts = chat.history_texts(f"the {chat.BLOCKED_WORD} launch {tag}", f"code {chat.MASK_WORD} {tag}",
+                                   f"sentinel {tag}", f"my own note {tag}")
+        clean_file = chat.CLEAN + b"inbound " + tag.encode()
+        files = {"eicar": chat.EICAR, "clean": clean_file}
+        for kind in files:
+            vendor.served[case.files[kind]] = (200, "application/octet-stream", files[kind])
+        vendor.served[case.history_path.split("?")[0]] = (
+            200, "application/json", json.dumps(case.history(texts, list(files))).encode())
+        status, _, body = chat.call(port, "GET", case.history_path, b"", case.headers)
+        assert status == 200 and chat.BLOCKED_WORD not in body.decode()
+        assert chat.call(port, "GET", case.files["eicar"], b"", case.headers)[0] == 403
+        status, _, body = chat.call(port, "GET", case.files["clean"], b"", case.headers)
+        assert status == 200 and body == clean_file
+        # Matrix (the stand-in answers every call)
+        matrix = {"Authorization": "Bearer matrix-inside", "Content-Type": "application/json"}
+        for i, (text, status) in enumerate(((f"hello matrix {tag}", 200), (f"{chat.BLOCKED_WORD} {tag}", 403))):
+            got, _, _ = chat.call(port, "PUT", f"/_matrix/client/v3/rooms/!r{tag}:x/send/m.room.message/t{tag}{i}",
+                                  json.dumps({"msgtype": "m.text", "body": text}).encode(), matrix)
+            assert got == status, text
+
+        # Rocket.Chat DDP over a WebSocket with permessage-deflate, both ways
+        def changed(i, text):
+            return json.dumps({"msg": "changed", "collection": "stream-room-messages", "id": "id",
+                               "fields": {"eventName": "GENERAL", "args": [
+                                   {"_id": f"d{tag}{i}", "rid": "GENERAL", "msg": text, "u": {"_id": "rc-outsider"},
+                                    "md": [{"type": "PARAGRAPH", "value": text}]}]}})
+        vendor.ws_push[:] = [changed(0, f"{chat.BLOCKED_WORD} pushed {tag}"), changed(1, f"{chat.MASK_WORD} {tag}"),
+                             changed(2, f"pushed sentinel {tag}")]
+
+        async def ddp():
+            def send(i, text):
+                return json.dumps({"msg": "method", "method": "sendMessage", "id": str(i),
+                                   "params": [{"_id": f"m{tag}{i}", "rid": "R1", "msg": text}]})
+            async with aiohttp.ClientSession() as session:
+                async with session.ws_connect(f"http://127.0.0.1:{port}/websocket", compress=15) as ws:
+                    assert ws.compress, "permessage-deflate was not negotiated through the gateway"
+                    await ws.send_str(json.dumps({"msg": "method", "method": "login", "id": "0",
+                                                  "params": [{"resume": "resume-token"}]}))
+                    assert json.loads((await ws.receive(timeout=10)).data)["result"]["id"] == chat.RC_INSIDE
+                    for i, text in ((1, f"hello ddp {tag}"), (2, f"{chat.BLOCKED_WORD} ddp {tag}"),
+                                    (3, f"{chat.MASK_WORD} ddp {tag}")):
+                        await ws.send_str(send(i, text))
+                        await ws.receive(timeout=10)           # the echo, or imguard's error for the blocked one
+                    await ws.send_str(json.dumps({"msg": "sub", "id": "s1", "name": "stream-room-messages",
+                                                  "params": ["GENERAL", False]}))
+                    pushed = [json.loads((await ws.receive(timeout=10)).data) for _ in range(3)]
+            return [p["fields"]["args"][0]["msg"] for p in pushed]
+        pushed = asyncio.run(ddp())
+        assert pushed[0].startswith("A message from rc-outsider was blocked") and pushed[2] == f"pushed sentinel {tag}"
+        inline_events = settled(lambda: gw.alerts()[since:])
+    inline = decisions(inline_events)
+    actions = Counter((key[2], key[5]) for key in inline.elements())
+    # outbound: 3 Slack + 2 Matrix + 3 DDP messages, 2 uploads, a refused share; inbound: 4 history + 3 pushed
+    # messages and 2 downloads (the inside user's own message is not decided inbound)
+    assert actions[(OUTBOUND, "block")] >= 5 and actions[(INBOUND, "block")] >= 3, inline
+    assert actions[(OUTBOUND, "mask")] == 2 and actions[(INBOUND, "mask")] == 2, inline
+    assert {k[1] for k in inline.elements()} == {"slack", "matrix", "rocketchat"}, inline
+    offline = replay_chat_legs(capture, tmp_path, port, vendor.port, gw.directory / "rules", options)
+    assert_same(inline, offline, "chat APIs")
+
+
+# --- Matrix against a real Synapse, through `imguard run` over plain HTTP --------------------------------------
+
+def test_matrix_synapse_verdicts_offline_are_the_verdicts_inline(tmp_path, synapse, matrix_gateway):
+    """A real Synapse behind `imguard run` (tests/test_e2e_matrix.py's fixtures), its inside user (bob, matrix-nio)
+    through imguard in cleartext, the outside user (alice) straight to Synapse, who never syncs (so nothing the
+    gateway did not carry is decided on her connections). Inbound: alice's blocked, clean and file-sharing messages
+    in bob's syncs, her EICAR and clean files downloaded by bob. Outbound: bob's blocked and clean messages and his
+    EICAR upload. Captured and replayed: the same decisions."""
+    needs_tcpdump()
+    import io
+
+    import nio
+    from tests.test_e2e_matrix import Route as MatrixRoute
+    from tests.test_e2e_matrix import body_is, sync_until
+
+    gw = matrix_gateway
+    offset = gw.log_size()
+    port = gw.ports[0]
+    tag = uuid.uuid4().hex[:6]
+    since = gw.mark()
+
+    async def scenario():
+        alice = await MatrixRoute("outside", synapse, None).client("alice")
+        user = f"bob-{tag}"
+        bob = nio.AsyncClient(f"http://127.0.0.1:{port}", user)
+        assert isinstance(await bob.register(user, f"{user}-password-1"), nio.RegisterResponse)
+        try:
+            created = await alice.room_create(invite=[bob.user_id])
+            assert isinstance(await bob.join(created.room_id), nio.JoinResponse)
+            room = created.room_id
+            assert isinstance(await bob.sync(timeout=0), nio.SyncResponse)
+            sentinel = f"sentinel {tag}"
+            for text in (f"the {BLOCKED_WORD} launch {tag}", f"hello from outside {tag}"):
+                await alice.room_send(room, "m.room.message", {"msgtype": "m.text", "body": text})
+            shared = {}
+            for name, data in ((f"eicar-{tag}.com", EICAR), (f"numbers-{tag}.bin", CLEAN)):
+                up, _ = await alice.upload(io.BytesIO(data), content_type="application/octet-stream",
+                                           filename=name, filesize=len(data))
+                assert isinstance(up, nio.UploadResponse), up
+                await alice.room_send(room, "m.room.message", {"msgtype": "m.file", "body": name,
+                                                              "url": up.content_uri})
+                shared[name] = up.content_uri
+            await alice.room_send(room, "m.room.message", {"msgtype": "m.text", "body": sentinel})
+            seen = await sync_until(bob, room, body_is(sentinel))
+            assert BLOCKED_WORD not in json.dumps(seen)
+            eicar, clean = shared.values()
+            assert isinstance(await bob.download(eicar), nio.DownloadError)
+            got = await bob.download(clean)
+            assert isinstance(got, nio.DownloadResponse) and got.body == CLEAN
+            refused = await bob.room_send(room, "m.room.message",
+                                          {"msgtype": "m.text", "body": f"{BLOCKED_WORD} {tag}"})
+            assert not isinstance(refused, nio.RoomSendResponse), refused
+            sent = await bob.room_send(room, "m.room.message", {"msgtype": "m.text", "body": f"reply {tag}"})
+            assert isinstance(sent, nio.RoomSendResponse), sent
+            up, _ = await bob.upload(io.BytesIO(EICAR), content_type="application/octet-stream",
+                                     filename=f"out-{tag}.com", filesize=len(EICAR))
+            assert not isinstance(up, nio.UploadResponse), up
+        finally:
+            await alice.close()
+            await bob.close()
+
+    with Capture.start(tmp_path / "matrix.pcap", f"tcp port {port} or tcp port {synapse.port}") as capture:
+        asyncio.run(scenario())
+        inline_events = settled(lambda: gw.alerts()[since:])
+    assert not gw.crashed and not gw.errors_since(offset), gw.logs()
+    inline = decisions(inline_events)
+    actions = Counter((key[0], key[2], key[5]) for key in inline.elements())
+    assert actions[("message", INBOUND, "block")] == 1 and actions[("message", INBOUND, "allow")] >= 4, inline
+    assert actions[("file", INBOUND, "block")] == 1 and actions[("file", INBOUND, "allow")] == 1, inline
+    assert actions[("message", OUTBOUND, "block")] == 1 and actions[("file", OUTBOUND, "block")] == 1, inline
+    offline = replay_chat_legs(capture, tmp_path, port, synapse.port, gw.directory / "rules", [])
+    assert_same(inline, offline, "Matrix (Synapse)")
+
+
+def test_discord_zlib_stream_verdicts_offline_are_the_verdicts_inline(tmp_path, chat_route):
+    """Discord's gateway socket with compress=zlib-stream (one zlib stream for the connection, a payload split over
+    two WebSocket messages), as tests/test_httpchat_gateway.py's stand-in plays it: the outside user's blocked,
+    sentinel, masked and clean MESSAGE_CREATEs, and the inside user's own. The replay reads the server's stream
+    with the same codec (one inflater per socket) and decides the same messages."""
+    needs_tcpdump()
+    import zlib
+
+    import aiohttp
+    from tests import test_httpchat_gateway as chat
+
+    vendor, gw, options = chat_route
+    port = gw.ports[0]
+    tag = uuid.uuid4().hex[:6]
+    outside, inside = "8800111", "8800222"
+    blocked, sentinel, masked, clean, own = chat.pushed_texts(tag)
+    pushes = [chat.discord_message(i, tag, who, text) for i, (who, text) in enumerate(
+        [(outside, blocked), (outside, sentinel), (outside, masked), (outside, clean), (inside, own)])]
+    vendor.ws_script = chat.discord_script(pushes, inside, [])
+    since = gw.mark()
+
+    async def client() -> list[dict]:
+        inflater, buffer, got = zlib.decompressobj(), bytearray(), []
+        async with aiohttp.ClientSession() as session:
+            async with session.ws_connect(f"http://127.0.0.1:{port}/?v=10&encoding=json&compress=zlib-stream",
+                                          headers={"Host": "gateway.discord.gg"}, max_msg_size=0) as ws:
+                await ws.send_str(json.dumps({"op": 2, "d": {"token": "discord-ws-token", "intents": 33281,
+                                                             "properties": {"os": "linux", "browser": "test"}}}))
+                while len(got) < 7:         # HELLO, READY, the five pushes
+                    buffer.extend((await ws.receive(timeout=10)).data)
+                    if buffer[-4:] == b"\x00\x00\xff\xff":
+                        got.append(json.loads(inflater.decompress(bytes(buffer))))
+                        buffer.clear()
+        return got
+
+    with Capture.start(tmp_path / "discord.pcap", f"tcp port {port} or tcp port {vendor.port}") as capture:
+        got = asyncio.run(client())
+        inline_events = settled(lambda: gw.alerts()[since:])
+    contents = [g["d"]["content"] for g in got[2:]]
+    assert contents[0].startswith(f"A message from {outside} was blocked by imguard:"), contents
+    assert contents[1:] == [sentinel, f"code [REDACTED:keyword] {tag}", clean, own], contents
+    inline = decisions(inline_events)
+    assert sorted(k[5] for k in inline.elements()) == ["allow", "allow", "block", "mask"], inline
+    offline = replay_chat_legs(capture, tmp_path, port, vendor.port, gw.directory / "rules", options)
+    assert_same(inline, offline, "Discord zlib-stream")

@@ -245,3 +245,154 @@ def test_download_over_the_limit_is_inspected_truncated_and_its_rest_never_cross
     assert sent(s.data_received(False, OK_LENGTH[-3:]), True) == b""     # the rest of it never crosses
     s.data_received(True, GET_OTHER)
     assert sent(s.data_received(False, OK_CHUNKED), True) == OK_CHUNKED    # the next response does
+
+
+# --- chat APIs: the chat carrier (imguard/chatapi.py) behind the replay's HTTP framing -------------------------
+
+def chat_session(transfers: ExpectedTransfers | None = None):
+    """An HttpUploadSession with a chat carrier over tests/test_httpchat_addon.py's stub pipeline (blocks "BAD" and
+    b"EVIL", masks "mask-me")."""
+    from imguard.chatapi import ChatApiCarrier
+    from test_httpchat_addon import StubPipeline
+    pipeline = StubPipeline()
+    transfers = transfers or ExpectedTransfers()
+    chat = ChatApiCarrier(pipeline, transfers=transfers, record=pipeline.record, commit=lambda: None)
+    return HttpUploadSession(transfers, CTX, chat=chat), pipeline
+
+
+def chunked(body: bytes, size: int = 7) -> bytes:
+    return b"".join(b"%x\r\n%s\r\n" % (len(body[i:i + size]), body[i:i + size])
+                    for i in range(0, len(body), size)) + b"0\r\n\r\n"
+
+
+def test_chat_message_gzipped_and_chunked_is_decided_at_every_split():
+    """A Slack chat.postMessage, gzipped and chunked: whatever the segment boundaries, its text is decided once; a
+    blocked one gets Slack's error JSON (403) and no byte of it reaches the server; the masked one crosses."""
+    import gzip
+    import json
+    for text, status in (("a BAD plan", 403), ("please mask-me", None)):
+        body = gzip.compress(json.dumps({"channel": "C1", "text": text}).encode())
+        raw = (b"POST /api/chat.postMessage HTTP/1.1\r\nHost: slack.example\r\nAuthorization: Bearer xoxb-1\r\n"
+               b"Content-Type: application/json\r\nContent-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n"
+               + chunked(body))
+        for cut in range(1, len(raw), 5):
+            s, pipeline = chat_session()
+            commands = feed(s, raw, cut)
+            assert [t for t, _ in pipeline.messages] == [text], cut
+            ctx = pipeline.messages[0][1]
+            assert (ctx.protocol, ctx.origin, ctx.conversation, ctx.connection_id) == ("slack", "client", "C1", "C7")
+            if status:
+                assert sent(commands, False) == b"" and sent(commands, True).startswith(b"HTTP/1.1 403 ")
+                assert json.loads(sent(commands, True).split(b"\r\n\r\n", 1)[1])["ok"] is False
+            else:
+                assert b"[X]" in sent(commands, False) and sent(commands, True) == b""
+
+
+def test_chat_download_is_inspected_and_a_block_refuses_it_and_later_requests():
+    """A Mattermost file download's response (chunked) leaves as an InspectFile with the downloader as recipient; a
+    block gets the client Mattermost's error JSON instead of the bytes, and a later GET of that file is answered
+    403 at once, its response never crossing."""
+    import json
+    from imguard.protocols.httpchat import credential_key
+    s, pipeline = chat_session()
+    s.chat.learn_identity(credential_key("mm-token"), "bob")
+    get = b"GET /api/v4/files/f1 HTTP/1.1\r\nHost: mm.example\r\nAuthorization: Bearer mm-token\r\n\r\n"
+    assert sent(s.data_received(True, get), False) == get
+    response = b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nTransfer-Encoding: chunked\r\n\r\n" \
+        + chunked(b"EVIL bytes of a file")
+    commands = s.data_received(False, response)
+    [inspect] = [c for c in commands if isinstance(c, InspectFile)]
+    assert inspect.data == b"EVIL bytes of a file" and sent(commands, True) == b""
+    assert (inspect.context.origin, inspect.context.recipients) == ("server", ("bob",))
+    verdict = s.file_verdict(inspect.transfer_id, FileReport("f1", "f1", 20), Decision(action=BLOCK))
+    answer = sent(verdict, True)
+    assert answer.startswith(b"HTTP/1.1 403 ") and b"EVIL" not in answer
+    assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["status_code"] == 403
+    again, _ = chat_session(s.transfers)
+    assert sent(again.data_received(True, get), True).startswith(b"HTTP/1.1 403 ")
+    assert again.data_received(False, response) == []
+
+
+def ws_frame(payload: bytes, mask: bytes | None, deflater=None, opcode: int = 1, pieces: int = 1) -> bytes:
+    """A WebSocket message as RFC 6455 frames: compressed (RSV1, RFC 7692) with `deflater`, masked with `mask`, in
+    `pieces` frames."""
+    if deflater is not None:
+        payload = (deflater.compress(payload) + deflater.flush(__import__("zlib").Z_SYNC_FLUSH))[:-4]
+    size = -(-len(payload) // pieces)
+    out = b""
+    for i in range(pieces):
+        part = payload[i * size:(i + 1) * size]
+        first = (opcode if i == 0 else 0) | (0x40 if deflater is not None and i == 0 else 0)
+        head = bytes([first | (0x80 if i == pieces - 1 else 0)])
+        n = len(part)
+        head += bytes([(0x80 if mask else 0) | (n if n < 126 else 126)]) + (n.to_bytes(2, "big") if n >= 126 else b"")
+        if mask:
+            part = mask + bytes(b ^ mask[j % 4] for j, b in enumerate(part))
+        out += head + part
+    return out
+
+
+def test_chat_websocket_frames_masked_deflated_and_split_are_decided():
+    """Rocket.Chat DDP over a WebSocket with permessage-deflate: the client's masked, compressed sendMessage frames
+    (one message in two frames) and the server's compressed pushes, fed at every split: the blocked sendMessage is
+    dropped and answered with a DDP error, the clean one crosses; the outside user's blocked push reaches the
+    client as the notice."""
+    import json
+    import zlib
+    upgrade = (b"GET /websocket HTTP/1.1\r\nHost: rc.example\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+               b"Sec-WebSocket-Key: x\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Extensions: permessage-deflate\r\n"
+               b"\r\n")
+    switched = (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                b"Sec-WebSocket-Extensions: permessage-deflate\r\n\r\n")
+    client_z = zlib.compressobj(wbits=-15)
+    server_z = zlib.compressobj(wbits=-15)
+
+    def send(i, text):
+        return json.dumps({"msg": "method", "method": "sendMessage", "id": str(i),
+                           "params": [{"_id": f"m{i}", "rid": "R1", "msg": text}]}).encode()
+    client = (ws_frame(send(1, "hello there"), b"\x01\x02\x03\x04", client_z, pieces=2)
+              + ws_frame(send(2, "a BAD one"), b"\xaa\xbb\xcc\xdd", client_z))
+    push = json.dumps({"msg": "changed", "collection": "stream-room-messages", "id": "id", "fields": {
+        "eventName": "R1", "args": [{"_id": "d1", "rid": "R1", "msg": "BAD news", "u": {"_id": "outsider"}}]}})
+    server = ws_frame(push.encode(), None, server_z) + ws_frame(b"", None, opcode=0x9)      # and a ping
+    for cut in range(1, len(client), 3):
+        s, pipeline = chat_session()
+        s.data_received(True, upgrade)
+        s.data_received(False, switched)
+        commands = s.data_received(True, client[:cut]) + s.data_received(True, client[cut:])
+        assert [t for t, _ in pipeline.messages] == ["hello there", "a BAD one"], cut
+        assert b"BAD" not in sent(commands, False)
+        frame = sent(commands, True)
+        reply = json.loads(frame[4:] if frame[1] == 126 else frame[2:])      # one unmasked frame
+        assert reply["msg"] == "result" and reply["id"] == "2" and reply["error"]
+    for cut in range(1, len(server), 3):
+        s, pipeline = chat_session()
+        s.data_received(True, upgrade)
+        s.data_received(False, switched)
+        commands = s.data_received(False, server[:cut]) + s.data_received(False, server[cut:])
+        assert [t for t, _ in pipeline.messages] == ["BAD news"], cut
+        out = sent(commands, True)
+        assert b"BAD news" not in out and b"A message from outsider was blocked by imguard" in out
+        assert out.endswith(b"\x89\x00"), "the ping did not cross"
+
+
+def test_content_encodings_are_undone_or_refused():
+    """gzip, deflate (zlib or raw), br and a stack of them are undone, the last applied first; an encoding that
+    cannot be undone is a ValueError (the carrier then refuses the request as malformed, as mitmproxy's strict
+    get_content makes the gateway do)."""
+    import gzip
+    import zlib
+
+    import brotli
+    from imguard.replay.http import decode_content
+    body = b"chat body " * 50
+    raw = zlib.compressobj(wbits=-15)
+    assert decode_content(gzip.compress(body), "gzip") == body
+    assert decode_content(zlib.compress(body), "deflate") == body
+    assert decode_content(raw.compress(body) + raw.flush(), "deflate") == body
+    assert decode_content(brotli.compress(body), "br") == body
+    assert decode_content(brotli.compress(gzip.compress(body)), "gzip, br") == body
+    assert decode_content(body, "identity") == body
+    for bad, encoding in ((body, "gzip"), (body, "zstd"), (b"\x00", "br")):
+        with pytest.raises(ValueError):
+            decode_content(bad, encoding)

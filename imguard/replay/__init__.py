@@ -4,7 +4,9 @@
     reassembly   Reassembler: TcpSegment -> StreamOpened / StreamData / StreamGap / StreamClosed
     replay       Replay(pipeline).run(capture) -> ReplaySummary
     summary      ReplaySummary: conversations, messages, transfers, anomalies; as text or JSON
-    http         HttpUploadSession: HTTP uploads in a capture, as the gateway's HTTP addon decides them
+    http         HttpUploadSession: HTTP uploads in a capture, as the gateway's HTTP addon decides them, and chat
+                 API calls and WebSockets, handed to the gateway's chat carrier (imguard/chatapi.py)
+    websocket    WsReader: RFC 6455 frames (masking, permessage-deflate) -> whole messages
     cli          add_pcap_arguments(parser), replay_main(args)
 
 Nothing here imports mitmproxy: the replay runs the protocol sessions directly.

@@ -24,6 +24,15 @@ trailers), so an allowed request is released to the server exactly as it came. T
 the HTTP framing and says, through the tracker's `refuse` hook, what a stopped upload gets: the 403
 and the blocked download URL.
 
+Chat API calls (Matrix, Slack, Mattermost, Rocket.Chat, Discord) go to the replay's chat carrier
+(imguard/chatapi.py, the gateway's ChatApis addon without mitmproxy), driven as the addon drives it: the head to
+request_headers; a call it buffers is held whole (de-chunked, its Content-Encoding undone: decode_content) for
+request_body, whose Respond replaces it (the client gets the API's error; nothing reaches the server); a response
+it holds (a download, a history) is read whole for response_body, a learning one (login, whoami, upload URLs) kept
+for response_learned while it crosses. A file the carrier scans leaves as an InspectFile, and the carrier's step
+waits for its file_verdict. After the 101 of a chat WebSocket, both sides' frames (replay/websocket.py) go to it
+message by message. A 101 to anything else ends decoding: the rest of the connection is relayed.
+
 Responses are framed (status line, Content-Length, chunked, or to the close) and paired with their requests in
 order, so a held download's response is found on a kept-alive connection; the others are relayed as they come.
 Requests are bounded: a header block over `max_header_bytes` or a body over `max_upload_size` ends
@@ -35,15 +44,22 @@ from __future__ import annotations
 
 import collections
 import enum
+import gzip
 import re
+import zlib
 from dataclasses import dataclass, field
+from dataclasses import replace as dataclasses_replace
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from imguard.chatapi import (RESPONSE_KEEP, ChatApiCarrier, ChatCall, ChatSocket, Drop, Fate, Inspect, Respond,
+                             Rewrite, Step)
 from imguard.files.expected import ExpectedDownload, ExpectedUpload
 from imguard.files.tracker import ConnectionHolds, HeldTransfer, HoldState, Notice, Party
 from imguard.model import FROM_CLIENT, FROM_SERVER, ChatContext, Decision, FileReport
-from imguard.protocols.base import Anomaly, Command, Notify, Send, StreamSession
+from imguard.protocols.base import Anomaly, Command, InspectFile, Notify, Send, StreamSession
+from imguard.protocols.httpchat.events import HttpRequest
+from imguard.replay import websocket as ws
 from imguard.protocols.ymsg import YmsgTransfer, find_ymsg_transfer
 from imguard.settings import KiB, MiB, setting
 
@@ -124,6 +140,8 @@ class ResponseFate(enum.Enum):
     FORWARD = "forward"               # crosses as it comes
     DROP = "drop"                     # the request was answered by imguard (a 403): the server's answer never crosses
     HOLD = "hold"                     # a download shared with our user: held for its verdict
+    CHAT_HOLD = "chat_hold"           # a chat API's download or delivery: held whole for the chat carrier
+    CHAT_COLLECT = "chat_collect"     # a chat API's learning response: crosses, its first bytes kept
 
 
 @dataclass
@@ -134,13 +152,50 @@ class PendingRequest:
     download: ExpectedDownload | None = None    # a file shared with our user: its 200 response is held
     answered: bool = False                      # imguard answered it itself: the server's answer is dropped
     extra: dict = field(default_factory=dict)
+    chat: ChatCall | None = None                # a chat API call the chat carrier holds
+    socket: ChatSocket | None = None            # a WebSocket upgrade to a chat API: its state
+
+
+@dataclass
+class HeldChatBody:
+    """A chat API request or response body read whole for the chat carrier (as mitmproxy buffers it)."""
+    call: ChatCall
+    head: bytes
+    headers: dict[str, str]
+    status: int = 0
+    body: bytearray = field(default_factory=bytearray)     # the payload, de-chunked
+    wire: bytearray = field(default_factory=bytearray)     # every byte as it crossed
+    limit: int = 0                                          # bytes of payload kept (more is only counted)
+    size: int = 0
+
+    def add(self, data: bytes) -> None:
+        self.size += len(data)
+        if len(self.body) <= self.limit:
+            self.body += data[:self.limit + 1 - len(self.body)]
+        self.wire += data
+
+
+class ChatSocketStream:
+    """A chat WebSocket after its 101: each direction's frames to whole messages (replay/websocket.py), handed to
+    the chat carrier as mitmproxy's WebSocket layer hands them to the gateway's."""
+
+    def __init__(self, sock: ChatSocket, deflate: ws.Deflate | None, max_message: int):
+        self.sock = sock
+        self.readers = {True: ws.WsReader(True, deflate, max_message), False: ws.WsReader(False, deflate, max_message)}
 
 
 class HttpUploadSession(StreamSession):
     """One HTTP/1.x connection seen in a capture: client requests decoded, server bytes relayed."""
 
-    def __init__(self, transfers: Any, context: ChatContext, limits: HttpLimits = HttpLimits()):
+    def __init__(self, transfers: Any, context: ChatContext, limits: HttpLimits = HttpLimits(),
+                 chat: ChatApiCarrier | None = None):
         self.transfers = transfers
+        self.chat = chat                 # the replay's chat-API carrier (imguard/chatapi.py), shared by its sessions
+        self._chat_request: HeldChatBody | None = None     # a chat request being read whole
+        self._chat_response: HeldChatBody | None = None    # a chat response being read whole (or its first bytes)
+        self._chat_steps: dict[str, tuple[Step, Any]] = {}  # carrier steps waiting for a file verdict
+        self._socket: ChatSocketStream | None = None        # after a chat WebSocket's 101
+        self._discard = False            # the request's body is dropped (imguard answered it)
         self.context = context.with_(protocol=context.protocol or "http")
         self.limits = limits
         self._paths = [re.compile(p) for p in limits.upload_paths]
@@ -162,6 +217,8 @@ class HttpUploadSession(StreamSession):
     # --- StreamSession ------------------------------------------------------------------------------
 
     def data_received(self, from_client: bool, data: bytes) -> list[Command]:
+        if self._socket is not None:
+            return self._socket_data(from_client, data)
         if not from_client:
             return self._server_data(data)
         if self._state is RequestState.DONE:
@@ -189,6 +246,10 @@ class HttpUploadSession(StreamSession):
         return []
 
     def file_verdict(self, transfer_id: str, report: FileReport, decision: Decision) -> list[Command]:
+        waiting = self._chat_steps.pop(transfer_id, None)
+        if waiting is not None:
+            step, done = waiting
+            return self._chat_run(step, done, (report, decision))
         upload = self._inspecting.pop(transfer_id, None)
         if upload is None:
             return []
@@ -196,6 +257,12 @@ class HttpUploadSession(StreamSession):
         return upload.verdict(decision)
 
     def connection_closed(self, from_client: bool) -> list[Command]:
+        if from_client and self._chat_request is not None and self.chat is not None:
+            held, self._chat_request = self._chat_request, None
+            self.chat.request_failed(held.call, "the client closed the connection")
+            return []
+        if not from_client and self._chat_response is not None:
+            return self._chat_response_done()       # read to the close
         if not from_client:
             if self._download is None:
                 return []
@@ -224,10 +291,12 @@ class HttpUploadSession(StreamSession):
             return self._give_up("http_bad_request", f"not an HTTP/1.x request line: {lines[0][:80]!r}")
         method, target = parts[0], parts[1].decode("latin-1")
         headers: dict[str, str] = {}
+        pairs: list[tuple[str, str]] = []           # every header, repeated ones too (the chat carrier's request)
         for line in lines[1:]:
             name, sep, value = line.partition(b":")
             if sep:
-                headers[name.strip().lower().decode("latin-1")] = value.strip().decode("latin-1")
+                pairs.append((name.strip().lower().decode("latin-1"), value.strip().decode("latin-1")))
+                headers[pairs[-1][0]] = pairs[-1][1]
         chunked = "chunked" in headers.get("transfer-encoding", "").lower()
         length = headers.get("content-length", "0").strip()
         self._remaining = int(length) if length.isdigit() else 0
@@ -254,6 +323,11 @@ class HttpUploadSession(StreamSession):
                     break
             if expected is not None or any(p.search(u) for p in self._paths for u in urls):
                 self._upload = self._held_transfer(HeldUpload(url, expected, headers.get("content-type", "")))
+        if self.chat is not None and self._upload is None and not pending.answered and pending.download is None:
+            answer = self._chat_request_head(pending, method, target, headers, pairs, urls, head)
+            if answer is not None:
+                out += answer
+                head = b""
         out += self._raw(head)
         if chunked:
             self._state = RequestState.CHUNK_SIZE
@@ -292,6 +366,11 @@ class HttpUploadSession(StreamSession):
         return urls
 
     def _body_bytes(self, data: bytes) -> list[Command]:
+        if self._chat_request is not None:
+            self._chat_request.add(data)
+            return []
+        if self._discard:
+            return []
         upload = self._upload
         if upload is None:
             return [Send(to_client=False, data=data)] if data else []
@@ -357,12 +436,20 @@ class HttpUploadSession(StreamSession):
 
     def _raw(self, data: bytes) -> list[Command]:
         """Framing bytes (head, chunk sizes, CRLFs): held in place with a held request, else forwarded."""
+        if self._chat_request is not None:
+            self._chat_request.wire += data
+            return []
+        if self._discard:
+            return []
         if self._upload is not None:
             return self._upload.append(b"", data) if data else []
         return [Send(to_client=False, data=data)] if data else []
 
     def _request_done(self) -> list[Command]:
         self._state = RequestState.HEAD
+        self._discard = False
+        if self._chat_request is not None:
+            return self._chat_request_done()
         if self._upload is None:
             return []
         return self._inspect(truncated=False)
@@ -396,6 +483,165 @@ class HttpUploadSession(StreamSession):
         if self.transfers is not None:
             self.transfers.mark_blocked_url(request.download_url, reason)
         return [Send(to_client=True, data=_response(403, f"imguard: upload blocked ({reason})"))]
+
+    # --- chat APIs: the chat carrier (imguard/chatapi.py), as the gateway's ChatApis addon drives it --------------
+
+    def _chat_request_head(self, pending: PendingRequest, method: bytes, target: str, headers: dict[str, str],
+                           pairs: list[tuple[str, str]], urls: list[str], head: bytes) -> list[Command] | None:
+        """A request's head to the chat carrier: None when the head crosses as usual (not a chat call, or one whose
+        response is held); else what the client gets instead (the request is answered: its head and body dropped),
+        or [] when the request is held whole (its head with it)."""
+        parts = urlsplit(target)
+        host = parts.hostname or (headers.get("host", "") or self.context.server_address).rsplit(":", 1)[0]
+        req = HttpRequest(method.decode("latin-1").upper(), host.lower(), parts.path or "/", tuple(_query(parts.query)),
+                          tuple(pairs))
+        if "websocket" in headers.get("upgrade", "").lower():
+            sock = self.chat.socket(req, self.context)
+            refused = self.chat.handshake(sock)
+            if refused is not None:
+                return self._chat_answer(pending, refused)
+            if sock.api is not None:
+                pending.socket = sock
+            return None
+        length = headers.get("content-length", "").strip()
+        call, fate = self.chat.request_headers(req, self.context, urls=tuple(urls),
+                                               content_length=int(length) if length.isdigit() else None)
+        if isinstance(fate, Respond):
+            return self._chat_answer(pending, fate)
+        if call is None:
+            return None
+        pending.chat = call
+        if fate is Fate.BUFFER:
+            limit = max(self.chat.settings.max_upload_size, self.chat.settings.max_message_size)
+            self._chat_request = HeldChatBody(call, head, headers, limit=limit)
+            return []
+        return None
+
+    def _chat_answer(self, pending: PendingRequest, respond: Respond) -> list[Command]:
+        """The client gets the carrier's answer; the request (whatever of it is still to come) does not cross."""
+        pending.answered = True
+        self._discard = True
+        return [Send(to_client=True, data=_response(respond.status, respond.body, respond.content_type))]
+
+    def _chat_request_done(self) -> list[Command]:
+        held, self._chat_request = self._chat_request, None
+        try:
+            body, problem = decode_content(bytes(held.body), held.headers.get("content-encoding", "")), ""
+            req = dataclasses_replace(held.call.request, body=body)
+        except ValueError as e:
+            req, problem = None, str(e)
+
+        def done(outcome) -> list[Command]:
+            if isinstance(outcome, Respond):
+                return [Send(to_client=True, data=_response(outcome.status, outcome.body, outcome.content_type))]
+            if isinstance(outcome, Rewrite):
+                return [Send(to_client=False, data=held.head + outcome.body)]
+            return [Send(to_client=False, data=held.head + bytes(held.wire))]
+        return self._chat_run(self.chat.request_body(held.call, req, problem), done)
+
+    def _chat_run(self, step: Step, done, answer: Any = None, started: bool = True) -> list[Command]:
+        """Drive a carrier step: an Offload runs at once; an Inspect leaves as an InspectFile, and the step waits for
+        its file_verdict; `done(outcome)` gives the commands of the outcome."""
+        try:
+            request = step.send(answer) if answer is not None else next(step)
+            while not isinstance(request, Inspect):
+                try:
+                    result = request.fn()
+                except Exception as e:
+                    request = step.throw(e)
+                    continue
+                request = step.send(result)
+        except StopIteration as stop:
+            return done(stop.value)
+        self._counter += 1
+        transfer_id = f"chat:{self.context.connection_id}:{self._counter}"
+        self._chat_steps[transfer_id] = (step, done)
+        return [InspectFile(transfer_id, request.data, request.context, request.name, request.mime)]
+
+    def _chat_response_head(self, call: ChatCall, status: int, headers: dict[str, str], head: bytes) -> ResponseFate:
+        fate = self.chat.response_headers(call, status, headers)
+        if fate is Fate.HOLD:
+            limit = max(self.chat.settings.max_upload_size, self.chat.settings.max_delivery_size)
+            self._chat_response = HeldChatBody(call, head, headers, status, limit=limit)
+            return ResponseFate.CHAT_HOLD
+        if fate is Fate.COLLECT:
+            # as the gateway's collector: the first RESPONSE_KEEP bytes as they came
+            self._chat_response = HeldChatBody(call, head, headers, status, limit=RESPONSE_KEEP - 1)
+            return ResponseFate.CHAT_COLLECT
+        if fate is Fate.KILL:
+            return ResponseFate.DROP
+        return ResponseFate.FORWARD
+
+    def _chat_response_done(self) -> list[Command]:
+        held, self._chat_response = self._chat_response, None
+        try:
+            body = decode_content(bytes(held.body), held.headers.get("content-encoding", ""))
+        except ValueError:
+            if not held.call.held:      # a learning response that cannot be read teaches nothing (as inline)
+                return []
+            body = bytes(held.body)     # as mitmproxy's get_content(strict=False): the bytes as they came
+        if not held.call.held:          # a learning response: it crossed already
+            self.chat.response_learned(held.call, held.status, body)
+            return []
+
+        def done(outcome) -> list[Command]:
+            if isinstance(outcome, Respond):
+                return [Send(to_client=True, data=_response(outcome.status, outcome.body, outcome.content_type))]
+            if isinstance(outcome, Rewrite):
+                return [Send(to_client=True, data=held.head + outcome.body)]
+            if outcome is Fate.KILL:
+                return []
+            return [Send(to_client=True, data=bytes(held.wire))]
+        return self._chat_run(self.chat.response_body(held.call, held.status, held.headers, body), done)
+
+    def _upgraded(self, pending: PendingRequest, head: bytes, headers: dict[str, str]) -> list[Command]:
+        """101 Switching Protocols: the connection is no longer HTTP. A chat socket's messages go to the carrier
+        (what is already read of either side with them); any other is relayed untouched."""
+        self._pending.popleft()
+        out = [Send(to_client=True, data=head)]
+        rest_server, rest_client = bytes(self._rbuf), bytes(self._buf)
+        self._rbuf, self._buf = bytearray(), bytearray()
+        if pending.socket is None or "websocket" not in headers.get("upgrade", "").lower():
+            self._rstate, self._state = ResponseState.DONE, RequestState.DONE
+            return out + ([Send(to_client=True, data=rest_server)] if rest_server else []) + \
+                ([Send(to_client=False, data=rest_client)] if rest_client else [])
+        deflate = ws.Deflate.negotiated(headers.get("sec-websocket-extensions", ""))
+        self._socket = ChatSocketStream(pending.socket, deflate, self.chat.settings.max_delivery_size + 1)
+        if rest_client:
+            out += self._socket_data(True, rest_client)
+        if rest_server:
+            out += self._socket_data(False, rest_server)
+        return out
+
+    def _socket_data(self, from_client: bool, data: bytes) -> list[Command]:
+        stream = self._socket
+        reader = stream.readers[from_client]
+        if reader.broken:               # that side could not be followed: relayed, not decoded
+            return [Send(to_client=not from_client, data=data)]
+        out: list[Command] = []
+        for item in reader.feed(data):
+            if isinstance(item, ws.WsControl):
+                out.append(Send(to_client=not from_client, data=item.wire))
+            elif isinstance(item, ws.WsError):
+                out.append(Anomaly(self.context, "websocket_unreadable", f"a chat WebSocket: {item.detail}; the rest "
+                                   "of that side is not decoded"))
+                out.append(Send(to_client=not from_client, data=item.wire))
+            elif from_client:
+                out += self._socket_outcome(item, True, self.chat.client_message(stream.sock, item.payload))
+            else:
+                out += self._chat_run(self.chat.server_message(stream.sock, item.payload),
+                                      lambda outcome, item=item: self._socket_outcome(item, False, outcome))
+        return out
+
+    @staticmethod
+    def _socket_outcome(item: ws.WsMessage, from_client: bool, outcome) -> list[Command]:
+        """What crosses for a socket message: as it came, rewritten (one unmasked frame: the replay keeps what would
+        have crossed, not its exact framing), or nothing (and the carrier's reply to the sender)."""
+        if isinstance(outcome, Rewrite):
+            return [Send(to_client=not from_client, data=ws.frame(item.opcode, outcome.body))]
+        if isinstance(outcome, Drop):
+            return [Send(to_client=from_client, data=ws.frame(ws.TEXT, outcome.reply))] if outcome.reply else []
+        return [Send(to_client=not from_client, data=item.wire)]
 
     # --- responses ----------------------------------------------------------------------------------
 
@@ -447,8 +693,12 @@ class HttpUploadSession(StreamSession):
         pending = self._pending[0]
         if status >= 200:
             self._pending.popleft()
+        if status == 101:
+            return self._upgraded(pending, head, headers)
         if pending.answered:
             self._fate = ResponseFate.DROP
+        elif pending.chat is not None:
+            self._fate = self._chat_response_head(pending.chat, status, headers, head)
         elif pending.download is not None and status in (200, 206):
             self._fate = ResponseFate.HOLD
             self._download = self._held_download(pending.download, headers.get("content-type", ""))
@@ -506,11 +756,18 @@ class HttpUploadSession(StreamSession):
         """A response's head or chunk framing: crosses, is held with the held download, or is dropped."""
         if not data or self._fate is ResponseFate.DROP:
             return []
+        if self._fate is ResponseFate.CHAT_HOLD and self._chat_response is not None:
+            self._chat_response.wire += data
+            return []
         if self._fate is ResponseFate.HOLD and self._download is not None:
             return self._download.append(b"", data)
         return [Send(to_client=True, data=data)]
 
     def _response_body(self, data: bytes) -> list[Command]:
+        if self._fate in (ResponseFate.CHAT_HOLD, ResponseFate.CHAT_COLLECT) and self._chat_response is not None:
+            self._chat_response.add(data)
+            if self._fate is ResponseFate.CHAT_HOLD:
+                return []
         download = self._download
         if self._fate is not ResponseFate.HOLD or download is None:
             return self._response_framing(data)
@@ -526,6 +783,10 @@ class HttpUploadSession(StreamSession):
 
     def _response_done(self) -> list[Command]:
         self._rstate = ResponseState.HEAD
+        if self._chat_response is not None:
+            out = self._chat_response_done()
+            self._fate = ResponseFate.FORWARD
+            return out
         out = self._inspect_download(truncated=self._status == 206) if self._download is not None else []
         self._fate = ResponseFate.FORWARD
         return out
@@ -610,8 +871,44 @@ class HttpUploadSession(StreamSession):
         return out + ([Send(to_client=False, data=rest)] if rest else [])
 
 
-def _response(status: int, text: str) -> bytes:
-    reason = {403: "Forbidden", 413: "Payload Too Large"}.get(status, "")
-    body = (text + "\n").encode()
-    return (f"HTTP/1.1 {status} {reason}\r\ncontent-type: text/plain\r\ncontent-length: {len(body)}\r\n"
+def _response(status: int, text: str | bytes, content_type: str = "text/plain") -> bytes:
+    reason = {400: "Bad Request", 403: "Forbidden", 413: "Payload Too Large", 502: "Bad Gateway"}.get(status, "")
+    body = text if isinstance(text, bytes) else (text + "\n").encode()
+    return (f"HTTP/1.1 {status} {reason}\r\ncontent-type: {content_type}\r\ncontent-length: {len(body)}\r\n"
             f"connection: close\r\n\r\n").encode() + body
+
+
+def _query(query: str) -> list[tuple[str, str]]:
+    from urllib.parse import parse_qsl
+    return parse_qsl(query, keep_blank_values=True)
+
+
+def decode_content(body: bytes, encoding: str) -> bytes:
+    """A body with its Content-Encoding undone (gzip, x-gzip, deflate: zlib or raw, br with the brotli package; the
+    last applied first). ValueError for an encoding that cannot be undone."""
+    for coding in reversed([c.strip().lower() for c in encoding.split(",") if c.strip()]):
+        try:
+            if coding in ("identity", ""):
+                continue
+            if coding in ("gzip", "x-gzip"):
+                body = gzip.decompress(body)
+            elif coding == "deflate":
+                try:
+                    body = zlib.decompress(body)
+                except zlib.error:
+                    body = zlib.decompress(body, -15)
+            elif coding == "br":
+                try:
+                    import brotli
+                except ImportError:
+                    raise ValueError("br: the brotli package is not installed") from None
+                body = brotli.decompress(body)
+            else:
+                raise ValueError(f"the content encoding {coding!r} is not supported")
+        except (OSError, EOFError, zlib.error) as e:
+            raise ValueError(f"{coding}: {e}") from e
+        except Exception as e:
+            if isinstance(e, ValueError):
+                raise
+            raise ValueError(f"{coding}: {e}") from e
+    return body

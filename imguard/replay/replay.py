@@ -75,21 +75,24 @@ class ReplaySettings:
 SessionFactory = Callable[[SessionRequest], Any]     # SessionRequest: imguard.protocols.registry's, shared
 
 
-def default_factories() -> dict[str, SessionFactory]:
+def default_factories(chat: Any = None) -> dict[str, SessionFactory]:
     """Every protocol of the registry (built as the gateway builds them, minus the relays: a capture is observed,
-    not rewritten), plus the replay's own HTTP upload session (the gateway uses mitmproxy's HTTP layer)."""
+    not rewritten), plus the replay's own HTTP session (the gateway uses mitmproxy's HTTP layer), which hands chat
+    API calls to `chat`, the replay's chat-API carrier (imguard/chatapi.py; None: chat APIs are not decoded)."""
     factories: dict[str, SessionFactory] = {name: registry.build for name in registry.PROTOCOLS}
     from imguard.replay.http import HttpLimits, HttpUploadSession
     factories["http"] = lambda r: HttpUploadSession(transfers=r.transfers, context=r.context,
-                                                    limits=r.limit(HttpLimits))
+                                                    limits=r.limit(HttpLimits), chat=chat)
     return factories
 
 
 def limits_classes() -> list[tuple[str, type, str]]:
     """(key, class, title) of every per-connection limits class the replay's sessions take: the registry's (the
     gateway's options, so a capture is decided with the limits the gateway ran with), and HTTP uploads'."""
+    from imguard.chatapi import ChatApiSettings
     from imguard.replay.http import HttpLimits
-    return registry.limits_classes() + [("http", HttpLimits, "HTTP uploads in captures")]
+    return registry.limits_classes() + [("http", HttpLimits, "HTTP uploads in captures"),
+                                        ("chat", ChatApiSettings, "Chat APIs over HTTP, as the gateway's")]
 
 
 def socks5_connect_target(data: bytes) -> str | None:
@@ -148,6 +151,21 @@ class _ObservingChecker:
         return getattr(self._replay.pipeline, name)
 
 
+class _CarrierChecker(_ObservingChecker):
+    """The pipeline as the chat carrier sees it: a message decision noted for the summary on the connection its
+    context names (the carrier serves every HTTP connection of the replay)."""
+
+    def __init__(self, replay: "Replay"):
+        super().__init__(replay, None)
+
+    def check_message(self, text: str, ctx: ChatContext) -> Decision:
+        decision = self._replay.pipeline.check_message(text, ctx)
+        flow = self._replay._by_name.get(ctx.connection_id)
+        if flow is not None:
+            self._replay._note_message(flow, text, ctx, decision)
+        return decision
+
+
 class Replay:
     """Replays one capture through detection, sessions and the pipeline; `run()` returns the summary."""
 
@@ -160,13 +178,18 @@ class Replay:
         self.settings = settings or ReplaySettings()
         self.port_map = det.parse_port_map(self.settings.ports)
         self.reassembly = reassembly or ReassemblySettings()
-        self.factories = default_factories() if factories is None else factories
         self.limits = {type(given): given for given in limits}     # limits class -> the sessions' limits
         self.now = 0.0
         if transfers is None:
             from imguard.files.expected import ExpectedTransfers
             transfers = ExpectedTransfers(clock=self.clock)
         self.transfers = transfers
+        # The chat-API carrier of this replay (one, as one gateway process has one): its token table, blocked
+        # references and remembered verdicts span the capture's HTTP connections.
+        from imguard.chatapi import ChatApiCarrier, ChatApiSettings
+        self.chat = ChatApiCarrier(_CarrierChecker(self), transfers=self.transfers,
+                                   settings=self.limits.get(ChatApiSettings))
+        self.factories = default_factories(self.chat) if factories is None else factories
         self.on_file = on_file
         self.keep_forwarded = keep_forwarded    # keep the bytes sessions would have let through (tests)
         self._flows: dict[int, _Flow] = {}
