@@ -148,11 +148,6 @@ class Fate(Enum):
 Step = Generator[Inspect | Offload, Any, Any]
 
 
-def block_reason(decision: Decision) -> str:
-    """What the client is told: the policy notice, else the rule ids, else the action (as gateway/http_uploads)."""
-    return decision.notice or (", ".join(decision.rule_ids) if decision.rule_ids else decision.action)
-
-
 @dataclass
 class ChatCall:
     """One HTTP exchange the carrier holds: which API and endpoint, the request, what has been done with it."""
@@ -440,7 +435,7 @@ class ChatApiCarrier:
         _report, decision = yield Inspect(event.data, ctx, name, event.mime)
         if not decision.blocked:
             return None
-        reason = block_reason(decision)
+        reason = decision.refusal
         self.stats["blocked"] += 1
         self._mark_blocked(event.ref or (slot.ref if slot else ""), reason)
         logger.info("%s %s upload %r blocked: %s", api.API, ep.name, name, reason)
@@ -459,7 +454,7 @@ class ChatApiCarrier:
         if decision.blocked:
             self.stats["blocked"] += 1
             return self._refuse(call, call.api.API, 403, decision.notice or
-                                f"imguard: blocked ({block_reason(decision)})")
+                                f"imguard: blocked ({decision.refusal})")
         return None
 
     def _check_message(self, text: str, ctx: ChatContext) -> Decision:
@@ -501,7 +496,7 @@ class ChatApiCarrier:
         if decision.blocked:
             self.stats["blocked"] += 1
             return self._refuse(call, call.api.API, 403, decision.notice or
-                                f"imguard: message blocked ({block_reason(decision)})")
+                                f"imguard: message blocked ({decision.refusal})")
         if decision.action == MASK:
             self.stats["masked"] += 1
             return bodies.masked_replacements(event.parts, decision.masked_text or "")
@@ -627,7 +622,7 @@ class ChatApiCarrier:
             _report, decision = yield Inspect(data, ctx, name, mime)
         if not decision.blocked:
             return None
-        reason = block_reason(decision)
+        reason = decision.refusal
         self.stats["inbound_blocked"] += 1
         if not ep.derived:          # the shared file itself: later downloads and re-shares are refused
             self._mark_blocked(ep.ref, reason)
@@ -690,7 +685,7 @@ class ChatApiCarrier:
         verdict: str | list = ""
         if decision.blocked:
             self.stats["inbound_blocked"] += 1
-            verdict = f"A message from {event.sender} was blocked by imguard: {block_reason(decision)}"
+            verdict = f"A message from {event.sender} was blocked by imguard: {decision.refusal}"
         elif decision.action == MASK:
             self.stats["masked"] += 1
             verdict = bodies.masked_replacements(event.parts, decision.masked_text or "")
@@ -770,7 +765,7 @@ class ChatApiCarrier:
         decision = self._check_message(event.text, ctx)
         if decision.blocked:
             self.stats["blocked"] += 1
-            return None, decision.notice or f"imguard: message blocked ({block_reason(decision)})"
+            return None, decision.notice or f"imguard: message blocked ({decision.refusal})"
         if decision.action == MASK:
             self.stats["masked"] += 1
             return bodies.masked_replacements(event.parts, decision.masked_text or ""), ""

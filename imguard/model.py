@@ -86,7 +86,7 @@ REASON_ENCRYPTED = "encrypted"
 REASON_SCANNER_ERROR = "scanner_error"
 REASON_UNREADABLE = "unreadable"
 REASON_TRUNCATED = "truncated"
-REASON_UNSUPPORTED = "unsupported"  # a container the inspector does not open (7z, rar, cab, ...): members unseen
+REASON_UNSUPPORTED = "unsupported"  # a container the inspector does not open (WIM, CHM, VHD, ...): members unseen
 UNSCANNABLE_REASONS = (REASON_TIMEOUT, REASON_TOO_LARGE, REASON_LIMIT, REASON_CORRUPT, REASON_ENCRYPTED,
                        REASON_SCANNER_ERROR, REASON_UNREADABLE, REASON_TRUNCATED, REASON_UNSUPPORTED)
 
@@ -195,6 +195,12 @@ class Decision:
     @property
     def rule_ids(self) -> list[str]:
         return [m.rule_id for m in self.matches]
+
+    @property
+    def refusal(self) -> str:
+        """What a refused client is told in an HTTP error or API error body: the policy notice, else the rule ids,
+        else the action."""
+        return self.notice or (", ".join(self.rule_ids) if self.rule_ids else self.action)
 
     @property
     def severity(self) -> str:

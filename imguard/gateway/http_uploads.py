@@ -33,12 +33,13 @@ from urllib.parse import unquote, urlsplit
 
 from mitmproxy import http
 
+from imguard.files import downloads
 from imguard.files.expected import ExpectedDownload, ExpectedUpload, normalize_url
 from imguard import alerts
 from imguard.gateway.inspection import Inspection
-from imguard.model import ALERT, ALLOW, FROM_CLIENT, FROM_SERVER, REASON_TOO_LARGE, ChatContext
+from imguard.model import ALERT, ALLOW, FROM_CLIENT, REASON_TOO_LARGE, ChatContext
 from imguard.protocols.ymsg import find_ymsg_transfer
-from imguard.protocols.base import Notify, block_words
+from imguard.protocols.base import Notify
 
 logger = logging.getLogger("imguard.gateway")
 
@@ -68,11 +69,6 @@ def flow_context(flow: http.HTTPFlow, mechanism: str, ctx: ChatContext | None = 
     if ctx is not None:
         return ctx.with_(**{k: v for k, v in base.items() if not getattr(ctx, k)})
     return ChatContext(protocol=protocol, **base)
-
-
-def block_reason(decision) -> str:
-    """What the client is told about a blocked upload: the policy notice, else the rule ids, else the action."""
-    return decision.notice or (", ".join(decision.rule_ids) if decision.rule_ids else decision.action)
 
 
 def too_large(inspection: Inspection, ctx: ChatContext, name: str, claimed_mime: str, size: int,
@@ -269,11 +265,9 @@ class HttpUploads:
 
     @staticmethod
     def _download_context(flow: http.HTTPFlow, expected: Any) -> ChatContext:
-        mechanism = (expected.context.transfer_mechanism or "xep-0363-get") if isinstance(expected, ExpectedDownload) \
-            else "download"
-        base = expected.context.with_(transfer_mechanism=mechanism, client_address="", server_address="",
-                                      origin=FROM_SERVER)      # a file coming to the client behind the gateway
-        return flow_context(flow, mechanism, base)
+        """A file coming to the client behind the gateway, with this flow's addresses."""
+        return flow_context(flow, downloads.mechanism(expected),
+                            downloads.context(expected, client_address="", server_address=""))
 
     async def response(self, flow: http.HTTPFlow) -> None:
         meta = flow.metadata.get(DOWNLOAD_META)
@@ -287,7 +281,7 @@ class HttpUploads:
                                                        flow.response.headers.get("content-type", ""))
         if not decision.blocked:
             return
-        reason = block_reason(decision)
+        reason = decision.refusal
         flow.response = http.Response.make(403, f"imguard: download blocked ({reason})\n".encode(),
                                            {"content-type": "text/plain"})
         logger.info("download %s blocked: %s", meta["url"], reason)
@@ -298,14 +292,8 @@ class HttpUploads:
             except Exception:
                 logger.exception("ExpectedTransfers.mark_blocked_url failed")
         if self.notify is not None and expected.context.connection_id:
-            if isinstance(expected, ExpectedDownload):      # said as the XMPP session says an in-band file's block
-                action, why = block_words(decision)
-                sender = expected.context.sender
-                text = f"imguard: the file {name!r}{' from ' + sender if sender else ''} was {action} ({why})"
-            else:
-                text = decision.notice or f"The file {name} sent to you was blocked: {reason}"
-            self.notify(Notify(expected.context.connection_id, expected.context.protocol or "ymsg", text, ctx,
-                               decision))
+            self.notify(Notify(expected.context.connection_id, expected.context.protocol or "ymsg",
+                               downloads.receiver_notice(expected, name, decision), ctx, decision))
 
     async def request(self, flow: http.HTTPFlow) -> None:
         meta = flow.metadata.get(META)
@@ -321,7 +309,7 @@ class HttpUploads:
                    else "") or flow.request.headers.get("content-type", "")
         report, decision = await self.inspection.check(data, ctx, self._name(flow, meta["expected"]), claimed)
         if decision.blocked:
-            reason = block_reason(decision)
+            reason = decision.refusal
             flow.response = http.Response.make(403, f"imguard: upload blocked ({reason})\n".encode(),
                                                {"content-type": "text/plain"})
             self._mark_blocked(meta, reason)

@@ -54,9 +54,10 @@ from urllib.parse import unquote, urlsplit
 
 from imguard.chatapi import (RESPONSE_KEEP, ChatApiCarrier, ChatCall, ChatSocket, Drop, Fate, Inspect, Respond,
                              Rewrite, Step)
+from imguard.files import downloads
 from imguard.files.expected import ExpectedDownload, ExpectedUpload
 from imguard.files.tracker import ConnectionHolds, HeldTransfer, HoldState, Notice, Party
-from imguard.model import FROM_CLIENT, FROM_SERVER, ChatContext, Decision, FileReport
+from imguard.model import FROM_CLIENT, ChatContext, Decision, FileReport
 from imguard.protocols.base import Anomaly, Command, InspectFile, Notify, Send, StreamSession
 from imguard.protocols.httpchat.events import HttpRequest
 from imguard.replay import websocket as ws
@@ -805,46 +806,39 @@ class HttpUploadSession(StreamSession):
         party who shared it to our user, inbound), with this connection's addresses, as the gateway's HTTP side
         holds it (imguard.gateway.http_uploads; a Yahoo download's mechanism is "download")."""
         self._counter += 1
-        mechanism = (expected.context.transfer_mechanism or "xep-0363-get") if isinstance(expected, ExpectedDownload) \
-            else "download"
-        ctx = expected.context.with_(transfer_mechanism=mechanism, origin=FROM_SERVER,
-                                     client_address=self.context.client_address,
-                                     server_address=self.context.server_address,
-                                     connection_id=expected.context.connection_id or self.context.connection_id)
+        ctx = downloads.context(expected, client_address=self.context.client_address,
+                                server_address=self.context.server_address,
+                                connection_id=expected.context.connection_id or self.context.connection_id)
         name = expected.name or unquote(urlsplit(expected.url).path.rsplit("/", 1)[-1])
-        ymsg = not isinstance(expected, ExpectedDownload)
         return HeldTransfer(
             f"http:{self.context.connection_id}:{self._counter}", ctx, sender_is_client=False, kind="http",
             max_bytes=self.limits.max_upload_size, name=name,
             claimed_mime=getattr(expected, "content_type", "") or content_type,
             owns_connection=False, holds=self._holds,
             refuse=lambda transfer: self._refuse_download(transfer, expected),
-            tell=lambda transfer, notice: self._tell_receiver(transfer, notice, ymsg))
+            tell=lambda transfer, notice: self._tell_receiver(transfer, notice, expected))
 
     def _refuse_download(self, transfer: HeldTransfer, expected: ExpectedDownload | YmsgTransfer) -> list[Command]:
         """A stopped download: the client has a 403 instead of the file, and the link stays blocked (a later GET,
         or a message passing it on, is refused too)."""
         decision = transfer.decision
-        if decision is not None:
-            reason = decision.notice or (", ".join(decision.rule_ids) if decision.rule_ids else decision.action)
-        else:
-            reason = "not inspected"
+        reason = decision.refusal if decision is not None else "not inspected"
         if self.transfers is not None and isinstance(expected, ExpectedDownload):
             self.transfers.mark_blocked_url(expected.url, reason)
         return [Send(to_client=True, data=_response(403, f"imguard: download blocked ({reason})"))]
 
     @staticmethod
-    def _tell_receiver(transfer: HeldTransfer, notice: Notice, ymsg: bool = False) -> list[Command]:
-        """Our user, who fetched it, is told on the chat connection that announced the link (in the tracker's
-        words; a Yahoo user in the gateway's Yahoo words); the outside sender cannot be reached from a download."""
+    def _tell_receiver(transfer: HeldTransfer, notice: Notice, expected: ExpectedDownload | YmsgTransfer
+                       ) -> list[Command]:
+        """Our user, who fetched it, is told on the chat connection that announced the link, in the words the
+        gateway uses (files/downloads.py); the outside sender cannot be reached from a download."""
         ctx = transfer.context
         if notice.party is not Party.INSIDE_RECEIVER or not ctx.connection_id:
             return []
-        text, decision = notice.text, notice.decision
-        if ymsg and decision is not None:
-            reason = decision.notice or (", ".join(decision.rule_ids) if decision.rule_ids else decision.action)
-            text = decision.notice or f"The file {transfer.name} sent to you was blocked: {reason}"
-        return [Notify(ctx.connection_id, ctx.protocol or ("ymsg" if ymsg else "http"), text, ctx, decision)]
+        decision = notice.decision
+        text = downloads.receiver_notice(expected, transfer.name, decision) if decision is not None else notice.text
+        fallback = "http" if downloads.is_link(expected) else "ymsg"
+        return [Notify(ctx.connection_id, ctx.protocol or fallback, text, ctx, decision)]
 
     def _give_up_responses(self, kind: str, detail: str) -> list[Command]:
         """Responses that cannot be framed: recorded, the rest relayed untouched; a held download is cut."""
