@@ -1,7 +1,9 @@
 """The one place events are written: JSON lines, one object per decision, anomaly or record.
 
-Field names follow the Elastic Common Schema where one exists (`@timestamp`, `event.*`, `rule.*`,
-`file.*`, `source.*`, `destination.*`, `observer.*`); imguard's own facts live under `imguard.*`.
+Field names follow the Elastic Common Schema (ECS_VERSION; `@timestamp`, `event.*`, `rule.*`, `file.*`,
+`source.*`, `destination.*`, `user.*`, `related.*`, `observer.*`, `message`), with ECS's types and allowed
+values (tests/test_ecs.py checks every event the test suite writes against the schema's own data);
+imguard's own facts live under `imguard.*`. docs/events.md documents every field.
 Every line is handed to the kernel with one O_APPEND write before write() returns, so it survives a
 crash of the gateway process; lines of kind "alert" are also fsync'ed, so they survive a crash of
 the machine. (Plain events, such as an allowed chat message, skip the fsync: it costs milliseconds.)
@@ -14,6 +16,7 @@ import contextvars
 import dataclasses
 import datetime
 import hashlib
+import ipaddress
 import itertools
 import json
 import os
@@ -25,9 +28,13 @@ from typing import Any, Callable, Iterator
 
 import orjson
 
-from imguard.model import ALLOW, SEVERITIES, YARA_MATCH, ChatContext, Decision, FileReport
+from imguard import __version__
+from imguard.model import ALLOW, DIRECTIONS, SEVERITIES, YARA_MATCH, ChatContext, Decision, FileReport
 
-OBSERVER = {"product": "imguard", "vendor": "imguard", "type": "ids", "hostname": socket.gethostname()}
+# The ECS release whose field definitions the events follow (`ecs.version`): the one tests/test_ecs.py reads.
+ECS_VERSION = "9.5.0-dev"
+OBSERVER = {"product": "imguard", "vendor": "imguard", "type": "ids", "hostname": socket.gethostname(),
+            "version": __version__}
 
 # ECS `event.severity` is numeric; imguard's scale is the rank of the severity name (higher is worse).
 SEVERITY_NUMBER = {name: rank + 1 for rank, name in enumerate(SEVERITIES)}   # info=1 ... critical=5
@@ -45,13 +52,14 @@ def new_event_id() -> str:
 
 
 def severity_of(event: dict[str, Any]) -> str:
-    """The severity name of an event ("" when it has none)."""
-    return event.get("event", {}).get("severity_name", "")
+    """The severity name of an event ("" when it has none). Also reads `event.severity_name`, where events
+    written before imguard.severity (still queued for a sink, say) kept it."""
+    return event.get("imguard", {}).get("severity") or event.get("event", {}).get("severity_name", "")
 
 
 def _set_severity(event: dict[str, Any], severity: str) -> None:
     if severity:
-        event["event"]["severity_name"] = severity
+        event["imguard"]["severity"] = severity
         event["event"]["severity"] = SEVERITY_NUMBER.get(severity, 0)
 
 
@@ -108,25 +116,42 @@ _parsed_addresses: dict[str, dict[str, Any]] = {}
 _PARSED_ADDRESSES_MAX = 4096
 
 
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 def _address(value: str) -> dict[str, Any]:
+    """"ip:port", "[v6]:port", "name:port" or a bare address -> ECS `address` and `ip` (an IP only) or
+    `domain` (a host name), and `port` (a number only)."""
     parsed = _parsed_addresses.get(value)
     if parsed is None:
         host, _, port = value.rpartition(":")
-        if not host:
-            parsed = {"address": value}
-        else:
-            parsed = {"address": host.strip("[]"), "ip": host.strip("[]"),
-                      "port": int(port) if port.isdigit() else port}
+        if not host or (not value.startswith("[") and ":" in host):      # no port, or a bare IPv6 address
+            host, port = value, ""
+        host = host.strip("[]")
+        parsed = {"address": host}
+        if _is_ip(host):
+            parsed["ip"] = host
+        elif host:
+            parsed["domain"] = host
+        if port.isdigit() and int(port) <= 65535:
+            parsed["port"] = int(port)
         if len(_parsed_addresses) >= _PARSED_ADDRESSES_MAX:
             _parsed_addresses.clear()
         _parsed_addresses[value] = parsed
     return parsed.copy()        # the event's own: callers add "user" to it
 
 
-def _base(kind: str, category: str, ctx: ChatContext, action: str = "", outcome: str = "",
-          dataset: str = "") -> dict[str, Any]:
-    fields = {"id": new_event_id(), "kind": kind, "category": [category], "module": "imguard",
-              "dataset": f"imguard.{dataset or category}"}
+def _base(kind: str, dataset: str, ctx: ChatContext, categories: list[str], types: list[str],
+          action: str = "", outcome: str = "") -> dict[str, Any]:
+    """The fields every event has. `categories` and `types`: ECS `event.category` and `event.type`, each type
+    one that ECS expects for one of the categories (tests/test_ecs.py checks it)."""
+    fields = {"id": new_event_id(), "kind": kind, "category": categories, "type": types, "module": "imguard",
+              "dataset": f"imguard.{dataset}"}
     if action:
         fields["action"] = action
     if outcome:
@@ -135,24 +160,76 @@ def _base(kind: str, category: str, ctx: ChatContext, action: str = "", outcome:
     clock = _capture_clock.get()
     if clock is not None and (seconds := clock()):
         fields["created"], timestamp = timestamp, _iso(seconds)
+    network: dict[str, Any] = {"protocol": ctx.protocol} if ctx.protocol else {}
+    if ctx.direction in DIRECTIONS:               # outbound, inbound, internal: ECS's words too
+        network["direction"] = ctx.direction
     event: dict[str, Any] = {
         "@timestamp": timestamp,
+        "ecs": {"version": ECS_VERSION},
         "event": fields,
         "observer": OBSERVER.copy(),
-        "network": {"protocol": ctx.protocol} if ctx.protocol else {},
+        "network": network,
         "imguard": {"context": ctx.to_dict()},
     }
-    if ctx.client_address or ctx.sender:
+    related: dict[str, list[str]] = {}
+    sender, recipients = ctx.sender, ctx.recipients
+    if sender:
+        event["user"] = {"name": sender}
+        related["user"] = [sender, *recipients] if recipients else [sender]
+    elif recipients:
+        related["user"] = list(recipients)
+    if len(related.get("user", ())) > 1:
+        related["user"] = list(dict.fromkeys(related["user"]))
+    ips = []
+    if ctx.client_address or sender:
         source = _address(ctx.client_address) if ctx.client_address else {}
-        if ctx.sender:
-            source["user"] = {"name": ctx.sender}
+        if sender:
+            source["user"] = {"name": sender}
         event["source"] = source
-    if ctx.server_address or ctx.recipients:
+        if "ip" in source:
+            ips.append(source["ip"])
+    if ctx.server_address or recipients:
         destination = _address(ctx.server_address) if ctx.server_address else {}
-        if ctx.recipients:
-            destination["user"] = {"name": list(ctx.recipients)}
+        if recipients:
+            destination["user"] = {"name": list(recipients)}
         event["destination"] = destination
+        if "ip" in destination and destination["ip"] not in ips:
+            ips.append(destination["ip"])
+    if ips:
+        related["ip"] = ips
+    if related:
+        event["related"] = related
     return event
+
+
+# (sender, recipients) -> _who's text: a conversation's messages share it. Bounded: emptied when full.
+_who_texts: dict[tuple[str, Any], str] = {}
+
+
+def _who(ctx: ChatContext) -> str:
+    """" from alice to bob, room" for a `message`: names from the wire, made one line and cut short."""
+    key = (ctx.sender, ctx.recipients)
+    try:
+        text = _who_texts.get(key)
+    except TypeError:                          # recipients given as a list
+        key, text = None, None
+    if text is None:
+        text = ""
+        if ctx.sender:
+            text += f" from {_one_line(ctx.sender)}"
+        if ctx.recipients:
+            text += (" to " + _one_line(", ".join(map(str, ctx.recipients[:5])))
+                     + (" and others" if len(ctx.recipients) > 5 else ""))
+        if key is not None:
+            if len(_who_texts) >= _PARSED_ADDRESSES_MAX:
+                _who_texts.clear()
+            _who_texts[key] = text
+    return text
+
+
+def _one_line(value: Any, limit: int = 200) -> str:
+    text = " ".join(str(value).split())
+    return text[:limit] + ("..." if len(text) > limit else "")
 
 
 def _decision_fields(event: dict[str, Any], decision: Decision) -> None:
@@ -160,7 +237,9 @@ def _decision_fields(event: dict[str, Any], decision: Decision) -> None:
     matches, shadow = decision.matches, decision.shadow
     fields["action"] = decision.action
     fields["kind"] = "event" if decision.action == ALLOW and not matches else "alert"
-    fields["type"] = ["denied"] if decision.blocked else ["allowed"]
+    fields["type"].append("denied" if decision.blocked else "allowed")
+    if fields["kind"] == "alert":            # an enforced rule matched: what an IDS reports
+        fields["category"].append("intrusion_detection")
     if matches or shadow:        # an allowed message matches no rule: it skips all of this
         _set_severity(event, decision.severity)
         if matches:
@@ -182,8 +261,9 @@ def _decision_fields(event: dict[str, Any], decision: Decision) -> None:
 
 def message_event(text: str | None, ctx: ChatContext, decision: Decision) -> dict[str, Any]:
     """A chat message and what policy did with it. `text` is None when policy says not to keep it."""
-    event = _base("event", "message", ctx)
+    event = _base("event", "message", ctx, ["network"], [])
     _decision_fields(event, decision)
+    event["message"] = f"{decision.action}: {ctx.protocol or 'chat'} message{_who(ctx)}" + _rules_named(event)
     if text is not None:
         digest = hashlib.sha256(text.encode("utf-8", "replace")).hexdigest()
         event["imguard"]["message"] = {"text": text, "sha256": digest}
@@ -192,7 +272,7 @@ def message_event(text: str | None, ctx: ChatContext, decision: Decision) -> dic
 
 def file_event(report: FileReport, ctx: ChatContext, decision: Decision) -> dict[str, Any]:
     """A file transfer: its facts, what inspection found and what policy did."""
-    event = _base("event", "file", ctx)
+    event = _base("event", "file", ctx, ["file", "network"], ["info"])
     _decision_fields(event, decision)
     event["file"] = {
         "name": report.name, "size": report.size, "mime_type": report.mime,
@@ -214,26 +294,46 @@ def file_event(report: FileReport, ctx: ChatContext, decision: Decision) -> dict
                              "tags": list(finding.data.get("tags", [])), "archive_path": finding.path or member.path})
     if yara:
         event["imguard"]["yara"] = yara
+        if event["event"]["kind"] == "alert":     # an enforced rule matched a file a signature matched
+            event["event"]["category"].append("malware")
     event["imguard"]["report"] = report.to_dict()
+    hashes = [h for h in (report.sha256, report.sha1, report.md5) if h]
+    if hashes:
+        event.setdefault("related", {})["hash"] = hashes
+    event["message"] = (f"{decision.action}: {ctx.protocol or 'chat'} file {_one_line(report.name)!r} "
+                        f"({report.size} bytes, {report.mime or 'unknown type'}){_who(ctx)}" + _rules_named(event))
     return event
+
+
+def _rules_named(event: dict[str, Any]) -> str:
+    names = [name for name in event.get("rule", {}).get("name", ()) if name]
+    return f" ({_one_line('; '.join(names))})" if names and event["event"]["kind"] == "alert" else ""
+
+
+# imguard.<category> of a protocol event -> ECS event.category: a login, a nick change, a session set up
+# (session); a file offered, refused or expected (file). Each with event.type "info".
+_PROTOCOL_CATEGORIES = {"session": ["session"], "file": ["file"]}
 
 
 def protocol_event(protocol: str, action: str, ctx: ChatContext, category: str = "session",
                    **data: Any) -> dict[str, Any]:
     """Something a protocol session saw that is worth a record but is not a decision: a login, a nick
     change, a file offer, a link. `data` goes under imguard.<protocol>."""
-    event = _base("event", category, ctx, action=action)
-    event["network"] = {"protocol": protocol}
+    event = _base("event", category, ctx, list(_PROTOCOL_CATEGORIES.get(category, ["network"])), ["info"],
+                  action=action)
+    event["network"]["protocol"] = protocol
     event["imguard"][protocol] = data
+    event["message"] = f"{protocol} {action}{_who(ctx)}"
     return event
 
 
 def link_event(ctx: ChatContext, url: str) -> dict[str, Any]:
     """A file offered as a link (XEP-0066 out-of-band data): recorded, an event, not an alert."""
-    event = _base("event", "file", ctx, action="link")
+    event = _base("event", "file", ctx, ["file"], ["info"], action="link")
     _set_severity(event, "low")
     event["imguard"]["link"] = {"kind": "oob_link", "detail": "a file offered as a link", "url": url}
     event["url"] = {"original": url}
+    event["message"] = f"{ctx.protocol or 'chat'}: a file offered as a link{_who(ctx)}: {_one_line(url)}"
     return event
 
 
@@ -242,8 +342,9 @@ def notify_event(connection_id: str, protocol: str, ctx: ChatContext, text: str,
     """A request to tell a person something in their chat: the carrier finds the session of connection
     `connection_id` and carries out `session.notice(text)` there (a file blocked on a side connection,
     such as DCC, OFT, MSNFTP, MSRP or a SOCKS5 bytestream, is explained on the chat connection)."""
-    event = _base("event", "file", ctx, action="notify")
-    event["network"] = {"protocol": protocol}
+    event = _base("event", "file", ctx, ["file"], ["info"], action="notify")
+    event["network"]["protocol"] = protocol
+    event["message"] = f"{protocol} notice{_who(ctx)}: {_one_line(text)}"
     event["imguard"]["notify"] = {"connection_id": connection_id, "protocol": protocol, "text": text}
     event["imguard"].update(data)
     if decision is not None:
@@ -255,7 +356,8 @@ def anomaly_event(ctx: ChatContext, kind: str, detail: str, severity: str | None
                   **data: Any) -> dict[str, Any]:
     """A protocol anomaly (Zeek's 'weird'): malformed or suspicious traffic, logged, never a crash.
     `severity` (default "low") is the event's; when given it is also kept in imguard.anomaly.severity."""
-    event = _base("alert", "anomaly", ctx, action="anomaly")
+    event = _base("alert", "anomaly", ctx, ["network", "intrusion_detection"], ["info"], action="anomaly")
+    event["message"] = f"{ctx.protocol or 'protocol'} anomaly {kind}: {_one_line(detail, 500)}"
     _set_severity(event, severity or "low")
     event["imguard"]["anomaly"] = {"kind": kind, "detail": detail, **data}
     if severity is not None:
@@ -266,7 +368,9 @@ def anomaly_event(ctx: ChatContext, kind: str, detail: str, severity: str | None
 def tls_failure_event(ctx: ChatContext, detail: str, side: str = "client", **data: Any) -> dict[str, Any]:
     """TLS interception failed: a client refused the gateway's certificate (pinning, CA not installed), or the
     real server's certificate did not verify. `side` is "client" or "server"."""
-    event = _base("alert", "network", ctx, action="tls_interception_failed", outcome="failure", dataset="tls")
+    event = _base("alert", "tls", ctx, ["network"], ["connection"], action="tls_interception_failed",
+                  outcome="failure")
+    event["message"] = f"TLS interception failed ({side} side){_who(ctx)}: {_one_line(detail, 500)}"
     _set_severity(event, "medium" if side == "server" else "low")
     event["imguard"]["tls"] = {"side": side, "detail": detail, **data}
     return event
@@ -275,9 +379,10 @@ def tls_failure_event(ctx: ChatContext, detail: str, side: str = "client", **dat
 def policy_reload_event(version: str, ok: bool, errors: list[str] | tuple[str, ...] = (), source: str = "",
                         rules: int | None = None) -> dict[str, Any]:
     """The policy was reloaded (ok) or a reload was refused, the old policy staying in force (errors)."""
-    event = _base("event" if ok else "alert", "configuration", ChatContext(), action="policy_reload",
-                  outcome="success" if ok else "failure", dataset="policy")
-    event["event"]["type"] = ["change"]
+    event = _base("event" if ok else "alert", "policy", ChatContext(), ["configuration"], ["change"],
+                  action="policy_reload", outcome="success" if ok else "failure")
+    event["message"] = (f"policy {version} in force" if ok else
+                        f"policy reload refused ({len(errors)} problems), {version} stays in force")
     if not ok:
         _set_severity(event, "high")
     event["rule"] = {"version": version}
@@ -290,7 +395,8 @@ def policy_reload_event(version: str, ok: bool, errors: list[str] | tuple[str, .
 def sink_failure_event(sink: str, kind: str, detail: str, severity: str = "medium", **data: Any) -> dict[str, Any]:
     """An event sink failed: it is down (events wait in its queue), its queue overflowed (events dropped for
     that sink, still in the local file), or its queue file was corrupt (the damaged records skipped)."""
-    event = _base("alert", "host", ChatContext(), action=f"sink_{kind}", outcome="failure", dataset="sink")
+    event = _base("alert", "sink", ChatContext(), ["host"], ["info"], action=f"sink_{kind}", outcome="failure")
+    event["message"] = f"sink {sink}: {_one_line(detail, 500)}"
     _set_severity(event, severity)
     event["imguard"]["sink"] = {"name": sink, "kind": kind, "detail": detail, **data}
     return event

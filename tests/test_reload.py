@@ -122,7 +122,7 @@ def test_bad_rule_file_keeps_the_running_policy_and_raises_an_alert_with_file_an
 
     alert = reload_events(data)[-1]
     assert alert["event"]["kind"] == "alert" and alert["event"]["outcome"] == "failure", alert["event"]
-    assert alert["event"]["severity_name"] == "high"
+    assert alert["imguard"]["severity"] == "high"
     errors = alert["imguard"]["policy"]["errors"]
     assert any(e.startswith("60-broken.yaml:5:") or "60-broken.yaml:5" in e for e in errors), errors
     assert alert["imguard"]["policy"]["in_force"] == good.version
@@ -157,10 +157,28 @@ def test_watcher_reloads_after_a_change_and_reports_a_broken_version_once(setup)
     pipeline, rules, signatures, data = setup
     reloader = PolicyReloader(pipeline, [rules], signatures, data)
 
+    polls = 0
+    changed = reloader.changed
+
+    def counted() -> bool:              # the watcher's polls, counted: the waits below are in polls, not seconds
+        nonlocal polls
+        polls += 1
+        return changed()
+
+    reloader.changed = counted
+
+    async def after_polls(n: int) -> None:
+        target = polls + n
+        for _ in range(200):
+            if polls >= target:
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"the watcher polled {polls} times, {target} expected")
+
     async def scenario():
         task = asyncio.create_task(reloader.watch(0.1))
         try:
-            await asyncio.sleep(0.3)
+            await after_polls(3)
             assert reloader.reloads == 0, "nothing changed, yet the watcher reloaded"
             (rules / "50-reload.yaml").write_text(NEW_RULE)
             for _ in range(50):
@@ -174,7 +192,7 @@ def test_watcher_reloads_after_a_change_and_reports_a_broken_version_once(setup)
                 if reloader.failures:
                     break
                 await asyncio.sleep(0.1)
-            await asyncio.sleep(0.5)        # several more polls: the broken version is not reported again
+            await after_polls(5)            # several more polls: the broken version is not reported again
             assert reloader.failures == 1
         finally:
             task.cancel()

@@ -249,7 +249,7 @@ def test_a_full_queue_drops_the_oldest_with_a_count_and_write_stays_fast(tmp_pat
     assert hook.ids() == ids[dropped:]
     full = sink_events(tmp_path, "queue_full")
     assert full and sum(e["imguard"]["sink"]["count"] for e in full) == dropped
-    assert full[0]["event"]["severity_name"] == "high"
+    assert full[0]["imguard"]["severity"] == "high" and full[0]["event"]["severity"] == 4
     assert len([e for e in local_events(tmp_path) if e["event"]["dataset"] == "imguard.file"]) == 200
 
 
@@ -305,11 +305,12 @@ def test_malicious_text_cannot_inject_syslog_records(tmp_path):
     assert syslog.framing_errors == []
     header = re.compile(rb'^<(\d+)>1 \S+ \S+ imguard \d+ (message|file) '
                         rb'\[imguard@32473 (?:[a-z0-9_]+="(?:[^"\\\]]|\\.)*"'
-                        rb' ?)+\] (\{.*\})$')
+                        rb' ?)+\] \xef\xbb\xbf(\{.*\})$')
     texts = []
     for record, priority in zip(syslog.records, (16 * 8 + 3, 16 * 8 + 2), strict=True):    # local0; err (high), crit
         assert b"\n" not in record and b"\r" not in record and b"\x00" not in record
-        assert all(32 <= b < 127 for b in record)      # pure printable ASCII: nothing a terminal or parser trips on
+        # UTF-8 (MSG after a BOM, RFC 5424 6.4) without one control character: nothing a terminal or parser trips on
+        assert not any(b < 32 or b == 127 for b in record) and record.decode("utf-8")
         m = header.match(record)
         assert m, record[:300]
         assert int(m.group(1)) == priority
@@ -621,3 +622,255 @@ def test_email_ca_file_settings_are_checked(tmp_path):
     assert errors and errors[0].startswith("email_ca_file: cannot load CA certificates from '/nope.pem'")
     errors = check_settings(SinkSettings(email_smtp="127.0.0.1:25", email_to=["a@b"], email_ca_file="/x.pem"))
     assert any(e.startswith("email_ca_file: only used with email_starttls") for e in errors)
+
+
+# --- UTF-8 syslog and dead letters (issue 19) ------------------------------------------------------------------
+
+# RFC 5424's ABNF (section 6) as a strict pattern over the decoded record: PRI, VERSION, TIMESTAMP (FULL-DATE "T"
+# FULL-TIME, TIME-SECFRAC of 1-6 digits), HOSTNAME 1*255, APP-NAME 1*48, PROCID 1*128, MSGID 1*32 PRINTUSASCII,
+# STRUCTURED-DATA of SD-ELEMENTs whose PARAM-VALUEs escape '"', '\' and ']', then MSG: BOM and UTF-8 (MSG-UTF8).
+_PRINTUSASCII = r"[\x21-\x7e]"
+_RFC5424 = re.compile(
+    r"<(?P<pri>\d{1,3})>(?P<version>[1-9]\d{0,2}) "
+    r"(?P<timestamp>-|\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d{1,6})?(?:Z|[+-]\d\d:\d\d)) "
+    rf"(?P<hostname>-|{_PRINTUSASCII}{{1,255}}) (?P<app>-|{_PRINTUSASCII}{{1,48}}) "
+    rf"(?P<procid>-|{_PRINTUSASCII}{{1,128}}) (?P<msgid>-|{_PRINTUSASCII}{{1,32}}) "
+    r'(?P<sd>-|(?:\[[^\x00-\x20=\]"]{1,32}(?: [^\x00-\x20=\]"]{1,32}="(?:[^"\\\]]|\\.)*")*\])+)'
+    r"(?: (?P<msg>\ufeff[^\x00-\x1f\x7f]*))?\Z", re.S)
+
+
+def parse_5424(record: bytes) -> tuple[dict, dict]:
+    """(the independent parser's fields, the event in MSG), after the strict ABNF check above. The parser is
+    syslog-rfc5424-parser from PyPI (a Lark grammar of the RFC), no code of imguard's."""
+    parser = pytest.importorskip("syslog_rfc5424_parser", reason="pip install syslog-rfc5424-parser")
+    text = record.decode("utf-8")                          # strict: the whole record is UTF-8
+    m = _RFC5424.match(text)
+    assert m, f"not RFC 5424 by its ABNF: {record[:300]!r}"
+    assert 0 <= int(m.group("pri")) <= 191
+    parsed = parser.SyslogMessage.parse(text).as_dict()
+    msg = parsed["msg"]
+    assert msg.startswith("\ufeff"), "MSG-UTF8 starts with the BOM"
+    return parsed, json.loads(msg[1:])
+
+
+NON_ASCII_SENDER = "jörg@example.de"
+
+
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+def test_a_non_ascii_sender_reaches_syslog_as_utf8_and_the_feed_goes_on(tmp_path, transport):
+    """jörg@example.de once raised in the formatter, and the record was retried for ever: nothing after it ever
+    reached syslog. Now it goes as UTF-8 (structured data raw, MSG after a BOM) and the next alerts follow."""
+    with SyslogReceiver() as syslog:
+        bus = build_sinks(SinkSettings(syslog_address=getattr(syslog, f"{transport}_address"),
+                                       dedup_window_seconds=0), tmp_path, instance="gw1")
+        jorg = alerts.message_event("Grüße, 東京 \u202e", CTX.with_(sender=NON_ASCII_SENDER, recipients=("zoë@x.de",)),
+                                    BLOCK_MALWARE)
+        bus.write(jorg)
+        after = [file_alert(n) for n in range(3)]
+        for event in after:
+            bus.write(event)
+        assert wait_until(lambda: len(syslog.records) == 4), syslog.records
+        bus.close()
+    parsed = [parse_5424(record) for record in syslog.records]
+    fields, event = parsed[0]
+    assert fields["sd"]["imguard@32473"]["sender"] == NON_ASCII_SENDER
+    assert fields["appname"] == "imguard" and fields["msgid"] == "message" and fields["hostname"]
+    assert event["source"]["user"]["name"] == NON_ASCII_SENDER and event["related"]["user"][1] == "zoë@x.de"
+    assert event["imguard"]["message"]["text"] == "Grüße, 東京 \u202e"
+    assert NON_ASCII_SENDER.encode() in syslog.records[0]           # UTF-8 itself, not \u escapes
+    assert [e["event"]["id"] for _, e in parsed] == [jorg["event"]["id"]] + [e["event"]["id"] for e in after]
+    assert sink_events(tmp_path) == [] and not (tmp_path / "dead-letter").exists()
+
+
+def test_a_lone_surrogate_still_makes_a_valid_utf8_record():
+    name = b"caf\xe9@x.example".decode("utf-8", "surrogateescape")       # Latin-1 bytes from the wire
+    record = format_5424(alerts.message_event(name, CTX.with_(sender=name), BLOCK_MALWARE), procid=1)
+    fields, event = parse_5424(record)
+    assert fields["sd"]["imguard@32473"]["sender"] == "caf?@x.example"
+    assert event["imguard"]["message"]["text"] == name
+
+
+@pytest.mark.parametrize("limit", [480, 2048, 8192])
+def test_a_record_over_syslog_max_bytes_is_trimmed_and_stays_valid_json(limit):
+    event = alerts.message_event("ö" * 20000, CTX.with_(sender=NON_ASCII_SENDER), BLOCK_MALWARE)
+    report = file_alert(1)
+    report["imguard"]["report"]["padding"] = "x" * 30000
+    for original in (event, report):
+        record = format_5424(original, procid=1, limit=limit)
+        assert len(record) <= limit
+        fields, got = parse_5424(record)
+        assert got["imguard"]["truncated"] is True and got["event"]["id"] == original["event"]["id"]
+        assert "report" not in got["imguard"]
+    assert len(format_5424(event, procid=1, limit=0)) > 40000          # no limit: whole
+    assert check_settings(SinkSettings(syslog_max_bytes=100)) == [
+        "syslog_max_bytes: at least 480 bytes (RFC 5424 6.1), or 0 for no limit"]
+
+
+def _dead_letters(data_dir, name: str) -> list[dict]:
+    path = data_dir / "dead-letter" / f"{name}.jsonl"
+    assert path.stat().st_mode & 0o777 == 0o600 and path.parent.stat().st_mode & 0o777 == 0o700
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_an_event_the_webhook_refuses_for_good_goes_to_the_dead_letter_and_the_feed_goes_on(tmp_path):
+    """A real HTTP receiver answers 422 to one event (its content): that event goes to dead-letter/webhook.jsonl
+    with a sink_dead_letter alert (to the local log and the other sinks), and the events after it arrive, in
+    order, without the sink ever being reported down."""
+    with HttpReceiver() as hook, SyslogReceiver() as syslog:
+        poison = file_alert(0, name="poison.exe")
+        hook.refuse = lambda event: event.get("file", {}).get("name") == "poison.exe"
+        bus = webhook_bus(tmp_path, hook.url, syslog_address=syslog.tcp_address, syslog_min_severity="high")
+        events = [file_alert(1), poison, file_alert(2), file_alert(3)]
+        for event in events:
+            bus.write(event)
+        assert bus.drain(10)
+        assert wait_until(lambda: any(b"sink_dead_letter" in r for r in syslog.records))
+        status = bus.status()["webhook"]
+        bus.close()
+    assert hook.ids() == [events[i]["event"]["id"] for i in (0, 2, 3)] and hook.refused == 1
+    [letter] = _dead_letters(tmp_path, "webhook")
+    assert letter["sink"] == "webhook" and "422" in letter["reason"] and letter["event"] == json.loads(
+        alerts.encode(poison))
+    [alert] = sink_events(tmp_path, "dead_letter")
+    assert alert["event"]["kind"] == "alert" and alert["imguard"]["severity"] == "high"
+    assert alert["imguard"]["sink"]["event_id"] == poison["event"]["id"]
+    assert sink_events(tmp_path, "down") == [] and status["dead_lettered"] == 1 and status["up"]
+    [record] = [r for r in syslog.records if b"sink_dead_letter" in r]       # the other sink was told
+    assert parse_5424(record)[1]["imguard"]["sink"]["name"] == "webhook"
+
+
+def test_a_mail_the_server_refuses_for_its_content_goes_to_the_dead_letter(tmp_path):
+    with SmtpReceiver() as smtp:
+        smtp.refuse = lambda message: "poison.exe" in message.as_string()
+        bus = build_sinks(SinkSettings(email_smtp=smtp.address, email_to=["soc@corp.example"], dedup_window_seconds=0,
+                                       retry_max_seconds=0.2), tmp_path)
+        events = [file_alert(0, name="poison.exe"), file_alert(1)]
+        for event in events:
+            bus.write(event)
+        assert bus.drain(10)
+        bus.close()
+    assert [m["X-Imguard-Event-Id"] for m in smtp.messages] == [events[1]["event"]["id"]] and smtp.refused == 1
+    [letter] = _dead_letters(tmp_path, "email")
+    assert "554" in letter["reason"] and letter["event"]["event"]["id"] == events[0]["event"]["id"]
+    assert len(sink_events(tmp_path, "dead_letter")) == 1
+
+
+def test_an_event_syslog_cannot_format_goes_to_the_dead_letter(tmp_path, monkeypatch):
+    """Whatever the formatter cannot encode is not retried: the record after it reaches a real receiver."""
+    from imguard.sinks import syslog as syslog_module
+    real = syslog_module.format_5424
+
+    def format_5424_refusing_one(event, *args, **kwargs):
+        if event.get("file", {}).get("name") == "poison.exe":
+            "\udcff".encode("ascii")                     # the UnicodeEncodeError jörg used to cause
+        return real(event, *args, **kwargs)
+    monkeypatch.setattr(syslog_module, "format_5424", format_5424_refusing_one)
+    with SyslogReceiver() as syslog:
+        bus = build_sinks(SinkSettings(syslog_address=syslog.tcp_address, dedup_window_seconds=0), tmp_path)
+        events = [file_alert(0, name="poison.exe"), file_alert(1)]
+        for event in events:
+            bus.write(event)
+        assert wait_until(lambda: len(syslog.records) == 1)
+        assert bus.drain(5)
+        bus.close()
+    assert parse_5424(syslog.records[0])[1]["event"]["id"] == events[1]["event"]["id"]
+    [letter] = _dead_letters(tmp_path, "syslog")
+    assert "UnicodeEncodeError" in letter["reason"]
+
+
+def test_an_unexpected_error_for_one_event_is_dead_lettered_after_a_few_attempts(tmp_path):
+    """A sink's bug for one event (not a DeliveryError) is retried POISON_ATTEMPTS times, then dead-lettered."""
+    from imguard.sinks.bus import POISON_ATTEMPTS
+
+    class Picky(ListSink):
+        name = "picky"
+        attempts = 0
+
+        def send(self, event):
+            if event["event"]["id"] == poison["event"]["id"]:
+                Picky.attempts += 1
+                raise KeyError("a bug")
+            super().send(event)
+    poison, good = file_alert(0), file_alert(1)
+    sink = Picky()
+    bus = EventBus(alerts.AlertLog(tmp_path / "alerts.jsonl"), [sink], queue_dir=tmp_path / "queue", retry_max=0.1)
+    bus.write(poison)
+    bus.write(good)
+    assert bus.drain(10)
+    bus.close()
+    assert [e["event"]["id"] for e in sink.received] == [good["event"]["id"]] and Picky.attempts == POISON_ATTEMPTS
+    assert [e["imguard"]["sink"]["kind"] for e in sink_events(tmp_path)] == ["down", "dead_letter", "recovered"]
+    assert len(_dead_letters(tmp_path, "picky")) == 1
+
+
+# --- RFC 5425 (syslog over TLS) and a real rsyslog ----------------------------------------------------------------
+
+def test_syslog_over_tls_goes_only_to_a_receiver_whose_certificate_verifies(tmp_path):
+    """tls://: delivered to a receiver whose CA is syslog_ca_file and whose certificate names the host; a
+    receiver the system's CAs do not know, or whose certificate names another host, gets nothing (sink down)."""
+    with SyslogReceiver(tls_dir=tmp_path / "tls") as syslog:
+        bus = build_sinks(SinkSettings(syslog_address=syslog.tls_address, syslog_ca_file=str(syslog.ca_file),
+                                       dedup_window_seconds=0), tmp_path / "ok")
+        event = alerts.message_event("grüße", CTX.with_(sender=NON_ASCII_SENDER), BLOCK_MALWARE)
+        bus.write(event)
+        assert wait_until(lambda: len(syslog.records) == 1)
+        bus.close()
+        assert parse_5424(syslog.records[0])[1]["event"]["id"] == event["event"]["id"]
+        for name, settings in (("system-cas", dict(syslog_address=syslog.tls_address)),
+                               ("wrong-name", dict(syslog_address=f"tls://127.0.0.2:{syslog.tls_port}",
+                                                   syslog_ca_file=str(syslog.ca_file)))):
+            bus = build_sinks(SinkSettings(dedup_window_seconds=0, retry_max_seconds=0.2, **settings), tmp_path / name)
+            bus.write(file_alert(1))
+            assert wait_until(lambda: sink_events(tmp_path / name, "down"), 10), name    # noqa: B023
+            bus.close()
+            [down] = sink_events(tmp_path / name, "down")
+            assert "does not verify" in down["imguard"]["sink"]["detail"] or "cannot connect" in \
+                down["imguard"]["sink"]["detail"], down
+        assert len(syslog.records) == 1
+    assert check_settings(SinkSettings(syslog_address="tcp://127.0.0.1:1", syslog_ca_file="/x.pem")) == [
+        "syslog_ca_file: only used with a tls:// syslog address"]
+
+
+@pytest.fixture(scope="module")
+def rsyslog(tmp_path_factory):
+    from tests.peers.sink_peers import Rsyslog, rsyslogd_bin
+    if rsyslogd_bin() is None:
+        pytest.skip("rsyslogd is not installed (apt-get install rsyslog rsyslog-openssl)")
+    with Rsyslog.start(tmp_path_factory.mktemp("rsyslog")) as server:
+        yield server
+
+
+@pytest.mark.parametrize("transport", ["udp", "tcp", "tls"])
+def test_a_real_rsyslog_takes_every_record_whole_with_the_default_limit(tmp_path, rsyslog, transport):
+    """Debian's rsyslogd with its shipped maxMessageSize: a non-ASCII sender, an event far over the limit and a
+    small one each arrive as one record whose MSG is the BOM and valid JSON; nothing is cut into a bogus record."""
+    big = alerts.message_event("grüße " * 5000, CTX.with_(sender=NON_ASCII_SENDER), BLOCK_MALWARE)
+    report = file_alert(2)
+    report["imguard"]["report"]["padding"] = "x" * 20000
+    events = [big, report, alerts.message_event("hi", CTX, Decision(action=ALLOW))]
+    marker = f"{transport}-{events[0]['event']['id']}"
+    for event in events:
+        event["imguard"]["context"]["conversation"] = marker
+    settings = dict(syslog_address=getattr(rsyslog, f"{transport}_address"), dedup_window_seconds=0)
+    if transport == "tls":
+        settings["syslog_ca_file"] = str(rsyslog.ca_file)
+    bus = build_sinks(SinkSettings(**settings), tmp_path)
+    for event in events:
+        bus.write(event)
+    assert bus.drain(10)
+
+    def mine() -> list[dict]:
+        return [r for r in rsyslog.received() if marker in r["msg"]]
+    assert wait_until(lambda: len(mine()) == 3, 10), rsyslog.logs()
+    bus.close()
+    records = mine()
+    assert "oversize" not in rsyslog.logs()
+    for record, event in zip(records, events, strict=True):
+        assert record["msg"].startswith("\ufeff"), record["msg"][:20]
+        got = json.loads(record["msg"][1:])
+        assert got["event"]["id"] == event["event"]["id"]
+        assert record["app"] == "imguard" and record["sd"].startswith("[imguard@32473 ")
+    assert f'sender="{NON_ASCII_SENDER}"' in records[0]["sd"]
+    assert json.loads(records[0]["msg"][1:])["imguard"]["truncated"] is True
+    assert "report" not in json.loads(records[1]["msg"][1:])["imguard"]
+    assert "truncated" not in json.loads(records[2]["msg"][1:]).get("imguard", {})

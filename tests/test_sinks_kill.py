@@ -71,7 +71,7 @@ def test_sigkill_mid_burst_then_restart_delivers_every_recorded_alert_to_every_s
                                          for e in hook.events])
     syslog_ids = []
     for record in syslog.records:
-        event = json.loads(record[record.index(b"] {") + 2:])
+        event = json.loads(record[record.index(b"] \xef\xbb\xbf{") + 5:])       # MSG: the BOM, then the JSON
         if event["event"]["dataset"] == "imguard.file":
             flagged = event["imguard"].get("possible_duplicate", False)
             assert flagged == (b'possible_duplicate="true"' in record)

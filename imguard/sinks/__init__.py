@@ -29,7 +29,8 @@ def make_sinks(settings: SinkSettings) -> list[Sink]:
     """The remote sinks the settings turn on. Raises ValueError naming the bad setting."""
     sinks: list[Sink] = []
     if settings.syslog_address:
-        sinks.append(SyslogSink(settings.syslog_address, settings.syslog_facility, settings.syslog_min_severity))
+        sinks.append(SyslogSink(settings.syslog_address, settings.syslog_facility, settings.syslog_min_severity,
+                                max_bytes=settings.syslog_max_bytes, ca_file=settings.syslog_ca_file))
     if settings.webhook_url:
         sinks.append(WebhookSink(settings.webhook_url, settings.webhook_timeout, settings.webhook_all_events))
     if settings.email_smtp:
@@ -51,11 +52,13 @@ def check_settings(settings: SinkSettings) -> list[str]:
         value = getattr(settings, name)
         if value and value not in SEVERITIES:
             errors.append(f"{name}: {value!r} is not one of {', '.join(SEVERITIES)}")
-    for name in ("jsonl_max_bytes", "jsonl_backups", "queue_max_bytes"):
+    for name in ("jsonl_max_bytes", "jsonl_backups", "queue_max_bytes", "syslog_max_bytes"):
         if getattr(settings, name) < 0:
             errors.append(f"{name}: must not be negative")
     if settings.queue_max_bytes and settings.queue_max_bytes < 4096:
         errors.append("queue_max_bytes: at least 4096 bytes, or one alert would not fit")
+    if 0 < settings.syslog_max_bytes < 480:
+        errors.append("syslog_max_bytes: at least 480 bytes (RFC 5424 6.1), or 0 for no limit")
     if settings.email_ca_file and not settings.email_starttls:
         errors.append("email_ca_file: only used with email_starttls (turn it on, or the mail goes in clear text)")
     if settings.webhook_timeout <= 0:

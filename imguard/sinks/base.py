@@ -4,16 +4,20 @@ from __future__ import annotations
 
 from typing import Any
 
+from imguard.alerts import severity_of
 from imguard.model import SEVERITIES
 
 
 class DeliveryError(Exception):
     """The sink did not take the event. `ambiguous` when it may have taken it anyway (a timeout after the
-    request was sent, a connection cut mid-write): the retry is then flagged as a possible duplicate."""
+    request was sent, a connection cut mid-write): the retry is then flagged as a possible duplicate.
+    `permanent` when retrying cannot help this event (it cannot be encoded, the receiver refused its content):
+    the bus moves it to the sink's dead-letter file and goes on with the next one."""
 
-    def __init__(self, message: str, ambiguous: bool = False):
+    def __init__(self, message: str, ambiguous: bool = False, permanent: bool = False):
         super().__init__(message)
         self.ambiguous = ambiguous
+        self.permanent = permanent
 
 
 def severity_rank(name: str) -> int:
@@ -26,7 +30,7 @@ def at_least(event: dict[str, Any], minimum: str) -> bool:
     if not minimum:
         return True
     ev = event.get("event", {})
-    return ev.get("kind") == "alert" and severity_rank(ev.get("severity_name", "")) >= severity_rank(minimum)
+    return ev.get("kind") == "alert" and severity_rank(severity_of(event)) >= severity_rank(minimum)
 
 
 class Sink:

@@ -14,6 +14,11 @@ second up to `retry_max_seconds`); the records behind it wait in order. A record
 reached the sink (a retry after an ambiguous failure, or a record found again after a restart that was
 handed out before it) is sent with `imguard.possible_duplicate: true`.
 
+An event that a sink cannot take for a reason retrying cannot fix (it refuses that event's content, the
+event cannot be encoded for it: DeliveryError.permanent, or the same unexpected error POISON_ATTEMPTS times)
+is moved to that sink's dead-letter file, DATA_DIR/dead-letter/<queue slot>.jsonl (0600), with a
+`sink_dead_letter` alert, and delivery goes on with the next: one poison event never stops a feed.
+
 Problems of the sinks themselves become events too (`imguard.sink`, see docs/events.md): a sink that
 goes down (once per outage) and comes back, records dropped from a full queue (counted, at most one
 event per sink every DROP_REPORT_SECONDS), damaged queue records skipped, a queue write refused by the
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import threading
 import time
@@ -40,6 +46,9 @@ log = logging.getLogger(__name__)
 
 DROP_REPORT_SECONDS = 10.0
 RETRY_MIN_SECONDS = 0.5
+# An error that is not a DeliveryError (a bug, an encoding the sink did not foresee) for the same record this
+# many times in a row: the record is taken for poison and dead-lettered rather than retried for ever.
+POISON_ATTEMPTS = 3
 
 
 def _is_alert(event: dict[str, Any]) -> bool:
@@ -58,9 +67,21 @@ class _Delivery:
         self.failures = 0
         self.last_error = ""
         self._ambiguous_seq = -1          # the seq whose last attempt may have reached the sink
+        self._unexpected_seq, self._unexpected_count = -1, 0     # unexpected errors of one record in a row
+        self.dead_lettered = 0
         self._drops_unreported = 0
         self._last_drop_report = 0.0
         self.thread = threading.Thread(target=self._run, name=f"imguard-sink-{sink.name}", daemon=True)
+
+    def _is_poison(self, seq: int, error: Exception) -> bool:
+        """Whether retrying `seq` is pointless: the sink says so, or it failed unexpectedly again and again."""
+        if isinstance(error, DeliveryError):
+            self._unexpected_seq, self._unexpected_count = -1, 0
+            return error.permanent
+        if seq != self._unexpected_seq:
+            self._unexpected_seq, self._unexpected_count = seq, 0
+        self._unexpected_count += 1
+        return self._unexpected_count >= POISON_ATTEMPTS
 
     def _run(self) -> None:
         wait = RETRY_MIN_SECONDS
@@ -85,6 +106,10 @@ class _Delivery:
             try:
                 self.sink.send(event)
             except Exception as e:   # noqa: BLE001 - a sink's bug must not kill delivery
+                if self._is_poison(record.seq, e):
+                    self.bus._dead_letter(self, record.seq, record.payload, e)
+                    self.queue.ack(record.seq)
+                    continue
                 ambiguous = e.ambiguous if isinstance(e, DeliveryError) else True
                 if ambiguous:
                     self._ambiguous_seq = record.seq
@@ -114,8 +139,12 @@ class EventBus:
 
     def __init__(self, local: alerts.AlertLog | None, sinks: list[Sink] = (), queue_dir: Path | None = None,
                  queue_max_bytes: int = 64 * 1024 * 1024, dedup_window: float = 0.0, retry_max: float = 30.0,
-                 metrics: Any = None, clock: Callable[[], float] = time.monotonic, start: bool = True):
+                 metrics: Any = None, clock: Callable[[], float] = time.monotonic, start: bool = True,
+                 dead_letter_dir: Path | None = None):
         self.local = local
+        # DATA_DIR/dead-letter beside DATA_DIR/queue, unless given.
+        self.dead_letter_dir = Path(dead_letter_dir) if dead_letter_dir is not None else (
+            Path(queue_dir).parent / "dead-letter" if queue_dir is not None else None)
         self.metrics = metrics
         self.path = local.path if local is not None else None
         self.dedup = Deduplicator(dedup_window, clock=clock)
@@ -232,6 +261,42 @@ class EventBus:
                 self._local_write_failed(e)
 
     # --- problems of the sinks -----------------------------------------------------------------
+    def dead_letter_path(self, delivery: _Delivery) -> Path | None:
+        if self.dead_letter_dir is None:
+            return None
+        return self.dead_letter_dir / f"{delivery.queue.directory.name}.jsonl"
+
+    def _dead_letter(self, delivery: _Delivery, seq: int, payload: bytes, error: Exception) -> None:
+        """Move a record the sink will never take to its dead-letter file, and say so (sink_dead_letter)."""
+        delivery.dead_lettered += 1
+        reason = f"{type(error).__name__}: {error}" if not isinstance(error, DeliveryError) else str(error)
+        try:
+            event_id = str(json.loads(payload).get("event", {}).get("id", ""))
+        except (ValueError, AttributeError):
+            event_id = ""
+        path = self.dead_letter_path(delivery)
+        where = "kept nowhere else but the local log"
+        if path is not None:
+            meta = {"@timestamp": alerts.utc_now(), "sink": delivery.sink.name, "reason": reason, "queue_seq": seq}
+            # The queued bytes as they are: the event exactly as it would have gone to the sink.
+            line = alerts.encode(meta)[:-2] + b',"event":' + payload.rstrip(b"\n") + b"}\n"
+            try:
+                path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+                try:
+                    os.fchmod(fd, 0o600)
+                    os.write(fd, line)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                where = f"moved to {path}"
+            except OSError as e:
+                where = f"not written to {path} ({e}); it is in the local log"
+        self._sink_problem(delivery, "dead_letter",
+                           f"{delivery.sink.name} cannot take event {event_id or seq} ({reason}): {where}; "
+                           "delivery goes on with the next event", severity="high", event_id=event_id,
+                           reason=reason[:500], path=str(path) if path is not None else "")
+
     def _report_problems(self, delivery: _Delivery) -> None:
         for problem in delivery.queue.take_problems():
             self._queue_problem(delivery, problem)
@@ -295,9 +360,10 @@ class EventBus:
                 self._flush_drops(delivery)
 
     def status(self) -> dict[str, dict[str, Any]]:
-        """Per sink: up, backlog (records and bytes), delivered, dropped, failures, last error."""
+        """Per sink: up, backlog (records and bytes), delivered, dropped, failures, dead-lettered, last error."""
         return {d.sink.name: {"up": d.up, "backlog": d.queue.backlog_records, "backlog_bytes": d.queue.backlog_bytes,
                               "delivered": d.delivered, "dropped": d.queue.dropped, "failures": d.failures,
+                              "dead_lettered": d.dead_lettered,
                               "last_error": d.last_error} for d in self._deliveries}
 
     def drain(self, timeout: float = 10.0) -> bool:

@@ -21,6 +21,7 @@ from email.message import EmailMessage
 from email.utils import formatdate
 from typing import Any
 
+from imguard.alerts import severity_of
 from imguard.sinks.base import DeliveryError, Sink, at_least, one_line
 
 
@@ -39,7 +40,7 @@ def build_message(event: dict[str, Any], sender: str, recipients: list[str]) -> 
     what = (event.get("file", {}).get("name") or ig.get("anomaly", {}).get("kind")
             or ig.get("sink", {}).get("kind") or ev.get("dataset", ""))
     who = event.get("source", {}).get("user", {}).get("name", "")
-    subject = f"[imguard] {ev.get('severity_name', 'alert')} {ev.get('action', '')}: {rules or what}"
+    subject = f"[imguard] {severity_of(event) or 'alert'} {ev.get('action', '')}: {rules or what}"
     if who:
         subject += f" from {who}"
     if ig.get("suppressed_count"):
@@ -57,7 +58,7 @@ def build_message(event: dict[str, Any], sender: str, recipients: list[str]) -> 
         msg["X-Imguard-Possible-Duplicate"] = "1"
     lines = [f"{k}: {one_line(v, 500)}" for k, v in (
         ("time", event.get("@timestamp", "")), ("action", ev.get("action", "")),
-        ("severity", ev.get("severity_name", "")), ("rule", rules),
+        ("severity", severity_of(event)), ("rule", rules),
         ("protocol", event.get("network", {}).get("protocol", "")),
         ("sender", who), ("recipients", ", ".join(ig.get("context", {}).get("recipients", []))),
         ("file", event.get("file", {}).get("name", "")),
@@ -93,7 +94,12 @@ class EmailSink(Sink):
         return event.get("event", {}).get("kind") == "alert" and at_least(event, self.min_severity)
 
     def send(self, event: dict[str, Any]) -> None:
-        message = build_message(event, self.sender, self.recipients)
+        try:
+            message = build_message(event, self.sender, self.recipients)
+            message.as_bytes()              # what send_message will flatten: refused here, not mid-transaction
+        except (ValueError, TypeError, UnicodeError) as e:
+            raise DeliveryError(f"cannot make a mail of event {event.get('event', {}).get('id', '')}: "
+                                f"{type(e).__name__}: {e}", permanent=True) from e
         try:
             smtp = smtplib.SMTP(self.host, self.port, timeout=self.timeout)
         except (OSError, smtplib.SMTPException) as e:
@@ -108,7 +114,11 @@ class EmailSink(Sink):
         except smtplib.SMTPNotSupportedError as e:
             raise DeliveryError(f"SMTP {self.host}:{self.port} does not offer STARTTLS: {e}") from e
         except smtplib.SMTPResponseException as e:
-            raise DeliveryError(f"SMTP {self.host}:{self.port} refused the mail: {e.smtp_code} {e.smtp_error!r}") from e
+            # A 5xx answer to the mail's content (DATA) or its size (552) refuses this mail for good; any other
+            # refusal (a recipient or sender unknown, a 4xx) is the server's or the settings' and may pass later.
+            permanent = 500 <= e.smtp_code < 600 and (isinstance(e, smtplib.SMTPDataError) or e.smtp_code == 552)
+            raise DeliveryError(f"SMTP {self.host}:{self.port} refused the mail: {e.smtp_code} {e.smtp_error!r}",
+                                permanent=permanent) from e
         except (OSError, smtplib.SMTPException, socket.timeout) as e:
             raise DeliveryError(f"SMTP {self.host}:{self.port}: {type(e).__name__}: {e}", ambiguous=True) from e
         finally:

@@ -17,8 +17,16 @@ class SinkSettings:
                                               "A line is never split across two files.")
     jsonl_backups: int = setting(10, "Rotated alerts.jsonl.N files kept; the oldest is deleted.")
     syslog_address: str = setting("", "Send events to syslog (RFC 5424) at udp://host:port, tcp://host:port "
-                                      "(octet-counting framing, RFC 6587) or unix:///path ('' = off).")
+                                      "(octet-counting framing, RFC 6587), tls://host:port (RFC 5425: the same over "
+                                      "TLS, the receiver's certificate verified) or unix:///path ('' = off).")
+    syslog_ca_file: str = setting("", "PEM file of the CA certificates that verify a tls:// syslog receiver's "
+                                      "certificate, e.g. an internal CA ('' = the system's CAs).")
     syslog_facility: str = setting("local0", "Syslog facility name (kern, user, daemon, auth, local0..local7).")
+    syslog_max_bytes: int = setting(8096, "Longest syslog record, in bytes (rsyslog takes 8096 by default, its "
+                                          "maxMessageSize of 8k, and cuts a longer one: over TCP the rest arrives as "
+                                          "a record of its own). A longer event is made to fit: its inspection "
+                                          "report dropped, then its text trimmed (imguard.truncated); alerts.jsonl "
+                                          "has it whole. 0 = no limit (UDP: 60000).")
     syslog_min_severity: str = setting("", "Only events at or above this severity go to syslog ('' = every "
                                            "event, allowed messages included).")
     webhook_url: str = setting("", "POST each alert as JSON to this http:// or https:// URL ('' = off).")

@@ -21,6 +21,9 @@ from typing import Any
 
 from imguard.sinks.base import DeliveryError, Sink
 
+# Answers that refuse the event itself: retrying the same body gets the same answer.
+PERMANENT_STATUSES = frozenset({400, 413, 415, 422})
+
 
 class WebhookSink(Sink):
     name = "webhook"
@@ -51,7 +54,11 @@ class WebhookSink(Sink):
         return self.all_events or event.get("event", {}).get("kind") == "alert"
 
     def send(self, event: dict[str, Any]) -> None:
-        body = json.dumps(event, separators=(",", ":"), default=str).encode()
+        try:
+            body = json.dumps(event, separators=(",", ":"), default=str).encode()
+        except (ValueError, TypeError, UnicodeError) as e:
+            raise DeliveryError(f"cannot encode event {event.get('event', {}).get('id', '')} as JSON: {e}",
+                                permanent=True) from e
         path = self.parts.path or "/"
         if self.parts.query:
             path += "?" + self.parts.query
@@ -80,7 +87,10 @@ class WebhookSink(Sink):
             except (OSError, http.client.HTTPException) as e:
                 raise DeliveryError(f"webhook {self.where}: {type(e).__name__}: {e}", ambiguous=sent) from e
             if not 200 <= response.status < 300:
-                raise DeliveryError(f"webhook {self.where} answered {response.status} {response.reason}")
+                # 400, 413, 415, 422: the receiver refuses this event's content, and will again: dead letter.
+                # Anything else (401, 404, 429, 5xx) is the receiver's or the settings' state: retried.
+                raise DeliveryError(f"webhook {self.where} answered {response.status} {response.reason}",
+                                    permanent=response.status in PERMANENT_STATUSES)
         finally:
             conn.close()
 

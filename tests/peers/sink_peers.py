@@ -3,6 +3,8 @@
     with HttpReceiver() as hook:          # http.server in a thread; hook.url, hook.events
         hook.mode = "fail" | "slow" | "ok"; hook.down(); hook.up()
     with SyslogReceiver() as syslog:      # a UDP and a TCP (octet-counting) socket server; .records
+    with SyslogReceiver(tls_dir=d) as s:  # ... and a TLS one (RFC 5425); s.tls_address, s.ca_file
+    with Rsyslog.start(workdir) as rs:    # the real rsyslogd (Debian): UDP, TCP and TLS inputs; rs.received()
     with SmtpReceiver() as smtp:          # aiosmtpd; smtp.address, smtp.messages
     with PostgresServer.start(workdir) as pg:   # initdb + postgres on a unix socket; pg.dsn
 
@@ -55,7 +57,8 @@ def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02) -> bool
 class HttpReceiver:
     """Answers POSTs: mode "ok" (204, the event is kept), "fail" (503, not kept), "slow" (keeps the event,
     then waits `delay` seconds before answering: the sender times out). down() closes the port, up()
-    opens it again on the same port."""
+    opens it again on the same port. An event for which `refuse(event)` is true is answered 422 and not kept,
+    as a SIEM's endpoint answers a body it will never take (`refused` counts them)."""
 
     def __init__(self, port: int = 0, delay: float = 3.0):
         self.port = port or free_port()
@@ -64,6 +67,8 @@ class HttpReceiver:
         self.events: list[dict] = []
         self.headers: list[dict] = []
         self.requests = 0
+        self.refuse = lambda event: False
+        self.refused = 0
         self._lock = threading.Lock()
         self._server: http.server.ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -85,8 +90,15 @@ class HttpReceiver:
                     self.send_response(503)
                     self.end_headers()
                     return
+                event = json.loads(body)
+                if receiver.refuse(event):
+                    with receiver._lock:
+                        receiver.refused += 1
+                    self.send_response(422)
+                    self.end_headers()
+                    return
                 with receiver._lock:
-                    receiver.events.append(json.loads(body))
+                    receiver.events.append(event)
                     receiver.headers.append(dict(self.headers))
                 if mode == "slow":
                     time.sleep(receiver.delay)
@@ -125,9 +137,11 @@ class HttpReceiver:
 class SyslogReceiver:
     """Keeps every record received over UDP (one per datagram) and TCP (RFC 6587 octet counting) in
     `records` (bytes, without the framing). A TCP stream whose framing is broken is kept whole in
-    `framing_errors`."""
+    `framing_errors`. With `tls_dir`, also a TLS listener (RFC 5425, the same framing) whose certificate, for
+    `tls_names`, is signed by a throwaway CA (`ca_file`)."""
 
-    def __init__(self, tcp_port: int = 0):
+    def __init__(self, tcp_port: int = 0, tls_dir: Path | None = None,
+                 tls_names: tuple[tuple[str, ...], tuple[str, ...]] = (("localhost",), ("127.0.0.1",))):
         self.records: list[bytes] = []
         self.framing_errors: list[bytes] = []
         self._lock = threading.Lock()
@@ -169,7 +183,33 @@ class SyslogReceiver:
         self._tcp.daemon_threads = self._udp.daemon_threads = True
         self.udp_port = self._udp.server_address[1]
         self.tcp_port = self._tcp.server_address[1]
-        self._threads = [threading.Thread(target=s.serve_forever, daemon=True) for s in (self._udp, self._tcp)]
+        self._servers = [self._udp, self._tcp]
+        self.ca_file: Path | None = None
+        self.tls_port = 0
+        if tls_dir is not None:
+            import ssl
+
+            from tests.peers.prosody import make_certificates
+            certs = make_certificates(Path(tls_dir), names=tls_names[0], ips=tls_names[1])
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.load_cert_chain(certs.cert_file, certs.key_file)
+            self.ca_file = certs.ca_file
+
+            class TlsServer(TcpServer):
+                def get_request(self):
+                    sock, address = self.socket.accept()
+                    sock.settimeout(10)
+                    try:
+                        return context.wrap_socket(sock, server_side=True), address
+                    except (OSError, ssl.SSLError):
+                        sock.close()
+                        raise
+
+            tls = TlsServer(("127.0.0.1", 0), Tcp)
+            tls.daemon_threads = True
+            self.tls_port = tls.server_address[1]
+            self._servers.append(tls)
+        self._threads = [threading.Thread(target=s.serve_forever, daemon=True) for s in self._servers]
         for t in self._threads:
             t.start()
 
@@ -181,8 +221,12 @@ class SyslogReceiver:
     def tcp_address(self) -> str:
         return f"tcp://127.0.0.1:{self.tcp_port}"
 
+    @property
+    def tls_address(self) -> str:
+        return f"tls://localhost:{self.tls_port}"
+
     def close(self) -> None:
-        for server in (self._udp, self._tcp):
+        for server in self._servers:
             server.shutdown()
             server.server_close()
 
@@ -193,13 +237,126 @@ class SyslogReceiver:
         self.close()
 
 
+# --- syslog: the real rsyslogd ----------------------------------------------------------------------
+
+RSYSLOG_CONF = """
+global(workDirectory="{work}" defaultNetstreamDriverCAFile="{ca}" defaultNetstreamDriverCertFile="{cert}"
+       defaultNetstreamDriverKeyFile="{key}")
+module(load="imudp")
+module(load="imtcp" streamDriver.name="ossl" streamDriver.mode="1" streamDriver.authMode="anon")
+input(type="imudp" address="127.0.0.1" port="{udp}")
+input(type="imtcp" name="tls" address="127.0.0.1" port="{tls}")
+module(load="imptcp")
+input(type="imptcp" address="127.0.0.1" port="{tcp}" supportOctetCountedFraming="on")
+template(name="fields" type="list" option.jsonf="on") {{
+    property(outname="pri" name="pri" format="jsonf")
+    property(outname="hostname" name="hostname" format="jsonf")
+    property(outname="app" name="app-name" format="jsonf")
+    property(outname="procid" name="procid" format="jsonf")
+    property(outname="msgid" name="msgid" format="jsonf")
+    property(outname="sd" name="structured-data" format="jsonf")
+    property(outname="msg" name="msg" format="jsonf")
+    property(outname="input" name="inputname" format="jsonf")
+}}
+*.* action(type="omfile" file="{out}" template="fields")
+"""
+
+
+def rsyslogd_bin() -> str | None:
+    return shutil.which("rsyslogd") or next((p for p in ("/usr/sbin/rsyslogd",) if Path(p).exists()), None)
+
+
+class Rsyslog:
+    """The real rsyslogd (Debian's rsyslog, rsyslog-openssl for TLS) in the foreground, with its own config in
+    `directory`: UDP (imudp), TCP with octet counting (imptcp) and TLS (imtcp, ossl driver, RFC 5425) on free
+    loopback ports, every record written as one JSON object per line (hostname, app, procid, msgid, sd, msg and
+    the input) to `out`. Its default maxMessageSize (8 KB) is left as shipped. `received()` reads them."""
+
+    def __init__(self, directory: Path, binary: str):
+        self.directory = directory
+        self.binary = binary
+        self.out = directory / "out.jsonl"
+        self.udp_port, self.tcp_port, self.tls_port = free_port(), free_port(), free_port()
+        from tests.peers.prosody import make_certificates
+        self.certs = make_certificates(directory / "tls", names=("localhost",), ips=("127.0.0.1",))
+        self.ca_file = self.certs.ca_file
+        self.process: subprocess.Popen | None = None
+
+    @classmethod
+    def start(cls, directory: Path | None = None) -> "Rsyslog":
+        binary = rsyslogd_bin()
+        if binary is None:
+            raise RuntimeError("rsyslogd is not installed (apt-get install rsyslog rsyslog-openssl)")
+        server = cls(Path(directory or tempfile.mkdtemp(prefix="imguard-rsyslog-")), binary)
+        (server.directory / "work").mkdir(parents=True, exist_ok=True)
+        conf = server.directory / "rsyslog.conf"
+        conf.write_text(RSYSLOG_CONF.format(work=server.directory / "work", ca=server.certs.ca_file,
+                                            cert=server.certs.cert_file, key=server.certs.key_file,
+                                            udp=server.udp_port, tcp=server.tcp_port, tls=server.tls_port,
+                                            out=server.out))
+        check = subprocess.run([binary, "-N1", "-f", str(conf)], capture_output=True, text=True, timeout=30)
+        if check.returncode != 0:
+            raise RuntimeError(f"rsyslogd refuses its config: {check.stdout}{check.stderr}")
+        server.log = server.directory / "rsyslogd.log"
+        with open(server.log, "wb") as log:
+            server.process = subprocess.Popen([binary, "-n", "-f", str(conf), "-i", str(server.directory / "pid")],
+                                              stdout=log, stderr=subprocess.STDOUT)
+        if not wait_until(lambda: all(_listening(port) for port in (server.tcp_port, server.tls_port)), 15):
+            server.stop()
+            raise RuntimeError(f"rsyslogd did not open its ports:\n{server.logs()}")
+        return server
+
+    @property
+    def udp_address(self) -> str:
+        return f"udp://127.0.0.1:{self.udp_port}"
+
+    @property
+    def tcp_address(self) -> str:
+        return f"tcp://127.0.0.1:{self.tcp_port}"
+
+    @property
+    def tls_address(self) -> str:
+        return f"tls://localhost:{self.tls_port}"
+
+    def received(self) -> list[dict]:
+        if not self.out.exists():
+            return []
+        return [json.loads(line) for line in self.out.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+    def logs(self) -> str:
+        return self.log.read_text(errors="replace")[-4000:] if self.log.exists() else ""
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+
+    def __enter__(self) -> "Rsyslog":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _listening(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
 # --- SMTP: aiosmtpd --------------------------------------------------------------------------------
 
 class SmtpReceiver:
     """A real SMTP server (aiosmtpd) on a free port; `messages` are the parsed mails received. With `tls_dir`
     it offers STARTTLS with a certificate for 127.0.0.1 and localhost from a throwaway CA (`ca_file`, made in
     that folder) and takes no mail before it (`require_starttls`); `tls_names` are the certificate's (DNS names,
-    IP addresses)."""
+    IP addresses). A mail for which `refuse(message)` is true is answered 554 after DATA (content refused)."""
 
     def __init__(self, port: int = 0, tls_dir: Path | None = None,
                  tls_names: tuple[tuple[str, ...], tuple[str, ...]] = (("localhost",), ("127.0.0.1",))):
@@ -211,12 +368,17 @@ class SmtpReceiver:
         receiver = self
         self.messages: list[email.message.EmailMessage] = []
         self.envelopes: list[tuple[str, list[str]]] = []
+        self.refuse = lambda message: False
+        self.refused = 0
 
         class Handler:
             async def handle_DATA(self, server, session, envelope):   # noqa: N802 - aiosmtpd's naming
+                message = email.message_from_bytes(envelope.original_content, policy=email.policy.default)
+                if receiver.refuse(message):
+                    receiver.refused += 1
+                    return "554 5.6.0 message content refused"
                 receiver.envelopes.append((envelope.mail_from, list(envelope.rcpt_tos)))
-                receiver.messages.append(email.message_from_bytes(envelope.original_content,
-                                                                  policy=email.policy.default))
+                receiver.messages.append(message)
                 return "250 OK"
 
         self.port = port or free_port()
