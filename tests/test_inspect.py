@@ -485,3 +485,11 @@ def test_every_limit_is_documented():
         assert len(field.metadata.get("help", "")) > 40, field.name
     with pytest.raises(dataclasses.FrozenInstanceError):
         InspectLimits().max_file_size = 1
+
+
+def test_a_program_that_mentions_the_7z_or_rar_signature_is_not_a_self_extractor(inspector):
+    """7-Zip and WinRAR carry their formats' signatures as constants: only a header with a valid CRC counts."""
+    data = S.pe() + b"\0" * 64 + b"7z\xbc\xaf\x27\x1c" + b"\0" * 40 + b"Rar!\x1a\x07\x00" + b"\0" * 40 + \
+        b"Rar!\x1a\x07\x01\x00" + b"\0" * 40
+    report = inspector.inspect(data, name="7z.exe")
+    assert not [f for f in report.all_findings() if f.kind in ("polyglot", "unscannable")]

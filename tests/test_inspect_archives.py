@@ -85,9 +85,18 @@ def test_mixed_nesting_of_every_format(inspector):
 
 
 @pytest.mark.parametrize("header", [b"7z\xbc\xaf\x27\x1c\x00\x04", b"Rar!\x1a\x07\x01\x00"])
-def test_archives_we_do_not_open_are_unscannable_unsupported(inspector, header):
+def test_broken_archives_libarchive_opens_are_unscannable_corrupt(inspector, header):
+    report = inspector.inspect(header + bytes(range(256)) * 4, name="x.bin")
+    assert report.family == "archive" and report.unscannable_reasons == ["corrupt"]
+
+
+@pytest.mark.parametrize("header, fmt", [(b"MSWIM\0\0\0", "WIM"), (b"ITSF\x03\0\0\0\x60\0\0\0", "chm"),
+                                         (b"vhdxfile", "VHDX")])
+def test_archives_we_do_not_open_are_unscannable_unsupported_and_named(inspector, header, fmt):
     report = inspector.inspect(header + bytes(range(256)) * 4, name="x.bin")
     assert report.family == "archive" and report.unscannable_reasons == ["unsupported"]
+    [finding] = [f for f in report.findings if f.kind == "unscannable"]
+    assert fmt.lower() in finding.data["format"].lower() and fmt.lower() in finding.detail.lower()
 
 
 def test_jar_is_walked(inspector):
@@ -268,3 +277,55 @@ def test_mutated_archives_never_raise_or_hit_the_safety_net(inspector):
             data = data[:rng.randrange(1, len(data))]
         report = inspector.inspect(bytes(data), name="fuzz.zip")
         assert not any("internal inspection error" in f.detail for f in report.all_findings()), report.to_dict()
+
+
+def _udf() -> bytes:
+    """The volume recognition sequence of a UDF image (ECMA-167): BEA01, NSR02, TEA01 from 32 KiB."""
+    sectors = [bytes(0x8000)] + [b"\0" + ident + b"\x01" + bytes(2041) for ident in (b"BEA01", b"NSR02", b"TEA01")]
+    return b"".join(sectors) + bytes(4096)
+
+
+def _fat() -> bytes:
+    boot = bytearray(512)
+    boot[0:3], boot[3:11], boot[54:62], boot[510:512] = b"\xeb\x3c\x90", b"MSDOS5.0", b"FAT16   ", b"\x55\xaa"
+    return bytes(boot) + bytes(8192)
+
+
+@pytest.mark.parametrize("data, fmt", [
+    (_udf(), "UDF"),
+    (bytes(range(256)) * 40 + b"conectix" + bytes(504), "VHD"),               # fixed VHD: footer at the end
+    (bytes(range(256)) * 40 + b"koly" + bytes(508), "DMG"),                  # UDIF trailer
+    (_fat(), "FAT"),
+    (bytes(512) + b"EFI PART" + bytes(4096), "GPT"),
+])
+def test_disk_images_are_recognised_and_unscannable(inspector, data, fmt):
+    report = inspector.inspect(data, name="disk.img")
+    assert report.family == "archive"
+    named = [f for f in report.findings if f.kind == UNSCANNABLE and fmt.lower() in f.data.get("format", "").lower()]
+    assert named and named[0].data["reason"] == "unsupported"
+
+
+def test_libarchive_walk_is_bounded(inspector):
+    """A cpio of many members stops at max_archive_members; the bytes cap holds as for zip."""
+    import libarchive
+    import io as _io
+    buffer = _io.BytesIO()
+    with libarchive.custom_writer(buffer.write, "cpio_newc") as archive:
+        for i in range(30):
+            archive.add_file_from_memory(f"f{i}.txt", 10, b"0123456789")
+    small = Inspector(inspector.signatures, InspectLimits(max_archive_members=10))
+    report = small.inspect(buffer.getvalue(), name="x.cpio")
+    assert len(report.members) == 10 and "max_archive_members" in limits_hit(report)
+
+
+@pytest.mark.parametrize("compression", ["zstd", "lz4", "lzip", "compress", "lzma"])
+def test_single_streams_libarchive_decodes_are_walked(inspector, compression):
+    """Written by libarchive itself (an independent writer); before libarchive these were 'archive, unseen'."""
+    import io as _io
+
+    import libarchive
+    out = _io.BytesIO()
+    with libarchive.custom_writer(out.write, "raw", filter_name=compression) as archive:
+        archive.add_file_from_memory("x", len(S.EICAR) * 20, S.EICAR * 20)
+    report = inspector.inspect(out.getvalue(), name=f"x.{compression}")
+    assert eicar_paths(report) and not report.unscannable_reasons

@@ -1,16 +1,23 @@
-"""Archive walking, all in memory: zip (incl. OOXML, JAR), tar, gzip, bzip2, xz.
+"""Archive walking, all in memory: zip (incl. OOXML, JAR), tar, gzip, bzip2, xz, zlib by hand; ISO 9660,
+deb/ar, cpio, xar, LHA, 7z, RAR, CAB, RPM and the zstd/lzip/lz4/compress/lzma filters through libarchive.
 
 Each walker yields the members of one container as `Member`s, one at a time, and records problems of
 the container itself (corrupt, a limit reached, an unsafe link) in a `Container`. Member names are only
 ever labels: nothing is written to disk. Decompression is streamed with a byte cap and a ratio check,
 so a bomb never expands past the budget in memory.
+
+Walkers read what the receiver's tools read (issue 17): both views of a zip (central directory and
+local headers, as a streaming extractor reads it), every member of a gzip and every stream of a bzip2
+or xz file, tar entries of any typeflag that carries data (GNU tar extracts unknown ones as files).
 """
 
 from __future__ import annotations
 
 import bz2
 import io
+import logging
 import lzma
+import re
 import tarfile
 import zipfile
 import zlib
@@ -22,11 +29,27 @@ from imguard.model import REASON_CORRUPT, REASON_ENCRYPTED, REASON_LIMIT, REASON
 CHUNK = 256 * 1024
 RATIO_MIN_BYTES = 1024 * 1024    # the ratio limit applies once a member has expanded past this
 
-ZIP, TAR, GZIP, BZIP2, XZ = "zip", "tar", "gzip", "bzip2", "xz"
+ZIP, TAR, GZIP, BZIP2, XZ, ZLIB = "zip", "tar", "gzip", "bzip2", "xz", "zlib"
+ISO9660 = "iso9660"
+STREAMS = (GZIP, BZIP2, XZ, ZLIB)
+
+# Containers libarchive opens, by the MIME type libmagic gives them (format name for findings).
+LIBARCHIVE_FORMATS = {
+    "application/x-iso9660-image": ISO9660, "application/vnd.debian.binary-package": "deb",
+    "application/x-archive": "ar", "application/x-cpio": "cpio", "application/x-xar": "xar",
+    "application/x-lzh-compressed": "lha", "application/x-lha": "lha", "application/x-lzh": "lha",
+    "application/x-7z-compressed": "7z", "application/x-rar": "rar", "application/vnd.rar": "rar",
+    "application/x-rar-compressed": "rar", "application/vnd.ms-cab-compressed": "cab", "application/x-rpm": "rpm",
+}
+# Single compressed streams libarchive decodes (its "raw" format behind a filter).
+LIBARCHIVE_FILTERS = {
+    "application/zstd": "zstd", "application/x-zstd": "zstd", "application/x-lzip": "lzip",
+    "application/x-lz4": "lz4", "application/x-compress": "compress", "application/x-lzma": "lzma",
+}
 
 
 def archive_kind(data: bytes, mime: str) -> str | None:
-    """Which walker opens this content, by its magic bytes (never by its name)."""
+    """Which walker opens this content, by its magic bytes or libmagic's MIME type (never by its name)."""
     head = data[:6]
     if head[:4] in (b"PK\x03\x04", b"PK\x05\x06", b"PK\x07\x08"):
         return ZIP
@@ -38,7 +61,68 @@ def archive_kind(data: bytes, mime: str) -> str | None:
         return XZ
     if data[257:262] == b"ustar" or mime == "application/x-tar":
         return TAR
+    if mime == "application/zlib" and len(data) > 2 and int.from_bytes(data[:2], "big") % 31 == 0:
+        return ZLIB
+    if data[0x8001:0x8006] == b"CD001":          # ISO 9660: its magic is at 32 KiB, past libmagic's view
+        return ISO9660
+    if mime in LIBARCHIVE_FORMATS:
+        return LIBARCHIVE_FORMATS[mime]
+    if mime in LIBARCHIVE_FILTERS:
+        return LIBARCHIVE_FILTERS[mime]
+    if zip_behind_prefix(data):
+        return ZIP
     return None
+
+
+def zip_behind_prefix(data: bytes) -> bool:
+    """A zip after other data whose central directory holds absolute offsets (`zip -A`, a self-extractor):
+    unzip and Python's zipfile open it as it is. (Offsets relative to the zip's start are the polyglot
+    check's "zip_prefix" case.)"""
+    size = len(data)
+    eocd = data.rfind(b"PK\x05\x06", max(0, size - 65557))
+    if eocd <= 0 or eocd + 22 > size:
+        return False
+    cd_size = int.from_bytes(data[eocd + 12:eocd + 16], "little")
+    cd_offset = int.from_bytes(data[eocd + 16:eocd + 20], "little")
+    if cd_offset + cd_size != eocd or data[cd_offset:cd_offset + 4] != b"PK\x01\x02":
+        return False
+    first_local = int.from_bytes(data[cd_offset + 42:cd_offset + 46], "little")
+    return first_local > 0 and data[first_local:first_local + 4] == b"PK\x03\x04"
+
+
+def disk_image(data: bytes) -> str:
+    """The name of a disk image or filesystem format the engine does not open ("" if none): the ISO/IMG/VHD
+    delivery of malware. Their magic is often far from the start (UDF at 32 KiB, VHD and DMG at the end)."""
+    for sector in range(0x8000, 0x8000 + 2048 * 16, 2048):
+        ident = data[sector + 1:sector + 6]
+        if ident in (b"NSR02", b"NSR03"):
+            return "UDF"
+        if ident == b"TEA01":
+            break
+    if data[:8] == b"vhdxfile":
+        return "VHDX"
+    if data[:8] == b"conectix" or data[-512:-504] == b"conectix" or data[-511:-503] == b"conectix":
+        return "VHD"
+    if len(data) >= 512 and data[-512:-508] == b"koly":
+        return "DMG"
+    if data[:8] in (b"MSWIM\0\0\0", b"WLPWM\0\0\0"):
+        return "WIM"
+    if data[:4] == b"QFI\xfb":
+        return "QCOW"
+    if data[64:68] == b"\x7f\x10\xda\xbe":
+        return "VDI"
+    if data[:4] == b"KDMV":
+        return "VMDK"
+    if data[512:520] == b"EFI PART":
+        return "GPT disk image"
+    if data[510:512] == b"\x55\xaa":
+        if data[3:11] == b"NTFS    ":
+            return "NTFS disk image"
+        if data[54:59] in (b"FAT12", b"FAT16") or data[82:87] == b"FAT32":
+            return "FAT disk image"
+        if data[3:11] == b"EXFAT   ":
+            return "exFAT disk image"
+    return ""
 
 
 @dataclass
@@ -65,6 +149,8 @@ class Container:
     corrupt: list[str] = field(default_factory=list)
     limits: list[tuple[str, int, str]] = field(default_factory=list)   # (setting, value, detail)
     unsafe: list[tuple[str, str]] = field(default_factory=list)         # (member name, detail)
+    differences: list[str] = field(default_factory=list)    # where two views of the container disagree
+    unsupported: list[str] = field(default_factory=list)    # what could not be opened, naming the format
 
 
 def unsafe_name(name: str) -> str:
@@ -128,31 +214,42 @@ def _inflate_zlib(data: bytes, wbits: int, cap: int, max_ratio: int) -> tuple[by
             if piece and not exp.add(piece, consumed):
                 return exp.data(), exp.stopped, consumed
             if decomp.eof:
-                unused = decomp.unused_data
-                consumed = pos - len(unused)
-                if wbits > 16 and unused[:2] == b"\x1f\x8b":     # another gzip member follows
+                # Where this member ends, in `data`: wherever that falls relative to the chunks read.
+                consumed = pos - len(pending) - len(decomp.unused_data)
+                if wbits > 16 and data[consumed:consumed + 2] == b"\x1f\x8b":    # another gzip member
                     decomp = zlib.decompressobj(wbits)
-                    pending = bytes(unused)
+                    pos, pending = consumed, b""
                     continue
                 return exp.data(), "ok", consumed
     except zlib.error as exc:
         return exp.data(), f"corrupt: {exc}", pos
 
 
+_NOT_NUL = re.compile(rb"[^\0]")
+
+
 def _inflate_other(data: bytes, kind: str, cap: int, max_ratio: int) -> tuple[bytes, str, int]:
+    """bzip2 or xz: every stream, as `bzip2 -d` and `xz -d` output them (pbzip2 and pixz write several;
+    xz allows NUL stream padding between streams)."""
     exp = _Expansion(cap, max_ratio)
     view = memoryview(data)
     pos = 0
-    decomp = bz2.BZ2Decompressor() if kind == BZIP2 else lzma.LZMADecompressor()
+    decomp = bz2.BZ2Decompressor() if kind == BZIP2 else lzma.LZMADecompressor(lzma.FORMAT_XZ)
     try:
         while True:
             if decomp.eof:
-                unused = decomp.unused_data
-                if unused.strip(b"\0") and kind == BZIP2 and unused[:3] == b"BZh":
-                    decomp = bz2.BZ2Decompressor()      # concatenated bzip2 streams (pbzip2)
-                    data, view, pos = unused, memoryview(unused), 0
+                end = pos - len(decomp.unused_data)     # in `data`, wherever the chunk boundary fell
+                if kind == BZIP2 and data[end:end + 3] == b"BZh":
+                    decomp = bz2.BZ2Decompressor()
+                    pos = end
                     continue
-                return exp.data(), "ok", pos - len(unused)
+                if kind == XZ:
+                    following = _NOT_NUL.search(data, end)
+                    if following and data[following.start():following.start() + 6] == b"\xfd7zXZ\x00":
+                        decomp = lzma.LZMADecompressor(lzma.FORMAT_XZ)
+                        pos = following.start()
+                        continue
+                return exp.data(), "ok", end
             if decomp.needs_input:
                 if pos >= len(view):
                     return exp.data(), "truncated", pos
@@ -169,8 +266,8 @@ def _inflate_other(data: bytes, kind: str, cap: int, max_ratio: int) -> tuple[by
 
 def decompress(data: bytes, kind: str, cap: int, max_ratio: int) -> tuple[bytes, str]:
     """The decompressed content of a gzip, bzip2 or xz stream, read under `cap` bytes and the ratio limit."""
-    if kind == GZIP:
-        out, status, _ = _inflate_zlib(data, 31, cap, max_ratio)
+    if kind in (GZIP, ZLIB):
+        out, status, _ = _inflate_zlib(data, 31 if kind == GZIP else 15, cap, max_ratio)
     else:
         out, status, _ = _inflate_other(data, kind, cap, max_ratio)
     return out, status
@@ -207,6 +304,8 @@ def member_name_for(kind: str, data: bytes, outer_name: str) -> str:
         return gzip_member_name(data, outer_name)
     if kind == BZIP2:
         return stripped_name(outer_name, {".bz2": "", ".tbz2": ".tar", ".tbz": ".tar", ".bzip2": ""})
+    if kind == ZLIB:
+        return stripped_name(outer_name, {".zz": "", ".zlib": "", ".z": ""})
     return stripped_name(outer_name, {".xz": "", ".txz": ".tar"})
 
 
@@ -214,7 +313,7 @@ def member_name_for(kind: str, data: bytes, outer_name: str) -> str:
 
 def walk_stream(data: bytes, kind: str, outer_name: str, budget: Budget, max_file_size: int,
                 max_ratio: int, container: Container) -> Iterator[Member]:
-    """gzip, bzip2, xz: one member, the decompressed stream."""
+    """gzip, bzip2, xz, zlib: one member, the decompressed stream (all its members or streams)."""
     name = member_name_for(kind, data, outer_name)
     if budget.members_left <= 0:
         container.limits.append(("max_archive_members", 0, "no members left to inspect"))
@@ -255,7 +354,8 @@ def walk_zip(data: bytes, budget: Budget, max_file_size: int, max_ratio: int,
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
         infos = archive.infolist()
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError, EOFError, IndexError) as exc:
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, ValueError, OSError, EOFError,
+            IndexError) as exc:
         container.corrupt.append(f"zip central directory unreadable ({exc}); reading local headers")
         yield from _walk_zip_local_headers(data, budget, max_file_size, max_ratio, container)
         return
@@ -308,35 +408,82 @@ def walk_zip(data: bytes, budget: Budget, max_file_size: int, max_ratio: int,
             yield Member(name, None, info.file_size, problem=(REASON_UNSUPPORTED, f"zip member: {status}"))
             continue
         yield _member_from_stream(name, out, status, cap, budget, max_file_size, max_ratio, "zip member")
+    # The second view: the local headers, read front to back as a streaming extractor (bsdtar from a
+    # pipe, Java's ZipInputStream, many mail and web scanners) reads them.
+    yield from _walk_zip_local_headers(data, budget, max_file_size, max_ratio, container,
+                                       {info.header_offset: info for info in infos})
+
+
+_UNKNOWN_SIZE = 0xFFFFFFFF      # zip64: the size is in the extra field
+
+
+def _zip_differences(info: zipfile.ZipInfo, raw_name: bytes, flags: int, method: int, crc: int, csize: int,
+                     usize: int) -> list[str]:
+    """What a local header says that its central directory record contradicts."""
+    central_name = info.orig_filename.encode("utf-8" if info.flag_bits & 0x800 else "cp437", "replace")
+    found = []
+    if raw_name != central_name:
+        found.append(f"name {raw_name.decode('cp437')!r} (central directory: {info.orig_filename!r})")
+    if method != info.compress_type:
+        found.append(f"method {method} (central directory: {info.compress_type})")
+    if (flags ^ info.flag_bits) & 0x1:
+        found.append("encryption flag")
+    if not flags & 0x8:
+        for what, local, central in (("crc", crc, info.CRC), ("compressed size", csize, info.compress_size),
+                                     ("size", usize, info.file_size)):
+            if local != central and local != _UNKNOWN_SIZE:
+                found.append(f"{what} {local} (central directory: {central})")
+    return found
 
 
 def _walk_zip_local_headers(data: bytes, budget: Budget, max_file_size: int, max_ratio: int,
-                            container: Container) -> Iterator[Member]:
-    """Recover the members of a zip whose central directory is missing (a truncated transfer)."""
+                            container: Container,
+                            central: dict[int, zipfile.ZipInfo] | None = None) -> Iterator[Member]:
+    """The members as the local headers give them. Without `central` (the directory is missing: a
+    truncated transfer) every member is read; with it, only those the directory does not list or
+    contradicts, each difference recorded (the directory's view was read already)."""
     pos = data.find(b"PK\x03\x04")
     size = len(data)
+    seen: set[int] = set()
     while 0 <= pos and pos + 30 <= size:
         flags = int.from_bytes(data[pos + 6:pos + 8], "little")
         method = int.from_bytes(data[pos + 8:pos + 10], "little")
+        crc = int.from_bytes(data[pos + 14:pos + 18], "little")
         csize = int.from_bytes(data[pos + 18:pos + 22], "little")
         usize = int.from_bytes(data[pos + 22:pos + 26], "little")
         name_len = int.from_bytes(data[pos + 26:pos + 28], "little")
         extra_len = int.from_bytes(data[pos + 28:pos + 30], "little")
-        name = data[pos + 30:pos + 30 + name_len].decode("utf-8" if flags & 0x800 else "cp437", "replace")
+        raw_name = data[pos + 30:pos + 30 + name_len]
+        name = raw_name.decode("utf-8" if flags & 0x800 else "cp437", "replace")
         start = pos + 30 + name_len + extra_len
         if start > size:
             break
+        label, known_size = name, not flags & 0x8
+        if central is not None:
+            info = central.get(pos)
+            seen.add(pos)
+            if info is not None and (flags & 0x8 or csize == _UNKNOWN_SIZE):
+                csize = info.compress_size          # where the data ends, for a descriptor or zip64 entry
+                known_size = True
+            if info is None:
+                container.differences.append(f"{name!r} at offset {pos} is not in the central directory")
+            elif found := _zip_differences(info, raw_name, flags, method, crc, csize, usize):
+                container.differences.append(f"{name!r} at offset {pos}: local header says " + ", ".join(found))
+            else:
+                pos = data.find(b"PK\x03\x04", start + csize)
+                continue
+            label = f"<local@{pos}>/{name}"
         if budget.members_left <= 0:
             container.limits.append(("max_archive_members", 0, "members left uninspected"))
             return
         budget.members_left -= 1
         if why := unsafe_name(name):
             container.unsafe.append((name, why))
-        next_pos = start + csize if not flags & 0x8 else -1
+        next_pos = start + csize if known_size else -1
         if flags & 0x1:
-            yield Member(name, None, usize, encrypted=True,
+            yield Member(label, None, usize, encrypted=True,
                          problem=(REASON_ENCRYPTED, "encrypted zip member cannot be read"))
-        elif name.endswith("/"):
+        elif name.endswith("/") and not usize:
             pass
         elif method in (0, 8):
             cap = min(budget.bytes_left, max_file_size)
@@ -344,24 +491,29 @@ def _walk_zip_local_headers(data: bytes, budget: Budget, max_file_size: int, max
                 container.limits.append(("max_expanded_bytes", 0, "decompression budget ran out"))
                 return
             if method == 0:
-                if flags & 0x8:
+                if not known_size:
                     break     # stored with a data descriptor: the length is unknowable without the directory
                 out = data[start:start + min(csize, cap + 1)]
                 status = "ok" if len(out) == csize and csize <= cap else ("cap" if csize > cap else "truncated")
                 out = out[:cap]
                 consumed = len(out)
             else:
-                out, status, consumed = _inflate_zlib(data[start:], -15, cap, max_ratio)
-                if flags & 0x8:
+                out, status, consumed = _inflate_zlib(memoryview(data)[start:], -15, cap, max_ratio)
+                if not known_size:
                     next_pos = start + consumed
             budget.bytes_left -= len(out)
-            yield _member_from_stream(name, out, status, cap, budget, max_file_size, max_ratio, "zip member")
+            yield _member_from_stream(label, out, status, cap, budget, max_file_size, max_ratio, "zip member")
         else:
-            yield Member(name, None, usize,
+            yield Member(label, None, usize,
                          problem=(REASON_UNSUPPORTED, f"zip compression method {method} not supported"))
         if next_pos < 0:
             next_pos = start
         pos = data.find(b"PK\x03\x04", next_pos)
+    if central is not None:
+        for offset, info in central.items():
+            if offset not in seen and not info.is_dir():
+                container.differences.append(f"central directory entry {info.orig_filename!r} at offset {offset} "
+                                             "is not where a front-to-back reader finds a local header")
 
 
 def _has_data(data: bytes, start: int) -> bool:
@@ -401,7 +553,9 @@ def walk_tar(data: bytes, budget: Budget, max_file_size: int, container: Contain
             if why := unsafe_name(name):
                 container.unsafe.append((name, why))
             continue
-        if not info.isreg():
+        # Regular files, contiguous and sparse files, and any typeflag tarfile does not know: GNU tar
+        # extracts vendor and unknown types as regular files, so their data is read here too.
+        if not (info.isreg() or info.type not in tarfile.SUPPORTED_TYPES):
             continue
         if budget.members_left <= 0:
             container.limits.append(("max_archive_members", 0, "members left uninspected"))
@@ -424,3 +578,101 @@ def walk_tar(data: bytes, budget: Budget, max_file_size: int, container: Contain
                          problem=(REASON_CORRUPT, f"tar member is truncated ({len(content)} of {info.size} bytes)"))
             return
         yield Member(name, content, len(content))
+
+
+def walk_libarchive(data: bytes, fmt: str, budget: Budget, max_file_size: int, max_ratio: int,
+                    container: Container) -> Iterator[Member]:
+    """Containers and compressed streams libarchive reads (see LIBARCHIVE_FORMATS and _FILTERS), from
+    memory. Every entry that carries data is read, whatever its type, under the same caps as the rest."""
+    try:
+        import libarchive
+        from libarchive.exception import ArchiveError
+    except ImportError:          # libarchive-c or libarchive13 missing: say so, never pass the file as clean
+        container.unsupported.append(f"{fmt} is not opened: libarchive (libarchive-c) is not installed")
+        return
+    # libarchive-c logs every warning of the C library ("CRC error", "Skipped N bytes"): on hostile input
+    # that is one log line per crafted file. Errors still raise and become findings.
+    logging.getLogger("libarchive").setLevel(logging.ERROR)
+    raw = fmt in LIBARCHIVE_FILTERS.values()
+    format_name = "raw" if raw else "iso9660" if fmt == ISO9660 else "all"
+    try:
+        with libarchive.memory_reader(data, format_name=format_name, filter_name=fmt if raw else "all") as archive:
+            entries = iter(archive)
+            while True:
+                try:
+                    entry = next(entries)
+                except StopIteration:
+                    return
+                member = _libarchive_member(entry, fmt, raw, len(data), budget, max_file_size, max_ratio,
+                                            container, ArchiveError)
+                if member is False:
+                    return
+                if member is not None:
+                    yield member
+                    if member.limit is not None:
+                        # Stop here: moving to the next entry would make libarchive decompress the rest of
+                        # this one (a solid 7z block), the bomb the limit was there to stop.
+                        container.limits.append((member.limit[0], member.limit[1], "walk stopped at a limit"))
+                        return
+    except ArchiveError as exc:
+        container.corrupt.append(f"{fmt} unreadable: {_archive_message(exc)}")
+    except (OSError, ValueError, UnicodeError) as exc:
+        container.corrupt.append(f"{fmt} unreadable: {type(exc).__name__}: {exc}")
+
+
+def _text(value: str | bytes | None) -> str:
+    """A name libarchive gives as text, or as bytes when it is not valid in the archive's encoding."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return value or ""
+
+
+def _archive_message(exc: Exception) -> str:
+    msg = getattr(exc, "msg", None)
+    return msg.decode("utf-8", "replace") if isinstance(msg, bytes) else str(msg or exc)
+
+
+def _libarchive_member(entry, fmt: str, raw: bool, packed: int, budget: Budget, max_file_size: int,
+                       max_ratio: int, container: Container, error: type[Exception]) -> Member | None | bool:
+    """One libarchive entry as a Member; None to skip it (a directory, a link); False to stop."""
+    name = _text(entry.pathname)
+    if raw:
+        name = "<decompressed>"
+    if entry.isdir:
+        return None
+    if entry.issym or entry.islnk:
+        target = _text(entry.linkpath)
+        if why := unsafe_name(target):
+            container.unsafe.append((name, f"link target {target!r}: {why}"))
+        if why := unsafe_name(name):
+            container.unsafe.append((name, why))
+        if entry.issym or not entry.size:       # a hard link may carry the data (cpio)
+            return None
+    if budget.members_left <= 0:
+        container.limits.append(("max_archive_members", 0, "members left uninspected"))
+        return False
+    if budget.bytes_left <= 0:
+        container.limits.append(("max_expanded_bytes", 0, "decompression budget ran out"))
+        return False
+    budget.members_left -= 1
+    if why := unsafe_name(name):
+        container.unsafe.append((name, why))
+    cap = min(budget.bytes_left, max_file_size)
+    exp = _Expansion(cap, max_ratio)
+    status = "ok"
+    try:
+        for block in entry.get_blocks():
+            if not exp.add(block, packed):      # the ratio against the whole container: libarchive does
+                status = exp.stopped            # not say how much input one entry used
+                break
+    except error as exc:
+        message = _archive_message(exc)
+        out = exp.data()
+        budget.bytes_left -= len(out)
+        reason = REASON_ENCRYPTED if "encrypt" in message.lower() or "passphrase" in message.lower() \
+            else REASON_CORRUPT
+        return Member(name, out or None, len(out), encrypted=reason == REASON_ENCRYPTED, partial=bool(out),
+                      problem=(reason, f"{fmt} member unreadable: {message}"))
+    out = exp.data()
+    budget.bytes_left -= len(out)
+    return _member_from_stream(name, out, status, cap, budget, max_file_size, max_ratio, f"{fmt} member")

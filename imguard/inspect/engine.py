@@ -177,6 +177,12 @@ class Inspector:
         finally:
             digests, report.description = helper.result()
             _set_digests(report, digests)
+        if report.family == filetype.OTHER and (fmt := filetype.container_name(report.mime, report.description)):
+            # libmagic names a container (a filesystem, an installer, an archive) that no MIME type here maps.
+            report.family = filetype.ARCHIVE
+            report.findings.append(Finding(
+                UNSCANNABLE, f"{fmt} ({report.description}) is not unpacked: its content was not inspected", where,
+                {"reason": REASON_UNSUPPORTED, "format": fmt}))
         return report
 
     def _background(self, data: bytes, head: bytes, hashes: bool) -> tuple[dict[str, str], str]:
@@ -274,6 +280,9 @@ class Inspector:
     def _polyglots(self, report: FileReport, data: bytes, where: str, walk: _Walk) -> None:
         try:
             found = polyglot.appended_data(data, zip_prefix=archives.archive_kind(data, report.mime) is None)
+            if report.family not in (filetype.ARCHIVE, filetype.OFFICE, filetype.OFFICE_MACRO):
+                found += [(f"{fmt} self-extractor", offset) for fmt, offset in polyglot.embedded_archives(data)
+                          if all(offset != other for _, other in found)]
         except (IndexError, ValueError):
             return
         for fmt, offset in found:
@@ -315,27 +324,58 @@ class Inspector:
 
     def _members(self, report: FileReport, data: bytes, where: str, walk: _Walk) -> None:
         kind = archives.archive_kind(data, report.mime)
+        image = archives.disk_image(data)     # whatever the head looks like: VHD and DMG are known by their end
+        if image:
+            # What the receiver mounts, we cannot see: a disk image or filesystem we do not open.
+            report.family = filetype.ARCHIVE
+            report.findings.append(Finding(
+                UNSCANNABLE, f"{image} image: not opened, its files were not inspected", where,
+                {"reason": REASON_UNSUPPORTED, "format": image}))
+        if kind == archives.ISO9660 and report.family != filetype.ARCHIVE:
+            report.mime, report.family = "application/x-iso9660-image", filetype.ARCHIVE
+            report.findings = [f for f in report.findings if f.kind != TYPE_MISMATCH]
+            self._check_claims(report, where)
+        iso_view = kind not in (None, archives.ISO9660) and data[0x8001:0x8006] == b"CD001"
         if kind is None:
-            if report.family == filetype.ARCHIVE:     # 7z, rar, cab, iso, ...: the members stay unseen
+            if report.family == filetype.ARCHIVE and not image:   # chm, wim, stuffit...: the members stay unseen
+                fmt = filetype.container_name(report.mime, "")
                 report.findings.append(Finding(
-                    UNSCANNABLE, f"{report.mime} archives are not unpacked: their members were not inspected",
-                    where, {"reason": REASON_UNSUPPORTED}))
+                    UNSCANNABLE, f"{fmt} ({report.mime}) is not unpacked: its members were not inspected",
+                    where, {"reason": REASON_UNSUPPORTED, "format": fmt}))
             elif report.family == filetype.PDF:
                 self._pdf_streams(report, data, where, walk)
-            self._office_macro(report, data)
-            return
-        if not self._may_open(report, where, walk):
-            return
+        elif self._may_open(report, where, walk):
+            self._walk(report, data, where, walk, kind)
+            if iso_view:
+                # Also an ISO 9660 image (its descriptors sit at 32 KiB): what mounting it shows is walked too.
+                report.findings.append(Finding(
+                    POLYGLOT, f"{kind} data that is also an ISO 9660 image", where,
+                    {"format": kind, "trailing_offset": 0x8000, "trailing_bytes": len(data) - 0x8000,
+                     "trailing_type": "application/x-iso9660-image"}))
+                self._walk(report, data, where, walk, archives.ISO9660)
+        self._office_macro(report, data)
+
+    def _walk(self, report: FileReport, data: bytes, where: str, walk: _Walk, kind: str) -> None:
+        """Inspect the members of `data` as a `kind` container, and record what the container says."""
         limits = self.limits
         container = archives.Container()
         if kind == archives.ZIP:
+            if not data.startswith(b"PK"):
+                start = data.find(b"PK\x03\x04")
+                report.findings.append(Finding(
+                    POLYGLOT, f"a zip at offset {start} behind {start} bytes of {report.mime}", where,
+                    {"format": "zip_prefix", "trailing_offset": start, "trailing_bytes": len(data) - start,
+                     "trailing_type": "application/zip"}))
             members = archives.walk_zip(data, walk.budget, limits.max_file_size, limits.max_compression_ratio,
                                         container)
         elif kind == archives.TAR:
             members = archives.walk_tar(data, walk.budget, limits.max_file_size, container)
-        else:
+        elif kind in archives.STREAMS:
             members = archives.walk_stream(data, kind, report.name, walk.budget, limits.max_file_size,
                                            limits.max_compression_ratio, container)
+        else:
+            members = archives.walk_libarchive(data, kind, walk.budget, limits.max_file_size,
+                                               limits.max_compression_ratio, container)
         while True:
             try:
                 member = next(members)
@@ -346,13 +386,20 @@ class Inspector:
                 break
             report.members.append(self._member_report(report, member, walk))
         for detail in container.corrupt:
-            report.findings.append(Finding(UNSCANNABLE, detail, where, {"reason": REASON_CORRUPT}))
+            report.findings.append(Finding(UNSCANNABLE, detail, where, {"reason": REASON_CORRUPT, "format": kind}))
+        for detail in container.unsupported:
+            report.findings.append(Finding(UNSCANNABLE, detail, where, {"reason": REASON_UNSUPPORTED, "format": kind}))
+        if container.differences:
+            # Two readers see two different archives: which one the receiver's tool sees is not ours to know.
+            shown = "; ".join(container.differences[:5]) + ("; ..." if len(container.differences) > 5 else "")
+            report.findings.append(Finding(
+                UNSCANNABLE, f"{kind}: the central directory and the local headers disagree: {shown}", where,
+                {"reason": REASON_CORRUPT, "format": kind, "differences": container.differences[:50]}))
         for setting, value, detail in container.limits:
             self._limit(report, where, setting, getattr(limits, setting, value), f"{setting}: {detail}")
         for member_name, detail in container.unsafe:
             report.findings.append(Finding(UNSAFE_PATH, f"member name {member_name!r}: {detail}",
                                            f"{report.path}!{member_name}", {"member": member_name}))
-        self._office_macro(report, data)
 
     def _pdf_streams(self, report: FileReport, data: bytes, where: str, walk: _Walk) -> None:
         """Embedded files of a PDF as members, and its decoded streams as one derived member."""
@@ -362,6 +409,10 @@ class Inspector:
         decoded = pdf.decode_streams(data, walk.budget, limits.max_file_size, limits.max_compression_ratio)
         for setting in dict.fromkeys(decoded.limits):
             self._limit(report, where, setting, getattr(limits, setting), f"{setting}: a PDF stream was not decoded")
+        if decoded.undecoded:
+            shown = "; ".join(decoded.undecoded[:5]) + ("; ..." if len(decoded.undecoded) > 5 else "")
+            report.findings.append(Finding(UNSCANNABLE, f"PDF streams a reader decodes were not decoded: {shown}",
+                                           where, {"reason": REASON_UNSUPPORTED, "format": "pdf"}))
         derived = [(f"<embedded@{offset}>", content, False) for offset, content in decoded.embedded]
         if decoded.view is not None:
             # Not a file of its own: no hashes, no walking (partial=True); YARA and the type only.

@@ -8,6 +8,7 @@ thread-safe, and python-magic's per-instance lock would serialise the gateway's 
 
 from __future__ import annotations
 
+import re
 import threading
 
 import magic
@@ -45,6 +46,15 @@ _EXACT_MIME = {
     "application/zstd": ARCHIVE, "application/x-lzip": ARCHIVE, "application/x-compress": ARCHIVE,
     "application/vnd.android.package-archive": ARCHIVE, "application/x-arj": ARCHIVE,
     "application/x-lz4": ARCHIVE, "application/x-ace-compressed": ARCHIVE,
+    "application/vnd.debian.binary-package": ARCHIVE, "application/x-rpm": ARCHIVE, "application/x-xar": ARCHIVE,
+    "application/x-lzh-compressed": ARCHIVE, "application/x-lha": ARCHIVE, "application/x-lzh": ARCHIVE,
+    "application/zlib": ARCHIVE, "application/x-ms-wim": ARCHIVE, "application/vnd.ms-htmlhelp": ARCHIVE,
+    "application/x-chm": ARCHIVE, "application/x-apple-diskimage": ARCHIVE, "application/x-stuffit": ARCHIVE,
+    "application/x-stuffitx": ARCHIVE, "application/x-zoo": ARCHIVE, "application/x-alz": ARCHIVE,
+    "application/x-zstd": ARCHIVE, "application/x-lzop": ARCHIVE, "application/x-lrzip": ARCHIVE,
+    "application/x-qemu-disk": ARCHIVE, "application/x-virtualbox-vdi": ARCHIVE,
+    "application/x-virtualbox-vhd": ARCHIVE, "application/x-virtualbox-vmdk": ARCHIVE,
+    "application/x-xz-compressed-tar": ARCHIVE, "application/x-compressed-tar": ARCHIVE,
     # office
     "application/msword": OFFICE, "application/vnd.ms-excel": OFFICE, "application/vnd.ms-powerpoint": OFFICE,
     "application/x-ole-storage": OFFICE, "application/CDFV2": OFFICE, "application/vnd.ms-office": OFFICE,
@@ -91,6 +101,36 @@ def family_of(mime: str) -> str:
     return OTHER
 
 
+# libmagic descriptions of containers: what a file whose MIME type says nothing (application/octet-stream)
+# may still be. Such a file is not opened, so it is unscannable, under the name libmagic gives it.
+_CONTAINER_WORDS = re.compile(r"\b(archive|compressed data|file ?system|disk image|boot sector|installer|package|"
+                              r"cabinet|squashfs|cramfs|romfs|volume)\b", re.IGNORECASE)
+
+
+_CONTAINER_NAMES = {
+    "application/vnd.ms-htmlhelp": "CHM", "application/x-chm": "CHM", "application/x-ms-wim": "WIM",
+    "application/x-apple-diskimage": "DMG", "application/x-iso9660-image": "ISO 9660",
+    "application/vnd.debian.binary-package": "deb", "application/x-rpm": "RPM", "application/x-archive": "ar",
+    "application/vnd.ms-cab-compressed": "CAB", "application/x-7z-compressed": "7z", "application/vnd.rar": "RAR",
+    "application/x-rar": "RAR", "application/x-rar-compressed": "RAR", "application/x-lzh-compressed": "LHA",
+    "application/x-qemu-disk": "QCOW", "application/x-virtualbox-vdi": "VDI", "application/x-virtualbox-vhd": "VHD",
+    "application/x-virtualbox-vmdk": "VMDK",
+}
+
+
+def container_name(mime: str, description: str) -> str:
+    """A short name for a container format, from its MIME type or (when that says nothing) libmagic's
+    description; "" when neither names one."""
+    mime = mime.split(";", 1)[0].strip().lower()
+    if mime in _CONTAINER_NAMES:
+        return _CONTAINER_NAMES[mime]
+    if mime and family_of(mime) == ARCHIVE:
+        return mime.rsplit("/", 1)[-1].removeprefix("x-").removeprefix("vnd.")
+    if description and _CONTAINER_WORDS.search(description):
+        return description.split(",", 1)[0].strip()[:80]
+    return ""
+
+
 def sniff_family(head: bytes) -> str:
     """A family from magic bytes, for the formats that matter most when libmagic only says "data"
     (a bare ELF or PE header without the fields libmagic checks)."""
@@ -120,7 +160,8 @@ _OFFICE_OK = frozenset({OFFICE, OFFICE_MACRO, ARCHIVE})   # OOXML/ODF are zips: 
 _EXTENSIONS: dict[str, frozenset[str]] = {}
 for _exts, _families in (
     ("exe dll scr sys cpl ocx drv efi msi so elf dylib", {EXECUTABLE}),
-    ("zip jar apk tar gz tgz bz2 tbz2 xz txz 7z rar cab iso lz lzma zst cpio", {ARCHIVE}),
+    ("zip jar apk tar gz tgz bz2 tbz2 xz txz 7z rar cab iso img vhd vhdx dmg wim lz lzma zst cpio deb rpm lzh"
+     " lha xar zz", {ARCHIVE}),
     ("docx xlsx pptx odt ods odp docm xlsm pptm dotx dotm xltx xltm potx potm ppsx ppsm", _OFFICE_OK),
     ("doc xls ppt dot xlt pot pps rtf msg", {OFFICE, OFFICE_MACRO}),
     ("pdf", {PDF}),

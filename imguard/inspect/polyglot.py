@@ -5,10 +5,13 @@ scans, GIF blocks, PDF's last %%EOF, a zip's end-of-central-directory record) an
 just after its end, or None when the data is not that format or is cut short. Trailing data that is
 only padding (zero bytes, whitespace) is ignored. `zip_prefix_start` finds a ZIP whose central
 directory says it starts after a prefix (a self-extractor, or anything with a ZIP appended) by reading
-the end-of-central-directory record.
+the end-of-central-directory record. `embedded_archives` finds a 7z or RAR archive carried after a
+program (a 7z or RAR self-extractor), by its signature and its header's CRC.
 """
 
 from __future__ import annotations
+
+import zlib
 
 _PNG_SIG = b"\x89PNG\r\n\x1a\n"
 _PADDING = b"\0\r\n\t\f "
@@ -167,4 +170,57 @@ def appended_data(data: bytes, zip_prefix: bool = True) -> list[tuple[str, int]]
         if start is not None and all(start != offset for _, offset in found) \
                 and not any(offset < start for _, offset in found):
             found.append(("zip_prefix", start))
+    return found
+
+
+_7Z_SIG = b"7z\xbc\xaf\x27\x1c"
+_RAR4_SIG = b"Rar!\x1a\x07\x00"
+_RAR5_SIG = b"Rar!\x1a\x07\x01\x00"
+_MAX_CANDIDATES = 16
+
+
+def _valid_7z(data: bytes, pos: int) -> bool:
+    """A 7z signature header: its start-header CRC covers the next 20 bytes (a program that merely
+    mentions the signature, 7-Zip itself, has none)."""
+    header = data[pos:pos + 32]
+    return len(header) == 32 and int.from_bytes(header[8:12], "little") == zlib.crc32(header[12:32])
+
+
+def _valid_rar(data: bytes, pos: int) -> bool:
+    """A RAR 4 main header or a RAR 5 header after the signature, with its CRC right."""
+    if data.startswith(_RAR5_SIG, pos):
+        start = pos + 8
+        size, used = 0, 0
+        for shift in range(0, 21, 7):             # header size: a vint of at most 3 bytes
+            byte = data[start + 4 + used:start + 5 + used]
+            if not byte:
+                return False
+            size |= (byte[0] & 0x7F) << shift
+            used += 1
+            if not byte[0] & 0x80:
+                break
+        block = data[start + 4:start + 4 + used + size]
+        return len(block) == used + size and int.from_bytes(data[start:start + 4], "little") == zlib.crc32(block)
+    head = data[pos + 7:pos + 20]
+    if len(head) < 13 or head[2] != 0x73:
+        return False
+    size = int.from_bytes(head[5:7], "little")
+    block = data[pos + 9:pos + 7 + size]
+    return size >= 13 and len(block) == size - 2 and int.from_bytes(head[:2], "little") == zlib.crc32(block) & 0xFFFF
+
+
+def embedded_archives(data: bytes) -> list[tuple[str, int]]:
+    """(format, offset) of a 7z or RAR archive inside data after offset 0, as a 7z or RAR self-extractor
+    carries it behind its program: 7-Zip and WinRAR open such a file as the archive."""
+    found = []
+    for fmt, signature, valid in (("7z", _7Z_SIG, _valid_7z), ("rar", _RAR4_SIG, _valid_rar),
+                                  ("rar", _RAR5_SIG, _valid_rar)):
+        pos = data.find(signature, 1)
+        for _ in range(_MAX_CANDIDATES):
+            if pos < 0:
+                break
+            if valid(data, pos):
+                found.append((fmt, pos))
+                break
+            pos = data.find(signature, pos + 1)
     return found
