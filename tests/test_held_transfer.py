@@ -489,3 +489,16 @@ def test_tell_rule_over_origin_verdict_and_mechanism(mechanism, origin, outcome,
             assert "could not be inspected" in notice.text
             if notice.party is Party.INSIDE_RECEIVER:
                 assert f"from {inbound_sender} was stopped" in notice.text
+
+
+def test_overlapping_pieces_with_different_bytes_are_cut_and_equal_ones_kept():
+    """The bytes inspected must be the bytes released: a piece overlapping a held one with other content cuts the
+    file (<kind>_overlap, nothing to the receiver, the holds given back); the same bytes over an overlap do not."""
+    holds = ConnectionHolds()
+    t = HeldTransfer("t1", CTX, sender_is_client=True, kind="msrp", max_bytes=1 << 20, size=12, holds=holds)
+    assert t.append(b"abcdefgh", offset=0) == []
+    assert t.append(b"efgh", offset=4) == []                # the same bytes again
+    out = t.append(b"XYZW", offset=6)                       # 6-7 differ from "gh"
+    assert [c.kind for c in out if isinstance(c, Anomaly)] == ["msrp_overlap"]
+    assert not [c for c in out if isinstance(c, (Send, InspectFile))]
+    assert t.state is HoldState.TRUNCATED and holds.held_bytes == 0

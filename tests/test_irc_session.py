@@ -248,6 +248,22 @@ def test_rename_keeps_the_identity():
     assert (s.nick, s.identity, s.mask) == ("dave", "alice", "dave!~alice@127.0.0.1")
 
 
+def test_server_lines_from_others_cannot_rename_our_user():
+    """Attack transcript: another user's rename, a second welcome naming someone else and a second account login
+    must NOT change who our user is: her next message is still decided as alice's; the last two are anomalies."""
+    checker = Checker()
+    s, _ = registered(checker)
+    out = feed(s, [(False, b":mallory!m@evil NICK :alice2\r\n"),
+                   (False, b":irc.test 001 security-team :Welcome security-team!s@h\r\n"),
+                   (False, b":irc.test 900 alice alice!~alice@127.0.0.1 alice :You are now logged in as alice\r\n"),
+                   (False, b":irc.test 900 alice sec!s@h security-team :You are now logged in as security-team\r\n"),
+                   (False, b":irc.test 901 alice alice!~alice@127.0.0.1 :You are now logged out\r\n"),
+                   (True, b"PRIVMSG #c :hello\r\n")])
+    assert anomalies(out) == ["identity_change", "identity_change"]
+    assert (s.nick, s.identity, s.account) == ("alice", "alice", "alice")
+    assert checker.calls[-1][1].sender == "alice"
+
+
 def test_rejected_rename_changes_nothing():
     s, _ = registered()
     s.data_received(True, b"NICK bob\r\n")
@@ -315,6 +331,16 @@ def test_starttls_injection_is_dropped():
     assert sends(out, False) == b"" and anomalies(out) == ["starttls_injection"]
 
 
+def test_client_lines_pipelined_after_starttls_are_dropped():
+    """A PASS pipelined after STARTTLS (before the 670) must NOT reach the server in plaintext; after a 691
+    refusal the client speaks in plaintext again."""
+    s, _ = make()
+    out = s.data_received(True, b"STARTTLS\r\nPASS hunter2\r\n")
+    assert sends(out, False) == b"STARTTLS\r\n" and anomalies(out) == ["starttls_injection"]
+    s.data_received(False, b":srv 691 * :STARTTLS failed\r\n")
+    assert sends(s.data_received(True, b"NICK a\r\n"), False) == b"NICK a\r\n"
+
+
 def test_670_without_starttls_does_not_switch():
     s, _ = make()
     out = s.data_received(False, b":srv 670 * :go ahead\r\n")
@@ -366,6 +392,10 @@ def test_partial_line_at_close_is_not_forwarded():
     ("SEND x 167772167 70000 10", "dcc_bad_port"),
     ("SEND x garbage 5000 10", "dcc_bad_address"),
     ("SSEND x 167772167 5000 10", "dcc_unsupported"),
+    ("SEND x 167772167 5000 \u00b2", "dcc_bad_size"),          # '²'.isdigit() is true; int('²') raises
+    ("SEND x 167772167 \u00b2 10", "dcc_bad_port"),
+    ("SEND x \u00b2 5000 10", "dcc_bad_address"),
+    ("SEND x 167772167 5000 \u0663", "dcc_bad_size"),          # int('٣') is 3: not the digits a client reads
 ])
 def test_bad_dcc_is_an_anomaly_and_refused(args, kind):
     """A DCC offer with bad numbers: anomaly, the line is dropped, the sender is told; nothing in the table."""
@@ -380,6 +410,17 @@ def test_bad_dcc_from_the_server_is_dropped_quietly():
     s, _ = registered()
     out = s.data_received(False, b":m!m@h PRIVMSG alice :\x01DCC SEND x 167772167 5000 -1\x01\r\n")
     assert anomalies(out) == ["dcc_bad_size"] and sends(out, True) == b""
+
+
+def test_one_line_from_a_remote_user_cannot_break_the_session():
+    """A remote user's DCC offer with superscript digits used to raise (the carrier then closed our user's
+    connection, or with fail mode parse=open relayed the rest uninspected): now an anomaly, and the session goes
+    on deciding: the next blocked message is still blocked, the next allowed one crosses."""
+    s, _ = registered(Checker(block=("secret",)))
+    out = s.data_received(False, ":m!m@h PRIVMSG alice :\x01DCC SEND x 167772167 5000 \u00b2\x01\r\n".encode())
+    assert anomalies(out) == ["dcc_bad_size"] and sends(out, True) == b""
+    assert sends(s.data_received(False, b":m!m@h PRIVMSG alice :the secret\r\n"), True).startswith(b":imguard NOTICE")
+    assert sends(s.data_received(False, b":m!m@h PRIVMSG alice :hello\r\n"), True) == b":m!m@h PRIVMSG alice :hello\r\n"
 
 
 def test_too_large_offer_is_refused():

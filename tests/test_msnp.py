@@ -136,6 +136,21 @@ def test_capture_client_initiated_switchboard():
     assert theirs[0].startswith("je vai pa t'embeter plus lontemps")
 
 
+def test_a_later_usr_ok_changes_no_identity():
+    """Attack transcript: after the switchboard confirmed our passport, a USR OK naming another account (or one
+    answering no USR of ours) must NOT relabel our user: an identity_change anomaly, and messages stay ours."""
+    checker = Checker()
+    s = MsnpSession(checker, None, CTX)
+    out = run(s, [(True, f"USR 1 {ME} 1115371039.15845\r\n".encode()), (False, f"USR 1 OK {ME} jujurius\r\n".encode()),
+                  (False, b"USR 7 OK security-team@corp.example sec\r\n"), (True, text_msg(2, "hello"))])
+    assert anomalies(out) == ["identity_change"] and s.passport == ME
+    assert checker.calls[-1][1].sender == ME
+    s = MsnpSession(Checker(), None, CTX)
+    out = run(s, [(True, f"USR 1 {ME} 1115371039.15845\r\n".encode()),
+                  (False, b"USR 9 OK security-team@corp.example sec\r\n")])
+    assert anomalies(out) == ["identity_change"] and (s.passport, s.confirmed) == (ME, False)
+
+
 def test_capture_latin1_accents_decoded_as_utf8():
     """The capture's accented text (UTF-8 on the wire) reaches policy decoded: 'étai', 'parlé'."""
     checker = Checker()
@@ -573,6 +588,22 @@ def test_msnslp_data_held_acked_then_released():
     assert sends(out, False) == b"".join(msgs)
     assert s.data_received(False, b"ACK 300\r\nACK 301\r\n") == []
     assert sends(s.data_received(False, b"ACK 12\r\n"), True) == b"ACK 12\r\n"
+
+
+def test_msnslp_overlapping_offsets_with_different_content_are_blocked():
+    """Evasion: a data chunk whose offset overlaps the previous one with other bytes. The receiver would assemble
+    one copy, the scanner saw the other: the file is cut (p2p_overlap), never inspected, nothing reaches the
+    server; the same bytes re-sent over an overlap are fine."""
+    def chunk(trid, offset, data):
+        return True, p2p_msg(trid, P2PHeader(SID, 900 + trid, offset, len(FILE), len(data), 0x01000030), data, 2)
+    s, _, _ = outbound_slp_session()
+    evil = b"X5O!P%@AP[4\\PZX54(P^)7CC)7}$EICAR" + b"B" * 366
+    out = run(s, [chunk(300, 0, FILE[:1200]), chunk(301, 800, evil), chunk(302, 1200, FILE[1200:])])
+    assert "p2p_overlap" in anomalies(out) and not inspects(out) and sends(out, False) == b""
+    s, _, _ = outbound_slp_session()
+    out = run(s, [chunk(300, 0, FILE[:1200]), chunk(301, 800, FILE[800:])])
+    (insp,) = inspects(out)
+    assert insp.data == FILE and not anomalies(out)
 
 
 def test_msnslp_blocked_sends_bye_and_notice():

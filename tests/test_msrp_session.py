@@ -227,6 +227,27 @@ def test_file_chunks_held_then_released_byte_identical():
         assert s.data_received(False, response(f"t{i:04d}")) == []
 
 
+def test_overlapping_byte_ranges_with_different_content_are_blocked():
+    """Evasion: chunk 2's Byte-Range overlaps chunk 1 with other bytes (EICAR's head over a harmless one). What a
+    receiver assembles would not be what was inspected: the file is cut (msrp_overlap), never inspected as clean,
+    and the receiver gets not a byte. An overlap with the same bytes (a re-chunked resend) is fine."""
+    BIN = "application/octet-stream"
+    s, _ = make()
+    first, second = b"harmless-text-0123456789", b"X5O!P%@AP[4\\PZX54(P^)7CC)"
+    out = feed_all(s, [chunk("o1", first, start=1, total=40, flag="+", message_id="ov", content_type=BIN),
+                       chunk("o2", second, start=5, total=40, flag="+", message_id="ov", content_type=BIN),
+                       chunk("o3", b"z" * 10, start=31, total=40, message_id="ov", content_type=BIN)])
+    assert "msrp_overlap" in anomalies(out) and not inspects(out)
+    assert sends(out, False) == b""
+    s, _ = make()
+    data = bytes(range(40))
+    out = feed_all(s, [chunk("o1", data[:20], start=1, total=40, flag="+", message_id="ok", content_type=BIN),
+                       chunk("o2", data[10:30], start=11, total=40, flag="+", message_id="ok", content_type=BIN),
+                       chunk("o3", data[30:], start=31, total=40, message_id="ok", content_type=BIN)])
+    [job] = inspects(out)
+    assert job.data == data and not anomalies(out)
+
+
 def test_file_blocked_receiver_gets_nothing_sender_gets_report_and_notice():
     """Block: not a byte to the receiver; the sender gets a REPORT (000 403) and a notice (the tracker's text for a
     blocked file: its name, who sent it to whom, the rule); a Notify names the SIP connection of the offer (s1)."""

@@ -157,6 +157,18 @@ def test_bos_signon_by_cookie_and_messages_each_way():
     assert anomalies(out) == []
 
 
+def test_a_later_self_info_changes_no_identity():
+    """Attack transcript: a self-info SNAC(01,0F) naming another screen name on a confirmed BOS connection must NOT
+    relabel our user (a formatting change of the same name may); the next message is still decided as hers."""
+    checker = Checker()
+    s, _, c, srv, _ = bos(checker)
+    out = run(s, [(False, srv.snac(0x01, 0x0F, sn("security team") + struct.pack(">HH", 0, 1))),
+                  (False, srv.snac(0x01, 0x0F, sn("alice 1970") + struct.pack(">HH", 0, 1))),
+                  (True, c.snac(0x04, 0x06, outgoing_im(b"AAAAAAA2", PEER, "hi again"), reqid=8))])
+    assert anomalies(out) == ["identity_change"]
+    assert s.screen_name == "alice 1970" and checker.calls[-1][1].sender == "alice 1970"
+
+
 def test_chunk_boundaries_same_result():
     """The BOS transcript's server side split at every offset: same policy calls and bytes."""
     items, _, _ = bos_transcript()

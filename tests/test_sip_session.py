@@ -202,6 +202,27 @@ def test_inbound_messages_are_decided_and_the_user_told():
     assert sends(s.data_received(False, raw), True) == raw and not checker.calls
 
 
+def test_registered_user_cannot_be_renamed_by_from_or_a_second_register():
+    """Attack transcript: once the registrar's 200 to alice's REGISTER confirmed her AOR, a MESSAGE whose From and
+    P-Asserted-Identity claim the security team is still decided as alice's (sip_sender_mismatch), and a second
+    REGISTER the registrar accepts for another AOR does not rename her (identity_change)."""
+    checker = Checker()
+    s, _ = make(checker)
+    ok = sip("SIP/2.0 200 OK", [("Via", "SIP/2.0/TCP h;branch=z9hG4bK2"), ("Call-ID", "r1"), ("CSeq", "1 REGISTER")])
+    s.data_received(True, REGISTER)
+    s.data_received(False, ok)
+    assert (s.user, s.registered) == ("sip:alice@b.example", True)
+    out = s.data_received(True, message("hi", frm="<sip:security-team@b.example>",
+                                        extra=[("P-Asserted-Identity", "<sip:security-team@b.example>")]))
+    assert anomalies(out) == ["sip_sender_mismatch"] and checker.calls[-1][1].sender == "sip:alice@b.example"
+    other = REGISTER.replace(b"sip:alice@b.example>", b"sip:security-team@b.example>").replace(b"r1", b"r2")
+    s.data_received(True, other)
+    out = s.data_received(False, ok.replace(b"r1", b"r2"))
+    assert anomalies(out) == ["identity_change"] and s.user == "sip:alice@b.example"
+    s.data_received(True, message("hi again"))
+    assert checker.calls[-1][1].sender == "sip:alice@b.example"
+
+
 def test_subject_is_checked_blocked_and_masked():
     """The Subject header (s:) is free text clients show: checked on its own; block refuses, mask rewrites it."""
     checker = Checker(block=("secret",), mask={"hunter2": "*******"})

@@ -77,6 +77,9 @@ def anomalies(cmds):
 
 
 def new(checker=None, transfers=None, **kw):
+    # The captures authenticate in plaintext although their server offers STARTTLS: they are replayed as a gateway
+    # with fail mode downgrade=open carries them (test_stripped_auth_is_refused_with_the_fail_mode_closed: the default).
+    kw.setdefault("stripped_auth_open", True)
     return XmppSession(checker or Checker(), transfers if transfers is not None else ExpectedTransfers(), CTX, **kw)
 
 
@@ -113,6 +116,52 @@ def test_bind_result_labels_messages_with_the_jid():
     assert (ctx.sender, ctx.recipients, ctx.protocol, ctx.connection_id) == \
         ("alice@localhost", ("bob@localhost",), "xmpp", "c1")
     assert ctx.client_address == "127.0.0.1:41998"
+
+
+def test_a_bind_result_from_another_account_changes_no_identity():
+    """Attack: mallory addresses an <iq type='result'> with <bind><jid> to alice after her bind. It must NOT rename
+    her: it is an unsolicited_bind anomaly, dropped, and her next secret is still decided (and blocked) as hers."""
+    checker = Checker({"secret": Decision(action=BLOCK)})
+    s = logged_in(checker)
+    forged = (b"<iq type='result' id='bind_1' from='mallory@localhost/x' to='alice@localhost/t'>"
+              b"<bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><jid>security-team@localhost/x</jid></bind></iq>")
+    cmds = s.data_received(False, forged)
+    assert anomalies(cmds) == ["unsolicited_bind"] and sent(cmds, True) == b""
+    assert s.jid == "alice@localhost/t"
+    assert sent(s.data_received(True, message("the secret plan")), False) == b""
+    assert checker.calls[-1][1].sender == "alice@localhost"
+
+
+def test_only_the_answer_to_the_clients_own_bind_request_names_it():
+    """The bind result must carry the id of the client's bind iq: one with another id (even from the server) is
+    refused; the answer to its own request names it, and a second answer after that is refused too."""
+    s = new(tls_on_connect=True)
+    s.data_received(True, CLIENT_HEADER)
+    s.data_received(False, SERVER_HEADER)
+    bind = b"<iq type='set' id='b7'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><resource>r</resource></bind></iq>"
+    assert sent(s.data_received(True, bind), False) == bind
+
+    def result(iq_id, jid):
+        return (f"<iq type='result' id='{iq_id}'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><jid>{jid}</jid>"
+                f"</bind></iq>").encode()
+    assert anomalies(s.data_received(False, result("other", "eve@localhost/r"))) == ["unsolicited_bind"]
+    assert s.jid == ""
+    ok = result("b7", "romeo@localhost/r")
+    assert s.data_received(False, ok) == [Send(True, ok)] and s.jid == "romeo@localhost/r"
+    assert anomalies(s.data_received(False, result("b7", "eve@localhost/r"))) == ["unsolicited_bind"]
+    assert s.jid == "romeo@localhost/r"
+
+
+def test_a_second_sasl2_success_changes_no_identity():
+    """SASL2 names the user once: a later <success> with another authorization-identifier is an anomaly."""
+    s = new(tls_on_connect=True)
+    s.data_received(True, CLIENT_HEADER)
+    s.data_received(False, SERVER_HEADER)
+    s.data_received(False, b"<success xmlns='urn:xmpp:sasl:2'><authorization-identifier>romeo@localhost/b"
+                           b"</authorization-identifier></success>")
+    cmds = s.data_received(False, b"<success xmlns='urn:xmpp:sasl:2'><authorization-identifier>eve@localhost/b"
+                                  b"</authorization-identifier></success>")
+    assert anomalies(cmds) == ["unsolicited_bind"] and s.jid == "romeo@localhost/b"
 
 
 def test_notice_from_another_connection_is_a_chat_message_to_the_bound_jid():
@@ -271,6 +320,33 @@ def test_starttls_then_restart_inside_tls():
     assert s.sender == "alice@localhost"
 
 
+def test_bytes_after_proceed_in_the_same_read_never_enter_tls():
+    """CVE-2011-0411 class: a stanza (and a partial one) following <proceed/> in the same plaintext read must NOT
+    be carried into the TLS session: discarded with a starttls_injection anomaly, StartTls the last command sent."""
+    s = new()
+    s.data_received(True, CLIENT_HEADER)
+    s.data_received(False, SERVER_HEADER + FEATURES_TLS)
+    s.data_received(True, STARTTLS)
+    injected = b"<message to='alice@localhost' from='bank@localhost'><body>call +1 555</body></message><mess"
+    cmds = s.data_received(False, PROCEED + injected)
+    assert [c for c in cmds if isinstance(c, (Send, StartTls))] == [Send(True, PROCEED), StartTls()]
+    assert anomalies(cmds) == ["starttls_injection"]
+    assert event([c for c in cmds if not isinstance(c, (Send, StartTls))][0])["imguard"]["anomaly"]["size"] == \
+        len(injected)
+    assert s.tls_started() == [] and s.data_received(False, SERVER_HEADER) == [Send(True, SERVER_HEADER)]
+
+
+def test_client_stanzas_pipelined_after_starttls_are_discarded():
+    """The client's <auth> pipelined after <starttls/> (before <proceed/>) must NOT reach the server in plaintext."""
+    s = new()
+    s.data_received(True, CLIENT_HEADER)
+    s.data_received(False, SERVER_HEADER + FEATURES_TLS)
+    auth = b"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>AGFsaWNlAHNlY3JldA==</auth>"
+    cmds = s.data_received(True, STARTTLS + auth)
+    assert sent(cmds, False) == STARTTLS and anomalies(cmds) == ["starttls_injection"]
+    assert s.data_received(False, PROCEED) == [Send(True, PROCEED), StartTls()]
+
+
 def test_auth_in_plaintext_after_starttls_was_offered_is_an_alert():
     """Stripping: the server offered STARTTLS but the client authenticates in the clear."""
     s = new()
@@ -281,6 +357,21 @@ def test_auth_in_plaintext_after_starttls_was_offered_is_an_alert():
     assert anomalies(cmds) == ["starttls_stripping"] and cmds[-1] == Send(False, auth)
     assert event(cmds[0])["imguard"]["anomaly"]["severity"] == "high"
     assert event(cmds[0])["event"]["kind"] == "alert"
+
+
+def test_stripped_auth_is_refused_with_the_fail_mode_closed():
+    """Fail mode downgrade closed (the default): the plaintext <auth> must NOT reach the server; the client gets a SASL
+    failure with <encryption-required/> and a notice, and the stripping alert is still recorded."""
+    s = XmppSession(Checker(), ExpectedTransfers(), CTX)
+    s.data_received(True, CLIENT_HEADER)
+    s.data_received(False, SERVER_HEADER + FEATURES_TLS)
+    auth = b"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>AGFsaWNlAHNlY3JldA==</auth>"
+    cmds = s.data_received(True, auth)
+    assert anomalies(cmds) == ["starttls_stripping"] and sent(cmds, False) == b""
+    failure = ET.fromstring(sent(cmds, True))
+    assert failure.tag == "{urn:ietf:params:xml:ns:xmpp-sasl}failure"
+    assert failure.find("{urn:ietf:params:xml:ns:xmpp-sasl}encryption-required") is not None
+    assert "refused" in failure.find("{urn:ietf:params:xml:ns:xmpp-sasl}text").text
 
 
 def test_direct_tls_has_no_downgrade_checks():
@@ -545,12 +636,14 @@ def test_too_many_transfers_at_once():
 
 
 def test_disconnect_with_a_held_transfer_releases_nothing():
-    """The client leaves mid-transfer: transfer_abandoned, Close, and a late verdict does nothing."""
+    """The client leaves mid-transfer: transfer_abandoned; the close is the carrier's to pass on (a half-close: the
+    server's side may still speak), and the session ends once both sides closed."""
     s = logged_in()
     s.data_received(True, IBB_OPEN)
     s.data_received(True, ibb_data(0, "QUJD"))
     cmds = s.connection_closed(from_client=True)
-    assert anomalies(cmds) == ["transfer_abandoned"] and cmds[-1] == Close("client closed")
+    assert anomalies(cmds) == ["transfer_abandoned"] and not any(isinstance(c, Close) for c in cmds)
+    assert not s.closed and s.connection_closed(from_client=False) == [] and s.closed
 
 
 IBB_CLOSE = b"<iq type='set' id='c1' to='bob@localhost/t'><close xmlns='http://jabber.org/protocol/ibb' sid='s1'/></iq>"
@@ -629,7 +722,8 @@ def test_ibb_refused_message_blocks_get_a_notice():
 
 def test_disconnect_abandons_every_held_transfer_with_its_sid_and_bytes():
     """Open, receiving and inspecting transfers are all abandoned with sid and bytes (the replay lists them as
-    truncated transfers); nothing is sent, the held bytes are given back."""
+    truncated transfers); their receivers, on the side still open, are told the stream closed; the held bytes
+    are given back."""
     ledger = HoldLedger()
     s = logged_in(hold_ledger=ledger)
     s.data_received(True, IBB_OPEN)
@@ -641,7 +735,10 @@ def test_disconnect_abandons_every_held_transfer_with_its_sid_and_bytes():
     cmds = s.connection_closed(from_client=True)
     assert [(a["sid"], a["bytes"]) for a in anomaly_fields(cmds, "transfer_abandoned")] == [
         ("s1", 3), ("s2", 0), ("s3", 6)]
-    assert [c for c in cmds if isinstance(c, Send)] == [] and cmds[-1] == Close("client closed")
+    sends = [c for c in cmds if isinstance(c, Send)]
+    assert len(sends) == 3 and all(not c.to_client and b"<close xmlns='http://jabber.org/protocol/ibb'" in c.data
+                                   for c in sends)
+    assert not any(isinstance(c, Close) for c in cmds)
     assert ledger.held_bytes == 0 and ledger.in_flight == 0
     assert s.file_verdict("ibb:s3", FileReport("", "", 6), Decision()) == []
 

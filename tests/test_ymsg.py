@@ -103,6 +103,18 @@ def test_login_and_messages_cross_byte_exact():
     assert anomalies(out) == []
 
 
+def test_a_later_logon_or_a_forged_key_1_changes_no_identity():
+    """Attack transcript: a later LOGON naming another id must NOT relabel our user (identity_change), and our
+    client's own key 1 cannot either: its message is decided as the id it logged in as."""
+    checker = Checker()
+    s = logged_in(checker)
+    out = run(s, [(False, pkt(0x01, [("0", "security-team"), ("1", "security-team"), ("7", PEER)], session=SID)),
+                  (True, pkt(MESSAGE, [("1", "security-team"), ("5", PEER), ("14", "hello"), ("97", "1")],
+                             session=SID))])
+    assert anomalies(out) == ["identity_change", "sender_mismatch"] and s.identity == ME
+    assert checker.calls[-1][1].sender == ME
+
+
 def test_chunk_boundaries_same_result():
     """The client side split at every offset (the server's between the halves): same bytes, same texts."""
     items = login_transcript() + message_transcript()

@@ -25,7 +25,10 @@ The invariants, which tests/test_held_transfer.py checks over every order of eve
 - a file that is dropped, cut or abandoned gives its receiver none of its bytes;
 - once a connection-per-transfer mechanism (DCC, MSNFTP, OFT, SOCKS5) has released its file, a close from
   either side closes the other (an irssi receiver waits for the sender's close to finish a DCC);
-- the bytes held return to zero whenever no file is in RECEIVING or INSPECTING.
+- the bytes held return to zero whenever no file is in RECEIVING or INSPECTING;
+- the bytes inspected are the bytes released: a piece placed over held bytes of another piece (MSRP Byte-Range,
+  MSNSLP offsets) must carry the same bytes there, else the file is cut (`<kind>_overlap`), since which copy a
+  receiver keeps is its own choice.
 
 A mechanism says in its own protocol's terms how the receiver gets the file (`deliver`), what the receiver
 gets instead when it is stopped (`refuse`) and how a notice reaches a party (`tell`: a NOTICE, a message, an
@@ -372,6 +375,14 @@ class HeldTransfer:
         if offset is None:
             offset = self._end
         old = None if framing_only else self.pieces.get(offset)
+        if payload and offset < self._end:
+            clash = self._overlap(offset, payload)
+            if clash is not None:
+                text = (f"imguard: the file {self.name!r} was blocked: its pieces overlap with different content, "
+                        "so what was inspected may not be what the receiver assembles")
+                return self.cut(f"{self.kind}_overlap", f"bytes {clash[0]}-{clash[1] - 1} arrived twice with "
+                                "different content", notice=text, receiver_notice=text, start=clash[0],
+                                end=clash[1])
         grow = len(payload) - (len(old.payload) if old is not None else 0)
         if self.received + grow > self.max_bytes:
             return self.too_large(self.received + grow)
@@ -409,6 +420,20 @@ class HeldTransfer:
         if end >= self._end:
             self._end, self._tail = end, self.pieces.get(offset, tail)
         return []
+
+    def _overlap(self, offset: int, payload: bytes) -> tuple[int, int] | None:
+        """The first range [start, end) where `payload` at `offset` overlaps a held piece at another offset with
+        different bytes, else None. (MSRP Byte-Range and MSNSLP offsets can overlap: the receiver writes both, and
+        which copy it keeps is its own choice, so the bytes inspected and the bytes it assembles could differ.)"""
+        end = offset + len(payload)
+        for start, piece in self.pieces.items():
+            stop = start + len(piece.payload)
+            if start == offset or stop <= offset or start >= end:
+                continue
+            lo, hi = max(start, offset), min(stop, end)
+            if piece.payload[lo - start:hi - start] != payload[lo - offset:hi - offset]:
+                return lo, hi
+        return None
 
     def inspect(self, truncated: bool = False) -> list[Command]:
         """The file is whole (or is all there will be): hand it out for inspection. Truncated when asked, when

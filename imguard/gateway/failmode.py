@@ -18,6 +18,9 @@ Situations (the second part of a key), each `open` (relay and alert) or `closed`
                                                                          is relayed unscanned, with an alert.
                                                                          A chat session that cannot write or
                                                                          read it fails as in `parse`
+    downgrade  a client logs in without the STARTTLS its server offers   closed: its credentials are not
+               (XMPP `starttls_stripping`)                               forwarded (a SASL failure with a notice);
+                                                                         open: forwarded, with the alert
 
 Keys: `MODE` (every protocol, every situation), `PROTO=MODE`, `SITUATION=MODE`, `PROTO:SITUATION=MODE`; the
 most specific wins. Protocols are the names the gateway gives connections: xmpp, irc, socks5 (XEP-0065
@@ -47,7 +50,8 @@ logger = logging.getLogger("imguard.gateway")
 
 OPEN, CLOSED = "open", "closed"
 OVERLOAD, TIMEOUT, TLS, PARSE, STORE = "overload", "timeout", "tls", "parse", "store"
-SITUATIONS = (OVERLOAD, TIMEOUT, TLS, PARSE, STORE)
+DOWNGRADE = "downgrade"
+SITUATIONS = (OVERLOAD, TIMEOUT, TLS, PARSE, STORE, DOWNGRADE)
 # Defaults for a security product: nothing passes uninspected unless the operator says so (see docs/deploy.md).
 DEFAULT_FAIL_MODES = ("closed",)
 TLS_OPEN_TTL = 3600.0

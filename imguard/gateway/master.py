@@ -40,7 +40,7 @@ from imguard.gateway.addon import ConnectionInfo, GatewayAddon, SessionFactory
 from imguard.gateway.tls_memory import LateTlsAddon
 from imguard.gateway.dcc import DccRelayPorts, parse_port_range
 from imguard.protocols.detect import parse_port_map
-from imguard.gateway.failmode import PARSE, STORE, TLS, FailModes, PassthroughAddon
+from imguard.gateway.failmode import DOWNGRADE, PARSE, STORE, FailModes, PassthroughAddon
 from imguard.gateway.http_uploads import HttpUploads
 from imguard.gateway.shared_notices import SharedNoticeRouter
 from imguard.gateway.chat_apis import ChatApis
@@ -115,7 +115,8 @@ def side_relays(settings: GatewaySettings, modes: list) -> tuple[tuple[str, int]
 def default_factories(pipeline, transfers, relay: tuple[str, int] | None = None, dcc_relay: Any = None,
                       irc_limits: Any = None, xmpp_limits: Any = None,
                       limits: Iterable[Any] = (),
-                      tls_fail_open: Callable[[str], bool] = lambda protocol: False) -> dict[str, SessionFactory]:
+                      downgrade_fail_open: Callable[[str], bool] = lambda protocol: False
+                      ) -> dict[str, SessionFactory]:
     """The sessions of every protocol in the registry (imguard.protocols.registry): protocol name ->
     factory(ConnectionInfo) -> StreamSession, each a registry.build with the gateway's state. `relay` is the
     XMPP bytestream relay, `dcc_relay` the IRC sessions' DccRelay (None: offers not rewritten); `limits` are
@@ -128,7 +129,8 @@ def default_factories(pipeline, transfers, relay: tuple[str, int] | None = None,
             return registry.build(registry.SessionRequest(
                 protocol, info.context, tls_on_connect=info.tls_on_connect, checker=pipeline, transfers=transfers,
                 limits=by_class, expected=info.offer, bytestream_relay=relay, dcc_relay=dcc_relay,
-                stream_hash=info.hash, streamhost=info.streamhost, tls_fail_open=tls_fail_open(protocol)))
+                stream_hash=info.hash, streamhost=info.streamhost,
+                downgrade_fail_open=downgrade_fail_open(protocol)))
         return build
     return {name: factory(name) for name in registry.PROTOCOLS}
 
@@ -201,7 +203,7 @@ class Gateway:
         if factories is None:
             factories = default_factories(pipeline, self.transfers, self.relay, dcc_relay=dcc_relay,
                                           irc_limits=irc_limits, xmpp_limits=xmpp_limits, limits=session_limits,
-                                          tls_fail_open=lambda protocol: self.fail_modes.is_open(protocol, TLS))
+                                          downgrade_fail_open=lambda proto: self.fail_modes.is_open(proto, DOWNGRADE))
         self.addon = GatewayAddon(pipeline=pipeline, inspection=self.inspection, factories=factories,
                                   port_map=port_map, http_ports=http_ports, transfers=self.transfers,
                                   bytestream_relay=self.relay, max_queued_bytes=settings.max_queued_bytes,

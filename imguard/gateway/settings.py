@@ -116,9 +116,9 @@ class GatewaySettings:
                     "alert) or KEY=closed (block and alert). KEY is PROTO, SITUATION or PROTO:SITUATION (most specific "
                     "wins); a bare 'open'/'closed' sets the default. Situations: overload (inspection queue full), "
                     "timeout (--inspect-timeout exceeded), tls (a client refused the gateway's certificate: open = "
-                    "its next connections to that server are relayed untouched for an hour; or an XMPP client logs "
-                    "in without the STARTTLS its server offers: closed = its credentials are refused, open = "
-                    "forwarded with the alert), parse (the protocol "
+                    "its next connections to that server are relayed untouched for an hour), downgrade (an XMPP "
+                    "client logs in without the STARTTLS its server offers: closed = its credentials are refused, "
+                    "open = forwarded with the alert), parse (the protocol "
                     "session failed: open = the rest of the connection is relayed uninspected). Protocols: xmpp, "
                     "irc, socks5, http, dcc. Example: --fail-mode closed --fail-mode irc:parse=open")
     inspect_timeout: float = setting(

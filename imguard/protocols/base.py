@@ -202,7 +202,7 @@ def block_words(decision: Decision) -> tuple[str, str]:
 
 
 def limited_anomaly(counts: dict[str, int], limit: int, ctx: ChatContext, kind: str, detail: str,
-                    **data: Any) -> Anomaly | None:
+                    severity: str | None = None, **data: Any) -> Anomaly | None:
     """An anomaly record, at most `limit` of one kind per connection: `counts` (the session's, by kind) counts
     them all, the last one recorded says `further_suppressed`, and later ones are only counted (a peer
     repeating one malformation must not flood the alert log)."""
@@ -211,7 +211,7 @@ def limited_anomaly(counts: dict[str, int], limit: int, ctx: ChatContext, kind: 
         return None
     if seen == limit:
         data["further_suppressed"] = True
-    return Anomaly(ctx, kind, detail, data=data)
+    return Anomaly(ctx, kind, detail, severity, data=data)
 
 
 # --- what a session is ------------------------------------------------------------------------------

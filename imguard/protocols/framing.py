@@ -14,8 +14,25 @@ return nothing, and what it was holding is dropped. Sans-io, standard library on
 
 from __future__ import annotations
 
+import codecs
 from dataclasses import dataclass
 from typing import Any
+
+
+def text_encoding(name: str) -> str | None:
+    """The codec for a charset a peer names, when it is a text encoding Python has; None for anything else (an
+    unknown name, one with a NUL, a bytes-to-bytes codec such as base64 or zlib)."""
+    try:
+        info = codecs.lookup(name)
+    except (LookupError, ValueError, TypeError):
+        return None
+    return info.name if getattr(info, "_is_text_encoding", True) else None
+
+
+def is_number(text: str) -> bool:
+    """ASCII decimal digits only. (str.isdigit() is also true for '²', which int() rejects, and for '٣', which
+    int() reads as 3: a peer's length or port must be the digits it looks like.)"""
+    return text.isascii() and text.isdigit()
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 
+from imguard.protocols.framing import is_number
 from imguard.settings import GiB, MiB, setting
 
 RFC_MAX_BODY = 512          # RFC 2812 §2.3: a message, CRLF included
@@ -408,12 +409,12 @@ def _split_name(args: str) -> tuple[str, list[str]]:
 
 
 def _looks_like_address(word: str) -> bool:
-    return word.isdigit() or ":" in word or word.count(".") == 3
+    return is_number(word) or ":" in word or word.count(".") == 3
 
 
 def parse_address(text: str) -> str:
     """A DCC address: a 32-bit unsigned decimal IPv4 number, an IPv6 literal, or (some clients) a dotted quad."""
-    if text.isdigit():
+    if is_number(text):
         value = int(text)
         if not 0 < value < 2 ** 32:
             raise DccError("dcc_bad_address", f"IPv4 number {text[:24]} out of range")
@@ -432,7 +433,7 @@ def format_address(host: str) -> str:
 
 
 def _parse_port(text: str, allow_zero: bool) -> int:
-    if not text.isdigit():
+    if not is_number(text):
         raise DccError("dcc_bad_port", f"port {text[:24]!r} is not a number")
     port = int(text)
     if port > 65535 or (port == 0 and not allow_zero):
@@ -441,7 +442,7 @@ def _parse_port(text: str, allow_zero: bool) -> int:
 
 
 def _parse_size(text: str, limits: IrcLimits, what: str = "size") -> int:
-    if not text.isdigit():
+    if not is_number(text):
         raise DccError("dcc_bad_size", f"{what} {text[:24]!r} is not a non-negative number")
     if len(text) > 20 or int(text) > limits.max_dcc_size:
         raise DccError("dcc_bad_size", f"{what} {text[:24]} is absurd (max_dcc_size {limits.max_dcc_size})")
@@ -456,8 +457,8 @@ def parse_dcc(args: str, limits: IrcLimits = IrcLimits()) -> DccRequest:
         name, words = _split_name(rest)
         if not rest.lstrip(" ").startswith('"'):
             # An unquoted name may hold spaces: read the numbers from the right.
-            if (len(words) >= 4 and _looks_like_address(words[-4]) and words[-3].isdigit()
-                    and words[-2].lstrip("-").isdigit()):
+            if (len(words) >= 4 and _looks_like_address(words[-4]) and is_number(words[-3])
+                    and is_number(words[-2].lstrip("-"))):
                 tail = 4
             elif len(words) >= 3 and _looks_like_address(words[-3]):
                 tail = 3
@@ -479,7 +480,7 @@ def parse_dcc(args: str, limits: IrcLimits = IrcLimits()) -> DccRequest:
     if kind in ("RESUME", "ACCEPT"):
         name, words = _split_name(rest)
         if not rest.lstrip(" ").startswith('"') and len(words) > 2:
-            tail = 3 if (len(words) >= 3 and words[-3] == "0" and words[-2].isdigit()) else 2
+            tail = 3 if (len(words) >= 3 and words[-3] == "0" and is_number(words[-2])) else 2
             name = " ".join([name] + words[:-tail])
             words = words[-tail:]
         if len(words) < 2 or len(words) > 3:

@@ -17,7 +17,10 @@ account, ISUPPORT, STARTTLS, DCC offers made *to* the user) and forwarded byte f
 Identity: the nick confirmed by the welcome (001) is the person's identity for the whole connection;
 renames (`:old!u@h NICK new`, confirmed by the server) change the nick used for notices but events
 keep the identity. A SASL account (900 RPL_LOGGEDIN, else the PLAIN authcid once 903 says success)
-replaces it as the label: an account is what the server vouches for.
+replaces it as the label: an account is what the server vouches for. Only the server's own lines move them:
+a NICK whose prefix is our current nick, the first 001, the first account; a second welcome or a 900 naming
+another account later is an `identity_change` anomaly (high) and changes nothing, and a 901 (logged out)
+leaves the label as it was.
 
 Text policy, from the client: PRIVMSG and NOTICE (plain text and CTCP ACTION; also CPRIVMSG, CNOTICE, SQUERY,
 WALLOPS), TOPIC, SETNAME, the free-text reasons of PART, QUIT, KICK, KNOCK and AWAY, and the values of IRCv3
@@ -38,8 +41,9 @@ PRIVMSG/NOTICE line from the server with too many params, or one the decoder rej
 client could read as a message, is dropped as an anomaly rather than passed on undecided.
 
 STARTTLS (IRCv3, deprecated but alive): client STARTTLS is forwarded; the server's 670 is forwarded,
-then `StartTls`. Anything either side sent after those two lines and before TLS is dropped as an
-anomaly: it is the plaintext-injection attack (CVE-2011-0411 style) on STARTTLS.
+then `StartTls`. Anything either side sent after those two lines and before TLS (the client: after its
+STARTTLS, before the 670 or 691) is dropped as an anomaly: it is the plaintext-injection attack (CVE-2011-0411
+style) on STARTTLS.
 
 DCC (CTCP in PRIVMSG/NOTICE, either direction): a SEND or CHAT offer becomes a `DccOffer` in the
 shared ExpectedTransfers table (kind "dcc", key (host, port)) and a "dcc_offer" event. With
@@ -300,6 +304,12 @@ class IrcSession(StreamSession):
     # --- client -> server ---------------------------------------------------------------------------
 
     def _client_message(self, out: OutgoingCommands, msg: Message) -> None:
+        if self.starttls_requested and not self.tls:
+            # Pipelined after STARTTLS, before the server's 670/691: a vulnerable server would read it as sent
+            # inside TLS (CVE-2011-0411). Never forwarded.
+            out.add(self._anomaly("starttls_injection", "a line sent after STARTTLS before the server answered; "
+                                  "dropped", from_client=True, size=len(msg.raw), command=msg.command))
+            return
         if msg.overlong:
             out.add(self._anomaly("overlong_line", f"a {len(msg.raw)}-byte line (body over "
                                   f"{self.limits.max_body_length})", from_client=True, command=msg.command))
@@ -460,11 +470,16 @@ class IrcSession(StreamSession):
         elif cmd == "JOIN" and msg.nick and msg.nick.lower() == self.nick.lower():
             self._learn_mask(msg.prefix)
         elif cmd == "900" and len(msg.params) >= 3:      # RPL_LOGGEDIN <nick> <nick!user@host> <account> :...
-            self.account = msg.params[2]
-            self._learn_mask(msg.params[1])
-            out.add(self._event("irc_logged_in", account=self.account, nick=self.nick))
-        elif cmd == "901":                               # RPL_LOGGEDOUT
-            self.account = ""
+            if self.account and msg.params[2] != self.account:
+                out.add(self._anomaly("identity_change", "a second account login on this connection: the label "
+                                      "stays", from_client=False, severity="high", account=self.account,
+                                      claimed=msg.params[2]))
+            else:
+                self.account = msg.params[2]
+                self._learn_mask(msg.params[1])
+                out.add(self._event("irc_logged_in", account=self.account, nick=self.nick))
+        elif cmd == "901":                               # RPL_LOGGEDOUT: the label stays what it was
+            out.add(self._event("irc_logged_out", account=self.account, nick=self.nick))
         elif cmd == "903":                               # RPL_SASLSUCCESS
             if not self.account and self._sasl_account:
                 self.account = self._sasl_account
@@ -561,6 +576,11 @@ class IrcSession(StreamSession):
         return ctx
 
     def _welcome(self, out: OutgoingCommands, msg: Message) -> None:
+        if self.registered:
+            out.add(self._anomaly("identity_change", "a second welcome (001) on a registered connection: the "
+                                  "identity stays", from_client=False, severity="high", identity=self.sender,
+                                  claimed=msg.params[0]))
+            return
         self.nick = msg.params[0]
         if not self.identity:
             self.identity = self.nick

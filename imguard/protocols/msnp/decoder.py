@@ -28,7 +28,7 @@ import binascii
 import struct
 from dataclasses import dataclass
 
-from imguard.protocols.framing import FrameDecoder, FramingError  # noqa: F401 (FramingError: part of this module's API)
+from imguard.protocols.framing import FrameDecoder, FramingError, is_number, text_encoding  # noqa: F401 (FramingError: part of this module's API)
 from imguard.settings import MiB, setting
 
 # Commands whose line ends with a payload length (MSNP2..15; UUN/UBN/GCF/... from MSNP13+).
@@ -104,7 +104,7 @@ class CommandDecoder(FrameDecoder):
         args = tuple(w for w in words[1:] if w != "")
         if verb not in PAYLOAD_VERBS or not args:
             return Command(line, verb, args), end + 1
-        if not args[-1].isdigit():
+        if not is_number(args[-1]):
             if verb == "MSG":
                 raise self.failure("bad_payload_length", f"MSG with payload length {args[-1][:20]!r}", len(line))
             return Command(line, verb, args), end + 1        # a reply without payload ("ADL 12 OK")
@@ -175,10 +175,13 @@ def parse_mime(payload: bytes) -> Mime:
 
 def decode_body(body: bytes, charset: str) -> tuple[str, str]:
     """(text, encoding used): the announced charset, else latin-1 (never fails)."""
-    try:
-        return body.decode(charset), charset
-    except (LookupError, UnicodeDecodeError):
-        return body.decode("latin-1"), "latin-1"
+    encoding = text_encoding(charset)
+    if encoding is not None:
+        try:
+            return body.decode(encoding), charset
+        except ValueError:              # UnicodeDecodeError, and what odd codecs raise
+            pass
+    return body.decode("latin-1"), "latin-1"
 
 
 # --- MSNFTP invitations (text/x-msmsgsinvite) -------------------------------------------------------
@@ -210,11 +213,11 @@ def parse_invitation(body: bytes) -> Invitation:
         if not ip:
             continue
         for pk in port_keys:
-            if h.get(pk, "").isdigit() and 0 < int(h[pk]) < 65536 and (ip, int(h[pk])) not in addresses:
+            if is_number(h.get(pk, "")) and 0 < int(h[pk]) < 65536 and (ip, int(h[pk])) not in addresses:
                 addresses.append((ip, int(h[pk])))
     return Invitation(command=h.get("invitation-command", "").upper(), cookie=h.get("invitation-cookie", ""),
                       guid=h.get("application-guid", ""), name=h.get("application-file", ""),
-                      size=int(size) if size.isdigit() else None, addresses=tuple(addresses),
+                      size=int(size) if is_number(size) else None, addresses=tuple(addresses),
                       auth_cookie=h.get("authcookie", ""),
                       sender_connect=h.get("sender-connect", "").upper() == "TRUE",
                       headers=parse_headers(body.decode("utf-8", "replace")))

@@ -51,6 +51,7 @@ from typing import Any
 from imguard.files.tracker import ConnectionHolds, HeldTransfer, HoldState, Notice, Party
 from imguard.model import FROM_CLIENT, FROM_SERVER, ChatContext, Decision, FileReport
 from imguard.protocols.base import Anomaly, Close, Command, Notify, Send, StreamSession
+from imguard.protocols.framing import is_number
 from imguard.protocols.msnp.decoder import MsnpLimits
 from imguard.protocols.msnp.session import MSNFTP_KIND, MsnftpOffer
 
@@ -221,7 +222,7 @@ class DirectMsnftpSession(StreamSession):
             del buf[:end + 1]
             words = line.decode("utf-8", "replace").split()
             if words and words[0].upper() == "FIL":
-                size = int(words[1]) if len(words) >= 2 and words[1].isdigit() else None
+                size = int(words[1]) if len(words) >= 2 and is_number(words[1]) else None
                 if size is None:
                     return [self._anomaly("msnftp_bad_size", f"FIL {line[:40]!r}"), Close("MSNFTP bad FIL")]
                 if self.offer.size is not None and size != self.offer.size:

@@ -12,7 +12,9 @@ One class serves both kinds of MSNP connection; the commands say which one it is
 
 Identity: the passport named by the client in `USR` (NS: `USR trid TWN|MD5|SSO I <passport>`; SB:
 `USR trid <passport> <cookie>`) or `ANS trid <passport> <cookie> <session>` is tentative; the server's
-`USR trid OK <passport> ...` (or `ANS trid OK`: the switchboard checked the cookie) confirms it.
+`USR trid OK <passport> ...` (or `ANS trid OK`: the switchboard checked the cookie) confirms it, once, and only
+as the answer to the client's own USR (same trid, when one was seen): a later or unsolicited `USR OK` naming
+someone else is an `identity_change` anomaly (high) and changes nothing.
 ChatContext.sender is always a passport (e-mail address).
 
 Switchboard participants (the recipients of what our client says) come from `IRO` (when answering a
@@ -96,6 +98,7 @@ from imguard.files.tracker import ConnectionHolds, HeldTransfer, HoldState, Noti
 from imguard.model import FROM_CLIENT, FROM_SERVER, MASK, ChatContext, Decision, FileReport
 from imguard.protocols.base import (Anomaly, Close, Command as Cmd, OutgoingCommands, ProtocolEvent, Send,
                                     StreamSession, block_words, limited_anomaly)
+from imguard.protocols.framing import is_number
 from imguard.protocols.msnp.decoder import (FT_GUID, P2P_FLAG_ACK, P2P_FLAG_DATA, Command, CommandDecoder,
                                             FramingError, Mime, MsnpLimits, P2PError, P2PHeader, SlpMessage, build_p2p,
                                             decode_body, format_command, parse_file_context, parse_invitation,
@@ -179,6 +182,7 @@ class MsnpSession(StreamSession):
         self.anomaly_counts: dict[str, int] = {}
         self.passport = ""              # our client's identity
         self.confirmed = False          # the server's USR OK named it
+        self._usr_trid = ""             # the trid of the client's latest USR: only its answer names the passport
         self.friendly = ""
         self.conversation = ""          # switchboard session id
         self.participants: dict[str, str] = {}     # passport -> friendly name (not us)
@@ -311,6 +315,7 @@ class MsnpSession(StreamSession):
     def _client_command(self, out: OutgoingCommands, cmd: Command) -> None:
         v, a = cmd.verb, cmd.args
         if v == "USR" and len(a) >= 3:
+            self._usr_trid = a[0]
             if "@" in a[1]:                       # SB: USR trid passport cookie
                 self.passport = self.passport if self.confirmed else a[1]
             elif len(a) >= 4 and a[2] == "I":     # NS: USR trid TWN|MD5|SSO I passport
@@ -332,7 +337,13 @@ class MsnpSession(StreamSession):
 
     def _server_command(self, out: OutgoingCommands, cmd: Command) -> None:
         v, a = cmd.verb, cmd.args
-        if v == "USR" and len(a) >= 3 and a[1] == "OK":
+        if v == "USR" and len(a) >= 3 and a[1] == "OK" and (
+                self.confirmed or (self._usr_trid and a[0] != self._usr_trid)):
+            if a[2].lower() != self.passport.lower() or not self.confirmed:
+                out.add(self._anomaly("identity_change", "a USR OK that does not answer the client's own USR: "
+                                      "the identity stays", from_client=False, severity="high",
+                                      passport=self.passport, claimed=a[2]))
+        elif v == "USR" and len(a) >= 3 and a[1] == "OK":
             self.passport = a[2]
             self.friendly = a[3] if len(a) >= 4 else ""
             self.confirmed = True
@@ -574,7 +585,7 @@ class MsnpSession(StreamSession):
         if slp.method != "INVITE" or slp.get("EUF-GUID").upper() != FT_GUID:
             return True
         sid_text = slp.get("SessionID")
-        if not sid_text.isdigit():
+        if not is_number(sid_text):
             out.add(self._anomaly("slp_bad_session", f"a file INVITE with SessionID {sid_text[:20]!r}",
                                   from_client=from_client))
             return True

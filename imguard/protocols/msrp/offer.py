@@ -24,6 +24,7 @@ from typing import Any
 from urllib.parse import unquote
 
 from imguard.model import ChatContext
+from imguard.protocols.framing import is_number
 
 MSRP_KIND = "msrp"              # ExpectedTransfers kind; keys: path_key(uri) strings and (host, port) tuples
 
@@ -68,7 +69,7 @@ def parse_msrp_uri(text: str) -> MsrpUri | None:
     else:
         host, _, port_text = authority.partition(":")
     session_id, _, transport = path.partition(";")
-    if not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+    if not host or not is_number(port_text) or not 0 < int(port_text) < 65536:
         return None
     if not slash or not session_id:
         return None

@@ -46,7 +46,7 @@ and recorded ("msrp_late_failure"). A side that closes (TCP: it stops sending) e
 tracker's sender_closed (a file is inspected as truncated; a text is abandoned, "msrp_incomplete_message").
 For the files sent to it, it is a receiver gone (the tracker's receiver_closed): a file is still decided, never
 delivered ("msrp_receiver_gone"); messages on their way to it are still reassembled and decided, and a whole,
-allowed text still crosses (the gateway does not pass the close on, and a half-closed side can still read).
+allowed text still crosses (the carrier passes the close on as a half-close, and a half-closed side can still read).
 
 Both directions: in MSRP the TCP client is whichever endpoint is active (by default the SDP offerer), not
 necessarily the gateway's own user, so who is inside comes from the SIP offer: `offer.outbound` says whether the

@@ -125,6 +125,11 @@ def find_oft_offer(transfers, cookie: bytes | str | None = None, host: str = "",
     return None
 
 
+def _normal(screen_name: str) -> str:
+    """A screen name as AIM compares them: case and spaces do not count."""
+    return screen_name.replace(" ", "").lower()
+
+
 class OscarSession(StreamSession):
     """One OSCAR client connection (StreamSession). See the module docstring."""
 
@@ -267,8 +272,12 @@ class OscarSession(StreamSession):
             elif snac.family == 0x0001 and not from_client and snac.subtype == 0x000F and snac.data:
                 n = snac.data[0]
                 name = snac.data[1:1 + n].decode("utf-8", "replace")
-                if name and (name != self.screen_name or not self.confirmed):
-                    self.screen_name, self.confirmed = name, True
+                if name and self.confirmed and _normal(name) != _normal(self.screen_name):
+                    out.add(self._anomaly("identity_change", "the server's self-info names another screen name: "
+                                          "the identity stays", from_client=False, severity="high",
+                                          screen_name=self.screen_name, claimed=name))
+                elif name and (name != self.screen_name or not self.confirmed):
+                    self.screen_name, self.confirmed = name, True     # (a formatting change: 'a lice' -> 'A Lice')
                     out.add(self._event("oscar_signon", screen_name=name))
         self._forward(out, from_client, flap)
 
@@ -290,6 +299,11 @@ class OscarSession(StreamSession):
         name, cookie, bos = tlv(tlvs, 0x0001), tlv(tlvs, 0x0006), tlv(tlvs, 0x0005)
         if not name or not cookie:
             return                          # an error reply (TLV 0x0008) or a sign-off
+        if self.confirmed and _normal(name.decode("utf-8", "replace")) != _normal(self.screen_name):
+            out.add(self._anomaly("identity_change", "a second login reply naming another screen name: the "
+                                  "identity stays", from_client=False, severity="high", screen_name=self.screen_name,
+                                  claimed=name.decode("utf-8", "replace")))
+            return
         self.screen_name = name.decode("utf-8", "replace")
         self.confirmed = True
         if self.transfers is not None:

@@ -21,6 +21,7 @@ import html
 import re
 from dataclasses import dataclass, field
 
+from imguard.protocols.framing import is_number, text_encoding
 from imguard.settings import KiB, setting
 
 # RFC 3261 §7.3.3 and the IANA registry: compact header forms.
@@ -127,7 +128,7 @@ class SipMessage:
     @property
     def cseq(self) -> tuple[int, str]:
         number, _, method = self.get("cseq").partition(" ")
-        return (int(number) if number.isdigit() else -1), method.strip().upper()
+        return (int(number) if is_number(number) else -1), method.strip().upper()
 
     @property
     def content_type(self) -> tuple[str, dict[str, str]]:
@@ -235,7 +236,7 @@ def _content_length(headers: list[tuple[str, str]]) -> int | None:
     values = [v for n, v in headers if n == "content-length"]
     if not values:
         return None
-    if len(set(values)) > 1 or not values[0].isdigit():
+    if len(set(values)) > 1 or not is_number(values[0]):
         raise SipFramingError("sip_bad_content_length", f"Content-Length {values!r}")
     return int(values[0])
 
@@ -466,9 +467,12 @@ def html_to_text(markup: str) -> str:
 
 
 def decode_text(data: bytes, charset: str = "") -> str:
-    for enc in ([charset] if charset else []) + ["utf-8"]:
+    """The text of a body in its announced charset (when it is one), else UTF-8, else Latin-1: never fails."""
+    for enc in ([text_encoding(charset)] if charset else []) + ["utf-8"]:
+        if enc is None:
+            continue
         try:
             return data.decode(enc)
-        except (LookupError, UnicodeDecodeError):
+        except ValueError:              # UnicodeDecodeError, and what odd codecs raise
             continue
     return data.decode("latin-1")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from imguard.protocols.framing import is_number
 from imguard.protocols.msrp.offer import FileSelector
 
 MSRP_PROTOCOLS = {"TCP/MSRP": False, "TCP/TLS/MSRP": True}
@@ -49,7 +50,7 @@ def parse_file_selector(value: str) -> FileSelector:
         fields.setdefault(key, raw)
     size = None
     if "size" in fields:
-        if not fields["size"].isdigit():
+        if not is_number(fields["size"]):
             raise SdpError("sdp_bad_file_selector", f"file-selector size {fields['size']!r}")
         size = int(fields["size"])
     return FileSelector(name=fields.get("name", ""), type=fields.get("type", ""), size=size,
@@ -71,7 +72,7 @@ def msrp_media(sdp: str) -> list[MsrpMedia]:
             parts = value.split()
             if len(parts) >= 3 and parts[0] == "message" and parts[2].upper() in MSRP_PROTOCOLS:
                 port_text = parts[1].split("/", 1)[0]
-                if not port_text.isdigit() or int(port_text) > 65535:
+                if not is_number(port_text) or int(port_text) > 65535:
                     raise SdpError("sdp_bad_port", f"m=message port {parts[1]!r}")
                 current = {"port": int(port_text), "tls": MSRP_PROTOCOLS[parts[2].upper()], "path": (),
                            "accept_types": (), "file": None, "direction": None, "file_transfer_id": "",

@@ -13,7 +13,10 @@ each datagram one event; GatewayAddon puts a SipDatagramHandler (registry protoc
 a port mapped to sip, and each Send is written as one datagram.
 
 Messages. A MESSAGE in either direction goes to `checker.check_message(text, ctx)` with protocol "sip", sender =
-P-Asserted-Identity if present else the From URI, recipients = the To URI (and the Request-URI when it differs),
+P-Asserted-Identity if present else the From URI (for our user agent's requests, once the registrar's 2xx to its
+own REGISTER (same Call-ID and CSeq) confirmed its address-of-record, that AOR, whatever From or P-Asserted-Identity
+claim: a different one is a `sip_sender_mismatch` anomaly; a later 2xx confirming another AOR is an
+`identity_change` anomaly and changes nothing), recipients = the To URI (and the Request-URI when it differs),
 origin `client` for what the user agent behind the gateway sends and `server` for what the proxy delivers to it
 (inbound unless the zones say the sender is inside; `sip_check_inbound_messages` off lets those cross unchecked).
 Bodies: text/plain (charset honoured), text/html (tags stripped for policy), message/cpim wrapping either (RFC
@@ -105,6 +108,8 @@ class SipSession(StreamSession):
         self.closed = False
         self.anomaly_counts: dict[str, int] = {}
         self.user = ""                  # the user's identity: P-Asserted-Identity or From of their requests
+        self.registered = False         # the registrar's 2xx to our user agent's REGISTER confirmed self.user
+        self._registering: dict[tuple[str, int], str] = {}     # (Call-ID, CSeq) of a REGISTER -> its AOR
         self.contact = ""               # where the user's UA is (Contact of its requests)
         self._held: dict[str, HeldTransfer] = {}       # MESSAGE bodies that are files, out for inspection
         self._pending: collections.OrderedDict[str, list[MsrpOffer]] = collections.OrderedDict()
@@ -188,32 +193,61 @@ class SipSession(StreamSession):
         if from_client and vias and f"branch={NOTICE_BRANCH}" in vias[0]:
             return          # the user agent answering our notice MESSAGE
         number, method = msg.cseq
+        if method == "REGISTER" and not from_client and 200 <= msg.status < 300:
+            self._registered(out, self._registering.pop((msg.call_id, number), ""))
         if method in OFFER_METHODS and 200 <= msg.status < 300 and msg.body:
             self._answer(out, from_client, msg)
         out.send(not from_client, msg.raw)
 
     def _learn_user(self, msg: SipMessage) -> None:
         if msg.method == "REGISTER":
-            self.user = uri_of(msg.get("to")) or self.user
+            aor = uri_of(msg.get("to"))
+            if aor and len(self._registering) < 16:
+                self._registering[(msg.call_id, msg.cseq[0])] = aor
+            if not self.registered:
+                self.user = aor or self.user
         elif not self.user:
             self.user = self._identity(msg)
         contacts = msg.get_all("contact")
         if contacts and contacts[0] != "*":
             self.contact = uri_of(contacts[0])
 
+    def _registered(self, out: OutgoingCommands, aor: str) -> None:
+        """The registrar accepted a REGISTER of ours for `aor`: the first one names our user, for good."""
+        if not aor:
+            return
+        if not self.registered:
+            self.user, self.registered = aor, True
+        elif aor != self.user:
+            out.add(self._anomaly("identity_change", "the registrar confirmed a second address-of-record on this "
+                                  "connection: the identity stays", from_client=False, severity="high",
+                                  user=self.user, claimed=aor))
+
+    def _sender(self, out: OutgoingCommands, from_client: bool, msg: SipMessage) -> str:
+        """Who a request is from: for our registered user agent, its registered AOR (a From or P-Asserted-Identity
+        claiming another is an anomaly); else what the request says."""
+        claimed = self._identity(msg)
+        if not (from_client and self.registered):
+            return claimed
+        if claimed != self.user:
+            out.add(self._anomaly("sip_sender_mismatch", "our user agent's request names another sender than the "
+                                  "address-of-record it registered; labelled with the registered one",
+                                  from_client=True, user=self.user, claimed=claimed, call_id=msg.call_id))
+        return self.user
+
     @staticmethod
     def _identity(msg: SipMessage) -> str:
         pai = msg.get_all("p-asserted-identity")
         return uri_of(pai[0]) if pai else uri_of(msg.get("from"))
 
-    def _message_ctx(self, msg: SipMessage, **changes: Any) -> ChatContext:
+    def _message_ctx(self, out: OutgoingCommands, from_client: bool, msg: SipMessage, **changes: Any) -> ChatContext:
         to = uri_of(msg.get("to"))
         ruri = uri_of(msg.request_uri)
         recipients = tuple(r for r in dict.fromkeys([to, ruri]) if r)
-        return self.context.with_(sender=self._identity(msg), recipients=recipients, **changes)
+        return self.context.with_(sender=self._sender(out, from_client, msg), recipients=recipients, **changes)
 
     def _message(self, out: OutgoingCommands, from_client: bool, msg: SipMessage) -> None:
-        ctx = self._message_ctx(msg, origin=FROM_CLIENT if from_client else FROM_SERVER)
+        ctx = self._message_ctx(out, from_client, msg, origin=FROM_CLIENT if from_client else FROM_SERVER)
         subject = msg.get("subject").strip()
         if subject:
             # RFC 3261 §20.36: free text many clients show with the message; checked on its own.
@@ -329,7 +363,7 @@ class SipSession(StreamSession):
         media = self._sdp(out, from_client, msg)
         if not media:
             return
-        offerer = self._identity(msg)
+        offerer = self._sender(out, from_client, msg)
         answerer = uri_of(msg.get("to"))
         offers = []
         for m in media:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from imguard.protocols.framing import text_encoding
 from imguard.protocols.sip.message import decode_text, html_to_text, parse_cpim
 
 # Bodies that carry no words of the user: composing indications (RFC 3994), delivery notifications (RFC 5438).
@@ -25,9 +26,12 @@ def masked_body(content_type: str, params: dict[str, str], body: bytes, masked: 
         new, new_type = masked_body(inner_type, inner_params, cpim.content, masked)
         return cpim.with_content(new, new_type), None
     charset = params.get("charset", "") if content_type == "text/plain" else ""
+    encoding = text_encoding(charset) if charset else "utf-8"
     try:
-        data = masked.encode(charset or "utf-8")
-    except (LookupError, UnicodeEncodeError):
+        data = masked.encode(encoding) if encoding else None
+    except ValueError:                  # UnicodeEncodeError, and what odd codecs raise
+        data = None
+    if data is None:                    # a charset that is no text encoding (a NUL, base64) or cannot carry it
         data, charset = masked.encode("utf-8"), ""
     if content_type == "text/html" or (params.get("charset") and not charset):
         return data, "text/plain;charset=UTF-8"

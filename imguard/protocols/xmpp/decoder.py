@@ -66,6 +66,15 @@ class XmppLimits:
     tracked_id_ttl: float = setting(600.0, "Seconds a remembered stanza id, offer or upload request is kept.")
     parse_slice: int = setting(64 * KiB, "Bytes handed to expat at a time, so a limit is checked before a "
                                "huge chunk is parsed whole.")
+    upload_relay: list = setting([], "PUBLIC=UPSTREAM, two origins (scheme://host:port): the PUT URL of an "
+                                 "XEP-0363 upload slot on UPSTREAM (the upload service) is rewritten to PUBLIC, a "
+                                 "reverse listener of this gateway in front of it (--mode reverse:UPSTREAM@PORT), so "
+                                 "a client that reaches the gateway directly (reverse deployments) or sends its HTTP "
+                                 "around the proxy still uploads through it and the file is scanned. Once a relay is "
+                                 "set, a slot on an origin no relay covers is refused with a notice")
+    upload_refuse_unrelayed: bool = setting(False, "Refuse, with a notice to the client, every XEP-0363 upload slot "
+                                            "whose PUT URL no --xmpp-upload-relay covers, even with none set: for "
+                                            "deployments where the clients' HTTP does not cross the gateway")
 
 
 # --- events -----------------------------------------------------------------------------------------

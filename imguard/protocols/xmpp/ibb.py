@@ -24,7 +24,7 @@ owns_connection False, bounded by `max_held_bytes` decoded bytes; the connection
   see Direction).
 * The connection ending (closed by a side, or by the session) with streams open or files held: each is
   abandoned (transfer_abandoned, with `sid` and `bytes`, which the replay lists as truncated transfers), and
-  nothing crosses.
+  none of it crosses (a receiver on a side still open after a half-close gets the IBB `<close>`).
 
 XEP-0198 stream management: every stanza held and then discarded, and every stanza we write, shifts the two
 sides' stanza counts; the session (`IbbHost`) keeps those counts, told through `dropped` and `inject`.
@@ -218,8 +218,9 @@ class InBandBytestreams:
         return out
 
     def connection_closed(self) -> list[Command]:
-        """Every stream still open and every file still held is abandoned (the host is closed by now, so nothing
-        is sent). The streams open are receiving; the files held whose stream is not open are inspecting."""
+        """Every stream still open and every file still held is abandoned (a receiver on a side still open after
+        a half-close gets the IBB <close>; once the host is closed nothing is sent). The streams open are
+        receiving; the files held whose stream is not open are inspecting."""
         out: list[Command] = []
         for stream in [*self.streams.values(), *(s for s in self.files.values() if s.sid not in self.streams)]:
             transfer = self._file(stream)

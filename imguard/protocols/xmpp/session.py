@@ -9,13 +9,22 @@ for the contract). In short:
 * STARTTLS (RFC 6120 §5): `<starttls/>` and `<proceed/>` are relayed; right after `<proceed/>` the
   session returns `StartTls()`; the carrier calls `tls_started()` when both legs are encrypted, and
   both decoders start a new stream. Direct TLS (XEP-0368) is the carrier's business
-  (`tls_on_connect=True`).
+  (`tls_on_connect=True`). Plaintext that must not enter the TLS session is discarded with a high
+  `starttls_injection` anomaly (the CVE-2011-0411 class): what follows `<proceed/>` in the same read, and
+  what the client sends after its `<starttls/>` before the server's answer.
 * Downgrade signs become anomalies: `<auth>` in plaintext although the server offered STARTTLS
   (`starttls_stripping`, high), plaintext `<auth>` with no STARTTLS offered (`plaintext_auth`,
-  medium), pre-auth features without STARTTLS (`no_starttls_offered`, low).
+  medium), pre-auth features without STARTTLS (`no_starttls_offered`, low). The stripped `<auth>` carries
+  the credentials in the clear: with the fail mode `downgrade` closed (the default; `stripped_auth_open=False`)
+  it is not forwarded, and the client gets a SASL `<failure>` with `<encryption-required/>` and a notice;
+  with `downgrade=open` it is forwarded, with the alert.
 * Identity: the SASL initial response (PLAIN authzid/authcid, SCRAM's n= username; SASL1 or
   XEP-0388 SASL2) names the user tentatively, the `<bind>` result's `<jid>` (or SASL2's
   `<authorization-identifier>`) is authoritative. Every ChatContext carries the bare JID as `sender`.
+  Only the answer to the client's own bind request (the `<iq type='set'>` whose id it carries, from the
+  server itself: no 'from', or the user's own bare JID or domain) names it, once: any other bind result
+  (another account can address one to the client) is a high `unsolicited_bind` anomaly, changes nothing and
+  is not forwarded; a second SASL2 `<success>` is likewise an anomaly and ignored.
 * Both directions, by topology: what the client (the user behind the gateway) sends has `origin=FROM_CLIENT`
   in its context, what the server delivers to it `origin=FROM_SERVER`; the pipeline derives the direction.
 * Client `<message>` with text -> `checker.check_message(text, ctx)`; the text is every `<body>`
@@ -103,7 +112,7 @@ from typing import Any, Callable, Iterator, Protocol
 from xml.etree import ElementTree as ET
 
 from imguard.files.expected import (ExpectedBytestream, ExpectedDownload, ExpectedTransfers, ExpectedUpload,
-                                    StreamHost, TransferSettings)
+                                    StreamHost, TransferSettings, upload_relay_url, url_origin)
 from imguard.files.tracker import HoldLedger
 from imguard.model import BLOCK, FROM_CLIENT, FROM_SERVER, MASK, ChatContext, Decision, FileReport
 from imguard.protocols.base import (Anomaly, Close, Command, Link, MessageDecision, Send, StartTls,
@@ -250,8 +259,10 @@ class XmppSession(StreamSession):
     def __init__(self, checker: MessageChecker, transfers: ExpectedTransfers, context: ChatContext,
                  limits: XmppLimits = XmppLimits(), tls_on_connect: bool = False,
                  bytestream_relay: tuple[str, int] | None = None,
-                 clock: Callable[[], float] = time.monotonic, hold_ledger: HoldLedger | None = None):
+                 clock: Callable[[], float] = time.monotonic, hold_ledger: HoldLedger | None = None,
+                 stripped_auth_open: bool = False):
         self.checker = checker
+        self.stripped_auth_open = stripped_auth_open    # fail mode downgrade=open: a stripped <auth> still goes
         self.transfers = transfers
         self.context = context if context.protocol else context.with_(protocol="xmpp")
         self.limits = limits
@@ -266,10 +277,13 @@ class XmppSession(StreamSession):
         self.domain = ""                 # the server's domain (client header 'to', server header 'from')
         self.jid = ""                    # full JID from the bind result
         self.sasl_identity = ""          # bare JID from SASL PLAIN, until bind tells
+        self._bind_id: str | None = None    # the id of the client's pending bind request
         self.authenticated = False
         self.closed = False
+        self._sides_closed: set[bool] = set()   # from_client of each side that closed (stopped sending)
         self.tls_pending = False         # StartTls returned, tls_started() not yet called
         self._starttls_offered = False
+        self._starttls_asked = False     # the client sent <starttls/>; nothing more until the server answers
         self._server_header_seen = False
         self._ids = ExpectedTransfers(TransferSettings(max_entries=limits.max_tracked_ids,
                                                        ttl_seconds=limits.tracked_id_ttl), clock)
@@ -338,17 +352,28 @@ class XmppSession(StreamSession):
         if self.closed:
             return
         handle = self._client_event if from_client else self._server_event
-        pieces = self._decoders[from_client].feed_pieces(data, PARSE_PIECE)
+        decoder = self._decoders[from_client]
+        pieces = decoder.feed_pieces(data, PARSE_PIECE)
+        discarded = -1                               # >= 0: StartTls returned, the rest of this read is dropped
         while True:
             try:                                     # never raise into the carrier
                 events = next(pieces, None)
                 if events is None:
+                    if discarded >= 0 and discarded + decoder.buffered:
+                        yield [self.anomaly("starttls_injection", "plaintext after <proceed/> in the same read was "
+                                            "discarded: it must not enter the TLS session", severity="high",
+                                            from_client=from_client, size=discarded + decoder.buffered)]
                     return
                 for event in events:
+                    if discarded >= 0:
+                        discarded += len(getattr(event, "raw", b""))
+                        continue
                     step = handle(event)
                     yield step
                     if self.closed:
                         return
+                    if any(type(c) is StartTls for c in step):
+                        discarded = 0
             except Exception as e:
                 yield self._fail("internal_error", f"{type(e).__name__}: {e}", "internal-server-error", from_client)
                 return
@@ -364,6 +389,7 @@ class XmppSession(StreamSession):
         self.tls = True
         self.tls_pending = False
         self._starttls_offered = False
+        self._starttls_asked = False
         self._server_header_seen = False
         for dec in self._decoders.values():
             dec.reset()
@@ -373,9 +399,15 @@ class XmppSession(StreamSession):
         return self.ibb.verdict(transfer_id, decision)      # the only files held on this connection
 
     def connection_closed(self, from_client: bool) -> list[Command]:
+        """One side stopped sending: the files held are given up, and the carrier passes the close on as the peer
+        made it (a half-close: the other side's stanzas, a closing </stream:stream>, are still checked and
+        forwarded until it closes too)."""
         if self.closed:
             return []
-        return self._stop() + [Close("client closed" if from_client else "server closed")]
+        self._sides_closed.add(from_client)
+        if len(self._sides_closed) == 2:
+            return self._stop()
+        return self.ibb.connection_closed()
 
     def _stop(self) -> list[Command]:
         """The connection ends (closed by a side, or by the session): the files held are given up now, so their
@@ -395,6 +427,13 @@ class XmppSession(StreamSession):
             return [Send(to_client=False, data=event.raw)]
         el = event.element
         ns, local = split(el.tag)
+        if self._starttls_asked and not self.tls:
+            self.dropped(1)
+            return [self.anomaly("starttls_injection", "a stanza sent after <starttls/> before the server's "
+                                 "answer was discarded (it would be read as sent inside TLS)", severity="high",
+                                 from_client=True, size=len(event.raw))]
+        if ns == NS_TLS and local == "starttls" and not self.tls:
+            self._starttls_asked = True
         if (ns, local) in ((NS_SASL, "auth"), (NS_SASL2, "authenticate")):
             return self._client_auth(event)
         if ns in NS_SM:
@@ -421,6 +460,13 @@ class XmppSession(StreamSession):
             out.append(self.anomaly("starttls_stripping", "the client authenticates in plaintext although "
                                     "the server offered STARTTLS (downgrade or misconfigured client)",
                                     severity="high", mechanism=mechanism))
+            if not self.stripped_auth_open:        # fail mode downgrade closed: the credentials stay here
+                ns = split(st.element.tag)[0]
+                notice = ("imguard: authentication without the encryption the server offers was refused; "
+                          "enable STARTTLS in your client")
+                return out + [Send(to_client=True, data=(
+                    f"<failure xmlns='{ns}'><encryption-required xmlns='{NS_SASL}'/><text>{text(notice)}</text>"
+                    "</failure>").encode("utf-8"))]
         elif not self.tls:
             out.append(self.anomaly("plaintext_auth", "SASL authentication on an unencrypted stream",
                                     severity="medium", mechanism=mechanism))
@@ -574,6 +620,8 @@ class XmppSession(StreamSession):
                     return self.ibb.data(st, c)
                 if local == "close":
                     return self.ibb.close(st, c)
+            elif itype == "set" and ns == NS_BIND and local == "bind" and not self.jid:
+                self._bind_id = el.get("id")            # only its answer may name the user
             elif itype == "set" and ns == NS_SI and local == "si":
                 self._offers.remember_si(c)
             elif itype == "set" and ns == NS_JINGLE and local == "jingle":
@@ -715,12 +763,17 @@ class XmppSession(StreamSession):
             return self._server_sm(event, ns, local)
         if ns == d.STREAMS_NS and local == "features":
             out += self._server_features(el)
+        elif ns == NS_TLS and local == "failure":
+            self._starttls_asked = False
         elif ns == NS_TLS and local == "proceed":
             self.tls_pending = True
             return [Send(to_client=True, data=event.raw), StartTls()]
         elif ns == NS_SASL and local == "success":
             self.authenticated = True
         elif ns == NS_SASL2 and local == "success":
+            if self.authenticated:
+                return [self.anomaly("unsolicited_bind", "a second SASL2 <success> on an authenticated stream: "
+                                     "the identity stays", severity="high", from_client=False)]
             self.authenticated = True
             authz = child(el, NS_SASL2, "authorization-identifier")
             if authz is not None and authz.text:
@@ -737,8 +790,12 @@ class XmppSession(StreamSession):
                     and self._ids.take(iq_id, kind=_SWALLOW) is not None:
                 self.dropped(1, from_client=False)      # the sender already got our answer
                 return []
+            if itype == "result" and child(el, NS_BIND, "bind") is not None:
+                return self._server_bind(event)
             if itype == "result":
-                out += self._server_iq_result(el)
+                replaced = self._server_upload_slot(event)
+                if replaced is not None:            # rewritten for the upload relay, or refused
+                    return out + replaced
             elif itype == "set":
                 return self._server_iq_set(event)
         out.append(Send(to_client=True, data=event.raw))
@@ -828,28 +885,66 @@ class XmppSession(StreamSession):
                                  "on an unencrypted stream", severity="low")]
         return []
 
-    def _server_iq_result(self, el: ET.Element) -> list[Command]:
-        bind = child(el, NS_BIND, "bind")
-        if bind is not None:
-            jid = child(bind, NS_BIND, "jid")
-            if jid is not None and jid.text:
-                self.jid = jid.text.strip()
-            return []
+    def _server_bind(self, st: d.Stanza) -> list[Command]:
+        """A bind result: the identity when it answers the client's pending bind request and comes from the server
+        itself; anything else (a result another account addresses to the client, a second one) is an anomaly,
+        changes nothing and is dropped."""
+        el = st.element
+        jid = child(child(el, NS_BIND, "bind"), NS_BIND, "jid")
+        frm = el.get("from")
+        from_server = not frm or frm in (self.domain, self.sender)
+        if self._bind_id is None or el.get("id") != self._bind_id or not from_server \
+                or jid is None or not (jid.text or "").strip():
+            self.dropped(1, from_client=False)
+            return [self.anomaly("unsolicited_bind", "a bind result that does not answer the client's own bind "
+                                 "request: the identity stays", severity="high", from_client=False,
+                                 id=el.get("id", ""), sender=frm or "",
+                                 jid=(jid.text or "").strip() if jid is not None else "")]
+        self._bind_id = None
+        self.jid = jid.text.strip()
+        return [Send(to_client=True, data=st.raw)]
+
+    def _server_upload_slot(self, st: d.Stanza) -> list[Command] | None:
+        """An XEP-0363 slot granted to the client: announced (the HTTP carrier scans the PUT to its URL). With an
+        upload relay for its origin (XmppLimits.upload_relay), the PUT URL the client gets is the gateway's relay
+        listener, so the upload crosses the gateway whatever the client's HTTP route; a slot no relay covers is
+        refused with a notice when relays are configured (or upload_refuse_unrelayed). None: the stanza goes on
+        as it came."""
+        el = st.element
         slot = child(el, NS_UPLOAD, "slot")
-        if slot is not None:
-            request = self._ids.take(el.get("id", ""), kind=_SLOT)
-            put, get = child(slot, NS_UPLOAD, "put"), child(slot, NS_UPLOAD, "get")
-            if request is None or put is None or get is None or not put.get("url"):
-                return [self.anomaly("unexpected_upload_slot", "an upload slot this connection did not ask "
-                                     "for (or without put/get URLs)", id=el.get("id", ""))]
-            name, size, content_type = request
-            headers = tuple((h.get("name", ""), (h.text or "").strip()) for h in children(put, NS_UPLOAD, "header"))
-            self.transfers.expect_upload(put.get("url"), ExpectedUpload(
-                put_url=put.get("url"), get_url=get.get("url", ""), name=name, size=size,
-                content_type=content_type, context=self.ctx(recipients=(), transfer_mechanism="xep-0363",
-                                                            origin=FROM_CLIENT),
-                put_headers=headers))
-        return []
+        if slot is None:
+            return None
+        request = self._ids.take(el.get("id", ""), kind=_SLOT)
+        put, get = child(slot, NS_UPLOAD, "put"), child(slot, NS_UPLOAD, "get")
+        if request is None or put is None or get is None or not put.get("url"):
+            return [self.anomaly("unexpected_upload_slot", "an upload slot this connection did not ask for (or "
+                                 "without put/get URLs)", id=el.get("id", "")), Send(to_client=True, data=st.raw)]
+        name, size, content_type = request
+        put_url = put.get("url")
+        relayed = upload_relay_url(put_url, self.limits.upload_relay)
+        if relayed is None and (self.limits.upload_relay or self.limits.upload_refuse_unrelayed):
+            origin = url_origin(put_url)
+            text_ = (f"imguard: the upload of {name!r} was refused: its upload service {origin} has no upload relay "
+                     "on this gateway, so the file could not be scanned")
+            error = (f"<iq type='error' id={attr(el.get('id', ''))}"
+                     + (f" from={attr(el.get('from'))}" if el.get("from") else "")
+                     + (f" to={attr(el.get('to'))}" if el.get("to") else "")
+                     + f"><error type='cancel'><not-allowed xmlns='{NS_STANZAS}'/>"
+                     f"<text xmlns='{NS_STANZAS}'>{text(text_)}</text></error></iq>")
+            return [self.anomaly("upload_slot_unrouted", f"upload slot on {origin} refused: no upload relay covers "
+                                 "it", severity="medium", url=put_url, name=name),
+                    Send(to_client=True, data=error.encode("utf-8"))]          # in place of the slot: same count
+        headers = tuple((h.get("name", ""), (h.text or "").strip()) for h in children(put, NS_UPLOAD, "header"))
+        info = ExpectedUpload(put_url=put_url, get_url=get.get("url", ""), name=name, size=size,
+                              content_type=content_type, context=self.ctx(recipients=(), transfer_mechanism="xep-0363",
+                                                                          origin=FROM_CLIENT), put_headers=headers)
+        self.transfers.expect_upload(put_url, info)     # the relay listener sees the PUT as addressed upstream
+        if relayed is None:
+            return None
+        if relayed != put_url:
+            self.transfers.expect_upload(relayed, info)  # and a proxied client's PUT to the relay, by its own URL
+        put.set("url", relayed)
+        return [Send(to_client=True, data=serialize(el, ""))]
 
     # --- building blocks -----------------------------------------------------------------------
 

@@ -21,7 +21,7 @@ import re
 import struct
 from dataclasses import dataclass
 
-from imguard.protocols.framing import FrameDecoder, FramingError  # noqa: F401 (FramingError: part of this module's API)
+from imguard.protocols.framing import FrameDecoder, FramingError, is_number  # noqa: F401 (FramingError: part of this module's API)
 from imguard.settings import setting
 
 MAGIC = b"YMSG"
@@ -100,7 +100,7 @@ def parse_fields(payload: bytes) -> tuple[tuple[tuple[str, bytes], ...], str]:
     fields = []
     for i in range(0, len(parts), 2):
         key = parts[i].decode("latin-1")
-        if not key.isdigit():
+        if not is_number(key):
             problem = problem or f"a non-numeric key {key[:12]!r}"
         fields.append((key, parts[i + 1]))
     return tuple(fields), problem
@@ -184,7 +184,7 @@ def parse_notifyft(body: bytes) -> tuple[dict[str, bytes], int]:
         if key == b"29":
             return fields, end + 2
         vend = body.find(SEP, end + 2, end + 2 + 4096)
-        if vend < 0 or not key.isdigit():
+        if vend < 0 or not is_number(key):
             return {}, 0
         fields[key.decode()] = body[end + 2:vend]
         pos = vend + 2

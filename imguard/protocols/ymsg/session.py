@@ -8,7 +8,9 @@ announcements. Sans-io.
         -> [Send(to_client=True, data=<service 0x06 from "imguard" to alice with the notice>)] (block)
 
 Identity (the Yahoo id): AUTH (0x57) key 1 and AUTHRESP (0x54) keys 0/1 name it tentatively; the
-server's first LOGON (0x01) confirms it (key 1, else 0).
+server's first LOGON (0x01) confirms it (key 1, else 0), once: a later LOGON naming another id in key 1 is an
+`identity_change` anomaly (high) and changes nothing. Once confirmed, what our client sends is labelled with
+that id whatever its key 1 says (a different key 1, e.g. a profile alias, is a low `sender_mismatch`).
 
 Messages: service 0x06 MESSAGE in both directions (conference messages 0x1D CONFMSG, keys 53 members,
 57 room, 14 text, in: 3 sender; chat-room messages 0xA8 COMMENT, keys 104 room, 117 text, in: 109
@@ -60,6 +62,7 @@ from urllib.parse import quote, unquote, urlsplit
 from imguard.files.expected import ExpectedUpload, normalize_url
 from imguard.model import FROM_CLIENT, FROM_SERVER, MASK, ChatContext, Decision, FileReport
 from imguard.protocols.base import Anomaly, Close, Command, ProtocolEvent, Send, StreamSession, limited_anomaly
+from imguard.protocols.framing import is_number
 from imguard.protocols.ymsg.decoder import (AUTH, AUTHRESP, COMMENT, CONFMSG, FILETRANS_15, FILETRANS_ACC_15,
                                             FILETRANS_INFO_15, FILETRANSFER, LOGON, MESSAGE, P2PFILEXFER,
                                             FramingError, Packet, PacketDecoder, YmsgLimits, build_packet,
@@ -248,6 +251,12 @@ class YmsgSession(StreamSession):
                 self.identity = p.text("1") or p.text("0")
                 self.confirmed = True
                 extra.append(self._event("ymsg_login", yahoo_id=self.identity))
+            elif p.service == LOGON and p.get("1") and p.text("1").lower() != self.identity.lower():
+                rec = self._anomaly("identity_change", "a later LOGON naming another Yahoo id: the identity stays",
+                                    from_client=False, severity="high", yahoo_id=self.identity,
+                                    claimed=p.text("1"))
+                if rec:
+                    extra.append(rec)
         if p.service in TEXT_SERVICES:
             return self._message(from_client, p, extra)
         if p.service in (FILETRANS_15, FILETRANS_INFO_15, FILETRANS_ACC_15):
@@ -256,6 +265,19 @@ class YmsgSession(StreamSession):
             self._file_url(from_client, p, extra)
         return p.raw, extra
 
+    def _own_id(self, p: Packet, extra: list[Command]) -> str:
+        """Who our client's packet is from: the confirmed id (its key 1 cannot change that), else key 1 / 0."""
+        claimed = p.text("1") or p.text("0")
+        if not self.confirmed:
+            return claimed or self.identity
+        if claimed and claimed.lower() != self.identity.lower():
+            rec = self._anomaly("sender_mismatch", "our client's packet names another Yahoo id than the one it "
+                                "logged in as; labelled with its login", from_client=True, yahoo_id=self.identity,
+                                claimed=claimed)
+            if rec:
+                extra.append(rec)
+        return self.identity
+
     # --- messages -----------------------------------------------------------------------------------
 
     def _message(self, from_client: bool, p: Packet, extra: list[Command]) -> tuple[bytes, list[Command]]:
@@ -263,7 +285,7 @@ class YmsgSession(StreamSession):
         utf8 = p.text("97") == "1"
         room = p.text(room_key) if room_key else ""
         if from_client:
-            sender = p.text("1") or p.text("0") or self.identity
+            sender = self._own_id(p, extra)
             recipients = tuple(v.decode("utf-8", "replace") for v in p.all(recipients_key)) if recipients_key else ()
             groups = [(sender, i) for i, (k, _) in enumerate(p.fields) if k == text_key]
         else:
@@ -344,12 +366,12 @@ class YmsgSession(StreamSession):
             names = [v.decode("utf-8", "replace") for v in p.all("27")]
             sizes = [v.decode("latin-1") for v in p.all("28")]
             if from_client:
-                sender, receiver = (p.text("1") or self.identity), p.text("5")
+                sender, receiver = self._own_id(p, extra), p.text("5")
             else:
                 sender, receiver = (p.text("4") or p.text("1")), (self.identity or p.text("5"))
             total = 0
             for name, size in zip(names, sizes, strict=False):
-                if not size.isdigit() or int(size) > self.limits.ymsg_max_file_size:
+                if not is_number(size) or int(size) > self.limits.ymsg_max_file_size:
                     return self._refuse(from_client, name, size, sender, receiver, extra)
                 total += int(size)
             self._offers[tid] = {"names": names, "size": total if sizes else None, "sender": sender,
@@ -406,12 +428,12 @@ class YmsgSession(StreamSession):
                 extra.append(rec)
             return
         if from_client:
-            sender, receiver = p.text("1") or p.text("0") or self.identity, p.text("5")
+            sender, receiver = self._own_id(p, extra), p.text("5")
         else:
             sender, receiver = p.text("4") or p.text("1"), self.identity or p.text("5")
         size = p.text("28")
         ctx = self._ctx(sender=sender, recipients=(receiver,), transfer_mechanism="ymsg_p2p")
-        t = YmsgTransfer(transfer_id=url, name=p.text("27"), size=int(size) if size.isdigit() else None,
+        t = YmsgTransfer(transfer_id=url, name=p.text("27"), size=int(size) if is_number(size) else None,
                          sender=sender, receiver=receiver, method="url", url=url, host=parts.hostname.lower(),
                          port=parts.port or 80, outbound=from_client, context=ctx)
         if self.transfers is not None:
