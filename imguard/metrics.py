@@ -168,7 +168,8 @@ class Metrics:
         rules = [rules] if isinstance(rules, str) else list(rules)
         if dataset == "imguard.message":
             self.message(action, rules)
-        elif dataset == "imguard.file" and "decision" in event.get("imguard", {}):
+        elif dataset == "imguard.file" and "decision" in event.get("imguard", {}) \
+                and "notify" not in event["imguard"]:     # a notice about a decided file is not a second decision
             duration = ev.get("duration")
             self.file(action, rules, int(event.get("file", {}).get("size") or 0),
                       duration / 1e9 if isinstance(duration, (int, float)) else None)
