@@ -26,6 +26,20 @@ then lingers (WRITER_LINGER) so a batch gathers, and drains everything queued in
 batch with one parse and inserting it with one multi-row INSERT (SQLite; executemany on PostgreSQL).
 flush(), search() and close() cut the linger short. Records a previous version queued (JSON objects) are still read.
 
+CHAIN. Every record is chained, so that `imguard archive verify` (imguard/archive_audit.py) can prove the archive
+unaltered: `digest` = SHA-256 of canonical_bytes(chain_id, chain_seq, the ROW_COLUMNS values) and `chain` =
+SHA-256(previous record's chain || digest), the first record's previous chain being GENESIS. The chain is made
+where the rows are inserted (_Store.write_rows, in the writer thread: nothing on the event loop), and there is one
+chain per writer, so writers never coordinate: several workers share one SQLite file (each holds its own queue
+slot, DATA_DIR/queue/archive, archive-1, ...; the slot's lock means one process at a time) and several gateways one
+PostgreSQL archive. A queue slot keeps its chain's id (`chain_id` file: the host name and a random part), so a
+restarted worker continues its chain where the database says it stopped; an Archive without a queue (tests, the
+commands) starts a chain of its own. A re-sent batch is filtered by uid before it is chained (every chain_seq
+is taken by one stored record; UNIQUE(chain_id, chain_seq) refuses a fork), and the chain's head moves only once
+the transaction committed. Retention removes a record's content but keeps its link (`removed_records`). Records
+stored before the chain existed keep NULL chain columns (ALTER TABLE on open) and are reported as unchained.
+Cost, measured in the writer thread (SQLite, batches of 500): about 13.5 us per record instead of 7.
+
 Differences the backends cannot hide: PostgreSQL text cannot hold NUL, which is stored as U+FFFD;
 searches are case-insensitive on both (SQLite's LIKE is, ILIKE on PostgreSQL).
 """
@@ -35,12 +49,14 @@ from __future__ import annotations
 import csv
 import dataclasses
 import functools
+import hashlib
 import io
 import itertools
 import os
 import json
 import logging
 import re
+import socket
 import sqlite3
 import threading
 import time
@@ -64,6 +80,16 @@ class ArchiveSettings:
     archive_dsn: str = setting("", "PostgreSQL connection string (e.g. 'postgresql://imguard@db/imguard' or "
                                    "'host=/run/postgresql dbname=imguard') for an archive shared by several "
                                    "gateways; '' keeps it in DATA_DIR/archive.sqlite3.")
+    archive_retention: list = setting([], "Retention by group, applied hourly by the gateway (and by `imguard archive "
+                                          "retention apply`): GROUP:max=DAYS deletes the records of a group's "
+                                          "members after DAYS, GROUP:min=DAYS keeps them at least DAYS (also "
+                                          "against the quarantine's limits); GROUP from rules/groups.yaml, * for "
+                                          "everyone; legal holds win over both (repeat for several).")
+
+    def __post_init__(self) -> None:
+        from imguard.archive_audit import RetentionRule
+        for text in self.archive_retention:
+            RetentionRule.parse(text)           # ValueError naming the setting and the bad value
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
@@ -75,7 +101,10 @@ CREATE TABLE IF NOT EXISTS records (
     client_address TEXT, connection_id TEXT,
     text TEXT,                      -- the message text, when kept
     file_name TEXT, file_size INTEGER, sha256 TEXT, mime TEXT, mechanism TEXT,
-    action TEXT NOT NULL, rules TEXT, policy_version TEXT
+    action TEXT NOT NULL, rules TEXT, policy_version TEXT,
+    chain_id TEXT, chain_seq INTEGER,   -- the writer's chain and the record's place in it (see CHAIN below)
+    digest TEXT,                    -- SHA-256 of the record's canonical bytes
+    chain TEXT                      -- SHA-256(previous record's chain || digest): tamper evidence
 );
 CREATE INDEX IF NOT EXISTS records_time ON records(time);
 -- No index on sender: a person search is LIKE '%name%', which no index serves, and every insert paid for
@@ -97,7 +126,8 @@ CREATE TABLE IF NOT EXISTS records (
     client_address TEXT, connection_id TEXT,
     text TEXT,
     file_name TEXT, file_size BIGINT, sha256 TEXT, mime TEXT, mechanism TEXT,
-    action TEXT NOT NULL, rules TEXT, policy_version TEXT
+    action TEXT NOT NULL, rules TEXT, policy_version TEXT,
+    chain_id TEXT, chain_seq BIGINT, digest TEXT, chain TEXT
 );
 CREATE INDEX IF NOT EXISTS records_time ON records(time);
 -- No index on sender: a person search is LIKE '%name%', which no index serves, and every insert paid for
@@ -115,7 +145,87 @@ COLUMNS = ("id", "time", "kind", "protocol", "direction", "sender", "recipients"
 ROW_COLUMNS = ("uid", "time", "kind", "protocol", "direction", "sender", "recipients", "conversation",
                "client_address", "connection_id", "text", "file_name", "file_size", "sha256", "mime",
                "mechanism", "action", "rules", "policy_version")
-_INSERT_NAMES = ", ".join(ROW_COLUMNS)
+# The chain's columns, filled by the store as it writes (see CHAIN), after ROW_COLUMNS in the INSERT.
+CHAIN_COLUMNS = ("chain_id", "chain_seq", "digest", "chain")
+STORED_COLUMNS = ROW_COLUMNS + CHAIN_COLUMNS
+_INSERT_NAMES = ", ".join(STORED_COLUMNS)
+
+# Added after the first release: an archive made before gets them by ALTER TABLE (its old records stay unchained).
+_ADDED_COLUMNS = (("chain_id", "TEXT"), ("chain_seq", "BIGINT"), ("digest", "TEXT"), ("chain", "TEXT"))
+
+# Run after the columns exist (on an old archive: after the ALTER TABLEs).
+AUDIT_SCHEMA = """
+CREATE UNIQUE INDEX IF NOT EXISTS records_chain ON records(chain_id, chain_seq);
+-- The links of records that retention removed: the chain stays verifiable without their content.
+CREATE TABLE IF NOT EXISTS removed_records (
+    chain_id TEXT NOT NULL, chain_seq BIGINT NOT NULL, digest TEXT NOT NULL, chain TEXT NOT NULL,
+    time TEXT, removed_at TEXT NOT NULL, reason TEXT,
+    PRIMARY KEY (chain_id, chain_seq)
+);
+-- Legal holds (imguard/archive_audit.py): a record a hold covers is kept whatever the retention rules say.
+CREATE TABLE IF NOT EXISTS holds (
+    id TEXT PRIMARY KEY, scope TEXT NOT NULL, value TEXT NOT NULL, reason TEXT,
+    created_at TEXT NOT NULL, created_by TEXT, released_at TEXT, released_by TEXT
+);
+"""
+
+GENESIS = "0" * 64      # the "previous chain" of a chain's first record
+
+
+def canonical_bytes(chain_id: str, chain_seq: int, values: list[Any]) -> bytes:
+    """The bytes a record's digest is taken over: its chain, its place, and its ROW_COLUMNS values, as JSON.
+    `imguard archive verify` recomputes them from the stored row: the same values give the same bytes."""
+    record = [chain_id, chain_seq, *values]
+    try:
+        return orjson.dumps(record)
+    except (TypeError, orjson.JSONEncodeError):
+        return json.dumps(record, separators=(",", ":")).encode()
+
+
+def record_digest(chain_id: str, chain_seq: int, values: list[Any]) -> str:
+    return hashlib.sha256(canonical_bytes(chain_id, chain_seq, values)).hexdigest()
+
+
+def link(previous_chain: str, digest: str) -> str:
+    """A record's `chain`: SHA-256 over the previous record's chain and this record's digest (32 bytes each)."""
+    return hashlib.sha256(bytes.fromhex(previous_chain) + bytes.fromhex(digest)).hexdigest()
+
+
+class Chain:
+    """One writer's hash chain (CHAIN in the module text). Only the thread that writes a store uses it."""
+
+    def __init__(self, chain_id: str):
+        self.chain_id = chain_id
+        self.seq: int | None = None         # the last record's place; None until read from the database
+        self.head = GENESIS
+
+    def extend(self, rows: list[list[Any]]) -> tuple[list[list[Any]], int, str]:
+        """`rows` with their chain columns, and the new (seq, head), which the caller keeps once committed."""
+        assert self.seq is not None
+        seq, head, out = self.seq, self.head, []
+        for row in rows:
+            seq += 1
+            digest = record_digest(self.chain_id, seq, row)
+            head = link(head, digest)
+            out.append([*row, self.chain_id, seq, digest, head])
+        return out, seq, head
+
+
+def new_chain_id() -> str:
+    """A chain's name: the host, then random (two gateways with one host name never share a chain)."""
+    return f"{socket.gethostname()}/{os.urandom(6).hex()}"
+
+
+def queue_chain_id(queue_dir: Path) -> str:
+    """The chain of the writer that holds the queue at `queue_dir` (one process at a time holds a queue): kept
+    in the queue folder, so a restarted worker continues its chain."""
+    path = Path(queue_dir) / "chain_id"
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        chain_id = new_chain_id()
+        path.write_text(chain_id + "\n")
+        return chain_id
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
 # ".000+00:00" ... ".999+00:00": the archive's times end as datetime.isoformat(timespec="milliseconds") writes them.
@@ -157,6 +267,8 @@ class Query:
     protocol: str = ""
     sha256: str = ""
     limit: int = 1000
+    conversation: str = ""  # exact
+    after_id: int = -1      # >= 0: records stored after this id, in id order (an export's cursor)
 
 
 class Archive:
@@ -180,6 +292,7 @@ class Archive:
             self._backend = store
         self.path = Path(path) if path is not None else None
         self.dsn = dsn
+        self.settings = ArchiveSettings(archive_dsn=dsn)
 
     # Rows are lists in ROW_COLUMNS order, built in one expression: this runs for every chat message.
     def add_message(self, text: str | None, ctx: ChatContext, decision: Decision) -> None:
@@ -194,6 +307,13 @@ class Archive:
                               " ".join(ctx.recipients), ctx.conversation, ctx.client_address, ctx.connection_id,
                               None, report.name, report.size, report.sha256, report.mime, ctx.transfer_mechanism,
                               decision.action, " ".join(decision.rule_ids), decision.policy_version])
+
+    def database(self) -> "_Store":
+        """The database itself (fetch, execute, transaction): verify, holds and retention (imguard/archive_audit.py).
+        Records still queued are written first."""
+        self._backend.flush(10.0)
+        backend = self._backend
+        return getattr(backend, "store", backend)
 
     def commit(self) -> None:
         """Put the records added so far on disk (one write); before the traffic they record is forwarded.
@@ -218,8 +338,11 @@ def open_archive(data_dir: Path, settings: ArchiveSettings | None = None) -> Arc
     data_dir = Path(data_dir)
     queue_dir = data_dir / "queue" / "archive"
     if settings.archive_dsn:
-        return Archive(dsn=settings.archive_dsn, queue_dir=queue_dir)
-    return Archive(data_dir / "archive.sqlite3", queue_dir=queue_dir)
+        store = Archive(dsn=settings.archive_dsn, queue_dir=queue_dir)
+    else:
+        store = Archive(data_dir / "archive.sqlite3", queue_dir=queue_dir)
+    store.settings = settings
+    return store
 
 
 def _where(query: Query, like: str, mark: str) -> tuple[str, list[Any]]:
@@ -242,17 +365,61 @@ def _where(query: Query, like: str, mark: str) -> tuple[str, list[Any]]:
     if query.sha256:
         where.append(f"sha256 = {mark}")
         args.append(query.sha256.lower())
+    if query.conversation:
+        where.append(f"conversation = {mark}")
+        args.append(query.conversation)
+    if query.after_id >= 0:
+        where.append(f"id > {mark}")
+        args.append(query.after_id)
     sql = f"SELECT {', '.join(COLUMNS)} FROM records"
     if where:
         sql += " WHERE " + " AND ".join(where)
-    sql += f" ORDER BY time, id LIMIT {mark}"
+    sql += f" ORDER BY {'id' if query.after_id >= 0 else 'time, id'} LIMIT {mark}"
     args.append(query.limit)
     return sql, args
 
 
 class _Store:
     """A database: write_rows() stores a batch of rows (lists in ROW_COLUMNS order) in one transaction
-    (raising when it could not), search()."""
+    (raising when it could not), search(). A store that writes extends `chain` (its writer's; one writer per
+    chain): rows whose uid is already stored (a batch re-sent after a crash) are left out first, so every
+    chain_seq is taken by exactly one stored record."""
+
+    chain: Chain
+    mark = "?"
+
+    def fetch(self, sql: str, args: list[Any] | tuple = ()) -> list[tuple]: ...
+
+    def rows(self, sql: str, args: list[Any] | tuple = ()) -> Iterable[tuple]:
+        """The rows of a query that may return millions (verify), read a batch at a time."""
+        return self.fetch(sql, args)
+
+    def transaction(self, statements: list[tuple[str, list[Any]]]) -> None: ...
+
+    def execute(self, sql: str, args: list[Any] | tuple = ()) -> None:
+        self.transaction([(sql, list(args))])
+
+    def _fresh(self, rows: list[list[Any]]) -> list[list[Any]]:
+        """The rows not stored yet (called inside the write's transaction)."""
+        unique = list({row[0]: row for row in rows}.values())
+        present: set[str] = set()
+        for start in range(0, len(unique), 500):
+            uids = [row[0] for row in unique[start:start + 500]]
+            marks = ", ".join([self.mark] * len(uids))
+            present.update(u for (u,) in self.fetch(f"SELECT uid FROM records WHERE uid IN ({marks})", uids))
+        return [row for row in unique if row[0] not in present] if present else unique
+
+    def _extend(self, rows: list[list[Any]]) -> tuple[list[list[Any]], int, str]:
+        chain = self.chain
+        if chain.seq is None:           # where this writer's chain stopped: its last record, stored or removed
+            chain.seq, chain.head = 0, GENESIS
+            m = self.mark
+            for table in ("records", "removed_records"):
+                found = self.fetch(f"SELECT chain_seq, chain FROM {table} WHERE chain_id = {m} "
+                                   "ORDER BY chain_seq DESC LIMIT 1", [chain.chain_id])
+                if found and found[0][0] > chain.seq:
+                    chain.seq, chain.head = found[0]
+        return chain.extend(rows)
 
     def insert(self, row: list[Any]) -> None:
         self.write_rows([row])
@@ -266,9 +433,9 @@ class _Store:
 
 @functools.lru_cache(maxsize=16)
 def _sqlite_insert(rows: int) -> str:
-    """INSERT of `rows` rows; OR IGNORE on the UNIQUE uid: a batch re-sent after a crash is stored once."""
-    one = f"({', '.join(['?'] * len(ROW_COLUMNS))})"
-    return f"INSERT OR IGNORE INTO records ({_INSERT_NAMES}) VALUES " + ", ".join([one] * rows)
+    """INSERT of `rows` rows (already without the uids stored: _Store._fresh)."""
+    one = f"({', '.join(['?'] * len(STORED_COLUMNS))})"
+    return f"INSERT INTO records ({_INSERT_NAMES}) VALUES " + ", ".join([one] * rows)
 
 
 def _private(path: Path) -> None:
@@ -290,11 +457,17 @@ class _SqliteStore(_Store):
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
         _private(path)
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()     # fetch() inside write_rows() takes it again
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(records)")}
+        for name, kind in _ADDED_COLUMNS:
+            if name not in have:
+                self._db.execute(f"ALTER TABLE records ADD COLUMN {name} {kind}")
+        self._db.executescript(AUDIT_SCHEMA)
+        self.chain = Chain(new_chain_id())
         self._max_variables = self._db.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
 
     # Rows go in multi-row statements: the sqlite3 module releases and retakes the GIL around every statement
@@ -303,11 +476,33 @@ class _SqliteStore(_Store):
     # bounded by SQLite's limit on bound variables (32766 since 3.32, 999 before).
     CHUNKS = (128, 32, 8, 1)
 
-    def write_rows(self, rows: list[list[Any]]) -> None:
-        sizes = [n for n in self.CHUNKS if n * len(ROW_COLUMNS) <= self._max_variables] or [1]
+    def fetch(self, sql: str, args: list[Any] | tuple = ()) -> list[tuple]:
         with self._lock:
-            self._db.execute("BEGIN")
+            return self._db.execute(sql, args).fetchall()
+
+    def rows(self, sql: str, args: list[Any] | tuple = ()) -> Iterable[tuple]:
+        with self._lock:          # one read transaction: a consistent snapshot (WAL lets the writers go on)
+            cursor = self._db.execute(sql, args)
+            while batch := cursor.fetchmany(5000):
+                yield from batch
+
+    def transaction(self, statements: list[tuple[str, list[Any]]]) -> None:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
             try:
+                for sql, args in statements:
+                    self._db.execute(sql, args)
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def write_rows(self, rows: list[list[Any]]) -> None:
+        sizes = [n for n in self.CHUNKS if n * len(STORED_COLUMNS) <= self._max_variables] or [1]
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                rows, seq, head = self._extend(self._fresh(rows))
                 start = 0
                 for size in sizes:
                     while len(rows) - start >= size:
@@ -318,6 +513,7 @@ class _SqliteStore(_Store):
                 self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
+            self.chain.seq, self.chain.head = seq, head
 
     def search(self, query: Query) -> list[dict[str, Any]]:
         sql, args = _where(query, "LIKE", "?")
@@ -340,8 +536,9 @@ class _PostgresStore(_Store):
 
         self._psycopg = psycopg
         self.dsn = dsn
+        self.chain = Chain(new_chain_id())
         self._conn = None
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()     # fetch() inside write_rows() takes it again
         with self._lock:
             self._connection()          # fail early on a wrong DSN or a missing server
 
@@ -349,21 +546,46 @@ class _PostgresStore(_Store):
         if self._conn is None or self._conn.closed:
             self._conn = self._psycopg.connect(self.dsn, autocommit=True, connect_timeout=10)
             self._conn.execute(PG_SCHEMA)
+            for name, kind in _ADDED_COLUMNS:
+                self._conn.execute(f"ALTER TABLE records ADD COLUMN IF NOT EXISTS {name} {kind}")
+            self._conn.execute(AUDIT_SCHEMA)
         return self._conn
 
-    INSERT = (f"INSERT INTO records ({_INSERT_NAMES}) VALUES ({', '.join(['%s'] * len(ROW_COLUMNS))}) "
-              "ON CONFLICT (uid) DO NOTHING")
+    mark = "%s"
+    INSERT = f"INSERT INTO records ({_INSERT_NAMES}) VALUES ({', '.join(['%s'] * len(STORED_COLUMNS))})"
+
+    def fetch(self, sql: str, args: list[Any] | tuple = ()) -> list[tuple]:
+        with self._lock:
+            return self._connection().execute(sql, args).fetchall()
+
+    def rows(self, sql: str, args: list[Any] | tuple = ()) -> Iterable[tuple]:
+        with self._lock:
+            conn = self._connection()
+            with conn.transaction(), conn.cursor(name="imguard_rows") as cursor:   # server side, a batch at a time
+                cursor.itersize = 5000
+                cursor.execute(sql, args)
+                yield from cursor
+
+    def transaction(self, statements: list[tuple[str, list[Any]]]) -> None:
+        with self._lock:
+            conn = self._connection()
+            with conn.transaction():
+                for sql, args in statements:
+                    conn.execute(sql, args)
 
     def write_rows(self, rows: list[list[Any]]) -> None:
         with self._lock:
             try:
                 conn = self._connection()
                 with conn.transaction():
+                    # PostgreSQL text cannot hold NUL: the digest is taken over what is stored.
+                    rows, seq, head = self._extend(self._fresh([[_pg_safe(v) for v in row] for row in rows]))
                     with conn.cursor() as cur:
-                        cur.executemany(self.INSERT, [[_pg_safe(v) for v in row] for row in rows])
+                        cur.executemany(self.INSERT, rows)
             except Exception:
                 self._drop_connection()       # reconnect on the next try
                 raise
+            self.chain.seq, self.chain.head = seq, head
 
     def _drop_connection(self) -> None:
         if self._conn is not None:
@@ -421,6 +643,7 @@ class _Queued(_Store):
         self.store = store
         self.batch = batch
         self.queue = open_free_queue(queue_dir, 256 * 1024 * 1024)
+        store.chain = Chain(queue_chain_id(self.queue.directory))
         self._wake = threading.Event()
         self._hurry = threading.Event()
         self._stop = threading.Event()

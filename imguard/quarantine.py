@@ -6,12 +6,22 @@ seen (context, decision, time). Content addressing means a file name from the wi
 path, and the same file sent a hundred times is stored once. Folders are 0700 and files 0600: only
 the gateway's user can read them. Writes go to a temporary file and are renamed into place, so a
 crash never leaves a half-written file under its final name.
+
+The ledger (DATA_DIR/quarantine/ledger.jsonl) makes the quarantine tamper-evident: one line per file stored and
+per file removed by retention, each carrying SHA-256(previous line's chain || its digest), as the archive's
+records do. `imguard archive verify` walks it (verify()): a line altered or deleted breaks the chain, and every
+file the ledger says is kept must be there with its SHA-256. Files stored before the ledger existed are counted
+as unchained. Lines are appended under an exclusive lock on the ledger (several workers share the folder).
+Retention (apply_retention) spares a file that `keep(sidecar)` says is under a legal hold or a minimum retention
+(imguard/archive_audit.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import fcntl
+import hashlib
 import json
 import os
 import re
@@ -19,7 +29,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from imguard.model import ChatContext, Decision, FileReport
 from imguard.settings import GiB, setting
@@ -71,6 +81,7 @@ class QuarantineStore:
         self.root = Path(root)
         self.settings = quarantine_settings
         self._lock = threading.Lock()
+        self.last_kept = 0          # files the last apply_retention kept past their limits (keep())
         if not self.root.parent.is_dir():       # the data folder: 0700 too, not the umask's mode
             from imguard.runtime import ensure_data_dir
             ensure_data_dir(self.root.parent)
@@ -92,6 +103,7 @@ class QuarantineStore:
             content_path.parent.mkdir(exist_ok=True, mode=0o700)
             if not content_path.exists():
                 _write_atomic(content_path, data)
+                self._ledger("put", report.sha256, len(data), sighting["time"])
             sidecar = self._read_sidecar(sidecar_path) or {"report": report.to_dict(), "sightings": []}
             # Bounded: the first sightings are the evidence; later ones are counted.
             if len(sidecar["sightings"]) < 100:
@@ -134,8 +146,86 @@ class QuarantineStore:
     def read(self, sha256: str) -> bytes:
         return self._paths(sha256)[0].read_bytes()
 
-    def apply_retention(self, now: float | None = None) -> list[str]:
-        """Delete files past the age limit, then the oldest until under the size limit. Returns what went."""
+    # --- the ledger ---------------------------------------------------------------------------------
+
+    @property
+    def ledger_path(self) -> Path:
+        return self.root / "ledger.jsonl"
+
+    def _ledger(self, op: str, sha256: str, size: int, when: str, reason: str = "") -> None:
+        from imguard.archive import GENESIS, link
+        fd = os.open(self.ledger_path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            seq, previous = 0, GENESIS
+            last = _last_line(fd)
+            if last:
+                try:
+                    entry = json.loads(last)
+                    seq, previous = entry["seq"], entry["chain"]
+                except (ValueError, KeyError, TypeError):
+                    pass            # a damaged tail: verify reports it; the chain goes on from the start
+            entry = {"seq": seq + 1, "time": when, "op": op, "sha256": sha256, "size": size, "reason": reason}
+            entry["digest"] = _entry_digest(entry)
+            entry["chain"] = link(previous, entry["digest"])
+            os.write(fd, json.dumps(entry).encode() + b"\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def verify(self) -> tuple[list[str], dict[str, int]]:
+        """(problems, counts): the ledger's chain, and every file it says is kept, present with its SHA-256."""
+        from imguard.archive import GENESIS, link
+        problems: list[str] = []
+        kept: dict[str, int] = {}
+        removed = 0
+        previous, expected = GENESIS, 1
+        try:
+            lines = self.ledger_path.read_bytes().splitlines()
+        except FileNotFoundError:
+            lines = []
+        for number, line in enumerate(lines, 1):
+            try:
+                entry = json.loads(line)
+                ok = (entry["seq"] == expected and _entry_digest(entry) == entry["digest"]
+                      and link(previous, entry["digest"]) == entry["chain"])
+            except (ValueError, KeyError, TypeError):
+                entry, ok = {}, False
+            if not ok:
+                problems.append(f"quarantine ledger line {number} (seq {entry.get('seq', '?')}): altered, or a line "
+                                "before it was removed")
+                break
+            previous, expected = entry["chain"], expected + 1
+            if entry["op"] == "put":
+                kept[entry["sha256"]] = number
+            elif entry["op"] == "remove":
+                kept.pop(entry["sha256"], None)
+                removed += 1
+        present = 0
+        for sha256, number in sorted(kept.items(), key=lambda item: item[1]):
+            content_path = self._paths(sha256)[0]
+            try:
+                digest = hashlib.sha256()
+                with open(content_path, "rb") as f:
+                    for block in iter(lambda: f.read(1 << 20), b""):
+                        digest.update(block)
+            except FileNotFoundError:
+                problems.append(f"quarantined file {sha256} (ledger line {number}): missing")
+                continue
+            if digest.hexdigest() != sha256:
+                problems.append(f"quarantined file {sha256} (ledger line {number}): altered (its SHA-256 is now "
+                                f"{digest.hexdigest()})")
+                continue
+            present += 1
+        on_disk = {p.with_suffix("").name for p in self._sidecars()}
+        counts = {"files verified": present, "files removed by retention": removed,
+                  "files unchained (stored before the ledger)": len(on_disk - set(kept))}
+        return problems, {k: v for k, v in counts.items() if v}
+
+    def apply_retention(self, now: float | None = None,
+                        keep: Callable[[dict[str, Any]], bool] | None = None) -> list[str]:
+        """Delete files past the age limit, then the oldest until under the size limit, except those `keep`
+        (given a file's sidecar) keeps: a legal hold or a minimum retention. Returns what went."""
         now = time.time() if now is None else now
         max_age = self.settings.quarantine_max_age_days * 86400
         stored = []
@@ -149,12 +239,39 @@ class QuarantineStore:
         stored.sort()
         total = sum(size for _, size, _, _ in stored)
         removed = []
+        self.last_kept = 0
         with self._lock:
             for mtime, size, content_path, sidecar_path in stored:
                 if now - mtime <= max_age and total <= self.settings.quarantine_max_bytes:
+                    continue
+                if keep is not None and keep(self._read_sidecar(sidecar_path) or {}):
+                    self.last_kept += 1
                     continue
                 for path in (content_path, sidecar_path):
                     path.unlink(missing_ok=True)
                 total -= size
                 removed.append(content_path.name)
+                self._ledger("remove", content_path.name, size,
+                             datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                             "age" if now - mtime > max_age else "size")
         return removed
+
+
+def _entry_digest(entry: dict[str, Any]) -> str:
+    fields = [entry.get(k) for k in ("seq", "time", "op", "sha256", "size", "reason")]
+    return hashlib.sha256(json.dumps(fields, separators=(",", ":")).encode()).hexdigest()
+
+
+def _last_line(fd: int) -> bytes:
+    """The last complete line of the file open at `fd` (b"" when empty)."""
+    size = os.fstat(fd).st_size
+    if size == 0:
+        return b""
+    chunk = 4096
+    while True:
+        start = max(0, size - chunk)
+        data = os.pread(fd, size - start, start).rstrip(b"\n")
+        cut = data.rfind(b"\n")
+        if cut >= 0 or start == 0:
+            return data[cut + 1:]
+        chunk *= 4

@@ -1,8 +1,9 @@
 """imguard's events checked against the Elastic Common Schema's own data, and against docs/events.md.
 
-The schema is ECS's generated field list (../shared/research/ecs/ecs_flat.yml: every field's type, whether it
-is an array, and the allowed values of event.kind, event.category, event.type and event.outcome, each category
-with the event types it expects). `EventChecker.check(event)` returns what is wrong with one event:
+The schema is ECS's generated field list (tests/data/ecs/ecs_flat.yml; source and licence in its README: every
+field's type, whether it is an array, and the allowed values of event.kind, event.category, event.type and
+event.outcome, each category with the event types it expects). `EventChecker.check(event)` returns what is
+wrong with one event:
 
 - a field outside `imguard.*` that ECS does not define, or whose value has the wrong type (an `ip` that is a host
   name, a `long` that is a string, a `date` that does not parse);
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 ROOT = Path(__file__).resolve().parent.parent
-ECS_DIR = Path(os.environ.get("IMGUARD_ECS_DIR", ROOT.parent / "shared" / "research" / "ecs"))
+ECS_DIR = Path(os.environ.get("IMGUARD_ECS_DIR", ROOT / "tests" / "data" / "ecs"))
 EVENTS_DOC = ROOT / "docs" / "events.md"
 
 # ECS lists network.direction's values in its description only.

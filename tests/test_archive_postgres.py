@@ -31,7 +31,7 @@ def postgres():
 def dsn(postgres):
     import psycopg
     with psycopg.connect(postgres.dsn, autocommit=True) as conn:
-        conn.execute("DROP TABLE IF EXISTS records")
+        conn.execute("DROP TABLE IF EXISTS records, removed_records, holds")
     return postgres.dsn
 
 
@@ -161,3 +161,56 @@ def test_a_search_only_archive_does_not_touch_the_gateways_queue(dsn, tmp_path):
     assert (tmp_path / "queue" / "archive-1").is_dir()
     second.close()
     gateway.close()
+
+
+def test_the_chain_on_postgresql_verifies_and_names_an_altered_row(dsn, tmp_path, capsys):
+    """A table from before the chain is upgraded in place; two gateways write a chain each (NUL stored as
+    U+FFFD is what the digest covers); an UPDATE is named by `imguard archive verify --archive-dsn`."""
+    import psycopg
+
+    from imguard import archive_audit as audit, cli
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE records (id BIGSERIAL PRIMARY KEY, uid TEXT UNIQUE, time TEXT NOT NULL, "
+                     "kind TEXT NOT NULL, protocol TEXT, direction TEXT, sender TEXT, recipients TEXT, "
+                     "conversation TEXT, client_address TEXT, connection_id TEXT, text TEXT, file_name TEXT, "
+                     "file_size BIGINT, sha256 TEXT, mime TEXT, mechanism TEXT, action TEXT NOT NULL, rules TEXT, "
+                     "policy_version TEXT)")
+        conn.execute("INSERT INTO records (uid, time, kind, action, text) VALUES "
+                     "('old', '2024-01-01T00:00:00.000+00:00', 'message', 'allow', 'from before')")
+    one = _fill(archive.Archive(dsn=dsn, queue_dir=tmp_path / "gw1" / "queue" / "archive"))
+    two = archive.open_archive(tmp_path / "gw2", archive.ArchiveSettings(archive_dsn=dsn))
+    two.add_message("NUL\x00 inside", MALLORY, Decision(action=ALLOW))
+    one.close()
+    two.close()
+    result = audit.verify(archive.Archive(dsn=dsn))
+    assert result.ok, result.problems
+    assert sorted(c["records"] for c in result.chains.values()) == [1, 3] and result.unchained == 1
+    assert cli.main(["archive", "verify", "--archive-dsn", dsn, "--data-dir", str(tmp_path)]) == 0
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("UPDATE records SET action = 'allow' WHERE action = 'block'")
+    capsys.readouterr()
+    assert cli.main(["archive", "verify", "--archive-dsn", dsn, "--data-dir", str(tmp_path)]) == 1
+    [tampered] = [line for line in capsys.readouterr().out.splitlines() if line.startswith("TAMPERED")]
+    assert "seq 3" in tampered and "altered" in tampered
+
+
+def test_retention_and_holds_on_postgresql(dsn, tmp_path):
+    import datetime
+
+    from imguard import archive_audit as audit
+    store = archive.Archive(dsn=dsn, queue_dir=tmp_path / "q")
+    old = (datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=60)).isoformat()
+    for uid, sender in (("a", "alice@corp.example"), ("b", "mallory!m@host")):
+        store.database().write_rows([[uid, old, "message", "irc", "", sender, "", "", "", "", f"old {uid}", None,
+                                      None, None, None, None, "allow", "", ""]])
+    store.add_message("new", ALICE, Decision(action=ALLOW))
+    assert store.flush()
+    reader = archive.Archive(dsn=dsn)
+    audit.add_hold(reader, "person", "mallory")
+    result = audit.apply_retention(reader, [audit.RetentionRule.parse("*:max=30")], audit.Parties(),
+                                   time.time())
+    assert (result.deleted, result.held) == (1, 1)
+    assert sorted(r["text"] for r in reader.search(archive.Query())) == ["new", "old b"]
+    assert audit.verify(reader).ok
+    store.close()
+    reader.close()

@@ -129,16 +129,18 @@ def describe_start(gateway, alerts_path: Path) -> str:
 
 
 async def _quarantine_retention(pipeline, every: float = 3600.0) -> None:
-    """Apply the quarantine's age and size limits at start and then hourly, off the event loop."""
-    quarantine = getattr(pipeline, "quarantine", None)
-    if quarantine is None:
+    """Apply the archive's retention rules and the quarantine's age and size limits, sparing legal holds
+    (imguard/archive_audit.py housekeeping), at start and then hourly, off the event loop."""
+    from imguard.archive_audit import housekeeping
+    if getattr(pipeline, "quarantine", None) is None and getattr(pipeline, "archive", None) is None:
         return
     loop = asyncio.get_running_loop()
     while True:
         try:
-            removed = await loop.run_in_executor(None, quarantine.apply_retention)
-            if removed:
-                logger.info("quarantine retention removed %d files", len(removed))
+            result = await loop.run_in_executor(None, housekeeping, pipeline)
+            if result is not None and (result.deleted or result.files_deleted):
+                logger.info("retention removed %d records and %d quarantined files", result.deleted,
+                            result.files_deleted)
         except OSError as e:
             logger.warning("quarantine retention failed: %s", e)
         await asyncio.sleep(every)
