@@ -63,7 +63,7 @@ class ChatApiSettings:
     routes: list = setting(
         list(httpchat.DEFAULT_ROUTES),
         "Which requests are chat API calls: API=[HOST]/PATH_PREFIX, API one of matrix, slack, mattermost, "
-        "rocketchat, discord. Without HOST a prefix matches on any host, so a self-hosted server on any name is "
+        "rocketchat, discord, rvp. Without HOST a prefix matches on any host, so a self-hosted server on any name is "
         "covered; with HOST (or *.domain) only there. Giving this option replaces the defaults. Within a "
         "prefix only the API's known message and upload endpoints are held; other calls are relayed untouched")
     max_upload_size: int = setting(
@@ -403,6 +403,12 @@ class ChatApiCarrier:
                 if refused is not None:
                     return refused
         replacements = []
+        for event in found:         # a request that delivers a message to the client (RVP: a NOTIFY to its Call-Back)
+            if isinstance(event, DeliveredMessage):
+                verdict = self._delivered(call.base, api, event, event.message.room)
+                if isinstance(verdict, str) and verdict:
+                    return self._refuse(call, api.API, 403, verdict)
+                replacements += verdict or []
         for event in found:
             if isinstance(event, ChatMessage):
                 verdict = self._message(call, event)

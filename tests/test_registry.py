@@ -94,13 +94,13 @@ def test_sip_options_is_not_http():
 def test_every_main_protocol_has_ports_in_both_carriers():
     """Each main protocol's default ports are in the gateway's default --ports and the replay's port map."""
     gateway, replay = parse_port_map(GatewaySettings().ports), parse_port_map(DEFAULT_PORTS)
-    assert {p.name for p in MAIN} == {"xmpp", "irc", "msnp", "oscar", "ymsg", "sip", "msrp"}
+    assert {p.name for p in MAIN} == {"xmpp", "irc", "msnp", "oscar", "ymsg", "sip", "msrp", "sametime"}
     for spec in MAIN:
         for entry in spec.ports:
             port = int(entry.split("=")[0])
             assert gateway[port][0] == replay[port][0] == spec.name, entry
     assert gateway[1863] == ("msnp", False) and gateway[5190] == ("oscar", False) and gateway[5061] == ("sip", True)
-    assert all(p.client_openers or p.server_hello for p in MAIN)
+    assert all(p.client_openers or p.server_hello or p.client_hello for p in MAIN)
 
 
 @pytest.mark.parametrize("name", sorted(PROTOCOLS))
@@ -165,7 +165,8 @@ def test_limits_on_the_command_line_reach_the_sessions():
     add_run_arguments(parser)
     options = set(parser._option_string_actions)
     for protocol, cls, _ in registry.limits_classes():
-        prefix = "" if protocol in ("msnp", "oscar", "ymsg", "sip", "msrp") else f"{protocol}-"   # the one prefix rule
+        # the one prefix rule
+        prefix = "" if protocol in ("msnp", "oscar", "ymsg", "sip", "msrp", "sametime") else f"{protocol}-"
         for f in dataclasses.fields(cls):
             assert f"--{prefix}{f.name.replace('_', '-')}" in options, f.name
     assert "MSNP (MSN Messenger) limits" in parser.format_help()

@@ -389,6 +389,8 @@ def test_xmpp_parse_fail_mode_with_real_peers(prosody, parse_gateway):
     assert failure["imguard"]["context"]["client_address"] == warmup["client_address"]
     assert "injected decoder fault" in failure["imguard"]["anomaly"]["detail"]
     assert failure["imguard"]["anomaly"].get("fail_mode") == ("open" if mode == "open" else None), failure
+    # Relaying the rest uninspected is the serious case: the SOC must see it above the noise of low anomalies.
+    assert failure["imguard"]["severity"] == ("high" if mode == "open" else "low"), failure
     # What crossed after the failure was not inspected: no decision on it, in the alert log or the archive.
     assert not [e for e in gw.alerts() if after_failure in json.dumps(e)]
     # (The archive is written in order: once carol's sentinel, sent after all of alice's messages, is in, theirs are.)

@@ -10,9 +10,16 @@ want=${1:-run}
 log() { printf 'setup: %s\n' "$*" >&2; }
 
 # --- Debian packages -------------------------------------------------------------------------------
-debs=(libmagic1)
+debs=(libmagic1 libarchive13)
 [ "$want" = test ] && debs+=(prosody ngircd openssl iproute2 tshark tcpdump postgresql sipsak kamailio)
 [ "$want" = test ] && debs+=(nftables iptables)     # tests/test_inline_netns.py: the deploy/ redirect rules
+[ "$want" = test ] && debs+=(weechat-headless)     # tests/test_close_propagation.py: a real IRC client's view
+# tests/test_evasion.py: the real extractors and readers that check the evasion corpus
+[ "$want" = test ] && debs+=(unzip libarchive-tools xorriso genisoimage 7zip cpio lhasa pigz qpdf poppler-utils rpm)
+[ "$want" = test ] && debs+=(sip-tester)           # tests/test_sip_live.py: SIPp, the registered SIP user agents
+[ "$want" = test ] && debs+=(chromium chromium-driver)  # tests/test_console_e2e.py: the console in a real browser
+[ "$want" = test ] && debs+=(rsyslog rsyslog-openssl)  # tests/test_sinks.py: a real rsyslogd (UDP, TCP, TLS)
+[ "$want" = test ] && debs+=(finch tmux)           # tests/test_sametime.py: Finch's own Sametime client (libpurple)
 missing=()
 for p in "${debs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

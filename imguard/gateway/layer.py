@@ -361,7 +361,8 @@ class SessionLayer(layer.Layer):
         if self.carrier.parse_fail_open(self.chat.protocol):        # fail mode parse (failmode.py)
             self.carrier.anomaly(self.chat, "session_error", f"{type(e).__name__}: {e}; fail mode open: the "
                                  "rest of the connection is relayed uninspected",
-                                 session=type(self.session).__name__, call=method.__name__, fail_mode="open")
+                                 session=type(self.session).__name__, call=method.__name__, fail_mode="open",
+                                 severity="high")      # from here on nothing on this connection is inspected
             self.raw = True
             from_client = args[0] if args and isinstance(args[0], bool) else True
             return [Send(to_client=not from_client, data=unsent)] if unsent else []

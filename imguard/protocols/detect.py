@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass
 
 from imguard.protocols import registry
+from imguard.protocols.framing import is_number
 
 # Protocol names the detector returns.
 XMPP = "xmpp"
@@ -47,7 +48,7 @@ def parse_port_map(entries: list[str] | tuple[str, ...]) -> dict[int, tuple[str,
     ports: dict[int, tuple[str, bool]] = {}
     for entry in entries:
         port, sep, proto = str(entry).partition("=")
-        if not sep or not port.strip().isdigit() or not proto.strip():
+        if not sep or not is_number(port.strip()) or not proto.strip():
             raise ValueError(f"port map entry {entry!r}: expected PORT=PROTOCOL, e.g. 5222=xmpp")
         proto = proto.strip().lower()
         tls = proto.endswith("+tls")
@@ -64,8 +65,10 @@ def starts_like_tls(data: bytes) -> bool:
 _CLIENT_OPENERS = tuple((p.name, p.client_openers, p.case_insensitive)
                         for p in registry.PROTOCOLS.values() if p.client_openers)
 _SERVER_HELLOS = tuple((p.name, p.server_hello) for p in registry.PROTOCOLS.values() if p.server_hello)
-_HTTP_REQUEST = re.compile(rb"^(GET|PUT|POST|HEAD|DELETE|OPTIONS|PATCH|CONNECT) \S+ HTTP/1\.[01]\r?\n")
-_HTTP_METHODS = (b"GET ", b"PUT ", b"POST ", b"HEAD ", b"DELETE ", b"OPTIONS ", b"PATCH ", b"CONNECT ")
+_CLIENT_HELLOS = tuple((p.name, p.client_hello) for p in registry.PROTOCOLS.values() if p.client_hello)
+_HTTP_REQUEST = re.compile(rb"^(GET|PUT|POST|HEAD|DELETE|OPTIONS|PATCH|CONNECT|NOTIFY) \S+ HTTP/1\.[01]\r?\n")
+_HTTP_METHODS = (b"GET ", b"PUT ", b"POST ", b"HEAD ", b"DELETE ", b"OPTIONS ", b"PATCH ", b"CONNECT ",
+                 b"NOTIFY ")      # RVP (Exchange 2000 IM) sends its messages as NOTIFY
 
 
 def _could_become(data: bytes, openers: tuple[bytes, ...]) -> bool:
@@ -85,6 +88,11 @@ def sniff(data: bytes) -> str | None:
     for protocol, openers, upper in _CLIENT_OPENERS:
         if any((head.upper() if upper else head).startswith(o) for o in openers):
             return protocol
+    for protocol, hello in _CLIENT_HELLOS:     # binary first bytes (Sametime's HANDSHAKE), on the data as it came
+        if all(want is None or got == want for got, want in zip(data, hello, strict=False)):
+            if len(data) >= len(hello):
+                return protocol
+            return NEED_MORE
     if any(head.startswith(m) for m in _HTTP_METHODS):
         if _HTTP_REQUEST.match(head):
             return HTTP

@@ -28,6 +28,7 @@ from imguard.protocols.base import StreamSession
 from imguard.protocols.irc import IrcLimits, IrcSession, dcc_session, find_offer
 from imguard.protocols.msnp import DirectMsnftpSession, MsnpLimits, MsnpSession, find_msnftp_offer
 from imguard.protocols.msrp import MsrpLimits, MsrpSession, find_msrp_offer
+from imguard.protocols.sametime import SametimeLimits, SametimeSession
 from imguard.protocols.oscar import OftSession, OscarLimits, OscarSession, find_oft_offer
 from imguard.protocols.sip import SipDatagramHandler, SipLimits, SipSession
 from imguard.protocols.socks5_bytestream import Socks5BytestreamSession, Socks5Limits
@@ -51,6 +52,8 @@ class SessionRequest:
     stream_hash: str | None = None      # gateway's socks5 relay: the destination hash mitmproxy's SOCKS5 layer
                                         # read (None: the session sees the client's SOCKS5 handshake itself)
     streamhost: tuple[str, int] | None = None   # gateway's socks5 relay: the real streamhost
+    downgrade_fail_open: bool = False   # fail mode PROTO:downgrade=open: a client's plaintext login the server
+                                        # offered STARTTLS for is still forwarded (closed: refused, credentials kept)
 
     def limit(self, cls: type) -> Any:
         """The limits of class `cls` the carrier was configured with, else the defaults."""
@@ -71,6 +74,7 @@ class Protocol:
     client_openers: tuple[bytes, ...] = ()  # the client's first bytes start with one of these
     case_insensitive: bool = False          # openers compared with the client's bytes upper-cased (IRC)
     server_hello: tuple[int | None, ...] = ()   # the server speaks first with these bytes (None: any byte there)
+    client_hello: tuple[int | None, ...] = ()   # the client's first bytes, where no fixed prefix will do (None: any)
     limits: type | None = None              # its limits class (command-line options, SessionRequest.limits)
     context_protocol: str = ""              # ChatContext.protocol of its connections (default: name)
     mechanism: str = ""                     # ChatContext.transfer_mechanism of its connections (side protocols)
@@ -78,7 +82,8 @@ class Protocol:
 
 def _xmpp(r: SessionRequest) -> StreamSession:
     return XmppSession(checker=r.checker, transfers=r.transfers, context=r.context, limits=r.limit(XmppLimits),
-                       tls_on_connect=r.tls_on_connect, bytestream_relay=r.bytestream_relay, clock=r.clock)
+                       tls_on_connect=r.tls_on_connect, bytestream_relay=r.bytestream_relay, clock=r.clock,
+                       stripped_auth_open=r.downgrade_fail_open)
 
 
 def _irc(r: SessionRequest) -> StreamSession:
@@ -132,6 +137,10 @@ def _msrp(r: SessionRequest) -> StreamSession:
                        tls_on_connect=tls)
 
 
+def _sametime(r: SessionRequest) -> StreamSession:
+    return SametimeSession(r.checker, r.transfers, r.context, r.limit(SametimeLimits))
+
+
 _SIP_METHODS = (b"MESSAGE", b"INVITE", b"REGISTER", b"OPTIONS")
 
 _TABLE = (
@@ -152,6 +161,10 @@ _TABLE = (
              limits=SipLimits),
     Protocol("msrp", "MSRP limits (per connection)", _msrp, ports=("2855=msrp",), client_openers=(b"MSRP ",),
              limits=MsrpLimits),
+    # The client speaks first: a HANDSHAKE (type 0, no options, channel 0) of protocol major version 0x1e, after
+    # its 4-byte length (under 64 KiB).
+    Protocol("sametime", "Sametime (Community protocol) limits (per connection)", _sametime, ports=("1533=sametime",),
+             client_hello=(0, 0, None, None, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x1e), limits=SametimeLimits),
     # SIP over UDP (its usual transport): the datagrams to a port mapped to sip; one datagram, one event.
     Protocol("sip-udp", "SIP over UDP", _sip_udp, context_protocol="sip"),
     # Side protocols: found by their destination (SIDE_CONNECTIONS), never by port or first bytes.

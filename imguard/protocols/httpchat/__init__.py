@@ -1,4 +1,5 @@
-"""Chat over HTTP(S): pure decoders for the client APIs of Matrix, Slack, Mattermost, Rocket.Chat and Discord.
+"""Chat over HTTP(S): pure decoders for the client APIs of Matrix, Slack, Mattermost, Rocket.Chat and Discord, and
+Exchange 2000 Instant Messaging's RVP (rvp.py).
 
 No mitmproxy, no I/O: the gateway's ChatApis addon (imguard/gateway/chat_apis.py) hands a request over as an
 HttpRequest and acts on what comes back; tests and the offline replay can do the same.
@@ -30,27 +31,29 @@ from __future__ import annotations
 from dataclasses import dataclass
 from types import ModuleType
 
-from imguard.protocols.httpchat import discord, mattermost, matrix, rocketchat, slack
+from imguard.protocols.httpchat import discord, mattermost, matrix, rocketchat, rvp, slack
 from imguard.protocols.httpchat.common import DecodeLimits, FrameTooLarge, UnreadableSocket
 from imguard.protocols.httpchat.events import (DELIVER, DOWNLOAD, LEARN, MESSAGE, PART_SEPARATOR, UPLOAD,
                                                ChatMessage, DeliveredMessage, EncryptedContent, Endpoint, FileUpload,
                                                HttpRequest, Identity, MalformedRequest, SharedMedia, StoredMedia,
                                                TextPart, UploadSlot, credential_key)
 
-APIS: dict[str, ModuleType] = {m.API: m for m in (matrix, slack, mattermost, rocketchat, discord)}
+APIS: dict[str, ModuleType] = {m.API: m for m in (matrix, slack, mattermost, rocketchat, discord, rvp)}
 
 # Matched by path prefix on any host, longest prefix first, so a self-hosted server on any name is covered.
 # The file downloads: Slack's files.slack.com serves /files-pri/ and /files-tmb/, Mattermost its public links under
 # /files/, Rocket.Chat /file-upload/ (any host: within them only the APIs' exact download paths are held);
 # Discord's CDN only on its two hosts (/attachments/ is too common a path). The WebSockets of Discord's gateway
 # (gateway.discord.gg/?v=10) and Slack (wss-primary.slack.com/websocket/.., /link/..) are on their vendors' hosts;
-# Mattermost's (/api/v4/websocket) and Rocket.Chat's (/websocket) on any host.
+# Mattermost's (/api/v4/websocket) and Rocket.Chat's (/websocket) on any host. RVP's node URLs (/instmsg/, where
+# clients and federating servers send); a server's deliveries to a client's Call-Back listener go to whatever path
+# the client chose: a site that wants them decided adds a route for it ("rvp=/" takes every NOTIFY).
 DEFAULT_ROUTES = ("matrix=/_matrix/", "mattermost=/api/v4/", "rocketchat=/api/v1/", "rocketchat=/websocket",
                   "rocketchat=/sockjs/", "discord=/api/v10/", "discord=/api/v9/", "slack=/api/", "discord=/api/",
                   "slack=/files-pri/", "slack=/files-tmb/", "mattermost=/files/", "rocketchat=/file-upload/",
                   "discord=cdn.discordapp.com/attachments/",
                   "discord=media.discordapp.net/attachments/",
-                  "discord=*.discord.gg/", "slack=*.slack.com/")
+                  "discord=*.discord.gg/", "slack=*.slack.com/", "rvp=/instmsg/")
 
 __all__ = ["APIS", "DEFAULT_ROUTES", "Routes", "Route", "DecodeLimits", "HttpRequest", "Endpoint", "TextPart",
            "ChatMessage", "FileUpload", "EncryptedContent", "MalformedRequest", "Identity", "StoredMedia",

@@ -203,6 +203,12 @@ def _dump(obj: object) -> bytes:
 def rewrite(body: bytes, content_type_header: str, replacements: list[tuple[tuple, str]],
             max_depth: int = 10_000) -> bytes:
     """`body` with each (locator, new text) applied. Raises BodyError when a locator does not fit the body."""
+    unknown = sorted({str(loc[0]) for loc, _ in replacements if loc[0] not in ("json", "form", "multipart", "xml")})
+    if unknown:                 # never forward a body unchanged that was to be masked
+        raise BodyError(f"cannot rewrite a {', '.join(unknown)} body")
+    for loc, text in replacements:
+        if loc[0] == "xml":
+            body = _rewrite_xml_mime(body, loc[1], text)
     try:
         json_changes = [(loc[1:], text) for loc, text in replacements if loc[0] == "json"]
         form_changes = {loc[1]: text for loc, text in replacements if loc[0] == "form"}
@@ -238,6 +244,25 @@ def rewrite(body: bytes, content_type_header: str, replacements: list[tuple[tupl
         return body
     except (KeyError, IndexError, TypeError) as e:
         raise BodyError(f"cannot rewrite the body: {e!r}") from None
+
+
+def _rewrite_xml_mime(body: bytes, element: str, text: str) -> bytes:
+    """The body with the MIME entity inside the (one) XML element named `element` (any prefix) given `text` as
+    its body, its headers kept: the locator ("xml", element) (RVP's mime-data). A CDATA section is replaced by
+    escaped text. Raises BodyError when there is not exactly one such element."""
+    name = re.escape(element.encode())
+    found = list(re.finditer(rb"<((?:[\w.-]+:)?" + name + rb")(\s[^>]*)?>(.*?)</\1\s*>", body, re.S))
+    if len(found) != 1:
+        raise BodyError(f"cannot rewrite the {element} element ({len(found)} found)")
+    match = found[0]
+    content = match.group(3)
+    if content.lstrip().startswith(b"<![CDATA[") and content.rstrip().endswith(b"]]>"):
+        content = html.escape(content.strip()[9:-3].decode("utf-8", "replace"), quote=False).encode()
+    split = re.search(rb"\r?\n\r?\n", content)
+    if split is None:
+        raise BodyError(f"the {element} element holds no MIME body")
+    new = content[:split.end()] + html.escape(text, quote=False).encode("utf-8")
+    return body[:match.start(3)] + new + body[match.end(3):]
 
 
 def masked_replacements(parts, masked_text: str) -> list[tuple[tuple, str]]:
