@@ -5,6 +5,7 @@
     imguard scan    inspect files and folders and show the policy decision for each
     imguard rules   check or test a rules folder together with its signatures
     imguard config  check a configuration file of `imguard run`; print the example or docs/settings.md
+    imguard console the web console for the security team and auditors (imguard.console)
 
 Exit codes: 0 success (for scan: nothing blocked), 1 something was blocked or a rule test failed,
 2 usage or configuration error.
@@ -125,6 +126,64 @@ def scan_main(args: argparse.Namespace) -> int:
     return EXIT_BLOCKED if blocked else EXIT_OK
 
 
+# --- imguard retrohunt ------------------------------------------------------------------------------
+
+def retrohunt_main(args: argparse.Namespace) -> int:
+    """Rescan the files seen since --since with the given signatures and rules; a retrohunt alert (alerts.jsonl
+    and the sinks) for each that is now blocked; a progress bar on stderr, the summary on stdout.
+    Exit 0: nothing newly blocked; 1: something is; 2: usage or configuration error."""
+    from imguard import retrohunt
+    from imguard.filestore import FileStoreSettings
+    from imguard.inspect import InspectLimits
+    from imguard.inspect.signatures import SignatureSettings
+    from imguard.runtime import build_pipeline
+
+    try:
+        since = retrohunt.since_time(args.since)
+    except ValueError as e:
+        print(f"imguard: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        pipeline = build_pipeline(args.rules, args.signatures, args.data_dir or default_data_dir(),
+                                  limits=settings.from_arguments(InspectLimits, args),
+                                  signature_settings=settings.from_arguments(SignatureSettings, args),
+                                  filestore_settings=FileStoreSettings(retrohunt_on_reload=False))
+    except ConfigError as e:
+        _print_config_errors(e.errors)
+        return EXIT_USAGE
+    progress: _Progress | None = None
+
+    def step(done: int, total: int) -> None:
+        nonlocal progress
+        if progress is None:
+            progress = _Progress(total)
+        progress.step()
+
+    try:
+        summary = retrohunt.hunt(pipeline, since, progress=step)
+    finally:
+        if progress is not None:
+            progress.finish()
+        pipeline.close()
+    if args.json:
+        print(json.dumps(summary.to_dict()))
+    else:
+        rate = f", {summary.rescanned / summary.seconds:.0f} files/s" if summary.seconds and summary.rescanned else ""
+        print(f"retro-hunt since {since}: {summary.files} files seen, {summary.rescanned} rescanned in "
+              f"{summary.seconds:.1f}s{rate}")
+        print(f"  now blocked      {len(summary.alerts)}")
+        print(f"  already blocked  {summary.outcomes['already_blocked']}")
+        print(f"  unchanged        {summary.outcomes['unchanged']}")
+        print(f"  not kept         {len(summary.not_kept)} (seen, but retention removed the bytes: not rescannable)")
+        if summary.outcomes["failed"]:
+            print(f"  failed           {summary.outcomes['failed']} (see the log)")
+        for event in summary.alerts:
+            print(f"  {event['message']}")
+        for sha256 in summary.not_kept:
+            print(f"  not rescannable: {sha256}")
+    return EXIT_BLOCKED if summary.alerts else EXIT_OK
+
+
 # --- imguard rules ----------------------------------------------------------------------------------
 
 def rules_check_main(args: argparse.Namespace) -> int:
@@ -239,9 +298,118 @@ def quarantine_main(args: argparse.Namespace) -> int:
 
 # --- imguard archive --------------------------------------------------------------------------------
 
+def _open_archive(args: argparse.Namespace):
+    """The archive of --archive-dsn, else DATA_DIR's SQLite; None (said on stderr) when there is none."""
+    from imguard import archive
+
+    if args.archive_dsn:
+        return archive.Archive(dsn=args.archive_dsn)
+    path = (args.data_dir or default_data_dir()) / "archive.sqlite3"
+    if not path.exists():
+        print(f"imguard: no archive at {path}", file=sys.stderr)
+        return None
+    return archive.Archive(path)
+
+
+def _archive_record(args: argparse.Namespace, event: dict) -> None:
+    """An archive event (hold, verify, retention) through the event pipeline: DATA_DIR/alerts.jsonl."""
+    from imguard.sinks import build_sinks
+    try:
+        bus = build_sinks(None, args.data_dir or default_data_dir())
+    except OSError as e:        # an auditor's account may read the archive but not write the data folder
+        print(f"imguard: the {event['event']['action']} event was not recorded: {e}", file=sys.stderr)
+        return
+    try:
+        bus.write(event)
+    finally:
+        bus.close()
+
+
+def archive_audit_main(args: argparse.Namespace) -> int:
+    """imguard archive verify | hold add|list|release | retention apply (imguard/archive_audit.py)."""
+    import time as time_module
+
+    from imguard import archive_audit as audit
+    from imguard.quarantine import QuarantineStore
+
+    store = _open_archive(args)
+    if store is None:
+        return EXIT_USAGE
+    operator = audit.operator_name()
+    data_dir = args.data_dir or default_data_dir()
+    quarantine_dir = data_dir / "quarantine"
+    try:
+        if args.archive_command == "verify":
+            heads = audit.load_heads(args.heads) if args.heads else None
+            quarantine = QuarantineStore(quarantine_dir) if quarantine_dir.is_dir() else None
+            result = audit.verify(store, quarantine, heads)
+            print(audit.verification_report(result))
+            if args.save_heads:
+                audit.save_heads(args.save_heads, result)
+            _archive_record(args, audit.archive_event(
+                "archive_verify", "archive verified" if result.ok else
+                f"archive verification failed: {result.problems[0]}", ["info"], category="database",
+                outcome="success" if result.ok else "failure", operator=operator,
+                verify={"chains": len(result.chains), "problems": result.problems[:20],
+                        "unchained": result.unchained, "removed": result.removed}))
+            return EXIT_OK if result.ok else EXIT_BLOCKED
+        if args.archive_command == "hold":
+            if args.hold_command == "add":
+                try:
+                    hold = audit.add_hold(store, args.scope, args.value, args.reason, operator)
+                except ValueError as e:
+                    print(f"imguard: {e}", file=sys.stderr)
+                    return EXIT_USAGE
+                _archive_record(args, audit.hold_event("archive_hold_add", hold, operator))
+                print(hold.id)
+                return EXIT_OK
+            if args.hold_command == "release":
+                hold = audit.release_hold(store, args.id, operator)
+                if hold is None:
+                    print(f"imguard: no hold {args.id} in force", file=sys.stderr)
+                    return EXIT_USAGE
+                _archive_record(args, audit.hold_event("archive_hold_release", hold, operator))
+                print(f"released {hold.id}")
+                return EXIT_OK
+            for hold in audit.list_holds(store, released=args.all):
+                print(json.dumps(hold.to_dict(), ensure_ascii=False))
+            return EXIT_OK
+        if args.archive_command == "export":
+            from imguard import archive, archive_export
+            query = archive.Query(person=args.person, text=args.text, since=args.since, until=args.until,
+                                  protocol=args.protocol, conversation=args.conversation)
+            quarantine = QuarantineStore(quarantine_dir) if quarantine_dir.is_dir() else None
+            result = archive_export.export(store, query, args.format, args.out, quarantine, args.cursor)
+            message = (f"archive export ({args.format}): {result.documents} documents, {result.messages} messages, "
+                       f"{result.files} files ({result.attached} attached), cursor {result.cursor}")
+            _archive_record(args, audit.archive_event(
+                "archive_export", message, ["access"], category="database", operator=operator,
+                export={"format": args.format, "out": str(args.out), **result.to_dict(),
+                        "query": {k: v for k, v in vars(query).items() if v not in ("", -1) and k != "limit"}}))
+            print(message)
+            return EXIT_OK
+        # retention apply
+        try:
+            rules = [audit.RetentionRule.parse(text) for text in args.rule or ()]
+        except ValueError as e:
+            print(f"imguard: {e}", file=sys.stderr)
+            return EXIT_USAGE
+        parties = audit.Parties.from_rules(args.rules or [BUNDLED_RULES])
+        quarantine = QuarantineStore(quarantine_dir) if quarantine_dir.is_dir() else None
+        result = audit.apply_retention(store, rules, parties, time_module.time(), quarantine)
+        event = audit.retention_event(result, rules, operator)
+        _archive_record(args, event)
+        print(event["message"])
+        return EXIT_OK
+    finally:
+        store.close()
+
+
 def archive_main(args: argparse.Namespace) -> int:
     from imguard import archive
 
+    if args.archive_command != "search":
+        return archive_audit_main(args)
     if args.archive_dsn:
         store = archive.Archive(dsn=args.archive_dsn)      # search only: no local queue needed
     else:
@@ -329,6 +497,20 @@ def build_parser() -> argparse.ArgumentParser:
     settings.add_arguments(scan, SignatureSettings)
     scan.set_defaults(handler=scan_main)
 
+    retrohunt = commands.add_parser(
+        "retrohunt", help="rescan the files that crossed since --since with these signatures; alert on each now "
+                          "blocked, naming who sent and received it",
+        description="Exit codes: 0 nothing newly blocked, 1 a file is now blocked (a retrohunt alert), 2 usage or "
+                    "configuration error.")
+    retrohunt.add_argument("--since", default="7d", help="how far back: an age (7d, 12h, 30m, 2w) or an ISO date "
+                                                         "(default: 7d)")
+    add_config_arguments(retrohunt, "data folder whose archive, file store and quarantine are hunted; the "
+                                    "alerts go to its alerts.jsonl")
+    retrohunt.add_argument("--json", action="store_true", help="the summary as one JSON object")
+    settings.add_arguments(retrohunt, InspectLimits, "inspection limits")
+    settings.add_arguments(retrohunt, SignatureSettings)
+    retrohunt.set_defaults(handler=retrohunt_main)
+
     quarantine = commands.add_parser("quarantine", help="list, show or export quarantined files")
     quarantine_commands = quarantine.add_subparsers(dest="quarantine_command", metavar="SUBCOMMAND", required=True)
     q_list = quarantine_commands.add_parser("list", help="every quarantined file, oldest first")
@@ -343,7 +525,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help=f"the gateway's data folder (default: {default_data_dir()})")
     quarantine.set_defaults(handler=quarantine_main)
 
-    archive_parser = commands.add_parser("archive", help="search the conversation archive")
+    archive_parser = commands.add_parser("archive", help="search, verify, hold and apply retention to the "
+                                                         "conversation archive")
     archive_commands = archive_parser.add_subparsers(dest="archive_command", metavar="SUBCOMMAND", required=True)
     search = archive_commands.add_parser("search", help="find messages and transfers; print them as JSON lines or CSV")
     search.add_argument("--person", default="", help="sender or recipient contains this")
@@ -358,7 +541,56 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"the gateway's data folder (default: {default_data_dir()})")
     search.add_argument("--archive-dsn", default="", metavar="DSN",
                         help="search a PostgreSQL archive shared by several gateways instead of DATA_DIR's SQLite")
+    verify = archive_commands.add_parser(
+        "verify", help="prove every record's hash chain and the quarantine's ledger unbroken, or name the first "
+                       "altered or missing record", description="Exit codes: 0 intact, 1 tampered, 2 no archive.")
+    verify.add_argument("--heads", type=Path, default=None, metavar="FILE",
+                        help="chain heads saved by an earlier verify: proves no chain was cut short since")
+    verify.add_argument("--save-heads", type=Path, default=None, metavar="FILE",
+                        help="write each chain's head here (keep it outside the gateway's reach)")
+    hold = archive_commands.add_parser("hold", help="legal holds: keep a person's, group's or conversation's "
+                                                    "records and files whatever the retention rules say")
+    hold_commands = hold.add_subparsers(dest="hold_command", metavar="SUBCOMMAND", required=True)
+    hold_add = hold_commands.add_parser("add", help="place a hold; prints its id")
+    hold_add.add_argument("scope", choices=["person", "group", "conversation"])
+    hold_add.add_argument("value", help="the person (address), group (rules/groups.yaml) or conversation")
+    hold_add.add_argument("--reason", default="", help="the matter, for the record")
+    hold_list = hold_commands.add_parser("list", help="holds in force, as JSON lines")
+    hold_list.add_argument("--all", action="store_true", help="released holds too")
+    hold_release = hold_commands.add_parser("release", help="release a hold")
+    hold_release.add_argument("id")
+    retention = archive_commands.add_parser("retention", help="apply retention by group (held records are kept)")
+    retention_commands = retention.add_subparsers(dest="retention_command", metavar="SUBCOMMAND", required=True)
+    retention_apply = retention_commands.add_parser("apply", help="delete what the rules let go; print the counts")
+    retention_apply.add_argument("--rule", action="append", metavar="GROUP:max=DAYS|GROUP:min=DAYS",
+                                 help="a retention rule (repeatable); GROUP from rules/groups.yaml, or * for all")
+    retention_apply.add_argument("--rules", type=Path, action="append", default=None, metavar="DIR",
+                                 help="the rules folder whose groups.yaml defines the groups (default: the bundled)")
+    export = archive_commands.add_parser(
+        "export", help="export for e-discovery: EML (one message per conversation-day) or RSMF 2.0.0, with the "
+                       "quarantined files attached; incremental with --cursor")
+    export.add_argument("--format", choices=["eml", "rsmf"], default="eml")
+    export.add_argument("--out", type=Path, required=True, metavar="DIR", help="where the documents are written")
+    export.add_argument("--cursor", type=Path, default=None, metavar="FILE",
+                        help="export only what was stored since the export that wrote FILE; then update it")
+    export.add_argument("--person", default="", help="sender or recipient contains this")
+    export.add_argument("--text", default="", help="message text or file name contains this")
+    export.add_argument("--conversation", default="", help="this conversation (as archived)")
+    export.add_argument("--since", default="", help="from this ISO time (UTC), inclusive")
+    export.add_argument("--until", default="", help="up to this ISO time (UTC), exclusive")
+    export.add_argument("--protocol", default="")
+    for sub in (verify, hold_add, hold_list, hold_release, retention_apply, export):
+        sub.add_argument("--data-dir", type=Path, default=None, metavar="DIR",
+                         help=f"the gateway's data folder (default: {default_data_dir()})")
+        sub.add_argument("--archive-dsn", default="", metavar="DSN",
+                         help="a PostgreSQL archive shared by several gateways instead of DATA_DIR's SQLite")
     archive_parser.set_defaults(handler=archive_main)
+
+    from imguard.console import cli as console_cli
+    console = commands.add_parser("console", help="the web console on the data folder (HTTPS, accounts: "
+                                                  "`imguard console user add`)")
+    console_cli.add_console_arguments(console)
+    console.set_defaults(handler=console_cli.console_main)
 
     rules = commands.add_parser("rules", help="check or test policy rules")
     rules_commands = rules.add_subparsers(dest="rules_command", metavar="SUBCOMMAND")

@@ -1,0 +1,465 @@
+"""Read-only data access for the console. Nothing here writes to what the gateway owns.
+
+- Alerts: the gateway's `alerts.jsonl` (and its rotations `.1` .. `.N`) is the source of truth; the console keeps
+  its own index of the alerts in it, DATA_DIR/console/alerts-index.sqlite3 (0600), filled by reading the file
+  forward from the offset it reached (`AlertIndex.refresh`, before every page). A rotation is noticed by the
+  inode: the rest of the rotated file is read first. Re-reading is harmless: `event.id` is unique.
+  Index plan: alerts(time), alerts(sha256), alert_rules(rule_id, alert), alert_people(person, alert):
+  every filter of the Alerts page is an index lookup or a range on time, then ORDER BY time DESC LIMIT.
+- Conversations: the archive (DATA_DIR/archive.sqlite3 opened read-only, `mode=ro`; or the PostgreSQL archive
+  in a read-only transaction). The archive's own indexes serve time ranges and sha256; a person or text search
+  is a substring match (LIKE), as `imguard archive search` does.
+- Quarantine: the sidecars of DATA_DIR/quarantine, through `imguard.quarantine.QuarantineStore`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+from datetime import datetime
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import orjson
+
+from imguard import archive
+
+_INDEX_SCHEMA = """
+CREATE TABLE IF NOT EXISTS alerts (
+    id INTEGER PRIMARY KEY,
+    event_id TEXT UNIQUE NOT NULL,
+    time TEXT NOT NULL,             -- @timestamp, ISO 8601 UTC
+    dataset TEXT, action TEXT, severity INTEGER, severity_name TEXT,
+    protocol TEXT, direction TEXT, sender TEXT, recipients TEXT, conversation TEXT,
+    sha256 TEXT, file_name TEXT, summary TEXT,
+    rules TEXT,                     -- the rule ids, space-separated (shown in lists; filtered via alert_rules)
+    event TEXT NOT NULL             -- the whole event, JSON
+);
+CREATE INDEX IF NOT EXISTS alerts_time ON alerts(time);
+CREATE INDEX IF NOT EXISTS alerts_sha256 ON alerts(sha256) WHERE sha256 IS NOT NULL;
+CREATE TABLE IF NOT EXISTS alert_rules (rule_id TEXT NOT NULL, alert INTEGER NOT NULL,
+                                        PRIMARY KEY (rule_id, alert)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS alert_people (person TEXT NOT NULL, alert INTEGER NOT NULL,
+                                         PRIMARY KEY (person, alert)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS source (name TEXT PRIMARY KEY, inode INTEGER, offset INTEGER);
+-- The Overview's counts, kept per hour as alerts are indexed: a page sums a few hundred rows instead of
+-- grouping every alert. dimension: all, rule, protocol, direction, action, blocked_sender.
+CREATE TABLE IF NOT EXISTS alert_counts (dimension TEXT NOT NULL, value TEXT NOT NULL, hour TEXT NOT NULL,
+                                         n INTEGER NOT NULL, PRIMARY KEY (dimension, value, hour)) WITHOUT ROWID;
+"""
+# An index of another layout is rebuilt from alerts.jsonl (it holds nothing the file does not).
+_INDEX_VERSION = 3
+
+SEVERITIES = ("info", "low", "medium", "high", "critical")
+
+
+def _get(event: dict, *path: str, default: Any = None) -> Any:
+    for key in path:
+        if not isinstance(event, dict) or key not in event:
+            return default
+        event = event[key]
+    return event
+
+
+def _as_list(value: Any) -> list:
+    if value is None or value == "":
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def bare(person: str) -> str:
+    """A person as the other side names them: without a device part (an XMPP resource: `bob@localhost/b` ->
+    `bob@localhost`) or an IRC user's mask (`bob!b@host` -> `bob`, as a PRIVMSG to bob names bob)."""
+    if "!" in person and not person.startswith(("#", "&")):
+        return person.split("!", 1)[0]
+    return person.split("/", 1)[0] if "@" in person.split("/", 1)[0] else person
+
+
+def people_of(event: dict) -> set[str]:
+    context = _get(event, "imguard", "context", default={}) or {}
+    names = {context.get("sender") or _get(event, "source", "user", "name") or ""}
+    names.update(_as_list(context.get("recipients")) or _as_list(_get(event, "destination", "user", "name")))
+    names.discard("")
+    return names | {bare(n) for n in names}
+
+
+@dataclass
+class AlertFilter:
+    since: str = ""
+    until: str = ""
+    severity: str = ""          # at least this severity (a word of SEVERITIES)
+    rule: str = ""
+    protocol: str = ""
+    direction: str = ""
+    person: str = ""            # exact, with or without a device part
+    sha256: str = ""
+    page: int = 1
+    per_page: int = 50
+
+
+@dataclass
+class AlertPage:
+    rows: list[dict]
+    page: int
+    per_page: int
+    has_next: bool
+
+
+@dataclass
+class Overview:
+    total: int
+    by_rule: list[tuple[str, int]]
+    by_protocol: list[tuple[str, int]]
+    by_direction: list[tuple[str, int]]
+    by_action: list[tuple[str, int]]
+    top_senders: list[tuple[str, int]]
+    over_time: list[tuple[str, int]] = field(default_factory=list)
+
+
+class AlertIndex:
+    """The console's index of the alerts in DATA_DIR/alerts.jsonl (only `event.kind` = `alert`)."""
+
+    def __init__(self, data_dir: Path, index_path: Path):
+        self.alerts_file = Path(data_dir) / "alerts.jsonl"
+        index_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if not index_path.exists():
+            os.close(os.open(index_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        self._db = sqlite3.connect(index_path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        if self._db.execute("PRAGMA user_version").fetchone()[0] != _INDEX_VERSION:
+            for (table,) in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall():
+                self._db.execute(f'DROP TABLE "{table}"')
+            self._db.execute(f"PRAGMA user_version = {_INDEX_VERSION}")
+        self._db.executescript(_INDEX_SCHEMA)
+        self._lock = threading.Lock()
+        self.skipped_lines = 0          # alert lines that were not JSON objects: counted, never a crash
+
+    # --- filling ----------------------------------------------------------------------------------
+
+    def refresh(self) -> int:
+        """Index what was appended since the last call; returns how many alerts were added."""
+        with self._lock:
+            row = self._db.execute("SELECT inode, offset FROM source WHERE name = 'alerts'").fetchone()
+            inode, offset = row if row else (None, 0)
+            try:
+                st = os.stat(self.alerts_file)
+            except FileNotFoundError:
+                return 0
+            added = 0
+            if inode is not None and inode != st.st_ino:
+                # Rotated: finish the file we were reading (now alerts.jsonl.1), then start the new one.
+                rotated = self.alerts_file.with_name(self.alerts_file.name + ".1")
+                try:
+                    if os.stat(rotated).st_ino == inode:
+                        added += self._read_from(rotated, offset)[0]
+                except FileNotFoundError:
+                    pass
+                offset = 0
+            elif offset > st.st_size:       # truncated in place
+                offset = 0
+            count, new_offset = self._read_from(self.alerts_file, offset)
+            if (st.st_ino, new_offset) != (inode, offset) or row is None:
+                self._db.execute("INSERT OR REPLACE INTO source VALUES ('alerts', ?, ?)", (st.st_ino, new_offset))
+            return added + count
+
+    def _read_from(self, path: Path, offset: int) -> tuple[int, int]:
+        added = 0
+        with open(path, "rb") as f:
+            f.seek(offset)
+            while True:
+                chunk = f.readlines(4 * 1024 * 1024)
+                if not chunk:
+                    break
+                rows = []
+                for line in chunk:
+                    if not line.endswith(b"\n"):
+                        break                   # a line being written: read it next time
+                    offset += len(line)
+                    if b'"alert"' not in line:
+                        continue            # not an alert (`event.kind` is "event"): no need to parse it
+                    event = self._parse(line)
+                    if event is not None and _get(event, "event", "kind") == "alert":
+                        rows.append((event, line))
+                added += self._insert(rows)
+                if chunk and not chunk[-1].endswith(b"\n"):
+                    break
+        return added, offset
+
+    def _parse(self, line: bytes) -> dict | None:
+        try:
+            event = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            self.skipped_lines += 1
+            return None
+        if not isinstance(event, dict) or not isinstance(event.get("event"), dict):
+            self.skipped_lines += 1
+            return None
+        return event
+
+    def _insert(self, events: list[tuple[dict, bytes]]) -> int:
+        added = 0
+        self._db.execute("BEGIN")
+        try:
+            for event, line in events:
+                context = _get(event, "imguard", "context", default={}) or {}
+                recipients = _as_list(context.get("recipients"))
+                severity = _get(event, "event", "severity")
+                rules = sorted({str(r) for r in _as_list(_get(event, "rule", "id"))})
+                cursor = self._db.execute(
+                    "INSERT OR IGNORE INTO alerts (event_id, time, dataset, action, severity, severity_name, "
+                    "protocol, direction, sender, recipients, conversation, sha256, file_name, summary, rules, "
+                    "event) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (str(_get(event, "event", "id") or ""), str(event.get("@timestamp") or ""),
+                     _get(event, "event", "dataset"), _get(event, "event", "action"),
+                     severity if isinstance(severity, int) else None,
+                     # event.severity_name: the name before the ECS renaming (docs/events.md, "Changes")
+                     _get(event, "imguard", "severity") or _get(event, "event", "severity_name"),
+                     _get(event, "network", "protocol") or context.get("protocol"),
+                     _get(event, "network", "direction") or context.get("direction"),
+                     context.get("sender") or _get(event, "source", "user", "name"),
+                     " ".join(map(str, recipients)), context.get("conversation"),
+                     _get(event, "file", "hash", "sha256"), _get(event, "file", "name"),
+                     event.get("message"), " ".join(rules), line.decode("utf-8", "replace")))
+                if cursor.rowcount != 1:
+                    continue
+                added += 1
+                alert = cursor.lastrowid
+                self._db.executemany("INSERT OR IGNORE INTO alert_rules VALUES (?, ?)", [(r, alert) for r in rules])
+                self._db.executemany("INSERT OR IGNORE INTO alert_people VALUES (?, ?)",
+                                     [(p, alert) for p in sorted(people_of(event))])
+                self._count(event, context, rules)
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+        return added
+
+    def _count(self, event: dict, context: dict, rules: list[str]) -> None:
+        hour = str(event.get("@timestamp") or "")[:13]
+        action = _get(event, "event", "action") or ""
+        values = [("all", ""), ("protocol", _get(event, "network", "protocol") or context.get("protocol") or ""),
+                  ("direction", _get(event, "network", "direction") or context.get("direction") or ""),
+                  ("action", action)] + [("rule", r) for r in rules]
+        sender = context.get("sender") or _get(event, "source", "user", "name")
+        if action in ("block", "quarantine") and sender:
+            values.append(("blocked_sender", str(sender)))
+        self._db.executemany("INSERT INTO alert_counts VALUES (?, ?, ?, 1) ON CONFLICT DO UPDATE SET n = n + 1",
+                             [(d, str(v), hour) for d, v in values])
+
+    # --- reading ----------------------------------------------------------------------------------
+
+    def _where(self, f: AlertFilter) -> tuple[str, list[Any]]:
+        where, args = [], []
+        if f.since:
+            where.append("a.time >= ?")
+            args.append(f.since)
+        if f.until:
+            where.append("a.time < ?")
+            args.append(f.until)
+        if f.severity in SEVERITIES:
+            where.append("a.severity >= ?")
+            args.append(SEVERITIES.index(f.severity) + 1)
+        if f.rule:
+            where.append("a.id IN (SELECT alert FROM alert_rules WHERE rule_id = ?)")
+            args.append(f.rule)
+        if f.person:
+            where.append("a.id IN (SELECT alert FROM alert_people WHERE person = ?)")
+            args.append(f.person)
+        for column, value in (("protocol", f.protocol), ("direction", f.direction)):
+            if value:
+                where.append(f"a.{column} = ?")
+                args.append(value)
+        if f.sha256:
+            where.append("a.sha256 = ?")
+            args.append(f.sha256.lower())
+        return (" WHERE " + " AND ".join(where)) if where else "", args
+
+    def alerts(self, f: AlertFilter) -> AlertPage:
+        where, args = self._where(f)
+        page = max(1, f.page)
+        sql = (f"SELECT a.id, a.event_id, a.time, a.dataset, a.action, a.severity_name, a.protocol, a.direction, "
+               f"a.sender, a.recipients, a.sha256, a.file_name, a.summary, a.rules "
+               f"FROM alerts a{where} ORDER BY a.time DESC, a.id DESC LIMIT ? OFFSET ?")
+        names = ("id", "event_id", "time", "dataset", "action", "severity", "protocol", "direction", "sender",
+                 "recipients", "sha256", "file_name", "summary", "rules")
+        with self._lock:
+            rows = self._db.execute(sql, [*args, f.per_page + 1, (page - 1) * f.per_page]).fetchall()
+        return AlertPage([dict(zip(names, r, strict=True)) for r in rows[:f.per_page]], page, f.per_page,
+                         len(rows) > f.per_page)
+
+    def alert(self, event_id: str) -> dict | None:
+        with self._lock:
+            row = self._db.execute("SELECT event FROM alerts WHERE event_id = ?", (event_id,)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def choices(self) -> dict[str, list[str]]:
+        """The values the filters offer: rules, protocols, directions seen."""
+        with self._lock:
+            return {
+                "rules": [r for (r,) in self._db.execute("SELECT DISTINCT rule_id FROM alert_rules ORDER BY 1")],
+                "protocols": [r for (r,) in self._db.execute(
+                    "SELECT DISTINCT protocol FROM alerts WHERE protocol IS NOT NULL ORDER BY 1")],
+                "directions": [r for (r,) in self._db.execute(
+                    "SELECT DISTINCT direction FROM alerts WHERE direction IS NOT NULL AND direction != '' "
+                    "ORDER BY 1")],
+            }
+
+    def overview(self, since: str = "", bucket: int = 13) -> Overview:
+        """Counts from the hour `since` on; alerts over time per hour (`bucket` 13: 'YYYY-MM-DDTHH') or per day
+        (10: 'YYYY-MM-DD'). Read from the per-hour counts, not from the alerts."""
+        def top(dimension: str, limit: int = 20) -> list[tuple[str, int]]:
+            return [(k or "(none)", n) for k, n in self._db.execute(
+                "SELECT value, sum(n) FROM alert_counts WHERE dimension = ? AND hour >= ? GROUP BY 1 "
+                "ORDER BY 2 DESC, 1 LIMIT ?", (dimension, since, limit))]
+        with self._lock:
+            total = self._db.execute("SELECT coalesce(sum(n), 0) FROM alert_counts WHERE dimension = 'all' "
+                                     "AND hour >= ?", (since,)).fetchone()[0]
+            over_time = list(self._db.execute(
+                f"SELECT substr(hour, 1, {int(bucket)}), sum(n) FROM alert_counts WHERE dimension = 'all' "
+                f"AND hour >= ? GROUP BY 1 ORDER BY 1", (since,)))
+            return Overview(total, top("rule"), top("protocol"), top("direction"), top("action"),
+                            top("blocked_sender", 10), over_time)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+# --- the archive -------------------------------------------------------------------------------------
+
+@dataclass
+class RecordQuery:
+    person: str = ""            # sender or recipient contains this
+    text: str = ""              # message text or file name contains this
+    since: str = ""
+    until: str = ""
+    protocol: str = ""
+    sha256: str = ""
+    page: int = 1
+    per_page: int = 100
+
+
+class ArchiveReader:
+    """Read-only queries on the archive: SQLite (opened `mode=ro`) or PostgreSQL (read-only transactions)."""
+
+    def __init__(self, path: Path | None = None, dsn: str = ""):
+        self.path, self.dsn = path, dsn
+        self._lock = threading.Lock()
+        self._db: Any = None
+        if dsn:
+            import psycopg
+            self._db = psycopg.connect(dsn, autocommit=True)
+            self._db.execute("SET default_transaction_read_only = on")
+            self._like, self._mark = "ILIKE", "%s"
+        else:
+            self._like, self._mark = "LIKE", "?"
+
+    def _connection(self):
+        if self._db is None and not self.dsn:
+            if self.path is None or not Path(self.path).exists():
+                return None
+            self._db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
+        return self._db
+
+    def _run(self, sql: str, args: list[Any]) -> list[dict[str, Any]]:
+        with self._lock:
+            db = self._connection()
+            if db is None:
+                return []
+            rows = db.execute(sql, args).fetchall()
+        return [dict(zip(archive.COLUMNS, row, strict=True)) for row in rows]
+
+    def _person(self, column: str, person: str, args: list[Any]) -> str:
+        """`column` names `person` (`bare`), with or without a device part or an IRC mask."""
+        person = bare(person)
+        args += [person, archive._escape_like(person) + "/%", archive._escape_like(person) + "!%"]
+        m = self._mark
+        return f"({column} = {m} OR {column} LIKE {m} ESCAPE '\\' OR {column} LIKE {m} ESCAPE '\\')"
+
+    def search(self, q: RecordQuery) -> list[dict[str, Any]]:
+        """Page `q.page` of the matching records, newest first: at most `q.per_page` + 1 records (an extra one
+        means there is a next page)."""
+        where, args = [], []
+        m, like = self._mark, self._like
+        if q.person:
+            where.append(f"(sender {like} {m} ESCAPE '\\' OR recipients {like} {m} ESCAPE '\\')")
+            args += [f"%{archive._escape_like(q.person)}%"] * 2
+        if q.text:
+            where.append(f"(text {like} {m} ESCAPE '\\' OR file_name {like} {m} ESCAPE '\\')")
+            args += [f"%{archive._escape_like(q.text)}%"] * 2
+        for clause, value in ((f"time >= {m}", q.since), (f"time < {m}", q.until), (f"protocol = {m}", q.protocol),
+                              (f"sha256 = {m}", q.sha256.lower())):
+            if value:
+                where.append(clause)
+                args.append(value)
+        sql = f"SELECT {', '.join(archive.COLUMNS)} FROM records"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += f" ORDER BY time DESC, id DESC LIMIT {m} OFFSET {m}"
+        return self._run(sql, [*args, q.per_page + 1, (max(1, q.page) - 1) * q.per_page])
+
+    def conversation(self, protocol: str, a: str, b: str = "", room: str = "", since: str = "",
+                     limit: int = 500) -> list[dict[str, Any]]:
+        """Both sides in time order: the records between people `a` and `b` (with or without device parts), or
+        the records of `room`, on `protocol`, from `since`."""
+        m = self._mark
+        args: list[Any] = []
+        if room:
+            where = f"conversation = {m}"
+            args.append(room)
+        else:
+            ab = f"({self._person('sender', a, args)} AND {self._person('recipients', b, args)})"
+            ba = f"({self._person('sender', b, args)} AND {self._person('recipients', a, args)})"
+            where = f"({ab} OR {ba})"
+        sql = f"SELECT {', '.join(archive.COLUMNS)} FROM records WHERE {where}"
+        if protocol:
+            sql += f" AND protocol = {m}"
+            args.append(protocol)
+        if since:
+            sql += f" AND time >= {m}"
+            args.append(since)
+        sql += f" ORDER BY time, id LIMIT {m}"
+        return self._run(sql, [*args, limit])
+
+    def close(self) -> None:
+        with self._lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+
+def merge_sides(records: Iterable[dict[str, Any]], window: float = 2.0) -> list[dict[str, Any]]:
+    """One row per message or file as a person reads a conversation: when both parties are behind the gateway it
+    recorded each item twice (outbound on the sender's connection, inbound on the receiver's); those records are
+    one row here, with `seen` listing both directions and `actions` both verdicts."""
+    merged: list[dict[str, Any]] = []
+    for record in records:
+        key = (record["kind"], bare(record["sender"] or ""), record["text"], record["sha256"], record["file_name"])
+        when = _parse_time(record["time"])
+        for previous in reversed(merged[-8:]):
+            if previous["_key"] == key and when and previous["_when"] and \
+                    abs((when - previous["_when"]).total_seconds()) <= window:
+                previous["seen"].append(record["direction"] or "")
+                previous["records"].append(record)
+                break
+        else:
+            merged.append({**record, "_key": key, "_when": when, "seen": [record["direction"] or ""],
+                           "records": [record]})
+    return merged
+
+
+def _parse_time(value: str | None) -> datetime | None:
+    try:
+        return datetime.fromisoformat((value or "").replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def quarantine_entries(data_dir: Path) -> list[Any]:
+    from imguard.quarantine import QuarantineStore
+
+    folder = Path(data_dir) / "quarantine"
+    return QuarantineStore(folder).entries() if folder.is_dir() else []
