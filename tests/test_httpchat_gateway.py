@@ -10,8 +10,8 @@ notice in place of a blocked message, a masked one masked, the API's error inste
 zipped), a clean file byte-identical; alerts and archive rows name both parties, inbound. The same for what the
 servers push over their WebSockets (Slack RTM and Socket Mode, Mattermost, Rocket.Chat DDP, Discord's gateway with
 and without compress=zlib-stream, read by the client with one zlib inflater as Discord's clients do), and what the
-client posts over Slack RTM. No vendor client library (slack_sdk, mattermostdriver, ...) is installed, so the calls
-are made as the libraries make them, by hand."""
+client posts over Slack RTM. The calls here are written by hand (with the bad input no library sends);
+tests/test_httpchat_sdk.py makes them with the vendors' own client libraries against the same stand-in."""
 
 from __future__ import annotations
 

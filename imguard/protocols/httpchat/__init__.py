@@ -1,5 +1,5 @@
-"""Chat over HTTP(S): pure decoders for the client APIs of Matrix, Slack, Mattermost, Rocket.Chat and Discord, and
-Exchange 2000 Instant Messaging's RVP (rvp.py).
+"""Chat over HTTP(S): pure decoders for the client APIs of Matrix, Slack, Mattermost, Rocket.Chat, Discord and
+Microsoft Teams (Microsoft Graph, teams.py), and Exchange 2000 Instant Messaging's RVP (rvp.py).
 
 No mitmproxy, no I/O: the gateway's ChatApis addon (imguard/gateway/chat_apis.py) hands a request over as an
 HttpRequest and acts on what comes back; tests and the offline replay can do the same.
@@ -31,14 +31,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from types import ModuleType
 
-from imguard.protocols.httpchat import discord, mattermost, matrix, rocketchat, rvp, slack
+from imguard.protocols.httpchat import discord, mattermost, matrix, rocketchat, rvp, slack, teams
 from imguard.protocols.httpchat.common import DecodeLimits, FrameTooLarge, UnreadableSocket
 from imguard.protocols.httpchat.events import (DELIVER, DOWNLOAD, LEARN, MESSAGE, PART_SEPARATOR, UPLOAD,
                                                ChatMessage, DeliveredMessage, EncryptedContent, Endpoint, FileUpload,
                                                HttpRequest, Identity, MalformedRequest, SharedMedia, StoredMedia,
                                                TextPart, UploadSlot, credential_key)
 
-APIS: dict[str, ModuleType] = {m.API: m for m in (matrix, slack, mattermost, rocketchat, discord, rvp)}
+APIS: dict[str, ModuleType] = {m.API: m for m in (matrix, slack, mattermost, rocketchat, discord, rvp, teams)}
 
 # Matched by path prefix on any host, longest prefix first, so a self-hosted server on any name is covered.
 # The file downloads: Slack's files.slack.com serves /files-pri/ and /files-tmb/, Mattermost its public links under
@@ -47,13 +47,15 @@ APIS: dict[str, ModuleType] = {m.API: m for m in (matrix, slack, mattermost, roc
 # (gateway.discord.gg/?v=10) and Slack (wss-primary.slack.com/websocket/.., /link/..) are on their vendors' hosts;
 # Mattermost's (/api/v4/websocket) and Rocket.Chat's (/websocket) on any host. RVP's node URLs (/instmsg/, where
 # clients and federating servers send); a server's deliveries to a client's Call-Back listener go to whatever path
-# the client chose: a site that wants them decided adds a route for it ("rvp=/" takes every NOTIFY).
+# the client chose: a site that wants them decided adds a route for it ("rvp=/" takes every NOTIFY). Microsoft
+# Graph (Teams) under /v1.0/ and /beta/ on any host; its upload sessions' URLs are learned.
 DEFAULT_ROUTES = ("matrix=/_matrix/", "mattermost=/api/v4/", "rocketchat=/api/v1/", "rocketchat=/websocket",
                   "rocketchat=/sockjs/", "discord=/api/v10/", "discord=/api/v9/", "slack=/api/", "discord=/api/",
                   "slack=/files-pri/", "slack=/files-tmb/", "mattermost=/files/", "rocketchat=/file-upload/",
                   "discord=cdn.discordapp.com/attachments/",
                   "discord=media.discordapp.net/attachments/",
-                  "discord=*.discord.gg/", "slack=*.slack.com/", "rvp=/instmsg/")
+                  "discord=*.discord.gg/", "slack=*.slack.com/", "rvp=/instmsg/",
+                  "teams=/v1.0/", "teams=/beta/")
 
 __all__ = ["APIS", "DEFAULT_ROUTES", "Routes", "Route", "DecodeLimits", "HttpRequest", "Endpoint", "TextPart",
            "ChatMessage", "FileUpload", "EncryptedContent", "MalformedRequest", "Identity", "StoredMedia",

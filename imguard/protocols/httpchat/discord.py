@@ -3,6 +3,9 @@
     POST  /api/v10/channels/{id}/messages        JSON {content, embeds, attachments}, or multipart with
                                                  payload_json + files[n]              -> ChatMessage + FileUpload
     PATCH /api/v10/channels/{id}/messages/{mid}  same shapes (an edit)
+    POST  /api/v10/webhooks/{id}/{token}[?wait=]  same shapes (an incoming webhook, as discord.py's Webhook.send
+    PATCH /api/v10/webhooks/{id}/{token}/messages/{mid}   sends them; no Authorization: the sender is webhook:{id},
+                                                 the room the webhook's id; the token is never recorded)
     POST  /api/v10/channels/{id}/attachments     {files: [{filename, file_size, id}]} -> learn UploadSlot per file
     PUT   <upload_url> (any host, learned)       raw bytes                            -> FileUpload
           a later message's attachments[].uploaded_filename                           -> refs discord:<name>
@@ -41,6 +44,7 @@ API = "discord"
 _V = r"/api(?:/v\d+)?"
 MESSAGES = re.compile(rf"^{_V}/channels/(\d+)/messages(?:/\d+)?$")
 ATTACHMENTS = re.compile(rf"^{_V}/channels/(\d+)/attachments$")
+WEBHOOK = re.compile(rf"^{_V}/webhooks/(\d+)/[^/]+(/messages/(?:\d+|@original))?$")
 ME = re.compile(rf"^{_V}/users/@me$")
 CDN = re.compile(r"^/attachments/(\d+)/(\d+)/([^/]+)$")
 TEXT_KEYS = frozenset({"content", "title", "description", "name", "value", "text"})
@@ -53,6 +57,8 @@ UNKNOWN_AUTHOR = "unknown"          # the sender of a partial MESSAGE_UPDATE wit
 def classify(method: str, path: str) -> Endpoint | None:
     if method in ("POST", "PATCH") and MESSAGES.match(path):
         return Endpoint(API, "message", UPLOAD)        # may carry files: size-limited as an upload
+    if (m := WEBHOOK.match(path)) and (method, bool(m.group(2))) in (("POST", False), ("PATCH", True)):
+        return Endpoint(API, "webhook", UPLOAD)
     if method == "POST" and ATTACHMENTS.match(path):
         return Endpoint(API, "attachments", MESSAGE, learn=True)
     if method != "GET":
@@ -68,6 +74,8 @@ def classify(method: str, path: str) -> Endpoint | None:
 
 
 def requester(req: HttpRequest) -> str:
+    if m := WEBHOOK.match(req.path):
+        return "webhook:" + m.group(1)
     return bearer(req)
 
 
@@ -76,12 +84,12 @@ def upload_endpoint() -> Endpoint:
 
 
 def decode(ep: Endpoint, req: HttpRequest, limits: DecodeLimits = DecodeLimits()) -> list:
-    sender = bearer(req)
+    sender = requester(req)
     if ep.name == "upload_url":
         return [FileUpload(API, ep.name, "", "", "", req.content_type, req.body)]
     if ep.name == "attachments":
         return []
-    room = MESSAGES.match(req.path).group(1)
+    room = (MESSAGES.match(req.path) or WEBHOOK.match(req.path)).group(1)
     try:
         out: list = []
         if req.content_type == "multipart/form-data":
