@@ -502,3 +502,26 @@ def test_overlapping_pieces_with_different_bytes_are_cut_and_equal_ones_kept():
     assert [c.kind for c in out if isinstance(c, Anomaly)] == ["msrp_overlap"]
     assert not [c for c in out if isinstance(c, (Send, InspectFile))]
     assert t.state is HoldState.TRUNCATED and holds.held_bytes == 0
+
+
+def test_a_piece_held_as_its_wire_alone_is_decoded_again_for_inspection():
+    """With `payload_of`, a piece appended with rederive=True keeps only its wire (an IBB stanza), counted with
+    PIECE_OVERHEAD: one copy of the file, not two; inspection gets the decoded bytes, the receiver the wire."""
+    import base64 as b64
+    from imguard.files.tracker import PIECE_OVERHEAD
+
+    def stanza(data: bytes) -> bytes:
+        return b"<d>" + b64.b64encode(data) + b"</d>"
+
+    ledger = HoldLedger(max_bytes=0)
+    t = HeldTransfer("w", CTX, sender_is_client=True, kind="ibb", max_bytes=100, holds=ConnectionHolds(ledger=ledger),
+                     payload_of=lambda wire: b64.b64decode(wire[3:-4]))
+    t.append(b"hello ", stanza(b"hello "), rederive=True)
+    t.append(b"world", stanza(b"world"), rederive=False)        # not checked by its mechanism: both kept
+    t.append(b"", b"<close/>")
+    assert [p.payload for p in t.ordered()] == [b"", b"world"]
+    assert ledger.held_bytes == (len(stanza(b"hello ")) + PIECE_OVERHEAD) + (len(stanza(b"world")) + 5) + 8
+    assert t.received == 11 and t.contiguous == 11
+    assert t.inspect()[0].data == b"hello world"
+    assert t.verdict(ALLOW) == [Send(False, stanza(b"hello ") + stanza(b"world") + b"<close/>")]
+    assert ledger.held_bytes == 0

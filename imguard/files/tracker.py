@@ -163,22 +163,38 @@ class ConnectionHolds:
         self.ledger.opened(delta)
 
 
+# What one piece held as its wire alone costs beyond its bytes (the Piece, its dict slot, the bytes object's
+# header): counted with it, so that a file in tiny blocks (an IBB block of one byte in a stanza of 100) is bounded
+# by what it really takes, not by its bytes alone.
+PIECE_OVERHEAD = 256
+
+
 @dataclass
 class Piece:
     """Part of a held file: `payload` is file bytes from `offset`; what crosses for them on release is `wire`
     when the framing re-encodes them (an IBB stanza's base64), else `head` + payload (an MSNFTP block's header,
     held once); `after` is framing that followed it with no file bytes of its own (an IBB close, an HTTP chunk's
-    CRLF); `tag` the mechanism's own note (MSRP: its chunk)."""
+    CRLF); `tag` the mechanism's own note (MSRP: its chunk). `length` is set when the payload is not kept (a
+    transfer with `payload_of`: the file bytes are derived from `wire` again when the file is inspected): the
+    payload's length, and `payload` is empty."""
     offset: int
     payload: bytes | bytearray
     wire: bytes | None = None
     tag: Any = None
     head: bytes = b""
     after: bytes = b""
+    length: int | None = None
+
+    @property
+    def nbytes(self) -> int:
+        """File bytes this piece stands for."""
+        return len(self.payload) if self.length is None else self.length
 
     @property
     def size(self) -> int:
-        return len(self.payload) + len(self.head) + len(self.after) + (len(self.wire) if self.wire is not None else 0)
+        """Bytes held for it (and, for a piece held as its wire alone, PIECE_OVERHEAD)."""
+        return len(self.payload) + len(self.head) + len(self.after) + (len(self.wire) if self.wire is not None else 0) \
+            + (PIECE_OVERHEAD if self.length is not None else 0)
 
     @property
     def released(self) -> bytes:
@@ -250,6 +266,9 @@ class HeldTransfer:
     `kind`: the prefix of its anomaly kinds ("dcc" -> dcc_too_large, dcc_receiver_gone, dcc_empty, dcc_overrun).
     `sender_name`: the sender as its receiver knows it (a nick, a bare JID), for the receiver's notice; default
     the context's sender.
+    `payload_of`: the file bytes of a piece, derived again from its wire (IBB: the stanza's base64). Given, a
+    piece appended with `rederive=True` (the mechanism checked that `payload_of(wire)` gives its payload) is
+    held as its wire alone (one copy, not the decoded bytes beside it), and decoded when the file is inspected.
     """
 
     def __init__(self, transfer_id: str, context: ChatContext, *, sender_is_client: bool, kind: str,
@@ -257,7 +276,7 @@ class HeldTransfer:
                  receiver: str = "", sender_name: str = "", owns_connection: bool = False,
                  holds: ConnectionHolds | None = None,
                  deliver: Deliver | None = None, refuse: Refuse | None = None, tell: Tell | None = None,
-                 event_data: dict[str, Any] | None = None):
+                 event_data: dict[str, Any] | None = None, payload_of: Callable[[bytes], bytes] | None = None):
         self.transfer_id = transfer_id
         self.context = context
         self.sender_is_client = sender_is_client
@@ -274,6 +293,7 @@ class HeldTransfer:
         self._refuse = refuse or (lambda transfer: [])
         self._tell = tell or (lambda transfer, notice: [])
         self.event_data = dict(event_data or {})
+        self._payload_of = payload_of
         self.state = HoldState.RECEIVING
         self.pieces: dict[int, Piece] = {}  # by offset
         self.lead = b""                     # framing before the first piece (an HTTP request's head)
@@ -333,7 +353,7 @@ class HeldTransfer:
         for offset in sorted(self.pieces):
             if offset > pos:
                 break
-            pos = max(pos, offset + len(self.pieces[offset].payload))
+            pos = max(pos, offset + self.pieces[offset].nbytes)
         return pos
 
     @property
@@ -348,13 +368,21 @@ class HeldTransfer:
 
     def data(self) -> bytes:
         """The file as held: the payloads in offset order, up to the first gap."""
+        if len(self.pieces) == 1 and 0 in self.pieces and self.pieces[0].length is None:
+            return bytes(self.pieces[0].payload)    # a plain stream: one copy, not two (bytearray, then bytes)
         out = bytearray()
         for offset in sorted(self.pieces):
-            payload = self.pieces[offset].payload
+            payload = self._payload(self.pieces[offset])
             if offset > len(out):
                 break
             out += payload[len(out) - offset:]
         return bytes(out)
+
+    def _payload(self, piece: Piece) -> bytes | bytearray:
+        """A piece's file bytes: held, or derived again from its wire (`payload_of`)."""
+        if piece.length is None:
+            return piece.payload
+        return (self._payload_of(piece.wire) or b"")[:piece.length] if piece.length else b""
 
     def ordered(self) -> list[Piece]:
         return [self.pieces[o] for o in sorted(self.pieces)]
@@ -362,7 +390,7 @@ class HeldTransfer:
     # --- events -------------------------------------------------------------------------------------
 
     def append(self, payload: bytes, wire: bytes | None = None, offset: int | None = None, tag: Any = None,
-               head: bytes = b"", after: bytes = b"") -> list[Command]:
+               head: bytes = b"", after: bytes = b"", rederive: bool = False) -> list[Command]:
         """Hold file bytes and the framing that carries them (`wire`, or `head` before them: see Piece). `offset`
         places them (default: after the last); a second piece at the same offset replaces the first (a
         retransmission). `after`: framing that ends this piece (an MSRP end line), held with it wherever it is
@@ -383,10 +411,15 @@ class HeldTransfer:
                 return self.cut(f"{self.kind}_overlap", f"bytes {clash[0]}-{clash[1] - 1} arrived twice with "
                                 "different content", notice=text, receiver_notice=text, start=clash[0],
                                 end=clash[1])
-        grow = len(payload) - (len(old.payload) if old is not None else 0)
+        grow = len(payload) - (old.nbytes if old is not None else 0)
         if self.received + grow > self.max_bytes:
             return self.too_large(self.received + grow)
-        size = len(payload) + len(head) + len(after) + (len(wire) if wire is not None else 0)
+        length = len(payload) if rederive and self._payload_of is not None and wire is not None \
+            and not framing_only else None
+        if length is not None:
+            payload = b""               # held as its wire alone: decoded again when the file is inspected
+        size = len(payload) + len(head) + len(after) + (len(wire) if wire is not None else 0) \
+            + (PIECE_OVERHEAD if length is not None else 0)
         freed = old.size if old is not None else 0
         if size > freed and not self.holds.reserve(size - freed):
             return self.too_large(self.received + grow, reason="connection or gateway hold limit")
@@ -403,7 +436,7 @@ class HeldTransfer:
                 tail.after += framing
             return []
         if old is not None:             # a retransmission replaces the piece with its framing
-            self.pieces[offset] = Piece(offset, payload, wire, tag, head, after)
+            self.pieces[offset] = Piece(offset, payload, wire, tag, head, after, length)
             self._in_order = False      # its length may differ: contiguity is worked out from the pieces
             if old is tail:
                 self._tail = self.pieces[offset]
@@ -413,10 +446,10 @@ class HeldTransfer:
                 tail.payload = bytearray(tail.payload)
             tail.payload += payload     # one growing buffer for a plain stream, not a piece per read
         else:
-            self.pieces[offset] = Piece(offset, payload, wire, tag, head, after)
+            self.pieces[offset] = Piece(offset, payload, wire, tag, head, after, length)
             if offset != self._end:
                 self._in_order = False
-        end = offset + len(payload)
+        end = offset + (len(payload) if length is None else length)
         if end >= self._end:
             self._end, self._tail = end, self.pieces.get(offset, tail)
         return []
@@ -427,11 +460,11 @@ class HeldTransfer:
         which copy it keeps is its own choice, so the bytes inspected and the bytes it assembles could differ.)"""
         end = offset + len(payload)
         for start, piece in self.pieces.items():
-            stop = start + len(piece.payload)
+            stop = start + piece.nbytes
             if start == offset or stop <= offset or start >= end:
                 continue
             lo, hi = max(start, offset), min(stop, end)
-            if piece.payload[lo - start:hi - start] != payload[lo - offset:hi - offset]:
+            if self._payload(piece)[lo - start:hi - start] != payload[lo - offset:hi - offset]:
                 return lo, hi
         return None
 
@@ -441,7 +474,7 @@ class HeldTransfer:
         if self.state is not HoldState.RECEIVING:
             return []
         data = self.data()
-        furthest = max((offset + len(p.payload) for offset, p in self.pieces.items()), default=0)
+        furthest = max((offset + p.nbytes for offset, p in self.pieces.items()), default=0)
         self.truncated = truncated or len(data) < furthest or (self.size is not None and len(data) < self.size)
         if len(self.pieces) == 1:
             only = self.ordered()[0]        # held once: the inspected bytes are the ones released

@@ -47,6 +47,7 @@ from mitmproxy.proxy.commands import StartHook
 from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.layers.tls import ClientTLSLayer, ServerTLSLayer
 
+from imguard import alerts
 from imguard.model import ChatContext, Decision, FileReport
 from imguard.protocols.base import FACTS, Close, Fact, InspectFile, Notify, Record, Send, StartTls
 
@@ -246,7 +247,13 @@ class SessionLayer(layer.Layer):
         if not server.connected and server.address is not None:
             err = yield commands.OpenConnection(server)
             if err:
-                self.carrier.anomaly(self.chat, "server_unreachable", f"cannot connect to the server: {err}")
+                if server.tls and server.timestamp_tcp_setup is not None and not server.tls_established:
+                    # Connected, then the server's TLS failed (its certificate did not verify): a TLS event, side
+                    # server, medium (docs/events.md), not an unreachable server.
+                    self.carrier.record(alerts.tls_failure_event(self.chat, str(err), side="server",
+                                                                 sni=str(server.sni or "")))
+                else:
+                    self.carrier.anomaly(self.chat, "server_unreachable", f"cannot connect to the server: {err}")
                 self.closed = True
                 yield commands.CloseConnection(self.context.client)
                 return

@@ -18,6 +18,7 @@ import io
 import logging
 import lzma
 import re
+import struct
 import tarfile
 import zipfile
 import zlib
@@ -130,6 +131,8 @@ class Budget:
     """What is left for the whole inspection of one file, over all nested archives."""
     members_left: int
     bytes_left: int
+    max_zip_entries: int = 65535        # InspectLimits.max_zip_entries
+    max_pdf_streams: int = 20000        # InspectLimits.max_pdf_streams
 
 
 @dataclass
@@ -351,6 +354,10 @@ def _member_from_stream(name: str, out: bytes, status: str, cap: int, budget: Bu
 
 def walk_zip(data: bytes, budget: Budget, max_file_size: int, max_ratio: int,
              container: Container) -> Iterator[Member]:
+    entries = _zip_entries(data)
+    if entries > budget.max_zip_entries:        # its directory is not parsed: it could take gigabytes
+        container.limits.append(("max_zip_entries", entries, f"the central directory lists {entries} entries"))
+        return
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
         infos = archive.infolist()
@@ -415,6 +422,15 @@ def walk_zip(data: bytes, budget: Budget, max_file_size: int, max_ratio: int,
 
 
 _UNKNOWN_SIZE = 0xFFFFFFFF      # zip64: the size is in the extra field
+
+
+def _zip_entries(data: bytes) -> int:
+    """How many entries the zip's end record (zip64 included) says its central directory lists; 0 if unread."""
+    try:
+        end = zipfile._EndRecData(io.BytesIO(data))
+    except (OSError, ValueError, struct.error, zipfile.BadZipFile):
+        return 0
+    return int(end[zipfile._ECD_ENTRIES_TOTAL]) if end else 0
 
 
 def _zip_differences(info: zipfile.ZipInfo, raw_name: bytes, flags: int, method: int, crc: int, csize: int,

@@ -43,6 +43,16 @@ class InspectLimits:
         "Largest expansion ratio (uncompressed / compressed) accepted for a compressed member, checked "
         "once the member has expanded past 1 MiB. Text compresses about 10:1; 200:1 is only reached by "
         "degenerate content such as the runs of zeros zip bombs are made of.")
+    max_zip_entries: int = setting(
+        65535,
+        "Most entries a zip's central directory may list (its end record says how many) for it to be read: "
+        "each entry parsed takes about half a KiB, and a zip64 directory can claim millions in a small file. "
+        "More is LIMIT_HIT, and the zip is unscannable; 65535 is the most a zip without zip64 can hold.")
+    max_pdf_streams: int = setting(
+        20000,
+        "Most streams of one PDF that are looked at (decoded or skipped): each costs a few small objects, and a "
+        "small PDF can hold millions of empty streams. More is LIMIT_HIT, and the PDF is unscannable; real "
+        "documents have hundreds to a few thousand.")
     scan_timeout: int = setting(
         10,
         "Seconds one YARA scan of one buffer may take (yara's own timeout, whole seconds); a scan that "

@@ -67,7 +67,10 @@ def decode_streams(data: bytes, budget: Budget, max_file_size: int, max_ratio: i
     pieces: list[bytes] = []
     copied = 0          # data[:copied] is already in pieces (or deliberately left out)
     decoded_any = False
-    for keyword, start in _streams(data):
+    for count, (keyword, start) in enumerate(_streams(data)):
+        if count >= budget.max_pdf_streams:
+            result.limits.append("max_pdf_streams")
+            break
         if start < copied:
             continue
         obj = data.rfind(b"obj", max(0, keyword - _MAX_DICT), keyword)

@@ -57,6 +57,10 @@ class XmppLimits:
     max_header_size: int = setting(8 * KiB, "Largest stream header (with XML declaration and leading "
                                    "whitespace) in bytes; real headers are a few hundred bytes.")
     max_depth: int = setting(32, "Deepest element nesting inside the stream; real stanzas nest under 10.")
+    max_stanza_elements: int = setting(30000, "Most elements in one stanza (from either side): each costs a few "
+                                       "hundred bytes parsed, so a 16 MiB server stanza of empty elements would "
+                                       "take gigabytes; larger ends the stream (stanza_too_large) before it is "
+                                       "held whole. A roster of 10,000 contacts with a group each is 20,000.")
     max_attributes: int = setting(64, "Most attributes (namespace declarations included) on one element.")
     max_held_bytes: int = setting(16 * MiB, "Largest in-band (IBB) file held for scanning, decoded bytes; "
                                   "a larger transfer is refused (closed both ways) and recorded as too large.")
@@ -255,6 +259,7 @@ class XmlStreamDecoder:
         self._depth = 0
         self._stack: list[ET.Element] = []
         self._start_pos = 0           # document position of the current level-1 element's start tag
+        self._elements = 0            # elements of the current stanza so far
         self._has_content: list[bool] = []
 
     def _restricted(self, what: str):
@@ -322,11 +327,16 @@ class XmlStreamDecoder:
             if tag == STREAM_TAG:
                 raise _Restart(self._pos())
             self._start_pos = self._pos()
+            self._elements = 1
             el = ET.Element(tag, _attrs(attrs))
             self._skipping = tag in self.shallow
         else:
             if self._depth >= self.limits.max_depth:
                 raise _Fatal(TOO_DEEP, f"elements nested deeper than max_depth={self.limits.max_depth}")
+            self._elements += 1
+            if self._elements > self.limits.max_stanza_elements:
+                raise _Fatal(STANZA_TOO_LARGE, f"a stanza of more than {self.limits.max_stanza_elements} elements "
+                                               "(max_stanza_elements)")
             el = None if self._skipping else ET.SubElement(self._stack[-1], tag, _attrs(attrs))
             self._has_content[-1] = True
         self._stack.append(el)

@@ -11,8 +11,10 @@ owns_connection False, bounded by `max_held_bytes` decoded bytes; the connection
   (ibb_bad_open, too_many_transfers) with an error to the sender. An open that sent no block for
   `tracked_id_ttl` is forgotten (when the next open comes).
 * Each block is checked (seq in order, valid base64, room under `max_held_bytes`) and appended to the stream's
-  HeldTransfer: payload = the decoded block, wire = the stanza exactly as received. A data iq is answered by us
-  "from" the receiver so the sender keeps going, and the receiver's real answer is swallowed when it comes.
+  HeldTransfer: payload = the decoded block, wire = the stanza exactly as received; only the stanza is kept
+  (the block is decoded from it again at inspection: `block_payload`), counted with PIECE_OVERHEAD. A data iq
+  is answered by us "from" the receiver so the sender keeps going, and the receiver's real answer is swallowed
+  when it comes.
   A gap, bad base64 or a file too large is `cut` (ibb_sequence_gap, ibb_bad_base64, ibb_too_large): the held
   stanzas are discarded, the receiver gets an IBB `<close>`, the sender an iq error for its block (or, for
   message blocks, a notice message).
@@ -65,11 +67,25 @@ REFUSED_TEXT = "in-band transfer refused by the gateway"
 
 
 def connection_bound(limits: XmppLimits) -> int:
-    """Bytes the held IBB files of one connection may take together: `max_transfers` files of `max_held_bytes`
-    decoded bytes each, held with the stanzas that carried them (base64 is 4/3 of the data and each block's
-    markup adds to it: about 2.4x the data in blocks of 4 KiB, 2.6x in blocks of 1 KiB, so 3x), plus one largest
-    stanza per file, so that a small `max_held_bytes` never stops a file at its first block."""
-    return limits.max_transfers * (3 * limits.max_held_bytes + limits.max_stanza_size)
+    """Bytes the held IBB files of one connection may take together: `max_transfers` x `max_held_bytes` (the
+    documented budget: 16 x 16 MiB). What is counted is what is held: each block's stanza as received (its
+    decoded bytes are not kept beside it: they are decoded again when the file is inspected) and PIECE_OVERHEAD
+    per block. A block's stanza is about 1.4x its data in blocks of 4 KiB (base64 and markup), so fewer files of
+    the largest size fit at once than `max_transfers`; one always fits (at least 2x `max_held_bytes` and a largest
+    stanza), and a file in tiny blocks is cut at this bound (ibb_too_large)."""
+    return max(limits.max_transfers * limits.max_held_bytes, 2 * limits.max_held_bytes + limits.max_stanza_size)
+
+
+def block_payload(stanza: bytes) -> bytes | None:
+    """The decoded bytes of an IBB data stanza read alone (None if it cannot be: a prefix bound on the stream
+    header, say). A block is held as its stanza alone only when this gives exactly the bytes its session
+    decoded (`_hold`), so the bytes inspected are the bytes released."""
+    try:
+        for el in ET.fromstring(stanza).iter(f"{{{NS_IBB}}}data"):
+            return base64.b64decode("".join((el.text or "").split()), validate=True)
+    except (ET.ParseError, binascii.Error, ValueError):
+        return None
+    return None
 
 
 class IbbHost(Protocol):
@@ -246,7 +262,7 @@ class InBandBytestreams:
                 claimed_mime=stream.offer.content_type, receiver=stream.receiver, holds=self.holds,
                 refuse=lambda transfer: self._refuse(stream),
                 tell=lambda transfer, notice: self._tell(stream, notice),
-                event_data={"sid": stream.sid})
+                event_data={"sid": stream.sid}, payload_of=block_payload)
             self.files[stream.transfer_id] = stream
         return stream.transfer
 
@@ -254,7 +270,7 @@ class InBandBytestreams:
         """Append one stanza to the file: its decoded bytes, and itself to release for them. Blocks arrive in
         order, so each goes at the end (an empty block, or the close, is framing that keeps its place)."""
         transfer = stream.transfer
-        out = transfer.append(payload, stanza)
+        out = transfer.append(payload, stanza, rederive=bool(payload) and block_payload(stanza) == payload)
         if transfer.state is HoldState.RECEIVING:
             stream.held_stanzas += 1
         return out
