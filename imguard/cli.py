@@ -160,7 +160,7 @@ def retrohunt_main(args: argparse.Namespace) -> int:
         progress.step()
 
     try:
-        summary = retrohunt.hunt(pipeline, since, progress=step)
+        summary = retrohunt.hunt(pipeline, since, progress=step, workers=args.workers)
     finally:
         if progress is not None:
             progress.finish()
@@ -507,6 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(retrohunt, "data folder whose archive, file store and quarantine are hunted; the "
                                     "alerts go to its alerts.jsonl")
     retrohunt.add_argument("--json", action="store_true", help="the summary as one JSON object")
+    retrohunt.add_argument("--workers", type=int, default=os.cpu_count() or 2, help="files rescanned at once")
     settings.add_arguments(retrohunt, InspectLimits, "inspection limits")
     settings.add_arguments(retrohunt, SignatureSettings)
     retrohunt.set_defaults(handler=retrohunt_main)

@@ -34,6 +34,7 @@ class Pipeline:
     quarantine: "object" = None         # imguard.quarantine.QuarantineStore: keeps blocked files
     archive: "object" = None            # imguard.archive.Archive: the record of messages and transfers
     keep_text: bool = True              # write message text into the record
+    filestore: "object" = None          # imguard.filestore.FileStore: keeps every other file for the retro-hunt
 
     def __post_init__(self) -> None:
         self._in_force = (self.policy, self.inspector)
@@ -141,6 +142,13 @@ class Pipeline:
                 stored = self.quarantine.put(bytes(data), report, ctx, decision)
             except OSError as e:
                 quarantine_error = f"{type(e).__name__}: {e}"
+        elif data and report.sha256 and self.filestore is not None:
+            # Not blocked: kept for a later retro-hunt (blocked files are the quarantine's). Best effort: a full
+            # disk costs the retro-hunt this file, never the transfer.
+            try:
+                self.filestore.put(data, report.sha256)
+            except (OSError, ValueError) as e:
+                logger.warning("file store: could not keep %s: %s", report.sha256, e)
         if self.alert_log is not None:
             event = alerts.file_event(report, ctx, decision)
             for section, fields in extra.items():

@@ -46,7 +46,8 @@ class QuarantineSettings:
                                                   "first when it is exceeded.")
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
+    """`data` at `path`, 0600, via a temporary file renamed into place (also the file store's, filestore.py)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
     try:
         os.fchmod(fd, 0o600)
@@ -102,7 +103,7 @@ class QuarantineStore:
         with self._lock:
             content_path.parent.mkdir(exist_ok=True, mode=0o700)
             if not content_path.exists():
-                _write_atomic(content_path, data)
+                write_atomic(content_path, data)
                 self._ledger("put", report.sha256, len(data), sighting["time"])
             sidecar = self._read_sidecar(sidecar_path) or {"report": report.to_dict(), "sightings": []}
             # Bounded: the first sightings are the evidence; later ones are counted.
@@ -110,7 +111,7 @@ class QuarantineStore:
                 sidecar["sightings"].append(sighting)
             sidecar["times_seen"] = sidecar.get("times_seen", 0) + 1
             sidecar["last_seen"] = sighting["time"]
-            _write_atomic(sidecar_path, json.dumps(sidecar, default=str, indent=1).encode())
+            write_atomic(sidecar_path, json.dumps(sidecar, default=str, indent=1).encode())
         return content_path
 
     @staticmethod

@@ -16,6 +16,9 @@ What a reload does, in order:
    sessions hold the Pipeline, not the policy. An event records the policy version old -> new (and the
    signatures version); every decision already carries the version that made it (`rule.version`).
 
+4. When the signatures changed, the kept files are rescanned with them in a background thread at low priority
+   (imguard/retrohunt.py): a file allowed then and blocked now raises a `retrohunt` alert naming who received it.
+
 Reloads are serialised (a lock), so SIGHUP during a file-triggered reload waits for it. The watcher reloads a
 change only once the files have stopped changing for one poll (an editor's half-written file is not loaded),
 and a broken version is reported once, not at every poll.
@@ -71,6 +74,7 @@ class PolicyReloader:
         self.reloads = 0            # successful reloads
         self.failures = 0           # refused reloads
         self.last_errors: list[str] = []
+        self.hunts = None           # retrohunt.BackgroundHunts, made at the first signature change
 
     def fingerprint(self) -> tuple:
         # Files the loaded signatures include from subfolders (an index.yar's includes) are watched too.
@@ -136,7 +140,21 @@ class PolicyReloader:
             event["imguard"]["policy"].update(previous_version=old_version, signatures_version=new_signatures,
                                               previous_signatures_version=old_signatures)
             self._record(event)
+            if new_signatures != old_signatures:
+                self._retrohunt(reason)
             return True
+
+    def _retrohunt(self, reason: str) -> None:
+        """New signatures: rescan the kept files in the background at low priority (imguard/retrohunt.py), when the
+        pipeline keeps files and retrohunt_on_reload is on."""
+        filestore = getattr(self.pipeline, "filestore", None)
+        if filestore is None or getattr(self.pipeline, "archive", None) is None or \
+                not filestore.settings.retrohunt_on_reload:
+            return
+        from imguard.retrohunt import BackgroundHunts
+        if self.hunts is None:
+            self.hunts = BackgroundHunts(self.pipeline, filestore.settings.retrohunt_window_days)
+        self.hunts.start(f"signatures reloaded ({reason})")
 
     def _record(self, event: dict) -> None:
         try:

@@ -107,7 +107,8 @@ def build_pipeline(rules_dir: Path | Iterable[Path] = BUNDLED_RULES, signatures_
                    data_dir: Path | None = None, limits: object = None, write_alerts: bool = True,
                    quarantine_settings: object = None, sink_settings: object = None,
                    archive_settings: object = None, metrics: object = None,
-                   plain_flush_seconds: float = 0.0, signature_settings: object = None) -> Pipeline:
+                   plain_flush_seconds: float = 0.0, signature_settings: object = None,
+                   filestore_settings: object = None) -> Pipeline:
     """The inspection-and-policy pipeline on the given configuration. With write_alerts, events go to
     data_dir/alerts.jsonl and the remote sinks the sink settings turn on, records to the archive
     (SQLite in data_dir, or PostgreSQL), and blocked files to data_dir/quarantine.
@@ -122,12 +123,16 @@ def build_pipeline(rules_dir: Path | Iterable[Path] = BUNDLED_RULES, signatures_
     ensure_data_dir(data_dir)        # before the signature cache creates it with the umask's mode
     loaded = load_configuration(rules_dir, signatures_dir, data_dir / "cache", signature_settings)
     inspector = Inspector(loaded.signatures, limits if limits is not None else InspectLimits())
-    alert_log = quarantine = archive = None
+    alert_log = quarantine = archive = filestore = None
     if write_alerts:
         if sink_settings is not None and (errors := check_settings(sink_settings)):
             raise ConfigError(errors)
         archive = archive_module.open_archive(data_dir, archive_settings)
         alert_log = build_sinks(sink_settings, data_dir, metrics=metrics, plain_flush_seconds=plain_flush_seconds)
         quarantine = QuarantineStore(data_dir / "quarantine", quarantine_settings or QuarantineSettings())
+        from imguard.filestore import FileStore, FileStoreSettings
+        filestore_settings = filestore_settings or FileStoreSettings()
+        if filestore_settings.filestore_enabled:
+            filestore = FileStore(data_dir / "files", filestore_settings)
     return Pipeline(inspector=inspector, policy=loaded.policy, alert_log=alert_log, quarantine=quarantine,
-                    archive=archive)
+                    archive=archive, filestore=filestore)

@@ -46,6 +46,7 @@ RECORD_SETTINGS = (("event sinks: the local JSON-lines log, syslog, webhook, ema
                     "imguard.sinks.settings:SinkSettings"),
                    ("conversation archive", "imguard.archive:ArchiveSettings"),
                    ("quarantine of blocked files", "imguard.quarantine:QuarantineSettings"),
+                   ("file store and retro-hunt", "imguard.filestore:FileStoreSettings"),
                    ("Prometheus metrics", "imguard.metrics:MetricsSettings"),
                    ("files held for inspection, all connections together", "imguard.files.tracker:HoldSettings"),
                    ("YARA signature sets", "imguard.inspect.signatures:SignatureSettings"))
@@ -138,6 +139,8 @@ async def _quarantine_retention(pipeline, every: float = 3600.0) -> None:
     while True:
         try:
             result = await loop.run_in_executor(None, housekeeping, pipeline)
+            if getattr(pipeline, "filestore", None) is not None:      # age limit of kept files, without traffic too
+                await loop.run_in_executor(None, pipeline.filestore.apply_retention)
             if result is not None and (result.deleted or result.files_deleted):
                 logger.info("retention removed %d records and %d quarantined files", result.deleted,
                             result.files_deleted)
@@ -228,6 +231,7 @@ def run_main(args: argparse.Namespace) -> int:
                                           sink_settings=limits["SinkSettings"],
                                           archive_settings=limits["ArchiveSettings"],
                                           quarantine_settings=limits["QuarantineSettings"], metrics=metrics,
+                                          filestore_settings=limits["FileStoreSettings"],
                                           signature_settings=limits["SignatureSettings"],
                                           plain_flush_seconds=0.2)
     except (runtime.ConfigError, OSError, ValueError) as e:
