@@ -80,7 +80,8 @@ def test_port_range_and_allocation():
     assert {first, second, third} == {40000, 40001, 40002}
     with pytest.raises(RuntimeError):
         ports.allocate(None)
-    assert ports.take(second).relay_port == second
+    protocol, taken = ports.take(second)
+    assert (protocol, taken.relay_port) == ("dcc", second)
     assert ports.allocate(None) == second          # free again once its connection took the offer
     with pytest.raises(ValueError):
         DccRelayPorts("irc.example.com", range(1, 2), transfers)     # an offer carries an IP, not a name
@@ -240,3 +241,31 @@ def test_session_and_inspection_limits_on_the_command_line():
     assert limits["inspect"] == InspectLimits(max_file_size=3000)
     defaults = limits_from_args(parser.parse_args([]))
     assert (defaults["irc"], defaults["xmpp"], defaults["inspect"]) == (IrcLimits(), XmppLimits(), InspectLimits())
+
+
+def test_one_pool_for_every_relayed_mechanism():
+    """DCC, MSNFTP and OFT offers share the pool: a port with any kind of offer waiting is skipped, and a
+    connection to a port gets the offer of whichever kind waits there (once)."""
+    from imguard.protocols.msnp import MSNFTP_KIND
+    from imguard.protocols.msnp.session import MsnftpOffer
+    from imguard.protocols.oscar import OFT_KIND, OftOffer
+
+    transfers = ExpectedTransfers()
+    ports = DccRelayPorts("127.0.0.1", range(40000, 40003), transfers)
+    msn = MsnftpOffer("m1", "3141", "a.txt", 3, "alice@x", "bob@y", "10.0.0.5", 6891, relay_host="127.0.0.1",
+                      relay_port=ports.allocate(None))
+    transfers.expect(msn.key, msn, kind=MSNFTP_KIND, ttl=60)
+    oft = OftOffer("o1", "ab" * 8, "b.txt", 3, 1, "Alice", "Bob", addresses=(("10.0.0.6", 5000),),
+                   relay_host="127.0.0.1", relay_port=ports.allocate(None))
+    transfers.expect(("127.0.0.1", oft.relay_port), oft, kind=OFT_KIND, ttl=60)
+    dcc_port = ports.allocate(None)
+    assert {msn.relay_port, oft.relay_port, dcc_port} == {40000, 40001, 40002}
+    remember_offer(transfers, offer_for(0, 1, relay_port=dcc_port), 60)
+    with pytest.raises(RuntimeError):
+        ports.allocate(None)
+    protocol, taken = ports.take(oft.relay_port)
+    assert (protocol, taken.real_address) == ("oft", ("10.0.0.6", 5000))
+    protocol, taken = ports.take(msn.relay_port)
+    assert (protocol, taken.real_address) == ("msnftp", ("10.0.0.5", 6891))
+    assert ports.take(msn.relay_port) is None                      # used once
+    assert ports.allocate(None) in (msn.relay_port, oft.relay_port)

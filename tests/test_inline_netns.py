@@ -552,6 +552,61 @@ def test_legacy_msnp_file_eicar_blocked_clean_file_arrives(inline):
     assert alert["destination"]["ip"] == SERVER_IP and alert["destination"]["port"] == MSN_PORT, alert["destination"]
 
 
+MSNFTP_SERVER_IP = "10.231.2.7"     # a second switchboard host (1863 on SERVER_IP plays the MSNSLP transcript)
+
+
+@pytest.mark.parametrize("way", ["inbound", "outbound"])
+@pytest.mark.parametrize("kind", ["eicar", "clean"])
+def test_legacy_msnftp_direct_file_goes_through_the_side_relay(inline, way, kind):
+    """MSNFTP, a direct connection to an arbitrary port (6891) that no redirect rule covers, both ways across the
+    perimeter. The listening party's ACCEPT reaches the other one rewritten to the gateway's side relay
+    (GW_CLIENT_IP, a port of the default --dcc-relay-ports); the receiver connects there (inbound: our client;
+    outbound: the outside party, through the gateway's routing) and imguard connects on to the real listener,
+    holding the file. EICAR: the receiver gets MSNFTP's cancel block, our client a notice, and the sentinel after
+    it arrives; clean: byte-identical. The scripted parties are tests/test_legacy_gateway.py's."""
+    import uuid
+
+    from tests.peers.prosody import stop_process
+
+    if MSNFTP_SERVER_IP not in inline.net.run("server", ["ip", "-o", "addr"]).stdout:
+        inline.net.add_address("server", MSNFTP_SERVER_IP)
+    spec = {"host": MSNFTP_SERVER_IP, "port": MSN_PORT, "ftp_port": 6891, "tag": uuid.uuid4().hex[:6], "kind": kind,
+            "client_host": CLIENT_IP, "result": str(inline.directory / f"msnftp-{way}-{kind}.json")}
+    log = inline.directory / f"msnftp-{way}-{kind}.log"
+    outside = "msnftp-outside-party" if way == "inbound" else "msnftp-outside-receiver"
+    party = inline.net.popen("server", [PYTHON, "-m", "tests.test_legacy_gateway", outside, json.dumps(spec)], log)
+    try:
+        deadline = time.monotonic() + 15
+        while "listening" not in (log.read_text() if log.exists() else ""):
+            assert party.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        helper = "msnftp-inside-receiver" if way == "inbound" else "msnftp-inside-sender"
+        inside = inline.net.python("client", [helper, json.dumps(spec)], module="tests.test_legacy_gateway")
+        if way == "outbound":
+            deadline = time.monotonic() + 15
+            while party.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert party.returncode == 0, log.read_text()
+            seen = {**json.loads(Path(spec["result"]).read_text()), "notice": inside.get("notice", "")}
+            assert (kind == "eicar") or inside["listener_got"] == "BYE 16777989\r\n", inside
+        else:
+            seen = inside
+    finally:
+        stop_process(party)
+    host, port = seen["accept_address"]
+    assert host == GW_CLIENT_IP and port in DCC_RANGE, seen               # rewritten to the relay, not 6891
+    assert seen["sentinel_arrived"] and not seen.get("eicar_reached_client", seen.get("eicar_reached_server")), seen
+    if kind == "eicar":
+        assert seen["received_head"] == "010000", seen                     # MSNFTP's cancel block only
+        assert seen["name"] in seen["notice"] and "blocked" in seen["notice"], seen
+    else:
+        assert seen["received_sha256"] == seen["sent_sha256"], seen
+    alert = inline.wait_alert(lambda e: e.get("file", {}).get("name") == seen["name"]
+                              and e.get("imguard", {}).get("context", {}).get("transfer_mechanism") == "msnftp")
+    assert alert and alert["imguard"]["decision"]["action"] == ("block" if kind == "eicar" else "allow"), alert
+    assert alert["imguard"]["context"]["direction"] == way, alert
+
+
 def test_matrix_over_https_eicar_blocked_clean_file_arrives(inline):
     """Matrix (matrix-nio) to Synapse at https://SERVER_IP (443, a redirected HTTP port, TLS intercepted with
     imguard's CA): EICAR uploaded as media is refused with M_FORBIDDEN and is not in Synapse's media store (read on

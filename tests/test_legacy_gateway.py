@@ -6,7 +6,10 @@ mode in front of small local servers that play the server side of the byte-exact
 The gateway's reverse listeners sit on unmapped ports, so each protocol is recognised by its first bytes (the
 registry's signatures: `ANS `, the OSCAR server's FLAP hello, `YMSG`, `MESSAGE sip:`). File transfers on side
 connections (OSCAR OFT, MSNFTP) go through the gateway's socks5 listener to the address the chat connection
-announced, and are matched by that destination (registry.find_side) before any detection.
+announced, and are matched by that destination (registry.find_side) before any detection; with the side relay on
+(the *_through_the_side_relay tests: the real `imguard run` with --dcc-relay), the MSNFTP ACCEPT or OFT proposal is
+rewritten to a relay port, which the receiver connects to straight. The helpers at the end of the file are run in
+network namespaces by tests/test_inline_netns.py (`python -m tests.test_legacy_gateway HELPER SPEC`).
 
 Both directions: our client (the test's connection to the gateway) is the user inside; the scripted server's side
 (and the peer listening for a side connection) is the outside party. Outbound, our client sends; inbound, the
@@ -1249,3 +1252,519 @@ def test_sip_message_over_udp_through_the_gateway_to_kamailio(tmp_path, world, k
             await gw.stop()
     run(main())
     assert [body for _, _, _, body in kamailio.messages()[before:]] == ["hello over udp"], kamailio.logs()
+
+
+# --- MSNFTP and OFT through the side relay: offers rewritten to the gateway's relay ports ---------------------
+# The real `imguard run` (tests/peers/http_gateway.py runs it, reverse:tcp in front of the scripted server) with
+# `--dcc-relay 127.0.0.1 --dcc-relay-ports` (what transparent mode turns on by itself at --listen-host): the
+# address in every MSNFTP ACCEPT and OFT proposal crossing it, either way, becomes 127.0.0.1:<relay port>; the
+# receiver connects there (straight, no proxy: as a transparent deployment's clients do) and the gateway connects
+# on to the real listener.
+
+def free_port_range(n: int = 3) -> tuple[int, int]:
+    """n consecutive ports free on loopback, below the ephemeral range."""
+    import random
+
+    for _ in range(200):
+        first = random.randrange(21000, 32000 - n)
+        try:
+            socks = []
+            for port in range(first, first + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+        return first, first + n - 1
+    raise RuntimeError("no free port range")
+
+
+class RelayGateway:
+    """`imguard run` in front of a TranscriptServer with the side relay on; `relay` is the relay port range."""
+
+    def __init__(self, tmp: Path, server_port: int, protocol: str):
+        from tests.peers.http_gateway import HttpGateway
+        from tests.peers.prosody import wait_for_port
+
+        self.relay = free_port_range()
+        self.run = HttpGateway.start(tmp / "imguard", [f"tcp://127.0.0.1:{server_port}"], extra=[
+            "--ports", f"{server_port}={protocol}", "--dcc-relay", "127.0.0.1",
+            "--dcc-relay-ports", f"{self.relay[0]}-{self.relay[1]}"])
+        for port in range(self.relay[0], self.relay[1] + 1):
+            wait_for_port(port, TIMEOUT, self.run.process, what="the relay port")
+        self.port = self.run.ports[0]
+
+    def relayed(self, ip: str, port: int) -> bool:
+        return ip == "127.0.0.1" and self.relay[0] <= port <= self.relay[1]
+
+    def stop(self) -> None:
+        self.run.stop()
+
+
+def accept_address(raw: bytes, cookie: str) -> tuple[str, int, bytes]:
+    """(IP-Address, Port, the whole ACCEPT body) of the MSNFTP ACCEPT for `cookie` found in `raw` (MSNP bytes)."""
+    from imguard.protocols.msnp import parse_invitation
+
+    for cmd in CommandDecoder().feed(raw):
+        if cmd.payload and f"Invitation-Cookie: {cookie}".encode() in cmd.payload and b"IP-Address" in cmd.payload:
+            body = cmd.payload.split(b"\r\n\r\n", 1)[1]
+            [(ip, port)] = parse_invitation(body).addresses
+            return ip, port, body
+    raise AssertionError(f"no ACCEPT with an address for cookie {cookie} in {raw[-400:]!r}")
+
+
+@pytest.mark.parametrize("kind", ["eicar", "clean"])
+def test_msnftp_outbound_through_the_side_relay(tmp_path, world, kind):
+    """Our client (inside) sends over MSNFTP: its ACCEPT names its own listener; the switchboard gets it rewritten
+    to the gateway's relay (no other address), and the outside receiver's straight connection there is carried
+    to our client's listener, the file held. EICAR: the receiver gets the cancel block and no byte of it, our client
+    an "imguard" message naming the file; the next message (the sentinel) reaches the switchboard. Clean: the
+    blocks arrive byte-identical."""
+    pipeline, _ = world
+    prefix = transcript("msnms_sb2.json")[:3]
+    tag = uuid.uuid4().hex[:6]
+    name, payload = (f"eicar-{tag}.com", EICAR) if kind == "eicar" else (f"notes-{tag}.txt", b"meeting notes\n" * 400)
+
+    async def main():
+        listened = []
+
+        async def sender(reader, writer):         # our client's MSNFTP listener (it sends the file)
+            assert await reader.readline() == b"VER MSNFTP\r\n"
+            writer.write(b"VER MSNFTP\r\n")
+            assert await reader.readline() == f"USR {PEER} 9911\r\n".encode()
+            writer.write(f"FIL {len(payload)}\r\n".encode())
+            assert await reader.readline() == b"TFR\r\n"
+            writer.write(blocks(payload))
+            await writer.drain()
+            listened.append(await reader.readline())       # the gateway's BYE (or nothing: the file was stopped)
+            writer.close()
+        listener = await asyncio.start_server(sender, "127.0.0.1", 0)
+        sender_port = listener.sockets[0].getsockname()[1]
+        invitation = msnftp_invitation(name, len(payload), "127.0.0.1", sender_port)
+        server = TranscriptServer(prefix + invitation)
+        gw = RelayGateway(tmp_path, await server.start(), "msnp")
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+            await play_client(reader, writer, prefix + invitation)
+            await server.wait_for(lambda got: b"AuthCookie: 9911" in got, "the ACCEPT")
+            ip, port, body = accept_address(bytes(server.received), "3141")
+            assert gw.relayed(ip, port) and port != sender_port, body
+            assert b"Internal" not in body and b"PortX" not in body
+            r, w = await asyncio.open_connection(ip, port)          # the outside receiver, straight to the relay
+            w.write(b"VER MSNFTP\r\n")
+            assert await asyncio.wait_for(r.readline(), TIMEOUT) == b"VER MSNFTP\r\n"
+            w.write(f"USR {PEER} 9911\r\n".encode())
+            assert await asyncio.wait_for(r.readline(), TIMEOUT) == f"FIL {len(payload)}\r\n".encode()
+            w.write(b"TFR\r\n")
+            inbox = Inbox(reader, CommandDecoder())
+            if kind == "eicar":
+                assert await read_to_end(r) == b"\x01\x00\x00"          # the cancel block, none of the file
+                notice = await inbox.until(lambda c: c.args[:1] == ("imguard",), "the notice")
+                assert name.encode() in notice.payload and b"blocked" in notice.payload
+            else:
+                assert await asyncio.wait_for(r.readexactly(len(blocks(payload))), TIMEOUT) == blocks(payload)
+                w.write(b"BYE 16777989\r\n")
+            sentinel = text_msg(150, f"sentinel {tag}")
+            writer.write(sentinel)
+            await server.wait_for(lambda got: got.endswith(sentinel), "the sentinel")
+            assert b"EICAR" not in bytes(server.received)
+            w.close()
+            writer.close()
+        finally:
+            gw.stop()
+            server.close()
+            listener.close()
+        return gw
+    gw = run(main())
+    [alert] = [a for a in file_alerts(gw.run.data_dir, "msnftp", sha(payload)) if a["file"]["name"] == name]
+    assert alert["imguard"]["decision"]["action"] == ("block" if kind == "eicar" else "allow")
+    assert alert["imguard"]["context"]["direction"] == "outbound"
+
+
+@pytest.mark.parametrize("kind", ["eicar", "clean"])
+def test_msnftp_inbound_through_the_side_relay(tmp_path, world, kind):
+    """The outside party sends over MSNFTP: its ACCEPT (from the switchboard) names its listener; our client gets it
+    rewritten to the relay and connects there straight; the gateway carries it to the outside listener and holds
+    the file. EICAR: our client gets the cancel block and a notice, then the sentinel; clean: byte-identical."""
+    from tests.test_msnp import msnftp_inbound_invitation
+
+    pipeline, _ = world
+    prefix = transcript("msnms_sb2.json")[:3]
+    tag = uuid.uuid4().hex[:6]
+    name, payload = (f"eicar-{tag}.com", EICAR) if kind == "eicar" else (f"minutes-{tag}.txt", b"minutes\n" * 700)
+
+    async def main():
+        sender_saw = []
+
+        async def outside_sender(reader, writer):       # PEER's MSNFTP listener: it sends the file
+            assert await reader.readline() == b"VER MSNFTP\r\n"
+            writer.write(b"VER MSNFTP\r\n")
+            assert await reader.readline() == f"USR {ME} 8822\r\n".encode()
+            writer.write(f"FIL {len(payload)}\r\n".encode())
+            assert await reader.readline() == b"TFR\r\n"
+            writer.write(blocks(payload))
+            await writer.drain()
+            sender_saw.append(await reader.readline())
+            writer.close()
+        listener = await asyncio.start_server(outside_sender, "127.0.0.1", 0)
+        sender_port = listener.sockets[0].getsockname()[1]
+        invitation = msnftp_inbound_invitation(name, len(payload), "127.0.0.1", sender_port)
+        sentinel = inbound_text(f"sentinel {tag}")
+        reply = text_msg(130, "got it?")
+        server = TranscriptServer(prefix + invitation + [(True, reply), (False, sentinel)])
+        gw = RelayGateway(tmp_path, await server.start(), "msnp")
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+            await play_client(reader, writer, prefix + invitation[:2])
+            inbox = Inbox(reader, CommandDecoder())
+            await inbox.until(lambda c: c.payload and b"AuthCookie: 8822" in c.payload, "the ACCEPT")
+            ip, port, body = accept_address(bytes(inbox.raw), "2718")
+            assert gw.relayed(ip, port) and port != sender_port, body
+            r, w = await asyncio.open_connection(ip, port)          # our client, straight to the relay
+            w.write(b"VER MSNFTP\r\n")
+            assert await asyncio.wait_for(r.readline(), TIMEOUT) == b"VER MSNFTP\r\n"
+            w.write(f"USR {ME} 8822\r\n".encode())
+            assert await asyncio.wait_for(r.readline(), TIMEOUT) == f"FIL {len(payload)}\r\n".encode()
+            w.write(b"TFR\r\n")
+            got = await read_to_end(r)
+            if kind == "eicar":
+                assert got == b"\x01\x00\x00", got[:40]
+                notice = await inbox.until(lambda c: c.args[:1] == ("imguard",), "the notice")
+                assert f"imguard: the file {name!r} from {PEER} was blocked (".encode() in notice.payload
+            else:
+                assert got == blocks(payload)
+            writer.write(reply)
+            await inbox.until(lambda c: c.raw == sentinel, "the sentinel")
+            assert b"EICAR" not in inbox.raw
+            assert sender_saw == [b"BYE 16777989\r\n"]
+            w.close()
+            writer.close()
+        finally:
+            gw.stop()
+            server.close()
+            listener.close()
+        return gw
+    gw = run(main())
+    [alert] = [a for a in file_alerts(gw.run.data_dir, "msnftp", sha(payload)) if a["file"]["name"] == name]
+    assert alert["imguard"]["decision"]["action"] == ("block" if kind == "eicar" else "allow")
+    assert_inbound(alert, PEER, ME)
+
+
+def proposal_address(frame_bytes: bytes) -> tuple[str, int, dict]:
+    """(client IP, port, TLVs) of the SendFile proposal in the ICBM FLAPs `frame_bytes`, read with struct only."""
+    for flap in FlapDecoder().feed(frame_bytes):
+        data = flap.data
+        if len(data) < 10 or data[:4] not in (b"\x00\x04\x00\x06", b"\x00\x04\x00\x07"):
+            continue
+        at = 10 + 8
+        if struct.unpack_from(">H", data, at)[0] != 2:
+            continue
+        at += 2
+        at += 1 + data[at]                                          # screen name
+        if data[:4] == b"\x00\x04\x00\x07":                     # incoming: warning level, user info TLVs
+            count = struct.unpack_from(">H", data, at + 2)[0]
+            at += 4
+            for _ in range(count):
+                at += 4 + struct.unpack_from(">H", data, at + 2)[0]
+        tlvs = {}
+        while at + 4 <= len(data):
+            t, n = struct.unpack_from(">HH", data, at)
+            tlvs[t] = data[at + 4:at + 4 + n]
+            at += 4 + n
+        rv = tlvs[0x0005]
+        inner, at = {}, 26
+        while at + 4 <= len(rv):
+            t, n = struct.unpack_from(">HH", rv, at)
+            inner[t] = rv[at + 4:at + 4 + n]
+            at += 4 + n
+        return ".".join(str(b) for b in inner[0x0003]), struct.unpack(">H", inner[0x0005])[0], inner
+    raise AssertionError("no SendFile proposal")
+
+
+@pytest.mark.parametrize("kind", ["eicar", "clean"])
+def test_oft_outbound_through_the_side_relay(tmp_path, world, kind):
+    """Our client (inside) sends over OFT: its SendFile proposal names its listener; the BOS server gets it with the
+    client IP, port and their check TLVs rewritten to the relay, and the outside receiver's straight connection
+    there is carried to our client's listener, the file held. EICAR: the receiver gets the prompt and no byte of the
+    file, our client an ICBM from "imguard" naming it, and our client's next ICBM (the sentinel) reaches the server.
+    Clean: byte-identical."""
+    pipeline, _ = world
+    prefix, c = bos_prefix()
+    tag = uuid.uuid4().hex[:6]
+    name, payload = (f"eicar-{tag}.com", EICAR) if kind == "eicar" else (f"agenda-{tag}.txt", b"agenda\n" * 900)
+
+    async def main():
+        sender_saw = []
+        listener = await asyncio.start_server(oft_sender(name, payload, sender_saw), "127.0.0.1", 0)
+        sender_port = listener.sockets[0].getsockname()[1]
+        server = TranscriptServer(prefix)
+        gw = RelayGateway(tmp_path, await server.start(), "oscar")
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+            await play_client(reader, writer, prefix)
+            proposal = c.snac(0x04, 0x06, sendfile_proposal(ip=b"\x7f\x00\x00\x01", port=sender_port,
+                                                            name=name.encode(), size=len(payload)))
+            writer.write(proposal)
+            sent = len(client_bytes(prefix))
+            await server.wait_for(lambda got: len(got) >= sent + len(proposal), "the proposal")
+            ip, port, rv = proposal_address(bytes(server.received)[sent:])
+            assert gw.relayed(ip, port) and port != sender_port
+            assert rv[0x0016] == bytes(b ^ 0xFF for b in rv[0x0003])
+            assert struct.unpack(">H", rv[0x0017])[0] == port ^ 0xFFFF
+            r, w = await asyncio.open_connection(ip, port)          # the outside receiver, straight to the relay
+            prompt = await asyncio.wait_for(r.readexactly(256), TIMEOUT)
+            w.write(parse_oft(prompt).with_type(0x0202))
+            got = await read_to_end(r)
+            inbox = Inbox(reader, FlapDecoder())
+            if kind == "eicar":
+                assert got == b"", got[:40]
+                await inbox.until(lambda f: b"imguard" in f.data and name.encode() in f.data, "the notice")
+            else:
+                assert got == payload
+            sentinel = c.snac(0x04, 0x06, outgoing_im(b"CCCCCCC8", PEER, f"sentinel {tag}"))
+            writer.write(sentinel)
+            await server.wait_for(lambda got: got.endswith(sentinel[6:]), "the sentinel")
+            assert b"EICAR" not in bytes(server.received)
+            assert sender_saw and parse_oft(sender_saw[0]).type == 0x0204
+            w.close()
+            writer.close()
+        finally:
+            gw.stop()
+            server.close()
+            listener.close()
+        return gw
+    gw = run(main())
+    [alert] = [a for a in file_alerts(gw.run.data_dir, "oft", sha(payload)) if a["file"]["name"] == name]
+    assert alert["imguard"]["decision"]["action"] == ("block" if kind == "eicar" else "allow")
+    assert alert["imguard"]["context"]["direction"] == "outbound"
+
+
+@pytest.mark.parametrize("kind", ["eicar", "clean"])
+def test_oft_inbound_through_the_side_relay(tmp_path, world, kind):
+    """The outside party sends over OFT: the proposal from the BOS server names its listener; our client gets it
+    rewritten to the relay and connects there straight; the gateway carries it to the outside listener and holds
+    the file. EICAR: our client gets no byte of it, a notice, then the sentinel; clean: byte-identical."""
+    from tests.test_oscar import PEER as AIM_PEER, incoming_im, incoming_sendfile_proposal
+
+    pipeline, _ = world
+    prefix, c, s = bos_prefix_inbound()
+    tag = uuid.uuid4().hex[:6]
+    name, payload = (f"eicar-{tag}.com", EICAR) if kind == "eicar" else (f"agenda-{tag}.txt", b"agenda\n" * 900)
+
+    async def main():
+        sender_saw = []
+        listener = await asyncio.start_server(oft_sender(name, payload, sender_saw), "127.0.0.1", 0)
+        sender_port = listener.sockets[0].getsockname()[1]
+        proposal = s.snac(0x04, 0x07, incoming_sendfile_proposal(ip=b"\x7f\x00\x00\x01", port=sender_port,
+                                                                 name=name.encode(), size=len(payload)))
+        reply = c.snac(0x04, 0x06, outgoing_im(b"CCCCCCC9", AIM_PEER, "thanks"))
+        sentinel = s.snac(0x04, 0x07, incoming_im(b"BBBBBBB9", AIM_PEER, f"sentinel {tag}"))
+        server = TranscriptServer(prefix + [(False, proposal), (True, reply), (False, sentinel)])
+        gw = RelayGateway(tmp_path, await server.start(), "oscar")
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+            await play_client(reader, writer, prefix)
+            inbox = Inbox(reader, FlapDecoder())
+            got_proposal = await inbox.until(lambda f: f.raw[6:16] == proposal[6:16] and len(f.raw) == len(proposal),
+                                             "the proposal")
+            ip, port, rv = proposal_address(got_proposal.raw)
+            assert gw.relayed(ip, port) and port != sender_port
+            r, w = await asyncio.open_connection(ip, port)          # our client, straight to the relay
+            prompt = await asyncio.wait_for(r.readexactly(256), TIMEOUT)
+            w.write(parse_oft(prompt).with_type(0x0202))
+            got = await read_to_end(r)
+            if kind == "eicar":
+                assert got == b"", got[:40]
+                notice = await inbox.until(lambda f: b"\x07imguard" in f.data and name.encode() in f.data,
+                                           "the notice")
+                assert f"imguard: the file {name!r} from {AIM_PEER} was blocked (".encode() in notice.data
+            else:
+                assert got == payload
+            writer.write(reply)
+            await inbox.until(lambda f: f.raw[6:] == sentinel[6:], "the sentinel")
+            assert b"EICAR" not in inbox.raw
+            assert sender_saw and parse_oft(sender_saw[0]).type == 0x0204
+            w.close()
+            writer.close()
+        finally:
+            gw.stop()
+            server.close()
+            listener.close()
+        return gw
+    gw = run(main())
+    [alert] = [a for a in file_alerts(gw.run.data_dir, "oft", sha(payload)) if a["file"]["name"] == name]
+    assert alert["imguard"]["decision"]["action"] == ("block" if kind == "eicar" else "allow")
+    assert_inbound(alert, AIM_PEER, "Alice1970")
+
+
+# --- MSNFTP through the relay across a real perimeter (tests/test_inline_netns.py runs these in namespaces) -----
+
+def _msnftp_file(spec: dict) -> tuple[str, bytes]:
+    return ((f"eicar-{spec['tag']}.com", EICAR) if spec["kind"] == "eicar"
+            else (f"minutes-{spec['tag']}.txt", b"minutes\n" * 700))
+
+
+def _msnftp_outside_items(spec: dict) -> tuple[list, bytes, bytes]:
+    from tests.test_msnp import msnftp_inbound_invitation
+
+    name, payload = _msnftp_file(spec)
+    invitation = msnftp_inbound_invitation(name, len(payload), spec["host"], spec["ftp_port"])
+    return (transcript("msnms_sb2.json")[:3] + invitation, text_msg(130, "got it?"),
+            inbound_text(f"sentinel {spec['tag']}"))
+
+
+async def msnftp_outside_party(spec: dict) -> None:
+    """The outside party (server side): the switchboard at host:port offering our client a file over MSNFTP, and
+    its MSNFTP listener at host:ftp_port that sends it. Serves until killed."""
+    name, payload = _msnftp_file(spec)
+    items, reply, sentinel = _msnftp_outside_items(spec)
+    switchboard = TranscriptServer(items + [(True, reply), (False, sentinel)])
+
+    async def sender(reader, writer):
+        try:
+            assert await reader.readline() == b"VER MSNFTP\r\n"
+            writer.write(b"VER MSNFTP\r\n")
+            assert await reader.readline() == f"USR {ME} 8822\r\n".encode()
+            writer.write(f"FIL {len(payload)}\r\n".encode())
+            assert await reader.readline() == b"TFR\r\n"
+            writer.write(blocks(payload))
+            await writer.drain()
+            await reader.readline()
+        finally:
+            writer.close()
+    sb = await asyncio.start_server(switchboard.handle, spec["host"], spec["port"])
+    ftp = await asyncio.start_server(sender, spec["host"], spec["ftp_port"])
+    print("listening", flush=True)
+    async with sb, ftp:
+        await asyncio.gather(sb.serve_forever(), ftp.serve_forever())
+
+
+async def msnftp_inside_receiver(spec: dict) -> dict:
+    """Our client (inside): joins the switchboard, accepts the file, reads the ACCEPT as it arrives (the address
+    it names), connects there, receives; then replies and waits for the sentinel. Returns what it saw."""
+    name, payload = _msnftp_file(spec)
+    items, reply, sentinel = _msnftp_outside_items(spec)
+    out: dict = {"name": name, "sent_sha256": sha(blocks(payload))}
+    reader, writer = await asyncio.open_connection(spec["host"], spec["port"])
+    try:
+        await play_client(reader, writer, items[:-1])
+        inbox = Inbox(reader, CommandDecoder())
+        await inbox.until(lambda c: c.payload and b"AuthCookie: 8822" in c.payload, "the ACCEPT")
+        ip, port, _ = accept_address(bytes(inbox.raw), "2718")
+        out["accept_address"] = [ip, port]
+        r, w = await asyncio.open_connection(ip, port)
+        w.write(b"VER MSNFTP\r\n")
+        await asyncio.wait_for(r.readline(), TIMEOUT)
+        w.write(f"USR {ME} 8822\r\n".encode())
+        out["fil"] = (await asyncio.wait_for(r.readline(), TIMEOUT)).decode()
+        w.write(b"TFR\r\n")
+        got = await read_to_end(r)
+        out["received_sha256"], out["received_head"] = sha(got), got[:8].hex()
+        if spec["kind"] == "eicar":
+            notice = await inbox.until(lambda c: c.args[:1] == ("imguard",), "the notice")
+            out["notice"] = notice.payload.decode(errors="replace")
+        writer.write(reply)
+        await inbox.until(lambda c: c.raw == sentinel, "the sentinel")
+        out["sentinel_arrived"] = True
+        out["eicar_reached_client"] = b"EICAR" in inbox.raw or b"EICAR" in got
+        w.close()
+    finally:
+        writer.close()
+    return out
+
+
+def _msnftp_inside_items(spec: dict) -> list:
+    name, payload = _msnftp_file(spec)
+    return transcript("msnms_sb2.json")[:3] + msnftp_invitation(name, len(payload), spec["client_host"],
+                                                                spec["ftp_port"])
+
+
+async def msnftp_outside_receiver(spec: dict) -> None:
+    """The outside party (server side) receiving our client's file: the switchboard at host:port; when our client's
+    ACCEPT arrives (as the gateway rewrote it) it connects to the address it names as the MSNFTP receiver, then
+    waits for the sentinel message. What it saw goes to spec["result"] (JSON); then it exits."""
+    name, payload = _msnftp_file(spec)
+    items = _msnftp_inside_items(spec)
+    switchboard = TranscriptServer(items)
+    sb = await asyncio.start_server(switchboard.handle, spec["host"], spec["port"])
+    print("listening", flush=True)
+    out: dict = {"name": name, "sent_sha256": sha(blocks(payload))}
+    async with sb:
+        await switchboard.wait_for(lambda got: b"AuthCookie: 9911" in got, "the ACCEPT")
+        ip, port, body = accept_address(bytes(switchboard.received), "3141")
+        out["accept_address"], out["accept_body"] = [ip, port], body.decode(errors="replace")
+        r, w = await asyncio.open_connection(ip, port)
+        w.write(b"VER MSNFTP\r\n")
+        await asyncio.wait_for(r.readline(), TIMEOUT)
+        w.write(f"USR {PEER} 9911\r\n".encode())
+        out["fil"] = (await asyncio.wait_for(r.readline(), TIMEOUT)).decode()
+        w.write(b"TFR\r\n")
+        got = b""
+        if spec["kind"] == "eicar":
+            got = await read_to_end(r)
+        else:
+            got = await asyncio.wait_for(r.readexactly(len(blocks(payload))), TIMEOUT)
+            w.write(b"BYE 16777989\r\n")
+        out["received_sha256"], out["received_head"] = sha(got), got[:8].hex()
+        sentinel = f"sentinel {spec['tag']}".encode()
+        await switchboard.wait_for(lambda got: sentinel in got, "the sentinel")
+        out["sentinel_arrived"] = True
+        out["eicar_reached_server"] = b"EICAR" in bytes(switchboard.received) or b"EICAR" in got
+        w.close()
+    Path(spec["result"]).write_text(json.dumps(out))
+
+
+async def msnftp_inside_sender(spec: dict) -> dict:
+    """Our client (inside) sending a file over MSNFTP: its listener at client_host:ftp_port, the invitation and its
+    ACCEPT naming that listener; then (EICAR) the notice, or (clean) the gateway's BYE; then the sentinel."""
+    name, payload = _msnftp_file(spec)
+    items = _msnftp_inside_items(spec)
+    done = asyncio.Event()
+    out: dict = {}
+
+    async def sender(reader, writer):
+        try:
+            await reader.readline()
+            writer.write(b"VER MSNFTP\r\n")
+            await reader.readline()
+            writer.write(f"FIL {len(payload)}\r\n".encode())
+            await reader.readline()
+            writer.write(blocks(payload))
+            await writer.drain()
+            out["listener_got"] = (await reader.readline()).decode()
+        finally:
+            writer.close()
+            done.set()
+    listener = await asyncio.start_server(sender, spec["client_host"], spec["ftp_port"])
+    reader, writer = await asyncio.open_connection(spec["host"], spec["port"])
+    try:
+        await play_client(reader, writer, items)
+        if spec["kind"] == "eicar":
+            notice = await Inbox(reader, CommandDecoder()).until(lambda c: c.args[:1] == ("imguard",), "the notice")
+            out["notice"] = notice.payload.decode(errors="replace")
+        await asyncio.wait_for(done.wait(), TIMEOUT)
+        writer.write(text_msg(150, f"sentinel {spec['tag']}"))
+        await writer.drain()            # the outside party waits for it
+    finally:
+        writer.close()
+        listener.close()
+    return out
+
+
+if __name__ == "__main__":
+    import sys
+
+    _spec = json.loads(sys.argv[2])
+    if sys.argv[1] == "msnftp-outside-party":
+        asyncio.run(msnftp_outside_party(_spec))
+    elif sys.argv[1] == "msnftp-inside-receiver":
+        print(json.dumps(asyncio.run(msnftp_inside_receiver(_spec))))
+    elif sys.argv[1] == "msnftp-outside-receiver":
+        asyncio.run(msnftp_outside_receiver(_spec))
+    elif sys.argv[1] == "msnftp-inside-sender":
+        print(json.dumps(asyncio.run(msnftp_inside_sender(_spec))))
+    else:
+        raise SystemExit(f"unknown helper {sys.argv[1]}")

@@ -1028,3 +1028,77 @@ def test_msnslp_chunk_boundaries():
         out = run(s, [(True, client[:cut]), (False, server), (True, client[cut:])])
         assert [i.data for i in inspects(out)] == [FILE], cut
         assert sends(out, False) == b"".join(d for fc, d in items if fc)
+
+
+# --- the gateway's side relay: MSNFTP addresses rewritten ---------------------------------------------------
+
+class Relay:
+    """A side relay as the gateway's (imguard.gateway.dcc.SideRelayPorts + irc DccRelay): host, allocate."""
+
+    def __init__(self, host="192.0.2.1", ports=(20000, 20001), fail=False):
+        self.host, self.ports, self.fail, self.given = host, list(ports), fail, []
+
+    def allocate(self, offer):
+        if self.fail or not self.ports:
+            raise RuntimeError("all relay ports have an offer waiting")
+        self.given.append(offer)
+        return self.ports.pop(0)
+
+
+def accept_with_internal(ip: str, port: int) -> bytes:
+    return invite_msg(101, f"Invitation-Command: ACCEPT\r\nInvitation-Cookie: 3141\r\nIP-Address: {ip}\r\n"
+                           f"IP-Address-Internal: 10.1.1.1\r\nPort: {port}\r\nPortX: 11178\r\nAuthCookie: 9911\r\n"
+                           "Launch-Application: FALSE\r\nRequest-Data: IP-Address:\r\n\r\n")
+
+
+def test_msnftp_accept_rewritten_to_the_side_relay():
+    """With a side relay the ACCEPT that crosses names only the relay (IP-Address/Port; the Internal and PortX
+    variants removed, the length fixed); the offer waits under the relay key and knows the real listener."""
+    from imguard.protocols.msnp import find_msnftp_offer, parse_invitation
+
+    transfers, relay = ExpectedTransfers(), Relay()
+    s = MsnpSession(Checker(), transfers, CTX, side_relay=relay)
+    run(s, [(True, f"ANS 89 {ME} 1115371039.15845 17069658\r\n".encode()),
+            (False, f"IRO 89 1 1 {PEER} choupi\r\n".encode()), (False, b"ANS 89 OK\r\n")])
+    items = msnftp_invitation("report.exe", len(FILE), "203.0.113.7", 6891)[:2] + [
+        (True, accept_with_internal("203.0.113.7", 6891))]
+    out = run(s, items)
+    cmd = CommandDecoder().feed(sends(out, False))[-1]
+    body = cmd.payload.split(b"\r\n\r\n", 1)[1]
+    assert parse_invitation(body).addresses == (("192.0.2.1", 20000),)
+    assert b"Internal" not in body and b"PortX" not in body and b"AuthCookie: 9911" in body
+    assert int(cmd.args[-1]) == len(cmd.payload)
+    offer = find_msnftp_offer(transfers, "192.0.2.1", 20000)
+    assert offer.real_address == ("203.0.113.7", 6891) and offer.listener_is_sender and offer.outbound
+    assert find_msnftp_offer(transfers, "203.0.113.7", 6891) is None         # only the relay's address waits
+    # Both parties behind the gateway: the other one's session sees the relay address and passes it on unchanged.
+    other = MsnpSession(Checker(), transfers, CTX.with_(connection_id="sb9"), side_relay=relay)
+    run(other, [(True, f"ANS 7 {PEER} 1 2\r\n".encode()), (False, f"IRO 7 1 1 {ME} me\r\n".encode()),
+                (False, b"ANS 7 OK\r\n")])
+    run(other, [(False, items[0][1].replace(b"MSG 100 N", f"MSG {ME} me".encode()))])
+    relayed = cmd.raw.replace(b"MSG 101 N", f"MSG {ME} me".encode())
+    assert sends(run(other, [(False, relayed)]), True) == relayed
+    assert len(relay.given) == 1
+
+
+def test_msnftp_accept_refused_when_no_relay_port():
+    """No free relay port: the ACCEPT is not passed on (the file would go around the gateway); our client is told."""
+    transfers = ExpectedTransfers()
+    s = MsnpSession(Checker(), transfers, CTX, side_relay=Relay(fail=True))
+    run(s, [(True, f"ANS 89 {ME} 1115371039.15845 17069658\r\n".encode()),
+            (False, f"IRO 89 1 1 {PEER} choupi\r\n".encode()), (False, b"ANS 89 OK\r\n")])
+    out = run(s, msnftp_invitation("report.exe", len(FILE), "203.0.113.7", 6891))
+    assert b"6891" not in sends(out, False)
+    assert b"could not be relayed" in sends(out, True)
+    assert "msnftp_relay_failed" in anomalies(out)
+
+
+def test_msnftp_accept_for_an_unseen_invitation_is_not_passed_around_the_relay():
+    """With a side relay an ACCEPT whose INVITE this connection never saw cannot be attributed nor rewritten: it
+    is dropped (anomaly, notice), never passed on with the listener's real address."""
+    s = MsnpSession(Checker(), ExpectedTransfers(), CTX, side_relay=Relay())
+    run(s, [(True, f"ANS 89 {ME} 1115371039.15845 17069658\r\n".encode()),
+            (False, f"IRO 89 1 1 {PEER} choupi\r\n".encode()), (False, b"ANS 89 OK\r\n")])
+    out = run(s, [(True, accept_with_internal("203.0.113.7", 6891))])
+    assert sends(out, False) == b"" and b"was not passed on" in sends(out, True)
+    assert "msnftp_unknown_cookie" in anomalies(out)

@@ -630,3 +630,52 @@ def test_oft_two_files_one_after_the_other():
     assert sends(out, True) == b""                                          # the receiver's done was ours
     ack2 = parse_oft(p2).with_type(0x0202)
     assert sends(out, False)[:len(ack2)] == ack2 and parse_oft(sends(out, False)[len(ack2):]).type == 0x0204
+
+
+# --- the gateway's side relay: OFT proposals rewritten --------------------------------------------------------
+
+class Relay:
+    """A side relay as the gateway's (SideRelayPorts + DccRelay): host, allocate."""
+
+    def __init__(self, host="192.0.2.1", ports=(20000, 20001, 20002)):
+        self.host, self.ports = host, list(ports)
+
+    def allocate(self, offer):
+        return self.ports.pop(0)
+
+
+def rendezvous_tlvs(out, to_client: bool) -> dict:
+    from imguard.protocols.oscar.decoder import parse_icbm, parse_rendezvous, parse_snac, tlv
+
+    flap = frames(sends(out, to_client))[-1]
+    icbm = parse_icbm(parse_snac(flap.data).data, incoming=to_client)
+    return dict(parse_rendezvous(tlv(icbm.tlvs, 0x0005)).tlvs)
+
+
+def test_sendfile_proposals_rewritten_to_the_side_relay():
+    """With a side relay each direct proposal crossing (our client's request 1, the outside receiver's request 2:
+    "reverse connect") names the relay: client IP, verified IP, port and their checks; each waits under its relay
+    key with its real address. A proxied proposal (request 3, AOL's proxy) crosses unchanged, caught by address."""
+    transfers = ExpectedTransfers()
+    s, _, c, _, _ = bos(transfers=transfers)
+    s.side_relay = Relay()
+    out = s.data_received(True, c.snac(0x04, 0x06, sendfile_proposal(ip=b"\xcb\x00\x71\x07", port=6000)))
+    rv = rendezvous_tlvs(out, False)
+    assert (rv[0x0003], struct.unpack(">H", rv[0x0005])[0]) == (b"\xc0\x00\x02\x01", 20000)
+    assert rv[0x0016] == b"\x3f\xff\xfd\xfe" and struct.unpack(">H", rv[0x0017])[0] == 20000 ^ 0xFFFF
+    assert rv[0x2711].endswith(b"setup.exe\x00")                              # the file facts untouched
+    first = find_oft_offer(transfers, host="192.0.2.1", port=20000)
+    assert first.real_address == ("203.0.113.7", 6000) and first.outbound and first.cookie == FT_COOKIE.hex()
+    assert find_oft_offer(transfers, host="203.0.113.7", port=6000) is None
+    srv = Wire(0x6000)
+    out = s.data_received(False, srv.snac(0x04, 0x07, incoming_sendfile_proposal(ip=b"\x0a\x00\x00\x09", port=4443,
+                                                                                request=2)))
+    rv = rendezvous_tlvs(out, True)
+    assert (rv[0x0003], struct.unpack(">H", rv[0x0005])[0]) == (b"\xc0\x00\x02\x01", 20001)
+    assert find_oft_offer(transfers, host="192.0.2.1", port=20001).real_address == ("10.0.0.9", 4443)
+    proxied = srv.snac(0x04, 0x07, incoming_sendfile_proposal(ip=b"\x40\x0c\x1a\x03", port=5190, request=3,
+                                                              proxy=True))
+    out = s.data_received(False, proxied)
+    assert frames(sends(out, True))[-1].raw[6:] == proxied[6:]
+    assert find_oft_offer(transfers, host="64.12.26.3", port=5190) is not None
+    assert s.side_relay.ports == [20002]

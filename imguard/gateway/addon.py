@@ -112,8 +112,8 @@ class GatewayAddon:
         self.relay_mode: mode_specs.ProxyMode | None = None
         self._sniff_tls: set[str] = set()      # client ids whose TLS we terminated to look inside
         self._bytestreams: dict[str, tuple[str, tuple[str, int]]] = {}   # client id -> (hash, streamhost)
-        self.dcc_ports = dcc_ports              # imguard.gateway.dcc.DccRelayPorts, or None (offers not rewritten)
-        self._dcc_offers: dict[str, Any] = {}   # client id -> DccOffer, from server_connect to next_layer
+        self.dcc_ports = dcc_ports              # imguard.gateway.dcc.SideRelayPorts, or None (offers not rewritten)
+        self._dcc_offers: dict[str, Any] = {}   # client id -> (side protocol, offer), server_connect -> next_layer
         self._sides: dict[str, Any] = {}        # client id -> a side transfer found for a proxy client's destination
                                                 # (side_expected), kept for next_layer: a DCC finder takes its entry
         self.notices = NoticeRouter()                   # the live sessions by connection id, for notices
@@ -293,24 +293,23 @@ class GatewayAddon:
         return self.dcc_ports is not None and self.dcc_ports.is_relay(client.proxy_mode)
 
     def _redirect_dcc(self, data: server_hooks.ServerConnectionHookData) -> None:
-        """A connection to a DCC relay port goes on to the real listener of the offer that port was given to;
-        a connection no offer announced is refused (anomaly)."""
+        """A connection to a side relay port (DCC, MSNFTP, OFT) goes on to the real listener of the offer that
+        port was given to; a connection no offer announced is refused (anomaly)."""
         port = data.client.sockname[1] if data.client.sockname else 0
         try:
-            offer = self.dcc_ports.take(port)
+            claim = self.dcc_ports.take(port)
         except Exception:
-            logger.exception("DCC offer lookup failed")
-            offer = None
-        if offer is None:
-            data.server.error = f"no DCC offer for relay port {port}"
-            ctx = ChatContext(protocol="irc", client_address=_hostport(data.client.peername),
-                              server_address=f"{self.dcc_ports.host}:{port}", connection_id=data.client.id,
-                              transfer_mechanism="dcc")
-            self.anomaly(ctx, "dcc_unannounced", f"a connection to DCC relay port {port} that no offer "
+            logger.exception("side relay offer lookup failed")
+            claim = None
+        if claim is None:
+            data.server.error = f"no offer for side relay port {port}"
+            ctx = ChatContext(client_address=_hostport(data.client.peername),
+                              server_address=f"{self.dcc_ports.host}:{port}", connection_id=data.client.id)
+            self.anomaly(ctx, "dcc_unannounced", f"a connection to side relay port {port} that no offer "
                          "announced (or whose offer expired or was used); closed", port=port)
             return
-        self._dcc_offers[data.client.id] = offer
-        data.server.address = offer.real_address
+        self._dcc_offers[data.client.id] = claim
+        data.server.address = claim[1].real_address
 
     def server_connected(self, data: server_hooks.ServerConnectionHookData) -> None:
         """A relay connection must start its session without waiting for the client: the target of a SOCKS5
@@ -361,8 +360,8 @@ class GatewayAddon:
             nextlayer.layer = self._bytestream_layer(context)
             return
         if self._is_dcc_relay(context.client):
-            offer = self._dcc_offers.pop(context.client.id, None)
-            nextlayer.layer = self._side_layer(context, registry.SIDES["dcc"], offer)
+            protocol, offer = self._dcc_offers.pop(context.client.id, None) or ("dcc", None)
+            nextlayer.layer = self._side_layer(context, registry.SIDES[protocol], offer)
             return
         if context.server.address is None:
             return
@@ -400,7 +399,8 @@ class GatewayAddon:
 
     def _side_by_destination(self, address) -> tuple[registry.SideConnection, Any] | None:
         """The side connection announced for this destination (registry.find_side), among the ones this gateway
-        has sessions for; DCC only when offers are not rewritten to the relay pool."""
+        has sessions for; DCC only when offers are not rewritten to the relay pool (MSNFTP and OFT offers that
+        were rewritten wait under the relay's address, which no connection through here names)."""
         if self.transfers is None:
             return None
         port = int(address[1])

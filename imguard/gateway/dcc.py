@@ -1,10 +1,15 @@
-"""IRC DCC through the gateway: the relay port pool rewritten offers point at, and finding the offer behind
-a new data connection.
+"""Side connections through the gateway: the relay port pool that rewritten "connect to this address" offers
+point at (IRC DCC, MSN's MSNFTP invitations, OSCAR's OFT rendezvous), and finding the offer behind a new data
+connection to a pool port.
 
-    ports = DccRelayPorts("192.0.2.1", parse_port_range("40000-40099"), transfers)
-    IrcSession(..., dcc_relay=DccRelay(ports.host, ports.allocate))    # offers now say 192.0.2.1:<pool port>
+    ports = SideRelayPorts("192.0.2.1", parse_port_range("40000-40099"), transfers)
+    relay = DccRelay(ports.host, ports.allocate)    # IrcSession(dcc_relay=), MsnpSession/OscarSession(side_relay=)
     ports.specs()          # one mitmproxy listener per pool port, added to the gateway's --mode list
-    ports.take(port)       # the DccOffer a connection to that pool port is for (None: unannounced)
+    ports.take(port)       # (side protocol, offer) a connection to that pool port is for (None: unannounced)
+
+Each session stores its offer in the shared table under (relay host, pool port) with its own kind (relay_kinds());
+the offer knows the real listener (`offer.real_address`). One pool serves every mechanism: a port is free when no
+kind has an offer waiting on it.
 
 Why a pool of mitmproxy listeners opened at start (and not one listener opened per offer): `allocate(offer)`
 is called synchronously inside an IrcSession, which must write the port into the offer it forwards at once;
@@ -45,7 +50,16 @@ def normalize_host(host: str) -> str:
         raise ValueError(f"dcc_relay {host!r}: expected the gateway's IP address as clients reach it") from None
 
 
-class DccRelayPorts:
+def relay_kinds() -> dict[str, str]:
+    """ExpectedTransfers kind -> side protocol (registry.SIDES) of the offers that may wait on a pool port."""
+    from imguard.protocols.irc.dcc import DCC_KIND
+    from imguard.protocols.msnp.session import MSNFTP_KIND
+    from imguard.protocols.oscar.session import OFT_KIND
+
+    return {DCC_KIND: "dcc", MSNFTP_KIND: "msnftp", OFT_KIND: "oft"}
+
+
+class SideRelayPorts:
     """The pool of relay ports and the offers waiting on them (in the shared ExpectedTransfers table)."""
 
     def __init__(self, host: str, ports: range, transfers):
@@ -55,6 +69,7 @@ class DccRelayPorts:
         self.ports = ports
         self.transfers = transfers
         self._next = 0
+        self.kinds = relay_kinds()
         self.modes = {mode_specs.ProxyMode.parse(spec) for spec in self.specs()}
 
     def specs(self) -> list[str]:
@@ -65,20 +80,24 @@ class DccRelayPorts:
         return mode in self.modes
 
     def allocate(self, offer) -> int:
-        """For DccRelay: the next pool port with no offer waiting on it (round robin). Raises when all are
-        taken: the IrcSession then refuses the offer with a notice (a file is never let around the gateway)."""
-        from imguard.protocols.irc.dcc import DCC_KIND
-
+        """For DccRelay: the next pool port with no offer of any kind waiting on it (round robin). Raises when
+        all are taken: the session then refuses the offer with a notice (a file is never let around the gateway)."""
         n = len(self.ports)
         for i in range(n):
             port = self.ports[(self._next + i) % n]
-            if self.transfers.get((self.host, port), kind=DCC_KIND) is None:
+            if all(self.transfers.get((self.host, port), kind=kind) is None for kind in self.kinds):
                 self._next = (self._next + i + 1) % n
                 return port
-        raise RuntimeError(f"all {n} DCC relay ports have an offer waiting")
+        raise RuntimeError(f"all {n} side relay ports have an offer waiting")
 
-    def take(self, port: int):
-        """The offer a connection to pool port `port` is for, removed from the table (None: unannounced)."""
-        from imguard.protocols.irc.dcc import find_offer
+    def take(self, port: int) -> tuple[str, object] | None:
+        """(side protocol, offer) a connection to pool port `port` is for, removed from the table (a relay port
+        carries one connection per offer); None: unannounced. The offer's `real_address` is where to go on."""
+        for kind, protocol in self.kinds.items():
+            offer = self.transfers.take((self.host, port), kind=kind)
+            if offer is not None:
+                return protocol, offer
+        return None
 
-        return find_offer(self.transfers, self.host, port)
+
+DccRelayPorts = SideRelayPorts     # the name it had when it served DCC only

@@ -79,7 +79,8 @@ AUTO_BYTESTREAM_PORT = 1080         # the bytestream relay's port with --bytestr
 
 
 def side_relays(settings: GatewaySettings, modes: list) -> tuple[tuple[str, int] | None, str, list[str]]:
-    """(bytestream relay HOST:PORT or None, DCC relay host or '', listeners to add for them) from the settings.
+    """(bytestream relay HOST:PORT or None, side relay host (DCC, MSNFTP, OFT offers) or '', listeners to add
+    for them) from the settings.
 
     'auto' turns a relay on in transparent mode only, at --listen-host (the gateway's address on the users'
     network: where the transparent listener already listens, so one setting places all three); ''/'none' turns
@@ -119,7 +120,8 @@ def default_factories(pipeline, transfers, relay: tuple[str, int] | None = None,
                       ) -> dict[str, SessionFactory]:
     """The sessions of every protocol in the registry (imguard.protocols.registry): protocol name ->
     factory(ConnectionInfo) -> StreamSession, each a registry.build with the gateway's state. `relay` is the
-    XMPP bytestream relay, `dcc_relay` the IRC sessions' DccRelay (None: offers not rewritten); `limits` are
+    XMPP bytestream relay, `dcc_relay` the side relay (a DccRelay: IRC, MSNP and OSCAR sessions rewrite their
+    DCC, MSNFTP and OFT offers to its ports; None: offers not rewritten); `limits` are
     limits instances (IrcLimits, MsnpLimits, ...; irc_limits/xmpp_limits the same, by name), any class not
     given keeps its defaults."""
     by_class = {type(given): given for given in (*limits, irc_limits, xmpp_limits) if given is not None}
@@ -193,6 +195,7 @@ class Gateway:
             except ValueError as e:
                 raise GatewayError(str(e)) from None
             from imguard.protocols.irc import DccRelay
+            # One relay for every "connect to the offered address" mechanism: DCC, MSNFTP, OFT (gateway/dcc.py).
             dcc_relay = DccRelay(self.dcc_ports.host, self.dcc_ports.allocate)
         try:
             self.fail_modes = FailModes.parse(settings.fail_mode)

@@ -61,15 +61,16 @@ class GatewaySettings:
                 "one there; in the other modes it must be one of the --mode socks5 listeners. ''/'none' = "
                 "streamhosts are not rewritten (the data connection goes around the gateway)")
     dcc_relay: str = setting(
-        "auto", "Address (IP) written into IRC DCC offers in place of the offerer's, so every DCC file and chat "
-                "connection crosses the gateway and a file is held until inspection decides; it must reach this "
-                "gateway's --dcc-relay-ports, which listen on --listen-host. 'auto': in transparent mode "
-                "--listen-host, elsewhere off. ''/'none' = offers are not rewritten: DCC goes around the gateway "
+        "auto", "Address (IP) written into IRC DCC offers, MSN MSNFTP invitations and OSCAR OFT proposals in "
+                "place of the offerer's, so every such file and chat connection crosses the gateway and a file "
+                "is held until inspection decides; it must reach this gateway's --dcc-relay-ports, which listen on "
+                "--listen-host. 'auto': in transparent mode --listen-host, elsewhere off. ''/'none' = offers are "
+                "not rewritten: they go around the gateway "
                 "(unless the redirect rules send the DCC port to a transparent listener: then the connection is "
                 "caught by its address)")
     dcc_relay_ports: str = setting(
-        "20000-20099", "Port range FIRST-LAST the gateway listens on for DCC connections when the DCC relay is "
-                       "on (opened at start, so a firewall can allow exactly this range; outside Linux's "
+        "20000-20099", "Port range FIRST-LAST the gateway listens on for DCC, MSNFTP and OFT connections when "
+                       "the relay is on (opened at start, so a firewall can allow exactly this range; outside Linux's "
                        "ephemeral range 32768-60999, where outgoing connections could hold a port). One port "
                        "carries one pending offer at a time: this many offers may wait at once; another is "
                        "refused with a notice to its sender")

@@ -48,7 +48,7 @@ class SessionRequest:
     limits: Mapping[type, Any] = field(default_factory=dict)   # limits class -> instance (absent: its defaults)
     expected: Any = None                # a side connection: the entry find_side found (DccOffer, OftOffer, ...)
     bytestream_relay: tuple[str, int] | None = None     # gateway: XMPP streamhosts rewritten to this relay
-    dcc_relay: Any = None               # gateway: IrcSession's DccRelay (offers rewritten to its ports)
+    dcc_relay: Any = None               # gateway: the side relay (IRC DCC, MSNFTP, OFT offers rewritten to its ports)
     stream_hash: str | None = None      # gateway's socks5 relay: the destination hash mitmproxy's SOCKS5 layer
                                         # read (None: the session sees the client's SOCKS5 handshake itself)
     streamhost: tuple[str, int] | None = None   # gateway's socks5 relay: the real streamhost
@@ -104,7 +104,7 @@ def _bytestream(r: SessionRequest) -> StreamSession:
 
 
 def _msnp(r: SessionRequest) -> StreamSession:
-    return MsnpSession(r.checker, r.transfers, r.context, r.limit(MsnpLimits))
+    return MsnpSession(r.checker, r.transfers, r.context, r.limit(MsnpLimits), side_relay=r.dcc_relay)
 
 
 def _msnftp(r: SessionRequest) -> StreamSession:
@@ -112,7 +112,7 @@ def _msnftp(r: SessionRequest) -> StreamSession:
 
 
 def _oscar(r: SessionRequest) -> StreamSession:
-    return OscarSession(r.checker, r.transfers, r.context, r.limit(OscarLimits))
+    return OscarSession(r.checker, r.transfers, r.context, r.limit(OscarLimits), side_relay=r.dcc_relay)
 
 
 def _oft(r: SessionRequest) -> StreamSession:

@@ -45,6 +45,13 @@ gives name and size per Invitation-Cookie; the ACCEPT that carries `IP-Address`/
 the shared ExpectedTransfers table, kind "msnftp", key (ip, port), one entry per announced address.
 The carrier puts a `DirectMsnftpSession` (imguard.protocols.msnp.msnftp) on the connection to such an
 address. An offer larger than `msnp_max_held_bytes` is dropped with a notice.
+With `side_relay` (the gateway's side relay: `.host`, `.allocate(offer) -> port`, as IRC's DccRelay), the
+ACCEPT's address is rewritten to host:allocate(offer) in either direction (IP-Address and Port; the
+IP-Address-Internal/PortX variants are removed), the offer waits under that relay key with the first
+announced address as its `real_address`, and the receiver's connection crosses the gateway whatever port
+the listener chose. An ACCEPT already naming the relay (both parties behind the gateway) crosses unchanged;
+no free relay port, or an ACCEPT for an invitation not seen on this connection: the ACCEPT is dropped with a
+notice (the file is never let around the gateway).
 
 MSNSLP / P2P in-band (`application/x-msnmsgrp2p`, 48-byte little-endian header): session-0 SLP
 messages are reassembled by identifier; an `INVITE` with the file-transfer EUF-GUID gives the
@@ -91,7 +98,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from imguard.files.tracker import ConnectionHolds, HeldTransfer, HoldState, Notice
@@ -125,15 +132,23 @@ class MsnftpOffer:
     listener_is_sender: bool = True  # False with Sender-Connect: TRUE (the receiver listens)
     outbound: bool = True           # sent by the gateway's own client
     context: ChatContext = field(default_factory=ChatContext)   # connection_id = the switchboard's
+    relay_host: str = ""            # the gateway's side relay the ACCEPT was rewritten to ("": not rewritten)
+    relay_port: int = 0
 
     @property
     def key(self) -> tuple[str, int]:
+        return (self.relay_host, self.relay_port) if self.relay_host else (self.host, self.port)
+
+    @property
+    def real_address(self) -> tuple[str, int]:
+        """Where the carrier connects on to (the listening side), relayed or not."""
         return (self.host, self.port)
 
     def to_dict(self) -> dict[str, Any]:
         return {"id": self.offer_id, "cookie": self.cookie, "name": self.name, "size": self.size,
                 "sender": self.sender, "receiver": self.receiver, "host": self.host, "port": self.port,
-                "listener_is_sender": self.listener_is_sender, "outbound": self.outbound}
+                "listener_is_sender": self.listener_is_sender, "outbound": self.outbound,
+                "relay_host": self.relay_host, "relay_port": self.relay_port}
 
 
 @dataclass
@@ -172,9 +187,11 @@ def held_bound(limits: MsnpLimits) -> int:
 class MsnpSession(StreamSession):
     """One MSNP client connection (StreamSession). See the module docstring."""
 
-    def __init__(self, checker, transfers, context: ChatContext, limits: MsnpLimits = MsnpLimits()):
+    def __init__(self, checker, transfers, context: ChatContext, limits: MsnpLimits = MsnpLimits(),
+                 side_relay: Any = None):
         self.checker = checker
         self.transfers = transfers
+        self.side_relay = side_relay    # .host, .allocate(offer) -> port: MSNFTP addresses rewritten to it
         self.context = context.with_(protocol="msnp")
         self.limits = limits
         self._decoders = {True: CommandDecoder(limits), False: CommandDecoder(limits)}
@@ -465,22 +482,66 @@ class MsnpSession(StreamSession):
                 out.add(self._anomaly("msnftp_unknown_cookie", "an MSNFTP ACCEPT with an address for an invitation "
                                       "not seen on this connection; its data connection cannot be attributed",
                                       from_client=from_client, cookie=inv.cookie))
+                if self.side_relay is not None and not self._relayed_already(inv):
+                    # It could not be rewritten to the relay: passed on, the file would go around the gateway.
+                    out.send(True, self._notice_msg("imguard: a file transfer whose invitation imguard did not see "
+                                                    "was not passed on"))
+                    return
+            elif self._relayed_already(inv):
+                pass            # rewritten by the other party's session (both behind the gateway)
             else:
                 invite, invite_from_client, file_sender, file_receiver = known
                 listener_is_sender = (from_client == invite_from_client)
                 ctx = self._ctx(sender=file_sender, recipients=(file_receiver,), transfer_mechanism="msnftp")
                 offer_id = f"{self.context.connection_id or 'msnftp'}-{next(_ids)}"
-                for host, port in inv.addresses:
-                    offer = MsnftpOffer(offer_id=offer_id, cookie=inv.cookie, name=invite.name, size=invite.size,
-                                        sender=file_sender, receiver=file_receiver, host=host, port=port,
-                                        auth_cookie=inv.auth_cookie, listener_is_sender=listener_is_sender,
-                                        outbound=invite_from_client, context=ctx)
+                offers = [MsnftpOffer(offer_id=offer_id, cookie=inv.cookie, name=invite.name, size=invite.size,
+                                      sender=file_sender, receiver=file_receiver, host=host, port=port,
+                                      auth_cookie=inv.auth_cookie, listener_is_sender=listener_is_sender,
+                                      outbound=invite_from_client, context=ctx) for host, port in inv.addresses]
+                if self.side_relay is not None:
+                    offers = offers[:1]         # the public address first; the relay connects on to it
+                    try:
+                        port = int(self.side_relay.allocate(offers[0]))
+                        if not 0 < port < 65536:
+                            raise ValueError(f"relay port {port}")
+                    except Exception as e:      # the allocator is the carrier's: fail closed
+                        out.add(self._anomaly("msnftp_relay_failed", f"no relay port for the MSNFTP offer: {e}",
+                                              from_client=from_client, cookie=inv.cookie))
+                        out.send(True, self._notice_msg(f"imguard: the file {invite.name!r} could not be relayed "
+                                                        "through the gateway; the transfer was not passed on"))
+                        return
+                    offers[0] = replace(offers[0], relay_host=self.side_relay.host, relay_port=port)
+                    cmd = self._rewrite_accept(cmd, mime, self.side_relay.host, port)
+                for offer in offers:
                     if self.transfers is not None:
                         self.transfers.expect(offer.key, offer, kind=MSNFTP_KIND, ttl=self.limits.msnp_transfer_ttl)
                     out.add(self._event("msnftp_expected", category="file", ctx=ctx, **offer.to_dict()))
         elif inv.command == "CANCEL":
             self._invites.pop(inv.cookie, None)
         out.send(not from_client, cmd.raw)
+
+    def _relayed_already(self, inv) -> bool:
+        """The ACCEPT names an address of our side relay that an offer already waits on."""
+        if self.side_relay is None or self.transfers is None or len(inv.addresses) != 1:
+            return False
+        host, port = inv.addresses[0]
+        return host == self.side_relay.host and self.transfers.get((host, port), kind=MSNFTP_KIND) is not None
+
+    @staticmethod
+    def _rewrite_accept(cmd: Command, mime: Mime, host: str, port: int) -> Command:
+        """The ACCEPT with IP-Address/Port replaced by the relay's and the other address variants removed."""
+        lines = []
+        for line in mime.body.split(b"\r\n"):
+            name = line.split(b":", 1)[0].strip().lower() if b":" in line else b""
+            if name in (b"ip-address-internal", b"portx", b"portx-internal"):
+                continue
+            if name == b"ip-address":
+                line = b"IP-Address: " + host.encode()
+            elif name == b"port":
+                line = b"Port: " + str(port).encode()
+            lines.append(line)
+        raw = format_command(cmd.verb, *cmd.args[:-1], payload=mime.head + b"\r\n".join(lines))
+        return replace(cmd, raw=raw)
 
     def _refuse(self, out: OutgoingCommands, from_client: bool, name: str, size: int, sender: str, receiver: str,
                 mechanism: str) -> None:

@@ -46,6 +46,13 @@ same offer. The carrier puts an `OftSession` (imguard.protocols.oscar.oft) on th
 over `oscar_max_held_bytes` is dropped with a notice. Files offered *to* our client are registered the
 same way. Direct IM and Get File proposals (peer connections the gateway cannot inspect) are dropped
 with a notice ("oscar_peer_refused"); other rendezvous (voice, games, buddy icons) cross.
+With `side_relay` (the gateway's side relay: `.host` an IPv4 address, `.allocate(offer) -> port`, as IRC's
+DccRelay), every direct proposal crossing in either direction (request 1 from the offerer, and request 2,
+the receiver listening: "reverse connect") is rewritten to host:allocate(offer): client IP 0x0003, verified
+IP 0x0004 (when present), port 0x0005 and their checks 0x0016/0x0017. The offer waits under that relay key
+with the proposal's real address (verified IP, else client IP) as `real_address`. A proposal already naming
+the relay (both parties behind the gateway) crosses unchanged. Proxied proposals (0x0010: both clients
+connect out to AOL's proxy, ars.oscar.aol.com) are not rewritten: they are caught by their destination.
 
 Anomalies (at most `oscar_max_anomalies_per_kind` per kind): framing errors (bad FLAP start, a length
 over `oscar_max_frame_size`: the connection closes), truncated frames at close, malformed SNACs, TLVs
@@ -57,6 +64,7 @@ and ICBMs (an outgoing ICBM we cannot read is dropped: fail closed), bad UTF-16,
 from __future__ import annotations
 
 import html
+import ipaddress
 import itertools
 import re
 import struct
@@ -95,12 +103,19 @@ class OftOffer:
     use_proxy: bool = False
     outbound: bool = True               # offered by the gateway's own client
     context: ChatContext = field(default_factory=ChatContext)   # connection_id = the BOS connection's
+    relay_host: str = ""                # the side relay this proposal was rewritten to ("": not rewritten)
+    relay_port: int = 0
+
+    @property
+    def real_address(self) -> tuple[str, int]:
+        """Where the carrier connects on to: the (first) announced address."""
+        return self.addresses[0] if self.addresses else ("", 0)
 
     def to_dict(self) -> dict[str, Any]:
         return {"id": self.offer_id, "cookie": self.cookie, "name": self.name, "size": self.size,
                 "file_count": self.file_count, "sender": self.sender, "receiver": self.receiver,
                 "addresses": [f"{h}:{p}" for h, p in self.addresses], "use_proxy": self.use_proxy,
-                "outbound": self.outbound}
+                "outbound": self.outbound, "relay_host": self.relay_host, "relay_port": self.relay_port}
 
 
 def remember_offer(transfers, offer: OftOffer, ttl: float) -> None:
@@ -133,9 +148,11 @@ def _normal(screen_name: str) -> str:
 class OscarSession(StreamSession):
     """One OSCAR client connection (StreamSession). See the module docstring."""
 
-    def __init__(self, checker, transfers, context: ChatContext, limits: OscarLimits = OscarLimits()):
+    def __init__(self, checker, transfers, context: ChatContext, limits: OscarLimits = OscarLimits(),
+                 side_relay: Any = None):
         self.checker = checker
         self.transfers = transfers
+        self.side_relay = side_relay    # .host, .allocate(offer) -> port: SendFile proposals rewritten to it
         self.context = context.with_(protocol="oscar")
         self.limits = limits
         self._decoders = {True: FlapDecoder(limits), False: FlapDecoder(limits)}
@@ -332,7 +349,7 @@ class OscarSession(StreamSession):
         if icbm.channel == 1:
             self._channel1(out, from_client, flap, snac, icbm, sender, recipients)
         elif icbm.channel == 2:
-            self._channel2(out, from_client, flap, icbm, sender, recipients)
+            self._channel2(out, from_client, flap, snac, icbm, sender, recipients)
         elif icbm.channel == 4:
             self._channel4(out, from_client, flap, snac, icbm, sender, recipients)
         else:
@@ -430,7 +447,7 @@ class OscarSession(StreamSession):
 
     # --- rendezvous ---------------------------------------------------------------------------------
 
-    def _channel2(self, out: OutgoingCommands, from_client: bool, flap: Flap, icbm: Icbm, sender: str,
+    def _channel2(self, out: OutgoingCommands, from_client: bool, flap: Flap, snac: Snac, icbm: Icbm, sender: str,
                   recipients: tuple[str, ...]) -> None:
         value = tlv(icbm.tlvs, 0x0005)
         if value is None:
@@ -463,6 +480,9 @@ class OscarSession(StreamSession):
             self._forward(out, from_client, flap)
             return
         if rv.type != RV_PROPOSE:
+            self._forward(out, from_client, flap)
+            return
+        if self._relayed_already(rv):       # rewritten by the other party's session (both behind the gateway)
             self._forward(out, from_client, flap)
             return
         addresses = []
@@ -498,10 +518,55 @@ class OscarSession(StreamSession):
         self._offers[cookie] = offer
         while len(self._offers) > 256:
             self._offers.pop(next(iter(self._offers)))
-        remember_offer(self.transfers, offer, self.limits.oscar_transfer_ttl)
-        out.add(self._event("oft_offer", category="file", ctx=offer.context, request=rv.request_number,
-                            **offer.to_dict()))
-        self._forward(out, from_client, flap)
+        data = None
+        if self.side_relay is not None and addresses and not rv.use_proxy:
+            real = next(((ip, rv.port) for ip in (rv.verified_ip, rv.client_ip) if ip and ip != "0.0.0.0"))
+            try:
+                port = int(self.side_relay.allocate(offer))
+                if not 0 < port < 65536:
+                    raise ValueError(f"relay port {port}")
+                relay_ip = ipaddress.IPv4Address(self.side_relay.host)
+            except Exception as e:      # the allocator is the carrier's; an IPv6 relay does not fit: fail closed
+                out.add(self._anomaly("oft_relay_failed", f"no relay port for the SendFile proposal: {e}",
+                                      from_client=from_client, cookie=cookie))
+                self._inject_notice(out, f"imguard: the file {offer.name!r} could not be relayed through the "
+                                         "gateway; the offer was not passed on")
+                self._drop(from_client)
+                return
+            relayed = replace(offer, addresses=(real,), relay_host=str(relay_ip), relay_port=port)
+            if self.transfers is not None:
+                self.transfers.expect(cookie, offer, kind=OFT_KIND, ttl=self.limits.oscar_transfer_ttl)
+                self.transfers.expect((relayed.relay_host, port), relayed, kind=OFT_KIND,
+                                      ttl=self.limits.oscar_transfer_ttl)
+            out.add(self._event("oft_offer", category="file", ctx=offer.context, request=rv.request_number,
+                                **relayed.to_dict()))
+            data = self._rebuild(snac, icbm, 0x0005, relay_rendezvous(value, rv, relay_ip.packed, port))
+        else:
+            remember_offer(self.transfers, offer, self.limits.oscar_transfer_ttl)
+            out.add(self._event("oft_offer", category="file", ctx=offer.context, request=rv.request_number,
+                                **offer.to_dict()))
+        self._forward(out, from_client, flap, data)
+
+    def _relayed_already(self, rv) -> bool:
+        """The proposal names an address of our side relay that an offer already waits on."""
+        if self.side_relay is None or self.transfers is None or rv.use_proxy or not rv.port:
+            return False
+        # The client IP is the one the other session wrote (the server may add its own verified IP).
+        return rv.client_ip == self.side_relay.host and self.transfers.get((self.side_relay.host, rv.port),
+                                                                           kind=OFT_KIND) is not None
+
+
+def relay_rendezvous(value: bytes, rv, ip: bytes, port: int) -> bytes:
+    """The rendezvous block `value` with its direct address replaced by ip:port: client IP 0x0003 (added when
+    absent), verified IP 0x0004 when present, port 0x0005 and the checks 0x0016 (IP xor) and 0x0017 (port xor)."""
+    ip_check = bytes(b ^ 0xFF for b in ip)
+    port_bytes = struct.pack(">H", port)
+    new = {0x0003: ip, 0x0004: ip, 0x0005: port_bytes, 0x0016: ip_check,
+           0x0017: struct.pack(">H", port ^ 0xFFFF)}
+    tlvs = [(t, new.get(t, v)) for t, v in rv.tlvs]
+    if not any(t == 0x0003 for t, _ in tlvs):
+        tlvs.append((0x0003, ip))
+    return value[:26] + build_tlvs(tlvs)
 
 
 def _is_utf8(raw: bytes) -> bool:
