@@ -8,14 +8,15 @@
     notices.py       NoticeRouter: a Notify delivered as session.notice(text) on the connection it names
     tls_memory.py    LateTlsAddon: per-host no-verify, server TLS first for sessions, idle buffers released and
                      one certificate object per forged certificate
-    dcc.py           DccRelayPorts: the IRC DCC relay port pool (allocate for IrcSession, take for a connection)
+    dcc.py           SideRelayPorts: the side-relay port pool shared by IRC DCC, MSNFTP and OFT (allocate for the
+                     chat session that rewrites an offer, take for the connection that arrives on the port)
     layer.py         SessionLayer: a StreamSession (imguard.protocols.base) on one connection; STARTTLS by
                      pushing ServerTLSLayer -> ClientTLSLayer children; NoticeInjected -> session.notice(text)
     inspection.py    Inspection: the addon that answers InspectFileHook, a bounded thread pool around
                      Pipeline.check_file
     http_uploads.py  HTTP(S) uploads (XEP-0363 PUT, upload paths) buffered, scanned, 403/413
-    chat_apis.py     ChatApis: chat over HTTP(S) (Matrix, Slack, Mattermost, Rocket.Chat, Discord) through the
-                     pure decoders of imguard/protocols/httpchat; ChatApiSettings (--chat-* options)
+    chat_apis.py     ChatApis: the mitmproxy adapter of the chat-over-HTTP(S) carrier (imguard/chatapi.py: Matrix,
+                     Slack, Mattermost, Rocket.Chat, Discord, Teams, RVP), shared with the offline replay
     ca.py            the interception CA in data_dir/ca, named for imguard
     cli.py           `imguard run` / `imguard ca`
 
@@ -23,8 +24,9 @@ How a connection is handled (GatewayAddon.next_layer, called by mitmproxy until 
     UDP to a port mapped to sip (reverse:udp, ...)  -> SessionLayer(SipDatagramHandler): one datagram, one event;
                                                      other UDP: mitmproxy's own layers
     socks5 listener that is the bytestream relay  -> SessionLayer(Socks5BytestreamSession), server = streamhost
-    a DCC relay port (--dcc-relay)                -> SessionLayer(DccSendSession/DccChatSession), server = the
-                                                     offer's real listener; no offer for that port: refused
+    a side relay port (--dcc-relay)               -> SessionLayer(DCC send/chat, DirectMsnftpSession or OftSession,
+                                                     as the offer says), server = the offer's real listener; no
+                                                     offer for that port: refused
     not reverse mode, and the destination is an announced side connection (before detection; the registry's
     find_side: a DCC offer when there is no --dcc-relay, an MSNFTP invitation, an OSCAR SendFile rendezvous,
     an SDP MSRP offer)                            -> SessionLayer(dcc/msnftp/oft/msrp session) on that
@@ -37,13 +39,13 @@ How a connection is handled (GatewayAddon.next_layer, called by mitmproxy until 
         TLS to an HTTP port, or in reverse:tcp     -> intercepted; the decrypted first bytes decide again
         anything else                             -> TCPLayer(ignore=True): relayed untouched, no flow, no hooks
 
-DCC relay (--dcc-relay HOST --dcc-relay-ports FIRST-LAST): a pool of mitmproxy `reverse:tcp` listeners, one per
-port, added to the modes at start (imguard/gateway/dcc.py says why a pool and not a listener per offer: the
-IrcSession needs the port synchronously, and mitmproxy binds listeners asynchronously when the mode option
-changes). IrcSession rewrites an offer to HOST:<free pool port> and stores it in ExpectedTransfers under that
-address; server_connect on a pool port takes the offer (find_offer) and points the server leg at
-offer.real_address, or refuses the connection with a dcc_unannounced anomaly; next_layer puts the DCC
-session on it.
+Side relay (--dcc-relay HOST --dcc-relay-ports FIRST-LAST; `auto` in transparent mode): a pool of mitmproxy
+`reverse:tcp` listeners, one per port, added to the modes at start (imguard/gateway/dcc.py says why a pool and not
+a listener per offer: the session needs the port synchronously, and mitmproxy binds listeners asynchronously when
+the mode option changes). The IRC session rewrites a DCC offer, the MSNP session an MSNFTP ACCEPT and the OSCAR
+session a SendFile proposal to HOST:<free pool port>, and stores the offer in ExpectedTransfers under that address;
+server_connect on a pool port takes the offer and points the server leg at offer.real_address, or refuses the
+connection with a dcc_unannounced anomaly; next_layer puts the offer's session on it.
 
 Notices across connections: GatewayAddon.notify_command() records a session's Notify command (connection_id,
 protocol, text) and hands it to its NoticeRouter (notices.py), which knows each live session by its connection
