@@ -60,20 +60,24 @@ class _Walk:
     """State of one inspect() call: the shared budget and the conversation."""
 
     def __init__(self, limits: InspectLimits, context: ChatContext) -> None:
-        self.budget = archives.Budget(limits.max_archive_members, limits.max_expanded_bytes)
+        self.budget = archives.Budget(limits.max_archive_members, limits.max_expanded_bytes,
+                                      limits.max_zip_entries, limits.max_pdf_streams)
         self.context = context
         self.recipient = ",".join(context.recipients)
 
 
 class Inspector:
-    def __init__(self, signatures: Signatures, limits: InspectLimits = InspectLimits()) -> None:
+    def __init__(self, signatures: Signatures, limits: InspectLimits = InspectLimits(), *,
+                 reference: bool = False) -> None:
+        """`reference=True`: libmagic through python-magic, the reference path that the direct calls of the
+        default path are tested against (tests/test_inspect_fastpath.py)."""
         self.signatures = signatures
         self.limits = limits
         self._digests = tuple(name.strip().lower() for name in limits.digests.split(",") if name.strip())
         unknown = [name for name in self._digests if name not in DIGESTS]
         if unknown:
             raise ValueError(f"digests: unknown {', '.join(unknown)}; choose from {', '.join(DIGESTS)}")
-        self._magic = filetype.MagicPool()
+        self._magic = filetype.MagicPool(reference=reference)
         self._hash_pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
 
@@ -287,7 +291,7 @@ class Inspector:
             return
         for fmt, offset in found:
             trailing = data[offset:]
-            trailing_mime, _ = self._magic.identify(trailing[:self.limits.magic_bytes])
+            trailing_mime = self._magic.mime(trailing[:self.limits.magic_bytes])
             report.findings.append(Finding(
                 POLYGLOT,
                 f"{len(trailing)} bytes of {trailing_mime} after the end of the {fmt} data at offset {offset}",
