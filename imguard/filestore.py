@@ -20,9 +20,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
-import shutil
 import sqlite3
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -118,10 +116,7 @@ class FileStore:
             if keep:
                 path.parent.mkdir(exist_ok=True, mode=0o700)
                 if not path.exists():
-                    if isinstance(data, (str, Path)):
-                        _copy_atomic(Path(data), path)
-                    else:
-                        write_atomic(path, bytes(data))
+                    write_atomic(path, Path(data) if isinstance(data, (str, Path)) else bytes(data))
             self._db.execute("INSERT INTO files (sha256, size, first_stored, stored_at, stored) VALUES (?, ?, ?, ?, ?) "
                              "ON CONFLICT(sha256) DO UPDATE SET stored_at = excluded.stored_at, "
                              "stored = MAX(stored, excluded.stored), removed = CASE WHEN excluded.stored = 1 THEN "
@@ -197,18 +192,3 @@ class FileStore:
         self._db.close()
 
 
-def _copy_atomic(source: Path, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "wb") as out, open(source, "rb") as src:
-            shutil.copyfileobj(src, out, 1 << 20)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise

@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import tempfile
 import threading
 import time
@@ -46,13 +47,18 @@ class QuarantineSettings:
                                                   "first when it is exceeded.")
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """`data` at `path`, 0600, via a temporary file renamed into place (also the file store's, filestore.py)."""
+def write_atomic(path: Path, data: "bytes | Path") -> None:
+    """`data` (bytes, or a file to copy: a transfer spooled to disk) at `path`, 0600, via a temporary file renamed
+    into place (also the file store's, filestore.py)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
     try:
         os.fchmod(fd, 0o600)
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            if isinstance(data, Path):
+                with open(data, "rb") as source:
+                    shutil.copyfileobj(source, f, 1 << 20)
+            else:
+                f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
