@@ -34,6 +34,18 @@ def json_body(req: HttpRequest, limits: DecodeLimits) -> object:
     return bodies.parse_json(req.body, limits.max_json_depth)
 
 
+def learned_object(status: int, body: bytes) -> dict | None:
+    """The JSON object a successful response carries (a login, a whoami, an upload URL), else None: a failed call
+    or a body that is not a JSON object teaches nothing. Such responses are small: read only 16 levels deep."""
+    if not 200 <= status < 300:
+        return None
+    try:
+        data = bodies.parse_json(body, 16)
+    except bodies.BodyError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def malformed(api: str, endpoint: str, error: Exception | str, status: int = 400) -> MalformedRequest:
     return MalformedRequest(api, endpoint, status, str(error))
 

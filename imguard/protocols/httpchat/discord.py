@@ -33,9 +33,9 @@ from dataclasses import replace
 from urllib.parse import unquote
 
 from imguard.protocols.httpchat import bodies, etf
-from imguard.protocols.httpchat.common import (DELIVER_MAX_DEPTH, DecodeLimits, FrameTooLarge, UnreadableSocket,
-                                               bearer, dump, json_body, malformed, message_parts, parse_delivered,
-                                               rewrite_json, rewrite_ws_json, text_of, ws_json)
+from imguard.protocols.httpchat.common import (DELIVER_MAX_DEPTH, DecodeLimits, FrameTooLarge, UnreadableSocket, bearer,
+                                               dump, json_body, learned_object, malformed, message_parts,
+                                               parse_delivered, rewrite_json, rewrite_ws_json, text_of, ws_json)
 from imguard.protocols.httpchat.events import (DELIVER, DOWNLOAD, LEARN, MESSAGE, UPLOAD, ChatMessage,
                                                DeliveredMessage, Endpoint, FileUpload, HttpRequest, Identity,
                                                SharedMedia, TextPart, UploadSlot, credential_key)
@@ -375,22 +375,15 @@ def rewrite_ws_delivered(data: bytes, blocked=(), masked=()) -> bytes:
 
 
 def learn(ep: Endpoint, req: HttpRequest, status: int, body: bytes) -> list:
-    if ep.name == "users_me" and 200 <= status < 300:
-        try:
-            data = bodies.parse_json(body, 16)
-        except bodies.BodyError:
-            return []
-        user, key = text_of(data.get("id")) if isinstance(data, dict) else "", bearer(req)
+    data = learned_object(status, body) if ep.name in ("users_me", "attachments") else None
+    if data is None:
+        return []
+    if ep.name == "users_me":
+        user, key = text_of(data.get("id")), bearer(req)
         return [Identity(key, user)] if user and key else []
-    if ep.name != "attachments" or not 200 <= status < 300:
-        return []
-    try:
-        data = bodies.parse_json(body, 16)
-    except bodies.BodyError:
-        return []
     room = ATTACHMENTS.match(req.path).group(1)
     out = []
-    for a in data.get("attachments", []) if isinstance(data, dict) else []:
+    for a in data.get("attachments", []):
         if isinstance(a, dict) and text_of(a.get("upload_url")) and text_of(a.get("upload_filename")):
             out.append(UploadSlot(a["upload_url"], "discord:" + a["upload_filename"], "", bearer(req), room))
     return out

@@ -30,8 +30,8 @@ import re
 from urllib.parse import unquote
 
 from imguard.protocols.httpchat import bodies
-from imguard.protocols.httpchat.common import (DELIVER_MAX_DEPTH, DecodeLimits, bearer, dump, json_body, malformed,
-                                               rewrite_json, text_of)
+from imguard.protocols.httpchat.common import (DELIVER_MAX_DEPTH, DecodeLimits, bearer, dump, json_body, learned_object,
+                                               malformed, rewrite_json, text_of)
 from imguard.protocols.httpchat.events import (DELIVER, DOWNLOAD, LEARN, MESSAGE, UPLOAD, ChatMessage,
                                                DeliveredMessage, EncryptedContent, Endpoint, FileUpload, HttpRequest,
                                                Identity, SharedMedia, StoredMedia, TextPart, credential_key)
@@ -255,13 +255,8 @@ def requester(req: HttpRequest) -> str:
 
 
 def learn(ep: Endpoint, req: HttpRequest, status: int, body: bytes) -> list:
-    if not 200 <= status < 300:
-        return []
-    try:
-        data = bodies.parse_json(body, 16)
-    except bodies.BodyError:
-        return []
-    if not isinstance(data, dict):
+    data = learned_object(status, body)
+    if data is None:
         return []
     if ep.name == "media_upload":
         uri = text_of(data.get("content_uri"))

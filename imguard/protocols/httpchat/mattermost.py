@@ -32,9 +32,9 @@ import json
 import re
 
 from imguard.protocols.httpchat import bodies
-from imguard.protocols.httpchat.common import (DELIVER_MAX_DEPTH, DecodeLimits, bearer, dump, json_body, malformed,
-                                               message_parts, parse_delivered, plain_codec, rewrite_json, text_of,
-                                               ws_json)
+from imguard.protocols.httpchat.common import (DELIVER_MAX_DEPTH, DecodeLimits, bearer, dump, json_body, learned_object,
+                                               malformed, message_parts, parse_delivered, plain_codec, rewrite_json,
+                                               text_of, ws_json)
 from imguard.protocols.httpchat.common import rewrite_delivered as rewrite_delivered_data
 from imguard.protocols.httpchat.events import (DELIVER, DOWNLOAD, LEARN, MESSAGE, UPLOAD, ChatMessage,
                                                DeliveredMessage, Endpoint, FileUpload, HttpRequest, Identity,
@@ -260,13 +260,10 @@ def rewrite_ws_delivered(data: bytes, blocked=(), masked=()) -> bytes:
 
 
 def learn(ep: Endpoint, req: HttpRequest, status: int, body: bytes) -> list:
-    if ep.name != "users_me" or not 200 <= status < 300:
+    data = learned_object(status, body) if ep.name == "users_me" else None
+    if data is None:
         return []
-    try:
-        data = bodies.parse_json(body, 16)
-    except bodies.BodyError:
-        return []
-    user, key = text_of(data.get("id")) if isinstance(data, dict) else "", _sender(req)
+    user, key = text_of(data.get("id")), _sender(req)
     return [Identity(key, user)] if user and key else []
 
 

@@ -31,8 +31,8 @@ import re
 from urllib.parse import unquote, urlencode
 
 from imguard.protocols.httpchat import bodies
-from imguard.protocols.httpchat.common import (DELIVER_MAX_DEPTH, DecodeLimits, bearer, dump, json_body, malformed,
-                                               message_parts, parse_delivered, plain_codec, rewrite_json,
+from imguard.protocols.httpchat.common import (DELIVER_MAX_DEPTH, DecodeLimits, bearer, dump, json_body, learned_object,
+                                               malformed, message_parts, parse_delivered, plain_codec, rewrite_json,
                                                rewrite_ws_json, text_of, ws_json)
 from imguard.protocols.httpchat.events import (DELIVER, DOWNLOAD, LEARN, MESSAGE, UPLOAD, ChatMessage,
                                                DeliveredMessage, Endpoint, FileUpload, HttpRequest, Identity,
@@ -339,33 +339,25 @@ def rewrite_ws_delivered(data: bytes, blocked=(), masked=()) -> bytes:
     return rewrite_ws_json(data, blocked, masked, _blank)
 
 
+LEARNING_METHODS = frozenset({"rtm.connect", "rtm.start", "auth.test", "files.getUploadURLExternal"})
+
+
 def learn(ep: Endpoint, req: HttpRequest, status: int, body: bytes) -> list:
-    if ep.name in ("rtm.connect", "rtm.start") and 200 <= status < 300:
-        try:
-            data = bodies.parse_json(body, 16)
-        except bodies.BodyError:
-            return []
-        if not isinstance(data, dict) or not data.get("ok") or not isinstance(data.get("self"), dict):
+    data = learned_object(status, body) if ep.name in LEARNING_METHODS else None
+    if data is None or not data.get("ok"):
+        return []
+    if ep.name in ("rtm.connect", "rtm.start"):
+        if not isinstance(data.get("self"), dict):
             return []
         user, url = text_of(data["self"].get("id")), text_of(data.get("url"))
         out = [Identity(ws_url_key(url), user)] if user and url else []
         key = requester(req)
         return out + ([Identity(key, user)] if user and key else [])
-    if ep.name == "auth.test" and 200 <= status < 300:
-        try:
-            data = bodies.parse_json(body, 16)
-        except bodies.BodyError:
-            return []
-        user = text_of(data.get("user_id")) if isinstance(data, dict) and data.get("ok") else ""
+    if ep.name == "auth.test":
+        user = text_of(data.get("user_id"))
         key = requester(req)
         return [Identity(key, user)] if user and key else []
-    if ep.name != "files.getUploadURLExternal" or not 200 <= status < 300:
-        return []
-    try:
-        data = bodies.parse_json(body, 16)
-    except bodies.BodyError:
-        return []
-    if not isinstance(data, dict) or not data.get("ok") or not text_of(data.get("upload_url")):
+    if not text_of(data.get("upload_url")):        # files.getUploadURLExternal
         return []
     try:
         args, _, _ = _arguments(req, DecodeLimits())

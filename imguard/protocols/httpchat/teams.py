@@ -25,8 +25,8 @@ import re
 from urllib.parse import unquote
 
 from imguard.protocols.httpchat import bodies
-from imguard.protocols.httpchat.common import (DecodeLimits, bearer, dump, json_body, malformed, parse_delivered,
-                                               rewrite_json, text_of)
+from imguard.protocols.httpchat.common import (DecodeLimits, bearer, dump, json_body, learned_object, malformed,
+                                               parse_delivered, rewrite_json, text_of)
 from imguard.protocols.httpchat.events import (DELIVER, LEARN, MESSAGE, UPLOAD, ChatMessage, DeliveredMessage,
                                                Endpoint, FileUpload, HttpRequest, Identity, TextPart, UploadSlot)
 
@@ -139,13 +139,8 @@ def _session_chunk(ep: Endpoint, req: HttpRequest) -> list:
 
 
 def learn(ep: Endpoint, req: HttpRequest, status: int, body: bytes) -> list:
-    if not 200 <= status < 300 or ep.name not in ("me", "create_upload_session"):
-        return []
-    try:
-        data = bodies.parse_json(body, 16)
-    except bodies.BodyError:
-        return []
-    if not isinstance(data, dict):
+    data = learned_object(status, body) if ep.name in ("me", "create_upload_session") else None
+    if data is None:
         return []
     if ep.name == "me":
         key, user = bearer(req), text_of(data.get("id"))
