@@ -51,6 +51,9 @@ logger = logging.getLogger("imguard.chatapi")
 
 SLOT = "chat_upload_slot"           # ExpectedTransfers kinds
 MEDIA = "chat_media"
+# EncryptedContent.scheme -> ChatContext.encryption (model.ENCRYPTION_SCHEMES): a room event sent encrypted is
+# Megolm (Olm only carries to-device messages); an EncryptedFile in a message sent in clear is its own case.
+_POLICY_SCHEME = {"m.room.encrypted": "megolm", "EncryptedFile": "matrix-attachment"}
 RESPONSE_KEEP = 256 * 1024          # bytes of a learning response kept (login, upload results are small)
 WS_INLINE_MAX = 64 * 1024           # a larger server WebSocket message (or any on a compressed stream) is read and
                                     # re-encoded off the event loop (Offload)
@@ -63,8 +66,8 @@ class ChatApiSettings:
     routes: list = setting(
         list(httpchat.DEFAULT_ROUTES),
         "Which requests are chat API calls: API=[HOST]/PATH_PREFIX, API one of matrix, slack, mattermost, "
-        "rocketchat, discord, rvp. Without HOST a prefix matches on any host, so a self-hosted server on any name is "
-        "covered; with HOST (or *.domain) only there. Giving this option replaces the defaults. Within a "
+        "rocketchat, discord, rvp, teams. Without HOST a prefix matches on any host, so a self-hosted server on any "
+        "name is covered; with HOST (or *.domain) only there. Giving this option replaces the defaults. Within a "
         "prefix only the API's known message and upload endpoints are held; other calls are relayed untouched")
     max_upload_size: int = setting(
         64 * MiB, "Largest chat API upload (media, files, a message with attachments) buffered and scanned; "
@@ -450,6 +453,7 @@ class ChatApiCarrier:
     def _encrypted(self, call: ChatCall, event: EncryptedContent) -> Respond | None:
         self.stats["encrypted"] += 1
         ctx = self.context(call, event.endpoint, event.sender, event.room)
+        ctx = ctx.with_(encryption=_POLICY_SCHEME.get(event.scheme, event.scheme))     # policy's `encrypted`
         self._anomaly(ctx, "e2e_encrypted", "end-to-end encrypted content: it cannot be inspected",
                       severity="info", scheme=event.scheme)
         for ref in event.refs:

@@ -42,6 +42,7 @@ class ChatContext:
     connection_id: str = ""             # the gateway's id of the connection
     transfer_mechanism: str = ""        # for files: "xep-0363", "ibb", "socks5", "dcc", "upload", ""
     origin: str = ""                    # FROM_CLIENT, FROM_SERVER, or "" (not known: `imguard scan`)
+    encryption: str = ""                # a message's end-to-end encryption, one of ENCRYPTION_SCHEMES; "" in clear
 
     def with_(self, **changes: Any) -> "ChatContext":
         # Called per message by some sessions: copying the fields is several times cheaper than
@@ -60,10 +61,14 @@ class ChatContext:
                 "recipients": list(self.recipients), "conversation": self.conversation,
                 "client_address": self.client_address, "server_address": self.server_address,
                 "connection_id": self.connection_id, "transfer_mechanism": self.transfer_mechanism,
-                "origin": self.origin}
+                "origin": self.origin, "encryption": self.encryption}
 
 
 _CONTEXT_FIELDS = frozenset(f.name for f in dataclasses.fields(ChatContext))
+
+# End-to-end encryption schemes a session recognises on a message it cannot read (ChatContext.encryption; the
+# policy condition `encrypted`). "matrix-attachment": a Matrix EncryptedFile shared in a message sent in clear.
+ENCRYPTION_SCHEMES = ("omemo", "openpgp", "otr", "megolm", "matrix-attachment")
 
 
 # Finding kinds. A finding is a fact the inspector established, not a verdict: policy decides.

@@ -489,3 +489,148 @@ def test_inbound_messages_context_and_event_show_the_notice(imguard_route):
         finally:
             await closing(alice, bob)
     run(scenario())
+
+
+# --- Megolm: a real encrypted room (matrix-nio with python-olm) ----------------------------------------------
+
+async def encrypting_client(route: Route, name: str, store) -> "nio.AsyncClient":
+    """A registered nio client with end-to-end encryption on (python-olm), its device keys uploaded."""
+    if not nio.crypto.ENCRYPTION_ENABLED:
+        pytest.fail("matrix-nio has no encryption here: python-olm is missing (setup.cfg test extras)")
+    user = f"{name}-{uuid.uuid4().hex[:6]}"
+    store.mkdir(exist_ok=True)
+    client = nio.AsyncClient(route.base, user, ssl=route.ssl, store_path=str(store),
+                             config=nio.AsyncClientConfig(encryption_enabled=True, store_sync_tokens=False))
+    resp = await client.register(user, f"{user}-password-1")
+    assert isinstance(resp, nio.RegisterResponse), f"register failed: {resp}"
+    assert client.olm is not None
+    if client.should_upload_keys:
+        assert isinstance(await client.keys_upload(), nio.KeysUploadResponse)
+    return client
+
+
+async def encrypted_room(alice, bob) -> str:
+    """A room alice creates with encryption on (m.room.encryption, Megolm) and bob joins; both have synced it."""
+    resp = await alice.room_create(invite=[bob.user_id], initial_state=[
+        {"type": "m.room.encryption", "state_key": "", "content": {"algorithm": "m.megolm.v1.aes-sha2"}}])
+    assert isinstance(resp, nio.RoomCreateResponse), resp
+    assert isinstance(await bob.join(resp.room_id), nio.JoinResponse)
+    for client in (alice, bob):
+        assert isinstance(await client.sync(timeout=0, full_state=True), nio.SyncResponse)
+    assert alice.rooms[resp.room_id].encrypted
+    return resp.room_id
+
+
+def test_megolm_room_message_is_seen_by_policy_as_encrypted(imguard_route, tmp_path):
+    """alice, inside, writes in an encrypted room to bob, outside (straight to Synapse): nio encrypts it with
+    Megolm (python-olm) and shares the room key with bob's device. Bob decrypts exactly what she wrote (real
+    ciphertext crossed, unchanged); the gateway, which cannot read it, hands policy the fact: the bundled
+    e2e-encrypted-content rule alerts on `encrypted: true`, and the event says imguard.context.encryption =
+    megolm, outbound, from alice. A plain message after it in a room without encryption is not `encrypted`."""
+    route = imguard_route
+    outside = Route("outside", route.synapse, None)
+
+    async def scenario():
+        alice = await encrypting_client(route, "alice", tmp_path / "alice")
+        bob = await encrypting_client(outside, "bob", tmp_path / "bob")
+        try:
+            room = await encrypted_room(alice, bob)
+            secret = f"the merger closes on friday {uuid.uuid4().hex[:6]}"
+            sent = await alice.room_send(room, "m.room.message", {"msgtype": "m.text", "body": secret},
+                                         ignore_unverified_devices=True)
+            assert isinstance(sent, nio.RoomSendResponse), sent
+            # What Synapse stored is ciphertext (asked on its own port).
+            stored = [e for e in server_history(route.synapse, bob.access_token, room)
+                      if e.get("event_id") == sent.event_id]
+            assert stored and stored[0]["type"] == "m.room.encrypted", stored
+            assert stored[0]["content"]["algorithm"] == "m.megolm.v1.aes-sha2" and secret not in json.dumps(stored)
+            deadline = time.monotonic() + 20
+            got = None
+            while got is None and time.monotonic() < deadline:
+                sync = await bob.sync(timeout=1000)
+                assert isinstance(sync, nio.SyncResponse), sync
+                timeline = sync.rooms.join.get(room)
+                for event in (timeline.timeline.events if timeline else []):
+                    if getattr(event, "event_id", "") == sent.event_id:
+                        got = event
+            assert isinstance(got, nio.RoomMessageText) and got.decrypted, f"bob could not decrypt it: {got}"
+            assert got.body == secret
+            alert = await route.wait_alert(
+                lambda e: e["event"].get("dataset") == "imguard.message"
+                and e["imguard"]["context"].get("encryption") == "megolm")
+            assert alert, "no message event with the encryption"
+            assert alert["event"]["action"] == "alert" and alert["rule"]["id"] == "e2e-encrypted-content", alert
+            assert alert["imguard"]["context"]["direction"] == "outbound"
+            assert alert["source"]["user"]["name"] == alice.user_id
+            assert secret not in json.dumps(alert)
+            plain_room = await route.room(alice, bob)
+            assert isinstance(await alice.sync(timeout=0), nio.SyncResponse)      # nio sends only in rooms it knows
+            note = f"plain text after it {uuid.uuid4().hex[:6]}"
+            assert isinstance(await alice.room_send(plain_room, "m.room.message", {"msgtype": "m.text",
+                                                                                 "body": note}), nio.RoomSendResponse)
+            plain = await route.wait_alert(lambda e: e["event"].get("dataset") == "imguard.message"
+                                           and e["imguard"].get("message", {}).get("text") == note)
+            assert plain and plain["imguard"]["context"]["encryption"] == ""
+            assert "e2e-encrypted-content" not in json.dumps(plain.get("rule", {}))
+        finally:
+            await closing(alice, bob)
+    run(scenario())
+
+
+NO_MEGOLM_RULE = """\
+- id: test-no-encrypted-matrix
+  title: No encrypted Matrix rooms
+  severity: medium
+  action: block
+  applies_to: message
+  match:
+    encrypted: [megolm]
+"""
+
+
+@pytest.fixture(scope="module")
+def blocking_gateway(tmp_path_factory, synapse):
+    """A second gateway whose company chose to block Megolm (one rule more than the bundled policy)."""
+    gw = HttpGateway.start(tmp_path_factory.mktemp("matrix-gw-no-megolm"), [f"http://127.0.0.1:{synapse.port}"],
+                           extra_rules={"95-no-megolm.yaml": NO_MEGOLM_RULE})
+    try:
+        yield gw
+    finally:
+        status = gw.stop()
+        if gw.crashed:
+            pytest.fail(f"imguard run exited by itself with status {status}:\n{gw.logs()}")
+
+
+def test_a_policy_that_blocks_megolm_keeps_encrypted_messages_off_the_server(synapse, blocking_gateway, tmp_path):
+    """Where the company blocks encrypted chat (`encrypted: [megolm]`, action block), nio's real Megolm message
+    from alice inside is refused (M_FORBIDDEN) and never reaches Synapse (its own history says so); the block is
+    logged with the rule and the scheme; a plain message from her still goes."""
+    offset = blocking_gateway.log_size()
+    route = Route("imguard", synapse, blocking_gateway)
+    outside = Route("outside", synapse, None)
+
+    async def scenario():
+        alice = await encrypting_client(route, "alice", tmp_path / "alice")
+        bob = await encrypting_client(outside, "bob", tmp_path / "bob")
+        try:
+            room = await encrypted_room(alice, bob)
+            secret = f"the merger closes on friday {uuid.uuid4().hex[:6]}"
+            resp = await alice.room_send(room, "m.room.message", {"msgtype": "m.text", "body": secret},
+                                         ignore_unverified_devices=True)
+            assert isinstance(resp, nio.RoomSendError) and resp.status_code == "M_FORBIDDEN", resp
+            history = server_history(synapse, bob.access_token, room)
+            assert not [e for e in history if e.get("type") == "m.room.encrypted"], history
+            alert = await route.wait_alert(lambda e: e["event"].get("dataset") == "imguard.message"
+                                           and e["event"].get("action") == "block")
+            assert alert and "test-no-encrypted-matrix" in alert["rule"]["id"], alert
+            assert alert["imguard"]["context"]["encryption"] == "megolm"
+            plain_room = await route.room(alice, bob)
+            assert isinstance(await alice.sync(timeout=0), nio.SyncResponse)
+            sent = await alice.room_send(plain_room, "m.room.message", {"msgtype": "m.text", "body": "lunch?"})
+            assert isinstance(sent, nio.RoomSendResponse), sent
+            assert [e for e in server_history(synapse, bob.access_token, plain_room)
+                    if e.get("event_id") == sent.event_id]
+        finally:
+            await closing(alice, bob)
+    run(scenario())
+    check_gateway(blocking_gateway, offset)

@@ -675,3 +675,57 @@ def test_rules_left_out_by_context_would_not_have_matched():
         assert compared == len(contexts) * len(texts)
     bundled = policies[0]           # its rules are about outbound traffic: an internal chat skips them
     assert len(bundled._message_candidates(INT)) < len(bundled.message_rules)
+
+
+# --- end-to-end encryption (the `encrypted` condition of message rules) -----------------------------------
+
+def test_encrypted_condition_sees_the_scheme_the_session_recognised(tmp_path):
+    p = policy(tmp_path, rule("any", match="encrypted: true") + rule("clear", match="encrypted: false")
+               + rule("otr", action="block", match="encrypted: [otr, openpgp]")
+               + rule("megolm", match="encrypted: megolm"))
+    ctx = ChatContext(protocol="xmpp", direction="outbound", sender="alice@example.com")
+    plain = p.decide_message("", ctx)
+    assert plain.rule_ids == ["clear"] and plain.action == "alert"
+    omemo = p.decide_message("", ctx.with_(encryption="omemo"))
+    assert omemo.rule_ids == ["any"] and omemo.matches[0].reasons == ["the message is end-to-end encrypted (omemo)"]
+    otr = p.decide_message("?OTR:AAMD", ctx.with_(encryption="otr"))
+    assert otr.action == "block" and sorted(otr.rule_ids) == ["any", "otr"]
+    assert sorted(p.decide_message("", ctx.with_(encryption="megolm")).rule_ids) == ["any", "megolm"]
+    # A marker in a message sent in clear is text, not a fact: only the session says what is encrypted.
+    assert p.decide_message("?OTR:AAMDJ+MVmSfjFZcAAAAAAQ== -----BEGIN PGP MESSAGE-----", ctx).rule_ids == ["clear"]
+
+
+def test_encrypted_condition_combines_with_the_others_and_prunes_by_context(tmp_path):
+    p = policy(tmp_path, rule("out", action="block", match="encrypted: true\ndirection: outbound"))
+    out = ChatContext(protocol="xmpp", direction="outbound", encryption="openpgp")
+    assert p.decide_message("", out).action == "block"
+    assert p.decide_message("", out.with_(direction="inbound")).action == "allow"
+    assert p.decide_message("", out.with_(encryption="")).action == "allow"
+    assert p._message_candidates(out.with_(encryption="")) == []       # decided by the context alone
+
+
+def test_encrypted_condition_errors_name_file_and_line(tmp_path):
+    errs = errors_of(tmp_path, {"a.yaml": rule("a", match="regex: x\nencrypted: [omemo, signal]"),
+                                "b.yaml": rule("b", match="encrypted: {scheme: otr}"),
+                                "c.yaml": rule("c", match="encrypted: 'yes'"),
+                                "d.yaml": rule("d", match="encrypted: []")})
+    assert "a.yaml:8: encrypted: 'signal' is not one of: omemo, openpgp, otr, megolm, matrix-attachment" in errs
+    assert ("b.yaml:7: encrypted: expected true, false or a list of schemes (omemo, openpgp, otr, megolm, "
+            "matrix-attachment), got a mapping") in errs
+    assert "c.yaml:7: encrypted: 'yes' is not one of: omemo, openpgp, otr, megolm, matrix-attachment" in errs
+    assert "d.yaml:7: encrypted: the list is empty (give at least one value)" in errs
+
+
+def test_a_file_rule_encrypted_is_still_the_files_own(tmp_path):
+    p = policy(tmp_path, rule("f", applies_to="file", match="encrypted: true"))
+    assert p.decide_file(report("a.zip", encrypted=True), ChatContext(encryption="")).action == "alert"
+    assert p.decide_file(report("a.txt"), ChatContext(encryption="omemo")).action == "allow"
+
+
+def test_the_bundled_rule_alerts_on_encrypted_messages_by_the_fact_not_the_text():
+    p = load_policy(Path(__file__).parent.parent / "rules")
+    ctx = ChatContext(protocol="xmpp", direction="outbound", sender="alice@example.com", recipients=("bob@gmail.com",))
+    for scheme in ("omemo", "openpgp", "otr", "megolm"):
+        d = p.decide_message("", ctx.with_(encryption=scheme))
+        assert d.action == "alert" and "e2e-encrypted-content" in d.rule_ids, scheme
+    assert "e2e-encrypted-content" not in p.decide_message("I sent you an OMEMO encrypted message", ctx).rule_ids

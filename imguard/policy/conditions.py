@@ -101,6 +101,23 @@ class SetCondition(Condition):
         return None
 
 
+class EncryptionCondition(Condition):
+    """encrypted, in a message rule: the message is end-to-end encrypted (`schemes` None: by any scheme; a set:
+    by one of those), or with `expect=False` it is not. The session that recognised the scheme put it in
+    ChatContext.encryption; policy sees the fact, never the ciphertext (the text it checks is empty)."""
+
+    def __init__(self, key: str, expect: bool = True, schemes: set[str] | None = None) -> None:
+        self.key, self.expect, self.schemes = key, expect, schemes
+
+    def test(self, ev: Evaluation, want_spans: bool = False) -> Hit | None:
+        scheme = ev.ctx.encryption
+        if not self.expect:
+            return None if scheme else Hit("the message is not end-to-end encrypted")
+        if scheme and (self.schemes is None or scheme in self.schemes):
+            return Hit(f"the message is end-to-end encrypted ({scheme})")
+        return None
+
+
 class PartyCondition(Condition):
     """sender / recipient: any of the patterns fits the sender, or any one recipient."""
     cost = 1

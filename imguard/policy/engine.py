@@ -121,7 +121,7 @@ CANDIDATE_CACHE_SIZE = 4096     # contexts whose candidate message rules a polic
 
 def _context_only(cond: C.Condition) -> bool:
     """A condition decided by the chat context and the zones alone, never by a message's text."""
-    return isinstance(cond, (C.SetCondition, C.PartyCondition))
+    return isinstance(cond, (C.SetCondition, C.PartyCondition, C.EncryptionCondition))
 
 
 class Policy:

@@ -13,7 +13,8 @@ import re
 from pathlib import Path
 from typing import Any, Iterable
 
-from imguard.model import ACTIONS, ENFORCE, FINDING_KINDS, MASK, MODES, SEVERITIES, UNSCANNABLE_REASONS
+from imguard.model import (ACTIONS, ENCRYPTION_SCHEMES, ENFORCE, FINDING_KINDS, MASK, MODES, SEVERITIES,
+                           UNSCANNABLE_REASONS)
 from imguard.policy import conditions as C
 from imguard.policy import matcher as M
 from imguard.policy.detectors import DETECTORS
@@ -31,7 +32,7 @@ REQUIRED_RULE_KEYS = ("id", "title", "severity", "action", "applies_to", "match"
 APPLIES_TO = ("message", "file")
 
 COMMON_CONDITIONS = ("protocol", "direction", "sender", "recipient", "client_zone")
-MESSAGE_CONDITIONS = ("keywords", "regex", "detect")
+MESSAGE_CONDITIONS = ("keywords", "regex", "detect", "encrypted")      # encrypted: end to end (a file's: its own)
 FILE_CONDITIONS = ("name", "extension", "mime", "family", "type_mismatch", "size_gt", "size_lt", "yara_rule",
                    "yara_namespace", "yara_file", "yara_tag", "yara_meta", "encrypted", "contains_executable",
                    "archive_depth_gt", "unscannable", "unscannable_reason", "polyglot", "finding",
@@ -150,7 +151,9 @@ class _Compiler:
             else:
                 ck.error(line, f"unknown condition {key!r}; allowed for {applies_to} rules: {', '.join(allowed)}")
             return None
-        cond = getattr(self, "c_" + key)(ck, key, value, line)
+        message_encrypted = key == "encrypted" and applies_to == "message"     # end to end, not a file's own
+        compile_ = self.c_message_encrypted if message_encrypted else getattr(self, "c_" + key)
+        cond = compile_(ck, key, value, line)
         if cond is not None:
             cond.key, cond.line = key, line
         return cond
@@ -244,6 +247,17 @@ class _Compiler:
         # Every pattern of the policy joins one RE2 set (matcher.PatternSet), matched in one pass per message;
         # each pattern stays compiled on its own too, for the spans and the first match of those that occur.
         return C.RegexCondition(key, vals, compiled)
+
+    def c_message_encrypted(self, ck, key, value, line):
+        """encrypted: true | false | a scheme or a list of schemes (ENCRYPTION_SCHEMES)."""
+        if isinstance(value, bool):
+            return C.EncryptionCondition(key, value)
+        if value is None or isinstance(value, dict):
+            ck.error(line, f"{key}: expected true, false or a list of schemes ({', '.join(ENCRYPTION_SCHEMES)}), "
+                           f"got {type_name(value)}")
+            return None
+        vals = _choice(ck, key, _strings(ck, key, value, line), ENCRYPTION_SCHEMES, line)
+        return vals and C.EncryptionCondition(key, True, set(vals))
 
     def c_detect(self, ck, key, value, line):
         vals = _choice(ck, key, _strings(ck, key, value, line), DETECTORS, line)

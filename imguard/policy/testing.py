@@ -32,8 +32,8 @@ from imguard.model import ACTIONS, ChatContext, Decision
 from imguard.policy.yamlsrc import Map, Seq, YamlError, load_yaml, type_name
 
 CASE_KEYS = ("name", "message", "file", "context", "expect", "description")
-CONTEXT_KEYS = ("protocol", "direction", "origin", "sender", "recipients", "conversation", "client_address",
-                "server_address", "transfer_mechanism", "name", "claimed_mime")
+CONTEXT_KEYS = ("protocol", "direction", "origin", "encryption", "sender", "recipients", "conversation",
+                "client_address", "server_address", "transfer_mechanism", "name", "claimed_mime")
 FILE_KEYS = ("name", "claimed_mime", "content", "content_base64", "path")
 EXPECT_KEYS = ("action", "rule", "rules", "shadow", "masked_text", "notice_contains")
 

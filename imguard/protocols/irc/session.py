@@ -25,6 +25,8 @@ leaves the label as it was.
 Text policy, from the client: PRIVMSG and NOTICE (plain text and CTCP ACTION; also CPRIVMSG, CNOTICE, SQUERY,
 WALLOPS), TOPIC, SETNAME, the free-text reasons of PART, QUIT, KICK, KNOCK and AWAY, and the values of IRCv3
 client-only tags (`+name=value`, which other clients receive) go to `checker.check_message(text, ctx)`.
+An OTR message (a PRIVMSG or NOTICE whose text starts "?OTR", either direction) goes with `ctx.encryption` "otr",
+for policy's `encrypted` condition (its text, the ciphertext, is checked too).
 Allow/alert: the exact bytes cross.
 Mask: the text param is rewritten (tags and prefix kept). Block/quarantine: the line is dropped and the
 user gets `:imguard NOTICE <nick> :<why>`; for PART/QUIT/KICK/KNOCK/AWAY the command still goes,
@@ -87,6 +89,12 @@ from imguard.protocols.irc.decoder import (BadLine, Ctcp, DccError, DccResume, D
 GATEWAY_NAME = "imguard"        # the prefix of notices the gateway writes into the chat
 _CTX_CACHE_SIZE = 64            # contexts kept per connection (one per channel or peer)
 _INBOUND_CACHE_SIZE = 256       # contexts of what the server delivers (one per sender and channel or query)
+
+
+def _is_otr(text: str) -> bool:
+    """An OTR message (data, query, error or a fragment: all start "?OTR"): ChatContext.encryption "otr"."""
+    return text.lstrip().startswith("?OTR")
+
 
 # command -> (index of the target param or None, index of the text param, droppable)
 # droppable: a blocked text drops the whole line; otherwise the command goes without its text.
@@ -414,6 +422,8 @@ class IrcSession(StreamSession):
         check_parts = [plain] + [c.args for c in ctcps if c.verb not in UNCHECKED_CTCP]
         check_text = " ".join(p for p in check_parts if p)
         ctx = self._ctx(recipients=recipients, conversation=conversation, origin=FROM_CLIENT)
+        if cmd in MESSAGE_COMMANDS and _is_otr(plain):
+            ctx = ctx.with_(encryption="otr")
         decision: Decision | None = None
         if check_text.strip():
             decision = self.checker.check_message(check_text, ctx)
@@ -522,7 +532,10 @@ class IrcSession(StreamSession):
                 channel = self._is_channel(target)
                 conversation = target.lstrip(self.statusmsg) if channel else ""
                 recipient = target if channel or target.lower() != self.nick.lower() else self.sender
-                decision = self.checker.check_message(check_text, self._inbound_ctx(prefix, recipient, conversation))
+                ctx = self._inbound_ctx(prefix, recipient, conversation)
+                if _is_otr(plain):
+                    ctx = ctx.with_(encryption="otr")
+                decision = self.checker.check_message(check_text, ctx)
                 if decision.blocked:
                     what = "message" if msg.command == "PRIVMSG" else "notice"
                     to = f" to {target}" if channel else ""

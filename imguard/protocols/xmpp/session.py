@@ -45,8 +45,9 @@ for the contract). In short:
   Presences stay shallow (framed and bounded, no element tree) and are never checked; iqs are parsed for
   what they carry (bind, upload slots, files) but never go to policy.
 * End-to-end encrypted messages (OMEMO, OpenPGP, legacy PGP, OTR) cannot be read: the session
-  records an `e2e_encrypted` anomaly with the scheme and asks the checker with the text "" so policy
-  can still decide on who/where; MASK is not possible on ciphertext and is treated as ALERT.
+  records an `e2e_encrypted` anomaly with the scheme and asks the checker with the text "" and the scheme in
+  `ctx.encryption` (omemo, openpgp, otr), so policy decides on who/where and on the `encrypted` condition;
+  MASK is not possible on ciphertext and is treated as ALERT.
 * Files:
   - XEP-0047 IBB (`ibb.InBandBytestreams`): the IBB framing drives a HeldTransfer per stream
     (imguard.files.tracker), in either direction: a stream the client sends (outbound) and one the
@@ -187,6 +188,7 @@ _IBB_DATA = "{%s}data" % NS_IBB
 _OOB_X = "{%s}x" % NS_OOB_X
 _SHARING_TAGS = frozenset({_OOB_X, "{%s}file-sharing" % NS_SFS})    # a file shared by link: XEP-0066, XEP-0447
 _E2E_TAGS = {"{%s}%s" % key: scheme for key, scheme in E2E_ELEMENTS.items()}
+_POLICY_SCHEME = {"omemo:2": "omemo", "pgp-legacy": "openpgp"}     # -> ChatContext.encryption (model.py's names)
 _CLIENT_BODY = "{%s}body" % NS_CLIENT
 _FORWARDED_MESSAGE = "{urn:xmpp:forward:0}forwarded/{%s}message" % NS_CLIENT    # XEP-0297
 # the wrappers of a message the server forwards to its own user: XEP-0280 carbons, XEP-0313 archive results
@@ -537,6 +539,7 @@ class XmppSession(StreamSession):
             out.append(self.anomaly("e2e_encrypted", "an end-to-end encrypted message: its content cannot "
                                     "be inspected", ctx=ctx, severity="info", scheme=scheme))
             text_to_check = ""
+            ctx = ctx.with_(encryption=_POLICY_SCHEME.get(scheme, scheme))     # what policy's `encrypted` sees
         elif body is None:
             return out + [self._forward_to(st, from_client)]       # chat states, receipts, markers: no text
         else:
