@@ -190,6 +190,9 @@ def hunt(pipeline, since: str, *, progress: Callable[[int, int], None] | None = 
         return summary
     policy, inspector = pipeline._in_force
     version = str(getattr(getattr(inspector, "signatures", None), "version", ""))
+    # The archive is written by its own thread: the sightings of files that crossed a moment ago (the very ones a
+    # signature change is most likely about) are on disk before they are read.
+    pipeline.archive.flush()
     seen_by_hash = sightings(pipeline.archive, since)
     summary.files = len(seen_by_hash)
 

@@ -157,6 +157,7 @@ def test_retention_removes_contents_but_keeps_hashes(setup, tmp_path):
     assert capped.count() == (2, 0)
 
     (signatures / "retrohunt_marker.yar").write_text(SIGNATURE)
+    pipeline.archive.flush()        # another process's hunt (below) reads what this pipeline's writer has on disk
     fresh = runtime.build_pipeline(setup[1], signatures, data)
     try:
         summary = hunt(fresh, since_time("1d"))
@@ -192,6 +193,7 @@ def test_a_retro_hunt_over_thousands_of_files_against_bench_inspects_small_file_
     bench_rate = len(files) / (time.perf_counter() - started)
 
     (signatures / "retrohunt_marker.yar").write_text(SIGNATURE)
+    pipeline.archive.flush()        # the fresh pipeline (as `imguard retrohunt` would) reads what is on disk
     fresh = runtime.build_pipeline(rules, signatures, data)
     try:
         summary = hunt(fresh, since_time("1d"))
