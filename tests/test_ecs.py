@@ -1,5 +1,5 @@
 """Events a SIEM ingests without a custom parser: every event family checked against the Elastic Common Schema's
-own field data (../shared/research/ecs/) and against docs/events.md, by tests/ecs_schema.py.
+own field data (tests/data/ecs/, with its source and licence) and against docs/events.md, by tests/ecs_schema.py.
 
 These tests build each family with the contexts that broke it (a host name where an IP goes, IPv6, a non-ASCII
 sender, a malware block) and check the checker itself on the event shape imguard wrote before (it must find each

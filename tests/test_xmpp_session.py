@@ -1,7 +1,7 @@
 """XmppSession transcripts: real client/server bytes in, the session's commands out.
 
 Each test feeds bytes captured from real clients and servers (tests/data/xmpp/*.json, extracted
-from /work/shared/pcaps: see each file's "source") or a few hand-written stanzas, and asserts the
+from tests/data/captures: see each file's "source") or a few hand-written stanzas, and asserts the
 exact commands, like mitmproxy's Playbook. The checker stands in for the Pipeline: it returns
 fixed Decisions (policy is not under test here) and remembers what it was asked.
 """
