@@ -7,11 +7,12 @@ path, and the same file sent a hundred times is stored once. Folders are 0700 an
 the gateway's user can read them. Writes go to a temporary file and are renamed into place, so a
 crash never leaves a half-written file under its final name.
 
-The ledger (DATA_DIR/quarantine/ledger.jsonl) makes the quarantine tamper-evident: one line per file stored and
-per file removed by retention, each carrying SHA-256(previous line's chain || its digest), as the archive's
-records do. `imguard archive verify` walks it (verify()): a line altered or deleted breaks the chain, and every
-file the ledger says is kept must be there with its SHA-256. Files stored before the ledger existed are counted
-as unchained. Lines are appended under an exclusive lock on the ledger (several workers share the folder).
+The ledger (DATA_DIR/quarantine/ledger.jsonl) makes the quarantine tamper-evident: one line per file stored, per
+file removed by retention and per step of a release (the console's workflow, `record_step`), each carrying
+SHA-256(previous line's chain || its digest), as the archive's records do. `imguard archive verify` walks it
+(verify()): a line altered or deleted breaks the chain, and every file the ledger says is kept must be there with
+its SHA-256. Files stored before the ledger existed are counted as unchained. Lines are appended under an
+exclusive lock on the ledger (several workers share the folder).
 Retention (apply_retention) spares a file that `keep(sidecar)` says is under a legal hold or a minimum retention
 (imguard/archive_audit.py).
 """
@@ -159,7 +160,8 @@ class QuarantineStore:
     def ledger_path(self) -> Path:
         return self.root / "ledger.jsonl"
 
-    def _ledger(self, op: str, sha256: str, size: int, when: str, reason: str = "") -> None:
+    def _ledger(self, op: str, sha256: str, size: int, when: str, reason: str = "",
+                extra: dict[str, Any] | None = None) -> dict[str, Any]:
         from imguard.archive import GENESIS, link
         fd = os.open(self.ledger_path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
         try:
@@ -173,19 +175,45 @@ class QuarantineStore:
                 except (ValueError, KeyError, TypeError):
                     pass            # a damaged tail: verify reports it; the chain goes on from the start
             entry = {"seq": seq + 1, "time": when, "op": op, "sha256": sha256, "size": size, "reason": reason}
+            if extra:
+                entry["extra"] = extra
             entry["digest"] = _entry_digest(entry)
             entry["chain"] = link(previous, entry["digest"])
             os.write(fd, json.dumps(entry).encode() + b"\n")
             os.fsync(fd)
         finally:
             os.close(fd)
+        return entry
+
+    def record_step(self, op: str, sha256: str, reason: str = "", **extra: Any) -> dict[str, Any]:
+        """A step of the release workflow (imguard/console/release.py: release_request, release_approve, ...) on
+        the ledger, chained like put and remove; `extra` (who, which request) is covered by the line's digest."""
+        content_path = self._paths(sha256)[0]
+        size = content_path.stat().st_size if content_path.exists() else 0
+        return self._ledger(op, sha256, size,
+                            datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                            reason, extra)
+
+    def ledger_entries(self) -> list[dict[str, Any]]:
+        """The ledger's lines, oldest first (a line that is not JSON is skipped: verify() reports it)."""
+        try:
+            lines = self.ledger_path.read_bytes().splitlines()
+        except FileNotFoundError:
+            return []
+        entries = []
+        for line in lines:
+            try:
+                entries.append(json.loads(line))
+            except ValueError:
+                continue
+        return entries
 
     def verify(self) -> tuple[list[str], dict[str, int]]:
         """(problems, counts): the ledger's chain, and every file it says is kept, present with its SHA-256."""
         from imguard.archive import GENESIS, link
         problems: list[str] = []
         kept: dict[str, int] = {}
-        removed = 0
+        removed = steps = 0
         previous, expected = GENESIS, 1
         try:
             lines = self.ledger_path.read_bytes().splitlines()
@@ -208,6 +236,8 @@ class QuarantineStore:
             elif entry["op"] == "remove":
                 kept.pop(entry["sha256"], None)
                 removed += 1
+            else:
+                steps += 1          # a release step (imguard/console/release.py): chained, nothing to find on disk
         present = 0
         for sha256, number in sorted(kept.items(), key=lambda item: item[1]):
             content_path = self._paths(sha256)[0]
@@ -225,7 +255,7 @@ class QuarantineStore:
                 continue
             present += 1
         on_disk = {p.with_suffix("").name for p in self._sidecars()}
-        counts = {"files verified": present, "files removed by retention": removed,
+        counts = {"files verified": present, "files removed by retention": removed, "release steps": steps,
                   "files unchained (stored before the ledger)": len(on_disk - set(kept))}
         return problems, {k: v for k, v in counts.items() if v}
 
@@ -266,7 +296,9 @@ class QuarantineStore:
 
 def _entry_digest(entry: dict[str, Any]) -> str:
     fields = [entry.get(k) for k in ("seq", "time", "op", "sha256", "size", "reason")]
-    return hashlib.sha256(json.dumps(fields, separators=(",", ":")).encode()).hexdigest()
+    if "extra" in entry:                # the release workflow's steps: who and which request, covered too
+        fields.append(entry["extra"])
+    return hashlib.sha256(json.dumps(fields, separators=(",", ":"), sort_keys=True).encode()).hexdigest()
 
 
 def _last_line(fd: int) -> bytes:

@@ -317,3 +317,259 @@ def test_console_command_refuses_what_it_cannot_serve(tmp_path):
                       "--data-dir", str(tmp_path), stdin="long enough password\n")
     assert result.returncode == 0, result.stderr
     assert _imguard("console", "user", "list", "--data-dir", str(tmp_path)).stdout == "ada\tauditor\n"
+
+
+# --- quarantine: the analysis zip and the release workflow --------------------------------------------------
+
+def _quarantined(data_dir: Path, content: bytes, rule: str, yara_tags: tuple[str, ...] = ()) -> str:
+    """A file the gateway's QuarantineStore kept: alice@corp.example/laptop sent it to bob@corp.example."""
+    import hashlib
+
+    from imguard.model import FileReport, Finding
+    from imguard.quarantine import QuarantineStore
+    sha256 = hashlib.sha256(content).hexdigest()
+    findings = [Finding("yara", "YARA rule X matched", data={"rule": "X", "tags": list(yara_tags), "meta": {}})] \
+        if yara_tags else []
+    report = FileReport(name="in\u202evoice<b>.exe", path="invoice.exe", size=len(content), sha256=sha256,
+                        mime="application/octet-stream", findings=findings)
+    ctx = ChatContext(protocol="xmpp", direction="outbound", sender="alice@corp.example/laptop",
+                      recipients=("bob@corp.example",))
+    decision = Decision(action="block", matches=[RuleMatch(rule, "block", "high", "enforce", title=rule)])
+    QuarantineStore(data_dir / "quarantine").put(content, report, ctx, decision)
+    return sha256
+
+
+def test_release_transition_table_is_the_whole_state_machine():
+    """Every state but the two ends is left by some step; nothing leaves REFUSED or DOWNLOADED; only RELEASED is
+    left by a download."""
+    from imguard.console.release import TRANSITIONS, State, Step
+    sources = {state for state, _ in TRANSITIONS}
+    assert State.REFUSED not in sources and State.DOWNLOADED not in sources
+    assert {s for s in State if s not in (State.REFUSED, State.DOWNLOADED)} <= sources
+    assert [k for k in TRANSITIONS if k[1] is Step.DOWNLOAD] == [(State.RELEASED, Step.DOWNLOAD)]
+    assert (State.REQUESTED, Step.RELEASE) not in TRANSITIONS        # never released without an approval
+
+
+def test_malware_needs_two_analysts_and_the_link_works_once(tmp_path):
+    """A file blocked as malware: a stranger cannot ask; the sender can; one analyst's approval is not enough
+    and the same analyst cannot approve twice; a second analyst releases it with a one-time link that gives the
+    bytes once; every step is a ledger line and `imguard archive verify`'s check of the ledger passes."""
+    from imguard.console.release import Releases, ReleaseError, State
+    from imguard.quarantine import QuarantineStore
+    content = b"MZ pretend malware"
+    sha256 = _quarantined(tmp_path, content, "malware")
+    store = QuarantineStore(tmp_path / "quarantine")
+    releases = Releases(store, link_seconds=3600)
+    with pytest.raises(ReleaseError, match="no such file"):
+        releases.ask(sha256, "mallory@evil.example", "gimme")
+    with pytest.raises(ReleaseError, match="say why"):
+        releases.ask(sha256, "alice@corp.example", "  ")
+    asked = releases.ask(sha256, "alice@corp.example/phone", "the customer needs the installer")
+    assert asked.malware and asked.needed == 2 and asked.receivers == ["bob@corp.example"]
+    with pytest.raises(ReleaseError, match="already asked"):
+        releases.ask(sha256, "alice@corp.example", "again")
+    with pytest.raises(ReleaseError, match="needs a reason"):
+        releases.approve(asked.id, "anna", "")
+    once, token = releases.approve(asked.id, "anna", "signed by the vendor")
+    assert once.state is State.APPROVED and token == ""
+    with pytest.raises(ReleaseError, match="approved this already"):
+        releases.approve(asked.id, "anna", "really")
+    done, token = releases.approve(asked.id, "ben", "checked in the sandbox")
+    assert done.state is State.RELEASED and token and done.link_hash != token
+    assert token not in store.ledger_path.read_text()           # the ledger keeps the hash only
+    assert releases.redeem("not-the-token", "x") is None
+    got, data_ = releases.redeem(token, "bob")
+    assert data_ == content and got.state is State.DOWNLOADED
+    assert releases.redeem(token, "bob") is None                 # once
+    with pytest.raises(ReleaseError, match="downloaded"):
+        releases.refuse(asked.id, "anna", "too late")
+    ops = [e["op"] for e in store.ledger_entries()]
+    assert ops == ["put", "release_request", "release_approve", "release_approve", "release", "release_download"]
+    problems, counts = store.verify()
+    assert problems == [] and counts == {"files verified": 1, "release steps": 5}
+
+
+def test_a_file_not_blocked_as_malware_needs_one_analyst_and_a_refusal_ends_it(tmp_path):
+    from imguard.console.release import Releases, ReleaseError, State
+    from imguard.quarantine import QuarantineStore
+    sha256 = _quarantined(tmp_path, b"a harmless but blocked spreadsheet", "executable-external")
+    releases = Releases(QuarantineStore(tmp_path / "quarantine"), link_seconds=3600)
+    asked = releases.ask(sha256, "bob@corp.example", "I was the receiver")      # a recipient may ask too
+    assert not asked.malware and asked.receivers == ["bob@corp.example"]
+    assert releases.refuse(asked.id, "anna", "not needed for work").state is State.REFUSED
+    with pytest.raises(ReleaseError, match="refused"):
+        releases.approve(asked.id, "ben", "changed my mind")
+    again = releases.ask(sha256, "alice@corp.example", "please")
+    released, token = releases.approve(again.id, "anna", "fine")
+    assert released.state is State.RELEASED and token
+
+
+def test_yara_malware_tag_makes_a_file_malware_and_an_expired_link_gives_nothing(tmp_path):
+    from imguard.console.release import Releases
+    from imguard.quarantine import QuarantineStore
+    sha256 = _quarantined(tmp_path, b"tagged", "some-custom-rule", yara_tags=("Malware",))
+    clock = Clock()
+    releases = Releases(QuarantineStore(tmp_path / "quarantine"), link_seconds=60, clock=clock)
+    asked = releases.ask(sha256, "alice@corp.example", "why not")
+    assert asked.malware
+    releases.approve(asked.id, "anna", "ok")
+    _, token = releases.approve(asked.id, "ben", "ok")
+    clock.now += 61
+    assert releases.redeem(token, "bob") is None
+
+
+def test_a_forged_release_step_breaks_the_ledger_chain(tmp_path):
+    """Steps are chained like the ledger's other lines: rewriting who approved is found by verify."""
+    from imguard.console.release import Releases
+    from imguard.quarantine import QuarantineStore
+    sha256 = _quarantined(tmp_path, b"x" * 100, "malware")
+    store = QuarantineStore(tmp_path / "quarantine")
+    releases = Releases(store, link_seconds=60)
+    asked = releases.ask(sha256, "alice@corp.example", "why not")
+    releases.approve(asked.id, "anna", "ok")
+    text = store.ledger_path.read_text()
+    store.ledger_path.write_text(text.replace('"actor": "anna"', '"actor": "ben"'))
+    problems, _ = store.verify()
+    assert problems and "line 3" in problems[0]
+
+
+def test_analysis_zip_is_aes_encrypted_and_opens_with_infected(tmp_path):
+    """Checked by 7-Zip (Debian's 7zip package), not by the library that wrote it: AES-256, the password
+    `infected` opens it, another does not, and the bytes come back."""
+    import hashlib
+    import shutil
+
+    from imguard.console.release import analysis_zip
+    seven = shutil.which("7zz") or shutil.which("7z")
+    if not seven:
+        pytest.fail("7-Zip is missing (tools/setup.sh test installs 7zip)") if os.environ.get("CI") else \
+            pytest.skip("7-Zip is not installed")
+    content = b"X5O!P%@AP" * 50
+    sha256 = hashlib.sha256(content).hexdigest()
+    (tmp_path / "q.zip").write_bytes(analysis_zip(content, sha256))
+    listing = subprocess.run([seven, "l", "-slt", "-pinfected", str(tmp_path / "q.zip")], capture_output=True,
+                             text=True).stdout
+    assert "Method = AES-256" in listing and "Encrypted = +" in listing
+    wrong = subprocess.run([seven, "x", "-pwrong", f"-o{tmp_path / 'bad'}", str(tmp_path / "q.zip")],
+                           capture_output=True, text=True)
+    assert wrong.returncode != 0
+    subprocess.run([seven, "x", "-pinfected", f"-o{tmp_path / 'out'}", str(tmp_path / "q.zip")], check=True,
+                   capture_output=True)
+    assert hashlib.sha256((tmp_path / "out" / sha256).read_bytes()).hexdigest() == sha256
+
+
+# --- the pages, without a browser (Starlette's test client) -------------------------------------------------
+
+@pytest.fixture
+def app(tmp_path):
+    """A console on a folder with one quarantined malware file and an analyst, an auditor and a second analyst."""
+    from imguard.console.views import Console
+    console = Console(tmp_path)
+    for name, role in (("anna", Role.ANALYST), ("ben", Role.ANALYST), ("audrey", Role.AUDITOR)):
+        console.accounts.add(name, role, "a long enough secret")
+    console.sha256 = _quarantined(tmp_path, b"MZ evil", "malware")
+    yield console
+    console.close()
+
+
+def _client(console, name: str = ""):
+    import re
+
+    from starlette.testclient import TestClient
+    client = TestClient(console.app, base_url="https://testserver")
+    if name:
+        csrf = re.search(r'name="csrf" value="([^"]+)"', client.get("/login").text).group(1)
+        answer = client.post("/login", data={"csrf": csrf, "name": name, "password": "a long enough secret"},
+                             follow_redirects=False)
+        assert answer.status_code == 303
+    return client
+
+
+def _csrf(page: str) -> str:
+    import re
+    return re.search(r'name="csrf" value="([^"]+)"', page).group(1)
+
+
+def _access(console) -> list[dict]:
+    return [json.loads(line) for line in console.access.path.read_text().splitlines()]
+
+
+def test_auditor_cannot_download_and_analyst_gets_only_a_zip(app):
+    import io
+    import zipfile
+    auditor = _client(app, "audrey")
+    assert auditor.get(f"/quarantine/{app.sha256}/zip").status_code == 403
+    analyst = _client(app, "anna")
+    page = analyst.get(f"/quarantine/{app.sha256}").text
+    assert "voice&lt;b&gt;.exe" in page and "[U+202E]" in page and "\u202e" not in page and "<b>.exe" not in page
+    answer = analyst.get(f"/quarantine/{app.sha256}/zip")
+    assert answer.status_code == 200 and answer.headers["content-type"] == "application/zip"
+    assert b"MZ evil" not in answer.content
+    info = zipfile.ZipFile(io.BytesIO(answer.content)).infolist()[0]
+    assert info.flag_bits & 1 and info.compress_type == 99          # encrypted, WinZip AES
+    downloads = [e for e in _access(app) if e["event"]["action"] == "console_download_quarantine"]
+    assert [(e["user"]["name"], e["imguard"]["console"]["sha256"]) for e in downloads] == [("anna", app.sha256)]
+    assert any(e["event"]["action"] == "console_denied" and e["user"]["name"] == "audrey" for e in _access(app))
+
+
+def test_release_through_the_pages_with_four_eyes(app):
+    """The blocked person asks on the public page (its form has a CSRF token too), anna approves, anna cannot
+    approve again, an auditor cannot decide, ben approves and gets the one-time link, the receiver downloads once."""
+    import re
+    public = _client(app)
+    form = public.get(f"/release?sha256={app.sha256}").text
+    assert public.post("/release", data={"sha256": app.sha256, "requester": "alice@corp.example",
+                                         "why": "x"}).status_code == 403                  # no token
+    answer = public.post("/release", data={"csrf": _csrf(form), "sha256": app.sha256,
+                                           "requester": "alice@corp.example", "why": "<script>x</script>"})
+    assert answer.status_code == 200 and "is recorded" in answer.text
+    request_id = int(re.search(r"number (\d+)", answer.text).group(1))
+    anna, ben, audrey = _client(app, "anna"), _client(app, "ben"), _client(app, "audrey")
+    page = anna.get(f"/quarantine/{app.sha256}").text
+    assert "&lt;script&gt;x&lt;/script&gt;" in page and "<script>x" not in page
+    url = f"/quarantine/requests/{request_id}/approve"
+    assert anna.post(url, data={"csrf": _csrf(page), "reason": ""}).status_code == 409
+    assert anna.post(url, data={"csrf": _csrf(page), "reason": "vendor-signed"}).status_code == 200
+    again = anna.post(url, data={"csrf": _csrf(page), "reason": "again"})
+    assert again.status_code == 409 and "approved this already" in again.text
+    audrey_page = audrey.get("/alerts").text
+    assert audrey.post(url, data={"csrf": _csrf(audrey_page), "reason": "me too"}).status_code == 403
+    done = ben.post(url, data={"csrf": _csrf(ben.get("/alerts").text), "reason": "sandboxed"})
+    link = re.search(r'id="release-link" href="(/released/[^"]+)"', done.text).group(1)
+    receiver = _client(app)
+    landing = receiver.get(link)          # a link preview fetching the page spends nothing
+    assert landing.status_code == 200 and b"MZ evil" not in landing.content
+    got = receiver.post(link, data={"csrf": _csrf(landing.text)})
+    assert got.content == b"MZ evil" and "filename=\"in_voice_b_.exe\"" in got.headers["content-disposition"]
+    assert receiver.post(link, data={"csrf": _csrf(landing.text)}).status_code == 410
+    actions = [e["event"]["action"] for e in _access(app) if e["event"]["action"].startswith("console_release")]
+    assert actions == ["console_release_request", "console_release_approve", "console_release_approve",
+                       "console_release_approve", "console_release_approve", "console_release",
+                       "console_release_download", "console_release_download"]
+    from imguard.quarantine import QuarantineStore
+    assert QuarantineStore(app.data_dir / "quarantine").verify()[0] == []
+
+
+def test_playground_decides_without_recording_and_only_for_analysts(app):
+    """A pasted message gets the decision and the explanation `imguard rules explain` prints; nothing is written
+    to alerts.jsonl, the archive or the quarantine; an auditor is refused; hostile text comes back inert."""
+    from imguard.policy import explain, load_policy
+    from imguard.runtime import BUNDLED_RULES
+    auditor = _client(app, "audrey")
+    assert auditor.get("/playground").status_code == 403
+    anna = _client(app, "anna")
+    page = anna.get("/playground").text
+    text = "my card is 4111 1111 1111 1111 <img src=x onerror=alert(1)>"
+    answer = anna.post("/playground", data={"csrf": _csrf(page), "text": text, "protocol": "xmpp",
+                                            "direction": "outbound", "sender": "alice@corp.example",
+                                            "recipient": "eve@partner.example", "room": ""})
+    assert answer.status_code == 200
+    expected = explain(load_policy(BUNDLED_RULES).decide_message(text, ChatContext(
+        protocol="xmpp", direction="outbound", sender="alice@corp.example", recipients=("eve@partner.example",))))
+    from markupsafe import escape
+    assert str(escape(expected)) in answer.text, answer.text
+    assert "<img src=x" not in answer.text
+    assert not (app.data_dir / "alerts.jsonl").exists() and not (app.data_dir / "archive.sqlite3").exists()
+    assert [e["imguard"]["console"]["kind"] for e in _access(app) if e["event"]["action"] == "console_playground"] \
+        == ["message"]
+    assert anna.post("/playground", data={"text": text}).status_code == 403         # no CSRF token

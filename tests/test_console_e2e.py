@@ -1,13 +1,17 @@
 """The console in a real browser: Debian's Chromium driven by Selenium (chromium-driver), against `imguard console`
 on a data folder that a real gateway run filled (slixmpp clients, a real Prosody, the real `imguard run`): one
 blocked EICAR file with a bidi override in its name, a blocked keyword message, plain messages, a hostile message
-text (`<script>`) and a bidi override.
+text (`<script>`) and a bidi override. The malware rule's notice names the console's release page (as a site's
+rules would: `notify` with `{file.sha256}`), so the sender's own notice is where the release request starts.
 
 What is checked is what a reader and an attacker would check: the console's certificate chains to imguard's CA
 (Python's ssl, not the browser), logging in, filtering alerts, the blocked file's alert and its conversation, the
 hostile text shown as text (no script ran: the browser's own window flag, no alert dialog, no element made from
 it), a POST without its CSRF token refused, an auditor kept out of an analyst's page, wrong passwords throttled,
-and the access log naming who read what. Screenshots of every page go to a folder under pytest's tmp dir.
+and the access log naming who read what; the quarantined file downloaded as an AES zip opened by 7-Zip; the
+release workflow from the sender's notice to the receiver's one-time link (four eyes: EICAR is malware); the rule
+playground against `imguard rules explain` and `imguard scan --explain`. Screenshots of every page go to a
+folder under pytest's tmp dir.
 """
 
 from __future__ import annotations
@@ -17,10 +21,13 @@ import base64
 import hashlib
 import json
 import os
+import re
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -28,7 +35,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.peers.gateway import PYTHON, Gateway
+from tests.peers.gateway import BUNDLED_SIGNATURES, PYTHON, Gateway
 from tests.peers.prosody import PeerError, free_ports, stop_process, wait_for_port
 from tests.xmpp_clients import STARTTLS, Client
 
@@ -56,9 +63,37 @@ def _need(path: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def filled(prosody, tmp_path_factory) -> Path:
-    """A data folder written by a real gateway run, then stopped (its archive and alerts complete)."""
-    gw = Gateway.start(tmp_path_factory.mktemp("console-gateway"), prosody)
+def console_port() -> int:
+    return free_ports(1)[0]
+
+
+def name_the_release_page(gw: Gateway, port: int) -> None:
+    """Edit the malware rule's notice in the gateway's rules folder to name the console's release page, as a site
+    would, and reload it (SIGHUP); wait until the reload is reported good."""
+    files = gw.directory / "rules" / "10-files.yaml"
+    old = 'notify: "Your file {file.name} was blocked: it matched a malware signature."'
+    assert old in files.read_text()
+    since = gw.mark()
+    files.write_text(files.read_text().replace(old, 'notify: "Your file {file.name} was blocked: it matched a '
+                                               f'malware signature. Ask for its release: https://127.0.0.1:{port}'
+                                               '/release?sha256={file.sha256}"', 1))
+    os.kill(gw.process.pid, signal.SIGHUP)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        for event in gw.alerts()[since:]:
+            if event["event"].get("action") == "policy_reload":
+                assert event["event"]["outcome"] == "success", event["imguard"]["policy"]
+                return
+        time.sleep(0.1)
+    raise AssertionError(f"no policy_reload event after SIGHUP\n{gw.logs()}")
+
+
+@pytest.fixture(scope="module")
+def filled(prosody, tmp_path_factory, console_port) -> Path:
+    """A data folder written by a real gateway run, then stopped (its archive and alerts complete). The notice
+    the sender got for the EICAR file is kept in ../notice.txt; the gateway's rules are in ../rules."""
+    directory = tmp_path_factory.mktemp("console-gateway")
+    gw = Gateway.start(directory, prosody)
 
     async def chat() -> None:
         endpoint = gw.endpoint(STARTTLS)
@@ -77,8 +112,13 @@ def filled(prosody, tmp_path_factory) -> Path:
             carol.send_chat(dave.jid, "sentinel after the blocked items")
             assert await dave.wait_message("sentinel after the blocked items")
             assert EICAR not in bytes(dave.received.ibb.get(result.sid, b"")), "EICAR reached dave"
+            notices = [result.error_text or ""] + carol.bodies()
+            notice = next((n for n in notices if "/release?sha256=" in n), "")
+            assert notice, f"carol's notice names no release page: {notices}"
+            (directory / "notice.txt").write_text(notice)
 
     try:
+        name_the_release_page(gw, console_port)
         asyncio.run(chat())
         block = asyncio.run(gw.wait_alert(lambda e: (e.get("file") or {}).get("hash", {}).get("sha256")
                                           == EICAR_SHA256 and e["event"].get("action") == "block"))
@@ -107,20 +147,23 @@ def _imguard(*args: str, data_dir: Path, stdin: str | None = None) -> subprocess
 
 
 @pytest.fixture(scope="module")
-def console(filled, tmp_path_factory):
-    """`imguard console` on the filled folder, with accounts made by `imguard console user add`."""
-    for name, role in (("ada", "admin"), ("anna", "analyst"), ("audrey", "auditor"), ("tom", "auditor")):
+def console(filled, tmp_path_factory, console_port):
+    """`imguard console` on the filled folder (the playground on the gateway's rules), with accounts made by
+    `imguard console user add`."""
+    for name, role in (("ada", "admin"), ("anna", "analyst"), ("bert", "analyst"), ("audrey", "auditor"),
+                       ("tom", "auditor")):
         result = _imguard("console", "user", "add", name, "--role", role, "--password-file", "-",
                           data_dir=filled, stdin=PASSWORD + "\n")
         assert result.returncode == 0, result.stderr
     users = filled / "console" / "users.json"
     assert users.stat().st_mode & 0o777 == 0o600
     assert PASSWORD not in users.read_text() and "$argon2id$" in users.read_text()
-    port = free_ports(1)[0]
+    port = console_port
     log = tmp_path_factory.mktemp("console-log") / "console.log"
     with open(log, "wb") as out:
         process = subprocess.Popen([str(PYTHON), "-m", "imguard", "console", "--data-dir", str(filled),
-                                    "--console-port", str(port)], stdin=subprocess.DEVNULL, stdout=out,
+                                    "--console-port", str(port), "--rules", str(filled.parent / "rules")],
+                                   stdin=subprocess.DEVNULL, stdout=out,
                                    stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_for_port(port, 60, process, what="imguard console")
@@ -155,7 +198,8 @@ def _spki_hash(cert_pem: bytes) -> str:
 
 @pytest.fixture
 def browser(console, tmp_path):
-    """A fresh headless Chromium that trusts exactly the console's key (its SPKI), nothing else."""
+    """A fresh headless Chromium that trusts exactly the console's key (its SPKI), nothing else; it saves
+    downloads in tmp_path/downloads without asking."""
     chromium, driver_path = _need("chromium"), _need("chromedriver")
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
@@ -167,8 +211,14 @@ def browser(console, tmp_path):
     options.add_argument(f"--user-data-dir={tmp_path / 'chromium-profile'}")
     cert = (console.data_dir / "console" / "tls" / "console-cert.pem").read_bytes()
     options.add_argument(f"--ignore-certificate-errors-spki-list={_spki_hash(cert)}")
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    options.add_experimental_option("prefs", {"download.default_directory": str(downloads),
+                                              "download.prompt_for_download": False})
     driver = webdriver.Chrome(service=Service(driver_path), options=options)
     driver.set_page_load_timeout(30)
+    driver.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)})
+    driver.downloads = downloads
     try:
         yield driver
     finally:
@@ -419,3 +469,188 @@ def test_access_log_and_formula_safe_export(browser, console):
     assert "'" + FORMULA.replace('"', '""') in csv_text, csv_text
     assert "\n" + FORMULA not in csv_text and "," + FORMULA not in csv_text
     assert any(e["event"]["action"] == "console_export" for e in console.access())
+
+
+# --- quarantine: the analysis download, the release workflow --------------------------------------------------
+
+def wait_download(folder: Path, name: str, timeout: float = 20.0) -> Path:
+    """The finished download `name` in `folder` (Chromium writes NAME.crdownload first, then renames it)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        path = folder / name
+        if path.exists() and not list(folder.glob("*.crdownload")):
+            return path
+        time.sleep(0.1)
+    raise AssertionError(f"no download {name} in {folder}: {sorted(p.name for p in folder.iterdir())}")
+
+
+def seven_zip() -> str:
+    found = shutil.which("7zz") or shutil.which("7z")
+    if not found:
+        pytest.skip("7-Zip is not installed (tools/setup.sh test installs 7zip)")
+    return found
+
+
+def test_analyst_downloads_the_file_only_as_an_encrypted_zip(browser, console, shots, tmp_path):
+    """The analyst's download is a zip that 7-Zip (not the library that wrote it) lists as AES-256 and opens with
+    `infected` into bytes whose SHA-256 is the alert's; the raw file is nowhere in it; the download is in the access
+    log. An auditor sees no download link and is refused at its address."""
+    from selenium.webdriver.common.by import By
+
+    login(browser, console, "audrey")
+    browser.get(console.url + f"/quarantine/{EICAR_SHA256}/zip")
+    assert "may not download quarantined files" in body_text(browser)
+    assert not list(browser.downloads.iterdir()), "an auditor got a download"
+
+    browser.delete_all_cookies()
+    login(browser, console, "anna")
+    browser.get(console.url + f"/alerts?sha256={EICAR_SHA256}")
+    browser.get(browser.find_element(By.CSS_SELECTOR, "#alerts tbody tr td.time a").get_attribute("href"))
+    alert_hash = browser.find_element(By.ID, "hash-sha256").text
+    browser.get(console.url + "/quarantine")
+    browser.find_element(By.LINK_TEXT, EICAR_SHA256).click()
+    assert "malware: a release needs 2 analysts" in browser.find_element(By.ID, "malware").text
+    shot(browser, shots, "quarantine-file")
+    browser.find_element(By.ID, "download-zip").click()
+    zipped = wait_download(browser.downloads, f"{EICAR_SHA256}.zip")
+    assert EICAR not in zipped.read_bytes()
+    seven = seven_zip()
+    listing = subprocess.run([seven, "l", "-slt", "-pinfected", str(zipped)], capture_output=True, text=True)
+    assert "Method = AES-256" in listing.stdout and "Encrypted = +" in listing.stdout, listing.stdout
+    out = tmp_path / "unzipped"
+    subprocess.run([seven, "x", "-pinfected", f"-o{out}", str(zipped)], check=True, capture_output=True)
+    (member,) = out.iterdir()
+    assert hashlib.sha256(member.read_bytes()).hexdigest() == alert_hash == EICAR_SHA256
+    downloads = [e for e in console.access() if e["event"]["action"] == "console_download_quarantine"]
+    assert [(e["user"]["name"], e["imguard"]["console"]["sha256"]) for e in downloads] == [("anna", EICAR_SHA256)]
+
+
+def decide(browser, console: Console, request_id: int, reason: str, button: str = "approve") -> None:
+    browser.get(console.url + f"/quarantine/{EICAR_SHA256}")
+    submit(browser, None, {f"reason-{request_id}": reason} if reason else {}, f"{button}-{request_id}")
+
+
+def test_release_from_the_notice_to_a_one_time_link(browser, console, shots, tmp_path):
+    """Carol's notice names the release page; she asks there (no account); one analyst's approval does not release
+    malware, nor does the same analyst approving twice, nor an approval without a reason; a second analyst's does,
+    and the link shown to them gives dave's browser the file once. Every step is in the access log and the
+    quarantine's ledger, which `imguard archive verify` still finds intact."""
+    from selenium.webdriver.common.by import By
+
+    notice = (console.data_dir.parent / "notice.txt").read_text()
+    url = re.search(r"https://\S+/release\?sha256=[0-9a-f]{64}", notice).group()
+    assert url.startswith(console.url) and url.endswith(EICAR_SHA256), notice
+    browser.get(url)
+    shot(browser, shots, "release-request")
+    submit(browser, None, {"requester": f"{CAROL}@localhost/laptop", "why": "the <b>customer</b> needs it"},
+           "release-submit")
+    message = browser.find_element(By.ID, "release-message").text
+    assert "is recorded" in message and "Two analysts" in message, message
+    request_id = int(re.search(r"number (\d+)", message).group(1))
+
+    login(browser, console, "anna")
+    browser.get(console.url + "/quarantine")
+    assert f"{CAROL}@localhost" in browser.find_element(By.ID, "pending").text
+    decide(browser, console, request_id, "")
+    assert "an approval needs a reason" in browser.find_element(By.ID, "release-problem").text
+    decide(browser, console, request_id, "vendor says it is their test file")
+    state = browser.find_element(By.CSS_SELECTOR, f"#request-{request_id} .state").text
+    assert state == "approved" and not browser.find_elements(By.ID, "release-link")
+    decide(browser, console, request_id, "me again")
+    assert "approved this already" in browser.find_element(By.ID, "release-problem").text
+    assert "the <b>customer</b> needs it" in browser.find_element(By.ID, f"request-{request_id}").text
+
+    browser.delete_all_cookies()
+    login(browser, console, "bert")
+    decide(browser, console, request_id, "checked: the EICAR test string")
+    link = browser.find_element(By.ID, "release-link").get_attribute("href")
+    assert browser.find_element(By.CSS_SELECTOR, f"#request-{request_id} .state").text == "released"
+    shot(browser, shots, "release-approved")
+
+    browser.delete_all_cookies()            # dave has no console account: the link is all he needs
+    browser.get(link)
+    browser.find_element(By.ID, "released-download").click()       # a download: the page stays
+    got = wait_download(browser.downloads, "invoice_fdp.exe")
+    assert hashlib.sha256(got.read_bytes()).hexdigest() == EICAR_SHA256
+    browser.get(link)
+    submit(browser, None, {}, "released-download")
+    assert "unknown, used or expired" in body_text(browser)
+
+    steps = [(e["event"]["action"], e["event"]["outcome"]) for e in console.access()
+             if e["event"]["action"].startswith("console_release")]
+    assert steps == [("console_release_request", "success"), ("console_release_approve", "failure"),
+                     ("console_release_approve", "success"), ("console_release_approve", "failure"),
+                     ("console_release_approve", "success"), ("console_release", "success"),
+                     ("console_release_download", "success"), ("console_release_download", "failure")], steps
+    ledger = [json.loads(line) for line in (console.data_dir / "quarantine" / "ledger.jsonl").read_text().splitlines()]
+    ops = [(e["op"], (e.get("extra") or {}).get("actor")) for e in ledger if e["op"].startswith("release")]
+    assert ops[:4] == [("release_request", f"{CAROL}@localhost"), ("release_approve", "anna"),
+                       ("release_approve", "bert"), ("release", "bert")], ops
+    assert ops[4][0] == "release_download" and len(ops) == 5
+    verify = _imguard("archive", "verify", data_dir=console.data_dir)
+    assert verify.returncode == 0 and "quarantine" in verify.stdout, verify.stdout + verify.stderr
+
+
+# --- the rule playground ----------------------------------------------------------------------------------
+
+def test_playground_explains_like_the_cli_and_changes_nothing(browser, console, shots, tmp_path):
+    """A pasted message and an uploaded file get the decision and the words of `imguard rules explain` and
+    `imguard scan --explain` (run here as commands on the same rules); hostile text comes back inert; nothing is
+    added to alerts.jsonl, the archive or the quarantine's ledger; an auditor is refused; no CSRF token, no answer."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    rules = console.data_dir.parent / "rules"
+    before = [(console.data_dir / name).stat().st_size for name in ("alerts.jsonl", "archive.sqlite3")] + [
+        (console.data_dir / "quarantine" / "ledger.jsonl").read_bytes()]
+
+    login(browser, console, "audrey")
+    browser.get(console.url + "/playground")
+    assert "may not use the rule playground" in body_text(browser)
+    browser.delete_all_cookies()
+
+    login(browser, console, "anna")
+    text = "project-bluebird <script>window.imguardXss = 3</script> \u202eevil"
+    browser.get(console.url + "/playground")
+    browser.find_element(By.ID, "pg-text").send_keys(text)
+    Select(browser.find_element(By.ID, "pg-direction")).select_by_value("outbound")
+    submit(browser, None, {"pg-sender": f"{CAROL}@localhost", "pg-recipient": f"{DAVE}@localhost"}, "pg-submit")
+    assert browser.find_element(By.ID, "pg-action").text == "block"
+    assert browser.execute_script("return window.imguardXss === undefined")
+    assert browser.execute_script("return document.querySelectorAll('main script').length") == 0
+    cli = subprocess.run([str(PYTHON), "-m", "imguard", "rules", "explain", str(rules), "--text", text,
+                          "--sender", f"{CAROL}@localhost", "--recipient", f"{DAVE}@localhost", "--protocol", "xmpp",
+                          "--direction", "outbound"], capture_output=True, text=True, timeout=60)
+    assert cli.returncode == 0, cli.stderr
+    shown = browser.find_element(By.ID, "pg-explain").get_attribute("textContent")
+    assert shown == cli.stdout.rstrip("\n").replace("\u202e", "[U+202E]"), (shown, cli.stdout)
+    shot(browser, shots, "playground-message")
+
+    sample = tmp_path / "report<b>.com"
+    sample.write_bytes(EICAR)
+    browser.get(console.url + "/playground")
+    browser.find_element(By.ID, "pg-file").send_keys(str(sample))
+    submit(browser, None, {"pg-sender": f"{CAROL}@localhost", "pg-recipient": f"{DAVE}@localhost"}, "pg-submit")
+    assert browser.find_element(By.ID, "pg-action").text == "block"
+    cli = subprocess.run([str(PYTHON), "-m", "imguard", "scan", "--explain", str(sample), "--rules", str(rules),
+                          "--signatures", str(BUNDLED_SIGNATURES), "--data-dir", str(tmp_path / "scan"),
+                          "--protocol", "xmpp", "--sender", f"{CAROL}@localhost", "--recipient",
+                          f"{DAVE}@localhost"], capture_output=True, text=True, timeout=120)
+    assert cli.returncode == 1, cli.stderr            # 1: something blocked
+    shown = browser.find_element(By.ID, "pg-explain").get_attribute("textContent").splitlines()
+    expected = cli.stdout.rstrip("\n").splitlines()
+    assert shown[0] == "report<b>.com" and shown[1:] == expected[1:], (shown, expected)
+    assert "  sha256   " + EICAR_SHA256 in shown
+    shot(browser, shots, "playground-file")
+
+    after = [(console.data_dir / name).stat().st_size for name in ("alerts.jsonl", "archive.sqlite3")] + [
+        (console.data_dir / "quarantine" / "ledger.jsonl").read_bytes()]
+    assert after == before, "the playground wrote to the data folder"
+    plays = [e["imguard"]["console"] for e in console.access() if e["event"]["action"] == "console_playground"]
+    assert [(p["kind"], p["decision"]) for p in plays[-2:]] == [("message", "block"), ("file", "block")]
+
+    browser.get(console.url + "/playground")
+    browser.execute_script("document.querySelector('#playground input[name=csrf]').remove()")
+    browser.find_element(By.ID, "pg-text").send_keys("hello")
+    submit(browser, None, {}, "pg-submit")
+    assert "refused: this form has no valid CSRF token" in body_text(browser)

@@ -1,7 +1,8 @@
 """Local console accounts: DATA_DIR/console/users.json (0600), passwords hashed with Argon2id (argon2-cffi).
 
 A role is a set of permissions (`ROLE_PERMISSIONS`), and a page asks for a permission, never for a role name:
-auditor reads alerts and conversations; analyst also the quarantine (and, later, the playground); admin also
+auditor reads alerts and conversations; analyst also the quarantine (its encrypted-zip download, release
+decisions) and the rule playground; admin also
 manages users. Login throttling (`Throttle`) counts failures per account name and per client address.
 """
 
@@ -24,6 +25,9 @@ class Permission(enum.Enum):
     READ_ALERTS = "read alerts"
     READ_CONVERSATIONS = "read conversations"
     READ_QUARANTINE = "read quarantine"
+    DOWNLOAD_QUARANTINE = "download quarantined files"     # as an encrypted zip, for analysis
+    DECIDE_RELEASE = "decide releases"
+    USE_PLAYGROUND = "use the rule playground"
     MANAGE_USERS = "manage users"
 
 
@@ -35,7 +39,8 @@ class Role(enum.Enum):
 
 ROLE_PERMISSIONS: dict[Role, frozenset[Permission]] = {
     Role.AUDITOR: frozenset({Permission.READ_ALERTS, Permission.READ_CONVERSATIONS}),
-    Role.ANALYST: frozenset({Permission.READ_ALERTS, Permission.READ_CONVERSATIONS, Permission.READ_QUARANTINE}),
+    Role.ANALYST: frozenset({Permission.READ_ALERTS, Permission.READ_CONVERSATIONS, Permission.READ_QUARANTINE,
+                             Permission.DOWNLOAD_QUARANTINE, Permission.DECIDE_RELEASE, Permission.USE_PLAYGROUND}),
     Role.ADMIN: frozenset(Permission),
 }
 

@@ -30,6 +30,10 @@ class ConsoleSettings:
                                                       "further failure, at most 15 minutes.")
     console_session_idle_seconds: int = setting(1800, "A session unused this long is ended (login again).")
     console_export_max_records: int = setting(10_000, "Records in one CSV or JSON-lines export at most.")
+    console_release_link_hours: float = setting(72.0, "A released file's one-time download link works this long "
+                                                      "(and once).")
+    console_playground_max_bytes: int = setting(25 * 1024 * 1024, "Largest file the rule playground inspects "
+                                                                   "(a larger upload is refused).")
 
 
 def add_console_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,6 +43,11 @@ def add_console_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", type=Path, default=None, metavar="DIR",
                         help=f"the gateway's data folder to read (default: {default_data_dir()})")
     settings.add_arguments(parser, ConsoleSettings)
+    from imguard.runtime import BUNDLED_RULES, BUNDLED_SIGNATURES
+    parser.add_argument("--rules", type=Path, default=BUNDLED_RULES, metavar="DIR",
+                        help="the rules folder the rule playground decides with (the gateway's; default: the bundled)")
+    parser.add_argument("--signatures", type=Path, default=BUNDLED_SIGNATURES, metavar="DIR",
+                        help="the YARA signatures folder of the rule playground (default: the bundled)")
     settings.add_arguments(parser, ArchiveSettings)
     users = parser.add_subparsers(dest="console_command", metavar="SUBCOMMAND")
     user = users.add_parser("user", help="manage console accounts")
@@ -46,7 +55,8 @@ def add_console_arguments(parser: argparse.ArgumentParser) -> None:
     add = user_commands.add_parser("add", help="add an account (the password is asked, or read from a file)")
     add.add_argument("name")
     add.add_argument("--role", required=True, choices=["auditor", "analyst", "admin"],
-                     help="auditor: alerts and conversations; analyst: also the quarantine; admin: also users")
+                     help="auditor: alerts and conversations; analyst: also the quarantine (zip download, "
+                          "release decisions) and the rule playground; admin: also users")
     add.add_argument("--password-file", type=Path, default=None, metavar="FILE",
                      help="read the password from the first line of FILE ('-': standard input)")
     add.add_argument("--replace", action="store_true", help="set a new role and password for an existing name")
@@ -114,7 +124,7 @@ def _serve(args: argparse.Namespace, data_dir: Path) -> int:
         except TlsError as e:
             print(f"imguard: {e}", file=sys.stderr)
             return EXIT_USAGE
-    console = Console(data_dir, chosen, archive_settings.archive_dsn)
+    console = Console(data_dir, chosen, archive_settings.archive_dsn, rules=args.rules, signatures=args.signatures)
     if not console.accounts.users():
         print(f"imguard: no console accounts yet: `imguard console user add NAME --role admin "
               f"--data-dir {data_dir}`", file=sys.stderr)

@@ -1,11 +1,17 @@
 """The console's pages: Starlette routes rendering Jinja2 templates (autoescape on for every template).
 
 Every page asks for a `Permission`; a POST is served only with its session's CSRF token (`post`). Reading an
-alert, a conversation, a search or an export is written to the access log with who and what."""
+alert, a conversation, a search or an export is written to the access log with who and what; so is every
+quarantine download and every step of a release (release.py), which also go to the quarantine's ledger.
+Two pages need no account: the blocked person's release request (`/release`, the page a notice names) and
+the receiver's one-time download (`/released/{token}`, the token being the credential); their forms carry an
+anonymous session's CSRF token as the login form does."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
+import threading
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -21,7 +27,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from imguard import archive
-from imguard.console import chart, data
+from imguard.console import chart, data, release
 from imguard.console.accounts import Accounts, Permission, Throttle
 from imguard.console.cli import ConsoleSettings
 from imguard.console.web import COOKIE, SECURITY_HEADERS, AccessLog, Session, Sessions, chat_text, csrf_ok
@@ -35,8 +41,15 @@ class Console:
     """The application and what its pages share."""
 
     def __init__(self, data_dir: Path, settings: ConsoleSettings | None = None, archive_dsn: str = "",
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, rules: Path | None = None,
+                 signatures: Path | None = None):
+        from imguard.runtime import BUNDLED_RULES, BUNDLED_SIGNATURES
+
         self.data_dir = Path(data_dir)
+        self.rules_dir, self.signatures_dir = Path(rules or BUNDLED_RULES), Path(signatures or BUNDLED_SIGNATURES)
+        self._playground: Any = None          # the playground's pipeline, built on first use (signatures compile)
+        self._playground_lock = threading.Lock()
+        self._quarantine: Any = None
         self.settings = settings = settings or ConsoleSettings()
         folder = self.data_dir / "console"
         self.accounts = Accounts(folder / "users.json")
@@ -67,6 +80,19 @@ class Console:
             Route("/conversations/view", get(self.conversation_page, Permission.READ_CONVERSATIONS)),
             Route("/conversations/export", get(self.export, Permission.READ_CONVERSATIONS)),
             Route("/quarantine", get(self.quarantine, Permission.READ_QUARANTINE)),
+            Route("/quarantine/{sha256}", get(self.quarantine_item, Permission.READ_QUARANTINE)),
+            Route("/quarantine/{sha256}/zip", get(self.quarantine_zip, Permission.DOWNLOAD_QUARANTINE)),
+            Route("/quarantine/requests/{request_id:int}/approve",
+                  post(self.release_approve, Permission.DECIDE_RELEASE), methods=["POST"]),
+            Route("/quarantine/requests/{request_id:int}/refuse",
+                  post(self.release_refuse, Permission.DECIDE_RELEASE), methods=["POST"]),
+            Route("/release", self.release_form, methods=["GET"]),
+            Route("/release", post(self.release_ask), methods=["POST"]),
+            Route("/released/{token}", self.released_form, methods=["GET"]),
+            Route("/released/{token}", post(self.released_download), methods=["POST"]),
+            Route("/playground", get(self.playground_form, Permission.USE_PLAYGROUND)),
+            Route("/playground", post(self.playground, Permission.USE_PLAYGROUND,
+                                      max_bytes=settings.console_playground_max_bytes + 65536), methods=["POST"]),
             Route("/users", get(self.users, Permission.MANAGE_USERS)),
             Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
         ])
@@ -112,19 +138,32 @@ class Console:
         self.alerts.refresh()
         return handler(request, session)
 
-    def post(self, handler: Callable[..., Awaitable[Response]], permission: Permission | None = None):
-        """A form handler: refused (403) unless the form carries its session's CSRF token."""
+    def post(self, handler: Callable[..., Awaitable[Response]], permission: Permission | None = None,
+             max_bytes: int = 1 << 20):
+        """A form handler: refused (403) unless the form carries its session's CSRF token; a body larger than
+        `max_bytes` is refused (413) before it is read, by its Content-Length, which a form must have (browsers
+        always send it; HTTP/1.1 framing holds the body to it), so no upload is spooled without a bound."""
         async def endpoint(request: Request) -> Response:
             session = self.session(request)
-            form = await request.form()
+            length = request.headers.get("content-length", "")
+            if not length.isdigit():
+                return PlainTextResponse("refused: a form needs a Content-Length", status_code=411)
+            if int(length) > max_bytes:
+                return PlainTextResponse("refused: the form is too large", status_code=413)
+            form = await request.form(max_part_size=max_bytes)
             token = form.get("csrf")
             if not csrf_ok(session, token if isinstance(token, str) else None):
                 self.access.write("console_csrf_refused", session.user if session else "", _address(request),
                                   "failure", path=request.url.path)
                 return PlainTextResponse("refused: this form has no valid CSRF token (reload the page)",
                                          status_code=403)
-            if permission is not None and not (session.user and _can(session)(permission)):
+            if permission is not None and not session.user:
                 return RedirectResponse("/login", status_code=303)
+            if permission is not None and not _can(session)(permission):
+                self.access.write("console_denied", session.user, _address(request), "failure",
+                                  path=request.url.path, permission=permission.value)
+                return self.render(request, "error.html", session, 403,
+                                   message=f"Your role ({session.role.value}) may not {permission.value}.")
             return await handler(request, session, form)
         return endpoint
 
@@ -273,7 +312,206 @@ class Console:
     def quarantine(self, request: Request, session: Session) -> Response:
         entries = data.quarantine_entries(self.data_dir)
         self.access.write("console_view_quarantine", session.user, _address(request))
-        return self.render(request, "quarantine.html", session, entries=entries)
+        releases = self.releases()
+        pending = [r for r in releases.requests() if r.state in release.OPEN] if releases else []
+        return self.render(request, "quarantine.html", session, entries=entries, pending=pending)
+
+    # --- quarantine: the analysis download and the release workflow -----------------------------------
+
+    def releases(self) -> release.Releases | None:
+        """The release workflow on DATA_DIR/quarantine (None while the gateway has quarantined nothing)."""
+        if self._quarantine is None:
+            from imguard.quarantine import QuarantineStore
+            if not (self.data_dir / "quarantine").is_dir():
+                return None
+            self._quarantine = release.Releases(QuarantineStore(self.data_dir / "quarantine"),
+                                                self.settings.console_release_link_hours * 3600)
+        return self._quarantine
+
+    def quarantine_item(self, request: Request, session: Session, token: str = "", problem: str = "",
+                        status: int = 200, released: release.Request | None = None) -> Response:
+        sha256 = request.path_params["sha256"].lower()
+        releases = self.releases()
+        sidecar = releases.store.show(sha256) if releases and SHA256_RE.match(sha256) else None
+        if sidecar is None:
+            return self.render(request, "error.html", session, 404, message="No such file in the quarantine.")
+        self.access.write("console_view_quarantine", session.user, _address(request), sha256=sha256)
+        return self.render(request, "quarantine_item.html", session, status, sha256=sha256, sidecar=sidecar,
+                           report=sidecar.get("report") or {}, sightings=sidecar.get("sightings") or [],
+                           malware=release.is_malware(sidecar), requests=releases.requests(sha256),
+                           four_eyes=release.FOUR_EYES, new_link=token, released=released, problem=problem,
+                           State=release.State,
+                           members=list(_members((sidecar.get("report") or {}).get("members") or [], 0)))
+
+    def quarantine_zip(self, request: Request, session: Session) -> Response:
+        """The file for analysis: only inside a zip encrypted with AES-256 under the password `infected`."""
+        sha256 = request.path_params["sha256"].lower()
+        releases = self.releases()
+        try:
+            content = releases.store.read(sha256) if releases and SHA256_RE.match(sha256) else None
+        except FileNotFoundError:
+            content = None
+        if content is None:
+            return self.render(request, "error.html", session, 404, message="No such file in the quarantine.")
+        body = release.analysis_zip(content, sha256)
+        self.access.write("console_download_quarantine", session.user, _address(request), sha256=sha256,
+                          size=len(content), container="zip", encryption="aes-256", zip_sha256=_sha256(body))
+        return Response(body, media_type="application/zip",
+                        headers={"content-disposition": f'attachment; filename="{sha256}.zip"'})
+
+    async def release_approve(self, request: Request, session: Session, form) -> Response:
+        return await run_in_threadpool(self._decide, request, session, form, True)
+
+    async def release_refuse(self, request: Request, session: Session, form) -> Response:
+        return await run_in_threadpool(self._decide, request, session, form, False)
+
+    def _decide(self, request: Request, session: Session, form, approve: bool) -> Response:
+        request_id = request.path_params["request_id"]
+        releases = self.releases()
+        found = releases.get(request_id) if releases else None
+        if found is None:
+            return self.render(request, "error.html", session, 404, message="No such release request.")
+        request.path_params["sha256"] = found.sha256
+        reason = str(form.get("reason", ""))[:2000]
+        token = ""
+        try:
+            if approve:
+                decided, token = releases.approve(request_id, session.user, reason)
+            else:
+                decided = releases.refuse(request_id, session.user, reason)
+        except release.ReleaseError as e:
+            self.access.write("console_release_approve" if approve else "console_release_refuse", session.user,
+                              _address(request), "failure", sha256=found.sha256, request=request_id, reason=str(e))
+            return self.quarantine_item(request, session, problem=str(e), status=409)
+        self.access.write("console_release_approve" if approve else "console_release_refuse", session.user,
+                          _address(request), sha256=found.sha256, request=request_id, reason=reason,
+                          state=decided.state.value)
+        if token:
+            self.access.write("console_release", session.user, _address(request), sha256=found.sha256,
+                              request=request_id, receivers=decided.receivers, expires=decided.expires,
+                              approvers=[a for a, _, _ in decided.approvals])
+        # The link is shown on this answer only: the ledger keeps its hash, nothing keeps the link.
+        return self.quarantine_item(request, session, token=token, released=decided)
+
+    async def release_form(self, request: Request, message: str = "", status: int = 200,
+                           done: bool = False) -> Response:
+        """The page a notice names: the blocked person asks for their file (no console account)."""
+        session = self.session(request) or self.sessions.new()
+        sha256 = request.query_params.get("sha256", "").strip().lower()
+        response = self.render(request, "release_request.html", None, status, csrf=session.csrf,
+                               sha256=sha256 if SHA256_RE.match(sha256) else "", message=message, done=done)
+        self._set_cookie(response, session)
+        return response
+
+    async def release_ask(self, request: Request, session: Session, form) -> Response:
+        sha256 = str(form.get("sha256", "")).strip().lower()[:64]
+        requester = str(form.get("requester", ""))[:300]
+        why = str(form.get("why", ""))[:2000]
+        releases = self.releases()
+        try:
+            if releases is None or not SHA256_RE.match(sha256):
+                raise release.ReleaseError("no such file was blocked for you")
+            asked = await run_in_threadpool(releases.ask, sha256, requester, why)
+        except release.ReleaseError as e:
+            self.access.write("console_release_request", requester, _address(request), "failure", sha256=sha256,
+                              reason=str(e))
+            return await self.release_form(request, str(e), 400)
+        self.access.write("console_release_request", asked.requester, _address(request), sha256=sha256,
+                          request=asked.id, malware=asked.malware, why=why)
+        return await self.release_form(request, f"Your request (number {asked.id}) is recorded: an analyst will "
+                                                f"decide. {'Two analysts must approve it.' if asked.malware else ''}",
+                                       done=True)
+
+    async def released_form(self, request: Request) -> Response:
+        """The receiver's one-time link: a page with a button (a link preview that fetches it spends nothing)."""
+        session = self.session(request) or self.sessions.new()
+        response = self.render(request, "released.html", None, csrf=session.csrf,
+                               token=request.path_params["token"][:100])
+        self._set_cookie(response, session)
+        return response
+
+    async def released_download(self, request: Request, session: Session, form) -> Response:
+        token = request.path_params["token"][:100]
+        releases = self.releases()
+        address = _address(request)
+        redeemed = await run_in_threadpool(releases.redeem, token, f"link holder at {address}") if releases \
+            else None
+        if redeemed is None:
+            self.access.write("console_release_download", "", address, "failure", link=release.link_hash(token))
+            return self.render(request, "error.html", None, 410, message="This link is unknown, used or expired.")
+        done, content = redeemed
+        self.access.write("console_release_download", "", address, sha256=done.sha256, request=done.id,
+                          receivers=done.receivers, size=len(content))
+        name = _safe_name(_released_name(releases, done.sha256))
+        return Response(content, media_type="application/octet-stream",
+                        headers={"content-disposition": f'attachment; filename="{name}"'})
+
+    # --- the rule playground ------------------------------------------------------------------------
+
+    def playground_form(self, request: Request, session: Session, **context: Any) -> Response:
+        return self.render(request, "playground.html", session, protocols=PLAYGROUND_PROTOCOLS,
+                           directions=("", "inbound", "outbound", "internal"),
+                           values=context.pop("values", {}), **context)
+
+    async def playground(self, request: Request, session: Session, form) -> Response:
+        values = {k: str(form.get(k, ""))[:2000] for k in ("text", "protocol", "direction", "sender", "recipient",
+                                                            "room")}
+        upload = form.get("file")
+        content, name = b"", ""
+        if upload is not None and not isinstance(upload, str) and upload.filename:
+            limit = self.settings.console_playground_max_bytes
+            content = await upload.read(limit + 1)
+            name = upload.filename[:300]
+            if len(content) > limit:
+                return await run_in_threadpool(self.playground_form, request, session, values=values,
+                                               problem=f"The file is larger than {limit} bytes "
+                                                       "(console_playground_max_bytes).")
+        return await run_in_threadpool(self._playground_decide, request, session, values, content, name)
+
+    def _playground_decide(self, request: Request, session: Session, values: dict[str, str], content: bytes,
+                           name: str) -> Response:
+        from imguard.cli import _format_report
+        from imguard.model import ChatContext
+        from imguard.policy import explain
+
+        if values["direction"] not in ("", "inbound", "outbound", "internal"):
+            values["direction"] = ""
+        if not content and not name and not values["text"]:
+            return self.playground_form(request, session, values=values, problem="Paste a message or choose a file.")
+        try:
+            pipeline = self.playground_pipeline()
+        except Exception as e:          # a broken rules or signatures folder: say so on the page
+            return self.playground_form(request, session, values=values, problem=f"The rules do not load: {e}")
+        ctx = ChatContext(protocol=values["protocol"][:50], direction=values["direction"],
+                          sender=values["sender"].strip(),
+                          recipients=tuple(r for r in values["recipient"].split() if r)[:20],
+                          conversation=values["room"].strip())
+        if content or name:
+            report, decision = pipeline.check_file(content, ctx, name=name)
+            shown = _format_report(Path(name or "(file)"), report, decision, explain=True)
+            kind, facts = "file", {"sha256": report.sha256, "size": report.size}
+        else:
+            decision = pipeline.policy.decide_message(values["text"], pipeline.with_direction(ctx))
+            shown = explain(decision)
+            kind, facts = "message", {"text_length": len(values["text"])}
+        self.access.write("console_playground", session.user, _address(request), kind=kind,
+                          protocol=ctx.protocol, direction=ctx.direction, decision=decision.action,
+                          rules=decision.rule_ids, **facts)
+        return self.playground_form(request, session, values=values, decision=decision, shown=shown, kind=kind,
+                                    rules_dir=str(self.rules_dir))
+
+    def playground_pipeline(self) -> Any:
+        """The pipeline `imguard scan` builds (the same inspection and policy), writing nothing: no alerts, archive
+        or quarantine; its compiled-signature cache goes to DATA_DIR/console/playground."""
+        with self._playground_lock:
+            if self._playground is None:
+                from imguard.inspect import InspectLimits
+                from imguard.runtime import build_pipeline
+
+                self._playground = build_pipeline(
+                    self.rules_dir, self.signatures_dir, self.data_dir / "console" / "playground",
+                    limits=dataclasses.replace(InspectLimits(), zip_password_wait=0.0), write_alerts=False)
+            return self._playground
 
     def users(self, request: Request, session: Session) -> Response:
         return self.render(request, "users.html", session, users=self.accounts.users())
@@ -358,6 +596,26 @@ def _conversation_url(record: dict[str, Any]) -> str:
               "b": data.bare(recipients[0]) if recipients else "", "room": record.get("conversation") or "",
               "around": record.get("time") or ""}
     return "/conversations/view?" + urlencode({k: v for k, v in params.items() if v})
+
+
+PLAYGROUND_PROTOCOLS = ("xmpp", "irc", "sip", "msrp", "http", "oscar", "msnp", "ymsg", "sametime", "")
+
+
+def _sha256(body: bytes) -> str:
+    import hashlib
+    return hashlib.sha256(body).hexdigest()
+
+
+def _released_name(releases: release.Releases, sha256: str) -> str:
+    sidecar = releases.store.show(sha256) or {}
+    return str((sidecar.get("report") or {}).get("name") or sha256)
+
+
+def _safe_name(name: str) -> str:
+    """A file name for a Content-Disposition header: printable ASCII without quotes, slashes or controls (the
+    name came from the wire)."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._")[:100]
+    return cleaned or "file"
 
 
 def _members(members: list[dict], depth: int):
