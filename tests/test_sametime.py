@@ -26,8 +26,8 @@ from imguard.protocols.base import Anomaly, Close, ProtocolEvent, Send
 from imguard.protocols.sametime import FrameDecoder, SametimeLimits, SametimeSession, build_message
 from imguard.protocols.sametime.decoder import (CHANNEL_CREATE, CHANNEL_SEND, CONF_JOIN, CONF_MESSAGE, CONF_WELCOME,
                                                 ENCRYPT, IM_MESSAGE, LOGIN, SERVICE_CONFERENCE, SERVICE_IM,
-                                                login_name, put_opaque, put_string, read_channel_create, read_im,
-                                                read_send, write_im)
+                                                Reader, file_offer, login_name, put_opaque, put_string,
+                                                read_channel_create, read_im, read_send, write_im)
 
 DATA = Path(__file__).parent / "data" / "sametime"
 BLOCKED_WORD = "project-bluebird"          # tests/data/rules: a keyword block rule
@@ -230,9 +230,15 @@ def test_registered_on_port_1533_and_found_by_its_handshake():
 
 class ScriptedServer:
     """The server's side of a Sametime session, scripted: answers the handshake, login and channel creates (no
-    encryption), records the client's messages, and plays bob's IMs to alice on request."""
+    encryption), records the client's messages, and plays bob's IMs to alice on request. File transfers, as bob's
+    client would do them (libmeanwhile's srvc_ft.c): a file alice offers is accepted, its chunks kept
+    (`files[channel]`) and each answered with a RECEIVED; a file bob sends (`bob_sends_file`) waits for alice's
+    accept, then goes chunk by chunk, each after the RECEIVED of the one before, and bob closes the channel after
+    the last one's."""
 
     BOB = 0x80000001
+    FT_SERVICE = 0x00000038
+    AWARE_SERVICE = 0x00000011
 
     def __init__(self):
         self.port = 0
@@ -240,6 +246,13 @@ class ScriptedServer:
         self.writer = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.logged_in = threading.Event()
+        self.files: dict[int, bytearray] = {}       # a file alice sends: its channel -> the bytes bob got
+        self.offers: dict[int, tuple[str, int]] = {}        # its channel -> (name, size) of alice's CHANNEL_CREATE
+        self.closed: dict[int, int] = {}            # channel -> the reason alice's CHANNEL_DESTROY gave
+        self.received_acks: dict[int, int] = {}     # a file bob sends: its channel -> RECEIVEDs alice sent
+        self._ft_events: dict[int, asyncio.Queue] = {}
+        self._next_channel = 0x80000100
+        self.aware_channel = -1
 
     @staticmethod
     def _msg(type_: int, channel: int, body: bytes) -> bytes:
@@ -261,7 +274,26 @@ class ScriptedServer:
                 n = struct.unpack(">I", buf[:4])[0]
                 m, buf = buf[4:4 + n], buf[4 + n:]
                 type_ = struct.unpack(">H", m[:2])[0]
-                if type_ == 0x0000:
+                channel = struct.unpack(">I", m[4:8])[0]
+                if type_ == 0x0004 and struct.unpack(">H", m[8:10])[0] == 0x0068 and channel == self.aware_channel:
+                    # the client watches its buddies (AWARE_ADD): bob can receive files (OPT_GOT_SET of the
+                    # attribute FILE_TRANSFER, 6, true), which libpurple checks before it sends one
+                    got_set = struct.pack(">IH", 0, 0x0002) + put_string("bob") + put_string("") \
+                        + struct.pack(">IIII", 0, 1, 0, 6) + put_opaque(struct.pack(">I", 1))
+                    writer.write(send(channel, 0x0259, got_set))
+                elif type_ == 0x0004 and struct.unpack(">H", m[8:10])[0] == 0x0001 and channel in self.files:
+                    self.files[channel] += m[14:]           # a chunk of alice's file: bob's client answers
+                    writer.write(send(channel, 0x0002, b""))
+                elif type_ == 0x0004 and struct.unpack(">H", m[8:10])[0] == 0x0002 and channel in self._ft_events:
+                    self.received_acks[channel] = self.received_acks.get(channel, 0) + 1
+                    self._ft_events[channel].put_nowait("received")
+                elif type_ == 0x0006 and channel in self._ft_events:
+                    self._ft_events[channel].put_nowait("accept")
+                elif type_ == 0x0003:
+                    self.closed[channel] = struct.unpack(">I", m[8:12])[0]
+                    if channel in self._ft_events:
+                        self._ft_events[channel].put_nowait("destroy")
+                elif type_ == 0x0000:
                     writer.write(self._msg(0x8000, 0, struct.pack(">HHIII", 0x1e, 0x1d, 0x7f000001, 0, 0)))
                 elif type_ == 0x0001:
                     writer.write(self._msg(0x8001, 0, login_info("alice") + struct.pack(">HIHI", 0, 0, 0x20, 0)
@@ -273,6 +305,12 @@ class ScriptedServer:
                     for _ in range(2):
                         rest = rest[2 + struct.unpack(">H", rest[:2])[0]:]
                     service, ptype, pver = struct.unpack(">III", rest[:12])
+                    if service == self.AWARE_SERVICE:
+                        self.aware_channel = channel
+                    if service == self.FT_SERVICE:
+                        self.files[channel] = bytearray()
+                        addtl = Reader(rest[16:]).opaque()
+                        self.offers[channel] = file_offer(addtl)
                     writer.write(self._msg(0x0006, channel, struct.pack(">IIII", service, ptype, pver, 0)
                                            + b"\x00" + struct.pack(">HI", 0, 0)))
             await writer.drain()
@@ -289,6 +327,40 @@ class ScriptedServer:
         threading.Thread(target=serve, daemon=True).start()
         assert ready.wait(10)
 
+    def bob_sends_file(self, name: str, data: bytes, chunk: int = 8192, timeout: float = 30.0) -> str:
+        """Bob offers alice a file; as his client would, each chunk after the RECEIVED of the one before, and the
+        channel closed after the last one's. Returns how it ended: "done", or "destroyed" (alice's side, or the
+        gateway, destroyed the channel), or "timeout"."""
+        channel = self._next_channel
+        self._next_channel += 1
+
+        async def play() -> str:
+            events = self._ft_events[channel] = asyncio.Queue()
+            addtl = struct.pack(">I", 0) + put_string(name) + put_string("") + struct.pack(">IIH", len(data), 0, 0)
+            body = struct.pack(">II", 0, channel) + put_string("alice") + put_string("") \
+                + struct.pack(">IIII", self.FT_SERVICE, 0, 1, 0) + put_opaque(addtl) + b"\x01" + login_info("bob") \
+                + struct.pack(">HI", 0, 0)
+            self.writer.write(build_message(CHANNEL_CREATE, 0, body))
+            await self.writer.drain()
+            if await events.get() != "accept":
+                return "destroyed"
+            pieces = [data[i:i + chunk] for i in range(0, len(data), chunk)]
+            for piece in pieces:
+                self.writer.write(send(channel, 0x0001, piece))
+                await self.writer.drain()
+                if await events.get() != "received":
+                    return "destroyed"
+            self.writer.write(build_message(0x0003, channel, struct.pack(">I", 0) + put_opaque(b"")))
+            await self.writer.drain()
+            return "done"
+
+        async def bounded() -> str:
+            try:
+                return await asyncio.wait_for(play(), timeout)
+            except asyncio.TimeoutError:
+                return "timeout"
+        return asyncio.run_coroutine_threadsafe(bounded(), self.loop).result(timeout + 5)
+
     def bob_says(self, *texts: str) -> None:
         """Bob opens an IM channel to alice (the first time) and sends `texts`."""
         async def play():
@@ -304,13 +376,34 @@ class ScriptedServer:
         asyncio.run_coroutine_threadsafe(play(), self.loop).result(10)
 
 
-class Finch:
-    """Finch (libpurple's Sametime plugin) under tmux, with its own HOME: logs in as alice to `port`."""
+AUTOACCEPT = "/usr/lib/x86_64-linux-gnu/purple-2/autoaccept.so"
 
-    def __init__(self, home: Path, port: int):
+
+class Finch:
+    """Finch (libpurple's Sametime plugin) under tmux, with its own HOME: logs in as alice to `port`. With
+    `downloads`, libpurple's own autoaccept plugin takes every file offered into that folder (what a user clicking
+    "Accept" does, without the file dialog); with `dbus` (a session bus address), Finch serves libpurple's D-Bus
+    API there, through which `send_file` has it send a file (what its "Send File" menu does, after the dialog)."""
+
+    def __init__(self, home: Path, port: int, downloads: Path | None = None, dbus: str = ""):
         self.home, self.name = home, f"imguard-finch-{uuid.uuid4().hex[:6]}"
+        self.dbus = dbus
         purple = home / ".purple"
         purple.mkdir(parents=True)
+        if dbus or downloads is not None:
+            # bob on alice's buddy list (libpurple sends files only to a buddy), his files accepted by autoaccept
+            (purple / "blist.xml").write_text("""<?xml version='1.0' encoding='UTF-8' ?>
+<purple version='1.0'><blist><group name='Buddies'><contact><setting name='autoaccept' type='int'>1</setting>
+<buddy account='alice' proto='prpl-meanwhile'><name>bob</name></buddy></contact></group></blist>
+<privacy></privacy></purple>""")
+        if downloads is not None:
+            (purple / "prefs.xml").write_text(f"""<?xml version='1.0' encoding='UTF-8' ?>
+<pref version='1' name='/'><pref name='finch'><pref name='plugins'><pref name='loaded' type='pathlist'>
+<item value='{AUTOACCEPT}'/></pref></pref></pref><pref name='plugins'><pref name='core'>
+<pref name='core-plugin_pack-autoaccept'><pref name='path' type='string' value='{downloads}'/>
+<pref name='stranger' type='int' value='1'/><pref name='notify' type='bool' value='0'/>
+<pref name='newdir' type='bool' value='0'/><pref name='escape_filenames' type='bool' value='0'/>
+</pref></pref></pref></pref>""")
         (purple / "accounts.xml").write_text(f"""<?xml version='1.0' encoding='UTF-8' ?>
 <account version='1.0'><account><protocol>prpl-meanwhile</protocol><name>alice</name><password>pw</password>
 <settings><setting name='server' type='string'>127.0.0.1</setting><setting name='port' type='int'>{port}</setting>
@@ -318,8 +411,31 @@ class Finch:
 </account>""")
 
     def start(self) -> None:
+        bus = f"DBUS_SESSION_BUS_ADDRESS={self.dbus} " if self.dbus else ""
+        debug = " -d" if self.dbus else ""         # libpurple's debug log (libmeanwhile's view) to finch.err
         subprocess.run(["tmux", "new-session", "-d", "-s", self.name, "-x", "200", "-y", "50",
-                        f"HOME={self.home} exec finch 2>{self.home}/finch.err"], check=True)
+                        f"HOME={self.home} {bus}exec finch{debug} 2>{self.home}/finch.err"], check=True)
+
+    def purple(self, method: str, *args: str) -> str:
+        """Call libpurple's D-Bus API (im.pidgin.purple.PurpleInterface.<method>) in this Finch; its reply's value."""
+        out = subprocess.run(["dbus-send", "--print-reply=literal", "--dest=im.pidgin.purple.PurpleService",
+                              "/im/pidgin/purple/PurpleObject", f"im.pidgin.purple.PurpleInterface.{method}", *args],
+                             capture_output=True, text=True, timeout=10, env={**os.environ,
+                                                                              "DBUS_SESSION_BUS_ADDRESS": self.dbus})
+        assert out.returncode == 0, out.stderr
+        return out.stdout.strip().split()[-1] if out.stdout.strip() else ""
+
+    def send_im(self, who: str, text: str) -> None:
+        """Alice sends `text` to `who` (libpurple's serv_send_im), whatever window Finch has in front."""
+        account = self.purple("PurpleAccountsFindConnected", "string:alice", "string:prpl-meanwhile")
+        gc = self.purple("PurpleAccountGetConnection", f"int32:{account}")
+        self.purple("ServSendIm", f"int32:{gc}", f"string:{who}", f"string:{text}", "int32:0")
+
+    def send_file(self, who: str, path: Path) -> None:
+        """Alice sends `path` to `who`: libpurple's serv_send_file on her connection (no dialog: the file is given)."""
+        account = self.purple("PurpleAccountsFindConnected", "string:alice", "string:prpl-meanwhile")
+        gc = self.purple("PurpleAccountGetConnection", f"int32:{account}")
+        self.purple("ServSendFile", f"int32:{gc}", f"string:{who}", f"string:{path}")
 
     def screen(self) -> str:
         return subprocess.run(["tmux", "capture-pane", "-p", "-t", self.name], capture_output=True,
@@ -334,6 +450,17 @@ class Finch:
             if text in self.screen():
                 return True
             time.sleep(0.2)
+        return False
+
+    def find(self, text: str, timeout: float = 15.0) -> bool:
+        """`text` on the screen, in whichever window: the windows are brought to the front in turn (M-n)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for _ in range(8):
+                if text in self.screen():
+                    return True
+                self.keys("M-n")
+                time.sleep(0.2)
         return False
 
     def say(self, text: str) -> None:

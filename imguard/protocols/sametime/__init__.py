@@ -2,7 +2,8 @@
 
 - decoder: FrameDecoder (bytes -> Message / FramingError / keepalive bytes, byte-exact), the meanwhile
   structures (login, channel create/accept/send, IM and conference data), SametimeLimits
-- session: SametimeSession, the client<->server StreamSession (identity, IM and conference messages to policy)
+- session: SametimeSession, the client<->server StreamSession (identity, IM and conference messages to policy, file
+  transfers held through imguard.files.tracker)
 """
 
 from imguard.protocols.sametime.decoder import FrameDecoder, FramingError, Message, SametimeLimits, build_message

@@ -27,8 +27,12 @@ Conference service (0x80000010): the create's addtl is name:string title:string;
     0x00 WELCOME name:string title:string our_id:uint32 count:uint32 (member_id:uint32 login info)*
     0x02 JOIN member_id:uint32 login info;  0x03 PART member_id:uint32
     0x04 MESSAGE the client's: text:string; the server's: member_id:uint32 text:string
-File transfer service (0x00000038): the create's addtl is file_name:string description:string size:uint32
-    ...: the file's bytes are sent on that channel (CHANNEL_SEND).
+File transfer service (0x00000038, libmeanwhile's srvc_ft.c): the create's addtl is
+    unknown:uint32 file_name:string message:string size:uint32 unknown:uint32 unknown:uint16; the creator sends the
+    file on that channel, send type 0x0001 TRANSFER (data: a chunk of the file), one chunk at a time: the receiver
+    answers each with 0x0002 RECEIVED (empty data, never encrypted), and the sender sends its next chunk only then.
+    After the RECEIVED of the last chunk the sender destroys the channel (reason 0, success); a receiver that
+    declines destroys it with reason 0x08000606 (rejected).
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ import re
 import struct
 from dataclasses import dataclass
 
-from imguard.settings import KiB, setting
+from imguard.settings import KiB, MiB, setting
 
 # message types
 HANDSHAKE = 0x0000
@@ -65,6 +69,12 @@ IM_DATA_HTML = 4
 # conference send types
 CONF_WELCOME, CONF_INVITE, CONF_JOIN, CONF_PART, CONF_MESSAGE = 0x00, 0x01, 0x02, 0x03, 0x04
 
+# file-transfer send types, and channel-destroy reasons
+FT_TRANSFER = 0x0001
+FT_RECEIVED = 0x0002
+FT_SUCCESS = 0x00000000
+FT_REJECTED = 0x08000606
+
 KEEPALIVE = 0x80
 
 
@@ -78,6 +88,12 @@ class SametimeLimits:
     sametime_max_channels: int = setting(
         1_000, "Channels remembered per connection (each IM conversation, conference and file transfer is one); "
                "past it a new channel is refused and an anomaly recorded")
+    sametime_max_held_bytes: int = setting(
+        256 * MiB, "Largest Sametime file transfer held for inspection; one announcing more, or running past it, is "
+                   "stopped before its receiver gets a byte (fail closed), its sender told")
+    sametime_max_transfers: int = setting(
+        8, "Sametime file transfers held at once per connection; the bytes they hold together are bounded by this "
+           "times sametime_max_held_bytes (and by max_total_held_bytes)")
     sametime_max_anomalies_per_kind: int = setting(
         20, "Anomalies recorded per kind per connection; more are counted, not logged")
 
@@ -341,6 +357,32 @@ def conference_name(addtl: bytes) -> str:
 def file_offer(addtl: bytes) -> tuple[str, int]:
     """A file-transfer channel's (file name, size)."""
     r = Reader(addtl)
+    r.u32()
     name = r.string()
     r.string()
     return name, r.u32()
+
+
+def put_login_info(user_id: str, user_name: str, community: str = "") -> bytes:
+    """A short login info (not `full`): as a server names a channel's creator."""
+    return put_string(user_id) + struct.pack(">H", 0x1003) + put_string(user_id) + put_string(user_name) \
+        + put_string(community) + b"\x00"
+
+
+def channel_destroy(channel: int, reason: int) -> bytes:
+    """CHANNEL_DESTROY of `channel` with `reason` and no data."""
+    return build_message(CHANNEL_DESTROY, channel, struct.pack(">I", reason) + put_opaque(b""))
+
+
+def ft_received(channel: int) -> bytes:
+    """The file receiver's RECEIVED for one chunk (what libmeanwhile's mwFileTransfer_ack sends)."""
+    return build_message(CHANNEL_SEND, channel, struct.pack(">H", FT_RECEIVED) + put_opaque(b""))
+
+
+def im_channel_create(channel: int, target: str, creator: LoginInfo) -> bytes:
+    """A server's CHANNEL_CREATE of an IM channel from `creator` to `target`, unencrypted (as a Sametime server
+    relays one: service, protocol type 0x1000 and version 3, the IM addtl of a plain client)."""
+    body = struct.pack(">II", 0, channel) + put_string(target) + put_string("") \
+        + struct.pack(">IIII", SERVICE_IM, SERVICE_IM, 3, 0) + put_opaque(struct.pack(">II", 1, 1)) \
+        + b"\x01" + put_login_info(creator.user_id, creator.user_name, creator.community) + struct.pack(">HI", 0, 0)
+    return build_message(CHANNEL_CREATE, 0, body)

@@ -1,4 +1,5 @@
-"""The Sametime Community client-to-server session: identity, one-to-one and conference messages to policy.
+"""The Sametime Community client-to-server session: identity, one-to-one and conference messages to policy, file
+transfers held and decided.
 Sans-io (decoder.py has the structures).
 
     session = SametimeSession(checker, transfers, ChatContext(client_address=..., server_address=...))
@@ -28,11 +29,27 @@ What our client sends is decided outbound from it; what the server delivers, fro
 Encrypted channels (CHANNEL_SEND with the ENCRYPT option: the channel negotiated RC2/40 or RC2/128) cannot be read:
 each such message is an `encrypted_channel` anomaly (once per channel) and decided by policy on empty text (so a
 policy that blocks what it cannot read blocks it), as Matrix's end-to-end encrypted events are.
-File transfers (service 0x38) are recorded (`sametime_file_offer`) and not yet held: the file's bytes cross
-undecided (see the README's table). Holding them needs more than the tracker: libmeanwhile's sender sends a chunk
-(send type 0x0001) and waits for the receiver's ACK (0x0003) before the next, so the gateway would have to ACK the
-sender itself while it holds the chunks, and swallow the receiver's ACKs when it releases them.
-
+File transfers (service 0x38, both directions, the same code): the CHANNEL_CREATE names the file and its size
+(`sametime_file_offer`); its creator is the sender (our client: outbound; the server's side: inbound). Its chunks
+(TRANSFER) are *held, not forwarded*, in one `HeldTransfer` (imguard.files.tracker) per channel, made at its first
+chunk: kind "sametime_ft" (its anomalies are sametime_ft_*), bounded by `sametime_max_held_bytes` (an offer
+announcing more is cut at its first chunk) and, with the connection's other held files, by `sametime_max_transfers`
+such files and `max_total_held_bytes`. Each chunk is one piece: its file bytes, and the message's bytes before them
+as its head, so the release is byte-exact and the file held once. libmeanwhile's sender waits for the receiver's
+RECEIVED before each next chunk, so the gateway answers the sender with a RECEIVED of its own for every held chunk
+but the last, counting them; the file whole (its announced size), the tracker's `InspectFile`
+(transfer_id "sametime-ft:<conn>:<channel>", mechanism "sametime"). Allowed: the held chunks go to the receiver in
+order, and its RECEIVEDs are swallowed as many as the gateway gave; the one for the last chunk crosses, and the
+sender, answered by its real receiver, closes the channel itself. Blocked or cut: the gateway destroys the channel
+towards both parties with libmeanwhile's "rejected" reason (the receiver never got a byte; the sender, still waiting
+for its last RECEIVED, sees its transfer refused: what tells an outside sender) and, as the tracker's tell rule
+says, our client gets an IM from `[imguard]`: on its IM channel with the other party if one is open, else on an IM
+channel the gateway opens to it from the user "imguard" (what our client sends there goes nowhere). Whatever
+either party sends on a channel the gateway destroyed is dropped. A chunk past the announced size cuts the file
+(sametime_ft_bad_chunk), so does an encrypted chunk (sametime_ft_encrypted: a channel that negotiated RC2 cannot
+be inspected, fail closed), and a TRANSFER from the receiver's side is dropped. The sender destroying the channel
+before the last byte abandons the file (sametime_ft_incomplete; its close crosses), and so does its leg of the
+connection closing; the receiver leaving before the verdict lets the file be decided and delivers nothing.
 Anomalies (at most `sametime_max_anomalies_per_kind` per kind): framing (a length past the limit, no header: the
 connection closes), a structure that does not fit (a client message on an IM or conference channel that cannot
 be read is dropped: the server might read text we did not), a truncated message at close.
@@ -40,27 +57,44 @@ be read is dropped: the server might read text we did not), a truncated message 
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import struct
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+from imguard.files.tracker import ConnectionHolds, HeldTransfer, HoldState, Notice, Piece
 from imguard.model import FROM_CLIENT, FROM_SERVER, MASK, ChatContext, Decision, FileReport
 from imguard.protocols.base import Anomaly, Close, Command, ProtocolEvent, Send, StreamSession, limited_anomaly
 from imguard.protocols.sametime.decoder import (CHANNEL_ACCEPT, CHANNEL_CREATE, CHANNEL_DESTROY, CHANNEL_SEND,
-                                                CONF_JOIN, CONF_MESSAGE, CONF_WELCOME, IM_MESSAGE, LOGIN, LOGIN_ACK,
-                                                SERVICE_CONFERENCE, SERVICE_FILE_TRANSFER, SERVICE_IM, DecodeError,
-                                                FrameDecoder, FramingError, Message, Reader, SametimeLimits,
-                                                build_message, conference_name, file_offer, login_ack_user,
-                                                login_name, put_opaque, put_string, read_channel_accept,
-                                                read_channel_create, read_im, read_login_info, read_send, rebuild,
-                                                write_im)
+                                                CONF_JOIN, CONF_MESSAGE, CONF_WELCOME, FT_REJECTED, FT_RECEIVED,
+                                                FT_TRANSFER, IM_MESSAGE, LOGIN, LOGIN_ACK, SERVICE_CONFERENCE,
+                                                SERVICE_FILE_TRANSFER, SERVICE_IM, DecodeError, FrameDecoder,
+                                                FramingError, LoginInfo, Message, Reader, SametimeLimits,
+                                                build_message, channel_destroy, conference_name, file_offer,
+                                                ft_received, im_channel_create, login_ack_user, login_name,
+                                                put_opaque, put_string, read_channel_accept, read_channel_create,
+                                                read_im, read_login_info, read_send, rebuild, write_im)
+
+GATEWAY_USER = "imguard"                # the party of the IM channel the gateway opens for a file notice
+_GATEWAY_CHANNELS = 0xFFFFFF00          # its channel ids (a server's ids have the top bit set; these are far up)
 
 
 class Opened(Enum):
     """Who opened a channel."""
     BY_CLIENT = "client"
     BY_SERVER = "server"
+    BY_GATEWAY = "gateway"              # an IM channel the gateway opened to our client for a file notice
+
+
+class FtState(Enum):
+    """A file-transfer channel, as far as the session's framing goes (the file itself: its HeldTransfer)."""
+    OFFERED = "offered"                 # created, no chunk yet
+    HOLDING = "holding"                 # its tracker holds the chunks (or decides them)
+    RELEASED = "released"               # allowed: delivered, the receiver's RECEIVEDs are being counted off
+    REFUSED = "refused"                 # the gateway destroyed it towards both parties: whatever comes is dropped
+    GONE = "gone"                       # abandoned by a party: what follows crosses as usual
 
 
 @dataclass
@@ -73,6 +107,18 @@ class Channel:
     encrypted: bool = False
     told_encrypted: bool = False
     members: dict[int, str] = field(default_factory=dict)     # conference member id -> user
+    # a file-transfer channel
+    file_name: str = ""
+    file_size: int = 0
+    ft: FtState = FtState.OFFERED
+    transfer: HeldTransfer | None = None
+    acks_owed: int = 0                  # RECEIVEDs the gateway gave the sender: swallowed from the receiver
+    held_after: bytes = b""             # the sender's messages after its last chunk, released with the file
+
+    @property
+    def sender_is_client(self) -> bool:
+        """A file channel's sender is its creator."""
+        return self.opened is Opened.BY_CLIENT
 
 
 class SametimeSession(StreamSession):
@@ -89,6 +135,10 @@ class SametimeSession(StreamSession):
         self.identity = ""
         self.confirmed = False
         self.channels: dict[int, Channel] = {}
+        self._held: dict[str, Channel] = {}      # transfer id -> file channel whose tracker holds or decides
+        self.holds = ConnectionHolds(max_bytes=limits.sametime_max_transfers * limits.sametime_max_held_bytes)
+        self._next_gateway_channel = _GATEWAY_CHANNELS
+        self._refused: dict[int, None] = {}     # file channels the gateway destroyed: what comes on them is dropped
 
     # --- StreamSession ------------------------------------------------------------------------------------------
 
@@ -110,6 +160,7 @@ class SametimeSession(StreamSession):
             if isinstance(ev, FramingError):
                 flush()
                 self.closed = True
+                self._drop_held()
                 out += [c for c in (self._anomaly(ev.kind, ev.detail, from_client=from_client, size=ev.size),
                                     Close(f"Sametime framing: {ev.kind}")) if c is not None]
                 break
@@ -125,15 +176,28 @@ class SametimeSession(StreamSession):
         return []
 
     def file_verdict(self, transfer_id: str, report: FileReport, decision: Decision) -> list[Command]:
-        return []
+        channel = self._held.get(transfer_id)
+        if channel is None or channel.transfer is None or self.closed:
+            return []
+        return self._carry(channel, channel.transfer.verdict(decision))
 
     def connection_closed(self, from_client: bool) -> list[Command]:
+        out: list[Command] = []
         pending = self._decoders[from_client].pending
         if pending and not self.closed:
             rec = self._anomaly("truncated_message", "the connection closed in the middle of a Sametime message; not "
                                 "forwarded", from_client=from_client, size=len(pending))
-            return [rec] if rec else []
-        return []
+            if rec:
+                out.append(rec)
+        for channel in list(self._held.values()):
+            t = channel.transfer
+            if t is not None and t.state is HoldState.RECEIVING and channel.sender_is_client == from_client:
+                # the sender's leg closed before the last byte: the file will not be whole
+                out += self._carry(channel, t.abandon("sametime_ft_incomplete", f"the connection closed after "
+                                                      f"{t.received} of {t.size} bytes; nothing was forwarded"))
+            elif t is not None and channel.sender_is_client != from_client:
+                t.receiver_closed()
+        return out
 
     def notice(self, text: str) -> list[Command]:
         """A notice to this connection's user on its most recent IM channel (none open: nothing can show it)."""
@@ -176,17 +240,21 @@ class SametimeSession(StreamSession):
                 self.identity = login_name(msg.body) or self.identity
             elif msg.type == LOGIN_ACK and not from_client:
                 self._login_ack(msg, extra)
+            elif msg.type in (CHANNEL_SEND, CHANNEL_ACCEPT, CHANNEL_DESTROY) and msg.channel in self._refused:
+                return b"", extra           # a file channel the gateway destroyed towards both parties
             elif msg.type == CHANNEL_CREATE:
-                self._create(from_client, msg, extra)
+                return self._create(from_client, msg, extra), extra
             elif msg.type == CHANNEL_ACCEPT:
                 channel = self.channels.get(msg.channel)
+                if channel is not None and channel.opened is Opened.BY_GATEWAY:
+                    return b"", extra       # ours to our client: nobody else knows it
                 if channel is not None:
                     _, acceptor, mode = read_channel_accept(msg.body)
                     channel.encrypted = mode != 0
                     if acceptor is not None and channel.opened is Opened.BY_CLIENT and not channel.peer:
                         channel.peer = acceptor.user_id
             elif msg.type == CHANNEL_DESTROY:
-                self.channels.pop(msg.channel, None)
+                return self._destroy(from_client, msg, extra), extra
             elif msg.type == CHANNEL_SEND and msg.channel in self.channels:
                 return self._send(from_client, msg, extra)
         except DecodeError as e:
@@ -209,17 +277,23 @@ class SametimeSession(StreamSession):
             if rec:
                 extra.append(rec)
 
-    def _create(self, from_client: bool, msg: Message, extra: list[Command]) -> None:
+    def _create(self, from_client: bool, msg: Message, extra: list[Command]) -> bytes:
         create = read_channel_create(msg.body)
         if create.service not in (SERVICE_IM, SERVICE_CONFERENCE, SERVICE_FILE_TRANSFER):
-            return
+            return msg.raw
         if len(self.channels) >= self.limits.sametime_max_channels and create.channel not in self.channels:
+            ft = create.service == SERVICE_FILE_TRANSFER
             rec = self._anomaly("too_many_channels", f"more than sametime_max_channels "
-                                f"({self.limits.sametime_max_channels}) channels: this one is not followed",
+                                f"({self.limits.sametime_max_channels}) channels: this one is "
+                                f"{'refused (a file is never let through unheld)' if ft else 'not followed'}",
                                 from_client=from_client)
             if rec:
                 extra.append(rec)
-            return
+            if ft:
+                extra.append(Send(to_client=from_client, data=channel_destroy(create.channel, FT_REJECTED)))
+                return b""
+            return msg.raw
+        self._refused.pop(create.channel, None)     # the id is used again
         peer = create.target if from_client else (create.creator.user_id if create.creator else "")
         channel = Channel(create.channel, create.service, Opened.BY_CLIENT if from_client else Opened.BY_SERVER,
                           peer=peer)
@@ -230,14 +304,40 @@ class SametimeSession(StreamSession):
             try:
                 name, size = file_offer(create.addtl)
             except DecodeError:
-                name, size = "", 0
+                name, size = "", 0      # its first chunk is past the size: cut
+            channel.file_name, channel.file_size = name, size
             extra.append(self._event("sametime_file_offer", name=name, size=size, peer=peer,
                                      outbound=from_client))
+        return msg.raw
+
+    def _destroy(self, from_client: bool, msg: Message, extra: list[Command]) -> bytes:
+        channel = self.channels.pop(msg.channel, None)
+        if channel is None:
+            return msg.raw
+        if channel.opened is Opened.BY_GATEWAY:
+            return b"" if from_client else msg.raw
+        t = channel.transfer
+        if t is None or not t.holding:
+            return msg.raw
+        if from_client == channel.sender_is_client:
+            if t.state is HoldState.INSPECTING:
+                channel.held_after += msg.raw       # its close follows the file, if the file goes
+                self.channels[msg.channel] = channel
+                return b""
+            extra += self._carry(channel, t.abandon("sametime_ft_incomplete", f"the sender closed the channel after "
+                                                    f"{t.received} of {t.size} bytes; nothing was forwarded"))
+            channel.ft = FtState.GONE
+            return msg.raw
+        # the receiver leaves before the verdict: the file is still decided, nothing delivered
+        extra += self._carry(channel, t.receiver_closed())
+        return msg.raw
 
     def _send(self, from_client: bool, msg: Message, extra: list[Command]) -> tuple[bytes, list[Command]]:
         channel = self.channels[msg.channel]
         if channel.service == SERVICE_FILE_TRANSFER:
-            return msg.raw, extra
+            return self._ft_send(from_client, msg, channel, extra), extra
+        if channel.opened is Opened.BY_GATEWAY:
+            return (b"" if from_client else msg.raw), extra       # our client answering imguard: nobody hears it
         if msg.encrypted:
             return self._encrypted(from_client, msg, channel, extra)
         try:
@@ -320,11 +420,174 @@ class SametimeSession(StreamSession):
                                 severity="info", channel=msg.channel)
             if rec:
                 extra.append(rec)
-        if channel.service == SERVICE_FILE_TRANSFER:
-            return msg.raw, extra
         decision = self.checker.check_message("", self._context(from_client, channel, channel.peer))
         if decision.blocked:
             extra.append(Send(True, self._notice(channel, "An encrypted message was blocked by imguard: it cannot "
                                                  "be inspected")))
             return b"", extra
         return msg.raw, extra
+
+    # --- a file-transfer channel: its HeldTransfer in Sametime's terms ------------------------------------------
+
+    def _ft_send(self, from_client: bool, msg: Message, channel: Channel, extra: list[Command]) -> bytes:
+        sender = from_client == channel.sender_is_client
+        try:
+            send_type, data = read_send(msg.body)
+        except DecodeError as e:
+            rec = self._anomaly("bad_structure", f"a message on file channel {msg.channel} cannot be read: {e}",
+                                from_client=from_client)
+            if rec:
+                extra.append(rec)
+            return b"" if sender else msg.raw       # fail closed: it might be a chunk
+        if send_type == FT_TRANSFER:
+            if not sender:
+                rec = self._anomaly("sametime_ft_wrong_direction", "file data from the receiver's side of a "
+                                    "transfer: dropped", from_client=from_client, channel=msg.channel)
+                if rec:
+                    extra.append(rec)
+                return b""
+            extra += self._chunk(msg, channel, data)
+            return b""
+        if send_type == FT_RECEIVED and not sender and channel.acks_owed:
+            channel.acks_owed -= 1                  # the gateway already gave the sender this one
+            return b""
+        if sender and channel.transfer is not None and channel.transfer.state is HoldState.INSPECTING:
+            channel.held_after += msg.raw
+            return b""
+        return msg.raw
+
+    def _chunk(self, msg: Message, channel: Channel, data: bytes) -> list[Command]:
+        """A chunk of the file from its sender: held; the sender answered with a RECEIVED (all but the last)."""
+        if channel.transfer is None and len(self._held) >= self.limits.sametime_max_transfers:
+            t = self._hold(channel)
+            text = (f"imguard: the file {channel.file_name!r} was stopped: more than "
+                    f"{self.limits.sametime_max_transfers} files at once on this connection")
+            return self._carry(channel, t.cut("sametime_ft_too_many", f"more than sametime_max_transfers "
+                                              f"({self.limits.sametime_max_transfers}) files held at once",
+                                              notice=text, receiver_notice=text))
+        t = channel.transfer or self._hold(channel)
+        if t.state is not HoldState.RECEIVING:
+            return self._carry(channel, t.append(data))         # after the file was whole: an overrun, dropped
+        if channel.file_size > self.limits.sametime_max_held_bytes:
+            return self._carry(channel, t.too_large(channel.file_size))
+        if msg.encrypted:
+            text = (f"imguard: the file {channel.file_name!r} was stopped: its channel is encrypted, so it could not "
+                    "be inspected")
+            return self._carry(channel, t.cut("sametime_ft_encrypted", "a chunk encrypted with the channel's RC2 "
+                                              "cipher: the file cannot be inspected", notice=text,
+                                              receiver_notice=text))
+        if t.received + len(data) > channel.file_size:
+            text = f"imguard: the file {channel.file_name!r} was stopped: it sent more than it announced"
+            return self._carry(channel, t.cut("sametime_ft_bad_chunk", f"a chunk of {len(data)} bytes after "
+                                              f"{t.received} of an announced {channel.file_size}",
+                                              notice=text, receiver_notice=text))
+        if data and msg.raw.endswith(data):
+            out = t.append(data, head=msg.raw[:len(msg.raw) - len(data)])   # held once: the head, then the bytes
+        else:
+            out = t.append(data, wire=msg.raw)
+        out = self._carry(channel, out)
+        if t.state is not HoldState.RECEIVING:
+            return out                              # cut: the connection's or the gateway's hold limit
+        if t.complete:
+            return out + self._carry(channel, t.inspect())
+        channel.acks_owed += 1
+        return out + [Send(to_client=channel.sender_is_client, data=ft_received(channel.id))]
+
+    def _hold(self, channel: Channel) -> HeldTransfer:
+        """The channel's tracker, made at its first chunk: multiplexed with the chat (owns_connection False), its
+        anomalies sametime_ft_*, its bytes counted in this connection's holds."""
+        if channel.sender_is_client:
+            ctx = self._ctx(recipients=(channel.peer,) if channel.peer else (), origin=FROM_CLIENT,
+                            transfer_mechanism="sametime")
+        else:
+            ctx = self._ctx(sender=channel.peer, recipients=(self.identity,) if self.identity else (),
+                            origin=FROM_SERVER, transfer_mechanism="sametime")
+        transfer_id = f"sametime-ft:{self.context.connection_id}:{channel.id}:{next(_ids)}"
+        channel.transfer = HeldTransfer(
+            transfer_id, ctx, sender_is_client=channel.sender_is_client, kind="sametime_ft",
+            max_bytes=self.limits.sametime_max_held_bytes, size=channel.file_size, name=channel.file_name,
+            sender_name=ctx.sender, holds=self.holds,
+            deliver=lambda transfer, pieces: self._deliver(channel, transfer, pieces),
+            refuse=lambda transfer: self._refuse(channel, transfer),
+            tell=lambda transfer, notice: self._tell(channel, notice),
+            event_data={"channel": channel.id, "name": channel.file_name})
+        channel.ft = FtState.HOLDING
+        self._held[transfer_id] = channel
+        return channel.transfer
+
+    def _deliver(self, channel: Channel, transfer: HeldTransfer, pieces: list[Piece]) -> list[Command]:
+        """Allowed: the held chunks, in order, byte-exact, and whatever the sender sent after its last one."""
+        channel.ft = FtState.RELEASED
+        data = transfer.lead + b"".join(p.released for p in pieces) + channel.held_after
+        channel.held_after = b""
+        return [Send(to_client=transfer.receiver_is_client, data=data)]
+
+    def _refuse(self, channel: Channel, transfer: HeldTransfer) -> list[Command]:
+        """Blocked or cut: the channel destroyed towards both parties ("rejected"): the receiver got nothing, the
+        sender waits for a last RECEIVED it will not get. An abandoned file: its party's own close crosses."""
+        if transfer.state is HoldState.ABANDONED:
+            channel.ft = FtState.GONE
+            return []
+        channel.ft, channel.held_after = FtState.REFUSED, b""
+        if self.channels.get(channel.id) is channel:
+            del self.channels[channel.id]
+        self._refused[channel.id] = None
+        while len(self._refused) > 256:             # bounded: the oldest is forgotten
+            self._refused.pop(next(iter(self._refused)))
+        out = [] if transfer.receiver_gone else [Send(to_client=transfer.receiver_is_client,
+                                                      data=channel_destroy(channel.id, FT_REJECTED))]
+        return out + [Send(to_client=transfer.sender_is_client, data=channel_destroy(channel.id, FT_REJECTED))]
+
+    def _tell(self, channel: Channel, notice: Notice) -> list[Command]:
+        """Our client (the file's sender or receiver) gets an IM from [imguard]; the outside sender has the
+        channel's rejection (see the module docstring)."""
+        if not notice.party.inside or self.closed:
+            return []
+        text = notice.text.removeprefix("imguard: ")
+        im = next((c for c in reversed(self.channels.values()) if c.service == SERVICE_IM
+                   and c.opened is not Opened.BY_GATEWAY and c.peer and c.peer.lower() == channel.peer.lower()), None)
+        if im is not None:
+            return [Send(True, self._notice(im, text))]
+        out: list[Command] = []
+        im = next((c for c in self.channels.values() if c.opened is Opened.BY_GATEWAY), None)
+        if im is None:
+            im = Channel(self._next_gateway_channel, SERVICE_IM, Opened.BY_GATEWAY, peer=GATEWAY_USER)
+            self._next_gateway_channel = _GATEWAY_CHANNELS + (im.id + 1 - _GATEWAY_CHANNELS) % 0x100
+            self.channels[im.id] = im
+            out.append(Send(True, im_channel_create(im.id, self.identity, LoginInfo(GATEWAY_USER, GATEWAY_USER,
+                                                                                      GATEWAY_USER, ""))))
+        return out + [Send(True, self._notice(im, text))]
+
+    def _carry(self, channel: Channel, cmds: list[Command]) -> list[Command]:
+        """The tracker's commands, its anomalies under the per-kind cap; a file no longer held or decided is
+        forgotten here."""
+        out: list[Command] = []
+        for c in cmds:
+            if isinstance(c, Anomaly):
+                c = self._capped(c)
+            if c is not None:
+                out.append(c)
+        t = channel.transfer
+        if t is not None and not t.holding:
+            self._held.pop(t.transfer_id, None)
+        return out
+
+    def _capped(self, anomaly: Anomaly) -> Anomaly | None:
+        seen = self.anomaly_counts[anomaly.kind] = self.anomaly_counts.get(anomaly.kind, 0) + 1
+        limit = self.limits.sametime_max_anomalies_per_kind
+        if seen > limit:
+            return None
+        if seen == limit:
+            return dataclasses.replace(anomaly, data={**anomaly.data, "further_suppressed": True})
+        return anomaly
+
+    def _drop_held(self) -> None:
+        """The connection closes on a framing error: every held file goes with it, unreleased (the framing
+        error's anomaly explains it)."""
+        for channel in list(self._held.values()):
+            if channel.transfer is not None:
+                channel.transfer.abandon("sametime_ft_incomplete", "the connection closed on a framing error")
+        self._held.clear()
+
+
+_ids = itertools.count(1)
