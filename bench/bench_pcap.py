@@ -10,7 +10,11 @@ followed by its DCC data connection carrying a few megabytes in 1448-byte segmen
   - imguard's reader and TCP reassembly alone, in this process
   - imguard pcap FILE --json        (a subprocess: reading, reassembly, IRC and DCC sessions, inspection
                                      of every transferred file, policy), with its peak RSS
-and the ratios of imguard's figures to tshark's.
+and the ratios of imguard's figures to tshark's. The last two are measured with each capture reader
+(`--reader scapy`: scapy's RawPcapReader, the default; `--reader struct`: imguard's own), alternating,
+--rounds times each (best of the rounds), and the ratio scapy / struct of the whole `imguard pcap` is
+printed, in wall time and in CPU time (the subprocess's user + system time, which other load on a shared
+machine disturbs less): the issue's bar for keeping scapy's reader is at most 1.10.
 """
 
 from __future__ import annotations
@@ -103,22 +107,30 @@ def build(path: Path, megabytes: int) -> int:
     return n
 
 
-def timed(cmd: list[str]) -> tuple[float, int, str]:
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def timed(cmd: list[str]) -> tuple[float, int, str, float]:
+    """(wall seconds, peak RSS in KiB, stdout, CPU seconds) of one subprocess."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    cpu = _children_cpu()
     start = time.perf_counter()
     result = subprocess.run(cmd, capture_output=True, text=True)
     elapsed = time.perf_counter() - start
+    cpu = _children_cpu() - cpu
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     if result.returncode not in (0, 1):
         raise SystemExit(f"{cmd[0]} failed ({result.returncode}): {result.stderr[-2000:]}")
-    return elapsed, max(peak, before), result.stdout
+    return elapsed, max(peak, before), result.stdout, cpu
 
 
-def reader_only(path: Path) -> tuple[float, int]:
-    from imguard.replay.pcapfile import Capture
+def reader_only(path: Path, reader: str) -> tuple[float, int]:
+    from imguard.replay.pcapfile import Capture, CaptureLimits
     from imguard.replay.reassembly import Reassembler
     start = time.perf_counter()
-    capture = Capture.open(path)
+    capture = Capture.open(path, CaptureLimits(reader=reader))
     reassembler = Reassembler()
     events = 0
     for segment in capture.tcp_segments():
@@ -131,6 +143,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mb", type=int, default=300, help="capture size in MiB (default 300)")
     parser.add_argument("--keep", type=Path, help="keep the capture at this path")
+    parser.add_argument("--rounds", type=int, default=3, help="runs per reader, alternating (default 3)")
     args = parser.parse_args()
     tshark = shutil.which("tshark")
     if tshark is None:
@@ -142,19 +155,40 @@ def main() -> None:
     mb = size / 1e6
     print(f"capture: {path} {mb:.1f} MB, {sessions} IRC sessions each with a 3 MiB DCC transfer")
 
-    t_tshark, _, _ = timed([tshark, "-r", str(path), "-q", "-z", "conv,tcp"])
-    t_reader, events = reader_only(path)
-    t_pcap, rss_kb, out = timed([sys.executable, "-m", "imguard", "pcap", str(path), "--json",
-                                 "--data-dir", str(work / "data")])
+    t_tshark, _, _, _ = timed([tshark, "-r", str(path), "-q", "-z", "conv,tcp"])
     import json
-    summary = json.loads(out.splitlines()[0])
-    transfers = len(summary.get("transfers", []))
-    if transfers != sessions:
-        raise SystemExit(f"imguard pcap found {transfers} transfers, the capture carries {sessions}")
-    print(f"{'':32} {'seconds':>8} {'MB/s':>8} {'vs tshark':>10}")
-    print(f"{'tshark -q -z conv,tcp':32} {t_tshark:8.2f} {mb / t_tshark:8.1f} {1.0:10.2f}")
-    print(f"{'imguard reader + reassembly':32} {t_reader:8.2f} {mb / t_reader:8.1f} {t_tshark / t_reader:10.2f}")
-    print(f"{'imguard pcap (whole pipeline)':32} {t_pcap:8.2f} {mb / t_pcap:8.1f} {t_tshark / t_pcap:10.2f}")
+    readers = ("struct", "scapy")
+    t_reader = {r: float("inf") for r in readers}
+    t_pcap = {r: float("inf") for r in readers}
+    cpu_pcap = {r: float("inf") for r in readers}
+    rss_kb = events = 0
+    for _ in range(args.rounds):
+        for reader in readers:
+            elapsed, events = reader_only(path, reader)
+            t_reader[reader] = min(t_reader[reader], elapsed)
+            elapsed, rss, out, cpu = timed([sys.executable, "-m", "imguard", "pcap", str(path), "--json",
+                                            "--reader", reader, "--data-dir", str(work / "data")])
+            t_pcap[reader] = min(t_pcap[reader], elapsed)
+            cpu_pcap[reader] = min(cpu_pcap[reader], cpu)
+            rss_kb = max(rss_kb, rss)
+            summary = json.loads(out.splitlines()[0])
+            transfers = len(summary.get("transfers", []))
+            if transfers != sessions:
+                raise SystemExit(f"imguard pcap --reader {reader} found {transfers} transfers, the capture "
+                                 f"carries {sessions}")
+    print(f"{'':40} {'seconds':>8} {'MB/s':>8} {'vs tshark':>10}")
+    print(f"{'tshark -q -z conv,tcp':40} {t_tshark:8.2f} {mb / t_tshark:8.1f} {1.0:10.2f}")
+    for reader in readers:
+        t = t_reader[reader]
+        print(f"{'imguard reader + reassembly, ' + reader:40} {t:8.2f} {mb / t:8.1f} {t_tshark / t:10.2f}")
+    for reader in readers:
+        t = t_pcap[reader]
+        print(f"{'imguard pcap (whole pipeline), ' + reader:40} {t:8.2f} {mb / t:8.1f} {t_tshark / t:10.2f}")
+    print(f"imguard pcap CPU seconds (best of {args.rounds}): struct {cpu_pcap['struct']:.2f}, scapy "
+          f"{cpu_pcap['scapy']:.2f}")
+    print(f"scapy / struct: reader + reassembly {t_reader['scapy'] / t_reader['struct']:.3f}, whole imguard pcap "
+          f"{t_pcap['scapy'] / t_pcap['struct']:.3f} wall, {cpu_pcap['scapy'] / cpu_pcap['struct']:.3f} CPU "
+          "(bar: 1.10)")
     print(f"imguard pcap peak RSS: {rss_kb / 1024:.0f} MiB for a {mb:.0f} MB capture ({events} stream events)")
     if args.keep is None:
         shutil.rmtree(work, ignore_errors=True)

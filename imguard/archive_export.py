@@ -100,7 +100,7 @@ def _line(record: dict) -> str:
     return f"{clock} {who}: {text if text is not None else '(text not kept)'}{mark}"
 
 
-def _attachment(record: dict, quarantine: Any) -> bytes | None:
+def quarantined_file(record: dict, quarantine: Any) -> bytes | None:
     sha256 = record.get("sha256") or ""
     if quarantine is None or not re.fullmatch(r"[0-9a-f]{64}", sha256):
         return None
@@ -135,7 +135,7 @@ def eml_document(key: tuple[str, str, str], records: list[dict], quarantine: Any
     message.set_content("\n".join(_line(r) for r in records) + "\n", charset="utf-8")
     attached = 0
     for record in records:
-        if record.get("kind") == "file" and (data := _attachment(record, quarantine)) is not None:
+        if record.get("kind") == "file" and (data := quarantined_file(record, quarantine)) is not None:
             message.add_attachment(data, maintype="application", subtype="octet-stream",
                                    filename=_safe_name(record.get("file_name") or record["sha256"], 120))
             attached += 1
@@ -175,7 +175,7 @@ def rsmf_manifest(key: tuple[str, str, str], records: list[dict], quarantine: An
             event["direction"] = "incoming" if record["direction"] == "inbound" else "outgoing"
         if record.get("kind") == "file":
             event["body"] = f"[file {record.get('file_name')} sha256 {record.get('sha256')}]"
-            data = _attachment(record, quarantine)
+            data = quarantined_file(record, quarantine)
             if data is not None:
                 name = f"{record['sha256'][:16]}_{_safe_name(record.get('file_name') or 'file', 60)}"
                 files[name] = data

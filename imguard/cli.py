@@ -377,11 +377,19 @@ def archive_audit_main(args: argparse.Namespace) -> int:
         if args.archive_command == "export":
             from imguard import archive, archive_export
             query = archive.Query(person=args.person, text=args.text, since=args.since, until=args.until,
-                                  protocol=args.protocol, conversation=args.conversation)
+                                  protocol=args.protocol, conversation=args.conversation, sha256=args.sha256)
             quarantine = QuarantineStore(quarantine_dir) if quarantine_dir.is_dir() else None
-            result = archive_export.export(store, query, args.format, args.out, quarantine, args.cursor)
+            if args.format == "pcap":
+                from imguard import archive_pcap
+                result = archive_pcap.export_pcap(store, query, args.out, quarantine, args.cursor, args.event_id)
+            elif args.event_id:
+                print("imguard: --event-id selects a record for --pcap only", file=sys.stderr)
+                return EXIT_USAGE
+            else:
+                result = archive_export.export(store, query, args.format, args.out, quarantine, args.cursor)
             message = (f"archive export ({args.format}): {result.documents} documents, {result.messages} messages, "
-                       f"{result.files} files ({result.attached} attached), cursor {result.cursor}")
+                       f"{result.files} files ({result.attached} attached), cursor {result.cursor}"
+                       + "".join(f", {path}" for path in result.paths if args.format == "pcap"))
             _archive_record(args, audit.archive_event(
                 "archive_export", message, ["access"], category="database", operator=operator,
                 export={"format": args.format, "out": str(args.out), **result.to_dict(),
@@ -389,6 +397,7 @@ def archive_audit_main(args: argparse.Namespace) -> int:
             print(message)
             return EXIT_OK
         # retention apply
+                        **({"event_id": args.event_id} if args.event_id else {}),
         try:
             rules = [audit.RetentionRule.parse(text) for text in args.rule or ()]
         except ValueError as e:
@@ -569,8 +578,12 @@ def build_parser() -> argparse.ArgumentParser:
                                  help="the rules folder whose groups.yaml defines the groups (default: the bundled)")
     export = archive_commands.add_parser(
         "export", help="export for e-discovery: EML (one message per conversation-day) or RSMF 2.0.0, with the "
-                       "quarantined files attached; incremental with --cursor")
-    export.add_argument("--format", choices=["eml", "rsmf"], default="eml")
+                       "quarantined files attached; or a capture (--pcap) for incident response; incremental with "
+                       "--cursor")
+    export.add_argument("--format", choices=["eml", "rsmf", "pcap"], default="eml")
+    export.add_argument("--pcap", dest="format", action="store_const", const="pcap",
+                        help="write the selected records as one pcapng capture Wireshark opens, rebuilt from the "
+                             "archive in each protocol's framing (XMPP, IRC; see imguard/archive_pcap.py)")
     export.add_argument("--out", type=Path, required=True, metavar="DIR", help="where the documents are written")
     export.add_argument("--cursor", type=Path, default=None, metavar="FILE",
                         help="export only what was stored since the export that wrote FILE; then update it")
@@ -591,6 +604,9 @@ def build_parser() -> argparse.ArgumentParser:
     console = commands.add_parser("console", help="the web console on the data folder (HTTPS, accounts: "
                                                   "`imguard console user add`)")
     console_cli.add_console_arguments(console)
+    export.add_argument("--sha256", default="", help="file records of this SHA-256 (a blocked transfer)")
+    export.add_argument("--event-id", default="", metavar="ID",
+                        help="this one record: its id (as `imguard archive search` prints it) or its uid")
     console.set_defaults(handler=console_cli.console_main)
 
     rules = commands.add_parser("rules", help="check or test policy rules")

@@ -1,60 +1,78 @@
-"""Builders for the replay tests: packets and capture files made with struct, byte by byte.
+"""Builders for the replay tests: packets made with scapy's layers, capture files made with struct.
 
 No tests here: the test_replay_*.py modules import these to construct exactly the captures they
 need (every link type, byte order, timestamp resolution and kind of damage) instead of shipping
-binary fixtures.
+binary fixtures. The packets (Ethernet with 802.1Q/QinQ tags, Linux cooked SLL and SLL2, loopback, IPv4
+with fragments, IPv6 with extension headers, TCP) are scapy's (`scapy.layers`), so the headers the reader
+decodes are written by an independent implementation; they are returned as bytes, because the damage tests
+cut and patch them. The file builders below stay byte by byte: they write what scapy's writer does not
+(big-endian pcapng, nanosecond pcap, if_tsresol, simple and obsolete packet blocks, blocks to skip) and
+what no writer would (the damaged files), to test the readers against every variant.
 """
 
 from __future__ import annotations
 
-import socket
 import struct
 from dataclasses import dataclass
+
+from scapy.layers.inet import IP, TCP
+from scapy.layers.inet6 import IPv6, IPv6ExtHdrHopByHop, PadN
+from scapy.layers.l2 import CookedLinux, CookedLinuxV2, Dot1Q, Ether, Loopback, LoopbackOpenBSD
+from scapy.packet import Raw
 
 from imguard.replay.pcapfile import ACK, FIN, PSH, RST, SYN, TcpSegment
 
 __all__ = ["ACK", "FIN", "PSH", "RST", "SYN", "ipv4", "ipv6", "tcp", "ether", "sll", "sll2", "null", "pcap",
            "pcapng", "Ifc", "seg", "conversation", "stream_capture"]
 
+MAC_SRC, MAC_DST = "02:00:00:00:00:01", "02:00:00:00:00:02"
+SLL_ADDRESS = b"\x02\0\0\0\0\x01\0\0"
+
 
 def tcp(sport: int, dport: int, seq: int, ack: int = 0, flags: int = ACK, payload: bytes = b"") -> bytes:
-    return struct.pack(">HHIIBBHHH", sport, dport, seq & 0xFFFFFFFF, ack & 0xFFFFFFFF, 5 << 4, flags, 65535, 0,
-                       0) + payload
+    """A TCP header (no options) and its payload. Alone, without the IP addresses, its checksum is left 0."""
+    return bytes(TCP(sport=sport, dport=dport, seq=seq & 0xFFFFFFFF, ack=ack & 0xFFFFFFFF, dataofs=5, flags=flags,
+                     window=65535, chksum=0) / Raw(payload))
 
 
 def ipv4(src: str, dst: str, payload: bytes, proto: int = 6, frag: int = 0, total: int | None = None,
          ident: int = 1) -> bytes:
-    length = 20 + len(payload) if total is None else total
-    return struct.pack(">BBHHHBBH4s4s", 0x45, 0, length, ident, frag, 64, proto, 0, socket.inet_aton(src),
-                       socket.inet_aton(dst)) + payload
+    """frag: the 16-bit flags and fragment offset field; total: a total length to write instead of the true one."""
+    return bytes(IP(src=src, dst=dst, proto=proto, id=ident, flags=frag >> 13, frag=frag & 0x1FFF, ttl=64, len=total)
+                 / Raw(payload))
 
 
 def ipv6(src: str, dst: str, payload: bytes, next_header: int = 6, hop_by_hop: bool = False) -> bytes:
     if hop_by_hop:      # an 8-byte hop-by-hop options header (PadN) in front of the TCP header
-        payload = bytes([next_header, 0, 1, 4, 0, 0, 0, 0]) + payload
-        next_header = 0
-    return struct.pack(">IHBB16s16s", 6 << 28, len(payload), next_header, 64, socket.inet_pton(socket.AF_INET6, src),
-                       socket.inet_pton(socket.AF_INET6, dst)) + payload
+        return bytes(IPv6(src=src, dst=dst, nh=0, hlim=64)
+                     / IPv6ExtHdrHopByHop(nh=next_header, options=[PadN(optdata=b"\0" * 4)]) / Raw(payload))
+    return bytes(IPv6(src=src, dst=dst, nh=next_header, hlim=64) / Raw(payload))
 
 
 def ether(payload: bytes, ethertype: int = 0x0800, vlans: tuple[tuple[int, int], ...] = ()) -> bytes:
     """Ethernet II; vlans = ((tpid, vid), ...) outermost first, e.g. ((0x88A8, 100), (0x8100, 200)) for QinQ."""
-    head = b"\x02\x00\x00\x00\x00\x02" + b"\x02\x00\x00\x00\x00\x01"
-    for tpid, vid in vlans:
-        head += struct.pack(">HH", tpid, vid)
-    return head + struct.pack(">H", ethertype) + payload
+    types = [tpid for tpid, _ in vlans] + [ethertype]
+    frame = Ether(dst=MAC_DST, src=MAC_SRC, type=types[0])
+    for (_, vid), inner in zip(vlans, types[1:], strict=True):
+        frame = frame / Dot1Q(vlan=vid, type=inner)
+    return bytes(frame / Raw(payload))
 
 
 def sll(payload: bytes, protocol: int = 0x0800) -> bytes:
-    return struct.pack(">HHH8sH", 0, 772, 6, b"\x02\0\0\0\0\x01\0\0", protocol) + payload
+    return bytes(CookedLinux(pkttype=0, lladdrtype=772, lladdrlen=6, src=SLL_ADDRESS, proto=protocol) / Raw(payload))
 
 
 def sll2(payload: bytes, protocol: int = 0x0800) -> bytes:
-    return struct.pack(">HHIHBB8s", protocol, 0, 1, 772, 0, 6, b"\x02\0\0\0\0\x01\0\0") + payload
+    return bytes(CookedLinuxV2(proto=protocol, reserved=0, ifindex=1, lladdrtype=772, pkttype=0, lladdrlen=6,
+                               src=SLL_ADDRESS) / Raw(payload))
 
 
 def null(payload: bytes, family: int = 2, order: str = "<") -> bytes:
-    return struct.pack(order + "I", family) + payload
+    """BSD loopback: the address family in the capturing host's byte order ("<": scapy's Loopback writes it in
+    this machine's, little-endian on the machines the tests run on) or in network order (OpenBSD's loop)."""
+    header = LoopbackOpenBSD(type=family) if order == ">" else Loopback(type=family)
+    assert order == ">" or bytes(header)[:4] == struct.pack("<I", family), "a big-endian host: write it with struct"
+    return bytes(header / Raw(payload))
 
 
 def pcap(records: list, linktype: int = 1, order: str = "<", nano: bool = False, snaplen: int = 65535) -> bytes:

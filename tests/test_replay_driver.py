@@ -179,8 +179,6 @@ def test_unknown_protocol_is_relayed_whole():
 def test_sip_over_udp_datagrams_reach_the_sip_handler_of_their_flow():
     """UDP to a port mapped to SIP: each datagram goes, as one event, to the SIP datagram handler of its flow (one
     per client address), as the gateway delivers them; both MESSAGEs are decided, the secret one blocked."""
-    import struct
-
     from test_replay_builders import ether, ipv4, pcap
 
     def message(text: str, cseq: int) -> bytes:
@@ -191,8 +189,9 @@ def test_sip_over_udp_datagrams_reach_the_sip_handler_of_their_flow():
                 ).encode() + body
 
     def datagram(src, dst, payload):
-        return ether(ipv4(src[0], dst[0], struct.pack(">HHHH", src[1], dst[1], 8 + len(payload), 0) + payload,
-                          proto=17))
+        from scapy.layers.inet import UDP
+        from scapy.packet import Raw
+        return ether(ipv4(src[0], dst[0], bytes(UDP(sport=src[1], dport=dst[1], chksum=0) / Raw(payload)), proto=17))
 
     alice, bob_client, server = ("10.0.0.1", 4000), ("10.0.0.3", 4001), ("10.0.0.2", 5060)
     frames = [(1.0, datagram(alice, server, message("hello", 1))),

@@ -244,16 +244,19 @@ def test_malformed_headers_are_warnings():
 
 
 def _v4_fragments(payload: bytes, size: int = 16, ident: int = 7) -> list[bytes]:
-    chunks = [payload[i:i + size] for i in range(0, len(payload), size)]
-    return [ipv4("192.0.2.1", "192.0.2.2", chunk, frag=(i * size // 8) | (0x2000 if i < len(chunks) - 1 else 0),
-                 ident=ident) for i, chunk in enumerate(chunks)]
+    """The IPv4 datagram carrying `payload` (a TCP segment), cut into fragments by scapy."""
+    from scapy.layers.inet import IP, fragment
+    from scapy.packet import Raw
+    return [bytes(f) for f in fragment(IP(src="192.0.2.1", dst="192.0.2.2", id=ident, proto=6) / Raw(payload),
+                                       fragsize=size)]
 
 
 def _v6_fragments(payload: bytes, size: int = 16, ident: int = 9) -> list[bytes]:
-    chunks = [payload[i:i + size] for i in range(0, len(payload), size)]
-    return [ipv6("2001:db8::1", "2001:db8::2",
-                 struct.pack(">BBHI", 6, 0, (i * size) | (1 if i < len(chunks) - 1 else 0), ident) + chunk,
-                 next_header=44) for i, chunk in enumerate(chunks)]
+    """The same in IPv6 fragment headers (scapy's fragment6: `size` bytes of data per fragment)."""
+    from scapy.layers.inet6 import IPv6, IPv6ExtHdrFragment, fragment6
+    from scapy.packet import Raw
+    whole = IPv6(src="2001:db8::1", dst="2001:db8::2") / IPv6ExtHdrFragment(id=ident, nh=6) / Raw(payload)
+    return [bytes(f) for f in fragment6(whole, 40 + 8 + size)]
 
 
 @pytest.mark.parametrize("version", [4, 6])
@@ -331,8 +334,10 @@ def test_damaged_captures_never_raise(name):
 # --- UDP (packets(): SIP's usual transport) ---------------------------------------------------------------------
 
 def udp(sport: int, dport: int, payload: bytes, length: int | None = None) -> bytes:
-    import struct
-    return struct.pack(">HHHH", sport, dport, 8 + len(payload) if length is None else length, 0) + payload
+    """A UDP header (scapy's; `length` written instead of the true one) and its payload."""
+    from scapy.layers.inet import UDP
+    from scapy.packet import Raw
+    return bytes(UDP(sport=sport, dport=dport, len=length, chksum=0) / Raw(payload))
 
 
 def test_packets_gives_udp_datagrams_in_file_order_and_tcp_segments_stay_tcp_only():

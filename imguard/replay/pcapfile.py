@@ -1,16 +1,26 @@
 """Reading packet captures: pcap and pcapng files -> frames -> TCP segments.
 
-A small `struct` reader on purpose: it is the hot loop of `imguard pcap`, and per-packet dissection
-with a general library is an order of magnitude slower. It reads
+Frames come from scapy's raw readers (`scapy.utils.RawPcapReader`, `RawPcapNgReader`: records as bytes,
+no per-packet dissection), the default, or from imguard's own `struct` reader (`CaptureLimits.reader`),
+which is kept as the reference the tests compare scapy's frames against (tests/test_pcap_readers.py) and
+reads the one format scapy does not (the "modified" pcap of old Red Hat tcpdump). Measured on
+bench/bench_pcap.py, the whole `imguard pcap` takes 4-9% longer with scapy's readers (docs/architecture.md,
+"Replay"; the bar for using them was 10%). What scapy's readers leave out is added here: pcapng's
+if_tsoffset, the interface list restarted by each section, frame numbers that count a packet scapy skips
+(as Wireshark numbers them), a simple packet block's length taken from its block, and the damage checks
+that turn a cut or corrupt file into a `CaptureWarning` at the right frame and offset. The `struct` reader
+reads
 
   * pcap, both byte orders, microsecond (a1b2c3d4) and nanosecond (a1b23c4d) timestamps, and the
     "modified" pcap of old Red Hat tcpdump (a1b2cd34, 8 more bytes per record header);
   * pcapng: SHB (several sections, each with its own byte order), IDB (link type, if_tsresol,
-    if_tsoffset per interface), EPB, SPB and the obsolete PB; every other block is skipped;
+    if_tsoffset per interface), EPB, SPB and the obsolete PB; every other block is skipped.
 
-and decodes link types Ethernet (802.1Q / 802.1ad / QinQ tags), Linux cooked SLL and SLL2, raw IP
-(101, 228, 229 and the DLT_RAW values 12 and 14), BSD loopback (0, in either byte order) and
-OpenBSD loop (108), then IPv4 / IPv6 (extension headers walked) and TCP.
+Whichever reader gives the frames, the link layer and IP/TCP are decoded here, by a small `struct` decoder
+on purpose: it is the hot loop of `imguard pcap`, and per-packet dissection with a general library (scapy's
+`Ether(bytes)`) is an order of magnitude slower. It decodes link types Ethernet (802.1Q / 802.1ad / QinQ
+tags), Linux cooked SLL and SLL2, raw IP (101, 228, 229 and the DLT_RAW values 12 and 14), BSD loopback
+(0, in either byte order) and OpenBSD loop (108), then IPv4 / IPv6 (extension headers walked) and TCP.
 
 IP fragments (v4 and v6) are reassembled (bounded by `max_fragment_bytes`). Nothing here raises on
 bad input after the file header: a file cut mid-record, a record with an
@@ -27,6 +37,8 @@ a capture at all raises `CaptureError`.
 
 from __future__ import annotations
 
+import io
+import logging
 import mmap
 import os
 import socket
@@ -78,9 +90,18 @@ PCAPNG_SHB = 0x0A0D0D0A
 PCAPNG_BYTE_ORDER_MAGIC = 0x1A2B3C4D
 
 
+READERS = ("scapy", "struct")
+
+
 @dataclass(frozen=True)
 class CaptureLimits:
-    """Capture reading limits."""
+    """Capture reading: the reader and its limits."""
+
+    reader: str = setting(
+        "scapy", "What reads capture files into frames: 'scapy' (scapy's RawPcapReader and RawPcapNgReader) or "
+                 "'struct' (imguard's own reader, the reference the tests compare scapy's frames against). The "
+                 "link layer, IP, TCP and reassembly are imguard's either way; the old Red Hat 'modified' pcap "
+                 "(magic a1b2cd34), which scapy does not read, is always read by 'struct'")
 
     max_record_bytes: int = setting(
         16 * MiB, "A capture record (packet or pcapng block) longer than this is taken as garbage and reading "
@@ -89,6 +110,10 @@ class CaptureLimits:
     max_fragment_bytes: int = setting(
         4 * MiB, "Bytes of IP fragments held while their datagrams are incomplete; past it the oldest incomplete "
                  "datagram is dropped (a warning), so a capture full of lone fragments cannot grow memory")
+
+    def __post_init__(self) -> None:
+        if self.reader not in READERS:
+            raise ValueError(f"reader must be one of {', '.join(READERS)}, not {self.reader!r}")
 
 
 class _Defragmenter:
@@ -295,7 +320,7 @@ class Capture:
         self._data = data
         if len(data) < 4:
             raise CaptureError(f"{name}: not a packet capture (file is {len(data)} bytes long)")
-        magic = _U32LE.unpack_from(data, 0)[0]
+        magic = self._magic = _U32LE.unpack_from(data, 0)[0]
         if magic == PCAPNG_SHB:
             self.stats.format = "pcapng"
         elif magic in PCAP_MAGICS:
@@ -325,7 +350,9 @@ class Capture:
 
     def frames(self) -> Iterator[Frame]:
         """Every frame in file order. Stops with a warning at the first record that cannot be read."""
-        if self.stats.format == "pcap":
+        if self.limits.reader == "scapy" and self._magic not in _STRUCT_ONLY:
+            yield from self._scapy_frames()
+        elif self.stats.format == "pcap":
             yield from self._pcap_frames()
         else:
             yield from self._pcapng_frames()
@@ -457,6 +484,110 @@ class Capture:
                         ts_offset = float(Struct(order + "q").unpack_from(value, 0)[0])
                 interfaces.append((linktype, units, ts_offset))
             offset += total
+
+    def _scapy_frames(self) -> Iterator[Frame]:
+        """The frames as scapy's raw readers give them, numbered as Wireshark numbers them; damage becomes a
+        warning at the frame and offset where reading stopped (scapy's own log lines about it are dropped)."""
+        data, size, warn = self._data, len(self._data), self.warnings
+        source = data if isinstance(data, mmap.mmap) else io.BytesIO(data)
+        source.seek(0)
+        pcap_reader, ng_reader = _scapy_readers()
+        try:
+            reader = (ng_reader if self.stats.format == "pcapng" else pcap_reader)(source)
+        except Exception as e:        # scapy parses hostile input: whatever it raises is a warning, not a crash
+            warn.add("garbage-record", f"scapy could not read the file header ({e}); nothing is read", 1, 0)
+            return
+        if self.stats.format == "pcap":
+            yield from self._scapy_pcap(reader, source, size)
+        else:
+            yield from self._scapy_pcapng(reader, source, size)
+
+    def _scapy_pcap(self, reader, source, size: int) -> Iterator[Frame]:
+        warn, stats = self.warnings, self.stats
+        read = reader._read_packet
+        max_record = self.limits.max_record_bytes
+        divisor = 1_000_000_000 if reader.nano else 1_000_000
+        linktype = reader.linktype & 0xFFFF     # upper bits: FCS presence and length (draft-ietf-opsawg-pcap)
+        number = 0
+        offset = source.tell()
+        while True:
+            try:
+                packet, (ts_sec, ts_frac, origlen, caplen) = read(max_record)
+            except EOFError:
+                if offset < size:
+                    warn.add("truncated-record", f"the capture ends inside a record header ({size - offset} of "
+                             "16 bytes); the file was cut short", number + 1, offset)
+                return
+            except Exception as e:        # see _scapy_frames
+                warn.add("garbage-record", f"scapy could not read the record ({e}); the rest of the file is not "
+                         "read", number + 1, offset)
+                return
+            if caplen > max_record:
+                warn.add("garbage-record", f"record length {caplen} is absurd (limit {max_record}); the rest of "
+                         f"the file ({size - offset} bytes) is not read", number + 1, offset)
+                return
+            if len(packet) < caplen:
+                if offset + 16 + caplen > size:
+                    warn.add("truncated-record", f"the capture ends inside a packet ({size - offset - 16} of "
+                             f"{caplen} bytes); the file was cut short", number + 1, offset)
+                    return
+                warn.add("record-cut", f"scapy reads at most {len(packet)} bytes of a record; the rest of its "
+                         f"{caplen} bytes is a gap", number + 1, offset)
+            number += 1
+            if caplen > origlen:
+                warn.add("bad-record-length", f"captured length {caplen} exceeds the length on the wire "
+                         f"{origlen}", number, offset)
+                origlen = caplen
+            stats.frames = number
+            offset = self.position = offset + 16 + caplen
+            yield Frame(number, ts_sec + ts_frac / divisor, linktype, packet, origlen)
+
+    def _scapy_pcapng(self, reader, source, size: int) -> Iterator[Frame]:
+        warn, stats, tell = self.warnings, self.stats, source.tell
+        read = reader._read_block
+        max_record = self.limits.max_record_bytes
+        number = 0
+        while True:
+            offset = tell()
+            try:
+                block = read(max_record)
+            except EOFError:
+                if offset < size:
+                    kind, detail = _pcapng_damage(self._data, offset, reader.endian, max_record)
+                    warn.add(kind, detail, number + 1, offset)
+                return
+            except Exception as e:        # see _scapy_frames
+                warn.add("garbage-record", f"scapy could not read the block ({e}); the rest of the file is not "
+                         "read", number + 1, offset)
+                return
+            if reader.skipped is not None:                  # a packet on an interface the section lacks
+                number += 1
+                stats.frames = number
+                if_id, reader.skipped = reader.skipped, None
+                warn.add("unknown-interface", f"packet on interface {if_id}, but the section describes "
+                         f"{len(reader.interfaces)} interfaces; packet skipped", number, offset, key=if_id)
+                continue
+            if block is None:                               # not a packet: SHB, IDB, statistics, names, ...
+                continue
+            packet, meta = block
+            number += 1
+            stats.frames = number
+            self.position = tell()
+            caplen, origlen = reader.caplen, meta.wirelen
+            reader.caplen = -1
+            if caplen > len(packet):
+                warn.add("garbage-record", f"packet block's captured length {caplen} exceeds its block; packet "
+                         "skipped", number, offset)
+                continue
+            if caplen < 0:                                  # SPB: what the block holds
+                caplen = len(packet)
+            if caplen > origlen:
+                warn.add("bad-record-length", f"captured length {caplen} exceeds the length on the wire "
+                         f"{origlen}", number, offset)
+                origlen = caplen
+            options = reader.interfaces[reader.if_id][2]
+            ts = 0.0 if meta.tshigh is None else ((meta.tshigh << 32) | meta.tslow) / meta.tsresol + options["tsoffset"]
+            yield Frame(number, ts, meta.linktype, packet, origlen, reader.if_id)
 
     # --- decoding -------------------------------------------------------------------------------------
 
@@ -698,3 +829,97 @@ def _options(data, offset: int, end: int, order: str) -> Iterator[tuple[int, byt
         value = bytes(data[offset + 4:offset + 4 + length])
         offset += 4 + ((length + 3) & ~3)
         yield code, value
+
+
+# --- scapy's raw readers ---------------------------------------------------------------------------------
+
+_STRUCT_ONLY = (0xA1B2CD34, 0x34CDB2A1)    # the "modified" pcap: scapy does not read it
+
+
+def _not_a_reader_warning(record: logging.LogRecord) -> bool:
+    """A logging filter on scapy's logger: its capture readers' warnings ("Pcap: ...", "PcapNg: ...") are dropped,
+    as the reader turns damage into CaptureWarnings; scapy's other messages pass."""
+    return not str(record.msg).startswith(("Pcap: ", "PcapNg: ", "PcapReader: "))
+
+
+_READERS: tuple | None = None
+
+
+def _scapy_readers() -> tuple:
+    """scapy's RawPcapReader, and a RawPcapNgReader that also keeps what imguard's frames need and scapy's
+    metadata leaves out: if_tsoffset, the EPB's captured length and interface, a packet skipped for naming
+    an interface the section lacks, an SPB's bytes up to its block's end (scapy cuts them to the snap
+    length, and a snap length of 0 means none), and the interface list restarted by each section header.
+    Imported on first use (scapy takes ~0.2 s to import)."""
+    global _READERS
+    if _READERS is not None:
+        return _READERS
+    from scapy.utils import RawPcapNgReader, RawPcapReader
+    logging.getLogger("scapy.runtime").addFilter(_not_a_reader_warning)
+
+    class NgReader(RawPcapNgReader):
+        skipped: int | None = None      # the interface id of a packet just skipped
+        caplen = -1                     # the last packet block's captured length (-1: an SPB)
+        if_id = 0
+
+        def _read_block_shb(self):
+            super()._read_block_shb()
+            self.interfaces = []         # interface ids are per section
+
+        def _read_block_idb(self, block, size):
+            super()._read_block_idb(block, size)
+            value = self._read_options(block[8:]).get(14)      # if_tsoffset, seconds
+            tsoffset = 0.0
+            if isinstance(value, bytes) and len(value) >= 8:
+                tsoffset = float(Struct(self.endian + "q").unpack_from(value, 0)[0])
+            self.interfaces[-1][2]["tsoffset"] = tsoffset
+
+        def _check_interface_id(self, intid):
+            if intid < len(self.interfaces):
+                self.if_id = intid
+                return True
+            self.skipped = intid
+            return False
+
+        def _read_block_epb(self, block, size):
+            self.caplen = _EPB_CAPLEN[self.endian].unpack_from(block, 12)[0] if len(block) >= 16 else -1
+            return super()._read_block_epb(block, size)
+
+        def _read_block_pkt(self, block, size):
+            self.caplen = _EPB_CAPLEN[self.endian].unpack_from(block, 12)[0] if len(block) >= 16 else -1
+            return super()._read_block_pkt(block, size)
+
+        def _read_block_spb(self, block, size):
+            self.caplen = -1
+            result = super()._read_block_spb(block, size)
+            if result is None:
+                return None
+            wirelen = result[1].wirelen
+            return block[4:4 + min(wirelen, len(block) - 4)], result[1]
+
+    _READERS = (RawPcapReader, NgReader)
+    return _READERS
+
+
+_EPB_CAPLEN = {"<": Struct("<I"), ">": Struct(">I"), "!": Struct(">I")}
+
+
+def _pcapng_damage(data, offset: int, order: str, max_record: int) -> tuple[str, str]:
+    """Why the pcapng block at `offset` could not be read: (warning kind, one sentence)."""
+    size = len(data)
+    order = "<" if order == "<" else ">"
+    if offset + 12 > size:
+        return "truncated-record", (f"the capture ends inside a block header ({size - offset} bytes left); the "
+                                    "file was cut short")
+    block_type, total = Struct(order + "II").unpack_from(data, offset)
+    if block_type == PCAPNG_SHB:
+        return "garbage-record", "a section header that cannot be read; the rest of the file is not read"
+    if total < 12 or total % 4 or total > max_record:
+        return "garbage-record", (f"block of type {block_type:#x} claims length {total} (must be a multiple of "
+                                  f"4, at least 12, at most {max_record}); the rest of the file "
+                                  f"({size - offset} bytes) is not read")
+    if offset + total > size:
+        return "truncated-record", (f"the capture ends inside a block of type {block_type:#x} ({size - offset} "
+                                    f"of {total} bytes); the file was cut short")
+    return "garbage-record", (f"block of type {block_type:#x} cannot be read (its trailing length or its "
+                              "contents are wrong); the rest of the file is not read")
