@@ -15,6 +15,9 @@ Sections:
       strings, wide/nocase modifiers, magic-first conditions), like a public set of a few thousand rules.
   (d) 2 threads against 1 on the >= 1 MB files: wall-clock speed-up and cpu/wall (2.0 = both cores busy).
   (e) the cost of libarchive: the same members as tar (walked by tarfile), cpio and 7z (walked by libarchive).
+  (f) a repeated file: the verdict cache (imguard/inspect/cache.py) against inspecting again; in these rows "raw" is
+      the uncached inspection and "pipeline" the cached one, so the ratio is the cache's speed-up. Every other row
+      measures inspection itself, with the cache off.
 Also: compile time and cache load time of the rule set, and yara-x on the same data when installed.
 """
 
@@ -266,7 +269,7 @@ def main() -> None:
     load_s = time.perf_counter() - t0
     assert signatures.from_cache
     rules = signatures.rules
-    inspector = Inspector(signatures, InspectLimits())
+    inspector = Inspector(signatures, InspectLimits(verdict_cache_entries=0))     # (a)-(e) measure inspection itself
     print(f"rule set: {signatures.rule_count} rules ({args.rules} synthetic + bundled), "
           f"{len(signatures.warnings)} warnings; compile {compile_s:.2f} s (incl. per-file check), "
           f"cache load {load_s * 1000:.0f} ms")
@@ -295,7 +298,7 @@ def main() -> None:
         current[0].inspect(data, name=name)
 
     current = [inspector]
-    sha256_only = Inspector(signatures, InspectLimits(digests="sha256"))
+    sha256_only = Inspector(signatures, InspectLimits(digests="sha256", verdict_cache_entries=0))
 
     rows = []
 
@@ -352,6 +355,22 @@ def main() -> None:
     rows.append(one)
     two = compare("(d) files >= 1 MB, 2 threads", big, threads=2)
 
+    cached = Inspector(signatures, InspectLimits())
+
+    def uncached_inspection(name: str, data: bytes) -> None:
+        inspector.inspect(data, name=name)
+
+    def cached_inspection(name: str, data: bytes) -> None:
+        cached.inspect(data, name=name)
+
+    repeated = []
+    for label, files, unit in (("(f) repeated file >= 1 MB, cached", big, "MB/s"),
+                               ("(f) repeated 1 KB - 700 KB, cached", corpus["mid"], "MB/s"),
+                               ("(f) repeated archive, cached", corpus["archive"], "MB/s"),
+                               ("(f) repeated small file, cached", corpus["small"], "files/s")):
+        run(cached_inspection, files)           # each file crossed once already: its report is in the cache
+        repeated.append(compare(label, files, unit=unit, raw=uncached_inspection, pipeline=cached_inspection))
+
     print()
     print(f"{'set':36} {'thr':>3} {'files':>5} {'MB':>7}  {'raw':>10} {'pipeline':>10} {'unit':>7}  "
           f"{'ratio':>5}  {'cpu ratio':>9}  {'cpu/wall raw|pipe':>17}  target")
@@ -371,6 +390,12 @@ def main() -> None:
           f">= 3,500 files/s); libmagic's two calls alone: {floor['pipeline']:.0f} files/s, the floor without a "
           "libmagic fast path")
 
+    for r in repeated:
+        print(f"verdict cache, {r['set'][4:]}: {r['pipeline']:.0f} {r['unit']} against {r['raw']:.0f} uncached = "
+              f"{r['ratio']:.1f}x (a hit: one SHA-256 of the bytes and one copy of the stored report)")
+    print(f"verdict cache after the bench: {len(cached.cache)} reports, {cached.cache.size_bytes / MB:.1f} MB, "
+          f"{cached.cache.stats.hits} hits, {cached.cache.stats.misses} misses")
+
     engine_rows = engine_comparison(sigdir, big, one["raw"], two["raw"], load_s, args.repeats)
 
     out = ROOT / "bench" / "results"
@@ -381,6 +406,7 @@ def main() -> None:
          "cpus": os.cpu_count(), "yara": yara.__version__}, indent=1))
     inspector.close()
     sha256_only.close()
+    cached.close()
     print(f"total bench time {time.perf_counter() - started:.0f} s; results in bench/results/bench_inspect.json")
 
 

@@ -36,7 +36,7 @@ from imguard import alerts
 
 logger = logging.getLogger("imguard.reload")
 
-WATCHED_SUFFIXES = (".yaml", ".yml", ".yar", ".yara")
+WATCHED_SUFFIXES = (".yaml", ".yml", ".yar", ".yara", ".txt")    # .txt: hash lists (imguard/policy/hashlists.py)
 
 
 def fingerprint(folders: Iterable[Path]) -> tuple:
@@ -88,7 +88,10 @@ class PolicyReloader:
                 stats.append((str(path), st.st_mtime_ns, st.st_size))
             except OSError:
                 stats.append((str(path), -1, -1))
-        return fingerprint([*self.rules_dirs, self.signatures_dir]) + tuple(stats)
+        from imguard.policy.hashlists import HASHLIST_FOLDER, folders_of
+        lists = [d / HASHLIST_FOLDER for d in self.rules_dirs] + \
+            folders_of((), getattr(self.signature_settings, "hash_lists", ""))
+        return fingerprint([*self.rules_dirs, self.signatures_dir, *lists]) + tuple(stats)
 
     def changed(self) -> bool:
         return self.fingerprint() != self._snapshot

@@ -95,7 +95,8 @@ def load_configuration(rules_dirs: Path | Iterable[Path], signatures_dir: Path, 
     if not missing:
         try:
             known = signatures.rule_names if signatures is not None else None
-            policy = load_policy(folders, known_yara_rules=known)
+            policy = load_policy(folders, known_yara_rules=known,
+                                 hash_list_dirs=getattr(signature_settings, "hash_lists", ""))
         except PolicyError as e:
             errors.extend(e.errors)
     if errors:

@@ -213,8 +213,11 @@ def test_eicar_under_an_untagged_score_80_rule_is_blocked_and_score_50_alerts(tm
     assert [(f.data["rule"], f.data["tags"], f.data["meta"]["score"]) for f in found] == \
         [("MAL_Test_EICAR_Dec26", [], 80)]
     decision = policy.decide_file(report, ctx)
-    assert decision.action == "block" and decision.rule_ids == ["yara-score-high"]
-    assert "malware" not in decision.rule_ids
+    assert decision.action == "block" and decision.rule_ids == ["malware", "yara-score-high"]
+    # `malware` fires only because the bundled known-bad hash list holds EICAR, never through the tag it lacks
+    assert [r for m in decision.matches if m.rule_id == "malware" for r in m.reasons] == \
+        ["file eicar.txt sha256 275a021bbfb6489e54d471899f7db9d1663fc695ec2fe2a2c4538aabf651fd0f is in hash list "
+         "known-bad (EICAR test file, known-bad.txt:10)"]
     marker = inspector.inspect(b"IMGUARD-TEST-HACKTOOL-MARKER", ctx, name="notes.txt")
     decision = policy.decide_file(marker, ctx)
     assert decision.action == "alert" and decision.rule_ids == ["yara-score-medium"]

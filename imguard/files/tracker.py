@@ -57,7 +57,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 from imguard.model import FROM_CLIENT, FROM_SERVER, ChatContext, Decision
-from imguard.protocols.base import Anomaly, Close, Command, InspectFile, Send, block_words
+from imguard.protocols.base import Anomaly, Close, Command, InspectFile, Notify, Send, block_words
 from imguard.settings import GiB, setting
 
 
@@ -220,6 +220,7 @@ class Outcome(enum.Enum):
     BLOCKED = "blocked"     # its verdict dropped it (block, quarantine)
     CUT = "cut"             # the gateway stopped it before it was whole (too large, framing), with a notice
     NOTICED = "noticed"     # allowed (or its receiver had gone), and its decision carries a notice
+    SCANNING = "scanning"   # not ended: its inspection is taking a while (said only if it does: `scanning_notices`)
 
 
 # The tell rule: (the file's origin, how it ended) -> who is told, in this order (the sender's answer first).
@@ -230,6 +231,9 @@ TELL_RULE: dict[tuple[str, Outcome], tuple[Party, ...]] = {
     (FROM_SERVER, Outcome.BLOCKED): (Party.OUTSIDE_SENDER, Party.INSIDE_RECEIVER),
     (FROM_SERVER, Outcome.CUT): (Party.OUTSIDE_SENDER, Party.INSIDE_RECEIVER),
     (FROM_SERVER, Outcome.NOTICED): (),     # a rule's notice is written for a sender of ours
+    # A slow scan: the people of ours who wait for it (an outside sender's only reach would be a refusal).
+    (FROM_CLIENT, Outcome.SCANNING): (Party.INSIDE_SENDER,),
+    (FROM_SERVER, Outcome.SCANNING): (Party.INSIDE_RECEIVER,),
 }
 
 
@@ -482,7 +486,8 @@ class HeldTransfer:
                 only.payload = data
         self._move(HoldEvent.INSPECT)
         return [InspectFile(transfer_id=self.transfer_id, data=data, context=self.context, name=self.name,
-                            claimed_mime=self.claimed_mime, truncated=self.truncated)]
+                            claimed_mime=self.claimed_mime, truncated=self.truncated,
+                            slow_notices=self.scanning_notices())]
 
     def verdict(self, decision: Decision) -> list[Command]:
         """The one file_verdict: allowed -> the held bytes to the receiver (or, if it left, nothing and an
@@ -582,6 +587,23 @@ class HeldTransfer:
         origin = FROM_SERVER if self.inbound else FROM_CLIENT
         return [Notice(party, receiver_text if party is Party.INSIDE_RECEIVER else text, outcome, decision)
                 for party in TELL_RULE[(origin, outcome)]]
+
+    def scanning_notices(self) -> tuple[Notify, ...]:
+        """What the people of ours waiting for this file are told if its inspection takes a while ("being
+        scanned"), handed out with its InspectFile for the carrier to deliver then (the gateway: after
+        scan_notice_after_seconds) or never. Only for a file on a connection of its own (DCC, MSNFTP, OFT,
+        SOCKS5), whose notices are Notify commands for the chat connection: that connection is not the one
+        paused while the file is inspected, and such a notice changes no session state."""
+        if not self.owns_connection:
+            return ()
+        the_file = f"the file {self.name!r}" if self.name else "a file"
+        to = f" to {self.receiver}" if self.receiver else ""
+        sender = f" from {self.sender_name}" if self.sender_name else ""
+        notices = self.notices(Outcome.SCANNING,
+                               text=f"imguard: {the_file}{to} is being scanned; it is delivered when the scan is done",
+                               receiver_text=f"imguard: {the_file}{sender} is being scanned; it arrives when the "
+                                             "scan is done")
+        return tuple(c for c in self._tell_all(notices) if isinstance(c, Notify))
 
     def _tell_all(self, notices: list[Notice]) -> list[Command]:
         out: list[Command] = []

@@ -9,6 +9,11 @@ way with reason "scanner_error". A file whose scan takes longer than `timeout` i
 unscannable (reason "timeout") report; its worker finishes in the background and keeps its queue slot
 until then. For overload and timeout the operator's fail mode (failmode.py) has the last word over policy:
 closed -> at least block, open -> relayed with an alert.
+
+A file whose scan takes longer than `notice_after` seconds (scan_notice_after_seconds) is not silent: the
+notices its InspectFile carries (`slow_notices`: "being scanned", for the people of ours who wait for it, on
+their chat connection; the tracker's tell rule says who) are delivered through `notify` (the addon's
+notify_command: recorded, then sent) while the scan goes on; a scan that ends sooner tells nobody.
 """
 
 from __future__ import annotations
@@ -16,20 +21,25 @@ from __future__ import annotations
 import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
 
 from imguard.gateway.layer import FileJob
 from imguard.model import (REASON_LIMIT, REASON_SCANNER_ERROR, REASON_TIMEOUT, ChatContext,
                            Decision, FileReport)
+from imguard.protocols.base import InspectFile, Notify
 
 logger = logging.getLogger("imguard.gateway")
 
 
 class Inspection:
-    def __init__(self, pipeline, workers: int = 2, max_pending: int = 32, fail_modes=None, timeout: float = 0):
+    def __init__(self, pipeline, workers: int = 2, max_pending: int = 32, fail_modes=None, timeout: float = 0,
+                 notice_after: float = 0, notify: Callable[[Notify], None] | None = None):
         self.pipeline = pipeline
         self.max_pending = max(1, max_pending)
         self.fail_modes = fail_modes        # imguard.gateway.failmode.FailModes: overload / timeout (None = closed)
         self.timeout = timeout              # seconds one file may take (0 = no limit)
+        self.notice_after = notice_after    # seconds before a file's slow_notices are delivered (0 = never)
+        self.notify = notify                # delivers a Notify (GatewayAddon.notify_command); None = never
         self.pending = 0
         self.executor = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="imguard-inspect")
 
@@ -84,8 +94,23 @@ class Inspection:
         """mitmproxy's InspectFileHook (a SessionLayer's InspectFile): this addon answers it. The hook pauses only
         the layer that holds the file while the check runs in a worker."""
         cmd = job.command
-        job.report, job.decision = await self.check(cmd.data, cmd.context, cmd.name, cmd.claimed_mime,
-                                                    cmd.truncated)
+        slow = None
+        if cmd.slow_notices and self.notice_after > 0 and self.notify is not None:
+            slow = asyncio.get_running_loop().call_later(self.notice_after, self._tell_slow, cmd)
+        try:
+            job.report, job.decision = await self.check(cmd.data, cmd.context, cmd.name, cmd.claimed_mime,
+                                                        cmd.truncated)
+        finally:
+            if slow is not None:
+                slow.cancel()
+
+    def _tell_slow(self, cmd: InspectFile) -> None:
+        logger.info("inspection of %r takes more than %s s: telling who waits for it", cmd.name, self.notice_after)
+        for notice in cmd.slow_notices:
+            try:
+                self.notify(notice)
+            except Exception:   # a notice that cannot go never stops the scan
+                logger.exception("slow-scan notice for %r not delivered", cmd.name)
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)

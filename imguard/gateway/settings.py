@@ -124,6 +124,10 @@ class GatewaySettings:
                     "irc, socks5, http, dcc. Example: --fail-mode closed --fail-mode irc:parse=open")
     inspect_timeout: float = setting(
         30.0, "Seconds one file may spend in inspection before the fail mode 'timeout' decides it (0 = no limit)")
+    scan_notice_after_seconds: float = setting(
+        2.0, "Seconds a held file's scan may take before the people of ours who wait for it (its inside sender or "
+             "receiver) are told in their chat that it is being scanned; files on a connection of their own (DCC, "
+             "MSNFTP, OFT, SOCKS5). 0 = never")
     reload_interval: float = setting(
         5.0, "Seconds between checks of the rules and signatures folders for changed *.yaml/*.yar files; a change "
              "reloads them (validated first: a broken file leaves the running policy in force and raises an "

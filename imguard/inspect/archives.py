@@ -23,7 +23,7 @@ import tarfile
 import zipfile
 import zlib
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Any, Iterator, Sequence
 
 from imguard.model import REASON_CORRUPT, REASON_ENCRYPTED, REASON_LIMIT, REASON_TOO_LARGE, REASON_UNSUPPORTED
 
@@ -144,6 +144,7 @@ class Member:
     partial: bool = False                 # data holds only the first bytes (a limit or corruption cut it)
     problem: tuple[str, str] | None = None   # (unscannable reason, detail)
     limit: tuple[str, int] | None = None  # (setting, value) when a limit stopped the read
+    opened_with: Any = None               # encrypted and opened: the passwords.Candidate that opened it
 
 
 @dataclass
@@ -352,8 +353,13 @@ def _member_from_stream(name: str, out: bytes, status: str, cap: int, budget: Bu
     return Member(name, out, len(out), partial=True, problem=(REASON_CORRUPT, f"{what} stream: {status[9:]}"))
 
 
+ZIP_LOCKED = "encrypted zip member cannot be read"     # the detail of a member no password opened
+
+
 def walk_zip(data: bytes, budget: Budget, max_file_size: int, max_ratio: int,
-             container: Container) -> Iterator[Member]:
+             container: Container, passwords: Sequence[Any] = ()) -> Iterator[Member]:
+    """The members of a zip, both views. Encrypted members are opened with the first of `passwords`
+    (passwords.Candidate) that verifiably opens one (open_encrypted_zip); the others stay locked."""
     entries = _zip_entries(data)
     if entries > budget.max_zip_entries:        # its directory is not parsed: it could take gigabytes
         container.limits.append(("max_zip_entries", entries, f"the central directory lists {entries} entries"))
@@ -366,6 +372,12 @@ def walk_zip(data: bytes, budget: Budget, max_file_size: int, max_ratio: int,
         container.corrupt.append(f"zip central directory unreadable ({exc}); reading local headers")
         yield from _walk_zip_local_headers(data, budget, max_file_size, max_ratio, container)
         return
+    unlocked: dict[str, tuple[bytes, str]] = {}
+    opened_with = None
+    locked = {info.filename: info for info in infos if info.flag_bits & 0x1 and not info.is_dir()}
+    if locked and passwords:
+        opened_with, unlocked = open_encrypted_zip(data, locked, passwords, budget.bytes_left, max_file_size,
+                                                   max_ratio)
     for info in infos:
         if info.is_dir():
             continue
@@ -377,8 +389,18 @@ def walk_zip(data: bytes, budget: Budget, max_file_size: int, max_ratio: int,
         if why := unsafe_name(name):
             container.unsafe.append((name, why))
         if info.flag_bits & 0x1:
-            yield Member(name, None, info.file_size, encrypted=True,
-                         problem=(REASON_ENCRYPTED, "encrypted zip member cannot be read"))
+            if name in unlocked:
+                out, status = unlocked[name]
+                if len(out) > budget.bytes_left:
+                    container.limits.append(("max_expanded_bytes", 0, "decompression budget ran out"))
+                    return
+                budget.bytes_left -= len(out)
+                member = _member_from_stream(name, out, status, min(budget.bytes_left + len(out), max_file_size),
+                                             budget, max_file_size, max_ratio, "zip member")
+                member.encrypted, member.opened_with = True, opened_with
+                yield member
+                continue
+            yield Member(name, None, info.file_size, encrypted=True, problem=(REASON_ENCRYPTED, ZIP_LOCKED))
             continue
         if budget.bytes_left <= 0:
             container.limits.append(("max_expanded_bytes", 0, "decompression budget ran out"))
@@ -422,6 +444,63 @@ def walk_zip(data: bytes, budget: Budget, max_file_size: int, max_ratio: int,
 
 
 _UNKNOWN_SIZE = 0xFFFFFFFF      # zip64: the size is in the extra field
+_AES = 99                       # WinZip AES (AE-1, AE-2): the compression method its entries declare
+
+
+def open_encrypted_zip(data: bytes, locked: dict[str, zipfile.ZipInfo], passwords: Sequence[Any], bytes_left: int,
+                       max_file_size: int, max_ratio: int) -> tuple[Any, dict[str, tuple[bytes, str]]]:
+    """Try each candidate (its `.password`) on the encrypted members `locked` (by name), through libarchive, which
+    decrypts ZipCrypto and WinZip AES; the first that verifiably opens a member wins, and every member it opens is
+    returned as (bytes, status: "ok" or why the read stopped). Verifiably: libarchive accepts a wrong ZipCrypto
+    password once in 256 (its check byte) and returns garbage, so a member counts as opened only when its size and
+    CRC-32 are those the central directory declares (AE-2 AES entries declare no CRC: their HMAC, which libarchive
+    checks, stands for it). (None, {}) when none opens anything."""
+    try:
+        import libarchive
+        from libarchive.exception import ArchiveError
+    except ImportError:
+        return None, {}
+    logging.getLogger("libarchive").setLevel(logging.ERROR)
+    for candidate in passwords:
+        opened = _open_with(libarchive, ArchiveError, data, locked, candidate.password, bytes_left, max_file_size,
+                            max_ratio)
+        if opened:
+            return candidate, opened
+    return None, {}
+
+
+def _open_with(libarchive: Any, error: type, data: bytes, locked: dict[str, zipfile.ZipInfo], password: str,
+               bytes_left: int, max_file_size: int, max_ratio: int) -> dict[str, tuple[bytes, str]]:
+    opened: dict[str, tuple[bytes, str]] = {}
+    verified = False
+    try:
+        with libarchive.memory_reader(data, format_name="zip", passphrase=password) as archive:
+            for entry in archive:
+                name = entry.pathname
+                info = locked.get(name) if isinstance(name, str) else None
+                if info is None or name in opened:
+                    continue            # not encrypted (zipfile reads it), or a second entry of the name
+                exp = _Expansion(min(bytes_left, max_file_size), max_ratio)
+                status = "ok"
+                for block in entry.get_blocks():
+                    if not exp.add(block, max(info.compress_size, 1)):
+                        status = exp.stopped
+                        break
+                out = exp.data()
+                if status == "ok":
+                    aes_without_crc = info.compress_type == _AES and not info.CRC
+                    if len(out) != info.file_size or (not aes_without_crc and zlib.crc32(out) != info.CRC):
+                        if not verified:
+                            return {}   # the wrong password (or a corrupt member: it stays locked)
+                        continue        # this member has another password: it stays locked
+                    verified = True
+                opened[name] = (out, status)
+                bytes_left -= len(out)
+                if bytes_left <= 0:
+                    break
+    except (error, OSError, ValueError, MemoryError):
+        pass                            # "Incorrect passphrase", or hostile data: what was verified stands
+    return opened if verified else {}
 
 
 def _zip_entries(data: bytes) -> int:

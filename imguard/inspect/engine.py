@@ -1,4 +1,5 @@
-"""The inspector: one file in, one FileReport out (true type, hashes, YARA, archive members, polyglots).
+"""The inspector: one file in, one FileReport out (true type, hashes, YARA, archive members, polyglots, and the
+   findings of the external engines the settings turn on: ClamAV, ICAP).
 
     inspector = Inspector(load_signatures(Path("signatures")), InspectLimits())
     report = inspector.inspect(data, context, name="invoice.pdf", claimed_mime="application/pdf")
@@ -24,11 +25,11 @@ from typing import Any
 
 import yara
 
-from imguard.inspect import archives, filetype, pdf, polyglot
+from imguard.inspect import archives, cache, clamav, filetype, icap, passwords, pdf, polyglot
 from imguard.inspect.limits import InspectLimits
 from imguard.inspect.signatures import Signatures
-from imguard.model import (ENCRYPTED, LIMIT_HIT, POLYGLOT, REASON_CORRUPT, REASON_ENCRYPTED, REASON_LIMIT,
-                           REASON_SCANNER_ERROR, REASON_TIMEOUT, REASON_TOO_LARGE, REASON_UNREADABLE,
+from imguard.model import (ENCRYPTED, ENGINE_MATCH, LIMIT_HIT, POLYGLOT, REASON_CORRUPT, REASON_ENCRYPTED,
+                           REASON_LIMIT, REASON_SCANNER_ERROR, REASON_TIMEOUT, REASON_TOO_LARGE, REASON_UNREADABLE,
                            REASON_UNSUPPORTED, TYPE_MISMATCH, UNSAFE_PATH, UNSCANNABLE, YARA_MATCH, ChatContext,
                            FileReport, Finding)
 
@@ -56,6 +57,13 @@ def _set_digests(report: FileReport, digests: dict[str, str]) -> None:
         setattr(report, name, value)
 
 
+def external_engines(limits: InspectLimits) -> tuple[Any, ...]:
+    """The external engines the settings turn on: clamd (`clamd_address`) and ICAP (`icap_url`). Each has `name`,
+    `max_size`, `describe()` and `scan(data, name) -> detection names`, raising its ClamdError / IcapError."""
+    found = (clamav.Clamd.from_settings(limits), icap.Icap.from_settings(limits))
+    return tuple(engine for engine in found if engine is not None)
+
+
 class _Walk:
     """State of one inspect() call: the shared budget and the conversation."""
 
@@ -64,6 +72,7 @@ class _Walk:
                                       limits.max_zip_entries, limits.max_pdf_streams)
         self.context = context
         self.recipient = ",".join(context.recipients)
+        self.passwords: tuple = ()      # passwords.Candidate: tried on encrypted zips
 
 
 class Inspector:
@@ -80,13 +89,30 @@ class Inspector:
         self._magic = filetype.MagicPool(reference=reference)
         self._hash_pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
+        self.engines = external_engines(limits)      # clamd, ICAP: each scans the whole file beside YARA
+        self._engine_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="imguard-engine") \
+            if self.engines else None
+        self.cache = cache.for_inspector(self)      # verdict cache (inspect/cache.py); None when the limits turn it off
+        self.zip_passwords = passwords.configured(getattr(limits, "zip_passwords", ""))
 
     # --- entry point ------------------------------------------------------------------------------
 
     def inspect(self, content: bytes | bytearray | memoryview | Path | str, context: ChatContext = ChatContext(),
-                name: str = "", claimed_mime: str = "") -> FileReport:
-        """Inspect one file (bytes in memory, or a path read here) and every member inside it."""
+                name: str = "", claimed_mime: str = "", extra_passwords: tuple = ()) -> FileReport:
+        """Inspect one file (bytes in memory, or a path read here) and every member inside it; bytes seen before
+        are answered from the verdict cache (inspect/cache.py: one inspection per key, a copy per caller)."""
+        if self.cache is not None and not extra_passwords and isinstance(content, (bytes, bytearray, memoryview)):
+            return self.cache.inspect(self, content, context if context is not None else ChatContext(), name,
+                                      claimed_mime)
+        return self.inspect_uncached(content, context, name, claimed_mime, extra_passwords)
+
+    def inspect_uncached(self, content: bytes | bytearray | memoryview | Path | str,
+                         context: ChatContext = ChatContext(), name: str = "", claimed_mime: str = "",
+                         extra_passwords: tuple = ()) -> FileReport:
+        """inspect() without the cache. Encrypted zips are tried with the zip_passwords setting, then with
+        `extra_passwords` (the conversation's, passwords.Candidate: the pipeline's second look)."""
         walk = _Walk(self.limits, context if context is not None else ChatContext())
+        walk.passwords = (self.zip_passwords + tuple(extra_passwords))[:getattr(self.limits, "zip_password_tries", 64)]
         if isinstance(content, (str, os.PathLike)):
             path = Path(content)
             name = name or path.name
@@ -97,14 +123,53 @@ class Inspector:
             data = bytes(content)
         else:
             data = content
+        scans = self._start_engines(data, name)
         try:
-            return self._inspect(data, name, name, 0, claimed_mime, walk)
+            report = self._inspect(data, name, name, 0, claimed_mime, walk)
         except Exception as exc:      # a bug of ours must not lose the file: report it unscanned, loudly
             log.exception("inspection of %r failed", name)
-            return FileReport(name=name, path=name, size=len(data), extension=filetype.extension_of(name),
-                              claimed_mime=claimed_mime, findings=[Finding(
-                                  UNSCANNABLE, f"internal inspection error: {type(exc).__name__}: {exc}",
-                                  data={"reason": REASON_SCANNER_ERROR})])
+            report = FileReport(name=name, path=name, size=len(data), extension=filetype.extension_of(name),
+                                claimed_mime=claimed_mime, findings=[Finding(
+                                    UNSCANNABLE, f"internal inspection error: {type(exc).__name__}: {exc}",
+                                    data={"reason": REASON_SCANNER_ERROR})])
+        self._engine_findings(report, scans)
+        return report
+
+    # --- external engines (ClamAV, ICAP) ----------------------------------------------------------
+
+    def _start_engines(self, data: bytes, name: str) -> list[tuple[Any, Future | Finding]]:
+        """Each engine gets the whole file once (they unpack archives themselves), on its own thread, while
+        YARA walks it here; a file over an engine's size limit is unscannable for that engine."""
+        scans: list[tuple[Any, Future | Finding]] = []
+        for engine in self.engines:
+            if len(data) > engine.max_size:
+                scans.append((engine, Finding(UNSCANNABLE, f"{engine.name}: {len(data)} bytes is over its size limit "
+                                              f"({engine.max_size}): not scanned by {engine.describe()}", "",
+                                              {"reason": REASON_TOO_LARGE, "engine": engine.name})))
+            else:
+                scans.append((engine, self._engine_pool.submit(engine.scan, data, name)))
+        return scans
+
+    def _engine_findings(self, report: FileReport, scans: list[tuple[Any, Future | Finding]]) -> None:
+        for engine, scan in scans:
+            if isinstance(scan, Finding):
+                report.findings.append(scan)
+                continue
+            try:
+                names = scan.result()
+            except (clamav.ClamdError, icap.IcapError) as exc:
+                reason, detail = exc.reason, exc.detail
+            except Exception as exc:      # a bug of ours: the file stays unscanned, loudly
+                log.exception("%s scan of %r failed", engine.name, report.name)
+                reason, detail = REASON_SCANNER_ERROR, f"{type(exc).__name__}: {exc}"
+            else:
+                report.findings.extend(Finding(ENGINE_MATCH, f"{engine.name} detection {signature} "
+                                               f"({engine.describe()})", "",
+                                               {"engine": engine.name, "signature": signature}) for signature in names)
+                continue
+            log.warning("%s gave no verdict on %r: %s", engine.name, report.name, detail)
+            report.findings.append(Finding(UNSCANNABLE, f"{engine.name}: {detail}", "",
+                                           {"reason": reason, "engine": engine.name}))
 
     # --- reading ----------------------------------------------------------------------------------
 
@@ -163,14 +228,17 @@ class Inspector:
         # Off the critical path, on a helper thread, for big buffers: the hashes and libmagic's
         # description (only the MIME type is needed before the YARA scan, for its externals).
         # hashlib, libmagic (ctypes) and yara all release the GIL, so this runs on the other core.
-        # libmagic's description is as costly as its MIME type (0.3-3 ms on text): it always goes to the
-        # helper; hashing small buffers costs less than the hand-over, so they are hashed here.
+        # Small buffers are hashed here (it costs less than the hand-over), and their type is one libmagic call
+        # (0.2-3 ms of CPU) when its description fixes the MIME type (filetype.MagicPool.identify, issue 21).
         hash_there = len(data) >= HASH_ASYNC_MIN and not partial
-        helper: Future = self._pool().submit(self._background, data if hash_there else b"", head, hash_there)
+        helper: Future | None = self._pool().submit(self._background, data, head, True) if hash_there else None
         if not partial and not hash_there:
             _set_digests(report, _digests(data, self._digests))
         try:
-            report.mime = self._magic.mime(head)
+            if helper is None:
+                report.mime, report.description = self._magic.identify(head)
+            else:
+                report.mime = self._magic.mime(head)
             report.family = filetype.refine_family(filetype.family_of(report.mime), report.mime, head)
             self._check_claims(report, where)
             self._scan(report, data, where, walk)
@@ -179,8 +247,9 @@ class Inspector:
                 self._polyglots(report, data, where, walk)
                 self._members(report, data, where, walk)
         finally:
-            digests, report.description = helper.result()
-            _set_digests(report, digests)
+            if helper is not None:
+                digests, report.description = helper.result()
+                _set_digests(report, digests)
         if report.family == filetype.OTHER and (fmt := filetype.container_name(report.mime, report.description)):
             # libmagic names a container (a filesystem, an installer, an archive) that no MIME type here maps.
             report.family = filetype.ARCHIVE
@@ -202,6 +271,8 @@ class Inspector:
     def close(self) -> None:
         if self._hash_pool is not None:
             self._hash_pool.shutdown(wait=True)
+        if self._engine_pool is not None:
+            self._engine_pool.shutdown(wait=True)
 
     def _identify(self, report: FileReport, head: bytes) -> None:
         report.mime, report.description = self._magic.identify(head)
@@ -371,7 +442,7 @@ class Inspector:
                     {"format": "zip_prefix", "trailing_offset": start, "trailing_bytes": len(data) - start,
                      "trailing_type": "application/zip"}))
             members = archives.walk_zip(data, walk.budget, limits.max_file_size, limits.max_compression_ratio,
-                                        container)
+                                        container, walk.passwords)
         elif kind == archives.TAR:
             members = archives.walk_tar(data, walk.budget, limits.max_file_size, container)
         elif kind in archives.STREAMS:
@@ -440,7 +511,11 @@ class Inspector:
             report = self._inspect(member.data, member.name, path, depth, "", walk, partial=member.partial)
             if member.partial:
                 report.size = max(report.size, member.size)
-        if member.encrypted:
+        if member.encrypted and member.opened_with is not None:    # never the password: where it came from
+            report.findings.append(Finding(ENCRYPTED, f"encrypted archive member, opened with the password from "
+                                                      f"{member.opened_with.describe()}", path,
+                                           member.opened_with.facts()))
+        elif member.encrypted:
             report.findings.append(Finding(ENCRYPTED, "encrypted archive member", path, {}))
         if member.limit is not None:
             setting, _ = member.limit

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from imguard.inspect.clamav import ClamavSettings
+from imguard.inspect.icap import IcapSettings
 from imguard.settings import KiB, MiB, setting
 
 
 @dataclass(frozen=True)
-class InspectLimits:
-    """Inspection limits (file size, archive walking, YARA time)"""
+class InspectLimits(ClamavSettings, IcapSettings):
+    """Inspection limits (file size, archive walking, YARA time, the ClamAV and ICAP engines)"""
 
     max_file_size: int = setting(
         100 * MiB,
@@ -58,6 +60,36 @@ class InspectLimits:
         "Seconds one YARA scan of one buffer may take (yara's own timeout, whole seconds); a scan that "
         "runs out is UNSCANNABLE timeout. Typical scans take milliseconds; a pathological rule set can "
         "take tens of seconds on a single file.")
+    zip_passwords: str = setting(
+        "infected",
+        "Passwords tried on every encrypted zip (ZipCrypto and AES), comma separated, before those of the "
+        "conversation: 'infected' is how malware researchers and many vendors exchange samples. A member "
+        "opened is inspected like any other; one that none opens stays unscannable (encrypted). '' = none.")
+    zip_password_window: float = setting(
+        120.0,
+        "Seconds before an encrypted zip in which the short messages of the same conversation (both "
+        "directions) are tried as its password; the event records which message held it (its archive id), "
+        "never the password. 0 = the conversation is not looked at (only zip_passwords).")
+    zip_password_wait: float = setting(
+        10.0,
+        "Seconds an encrypted zip that no password opened is held for the next messages of its conversation "
+        "(the password usually follows the file), each tried as it comes. It holds an inspection worker, so "
+        "keep it well under inspect_timeout; 0 = no wait. Only where messages arrive on another thread than the "
+        "file's inspection (the gateway): the replay and `imguard scan` do not wait.")
+    zip_password_tries: int = setting(
+        64,
+        "Most passwords tried on one encrypted zip (the list first, then the conversation's, newest first); "
+        "each wrong one costs a read of the zip's first encrypted entry, milliseconds for AES.")
+    verdict_cache_entries: int = setting(
+        10000,
+        "Inspection reports kept in the verdict cache (imguard/inspect/cache.py), keyed by the file's SHA-256, its "
+        "name and claimed type and the versions of the engines and signatures in force: a file sent again is not "
+        "scanned again (policy still decides, and records, each transfer). Concurrent transfers of one file wait "
+        "for one scan. Emptied when the signatures reload; 0 turns the cache off.")
+    verdict_cache_bytes: int = setting(
+        64 * MiB,
+        "Memory the verdict cache may hold, counted as the size of the stored (pickled) reports: a few KiB for a "
+        "plain file, more for an archive with many members. The least recently used reports go first.")
     magic_bytes: int = setting(
         8 * KiB,
         "How many leading bytes libmagic reads to find the true type. 8 KiB gave the same answer as the "

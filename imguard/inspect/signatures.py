@@ -73,6 +73,10 @@ class SignatureSettings:
             "(files are compiled in name order: a rule must come after the rules it uses). '' = one namespace per "
             "file, its name without the suffix. A folder with an index.yar is loaded through it (its includes) "
             "in the namespace 'index', or this one.")
+    hash_lists: str = setting(
+        "", "Folders of hash lists (known-bad or known-good SHA-256/SHA-1/MD5, one per line: NAME.txt is the list "
+            "NAME that the policy conditions hash_list and file_hash_list name), comma separated, read beside each "
+            "rules folder's hashlists/. Reloaded with the rules; a bad line refuses the reload with file:line.")
     skip_missing_modules: bool = setting(
         False, "Leave out, with a warning, the files that import a YARA module this engine lacks (cuckoo, magic, "
                "dex, macho, ...) instead of refusing the whole signatures folder. Each is reported as file:line.")
