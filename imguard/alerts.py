@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterator
 import orjson
 
 from imguard import __version__
-from imguard.model import ALLOW, DIRECTIONS, SEVERITIES, YARA_MATCH, ChatContext, Decision, FileReport
+from imguard.model import ALLOW, DIRECTIONS, ENGINE_MATCH, SEVERITIES, YARA_MATCH, ChatContext, Decision, FileReport
 
 # The ECS release whose field definitions the events follow (`ecs.version`): the one tests/test_ecs.py reads.
 ECS_VERSION = "9.5.0-dev"
@@ -257,6 +257,8 @@ def _decision_fields(event: dict[str, Any], decision: Decision) -> None:
         else:
             event["rule"] = {"version": decision.policy_version}
     event["imguard"]["decision"] = decision.to_dict()
+    if decision.review:             # supervision: the console's review queue takes it (imguard/console/review.py)
+        event["imguard"]["review"] = {"rules": list(decision.review), "status": "pending"}
 
 
 def message_event(text: str | None, ctx: ChatContext, decision: Decision) -> dict[str, Any]:
@@ -267,6 +269,18 @@ def message_event(text: str | None, ctx: ChatContext, decision: Decision) -> dic
     if text is not None:
         digest = hashlib.sha256(text.encode("utf-8", "replace")).hexdigest()
         event["imguard"]["message"] = {"text": text, "sha256": digest}
+    return event
+
+
+def membership_event(kind: str, ctx: ChatContext, decision: Decision, room: str = "") -> dict[str, Any]:
+    """One person letting another into a conversation (`kind` "invite": ctx.sender invites ctx.recipients into
+    `room`), decided by an ethical wall: `event.action` is `wall_<kind>`, the decision under imguard.decision."""
+    event = _base("event", "session", ctx, ["network"], [])
+    _decision_fields(event, decision)
+    event["event"]["action"] = f"wall_{kind}"
+    event["imguard"]["membership"] = {"kind": kind, "room": room, "action": decision.action}
+    event["message"] = (f"{decision.action}: {ctx.protocol or 'chat'} {kind}{_who(ctx)}"
+                        + (f" into {_one_line(room)}" if room else "") + _rules_named(event))
     return event
 
 
@@ -292,8 +306,14 @@ def file_event(report: FileReport, ctx: ChatContext, decision: Decision) -> dict
             if finding.kind == YARA_MATCH:
                 yara.append({"rule": finding.data.get("rule", ""), "namespace": finding.data.get("namespace", ""),
                              "tags": list(finding.data.get("tags", [])), "archive_path": finding.path or member.path})
-    if yara:
-        event["imguard"]["yara"] = yara
+    # What the external engines (ClamAV, ICAP) detected in the file.
+    engines = [{"engine": f.data.get("engine", ""), "signature": f.data.get("signature", "")}
+               for f in report.findings if f.kind == ENGINE_MATCH]
+    if engines:
+        event["imguard"]["engines"] = engines
+    if yara or engines:
+        if yara:
+            event["imguard"]["yara"] = yara
         if event["event"]["kind"] == "alert":     # an enforced rule matched a file a signature matched
             event["event"]["category"].append("malware")
     event["imguard"]["report"] = report.to_dict()

@@ -62,7 +62,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import orjson
 
@@ -295,12 +295,15 @@ class Archive:
         self.settings = ArchiveSettings(archive_dsn=dsn)
 
     # Rows are lists in ROW_COLUMNS order, built in one expression: this runs for every chat message.
-    def add_message(self, text: str | None, ctx: ChatContext, decision: Decision) -> None:
-        self._backend.insert([new_event_id(), _now(), "message", ctx.protocol, ctx.direction, ctx.sender,
+    def add_message(self, text: str | None, ctx: ChatContext, decision: Decision) -> str:
+        """Queue the record; its id (the zip-password memory names a message by it)."""
+        record_id = new_event_id()
+        self._backend.insert([record_id, _now(), "message", ctx.protocol, ctx.direction, ctx.sender,
                               " ".join(ctx.recipients), ctx.conversation, ctx.client_address, ctx.connection_id,
                               text, None, None, None, None, None,
                               decision.action, " ".join([m.rule_id for m in decision.matches]),
                               decision.policy_version])
+        return record_id
 
     def add_file(self, report: FileReport, ctx: ChatContext, decision: Decision) -> None:
         self._backend.insert([new_event_id(), _now(), "file", ctx.protocol, ctx.direction, ctx.sender,
@@ -766,9 +769,9 @@ def _csv_safe(value: Any) -> Any:
     return value
 
 
-def to_csv(records: Iterable[dict[str, Any]]) -> str:
+def to_csv(records: Iterable[dict[str, Any]], columns: Sequence[str] = COLUMNS) -> str:
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=COLUMNS)
+    writer = csv.DictWriter(out, fieldnames=columns)
     writer.writeheader()
     for record in records:
         writer.writerow({k: _csv_safe(v) for k, v in record.items()})

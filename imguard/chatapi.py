@@ -40,7 +40,7 @@ from imguard import alerts
 from imguard.files.expected import ExpectedTransfers, normalize_url
 from imguard.model import ALERT, ALLOW, BLOCK, FROM_CLIENT, FROM_SERVER, MASK, REASON_TOO_LARGE, ChatContext, Decision
 from imguard.protocols import httpchat
-from imguard.protocols.httpchat import bodies
+from imguard.protocols.httpchat import bodies, tenants
 from imguard.protocols.httpchat.common import WsCodec
 from imguard.protocols.httpchat.events import (DELIVER, DOWNLOAD, LEARN, UPLOAD, ChatMessage, DeliveredMessage,
                                                EncryptedContent, Endpoint, FileUpload, HttpRequest, Identity,
@@ -163,6 +163,11 @@ class ChatCall:
     held: bool = False                  # the response is held for response_body
     request: HttpRequest | None = None
     kept: bytearray = field(default_factory=bytearray)     # a learning response's first bytes (COLLECT)
+    tenant: str = ""                    # the workspace, instance or tenant it goes to (httpchat/tenants.py)
+
+    @property
+    def tenant_base(self) -> ChatContext:
+        return self.base.with_(tenant=self.tenant) if self.tenant else self.base
 
     def keep(self, chunk: bytes) -> bytes:
         if len(self.kept) < RESPONSE_KEEP:
@@ -187,6 +192,11 @@ class ChatSocket:
     codec: WsCodec | None = None
     state: SocketState = SocketState.INSPECTED
     reason: str = ""
+    tenant: str = ""            # the workspace, instance or tenant of its handshake (httpchat/tenants.py)
+
+    @property
+    def tenant_base(self) -> ChatContext:
+        return self.base.with_(tenant=self.tenant) if self.tenant else self.base
 
 
 class Unscannable:
@@ -231,6 +241,8 @@ class ChatApiCarrier:
         # disk that refuses), else the pipeline's own.
         self.commit = commit if commit is not None else (getattr(pipeline, "commit", None) or (lambda: None))
         self.identities: OrderedDict[str, str] = OrderedDict()
+        self.tenants: OrderedDict[str, str] = OrderedDict()      # credential key -> tenant its response named (Slack)
+        self.slot_tenants: OrderedDict[str, str] = OrderedDict()  # upload slot URL -> the tenant that opened it
         self.shared: OrderedDict[str, SharedMedia] = OrderedDict()          # file ref -> who shared it (responses)
         self.shared_with: OrderedDict[str, str] = OrderedDict()             # file ref -> who it was last shown to
         # (api, user, message id, hash of its text and refs) -> notice, mask replacements, or "" (passed)
@@ -245,6 +257,14 @@ class ChatApiCarrier:
 
     def learn_identity(self, key: str, user: str) -> None:
         _remember(self.identities, key, user, self.settings.max_identities)
+
+    def tenant(self, api: ModuleType, req: HttpRequest, slot_url: str = "") -> str:
+        """The workspace, instance or tenant a call goes to (httpchat/tenants.py): what a response taught about its
+        credential (Slack's own word on the token's team), else what the request names; an upload to a learned
+        slot: the tenant that opened it."""
+        if slot_url:
+            return self.slot_tenants.get(slot_url, "")
+        return self.tenants.get(api.requester(req), "") or tenants.of_request(api.API, req)
 
     def _remember(self, table: OrderedDict, key: Any, value: Any) -> None:
         _remember(table, key, value, self.settings.max_shared_media)
@@ -288,7 +308,7 @@ class ChatApiCarrier:
 
     def context(self, call: ChatCall, endpoint: str, sender: str, room: str,
                 recipient: str | None = None) -> ChatContext:
-        return self._context(call.base, call.api.API, endpoint, sender, room, self.user, recipient)
+        return self._context(call.tenant_base, call.api.API, endpoint, sender, room, self.user, recipient)
 
     def _too_large(self, ctx: ChatContext, name: str, mime: str, size: int) -> tuple[bool, Decision]:
         """Policy's decision on a file over max_upload_size, not scanned (UNSCANNABLE "too_large"): (passes, decision).
@@ -329,10 +349,11 @@ class ChatApiCarrier:
             reason = self._blocked(ep.ref)
             if reason:
                 return None, self._refuse(None, api.API, 403, f"imguard: this file was blocked ({reason})")
+        tenant = self.tenant(api, req, normalize_url(slot.url) if slot is not None else "")
         if ep.kind == DOWNLOAD or ep.kind == DELIVER and method == "GET":
             # nothing to read in the request: its response is held (response_headers)
-            return ChatCall(api, ep, base, done=True, request=req), None
-        call = ChatCall(api, ep, base, slot=slot, request=req)
+            return ChatCall(api, ep, base, done=True, request=req, tenant=tenant), None
+        call = ChatCall(api, ep, base, slot=slot, request=req, tenant=tenant)
         if ep.kind == LEARN and method == "GET":
             return call, None
         # a POSTed history call (Slack): its arguments (the channel) are read as a message's, then the response
@@ -408,7 +429,7 @@ class ChatApiCarrier:
         replacements = []
         for event in found:         # a request that delivers a message to the client (RVP: a NOTIFY to its Call-Back)
             if isinstance(event, DeliveredMessage):
-                verdict = self._delivered(call.base, api, event, event.message.room)
+                verdict = self._delivered(call.tenant_base, api, event, event.message.room)
                 if isinstance(verdict, str) and verdict:
                     return self._refuse(call, api.API, 403, verdict)
                 replacements += verdict or []
@@ -575,17 +596,24 @@ class ChatApiCarrier:
         req = call.request or HttpRequest("GET", "", "/")
         try:
             learned = api.learn(ep, req, status, body)
+            team = tenants.learned(api.API, ep.name, status, body)
         except Exception:
             logger.exception("%s: reading the %s response failed", api.API, ep.name)
             return
+        if team and api.requester(req):
+            _remember(self.tenants, api.requester(req), team, self.settings.max_identities)
         for fact in learned:
             if isinstance(fact, Identity):
                 self.learn_identity(fact.key, fact.user)
+                if team and fact.key:           # rtm.connect: its socket's URL key belongs to the team too
+                    _remember(self.tenants, fact.key, team, self.settings.max_identities)
             elif isinstance(fact, StoredMedia):
                 self.transfers.expect(fact.ref, True, kind=MEDIA,
                                       ttl=self.transfers.settings.blocked_url_ttl_seconds)
             elif isinstance(fact, UploadSlot):
                 self.transfers.expect(normalize_url(fact.url), (api.API, fact), kind=SLOT)
+                if call.tenant:
+                    self._remember(self.slot_tenants, normalize_url(fact.url), call.tenant)
 
     # --- inbound: what the server delivers to the user behind the gateway ---------------------------------
 
@@ -650,7 +678,7 @@ class ChatApiCarrier:
             self._anomaly(ctx, "chat_response_malformed", f"a {api.API} {ep.name} response could not be read ({e}); "
                           "it was refused undelivered")
             return self._refuse(call, api.API, 502, "imguard: the response could not be inspected and was refused")
-        blocked, masked = self._decide_delivered(call.base, api, found, self._downloader(call))
+        blocked, masked = self._decide_delivered(call.tenant_base, api, found, self._downloader(call))
         if blocked or masked:       # re-serialised only when something changed
             return Rewrite(api.rewrite_delivered(body, blocked, masked))
         return None
@@ -713,6 +741,7 @@ class ChatApiCarrier:
         if api is None:
             return sock
         sock.credential = api.ws_requester(req)
+        sock.tenant = self.tenants.get(sock.credential, "") or tenants.of_request(api.API, req)
         try:
             sock.codec = api.ws_codec(req, self.settings.max_delivery_size)
         except httpchat.UnreadableSocket as e:
@@ -721,7 +750,7 @@ class ChatApiCarrier:
 
     def _socket_context(self, sock: ChatSocket, endpoint: str = "websocket", sender: str = "", room: str = "",
                         recipient: str | None = None) -> ChatContext:
-        return self._context(sock.base, sock.api.API, endpoint, sender, room, self.user, recipient)
+        return self._context(sock.tenant_base, sock.api.API, endpoint, sender, room, self.user, recipient)
 
     def handshake(self, sock: ChatSocket) -> Respond | None:
         """A WebSocket upgrade to a chat API whose server messages imguard could not read (Discord zstd-stream):
@@ -846,7 +875,8 @@ class ChatApiCarrier:
                 sock.user = item.user
                 if sock.credential and sock.credential != item.user:    # the token's user, for REST calls too
                     self.learn_identity(sock.credential, item.user)
-        blocked, masked = self._decide_delivered(sock.base, api, found, sock.user or self.user(sock.credential))
+        blocked, masked = self._decide_delivered(sock.tenant_base, api, found,
+                                                 sock.user or self.user(sock.credential))
         if blocked or masked:
             try:
                 payload = api.rewrite_ws_delivered(payload, blocked, masked)

@@ -203,6 +203,10 @@ def rules_check_main(args: argparse.Namespace) -> int:
           f"({', '.join(str(d) for d in args.dirs)}), policy version {policy.version}")
     print(f"signatures: {sigs.rule_count} YARA rules from {len(sigs.files)} files in {args.signatures}, "
           f"version {sigs.version}")
+    from imguard.policy.hashlists import bundled_folder, folders_of, load_hash_lists
+    lists, _ = load_hash_lists(folders_of(args.dirs, sig_settings.hash_lists), bundled_folder())  # loaded just above
+    print(f"hash lists: {len(lists.lists)} lists, {sum(len(hl) for hl in lists.lists.values())} hashes: "
+          f"{lists.summary()}")
     warnings = 0
     if sigs.rule_count == 0:
         warnings += 1
@@ -393,11 +397,11 @@ def archive_audit_main(args: argparse.Namespace) -> int:
             _archive_record(args, audit.archive_event(
                 "archive_export", message, ["access"], category="database", operator=operator,
                 export={"format": args.format, "out": str(args.out), **result.to_dict(),
+                        **({"event_id": args.event_id} if args.event_id else {}),
                         "query": {k: v for k, v in vars(query).items() if v not in ("", -1) and k != "limit"}}))
             print(message)
             return EXIT_OK
         # retention apply
-                        **({"event_id": args.event_id} if args.event_id else {}),
         try:
             rules = [audit.RetentionRule.parse(text) for text in args.rule or ()]
         except ValueError as e:
@@ -521,6 +525,13 @@ def build_parser() -> argparse.ArgumentParser:
     settings.add_arguments(retrohunt, SignatureSettings)
     retrohunt.set_defaults(handler=retrohunt_main)
 
+    from imguard import digest as digest_cli
+    digest = commands.add_parser("digest", help="mail the security team a digest of the last day: blocks, top rules "
+                                                "and senders, sinks' and gateways' health",
+                                 description="Exit codes: 0 sent (or printed), 1 the mail could not be sent, 2 usage.")
+    digest_cli.add_digest_arguments(digest)
+    digest.set_defaults(handler=digest_cli.digest_main)
+
     quarantine = commands.add_parser("quarantine", help="list, show or export quarantined files")
     quarantine_commands = quarantine.add_subparsers(dest="quarantine_command", metavar="SUBCOMMAND", required=True)
     q_list = quarantine_commands.add_parser("list", help="every quarantined file, oldest first")
@@ -593,6 +604,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--since", default="", help="from this ISO time (UTC), inclusive")
     export.add_argument("--until", default="", help="up to this ISO time (UTC), exclusive")
     export.add_argument("--protocol", default="")
+    export.add_argument("--sha256", default="", help="file records of this SHA-256 (a blocked transfer)")
+    export.add_argument("--event-id", default="", metavar="ID",
+                        help="this one record: its id (as `imguard archive search` prints it) or its uid")
     for sub in (verify, hold_add, hold_list, hold_release, retention_apply, export):
         sub.add_argument("--data-dir", type=Path, default=None, metavar="DIR",
                          help=f"the gateway's data folder (default: {default_data_dir()})")
@@ -604,10 +618,13 @@ def build_parser() -> argparse.ArgumentParser:
     console = commands.add_parser("console", help="the web console on the data folder (HTTPS, accounts: "
                                                   "`imguard console user add`)")
     console_cli.add_console_arguments(console)
-    export.add_argument("--sha256", default="", help="file records of this SHA-256 (a blocked transfer)")
-    export.add_argument("--event-id", default="", metavar="ID",
-                        help="this one record: its id (as `imguard archive search` prints it) or its uid")
     console.set_defaults(handler=console_cli.console_main)
+
+    from imguard import matrix_scanner
+    content_scanner = commands.add_parser("content-scanner", help="serve the Matrix content scanner API (MSC1453) "
+                                                                  "with imguard's inspection and policy")
+    matrix_scanner.add_arguments(content_scanner)
+    content_scanner.set_defaults(handler=matrix_scanner.main)
 
     rules = commands.add_parser("rules", help="check or test policy rules")
     rules_commands = rules.add_subparsers(dest="rules_command", metavar="SUBCOMMAND")

@@ -43,6 +43,7 @@ class ChatContext:
     transfer_mechanism: str = ""        # for files: "xep-0363", "ibb", "socks5", "dcc", "upload", ""
     origin: str = ""                    # FROM_CLIENT, FROM_SERVER, or "" (not known: `imguard scan`)
     encryption: str = ""                # a message's end-to-end encryption, one of ENCRYPTION_SCHEMES; "" in clear
+    tenant: str = ""                    # chat APIs: the workspace, instance or tenant the call goes to ("" unknown)
 
     def with_(self, **changes: Any) -> "ChatContext":
         # Called per message by some sessions: copying the fields is several times cheaper than
@@ -61,7 +62,7 @@ class ChatContext:
                 "recipients": list(self.recipients), "conversation": self.conversation,
                 "client_address": self.client_address, "server_address": self.server_address,
                 "connection_id": self.connection_id, "transfer_mechanism": self.transfer_mechanism,
-                "origin": self.origin, "encryption": self.encryption}
+                "origin": self.origin, "encryption": self.encryption, "tenant": self.tenant}
 
 
 _CONTEXT_FIELDS = frozenset(f.name for f in dataclasses.fields(ChatContext))
@@ -79,8 +80,9 @@ POLYGLOT = "polyglot"               # data: format, trailing_offset, trailing_by
 LIMIT_HIT = "limit"                 # data: setting, value: an archive or size limit was reached
 UNSAFE_PATH = "unsafe_path"         # an archive member name with ../ or an absolute path
 UNSCANNABLE = "unscannable"         # data: reason. The content could not be fully inspected; never clean.
+ENGINE_MATCH = "engine"             # data: engine ("clamav", "icap"), signature: an external engine's detection
 
-FINDING_KINDS = (YARA_MATCH, TYPE_MISMATCH, ENCRYPTED, POLYGLOT, LIMIT_HIT, UNSAFE_PATH, UNSCANNABLE)
+FINDING_KINDS = (YARA_MATCH, TYPE_MISMATCH, ENCRYPTED, POLYGLOT, LIMIT_HIT, UNSAFE_PATH, UNSCANNABLE, ENGINE_MATCH)
 
 # Reasons given with an UNSCANNABLE finding.
 REASON_TIMEOUT = "timeout"
@@ -152,11 +154,13 @@ class FileReport:
 
 # Actions, weakest first. The decision's action is the strongest action of the enforced rules that matched.
 ALLOW = "allow"
+DISCLAIM = "disclaim"   # not an enforcement: a notice to both parties on first contact (Decision.disclaimers)
 ALERT = "alert"
 MASK = "mask"
+WARN = "warn"           # held until the sender justifies it in the chat (imguard/conversation.py); else as BLOCK
 QUARANTINE = "quarantine"
 BLOCK = "block"
-ACTIONS = (ALLOW, ALERT, MASK, QUARANTINE, BLOCK)
+ACTIONS = (ALLOW, DISCLAIM, ALERT, MASK, WARN, QUARANTINE, BLOCK)
 
 ENFORCE = "enforce"
 SHADOW = "shadow"
@@ -192,10 +196,17 @@ class Decision:
     masked_text: str | None = None                           # the rewritten text when action is MASK
     notice: str = ""                                         # the notice to send the sender ("" = none)
     policy_version: str = ""
+    # `disclaim` rules that matched (never in `matches`: they change nothing about the message); the pipeline keeps
+    # those due now for this pair of parties (imguard/conversation.py FirstContacts), the session injects them
+    disclaimers: list[RuleMatch] = field(default_factory=list)
+    # the enforced rules that matched and send the item to the console's review queue (`review: true`, supervision)
+    review: list[str] = field(default_factory=list)
 
     @property
     def blocked(self) -> bool:
-        return self.action in (BLOCK, QUARANTINE)
+        """Not delivered as it is. WARN counts: a carrier that cannot hold a message for the sender's justification
+        (only the XMPP and IRC sessions can, imguard/conversation.py) refuses it, fail closed."""
+        return self.action in (BLOCK, QUARANTINE, WARN)
 
     @property
     def rule_ids(self) -> list[str]:
@@ -216,4 +227,7 @@ class Decision:
         # By hand, as RuleMatch.to_dict: the same dict as dataclasses.asdict, in a fraction of the time.
         return {"action": self.action, "matches": [m.to_dict() for m in self.matches] if self.matches else [],
                 "shadow": [m.to_dict() for m in self.shadow] if self.shadow else [], "masked_text": self.masked_text,
-                "notice": self.notice, "policy_version": self.policy_version}
+                "notice": self.notice, "policy_version": self.policy_version,
+                # Rare, so only when there are some: every event carries a decision.
+                **({"disclaimers": [m.to_dict() for m in self.disclaimers]} if self.disclaimers else {}),
+                **({"review": list(self.review)} if self.review else {})}

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from imguard import alerts
+from imguard.conversation import ConversationSettings, FirstContacts, disclaimer_event, disclaimer_record
+from imguard.inspect import passwords as zip_passwords
 from imguard.model import BLOCK, REASON_TRUNCATED, UNSCANNABLE, ChatContext, Decision, FileReport, Finding
 
 logger = logging.getLogger("imguard")
@@ -39,6 +42,22 @@ class Pipeline:
     def __post_init__(self) -> None:
         self._in_force = (self.policy, self.inspector)
         self._directions: tuple = (None, {})     # (policy, {ChatContext: the same with its direction})
+        # the recent short messages of each conversation: passwords for its encrypted zips (inspect/passwords.py)
+        self.passwords = zip_passwords.for_limits(getattr(self.inspector, "limits", None))
+        self.contacts = FirstContacts()         # when each pair of parties last got a disclaimer
+
+    def start_disclaimers(self, settings: ConversationSettings) -> int:
+        """Use these settings for disclaimers and, with an archive, remember the disclaimers of their period from it
+        (a restart does not disclaim again); the number of pairs read. Called once, before traffic."""
+        self.contacts = FirstContacts(settings)
+        if self.archive is None:
+            return 0
+        try:
+            return self.contacts.load(self.archive)
+        except Exception as e:       # a database that cannot answer costs a repeated disclaimer, not the gateway
+            logger.warning("disclaimers: could not read the archive's (%s: %s); starting from none",
+                           type(e).__name__, e)
+            return 0
 
     def swap(self, policy: "object", inspector: "object") -> None:
         """Put a reloaded configuration in force, in one assignment. A check that has started keeps the pair
@@ -75,6 +94,8 @@ class Pipeline:
         policy = self._in_force[0]
         ctx = self._with_direction(policy, ctx)
         decision = policy.decide_message(text, ctx)
+        if decision.disclaimers:
+            self._disclaim(ctx, decision)
         kept_text = text if self.keep_text else None
         alert_log = self.alert_log
         if alert_log is not None:
@@ -85,8 +106,33 @@ class Pipeline:
                 write_message(kept_text, ctx, decision)
             else:
                 alert_log.write(alerts.message_event(kept_text, ctx, decision))
+        record_id = ""
         if self.archive is not None:
-            self.archive.add_message(kept_text, ctx, decision)
+            record_id = self.archive.add_message(kept_text, ctx, decision)
+        self.passwords.saw(text, ctx, record_id or "")
+        return decision
+
+    def _disclaim(self, ctx: ChatContext, decision: Decision) -> None:
+        """Keep in the decision only the disclaimer due now for this conversation (none for a message that does not
+        cross); the one given is an event and an archive record. The session injects it."""
+        due = self.contacts.due(ctx, decision.disclaimers) if not decision.blocked else None
+        decision.disclaimers = [due[0]] if due is not None else []
+        if due is None:
+            return
+        match, pair, first = due
+        if self.alert_log is not None:
+            self.alert_log.write(disclaimer_event(ctx, match, pair, first))
+        if self.archive is not None:
+            self.archive.add_message(match.notice, *disclaimer_record(ctx, match, pair, decision.policy_version))
+
+    def check_membership(self, kind: str, ctx: ChatContext, room: str = "") -> Decision:
+        """An invitation (`kind` "invite": ctx.sender lets ctx.recipients into `room`), decided by the ethical walls
+        (Policy.decide_membership). Recorded only when a wall matched: every attempt across a wall is an event."""
+        policy = self._in_force[0]
+        ctx = self._with_direction(policy, ctx)
+        decision = policy.decide_membership(ctx)
+        if (decision.matches or decision.shadow) and self.alert_log is not None:
+            self.alert_log.write(alerts.membership_event(kind, ctx, decision, room))
         return decision
 
     def check_file(self, data: "bytes | Path", ctx: ChatContext, name: str = "", claimed_mime: str = "",
@@ -94,7 +140,10 @@ class Pipeline:
         policy, inspector = self._in_force
         ctx = self._with_direction(policy, ctx)
         started = time.perf_counter_ns()
+        seen = self.passwords.seq               # the messages so far came before the file; later ones, after it
         report = inspector.inspect(data, ctx, name=name, claimed_mime=claimed_mime)
+        if zip_passwords.locked_members(report) and isinstance(data, (bytes, bytearray, memoryview)):
+            report = self._conversation_passwords(inspector, data, ctx, name, claimed_mime, report, seen)
         inspect_ns = time.perf_counter_ns() - started
         if truncated:
             report.findings.append(Finding(UNSCANNABLE, "the transfer ended before the announced size",
@@ -102,6 +151,35 @@ class Pipeline:
         decision = policy.decide_file(report, ctx)
         self._record_file(data, report, ctx, decision, {"event": {"duration": inspect_ns}})  # ECS: nanoseconds
         return report, decision
+
+    def _conversation_passwords(self, inspector: "object", data: "bytes | bytearray | memoryview", ctx: ChatContext,
+                                name: str, claimed_mime: str, report: FileReport, seen: int) -> FileReport:
+        """An encrypted zip the configured passwords did not open: inspected again with the words of the
+        conversation's recent messages, then (zip_password_wait) with each message that comes while it waits,
+        keeping the report that leaves the fewest members locked. Waits only on a thread other than the one that
+        delivers messages (the gateway's inspection workers; not the replay, not `imguard scan`)."""
+        memory = self.passwords
+        seq, found = memory.candidates(ctx, seen)
+        locked = zip_passwords.locked_members(report)
+
+        def again(candidates: list) -> None:
+            nonlocal report, locked
+            retry = inspector.inspect(data, ctx, name=name, claimed_mime=claimed_mime,
+                                      extra_passwords=tuple(candidates))
+            if zip_passwords.locked_members(retry) < locked:
+                report, locked = retry, zip_passwords.locked_members(retry)
+        if found:
+            again(found)
+        wait = float(getattr(getattr(inspector, "limits", None), "zip_password_wait", 0.0) or 0.0)
+        if threading.current_thread() is (memory.message_thread or threading.main_thread()):
+            wait = 0.0
+        deadline = time.monotonic() + wait
+        while locked and (left := deadline - time.monotonic()) > 0:
+            seq, found = memory.wait(ctx, seq, left)
+            if not found:
+                break
+            again(found)
+        return report
 
     def check_unscannable(self, data: bytes, ctx: ChatContext, name: str, claimed_mime: str, reason: str,
                           detail: str, size: int | None = None,

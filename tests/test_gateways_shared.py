@@ -74,6 +74,7 @@ class Host:
         self.process = net.popen(role, [
             PYTHON, "-m", "imguard", "run", "--listen-host", listen,
             "--mode", f"reverse:tcp://{SERVER_IP}:5222@5222", "--mode", f"regular@{HTTP_PORT}",
+            "--xmpp-upload-refuse-unrelayed", "never",    # the clients' HTTP goes through a host's proxy listener
             "--mode", f"socks5@{SOCKS5_PORT}", "--bytestream-relay", f"{B_CLIENT_IP}:{SOCKS5_PORT}",
             "--mode", f"reverse:tcp://{SERVER_IP}:6667@6667",
             "--dcc-relay", B_CLIENT_IP, "--dcc-relay-ports", DCC_PORTS,

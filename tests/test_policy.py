@@ -126,7 +126,8 @@ def test_regex_matching_empty_text_is_refused(tmp_path):
 
 @pytest.mark.parametrize("field,value,expected", [
     ("severity", "urgent", "a.yaml:3: severity: a string ('urgent') is not one of: info, low, medium, high, critical"),
-    ("action", "drop", "a.yaml:4: action: a string ('drop') is not one of: allow, alert, mask, quarantine, block"),
+    ("action", "drop", "a.yaml:4: action: a string ('drop') is not one of: allow, disclaim, alert, mask, warn, "
+                       "quarantine, block"),
     ("applies_to", "files", "a.yaml:5: applies_to: a string ('files') is not one of: message, file"),
 ])
 def test_bad_enum_values(tmp_path, field, value, expected):

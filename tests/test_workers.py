@@ -59,11 +59,14 @@ class Pair:
 
 def start_pair(directory: Path, prosody, store: str) -> Pair:
     (relay_port,) = free_ports(1)
-    # The upload host is an HTTP destination, as 443/5281 are in a deployment (Prosody's test port is random).
-    extra = ["--transfer-store", store, "--http-ports", str(prosody.http_port)]
-    first = Worker.start(directory / "w1", prosody, extra=extra + ["--bytestream-relay", f"127.0.0.1:{relay_port}"])
+    # The upload host is an HTTP destination, as 443/5281 are in a deployment (Prosody's test port is random). The
+    # clients' HTTP goes through worker 2's proxy listener, so the slots are kept as granted (no upload relay, `never`).
+    extra = ["--transfer-store", store, "--http-ports", str(prosody.http_port),
+             "--xmpp-upload-refuse-unrelayed", "never"]
+    first = Worker.start(directory / "w1", prosody, extra=extra + ["--bytestream-relay", f"127.0.0.1:{relay_port}"],
+                         upload_relay=False)
     try:
-        second = Worker.start(directory / "w2", prosody, extra=extra + [
+        second = Worker.start(directory / "w2", prosody, upload_relay=False, extra=extra + [
             "--mode", f"socks5@{relay_port}", "--bytestream-relay", f"127.0.0.1:{relay_port}"])
     except BaseException:
         first.stop()

@@ -215,10 +215,12 @@ def test_session_chunk_boundaries():
 # --- messages ----------------------------------------------------------------------------------------
 
 def test_blocked_message_never_reaches_the_server():
-    """BLOCK: the message must NOT reach the server; alice gets a policy-violation error with its id."""
+    """BLOCK: the message must NOT reach the server; alice gets a policy-violation error with its id, carrying
+    her body back (libpurple shows no message error without it: tests/test_real_xmpp_clients.py)."""
     s = logged_in(Checker({"secret": Decision(action=BLOCK, notice="Do not share secrets.")}))
     assert s.data_received(True, message("the secret is 42", mid="x1")) == [Send(True, (
-        "<message type='error' id='x1' from='bob@localhost' to='alice@localhost/t'><error type='modify'>"
+        "<message type='error' id='x1' from='bob@localhost' to='alice@localhost/t'>"
+        "<body>the secret is 42</body><error type='modify'>"
         f"<policy-violation xmlns='{STANZAS}'/><text xmlns='{STANZAS}'>Do not share secrets.</text>"
         "</error></message>").encode())]
 

@@ -20,6 +20,11 @@ debs=(libmagic1 libarchive13)
 [ "$want" = test ] && debs+=(chromium chromium-driver)  # tests/test_console_e2e.py: the console in a real browser
 [ "$want" = test ] && debs+=(rsyslog rsyslog-openssl)  # tests/test_sinks.py: a real rsyslogd (UDP, TCP, TLS)
 [ "$want" = test ] && debs+=(finch tmux)           # tests/test_sametime.py: Finch's own Sametime client (libpurple)
+[ "$want" = test ] && debs+=(dbus-daemon dbus-bin) # tests/test_sametime_files.py: Finch sends a file over libpurple's D-Bus API
+# tests/test_real_irc_client.py (WeeChat's DCC, driven by its fifo plugin), tests/test_real_xmpp_clients.py
+[ "$want" = test ] && debs+=(weechat-plugins profanity)
+# tests/test_engines_clamav_icap.py: a real clamd and c-icap with virus_scan (the tests start their own instances)
+[ "$want" = test ] && debs+=(clamav-daemon clamav c-icap libc-icap-mod-virus-scan)
 missing=()
 for p in "${debs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

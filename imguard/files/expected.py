@@ -37,6 +37,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Any, Callable, Hashable
 from urllib.parse import urlsplit, urlunsplit
@@ -165,11 +166,68 @@ def upload_relay_url(put_url: str, relays) -> str | None:
         table = parse_upload_relays(relays)
     except ValueError:
         return None
-    public = table.get(url_origin(put_url))
+    return relayed_url(put_url, table)
+
+
+def relayed_url(url: str, table: dict[str, str]) -> str | None:
+    """`url` on its upload relay's origin (the same path, query and fragment) when a relay of `table`
+    (parse_upload_relays) covers its origin, else None."""
+    public = table.get(url_origin(url))
     if public is None:
         return None
-    parts = urlsplit(put_url.strip())
-    return public + parts.path + (f"?{parts.query}" if parts.query else "")
+    parts = urlsplit(url.strip())
+    return (public + parts.path + (f"?{parts.query}" if parts.query else "")
+            + (f"#{parts.fragment}" if parts.fragment else ""))
+
+
+class Listener(Enum):
+    """How a chat connection reached the gateway: the kind of listener it arrived on, told to the session by the
+    carrier (the gateway adapter reads it from the mitmproxy mode). It says whether the client's HTTP to an upload
+    service crosses the gateway too, so whether a granted upload slot can be scanned without a relay."""
+    TRANSPARENT = "transparent"     # redirected to the gateway (transparent, wireguard, local, tun): its HTTP is too
+    PROXY = "proxy"                 # the client's explicit proxy (regular, socks5, upstream): its HTTP may use it too
+    REVERSE = "reverse"             # the client connects to the gateway as to its server: its HTTP goes straight
+                                    # to the upload service, around the gateway
+    NONE = "none"                   # no listener: the offline replay, a test (nothing to refuse)
+
+    @classmethod
+    def of_mode(cls, type_name: str) -> "Listener":
+        """The listener of a mitmproxy mode (`ProxyMode.type_name`); an unknown mode is REVERSE, whose HTTP the
+        gateway cannot assume it sees."""
+        return _LISTENERS.get(type_name, cls.REVERSE)
+
+
+_LISTENERS = {"transparent": Listener.TRANSPARENT, "wireguard": Listener.TRANSPARENT, "local": Listener.TRANSPARENT,
+              "tun": Listener.TRANSPARENT, "regular": Listener.PROXY, "socks5": Listener.PROXY,
+              "upstream": Listener.PROXY, "reverse": Listener.REVERSE}
+
+REFUSE_AUTO, REFUSE_ALWAYS, REFUSE_NEVER = "auto", "always", "never"
+UPLOAD_REFUSALS = (REFUSE_AUTO, REFUSE_ALWAYS, REFUSE_NEVER)
+
+
+def check_upload_refusal(value: str, name: str = "upload_refuse_unrelayed") -> str:
+    """An auto|always|never setting (`name`), checked (ValueError names the choices)."""
+    if value not in UPLOAD_REFUSALS:
+        raise ValueError(f"{name} {value!r}: expected one of {', '.join(UPLOAD_REFUSALS)}")
+    return value
+
+
+def http_goes_around(value: str, listener: Listener) -> bool:
+    """An auto|always|never setting about a client whose HTTP goes around the gateway (upload_refuse_unrelayed,
+    upload_relay_links), for a session that arrived on `listener`: `always` and `never` say so; `auto` means a
+    reverse listener (its client reaches the upload service directly). An unknown value is `always`: the settings
+    are checked at start, and failing closed never lets a file go unscanned."""
+    if value == REFUSE_NEVER:
+        return False
+    if value == REFUSE_AUTO:
+        return listener is Listener.REVERSE
+    return True
+
+
+def refuses_unrelayed(refusal: str, listener: Listener) -> bool:
+    """Is an upload slot no relay covers refused (upload_refuse_unrelayed), for a session that arrived on
+    `listener`?"""
+    return http_goes_around(refusal, listener)
 
 
 class _Typed:
@@ -205,10 +263,12 @@ class _Typed:
     def blocked_url_reason(self, url: str) -> str | None:
         return self.get(normalize_url(url), kind=BLOCKED_URL)
 
-    def expect_download(self, info: ExpectedDownload) -> None:
+    def expect_download(self, info: ExpectedDownload, key: str = "") -> None:
         """A link to a file was delivered to our user: a GET of it (within ttl_seconds) is that file, coming in. A
-        later share of the same URL replaces the entry (the newest context names the parties)."""
-        self.expect(normalize_url(info.url), info, kind=DOWNLOAD)
+        later share of the same URL replaces the entry (the newest context names the parties). `key`: another URL
+        that fetches the same file (the link rewritten to an upload relay); the carrier sends such a GET on to
+        `info.url`."""
+        self.expect(normalize_url(key or info.url), info, kind=DOWNLOAD)
 
     def expected_download(self, url: str) -> ExpectedDownload | None:
         """For the HTTP carrier when a GET arrives: the file shared by this link, left in place (a client may fetch

@@ -31,6 +31,7 @@ from mitmproxy.proxy.layers.tls import HTTP_ALPNS
 
 from imguard import alerts
 from imguard.protocols import detect as det
+from imguard.files.expected import Listener
 from imguard.gateway.inspection import Inspection
 from imguard.gateway.layer import RefuseLayer, SessionLayer, tls_first_stack
 from imguard.gateway.notices import NoticeRouter, connection_handler
@@ -52,9 +53,16 @@ class ConnectionInfo:
     hash: str = ""              # bytestream relay: the SOCKS5 destination hash
     offer: Any = None           # a side connection (DCC, MSNFTP, OFT, MSRP): the entry that announced it
                                 # (DccOffer, MsnftpOffer, OftOffer, MsrpOffer; None: unannounced)
+    listener: Listener = Listener.NONE  # the kind of listener it arrived on (listener_of)
 
 
 SessionFactory = Callable[[ConnectionInfo], Any]
+
+
+def listener_of(context) -> Listener:
+    """The kind of listener a connection arrived on, from its mitmproxy mode: told to the session as a fact (an XMPP
+    session refuses an upload slot whose PUT would go around the gateway)."""
+    return Listener.of_mode(context.client.proxy_mode.type_name)
 
 
 def _hostport(address) -> str:
@@ -457,7 +465,7 @@ class GatewayAddon:
             self.stats["relayed"] += 1
             return TCPLayer(context, ignore=True)               # not inspected: no flow, no per-chunk hook
         chat = self.chat_context(context, found.protocol)
-        info = ConnectionInfo(found.protocol, found.tls_first, chat, found.reason)
+        info = ConnectionInfo(found.protocol, found.tls_first, chat, found.reason, listener=listener_of(context))
         try:
             session = factory(info)
         except Exception as e:
@@ -492,7 +500,8 @@ class GatewayAddon:
             return
         chat = self.chat_context(context, found.protocol)
         try:
-            session = factory(ConnectionInfo(found.protocol, True, chat, "first bytes inside TLS"))
+            session = factory(ConnectionInfo(found.protocol, True, chat, "first bytes inside TLS",
+                                             listener=listener_of(context)))
         except Exception as e:
             logger.exception("cannot start a %s session", found.protocol)
             self.anomaly(chat, "session_error", f"cannot start a {found.protocol} session: {e!r}")

@@ -49,7 +49,9 @@ RECORD_SETTINGS = (("event sinks: the local JSON-lines log, syslog, webhook, ema
                    ("file store and retro-hunt", "imguard.filestore:FileStoreSettings"),
                    ("Prometheus metrics", "imguard.metrics:MetricsSettings"),
                    ("files held for inspection, all connections together", "imguard.files.tracker:HoldSettings"),
-                   ("YARA signature sets", "imguard.inspect.signatures:SignatureSettings"))
+                   ("YARA signature sets", "imguard.inspect.signatures:SignatureSettings"),
+                   ("conversation controls (XMPP, IRC): warn and continue",
+                    "imguard.conversation:ConversationSettings"))
 
 
 def _limits_class(path: str) -> type:
@@ -242,6 +244,7 @@ def run_main(args: argparse.Namespace) -> int:
             metrics_server.close()
         return 2
     try:
+        pipeline.start_disclaimers(limits["ConversationSettings"])     # with the archive's memory of them
         return _run_gateway(s, limits, pipeline, metrics, metrics_server, data_dir, rules, signatures)
     finally:
         # Undelivered events stay queued on disk for the next start; the archive writer finishes its batch.
@@ -256,7 +259,8 @@ def _run_gateway(s, limits, pipeline, metrics, metrics_server, data_dir: Path, r
     try:
         gateway = Gateway(s, pipeline, data_dir=data_dir, irc_limits=limits["irc"], xmpp_limits=limits["xmpp"],
                           chat_settings=limits["chat"],
-                          session_limits=[limits[key] for key, _, _ in session_limits() if key != "chat"])
+                          session_limits=[limits[key] for key, _, _ in session_limits() if key != "chat"]
+                          + [limits["ConversationSettings"]])
     except GatewayError as e:
         print(f"imguard: {e}", file=sys.stderr)
         return 2

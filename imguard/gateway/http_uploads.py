@@ -161,6 +161,8 @@ class HttpUploads:
                 return
             expected = self._expected_download(urls)
             if expected is not None:
+                if isinstance(expected, ExpectedDownload):
+                    self._to_upload_service(flow, expected.url)     # a link rewritten to the upload relay
                 flow.metadata[DOWNLOAD_META] = {"expected": expected, "url": url}
                 for header in ("range", "if-range"):        # the whole file, or none of it: never a piece
                     req.headers.pop(header, None)
@@ -187,10 +189,11 @@ class HttpUploads:
 
     @staticmethod
     def _to_upload_service(flow: http.HTTPFlow, put_url: str) -> None:
-        """An announced PUT goes to the URL the upload service granted, with its Host: the client may have been
-        given the gateway's upload relay instead (XmppLimits.upload_relay). Through the relay listener the request
-        already goes there (reverse mode) but carries the relay's Host; a proxied client's PUT to the relay URL
-        goes straight to the service, not through the gateway's own listener a second time."""
+        """An announced PUT (or the GET of a link shared with our user) goes to the URL the upload service granted,
+        with its Host: the client may have been given the gateway's upload relay instead (XmppLimits.upload_relay,
+        upload_relay_links). Through the relay listener the request already goes there (reverse mode) but carries
+        the relay's Host; a proxied client's request to the relay URL goes straight to the service, not through
+        the gateway's own listener a second time (it would be held twice)."""
         req = flow.request
         if normalize_url(put_url) != normalize_url(req.url):
             req.url = put_url

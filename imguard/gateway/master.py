@@ -33,8 +33,8 @@ from mitmproxy.master import Master
 from mitmproxy.proxy import mode_specs
 from mitmproxy.utils import asyncio_utils
 
-from imguard.files.expected import (ExpectedTransfers, SharedTransfers, open_transfers, parse_upload_relays,
-                                    url_origin)
+from imguard.files.expected import (REFUSE_AUTO, ExpectedTransfers, SharedTransfers, check_upload_refusal,
+                                    open_transfers, parse_upload_relays, url_origin)
 from imguard.gateway import ca, sdnotify
 from imguard.gateway.addon import ConnectionInfo, GatewayAddon, SessionFactory
 from imguard.gateway.tls_memory import LateTlsAddon
@@ -132,7 +132,7 @@ def default_factories(pipeline, transfers, relay: tuple[str, int] | None = None,
                 protocol, info.context, tls_on_connect=info.tls_on_connect, checker=pipeline, transfers=transfers,
                 limits=by_class, expected=info.offer, bytestream_relay=relay, dcc_relay=dcc_relay,
                 stream_hash=info.hash, streamhost=info.streamhost,
-                downgrade_fail_open=downgrade_fail_open(protocol)))
+                downgrade_fail_open=downgrade_fail_open(protocol), listener=info.listener))
         return build
     return {name: factory(name) for name in registry.PROTOCOLS}
 
@@ -183,6 +183,11 @@ class Gateway:
         # An upload relay's port is an HTTP port: a proxied client's CONNECT to it is intercepted and its PUT scanned.
         http_ports |= check_upload_relays(getattr(xmpp_limits, "upload_relay", ()), self.modes)
         try:
+            for name in ("upload_refuse_unrelayed", "upload_relay_links"):
+                check_upload_refusal(getattr(xmpp_limits, name, REFUSE_AUTO), name)
+        except ValueError as e:
+            raise GatewayError(f"xmpp_{e}") from None
+        try:
             self.transfers = default_transfers(settings, self.data_dir) if transfers == "default" else transfers
         except ValueError as e:
             raise GatewayError(str(e)) from None
@@ -202,7 +207,8 @@ class Gateway:
         except ValueError as e:
             raise GatewayError(str(e)) from None
         self.inspection = Inspection(pipeline, settings.inspect_workers, settings.inspect_queue,
-                                     fail_modes=self.fail_modes, timeout=settings.inspect_timeout)
+                                     fail_modes=self.fail_modes, timeout=settings.inspect_timeout,
+                                     notice_after=settings.scan_notice_after_seconds)
         if factories is None:
             factories = default_factories(pipeline, self.transfers, self.relay, dcc_relay=dcc_relay,
                                           irc_limits=irc_limits, xmpp_limits=xmpp_limits, limits=session_limits,
@@ -213,6 +219,7 @@ class Gateway:
                                   max_total_queued_bytes=settings.max_total_queued_bytes,
                                   parse_fail_open=lambda protocol: self.fail_modes.is_open(protocol, PARSE),
                                   quick_ack=settings.quick_ack, dcc_ports=self.dcc_ports)
+        self.inspection.notify = self.addon.notify_command      # "being scanned" notices of slow scans
         if isinstance(self.transfers, SharedTransfers):     # notices for chat connections other workers hold
             self.addon.notices = SharedNoticeRouter(self.transfers)
         self.uploads = HttpUploads(self.inspection, self.transfers, settings.upload_paths, settings.max_upload_size,

@@ -12,7 +12,7 @@ import fnmatch
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from imguard.model import (ENCRYPTED, POLYGLOT, TYPE_MISMATCH, UNSCANNABLE, YARA_MATCH, ChatContext,
+from imguard.model import (ENCRYPTED, ENGINE_MATCH, POLYGLOT, TYPE_MISMATCH, UNSCANNABLE, YARA_MATCH, ChatContext,
                            FileReport, Finding)
 from imguard.policy.detectors import DETECTORS, TRIGGERS, Span
 from imguard.policy.matcher import CORE, PatternSet, Scan
@@ -297,6 +297,18 @@ def yara_fact(test: Callable[[dict[str, Any]], str | None]) -> Callable[[FileRep
     return fact
 
 
+def engine_fact(engine: Callable[[str], bool], signature: Callable[[str], bool]) -> Callable[[FileReport], str | None]:
+    """A detection of an external engine (ClamAV, ICAP: ENGINE_MATCH findings) whose engine and signature match."""
+    def fact(report: FileReport) -> str | None:
+        for f in report.findings:
+            if f.kind == ENGINE_MATCH:
+                name, found = str(f.data.get("engine", "")), str(f.data.get("signature", ""))
+                if engine(name) and signature(found):
+                    return f"{where(report)}: {name} detected {found}"
+        return None
+    return fact
+
+
 def glob_fact(attr: str, patterns: list[str], label: str) -> Callable[[FileReport], str | None]:
     pats = [p.lower() for p in patterns]
     exact = {p for p in pats if not any(c in p for c in "*?[")}
@@ -325,6 +337,21 @@ def encrypted_fact(report: FileReport) -> str | None:
     if report.encrypted or findings_of(report, ENCRYPTED):
         return f"{where(report)} is encrypted"
     return None
+
+
+def hash_list_fact(lists: list[Any], top_only: bool = False) -> Callable[[FileReport], str | None]:
+    """The file (or, unless `top_only`, any member) has a digest on one of the hash lists (policy/hashlists.py)."""
+    def fact(report: FileReport) -> str | None:
+        if top_only and report.depth > 0:
+            return None
+        for hash_list in lists:
+            found = hash_list.lookup(report.sha256, report.sha1, report.md5)
+            if found is not None:
+                named = f"{found.name}, " if found.name else ""
+                return f"{where(report)} {found.digest} {found.value} is in hash list {hash_list.name} " \
+                       f"({named}{found.source})"
+        return None
+    return fact
 
 
 def executable_member_fact(report: FileReport) -> str | None:

@@ -3,7 +3,7 @@
 Evaluation order (docs/rules.md explains it for policy authors): rule files in name order, rules in
 file order. Every rule is evaluated, except that an enforce-mode `allow` rule that matches ends the
 evaluation: rules after it are not evaluated. The decision's action is the strongest action among the
-enforce-mode rules that matched (block > quarantine > mask > alert > allow). Shadow-mode rules are
+enforce-mode rules that matched (block > quarantine > warn > mask > alert > allow). Shadow-mode rules are
 evaluated the same way and recorded in Decision.shadow, but change nothing.
 """
 
@@ -13,8 +13,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from imguard.model import (ACTIONS, ALLOW, BLOCK, MASK, QUARANTINE, SHADOW, ChatContext, Decision, FileReport,
-                           RuleMatch)
+from imguard.model import (ACTIONS, ALLOW, BLOCK, DISCLAIM, MASK, QUARANTINE, SHADOW, WARN, ChatContext, Decision,
+                           FileReport, RuleMatch)
 from imguard.policy import conditions as C
 from imguard.policy.detectors import Span
 from imguard.policy.matcher import PatternSet
@@ -31,10 +31,17 @@ DEFAULT_NOTICES = {
     ("message", BLOCK): "Your message was not delivered: it was blocked by the security policy ({reason}).",
     ("message", QUARANTINE): "Your message was not delivered: it is held for review by the security team "
                              "({reason}).",
+    # WARN: the XMPP and IRC sessions add how to send it anyway (imguard/conversation.py); elsewhere it is refused.
+    ("message", WARN): "Your message was held: it may break the security policy ({reason}).",
+    ("file", WARN): "Your file {file.name} was not delivered: it may break the security policy ({reason}).",
     ("file", BLOCK): "Your file {file.name} was not delivered: it was blocked by the security policy ({reason}).",
     ("file", QUARANTINE): "Your file {file.name} was not delivered: it is held for review by the security "
                           "team ({reason}).",
 }
+
+
+# A `disclaim` rule without `notify`.
+DEFAULT_DISCLAIMER = "This conversation is recorded by your company's chat security gateway."
 
 
 @dataclass(frozen=True)
@@ -90,6 +97,7 @@ class Rule:
     tags: tuple[str, ...] = ()
     file: str = ""
     line: int = 0
+    review: bool = False        # a match also goes to the console's review queue (supervision)
 
     @property
     def source(self) -> str:
@@ -128,7 +136,8 @@ class Policy:
     """A loaded, checked policy. Immutable; reload by loading a new one."""
 
     def __init__(self, rules: list[Rule], zones: Zones, groups: dict[str, list[PartyPattern]], version: str,
-                 files: list[str], limits: PolicyLimits, patterns: PatternSet | None = None) -> None:
+                 files: list[str], limits: PolicyLimits, patterns: PatternSet | None = None,
+                 walls: list | None = None) -> None:
         self.rules = rules
         self.zones = zones
         self.groups = groups
@@ -136,6 +145,7 @@ class Policy:
         self.files = files
         self.limits = limits
         self.patterns = patterns        # every text pattern of the message rules, matched in one pass
+        self.walls = list(walls or ())  # ethical walls (policy/walls.py); their rules are in `rules` too
         self.message_rules = [r for r in rules if r.applies_to == "message"]
         self.file_rules = [r for r in rules if r.applies_to == "file"]
         self._by_id = {r.id: r for r in rules}
@@ -181,6 +191,15 @@ class Policy:
             self._candidates[ctx] = candidates
         return candidates
 
+    def decide_membership(self, ctx: ChatContext) -> Decision:
+        """Decide on one person letting another into a conversation (an invitation; a join where the session
+        knows who is already there): `ctx.sender` invites or joins, `ctx.recipients` are the others. Only the
+        ethical walls decide it (a wall's message rule, which tests the parties alone)."""
+        ctx = ctx if isinstance(ctx, ChatContext) else ChatContext()
+        ev = C.Evaluation(ctx, self.zones)
+        decision, _ = self._decide([wall.message_rule for wall in self.walls], ev, "membership", {})
+        return decision
+
     def decide_file(self, report: FileReport, ctx: ChatContext | None = None) -> Decision:
         """Decide on one file, given the inspector's report for it."""
         ctx = ctx if isinstance(ctx, ChatContext) else ChatContext()
@@ -207,10 +226,16 @@ class Policy:
                 notice = render(rule.notify, self._notice_values(base, rule, reasons))
             m = RuleMatch(rule_id=rule.id, action=rule.action, severity=rule.severity, mode=rule.mode,
                           title=rule.title, reasons=reasons, notice=notice, source=rule.source)
+            if rule.action == DISCLAIM and rule.mode != SHADOW:
+                m.notice = m.notice or DEFAULT_DISCLAIMER
+                decision.disclaimers.append(m)          # a notice to both parties, not an enforcement
+                continue
             if rule.mode == SHADOW:
                 decision.shadow.append(m)
                 continue
             decision.matches.append(m)
+            if rule.review:
+                decision.review.append(rule.id)
             if rule.action == MASK:
                 mask_spans.extend(spans)
             if rule.action == ALLOW:

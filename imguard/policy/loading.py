@@ -15,11 +15,14 @@ from typing import Any, Iterable
 
 from imguard.model import (ACTIONS, ENCRYPTION_SCHEMES, ENFORCE, FINDING_KINDS, MASK, MODES, SEVERITIES,
                            UNSCANNABLE_REASONS)
+from imguard.model import DISCLAIM, SHADOW
 from imguard.policy import conditions as C
 from imguard.policy import matcher as M
 from imguard.policy.detectors import DETECTORS
 from imguard.policy.engine import Policy, PolicyError, PolicyLimits, Rule, parse_size
+from imguard.policy.hashlists import HashLists, bundled_folder, folders_of, load_hash_lists
 from imguard.policy.notice import check_template
+from imguard.policy.walls import Wall, compile_wall
 from imguard.policy.yamlsrc import Map, Seq, YamlError, load_yaml, type_name
 from imguard.policy.zones import ZONES, PartyPattern, Zones
 
@@ -27,16 +30,17 @@ GROUPS_FILE = "groups.yaml"
 RULE_FILE_PATTERNS = ("*.yaml", "*.yml")
 
 RULE_KEYS = ("id", "title", "description", "severity", "mode", "action", "notify", "applies_to", "match",
-             "unless", "enabled", "tags")
+             "unless", "enabled", "tags", "review")
 REQUIRED_RULE_KEYS = ("id", "title", "severity", "action", "applies_to", "match")
 APPLIES_TO = ("message", "file")
 
-COMMON_CONDITIONS = ("protocol", "direction", "sender", "recipient", "client_zone")
+COMMON_CONDITIONS = ("protocol", "direction", "sender", "recipient", "client_zone", "tenant")
 MESSAGE_CONDITIONS = ("keywords", "regex", "detect", "encrypted")      # encrypted: end to end (a file's: its own)
 FILE_CONDITIONS = ("name", "extension", "mime", "family", "type_mismatch", "size_gt", "size_lt", "yara_rule",
                    "yara_namespace", "yara_file", "yara_tag", "yara_meta", "encrypted", "contains_executable",
                    "archive_depth_gt", "unscannable", "unscannable_reason", "polyglot", "finding",
-                   "transfer_mechanism")
+                   "transfer_mechanism", "hash_list", "file_hash_list", "engine", "engine_signature")
+ENGINES = ("clamav", "icap")        # the external engines' names (imguard/inspect/clamav.py, icap.py)
 DIRECTION_VALUES = ("inbound", "outbound", "internal", "unknown")
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
@@ -131,8 +135,10 @@ class _Compiler:
     """Turns rule mappings into Rules, recording every problem."""
 
     def __init__(self, groups: dict[str, list[PartyPattern]], known_yara_rules: set[str] | None,
-                 max_memory: int = M.DEFAULT_MEMORY, yara_sources: dict[str, str] | None = None) -> None:
+                 max_memory: int = M.DEFAULT_MEMORY, yara_sources: dict[str, str] | None = None,
+                 hash_lists: HashLists | None = None) -> None:
         self.groups = groups
+        self.hash_lists = hash_lists or HashLists()
         self.max_memory = max_memory
         self.known_yara = known_yara_rules
         self.yara_sources: dict[str, str] | None = yara_sources
@@ -171,6 +177,12 @@ class _Compiler:
         vals = _choice(ck, key, _strings(ck, key, value, line), ZONES, line)
         return vals and C.SetCondition(key, vals, lambda ev: ev.zones.address_zone(ev.ctx.client_address),
                                        "client zone")
+
+    def c_tenant(self, ck, key, value, line):
+        """tenant: the chat API workspace, instance or tenant the call goes to (ChatContext.tenant, named by
+        imguard/protocols/httpchat/tenants.py); `unknown` matches a call whose tenant is not known."""
+        vals = _strings(ck, key, value, line, lower=True)
+        return vals and C.SetCondition(key, vals, lambda ev: ev.ctx.tenant, "tenant")
 
     def c_transfer_mechanism(self, ck, key, value, line):
         vals = _strings(ck, key, value, line, lower=True)
@@ -311,6 +323,36 @@ class _Compiler:
             return None
         facts = [C.finding_fact(k, f"has finding {k}") for k in vals]
         return C.ReportCondition(key, lambda r: next((w for w in (f(r) for f in facts) if w), None))
+
+    def _hash_list(self, ck, key, value, line):
+        """hash_list (the file or any member) / file_hash_list (the file itself: a known-good exception): names of
+        lists loaded from the hash-list folders."""
+        vals = _strings(ck, key, value, line)
+        if vals is None:
+            return None
+        missing = [v for v in vals if v not in self.hash_lists]
+        if missing:
+            ck.error(line, f"{key}: unknown hash list {', '.join(repr(m) for m in missing)} (loaded: "
+                           f"{', '.join(sorted(self.hash_lists.lists)) or 'none'}; a list is NAME.txt in a rules "
+                           f"folder's hashlists/ or a folder of the hash_lists setting)")
+            return None
+        lists = [self.hash_lists[v] for v in dict.fromkeys(vals)]
+        return C.ReportCondition(key, C.hash_list_fact(lists, top_only=key == "file_hash_list"))
+
+    c_hash_list = c_file_hash_list = _hash_list
+
+    def c_engine(self, ck, key, value, line):
+        """A detection by one of the named external engines (clamav, icap; "*": any)."""
+        vals = _strings(ck, key, value, line, lower=True)
+        if vals is not None and (bad := [v for v in vals if not _is_glob(v) and v not in ENGINES]):
+            ck.error(line, f"{key}: {', '.join(repr(b) for b in bad)} is not one of: {', '.join(ENGINES)}")
+            return None
+        return vals and C.ReportCondition(key, C.engine_fact(C.glob_matcher(vals), lambda _: True))
+
+    def c_engine_signature(self, ck, key, value, line):
+        """A detection by an external engine whose signature name matches (globs, case-insensitive)."""
+        vals = _strings(ck, key, value, line)
+        return vals and C.ReportCondition(key, C.engine_fact(lambda _: True, C.glob_matcher(vals)))
 
     def _known_names(self, ck, key, vals, line, known: set[str] | None, what: str, shown: str = "") -> bool:
         """Exact names (not globs) must exist in the loaded signatures, when they are known."""
@@ -488,6 +530,10 @@ class _Compiler:
         notify = text("notify") if "notify" in doc else ""
         enabled = _bool(ck, "enabled", doc["enabled"], ln("enabled")) if "enabled" in doc else True
         tags = tuple(_strings(ck, "tags", doc["tags"], ln("tags")) or ()) if "tags" in doc else ()
+        review = bool(_bool(ck, "review", doc["review"], ln("review"))) if "review" in doc else False
+        if review and (action == DISCLAIM or mode == SHADOW):
+            ck.error(ln("review"), "review: a disclaim or shadow-mode rule decides nothing, so it sends nothing to "
+                                   "the review queue")
         if not applies_to:
             return None
         if notify:
@@ -495,6 +541,9 @@ class _Compiler:
                 ck.error(ln("notify"), problem)
         match = self.block(ck, doc["match"], ln("match"), applies_to, "match") if "match" in doc else None
         unless = self.block(ck, doc["unless"], ln("unless"), applies_to, "unless") if "unless" in doc else []
+        if action == DISCLAIM and applies_to != "message":
+            ck.error(ln("action"), "action 'disclaim' only works on message rules (a notice when two parties "
+                                   "first talk)")
         if action == MASK:
             if applies_to == "file":
                 ck.error(ln("action"), "action 'mask' only works on message rules (it rewrites text); "
@@ -506,7 +555,7 @@ class _Compiler:
             return None
         return Rule(id=rid, title=title, severity=severity, mode=mode, action=action, applies_to=applies_to,
                     match=match, unless=unless, notify=notify, description=description, tags=tags,
-                    file=ck.filename, line=line)
+                    file=ck.filename, line=line, review=review)
 
 
 # --- groups and zones --------------------------------------------------------------------------------
@@ -576,6 +625,28 @@ def _load_groups(ck: _Checker, doc: Any) -> tuple[dict[str, list[PartyPattern]],
     return groups, Zones(tuple(d.lstrip("*.").lstrip(".") for d in domains or ()), tuple(networks))
 
 
+def _wall(ck: _Checker, item: dict, line: int, groups: dict[str, list[PartyPattern]], seen: dict[str, str],
+          where: str) -> Wall | None:
+    """A list item `- wall: {between: [a, b], ...}`: the wall, its id unique among the rules' ids."""
+    ln = item.line_of if isinstance(item, Map) else (lambda k: line)
+    for k in item:
+        if k != "wall":
+            ck.error(ln(k), f"unknown key {k!r} beside 'wall'; a wall's settings go inside it")
+            return None
+    doc = item["wall"]
+    wall = compile_wall(doc, ln("wall"), groups, ck.filename, ck.error)
+    if wall is None:
+        return None
+    if not _ID.match(wall.id):
+        ck.error(ln("wall"), f"wall: id: expected a name of letters, digits and - _ . : (max 128), got {wall.id!r}")
+        return None
+    if wall.id in seen:
+        ck.error(ln("wall"), f"duplicate rule id {wall.id!r} (first defined at {seen[wall.id]})")
+        return None
+    seen[wall.id] = where
+    return wall
+
+
 # --- the policy --------------------------------------------------------------------------------------
 
 def rule_files(rules_dir: Path) -> list[Path]:
@@ -603,7 +674,7 @@ def _parse(text: str, ck: _Checker) -> tuple[bool, Any]:
 
 
 def load_policy(rules_dirs: Path | str | Iterable[Path | str], known_yara_rules: set[str] | None = None,
-                limits: PolicyLimits | None = None) -> Policy:
+                limits: PolicyLimits | None = None, hash_list_dirs: str | Iterable[Path] = "") -> Policy:
     """Load and check every rule file in `rules_dirs` (one folder, or several: their files are evaluated folder by
     folder, each folder's in name order; at most one may hold groups.yaml). Raises PolicyError listing every
     problem as 'file:line: message' (the file's name for one folder, its path for several); on error nothing is
@@ -611,7 +682,9 @@ def load_policy(rules_dirs: Path | str | Iterable[Path | str], known_yara_rules:
 
     `known_yara_rules` (Signatures.rule_names: "rule" and "namespace.rule") makes references to YARA rules
     and namespaces that do not exist an error; without it they are not checked. Its `sources` attribute
-    ("namespace.rule" -> "file:line", as Signatures.rule_names carries it) is what `yara_file` conditions use."""
+    ("namespace.rule" -> "file:line", as Signatures.rule_names carries it) is what `yara_file` conditions use.
+    Hash lists (policy/hashlists.py) are read from each folder's hashlists/ and from `hash_list_dirs` (the
+    hash_lists setting); their errors are the policy's, and their content is part of its version."""
     folders = [Path(rules_dirs)] if isinstance(rules_dirs, (str, Path)) else [Path(d) for d in rules_dirs]
     errors: list[str] = [f"{d}:1: not a folder of rule files" for d in folders if not d.is_dir()]
     if not folders:
@@ -639,9 +712,14 @@ def load_policy(rules_dirs: Path | str | Iterable[Path | str], known_yara_rules:
             if ok:
                 groups, zones = _load_groups(ck, doc)
     limits = limits or PolicyLimits()
+    hash_lists, list_errors = load_hash_lists(folders_of(folders, hash_list_dirs), bundled_folder())
+    errors.extend(list_errors)
+    if hash_lists.version:
+        digest.update(f"hashlists\0{hash_lists.version}\0".encode())
     compiler = _Compiler(groups, set(known_yara_rules) if known_yara_rules is not None else None,
-                         limits.max_regex_memory, getattr(known_yara_rules, "sources", None))
+                         limits.max_regex_memory, getattr(known_yara_rules, "sources", None), hash_lists)
     rules: list[Rule] = []
+    walls: list[Wall] = []
     seen: dict[str, str] = {}
     files = [path for folder in folders for path in rule_files(folder)]
     for path in files:
@@ -671,6 +749,12 @@ def load_policy(rules_dirs: Path | str | Iterable[Path | str], known_yara_rules:
             line = doc.line_of(i) if isinstance(doc, Seq) else 1
             if isinstance(item, Map):
                 line = item.line
+            if isinstance(item, dict) and "wall" in item:       # an ethical wall (imguard/policy/walls.py)
+                wall = _wall(ck, item, line, groups, seen, f"{label(path)}:{line}")
+                if wall is not None:
+                    walls.append(wall)
+                    rules.extend(wall.rules)
+                continue
             rid = item.get("id") if isinstance(item, dict) else None
             if isinstance(rid, str):
                 if rid in seen:
@@ -692,5 +776,6 @@ def load_policy(rules_dirs: Path | str | Iterable[Path | str], known_yara_rules:
         patterns.compile()
     except M.PatternError as exc:
         raise PolicyError([f"{rules[0].source if rules else '?:1'}: {exc} (max_regex_memory)"]) from None
-    return Policy(rules, zones, groups, digest.hexdigest()[:12], [label(p) for p in files], limits, patterns)
+    return Policy(rules, zones, groups, digest.hexdigest()[:12], [label(p) for p in files], limits, patterns,
+                  walls=walls)
 

@@ -18,7 +18,7 @@ COMMON_PLACEHOLDERS = {
     "rule.id": "the rule id",
     "rule.title": "the rule title",
     "severity": "the rule severity",
-    "action": "what happened, as a verb: blocked, quarantined, redacted, flagged, allowed",
+    "action": "what happened, as a verb: blocked, quarantined, held, redacted, flagged, allowed",
     "sender": "the sender's identity",
     "recipients": "the recipients, comma separated",
     "protocol": "the protocol (xmpp, irc, ...)",
@@ -30,8 +30,8 @@ FILE_PLACEHOLDERS = {
     "file.mime": "the file's true type",
     "file.sha256": "the file's SHA-256",
 }
-ACTION_WORDS = {"allow": "allowed", "alert": "flagged", "mask": "redacted", "quarantine": "quarantined",
-                "block": "blocked"}
+ACTION_WORDS = {"allow": "allowed", "disclaim": "disclaimed", "alert": "flagged", "mask": "redacted", "warn": "held",
+                "quarantine": "quarantined", "block": "blocked"}
 
 _FIELD = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
 _EMPTY = "\x00"         # marks an empty field while rendering (clean() strips NUL from every value)

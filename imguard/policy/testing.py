@@ -12,7 +12,9 @@ context and the decision expected, run against a loaded policy.
       expect: {action: block, rule: malware}
 
 A file is given as `content` (text, UTF-8), `content_base64`, or `path` (relative to the case file).
-File cases run the real Inspector; without one they are reported as errors, never as passes.
+File cases run the real Inspector; without one they are reported as errors, never as passes. `engines` gives
+what the external engines answer for the file, as they are not reached from a rule test:
+`engines: {clamav: [Win.Test.EICAR_HDB-1], icap: [...]}` adds those `engine` findings to the report.
 
 `expect` keys: action (required); rule (an id, or a list of ids, each of which must be among the
 enforced or shadow matches); rules (the exact set of enforced rules that matched; [] = none);
@@ -28,10 +30,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from imguard.model import ACTIONS, ChatContext, Decision
+from imguard.model import ACTIONS, ENGINE_MATCH, ChatContext, Decision, Finding
 from imguard.policy.yamlsrc import Map, Seq, YamlError, load_yaml, type_name
 
-CASE_KEYS = ("name", "message", "file", "context", "expect", "description")
+CASE_KEYS = ("name", "message", "file", "context", "expect", "description", "engines")
 CONTEXT_KEYS = ("protocol", "direction", "origin", "encryption", "sender", "recipients", "conversation",
                 "client_address", "server_address", "transfer_mechanism", "name", "claimed_mime")
 FILE_KEYS = ("name", "claimed_mime", "content", "content_base64", "path")
@@ -118,6 +120,22 @@ def _file_bytes(doc: Any, case_file: Path) -> bytes:
         raise _CaseError(f"file.path: cannot read {value}: {exc.strerror or exc}") from None
 
 
+def _engine_answers(doc: Any) -> list[Finding]:
+    """`engines: {clamav: [name, ...], icap: name}` as the ENGINE_MATCH findings those engines would give."""
+    if doc is None:
+        return []
+    if not isinstance(doc, dict):
+        raise _CaseError(f"engines: expected a mapping of engine name to detection names, got {type_name(doc)}")
+    findings = []
+    for engine, names in doc.items():
+        for name in names if isinstance(names, list) else [names]:
+            if not isinstance(name, str) or not name:
+                raise _CaseError(f"engines.{engine}: expected detection names, got {type_name(name)}")
+            findings.append(Finding(ENGINE_MATCH, f"{engine} detection {name} (rule test)", "",
+                                    {"engine": str(engine), "signature": name}))
+    return findings
+
+
 def _compare(expect: dict, decision: Decision) -> list[str]:
     """Differences as '- expected' / '+ got' lines."""
     diffs = []
@@ -179,6 +197,7 @@ def run_case(case: Any, case_file: Path, line: int, policy: Any, inspector: Any 
             if inspector is None:
                 raise _CaseError("file case needs an Inspector (none given), so it was not run")
             report = inspector.inspect(data, ctx, name=fname, claimed_mime=claimed)
+            report.findings.extend(_engine_answers(case.get("engines")))
             decision = policy.decide_file(report, ctx)
         result.decision = decision
         diffs = _compare(expect, decision)

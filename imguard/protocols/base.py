@@ -15,10 +15,19 @@ releases or drops what it held. The session never blocks and never touches a soc
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterator, NamedTuple
+from typing import Any, Iterator, NamedTuple, Protocol, runtime_checkable
 
 from imguard import alerts
 from imguard.model import ChatContext, Decision, FileReport
+
+
+@runtime_checkable
+class MembershipChecker(Protocol):
+    """A session's checker that also decides one person letting another into a conversation (an invitation:
+    policy's ethical walls, Pipeline.check_membership, which records the decision). A checker without it (a test
+    stand-in) leaves invitations undecided."""
+
+    def check_membership(self, kind: str, ctx: ChatContext, room: str = "") -> Decision: ...
 
 
 # --- commands: session -> carrier -------------------------------------------------------------------
@@ -46,6 +55,9 @@ class InspectFile:
     name: str = ""
     claimed_mime: str = ""
     truncated: bool = False     # the transfer ended before its announced size
+    # Told if the scan takes a while ("being scanned"): Notify commands for another connection (the tracker's
+    # HeldTransfer.scanning_notices); the gateway delivers them after scan_notice_after_seconds, else never.
+    slow_notices: tuple["Notify", ...] = field(default=(), compare=False)
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
+from imguard.files.expected import Listener
+from imguard.conversation import ConversationSettings
 from imguard.model import ChatContext
 from imguard.protocols.base import StreamSession
 from imguard.protocols.irc import IrcLimits, IrcSession, dcc_session, find_offer
@@ -54,6 +56,8 @@ class SessionRequest:
     streamhost: tuple[str, int] | None = None   # gateway's socks5 relay: the real streamhost
     downgrade_fail_open: bool = False   # fail mode PROTO:downgrade=open: a client's plaintext login the server
                                         # offered STARTTLS for is still forwarded (closed: refused, credentials kept)
+    listener: Listener = Listener.NONE  # the kind of listener the connection arrived on (XMPP: may its client's
+                                        # upload go around the gateway?)
 
     def limit(self, cls: type) -> Any:
         """The limits of class `cls` the carrier was configured with, else the defaults."""
@@ -83,14 +87,16 @@ class Protocol:
 def _xmpp(r: SessionRequest) -> StreamSession:
     return XmppSession(checker=r.checker, transfers=r.transfers, context=r.context, limits=r.limit(XmppLimits),
                        tls_on_connect=r.tls_on_connect, bytestream_relay=r.bytestream_relay, clock=r.clock,
-                       stripped_auth_open=r.downgrade_fail_open)
+                       stripped_auth_open=r.downgrade_fail_open, listener=r.listener,
+                       conversation=r.limit(ConversationSettings))
 
 
 def _irc(r: SessionRequest) -> StreamSession:
     # With dcc_relay, offers are rewritten to the gateway's relay ports; without, DCC connections are caught by
     # their destination (find_side) where the carrier sees it.
     return IrcSession(checker=r.checker, transfers=r.transfers, context=r.context, limits=r.limit(IrcLimits),
-                      tls_on_connect=r.tls_on_connect, dcc_relay=r.dcc_relay)
+                      tls_on_connect=r.tls_on_connect, dcc_relay=r.dcc_relay,
+                      conversation=r.limit(ConversationSettings))
 
 
 def _dcc(r: SessionRequest) -> StreamSession:

@@ -6,9 +6,12 @@
     gw.stop()
 
 Modes (see `imguard run --help`): reverse TCP in front of Prosody's STARTTLS c2s port and its
-direct-TLS port, reverse HTTP in front of the XEP-0363 upload host, and a SOCKS5 listener that
-relays XEP-0065 bytestreams to Prosody's proxy65. The gateway verifies Prosody's certificate with
-the test CA (an upstream CA setting), and the clients verify the gateway with imguard's own CA.
+direct-TLS port, an explicit HTTP proxy listener (the clients' HTTP), a SOCKS5 listener that
+relays XEP-0065 bytestreams to Prosody's proxy65, and (`upload_relay`) a reverse HTTP listener in
+front of Prosody's XEP-0363 upload service with `--xmpp-upload-relay` naming it: the chat arrives
+on a reverse listener, so imguard rewrites the slots' PUT URLs to that relay (else it refuses them).
+The gateway verifies Prosody's certificate with the test CA (an upstream CA setting), and the
+clients verify the gateway with imguard's own CA.
 """
 
 from __future__ import annotations
@@ -133,18 +136,26 @@ class Gateway(ImguardRun):
     tls_port: int
     http_port: int
     socks5_port: int
+    upload_relay_port: int = 0          # the reverse listener in front of Prosody's upload service (0: none)
     command: list[str] = field(default_factory=list)
     process: subprocess.Popen | None = None
     stopped: bool = False
 
     @classmethod
     def start(cls, directory: Path, prosody: Prosody, extra: list[str] | None = None,
-              timeout: float = 30.0, test_rules: bool = True) -> "Gateway":
-        """Start `imguard run` with the bundled rules (plus tests/data/rules when `test_rules`)."""
+              timeout: float = 30.0, test_rules: bool = True, upload_relay: bool = True) -> "Gateway":
+        """Start `imguard run` with the bundled rules (plus tests/data/rules when `test_rules`); with
+        `upload_relay` (and a server with an upload service), an upload relay in front of it."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        c2s, tls, http, socks5 = free_ports(4)
-        gw = cls(directory, prosody, c2s, tls, http, socks5)
+        c2s, tls, http, socks5, relay = free_ports(5)
+        upload_http = getattr(prosody, "http_port", None) if upload_relay else None
+        gw = cls(directory, prosody, c2s, tls, http, socks5, relay if upload_http else 0)
+        # The clients here fetch links through the proxy listener: links stay as sent (tests/test_upload_relay.py
+        # turns their rewriting on, for clients without a proxy).
+        relay_args = ["--mode", f"reverse:http://127.0.0.1:{upload_http}@{relay}",
+                      "--xmpp-upload-relay", f"http://127.0.0.1:{relay}=http://127.0.0.1:{upload_http}",
+                      "--xmpp-upload-relay-links", "never"] if upload_http else []
         gw.data_dir.mkdir(parents=True, exist_ok=True)
         gw.command = [str(PYTHON), "-m", "imguard", "run",
                       "--listen-host", "127.0.0.1",
@@ -159,15 +170,16 @@ class Gateway(ImguardRun):
                       "--data-dir", str(gw.data_dir),
                       "--rules", str(gw.rules_dir(test_rules)),
                       "--signatures", str(BUNDLED_SIGNATURES),
-                      *(extra or [])]
+                      *relay_args, *(extra or [])]
         out = open(directory / "imguard.log", "wb")
         gw.process = subprocess.Popen(gw.command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                       start_new_session=True, cwd=directory,
                                       env={**os.environ, "PYTHONUNBUFFERED": "1"})
         out.close()
         try:
-            for port in (c2s, tls, http, socks5):
-                wait_for_port(port, timeout, gw.process, what="imguard run")
+            for port in (c2s, tls, http, socks5, gw.upload_relay_port):
+                if port:
+                    wait_for_port(port, timeout, gw.process, what="imguard run")
             gw._export_ca()
         except BaseException as e:
             gw.stop()
@@ -181,6 +193,8 @@ class Gateway(ImguardRun):
         for source in (BUNDLED_RULES, TEST_RULES) if test_rules else (BUNDLED_RULES,):
             for path in sorted(source.glob("*.yaml")) if source.is_dir() else ():
                 shutil.copy(path, target / path.name)
+            if (source / "hashlists").is_dir():         # the hash lists the rules name (rules/hashlists/*.txt)
+                shutil.copytree(source / "hashlists", target / "hashlists", dirs_exist_ok=True)
         return target
 
     def _export_ca(self) -> None:

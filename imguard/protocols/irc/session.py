@@ -66,6 +66,12 @@ Events: anomalies (Anomaly facts) and protocol events (ProtocolEvent facts): "ir
 host, realname, account, caps, tls), "irc_nick_change" (old, new, identity), "irc_logged_in", "dcc_offer",
 "dcc_refused".
 Message decisions are written by the checker (Pipeline.check_message), not here.
+
+WARN (imguard/conversation.py): our user's PRIVMSG is held and a NOTICE says why and how to answer; its
+`PRIVMSG <same target> :!justify <reason>` (or `!falsepositive`) is not forwarded: it releases the held line byte-exact
+or not, with a NOTICE saying so. A delivered PRIVMSG under WARN is refused like a block, unless it is the copy of one
+this gateway released. A due disclaimer goes before the message: a NOTICE from `imguard` to our user and
+`NOTICE <peer>` (from our user) to the other party.
 """
 
 from __future__ import annotations
@@ -77,9 +83,12 @@ import re
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator
 
+from imguard.conversation import (RELEASED, Answer, ConversationSettings, PendingWarnings, WarnOutcome, WarnState,
+                                  parse_answer, warn_instructions)
 from imguard.model import FROM_CLIENT, FROM_SERVER, MASK, ChatContext, Decision, FileReport
-from imguard.protocols.base import (Anomaly, Close, Command, OutgoingCommands, ProtocolEvent, Send, StartTls,
-                                    StreamSession, block_words, limited_anomaly)
+from imguard.model import WARN
+from imguard.protocols.base import (Anomaly, Close, Command, MembershipChecker, OutgoingCommands, ProtocolEvent, Send,
+                                    StartTls, StreamSession, block_words, limited_anomaly)
 from imguard.protocols.irc.dcc import CHAT, DCC_KIND, SEND, DccOffer, new_offer_id, remember_offer
 from imguard.protocols.irc.decoder import (BadLine, Ctcp, DccError, DccResume, DccSend, IrcLimits,
                                            LineDecoder, LineTooLong, Message, encode_text, format_ctcp,
@@ -143,8 +152,11 @@ class IrcSession(StreamSession):
     """One IRC client connection (StreamSession). See the module docstring."""
 
     def __init__(self, checker, transfers, context: ChatContext, limits: IrcLimits = IrcLimits(),
-                 tls_on_connect: bool = False, dcc_relay: DccRelay | tuple | None = None):
+                 tls_on_connect: bool = False, dcc_relay: DccRelay | tuple | None = None,
+                 conversation: ConversationSettings | None = None):
         self.checker = checker
+        # messages a `warn` rule holds until their sender answers (imguard/conversation.py)
+        self.warnings = PendingWarnings(conversation or ConversationSettings())
         self.transfers = transfers
         self.context = context.with_(protocol="irc")
         self._ctx_cache: dict[tuple, ChatContext] = {}
@@ -225,6 +237,8 @@ class IrcSession(StreamSession):
             yield [self._anomaly("starttls_injection", "plaintext after STARTTLS was agreed; dropped",
                                  from_client=from_client, size=len(data))]
             return
+        if self.warnings and (expired := self.warnings.expire()):
+            yield list(self.warnings.dropped(expired))          # held past the window: dropped, recorded
         events = self._decoders[from_client].feed(data)
         for i, ev in enumerate(events):
             out = OutgoingCommands()
@@ -261,12 +275,14 @@ class IrcSession(StreamSession):
         return []       # DCC files are held by DccSendSession on their own connection
 
     def connection_closed(self, from_client: bool) -> list[Command]:
+        # held messages can no longer be answered (client gone) or delivered (server gone): dropped, recorded
+        out: list[Command] = list(self.warnings.dropped(self.warnings.abandon()))
         pending = self._decoders[from_client].pending
         if pending and not self.closed:
             record = self._anomaly("incomplete_line", "the connection closed in the middle of a line; "
                                    "the partial line was not forwarded", from_client=from_client, size=len(pending))
-            return [record] if record else []
-        return []
+            out += [record] if record else []
+        return out
 
     # --- for the carrier ----------------------------------------------------------------------------
 
@@ -343,7 +359,30 @@ class IrcSession(StreamSession):
         if cmd in TEXT_COMMANDS:
             self._client_text(out, msg)
             return
+        if cmd == "INVITE" and len(msg.params) >= 2 and self._invite_refused(out, msg, True):
+            return
         out.send(False, msg.raw)
+
+    def _invite_refused(self, out: OutgoingCommands, msg: Message, from_client: bool) -> bool:
+        """INVITE <nick> <channel>: the inviter and the invitee decided by policy's ethical walls
+        (checker.check_membership, which records it). Refused: the line is dropped and our user told."""
+        if not isinstance(self.checker, MembershipChecker):
+            return False
+        invitee, channel = msg.params[0], msg.params[1]
+        if from_client:
+            ctx = self._ctx(recipients=(invitee,), conversation=channel, origin=FROM_CLIENT)
+        elif msg.prefix and msg.nick.lower() != self.nick.lower():
+            ctx = self._inbound_ctx(msg.prefix, self.sender, channel)
+        else:
+            return False
+        decision = self.checker.check_membership("invite", ctx, channel)
+        if not decision.blocked:
+            return False
+        why = "; ".join(m.title or m.rule_id for m in decision.matches) or "policy"
+        text = (f"Your invitation of {invitee} to {channel} was blocked by imguard: {why}" if from_client else
+                f"An invitation from {msg.nick} to {channel} was blocked by imguard: {why}")
+        out.add(Send(True, self._notice_line(text)))
+        return True
 
     def _client_tags(self, out: OutgoingCommands, msg: Message) -> Message | None:
         """Client-only tag values go to other people: checked as text. Blocked: the line is dropped; masked:
@@ -425,8 +464,19 @@ class IrcSession(StreamSession):
         if cmd in MESSAGE_COMMANDS and _is_otr(plain):
             ctx = ctx.with_(encryption="otr")
         decision: Decision | None = None
+        answer = parse_answer(plain, self.warnings.settings) if cmd == "PRIVMSG" and not ctcps else None
+        if answer is not None:                  # the sender answers a warning: to imguard, it never crosses
+            self._warn_answer(out, targets[0] if targets else "", answer)
+            return
         if check_text.strip():
             decision = self.checker.check_message(check_text, ctx)
+            if decision.action == WARN and cmd == "PRIVMSG" and not ctcps and ctx.encryption == "":
+                # held until the sender answers in the chat (imguard/conversation.py)
+                out.add(*self.warnings.dropped(self.warnings.hold(self.sender, targets[0] if targets else "", ctx,
+                                                                  check_text, decision, msg.raw)))
+                out.add(Send(True, self._notice_line((decision.notice or self._default_notice(
+                    decision, "message", recipients)) + warn_instructions(self.warnings.settings))))
+                return
             if decision.blocked:
                 if droppable:
                     what = "message" if cmd in MESSAGE_COMMANDS else cmd.lower()
@@ -437,10 +487,31 @@ class IrcSession(StreamSession):
                     out.add(Send(True, self._notice_line(decision.notice or self._default_notice(
                         decision, f"{cmd.lower()} text", recipients))))
                 return
+            if decision.disclaimers:        # first contact (or the period passed): both parties told, before it
+                self._disclaimers(out, decision, targets[0] if targets else "")
         if not self._forward_text(out, True, msg, plain, ctcps, decision, peer=targets[0] if targets else ""):
             return
         if decision is not None and decision.notice and not decision.blocked and decision.action == MASK:
             out.add(Send(True, self._notice_line(decision.notice)))
+
+    def _warn_answer(self, out: OutgoingCommands, target: str, answer: Answer) -> None:
+        """Our user answers a warning (!justify, !falsepositive): recorded, the held line released as the client sent
+        it or not, our user told by a NOTICE; the answer itself never crosses."""
+        settled = self.warnings.settle(self.sender, target, answer)
+        if settled.fact is not None:
+            out.add(settled.fact)
+        if settled.deliver is not None:
+            out.send(False, settled.deliver.payload)
+        out.add(Send(True, self._notice_line(settled.notice)))
+
+    def _disclaimers(self, out: OutgoingCommands, decision: Decision, peer: str) -> None:
+        """The disclaimer the pipeline found due for this conversation, to both parties: a NOTICE from the gateway to
+        our user, and a NOTICE to the other party (from our user: IRC's word for an automatic message)."""
+        for m in decision.disclaimers:
+            out.add(Send(True, self._notice_line(m.notice)))
+            if peer and not self._is_channel(peer):
+                line = encode_text(f"NOTICE {peer} :" + (_CONTROL.sub(" ", m.notice).strip() or "imguard"))
+                out.send(False, line[:self.limits.max_body_length - 2] + b"\r\n")
 
     def _default_notice(self, decision: Decision, what: str, recipients: tuple[str, ...]) -> str:
         words = {"block": "blocked", "quarantine": "quarantined"}
@@ -506,6 +577,8 @@ class IrcSession(StreamSession):
             out.add(self._anomaly("unexpected_starttls_reply", "670 without a pending STARTTLS", from_client=False))
         elif cmd == "691":
             self.starttls_requested = False
+        elif cmd == "INVITE" and len(msg.params) >= 2 and self._invite_refused(out, msg, False):
+            return
         elif cmd in ("PRIVMSG", "NOTICE") and len(msg.params) >= 2 and msg.nick.lower() != self.nick.lower():
             self._server_text(out, msg)     # (our own line echoed by echo-message was decided on its way out)
             return
@@ -536,13 +609,19 @@ class IrcSession(StreamSession):
                 if _is_otr(plain):
                     ctx = ctx.with_(encryption="otr")
                 decision = self.checker.check_message(check_text, ctx)
-                if decision.blocked:
+                if decision.action == WARN and RELEASED.take(prefix, check_text):
+                    # the copy of a message its sender justified on another connection of this gateway
+                    out.add(WarnOutcome(check_text, ctx, decision, state=WarnState.DELIVERED, delivered=True))
+                    decision = None
+                if decision is not None and decision.blocked:
                     what = "message" if msg.command == "PRIVMSG" else "notice"
                     to = f" to {target}" if channel else ""
                     action, why = block_words(decision)
                     out.add(Send(True, self._notice_line(
                         f"A {what} from {msg.nick}{to} was {action} by imguard: {why}")))
                     return
+                if decision is not None and decision.disclaimers:
+                    self._disclaimers(out, decision, msg.nick)
         self._forward_text(out, False, msg, plain, ctcps, decision, peer=prefix or msg.nick)
 
     def _forward_text(self, out: OutgoingCommands, from_client: bool, msg: Message, plain: str, ctcps: list[Ctcp],

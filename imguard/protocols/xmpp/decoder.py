@@ -74,11 +74,23 @@ class XmppLimits:
                                  "XEP-0363 upload slot on UPSTREAM (the upload service) is rewritten to PUBLIC, a "
                                  "reverse listener of this gateway in front of it (--mode reverse:UPSTREAM@PORT), so "
                                  "a client that reaches the gateway directly (reverse deployments) or sends its HTTP "
-                                 "around the proxy still uploads through it and the file is scanned. Once a relay is "
-                                 "set, a slot on an origin no relay covers is refused with a notice")
-    upload_refuse_unrelayed: bool = setting(False, "Refuse, with a notice to the client, every XEP-0363 upload slot "
-                                            "whose PUT URL no --xmpp-upload-relay covers, even with none set: for "
-                                            "deployments where the clients' HTTP does not cross the gateway")
+                                 "around the proxy still uploads through it and the file is scanned; a link on "
+                                 "UPSTREAM delivered to such a client is rewritten to PUBLIC too "
+                                 "(--xmpp-upload-relay-links), so its download is scanned")
+    upload_refuse_unrelayed: str = setting("auto", "When an XEP-0363 upload slot whose PUT URL no "
+                                           "--xmpp-upload-relay covers is refused, with a notice to the client, so "
+                                           "no upload goes around the scan: 'auto' on a connection that came "
+                                           "through a reverse listener (its client's HTTP goes straight to the "
+                                           "upload service; transparent and explicit-proxy connections keep their "
+                                           "slots, their HTTP crosses the gateway), 'always', or 'never' (a "
+                                           "reverse deployment whose clients send their HTTP through this "
+                                           "gateway's proxy listener)")
+    upload_relay_links: str = setting("auto", "When links on an upload service an --xmpp-upload-relay covers, in "
+                                      "a message delivered to the client, are rewritten to the relay (and their "
+                                      "download held and scanned there): 'auto' on a connection that came "
+                                      "through a reverse listener (its client fetches straight from the upload "
+                                      "service, unseen), 'always', or 'never' (the clients' HTTP crosses this "
+                                      "gateway anyway; the link stays as its sender wrote it)")
 
 
 # --- events -----------------------------------------------------------------------------------------

@@ -32,7 +32,8 @@ for the contract). In short:
   something else (XEP-0071). ALLOW/ALERT: relayed; MASK: relayed with every `<body>` replaced by
   `decision.masked_text` and the XHTML-IM copy removed; BLOCK/QUARANTINE: dropped
   and the sender gets the standard RFC 6120 §8.3.3.12 answer, a `<message type='error'>` with the
-  same id, "from" the recipient, carrying `<policy-violation/>` and the notice as `<text/>`. (That is
+  same id, "from" the recipient, carrying `<policy-violation/>` and the notice as `<text/>`, and the original
+  `<body>` and `<thread>` beside it (libpurple shows a message error only with its body). (That is
   what real clients show next to the failed message; we send no extra chat message.)
 * Server `<message>` with text (a message delivered to the client) -> decided the same way, with the
   context from its sender (the stanza's "from", bare; in a groupchat the occupant room/nick, and the room
@@ -44,6 +45,12 @@ for the contract). In short:
   groupchat message (same room, id and text) was decided on the way out and is forwarded as it is.
   Presences stay shallow (framed and bounded, no element tree) and are never checked; iqs are parsed for
   what they carry (bind, upload slots, files) but never go to policy.
+* WARN (imguard/conversation.py): the client's message is held and the client gets the policy-violation error with
+  the notice and how to answer; its `!justify <reason>` / `!falsepositive` (a message to the same peer or room) is
+  not forwarded: it releases the held stanza byte-exact or not, and the client gets a chat message from the server's
+  domain saying so. A delivered message under WARN is refused like a block, unless it is the copy of one this gateway
+  released (RELEASED). A due disclaimer (Decision.disclaimers) goes before the message to both parties: a chat
+  message from the server's domain to the client, one through the client's stream to the other party's address.
 * End-to-end encrypted messages (OMEMO, OpenPGP, legacy PGP, OTR) cannot be read: the session
   records an `e2e_encrypted` anomaly with the scheme and asks the checker with the text "" and the scheme in
   `ctx.encryption` (omemo, openpgp, otr), so policy decides on who/where and on the `encrypted` condition;
@@ -112,12 +119,16 @@ import time
 from typing import Any, Callable, Iterator, Protocol
 from xml.etree import ElementTree as ET
 
-from imguard.files.expected import (ExpectedBytestream, ExpectedDownload, ExpectedTransfers, ExpectedUpload,
-                                    StreamHost, TransferSettings, upload_relay_url, url_origin)
+from imguard.files.expected import (ExpectedBytestream, ExpectedDownload, ExpectedTransfers, ExpectedUpload, Listener,
+                                    StreamHost, TransferSettings, http_goes_around, parse_upload_relays, relayed_url,
+                                    refuses_unrelayed, upload_relay_url, url_origin)
+from imguard.conversation import (RELEASED, Answer, ConversationSettings, PendingWarnings, WarnOutcome, WarnState,
+                                  parse_answer, warn_instructions)
 from imguard.files.tracker import HoldLedger
 from imguard.model import BLOCK, FROM_CLIENT, FROM_SERVER, MASK, ChatContext, Decision, FileReport
-from imguard.protocols.base import (Anomaly, Close, Command, Link, MessageDecision, Send, StartTls,
-                                    StreamSession, block_words)
+from imguard.model import WARN
+from imguard.protocols.base import (Anomaly, Close, Command, Link, MembershipChecker, MessageDecision, Send,
+                                    StartTls, StreamSession, block_words)
 from imguard.protocols.xmpp import decoder as d
 from imguard.protocols.xmpp.decoder import XmlStreamDecoder, XmppLimits
 from imguard.protocols.xmpp.ibb import NS_IBB, InBandBytestreams
@@ -190,6 +201,8 @@ _SHARING_TAGS = frozenset({_OOB_X, "{%s}file-sharing" % NS_SFS})    # a file sha
 _E2E_TAGS = {"{%s}%s" % key: scheme for key, scheme in E2E_ELEMENTS.items()}
 _POLICY_SCHEME = {"omemo:2": "omemo", "pgp-legacy": "openpgp"}     # -> ChatContext.encryption (model.py's names)
 _CLIENT_BODY = "{%s}body" % NS_CLIENT
+# a refused message's children that its error bounce carries back (libpurple shows no error without the body)
+_ECHOED_TAGS = frozenset({_CLIENT_BODY, "{%s}thread" % NS_CLIENT})
 _FORWARDED_MESSAGE = "{urn:xmpp:forward:0}forwarded/{%s}message" % NS_CLIENT    # XEP-0297
 # the wrappers of a message the server forwards to its own user: XEP-0280 carbons, XEP-0313 archive results
 _COPY_WRAPPERS = frozenset({"{urn:xmpp:carbons:2}received", "{urn:xmpp:carbons:2}sent",
@@ -201,6 +214,42 @@ _URL = re.compile(r"(?:https?|aesgcm)://[^\s<>\"']+", re.IGNORECASE)
 _SWALLOW = "swallow"     # stanza id -> True: the server's answer to it is dropped (we answered already)
 _SWALLOW_CLIENT = "swallow_client"      # the same for the client's answers
 _SLOT = "slot"           # iq id -> (name, size, content_type) of an upload slot request
+
+
+def _link_relays(limits: XmppLimits, listener: Listener) -> dict[str, str]:
+    """The upload relays (upstream origin -> relay origin) whose links are rewritten for a client that arrived on
+    `listener`: none unless its HTTP goes around the gateway (XmppLimits.upload_relay_links)."""
+    if not limits.upload_relay or not http_goes_around(limits.upload_relay_links, listener):
+        return {}
+    try:
+        return parse_upload_relays(limits.upload_relay)
+    except ValueError:              # refused when the gateway starts; a session never fails on it
+        return {}
+
+
+_MUC_USER_X = "{http://jabber.org/protocol/muc#user}x"     # XEP-0045 §7.8.2 mediated invitation
+_MUC_INVITE = "{http://jabber.org/protocol/muc#user}invite"
+_CONFERENCE_X = "{jabber:x:conference}x"                      # XEP-0249 direct invitation
+
+
+def _invitations(el: ET.Element, from_client: bool) -> list[tuple[str, str, str]]:
+    """(inviter, invitee, room) of each room invitation a message carries, "" where the stanza's own from/to
+    stands for it: from the client, the mediated invitation's invitees (`<invite to=..>` in a message to the room)
+    or the direct invitation's addressee; from the server, the mediated invitation's inviter (`<invite from=..>`
+    in a message from the room) or the direct invitation's sender."""
+    found = []
+    x = el.find(_MUC_USER_X)    # two finds: every message pays for them (~1 us)
+    if x is not None:
+        room = bare(el.get("to" if from_client else "from", ""))
+        for invite in x.iter(_MUC_INVITE):
+            who = invite.get("to" if from_client else "from", "")
+            if who:
+                found.append(("", who, room) if from_client else (who, "", room))
+    x = el.find(_CONFERENCE_X)
+    if x is not None:
+        found.append(("", el.get("to", ""), x.get("jid", "")) if from_client else
+                     (el.get("from", ""), "", x.get("jid", "")))
+    return found
 
 
 def _look_at(el: ET.Element) -> tuple[ET.Element | None, list[ET.Element], str]:
@@ -262,8 +311,13 @@ class XmppSession(StreamSession):
                  limits: XmppLimits = XmppLimits(), tls_on_connect: bool = False,
                  bytestream_relay: tuple[str, int] | None = None,
                  clock: Callable[[], float] = time.monotonic, hold_ledger: HoldLedger | None = None,
-                 stripped_auth_open: bool = False):
+                 stripped_auth_open: bool = False, listener: Listener = Listener.NONE,
+                 conversation: ConversationSettings | None = None):
         self.checker = checker
+        # messages a `warn` rule holds until their sender answers (imguard/conversation.py)
+        self.warnings = PendingWarnings(conversation or ConversationSettings(), clock)
+        self.listener = listener         # how the connection reached the gateway: may its client's HTTP go around?
+        self._link_relays = _link_relays(limits, listener)     # upstream origin -> relay origin, for delivered links
         self.stripped_auth_open = stripped_auth_open    # fail mode downgrade=open: a stripped <auth> still goes
         self.transfers = transfers
         self.context = context if context.protocol else context.with_(protocol="xmpp")
@@ -353,6 +407,8 @@ class XmppSession(StreamSession):
         decided, so a carrier can forward the first stanzas of a read while it checks the rest."""
         if self.closed:
             return
+        if self.warnings and (expired := self.warnings.expire()):
+            yield list(self.warnings.dropped(expired))          # held past the window: dropped, recorded
         handle = self._client_event if from_client else self._server_event
         decoder = self._decoders[from_client]
         pieces = decoder.feed_pieces(data, PARSE_PIECE)
@@ -415,7 +471,7 @@ class XmppSession(StreamSession):
         """The connection ends (closed by a side, or by the session): the files held are given up now, so their
         bytes leave the gateway's ledger with it."""
         self.closed = True
-        return self.ibb.connection_closed()
+        return [*self.warnings.dropped(self.warnings.abandon()), *self.ibb.connection_closed()]
 
     # --- client -> server ----------------------------------------------------------------------
 
@@ -485,7 +541,34 @@ class XmppSession(StreamSession):
         to = el.get("to", "")
         groupchat = el.get("type") == "groupchat"
         ctx = self._message_ctx(to, groupchat)
+        body = el.find(_CLIENT_BODY)
+        answer = parse_answer(body.text, self.warnings.settings) if body is not None and not oob else None
+        if answer is not None:                  # the sender answers a warning: to imguard, it never crosses
+            return self._warn_answer(bare(to), answer)
+        refused = self._invitation_refused(el, True)
+        if refused:
+            return self._refuse_message(el, refused)
         return self._decide_message(st, ctx, oob, scheme, True, (bare(to), el.get("id")) if groupchat else None)
+
+    def _invitation_refused(self, el: ET.Element, from_client: bool) -> str:
+        """The notice when a room invitation in the message is refused by policy's ethical walls
+        (checker.check_membership, which records each decision), else ""."""
+        found = _invitations(el, from_client)
+        if not found or not isinstance(self.checker, MembershipChecker):
+            return ""
+        for inviter, invitee, room in found:
+            if from_client:
+                ctx = self.ctx(recipients=(bare(invitee),), conversation=bare(room), origin=FROM_CLIENT)
+            else:
+                ctx = self.context.with_(sender=bare(inviter), recipients=(self.sender,), conversation=bare(room),
+                                         origin=FROM_SERVER)
+            decision = self.checker.check_membership("invite", ctx, bare(room))
+            if decision.blocked:
+                why = "; ".join(m.title or m.rule_id for m in decision.matches) or "policy"
+                return (f"Your invitation of {bare(invitee)} to {bare(room)} was blocked by imguard: {why}"
+                        if from_client else
+                        f"imguard: an invitation from {bare(inviter)} to {bare(room)} was blocked: {why}")
+        return ""
 
     def _decide_message(self, st: d.Stanza, ctx: ChatContext, oob: list[ET.Element], scheme: str,
                         from_client: bool, groupchat: tuple[str, str | None] | None) -> list[Command]:
@@ -545,12 +628,20 @@ class XmppSession(StreamSession):
         else:
             text_to_check = body
         decision = self.checker.check_message(text_to_check, ctx)
+        if decision.action == WARN and not scheme:
+            if from_client:                 # held until the sender answers in the chat (imguard/conversation.py)
+                return out + self._warn_hold(st, ctx, text_to_check, decision, groupchat)
+            if RELEASED.take(ctx.sender, text_to_check):      # the copy of a message its sender justified
+                return out + [WarnOutcome(text_to_check, ctx, decision, state=WarnState.DELIVERED, delivered=True),
+                              self._forward_to(st, from_client)]
         if decision.blocked:
             if from_client:
                 return out + self._refuse_message(el, decision.notice or DEFAULT_NOTICE)
             action, why = block_words(decision)
             return out + self._refuse_delivery(f"imguard: a message from {ctx.sender or 'an unknown sender'} "
                                                f"was {action} ({why})")
+        if decision.disclaimers:            # first contact (or the period passed): both parties told, before it
+            out += self._disclaimers(el.get("to" if from_client else "from", ""), decision)
         if decision.action == MASK and not scheme and (bodies or xhtml):
             masked = decision.masked_text if decision.masked_text is not None else ""
             for b in bodies:
@@ -564,6 +655,44 @@ class XmppSession(StreamSession):
         if groupchat is not None and groupchat[1] and from_client and body is not None:
             self._remember_reflection(groupchat, body)
         return out + [self._forward_to(st, from_client)]
+
+    def _warn_hold(self, st: d.Stanza, ctx: ChatContext, body: str, decision: Decision,
+                   groupchat: tuple[str, str | None] | None) -> list[Command]:
+        """Hold the client's message for its sender's answer; the sender gets the policy-violation error (the notice
+        and how to answer), next to the message in their client, so the answer goes to the same chat."""
+        el = st.element
+        displaced = self.warnings.hold(self.sender, bare(el.get("to", "")), ctx, body, decision, st.raw,
+                                       tag=groupchat if groupchat is not None and groupchat[1] else None)
+        notice = (decision.notice or DEFAULT_NOTICE) + warn_instructions(self.warnings.settings)
+        return [*self.warnings.dropped(displaced), *self._refuse_message(el, notice)]
+
+    def _warn_answer(self, to: str, answer: Answer) -> list[Command]:
+        """The client answers a warning (!justify, !falsepositive): recorded, the held stanza released as the client
+        sent it or not, the client told; the answer itself never crosses."""
+        self.dropped(1)
+        settled = self.warnings.settle(self.sender, to, answer)
+        out: list[Command] = [settled.fact] if settled.fact is not None else []
+        if settled.deliver is not None:
+            out.append(self.inject(False, settled.deliver.payload))
+            if settled.deliver.tag is not None:          # a groupchat (room, id): the room's copy was decided here
+                self._remember_reflection(settled.deliver.tag, settled.deliver.text)
+        if self.full_jid:
+            out.append(self.notice_message(self.full_jid, settled.notice))
+        return out
+
+    def _disclaimers(self, peer: str, decision: Decision) -> list[Command]:
+        """The disclaimer the pipeline found due for this conversation, to both parties: our user gets a chat message
+        from the server's domain, the other party (`peer`, the address of the message's other end, as the stanza
+        names it: the server routes it as it routes the message, so it arrives first) a chat message through our
+        user's stream (from our user)."""
+        out: list[Command] = []
+        for m in decision.disclaimers:
+            if self.full_jid:
+                out.append(self.notice_message(self.full_jid, m.notice))
+            if peer:
+                out.append(self.inject(False, (f"<message type='chat' to={attr(peer)}><body>{text(m.notice)}</body>"
+                                               "</message>").encode("utf-8")))
+        return out
 
     def _remember_reflection(self, key: tuple[str, str | None], crossed: str) -> None:
         """The client's groupchat message (room, id) crossed with the text `crossed`: the room sends it back to every
@@ -591,12 +720,18 @@ class XmppSession(StreamSession):
                                                             content_type=offer.content_type, context=file_ctx))
 
     def _refuse_message(self, el: ET.Element, notice: str) -> list[Command]:
-        """Drop the message; tell the sender with an RFC 6120 policy-violation error stanza."""
+        """Drop the message; tell the sender with an RFC 6120 policy-violation error stanza that carries the
+        original <body> and <thread> beside the <error> (RFC 6120 §8.3.1 lets an error stanza include the original
+        payload). libpurple (Pidgin, Finch) shows a message error only with a body: its jabber_message_parse
+        (libpurple/protocols/jabber/message.c) takes the first <body> in jabber:client and the <error>'s <text>,
+        and handle_error() starts `if(!jm->body) return;` before it shows "Message delivery to <from> failed:
+        <text>" with the body; without the body the user saw nothing at all."""
         sid = el.get("id")
         frm = el.get("to") or self.domain
+        original = b"".join(serialize(c, NS_CLIENT) for c in el if c.tag in _ECHOED_TAGS).decode("utf-8")
         xml = ("<message type='error'" + (f" id={attr(sid)}" if sid is not None else "")
                + (f" from={attr(frm)}" if frm else "") + (f" to={attr(self.full_jid)}" if self.full_jid else "")
-               + f"><error type='modify'><policy-violation xmlns='{NS_STANZAS}'/>"
+               + f">{original}<error type='modify'><policy-violation xmlns='{NS_STANZAS}'/>"
                f"<text xmlns='{NS_STANZAS}'>{text(notice)}</text></error></message>")
         self.dropped(1)
         return [self.inject(True, xml.encode("utf-8"))]
@@ -825,12 +960,16 @@ class XmppSession(StreamSession):
                     _, oob_inner, scheme_inner = _look_at(inner)
                     oob, scheme = oob + oob_inner, scheme or scheme_inner
                 break
+        refused = self._invitation_refused(el, False)
+        if refused:
+            return self._refuse_delivery(refused)
         room = bare(frm) if mtype == "groupchat" else ""
         sender = frm if room else bare(frm)             # an occupant is known by its room/nick
         origin = FROM_CLIENT if sender and sender == self.sender else FROM_SERVER
         recipient = bare(to) if to else self.sender
         ctx = self._delivered_ctx(sender, recipient, room, origin)
-        return self._decide_message(st, ctx, oob, scheme, False, (room, el.get("id")) if room else None)
+        out = self._decide_message(st, ctx, oob, scheme, False, (room, el.get("id")) if room else None)
+        return self._relay_links(st, ctx, out) if self._link_relays else out
 
     def _server_iq_set(self, st: d.Stanza) -> list[Command]:
         """An iq the server delivers to the client that may carry a file to it: an in-band bytestream (held here,
@@ -910,9 +1049,9 @@ class XmppSession(StreamSession):
     def _server_upload_slot(self, st: d.Stanza) -> list[Command] | None:
         """An XEP-0363 slot granted to the client: announced (the HTTP carrier scans the PUT to its URL). With an
         upload relay for its origin (XmppLimits.upload_relay), the PUT URL the client gets is the gateway's relay
-        listener, so the upload crosses the gateway whatever the client's HTTP route; a slot no relay covers is
-        refused with a notice when relays are configured (or upload_refuse_unrelayed). None: the stanza goes on
-        as it came."""
+        listener, so the upload crosses the gateway whatever the client's HTTP route. A slot no relay covers is
+        refused with a notice where the client's PUT would go around the gateway (upload_refuse_unrelayed: 'auto',
+        the connection came through a reverse listener; or 'always'). None: the stanza goes on as it came."""
         el = st.element
         slot = child(el, NS_UPLOAD, "slot")
         if slot is None:
@@ -925,17 +1064,17 @@ class XmppSession(StreamSession):
         name, size, content_type = request
         put_url = put.get("url")
         relayed = upload_relay_url(put_url, self.limits.upload_relay)
-        if relayed is None and (self.limits.upload_relay or self.limits.upload_refuse_unrelayed):
+        if relayed is None and refuses_unrelayed(self.limits.upload_refuse_unrelayed, self.listener):
             origin = url_origin(put_url)
             text_ = (f"imguard: the upload of {name!r} was refused: its upload service {origin} has no upload relay "
-                     "on this gateway, so the file could not be scanned")
+                     "on this gateway, so the file would go around the scan")
             error = (f"<iq type='error' id={attr(el.get('id', ''))}"
                      + (f" from={attr(el.get('from'))}" if el.get("from") else "")
                      + (f" to={attr(el.get('to'))}" if el.get("to") else "")
                      + f"><error type='cancel'><not-allowed xmlns='{NS_STANZAS}'/>"
                      f"<text xmlns='{NS_STANZAS}'>{text(text_)}</text></error></iq>")
             return [self.anomaly("upload_slot_unrouted", f"upload slot on {origin} refused: no upload relay covers "
-                                 "it", severity="medium", url=put_url, name=name),
+                                 "it", severity="medium", url=put_url, name=name, listener=self.listener.value),
                     Send(to_client=True, data=error.encode("utf-8"))]          # in place of the slot: same count
         headers = tuple((h.get("name", ""), (h.text or "").strip()) for h in children(put, NS_UPLOAD, "header"))
         info = ExpectedUpload(put_url=put_url, get_url=get.get("url", ""), name=name, size=size,
@@ -948,6 +1087,48 @@ class XmppSession(StreamSession):
             self.transfers.expect_upload(relayed, info)  # and a proxied client's PUT to the relay, by its own URL
         put.set("url", relayed)
         return [Send(to_client=True, data=serialize(el, ""))]
+
+    def _relay_links(self, st: d.Stanza, ctx: ChatContext, out: list[Command]) -> list[Command]:
+        """A message delivered to a client whose HTTP goes around the gateway (XmppLimits.upload_relay_links): each
+        link on an upload service a relay covers is rewritten to the relay in the stanza as it is forwarded (bodies,
+        XEP-0066 and XEP-0447 URLs, XHTML-IM, forwarded copies), so its download crosses the gateway's relay listener
+        and is held and scanned there: an expected download, inbound from its sender, under both URLs. Policy decided
+        the message as it was sent; a message not forwarded (refused) is left alone."""
+        el = st.element
+        if ctx.origin != FROM_SERVER or b"://" not in st.raw:
+            return out
+        prefix = split(el.tag)[0]
+        at = next((i for i, c in enumerate(out) if isinstance(c, Send) and c.to_client
+                   and (c.data is st.raw or c.data == serialize(el, prefix))), None)
+        if at is None:
+            return out
+        relayed: dict[str, str] = {}
+
+        def to_relay(match: re.Match) -> str:
+            url = match.group(0)
+            new = relayed_url(url, self._link_relays) if is_file_url(url) else None
+            if new is None:
+                return url
+            relayed[url] = new
+            return new
+
+        for e in el.iter():
+            if e.text and "://" in e.text:
+                e.text = _URL.sub(to_relay, e.text)
+            if e.tail and "://" in e.tail:
+                e.tail = _URL.sub(to_relay, e.tail)
+            for key, value in list(e.attrib.items()):
+                if "://" in value:
+                    e.set(key, _URL.sub(to_relay, value))
+        if not relayed:
+            return out
+        file_ctx = ctx.with_(transfer_mechanism="xep-0363-get")
+        for url, new in relayed.items():
+            info = self.transfers.expected_download(url) or ExpectedDownload(
+                url=url, name=url_name(url), size=None, content_type="", context=file_ctx)
+            self.transfers.expect_download(info)              # the relay listener sees the GET addressed upstream
+            self.transfers.expect_download(info, key=new)     # a proxied client's GET of the relay URL
+        return [*out[:at], Send(to_client=True, data=serialize(el, prefix)), *out[at + 1:]]
 
     # --- building blocks -----------------------------------------------------------------------
 

@@ -1,0 +1,430 @@
+"""Conversation-level controls the chat sessions carry out: warn and continue, and disclaimers. Sans-io: the XMPP and
+IRC sessions own one table each and give it the clock; nothing here touches a socket or the disk.
+
+**Warn and continue** (a rule's `action: warn`, between alert and block): the message is held, not forwarded, and its
+sender is told why and how to answer, in the chat. The sender answers in the same chat, within the window:
+
+    !justify <reason>         the held message is delivered; the reason is recorded with the alert
+    !falsepositive [comment]  the report is recorded with the alert (and the message delivered, unless
+                              warn_false_positive_delivers is off)
+
+An answer is addressed to imguard and never crosses. No answer within `warn_window_seconds`: the held message is
+dropped. Every end of a held message is one event (`WarnOutcome`, the message's event with `imguard.warn`); the hold
+itself is the message's own event (`event.action` `warn`). One held message is in one state at a time:
+
+    HELD --!justify---------> JUSTIFIED        delivered
+         --!falsepositive---> FALSE_POSITIVE   delivered (warn_false_positive_delivers) or dropped
+         --window passed----> EXPIRED          dropped
+         --table full-------> DISPLACED        dropped (the oldest, when a sender has warn_max_pending held)
+         --connection ends--> ABANDONED        dropped
+
+Only the sender's own connection can hold (it is the one the sender answers on): a WARN on a message the server
+delivers (an outside sender's) is refused like a block, except the copy of a message this gateway released after a
+justification on another connection (`RELEASED`, process-wide, a short memory), which is delivered (`DELIVERED`).
+
+**Disclaimers** (a rule's `action: disclaim`, with its text in `notify`): the policy says which conversations get one
+(its conditions: sender and recipient groups, direction, protocol), `FirstContacts` says when: on the first message
+between two parties (1:1, not rooms) and again once `disclaimer_every_days` have passed, one disclaimer per pair
+(the first due rule's). It is process-wide, held by the pipeline: which connection carries the message does not
+matter. The session injects it to both parties in the protocol's own terms (XMPP: a chat message from the server's
+domain to our user and one through our user's stream to the other party; IRC: a NOTICE from `imguard` to our user and
+a NOTICE to the other party), before the message. Every disclaimer given is an event and an archive record (sender
+`imguard`, the two parties as recipients, action `disclaim`), and with an archive the table is filled from those
+records at start, so a restart does not disclaim again.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime
+import enum
+import hashlib
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, NamedTuple
+
+from imguard import alerts
+from imguard.model import DISCLAIM, ChatContext, Decision, RuleMatch
+from imguard.protocols.base import MessageDecision
+from imguard.settings import setting
+
+
+@dataclass(frozen=True)
+class ConversationSettings:
+    """Conversation controls: warn and continue"""
+    warn_window_seconds: float = setting(
+        300.0, "Seconds a message held by a `warn` rule waits for its sender's answer in the chat (!justify or "
+               "!falsepositive). After them it is dropped, with an event (at the connection's next traffic: a "
+               "client's or server's keep-alive at the latest).")
+    warn_justify_keyword: str = setting(
+        "!justify", "What a sender's answer starts with to send a held message anyway: `!justify <reason>`. The "
+                    "answer goes to imguard, never to the other party; the reason is recorded with the alert.")
+    warn_false_positive_keyword: str = setting(
+        "!falsepositive", "What a sender's answer starts with to report a held message as a false positive: "
+                          "`!falsepositive [comment]`; recorded with the alert for the policy's authors.")
+    warn_false_positive_delivers: bool = setting(
+        True, "A false-positive report also delivers the held message (the sender vouches that the rule is "
+              "wrong, as an override does); off: the report is recorded and the message dropped.")
+    warn_max_pending: int = setting(
+        8, "Messages held for an answer per connection (one sender). Past it the oldest is dropped (an event): a "
+           "sender who never answers cannot make the gateway hold without bound.")
+    warn_max_answer_chars: int = setting(
+        500, "Characters of a justification or false-positive comment kept in the event; the rest is cut.")
+    warn_released_seconds: float = setting(
+        60.0, "Seconds the gateway remembers a message it delivered after a justification, so that its copy "
+              "delivered to an inside receiver on another connection is not held again.")
+    disclaimer_every_days: float = setting(
+        30.0, "Days after which two parties who keep talking get a `disclaim` rule's notice again (it is given on "
+              "their first message, then once this period has passed). 0: only the first time (while remembered).")
+    disclaimer_max_pairs: int = setting(
+        100_000, "Pairs of parties whose last disclaimer the gateway remembers in memory (about 200 bytes each); "
+                 "past it the longest-unseen pair is forgotten and gets the notice again at its next message.")
+
+
+class WarnState(enum.Enum):
+    """Where one held message is (see the module docstring for the transitions)."""
+    HELD = "held"                       # waiting for the sender's answer
+    JUSTIFIED = "justified"             # the sender justified it: delivered
+    FALSE_POSITIVE = "false_positive"   # the sender reported a false positive
+    EXPIRED = "expired"                 # no answer within the window: dropped
+    DISPLACED = "displaced"             # dropped for a newer one (warn_max_pending)
+    ABANDONED = "abandoned"             # the connection ended while it was held: dropped
+    DELIVERED = "delivered"             # (the receiving leg) the copy of a justified message, delivered
+
+
+# The one table of moves: state -> the states it may go to. Every other state is final.
+TRANSITIONS: dict[WarnState, frozenset[WarnState]] = {
+    WarnState.HELD: frozenset({WarnState.JUSTIFIED, WarnState.FALSE_POSITIVE, WarnState.EXPIRED,
+                               WarnState.DISPLACED, WarnState.ABANDONED}),
+}
+
+
+class Answer(NamedTuple):
+    """A sender's answer to a warning, read from a chat message."""
+    state: WarnState                    # JUSTIFIED or FALSE_POSITIVE
+    text: str                           # the reason or comment ("" when none was given)
+
+
+def parse_answer(text: str | None, settings: ConversationSettings) -> Answer | None:
+    """The answer a chat message gives (a message starting with a keyword, any case), else None."""
+    if not text:
+        return None
+    stripped = text.strip()
+    # every client message passes here: most fail at the first character (~0.2 us instead of ~0.9)
+    if stripped[:1].lower() not in (settings.warn_justify_keyword[:1].lower(),
+                                    settings.warn_false_positive_keyword[:1].lower()):
+        return None
+    for keyword, state in ((settings.warn_justify_keyword, WarnState.JUSTIFIED),
+                           (settings.warn_false_positive_keyword, WarnState.FALSE_POSITIVE)):
+        n = len(keyword)
+        if keyword and stripped[:n].lower() == keyword.lower() and (len(stripped) == n or stripped[n].isspace()):
+            return Answer(state, " ".join(stripped[n:].split())[:settings.warn_max_answer_chars])
+    return None
+
+
+def party(identity: str) -> str:
+    """One name for a person on every connection: an XMPP bare JID, an IRC nick (without !user@host), lower case."""
+    return identity.split("/", 1)[0].split("!", 1)[0].lower()
+
+
+@dataclass
+class HeldMessage:
+    """One message a `warn` decision holds back."""
+    sender: str
+    key: str                    # the conversation it was addressed to: party(recipient) or the room
+    context: ChatContext
+    text: str
+    decision: Decision
+    payload: bytes              # what crosses when it is delivered: the stanza or line as the client sent it
+    held_at: float
+    state: WarnState = WarnState.HELD
+    answer: str = ""
+    tag: Any = None             # the session's own note for the delivery (XMPP: a groupchat's (room, id))
+
+    def move(self, state: WarnState, answer: str = "") -> "HeldMessage":
+        if state not in TRANSITIONS.get(self.state, ()):
+            raise ValueError(f"a held message cannot go from {self.state.value} to {state.value}")
+        self.state, self.answer = state, answer
+        return self
+
+
+@dataclass(frozen=True)
+class WarnOutcome(MessageDecision):
+    """How a held message ended: recorded as the message's event (alerts.message_event) with `event.action`
+    `warn_<state>` and `imguard.warn`: state, delivered, the sender's answer, seconds held."""
+    state: WarnState = WarnState.EXPIRED
+    delivered: bool = False
+    answer: str = ""
+    held_seconds: float = 0.0
+
+    def event(self, context: ChatContext | None = None) -> dict[str, Any]:
+        event = alerts.message_event(self.text, context or self.context, self.decision)
+        fields = event["event"]
+        fields["action"] = f"warn_{self.state.value}"
+        fields["type"] = ["allowed" if self.delivered else "denied"]
+        warn: dict[str, Any] = {"state": self.state.value, "delivered": self.delivered,
+                                "held_seconds": round(self.held_seconds, 3)}
+        if self.state is WarnState.JUSTIFIED:
+            warn["justification"] = self.answer
+        elif self.state is WarnState.FALSE_POSITIVE:
+            warn["false_positive"] = True
+            warn["comment"] = self.answer
+        event["imguard"]["warn"] = warn
+        said = f" ({alerts_one_line(self.answer)})" if self.answer else ""
+        event["message"] = f"warn {self.state.value}{said}: " + event["message"]
+        return event
+
+
+def alerts_one_line(text: str, limit: int = 200) -> str:
+    one = " ".join(text.split())
+    return one[:limit] + ("..." if len(one) > limit else "")
+
+
+def outcome(held: HeldMessage, now: float, delivered: bool = False) -> WarnOutcome:
+    return WarnOutcome(held.text, held.context, held.decision, state=held.state, delivered=delivered,
+                       answer=held.answer, held_seconds=max(0.0, now - held.held_at))
+
+
+class Settled(NamedTuple):
+    """A sender's answer, carried out: what to tell the sender, the held message to deliver (None: nothing crosses),
+    the event to record (None: the answer matched no held message)."""
+    notice: str
+    deliver: HeldMessage | None
+    fact: WarnOutcome | None
+
+
+class PendingWarnings:
+    """One connection's held messages, oldest first, per sender; at most warn_max_pending in all."""
+
+    def __init__(self, settings: ConversationSettings = ConversationSettings(),
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.settings = settings
+        self.clock = clock
+        self._held: collections.deque[HeldMessage] = collections.deque()
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def hold(self, sender: str, key: str, ctx: ChatContext, text: str, decision: Decision,
+             payload: bytes, tag: Any = None) -> list[HeldMessage]:
+        """Hold a message; the ones it displaces (DISPLACED) are returned."""
+        displaced = []
+        while self._held and len(self._held) >= max(1, self.settings.warn_max_pending):
+            displaced.append(self._held.popleft().move(WarnState.DISPLACED))
+        self._held.append(HeldMessage(sender, party(key), ctx, text, decision, payload, self.clock(), tag=tag))
+        return displaced
+
+    def answer(self, sender: str, key: str, answer: Answer) -> HeldMessage | None:
+        """The held message `answer` is about, moved to its state and taken out of the table: the sender's oldest
+        to `key`, else the sender's oldest (an answer sent to the gateway's notice rather than to the peer)."""
+        mine = [h for h in self._held if h.sender == sender]
+        found = next((h for h in mine if h.key == party(key)), mine[0] if mine else None)
+        if found is None:
+            return None
+        self._held.remove(found)
+        return found.move(answer.state, answer.text)
+
+    def settle(self, sender: str, key: str, answer: Answer, released: "ReleasedMessages | None" = None) -> Settled:
+        """Carry out `answer` from `sender` in the conversation `key`. A delivered message is remembered in
+        `released` (RELEASED by default) for its copies to inside receivers."""
+        settings = self.settings
+        if answer.state is WarnState.JUSTIFIED and not answer.text:
+            return Settled(f"imguard: a justification needs a reason: '{settings.warn_justify_keyword} <your "
+                           "reason>'. The message is still held.", None, None)
+        held = self.answer(sender, key, answer)
+        if held is None:
+            return Settled(answer_notice(None, answer, False), None, None)
+        delivered = answer.state is WarnState.JUSTIFIED or settings.warn_false_positive_delivers
+        if delivered:
+            (released if released is not None else RELEASED).add(
+                held.sender, held.text, settings.warn_released_seconds, copies=max(1, len(held.context.recipients)))
+        return Settled(answer_notice(held, answer, delivered), held if delivered else None,
+                       outcome(held, self.clock(), delivered))
+
+    def dropped(self, held: list[HeldMessage]) -> list[WarnOutcome]:
+        """The events of held messages that ended undelivered (expired, displaced, abandoned)."""
+        now = self.clock()
+        return [outcome(h, now) for h in held]
+
+    def expire(self) -> list[HeldMessage]:
+        """The held messages whose window has passed, moved to EXPIRED and taken out."""
+        if not self._held:
+            return []
+        limit = self.clock() - self.settings.warn_window_seconds
+        gone = []
+        while self._held and self._held[0].held_at <= limit:
+            gone.append(self._held.popleft().move(WarnState.EXPIRED))
+        return gone
+
+    def abandon(self) -> list[HeldMessage]:
+        """The connection ends: every held message ABANDONED."""
+        gone = [h.move(WarnState.ABANDONED) for h in self._held]
+        self._held.clear()
+        return gone
+
+
+class ReleasedMessages:
+    """Messages delivered after a justification, remembered for warn_released_seconds by (sender, text) so the
+    copy the server delivers to an inside receiver (another connection of this gateway) is not held again.
+    Process-wide (RELEASED), bounded; each copy is taken once per release."""
+
+    MAX_ENTRIES = 4096
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self._entries: collections.OrderedDict[tuple[str, str], tuple[float, int]] = collections.OrderedDict()
+
+    @staticmethod
+    def _key(sender: str, text: str) -> tuple[str, str]:
+        return party(sender), hashlib.sha256(text.encode("utf-8", "replace")).hexdigest()
+
+    def add(self, sender: str, text: str, ttl: float, copies: int = 1) -> None:
+        key = self._key(sender, text)
+        self._entries.pop(key, None)
+        while len(self._entries) >= self.MAX_ENTRIES:
+            self._entries.popitem(last=False)
+        self._entries[key] = (self.clock() + ttl, copies)
+
+    def take(self, sender: str, text: str) -> bool:
+        key = self._key(sender, text)
+        entry = self._entries.get(key)
+        if entry is None:
+            return False
+        until, copies = entry
+        if until < self.clock():
+            del self._entries[key]
+            return False
+        if copies <= 1:
+            del self._entries[key]
+        else:
+            self._entries[key] = (until, copies - 1)
+        return True
+
+
+RELEASED = ReleasedMessages()
+
+
+def warn_instructions(settings: ConversationSettings) -> str:
+    """What a held message's sender is told to do, after the reason."""
+    minutes = settings.warn_window_seconds / 60
+    window = f"{minutes:g} minute{'s' if minutes != 1 else ''}" if minutes >= 1 \
+        else f"{settings.warn_window_seconds:g} seconds"
+    return (f" To send it anyway, reply '{settings.warn_justify_keyword} <your reason>' within {window}; if this is "
+            f"a mistake, reply '{settings.warn_false_positive_keyword}'. Both are recorded.")
+
+
+def answer_notice(held: HeldMessage | None, answer: Answer, delivered: bool) -> str:
+    """What the sender is told after answering."""
+    if held is None:
+        return "imguard: there is no held message to answer (it was delivered, or dropped after the time to answer)."
+    to = f" to {held.key}" if held.key else ""
+    if answer.state is WarnState.JUSTIFIED:
+        return f"imguard: your message{to} was delivered; your justification was recorded."
+    if delivered:
+        return f"imguard: your message{to} was delivered; your false-positive report was recorded."
+    return f"imguard: your false-positive report was recorded; the message{to} was not delivered."
+
+
+# --- disclaimers -------------------------------------------------------------------------------------------------
+
+DISCLAIMER_PROTOCOLS = frozenset({"xmpp", "irc"})     # the sessions that inject a due disclaimer
+DISCLAIMER_SENDER = "imguard"                           # the archive record's sender: the gateway told both parties
+
+
+def conversation_pair(ctx: ChatContext) -> tuple[str, str] | None:
+    """The two parties of a one-to-one conversation, in a fixed order (None for a room, a channel, or a message
+    without one sender and one recipient)."""
+    if ctx.conversation or len(ctx.recipients) != 1 or not ctx.sender:
+        return None
+    a, b = party(ctx.sender), party(ctx.recipients[0])
+    if not a or not b or a == b or " " in a or " " in b:
+        return None
+    return (a, b) if a < b else (b, a)
+
+
+class FirstContacts:
+    """When each pair of parties last got a disclaimer (wall-clock seconds), the least recently disclaimed first;
+    at most disclaimer_max_pairs. `due` decides and remembers in one step."""
+
+    def __init__(self, settings: ConversationSettings = ConversationSettings(),
+                 clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self.clock = clock
+        self._last: collections.OrderedDict[tuple[str, str], float] = collections.OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._last)
+
+    def remember(self, pair: tuple[str, str], when: float) -> None:
+        if when <= self._last.get(pair, float("-inf")):
+            return
+        self._last[pair] = when
+        self._last.move_to_end(pair)
+        while len(self._last) > max(1, self.settings.disclaimer_max_pairs):
+            self._last.popitem(last=False)
+
+    def due(self, ctx: ChatContext, disclaimers: list[RuleMatch]) -> tuple[RuleMatch, tuple[str, str], bool] | None:
+        """The disclaimer to give now for this message (the first of `disclaimers`), its pair and whether it is their
+        first; None when the pair had one within the period, or this is no one-to-one conversation of a protocol
+        that injects. A disclaimer returned is remembered as given."""
+        if not disclaimers or ctx.protocol not in DISCLAIMER_PROTOCOLS:
+            return None
+        pair = conversation_pair(ctx)
+        if pair is None:
+            return None
+        now = self.clock()
+        last = self._last.get(pair)
+        period = self.settings.disclaimer_every_days * 86400
+        if last is not None and (period <= 0 or now - last < period):
+            return None
+        self.remember(pair, now)
+        return disclaimers[0], pair, last is None
+
+    def load(self, archive: Any) -> int:
+        """Fill the table from the archive's disclaimer records of the period (all of them when it is 0); the
+        number of pairs read. The archive's queue is written first (Archive.database)."""
+        store = archive.database()
+        mark = getattr(store, "mark", "?")
+        since = 0.0 if self.settings.disclaimer_every_days <= 0 else \
+            self.clock() - self.settings.disclaimer_every_days * 86400
+        rows = store.fetch(f"SELECT recipients, MAX(time) FROM records WHERE kind = 'message' AND action = {mark} "
+                           f"AND sender = {mark} AND time >= {mark} GROUP BY recipients",
+                           [DISCLAIM, DISCLAIMER_SENDER, _iso(since)])
+        for recipients, when in rows:
+            parties = tuple(str(recipients or "").split(" "))
+            seconds = _seconds(when)
+            if len(parties) == 2 and seconds is not None:
+                self.remember((parties[0], parties[1]), seconds)
+        return len(rows)
+
+
+def _iso(seconds: float) -> str:
+    """The archive's spelling of a time (archive._now: milliseconds, "+00:00"), so times compare as text."""
+    return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _seconds(iso: Any) -> float | None:
+    try:
+        return datetime.datetime.fromisoformat(str(iso).replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+def disclaimer_record(ctx: ChatContext, match: RuleMatch, pair: tuple[str, str],
+                      policy_version: str) -> tuple[ChatContext, Decision]:
+    """The archive record of a disclaimer given: from imguard to both parties, action `disclaim`, its rule."""
+    return (ctx.with_(sender=DISCLAIMER_SENDER, recipients=pair, conversation=""),
+            Decision(action=DISCLAIM, matches=[match], policy_version=policy_version))
+
+
+def disclaimer_event(ctx: ChatContext, match: RuleMatch, pair: tuple[str, str], first: bool) -> dict[str, Any]:
+    """The event of a disclaimer given to the two parties of a conversation (dataset imguard.session)."""
+    protocol = ctx.protocol or "chat"
+    event = alerts.protocol_event(protocol, "disclaimer", ctx, category="session")
+    event["imguard"].pop(protocol, None)
+    event["imguard"]["disclaimer"] = {"rule_id": match.rule_id, "text": match.notice, "parties": list(pair),
+                                      "first_contact": first}
+    event["rule"] = {"id": match.rule_id, "name": [match.title]}
+    event["message"] = (f"{protocol} disclaimer {match.rule_id} to {pair[0]} and {pair[1]}"
+                        + (" (first contact)" if first else ""))
+    return event

@@ -1,0 +1,124 @@
+"""Ethical walls (information barriers): one two-way rule that keeps two groups apart.
+
+    - wall: {between: [research, trading], action: block}
+
+in a rule file's list of rules is one wall. It stands for what a policy author would otherwise write as
+four rules (messages and files, each way round): anything a member of one group sends to a member of
+the other is decided by it, whatever the protocol, and the same parties are checked when one invites
+the other into a room (`Policy.decide_membership`). A wall is compiled into ordinary `Rule`s (tag
+`wall`), so its matches, notices, shadow mode and events are those of every rule: every attempt across it
+is a decision event naming the wall's id.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from imguard.model import ALERT, BLOCK, ENFORCE, MODES, QUARANTINE, SEVERITIES
+from imguard.policy import conditions as C
+from imguard.policy.engine import Rule
+from imguard.policy.notice import check_template
+from imguard.policy.yamlsrc import Map, type_name
+from imguard.policy.zones import PartyPattern
+
+WALL_KEYS = ("id", "title", "between", "action", "severity", "mode", "notify", "description", "enabled")
+WALL_ACTIONS = (BLOCK, QUARANTINE, ALERT)       # not mask: a wall is about who, not what
+WALL_TAG = "wall"
+DEFAULT_WALL_NOTICE = ("Not delivered: an information barrier separates {sender} and {recipients} "
+                       "({reason}).")
+DEFAULT_WALL_FILE_NOTICE = ("Your file {file.name} was not delivered: an information barrier separates {sender} "
+                            "and {recipients} ({reason}).")
+
+
+@dataclass(frozen=True)
+class Wall:
+    """Two groups kept apart, and the rules that do it."""
+    id: str
+    between: tuple[str, str]
+    rules: tuple[Rule, ...]         # the message rule and the file rule
+
+    @property
+    def message_rule(self) -> Rule:
+        return self.rules[0]
+
+
+def _party(key: str, group: str, members: list[PartyPattern]) -> C.PartyCondition:
+    pattern = PartyPattern(f"group:{group}", "group", group, members)
+    cond = C.PartyCondition(key, [pattern])
+    cond.key = key
+    return cond
+
+
+def compile_wall(doc: Any, line: int, groups: dict[str, list[PartyPattern]], filename: str,
+                 error: Callable[[int, str], None]) -> Wall | None:
+    """A `wall:` mapping -> a Wall, or None after reporting every problem through `error(line, message)`."""
+    if not isinstance(doc, dict):
+        error(line, f"wall: expected a mapping like {{between: [research, trading], action: block}}, "
+                    f"got {type_name(doc)}")
+        return None
+    ln = doc.line_of if isinstance(doc, Map) else (lambda k: line)
+    problems = 0
+
+    def fail(at: int, message: str) -> None:
+        nonlocal problems
+        problems += 1
+        error(at, message)
+
+    for k in doc:
+        if k not in WALL_KEYS:
+            fail(ln(k), f"wall: unknown key {k!r}; allowed keys: {', '.join(WALL_KEYS)}")
+    between = doc.get("between")
+    names: list[str] = []
+    if "between" not in doc:
+        fail(line, "wall: missing required key 'between' (two group names from groups.yaml)")
+    elif not isinstance(between, list) or len(between) != 2 or not all(isinstance(g, str) for g in between):
+        fail(ln("between"), f"wall: between: expected a list of two group names, got {type_name(between)}")
+    else:
+        names = [g.strip().removeprefix("group:") for g in between]
+        if names[0] == names[1]:
+            fail(ln("between"), f"wall: between: a wall keeps two different groups apart, not {names[0]!r} "
+                                f"and itself")
+        for name in names:
+            if name not in groups:
+                known = ", ".join(sorted(groups)) or "none"
+                fail(ln("between"), f"wall: between: unknown group {name!r} (groups defined in groups.yaml: "
+                                    f"{known})")
+
+    def choice(key: str, allowed: tuple[str, ...], default: str) -> str:
+        value = doc.get(key, default)
+        if not isinstance(value, str) or value.lower() not in allowed:
+            fail(ln(key), f"wall: {key}: {type_name(value)} is not one of: {', '.join(allowed)}")
+            return default
+        return value.lower()
+
+    def text(key: str, default: str) -> str:
+        value = doc.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            fail(ln(key), f"wall: {key}: expected text, got {type_name(value)}")
+            return default
+        return str(value)
+
+    action = choice("action", WALL_ACTIONS, BLOCK)
+    severity = choice("severity", SEVERITIES, "high")
+    mode = choice("mode", MODES, ENFORCE)
+    enabled = doc.get("enabled", True)
+    if not isinstance(enabled, bool):
+        fail(ln("enabled"), f"wall: enabled: expected true or false, got {type_name(enabled)}")
+    wid = text("id", "wall-" + "-".join(names)) if names else text("id", "wall")
+    title = text("title", f"Ethical wall between {' and '.join(names)}")
+    notify = text("notify", "")
+    description = text("description", "")
+    for problem in check_template(notify, "message") if notify else ():
+        fail(ln("notify"), f"wall: {problem}")
+    if problems or enabled is not True:
+        return None
+    a, b = names
+    match = [[_party("sender", a, groups[a]), _party("recipient", b, groups[b])],
+             [_party("sender", b, groups[b]), _party("recipient", a, groups[a])]]
+    notices = {"message": notify or DEFAULT_WALL_NOTICE, "file": notify or DEFAULT_WALL_FILE_NOTICE}
+    rules = tuple(Rule(id=wid, title=title, severity=severity, mode=mode, action=action, applies_to=applies_to,
+                       match=match, notify=notices[applies_to], description=description, tags=(WALL_TAG,),
+                       file=filename, line=line)
+                  for applies_to in ("message", "file"))
+    return Wall(wid, (a, b), rules)

@@ -1,0 +1,302 @@
+"""Tenant restrictions (policy's `tenant` condition; imguard/protocols/httpchat/tenants.py): the company's
+workspace, instance or tenant is allowed, a personal one is refused with each API's own error, as the inline CASBs
+do.
+
+A real `imguard run` in reverse mode in front of the stand-in vendor of tests/test_httpchat_gateway.py, on two
+listeners: one reaches it as `127.0.0.1` (the company's instance), the other as `localhost` (someone's personal
+instance on another host name: the Host its clients send). Slack's tenant is the team its token belongs to (what
+`auth.test` answered), Teams' the tenant id in the token, so those are told apart on one listener. The calls are
+made by the vendors' own client libraries where tests/test_httpchat_sdk.py uses them (slack_sdk, mattermostdriver),
+by hand otherwise. After every refused call a sentinel from the company's side is sent, and what the vendor
+received is asserted."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+import uuid
+
+import pytest
+
+from tests import test_httpchat_gateway as stand_in
+from tests.peers.http_gateway import HttpGateway
+from tests.test_httpchat_gateway import CLEAN, call_json
+
+pytestmark = pytest.mark.timeout(120)
+
+COMPANY_TEAM, PERSONAL_TEAM = "T0COMPANY1", "T0PERSONAL"
+COMPANY_TENANT = "8a1f1c0e-0000-4000-8000-00000000c0de"
+PERSONAL_TENANT = "9b2e2d1f-0000-4000-8000-0000000b0b00"
+COMPANY_HOST, PERSONAL_HOST = "127.0.0.1", "localhost"
+RULE = f"""\
+rules:
+  - id: tenant-messages
+    title: Chat to a workspace that is not the company's
+    severity: high
+    action: block
+    applies_to: message
+    match: {{protocol: [slack, mattermost, rocketchat, matrix, teams, discord]}}
+    unless: {{tenant: [{COMPANY_TEAM}, {COMPANY_HOST}, "{COMPANY_TENANT}"]}}
+  - id: tenant-files
+    title: Upload to a workspace that is not the company's
+    severity: high
+    action: block
+    applies_to: file
+    match: {{protocol: [slack, mattermost, rocketchat, matrix, teams, discord]}}
+    unless: {{tenant: [{COMPANY_TEAM}, {COMPANY_HOST}, "{COMPANY_TENANT}"]}}
+"""
+
+
+@pytest.fixture(scope="module")
+def tenant_gateway(tmp_path_factory):
+    vendor = stand_in.Vendor()
+    vendor.start()
+    gw = HttpGateway.start(tmp_path_factory.mktemp("tenant-gw"),
+                           [f"http://{COMPANY_HOST}:{vendor.port}", f"http://{PERSONAL_HOST}:{vendor.port}"],
+                           extra_rules={"96-tenants.yaml": RULE})
+    vendor.gateway_port = gw.ports[0]
+    try:
+        yield vendor, gw
+    finally:
+        status = gw.stop()
+        vendor.stop()
+        if gw.crashed:
+            pytest.fail(f"imguard run exited by itself with status {status}:\n{gw.logs()}")
+
+
+@pytest.fixture
+def route(tenant_gateway):
+    vendor, gw = tenant_gateway
+    vendor.requests.clear()
+    vendor.served.clear()
+    offset = gw.log_size()
+    yield vendor, gw
+    assert not gw.crashed, gw.logs()
+    errors = gw.errors_since(offset)
+    assert not errors, "imguard logged errors:\n" + "\n".join(errors)
+
+
+def tag() -> str:
+    return uuid.uuid4().hex[:6]
+
+
+def texts(vendor, path_part: str) -> str:
+    return b"\n".join(vendor.bodies(path_part)).decode("utf-8", "replace")
+
+
+def tenant_alert(gw, since: int, dataset: str, marker: str, timeout: float = 10.0) -> dict:
+    """The block alert of the tenant rules whose event mentions `marker`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for e in gw.alerts()[since:]:
+            rules = e.get("rule", {}).get("id")
+            if e["event"]["dataset"] == dataset and e["event"]["action"] == "block" and \
+                    rules in ("tenant-messages", "tenant-files") and marker in json.dumps(e):
+                return e
+        time.sleep(0.1)
+    raise AssertionError(f"no tenant block alert mentioning {marker!r}:\n" +
+                         "\n".join(json.dumps(e)[:300] for e in gw.alerts()[since:]))
+
+
+# --- Slack: the team a token belongs to --------------------------------------------------------------------------
+
+def slack(port: int, token: str):
+    from slack_sdk import WebClient
+    return WebClient(token=token, base_url=f"http://127.0.0.1:{port}/api/", timeout=15)
+
+
+def log_in(vendor, client, team: str) -> None:
+    """auth.test, as slack_sdk apps and Slack's clients do first: the vendor answers with the token's team."""
+    vendor.served["/api/auth.test"] = (200, "application/json", json.dumps(
+        {"ok": True, "team_id": team, "user_id": "U" + tag().upper(), "team": "x"}).encode())
+    assert client.auth_test()["team_id"] == team
+
+
+def test_slack_personal_workspace_is_refused(route):
+    """slack_sdk on one listener, two tokens: the company team's messages and two-step uploads arrive; the
+    personal team's (and those of a token whose team imguard never learned) raise SlackApiError with Slack's own
+    error shape and never reach Slack; the alert names the tenant."""
+    from urllib.error import HTTPError
+
+    from slack_sdk.errors import SlackApiError
+    vendor, gw = route
+    port = gw.ports[0]
+    company, personal = slack(port, f"xoxp-company-{tag()}"), slack(port, f"xoxp-personal-{tag()}")
+    unknown = slack(port, f"xoxp-unknown-{tag()}")
+    log_in(vendor, company, COMPANY_TEAM)
+    log_in(vendor, personal, PERSONAL_TEAM)
+    t = tag()
+    since = gw.mark()
+    assert company.chat_postMessage(channel="C1", text=f"standup notes {t}")["ok"] is True
+    for who, client in (("personal", personal), ("unknown", unknown)):
+        with pytest.raises(SlackApiError) as err:
+            client.chat_postMessage(channel="D1", text=f"{who} copy of the notes {t}")
+        response = err.value.response
+        assert response.status_code == 403 and response["ok"] is False and response["error"] == "restricted_action"
+        sentinel = f"sentinel after {who} {t}"
+        company.chat_postMessage(channel="C1", text=sentinel)
+        assert sentinel in texts(vendor, "chat.postMessage")
+    sent = texts(vendor, "chat.postMessage")
+    assert f"standup notes {t}" in sent and "copy of the notes" not in sent, sent
+    alert = tenant_alert(gw, since, "imguard.message", f"personal copy of the notes {t}")
+    assert alert["imguard"]["context"]["tenant"] == PERSONAL_TEAM and alert["network"]["protocol"] == "slack"
+    alert = tenant_alert(gw, since, "imguard.message", f"unknown copy of the notes {t}")
+    assert alert["imguard"]["context"]["tenant"] == ""
+
+    # files_upload_v2: the upload URL belongs to the team that asked for it
+    vendor.served["/api/files.completeUploadExternal"] = (200, "application/json", json.dumps(
+        {"ok": True, "files": [{"id": "F1", "title": "n"}]}).encode())
+    assert company.files_upload_v2(channel="C1", file=CLEAN, filename="numbers.bin", title="n")["ok"] is True
+    with pytest.raises(HTTPError) as err:
+        personal.files_upload_v2(channel="D1", file=CLEAN, filename="personal.bin", title="n")
+    assert err.value.code == 403 and json.loads(err.value.read())["error"] == "restricted_action"
+    assert company.files_upload_v2(channel="C1", file=CLEAN, filename="sentinel.bin", title="s")["ok"] is True
+    assert vendor.bodies("/upload/v1/") == [CLEAN, CLEAN], "the personal team's upload reached Slack"
+    assert len(vendor.bodies("files.completeUploadExternal")) == 2
+    alert = tenant_alert(gw, since, "imguard.file", "personal.bin")
+    assert alert["imguard"]["context"]["tenant"] == PERSONAL_TEAM
+
+
+def test_slack_workspace_host_names_the_tenant():
+    """A web client calls its workspace's own host (acme.slack.com): that host is the tenant when no auth.test
+    answer named the token's team; Slack's shared service hosts name none."""
+    from imguard.protocols.httpchat import tenants
+    from imguard.protocols.httpchat.events import HttpRequest
+    req = HttpRequest.make("POST", "https://acme.slack.com/api/chat.postMessage")
+    assert tenants.of_request("slack", req) == "acme.slack.com"
+    assert tenants.of_request("slack", HttpRequest.make("POST", "https://slack.com/api/chat.postMessage")) == ""
+    # a team_id argument is the client's word, not Slack's: it names nothing
+    assert tenants.of_request("slack", HttpRequest.make("POST", "https://slack.com/api/x?team_id=T0ABC12")) == ""
+    assert tenants.learned("slack", "auth.test", 200, b'{"ok": true, "team_id": "T0ABC12"}') == "T0ABC12"
+    assert tenants.learned("slack", "auth.test", 200, b'{"ok": false, "team_id": "T0ABC12"}') == ""
+    assert tenants.learned("slack", "rtm.connect", 200, b'{"ok": true, "team": {"id": "E0GRID1"}}') == "E0GRID1"
+
+
+# --- Mattermost and Rocket.Chat: the instance's host ---------------------------------------------------------------
+
+def test_mattermost_personal_instance_is_refused(route):
+    """mattermostdriver against the company's instance posts and uploads; against a personal instance (another
+    host) the driver raises its permission error (Mattermost's error shape) and nothing reaches that server."""
+    from mattermostdriver import Driver
+    from mattermostdriver.exceptions import NotEnoughPermissions
+    vendor, gw = route
+    vendor.served["/api/v4/users/me"] = (200, "application/json", b'{"id": "mminsider22", "username": "in"}')
+    vendor.served["/api/v4/files"] = (200, "application/json",
+                                      b'{"file_infos": [{"id": "f1", "name": "n.bin"}], "client_ids": []}')
+
+    def driver(host: str, port: int):
+        d = Driver({"url": host, "port": port, "scheme": "http", "token": "mm-token", "basepath": "/api/v4",
+                    "timeout": 15})
+        d.login()
+        return d
+    company, personal = driver(COMPANY_HOST, route[1].ports[0]), driver(PERSONAL_HOST, route[1].ports[1])
+    t = tag()
+    since = gw.mark()
+    company.posts.create_post({"channel_id": "ch1", "message": f"release plan {t}"})
+    with pytest.raises(NotEnoughPermissions) as err:
+        personal.posts.create_post({"channel_id": "ch9", "message": f"release plan, my copy {t}"})
+    assert "not the company" in str(err.value)
+    with pytest.raises(NotEnoughPermissions):
+        personal.files.upload_file("ch9", {"files": ("plan.bin", CLEAN)})
+    company.posts.create_post({"channel_id": "ch1", "message": f"sentinel {t}"})
+    company.files.upload_file("ch1", {"files": ("sentinel.bin", CLEAN)})
+    posts = [json.loads(b)["message"] for b in vendor.bodies("/api/v4/posts")]
+    assert posts == [f"release plan {t}", f"sentinel {t}"], posts
+    assert len(vendor.bodies("/api/v4/files")) == 1 and b"sentinel.bin" in vendor.bodies("/api/v4/files")[0]
+    alert = tenant_alert(gw, since, "imguard.message", f"my copy {t}")
+    assert alert["imguard"]["context"]["tenant"] == PERSONAL_HOST
+    assert tenant_alert(gw, since, "imguard.file", "plan.bin")["imguard"]["context"]["tenant"] == PERSONAL_HOST
+
+
+def personal(gw) -> dict:
+    """The personal instance's host name, as a client calling it sends it."""
+    return {"Host": f"{PERSONAL_HOST}:{gw.ports[1]}"}
+
+
+def test_rocketchat_personal_instance_is_refused(route):
+    """A message to a personal Rocket.Chat gets its error shape ({success: false}); the company's arrives."""
+    vendor, gw = route
+    user = {"X-User-Id": "rc-user-1", "X-Auth-Token": "t"}
+    t = tag()
+    status, err = call_json(gw.ports[1], "POST", "/api/v1/chat.postMessage", {"channel": "#x", "text": f"mine {t}"},
+                            {**user, **personal(gw)})
+    assert status == 403 and err["success"] is False
+    status, _ = call_json(gw.ports[0], "POST", "/api/v1/chat.postMessage", {"channel": "#general",
+                                                                            "text": f"sentinel {t}"}, user)
+    assert status == 200
+    assert [json.loads(b)["text"] for b in vendor.bodies("chat.postMessage")] == [f"sentinel {t}"]
+
+
+# --- Matrix: the homeserver ----------------------------------------------------------------------------------------
+
+def test_matrix_personal_homeserver_is_refused(route):
+    """A room message to a personal homeserver gets Matrix's M_FORBIDDEN; the company's arrives."""
+    vendor, gw = route
+    t = tag()
+    auth = {"Authorization": "Bearer syt_matrix_token"}
+    path = "/_matrix/client/v3/rooms/!r:example.org/send/m.room.message/"
+    status, err = call_json(gw.ports[1], "PUT", path + f"txn{t}a", {"msgtype": "m.text", "body": f"mine {t}"},
+                            {**auth, **personal(gw)})
+    assert status == 403 and err["errcode"] == "M_FORBIDDEN", err
+    status, _ = call_json(gw.ports[0], "PUT", path + f"txn{t}b", {"msgtype": "m.text", "body": f"sentinel {t}"}, auth)
+    assert status == 200
+    assert [json.loads(b)["body"] for b in vendor.bodies("m.room.message")] == [f"sentinel {t}"]
+
+
+# --- Teams: the tenant of the token -------------------------------------------------------------------------------
+
+def graph_token(tenant: str) -> str:
+    def part(obj) -> str:
+        return base64.urlsafe_b64encode(json.dumps(obj).encode()).rstrip(b"=").decode()
+    return ".".join((part({"typ": "JWT", "alg": "RS256"}), part({"tid": tenant, "oid": tag()}), "c2lnbmF0dXJl"))
+
+
+def test_teams_personal_tenant_is_refused(route):
+    """Microsoft Graph on one listener: a chat message with a token of the company's tenant arrives; with a
+    token of another tenant Graph's own error shape comes back and nothing reaches Graph."""
+    vendor, gw = route
+    t = tag()
+    since = gw.mark()
+    path = "/v1.0/chats/19:chat1@thread.v2/messages"
+    status, err = call_json(gw.ports[0], "POST", path, {"body": {"contentType": "text", "content": f"mine {t}"}},
+                            {"Authorization": f"Bearer {graph_token(PERSONAL_TENANT)}"})
+    assert status == 403 and "code" in err["error"], err
+    status, _ = call_json(gw.ports[0], "POST", path, {"body": {"contentType": "text", "content": f"sentinel {t}"}},
+                          {"Authorization": f"Bearer {graph_token(COMPANY_TENANT)}"})
+    assert status == 200
+    assert [json.loads(b)["body"]["content"] for b in vendor.bodies("/messages")] == [f"sentinel {t}"]
+    assert tenant_alert(gw, since, "imguard.message", f"mine {t}")["imguard"]["context"]["tenant"] == PERSONAL_TENANT
+
+
+# --- Discord: a guild only where the path names it ----------------------------------------------------------------
+
+def test_discord_channel_call_names_no_guild_and_is_refused(route):
+    """Discord's channel calls do not name their guild: the tenant is unknown, so a rule that lets only the
+    company's tenants through refuses them, with Discord's error shape (fail closed)."""
+    vendor, gw = route
+    status, err = call_json(gw.ports[0], "POST", "/api/v10/channels/123456789/messages", {"content": "hi"},
+                            {"Authorization": "Bot discord-token"})
+    assert status == 403 and "code" in err and "message" in err, err
+    assert vendor.bodies("/channels/") == []
+    from imguard.protocols.httpchat import tenants
+    from imguard.protocols.httpchat.events import HttpRequest
+    assert tenants.of_request("discord", HttpRequest.make("GET", "/api/v10/guilds/81384788765712384/channels")) == \
+        "81384788765712384"
+
+
+def test_tenant_condition_errors_and_unknown(tmp_path):
+    """`tenant` takes names (a list or one); `unknown` matches a call whose tenant is not known."""
+    from imguard.model import ChatContext
+    from imguard.policy import PolicyError, load_policy
+    (tmp_path / "r.yaml").write_text("rules:\n  - {id: a, title: a, severity: low, action: alert, applies_to: message,"
+                                     " match: {tenant: unknown}}\n  - {id: b, title: b, severity: low, action: alert,"
+                                     " applies_to: message, match: {tenant: []}}\n")
+    with pytest.raises(PolicyError) as raised:
+        load_policy(tmp_path)
+    assert raised.value.errors == ["r.yaml:3: tenant: the list is empty (give at least one value)"]
+    (tmp_path / "r.yaml").write_text("rules:\n  - {id: a, title: a, severity: low, action: alert, applies_to: message,"
+                                     " match: {tenant: unknown}}\n")
+    policy = load_policy(tmp_path)
+    assert policy.decide_message("x", ChatContext(protocol="slack")).rule_ids == ["a"]
+    assert policy.decide_message("x", ChatContext(protocol="slack", tenant="T0X12")).rule_ids == []
