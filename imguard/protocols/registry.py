@@ -168,7 +168,9 @@ _TABLE = (
     Protocol("msrp", "MSRP limits (per connection)", _msrp, ports=("2855=msrp",), client_openers=(b"MSRP ",),
              limits=MsrpLimits),
     # The client speaks first: a HANDSHAKE (type 0, no options, channel 0) of protocol major version 0x1e, after
-    # its 4-byte length (under 64 KiB).
+    # its 4-byte length (under 64 KiB). Its TLS form (HCL Sametime's "Direct connection using TLS") is TLS from the
+    # first byte on the same port 1533 (the mux takes both), so no +tls entry: a ClientHello on a mapped port is
+    # TLS first (detect), and this session reads what is inside.
     Protocol("sametime", "Sametime (Community protocol) limits (per connection)", _sametime, ports=("1533=sametime",),
              client_hello=(0, 0, None, None, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x1e), limits=SametimeLimits),
     # SIP over UDP (its usual transport): the datagrams to a port mapped to sip; one datagram, one event.

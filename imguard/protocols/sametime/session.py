@@ -50,6 +50,8 @@ either party sends on a channel the gateway destroyed is dropped. A chunk past t
 be inspected, fail closed), and a TRANSFER from the receiver's side is dropped. The sender destroying the channel
 before the last byte abandons the file (sametime_ft_incomplete; its close crosses), and so does its leg of the
 connection closing; the receiver leaving before the verdict lets the file be decided and delivers nothing.
+Over TLS (HCL Sametime's "Direct connection using TLS": TLS from the first byte, on the same port) the carrier
+terminates TLS on both legs and this session reads the same messages inside.
 Anomalies (at most `sametime_max_anomalies_per_kind` per kind): framing (a length past the limit, no header: the
 connection closes), a structure that does not fit (a client message on an IM or conference channel that cannot
 be read is dropped: the server might read text we did not), a truncated message at close.
@@ -173,7 +175,7 @@ class SametimeSession(StreamSession):
         return out
 
     def tls_started(self) -> list[Command]:
-        return []
+        return []       # no STARTTLS: Sametime over TLS is TLS from the first byte, this session reads inside it
 
     def file_verdict(self, transfer_id: str, report: FileReport, decision: Decision) -> list[Command]:
         channel = self._held.get(transfer_id)
