@@ -147,7 +147,13 @@ def _imguard(*args: str, data_dir: Path, stdin: str | None = None) -> subprocess
 
 
 @pytest.fixture(scope="module")
-def console(filled, tmp_path_factory, console_port):
+def console_args() -> list[str]:
+    """More arguments of `imguard console` (a module that imports `console` may override this)."""
+    return []
+
+
+@pytest.fixture(scope="module")
+def console(filled, tmp_path_factory, console_port, console_args):
     """`imguard console` on the filled folder (the playground on the gateway's rules), with accounts made by
     `imguard console user add`."""
     for name, role in (("ada", "admin"), ("anna", "analyst"), ("bert", "analyst"), ("audrey", "auditor"),
@@ -162,7 +168,8 @@ def console(filled, tmp_path_factory, console_port):
     log = tmp_path_factory.mktemp("console-log") / "console.log"
     with open(log, "wb") as out:
         process = subprocess.Popen([str(PYTHON), "-m", "imguard", "console", "--data-dir", str(filled),
-                                    "--console-port", str(port), "--rules", str(filled.parent / "rules")],
+                                    "--console-port", str(port), "--rules", str(filled.parent / "rules"),
+                                    *console_args],
                                    stdin=subprocess.DEVNULL, stdout=out,
                                    stderr=subprocess.STDOUT, start_new_session=True)
     try:

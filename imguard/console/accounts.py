@@ -1,8 +1,8 @@
 """Local console accounts: DATA_DIR/console/users.json (0600), passwords hashed with Argon2id (argon2-cffi).
 
 A role is a set of permissions (`ROLE_PERMISSIONS`), and a page asks for a permission, never for a role name:
-auditor reads alerts and conversations; analyst also the quarantine (its encrypted-zip download, release
-decisions) and the rule playground; admin also
+auditor reads alerts and conversations and works the review queue (supervision); analyst also the quarantine (its
+encrypted-zip download, release decisions) and the rule playground; admin also draws supervision samples and
 manages users. Login throttling (`Throttle`) counts failures per account name and per client address.
 """
 
@@ -28,6 +28,8 @@ class Permission(enum.Enum):
     DOWNLOAD_QUARANTINE = "download quarantined files"     # as an encrypted zip, for analysis
     DECIDE_RELEASE = "decide releases"
     USE_PLAYGROUND = "use the rule playground"
+    REVIEW = "work the review queue"                       # supervision: dispositions, the trail, its export
+    MANAGE_SUPERVISION = "draw supervision samples"        # draw a day's sample of conversations now
     MANAGE_USERS = "manage users"
 
 
@@ -38,9 +40,10 @@ class Role(enum.Enum):
 
 
 ROLE_PERMISSIONS: dict[Role, frozenset[Permission]] = {
-    Role.AUDITOR: frozenset({Permission.READ_ALERTS, Permission.READ_CONVERSATIONS}),
+    Role.AUDITOR: frozenset({Permission.READ_ALERTS, Permission.READ_CONVERSATIONS, Permission.REVIEW}),
     Role.ANALYST: frozenset({Permission.READ_ALERTS, Permission.READ_CONVERSATIONS, Permission.READ_QUARANTINE,
-                             Permission.DOWNLOAD_QUARANTINE, Permission.DECIDE_RELEASE, Permission.USE_PLAYGROUND}),
+                             Permission.DOWNLOAD_QUARANTINE, Permission.DECIDE_RELEASE, Permission.USE_PLAYGROUND,
+                             Permission.REVIEW}),
     Role.ADMIN: frozenset(Permission),
 }
 

@@ -34,6 +34,14 @@ class ConsoleSettings:
                                                       "(and once).")
     console_playground_max_bytes: int = setting(25 * 1024 * 1024, "Largest file the rule playground inspects "
                                                                    "(a larger upload is refused).")
+    console_review_sample_percent: float = setting(
+        0.0, "Supervision: the percentage of each day's unflagged archived conversations drawn into the review "
+             "queue (FINRA 3110-style random review); 0 draws none.")
+    console_review_sample_seed: str = setting(
+        "", "Seed of the daily supervision sample (the same seed and archive draw the same conversations); '' uses "
+            "one drawn once and kept in the review trail.")
+    console_review_sample_days: int = setting(
+        7, "Completed days back whose sample the console draws when it finds them not drawn yet (after a stop).")
 
 
 def add_console_arguments(parser: argparse.ArgumentParser) -> None:

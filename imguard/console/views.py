@@ -27,7 +27,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from imguard import archive
-from imguard.console import chart, data, release
+from imguard.console import chart, data, health, release, review
 from imguard.console.accounts import Accounts, Permission, Throttle
 from imguard.console.cli import ConsoleSettings
 from imguard.console.web import COOKIE, SECURITY_HEADERS, AccessLog, Session, Sessions, chat_text, csrf_ok
@@ -56,6 +56,8 @@ class Console:
         self.alerts = data.AlertIndex(self.data_dir, folder / "alerts-index.sqlite3")
         self.archive = data.ArchiveReader(self.data_dir / "archive.sqlite3", archive_dsn)
         self.access = AccessLog(folder / "access.jsonl")
+        self.review = review.ReviewQueue(folder / "review.jsonl", settings.console_review_sample_percent,
+                                         settings.console_review_sample_seed, settings.console_review_sample_days)
         self.sessions = Sessions(idle=settings.console_session_idle_seconds, clock=clock)
         # Per account name, and per client address with five times the allowance: a guesser spraying many names
         # from one address is slowed without one person's typos locking out a whole office behind one NAT.
@@ -93,6 +95,12 @@ class Console:
             Route("/playground", get(self.playground_form, Permission.USE_PLAYGROUND)),
             Route("/playground", post(self.playground, Permission.USE_PLAYGROUND,
                                       max_bytes=settings.console_playground_max_bytes + 65536), methods=["POST"]),
+            Route("/review", get(self.review_list, Permission.REVIEW)),
+            Route("/review/export", get(self.review_export, Permission.REVIEW)),
+            Route("/review/sample", post(self.review_sample, Permission.MANAGE_SUPERVISION), methods=["POST"]),
+            Route("/review/{item:int}", get(self.review_item, Permission.REVIEW)),
+            Route("/review/{item:int}", post(self.review_dispose, Permission.REVIEW), methods=["POST"]),
+            Route("/retrohunt", get(self.retrohunt, Permission.READ_ALERTS)),
             Route("/users", get(self.users, Permission.MANAGE_USERS)),
             Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
         ])
@@ -102,6 +110,7 @@ class Console:
         self.alerts.close()
         self.archive.close()
         self.access.close()
+        self.review.close()
 
     # --- plumbing ---------------------------------------------------------------------------------
 
@@ -219,7 +228,9 @@ class Console:
         o = self.alerts.overview(start.strftime(fmt), bucket=len(start.strftime(fmt)))
         svg = chart.bar_chart(chart.buckets_filled(o.over_time, start, end, step, fmt),
                               f"Alerts per {unit}, last {days} days (UTC)")
-        return self.render(request, "overview.html", session, o=o, chart=svg, days=days)
+        return self.render(request, "overview.html", session, o=o, chart=svg, days=days,
+                           gateways=health.gateways(self.data_dir), sinks=health.sinks(self.data_dir),
+                           now=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
 
     def alert_list(self, request: Request, session: Session) -> Response:
         q = request.query_params
@@ -513,6 +524,99 @@ class Console:
                     limits=dataclasses.replace(InspectLimits(), zip_password_wait=0.0), write_alerts=False)
             return self._playground
 
+    # --- supervision: the review queue (review.py) ---------------------------------------------------
+
+    def review_list(self, request: Request, session: Session, problem: str = "", status: int = 200) -> Response:
+        self.review.take_flagged(self.alerts)
+        self.review.catch_up(self.archive)
+        state = request.query_params.get("state", "open")
+        state = state if state in ("open", "all", *(s.value for s in review.State)) else "open"
+        items = self.review.list(state)
+        self.access.write("console_view_review", session.user, _address(request), state=state, items=len(items))
+        return self.render(request, "review.html", session, status, items=items, state=state,
+                           states=("open", "all", *(s.value for s in review.State)), problem=problem,
+                           percent=self.review.percent, sampled=sorted(self.review.sampled.values(),
+                                                                       key=lambda s: s["day"], reverse=True)[:10],
+                           today=datetime.now(UTC).date().isoformat(), trail_problems=self.review.trail.problems,
+                           urls={i.id: _review_conversation_url(i) for i in items})
+
+    def review_item(self, request: Request, session: Session, problem: str = "", status: int = 200) -> Response:
+        self.review.take_flagged(self.alerts)
+        item = self.review.items.get(request.path_params["item"])
+        if item is None:
+            return self.render(request, "error.html", session, 404, message="No such item in the review queue.")
+        self.access.write("console_view_review", session.user, _address(request), item=item.id)
+        choices = [d for d in review.Disposition if (item.state, d) in review.TRANSITIONS]
+        return self.render(request, "review_item.html", session, status, item=item, choices=choices,
+                           problem=problem, conversation_url=_review_conversation_url(item), State=review.State)
+
+    async def review_dispose(self, request: Request, session: Session, form) -> Response:
+        return await run_in_threadpool(self._dispose, request, session, form)
+
+    def _dispose(self, request: Request, session: Session, form) -> Response:
+        item_id = request.path_params["item"]
+        disposition, comment = str(form.get("disposition", ""))[:40], str(form.get("comment", ""))
+        try:
+            item = self.review.dispose(item_id, session.user, disposition, comment)
+        except review.ReviewError as e:
+            self.access.write("console_review", session.user, _address(request), "failure", item=item_id,
+                              disposition=disposition, reason=str(e))
+            return self.review_item(request, session, problem=str(e), status=409)
+        self.access.write("console_review", session.user, _address(request), item=item_id,
+                          disposition=disposition, state=item.state.value, alert=item.alert,
+                          source=item.source.value)
+        return RedirectResponse(f"/review/{item_id}", status_code=303)
+
+    async def review_sample(self, request: Request, session: Session, form) -> Response:
+        day = str(form.get("day", "")).strip()[:10]
+        return await run_in_threadpool(self._sample, request, session, day)
+
+    def _sample(self, request: Request, session: Session, day: str) -> Response:
+        if self.review.percent <= 0:
+            problem = "Sampling is off: the console runs with console_review_sample_percent 0."
+        else:
+            try:
+                line = self.review.sample_day(self.archive, day, actor=session.user)
+            except ValueError:
+                line, problem = None, f"{day!r} is not a day (YYYY-MM-DD)."
+            else:
+                problem = "" if line else f"The sample of {day} was drawn already (a day is drawn once)."
+            if line:
+                self.access.write("console_review_sample", session.user, _address(request), day=day,
+                                  percent=line["percent"], population=line["population"], drawn=line["drawn"])
+        if problem:
+            self.access.write("console_review_sample", session.user, _address(request), "failure", day=day,
+                              reason=problem)
+            return self.review_list(request, session, problem=problem, status=409)
+        return RedirectResponse("/review", status_code=303)
+
+    def review_export(self, request: Request, session: Session) -> Response:
+        self.review.take_flagged(self.alerts)
+        fmt = "csv" if request.query_params.get("format") == "csv" else "jsonl"
+        rows = self.review.export_rows()
+        self.access.write("console_review_export", session.user, _address(request), format=fmt, items=len(rows))
+        body = archive.to_csv(rows, review.EXPORT_COLUMNS) if fmt == "csv" else archive.to_jsonl(rows)
+        media = "text/csv" if fmt == "csv" else "application/x-ndjson"
+        return Response(body, media_type=f"{media}; charset=utf-8",
+                        headers={"content-disposition": f'attachment; filename="imguard-review.{fmt}"'})
+
+    # --- retro-hunt results ------------------------------------------------------------------------------
+
+    def retrohunt(self, request: Request, session: Session) -> Response:
+        hunts = []
+        for event in self.alerts.by_action("retrohunt"):
+            found = _get(event, "imguard", "retrohunt") or {}
+            hunts.append({"id": _get(event, "event", "id"), "time": event.get("@timestamp", ""),
+                          "file": event.get("file") or {}, "rules": found.get("rules") or _as_list(
+                              _get(event, "rule", "id")),
+                          "yara": found.get("yara_rules") or [], "senders": found.get("senders") or [],
+                          "recipients": found.get("recipients") or [], "count": found.get("sightings_count", 0),
+                          "first": found.get("first_seen", ""), "last": found.get("last_seen", ""),
+                          "previous": found.get("previous_actions") or [],
+                          "signatures": found.get("signatures_version", "")})
+        self.access.write("console_view_retrohunt", session.user, _address(request), alerts=len(hunts))
+        return self.render(request, "retrohunt.html", session, hunts=hunts)
+
     def users(self, request: Request, session: Session) -> Response:
         return self.render(request, "users.html", session, users=self.accounts.users())
 
@@ -555,6 +659,24 @@ def _get(event: dict, *path: str) -> Any:
             return None
         event = event.get(key)
     return event
+
+
+def _as_list(value: Any) -> list:
+    if value is None or value == "":
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _review_conversation_url(item: review.Item) -> str:
+    """The conversation of a review item: its room or its two people, around the item's time (a sample: the end
+    of its day)."""
+    around = f"{item.sample_day}T23:59:59" if item.sample_day else item.time
+    params = {"protocol": item.protocol, "a": data.bare(item.sender),
+              "b": data.bare(item.recipients[0]) if item.recipients else "", "room": item.room,
+              "around": around[:19]}
+    if not (item.room or (params["a"] and params["b"])):
+        return ""
+    return "/conversations/view?" + urlencode({k: v for k, v in params.items() if v})
 
 
 def _int(value: str | None, default: int, low: int, high: int) -> int:
