@@ -597,3 +597,62 @@ def test_engine_down_blocks_as_unscannable_then_recovers(engine_route, running, 
         again = f"numbers-again-{engine}-{uuid.uuid4().hex[:6]}.bin"
         t2 = _send(chat, route, sender, receiver, again, payload)
         assert bytes(t2.received) == payload, "the engine is back: the file passes"
+
+
+# --- the verdict cache and a signature update without a reload ---------------------------------------------------
+
+def _build_daily(directory: Path, version: int, signatures: str) -> None:
+    """A daily database as freshclam delivers it (a CVD), but unsigned (.cud, built with ClamAV's own sigtool):
+    clamd's VERSION then names its version, as it names the real daily.cvd's."""
+    build = directory.parent / f"daily-{version}"
+    build.mkdir(parents=True, exist_ok=True)
+    (build / "daily.ndb").write_text(signatures)
+    (build / "COPYING").write_text("imguard test database\n")
+    result = subprocess.run(["sigtool", "--build=daily.cud", "--unsigned", f"--cvd-version={version}",
+                             f"--datadir={build}", "--no-cdiff"], cwd=build, input="imguard-test\n", text=True,
+                            capture_output=True, timeout=60)
+    assert (build / "daily.cud").exists(), result.stdout + result.stderr
+    shutil.copy(build / "daily.cud", directory / "daily.cud")
+
+
+def test_a_freshclam_update_empties_the_verdict_cache(tmp_path):
+    """A file scanned clean is cached; the database is updated in place (a new daily version, clamd reloads, as
+    after freshclam) and names it: the next transfer of the same bytes is scanned again and detected, because the
+    cache asked clamd's VERSION and saw the new database version. With the recheck off, the stale clean verdict
+    is served: the check is what makes the difference."""
+    _require(CLAMD, "clamav-daemon")
+    _require(shutil.which("sigtool") or "/usr/bin/sigtool", "clamav")
+    peer = ClamdPeer(tmp_path / "clamd")
+    _build_daily(peer.directory / "db", 100, "Test.Daily:0:*:5a5a5a5a5a5a5a5a5a5a5a5a\n")
+    peer.start()
+    try:
+        engine = Clamd(str(peer.socket_path))
+        assert "/100/" in engine.state_tag()
+        data = b"a file the first database does not name: " + b"imguard-late-signature" * 20
+        inspectors = {recheck: Inspector(load_signatures(ROOT / "signatures"),
+                                         InspectLimits(clamd_address=str(peer.socket_path),
+                                                       verdict_cache_recheck_seconds=recheck))
+                      for recheck in (0.001, 0.0)}
+        for inspector in inspectors.values():
+            assert _engine_findings(inspector.inspect(data, name="late.bin")) == []
+            assert _engine_findings(inspector.inspect(data, name="late.bin")) == []
+            assert inspector.cache.stats.hits == 1
+        _build_daily(peer.directory / "db", 101, "Test.Daily:0:*:5a5a5a5a5a5a5a5a5a5a5a5a\n"
+                     "Test.Late:0:*:" + b"imguard-late-signature".hex() + "\n")
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(10)
+            s.connect(str(peer.socket_path))
+            s.sendall(b"zRELOAD\0")
+            assert s.recv(64).startswith(b"RELOADING")
+        deadline = time.monotonic() + 60
+        while "/101/" not in engine.state_tag():
+            assert time.monotonic() < deadline, "clamd did not load the new database"
+            time.sleep(0.2)
+        time.sleep(0.01)
+        updated = inspectors[0.001]
+        assert _engine_findings(updated.inspect(data, name="late.bin")) == [("clamav", "Test.Late.UNOFFICIAL")]
+        assert updated.cache.stats.invalidations == 1
+        stale = inspectors[0.0]
+        assert _engine_findings(stale.inspect(data, name="late.bin")) == []
+    finally:
+        peer.stop()

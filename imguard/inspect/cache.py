@@ -15,7 +15,10 @@ YARA externals that the loaded rules mention at all (owner, sender, recipient, p
 names none of them shares one entry across every conversation), and the inspector's `version` (imguard's,
 yara's and libmagic's versions, the signatures' version, each external engine's description, the limits).
 The cache belongs to one Inspector: a reload builds a new inspector on the new signatures, so the old entries go
-with the old inspector (the reloader's swap is the invalidation).
+with the old inspector (the reloader's swap is the invalidation). The external engines' signatures change without
+a reload (freshclam updates clamd's database in place; an ICAP vendor updates its service): every
+`verdict_cache_recheck_seconds` the cache asks each engine for its state tag (clamd's VERSION, which names the
+database version; the ICAP service's ISTag) and empties itself when one changed.
 
 Concurrent inspections of one key are single-flight: the first caller inspects, the others wait for its report
 (a copy each). A report that says a scan could not finish for a reason that may pass (a YARA or engine
@@ -27,9 +30,11 @@ least recently used first out.
 from __future__ import annotations
 
 import hashlib
+import logging
 import pickle
 import re
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +45,8 @@ from imguard.model import REASON_SCANNER_ERROR, REASON_TIMEOUT, UNSCANNABLE, Cha
 # Unscannable reasons that may not hold for the next transfer of the same bytes: not cached.
 TRANSIENT_REASONS = frozenset({REASON_TIMEOUT, REASON_SCANNER_ERROR})
 # YARA externals (signatures.EXTERNALS) whose value comes from the conversation, not from the bytes or the name.
+log = logging.getLogger(__name__)
+
 CONTEXT_EXTERNALS = ("owner", "sender", "recipient", "protocol", "direction")
 
 
@@ -82,14 +89,21 @@ class CacheStats:
     waits: int = 0          # answered by an inspection another caller ran at the same time
     evictions: int = 0
     uncached: int = 0       # inspected, not kept (a transient unscannable reason, or larger than max_bytes)
+    invalidations: int = 0  # emptied because an engine's state tag changed (recheck)
 
 
 class VerdictCache:
     def __init__(self, max_entries: int, max_bytes: int, version: str = "",
-                 context_names: tuple[str, ...] = CONTEXT_EXTERNALS) -> None:
+                 context_names: tuple[str, ...] = CONTEXT_EXTERNALS, engines: tuple = (),
+                 recheck_seconds: float = 0.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.max_entries, self.max_bytes = max_entries, max_bytes
         self.version = version
         self.context_names = context_names
+        # The external engines whose signatures may change under a running inspector (state_tag()).
+        self.engines = tuple(e for e in engines if hasattr(e, "state_tag"))
+        self.recheck_seconds, self.clock = recheck_seconds, clock
+        self._tags: tuple[str, ...] | None = None
+        self._next_check = 0.0
         self._lock = threading.Lock()
         self._entries: OrderedDict[tuple, bytes] = OrderedDict()
         self._bytes = 0
@@ -108,7 +122,38 @@ class VerdictCache:
             self._entries.clear()
             self._bytes = 0
 
+    def recheck(self) -> bool:
+        """Ask the engines for their state tags when `recheck_seconds` have passed; a tag that changed empties the
+        cache (True). An engine that does not answer keeps its last tag: its scans fail and are not cached."""
+        if not self.engines or self.recheck_seconds <= 0:
+            return False
+        now = self.clock()
+        with self._lock:
+            if now < self._next_check:
+                return False
+            self._next_check = now + self.recheck_seconds
+            old = self._tags
+        tags = []
+        for i, engine in enumerate(self.engines):
+            try:
+                tags.append(str(engine.state_tag()))
+            except Exception as exc:            # down or garbled: keep what we knew
+                log.debug("verdict cache: %s gave no state tag: %s", engine.describe(), exc)
+                tags.append(old[i] if old else "")
+        new = tuple(tags)
+        with self._lock:
+            self._tags = new
+            changed = old is not None and new != old
+            if changed:
+                self._entries.clear()
+                self._bytes = 0
+                self.stats.invalidations += 1
+        if changed:
+            log.info("verdict cache emptied: an engine's signatures changed (%s)", "; ".join(new))
+        return changed
+
     def key(self, data: bytes, ctx: ChatContext, name: str, claimed_mime: str) -> tuple:
+        self.recheck()
         return (hashlib.sha256(data).digest(), name, claimed_mime, context_values(ctx, self.context_names),
                 self.version)
 
@@ -191,4 +236,6 @@ def for_inspector(inspector: Any) -> VerdictCache | None:
     if entries <= 0 or size <= 0:
         return None
     return VerdictCache(entries, size, inspector_version(inspector),
-                        context_externals_used(getattr(inspector.signatures, "files", ())))
+                        context_externals_used(getattr(inspector.signatures, "files", ())),
+                        engines=tuple(getattr(inspector, "engines", ())),
+                        recheck_seconds=getattr(limits, "verdict_cache_recheck_seconds", 0.0))

@@ -143,6 +143,16 @@ class Clamd:
         except OSError as exc:
             raise ClamdError(REASON_SCANNER_ERROR, f"{self.describe()}: {exc.strerror or exc}") from None
 
+    def state_tag(self, timeout: float = 2.0) -> str:
+        """What changes when clamd's signatures change (the verdict cache's check): its VERSION answer, which
+        carries the database version and date. Asked with a short timeout: an engine that does not answer leaves
+        the tag as it was (its scans fail anyway, and a failed scan is not cached)."""
+        saved, self.timeout = self.timeout, min(self.timeout, timeout)
+        try:
+            return self.version()
+        finally:
+            self.timeout = saved
+
     def _connect(self, deadline: float) -> socket.socket:
         sock = socket.socket(self._family, socket.SOCK_STREAM)
         try:

@@ -215,6 +215,32 @@ class Icap:
         except OSError as exc:
             raise IcapError(REASON_SCANNER_ERROR, f"{self.describe()}: {exc.strerror or exc}") from None
 
+    def state_tag(self, timeout: float = 2.0) -> str:
+        """The service's ISTag (RFC 3507 4.7: it changes whenever the service's answers may change, e.g. a new
+        signature database), from an OPTIONS request with a short timeout: the verdict cache's check."""
+        deadline = time.monotonic() + min(self.timeout, timeout)
+        authority = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        head = (f"OPTIONS icap://{authority}/{self.service} ICAP/1.0\r\nHost: {authority}\r\n"
+                "User-Agent: imguard\r\nConnection: close\r\nEncapsulated: null-body=0\r\n\r\n").encode()
+        try:
+            with socket.create_connection((self.host, self.port), timeout=_left(deadline)) as sock:
+                sock.settimeout(_left(deadline))
+                sock.sendall(head)
+                buffer = bytearray()
+                while b"\r\n\r\n" not in buffer and self._fill(sock, buffer, deadline, MAX_HEAD):
+                    pass
+        except TimeoutError:
+            raise IcapError(REASON_TIMEOUT, f"{self.describe()} did not answer OPTIONS") from None
+        except OSError as exc:
+            raise IcapError(REASON_SCANNER_ERROR, f"{self.describe()}: {exc.strerror or exc}") from None
+        end = buffer.find(b"\r\n\r\n")
+        if end < 0:
+            raise IcapError(REASON_SCANNER_ERROR, "ICAP OPTIONS answer has no end of headers")
+        code, headers = parse_head(bytes(buffer[:end]))
+        if code != 200:
+            raise IcapError(REASON_SCANNER_ERROR, f"ICAP OPTIONS answered {code}")
+        return headers.get("istag", "")
+
     def _exchange(self, data: bytes | memoryview, name: str, deadline: float) -> Answer:
         view = memoryview(data)
         with socket.create_connection((self.host, self.port), timeout=_left(deadline)) as sock:

@@ -90,6 +90,12 @@ class InspectLimits(ClamavSettings, IcapSettings):
         64 * MiB,
         "Memory the verdict cache may hold, counted as the size of the stored (pickled) reports: a few KiB for a "
         "plain file, more for an archive with many members. The least recently used reports go first.")
+    verdict_cache_recheck_seconds: float = setting(
+        60.0,
+        "How often the verdict cache asks the external engines whether their signatures changed (clamd's VERSION, "
+        "which names its database version, after a freshclam update; an ICAP service's ISTag, RFC 3507 4.7): a "
+        "change empties the cache, so no verdict of the old database is reused. 0 = never ask (a reload still "
+        "empties it).")
     magic_bytes: int = setting(
         8 * KiB,
         "How many leading bytes libmagic reads to find the true type. 8 KiB gave the same answer as the "
