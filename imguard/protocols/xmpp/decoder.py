@@ -68,6 +68,10 @@ class XmppLimits:
     max_tracked_ids: int = setting(4096, "Most stanza ids, file offers and upload requests remembered per "
                                    "connection (oldest forgotten first).")
     tracked_id_ttl: float = setting(600.0, "Seconds a remembered stanza id, offer or upload request is kept.")
+    max_room_members: int = setting(10000, "Most room occupants remembered per connection, over all the rooms its "
+                                    "user is in (from the room's presences), for the ethical walls' room checks; "
+                                    "past it an occupant is not recorded (an anomaly) and the walls decide on "
+                                    "the occupants known.")
     parse_slice: int = setting(64 * KiB, "Bytes handed to expat at a time, so a limit is checked before a "
                                "huge chunk is parsed whole.")
     upload_relay: list = setting([], "PUBLIC=UPSTREAM, two origins (scheme://host:port): the PUT URL of an "
@@ -172,8 +176,19 @@ def _attrs(attrs: dict[str, str]) -> dict[str, str]:
     return {_tag(k): v for k, v in attrs.items()}
 
 
+def _attrs_fast(attrs: dict[str, str]) -> dict[str, str]:
+    """_attrs, giving back expat's own (fresh) dict when no name has a namespace: the usual case."""
+    for name in attrs:
+        if "}" in name:
+            return {_tag(k): v for k, v in attrs.items()}
+    return attrs
+
+
 _WS = b" \t\r\n"
 
+
+# Decoders made without saying which path build their trees in Python (the reference path) when true.
+REFERENCE = False
 
 _SHARED_NAMES: dict[str, str] = {}
 _SHARED_NAMES_MAX = 20000
@@ -183,8 +198,14 @@ _TAGS: dict[str, str] = {}
 class XmlStreamDecoder:
     """Frames one direction of an XMPP stream. See the module docstring."""
 
-    def __init__(self, limits: XmppLimits = XmppLimits(), shallow: frozenset[str] = frozenset()):
+    def __init__(self, limits: XmppLimits = XmppLimits(), shallow: frozenset[str] = frozenset(),
+                 reference: bool | None = None):
         self.limits = limits
+        # The element tree is built by ElementTree's C TreeBuilder (the fast path, see "The message hot path"
+        # in docs/architecture.md); with `reference` (default: REFERENCE), by Python code in each expat
+        # callback, as it was first written. Both give the same events (tests/test_xmpp_fastpath.py feeds
+        # them the same corpora, alone and under XmppSession).
+        self.reference = REFERENCE if reference is None else reference
         # Level-1 tags ('{ns}local') whose Stanza.element is the element alone, without children or text:
         # framed and checked against every limit like the rest, but no tree is built (for stanzas the
         # consumer only forwards, such as the server's presences to its client).
@@ -259,9 +280,21 @@ class XmlStreamDecoder:
         if hasattr(p, "SetReparseDeferralEnabled"):
             p.SetReparseDeferralEnabled(False)      # report complete tokens now, not after more data
         p.SetParamEntityParsing(expat.XML_PARAM_ENTITY_PARSING_NEVER)
-        p.StartElementHandler = self._start
-        p.EndElementHandler = self._end
-        p.CharacterDataHandler = self._text
+        if self.reference:
+            p.StartElementHandler = self._start
+            p.EndElementHandler = self._end
+            p.CharacterDataHandler = self._text
+            self._stack: list[ET.Element] = []
+            self._has_content: list[bool] = []
+        else:
+            p.StartElementHandler = self._start_fast
+            p.EndElementHandler = self._end_fast
+            p.CharacterDataHandler = self._text_fast
+            # The current stanza's tree is built in C, by a TreeBuilder of its own (one per stanza: a builder
+            # keeps its last element, which must not outlive the stanza on an idle connection).
+            self._tb: Any = None
+            self._element: ET.Element | None = None     # the current level-1 element
+            self._l1_content = False                    # it has a child or text (not an empty-element tag)
         p.StartDoctypeDeclHandler = self._restricted("a DTD")
         p.EntityDeclHandler = self._restricted("an entity declaration")
         p.ProcessingInstructionHandler = self._restricted("a processing instruction")
@@ -269,10 +302,8 @@ class XmlStreamDecoder:
         p.DefaultHandler = None
         self._parser = p
         self._depth = 0
-        self._stack: list[ET.Element] = []
         self._start_pos = 0           # document position of the current level-1 element's start tag
         self._elements = 0            # elements of the current stanza so far
-        self._has_content: list[bool] = []
 
     def _restricted(self, what: str):
         def handler(*args: Any) -> None:
@@ -316,39 +347,75 @@ class XmlStreamDecoder:
     def _pos(self) -> int:
         return self._parser.CurrentByteIndex
 
+    def _too_many_attributes(self, attrs: dict[str, str]) -> _Fatal:
+        return _Fatal(TOO_MANY_ATTRIBUTES, f"an element with {len(attrs)} attributes "
+                                           f"(max_attributes={self.limits.max_attributes})")
+
+    def _nested(self) -> None:
+        """One more element below level 1: the depth and element-count limits."""
+        if self._depth >= self.limits.max_depth:
+            raise _Fatal(TOO_DEEP, f"elements nested deeper than max_depth={self.limits.max_depth}")
+        self._elements += 1
+        if self._elements > self.limits.max_stanza_elements:
+            raise _Fatal(STANZA_TOO_LARGE, f"a stanza of more than {self.limits.max_stanza_elements} elements "
+                                           "(max_stanza_elements)")
+
+    def _stream_header(self, tag: str, attrs: dict[str, str]) -> None:
+        if tag != STREAM_TAG:
+            raise _Fatal(MALFORMED, f"the stream must start with <stream:stream>, not {tag}")
+        end = self._pos() - self._base
+        end = _tag_end(self._buf, end)
+        if end > self.limits.max_header_size:
+            raise _Fatal(HEADER_TOO_LARGE, f"a stream header of {end} bytes (max_header_size="
+                                           f"{self.limits.max_header_size})")
+        raw = bytes(self._buf[:end])
+        del self._buf[:end]
+        self._base += end
+        self._depth = 1
+        self._events.append(StreamOpened(raw, _attrs(attrs)))
+
+    def _level1_start(self, tag: str) -> None:
+        if tag == STREAM_TAG:
+            raise _Restart(self._pos())
+        self._start_pos = self._pos()
+        self._elements = 1
+        self._skipping = tag in self.shallow
+
+    def _level1_end(self, had_content: bool) -> int:
+        """Where the level-1 element that just ended ends in _buf (its limit checked)."""
+        pos = self._pos() - self._base
+        if not had_content and self._buf[pos - 2:pos] == b"/>":
+            end = pos                         # empty-element tag: expat reports its end
+        else:
+            end = self._buf.find(b">", pos) + 1     # an end tag: no attributes, so no quoted '>'
+            if end == 0:
+                raise _Fatal(MALFORMED, "an end tag without its closing '>'")   # expat said otherwise: a bug
+        if end > self.limits.max_stanza_size:
+            raise _Fatal(STANZA_TOO_LARGE, f"a stanza of {end} bytes (max_stanza_size="
+                                           f"{self.limits.max_stanza_size})")
+        return end
+
+    def _stream_end(self) -> None:
+        pos = self._pos() - self._base
+        end = _tag_end(self._buf, pos)
+        self._emit_raw(end, StreamClosed)
+        self._depth = 0
+        self.closed = True
+
+    # The reference path: the tree built in Python, in every callback.
+
     def _start(self, name: str, attrs: dict[str, str]) -> None:
         if len(attrs) > self.limits.max_attributes:
-            raise _Fatal(TOO_MANY_ATTRIBUTES, f"an element with {len(attrs)} attributes "
-                                              f"(max_attributes={self.limits.max_attributes})")
+            raise self._too_many_attributes(attrs)
         tag = _tag(name)
         if self._depth == 0:
-            if tag != STREAM_TAG:
-                raise _Fatal(MALFORMED, f"the stream must start with <stream:stream>, not {tag}")
-            end = self._pos() - self._base
-            end = _tag_end(self._buf, end)
-            if end > self.limits.max_header_size:
-                raise _Fatal(HEADER_TOO_LARGE, f"a stream header of {end} bytes (max_header_size="
-                                               f"{self.limits.max_header_size})")
-            raw = bytes(self._buf[:end])
-            del self._buf[:end]
-            self._base += end
-            self._depth = 1
-            self._events.append(StreamOpened(raw, _attrs(attrs)))
+            self._stream_header(tag, attrs)
             return
         if self._depth == 1:
-            if tag == STREAM_TAG:
-                raise _Restart(self._pos())
-            self._start_pos = self._pos()
-            self._elements = 1
+            self._level1_start(tag)
             el = ET.Element(tag, _attrs(attrs))
-            self._skipping = tag in self.shallow
         else:
-            if self._depth >= self.limits.max_depth:
-                raise _Fatal(TOO_DEEP, f"elements nested deeper than max_depth={self.limits.max_depth}")
-            self._elements += 1
-            if self._elements > self.limits.max_stanza_elements:
-                raise _Fatal(STANZA_TOO_LARGE, f"a stanza of more than {self.limits.max_stanza_elements} elements "
-                                               "(max_stanza_elements)")
+            self._nested()
             el = None if self._skipping else ET.SubElement(self._stack[-1], tag, _attrs(attrs))
             self._has_content[-1] = True
         self._stack.append(el)
@@ -357,27 +424,13 @@ class XmlStreamDecoder:
 
     def _end(self, name: str) -> None:
         if self._depth == 1:                      # </stream:stream>
-            pos = self._pos() - self._base
-            end = _tag_end(self._buf, pos)
-            self._emit_raw(end, StreamClosed)
-            self._depth = 0
-            self.closed = True
+            self._stream_end()
             return
         el = self._stack.pop()
         had_content = self._has_content.pop()
         self._depth -= 1
         if self._depth == 1:
-            pos = self._pos() - self._base
-            if not had_content and self._buf[pos - 2:pos] == b"/>":
-                end = pos                         # empty-element tag: expat reports its end
-            else:
-                end = self._buf.find(b">", pos) + 1     # an end tag: no attributes, so no quoted '>'
-                if end == 0:
-                    raise _Fatal(MALFORMED, "an end tag without its closing '>'")   # expat said otherwise: a bug
-            if end > self.limits.max_stanza_size:
-                raise _Fatal(STANZA_TOO_LARGE, f"a stanza of {end} bytes (max_stanza_size="
-                                               f"{self.limits.max_stanza_size})")
-            self._emit_raw(end, Stanza, el)
+            self._emit_raw(self._level1_end(had_content), Stanza, el)
 
     def _text(self, data: str) -> None:
         if self._depth <= 1:
@@ -393,6 +446,72 @@ class XmlStreamDecoder:
             last.tail = (last.tail or "") + data
         else:
             el.text = (el.text or "") + data
+
+    # The fast path: the same framing and limits, with the tree built by the C TreeBuilder. Below level 1 a
+    # callback only counts, checks and hands expat's name and attributes on (names as ElementTree spells them).
+
+    def _start_fast(self, name: str, attrs: dict[str, str]) -> None:
+        if len(attrs) > self.limits.max_attributes:
+            raise self._too_many_attributes(attrs)
+        depth = self._depth
+        if depth >= 2:
+            if depth >= self.limits.max_depth or self._elements >= self.limits.max_stanza_elements:
+                self._nested()                  # raises the limit's error
+            self._elements += 1
+            self._l1_content = True
+            self._depth = depth + 1
+            if not self._skipping:
+                self._tb.start(_TAGS.get(name) or _tag(name), _attrs_fast(attrs) if attrs else attrs)
+            return
+        tag = _TAGS.get(name) or _tag(name)
+        if depth == 0:
+            self._stream_header(tag, attrs)
+            return
+        if tag == STREAM_TAG:
+            raise _Restart(self._parser.CurrentByteIndex)
+        self._start_pos = self._parser.CurrentByteIndex
+        self._elements = 1
+        self._l1_content = False
+        self._depth = 2
+        # A shallow stanza is its element alone, outside the builder.
+        if tag in self.shallow:
+            self._skipping = True
+            self._element = ET.Element(tag, _attrs_fast(attrs))
+        else:
+            self._skipping = False
+            self._tb = ET.TreeBuilder()
+            self._element = self._tb.start(tag, _attrs_fast(attrs))
+
+    def _end_fast(self, name: str) -> None:
+        depth = self._depth - 1
+        if depth == 0:                            # </stream:stream>
+            self._stream_end()
+            return
+        self._depth = depth
+        if depth > 1:
+            if not self._skipping:
+                self._tb.end(name)
+            return
+        el = self._element
+        if not self._skipping:
+            self._tb.end(name)
+            self._tb = None
+        self._element = None
+        end = self._level1_end(self._l1_content)
+        buf = self._buf                         # _emit_raw, inline: once per stanza
+        raw = bytes(buf[:end])
+        del buf[:end]
+        self._base += end
+        self._events.append(Stanza(raw, el))
+
+    def _text_fast(self, data: str) -> None:
+        if self._depth <= 1:
+            if data.strip(" \t\r\n"):
+                raise _Fatal(TEXT_AT_STREAM_LEVEL, "character data between stanzas")
+            return
+        self._l1_content = True
+        if not self._skipping:
+            self._tb.data(data)
 
     def _emit_raw(self, end: int, make, *args) -> None:
         raw = bytes(self._buf[:end])
