@@ -24,7 +24,8 @@ The invariants, which tests/test_held_transfer.py checks over every order of eve
   Send only in `verdict`, and only for an allowed file);
 - a file that is dropped, cut or abandoned gives its receiver none of its bytes;
 - once a connection-per-transfer mechanism (DCC, MSNFTP, OFT, SOCKS5) has released its file, a close from
-  either side closes the other (an irssi receiver waits for the sender's close to finish a DCC);
+  either side closes the other (an irssi receiver waits for the sender's close to finish a DCC), gracefully:
+  the released bytes arrive before the FIN (Close.graceful);
 - the bytes held return to zero whenever no file is in RECEIVING or INSPECTING;
 - the bytes inspected are the bytes released: a piece placed over held bytes of another piece (MSRP Byte-Range,
   MSNSLP offsets) must carry the same bytes there, else the file is cut (`<kind>_overlap`), since which copy a
@@ -513,7 +514,7 @@ class HeldTransfer:
         self._free()
         out += self._tell_all(self.notices(Outcome.NOTICED, decision))
         if self.sender_gone:
-            out += self._close_connection(f"{self.kind} transfer done")
+            out += self._close_connection(f"{self.kind} transfer done", graceful=True)
         return out
 
     def sender_closed(self, truncated: bool = False) -> list[Command]:
@@ -526,7 +527,7 @@ class HeldTransfer:
                 return self.abandon(f"{self.kind}_empty", "the sender closed before sending any data")
             return self.inspect(truncated=truncated)
         if self.state is HoldState.RELEASED:
-            return self._close_connection(f"{self.kind} transfer done")
+            return self._close_connection(f"{self.kind} transfer done", graceful=True)
         return []
 
     def receiver_closed(self) -> list[Command]:
@@ -534,7 +535,7 @@ class HeldTransfer:
         and decided); released: the close is passed on to the sender."""
         self.receiver_gone = True
         if self.state is HoldState.RELEASED:
-            return self._close_connection(f"{self.kind} receiver closed")
+            return self._close_connection(f"{self.kind} receiver closed", graceful=True)
         return []
 
     def too_large(self, total: int, **data: Any) -> list[Command]:
@@ -630,8 +631,10 @@ class HeldTransfer:
         self.lead = b""
         self._tail = None
 
-    def _close_connection(self, reason: str) -> list[Command]:
-        return [Close(reason)] if self.owns_connection else []
+    def _close_connection(self, reason: str, graceful: bool = False) -> list[Command]:
+        """The close rule's Close. `graceful` after a release: the held bytes just sent to the receiver (megabytes,
+        still in the socket buffers) arrive before its FIN; an abrupt close could reset them away."""
+        return [Close(reason, graceful=graceful)] if self.owns_connection else []
 
     def _overrun(self, n: int) -> list[Command]:
         if not n:

@@ -15,7 +15,8 @@ Each session command becomes mitmproxy commands, in order:
 - Record      -> carrier.record(event): Pipeline.record, inline;
 - a fact (Anomaly, ProtocolEvent, Link, MessageDecision) -> the same, with its event built here;
 - Notify      -> carrier.notify_command(cmd): recorded, and delivered on the connection it names;
-- Close       -> both legs closed.
+- Close       -> both legs closed; Close(graceful=True) (after a released file) half-closes them behind what
+                 was sent and closes once the peers have read it and closed (_close_gracefully).
 
 A peer's close is passed on as the peer made it, after the session has been told (session.connection_closed)
 and its commands carried out (a held file is inspected and released first: the tracker's close rule):
@@ -50,6 +51,7 @@ from mitmproxy.proxy.layers.tls import ClientTLSLayer, ServerTLSLayer
 from imguard import alerts
 from imguard.model import ChatContext, Decision, FileReport
 from imguard.protocols.base import FACTS, Close, Fact, InspectFile, Notify, Record, Send, StartTls
+from imguard.gateway.tls_memory import TRIM_AFTER, trim_tls_buffers
 
 logger = logging.getLogger("imguard.gateway")
 
@@ -147,9 +149,11 @@ class SessionLayer(layer.Layer):
         self.pending = list(pending)            # commands the session returned after StartTls
         self.child = None
         self.closed = False
+        self.closing = False                    # closed gracefully: waiting for the peers to read to the end
         self.queued_bytes = 0                   # bytes queued by mitmproxy while this layer waits for a scan
         self.raw = False                        # fail mode parse=open: the session failed, bytes relayed as they are
         self._ack_sockets: dict[str, Any] = {}  # connection id -> its socket, or None (see _acknowledge)
+        self._trim_tls = tls                    # renew the TLS layers' memory BIOs after the next read
         metrics = carrier.metrics
         if metrics is not None and not after_starttls:     # one connection, counted once (not again inside TLS)
             metrics.connection_opened(chat.protocol)
@@ -193,6 +197,8 @@ class SessionLayer(layer.Layer):
             yield from self.child.handle_event(event)
             return
         if self.closed:
+            if self.closing and isinstance(event, events.ConnectionClosed):
+                yield from self._close_once_read()     # a graceful close: a peer has read to the end
             return
         if type(event) is events.DataReceived:
             self._acknowledge(event.connection)
@@ -208,6 +214,10 @@ class SessionLayer(layer.Layer):
             if event.data:
                 from_client = event.connection == self.context.client
                 yield from self._run_steps(self.session.data_received_steps, from_client, event.data)
+                if self.tls and (self._trim_tls or len(event.data) >= TRIM_AFTER):
+                    # Between events mitmproxy's TLS layers have read all they were given and sent all they wrote:
+                    # the handshake's (or this large read's) BIO buffers can go (tls_memory.renew_bios).
+                    self._trim_tls = not trim_tls_buffers(self.context)
         elif isinstance(event, events.ConnectionClosed):
             yield from self._connection_closed(event)
         elif isinstance(event, NoticeInjected):
@@ -424,7 +434,7 @@ class SessionLayer(layer.Layer):
                 yield from self._start_tls(rest)
                 return
             elif isinstance(cmd, Close):
-                yield from self._close()
+                yield from (self._close_gracefully() if cmd.graceful else self._close())
             else:
                 self.carrier.anomaly(self.chat, "unknown_command", f"session returned {cmd!r}")
 
@@ -447,6 +457,30 @@ class SessionLayer(layer.Layer):
                                               after_starttls=True, pending=rest)
         self.child = server_tls
         yield from server_tls.handle_event(events.Start())
+
+    def _close_gracefully(self) -> layer.CommandGenerator[None]:
+        """Close(graceful=True): what was sent arrives before the end (a released file, megabytes still in the
+        buffers). Each leg whose peer still sends is half-closed, its FIN queued behind those bytes, and still read
+        (this layer ignores what arrives) until its peer closes; a leg whose peer has closed stays open meanwhile
+        (closing the client's alone would end every leg in mitmproxy). Then both are closed. A full close at once
+        would stop the reads, and the kernel answers a peer's later bytes (a DCC receiver's ACKs) with a reset that
+        discards what it had not sent yet. A peer that never closes is ended by mitmproxy's idle timeout."""
+        self.closed = True
+        self.closing = True
+        if self.queued_bytes:
+            self.queued_bytes = 0
+            self.carrier.queued_layers.discard(self)
+        yield from self._close_once_read()
+
+    def _close_once_read(self) -> layer.CommandGenerator[None]:
+        client, server = self.context.client, self.context.server
+        if not ((client.state & ConnectionState.CAN_READ) or (server.state & ConnectionState.CAN_READ)):
+            self.closing = False
+            yield from self._close()
+            return
+        for leg in (server, client):
+            if leg.state & ConnectionState.CAN_READ and leg.state & ConnectionState.CAN_WRITE:
+                yield commands.CloseTcpConnection(leg, half_close=True)
 
     def _close(self) -> layer.CommandGenerator[None]:
         self.closed = True

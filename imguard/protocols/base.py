@@ -69,8 +69,11 @@ class Record:
 
 @dataclass(frozen=True)
 class Close:
-    """Close both legs of the connection."""
+    """Close both legs of the connection. `graceful`: what was sent is delivered first (a released file on a
+    connection of its own): each leg is half-closed after its last byte and still read until its peer closes,
+    since a full close with the peer's bytes (DCC ACKs) unread would be a reset that discards what is in flight."""
     reason: str = ""
+    graceful: bool = field(default=False, compare=False)     # how, not whether: equal to a plain Close
 
 
 @dataclass(frozen=True)
