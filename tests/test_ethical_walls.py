@@ -284,6 +284,18 @@ def irc_wall(walls_dir):
         ircd.stop()
 
 
+def irc_sentinel_via(chat, sender, via, receiver) -> None:
+    """sender -> via, then via -> receiver, by PRIVMSG, each waited for: what sender sent receiver before has arrived
+    by then (one ngIRCd handles the lines in the order it reads them). Not through a channel they share: a wall
+    refuses a channel message between its two sides."""
+    first, second = f"sentinel-1 {uuid.uuid4().hex[:6]}", f"sentinel-2 {uuid.uuid4().hex[:6]}"
+    sender.conn.privmsg(via.nick, first)
+    assert chat.pump(lambda: first in [m for _, m in via.private], 15), f"{first!r} did not reach {via.nick}"
+    via.conn.privmsg(receiver.nick, second)
+    assert chat.pump(lambda: second in [m for _, m in receiver.private], 15), (
+        f"{second!r} did not reach {receiver.nick}")
+
+
 @pytest.mark.parametrize("inside", ["research", "trading"])
 @pytest.mark.parametrize("way", ["research->trading", "trading->research"])
 def test_irc_wall_blocks_messages_and_files_both_ways(irc_wall, inside, way):
@@ -296,8 +308,8 @@ def test_irc_wall_blocks_messages_and_files_both_ways(irc_wall, inside, way):
     route = Route("imguard", False, ircd, gw)
     bases = {"research": "wra", "trading": "wtb"}
     with Chat(route) as chat:
-        people = {side: chat.person(bases[side], outside=side != inside) for side in bases}
-        carol = chat.person("wcn", outside=True)
+        people = {side: chat.person(bases[side], join=False, outside=side != inside) for side in bases}
+        carol = chat.person("wcn", join=False, outside=True)
         sender_side, receiver_side = way.split("->")
         sender, receiver = people[sender_side], people[receiver_side]
         text = f"the estimate before it is published {uuid.uuid4().hex[:6]}"
@@ -305,7 +317,7 @@ def test_irc_wall_blocks_messages_and_files_both_ways(irc_wall, inside, way):
         name = f"note-{uuid.uuid4().hex[:6]}.txt"
         t = chat.offer_file(sender, receiver, name, IBB_PAYLOAD)
         assert chat.pump(lambda: t.done or t.offer is None and not receiver.offers, 20)
-        chat.sentinel(sender, receiver, "after the walled message and file")
+        irc_sentinel_via(chat, sender, carol, receiver)
         assert text not in [m for _, m in receiver.private], f"the walled PRIVMSG arrived: {receiver.private}"
         assert bytes(t.received) == b"", f"{receiver.nick} received {len(t.received)} bytes of the walled file"
         inside_person = sender if sender_side == inside else receiver
@@ -408,12 +420,12 @@ def test_irc_wall_refuses_invites_both_ways(irc_wall, inside, way):
         invites: list[tuple[str, str, str]] = []     # (receiving nick, inviter, channel)
         chat.reactor.add_global_handler("invite", lambda conn, event: invites.append(
             (chat.people[conn].nick, event.source.nick, event.arguments[0])))
-        people = {side: chat.person(bases[side], outside=side != inside) for side in bases}
-        carol = chat.person("wcn", outside=True)
+        people = {side: chat.person(bases[side], join=False, outside=side != inside) for side in bases}
+        carol = chat.person("wcn", join=False, outside=True)
         sender_side, receiver_side = way.split("->")
         sender, receiver = people[sender_side], people[receiver_side]
         sender.conn.invite(receiver.nick, room)
-        chat.sentinel(sender, receiver, "after the walled invite")
+        irc_sentinel_via(chat, sender, carol, receiver)
         assert not [i for i in invites if i[0] == receiver.nick], f"the walled INVITE arrived: {invites}"
         inside_person = sender if sender_side == inside else receiver
         assert chat.pump(lambda: any(room in n for n in inside_person.imguard_notices()), 10), (

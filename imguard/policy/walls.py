@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from imguard.model import ALERT, BLOCK, ENFORCE, MODES, QUARANTINE, SEVERITIES
+from imguard.model import ALERT, BLOCK, ENFORCE, MODES, QUARANTINE, SEVERITIES, ChatContext, Decision
 from imguard.policy import conditions as C
 from imguard.policy.engine import Rule
 from imguard.policy.notice import check_template
@@ -122,3 +122,111 @@ def compile_wall(doc: Any, line: int, groups: dict[str, list[PartyPattern]], fil
                        file=filename, line=line)
                   for applies_to in ("message", "file"))
     return Wall(wid, (a, b), rules)
+
+
+class Rooms:
+    """Who is in the rooms our user is in, as one connection's session sees them (XMPP MUC occupant presences,
+    IRC JOIN/PART/QUIT/KICK/NICK and NAMES): room -> {occupant key -> identity}. The key is how the protocol names
+    an occupant in the room (an XMPP room nick, an IRC nick, lowercased by the caller); the identity is what groups
+    match (a real JID, an IRC nick!user@host or the nick alone). An occupant whose identity the session cannot see
+    (a semi-anonymous XMPP room) is kept with identity "" and counts for no group.
+
+    Bounded: at most `limit` occupants over all rooms of the connection (the setting `max_room_members`); past it
+    an occupant is not recorded, `enter` says so and the caller records an anomaly: the wall then decides on the
+    members it knows.
+
+    A message to a room is decided against all its members (Policy.decide_membership costs some microseconds per
+    member with a wall in force): a member list that no wall matched under a policy version is remembered as such
+    (`allowed`), until a member comes or goes, so a busy room costs a lookup per message. A decision that matched is
+    never remembered: every attempt across a wall is decided, and recorded, again."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._rooms: dict[str, dict[str, str]] = {}
+        self._count = 0
+        self._allowed: dict[str, str] = {}      # room -> the policy version under which its members were allowed
+
+    def allowed(self, room: str, policy_version: str) -> bool:
+        """This room's members, as they are, were decided with no wall matching under `policy_version`."""
+        return self._allowed.get(room) == policy_version
+
+    def allow(self, room: str, policy_version: str) -> None:
+        self._allowed[room] = policy_version
+
+    def __contains__(self, room: str) -> bool:
+        return room in self._rooms
+
+    def open(self, room: str) -> None:
+        """Our user is in `room` (its members follow)."""
+        self._rooms.setdefault(room, {})
+
+    def close(self, room: str) -> None:
+        """Our user left `room`: its members are forgotten."""
+        self._count -= len(self._rooms.pop(room, {}))
+        self._allowed.pop(room, None)
+
+    def enter(self, room: str, key: str, identity: str) -> bool:
+        """`key` is in `room` (a room our user is in) as `identity`. False: not recorded (the limit)."""
+        members = self._rooms.get(room)
+        if members is None:
+            return True
+        if key not in members:
+            if self._count >= self.limit:
+                return False
+            self._count += 1
+        if (identity or key not in members) and members.get(key) != identity:
+            members[key] = identity
+            self._allowed.pop(room, None)
+        return True
+
+    def leave(self, room: str, key: str) -> str | None:
+        """`key` left `room`; its identity, or None if it was not known there."""
+        members = self._rooms.get(room)
+        if members is None or key not in members:
+            return None
+        self._count -= 1
+        self._allowed.pop(room, None)
+        return members.pop(key)
+
+    def quit(self, key: str) -> None:
+        """`key` left every room (IRC QUIT)."""
+        for room in list(self._rooms):
+            self.leave(room, key)
+
+    def rename(self, old: str, new: str, identity: str) -> None:
+        """`old` is now `new` (IRC NICK), as `identity`, in every room it is in."""
+        for room, members in self._rooms.items():
+            if old in members:
+                del members[old]
+                members[new] = identity
+                self._allowed.pop(room, None)
+
+    def identity(self, room: str, key: str) -> str:
+        return self._rooms.get(room, {}).get(key, "")
+
+    def identities(self, room: str, besides: str = "") -> tuple[str, ...]:
+        """The known identities in `room`, but `besides` (our user's own key) and those not known."""
+        return tuple(sorted({i for k, i in self._rooms.get(room, {}).items() if i and k != besides}))
+
+    def has(self, room: str, identity: str) -> bool:
+        return identity in self._rooms.get(room, {}).values()
+
+
+def decide_room(check: Callable[[ChatContext], Decision], rooms: Rooms, room: str,
+                ctx_for: Callable[[tuple[str, ...]], ChatContext], besides: str = "",
+                exclude: str = "") -> Decision | None:
+    """A message to `room` decided by the walls against the room's members (`besides` our user's key, `exclude` its
+    identity), `check` being the session's checker.check_membership for the room (which records a wall's match).
+    None: allowed without a decision (no members; or the same members were allowed under the policy in force, whose
+    version a decision on no recipients tells: no wall can match it, so it is never recorded)."""
+    version = check(ctx_for(())).policy_version
+    if rooms.allowed(room, version):
+        return None
+    members = tuple(m for m in rooms.identities(room, besides) if m != exclude)
+    if not members:
+        rooms.allow(room, version)
+        return None
+    decision = check(ctx_for(members))
+    if not decision.matches and not decision.shadow:
+        rooms.allow(room, decision.policy_version)
+    return decision

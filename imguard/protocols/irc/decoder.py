@@ -76,6 +76,10 @@ class IrcLimits:
     max_tracked_offers: int = setting(
         256, "Most DCC offers remembered per IRC connection for matching RESUME/ACCEPT and passive DCC replies "
              "(oldest forgotten first).")
+    max_room_members: int = setting(
+        10000, "Most channel members remembered per IRC connection, over all its channels (JOIN/PART/QUIT/KICK/NICK "
+               "and NAMES), for the ethical walls' room checks; past it a member is not recorded (an anomaly) and "
+               "the walls decide on the members known.")
 
 
 # --- errors -----------------------------------------------------------------------------------------

@@ -67,6 +67,12 @@ host, realname, account, caps, tls), "irc_nick_change" (old, new, identity), "ir
 "dcc_refused".
 Message decisions are written by the checker (Pipeline.check_message), not here.
 
+Ethical walls in channels (docs/rules.md "Rooms"): JOIN, PART, KICK, QUIT, NICK and NAMES (353/366) keep the member
+lists of our user's channels (policy/walls.Rooms, `max_room_members`). Our user's JOIN into a channel where the NAMES
+show the other side is taken back (the gateway sends PART, our user gets a NOTICE); its PRIVMSG/NOTICE to a channel is
+decided against the channel's members, and a channel message from a member walled off from our user is not delivered
+(checker.check_membership: `wall_join`, `wall_message` events).
+
 WARN (imguard/conversation.py): our user's PRIVMSG is held and a NOTICE says why and how to answer; its
 `PRIVMSG <same target> :!justify <reason>` (or `!falsepositive`) is not forwarded: it releases the held line byte-exact
 or not, with a NOTICE saying so. A delivered PRIVMSG under WARN is refused like a block, unless it is the copy of one
@@ -89,6 +95,7 @@ from imguard.model import FROM_CLIENT, FROM_SERVER, MASK, ChatContext, Decision,
 from imguard.model import WARN
 from imguard.protocols.base import (Anomaly, Close, Command, MembershipChecker, OutgoingCommands, ProtocolEvent, Send,
                                     StartTls, StreamSession, block_words, limited_anomaly)
+from imguard.policy.walls import Rooms, decide_room
 from imguard.protocols.irc.dcc import CHAT, DCC_KIND, SEND, DccOffer, new_offer_id, remember_offer
 from imguard.protocols.irc.decoder import (BadLine, Ctcp, DccError, DccResume, DccSend, IrcLimits,
                                            LineDecoder, LineTooLong, Message, encode_text, format_ctcp,
@@ -132,6 +139,8 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
 # undecided (a NUL or a bare CR inside a PRIVMSG from outside).
 _MESSAGE_WORD = re.compile(rb"(?i)(?:^|[ \r])(?:PRIVMSG|NOTICE)(?: |$)")
 EMPTY_KINDS = {"empty_line"}
+ROOM_LINES = frozenset({"JOIN", "PART", "QUIT", "KICK", "NICK", "353", "366"})   # who is in our user's channels
+NAMES_PREFIXES = "~&@%+"        # channel status prefixes in a NAMES reply (RPL_NAMREPLY 353)
 
 
 @dataclass(frozen=True)
@@ -189,6 +198,10 @@ class IrcSession(StreamSession):
         self._sasl_account = ""         # from the PLAIN message, until the server says 903/900
         # DCC offers seen on this connection, for RESUME/ACCEPT and passive replies (oldest forgotten)
         self._offers: collections.OrderedDict[tuple, DccOffer] = collections.OrderedDict()
+        # the members of the channels our user is in (ethical walls); channels joined whose NAMES are still coming
+        self.rooms = Rooms(limits.max_room_members)
+        self._joining: set[str] = set()
+        self._walls = isinstance(checker, MembershipChecker)     # (a Protocol isinstance costs microseconds)
 
     # --- who --------------------------------------------------------------------------------------------
 
@@ -384,6 +397,112 @@ class IrcSession(StreamSession):
         out.add(Send(True, self._notice_line(text)))
         return True
 
+    # --- channels and their members (ethical walls) ---------------------------------------------------------
+
+    def _room_line(self, out: OutgoingCommands, msg: Message) -> None:
+        """Who is in the channels our user is in: JOIN, PART, KICK, QUIT and NICK lines and the NAMES reply (353,
+        ended by 366). A member's identity for the groups is its nick!user@host where a line shows it (JOIN, NICK,
+        NAMES under userhost-in-names), else its nick, as a message's sender is. Our user's own JOIN is decided at
+        the end of the channel's NAMES (366) against the members it lists; another member's JOIN when our user is
+        there is decided too (an event when a wall matches; our user is told, and from then on its messages to the
+        channel are refused while that member is in it)."""
+        cmd, params = msg.command, msg.params
+        me, nick = self.nick.lower(), (msg.nick or "").lower()
+        if cmd == "JOIN" and params:
+            for channel in params[0].split(","):
+                room = channel.lower()
+                if nick == me:
+                    self.rooms.close(room)
+                    self.rooms.open(room)
+                    self._joining.add(room)
+                elif room in self.rooms:
+                    self._member_joined(out, room, channel, nick, msg.prefix)
+        elif cmd == "PART" and params:
+            for channel in params[0].split(","):
+                if nick == me:
+                    self.rooms.close(channel.lower())
+                else:
+                    self.rooms.leave(channel.lower(), nick)
+        elif cmd == "KICK" and len(params) >= 2:
+            if params[1].lower() == me:
+                self.rooms.close(params[0].lower())
+            else:
+                self.rooms.leave(params[0].lower(), params[1].lower())
+        elif cmd == "QUIT" and nick and nick != me:
+            self.rooms.quit(nick)
+        elif cmd == "NICK" and params and nick:
+            self.rooms.rename(nick, params[0].lower(), params[0] + msg.prefix[len(msg.nick):])
+        elif cmd == "353" and len(params) >= 4 and params[2].lower() in self.rooms:
+            room = params[2].lower()
+            for word in params[3].split():
+                word = word.lstrip(NAMES_PREFIXES)
+                name = word.split("!", 1)[0]
+                if name and not self.rooms.enter(room, name.lower(), word):
+                    out.add(self._anomaly("room_members_overflow", f"more than {self.limits.max_room_members} "
+                                          "channel members on this connection: not all recorded",
+                                          from_client=False, channel=params[2]))
+                    break
+        elif cmd == "366" and len(params) >= 2 and params[1].lower() in self._joining:
+            self._joining.discard(params[1].lower())
+            self._our_join(out, params[1])
+
+    def _member_joined(self, out: OutgoingCommands, room: str, channel: str, nick: str, prefix: str) -> None:
+        if not self.rooms.enter(room, nick, prefix):
+            out.add(self._anomaly("room_members_overflow", f"more than {self.limits.max_room_members} channel "
+                                  "members on this connection: not all recorded", from_client=False, channel=channel))
+            return
+        decision = self.checker.check_membership("join", self._inbound_ctx(prefix, self.sender, channel), channel)
+        if decision.blocked:
+            why = "; ".join(m.title or m.rule_id for m in decision.matches) or "policy"
+            out.add(Send(True, self._notice_line(f"{prefix.split('!', 1)[0]} joined {channel}: {why}. imguard "
+                                                 f"does not deliver your messages to {channel} while they are in "
+                                                 "it.")))
+
+    def _our_join(self, out: OutgoingCommands, channel: str) -> None:
+        """Our user's JOIN, decided against the members the NAMES reply listed. Refused: the gateway parts the
+        channel for our user (the server's PART reaches the client, which shows it left) and says why. (The
+        members are known only once the server has let our user in: the JOIN cannot be refused before.)"""
+        members = self.rooms.identities(channel.lower(), besides=self.nick.lower())
+        if not members:
+            return
+        decision = self.checker.check_membership("join", self._ctx(recipients=members, conversation=channel,
+                                                                  origin=FROM_CLIENT), channel)
+        if decision.blocked:
+            why = "; ".join(m.title or m.rule_id for m in decision.matches) or "policy"
+            out.send(False, encode_text(f"PART {channel}") + b"\r\n")
+            out.add(Send(True, self._notice_line(f"Your join of {channel} was refused by imguard, which took you "
+                                                 f"out of it again: {why}")))
+
+    def _walled_room_message(self, out: OutgoingCommands, channels: list[str]) -> bool:
+        """Our user's message to channels: its recipients, for the walls, are the channels' members. True: a wall
+        refused it (dropped, our user told with the wall's notice)."""
+        if not self._walls:
+            return False
+        for channel in channels:
+            if channel.lower() not in self.rooms:
+                continue
+            decision = decide_room(lambda ctx, channel=channel: self.checker.check_membership("message", ctx, channel),
+                                   self.rooms, channel.lower(), lambda members, channel=channel: self._ctx(
+                                       recipients=members, conversation=channel, origin=FROM_CLIENT),
+                                   besides=self.nick.lower())
+            if decision is not None and decision.blocked:
+                out.add(Send(True, self._notice_line(decision.notice or self._default_notice(
+                    decision, "message", (channel,)))))
+                return True
+        return False
+
+    def _walled_delivery(self, out: OutgoingCommands, msg: Message, prefix: str, channel: str) -> bool:
+        """A channel message to our user, a member of it, from `prefix`: decided by the walls with our user as its
+        recipient. True: refused (dropped, our user told)."""
+        if not self._walls or channel.lower() not in self.rooms:
+            return False
+        decision = self.checker.check_membership("message", self._inbound_ctx(prefix, self.sender, channel), channel)
+        if not decision.blocked:
+            return False
+        why = "; ".join(m.title or m.rule_id for m in decision.matches) or "policy"
+        out.add(Send(True, self._notice_line(f"A message from {msg.nick} to {channel} was blocked by imguard: {why}")))
+        return True
+
     def _client_tags(self, out: OutgoingCommands, msg: Message) -> Message | None:
         """Client-only tag values go to other people: checked as text. Blocked: the line is dropped; masked:
         the line goes without its client-only tags."""
@@ -468,6 +587,8 @@ class IrcSession(StreamSession):
         if answer is not None:                  # the sender answers a warning: to imguard, it never crosses
             self._warn_answer(out, targets[0] if targets else "", answer)
             return
+        if cmd in MESSAGE_COMMANDS and channels and self._walled_room_message(out, channels):
+            return
         if check_text.strip():
             decision = self.checker.check_message(check_text, ctx)
             if decision.action == WARN and cmd == "PRIVMSG" and not ctcps and ctx.encryption == "":
@@ -523,6 +644,8 @@ class IrcSession(StreamSession):
 
     def _server_message(self, out: OutgoingCommands, msg: Message) -> None:
         cmd = msg.command
+        if cmd in ROOM_LINES and self._walls:
+            self._room_line(out, msg)
         if cmd == "001" and msg.params:
             self._welcome(out, msg)
         elif cmd == "005":
@@ -606,6 +729,8 @@ class IrcSession(StreamSession):
                 conversation = target.lstrip(self.statusmsg) if channel else ""
                 recipient = target if channel or target.lower() != self.nick.lower() else self.sender
                 ctx = self._inbound_ctx(prefix, recipient, conversation)
+                if channel and self._walled_delivery(out, msg, prefix, conversation):
+                    return
                 if _is_otr(plain):
                     ctx = ctx.with_(encryption="otr")
                 decision = self.checker.check_message(check_text, ctx)

@@ -43,8 +43,12 @@ for the contract). In short:
   carbons, XEP-0313 archive results, "from" the user's bare JID) is decided as the wrapped message: from
   and to its own parties, from the client side when the user sent it. The room's copy of the client's own
   groupchat message (same room, id and text) was decided on the way out and is forwarded as it is.
-  Presences stay shallow (framed and bounded, no element tree) and are never checked; iqs are parsed for
-  what they carry (bind, upload slots, files) but never go to policy.
+  Presences stay shallow (framed and bounded, no element tree) and are never checked, but those of the XEP-0045
+  rooms the client is in or entering (parsed from their bytes) keep the rooms' occupant lists (policy/walls.Rooms)
+  for the ethical walls: an entry into a room with the other side in it is refused with a presence error (the
+  gateway leaves the room for the client), a groupchat message is decided against the room's occupants, and a room
+  message from an occupant walled off from the client is not delivered (`_room_presence`; docs/rules.md "Rooms").
+  iqs are parsed for what they carry (bind, upload slots, files) but never go to policy.
 * WARN (imguard/conversation.py): the client's message is held and the client gets the policy-violation error with
   the notice and how to answer; its `!justify <reason>` / `!falsepositive` (a message to the same peer or room) is
   not forwarded: it releases the held stanza byte-exact or not, and the client gets a chat message from the server's
@@ -127,6 +131,7 @@ from imguard.conversation import (RELEASED, Answer, ConversationSettings, Pendin
 from imguard.files.tracker import HoldLedger
 from imguard.model import BLOCK, FROM_CLIENT, FROM_SERVER, MASK, ChatContext, Decision, FileReport
 from imguard.model import WARN
+from imguard.policy.walls import Rooms, decide_room
 from imguard.protocols.base import (Anomaly, Close, Command, Link, MembershipChecker, MessageDecision, Send,
                                     StartTls, StreamSession, block_words)
 from imguard.protocols.xmpp import decoder as d
@@ -230,6 +235,9 @@ def _link_relays(limits: XmppLimits, listener: Listener) -> dict[str, str]:
 _MUC_USER_X = "{http://jabber.org/protocol/muc#user}x"     # XEP-0045 §7.8.2 mediated invitation
 _MUC_INVITE = "{http://jabber.org/protocol/muc#user}invite"
 _CONFERENCE_X = "{jabber:x:conference}x"                      # XEP-0249 direct invitation
+_MUC_X = "{http://jabber.org/protocol/muc}x"                  # XEP-0045 §7.2.1: the client enters a room
+_MUC_ITEM = "{http://jabber.org/protocol/muc#user}item"
+_MUC_STATUS = "{http://jabber.org/protocol/muc#user}status"
 
 
 def _invitations(el: ET.Element, from_client: bool) -> list[tuple[str, str, str]]:
@@ -353,6 +361,14 @@ class XmppSession(StreamSession):
         self._sm_id = ""
         self._refusals = 0               # error messages sent to senders on the server's side
         self._reflections: dict[tuple[str, str | None], int] = {}    # (room, id) -> hash of the text that crossed
+        # XEP-0045 rooms (ethical walls): the occupants of the rooms our user is in; the rooms it is entering
+        # (room -> (its nick, the room's presences held until the room's presence of our user)); rooms the gateway
+        # took it out of, whose stanzas are dropped until the room confirms it left
+        self.rooms = Rooms(limits.max_room_members)
+        self._entering: dict[str, tuple[str, list[bytes]]] = {}
+        self._held_bytes: dict[str, int] = {}       # room -> bytes of the presences held while entering it
+        self._leaving: dict[str, str] = {}          # room -> our user's nick in it
+        self._walls = isinstance(checker, MembershipChecker)     # (a Protocol isinstance costs microseconds)
 
     # --- identity ------------------------------------------------------------------------------
 
@@ -500,6 +516,12 @@ class XmppSession(StreamSession):
             return self._client_message(event)
         if local == "iq":
             return self._client_iq(event)
+        if local == "presence" and el.find(_MUC_X) is not None and "/" in el.get("to", "") \
+                and el.get("type", "") == "" and self._walls:
+            room, _, nick = el.get("to", "").partition("/")
+            if room not in self.rooms:          # entering a room (else a status change in it)
+                self.rooms.open(room)
+                self._entering[room] = (nick, [])
         return [self._forward(event)]
 
     def _client_auth(self, st: d.Stanza) -> list[Command]:
@@ -545,7 +567,7 @@ class XmppSession(StreamSession):
         answer = parse_answer(body.text, self.warnings.settings) if body is not None and not oob else None
         if answer is not None:                  # the sender answers a warning: to imguard, it never crosses
             return self._warn_answer(bare(to), answer)
-        refused = self._invitation_refused(el, True)
+        refused = self._invitation_refused(el, True) or (groupchat and self._walled_room_message(bare(to)))
         if refused:
             return self._refuse_message(el, refused)
         return self._decide_message(st, ctx, oob, scheme, True, (bare(to), el.get("id")) if groupchat else None)
@@ -569,6 +591,140 @@ class XmppSession(StreamSession):
                         if from_client else
                         f"imguard: an invitation from {bare(inviter)} to {bare(room)} was blocked: {why}")
         return ""
+
+    # --- rooms and their occupants (ethical walls) ----------------------------------------------------------
+
+    def _room_presence(self, st: d.Stanza) -> list[Command]:
+        """A presence from a room our user is in or entering (XEP-0045 §7.2.3: the room sends the occupants'
+        presences, then our user's own, status 110). Non-anonymous rooms name each occupant's real JID (its
+        identity for the groups); a semi-anonymous room does not, and its occupants count for no group.
+        Entering: the room's presences are held until our user's own, then the entry is decided against the
+        occupants; refused, the client gets a presence error (policy-violation) as if the room had refused it,
+        the presences held are dropped, the gateway leaves the room for it, and what the room sends until it
+        confirms is dropped. In the room: a new occupant's arrival is decided (an event when a wall matches; our
+        user is told), and from then on our user's messages to the room are refused while it is there."""
+        el = st.element
+        frm = el.get("from", "")
+        room, _, nick = frm.partition("/")
+        ptype = el.get("type", "")
+        if room in self._leaving:
+            if nick == self._leaving[room] and ptype in ("unavailable", "error"):
+                del self._leaving[room]         # the room confirms: our user is out
+            self.dropped(1, from_client=False)
+            return []
+        entering = self._entering.get(room)
+        if ptype == "error":
+            if entering is not None and nick == entering[0]:
+                del self._entering[room]
+                self._held_bytes.pop(room, None)
+                self.rooms.close(room)
+                return [Send(True, raw) for raw in entering[1]] + [Send(True, st.raw)]
+            return [Send(True, st.raw)]
+        try:
+            full = ET.fromstring(st.raw)
+        except ET.ParseError as e:          # (a prefix only the stream header declares): not read, passed on
+            held = self._entering.pop(room, (nick, []))[1]
+            self._held_bytes.pop(room, None)
+            return [self.anomaly("unreadable_room_presence", f"a presence from {room} could not be read for its "
+                                 f"occupant ({e}); forwarded undecided", from_client=False, room=room),
+                    *(Send(True, raw) for raw in held), Send(True, st.raw)]
+        codes = {s.get("code") for s in full.iter(_MUC_STATUS)}
+        item = full.find(".//" + _MUC_ITEM)
+        identity = bare(item.get("jid", "")) if item is not None else ""
+        ours = "110" in codes or (entering is not None and nick == entering[0])
+        out: list[Command] = []
+        if ptype == "unavailable" and "303" in codes:       # a nick change (§7.6): the same occupant, renamed
+            if not ours:
+                known = self.rooms.leave(room, nick)
+                new = item.get("nick", "") if item is not None else ""
+                if new and known is not None:
+                    self.rooms.enter(room, new, known)
+        elif ptype == "unavailable":
+            if ours:                        # our user left (or never got in): what was held goes on as it came
+                out += [Send(True, raw) for raw in self._entering.pop(room, (nick, []))[1]]
+                self._held_bytes.pop(room, None)
+                self.rooms.close(room)
+            else:
+                self.rooms.leave(room, nick)
+        elif not ours:
+            known = not identity or self.rooms.has(room, identity)
+            if not self.rooms.enter(room, nick, identity):
+                out.append(self.anomaly("room_members_overflow", f"more than {self.limits.max_room_members} room "
+                                        "occupants on this connection: not all recorded", from_client=False,
+                                        room=room))
+            elif entering is None and not known:
+                out += self._occupant_arrived(room, identity)
+        held_bytes = self._held_bytes.get(room, 0) + len(st.raw)
+        if entering is not None and not ours and len(entering[1]) < self.limits.max_room_members \
+                and held_bytes <= self.limits.max_server_stanza_size:
+            entering[1].append(st.raw)      # (bounded: as many as the member limit, as big as a server stanza)
+            self._held_bytes[room] = held_bytes
+            return out
+        if entering is not None and ours and ptype != "unavailable":
+            del self._entering[room]
+            self._held_bytes.pop(room, None)
+            return out + self._our_entry(room, nick, entering[1], st.raw)
+        return out + [Send(True, st.raw)]
+
+    def _our_entry(self, room: str, nick: str, held: list[bytes], own: bytes) -> list[Command]:
+        members = tuple(m for m in self.rooms.identities(room, besides=nick) if m != self.sender)
+        decision = self.checker.check_membership("join", self.ctx(
+            recipients=members, conversation=room, origin=FROM_CLIENT), room) if members else None
+        if decision is None or not decision.blocked:
+            return [Send(True, raw) for raw in held] + [Send(True, own)]
+        why = "; ".join(m.title or m.rule_id for m in decision.matches) or "policy"
+        notice = f"Your entry into {room} was refused by imguard: {why}"
+        self.dropped(len(held) + 1, from_client=False)
+        self.rooms.close(room)
+        self._leaving[room] = nick
+        occupant = f"{room}/{nick}"
+        return [self.inject(False, f"<presence type='unavailable' to={attr(occupant)}/>".encode("utf-8")),
+                self.inject(True, (f"<presence type='error' from={attr(occupant)}"
+                                   + (f" to={attr(self.full_jid)}" if self.full_jid else "")
+                                   + f"><x xmlns='http://jabber.org/protocol/muc'/><error type='cancel'>"
+                                   f"<policy-violation xmlns='{NS_STANZAS}'/><text xmlns='{NS_STANZAS}'>"
+                                   f"{text(notice)}</text></error></presence>").encode("utf-8"))]
+
+    def _occupant_arrived(self, room: str, identity: str) -> list[Command]:
+        decision = self.checker.check_membership("join", self._delivered_ctx(identity, self.sender, room), room)
+        if not decision.blocked:
+            return []
+        why = "; ".join(m.title or m.rule_id for m in decision.matches) or "policy"
+        return [self.notice_message(self.full_jid, f"imguard: {identity} entered {room}: {why}. Your messages to "
+                                                   f"{room} are not delivered while they are there.")]
+
+    def _walled_room_message(self, room: str) -> str:
+        """The wall's notice when our user's message to `room` is refused (its recipients, for the walls, are the
+        room's occupants), else ""."""
+        if room not in self.rooms or not self._walls:
+            return ""
+        decision = decide_room(lambda ctx: self.checker.check_membership("message", ctx, room), self.rooms, room,
+                               lambda members: self._room_ctx(room, members), exclude=self.sender)
+        return (decision.notice or DEFAULT_NOTICE) if decision is not None and decision.blocked else ""
+
+    def _room_ctx(self, room: str, members: tuple[str, ...]) -> ChatContext:
+        """Our user's message to `room`, its recipients the room's `members` (cached as _message_ctx)."""
+        key = (self.sender, room, members)
+        ctx = self._ctx_cache.get(key)
+        if ctx is None:
+            if len(self._ctx_cache) >= _CTX_CACHE_SIZE:
+                self._ctx_cache.clear()
+            ctx = self._ctx_cache[key] = self.ctx(recipients=members, conversation=room, origin=FROM_CLIENT)
+        return ctx
+
+    def _walled_delivery(self, room: str, nick: str) -> str:
+        """A room's message to our user from the occupant `nick`: decided by the walls, its sender the occupant's
+        real JID and our user its recipient. Refused: the notice for our user, else ""."""
+        if room not in self.rooms or not self._walls:
+            return ""
+        identity = self.rooms.identity(room, nick)
+        if not identity or identity == self.sender:
+            return ""
+        decision = self.checker.check_membership("message", self._delivered_ctx(identity, self.sender, room), room)
+        if not decision.blocked:
+            return ""
+        why = "; ".join(m.title or m.rule_id for m in decision.matches) or "policy"
+        return f"imguard: a message from {identity} in {room} was blocked: {why}"
 
     def _decide_message(self, st: d.Stanza, ctx: ChatContext, oob: list[ET.Element], scheme: str,
                         from_client: bool, groupchat: tuple[str, str | None] | None) -> list[Command]:
@@ -921,6 +1077,9 @@ class XmppSession(StreamSession):
                     self.sasl_identity = bare(authz.text.strip())
         elif local == "message" and ns == NS_CLIENT:
             return self._server_message(event)
+        elif local == "presence" and (self._entering or self._leaving or b"muc#user" in event.raw) \
+                and (bare(el.get("from", "")) in self.rooms or bare(el.get("from", "")) in self._leaving):
+            return self._room_presence(event)
         elif local == "iq":
             iq_id = el.get("id")
             itype = el.get("type")
@@ -964,6 +1123,12 @@ class XmppSession(StreamSession):
         if refused:
             return self._refuse_delivery(refused)
         room = bare(frm) if mtype == "groupchat" else ""
+        if room in self._leaving:               # a room the gateway took our user out of
+            self.dropped(1, from_client=False)
+            return []
+        walled = self._walled_delivery(room, frm.partition("/")[2]) if room else ""
+        if walled:
+            return self._refuse_delivery(walled)
         sender = frm if room else bare(frm)             # an occupant is known by its room/nick
         origin = FROM_CLIENT if sender and sender == self.sender else FROM_SERVER
         recipient = bare(to) if to else self.sender
