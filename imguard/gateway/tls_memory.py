@@ -1,7 +1,8 @@
 """TLS interception's per-connection memory and its late per-host choices: LateTlsAddon runs after mitmproxy's
 TlsConfig, turns off upstream verification for the named hosts only, makes a session's STARTTLS talk TLS to the
 server before the client (so the forged certificate copies the real one), and trims what each TLS connection
-holds (release idle buffers; one certificate and key object per forged certificate)."""
+holds (release idle buffers; fresh memory BIOs after the handshake and after a large read, renewed by
+SessionLayer; one certificate and key object per forged certificate)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,6 @@ from typing import Any
 from mitmproxy import ctx as mitm_ctx
 from mitmproxy import tls
 from OpenSSL import SSL, crypto
-
-from imguard.gateway.layer import SessionLayer
 
 logger = logging.getLogger("imguard.gateway")
 
@@ -32,11 +31,55 @@ def _release_idle_buffers(data: tls.TlsData) -> None:
         logger.debug("SSL_MODE_RELEASE_BUFFERS not set", exc_info=True)
 
 
+TRIM_AFTER = 2048       # a read this large (decrypted) grew the connection's memory BIOs: renew them after it
+
+
+def renew_bios(conn: Any) -> bool:
+    """Give a TLS connection two new, empty memory BIOs. A memory BIO never shrinks: the pair pyOpenSSL made
+    keeps the largest chunk that ever passed (the handshake's certificate flight; a 64 KB read) allocated for
+    the connection's life: about 3 KB a connection after a handshake, 5.7 KB for the two of an intercepted
+    one (bench/bench_idle.py). Only when both are empty (nothing received and not yet read, nothing to send),
+    so no byte is lost; SSL_set_bio frees the old pair. False when nothing changed."""
+    if _openssl_lib is None or getattr(conn, "_into_ssl", None) is None:
+        return False
+    if _pending(conn._into_ssl) or _pending(conn._from_ssl):
+        return False
+    into, out = _openssl_lib.BIO_new(_openssl_lib.BIO_s_mem()), _openssl_lib.BIO_new(_openssl_lib.BIO_s_mem())
+    if into == _ffi.NULL or out == _ffi.NULL:
+        for bio in (into, out):
+            if bio != _ffi.NULL:
+                _openssl_lib.BIO_free(bio)
+        return False
+    _openssl_lib.SSL_set_bio(conn._ssl, into, out)
+    conn._into_ssl, conn._from_ssl = into, out     # pyOpenSSL reads and writes through these (SSL_free frees them)
+    return True
+
+
+def trim_tls_buffers(context: Any) -> bool:
+    """Renew the memory BIOs of every TLS layer of a connection (SessionLayer calls it between events, when
+    mitmproxy's TLS layers have read all they were given and sent all they wrote). True when all were renewed."""
+    done = True
+    for found in context.layers:
+        conn = getattr(found, "tls", None)
+        if isinstance(conn, SSL.Connection):
+            try:
+                done = renew_bios(conn) and done
+            except Exception:       # only memory is at stake: the connection keeps its BIOs
+                logger.debug("memory BIOs not renewed", exc_info=True)
+                return True
+    return done
+
+
+def _pending(bio) -> int:
+    return _openssl_lib.BIO_get_mem_data(bio, _ffi.new("char **"))
+
+
 try:
+    from OpenSSL._util import ffi as _ffi
     from OpenSSL._util import lib as _openssl_lib
     _SSL_MODE_RELEASE_BUFFERS = _openssl_lib.SSL_MODE_RELEASE_BUFFERS
 except (ImportError, AttributeError):
-    _openssl_lib, _SSL_MODE_RELEASE_BUFFERS = None, None
+    _ffi, _openssl_lib, _SSL_MODE_RELEASE_BUFFERS = None, None, None
 
 
 class SharedCertificates:
@@ -100,6 +143,7 @@ class LateTlsAddon:
         self.certificates = SharedCertificates()
 
     def tls_clienthello(self, data: tls.ClientHelloData) -> None:
+        from imguard.gateway.layer import SessionLayer     # here: layer.py imports this module
         if any(isinstance(layer, SessionLayer) for layer in data.context.layers):
             data.establish_server_tls_first = True
 
@@ -109,6 +153,15 @@ class LateTlsAddon:
             self.certificates.install(data)
         except Exception:           # only memory is at stake: the connection keeps TlsConfig's own copies
             logger.debug("certificate objects not shared", exc_info=True)
+
+    def tls_established_client(self, data: tls.TlsData) -> None:
+        """A session's client leg is up, so its forged certificate is made: the server's certificates, parsed
+        by mitmproxy for that (about 5 KB each: Rust and Python objects), are not read again; drop them.
+        Sessions only (an HTTP flow shows its server's certificates)."""
+        from imguard.gateway.layer import SessionLayer     # here: layer.py imports this module
+        server = data.context.server
+        if server.certificate_list and any(isinstance(layer, SessionLayer) for layer in data.context.layers):
+            server.certificate_list = []
 
     def tls_start_server(self, data: tls.TlsData) -> None:
         _release_idle_buffers(data)
