@@ -3,7 +3,9 @@ and the comparison of that true type with what the sender claimed (name extensio
 
 libmagic runs on the first `magic_bytes` of the content only (8 KiB gave the same answer as the whole
 buffer on every file of the research corpus), with one libmagic cookie per thread: cookies are not
-thread-safe, and python-magic's per-instance lock would serialise the gateway's workers.
+thread-safe, and python-magic's per-instance lock would serialise the gateway's workers. Where libmagic's
+description fixes its MIME type (plain text, "data", the common binary formats), one call gives both
+(`mime_of_description`, `MagicPool.identify`).
 """
 
 from __future__ import annotations
@@ -290,6 +292,42 @@ class _Cookie:
             self.cookie = None
 
 
+# libmagic descriptions that fix its MIME type (issue 21): for these, the description is asked for and the MIME
+# type read here, one libmagic call instead of two. The MIME type and the description come from the same walk of
+# the magic database (the same tests match either way); they can differ only when a matching entry has a MIME
+# type and no description, or the reverse ("Python script" is text/plain or text/x-script.python). So only
+# descriptions libmagic writes itself when no entry of the database matched (plain text, "data"), and the
+# leading words of formats whose one entry gives one MIME type, are listed; every other description costs the
+# second call. tests/test_filetype_fastpath.py checks every pair against libmagic's MIME call over its corpus.
+_MIME_OF_DESCRIPTION = tuple((re.compile(pattern, re.DOTALL), mime) for pattern, mime in (
+    (r"(ASCII|ISO-8859|Non-ISO extended-ASCII|Unicode text, UTF-8( \(with BOM\))?) text(, with .*)?", "text/plain"),
+    (r"data|very short file \(no magic\)", "application/octet-stream"),
+    (r"PNG image data, .*", "image/png"),
+    (r"JPEG image data, .*", "image/jpeg"),
+    (r"GIF image data, version 8[79]a, .*", "image/gif"),
+    (r"PDF document, version .*", "application/pdf"),
+    (r"Zip archive data, .*", "application/zip"),
+    (r"gzip compressed data(, .*)?", "application/gzip"),
+    (r"bzip2 compressed data, .*", "application/x-bzip2"),
+    (r"XZ compressed data, .*", "application/x-xz"),
+    (r"7-zip archive data, .*", "application/x-7z-compressed"),
+    (r"POSIX tar archive( \(GNU\))?", "application/x-tar"),
+    (r"PE32\+? executable \(.*", "application/vnd.microsoft.portable-executable"),
+    (r"ELF (32|64)-bit (LSB|MSB) executable, .*", "application/x-executable"),
+    (r"ELF (32|64)-bit (LSB|MSB) shared object, .*", "application/x-sharedlib"),
+    (r"Mach-O (64-bit )?(x86_64|arm64|i386) executable.*", "application/x-mach-binary"),
+))
+
+
+def mime_of_description(description: str) -> str:
+    """The MIME type libmagic gives a head whose description is `description`, when the description fixes it;
+    "" when only libmagic's MIME call can tell."""
+    for pattern, mime in _MIME_OF_DESCRIPTION:
+        if pattern.fullmatch(description):
+            return mime
+    return ""
+
+
 class MagicPool:
     """libmagic cookies, one pair (MIME, description) per thread.
 
@@ -332,4 +370,9 @@ class MagicPool:
             return f"libmagic error: {exc}"
 
     def identify(self, head: bytes) -> tuple[str, str]:
-        return self.mime(head), self.description(head)
+        """(MIME type, description). The fast path asks libmagic for the description, and for the MIME type too
+        only when the description does not fix it (mime_of_description); the reference asks for both."""
+        if self.reference:
+            return self.mime(head), self.description(head)
+        description = self.description(head)
+        return mime_of_description(description) or self.mime(head), description
