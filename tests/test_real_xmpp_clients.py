@@ -241,6 +241,7 @@ class XmppFinch(Finch):
 
     def __init__(self, home: Path, port: int, jid: str, password: str, certificate: str):
         self.home, self.name = home, f"imguard-finch-{uuid.uuid4().hex[:6]}"
+        self.dbus = ""          # Finch.start reads it (tests/test_sametime.py): no D-Bus session here
         peers = home / ".purple" / "certificates" / "x509" / "tls_peers"
         peers.mkdir(parents=True)
         (peers / "127.0.0.1").write_text(certificate)
