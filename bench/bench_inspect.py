@@ -6,6 +6,7 @@ check, archive walk). Everything is generated deterministically (seed 1234); no 
 
     .venv/bin/python bench/bench_inspect.py            # about 1-2 minutes on 2 vCPUs
     .venv/bin/python bench/bench_inspect.py --quick    # smaller corpus, for a smoke test
+    .venv/bin/python bench/bench_inspect.py --only "(a) archives,(d)"   # just those rows (the rest print nan)
 
 Sections:
   (a) mixed corpus 1 KB - 10 MB, non-archives, ratio pipeline/raw; files >= 1 MB reported on their own
@@ -251,6 +252,8 @@ def main() -> None:
     parser.add_argument("--rules", type=int, default=3000, help="synthetic rules to add (default 3000)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--only", default="", help="run only the rows whose label starts with one of these "
+                        "comma-separated prefixes, e.g. '(a) archives,(d)' (the others print nan)")
     args = parser.parse_args()
     started = time.perf_counter()
     rng = random.Random(1234)
@@ -316,10 +319,20 @@ def main() -> None:
                     best[index][slot + 1] = min(best[index][slot + 1], cpu)
         return tuple(sum(b[i] for b in best) for i in range(4))
 
+    only = [prefix.strip() for prefix in args.only.split(",") if prefix.strip()]
+    only += ["(a) files >= 1 MB"] if any(p.startswith("(d)") for p in only) else []     # (d)'s 1-thread row
+
+    def wanted(label: str) -> bool:
+        return not only or any(label.startswith(prefix) for prefix in only)
+
     def compare(label: str, files, threads: int = 1, unit: str = "MB/s", raw=raw, total: int = 0,
                 target: str = "", pipeline=pipeline) -> dict:
         """One row. `raw` is the baseline (YARA over the same bytes, or over the expanded bytes), `total`
         the bytes the MB/s figures count (default: the files' own bytes)."""
+        if not wanted(label):
+            return dict({"set": label, "threads": threads, "files": len(files), "MB": 0, "unit": unit,
+                         "target": target}, **dict.fromkeys(("raw", "pipeline", "ratio", "raw_cpu_wall",
+                                                             "pipe_cpu_wall", "cpu_ratio"), float("nan")))
         run(pipeline, files[:3]), run(raw, files[:3])         # warm up (libmagic cookies, page faults)
         if threads == 1:
             raw_wall, raw_cpu, pipe_wall, pipe_cpu = per_file_best(files, raw, pipeline)
@@ -336,7 +349,7 @@ def main() -> None:
         return row
 
     big = corpus["big"]
-    compare("(a) files >= 1 MB", big, target=">= 0.90")
+    big_row = compare("(a) files >= 1 MB", big, target=">= 0.90")
     compare("(a) files 1 KB - 700 KB", corpus["mid"])
     compare("(a) all non-archives", big + corpus["mid"])
     compare("(a) archives (zip, tar.gz)", corpus["archive"])
@@ -346,12 +359,12 @@ def main() -> None:
     compare("(e) tar, walked by tarfile", corpus["tar"])
     compare("(e) same members as cpio (libarchive)", corpus["cpio"])
     compare("(e) same members as 7z (libarchive)", corpus["7z"])
-    compare("(b) small files 200 B - 4 KB", corpus["small"], unit="files/s", target=">= 0.25")
+    small = compare("(b) small files 200 B - 4 KB", corpus["small"], unit="files/s", target=">= 0.25")
     floor = compare("(b) small: libmagic alone (floor)", corpus["small"], unit="files/s", pipeline=libmagic_only)
     current[0] = sha256_only
     compare("(a) files >= 1 MB, digests=sha256", big)
     current[0] = inspector
-    one = dict(rows[0], set="(d) files >= 1 MB, 1 thread")
+    one = dict(big_row, set="(d) files >= 1 MB, 1 thread")
     rows.append(one)
     two = compare("(d) files >= 1 MB, 2 threads", big, threads=2)
 
@@ -368,7 +381,8 @@ def main() -> None:
                                ("(f) repeated 1 KB - 700 KB, cached", corpus["mid"], "MB/s"),
                                ("(f) repeated archive, cached", corpus["archive"], "MB/s"),
                                ("(f) repeated small file, cached", corpus["small"], "files/s")):
-        run(cached_inspection, files)           # each file crossed once already: its report is in the cache
+        if wanted(label):
+            run(cached_inspection, files)       # each file crossed once already: its report is in the cache
         repeated.append(compare(label, files, unit=unit, raw=uncached_inspection, pipeline=cached_inspection))
 
     print()
@@ -385,7 +399,6 @@ def main() -> None:
     print(f"2 threads vs 1 (pipeline): {two['pipeline'] / one['pipeline']:.2f}x wall, "
           f"cpu/wall {two['pipe_cpu_wall']:.2f}; "
           f"raw YARA: {two['raw'] / one['raw']:.2f}x, cpu/wall {two['raw_cpu_wall']:.2f} (target: pipeline >= 1.7x)")
-    small = next(r for r in rows if r["set"].startswith("(b) small files"))
     print(f"small files: pipeline {small['pipeline']:.0f} files/s = {small['ratio']:.2f} of raw YARA (target >= 0.25, "
           f">= 3,500 files/s); libmagic's two calls alone: {floor['pipeline']:.0f} files/s, the floor without a "
           "libmagic fast path")

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from imguard.inspect.archives import RATIO_MIN_BYTES, Budget, _inflate_zlib
+from imguard.inspect.polyglot import find
 
 _LENGTH = re.compile(rb"/Length\s+(\d+)(?!\s+\d+\s+R)")
 _SKIP = re.compile(rb"/Subtype\s*/(?:Image|Type1C|CIDFontType0C|OpenType)|/Length[123]\b|/FontFile")
@@ -366,8 +367,9 @@ def _unpredict(data: bytes, parm: dict[bytes, int]) -> bytes:
 
 def _streams(data: bytes) -> Iterator[tuple[int, int]]:
     """(offset of each "stream" keyword, offset of its data): the keyword on its own, not "endstream",
-    followed by an end of line. bytes.find is much faster here than a regular expression."""
-    pos = data.find(b"stream")
+    followed by an end of line. A plain search is much faster here than a regular expression, and polyglot.find
+    releases the GIL on big buffers (bytes.find held it for ~8 ms per 10 MB: the 2-thread row, issue 21)."""
+    pos = find(data, b"stream")
     while pos >= 0:
         after = pos + 6
         if pos == 0 or not data[pos - 1:pos].isalpha():
@@ -375,7 +377,7 @@ def _streams(data: bytes) -> Iterator[tuple[int, int]]:
                 yield pos, after + 2
             elif data[after:after + 1] in (b"\n", b"\r"):
                 yield pos, after + 1
-        pos = data.find(b"stream", after)
+        pos = find(data, b"stream", after)
 
 
 def _stream_end(data: bytes, start: int, dictionary: bytes) -> int | None:
@@ -386,7 +388,7 @@ def _stream_end(data: bytes, start: int, dictionary: bytes) -> int | None:
         end = start + int(length.group(1))
         if data[end:end + 12].lstrip(b"\r\n ").startswith(b"endstream"):
             return end
-    end = data.find(b"endstream", start)
+    end = find(data, b"endstream", start)
     if end < 0:
         return None
     while end > start and data[end - 1] in b"\r\n":
