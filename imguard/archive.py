@@ -202,13 +202,20 @@ class Chain:
     def extend(self, rows: list[list[Any]]) -> tuple[list[list[Any]], int, str]:
         """`rows` with their chain columns, and the new (seq, head), which the caller keeps once committed."""
         assert self.seq is not None
-        seq, head, out = self.seq, self.head, []
+        # record_digest and link, inlined: the chain runs on raw digests, hex only for the stored columns.
+        chain_id, seq, out = self.chain_id, self.seq, []
+        head = bytes.fromhex(self.head)
+        sha256, dumps = hashlib.sha256, orjson.dumps
         for row in rows:
             seq += 1
-            digest = record_digest(self.chain_id, seq, row)
-            head = link(head, digest)
-            out.append([*row, self.chain_id, seq, digest, head])
-        return out, seq, head
+            try:
+                data = dumps([chain_id, seq, *row])
+            except (TypeError, orjson.JSONEncodeError):
+                data = canonical_bytes(chain_id, seq, row)
+            digest = sha256(data).digest()
+            head = sha256(head + digest).digest()
+            out.append([*row, chain_id, seq, digest.hex(), head.hex()])
+        return out, seq, head.hex()
 
 
 def new_chain_id() -> str:

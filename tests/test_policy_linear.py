@@ -56,7 +56,9 @@ def best_time(fn, runs: int = 3) -> float:
 
 def ratio(policy, crafted: str, plain: str) -> float:
     assert len(crafted) == len(plain)
-    return best_time(lambda: policy.decide_message(crafted, OUT)) / best_time(lambda: policy.decide_message(plain, OUT))
+    # Both on the reference path: a plain text is otherwise allowed by the pattern set's pass alone (engine.py)
+    return (best_time(lambda: policy.decide_message(crafted, OUT, reference=True))
+            / best_time(lambda: policy.decide_message(plain, OUT, reference=True)))
 
 
 # --- the stall the review found -----------------------------------------------------------------------

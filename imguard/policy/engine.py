@@ -17,7 +17,7 @@ from imguard.model import (ACTIONS, ALLOW, BLOCK, DISCLAIM, MASK, QUARANTINE, SH
                            FileReport, RuleMatch)
 from imguard.policy import conditions as C
 from imguard.policy.detectors import Span
-from imguard.policy.matcher import PatternSet
+from imguard.policy.matcher import PatternSet, Scan
 from imguard.policy.notice import ACTION_WORDS, human_size, render
 from imguard.policy.zones import PartyPattern, Zones, classify_direction
 from imguard.settings import MiB, setting
@@ -132,6 +132,21 @@ def _context_only(cond: C.Condition) -> bool:
     return isinstance(cond, (C.SetCondition, C.PartyCondition, C.EncryptionCondition))
 
 
+REFERENCE = False        # True: every message decision takes the reference path (Policy.decide_message)
+
+
+def _needed_patterns(cond: C.Condition) -> frozenset[int]:
+    """The pattern-set indexes of a text condition that fails when none of them occurs in the text; an empty set
+    for a condition that can hold without them (any other kind: tested, never skipped)."""
+    if type(cond) is C.RegexCondition and cond.ids:
+        return frozenset(cond.ids)
+    if type(cond) is C.KeywordCondition and cond.id is not None:
+        return frozenset((cond.id,))
+    if type(cond) is C.DetectCondition and cond.triggers and cond.triggers[0] is not None:
+        return frozenset(cond.triggers)
+    return frozenset()
+
+
 class Policy:
     """A loaded, checked policy. Immutable; reload by loading a new one."""
 
@@ -150,6 +165,8 @@ class Policy:
         self.file_rules = [r for r in rules if r.applies_to == "file"]
         self._by_id = {r.id: r for r in rules}
         self._candidates: dict[ChatContext, list[Rule]] = {}     # see _message_candidates
+        self._quiet: dict[int, tuple[ChatContext, frozenset[int] | None]] = {}     # see _quiet_patterns
+        self._quiet_values: dict[ChatContext, frozenset[int] | None] = {}
 
     def rule(self, rule_id: str) -> Rule | None:
         return self._by_id.get(rule_id)
@@ -157,9 +174,13 @@ class Policy:
     def classify_direction(self, ctx: ChatContext) -> str:
         return classify_direction(ctx, self.zones)
 
-    def decide_message(self, text: Any, ctx: ChatContext | None = None) -> Decision:
+    def decide_message(self, text: Any, ctx: ChatContext | None = None, reference: bool = False) -> Decision:
         """Decide on one chat message. `text` may be anything: bytes are decoded as UTF-8, None is empty;
-        only the first limits.max_text_chars characters are scanned."""
+        only the first limits.max_text_chars characters are scanned.
+
+        The fast path: when the pattern set's one pass finds none of the patterns the context's candidate
+        rules need (`_quiet_patterns`), no rule can match and the message is allowed without evaluating one.
+        `reference=True` (or REFERENCE) evaluates every candidate rule, as before; tests hold the two equal."""
         if text is None:
             text = ""
         elif isinstance(text, (bytes, bytearray, memoryview)):
@@ -168,7 +189,17 @@ class Policy:
             text = str(text)
         ctx = ctx if isinstance(ctx, ChatContext) else ChatContext()
         scanned = text[: self.limits.max_text_chars]
+        scan = None
+        if not (reference or REFERENCE) and self.patterns is not None:
+            entry = self._quiet.get(id(ctx))      # by identity: a session reuses one context object per peer
+            needed = entry[1] if entry is not None and entry[0] is ctx else self._quiet_patterns(ctx)
+            if needed is not None:
+                scan = Scan(scanned, self.patterns)
+                if scan.hits is not None and scan.hits.isdisjoint(needed):
+                    return Decision(policy_version=self.version)
         ev = C.Evaluation(ctx, self.zones, text=scanned, patterns=self.patterns)
+        if scan is not None:
+            ev._scan = scan         # the pass made above, not made twice
         decision, spans = self._decide(self._message_candidates(ctx), ev, "message", {})
         if decision.action == MASK:
             decision.masked_text = mask_text(scanned, spans) + text[len(scanned):]
@@ -190,6 +221,39 @@ class Policy:
                 self._candidates.clear()
             self._candidates[ctx] = candidates
         return candidates
+
+    def _quiet_patterns(self, ctx: ChatContext) -> frozenset[int] | None:
+        """The pattern-set indexes without which no message rule can match in this context, or None when some
+        rule can match a text in which no pattern occurs (a block of context conditions alone, or a condition
+        this table does not know to need a pattern). Built once per context from the candidates' match blocks
+        whose context conditions hold: each must have a text condition, and a text condition whose patterns
+        are all absent fails (Regex-, Keyword- and DetectCondition.test return None then). Exact, like the
+        candidates: unless blocks only take matches away."""
+        if ctx in self._quiet_values:       # an equal context seen before (a carrier that makes one per message)
+            result = self._quiet_values[ctx]
+        else:
+            result = self._quiet_values[ctx] = self._quiet_table(ctx)
+        if len(self._quiet) >= CANDIDATE_CACHE_SIZE:
+            self._quiet.clear()
+            self._quiet_values.clear()
+        self._quiet[id(ctx)] = (ctx, result)    # the context kept, so that its id is not reused meanwhile
+        return result
+
+    def _quiet_table(self, ctx: ChatContext) -> frozenset[int] | None:
+        ev = C.Evaluation(ctx, self.zones)
+        needed: set[int] | None = set()
+        for rule in self._message_candidates(ctx):
+            for block in rule.match:
+                if not all(cond.test(ev) is not None for cond in block if _context_only(cond)):
+                    continue        # this block cannot match in this context, whatever the text
+                ids = [_needed_patterns(cond) for cond in block if not _context_only(cond)]
+                if not any(ids):
+                    needed = None   # the block can match a text in which no pattern occurs
+                    break
+                needed.update(*ids)
+            if needed is None:
+                break
+        return frozenset(needed) if needed is not None else None
 
     def decide_membership(self, ctx: ChatContext) -> Decision:
         """Decide on one person letting another into a conversation (an invitation; a join where the session
@@ -286,6 +350,8 @@ def explain(decision: Decision) -> str:
         for m in matches:
             lines.append(f"  {label}rule {m.rule_id} [{m.action}, {m.severity}] at {m.source}: {m.title}")
             lines.extend(f"    - {r}" for r in m.reasons)
+    if decision.review:
+        lines.append(f"  review: queued for a reviewer by {', '.join(decision.review)}")
     if decision.notice:
         lines.append(f"  notice: {decision.notice}")
     return "\n".join(lines)
