@@ -90,6 +90,24 @@ EDGE_CASES = {
     "utf8_and_latin1_declared": [HEADER + "<message><body>grüße ☺ 𝄞</body></message>".encode(),
                                  b"<?xml version='1.0' encoding='ISO-8859-1'?>" + HEADER[21:] + b"<m>\xe9</m>"],
     "gt_in_attribute": [HEADER + b"<message to='a>b' id=\"c>d\"><body a='/>'>x</body></message>"],
+    # Input after the parser was let go on an idle stream (between reads, nothing pending): a new parser re-fed
+    # the header must still know its namespaces (default, stream:, any other prefix) and its encoding.
+    "idle_between_stanzas": [HEADER, b"<message><body>1</body></message>", b"\n",
+                             b"<message xml:lang='en'><body>2</body></message>", b"<stream:features><bind "
+                             b"xmlns='urn:ietf:params:xml:ns:xmpp-bind'/></stream:features>", b"</stream:stream>"],
+    "idle_other_prefixes": [b"<?xml version='1.0'?><stream:stream xmlns='jabber:server' xmlns:db='jabber:server:"
+                            b"dialback' xmlns:p='urn:p' xmlns:stream='http://etherx.jabber.org/streams' "
+                            b"version='1.0'>", b"<db:result from='a' to='b'>k</db:result>",
+                            b"<message p:x='1'><p:y/></message>", b"<p:z p:a='2'/>", b"<q:z/>"],
+    "idle_latin1": [b"<?xml version='1.0' encoding='ISO-8859-1'?>" + HEADER[21:], b"<m>\xe9</m>", b"<m>\xfc\xe9</m>"],
+    "idle_then_restart": [HEADER, b"<iq/>", b"<?xml version='1.0'?>" + HEADER[21:], b"<iq/>", HEADER[21:], b"<iq/>"],
+    "idle_then_text": [HEADER, b"<iq/>", b"  ", b"x<iq/>"],
+    "idle_then_errors": [HEADER, b"<iq/>", b"<message><!-- c --></message>"],
+    "idle_then_unbound_prefix": [HEADER + b"<iq/>", b"<stream:features/>", b"<q:iq/>"],
+    # a header only the namespace declarations of which are re-fed: other prefixes, spacing, quotes, look-alikes
+    "idle_odd_header": [b"<s:stream xmlns:s='http://etherx.jabber.org/streams'\n xmlns = \"jabber:client\" "
+                        b"to='a>b xmlns:q=\"u:q\"' xmlns:p='urn:p' >", b"<message/>", b"<p:x/>", b"<s:features/>",
+                        b"<q:x/>"],
 }
 
 
@@ -177,6 +195,88 @@ def test_edge_cases_reach_what_they_name():
     assert kinds["data_after_close"] == [dec.DATA_AFTER_CLOSE]
     assert kinds["mismatched_tag"] == kinds["unbound_prefix"] == kinds["restart_inside_an_element"] == [dec.MALFORMED]
     assert [e[0] for e in events("restart_with_declaration")].count("opened") == 2
+
+
+def stanza_tags(name: str) -> list:
+    return [e[2][0] for e in run(EDGE_CASES[name], None, False, SMALL, frozenset()) if e[0] == "stanza"]
+
+
+def test_input_after_an_idle_release_keeps_the_headers_namespaces_and_encoding():
+    """After each read that leaves the stream between stanzas the decoder lets go of its expat parser (idle
+    memory, issue 21); the stanzas that come after are read in the header's namespaces (default, stream:,
+    db: and any other prefix it declares) and encoding, on the fast path (tied to the reference above); an
+    undeclared prefix is still an error."""
+    assert stanza_tags("idle_between_stanzas") == ["{jabber:client}message", "{jabber:client}message",
+                                                   "{http://etherx.jabber.org/streams}features"]
+    events = run(EDGE_CASES["idle_between_stanzas"], None, False, SMALL, frozenset())
+    assert events[-1] == ("StreamClosed", b"</stream:stream>")
+    assert events[3][2][1] == {"{http://www.w3.org/XML/1998/namespace}lang": "en"}
+    assert stanza_tags("idle_other_prefixes") == ["{jabber:server:dialback}result", "{jabber:server}message",
+                                                  "{urn:p}z"]
+    other = run(EDGE_CASES["idle_other_prefixes"], None, False, SMALL, frozenset())
+    assert other[2][2][1] == {"{urn:p}x": "1"} and other[2][2][4][0][0] == "{urn:p}y"
+    assert other[-1][:2] == ("error", dec.MALFORMED)
+    assert [e[2][2] for e in run(EDGE_CASES["idle_latin1"], None, False, SMALL, frozenset())[1:]] == ["é", "üé"]
+    restarts = run(EDGE_CASES["idle_then_restart"], None, False, SMALL, frozenset())
+    assert [e[0] for e in restarts] == ["opened", "stanza", "opened", "stanza", "opened", "stanza"]
+    assert run(EDGE_CASES["idle_then_text"], None, False, SMALL, frozenset())[-1][:2] == ("error",
+                                                                                          dec.TEXT_AT_STREAM_LEVEL)
+    assert run(EDGE_CASES["idle_then_errors"], None, False, SMALL, frozenset())[-1][:2] == ("error", dec.RESTRICTED)
+    assert run(EDGE_CASES["idle_then_unbound_prefix"], None, False, SMALL, frozenset())[-1][:2] == ("error",
+                                                                                                   dec.MALFORMED)
+    odd = run(EDGE_CASES["idle_odd_header"], None, False, SMALL, frozenset())
+    assert odd[0][2] == {"to": "a>b xmlns:q=\"u:q\""}
+    assert [e[2][0] for e in odd[1:4]] == ["{jabber:client}message", "{urn:p}x",
+                                           "{http://etherx.jabber.org/streams}features"]
+    assert odd[-1][:2] == ("error", dec.MALFORMED)              # q: was never declared, only quoted
+
+
+@pytest.mark.parametrize("reference", [False, True])
+def test_the_parser_is_let_go_only_when_idle(reference):
+    """The parser is released at the end of a feed that leaves nothing pending between stanzas, and only then:
+    not inside a stanza, not with part of a tag pending, not before the header is complete, not after the close."""
+    decoder = XmlStreamDecoder(reference=reference)
+    decoder.feed(HEADER[:40])
+    assert decoder._parser is not None
+    decoder.feed(HEADER[40:])
+    assert decoder._parser is None                               # idle after the header
+    decoder.feed(b"<message><body>x</bo")
+    assert decoder._parser is not None and decoder.buffered
+    decoder.feed(b"dy></message><pres")
+    assert decoder._parser is not None
+    decoder.feed(b"ence/>")
+    assert decoder._parser is None and not decoder.buffered
+    decoder.feed(b"</stream:stream>")
+    assert decoder._parser is not None and decoder.closed
+
+
+def without_release(monkeypatch, inputs: list[list[bytes]], limits: XmppLimits) -> None:
+    """Every input, both paths, every cut: the same events with the idle release as with it disabled."""
+    for reads in inputs:
+        for reference in (False, True):
+            for cut in CUTS:
+                with_it = run(reads, cut, reference, limits, SERVER_STANZAS_FORWARDED)
+                with monkeypatch.context() as m:
+                    m.setattr(XmlStreamDecoder, "_release_if_idle", lambda self: None)
+                    assert run(reads, cut, reference, limits, SERVER_STANZAS_FORWARDED) == with_it, (cut, reference)
+
+
+def test_the_idle_release_changes_no_event(monkeypatch):
+    """The transcripts and the edge cases, cut at every size: the events are the same whether the parser is let
+    go when idle or kept (the decoder before issue 21), on both paths."""
+    without_release(monkeypatch, [reads for segments in transcripts().values() for reads in directions(segments)
+                                  if reads], XmppLimits())
+    without_release(monkeypatch, list(EDGE_CASES.values()), SMALL)
+
+
+def test_the_idle_release_changes_no_event_on_mutated_streams(monkeypatch):
+    """Damaged streams, read as they come: the same events with and without the idle release."""
+    for reads in mutations(150, seed=2121):
+        for reference in (False, True):
+            with_it = run(reads, None, reference, SMALL, frozenset())
+            with monkeypatch.context() as m:
+                m.setattr(XmlStreamDecoder, "_release_if_idle", lambda self: None)
+                assert run(reads, None, reference, SMALL, frozenset()) == with_it
 
 
 def fuzz_inputs() -> list[bytes]:

@@ -21,10 +21,15 @@ and after SASL <success/>, RFC 6120 §5.4.3.3, §6.4.6) is recognised by its new
 with or without an XML declaration: the parser is reset and the header is reported as a new
 `StreamOpened`. Hostile input is bounded by `XmppLimits`; exceeding a limit is a fatal `XmlError`.
 After a fatal error the decoder is dead: later feeds return nothing.
+
+An idle stream holds no parser: a feed that ends between stanzas with nothing pending lets go of it (~10 KB
+each, two per connection), and the next feed makes a new one, fed the stream header's namespace declarations
+first (_release_if_idle, _revive). The events are the same as with one parser throughout.
 """
 
 from __future__ import annotations
 
+import re
 import xml.parsers.expat as expat
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -187,6 +192,18 @@ def _attrs_fast(attrs: dict[str, str]) -> dict[str, str]:
 _WS = b" \t\r\n"
 
 
+def _restricted(what: str):
+    def handler(*args: Any) -> None:
+        raise _Fatal(RESTRICTED, f"{what} in the stream (RFC 6120 §11.1 forbids it)")
+    return handler
+
+
+_NO_DTD = _restricted("a DTD")
+_NO_ENTITY = _restricted("an entity declaration")
+_NO_PI = _restricted("a processing instruction")
+_NO_COMMENT = _restricted("a comment")
+
+
 # Decoders made without saying which path build their trees in Python (the reference path) when true.
 REFERENCE = False
 
@@ -216,6 +233,8 @@ class XmlStreamDecoder:
         self._events: list[Event] = []
         self.dead = False
         self.closed = False           # </stream:stream> seen
+        # An idle stream's expat parser is let go (see _release_if_idle); its header is kept to make it again.
+        self._header = b""            # the current stream's header as _revive re-feeds it (_replayable)
         self._new_parser()
 
     # -- public -----------------------------------------------------------------------------------
@@ -236,6 +255,8 @@ class XmlStreamDecoder:
         try:
             if self.closed and data.strip(_WS):
                 raise _Fatal(DATA_AFTER_CLOSE, "bytes after </stream:stream>")
+            if self._parser is None:
+                self._revive()
             for i in range(0, len(data), step):
                 piece = data[i:i + step]
                 self._buf += piece
@@ -246,6 +267,7 @@ class XmlStreamDecoder:
                 if self._events:
                     events, self._events = self._events, []
                     yield events
+            self._release_if_idle()
         except _Fatal as e:
             self.dead = True
             self._events.append(XmlError(e.kind, e.detail))
@@ -259,6 +281,7 @@ class XmlStreamDecoder:
         self._base = 0
         self.closed = False
         self.dead = False
+        self._header = b""
         self._new_parser()
 
     @property
@@ -268,18 +291,50 @@ class XmlStreamDecoder:
 
     # -- parsing ----------------------------------------------------------------------------------
 
+    def _release_if_idle(self) -> None:
+        """At the end of a feed that leaves the stream between stanzas with nothing pending (every byte returned
+        in an event), let go of the expat parser: after a stream header it holds ~10 KB (its pools, the
+        namespace bindings), and two decoders per connection sit like that on every idle connection. The next
+        feed makes a new one and re-feeds it the stream header (_revive): ~27,000 instructions, once per read
+        (not per stanza), so a read of many stanzas hardly pays it and a chat read of one pays it whole."""
+        if self._depth == 1 and not self._buf and not self.closed and self._header:
+            self._parser = None
+
+    def _revive(self) -> None:
+        """A new parser, in the state the released one was in: inside the stream element (with the namespaces
+        and encoding its header declared), its byte positions counted from the header's end, where _base is.
+        The header is parsed before the handlers are set (it parsed once already): nothing is reported."""
+        p = self._configured_parser()
+        header = self._header
+        try:
+            p.Parse(header, False)
+        except expat.ExpatError:                   # it parsed before: a bug
+            raise _Fatal(MALFORMED, "the stream header did not parse again") from None
+        self._wire(p)
+        self._depth = 1
+        self._base = len(header)
+
     def _new_parser(self) -> None:
+        self._wire(self._configured_parser())
+        self._depth = 0
+
+    @staticmethod
+    def _configured_parser() -> Any:
         # Element and attribute names are interned in one dict shared by every parser: they are the same
         # few hundred names on every connection (a dict per parser cost ~15 KB per idle connection). A
         # client inventing names could grow it, so it is bounded: past the bound it starts again.
         if len(_SHARED_NAMES) > _SHARED_NAMES_MAX:
             _SHARED_NAMES.clear()
         p = expat.ParserCreate(namespace_separator="}", intern=_SHARED_NAMES)
-        p.buffer_text = True
         p.buffer_size = 512              # the text buffer (default 8 KiB): two per connection, most idle
+        p.buffer_text = True             # (after the size: the default one is not allocated first)
         if hasattr(p, "SetReparseDeferralEnabled"):
             p.SetReparseDeferralEnabled(False)      # report complete tokens now, not after more data
         p.SetParamEntityParsing(expat.XML_PARAM_ENTITY_PARSING_NEVER)
+        return p
+
+    def _wire(self, p: Any) -> None:
+        """The handlers, and the per-stanza state they keep."""
         if self.reference:
             p.StartElementHandler = self._start
             p.EndElementHandler = self._end
@@ -295,20 +350,14 @@ class XmlStreamDecoder:
             self._tb: Any = None
             self._element: ET.Element | None = None     # the current level-1 element
             self._l1_content = False                    # it has a child or text (not an empty-element tag)
-        p.StartDoctypeDeclHandler = self._restricted("a DTD")
-        p.EntityDeclHandler = self._restricted("an entity declaration")
-        p.ProcessingInstructionHandler = self._restricted("a processing instruction")
-        p.CommentHandler = self._restricted("a comment")
+        p.StartDoctypeDeclHandler = _NO_DTD
+        p.EntityDeclHandler = _NO_ENTITY
+        p.ProcessingInstructionHandler = _NO_PI
+        p.CommentHandler = _NO_COMMENT
         p.DefaultHandler = None
         self._parser = p
-        self._depth = 0
         self._start_pos = 0           # document position of the current level-1 element's start tag
         self._elements = 0            # elements of the current stanza so far
-
-    def _restricted(self, what: str):
-        def handler(*args: Any) -> None:
-            raise _Fatal(RESTRICTED, f"{what} in the stream (RFC 6120 §11.1 forbids it)")
-        return handler
 
     def _parse(self, piece: bytes) -> None:
         while True:
@@ -372,6 +421,7 @@ class XmlStreamDecoder:
         del self._buf[:end]
         self._base += end
         self._depth = 1
+        self._header = _replayable(raw)
         self._events.append(StreamOpened(raw, _attrs(attrs)))
 
     def _level1_start(self, tag: str) -> None:
@@ -531,6 +581,41 @@ class XmlStreamDecoder:
         if self._depth >= 1 and pending > self.limits.max_stanza_size:
             raise _Fatal(STANZA_TOO_LARGE, f"a stanza of more than {self.limits.max_stanza_size} bytes "
                                            f"(max_stanza_size)")
+
+
+_START = re.compile(rb"<([^\s/>]+)")
+_ATTRIBUTE = re.compile(rb"\s+([^\s=>]+)\s*=\s*('[^']*'|\"[^\"]*\")")
+_CLOSE = re.compile(rb"\s*>")
+
+
+def _replayable(header: bytes) -> bytes:
+    """The stream header as _revive re-feeds it: its XML declaration only if it names an encoding (the stanzas
+    after it are in that encoding), and of its attributes only the namespace declarations (the prefixes and the
+    default namespace the stanzas after it are read in). It is a third of the bytes, and of the work. A header
+    this does not read (one in UTF-16, say) is re-fed as it came."""
+    decl = b""
+    if header.startswith(b"<?xml"):
+        end = header.find(b"?>") + 2
+        if end > 1 and b"encoding" in header[:end]:
+            decl = header[:end]
+        tag = header[end:].lstrip(_WS)
+    else:
+        tag = header
+    start = _START.match(tag)
+    if start is None:
+        return header
+    out = [decl, b"<", start.group(1)]
+    at = start.end()
+    while (attribute := _ATTRIBUTE.match(tag, at)) is not None:
+        name = attribute.group(1)
+        if name == b"xmlns" or name.startswith(b"xmlns:"):
+            out += [b" ", name, b"=", attribute.group(2)]
+        at = attribute.end()
+    close = _CLOSE.match(tag, at)
+    if close is None or close.end() != len(tag):
+        return header
+    out.append(b">")
+    return b"".join(out)
 
 
 def _tag_end(buf: bytearray, pos: int) -> int:
