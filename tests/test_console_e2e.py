@@ -239,7 +239,6 @@ def login(driver, console: Console, name: str, password: str = PASSWORD) -> None
 
 def submit(driver, url: str | None, fields: dict, button: str) -> None:
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions
     from selenium.webdriver.support.ui import WebDriverWait
     if url:
         driver.get(url)
@@ -247,7 +246,23 @@ def submit(driver, url: str | None, fields: dict, button: str) -> None:
         driver.find_element(By.ID, field).send_keys(value)
     old = driver.find_element(By.TAG_NAME, "html")
     driver.find_element(By.ID, button).click()
-    WebDriverWait(driver, 15).until(expected_conditions.staleness_of(old))
+    WebDriverWait(driver, 15).until(lambda d: replaced(old))
+
+
+def replaced(element) -> bool:
+    """Whether the page `element` belonged to has gone. Selenium's staleness_of expects a StaleElementReference;
+    Chromium may instead answer, while the new page replaces the old, "Node with given id does not belong to the
+    document" (seen under load): that is gone too."""
+    from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
+    try:
+        element.is_enabled()
+        return False
+    except StaleElementReferenceException:
+        return True
+    except WebDriverException as e:
+        if "does not belong to the document" in str(e) or "No node with given id" in str(e):
+            return True
+        raise
 
 
 def shot(driver, shots: Path, name: str) -> None:
@@ -377,14 +392,13 @@ def test_post_without_csrf_token_is_refused(browser, console):
     """The logout form without its hidden token is refused (403) and the session lives on; a POST from outside
     the page (no token) is refused too."""
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions
     from selenium.webdriver.support.ui import WebDriverWait
 
     login(browser, console, "audrey")
     browser.execute_script("document.querySelector('form.logout input[name=csrf]').remove()")
     old = browser.find_element(By.TAG_NAME, "html")
     browser.find_element(By.CSS_SELECTOR, "form.logout button").click()
-    WebDriverWait(browser, 15).until(expected_conditions.staleness_of(old))
+    WebDriverWait(browser, 15).until(lambda d: replaced(old))
     assert "refused: this form has no valid CSRF token" in body_text(browser)
     browser.get(console.url + "/alerts")
     assert "/alerts" in browser.current_url and "Log out" in body_text(browser), "the refused logout logged out"

@@ -110,9 +110,12 @@ class NgIrcd:
 
 
 def free_port_range(count: int, host: str = "127.0.0.1", tries: int = 200) -> range:
-    """`count` consecutive TCP ports that were all free a moment ago (for --dcc-relay-ports)."""
+    """`count` consecutive TCP ports that were all free a moment ago (for --dcc-relay-ports), below the kernel's
+    ephemeral range: a port of that range, free when checked, may be given to any outgoing connection before the
+    gateway binds it (seen under load: "address already in use")."""
+    low = _ephemeral_low()
     for _ in range(tries):
-        base = random.randrange(20000, 60000 - count)
+        base = random.randrange(10000, low - count)
         socks = []
         try:
             for port in range(base, base + count):
@@ -126,6 +129,14 @@ def free_port_range(count: int, host: str = "127.0.0.1", tries: int = 200) -> ra
             for s in socks:
                 s.close()
     raise PeerError(f"no {count} consecutive free ports found")
+
+
+def _ephemeral_low() -> int:
+    """The first port of the kernel's ephemeral range (ip_local_port_range), 32768 when it cannot be read."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 @dataclass
