@@ -26,6 +26,7 @@ from imguard.files.tracker import HeldTransfer
 from imguard.model import FROM_SERVER, ChatContext, Decision
 from imguard.protocols.base import Close, InspectFile, Send
 from tests.peers.ngircd import IrcGateway, NgIrcd
+from tests.peers.payloads import random_payload
 from tests.test_e2e_irc import EICAR, Chat, Route
 from tests.test_real_irc_client import Pair, weechat_binary
 
@@ -39,8 +40,9 @@ def sha256(data: bytes) -> str:
 
 
 def payload(size: int, eicar_at: int | None = None) -> bytes:
-    """`size` bytes that do not compress (a real archive or video would not), EICAR at `eicar_at` if given."""
-    data = bytearray(os.urandom(size))
+    """`size` bytes that do not compress (a real archive or video would not) and that libmagic types as data,
+    EICAR at `eicar_at` if given."""
+    data = bytearray(random_payload(size))
     if eicar_at is not None:
         data[eicar_at:eicar_at + len(EICAR)] = EICAR
     return bytes(data)

@@ -30,6 +30,7 @@ from imguard.protocols.sametime.decoder import (CHANNEL_CREATE, CHANNEL_DESTROY,
                                                 FT_RECEIVED, FT_TRANSFER, SERVICE_FILE_TRANSFER, SERVICE_IM,
                                                 file_offer, put_opaque, put_string, read_channel_create, read_im,
                                                 read_send)
+from tests.peers.payloads import random_payload
 from tests.test_sametime import Checker, Finch, ScriptedServer, create, logged_in
 
 EICAR = b"X5O!P%@AP[4\\PZX54(P^)7CC)7}$EICAR" + b"-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*"
@@ -345,8 +346,8 @@ def test_finch_files_through_the_gateway_both_ways_and_offline(tmp_path, finch_f
     needs_tcpdump()
     server, gw, finch, downloads = finch_files
     offset, since, tag = gw.log_size(), gw.mark(), uuid.uuid4().hex[:6]
-    clean_out = os.urandom(40_000) + tag.encode()
-    clean_in = os.urandom(30_000) + tag.encode()
+    clean_out = random_payload(40_000) + tag.encode()
+    clean_in = random_payload(30_000) + tag.encode()
     files = tmp_path / "to-send"
     files.mkdir()
     (files / f"eicar-{tag}.com").write_bytes(EICAR)

@@ -36,6 +36,7 @@ from imguard.protocols import detect, registry
 from imguard.protocols.sametime import SametimeSession
 from imguard.protocols.sametime.decoder import (CHANNEL_CREATE, CHANNEL_SEND, FT_REJECTED, LOGIN, login_name,
                                                 read_channel_create, read_send)
+from tests.peers.payloads import random_payload
 from tests.test_gateway import make_ca
 from tests.test_sametime import BLOCKED_WORD, Finch, ScriptedServer, finch_segments
 from tests.test_sametime_files import EICAR, messages, wait_until
@@ -256,7 +257,7 @@ def test_finch_over_tls_through_the_gateway(tmp_path, finch_tls):
     decrypted as imguard's decoder does."""
     server, gw, wrapper, finch, downloads = finch_tls
     offset, since, tag = gw.log_size(), gw.mark(), uuid.uuid4().hex[:6]
-    clean_out, clean_in = os.urandom(40_000) + tag.encode(), os.urandom(30_000) + tag.encode()
+    clean_out, clean_in = random_payload(40_000) + tag.encode(), random_payload(30_000) + tag.encode()
     files = tmp_path / "to-send"
     files.mkdir()
     (files / f"eicar-{tag}.com").write_bytes(EICAR)
