@@ -21,7 +21,6 @@ import os
 import shutil
 import socket
 import struct
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,6 +29,7 @@ import pytest
 from imguard.gateway.master import Gateway, default_factories
 from imguard.gateway.settings import GatewaySettings
 from imguard.protocols.base import Send
+from tests.peers.folders import kept_if_failed
 from tests.test_gateway import StubPipeline, free_port
 
 LEGACY = Path(__file__).parent / "data" / "legacy"
@@ -365,11 +365,8 @@ class LogRecords(logging.Handler):
 
 @pytest.fixture
 def peer_dir(request):
-    directory = Path(tempfile.mkdtemp(prefix="imguard-close-"))
-    failed_before = request.session.testsfailed
-    yield directory
-    if request.session.testsfailed == failed_before and os.environ.get("IMGUARD_E2E_KEEP") != "1":
-        shutil.rmtree(directory, ignore_errors=True)
+    with kept_if_failed(request, "imguard-close-") as directory:
+        yield directory
 
 
 @pytest.fixture

@@ -12,22 +12,19 @@ a big file is still held back from the receiver.
 from __future__ import annotations
 
 import hashlib
-import os
-import shutil
-import tempfile
 import threading
 import time
 import uuid
-from pathlib import Path
 
 import pytest
 
 from imguard.files.tracker import HeldTransfer
 from imguard.model import FROM_SERVER, ChatContext, Decision
 from imguard.protocols.base import Close, InspectFile, Send
-from tests.peers.ngircd import IrcGateway, NgIrcd
 from tests.peers.payloads import random_payload
 from tests.test_e2e_irc import EICAR, Chat, Route
+from tests.test_e2e_irc import irc_dir, irc_gateway, ircd  # noqa: F401  (the module fixtures: this module gets its own
+# ngIRCd and gateway, as test_e2e_irc.py has them)
 from tests.test_real_irc_client import Pair, weechat_binary
 
 pytestmark = pytest.mark.timeout(180)
@@ -48,43 +45,14 @@ def payload(size: int, eicar_at: int | None = None) -> bytes:
     return bytes(data)
 
 
-@pytest.fixture(scope="module")
-def big_dir(request) -> Path:
-    directory = Path(tempfile.mkdtemp(prefix="imguard-dcc-big-"))
-    failed_before = request.session.testsfailed
-    yield directory
-    if request.session.testsfailed == failed_before and os.environ.get("IMGUARD_E2E_KEEP") != "1":
-        shutil.rmtree(directory, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def ircd(big_dir):
-    server = NgIrcd.start(big_dir / "ngircd")
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture(scope="module")
-def gateway(big_dir, ircd):
-    gw = IrcGateway.start(big_dir / "imguard", ircd)
-    try:
-        yield gw
-    finally:
-        status = gw.stop()
-        if gw.crashed:
-            pytest.fail(f"imguard run exited by itself with status {status}:\n{gw.logs()}")
-
-
 @pytest.fixture
-def route(ircd, gateway) -> Route:
-    gateway.check_alive()
-    log_offset = gateway.log_size()
-    yield Route("imguard", False, ircd, gateway)
-    gateway.check_alive()
-    errors = gateway.errors_since(log_offset)
-    assert not errors, "imguard logged errors during the test:\n" + "\n".join(errors) + "\n" + gateway.logs()
+def route(ircd, irc_gateway) -> Route:  # noqa: F811 - the imported fixtures
+    irc_gateway.check_alive()
+    log_offset = irc_gateway.log_size()
+    yield Route("imguard", False, ircd, irc_gateway)
+    irc_gateway.check_alive()
+    errors = irc_gateway.errors_since(log_offset)
+    assert not errors, "imguard logged errors during the test:\n" + "\n".join(errors) + "\n" + irc_gateway.logs()
 
 
 class BigChat(Chat):
@@ -194,13 +162,13 @@ def test_eicar_inside_a_big_file_is_still_blocked(route, inbound):
 
 @pytest.mark.parametrize("way", ["inbound", "outbound"])
 @pytest.mark.parametrize("size", [int(1.5 * MB), 8 * MB], ids=["1.5MB", "8MB"])
-def test_big_file_by_weechat_dcc_lands_whole(ircd, gateway, tmp_path, way, size):
+def test_big_file_by_weechat_dcc_lands_whole(ircd, irc_gateway, tmp_path, way, size):  # noqa: F811
     """WeeChat's own xfer on both ends (`/dcc send`; its sender closes once it has the ACK of the last byte, which the
     gateway gives while it holds the file): the receiving WeeChat ends the transfer OK and the file it stored has the
     SHA-256 of the one sent."""
     weechat_binary()
     data = payload(size)
-    with Pair(tmp_path, ircd, gateway, way) as pair:
+    with Pair(tmp_path, ircd, irc_gateway, way) as pair:
         path = pair.file("big", data, ".bin")
         pair.sender.send_file(pair.receiver, path)
         result = pair.receiver.transfer_result(path.name, pair.sender, timeout=90)
@@ -208,7 +176,7 @@ def test_big_file_by_weechat_dcc_lands_whole(ircd, gateway, tmp_path, way, size)
         got = landed.read_bytes() if landed.exists() else b""
         assert result == "OK", f"the receiver's xfer ended {result!r} with {len(got)} of {size} bytes\n{pair.failure()}"
         assert len(got) == size and sha256(got) == sha256(data), f"{len(got)} of {size} bytes landed"
-        alert = gateway.wait_alert(lambda e: e.get("file", {}).get("hash", {}).get("sha256") == sha256(data),
+        alert = irc_gateway.wait_alert(lambda e: e.get("file", {}).get("hash", {}).get("sha256") == sha256(data),
                                    since=pair.since)
         assert alert and alert["imguard"]["context"]["direction"] == way, alert
 

@@ -10,12 +10,9 @@ TCP on every route (as DCC is).
 from __future__ import annotations
 
 import hashlib
-import os
-import shutil
 import socket
 import ssl
 import struct
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -26,6 +23,7 @@ import pytest
 import irc.client as irc_client
 import irc.connection as irc_connection
 
+from tests.peers.folders import kept_if_failed
 from tests.peers.ngircd import CHANNEL, IrcGateway, NgIrcd
 
 pytestmark = pytest.mark.timeout(120)
@@ -50,11 +48,8 @@ def sha256(data: bytes) -> str:
 def irc_dir(request) -> Path:
     """This module's own folder for the peers' files and logs (as conftest's peers_dir, under its own prefix):
     removed when every test passed (unless IMGUARD_E2E_KEEP=1), kept for reading otherwise."""
-    directory = Path(tempfile.mkdtemp(prefix="imguard-irc-"))
-    failed_before = request.session.testsfailed
-    yield directory
-    if request.session.testsfailed == failed_before and os.environ.get("IMGUARD_E2E_KEEP") != "1":
-        shutil.rmtree(directory, ignore_errors=True)
+    with kept_if_failed(request, "imguard-irc-") as directory:
+        yield directory
 
 
 @pytest.fixture(scope="module")

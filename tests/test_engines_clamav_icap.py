@@ -18,7 +18,6 @@ import os
 import shutil
 import socket
 import subprocess
-import tempfile
 import threading
 import time
 import uuid
@@ -31,6 +30,7 @@ from imguard.inspect.clamav import Clamd, ClamdError, parse_answer
 from imguard.inspect.icap import Icap, IcapError, parse_url
 from imguard.model import ENGINE_MATCH, UNSCANNABLE, FileReport, Finding
 from imguard.policy import PolicyError, load_policy
+from tests.peers.folders import kept_if_failed
 from tests.peers.ngircd import IrcGateway, NgIrcd
 from tests.peers.prosody import free_ports, stop_process, wait_for_port
 from tests.test_e2e_irc import CLEAN, EICAR, WAYS, Chat, Route, across, sha256
@@ -169,11 +169,8 @@ def _require(path: str, package: str) -> None:
 
 @pytest.fixture(scope="module")
 def engines_dir(request):
-    directory = Path(tempfile.mkdtemp(prefix="imguard-engines-"))
-    failed_before = request.session.testsfailed
-    yield directory
-    if request.session.testsfailed == failed_before and os.environ.get("IMGUARD_E2E_KEEP") != "1":
-        shutil.rmtree(directory, ignore_errors=True)
+    with kept_if_failed(request, "imguard-engines-") as directory:
+        yield directory
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -24,6 +22,7 @@ import pytest
 
 from imguard.model import ChatContext
 from imguard.policy import PolicyError, load_policy
+from tests.peers.folders import kept_if_failed
 from tests.peers.gateway import BUNDLED_RULES, Gateway
 from tests.xmpp_clients import STARTTLS, Client, Endpoint, error_condition, error_text
 
@@ -158,11 +157,8 @@ def test_wall_errors_name_file_and_line(tmp_path):
 def walls_dir(request):
     """This module's folder for its peers' files and logs: removed when its tests passed (unless
     IMGUARD_E2E_KEEP=1), kept for reading otherwise."""
-    directory = Path(tempfile.mkdtemp(prefix="imguard-walls-"))
-    failed_before = request.session.testsfailed
-    yield directory
-    if request.session.testsfailed == failed_before and os.environ.get("IMGUARD_E2E_KEEP") != "1":
-        shutil.rmtree(directory, ignore_errors=True)
+    with kept_if_failed(request, "imguard-walls-") as directory:
+        yield directory
 
 
 @pytest.fixture(scope="module")
