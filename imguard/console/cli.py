@@ -32,6 +32,9 @@ class ConsoleSettings:
     console_export_max_records: int = setting(10_000, "Records in one CSV or JSON-lines export at most.")
     console_release_link_hours: float = setting(72.0, "A released file's one-time download link works this long "
                                                       "(and once).")
+    console_public_url: str = setting("", "The console's address as the receivers reach it (https://host:port): the "
+                                          "released file's one-time link the gateway sends into their chat points "
+                                          "there; '' uses the address the approving analyst used.")
     console_playground_max_bytes: int = setting(25 * 1024 * 1024, "Largest file the rule playground inspects "
                                                                    "(a larger upload is refused).")
     console_review_sample_percent: float = setting(

@@ -23,6 +23,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import io
+import logging
 import secrets
 import threading
 import time
@@ -32,6 +33,9 @@ from typing import Any, Callable, Iterator
 
 from imguard.console.data import bare
 from imguard.quarantine import QuarantineStore
+from imguard.releases import Handoff, Outbox
+
+logger = logging.getLogger("imguard.console")
 
 ZIP_PASSWORD = b"infected"          # the field's usual password for samples
 FOUR_EYES = 2                       # distinct analysts who must approve the release of malware
@@ -140,8 +144,10 @@ class Releases:
     """The requests of one quarantine, read from and written to its ledger. One console process per data folder
     writes them (the lock makes a check and its step one act within the process)."""
 
-    def __init__(self, store: QuarantineStore, link_seconds: float, clock: Callable[[], float] = time.time):
+    def __init__(self, store: QuarantineStore, link_seconds: float, clock: Callable[[], float] = time.time,
+                 outbox: Outbox | None = None):
         self.store, self.link_seconds, self.clock = store, link_seconds, clock
+        self.outbox = outbox        # where a released link is handed to the gateways (imguard/releases.py)
         self._lock = threading.Lock()
 
     def requests(self, sha256: str = "") -> list[Request]:
@@ -197,9 +203,10 @@ class Releases:
                                            receivers=receivers)
         return self.get(entry["seq"])
 
-    def approve(self, request_id: int, analyst: str, reason: str) -> tuple[Request, str]:
+    def approve(self, request_id: int, analyst: str, reason: str, link_base: str = "") -> tuple[Request, str]:
         """An analyst's approval; returns the request and, when it is now released, the one-time link's token
-        (shown once; only its hash is kept)."""
+        (shown once; only its hash is kept). With `link_base` (the console's public URL) and an outbox, the link
+        `link_base/released/<token>` is also handed to the gateways, which send it into the receivers' chat."""
         reason = reason.strip()
         if not reason:
             raise ReleaseError("an approval needs a reason")
@@ -217,7 +224,22 @@ class Releases:
                     [a for a, _, _ in request.approvals] + [analyst]), request=request.id, actor=analyst,
                     link=link_hash(token), expires=expires.isoformat(timespec="seconds"),
                     receivers=request.receivers)
+                if self.outbox is not None and link_base:
+                    self._hand_off(request, token, expires, link_base)
         return self.get(request_id), token
+
+    def _hand_off(self, request: Request, token: str, expires: datetime, link_base: str) -> None:
+        """Post the released link to the outbox; a folder that refuses is logged (the analyst still has the link)."""
+        sidecar = self.store.show(request.sha256) or {}
+        handoff = Handoff(request.id, request.sha256, str((sidecar.get("report") or {}).get("name") or ""),
+                          tuple(request.receivers), f"{link_base.rstrip('/')}/released/{token}",
+                          expires.isoformat(timespec="seconds"),
+                          datetime.fromtimestamp(self.clock(), UTC).isoformat(timespec="seconds"))
+        try:
+            self.outbox.post(handoff)
+        except OSError as e:
+            logger.error("release %d: the link could not be handed to the gateways (%s): pass it on yourself",
+                         request.id, e)
 
     def refuse(self, request_id: int, analyst: str, reason: str) -> Request:
         reason = reason.strip()

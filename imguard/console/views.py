@@ -333,10 +333,12 @@ class Console:
         """The release workflow on DATA_DIR/quarantine (None while the gateway has quarantined nothing)."""
         if self._quarantine is None:
             from imguard.quarantine import QuarantineStore
+            from imguard.releases import Outbox
             if not (self.data_dir / "quarantine").is_dir():
                 return None
             self._quarantine = release.Releases(QuarantineStore(self.data_dir / "quarantine"),
-                                                self.settings.console_release_link_hours * 3600)
+                                                self.settings.console_release_link_hours * 3600,
+                                                outbox=Outbox(self.data_dir / "releases"))
         return self._quarantine
 
     def quarantine_item(self, request: Request, session: Session, token: str = "", problem: str = "",
@@ -387,7 +389,8 @@ class Console:
         token = ""
         try:
             if approve:
-                decided, token = releases.approve(request_id, session.user, reason)
+                decided, token = releases.approve(request_id, session.user, reason,
+                                                  self.settings.console_public_url or str(request.base_url))
             else:
                 decided = releases.refuse(request_id, session.user, reason)
         except release.ReleaseError as e:

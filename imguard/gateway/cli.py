@@ -51,7 +51,8 @@ RECORD_SETTINGS = (("event sinks: the local JSON-lines log, syslog, webhook, ema
                    ("files held for inspection, all connections together", "imguard.files.tracker:HoldSettings"),
                    ("YARA signature sets", "imguard.inspect.signatures:SignatureSettings"),
                    ("conversation controls (XMPP, IRC): warn and continue",
-                    "imguard.conversation:ConversationSettings"))
+                    "imguard.conversation:ConversationSettings"),
+                   ("released files sent into the chat", "imguard.releases:DeliverySettings"))
 
 
 def _limits_class(path: str) -> type:
@@ -186,10 +187,14 @@ async def _serve(gateway, alerts_path: Path) -> int:
     if getattr(gateway, "fail_modes", None) is not None:
         print(f"  fail modes  {gateway.fail_modes.describe()}", flush=True)
     retention = asyncio.create_task(_quarantine_retention(gateway.pipeline), name="imguard quarantine retention")
+    releases = getattr(gateway, "releases", None)       # imguard.releases.ReleaseDelivery: links into the chat
+    deliveries = asyncio.create_task(releases.run(), name="imguard release delivery") if releases else None
     try:
         await gateway.wait()
     finally:
         retention.cancel()
+        if deliveries is not None:
+            deliveries.cancel()
         if watcher is not None:
             watcher.cancel()
             with contextlib.suppress(NotImplementedError, RuntimeError):
@@ -265,6 +270,9 @@ def _run_gateway(s, limits, pipeline, metrics, metrics_server, data_dir: Path, r
         print(f"imguard: {e}", file=sys.stderr)
         return 2
     gateway.addon.metrics = metrics
+    from imguard.releases import Outbox, ReleaseDelivery
+    gateway.releases = ReleaseDelivery(Outbox(data_dir / "releases"), gateway.addon.notices, gateway.addon.record,
+                                       limits["DeliverySettings"])
     if metrics_server is not None:
         print(f"  metrics     http://{metrics_server.address[0]}:{metrics_server.address[1]}/metrics", flush=True)
     from imguard.reload import PolicyReloader

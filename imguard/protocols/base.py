@@ -267,6 +267,11 @@ class StreamSession:
         None: the protocol has no way to (the carrier logs the notice as undelivered)."""
         return None
 
+    def addressee(self) -> str:
+        """The person on this connection, once a notice reaches them (an XMPP bound JID, an IRC registered
+        account or nick), to find them for a released file's link (imguard/releases.py). Default: '' (none)."""
+        return ""
+
     def upstream_connected(self) -> list[Command]:
         """The upstream leg asked for with ConnectUpstream is open. Default: nothing."""
         return []

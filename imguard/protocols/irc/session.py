@@ -305,6 +305,9 @@ class IrcSession(StreamSession):
             return []
         return [Send(to_client=True, data=self._notice_line(text))]
 
+    def addressee(self) -> str:
+        return self.sender if self.registered and not self.closed else ""
+
     # --- lines --------------------------------------------------------------------------------------
 
     def _notice_line(self, text: str) -> bytes:

@@ -459,6 +459,9 @@ class XmppSession(StreamSession):
             return []
         return [self.notice_message(self.full_jid, text)]
 
+    def addressee(self) -> str:
+        return bare(self.jid) if self.jid and not self.closed else ""
+
     def tls_started(self) -> list[Command]:
         self.tls = True
         self.tls_pending = False
