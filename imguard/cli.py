@@ -63,6 +63,7 @@ def _format_report(path: Path, report, decision, explain: bool) -> str:
         lines.append(f"  shadow   {match.rule_id} would {match.action}")
     if explain:
         from imguard.policy import explain as explain_decision
+        lines.extend(f"  engine   {verdict['detail']}" for verdict in report.engine_verdicts)
         lines.extend("  " + line for line in explain_decision(decision).splitlines())
     return "\n".join(lines)
 

@@ -128,6 +128,9 @@ class FileReport:
     encrypted: bool = False
     findings: list[Finding] = field(default_factory=list)
     members: list["FileReport"] = field(default_factory=list)
+    # Each external engine that ran on the file (ClamAV, ICAP): engine, verdict ("clean", "detected",
+    # "unscannable") and detail, what it answered in words ("clamav: scanned clean by clamd at ... (ClamAV 1.4.6/...)").
+    engine_verdicts: list[dict[str, str]] = field(default_factory=list)
 
     def walk(self) -> Iterator["FileReport"]:
         """This report and every member report below it, depth first."""

@@ -103,6 +103,7 @@ class Clamd:
     def __init__(self, address: str, timeout: float = 20.0, max_size: int = 25 * MiB) -> None:
         self.address, self.timeout, self.max_size = address, timeout, max_size
         self._family, self._target = parse_address(address)
+        self._version: tuple[float, str] | None = None       # (time.monotonic(), VERSION): for check()'s words
 
     @classmethod
     def from_settings(cls, settings: ClamavSettings) -> "Clamd | None":
@@ -133,13 +134,31 @@ class Clamd:
         except OSError as exc:
             raise ClamdError(REASON_SCANNER_ERROR, f"{self.describe()}: {exc.strerror or exc}") from None
 
-    def version(self) -> str:
+    def check(self, data: bytes | memoryview, name: str = "") -> tuple[tuple[str, ...], str]:
+        """The detection names and one sentence on the verdict, naming the database version (VERSION, asked at
+        most once a minute; a failure to ask does not change the verdict)."""
+        names = self.scan(data, name)
+        known = self._version
+        if known is None or time.monotonic() - known[0] > 60:
+            try:
+                self.state_tag()
+            except ClamdError:
+                pass
+            known = self._version
+        version = known[1] if known is not None else "version unknown"
+        if names:
+            return names, f"clamav: {', '.join(names)} found by {self.describe()} ({version})"
+        return names, f"clamav: scanned clean by {self.describe()} ({version})"
+
+    def version(self, timeout: float | None = None) -> str:
         """clamd's `VERSION` answer ("ClamAV 1.4.6/27000/..."): the engine and database versions."""
-        deadline = time.monotonic() + self.timeout
+        deadline = time.monotonic() + (self.timeout if timeout is None else min(self.timeout, timeout))
         try:
             with self._connect(deadline) as sock:
                 self._send(sock, b"zVERSION\0", deadline)
-                return self._receive(sock, deadline).decode("utf-8", "replace").strip("\0\n ")
+                text = self._receive(sock, deadline).decode("utf-8", "replace").strip("\0\n ")
+                self._version = (time.monotonic(), text)
+                return text
         except OSError as exc:
             raise ClamdError(REASON_SCANNER_ERROR, f"{self.describe()}: {exc.strerror or exc}") from None
 
@@ -147,11 +166,7 @@ class Clamd:
         """What changes when clamd's signatures change (the verdict cache's check): its VERSION answer, which
         carries the database version and date. Asked with a short timeout: an engine that does not answer leaves
         the tag as it was (its scans fail anyway, and a failed scan is not cached)."""
-        saved, self.timeout = self.timeout, min(self.timeout, timeout)
-        try:
-            return self.version()
-        finally:
-            self.timeout = saved
+        return self.version(timeout)      # not by changing self.timeout: scans run on other threads
 
     def _connect(self, deadline: float) -> socket.socket:
         sock = socket.socket(self._family, socket.SOCK_STREAM)

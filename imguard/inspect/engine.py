@@ -59,7 +59,8 @@ def _set_digests(report: FileReport, digests: dict[str, str]) -> None:
 
 def external_engines(limits: InspectLimits) -> tuple[Any, ...]:
     """The external engines the settings turn on: clamd (`clamd_address`) and ICAP (`icap_url`). Each has `name`,
-    `max_size`, `describe()` and `scan(data, name) -> detection names`, raising its ClamdError / IcapError."""
+    `max_size`, `describe()`, `scan(data, name) -> detection names` and `check(data, name) -> (detection names,
+    what it answered in words)`, raising its ClamdError / IcapError."""
     found = (clamav.Clamd.from_settings(limits), icap.Icap.from_settings(limits))
     return tuple(engine for engine in found if engine is not None)
 
@@ -147,16 +148,17 @@ class Inspector:
                                               f"({engine.max_size}): not scanned by {engine.describe()}", "",
                                               {"reason": REASON_TOO_LARGE, "engine": engine.name})))
             else:
-                scans.append((engine, self._engine_pool.submit(engine.scan, data, name)))
+                scans.append((engine, self._engine_pool.submit(engine.check, data, name)))
         return scans
 
     def _engine_findings(self, report: FileReport, scans: list[tuple[Any, Future | Finding]]) -> None:
         for engine, scan in scans:
             if isinstance(scan, Finding):
                 report.findings.append(scan)
+                report.engine_verdicts.append({"engine": engine.name, "verdict": UNSCANNABLE, "detail": scan.detail})
                 continue
             try:
-                names = scan.result()
+                names, words = scan.result()
             except (clamav.ClamdError, icap.IcapError) as exc:
                 reason, detail = exc.reason, exc.detail
             except Exception as exc:      # a bug of ours: the file stays unscanned, loudly
@@ -166,10 +168,14 @@ class Inspector:
                 report.findings.extend(Finding(ENGINE_MATCH, f"{engine.name} detection {signature} "
                                                f"({engine.describe()})", "",
                                                {"engine": engine.name, "signature": signature}) for signature in names)
+                report.engine_verdicts.append({"engine": engine.name, "verdict": "detected" if names else "clean",
+                                               "detail": words})
                 continue
             log.warning("%s gave no verdict on %r: %s", engine.name, report.name, detail)
             report.findings.append(Finding(UNSCANNABLE, f"{engine.name}: {detail}", "",
                                            {"reason": reason, "engine": engine.name}))
+            report.engine_verdicts.append({"engine": engine.name, "verdict": UNSCANNABLE,
+                                           "detail": f"{engine.name}: no verdict ({reason}): {detail}"})
 
     # --- reading ----------------------------------------------------------------------------------
 
