@@ -11,6 +11,7 @@ log() { printf 'setup: %s\n' "$*" >&2; }
 
 # --- Debian packages -------------------------------------------------------------------------------
 debs=(libmagic1 libarchive13)
+debs+=(7zip unar)     # inspect/encrypted.py: encrypted 7z (7zz) and RAR (lsar/unar); tests/test_encrypted_7z_rar.py
 [ "$want" = test ] && debs+=(prosody ngircd openssl iproute2 tshark tcpdump postgresql sipsak kamailio)
 [ "$want" = test ] && debs+=(nftables iptables)     # tests/test_inline_netns.py: the deploy/ redirect rules
 [ "$want" = test ] && debs+=(weechat-headless)     # tests/test_close_propagation.py: a real IRC client's view

@@ -3,8 +3,8 @@ deb/ar, cpio, xar, LHA, 7z, RAR, CAB, RPM and the zstd/lzip/lz4/compress/lzma fi
 
 Each walker yields the members of one container as `Member`s, one at a time, and records problems of
 the container itself (corrupt, a limit reached, an unsafe link) in a `Container`. Member names are only
-ever labels: nothing is written to disk. Decompression is streamed with a byte cap and a ratio check,
-so a bomb never expands past the budget in memory.
+ever labels: nothing is written to disk (but by the confined tools of encrypted 7z/RAR, inspect/encrypted.py).
+Decompression is streamed with a byte cap and a ratio check, so a bomb never expands past the budget in memory.
 
 Walkers read what the receiver's tools read (issue 17): both views of a zip (central directory and
 local headers, as a streaming extractor reads it), every member of a gzip and every stream of a bzip2
@@ -676,9 +676,16 @@ def walk_tar(data: bytes, budget: Budget, max_file_size: int, container: Contain
 
 
 def walk_libarchive(data: bytes, fmt: str, budget: Budget, max_file_size: int, max_ratio: int,
-                    container: Container) -> Iterator[Member]:
+                    container: Container, passwords: Sequence[Any] = (), limits: Any = None) -> Iterator[Member]:
     """Containers and compressed streams libarchive reads (see LIBARCHIVE_FORMATS and _FILTERS), from
-    memory. Every entry that carries data is read, whatever its type, under the same caps as the rest."""
+    memory. Every entry that carries data is read, whatever its type, under the same caps as the rest.
+    An encrypted 7z or RAR, which libarchive cannot decrypt, is opened with `passwords` by inspect/encrypted.py."""
+    if fmt in ("7z", "rar"):
+        from imguard.inspect import encrypted          # it imports this module
+        opened = encrypted.walk(data, fmt, budget, max_file_size, max_ratio, container, passwords, limits)
+        if opened is not None:
+            yield from opened
+            return
     try:
         import libarchive
         from libarchive.exception import ArchiveError

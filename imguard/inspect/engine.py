@@ -456,7 +456,7 @@ class Inspector:
                                            limits.max_compression_ratio, container)
         else:
             members = archives.walk_libarchive(data, kind, walk.budget, limits.max_file_size,
-                                               limits.max_compression_ratio, container)
+                                               limits.max_compression_ratio, container, walk.passwords, limits)
         while True:
             try:
                 member = next(members)

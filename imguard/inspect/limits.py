@@ -62,7 +62,7 @@ class InspectLimits(ClamavSettings, IcapSettings):
         "take tens of seconds on a single file.")
     zip_passwords: str = setting(
         "infected",
-        "Passwords tried on every encrypted zip (ZipCrypto and AES), comma separated, before those of the "
+        "Passwords tried on every encrypted zip (ZipCrypto and AES), 7z and RAR, comma separated, before those of the "
         "conversation: 'infected' is how malware researchers and many vendors exchange samples. A member "
         "opened is inspected like any other; one that none opens stays unscannable (encrypted). '' = none.")
     zip_password_window: float = setting(
@@ -80,6 +80,15 @@ class InspectLimits(ClamavSettings, IcapSettings):
         64,
         "Most passwords tried on one encrypted zip (the list first, then the conversation's, newest first); "
         "each wrong one costs a read of the zip's first encrypted entry, milliseconds for AES.")
+    archive_tool_timeout: float = setting(
+        20.0,
+        "Seconds one run of an external archive tool may take (7zz for encrypted 7z, lsar/unar for encrypted RAR; "
+        "inspect/encrypted.py): it is killed then, and what it had not read stays unscannable. Each password "
+        "tried is one run; its CPU time is capped to the same (prlimit).")
+    archive_tool_memory: int = setting(
+        1024 * MiB,
+        "Address space an external archive tool (7zz, lsar, unar) may map, in bytes (prlimit --as): a 7z that "
+        "asks for a bigger dictionary fails and stays unscannable. 7-Zip's own -mx9 needs about 70 MiB to decode.")
     verdict_cache_entries: int = setting(
         10000,
         "Inspection reports kept in the verdict cache (imguard/inspect/cache.py), keyed by the file's SHA-256, its "

@@ -1,6 +1,7 @@
 """Passwords for encrypted archives: the configured list, and what the conversation said around the file.
 
 In chat, the password of an encrypted zip is usually the next message ("pw: infected"), sometimes the one before.
+The same candidates open encrypted 7z and RAR (inspect/encrypted.py); "zip" below stands for all three.
 `ConversationPasswords` remembers the recent short messages of each conversation (both directions), so that the
 pipeline can try them on an encrypted archive that crossed in the same conversation:
 
@@ -30,6 +31,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from imguard.inspect.archives import ZIP_LOCKED
+from imguard.inspect.encrypted import RAR_LOCKED, SEVEN_LOCKED
 from imguard.model import REASON_ENCRYPTED, UNSCANNABLE, ChatContext, FileReport
 
 LIST, CONVERSATION = "list", "conversation"
@@ -87,10 +89,14 @@ def words_of(text: str, max_chars: int) -> list[str]:
     return out[:MAX_TOKENS]
 
 
+LOCKED = (ZIP_LOCKED, SEVEN_LOCKED, RAR_LOCKED)        # the details of a member no password opened
+
+
 def locked_members(report: FileReport) -> int:
-    """How many encrypted zip members of the report no password opened."""
+    """How many encrypted zip, 7z and RAR members of the report no password opened (an archive whose names are
+    encrypted counts as one)."""
     return sum(1 for r in report.walk() for f in r.findings
-               if f.kind == UNSCANNABLE and f.data.get("reason") == REASON_ENCRYPTED and f.detail == ZIP_LOCKED)
+               if f.kind == UNSCANNABLE and f.data.get("reason") == REASON_ENCRYPTED and f.detail in LOCKED)
 
 
 def for_limits(limits: object) -> "ConversationPasswords":
