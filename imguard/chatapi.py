@@ -42,9 +42,10 @@ from imguard.model import ALERT, ALLOW, BLOCK, FROM_CLIENT, FROM_SERVER, MASK, R
 from imguard.protocols import httpchat
 from imguard.protocols.httpchat import bodies, tenants
 from imguard.protocols.httpchat.common import WsCodec
-from imguard.protocols.httpchat.events import (DELIVER, DOWNLOAD, LEARN, UPLOAD, ChatMessage, DeliveredMessage,
+from imguard.protocols.httpchat.events import (DELIVER, DOWNLOAD, LEARN, MESSAGE, UPLOAD, ChatMessage, DeliveredMessage,
                                                EncryptedContent, Endpoint, FileUpload, HttpRequest, Identity,
                                                MalformedRequest, SharedMedia, StoredMedia, UploadSlot)
+from imguard.policy.walls import Rooms, decide_room, learn_members
 from imguard.settings import MiB, setting
 
 logger = logging.getLogger("imguard.chatapi")
@@ -55,6 +56,7 @@ MEDIA = "chat_media"
 # Megolm (Olm only carries to-device messages); an EncryptedFile in a message sent in clear is its own case.
 _POLICY_SCHEME = {"m.room.encrypted": "megolm", "EncryptedFile": "matrix-attachment"}
 RESPONSE_KEEP = 256 * 1024          # bytes of a learning response kept (login, upload results are small)
+WALL_CALLS = ("join", "invite")     # Matrix membership requests the walls decide (httpchat/matrix.py membership_call)
 WS_INLINE_MAX = 64 * 1024           # a larger server WebSocket message (or any on a compressed stream) is read and
                                     # re-encoded off the event loop (Offload)
 
@@ -96,6 +98,10 @@ class ChatApiSettings:
                  "and name (and the user they were shown to) are remembered from the responses that delivered "
                  "them, to name both parties when the file is downloaded; also the number of delivered-message "
                  "verdicts remembered. Oldest forgotten first")
+    max_room_members: int = setting(
+        100_000, "Matrix room members remembered, over all rooms, from the /sync responses of the users behind the "
+                 "gateway, for the ethical walls (a join, a room message decided against the room's members); past "
+                 "it a member is not recorded (an anomaly) and the walls decide on the members known")
     websocket: bool = setting(
         True, "Inspect chat over WebSockets: Rocket.Chat DDP sendMessage/updateMessage from the client, and the "
               "messages the server pushes to it on Slack (RTM, Socket Mode), Mattermost (/api/v4/websocket), "
@@ -243,10 +249,12 @@ class ChatApiCarrier:
         self.identities: OrderedDict[str, str] = OrderedDict()
         self.tenants: OrderedDict[str, str] = OrderedDict()      # credential key -> tenant its response named (Slack)
         self.slot_tenants: OrderedDict[str, str] = OrderedDict()  # upload slot URL -> the tenant that opened it
+        self.mismatches: OrderedDict[tuple, bool] = OrderedDict()  # (connection, host, upstream) tenant_mismatch told
         self.shared: OrderedDict[str, SharedMedia] = OrderedDict()          # file ref -> who shared it (responses)
         self.shared_with: OrderedDict[str, str] = OrderedDict()             # file ref -> who it was last shown to
         # (api, user, message id, hash of its text and refs) -> notice, mask replacements, or "" (passed)
         self.delivered: OrderedDict[tuple, str | list] = OrderedDict()
+        self.rooms = Rooms(self.settings.max_room_members)      # Matrix rooms' members, for the walls (_walls_*)
         self.stats = {"messages": 0, "files": 0, "blocked": 0, "masked": 0, "encrypted": 0, "malformed": 0,
                       "websocket": 0, "inbound_messages": 0, "inbound_files": 0, "inbound_blocked": 0}
 
@@ -258,13 +266,26 @@ class ChatApiCarrier:
     def learn_identity(self, key: str, user: str) -> None:
         _remember(self.identities, key, user, self.settings.max_identities)
 
-    def tenant(self, api: ModuleType, req: HttpRequest, slot_url: str = "") -> str:
+    def tenant(self, api: ModuleType, req: HttpRequest, slot_url: str = "", base: ChatContext | None = None,
+               upstream: tenants.Upstream = tenants.NO_UPSTREAM) -> str:
         """The workspace, instance or tenant a call goes to (httpchat/tenants.py): what a response taught about its
-        credential (Slack's own word on the token's team), else what the request names; an upload to a learned
-        slot: the tenant that opened it."""
+        credential (Slack's own word on the token's team), else what the request names, its host checked against
+        the connection's `upstream` (SNI, certificate names: a Host they do not vouch for is a tenant_mismatch
+        anomaly, once per connection and host, and the tenant is unknown); an upload to a learned slot: the tenant
+        that opened it."""
         if slot_url:
             return self.slot_tenants.get(slot_url, "")
-        return self.tenants.get(api.requester(req), "") or tenants.of_request(api.API, req)
+        learned = self.tenants.get(api.requester(req), "")
+        if learned:
+            return learned
+        found = tenants.resolve(api.API, req, upstream)
+        key = ((base or ChatContext()).connection_id, found.host, upstream)
+        if found.mismatch and key not in self.mismatches:
+            self._remember(self.mismatches, key, True)
+            ctx = self._context(base or ChatContext(), api.API, "tenant", "", "", self.user)
+            self._anomaly(ctx, "tenant_mismatch", found.mismatch, severity="medium", host=found.host,
+                          sni=upstream.sni, certificate_names=list(upstream.cert_names))
+        return found.name
 
     def _remember(self, table: OrderedDict, key: Any, value: Any) -> None:
         _remember(table, key, value, self.settings.max_shared_media)
@@ -322,8 +343,10 @@ class ChatApiCarrier:
     # --- requests -----------------------------------------------------------------------------------------
 
     def request_headers(self, req: HttpRequest, base: ChatContext, urls: tuple[str, ...] = (),
-                        content_length: int | None = None) -> tuple[ChatCall | None, Fate | Respond | None]:
-        """A request's head (req.body empty; `urls` the URLs it was sent to, to find an upload slot): (None, None)
+                        content_length: int | None = None, upstream: tenants.Upstream = tenants.NO_UPSTREAM
+                        ) -> tuple[ChatCall | None, Fate | Respond | None]:
+        """A request's head (req.body empty; `urls` the URLs it was sent to, to find an upload slot; `upstream` what
+        the connection vouches for, for the tenant): (None, None)
         when it is not a chat call; else its ChatCall and BUFFER (read the body whole, then request_body), a Respond
         (answered: a download of a blocked file, a body over its limit), STREAM (too large to scan and policy allows
         it) or None (nothing to read: a download or GET history, whose response response_headers will hold)."""
@@ -343,13 +366,15 @@ class ChatApiCarrier:
                 if ep is not None:
                     api = candidate
                     break
+        if ep is None and (found := self._walls_call(method, req)) is not None:
+            api, ep = found
         if ep is None:
             return None, None
         if ep.kind == DOWNLOAD:
             reason = self._blocked(ep.ref)
             if reason:
                 return None, self._refuse(None, api.API, 403, f"imguard: this file was blocked ({reason})")
-        tenant = self.tenant(api, req, normalize_url(slot.url) if slot is not None else "")
+        tenant = self.tenant(api, req, normalize_url(slot.url) if slot is not None else "", base, upstream)
         if ep.kind == DOWNLOAD or ep.kind == DELIVER and method == "GET":
             # nothing to read in the request: its response is held (response_headers)
             return ChatCall(api, ep, base, done=True, request=req, tenant=tenant), None
@@ -407,6 +432,8 @@ class ChatApiCarrier:
         call.request = req
         if ep.kind in (LEARN, DELIVER):
             return None
+        if ep.name in WALL_CALLS:
+            return self._walls_membership(call, req)
         try:
             found = api.decode(ep, req, self.limits)
         except Exception as e:          # a decoder bug must not pass the request uninspected
@@ -477,6 +504,9 @@ class ChatApiCarrier:
         ctx = ctx.with_(encryption=_POLICY_SCHEME.get(event.scheme, event.scheme))     # policy's `encrypted`
         self._anomaly(ctx, "e2e_encrypted", "end-to-end encrypted content: it cannot be inspected",
                       severity="info", scheme=event.scheme)
+        walled = self._walls_room_message(call, ctx, event.room)       # ciphertext is kept from a walled room too
+        if walled is not None:
+            return walled
         for ref in event.refs:
             reason = self._blocked(ref)
             if reason:
@@ -519,6 +549,9 @@ class ChatApiCarrier:
             return []
         self.stats["messages"] += 1
         ctx = self.context(call, event.endpoint, event.sender, event.room)
+        walled = self._walls_room_message(call, ctx, event.room)
+        if walled is not None:
+            return walled
         for ref in event.refs:
             reason = self._blocked(ref)
             if reason:
@@ -678,6 +711,8 @@ class ChatApiCarrier:
             self._anomaly(ctx, "chat_response_malformed", f"a {api.API} {ep.name} response could not be read ({e}); "
                           "it was refused undelivered")
             return self._refuse(call, api.API, 502, "imguard: the response could not be inspected and was refused")
+        if api is httpchat.matrix and ep.name == "sync":
+            self._walls_learn(call, body)
         blocked, masked = self._decide_delivered(call.tenant_base, api, found, self._downloader(call))
         if blocked or masked:       # re-serialised only when something changed
             return Rewrite(api.rewrite_delivered(body, blocked, masked))
@@ -704,7 +739,7 @@ class ChatApiCarrier:
     def _delivered(self, base: ChatContext, api, item: DeliveredMessage, user: str) -> str | list:
         """The notice replacing a blocked message, the replacements of a masked one, or "" (pass as is)."""
         event = item.message
-        if not event.parts and not event.refs:
+        if not event.parts and not event.refs and not item.encrypted:
             return ""
         # An edit keeps the message id: the text is part of the key, so an edited message is decided again. A
         # file it shares that was blocked since (its download) turns a remembered pass into a block.
@@ -716,7 +751,15 @@ class ChatApiCarrier:
             return remembered           # a later response repeats it: decided already
         self.stats["inbound_messages"] += 1
         ctx = self._context(base, api.API, event.endpoint, event.sender, event.room, self.user, recipient=user)
-        if reason:
+        if item.encrypted:      # ciphertext (a Megolm event): policy's `encrypted` sees the scheme, as outbound
+            self.stats["encrypted"] += 1
+            ctx = ctx.with_(encryption=_POLICY_SCHEME.get(item.encrypted, item.encrypted))
+            self._anomaly(ctx, "e2e_encrypted", "end-to-end encrypted content: it cannot be inspected",
+                          severity="info", scheme=item.encrypted)
+        walled = self._walls_delivered(ctx, event.room) if api is httpchat.matrix and event.room else None
+        if walled is not None:
+            decision = walled
+        elif reason:
             decision = self._shares_blocked_file(event.text, ctx, reason)
         else:
             decision = self._check_message(event.text, ctx)
@@ -731,9 +774,77 @@ class ChatApiCarrier:
             self._remember(self.delivered, key, verdict)
         return verdict
 
+    # --- ethical walls in Matrix rooms (imguard/policy/walls.py) --------------------------------------------------
+
+    def _walls_call(self, method: str, req: HttpRequest) -> tuple[ModuleType, Endpoint] | None:
+        """A Matrix join or invite request (not a chat call to the decoders): its Endpoint, the room as its ref."""
+        for candidate in self.routes.match(req.host, req.path):
+            asked = candidate.membership_call(method, req.path) if candidate is httpchat.matrix else None
+            if asked is not None:
+                return candidate, Endpoint(candidate.API, asked[0], MESSAGE, ref=asked[1])
+        return None
+
+    def _walls_check(self, kind: str, ctx: ChatContext, room: str) -> Decision | None:
+        check = getattr(self.pipeline, "check_membership", None)       # a test's stand-in may have none
+        return check(kind, ctx, room) if check is not None else None
+
+    def _walls_membership(self, call: ChatCall, req: HttpRequest) -> Respond | None:
+        """A join (decided against the room's members known from the users' /sync) or an invite (against the
+        invitee), by the walls: refused with 403 M_FORBIDDEN and a `wall_join` / `wall_invite` event. A room known
+        by alias only, or whose members no user behind the gateway has seen, is joined undecided (its members are
+        decided at the user's next /sync: _walls_learn)."""
+        api, ep = call.api, call.ep
+        sender = api.requester(req)
+        user = self.user(sender)
+        members = (api.invitee(req, self.limits),) if ep.name == "invite" else self.rooms.identities(ep.ref, user)
+        members = tuple(m for m in members if m)
+        if not members:
+            return None
+        decision = self._walls_check(ep.name, self.context(call, ep.name, sender, ep.ref).with_(recipients=members),
+                                     ep.ref)
+        if decision is None or not decision.blocked:
+            return None
+        self.stats["blocked"] += 1
+        return self._refuse(call, api.API, 403, decision.notice or f"imguard: {ep.name} refused ({decision.refusal})")
+
+    def _walls_room_message(self, call: ChatCall, ctx: ChatContext, room: str) -> Respond | None:
+        """Our user's message to a Matrix room, decided by the walls against the room's members (a `wall_message`
+        event): refused with the wall's notice when one matched."""
+        if call.api is not httpchat.matrix or not room or room not in self.rooms:
+            return None
+        decision = decide_room(lambda c: self._walls_check("message", c, room) or Decision(), self.rooms, room,
+                               lambda members: ctx.with_(recipients=members), besides=ctx.sender)
+        if decision is None or not decision.blocked:
+            return None
+        self.stats["blocked"] += 1
+        return self._refuse(call, call.api.API, 403, decision.notice or f"imguard: blocked ({decision.refusal})")
+
+    def _walls_learn(self, call: ChatCall, body: bytes) -> None:
+        """Who is in which room, from a /sync response; a member of the other side arriving in a room the user is
+        in, or the user entering a room with one, is a `wall_join` event (its messages are refused from then on)."""
+        user = self._downloader(call)
+        learned = learn_members(self.rooms, httpchat.matrix.room_members(body, self.limits), user)
+        base = self.context(call, "sync", "", "", recipient=user)
+        if not learned.kept:
+            self._anomaly(base, "room_members_overflow", f"more than {self.settings.max_room_members} Matrix room "
+                          "members; the walls decide on those known", max_room_members=self.settings.max_room_members)
+        for room, member in learned.arrived:
+            self._walls_check("join", base.with_(sender=member, recipients=(user,), conversation=room), room)
+        for room in learned.entered:
+            ctx = base.with_(sender=user, recipients=self.rooms.identities(room, user), conversation=room,
+                             origin=FROM_CLIENT)
+            self._walls_check("join", ctx, room)
+
+    def _walls_delivered(self, ctx: ChatContext, room: str) -> Decision | None:
+        """A room message delivered to our user, from a member walled off from it (a `wall_message` event): its
+        decision, else None (decided as any message)."""
+        decision = self._walls_check("message", ctx, room)
+        return decision if decision is not None and decision.blocked else None
+
     # --- WebSockets: Rocket.Chat DDP both ways; what Slack, Mattermost, Discord (and DDP) push to the client ---
 
-    def socket(self, req: HttpRequest, base: ChatContext) -> ChatSocket:
+    def socket(self, req: HttpRequest, base: ChatContext,
+               upstream: tenants.Upstream = tenants.NO_UPSTREAM) -> ChatSocket:
         """The chat state of a WebSocket to `req` (its handshake: host, path, query, headers): api None when it is
         not a chat socket."""
         api = next((a for a in self.routes.match(req.host, req.path) if a.is_websocket(req.path)), None)
@@ -741,7 +852,7 @@ class ChatApiCarrier:
         if api is None:
             return sock
         sock.credential = api.ws_requester(req)
-        sock.tenant = self.tenants.get(sock.credential, "") or tenants.of_request(api.API, req)
+        sock.tenant = self.tenants.get(sock.credential, "") or self.tenant(api, req, "", base, upstream)
         try:
             sock.codec = api.ws_codec(req, self.settings.max_delivery_size)
         except httpchat.UnreadableSocket as e:

@@ -22,20 +22,36 @@ Only the sender's own connection can hold (it is the one the sender answers on):
 delivers (an outside sender's) is refused like a block, except the copy of a message this gateway released after a
 justification on another connection (`RELEASED`, process-wide, a short memory), which is delivered (`DELIVERED`).
 
+**Files** go the same way where the file and its sender's chat share one connection (XMPP IBB: the held stanzas
+wait on the tracker, `HeldTransfer.warn_verdict`, state WARNED): the file is held whole, its sender gets the
+notice and how to answer in the chat (the tracker's tell rule), and the same answers release it to its receiver
+(the held stanzas byte-exact) or, unanswered, drop it (the receiver gets the mechanism's refusal). A held file is
+a HeldMessage with its FileReport (`report`) and its transfer id as `tag`; its outcome is a file event
+(`imguard.file`, `event.action` `warn_<state>`). The copy of a justified file reaching an inside receiver on another
+connection is recognised by its SHA-256 (`file_key`). A file on a connection of its own (DCC, SOCKS5, an HTTP
+upload) cannot wait for an answer given elsewhere: a warn there is refused like a block (fail closed).
+
 **Disclaimers** (a rule's `action: disclaim`, with its text in `notify`): the policy says which conversations get one
 (its conditions: sender and recipient groups, direction, protocol), `FirstContacts` says when: on the first message
-between two parties (1:1, not rooms) and again once `disclaimer_every_days` have passed, one disclaimer per pair
-(the first due rule's). It is process-wide, held by the pipeline: which connection carries the message does not
-matter. The session injects it to both parties in the protocol's own terms (XMPP: a chat message from the server's
-domain to our user and one through our user's stream to the other party; IRC: a NOTICE from `imguard` to our user and
-a NOTICE to the other party), before the message. Every disclaimer given is an event and an archive record (sender
-`imguard`, the two parties as recipients, action `disclaim`), and with an archive the table is filled from those
-records at start, so a restart does not disclaim again.
+between two parties and again once `disclaimer_every_days` have passed, one disclaimer per pair (the first due
+rule's). In a room (an XMPP MUC, an IRC channel) the "pair" is the room and the inside member who writes there: on an
+inside member's first message into the room (origin FROM_CLIENT) that member is told, in the room's own window (XMPP:
+a groupchat message from the room's bare JID, as the room's own notices come; IRC: a NOTICE to the channel from
+`imguard`); with `disclaimer_in_room` the notice is said in the room itself instead (through that member's connection,
+as a groupchat message or a channel NOTICE every member sees; the writer sees the room's copy, on IRC the gateway's,
+as the server echoes nothing back), once per room and period, whoever writes first (`room_key`). A room message
+delivered to our user gives none (its writer is not ours to tell). It is process-wide, held by the pipeline: which
+connection carries the message does not matter. The session injects it to both parties in the protocol's own terms
+(XMPP: a chat message from the server's domain to our user and one through our user's stream to the other party; IRC:
+a NOTICE from `imguard` to our user and a NOTICE to the other party), before the message. Every disclaimer given is an
+event and an archive record (sender `imguard`, the two parties as recipients, action `disclaim`), and with an archive
+the table is filled from those records at start, so a restart does not disclaim again.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import datetime
 import enum
 import hashlib
@@ -44,7 +60,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple
 
 from imguard import alerts
-from imguard.model import DISCLAIM, ChatContext, Decision, RuleMatch
+from imguard.model import ALLOW, DISCLAIM, FROM_CLIENT, ChatContext, Decision, FileReport, RuleMatch
 from imguard.protocols.base import MessageDecision
 from imguard.settings import setting
 
@@ -76,6 +92,10 @@ class ConversationSettings:
     disclaimer_every_days: float = setting(
         30.0, "Days after which two parties who keep talking get a `disclaim` rule's notice again (it is given on "
               "their first message, then once this period has passed). 0: only the first time (while remembered).")
+    disclaimer_in_room: bool = setting(
+        False, "A room's disclaimer (XMPP MUC, IRC channel) is said in the room itself, for every member to see, once "
+               "per room and period (through the connection of the inside member who writes first), rather than to "
+               "each inside member who writes there, once per member, room and period.")
     disclaimer_max_pairs: int = setting(
         100_000, "Pairs of parties whose last disclaimer the gateway remembers in memory (about 200 bytes each); "
                  "past it the longest-unseen pair is forgotten and gets the notice again at its next message.")
@@ -139,7 +159,14 @@ class HeldMessage:
     held_at: float
     state: WarnState = WarnState.HELD
     answer: str = ""
-    tag: Any = None             # the session's own note for the delivery (XMPP: a groupchat's (room, id))
+    tag: Any = None             # the session's own note for the delivery (XMPP: a groupchat's (room, id); a
+                                # file's transfer id)
+    report: FileReport | None = None    # a held file's (None: a message)
+
+    @property
+    def released_key(self) -> str:
+        """What RELEASED remembers it by, with its sender: the text, or a file's SHA-256 (file_key)."""
+        return self.text if self.report is None else file_key(self.report.sha256)
 
     def move(self, state: WarnState, answer: str = "") -> "HeldMessage":
         if state not in TRANSITIONS.get(self.state, ()):
@@ -156,9 +183,13 @@ class WarnOutcome(MessageDecision):
     delivered: bool = False
     answer: str = ""
     held_seconds: float = 0.0
+    report: FileReport | None = None    # a file's: its event is a file event (alerts.file_event)
 
     def event(self, context: ChatContext | None = None) -> dict[str, Any]:
-        event = alerts.message_event(self.text, context or self.context, self.decision)
+        if self.report is not None:
+            event = alerts.file_event(self.report, context or self.context, self.decision)
+        else:
+            event = alerts.message_event(self.text, context or self.context, self.decision)
         fields = event["event"]
         fields["action"] = f"warn_{self.state.value}"
         fields["type"] = ["allowed" if self.delivered else "denied"]
@@ -182,15 +213,30 @@ def alerts_one_line(text: str, limit: int = 200) -> str:
 
 def outcome(held: HeldMessage, now: float, delivered: bool = False) -> WarnOutcome:
     return WarnOutcome(held.text, held.context, held.decision, state=held.state, delivered=delivered,
-                       answer=held.answer, held_seconds=max(0.0, now - held.held_at))
+                       answer=held.answer, held_seconds=max(0.0, now - held.held_at), report=held.report)
+
+
+FILE_KEY = "\x00file sha256:"        # no chat text starts so: a file's key in RELEASED never meets a message's
+
+
+def file_key(sha256: str) -> str:
+    """A file's key in RELEASED (with its sender): its SHA-256."""
+    return FILE_KEY + sha256
 
 
 class Settled(NamedTuple):
     """A sender's answer, carried out: what to tell the sender, the held message to deliver (None: nothing crosses),
-    the event to record (None: the answer matched no held message)."""
+    the event to record (None: the answer matched no held message), and the held message it ended (delivered or
+    not: a held file's transfer is released or dropped by the session)."""
     notice: str
     deliver: HeldMessage | None
     fact: WarnOutcome | None
+    held: HeldMessage | None = None
+
+
+def release_decision(decision: Decision) -> Decision:
+    """The decision a justified file is released with: allowed, no notice (the sender is told by the answer's)."""
+    return dataclasses.replace(decision, action=ALLOW, notice="", disclaimers=[])
 
 
 class PendingWarnings:
@@ -206,12 +252,13 @@ class PendingWarnings:
         return len(self._held)
 
     def hold(self, sender: str, key: str, ctx: ChatContext, text: str, decision: Decision,
-             payload: bytes, tag: Any = None) -> list[HeldMessage]:
-        """Hold a message; the ones it displaces (DISPLACED) are returned."""
+             payload: bytes, tag: Any = None, report: FileReport | None = None) -> list[HeldMessage]:
+        """Hold a message (or, with its `report`, a file); the ones it displaces (DISPLACED) are returned."""
         displaced = []
         while self._held and len(self._held) >= max(1, self.settings.warn_max_pending):
             displaced.append(self._held.popleft().move(WarnState.DISPLACED))
-        self._held.append(HeldMessage(sender, party(key), ctx, text, decision, payload, self.clock(), tag=tag))
+        self._held.append(HeldMessage(sender, party(key), ctx, text, decision, payload, self.clock(), tag=tag,
+                                      report=report))
         return displaced
 
     def answer(self, sender: str, key: str, answer: Answer) -> HeldMessage | None:
@@ -237,9 +284,10 @@ class PendingWarnings:
         delivered = answer.state is WarnState.JUSTIFIED or settings.warn_false_positive_delivers
         if delivered:
             (released if released is not None else RELEASED).add(
-                held.sender, held.text, settings.warn_released_seconds, copies=max(1, len(held.context.recipients)))
+                held.sender, held.released_key, settings.warn_released_seconds,
+                copies=max(1, len(held.context.recipients)))
         return Settled(answer_notice(held, answer, delivered), held if delivered else None,
-                       outcome(held, self.clock(), delivered))
+                       outcome(held, self.clock(), delivered), held)
 
     def dropped(self, held: list[HeldMessage]) -> list[WarnOutcome]:
         """The events of held messages that ended undelivered (expired, displaced, abandoned)."""
@@ -318,11 +366,12 @@ def answer_notice(held: HeldMessage | None, answer: Answer, delivered: bool) -> 
     if held is None:
         return "imguard: there is no held message to answer (it was delivered, or dropped after the time to answer)."
     to = f" to {held.key}" if held.key else ""
+    what = "message" if held.report is None else f"file {held.report.name!r}" if held.report.name else "file"
     if answer.state is WarnState.JUSTIFIED:
-        return f"imguard: your message{to} was delivered; your justification was recorded."
+        return f"imguard: your {what}{to} was delivered; your justification was recorded."
     if delivered:
-        return f"imguard: your message{to} was delivered; your false-positive report was recorded."
-    return f"imguard: your false-positive report was recorded; the message{to} was not delivered."
+        return f"imguard: your {what}{to} was delivered; your false-positive report was recorded."
+    return f"imguard: your false-positive report was recorded; the {what}{to} was not delivered."
 
 
 # --- disclaimers -------------------------------------------------------------------------------------------------
@@ -340,6 +389,28 @@ def conversation_pair(ctx: ChatContext) -> tuple[str, str] | None:
     if not a or not b or a == b or " " in a or " " in b:
         return None
     return (a, b) if a < b else (b, a)
+
+
+ROOM = "room:"       # a room's key in FirstContacts: (ROOM + room, member), or (ROOM + room, ANYONE) in the room
+
+
+ANYONE = "*"
+
+
+def room_key(ctx: ChatContext, settings: ConversationSettings) -> tuple[str, str] | None:
+    """The key of a room message's disclaimer: its inside writer in that room, or the room itself with
+    disclaimer_in_room; None for a message that is not an inside member's into a room."""
+    if not ctx.conversation or ctx.origin != FROM_CLIENT or not ctx.sender:
+        return None
+    room, member = ctx.conversation.lower(), party(ctx.sender)
+    if not room or not member:
+        return None
+    return (ROOM + room, ANYONE if settings.disclaimer_in_room else member)
+
+
+def in_room(key: tuple[str, str]) -> str:
+    """The room of a room's key ("" for a pair of parties)."""
+    return key[0][len(ROOM):] if key[0].startswith(ROOM) else ""
 
 
 class FirstContacts:
@@ -369,7 +440,7 @@ class FirstContacts:
         that injects. A disclaimer returned is remembered as given."""
         if not disclaimers or ctx.protocol not in DISCLAIMER_PROTOCOLS:
             return None
-        pair = conversation_pair(ctx)
+        pair = conversation_pair(ctx) or room_key(ctx, self.settings)
         if pair is None:
             return None
         now = self.clock()
@@ -387,13 +458,18 @@ class FirstContacts:
         mark = getattr(store, "mark", "?")
         since = 0.0 if self.settings.disclaimer_every_days <= 0 else \
             self.clock() - self.settings.disclaimer_every_days * 86400
-        rows = store.fetch(f"SELECT recipients, MAX(time) FROM records WHERE kind = 'message' AND action = {mark} "
-                           f"AND sender = {mark} AND time >= {mark} GROUP BY recipients",
-                           [DISCLAIM, DISCLAIMER_SENDER, _iso(since)])
-        for recipients, when in rows:
+        rows = store.fetch(f"SELECT recipients, conversation, MAX(time) FROM records WHERE kind = 'message' "
+                           f"AND action = {mark} AND sender = {mark} AND time >= {mark} GROUP BY recipients, "
+                           f"conversation", [DISCLAIM, DISCLAIMER_SENDER, _iso(since)])
+        for recipients, room, when in rows:
             parties = tuple(str(recipients or "").split(" "))
             seconds = _seconds(when)
-            if len(parties) == 2 and seconds is not None:
+            if seconds is None:
+                continue
+            if room and len(parties) == 1:          # a room's (disclaimer_record): its member, or the room itself
+                member = ANYONE if parties[0].lower() == str(room).lower() else parties[0]
+                self.remember((ROOM + str(room).lower(), member), seconds)
+            elif len(parties) == 2:
                 self.remember((parties[0], parties[1]), seconds)
         return len(rows)
 
@@ -412,9 +488,14 @@ def _seconds(iso: Any) -> float | None:
 
 def disclaimer_record(ctx: ChatContext, match: RuleMatch, pair: tuple[str, str],
                       policy_version: str) -> tuple[ChatContext, Decision]:
-    """The archive record of a disclaimer given: from imguard to both parties, action `disclaim`, its rule."""
-    return (ctx.with_(sender=DISCLAIMER_SENDER, recipients=pair, conversation=""),
-            Decision(action=DISCLAIM, matches=[match], policy_version=policy_version))
+    """The archive record of a disclaimer given: from imguard to both parties, action `disclaim`, its rule. In a
+    room: to its member (or to the room itself, with disclaimer_in_room), in the room."""
+    decision = Decision(action=DISCLAIM, matches=[match], policy_version=policy_version)
+    room = in_room(pair)
+    if room:
+        return (ctx.with_(sender=DISCLAIMER_SENDER, recipients=(room if pair[1] == ANYONE else pair[1],),
+                          conversation=room), decision)
+    return ctx.with_(sender=DISCLAIMER_SENDER, recipients=pair, conversation=""), decision
 
 
 def disclaimer_event(ctx: ChatContext, match: RuleMatch, pair: tuple[str, str], first: bool) -> dict[str, Any]:
@@ -422,9 +503,14 @@ def disclaimer_event(ctx: ChatContext, match: RuleMatch, pair: tuple[str, str], 
     protocol = ctx.protocol or "chat"
     event = alerts.protocol_event(protocol, "disclaimer", ctx, category="session")
     event["imguard"].pop(protocol, None)
-    event["imguard"]["disclaimer"] = {"rule_id": match.rule_id, "text": match.notice, "parties": list(pair),
+    room = in_room(pair)
+    parties = list(pair) if not room else [] if pair[1] == ANYONE else [pair[1]]
+    event["imguard"]["disclaimer"] = {"rule_id": match.rule_id, "text": match.notice, "parties": parties,
                                       "first_contact": first}
+    if room:
+        event["imguard"]["disclaimer"]["room"] = room
+        event["imguard"]["disclaimer"]["in_room"] = pair[1] == ANYONE
     event["rule"] = {"id": match.rule_id, "name": [match.title]}
-    event["message"] = (f"{protocol} disclaimer {match.rule_id} to {pair[0]} and {pair[1]}"
-                        + (" (first contact)" if first else ""))
+    to = (f"room {room}" if pair[1] == ANYONE else f"{pair[1]} in {room}") if room else f"{pair[0]} and {pair[1]}"
+    event["message"] = f"{protocol} disclaimer {match.rule_id} to {to}" + (" (first contact)" if first else "")
     return event

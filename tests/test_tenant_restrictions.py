@@ -13,7 +13,9 @@ received is asserted."""
 from __future__ import annotations
 
 import base64
+import http.client
 import json
+import ssl
 import time
 import uuid
 
@@ -29,6 +31,7 @@ COMPANY_TEAM, PERSONAL_TEAM = "T0COMPANY1", "T0PERSONAL"
 COMPANY_TENANT = "8a1f1c0e-0000-4000-8000-00000000c0de"
 PERSONAL_TENANT = "9b2e2d1f-0000-4000-8000-0000000b0b00"
 COMPANY_HOST, PERSONAL_HOST = "127.0.0.1", "localhost"
+COMPANY_NAME, PERSONAL_NAME = "matrix.company.test", "matrix.personal.test"     # names a TLS client sends as SNI
 RULE = f"""\
 rules:
   - id: tenant-messages
@@ -37,14 +40,14 @@ rules:
     action: block
     applies_to: message
     match: {{protocol: [slack, mattermost, rocketchat, matrix, teams, discord]}}
-    unless: {{tenant: [{COMPANY_TEAM}, {COMPANY_HOST}, "{COMPANY_TENANT}"]}}
+    unless: {{tenant: [{COMPANY_TEAM}, {COMPANY_HOST}, {COMPANY_NAME}, "{COMPANY_TENANT}"]}}
   - id: tenant-files
     title: Upload to a workspace that is not the company's
     severity: high
     action: block
     applies_to: file
     match: {{protocol: [slack, mattermost, rocketchat, matrix, teams, discord]}}
-    unless: {{tenant: [{COMPANY_TEAM}, {COMPANY_HOST}, "{COMPANY_TENANT}"]}}
+    unless: {{tenant: [{COMPANY_TEAM}, {COMPANY_HOST}, {COMPANY_NAME}, "{COMPANY_TENANT}"]}}
 """
 
 
@@ -242,6 +245,183 @@ def test_matrix_personal_homeserver_is_refused(route):
     status, _ = call_json(gw.ports[0], "PUT", path + f"txn{t}b", {"msgtype": "m.text", "body": f"sentinel {t}"}, auth)
     assert status == 200
     assert [json.loads(b)["body"] for b in vendor.bodies("m.room.message")] == [f"sentinel {t}"]
+
+
+# --- the Host a client writes against the connection's SNI and certificate (issue 19) ----------------------------
+
+class SniConnection(http.client.HTTPSConnection):
+    """HTTPS to the gateway on loopback with any SNI (imguard's certificate for it verified against its CA)."""
+
+    def __init__(self, port: int, sni: str, gw):
+        super().__init__("127.0.0.1", port, timeout=15, context=ssl.create_default_context(cafile=str(gw.ca_file)))
+        self.sni = sni
+
+    def connect(self) -> None:
+        http.client.HTTPConnection.connect(self)
+        self.sock = self._context.wrap_socket(self.sock, server_hostname=self.sni)
+
+
+def call_tls(gw, sni: str, host: str, method: str, path: str, obj=None, headers=None) -> tuple[int, dict]:
+    """One request over TLS with SNI `sni` and Host `host`: (status, JSON body)."""
+    conn = SniConnection(gw.ports[0], sni, gw)
+    try:
+        body = json.dumps(obj).encode() if obj is not None else None
+        conn.request(method, path, body=body, headers={"Host": f"{host}:{gw.ports[0]}",
+                                                       "Content-Type": "application/json", **(headers or {})})
+        resp = conn.getresponse()
+        data = resp.read()
+        return resp.status, json.loads(data) if data[:1] == b"{" else {}
+    finally:
+        conn.close()
+
+
+def mismatch_alerts(gw, since: int, host: str) -> list[dict]:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        found = [e for e in gw.alerts()[since:] if e.get("imguard", {}).get("anomaly", {}).get("kind") ==
+                 "tenant_mismatch" and e["imguard"]["anomaly"]["host"] == host]
+        if found:
+            return found
+        time.sleep(0.1)
+    return []
+
+
+def test_host_that_disagrees_with_sni_is_refused_as_a_tenant_mismatch(route):
+    """Over TLS the tenant's host must be the one the connection names. A client whose SNI names a personal
+    homeserver while its Host header names the company's gets M_FORBIDDEN (the tenant is unknown: fail closed), a
+    tenant_mismatch anomaly names both, and nothing reaches the server; SNI and Host both naming the company's
+    instance pass (the sentinel after the refusal arrives); both naming the personal one are refused as before."""
+    vendor, gw = route
+    t = tag()
+    since = gw.mark()
+    auth = {"Authorization": "Bearer syt_matrix_token"}
+    path = "/_matrix/client/v3/rooms/!r:example.org/send/m.room.message/"
+    status, err = call_tls(gw, PERSONAL_NAME, COMPANY_NAME, "PUT", path + f"txn{t}a",
+                           {"msgtype": "m.text", "body": f"smuggled {t}"}, auth)
+    assert status == 403 and err["errcode"] == "M_FORBIDDEN", err
+    (anomaly,) = mismatch_alerts(gw, since, COMPANY_NAME)
+    assert anomaly["imguard"]["anomaly"]["sni"] == PERSONAL_NAME and anomaly["network"]["protocol"] == "matrix"
+    assert PERSONAL_NAME in anomaly["imguard"]["anomaly"]["detail"]
+    alert = tenant_alert(gw, since, "imguard.message", f"smuggled {t}")
+    assert alert["imguard"]["context"]["tenant"] == ""
+    status, _ = call_tls(gw, COMPANY_NAME, COMPANY_NAME, "PUT", path + f"txn{t}b",
+                         {"msgtype": "m.text", "body": f"sentinel {t}"}, auth)
+    assert status == 200
+    status, err = call_tls(gw, PERSONAL_NAME, PERSONAL_NAME, "PUT", path + f"txn{t}c",
+                           {"msgtype": "m.text", "body": f"personal {t}"}, auth)
+    assert status == 403 and err["errcode"] == "M_FORBIDDEN", err
+    assert [json.loads(b)["body"] for b in vendor.bodies("m.room.message")] == [f"sentinel {t}"]
+    assert mismatch_alerts(gw, since, COMPANY_NAME) == [anomaly]        # the agreeing calls raised none
+    assert not mismatch_alerts(gw, since, PERSONAL_NAME)
+
+
+def test_delivered_messages_on_a_mismatched_connection_are_decided_as_unknown_tenant(route):
+    """The receiver's side: a /sync over a connection whose SNI names a personal homeserver while its Host names the
+    company's is decided with the tenant unknown, so the tenant rule puts imguard's notice in place of the outside
+    user's message; over a connection that agrees, the same message arrives as it came."""
+    vendor, gw = route
+    t = tag()
+    since = gw.mark()
+    text = f"quarterly figures {t}"
+    auth = {"Authorization": f"Bearer syt_inside_{t}"}
+
+    def delivered(sni: str) -> dict:
+        vendor.served["/_matrix/client/v3/sync"] = (200, "application/json", json.dumps({"rooms": {"join": {
+            "!r:example.org": {"timeline": {"events": [
+                {"type": "m.room.message", "sender": "@outside:elsewhere.test", "event_id": f"${sni}{t}",
+                 "content": {"msgtype": "m.text", "body": text}}]}}}}}).encode())
+        status, body = call_tls(gw, sni, COMPANY_NAME, "GET", "/_matrix/client/v3/sync", headers=auth)
+        assert status == 200, body
+        return body["rooms"]["join"]["!r:example.org"]["timeline"]["events"][0]["content"]
+    content = delivered(PERSONAL_NAME)
+    assert content["msgtype"] == "m.notice" and text not in json.dumps(content), content
+    assert "blocked by imguard" in content["body"]
+    assert mismatch_alerts(gw, since, COMPANY_NAME)
+    assert delivered(COMPANY_NAME) == {"msgtype": "m.text", "body": text}
+
+
+def test_tenant_host_is_checked_against_what_the_connection_vouches_for():
+    """tenants.resolve: no TLS, the Host stands; over TLS the Host must be the SNI or a name of the upstream
+    certificate (HTTP/2 reuses one connection for each of its names; a wildcard covers one label), else the tenant is
+    unknown with the mismatch said. Slack's workspace host is checked the same way; token-based tenants are not
+    host names."""
+    from imguard.protocols.httpchat.events import HttpRequest
+    from imguard.protocols.httpchat.tenants import Upstream, certificate_covers, resolve
+    req = HttpRequest.make("PUT", "https://matrix.company.test:8448/_matrix/client/v3/rooms/!r/send/m.room.message/1")
+    assert resolve("matrix", req).name == "matrix.company.test"
+    assert resolve("matrix", req, Upstream("matrix.company.test")).name == "matrix.company.test"
+    assert resolve("matrix", req, Upstream("MATRIX.Company.test.")).name == "matrix.company.test"
+    spoofed = resolve("matrix", req, Upstream("matrix.personal.test", ("matrix.personal.test",)))
+    assert spoofed.name == "" and spoofed.host == "matrix.company.test"
+    assert "'matrix.personal.test'" in spoofed.mismatch and "matrix.company.test" in spoofed.mismatch
+    shared = Upstream("chat.company.test", ("chat.company.test", "*.company.test"))
+    assert resolve("mattermost", req, shared).name == "matrix.company.test"        # coalesced on one certificate
+    assert resolve("matrix", req, Upstream("", ("matrix.company.test",))).name == "matrix.company.test"
+    assert resolve("matrix", req, Upstream("", ("other.test",))).name == ""
+    assert not certificate_covers("*.company.test", "company.test")
+    assert not certificate_covers("*.test", "company.test")
+    assert not certificate_covers("*.company.test", "a.b.company.test")
+    slack_req = HttpRequest.make("POST", "https://acme.slack.com/api/chat.postMessage")
+    assert resolve("slack", slack_req, Upstream("evil.example")).name == ""
+    assert resolve("slack", slack_req, Upstream("acme.slack.com", ("*.slack.com",))).name == "acme.slack.com"
+    discord = HttpRequest.make("GET", "https://discord.com/api/v10/guilds/81384788765712384/channels")
+    assert resolve("discord", discord, Upstream("evil.example")).name == "81384788765712384"
+
+
+def test_gateway_reads_sni_and_certificate_names_from_the_connection(tmp_path):
+    """The adapter's side (gateway/chat_apis.py): the SNI only when the client spoke TLS, the upstream certificate's
+    DNS names and addresses (its CN only without subjectAltName) only when the server connection is TLS."""
+    import ipaddress
+
+    from cryptography import x509
+    from mitmproxy import certs
+    from mitmproxy.test import tflow
+
+    from imguard.gateway.chat_apis import ChatApis
+    from imguard.protocols.httpchat.tenants import Upstream
+    store = certs.CertStore.from_store(tmp_path, "t", 2048)
+    with_sans = store.get_cert("matrix.company.test", [x509.DNSName("matrix.company.test"),
+                                                       x509.DNSName("*.company.test"),
+                                                       x509.IPAddress(ipaddress.ip_address("192.0.2.7"))]).cert
+    only_cn = store.get_cert("chat.company.test", []).cert
+    flow = tflow.tflow()
+    assert ChatApis._upstream(flow) == Upstream()            # plain HTTP both sides (tflow's sni is not TLS)
+    flow.client_conn.tls, flow.client_conn.sni = True, "matrix.company.test"
+    flow.server_conn.tls, flow.server_conn.certificate_list = True, [with_sans]
+    assert ChatApis._upstream(flow) == Upstream("matrix.company.test",
+                                                ("matrix.company.test", "*.company.test", "192.0.2.7"))
+    flow.server_conn.certificate_list = [only_cn]
+    assert ChatApis._upstream(flow).cert_names == ("chat.company.test",)
+
+
+def test_carrier_records_one_tenant_mismatch_per_connection_and_host():
+    """The carrier records tenant_mismatch (host, SNI, certificate names) once per connection and host, and the call's
+    tenant is unknown; another connection is told again."""
+    from imguard.chatapi import ChatApiCarrier
+    from imguard.model import ALLOW, ChatContext, Decision
+    from imguard.protocols.httpchat.events import HttpRequest
+    from imguard.protocols.httpchat.tenants import Upstream
+    records = []
+
+    class Pipeline:
+        def check_message(self, text, ctx):
+            return Decision(action=ALLOW)
+
+        def record(self, event):
+            records.append(event)
+    carrier = ChatApiCarrier(Pipeline())
+    req = HttpRequest.make("PUT", "https://matrix.company.test/_matrix/client/v3/rooms/!r/send/m.room.message/1",
+                           {"Authorization": "Bearer t"})
+    upstream = Upstream("matrix.personal.test", ("matrix.personal.test",))
+    for connection in ("c1", "c1", "c2"):
+        call, _ = carrier.request_headers(req, ChatContext(connection_id=connection), upstream=upstream)
+        assert call.tenant == ""
+    assert [(e["imguard"]["anomaly"]["kind"], e["imguard"]["anomaly"]["host"], e["imguard"]["anomaly"]["sni"],
+             e["imguard"]["anomaly"]["certificate_names"], e["imguard"]["context"]["connection_id"]) for e in records] \
+        == [("tenant_mismatch", "matrix.company.test", "matrix.personal.test", ["matrix.personal.test"], c)
+            for c in ("c1", "c2")]
+    call, _ = carrier.request_headers(req, ChatContext(connection_id="c3"), upstream=Upstream("matrix.company.test"))
+    assert call.tenant == "matrix.company.test" and len(records) == 2
 
 
 # --- Teams: the tenant of the token -------------------------------------------------------------------------------

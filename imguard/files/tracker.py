@@ -10,6 +10,8 @@ and Zeek's files framework:
       append(payload, wire|head, offset) -> commands   bytes of the file, and the framing to release with them
       inspect(truncated)             -> InspectFile    when its framing says the file is whole
       verdict(decision)              -> commands       the one file_verdict: release, drop, tell the sender
+      warn_verdict(decision, how)    -> commands       a warn on our sender's file: held for the sender's answer,
+                                                       which ends it by verdict (imguard/conversation.py)
       sender_closed() / receiver_closed() -> commands  the one close rule
       cut(kind, ...) / abandon(kind, ...) -> commands  stopped by the gateway / given up by a party
 
@@ -26,7 +28,7 @@ The invariants, which tests/test_held_transfer.py checks over every order of eve
 - once a connection-per-transfer mechanism (DCC, MSNFTP, OFT, SOCKS5) has released its file, a close from
   either side closes the other (an irssi receiver waits for the sender's close to finish a DCC), gracefully:
   the released bytes arrive before the FIN (Close.graceful);
-- the bytes held return to zero whenever no file is in RECEIVING or INSPECTING;
+- the bytes held return to zero whenever no file is in RECEIVING, INSPECTING or WARNED;
 - the bytes inspected are the bytes released: a piece placed over held bytes of another piece (MSRP Byte-Range,
   MSNSLP offsets) must carry the same bytes there, else the file is cut (`<kind>_overlap`), since which copy a
   receiver keeps is its own choice.
@@ -63,9 +65,11 @@ from imguard.settings import GiB, setting
 
 
 class HoldState(enum.Enum):
-    """Where a held file is. Only RECEIVING and INSPECTING hold bytes; the others are final."""
+    """Where a held file is. Only RECEIVING, INSPECTING and WARNED hold bytes; the others are final."""
     RECEIVING = "receiving"     # bytes arrive and are held; the receiver has none of them
     INSPECTING = "inspecting"   # the file is out for inspection (InspectFile); still none delivered
+    WARNED = "warned"           # a `warn` verdict: held for its sender's answer (imguard/conversation.py), none
+                                # delivered; the answer releases it, no answer drops it
     RELEASED = "released"       # allowed: the held bytes went to the receiver
     DROPPED = "dropped"         # blocked or quarantined: the held bytes were discarded
     TRUNCATED = "truncated"     # cut by the gateway before it was whole (over its bound, bad framing): discarded
@@ -79,6 +83,7 @@ class HoldEvent(enum.Enum):
     ALLOW = "allow"
     BLOCK = "block"
     RECEIVER_GONE = "receiver_gone"     # an allow whose receiver had already left
+    WARN = "warn"                       # a warn verdict its sender can answer: held on (warn_verdict)
     CUT = "cut"
     ABANDON = "abandon"
 
@@ -94,8 +99,13 @@ TRANSITIONS: dict[tuple[HoldState, HoldEvent], HoldState] = {
     (_S.INSPECTING, _E.BLOCK): _S.DROPPED,
     (_S.INSPECTING, _E.RECEIVER_GONE): _S.ABANDONED,
     (_S.INSPECTING, _E.ABANDON): _S.ABANDONED,
+    (_S.INSPECTING, _E.WARN): _S.WARNED,
+    (_S.WARNED, _E.ALLOW): _S.RELEASED,             # the sender justified it
+    (_S.WARNED, _E.BLOCK): _S.DROPPED,              # no answer within the window (or a false positive kept)
+    (_S.WARNED, _E.RECEIVER_GONE): _S.ABANDONED,
+    (_S.WARNED, _E.ABANDON): _S.ABANDONED,
 }
-HOLDING = frozenset({_S.RECEIVING, _S.INSPECTING})
+HOLDING = frozenset({_S.RECEIVING, _S.INSPECTING, _S.WARNED})
 
 
 @dataclass(frozen=True)
@@ -222,6 +232,7 @@ class Outcome(enum.Enum):
     CUT = "cut"             # the gateway stopped it before it was whole (too large, framing), with a notice
     NOTICED = "noticed"     # allowed (or its receiver had gone), and its decision carries a notice
     SCANNING = "scanning"   # not ended: its inspection is taking a while (said only if it does: `scanning_notices`)
+    WARNED = "warned"       # not ended: held for its sender's answer (`warn_verdict`), the sender told how to answer
 
 
 # The tell rule: (the file's origin, how it ended) -> who is told, in this order (the sender's answer first).
@@ -235,6 +246,9 @@ TELL_RULE: dict[tuple[str, Outcome], tuple[Party, ...]] = {
     # A slow scan: the people of ours who wait for it (an outside sender's only reach would be a refusal).
     (FROM_CLIENT, Outcome.SCANNING): (Party.INSIDE_SENDER,),
     (FROM_SERVER, Outcome.SCANNING): (Party.INSIDE_RECEIVER,),
+    # A warned file waits for its sender's answer: only a sender of ours can give one (an outside sender's file under
+    # a warn rule gets the verdict, refused like a block).
+    (FROM_CLIENT, Outcome.WARNED): (Party.INSIDE_SENDER,),
 }
 
 
@@ -490,10 +504,27 @@ class HeldTransfer:
                             claimed_mime=self.claimed_mime, truncated=self.truncated,
                             slow_notices=self.scanning_notices())]
 
+    def warn_verdict(self, decision: Decision, instructions: str) -> list[Command]:
+        """A `warn` verdict on a file of our sender (outbound): held on (WARNED), nothing delivered, the sender told
+        the decision's notice and `instructions` (how to answer: imguard/conversation.py). The sender's answer ends
+        it by `verdict`: an allowing decision releases it, the warn decision (no answer in time) drops it. Any other
+        file gets the verdict itself (a warn counts as blocked)."""
+        if self.state is not HoldState.INSPECTING:
+            return []
+        if self.inbound:
+            return self.verdict(decision)
+        self.decision = decision
+        self._move(HoldEvent.WARN)
+        _, why = block_words(decision)
+        text = (decision.notice or self._notice_text("held", why)) + instructions
+        return self._tell_all([Notice(party, text, Outcome.WARNED, decision)
+                               for party in TELL_RULE[(FROM_CLIENT, Outcome.WARNED)]])
+
     def verdict(self, decision: Decision) -> list[Command]:
         """The one file_verdict: allowed -> the held bytes to the receiver (or, if it left, nothing and an
-        anomaly); blocked -> discarded, the receiver refused, the sender told. Then the close rule."""
-        if self.state is not HoldState.INSPECTING:
+        anomaly); blocked -> discarded, the receiver refused, the sender told. Then the close rule. (Also the end
+        of a WARNED file: see warn_verdict.)"""
+        if self.state is not HoldState.INSPECTING and self.state is not HoldState.WARNED:
             return []
         self.decision = decision
         out: list[Command] = []

@@ -22,7 +22,9 @@ requestheaders  the host and path are matched against the routes (ChatApiSetting
                 (its upload or an earlier download was) is answered 403 in the API's shape at once; any other
                 download and every call that delivers messages (DELIVER) is marked for its response (below).
                 A DELIVER call POSTed with its arguments (Slack conversations.history) has its body read as a
-                message's (max_message_size), for the channel; it goes on unchanged.
+                message's (max_message_size), for the channel; it goes on unchanged. The call's tenant
+                (httpchat/tenants.py) is named here: a host only when the client's SNI or the upstream
+                certificate (_upstream) names it, else unknown with a tenant_mismatch anomaly.
 request         decode -> MalformedRequest: 400/413 in the API's error shape; FileUpload: scanned in a worker
                 thread (Inspection), block -> 403 and its reference (mxc, slack:F.., discord:..) marked blocked;
                 EncryptedContent: counted, an e2e_encrypted anomaly recorded, policy asked with empty text;
@@ -43,9 +45,11 @@ response        learned: token -> user id (Identity), mxc of an allowed upload (
                   the server made, not the shared file, but it is what the user receives: scanned the same way
                   (its block does not mark the reference).
                 - DELIVER (api.deliver): each message from someone other than the requester goes to
-                  check_message (recorded: alert log, archive); block -> api.rewrite_delivered puts the notice
-                  "A message from X was blocked by imguard: <reason>" in its place (the API's own shape: the
-                  Matrix event's content, the Slack/Mattermost/Rocket.Chat/Discord message text, its files and
+                  check_message (recorded: alert log, archive; an encrypted one, Matrix m.room.encrypted, with
+                  no text, its scheme as the context's encryption, and an e2e_encrypted anomaly); block ->
+                  api.rewrite_delivered puts the notice "A message from X was blocked by imguard: <reason>" in
+                  its place (the API's own shape: the Matrix event's content, and an encrypted event's type made
+                  m.room.message; the Slack/Mattermost/Rocket.Chat/Discord message text, its files and
                   attachments dropped), mask -> its texts masked; the body is re-serialised only when something
                   changed. A message sharing a blocked reference is blocked. The references each message shares
                   are remembered (sender, room, name; bounded) for the download above. A verdict is remembered
@@ -96,6 +100,7 @@ import logging
 from typing import Any, Callable
 from urllib.parse import parse_qsl, urlsplit
 
+from cryptography import x509
 from mitmproxy import ctx as mitm_ctx
 from mitmproxy import http
 
@@ -105,6 +110,7 @@ from imguard.gateway import http_uploads
 from imguard.gateway.http_uploads import flow_context
 from imguard.gateway.inspection import Inspection
 from imguard.model import ChatContext
+from imguard.protocols.httpchat import tenants
 from imguard.protocols.httpchat.events import HttpRequest
 
 logger = logging.getLogger("imguard.gateway")
@@ -137,6 +143,21 @@ class ChatApis(ChatApiCarrier):
     def _base(flow: http.HTTPFlow) -> ChatContext:
         """The flow's addresses and connection (gateway/http_uploads.flow_context), for the carrier's contexts."""
         return flow_context(flow, "")
+
+    @staticmethod
+    def _upstream(flow: http.HTTPFlow) -> tenants.Upstream:
+        """What the connection vouches for (the tenant's host is checked against it, httpchat/tenants.py): the SNI
+        the client sent, the DNS names and addresses of the upstream certificate (verified: ssl_insecure is off;
+        its subject CN only when it has no subjectAltName)."""
+        names: list[str] = []
+        server = flow.server_conn
+        certs = server.certificate_list if server is not None and server.tls else []
+        if certs:
+            sans = certs[0].altnames
+            names = [*sans.get_values_for_type(x509.DNSName),
+                     *(str(a) for a in sans.get_values_for_type(x509.IPAddress))] or [certs[0].cn or ""]
+        sni = flow.client_conn.sni if flow.client_conn.tls else ""
+        return tenants.Upstream(sni or "", tuple(n for n in names if n))
 
     def _call(self, flow: http.HTTPFlow) -> ChatCall | None:
         call = flow.metadata.get(META)
@@ -178,7 +199,8 @@ class ChatApis(ChatApiCarrier):
         length = req.headers.get("content-length", "")
         call, fate = self.request_headers(self._request(flow, b""), self._base(flow),
                                           urls=(req.pretty_url, req.url),
-                                          content_length=int(length) if length.isdigit() else None)
+                                          content_length=int(length) if length.isdigit() else None,
+                                          upstream=self._upstream(flow))
         if call is not None:
             flow.metadata[META] = call
         if isinstance(fate, Respond):
@@ -265,7 +287,7 @@ class ChatApis(ChatApiCarrier):
         """The chat socket state of a WebSocket flow (made at its handshake, or at its first message)."""
         sock = flow.metadata.get(WS)
         if sock is None:
-            sock = flow.metadata[WS] = self.socket(self._request(flow, b""), self._base(flow))
+            sock = flow.metadata[WS] = self.socket(self._request(flow, b""), self._base(flow), self._upstream(flow))
         elif sock.api is not None:
             sock.base = self._base(flow)
         return sock

@@ -13,7 +13,7 @@ is a decision event naming the wall's id.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, NamedTuple
 
 from imguard.model import ALERT, BLOCK, ENFORCE, MODES, QUARANTINE, SEVERITIES, ChatContext, Decision
 from imguard.policy import conditions as C
@@ -230,3 +230,34 @@ def decide_room(check: Callable[[ChatContext], Decision], rooms: Rooms, room: st
     if not decision.matches and not decision.shadow:
         rooms.allow(room, decision.policy_version)
     return decision
+
+
+class Learned(NamedTuple):
+    """What membership facts changed, for the walls to decide on (learn_members)."""
+    arrived: list[tuple[str, str]]      # (room, member): another member newly in a room our user is in
+    entered: list[str]                  # rooms our user is newly in (its join: decided against who is there)
+    kept: bool                          # False: a member could not be recorded (the table's limit)
+
+
+def learn_members(rooms: Rooms, facts: Iterable[tuple[str, str, str]], user: str) -> Learned:
+    """Room membership facts (room, member, membership: Matrix's join, leave, ban, ...) as a chat API's response shows
+    them to `user` (a process-wide table: a room is the same for every user behind the gateway; a member's key and
+    identity are its user id)."""
+    learned = Learned([], [], True)
+    joined: list[tuple[str, str]] = []
+    for room, member, membership in facts:
+        rooms.open(room)
+        if membership == "join":
+            if not rooms.identity(room, member):
+                joined.append((room, member))
+            if not rooms.enter(room, member, member):
+                learned = learned._replace(kept=False)
+        elif membership in ("leave", "ban"):
+            rooms.leave(room, member)
+    for room, member in joined:
+        if member == user:
+            learned.entered.append(room)
+        elif rooms.has(room, user) and room not in learned.entered:
+            learned.arrived.append((room, member))
+    learned.arrived[:] = [(r, m) for r, m in learned.arrived if r not in learned.entered]
+    return learned

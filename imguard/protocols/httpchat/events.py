@@ -127,10 +127,12 @@ class DeliveredMessage:
     `locator` is where the message object sits in the response JSON (the path from the root; in a WebSocket
     message "ws" then the path in it: ("ws", "d") in a Discord dispatch, ("ws", SockJS frame index, ...) in DDP),
     and the texts' locators are relative to it: the module's rewrite_delivered (rewrite_ws_delivered) replaces it
-    there when policy blocks or masks it."""
+    there when policy blocks or masks it. `encrypted`: its content is end-to-end encrypted (the EncryptedContent
+    scheme, Matrix "m.room.encrypted"): the message has no text, and policy decides on the fact."""
     message: ChatMessage
     event_id: str
     locator: tuple
+    encrypted: str = ""
 
 
 @dataclass(frozen=True)

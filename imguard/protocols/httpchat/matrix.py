@@ -12,8 +12,11 @@
          image the server made, not the shared file, scanned all the same)
     GET  /_matrix/client/{r0,v3}/sync                                            -> DELIVER: deliver() reads the
          response: every m.room.message / m.sticker in rooms.{join,leave}.*.timeline.events -> DeliveredMessage
-         (same text parts and refs as a sent one) and SharedMedia for each mxc it shares; rewrite_delivered()
-         swaps a blocked event's content for a notice and masks a masked one's texts
+         (same text parts and refs as a sent one) and SharedMedia for each mxc it shares; an m.room.encrypted
+         event (Megolm) -> DeliveredMessage with no text and `encrypted` set (policy decides on the fact; a
+         message in clear with an EncryptedFile: `encrypted` "EncryptedFile", its text and refs as usual);
+         rewrite_delivered() swaps a blocked event's content for a notice (an encrypted one becomes an
+         m.room.message, which the client shows instead of failing to decrypt) and masks a masked one's texts
     GET  /_matrix/client/{r0,v3}/rooms/{room}/messages                          -> DELIVER, the events in `chunk`
     GET  /_matrix/client/{r0,v3}/rooms/{room}/context/{eventId}                 -> DELIVER, `event`,
          `events_before`, `events_after`
@@ -50,6 +53,7 @@ LOGIN = re.compile(rf"^/_matrix/client/{_V}/(?:login|register|refresh)$")
 WHOAMI = re.compile(rf"^/_matrix/client/{_V}/account/whoami$")
 
 SYNC_MAX_DEPTH = DELIVER_MAX_DEPTH
+ENCRYPTED = "m.room.encrypted"          # a Megolm room event (EncryptedContent.scheme, DeliveredMessage.encrypted)
 FILE_MSGTYPES = ("m.file", "m.image", "m.video", "m.audio")
 
 
@@ -101,8 +105,8 @@ def decode(ep: Endpoint, req: HttpRequest, limits: DecodeLimits = DecodeLimits()
         return [malformed(API, ep.name, e)]
     if not isinstance(content, dict):
         return [malformed(API, ep.name, "the event content is not a JSON object")]
-    if event_type == "m.room.encrypted":
-        return [EncryptedContent(API, ep.name, sender, room, "m.room.encrypted")]
+    if event_type == ENCRYPTED:
+        return [EncryptedContent(API, ep.name, sender, room, ENCRYPTED)]
     if event_type not in ("m.room.message", "m.sticker"):
         return []                   # reactions, receipts, call signalling, custom events: no chat text
     parts, refs, encrypted_refs, encrypted = _content(content)
@@ -201,16 +205,20 @@ def _sync_events(ep: Endpoint, data: dict) -> list:
 
 def _event(ep: Endpoint, event: dict, room: str, locator: tuple) -> list:
     """DeliveredMessage and SharedMedia of one room event (nothing for other event types, or a redacted one)."""
-    if event.get("type") not in ("m.room.message", "m.sticker"):
+    if event.get("type") not in ("m.room.message", "m.sticker", ENCRYPTED):
         return []
     content = event.get("content")
     if not isinstance(content, dict) or not content:
         return []                       # redacted: nothing left to read
     sender = text_of(event.get("sender"))
-    parts, refs, _, _ = _content(content)
+    if event.get("type") == ENCRYPTED:  # Megolm ciphertext: who, where and that it is encrypted, no text
+        message = ChatMessage(API, ep.name, sender, room, kind=ENCRYPTED)
+        return [DeliveredMessage(message, text_of(event.get("event_id")), locator, encrypted=ENCRYPTED)]
+    parts, refs, _, attachment = _content(content)
     message = ChatMessage(API, ep.name, sender, room, parts, refs,
                           kind=text_of(content.get("msgtype")) or text_of(event.get("type")))
-    out: list = [DeliveredMessage(message, text_of(event.get("event_id")), locator)]
+    out: list = [DeliveredMessage(message, text_of(event.get("event_id")), locator,
+                                  encrypted="EncryptedFile" if attachment else "")]
     name = text_of(content.get("filename")) or text_of(content.get("body"))
     out.extend(SharedMedia(ref, sender, room, name) for ref in refs if ref.startswith("mxc://"))
     return out
@@ -226,6 +234,8 @@ def _blank(event: dict, notice: str) -> None:
     if not isinstance(event.get("content"), dict):
         raise bodies.BodyError("the event has no content")
     event["content"] = notice_content(notice)
+    if event.get("type") == ENCRYPTED:
+        event["type"] = "m.room.message"        # the notice is clear text: the client shows it, decrypts nothing
     unsigned = event.get("unsigned")
     if isinstance(unsigned, dict):
         unsigned.pop("m.relations", None)       # an aggregated edit would bring the text back
@@ -278,3 +288,61 @@ ERRCODES = {400: "M_BAD_JSON", 403: "M_FORBIDDEN", 413: "M_TOO_LARGE"}
 
 def error_body(status: int, reason: str) -> bytes:
     return dump({"errcode": ERRCODES.get(status, "M_UNKNOWN"), "error": reason})
+
+
+# --- room membership, for the ethical walls (imguard/policy/walls.py; read by chatapi.py) ---------------------------
+
+MEMBERSHIP = re.compile(rf"^/_matrix/client/{_V}/(?:join/([^/]+)|rooms/([^/]+)/(join|invite))$")
+MEMBER_EVENT = "m.room.member"
+
+
+def membership_call(method: str, path: str) -> tuple[str, str] | None:
+    """("join", the room id or alias) of POST /join/{room} or /rooms/{room}/join, ("invite", the room id) of POST
+    /rooms/{room}/invite; None for any other request."""
+    if method.upper() != "POST" or not (m := MEMBERSHIP.match(path)):
+        return None
+    if m.group(1) is not None:
+        return "join", unquote(m.group(1))
+    return m.group(3), unquote(m.group(2))
+
+
+def invitee(req: HttpRequest, limits: DecodeLimits = DecodeLimits()) -> str:
+    """The user an invite's body names ("" when it names none or cannot be read)."""
+    try:
+        content = json_body(req, limits)
+    except bodies.BodyError:
+        return ""
+    return text_of(content.get("user_id")) if isinstance(content, dict) else ""
+
+
+def room_members(body: bytes, limits: DecodeLimits = DecodeLimits()) -> list[tuple[str, str, str]]:
+    """(room, user, membership) of the m.room.member events a /sync response carries, in order: rooms.join and
+    rooms.leave, their state then timeline events; and for rooms.invite the inviter as "join" (the sender of the
+    invite in invite_state is in the room). [] for a body that is not such JSON."""
+    try:
+        data = bodies.parse_json(body, max(limits.max_json_depth, SYNC_MAX_DEPTH))
+    except bodies.BodyError:
+        return []
+    rooms = data.get("rooms") if isinstance(data, dict) else None
+    if not isinstance(rooms, dict):
+        return []
+    out: list[tuple[str, str, str]] = []
+    for section, lists in (("join", ("state", "timeline")), ("leave", ("state", "timeline")),
+                           ("invite", ("invite_state",))):
+        entries = rooms.get(section)
+        if not isinstance(entries, dict):
+            continue
+        for room, state in entries.items():
+            for key in lists if isinstance(state, dict) else ():
+                events = state[key].get("events") if isinstance(state.get(key), dict) else None
+                for event in events if isinstance(events, list) else ():
+                    if not isinstance(event, dict) or event.get("type") != MEMBER_EVENT:
+                        continue
+                    content = event.get("content") if isinstance(event.get("content"), dict) else {}
+                    user, membership = text_of(event.get("state_key")), text_of(content.get("membership"))
+                    if section == "invite":
+                        if membership == "invite" and text_of(event.get("sender")):
+                            out.append((room, text_of(event.get("sender")), "join"))
+                    elif user and membership:
+                        out.append((room, user, membership))
+    return out

@@ -12,6 +12,16 @@ Pure: a request's host, path and credential, and what a response taught. Per API
   unknown (a rule that lets only the company's tenants through refuses them).
 - Matrix: the homeserver the client talks to (the request's host); Mattermost, Rocket.Chat, RVP: the instance's
   host. Lower case, without the port.
+
+A host is only as good as what vouches for it. The Host header is the client's to write: a client that reaches a
+personal instance (its TLS SNI, the certificate that instance presents) while its Host names the company's would
+otherwise be let through. So a host-based tenant (Matrix, Mattermost, Rocket.Chat, RVP, a Slack workspace host) is
+checked against the connection's `Upstream`, which the adapter reads from the transport (mitmproxy's
+client_conn.sni, server_conn.certificate_list): the Host must be the SNI the client sent or a name of the upstream
+server's certificate (which the gateway verified; an HTTP/2 client may reuse one connection for every name that
+certificate carries). Otherwise `resolve` reports the mismatch (the carrier records a `tenant_mismatch` anomaly)
+and the tenant is unknown: a rule that lets only the company's tenants through refuses the call (fail closed). A
+connection without TLS carries no name but the Host, which is taken as it stands.
 """
 
 from __future__ import annotations
@@ -19,6 +29,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+from dataclasses import dataclass
 
 from imguard.protocols.httpchat.common import learned_object, text_of
 from imguard.protocols.httpchat.events import HttpRequest
@@ -30,11 +41,66 @@ _GUILD = re.compile(r"/guilds/(\d{1,24})(?:/|$)")
 _TEAM_ID = re.compile(r"^[TE][A-Z0-9]{2,30}$")
 
 
+@dataclass(frozen=True)
+class Upstream:
+    """What the connection, not the request, says about the server a call reaches (read by the adapter from the
+    transport; empty in the offline replay and on plain HTTP)."""
+    sni: str = ""                       # the server name the client sent in its TLS ClientHello
+    cert_names: tuple[str, ...] = ()    # the DNS names and addresses (subject CN, subjectAltName) of the certificate
+                                        # the upstream server presented, verified by the gateway
+
+
+NO_UPSTREAM = Upstream()
+
+
+@dataclass(frozen=True)
+class Tenant:
+    """The tenant a call goes to ("" unknown) and, when the request's host is not the connection's, why."""
+    name: str
+    mismatch: str = ""          # a sentence for the tenant_mismatch anomaly; "" when nothing disagrees
+    host: str = ""              # the host the request names (Host, :authority), for the anomaly
+
+
+def _name(value: str) -> str:
+    return value.strip().lower().rstrip(".")
+
+
 def host_of(req: HttpRequest) -> str:
-    host = req.host.strip().lower().rstrip(".")
+    host = _name(req.host)
     if host.startswith("["):
         return host[1:host.find("]")] if "]" in host else host[1:]
     return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def certificate_covers(pattern: str, host: str) -> bool:
+    """Whether a certificate name covers `host` (RFC 6125: a wildcard stands for exactly one leftmost label)."""
+    pattern = _name(pattern)
+    if not pattern or not host:
+        return False
+    if pattern.startswith("*."):
+        label, dot, rest = host.partition(".")
+        return bool(label) and bool(dot) and rest == pattern[2:] and "." in rest
+    return pattern == host
+
+
+def vouched(host: str, upstream: Upstream) -> str:
+    """"" when the connection vouches for `host` (the SNI names it, or the upstream certificate does) or names
+    nothing (no TLS); else the sentence saying what it names instead."""
+    sni = _name(upstream.sni)
+    if not sni and not upstream.cert_names:
+        return ""
+    if host and (host == sni or any(certificate_covers(n, host) for n in upstream.cert_names)):
+        return ""
+    names = ", ".join(upstream.cert_names[:5]) + (", ..." if len(upstream.cert_names) > 5 else "")
+    said = [f"the TLS SNI names {sni!r}"] if sni else []
+    said += [f"the server's certificate names {names}"] if upstream.cert_names else []
+    return (f"the request's Host names {host or 'nothing'!r} but " + " and ".join(said) +
+            ": the tenant is unknown")
+
+
+def _host_tenant(host: str, upstream: Upstream) -> Tenant:
+    problem = vouched(host, upstream)
+    return Tenant("", problem, host) if problem else Tenant(host, "", host)
 
 
 def token_claims(req: HttpRequest) -> dict:
@@ -50,19 +116,24 @@ def token_claims(req: HttpRequest) -> dict:
     return claims if isinstance(claims, dict) else {}
 
 
-def of_request(api: str, req: HttpRequest) -> str:
-    """The tenant the request names by itself; "" when it does not."""
+def resolve(api: str, req: HttpRequest, upstream: Upstream = NO_UPSTREAM) -> Tenant:
+    """The tenant the request names by itself ("" when it does not), a host checked against `upstream`."""
     if api == "slack":
         host = host_of(req)
         if host.endswith(".slack.com") and host not in SLACK_SERVICE_HOSTS:
-            return host
-        return ""
+            return _host_tenant(host, upstream)
+        return Tenant("")
     if api == "teams":
-        return text_of(token_claims(req).get("tid")).lower()
+        return Tenant(text_of(token_claims(req).get("tid")).lower())
     if api == "discord":
         m = _GUILD.search(req.path)
-        return m.group(1) if m else ""
-    return host_of(req)
+        return Tenant(m.group(1) if m else "")
+    return _host_tenant(host_of(req), upstream)
+
+
+def of_request(api: str, req: HttpRequest, upstream: Upstream = NO_UPSTREAM) -> str:
+    """The tenant's name (resolve): "" when the request names none or the connection does not vouch for it."""
+    return resolve(api, req, upstream).name
 
 
 def learned(api: str, endpoint: str, status: int, body: bytes) -> str:

@@ -77,7 +77,8 @@ WARN (imguard/conversation.py): our user's PRIVMSG is held and a NOTICE says why
 `PRIVMSG <same target> :!justify <reason>` (or `!falsepositive`) is not forwarded: it releases the held line byte-exact
 or not, with a NOTICE saying so. A delivered PRIVMSG under WARN is refused like a block, unless it is the copy of one
 this gateway released. A due disclaimer goes before the message: a NOTICE from `imguard` to our user and
-`NOTICE <peer>` (from our user) to the other party.
+`NOTICE <peer>` (from our user) to the other party; in a channel, `:imguard NOTICE #channel` to our user (and with
+disclaimer_in_room `NOTICE #channel` from our user, for every member).
 """
 
 from __future__ import annotations
@@ -630,11 +631,19 @@ class IrcSession(StreamSession):
 
     def _disclaimers(self, out: OutgoingCommands, decision: Decision, peer: str) -> None:
         """The disclaimer the pipeline found due for this conversation, to both parties: a NOTICE from the gateway to
-        our user, and a NOTICE to the other party (from our user: IRC's word for an automatic message)."""
+        our user, and a NOTICE to the other party (from our user: IRC's word for an automatic message). In a channel:
+        a NOTICE to the channel from the gateway to our user, and with disclaimer_in_room one to the channel."""
         for m in decision.disclaimers:
+            text = _CONTROL.sub(" ", m.notice).strip() or "imguard"
+            if peer and self._is_channel(peer):         # a room's (imguard/conversation.py): in the channel's window
+                line = encode_text(f":{GATEWAY_NAME} NOTICE {peer} :{text}")[:self.limits.max_body_length - 2]
+                out.add(Send(True, line + b"\r\n"))
+                if self.warnings.settings.disclaimer_in_room:      # said in the channel, for every member
+                    out.send(False, encode_text(f"NOTICE {peer} :{text}")[:self.limits.max_body_length - 2] + b"\r\n")
+                continue
             out.add(Send(True, self._notice_line(m.notice)))
-            if peer and not self._is_channel(peer):
-                line = encode_text(f"NOTICE {peer} :" + (_CONTROL.sub(" ", m.notice).strip() or "imguard"))
+            if peer:
+                line = encode_text(f"NOTICE {peer} :" + text)
                 out.send(False, line[:self.limits.max_body_length - 2] + b"\r\n")
 
     def _default_notice(self, decision: Decision, what: str, recipients: tuple[str, ...]) -> str:

@@ -224,11 +224,13 @@ class InBandBytestreams:
 
     # --- verdicts and the end of the connection -----------------------------------------------------
 
-    def verdict(self, transfer_id: str, decision: Decision) -> list[Command]:
+    def verdict(self, transfer_id: str, decision: Decision, warn: str | None = None) -> list[Command]:
+        """The file's verdict (the tracker's); with `warn` (how to answer: imguard/conversation.py), a warn that
+        holds our sender's file for the answer, which ends it by a second verdict."""
         stream = self.files.get(transfer_id)
         if stream is None or self.host.closed:
             return []
-        out = stream.transfer.verdict(decision)
+        out = stream.transfer.verdict(decision) if warn is None else stream.transfer.warn_verdict(decision, warn)
         if not stream.transfer.holding:
             del self.files[transfer_id]
         return out

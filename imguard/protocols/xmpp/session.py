@@ -53,8 +53,11 @@ for the contract). In short:
   the notice and how to answer; its `!justify <reason>` / `!falsepositive` (a message to the same peer or room) is
   not forwarded: it releases the held stanza byte-exact or not, and the client gets a chat message from the server's
   domain saying so. A delivered message under WARN is refused like a block, unless it is the copy of one this gateway
-  released (RELEASED). A due disclaimer (Decision.disclaimers) goes before the message to both parties: a chat
-  message from the server's domain to the client, one through the client's stream to the other party's address.
+  released (RELEASED). An IBB file under WARN is held the same way (the tracker's WARNED: the client gets a notice
+  with how to answer, the answer releases or drops the held stanzas; `_warn_file`). A due disclaimer
+  (Decision.disclaimers) goes before the message to both parties: a chat message from the server's domain to the
+  client, one through the client's stream to the other party's address; in a room, a groupchat message from the
+  room's address to the client (or, with disclaimer_in_room, one through the client's stream to the room).
 * End-to-end encrypted messages (OMEMO, OpenPGP, legacy PGP, OTR) cannot be read: the session
   records an `e2e_encrypted` anomaly with the scheme and asks the checker with the text "" and the scheme in
   `ctx.encryption` (omemo, openpgp, otr), so policy decides on who/where and on the `encrypted` condition;
@@ -126,8 +129,8 @@ from xml.etree import ElementTree as ET
 from imguard.files.expected import (ExpectedBytestream, ExpectedDownload, ExpectedTransfers, ExpectedUpload, Listener,
                                     StreamHost, TransferSettings, http_goes_around, parse_upload_relays, relayed_url,
                                     refuses_unrelayed, upload_relay_url, url_origin)
-from imguard.conversation import (RELEASED, Answer, ConversationSettings, PendingWarnings, WarnOutcome, WarnState,
-                                  parse_answer, warn_instructions)
+from imguard.conversation import (RELEASED, Answer, ConversationSettings, HeldMessage, PendingWarnings, WarnOutcome,
+                                  WarnState, file_key, parse_answer, release_decision, warn_instructions)
 from imguard.files.tracker import HoldLedger
 from imguard.model import BLOCK, FROM_CLIENT, FROM_SERVER, MASK, ChatContext, Decision, FileReport
 from imguard.model import WARN
@@ -424,7 +427,7 @@ class XmppSession(StreamSession):
         if self.closed:
             return
         if self.warnings and (expired := self.warnings.expire()):
-            yield list(self.warnings.dropped(expired))          # held past the window: dropped, recorded
+            yield [*self.warnings.dropped(expired), *self._warned_files_dropped(expired)]   # past the window
         handle = self._client_event if from_client else self._server_event
         decoder = self._decoders[from_client]
         pieces = decoder.feed_pieces(data, PARSE_PIECE)
@@ -473,7 +476,35 @@ class XmppSession(StreamSession):
         return []
 
     def file_verdict(self, transfer_id: str, report: FileReport, decision: Decision) -> list[Command]:
+        if decision.action == WARN:
+            return self._warn_file(transfer_id, report, decision)
         return self.ibb.verdict(transfer_id, decision)      # the only files held on this connection
+
+    def _warn_file(self, transfer_id: str, report: FileReport, decision: Decision) -> list[Command]:
+        """A warn on an IBB file (imguard/conversation.py): our sender's is held for the answer (the tracker tells
+        the sender how); the copy of a file justified on another connection of this gateway is delivered; an
+        outside sender's is refused like a block."""
+        stream = self.ibb.files.get(transfer_id)
+        if stream is None or stream.transfer is None:
+            return []
+        ctx = stream.transfer.context
+        if stream.sender_is_client:
+            displaced = self.warnings.hold(self.sender, bare(stream.receiver), ctx, report.name, decision, b"",
+                                           tag=transfer_id, report=report)
+            return [*self.warnings.dropped(displaced), *self._warned_files_dropped(displaced),
+                    *self.ibb.verdict(transfer_id, decision, warn_instructions(self.warnings.settings))]
+        if RELEASED.take(ctx.sender, file_key(report.sha256)):
+            return [WarnOutcome(report.name, ctx, decision, state=WarnState.DELIVERED, delivered=True, report=report),
+                    *self.ibb.verdict(transfer_id, release_decision(decision))]
+        return self.ibb.verdict(transfer_id, decision)
+
+    def _warned_files_dropped(self, held: list[HeldMessage]) -> list[Command]:
+        """Held files that ended undelivered (expired, displaced, a false positive kept): their transfers dropped."""
+        out: list[Command] = []
+        for h in held:
+            if h.report is not None:
+                out += self.ibb.verdict(h.tag, h.decision)
+        return out
 
     def connection_closed(self, from_client: bool) -> list[Command]:
         """One side stopped sending: the files held are given up, and the carrier passes the close on as the peer
@@ -800,7 +831,7 @@ class XmppSession(StreamSession):
             return out + self._refuse_delivery(f"imguard: a message from {ctx.sender or 'an unknown sender'} "
                                                f"was {action} ({why})")
         if decision.disclaimers:            # first contact (or the period passed): both parties told, before it
-            out += self._disclaimers(el.get("to" if from_client else "from", ""), decision)
+            out += self._disclaimers(el.get("to" if from_client else "from", ""), decision, ctx.conversation)
         if decision.action == MASK and not scheme and (bodies or xhtml):
             masked = decision.masked_text if decision.masked_text is not None else ""
             for b in bodies:
@@ -831,7 +862,10 @@ class XmppSession(StreamSession):
         self.dropped(1)
         settled = self.warnings.settle(self.sender, to, answer)
         out: list[Command] = [settled.fact] if settled.fact is not None else []
-        if settled.deliver is not None:
+        if settled.held is not None and settled.held.report is not None:     # a held file: released or dropped
+            out += self.ibb.verdict(settled.held.tag, release_decision(settled.held.decision)) \
+                if settled.deliver is not None else self._warned_files_dropped([settled.held])
+        elif settled.deliver is not None:
             out.append(self.inject(False, settled.deliver.payload))
             if settled.deliver.tag is not None:          # a groupchat (room, id): the room's copy was decided here
                 self._remember_reflection(settled.deliver.tag, settled.deliver.text)
@@ -839,12 +873,15 @@ class XmppSession(StreamSession):
             out.append(self.notice_message(self.full_jid, settled.notice))
         return out
 
-    def _disclaimers(self, peer: str, decision: Decision) -> list[Command]:
+    def _disclaimers(self, peer: str, decision: Decision, room: str = "") -> list[Command]:
         """The disclaimer the pipeline found due for this conversation, to both parties: our user gets a chat message
         from the server's domain, the other party (`peer`, the address of the message's other end, as the stanza
         names it: the server routes it as it routes the message, so it arrives first) a chat message through our
-        user's stream (from our user)."""
+        user's stream (from our user). In a `room`: a groupchat message from the room's bare JID to our user, or with
+        disclaimer_in_room one through our user's stream to the room (whose copy every occupant, our user too, gets)."""
         out: list[Command] = []
+        if room:
+            return [self._room_disclaimer(room, m.notice) for m in decision.disclaimers]
         for m in decision.disclaimers:
             if self.full_jid:
                 out.append(self.notice_message(self.full_jid, m.notice))
@@ -852,6 +889,14 @@ class XmppSession(StreamSession):
                 out.append(self.inject(False, (f"<message type='chat' to={attr(peer)}><body>{text(m.notice)}</body>"
                                                "</message>").encode("utf-8")))
         return out
+
+    def _room_disclaimer(self, room: str, notice: str) -> Send:
+        """A room's disclaimer (imguard/conversation.py), in the room's window."""
+        if self.warnings.settings.disclaimer_in_room:
+            return self.inject(False, (f"<message type='groupchat' to={attr(room)}><body>{text(notice)}</body>"
+                                       "</message>").encode("utf-8"))
+        return self.inject(True, (f"<message type='groupchat' from={attr(room)} to={attr(self.full_jid)}><body>"
+                                  f"{text(notice)}</body></message>").encode("utf-8"))
 
     def _remember_reflection(self, key: tuple[str, str | None], crossed: str) -> None:
         """The client's groupchat message (room, id) crossed with the text `crossed`: the room sends it back to every
