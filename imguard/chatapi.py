@@ -102,6 +102,16 @@ class ChatApiSettings:
         100_000, "Matrix room members remembered, over all rooms, from the /sync responses of the users behind the "
                  "gateway, for the ethical walls (a join, a room message decided against the room's members); past "
                  "it a member is not recorded (an anomaly) and the walls decide on the members known")
+    slack_hosts: list = setting(
+        ["slack.com", "*.slack.com"],
+        "Hosts whose answers to auth.test / rtm.connect may name a Slack team (the tenant of the token), each a "
+        "name or *.domain (any name under it); the host must also be the one the connection's TLS names (the "
+        "client's SNI or a name of the verified upstream certificate). An answer from another host teaches no "
+        "team, and a learned team names the tenant only of calls to these hosts: elsewhere the tenant is unknown "
+        "(a tenant_untrusted_host anomaly)")
+    slack_plain_http: bool = setting(
+        False, "Let a slack_hosts host reached over plain HTTP (nothing but the Host header names it) teach and use "
+               "a Slack team: for labs and tests only")
     websocket: bool = setting(
         True, "Inspect chat over WebSockets: Rocket.Chat DDP sendMessage/updateMessage from the client, and the "
               "messages the server pushes to it on Slack (RTM, Socket Mode), Mattermost (/api/v4/websocket), "
@@ -170,6 +180,7 @@ class ChatCall:
     request: HttpRequest | None = None
     kept: bytearray = field(default_factory=bytearray)     # a learning response's first bytes (COLLECT)
     tenant: str = ""                    # the workspace, instance or tenant it goes to (httpchat/tenants.py)
+    upstream: tenants.Upstream = tenants.NO_UPSTREAM    # what the connection vouches for (a Slack team's source)
 
     @property
     def tenant_base(self) -> ChatContext:
@@ -249,7 +260,8 @@ class ChatApiCarrier:
         self.identities: OrderedDict[str, str] = OrderedDict()
         self.tenants: OrderedDict[str, str] = OrderedDict()      # credential key -> tenant its response named (Slack)
         self.slot_tenants: OrderedDict[str, str] = OrderedDict()  # upload slot URL -> the tenant that opened it
-        self.mismatches: OrderedDict[tuple, bool] = OrderedDict()  # (connection, host, upstream) tenant_mismatch told
+        # (connection, host, upstream) tenant_mismatch, ("untrusted", connection, host) tenant_untrusted_host told
+        self.mismatches: OrderedDict[tuple, bool] = OrderedDict()
         self.shared: OrderedDict[str, SharedMedia] = OrderedDict()          # file ref -> who shared it (responses)
         self.shared_with: OrderedDict[str, str] = OrderedDict()             # file ref -> who it was last shown to
         # (api, user, message id, hash of its text and refs) -> notice, mask replacements, or "" (passed)
@@ -275,7 +287,7 @@ class ChatApiCarrier:
         that opened it."""
         if slot_url:
             return self.slot_tenants.get(slot_url, "")
-        learned = self.tenants.get(api.requester(req), "")
+        learned = self._learned_tenant(api, api.requester(req), req, base, upstream)
         if learned:
             return learned
         found = tenants.resolve(api.API, req, upstream)
@@ -286,6 +298,32 @@ class ChatApiCarrier:
             self._anomaly(ctx, "tenant_mismatch", found.mismatch, severity="medium", host=found.host,
                           sni=upstream.sni, certificate_names=list(upstream.cert_names))
         return found.name
+
+    def _learned_tenant(self, api: ModuleType, key: str, req: HttpRequest, base: ChatContext | None,
+                        upstream: tenants.Upstream) -> str:
+        """The team a response taught for credential `key`, when the call goes to a host that may use it
+        (tenants.team_source); else "" with a tenant_untrusted_host anomaly."""
+        team = self.tenants.get(key, "") if key else ""
+        if team and self._untrusted_host(api, req, base, upstream, team):
+            return ""
+        return team
+
+    def _untrusted_host(self, api: ModuleType, req: HttpRequest, base: ChatContext | None,
+                        upstream: tenants.Upstream, team: str) -> bool:
+        """Whether `req`'s host may not name or use a Slack team (tenants.team_source): then a tenant_untrusted_host
+        anomaly, once per connection and host."""
+        host = tenants.host_of(req)
+        why = tenants.team_source(host, upstream, self.settings.slack_hosts, self.settings.slack_plain_http)
+        if not why:
+            return False
+        key = ("untrusted", (base or ChatContext()).connection_id, host)
+        if key not in self.mismatches:
+            self._remember(self.mismatches, key, True)
+            ctx = self._context(base or ChatContext(), api.API, "tenant", "", "", self.user)
+            self._anomaly(ctx, "tenant_untrusted_host", f"a Slack team ({team}) from or for a host imguard does not "
+                          f"trust: {why}; the tenant is unknown", severity="medium", host=host, team=team,
+                          sni=upstream.sni, certificate_names=list(upstream.cert_names))
+        return True
 
     def _remember(self, table: OrderedDict, key: Any, value: Any) -> None:
         _remember(table, key, value, self.settings.max_shared_media)
@@ -377,8 +415,8 @@ class ChatApiCarrier:
         tenant = self.tenant(api, req, normalize_url(slot.url) if slot is not None else "", base, upstream)
         if ep.kind == DOWNLOAD or ep.kind == DELIVER and method == "GET":
             # nothing to read in the request: its response is held (response_headers)
-            return ChatCall(api, ep, base, done=True, request=req, tenant=tenant), None
-        call = ChatCall(api, ep, base, slot=slot, request=req, tenant=tenant)
+            return ChatCall(api, ep, base, done=True, request=req, tenant=tenant, upstream=upstream), None
+        call = ChatCall(api, ep, base, slot=slot, request=req, tenant=tenant, upstream=upstream)
         if ep.kind == LEARN and method == "GET":
             return call, None
         # a POSTed history call (Slack): its arguments (the channel) are read as a message's, then the response
@@ -633,6 +671,8 @@ class ChatApiCarrier:
         except Exception:
             logger.exception("%s: reading the %s response failed", api.API, ep.name)
             return
+        if team and self._untrusted_host(api, req, call.base, call.upstream, team):
+            team = ""                           # a host that is not Slack's names no team
         if team and api.requester(req):
             _remember(self.tenants, api.requester(req), team, self.settings.max_identities)
         for fact in learned:
@@ -742,9 +782,10 @@ class ChatApiCarrier:
         if not event.parts and not event.refs and not item.encrypted:
             return ""
         # An edit keeps the message id: the text is part of the key, so an edited message is decided again. A
-        # file it shares that was blocked since (its download) turns a remembered pass into a block.
+        # file it shares that was blocked since (its download) turns a remembered pass into a block. The tenant is
+        # part of the key: a verdict for the company's workspace is not one for another.
         digest = hashlib.sha256("\0".join((event.text,) + event.refs).encode("utf-8", "replace")).hexdigest()[:16]
-        key = (api.API, user, item.event_id, digest)
+        key = (api.API, user, base.tenant, item.event_id, digest)
         reason = next((r for r in map(self._blocked, event.refs) if r), None)
         remembered = self.delivered.get(key) if item.event_id else None
         if remembered is not None and (not reason or isinstance(remembered, str) and remembered):
@@ -852,7 +893,8 @@ class ChatApiCarrier:
         if api is None:
             return sock
         sock.credential = api.ws_requester(req)
-        sock.tenant = self.tenants.get(sock.credential, "") or self.tenant(api, req, "", base, upstream)
+        sock.tenant = self._learned_tenant(api, sock.credential, req, base, upstream) or \
+            self.tenant(api, req, "", base, upstream)
         try:
             sock.codec = api.ws_codec(req, self.settings.max_delivery_size)
         except httpchat.UnreadableSocket as e:

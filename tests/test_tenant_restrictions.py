@@ -5,16 +5,22 @@ do.
 A real `imguard run` in reverse mode in front of the stand-in vendor of tests/test_httpchat_gateway.py, on two
 listeners: one reaches it as `127.0.0.1` (the company's instance), the other as `localhost` (someone's personal
 instance on another host name: the Host its clients send). Slack's tenant is the team its token belongs to (what
-`auth.test` answered), Teams' the tenant id in the token, so those are told apart on one listener. The calls are
+`auth.test` answered), Teams' the tenant id in the token, so those are told apart on one listener. Slack is reached
+over TLS on a third listener by host name (`slack.company.test`, the only name in the gateway's `slack_hosts`, and
+`slack.fake.test`, a server that is not Slack's): the stand-in serves each name a certificate of a test CA the
+gateway verifies (`--upstream-ca`), and the test process resolves `*.test` to loopback. The calls are
 made by the vendors' own client libraries where tests/test_httpchat_sdk.py uses them (slack_sdk, mattermostdriver),
 by hand otherwise. After every refused call a sentinel from the company's side is sent, and what the vendor
 received is asserted."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import datetime
 import http.client
 import json
+import socket
 import ssl
 import time
 import uuid
@@ -32,6 +38,7 @@ COMPANY_TENANT = "8a1f1c0e-0000-4000-8000-00000000c0de"
 PERSONAL_TENANT = "9b2e2d1f-0000-4000-8000-0000000b0b00"
 COMPANY_HOST, PERSONAL_HOST = "127.0.0.1", "localhost"
 COMPANY_NAME, PERSONAL_NAME = "matrix.company.test", "matrix.personal.test"     # names a TLS client sends as SNI
+SLACK_NAME, FAKE_SLACK = "slack.company.test", "slack.fake.test"     # the company's Slack (slack_hosts), a fake one
 RULE = f"""\
 rules:
   - id: tenant-messages
@@ -51,13 +58,66 @@ rules:
 """
 
 
+def stand_in_certificates(directory, names: tuple[str, ...]) -> tuple[object, ssl.SSLContext]:
+    """A test CA's PEM file and a server context presenting, per SNI, a certificate of that CA for that name only
+    (the first name's without SNI)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def certificate(subject: str, issuer_key, public_key, ca: bool, sans=()) -> bytes:
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
+        issuer = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "tenant test CA")])
+        day = datetime.timedelta(days=1)
+        builder = (x509.CertificateBuilder().subject_name(name).issuer_name(issuer).public_key(public_key)
+                   .serial_number(x509.random_serial_number()).not_valid_before(now - day)
+                   .not_valid_after(now + 30 * day)
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if sans:
+            builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in sans]),
+                                            critical=False)
+        return builder.sign(issuer_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_path = directory / "upstream-ca.pem"
+    ca_path.write_bytes(certificate("tenant test CA", ca_key, ca_key.public_key(), True))
+    contexts = {}
+    for name in names:
+        key = ec.generate_private_key(ec.SECP256R1())
+        pem = directory / f"{name}.pem"
+        pem.write_bytes(certificate(name, ca_key, key.public_key(), False, [name]) + key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+        contexts[name] = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        contexts[name].load_cert_chain(pem)
+    server = contexts[names[0]]
+    server.sni_callback = lambda sock, name, _: setattr(sock, "context", contexts[name]) if name in contexts else None
+    return ca_path, server
+
+
+def serve_tls(vendor, context: ssl.SSLContext) -> int:
+    """The stand-in also on a TLS port (the same handler): its port."""
+    from aiohttp import web
+
+    async def start() -> int:
+        site = web.TCPSite(vendor.runner, "127.0.0.1", 0, ssl_context=context)
+        await site.start()
+        return site._server.sockets[0].getsockname()[1]
+    return asyncio.run_coroutine_threadsafe(start(), vendor.loop).result(10)
+
+
 @pytest.fixture(scope="module")
 def tenant_gateway(tmp_path_factory):
     vendor = stand_in.Vendor()
     vendor.start()
-    gw = HttpGateway.start(tmp_path_factory.mktemp("tenant-gw"),
-                           [f"http://{COMPANY_HOST}:{vendor.port}", f"http://{PERSONAL_HOST}:{vendor.port}"],
-                           extra_rules={"96-tenants.yaml": RULE})
+    directory = tmp_path_factory.mktemp("tenant-gw")
+    ca_file, context = stand_in_certificates(directory, (SLACK_NAME, FAKE_SLACK))
+    tls_port = serve_tls(vendor, context)
+    gw = HttpGateway.start(directory,
+                           [f"http://{COMPANY_HOST}:{vendor.port}", f"http://{PERSONAL_HOST}:{vendor.port}",
+                            f"https://127.0.0.1:{tls_port}"],
+                           extra_rules={"96-tenants.yaml": RULE},
+                           extra=["--upstream-ca", str(ca_file), "--chat-slack-hosts", SLACK_NAME])
     vendor.gateway_port = gw.ports[0]
     try:
         yield vendor, gw
@@ -104,9 +164,21 @@ def tenant_alert(gw, since: int, dataset: str, marker: str, timeout: float = 10.
 
 # --- Slack: the team a token belongs to --------------------------------------------------------------------------
 
-def slack(port: int, token: str):
+@pytest.fixture
+def resolve_test_names(monkeypatch):
+    """This process resolves `*.test` to loopback (the gateway listens there), as /etc/hosts would."""
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host, *args, **kw):
+        return real("127.0.0.1" if isinstance(host, str) and host.endswith(".test") else host, *args, **kw)
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+
+
+def slack(gw, token: str, host: str = SLACK_NAME):
+    """slack_sdk calling `host` over TLS through the gateway's third listener (imguard's CA trusted)."""
     from slack_sdk import WebClient
-    return WebClient(token=token, base_url=f"http://127.0.0.1:{port}/api/", timeout=15)
+    return WebClient(token=token, base_url=f"https://{host}:{gw.ports[2]}/api/", timeout=15,
+                     ssl=ssl.create_default_context(cafile=str(gw.ca_file)))
 
 
 def log_in(vendor, client, team: str) -> None:
@@ -116,7 +188,7 @@ def log_in(vendor, client, team: str) -> None:
     assert client.auth_test()["team_id"] == team
 
 
-def test_slack_personal_workspace_is_refused(route):
+def test_slack_personal_workspace_is_refused(route, resolve_test_names):
     """slack_sdk on one listener, two tokens: the company team's messages and two-step uploads arrive; the
     personal team's (and those of a token whose team imguard never learned) raise SlackApiError with Slack's own
     error shape and never reach Slack; the alert names the tenant."""
@@ -124,9 +196,8 @@ def test_slack_personal_workspace_is_refused(route):
 
     from slack_sdk.errors import SlackApiError
     vendor, gw = route
-    port = gw.ports[0]
-    company, personal = slack(port, f"xoxp-company-{tag()}"), slack(port, f"xoxp-personal-{tag()}")
-    unknown = slack(port, f"xoxp-unknown-{tag()}")
+    company, personal = slack(gw, f"xoxp-company-{tag()}"), slack(gw, f"xoxp-personal-{tag()}")
+    unknown = slack(gw, f"xoxp-unknown-{tag()}")
     log_in(vendor, company, COMPANY_TEAM)
     log_in(vendor, personal, PERSONAL_TEAM)
     t = tag()
@@ -159,6 +230,142 @@ def test_slack_personal_workspace_is_refused(route):
     assert len(vendor.bodies("files.completeUploadExternal")) == 2
     alert = tenant_alert(gw, since, "imguard.file", "personal.bin")
     assert alert["imguard"]["context"]["tenant"] == PERSONAL_TEAM
+
+
+def untrusted_alerts(gw, since: int, host: str, count: int = 1) -> list[dict]:
+    """The tenant_untrusted_host anomalies about `host` after `since` (waits for `count` of them)."""
+    deadline = time.monotonic() + 10
+    while True:
+        found = [e for e in gw.alerts()[since:] if e.get("imguard", {}).get("anomaly", {}).get("kind") ==
+                 "tenant_untrusted_host" and e["imguard"]["anomaly"]["host"] == host]
+        if len(found) >= count or time.monotonic() > deadline:
+            return found
+        time.sleep(0.1)
+
+
+def test_slack_team_named_by_a_host_not_in_slack_hosts_is_not_trusted(route, resolve_test_names):
+    """A server that is not Slack's (slack.fake.test: a valid certificate, but not in slack_hosts) answers auth.test
+    with the company's team id: imguard learns no team from it (a tenant_untrusted_host anomaly names the host and
+    the claimed team), so the client's message to it is refused with Slack's error shape and never reaches it. A
+    company token (its team learned from the company's Slack) gets no further there: the learned team names the
+    tenant of calls to slack_hosts only. Receiver's side: a message history that came as it was from the company's
+    Slack comes with imguard's notice in place of the message when the same token fetches it from the fake server
+    (a verdict is per tenant). A sentinel through the company's Slack arrives after each refusal."""
+    from slack_sdk.errors import SlackApiError
+    vendor, gw = route
+    company = slack(gw, f"xoxp-company-{tag()}")
+    log_in(vendor, company, COMPANY_TEAM)
+    since = gw.mark()
+    fake = slack(gw, f"xoxp-fake-{tag()}", FAKE_SLACK)
+    log_in(vendor, fake, COMPANY_TEAM)                  # the fake server claims the company's team
+    (learned,) = untrusted_alerts(gw, since, FAKE_SLACK)
+    anomaly = learned["imguard"]["anomaly"]
+    assert anomaly["team"] == COMPANY_TEAM and anomaly["sni"] == FAKE_SLACK and "slack_hosts" in anomaly["detail"]
+    assert anomaly["certificate_names"] == [FAKE_SLACK], "the fake server's own certificate, verified"
+    assert [r.headers.get("Host", "").split(":")[0] for r in vendor.requests if "auth.test" in r.path][-1] == FAKE_SLACK
+    t = tag()
+    company_token_there = slack(gw, company.token, FAKE_SLACK)
+    for who, client in (("fake", fake), ("company token", company_token_there)):
+        with pytest.raises(SlackApiError) as err:
+            client.chat_postMessage(channel="C1", text=f"{who} to the fake workspace {t}")
+        response = err.value.response
+        assert response.status_code == 403 and response["error"] == "restricted_action", response
+        sentinel = f"sentinel after {who} {t}"
+        assert company.chat_postMessage(channel="C1", text=sentinel)["ok"] is True
+        assert sentinel in texts(vendor, "chat.postMessage")
+    assert "to the fake workspace" not in texts(vendor, "chat.postMessage")
+    for who in ("fake", "company token"):
+        assert tenant_alert(gw, since, "imguard.message", f"{who} to the fake workspace {t}")[
+            "imguard"]["context"]["tenant"] == ""
+    # once per connection and host: slack_sdk opens a connection per call, the company token's told once more
+    told = untrusted_alerts(gw, since, FAKE_SLACK, 2)
+    assert len(told) == 2 and len({e["imguard"]["context"]["connection_id"] for e in told}) == 2
+    assert not untrusted_alerts(gw, since, SLACK_NAME)
+
+    vendor.served["/api/conversations.history"] = (200, "application/json", json.dumps({"ok": True, "messages": [
+        {"type": "message", "user": "UOUTSIDE1", "text": f"from outside {t}", "ts": "1.1"}]}).encode())
+    # the same message passed for the company's Slack first: that verdict is not the fake server's
+    assert company.conversations_history(channel="C1")["messages"][0]["text"] == f"from outside {t}"
+    seen = company_token_there.conversations_history(channel="C1")["messages"][0]["text"]
+    assert f"from outside {t}" not in seen and "blocked by imguard" in seen, seen
+    assert company.conversations_history(channel="C1")["messages"][0]["text"] == f"from outside {t}"
+
+
+def test_slack_team_source_must_be_a_listed_host_the_connection_names():
+    """tenants.team_source: a listed host (a name, or *.domain for the names under it) that the TLS connection
+    names (the SNI or a certificate name); without TLS only with slack_plain_http."""
+    from imguard.protocols.httpchat.tenants import NO_UPSTREAM, Upstream, team_source
+    hosts = ["slack.com", "*.slack.com"]
+    slack_tls = Upstream("slack.com", ("slack.com", "*.slack.com"))
+    assert team_source("slack.com", slack_tls, hosts) == ""
+    assert team_source("acme.enterprise.slack.com", Upstream("acme.enterprise.slack.com"), hosts) == ""
+    assert team_source("edgeapi.slack.com", Upstream("", ("*.slack.com",)), hosts) == ""
+    assert "not one of slack_hosts" in team_source("evilslack.com", Upstream("evilslack.com"), hosts)
+    assert "not one of slack_hosts" in team_source("slack.com.evil.test", Upstream("slack.com.evil.test"), hosts)
+    assert "'evil.test'" in team_source("slack.com", Upstream("evil.test", ("evil.test",)), hosts)   # Host != TLS
+    assert "without TLS" in team_source("slack.com", NO_UPSTREAM, hosts)
+    assert team_source("slack.com", NO_UPSTREAM, hosts, plain_http=True) == ""
+    assert "not one of" in team_source("127.0.0.1", NO_UPSTREAM, hosts, plain_http=True)
+    assert "not one of" in team_source("slack.com", slack_tls, [])
+
+
+def test_carrier_learns_a_slack_team_only_from_a_trusted_host():
+    """The carrier: an auth.test answer through a host not in slack_hosts, or one the connection does not name, or
+    over plain HTTP, teaches no team (a tenant_untrusted_host anomaly, once per connection and host); one from a
+    listed host the TLS connection names does, and that team names the tenant of calls to listed hosts only."""
+    import dataclasses
+
+    from imguard.chatapi import ChatApiCarrier
+    from imguard.model import ALLOW, ChatContext, Decision
+    from imguard.protocols.httpchat.events import HttpRequest
+    from imguard.protocols.httpchat.tenants import NO_UPSTREAM, Upstream
+    records = []
+
+    class Pipeline:
+        def check_message(self, text, ctx):
+            return Decision(action=ALLOW)
+
+        def record(self, event):
+            records.append(event)
+    carrier = ChatApiCarrier(Pipeline())
+    answer = json.dumps({"ok": True, "team_id": COMPANY_TEAM, "user_id": "U0ME"}).encode()
+
+    def request(host: str, token: str, method: str = "auth.test") -> HttpRequest:
+        return HttpRequest.make("POST", f"https://{host}/api/{method}", {"Authorization": f"Bearer {token}"})
+
+    def answered(host: str, token: str, upstream: Upstream, connection: str = "c1") -> None:
+        call, _ = carrier.request_headers(request(host, token), ChatContext(connection_id=connection),
+                                          upstream=upstream)
+        carrier.response_learned(call, 200, answer)
+
+    def tenant(host: str, token: str, upstream: Upstream, connection: str = "c9") -> str:
+        call, _ = carrier.request_headers(request(host, token, "chat.postMessage"),
+                                          ChatContext(connection_id=connection), upstream=upstream)
+        return call.tenant
+
+    def told() -> list[tuple]:
+        return [(e["imguard"]["anomaly"]["host"], e["imguard"]["context"]["connection_id"]) for e in records
+                if e["imguard"]["anomaly"]["kind"] == "tenant_untrusted_host"]
+    slack_tls = Upstream("slack.com", ("slack.com", "*.slack.com"))
+    answered("fake.test", "xoxp-fake", Upstream("fake.test", ("fake.test",)))
+    answered("fake.test", "xoxp-fake", Upstream("fake.test", ("fake.test",)))
+    answered("slack.com", "xoxp-spoof", Upstream("fake.test", ("fake.test",)), "c2")    # Host slack.com, TLS fake.test
+    answered("slack.com", "xoxp-plain", NO_UPSTREAM, "c3")
+    assert told() == [("fake.test", "c1"), ("slack.com", "c2"), ("slack.com", "c3")]
+    for token in ("xoxp-fake", "xoxp-spoof", "xoxp-plain"):
+        assert tenant("slack.com", token, slack_tls) == ""
+    answered("slack.com", "xoxp-company", slack_tls, "c4")
+    assert len(told()) == 3
+    assert tenant("slack.com", "xoxp-company", slack_tls) == COMPANY_TEAM
+    assert tenant("files.slack.com", "xoxp-company", Upstream("files.slack.com", ("*.slack.com",))) == COMPANY_TEAM
+    assert tenant("fake.test", "xoxp-company", Upstream("fake.test", ("fake.test",)), "c5") == ""
+    assert told()[-1] == ("fake.test", "c5")
+    assert tenant("slack.com", "xoxp-company", NO_UPSTREAM, "c6") == ""        # plain HTTP: the Host is all there is
+    # a lab's stand-in over plain HTTP: only with slack_plain_http and its name in slack_hosts
+    carrier.settings = dataclasses.replace(carrier.settings, slack_hosts=["127.0.0.1"], slack_plain_http=True)
+    answered("127.0.0.1", "xoxp-lab", NO_UPSTREAM, "c7")
+    assert tenant("127.0.0.1", "xoxp-lab", NO_UPSTREAM) == COMPANY_TEAM
+    assert tenant("slack.com", "xoxp-company", slack_tls, "c8") == ""           # no longer a listed host
 
 
 def test_slack_workspace_host_names_the_tenant():

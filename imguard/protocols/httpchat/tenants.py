@@ -22,6 +22,12 @@ server's certificate (which the gateway verified; an HTTP/2 client may reuse one
 certificate carries). Otherwise `resolve` reports the mismatch (the carrier records a `tenant_mismatch` anomaly)
 and the tenant is unknown: a rule that lets only the company's tenants through refuses the call (fail closed). A
 connection without TLS carries no name but the Host, which is taken as it stands.
+
+A Slack team is only as good as the server that named it: any host answering `auth.test` could claim the company's
+team id. So a team is learned only from an answer of a host the carrier trusts (`team_source`: one of the
+`slack_hosts` setting's names, vouched for by the connection as above; over plain HTTP only when the
+`slack_plain_http` setting allows it), and a team learned for a token names the tenant only of calls to such a host:
+elsewhere the tenant is unknown and the carrier records a `tenant_untrusted_host` anomaly.
 """
 
 from __future__ import annotations
@@ -101,6 +107,30 @@ def vouched(host: str, upstream: Upstream) -> str:
 def _host_tenant(host: str, upstream: Upstream) -> Tenant:
     problem = vouched(host, upstream)
     return Tenant("", problem, host) if problem else Tenant(host, "", host)
+
+
+def host_listed(host: str, patterns) -> bool:
+    """Whether `host` is one of `patterns`: a name, or `*.domain` for any name under domain (not domain itself)."""
+    host = _name(host)
+    for pattern in patterns:
+        pattern = _name(pattern)
+        if pattern.startswith("*.") and host.endswith(pattern[1:]) and len(host) > len(pattern) - 1:
+            return True
+        if host and pattern == host:
+            return True
+    return False
+
+
+def team_source(host: str, upstream: Upstream, trusted, plain_http: bool = False) -> str:
+    """"" when an answer from `host` may name a Slack team (and a learned team may name the tenant of a call to
+    it): the host is one of `trusted` (host_listed) and the connection vouches for it (the SNI or a name of the
+    upstream certificate); without TLS only when `plain_http` allows it. Else the sentence saying why not."""
+    if not host_listed(host, trusted):
+        return f"the host {host or 'nothing'!r} is not one of slack_hosts ({', '.join(trusted) or 'none'})"
+    if upstream == NO_UPSTREAM:
+        return "" if plain_http else (f"the host {host!r} was reached without TLS (no SNI, no certificate vouches "
+                                      "for it) and slack_plain_http is off")
+    return vouched(host, upstream)
 
 
 def token_claims(req: HttpRequest) -> dict:
