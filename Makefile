@@ -1,5 +1,5 @@
 # The two commands of the README. Both set everything up first (tools/setup.sh is quick the second time).
-.PHONY: setup run test bench lint settings fuzz
+.PHONY: setup run test bench bench-targets lint settings fuzz
 
 setup:
 	@tools/setup.sh
@@ -14,6 +14,11 @@ test:
 
 bench: setup
 	.venv/bin/python bench/bench_inspect.py
+
+# Every row of the performance table (issue 21) in one run, each against its target: RUNS=3 for three passes.
+RUNS ?= 1
+bench-targets: setup
+	.venv/bin/python bench/bench_targets.py --runs $(RUNS)
 
 lint:
 	@tools/setup.sh test
