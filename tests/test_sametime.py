@@ -54,8 +54,8 @@ class Checker:
         return Decision(action=ALLOW)
 
 
-def run(segments, checker=None, chunk: int = 0) -> tuple[SametimeSession, list]:
-    session = SametimeSession(checker or Checker(), None, ChatContext())
+def run(segments, checker=None, chunk: int = 0, limits=None) -> tuple[SametimeSession, list]:
+    session = SametimeSession(checker or Checker(), None, ChatContext(), limits or SametimeLimits())
     out = []
     for from_client, data in segments:
         pieces = [data[i:i + chunk] for i in range(0, len(data), chunk)] if chunk else [data]
@@ -89,11 +89,12 @@ def test_finch_login_and_ims_both_ways():
 
 
 def test_finch_bytes_cross_unchanged_when_allowed_at_every_split():
-    """Everything allowed: both directions cross byte-identical, whatever the segment boundaries."""
+    """Everything allowed: both directions cross byte-identical, whatever the segment boundaries (with RC2/128 not
+    intercepted: intercepted, the channel's create and accept carry the gateway's keys, tests/test_sametime_rc2.py)."""
     segments = finch_segments()
     allow = type("Allow", (), {"check_message": lambda self, text, ctx: Decision(action=ALLOW)})()
     for chunk in (0, 1, 3, 7, 64):
-        _, out = run(segments, allow, chunk)
+        _, out = run(segments, allow, chunk, SametimeLimits(sametime_intercept_rc2_128=False))
         assert sent(out, False) == b"".join(d for c, d in segments if c), chunk
         assert sent(out, True) == b"".join(d for c, d in segments if not c), chunk
 
@@ -275,6 +276,7 @@ class ScriptedServer:
                 m, buf = buf[4:4 + n], buf[4 + n:]
                 type_ = struct.unpack(">H", m[:2])[0]
                 channel = struct.unpack(">I", m[4:8])[0]
+                self.on_message(type_, channel, m)
                 if type_ == 0x0004 and struct.unpack(">H", m[8:10])[0] == 0x0068 and channel == self.aware_channel:
                     # the client watches its buddies (AWARE_ADD): bob can receive files (OPT_GOT_SET of the
                     # attribute FILE_TRANSFER, 6, true), which libpurple checks before it sends one
@@ -312,8 +314,15 @@ class ScriptedServer:
                         addtl = Reader(rest[16:]).opaque()
                         self.offers[channel] = file_offer(addtl)
                     writer.write(self._msg(0x0006, channel, struct.pack(">IIII", service, ptype, pver, 0)
-                                           + b"\x00" + struct.pack(">HI", 0, 0)))
+                                           + self.accept_encrypt(channel, service)))
             await writer.drain()
+
+    def on_message(self, type_: int, channel: int, message: bytes) -> None:
+        """Each of the client's messages (header and body), before the script answers it: a subclass's hook."""
+
+    def accept_encrypt(self, channel: int, service: int) -> bytes:
+        """The end of the accept of a channel the client opens: no acceptor, no encryption (a subclass's hook)."""
+        return b"\x00" + struct.pack(">HI", 0, 0)
 
     def start(self) -> None:
         ready = threading.Event()

@@ -15,10 +15,13 @@ of a real client (Finch, tests/data/sametime/). All integers are big-endian.
     LOGIN_ACK 0x8001    login info                                     (who the server says it is)
     CHANNEL_CREATE 0x0002  reserved:uint32 channel:uint32 target:(user:string community:string) service:uint32
                         proto_type:uint32 proto_ver:uint32 options:uint32 addtl:opaque creator_flag:boolean
-                        [creator: login info] encrypt offer (mode:uint16 ...)
+                        [creator: login info] encrypt offer (mode:uint16 size:uint32 count:uint32
+                        (cipher:uint16 info:opaque)* extra:uint16 flag:boolean)
     CHANNEL_ACCEPT 0x0006  service:uint32 proto_type:uint32 proto_ver:uint32 addtl:opaque acceptor_flag:boolean
-                        [acceptor: login info] encrypt accept (mode:uint16 ...)
-    CHANNEL_SEND 0x0004 send_type:uint16 data:opaque                   (data encrypted when options & ENCRYPT)
+                        [acceptor: login info] encrypt accept (mode:uint16 size:uint32 cipher:uint16 info:opaque
+                        extra:uint16 flag:boolean)
+    CHANNEL_SEND 0x0004 send_type:uint16 data:opaque                   (data encrypted when options & ENCRYPT:
+                                                                        cipher.py)
     CHANNEL_DESTROY 0x0003  reason:uint32 data:opaque
 IM service (0x00001000), send type 0x0064:
     im_type:uint32 1 (text) text:string | 2 (data) data_type:uint32 subtype:uint32 data:opaque
@@ -94,6 +97,12 @@ class SametimeLimits:
     sametime_max_transfers: int = setting(
         8, "Sametime file transfers held at once per connection; the bytes they hold together are bounded by this "
            "times sametime_max_held_bytes (and by max_total_held_bytes)")
+    sametime_intercept_rc2_128: bool = setting(
+        True, "Read Sametime channels encrypted with RC2/128 by giving each leg the gateway's own Diffie-Hellman key "
+              "(the public keys in a channel's create and accept are swapped, as TLS interception swaps "
+              "certificates); off (--no-sametime-intercept-rc2-128), the create and accept cross unchanged and such "
+              "a channel is an encrypted_channel anomaly, decided on empty text. RC2/40 channels are read either way "
+              "(their keys are the login ids on the wire)")
     sametime_max_anomalies_per_kind: int = setting(
         20, "Anomalies recorded per kind per connection; more are counted, not logged")
 
@@ -268,13 +277,83 @@ def login_ack_user(body: bytes) -> LoginInfo:
 
 
 @dataclass(frozen=True)
+class EncryptItem:
+    """One cipher of an encrypt offer or accept: its id (cipher.RC2_40, RC2_128) and info (RC2/128: the party's
+    Diffie-Hellman public key); `at` is where the info's length field is in the message body."""
+    cipher: int
+    info: bytes
+    at: int
+
+
+@dataclass(frozen=True)
+class Encrypt:
+    """The encryption block of a CHANNEL_CREATE (the creator's offer: its ciphers) or CHANNEL_ACCEPT (the
+    acceptor's choice: one cipher); `length_at` is where its opaque's length is in the body (-1: no opaque)."""
+    mode: int = 0
+    items: tuple[EncryptItem, ...] = ()
+    length_at: int = -1
+
+    def item(self, cipher: int) -> EncryptItem | None:
+        return next((i for i in self.items if i.cipher == cipher), None)
+
+
+def _encrypt_item(r: Reader) -> EncryptItem:
+    cipher = r.u16()
+    at = r.pos
+    return EncryptItem(cipher, r.opaque(), at)
+
+
+def read_encrypt(r: Reader, offer: bool) -> Encrypt:
+    """meanwhile's encrypt offer (mode, then an opaque of count:uint32 items extra:uint16 flag:boolean) or accept
+    (mode, then an opaque of one item extra flag); the opaque's contents are read in place, as libmeanwhile does
+    (an offer's opaque under 7 bytes, an accept's under 6, carries no item). A block that does not fit gives its
+    mode and no cipher: the channel is still followed, and what it encrypts is not read."""
+    if r.left < 2:
+        return Encrypt()
+    mode = r.u16()
+    if r.left < 4:
+        return Encrypt(mode)
+    length_at = r.pos
+    try:
+        size = r.u32()
+        if size > r.left:
+            raise DecodeError(f"an encrypt block of {size} bytes, {r.left} left")
+        items: list[EncryptItem] = []
+        if offer and size >= 7:
+            count = r.u32()
+            if count > r.left // 6:
+                raise DecodeError(f"an encrypt offer of {count} ciphers in {r.left} bytes")
+            items = [_encrypt_item(r) for _ in range(count)]
+        elif not offer and size >= 6:
+            items = [_encrypt_item(r)]
+    except DecodeError:
+        return Encrypt(mode)
+    return Encrypt(mode, tuple(items), length_at)
+
+
+def replace_encrypt_info(body: bytes, encrypt: Encrypt, item: EncryptItem, info: bytes) -> bytes:
+    """`body` with `item`'s info replaced by `info`, the encrypt block's length fixed."""
+    end = item.at + 4 + len(item.info)
+    out = bytearray(body[:item.at] + put_opaque(info) + body[end:])
+    delta = len(info) - len(item.info)
+    if encrypt.length_at >= 0:
+        size = struct.unpack_from(">I", body, encrypt.length_at)[0]
+        struct.pack_into(">I", out, encrypt.length_at, size + delta)
+    return bytes(out)
+
+
+@dataclass(frozen=True)
 class ChannelCreate:
     channel: int
     target: str                 # the user the channel is opened to (its id block's user)
     service: int
     addtl: bytes
     creator: LoginInfo | None
-    encrypt_mode: int
+    encrypt: Encrypt
+
+    @property
+    def encrypt_mode(self) -> int:
+        return self.encrypt.mode
 
 
 def read_channel_create(body: bytes) -> ChannelCreate:
@@ -289,20 +368,18 @@ def read_channel_create(body: bytes) -> ChannelCreate:
     r.u32()
     addtl = r.opaque()
     creator = read_login_info(r) if r.boolean() else None
-    mode = r.u16() if r.left >= 2 else 0
-    return ChannelCreate(channel, target, service, addtl, creator, mode)
+    return ChannelCreate(channel, target, service, addtl, creator, read_encrypt(r, offer=True))
 
 
-def read_channel_accept(body: bytes) -> tuple[int, LoginInfo | None, int]:
-    """(service, acceptor, encryption mode)."""
+def read_channel_accept(body: bytes) -> tuple[int, LoginInfo | None, Encrypt]:
+    """(service, acceptor, its encryption: the mode and the cipher chosen)."""
     r = Reader(body)
     service = r.u32()
     r.u32()
     r.u32()
     r.opaque()
     acceptor = read_login_info(r) if r.boolean() else None
-    mode = r.u16() if r.left >= 2 else 0
-    return service, acceptor, mode
+    return service, acceptor, read_encrypt(r, offer=False)
 
 
 def read_send(body: bytes) -> tuple[int, bytes]:

@@ -26,9 +26,19 @@ What our client sends is decided outbound from it; what the server delivers, fro
   message ... was blocked"; the inside receiver of a blocked message: "A message from X was blocked"), shown in
   the conversation as if the other party wrote it, prefixed "[imguard]". A conference gets its notice as a
   conference message from member 0.
-Encrypted channels (CHANNEL_SEND with the ENCRYPT option: the channel negotiated RC2/40 or RC2/128) cannot be read:
-each such message is an `encrypted_channel` anomaly (once per channel) and decided by policy on empty text (so a
-policy that blocks what it cannot read blocks it), as Matrix's end-to-end encrypted events are.
+Encrypted channels (an IM or conference channel whose accept chose RC2/40 or RC2/128; CHANNEL_SEND with the ENCRYPT
+option; cipher.py has libmeanwhile's scheme) are read, as a gateway in the middle can: RC2/40's keys are the two
+parties' login ids (ours from LOGIN_ACK, the other's from the create or accept), so each message is decrypted on its
+sender's chain and decided like a plain one; allowed, its original bytes cross (re-encrypted on the receiver's chain
+once a dropped or masked message made the two chains differ). RC2/128 is Diffie-Hellman with unauthenticated public
+keys in the create's offer and the accept: with `sametime_intercept_rc2_128` the gateway swaps each for its own (a
+key pair per connection, made when first needed), so each leg has its own key, and what crosses is decrypted and
+re-encrypted; without it (the default) the create and accept cross unchanged and the channel is not read. A notice
+on such a channel goes to our client unencrypted (libmeanwhile reads a message without the ENCRYPT option as
+plain). A file channel's keys are left alone (an encrypted chunk stops its file, below). What cannot be read (a
+channel whose accept the gateway did not see, a login id under 4 bytes, an encrypt block that does not fit, data
+that does not decrypt) is an `encrypted_channel` anomaly (once per channel) and decided by policy on empty text (so
+a policy that blocks what it cannot read blocks it), as Matrix's end-to-end encrypted events are.
 File transfers (service 0x38, both directions, the same code): the CHANNEL_CREATE names the file and its size
 (`sametime_file_offer`); its creator is the sender (our client: outbound; the server's side: inbound). Its chunks
 (TRANSFER) are *held, not forwarded*, in one `HeldTransfer` (imguard.files.tracker) per channel, made at its first
@@ -69,15 +79,17 @@ from typing import Any
 from imguard.files.tracker import ConnectionHolds, HeldTransfer, HoldState, Notice, Piece
 from imguard.model import FROM_CLIENT, FROM_SERVER, MASK, ChatContext, Decision, FileReport
 from imguard.protocols.base import Anomaly, Close, Command, ProtocolEvent, Send, StreamSession, limited_anomaly
+from imguard.protocols.sametime.cipher import RC2_40, RC2_128, Chain, CipherError, DhKeyPair, rc2_40_key
 from imguard.protocols.sametime.decoder import (CHANNEL_ACCEPT, CHANNEL_CREATE, CHANNEL_DESTROY, CHANNEL_SEND,
                                                 CONF_JOIN, CONF_MESSAGE, CONF_WELCOME, FT_REJECTED, FT_RECEIVED,
                                                 FT_TRANSFER, IM_MESSAGE, LOGIN, LOGIN_ACK, SERVICE_CONFERENCE,
                                                 SERVICE_FILE_TRANSFER, SERVICE_IM, DecodeError, FrameDecoder,
-                                                FramingError, LoginInfo, Message, Reader, SametimeLimits,
+                                                Encrypt, FramingError, LoginInfo, Message, Reader, SametimeLimits,
                                                 build_message, channel_destroy, conference_name, file_offer,
                                                 ft_received, im_channel_create, login_ack_user, login_name,
                                                 put_opaque, put_string, read_channel_accept, read_channel_create,
-                                                read_im, read_login_info, read_send, rebuild, write_im)
+                                                read_im, read_login_info, read_send, rebuild, replace_encrypt_info,
+                                                write_im)
 
 GATEWAY_USER = "imguard"                # the party of the IM channel the gateway opens for a file notice
 _GATEWAY_CHANNELS = 0xFFFFFF00          # its channel ids (a server's ids have the top bit set; these are far up)
@@ -100,6 +112,16 @@ class FtState(Enum):
 
 
 @dataclass
+class Leg:
+    """One direction of an encrypted channel: the chain its sender encrypts with (read here), and the chain its
+    receiver decrypts with (what is forwarded is encrypted on it). RC2/40 has one key for both, so what crosses
+    unchanged is its original bytes while the two chains agree; RC2/128's legs have keys of their own."""
+    inbound: Chain
+    outbound: Chain
+    same_key: bool
+
+
+@dataclass
 class Channel:
     id: int
     service: int
@@ -108,6 +130,9 @@ class Channel:
     conference: str = ""                # a conference's name
     encrypted: bool = False
     told_encrypted: bool = False
+    other_login: str = ""               # the other party's login id (its create's creator, its accept's acceptor)
+    offer: Encrypt | None = None        # the creator's encrypt offer as it came (RC2/128: the creator's public key)
+    legs: dict[bool, Leg] = field(default_factory=dict)      # from_client -> its leg, once the cipher is known
     members: dict[int, str] = field(default_factory=dict)     # conference member id -> user
     # a file-transfer channel
     file_name: str = ""
@@ -136,6 +161,8 @@ class SametimeSession(StreamSession):
         self.anomaly_counts: dict[str, int] = {}
         self.identity = ""
         self.confirmed = False
+        self.login_id = ""                      # our client's login id (LOGIN_ACK): its RC2/40 key
+        self._dh: DhKeyPair | None = None       # the gateway's RC2/128 key pair, made when first needed
         self.channels: dict[int, Channel] = {}
         self._held: dict[str, Channel] = {}      # transfer id -> file channel whose tracker holds or decides
         self.holds = ConnectionHolds(max_bytes=limits.sametime_max_transfers * limits.sametime_max_held_bytes)
@@ -251,10 +278,7 @@ class SametimeSession(StreamSession):
                 if channel is not None and channel.opened is Opened.BY_GATEWAY:
                     return b"", extra       # ours to our client: nobody else knows it
                 if channel is not None:
-                    _, acceptor, mode = read_channel_accept(msg.body)
-                    channel.encrypted = mode != 0
-                    if acceptor is not None and channel.opened is Opened.BY_CLIENT and not channel.peer:
-                        channel.peer = acceptor.user_id
+                    return self._accept(from_client, msg, channel, extra), extra
             elif msg.type == CHANNEL_DESTROY:
                 return self._destroy(from_client, msg, extra), extra
             elif msg.type == CHANNEL_SEND and msg.channel in self.channels:
@@ -267,11 +291,12 @@ class SametimeSession(StreamSession):
         return msg.raw, extra
 
     def _login_ack(self, msg: Message, extra: list[Command]) -> None:
-        user = login_ack_user(msg.body).user_id
+        info = login_ack_user(msg.body)
+        user = info.user_id
         if not user:
             return
         if not self.confirmed:
-            self.identity, self.confirmed = user, True
+            self.identity, self.confirmed, self.login_id = user, True, info.login_id
             extra.append(self._event("sametime_login", user_id=user))
         elif user.lower() != self.identity.lower():
             rec = self._anomaly("identity_change", "a later LOGIN_ACK naming another user: the identity stays",
@@ -298,7 +323,9 @@ class SametimeSession(StreamSession):
         self._refused.pop(create.channel, None)     # the id is used again
         peer = create.target if from_client else (create.creator.user_id if create.creator else "")
         channel = Channel(create.channel, create.service, Opened.BY_CLIENT if from_client else Opened.BY_SERVER,
-                          peer=peer)
+                          peer=peer, offer=create.encrypt)
+        if not from_client and create.creator is not None:
+            channel.other_login = create.creator.login_id
         if create.service == SERVICE_CONFERENCE:
             channel.conference = conference_name(create.addtl)
         self.channels[create.channel] = channel
@@ -310,7 +337,50 @@ class SametimeSession(StreamSession):
             channel.file_name, channel.file_size = name, size
             extra.append(self._event("sametime_file_offer", name=name, size=size, peer=peer,
                                      outbound=from_client))
-        return msg.raw
+            return msg.raw          # an encrypted file channel is stopped at its first chunk: its keys stay theirs
+        item = create.encrypt.item(RC2_128)
+        if item is None or not self.limits.sametime_intercept_rc2_128:
+            return msg.raw
+        # RC2/128 offered: the other side gets the gateway's public key in place of the creator's (kept in `offer`)
+        return rebuild(msg, replace_encrypt_info(msg.body, create.encrypt, item, self._dh_pair().public_bytes()))
+
+    def _dh_pair(self) -> DhKeyPair:
+        if self._dh is None:
+            self._dh = DhKeyPair()
+        return self._dh
+
+    def _accept(self, from_client: bool, msg: Message, channel: Channel, extra: list[Command]) -> bytes:
+        """A channel accepted: its acceptor (the other party of one our client opened), and its cipher: the legs
+        that read and re-encrypt it (RC2/128: the acceptor's public key swapped for the gateway's, as the
+        creator's was)."""
+        _, acceptor, encrypt = read_channel_accept(msg.body)
+        channel.encrypted = encrypt.mode != 0
+        if acceptor is not None and not from_client:
+            channel.other_login = acceptor.login_id
+            if channel.opened is Opened.BY_CLIENT and not channel.peer:
+                channel.peer = acceptor.user_id
+        if not channel.encrypted or not encrypt.items or channel.service not in (SERVICE_IM, SERVICE_CONFERENCE):
+            return msg.raw
+        item = encrypt.items[0]
+        if item.cipher == RC2_40:
+            ours, theirs = rc2_40_key(self.login_id), rc2_40_key(channel.other_login)
+            if ours is not None:
+                channel.legs[True] = Leg(Chain(ours), Chain(ours), same_key=True)
+            if theirs is not None:
+                channel.legs[False] = Leg(Chain(theirs), Chain(theirs), same_key=True)
+            return msg.raw
+        offered = channel.offer.item(RC2_128) if channel.offer is not None else None
+        if item.cipher != RC2_128 or offered is None or not self.limits.sametime_intercept_rc2_128:
+            return msg.raw
+        # the creator's key came in its offer, the acceptor's here; each leg's key is with the gateway's pair
+        client_public, server_public = (offered.info, item.info) if channel.opened is Opened.BY_CLIENT \
+            else (item.info, offered.info)
+        dh = self._dh_pair()
+        client_key, server_key = dh.key_with(client_public), dh.key_with(server_public)
+        if client_key is not None and server_key is not None:
+            channel.legs[True] = Leg(Chain(client_key), Chain(server_key), same_key=False)
+            channel.legs[False] = Leg(Chain(server_key), Chain(client_key), same_key=False)
+        return rebuild(msg, replace_encrypt_info(msg.body, encrypt, item, dh.public_bytes()))
 
     def _destroy(self, from_client: bool, msg: Message, extra: list[Command]) -> bytes:
         channel = self.channels.pop(msg.channel, None)
@@ -341,7 +411,39 @@ class SametimeSession(StreamSession):
         if channel.opened is Opened.BY_GATEWAY:
             return (b"" if from_client else msg.raw), extra       # our client answering imguard: nobody hears it
         if msg.encrypted:
-            return self._encrypted(from_client, msg, channel, extra)
+            return self._decrypted(from_client, msg, channel, extra)
+        return self._read_send(from_client, msg, channel, extra)
+
+    def _decrypted(self, from_client: bool, msg: Message, channel: Channel,
+                   extra: list[Command]) -> tuple[bytes, list[Command]]:
+        """An encrypted message on a channel whose keys the gateway has: decrypted on its sender's chain, decided
+        as a plain one, and what crosses encrypted on its receiver's chain (the original bytes while the chains
+        agree; re-encrypted once a message was dropped or changed, or always with RC2/128's two keys)."""
+        leg = channel.legs.get(from_client)
+        if leg is None:
+            return self._encrypted(from_client, msg, channel, extra, "its keys are not known to the gateway")
+        try:
+            send_type, data = read_send(msg.body)
+            iv_before = leg.inbound.iv
+            plain = leg.inbound.decrypt(data)
+        except (DecodeError, CipherError) as e:
+            return self._encrypted(from_client, msg, channel, extra, f"it does not decrypt: {e}")
+        body = struct.pack(">H", send_type) + put_opaque(plain)
+        clear = Message(msg.type, msg.options, msg.channel, body, rebuild(msg, body), msg.attribs)
+        out, extra = self._read_send(from_client, clear, channel, extra)
+        if not out:
+            return out, extra
+        if out == clear.raw:
+            if leg.same_key and leg.outbound.iv == iv_before:
+                leg.outbound.iv = data[-8:]
+                return msg.raw, extra
+        else:
+            [changed] = [m for m in FrameDecoder(self.limits).feed(out) if isinstance(m, Message)]
+            send_type, plain = read_send(changed.body)
+        return rebuild(msg, struct.pack(">H", send_type) + put_opaque(leg.outbound.encrypt(plain))), extra
+
+    def _read_send(self, from_client: bool, msg: Message, channel: Channel,
+                   extra: list[Command]) -> tuple[bytes, list[Command]]:
         try:
             send_type, data = read_send(msg.body)
             if channel.service == SERVICE_IM:
@@ -413,13 +515,14 @@ class SametimeSession(StreamSession):
             return rebuild(msg, struct.pack(">H", send_type) + put_opaque(data)), extra
         return msg.raw, extra
 
-    def _encrypted(self, from_client: bool, msg: Message, channel: Channel,
-                   extra: list[Command]) -> tuple[bytes, list[Command]]:
+    def _encrypted(self, from_client: bool, msg: Message, channel: Channel, extra: list[Command],
+                   why: str) -> tuple[bytes, list[Command]]:
+        """An encrypted message the gateway cannot read: policy decides on empty text."""
         if not channel.told_encrypted:
             channel.told_encrypted = True
-            rec = self._anomaly("encrypted_channel", "a Sametime channel encrypted with RC2 (negotiated at its "
-                                "creation): its messages cannot be inspected", from_client=from_client,
-                                severity="info", channel=msg.channel)
+            rec = self._anomaly("encrypted_channel", f"a Sametime channel encrypted with RC2 whose messages cannot "
+                                f"be inspected: {why}", from_client=from_client, severity="info",
+                                channel=msg.channel)
             if rec:
                 extra.append(rec)
         decision = self.checker.check_message("", self._context(from_client, channel, channel.peer))
@@ -512,7 +615,8 @@ class SametimeSession(StreamSession):
             deliver=lambda transfer, pieces: self._deliver(channel, transfer, pieces),
             refuse=lambda transfer: self._refuse(channel, transfer),
             tell=lambda transfer, notice: self._tell(channel, notice),
-            event_data={"channel": channel.id, "name": channel.file_name})
+            event_data={"channel": channel.id, "name": channel.file_name},
+            scan_notice_in_band=True)       # our client is told "being scanned" in an IM
         channel.ft = FtState.HOLDING
         self._held[transfer_id] = channel
         return channel.transfer
