@@ -155,17 +155,21 @@ class Pipeline:
     def _conversation_passwords(self, inspector: "object", data: "bytes | bytearray | memoryview", ctx: ChatContext,
                                 name: str, claimed_mime: str, report: FileReport, seen: int) -> FileReport:
         """An encrypted zip the configured passwords did not open: inspected again with the words of the
-        conversation's recent messages, then (zip_password_wait) with each message that comes while it waits,
-        keeping the report that leaves the fewest members locked. Waits only on a thread other than the one that
+        conversation's recent messages, then (zip_password_wait) with those and each message that comes while it
+        waits (passwords.pool: all of the window's, bounded by zip_password_tries), keeping the report that leaves
+        the fewest members locked. Waits only on a thread other than the one that
         delivers messages (the gateway's inspection workers; not the replay, not `imguard scan`)."""
         memory = self.passwords
         seq, found = memory.candidates(ctx, seen)
         locked = zip_passwords.locked_members(report)
+        tried: list = []        # every candidate of the window so far: each member may have its own password
 
         def again(candidates: list) -> None:
-            nonlocal report, locked
+            nonlocal report, locked, tried
+            tried = zip_passwords.pool(tried, candidates, zip_passwords.room(inspector),
+                                       zip_passwords.opened_by(report))
             retry = inspector.inspect(data, ctx, name=name, claimed_mime=claimed_mime,
-                                      extra_passwords=tuple(candidates))
+                                      extra_passwords=tuple(tried))
             if zip_passwords.locked_members(retry) < locked:
                 report, locked = retry, zip_passwords.locked_members(retry)
         if found:

@@ -294,3 +294,154 @@ def test_gateway_delivers_a_clean_zip_once_its_password_arrives(tmp_path, irc_ro
         assert bytes(t.received) == data, f"{len(t.received)} of {len(data)} bytes arrived"
         alert = irc_route.wait_alert(lambda e: e.get("file", {}).get("hash", {}).get("sha256") == sha256(data))
         assert alert and alert["event"]["action"] == "allow", alert
+
+
+# --- members with passwords of their own, said in messages of their own (issue 18) ---------------------------
+
+def zip_of_passwords(tmp_path: Path, members: list[tuple[str, bytes, str]], method: str = "AES256") -> bytes:
+    """A zip whose members each have their own password: 7-Zip adds them one at a time, each with its `-p`; they
+    must be given in the order 7-Zip keeps (by name), so that the first member is the first password's."""
+    folder = tmp_path / f"src-{len(list(tmp_path.iterdir()))}"
+    folder.mkdir()
+    out = folder.with_suffix(".zip")
+    for name, content, password in members:
+        (folder / name).write_bytes(content)
+        subprocess.run([seven_zip(), "a", "-tzip", f"-mem={method}", f"-p{password}", str(out), name], cwd=folder,
+                       check=True, capture_output=True)
+    import io
+    import zipfile
+    data = out.read_bytes()
+    assert [i.filename for i in zipfile.ZipFile(io.BytesIO(data)).infolist()] == [m[0] for m in members]
+    return data
+
+
+@pytest.mark.parametrize("method", ["ZipCrypto", "AES256"])
+def test_each_member_opens_with_its_own_password_in_either_order(tmp_path, method):
+    """Two members, two passwords: both are opened whichever candidate comes first, each with its own (7-Zip's
+    listing says both are encrypted). A wrong password's try stops at the first locked member, so the second's
+    password alone opens nothing: the archive stays locked (unscannable), never partly passed."""
+    first, second = f"{PASSWORD}-one", f"{PASSWORD}-two"
+    data = zip_of_passwords(tmp_path, [("a.txt", b"minutes one\n" * 40, first), ("b.txt", b"minutes two\n" * 40,
+                                                                                  second)], method)
+    (tmp_path / "two.zip").write_bytes(data)
+    listing = subprocess.run([seven_zip(), "l", "-slt", str(tmp_path / "two.zip")], capture_output=True,
+                             text=True).stdout
+    assert listing.count("Encrypted = +") == 2, listing
+    for order in ((first, second), (second, first), ("wrong", second, "wrong2", first)):
+        members = list(walk_zip(data, Budget(100, 10**8), 10**8, 200, Container(), [Candidate(p) for p in order]))
+        assert [(m.name, m.data, m.opened_with.password) for m in members] == [
+            ("a.txt", b"minutes one\n" * 40, first), ("b.txt", b"minutes two\n" * 40, second)], order
+    members = list(walk_zip(data, Budget(100, 10**8), 10**8, 200, Container(), [Candidate(second)]))
+    assert [(m.name, m.data, m.opened_with) for m in members] == [("a.txt", None, None), ("b.txt", None, None)]
+
+
+def said_in(password: str, message_id: str, position: str = AFTER) -> Candidate:
+    return Candidate(password, "conversation", 0, message_id, "alice!a@10.0.0.1", "2026-01-01T00:00:00.000Z",
+                     position)
+
+
+def test_the_pool_keeps_every_candidate_of_the_window_bounded():
+    """passwords.pool: the words of the messages that opened a member first, then the newest message's, then the
+    earlier ones; each password once; at most `limit` (zip_password_tries less the configured list: room())."""
+    from imguard.inspect.passwords import pool, room
+    old = [said_in("alpha", "m1"), said_in("pw", "m1")]
+    new = [said_in("bravo", "m2"), said_in("pw", "m2")]
+    assert [c.password for c in pool(old, new, 10)] == ["bravo", "pw", "alpha"]
+    assert [(c.password, c.message_id) for c in pool(old, new, 10, [old[0].facts()])] == [
+        ("alpha", "m1"), ("pw", "m1"), ("bravo", "m2")]
+    assert [c.password for c in pool(old, new, 2, [old[0].facts()])] == ["alpha", "pw"]
+    assert pool(old, new, 0) == []
+    inspector = Inspector.__new__(Inspector)
+    inspector.limits, inspector.zip_passwords = InspectLimits(zip_password_tries=5), (Candidate("infected"),)
+    assert room(inspector) == 4
+
+
+@pytest.mark.parametrize("infected", [False, True], ids=["clean", "eicar-in-the-second"])
+def test_passwords_in_separate_messages_after_the_file_open_every_member(tmp_path, infected):
+    """The file, then one message with the first member's password, then (after the first retry opened that member)
+    another with the second's: the second retry keeps the first message's words, so both members open and are
+    scanned (EICAR in the second blocks it). Each finding names its own message; neither carries a password."""
+    limits = InspectLimits(zip_password_wait=10.0)
+    made = runtime.build_pipeline(ROOT / "rules", ROOT / "signatures", tmp_path / "data", limits=limits)
+    first, second = f"Zq{os.urandom(5).hex()}", f"Zq{os.urandom(5).hex()}"
+    data = zip_of_passwords(tmp_path, [("minutes.txt", b"minutes of the meeting\n" * 30, first),
+                                       ("tool.com" if infected else "notes.txt",
+                                        EICAR if infected else b"notes, nothing secret\n" * 30, second)])
+    try:
+        made.check_message("hello bob", ALICE_TO_BOB)
+        result = {}
+        worker = threading.Thread(target=lambda: result.update(zip=made.check_file(data, ALICE_TO_BOB, "two.zip")))
+        worker.start()
+        time.sleep(0.5)
+        made.check_message(f"the first one is {first}", ALICE_TO_BOB)
+        time.sleep(1.0)         # the first retry is done (milliseconds): one member open, one locked
+        assert worker.is_alive(), "the file was decided before the second password came"
+        made.check_message(f"pw for the other: {second}", ALICE_TO_BOB)
+        worker.join(15)
+        report, decision = result["zip"]
+        assert locked_members(report) == 0 and not findings(report, UNSCANNABLE), report.to_dict()
+        opened = {p: f.data for p, f in findings(report, ENCRYPTED)}
+        assert len(opened) == 2 and len({d["message_id"] for d in opened.values()}) == 2, opened
+        assert all(d["message_position"] == AFTER for d in opened.values())
+        if infected:
+            assert decision.action == "block" and "malware" in decision.rule_ids, decision
+            assert [p for p, _ in findings(report, YARA_MATCH)] == ["two.zip!tool.com"]
+        else:
+            assert decision.action == "allow", decision
+        events = file_events(tmp_path / "data")
+        assert all(first not in json.dumps(e) and second not in json.dumps(e) for e in events)
+    finally:
+        made.close()
+
+
+def _gateway_two_passwords(tmp_path, irc_route, sender_inside: bool, infected: bool) -> None:
+    first, second = f"Zq{os.urandom(6).hex()}", f"Zq{os.urandom(6).hex()}"
+    data = zip_of_passwords(tmp_path, [("minutes.txt", b"minutes of the meeting, nothing secret\n" * 50, first),
+                                       ("tool.com" if infected else "notes.txt",
+                                        EICAR if infected else b"notes, nothing secret\n" * 50, second)])
+    with Chat(irc_route) as chat:
+        alice = chat.person("alice", outside=not sender_inside)
+        bob = chat.person("bob", outside=sender_inside)
+        t = chat.offer_file(alice, bob, f"two-{os.urandom(3).hex()}.zip", data)
+        assert chat.pump(lambda: t.acked >= len(data), 15), f"ACKed {t.acked} of {len(data)}"
+        chat.pump(lambda: False, 0.3)
+        alice.conn.privmsg(bob.nick, f"minutes: {first}")
+        chat.pump(lambda: False, 1.0)       # the gateway tries it: one member opens, the other stays locked
+        alice.conn.privmsg(bob.nick, f"and the notes: {second}")
+        assert chat.pump(lambda: t.done, 40), (
+            f"the transfer did not end: offer {t.offer}, {len(t.received)} bytes\n{irc_route.failure_logs()}")
+        assert t.offer is not None and t.offer["port"] in irc_route.gateway.dcc_ports, t.offer
+        alert = irc_route.wait_alert(lambda e: e.get("file", {}).get("hash", {}).get("sha256") == sha256(data))
+        assert alert is not None, irc_route.failure_logs()
+        opened = {m["path"].rsplit("!", 1)[1]: f["data"] for m in alert["imguard"]["report"]["members"]
+                  for f in m["findings"] if f["kind"] == "encrypted" and f["data"].get("password_source")}
+        assert sorted(opened) == ["minutes.txt", "tool.com" if infected else "notes.txt"], alert
+        assert len({d["message_id"] for d in opened.values()}) == 2 and all(
+            d["message_position"] == AFTER and d["message_sender"].split("!")[0] == alice.nick
+            for d in opened.values()), opened
+        assert all(first not in json.dumps(e) and second not in json.dumps(e) for e in irc_route.alerts()
+                   if e.get("event", {}).get("dataset") == "imguard.file")
+        if infected:
+            assert alert["event"]["action"] == "block" and "malware" in alert["rule"]["id"], alert
+            assert bytes(t.received) == b"", f"{bob.nick} received {len(t.received)} bytes of the blocked zip"
+            chat.sentinel(alice, bob, "after the zip of two passwords")
+        else:
+            assert alert["event"]["action"] == "allow", alert
+            assert bytes(t.received) == data, f"{len(t.received)} of {len(data)} bytes arrived"
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("sender_inside", [True, False], ids=["sender-inside", "sender-outside"])
+def test_gateway_blocks_eicar_behind_the_second_of_two_passwords(tmp_path, irc_route, sender_inside):
+    """Through the real gateway (ngIRCd, DCC): an AES zip whose first member has one password and whose second,
+    EICAR, another; each password is its own private message after the file, the first's tried before the second
+    comes. imguard opens both, finds EICAR in the second, drops the transfer; each member's finding names its own
+    message; a sentinel follows. (Retried with the newest message's words only, the first member locked again and
+    EICAR was never seen.)"""
+    _gateway_two_passwords(tmp_path, irc_route, sender_inside, infected=True)
+
+
+@pytest.mark.timeout(120)
+def test_gateway_delivers_a_clean_zip_of_two_passwords(tmp_path, irc_route):
+    """The same with two harmless members: opened with both messages, found clean, delivered byte-identical."""
+    _gateway_two_passwords(tmp_path, irc_route, sender_inside=False, infected=False)

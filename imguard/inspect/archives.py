@@ -358,8 +358,8 @@ ZIP_LOCKED = "encrypted zip member cannot be read"     # the detail of a member 
 
 def walk_zip(data: bytes, budget: Budget, max_file_size: int, max_ratio: int,
              container: Container, passwords: Sequence[Any] = ()) -> Iterator[Member]:
-    """The members of a zip, both views. Encrypted members are opened with the first of `passwords`
-    (passwords.Candidate) that verifiably opens one (open_encrypted_zip); the others stay locked."""
+    """The members of a zip, both views. Encrypted members are opened with those of `passwords`
+    (passwords.Candidate) that verifiably open them, each its own (open_encrypted_zip); the others stay locked."""
     entries = _zip_entries(data)
     if entries > budget.max_zip_entries:        # its directory is not parsed: it could take gigabytes
         container.limits.append(("max_zip_entries", entries, f"the central directory lists {entries} entries"))
@@ -372,12 +372,10 @@ def walk_zip(data: bytes, budget: Budget, max_file_size: int, max_ratio: int,
         container.corrupt.append(f"zip central directory unreadable ({exc}); reading local headers")
         yield from _walk_zip_local_headers(data, budget, max_file_size, max_ratio, container)
         return
-    unlocked: dict[str, tuple[bytes, str]] = {}
-    opened_with = None
+    unlocked: dict[str, tuple[bytes, str, Any]] = {}
     locked = {info.filename: info for info in infos if info.flag_bits & 0x1 and not info.is_dir()}
     if locked and passwords:
-        opened_with, unlocked = open_encrypted_zip(data, locked, passwords, budget.bytes_left, max_file_size,
-                                                   max_ratio)
+        _, unlocked = open_encrypted_zip(data, locked, passwords, budget.bytes_left, max_file_size, max_ratio)
     for info in infos:
         if info.is_dir():
             continue
@@ -390,7 +388,7 @@ def walk_zip(data: bytes, budget: Budget, max_file_size: int, max_ratio: int,
             container.unsafe.append((name, why))
         if info.flag_bits & 0x1:
             if name in unlocked:
-                out, status = unlocked[name]
+                out, status, opened_with = unlocked[name]
                 if len(out) > budget.bytes_left:
                     container.limits.append(("max_expanded_bytes", 0, "decompression budget ran out"))
                     return
@@ -448,25 +446,40 @@ _AES = 99                       # WinZip AES (AE-1, AE-2): the compression metho
 
 
 def open_encrypted_zip(data: bytes, locked: dict[str, zipfile.ZipInfo], passwords: Sequence[Any], bytes_left: int,
-                       max_file_size: int, max_ratio: int) -> tuple[Any, dict[str, tuple[bytes, str]]]:
+                       max_file_size: int, max_ratio: int) -> tuple[Any, dict[str, tuple[bytes, str, Any]]]:
     """Try each candidate (its `.password`) on the encrypted members `locked` (by name), through libarchive, which
-    decrypts ZipCrypto and WinZip AES; the first that verifiably opens a member wins, and every member it opens is
-    returned as (bytes, status: "ok" or why the read stopped). Verifiably: libarchive accepts a wrong ZipCrypto
-    password once in 256 (its check byte) and returns garbage, so a member counts as opened only when its size and
-    CRC-32 are those the central directory declares (AE-2 AES entries declare no CRC: their HMAC, which libarchive
-    checks, stands for it). (None, {}) when none opens anything."""
+    decrypts ZipCrypto and WinZip AES; a candidate that verifiably opens a member opens every member it can, each
+    returned as (bytes, status: "ok" or why the read stopped, the candidate), and the members still locked are
+    tried again with the candidates that had failed on an earlier one (members with different passwords: a wrong
+    password stops at the first locked member, so it costs one read, and the candidates are tried again only after
+    one opened something). Verifiably: libarchive accepts a wrong ZipCrypto password once in 256 (its check byte)
+    and returns garbage, so a member counts as opened only when its size and CRC-32 are those the central directory
+    declares (AE-2 AES entries declare no CRC: their HMAC, which libarchive checks, stands for it).
+    (the candidate that opened the first, {name: (bytes, status, candidate)}); (None, {}) when none opens any."""
     try:
         import libarchive
         from libarchive.exception import ArchiveError
     except ImportError:
         return None, {}
     logging.getLogger("libarchive").setLevel(logging.ERROR)
-    for candidate in passwords:
-        opened = _open_with(libarchive, ArchiveError, data, locked, candidate.password, bytes_left, max_file_size,
-                            max_ratio)
-        if opened:
-            return candidate, opened
-    return None, {}
+    first, opened, left = None, {}, list(passwords)
+    while left:
+        for candidate in left:
+            still = {name: info for name, info in locked.items() if name not in opened}
+            found = _open_with(libarchive, ArchiveError, data, still, candidate.password, bytes_left,
+                               max_file_size, max_ratio)
+            if found:
+                first = first or candidate
+                for name, (out, status) in found.items():
+                    opened[name] = (out, status, candidate)
+                    bytes_left -= len(out)
+                left.remove(candidate)
+                break                   # from the top: those that failed may open what is still locked
+        else:
+            break                       # none opened anything more
+        if len(opened) == len(locked) or bytes_left <= 0:
+            break
+    return first, opened
 
 
 def _open_with(libarchive: Any, error: type, data: bytes, locked: dict[str, zipfile.ZipInfo], password: str,

@@ -65,10 +65,27 @@ def parse_address(address: str) -> tuple[int, str | tuple[str, int]]:
         return socket.AF_UNIX, text
     text = text.removeprefix("tcp://")
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not host:
-        raise ValueError(f"clamd address {address!r}: expected a socket path or host:port")
+    if not sep or not port.isdigit() or not host.strip("[]") or not 0 < int(port) < 65536:
+        raise ValueError(f"clamd_address: {address!r} is not a socket path, unix:/path or host:port")
     host = host.strip("[]")
     return (socket.AF_INET6 if ":" in host else socket.AF_INET), (host, int(port))
+
+
+def check_settings(settings: ClamavSettings) -> list[str]:
+    """Every problem with the ClamAV settings, as `setting: message` lines naming the value (empty when usable):
+    refused at startup, not met as a traceback."""
+    errors = []
+    if settings.clamd_address:
+        try:
+            if not parse_address(settings.clamd_address)[1]:
+                errors.append(f"clamd_address: {settings.clamd_address!r} names no socket path")
+        except ValueError as e:
+            errors.append(str(e))
+    if not settings.clamd_timeout > 0:
+        errors.append(f"clamd_timeout: {settings.clamd_timeout!r} must be more than 0 seconds")
+    if settings.clamd_max_size <= 0:
+        errors.append(f"clamd_max_size: {settings.clamd_max_size!r} must be more than 0 bytes")
+    return errors
 
 
 def parse_answer(answer: bytes) -> tuple[str, ...]:
@@ -107,6 +124,10 @@ class Clamd:
 
     @classmethod
     def from_settings(cls, settings: ClamavSettings) -> "Clamd | None":
+        """The clamd the settings name (None: no clamd_address); raises runtime.ConfigError naming each bad setting."""
+        if errors := check_settings(settings):
+            from imguard.runtime import ConfigError
+            raise ConfigError(errors)
         if not settings.clamd_address:
             return None
         return cls(settings.clamd_address, settings.clamd_timeout, settings.clamd_max_size)

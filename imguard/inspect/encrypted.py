@@ -29,7 +29,10 @@ A run that reaches archive_tool_timeout ends the tries for that archive: its mem
 
 A member no password opens stays UNSCANNABLE encrypted with SEVEN_LOCKED / RAR_LOCKED as its detail (counted by
 passwords.locked_members, so the pipeline tries the conversation's passwords, as for zip); an archive whose names
-are encrypted is one such member, HIDDEN_NAMES. The Candidate that opened a member is its `opened_with`.
+are encrypted is one such member, HIDDEN_NAMES. The Candidate that opened a member is its `opened_with`. A RAR5
+member whose password check value accepts a candidate but that unar still fails to extract is UNSCANNABLE corrupt
+(RAR_FAILED), not locked: it has its password, and no other would open it. unar 1.10 does that to a member whose
+compressed data ends on the last bit of its last AES block (tests/data/encrypted/README.md).
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ from imguard.model import REASON_CORRUPT, REASON_ENCRYPTED, REASON_LIMIT, REASON
 
 SEVEN_LOCKED = "encrypted 7z member cannot be read"
 RAR_LOCKED = "encrypted rar member cannot be read"
+RAR_FAILED = "rar member unreadable: unar failed with the password its check value accepts"
 HIDDEN_NAMES = "<encrypted names>"          # the one member of an archive whose names no password opened
 DEFAULT_TIMEOUT, DEFAULT_MEMORY = 20.0, 1024 * 1024 * 1024
 _SEVEN_TOOLS, _RAR_LISTER, _RAR_EXTRACTOR = ("7zz",), "lsar", "unar"
@@ -514,7 +518,7 @@ class _Rar(_Reader):
                                else Member(entry.name, None, entry.size, problem=(
                                    REASON_CORRUPT, "rar member unreadable (unar failed)")))
                 continue
-            opened = None
+            opened = accepted = None
             for candidate in good + [c for c in candidates if c not in good]:
                 if entry.check is not None and not self._checks(candidate.password, entry.check):
                     continue                # RAR5's password check value says no: no unar run for it
@@ -526,9 +530,17 @@ class _Rar(_Reader):
                     if candidate not in good:
                         good.insert(0, candidate)
                     break
+                if entry.check is not None:
+                    accepted = candidate    # its password (the check value says so): unar fails on the member
+                    break
             members.append(opened if opened is not None else self._timeout(entry) if self.timed_out
-                           else self._locked(entry.name, entry.size))
+                           else self._failed(entry) if accepted is not None else self._locked(entry.name, entry.size))
         return members
+
+    def _failed(self, entry: Entry) -> Member:
+        """Its password found, unar failed to extract it all the same: unscannable (corrupt), not locked (another
+        password would not help, so the pipeline does not wait for one)."""
+        return Member(entry.name, None, entry.size, True, problem=(REASON_CORRUPT, RAR_FAILED))
 
     def _checks(self, password: str, check: tuple[bytes, bytes, int]) -> bool:
         key = (password, *check)

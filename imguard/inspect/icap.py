@@ -105,14 +105,32 @@ class Options:
 
 
 def parse_url(url: str) -> tuple[str, int, str]:
-    parts = urlsplit(url.strip())
-    if parts.scheme.lower() != "icap" or not parts.hostname:
-        raise ValueError(f"icap_url {url!r}: expected icap://host[:port]/service")
     try:
+        parts = urlsplit(url.strip())
         port = parts.port or DEFAULT_PORT
-    except ValueError:
-        raise ValueError(f"icap_url {url!r}: bad port") from None
+    except ValueError:      # a port out of range or not a number, a malformed [IPv6] host
+        raise ValueError(f"icap_url: {url!r} is not icap://host[:port]/service (a bad host or port)") from None
+    if parts.scheme.lower() != "icap" or not parts.hostname:
+        raise ValueError(f"icap_url: {url!r} is not icap://host[:port]/service")
     return parts.hostname, port, parts.path.lstrip("/") + (f"?{parts.query}" if parts.query else "")
+
+
+def check_settings(settings: IcapSettings) -> list[str]:
+    """Every problem with the ICAP settings, as `setting: message` lines naming the value (empty when usable): refused
+    at startup (`imguard run`, `imguard scan`...), not met as a traceback, nor on the first file."""
+    errors = []
+    if settings.icap_url:
+        try:
+            parse_url(settings.icap_url)
+        except ValueError as e:
+            errors.append(str(e))
+    if str(settings.icap_method).lower() not in METHODS:
+        errors.append(f"icap_method: {settings.icap_method!r} is not one of {', '.join(METHODS)}")
+    if not settings.icap_timeout > 0:
+        errors.append(f"icap_timeout: {settings.icap_timeout!r} must be more than 0 seconds")
+    if settings.icap_max_size <= 0:
+        errors.append(f"icap_max_size: {settings.icap_max_size!r} must be more than 0 bytes")
+    return errors
 
 
 def _authority(host: str, port: int) -> str:
@@ -271,6 +289,10 @@ class Icap:
 
     @classmethod
     def from_settings(cls, settings: IcapSettings) -> "Icap | None":
+        """The service the settings name (None: no icap_url); raises runtime.ConfigError naming each bad setting."""
+        if errors := check_settings(settings):
+            from imguard.runtime import ConfigError
+            raise ConfigError(errors)
         if not settings.icap_url:
             return None
         return cls(settings.icap_url, settings.icap_timeout, settings.icap_max_size,

@@ -78,8 +78,9 @@ class InspectLimits(ClamavSettings, IcapSettings):
         "file's inspection (the gateway): the replay and `imguard scan` do not wait.")
     zip_password_tries: int = setting(
         64,
-        "Most passwords tried on one encrypted zip (the list first, then the conversation's, newest first); "
-        "each wrong one costs a read of the zip's first encrypted entry, milliseconds for AES.")
+        "Most passwords tried on one encrypted zip (the list first, then the conversation's: every candidate of the "
+        "window, those whose message opened a member first, then the newest); each wrong one costs a read of the "
+        "zip's first locked entry, milliseconds for AES.")
     archive_tool_timeout: float = setting(
         20.0,
         "Seconds one run of an external archive tool may take (7zz for encrypted 7z, lsar/unar for encrypted RAR; "

@@ -9,6 +9,7 @@ pipeline can try them on an encrypted archive that crossed in the same conversat
     memory.saw("the password is Tr0ub4dor", ctx, record_id)          # every message, from Pipeline.check_message
     memory.candidates(ctx)                      # -> [Candidate(...), ...] newest first, within the window
     memory.wait(ctx, after=seq, timeout=10)     # the candidates of messages that arrive in the next 10 s
+    pool(tried, new, room(inspector), opened_by(report))    # what the file's next try gets: all of them, bounded
 
 A `Candidate` carries where the password came from (the configured list, or the message: its archive record id,
 sender and time, before or after the file) but its `facts()` never the password: what is logged and recorded
@@ -32,7 +33,7 @@ from datetime import datetime, timezone
 
 from imguard.inspect.archives import ZIP_LOCKED
 from imguard.inspect.encrypted import RAR_LOCKED, SEVEN_LOCKED
-from imguard.model import REASON_ENCRYPTED, UNSCANNABLE, ChatContext, FileReport
+from imguard.model import ENCRYPTED, REASON_ENCRYPTED, UNSCANNABLE, ChatContext, FileReport
 
 LIST, CONVERSATION = "list", "conversation"
 BEFORE, AFTER = "before", "after"
@@ -97,6 +98,37 @@ def locked_members(report: FileReport) -> int:
     encrypted counts as one)."""
     return sum(1 for r in report.walk() for f in r.findings
                if f.kind == UNSCANNABLE and f.data.get("reason") == REASON_ENCRYPTED and f.detail in LOCKED)
+
+
+def opened_by(report: FileReport) -> list[dict]:
+    """The facts of the conversation's candidates that opened a member of the report (its ENCRYPTED findings)."""
+    return [f.data for r in report.walk() for f in r.findings
+            if f.kind == ENCRYPTED and f.data.get("password_source") == CONVERSATION]
+
+
+def room(inspector: object) -> int:
+    """How many of the conversation's candidates one inspection tries: zip_password_tries less the configured list
+    (which the inspector tries first)."""
+    tries = int(getattr(getattr(inspector, "limits", None), "zip_password_tries", 64))
+    return max(0, tries - len(getattr(inspector, "zip_passwords", ())))
+
+
+def pool(earlier: list[Candidate], new: list[Candidate], limit: int, opened: list[dict] = ()) -> list[Candidate]:
+    """The candidates a file's next try gets, every one collected for it in the window: the members of an archive
+    may each have their own password, said in messages of their own, and a try with only the newest message's words
+    would lock again what an older one had opened. In order: the words of the messages that opened a member so far
+    (`opened`: their facts, opened_by), then `new` (the latest messages, newest first), then the `earlier`; each
+    password once (its first place); at most `limit` (zip_password_tries less the list: room())."""
+    out: list[Candidate] = []
+    words: set[str] = set()
+    first = [c for c in (*earlier, *new) if c.facts() in opened]
+    for candidate in (*first, *new, *earlier):
+        if len(out) >= limit:
+            break
+        if candidate.password not in words:
+            words.add(candidate.password)
+            out.append(candidate)
+    return out
 
 
 def for_limits(limits: object) -> "ConversationPasswords":
