@@ -1,6 +1,7 @@
 """The console on a large data folder: 1,000,000 alerts and 1,000,000 archived records (issue 22).
 
     .venv/bin/python bench/bench_console.py [--alerts N] [--records N] [--repeat R] [--folder DIR] [--reuse]
+                                            [--keep-index] [--postgres N [--only-postgres]]
 
 What it builds (in DIR, default a fresh folder under /var/tmp, removed at the end unless --folder is given):
 - alerts.jsonl: N alerts over 90 days, every line made by the gateway's own builders (imguard/alerts.py
@@ -14,11 +15,17 @@ What it builds (in DIR, default a fresh folder under /var/tmp, removed at the en
 What it measures, p50/p99 over --repeat queries each (the first query of each kind, which warms the page cache,
 is not counted):
 - the console's alert index built from alerts.jsonl (AlertIndex.refresh, alerts/s), and its search index of the
-  archive built over the existing records (what a console's first search on an existing archive costs);
+  archive made by the console's thread over the existing records, with a search timed meanwhile (what the first
+  user of a console on an existing archive waits for: a scan, not the index);
 - through the console's data layer (imguard/console/data.py): the alert list (newest page, page 100, filters by
-  rule, person, protocol, sha256), the Overview (90 days), and on the archive a conversation between two people
-  (all of it, and the 24 hours before an alert, as an alert's page links it), a person search, text searches
-  (a common word, a rare one, one that is nowhere: the worst case of a scan), a hash search;
+  rule, person, protocol, sha256; page 2,000 by its link's cursor and by OFFSET), the Overview (90 days), and on
+  the archive a conversation between two people (all of it, and the 24 hours before an alert, as an alert's page
+  links it), a person search, text searches (a common word, a rare one, one that is nowhere: the worst case of a
+  scan; page 50 of the common one by cursor and by OFFSET), a hash search;
+- with --postgres N: N records of the same generator copied into a throwaway PostgreSQL server
+  (tests/peers/sink_peers.py PostgresServer: Debian's initdb), the archive's migration timed on the filled table
+  (its pg_trgm and prefix indexes), the same archive queries by the console's ArchiveReader(dsn=...) with those
+  indexes and without them;
 - a few requests through the real application (Starlette's TestClient on imguard.console.views.Console, logged in).
 
 Baseline, same run: the archive searches as they ran before the console's search index (the same data.py code
@@ -30,6 +37,7 @@ page); and a full scan of each table
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import itertools
 import random
@@ -41,7 +49,7 @@ import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))      # imguard, and tests.peers (--postgres)
 
 from imguard import alerts  # noqa: E402
 from imguard.archive import Archive  # noqa: E402
@@ -145,13 +153,27 @@ def make_alerts(path: Path, n: int, rng: random.Random, end: datetime) -> dict:
 
 
 def make_archive(path: Path, n: int, rng: random.Random, end: datetime) -> float:
-    people = People(rng)
-    cum_weights = list(itertools.accumulate(1 / (1 + i) for i in range(len(WORDS))))
-    rare = set(rng.sample(range(n), RARE_COUNT))
     store = Archive(path)
     db = store.database()
     batch: list[list] = []
     started = time.perf_counter()
+    for row in archive_rows(n, rng, end):
+        batch.append(row)
+        if len(batch) == 500:
+            db.write_rows(batch)
+            batch = []
+    if batch:
+        db.write_rows(batch)
+    elapsed = time.perf_counter() - started
+    store.close()
+    return n / elapsed
+
+
+def archive_rows(n: int, rng: random.Random, end: datetime):
+    """The archive's records (ROW_COLUMNS), oldest first."""
+    people = People(rng)
+    cum_weights = list(itertools.accumulate(1 / (1 + i) for i in range(len(WORDS))))
+    rare = set(rng.sample(range(n), RARE_COUNT))
     for i, when in enumerate(_times(n, rng, end)):
         protocol, a, b = people.pair()
         stamp = datetime.fromtimestamp(when, timezone.utc).isoformat(timespec="milliseconds")
@@ -168,15 +190,7 @@ def make_archive(path: Path, n: int, rng: random.Random, end: datetime) -> float
             sha = hashlib.sha256(b"archived %d" % i).hexdigest()
             common[2] = "file"
             row = common + [None, f"report-{i}.pdf", 1000 + i, sha, "application/pdf", "upload", "allow", "", "v1"]
-        batch.append(row)
-        if len(batch) == 500:
-            db.write_rows(batch)
-            batch = []
-    if batch:
-        db.write_rows(batch)
-    elapsed = time.perf_counter() - started
-    store.close()
-    return n / elapsed
+        yield row
 
 
 def measure(fn, repeat: int, budget: float = 20.0) -> tuple[float, float, object]:
@@ -208,11 +222,19 @@ def main() -> None:
     ap.add_argument("--reuse", action="store_true", help="keep the folder's data (built by an earlier run)")
     ap.add_argument("--keep-index", action="store_true", help="with --reuse: keep the alert index too (the archive's "
                     "search index is always made again)")
+    ap.add_argument("--postgres", type=int, default=0, metavar="N",
+                    help="also: N archived records in a throwaway PostgreSQL server (tests/peers: initdb), searched "
+                         "by the console with the archive's pg_trgm indexes and without")
+    ap.add_argument("--only-postgres", action="store_true", help="with --postgres: nothing else")
     args = ap.parse_args()
+    end = datetime.now(timezone.utc).replace(minute=0, second=0, microsecond=0)
+    if args.postgres:
+        postgres(args.postgres, args.repeat, end)
+        if args.only_postgres:
+            return
     folder = args.folder or Path(tempfile.mkdtemp(prefix="imguard-bench-console-", dir="/var/tmp"))
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(22)
-    end = datetime.now(timezone.utc).replace(minute=0, second=0, microsecond=0)
     print(f"folder {folder}: {args.alerts:,} alerts, {args.records:,} archived records, {args.repeat} queries each")
     alerts_file, archive_file = folder / "alerts.jsonl", folder / "archive.sqlite3"
     index_file = folder / "console" / "alerts-index.sqlite3"
@@ -240,15 +262,10 @@ def main() -> None:
     else:
         print("  alert index kept from an earlier run (--keep-index)")
     search_file = folder / "console" / "archive-search.sqlite3"
-    search_file.unlink(missing_ok=True)
+    for part in (search_file, Path(f"{search_file}-wal"), Path(f"{search_file}-shm")):
+        part.unlink(missing_ok=True)
     reader = data.ArchiveReader(archive_file)
-    t = time.perf_counter()
-    db = reader._connection()
-    if reader.index_ready:
-        last = reader._refresh_index(db)
-        print(f"  the console's search index of the archive: {last:,} records in {time.perf_counter() - t:.1f} s "
-              f"({search_file.stat().st_size / 2**20:,.0f} MiB; the archive {archive_file.stat().st_size / 2**20:,.0f}"
-              f" MiB)")
+    build_search_index(reader, archive_file, search_file, args.repeat)
     r = args.repeat
     db = index._db
     sha = db.execute("SELECT sha256 FROM alerts WHERE sha256 IS NOT NULL GROUP BY sha256 ORDER BY count(*) DESC "
@@ -268,6 +285,14 @@ def main() -> None:
                         severity="critical", since=(end - timedelta(days=30)).isoformat()[:19]))):
         p50, p99, page = measure(lambda f=f: index.alerts(f), r)
         report(name, p50, p99, f"{len(page.rows)} rows")
+    for f in (data.AlertFilter(rule=rules[-1][0]), data.AlertFilter()):   # deep: by the links' cursor, by OFFSET
+        cursor = None
+        for n in range(1, 2000):
+            cursor = index.alerts(dataclasses.replace(f, before=cursor, page=n)).older
+        deep = dataclasses.replace(f, before=cursor, page=2000)
+        for how, g in (("by its link's cursor", deep), ("by OFFSET (before)", dataclasses.replace(f, page=2000))):
+            p50, p99, page = measure(lambda g=g: index.alerts(g), r)
+            report(f"{f.rule or 'all'}, page 2,000 {how}", p50, p99, f"{len(page.rows)} rows")
     since = (end - timedelta(days=DAYS)).strftime("%Y-%m-%d")
     p50, p99, o = measure(lambda: index.overview(since, bucket=10), r)
     report("overview, 90 days per day", p50, p99, f"total {o.total:,}")
@@ -281,17 +306,74 @@ def main() -> None:
     report("baseline: full scan of the alerts table", p50, p99)
 
     # --- the archive ------------------------------------------------------------------------------------------
+    queries, conversation = archive_queries(reader)
+    for label, use in (("after: with the search index", True), ("before: LIKE over the records", False)):
+        print(f"archive (ArchiveReader, data.py), {label}")
+        reader.search_index = use
+        for name, fn in queries:
+            p50, p99, rows = measure(fn, r)
+            report(name, p50, p99, f"{len(rows)} rows")
     raw = reader._connection()
-    a, b, pair_count = raw.execute(
-        "SELECT sender, recipients, count(*) FROM records WHERE id > (SELECT max(id) - 200000 FROM records) "
-        "GROUP BY 1, 2 ORDER BY 3 DESC LIMIT 1").fetchone()
-    protocol = raw.execute("SELECT protocol FROM records WHERE sender = ? LIMIT 1", (a,)).fetchone()[0]
-    last = raw.execute("SELECT max(time) FROM records WHERE sender = ? AND recipients = ?", (a, b)).fetchone()[0]
+    p50, p99, _ = measure(lambda: raw.execute(
+        f"SELECT count(*) FROM records WHERE text LIKE '%{ABSENT_WORD}%'").fetchone(), 3)
+    report("baseline: full scan of the records table", p50, p99)
+    reader.search_index = True
+
+    # --- through the application ------------------------------------------------------------------------------
+    _http(folder, r, conversation)
+    index.close()
+    reader.close()
+    if args.folder is None:
+        shutil.rmtree(folder)
+
+
+def build_search_index(reader: data.ArchiveReader, archive_file: Path, search_file: Path, repeat: int) -> None:
+    """The console's first minutes on an existing archive: its thread makes the search index while a search
+    reads the records without it (what the first user waits for is that search, not the index)."""
+    t = time.perf_counter()
+    reader.start_indexing()
+    during: list[float] = []
+    while True:
+        progress = reader.index_progress()
+        if progress.state is data.IndexState.NONE:
+            print("  no search index of the archive")
+            return
+        if progress.state is data.IndexState.READY and progress.indexed == progress.total:
+            break
+        if len(during) < repeat and progress.state is data.IndexState.BUILDING:
+            started = time.perf_counter()
+            reader.search(data.RecordQuery(text=RARE_WORD))
+            during.append((time.perf_counter() - started) * 1000)
+        else:
+            time.sleep(0.2)
+    elapsed = time.perf_counter() - t
+    print(f"  the console's search index of the archive, by its thread: {progress.indexed:,} records in {elapsed:.1f} s"
+          f" ({search_file.stat().st_size / 2**20:,.0f} MiB; the archive {archive_file.stat().st_size / 2**20:,.0f} "
+          f"MiB)")
+    if during:
+        report(f"text search {RARE_WORD!r} meanwhile (read without the index)", statistics.median(during),
+               max(during), f"{len(during)} searches, the first {during[0]:.0f} ms")
+
+
+def archive_queries(reader: data.ArchiveReader) -> tuple[list, tuple[str, str, str, str]]:
+    """The archive's queries, named, on either backend; and a conversation for the HTTP requests."""
+    m = "%s" if reader.dsn else "?"
+    with reader._lock:
+        raw = reader._connection()
+
+        def one(sql: str, *args):
+            return raw.execute(sql, args).fetchone()
+        a, b, _ = one("SELECT sender, recipients, count(*) FROM records WHERE id > (SELECT max(id) - 200000 FROM "
+                      "records) GROUP BY 1, 2 ORDER BY 3 DESC LIMIT 1")
+        protocol = one(f"SELECT protocol FROM records WHERE sender = {m} LIMIT 1", a)[0]
+        last = one(f"SELECT max(time) FROM records WHERE sender = {m} AND recipients = {m}", a, b)[0]
+        quiet = data.bare(one("SELECT sender FROM records GROUP BY sender ORDER BY count(*), sender LIMIT 1")[0])
+        file_sha = one("SELECT sha256 FROM records WHERE sha256 IS NOT NULL ORDER BY id DESC LIMIT 1")[0]
     around = (datetime.fromisoformat(last) - timedelta(hours=24)).isoformat()[:19]
-    quiet = data.bare(raw.execute("SELECT sender FROM records GROUP BY sender ORDER BY count(*) LIMIT 1")
-                      .fetchone()[0])
-    file_sha = raw.execute("SELECT sha256 FROM records WHERE sha256 IS NOT NULL ORDER BY id DESC LIMIT 1").fetchone()[0]
-    archive_queries = (
+    cursor = None                   # page 50 of the common term, as its links reach it
+    for n in range(1, 50):
+        cursor = reader.search_page(data.RecordQuery(text=COMMON_WORD, before=cursor, page=n)).older
+    return [
         (f"conversation {data.bare(a)} / {b}, all", lambda: reader.conversation(protocol, a, b)),
         ("conversation, 24 h before its last message", lambda: reader.conversation(protocol, a, b, since=around)),
         (f"person search {data.bare(a)!r}", lambda: reader.search(data.RecordQuery(person=data.bare(a)))),
@@ -299,31 +381,55 @@ def main() -> None:
         (f"text search {COMMON_WORD!r} (common)", lambda: reader.search(data.RecordQuery(text=COMMON_WORD))),
         (f"text search {RARE_WORD!r} ({RARE_COUNT} records)", lambda: reader.search(data.RecordQuery(text=RARE_WORD))),
         (f"text search {ABSENT_WORD!r} (none)", lambda: reader.search(data.RecordQuery(text=ABSENT_WORD))),
-        ("text search 'meeting', page 50", lambda: reader.search(data.RecordQuery(text=COMMON_WORD, page=50))),
+        (f"text search {COMMON_WORD!r}, page 50 by its link's cursor", lambda: reader.search(
+            data.RecordQuery(text=COMMON_WORD, before=cursor, page=50))),
+        (f"text search {COMMON_WORD!r}, page 50 by OFFSET (before)", lambda: reader.search(
+            data.RecordQuery(text=COMMON_WORD, page=50))),
         ("hash search", lambda: reader.search(data.RecordQuery(sha256=file_sha))),
-    )
-    uses_index = bool(getattr(reader, "index_ready", False))
-    for label, use in (("after: with the search index", True), ("before: LIKE over the records", False)):
-        if not use and not uses_index:
-            continue
-        print(f"archive (ArchiveReader, data.py), {label if uses_index else 'no search index in this version'}")
-        if uses_index:
-            reader.search_index = use
-        for name, fn in archive_queries:
-            p50, p99, rows = measure(fn, r)
-            report(name, p50, p99, f"{len(rows)} rows")
-    p50, p99, _ = measure(lambda: raw.execute(
-        f"SELECT count(*) FROM records WHERE text LIKE '%{ABSENT_WORD}%'").fetchone(), 3)
-    report("baseline: full scan of the records table", p50, p99)
-    if uses_index:
-        reader.search_index = True
+    ], (data.bare(a), data.bare(b), protocol, around)
 
-    # --- through the application ------------------------------------------------------------------------------
-    _http(folder, r, (data.bare(a), data.bare(b), protocol, around))
-    index.close()
-    reader.close()
-    if args.folder is None:
-        shutil.rmtree(folder)
+
+def postgres(n: int, repeat: int, end: datetime) -> None:
+    """The shared PostgreSQL archive: N records (the same generator) copied into a throwaway server, the archive's
+    migration made (its search indexes timed on the filled table), searched by the console with and without them."""
+    import psycopg
+
+    import re
+
+    from imguard.archive import PG_SEARCH_SCHEMA, ROW_COLUMNS, pg_search_indexes
+    from tests.peers.sink_peers import PostgresServer
+
+    indexes = [re.search(r"EXISTS (\w+)", sql).group(1) for sql in PG_SEARCH_SCHEMA if "INDEX" in sql]
+    server = PostgresServer.start()
+    try:
+        Archive(dsn=server.dsn).close()             # the schema, as a gateway makes it
+        with psycopg.connect(server.dsn, autocommit=True) as conn:
+            for name in indexes:
+                conn.execute(f"DROP INDEX {name}")
+            t = time.perf_counter()
+            with conn.cursor().copy(f"COPY records ({', '.join(ROW_COLUMNS)}) FROM STDIN") as copy:
+                for row in archive_rows(n, random.Random(23), end):
+                    copy.write_row(row)
+            print(f"postgresql: {n:,} records copied in {time.perf_counter() - t:.0f} s")
+            t = time.perf_counter()
+            assert pg_search_indexes(conn)
+            conn.execute("VACUUM ANALYZE records")
+            size = conn.execute("SELECT pg_size_pretty(sum(pg_relation_size(indexrelid))) FROM pg_index "
+                                "JOIN pg_class c ON c.oid = indexrelid WHERE relname LIKE '%trgm'").fetchone()[0]
+            print(f"  the migration's search indexes (pg_trgm, prefixes) on them: {time.perf_counter() - t:.0f} s "
+                  f"(trigram indexes {size})")
+            reader = data.ArchiveReader(dsn=server.dsn)
+            queries, _ = archive_queries(reader)
+            for label in ("after: with the search indexes", "before: without them (the (time, id) index only)"):
+                print(f"archive in PostgreSQL (ArchiveReader, data.py), {label}")
+                for name, fn in queries:
+                    p50, p99, rows = measure(fn, repeat)
+                    report(name, p50, p99, f"{len(rows)} rows")
+                for name in indexes:
+                    conn.execute(f"DROP INDEX IF EXISTS {name}")
+            reader.close()
+    finally:
+        server.stop()
 
 
 def _http(folder: Path, repeat: int, conversation: tuple[str, str, str, str]) -> None:

@@ -129,12 +129,51 @@ CREATE TABLE IF NOT EXISTS records (
     action TEXT NOT NULL, rules TEXT, policy_version TEXT,
     chain_id TEXT, chain_seq BIGINT, digest TEXT, chain TEXT
 );
-CREATE INDEX IF NOT EXISTS records_time ON records(time);
--- No index on sender: a person search is LIKE '%name%', which no index serves, and every insert paid for
--- one (archives made by earlier versions lose it here).
+-- (time, id): the order of every list of records (newest first, a page at a time), and the keyset of a deep page
+-- (`(time, id) < (t, i)`); it serves what records_time did, which earlier versions made and lose here.
+CREATE INDEX IF NOT EXISTS records_time_id ON records(time, id);
+DROP INDEX IF EXISTS records_time;
+-- Not this B-tree on sender: a person search is ILIKE '%name%', which none serves (PG_SEARCH_SCHEMA's trigram
+-- indexes do; its prefix indexes serve a conversation's people).
 DROP INDEX IF EXISTS records_sender;
 CREATE INDEX IF NOT EXISTS records_sha256 ON records(sha256);
+-- A room's conversation, in time order (the console).
+CREATE INDEX IF NOT EXISTS records_conversation ON records(conversation, time) WHERE conversation <> '';
 """
+
+# PostgreSQL's searches (the console, `imguard archive search`; issue 19): a person or text search is
+# ILIKE '%x%', which no B-tree serves; pg_trgm's GIN indexes do, for a term of 3 characters or more. pg_trgm is a
+# trusted extension (PostgreSQL 13+: the database's owner may create it); where the role may not, the archive works
+# without the trigram indexes (searches read every record) and says so.
+# Made by the first gateway (or `imguard archive search`) that opens the archive; the console, read-only, does not.
+# On a filled archive this takes a while, once (1,000,000 records: 28-63 s); the gateways' inserts wait in their queue.
+PG_SEARCH_SCHEMA = (
+    # A conversation's people (`sender = 'p' OR sender LIKE 'p/%'`): B-tree prefixes, whatever the collation. The
+    # trigram indexes serve it too, but slowly (every address shares the domain's trigrams: 2.6 s on 1,000,000).
+    "CREATE INDEX IF NOT EXISTS records_sender_prefix ON records(sender text_pattern_ops)",
+    "CREATE INDEX IF NOT EXISTS records_recipients_prefix ON records(recipients text_pattern_ops)",
+    "CREATE EXTENSION IF NOT EXISTS pg_trgm",
+    "CREATE INDEX IF NOT EXISTS records_sender_trgm ON records USING gin (sender gin_trgm_ops)",
+    "CREATE INDEX IF NOT EXISTS records_recipients_trgm ON records USING gin (recipients gin_trgm_ops)",
+    "CREATE INDEX IF NOT EXISTS records_text_trgm ON records USING gin (text gin_trgm_ops)",
+    "CREATE INDEX IF NOT EXISTS records_file_name_trgm ON records USING gin (file_name gin_trgm_ops)",
+)
+
+
+PG_MIGRATION_LOCK = 0x696D6775617264      # the advisory lock of the schema's migration ("imguard")
+
+
+def pg_search_indexes(conn: Any) -> bool:
+    """Create PG_SEARCH_SCHEMA on an autocommit psycopg connection; False (logged) when the role may not."""
+    try:
+        for statement in PG_SEARCH_SCHEMA:
+            conn.execute(statement)
+    except Exception as e:  # noqa: BLE001 - psycopg's errors: no privilege, no pg_trgm installed
+        log.warning("archive: no trigram search indexes in PostgreSQL (%s); person and text searches read every "
+                    "record. A superuser can run: CREATE EXTENSION pg_trgm;", e)
+        return False
+    return True
+
 
 COLUMNS = ("id", "time", "kind", "protocol", "direction", "sender", "recipients", "conversation",
            "client_address", "connection_id", "text", "file_name", "file_size", "sha256", "mime", "mechanism",
@@ -555,10 +594,16 @@ class _PostgresStore(_Store):
     def _connection(self):
         if self._conn is None or self._conn.closed:
             self._conn = self._psycopg.connect(self.dsn, autocommit=True, connect_timeout=10)
-            self._conn.execute(PG_SCHEMA)
-            for name, kind in _ADDED_COLUMNS:
-                self._conn.execute(f"ALTER TABLE records ADD COLUMN IF NOT EXISTS {name} {kind}")
-            self._conn.execute(AUDIT_SCHEMA)
+            # One migration at a time: gateways that start together would race on CREATE ... IF NOT EXISTS.
+            self._conn.execute("SELECT pg_advisory_lock(%s)", (PG_MIGRATION_LOCK,))
+            try:
+                self._conn.execute(PG_SCHEMA)
+                for name, kind in _ADDED_COLUMNS:
+                    self._conn.execute(f"ALTER TABLE records ADD COLUMN IF NOT EXISTS {name} {kind}")
+                self._conn.execute(AUDIT_SCHEMA)
+                pg_search_indexes(self._conn)
+            finally:
+                self._conn.execute("SELECT pg_advisory_unlock(%s)", (PG_MIGRATION_LOCK,))
         return self._conn
 
     mark = "%s"

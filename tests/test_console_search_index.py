@@ -51,6 +51,7 @@ def _same(reader: data.ArchiveReader, call):
 def test_search_and_conversation_find_what_the_scan_finds(tmp_path):
     _fill(tmp_path / "archive.sqlite3").close()
     reader = data.ArchiveReader(tmp_path / "archive.sqlite3")
+    assert reader.update_index() == 400
     found = 0
     for person in ["", *TERMS[::3]]:
         for text in TERMS:
@@ -64,11 +65,14 @@ def test_search_and_conversation_find_what_the_scan_finds(tmp_path):
     assert index.stat().st_mode & 0o777 == 0o600
     db = reader._connection()
     asked = []                                  # the index is read, not the time index walked (SQLite's plan)
-    original = reader._run
-    reader._run = lambda sql, args: asked.append((sql, args)) or original(sql, args)
+    original = reader._rows
+    reader._rows = lambda db, sql, args, steps=0: asked.append((sql, args)) or original(db, sql, args, steps)
     reader.scan_steps = 1
     reader.search(data.RecordQuery(text="meeting"))
+    reader.search(data.RecordQuery(text="meeting", before=("2026-12-03T00:00:00.000+00:00", 200)))
     reader.conversation("", "alice@corp.example", "bob@corp.example")
+    asked = [(sql, args) for sql, args in asked if "search." in sql]    # after the scan (1 step) gave up
+    assert len(asked) == 3
     for sql, args in asked:
         plan = " ".join(str(r[-1]) for r in db.execute("EXPLAIN QUERY PLAN " + sql, args))
         assert "search." in plan and "records_time" not in plan, plan
@@ -84,21 +88,24 @@ def test_a_common_term_is_found_by_the_scan_a_rare_one_by_the_index(tmp_path):
     """The scan's budget spent (a rare term), the index answers; a common term fills its page within it."""
     _fill(tmp_path / "archive.sqlite3", 3000).close()
     reader = data.ArchiveReader(tmp_path / "archive.sqlite3")
+    reader.update_index()
     reader.scan_steps = 5000
     asked = []
-    original = reader._run
-    reader._run = lambda sql, args: asked.append(sql) or original(sql, args)
-    assert len(reader.search(data.RecordQuery(text="meeting", per_page=10))) == 11 and asked == []
+    original = reader._rows
+    reader._rows = lambda db, sql, args, steps=0: asked.append(sql) or original(db, sql, args, steps)
+    assert len(reader.search(data.RecordQuery(text="meeting", per_page=10))) == 11
+    assert len(asked) == 1 and "records_search" not in asked[0]
     assert reader.search(data.RecordQuery(text="zzz-none")) == [] and "records_search" in asked[-1]
     reader.close()
 
 
 def test_the_index_follows_the_archive(tmp_path):
-    """Records added after the index was brought up to date are found (also those added between its refresh and the
-    query); records removed are not; ids the archive gives again (the last records removed) are indexed anew."""
+    """Records added after the index's last batch are found (read by id); records removed are not; when the last
+    record indexed is removed and its id given again, searches scan until the index is made again, then use it."""
     path = tmp_path / "archive.sqlite3"
     store = _fill(path)
     reader = data.ArchiveReader(path)
+    reader.update_index()
     query = data.RecordQuery(text="before the upgrade")
     assert _same(reader, lambda: reader.search(query)) == []
     db = store.database()
@@ -106,17 +113,10 @@ def test_the_index_follows_the_archive(tmp_path):
                "'2026-12-07T00:00:00.000+00:00', 'message', 'zed@corp.example', 'amy@corp.example', "
                "'added before the upgrade', 'allow')")
     assert [r["sender"] for r in _same(reader, lambda: reader.search(query))] == ["zed@corp.example"]
-
-    original = reader._refresh_index                # a record committed between the refresh and the query
-    def refresh_then_insert(connection):
-        last = original(connection)
-        db.execute("INSERT INTO records (uid, time, kind, sender, recipients, text, action) VALUES ('later', "
-                   "'2026-12-07T00:00:01.000+00:00', 'message', 'zed@corp.example', 'amy@corp.example', "
-                   "'added just now', 'allow')")
-        return last
-    reader._refresh_index = refresh_then_insert
-    assert [r["text"] for r in reader.search(data.RecordQuery(text="just now"))] == ["added just now"]
-    reader._refresh_index = original
+    assert [r["text"] for r in _same(reader, lambda: reader.conversation("", "zed@corp.example", "amy@corp.example"))
+            ] == ["added before the upgrade"]
+    assert reader.update_index() == 401
+    assert [r["sender"] for r in _same(reader, lambda: reader.search(query))] == ["zed@corp.example"]
 
     top = db.fetch("SELECT max(id) FROM records")[0][0]
     db.execute("DELETE FROM records WHERE id >= ?", [top - 1])          # the last two records removed ...
@@ -124,6 +124,14 @@ def test_the_index_follows_the_archive(tmp_path):
                "'2026-12-08T00:00:00.000+00:00', 'message', 'yul@corp.example', 'amy@corp.example', "
                "'a reused id', 'allow')")
     assert db.fetch("SELECT id FROM records WHERE uid = 'again'")[0][0] == top - 1     # ... and an id given again
+    assert reader.index_progress().state is data.IndexState.READY
+    with reader._lock:
+        reader._connection().execute("BEGIN")
+        assert reader._index_last(reader._connection()) is None        # not to be used until made again
+        reader._connection().execute("COMMIT")
+    assert [r["sender"] for r in _same(reader, lambda: reader.search(data.RecordQuery(text="reused id")))] == \
+        ["yul@corp.example"]
+    assert reader.update_index() == top - 1
     assert [r["sender"] for r in _same(reader, lambda: reader.search(data.RecordQuery(text="reused id")))] == \
         ["yul@corp.example"]
     assert _same(reader, lambda: reader.search(query)) == []

@@ -10,7 +10,9 @@
 - Conversations: the archive (DATA_DIR/archive.sqlite3 opened read-only, `mode=ro`; or the PostgreSQL archive
   in a read-only transaction). The archive's own indexes serve time ranges and sha256; a person or text search
   is a substring match (LIKE), as `imguard archive search` does; on SQLite the console keeps its own search index of
-  the archive (DATA_DIR/console/archive-search.sqlite3, `ArchiveReader` below) that finds the candidates.
+  the archive (DATA_DIR/console/archive-search.sqlite3, `ArchiveReader` below: made by a thread, searches never wait
+  for it) that finds the candidates; on PostgreSQL the archive's own pg_trgm indexes do (imguard/archive.py).
+  Deep pages go by cursor (keyset on (time, id)), not OFFSET: the alert list and the archive search.
 - Quarantine: the sidecars of DATA_DIR/quarantine, through `imguard.quarantine.QuarantineStore`.
 """
 
@@ -23,6 +25,7 @@ import sqlite3
 import threading
 from datetime import datetime
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any, Iterable
 from urllib.parse import quote
@@ -107,8 +110,10 @@ class AlertFilter:
     direction: str = ""
     person: str = ""            # exact, with or without a device part
     sha256: str = ""
-    page: int = 1
+    page: int = 1               # without a cursor: the page'th page (OFFSET); with one, only shown
     per_page: int = 50
+    before: tuple[str, int] | None = None   # keyset: the alerts older than this (time, row) (the next page)
+    after: tuple[str, int] | None = None    # keyset: the alerts newer than this one (the previous page)
 
 
 @dataclass
@@ -117,6 +122,8 @@ class AlertPage:
     page: int
     per_page: int
     has_next: bool
+    older: tuple[str, int] | None = None    # where the next (older) page starts; None on the last page
+    newer: tuple[str, int] | None = None    # where the previous (newer) page ends; None on the first page
 
 
 @dataclass
@@ -128,6 +135,10 @@ class Overview:
     by_action: list[tuple[str, int]]
     top_senders: list[tuple[str, int]]
     over_time: list[tuple[str, int]] = field(default_factory=list)
+
+
+def _alert_cursor(row: dict) -> tuple[str, int]:
+    return (row["time"], row["id"])
 
 
 class AlertIndex:
@@ -296,17 +307,33 @@ class AlertIndex:
         driver = "alert_rules" if f.rule else "alert_people" if f.person else ""
         where, args = self._where(f, driver)
         page = max(1, f.page)
-        source, order = (f"{driver} d JOIN alerts a ON a.id = d.alert", "d.time DESC, d.alert DESC") if driver \
-            else ("alerts a", "a.time DESC, a.id DESC")
+        time, row = ("d.time", "d.alert") if driver else ("a.time", "a.id")
+        source = f"{driver} d JOIN alerts a ON a.id = d.alert" if driver else "alerts a"
+        newer = f.after is not None and f.before is None
+        order = f"{time}, {row}" if newer else f"{time} DESC, {row} DESC"
+        cursor = f.before or f.after
+        if cursor:      # keyset: from the cursor's place in the index the filter reads (a range on time), no OFFSET
+            op = ">" if newer else "<"
+            where += (" AND " if where else " WHERE ") + f"{time} {op}= ? AND ({time} {op} ? OR {row} {op} ?)"
+            args += [cursor[0], cursor[0], cursor[1]]
         sql = (f"SELECT a.id, a.event_id, a.time, a.dataset, a.action, a.severity_name, a.protocol, a.direction, "
                f"a.sender, a.recipients, a.sha256, a.file_name, a.summary, a.rules "
-               f"FROM {source}{where} ORDER BY {order} LIMIT ? OFFSET ?")
+               f"FROM {source}{where} ORDER BY {order} LIMIT ?" + ("" if cursor else " OFFSET ?"))
+        args.append(f.per_page + 1)
+        if not cursor:
+            args.append((page - 1) * f.per_page)
         names = ("id", "event_id", "time", "dataset", "action", "severity", "protocol", "direction", "sender",
                  "recipients", "sha256", "file_name", "summary", "rules")
         with self._lock:
-            rows = self._db.execute(sql, [*args, f.per_page + 1, (page - 1) * f.per_page]).fetchall()
-        return AlertPage([dict(zip(names, r, strict=True)) for r in rows[:f.per_page]], page, f.per_page,
-                         len(rows) > f.per_page)
+            rows = [dict(zip(names, r, strict=True)) for r in self._db.execute(sql, args).fetchall()]
+        more = len(rows) > f.per_page
+        if newer:
+            rows = rows[:f.per_page][::-1]
+            return AlertPage(rows, page, f.per_page, bool(rows), _alert_cursor(rows[-1]) if rows else None,
+                             _alert_cursor(rows[0]) if rows and more else None)
+        rows = rows[:f.per_page]
+        return AlertPage(rows, page, f.per_page, more, _alert_cursor(rows[-1]) if rows and more else None,
+                         _alert_cursor(rows[0]) if rows and (f.before or page > 1) else None)
 
     def alert(self, event_id: str) -> dict | None:
         with self._lock:
@@ -372,8 +399,10 @@ class AlertIndex:
 # a term; the LIKE conditions still decide, so the results are those of the scan (a term of fewer than 3 characters
 # is a scan). Kept by the console, not the archive: indexing a record costs the writer ~45 us of CPU, several times
 # what storing it does, and the gateway's writer is not to pay for the console. Contentless (the index holds no
-# text, only which record has which trigram), in DATA_DIR/console/archive-search.sqlite3 (0600), attached to the
-# read-only archive connection and brought up to date (by record id) before each search.
+# text, only which record has which trigram), in DATA_DIR/console/archive-search.sqlite3 (0600, WAL). A thread of
+# the console's (`start_indexing`) brings it up to date by record id, a batch per transaction, on its own
+# connection; a search never writes it: it reads the index as of its last batch, and the records after it without.
+# (A PostgreSQL archive has its own pg_trgm indexes: imguard/archive.py PG_SEARCH_SCHEMA.)
 _SEARCH_SCHEMA = """
 CREATE VIRTUAL TABLE IF NOT EXISTS search.records_search USING fts5(sender, recipients, text, file_name, content='',
                                                                     tokenize='trigram');
@@ -384,9 +413,26 @@ CREATE TABLE IF NOT EXISTS search.people (side TEXT NOT NULL, key TEXT NOT NULL,
                                           PRIMARY KEY (side, key, id)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS search.indexed (last_id INTEGER NOT NULL, uid TEXT, time TEXT);
 """
-SEARCH_INDEX_BATCH = 50_000         # records per transaction while indexing
+SEARCH_INDEX_BATCH = 20_000         # records per transaction of the indexing thread (~3 s on a busy core)
+SEARCH_INDEX_LAG = 50_000           # records the index may be behind and still be used (those are read by id)
+SEARCH_INDEX_POLL = 2.0             # seconds between the indexing thread's looks for new records
 SCAN_STEPS = 1_000_000              # a search's scan before it asks the index: ~8 steps a record (~125,000 records)
 _ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+class IndexState(Enum):
+    """Where the console's search index of the archive stands, as a search page says it."""
+    READY = "ready"             # up to date within SEARCH_INDEX_LAG records: searches use it
+    BUILDING = "building"       # further behind (being made): searches read the records without it
+    NONE = "none"               # no such index: a PostgreSQL archive (its own indexes serve), no archive, or a
+                                # console folder it cannot write (searches scan)
+
+
+@dataclass(frozen=True)
+class IndexProgress:
+    state: IndexState
+    indexed: int = 0            # the highest record id in the index
+    total: int = 0              # the highest record id in the archive
 
 
 def _person_key(person: str) -> str:
@@ -410,6 +456,13 @@ def search_match(terms: Iterable[tuple[tuple[str, ...], str]]) -> str:
                         for columns, term in terms if len(term) >= 3)
 
 
+Cursor = tuple[str, int]        # a record's (time, id): where a page of records newest first starts or ends
+
+
+def cursor_of(record: dict[str, Any]) -> Cursor:
+    return (str(record["time"]), int(record["id"]))
+
+
 @dataclass
 class RecordQuery:
     person: str = ""            # sender or recipient contains this
@@ -418,8 +471,17 @@ class RecordQuery:
     until: str = ""
     protocol: str = ""
     sha256: str = ""
-    page: int = 1
+    page: int = 1               # without a cursor: the page'th page (OFFSET); with one, only shown
     per_page: int = 100
+    before: Cursor | None = None    # keyset: the records older than this one (the next page)
+    after: Cursor | None = None     # keyset: the records newer than this one (the previous page)
+
+
+@dataclass
+class RecordPage:
+    rows: list[dict[str, Any]]
+    older: Cursor | None        # where the next (older) page starts; None on the last page
+    newer: Cursor | None        # where the previous (newer) page ends; None on the first page
 
 
 class ArchiveReader:
@@ -435,7 +497,13 @@ class ArchiveReader:
         self.search_index = not dsn
         self.index_ready: bool | None = None
         self.scan_steps = SCAN_STEPS
+        self.index_lag = SEARCH_INDEX_LAG
         self.index_path = index_path or (Path(path).parent / "console" / "archive-search.sqlite3" if path else None)
+        self._attach_lock = threading.Lock()
+        self._build_lock = threading.Lock()     # the indexing connection: the thread's, or update_index()'s caller
+        self._builder_db: sqlite3.Connection | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
         if dsn:
             import psycopg
             self._db = psycopg.connect(dsn, autocommit=True)
@@ -454,21 +522,61 @@ class ArchiveReader:
 
     def _attach_index(self, db: sqlite3.Connection) -> bool:
         try:
-            folder = Path(self.index_path).parent
-            folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-            if not Path(self.index_path).exists():
-                os.close(os.open(self.index_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-            db.execute("ATTACH DATABASE ? AS search", (f"file:{quote(str(self.index_path))}",))
-            db.executescript(_SEARCH_SCHEMA)
+            with self._attach_lock:
+                folder = Path(self.index_path).parent
+                folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+                if not Path(self.index_path).exists():
+                    os.close(os.open(self.index_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+                db.execute("ATTACH DATABASE ? AS search", (f"file:{quote(str(self.index_path))}",))
+                # WAL: the searches read the index while the indexing thread writes a batch
+                db.execute("PRAGMA search.journal_mode=WAL")
+                db.executescript(_SEARCH_SCHEMA)
         except (OSError, sqlite3.Error) as e:
             log.warning("console: no search index of the archive (%s); person and text searches read every record", e)
             return False
         return True
 
+    # --- the search index: made by a thread, read by the searches -------------------------------------------------
+
+    def start_indexing(self) -> None:
+        """Start the thread that keeps the search index up to date (a SQLite archive; no-op otherwise). The first
+        search need not wait for it: until the index has caught up, searches read the records without it."""
+        if self.dsn or self._thread is not None or not self.search_index:
+            return
+        self._thread = threading.Thread(target=self._index_loop, name="console-search-index", daemon=True)
+        self._thread.start()
+
+    def _index_loop(self) -> None:
+        pause = SEARCH_INDEX_POLL
+        while not self._stop.is_set():
+            try:
+                self.update_index()
+                pause = SEARCH_INDEX_POLL
+            except (OSError, sqlite3.Error) as e:   # the archive gone or locked: said once a minute at most
+                if pause < 60:
+                    log.warning("console: the search index of the archive is not updated (%s)", e)
+                pause = min(60.0, pause * 2)
+            self._stop.wait(pause)
+
+    def update_index(self) -> int | None:
+        """Index the records added since the last call, a batch per transaction (the indexing thread calls it;
+        the tests and the benchmark too): the highest id indexed, None when there is no index to keep."""
+        with self._build_lock:
+            if self._builder_db is None:
+                if self.path is None or not Path(self.path).exists():
+                    return None
+                db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
+                if not self._attach_index(db):
+                    db.close()
+                    return None
+                db.execute("PRAGMA search.synchronous=NORMAL")
+                self._builder_db = db
+            return self._refresh_index(self._builder_db)
+
     def _refresh_index(self, db: sqlite3.Connection) -> int:
         """Index the records added since the last call; the highest id indexed. Ids grow as records are added; a
         record removed at the end may have its id given again, so when the last record indexed is no longer the
-        one it was (uid and time), the index is made again."""
+        one it was (uid and time), the index is made again (searches scan meanwhile)."""
         row = db.execute("SELECT last_id, uid, time FROM search.indexed").fetchone()
         last, known = (row[0], row[1:]) if row else (0, None)
         if last and db.execute("SELECT uid, time FROM records WHERE id = ?", (last,)).fetchone() != known:
@@ -478,7 +586,7 @@ class ArchiveReader:
             db.commit()
             last = 0
         top = db.execute("SELECT max(id) FROM records").fetchone()[0] or 0
-        while last < top:
+        while last < top and not self._stop.is_set():
             upto = min(last + SEARCH_INDEX_BATCH, top)
             db.execute("INSERT INTO search.records_search(rowid, sender, recipients, text, file_name) SELECT id, "
                        "sender, recipients, text, file_name FROM records WHERE id > ? AND id <= ?", (last, upto))
@@ -493,28 +601,45 @@ class ArchiveReader:
             last = upto
         return last
 
-    def _ready_index(self) -> int | None:
-        """The search index brought up to date: the highest record id it holds (newer ones are to be read without
-        it); None when there is none (or `search_index` is off)."""
-        with self._lock:
-            db = self._connection()
-            if db is None or not (self.search_index and self.index_ready):
-                return None
-            return self._refresh_index(db)
+    def _index_last(self, db: sqlite3.Connection) -> int | None:
+        """Inside a search's read transaction: the highest record id the index holds, when the search is to use
+        it (the records after it are read by id); None when it is not (none, off, or too far behind)."""
+        if not (self.search_index and self.index_ready):
+            return None
+        row = db.execute("SELECT last_id, uid, time FROM search.indexed").fetchone()
+        last = row[0] if row else 0
+        if last and db.execute("SELECT uid, time FROM records WHERE id = ?", (last,)).fetchone() != row[1:]:
+            return None                 # its last record removed (its id may be given again): to be made again
+        top = db.execute("SELECT max(id) FROM records").fetchone()[0] or 0
+        return last if top - last <= self.index_lag else None
 
-    def _bounded(self, sql: str, args: list[Any]) -> list[dict[str, Any]] | None:
-        """`sql` run for at most `scan_steps` steps of SQLite's machine (about 125,000 records scanned); None when
-        it needed more."""
+    def index_progress(self) -> IndexProgress:
+        """For the search page: whether its searches use the index, and how far it is."""
+        if self.dsn or not self.search_index:
+            return IndexProgress(IndexState.NONE)
         with self._lock:
             db = self._connection()
-            db.set_progress_handler(lambda: 1, self.scan_steps)
-            try:
-                rows = db.execute(sql, args).fetchall()
-            except sqlite3.OperationalError as e:
-                if "interrupt" not in str(e):
-                    raise
-                return None
-            finally:
+            if db is None or not self.index_ready:
+                return IndexProgress(IndexState.NONE)
+            row = db.execute("SELECT last_id FROM search.indexed").fetchone()
+            last, top = row[0] if row else 0, db.execute("SELECT max(id) FROM records").fetchone()[0] or 0
+        return IndexProgress(IndexState.READY if top - last <= self.index_lag else IndexState.BUILDING, last, top)
+
+    # --- queries ------------------------------------------------------------------------------------------------
+
+    def _rows(self, db: Any, sql: str, args: list[Any], steps: int = 0) -> list[dict[str, Any]] | None:
+        """`sql` run; with `steps` (SQLite), for at most that many steps of SQLite's machine (about 125,000 records
+        scanned for SCAN_STEPS): None when it needed more."""
+        if steps:
+            db.set_progress_handler(lambda: 1, steps)
+        try:
+            rows = db.execute(sql, args).fetchall()
+        except sqlite3.OperationalError as e:
+            if not steps or "interrupt" not in str(e):
+                raise
+            return None
+        finally:
+            if steps:
                 db.set_progress_handler(None, 0)
         return [dict(zip(archive.COLUMNS, row, strict=True)) for row in rows]
 
@@ -523,8 +648,7 @@ class ArchiveReader:
             db = self._connection()
             if db is None:
                 return []
-            rows = db.execute(sql, args).fetchall()
-        return [dict(zip(archive.COLUMNS, row, strict=True)) for row in rows]
+            return self._rows(db, sql, args)
 
     def _person(self, column: str, person: str, args: list[Any]) -> str:
         """`column` names `person` (`bare`), with or without a device part or an IRC mask."""
@@ -533,11 +657,20 @@ class ArchiveReader:
         m = self._mark
         return f"({column} = {m} OR {column} LIKE {m} ESCAPE '\\' OR {column} LIKE {m} ESCAPE '\\')"
 
-    def search(self, q: RecordQuery) -> list[dict[str, Any]]:
-        """Page `q.page` of the matching records, newest first: at most `q.per_page` + 1 records (an extra one
-        means there is a next page). A person or text search first scans the newest records for a bounded time
-        (a common term fills a page at once there, while the index would gather every record holding it), then
-        asks the index (a rare term)."""
+    def _keyset(self, cursor: Cursor, older: bool, args: list[Any]) -> str:
+        """The records older (newer) than `cursor` in the order (time, id). SQLite: `time <= t` is the range its
+        time index (time, rowid) walks from the cursor; PostgreSQL compares the row with its (time, id) index."""
+        when, ident = cursor
+        m, op = self._mark, "<" if older else ">"
+        if self.dsn:
+            args += [when, ident]
+            return f"(time, id) {op} ({m}, {m})"
+        args += [when, when, ident]
+        return f"time {op}= {m} AND (time {op} {m} OR id {op} {m})"
+
+    def search_sql(self, q: RecordQuery, *narrow: str) -> tuple[str, list[Any]]:
+        """The SELECT of `q`'s page (newest first; with `q.after`, oldest first, to be reversed), at most
+        `q.per_page` + 1 records; `narrow` are conditions added (with their arguments last, before the page's)."""
         where, args = [], []
         m, like = self._mark, self._like
         if q.person:
@@ -551,23 +684,66 @@ class ArchiveReader:
             if value:
                 where.append(clause)
                 args.append(value)
+        cursor = q.before or q.after
+        if cursor:
+            where.append(self._keyset(cursor, q.after is None, args))
+        order = "time, id" if q.after and not q.before else "time DESC, id DESC"
+        conditions = [*where, *narrow]
+        sql = (f"SELECT {', '.join(archive.COLUMNS)} FROM records"
+               + (" WHERE " + " AND ".join(conditions) if conditions else "") + f" ORDER BY {order} LIMIT {m}")
+        args.append(q.per_page + 1)
+        if not cursor:
+            sql += f" OFFSET {m}"
+            args.append((max(1, q.page) - 1) * q.per_page)
+        return sql, args
 
-        def sql(*narrow: str) -> str:
-            conditions = [*where, *narrow]
-            return (f"SELECT {', '.join(archive.COLUMNS)} FROM records"
-                    + (" WHERE " + " AND ".join(conditions) if conditions else "")
-                    + f" ORDER BY time DESC, id DESC LIMIT {m} OFFSET {m}")
-        page = [q.per_page + 1, (max(1, q.page) - 1) * q.per_page]
+    def search(self, q: RecordQuery) -> list[dict[str, Any]]:
+        """A page of the matching records, newest first: at most `q.per_page` + 1 records (an extra one means
+        there is a further page: an older one, or with `q.after` a newer one, first in the list). The page is the
+        one after a cursor (keyset: as quick deep in the results as on their first page) or `q.page` (OFFSET).
+        A person or text search first scans from the page's start for a bounded time (a common term fills a page
+        at once there, while the index would gather every record holding it), then asks the index (a rare term)."""
         match = search_match(((("sender", "recipients"), q.person), (("text", "file_name"), q.text)))
-        last = self._ready_index() if match else None
-        if last is None:
-            return self._run(sql(), [*args, *page])
-        rows = self._bounded(sql(), [*args, *page])
-        if rows is None:
-            # One IN over the rowid (not an OR of them, which SQLite answers by walking the time index)
-            rows = self._run(sql("id IN (SELECT rowid FROM search.records_search WHERE records_search MATCH ? "
-                                 "UNION ALL SELECT id FROM records WHERE id > ?)"), [*args, match, last, *page])
-        return rows
+        with self._lock:
+            db = self._connection()
+            if db is None:
+                return []
+            if self.dsn or not match:
+                rows = self._rows(db, *self.search_sql(q))
+            else:
+                db.execute("BEGIN")         # one snapshot of the index and the archive
+                try:
+                    last = self._index_last(db)
+                    if last is None:
+                        rows = self._rows(db, *self.search_sql(q))
+                    else:
+                        rows = self._rows(db, *self.search_sql(q), steps=self.scan_steps)
+                        if rows is None:
+                            # One IN over the rowid (not an OR of them, which SQLite answers by walking the time
+                            # index); the match and the id go between the conditions' and the page's arguments
+                            sql, args = self.search_sql(q, "id IN (SELECT rowid FROM search.records_search WHERE "
+                                                           "records_search MATCH ? UNION ALL SELECT id FROM records "
+                                                           "WHERE id > ?)")
+                            page_args = 1 if q.before or q.after else 2
+                            args[-page_args:-page_args] = [match, last]
+                            rows = self._rows(db, sql, args)
+                finally:
+                    if db.in_transaction:
+                        db.execute("COMMIT")
+        return rows[::-1] if q.after and not q.before else rows
+
+    def search_page(self, q: RecordQuery) -> RecordPage:
+        """`search` as a page with the cursors of its neighbours."""
+        rows = self.search(q)
+        if q.after and not q.before:
+            more = len(rows) > q.per_page
+            rows = rows[-q.per_page:] if rows else []
+            return RecordPage(rows, cursor_of(rows[-1]) if rows else None,
+                              cursor_of(rows[0]) if rows and more else None)
+        more = len(rows) > q.per_page
+        rows = rows[:q.per_page]
+        return RecordPage(rows, cursor_of(rows[-1]) if rows and more else None,
+                          cursor_of(rows[0]) if rows and (q.before or q.page > 1) else None)
 
     def conversation(self, protocol: str, a: str, b: str = "", room: str = "", since: str = "",
                      limit: int = 500) -> list[dict[str, Any]]:
@@ -582,27 +758,47 @@ class ArchiveReader:
             ab = f"({self._person('sender', a, args)} AND {self._person('recipients', b, args)})"
             ba = f"({self._person('sender', b, args)} AND {self._person('recipients', a, args)})"
             where = f"({ab} OR {ba})"
-            last = self._ready_index()
-            if last is not None:        # the records the index says are between them, and those it has not seen
-                pair = ("SELECT id FROM (SELECT id FROM search.people WHERE side = 's' AND key = ? INTERSECT "
-                        "SELECT id FROM search.people WHERE side = 'r' AND key = ?)")
-                where += f" AND id IN ({pair} UNION ALL {pair} UNION ALL SELECT id FROM records WHERE id > ?)"
-                args += [_person_key(a), _person_key(b), _person_key(b), _person_key(a), last]
-        sql = f"SELECT {', '.join(archive.COLUMNS)} FROM records WHERE {where}"
+        tail = ""
         if protocol:
-            sql += f" AND protocol = {m}"
-            args.append(protocol)
+            tail += f" AND protocol = {m}"
         if since:
-            sql += f" AND time >= {m}"
-            args.append(since)
-        sql += f" ORDER BY time, id LIMIT {m}"
-        return self._run(sql, [*args, limit])
+            tail += f" AND time >= {m}"
+        tail_args = [v for v in (protocol, since) if v] + [limit]
+        with self._lock:
+            db = self._connection()
+            if db is None:
+                return []
+            if self.dsn or room:
+                return self._rows(db, f"SELECT {', '.join(archive.COLUMNS)} FROM records WHERE {where}{tail} "
+                                      f"ORDER BY time, id LIMIT {m}", [*args, *tail_args])
+            db.execute("BEGIN")
+            try:
+                last = self._index_last(db)
+                if last is not None:        # the records the index says are between them, and those it has not seen
+                    pair = ("SELECT id FROM (SELECT id FROM search.people WHERE side = 's' AND key = ? INTERSECT "
+                            "SELECT id FROM search.people WHERE side = 'r' AND key = ?)")
+                    where += f" AND id IN ({pair} UNION ALL {pair} UNION ALL SELECT id FROM records WHERE id > ?)"
+                    args += [_person_key(a), _person_key(b), _person_key(b), _person_key(a), last]
+                return self._rows(db, f"SELECT {', '.join(archive.COLUMNS)} FROM records WHERE {where}{tail} "
+                                      f"ORDER BY time, id LIMIT {m}", [*args, *tail_args])
+            finally:
+                if db.in_transaction:
+                    db.execute("COMMIT")
 
     def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+        with self._build_lock:
+            if self._builder_db is not None:
+                self._builder_db.close()
+                self._builder_db = None
         with self._lock:
             if self._db is not None:
                 self._db.close()
                 self._db, self.index_ready = None, None
+        self._stop.clear()
 
 
 def merge_sides(records: Iterable[dict[str, Any]], window: float = 2.0) -> list[dict[str, Any]]:

@@ -55,6 +55,7 @@ class Console:
         self.accounts = Accounts(folder / "users.json")
         self.alerts = data.AlertIndex(self.data_dir, folder / "alerts-index.sqlite3")
         self.archive = data.ArchiveReader(self.data_dir / "archive.sqlite3", archive_dsn)
+        self.archive.start_indexing()       # the search index of a SQLite archive, made and kept by a thread
         self.access = AccessLog(folder / "access.jsonl")
         self.review = review.ReviewQueue(folder / "review.jsonl", settings.console_review_sample_percent,
                                          settings.console_review_sample_seed, settings.console_review_sample_days)
@@ -239,13 +240,17 @@ class Console:
                              rule=q.get("rule", "")[:200], protocol=q.get("protocol", "")[:50],
                              direction=q.get("direction", "")[:20], person=q.get("person", "").strip()[:300],
                              sha256=q.get("sha256", "").strip() if SHA256_RE.match(q.get("sha256", "").strip())
-                             else "", page=_int(q.get("page"), 1, 1, 100_000))
+                             else "", page=_int(q.get("page"), 1, 1, 100_000),
+                             before=_cursor(q.get("before")), after=_cursor(q.get("after")))
         result = self.alerts.alerts(f)
         if any((f.person, f.sha256, f.rule)):
             self.access.write("console_alert_search", session.user, _address(request), filter=_nonempty(f))
+        # pages follow each other by cursor (keyset): page 5,000 of a rule costs what its first page does
         return self.render(request, "alerts.html", session, f=f, result=result, choices=self.alerts.choices(),
-                           severities=data.SEVERITIES, prev_url=_page_url(request, result.page - 1),
-                           next_url=_page_url(request, result.page + 1))
+                           severities=data.SEVERITIES,
+                           prev_url=_page_url(request, max(1, result.page - 1), after=result.newer)
+                           if result.newer else "",
+                           next_url=_page_url(request, result.page + 1, before=result.older))
 
     def alert_page(self, request: Request, session: Session) -> Response:
         event_id = request.path_params["event_id"]
@@ -274,22 +279,25 @@ class Console:
                                 since=_time(q.get("since")), until=_time(q.get("until")),
                                 protocol=q.get("protocol", "")[:50],
                                 sha256=q.get("sha256", "").strip() if SHA256_RE.match(q.get("sha256", "").strip())
-                                else "", page=_int(q.get("page"), 1, 1, 100_000))
+                                else "", page=_int(q.get("page"), 1, 1, 100_000),
+                                before=_cursor(q.get("before")), after=_cursor(q.get("after")))
 
     def conversation_search(self, request: Request, session: Session) -> Response:
+        """A search's pages follow each other by cursor (keyset: the (time, id) of the last or first row shown), so
+        page 50 costs what page 1 does; `page` is only shown (or, without a cursor, the OFFSET of an old link)."""
         query = self._record_query(request)
         searched = any((query.person, query.text, query.since, query.until, query.protocol, query.sha256))
-        records = self.archive.search(query) if searched else []
+        result = self.archive.search_page(query) if searched else data.RecordPage([], None, None)
         if searched:
             self.access.write("console_archive_search", session.user, _address(request), query=_nonempty(query))
-        has_next = len(records) > query.per_page
-        records = records[:query.per_page]
-        for record in records:
+        for record in result.rows:
             record["conversation_url"] = _conversation_url(record)
-        export = urlencode({k: v for k, v in request.query_params.items() if k != "page"})
-        return self.render(request, "conversations.html", session, q=query, records=records, searched=searched,
-                           export_query=export, prev_url=_page_url(request, query.page - 1),
-                           next_url=_page_url(request, query.page + 1) if has_next else "")
+        export = urlencode({k: v for k, v in request.query_params.items() if k not in ("page", "before", "after")})
+        return self.render(request, "conversations.html", session, q=query, records=result.rows, searched=searched,
+                           export_query=export, index=self.archive.index_progress() if searched else None,
+                           prev_url=_page_url(request, max(1, query.page - 1), after=result.newer)
+                           if result.newer else "",
+                           next_url=_page_url(request, query.page + 1, before=result.older) if result.older else "")
 
     def conversation_page(self, request: Request, session: Session) -> Response:
         q = request.query_params
@@ -310,7 +318,7 @@ class Console:
     def export(self, request: Request, session: Session) -> Response:
         query = self._record_query(request)
         limit = self.settings.console_export_max_records
-        query.page, query.per_page = 1, limit
+        query.page, query.per_page, query.before, query.after = 1, limit, None, None
         fmt = "csv" if request.query_params.get("format") == "csv" else "jsonl"
         records = self.archive.search(query)[:limit]
         self.access.write("console_export", session.user, _address(request), format=fmt, records=len(records),
@@ -704,15 +712,27 @@ def _shift(value: str, hours: int) -> str:
 
 
 def _nonempty(obj: Any) -> dict[str, Any]:
-    return {k: v for k, v in vars(obj).items() if v and k not in ("page", "per_page")}
+    return {k: v for k, v in vars(obj).items() if v and k not in ("page", "per_page", "before", "after")}
 
 
-def _page_url(request: Request, page: int) -> str:
+def _page_url(request: Request, page: int, before: data.Cursor | None = None,
+              after: data.Cursor | None = None) -> str:
+    """The link to page `page`; with a cursor, the page of the records older (`before`) or newer (`after`) than
+    that record (keyset pagination: the alert list, the archive search)."""
     if page < 1:
         return ""
-    params = dict(request.query_params)
+    params = {k: v for k, v in request.query_params.items() if k not in ("before", "after")}
     params["page"] = str(page)
+    for name, cursor in (("before", before), ("after", after)):
+        if cursor:
+            params[name] = f"{cursor[0]},{cursor[1]}"
     return f"{request.url.path}?{urlencode(params)}"
+
+
+def _cursor(value: str | None) -> data.Cursor | None:
+    """A page cursor from a link: 'TIME,ID' (a record's time and id); None for anything else."""
+    when, _, ident = (value or "")[:100].rpartition(",")
+    return (when, int(ident)) if when and ident.isdigit() and len(ident) < 19 else None
 
 
 def _conversation_url(record: dict[str, Any]) -> str:
