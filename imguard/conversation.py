@@ -28,8 +28,22 @@ notice and how to answer in the chat (the tracker's tell rule), and the same ans
 (the held stanzas byte-exact) or, unanswered, drop it (the receiver gets the mechanism's refusal). A held file is
 a HeldMessage with its FileReport (`report`) and its transfer id as `tag`; its outcome is a file event
 (`imguard.file`, `event.action` `warn_<state>`). The copy of a justified file reaching an inside receiver on another
-connection is recognised by its SHA-256 (`file_key`). A file on a connection of its own (DCC, SOCKS5, an HTTP
-upload) cannot wait for an answer given elsewhere: a warn there is refused like a block (fail closed).
+connection is recognised by its SHA-256 (`file_key`).
+
+**Files on a side connection** (IRC DCC SEND, an XMPP SOCKS5 bytestream): the file and the chat where its sender
+answers are two connections. The side session holds the file (WARNED; the sender is done, a DCC sender has had every
+ACK; the receiver waits, the sender's close is not passed on: `warn_side_file`) and enters it in `SIDE_WARNINGS`
+(process-wide) under its sender and the chat connection that announced the offer; the sender is told there. The chat
+session's answer (`settle_answer`: the conversation it names first, the connection's own held message before a side
+file) moves the entry and returns a `Wake` for the side connection, whose session collects the entry
+(`wake_side_file`) and releases the held bytes (JUSTIFIED, FALSE_POSITIVE delivering) or drops them. Its own Wake at
+the window's end expires it (EXPIRED); the chat connection ending abandons it (ABANDONED), as does its receiver leaving
+(`side_receiver_left`). Who moves an entry records its event. An outside sender's side file, and an HTTP
+upload, are refused like a block (fail closed). Per process: with several workers a side connection on another worker
+than its chat finds no answer and is dropped at the window's end.
+
+**The window's end** is a timer: a hold returns `Wake(after=...)` for its own connection and the session's `wake()`
+expires what is due, so `warn_expired` (and a held file's refusal) come at the window's end on an idle connection too.
 
 **Disclaimers** (a rule's `action: disclaim`, with its text in `notify`): the policy says which conversations get one
 (its conditions: sender and recipient groups, direction, protocol), `FirstContacts` says when: on the first message
@@ -57,11 +71,11 @@ import enum
 import hashlib
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Protocol
 
 from imguard import alerts
 from imguard.model import ALLOW, DISCLAIM, FROM_CLIENT, ChatContext, Decision, FileReport, RuleMatch
-from imguard.protocols.base import MessageDecision
+from imguard.protocols.base import MessageDecision, Wake
 from imguard.settings import setting
 
 
@@ -70,8 +84,8 @@ class ConversationSettings:
     """Conversation controls: warn and continue"""
     warn_window_seconds: float = setting(
         300.0, "Seconds a message held by a `warn` rule waits for its sender's answer in the chat (!justify or "
-               "!falsepositive). After them it is dropped, with an event (at the connection's next traffic: a "
-               "client's or server's keep-alive at the latest).")
+               "!falsepositive). After them it is dropped, with an event, at once (a timer: on an idle connection "
+               "too; the offline replay: at the connection's next traffic).")
     warn_justify_keyword: str = setting(
         "!justify", "What a sender's answer starts with to send a held message anyway: `!justify <reason>`. The "
                     "answer goes to imguard, never to the other party; the reason is recorded with the alert.")
@@ -239,6 +253,27 @@ def release_decision(decision: Decision) -> Decision:
     return dataclasses.replace(decision, action=ALLOW, notice="", disclaimers=[])
 
 
+WAKE_SLACK = 0.05      # seconds after a window's end a Wake comes (a timer may fire a hair early; expire() is exact)
+
+
+def delivers(state: WarnState, settings: ConversationSettings) -> bool:
+    """Whether an answer in `state` delivers the held message."""
+    return state is WarnState.JUSTIFIED or (state is WarnState.FALSE_POSITIVE and settings.warn_false_positive_delivers)
+
+
+def settled(held: HeldMessage, answer: Answer, settings: ConversationSettings, now: float,
+            released: "ReleasedMessages | None" = None) -> Settled:
+    """`answer` carried out on `held` (already moved to its state): remembered in `released` (RELEASED by default)
+    when delivered, for its copies to inside receivers."""
+    delivered = delivers(answer.state, settings)
+    if delivered:
+        (released if released is not None else RELEASED).add(
+            held.sender, held.released_key, settings.warn_released_seconds,
+            copies=max(1, len(held.context.recipients)))
+    return Settled(answer_notice(held, answer, delivered), held if delivered else None,
+                   outcome(held, now, delivered), held)
+
+
 class PendingWarnings:
     """One connection's held messages, oldest first, per sender; at most warn_max_pending in all."""
 
@@ -281,13 +316,16 @@ class PendingWarnings:
         held = self.answer(sender, key, answer)
         if held is None:
             return Settled(answer_notice(None, answer, False), None, None)
-        delivered = answer.state is WarnState.JUSTIFIED or settings.warn_false_positive_delivers
-        if delivered:
-            (released if released is not None else RELEASED).add(
-                held.sender, held.released_key, settings.warn_released_seconds,
-                copies=max(1, len(held.context.recipients)))
-        return Settled(answer_notice(held, answer, delivered), held if delivered else None,
-                       outcome(held, self.clock(), delivered), held)
+        return settled(held, answer, settings, self.clock(), released)
+
+    def has(self, sender: str, key: str = "") -> bool:
+        """Whether `sender` has a message held here (to `key`, when given)."""
+        return any(h.sender == sender and (not key or h.key == party(key)) for h in self._held)
+
+    def wake_after(self) -> float:
+        """The Wake of a message held now: its window's end (and WAKE_SLACK). One per hold, so every held message
+        has its own; a wake that finds it answered already changes nothing."""
+        return self.settings.warn_window_seconds + WAKE_SLACK
 
     def dropped(self, held: list[HeldMessage]) -> list[WarnOutcome]:
         """The events of held messages that ended undelivered (expired, displaced, abandoned)."""
@@ -350,6 +388,176 @@ class ReleasedMessages:
 
 
 RELEASED = ReleasedMessages()
+
+
+# --- warned files on a side connection ------------------------------------------------------------------------
+
+@dataclass
+class SideWarning:
+    """A file held on a connection of its own (a DCC SEND) for its sender's answer in the chat that announced it."""
+    held: HeldMessage           # tag: the transfer id; report: the file's
+    chat: str                   # the chat connection that announced the offer: where the sender answers
+    side: str                   # the file's own connection: woken (Wake) to release or drop it
+
+
+class SideWarnings:
+    """The files held on side connections for an answer given on another connection: keyed by their transfer id,
+    found by their sender and chat connection (where the answer comes). Process-wide (SIDE_WARNINGS): a side
+    connection and its chat connection meet only in one process (with several workers, a DCC connection that lands
+    on another worker than its chat finds no answer: its file is dropped at the window's end, fail closed).
+
+    Who moves an entry records its event: the chat session an answer (JUSTIFIED, FALSE_POSITIVE) or its end
+    (ABANDONED), the side session the window's end (EXPIRED) or a newer file (DISPLACED). The side session carries
+    the move out when woken (`collect`): released, or dropped. Bounded: warn_max_pending per sender and chat, and
+    MAX_ENTRIES in all (an entry whose side never collects it is forgotten, its transfer's own timer drops it)."""
+
+    MAX_ENTRIES = 4096
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self._entries: collections.OrderedDict[str, SideWarning] = collections.OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def hold(self, held: HeldMessage, chat: str, side: str,
+             settings: ConversationSettings) -> list[SideWarning]:
+        """Hold a file (its transfer id is `held.tag`); the ones it displaces (DISPLACED, still to be collected by
+        their sides) are returned."""
+        mine = self._waiting(held.sender, chat)
+        displaced = []
+        while mine and len(mine) >= max(1, settings.warn_max_pending):
+            entry = mine.pop(0)
+            entry.held.move(WarnState.DISPLACED)
+            displaced.append(entry)
+        while len(self._entries) >= self.MAX_ENTRIES:
+            self._entries.popitem(last=False)
+        self._entries[str(held.tag)] = SideWarning(held, chat, side)
+        return displaced
+
+    def _waiting(self, sender: str, chat: str) -> list[SideWarning]:
+        who = party(sender)
+        return [e for e in self._entries.values()
+                if e.held.state is WarnState.HELD and party(e.held.sender) == who and e.chat == chat]
+
+    def has(self, sender: str, chat: str, key: str = "") -> bool:
+        return any(not key or e.held.key == party(key) for e in self._waiting(sender, chat))
+
+    def settle(self, sender: str, chat: str, key: str, answer: Answer, settings: ConversationSettings,
+               released: "ReleasedMessages | None" = None) -> tuple[Settled, str]:
+        """Carry out `answer` from `sender` on chat connection `chat` (to `key`, else the sender's oldest): the
+        Settled (nothing to deliver on the chat connection: the file crosses on its own) and the side connection to
+        wake ("" when no file was held)."""
+        mine = self._waiting(sender, chat)
+        entry = next((e for e in mine if e.held.key == party(key)), mine[0] if mine else None)
+        if entry is None:
+            return Settled(answer_notice(None, answer, False), None, None), ""
+        entry.held.move(answer.state, answer.text)
+        done = settled(entry.held, answer, settings, self.clock(), released)
+        return done._replace(deliver=None), entry.side
+
+    def collect(self, tag: str, settings: ConversationSettings) -> HeldMessage | None:
+        """For the side session, woken: its file's entry once it has ended (taken out), moved to EXPIRED first when
+        its window has passed; None while it waits (or when it is not here)."""
+        entry = self._entries.get(str(tag))
+        if entry is None:
+            return None
+        if entry.held.state is WarnState.HELD:
+            if self.clock() - entry.held.held_at < settings.warn_window_seconds:
+                return None
+            entry.held.move(WarnState.EXPIRED)
+        del self._entries[str(tag)]
+        return entry.held
+
+    def forget(self, tag: str) -> HeldMessage | None:
+        """The side connection ended (its receiver left): its entry taken out, ABANDONED if it was still held."""
+        entry = self._entries.pop(str(tag), None)
+        if entry is None:
+            return None
+        if entry.held.state is WarnState.HELD:
+            entry.held.move(WarnState.ABANDONED)
+        return entry.held
+
+    def abandon(self, chat: str) -> list[SideWarning]:
+        """The chat connection ended: its files still held are ABANDONED (their sides still collect them)."""
+        gone = [e for e in self._entries.values() if e.chat == chat and e.held.state is WarnState.HELD]
+        for entry in gone:
+            entry.held.move(WarnState.ABANDONED)
+        return gone
+
+
+SIDE_WARNINGS = SideWarnings()
+
+
+class SideTransfer(Protocol):
+    """What the side-file helpers need of a held file (imguard.files.tracker.HeldTransfer)."""
+    transfer_id: str
+    context: ChatContext
+    inbound: bool
+
+    def verdict(self, decision: Decision) -> list[Any]: ...
+
+    def warn_verdict(self, decision: Decision, instructions: str) -> list[Any]: ...
+
+    def abandon(self, kind: str, detail: str) -> list[Any]: ...
+
+
+def warn_side_file(transfer: SideTransfer, report: FileReport, decision: Decision, sender: str, receiver: str,
+                   chat: str, side: str, settings: ConversationSettings,
+                   sides: SideWarnings | None = None) -> list[Any]:
+    """A warn verdict on a file held on its own connection `side` (DCC, a SOCKS5 bytestream), announced on chat
+    connection `chat`: our sender's is held (the tracker's warn_verdict tells the sender how to answer) and entered
+    in SIDE_WARNINGS, with a Wake for this connection at the window's end; an outside sender's, or one whose
+    connections are not known, gets the verdict (refused like a block). The commands, for the side session."""
+    if transfer.inbound or not chat or not side:
+        return transfer.verdict(decision)
+    sides = SIDE_WARNINGS if sides is None else sides
+    held = HeldMessage(sender, party(receiver), transfer.context, report.name, decision, b"", sides.clock(),
+                       tag=transfer.transfer_id, report=report)
+    out: list[Any] = []
+    for gone in sides.hold(held, chat, side, settings):      # past warn_max_pending: the oldest, dropped there
+        out += [outcome(gone.held, sides.clock()), Wake(connection_id=gone.side)]
+    out += transfer.warn_verdict(decision, warn_instructions(settings))
+    return out + [Wake(settings.warn_window_seconds + WAKE_SLACK)]     # its own window's end
+
+
+def wake_side_file(transfer: SideTransfer, settings: ConversationSettings,
+                   sides: SideWarnings | None = None) -> list[Any]:
+    """The side session woken while its file is WARNED: the answer (or the window's end: EXPIRED, recorded here)
+    carried out, the held bytes released or dropped; nothing while it still waits."""
+    sides = SIDE_WARNINGS if sides is None else sides
+    held = sides.collect(transfer.transfer_id, settings)
+    if held is None:
+        return []
+    out: list[Any] = [outcome(held, sides.clock())] if held.state is WarnState.EXPIRED else []
+    if delivers(held.state, settings):
+        return out + transfer.verdict(release_decision(held.decision))
+    return out + transfer.verdict(held.decision)
+
+
+def side_receiver_left(transfer: SideTransfer, kind: str, sides: SideWarnings | None = None) -> list[Any]:
+    """The receiver of a WARNED side file closed: nobody to deliver to, the file given up (ABANDONED, recorded)."""
+    sides = SIDE_WARNINGS if sides is None else sides
+    held = sides.forget(transfer.transfer_id)
+    out: list[Any] = [outcome(held, sides.clock())] if held is not None and held.state is WarnState.ABANDONED else []
+    return out + transfer.abandon(f"{kind}_receiver_gone", "the receiver closed while the file waited for its "
+                                  "sender's answer; nothing delivered")
+
+
+def settle_answer(local: PendingWarnings, chat: str, sender: str, key: str, answer: Answer,
+                  sides: SideWarnings | None = None) -> tuple[Settled, str]:
+    """A chat session's answer, for what it holds itself (`local`) or a file its sender offered on a side connection
+    (`sides`, SIDE_WARNINGS by default): the one held for `key` first (the connection's own before a side file),
+    else the sender's oldest. The Settled, and the side connection to wake ("" for none)."""
+    sides = SIDE_WARNINGS if sides is None else sides
+    settings = local.settings
+    if answer.state is WarnState.JUSTIFIED and not answer.text:
+        return local.settle(sender, key, answer), ""
+    if not local.has(sender, party(key)) and chat and (sides.has(sender, chat, key) or not local.has(sender)):
+        found, side = sides.settle(sender, chat, key, answer, settings)
+        if side:
+            return found, side
+    return local.settle(sender, key, answer), ""
 
 
 def warn_instructions(settings: ConversationSettings) -> str:

@@ -28,7 +28,7 @@ import pytest
 
 from imguard.gateway.master import Gateway, default_factories
 from imguard.gateway.settings import GatewaySettings
-from imguard.protocols.base import Send
+from imguard.protocols.base import Send, StreamSession
 from tests.peers.folders import kept_if_failed
 from tests.test_gateway import StubPipeline, free_port
 
@@ -293,7 +293,7 @@ def test_raw_relay_after_a_session_failure_passes_the_half_close_on(tmp_path):
     asyncio.run(main())
 
 
-class AnsweringSession:
+class AnsweringSession(StreamSession):
     """Forwards every read, and answers each server read itself with b"ack\n" (as an XMPP session bounces an
     error to a sender on the server's side): a write of the session's own towards a leg that may be
     half-closed."""

@@ -285,6 +285,8 @@ class HeldTransfer:
     `kind`: the prefix of its anomaly kinds ("dcc" -> dcc_too_large, dcc_receiver_gone, dcc_empty, dcc_overrun).
     `sender_name`: the sender as its receiver knows it (a nick, a bare JID), for the receiver's notice; default
     the context's sender.
+    `scan_notice_in_band`: a file multiplexed with chat whose inside party is this connection's own client (IBB,
+    MSNSLP, Sametime channels): told "being scanned" on this connection (`in_band_scanning_notices`).
     `payload_of`: the file bytes of a piece, derived again from its wire (IBB: the stanza's base64). Given, a
     piece appended with `rederive=True` (the mechanism checked that `payload_of(wire)` gives its payload) is
     held as its wire alone (one copy, not the decoded bytes beside it), and decoded when the file is inspected.
@@ -295,7 +297,8 @@ class HeldTransfer:
                  receiver: str = "", sender_name: str = "", owns_connection: bool = False,
                  holds: ConnectionHolds | None = None,
                  deliver: Deliver | None = None, refuse: Refuse | None = None, tell: Tell | None = None,
-                 event_data: dict[str, Any] | None = None, payload_of: Callable[[bytes], bytes] | None = None):
+                 event_data: dict[str, Any] | None = None, payload_of: Callable[[bytes], bytes] | None = None,
+                 scan_notice_in_band: bool = False):
         self.transfer_id = transfer_id
         self.context = context
         self.sender_is_client = sender_is_client
@@ -307,6 +310,7 @@ class HeldTransfer:
         self.receiver = receiver or ", ".join(context.recipients)
         self._sender_name = sender_name
         self.owns_connection = owns_connection
+        self.scan_notice_in_band = scan_notice_in_band     # see in_band_scanning_notices
         self.holds = holds if holds is not None else ConnectionHolds()
         self._deliver = deliver or _send_to_receiver
         self._refuse = refuse or (lambda transfer: [])
@@ -625,17 +629,36 @@ class HeldTransfer:
         scanned"), handed out with its InspectFile for the carrier to deliver then (the gateway: after
         scan_notice_after_seconds) or never. Only for a file on a connection of its own (DCC, MSNFTP, OFT,
         SOCKS5), whose notices are Notify commands for the chat connection: that connection is not the one
-        paused while the file is inspected, and such a notice changes no session state."""
+        paused while the file is inspected, and such a notice changes no session state. A file multiplexed with
+        chat: `in_band_scanning_notices`."""
         if not self.owns_connection:
+            return self.in_band_scanning_notices()
+        text, receiver_text = self._scanning_words()
+        notices = self.notices(Outcome.SCANNING, text=text, receiver_text=receiver_text)
+        return tuple(c for c in self._tell_all(notices) if isinstance(c, Notify))
+
+    def in_band_scanning_notices(self) -> tuple[Notify, ...]:
+        """The "being scanned" notices of a file multiplexed with chat, for the gateway to deliver on the connection
+        that holds it (its context's connection_id) while the scan pauses it: a Notify per party of ours the tell
+        rule names, which the carrier tells through that session's notice() (a chat message in its protocol) after
+        scan_notice_after_seconds, and never once the verdict is in. Not built through the mechanism's `tell`
+        hook: that would change session state (XEP-0198 counts) for a notice that is mostly never sent. Only
+        where the mechanism says its client is the one to tell (`scan_notice_in_band`); not an HTTP upload, whose
+        client waits for its response and cannot be told anything in the middle of its request."""
+        if not self.scan_notice_in_band or not self.context.connection_id:
             return ()
-        the_file = f"the file {self.name!r}" if self.name else "a file"
+        text, receiver_text = self._scanning_words()
+        words = {Party.INSIDE_SENDER: text, Party.INSIDE_RECEIVER: receiver_text}
+        origin = FROM_SERVER if self.inbound else FROM_CLIENT
+        return tuple(Notify(self.context.connection_id, self.context.protocol, words[party], self.context)
+                     for party in TELL_RULE[(origin, Outcome.SCANNING)] if party in words)
+
+    def _scanning_words(self) -> tuple[str, str]:
+        """The "being scanned" words: a sender's, and a receiver's."""
         to = f" to {self.receiver}" if self.receiver else ""
         sender = f" from {self.sender_name}" if self.sender_name else ""
-        notices = self.notices(Outcome.SCANNING,
-                               text=f"imguard: {the_file}{to} is being scanned; it is delivered when the scan is done",
-                               receiver_text=f"imguard: {the_file}{sender} is being scanned; it arrives when the "
-                                             "scan is done")
-        return tuple(c for c in self._tell_all(notices) if isinstance(c, Notify))
+        return (f"imguard: {self._the_file}{to} is being scanned; it is delivered when the scan is done",
+                f"imguard: {self._the_file}{sender} is being scanned; it arrives when the scan is done")
 
     def _tell_all(self, notices: list[Notice]) -> list[Command]:
         out: list[Command] = []

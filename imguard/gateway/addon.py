@@ -37,7 +37,7 @@ from imguard.gateway.layer import RefuseLayer, SessionLayer, tls_first_stack
 from imguard.gateway.notices import NoticeRouter, connection_handler
 from imguard.model import ChatContext
 from imguard.protocols import registry
-from imguard.protocols.base import Fact, Notify
+from imguard.protocols.base import Fact, Notify, Wake
 
 logger = logging.getLogger("imguard.gateway")
 
@@ -108,6 +108,8 @@ class GatewayAddon:
                  quick_ack: bool = True, dcc_ports=None):
         self.pipeline = pipeline
         self.inspection = inspection
+        # "being scanned" after this long for a file held on its chat connection (SessionLayer._scanning_timer)
+        self.scan_notice_after = getattr(inspection, "notice_after", 0)
         self.factories = factories
         self.port_map = port_map
         self.http_ports = set(http_ports)
@@ -152,6 +154,10 @@ class GatewayAddon:
         self.record(cmd.event(self.pipeline.with_direction(cmd.context)))
         if self.notices.deliver(cmd.connection_id, cmd.text):
             self.stats["notices"] += 1
+
+    def wake_command(self, cmd: Wake, connection_id: str) -> None:
+        """A session's Wake: its session.wake() (or another connection's) after cmd.after seconds (NoticeRouter)."""
+        self.notices.wake(cmd.connection_id or connection_id, cmd.after)
 
     def commit(self) -> None:
         """Pipeline.commit (the archive records of a read on disk before its stanzas are forwarded). A disk that
@@ -440,6 +446,7 @@ class GatewayAddon:
             self.stats["refused"] += 1
             return RefuseLayer(context)
         self.stats["sessions"] += 1
+        self.notices.remember(context.client.id, session, context)     # for a Wake (a warned file's answer)
         logger.info("%s -> %s: %s for %s %r (%s)", chat.client_address, chat.server_address, side.protocol,
                     side.what, getattr(offer, "name", ""), getattr(offer, "offer_id", ""))
         if tls_first:
@@ -525,4 +532,5 @@ class GatewayAddon:
             self.anomaly(chat, "session_error", f"cannot start a bytestream session: {e!r}")
             return RefuseLayer(context)
         self.stats["sessions"] += 1
+        self.notices.remember(context.client.id, session, context)     # for a Wake (a warned file's answer)
         return SessionLayer(context, session, chat, self)

@@ -13,7 +13,8 @@ closed -> at least block, open -> relayed with an alert.
 A file whose scan takes longer than `notice_after` seconds (scan_notice_after_seconds) is not silent: the
 notices its InspectFile carries (`slow_notices`: "being scanned", for the people of ours who wait for it, on
 their chat connection; the tracker's tell rule says who) are delivered through `notify` (the addon's
-notify_command: recorded, then sent) while the scan goes on; a scan that ends sooner tells nobody.
+notify_command: recorded, then sent) while the scan goes on; a scan that ends sooner tells nobody. Those for
+the connection that holds the file (in-band files) are told by its SessionLayer instead (layer.py).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Callable
 from imguard.gateway.layer import FileJob
 from imguard.model import (REASON_LIMIT, REASON_SCANNER_ERROR, REASON_TIMEOUT, ChatContext,
                            Decision, FileReport)
-from imguard.protocols.base import InspectFile, Notify
+from imguard.protocols.base import Notify
 
 logger = logging.getLogger("imguard.gateway")
 
@@ -95,8 +96,11 @@ class Inspection:
         the layer that holds the file while the check runs in a worker."""
         cmd = job.command
         slow = None
-        if cmd.slow_notices and self.notice_after > 0 and self.notify is not None:
-            slow = asyncio.get_running_loop().call_later(self.notice_after, self._tell_slow, cmd)
+        # A notice for the very connection that holds the file (in-band: IBB, MSNSLP, ...) is its layer's to tell
+        # (SessionLayer: that connection is paused, and a notice delivered here would wait for the verdict).
+        elsewhere = tuple(n for n in cmd.slow_notices if n.connection_id != cmd.context.connection_id)
+        if elsewhere and self.notice_after > 0 and self.notify is not None:
+            slow = asyncio.get_running_loop().call_later(self.notice_after, self._tell_slow, elsewhere, cmd.name)
         try:
             job.report, job.decision = await self.check(cmd.data, cmd.context, cmd.name, cmd.claimed_mime,
                                                         cmd.truncated)
@@ -104,13 +108,13 @@ class Inspection:
             if slow is not None:
                 slow.cancel()
 
-    def _tell_slow(self, cmd: InspectFile) -> None:
-        logger.info("inspection of %r takes more than %s s: telling who waits for it", cmd.name, self.notice_after)
-        for notice in cmd.slow_notices:
+    def _tell_slow(self, notices: tuple[Notify, ...], name: str) -> None:
+        logger.info("inspection of %r takes more than %s s: telling who waits for it", name, self.notice_after)
+        for notice in notices:
             try:
                 self.notify(notice)
             except Exception:   # a notice that cannot go never stops the scan
-                logger.exception("slow-scan notice for %r not delivered", cmd.name)
+                logger.exception("slow-scan notice for %r not delivered", name)
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)

@@ -12,9 +12,14 @@ Each session command becomes mitmproxy commands, in order:
                  session.tls_started() is called when both handshakes are done (the child's Start event);
 - InspectFile -> an InspectFileHook: the gateway addon runs Pipeline.check_file in a worker thread; the hook
                  pauses this layer only (other connections keep flowing), then session.file_verdict(...);
+                 a file whose "being scanned" notices are for this connection's user (in-band: IBB, MSNSLP,
+                 Sametime) gets a RequestWakeup after scan_notice_after_seconds: still paused then, those are
+                 told at once (session.notice), though the layer waits; after the verdict, never;
 - Record      -> carrier.record(event): Pipeline.record, inline;
 - a fact (Anomaly, ProtocolEvent, Link, MessageDecision) -> the same, with its event built here;
 - Notify      -> carrier.notify_command(cmd): recorded, and delivered on the connection it names;
+- Wake        -> carrier.wake_command(cmd): a WakeInjected event on that connection (this one by default) after
+                 cmd.after seconds, which becomes session.wake() (a warning's window on an idle connection);
 - Close       -> both legs closed; Close(graceful=True) (after a released file) half-closes them behind what
                  was sent and closes once the peers have read it and closed (_close_gracefully).
 
@@ -50,7 +55,7 @@ from mitmproxy.proxy.layers.tls import ClientTLSLayer, ServerTLSLayer
 
 from imguard import alerts
 from imguard.model import ChatContext, Decision, FileReport
-from imguard.protocols.base import FACTS, Close, Fact, InspectFile, Notify, Record, Send, StartTls
+from imguard.protocols.base import FACTS, Close, Fact, InspectFile, Notify, Record, Send, StartTls, Wake
 from imguard.gateway.tls_memory import TRIM_AFTER, trim_tls_buffers
 
 logger = logging.getLogger("imguard.gateway")
@@ -97,6 +102,11 @@ class NoticeInjected(events.MessageInjected):
         return str(self.message)
 
 
+@dataclass
+class WakeInjected(events.MessageInjected):
+    """A Wake a session asked for is due on this connection: session.wake() (injected like NoticeInjected)."""
+
+
 class Carrier(Protocol):
     """What a SessionLayer needs from the gateway (GatewayAddon satisfies it; the replay is the offline carrier).
     Its settings are given to the gateway addon's constructor, not attached afterwards."""
@@ -104,6 +114,7 @@ class Carrier(Protocol):
     metrics: Any                        # imguard.metrics.Metrics, or None
     max_queued_bytes: int               # per connection, while its layer waits for a scan (0: unbounded)
     max_total_queued_bytes: int         # all connections together (0: unbounded)
+    scan_notice_after: float            # seconds before an in-band file's "being scanned" notices (0: never)
     queued_layers: MutableSet[Any]      # the layers holding queued bytes now
 
     def record(self, event: dict[str, Any]) -> None:
@@ -114,6 +125,9 @@ class Carrier(Protocol):
 
     def notify_command(self, cmd: Notify) -> None:
         """Record a Notify and deliver it as a notice on the connection it names."""
+
+    def wake_command(self, cmd: Wake, connection_id: str) -> None:
+        """Call session.wake() on `cmd.connection_id` (else `connection_id`, the asking one) after `cmd.after` s."""
 
     def commit(self) -> None:
         """Put the archive records made so far on disk; called before anything is forwarded. Never raises."""
@@ -154,6 +168,7 @@ class SessionLayer(layer.Layer):
         self.raw = False                        # fail mode parse=open: the session failed, bytes relayed as they are
         self._ack_sockets: dict[str, Any] = {}  # connection id -> its socket, or None (see _acknowledge)
         self._trim_tls = tls                    # renew the TLS layers' memory BIOs after the next read
+        self._scan_notice: tuple[commands.RequestWakeup, tuple[Notify, ...]] | None = None   # _tell_scanning
         metrics = carrier.metrics
         if metrics is not None and not after_starttls:     # one connection, counted once (not again inside TLS)
             metrics.connection_opened(chat.protocol)
@@ -163,7 +178,12 @@ class SessionLayer(layer.Layer):
 
     def handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
         """While a scan pauses this layer, mitmproxy keeps reading and queues what arrives (it has no
-        backpressure): bound that queue, and close the connection (fail closed) when a peer floods it."""
+        backpressure): bound that queue, and close the connection (fail closed) when a peer floods it. The wakeup
+        of a slow scan is answered at once: its "being scanned" notices (_tell_scanning)."""
+        if isinstance(event, events.Wakeup) and self._scan_notice is not None \
+                and event.command is self._scan_notice[0]:
+            yield from self._tell_scanning()
+            return
         if self._paused is not None and isinstance(event, events.DataReceived) and not self.closed:
             self.queued_bytes += len(event.data)
             limit = self.carrier.max_queued_bytes
@@ -222,6 +242,33 @@ class SessionLayer(layer.Layer):
             yield from self._connection_closed(event)
         elif isinstance(event, NoticeInjected):
             yield from self._run(self._call(self._notice, event.text))
+        elif isinstance(event, WakeInjected):
+            yield from self._run(self._call(self.session.wake))
+
+    def _scanning_timer(self, cmd: InspectFile) -> layer.CommandGenerator[None]:
+        """A file held on this connection (in-band: IBB, MSNSLP, ...) whose "being scanned" notices are for this
+        connection's own user (HeldTransfer.in_band_scanning_notices): a wakeup after scan_notice_after_seconds.
+        The other slow notices are the inspection's to deliver (gateway/inspection.py)."""
+        here = tuple(n for n in cmd.slow_notices if n.connection_id == self.chat.connection_id)
+        after = getattr(self.carrier, "scan_notice_after", 0)     # carriers without it (tests, replay): never
+        if here and after > 0:
+            wakeup = commands.RequestWakeup(after)
+            self._scan_notice = (wakeup, here)
+            yield wakeup
+
+    def _tell_scanning(self) -> layer.CommandGenerator[None]:
+        """The scan of a file held here takes longer than scan_notice_after_seconds: its notices are told now,
+        though this layer is paused for the verdict (mitmproxy would queue an injected notice until after it),
+        through session.notice(), and recorded like any Notify when it goes. Once: the wakeup is forgotten."""
+        _, notices = self._scan_notice
+        self._scan_notice = None
+        if self.closed:
+            return
+        for notice in notices:
+            cmds = self._call(self._notice, notice.text)
+            if cmds:
+                self.carrier.record_fact(notice)    # a Notify's event, with its direction, like a fact's
+            yield from self._run(cmds)
 
     def _notice(self, text: str) -> list:
         """A Notify from another connection, told in this session's protocol (None: it has no way to: logged)."""
@@ -282,7 +329,7 @@ class SessionLayer(layer.Layer):
         # The session is told first: what it holds from this side is settled now (a partial line dropped, a
         # held file inspected and released, or its connection closed by the tracker's close rule).
         yield from self._run(self._call(self.session.connection_closed, from_client))
-        if self.closed or self.child is not None:
+        if self.closed or self.child is not None or not self.session.passes_close_on(from_client):
             return
         yield from self._pass_close_on(event.connection)
 
@@ -410,9 +457,13 @@ class SessionLayer(layer.Layer):
                 self.carrier.record_fact(cmd)
             elif isinstance(cmd, Notify):
                 self.carrier.notify_command(cmd)
+            elif isinstance(cmd, Wake):
+                self.carrier.wake_command(cmd, self.context.client.id)
             elif isinstance(cmd, InspectFile):
                 job = FileJob(cmd)
+                yield from self._scanning_timer(cmd)
                 yield InspectFileHook(job)          # blocking: pauses this layer only
+                self._scan_notice = None            # the verdict is in: a later wakeup tells nothing
                 if job.decision is None:            # no handler answered: never a silent pass
                     self.carrier.anomaly(self.chat, "inspection_unavailable", "no inspection verdict",
                                          transfer_id=cmd.transfer_id)

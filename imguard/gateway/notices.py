@@ -17,7 +17,7 @@ from typing import Any
 from mitmproxy import ctx as mitm_ctx
 from mitmproxy.utils import asyncio_utils
 
-from imguard.gateway.layer import NoticeInjected, NoticeTarget
+from imguard.gateway.layer import NoticeInjected, NoticeTarget, WakeInjected
 
 logger = logging.getLogger("imguard.gateway")
 
@@ -60,4 +60,26 @@ class NoticeRouter:
             event = NoticeInjected(NoticeTarget(context.client, context.server), text)
             asyncio_utils.create_task(handler.server_event(event), name="imguard notice", keep_ref=True)
         loop.call_soon(inject)
+        return True
+
+    def wake(self, connection_id: str, after: float) -> bool:
+        """session.wake() on connection `connection_id` in `after` seconds (a Wake command), if it is still there
+        then. False when it is gone now, or called off the event loop."""
+        if connection_id not in self.sessions:
+            logger.info("wake for connection %s dropped (connection gone)", connection_id or "-")
+            return False
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            logger.error("wake for connection %s dropped (called off the event loop)", connection_id)
+            return False
+
+        def inject() -> None:
+            handler = connection_handler(connection_id)
+            _, context = self.sessions.get(connection_id, (None, None))
+            if handler is None or context is None:
+                return                      # it ended meanwhile: nothing to wake
+            event = WakeInjected(NoticeTarget(context.client, context.server), "")
+            asyncio_utils.create_task(handler.server_event(event), name="imguard wake", keep_ref=True)
+        loop.call_later(max(0.0, after), inject)
         return True

@@ -127,7 +127,7 @@ class GatewaySettings:
     scan_notice_after_seconds: float = setting(
         2.0, "Seconds a held file's scan may take before the people of ours who wait for it (its inside sender or "
              "receiver) are told in their chat that it is being scanned; files on a connection of their own (DCC, "
-             "MSNFTP, OFT, SOCKS5). 0 = never")
+             "MSNFTP, OFT, SOCKS5) and in-band ones (XMPP IBB, MSNSLP, Sametime file channels). 0 = never")
     reload_interval: float = setting(
         5.0, "Seconds between checks of the rules and signatures folders for changed *.yaml/*.yar files; a change "
              "reloads them (validated first: a broken file leaves the running policy in force and raises an "

@@ -160,8 +160,18 @@ class ConnectUpstream:
     jid: str = ""
 
 
+@dataclass(frozen=True)
+class Wake:
+    """Call session.wake() `after` seconds from now, on this connection or on the one `connection_id` names: a
+    deadline kept on a connection that may be idle (a warning's window, imguard/conversation.py), or news for another
+    connection's session (a file held on a DCC connection, released by its sender's answer in the chat). A wake
+    for a connection that is gone by then is dropped; the session checks its own state when woken."""
+    after: float = 0.0
+    connection_id: str = ""
+
+
 Command = Send | StartTls | InspectFile | Record | Close | Notify | ConnectUpstream | Anomaly | ProtocolEvent | Link \
-    | MessageDecision
+    | MessageDecision | Wake
 FACTS = (Anomaly, ProtocolEvent, Link, MessageDecision)
 
 
@@ -261,6 +271,16 @@ class StreamSession:
     def connection_closed(self, from_client: bool) -> list[Command]:
         """One side closed. Default: close the other."""
         return [Close("peer closed")]
+
+    def wake(self) -> list[Command]:
+        """A Wake this session (or another connection's) asked for is due. Default: nothing."""
+        return []
+
+    def passes_close_on(self, from_client: bool) -> bool:
+        """Whether the carrier passes one side's close on to the other now, after connection_closed. False while the
+        session holds what that side sent for later (a DCC file waiting for its sender's answer: its receiver must
+        not read the end before the file); the session's own Close comes when it is settled. Default: True."""
+        return True
 
     def notice(self, text: str) -> list[Command] | None:
         """Tell this connection's user `text` in the protocol's own terms (a Notify from another connection).

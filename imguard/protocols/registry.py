@@ -100,13 +100,14 @@ def _irc(r: SessionRequest) -> StreamSession:
 
 
 def _dcc(r: SessionRequest) -> StreamSession:
-    return dcc_session(r.checker, r.transfers, r.context, r.expected, r.limit(IrcLimits))
+    return dcc_session(r.checker, r.transfers, r.context, r.expected, r.limit(IrcLimits), r.limit(ConversationSettings))
 
 
 def _bytestream(r: SessionRequest) -> StreamSession:
     # Offline there is no relay: the capture's server is the streamhost (the replay answers ConnectUpstream).
     return Socks5BytestreamSession(transfers=r.transfers, context=r.context, checker=r.checker,
-                                   stream_hash=r.stream_hash, streamhost=r.streamhost, limits=r.limit(Socks5Limits))
+                                   stream_hash=r.stream_hash, streamhost=r.streamhost, limits=r.limit(Socks5Limits),
+                                   conversation=r.limit(ConversationSettings))
 
 
 def _msnp(r: SessionRequest) -> StreamSession:

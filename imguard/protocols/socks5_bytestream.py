@@ -40,6 +40,8 @@ not cross the gateway (it only sees the stream closed). More bytes
 than `max_held_bytes` cut the file (`socks5_too_large`, fail closed); bytes from the sender once the file
 was complete close the connection (`socks5_more_than_announced`). With a mediated proxy65 streamhost the proxy holds the
 initiator's last bytes until the initiator closes, so "sender closed" is the normal end of a transfer.
+A `warn` verdict on our sender's file waits for the sender's answer in the XMPP chat that announced it, as a DCC file
+does (imguard/conversation.py, "Files on a side connection": `wake`, `passes_close_on`).
 
 Not done: UDP mode, username/password authentication towards the streamhost, Jingle S5B
 (XEP-0260) candidate-used/activate bookkeeping.
@@ -53,9 +55,10 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from imguard.conversation import ConversationSettings, side_receiver_left, wake_side_file, warn_side_file
 from imguard.files.expected import ExpectedBytestream, ExpectedTransfers
 from imguard.files.tracker import HeldTransfer, HoldState, Notice
-from imguard.model import ChatContext, Decision, FileReport
+from imguard.model import WARN, ChatContext, Decision, FileReport
 from imguard.protocols.base import Anomaly, Close, Command, ConnectUpstream, Notify, Send, StreamSession
 from imguard.settings import MiB, setting
 
@@ -99,8 +102,9 @@ class Socks5BytestreamSession(StreamSession):
 
     def __init__(self, transfers: ExpectedTransfers, context: ChatContext, checker: Any = None,
                  stream_hash: str | None = None, streamhost: tuple[str, int] | None = None,
-                 limits: Socks5Limits = Socks5Limits()):
+                 limits: Socks5Limits = Socks5Limits(), conversation: ConversationSettings | None = None):
         self.transfers = transfers
+        self.conversation = conversation or ConversationSettings()     # a warned file's window (_warn)
         self.checker = checker            # unused: files go out as InspectFile; kept for a uniform factory
         self.context = context.with_(protocol=context.protocol or "xmpp", transfer_mechanism="socks5")
         self.limits = limits
@@ -154,7 +158,24 @@ class Socks5BytestreamSession(StreamSession):
     def file_verdict(self, transfer_id: str, report: FileReport, decision: Decision) -> list[Command]:
         if self.transfer is None or transfer_id != self.transfer.transfer_id:
             return []
+        if decision.action == WARN and self.offer is not None:
+            # our sender's file waits for the answer in the XMPP chat that announced it (imguard/conversation.py,
+            # "Files on a side connection"); an outside sender's is refused like a block
+            return self._ends_on_close(warn_side_file(
+                self.transfer, report, decision, self.offer.context.sender, self.offer.target,
+                self.offer.context.connection_id, self.context.connection_id, self.conversation))
         return self._ends_on_close(self.transfer.verdict(decision))
+
+    def wake(self) -> list[Command]:
+        """The sender answered in the chat, or the window ended: the warned file released or dropped."""
+        if self.transfer is None or self.transfer.state is not HoldState.WARNED:
+            return []
+        return self._ends_on_close(wake_side_file(self.transfer, self.conversation))
+
+    def passes_close_on(self, from_client: bool) -> bool:
+        """Not while the file waits for its sender's answer (WARNED): the receiver must not read the sender's end
+        before the file; the tracker closes it when the answer (or the window's end) settles it."""
+        return self.transfer is None or self.transfer.state is not HoldState.WARNED
 
     def connection_closed(self, from_client: bool) -> list[Command]:
         if self.state is RelayState.DONE:
@@ -165,6 +186,8 @@ class Socks5BytestreamSession(StreamSession):
             return [Close("peer closed")]
         # The tracker's close rule: the sender's close ends the file (inspected now, or passed on after the
         # release); the receiver's is passed on after the release, and before it the file is still decided.
+        if from_client != transfer.sender_is_client and transfer.state is HoldState.WARNED:
+            return self._ends_on_close(side_receiver_left(transfer, "socks5"))    # nobody left to deliver to
         closed = transfer.sender_closed() if from_client == transfer.sender_is_client else transfer.receiver_closed()
         return self._ends_on_close(closed)
 

@@ -17,6 +17,7 @@ sockets:
     Record           pipeline.record(...), and kept for the summary
     Notify           recorded, and session.notice(text) on the connection it names
     ConnectUpstream  the capture's server is that upstream: session.upstream_connected() at once
+    Wake             for another connection, now: its session.wake(); a timer is not kept (the next traffic)
     StartTls         the connection is encrypted from here: later bytes are counted, not decoded
     Close            the session ended the connection: later bytes are counted as not forwarded
 
@@ -44,7 +45,7 @@ from imguard.protocols import detect as det
 from imguard.model import ChatContext, Decision, FileReport
 from imguard.protocols import registry
 from imguard.protocols.base import (FACTS, Anomaly, Close, ConnectUpstream, InspectFile, MessageDecision, Notify,
-                                    Record, Send, StartTls, StreamSession)
+                                    Record, Send, StartTls, StreamSession, Wake)
 from imguard.protocols.registry import SessionRequest
 from imguard.replay.pcapfile import Capture, UdpDatagram
 from imguard.replay.reassembly import (Connection, Reassembler, ReassemblySettings, StreamClosed, StreamData,
@@ -470,6 +471,12 @@ class Replay:
             elif isinstance(cmd, ConnectUpstream):
                 # The capture's server is the upstream the session asks for: it is connected already.
                 self._call(flow, flow.session.upstream_connected)
+            elif isinstance(cmd, Wake):
+                # Another connection's news now (a warned DCC file answered in the chat); a timer is not kept: a
+                # session's deadline is met at its next traffic, in capture time.
+                target = self._by_name.get(cmd.connection_id) if cmd.connection_id and cmd.after <= 0 else None
+                if target is not None and not target.closed:
+                    self._call(target, target.session.wake)
             else:
                 self._anomaly(flow.conn.id, self.now, "replay", "unknown_command",
                               f"the session returned {type(cmd).__name__}, which the replay does not carry out")

@@ -35,6 +35,11 @@ so the pipeline's direction is the file's. Which leg of the data connection carr
 (`sender_is_client`) is a separate fact, from active or passive DCC. DCC CHAT lines take their origin from
 who wrote them (the offerer is inside when the offer was outbound).
 
+A `warn` verdict on our sender's file (imguard/conversation.py, "Files on a side connection"): the file waits
+(WARNED) for its sender's answer in the IRC chat that announced it; the sender has had every ACK, the receiver waits
+(the sender's close is not passed on: `passes_close_on`); the answer, or the window's end, wakes this session
+(`wake`), which releases or drops it. An outside sender's file under a warn rule is refused like a block.
+
 DCC CHAT offers are stored the same way (kind CHAT); `DccChatSession` checks each line like a message.
 
 What the carrier does (the gateway; tests/test_irc_live.py has a 100-line asyncio stand-in):
@@ -58,8 +63,9 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
+from imguard.conversation import ConversationSettings, side_receiver_left, wake_side_file, warn_side_file
 from imguard.files.tracker import HeldTransfer, HoldState, Notice, Outcome
-from imguard.model import FROM_CLIENT, FROM_SERVER, ChatContext, Decision, FileReport
+from imguard.model import FROM_CLIENT, FROM_SERVER, WARN, ChatContext, Decision, FileReport
 from imguard.protocols.base import Anomaly, Close, Command, Notify, Send, StreamSession
 from imguard.protocols.irc.decoder import IrcLimits, decode_text, encode_text, format_ctcp, split_ctcp
 
@@ -133,10 +139,11 @@ class DccSendSession(StreamSession):
     file's HeldTransfer. `offer` None: a connection no offer announced (an anomaly: closed)."""
 
     def __init__(self, checker, transfers, context: ChatContext, offer: DccOffer | None,
-                 limits: IrcLimits = IrcLimits()):
+                 limits: IrcLimits = IrcLimits(), conversation: ConversationSettings | None = None):
         self.checker = checker              # unused: file decisions come back through file_verdict
         self.transfers = transfers
         self.limits = limits
+        self.conversation = conversation or ConversationSettings()     # a warned file's window (warn_verdict)
         self.offer = offer
         self.context = context
         self.refused = False                # an unannounced connection, closed at its first byte
@@ -188,12 +195,30 @@ class DccSendSession(StreamSession):
     def file_verdict(self, transfer_id: str, report: FileReport, decision: Decision) -> list[Command]:
         if self.transfer is None or transfer_id != self.transfer.transfer_id:
             return []
+        if decision.action == WARN:
+            return self._warn(report, decision)
         return self.transfer.verdict(decision)
+
+    def _warn(self, report: FileReport, decision: Decision) -> list[Command]:
+        """A warn on this file (imguard/conversation.py, "Files on a side connection"): our sender's is held
+        (WARNED: the sender has had every ACK, the receiver waits) in SIDE_WARNINGS under the IRC connection that
+        announced it, where the sender is told how to answer; the answer wakes this session (`wake`), as does the
+        window's end. An outside sender's (nobody here can answer for it) is refused like a block."""
+        return warn_side_file(self.transfer, report, decision, self.offer.context.sender, self.offer.receiver,
+                              self.offer.context.connection_id, self.context.connection_id, self.conversation)
+
+    def wake(self) -> list[Command]:
+        """The sender answered in the chat, or the window ended: its warned file released or dropped."""
+        if self.transfer is None or self.transfer.state is not HoldState.WARNED:
+            return []
+        return wake_side_file(self.transfer, self.conversation)
 
     def connection_closed(self, from_client: bool) -> list[Command]:
         if self.transfer is None:
             return []
         if from_client != self.sender_is_client:
+            if self.transfer.state is HoldState.WARNED:     # the receiver left while the file waited: given up
+                return side_receiver_left(self.transfer, "dcc")
             return self.transfer.receiver_closed()
         return self.transfer.sender_closed(truncated=self.offer.position > 0)     # a resumed file is a part
 
@@ -202,6 +227,11 @@ class DccSendSession(StreamSession):
         if self.transfer is None:
             return self._unannounced(0)
         return []
+
+    def passes_close_on(self, from_client: bool) -> bool:
+        """Not while the file waits for its sender's answer (WARNED): the receiver must not read the sender's end
+        before the file; the tracker closes it when the answer (or the window's end) settles it."""
+        return self.transfer is None or self.transfer.state is not HoldState.WARNED
 
     # --- internals ----------------------------------------------------------------------------------
 
@@ -343,8 +373,8 @@ class DccChatSession(StreamSession):
 
 
 def dcc_session(checker, transfers, context: ChatContext, offer: DccOffer | None,
-                limits: IrcLimits = IrcLimits()):
+                limits: IrcLimits = IrcLimits(), conversation: ConversationSettings | None = None):
     """The session for a new DCC data connection: by the offer's kind (None: unannounced, closed)."""
     if offer is not None and offer.kind == CHAT:
         return DccChatSession(checker, transfers, context, offer, limits)
-    return DccSendSession(checker, transfers, context, offer, limits)
+    return DccSendSession(checker, transfers, context, offer, limits, conversation)

@@ -90,12 +90,12 @@ import re
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator
 
-from imguard.conversation import (RELEASED, Answer, ConversationSettings, PendingWarnings, WarnOutcome, WarnState,
-                                  parse_answer, warn_instructions)
+from imguard.conversation import (RELEASED, SIDE_WARNINGS, Answer, ConversationSettings, PendingWarnings, WarnOutcome,
+                                  WarnState, outcome, parse_answer, settle_answer, warn_instructions)
 from imguard.model import FROM_CLIENT, FROM_SERVER, MASK, ChatContext, Decision, FileReport
 from imguard.model import WARN
 from imguard.protocols.base import (Anomaly, Close, Command, MembershipChecker, OutgoingCommands, ProtocolEvent, Send,
-                                    StartTls, StreamSession, block_words, limited_anomaly)
+                                    StartTls, StreamSession, Wake, block_words, limited_anomaly)
 from imguard.policy.walls import Rooms, decide_room
 from imguard.protocols.irc.dcc import CHAT, DCC_KIND, SEND, DccOffer, new_offer_id, remember_offer
 from imguard.protocols.irc.decoder import (BadLine, Ctcp, DccError, DccResume, DccSend, IrcLimits,
@@ -291,6 +291,8 @@ class IrcSession(StreamSession):
     def connection_closed(self, from_client: bool) -> list[Command]:
         # held messages can no longer be answered (client gone) or delivered (server gone): dropped, recorded
         out: list[Command] = list(self.warnings.dropped(self.warnings.abandon()))
+        for side in SIDE_WARNINGS.abandon(self.context.connection_id) if self.context.connection_id else ():
+            out += [outcome(side.held, self.warnings.clock()), Wake(connection_id=side.side)]  # its DCC file dropped
         pending = self._decoders[from_client].pending
         if pending and not self.closed:
             record = self._anomaly("incomplete_line", "the connection closed in the middle of a line; "
@@ -601,6 +603,7 @@ class IrcSession(StreamSession):
                                                                   check_text, decision, msg.raw)))
                 out.add(Send(True, self._notice_line((decision.notice or self._default_notice(
                     decision, "message", recipients)) + warn_instructions(self.warnings.settings))))
+                out.add(Wake(self.warnings.wake_after()))     # its window ends even on an idle connection
                 return
             if decision.blocked:
                 if droppable:
@@ -622,12 +625,19 @@ class IrcSession(StreamSession):
     def _warn_answer(self, out: OutgoingCommands, target: str, answer: Answer) -> None:
         """Our user answers a warning (!justify, !falsepositive): recorded, the held line released as the client sent
         it or not, our user told by a NOTICE; the answer itself never crosses."""
-        settled = self.warnings.settle(self.sender, target, answer)
+        settled, side = settle_answer(self.warnings, self.context.connection_id, self.sender, target, answer)
         if settled.fact is not None:
             out.add(settled.fact)
         if settled.deliver is not None:
             out.send(False, settled.deliver.payload)
+        if side:                                # a DCC file held on its own connection: released or dropped there
+            out.add(Wake(connection_id=side))
         out.add(Send(True, self._notice_line(settled.notice)))
+
+    def wake(self) -> list[Command]:
+        """A warning's window ended (the Wake of its hold): what is past it dropped, recorded, on an idle
+        connection too."""
+        return list(self.warnings.dropped(self.warnings.expire())) if self.warnings else []
 
     def _disclaimers(self, out: OutgoingCommands, decision: Decision, peer: str) -> None:
         """The disclaimer the pipeline found due for this conversation, to both parties: a NOTICE from the gateway to

@@ -699,7 +699,8 @@ class MsnpSession(StreamSession):
             max_bytes=self.limits.msnp_max_held_bytes, size=f.size, name=f.name, receiver=f.receiver,
             sender_name=f.sender, holds=self.holds, refuse=lambda transfer: self._refuse_file(f),
             tell=lambda transfer, notice: self._tell_file(notice),
-            event_data={"session_id": f.session_id, "name": f.name})
+            event_data={"session_id": f.session_id, "name": f.name},
+            scan_notice_in_band=True)       # our client is told "being scanned" in the conversation
         self._held[f.transfer_id] = f
         return f.transfer
 

@@ -264,7 +264,8 @@ class InBandBytestreams:
                 claimed_mime=stream.offer.content_type, receiver=stream.receiver, holds=self.holds,
                 refuse=lambda transfer: self._refuse(stream),
                 tell=lambda transfer, notice: self._tell(stream, notice),
-                event_data={"sid": stream.sid}, payload_of=block_payload)
+                event_data={"sid": stream.sid}, payload_of=block_payload,
+                scan_notice_in_band=True)       # our client is told "being scanned" here, a chat message
             self.files[stream.transfer_id] = stream
         return stream.transfer
 

@@ -129,14 +129,15 @@ from xml.etree import ElementTree as ET
 from imguard.files.expected import (ExpectedBytestream, ExpectedDownload, ExpectedTransfers, ExpectedUpload, Listener,
                                     StreamHost, TransferSettings, http_goes_around, parse_upload_relays, relayed_url,
                                     refuses_unrelayed, upload_relay_url, url_origin)
-from imguard.conversation import (RELEASED, Answer, ConversationSettings, HeldMessage, PendingWarnings, WarnOutcome,
-                                  WarnState, file_key, parse_answer, release_decision, warn_instructions)
+from imguard.conversation import (RELEASED, SIDE_WARNINGS, Answer, ConversationSettings, HeldMessage,
+                                  PendingWarnings, WarnOutcome, WarnState, file_key, outcome, parse_answer,
+                                  release_decision, settle_answer, warn_instructions)
 from imguard.files.tracker import HoldLedger
 from imguard.model import BLOCK, FROM_CLIENT, FROM_SERVER, MASK, ChatContext, Decision, FileReport
 from imguard.model import WARN
 from imguard.policy.walls import Rooms, decide_room
 from imguard.protocols.base import (Anomaly, Close, Command, Link, MembershipChecker, MessageDecision, Send,
-                                    StartTls, StreamSession, block_words)
+                                    StartTls, StreamSession, Wake, block_words)
 from imguard.protocols.xmpp import decoder as d
 from imguard.protocols.xmpp.decoder import XmlStreamDecoder, XmppLimits
 from imguard.protocols.xmpp.ibb import NS_IBB, InBandBytestreams
@@ -492,11 +493,20 @@ class XmppSession(StreamSession):
             displaced = self.warnings.hold(self.sender, bare(stream.receiver), ctx, report.name, decision, b"",
                                            tag=transfer_id, report=report)
             return [*self.warnings.dropped(displaced), *self._warned_files_dropped(displaced),
-                    *self.ibb.verdict(transfer_id, decision, warn_instructions(self.warnings.settings))]
+                    *self.ibb.verdict(transfer_id, decision, warn_instructions(self.warnings.settings)),
+                    Wake(self.warnings.wake_after())]
         if RELEASED.take(ctx.sender, file_key(report.sha256)):
             return [WarnOutcome(report.name, ctx, decision, state=WarnState.DELIVERED, delivered=True, report=report),
                     *self.ibb.verdict(transfer_id, release_decision(decision))]
         return self.ibb.verdict(transfer_id, decision)
+
+    def wake(self) -> list[Command]:
+        """A warning's window ended (the Wake of its hold): what is past it dropped, recorded, its held files
+        refused to their receivers, on an idle connection too."""
+        if self.closed or not self.warnings:
+            return []
+        expired = self.warnings.expire()
+        return [*self.warnings.dropped(expired), *self._warned_files_dropped(expired)]
 
     def _warned_files_dropped(self, held: list[HeldMessage]) -> list[Command]:
         """Held files that ended undelivered (expired, displaced, a false positive kept): their transfers dropped."""
@@ -521,7 +531,10 @@ class XmppSession(StreamSession):
         """The connection ends (closed by a side, or by the session): the files held are given up now, so their
         bytes leave the gateway's ledger with it."""
         self.closed = True
-        return [*self.warnings.dropped(self.warnings.abandon()), *self.ibb.connection_closed()]
+        out: list[Command] = [*self.warnings.dropped(self.warnings.abandon()), *self.ibb.connection_closed()]
+        for side in SIDE_WARNINGS.abandon(self.context.connection_id) if self.context.connection_id else ():
+            out += [outcome(side.held, self.warnings.clock()), Wake(connection_id=side.side)]  # its bytestream dropped
+        return out
 
     # --- client -> server ----------------------------------------------------------------------
 
@@ -854,15 +867,18 @@ class XmppSession(StreamSession):
         displaced = self.warnings.hold(self.sender, bare(el.get("to", "")), ctx, body, decision, st.raw,
                                        tag=groupchat if groupchat is not None and groupchat[1] else None)
         notice = (decision.notice or DEFAULT_NOTICE) + warn_instructions(self.warnings.settings)
-        return [*self.warnings.dropped(displaced), *self._refuse_message(el, notice)]
+        return [*self.warnings.dropped(displaced), *self._refuse_message(el, notice),
+                Wake(self.warnings.wake_after())]     # its window ends even on an idle connection
 
     def _warn_answer(self, to: str, answer: Answer) -> list[Command]:
         """The client answers a warning (!justify, !falsepositive): recorded, the held stanza released as the client
         sent it or not, the client told; the answer itself never crosses."""
         self.dropped(1)
-        settled = self.warnings.settle(self.sender, to, answer)
+        settled, side = settle_answer(self.warnings, self.context.connection_id, self.sender, to, answer)
         out: list[Command] = [settled.fact] if settled.fact is not None else []
-        if settled.held is not None and settled.held.report is not None:     # a held file: released or dropped
+        if side:                                # a SOCKS5 bytestream file held on its own connection: settled there
+            out.append(Wake(connection_id=side))
+        elif settled.held is not None and settled.held.report is not None:     # a held file: released or dropped
             out += self.ibb.verdict(settled.held.tag, release_decision(settled.held.decision)) \
                 if settled.deliver is not None else self._warned_files_dropped([settled.held])
         elif settled.deliver is not None:
