@@ -751,12 +751,13 @@ class ChatApiCarrier:
             self._anomaly(ctx, "chat_response_malformed", f"a {api.API} {ep.name} response could not be read ({e}); "
                           "it was refused undelivered")
             return self._refuse(call, api.API, 502, "imguard: the response could not be inspected and was refused")
-        if api is httpchat.matrix and ep.name == "sync":
-            self._walls_learn(call, body)
+        walled = self._walls_learn(call, body) if api is httpchat.matrix and ep.name == "sync" else None
         blocked, masked = self._decide_delivered(call.tenant_base, api, found, self._downloader(call))
         if blocked or masked:       # re-serialised only when something changed
-            return Rewrite(api.rewrite_delivered(body, blocked, masked))
-        return None
+            body = api.rewrite_delivered(body, blocked, masked)
+        if walled:                  # after: the locators above count the timeline's events as the server sent them
+            body = httpchat.matrix.rewrite_sync_walls(body, *walled)
+        return Rewrite(body) if blocked or masked or walled else None
 
     def _decide_delivered(self, base: ChatContext, api, found: list, user: str) -> tuple[list, list]:
         """What a response (or a server WebSocket message) delivers to `user`, the one path for every API:
@@ -860,21 +861,51 @@ class ChatApiCarrier:
         self.stats["blocked"] += 1
         return self._refuse(call, call.api.API, 403, decision.notice or f"imguard: blocked ({decision.refusal})")
 
-    def _walls_learn(self, call: ChatCall, body: bytes) -> None:
-        """Who is in which room, from a /sync response; a member of the other side arriving in a room the user is
-        in, or the user entering a room with one, is a `wall_join` event (its messages are refused from then on)."""
+    def _walls_learn(self, call: ChatCall, body: bytes) -> tuple[list, list] | None:
+        """Who is in which room, from a /sync response (deliver() has read it), while a wall is in force. A member of
+        the other side arriving in a room the user is in, or the user entering a room with one, is a `wall_join`
+        event (its messages are refused from then on) and a notice in the room's timeline; an invite from the other
+        side (its inviter, or a member invite_state or the table shows) is a `wall_invite` event and is taken out of
+        the response. Returns what to rewrite (rewrite_sync_walls' invites to drop and notices), or None."""
+        if not getattr(getattr(self.pipeline, "policy", None), "walls", None):
+            return None         # no wall: nothing decides on members (a wall put in force learns from then on)
         user = self._downloader(call)
-        learned = learn_members(self.rooms, httpchat.matrix.room_members(body, self.limits), user)
+        seen = httpchat.matrix.sync_members(body, self.limits, depth_checked=True)
+        learned = learn_members(self.rooms, seen.facts, user)
         base = self.context(call, "sync", "", "", recipient=user)
         if not learned.kept:
             self._anomaly(base, "room_members_overflow", f"more than {self.settings.max_room_members} Matrix room "
                           "members; the walls decide on those known", max_room_members=self.settings.max_room_members)
-        for room, member in learned.arrived:
-            self._walls_check("join", base.with_(sender=member, recipients=(user,), conversation=room), room)
+        drop: list[str] = []
+        notices: list[tuple[str, str, dict]] = []
+
+        def tell(room: str, joined: str, who: str, decision: Decision | None) -> None:
+            """A notice in `room`'s timeline, after `joined`'s join, when the walls block its messages."""
+            if decision is not None and decision.blocked and user:
+                text = (f"imguard: {who} across an ethical wall ({decision.refusal}); messages across the wall "
+                        "are refused.")
+                notices.append((room, joined, httpchat.matrix.wall_notice_event(room, joined, text, user)))
+        # a join in the user's timeline is told to the user even when the table knew the member from another user
+        arrived = dict.fromkeys((*learned.arrived, *((r, m) for r, m in seen.arrivals if m != user and user
+                                                     and r not in learned.entered and self.rooms.identity(r, user))))
+        for room, member in arrived:
+            tell(room, member, f"{member} joined this room", self._walls_check(
+                "join", base.with_(sender=member, recipients=(user,), conversation=room), room))
         for room in learned.entered:
             ctx = base.with_(sender=user, recipients=self.rooms.identities(room, user), conversation=room,
                              origin=FROM_CLIENT)
-            self._walls_check("join", ctx, room)
+            tell(room, user, "this room has members", self._walls_check("join", ctx, room))
+        for room, (inviter, shown) in seen.invites.items():
+            if room in self.rooms and self.rooms.identity(room, user) == user:
+                continue            # already in the room: not an invite to decide
+            others = dict.fromkeys(m for m in (*shown, *self.rooms.identities(room, user)) if m not in (user, inviter))
+            for sender in (inviter, *others):
+                decision = self._walls_check("invite", base.with_(sender=sender, recipients=(user,),
+                                                                  conversation=room), room)
+                if decision is not None and decision.blocked:
+                    drop.append(room)
+                    break
+        return (drop, notices) if drop or notices else None
 
     def _walls_delivered(self, ctx: ChatContext, room: str) -> Decision | None:
         """A room message delivered to our user, from a member walled off from it (a `wall_message` event): its

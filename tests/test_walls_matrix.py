@@ -5,8 +5,9 @@ case runs with research inside and with trading inside. carol (@wcn-*, in neithe
 makes rooms and carries the sentinels. What reached the homeserver is asked of Synapse itself, on its own port.
 
     a) invitations: our user's invite of the other side is refused (403 M_FORBIDDEN, `wall_invite`), and the other
-       side never gets it; the other side's invite of our user reaches the user, whose join is then refused (403,
-       `wall_join`): Synapse never has our user in the room;
+       side never gets it; the other side's invite of our user is taken out of its /sync
+       (test_walls_matrix_inbound.py), a join by room id is refused (403, `wall_join`): Synapse never has our user in
+       the room;
     b) the other side in a room our user is in (they come in after the user): `wall_join` at the user's next /sync;
        the user's messages to the room are refused (403, `wall_message`) and never reach Synapse, the other side's
        messages show in the user's /sync as imguard's notice (`wall_message`); once the other side leaves, the
@@ -106,8 +107,9 @@ async def send(client, room: str, text: str):
 @pytest.mark.parametrize("inside_side", ["research", "trading"])
 def test_matrix_invitations_across_the_wall_are_refused_both_ways(sides, inside_side):
     """Our user invites the other side: 403, a `wall_invite` event, and the other side's own /sync (straight from
-    Synapse) never has the invite; inviting carol works. The other side invites our user: the invite reaches the user,
-    whose join (POST /join/{room}) is refused with 403 and a `wall_join` event; Synapse never has the user joined."""
+    Synapse) never has the invite; inviting carol works. The other side invites our user (the invite is taken out
+    of the user's /sync): the user's join (POST /join/{room}) is refused with 403 and a `wall_join` event; Synapse
+    never has the user joined."""
     inside, outside = sides
     gw = inside.gateway
     other_side = "trading" if inside_side == "research" else "research"
@@ -131,9 +133,12 @@ def test_matrix_invitations_across_the_wall_are_refused_both_ways(sides, inside_
 
             theirs = await other.room_create(invite=[me.user_id])
             assert isinstance(theirs, nio.RoomCreateResponse), theirs
+            # imguard takes the invite out of the user's /sync (tests/test_walls_matrix_inbound.py): carol's
+            # invite after it is the sentinel, then the user joins by room id
+            sentinel = await carol.room_create(invite=[me.user_id])
             deadline = time.monotonic() + 10
-            while theirs.room_id not in (await synced(me)).rooms.invite:
-                assert time.monotonic() < deadline, "the other side's invite never reached our user"
+            while sentinel.room_id not in (await synced(me)).rooms.invite:
+                assert time.monotonic() < deadline, "carol's invite never reached our user"
             joined = await me.join(theirs.room_id)
             assert isinstance(joined, nio.JoinError) and joined.status_code == "M_FORBIDDEN", joined
             assert me.user_id not in joined_members(inside.synapse, other, theirs.room_id)
@@ -149,7 +154,8 @@ def test_matrix_invitations_across_the_wall_are_refused_both_ways(sides, inside_
     join = wait_wall_event(gw, inside.since, "wall_join", me)
     assert join["imguard"]["membership"] == {"kind": "join", "room": theirs, "action": "block"}
     assert other in join["imguard"]["context"]["recipients"]
-    assert len(wall_events(gw, inside.since, "wall_invite")) == 1
+    assert [e["imguard"]["context"]["direction"] for e in wall_events(gw, inside.since, "wall_invite")
+            if e["imguard"]["context"]["sender"] == me] == ["outbound"]
 
 
 @pytest.mark.parametrize("inside_side", ["research", "trading"])

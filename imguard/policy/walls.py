@@ -254,10 +254,8 @@ def learn_members(rooms: Rooms, facts: Iterable[tuple[str, str, str]], user: str
                 learned = learned._replace(kept=False)
         elif membership in ("leave", "ban"):
             rooms.leave(room, member)
-    for room, member in joined:
-        if member == user:
-            learned.entered.append(room)
-        elif rooms.has(room, user) and room not in learned.entered:
-            learned.arrived.append((room, member))
-    learned.arrived[:] = [(r, m) for r, m in learned.arrived if r not in learned.entered]
+    entered = {room for room, member in joined if member == user}
+    learned.entered.extend(dict.fromkeys(room for room, member in joined if member == user))
+    learned.arrived.extend((room, member) for room, member in joined
+                           if member != user and room not in entered and user and rooms.identity(room, user) == user)
     return learned

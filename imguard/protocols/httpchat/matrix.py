@@ -29,7 +29,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
+import time
+from typing import NamedTuple
 from urllib.parse import unquote
 
 from imguard.protocols.httpchat import bodies
@@ -315,24 +319,47 @@ def invitee(req: HttpRequest, limits: DecodeLimits = DecodeLimits()) -> str:
     return text_of(content.get("user_id")) if isinstance(content, dict) else ""
 
 
-def room_members(body: bytes, limits: DecodeLimits = DecodeLimits()) -> list[tuple[str, str, str]]:
-    """(room, user, membership) of the m.room.member events a /sync response carries, in order: rooms.join and
-    rooms.leave, their state then timeline events; and for rooms.invite the inviter as "join" (the sender of the
-    invite in invite_state is in the room). [] for a body that is not such JSON."""
+class SyncMembers(NamedTuple):
+    """What a /sync response shows of room membership, read in one pass (sync_members)."""
+    facts: list[tuple[str, str, str]]           # (room, user, membership) for the member table (room_members)
+    invites: dict[str, tuple[str, tuple[str, ...]]]     # rooms.invite: room -> (the inviter, members in invite_state)
+    arrivals: list[tuple[str, str]]             # (room, user): a join in rooms.join's timeline (not a profile change)
+
+
+NO_MEMBERS = SyncMembers([], {}, [])
+
+
+def _parse(body: bytes, limits: DecodeLimits, depth_checked: bool) -> object:
+    """A /sync body's JSON; `depth_checked`: deliver() read these very bytes, their depth is known to be within
+    bounds (the bracket count costs as much as the parse: it is not done twice)."""
+    if not depth_checked:
+        return bodies.parse_json(body, max(limits.max_json_depth, SYNC_MAX_DEPTH))
     try:
-        data = bodies.parse_json(body, max(limits.max_json_depth, SYNC_MAX_DEPTH))
+        return json.loads(body)
+    except (ValueError, RecursionError) as e:
+        raise bodies.BodyError(f"malformed JSON: {e}") from None
+
+
+def sync_members(body: bytes, limits: DecodeLimits = DecodeLimits(), depth_checked: bool = False) -> SyncMembers:
+    """The m.room.member events a /sync response carries, in order: rooms.join and rooms.leave, their state then
+    timeline events; for rooms.invite the inviter as "join" (the sender of the invite in invite_state is in the
+    room), and each invite as (inviter, the users invite_state shows joined). NO_MEMBERS for a body that is not
+    such JSON."""
+    try:
+        data = _parse(body, limits, depth_checked)
     except bodies.BodyError:
-        return []
+        return NO_MEMBERS
     rooms = data.get("rooms") if isinstance(data, dict) else None
     if not isinstance(rooms, dict):
-        return []
-    out: list[tuple[str, str, str]] = []
+        return NO_MEMBERS
+    out = SyncMembers([], {}, [])
     for section, lists in (("join", ("state", "timeline")), ("leave", ("state", "timeline")),
                            ("invite", ("invite_state",))):
         entries = rooms.get(section)
         if not isinstance(entries, dict):
             continue
         for room, state in entries.items():
+            inviter, joined = "", []
             for key in lists if isinstance(state, dict) else ():
                 events = state[key].get("events") if isinstance(state.get(key), dict) else None
                 for event in events if isinstance(events, list) else ():
@@ -340,9 +367,74 @@ def room_members(body: bytes, limits: DecodeLimits = DecodeLimits()) -> list[tup
                         continue
                     content = event.get("content") if isinstance(event.get("content"), dict) else {}
                     user, membership = text_of(event.get("state_key")), text_of(content.get("membership"))
-                    if section == "invite":
-                        if membership == "invite" and text_of(event.get("sender")):
-                            out.append((room, text_of(event.get("sender")), "join"))
-                    elif user and membership:
-                        out.append((room, user, membership))
+                    if section != "invite":
+                        if user and membership:
+                            out.facts.append((room, user, membership))
+                        if (membership == "join" and user and section == "join" and key == "timeline"
+                                and _before(event) != "join"):
+                            out.arrivals.append((room, user))
+                    elif membership == "invite" and text_of(event.get("sender")):
+                        inviter = text_of(event.get("sender"))
+                        out.facts.append((room, inviter, "join"))
+                    elif membership == "join" and user:
+                        joined.append(user)
+            if section == "invite" and inviter:
+                out.invites[room] = (inviter, tuple(dict.fromkeys(joined)))
     return out
+
+
+def _before(event: dict) -> str:
+    """The membership a member event changed (unsigned.prev_content): "join" for a join that renames."""
+    unsigned = event.get("unsigned") if isinstance(event.get("unsigned"), dict) else {}
+    prev = unsigned.get("prev_content") if isinstance(unsigned.get("prev_content"), dict) else {}
+    return text_of(prev.get("membership"))
+
+
+def room_members(body: bytes, limits: DecodeLimits = DecodeLimits()) -> list[tuple[str, str, str]]:
+    """(room, user, membership) of the m.room.member events a /sync response carries (sync_members)."""
+    return sync_members(body, limits).facts
+
+
+WALL_SENDER = "@imguard"        # the sender of a wall's notice in a room's timeline: @imguard:<the user's server>
+
+
+def wall_notice_event(room: str, member: str, notice: str, user: str) -> dict:
+    """The event a /sync shows in `room` telling `user` that `member` (across a wall) is there: an m.notice from
+    @imguard on the user's server, with an event id of its own that stays the same for the same arrival (a client
+    that sees it twice keeps one)."""
+    server = user.partition(":")[2] or "localhost"
+    digest = hashlib.sha256("\0".join((room, member, user)).encode("utf-8", "replace")).hexdigest()[:24]
+    return {"type": "m.room.message", "sender": f"{WALL_SENDER}:{server}", "event_id": f"$imguard-wall-{digest}",
+            "origin_server_ts": int(time.time() * 1000), "room_id": room, "content": notice_content(notice),
+            "unsigned": {}}
+
+
+def rewrite_sync_walls(body: bytes, drop_invites=(), notices=()) -> bytes:
+    """The /sync response (one deliver() read) without the rooms.invite entries of `drop_invites`, and with each
+    (room, member, event) of `notices` in rooms.join.<room>.timeline.events: right after `member`'s join there, else
+    last. Raises bodies.BodyError when the body cannot be read."""
+    data = _parse(body, DecodeLimits(), True)
+    rooms = data.get("rooms") if isinstance(data, dict) else None
+    if not isinstance(rooms, dict):
+        raise bodies.BodyError("the /sync response has no rooms")
+    invites = rooms.get("invite")
+    for room in drop_invites:
+        if isinstance(invites, dict):
+            invites.pop(room, None)
+    for room, member, event in notices:
+        joined = rooms.get("join")
+        state = joined.get(room) if isinstance(joined, dict) else None
+        if not isinstance(state, dict):
+            continue
+        timeline = state.get("timeline")
+        if not isinstance(timeline, dict):
+            timeline = state["timeline"] = {}
+        events = timeline.get("events")
+        if not isinstance(events, list):
+            events = timeline["events"] = []
+        at = next((i + 1 for i, e in enumerate(events) if isinstance(e, dict) and e.get("type") == MEMBER_EVENT
+                   and e.get("state_key") == member), len(events))
+        if 0 < at <= len(events) and isinstance(events[at - 1].get("origin_server_ts"), int):
+            event = dict(event, origin_server_ts=events[at - 1]["origin_server_ts"])
+        events.insert(at, event)
+    return dump(data)
