@@ -2,6 +2,7 @@
 against plain mitmproxy relaying the same TCP traffic, in one run.
 
     .venv/bin/python bench/bench_irc.py [--lines 20000] [--window 200] [--pings 500] [--rounds 3]
+    .venv/bin/python bench/bench_irc.py --imguard-arg=--no-jsonl-allowed-messages     # imguard with a setting
 
 The server is a small relay written here (register, then PRIVMSG to a nick is delivered to that nick's
 connection with the sender's prefix), because a real ircd throttles a client that sends thousands of lines
@@ -150,11 +151,11 @@ def start_mitmdump(server_port: int, directory: Path) -> tuple[subprocess.Popen,
     return process, port
 
 
-def start_imguard(server_port: int, directory: Path) -> tuple[subprocess.Popen, int]:
+def start_imguard(server_port: int, directory: Path, extra: list[str] = ()) -> tuple[subprocess.Popen, int]:
     port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "imguard", "run", "--data-dir", str(directory),
                                 "--mode", f"reverse:tcp://127.0.0.1:{server_port}@127.0.0.1:{port}",
-                                "--ports", f"{server_port}=irc", "--log-level", "WARNING"],
+                                "--ports", f"{server_port}=irc", "--log-level", "WARNING", *extra],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
     return process, port
 
@@ -166,7 +167,8 @@ async def main_async(args) -> None:
     work = Path(tempfile.mkdtemp(prefix="imguard-bench-irc-"))
     routes: list[tuple[str, int, subprocess.Popen | None]] = [("a. direct", server_port, None)]
     try:
-        for name, start in (("b. plain mitmproxy", start_mitmdump), ("c. imguard", start_imguard)):
+        for name, start in (("b. plain mitmproxy", start_mitmdump),
+                            ("c. imguard", lambda p, d: start_imguard(p, d, args.imguard_arg))):
             process, port = start(server_port, work / name[0])
             routes.append((name, port, process))
             await wait_port(port, process)
@@ -209,6 +211,8 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=200)
     parser.add_argument("--pings", type=int, default=500)
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of every route (medians reported)")
+    parser.add_argument("--imguard-arg", action="append", default=[],
+                        help="an argument for `imguard run` (repeat for several)")
     asyncio.run(main_async(parser.parse_args()))
 
 

@@ -1,7 +1,7 @@
 """XMPP benchmark: what imguard costs a chat server's users, against two baselines.
 
     .venv/bin/python bench/bench_xmpp.py [--messages 5000] [--windows 25,100,400] [--pings 500] [--rounds 3]
-                                         [--idle 1000] [--no-idle-tls] [--keep]
+                                         [--idle 1000] [--no-idle-tls] [--keep] [--imguard-arg=--SETTING ...]
 
 One run starts a real Prosody (tests/peers/prosody.py) and measures, for the same raw XMPP load,
     (a) straight to Prosody,
@@ -325,7 +325,8 @@ async def main_async(args, directory: Path) -> None:
             os.environ["PYTHONPATH"] = os.pathsep.join([str(site), str(ROOT)] + ([saved] if saved else []))
         try:
             gw = Gateway.start(directory / tag, prosody, test_rules=False,
-                               extra=["--log-level", "WARNING", "--fail-mode", "xmpp:downgrade=open"])
+                               extra=["--log-level", "WARNING", "--fail-mode", "xmpp:downgrade=open",
+                                      *args.imguard_arg])
         finally:
             if reference_decoder:
                 if saved is None:
@@ -454,6 +455,9 @@ def main() -> None:
     parser.add_argument("--no-idle-tls", dest="idle_tls", action="store_false",
                         help="skip the idle-memory run with STARTTLS connections")
     parser.add_argument("--keep", action="store_true", help="keep the temp folder (logs, alerts.jsonl)")
+    parser.add_argument("--imguard-arg", action="append", default=[],
+                        help="an argument for `imguard run` (repeat for several), e.g. "
+                             "--imguard-arg=--no-jsonl-allowed-messages")
     parser.add_argument("--reference-decoder", action="store_true",
                         help="a fourth route: imguard with the XMPP decoder's reference path (element trees built in "
                              "Python callbacks) instead of the C TreeBuilder, to compare the two in one run")

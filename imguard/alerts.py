@@ -488,6 +488,16 @@ def is_plain_message(decision: Decision) -> bool:
             and type(decision.policy_version) is str)
 
 
+def is_plain_message_event(event: dict[str, Any]) -> bool:
+    """The event of a plain message (message_event for a decision is_plain_message finds plain): a message
+    allowed with no rule named (a shadow match names its rules) and no text rewritten."""
+    fields = event.get("event") or {}
+    return (fields.get("dataset") == "imguard.message" and fields.get("kind") == "event"
+            and fields.get("action") == ALLOW and "id" not in event.get("rule", {})
+            and (event.get("imguard") or {}).get("decision", {}).get("masked_text") is None
+            and not (event.get("imguard") or {}).get("decision", {}).get("notice"))
+
+
 def _cacheable_context(ctx: ChatContext) -> bool:
     # Fragments are cached by the context's identity: sound only when its fields cannot change under it
     # (frozen, and plain strings, not a list of recipients someone may append to or objects rendered by str()).
@@ -577,8 +587,11 @@ class AlertLog:
     """
 
     def __init__(self, path: Path, instance: str = "", max_bytes: int = 0, backups: int = 5,
-                 plain_flush_seconds: float = 0.0):
+                 plain_flush_seconds: float = 0.0, allowed_messages: bool = True):
         self.path = Path(path)
+        # Without allowed_messages (setting jsonl_allowed_messages), a plain message (is_plain_message: allowed,
+        # no rule matched, not even in shadow) gets no line: the archive keeps its record, the metrics count it.
+        self.allowed_messages = allowed_messages
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.instance = instance or socket.gethostname()
         self.max_bytes = max_bytes
@@ -657,6 +670,8 @@ class AlertLog:
         self._open()
 
     def write(self, event: dict[str, Any]) -> None:
+        if not self.allowed_messages and is_plain_message_event(event):
+            return
         observer = event.get("observer")
         if observer is None:
             observer = event["observer"] = OBSERVER.copy()
@@ -674,6 +689,8 @@ class AlertLog:
 
     def write_plain_message(self, text: str | None, ctx: ChatContext, decision: Decision) -> None:
         """write_message for a decision the caller found plain (is_plain_message)."""
+        if not self.allowed_messages:
+            return
         fragments = self._fragments_for(ctx, decision)
         line = plain_message_line(fragments, text) if fragments is not None else None
         if line is None:                # a context or text only the general path renders

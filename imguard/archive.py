@@ -19,12 +19,15 @@ queue folder writes SQLite directly (tests, `imguard archive search`). SQLite ru
 synchronous=NORMAL: a committed batch survives a crash of the process.
 
 The per-message price matters (every allowed chat message pays it on the event loop, and the writer
-thread competes with the event loop for the GIL), so: a record is a JSON array in ROW_COLUMNS order
-encoded by orjson (json when orjson refuses a value), the time is formatted from a per-second cached
+thread competes with the event loop for the GIL), so: a record is a list in ROW_COLUMNS order, gathered
+as it is; commit() encodes a read's rows as one JSON array of arrays in one orjson call (json for a row
+orjson refuses) and queues it as one queue record; the time is formatted from a per-second cached
 prefix, and the writer thread is not woken per record: the first record after a drain wakes it, it
 then lingers (WRITER_LINGER) so a batch gathers, and drains everything queued in one pass, decoding a
-batch with one parse and inserting it with one multi-row INSERT (SQLite; executemany on PostgreSQL).
-flush(), search() and close() cut the linger short. Records a previous version queued (JSON objects) are still read.
+batch with one parse and inserting it with one multi-row INSERT (SQLite; executemany on PostgreSQL),
+without looking up its uids once it has caught up with what a previous process left (_Queued._check_stored).
+flush(), search() and close() cut the linger short. Records a previous version queued (one row, or a JSON
+object, to a queue record) are still read.
 
 CHAIN. Every record is chained, so that `imguard archive verify` (imguard/archive_audit.py) can prove the archive
 unaltered: `digest` = SHA-256 of canonical_bytes(chain_id, chain_seq, the ROW_COLUMNS values) and `chain` =
@@ -292,15 +295,31 @@ def _encode_row(row: list[Any]) -> bytes:
         return json.dumps(row).encode()
 
 
-def _decode_rows(payloads: list[bytes]) -> list[list[Any]]:
-    """The rows of a batch of queued records: one orjson parse for the whole batch, else one by one."""
+def _encode_rows(rows: list[list[Any]]) -> bytes:
+    """The queue record of one commit: its rows as one JSON array of arrays, in one orjson call (a row orjson
+    refuses is written by _encode_row, the others by orjson, into the same array)."""
     try:
-        rows = orjson.loads(b"[" + b",".join(payloads) + b"]")
+        return orjson.dumps(rows)
+    except (TypeError, orjson.JSONEncodeError):
+        return b"[" + b",".join([_encode_row(row) for row in rows]) + b"]"
+
+
+def _decode_rows(payloads: list[bytes]) -> list[list[Any]]:
+    """The rows of a run of queued records: one orjson parse for the whole run, else one by one. A record is a
+    commit's rows (an array of arrays, _encode_rows), or one row (an array; what versions before wrote), or a
+    JSON object (older still)."""
+    try:
+        items = orjson.loads(b"[" + b",".join(payloads) + b"]")
     except orjson.JSONDecodeError:
-        rows = [json.loads(p) for p in payloads]
-    for i, row in enumerate(rows):
-        if isinstance(row, dict):           # queued by a version that wrote JSON objects
-            rows[i] = [row.get(name) for name in ROW_COLUMNS]
+        items = [json.loads(p) for p in payloads]
+    rows: list[list[Any]] = []
+    for item in items:
+        if isinstance(item, dict):          # queued by a version that wrote JSON objects
+            rows.append([item.get(name) for name in ROW_COLUMNS])
+        elif item and isinstance(item[0], list):    # a commit's rows (a row starts with its uid, a string)
+            rows.extend(item)
+        else:
+            rows.append(item)
     return rows
 
 
@@ -473,7 +492,8 @@ class _Store:
     def insert(self, row: list[Any]) -> None:
         self.write_rows([row])
 
-    def write_rows(self, rows: list[list[Any]]) -> None: ...
+    def write_rows(self, rows: list[list[Any]], check_stored: bool = True) -> None:
+        """(check_stored=False: the caller knows none of the rows can be stored already; no lookup of uids.)"""
     def search(self, query: Query) -> list[dict[str, Any]]: ...
     def commit(self) -> None: ...
     def flush(self, timeout: float) -> bool: return True
@@ -546,12 +566,12 @@ class _SqliteStore(_Store):
                 raise
             self._db.execute("COMMIT")
 
-    def write_rows(self, rows: list[list[Any]]) -> None:
+    def write_rows(self, rows: list[list[Any]], check_stored: bool = True) -> None:
         sizes = [n for n in self.CHUNKS if n * len(STORED_COLUMNS) <= self._max_variables] or [1]
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                rows, seq, head = self._extend(self._fresh(rows))
+                rows, seq, head = self._extend(self._fresh(rows) if check_stored else rows)
                 start = 0
                 for size in sizes:
                     while len(rows) - start >= size:
@@ -628,13 +648,14 @@ class _PostgresStore(_Store):
                 for sql, args in statements:
                     conn.execute(sql, args)
 
-    def write_rows(self, rows: list[list[Any]]) -> None:
+    def write_rows(self, rows: list[list[Any]], check_stored: bool = True) -> None:
         with self._lock:
             try:
                 conn = self._connection()
                 with conn.transaction():
                     # PostgreSQL text cannot hold NUL: the digest is taken over what is stored.
-                    rows, seq, head = self._extend(self._fresh([[_pg_safe(v) for v in row] for row in rows]))
+                    rows = [[_pg_safe(v) for v in row] for row in rows]
+                    rows, seq, head = self._extend(self._fresh(rows) if check_stored else rows)
                     with conn.cursor() as cur:
                         cur.executemany(self.INSERT, rows)
             except Exception:
@@ -702,9 +723,14 @@ class _Queued(_Store):
         self._wake = threading.Event()
         self._hurry = threading.Event()
         self._stop = threading.Event()
-        self._gathered: list[bytes] = []    # encoded records not yet in the queue (see insert)
+        self._gathered: list[list[Any]] = []    # rows not yet in the queue (see insert)
         self._gather_lock = threading.Lock()
         self._due = True                # the thread drains at start (a previous run's backlog)
+        # Whether the rows read next may be stored already: those a previous process queued (it may have crashed
+        # between its insert and its ack) and those of a write that failed (PostgreSQL may have committed it).
+        # Once a drain has caught up, every row it reads was queued by this process and never written: the
+        # lookup of their uids (_Store._fresh) is skipped.
+        self._check_stored = True
         self.wakeups = 0                # drains started: a measure of what the thread costs the event loop
         self.last_error = ""
         self._wake.set()
@@ -715,21 +741,22 @@ class _Queued(_Store):
         # Gathered until commit(): the carrier commits before it forwards what the records are about (the
         # gateway: before the first stanza of a read goes out), so a record is on disk before its message
         # has crossed, in one write for the whole read instead of one per message.
-        record = _encode_row(row)
         with self._gather_lock:
-            self._gathered.append(record)
+            self._gathered.append(row)
             full = len(self._gathered) >= self.GATHER_MAX
         if full:
             self.commit()
 
     def commit(self) -> None:
-        """Write the gathered records to the on-disk queue (one write). Raises OSError when the disk refuses."""
+        """Write the gathered rows to the on-disk queue: one queue record for all of them, encoded in one orjson
+        call (a read's rows are a record's, not a record each: one encoding, one CRC, one parse in the writer).
+        Raises OSError when the disk refuses (the rows are lost, as their one write was)."""
         if not self._gathered:
             return
         with self._gather_lock:
-            records, self._gathered = self._gathered, []
-        if records:
-            self.queue.append_many(records)
+            rows, self._gathered = self._gathered, []
+        if rows:
+            self.queue.append_many([_encode_rows(rows)])
             if not self._due:
                 self._due = True
                 self._wake.set()
@@ -761,8 +788,9 @@ class _Queued(_Store):
             if not payloads:
                 return
             try:
-                self.store.write_rows(_decode_rows(payloads))
+                self.store.write_rows(_decode_rows(payloads), check_stored=self._check_stored)
             except Exception as e:  # noqa: BLE001 - the database is down or refused: retry later
+                self._check_stored = True
                 self.last_error = f"{type(e).__name__}: {e}"
                 log.warning("archive: insert failed (%s); %d records wait in the queue",
                             self.last_error, self.queue.backlog_records)
@@ -773,6 +801,7 @@ class _Queued(_Store):
             wait = 0.5
             self.queue.ack_through(last)
             if len(payloads) < self.batch:
+                self._check_stored = False      # caught up: what comes next was queued by this process
                 return          # caught up: what came meanwhile waits for the next linger, not a batch of one
 
     def flush(self, timeout: float = 10.0) -> bool:

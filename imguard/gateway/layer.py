@@ -392,6 +392,15 @@ class SessionLayer(layer.Layer):
                 iterator = iter(())
             if step is None:
                 break
+            if len(step) == 1 and type(step[0]) is Send:     # the usual step: a line or stanza to forward
+                pending.append(step[0])
+                if time.perf_counter() - flushed_at < FORWARD_AFTER:
+                    continue
+                yield from self._run(pending)
+                pending = []
+                forwarded = True
+                flushed_at = time.perf_counter()
+                continue
             if any(type(cmd) is StartTls for cmd in step):
                 # What follows STARTTLS in this read is handed to the TLS child (its facts; plaintext is dropped).
                 try:

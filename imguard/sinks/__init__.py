@@ -79,7 +79,7 @@ def build_sinks(settings: SinkSettings | None, data_dir: Path, instance: str = "
     data_dir = Path(data_dir)
     local = AlertLog(alerts_path or data_dir / "alerts.jsonl", instance=instance or settings.instance,
                      max_bytes=settings.jsonl_max_bytes, backups=settings.jsonl_backups,
-                     plain_flush_seconds=plain_flush_seconds)
+                     plain_flush_seconds=plain_flush_seconds, allowed_messages=settings.jsonl_allowed_messages)
     try:
         return EventBus(local, make_sinks(settings), queue_dir=data_dir / "queue",
                         queue_max_bytes=settings.queue_max_bytes, dedup_window=settings.dedup_window_seconds,

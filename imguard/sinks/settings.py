@@ -16,6 +16,11 @@ class SinkSettings:
     jsonl_max_bytes: int = setting(100 * MiB, "Size at which alerts.jsonl is rotated to alerts.jsonl.1 (0: never). "
                                               "A line is never split across two files.")
     jsonl_backups: int = setting(10, "Rotated alerts.jsonl.N files kept; the oldest is deleted.")
+    jsonl_allowed_messages: bool = setting(True, "Write a line to alerts.jsonl for every allowed chat message "
+                                                 "that no rule matched, not even a shadow rule. Off: the archive keeps "
+                                                 "them, the metrics count them, and a message costs about a tenth "
+                                                 "less CPU; alerts and every message a rule matched are still "
+                                                 "written.")
     syslog_address: str = setting("", "Send events to syslog (RFC 5424) at udp://host:port, tcp://host:port "
                                       "(octet-counting framing, RFC 6587), tls://host:port (RFC 5425: the same over "
                                       "TLS, the receiver's certificate verified) or unix:///path ('' = off).")

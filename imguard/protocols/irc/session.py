@@ -570,7 +570,12 @@ class IrcSession(StreamSession):
         if len(msg.params) <= text_index:
             out.send(False, msg.raw)            # no text (a query, a bare QUIT): nothing to check
             return
-        targets = tuple(t for t in msg.param(target_index).split(",") if t) if target_index is not None else ()
+        if target_index is None:
+            targets: tuple[str, ...] = ()
+        elif "," in (target := msg.param(target_index)) or not target:
+            targets = tuple(t for t in target.split(",") if t)
+        else:
+            targets = (target,)             # the usual line: one target
         channels = [t.lstrip(self.statusmsg) for t in targets if self._is_channel(t)]
         conversation = channels[0] if channels else ""
         if cmd in ("CPRIVMSG", "CNOTICE"):
@@ -583,8 +588,11 @@ class IrcSession(StreamSession):
             recipients = targets
         text = msg.params[text_index]
         plain, ctcps = (split_ctcp(text) if cmd in MESSAGE_COMMANDS else (text, []))
-        check_parts = [plain] + [c.args for c in ctcps if c.verb not in UNCHECKED_CTCP]
-        check_text = " ".join(p for p in check_parts if p)
+        if ctcps:
+            check_parts = [plain] + [c.args for c in ctcps if c.verb not in UNCHECKED_CTCP]
+            check_text = " ".join(p for p in check_parts if p)
+        else:
+            check_text = plain                  # the same: " ".join of [plain] without the empty parts
         ctx = self._ctx(recipients=recipients, conversation=conversation, origin=FROM_CLIENT)
         if cmd in MESSAGE_COMMANDS and _is_otr(plain):
             ctx = ctx.with_(encryption="otr")
@@ -745,7 +753,8 @@ class IrcSession(StreamSession):
         person = bool(prefix) and ("!" in prefix or "@" in prefix or "." not in prefix)
         decision: Decision | None = None
         if person:
-            check_text = " ".join(p for p in [plain] + [c.args for c in ctcps if c.verb not in UNCHECKED_CTCP] if p)
+            check_text = (" ".join(p for p in [plain] + [c.args for c in ctcps if c.verb not in UNCHECKED_CTCP] if p)
+                          if ctcps else plain)
             if check_text.strip():
                 channel = self._is_channel(target)
                 conversation = target.lstrip(self.statusmsg) if channel else ""
