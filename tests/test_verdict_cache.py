@@ -35,11 +35,11 @@ class CountingInspector(Inspector):
         self.delay = delay
         self._count = threading.Lock()
 
-    def inspect_uncached(self, content, context=ChatContext(), name="", claimed_mime="", extra_passwords=()):
+    def inspect_uncached(self, content, context=ChatContext(), name="", claimed_mime="", extra_passwords=(), **known):
         with self._count:
             self.runs += 1
         time.sleep(self.delay)
-        return super().inspect_uncached(content, context, name, claimed_mime, extra_passwords)
+        return super().inspect_uncached(content, context, name, claimed_mime, extra_passwords, **known)
 
 
 @pytest.fixture(scope="module")
@@ -109,9 +109,9 @@ def test_a_timeout_is_not_kept(signatures):
     real = Inspector.inspect_uncached
     calls = []
 
-    def flaky(self, content, context=ChatContext(), name="", claimed_mime="", extra_passwords=()):
+    def flaky(self, content, context=ChatContext(), name="", claimed_mime="", extra_passwords=(), **known):
         calls.append(name)
-        report = real(self, content, context, name, claimed_mime, extra_passwords)
+        report = real(self, content, context, name, claimed_mime, extra_passwords, **known)
         if len(calls) == 1:
             report.findings.append(Finding(UNSCANNABLE, "YARA scan ran out of time (10 s)",
                                            data={"reason": REASON_TIMEOUT}))

@@ -32,14 +32,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import pickle
-import re
 import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
+from imguard.inspect.signatures import externals_mentioned
 from imguard.model import REASON_SCANNER_ERROR, REASON_TIMEOUT, UNSCANNABLE, ChatContext, FileReport
 
 # Unscannable reasons that may not hold for the next transfer of the same bytes: not cached.
@@ -58,14 +57,9 @@ def cacheable(report: FileReport) -> bool:
 def context_externals_used(files: tuple[str, ...] | list[str]) -> tuple[str, ...]:
     """The context externals the signature sources mention as words (over-approximated: a mention in a comment
     counts too, which only costs hits). A file that cannot be read counts as mentioning all of them."""
-    words = re.compile(rb"\b(" + b"|".join(name.encode() for name in CONTEXT_EXTERNALS) + rb")\b")
-    used: set[str] = set()
-    for name in files:
-        try:
-            text = Path(name).read_bytes()
-        except OSError:
-            return CONTEXT_EXTERNALS
-        used.update(match.decode() for match in words.findall(text))
+    if not files:
+        return ()
+    used = externals_mentioned(files, CONTEXT_EXTERNALS)
     return tuple(name for name in CONTEXT_EXTERNALS if name in used)
 
 
@@ -209,7 +203,8 @@ class VerdictCache:
                 claimed_mime: str) -> FileReport:
         data = bytes(data) if not isinstance(data, bytes) else data
         key = self.key(data, ctx, name, claimed_mime)
-        return self.get_or_inspect(key, lambda: inspector.inspect_uncached(data, ctx, name, claimed_mime))
+        return self.get_or_inspect(key, lambda: inspector.inspect_uncached(data, ctx, name, claimed_mime,
+                                                                         sha256=key[0].hex()))
 
 
 def inspector_version(inspector: Any) -> str:

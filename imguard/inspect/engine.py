@@ -27,7 +27,7 @@ import yara
 
 from imguard.inspect import archives, cache, clamav, filetype, icap, passwords, pdf, polyglot
 from imguard.inspect.limits import InspectLimits
-from imguard.inspect.signatures import Signatures
+from imguard.inspect.signatures import TYPE_EXTERNALS, Signatures
 from imguard.model import (ENCRYPTED, ENGINE_MATCH, LIMIT_HIT, POLYGLOT, REASON_CORRUPT, REASON_ENCRYPTED,
                            REASON_LIMIT, REASON_SCANNER_ERROR, REASON_TIMEOUT, REASON_TOO_LARGE, REASON_UNREADABLE,
                            REASON_UNSUPPORTED, TYPE_MISMATCH, UNSAFE_PATH, UNSCANNABLE, YARA_MATCH, ChatContext,
@@ -39,6 +39,10 @@ log = logging.getLogger(__name__)
 # yara both release the GIL, so the three digests (~2.9 ms/MB, MD5 alone ~1.6 ms/MB) cost no wall time
 # when a core is free (they still cost CPU: see bench/bench_inspect.py, "cpu ratio").
 HASH_ASYNC_MIN = 512 * 1024
+# Buffers at least this big are typed by libmagic on a helper thread while YARA scans them, when the rules read
+# no type external (Inspector.type_blind): below it the scan (~0.1 ms at 4 KB) saves less than the hand-over to
+# another thread costs (tens of microseconds idle, milliseconds on a busy machine).
+TYPE_BESIDE_MIN = 64 * 1024
 _HASH_CHUNK = 1024 * 1024
 _OLE_MAGIC = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"
 _VBA_PROJECT_UTF16 = "_VBA_PROJECT".encode("utf-16-le")
@@ -74,6 +78,7 @@ class _Walk:
         self.context = context
         self.recipient = ",".join(context.recipients)
         self.passwords: tuple = ()      # passwords.Candidate: tried on encrypted zips
+        self.sha256 = ""                # the top-level buffer's SHA-256 when the caller has it (the cache's key)
 
 
 class Inspector:
@@ -88,6 +93,10 @@ class Inspector:
         if unknown:
             raise ValueError(f"digests: unknown {', '.join(unknown)}; choose from {', '.join(DIGESTS)}")
         self._magic = filetype.MagicPool(reference=reference)
+        # Rules that name neither `mime` nor `filetype` match the same whatever libmagic says: their scan need not
+        # wait for it, and libmagic runs on a helper thread beside the hashes and the scan (issue 21). The
+        # reference path keeps the order type, claims, scan.
+        self.type_blind = not reference and not signatures.externals_used & set(TYPE_EXTERNALS)
         self._hash_pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
         self.engines = external_engines(limits)      # clamd, ICAP: each scans the whole file beside YARA
@@ -109,10 +118,12 @@ class Inspector:
 
     def inspect_uncached(self, content: bytes | bytearray | memoryview | Path | str,
                          context: ChatContext = ChatContext(), name: str = "", claimed_mime: str = "",
-                         extra_passwords: tuple = ()) -> FileReport:
+                         extra_passwords: tuple = (), sha256: str = "") -> FileReport:
         """inspect() without the cache. Encrypted zips are tried with the zip_passwords setting, then with
-        `extra_passwords` (the conversation's, passwords.Candidate: the pipeline's second look)."""
+        `extra_passwords` (the conversation's, passwords.Candidate: the pipeline's second look). `sha256`: the
+        hex SHA-256 of the bytes `content`, when the caller computed it already (the verdict cache's key)."""
         walk = _Walk(self.limits, context if context is not None else ChatContext())
+        walk.sha256 = sha256 if isinstance(content, (bytes, bytearray, memoryview)) else ""
         walk.passwords = (self.zip_passwords + tuple(extra_passwords))[:getattr(self.limits, "zip_password_tries", 64)]
         if isinstance(content, (str, os.PathLike)):
             path = Path(content)
@@ -226,20 +237,23 @@ class Inspector:
             self._identify(report, data[:limits.magic_bytes])
             self._check_claims(report, where)
             if len(data) <= limits.max_hash_size:
-                _set_digests(report, _digests(data, self._digests))
+                _set_digests(report, self._hash(data, depth, walk))
             self._too_large(report, where)
             return report
 
         head = data[:limits.magic_bytes]
+        if self.type_blind and len(data) >= TYPE_BESIDE_MIN:
+            self._inspect_beside(report, data, head, where, walk, partial)
+            return self._unpacked_container(report, where)
         # Off the critical path, on a helper thread, for big buffers: the hashes and libmagic's
         # description (only the MIME type is needed before the YARA scan, for its externals).
         # hashlib, libmagic (ctypes) and yara all release the GIL, so this runs on the other core.
         # Small buffers are hashed here (it costs less than the hand-over), and their type is one libmagic call
         # (0.2-3 ms of CPU) when its description fixes the MIME type (filetype.MagicPool.identify, issue 21).
         hash_there = len(data) >= HASH_ASYNC_MIN and not partial
-        helper: Future | None = self._pool().submit(self._background, data, head, True) if hash_there else None
+        helper: Future | None = self._pool().submit(self._background, data, head, depth, walk) if hash_there else None
         if not partial and not hash_there:
-            _set_digests(report, _digests(data, self._digests))
+            _set_digests(report, self._hash(data, depth, walk))
         try:
             if helper is None:
                 report.mime, report.description = self._magic.identify(head)
@@ -247,7 +261,7 @@ class Inspector:
                 report.mime = self._magic.mime(head)
             report.family = filetype.refine_family(filetype.family_of(report.mime), report.mime, head)
             self._check_claims(report, where)
-            self._scan(report, data, where, walk)
+            report.findings += self._scan(report, data, where, walk)
             self._encrypted_container(report, data, where)
             if not partial:
                 self._polyglots(report, data, where, walk)
@@ -256,6 +270,35 @@ class Inspector:
             if helper is not None:
                 digests, report.description = helper.result()
                 _set_digests(report, digests)
+        return self._unpacked_container(report, where)
+
+    def _inspect_beside(self, report: FileReport, data: bytes, head: bytes, where: str, walk: _Walk,
+                        partial: bool) -> None:
+        """_inspect's steps for rules blind to the type: libmagic on a helper thread while the YARA scan (and the
+        hashes: here when small, on another helper when big) runs here; the same report as the reference order."""
+        pool = self._pool()
+        typed = pool.submit(self._magic.identify, head)
+        big = len(data) >= HASH_ASYNC_MIN and not partial
+        hashed = pool.submit(self._hash, data, report.depth, walk) if big else None
+        try:
+            if not partial and hashed is None:
+                _set_digests(report, self._hash(data, report.depth, walk))
+            try:
+                scanned = self._scan(report, data, where, walk)     # mime "" and filetype "": no rule reads them
+            finally:
+                report.mime, report.description = typed.result()
+            report.family = filetype.refine_family(filetype.family_of(report.mime), report.mime, head)
+            self._check_claims(report, where)
+            report.findings += scanned
+            self._encrypted_container(report, data, where)
+            if not partial:
+                self._polyglots(report, data, where, walk)
+                self._members(report, data, where, walk)
+        finally:
+            if hashed is not None:
+                _set_digests(report, hashed.result())
+
+    def _unpacked_container(self, report: FileReport, where: str) -> FileReport:
         if report.family == filetype.OTHER and (fmt := filetype.container_name(report.mime, report.description)):
             # libmagic names a container (a filesystem, an installer, an archive) that no MIME type here maps.
             report.family = filetype.ARCHIVE
@@ -264,8 +307,14 @@ class Inspector:
                 {"reason": REASON_UNSUPPORTED, "format": fmt}))
         return report
 
-    def _background(self, data: bytes, head: bytes, hashes: bool) -> tuple[dict[str, str], str]:
-        return (_digests(data, self._digests) if hashes else {}), self._magic.description(head)
+    def _background(self, data: bytes, head: bytes, depth: int, walk: _Walk) -> tuple[dict[str, str], str]:
+        return self._hash(data, depth, walk), self._magic.description(head)
+
+    def _hash(self, data: bytes, depth: int, walk: _Walk) -> dict[str, str]:
+        """The digests of `data`; the top level's SHA-256 is not computed twice when the caller had it."""
+        if depth == 0 and walk.sha256 and "sha256" in self._digests:
+            return dict(_digests(data, tuple(name for name in self._digests if name != "sha256")), sha256=walk.sha256)
+        return _digests(data, self._digests)
 
     def _pool(self) -> ThreadPoolExecutor:
         if self._hash_pool is None:
@@ -300,7 +349,8 @@ class Inspector:
 
     # --- YARA -------------------------------------------------------------------------------------
 
-    def _scan(self, report: FileReport, data: bytes, where: str, walk: _Walk) -> None:
+    def _scan(self, report: FileReport, data: bytes, where: str, walk: _Walk) -> list[Finding]:
+        """The findings of the YARA scan of `data`."""
         context = walk.context
         externals: dict[str, Any] = {
             "filename": report.name.replace("\\", "/").rsplit("/", 1)[-1],
@@ -316,6 +366,7 @@ class Inspector:
             "archive_depth": report.depth,
         }
         warnings: list[Any] = []
+        found: list[Finding] = []
 
         def on_warning(kind: int, detail: Any) -> int:     # called (GIL held) only when YARA warns
             warnings.append((kind, detail))
@@ -325,26 +376,26 @@ class Inspector:
             matches = self.signatures.rules.match(data=data, externals=externals, timeout=self.limits.scan_timeout,
                                                   warnings_callback=on_warning)
         except yara.TimeoutError:
-            report.findings.append(Finding(UNSCANNABLE, f"YARA scan ran out of time ({self.limits.scan_timeout} s)",
-                                           where, {"reason": REASON_TIMEOUT}))
-            return
+            found.append(Finding(UNSCANNABLE, f"YARA scan ran out of time ({self.limits.scan_timeout} s)", where,
+                                 {"reason": REASON_TIMEOUT}))
+            return found
         except yara.Error as exc:
-            report.findings.append(Finding(UNSCANNABLE, f"YARA scan failed: {exc}", where,
-                                           {"reason": REASON_SCANNER_ERROR}))
-            return
+            found.append(Finding(UNSCANNABLE, f"YARA scan failed: {exc}", where, {"reason": REASON_SCANNER_ERROR}))
+            return found
         for kind, detail in warnings:
             if kind == yara.CALLBACK_TOO_MANY_MATCHES:
                 # YARA stopped recording this string: conditions that count it may be wrong.
-                report.findings.append(Finding(
+                found.append(Finding(
                     UNSCANNABLE, f"YARA string {detail.string} of {detail.namespace}.{detail.rule} matched too often; "
                     "results may be incomplete", where,
                     {"reason": REASON_SCANNER_ERROR, "warning": "too_many_matches", "rule": detail.rule,
                      "namespace": detail.namespace, "string": detail.string}))
         for match in matches:
-            report.findings.append(Finding(
+            found.append(Finding(
                 YARA_MATCH, f"YARA rule {match.namespace}.{match.rule} matched", where,
                 {"rule": match.rule, "namespace": match.namespace, "tags": list(match.tags),
                  "meta": dict(match.meta), "strings": sorted({s.identifier for s in match.strings})}))
+        return found
 
     def _encrypted_container(self, report: FileReport, data: bytes, where: str) -> None:
         """A password-protected office document (an OLE file holding an EncryptedPackage stream) hides

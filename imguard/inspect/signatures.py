@@ -18,6 +18,7 @@ rename) and a cache that fails to load is recompiled.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -116,6 +117,37 @@ class Signatures:
     meta: dict[str, dict[str, Any]] = field(default_factory=dict)   # "namespace.rule" -> meta, for reference
     skipped: tuple[str, ...] = ()                # "file:line: message" for each file left out (a missing module)
     unused: tuple[str, ...] = ()                 # top-level files not loaded (the folder's index.yar is its entry)
+    mentioned: frozenset[str] | None = None      # EXTERNALS the bytes compiled mention (load_signatures)
+
+    @functools.cached_property
+    def externals_used(self) -> frozenset[str]:
+        """The EXTERNALS the sources mention as words, over-approximated (a mention in a comment or a string counts
+        too): from the bytes load_signatures read for the compiled set, else from `files` now, all of them when
+        there is no source to read (rules built elsewhere) or one cannot be read. A rule can only see an external it
+        names, so one not in this set cannot change what the rules match."""
+        return self.mentioned if self.mentioned is not None else externals_mentioned(self.files)
+
+
+TYPE_EXTERNALS = ("mime", "filetype")       # the externals whose value comes from libmagic
+
+
+def externals_mentioned(files: tuple[str, ...] | list[str],
+                        names: tuple[str, ...] = tuple(EXTERNALS)) -> frozenset[str]:
+    """Which of the externals `names` the source files mention as words; all of them without files or when one
+    cannot be read."""
+    if not files:
+        return frozenset(names)
+    try:
+        return _mentioned([Path(path).read_bytes() for path in files], names)
+    except OSError:
+        return frozenset(names)
+
+
+def _mentioned(texts: list[bytes], names: tuple[str, ...]) -> frozenset[str]:
+    words = {name: re.compile(rb"\b" + re.escape(name.encode()) + rb"\b") for name in names}
+    # One literal search per name (fast), the word boundaries checked only where it occurs at all.
+    return frozenset(name for name, word in words.items()
+                     if any(name.encode() in text and word.search(text) for text in texts))
 
 
 def _format_error(text: str, path: Path) -> str:
@@ -309,6 +341,8 @@ def load_signatures(directory: Path, cache_dir: Path | None = None,
     digest.update(json.dumps(sorted(_shown(p, top) for p in skipped)).encode())
     version = digest.hexdigest()[:12]
     loaded_files = [entry.path for entry in tree.files.values() if entry.path not in skipped]
+    mentioned = _mentioned([entry.data for entry in tree.files.values() if entry.path not in skipped],
+                           tuple(EXTERNALS))
 
     cache_key = hashlib.sha256(
         f"{ENGINE}\0{ENGINE_VERSION}\0{digest.hexdigest()}\0{EXTERNALS_SCHEMA}".encode()).hexdigest()[:32]
@@ -322,7 +356,7 @@ def load_signatures(directory: Path, cache_dir: Path | None = None,
                           rule_names=RuleNames(manifest["rule_names"], manifest.get("sources")),
                           files=tuple(loaded_files), warnings=tuple(manifest["warnings"]),
                           from_cache=True, rule_count=manifest["rule_count"], meta=manifest["meta"],
-                          skipped=tuple(skipped.values()), unused=tuple(unused))
+                          skipped=tuple(skipped.values()), unused=tuple(unused), mentioned=mentioned)
 
     # A skipped file that another includes is served empty through an include callback; otherwise YARA reads
     # the files itself.
@@ -375,7 +409,8 @@ def load_signatures(directory: Path, cache_dir: Path | None = None,
         _save_cache(rules, manifest, cache_file, manifest_file)
     return Signatures(rules=rules, version=version, rule_names=RuleNames(names, sources),
                       files=tuple(str(p) for p in loaded_files), warnings=tuple(warnings), from_cache=False,
-                      rule_count=rule_count, meta=meta, skipped=tuple(skipped.values()), unused=tuple(unused))
+                      rule_count=rule_count, meta=meta, skipped=tuple(skipped.values()), unused=tuple(unused),
+                      mentioned=mentioned)
 
 
 def _load_cache(cache_file: Path | None, manifest_file: Path | None) -> tuple[Any, dict[str, Any]] | None:
