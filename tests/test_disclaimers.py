@@ -11,7 +11,6 @@ same pair again. The policy's choice by group and direction, and the table's bou
 from __future__ import annotations
 
 import asyncio
-import shutil
 import time
 import uuid
 from pathlib import Path
@@ -21,45 +20,25 @@ import pytest
 from imguard.conversation import ConversationSettings, FirstContacts, conversation_pair
 from imguard.model import ChatContext, RuleMatch
 from imguard.policy import load_policy
+from tests.peers.conversation_rules import bundled_hash_lists, rule, rule_folder, rules_yaml, serving
+from tests.test_warn_continue import bare, ircd, sentinel  # noqa: F401
 
 pytestmark = pytest.mark.timeout(180)
 
 OUT_TEXT = "OUTBOUND-NOTICE: this conversation is recorded by Example Corp."
 IN_TEXT = "INBOUND-NOTICE: your messages to Example Corp are recorded."
-RULES = f"""
-rules:
-  - id: test-disclaimer-outbound
-    title: Recorded conversation (inside to outside)
-    severity: info
-    action: disclaim
-    applies_to: message
-    notify: "{OUT_TEXT}"
-    match:
-      direction: outbound
-  - id: test-disclaimer-inbound
-    title: Recorded conversation (outside to inside)
-    severity: info
-    action: disclaim
-    applies_to: message
-    notify: "{IN_TEXT}"
-    match:
-      direction: inbound
-"""
+RULES = rules_yaml(rule("test-disclaimer-outbound", "Recorded conversation (inside to outside)", "disclaim", "message",
+                        "direction: outbound", severity="info", notify=OUT_TEXT),
+                   rule("test-disclaimer-inbound", "Recorded conversation (outside to inside)", "disclaim", "message",
+                        "direction: inbound", severity="info", notify=IN_TEXT))
 PERIOD = 5.0                            # seconds: --disclaimer-every-days of the short-period gateways
 
 
 def prepare(directory: Path) -> list[str]:
     """The disclaimer rules in their own folder (added to the bundled ones), and the bundled hash lists beside the
     rule files the fixtures copy."""
-    folder = directory / "disclaimer-rules"
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "05-disclaimers.yaml").write_text(RULES)
-    source = Path(__file__).resolve().parents[1] / "rules" / "hashlists"
-    if source.is_dir():
-        target = directory / "rules" / "hashlists"
-        target.mkdir(parents=True, exist_ok=True)
-        for path in source.glob("*.txt"):
-            shutil.copy(path, target / path.name)
+    folder = rule_folder(directory, "disclaimer-rules", "05-disclaimers.yaml", RULES)
+    bundled_hash_lists(directory)
     return ["--rules", str(folder)]
 
 
@@ -80,13 +59,8 @@ def start_xmpp_gateway(directory: Path, prosody, period_days: float | None):
 
 @pytest.fixture(scope="module")
 def xmpp_gateway(peers_dir, prosody):
-    gw = start_xmpp_gateway(peers_dir / f"imguard-disclaimer-{uuid.uuid4().hex[:6]}", prosody, PERIOD / 86400)
-    try:
-        yield gw
-    finally:
-        status = gw.stop()
-        if gw.crashed:
-            pytest.fail(f"imguard run exited by itself with status {status}:\n{gw.logs()}")
+    yield from serving(start_xmpp_gateway(peers_dir / f"imguard-disclaimer-{uuid.uuid4().hex[:6]}", prosody,
+                                          PERIOD / 86400))
 
 
 async def xmpp_client(prosody, endpoint, role: str, tag: str):
@@ -102,16 +76,6 @@ async def xmpp_client(prosody, endpoint, role: str, tag: str):
 def endpoints(prosody, gateway):
     from tests.xmpp_clients import STARTTLS, Endpoint
     return gateway.endpoint(STARTTLS), Endpoint("127.0.0.1", prosody.c2s_port, STARTTLS, ca_file=prosody.ca_file)
-
-
-async def sentinel(sender, receiver) -> None:
-    body = f"sentinel {uuid.uuid4().hex[:8]}"
-    sender.send_chat(receiver.jid, body)
-    assert await receiver.wait_message(body), f"the sentinel {body!r} did not arrive"
-
-
-def bare(jid: str) -> str:
-    return jid.split("/", 1)[0]
 
 
 async def first_message(sender, receiver, text: str, expected: str) -> None:
@@ -212,26 +176,10 @@ def test_xmpp_restart_with_the_archive_does_not_disclaim_again(peers_dir, prosod
 # --- IRC ----------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def ircd(peers_dir):
-    from tests.peers.ngircd import NgIrcd
-    server = NgIrcd.start(peers_dir / f"ngircd-disclaimer-{uuid.uuid4().hex[:6]}")
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture(scope="module")
-def irc_gateway(peers_dir, ircd):
+def irc_gateway(peers_dir, ircd):  # noqa: F811
     from tests.peers.ngircd import IrcGateway
     directory = peers_dir / f"imguard-irc-disclaimer-{uuid.uuid4().hex[:6]}"
-    gw = IrcGateway.start(directory, ircd, extra=prepare(directory))
-    try:
-        yield gw
-    finally:
-        status = gw.stop()
-        if gw.crashed:
-            pytest.fail(f"imguard run exited by itself with status {status}:\n{gw.logs()}")
+    yield from serving(IrcGateway.start(directory, ircd, extra=prepare(directory)))
 
 
 class IrcPeer:
@@ -265,7 +213,7 @@ def pump(peers, until, timeout: float = 10.0) -> bool:
 
 
 @pytest.mark.parametrize("inside_sender", [True, False], ids=["inside-to-outside", "outside-to-inside"])
-def test_irc_first_contact_tells_both_parties_by_notice(ircd, irc_gateway, inside_sender):
+def test_irc_first_contact_tells_both_parties_by_notice(ircd, irc_gateway, inside_sender):  # noqa: F811
     """First PRIVMSG between two nicks, either way round: our user gets a NOTICE from imguard, the other party a NOTICE
     (from our user), both before the message; not again within the period."""
     tag = uuid.uuid4().hex[:5]

@@ -20,6 +20,7 @@ import pytest
 
 from imguard.conversation import ConversationSettings, FirstContacts, disclaimer_event, disclaimer_record, room_key
 from imguard.model import FROM_CLIENT, FROM_SERVER, ChatContext, RuleMatch
+from tests.peers.conversation_rules import ngircd, serving, wait_for
 from tests.test_disclaimers import IN_TEXT, OUT_TEXT, endpoints, prepare, xmpp_client
 from tests.test_ethical_walls import join_room
 from tests.test_wall_rooms import say
@@ -34,15 +35,6 @@ def room_disclaimers(events: list[dict], room: str) -> list[dict]:
             and e["imguard"]["disclaimer"].get("room") == room.lower()]
 
 
-def wait_for(predicate, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return False
-
-
 # --- XMPP: Prosody's conference.localhost -------------------------------------------------------------------------
 
 @pytest.fixture(scope="module", params=[False, True], ids=["to-members", "in-room"])
@@ -55,12 +47,7 @@ def xmpp_room_gateway(request, peers_dir, prosody):
         extra.append("--disclaimer-in-room")
     gw = Gateway.start(directory, prosody, extra=extra)
     gw.in_room = request.param
-    try:
-        yield gw
-    finally:
-        status = gw.stop()
-        if gw.crashed:
-            pytest.fail(f"imguard run exited by itself with status {status}:\n{gw.logs()}")
+    yield from serving(gw)
 
 
 def groupchat(client, room: str) -> list[tuple[str, str]]:
@@ -140,12 +127,7 @@ def test_xmpp_room_disclaimer_to_inside_members_or_in_the_room(prosody, xmpp_roo
 
 @pytest.fixture(scope="module")
 def room_ircd(peers_dir):
-    from tests.peers.ngircd import NgIrcd
-    server = NgIrcd.start(peers_dir / f"ngircd-roomdisclaimer-{uuid.uuid4().hex[:6]}")
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from ngircd(peers_dir / f"ngircd-roomdisclaimer-{uuid.uuid4().hex[:6]}")
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["to-members", "in-room"])
@@ -157,12 +139,7 @@ def irc_room_gateway(request, peers_dir, room_ircd):
         extra.append("--disclaimer-in-room")
     gw = IrcGateway.start(directory, room_ircd, extra=extra)
     gw.in_room = request.param
-    try:
-        yield gw
-    finally:
-        status = gw.stop()
-        if gw.crashed:
-            pytest.fail(f"imguard run exited by itself with status {status}:\n{gw.logs()}")
+    yield from serving(gw)
 
 
 def test_irc_channel_disclaimer_to_inside_members_or_in_the_channel(room_ircd, irc_room_gateway):

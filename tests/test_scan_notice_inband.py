@@ -31,7 +31,9 @@ from imguard.model import FROM_CLIENT, FROM_SERVER, ChatContext
 from imguard.protocols.base import InspectFile
 from imguard.protocols.msnp import CommandDecoder, P2PHeader
 from imguard.protocols.sametime import decoder as st
-from tests.peers.gateway import BUNDLED_SIGNATURES, Gateway, alert_names_file
+from tests.peers.conversation_rules import (payload, serving, slow_scan_extra, slow_signatures, slow_yara_rule,
+                                           watched)
+from tests.peers.gateway import Gateway, alert_names_file
 from tests.xmpp_clients import DIRECT_TLS, STARTTLS, sha256
 
 from test_e2e_xmpp import INBOUND, OUTBOUND, Crossing, Outside, Route, run, sentinel_after
@@ -50,26 +52,10 @@ pytestmark = pytest.mark.timeout(180)
 
 NOTICE_AFTER = 0.3          # seconds: the gateway's --scan-notice-after-seconds here
 BEING_SCANNED = "is being scanned"
-SLOW_RULE = """\
-rule imguard_test_slow_inband_scan
-{
-    meta:
-        description = "tests/test_scan_notice_inband.py: walks every byte of a file over 256 KB 24 times; matches none"
-    condition:
-        filesize > 256KB and for any i in (0..filesize - 1) : (
-            for any j in (0..23) : (uint8(i) == 0xFE and uint8(i + j) == 0xFF))
-}
-"""
+SLOW_RULE = slow_yara_rule("imguard_test_slow_inband_scan", "tests/test_scan_notice_inband.py", 24)
 BIG = 900_000
 SMALL = 15_000
 BLOCK = 8192                # IBB block size: slixmpp accepts at most 8 KiB (its max_block_size)
-
-
-def payload(size: int) -> bytes:
-    """Unique content (the verdict cache would answer a second scan of the same bytes at once), with no 0xFE/0xFF
-    byte, so the slow rule walks all of it."""
-    head = f"report {uuid.uuid4()}\n".encode()
-    return head + (bytes(range(254)) * (size // 254 + 1))[:size - len(head)]
 
 
 # --- the tracker, without the network ----------------------------------------------------------------------
@@ -112,17 +98,8 @@ def slow_gateway(tmp_path_factory, prosody):
     """`imguard run` in front of Prosody with the bundled signatures plus the slow test rule, and
     --scan-notice-after-seconds NOTICE_AFTER."""
     directory = tmp_path_factory.mktemp("imguard-slow-inband")
-    signatures = directory / "signatures"
-    shutil.copytree(BUNDLED_SIGNATURES, signatures)
-    (signatures / "zz_test_slow_inband.yar").write_text(SLOW_RULE)
-    gw = Gateway.start(directory / "gw", prosody, extra=["--signatures", str(signatures),
-                                                         "--scan-notice-after-seconds", str(NOTICE_AFTER)])
-    try:
-        yield gw
-    finally:
-        status = gw.stop()
-        if gw.crashed:
-            pytest.fail(f"imguard run exited by itself with status {status}:\n{gw.logs()}")
+    extra = slow_scan_extra(directory, "zz_test_slow_inband.yar", SLOW_RULE, NOTICE_AFTER)
+    yield from serving(Gateway.start(directory / "gw", prosody, extra=extra))
 
 
 @pytest.fixture(params=[(INBOUND, STARTTLS), (OUTBOUND, STARTTLS), (INBOUND, DIRECT_TLS), (OUTBOUND, DIRECT_TLS)],
@@ -131,12 +108,8 @@ def crossing(request, prosody, slow_gateway):
     """Both ways round, the inside party on either of the gateway's XMPP listeners (STARTTLS: the session's layer
     under TLS layers it pushed itself; direct TLS: under mitmproxy's)."""
     direction, mode = request.param
-    slow_gateway.check_alive()
-    offset = slow_gateway.log_size()
-    yield Crossing(direction, Route("imguard", mode, prosody, slow_gateway), Outside(prosody))
-    slow_gateway.check_alive()
-    errors = slow_gateway.errors_since(offset)
-    assert not errors, "imguard logged errors during the test:\n" + "\n".join(errors) + "\n" + slow_gateway.logs()
+    yield from watched(slow_gateway, Crossing(direction, Route("imguard", mode, prosody, slow_gateway),
+                                              Outside(prosody)))
 
 
 def from_imguard(client, domain: str) -> list[str]:
@@ -223,9 +196,7 @@ def slow_world(tmp_path_factory):
     for source in (ROOT / "rules", ROOT / "tests" / "data" / "rules"):
         for path in source.glob("*.yaml"):
             shutil.copy(path, rules / path.name)
-    signatures = tmp_path_factory.mktemp("signatures") / "signatures"
-    shutil.copytree(BUNDLED_SIGNATURES, signatures)
-    (signatures / "zz_test_slow_inband.yar").write_text(SLOW_RULE)
+    signatures = slow_signatures(tmp_path_factory.mktemp("signatures"), "zz_test_slow_inband.yar", SLOW_RULE)
     data = tmp_path_factory.mktemp("data")
     return build_pipeline(rules, signatures, data), data
 
@@ -258,6 +229,15 @@ def slow_file_alerts(data: Path, name: str) -> tuple[dict | None, dict | None]:
     told = next((a for a in events if a["event"].get("action") == "notify"
                  and BEING_SCANNED in a["imguard"]["notify"]["text"] and name in a["message"]), None)
     return decided, told
+
+
+def slow_and_told(data: Path, name: str) -> dict:
+    """The file's decision event, after a scan slower than the setting; its notice was recorded."""
+    decided, told = slow_file_alerts(data, name)
+    assert decided and decided["event"]["action"] in ("allow", "alert"), decided
+    assert decided["event"]["duration"] > NOTICE_AFTER * 1e9, "the scan was not slow: the test proves nothing"
+    assert told, "the notice was not recorded"
+    return decided
 
 
 def test_a_slow_msnslp_file_of_our_sender_is_announced_before_it_reaches_the_switchboard(tmp_path, slow_world):
@@ -297,11 +277,8 @@ def test_a_slow_msnslp_file_of_our_sender_is_announced_before_it_reaches_the_swi
             await gw.stop()
             server.close()
     legacy_run(main())
-    decided, told = slow_file_alerts(data, name)
-    assert decided and decided["event"]["action"] in ("allow", "alert"), decided
-    assert decided["event"]["duration"] > NOTICE_AFTER * 1e9, "the scan was not slow: the test proves nothing"
+    decided = slow_and_told(data, name)
     assert decided["imguard"]["context"]["direction"] == "outbound"
-    assert told, "the notice was not recorded"
 
 
 def test_a_slow_msnslp_file_to_our_receiver_is_announced_before_any_chunk(tmp_path, slow_world):
@@ -338,11 +315,8 @@ def test_a_slow_msnslp_file_to_our_receiver_is_announced_before_any_chunk(tmp_pa
             await gw.stop()
             server.close()
     legacy_run(main())
-    decided, told = slow_file_alerts(data, name)
-    assert decided and decided["event"]["action"] in ("allow", "alert"), decided
-    assert decided["event"]["duration"] > NOTICE_AFTER * 1e9, "the scan was not slow: the test proves nothing"
+    decided = slow_and_told(data, name)
     assert_inbound(decided, PEER, ME)
-    assert told, "the notice was not recorded"
 
 
 # --- Sametime file channels: the embedded gateway, a scripted community server --------------------------------
@@ -421,8 +395,5 @@ def test_a_slow_sametime_file_is_announced_to_our_user_before_its_verdict(tmp_pa
             await gw.stop()
             server.close()
     legacy_run(main())
-    decided, told = slow_file_alerts(data, name)
-    assert decided and decided["event"]["action"] in ("allow", "alert"), decided
-    assert decided["event"]["duration"] > NOTICE_AFTER * 1e9, "the scan was not slow: the test proves nothing"
+    decided = slow_and_told(data, name)
     assert decided["imguard"]["context"]["direction"] == direction
-    assert told, "the notice was not recorded"

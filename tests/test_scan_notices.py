@@ -11,7 +11,6 @@ not had a byte of the file (the gateway holds every byte until the verdict); the
 
 from __future__ import annotations
 
-import shutil
 import uuid
 
 import pytest
@@ -19,7 +18,8 @@ import pytest
 from imguard.files.tracker import HeldTransfer, Outcome, Party
 from imguard.model import FROM_CLIENT, FROM_SERVER, ChatContext
 from imguard.protocols.base import InspectFile, Notify
-from tests.peers.ngircd import BUNDLED_SIGNATURES, IrcGateway, NgIrcd
+from tests.peers.conversation_rules import ngircd, payload, serving, slow_scan_extra, slow_yara_rule, watched
+from tests.peers.ngircd import IrcGateway
 
 from test_e2e_irc import WAYS, Chat, Route, across, sha256
 
@@ -27,23 +27,7 @@ pytestmark = pytest.mark.timeout(180)
 
 NOTICE_AFTER = 0.3          # seconds: the gateway's --scan-notice-after-seconds here
 BEING_SCANNED = "is being scanned"
-SLOW_RULE = """\
-rule imguard_test_slow_scan
-{
-    meta:
-        description = "tests/test_scan_notices.py: walks every byte of a file over 256 KB eight times; matches none"
-    condition:
-        filesize > 256KB and for any i in (0..filesize - 1) : (
-            for any j in (0..7) : (uint8(i) == 0xFE and uint8(i + j) == 0xFF))
-}
-"""
-
-
-def payload(size: int) -> bytes:
-    """Unique content (the verdict cache would answer a second scan of the same bytes at once), with no 0xFE/0xFF
-    byte, so the slow rule walks all of it."""
-    head = f"report {uuid.uuid4()}\n".encode()
-    return head + (bytes(range(254)) * (size // 254 + 1))[:size - len(head)]
+SLOW_RULE = slow_yara_rule("imguard_test_slow_scan", "tests/test_scan_notices.py", 8)
 
 
 BIG = 1_500_000
@@ -89,11 +73,7 @@ def test_a_file_multiplexed_with_chat_carries_no_slow_notice():
 
 @pytest.fixture(scope="module")
 def ircd(tmp_path_factory):
-    server = NgIrcd.start(tmp_path_factory.mktemp("ngircd"))
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from ngircd(tmp_path_factory.mktemp("ngircd"))
 
 
 @pytest.fixture(scope="module")
@@ -101,27 +81,13 @@ def slow_gateway(tmp_path_factory, ircd):
     """`imguard run` in front of ngIRCd with the bundled signatures plus the slow test rule, and
     --scan-notice-after-seconds NOTICE_AFTER."""
     directory = tmp_path_factory.mktemp("imguard-slow")
-    signatures = directory / "signatures"
-    shutil.copytree(BUNDLED_SIGNATURES, signatures)
-    (signatures / "zz_test_slow.yar").write_text(SLOW_RULE)
-    gw = IrcGateway.start(directory / "gw", ircd, extra=["--signatures", str(signatures),
-                                                        "--scan-notice-after-seconds", str(NOTICE_AFTER)])
-    try:
-        yield gw
-    finally:
-        status = gw.stop()
-        if gw.crashed:
-            pytest.fail(f"imguard run exited by itself with status {status}:\n{gw.logs()}")
+    extra = slow_scan_extra(directory, "zz_test_slow.yar", SLOW_RULE, NOTICE_AFTER)
+    yield from serving(IrcGateway.start(directory / "gw", ircd, extra=extra))
 
 
 @pytest.fixture
 def route(ircd, slow_gateway):
-    slow_gateway.check_alive()
-    offset = slow_gateway.log_size()
-    yield Route("imguard", False, ircd, slow_gateway)
-    slow_gateway.check_alive()
-    errors = slow_gateway.errors_since(offset)
-    assert not errors, "imguard logged errors during the test:\n" + "\n".join(errors) + "\n" + slow_gateway.logs()
+    yield from watched(slow_gateway, Route("imguard", False, ircd, slow_gateway))
 
 
 @pytest.mark.parametrize("way", WAYS)

@@ -12,6 +12,7 @@ to the inside receiver is delivered, not held again). The state machine alone: t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from pathlib import Path
@@ -21,47 +22,18 @@ import pytest
 from imguard.conversation import (Answer, ConversationSettings, PendingWarnings, ReleasedMessages, WarnState,
                                   parse_answer)
 from imguard.model import WARN, ChatContext, Decision, RuleMatch
+from tests.peers.conversation_rules import ngircd, rule, rules_extra, rules_yaml, serving
 
 pytestmark = pytest.mark.timeout(180)
 
 WARN_WORD = "pricelist-q4"          # matched by the warn rule below
 WARN_RULE = "test-warn-pricelist"
 WINDOW = 4.0                        # --warn-window-seconds of the gateways here
-RULES = f"""
-rules:
-  - id: {WARN_RULE}
-    title: Price list leaving the company
-    severity: medium
-    action: warn
-    applies_to: message
-    match:
-      keywords: [{WARN_WORD}]
-"""
+RULES = rules_yaml(rule(WARN_RULE, "Price list leaving the company", "warn", "message", f"keywords: [{WARN_WORD}]"))
 
 
-def warn_rules(directory: Path) -> Path:
-    folder = directory / "warn-rules"
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "50-warn.yaml").write_text(RULES)
-    return folder
-
-
-def bundled_hash_lists(directory: Path) -> None:
-    """The bundled rules name the bundled hash lists (rules/hashlists/); the fixtures copy only the rule files to
-    `directory`/rules, so the lists go beside them first."""
-    import shutil
-    source = Path(__file__).resolve().parents[1] / "rules" / "hashlists"
-    if source.is_dir():
-        target = directory / "rules" / "hashlists"
-        target.mkdir(parents=True, exist_ok=True)
-        for path in source.glob("*.txt"):
-            shutil.copy(path, target / path.name)
-
-
-def gateway_extra(directory: Path) -> list[str]:
-    bundled_hash_lists(directory)
-    return ["--rules", str(warn_rules(directory)), "--warn-window-seconds", str(WINDOW),
-            "--fail-mode", "xmpp:downgrade=open"]
+def warn_rules_extra(directory: Path, *extra: str) -> list[str]:
+    return rules_extra(directory, "warn-rules", "50-warn.yaml", RULES, "--warn-window-seconds", str(WINDOW), *extra)
 
 
 def outcome(event: dict, state: str, text_part: str) -> bool:
@@ -75,13 +47,8 @@ def outcome(event: dict, state: str, text_part: str) -> bool:
 def warn_gateway(peers_dir, prosody):
     from tests.peers.gateway import Gateway
     directory = peers_dir / f"imguard-warn-{uuid.uuid4().hex[:6]}"
-    gw = Gateway.start(directory, prosody, extra=gateway_extra(directory))
-    try:
-        yield gw
-    finally:
-        status = gw.stop()
-        if gw.crashed:
-            pytest.fail(f"imguard run exited by itself with status {status}:\n{gw.logs()}")
+    yield from serving(Gateway.start(directory, prosody,
+                                     extra=warn_rules_extra(directory, "--fail-mode", "xmpp:downgrade=open")))
 
 
 class Xmpp:
@@ -103,6 +70,16 @@ class Xmpp:
         client = Client(self.inside if inside else self.outside, jid, self.prosody.password(user))
         await client.login()
         return client
+
+    @contextlib.asynccontextmanager
+    async def clients(self, *people: tuple[str, bool]):
+        """(role, inside) each logged in, in order; all closed after, in the same order."""
+        logged = [await self.client(role, inside) for role, inside in people]
+        try:
+            yield logged
+        finally:
+            for client in logged:
+                await client.close()
 
 
 async def sentinel(sender, receiver) -> None:
@@ -135,8 +112,7 @@ def test_xmpp_warn_justify_delivers_with_the_reason(prosody, warn_gateway):
     async def scenario():
         x = Xmpp(prosody, warn_gateway)
         since = warn_gateway.mark()
-        alice, bob = await x.client("alice", True), await x.client("bob", False)
-        try:
+        async with x.clients(("alice", True), ("bob", False)) as (alice, bob):
             text = f"here is the {WARN_WORD} for you {uuid.uuid4().hex[:6]}"
             await warned(alice, bob, text)
             held = await warn_gateway.wait_alert(lambda e: e["event"].get("action") == WARN
@@ -153,9 +129,6 @@ def test_xmpp_warn_justify_delivers_with_the_reason(prosody, warn_gateway):
             assert event["imguard"]["warn"]["justification"] == "the customer asked for it"
             assert event["imguard"]["warn"]["delivered"] is True and event["event"]["type"] == ["allowed"]
             assert event["rule"]["id"] == WARN_RULE and event["user"]["name"] == bare(alice.jid)
-        finally:
-            await alice.close()
-            await bob.close()
     asyncio.run(scenario())
 
 
@@ -165,8 +138,7 @@ def test_xmpp_warn_without_answer_is_never_delivered(prosody, warn_gateway):
     async def scenario():
         x = Xmpp(prosody, warn_gateway)
         since = warn_gateway.mark()
-        alice, bob = await x.client("alice", True), await x.client("bob", False)
-        try:
+        async with x.clients(("alice", True), ("bob", False)) as (alice, bob):
             text = f"the {WARN_WORD} again {uuid.uuid4().hex[:6]}"
             await warned(alice, bob, text)
             await asyncio.sleep(WINDOW + 0.5)
@@ -178,9 +150,6 @@ def test_xmpp_warn_without_answer_is_never_delivered(prosody, warn_gateway):
             assert event is not None, "no warn_expired event"
             assert event["imguard"]["warn"]["delivered"] is False and event["event"]["type"] == ["denied"]
             assert event["imguard"]["warn"]["held_seconds"] >= WINDOW
-        finally:
-            await alice.close()
-            await bob.close()
     asyncio.run(scenario())
 
 
@@ -189,8 +158,7 @@ def test_xmpp_false_positive_is_recorded(prosody, warn_gateway):
     async def scenario():
         x = Xmpp(prosody, warn_gateway)
         since = warn_gateway.mark()
-        alice, bob = await x.client("alice", True), await x.client("bob", False)
-        try:
+        async with x.clients(("alice", True), ("bob", False)) as (alice, bob):
             text = f"public {WARN_WORD} from the website {uuid.uuid4().hex[:6]}"
             await warned(alice, bob, text)
             alice.send_chat(bob.jid, "!FalsePositive   this list is on our public website")
@@ -199,9 +167,6 @@ def test_xmpp_false_positive_is_recorded(prosody, warn_gateway):
             assert event is not None, "no warn_false_positive event"
             assert event["imguard"]["warn"]["false_positive"] is True
             assert event["imguard"]["warn"]["comment"] == "this list is on our public website"
-        finally:
-            await alice.close()
-            await bob.close()
     asyncio.run(scenario())
 
 
@@ -210,8 +175,7 @@ def test_xmpp_inbound_warn_is_refused(prosody, warn_gateway):
     block: the receiver is told, never gets the text; the sentinel arrives."""
     async def scenario():
         x = Xmpp(prosody, warn_gateway)
-        alice, bob = await x.client("alice", True), await x.client("bob", False)
-        try:
+        async with x.clients(("alice", True), ("bob", False)) as (alice, bob):
             text = f"inbound {WARN_WORD} {uuid.uuid4().hex[:6]}"
             bob.send_chat(alice.jid, text)
             assert await alice.wait_for(lambda r: any("was blocked" in (m["body"] or "") for m in r.messages))
@@ -219,9 +183,6 @@ def test_xmpp_inbound_warn_is_refused(prosody, warn_gateway):
             assert text not in alice.bodies()
             bob.send_chat(alice.jid, "!justify from outside")   # an outsider's answer is just a message
             assert await alice.wait_message("!justify from outside")
-        finally:
-            await alice.close()
-            await bob.close()
     asyncio.run(scenario())
 
 
@@ -231,17 +192,13 @@ def test_xmpp_internal_justified_copy_is_not_held_again(prosody, warn_gateway):
     async def scenario():
         x = Xmpp(prosody, warn_gateway)
         since = warn_gateway.mark()
-        alice, carol = await x.client("alice", True), await x.client("carol", True)
-        try:
+        async with x.clients(("alice", True), ("carol", True)) as (alice, carol):
             text = f"internal {WARN_WORD} {uuid.uuid4().hex[:6]}"
             await warned(alice, carol, text)
             alice.send_chat(carol.jid, "!justify finance needs it")
             assert await carol.wait_message(text), f"the justified message did not arrive: {carol.bodies()}"
             assert await warn_gateway.wait_alert(lambda e: outcome(e, "delivered", text), since) is not None
             assert await warn_gateway.wait_alert(lambda e: outcome(e, "justified", text), since) is not None
-        finally:
-            await alice.close()
-            await carol.close()
     asyncio.run(scenario())
 
 
@@ -249,27 +206,14 @@ def test_xmpp_internal_justified_copy_is_not_held_again(prosody, warn_gateway):
 
 @pytest.fixture(scope="module")
 def ircd(peers_dir):
-    from tests.peers.ngircd import NgIrcd
-    server = NgIrcd.start(peers_dir / f"ngircd-warn-{uuid.uuid4().hex[:6]}")
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from ngircd(peers_dir / f"ngircd-warn-{uuid.uuid4().hex[:6]}")
 
 
 @pytest.fixture(scope="module")
 def irc_warn_gateway(peers_dir, ircd):
     from tests.peers.ngircd import IrcGateway
     directory = peers_dir / f"imguard-irc-warn-{uuid.uuid4().hex[:6]}"
-    bundled_hash_lists(directory)
-    gw = IrcGateway.start(directory, ircd, extra=["--rules", str(warn_rules(directory)),
-                                                   "--warn-window-seconds", str(WINDOW)])
-    try:
-        yield gw
-    finally:
-        status = gw.stop()
-        if gw.crashed:
-            pytest.fail(f"imguard run exited by itself with status {status}:\n{gw.logs()}")
+    yield from serving(IrcGateway.start(directory, ircd, extra=warn_rules_extra(directory)))
 
 
 class IrcPeer:

@@ -14,62 +14,29 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from pathlib import Path
 
 import pytest
 
 from imguard.model import WARN
+from tests.peers.conversation_rules import file_outcome, rule, rules_extra, rules_yaml, serving, sha
 from tests.peers.payloads import random_payload
-from tests.test_warn_continue import Xmpp, bundled_hash_lists, sentinel
+from tests.test_warn_continue import Xmpp, sentinel
 
 pytestmark = pytest.mark.timeout(240)
 
 WARN_RULE = "test-warn-file-pricelist"
 WARN_EXT = "xlsq"                   # files named *.xlsq are matched by the warn rule below
 WINDOW = 4.0                        # --warn-window-seconds of the gateway here
-RULES = f"""
-rules:
-  - id: {WARN_RULE}
-    title: Price list file leaving the company
-    severity: medium
-    action: warn
-    applies_to: file
-    match:
-      extension: [{WARN_EXT}]
-"""
-
-
-def warn_file_rules(directory: Path) -> Path:
-    folder = directory / "warn-file-rules"
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "50-warn-file.yaml").write_text(RULES)
-    return folder
-
-
-def file_outcome(event: dict, state: str, sha256: str) -> bool:
-    return (event.get("event", {}).get("action") == f"warn_{state}"
-            and event.get("file", {}).get("hash", {}).get("sha256") == sha256)
-
-
-def sha(data: bytes) -> str:
-    import hashlib
-    return hashlib.sha256(data).hexdigest()
+RULES = rules_yaml(rule(WARN_RULE, "Price list file leaving the company", "warn", "file", f"extension: [{WARN_EXT}]"))
 
 
 @pytest.fixture(scope="module")
 def warn_file_gateway(peers_dir, prosody):
     from tests.peers.gateway import Gateway
     directory = peers_dir / f"imguard-warnfile-{uuid.uuid4().hex[:6]}"
-    bundled_hash_lists(directory)
-    gw = Gateway.start(directory, prosody, extra=["--rules", str(warn_file_rules(directory)),
-                                                  "--warn-window-seconds", str(WINDOW),
-                                                  "--fail-mode", "xmpp:downgrade=open"])
-    try:
-        yield gw
-    finally:
-        status = gw.stop()
-        if gw.crashed:
-            pytest.fail(f"imguard run exited by itself with status {status}:\n{gw.logs()}")
+    yield from serving(Gateway.start(directory, prosody, extra=rules_extra(
+        directory, "warn-file-rules", "50-warn-file.yaml", RULES, "--warn-window-seconds", str(WINDOW),
+        "--fail-mode", "xmpp:downgrade=open")))
 
 
 def notices(client, word: str) -> list[str]:
@@ -96,8 +63,7 @@ def test_xmpp_warned_file_justified_is_delivered(prosody, warn_file_gateway):
     async def scenario():
         x = Xmpp(prosody, gw)
         since = gw.mark()
-        alice, bob = await x.client("alice", True), await x.client("bob", False)
-        try:
+        async with x.clients(("alice", True), ("bob", False)) as (alice, bob):
             data, name = random_payload(20_000), f"prices-{uuid.uuid4().hex[:6]}.{WARN_EXT}"
             sid = await warned_file(alice, bob, name, data)
             held = await gw.wait_alert(lambda e: e["event"].get("action") == WARN
@@ -114,9 +80,6 @@ def test_xmpp_warned_file_justified_is_delivered(prosody, warn_file_gateway):
             assert event["imguard"]["warn"]["justification"] == "the distributor asked for it"
             assert event["imguard"]["warn"]["delivered"] is True and event["event"]["type"] == ["allowed"]
             assert event["file"]["name"] == name and event["source"]["user"]["name"] == alice.jid.split("/")[0]
-        finally:
-            await alice.close()
-            await bob.close()
     asyncio.run(scenario())
 
 
@@ -128,8 +91,7 @@ def test_xmpp_warned_file_unanswered_is_never_delivered(prosody, warn_file_gatew
     async def scenario():
         x = Xmpp(prosody, gw)
         since = gw.mark()
-        alice, bob = await x.client("alice", True), await x.client("bob", False)
-        try:
+        async with x.clients(("alice", True), ("bob", False)) as (alice, bob):
             data, name = random_payload(9_000), f"prices-{uuid.uuid4().hex[:6]}.{WARN_EXT}"
             sid = await warned_file(alice, bob, name, data)
             await asyncio.sleep(WINDOW + 0.5)
@@ -144,9 +106,6 @@ def test_xmpp_warned_file_unanswered_is_never_delivered(prosody, warn_file_gatew
             assert event is not None, "no warn_expired file event"
             assert event["imguard"]["warn"]["delivered"] is False and event["event"]["type"] == ["denied"]
             assert event["imguard"]["warn"]["held_seconds"] >= WINDOW
-        finally:
-            await alice.close()
-            await bob.close()
     asyncio.run(scenario())
 
 
@@ -158,8 +117,7 @@ def test_xmpp_inbound_warned_file_is_refused(prosody, warn_file_gateway):
     async def scenario():
         x = Xmpp(prosody, gw)
         since = gw.mark()
-        alice, mallory = await x.client("alice", True), await x.client("mallory", False)
-        try:
+        async with x.clients(("alice", True), ("mallory", False)) as (alice, mallory):
             data, name = random_payload(9_000), f"prices-{uuid.uuid4().hex[:6]}.{WARN_EXT}"
             result = await mallory.ibb_send(alice.jid, data, name=name)
             assert await alice.wait_for(lambda r: notices(alice, "was blocked")), \
@@ -173,9 +131,6 @@ def test_xmpp_inbound_warned_file_is_refused(prosody, warn_file_gateway):
             event = await gw.wait_alert(lambda e: e["event"].get("action") == WARN
                                         and e.get("file", {}).get("hash", {}).get("sha256") == sha(data), since)
             assert event is not None and event["network"]["direction"] == "inbound"
-        finally:
-            await alice.close()
-            await mallory.close()
     asyncio.run(scenario())
 
 
@@ -187,8 +142,7 @@ def test_xmpp_internal_justified_file_copy_is_delivered(prosody, warn_file_gatew
     async def scenario():
         x = Xmpp(prosody, gw)
         since = gw.mark()
-        alice, carol = await x.client("alice", True), await x.client("carol", True)
-        try:
+        async with x.clients(("alice", True), ("carol", True)) as (alice, carol):
             data, name = random_payload(12_000), f"prices-{uuid.uuid4().hex[:6]}.{WARN_EXT}"
             sid = await warned_file(alice, carol, name, data)
             alice.send_chat(carol.jid, "!justify finance needs it")
@@ -196,9 +150,6 @@ def test_xmpp_internal_justified_file_copy_is_delivered(prosody, warn_file_gatew
                 f"the justified file did not reach the inside receiver: {len(carol.received.ibb.get(sid, b''))} bytes"
             assert await gw.wait_alert(lambda e: file_outcome(e, "justified", sha(data)), since) is not None
             assert await gw.wait_alert(lambda e: file_outcome(e, "delivered", sha(data)), since) is not None
-        finally:
-            await alice.close()
-            await carol.close()
     asyncio.run(scenario())
 
 

@@ -15,7 +15,6 @@ not at the next traffic. The state machine and the DCC session as transcripts: t
 
 from __future__ import annotations
 
-import hashlib
 import time
 import uuid
 from pathlib import Path
@@ -25,9 +24,10 @@ import pytest
 from imguard.conversation import (Answer, ConversationSettings, HeldMessage, PendingWarnings, SideWarnings,
                                   WarnState, settle_answer)
 from imguard.model import FROM_CLIENT, FROM_SERVER, WARN, ChatContext, Decision, FileReport, RuleMatch
+from tests.peers.conversation_rules import file_outcome, rule, rules_extra, rules_yaml, serving, sha, watched
 from tests.peers.payloads import random_payload
 from tests.test_e2e_irc import Chat, Route
-from tests.test_warn_continue import bundled_hash_lists
+from tests.test_warn_continue import Clock, ircd  # noqa: F401
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -37,70 +37,23 @@ WARN_EXT = "xlsq"                   # files named *.xlsq are matched by the file
 WARN_FILE_RULE = "test-warn-side-file"
 WARN_WORD = "pricelist-q4"          # messages naming it are matched by the message warn rule
 WARN_MESSAGE_RULE = "test-warn-side-message"
-RULES = f"""
-rules:
-  - id: {WARN_FILE_RULE}
-    title: Price list file leaving the company
-    severity: medium
-    action: warn
-    applies_to: file
-    match:
-      extension: [{WARN_EXT}]
-  - id: {WARN_MESSAGE_RULE}
-    title: Price list leaving the company
-    severity: medium
-    action: warn
-    applies_to: message
-    match:
-      keywords: [{WARN_WORD}]
-"""
-
-
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def file_outcome(event: dict, state: str, sha256: str) -> bool:
-    return (event.get("event", {}).get("action") == f"warn_{state}"
-            and event.get("file", {}).get("hash", {}).get("sha256") == sha256)
+RULES = rules_yaml(
+    rule(WARN_FILE_RULE, "Price list file leaving the company", "warn", "file", f"extension: [{WARN_EXT}]"),
+    rule(WARN_MESSAGE_RULE, "Price list leaving the company", "warn", "message", f"keywords: [{WARN_WORD}]"))
 
 
 @pytest.fixture(scope="module")
-def ircd(peers_dir):
-    from tests.peers.ngircd import NgIrcd
-    server = NgIrcd.start(peers_dir / f"ngircd-warnside-{uuid.uuid4().hex[:6]}")
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture(scope="module")
-def side_gateway(peers_dir, ircd):
+def side_gateway(peers_dir, ircd):  # noqa: F811
     from tests.peers.ngircd import IrcGateway
     directory = peers_dir / f"imguard-warnside-{uuid.uuid4().hex[:6]}"
-    bundled_hash_lists(directory)
-    rules = directory / "warn-side-rules"
-    rules.mkdir(parents=True, exist_ok=True)
-    (rules / "50-warn-side.yaml").write_text(RULES)
-    gw = IrcGateway.start(Path(directory), ircd, extra=["--rules", str(rules), "--warn-window-seconds", str(WINDOW)])
-    try:
-        yield gw
-    finally:
-        status = gw.stop()
-        if gw.crashed:
-            pytest.fail(f"imguard run exited by itself with status {status}:\n{gw.logs()}")
+    yield from serving(IrcGateway.start(Path(directory), ircd, extra=rules_extra(
+        directory, "warn-side-rules", "50-warn-side.yaml", RULES, "--warn-window-seconds", str(WINDOW))))
 
 
 @pytest.fixture
-def route(ircd, side_gateway) -> Route:
+def route(ircd, side_gateway) -> Route:  # noqa: F811
     """Through imguard, cleartext; the gateway must log no error meanwhile."""
-    side_gateway.check_alive()
-    offset = side_gateway.log_size()
-    yield Route("imguard", False, ircd, side_gateway)
-    side_gateway.check_alive()
-    errors = side_gateway.errors_since(offset)
-    assert not errors, "imguard logged errors during the test:\n" + "\n".join(errors) + "\n" + side_gateway.logs()
+    yield from watched(side_gateway, Route("imguard", False, ircd, side_gateway))
 
 
 def warned_dcc(chat: Chat, route: Route, alice, bob, passive: bool = False):
@@ -230,18 +183,9 @@ def test_warned_message_on_an_idle_connection_expires_on_time(route):
 def xmpp_gateway(peers_dir, prosody):
     from tests.peers.gateway import Gateway
     directory = peers_dir / f"imguard-warnidle-{uuid.uuid4().hex[:6]}"
-    bundled_hash_lists(directory)
-    rules = directory / "warn-idle-rules"
-    rules.mkdir(parents=True, exist_ok=True)
-    (rules / "50-warn-idle.yaml").write_text(RULES)
-    gw = Gateway.start(directory, prosody, extra=["--rules", str(rules), "--warn-window-seconds", str(WINDOW),
-                                                  "--fail-mode", "xmpp:downgrade=open"])
-    try:
-        yield gw
-    finally:
-        status = gw.stop()
-        if gw.crashed:
-            pytest.fail(f"imguard run exited by itself with status {status}:\n{gw.logs()}")
+    yield from serving(Gateway.start(directory, prosody, extra=rules_extra(
+        directory, "warn-idle-rules", "50-warn-idle.yaml", RULES, "--warn-window-seconds", str(WINDOW),
+        "--fail-mode", "xmpp:downgrade=open")))
 
 
 def test_xmpp_warned_message_and_file_expire_on_an_idle_connection(prosody, xmpp_gateway):
@@ -256,8 +200,7 @@ def test_xmpp_warned_message_and_file_expire_on_an_idle_connection(prosody, xmpp
     async def scenario():
         x = Xmpp(prosody, gw)
         since = gw.mark()
-        alice, bob = await x.client("alice", True), await x.client("bob", False)
-        try:
+        async with x.clients(("alice", True), ("bob", False)) as (alice, bob):
             text = f"the {WARN_WORD} for {uuid.uuid4().hex[:6]}"
             await warned(alice, bob, text)
             data, name = random_payload(9_000), f"prices-{uuid.uuid4().hex[:6]}.{WARN_EXT}"
@@ -274,9 +217,6 @@ def test_xmpp_warned_message_and_file_expire_on_an_idle_connection(prosody, xmpp
             assert await gw.wait_alert(lambda e: file_outcome(e, "expired", sha(data)), since) is not None
             await sentinel(alice, bob)
             assert text not in bob.bodies() and not bob.received.ibb.get(sid)
-        finally:
-            await alice.close()
-            await bob.close()
     asyncio.run(scenario())
 
 
@@ -306,8 +246,7 @@ def test_xmpp_socks5_warned_file_justified_in_the_chat_is_released(prosody, xmpp
     async def scenario():
         x = Xmpp(prosody, gw)
         since = gw.mark()
-        alice, bob = await x.client("alice", True), await x.client("bob", False)
-        try:
+        async with x.clients(("alice", True), ("bob", False)) as (alice, bob):
             data, name = random_payload(20_000), f"prices-{uuid.uuid4().hex[:6]}.{WARN_EXT}"
             start = await warned_socks5(alice, bob, data, name)
             alice.send_chat(bob.jid, "!justify the distributor asked for it")
@@ -329,9 +268,6 @@ def test_xmpp_socks5_warned_file_justified_in_the_chat_is_released(prosody, xmpp
             assert len(bob.received.socks5) == start, "an unanswered warned file reached its receiver"
             assert await gw.wait_alert(lambda e: file_outcome(e, "expired", sha(other)), since) is not None
             await sentinel(alice, bob)
-        finally:
-            await alice.close()
-            await bob.close()
     asyncio.run(scenario())
 
 
@@ -346,14 +282,6 @@ def _held(sender: str, key: str, tag: str, at: float) -> HeldMessage:
     ctx = ChatContext(protocol="irc", sender=sender, recipients=(key,), origin=FROM_CLIENT)
     return HeldMessage(sender, key, ctx, f"{tag}.xlsq", _decision(), b"", at, tag=tag,
                        report=FileReport(name=f"{tag}.xlsq", path=f"{tag}.xlsq", size=3, sha256=tag * 4))
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_side_warnings_table():
