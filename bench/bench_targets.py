@@ -17,6 +17,7 @@ Not a test: it asserts nothing; a benchmark that fails is reported as such and t
 from __future__ import annotations
 
 import argparse
+import re
 import subprocess
 import sys
 import time
@@ -33,9 +34,15 @@ BENCHMARKS = (
 )
 
 
+# A row of bench_inspect.py's table that carries a target (its last column) or a measured floor.
+TABLE_ROW = re.compile(r"^\([a-z]\) .*(>= [0-9.]+\s*$|\(floor\))")
+
+
 def verdict_lines(output: str) -> list[str]:
-    """The lines of a benchmark's output that give a figure against its target (each benchmark words them so)."""
-    return [line.rstrip() for line in output.splitlines() if "target" in line and not line.startswith(" ")]
+    """The lines of a benchmark's output that give a figure against its target (each benchmark words them so, or
+    puts the target in its table's last column) or its measured floor."""
+    return [line.rstrip() for line in output.splitlines()
+            if ("target" in line and not line.startswith(" ")) or TABLE_ROW.match(line)]
 
 
 def run_once(only: set[str], timeout: float) -> dict[str, list[str]]:
